@@ -1,0 +1,208 @@
+package commands
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"regexp"
+	"strings"
+	"unicode"
+)
+
+// MinVolumeSize is the smallest volume volumed creates: 1 GiB.
+const MinVolumeSize int64 = 1 << 30
+
+// MaxBodyBytes bounds every request body, on REST and on NATS.
+const MaxBodyBytes = 64 << 10
+
+// Root attach constants: attach-root attaches as CloudStack device 0.
+const (
+	AttachAsRoot = "root"
+	RootDeviceID = int64(0)
+)
+
+// CreateRequest is the body of POST /volumes and volumes.cmd.create.
+type CreateRequest struct {
+	Name           string         `json:"name"`
+	Size           int64          `json:"size"`
+	DiskOfferingID string         `json:"disk_offering_id"`
+	ZoneID         string         `json:"zone_id"`
+	Metadata       map[string]any `json:"metadata,omitempty"`
+}
+
+// SizeGiB is the size in whole GiB, rounded up, as CloudStack takes it.
+func (r CreateRequest) SizeGiB() int64 { return (r.Size + MinVolumeSize - 1) / MinVolumeSize }
+
+// AttachRequest is the recorded request of an attach or attach-root.
+type AttachRequest struct {
+	VolumeID string `json:"volume_id"`
+	VMID     string `json:"vm_id"`
+	DeviceID *int64 `json:"device_id,omitempty"`
+	AttachAs string `json:"attach_as,omitempty"`
+}
+
+// Root reports whether this attach is an attach-root.
+func (r AttachRequest) Root() bool { return r.AttachAs == AttachAsRoot }
+
+// VolumeRequest is the request of detach and delete.
+type VolumeRequest struct {
+	VolumeID string `json:"volume_id"`
+}
+
+var uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
+
+// NormalizeID validates a CloudStack UUID, given bare or with the prefix
+// the API reference's examples use ("vol-", "vm-"), and returns it bare and
+// lower-case. field names the field in the error.
+func NormalizeID(field, prefix, id string) (string, error) {
+	if id == "" {
+		return "", Invalid(field, "%s is required", field)
+	}
+	bare := strings.ToLower(strings.TrimPrefix(strings.ToLower(id), prefix))
+	if !uuidRE.MatchString(bare) {
+		return "", Invalid(field, "%s must be a UUID, got %q", field, truncate(id, 80)).WithDetail("provided_value", truncate(id, 80))
+	}
+	return bare, nil
+}
+
+// NormalizeVolumeID validates a volume id ("vol-" prefix allowed).
+func NormalizeVolumeID(id string) (string, error) { return NormalizeID("volume_id", "vol-", id) }
+
+// NormalizeVMID validates a VM id ("vm-" prefix allowed).
+func NormalizeVMID(id string) (string, error) { return NormalizeID("vm_id", "vm-", id) }
+
+// NormalizeOperationID validates an operation id: "op-" and a UUID.
+func NormalizeOperationID(id string) (string, error) {
+	bare, err := NormalizeID("operation_id", "op-", id)
+	if err != nil {
+		return "", err
+	}
+	return "op-" + bare, nil
+}
+
+// DecodeCreate parses and validates a create request.
+func DecodeCreate(data []byte) (CreateRequest, error) {
+	var r CreateRequest
+	if err := decodeStrict(data, &r); err != nil {
+		return r, err
+	}
+	name := strings.TrimSpace(r.Name)
+	switch {
+	case name == "":
+		return r, Invalid("name", "name is required")
+	case len(r.Name) > 255:
+		return r, Invalid("name", "name must be at most 255 bytes")
+	case strings.IndexFunc(r.Name, unicode.IsControl) >= 0:
+		return r, Invalid("name", "name must not contain control characters")
+	}
+	if r.Size < MinVolumeSize {
+		return r, Invalid("size", "Invalid volume size: must be at least 1GB").
+			WithDetail("provided_value", r.Size).WithDetail("minimum_value", MinVolumeSize)
+	}
+	var err error
+	if r.DiskOfferingID, err = NormalizeID("disk_offering_id", "", r.DiskOfferingID); err != nil {
+		return r, err
+	}
+	if r.ZoneID, err = NormalizeID("zone_id", "", r.ZoneID); err != nil {
+		return r, err
+	}
+	return r, nil
+}
+
+// DecodeAttach parses and validates an attach request ({"volume_id",
+// "vm_id"}); root makes it an attach-root (device 0).
+func DecodeAttach(data []byte, root bool) (AttachRequest, error) {
+	var in struct {
+		VolumeID string `json:"volume_id"`
+		VMID     string `json:"vm_id"`
+	}
+	if err := decodeStrict(data, &in); err != nil {
+		return AttachRequest{}, err
+	}
+	vol, err := NormalizeVolumeID(in.VolumeID)
+	if err != nil {
+		return AttachRequest{}, err
+	}
+	vm, err := NormalizeVMID(in.VMID)
+	if err != nil {
+		return AttachRequest{}, err
+	}
+	r := AttachRequest{VolumeID: vol, VMID: vm}
+	if root {
+		dev := RootDeviceID
+		r.DeviceID, r.AttachAs = &dev, AttachAsRoot
+	}
+	return r, nil
+}
+
+// DecodeVolume parses and validates a detach or delete request.
+func DecodeVolume(data []byte) (VolumeRequest, error) {
+	var r VolumeRequest
+	if err := decodeStrict(data, &r); err != nil {
+		return r, err
+	}
+	var err error
+	r.VolumeID, err = NormalizeVolumeID(r.VolumeID)
+	return r, err
+}
+
+// decodeStrict decodes one JSON object, rejecting unknown fields, trailing
+// data and oversized bodies with INVALID_REQUEST errors.
+func decodeStrict(data []byte, v any) error {
+	if len(data) > MaxBodyBytes {
+		return Invalid("", "request body is larger than %d bytes", MaxBodyBytes)
+	}
+	if len(bytes.TrimSpace(data)) == 0 {
+		data = []byte("{}")
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return decodeError(err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return Invalid("", "request body must hold exactly one JSON object")
+	}
+	return nil
+}
+
+func decodeError(err error) error {
+	var typeErr *json.UnmarshalTypeError
+	var syntaxErr *json.SyntaxError
+	switch {
+	case errors.As(err, &typeErr):
+		if typeErr.Field == "" {
+			return Invalid("", "request body must be a JSON object")
+		}
+		return Invalid(typeErr.Field, "%s must be %s, got %s", typeErr.Field, jsonKind(typeErr.Type.Kind().String()), typeErr.Value)
+	case errors.As(err, &syntaxErr):
+		return Invalid("", "malformed JSON at byte %d: %v", syntaxErr.Offset, err)
+	case strings.HasPrefix(err.Error(), "json: unknown field "):
+		field := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
+		return Invalid(field, "unknown field %q", field)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return Invalid("", "malformed JSON: unexpected end of input")
+	}
+	return Invalid("", "malformed JSON: %v", err)
+}
+
+func jsonKind(goKind string) string {
+	switch goKind {
+	case "int64", "int", "int32":
+		return "an integer"
+	case "string":
+		return "a string"
+	case "map", "struct":
+		return "an object"
+	}
+	return fmt.Sprintf("a %s", goKind)
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}

@@ -1,0 +1,24 @@
+// Package httpbridge serves volumed's REST API under /api/v1. Commands go
+// over NATS request/reply to the volumes.cmd.* subjects; reads come from the
+// state store and the Backend.
+package httpbridge
+
+import (
+	"context"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// Backend answers the reads that need more than the state store.
+type Backend interface {
+	// VolumeStatus joins CloudStack's view, the mapping and the last
+	// operation of a volume; a *commands.Error NOT_FOUND if CloudStack and
+	// the store know nothing of it.
+	VolumeStatus(ctx context.Context, volumeID string) (commands.VolumeStatus, error)
+	// VMVolumes lists the volumes attached to a VM.
+	VMVolumes(ctx context.Context, vmID string) ([]commands.VolumeStatus, error)
+	// Health probes every dependency.
+	Health(ctx context.Context) commands.Health
+	// Metrics counts operations and calls.
+	Metrics(ctx context.Context) (commands.Metrics, error)
+}
