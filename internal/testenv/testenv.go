@@ -1,0 +1,61 @@
+// Package testenv is the shared test harness: polling for a condition,
+// requirements that skip on a laptop but fail under CI=true, and real
+// servers (redis-server, embedded NATS) started on free ports.
+package testenv
+
+import (
+	"fmt"
+	"os"
+	"testing"
+	"time"
+)
+
+// InCI reports whether the tests run in CI (CI=true), where a missing
+// requirement is a failure, not a skip.
+func InCI() bool { return os.Getenv("CI") == "true" }
+
+// Require skips the test when ok is false, or fails it under CI=true.
+func Require(t testing.TB, ok bool, format string, args ...any) {
+	t.Helper()
+	if ok {
+		return
+	}
+	msg := fmt.Sprintf(format, args...)
+	if InCI() {
+		t.Fatalf("requirement missing under CI=true: %s", msg)
+	}
+	t.Skipf("skipping: %s", msg)
+}
+
+// RequireRoot requires root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	Require(t, os.Geteuid() == 0, "needs root")
+}
+
+// RequireLoopControl requires root and a usable /dev/loop-control.
+func RequireLoopControl(t testing.TB) {
+	t.Helper()
+	RequireRoot(t)
+	f, err := os.OpenFile("/dev/loop-control", os.O_RDWR, 0)
+	if err == nil {
+		f.Close()
+	}
+	Require(t, err == nil, "needs /dev/loop-control: %v", err)
+}
+
+// Eventually polls cond every 10 ms until it is true, failing the test
+// with the message if it is still false after timeout.
+func Eventually(t testing.TB, timeout time.Duration, cond func() bool, format string, args ...any) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		if cond() {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("condition not met within %v: %s", timeout, fmt.Sprintf(format, args...))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
