@@ -1,0 +1,252 @@
+// Package bus carries volumed's messages: it runs the embedded NATS server
+// with JetStream (or connects to an external NATS cluster), connects to it,
+// and creates the streams the daemon needs, idempotently, at start.
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Streams and internal subjects.
+const (
+	// StreamJobs is the durable work queue of accepted commands, one
+	// message per operation on volumed.jobs.<operation_id>.
+	StreamJobs = "VOLUMED_JOBS"
+	// JobsSubjectPrefix prefixes the job subjects.
+	JobsSubjectPrefix = "volumed.jobs."
+	// StreamOps keeps every operation event (volumes.ops.>).
+	StreamOps = "VOLUMED_OPS"
+	// StreamDevices keeps every device event (devices.>).
+	StreamDevices = "VOLUMED_DEVICES"
+)
+
+// DefaultListen is where the embedded server listens without a config file.
+const DefaultListen = "127.0.0.1:4222"
+
+// Config configures a Bus. The zero value runs an embedded server on
+// DefaultListen with JetStream under the working directory.
+type Config struct {
+	// URL of an external NATS server or cluster; "" runs the embedded one.
+	URL string
+	// ConfigFile is the embedded server's nats.conf; "" uses built-in defaults.
+	ConfigFile string
+	// Listen overrides the embedded server's host:port; port 0 picks a free one.
+	Listen string
+	// DataDir holds the embedded server's JetStream files (DataDir/nats)
+	// unless the config file sets store_dir.
+	DataDir string
+	// Replicas of every stream (and of the state bucket); default 1.
+	Replicas int
+	// OpsMaxAge is how long operation events are kept; default 7 days.
+	OpsMaxAge time.Duration
+	// DevicesMaxAge is how long device events are kept; default 24 hours.
+	DevicesMaxAge time.Duration
+	// Name is the client connection name; default "volumed".
+	Name   string
+	Logger *slog.Logger
+}
+
+// Bus is a running connection to NATS, with the embedded server if any.
+type Bus struct {
+	cfg       Config
+	log       *slog.Logger
+	srv       *server.Server
+	nc        *nats.Conn
+	js        jetstream.JetStream
+	closeOnce sync.Once
+}
+
+// New returns a Bus with defaults filled in; Start connects it.
+func New(cfg Config) *Bus {
+	if cfg.Replicas <= 0 {
+		cfg.Replicas = 1
+	}
+	if cfg.OpsMaxAge <= 0 {
+		cfg.OpsMaxAge = 7 * 24 * time.Hour
+	}
+	if cfg.DevicesMaxAge <= 0 {
+		cfg.DevicesMaxAge = 24 * time.Hour
+	}
+	if cfg.Name == "" {
+		cfg.Name = "volumed"
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return &Bus{cfg: cfg, log: cfg.Logger.With("component", "bus")}
+}
+
+// Start runs the embedded server when no URL is configured, connects, and
+// creates or updates the streams.
+func (b *Bus) Start(ctx context.Context) error {
+	url := b.cfg.URL
+	if url == "" {
+		srv, err := b.startEmbedded()
+		if err != nil {
+			return err
+		}
+		b.srv = srv
+		url = srv.ClientURL()
+	}
+	nc, err := nats.Connect(url, nats.Name(b.cfg.Name), nats.MaxReconnects(-1),
+		nats.ReconnectWait(250*time.Millisecond), nats.Timeout(5*time.Second))
+	if err != nil {
+		b.shutdownServer()
+		return fmt.Errorf("bus: connect %s: %w", url, err)
+	}
+	b.nc = nc
+	if b.js, err = jetstream.New(nc); err != nil {
+		b.closeAll()
+		return fmt.Errorf("bus: jetstream: %w", err)
+	}
+	if err := b.ensureStreams(ctx); err != nil {
+		b.closeAll()
+		return err
+	}
+	b.log.Info("bus ready", "url", url, "embedded", b.srv != nil, "replicas", b.cfg.Replicas)
+	return nil
+}
+
+func (b *Bus) startEmbedded() (*server.Server, error) {
+	opts := &server.Options{Host: "127.0.0.1", Port: 4222}
+	if b.cfg.ConfigFile != "" {
+		fileOpts, err := server.ProcessConfigFile(b.cfg.ConfigFile)
+		if err != nil {
+			return nil, fmt.Errorf("bus: nats config %s: %w", b.cfg.ConfigFile, err)
+		}
+		opts = fileOpts
+	}
+	if b.cfg.Listen != "" {
+		host, port, err := net.SplitHostPort(b.cfg.Listen)
+		if err != nil {
+			return nil, fmt.Errorf("bus: listen %q: %w", b.cfg.Listen, err)
+		}
+		p, err := strconv.Atoi(port)
+		if err != nil {
+			return nil, fmt.Errorf("bus: listen port %q: %w", port, err)
+		}
+		if p == 0 {
+			p = server.RANDOM_PORT
+		}
+		opts.Host, opts.Port = host, p
+	}
+	opts.JetStream = true
+	if opts.StoreDir == "" {
+		opts.StoreDir = filepath.Join(b.cfg.DataDir, "nats")
+	}
+	if opts.ServerName == "" {
+		opts.ServerName = "volumed"
+	}
+	opts.NoSigs = true
+	srv, err := server.NewServer(opts)
+	if err != nil {
+		return nil, fmt.Errorf("bus: embedded server: %w", err)
+	}
+	srv.SetLoggerV2(&natsLogger{log: b.log.With("component", "nats-server")}, false, false, false)
+	srv.Start()
+	if !srv.ReadyForConnections(15 * time.Second) {
+		srv.Shutdown()
+		return nil, fmt.Errorf("bus: embedded server on %s:%d not ready", opts.Host, opts.Port)
+	}
+	return srv, nil
+}
+
+func (b *Bus) ensureStreams(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	streams := []jetstream.StreamConfig{
+		{Name: StreamJobs, Subjects: []string{JobsSubjectPrefix + ">"}, Retention: jetstream.WorkQueuePolicy,
+			Storage: jetstream.FileStorage, Replicas: b.cfg.Replicas, Duplicates: 2 * time.Minute,
+			Description: "volumed accepted commands awaiting execution"},
+		{Name: StreamOps, Subjects: []string{"volumes.ops.>"}, Retention: jetstream.LimitsPolicy,
+			Storage: jetstream.FileStorage, Replicas: b.cfg.Replicas, MaxAge: b.cfg.OpsMaxAge,
+			Description: "volumed operation events"},
+		{Name: StreamDevices, Subjects: []string{"devices.>"}, Retention: jetstream.LimitsPolicy,
+			Storage: jetstream.FileStorage, Replicas: b.cfg.Replicas, MaxAge: b.cfg.DevicesMaxAge,
+			Description: "volumed block device events"},
+	}
+	for _, sc := range streams {
+		if _, err := b.js.CreateOrUpdateStream(ctx, sc); err != nil {
+			return fmt.Errorf("bus: stream %s: %w", sc.Name, err)
+		}
+	}
+	return nil
+}
+
+// Conn is the NATS connection.
+func (b *Bus) Conn() *nats.Conn { return b.nc }
+
+// JetStream is the JetStream context of the connection.
+func (b *Bus) JetStream() jetstream.JetStream { return b.js }
+
+// Replicas is the configured replica count.
+func (b *Bus) Replicas() int { return b.cfg.Replicas }
+
+// ClientURL is the URL other processes use to reach the bus.
+func (b *Bus) ClientURL() string {
+	if b.srv != nil {
+		return b.srv.ClientURL()
+	}
+	return b.cfg.URL
+}
+
+// Embedded reports whether the bus runs its own server.
+func (b *Bus) Embedded() bool { return b.srv != nil }
+
+// Ping checks the connection round trip.
+func (b *Bus) Ping(ctx context.Context) error {
+	if b.nc == nil {
+		return errors.New("bus: not started")
+	}
+	deadline, ok := ctx.Deadline()
+	timeout := 2 * time.Second
+	if ok {
+		timeout = time.Until(deadline)
+	}
+	return b.nc.FlushTimeout(timeout)
+}
+
+// Close drains the connection and shuts the embedded server down. Closing
+// twice is safe.
+func (b *Bus) Close(ctx context.Context) error {
+	b.closeOnce.Do(b.closeAll)
+	return nil
+}
+
+func (b *Bus) closeAll() {
+	if b.nc != nil {
+		b.nc.Close()
+	}
+	b.shutdownServer()
+}
+
+func (b *Bus) shutdownServer() {
+	if b.srv != nil {
+		b.srv.Shutdown()
+		b.srv.WaitForShutdown()
+	}
+}
+
+// natsLogger routes the embedded server's log to slog.
+type natsLogger struct{ log *slog.Logger }
+
+var _ server.Logger = (*natsLogger)(nil)
+
+func (l *natsLogger) Noticef(format string, v ...any) { l.log.Debug(fmt.Sprintf(format, v...)) }
+func (l *natsLogger) Warnf(format string, v ...any)   { l.log.Warn(fmt.Sprintf(format, v...)) }
+func (l *natsLogger) Fatalf(format string, v ...any)  { l.log.Error(fmt.Sprintf(format, v...)) }
+func (l *natsLogger) Errorf(format string, v ...any)  { l.log.Error(fmt.Sprintf(format, v...)) }
+func (l *natsLogger) Debugf(format string, v ...any)  { l.log.Debug(fmt.Sprintf(format, v...)) }
+func (l *natsLogger) Tracef(format string, v ...any)  { l.log.Debug(fmt.Sprintf(format, v...)) }
