@@ -89,4 +89,3 @@ func TestBadConfigFile(t *testing.T) {
 		t.Fatal("start with a malformed config file succeeded")
 	}
 }
-
