@@ -83,3 +83,12 @@ func AsError(err error) *Error {
 	}
 	return Internal("%v", err)
 }
+
+// CodeTimeout is the error code of an operation whose step passed its
+// deadline. It appears in an operation's details, never as an HTTP error.
+const CodeTimeout = "TIMEOUT"
+
+// Timeout is a step that passed its deadline (code TIMEOUT, status 504).
+func Timeout(format string, args ...any) *Error {
+	return newError(http.StatusGatewayTimeout, CodeTimeout, format, args...)
+}

@@ -1,0 +1,135 @@
+// Command volumed is the volume daemon: it manages CloudStack block volumes
+// for the host it runs on, behind a REST API and NATS subjects.
+//
+// Exit codes: 0 after a clean shutdown, 1 when a component fails, 2 for a
+// configuration error.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/handlers"
+	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/httpbridge"
+	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/test/cloudsim"
+)
+
+// shutdownTimeout bounds the clean shutdown after SIGINT or SIGTERM.
+const shutdownTimeout = 30 * time.Second
+
+func main() { os.Exit(run(os.Args[1:], os.Stderr)) }
+
+// run maps every outcome to an exit code, in one place.
+func run(args []string, stderr io.Writer) int {
+	cfg, err := parseConfig(args, stderr)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case err != nil:
+		fmt.Fprintln(stderr, "volumed:", err)
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: cfg.logLevel}))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := serve(ctx, cfg, log); err != nil {
+		log.Error("volumed failed", "error", err)
+		return 1
+	}
+	return 0
+}
+
+// component is anything with the Close(ctx) lifecycle.
+type component interface {
+	Close(ctx context.Context) error
+}
+
+// serve wires the components, runs until ctx ends, then closes them in
+// reverse order.
+func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
+	var started []component
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+		defer cancel()
+		for i := len(started) - 1; i >= 0; i-- {
+			if cerr := started[i].Close(cctx); cerr != nil {
+				log.Warn("close", "error", cerr)
+			}
+		}
+		if err == nil {
+			log.Info("volumed stopped")
+		}
+	}()
+	if err := os.MkdirAll(cfg.dataDir, 0o750); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	if cfg.sim {
+		sim, err := cloudsim.New(cloudsim.Config{Listen: cfg.simListen, StateDir: filepath.Join(cfg.dataDir, "cloudsim"),
+			Logger: log.With("component", "cloudsim")})
+		if err != nil {
+			return fmt.Errorf("simulator: %w", err)
+		}
+		if err := sim.Start(ctx); err != nil {
+			return fmt.Errorf("simulator: %w", err)
+		}
+		started = append(started, sim)
+		cfg.csURL, cfg.csAPIKey, cfg.csSecretKey = sim.URL(), cloudsim.DefaultAPIKey, cloudsim.DefaultSecretKey
+		if cfg.vmID == "" {
+			cfg.vmID = cloudsim.ApplianceVMID
+		}
+	}
+
+	b := bus.New(bus.Config{URL: cfg.natsURL, ConfigFile: cfg.natsConfig, DataDir: cfg.dataDir,
+		Replicas: cfg.natsReplicas, Logger: log})
+	if err := b.Start(ctx); err != nil {
+		return err
+	}
+	started = append(started, b)
+
+	var store state.Store
+	storeName := "embedded"
+	if cfg.redisURL != "" {
+		storeName = "redis"
+		store, err = state.NewRedis(ctx, state.RedisConfig{URL: cfg.redisURL, Logger: log})
+	} else {
+		store, err = state.NewKV(ctx, b.JetStream(), state.KVConfig{Replicas: cfg.natsReplicas, Logger: log})
+	}
+	if err != nil {
+		return fmt.Errorf("state store: %w", err)
+	}
+	started = append(started, store)
+
+	cs := csapi.New(csapi.Config{URL: cfg.csURL, APIKey: cfg.csAPIKey, SecretKey: cfg.csSecretKey, Logger: log})
+	svc := handlers.New(handlers.Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, CloudStack: cs,
+		StoreName: storeName, VMID: cfg.vmID, StepTimeout: cfg.stepTimeout, AckWait: cfg.ackWait,
+		SyncInterval: cfg.syncInterval, Logger: log})
+	if err := svc.Start(ctx); err != nil {
+		return err
+	}
+	started = append(started, svc)
+
+	bridge := httpbridge.New(httpbridge.Config{Listen: cfg.listen, Conn: b.Conn(), Store: store, Backend: svc, Logger: log})
+	if err := bridge.Start(ctx); err != nil {
+		return err
+	}
+	started = append(started, bridge)
+
+	log.Info("volumed ready", "api", "http://"+bridge.Addr()+"/api/v1", "nats", b.ClientURL(),
+		"nats_embedded", b.Embedded(), "store", storeName, "cloudstack", cfg.csURL, "simulator", cfg.sim,
+		"vm_id", cfg.vmID, "data_dir", cfg.dataDir)
+	<-ctx.Done()
+	log.Info("shutting down; unfinished operations resume at the next start")
+	return nil
+}

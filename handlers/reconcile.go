@@ -1,0 +1,124 @@
+package handlers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/state"
+)
+
+// Reconcile compares the mappings with CloudStack (and, through the device
+// agent, with the devices present), repairs what drifted, and queues again
+// any unfinished operation that no handler here is running. It is POST
+// /admin/force-sync and the periodic sync.
+func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
+	res := commands.SyncResult{Message: "Force sync completed successfully", Changes: []string{}}
+	mappings, err := s.cfg.Store.ListMappings(ctx, "")
+	if err != nil {
+		return res, storeError(err)
+	}
+	for _, m := range mappings {
+		change, err := s.reconcileMapping(ctx, m)
+		if err != nil {
+			return res, err
+		}
+		if change != "" {
+			res.Changes = append(res.Changes, change)
+		}
+	}
+	if s.cfg.Devices != nil && s.cfg.VMID != "" && s.cfg.Devices.HasAgent(s.cfg.VMID) {
+		attached, err := s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: s.cfg.VMID})
+		if err != nil {
+			return res, cloudStackError(err)
+		}
+		changes, err := s.cfg.Devices.Reconcile(ctx, attached)
+		if err != nil {
+			return res, commands.Internal("device reconcile: %v", err)
+		}
+		res.Changes = append(res.Changes, changes...)
+	}
+	requeued, err := s.requeueIdle(ctx)
+	if err != nil {
+		return res, err
+	}
+	res.Changes = append(res.Changes, requeued...)
+	res.Timestamp = time.Now().UTC()
+	if len(res.Changes) > 0 {
+		s.log.Info("reconcile repaired drift", "changes", res.Changes)
+	}
+	return res, nil
+}
+
+// reconcileMapping removes a mapping CloudStack no longer explains and
+// refreshes the sync time of one it does.
+func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (string, error) {
+	vol, err := s.cfg.CloudStack.GetVolume(ctx, m.VolumeID)
+	var why string
+	switch {
+	case errors.Is(err, csapi.ErrNotFound):
+		why = "CloudStack no longer has the volume"
+	case err != nil:
+		return "", cloudStackError(err)
+	case vol.VMID == "":
+		why = "CloudStack says the volume is detached"
+	case vol.VMID != m.VMID:
+		why = fmt.Sprintf("CloudStack says the volume is attached to VM %s", vol.VMID)
+	}
+	if why == "" {
+		m.LastSync = time.Now().UTC()
+		m.CloudStackState = commands.CloudStackAttached
+		if vol.DeviceID != nil {
+			m.DeviceID = vol.DeviceID
+		}
+		if err := s.cfg.Store.PutMapping(ctx, m); err != nil {
+			return "", storeError(err)
+		}
+		return "", nil
+	}
+	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(m.VMID) {
+		if err := s.cfg.Devices.Detached(ctx, m); err != nil {
+			s.log.Warn("device release incomplete", "volume_id", m.VolumeID, "error", err)
+		}
+	}
+	if err := s.cfg.Store.DeleteMapping(ctx, m.VolumeID); err != nil {
+		return "", storeError(err)
+	}
+	return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s", m.VolumeID, m.VMID, orNone(m.DevicePath), why), nil
+}
+
+// requeueIdle queues again the unfinished operations no handler here runs
+// and that were last touched over two ack-waits ago.
+func (s *Service) requeueIdle(ctx context.Context) ([]string, error) {
+	var changes []string
+	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
+		ops, err := s.cfg.Store.ListOperations(ctx, state.Filter{Status: st})
+		if err != nil {
+			return changes, storeError(err)
+		}
+		for i := len(ops) - 1; i >= 0; i-- {
+			op := ops[i]
+			s.mu.Lock()
+			running := s.inflight[op.ID]
+			s.mu.Unlock()
+			if running || time.Since(op.UpdatedAt) < 2*s.cfg.AckWait {
+				continue
+			}
+			if err := s.enqueue(ctx, op.ID); err != nil {
+				return changes, commands.Unavailable("command queue unavailable: %v", err)
+			}
+			changes = append(changes, fmt.Sprintf("requeued %s operation %s (%s)", op.Type, op.ID, op.Status))
+		}
+	}
+	return changes, nil
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "no device"
+	}
+	return s
+}

@@ -1,0 +1,212 @@
+// Package handlers executes volumed's commands: it accepts them on the
+// volumes.cmd.* subjects, records and queues them durably, runs each one as
+// CloudStack steps that first ask whether the step is already done, keeps
+// mappings, publishes every state change on volumes.ops.<id>, and answers
+// the reads of the REST bridge.
+package handlers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/httpbridge"
+	"github.com/volumed/volumed/state"
+)
+
+// ConsumerName is the durable JetStream consumer the handlers pull jobs from.
+const ConsumerName = "volumed-handlers"
+
+// QueueGroup is the NATS queue group of the command subscriptions, so
+// several volumed processes share the requests.
+const QueueGroup = "volumed"
+
+// Config configures a Service.
+type Config struct {
+	Conn       *nats.Conn
+	JetStream  jetstream.JetStream
+	Store      state.Store
+	CloudStack csapi.API
+	// StoreName names the state backend in health ("redis", "embedded").
+	StoreName string
+	// VMID is the CloudStack VM this host is.
+	VMID string
+	// Devices correlates attached volumes with local block devices; nil
+	// until a device agent runs (attaches then complete on CloudStack's
+	// answer).
+	Devices DeviceCorrelator
+	// StepTimeout bounds each CloudStack step, job wait included; an
+	// operation whose step passes it fails. Default 5 minutes.
+	StepTimeout time.Duration
+	// AckWait is how long a job message may go without a heartbeat before
+	// JetStream redelivers it (after a crash). Default 15 s.
+	AckWait time.Duration
+	// MaxConcurrent bounds the operations running at once. Default 64.
+	MaxConcurrent int
+	// RetryMin and RetryMax bound the backoff between retries of a
+	// transient CloudStack failure. Defaults 200 ms and 5 s.
+	RetryMin, RetryMax time.Duration
+	// SyncInterval is the period of the background reconcile; default 5 m,
+	// negative turns it off.
+	SyncInterval time.Duration
+	Logger       *slog.Logger
+}
+
+// DeviceCorrelator is the device agent side of attach and detach.
+type DeviceCorrelator interface {
+	// HasAgent reports whether vmID has a device agent whose devices can
+	// be correlated.
+	HasAgent(vmID string) bool
+	// Attached waits for the device of a volume just attached to vmID and
+	// returns the mapping to record (device path, linux state, size,
+	// persistent name). It fails with an error after its timeout, returning
+	// a mapping with linux_state missing to record all the same.
+	Attached(ctx context.Context, vol csapi.Volume, vmID string, since time.Time) (commands.Mapping, error)
+	// Detached releases what the volume had on vmID (persistent name) once
+	// its device is gone or after a timeout.
+	Detached(ctx context.Context, m commands.Mapping) error
+	// Status reports the monitor's health, device count, scan interval and
+	// the device events processed.
+	Status() (health string, deviceCount int, scanInterval time.Duration, events int64)
+	// Controller names the bus of a local device path ("" if unknown).
+	Controller(devicePath string) string
+	// Reconcile repairs the mappings of the VMs with an agent against
+	// CloudStack's volumes and the devices present, returning each repair
+	// in words.
+	Reconcile(ctx context.Context, attached []csapi.Volume) ([]string, error)
+}
+
+// Service accepts and executes commands and implements httpbridge.Backend.
+type Service struct {
+	cfg     Config
+	log     *slog.Logger
+	started time.Time
+
+	subs    []*nats.Subscription
+	consume jetstream.ConsumeContext
+	keys    *serializer
+	sem     chan struct{}
+
+	mu       sync.Mutex
+	inflight map[string]bool
+
+	ctx       context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+}
+
+var _ httpbridge.Backend = (*Service)(nil)
+
+// New returns a Service with defaults filled in; Start runs it.
+func New(cfg Config) *Service {
+	if cfg.StepTimeout <= 0 {
+		cfg.StepTimeout = 5 * time.Minute
+	}
+	if cfg.AckWait <= 0 {
+		cfg.AckWait = 15 * time.Second
+	}
+	if cfg.MaxConcurrent <= 0 {
+		cfg.MaxConcurrent = 64
+	}
+	if cfg.RetryMin <= 0 {
+		cfg.RetryMin = 200 * time.Millisecond
+	}
+	if cfg.RetryMax <= 0 {
+		cfg.RetryMax = 5 * time.Second
+	}
+	if cfg.SyncInterval == 0 {
+		cfg.SyncInterval = 5 * time.Minute
+	}
+	if cfg.StoreName == "" {
+		cfg.StoreName = "embedded"
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return &Service{
+		cfg:      cfg,
+		log:      cfg.Logger.With("component", "handlers"),
+		keys:     newSerializer(),
+		sem:      make(chan struct{}, cfg.MaxConcurrent),
+		inflight: map[string]bool{},
+	}
+}
+
+// Start subscribes to the command subjects, re-queues operations a crash
+// left unfinished, and starts pulling jobs.
+func (s *Service) Start(ctx context.Context) error {
+	if s.cfg.Conn == nil || s.cfg.JetStream == nil || s.cfg.Store == nil || s.cfg.CloudStack == nil {
+		return errors.New("handlers: Conn, JetStream, Store and CloudStack are required")
+	}
+	s.started = time.Now()
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	for subject, handle := range s.commandHandlers() {
+		sub, err := s.cfg.Conn.QueueSubscribe(subject, QueueGroup, handle)
+		if err != nil {
+			s.stop()
+			return fmt.Errorf("handlers: subscribe %s: %w", subject, err)
+		}
+		s.subs = append(s.subs, sub)
+	}
+	if err := s.requeueUnfinished(ctx); err != nil {
+		s.stop()
+		return err
+	}
+	if err := s.startConsumer(ctx); err != nil {
+		s.stop()
+		return err
+	}
+	if s.cfg.SyncInterval > 0 {
+		s.wg.Add(1)
+		go s.syncLoop()
+	}
+	s.log.Info("handlers started", "vm_id", s.cfg.VMID, "step_timeout", s.cfg.StepTimeout,
+		"store", s.cfg.StoreName, "device_correlation", s.cfg.Devices != nil)
+	return nil
+}
+
+// Close stops taking commands and jobs, cancels running steps and waits for
+// them. Unfinished operations stay recorded and are resumed by the next
+// Start. Closing twice is safe.
+func (s *Service) Close(ctx context.Context) error {
+	s.closeOnce.Do(s.stop)
+	return nil
+}
+
+func (s *Service) stop() {
+	for _, sub := range s.subs {
+		_ = sub.Unsubscribe()
+	}
+	if s.consume != nil {
+		s.consume.Stop()
+	}
+	if s.cancel != nil {
+		s.cancel()
+	}
+	s.wg.Wait()
+}
+
+func (s *Service) syncLoop() {
+	defer s.wg.Done()
+	t := time.NewTicker(s.cfg.SyncInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C:
+			if _, err := s.Reconcile(s.ctx); err != nil {
+				s.log.Warn("periodic reconcile failed", "error", err)
+			}
+		}
+	}
+}

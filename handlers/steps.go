@@ -1,0 +1,353 @@
+package handlers
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/state"
+)
+
+func (s *Service) create(ctx context.Context, op *commands.Operation) (*commands.OpResponse, error) {
+	var req commands.CreateRequest
+	if err := decodeRequest(op, &req); err != nil {
+		return nil, err
+	}
+	if op.VolumeID == "" && op.Step == stepCreateRequested {
+		// A crash came between createVolume and recording its answer:
+		// adopt the volume it made rather than make a second one.
+		if err := s.adoptCreated(ctx, op, req); err != nil {
+			return nil, err
+		}
+	}
+	if op.VolumeID == "" {
+		op.Step = stepCreateRequested
+		if err := s.save(ctx, op); err != nil {
+			return nil, err
+		}
+		var volID, jobID string
+		err := s.step(ctx, op, "createVolume", func(ctx context.Context) error {
+			var err error
+			volID, jobID, err = s.cfg.CloudStack.CreateVolume(ctx, csapi.CreateParams{
+				Name: req.Name, SizeGiB: req.SizeGiB(), DiskOfferingID: req.DiskOfferingID, ZoneID: req.ZoneID})
+			return err
+		})
+		if err != nil {
+			return nil, failure(err)
+		}
+		// Hold the new volume's line before anyone can learn its id.
+		wait, done := s.keys.enqueue(volID)
+		defer done()
+		<-wait
+		op.VolumeID, op.JobID, op.Step = volID, jobID, stepCreateJob
+		if err := s.save(ctx, op); err != nil {
+			return nil, err
+		}
+	} else {
+		wait, done := s.keys.enqueue(op.VolumeID)
+		defer done()
+		<-wait
+	}
+	vol, err := s.createdVolume(ctx, op)
+	if err != nil {
+		return nil, err
+	}
+	return &commands.OpResponse{VolumeID: vol.ID, Message: "Volume created successfully"}, nil
+}
+
+// createdVolume waits for the create job, or, without one, asks
+// CloudStack for the volume.
+func (s *Service) createdVolume(ctx context.Context, op *commands.Operation) (csapi.Volume, error) {
+	if op.JobID != "" {
+		job, err := s.waitJob(ctx, op, "createVolume job")
+		if err == nil && job.Volume != nil {
+			return *job.Volume, nil
+		}
+		if err != nil && !errors.Is(err, csapi.ErrNotFound) {
+			return csapi.Volume{}, failure(err)
+		}
+	}
+	vol, err := s.volume(ctx, op, op.VolumeID)
+	if errors.Is(err, csapi.ErrNotFound) {
+		return vol, commands.NotFound("volume %s, created by this operation, no longer exists", op.VolumeID)
+	}
+	return vol, failure(err)
+}
+
+// adoptCreated looks for the volume an interrupted createVolume made: same
+// name and zone, created since the operation, claimed by no operation.
+func (s *Service) adoptCreated(ctx context.Context, op *commands.Operation, req commands.CreateRequest) error {
+	var vols []csapi.Volume
+	err := s.step(ctx, op, "listVolumes", func(ctx context.Context) error {
+		var err error
+		vols, err = s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{Name: req.Name, ZoneID: req.ZoneID})
+		return err
+	})
+	if err != nil {
+		return failure(err)
+	}
+	for _, v := range vols {
+		if created, err := time.Parse("2006-01-02T15:04:05-0700", v.Created); err == nil && created.Before(op.CreatedAt.Add(-time.Minute)) {
+			continue
+		}
+		claimed, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: v.ID, Limit: 1})
+		if err != nil {
+			return errStopped
+		}
+		if len(claimed) == 0 {
+			s.log.Info("adopting volume of an interrupted create", "operation_id", op.ID, "volume_id", v.ID)
+			op.VolumeID, op.Step = v.ID, stepCreateJob
+			return s.save(ctx, op)
+		}
+	}
+	return nil
+}
+
+// attachedAsWanted reports whether vol is already attached as req asks.
+func attachedAsWanted(vol csapi.Volume, req commands.AttachRequest) bool {
+	if vol.VMID != req.VMID {
+		return false
+	}
+	return !req.Root() || (vol.DeviceID != nil && *vol.DeviceID == commands.RootDeviceID)
+}
+
+func (s *Service) attach(ctx context.Context, op *commands.Operation) (*commands.OpResponse, error) {
+	var req commands.AttachRequest
+	if err := decodeRequest(op, &req); err != nil {
+		return nil, err
+	}
+	since := time.Now()
+	vol, err := s.volume(ctx, op, req.VolumeID)
+	if err != nil {
+		return nil, notFoundOr(err, req.VolumeID)
+	}
+	if !attachedAsWanted(vol, req) {
+		if vol.VMID != "" && op.Step != stepAttachJob {
+			return nil, commands.Conflict("volume %s is already attached to VM %s as device %s", vol.ID, vol.VMID, deviceString(vol.DeviceID)).
+				WithDetail("attached_vm_id", vol.VMID)
+		}
+		if op.Step != stepAttachJob || op.JobID == "" {
+			op.Step = stepAttachRequested
+			if err := s.save(ctx, op); err != nil {
+				return nil, err
+			}
+			var jobID string
+			err := s.step(ctx, op, "attachVolume", func(ctx context.Context) error {
+				var err error
+				jobID, err = s.cfg.CloudStack.AttachVolume(ctx, req.VolumeID, req.VMID, req.DeviceID)
+				return err
+			})
+			if err != nil {
+				return nil, failure(err)
+			}
+			op.JobID, op.Step = jobID, stepAttachJob
+			if err := s.save(ctx, op); err != nil {
+				return nil, err
+			}
+		}
+		job, jobErr := s.waitJob(ctx, op, "attachVolume job")
+		switch {
+		case jobErr == nil && job.Volume != nil:
+			vol = *job.Volume
+		default:
+			// Done anyway? A repeated attach after a crash fails while the
+			// first one succeeded.
+			again, err := s.volume(ctx, op, req.VolumeID)
+			if err != nil || !attachedAsWanted(again, req) {
+				if jobErr == nil {
+					jobErr = err
+				}
+				return nil, failure(jobErr)
+			}
+			vol = again
+		}
+	}
+	m, err := s.recordAttached(ctx, op, vol, req.VMID, since)
+	if err != nil {
+		return nil, err
+	}
+	return &commands.OpResponse{VolumeID: vol.ID, VMID: req.VMID, DevicePath: m.DevicePath, DeviceID: vol.DeviceID,
+		Message: "Volume attached successfully"}, nil
+}
+
+// recordAttached finds the volume's device (where the VM has a device
+// agent) and records the mapping.
+func (s *Service) recordAttached(ctx context.Context, op *commands.Operation, vol csapi.Volume, vmID string, since time.Time) (commands.Mapping, error) {
+	now := time.Now().UTC()
+	m := commands.Mapping{
+		VolumeID: vol.ID, VMID: vmID, CloudStackState: commands.CloudStackAttached,
+		LinuxState: commands.LinuxNotApplicable, Size: vol.Size, DeviceID: vol.DeviceID,
+		LastSync: now, CreatedAt: now, UpdatedAt: now,
+	}
+	if old, err := s.cfg.Store.GetMapping(ctx, vol.ID); err == nil {
+		m.ID, m.CreatedAt = old.ID, old.CreatedAt
+	} else if !errors.Is(err, state.ErrNotFound) {
+		return m, errStopped
+	}
+	if m.ID == "" {
+		m.ID = "mapping-" + uuid.NewString()
+	}
+	var corrErr error
+	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(vmID) {
+		op.Step = stepCorrelate
+		if err := s.save(ctx, op); err != nil {
+			return m, err
+		}
+		found, err := s.cfg.Devices.Attached(ctx, vol, vmID, since)
+		if ctx.Err() != nil {
+			return m, errStopped
+		}
+		found.ID, found.CreatedAt, found.DeviceID = m.ID, m.CreatedAt, vol.DeviceID
+		m, corrErr = found, err
+	}
+	if err := s.cfg.Store.PutMapping(ctx, m); err != nil {
+		if errors.Is(err, state.ErrConflict) {
+			return m, commands.Conflict("device %s is already mapped to another volume", m.DevicePath)
+		}
+		return m, errStopped
+	}
+	return m, corrErr
+}
+
+func (s *Service) detach(ctx context.Context, op *commands.Operation) (*commands.OpResponse, error) {
+	var req commands.VolumeRequest
+	if err := decodeRequest(op, &req); err != nil {
+		return nil, err
+	}
+	vol, err := s.volume(ctx, op, req.VolumeID)
+	if err != nil && !errors.Is(err, csapi.ErrNotFound) {
+		return nil, failure(err)
+	}
+	vmID := vol.VMID
+	if vmID != "" && op.VMID == nil {
+		op.VMID = &vmID
+		if err := s.save(ctx, op); err != nil {
+			return nil, err
+		}
+	}
+	if vmID != "" {
+		if op.Step != stepDetachJob || op.JobID == "" {
+			op.Step = stepDetachRequested
+			if err := s.save(ctx, op); err != nil {
+				return nil, err
+			}
+			var jobID string
+			err := s.step(ctx, op, "detachVolume", func(ctx context.Context) error {
+				var err error
+				jobID, err = s.cfg.CloudStack.DetachVolume(ctx, req.VolumeID)
+				return err
+			})
+			if err != nil {
+				return nil, failure(err)
+			}
+			op.JobID, op.Step = jobID, stepDetachJob
+			if err := s.save(ctx, op); err != nil {
+				return nil, err
+			}
+		}
+		if _, jobErr := s.waitJob(ctx, op, "detachVolume job"); jobErr != nil {
+			again, err := s.volume(ctx, op, req.VolumeID)
+			if err == nil && again.VMID != "" {
+				return nil, failure(jobErr)
+			}
+		}
+	}
+	if err := s.release(ctx, op, req.VolumeID); err != nil {
+		return nil, err
+	}
+	resp := &commands.OpResponse{VolumeID: req.VolumeID, VMID: vmID, Message: "Volume detached successfully"}
+	if vmID == "" {
+		resp.Message = "Volume was not attached"
+	}
+	return resp, nil
+}
+
+// release ends the volume's mapping: the device agent lets go of the
+// device, then the record goes.
+func (s *Service) release(ctx context.Context, op *commands.Operation, volumeID string) error {
+	m, err := s.cfg.Store.GetMapping(ctx, volumeID)
+	if errors.Is(err, state.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return errStopped
+	}
+	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(m.VMID) {
+		op.Step = stepRelease
+		if err := s.save(ctx, op); err != nil {
+			return err
+		}
+		if err := s.cfg.Devices.Detached(ctx, m); err != nil {
+			if ctx.Err() != nil {
+				return errStopped
+			}
+			s.log.Warn("device release incomplete", "volume_id", volumeID, "error", err)
+		}
+	}
+	if err := s.cfg.Store.DeleteMapping(ctx, volumeID); err != nil {
+		return errStopped
+	}
+	return nil
+}
+
+func (s *Service) delete(ctx context.Context, op *commands.Operation) (*commands.OpResponse, error) {
+	var req commands.VolumeRequest
+	if err := decodeRequest(op, &req); err != nil {
+		return nil, err
+	}
+	vol, err := s.volume(ctx, op, req.VolumeID)
+	switch {
+	case errors.Is(err, csapi.ErrNotFound):
+		if err := s.release(ctx, op, req.VolumeID); err != nil {
+			return nil, err
+		}
+		return &commands.OpResponse{VolumeID: req.VolumeID, Message: "Volume already deleted"}, nil
+	case err != nil:
+		return nil, failure(err)
+	case vol.VMID != "":
+		return nil, commands.Conflict("volume %s is attached to VM %s: detach it first", vol.ID, vol.VMID).
+			WithDetail("attached_vm_id", vol.VMID)
+	}
+	op.Step = stepDelete
+	if err := s.save(ctx, op); err != nil {
+		return nil, err
+	}
+	err = s.step(ctx, op, "deleteVolume", func(ctx context.Context) error {
+		err := s.cfg.CloudStack.DeleteVolume(ctx, req.VolumeID)
+		if err != nil && csapi.IsRetryable(err) {
+			// Gone already? A lost answer to a delete that worked.
+			if _, gerr := s.cfg.CloudStack.GetVolume(ctx, req.VolumeID); errors.Is(gerr, csapi.ErrNotFound) {
+				return nil
+			}
+		}
+		return err
+	})
+	if err != nil {
+		return nil, failure(err)
+	}
+	if err := s.release(ctx, op, req.VolumeID); err != nil {
+		return nil, err
+	}
+	return &commands.OpResponse{VolumeID: req.VolumeID, Message: "Volume deleted successfully"}, nil
+}
+
+// notFoundOr maps a missing volume to NOT_FOUND and anything else through
+// failure.
+func notFoundOr(err error, volumeID string) error {
+	if errors.Is(err, csapi.ErrNotFound) {
+		return commands.NotFound("volume %s not found in CloudStack", volumeID)
+	}
+	return failure(err)
+}
+
+func deviceString(id *int64) string {
+	if id == nil {
+		return "unknown"
+	}
+	return strconv.FormatInt(*id, 10)
+}
