@@ -30,12 +30,17 @@ func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
 			res.Changes = append(res.Changes, change)
 		}
 	}
-	if s.cfg.Devices != nil && s.cfg.VMID != "" && s.cfg.Devices.HasAgent(s.cfg.VMID) {
-		attached, err := s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: s.cfg.VMID})
+	if s.cfg.Devices != nil && s.cfg.VMID != "" && s.cfg.Devices.HasAgent(ctx, s.cfg.VMID) {
+		vols, err := s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: s.cfg.VMID})
 		if err != nil {
 			return res, cloudStackError(err)
 		}
-		changes, err := s.cfg.Devices.Reconcile(ctx, attached)
+		attached := make([]commands.Mapping, 0, len(vols))
+		for _, v := range vols {
+			attached = append(attached, commands.Mapping{VolumeID: v.ID, VMID: v.VMID, Size: v.Size,
+				DeviceID: v.DeviceID, CloudStackState: commands.CloudStackAttached})
+		}
+		changes, err := s.cfg.Devices.Reconcile(ctx, s.cfg.VMID, attached)
 		if err != nil {
 			return res, commands.Internal("device reconcile: %v", err)
 		}
@@ -79,7 +84,7 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		}
 		return "", nil
 	}
-	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(m.VMID) {
+	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, m.VMID) {
 		if err := s.cfg.Devices.Detached(ctx, m); err != nil {
 			s.log.Warn("device release incomplete", "volume_id", m.VolumeID, "error", err)
 		}

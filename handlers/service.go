@@ -18,7 +18,6 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers/csapi"
-	"github.com/volumed/volumed/httpbridge"
 	"github.com/volumed/volumed/state"
 )
 
@@ -64,27 +63,29 @@ type Config struct {
 type DeviceCorrelator interface {
 	// HasAgent reports whether vmID has a device agent whose devices can
 	// be correlated.
-	HasAgent(vmID string) bool
-	// Attached waits for the device of a volume just attached to vmID and
-	// returns the mapping to record (device path, linux state, size,
-	// persistent name). It fails with an error after its timeout, returning
-	// a mapping with linux_state missing to record all the same.
-	Attached(ctx context.Context, vol csapi.Volume, vmID string, since time.Time) (commands.Mapping, error)
-	// Detached releases what the volume had on vmID (persistent name) once
-	// its device is gone or after a timeout.
+	HasAgent(ctx context.Context, vmID string) bool
+	// Attached waits for the device of a volume just attached; want holds
+	// the volume, VM, size and CloudStack device id. It returns the mapping
+	// to record (device path, linux state, size, persistent name); after
+	// its timeout it fails, returning a mapping with linux_state missing to
+	// record all the same.
+	Attached(ctx context.Context, want commands.Mapping, since time.Time) (commands.Mapping, error)
+	// Detached releases what the volume had on its VM (persistent name)
+	// once its device is gone or after a timeout.
 	Detached(ctx context.Context, m commands.Mapping) error
 	// Status reports the monitor's health, device count, scan interval and
 	// the device events processed.
 	Status() (health string, deviceCount int, scanInterval time.Duration, events int64)
 	// Controller names the bus of a local device path ("" if unknown).
 	Controller(devicePath string) string
-	// Reconcile repairs the mappings of the VMs with an agent against
-	// CloudStack's volumes and the devices present, returning each repair
-	// in words.
-	Reconcile(ctx context.Context, attached []csapi.Volume) ([]string, error)
+	// Reconcile repairs the mappings of vmID against the volumes CloudStack
+	// has attached to it (given as mappings to expect) and the devices
+	// present, returning each repair in words.
+	Reconcile(ctx context.Context, vmID string, attached []commands.Mapping) ([]string, error)
 }
 
-// Service accepts and executes commands and implements httpbridge.Backend.
+// Service accepts and executes commands, and answers the REST bridge's
+// reads (it is the bridge's Backend).
 type Service struct {
 	cfg     Config
 	log     *slog.Logger
@@ -103,8 +104,6 @@ type Service struct {
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 }
-
-var _ httpbridge.Backend = (*Service)(nil)
 
 // New returns a Service with defaults filled in; Start runs it.
 func New(cfg Config) *Service {

@@ -193,12 +193,12 @@ func (s *Service) recordAttached(ctx context.Context, op *commands.Operation, vo
 		m.ID = "mapping-" + uuid.NewString()
 	}
 	var corrErr error
-	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(vmID) {
+	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, vmID) {
 		op.Step = stepCorrelate
 		if err := s.save(ctx, op); err != nil {
 			return m, err
 		}
-		found, err := s.cfg.Devices.Attached(ctx, vol, vmID, since)
+		found, err := s.cfg.Devices.Attached(ctx, m, since)
 		if ctx.Err() != nil {
 			return m, errStopped
 		}
@@ -277,7 +277,7 @@ func (s *Service) release(ctx context.Context, op *commands.Operation, volumeID 
 	if err != nil {
 		return errStopped
 	}
-	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(m.VMID) {
+	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, m.VMID) {
 		op.Step = stepRelease
 		if err := s.save(ctx, op); err != nil {
 			return err

@@ -26,6 +26,8 @@ import (
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
+var _ httpbridge.Backend = (*handlers.Service)(nil)
+
 // shutdownTimeout bounds the clean shutdown after SIGINT or SIGTERM.
 const shutdownTimeout = 30 * time.Second
 

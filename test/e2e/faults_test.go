@@ -1,0 +1,84 @@
+package e2e_test
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/test/cloudsim"
+)
+
+func TestTransientFailuresAreRetried(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{Seed: 7})
+	d := startDaemon(t, sim, daemonOpts{})
+	vol := d.createVolume("flaky", 1)
+	sim.SetFaults(cloudsim.Faults{Errors: map[string]cloudsim.ErrorFault{
+		"attachVolume": {Rate: 1, Kind: cloudsim.ErrorKindDrop},
+	}})
+	op := d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID})
+	// The dropped connections are recorded as the last error while retrying.
+	var cur commands.Operation
+	deadline := time.Now().Add(15 * time.Second)
+	for cur.Error == "" && time.Now().Before(deadline) {
+		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+op.ID, nil, &cur)
+	}
+	if cur.Status != commands.StatusExecuting || !strings.Contains(cur.Error, "retrying") {
+		t.Fatalf("operation while CloudStack drops connections: %+v", cur)
+	}
+	sim.SetFaults(cloudsim.Faults{})
+	done := d.completed(op.ID)
+	if done.Error != "" {
+		t.Fatalf("completed operation keeps error %q", done.Error)
+	}
+	if n := sim.Stats().AttachesSucceeded[vol]; n != 1 {
+		t.Fatalf("attaches done: %d, want 1", n)
+	}
+}
+
+func TestFinalFailuresAreNot(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{})
+	d := startDaemon(t, sim, daemonOpts{})
+	vol := d.createVolume("final", 1)
+	sim.SetFaults(cloudsim.Faults{Errors: map[string]cloudsim.ErrorFault{"attachVolume": {Rate: 1, Kind: "431"}}})
+	op := d.wait(d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID}).ID)
+	if op.Status != commands.StatusFailed || op.Details["cloudstack_error_code"] != float64(431) {
+		t.Fatalf("operation after a 431: %+v", op)
+	}
+	if n := sim.Stats().Calls["attachVolume"]; n != 1 {
+		t.Fatalf("attachVolume called %d times; a final error must not be retried", n)
+	}
+}
+
+func TestStepTimeout(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{})
+	d := startDaemon(t, sim, daemonOpts{extra: []string{"--step-timeout", "2s"}})
+	vol := d.createVolume("hang", 1)
+	sim.SetFaults(cloudsim.Faults{JobHangRate: map[string]float64{"attachVolume": 1}})
+	op := d.wait(d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID}).ID)
+	if op.Status != commands.StatusFailed || op.Details["code"] != commands.CodeTimeout || !strings.Contains(op.Error, "did not finish within 2s") {
+		t.Fatalf("operation with a job that never ends: %+v", op)
+	}
+}
+
+func TestHealthAndOutage(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{})
+	d := startDaemon(t, sim, daemonOpts{})
+	var h commands.Health
+	d.mustCall(http.StatusOK, http.MethodGet, "/health", nil, &h)
+	if h.Status != commands.Healthy || h.CloudStackHealth != commands.Healthy || h.DatabaseHealth != commands.Healthy ||
+		h.Details.Store != "embedded" {
+		t.Fatalf("health: %+v", h)
+	}
+	sim.SetFaults(cloudsim.Faults{Outage: true})
+	d.mustCall(http.StatusOK, http.MethodGet, "/health", nil, &h)
+	if h.Status != commands.Degraded || h.CloudStackHealth != commands.Unhealthy || h.Details.Errors["cloudstack"] == "" {
+		t.Fatalf("health during a CloudStack outage: %+v", h)
+	}
+	// Accepted during the outage, executed after it.
+	op := d.submit(http.MethodPost, "/volumes", map[string]any{"name": "during-outage", "size": 1 << 30,
+		"disk_offering_id": cloudsim.CustomOfferingID, "zone_id": cloudsim.ZoneID})
+	sim.SetFaults(cloudsim.Faults{})
+	d.completed(op.ID)
+}

@@ -1,0 +1,308 @@
+package e2e_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/test/cloudsim"
+)
+
+// volumedBin is the daemon binary every test runs, built once.
+var volumedBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "volumed-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	volumedBin = filepath.Join(dir, "volumed")
+	args := []string{"build", "-o", volumedBin}
+	if raceBuild {
+		args = append(args, "-race")
+	}
+	build := exec.Command("go", append(args, "github.com/volumed/volumed/cmd/volumed")...)
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build volumed:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// startSim runs the CloudStack simulator in the test process, on a free
+// port, with no local devices unless local is true.
+func startSim(t *testing.T, cfg cloudsim.Config) *cloudsim.Sim {
+	t.Helper()
+	cfg.Listen = "127.0.0.1:0"
+	if cfg.StateDir == "" {
+		cfg.StateDir = t.TempDir()
+	}
+	if cfg.LocalDevices == "" {
+		cfg.LocalDevices = cloudsim.LocalDevicesOff
+	}
+	if cfg.JobDuration == 0 {
+		cfg.JobDuration = 50 * time.Millisecond
+	}
+	sim, err := cloudsim.New(cfg)
+	if err != nil {
+		t.Fatalf("simulator: %v", err)
+	}
+	if err := sim.Start(context.Background()); err != nil {
+		t.Fatalf("simulator start: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = sim.Close(context.Background())
+		_ = sim.Teardown(context.Background())
+	})
+	return sim
+}
+
+// daemon is one volumed process.
+type daemon struct {
+	t       *testing.T
+	dataDir string
+	args    []string
+	api     string // http://host:port/api/v1
+	natsURL string
+	cmd     *exec.Cmd
+	out     *syncBuffer
+	exited  chan struct{}
+}
+
+// daemonOpts configure startDaemon.
+type daemonOpts struct {
+	redisURL string
+	dataDir  string
+	extra    []string
+}
+
+// startDaemon runs the volumed binary against sim, with its own embedded
+// NATS on a free port, and waits until its API answers.
+func startDaemon(t *testing.T, sim *cloudsim.Sim, o daemonOpts) *daemon {
+	t.Helper()
+	if o.dataDir == "" {
+		o.dataDir = t.TempDir()
+	}
+	natsPort := testenv.FreePort(t)
+	conf := filepath.Join(o.dataDir, "nats.conf")
+	if err := os.WriteFile(conf, []byte(fmt.Sprintf("listen: 127.0.0.1:%d\njetstream {}\n", natsPort)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	listen := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	d := &daemon{t: t, dataDir: o.dataDir, api: "http://" + listen + "/api/v1",
+		natsURL: fmt.Sprintf("nats://127.0.0.1:%d", natsPort)}
+	d.args = append([]string{"--listen", listen, "--data-dir", o.dataDir, "--nats-config", conf,
+		"--cloudstack-url", sim.URL(), "--cloudstack-api-key", cloudsim.DefaultAPIKey,
+		"--cloudstack-secret-key", cloudsim.DefaultSecretKey, "--vm-id", cloudsim.ApplianceVMID,
+		"--ack-wait", "2s", "--log-level", "debug"}, o.extra...)
+	if o.redisURL != "" {
+		d.args = append(d.args, "--redis-url", o.redisURL)
+	}
+	d.start()
+	t.Cleanup(d.stop)
+	return d
+}
+
+func (d *daemon) start() {
+	d.t.Helper()
+	d.out = &syncBuffer{}
+	d.cmd = exec.Command(volumedBin, d.args...)
+	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
+	d.cmd.Env = append(os.Environ(), "GORACE=halt_on_error=1")
+	if err := d.cmd.Start(); err != nil {
+		d.t.Fatalf("start volumed: %v", err)
+	}
+	d.exited = make(chan struct{})
+	go func() { _ = d.cmd.Wait(); close(d.exited) }()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get(d.api + "/health")
+		if err == nil {
+			resp.Body.Close()
+			return
+		}
+		select {
+		case <-d.exited:
+			d.t.Fatalf("volumed exited at start:\n%s", d.out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("volumed did not answer within 30s:\n%s", d.out.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// kill9 kills the daemon as a crash would.
+func (d *daemon) kill9() {
+	_ = d.cmd.Process.Signal(syscall.SIGKILL)
+	<-d.exited
+}
+
+// restart starts the daemon again on the same data.
+func (d *daemon) restart() { d.start() }
+
+// stop shuts the daemon down with SIGTERM and requires a clean exit (a
+// race report makes the exit code non-zero).
+func (d *daemon) stop() {
+	select {
+	case <-d.exited:
+		return
+	default:
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.exited:
+	case <-time.After(40 * time.Second):
+		_ = d.cmd.Process.Kill()
+		<-d.exited
+		d.t.Errorf("volumed did not stop within 40s of SIGTERM:\n%s", d.out.String())
+		return
+	}
+	if code := d.cmd.ProcessState.ExitCode(); code != 0 {
+		d.t.Errorf("volumed exited with %d after SIGTERM:\n%s", code, d.out.String())
+	}
+	if strings.Contains(d.out.String(), "WARNING: DATA RACE") {
+		d.t.Errorf("data race in volumed:\n%s", d.out.String())
+	}
+}
+
+// nats connects a client to the daemon's embedded NATS server.
+func (d *daemon) nats() *nats.Conn {
+	d.t.Helper()
+	nc, err := nats.Connect(d.natsURL)
+	if err != nil {
+		d.t.Fatalf("connect NATS: %v", err)
+	}
+	d.t.Cleanup(nc.Close)
+	return nc
+}
+
+// call does one REST request and returns the status and body; every
+// response is validated against the OpenAPI document.
+func (d *daemon) call(method, path string, body any) (int, []byte) {
+	d.t.Helper()
+	var rd io.Reader
+	if body != nil {
+		switch b := body.(type) {
+		case string:
+			rd = strings.NewReader(b)
+		default:
+			data, err := json.Marshal(b)
+			if err != nil {
+				d.t.Fatal(err)
+			}
+			rd = bytes.NewReader(data)
+		}
+	}
+	req, err := http.NewRequest(method, d.api+path, rd)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, data := validator.Do(d.t, http.DefaultClient, req)
+	return resp.StatusCode, data
+}
+
+// mustCall is call requiring a status.
+func (d *daemon) mustCall(want int, method, path string, body any, out any) {
+	d.t.Helper()
+	status, data := d.call(method, path, body)
+	if status != want {
+		d.t.Fatalf("%s %s: status %d, want %d: %s", method, path, status, want, data)
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			d.t.Fatalf("%s %s: decode %s: %v", method, path, data, err)
+		}
+	}
+}
+
+// submit posts a command and returns the accepted operation.
+func (d *daemon) submit(method, path string, body any) commands.Operation {
+	d.t.Helper()
+	var op commands.Operation
+	d.mustCall(http.StatusCreated, method, path, body, &op)
+	if op.Status != commands.StatusPending || !strings.HasPrefix(op.ID, "op-") {
+		d.t.Fatalf("%s %s: accepted operation %+v", method, path, op)
+	}
+	return op
+}
+
+// wait waits for an operation to end, through ?wait, and returns it.
+func (d *daemon) wait(opID string) commands.Operation {
+	d.t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		var op commands.Operation
+		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+opID+"?wait=30s", nil, &op)
+		if op.Status.Terminal() {
+			return op
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("operation %s not terminal after 90s: %+v\n%s", opID, op, d.out.String())
+		}
+	}
+}
+
+// completed waits for an operation and requires it completed.
+func (d *daemon) completed(opID string) commands.Operation {
+	d.t.Helper()
+	op := d.wait(opID)
+	if op.Status != commands.StatusCompleted {
+		d.t.Fatalf("operation %s %s: %s %v", opID, op.Status, op.Error, op.Details)
+	}
+	return op
+}
+
+// createVolume creates a volume of size GiB and returns its id.
+func (d *daemon) createVolume(name string, gib int64) string {
+	d.t.Helper()
+	op := d.submit(http.MethodPost, "/volumes", map[string]any{"name": name, "size": gib << 30,
+		"disk_offering_id": cloudsim.CustomOfferingID, "zone_id": cloudsim.ZoneID})
+	done := d.completed(op.ID)
+	if done.VolumeID == "" || done.Response == nil || done.Response.VolumeID != done.VolumeID {
+		d.t.Fatalf("create completed without a volume id: %+v", done)
+	}
+	return done.VolumeID
+}
+
+// syncBuffer is a bytes.Buffer safe for the process's writes and the
+// test's reads.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
