@@ -1,0 +1,131 @@
+package commands_test
+
+import (
+	"errors"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/volumed/volumed/commands"
+)
+
+const (
+	zone     = "057e86db-c726-4d8c-ab1f-75c5f55d1881"
+	offering = "c813c642-d946-49e1-9289-c616dd70206a"
+	vol      = "12345678-1234-1234-1234-123456789012"
+	vm       = "87654321-4321-4321-4321-210987654321"
+)
+
+func TestDecodeCreate(t *testing.T) {
+	tests := []struct {
+		name, body, field string
+		ok                bool
+		gib               int64
+	}{
+		{"reference example", `{"name":"migration-volume-001","size":5368709120,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `","metadata":{"purpose":"vm_migration"}}`, "", true, 5},
+		{"rounds up to whole GiB", `{"name":"n","size":1073741825,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `"}`, "", true, 2},
+		{"upper-case ids", `{"name":"n","size":1073741824,"disk_offering_id":"` + strings.ToUpper(offering) + `","zone_id":"` + zone + `"}`, "", true, 1},
+		{"below 1 GiB", `{"name":"n","size":536870912,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `"}`, "size", false, 0},
+		{"size missing", `{"name":"n","disk_offering_id":"` + offering + `","zone_id":"` + zone + `"}`, "size", false, 0},
+		{"size fractional", `{"name":"n","size":1.5e9,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `"}`, "size", false, 0},
+		{"name blank", `{"name":"  ","size":1073741824,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `"}`, "name", false, 0},
+		{"name with newline", `{"name":"a\nb","size":1073741824,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `"}`, "name", false, 0},
+		{"name too long", `{"name":"` + strings.Repeat("n", 256) + `","size":1073741824,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `"}`, "name", false, 0},
+		{"bad zone", `{"name":"n","size":1073741824,"disk_offering_id":"` + offering + `","zone_id":"invalid-zone"}`, "zone_id", false, 0},
+		{"offering missing", `{"name":"n","size":1073741824,"zone_id":"` + zone + `"}`, "disk_offering_id", false, 0},
+		{"unknown field", `{"name":"n","size":1073741824,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `","sz":1}`, "sz", false, 0},
+		{"metadata not an object", `{"name":"n","size":1073741824,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `","metadata":[1]}`, "metadata", false, 0},
+		{"array body", `[]`, "", false, 0},
+		{"trailing data", `{"name":"n"} x`, "", false, 0},
+		{"truncated", `{"name":`, "", false, 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			req, err := commands.DecodeCreate([]byte(tc.body))
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("unexpected error %v", err)
+				}
+				if req.SizeGiB() != tc.gib || req.ZoneID != zone || req.DiskOfferingID != offering {
+					t.Fatalf("decoded %+v (GiB %d)", req, req.SizeGiB())
+				}
+				return
+			}
+			var e *commands.Error
+			if !errors.As(err, &e) || e.Status != http.StatusBadRequest || e.Code != commands.CodeInvalidRequest {
+				t.Fatalf("error %v, want 400 INVALID_REQUEST", err)
+			}
+			if tc.field != "" && e.Details["field"] != tc.field {
+				t.Fatalf("details %v, want field %q", e.Details, tc.field)
+			}
+		})
+	}
+}
+
+func TestDecodeAttach(t *testing.T) {
+	tests := []struct {
+		name, body string
+		root, ok   bool
+	}{
+		{"bare ids", `{"volume_id":"` + vol + `","vm_id":"` + vm + `"}`, false, true},
+		{"reference prefixes", `{"volume_id":"vol-` + vol + `","vm_id":"vm-` + vm + `"}`, false, true},
+		{"root", `{"volume_id":"` + vol + `","vm_id":"` + vm + `"}`, true, true},
+		{"vm missing", `{"volume_id":"` + vol + `"}`, false, false},
+		{"device_id not accepted", `{"volume_id":"` + vol + `","vm_id":"` + vm + `","device_id":2}`, false, false},
+		{"wrong prefix", `{"volume_id":"vm-` + vol + `","vm_id":"` + vm + `"}`, false, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			req, err := commands.DecodeAttach([]byte(tc.body), tc.root)
+			if (err == nil) != tc.ok {
+				t.Fatalf("error %v, want ok=%v", err, tc.ok)
+			}
+			if !tc.ok {
+				return
+			}
+			if req.VolumeID != vol || req.VMID != vm || req.Root() != tc.root {
+				t.Fatalf("decoded %+v", req)
+			}
+			if tc.root && (req.DeviceID == nil || *req.DeviceID != 0 || req.AttachAs != "root") {
+				t.Fatalf("root attach without device 0: %+v", req)
+			}
+			if !tc.root && req.DeviceID != nil {
+				t.Fatalf("plain attach with a device id: %+v", req)
+			}
+		})
+	}
+}
+
+func TestDecodeVolumeAndOperationIDs(t *testing.T) {
+	if r, err := commands.DecodeVolume(nil); err == nil {
+		t.Fatalf("empty body decoded as %+v", r)
+	}
+	if r, err := commands.DecodeVolume([]byte(`{"volume_id":"vol-` + vol + `"}`)); err != nil || r.VolumeID != vol {
+		t.Fatalf("decode volume: %+v %v", r, err)
+	}
+	if id, err := commands.NormalizeOperationID("op-" + strings.ToUpper(vol)); err != nil || id != "op-"+vol {
+		t.Fatalf("operation id: %q %v", id, err)
+	}
+	if _, err := commands.NormalizeOperationID("banana"); err == nil {
+		t.Fatal("malformed operation id accepted")
+	}
+	big := make([]byte, commands.MaxBodyBytes+1)
+	if _, err := commands.DecodeVolume(big); err == nil {
+		t.Fatal("oversized body accepted")
+	}
+}
+
+func TestOperationHelpers(t *testing.T) {
+	for _, s := range commands.OpStatuses {
+		want := s == commands.StatusCompleted || s == commands.StatusFailed || s == commands.StatusCancelled
+		if s.Terminal() != want {
+			t.Errorf("%s.Terminal() = %v", s, !want)
+		}
+	}
+	if got := commands.AsError(errors.New("boom")); got.Status != http.StatusInternalServerError || got.Code != commands.CodeInternalError {
+		t.Errorf("AsError of a plain error: %+v", got)
+	}
+	if got := commands.DeviceSubject(vm, commands.DeviceAdd); got != "devices."+vm+".add" {
+		t.Errorf("DeviceSubject = %s", got)
+	}
+}

@@ -1,0 +1,123 @@
+package csapi
+
+import (
+	"context"
+	"errors"
+	"net"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestErrorClassification drives the real cloudstack-go client against
+// recorded answers and checks each error is classified once and right.
+func TestErrorClassification(t *testing.T) {
+	const unknownVol = "00000000-0000-0000-0000-000000000000"
+	attach := func(ctx context.Context, c *Client) error {
+		_, err := c.AttachVolume(ctx, "3c5a2f1e-8b7d-4e2a-9f61-0d2b7c9e4a15", "915653c4-298b-4d74-bdee-4ced282114f1", nil)
+		return err
+	}
+	create := func(ctx context.Context, c *Client) error {
+		_, _, err := c.CreateVolume(ctx, CreateParams{Name: "v", SizeGiB: 1, DiskOfferingID: "o", ZoneID: "z"})
+		return err
+	}
+	getVolume := func(ctx context.Context, c *Client) error {
+		_, err := c.GetVolume(ctx, unknownVol)
+		return err
+	}
+	cases := []struct {
+		name      string
+		script    map[string][]step
+		call      func(context.Context, *Client) error
+		command   string
+		code      int
+		csCode    int
+		text      string // substring of Text
+		retryable bool
+		notFound  bool
+	}{
+		{name: "401 bad signature", script: map[string][]step{"attachVolume": {{status: 401, file: "error_401_bad_signature.json"}}},
+			call: attach, command: "attachVolume", code: 401, text: "unable to verify user credentials and/or request signature"},
+		{name: "431/9999 unknown id is not found", script: map[string][]step{"listVolumes": {{status: 431, file: "listVolumes_error_unknown_id_431.json"}}},
+			call: getVolume, command: "listVolumes", code: 431, csCode: 9999,
+			text: "Invalid parameter id value=" + unknownVol, notFound: true},
+		{name: "431/4350 delete attached", script: map[string][]step{"deleteVolume": {{status: 431, file: "deleteVolume_error_attached_431.json"}}},
+			call:    func(ctx context.Context, c *Client) error { return c.DeleteVolume(ctx, "v") },
+			command: "deleteVolume", code: 431, csCode: 4350, text: "Please specify a volume that is not attached to any VM."},
+		{name: "530 internal", script: map[string][]step{"attachVolume": {{status: 530, file: "error_530_internal.json"}}},
+			call: attach, command: "attachVolume", code: 530, csCode: 9999, text: "Internal error executing command", retryable: true},
+		{name: "432 unsupported", script: map[string][]step{"listZones": {{status: 432, file: "error_432_unsupported.json"}}},
+			call:    func(ctx context.Context, c *Client) error { return c.Ping(ctx) },
+			command: "listZones", code: 432, csCode: 9999, text: "does not exist or it is not available"},
+		{name: "dropped connection", script: map[string][]step{"createVolume": {{drop: true}}},
+			call: create, command: "createVolume", text: "EOF", retryable: true},
+		{name: "proxy 502 without CloudStack JSON", script: map[string][]step{"createVolume": {{status: 502, file: "bad_proxy_502.html"}}},
+			call: create, command: "createVolume", code: 502, retryable: true},
+		{name: "truncated 200 is final", script: map[string][]step{"listVolumes": {{file: "bad_truncated_200.json"}}},
+			call:    func(ctx context.Context, c *Client) error { _, err := c.ListVolumes(ctx, ListFilter{}); return err },
+			command: "listVolumes", text: "invalid character"},
+		{name: "failed job is final with the job's code and text",
+			script:  map[string][]step{"queryAsyncJobResult": {{file: "queryAsyncJobResult_pending.json"}, {file: "queryAsyncJobResult_attachVolume_failure.json"}}},
+			call:    func(ctx context.Context, c *Client) error { _, err := c.WaitJob(ctx, "j"); return err },
+			command: "attachVolume", code: 431, text: "Please specify a volume that is not attached to any VM."},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, c := startReplay(t, tc.script)
+			err := tc.call(ctxTimeout(t, 10*time.Second), c)
+			checkError(t, err, tc.command, tc.code, tc.csCode, tc.text, tc.retryable)
+			if got := errors.Is(err, ErrNotFound); got != tc.notFound {
+				t.Errorf("errors.Is(err, ErrNotFound) = %v, want %v (err %v)", got, tc.notFound, err)
+			}
+		})
+	}
+}
+
+// checkError asserts err is an *Error with the given classification.
+func checkError(t *testing.T, err error, command string, code, csCode int, text string, retryable bool) {
+	t.Helper()
+	var e *Error
+	if !errors.As(err, &e) {
+		t.Fatalf("err = %v (%T), want *Error", err, err)
+	}
+	if e.Command != command || e.Code != code || e.CSCode != csCode || e.Retryable != retryable {
+		t.Errorf("got {Command %q Code %d CSCode %d Retryable %v}, want {%q %d %d %v}; err %v",
+			e.Command, e.Code, e.CSCode, e.Retryable, command, code, csCode, retryable, err)
+	}
+	if !strings.Contains(e.Text, text) {
+		t.Errorf("Text = %q, want it to contain %q", e.Text, text)
+	}
+	if IsRetryable(err) != retryable {
+		t.Errorf("IsRetryable = %v, want %v", IsRetryable(err), retryable)
+	}
+}
+
+// TestTransportErrors: a refused connection and an expired context are
+// retryable, and the context's error stays visible.
+func TestTransportErrors(t *testing.T) {
+	t.Run("connection refused", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		c := New(Config{URL: "http://" + addr + "/client/api", APIKey: "k", SecretKey: "s"})
+		err = c.Ping(ctxTimeout(t, 10*time.Second))
+		checkError(t, err, "listZones", 0, 0, "connection refused", true)
+	})
+	t.Run("context deadline while CloudStack does not answer", func(t *testing.T) {
+		_, c := startReplay(t, map[string][]step{"detachVolume": {{hang: true}}})
+		_, err := c.DetachVolume(ctxTimeout(t, 50*time.Millisecond), "v")
+		checkError(t, err, "detachVolume", 0, 0, "context deadline exceeded", true)
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("errors.Is(err, context.DeadlineExceeded) = false: %v", err)
+		}
+	})
+	t.Run("HTTP timeout", func(t *testing.T) {
+		r, _ := startReplay(t, map[string][]step{"listZones": {{hang: true}}})
+		c := New(Config{URL: r.url, APIKey: "k", SecretKey: "s", HTTPTimeout: 50 * time.Millisecond})
+		err := c.Ping(ctxTimeout(t, time.Minute))
+		checkError(t, err, "listZones", 0, 0, "context deadline exceeded", true)
+	})
+}

@@ -1,0 +1,336 @@
+package csapi
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/apache/cloudstack-go/v2/cloudstack"
+)
+
+// Defaults of Config.
+const (
+	DefaultHTTPTimeout = 30 * time.Second
+	DefaultPollMin     = 10 * time.Millisecond
+	DefaultPollMax     = 100 * time.Millisecond
+	// listPageSize is the page size of list calls (CloudStack's default).
+	listPageSize = 500
+)
+
+// Config configures a Client; zero fields take defaults.
+type Config struct {
+	// URL is the API endpoint, e.g. http://cloudstack:8080/client/api.
+	URL string
+	// APIKey and SecretKey sign every request.
+	APIKey, SecretKey string
+	// HTTPTimeout bounds one API call, body included (DefaultHTTPTimeout).
+	HTTPTimeout time.Duration
+	// PollMin is WaitJob's first interval (DefaultPollMin); it doubles up
+	// to PollMax (DefaultPollMax).
+	PollMin, PollMax time.Duration
+	// Logger is the parent logger (default: discard).
+	Logger *slog.Logger
+}
+
+// Client implements API with the synchronous cloudstack-go client and its
+// own job polling.
+type Client struct {
+	cfg       Config
+	log       *slog.Logger
+	transport *http.Transport
+	calls     atomic.Int64
+}
+
+var _ API = (*Client)(nil)
+
+// New returns a Client for cfg with defaults filled in.
+func New(cfg Config) *Client {
+	if cfg.HTTPTimeout <= 0 {
+		cfg.HTTPTimeout = DefaultHTTPTimeout
+	}
+	if cfg.PollMin <= 0 {
+		cfg.PollMin = DefaultPollMin
+	}
+	if cfg.PollMax <= 0 {
+		cfg.PollMax = DefaultPollMax
+	}
+	cfg.PollMax = max(cfg.PollMax, cfg.PollMin)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.MaxIdleConnsPerHost = 16
+	return &Client{cfg: cfg, log: cfg.Logger.With("component", "csapi"), transport: tr}
+}
+
+// Calls counts the API calls made so far.
+func (c *Client) Calls() int64 { return c.calls.Load() }
+
+// callTransport binds one call's HTTP requests to its context and records
+// the last HTTP status, which cloudstack-go does not report when an answer
+// is not CloudStack JSON.
+type callTransport struct {
+	ctx    context.Context
+	base   http.RoundTripper
+	status int
+}
+
+// RoundTrip sends req under the call's context.
+func (t *callTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := t.base.RoundTrip(req.WithContext(t.ctx))
+	if resp != nil {
+		t.status = resp.StatusCode
+	}
+	return resp, err
+}
+
+// do runs one cloudstack-go call under ctx and the HTTP timeout, counts it
+// and classifies its error. cloudstack-go takes no context, so each call
+// gets its own sync client whose HTTP client carries ctx; connections are
+// shared through c.transport.
+func do[T any](ctx context.Context, c *Client, command string, fn func(*cloudstack.CloudStackClient) (T, error)) (T, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.HTTPTimeout)
+	defer cancel()
+	c.calls.Add(1)
+	rt := &callTransport{ctx: ctx, base: c.transport}
+	// verifyssl is moot: the transport is ours and verifies TLS.
+	cs := cloudstack.NewClient(c.cfg.URL, c.cfg.APIKey, c.cfg.SecretKey, true,
+		cloudstack.WithHTTPClient(&http.Client{Transport: rt}))
+	start := time.Now()
+	res, err := fn(cs)
+	if err != nil {
+		e := classify(command, err, rt.status)
+		c.log.Debug("call failed", "command", command, "duration", time.Since(start),
+			"code", e.Code, "retryable", e.Retryable, "err", e.Error())
+		return res, e
+	}
+	c.log.Debug("call", "command", command, "duration", time.Since(start))
+	return res, nil
+}
+
+// CreateVolume submits createVolume.
+func (c *Client) CreateVolume(ctx context.Context, p CreateParams) (string, string, error) {
+	r, err := do(ctx, c, "createVolume", func(cs *cloudstack.CloudStackClient) (*cloudstack.CreateVolumeResponse, error) {
+		q := cs.Volume.NewCreateVolumeParams()
+		q.SetName(p.Name)
+		q.SetDiskofferingid(p.DiskOfferingID)
+		q.SetZoneid(p.ZoneID)
+		if p.SizeGiB > 0 {
+			q.SetSize(p.SizeGiB)
+		}
+		return cs.Volume.CreateVolume(q)
+	})
+	if err != nil {
+		return "", "", err
+	}
+	return r.Id, r.JobID, nil
+}
+
+// AttachVolume submits attachVolume; a non-nil deviceID, 0 included, is sent.
+func (c *Client) AttachVolume(ctx context.Context, volumeID, vmID string, deviceID *int64) (string, error) {
+	r, err := do(ctx, c, "attachVolume", func(cs *cloudstack.CloudStackClient) (*cloudstack.AttachVolumeResponse, error) {
+		q := cs.Volume.NewAttachVolumeParams(volumeID, vmID)
+		if deviceID != nil {
+			q.SetDeviceid(*deviceID)
+		}
+		return cs.Volume.AttachVolume(q)
+	})
+	if err != nil {
+		return "", err
+	}
+	return r.JobID, nil
+}
+
+// DetachVolume submits detachVolume by volume id.
+func (c *Client) DetachVolume(ctx context.Context, volumeID string) (string, error) {
+	r, err := do(ctx, c, "detachVolume", func(cs *cloudstack.CloudStackClient) (*cloudstack.DetachVolumeResponse, error) {
+		q := cs.Volume.NewDetachVolumeParams()
+		q.SetId(volumeID)
+		return cs.Volume.DetachVolume(q)
+	})
+	if err != nil {
+		return "", err
+	}
+	return r.JobID, nil
+}
+
+// DeleteVolume runs the synchronous deleteVolume.
+func (c *Client) DeleteVolume(ctx context.Context, volumeID string) error {
+	r, err := do(ctx, c, "deleteVolume", func(cs *cloudstack.CloudStackClient) (*cloudstack.DeleteVolumeResponse, error) {
+		return cs.Volume.DeleteVolume(cs.Volume.NewDeleteVolumeParams(volumeID))
+	})
+	if err != nil {
+		return err
+	}
+	if !r.Success {
+		return &Error{Command: "deleteVolume", Text: "not successful: " + r.Displaytext}
+	}
+	return nil
+}
+
+// GetVolume lists one volume by id.
+func (c *Client) GetVolume(ctx context.Context, volumeID string) (Volume, error) {
+	vols, err := c.listVolumes(ctx, func(q *cloudstack.ListVolumesParams) { q.SetId(volumeID) })
+	if err != nil {
+		return Volume{}, err
+	}
+	if len(vols) != 1 {
+		return Volume{}, fmt.Errorf("cloudstack listVolumes: volume %s (%d listed): %w", volumeID, len(vols), ErrNotFound)
+	}
+	return vols[0], nil
+}
+
+// ListVolumes lists the volumes f selects, all pages.
+func (c *Client) ListVolumes(ctx context.Context, f ListFilter) ([]Volume, error) {
+	return c.listVolumes(ctx, func(q *cloudstack.ListVolumesParams) {
+		if f.VMID != "" {
+			q.SetVirtualmachineid(f.VMID)
+		}
+		if f.Name != "" {
+			q.SetName(f.Name)
+		}
+		if f.ZoneID != "" {
+			q.SetZoneid(f.ZoneID)
+		}
+	})
+}
+
+// listVolumes pages through listVolumes with the parameters set sets.
+func (c *Client) listVolumes(ctx context.Context, set func(*cloudstack.ListVolumesParams)) ([]Volume, error) {
+	var out []Volume
+	for page := 1; ; page++ {
+		r, err := do(ctx, c, "listVolumes", func(cs *cloudstack.CloudStackClient) (*cloudstack.ListVolumesResponse, error) {
+			q := cs.Volume.NewListVolumesParams()
+			set(q)
+			q.SetPage(page)
+			q.SetPagesize(listPageSize)
+			return cs.Volume.ListVolumes(q)
+		})
+		if err != nil {
+			return nil, err
+		}
+		for _, v := range r.Volumes {
+			out = append(out, volumeFrom(v))
+		}
+		if len(r.Volumes) < listPageSize || len(out) >= r.Count {
+			return out, nil
+		}
+	}
+}
+
+// volumeFrom maps cloudstack-go's volume. cloudstack-go reads an absent
+// deviceid as 0, so the device id is taken only when the volume is
+// attached (0 is then the root disk).
+func volumeFrom(v *cloudstack.Volume) Volume {
+	out := Volume{
+		ID: v.Id, Name: v.Name, State: v.State, Type: v.Type,
+		ZoneID: v.Zoneid, ZoneName: v.Zonename, Size: v.Size,
+		VMID: v.Virtualmachineid, VMName: v.Vmname, Attached: v.Attached, Created: v.Created,
+	}
+	if v.Virtualmachineid != "" {
+		id := v.Deviceid
+		out.DeviceID = &id
+	}
+	return out
+}
+
+// GetVM lists one VM by id.
+func (c *Client) GetVM(ctx context.Context, vmID string) (VM, error) {
+	r, err := do(ctx, c, "listVirtualMachines", func(cs *cloudstack.CloudStackClient) (*cloudstack.ListVirtualMachinesResponse, error) {
+		q := cs.VirtualMachine.NewListVirtualMachinesParams()
+		q.SetId(vmID)
+		return cs.VirtualMachine.ListVirtualMachines(q)
+	})
+	if err != nil {
+		return VM{}, err
+	}
+	if len(r.VirtualMachines) != 1 {
+		return VM{}, fmt.Errorf("cloudstack listVirtualMachines: vm %s (%d listed): %w", vmID, len(r.VirtualMachines), ErrNotFound)
+	}
+	vm := r.VirtualMachines[0]
+	return VM{ID: vm.Id, Name: vm.Name, State: vm.State, ZoneID: vm.Zoneid}, nil
+}
+
+// Ping lists zones: it needs valid credentials and a working API.
+func (c *Client) Ping(ctx context.Context) error {
+	_, err := do(ctx, c, "listZones", func(cs *cloudstack.CloudStackClient) (*cloudstack.ListZonesResponse, error) {
+		return cs.Zone.ListZones(cs.Zone.NewListZonesParams())
+	})
+	return err
+}
+
+// QueryJob asks once for a job's state and parses its result.
+func (c *Client) QueryJob(ctx context.Context, jobID string) (Job, error) {
+	r, err := do(ctx, c, "queryAsyncJobResult", func(cs *cloudstack.CloudStackClient) (*cloudstack.QueryAsyncJobResultResponse, error) {
+		return cs.Asyncjob.QueryAsyncJobResult(cs.Asyncjob.NewQueryAsyncJobResultParams(jobID))
+	})
+	if err != nil {
+		return Job{ID: jobID}, err
+	}
+	return parseJob(jobID, r)
+}
+
+// parseJob turns a queryAsyncJobResult answer into a Job.
+func parseJob(jobID string, r *cloudstack.QueryAsyncJobResultResponse) (Job, error) {
+	job := Job{ID: jobID, Status: JobStatus(r.Jobstatus)}
+	switch job.Status {
+	case JobPending:
+	case JobSuccess:
+		var res struct {
+			Volume *cloudstack.Volume `json:"volume"`
+		}
+		if len(r.Jobresult) > 0 {
+			if err := json.Unmarshal(r.Jobresult, &res); err != nil {
+				return job, &Error{Command: "queryAsyncJobResult", Text: "job " + jobID + " result: " + err.Error(), Err: err}
+			}
+		}
+		if res.Volume != nil {
+			v := volumeFrom(res.Volume)
+			job.Volume = &v
+		}
+	case JobFailure:
+		job.Err = jobError(r)
+	default:
+		return job, &Error{Command: "queryAsyncJobResult", Text: fmt.Sprintf("job %s: unknown jobstatus %d", jobID, r.Jobstatus)}
+	}
+	return job, nil
+}
+
+// WaitJob polls the job at once, then on an interval doubling from PollMin
+// to PollMax, until it ends or ctx is done. Retryable poll errors are
+// retried; a final one is returned. A failed job returns the job and
+// job.Err.
+func (c *Client) WaitJob(ctx context.Context, jobID string) (Job, error) {
+	interval := c.cfg.PollMin
+	var lastErr error
+	for {
+		job, err := c.QueryJob(ctx, jobID)
+		switch {
+		case err == nil && job.Status != JobPending:
+			return job, job.Err
+		case err != nil && !IsRetryable(err):
+			return job, err
+		case err != nil:
+			c.log.Debug("job poll failed, retrying", "job", jobID, "err", err.Error())
+		}
+		lastErr = err
+		t := time.NewTimer(interval)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			text := fmt.Sprintf("wait for job %s: %v", jobID, ctx.Err())
+			if lastErr != nil {
+				text += " (last poll: " + lastErr.Error() + ")"
+			}
+			return Job{ID: jobID, Status: JobPending},
+				&Error{Command: "queryAsyncJobResult", Text: text, Retryable: true, Err: ctx.Err()}
+		}
+		interval = min(2*interval, c.cfg.PollMax)
+	}
+}
