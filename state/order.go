@@ -1,0 +1,121 @@
+package state
+
+import (
+	"cmp"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// opScore is the sort key of an operation's CreatedAt: microseconds since
+// the epoch, exact in a float64 (a Redis score) until the year 2255. Both
+// backends order by it, then by id, both descending.
+func opScore(t time.Time) int64 { return t.UnixMicro() }
+
+// opRef locates an operation in an ordered index.
+type opRef struct {
+	score int64
+	id    string
+}
+
+// compareRefs orders refs oldest first; listings walk it backwards.
+func compareRefs(a, b opRef) int {
+	if c := cmp.Compare(a.score, b.score); c != 0 {
+		return c
+	}
+	return strings.Compare(a.id, b.id)
+}
+
+// sortMappings orders mappings by creation, then volume id.
+func sortMappings(ms []commands.Mapping) {
+	slices.SortFunc(ms, func(a, b commands.Mapping) int {
+		if c := a.CreatedAt.Compare(b.CreatedAt); c != 0 {
+			return c
+		}
+		return strings.Compare(a.VolumeID, b.VolumeID)
+	})
+}
+
+// newStats returns Stats with every type and status present at zero.
+func newStats() Stats {
+	s := Stats{ByType: make(map[commands.OpType]int64), ByStatus: make(map[commands.OpStatus]int64)}
+	for _, t := range commands.OpTypes {
+		s.ByType[t] = 0
+	}
+	for _, st := range commands.OpStatuses {
+		s.ByStatus[st] = 0
+	}
+	return s
+}
+
+// vmOf returns the VM id of an operation, "" when it has none.
+func vmOf(op *commands.Operation) string {
+	if op.VMID == nil {
+		return ""
+	}
+	return *op.VMID
+}
+
+// checkOp rejects an operation no index could place.
+func checkOp(op *commands.Operation) error {
+	if op.ID == "" || op.Type == "" || op.Status == "" {
+		return fmt.Errorf("state: operation %q needs an id, a type and a status", op.ID)
+	}
+	return nil
+}
+
+// decode unmarshals a stored record.
+func decode[T any](data []byte, v *T) error {
+	if err := json.Unmarshal(data, v); err != nil {
+		return fmt.Errorf("state: decode %T: %w", *v, err)
+	}
+	return nil
+}
+
+// decodeRows decodes the JSON strings of a script reply, skipping nil
+// entries (records gone between index and read).
+func decodeRows[T any](rows []any) ([]T, error) {
+	out := make([]T, 0, len(rows))
+	for _, row := range rows {
+		s, ok := row.(string)
+		if !ok {
+			continue
+		}
+		var v T
+		if err := decode([]byte(s), &v); err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+// filterIndexes names the indexes (as "type:attach", "vm:<id>", …) that f
+// selects by, or "all" when it selects by nothing.
+func filterIndexes(f Filter) []string {
+	return indexNames(string(f.Type), string(f.Status), f.VolumeID, f.VMID, false)
+}
+
+// opIndexes names every index an operation belongs to, "all" included.
+func opIndexes(op *commands.Operation) []string {
+	return indexNames(string(op.Type), string(op.Status), op.VolumeID, vmOf(op), true)
+}
+
+func indexNames(typ, status, volume, vm string, withAll bool) []string {
+	var names []string
+	for _, idx := range [...]struct{ dim, value string }{
+		{"type", typ}, {"status", status}, {"volume", volume}, {"vm", vm},
+	} {
+		if idx.value != "" {
+			names = append(names, idx.dim+":"+idx.value)
+		}
+	}
+	if withAll || len(names) == 0 {
+		names = append(names, "all")
+	}
+	return names
+}

@@ -1,0 +1,277 @@
+package state_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/storetest"
+)
+
+// prefixes gives every store of a test process its own key prefix.
+var prefixes atomic.Int64
+
+// fastFail makes a dead server answer within a fraction of a second.
+const fastFail = "?dial_timeout=200ms&read_timeout=500ms&write_timeout=500ms&max_retries=-1"
+
+func newRedis(t testing.TB, url string) (*state.Redis, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	prefix := fmt.Sprintf("test%d:", prefixes.Add(1))
+	s, err := state.NewRedis(ctx, state.RedisConfig{URL: url, Prefix: prefix})
+	if err != nil {
+		t.Fatalf("new redis store: %v", err)
+	}
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	return s, prefix
+}
+
+func TestRedisConformance(t *testing.T) {
+	r := testenv.StartRedis(t)
+	storetest.Run(t, func(t testing.TB) state.Store {
+		s, _ := newRedis(t, r.URL())
+		return s
+	})
+}
+
+func TestRedisUnavailable(t *testing.T) {
+	r := testenv.StartRedis(t)
+	s, _ := newRedis(t, r.URL()+fastFail)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	op := storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now())
+	if err := s.CreateOperation(ctx, op); err != nil {
+		t.Fatal(err)
+	}
+	r.Stop()
+
+	closed, _ := newRedis(t, testenv.StartRedis(t).URL())
+	if err := closed.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for name, store := range map[string]state.Store{"server killed": s, "store closed": closed} {
+		t.Run(name, func(t *testing.T) {
+			for _, call := range storeCalls(op) {
+				if err := call.fn(ctx, store); !errors.Is(err, state.ErrUnavailable) {
+					t.Errorf("%s: %v, want ErrUnavailable", call.name, err)
+				}
+			}
+		})
+	}
+	t.Run("connect to a dead server", func(t *testing.T) {
+		_, err := state.NewRedis(ctx, state.RedisConfig{URL: r.URL() + fastFail})
+		if !errors.Is(err, state.ErrUnavailable) {
+			t.Fatalf("NewRedis: %v, want ErrUnavailable", err)
+		}
+	})
+	t.Run("bad url is not unavailability", func(t *testing.T) {
+		_, err := state.NewRedis(ctx, state.RedisConfig{URL: "http://" + r.Addr})
+		if err == nil || errors.Is(err, state.ErrUnavailable) {
+			t.Fatalf("NewRedis with an http url: %v", err)
+		}
+	})
+}
+
+// storeCalls calls every Store method that reaches the backend.
+func storeCalls(op commands.Operation) []struct {
+	name string
+	fn   func(context.Context, state.Store) error
+} {
+	m := storetest.Mapping("vol-1", "vm-1", "/dev/vdb")
+	return []struct {
+		name string
+		fn   func(context.Context, state.Store) error
+	}{
+		{"CreateOperation", func(ctx context.Context, s state.Store) error {
+			next := op
+			next.ID = storetest.ID(2)
+			return s.CreateOperation(ctx, next)
+		}},
+		{"UpdateOperation", func(ctx context.Context, s state.Store) error { return s.UpdateOperation(ctx, op) }},
+		{"GetOperation", func(ctx context.Context, s state.Store) error { _, err := s.GetOperation(ctx, op.ID); return err }},
+		{"ListOperations", func(ctx context.Context, s state.Store) error {
+			_, err := s.ListOperations(ctx, state.Filter{Type: op.Type, Limit: 5})
+			return err
+		}},
+		{"Stats", func(ctx context.Context, s state.Store) error { _, err := s.Stats(ctx); return err }},
+		{"PutMapping", func(ctx context.Context, s state.Store) error { return s.PutMapping(ctx, m) }},
+		{"GetMapping", func(ctx context.Context, s state.Store) error { _, err := s.GetMapping(ctx, m.VolumeID); return err }},
+		{"GetMappingByDevice", func(ctx context.Context, s state.Store) error {
+			_, err := s.GetMappingByDevice(ctx, m.DevicePath)
+			return err
+		}},
+		{"ListMappings", func(ctx context.Context, s state.Store) error { _, err := s.ListMappings(ctx, ""); return err }},
+		{"DeleteMapping", func(ctx context.Context, s state.Store) error { return s.DeleteMapping(ctx, m.VolumeID) }},
+		{"Ping", func(ctx context.Context, s state.Store) error { return s.Ping(ctx) }},
+	}
+}
+
+// TestRedisFailedScriptWritesNothing: Redis does not roll a script back,
+// so each script decodes the old record before its first write. A record
+// that cannot be decoded makes the update fail with nothing written.
+func TestRedisFailedScriptWritesNothing(t *testing.T) {
+	r := testenv.StartRedis(t)
+	s, p := newRedis(t, r.URL())
+	raw := redis.NewClient(&redis.Options{Addr: r.Addr})
+	defer raw.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	op := storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "", time.Now())
+	if err := s.CreateOperation(ctx, op); err != nil {
+		t.Fatal(err)
+	}
+	m := storetest.Mapping("vol-1", "vm-1", "/dev/vdb")
+	if err := s.PutMapping(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range []string{p + "op:" + op.ID, p + "mapping:vol-1"} {
+		if err := raw.Set(ctx, key, "{not json", 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := dump(ctx, t, raw, p)
+
+	done := time.Now()
+	op.Status, op.VolumeID, op.CompletedAt = commands.StatusCompleted, "vol-2", &done
+	vm := "vm-2"
+	op.VMID = &vm
+	if err := s.UpdateOperation(ctx, op); err == nil || errors.Is(err, state.ErrUnavailable) {
+		t.Fatalf("update over a bad record: %v", err)
+	}
+	m.DevicePath, m.VMID = "/dev/vdc", "vm-2"
+	if err := s.PutMapping(ctx, m); err == nil || errors.Is(err, state.ErrUnavailable) {
+		t.Fatalf("put over a bad record: %v", err)
+	}
+	if err := s.DeleteMapping(ctx, m.VolumeID); err == nil {
+		t.Fatal("delete over a bad record succeeded")
+	}
+	after := dump(ctx, t, raw, p)
+	if fmt.Sprint(before) != fmt.Sprint(after) {
+		t.Fatalf("failed scripts changed the data:\nbefore %v\nafter  %v", before, after)
+	}
+}
+
+// dump returns every key under prefix p with its type and content.
+func dump(ctx context.Context, t *testing.T, raw *redis.Client, p string) map[string]string {
+	t.Helper()
+	keys, err := raw.Keys(ctx, p+"*").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make(map[string]string)
+	for _, k := range keys {
+		typ := raw.Type(ctx, k).Val()
+		switch typ {
+		case "string":
+			out[k] = raw.Get(ctx, k).Val()
+		case "zset":
+			out[k] = fmt.Sprint(raw.ZRangeWithScores(ctx, k, 0, -1).Val())
+		case "set":
+			out[k] = fmt.Sprint(raw.SMembers(ctx, k).Val())
+		case "hash":
+			out[k] = fmt.Sprint(raw.HGetAll(ctx, k).Val())
+		}
+	}
+	return out
+}
+
+// checkScript verifies, in one atomic snapshot, that every operation
+// record sits in the indexes of its fields and that the counters match
+// the indexes. It returns "" or the first mismatch.
+var checkScript = redis.NewScript(`
+local p = ARGV[1]
+local ids = redis.call('ZRANGE', p .. 'ops:all', 0, -1)
+local pending = 0
+for _, id in ipairs(ids) do
+  local o = cjson.decode(redis.call('GET', p .. 'op:' .. id))
+  for _, k in ipairs({'ops:type:' .. o.type, 'ops:status:' .. o.status, 'ops:volume:' .. o.volume_id}) do
+    if not redis.call('ZSCORE', p .. k, id) then return id .. ' missing from ' .. k end
+  end
+  if o.status == 'pending' then pending = pending + 1 end
+end
+local total = tonumber(redis.call('HGET', p .. 'ops:stats', 'total') or '0')
+if total ~= #ids then return 'total ' .. total .. ' for ' .. #ids .. ' records' end
+for _, st in ipairs({'pending', 'executing', 'completed'}) do
+  local n = tonumber(redis.call('HGET', p .. 'ops:stats', 'status:' .. st) or '0')
+  if n ~= redis.call('ZCARD', p .. 'ops:status:' .. st) then return 'counter of ' .. st .. ' is ' .. n end
+end
+if redis.call('ZCARD', p .. 'ops:status:pending') ~= pending then return 'pending index has strays' end
+return ''
+`)
+
+// TestRedisWritesAreAtomic runs writers that move operations between
+// indexes while a checker script, atomic like the writes, verifies that
+// records, indexes and counters never disagree.
+func TestRedisWritesAreAtomic(t *testing.T) {
+	r := testenv.StartRedis(t)
+	s, p := newRedis(t, r.URL())
+	raw := redis.NewClient(&redis.Options{Addr: r.Addr})
+	defer raw.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	const writers, perWriter = 4, 50
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	for w := range writers {
+		wg.Go(func() {
+			for i := range perWriter {
+				op := storetest.Op(w*perWriter+i, commands.OpCreate, commands.StatusPending, fmt.Sprintf("vol-%d", i%3), "", time.Now())
+				if err := s.CreateOperation(ctx, op); err != nil {
+					t.Error(err)
+					return
+				}
+				for _, st := range []commands.OpStatus{commands.StatusExecuting, commands.StatusCompleted} {
+					op.Status, op.VolumeID = st, fmt.Sprintf("vol-%d", (i+1)%3)
+					if err := s.UpdateOperation(ctx, op); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}
+		})
+	}
+	checked := make(chan int)
+	go func() {
+		n := 0
+		defer func() { checked <- n }()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			msg, err := checkScript.Run(ctx, raw, nil, p).Text()
+			if err != nil || msg != "" {
+				t.Errorf("inconsistent snapshot after %d checks: %q, %v", n, msg, err)
+				return
+			}
+			n++
+		}
+	}()
+	wg.Wait()
+	close(stop)
+	t.Logf("%d consistent snapshots during the writes", <-checked)
+	if msg, err := checkScript.Run(ctx, raw, nil, p).Text(); err != nil || msg != "" {
+		t.Fatalf("final state: %q, %v", msg, err)
+	}
+}
+
+func BenchmarkRedis(b *testing.B) {
+	r := testenv.StartRedis(b)
+	storetest.Bench(b, func(t testing.TB) state.Store {
+		s, _ := newRedis(t, r.URL())
+		return s
+	})
+}

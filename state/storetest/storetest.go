@@ -1,0 +1,757 @@
+// Package storetest is the conformance suite and the benchmarks every
+// state.Store backend runs.
+package storetest
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/state"
+)
+
+// Open returns a new, empty store for one test; it closes it at cleanup.
+type Open func(t testing.TB) state.Store
+
+// base is the creation time the suite's operations count from.
+var base = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+
+// ID returns the n-th test id; ids sort in the order of n.
+func ID(n int) string { return fmt.Sprintf("00000000-0000-4000-8000-%012d", n) }
+
+// Op returns an operation for tests; vm "" means no VM.
+func Op(n int, typ commands.OpType, status commands.OpStatus, volume, vm string, created time.Time) commands.Operation {
+	op := commands.Operation{ID: ID(n), Type: typ, Status: status, VolumeID: volume,
+		Request:   json.RawMessage(fmt.Sprintf(`{"n":%d}`, n)),
+		CreatedAt: created, UpdatedAt: created}
+	if vm != "" {
+		op.VMID = &vm
+	}
+	return op
+}
+
+func ctxFor(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// Run runs the conformance suite, each subtest on a store from open.
+func Run(t *testing.T, open Open) {
+	for _, tc := range []struct {
+		name string
+		fn   func(t *testing.T, s state.Store)
+	}{
+		{"CreateGet", testCreateGet},
+		{"CreateErrors", testCreateErrors},
+		{"NotFound", testNotFound},
+		{"ListFilters", testListFilters},
+		{"ListOrder", testListOrder},
+		{"IndexMoves", testIndexMoves},
+		{"Stats", testStats},
+		{"Writes", testWrites},
+		{"Mappings", testMappings},
+		{"MappingConflictAndMoves", testMappingConflictAndMoves},
+		{"ConcurrentWriters", testConcurrentWriters},
+		{"PingClose", testPingClose},
+	} {
+		t.Run(tc.name, func(t *testing.T) { tc.fn(t, open(t)) })
+	}
+}
+
+// sameJSON fails unless got and want encode to the same JSON.
+func sameJSON(t testing.TB, got, want any) {
+	t.Helper()
+	g, err := json.Marshal(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := json.Marshal(want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(g) != string(w) {
+		t.Fatalf("got  %s\nwant %s", g, w)
+	}
+}
+
+func mustCreate(t testing.TB, s state.Store, ops ...commands.Operation) {
+	t.Helper()
+	for _, op := range ops {
+		if err := s.CreateOperation(ctxFor(t), op); err != nil {
+			t.Fatalf("create %s: %v", op.ID, err)
+		}
+	}
+}
+
+func mustUpdate(t testing.TB, s state.Store, op commands.Operation) {
+	t.Helper()
+	if err := s.UpdateOperation(ctxFor(t), op); err != nil {
+		t.Fatalf("update %s: %v", op.ID, err)
+	}
+}
+
+func ids(ops []commands.Operation) []string {
+	out := []string{}
+	for _, op := range ops {
+		out = append(out, op.ID)
+	}
+	return out
+}
+
+// listIDs lists with f and returns the ids in order.
+func listIDs(t testing.TB, s state.Store, f state.Filter) []string {
+	t.Helper()
+	ops, err := s.ListOperations(ctxFor(t), f)
+	if err != nil {
+		t.Fatalf("list %+v: %v", f, err)
+	}
+	return ids(ops)
+}
+
+func wantIDs(ns ...int) []string {
+	out := []string{}
+	for _, n := range ns {
+		out = append(out, ID(n))
+	}
+	return out
+}
+
+func testCreateGet(t *testing.T, s state.Store) {
+	ctx := ctxFor(t)
+	done := base.Add(3 * time.Second)
+	dev := int64(1)
+	want := Op(1, commands.OpAttach, commands.StatusCompleted, "vol-1", "vm-1", base)
+	want.Response = &commands.OpResponse{VolumeID: "vol-1", VMID: "vm-1", DevicePath: "/dev/vdb", DeviceID: &dev, Message: "attached"}
+	want.Details = map[string]any{"cloudstack_error_code": "530"}
+	want.Step, want.JobID, want.Attempts, want.CompletedAt = "wait-device", "job-1", 2, &done
+	mustCreate(t, s, want)
+	got, err := s.GetOperation(ctx, want.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameJSON(t, got, want)
+
+	want.Status, want.Error = commands.StatusFailed, "device never appeared"
+	mustUpdate(t, s, want)
+	if got, err = s.GetOperation(ctx, want.ID); err != nil {
+		t.Fatal(err)
+	}
+	sameJSON(t, got, want)
+}
+
+func testCreateErrors(t *testing.T, s state.Store) {
+	ctx := ctxFor(t)
+	first := Op(1, commands.OpCreate, commands.StatusPending, "vol-1", "", base)
+	mustCreate(t, s, first)
+	for _, tc := range []struct {
+		name string
+		op   commands.Operation
+		want error // nil: any error that is not ErrUnavailable
+	}{
+		{"existing id", Op(1, commands.OpDelete, commands.StatusFailed, "vol-2", "vm-2", base.Add(time.Hour)), state.ErrExists},
+		{"no id", func() commands.Operation {
+			op := Op(2, commands.OpCreate, commands.StatusPending, "", "", base)
+			op.ID = ""
+			return op
+		}(), nil},
+		{"no type", Op(3, "", commands.StatusPending, "", "", base), nil},
+		{"no status", Op(4, commands.OpCreate, "", "", "", base), nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := s.CreateOperation(ctx, tc.op)
+			switch {
+			case err == nil:
+				t.Fatal("created")
+			case tc.want != nil && !errors.Is(err, tc.want):
+				t.Fatalf("error %v, want %v", err, tc.want)
+			case errors.Is(err, state.ErrUnavailable):
+				t.Fatalf("error %v is not a bad input", err)
+			}
+		})
+	}
+	// Nothing of the refused creates was written.
+	got, err := s.GetOperation(ctx, first.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameJSON(t, got, first)
+	if got := listIDs(t, s, state.Filter{}); !slices.Equal(got, wantIDs(1)) {
+		t.Fatalf("list all = %v", got)
+	}
+	for _, f := range []state.Filter{{Type: commands.OpDelete}, {Status: commands.StatusFailed},
+		{VolumeID: "vol-2"}, {VMID: "vm-2"}} {
+		if got := listIDs(t, s, f); len(got) != 0 {
+			t.Fatalf("list %+v = %v after refused create", f, got)
+		}
+	}
+	st, err := s.Stats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Total != 1 || st.ByType[commands.OpDelete] != 0 || st.ByStatus[commands.StatusFailed] != 0 || st.Terminal != 0 {
+		t.Fatalf("stats after refused create: %+v", st)
+	}
+}
+
+func testNotFound(t *testing.T, s state.Store) {
+	ctx := ctxFor(t)
+	if _, err := s.GetOperation(ctx, ID(9)); !errors.Is(err, state.ErrNotFound) {
+		t.Fatalf("get unknown: %v", err)
+	}
+	err := s.UpdateOperation(ctx, Op(9, commands.OpAttach, commands.StatusCompleted, "vol-9", "vm-9", base))
+	if !errors.Is(err, state.ErrNotFound) {
+		t.Fatalf("update unknown: %v", err)
+	}
+	if _, err := s.GetOperation(ctx, ID(9)); !errors.Is(err, state.ErrNotFound) {
+		t.Fatalf("update of an unknown id created it: %v", err)
+	}
+	for _, f := range []state.Filter{{}, {Status: commands.StatusCompleted}, {VolumeID: "vol-9"}, {VMID: "vm-9"}} {
+		if got := listIDs(t, s, f); len(got) != 0 {
+			t.Fatalf("list %+v = %v", f, got)
+		}
+	}
+	if st, err := s.Stats(ctx); err != nil || st.Total != 0 || st.Terminal != 0 {
+		t.Fatalf("stats %+v, %v", st, err)
+	}
+}
+
+// dataset is the operations testListFilters lists, created in this order.
+var dataset = []commands.Operation{
+	Op(1, commands.OpCreate, commands.StatusCompleted, "vol-a", "", base.Add(1*time.Second)),
+	Op(5, commands.OpAttach, commands.StatusPending, "vol-c", "vm-2", base.Add(5*time.Second)),
+	Op(2, commands.OpAttach, commands.StatusCompleted, "vol-a", "vm-1", base.Add(2*time.Second)),
+	Op(3, commands.OpAttach, commands.StatusFailed, "vol-b", "vm-1", base.Add(3*time.Second)),
+	Op(4, commands.OpDetach, commands.StatusExecuting, "vol-a", "vm-1", base.Add(4*time.Second)),
+	Op(6, commands.OpDelete, commands.StatusPending, "vol-b", "", base.Add(6*time.Second)),
+	Op(8, commands.OpCreate, commands.StatusPending, "", "", base.Add(8*time.Second)),
+	Op(7, commands.OpAttach, commands.StatusCompleted, "vol-c", "vm-2", base.Add(7*time.Second)),
+}
+
+func testListFilters(t *testing.T, s state.Store) {
+	mustCreate(t, s, dataset...)
+	for _, tc := range []struct {
+		name string
+		f    state.Filter
+		want []string
+	}{
+		{"all", state.Filter{}, wantIDs(8, 7, 6, 5, 4, 3, 2, 1)},
+		{"limit", state.Filter{Limit: 3}, wantIDs(8, 7, 6)},
+		{"limit above count", state.Filter{Limit: 100}, wantIDs(8, 7, 6, 5, 4, 3, 2, 1)},
+		{"type", state.Filter{Type: commands.OpAttach}, wantIDs(7, 5, 3, 2)},
+		{"status", state.Filter{Status: commands.StatusPending}, wantIDs(8, 6, 5)},
+		{"volume", state.Filter{VolumeID: "vol-a"}, wantIDs(4, 2, 1)},
+		{"vm", state.Filter{VMID: "vm-1"}, wantIDs(4, 3, 2)},
+		{"type+status", state.Filter{Type: commands.OpAttach, Status: commands.StatusCompleted}, wantIDs(7, 2)},
+		{"type+vm", state.Filter{Type: commands.OpAttach, VMID: "vm-1"}, wantIDs(3, 2)},
+		{"status+volume", state.Filter{Status: commands.StatusCompleted, VolumeID: "vol-a"}, wantIDs(2, 1)},
+		{"volume+vm", state.Filter{VolumeID: "vol-a", VMID: "vm-1"}, wantIDs(4, 2)},
+		{"all four", state.Filter{Type: commands.OpAttach, Status: commands.StatusCompleted, VolumeID: "vol-c", VMID: "vm-2"}, wantIDs(7)},
+		{"type+limit", state.Filter{Type: commands.OpAttach, Limit: 2}, wantIDs(7, 5)},
+		{"status+volume+limit", state.Filter{Status: commands.StatusPending, VolumeID: "vol-b", Limit: 1}, wantIDs(6)},
+		{"disjoint filters", state.Filter{Type: commands.OpDetach, VMID: "vm-2"}, wantIDs()},
+		{"unknown volume", state.Filter{VolumeID: "vol-z"}, wantIDs()},
+		{"unknown vm with type", state.Filter{VMID: "vm-z", Type: commands.OpAttach}, wantIDs()},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := listIDs(t, s, tc.f); !slices.Equal(got, tc.want) {
+				t.Fatalf("list %+v = %v, want %v", tc.f, got, tc.want)
+			}
+		})
+	}
+	// Every combination of filter values against a plain filter-and-sort.
+	types := append([]commands.OpType{""}, commands.OpTypes...)
+	statuses := append([]commands.OpStatus{""}, commands.OpStatuses...)
+	for _, typ := range types {
+		for _, st := range statuses {
+			for _, vol := range []string{"", "vol-a", "vol-b", "vol-c"} {
+				for _, vm := range []string{"", "vm-1", "vm-2"} {
+					for _, limit := range []int{0, 2} {
+						f := state.Filter{Type: typ, Status: st, VolumeID: vol, VMID: vm, Limit: limit}
+						if got, want := listIDs(t, s, f), reference(dataset, f); !slices.Equal(got, want) {
+							t.Fatalf("list %+v = %v, want %v", f, got, want)
+						}
+					}
+				}
+			}
+		}
+	}
+}
+
+// reference lists ops by checking every one: the model the stores must
+// agree with.
+func reference(ops []commands.Operation, f state.Filter) []string {
+	var keep []commands.Operation
+	for _, op := range ops {
+		vm := ""
+		if op.VMID != nil {
+			vm = *op.VMID
+		}
+		if (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
+			(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || vm == f.VMID) {
+			keep = append(keep, op)
+		}
+	}
+	slices.SortFunc(keep, func(a, b commands.Operation) int {
+		if c := b.CreatedAt.Compare(a.CreatedAt); c != 0 {
+			return c
+		}
+		return strings.Compare(b.ID, a.ID)
+	})
+	if f.Limit > 0 && len(keep) > f.Limit {
+		keep = keep[:f.Limit]
+	}
+	return ids(keep)
+}
+
+func testListOrder(t *testing.T, s state.Store) {
+	// 1, 2, 3 share a creation instant; 4 and 5 are later in the same
+	// millisecond. Created out of order.
+	mustCreate(t, s,
+		Op(2, commands.OpAttach, commands.StatusPending, "vol-1", "", base),
+		Op(5, commands.OpAttach, commands.StatusPending, "vol-1", "", base.Add(100*time.Microsecond)),
+		Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "", base),
+		Op(4, commands.OpAttach, commands.StatusPending, "vol-1", "", base.Add(300*time.Microsecond)),
+		Op(3, commands.OpAttach, commands.StatusPending, "vol-1", "", base),
+	)
+	want := wantIDs(4, 5, 3, 2, 1)
+	for _, f := range []state.Filter{{}, {VolumeID: "vol-1"}, {Type: commands.OpAttach, Status: commands.StatusPending}} {
+		if got := listIDs(t, s, f); !slices.Equal(got, want) {
+			t.Fatalf("list %+v = %v, want %v", f, got, want)
+		}
+	}
+	f := state.Filter{VolumeID: "vol-1", Limit: 4}
+	if got := listIDs(t, s, f); !slices.Equal(got, want[:4]) {
+		t.Fatalf("list %+v = %v, want %v", f, got, want[:4])
+	}
+}
+
+func testIndexMoves(t *testing.T, s state.Store) {
+	x := Op(1, commands.OpCreate, commands.StatusPending, "", "", base)
+	y := Op(2, commands.OpAttach, commands.StatusPending, "vol-new", "vm-a", base.Add(-time.Second))
+	mustCreate(t, s, x, y)
+	vm := func(id string) *string { return &id }
+	done := base.Add(time.Minute)
+	for _, step := range []struct {
+		name   string
+		change func(op *commands.Operation)
+		want   map[state.Filter][]string
+	}{
+		{"pending to executing", func(op *commands.Operation) { op.Status = commands.StatusExecuting },
+			map[state.Filter][]string{
+				{Status: commands.StatusPending}:   wantIDs(2),
+				{Status: commands.StatusExecuting}: wantIDs(1),
+			}},
+		{"volume appears", func(op *commands.Operation) { op.VolumeID = "vol-new" },
+			map[state.Filter][]string{
+				{VolumeID: "vol-new"}: wantIDs(1, 2),
+				{VolumeID: "vol-new", Status: commands.StatusPending}: wantIDs(2),
+			}},
+		{"vm appears", func(op *commands.Operation) { op.VMID = vm("vm-a") },
+			map[state.Filter][]string{
+				{VMID: "vm-a"}:                          wantIDs(1, 2),
+				{VMID: "vm-a", Type: commands.OpCreate}: wantIDs(1),
+			}},
+		{"vm and volume move", func(op *commands.Operation) { op.VMID, op.VolumeID = vm("vm-b"), "vol-other" },
+			map[state.Filter][]string{
+				{VMID: "vm-a"}:          wantIDs(2),
+				{VMID: "vm-b"}:          wantIDs(1),
+				{VolumeID: "vol-new"}:   wantIDs(2),
+				{VolumeID: "vol-other"}: wantIDs(1),
+			}},
+		{"completes", func(op *commands.Operation) { op.Status, op.CompletedAt = commands.StatusCompleted, &done },
+			map[state.Filter][]string{
+				{Status: commands.StatusExecuting}:               wantIDs(),
+				{Status: commands.StatusCompleted}:               wantIDs(1),
+				{Status: commands.StatusCompleted, VMID: "vm-b"}: wantIDs(1),
+				{Type: commands.OpCreate}:                        wantIDs(1),
+				{}:                                               wantIDs(1, 2),
+			}},
+		{"vm dropped", func(op *commands.Operation) { op.VMID = nil },
+			map[state.Filter][]string{
+				{VMID: "vm-b"}:          wantIDs(),
+				{VolumeID: "vol-other"}: wantIDs(1),
+			}},
+	} {
+		t.Run(step.name, func(t *testing.T) {
+			step.change(&x)
+			mustUpdate(t, s, x)
+			for f, want := range step.want {
+				if got := listIDs(t, s, f); !slices.Equal(got, want) {
+					t.Fatalf("list %+v = %v, want %v", f, got, want)
+				}
+			}
+		})
+	}
+}
+
+// wantStats checks the counts of st; absent map keys must be zero.
+func wantStats(t testing.TB, s state.Store, total, terminal int64, dur time.Duration,
+	byType map[commands.OpType]int64, byStatus map[commands.OpStatus]int64) {
+	t.Helper()
+	st, err := s.Stats(ctxFor(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Total != total || st.Terminal != terminal || st.TerminalDuration != dur {
+		t.Fatalf("total %d terminal %d duration %v, want %d %d %v", st.Total, st.Terminal, st.TerminalDuration, total, terminal, dur)
+	}
+	for _, typ := range commands.OpTypes {
+		if st.ByType[typ] != byType[typ] {
+			t.Fatalf("by type %v, want %v", st.ByType, byType)
+		}
+	}
+	for _, status := range commands.OpStatuses {
+		if st.ByStatus[status] != byStatus[status] {
+			t.Fatalf("by status %v, want %v", st.ByStatus, byStatus)
+		}
+	}
+}
+
+func testStats(t *testing.T, s state.Store) {
+	at := func(d time.Duration) *time.Time { v := base.Add(d); return &v }
+	wantStats(t, s, 0, 0, 0, nil, nil)
+
+	a := Op(1, commands.OpCreate, commands.StatusPending, "vol-1", "", base)
+	b := Op(2, commands.OpAttach, commands.StatusExecuting, "vol-1", "vm-1", base)
+	c := Op(3, commands.OpDetach, commands.StatusCompleted, "vol-1", "vm-1", base)
+	c.CompletedAt = at(5 * time.Second)
+	mustCreate(t, s, a, b, c)
+	wantStats(t, s, 3, 1, 5*time.Second,
+		map[commands.OpType]int64{commands.OpCreate: 1, commands.OpAttach: 1, commands.OpDetach: 1},
+		map[commands.OpStatus]int64{commands.StatusPending: 1, commands.StatusExecuting: 1, commands.StatusCompleted: 1})
+
+	b.Status, b.CompletedAt = commands.StatusCompleted, at(2*time.Second)
+	mustUpdate(t, s, b)
+	b.Attempts = 3 // updated again while terminal: counted once
+	mustUpdate(t, s, b)
+	mustUpdate(t, s, c)
+	wantStats(t, s, 3, 2, 7*time.Second,
+		map[commands.OpType]int64{commands.OpCreate: 1, commands.OpAttach: 1, commands.OpDetach: 1},
+		map[commands.OpStatus]int64{commands.StatusPending: 1, commands.StatusCompleted: 2})
+
+	a.Status, a.CompletedAt = commands.StatusFailed, at(time.Second)
+	mustUpdate(t, s, a)
+	wantStats(t, s, 3, 3, 8*time.Second,
+		map[commands.OpType]int64{commands.OpCreate: 1, commands.OpAttach: 1, commands.OpDetach: 1},
+		map[commands.OpStatus]int64{commands.StatusCompleted: 2, commands.StatusFailed: 1})
+}
+
+func testWrites(t *testing.T, s state.Store) {
+	ctx := ctxFor(t)
+	before, err := s.Stats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	op := Op(1, commands.OpCreate, commands.StatusPending, "vol-1", "", base)
+	mustCreate(t, s, op)                                                                       // 1
+	_ = s.CreateOperation(ctx, op)                                                             // refused
+	mustUpdate(t, s, op)                                                                       // 2
+	_ = s.UpdateOperation(ctx, Op(2, commands.OpCreate, commands.StatusPending, "", "", base)) // refused
+	m := commands.Mapping{ID: "m1", VolumeID: "vol-1", VMID: "vm-1", DevicePath: "/dev/vdb"}
+	if err := s.PutMapping(ctx, m); err != nil { // 3
+		t.Fatal(err)
+	}
+	m.VolumeID = "vol-2"
+	_ = s.PutMapping(ctx, m) // refused: conflict
+	after, err := s.Stats(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := after.Writes - before.Writes; got != 3 {
+		t.Fatalf("writes went up by %d, want 3", got)
+	}
+}
+
+// Mapping returns a mapping for tests.
+func Mapping(volume, vm, dev string) commands.Mapping {
+	return commands.Mapping{ID: "map-" + volume, VolumeID: volume, VMID: vm, DevicePath: dev,
+		CloudStackState: commands.CloudStackAttached, LinuxState: commands.LinuxDetected,
+		Size: 1 << 30, CreatedAt: base, UpdatedAt: base, LastSync: base}
+}
+
+// mappingVolumes lists the mappings of vmID and returns their volume ids.
+func mappingVolumes(t testing.TB, s state.Store, vmID string) []string {
+	t.Helper()
+	ms, err := s.ListMappings(ctxFor(t), vmID)
+	if err != nil {
+		t.Fatalf("list mappings of %q: %v", vmID, err)
+	}
+	out := []string{}
+	for _, m := range ms {
+		out = append(out, m.VolumeID)
+	}
+	return out
+}
+
+// wantDevice checks which volume holds dev ("" for none).
+func wantDevice(t testing.TB, s state.Store, dev, volume string) {
+	t.Helper()
+	m, err := s.GetMappingByDevice(ctxFor(t), dev)
+	switch {
+	case volume == "" && !errors.Is(err, state.ErrNotFound):
+		t.Fatalf("device %s: %+v, %v; want ErrNotFound", dev, m, err)
+	case volume != "" && (err != nil || m.VolumeID != volume):
+		t.Fatalf("device %s: %+v, %v; want volume %s", dev, m, err, volume)
+	}
+}
+
+func testMappings(t *testing.T, s state.Store) {
+	ctx := ctxFor(t)
+	m1, m2, m3 := Mapping("vol-1", "vm-1", "/dev/vdb"), Mapping("vol-2", "vm-1", "/dev/vdc"), Mapping("vol-3", "vm-2", "/dev/vdd")
+	dev := int64(4)
+	m2.DeviceID, m2.PersistentDeviceName, m2.SymlinkPath = &dev, "vol00000002", "/dev/disk/volumed/vol-2"
+	m3.CreatedAt = base.Add(-time.Minute)
+	for _, m := range []commands.Mapping{m1, m2, m3} {
+		if err := s.PutMapping(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := s.GetMapping(ctx, "vol-2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameJSON(t, got, m2)
+	if got, err = s.GetMappingByDevice(ctx, "/dev/vdc"); err != nil {
+		t.Fatal(err)
+	}
+	sameJSON(t, got, m2)
+	for vm, want := range map[string][]string{
+		"vm-1": {"vol-1", "vol-2"}, "vm-2": {"vol-3"}, "": {"vol-3", "vol-1", "vol-2"}, "vm-x": {},
+	} {
+		if got := mappingVolumes(t, s, vm); !slices.Equal(got, want) {
+			t.Fatalf("mappings of %q = %v, want %v", vm, got, want)
+		}
+	}
+
+	m1.LinuxState, m1.UpdatedAt = commands.LinuxMissing, base.Add(time.Hour)
+	if err := s.PutMapping(ctx, m1); err != nil {
+		t.Fatalf("replace: %v", err)
+	}
+	if got, err = s.GetMapping(ctx, "vol-1"); err != nil {
+		t.Fatal(err)
+	}
+	sameJSON(t, got, m1)
+	if got := mappingVolumes(t, s, ""); len(got) != 3 {
+		t.Fatalf("after replace: %v", got)
+	}
+
+	for range 2 { // deleting twice is no error
+		if err := s.DeleteMapping(ctx, "vol-2"); err != nil {
+			t.Fatalf("delete: %v", err)
+		}
+	}
+	if _, err := s.GetMapping(ctx, "vol-2"); !errors.Is(err, state.ErrNotFound) {
+		t.Fatalf("get deleted: %v", err)
+	}
+	wantDevice(t, s, "/dev/vdc", "")
+	wantDevice(t, s, "", "")
+	if got := mappingVolumes(t, s, "vm-1"); !slices.Equal(got, []string{"vol-1"}) {
+		t.Fatalf("vm-1 after delete: %v", got)
+	}
+	if got := mappingVolumes(t, s, ""); !slices.Equal(got, []string{"vol-3", "vol-1"}) {
+		t.Fatalf("all after delete: %v", got)
+	}
+	if _, err := s.GetMapping(ctx, "vol-9"); !errors.Is(err, state.ErrNotFound) {
+		t.Fatalf("get unknown: %v", err)
+	}
+	if err := s.DeleteMapping(ctx, "vol-9"); err != nil {
+		t.Fatalf("delete unknown: %v", err)
+	}
+}
+
+func testMappingConflictAndMoves(t *testing.T, s state.Store) {
+	ctx := ctxFor(t)
+	for _, m := range []commands.Mapping{Mapping("vol-1", "vm-1", "/dev/vdb"), Mapping("vol-3", "vm-2", "/dev/vdd")} {
+		if err := s.PutMapping(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, step := range []struct {
+		name    string
+		put     commands.Mapping
+		wantErr error
+		devices map[string]string   // device → holder ("" none)
+		vms     map[string][]string // vm → volumes
+	}{
+		{"device held by another volume", Mapping("vol-4", "vm-1", "/dev/vdb"), state.ErrConflict,
+			map[string]string{"/dev/vdb": "vol-1"}, map[string][]string{"vm-1": {"vol-1"}}},
+		{"move to a new device frees the old", Mapping("vol-1", "vm-1", "/dev/vde"), nil,
+			map[string]string{"/dev/vdb": "", "/dev/vde": "vol-1"}, map[string][]string{"vm-1": {"vol-1"}}},
+		{"the freed device can be taken", Mapping("vol-4", "vm-1", "/dev/vdb"), nil,
+			map[string]string{"/dev/vdb": "vol-4", "/dev/vde": "vol-1"}, map[string][]string{"vm-1": {"vol-1", "vol-4"}}},
+		{"move to another vm", Mapping("vol-3", "vm-1", "/dev/vdd"), nil,
+			map[string]string{"/dev/vdd": "vol-3"}, map[string][]string{"vm-1": {"vol-3", "vol-1", "vol-4"}, "vm-2": {}}},
+		{"same volume, same device", Mapping("vol-3", "vm-1", "/dev/vdd"), nil,
+			map[string]string{"/dev/vdd": "vol-3"}, map[string][]string{"vm-1": {"vol-3", "vol-1", "vol-4"}}},
+		{"no device path yet", Mapping("vol-5", "vm-3", ""), nil,
+			map[string]string{"": ""}, map[string][]string{"vm-3": {"vol-5"}}},
+	} {
+		t.Run(step.name, func(t *testing.T) {
+			if step.put.VolumeID == "vol-3" {
+				step.put.CreatedAt = base.Add(-time.Minute)
+			}
+			err := s.PutMapping(ctx, step.put)
+			if !errors.Is(err, step.wantErr) || (step.wantErr == nil) != (err == nil) {
+				t.Fatalf("put %s on %s: %v, want %v", step.put.VolumeID, step.put.DevicePath, err, step.wantErr)
+			}
+			if err != nil {
+				if _, err := s.GetMapping(ctx, step.put.VolumeID); !errors.Is(err, state.ErrNotFound) {
+					t.Fatalf("refused mapping was written: %v", err)
+				}
+			}
+			for dev, holder := range step.devices {
+				wantDevice(t, s, dev, holder)
+			}
+			for vm, want := range step.vms {
+				if got := mappingVolumes(t, s, vm); !slices.Equal(got, want) {
+					t.Fatalf("mappings of %s = %v, want %v", vm, got, want)
+				}
+			}
+		})
+	}
+}
+
+func testConcurrentWriters(t *testing.T, s state.Store) {
+	const n = 50
+	ctx := ctxFor(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	var dur time.Duration
+	byType := map[commands.OpType]int64{}
+	for i := range n {
+		typ := commands.OpTypes[i%len(commands.OpTypes)]
+		byType[typ]++
+		dur += time.Duration(i+1) * time.Millisecond
+		wg.Go(func() {
+			op := Op(i+1, typ, commands.StatusPending, fmt.Sprintf("vol-%d", i%5), "", base.Add(time.Duration(i)*time.Microsecond))
+			if err := s.CreateOperation(ctx, op); err != nil {
+				errs <- err
+				return
+			}
+			op.Status = commands.StatusExecuting
+			if err := s.UpdateOperation(ctx, op); err != nil {
+				errs <- err
+				return
+			}
+			done := op.CreatedAt.Add(time.Duration(i+1) * time.Millisecond)
+			op.Status, op.CompletedAt = commands.StatusCompleted, &done
+			errs <- s.UpdateOperation(ctx, op)
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := listIDs(t, s, state.Filter{Status: commands.StatusCompleted}); len(got) != n {
+		t.Fatalf("%d completed, want %d", len(got), n)
+	}
+	if got := listIDs(t, s, state.Filter{VolumeID: "vol-3"}); len(got) != n/5 {
+		t.Fatalf("%d on vol-3, want %d", len(got), n/5)
+	}
+	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
+		if got := listIDs(t, s, state.Filter{Status: st}); len(got) != 0 {
+			t.Fatalf("left %s: %v", st, got)
+		}
+	}
+	wantStats(t, s, n, n, dur, byType, map[commands.OpStatus]int64{commands.StatusCompleted: n})
+}
+
+func testPingClose(t *testing.T, s state.Store) {
+	if err := s.Ping(ctxFor(t)); err != nil {
+		t.Fatalf("ping: %v", err)
+	}
+	for i := range 2 {
+		if err := s.Close(ctxFor(t)); err != nil {
+			t.Fatalf("close #%d: %v", i+1, err)
+		}
+	}
+}
+
+// Bench runs the benchmarks: writes, and a filtered listing with limit 10
+// over 10,000 operations.
+func Bench(b *testing.B, open Open) {
+	ctx := context.Background()
+	b.Run("CreateOperation", func(b *testing.B) {
+		s := open(b)
+		for i := 0; b.Loop(); i++ {
+			if err := s.CreateOperation(ctx, Op(i, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", base)); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("UpdateOperation", func(b *testing.B) {
+		s := open(b)
+		ops := make([]commands.Operation, 100)
+		for i := range ops {
+			ops[i] = Op(i, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", base)
+			mustCreate(b, s, ops[i])
+		}
+		statuses := []commands.OpStatus{commands.StatusExecuting, commands.StatusPending}
+		for i := 0; b.Loop(); i++ {
+			op := ops[i%len(ops)]
+			op.Status = statuses[(i/len(ops))%2] // every update moves the op between status indexes
+			if err := s.UpdateOperation(ctx, op); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	s := open(b)
+	seed(b, s, 10_000)
+	for _, f := range []state.Filter{
+		{Type: commands.OpAttach, Limit: 10},
+		{Type: commands.OpAttach, Status: commands.StatusCompleted, Limit: 10},
+		{VolumeID: "vol-7", Limit: 10},
+	} {
+		b.Run("ListOperations/"+filterName(f), func(b *testing.B) {
+			for b.Loop() {
+				ops, err := s.ListOperations(ctx, f)
+				if err != nil || len(ops) != 10 {
+					b.Fatalf("list: %d, %v", len(ops), err)
+				}
+			}
+		})
+	}
+}
+
+func filterName(f state.Filter) string {
+	parts := map[string]string{"type": string(f.Type), "status": string(f.Status), "volume": f.VolumeID}
+	var out []string
+	for _, k := range slices.Sorted(maps.Keys(parts)) {
+		if parts[k] != "" {
+			out = append(out, k)
+		}
+	}
+	return strings.Join(out, "+") + fmt.Sprintf("/limit%d", f.Limit)
+}
+
+// seed creates n operations spread over every type, status, 100 volumes
+// and 20 VMs, from 4 writers.
+func seed(b *testing.B, s state.Store, n int) {
+	const writers = 4
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			for i := w; i < n; i += writers {
+				op := Op(i, commands.OpTypes[i%len(commands.OpTypes)], commands.OpStatuses[i%3*2%len(commands.OpStatuses)],
+					fmt.Sprintf("vol-%d", i%100), fmt.Sprintf("vm-%d", i%20), base.Add(time.Duration(i)*time.Millisecond))
+				if err := s.CreateOperation(context.Background(), op); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+}
