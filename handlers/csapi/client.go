@@ -264,10 +264,20 @@ func (c *Client) Ping(ctx context.Context) error {
 	return err
 }
 
-// QueryJob asks once for a job's state and parses its result.
+// QueryJob asks once for a job's state and parses its result. It goes
+// through cloudstack-go's CustomService: AsyncjobService.QueryAsyncJobResult
+// retries every error three times with 500 ms sleeps that no context can
+// cut short, which would hide errors from WaitJob and delay cancellation.
 func (c *Client) QueryJob(ctx context.Context, jobID string) (Job, error) {
 	r, err := do(ctx, c, "queryAsyncJobResult", func(cs *cloudstack.CloudStackClient) (*cloudstack.QueryAsyncJobResultResponse, error) {
-		return cs.Asyncjob.QueryAsyncJobResult(cs.Asyncjob.NewQueryAsyncJobResultParams(jobID))
+		custom, ok := cs.Custom.(*cloudstack.CustomService)
+		if !ok {
+			return nil, fmt.Errorf("cloudstack-go: Custom is %T, not *CustomService", cs.Custom)
+		}
+		var p cloudstack.CustomServiceParams
+		p.SetParam("jobid", jobID)
+		var r cloudstack.QueryAsyncJobResultResponse
+		return &r, custom.CustomRequest("queryAsyncJobResult", &p, &r)
 	})
 	if err != nil {
 		return Job{ID: jobID}, err

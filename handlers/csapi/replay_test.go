@@ -99,6 +99,13 @@ func (r *replay) form(i int) url.Values {
 	return r.forms[i]
 }
 
+// requests counts the requests received.
+func (r *replay) requests() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.forms)
+}
+
 // readTestdata reads a testdata file, or the sample under key in it.
 func readTestdata(t testing.TB, file, key string) []byte {
 	b, err := os.ReadFile(filepath.Join("testdata", file))
