@@ -1,0 +1,354 @@
+package cloudsim
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// Java class names CloudStack reports as a job's cmd.
+var jobCmd = map[string]string{
+	"createVolume":        "org.apache.cloudstack.api.command.user.volume.CreateVolumeCmd",
+	"attachVolume":        "org.apache.cloudstack.api.command.user.volume.AttachVolumeCmd",
+	"detachVolume":        "org.apache.cloudstack.api.command.user.volume.DetachVolumeCmd",
+	"startVirtualMachine": "org.apache.cloudstack.api.command.user.vm.StartVMCmd",
+	"stopVirtualMachine":  "org.apache.cloudstack.api.command.user.vm.StopVMCmd",
+}
+
+const (
+	jobAccountID = "27ef5ba2-5fe0-11ea-9a56-1e006800018c"
+	jobUserID    = "27f2484f-5fe0-11ea-9a56-1e006800018c"
+	// deviceTimeout bounds one loop device operation inside a job.
+	deviceTimeout = 10 * time.Second
+)
+
+// newJob records a pending job, draws its faults and schedules it; s.mu is
+// held.
+func (s *Sim) newJob(cmd, instType, instID string, params map[string]string) (*job, *apiError) {
+	f := s.Faults()
+	d := s.cfg.JobDuration
+	if fd, ok := lookup(f.JobDuration, cmd); ok {
+		d = time.Duration(fd)
+	}
+	if s.cfg.JobJitter > 0 {
+		d += time.Duration(s.rng.Int64N(int64(s.cfg.JobJitter)))
+	}
+	now := time.Now().UTC()
+	j := &job{ID: uuid.NewString(), Command: cmd, InstanceType: instType, InstanceID: instID,
+		Params: params, Created: now, Due: now.Add(d)}
+	if r, ok := lookup(f.JobHangRate, cmd); ok && r > 0 && s.rng.Float64() < r {
+		j.Hang = true
+	}
+	if r, ok := lookup(f.JobFailureRate, cmd); ok && r > 0 && s.rng.Float64() < r {
+		j.Fail = true
+	}
+	s.st.Jobs[j.ID] = j
+	if err := s.st.save(s.cfg.StateDir); err != nil {
+		delete(s.st.Jobs, j.ID)
+		return nil, errInternal("Failed to create async job: %v", err)
+	}
+	if !j.Hang {
+		s.schedule(j.ID, j.Due)
+	}
+	return j, nil
+}
+
+// schedule runs a job at due unless the simulator closes first; s.mu is held.
+func (s *Sim) schedule(id string, due time.Time) {
+	if s.ctx.Err() != nil {
+		return
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		t := time.NewTimer(time.Until(due))
+		defer t.Stop()
+		select {
+		case <-t.C:
+			s.runJob(id)
+		case <-s.ctx.Done():
+		}
+	}()
+}
+
+// runJob executes a due job and records its result. A job that has begun
+// runs to its end even while the simulator closes.
+func (s *Sim) runJob(id string) {
+	s.execMu.Lock()
+	defer s.execMu.Unlock()
+	if s.ctx.Err() != nil {
+		return // closing: the job stays pending and resumes after a restart
+	}
+	s.mu.Lock()
+	j := s.st.Jobs[id]
+	s.mu.Unlock()
+	var res map[string]any
+	var aerr *apiError
+	if j.Fail {
+		aerr = errInternal("Failed to execute %s: injected job failure (cloudsim)", j.Command)
+		if prev := j.Params["previous"]; prev != "" {
+			s.mu.Lock()
+			s.st.VMStates[j.InstanceID] = prev
+			s.mu.Unlock()
+		}
+	} else {
+		res, aerr = s.execJob(context.Background(), j)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	j.Completed = time.Now().UTC()
+	if aerr != nil {
+		j.Status, j.ResultCode = jobFailure, aerr.Code
+		j.Result, _ = json.Marshal(aerr.body(false))
+	} else {
+		j.Status = jobSuccess
+		j.Result, _ = json.Marshal(res)
+	}
+	if err := s.st.save(s.cfg.StateDir); err != nil {
+		s.log.Error("save state", "job", id, "err", err.Error())
+	}
+	s.log.Debug("job done", "job", id, "command", j.Command, "status", j.Status)
+}
+
+// execJob performs a job's command; execMu is held.
+func (s *Sim) execJob(ctx context.Context, j *job) (map[string]any, *apiError) {
+	switch j.Command {
+	case "createVolume":
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return map[string]any{"volume": s.volumeJSON(s.st.Volumes[j.InstanceID])}, nil
+	case "attachVolume":
+		return s.execAttach(ctx, j.Params)
+	case "detachVolume":
+		return s.execDetach(ctx, j.Params)
+	case "startVirtualMachine", "stopVirtualMachine":
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.st.VMStates[j.InstanceID] = map[string]string{"startVirtualMachine": vmRunning, "stopVirtualMachine": vmStopped}[j.Command]
+		vm, _ := s.inv.vm(j.InstanceID)
+		return map[string]any{"virtualmachine": s.vmJSON(vm)}, nil
+	}
+	return nil, errInternal("unknown job command %s", j.Command)
+}
+
+// parseDeviceID reads a job's optional deviceid parameter.
+func parseDeviceID(p string) *int64 {
+	if p == "" {
+		return nil
+	}
+	n, err := strconv.ParseInt(p, 10, 64)
+	if err != nil {
+		return nil
+	}
+	return &n
+}
+
+// checkAttach runs CloudStack's attach checks and picks the device id;
+// s.mu is held.
+func (s *Sim) checkAttach(v *volume, vm VM, want *int64) (int64, *apiError) {
+	vmState := s.st.VMStates[vm.ID]
+	var dataDisks int
+	used := map[int64]bool{}
+	for _, o := range s.st.Volumes {
+		if o.VMID == vm.ID && !o.Removed {
+			used[*o.DeviceID] = true
+			if o.Type == typeData {
+				dataDisks++
+			}
+		}
+	}
+	maxData := s.inv.maxDataDisks()
+	maxDev := int64(maxData + 1) // ids 0..maxData+1 minus 3
+	switch {
+	case v.Removed:
+		return 0, errParam("Please specify a volume that is not destroyed.")
+	case v.VMID != "":
+		return 0, errParam("Please specify a volume that is not attached to any VM.")
+	case v.State != volAllocated && v.State != volReady:
+		return 0, errParam("Volume state must be in Allocated, Ready or in Uploaded state")
+	case vmState != vmRunning && vmState != vmStopped:
+		return 0, errParam("Please specify a VM that is either running or stopped.")
+	case vm.ZoneID != v.ZoneID:
+		return 0, errParam("Please specify a VM that is in the same zone as the volume.")
+	}
+	if want != nil && *want == 0 {
+		if vmState != vmStopped {
+			return 0, errParam("Root volume detach can happen only when vm is in states: Stopped or Destroyed")
+		}
+		if used[0] {
+			return 0, errParam("Vm already has root volume attached to it")
+		}
+	} else if dataDisks >= maxData {
+		return 0, errParam("The specified VM already has the maximum number of data disks (%d) attached. Please specify another VM.", maxData)
+	}
+	if want != nil {
+		if *want < 0 || *want > maxDev || *want == 3 {
+			return 0, errInternal("deviceId should be 0,1,2,4-%d", maxDev)
+		}
+		if used[*want] {
+			return 0, errInternal("deviceId %d is used by vm %s", *want, vm.ID)
+		}
+		return *want, nil
+	}
+	for id := int64(1); id <= maxDev; id++ {
+		if id != 3 && !used[id] {
+			return id, nil
+		}
+	}
+	return 0, errInternal("All device Ids are used by vm %s", vm.ID)
+}
+
+// execAttach attaches a volume; for a VM with local devices it first
+// creates the backing file and a new loop device.
+func (s *Sim) execAttach(ctx context.Context, p map[string]string) (map[string]any, *apiError) {
+	s.mu.Lock()
+	v := s.st.Volumes[p["id"]]
+	vm, ok := s.inv.vm(p["virtualmachineid"])
+	if !ok {
+		s.mu.Unlock()
+		return nil, errParam("Please specify a valid User VM.")
+	}
+	dev, aerr := s.checkAttach(v, vm, parseDeviceID(p["deviceid"]))
+	backing := v.BackingFile
+	s.mu.Unlock()
+	if aerr != nil {
+		return nil, aerr
+	}
+	var loop string
+	if s.local(vm.ID) {
+		var err error
+		fresh := backing == ""
+		if fresh {
+			if backing, err = s.createBacking(v); err != nil {
+				return nil, errInternal("Failed to attach volume %s to VM %s; %v", v.Name, vm.Name, err)
+			}
+		}
+		dctx, cancel := context.WithTimeout(ctx, deviceTimeout)
+		loop, err = s.loops.attach(dctx, backing)
+		cancel()
+		if err != nil {
+			if fresh {
+				_ = removeFile(backing)
+			}
+			return nil, errInternal("Failed to attach volume %s to VM %s; %v", v.Name, vm.Name, err)
+		}
+		s.log.Info("loop device attached", "volume", v.ID, "device", loop, "backing", backing)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v.BackingFile, v.LoopDevice = backing, loop
+	v.VMID, v.DeviceID, v.Attached, v.State = vm.ID, &dev, time.Now().UTC(), volReady
+	if dev == 0 {
+		v.Type = typeRoot
+	}
+	s.st.Attaches[v.ID]++
+	return map[string]any{"volume": s.volumeJSON(v)}, nil
+}
+
+// createBacking makes the volume's sparse backing file.
+func (s *Sim) createBacking(v *volume) (string, error) {
+	name := "vol-" + v.ID + ".img"
+	if s.cfg.AnonymousBackingFiles {
+		b := make([]byte, 12)
+		_, _ = rand.Read(b)
+		name = "disk-" + hex.EncodeToString(b) + ".img"
+	}
+	path := filepath.Join(s.cfg.StateDir, disksDir, name)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return "", fmt.Errorf("create backing file: %w", err)
+	}
+	err = f.Truncate(v.Size)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(path)
+		return "", fmt.Errorf("size backing file: %w", err)
+	}
+	return path, nil
+}
+
+// execDetach detaches a volume named by id or by (virtualmachineid,
+// deviceid), removing its loop device.
+func (s *Sim) execDetach(ctx context.Context, p map[string]string) (map[string]any, *apiError) {
+	dev := parseDeviceID(p["deviceid"])
+	s.mu.Lock()
+	var v *volume
+	switch {
+	case p["id"] != "" && p["virtualmachineid"] == "" && dev == nil:
+		v = s.st.Volumes[p["id"]]
+	case p["id"] == "" && p["virtualmachineid"] != "" && dev != nil:
+		for _, o := range s.st.Volumes {
+			if !o.Removed && o.VMID == p["virtualmachineid"] && *o.DeviceID == *dev {
+				v = o
+			}
+		}
+	default:
+		s.mu.Unlock()
+		return nil, errParam("Please provide either a volume id, or a tuple(device id, instance id)")
+	}
+	if v == nil || v.Removed || v.VMID == "" {
+		s.mu.Unlock()
+		return nil, errParam("The specified volume is not attached to a VM.")
+	}
+	vmState := s.st.VMStates[v.VMID]
+	loop := v.LoopDevice
+	s.mu.Unlock()
+	switch {
+	case vmState != vmRunning && vmState != vmStopped:
+		return nil, errParam("Please specify a VM that is either running or stopped.")
+	case *v.DeviceID == 0 && vmState != vmStopped:
+		return nil, errParam("Root volume detach can happen only when vm is in states: Stopped or Destroyed")
+	}
+	if loop != "" && s.loops != nil {
+		dctx, cancel := context.WithTimeout(ctx, deviceTimeout)
+		err := s.loops.detach(dctx, loop)
+		cancel()
+		if err != nil {
+			// Still detached in CloudStack; the device is removed by the
+			// next reconcile (restart or Teardown).
+			s.log.Warn("loop device not removed", "volume", v.ID, "device", loop, "err", err.Error())
+		} else {
+			s.log.Info("loop device removed", "volume", v.ID, "device", loop)
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v.VMID, v.DeviceID, v.Attached, v.LoopDevice = "", nil, time.Time{}, ""
+	s.st.Detaches[v.ID]++
+	return map[string]any{"volume": s.volumeJSON(v)}, nil
+}
+
+// removeFile removes path; a missing file is not an error.
+func removeFile(path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// jobJSON renders queryAsyncJobResult's answer; s.mu is held.
+func jobJSON(j *job) map[string]any {
+	m := map[string]any{
+		"accountid": jobAccountID, "userid": jobUserID, "cmd": jobCmd[j.Command],
+		"jobstatus": j.Status, "jobprocstatus": 0, "jobresultcode": j.ResultCode,
+		"jobinstancetype": j.InstanceType, "jobinstanceid": j.InstanceID,
+		"created": j.Created.Format(timeLayout), "jobid": j.ID,
+	}
+	if j.Status != jobPending {
+		m["jobresulttype"] = "object"
+		m["jobresult"] = j.Result
+		m["completed"] = j.Completed.Format(timeLayout)
+	}
+	return m
+}

@@ -1,0 +1,154 @@
+package cloudsim
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"time"
+)
+
+const (
+	vmRunning = "Running"
+	vmStopped = "Stopped"
+
+	volAllocated = "Allocated"
+	volReady     = "Ready"
+
+	typeData = "DATADISK"
+	typeRoot = "ROOT"
+
+	jobPending = 0
+	jobSuccess = 1
+	jobFailure = 2
+
+	stateFile = "state.json"
+	disksDir  = "disks"
+)
+
+var uuidRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
+
+func isUUID(s string) bool { return uuidRE.MatchString(s) }
+
+// volume is a persisted volume.
+type volume struct {
+	ID         string    `json:"id"`
+	Seq        int64     `json:"seq"`
+	Name       string    `json:"name"`
+	ZoneID     string    `json:"zoneid"`
+	Type       string    `json:"type"`
+	Size       int64     `json:"size"`
+	OfferingID string    `json:"diskofferingid,omitempty"`
+	State      string    `json:"state"`
+	Created    time.Time `json:"created"`
+	// Removed: deleted by deleteVolume; kept so the id still resolves.
+	Removed  bool      `json:"removed,omitempty"`
+	VMID     string    `json:"vmid,omitempty"`
+	DeviceID *int64    `json:"deviceid,omitempty"`
+	Attached time.Time `json:"attached,omitzero"`
+	// BackingFile and LoopDevice are the local device, when it has one.
+	BackingFile string `json:"backingfile,omitempty"`
+	LoopDevice  string `json:"loopdevice,omitempty"`
+}
+
+// job is a persisted async job.
+type job struct {
+	ID           string            `json:"id"`
+	Command      string            `json:"command"`
+	InstanceType string            `json:"instancetype"`
+	InstanceID   string            `json:"instanceid"`
+	Params       map[string]string `json:"params"`
+	Created      time.Time         `json:"created"`
+	Due          time.Time         `json:"due"`
+	// Hang: the job never finishes. Fail: it fails without effect.
+	Hang       bool            `json:"hang,omitempty"`
+	Fail       bool            `json:"fail,omitempty"`
+	Status     int             `json:"status"`
+	ResultCode int             `json:"resultcode"`
+	Result     json.RawMessage `json:"result,omitempty"`
+	Completed  time.Time       `json:"completed,omitzero"`
+}
+
+// persisted is everything kept in the state directory.
+type persisted struct {
+	NextSeq  int64              `json:"nextseq"`
+	Volumes  map[string]*volume `json:"volumes"`
+	VMStates map[string]string  `json:"vmstates"`
+	Jobs     map[string]*job    `json:"jobs"`
+	// Attaches and Detaches count succeeded jobs per volume.
+	Attaches map[string]int64 `json:"attaches"`
+	Detaches map[string]int64 `json:"detaches"`
+}
+
+// newPersisted is the state of a fresh simulator over inv.
+func newPersisted(inv *Inventory, now time.Time) *persisted {
+	p := &persisted{
+		Volumes:  map[string]*volume{},
+		VMStates: map[string]string{},
+		Jobs:     map[string]*job{},
+		Attaches: map[string]int64{},
+		Detaches: map[string]int64{},
+	}
+	for _, vm := range inv.VMs {
+		p.VMStates[vm.ID] = vm.State
+		if vm.RootVolume == nil {
+			continue
+		}
+		zero := int64(0)
+		p.NextSeq++
+		p.Volumes[vm.RootVolume.ID] = &volume{
+			ID: vm.RootVolume.ID, Seq: p.NextSeq, Name: "ROOT-" + vm.Name, ZoneID: vm.ZoneID,
+			Type: typeRoot, Size: vm.RootVolume.SizeGB << 30, State: volReady, Created: now,
+			VMID: vm.ID, DeviceID: &zero, Attached: now,
+		}
+	}
+	return p
+}
+
+// loadPersisted reads dir's state file; os.ErrNotExist when there is none.
+func loadPersisted(dir string) (*persisted, error) {
+	b, err := os.ReadFile(filepath.Join(dir, stateFile))
+	if err != nil {
+		return nil, err
+	}
+	var p persisted
+	if err := json.Unmarshal(b, &p); err != nil {
+		return nil, fmt.Errorf("parse %s: %w", stateFile, err)
+	}
+	for _, m := range []*map[string]int64{&p.Attaches, &p.Detaches} {
+		if *m == nil {
+			*m = map[string]int64{}
+		}
+	}
+	if p.Volumes == nil || p.VMStates == nil || p.Jobs == nil {
+		return nil, errors.New("state file lacks volumes, vmstates or jobs")
+	}
+	return &p, nil
+}
+
+// save writes the state atomically: temp file, fsync, rename.
+func (p *persisted) save(dir string) error {
+	b, err := json.Marshal(p)
+	if err != nil {
+		return fmt.Errorf("encode state: %w", err)
+	}
+	f, err := os.CreateTemp(dir, stateFile+".tmp*")
+	if err != nil {
+		return fmt.Errorf("save state: %w", err)
+	}
+	tmp := f.Name()
+	_, werr := f.Write(b)
+	serr := f.Sync()
+	cerr := f.Close()
+	if err := errors.Join(werr, serr, cerr); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("save state: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, stateFile)); err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("save state: %w", err)
+	}
+	return nil
+}
