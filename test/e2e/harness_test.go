@@ -19,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/apitest"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
 )
@@ -26,10 +27,17 @@ import (
 // volumedBin is the daemon binary every test runs, built once.
 var volumedBin string
 
+// validator checks every REST response against the OpenAPI document.
+var validator *apitest.Validator
+
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "volumed-e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	if validator, err = apitest.Load(); err != nil {
+		fmt.Fprintln(os.Stderr, "OpenAPI document:", err)
 		os.Exit(1)
 	}
 	volumedBin = filepath.Join(dir, "volumed")

@@ -27,7 +27,9 @@ func TestForceSyncRepairsDrift(t *testing.T) {
 	}
 
 	cs := cloudstack.NewAsyncClient(sim.URL(), cloudsim.DefaultAPIKey, cloudsim.DefaultSecretKey, false)
-	if _, err := cs.Volume.DetachVolume(cs.Volume.NewDetachVolumeParams().SetId(vol)); err != nil {
+	p := cs.Volume.NewDetachVolumeParams()
+	p.SetId(vol)
+	if _, err := cs.Volume.DetachVolume(p); err != nil {
 		t.Fatalf("detach behind volumed's back: %v", err)
 	}
 	d.mustCall(http.StatusOK, http.MethodPost, "/admin/force-sync", nil, &res)
