@@ -16,6 +16,8 @@ import (
 // config is volumed's configuration, from flags with environment
 // equivalents (a flag given on the command line wins).
 type config struct {
+	// agentOnly: `volumed agent`, the device agent alone.
+	agentOnly    bool
 	listen       string
 	dataDir      string
 	natsURL      string
@@ -32,78 +34,135 @@ type config struct {
 	ackWait      time.Duration
 	syncInterval time.Duration
 	logLevel     slog.Level
+	// Device agent and correlation.
+	deviceAgent    bool
+	scanInterval   time.Duration
+	nameDir        string
+	correlateAfter time.Duration
 }
 
 // errUsage marks a configuration error (exit code 2).
 var errUsage = errors.New("usage")
 
-func parseConfig(args []string, stderr io.Writer) (config, error) {
-	var c config
-	fs := flag.NewFlagSet("volumed", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	env := func(name, def string) string {
-		if v, ok := os.LookupEnv(name); ok {
-			return v
-		}
-		return def
+// flagSet collects string flags, parsed and validated after fs.Parse.
+type flagSet struct {
+	*flag.FlagSet
+	bools     map[string]*string
+	durations map[string]durationFlag
+	level     *string
+}
+
+type durationFlag struct {
+	s   *string
+	dst *time.Duration
+	min time.Duration
+}
+
+func env(name, def string) string {
+	if v, ok := os.LookupEnv(name); ok {
+		return v
 	}
-	fs.StringVar(&c.listen, "listen", env("VOLUMED_LISTEN", "127.0.0.1:8090"), "REST API address (VOLUMED_LISTEN)")
-	fs.StringVar(&c.dataDir, "data-dir", env("VOLUMED_DATA_DIR", "./volumed-data"), "directory for JetStream files and simulator state (VOLUMED_DATA_DIR)")
-	fs.StringVar(&c.natsURL, "nats-url", env("VOLUMED_NATS_URL", ""), "external NATS URL; empty runs the embedded server (VOLUMED_NATS_URL)")
-	fs.StringVar(&c.natsConfig, "nats-config", env("VOLUMED_NATS_CONFIG", ""), "embedded server config file; default ./nats.conf when present (VOLUMED_NATS_CONFIG)")
-	replicas := fs.String("nats-replicas", env("VOLUMED_NATS_REPLICAS", "1"), "replicas of the streams and state bucket on a NATS cluster (VOLUMED_NATS_REPLICAS)")
-	fs.StringVar(&c.redisURL, "redis-url", env("VOLUMED_REDIS_URL", ""), "Redis URL for state; empty uses the embedded store (VOLUMED_REDIS_URL)")
-	fs.StringVar(&c.csURL, "cloudstack-url", env("CLOUDSTACK_API_URL", ""), "CloudStack API URL, e.g. http://host:8080/client/api (CLOUDSTACK_API_URL)")
-	fs.StringVar(&c.csAPIKey, "cloudstack-api-key", env("CLOUDSTACK_API_KEY", ""), "CloudStack API key (CLOUDSTACK_API_KEY)")
-	fs.StringVar(&c.csSecretKey, "cloudstack-secret-key", env("CLOUDSTACK_SECRET_KEY", ""), "CloudStack secret key (CLOUDSTACK_SECRET_KEY)")
-	fs.StringVar(&c.vmID, "vm-id", env("VOLUMED_VM_ID", ""), "the CloudStack VM this host is (VOLUMED_VM_ID)")
-	sim := fs.String("sim", env("VOLUMED_SIM", "false"), "run the CloudStack simulator in-process and use its appliance VM as --vm-id (VOLUMED_SIM)")
-	fs.StringVar(&c.simListen, "sim-listen", env("VOLUMED_SIM_LISTEN", "127.0.0.1:8080"), "address of the in-process simulator (VOLUMED_SIM_LISTEN)")
-	stepTimeout := fs.String("step-timeout", env("VOLUMED_STEP_TIMEOUT", "5m"), "deadline of each CloudStack step; an operation past it fails (VOLUMED_STEP_TIMEOUT)")
-	ackWait := fs.String("ack-wait", env("VOLUMED_ACK_WAIT", "15s"), "how soon a job is redelivered after a crash (VOLUMED_ACK_WAIT)")
-	syncInterval := fs.String("sync-interval", env("VOLUMED_SYNC_INTERVAL", "5m"), "period of the background reconcile; 0 turns it off (VOLUMED_SYNC_INTERVAL)")
-	logLevel := fs.String("log-level", env("VOLUMED_LOG_LEVEL", "info"), "debug, info, warn or error (VOLUMED_LOG_LEVEL)")
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: volumed [flags]\n\nvolumed manages CloudStack block volumes for this host. Flags:\n")
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
+	return def
+}
+
+func (f *flagSet) str(dst *string, name, envName, def, usage string) {
+	f.StringVar(dst, name, env(envName, def), usage+" ("+envName+")")
+}
+
+func (f *flagSet) boolean(name, envName, def, usage string) {
+	f.bools[name] = f.String(name, env(envName, def), usage+" ("+envName+")")
+}
+
+func (f *flagSet) duration(dst *time.Duration, name, envName, def string, min time.Duration, usage string) {
+	f.durations[name] = durationFlag{f.String(name, env(envName, def), usage+" ("+envName+")"), dst, min}
+}
+
+// parse parses args and converts the typed flags.
+func (f *flagSet) parse(args []string, c *config) error {
+	if err := f.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return c, err
+			return err
 		}
-		return c, fmt.Errorf("%w: %w", errUsage, err)
+		return fmt.Errorf("%w: %w", errUsage, err)
 	}
-	if fs.NArg() > 0 {
-		return c, fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
+	if f.NArg() > 0 {
+		return fmt.Errorf("%w: unexpected argument %q", errUsage, f.Arg(0))
+	}
+	for name, d := range f.durations {
+		v, err := time.ParseDuration(*d.s)
+		if err != nil || v < d.min {
+			return fmt.Errorf("%w: --%s: want a duration of at least %v, got %q", errUsage, name, d.min, *d.s)
+		}
+		*d.dst = v
+	}
+	if err := c.logLevel.UnmarshalText([]byte(*f.level)); err != nil {
+		return fmt.Errorf("%w: --log-level: %w", errUsage, err)
+	}
+	return nil
+}
+
+func (f *flagSet) boolValue(name string) (bool, error) {
+	v, err := strconv.ParseBool(*f.bools[name])
+	if err != nil {
+		return false, fmt.Errorf("%w: --%s: %w", errUsage, name, err)
+	}
+	return v, nil
+}
+
+func newFlagSet(name, usage string, stderr io.Writer, c *config) *flagSet {
+	f := &flagSet{FlagSet: flag.NewFlagSet(name, flag.ContinueOnError), bools: map[string]*string{},
+		durations: map[string]durationFlag{}}
+	f.SetOutput(stderr)
+	f.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: %s [flags]\n\n%s Flags:\n", name, usage)
+		f.PrintDefaults()
+	}
+	f.level = f.String("log-level", env("VOLUMED_LOG_LEVEL", "info"), "debug, info, warn or error (VOLUMED_LOG_LEVEL)")
+	f.str(&c.vmID, "vm-id", "VOLUMED_VM_ID", "", "the CloudStack VM this host is")
+	f.duration(&c.scanInterval, "scan-interval", "VOLUMED_SCAN_INTERVAL", "30s", time.Second, "device agent full-scan interval")
+	f.str(&c.nameDir, "name-dir", "VOLUMED_NAME_DIR", "/dev/disk/by-volume", "directory of the persistent device names")
+	return f
+}
+
+// parseConfig parses the daemon's flags, or `agent` and its flags.
+func parseConfig(args []string, stderr io.Writer) (config, error) {
+	if len(args) > 0 && args[0] == "agent" {
+		return parseAgentConfig(args[1:], stderr)
+	}
+	var c config
+	f := newFlagSet("volumed", "volumed manages CloudStack block volumes for this host.\n"+
+		"`volumed agent --help` shows the device agent alone.", stderr, &c)
+	f.str(&c.listen, "listen", "VOLUMED_LISTEN", "127.0.0.1:8090", "REST API address")
+	f.str(&c.dataDir, "data-dir", "VOLUMED_DATA_DIR", "./volumed-data", "directory for JetStream files and simulator state")
+	f.str(&c.natsURL, "nats-url", "VOLUMED_NATS_URL", "", "external NATS URL; empty runs the embedded server")
+	f.str(&c.natsConfig, "nats-config", "VOLUMED_NATS_CONFIG", "", "embedded server config file; default ./nats.conf when present")
+	replicas := f.String("nats-replicas", env("VOLUMED_NATS_REPLICAS", "1"), "replicas of the streams and state bucket on a NATS cluster (VOLUMED_NATS_REPLICAS)")
+	f.str(&c.redisURL, "redis-url", "VOLUMED_REDIS_URL", "", "Redis URL for state; empty uses the embedded store")
+	f.str(&c.csURL, "cloudstack-url", "CLOUDSTACK_API_URL", "", "CloudStack API URL, e.g. http://host:8080/client/api")
+	f.str(&c.csAPIKey, "cloudstack-api-key", "CLOUDSTACK_API_KEY", "", "CloudStack API key")
+	f.str(&c.csSecretKey, "cloudstack-secret-key", "CLOUDSTACK_SECRET_KEY", "", "CloudStack secret key")
+	f.boolean("sim", "VOLUMED_SIM", "false", "run the CloudStack simulator in-process and use its appliance VM as --vm-id")
+	f.str(&c.simListen, "sim-listen", "VOLUMED_SIM_LISTEN", "127.0.0.1:8080", "address of the in-process simulator")
+	f.duration(&c.stepTimeout, "step-timeout", "VOLUMED_STEP_TIMEOUT", "5m", time.Second, "deadline of each CloudStack step; an operation past it fails")
+	f.duration(&c.ackWait, "ack-wait", "VOLUMED_ACK_WAIT", "15s", time.Second, "how soon a job is redelivered after a crash")
+	f.duration(&c.syncInterval, "sync-interval", "VOLUMED_SYNC_INTERVAL", "5m", 0, "period of the background reconcile; 0 turns it off")
+	f.boolean("device-agent", "VOLUMED_DEVICE_AGENT", "true", "run the device agent for --vm-id in this process")
+	f.duration(&c.correlateAfter, "correlation-timeout", "VOLUMED_CORRELATION_TIMEOUT", "60s", time.Second, "how long an attach waits for its device")
+	if err := f.parse(args, &c); err != nil {
+		return c, err
 	}
 	var err error
-	bad := func(name string, e error) error { return fmt.Errorf("%w: --%s: %w", errUsage, name, e) }
 	if c.natsReplicas, err = strconv.Atoi(*replicas); err != nil || c.natsReplicas < 1 || c.natsReplicas > 5 {
-		return c, bad("nats-replicas", fmt.Errorf("want 1 to 5, got %q", *replicas))
+		return c, fmt.Errorf("%w: --nats-replicas: want 1 to 5, got %q", errUsage, *replicas)
 	}
-	if c.sim, err = strconv.ParseBool(*sim); err != nil {
-		return c, bad("sim", err)
+	if c.sim, err = f.boolValue("sim"); err != nil {
+		return c, err
 	}
-	for name, p := range map[string]struct {
-		s   string
-		dst *time.Duration
-		min time.Duration
-	}{
-		"step-timeout":  {*stepTimeout, &c.stepTimeout, time.Second},
-		"ack-wait":      {*ackWait, &c.ackWait, time.Second},
-		"sync-interval": {*syncInterval, &c.syncInterval, 0},
-	} {
-		d, err := time.ParseDuration(p.s)
-		if err != nil || d < p.min {
-			return c, bad(name, fmt.Errorf("want a duration of at least %v, got %q", p.min, p.s))
-		}
-		*p.dst = d
+	if c.deviceAgent, err = f.boolValue("device-agent"); err != nil {
+		return c, err
 	}
 	if c.syncInterval == 0 {
 		c.syncInterval = -1
-	}
-	if err := c.logLevel.UnmarshalText([]byte(*logLevel)); err != nil {
-		return c, bad("log-level", err)
 	}
 	if c.natsConfig == "" {
 		if _, err := os.Stat("nats.conf"); err == nil {
@@ -122,6 +181,25 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 			sort.Strings(missing)
 			return c, fmt.Errorf("%w: %s required without --sim", errUsage, strings.Join(missing, ", "))
 		}
+	}
+	return c, nil
+}
+
+// parseAgentConfig parses `volumed agent`: the device agent alone, for a
+// VM other than the one volumed runs on.
+func parseAgentConfig(args []string, stderr io.Writer) (config, error) {
+	c := config{agentOnly: true, deviceAgent: true}
+	f := newFlagSet("volumed agent", "The device agent alone: it publishes this VM's block devices on\n"+
+		"devices.<vm_id>.* and keeps their persistent names, for a volumed elsewhere.", stderr, &c)
+	f.str(&c.natsURL, "nats-url", "VOLUMED_NATS_URL", "", "NATS URL of the volumed bus (required)")
+	if err := f.parse(args, &c); err != nil {
+		return c, err
+	}
+	switch {
+	case c.vmID == "":
+		return c, fmt.Errorf("%w: --vm-id is required", errUsage)
+	case c.natsURL == "":
+		return c, fmt.Errorf("%w: --nats-url is required", errUsage)
 	}
 	return c, nil
 }

@@ -19,7 +19,9 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/handlers"
+	"github.com/volumed/volumed/handlers/correlate"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/httpbridge"
 	"github.com/volumed/volumed/state"
@@ -74,6 +76,22 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 			log.Info("volumed stopped")
 		}
 	}()
+	if cfg.agentOnly {
+		b := bus.New(bus.Config{URL: cfg.natsURL, Name: "volumed-agent", Logger: log})
+		if err := b.Start(ctx); err != nil {
+			return err
+		}
+		started = append(started, b)
+		agent, more, err := startAgent(ctx, cfg, b, log)
+		started = append(started, more...)
+		if err != nil {
+			return err
+		}
+		log.Info("device agent ready", "vm_id", cfg.vmID, "nats", cfg.natsURL, "devices", len(agent.Devices()),
+			"name_dir", cfg.nameDir)
+		<-ctx.Done()
+		return nil
+	}
 	if err := os.MkdirAll(cfg.dataDir, 0o750); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
@@ -113,9 +131,25 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	}
 	started = append(started, store)
 
+	var localStatus func() devagent.Status
+	if cfg.deviceAgent && cfg.vmID != "" {
+		agent, more, err := startAgent(ctx, cfg, b, log)
+		started = append(started, more...)
+		if err != nil {
+			return err
+		}
+		localStatus = agent.Status
+	}
+	corr := correlate.New(correlate.Config{Conn: b.Conn(), Store: store, Timeout: cfg.correlateAfter,
+		LocalStatus: localStatus, Logger: log})
+	if err := corr.Start(ctx); err != nil {
+		return err
+	}
+	started = append(started, corr)
+
 	cs := csapi.New(csapi.Config{URL: cfg.csURL, APIKey: cfg.csAPIKey, SecretKey: cfg.csSecretKey, Logger: log})
 	svc := handlers.New(handlers.Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, CloudStack: cs,
-		StoreName: storeName, VMID: cfg.vmID, StepTimeout: cfg.stepTimeout, AckWait: cfg.ackWait,
+		StoreName: storeName, VMID: cfg.vmID, Devices: corr, StepTimeout: cfg.stepTimeout, AckWait: cfg.ackWait,
 		SyncInterval: cfg.syncInterval, Logger: log})
 	if err := svc.Start(ctx); err != nil {
 		return err
@@ -130,8 +164,23 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 
 	log.Info("volumed ready", "api", "http://"+bridge.Addr()+"/api/v1", "nats", b.ClientURL(),
 		"nats_embedded", b.Embedded(), "store", storeName, "cloudstack", cfg.csURL, "simulator", cfg.sim,
-		"vm_id", cfg.vmID, "data_dir", cfg.dataDir)
+		"vm_id", cfg.vmID, "device_agent", localStatus != nil, "data_dir", cfg.dataDir)
 	<-ctx.Done()
 	log.Info("shutting down; unfinished operations resume at the next start")
 	return nil
+}
+
+// startAgent starts the device agent for cfg.vmID and its NATS side; it
+// returns what it started, to be closed, even on error.
+func startAgent(ctx context.Context, cfg config, b *bus.Bus, log *slog.Logger) (*devagent.Agent, []component, error) {
+	agent := devagent.New(devagent.Config{VMID: cfg.vmID, ScanInterval: cfg.scanInterval, Logger: log})
+	if err := agent.Start(ctx); err != nil {
+		return nil, nil, fmt.Errorf("device agent: %w", err)
+	}
+	srv := devagent.NewServer(devagent.ServerConfig{VMID: cfg.vmID, Conn: b.Conn(), JetStream: b.JetStream(),
+		Agent: agent, Namer: devagent.NewNamer(cfg.nameDir), Logger: log})
+	if err := srv.Start(ctx); err != nil {
+		return agent, []component{agent}, fmt.Errorf("device agent: %w", err)
+	}
+	return agent, []component{agent, srv}, nil
 }

@@ -121,7 +121,7 @@ func startDaemon(t *testing.T, sim *cloudsim.Sim, o daemonOpts) *daemon {
 	d.args = append([]string{"--listen", listen, "--data-dir", o.dataDir, "--nats-config", conf,
 		"--cloudstack-url", sim.URL(), "--cloudstack-api-key", cloudsim.DefaultAPIKey,
 		"--cloudstack-secret-key", cloudsim.DefaultSecretKey, "--vm-id", cloudsim.ApplianceVMID,
-		"--ack-wait", "2s", "--log-level", "debug"}, o.extra...)
+		"--ack-wait", "2s", "--log-level", "debug", "--name-dir", filepath.Join(o.dataDir, "by-volume")}, o.extra...)
 	if o.redisURL != "" {
 		d.args = append(d.args, "--redis-url", o.redisURL)
 	}

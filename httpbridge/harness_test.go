@@ -1,0 +1,337 @@
+package httpbridge_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/nats-io/nats.go"
+
+	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/httpbridge"
+	"github.com/volumed/volumed/internal/apitest"
+	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/state"
+)
+
+// Fixed ids of the tests.
+const (
+	vol1       = "3f2b7c1e-8a4d-4e6f-9b0a-1c2d3e4f5a6b"
+	vol2       = "7d9e1f20-3b4c-4d5e-8f6a-7b8c9d0e1f2a"
+	volUnknown = "00000000-0000-4000-8000-000000000000"
+	// volPanic makes the test backend panic.
+	volPanic = "deadbeef-dead-4eef-8eef-deadbeefdead"
+	vm1      = "87654321-4321-4321-4321-210987654321"
+	vmEmpty  = "11111111-2222-4333-8444-555555555555"
+)
+
+// harness is a bridge served on a free loopback port, with a real embedded
+// NATS, a real KV store and a test command service on the bus.
+type harness struct {
+	bus     *nats.Conn
+	store   state.Store
+	backend *testBackend
+	srv     *httpbridge.Server
+	base    string
+	v       *apitest.Validator
+}
+
+// options of newHarness.
+type options struct {
+	noResponders   bool
+	store          state.Store // default: KV on the harness bus
+	commandTimeout time.Duration
+	maxWait        time.Duration
+	conn           *nats.Conn // the bridge's connection; default the bus's
+}
+
+func newHarness(t testing.TB, o options) *harness {
+	t.Helper()
+	return newHarnessOnBus(t, testenv.StartBus(t), o)
+}
+
+// newHarnessOnBus is newHarness on a running bus.
+func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
+	t.Helper()
+	ctx := context.Background()
+	h := &harness{bus: b.Conn(), backend: newTestBackend(), v: validator, store: o.store}
+	if h.store == nil {
+		kv, err := state.NewKV(ctx, b.JetStream(), state.KVConfig{Logger: testLogger(t)})
+		if err != nil {
+			t.Fatalf("kv store: %v", err)
+		}
+		t.Cleanup(func() { _ = kv.Close(context.Background()) })
+		h.store = kv
+	}
+	if !o.noResponders {
+		startCommandService(t, b.ClientURL(), h.store)
+	}
+	conn := o.conn
+	if conn == nil {
+		conn = b.Conn()
+	}
+	h.srv = httpbridge.New(httpbridge.Config{Listen: "127.0.0.1:0", Conn: conn, Store: h.store,
+		Backend: h.backend, CommandTimeout: o.commandTimeout, MaxWait: o.maxWait, Logger: testLogger(t)})
+	if err := h.srv.Start(ctx); err != nil {
+		t.Fatalf("start bridge: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := h.srv.Close(ctx); err != nil {
+			t.Errorf("close bridge: %v", err)
+		}
+	})
+	h.base = "http://" + h.srv.Addr() + httpbridge.BasePath
+	return h
+}
+
+// do sends one request, validated against the OpenAPI document.
+func (h *harness) do(t testing.TB, method, path, body string) (*http.Response, []byte) {
+	t.Helper()
+	return h.v.Do(t, nil, apitest.NewRequest(t, method, h.base+path, body))
+}
+
+// seedOperation records an operation created at the given offset from a
+// fixed time, so list order is known.
+func (h *harness) seedOperation(t testing.TB, id string, typ commands.OpType, status commands.OpStatus, volumeID, vmID string, minute int) commands.Operation {
+	t.Helper()
+	created := time.Date(2025, 8, 19, 20, minute, 0, 0, time.UTC)
+	op := commands.Operation{ID: id, Type: typ, Status: status, VolumeID: volumeID,
+		Request: json.RawMessage(fmt.Sprintf(`{"volume_id":%q}`, volumeID)), CreatedAt: created, UpdatedAt: created}
+	if vmID != "" {
+		op.VMID = &vmID
+	}
+	if status.Terminal() {
+		done := created.Add(16 * time.Second)
+		op.CompletedAt = &done
+		op.Response = &commands.OpResponse{VolumeID: volumeID, Message: "done"}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := h.store.CreateOperation(ctx, op); err != nil {
+		t.Fatalf("seed operation %s: %v", id, err)
+	}
+	return op
+}
+
+// seedMapping records the mapping of volumeID to devicePath on vm1.
+func (h *harness) seedMapping(t *testing.T, volumeID, devicePath string) {
+	t.Helper()
+	now := time.Date(2025, 8, 19, 20, 31, 16, 0, time.UTC)
+	dev := int64(2)
+	m := commands.Mapping{ID: "mapping-" + volumeID[:8], VolumeID: volumeID, VMID: vm1, DevicePath: devicePath,
+		CloudStackState: commands.CloudStackAttached, LinuxState: commands.LinuxDetected, Size: 5368717312,
+		DeviceID: &dev, LastSync: now, CreatedAt: now, UpdatedAt: now}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := h.store.PutMapping(ctx, m); err != nil {
+		t.Fatalf("seed mapping %s: %v", volumeID, err)
+	}
+}
+
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+}
+
+func readTestdata(t testing.TB, name string) string {
+	t.Helper()
+	if name == "" {
+		return ""
+	}
+	data, err := os.ReadFile(filepath.Join("testdata", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(data)
+}
+
+// startCommandService answers the command subjects on its own connection
+// as volumed's command service does: it validates with the commands
+// package, records a pending operation in the store and replies with the
+// operation (201) or the error, the HTTP status in the Status header.
+// Volumes other than vol1 and vol2 are unknown to it (404).
+func startCommandService(t testing.TB, url string, store state.Store) {
+	t.Helper()
+	nc, err := nats.Connect(url, nats.Name("test-command-service"))
+	if err != nil {
+		t.Fatalf("command service connect: %v", err)
+	}
+	t.Cleanup(nc.Close)
+	known := map[string]bool{vol1: true, vol2: true}
+	accept := func(ctx context.Context, typ commands.OpType, volumeID string, vmID *string, req any) (any, error) {
+		if typ != commands.OpCreate && !known[volumeID] {
+			return nil, commands.NotFound("volume %s not found in CloudStack", volumeID).WithDetail("volume_id", volumeID)
+		}
+		raw, _ := json.Marshal(req)
+		now := time.Now().UTC()
+		op := commands.Operation{ID: "op-" + uuid.NewString(), Type: typ, Status: commands.StatusPending,
+			VolumeID: volumeID, VMID: vmID, Request: raw, CreatedAt: now, UpdatedAt: now}
+		if err := store.CreateOperation(ctx, op); err != nil {
+			if errors.Is(err, state.ErrUnavailable) {
+				return nil, commands.Unavailable("state store unavailable: %v", err)
+			}
+			return nil, commands.Internal("state store: %v", err)
+		}
+		return op, nil
+	}
+	handlers := map[string]func(ctx context.Context, data []byte) (any, error){
+		commands.SubjectCreate: func(ctx context.Context, data []byte) (any, error) {
+			req, err := commands.DecodeCreate(data)
+			if err != nil {
+				return nil, err
+			}
+			return accept(ctx, commands.OpCreate, "", nil, req)
+		},
+		commands.SubjectAttach:     attachHandler(accept, false),
+		commands.SubjectAttachRoot: attachHandler(accept, true),
+		commands.SubjectDetach:     volumeHandler(accept, commands.OpDetach),
+		commands.SubjectDelete:     volumeHandler(accept, commands.OpDelete),
+		commands.SubjectForceSync: func(context.Context, []byte) (any, error) {
+			return commands.SyncResult{Message: "Force sync completed successfully", Timestamp: time.Now().UTC(),
+				Changes: []string{}}, nil
+		},
+	}
+	for subject, fn := range handlers {
+		_, err := nc.Subscribe(subject, func(msg *nats.Msg) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			status := http.StatusCreated
+			if subject == commands.SubjectForceSync {
+				status = http.StatusOK
+			}
+			result, err := fn(ctx, msg.Data)
+			if err != nil {
+				e := commands.AsError(err)
+				status, result = e.Status, e
+			}
+			reply := nats.NewMsg(msg.Reply)
+			reply.Header.Set(commands.StatusHeader, strconv.Itoa(status))
+			reply.Data, _ = json.Marshal(result)
+			_ = msg.RespondMsg(reply)
+		})
+		if err != nil {
+			t.Fatalf("subscribe %s: %v", subject, err)
+		}
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+type acceptFunc func(ctx context.Context, typ commands.OpType, volumeID string, vmID *string, req any) (any, error)
+
+func attachHandler(accept acceptFunc, root bool) func(context.Context, []byte) (any, error) {
+	return func(ctx context.Context, data []byte) (any, error) {
+		req, err := commands.DecodeAttach(data, root)
+		if err != nil {
+			return nil, err
+		}
+		vm := req.VMID
+		return accept(ctx, commands.OpAttach, req.VolumeID, &vm, req)
+	}
+}
+
+func volumeHandler(accept acceptFunc, typ commands.OpType) func(context.Context, []byte) (any, error) {
+	return func(ctx context.Context, data []byte) (any, error) {
+		req, err := commands.DecodeVolume(data)
+		if err != nil {
+			return nil, err
+		}
+		return accept(ctx, typ, req.VolumeID, nil, req)
+	}
+}
+
+// testBackend is the Backend of the tests: volume views held in memory.
+type testBackend struct {
+	mu         sync.Mutex
+	volumes    map[string]commands.VolumeStatus
+	health     commands.Health
+	metricsErr error
+}
+
+var _ httpbridge.Backend = (*testBackend)(nil)
+
+func newTestBackend() *testBackend {
+	vm, dev := vm1, "/dev/vdb"
+	devID := int64(2)
+	return &testBackend{
+		volumes: map[string]commands.VolumeStatus{
+			vol1: {VolumeID: vol1, VMID: &vm, DevicePath: &dev, State: "Ready", Size: 5368709120,
+				CloudStackData: &commands.CloudStackData{ID: vol1, Name: "migration-volume-001", State: "Ready",
+					Type: "DATADISK", ZoneName: "OSSEA-Zone", VirtualMachineID: vm1, DeviceID: &devID, Size: 5368709120},
+				LinuxData:     &commands.LinuxData{DevicePath: dev, Size: 5368717312, Controller: "virtio4"},
+				LastOperation: &commands.LastOperation{ID: "op-b2c3d4e5-f6a7-4901-bcde-f12345678901", Type: commands.OpAttach, Status: commands.StatusCompleted}},
+			vol2: {VolumeID: vol2, State: "Allocated", Size: 10737418240},
+		},
+		health: commands.Health{Status: commands.Healthy, Timestamp: time.Now().UTC(),
+			CloudStackHealth: commands.Healthy, DatabaseHealth: commands.Healthy, DeviceMonitor: commands.NotConfigured,
+			Details: commands.HealthDetails{Store: "embedded", UptimeSeconds: 3}},
+	}
+}
+
+func (b *testBackend) VolumeStatus(_ context.Context, volumeID string) (commands.VolumeStatus, error) {
+	if volumeID == volPanic {
+		panic("test backend: volume status exploded")
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	v, ok := b.volumes[volumeID]
+	if !ok {
+		return v, commands.NotFound("volume %s not found in CloudStack", volumeID).WithDetail("volume_id", volumeID)
+	}
+	return v, nil
+}
+
+func (b *testBackend) VMVolumes(_ context.Context, vmID string) ([]commands.VolumeStatus, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []commands.VolumeStatus
+	for _, id := range []string{vol1, vol2} {
+		if v := b.volumes[id]; v.VMID != nil && *v.VMID == vmID {
+			v.CloudStackData, v.LinuxData = nil, nil
+			out = append(out, v)
+		}
+	}
+	return out, nil // nil when none: the bridge must answer []
+}
+
+func (b *testBackend) Health(context.Context) commands.Health {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.health
+}
+
+func (b *testBackend) setHealth(status string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.health.Status = status
+}
+
+func (b *testBackend) Metrics(context.Context) (commands.Metrics, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.metricsErr != nil {
+		return commands.Metrics{}, b.metricsErr
+	}
+	// Maps left nil: the bridge answers them as {}.
+	return commands.Metrics{Timestamp: time.Now().UTC(), TotalOperations: 3, AverageResponseTimeMs: 2340.5,
+		Details: commands.MetricsDetails{UptimeSeconds: 3}}, nil
+}
+
+func (b *testBackend) setMetricsErr(err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.metricsErr = err
+}

@@ -1,0 +1,146 @@
+package httpbridge_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/httpbridge"
+	"github.com/volumed/volumed/internal/apitest"
+	"github.com/volumed/volumed/internal/testenv"
+)
+
+func TestNormalizeDevicePath(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join("testdata", "device_paths.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cases []struct {
+		In   string `json:"in"`
+		Want string `json:"want"`
+		Err  bool   `json:"err"`
+	}
+	if err := json.Unmarshal(data, &cases); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range cases {
+		got, err := httpbridge.NormalizeDevicePath(tc.In)
+		if tc.Err {
+			var e *commands.Error
+			if !errors.As(err, &e) || e.Status != 400 || e.Details["field"] != "device_path" {
+				t.Errorf("NormalizeDevicePath(%q) = %q, %v; want a 400 on device_path", tc.In, got, err)
+			}
+			continue
+		}
+		if err != nil || got != tc.Want {
+			t.Errorf("NormalizeDevicePath(%q) = %q, %v; want %q", tc.In, got, err, tc.Want)
+		}
+	}
+}
+
+func TestLifecycle(t *testing.T) {
+	b := testenv.StartBus(t)
+	ctx := context.Background()
+
+	s := httpbridge.New(httpbridge.Config{Listen: "127.0.0.1:0", Conn: b.Conn(), Backend: newTestBackend(), Logger: testLogger(t)})
+	if s.Addr() != "" {
+		t.Errorf("Addr before Start = %q", s.Addr())
+	}
+	if err := s.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(s.Addr(), "127.0.0.1:") || strings.HasSuffix(s.Addr(), ":0") {
+		t.Errorf("Addr = %q, want the bound port", s.Addr())
+	}
+	if err := s.Start(ctx); err == nil {
+		t.Error("second Start succeeded")
+	}
+	resp, _ := validator.Do(t, nil, apitest.NewRequest(t, "GET", "http://"+s.Addr()+"/api/v1/health", ""))
+	if resp.StatusCode != 200 {
+		t.Errorf("health: %d", resp.StatusCode)
+	}
+	for i := range 2 {
+		if err := s.Close(ctx); err != nil {
+			t.Errorf("Close #%d: %v", i+1, err)
+		}
+	}
+	if err := s.Start(ctx); err == nil {
+		t.Error("Start after Close succeeded")
+	}
+
+	unstarted := httpbridge.New(httpbridge.Config{Logger: testLogger(t)})
+	if err := unstarted.Close(ctx); err != nil {
+		t.Errorf("Close of an unstarted server: %v", err)
+	}
+
+	occupied := httpbridge.New(httpbridge.Config{Listen: "127.0.0.1:0", Logger: testLogger(t)})
+	if err := occupied.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = occupied.Close(ctx) })
+	busy := httpbridge.New(httpbridge.Config{Listen: occupied.Addr(), Logger: testLogger(t)})
+	if err := busy.Start(ctx); err == nil {
+		t.Error("Start on a taken port succeeded")
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for the server's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) lines() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return strings.Split(strings.TrimSpace(s.b.String()), "\n")
+}
+
+func TestRequestLog(t *testing.T) {
+	var logs syncBuffer
+	s := httpbridge.New(httpbridge.Config{Listen: "127.0.0.1:0", Backend: newTestBackend(),
+		Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	base := "http://" + s.Addr() + "/api/v1"
+	validator.Do(t, nil, apitest.NewRequest(t, "GET", base+"/devices/dev%2Fvdb%2F..%2Fsda/volume", ""))
+	validator.Do(t, nil, apitest.NewRequest(t, "GET", base+"/volumes/"+volPanic, ""))
+
+	want := []struct {
+		path   string
+		status float64
+	}{{"/api/v1/devices/dev%2Fvdb%2F..%2Fsda/volume", 400}, {"/api/v1/volumes/" + volPanic, 500}}
+	testenv.Eventually(t, 5*time.Second, func() bool {
+		found := 0
+		for _, line := range logs.lines() {
+			var rec map[string]any
+			if json.Unmarshal([]byte(line), &rec) != nil || rec["msg"] != "request" {
+				continue
+			}
+			for _, w := range want {
+				if rec["component"] == "httpbridge" && rec["method"] == "GET" && rec["path"] == w.path &&
+					rec["status"] == w.status && rec["duration"] != nil {
+					found++
+				}
+			}
+		}
+		return found == len(want)
+	}, "request log lines for %v in %v", want, logs.lines())
+}

@@ -1,0 +1,173 @@
+package httpbridge
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/state"
+)
+
+// eventBuffer is how many operation events a waiting request buffers.
+const eventBuffer = 16
+
+func (s *Server) getOperation(w http.ResponseWriter, r *http.Request) {
+	id, err := pathID(r, "operation_id", commands.NormalizeOperationID)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	wait, err := s.parseWait(r)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	op, err := s.waitOperation(r.Context(), id, wait)
+	if err != nil {
+		if r.Context().Err() != nil {
+			return // the client went away
+		}
+		writeError(w, notFoundAs(err, commands.NotFound("operation %s not found", id).WithDetail("operation_id", id)))
+		return
+	}
+	writeJSON(w, http.StatusOK, op)
+}
+
+// parseWait reads ?wait, a Go duration capped at MaxWait; 0 when absent.
+func (s *Server) parseWait(r *http.Request) (time.Duration, error) {
+	q := r.URL.Query()
+	if !q.Has("wait") {
+		return 0, nil
+	}
+	v := q.Get("wait")
+	d, err := time.ParseDuration(v)
+	if err != nil || d < 0 {
+		return 0, commands.Invalid("wait", "wait must be a non-negative Go duration such as 30s, got %q", v).
+			WithDetail("provided_value", v)
+	}
+	return min(d, s.cfg.MaxWait), nil
+}
+
+// waitOperation returns the stored operation. With a wait, a non-terminal
+// operation is watched on its event subject, subscribed before the store
+// is read so no event is missed, until an event reports a terminal status,
+// the wait passes, or the server closes; the store's latest record is
+// answered in every case.
+func (s *Server) waitOperation(ctx context.Context, id string, wait time.Duration) (commands.Operation, error) {
+	if wait <= 0 {
+		return s.readOperation(ctx, id)
+	}
+	events := make(chan *nats.Msg, eventBuffer)
+	sub, err := s.cfg.Conn.ChanSubscribe(commands.OpSubject(id), events)
+	if err != nil {
+		return commands.Operation{}, commands.Unavailable("subscribe to operation events: %v", err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	flushCtx, cancel := context.WithTimeout(ctx, s.cfg.CommandTimeout)
+	err = s.cfg.Conn.FlushWithContext(flushCtx)
+	cancel()
+	if err != nil {
+		return commands.Operation{}, commands.Unavailable("subscribe to operation events: %v", err)
+	}
+	op, err := s.readOperation(ctx, id)
+	if err != nil || op.Status.Terminal() {
+		return op, err
+	}
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	for {
+		select {
+		case msg := <-events:
+			var ev struct {
+				Status commands.OpStatus `json:"status"`
+			}
+			if json.Unmarshal(msg.Data, &ev) != nil || !ev.Status.Terminal() {
+				continue
+			}
+		case <-timer.C:
+		case <-s.closing:
+		case <-ctx.Done():
+			return commands.Operation{}, ctx.Err()
+		}
+		return s.readOperation(ctx, id)
+	}
+}
+
+// readOperation reads one operation from the store under the read timeout.
+func (s *Server) readOperation(ctx context.Context, id string) (commands.Operation, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.CommandTimeout)
+	defer cancel()
+	return s.cfg.Store.GetOperation(ctx, id)
+}
+
+func (s *Server) listOperations(w http.ResponseWriter, r *http.Request) {
+	f, err := parseFilter(r)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	ctx, cancel := s.readContext(r)
+	defer cancel()
+	ops, err := s.cfg.Store.ListOperations(ctx, f)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	rows := make([]commands.OperationSummary, 0, len(ops))
+	for i := range ops {
+		rows = append(rows, ops[i].Summary())
+	}
+	writeJSON(w, http.StatusOK, rows)
+}
+
+// parseFilter validates the query of GET /operations.
+func parseFilter(r *http.Request) (state.Filter, error) {
+	q := r.URL.Query()
+	var f state.Filter
+	var err error
+	if v := q.Get("type"); v != "" {
+		if f.Type, err = oneOf("type", v, commands.OpTypes); err != nil {
+			return f, err
+		}
+	}
+	if v := q.Get("status"); v != "" {
+		if f.Status, err = oneOf("status", v, commands.OpStatuses); err != nil {
+			return f, err
+		}
+	}
+	if v := q.Get("volume_id"); v != "" {
+		if f.VolumeID, err = commands.NormalizeVolumeID(v); err != nil {
+			return f, err
+		}
+	}
+	if v := q.Get("vm_id"); v != "" {
+		if f.VMID, err = commands.NormalizeVMID(v); err != nil {
+			return f, err
+		}
+	}
+	if q.Has("limit") {
+		v := q.Get("limit")
+		n, convErr := strconv.Atoi(v)
+		if convErr != nil || n <= 0 {
+			return f, commands.Invalid("limit", "limit must be a positive integer, got %q", v).WithDetail("provided_value", v)
+		}
+		f.Limit = n
+	}
+	return f, nil
+}
+
+// oneOf returns v as T if it is one of allowed.
+func oneOf[T ~string](field, v string, allowed []T) (T, error) {
+	for _, a := range allowed {
+		if string(a) == v {
+			return a, nil
+		}
+	}
+	return "", commands.Invalid(field, "unknown %s %q", field, v).WithDetail("provided_value", v).
+		WithDetail("allowed_values", allowed)
+}

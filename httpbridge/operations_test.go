@@ -1,0 +1,236 @@
+package httpbridge_test
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/apitest"
+	"github.com/volumed/volumed/internal/testenv"
+)
+
+// Operation ids seeded by TestOperations, oldest first.
+const (
+	opCreate   = "op-a1b2c3d4-e5f6-4890-abcd-ef1234567890"
+	opAttach   = "op-b2c3d4e5-f6a7-4901-bcde-f12345678901"
+	opDetach   = "op-c3d4e5f6-a7b8-4012-8def-123456789012"
+	opFailed   = "op-d4e5f6a7-b8c9-4123-9ef0-234567890123"
+	opPending  = "op-e5f6a7b8-c9d0-4234-af01-345678901234"
+	opNotThere = "op-f6a7b8c9-d0e1-4345-b012-456789012345"
+)
+
+func ids(t *testing.T, body []byte) []string {
+	t.Helper()
+	var out []string
+	for _, s := range decodeAs[[]commands.OperationSummary](t, body) {
+		out = append(out, s.ID)
+	}
+	return out
+}
+
+func wantIDs(want ...string) func(*testing.T, []byte) {
+	return func(t *testing.T, body []byte) {
+		if got := ids(t, body); !slices.Equal(got, want) {
+			t.Errorf("ids %v, want %v", got, want)
+		}
+	}
+}
+
+func TestOperations(t *testing.T) {
+	h := newHarness(t, options{})
+	h.seedOperation(t, opCreate, commands.OpCreate, commands.StatusCompleted, vol1, "", 30)
+	h.seedOperation(t, opAttach, commands.OpAttach, commands.StatusCompleted, vol1, vm1, 31)
+	h.seedOperation(t, opDetach, commands.OpDetach, commands.StatusExecuting, vol1, "", 32)
+	h.seedOperation(t, opFailed, commands.OpAttach, commands.StatusFailed, vol2, vm1, 33)
+	h.seedOperation(t, opPending, commands.OpDelete, commands.StatusPending, vol2, "", 34)
+
+	runCases(t, h, []endpointCase{
+		{name: "get", method: "GET", path: "/operations/" + opAttach, status: 200, check: func(t *testing.T, body []byte) {
+			op := decodeAs[commands.Operation](t, body)
+			if op.ID != opAttach || op.Status != commands.StatusCompleted || op.CompletedAt == nil || ptr(op.VMID) != vm1 {
+				t.Errorf("operation %s", body)
+			}
+		}},
+		{name: "get bare uuid", method: "GET", path: "/operations/" + opAttach[3:], status: 200, check: func(t *testing.T, body []byte) {
+			if op := decodeAs[commands.Operation](t, body); op.ID != opAttach {
+				t.Errorf("operation %s", body)
+			}
+		}},
+		{name: "get terminal with wait answers at once", method: "GET", path: "/operations/" + opFailed + "?wait=5m", status: 200,
+			check: func(t *testing.T, body []byte) {
+				if op := decodeAs[commands.Operation](t, body); op.Status != commands.StatusFailed {
+					t.Errorf("operation %s", body)
+				}
+			}},
+		{name: "get unknown", method: "GET", path: "/operations/" + opNotThere, status: 404, code: commands.CodeNotFound},
+		{name: "get unknown with wait", method: "GET", path: "/operations/" + opNotThere + "?wait=1m", status: 404, code: commands.CodeNotFound},
+		{name: "get malformed id", method: "GET", path: "/operations/op-123", status: 400, code: commands.CodeInvalidRequest, field: "operation_id"},
+		{name: "get bad wait", method: "GET", path: "/operations/" + opAttach + "?wait=soon", status: 400, code: commands.CodeInvalidRequest, field: "wait"},
+		{name: "get negative wait", method: "GET", path: "/operations/" + opAttach + "?wait=-1s", status: 400, code: commands.CodeInvalidRequest, field: "wait"},
+		{name: "get bare-number wait", method: "GET", path: "/operations/" + opAttach + "?wait=30", status: 400, code: commands.CodeInvalidRequest, field: "wait"},
+		{name: "list all newest first", method: "GET", path: "/operations", status: 200,
+			check: wantIDs(opPending, opFailed, opDetach, opAttach, opCreate)},
+		{name: "list type", method: "GET", path: "/operations?type=attach", status: 200, check: wantIDs(opFailed, opAttach)},
+		{name: "list status", method: "GET", path: "/operations?status=completed", status: 200, check: wantIDs(opAttach, opCreate)},
+		{name: "list type and status", method: "GET", path: "/operations?type=attach&status=pending", status: 200, check: wantIDs()},
+		{name: "list volume prefixed", method: "GET", path: "/operations?volume_id=vol-" + vol2, status: 200, check: wantIDs(opPending, opFailed)},
+		{name: "list vm", method: "GET", path: "/operations?vm_id=vm-" + vm1, status: 200, check: wantIDs(opFailed, opAttach)},
+		{name: "list limit", method: "GET", path: "/operations?limit=2", status: 200, check: wantIDs(opPending, opFailed)},
+		{name: "list none is []", method: "GET", path: "/operations?volume_id=" + volUnknown, status: 200, check: func(t *testing.T, body []byte) {
+			if string(body) != "[]" {
+				t.Errorf("body %s, want []", body)
+			}
+		}},
+		{name: "list unknown type", method: "GET", path: "/operations?type=resize", status: 400, code: commands.CodeInvalidRequest, field: "type"},
+		{name: "list unknown status", method: "GET", path: "/operations?status=done", status: 400, code: commands.CodeInvalidRequest, field: "status"},
+		{name: "list malformed volume", method: "GET", path: "/operations?volume_id=abc", status: 400, code: commands.CodeInvalidRequest, field: "volume_id"},
+		{name: "list malformed vm", method: "GET", path: "/operations?vm_id=abc", status: 400, code: commands.CodeInvalidRequest, field: "vm_id"},
+		{name: "list zero limit", method: "GET", path: "/operations?limit=0", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
+		{name: "list negative limit", method: "GET", path: "/operations?limit=-3", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
+		{name: "list non-integer limit", method: "GET", path: "/operations?limit=2.5", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
+		{name: "list empty limit", method: "GET", path: "/operations?limit=", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
+	})
+}
+
+// waitResult is the outcome of one long poll.
+type waitResult struct {
+	resp *http.Response
+	body []byte
+	took time.Duration
+}
+
+// startWait long-polls an operation in the background on its own
+// connection-counting bridge and returns once the bridge has subscribed
+// to the operation's events.
+func startWait(t *testing.T, h *harness, bridgeConn *nats.Conn, id, wait string) <-chan waitResult {
+	t.Helper()
+	done := make(chan waitResult, 1)
+	before := bridgeConn.NumSubscriptions()
+	req := apitest.NewRequest(t, "GET", h.base+"/operations/"+id+"?wait="+wait, "")
+	go func() {
+		start := time.Now()
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			done <- waitResult{}
+			return
+		}
+		defer resp.Body.Close()
+		var raw json.RawMessage
+		_ = json.NewDecoder(resp.Body).Decode(&raw)
+		h.v.Check(t, req, resp, raw)
+		done <- waitResult{resp: resp, body: raw, took: time.Since(start)}
+	}()
+	testenv.Eventually(t, 10*time.Second, func() bool { return bridgeConn.NumSubscriptions() > before },
+		"bridge subscribed to %s", commands.OpSubject(id))
+	return done
+}
+
+// publishUntil publishes an operation event every 20 ms until the long
+// poll answers (an event sent before the bridge's subscription reached
+// the server is lost, as on a real bus), and returns the answer.
+func publishUntil(t *testing.T, nc *nats.Conn, op commands.Operation, done <-chan waitResult) waitResult {
+	t.Helper()
+	data, _ := json.Marshal(op)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	timeout := time.After(30 * time.Second)
+	for {
+		if err := nc.Publish(commands.OpSubject(op.ID), data); err != nil {
+			t.Fatalf("publish: %v", err)
+		}
+		select {
+		case r := <-done:
+			return r
+		case <-tick.C:
+		case <-timeout:
+			t.Fatalf("long poll of %s did not answer after a terminal event", op.ID)
+		}
+	}
+}
+
+func TestOperationWait(t *testing.T) {
+	b := testenv.StartBus(t)
+	bridgeConn, err := nats.Connect(b.ClientURL(), nats.Name("bridge-under-test"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(bridgeConn.Close)
+	h := newHarnessOnBus(t, b, options{conn: bridgeConn})
+
+	t.Run("terminal event ends the wait with the stored record", func(t *testing.T) {
+		op := h.seedOperation(t, opPending, commands.OpDelete, commands.StatusPending, vol2, "", 34)
+		done := startWait(t, h, bridgeConn, op.ID, "5m")
+		op.Status, op.Error = commands.StatusFailed, "CloudStack refused"
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := h.store.UpdateOperation(ctx, op); err != nil {
+			t.Fatal(err)
+		}
+		r := publishUntil(t, h.bus, op, done)
+		if got := decodeAs[commands.Operation](t, r.body); r.resp.StatusCode != 200 || got.Status != commands.StatusFailed || got.Error != op.Error {
+			t.Errorf("answer %d %s", r.resp.StatusCode, r.body)
+		}
+	})
+	t.Run("the answer is the store's record, not the event", func(t *testing.T) {
+		op := h.seedOperation(t, opDetach, commands.OpDetach, commands.StatusPending, vol1, "", 32)
+		done := startWait(t, h, bridgeConn, op.ID, "5m")
+		event := op
+		event.Status = commands.StatusCompleted
+		r := publishUntil(t, h.bus, event, done)
+		if got := decodeAs[commands.Operation](t, r.body); got.Status != commands.StatusPending {
+			t.Errorf("answer %s, want the stored pending record", r.body)
+		}
+	})
+	t.Run("non-terminal events wait until the deadline", func(t *testing.T) {
+		op := h.seedOperation(t, opAttach, commands.OpAttach, commands.StatusExecuting, vol1, vm1, 31)
+		const wait = 300 * time.Millisecond
+		done := startWait(t, h, bridgeConn, op.ID, wait.String())
+		data, _ := json.Marshal(op)
+		if err := h.bus.Publish(commands.OpSubject(op.ID), data); err != nil {
+			t.Fatal(err)
+		}
+		r := <-done
+		if r.resp == nil {
+			t.Fatal("long poll failed")
+		}
+		if got := decodeAs[commands.Operation](t, r.body); r.resp.StatusCode != 200 || got.Status != commands.StatusExecuting {
+			t.Errorf("answer %d %s", r.resp.StatusCode, r.body)
+		}
+		if r.took < wait {
+			t.Errorf("answered after %v, before the %v wait ended", r.took, wait)
+		}
+	})
+	t.Run("close answers pending waits", func(t *testing.T) {
+		op := h.seedOperation(t, opCreate, commands.OpCreate, commands.StatusPending, "", "", 30)
+		done := startWait(t, h, bridgeConn, op.ID, "5m")
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := h.srv.Close(ctx); err != nil {
+			t.Fatalf("close: %v", err)
+		}
+		r := <-done
+		if r.resp == nil || r.resp.StatusCode != 200 || decodeAs[commands.Operation](t, r.body).Status != commands.StatusPending {
+			t.Errorf("answer %+v", r)
+		}
+		if err := h.srv.Close(ctx); err != nil {
+			t.Errorf("second close: %v", err)
+		}
+	})
+}
+
+// TestMaxWaitCaps checks ?wait is capped at MaxWait: a 1h wait on a
+// bridge with a 200 ms cap answers the pending record.
+func TestMaxWaitCaps(t *testing.T) {
+	h := newHarness(t, options{maxWait: 200 * time.Millisecond})
+	op := h.seedOperation(t, opPending, commands.OpDelete, commands.StatusPending, vol2, "", 34)
+	resp, body := h.do(t, "GET", "/operations/"+op.ID+"?wait=1h", "")
+	if resp.StatusCode != 200 || decodeAs[commands.Operation](t, body).Status != commands.StatusPending {
+		t.Errorf("answer %d %s", resp.StatusCode, body)
+	}
+}

@@ -1,0 +1,148 @@
+package httpbridge
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/volumed/volumed/state"
+)
+
+// Defaults of Config.
+const (
+	DefaultListen         = "127.0.0.1:8090"
+	DefaultCommandTimeout = 10 * time.Second
+	DefaultMaxWait        = 5 * time.Minute
+)
+
+// BasePath prefixes every route.
+const BasePath = "/api/v1"
+
+// Config configures a Server.
+type Config struct {
+	// Listen is the host:port to serve on; default DefaultListen. Port 0
+	// picks a free port (see Server.Addr).
+	Listen string
+	// Conn carries commands (request/reply) and operation events; required.
+	Conn *nats.Conn
+	// Store answers operation and mapping reads; required.
+	Store state.Store
+	// Backend answers volume, VM, health and metrics reads; required.
+	Backend Backend
+	// CommandTimeout bounds one command round trip and one read; default
+	// DefaultCommandTimeout.
+	CommandTimeout time.Duration
+	// MaxWait caps the ?wait of GET /operations/{id}; default DefaultMaxWait.
+	MaxWait time.Duration
+	// Logger is the parent of the bridge's logger; default slog.Default().
+	Logger *slog.Logger
+}
+
+// Server is the REST bridge.
+type Server struct {
+	cfg     Config
+	log     *slog.Logger
+	handler http.Handler
+	// closing is closed by Close so long polls answer at once.
+	closing chan struct{}
+
+	mu      sync.Mutex
+	srv     *http.Server
+	ln      net.Listener
+	served  chan struct{}
+	closeMu sync.Once
+}
+
+// New returns a Server with defaults filled in; Start serves it.
+func New(cfg Config) *Server {
+	if cfg.Listen == "" {
+		cfg.Listen = DefaultListen
+	}
+	if cfg.CommandTimeout <= 0 {
+		cfg.CommandTimeout = DefaultCommandTimeout
+	}
+	if cfg.MaxWait <= 0 {
+		cfg.MaxWait = DefaultMaxWait
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "httpbridge"), closing: make(chan struct{})}
+	s.handler = s.routes()
+	return s
+}
+
+// Handler is the whole REST surface, for tests and embedding.
+func (s *Server) Handler() http.Handler { return s.handler }
+
+// Start listens on Config.Listen and serves in the background until Close.
+func (s *Server) Start(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.srv != nil {
+		return errors.New("httpbridge: already started")
+	}
+	select {
+	case <-s.closing:
+		return errors.New("httpbridge: closed")
+	default:
+	}
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", s.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("httpbridge: listen %s: %w", s.cfg.Listen, err)
+	}
+	s.ln = ln
+	s.srv = &http.Server{
+		Handler:           s.handler,
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+	}
+	s.served = make(chan struct{})
+	go func() {
+		defer close(s.served)
+		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("serve failed", "error", err)
+		}
+	}()
+	s.log.Info("listening", "addr", ln.Addr().String())
+	return nil
+}
+
+// Addr is the bound address once started, "" before.
+func (s *Server) Addr() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ln == nil {
+		return ""
+	}
+	return s.ln.Addr().String()
+}
+
+// Close answers pending long polls, shuts the server down gracefully
+// within ctx and waits for it. Closing twice is safe.
+func (s *Server) Close(ctx context.Context) error {
+	var err error
+	s.closeMu.Do(func() {
+		close(s.closing)
+		s.mu.Lock()
+		srv, served := s.srv, s.served
+		s.mu.Unlock()
+		if srv == nil {
+			return
+		}
+		if err = srv.Shutdown(ctx); err != nil {
+			err = fmt.Errorf("httpbridge: shutdown: %w", err)
+			_ = srv.Close()
+		}
+		<-served
+	})
+	return err
+}
