@@ -47,7 +47,7 @@ var errUsage = errors.New("usage")
 // flagSet collects string flags, parsed and validated after fs.Parse.
 type flagSet struct {
 	*flag.FlagSet
-	bools     map[string]*string
+	bools     map[string]*boolFlag
 	durations map[string]durationFlag
 	level     *string
 }
@@ -70,8 +70,24 @@ func (f *flagSet) str(dst *string, name, envName, def, usage string) {
 }
 
 func (f *flagSet) boolean(name, envName, def, usage string) {
-	f.bools[name] = f.String(name, env(envName, def), usage+" ("+envName+")")
+	v := boolFlag(env(envName, def))
+	f.bools[name] = &v
+	f.Var(&v, name, usage+" ("+envName+")")
 }
+
+// boolFlag is a boolean flag that also takes no value (--sim), kept as
+// text until parse so a bad environment value is reported as a usage error.
+type boolFlag string
+
+func (b *boolFlag) String() string { return string(*b) }
+func (b *boolFlag) Set(v string) error {
+	if _, err := strconv.ParseBool(v); err != nil {
+		return err
+	}
+	*b = boolFlag(v)
+	return nil
+}
+func (b *boolFlag) IsBoolFlag() bool { return true }
 
 func (f *flagSet) duration(dst *time.Duration, name, envName, def string, min time.Duration, usage string) {
 	f.durations[name] = durationFlag{f.String(name, env(envName, def), usage+" ("+envName+")"), dst, min}
@@ -102,7 +118,7 @@ func (f *flagSet) parse(args []string, c *config) error {
 }
 
 func (f *flagSet) boolValue(name string) (bool, error) {
-	v, err := strconv.ParseBool(*f.bools[name])
+	v, err := strconv.ParseBool(string(*f.bools[name]))
 	if err != nil {
 		return false, fmt.Errorf("%w: --%s: %w", errUsage, name, err)
 	}
@@ -110,7 +126,7 @@ func (f *flagSet) boolValue(name string) (bool, error) {
 }
 
 func newFlagSet(name, usage string, stderr io.Writer, c *config) *flagSet {
-	f := &flagSet{FlagSet: flag.NewFlagSet(name, flag.ContinueOnError), bools: map[string]*string{},
+	f := &flagSet{FlagSet: flag.NewFlagSet(name, flag.ContinueOnError), bools: map[string]*boolFlag{},
 		durations: map[string]durationFlag{}}
 	f.SetOutput(stderr)
 	f.Usage = func() {
