@@ -28,7 +28,8 @@ const (
 	JobsSubjectPrefix = "volumed.jobs."
 	// StreamOps keeps every operation event (volumes.ops.>).
 	StreamOps = "VOLUMED_OPS"
-	// StreamDevices keeps every device event (devices.>).
+	// StreamDevices keeps every device event (devices.<vm_id>.add|remove|change);
+	// the agents' request subjects (devices.<vm_id>.list|names) stay out.
 	StreamDevices = "VOLUMED_DEVICES"
 )
 
@@ -173,7 +174,7 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 		{Name: StreamOps, Subjects: []string{"volumes.ops.>"}, Retention: jetstream.LimitsPolicy,
 			Storage: jetstream.FileStorage, Replicas: b.cfg.Replicas, MaxAge: b.cfg.OpsMaxAge,
 			Description: "volumed operation events"},
-		{Name: StreamDevices, Subjects: []string{"devices.>"}, Retention: jetstream.LimitsPolicy,
+		{Name: StreamDevices, Subjects: []string{"devices.*.add", "devices.*.remove", "devices.*.change"}, Retention: jetstream.LimitsPolicy,
 			Storage: jetstream.FileStorage, Replicas: b.cfg.Replicas, MaxAge: b.cfg.DevicesMaxAge,
 			Description: "volumed block device events"},
 	}

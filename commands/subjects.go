@@ -17,6 +17,11 @@ const (
 	// SubjectDevicesPrefix prefixes device events: devices.<vm_id>.<action>.
 	SubjectDevicesPrefix = "devices."
 
+	// SubjectMappingsPrefix prefixes mapping updates the device correlator
+	// makes by itself (a late device healing a mapping):
+	// volumes.mappings.<volume_id>, payload the Mapping JSON.
+	SubjectMappingsPrefix = "volumes.mappings."
+
 	// StatusHeader carries the HTTP status of a command reply.
 	StatusHeader = "Status"
 )
@@ -28,3 +33,14 @@ func OpSubject(operationID string) string { return SubjectOpsPrefix + operationI
 func DeviceSubject(vmID string, action DeviceAction) string {
 	return SubjectDevicesPrefix + vmID + "." + string(action)
 }
+
+// DevicesListSubject is the request/reply subject where a VM's device agent
+// answers with the JSON array of its current devices.
+func DevicesListSubject(vmID string) string { return SubjectDevicesPrefix + vmID + ".list" }
+
+// DevicesNamesSubject is the request/reply subject where a VM's device
+// agent takes the full set of persistent names it must hold.
+func DevicesNamesSubject(vmID string) string { return SubjectDevicesPrefix + vmID + ".names" }
+
+// MappingSubject is the subject of mapping updates of one volume.
+func MappingSubject(volumeID string) string { return SubjectMappingsPrefix + volumeID }

@@ -1,0 +1,356 @@
+package devagent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// Retries of one event's JetStream publish: the first failure waits
+// publishRetryMin, doubling up to publishRetryMax, publishAttempts in all.
+const (
+	publishAttempts = 5
+	publishRetryMin = 100 * time.Millisecond
+	publishRetryMax = 2 * time.Second
+)
+
+// NamesMessage is the body of a devices.<vm_id>.names request (Names only)
+// and of its reply.
+type NamesMessage struct {
+	// Names maps a persistent name (volXXXXXXXX) to a device path: in a
+	// request the full set the VM must hold, in a reply the set it holds.
+	Names map[string]string `json:"names"`
+	// Dir is the directory of the symlinks (reply only).
+	Dir string `json:"dir,omitempty"`
+	// Previous is the set held before the request (reply only).
+	Previous map[string]string `json:"previous,omitempty"`
+	// Skipped gives, for each requested name not made, the reason (reply
+	// only): its target is not a present disk.
+	Skipped map[string]string `json:"skipped,omitempty"`
+	// Error says why a request was refused as a whole (reply only).
+	Error string `json:"error,omitempty"`
+}
+
+// ErrorReply is the reply of a devices.<vm_id>.list request that failed.
+type ErrorReply struct {
+	Error string `json:"error"`
+}
+
+// ServerConfig configures a Server.
+type ServerConfig struct {
+	// VMID is the VM the agent runs on: the <vm_id> of its subjects.
+	VMID string
+	Conn *nats.Conn
+	// JetStream publishes the events; nil makes one on Conn.
+	JetStream jetstream.JetStream
+	Agent     *Agent
+	// Namer keeps the persistent names; nil means NewNamer("").
+	Namer *Namer
+	// SysRoot is the sysfs the list and names requests re-read; default
+	// DefaultSysRoot.
+	SysRoot string
+	Logger  *slog.Logger
+}
+
+// Server is the agent's NATS side: it publishes every agent event to
+// JetStream on devices.<vm_id>.<action>, answers devices.<vm_id>.list with
+// the disks present (re-read from sysfs) and makes the link directory hold
+// exactly the name set of each devices.<vm_id>.names request.
+type Server struct {
+	cfg   ServerConfig
+	log   *slog.Logger
+	sysfs Sysfs
+
+	// mu guards desired and serializes every change to the link directory.
+	mu sync.Mutex
+	// desired is the last requested name set, less names whose device
+	// went away since.
+	desired map[string]string
+
+	subs      []*nats.Subscription
+	unsub     func()
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+}
+
+// NewServer returns a Server with defaults filled in; Start runs it.
+func NewServer(cfg ServerConfig) *Server {
+	if cfg.Namer == nil {
+		cfg.Namer = NewNamer("")
+	}
+	if cfg.SysRoot == "" {
+		cfg.SysRoot = DefaultSysRoot
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return &Server{
+		cfg:   cfg,
+		log:   cfg.Logger.With("component", "devagent-server", "vm_id", cfg.VMID),
+		sysfs: Sysfs{Root: cfg.SysRoot, Ignore: IsPersistentName},
+	}
+}
+
+// Start keeps the persistent names it finds, subscribes to the agent's
+// events and answers the request subjects. The Agent must be started.
+func (s *Server) Start(ctx context.Context) error {
+	if s.cfg.VMID == "" || s.cfg.Conn == nil || s.cfg.Agent == nil {
+		return errors.New("devagent: server needs VMID, Conn and Agent")
+	}
+	if strings.ContainsAny(s.cfg.VMID, ".*> \t") {
+		return fmt.Errorf("devagent: VM id %q cannot be a subject token", s.cfg.VMID)
+	}
+	if s.cfg.JetStream == nil {
+		js, err := jetstream.New(s.cfg.Conn)
+		if err != nil {
+			return fmt.Errorf("devagent: jetstream: %w", err)
+		}
+		s.cfg.JetStream = js
+	}
+	found, err := s.cfg.Namer.List()
+	if err != nil {
+		return fmt.Errorf("devagent: read persistent names: %w", err)
+	}
+	s.desired = found
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	s.cancel = cancel
+	events, unsub := s.cfg.Agent.Subscribe()
+	s.unsub = unsub
+	s.wg.Add(1)
+	go s.forward(runCtx, events)
+	for subject, handle := range map[string]nats.MsgHandler{
+		commands.DevicesListSubject(s.cfg.VMID):  s.serveList,
+		commands.DevicesNamesSubject(s.cfg.VMID): s.serveNames,
+	} {
+		sub, err := s.cfg.Conn.Subscribe(subject, handle)
+		if err != nil {
+			s.stop()
+			return fmt.Errorf("devagent: subscribe %s: %w", subject, err)
+		}
+		s.subs = append(s.subs, sub)
+	}
+	if err := s.cfg.Conn.FlushTimeout(publishTimeout); err != nil {
+		s.stop()
+		return fmt.Errorf("devagent: flush subscriptions: %w", err)
+	}
+	s.log.Info("device agent serving", "names_dir", s.cfg.Namer.Dir(), "names", len(found))
+	return nil
+}
+
+// Close stops answering and publishing and waits for the publisher. Closing
+// twice is safe.
+func (s *Server) Close(ctx context.Context) error {
+	s.closeOnce.Do(s.stop)
+	return nil
+}
+
+func (s *Server) stop() {
+	for _, sub := range s.subs {
+		_ = sub.Unsubscribe()
+	}
+	if s.cancel != nil {
+		s.cancel()
+	}
+	if s.unsub != nil {
+		s.unsub()
+	}
+	s.wg.Wait()
+}
+
+// forward publishes the agent's events in order and drops the names whose
+// device was removed.
+func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
+	defer s.wg.Done()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-events:
+			if !ok {
+				return
+			}
+			if ev.Action == commands.DeviceRemove {
+				s.dropNamesOf(ev.Path)
+			}
+			s.publish(ctx, ev)
+		}
+	}
+}
+
+// publish sends one event to JetStream, retrying with backoff; the message
+// id makes a retry of a stored event a duplicate the stream ignores.
+func (s *Server) publish(ctx context.Context, ev commands.Device) {
+	ev.VMID = s.cfg.VMID
+	data, err := json.Marshal(ev)
+	if err != nil {
+		s.log.Error("encode device event", "device", ev.Name, "err", err)
+		return
+	}
+	subject := commands.DeviceSubject(s.cfg.VMID, ev.Action)
+	id := strings.Join([]string{s.cfg.VMID, ev.Name, string(ev.Action),
+		strconv.FormatUint(ev.Seqnum, 10), strconv.FormatInt(ev.Time.UnixNano(), 10)}, "/")
+	wait := publishRetryMin
+	for attempt := 1; ; attempt++ {
+		pctx, cancel := context.WithTimeout(ctx, publishTimeout)
+		_, err = s.cfg.JetStream.Publish(pctx, subject, data, jetstream.WithMsgID(id))
+		cancel()
+		if err == nil || ctx.Err() != nil {
+			return
+		}
+		if attempt == publishAttempts {
+			s.log.Error("device event not stored", "subject", subject, "device", ev.Name, "err", err)
+			return
+		}
+		s.log.Warn("device event publish failed; retrying", "subject", subject, "device", ev.Name, "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, publishRetryMax)
+	}
+}
+
+// dropNamesOf removes the links to a device that went away and forgets
+// them: a device reusing the kernel name later is not the same volume.
+func (s *Server) dropNamesOf(devicePath string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name, target := range s.desired {
+		if target != devicePath {
+			continue
+		}
+		delete(s.desired, name)
+		if err := s.cfg.Namer.Remove(name); err != nil {
+			s.log.Warn("remove persistent name", "name", name, "err", err)
+			continue
+		}
+		s.log.Info("persistent name removed: device gone", "name", name, "device", devicePath)
+	}
+}
+
+// serveList answers with the disks present, re-read from sysfs.
+func (s *Server) serveList(msg *nats.Msg) {
+	disks, err := s.sysfs.Disks()
+	if err != nil {
+		if disks == nil {
+			s.reply(msg, ErrorReply{Error: err.Error()})
+			return
+		}
+		s.log.Warn("some disks unreadable", "err", err)
+	}
+	for i := range disks {
+		disks[i].VMID = s.cfg.VMID
+	}
+	s.reply(msg, disks)
+}
+
+// serveNames makes the link directory hold exactly the requested set.
+func (s *Server) serveNames(msg *nats.Msg) {
+	var req NamesMessage
+	if err := json.Unmarshal(msg.Data, &req); err != nil {
+		s.reply(msg, NamesMessage{Error: fmt.Sprintf("bad names request: %v", err)})
+		return
+	}
+	if err := checkNames(req.Names); err != nil {
+		s.reply(msg, NamesMessage{Error: err.Error()})
+		return
+	}
+	s.reply(msg, s.apply(req.Names))
+}
+
+// checkNames refuses a set with a name that is not volXXXXXXXX or a target
+// that is not /dev/<kernel name>.
+func checkNames(names map[string]string) error {
+	for name, target := range names {
+		if !IsPersistentName(name) {
+			return fmt.Errorf("%w: %q", ErrInvalidName, name)
+		}
+		dev, ok := strings.CutPrefix(target, "/dev/")
+		if !ok || dev == "" || filepath.Clean(target) != target || strings.Contains(dev, "/") {
+			return fmt.Errorf("devagent: target %q of %s is not /dev/<disk>", target, name)
+		}
+	}
+	return nil
+}
+
+// apply makes the links hold want: each name whose target is a present
+// disk is made (replacing a link pointing elsewhere), every other link is
+// removed.
+func (s *Server) apply(want map[string]string) NamesMessage {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := NamesMessage{Dir: s.cfg.Namer.Dir(), Skipped: map[string]string{}}
+	prev, err := s.cfg.Namer.List()
+	if err != nil {
+		out.Error = err.Error()
+		return out
+	}
+	out.Previous = prev
+	s.desired = map[string]string{}
+	var errs []error
+	for _, name := range slices.Sorted(maps.Keys(want)) {
+		target := want[name]
+		d, ok, err := s.sysfs.Disk(strings.TrimPrefix(target, "/dev/"))
+		switch {
+		case err != nil:
+			out.Skipped[name] = err.Error()
+		case !ok || d.Path != target:
+			out.Skipped[name] = fmt.Sprintf("%s is not a present disk", target)
+		default:
+			if _, err := s.cfg.Namer.Ensure(name, target); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			s.desired[name] = target
+			continue
+		}
+		if err := s.cfg.Namer.Remove(name); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for name := range prev {
+		if _, keep := want[name]; !keep {
+			if err := s.cfg.Namer.Remove(name); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if out.Names, err = s.cfg.Namer.List(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		out.Error = err.Error()
+	}
+	if !maps.Equal(prev, out.Names) {
+		s.log.Info("persistent names set", "names", out.Names, "skipped", out.Skipped)
+	}
+	return out
+}
+
+// reply answers a request with v as JSON.
+func (s *Server) reply(msg *nats.Msg, v any) {
+	data, err := json.Marshal(v)
+	if err != nil {
+		s.log.Error("encode reply", "subject", msg.Subject, "err", err)
+		return
+	}
+	if err := msg.Respond(data); err != nil {
+		s.log.Warn("reply", "subject", msg.Subject, "err", err)
+	}
+}

@@ -1,0 +1,213 @@
+package devagent_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/devagent"
+	"github.com/volumed/volumed/devagent/loopdev"
+	"github.com/volumed/volumed/internal/testenv"
+)
+
+// serveEnv is a real bus, agent and server on a VM id of its own, with a
+// loop device whose backing file carries a volume UUID.
+type serveEnv struct {
+	vm, volume, names string
+	nc                *nats.Conn
+	js                jetstream.JetStream
+	dev               *loopdev.Device
+}
+
+func startServe(t *testing.T, before func(namesDir string)) *serveEnv {
+	t.Helper()
+	testenv.RequireLoopControl(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	b := testenv.StartBus(t)
+	e := &serveEnv{vm: uuid.NewString(), volume: uuid.NewString(), names: filepath.Join(t.TempDir(), "by-volume"),
+		nc: b.Conn(), js: b.JetStream()}
+	if before != nil {
+		before(e.names)
+	}
+	agent := devagent.New(devagent.Config{VMID: e.vm, Logger: quiet})
+	if err := agent.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = agent.Close(context.Background()) })
+	srv := devagent.NewServer(devagent.ServerConfig{VMID: e.vm, Conn: b.Conn(), JetStream: b.JetStream(),
+		Agent: agent, Namer: devagent.NewNamer(e.names), Logger: quiet})
+	if err := srv.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = srv.Close(context.Background())
+		_ = srv.Close(context.Background()) // twice is safe
+	})
+	backing := filepath.Join(t.TempDir(), "vol-"+e.volume+".img")
+	if err := os.WriteFile(backing, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(backing, 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	dev, err := loopdev.Create(ctx, backing)
+	if err != nil {
+		t.Fatalf("loop device: %v", err)
+	}
+	e.dev = dev
+	t.Cleanup(func() { _ = dev.Remove(context.Background()) })
+	return e
+}
+
+// request sends body to a subject of the VM and returns the reply data.
+func (e *serveEnv) request(t *testing.T, subject string, body []byte) []byte {
+	t.Helper()
+	msg, err := e.nc.Request(subject, body, 5*time.Second)
+	if err != nil {
+		t.Fatalf("request %s: %v", subject, err)
+	}
+	return msg.Data
+}
+
+// event waits for the stored event of the loop device on subject.
+func (e *serveEnv) event(t *testing.T, action commands.DeviceAction) commands.Device {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cons, err := e.js.OrderedConsumer(ctx, bus.StreamDevices, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{commands.DeviceSubject(e.vm, action)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		msg, err := cons.Next(jetstream.FetchContext(ctx))
+		if err != nil {
+			t.Fatalf("no stored %s event of %s: %v", action, e.dev.Path, err)
+		}
+		var d commands.Device
+		if err := json.Unmarshal(msg.Data(), &d); err != nil {
+			t.Fatalf("event %s: %v", msg.Data(), err)
+		}
+		if d.Name == e.dev.Name() && devagent.MatchesVolume(d, e.volume) {
+			return d
+		}
+	}
+}
+
+func TestServerPublishesAndLists(t *testing.T) {
+	e := startServe(t, nil)
+	add := e.event(t, commands.DeviceAdd)
+	if add.Action != commands.DeviceAdd || add.VMID != e.vm || add.Size != 3<<20 || add.Time.IsZero() {
+		t.Errorf("add event = %+v", add)
+	}
+	var devs []commands.Device
+	if err := json.Unmarshal(e.request(t, commands.DevicesListSubject(e.vm), nil), &devs); err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, d := range devs {
+		found = found || (d.Path == e.dev.Path && devagent.MatchesVolume(d, e.volume) && d.VMID == e.vm)
+	}
+	if !found {
+		t.Errorf("list lacks %s: %+v", e.dev.Path, devs)
+	}
+
+	// Requests are not events: the stream keeps only add, remove, change.
+	info, err := e.js.Stream(context.Background(), bus.StreamDevices)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range info.CachedInfo().Config.Subjects {
+		if s == "devices.>" {
+			t.Errorf("stream %s captures requests: %v", bus.StreamDevices, info.CachedInfo().Config.Subjects)
+		}
+	}
+
+	if err := e.dev.Remove(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if rm := e.event(t, commands.DeviceRemove); rm.Action != commands.DeviceRemove {
+		t.Errorf("remove event = %+v", rm)
+	}
+}
+
+func TestServerNames(t *testing.T) {
+	kept := "volaaaaaaaa"
+	e := startServe(t, func(dir string) {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink("/dev/null", filepath.Join(dir, kept)); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if target, err := os.Readlink(filepath.Join(e.names, kept)); err != nil || target != "/dev/null" {
+		t.Fatalf("name found at start not kept: %q, %v", target, err)
+	}
+	name := devagent.PersistentName(e.volume)
+	for _, tc := range []struct {
+		name      string
+		body      string
+		wantErr   bool
+		wantNames map[string]string
+		skipped   string
+	}{
+		{name: "not JSON", body: `{"names": [`, wantErr: true},
+		{name: "bad name", body: `{"names": {"../etc": "` + e.dev.Path + `"}}`, wantErr: true},
+		{name: "target outside /dev", body: `{"names": {"` + name + `": "/etc/passwd"}}`, wantErr: true},
+		{name: "target escaping /dev", body: `{"names": {"` + name + `": "/dev/../etc/passwd"}}`, wantErr: true},
+		{name: "make", body: `{"names": {"` + name + `": "` + e.dev.Path + `"}}`, wantNames: map[string]string{name: e.dev.Path}},
+		{name: "absent disk", body: `{"names": {"` + name + `": "/dev/loop99999"}}`, wantNames: map[string]string{}, skipped: name},
+		{name: "make again", body: `{"names": {"` + name + `": "` + e.dev.Path + `"}}`, wantNames: map[string]string{name: e.dev.Path}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var reply devagent.NamesMessage
+			if err := json.Unmarshal(e.request(t, commands.DevicesNamesSubject(e.vm), []byte(tc.body)), &reply); err != nil {
+				t.Fatal(err)
+			}
+			if tc.wantErr {
+				if reply.Error == "" || reply.Names != nil {
+					t.Errorf("reply = %+v, want a refusal", reply)
+				}
+				return
+			}
+			if reply.Error != "" || reply.Dir != e.names || len(reply.Names) != len(tc.wantNames) {
+				t.Fatalf("reply = %+v, want names %v", reply, tc.wantNames)
+			}
+			for n, target := range tc.wantNames {
+				if got, err := os.Readlink(filepath.Join(e.names, n)); err != nil || got != target || reply.Names[n] != target {
+					t.Errorf("%s -> %q (%v), reply %q, want %s", n, got, err, reply.Names[n], target)
+				}
+			}
+			if _, err := os.Lstat(filepath.Join(e.names, kept)); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("%s outside the set not removed: %v", kept, err)
+			}
+			if tc.skipped != "" && reply.Skipped[tc.skipped] == "" {
+				t.Errorf("%s not reported skipped: %+v", tc.skipped, reply)
+			}
+		})
+	}
+
+	// The device going away takes its name with it.
+	if err := e.dev.Remove(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		_, err := os.Lstat(filepath.Join(e.names, name))
+		return errors.Is(err, os.ErrNotExist)
+	}, "name of removed device %s removed", e.dev.Path)
+}

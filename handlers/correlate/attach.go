@@ -1,0 +1,424 @@
+package correlate
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"path"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/devagent"
+	"github.com/volumed/volumed/state"
+)
+
+// match is how a device was found for a volume.
+type match int
+
+const (
+	byIdentity match = iota + 1
+	bySizeAndTime
+)
+
+func (m match) String() string {
+	if m == byIdentity {
+		return "identity"
+	}
+	return "size and time"
+}
+
+// Attached waits for the device of a volume just attached to want.VMID.
+// A device whose identity (virtio serial, SCSI WWID, loop backing file)
+// derives from the volume UUID wins; a device without identity qualifies
+// when it appeared after since with the volume's size. A device held by
+// another mapping or another correlation is never taken. The device is
+// re-checked with a fresh list right before it is returned, and its
+// persistent name made. After Config.Timeout it returns the mapping with
+// linux_state missing and an error wrapping ErrTimeout.
+func (c *Correlator) Attached(ctx context.Context, want commands.Mapping, since time.Time) (commands.Mapping, error) {
+	vm := want.VMID
+	timer := time.NewTimer(c.cfg.Timeout)
+	defer timer.Stop()
+	poll := time.NewTicker(pollInterval)
+	defer poll.Stop()
+	c.mu.Lock()
+	c.table(vm).inflight++
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		c.table(vm).inflight--
+		c.mu.Unlock()
+	}()
+	skip := map[string]bool{} // devices ruled out since the last change
+	refresh := true
+	for {
+		if refresh {
+			if _, err := c.list(ctx, vm, requestTimeout); err != nil {
+				c.log.Warn("list devices while waiting", "vm_id", vm, "volume_id", want.VolumeID, "err", err)
+			}
+			refresh = false
+		}
+		c.mu.Lock()
+		changed := c.table(vm).changed
+		c.mu.Unlock()
+		m, ok, err := c.try(ctx, want, since, skip)
+		if ok {
+			return m, err
+		}
+		select {
+		case <-ctx.Done():
+			return missing(want), ctx.Err()
+		case <-timer.C:
+			return missing(want), fmt.Errorf("%w: volume %s on VM %s: none within %v (linux_state missing; a later device heals the mapping)",
+				ErrTimeout, want.VolumeID, vm, c.cfg.Timeout)
+		case <-changed:
+			clear(skip)
+		case <-poll.C:
+			refresh = true
+		}
+	}
+}
+
+// missing is want as recorded when its device did not come.
+func missing(want commands.Mapping) commands.Mapping {
+	now := time.Now().UTC()
+	want.CloudStackState, want.LinuxState = commands.CloudStackAttached, commands.LinuxMissing
+	want.DevicePath, want.PersistentDeviceName, want.SymlinkPath = "", "", ""
+	want.LastSync, want.UpdatedAt = now, now
+	return want
+}
+
+// try looks once for the volume's device among the known ones. ok is
+// false when none qualifies yet; a device that failed a check goes into
+// skip.
+func (c *Correlator) try(ctx context.Context, want commands.Mapping, since time.Time, skip map[string]bool) (commands.Mapping, bool, error) {
+	vm := want.VMID
+	dev, how, found := c.pick(want, since, skip, byIdentity)
+	if !found {
+		c.mu.Lock()
+		t := c.table(vm)
+		c.mu.Unlock()
+		// One size-and-time pick at a time per VM, so each sees the claims
+		// of the one before.
+		t.fallback.Lock()
+		defer t.fallback.Unlock()
+		if dev, how, found = c.pick(want, since, skip, bySizeAndTime); !found {
+			return commands.Mapping{}, false, nil
+		}
+	}
+	m, err := c.take(ctx, want, dev, how)
+	if err != nil {
+		c.unclaim(vm, dev.Path, want.VolumeID)
+		skip[dev.Path] = true
+		if ctx.Err() != nil {
+			return missing(want), true, ctx.Err()
+		}
+		c.log.Info("device candidate rejected", "vm_id", vm, "volume_id", want.VolumeID, "device", dev.Path, "match", how.String(), "reason", err)
+		return commands.Mapping{}, false, nil
+	}
+	// Held until the caller has recorded it, and named with the VM's
+	// other names from now on.
+	c.hold(vm, dev.Path, want.VolumeID)
+	c.mu.Lock()
+	c.table(vm).identity = map[match]int{byIdentity: 1, bySizeAndTime: -1}[how]
+	c.mu.Unlock()
+	var nameErr error
+	if m, nameErr = c.nameOne(ctx, m); nameErr != nil {
+		c.log.Warn("persistent name", "volume_id", want.VolumeID, "device", m.DevicePath, "err", nameErr)
+	}
+	c.log.Info("device correlated", "vm_id", vm, "volume_id", want.VolumeID, "device", m.DevicePath,
+		"match", how.String(), "persistent_name", m.PersistentDeviceName)
+	return m, true, nameErr
+}
+
+// pick chooses and claims a candidate device for want: with byIdentity the
+// device whose identity is the volume's, with bySizeAndTime the earliest
+// device without identity that appeared after since with the volume's
+// size. Claimed and skipped devices are passed over.
+func (c *Correlator) pick(want commands.Mapping, since time.Time, skip map[string]bool, how match) (commands.Device, match, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t := c.table(want.VMID)
+	type cand struct {
+		dev commands.Device
+		at  time.Time
+	}
+	var cands []cand
+	for _, d := range t.devices {
+		if skip[d.Path] || c.claimedByOther(want.VMID, d.Path, want.VolumeID) {
+			continue
+		}
+		at := t.arrivedAt(d)
+		switch how {
+		case byIdentity:
+			if devagent.MatchesVolume(d, want.VolumeID) {
+				cands = append(cands, cand{d, at})
+			}
+		case bySizeAndTime:
+			if !namesVolume(d) && sizeFits(d.Size, want.Size) && !at.IsZero() && at.After(since) {
+				cands = append(cands, cand{d, at})
+			}
+		}
+	}
+	if len(cands) == 0 {
+		return commands.Device{}, how, false
+	}
+	s := slices.MinFunc(cands, func(a, b cand) int {
+		return cmp.Or(a.at.Compare(b.at), cmp.Compare(a.dev.Name, b.dev.Name))
+	})
+	c.claims[claimKey{want.VMID, s.dev.Path}] = claim{volumeID: want.VolumeID}
+	return s.dev, how, true
+}
+
+// sizeFits reports whether a device of size got could be a volume of size
+// want: as large, and at most sizeSlack larger.
+func sizeFits(got, want int64) bool {
+	return want > 0 && got >= want && got-want <= sizeSlack
+}
+
+// claimedByOther reports whether another volume holds the device; c.mu
+// must be held. Expired claims are dropped.
+func (c *Correlator) claimedByOther(vm, path, volumeID string) bool {
+	k := claimKey{vm, path}
+	cl, ok := c.claims[k]
+	if ok && !cl.until.IsZero() && time.Now().After(cl.until) {
+		delete(c.claims, k)
+		return false
+	}
+	return ok && cl.volumeID != volumeID
+}
+
+// hold keeps a device claimed for volumeID for claimGrace from now, and
+// named with the VM's other names meanwhile.
+func (c *Correlator) hold(vm, path, volumeID string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.claims[claimKey{vm, path}] = claim{volumeID: volumeID, until: time.Now().Add(claimGrace)}
+}
+
+// unclaim drops volumeID's claim of a device.
+func (c *Correlator) unclaim(vm, path, volumeID string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	k := claimKey{vm, path}
+	if c.claims[k].volumeID == volumeID {
+		delete(c.claims, k)
+	}
+}
+
+// take checks a claimed candidate against the store and re-checks it with
+// a fresh list, returning the mapping to record.
+func (c *Correlator) take(ctx context.Context, want commands.Mapping, dev commands.Device, how match) (commands.Mapping, error) {
+	other, err := c.cfg.Store.GetMappingByDevice(ctx, dev.Path)
+	switch {
+	case errors.Is(err, state.ErrNotFound):
+	case err != nil:
+		return commands.Mapping{}, fmt.Errorf("look up mapping of %s: %w", dev.Path, err)
+	case other.VolumeID == want.VolumeID:
+	case other.VMID == want.VMID && how == byIdentity && !devagent.MatchesVolume(dev, other.VolumeID):
+		// The device carries this volume's identity: the other mapping's
+		// device is gone and the kernel reused the name.
+		if err := c.markMissing(ctx, other, "its device name now belongs to volume "+want.VolumeID); err != nil {
+			return commands.Mapping{}, err
+		}
+	default:
+		return commands.Mapping{}, fmt.Errorf("%s is mapped to volume %s", dev.Path, other.VolumeID)
+	}
+	fresh, err := c.verify(ctx, want.VMID, dev, func(d commands.Device) bool {
+		if how == byIdentity {
+			return devagent.MatchesVolume(d, want.VolumeID)
+		}
+		return !namesVolume(d) && d.Size == dev.Size
+	})
+	if err != nil {
+		return commands.Mapping{}, err
+	}
+	now := time.Now().UTC()
+	m := want
+	m.DevicePath, m.Size = fresh.Path, fresh.Size
+	m.CloudStackState, m.LinuxState = commands.CloudStackAttached, commands.LinuxDetected
+	m.LastSync, m.UpdatedAt = now, now
+	return m, nil
+}
+
+// verify lists the VM's devices afresh and checks dev is still there with
+// the same name, path and major:minor, and that same(it) holds.
+func (c *Correlator) verify(ctx context.Context, vm string, dev commands.Device, same func(commands.Device) bool) (commands.Device, error) {
+	devs, err := c.list(ctx, vm, requestTimeout)
+	if err != nil {
+		return commands.Device{}, err
+	}
+	i := slices.IndexFunc(devs, func(d commands.Device) bool { return d.Name == dev.Name })
+	switch {
+	case i < 0:
+		return commands.Device{}, fmt.Errorf("%s is gone", dev.Path)
+	case devs[i].Path != dev.Path || devs[i].Major != dev.Major || devs[i].Minor != dev.Minor:
+		return commands.Device{}, fmt.Errorf("%s is now %d:%d, was %d:%d", dev.Path, devs[i].Major, devs[i].Minor, dev.Major, dev.Minor)
+	case !same(devs[i]):
+		return commands.Device{}, fmt.Errorf("%s changed identity or size", dev.Path)
+	}
+	return devs[i], nil
+}
+
+// markMissing records that a mapping's device is gone.
+func (c *Correlator) markMissing(ctx context.Context, m commands.Mapping, why string) error {
+	old := m.DevicePath
+	m = missing(m)
+	if err := c.cfg.Store.PutMapping(ctx, m); err != nil {
+		return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
+	}
+	c.log.Warn("mapping device gone", "volume_id", m.VolumeID, "vm_id", m.VMID, "device", old, "reason", why)
+	return nil
+}
+
+// nameOne makes the persistent name of m (with the VM's other names) and
+// returns m with it; on failure m without it and an error wrapping ErrName.
+func (c *Correlator) nameOne(ctx context.Context, m commands.Mapping) (commands.Mapping, error) {
+	name := devagent.PersistentName(m.VolumeID)
+	reply, err := c.setNames(ctx, m.VMID, &m, "")
+	if err != nil {
+		return m, err
+	}
+	if reply.Names[name] != m.DevicePath {
+		return m, fmt.Errorf("%w: %s for %s: %s", ErrName, name, m.DevicePath, cmp.Or(reply.Skipped[name], reply.Error, "not made"))
+	}
+	m.PersistentDeviceName, m.SymlinkPath = name, filepath.Join(reply.Dir, name)
+	return m, nil
+}
+
+// setNames sends the VM's agent the full set of persistent names: every
+// detected mapping of the VM in the store, overridden by the devices
+// handed out but perhaps not recorded yet (claims in their grace time)
+// and by extra, without volume `without`.
+func (c *Correlator) setNames(ctx context.Context, vm string, extra *commands.Mapping, without string) (devagent.NamesMessage, error) {
+	c.mu.Lock()
+	t := c.table(vm)
+	c.mu.Unlock()
+	t.names.Lock()
+	defer t.names.Unlock()
+	ms, err := c.cfg.Store.ListMappings(ctx, vm)
+	if err != nil {
+		return devagent.NamesMessage{}, fmt.Errorf("%w: list mappings of VM %s: %w", ErrName, vm, err)
+	}
+	latest := map[string]commands.Mapping{}
+	for _, m := range ms {
+		latest[m.VolumeID] = m
+	}
+	c.mu.Lock()
+	for k, cl := range c.claims {
+		if k.vm == vm && !cl.until.IsZero() && time.Now().Before(cl.until) {
+			latest[cl.volumeID] = commands.Mapping{VolumeID: cl.volumeID, DevicePath: k.path, LinuxState: commands.LinuxDetected}
+		}
+	}
+	c.mu.Unlock()
+	if extra != nil {
+		latest[extra.VolumeID] = *extra
+	}
+	delete(latest, without)
+	set := map[string]string{}
+	owner := map[string]string{}
+	for _, id := range slices.Sorted(maps.Keys(latest)) {
+		m := latest[id]
+		if m.LinuxState != commands.LinuxDetected || m.DevicePath == "" {
+			continue
+		}
+		name := devagent.PersistentName(m.VolumeID)
+		if prev, dup := owner[name]; dup {
+			c.log.Error("persistent name collision", "name", name, "volume_id", m.VolumeID, "other_volume_id", prev)
+			continue
+		}
+		owner[name], set[name] = m.VolumeID, m.DevicePath
+	}
+	body, err := json.Marshal(devagent.NamesMessage{Names: set})
+	if err != nil {
+		return devagent.NamesMessage{}, fmt.Errorf("%w: %w", ErrName, err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	msg, err := c.cfg.Conn.RequestWithContext(rctx, commands.DevicesNamesSubject(vm), body)
+	if err != nil {
+		return devagent.NamesMessage{}, fmt.Errorf("%w: %w: names of VM %s: %w", ErrName, ErrAgent, vm, err)
+	}
+	var reply devagent.NamesMessage
+	if err := json.Unmarshal(msg.Data, &reply); err != nil {
+		return devagent.NamesMessage{}, fmt.Errorf("%w: %w: names reply of VM %s: %w", ErrName, ErrAgent, vm, err)
+	}
+	if reply.Names == nil && reply.Error != "" {
+		return reply, fmt.Errorf("%w: %w: VM %s: %s", ErrName, ErrAgent, vm, reply.Error)
+	}
+	return reply, nil
+}
+
+// Detached waits, up to Config.ReleaseTimeout, until the device of m is
+// gone from its VM (a remove event, or absent from a fresh list), then
+// re-sends the VM's names without the volume's. A device still there at
+// the end is an error; the name is removed all the same.
+func (c *Correlator) Detached(ctx context.Context, m commands.Mapping) error {
+	var waitErr error
+	if m.LinuxState == commands.LinuxDetected && m.DevicePath != "" {
+		waitErr = c.waitGone(ctx, m)
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	c.unclaim(m.VMID, m.DevicePath, m.VolumeID)
+	_, err := c.setNames(ctx, m.VMID, nil, m.VolumeID)
+	return errors.Join(waitErr, err)
+}
+
+// waitGone waits until m's device is absent from the VM or shows another
+// volume's identity.
+func (c *Correlator) waitGone(ctx context.Context, m commands.Mapping) error {
+	timer := time.NewTimer(c.cfg.ReleaseTimeout)
+	defer timer.Stop()
+	poll := time.NewTicker(pollInterval)
+	defer poll.Stop()
+	name := path.Base(m.DevicePath)
+	refresh := true
+	for {
+		if refresh {
+			if _, err := c.list(ctx, m.VMID, requestTimeout); err != nil {
+				c.log.Warn("list devices while releasing", "vm_id", m.VMID, "volume_id", m.VolumeID, "err", err)
+			}
+			refresh = false
+		}
+		c.mu.Lock()
+		t := c.table(m.VMID)
+		d, present := t.devices[name]
+		changed := t.changed
+		c.mu.Unlock()
+		if !present || (namesVolume(d) && !devagent.MatchesVolume(d, m.VolumeID)) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-timer.C:
+			return fmt.Errorf("device %s of volume %s still present on VM %s after %v", m.DevicePath, m.VolumeID, m.VMID, c.cfg.ReleaseTimeout)
+		case <-changed:
+		case <-poll.C:
+			refresh = true
+		}
+	}
+}
+
+// uuidInName finds a UUID in a backing file's name.
+var uuidInName = regexp.MustCompile(`[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}`)
+
+// namesVolume reports whether d's identity can name a volume: a serial, a
+// WWID, or a backing file whose name holds a UUID. It is narrower than
+// devagent.HasIdentity, which counts any backing file: a loop device on an
+// anonymous file names no volume and is matched by size and time.
+func namesVolume(d commands.Device) bool {
+	return d.Serial != "" || d.WWID != "" || uuidInName.MatchString(strings.ToLower(filepath.Base(d.BackingFile)))
+}
+
+// sortedNames lists a name set's keys in order.
+func sortedNames(set map[string]string) []string { return slices.Sorted(maps.Keys(set)) }

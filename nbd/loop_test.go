@@ -1,0 +1,80 @@
+//go:build linux
+
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/devagent/loopdev"
+	"github.com/volumed/volumed/internal/testenv"
+)
+
+// TestLoopDevice serves a real loop device: nbdcopy writes through it and
+// the data reaches the backing file, the size comes from BLKGETSIZE64,
+// trim is advertised as the device's queue says and zeroes the range, and
+// once the export is removed the device can be deleted (no fd left).
+func TestLoopDevice(t *testing.T) {
+	testenv.RequireLoopControl(t)
+	requireTools(t, "nbdcopy", "nbdinfo")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	backing := backingFile(t, "loop.img", make([]byte, 16*mib))
+	d, err := loopdev.Create(ctx, backing)
+	if err != nil {
+		t.Fatalf("loopdev.Create: %v", err)
+	}
+	removed := false
+	t.Cleanup(func() {
+		if removed {
+			return
+		}
+		if err := d.Remove(context.Background()); err != nil {
+			t.Errorf("remove %s: %v", d.Path, err)
+		}
+	})
+	s := startServer(t)
+	setExports(t, s, ExportSpec{Name: "vol00000001", Path: d.Path})
+
+	info := nbdinfo(t, uri(s, "vol00000001"))
+	raw, err := os.ReadFile(filepath.Join("/sys/block", d.Name(), "queue", "discard_max_bytes"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	discards := strings.TrimSpace(string(raw)) != "0"
+	t.Logf("%s discards: %v", d.Path, discards)
+	if len(info) != 1 || info[0].Size != 16*mib || info[0].ReadOnly || info[0].CanTrim != discards {
+		t.Fatalf("nbdinfo %+v, want 16 MiB read-write, can_trim=%v", info, discards)
+	}
+
+	data := pattern(16*mib, 77)
+	mustRun(t, "nbdcopy", backingFile(t, "src.img", data), uri(s, "vol00000001"))
+	fileEquals(t, backing, data) // nbdcopy's flush reached the backing file
+
+	if discards {
+		c, err := dialWire(t, s.Addr(), "vol00000001")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if errno, _, err := c.cmd(cmdTrim, 0, mib, mib, nil); err != nil || errno != 0 {
+			t.Fatalf("trim: %d %v", errno, err)
+		}
+		errno, got, err := c.cmd(cmdRead, 0, mib, mib, nil)
+		if err != nil || errno != 0 || !bytes.Equal(got, make([]byte, mib)) {
+			t.Fatalf("read after trim: errno %d err %v, zeroed %v", errno, err, bytes.Equal(got, make([]byte, mib)))
+		}
+	}
+
+	setExports(t, s)
+	rctx, rcancel := context.WithTimeout(ctx, 5*time.Second)
+	defer rcancel()
+	if err := d.Remove(rctx); err != nil {
+		t.Fatalf("loop device still busy after the export was removed: %v", err)
+	}
+	removed = true
+}

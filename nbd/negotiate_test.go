@@ -1,0 +1,143 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"testing"
+	"time"
+)
+
+// option builds one option request.
+func option(magic uint64, opt uint32, data []byte) []byte {
+	b := binary.BigEndian.AppendUint64(nil, magic)
+	b = binary.BigEndian.AppendUint32(b, opt)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
+	return append(b, data...)
+}
+
+// greet connects, reads the greeting and sends the client flags.
+func greet(t *testing.T, addr net.Addr, flags uint32) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	nc, err := net.DialTimeout("tcp", addr.String(), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	nc.SetDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(nc)
+	var hello [18]byte
+	if _, err := io.ReadFull(br, hello[:]); err != nil {
+		t.Fatal(err)
+	}
+	if got := binary.BigEndian.Uint16(hello[16:]); got != flagFixedNewstyle|flagNoZeroes {
+		t.Fatalf("handshake flags %#x", got)
+	}
+	if _, err := nc.Write(binary.BigEndian.AppendUint32(nil, flags)); err != nil {
+		t.Fatal(err)
+	}
+	return nc, br
+}
+
+// TestNegotiationBadInputs: malformed or unsupported options get NBD's
+// error replies, and protocol violations close the connection.
+func TestNegotiationBadInputs(t *testing.T) {
+	s := startServer(t)
+	setExports(t, s, ExportSpec{Name: "vol00000001", Path: backingFile(t, "vol.img", make([]byte, mib))})
+	goData := func(name string, nameLen uint32, reqs uint16, extra int) []byte {
+		b := binary.BigEndian.AppendUint32(nil, nameLen)
+		b = binary.BigEndian.AppendUint16(append(b, name...), reqs)
+		return append(b, make([]byte, extra)...)
+	}
+	tests := []struct {
+		name      string
+		flags     uint32
+		send      []byte
+		wantReply uint32 // 0: the server closes the connection instead
+	}{
+		{"list with data", clientFixed, option(magicOpt, optList, []byte{1}), repErrInvalid},
+		{"starttls unsupported", clientFixed, option(magicOpt, 5, nil), repErrUnsup},
+		{"go too short", clientFixed, option(magicOpt, optGo, []byte{0, 0}), repErrInvalid},
+		{"go name past end", clientFixed, option(magicOpt, optGo, goData("vol00000001", 99, 0, 0)), repErrInvalid},
+		{"go request count mismatch", clientFixed, option(magicOpt, optGo, goData("vol00000001", 11, 2, 2)), repErrInvalid},
+		{"info unknown export", clientFixed, option(magicOpt, optInfo, goData("vol00000009", 11, 0, 0)), repErrUnknown},
+		{"bad option magic", clientFixed, option(0x1234, optList, nil), 0},
+		{"oversized option", clientFixed, option(magicOpt, optList, make([]byte, maxOptionLen+1)), 0},
+		{"unknown client flags", 1 << 7, nil, 0},
+		{"export name unknown", clientFixed, option(magicOpt, optExportName, []byte("vol00000009")), 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			nc, br := greet(t, s.Addr(), tt.flags)
+			if _, err := nc.Write(tt.send); err != nil {
+				t.Fatal(err)
+			}
+			var h [20]byte
+			_, err := io.ReadFull(br, h[:])
+			if tt.wantReply == 0 {
+				// EOF, or a reset when unread data was left behind.
+				if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+					t.Fatalf("connection not closed: read %v, reply %#x", err, binary.BigEndian.Uint32(h[12:]))
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := binary.BigEndian.Uint32(h[12:]); got != tt.wantReply {
+				t.Fatalf("reply %#x, want %#x", got, tt.wantReply)
+			}
+		})
+	}
+}
+
+// TestExportNameOption: the old NBD_OPT_EXPORT_NAME enters transmission
+// with size and flags, padded unless the client asked for no zeroes.
+func TestExportNameOption(t *testing.T) {
+	s := startServer(t)
+	setExports(t, s, ExportSpec{Name: "vol00000001", Path: backingFile(t, "vol.img", make([]byte, mib)), ReadOnly: true})
+	tests := []struct {
+		name  string
+		flags uint32
+		pad   int
+	}{{"zeroes", clientFixed, 124}, {"no zeroes", clientFixed | clientNoZeroes, 0}}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			nc, br := greet(t, s.Addr(), tt.flags)
+			if _, err := nc.Write(option(magicOpt, optExportName, []byte("vol00000001"))); err != nil {
+				t.Fatal(err)
+			}
+			r := make([]byte, 10+tt.pad)
+			if _, err := io.ReadFull(br, r); err != nil {
+				t.Fatal(err)
+			}
+			if size, flags := binary.BigEndian.Uint64(r), binary.BigEndian.Uint16(r[8:]); size != mib || flags&tfReadOnly == 0 {
+				t.Fatalf("size %d flags %#x", size, flags)
+			}
+			c := &wireClient{nc: nc, br: br}
+			if errno, got, err := c.cmd(cmdRead, 0, 0, 512, nil); err != nil || errno != 0 || len(got) != 512 {
+				t.Fatalf("read: %d %v", errno, err)
+			}
+		})
+	}
+}
+
+// TestHandshakeTimeout: a client that never finishes negotiating is
+// disconnected after HandshakeTimeout.
+func TestHandshakeTimeout(t *testing.T) {
+	s := New(Config{Listen: "127.0.0.1:0", HandshakeTimeout: 100 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close(context.Background()) })
+	_, br := greet(t, s.Addr(), clientFixed)
+	if _, err := br.ReadByte(); !errors.Is(err, io.EOF) {
+		t.Fatalf("idle negotiating client not disconnected: %v", err)
+	}
+}
