@@ -54,6 +54,9 @@ type Config struct {
 	OpsMaxAge time.Duration
 	// DevicesMaxAge is how long device events are kept; default 24 hours.
 	DevicesMaxAge time.Duration
+	// ClientOnly connects without creating or updating any stream, for a
+	// process that only uses the streams volumed made (a device agent).
+	ClientOnly bool
 	// Name is the client connection name; default "volumed".
 	Name   string
 	Logger *slog.Logger
@@ -112,9 +115,11 @@ func (b *Bus) Start(ctx context.Context) error {
 		b.closeAll()
 		return fmt.Errorf("bus: jetstream: %w", err)
 	}
-	if err := b.ensureStreams(ctx); err != nil {
-		b.closeAll()
-		return err
+	if !b.cfg.ClientOnly {
+		if err := b.ensureStreams(ctx); err != nil {
+			b.closeAll()
+			return err
+		}
 	}
 	b.log.Info("bus ready", "url", url, "embedded", b.srv != nil, "replicas", b.cfg.Replicas)
 	return nil

@@ -76,6 +76,9 @@ type DeviceCorrelator interface {
 	// Status reports the monitor's health, device count, scan interval and
 	// the device events processed.
 	Status() (health string, deviceCount int, scanInterval time.Duration, events int64)
+	// NoIdentity reports whether vmID's disks show no volume identity, so
+	// that its attaches must run one at a time to be told apart.
+	NoIdentity(vmID string) bool
 	// Controller names the bus of a local device path ("" if unknown).
 	Controller(devicePath string) string
 	// Reconcile repairs the mappings of vmID against the volumes CloudStack

@@ -121,6 +121,17 @@ func (s *Service) attach(ctx context.Context, op *commands.Operation) (*commands
 	if err := decodeRequest(op, &req); err != nil {
 		return nil, err
 	}
+	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, req.VMID) && s.cfg.Devices.NoIdentity(req.VMID) {
+		// Without identity a device is told by size and time: attaches to
+		// this VM run one at a time, from the CloudStack call to the match.
+		wait, done := s.keys.enqueue("vm:" + req.VMID)
+		defer done()
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return nil, errStopped
+		}
+	}
 	since := time.Now()
 	vol, err := s.volume(ctx, op, req.VolumeID)
 	if err != nil {

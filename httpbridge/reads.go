@@ -69,9 +69,16 @@ func (s *Server) getDeviceVolume(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
+	vm := s.cfg.VMID
+	if q := r.URL.Query().Get("vm_id"); q != "" {
+		if vm, err = commands.NormalizeVMID(q); err != nil {
+			writeError(w, err)
+			return
+		}
+	}
 	ctx, cancel := s.readContext(r)
 	defer cancel()
-	m, err := s.cfg.Store.GetMappingByDevice(ctx, dev)
+	m, err := s.cfg.Store.GetMappingByDevice(ctx, vm, dev)
 	if err != nil {
 		writeError(w, notFoundAs(err, commands.NotFound("no volume is mapped to %s", dev).WithDetail("device_path", dev)))
 		return

@@ -36,6 +36,9 @@ type Config struct {
 	Store state.Store
 	// Backend answers volume, VM, health and metrics reads; required.
 	Backend Backend
+	// VMID is the VM volumed runs on: GET /devices/{device_path}/volume
+	// names its devices unless ?vm_id says otherwise.
+	VMID string
 	// CommandTimeout bounds one command round trip and one read; default
 	// DefaultCommandTimeout.
 	CommandTimeout time.Duration

@@ -28,8 +28,9 @@ const (
 	kvMappingPrefix = "map."
 )
 
-// maxUpdateAttempts bounds UpdateOperation's retries on a revision race.
-const maxUpdateAttempts = 16
+// maxUpdateBackoff caps the random pause between UpdateOperation's
+// retries on a revision race; the retries end with ctx.
+const maxUpdateBackoff = 20 * time.Millisecond
 
 // KVConfig configures a KV store.
 type KVConfig struct {
@@ -237,8 +238,8 @@ func (k *KV) applyMapping(volumeID string, rev uint64, raw []byte) error {
 // index entries. k.mu is held.
 func (k *KV) setMapping(volumeID string, e kvMapping) {
 	if old := k.mappings[volumeID].m; old != nil {
-		if k.byDevice[old.DevicePath] == volumeID {
-			delete(k.byDevice, old.DevicePath)
+		if key := deviceKey(old.VMID, old.DevicePath); k.byDevice[key] == volumeID {
+			delete(k.byDevice, key)
 		}
 		delete(k.byVM[old.VMID], volumeID)
 		if len(k.byVM[old.VMID]) == 0 {
@@ -250,7 +251,7 @@ func (k *KV) setMapping(volumeID string, e kvMapping) {
 		return
 	}
 	if e.m.DevicePath != "" {
-		k.byDevice[e.m.DevicePath] = volumeID
+		k.byDevice[deviceKey(e.m.VMID, e.m.DevicePath)] = volumeID
 	}
 	if e.m.VMID != "" {
 		if k.byVM[e.m.VMID] == nil {
@@ -324,13 +325,13 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) error {
 			k.writes.Add(1)
 			return k.applyOp(op.ID, newRev, data)
 		}
-		if !errors.Is(err, jetstream.ErrKeyRevisionMismatch) || attempt == maxUpdateAttempts {
+		if !errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
 			return kvErr(fmt.Sprintf("update operation (attempt %d)", attempt), err)
 		}
 		// Back off a random while, so that writers racing on one key
 		// do not starve each other.
 		select {
-		case <-time.After(rand.N(time.Duration(attempt) * time.Millisecond)):
+		case <-time.After(rand.N(min(time.Duration(attempt)*time.Millisecond, maxUpdateBackoff))):
 		case <-ctx.Done():
 			return kvErr("update operation", ctx.Err())
 		}
@@ -414,7 +415,7 @@ func (k *KV) PutMapping(ctx context.Context, m commands.Mapping) error {
 	k.mapMu.Lock()
 	defer k.mapMu.Unlock()
 	k.mu.RLock()
-	holder, held := k.byDevice[m.DevicePath]
+	holder, held := k.byDevice[deviceKey(m.VMID, m.DevicePath)]
 	k.mu.RUnlock()
 	if m.DevicePath != "" && held && holder != m.VolumeID {
 		return fmt.Errorf("state: device %s of volume %s held by %s: %w", m.DevicePath, m.VolumeID, holder, ErrConflict)
@@ -433,17 +434,21 @@ func (k *KV) GetMapping(ctx context.Context, volumeID string) (commands.Mapping,
 	return m, k.get(ctx, "mapping", kvMappingPrefix+volumeID, &m)
 }
 
-// GetMappingByDevice returns the indexed mapping holding a device path.
-func (k *KV) GetMappingByDevice(_ context.Context, devicePath string) (commands.Mapping, error) {
+// GetMappingByDevice returns the indexed mapping holding a device path on
+// a VM.
+func (k *KV) GetMappingByDevice(_ context.Context, vmID, devicePath string) (commands.Mapping, error) {
 	var m commands.Mapping
 	k.mu.RLock()
-	raw := k.mappings[k.byDevice[devicePath]].raw
+	raw := k.mappings[k.byDevice[deviceKey(vmID, devicePath)]].raw
 	k.mu.RUnlock()
 	if devicePath == "" || raw == nil {
 		return m, fmt.Errorf("state: mapping of device %s: %w", devicePath, ErrNotFound)
 	}
 	return m, decode(raw, &m)
 }
+
+// deviceKey is the device-path index key of a path on a VM.
+func deviceKey(vmID, devicePath string) string { return vmID + " " + devicePath }
 
 // ListMappings returns the indexed mappings of one VM, or all of them.
 func (k *KV) ListMappings(_ context.Context, vmID string) ([]commands.Mapping, error) {

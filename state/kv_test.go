@@ -71,7 +71,7 @@ func TestKVSharedBucket(t *testing.T) {
 		t.Fatal(err)
 	}
 	testenv.Eventually(t, 5*time.Second, func() bool {
-		m, err := b.GetMappingByDevice(ctx, "/dev/vdb")
+		m, err := b.GetMappingByDevice(ctx, "vm-1", "/dev/vdb")
 		return slices.Equal(listed(t, b, state.Filter{VMID: "vm-1", Status: commands.StatusPending}), []string{op.ID}) &&
 			err == nil && m.VolumeID == "vol-1"
 	}, "b sees a's operation and mapping")
@@ -90,7 +90,7 @@ func TestKVSharedBucket(t *testing.T) {
 		t.Fatal(err)
 	}
 	testenv.Eventually(t, 5*time.Second, func() bool {
-		_, err := a.GetMappingByDevice(ctx, "/dev/vdb")
+		_, err := a.GetMappingByDevice(ctx, "vm-1", "/dev/vdb")
 		st, _ := a.Stats(ctx)
 		return slices.Equal(listed(t, a, state.Filter{Status: commands.StatusExecuting}), []string{op.ID}) &&
 			len(listed(t, a, state.Filter{Status: commands.StatusPending})) == 0 &&
@@ -172,10 +172,10 @@ func TestKVRestart(t *testing.T) {
 		got.ByStatus[commands.StatusPending] != 2 {
 		t.Fatalf("after restart stats %+v, before %+v", got, want)
 	}
-	if m, err := s2.GetMappingByDevice(ctx, "/dev/vdb"); err != nil || m.VolumeID != "vol-1" {
+	if m, err := s2.GetMappingByDevice(ctx, "vm-1", "/dev/vdb"); err != nil || m.VolumeID != "vol-1" {
 		t.Fatalf("after restart /dev/vdb: %+v, %v", m, err)
 	}
-	if _, err := s2.GetMappingByDevice(ctx, "/dev/vdc"); !errors.Is(err, state.ErrNotFound) {
+	if _, err := s2.GetMappingByDevice(ctx, "vm-1", "/dev/vdc"); !errors.Is(err, state.ErrNotFound) {
 		t.Fatalf("after restart the deleted mapping's device: %v", err)
 	}
 }

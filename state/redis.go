@@ -46,7 +46,7 @@ type RedisConfig struct {
 //	P ops:terminal            set of ids already counted as terminal
 //	P ops:stats               hash: total, type:<t>, status:<s>, terminal, terminal_ns
 //	P mapping:<volume_id>     mapping JSON
-//	P mapping:dev:<path>      volume id holding the device path
+//	P mapping:dev:<vm>:<path> volume id holding the device path on a VM
 //	P mappings:vm:<vm_id>     set of volume ids mapped on the VM
 //	P mappings:all            set of every mapped volume id
 type Redis struct {
@@ -141,33 +141,35 @@ end
 return out
 `)
 
-// luaUnindexMapping defines unindex(p, vol, old, dev, vm): drop the
-// device-path and VM index entries of the old mapping JSON that differ
-// from dev and vm. It decodes before writing.
+// luaUnindexMapping defines devkey(p, vm, dev), the key of a device path
+// on a VM, and unindex(p, vol, old, dev, vm): drop the device-path and VM
+// index entries of the old mapping JSON that differ from dev and vm. It
+// decodes before writing.
 const luaUnindexMapping = luaField + `
+local function devkey(p, vm, dev) return p .. 'mapping:dev:' .. vm .. ':' .. dev end
 local function unindex(p, vol, old, dev, vm)
   local o = cjson.decode(old)
   local odev, ovm = field(o, 'device_path'), field(o, 'vm_id')
-  if odev ~= '' and odev ~= dev and redis.call('GET', p .. 'mapping:dev:' .. odev) == vol then
-    redis.call('DEL', p .. 'mapping:dev:' .. odev)
+  if odev ~= '' and (odev ~= dev or ovm ~= vm) and redis.call('GET', devkey(p, ovm, odev)) == vol then
+    redis.call('DEL', devkey(p, ovm, odev))
   end
   if ovm ~= '' and ovm ~= vm then redis.call('SREM', p .. 'mappings:vm:' .. ovm, vol) end
 end
 `
 
 // putMappingScript writes a mapping and moves its indexes; 0 when another
-// volume holds the device path. KEYS: mapping, all set. ARGV: prefix,
-// volume, json, device path, vm.
+// volume holds the device path on the VM. KEYS: mapping, all set. ARGV:
+// prefix, volume, json, device path, vm.
 var putMappingScript = redis.NewScript(luaUnindexMapping + `
 local p, vol, dev, vm = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
 if dev ~= '' then
-  local holder = redis.call('GET', p .. 'mapping:dev:' .. dev)
+  local holder = redis.call('GET', devkey(p, vm, dev))
   if holder and holder ~= vol then return 0 end
 end
 local old = redis.call('GET', KEYS[1])
 if old then unindex(p, vol, old, dev, vm) end
 redis.call('SET', KEYS[1], ARGV[3])
-if dev ~= '' then redis.call('SET', p .. 'mapping:dev:' .. dev, vol) end
+if dev ~= '' then redis.call('SET', devkey(p, vm, dev), vol) end
 if vm ~= '' then redis.call('SADD', p .. 'mappings:vm:' .. vm, vol) end
 redis.call('SADD', KEYS[2], vol)
 return 1
@@ -368,10 +370,10 @@ func (r *Redis) GetMapping(ctx context.Context, volumeID string) (commands.Mappi
 	return r.readMapping("get mapping", volumeID, data, err)
 }
 
-// GetMappingByDevice reads the mapping holding a device path.
-func (r *Redis) GetMappingByDevice(ctx context.Context, devicePath string) (commands.Mapping, error) {
+// GetMappingByDevice reads the mapping holding a device path on a VM.
+func (r *Redis) GetMappingByDevice(ctx context.Context, vmID, devicePath string) (commands.Mapping, error) {
 	data, err := mappingByDeviceScript.Run(ctx, r.rdb,
-		[]string{r.p + "mapping:dev:" + devicePath}, r.p+"mapping:").Text()
+		[]string{r.p + "mapping:dev:" + vmID + ":" + devicePath}, r.p+"mapping:").Text()
 	return r.readMapping("get mapping by device", devicePath, data, err)
 }
 

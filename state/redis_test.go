@@ -107,7 +107,7 @@ func storeCalls(op commands.Operation) []struct {
 		{"PutMapping", func(ctx context.Context, s state.Store) error { return s.PutMapping(ctx, m) }},
 		{"GetMapping", func(ctx context.Context, s state.Store) error { _, err := s.GetMapping(ctx, m.VolumeID); return err }},
 		{"GetMappingByDevice", func(ctx context.Context, s state.Store) error {
-			_, err := s.GetMappingByDevice(ctx, m.DevicePath)
+			_, err := s.GetMappingByDevice(ctx, m.VMID, m.DevicePath)
 			return err
 		}},
 		{"ListMappings", func(ctx context.Context, s state.Store) error { _, err := s.ListMappings(ctx, ""); return err }},

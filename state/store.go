@@ -19,7 +19,8 @@ var (
 	ErrExists = errors.New("already exists")
 	// ErrUnavailable: the backend could not be reached; nothing was written.
 	ErrUnavailable = errors.New("state store unavailable")
-	// ErrConflict: a mapping write would give one device to two volumes.
+	// ErrConflict: a mapping write would give one device of a VM to two
+	// volumes.
 	ErrConflict = errors.New("conflict")
 )
 
@@ -64,12 +65,12 @@ type Store interface {
 
 	// PutMapping creates or replaces the mapping of m.VolumeID, keeping the
 	// device-path and VM indexes; ErrConflict if another volume's mapping
-	// holds m.DevicePath.
+	// holds m.DevicePath on the same VM.
 	PutMapping(ctx context.Context, m commands.Mapping) error
 	// GetMapping returns the mapping of a volume or ErrNotFound.
 	GetMapping(ctx context.Context, volumeID string) (commands.Mapping, error)
-	// GetMappingByDevice returns the mapping holding a device path.
-	GetMappingByDevice(ctx context.Context, devicePath string) (commands.Mapping, error)
+	// GetMappingByDevice returns the mapping holding a device path on a VM.
+	GetMappingByDevice(ctx context.Context, vmID, devicePath string) (commands.Mapping, error)
 	// ListMappings returns the mappings of one VM, or all when vmID is "".
 	ListMappings(ctx context.Context, vmID string) ([]commands.Mapping, error)
 	// DeleteMapping removes a volume's mapping; no error if there is none.

@@ -77,7 +77,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		}
 	}()
 	if cfg.agentOnly {
-		b := bus.New(bus.Config{URL: cfg.natsURL, Name: "volumed-agent", Logger: log})
+		b := bus.New(bus.Config{URL: cfg.natsURL, ClientOnly: true, Name: "volumed-agent", Logger: log})
 		if err := b.Start(ctx); err != nil {
 			return err
 		}
@@ -156,7 +156,8 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	}
 	started = append(started, svc)
 
-	bridge := httpbridge.New(httpbridge.Config{Listen: cfg.listen, Conn: b.Conn(), Store: store, Backend: svc, Logger: log})
+	bridge := httpbridge.New(httpbridge.Config{Listen: cfg.listen, Conn: b.Conn(), Store: store, Backend: svc,
+		VMID: cfg.vmID, Logger: log})
 	if err := bridge.Start(ctx); err != nil {
 		return err
 	}

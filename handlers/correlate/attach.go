@@ -216,7 +216,7 @@ func (c *Correlator) unclaim(vm, path, volumeID string) {
 // take checks a claimed candidate against the store and re-checks it with
 // a fresh list, returning the mapping to record.
 func (c *Correlator) take(ctx context.Context, want commands.Mapping, dev commands.Device, how match) (commands.Mapping, error) {
-	other, err := c.cfg.Store.GetMappingByDevice(ctx, dev.Path)
+	other, err := c.cfg.Store.GetMappingByDevice(ctx, want.VMID, dev.Path)
 	switch {
 	case errors.Is(err, state.ErrNotFound):
 	case err != nil:

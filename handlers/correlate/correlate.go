@@ -63,10 +63,10 @@ var (
 
 // Health values of Status.
 const (
-	HealthHealthy  = "healthy"
-	HealthDegraded = "degraded"
+	HealthHealthy  = commands.Healthy
+	HealthDegraded = commands.Degraded
 	// HealthUnknown: no local agent to report on.
-	HealthUnknown = "unknown"
+	HealthUnknown = commands.NotConfigured
 )
 
 // Config configures a Correlator.
@@ -291,9 +291,7 @@ func (c *Correlator) onEvent(msg *nats.Msg) {
 	}
 	t.notify()
 	c.mu.Unlock()
-	if action != commands.DeviceRemove {
-		c.queueHeal(vm)
-	}
+	c.queueHeal(vm)
 }
 
 // merge replaces the VM's device set with a fresh list.

@@ -14,7 +14,8 @@ import (
 	"github.com/volumed/volumed/devagent"
 )
 
-// healLoop heals the missing mappings of the VMs queued by events.
+// healLoop brings the mappings of the VMs queued by device events in line
+// with their devices.
 func (c *Correlator) healLoop() {
 	defer c.wg.Done()
 	for {
@@ -31,7 +32,8 @@ func (c *Correlator) healLoop() {
 	}
 }
 
-// heal gives each missing mapping of vm the device that came late: the one
+// heal marks missing each detected mapping of vm whose device is gone, and
+// gives each missing mapping the device that came late: the one
 // with the volume's identity or, while no Attached waits on the VM, the
 // only fitting device without identity that appeared after the mapping was
 // marked missing. A healed mapping is recorded, named and published on
@@ -43,6 +45,14 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 	}
 	var errs []error
 	for _, m := range ms {
+		if m.LinuxState == commands.LinuxDetected && !c.present(vm, m.DevicePath) {
+			// Its device went away behind our back: the mapping must not
+			// point at a device that is gone.
+			if err := c.markMissing(ctx, m, "device removed"); err != nil {
+				errs = append(errs, err)
+			}
+			continue
+		}
 		if m.LinuxState != commands.LinuxMissing || m.CloudStackState != commands.CloudStackAttached {
 			continue
 		}
@@ -66,6 +76,22 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 			"device", healed.DevicePath, "match", how.String())
 	}
 	return errors.Join(errs...)
+}
+
+// present reports whether the VM's device table holds a device path.
+func (c *Correlator) present(vm, path string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t := c.vms[vm]
+	if t == nil {
+		return true // nothing known: no evidence it is gone
+	}
+	for _, d := range t.devices {
+		if d.Path == path {
+			return true
+		}
+	}
+	return false
 }
 
 // pickLate claims the device without identity for a missing mapping m when
@@ -166,7 +192,7 @@ func (c *Correlator) repair(ctx context.Context, vm string, a, m commands.Mappin
 	now := time.Now().UTC()
 	switch {
 	case !has && own != nil:
-		if other, err := c.cfg.Store.GetMappingByDevice(ctx, own.Path); err == nil && other.VolumeID != a.VolumeID {
+		if other, err := c.cfg.Store.GetMappingByDevice(ctx, vm, own.Path); err == nil && other.VolumeID != a.VolumeID {
 			return "", fmt.Errorf("%s carries its identity but is mapped to volume %s", own.Path, other.VolumeID)
 		}
 		m = a

@@ -492,17 +492,20 @@ func mappingVolumes(t testing.TB, s state.Store, vmID string) []string {
 	return out
 }
 
-// wantDevice checks which volume holds dev ("" for none).
-func wantDevice(t testing.TB, s state.Store, dev, volume string) {
+// wantDevice checks which volume holds dev on vm ("" for none).
+func wantDevice(t testing.TB, s state.Store, vm, dev, volume string) {
 	t.Helper()
-	m, err := s.GetMappingByDevice(ctxFor(t), dev)
+	m, err := s.GetMappingByDevice(ctxFor(t), vm, dev)
 	switch {
 	case volume == "" && !errors.Is(err, state.ErrNotFound):
-		t.Fatalf("device %s: %+v, %v; want ErrNotFound", dev, m, err)
+		t.Fatalf("device %s on %s: %+v, %v; want ErrNotFound", dev, vm, m, err)
 	case volume != "" && (err != nil || m.VolumeID != volume):
-		t.Fatalf("device %s: %+v, %v; want volume %s", dev, m, err, volume)
+		t.Fatalf("device %s on %s: %+v, %v; want volume %s", dev, vm, m, err, volume)
 	}
 }
+
+// vmDevice names a device path on a VM.
+type vmDevice struct{ vm, dev string }
 
 func testMappings(t *testing.T, s state.Store) {
 	ctx := ctxFor(t)
@@ -520,10 +523,11 @@ func testMappings(t *testing.T, s state.Store) {
 		t.Fatal(err)
 	}
 	sameJSON(t, got, m2)
-	if got, err = s.GetMappingByDevice(ctx, "/dev/vdc"); err != nil {
+	if got, err = s.GetMappingByDevice(ctx, "vm-1", "/dev/vdc"); err != nil {
 		t.Fatal(err)
 	}
 	sameJSON(t, got, m2)
+	wantDevice(t, s, "vm-2", "/dev/vdc", "")
 	for vm, want := range map[string][]string{
 		"vm-1": {"vol-1", "vol-2"}, "vm-2": {"vol-3"}, "": {"vol-3", "vol-1", "vol-2"}, "vm-x": {},
 	} {
@@ -552,8 +556,8 @@ func testMappings(t *testing.T, s state.Store) {
 	if _, err := s.GetMapping(ctx, "vol-2"); !errors.Is(err, state.ErrNotFound) {
 		t.Fatalf("get deleted: %v", err)
 	}
-	wantDevice(t, s, "/dev/vdc", "")
-	wantDevice(t, s, "", "")
+	wantDevice(t, s, "vm-1", "/dev/vdc", "")
+	wantDevice(t, s, "vm-1", "", "")
 	if got := mappingVolumes(t, s, "vm-1"); !slices.Equal(got, []string{"vol-1"}) {
 		t.Fatalf("vm-1 after delete: %v", got)
 	}
@@ -579,21 +583,23 @@ func testMappingConflictAndMoves(t *testing.T, s state.Store) {
 		name    string
 		put     commands.Mapping
 		wantErr error
-		devices map[string]string   // device → holder ("" none)
+		devices map[vmDevice]string // device → holder ("" none)
 		vms     map[string][]string // vm → volumes
 	}{
 		{"device held by another volume", Mapping("vol-4", "vm-1", "/dev/vdb"), state.ErrConflict,
-			map[string]string{"/dev/vdb": "vol-1"}, map[string][]string{"vm-1": {"vol-1"}}},
+			map[vmDevice]string{{"vm-1", "/dev/vdb"}: "vol-1"}, map[string][]string{"vm-1": {"vol-1"}}},
 		{"move to a new device frees the old", Mapping("vol-1", "vm-1", "/dev/vde"), nil,
-			map[string]string{"/dev/vdb": "", "/dev/vde": "vol-1"}, map[string][]string{"vm-1": {"vol-1"}}},
+			map[vmDevice]string{{"vm-1", "/dev/vdb"}: "", {"vm-1", "/dev/vde"}: "vol-1"}, map[string][]string{"vm-1": {"vol-1"}}},
 		{"the freed device can be taken", Mapping("vol-4", "vm-1", "/dev/vdb"), nil,
-			map[string]string{"/dev/vdb": "vol-4", "/dev/vde": "vol-1"}, map[string][]string{"vm-1": {"vol-1", "vol-4"}}},
+			map[vmDevice]string{{"vm-1", "/dev/vdb"}: "vol-4", {"vm-1", "/dev/vde"}: "vol-1"}, map[string][]string{"vm-1": {"vol-1", "vol-4"}}},
 		{"move to another vm", Mapping("vol-3", "vm-1", "/dev/vdd"), nil,
-			map[string]string{"/dev/vdd": "vol-3"}, map[string][]string{"vm-1": {"vol-3", "vol-1", "vol-4"}, "vm-2": {}}},
+			map[vmDevice]string{{"vm-1", "/dev/vdd"}: "vol-3", {"vm-2", "/dev/vdd"}: ""}, map[string][]string{"vm-1": {"vol-3", "vol-1", "vol-4"}, "vm-2": {}}},
 		{"same volume, same device", Mapping("vol-3", "vm-1", "/dev/vdd"), nil,
-			map[string]string{"/dev/vdd": "vol-3"}, map[string][]string{"vm-1": {"vol-3", "vol-1", "vol-4"}}},
+			map[vmDevice]string{{"vm-1", "/dev/vdd"}: "vol-3"}, map[string][]string{"vm-1": {"vol-3", "vol-1", "vol-4"}}},
+		{"the same path on another vm is another device", Mapping("vol-6", "vm-2", "/dev/vdb"), nil,
+			map[vmDevice]string{{"vm-2", "/dev/vdb"}: "vol-6", {"vm-1", "/dev/vdb"}: "vol-4"}, map[string][]string{"vm-2": {"vol-6"}}},
 		{"no device path yet", Mapping("vol-5", "vm-3", ""), nil,
-			map[string]string{"": ""}, map[string][]string{"vm-3": {"vol-5"}}},
+			map[vmDevice]string{{"vm-3", ""}: ""}, map[string][]string{"vm-3": {"vol-5"}}},
 	} {
 		t.Run(step.name, func(t *testing.T) {
 			if step.put.VolumeID == "vol-3" {
@@ -608,8 +614,8 @@ func testMappingConflictAndMoves(t *testing.T, s state.Store) {
 					t.Fatalf("refused mapping was written: %v", err)
 				}
 			}
-			for dev, holder := range step.devices {
-				wantDevice(t, s, dev, holder)
+			for d, holder := range step.devices {
+				wantDevice(t, s, d.vm, d.dev, holder)
 			}
 			for vm, want := range step.vms {
 				if got := mappingVolumes(t, s, vm); !slices.Equal(got, want) {
