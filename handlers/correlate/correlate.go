@@ -341,27 +341,16 @@ func (c *Correlator) HasAgent(ctx context.Context, vmID string) bool {
 	return err == nil
 }
 
-// NoIdentity reports whether attaches to vmID should be serialized by the
-// caller, from before the CloudStack attach until Attached returns: true
-// unless the last correlation on the VM went by identity or, before any,
-// one of its known disks carries an identity. Only there can overlapping
-// attaches of same-size volumes not be told apart.
+// NoIdentity reports whether attaches to vmID must run one at a time:
+// until a correlation on the VM has matched by identity, and again after a
+// size-and-time match. Overlapping attaches of same-size volumes can only
+// be told apart by identity, and a VM's other disks (its root disk, say)
+// say nothing of whether the next volume's device will carry one.
 func (c *Correlator) NoIdentity(vmID string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	t := c.vms[vmID]
-	switch {
-	case t == nil:
-		return true
-	case t.identity != 0:
-		return t.identity < 0
-	}
-	for _, d := range t.devices {
-		if namesVolume(d) {
-			return false
-		}
-	}
-	return true
+	return t == nil || t.identity <= 0
 }
 
 // Status reports the local agent's health (healthy while its uevent socket

@@ -33,6 +33,9 @@ func TestAttachThenDetach(t *testing.T) {
 	if got := e.corr.Controller(m.DevicePath); got != "loop" {
 		t.Errorf("Controller(%s) = %q, want loop", m.DevicePath, got)
 	}
+	if e.corr.NoIdentity(vm) {
+		t.Error("NoIdentity true after a match by identity: attaches would be serialized for nothing")
+	}
 	health, count, interval, events := e.corr.Status()
 	if health != correlate.HealthHealthy || count == 0 || interval != 5*time.Second || events == 0 {
 		t.Errorf("Status() = %s, %d devices, %v, %d events", health, count, interval, events)
