@@ -98,13 +98,21 @@ func (s *Service) dispatch(msg jetstream.Msg) {
 		_ = msg.Ack()
 		return
 	}
+	var seq uint64
+	if meta, err := msg.Metadata(); err == nil {
+		seq = meta.Sequence.Stream
+	}
 	s.mu.Lock()
-	if s.inflight[op.ID] {
+	if held, running := s.inflight[op.ID]; running {
 		s.mu.Unlock()
-		_ = msg.Ack() // a duplicate of a job already running here
+		if held != seq {
+			_ = msg.Ack() // a second copy of a job already running here
+		}
+		// Else a redelivery of the very message being worked on: its
+		// holder acks it when the operation ends.
 		return
 	}
-	s.inflight[op.ID] = true
+	s.inflight[op.ID] = seq
 	s.mu.Unlock()
 
 	key := op.VolumeID

@@ -107,7 +107,7 @@ func (s *Service) requeueIdle(ctx context.Context) ([]string, error) {
 		for i := len(ops) - 1; i >= 0; i-- {
 			op := ops[i]
 			s.mu.Lock()
-			running := s.inflight[op.ID]
+			_, running := s.inflight[op.ID]
 			s.mu.Unlock()
 			if running || time.Since(op.UpdatedAt) < 2*s.cfg.AckWait {
 				continue

@@ -99,8 +99,10 @@ type Service struct {
 	keys    *serializer
 	sem     chan struct{}
 
-	mu       sync.Mutex
-	inflight map[string]bool
+	mu sync.Mutex
+	// inflight maps each operation running here to the stream sequence
+	// of the job message it holds.
+	inflight map[string]uint64
 
 	ctx       context.Context
 	cancel    context.CancelFunc
@@ -139,7 +141,7 @@ func New(cfg Config) *Service {
 		log:      cfg.Logger.With("component", "handlers"),
 		keys:     newSerializer(),
 		sem:      make(chan struct{}, cfg.MaxConcurrent),
-		inflight: map[string]bool{},
+		inflight: map[string]uint64{},
 	}
 }
 
