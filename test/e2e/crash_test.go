@@ -10,16 +10,17 @@ import (
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
-// TestCrashDuringAttach kills volumed with SIGKILL while CloudStack runs
-// the attach job, restarts it on the same data, and requires the operation
-// to end completed with exactly one attach done in CloudStack.
+// TestCrashDuringAttach kills volumed with SIGKILL while a separate
+// cloudsim process runs the attach job, restarts volumed on the same data,
+// and requires the operation to end completed with exactly one attach done
+// in CloudStack.
 func TestCrashDuringAttach(t *testing.T) {
 	forEachStore(t, func(t *testing.T, o daemonOpts) {
-		sim := startSim(t, cloudsim.Config{})
+		sim := startSimProcess(t)
 		d := startDaemon(t, sim, o)
 		vol := d.createVolume("crash", 1)
 
-		sim.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"attachVolume": cloudsim.Duration(3 * time.Second)}})
+		sim.setFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"attachVolume": cloudsim.Duration(3 * time.Second)}})
 		op := d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID})
 		testenv.Eventually(t, 10*time.Second, func() bool {
 			var cur commands.Operation
@@ -33,7 +34,7 @@ func TestCrashDuringAttach(t *testing.T) {
 		if done.Response == nil || done.Response.VMID != cloudsim.RemoteVMID {
 			t.Fatalf("attach after restart: %+v", done)
 		}
-		if n := sim.Stats().AttachesSucceeded[vol]; n != 1 {
+		if n := sim.stats().AttachesSucceeded[vol]; n != 1 {
 			t.Fatalf("attaches done in CloudStack: %d, want exactly 1", n)
 		}
 		if done.Attempts < 2 {

@@ -24,8 +24,8 @@ import (
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
-// volumedBin is the daemon binary every test runs, built once.
-var volumedBin string
+// volumedBin and cloudsimBin are the binaries the tests run, built once.
+var volumedBin, cloudsimBin string
 
 // validator checks every REST response against the OpenAPI document.
 var validator *apitest.Validator
@@ -40,16 +40,18 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "OpenAPI document:", err)
 		os.Exit(1)
 	}
-	volumedBin = filepath.Join(dir, "volumed")
-	args := []string{"build", "-o", volumedBin}
-	if raceBuild {
-		args = append(args, "-race")
-	}
-	build := exec.Command("go", append(args, "github.com/volumed/volumed/cmd/volumed")...)
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build volumed:", err)
-		os.Exit(1)
+	volumedBin, cloudsimBin = filepath.Join(dir, "volumed"), filepath.Join(dir, "cloudsim")
+	for bin, pkg := range map[string]string{volumedBin: "./cmd/volumed", cloudsimBin: "./cmd/cloudsim"} {
+		args := []string{"build", "-o", bin}
+		if raceBuild {
+			args = append(args, "-race")
+		}
+		build := exec.Command("go", append(args, "github.com/volumed/volumed/"+strings.TrimPrefix(pkg, "./"))...)
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "build", pkg+":", err)
+			os.Exit(1)
+		}
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -103,9 +105,13 @@ type daemonOpts struct {
 	extra    []string
 }
 
+// cloud is a CloudStack API endpoint: the simulator in this process, or a
+// cloudsim process.
+type cloud interface{ URL() string }
+
 // startDaemon runs the volumed binary against sim, with its own embedded
 // NATS on a free port, and waits until its API answers.
-func startDaemon(t *testing.T, sim *cloudsim.Sim, o daemonOpts) *daemon {
+func startDaemon(t *testing.T, sim cloud, o daemonOpts) *daemon {
 	t.Helper()
 	if o.dataDir == "" {
 		o.dataDir = t.TempDir()
@@ -313,4 +319,63 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// simProcess is the cloudsim binary running as its own process, driven
+// through its control endpoint.
+type simProcess struct {
+	t    *testing.T
+	addr string
+}
+
+// startSimProcess runs cmd/cloudsim on a free port with no local devices.
+func startSimProcess(t *testing.T) *simProcess {
+	t.Helper()
+	p := &simProcess{t: t, addr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}
+	out := &syncBuffer{}
+	cmd := exec.Command(cloudsimBin, "--listen", p.addr, "--state-dir", t.TempDir(), "--local-devices", "off",
+		"--job-duration", "50ms")
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start cloudsim: %v", err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	testenv.Eventually(t, 15*time.Second, func() bool {
+		resp, err := http.Get("http://" + p.addr + cloudsim.ControlPath + "/stats")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil
+	}, "cloudsim process answering:\n%s", out.String())
+	return p
+}
+
+// URL is the CloudStack API URL of the process.
+func (p *simProcess) URL() string { return "http://" + p.addr + cloudsim.APIPath }
+
+// setFaults replaces the process's faults.
+func (p *simProcess) setFaults(f cloudsim.Faults) {
+	p.t.Helper()
+	data, _ := json.Marshal(f)
+	req, _ := http.NewRequest(http.MethodPut, "http://"+p.addr+cloudsim.ControlPath+"/faults", bytes.NewReader(data))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		p.t.Fatalf("set faults: %v %v", resp, err)
+	}
+	resp.Body.Close()
+}
+
+// stats reads the process's counters.
+func (p *simProcess) stats() cloudsim.Stats {
+	p.t.Helper()
+	resp, err := http.Get("http://" + p.addr + cloudsim.ControlPath + "/stats")
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var st cloudsim.Stats
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		p.t.Fatal(err)
+	}
+	return st
 }
