@@ -197,7 +197,9 @@ func TestWaitJob(t *testing.T) {
 			if tc.calls != 0 && c.Calls() != tc.calls {
 				t.Errorf("Calls = %d, want %d", c.Calls(), tc.calls)
 			}
-			if n := r.requests(); int64(n) != c.Calls() {
+			// A call cut by the deadline may end before its request
+			// reaches the server; more requests than calls is a hidden retry.
+			if n := int64(r.requests()); n > c.Calls() || (!tc.deadline && n != c.Calls()) || (tc.deadline && n < c.Calls()-1) {
 				t.Errorf("%d HTTP requests for %d calls: hidden retries", n, c.Calls())
 			}
 			var e *Error
