@@ -105,6 +105,26 @@ func Create(ctx context.Context, backing string) (*Device, error) {
 	return nil, fmt.Errorf("loopdev: every fresh loop device was taken after %d tries", maxTries)
 }
 
+// Lookup describes the loop device name (e.g. "loop3") as it is bound now,
+// for a process that finds a device rather than creating it: Remove of the
+// result leaves the device alone once it is re-bound or re-created. False
+// when name is not a loop device, is unbound, or changed while being read.
+func Lookup(name string) (*Device, bool) {
+	s, ok := strings.CutPrefix(name, "loop")
+	idx, err := strconv.Atoi(s)
+	if !ok || err != nil {
+		return nil, false
+	}
+	d := &Device{Index: idx, Path: "/dev/" + name}
+	seq, _ := d.attr("diskseq")
+	backing, bound := BackingFile(name)
+	if again, _ := d.attr("diskseq"); !bound || again != seq {
+		return nil, false
+	}
+	d.Backing, d.seq = backing, seq
+	return d, true
+}
+
 // Bind attaches backing (opened read-write) to the device with
 // LOOP_CONFIGURE, or LOOP_SET_FD + LOOP_SET_STATUS64 on kernels before 5.8.
 // The kernel sends `change` with the new size.

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/volumed/volumed/internal/testenv"
 )
 
@@ -25,6 +27,17 @@ func backingFile(t *testing.T, size int64) string {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// create makes a loop device bound to backing that the test removes.
+func create(t *testing.T, ctx context.Context, backing string) *Device {
+	t.Helper()
+	d, err := Create(ctx, backing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = d.Remove(context.Background()) })
+	return d
 }
 
 func sysSize(t *testing.T, d *Device) int64 {
@@ -45,11 +58,7 @@ func TestCreateResizeRemove(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	backing := backingFile(t, 1<<20)
-	d, err := Create(ctx, backing)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = d.Remove(context.Background()) })
+	d := create(t, ctx, backing)
 
 	if got, ok := BackingFile(d.Name()); !ok || got != backing {
 		t.Fatalf("BackingFile(%s) = %q, %v; want %q", d.Name(), got, ok, backing)
@@ -122,5 +131,43 @@ func TestBindMissingFile(t *testing.T) {
 	t.Cleanup(func() { _ = d.Remove(ctx) })
 	if err := d.Bind(ctx, filepath.Join(t.TempDir(), "missing")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("Bind of a missing file = %v, want ErrNotExist", err)
+	}
+}
+
+// TestLookup: a found device describes the bound device, and its Remove
+// refuses once the device was re-bound by someone else.
+func TestLookup(t *testing.T) {
+	testenv.RequireLoopControl(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	backing := backingFile(t, 1<<20)
+	d := create(t, ctx, backing)
+	for _, name := range []string{"sda", "loopx", "loop"} {
+		if _, ok := Lookup(name); ok {
+			t.Fatalf("Lookup(%q) found a loop device", name)
+		}
+	}
+	found, ok := Lookup(d.Name())
+	if !ok || found.Index != d.Index || found.Path != d.Path || found.Backing != backing {
+		t.Fatalf("Lookup(%s) = %+v, %v; want %+v", d.Name(), found, ok, d)
+	}
+
+	// Someone else re-creates the device and binds another file.
+	if err := d.Remove(ctx); err != nil {
+		t.Fatal(err)
+	}
+	other := &Device{Index: d.Index, Path: d.Path}
+	if _, err := control(unix.LOOP_CTL_ADD, d.Index); err != nil {
+		t.Skipf("index %d taken by another process: %v", d.Index, err)
+	}
+	t.Cleanup(func() { _ = other.Remove(context.Background()) })
+	if err := other.Bind(ctx, backingFile(t, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	if err := found.Remove(ctx); !errors.Is(err, ErrNotOurs) {
+		t.Fatalf("Remove of a re-created device = %v, want ErrNotOurs", err)
+	}
+	if _, ok := BackingFile(d.Name()); !ok {
+		t.Fatal("refused Remove still unbound the device")
 	}
 }

@@ -12,12 +12,7 @@ func BenchmarkListVolumes(b *testing.B) {
 	s := startSim(b, cloudsim.Config{})
 	cs := syncClient(s)
 	for i := range 50 {
-		p := cs.Volume.NewCreateVolumeParams()
-		p.SetName("bench-" + string(rune('a'+i%26)))
-		p.SetDiskofferingid(cloudsim.CustomOfferingID)
-		p.SetZoneid(cloudsim.ZoneID)
-		p.SetSize(1)
-		if _, err := cs.Volume.CreateVolume(p); err != nil {
+		if _, err := cs.Volume.CreateVolume(createParams(cs, "bench-"+string(rune('a'+i%26)), 1)); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -34,11 +29,7 @@ func BenchmarkListVolumes(b *testing.B) {
 func BenchmarkCreateVolume(b *testing.B) {
 	s := startSim(b, cloudsim.Config{})
 	cs := syncClient(s)
-	p := cs.Volume.NewCreateVolumeParams()
-	p.SetName("bench")
-	p.SetDiskofferingid(cloudsim.CustomOfferingID)
-	p.SetZoneid(cloudsim.ZoneID)
-	p.SetSize(1)
+	p := createParams(cs, "bench", 1)
 	for b.Loop() {
 		if _, err := cs.Volume.CreateVolume(p); err != nil {
 			b.Fatal(err)

@@ -87,27 +87,21 @@ func (s *Sim) createVolume(q request) (any, *apiError) {
 }
 
 func (s *Sim) attachVolume(q request) (any, *apiError) {
-	volID, aerr := q.required("id", s.volumeExists)
-	if aerr != nil {
-		return nil, aerr
-	}
-	vmID, aerr := q.required("virtualmachineid", s.vmExists)
-	if aerr != nil {
-		return nil, aerr
-	}
-	if _, aerr := q.int("deviceid"); aerr != nil {
-		return nil, aerr
-	}
-	params := map[string]string{"id": volID, "virtualmachineid": vmID, "deviceid": q.str("deviceid")}
-	return s.submit(q.cmd, "Volume", volID, params)
+	return s.volumeVMJob(q, request.required)
 }
 
 func (s *Sim) detachVolume(q request) (any, *apiError) {
-	volID, aerr := q.uuid("id", s.volumeExists)
+	return s.volumeVMJob(q, request.uuid)
+}
+
+// volumeVMJob checks id and virtualmachineid with param (mandatory for
+// attach, optional for detach) and deviceid, then submits the job.
+func (s *Sim) volumeVMJob(q request, param func(request, string, func(string) bool) (string, *apiError)) (any, *apiError) {
+	volID, aerr := param(q, "id", s.volumeExists)
 	if aerr != nil {
 		return nil, aerr
 	}
-	vmID, aerr := q.uuid("virtualmachineid", s.vmExists)
+	vmID, aerr := param(q, "virtualmachineid", s.vmExists)
 	if aerr != nil {
 		return nil, aerr
 	}

@@ -79,15 +79,21 @@ func waitJob(t *testing.T, cs *cloudstack.CloudStackClient, jobID string) *cloud
 	return r
 }
 
-// createVolume creates a custom-size volume and waits for its job.
-func createVolume(t *testing.T, cs *cloudstack.CloudStackClient, name string, sizeGB int64) string {
-	t.Helper()
+// createParams are createVolume's parameters for a custom-size volume in
+// the simulator's zone.
+func createParams(cs *cloudstack.CloudStackClient, name string, sizeGB int64) *cloudstack.CreateVolumeParams {
 	p := cs.Volume.NewCreateVolumeParams()
 	p.SetName(name)
 	p.SetDiskofferingid(cloudsim.CustomOfferingID)
 	p.SetZoneid(cloudsim.ZoneID)
 	p.SetSize(sizeGB)
-	r, err := cs.Volume.CreateVolume(p)
+	return p
+}
+
+// createVolume creates a custom-size volume and waits for its job.
+func createVolume(t *testing.T, cs *cloudstack.CloudStackClient, name string, sizeGB int64) string {
+	t.Helper()
+	r, err := cs.Volume.CreateVolume(createParams(cs, name, sizeGB))
 	if err != nil {
 		t.Fatalf("createVolume: %v", err)
 	}

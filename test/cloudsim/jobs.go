@@ -315,8 +315,8 @@ func (s *Sim) execDetach(ctx context.Context, p map[string]string) (map[string]a
 		err := s.loops.detach(dctx, loop)
 		cancel()
 		if err != nil {
-			// Still detached in CloudStack; the device is removed by the
-			// next reconcile (restart or Teardown).
+			// Still detached in CloudStack; a device of ours left behind
+			// is removed by the next reconcile (restart or Teardown).
 			s.log.Warn("loop device not removed", "volume", v.ID, "device", loop, "err", err.Error())
 		} else {
 			s.log.Info("loop device removed", "volume", v.ID, "device", loop)

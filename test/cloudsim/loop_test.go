@@ -1,6 +1,8 @@
 package cloudsim_test
 
 import (
+	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -9,8 +11,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/apache/cloudstack-go/v2/cloudstack"
 	"github.com/mdlayher/kobject"
+	"golang.org/x/sys/unix"
 
+	"github.com/volumed/volumed/devagent/loopdev"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
 )
@@ -64,6 +69,24 @@ func (u *uevents) seen(action kobject.Action, name string) bool {
 	return false
 }
 
+// attachToAppliance creates a volume of sizeGB on a simulator with local
+// devices, attaches it to the appliance and returns it with its device.
+func attachToAppliance(t *testing.T, s *cloudsim.Sim, cs *cloudstack.CloudStackClient, name string, sizeGB int64) (string, cloudsim.LocalDevice) {
+	t.Helper()
+	if !s.LocalDevicesEnabled() {
+		t.Fatal("local devices disabled although /dev/loop-control works")
+	}
+	vol := createVolume(t, cs, name, sizeGB)
+	if _, text := attach(t, cs, vol, cloudsim.ApplianceVMID, -1); text != "" {
+		t.Fatalf("attach %s to the appliance: %s", name, text)
+	}
+	dev, ok := s.LocalDevice(vol)
+	if !ok {
+		t.Fatalf("no local device after attaching %s to the appliance", name)
+	}
+	return vol, dev
+}
+
 // sysSize is a block device's size in bytes from /sys/block.
 func sysSize(name string) int64 {
 	b, err := os.ReadFile(filepath.Join("/sys/block", name, "size"))
@@ -82,18 +105,8 @@ func TestApplianceAttachMakesLoopDevice(t *testing.T) {
 	testenv.RequireLoopControl(t)
 	ev := listenUevents(t)
 	s := startSim(t, cloudsim.Config{LocalDevices: cloudsim.LocalDevicesAuto})
-	if !s.LocalDevicesEnabled() {
-		t.Fatal("local devices disabled although /dev/loop-control works")
-	}
 	cs := syncClient(s)
-	vol := createVolume(t, cs, "loop-vol", 2)
-	if _, text := attach(t, cs, vol, cloudsim.ApplianceVMID, -1); text != "" {
-		t.Fatal(text)
-	}
-	dev, ok := s.LocalDevice(vol)
-	if !ok {
-		t.Fatal("no local device after attach to the appliance")
-	}
+	vol, dev := attachToAppliance(t, s, cs, "loop-vol", 2)
 	name := filepath.Base(dev.Path)
 	if !strings.Contains(filepath.Base(dev.BackingFile), vol) {
 		t.Fatalf("backing file %s does not name volume %s", dev.BackingFile, vol)
@@ -146,15 +159,7 @@ func TestApplianceAttachMakesLoopDevice(t *testing.T) {
 func TestAnonymousBackingFiles(t *testing.T) {
 	testenv.RequireLoopControl(t)
 	s := startSim(t, cloudsim.Config{LocalDevices: cloudsim.LocalDevicesAuto, AnonymousBackingFiles: true})
-	cs := syncClient(s)
-	vol := createVolume(t, cs, "anon", 1)
-	if _, text := attach(t, cs, vol, cloudsim.ApplianceVMID, -1); text != "" {
-		t.Fatal(text)
-	}
-	dev, ok := s.LocalDevice(vol)
-	if !ok {
-		t.Fatal("no local device")
-	}
+	vol, dev := attachToAppliance(t, s, syncClient(s), "anon", 1)
 	base := filepath.Base(dev.BackingFile)
 	if strings.Contains(base, vol) || strings.Contains(base, strings.ReplaceAll(vol, "-", "")[:8]) {
 		t.Fatalf("anonymous backing file %s names volume %s", base, vol)
@@ -171,5 +176,92 @@ func TestLocalDevicesOff(t *testing.T) {
 	}
 	if d, ok := s.LocalDevice(vol); ok || s.LocalDevicesEnabled() {
 		t.Fatalf("local device %+v with devices off", d)
+	}
+}
+
+// loopIoctl runs a loop ioctl with an integer argument on the device at
+// path, as another process would.
+func loopIoctl(path string, req uint, arg int) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return unix.IoctlSetInt(int(f.Fd()), req, arg)
+}
+
+// TestDetachLeavesForeignDevice: when another process unbinds, re-creates
+// or re-binds a volume's loop device, detaching the volume still succeeds
+// but leaves that device alone.
+func TestDetachLeavesForeignDevice(t *testing.T) {
+	testenv.RequireLoopControl(t)
+	unbind := func(t *testing.T, d *loopdev.Device, _ string) {
+		if err := loopIoctl(d.Path, unix.LOOP_CLR_FD, 0); err != nil {
+			t.Fatalf("LOOP_CLR_FD %s: %v", d.Path, err)
+		}
+	}
+	recreate := func(t *testing.T, d *loopdev.Device, backing string) {
+		unbind(t, d, backing)
+		testenv.Eventually(t, 5*time.Second, func() bool {
+			return loopIoctl(loopdev.Control, unix.LOOP_CTL_REMOVE, d.Index) == nil
+		}, "LOOP_CTL_REMOVE %d", d.Index)
+		if err := loopIoctl(loopdev.Control, unix.LOOP_CTL_ADD, d.Index); err != nil {
+			t.Skipf("index %d taken by yet another process: %v", d.Index, err)
+		}
+	}
+	rebind := func(file func(t *testing.T, backing string) string) func(*testing.T, *loopdev.Device, string) {
+		return func(t *testing.T, d *loopdev.Device, backing string) {
+			recreate(t, d, backing)
+			if err := d.Bind(context.Background(), file(t, backing)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	tests := []struct {
+		name  string
+		other func(t *testing.T, d *loopdev.Device, backing string)
+	}{
+		{"unbound", unbind},
+		{"re-created unbound", recreate},
+		{"re-created bound to another file", rebind(func(t *testing.T, _ string) string {
+			p := filepath.Join(t.TempDir(), "other.img")
+			if err := os.WriteFile(p, make([]byte, 1<<20), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			return p
+		})},
+		{"re-created bound to the volume's file", rebind(func(_ *testing.T, backing string) string { return backing })},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s := startSim(t, cloudsim.Config{LocalDevices: cloudsim.LocalDevicesAuto})
+			cs := syncClient(s)
+			vol, dev := attachToAppliance(t, s, cs, "foreign", 1)
+			d, ok := loopdev.Lookup(filepath.Base(dev.Path))
+			if !ok {
+				t.Fatalf("%s not bound", dev.Path)
+			}
+			t.Cleanup(func() {
+				_ = loopIoctl(d.Path, unix.LOOP_CLR_FD, 0)
+				testenv.Eventually(t, 5*time.Second, func() bool {
+					err := loopIoctl(loopdev.Control, unix.LOOP_CTL_REMOVE, d.Index)
+					return err == nil || errors.Is(err, unix.ENODEV)
+				}, "remove %s", d.Path)
+			})
+			tc.other(t, &loopdev.Device{Index: d.Index, Path: d.Path}, dev.BackingFile)
+
+			dp := cs.Volume.NewDetachVolumeParams()
+			dp.SetId(vol)
+			r, err := cs.Volume.DetachVolume(dp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, text := jobError(t, waitJob(t, cs, r.JobID)); text != "" {
+				t.Fatalf("detach: %s", text)
+			}
+			if _, err := os.Stat(filepath.Join("/sys/block", d.Name())); err != nil {
+				t.Fatalf("the other process's %s was removed: %v", d.Path, err)
+			}
+		})
 	}
 }

@@ -1,45 +1,28 @@
-package cloudsim
+package cloudsim_test
 
 import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
-	"github.com/apache/cloudstack-go/v2/cloudstack"
-
+	"github.com/volumed/volumed/devagent/loopdev"
 	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/test/cloudsim"
 )
 
-// attachToAppliance creates a volume and attaches it to the appliance.
-func attachToAppliance(t *testing.T, cs *cloudstack.CloudStackClient, name string) string {
-	t.Helper()
-	wait := func(jobID string) {
-		testenv.Eventually(t, 10*time.Second, func() bool {
-			r, err := cs.Asyncjob.QueryAsyncJobResult(cs.Asyncjob.NewQueryAsyncJobResultParams(jobID))
-			if err != nil || r.Jobstatus == jobFailure {
-				t.Fatalf("job %s: %v %+v", jobID, err, r)
-			}
-			return r.Jobstatus == jobSuccess
-		}, "job %s", jobID)
+// boundUnder lists the loop devices bound to a file under dir: name → file.
+func boundUnder(dir string) map[string]string {
+	out := map[string]string{}
+	ents, _ := os.ReadDir("/sys/block")
+	for _, e := range ents {
+		if b, ok := loopdev.BackingFile(e.Name()); ok && strings.HasPrefix(b, dir+"/") {
+			out[e.Name()] = b
+		}
 	}
-	p := cs.Volume.NewCreateVolumeParams()
-	p.SetName(name)
-	p.SetDiskofferingid(CustomOfferingID)
-	p.SetZoneid(ZoneID)
-	p.SetSize(1)
-	r, err := cs.Volume.CreateVolume(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	wait(r.JobID)
-	a, err := cs.Volume.AttachVolume(cs.Volume.NewAttachVolumeParams(r.Id, ApplianceVMID))
-	if err != nil {
-		t.Fatal(err)
-	}
-	wait(a.JobID)
-	return r.Id
+	return out
 }
 
 // TestRestartReconcilesLoopDevices: Close keeps loop devices; a restart
@@ -49,60 +32,50 @@ func TestRestartReconcilesLoopDevices(t *testing.T) {
 	testenv.RequireLoopControl(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cfg := Config{Listen: "127.0.0.1:0", StateDir: t.TempDir(), JobDuration: 10 * time.Millisecond}
-	s1, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s1.Teardown(context.Background()) })
-	if err := s1.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	cs := cloudstack.NewClient(s1.URL(), s1.APIKey(), s1.SecretKey(), false)
-	kept := attachToAppliance(t, cs, "kept")
-	lost := attachToAppliance(t, cs, "lost")
-	keptDev, _ := s1.LocalDevice(kept)
-	lostDev, _ := s1.LocalDevice(lost)
+	cfg := cloudsim.Config{StateDir: t.TempDir(), LocalDevices: cloudsim.LocalDevicesAuto}
+	s1 := startSim(t, cfg)
+	cs := syncClient(s1)
+	kept, keptDev := attachToAppliance(t, s1, cs, "kept", 1)
+	lost, lostDev := attachToAppliance(t, s1, cs, "lost", 1)
 	if err := s1.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if b, ok := backingOf(keptDev.Path); !ok || b != keptDev.BackingFile {
+	if b, ok := loopdev.BackingFile(filepath.Base(keptDev.Path)); !ok || b != keptDev.BackingFile {
 		t.Fatalf("Close removed %s (backing %q)", keptDev.Path, b)
 	}
 	// The host loses one device; a stray of ours appears.
-	if err := s1.loops.detach(ctx, lostDev.Path); err != nil {
+	lostLoop, ok := loopdev.Lookup(filepath.Base(lostDev.Path))
+	if !ok {
+		t.Fatalf("%s not bound after Close", lostDev.Path)
+	}
+	if err := lostLoop.Remove(ctx); err != nil {
 		t.Fatal(err)
 	}
-	stray := filepath.Join(cfg.StateDir, disksDir, "stray.img")
+	stray := filepath.Join(filepath.Dir(keptDev.BackingFile), "stray.img")
 	if err := os.WriteFile(stray, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	strayDev, err := s1.loops.attach(ctx, stray)
+	strayLoop, err := loopdev.Create(ctx, stray)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { _ = strayLoop.Remove(context.Background()) })
 
-	s2, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s2.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+	s2 := startSim(t, cfg)
 	if d, ok := s2.LocalDevice(kept); !ok || d != keptDev {
 		t.Fatalf("kept device = %+v, want %+v", d, keptDev)
 	}
 	d, ok := s2.LocalDevice(lost)
-	if b, bound := backingOf(d.Path); !ok || !bound || b != lostDev.BackingFile {
+	if b, bound := loopdev.BackingFile(filepath.Base(d.Path)); !ok || !bound || b != lostDev.BackingFile {
 		t.Fatalf("lost device not re-created: %+v (backing %q)", d, b)
 	}
-	if b, ok := backingOf(strayDev); ok && b == stray {
-		t.Fatalf("stray %s still bound to %s", strayDev, stray)
+	if b, ok := loopdev.BackingFile(strayLoop.Name()); ok && b == stray {
+		t.Fatalf("stray %s still bound to %s", strayLoop.Path, stray)
 	}
 	if err := s2.Teardown(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if owned := s2.loops.owned(); len(owned) != 0 {
-		t.Fatalf("after Teardown: %v", owned)
+	if left := boundUnder(cfg.StateDir); len(left) != 0 {
+		t.Fatalf("after Teardown: %v", left)
 	}
 }

@@ -305,7 +305,7 @@ func (s *Sim) Teardown(ctx context.Context) error {
 	s.execMu.Lock()
 	defer s.execMu.Unlock()
 	if s.loops != nil {
-		for dev := range s.loops.owned() {
+		for dev := range s.loops.scan() {
 			if derr := s.loops.detach(ctx, dev); derr != nil {
 				err = errors.Join(err, derr)
 			}
@@ -387,7 +387,7 @@ func (s *Sim) reconcileDevices(ctx context.Context) error {
 		}
 	}
 	s.mu.Unlock()
-	owned := s.loops.owned()
+	owned := s.loops.scan()
 	kept := map[string]bool{}
 	for dev, backing := range owned {
 		if v, ok := want[backing]; ok && !kept[backing] {

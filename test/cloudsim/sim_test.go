@@ -20,12 +20,7 @@ func TestAsyncClientLifecycle(t *testing.T) {
 	s := startSim(t, cloudsim.Config{})
 	cs := asyncClient(s)
 
-	cp := cs.Volume.NewCreateVolumeParams()
-	cp.SetName("pvc-async")
-	cp.SetDiskofferingid(cloudsim.CustomOfferingID)
-	cp.SetZoneid(cloudsim.ZoneID)
-	cp.SetSize(3)
-	created, err := cs.Volume.CreateVolume(cp)
+	created, err := cs.Volume.CreateVolume(createParams(cs, "pvc-async", 3))
 	if err != nil {
 		t.Fatalf("createVolume: %v", err)
 	}
