@@ -15,10 +15,13 @@ const (
 	OpAttach OpType = "attach"
 	OpDetach OpType = "detach"
 	OpDelete OpType = "delete"
+	// OpExport and OpUnexport start and end a volume's NBD export.
+	OpExport   OpType = "export"
+	OpUnexport OpType = "unexport"
 )
 
 // OpTypes lists every operation type.
-var OpTypes = []OpType{OpCreate, OpAttach, OpDetach, OpDelete}
+var OpTypes = []OpType{OpCreate, OpAttach, OpDetach, OpDelete, OpExport, OpUnexport}
 
 // OpStatus is where an operation is in its life.
 type OpStatus string
@@ -72,6 +75,8 @@ type OpResponse struct {
 	VMID       string `json:"vm_id,omitempty"`
 	DevicePath string `json:"device_path,omitempty"`
 	DeviceID   *int64 `json:"device_id,omitempty"`
+	// ExportName is the NBD export an export operation made.
+	ExportName string `json:"export_name,omitempty"`
 	Message    string `json:"message"`
 }
 

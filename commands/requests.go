@@ -194,6 +194,8 @@ func jsonKind(goKind string) string {
 		return "an integer"
 	case "string":
 		return "a string"
+	case "bool":
+		return "a boolean"
 	case "map", "struct":
 		return "an object"
 	}

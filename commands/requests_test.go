@@ -129,3 +129,33 @@ func TestOperationHelpers(t *testing.T) {
 		t.Errorf("DeviceSubject = %s", got)
 	}
 }
+
+func TestDecodeExport(t *testing.T) {
+	tests := []struct {
+		name, body, field string
+		ok, readOnly      bool
+	}{
+		{"read-only by default", `{"volume_id":"` + vol + `"}`, "", true, true},
+		{"read-write asked", `{"volume_id":"vol-` + vol + `","read_only":false}`, "", true, false},
+		{"read-only asked", `{"volume_id":"` + strings.ToUpper(vol) + `","read_only":true}`, "", true, true},
+		{"volume missing", `{"read_only":true}`, "volume_id", false, false},
+		{"read_only not a boolean", `{"volume_id":"` + vol + `","read_only":"no"}`, "read_only", false, false},
+		{"unknown field", `{"volume_id":"` + vol + `","name":"x"}`, "name", false, false},
+		{"empty body", ``, "volume_id", false, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			req, err := commands.DecodeExport([]byte(tc.body))
+			if !tc.ok {
+				var e *commands.Error
+				if !errors.As(err, &e) || e.Status != http.StatusBadRequest || e.Details["field"] != tc.field {
+					t.Fatalf("error %v (%+v), want 400 on field %q", err, e, tc.field)
+				}
+				return
+			}
+			if err != nil || req.VolumeID != vol || req.ReadOnly != tc.readOnly {
+				t.Fatalf("decoded %+v, %v; want %s read_only=%v", req, err, vol, tc.readOnly)
+			}
+		})
+	}
+}

@@ -9,6 +9,10 @@ const (
 	SubjectAttachRoot = "volumes.cmd.attach-root"
 	SubjectDetach     = "volumes.cmd.detach"
 	SubjectDelete     = "volumes.cmd.delete"
+	// SubjectExport and SubjectUnexport start and end a volume's NBD
+	// export on this host.
+	SubjectExport   = "volumes.cmd.export"
+	SubjectUnexport = "volumes.cmd.unexport"
 	// SubjectForceSync runs a reconcile and replies with its summary.
 	SubjectForceSync = "volumes.cmd.force-sync"
 

@@ -26,6 +26,8 @@ func (s *Service) commandHandlers() map[string]nats.MsgHandler {
 		commands.SubjectAttachRoot: s.handle(func(ctx context.Context, d []byte) (any, error) { return s.acceptAttach(ctx, d, true) }),
 		commands.SubjectDetach:     s.handle(func(ctx context.Context, d []byte) (any, error) { return s.acceptVolume(ctx, d, commands.OpDetach) }),
 		commands.SubjectDelete:     s.handle(func(ctx context.Context, d []byte) (any, error) { return s.acceptVolume(ctx, d, commands.OpDelete) }),
+		commands.SubjectExport:     s.handle(s.acceptExport),
+		commands.SubjectUnexport:   s.handle(s.acceptUnexport),
 		commands.SubjectForceSync:  s.handle(func(ctx context.Context, _ []byte) (any, error) { return s.Reconcile(ctx) }),
 	}
 }

@@ -23,6 +23,7 @@ const (
 	stepDetachRequested = "detach:requested"
 	stepDetachJob       = "detach:job"
 	stepRelease         = "detach:release"
+	stepUnexport        = "detach:unexport"
 	stepDelete          = "delete:requested"
 )
 
@@ -59,6 +60,10 @@ func (s *Service) run(opID string, log *slog.Logger) bool {
 		resp, err = s.detach(ctx, &op)
 	case commands.OpDelete:
 		resp, err = s.delete(ctx, &op)
+	case commands.OpExport:
+		resp, err = s.exportOp(ctx, &op)
+	case commands.OpUnexport:
+		resp, err = s.unexportOp(ctx, &op)
 	default:
 		err = commands.Internal("unknown operation type %q", op.Type)
 	}

@@ -46,6 +46,11 @@ func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
 		}
 		res.Changes = append(res.Changes, changes...)
 	}
+	exports, err := s.reconcileExports(ctx)
+	if err != nil {
+		return res, err
+	}
+	res.Changes = append(res.Changes, exports...)
 	requeued, err := s.requeueIdle(ctx)
 	if err != nil {
 		return res, err
@@ -83,6 +88,9 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 			return "", storeError(err)
 		}
 		return "", nil
+	}
+	if _, err := s.dropExport(ctx, m.VolumeID); err != nil {
+		return "", err
 	}
 	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, m.VMID) {
 		if err := s.cfg.Devices.Detached(ctx, m); err != nil {

@@ -1,7 +1,7 @@
 // Package handlers executes volumed's commands: it accepts them on the
 // volumes.cmd.* subjects, records and queues them durably, runs each one as
 // CloudStack steps that first ask whether the step is already done, keeps
-// mappings, publishes every state change on volumes.ops.<id>, and answers
+// mappings and NBD exports, publishes every state change on volumes.ops.<id>, and answers
 // the reads of the REST bridge.
 package handlers
 
@@ -42,6 +42,12 @@ type Config struct {
 	// until a device agent runs (attaches then complete on CloudStack's
 	// answer).
 	Devices DeviceCorrelator
+	// Exporter serves this host's export records over NBD; nil when the
+	// NBD server is off (export commands and reads then answer 503).
+	Exporter Exporter
+	// AutoExport exports, read-only, every volume attached to this host
+	// as soon as its device is found.
+	AutoExport bool
 	// StepTimeout bounds each CloudStack step, job wait included; an
 	// operation whose step passes it fails. Default 5 minutes.
 	StepTimeout time.Duration
@@ -104,6 +110,9 @@ type Service struct {
 	// of the job message it holds.
 	inflight map[string]uint64
 
+	// exportMu serializes the syncs of the served exports.
+	exportMu sync.Mutex
+
 	ctx       context.Context
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
@@ -161,6 +170,11 @@ func (s *Service) Start(ctx context.Context) error {
 		}
 		s.subs = append(s.subs, sub)
 	}
+	if changes, err := s.reconcileExports(ctx); err != nil {
+		s.log.Warn("exports not restored", "error", err)
+	} else if len(changes) > 0 {
+		s.log.Info("exports restored from state", "changes", changes)
+	}
 	if err := s.requeueUnfinished(ctx); err != nil {
 		s.stop()
 		return err
@@ -174,7 +188,8 @@ func (s *Service) Start(ctx context.Context) error {
 		go s.syncLoop()
 	}
 	s.log.Info("handlers started", "vm_id", s.cfg.VMID, "step_timeout", s.cfg.StepTimeout,
-		"store", s.cfg.StoreName, "device_correlation", s.cfg.Devices != nil)
+		"store", s.cfg.StoreName, "device_correlation", s.cfg.Devices != nil,
+		"nbd_exports", s.cfg.Exporter != nil, "auto_export", s.cfg.AutoExport)
 	return nil
 }
 

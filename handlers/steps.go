@@ -222,6 +222,9 @@ func (s *Service) recordAttached(ctx context.Context, op *commands.Operation, vo
 		}
 		return m, errStopped
 	}
+	if corrErr == nil {
+		s.autoExport(ctx, m)
+	}
 	return m, corrErr
 }
 
@@ -242,6 +245,10 @@ func (s *Service) detach(ctx context.Context, op *commands.Operation) (*commands
 		}
 	}
 	if vmID != "" {
+		// The export ends before CloudStack takes the device away.
+		if err := s.unexportFirst(ctx, op, req.VolumeID); err != nil {
+			return nil, err
+		}
 		if op.Step != stepDetachJob || op.JobID == "" {
 			op.Step = stepDetachRequested
 			if err := s.save(ctx, op); err != nil {
@@ -278,9 +285,29 @@ func (s *Service) detach(ctx context.Context, op *commands.Operation) (*commands
 	return resp, nil
 }
 
-// release ends the volume's mapping: the device agent lets go of the
-// device, then the record goes.
+// unexportFirst ends the volume's export, if it has one, recording the
+// step on the operation.
+func (s *Service) unexportFirst(ctx context.Context, op *commands.Operation, volumeID string) error {
+	if _, err := s.cfg.Store.GetExport(ctx, volumeID); err != nil {
+		if errors.Is(err, state.ErrNotFound) {
+			return nil
+		}
+		return errStopped
+	}
+	op.Step = stepUnexport
+	if err := s.save(ctx, op); err != nil {
+		return err
+	}
+	_, err := s.dropExport(ctx, volumeID)
+	return err
+}
+
+// release ends the volume's mapping: its export ends, the device agent
+// lets go of the device, then the record goes.
 func (s *Service) release(ctx context.Context, op *commands.Operation, volumeID string) error {
+	if err := s.unexportFirst(ctx, op, volumeID); err != nil {
+		return err
+	}
 	m, err := s.cfg.Store.GetMapping(ctx, volumeID)
 	if errors.Is(err, state.ErrNotFound) {
 		return nil

@@ -21,4 +21,10 @@ type Backend interface {
 	Health(ctx context.Context) commands.Health
 	// Metrics counts operations and calls.
 	Metrics(ctx context.Context) (commands.Metrics, error)
+	// Exports lists this host's NBD exports with their connected clients;
+	// a *commands.Error SERVICE_UNAVAILABLE when the NBD server is off.
+	Exports(ctx context.Context) ([]commands.Export, error)
+	// Export is one volume's export with its connected clients; a
+	// *commands.Error NOT_FOUND when the volume is not exported.
+	Export(ctx context.Context, volumeID string) (commands.Export, error)
 }

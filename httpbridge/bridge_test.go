@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/httpbridge"
@@ -283,4 +284,65 @@ func TestRouting(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestExports(t *testing.T) {
+	h := newHarness(t, options{})
+	at := time.Date(2025, 8, 19, 20, 31, 16, 0, time.UTC)
+	exp := commands.Export{VolumeID: vol1, VMID: vm1, ExportName: "vol3f2b7c1e", DevicePath: "/dev/disk/by-volume/vol3f2b7c1e",
+		ReadOnly: true, Status: commands.ExportActive, Clients: 2, CreatedAt: at, UpdatedAt: at}
+	exportOf := func(volumeID string, clients int) func(*testing.T, []byte) {
+		return func(t *testing.T, body []byte) {
+			if e := decodeAs[commands.Export](t, body); e.VolumeID != volumeID || e.Clients != clients {
+				t.Errorf("export %s, want volume %s with %d clients", body, volumeID, clients)
+			}
+		}
+	}
+	t.Run("none", func(t *testing.T) {
+		runCases(t, h, []endpointCase{
+			{name: "list is []", method: "GET", path: "/exports", status: 200, check: func(t *testing.T, body []byte) {
+				if string(bytes.TrimSpace(body)) != "[]" {
+					t.Errorf("body %s, want []", body)
+				}
+			}},
+			{name: "not exported", method: "GET", path: "/exports/" + vol2, status: 404, code: commands.CodeNotFound},
+		})
+	})
+	h.backend.setExports([]commands.Export{exp}, nil)
+	runCases(t, h, []endpointCase{
+		{name: "list", method: "GET", path: "/exports", status: 200, check: func(t *testing.T, body []byte) {
+			if got := decodeAs[[]commands.Export](t, body); len(got) != 1 || got[0] != exp {
+				t.Errorf("exports %s, want [%+v]", body, exp)
+			}
+		}},
+		{name: "get vol- prefixed", method: "GET", path: "/exports/vol-" + vol1, status: 200, check: exportOf(vol1, 2)},
+		{name: "get malformed id", method: "GET", path: "/exports/vm-" + vol1, status: 400, code: commands.CodeInvalidRequest, field: "volume_id"},
+		{name: "export read-only by default", method: "POST", path: "/exports", body: "export.json", status: 201,
+			check: accepted(commands.OpExport, vol1, vm1, map[string]any{"volume_id": vol1, "read_only": true})},
+		{name: "export read-write", method: "POST", path: "/exports", body: "export_read_write.json", status: 201,
+			check: accepted(commands.OpExport, vol1, vm1, map[string]any{"read_only": false})},
+		{name: "export read_only not a boolean", method: "POST", path: "/exports", body: "export_read_only_string.json",
+			status: 400, code: commands.CodeInvalidRequest, field: "read_only"},
+		{name: "export unknown field", method: "POST", path: "/exports", body: "export_unknown_field.json",
+			status: 400, code: commands.CodeInvalidRequest, field: "export_name"},
+		{name: "export without body", method: "POST", path: "/exports", status: 400, code: commands.CodeInvalidRequest, field: "volume_id"},
+		{name: "export malformed JSON", method: "POST", path: "/exports", body: "malformed.json", status: 400, code: commands.CodeInvalidRequest},
+		{name: "export of a volume not attached here", method: "POST", path: "/exports", body: "export_detached.json",
+			status: 409, code: commands.CodeConflict},
+		{name: "export of an unknown volume", method: "POST", path: "/exports", body: "export_unknown.json",
+			status: 404, code: commands.CodeNotFound},
+		{name: "unexport", method: "DELETE", path: "/exports/vol-" + vol1, status: 201,
+			check: accepted(commands.OpUnexport, vol1, "", map[string]any{"volume_id": vol1})},
+		{name: "unexport body names another volume", method: "DELETE", path: "/exports/" + vol1, body: "attach_other_volume.json",
+			status: 400, code: commands.CodeInvalidRequest, field: "volume_id"},
+		{name: "unexport malformed id", method: "DELETE", path: "/exports/nope", status: 400, code: commands.CodeInvalidRequest, field: "volume_id"},
+		{name: "unexport unknown volume", method: "DELETE", path: "/exports/" + volUnknown, status: 404, code: commands.CodeNotFound},
+	})
+	t.Run("nbd server off", func(t *testing.T) {
+		h.backend.setExports(nil, commands.Unavailable("the NBD server is off"))
+		runCases(t, h, []endpointCase{
+			{name: "list", method: "GET", path: "/exports", status: 503, code: commands.CodeServiceUnavailable},
+			{name: "get", method: "GET", path: "/exports/" + vol1, status: 503, code: commands.CodeServiceUnavailable},
+		})
+	})
 }

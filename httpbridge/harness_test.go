@@ -198,6 +198,18 @@ func startCommandService(t testing.TB, url string, store state.Store) {
 		commands.SubjectAttachRoot: attachHandler(accept, true),
 		commands.SubjectDetach:     volumeHandler(accept, commands.OpDetach),
 		commands.SubjectDelete:     volumeHandler(accept, commands.OpDelete),
+		commands.SubjectExport: func(ctx context.Context, data []byte) (any, error) {
+			req, err := commands.DecodeExport(data)
+			if err != nil {
+				return nil, err
+			}
+			if req.VolumeID == vol2 { // known, but attached nowhere
+				return nil, commands.Conflict("volume %s is not attached to this host", vol2)
+			}
+			vm := vm1
+			return accept(ctx, commands.OpExport, req.VolumeID, &vm, req)
+		},
+		commands.SubjectUnexport: volumeHandler(accept, commands.OpUnexport),
 		commands.SubjectForceSync: func(context.Context, []byte) (any, error) {
 			return commands.SyncResult{Message: "Force sync completed successfully", Timestamp: time.Now().UTC(),
 				Changes: []string{}}, nil
@@ -253,10 +265,13 @@ func volumeHandler(accept acceptFunc, typ commands.OpType) func(context.Context,
 	}
 }
 
-// testBackend is the Backend of the tests: volume views held in memory.
+// testBackend is the Backend of the tests: volume views and exports held
+// in memory.
 type testBackend struct {
 	mu         sync.Mutex
 	volumes    map[string]commands.VolumeStatus
+	exports    []commands.Export
+	exportsErr error
 	health     commands.Health
 	metricsErr error
 }
@@ -328,6 +343,33 @@ func (b *testBackend) Metrics(context.Context) (commands.Metrics, error) {
 	// Maps left nil: the bridge answers them as {}.
 	return commands.Metrics{Timestamp: time.Now().UTC(), TotalOperations: 3, AverageResponseTimeMs: 2340.5,
 		Details: commands.MetricsDetails{UptimeSeconds: 3}}, nil
+}
+
+func (b *testBackend) Exports(context.Context) ([]commands.Export, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.exports, b.exportsErr // nil when none: the bridge must answer []
+}
+
+func (b *testBackend) Export(_ context.Context, volumeID string) (commands.Export, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.exportsErr != nil {
+		return commands.Export{}, b.exportsErr
+	}
+	for _, e := range b.exports {
+		if e.VolumeID == volumeID {
+			return e, nil
+		}
+	}
+	return commands.Export{}, commands.NotFound("volume %s is not exported on this host", volumeID)
+}
+
+// setExports replaces the exports and the error the reads answer.
+func (b *testBackend) setExports(exports []commands.Export, err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.exports, b.exportsErr = exports, err
 }
 
 func (b *testBackend) setMetricsErr(err error) {

@@ -105,6 +105,36 @@ func (s *Server) getVMVolumes(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, vols)
 }
 
+func (s *Server) listExports(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := s.readContext(r)
+	defer cancel()
+	exports, err := s.cfg.Backend.Exports(ctx)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	if exports == nil {
+		exports = []commands.Export{}
+	}
+	writeJSON(w, http.StatusOK, exports)
+}
+
+func (s *Server) getExport(w http.ResponseWriter, r *http.Request) {
+	id, err := pathID(r, "volume_id", commands.NormalizeVolumeID)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	ctx, cancel := s.readContext(r)
+	defer cancel()
+	e, err := s.cfg.Backend.Export(ctx, id)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, e)
+}
+
 func (s *Server) getHealth(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := s.readContext(r)
 	defer cancel()

@@ -26,6 +26,7 @@ const DefaultKVBucket = "volumed_state"
 const (
 	kvOpPrefix      = "op."
 	kvMappingPrefix = "map."
+	kvExportPrefix  = "export."
 )
 
 // maxUpdateBackoff caps the random pause between UpdateOperation's
@@ -43,7 +44,8 @@ type KVConfig struct {
 }
 
 // KV is the Store on a JetStream KeyValue bucket: operations under
-// op.<id>, mappings under map.<volume_id>, each logical write one KV
+// op.<id>, mappings under map.<volume_id>, exports under
+// export.<volume_id>, each logical write one KV
 // operation. The secondary indexes and Stats live in memory, built at start
 // by a watcher over the bucket and kept live by it, so every process
 // sharing the bucket converges; each write also updates them before it
@@ -64,6 +66,7 @@ type KV struct {
 	mappings map[string]kvMapping
 	byDevice map[string]string
 	byVM     map[string]map[string]struct{}
+	exports  map[string]kvRecord // by volume id
 
 	watcher   jetstream.KeyWatcher
 	cancel    context.CancelFunc
@@ -87,6 +90,13 @@ type kvMapping struct {
 	raw []byte
 }
 
+// kvRecord is the in-memory entry of an unindexed record; raw is nil once
+// deleted.
+type kvRecord struct {
+	rev uint64
+	raw []byte
+}
+
 // NewKV creates or updates the bucket (file storage, one value per key),
 // reads every record into the indexes and keeps watching the bucket until
 // Close.
@@ -101,7 +111,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		cfg.Logger = slog.Default()
 	}
 	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket: cfg.Bucket, Description: "volumed operations and device mappings",
+		Bucket: cfg.Bucket, Description: "volumed operations, device mappings and exports",
 		History: 1, Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
 	})
 	if err != nil {
@@ -110,7 +120,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	k := &KV{kv: kv, log: cfg.Logger.With("component", "state-kv", "bucket", cfg.Bucket),
 		ops: make(map[string]kvOp), idx: make(map[string][]opRef), stats: newStats(),
 		mappings: make(map[string]kvMapping), byDevice: make(map[string]string),
-		byVM: make(map[string]map[string]struct{}), done: make(chan struct{})}
+		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvRecord), done: make(chan struct{})}
 	watchCtx, cancel := context.WithCancel(context.Background())
 	k.cancel = cancel
 	if k.watcher, err = kv.WatchAll(watchCtx); err != nil {
@@ -158,6 +168,8 @@ func (k *KV) applyEntry(e jetstream.KeyValueEntry) {
 		err = k.applyOp(strings.TrimPrefix(key, kvOpPrefix), e.Revision(), raw)
 	case strings.HasPrefix(key, kvMappingPrefix):
 		err = k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), e.Revision(), raw)
+	case strings.HasPrefix(key, kvExportPrefix):
+		err = k.applyExport(strings.TrimPrefix(key, kvExportPrefix), e.Revision(), raw)
 	}
 	if err != nil {
 		k.log.Warn("skipping bad record", "key", e.Key(), "revision", e.Revision(), "error", err)
@@ -231,6 +243,23 @@ func (k *KV) applyMapping(volumeID string, rev uint64, raw []byte) error {
 		return nil
 	}
 	k.setMapping(volumeID, kvMapping{rev: rev, m: m, raw: raw})
+	return nil
+}
+
+// applyExport puts revision rev of an export (nil raw: deleted) in memory
+// unless it already holds that revision or a later one.
+func (k *KV) applyExport(volumeID string, rev uint64, raw []byte) error {
+	if raw != nil {
+		if err := decode(raw, new(commands.Export)); err != nil {
+			return err
+		}
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if cur, ok := k.exports[volumeID]; ok && cur.rev >= rev {
+		return nil
+	}
+	k.exports[volumeID] = kvRecord{rev: rev, raw: raw}
 	return nil
 }
 
@@ -491,6 +520,67 @@ func (k *KV) DeleteMapping(ctx context.Context, volumeID string) error {
 	k.mu.Lock()
 	if k.mappings[volumeID].rev == before {
 		k.setMapping(volumeID, kvMapping{rev: before})
+	}
+	k.mu.Unlock()
+	return nil
+}
+
+// PutExport writes e with one KV Put.
+func (k *KV) PutExport(ctx context.Context, e commands.Export) error {
+	if err := checkExport(e); err != nil {
+		return err
+	}
+	data, err := json.Marshal(e)
+	if err != nil {
+		return fmt.Errorf("state: encode export %s: %w", e.VolumeID, err)
+	}
+	rev, err := k.kv.Put(ctx, kvExportPrefix+e.VolumeID, data)
+	if err != nil {
+		return kvErr("put export", err)
+	}
+	k.writes.Add(1)
+	return k.applyExport(e.VolumeID, rev, data)
+}
+
+// GetExport reads the export record of a volume from the bucket.
+func (k *KV) GetExport(ctx context.Context, volumeID string) (commands.Export, error) {
+	var e commands.Export
+	return e, k.get(ctx, "export", kvExportPrefix+volumeID, &e)
+}
+
+// ListExports returns the export records held in memory.
+func (k *KV) ListExports(context.Context) ([]commands.Export, error) {
+	k.mu.RLock()
+	var rows [][]byte
+	for _, e := range k.exports {
+		if e.raw != nil {
+			rows = append(rows, e.raw)
+		}
+	}
+	k.mu.RUnlock()
+	out := make([]commands.Export, len(rows))
+	for i, raw := range rows {
+		if err := decode(raw, &out[i]); err != nil {
+			return nil, err
+		}
+	}
+	sortExports(out)
+	return out, nil
+}
+
+// DeleteExport writes a delete marker for the volume's export record.
+func (k *KV) DeleteExport(ctx context.Context, volumeID string) error {
+	k.mu.RLock()
+	before := k.exports[volumeID].rev
+	k.mu.RUnlock()
+	if err := k.kv.Delete(ctx, kvExportPrefix+volumeID); err != nil {
+		return kvErr("delete export", err)
+	}
+	k.writes.Add(1)
+	// As DeleteMapping: drop the entry unless the watcher has moved on.
+	k.mu.Lock()
+	if k.exports[volumeID].rev == before {
+		k.exports[volumeID] = kvRecord{rev: before}
 	}
 	k.mu.Unlock()
 	return nil

@@ -40,6 +40,19 @@ func sortMappings(ms []commands.Mapping) {
 	})
 }
 
+// sortExports orders exports by volume id.
+func sortExports(es []commands.Export) {
+	slices.SortFunc(es, func(a, b commands.Export) int { return strings.Compare(a.VolumeID, b.VolumeID) })
+}
+
+// checkExport refuses an export record without a volume id.
+func checkExport(e commands.Export) error {
+	if e.VolumeID == "" {
+		return fmt.Errorf("state: export without volume id")
+	}
+	return nil
+}
+
 // newStats returns Stats with every type and status present at zero.
 func newStats() Stats {
 	s := Stats{ByType: make(map[commands.OpType]int64), ByStatus: make(map[commands.OpStatus]int64)}

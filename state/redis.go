@@ -49,6 +49,8 @@ type RedisConfig struct {
 //	P mapping:dev:<vm>:<path> volume id holding the device path on a VM
 //	P mappings:vm:<vm_id>     set of volume ids mapped on the VM
 //	P mappings:all            set of every mapped volume id
+//	P export:<volume_id>      export JSON
+//	P exports:all             set of every exported volume id
 type Redis struct {
 	rdb       *redis.Client
 	p         string
@@ -186,11 +188,27 @@ redis.call('DEL', KEYS[1])
 return 1
 `)
 
-// listMappingsScript returns the records ARGV[1]..member of the set KEYS[1].
-var listMappingsScript = redis.NewScript(`
+// listSetScript returns the records ARGV[1]..member of the set KEYS[1].
+var listSetScript = redis.NewScript(`
 local out = {}
 for i, vol in ipairs(redis.call('SMEMBERS', KEYS[1])) do out[i] = redis.call('GET', ARGV[1] .. vol) end
 return out
+`)
+
+// putExportScript writes an export and adds it to the set. KEYS: export,
+// all set. ARGV: volume, json.
+var putExportScript = redis.NewScript(`
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+`)
+
+// deleteExportScript removes an export and its set entry; 0 when there was
+// none. KEYS: export, all set. ARGV: volume.
+var deleteExportScript = redis.NewScript(`
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('SREM', KEYS[2], ARGV[1])
+return 1
 `)
 
 // mappingByDeviceScript returns the mapping whose volume KEYS[1] names.
@@ -395,7 +413,7 @@ func (r *Redis) ListMappings(ctx context.Context, vmID string) ([]commands.Mappi
 	if vmID != "" {
 		set = r.p + "mappings:vm:" + vmID
 	}
-	rows, err := listMappingsScript.Run(ctx, r.rdb, []string{set}, r.p+"mapping:").Slice()
+	rows, err := listSetScript.Run(ctx, r.rdb, []string{set}, r.p+"mapping:").Slice()
 	if err != nil {
 		return nil, r.wrap("list mappings", err)
 	}
@@ -408,6 +426,53 @@ func (r *Redis) ListMappings(ctx context.Context, vmID string) ([]commands.Mappi
 func (r *Redis) DeleteMapping(ctx context.Context, volumeID string) error {
 	_, err := r.runWrite(ctx, "delete mapping", deleteMappingScript,
 		[]string{r.p + "mapping:" + volumeID, r.p + "mappings:all"}, r.p, volumeID)
+	return err
+}
+
+func (r *Redis) exportKeys(volumeID string) []string {
+	return []string{r.p + "export:" + volumeID, r.p + "exports:all"}
+}
+
+// PutExport writes e and its set entry in one script.
+func (r *Redis) PutExport(ctx context.Context, e commands.Export) error {
+	if err := checkExport(e); err != nil {
+		return err
+	}
+	data, err := json.Marshal(e)
+	if err != nil {
+		return fmt.Errorf("state: encode export %s: %w", e.VolumeID, err)
+	}
+	_, err = r.runWrite(ctx, "put export", putExportScript, r.exportKeys(e.VolumeID), e.VolumeID, data)
+	return err
+}
+
+// GetExport reads the export record of a volume.
+func (r *Redis) GetExport(ctx context.Context, volumeID string) (commands.Export, error) {
+	var e commands.Export
+	data, err := r.rdb.Get(ctx, r.p+"export:"+volumeID).Bytes()
+	if errors.Is(err, redis.Nil) {
+		return e, fmt.Errorf("state: export %s: %w", volumeID, ErrNotFound)
+	}
+	if err != nil {
+		return e, r.wrap("get export", err)
+	}
+	return e, decode(data, &e)
+}
+
+// ListExports reads every export record in one script.
+func (r *Redis) ListExports(ctx context.Context) ([]commands.Export, error) {
+	rows, err := listSetScript.Run(ctx, r.rdb, []string{r.p + "exports:all"}, r.p+"export:").Slice()
+	if err != nil {
+		return nil, r.wrap("list exports", err)
+	}
+	es, err := decodeRows[commands.Export](rows)
+	sortExports(es)
+	return es, err
+}
+
+// DeleteExport removes an export record and its set entry in one script.
+func (r *Redis) DeleteExport(ctx context.Context, volumeID string) error {
+	_, err := r.runWrite(ctx, "delete export", deleteExportScript, r.exportKeys(volumeID), volumeID)
 	return err
 }
 

@@ -1,5 +1,5 @@
-// Package state keeps volumed's durable records, operations and device
-// mappings, behind one Store interface with two backends: Redis and an
+// Package state keeps volumed's durable records, operations, device
+// mappings and NBD exports, behind one Store interface with two backends: Redis and an
 // embedded store on the embedded NATS server's JetStream KeyValue.
 package state
 
@@ -47,7 +47,7 @@ type Stats struct {
 	Writes int64
 }
 
-// Store keeps operations and mappings. Every method is safe for concurrent
+// Store keeps operations, mappings and exports. Every method is safe for concurrent
 // use; each write is atomic (all of it or none of it).
 type Store interface {
 	// CreateOperation records a new operation; ErrExists if the id is taken.
@@ -75,6 +75,16 @@ type Store interface {
 	ListMappings(ctx context.Context, vmID string) ([]commands.Mapping, error)
 	// DeleteMapping removes a volume's mapping; no error if there is none.
 	DeleteMapping(ctx context.Context, volumeID string) error
+
+	// PutExport creates or replaces the export record of e.VolumeID.
+	PutExport(ctx context.Context, e commands.Export) error
+	// GetExport returns the export record of a volume or ErrNotFound.
+	GetExport(ctx context.Context, volumeID string) (commands.Export, error)
+	// ListExports returns every export record, sorted by volume id.
+	ListExports(ctx context.Context) ([]commands.Export, error)
+	// DeleteExport removes a volume's export record; no error if there is
+	// none.
+	DeleteExport(ctx context.Context, volumeID string) error
 
 	// Ping checks the backend is reachable.
 	Ping(ctx context.Context) error

@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/volumed/volumed/nbd"
 )
 
 // config is volumed's configuration, from flags with environment
@@ -39,6 +41,9 @@ type config struct {
 	scanInterval   time.Duration
 	nameDir        string
 	correlateAfter time.Duration
+	// NBD exports: nbdListen "" turns the NBD server off.
+	nbdListen     string
+	nbdAutoExport bool
 }
 
 // errUsage marks a configuration error (exit code 2).
@@ -164,6 +169,8 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f.duration(&c.syncInterval, "sync-interval", "VOLUMED_SYNC_INTERVAL", "5m", 0, "period of the background reconcile; 0 turns it off")
 	f.boolean("device-agent", "VOLUMED_DEVICE_AGENT", "true", "run the device agent for --vm-id in this process")
 	f.duration(&c.correlateAfter, "correlation-timeout", "VOLUMED_CORRELATION_TIMEOUT", "60s", time.Second, "how long an attach waits for its device")
+	f.str(&c.nbdListen, "nbd-listen", "VOLUMED_NBD_LISTEN", nbd.DefaultListen, "NBD server address for volume exports; empty turns it off")
+	f.boolean("nbd-auto-export", "VOLUMED_NBD_AUTO_EXPORT", "false", "export every volume attached to this host, read-only, as soon as its device is found")
 	if err := f.parse(args, &c); err != nil {
 		return c, err
 	}
@@ -175,6 +182,9 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 		return c, err
 	}
 	if c.deviceAgent, err = f.boolValue("device-agent"); err != nil {
+		return c, err
+	}
+	if c.nbdAutoExport, err = f.boolValue("nbd-auto-export"); err != nil {
 		return c, err
 	}
 	if c.syncInterval == 0 {

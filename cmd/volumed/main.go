@@ -24,6 +24,7 @@ import (
 	"github.com/volumed/volumed/handlers/correlate"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/httpbridge"
+	"github.com/volumed/volumed/nbd"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
 )
@@ -147,10 +148,22 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	}
 	started = append(started, corr)
 
+	var exporter handlers.Exporter
+	nbdAddr := "off"
+	if cfg.nbdListen != "" {
+		srv := nbd.New(nbd.Config{Listen: cfg.nbdListen, Logger: log})
+		if err := srv.Start(ctx); err != nil {
+			return err
+		}
+		started = append(started, srv)
+		exporter, nbdAddr = handlers.NBDExporter{Server: srv}, srv.Addr().String()
+		log.Info("nbd server ready", "addr", nbdAddr, "auto_export", cfg.nbdAutoExport)
+	}
+
 	cs := csapi.New(csapi.Config{URL: cfg.csURL, APIKey: cfg.csAPIKey, SecretKey: cfg.csSecretKey, Logger: log})
 	svc := handlers.New(handlers.Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, CloudStack: cs,
-		StoreName: storeName, VMID: cfg.vmID, Devices: corr, StepTimeout: cfg.stepTimeout, AckWait: cfg.ackWait,
-		SyncInterval: cfg.syncInterval, Logger: log})
+		StoreName: storeName, VMID: cfg.vmID, Devices: corr, Exporter: exporter, AutoExport: cfg.nbdAutoExport,
+		StepTimeout: cfg.stepTimeout, AckWait: cfg.ackWait, SyncInterval: cfg.syncInterval, Logger: log})
 	if err := svc.Start(ctx); err != nil {
 		return err
 	}
@@ -165,7 +178,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 
 	log.Info("volumed ready", "api", "http://"+bridge.Addr()+"/api/v1", "nats", b.ClientURL(),
 		"nats_embedded", b.Embedded(), "store", storeName, "cloudstack", cfg.csURL, "simulator", cfg.sim,
-		"vm_id", cfg.vmID, "device_agent", localStatus != nil, "data_dir", cfg.dataDir)
+		"vm_id", cfg.vmID, "device_agent", localStatus != nil, "nbd", nbdAddr, "data_dir", cfg.dataDir)
 	<-ctx.Done()
 	log.Info("shutting down; unfinished operations resume at the next start")
 	return nil

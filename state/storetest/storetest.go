@@ -60,6 +60,7 @@ func Run(t *testing.T, open Open) {
 		{"Writes", testWrites},
 		{"Mappings", testMappings},
 		{"MappingConflictAndMoves", testMappingConflictAndMoves},
+		{"Exports", testExports},
 		{"ConcurrentWriters", testConcurrentWriters},
 		{"PingClose", testPingClose},
 	} {
@@ -620,6 +621,82 @@ func testMappingConflictAndMoves(t *testing.T, s state.Store) {
 			for vm, want := range step.vms {
 				if got := mappingVolumes(t, s, vm); !slices.Equal(got, want) {
 					t.Fatalf("mappings of %s = %v, want %v", vm, got, want)
+				}
+			}
+		})
+	}
+}
+
+// Export returns an export record for tests.
+func Export(volume string, readOnly bool) commands.Export {
+	return commands.Export{VolumeID: volume, VMID: "vm-1", ExportName: "vol" + volume[len(volume)-8:],
+		DevicePath: "/dev/disk/by-volume/vol" + volume[len(volume)-8:], ReadOnly: readOnly,
+		Status: commands.ExportActive, CreatedAt: base, UpdatedAt: base}
+}
+
+// exportVolumes lists the export records and returns their volume ids.
+func exportVolumes(t testing.TB, s state.Store) []string {
+	t.Helper()
+	es, err := s.ListExports(ctxFor(t))
+	if err != nil {
+		t.Fatalf("list exports: %v", err)
+	}
+	out := []string{}
+	for _, e := range es {
+		out = append(out, e.VolumeID)
+	}
+	return out
+}
+
+func testExports(t *testing.T, s state.Store) {
+	ctx := ctxFor(t)
+	if got := exportVolumes(t, s); len(got) != 0 {
+		t.Fatalf("empty store lists exports %v", got)
+	}
+	e1, e2, e3 := Export(ID(1), true), Export(ID(2), false), Export(ID(3), true)
+	all := []string{ID(1), ID(2), ID(3)}
+	for _, step := range []struct {
+		name   string
+		do     func() error
+		want   []string         // volumes listed afterwards, in order
+		record *commands.Export // GetExport of its volume must give this
+		gone   string           // GetExport of this volume must be ErrNotFound
+	}{
+		{"put three, listed by volume", func() error {
+			return errors.Join(s.PutExport(ctx, e3), s.PutExport(ctx, e1), s.PutExport(ctx, e2))
+		}, all, &e2, ID(9)},
+		{"replace keeps one record", func() error {
+			e2.ReadOnly, e2.UpdatedAt = true, base.Add(time.Hour)
+			return s.PutExport(ctx, e2)
+		}, all, &e2, ""},
+		{"delete", func() error { return s.DeleteExport(ctx, ID(2)) }, []string{ID(1), ID(3)}, &e1, ID(2)},
+		{"delete again is no error", func() error { return s.DeleteExport(ctx, ID(2)) }, []string{ID(1), ID(3)}, &e3, ID(2)},
+		{"delete unknown is no error", func() error { return s.DeleteExport(ctx, ID(8)) }, []string{ID(1), ID(3)}, &e3, ID(8)},
+		{"put again after delete", func() error { return s.PutExport(ctx, e2) }, all, &e2, ""},
+		{"no volume id is refused", func() error {
+			if err := s.PutExport(ctx, commands.Export{ExportName: "vol00000000"}); err == nil {
+				return errors.New("export without volume id accepted")
+			}
+			return nil
+		}, all, nil, ""},
+	} {
+		t.Run(step.name, func(t *testing.T) {
+			if err := step.do(); err != nil {
+				t.Fatal(err)
+			}
+			if got := exportVolumes(t, s); !slices.Equal(got, step.want) {
+				t.Fatalf("exports %v, want %v", got, step.want)
+			}
+			if step.record != nil {
+				got, err := s.GetExport(ctx, step.record.VolumeID)
+				if err != nil {
+					t.Fatal(err)
+				}
+				sameJSON(t, got, *step.record)
+			}
+			if step.gone != "" {
+				if got, err := s.GetExport(ctx, step.gone); !errors.Is(err, state.ErrNotFound) {
+					t.Fatalf("export of %s: %+v, %v; want ErrNotFound", step.gone, got, err)
 				}
 			}
 		})

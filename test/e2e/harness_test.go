@@ -93,6 +93,7 @@ type daemon struct {
 	args    []string
 	api     string // http://host:port/api/v1
 	natsURL string
+	nbdAddr string // host:port of the NBD server
 	cmd     *exec.Cmd
 	out     *syncBuffer
 	exited  chan struct{}
@@ -123,11 +124,12 @@ func startDaemon(t *testing.T, sim cloud, o daemonOpts) *daemon {
 	}
 	listen := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 	d := &daemon{t: t, dataDir: o.dataDir, api: "http://" + listen + "/api/v1",
-		natsURL: fmt.Sprintf("nats://127.0.0.1:%d", natsPort)}
+		natsURL: fmt.Sprintf("nats://127.0.0.1:%d", natsPort), nbdAddr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}
 	d.args = append([]string{"--listen", listen, "--data-dir", o.dataDir, "--nats-config", conf,
 		"--cloudstack-url", sim.URL(), "--cloudstack-api-key", cloudsim.DefaultAPIKey,
 		"--cloudstack-secret-key", cloudsim.DefaultSecretKey, "--vm-id", cloudsim.ApplianceVMID,
-		"--ack-wait", "2s", "--log-level", "debug", "--name-dir", filepath.Join(o.dataDir, "by-volume")}, o.extra...)
+		"--ack-wait", "2s", "--log-level", "debug", "--name-dir", filepath.Join(o.dataDir, "by-volume"),
+		"--nbd-listen", d.nbdAddr}, o.extra...)
 	if o.redisURL != "" {
 		d.args = append(d.args, "--redis-url", o.redisURL)
 	}

@@ -1,0 +1,394 @@
+package handlers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/devagent"
+	"github.com/volumed/volumed/nbd"
+	"github.com/volumed/volumed/state"
+)
+
+// exportSyncTimeout bounds one sync of the served exports, the closing of
+// removed exports' clients included.
+const exportSyncTimeout = 30 * time.Second
+
+// Exporter serves export records, as NBD exports on this host.
+type Exporter interface {
+	// Sync makes the served set exactly exports: new ones are served when
+	// it returns, removed ones refuse new clients at once and have their
+	// clients closed before it returns. An export that cannot be opened is
+	// left out (and missing from Clients) while the rest is applied.
+	Sync(ctx context.Context, exports []commands.Export) error
+	// Clients counts the connected clients of each served export, by
+	// export name.
+	Clients() map[string]int
+}
+
+// NBDExporter is the Exporter on volumed's NBD server.
+type NBDExporter struct {
+	Server *nbd.Server
+}
+
+var _ Exporter = NBDExporter{}
+
+// Sync sets the server's exports to the records.
+func (x NBDExporter) Sync(ctx context.Context, exports []commands.Export) error {
+	specs := make([]nbd.ExportSpec, 0, len(exports))
+	for _, e := range exports {
+		specs = append(specs, nbd.ExportSpec{Name: e.ExportName, Path: e.DevicePath, ReadOnly: e.ReadOnly,
+			Description: "volume " + e.VolumeID})
+	}
+	return x.Server.SetExports(ctx, specs)
+}
+
+// Clients reads the served exports' client counts.
+func (x NBDExporter) Clients() map[string]int {
+	out := map[string]int{}
+	for _, st := range x.Server.Exports() {
+		out[st.Name] = st.Clients
+	}
+	return out
+}
+
+// exportsOff is the answer to every export command and read when volumed
+// runs without an NBD server.
+func exportsOff() *commands.Error {
+	return commands.Unavailable("the NBD server is off (--nbd-listen is empty)")
+}
+
+// exportable returns the export a mapping allows: only a volume attached
+// to this host whose device was found. why says what is missing otherwise.
+func (s *Service) exportable(m commands.Mapping) (e commands.Export, why string) {
+	switch {
+	case m.VMID != s.cfg.VMID:
+		return e, fmt.Sprintf("it is attached to VM %s, not to this host (%s)", m.VMID, s.cfg.VMID)
+	case m.LinuxState != commands.LinuxDetected:
+		return e, fmt.Sprintf("its device on this host is %s", m.LinuxState)
+	}
+	e = commands.Export{VolumeID: m.VolumeID, VMID: m.VMID, ExportName: m.PersistentDeviceName,
+		DevicePath: m.SymlinkPath, Status: commands.ExportActive}
+	if e.ExportName == "" {
+		e.ExportName = devagent.PersistentName(m.VolumeID)
+	}
+	if e.DevicePath == "" {
+		e.DevicePath = m.DevicePath
+	}
+	if e.DevicePath == "" {
+		return e, "its device has no path"
+	}
+	return e, ""
+}
+
+// mappingForExport returns the export the volume's mapping allows, or a
+// CONFLICT saying why there is none.
+func (s *Service) mappingForExport(ctx context.Context, volumeID string) (commands.Export, error) {
+	m, err := s.cfg.Store.GetMapping(ctx, volumeID)
+	if errors.Is(err, state.ErrNotFound) {
+		return commands.Export{}, commands.Conflict("volume %s is not attached to this host (%s)", volumeID, s.cfg.VMID).
+			WithDetail("volume_id", volumeID)
+	}
+	if err != nil {
+		return commands.Export{}, storeError(err)
+	}
+	e, why := s.exportable(m)
+	if why != "" {
+		return e, commands.Conflict("volume %s cannot be exported: %s", volumeID, why).WithDetail("volume_id", volumeID)
+	}
+	return e, nil
+}
+
+func (s *Service) acceptExport(ctx context.Context, data []byte) (any, error) {
+	req, err := commands.DecodeExport(data)
+	if err != nil {
+		return nil, err
+	}
+	if s.cfg.Exporter == nil {
+		return nil, exportsOff()
+	}
+	if err := s.checkVolume(ctx, req.VolumeID); err != nil {
+		return nil, err
+	}
+	if _, err := s.mappingForExport(ctx, req.VolumeID); err != nil {
+		return nil, err
+	}
+	vm := s.cfg.VMID
+	return s.accept(ctx, commands.OpExport, req.VolumeID, &vm, req)
+}
+
+func (s *Service) acceptUnexport(ctx context.Context, data []byte) (any, error) {
+	req, err := commands.DecodeVolume(data)
+	if err != nil {
+		return nil, err
+	}
+	if s.cfg.Exporter == nil {
+		return nil, exportsOff()
+	}
+	if _, err := s.cfg.Store.GetExport(ctx, req.VolumeID); errors.Is(err, state.ErrNotFound) {
+		if err := s.checkVolume(ctx, req.VolumeID); err != nil {
+			return nil, err
+		}
+	} else if err != nil {
+		return nil, storeError(err)
+	}
+	vm := s.cfg.VMID
+	return s.accept(ctx, commands.OpUnexport, req.VolumeID, &vm, req)
+}
+
+// exportOp runs an export operation: it checks the mapping again, writes
+// the record and syncs the served set.
+func (s *Service) exportOp(ctx context.Context, op *commands.Operation) (*commands.OpResponse, error) {
+	var req commands.ExportRequest
+	if err := decodeRequest(op, &req); err != nil {
+		return nil, err
+	}
+	if s.cfg.Exporter == nil {
+		return nil, exportsOff()
+	}
+	e, err := s.mappingForExport(ctx, req.VolumeID)
+	if err != nil {
+		return nil, err
+	}
+	e.ReadOnly = req.ReadOnly
+	if err := s.putExport(ctx, e); err != nil {
+		return nil, err
+	}
+	return &commands.OpResponse{VolumeID: e.VolumeID, VMID: e.VMID, DevicePath: e.DevicePath, ExportName: e.ExportName,
+		Message: "Volume exported as " + e.ExportName}, nil
+}
+
+// putExport records e (keeping the creation time of a record it
+// replaces) and serves it; an export name another volume holds is a
+// CONFLICT, and an export that cannot be served is removed again and
+// fails.
+func (s *Service) putExport(ctx context.Context, e commands.Export) error {
+	now := time.Now().UTC()
+	e.CreatedAt, e.UpdatedAt = now, now
+	old, err := s.cfg.Store.GetExport(ctx, e.VolumeID)
+	switch {
+	case err == nil:
+		e.CreatedAt = old.CreatedAt
+	case !errors.Is(err, state.ErrNotFound):
+		return errStopped
+	}
+	recs, err := s.localExports(ctx)
+	if err != nil {
+		return errStopped
+	}
+	for _, r := range recs {
+		if r.ExportName == e.ExportName && r.VolumeID != e.VolumeID {
+			return commands.Conflict("export name %s is taken by volume %s", e.ExportName, r.VolumeID).
+				WithDetail("export_name", e.ExportName)
+		}
+	}
+	if err := s.cfg.Store.PutExport(ctx, e); err != nil {
+		return errStopped
+	}
+	dropped, err := s.syncExports(ctx)
+	if slices.Contains(dropped, e.VolumeID) {
+		return commands.Internal("the NBD server cannot serve %s: %v", e.DevicePath, err).WithDetail("export_name", e.ExportName)
+	}
+	if err != nil {
+		return commands.Internal("sync NBD exports: %v", err)
+	}
+	return nil
+}
+
+// unexportOp runs an unexport operation.
+func (s *Service) unexportOp(ctx context.Context, op *commands.Operation) (*commands.OpResponse, error) {
+	var req commands.VolumeRequest
+	if err := decodeRequest(op, &req); err != nil {
+		return nil, err
+	}
+	if s.cfg.Exporter == nil {
+		return nil, exportsOff()
+	}
+	name, err := s.dropExport(ctx, req.VolumeID)
+	if err != nil {
+		return nil, err
+	}
+	resp := &commands.OpResponse{VolumeID: req.VolumeID, ExportName: name, Message: "Export " + name + " removed"}
+	if name == "" {
+		resp.Message = "Volume was not exported"
+	}
+	return resp, nil
+}
+
+// dropExport ends a volume's export: its record goes, then the served set
+// is synced, which refuses new clients and closes open ones. It returns
+// the export name, "" when the volume had no export.
+func (s *Service) dropExport(ctx context.Context, volumeID string) (string, error) {
+	if s.cfg.Exporter == nil {
+		return "", nil
+	}
+	e, err := s.cfg.Store.GetExport(ctx, volumeID)
+	if errors.Is(err, state.ErrNotFound) {
+		return "", nil
+	}
+	if err != nil {
+		return "", errStopped
+	}
+	if err := s.cfg.Store.DeleteExport(ctx, volumeID); err != nil {
+		return "", errStopped
+	}
+	if _, err := s.syncExports(ctx); err != nil {
+		return "", commands.Internal("end NBD export %s: %v", e.ExportName, err).WithDetail("export_name", e.ExportName)
+	}
+	s.log.Info("export ended", "volume_id", volumeID, "export", e.ExportName)
+	return e.ExportName, nil
+}
+
+// localExports returns this host's export records.
+func (s *Service) localExports(ctx context.Context) ([]commands.Export, error) {
+	all, err := s.cfg.Store.ListExports(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(all, func(e commands.Export) bool { return e.VMID != s.cfg.VMID }), nil
+}
+
+// syncExports makes the served set this host's records. Records the
+// exporter could not serve are deleted and returned; the error is then
+// only logged. Syncs run one at a time.
+func (s *Service) syncExports(ctx context.Context) (dropped []string, err error) {
+	s.exportMu.Lock()
+	defer s.exportMu.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, exportSyncTimeout)
+	defer cancel()
+	recs, err := s.localExports(ctx)
+	if err != nil {
+		return nil, storeError(err)
+	}
+	syncErr := s.cfg.Exporter.Sync(ctx, recs)
+	served := s.cfg.Exporter.Clients()
+	for _, e := range recs {
+		if _, ok := served[e.ExportName]; ok {
+			continue
+		}
+		if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID); err != nil {
+			return dropped, storeError(err)
+		}
+		dropped = append(dropped, e.VolumeID)
+	}
+	if len(dropped) > 0 {
+		s.log.Warn("exports dropped: the NBD server cannot serve them", "volume_ids", dropped, "error", syncErr)
+		return dropped, nil
+	}
+	return nil, syncErr
+}
+
+// reconcileExports removes the export records whose mapping no longer
+// allows an export, follows a mapping's new device path, and syncs the
+// served set; it returns each repair in words. It runs at Start and in
+// Reconcile.
+func (s *Service) reconcileExports(ctx context.Context) ([]string, error) {
+	if s.cfg.Exporter == nil {
+		return nil, nil
+	}
+	recs, err := s.localExports(ctx)
+	if err != nil {
+		return nil, storeError(err)
+	}
+	var changes []string
+	served := s.cfg.Exporter.Clients()
+	resync := len(served) != len(recs)
+	for _, e := range recs {
+		m, err := s.cfg.Store.GetMapping(ctx, e.VolumeID)
+		want, why := s.exportable(m)
+		switch {
+		case errors.Is(err, state.ErrNotFound):
+			why = "the volume has no mapping"
+		case err != nil:
+			return changes, storeError(err)
+		}
+		if _, ok := served[e.ExportName]; !ok {
+			resync = true
+		}
+		if why != "" {
+			if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID); err != nil {
+				return changes, storeError(err)
+			}
+			changes = append(changes, fmt.Sprintf("removed export %s of volume %s: %s", e.ExportName, e.VolumeID, why))
+			resync = true
+			continue
+		}
+		if want.ExportName != e.ExportName || want.DevicePath != e.DevicePath {
+			e.ExportName, e.DevicePath, e.UpdatedAt = want.ExportName, want.DevicePath, time.Now().UTC()
+			if err := s.cfg.Store.PutExport(ctx, e); err != nil {
+				return changes, storeError(err)
+			}
+			changes = append(changes, fmt.Sprintf("export of volume %s now serves %s as %s", e.VolumeID, e.DevicePath, e.ExportName))
+			resync = true
+		}
+	}
+	dropped, err := s.syncExports(ctx)
+	for _, id := range dropped {
+		changes = append(changes, fmt.Sprintf("removed export of volume %s: the NBD server cannot serve it", id))
+	}
+	if err != nil {
+		return changes, err
+	}
+	if resync && len(changes) == 0 {
+		changes = append(changes, "re-synced the NBD server's exports with the records")
+	}
+	return changes, nil
+}
+
+// autoExport exports a volume just attached to this host, read-only, when
+// --nbd-auto-export asks for it; a failure is logged, the attach stands.
+func (s *Service) autoExport(ctx context.Context, m commands.Mapping) {
+	if !s.cfg.AutoExport || s.cfg.Exporter == nil {
+		return
+	}
+	e, why := s.exportable(m)
+	if why != "" {
+		return
+	}
+	if _, err := s.cfg.Store.GetExport(ctx, m.VolumeID); err == nil {
+		return // exported already, maybe read-write: keep it
+	}
+	e.ReadOnly = true
+	if err := s.putExport(ctx, e); err != nil {
+		s.log.Warn("auto-export failed", "volume_id", m.VolumeID, "error", err)
+		return
+	}
+	s.log.Info("volume auto-exported", "volume_id", m.VolumeID, "export", e.ExportName)
+}
+
+// Exports lists this host's exports with their connected clients; 503
+// when the NBD server is off.
+func (s *Service) Exports(ctx context.Context) ([]commands.Export, error) {
+	if s.cfg.Exporter == nil {
+		return nil, exportsOff()
+	}
+	recs, err := s.localExports(ctx)
+	if err != nil {
+		return nil, storeError(err)
+	}
+	clients := s.cfg.Exporter.Clients()
+	for i := range recs {
+		recs[i].Clients = clients[recs[i].ExportName]
+	}
+	return recs, nil
+}
+
+// Export is one volume's export with its connected clients; NOT_FOUND
+// when the volume is not exported here.
+func (s *Service) Export(ctx context.Context, volumeID string) (commands.Export, error) {
+	if s.cfg.Exporter == nil {
+		return commands.Export{}, exportsOff()
+	}
+	e, err := s.cfg.Store.GetExport(ctx, volumeID)
+	if errors.Is(err, state.ErrNotFound) || (err == nil && e.VMID != s.cfg.VMID) {
+		return commands.Export{}, commands.NotFound("volume %s is not exported on this host", volumeID).WithDetail("volume_id", volumeID)
+	}
+	if err != nil {
+		return e, storeError(err)
+	}
+	e.Clients = s.cfg.Exporter.Clients()[e.ExportName]
+	return e, nil
+}
