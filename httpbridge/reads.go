@@ -26,113 +26,80 @@ func pathID(r *http.Request, name string, normalize func(string) (string, error)
 	return normalize(raw)
 }
 
-func (s *Server) getVolume(w http.ResponseWriter, r *http.Request) {
-	id, err := pathID(r, "volume_id", commands.NormalizeVolumeID)
-	if err != nil {
-		writeError(w, err)
-		return
-	}
+// serveRead runs one read under the read timeout and answers its result
+// as 200 JSON, or its error in the documented format.
+func serveRead[T any](s *Server, w http.ResponseWriter, r *http.Request, read func(ctx context.Context) (T, error)) {
 	ctx, cancel := s.readContext(r)
 	defer cancel()
-	st, err := s.cfg.Backend.VolumeStatus(ctx, id)
+	v, err := read(ctx)
 	if err != nil {
 		writeError(w, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, st)
+	writeJSON(w, http.StatusOK, v)
+}
+
+// byPathID answers a read keyed by an id path parameter.
+func byPathID[T any](s *Server, w http.ResponseWriter, r *http.Request, name string,
+	normalize func(string) (string, error), read func(ctx context.Context, id string) (T, error)) {
+	id, err := pathID(r, name, normalize)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	serveRead(s, w, r, func(ctx context.Context) (T, error) { return read(ctx, id) })
+}
+
+// nonNil returns list, or [] for nil, so that JSON shows [] not null.
+func nonNil[T any](list []T) []T {
+	if list == nil {
+		return []T{}
+	}
+	return list
+}
+
+func (s *Server) getVolume(w http.ResponseWriter, r *http.Request) {
+	byPathID(s, w, r, "volume_id", commands.NormalizeVolumeID, s.cfg.Backend.VolumeStatus)
 }
 
 func (s *Server) getVolumeDevice(w http.ResponseWriter, r *http.Request) {
-	id, err := pathID(r, "volume_id", commands.NormalizeVolumeID)
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	ctx, cancel := s.readContext(r)
-	defer cancel()
-	m, err := s.cfg.Store.GetMapping(ctx, id)
-	if err != nil {
-		writeError(w, notFoundAs(err, commands.NotFound("no device mapping for volume %s", id).WithDetail("volume_id", id)))
-		return
-	}
-	writeJSON(w, http.StatusOK, m)
+	byPathID(s, w, r, "volume_id", commands.NormalizeVolumeID, func(ctx context.Context, id string) (commands.Mapping, error) {
+		m, err := s.cfg.Store.GetMapping(ctx, id)
+		return m, notFoundAs(err, commands.NotFound("no device mapping for volume %s", id).WithDetail("volume_id", id))
+	})
 }
 
 func (s *Server) getDeviceVolume(w http.ResponseWriter, r *http.Request) {
-	raw, err := pathParam(r, "device_path")
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	dev, err := NormalizeDevicePath(raw)
-	if err != nil {
-		writeError(w, err)
-		return
-	}
 	vm := s.cfg.VMID
 	if q := r.URL.Query().Get("vm_id"); q != "" {
+		var err error
 		if vm, err = commands.NormalizeVMID(q); err != nil {
 			writeError(w, err)
 			return
 		}
 	}
-	ctx, cancel := s.readContext(r)
-	defer cancel()
-	m, err := s.cfg.Store.GetMappingByDevice(ctx, vm, dev)
-	if err != nil {
-		writeError(w, notFoundAs(err, commands.NotFound("no volume is mapped to %s", dev).WithDetail("device_path", dev)))
-		return
-	}
-	writeJSON(w, http.StatusOK, m)
+	byPathID(s, w, r, "device_path", NormalizeDevicePath, func(ctx context.Context, dev string) (commands.Mapping, error) {
+		m, err := s.cfg.Store.GetMappingByDevice(ctx, vm, dev)
+		return m, notFoundAs(err, commands.NotFound("no volume is mapped to %s", dev).WithDetail("device_path", dev))
+	})
 }
 
 func (s *Server) getVMVolumes(w http.ResponseWriter, r *http.Request) {
-	id, err := pathID(r, "vm_id", commands.NormalizeVMID)
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	ctx, cancel := s.readContext(r)
-	defer cancel()
-	vols, err := s.cfg.Backend.VMVolumes(ctx, id)
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	if vols == nil {
-		vols = []commands.VolumeStatus{}
-	}
-	writeJSON(w, http.StatusOK, vols)
+	byPathID(s, w, r, "vm_id", commands.NormalizeVMID, func(ctx context.Context, id string) ([]commands.VolumeStatus, error) {
+		vols, err := s.cfg.Backend.VMVolumes(ctx, id)
+		return nonNil(vols), err
+	})
 }
 
 func (s *Server) listExports(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := s.readContext(r)
-	defer cancel()
-	exports, err := s.cfg.Backend.Exports(ctx)
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	if exports == nil {
-		exports = []commands.Export{}
-	}
-	writeJSON(w, http.StatusOK, exports)
+	serveRead(s, w, r, func(ctx context.Context) ([]commands.Export, error) {
+		exports, err := s.cfg.Backend.Exports(ctx)
+		return nonNil(exports), err
+	})
 }
 
 func (s *Server) getExport(w http.ResponseWriter, r *http.Request) {
-	id, err := pathID(r, "volume_id", commands.NormalizeVolumeID)
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	ctx, cancel := s.readContext(r)
-	defer cancel()
-	e, err := s.cfg.Backend.Export(ctx, id)
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, e)
+	byPathID(s, w, r, "volume_id", commands.NormalizeVolumeID, s.cfg.Backend.Export)
 }
 
 func (s *Server) getHealth(w http.ResponseWriter, r *http.Request) {
@@ -147,20 +114,16 @@ func (s *Server) getHealth(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) getMetrics(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := s.readContext(r)
-	defer cancel()
-	m, err := s.cfg.Backend.Metrics(ctx)
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	if m.OperationsByType == nil {
-		m.OperationsByType = map[string]int64{}
-	}
-	if m.OperationsByStatus == nil {
-		m.OperationsByStatus = map[string]int64{}
-	}
-	writeJSON(w, http.StatusOK, m)
+	serveRead(s, w, r, func(ctx context.Context) (commands.Metrics, error) {
+		m, err := s.cfg.Backend.Metrics(ctx)
+		if m.OperationsByType == nil {
+			m.OperationsByType = map[string]int64{}
+		}
+		if m.OperationsByStatus == nil {
+			m.OperationsByStatus = map[string]int64{}
+		}
+		return m, err
+	})
 }
 
 // notFoundAs answers a store's ErrNotFound with e, anything else as it is.
