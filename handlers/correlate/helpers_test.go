@@ -21,6 +21,7 @@ import (
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
+	"github.com/volumed/volumed/test/cloudsim/simtest"
 )
 
 const (
@@ -77,21 +78,8 @@ func setup(t *testing.T, anonymous bool, timeout time.Duration) *env {
 
 	inv := cloudsim.DefaultInventory()
 	inv.MaxDataDisks = 20
-	sim, err := cloudsim.New(cloudsim.Config{Listen: "127.0.0.1:0", StateDir: t.TempDir(), Inventory: inv,
+	sim := simtest.Start(t, cloudsim.Config{Inventory: inv, LocalDevices: cloudsim.LocalDevicesAuto,
 		AnonymousBackingFiles: anonymous, JobDuration: 50 * time.Millisecond})
-	if err != nil {
-		t.Fatalf("cloudsim: %v", err)
-	}
-	if err := sim.Start(ctx); err != nil {
-		t.Fatalf("cloudsim start: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if err := sim.Teardown(ctx); err != nil {
-			t.Errorf("cloudsim teardown: %v", err)
-		}
-	})
 	testenv.Require(t, sim.LocalDevicesEnabled(), "cloudsim makes no loop devices here")
 	return &env{sim: sim, store: store, corr: corr, agent: agent, namesDir: namesDir, nc: b.Conn(),
 		cs: cloudstack.NewAsyncClient(sim.URL(), cloudsim.DefaultAPIKey, cloudsim.DefaultSecretKey, false)}

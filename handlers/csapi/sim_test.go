@@ -9,25 +9,14 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/test/cloudsim"
+	"github.com/volumed/volumed/test/cloudsim/simtest"
 )
 
 // startSim runs the CloudStack simulator (without local loop devices) for
 // one test and returns it with a Client on it.
 func startSim(t testing.TB, jobDuration time.Duration) (*cloudsim.Sim, *Client) {
 	t.Helper()
-	sim, err := cloudsim.New(cloudsim.Config{Listen: "127.0.0.1:0", StateDir: t.TempDir(),
-		LocalDevices: cloudsim.LocalDevicesOff, JobDuration: jobDuration})
-	if err != nil {
-		t.Fatalf("cloudsim: %v", err)
-	}
-	if err := sim.Start(context.Background()); err != nil {
-		t.Fatalf("cloudsim start: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := sim.Close(context.Background()); err != nil {
-			t.Errorf("cloudsim close: %v", err)
-		}
-	})
+	sim := simtest.Start(t, cloudsim.Config{JobDuration: jobDuration})
 	return sim, New(Config{URL: sim.URL(), APIKey: sim.APIKey(), SecretKey: sim.SecretKey()})
 }
 

@@ -1,7 +1,6 @@
 package cloudsim_test
 
 import (
-	"context"
 	"crypto/hmac"
 	"crypto/sha1"
 	"encoding/base64"
@@ -17,42 +16,11 @@ import (
 
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
+	"github.com/volumed/volumed/test/cloudsim/simtest"
 )
 
-// startSim starts a simulator on a free port with a short job time and no
-// local devices unless cfg says otherwise; the test tears it down.
-func startSim(t testing.TB, cfg cloudsim.Config) *cloudsim.Sim {
-	t.Helper()
-	if cfg.Listen == "" {
-		cfg.Listen = "127.0.0.1:0"
-	}
-	if cfg.StateDir == "" {
-		cfg.StateDir = t.TempDir()
-	}
-	if cfg.LocalDevices == "" {
-		cfg.LocalDevices = cloudsim.LocalDevicesOff
-	}
-	if cfg.JobDuration == 0 {
-		cfg.JobDuration = 20 * time.Millisecond
-	}
-	s, err := cloudsim.New(cfg)
-	if err != nil {
-		t.Fatalf("new: %v", err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if err := s.Start(ctx); err != nil {
-		t.Fatalf("start: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		if err := s.Teardown(ctx); err != nil {
-			t.Errorf("teardown: %v", err)
-		}
-	})
-	return s
-}
+// startSim starts a simulator for the test (see simtest.Start).
+func startSim(t testing.TB, cfg cloudsim.Config) *cloudsim.Sim { return simtest.Start(t, cfg) }
 
 // syncClient is cloudstack-go's client that does not wait for jobs.
 func syncClient(s *cloudsim.Sim) *cloudstack.CloudStackClient {

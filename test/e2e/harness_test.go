@@ -2,7 +2,6 @@ package e2e_test
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -22,6 +21,7 @@ import (
 	"github.com/volumed/volumed/internal/apitest"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
+	"github.com/volumed/volumed/test/cloudsim/simtest"
 )
 
 // volumedBin and cloudsimBin are the binaries the tests run, built once.
@@ -58,32 +58,14 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// startSim runs the CloudStack simulator in the test process, on a free
-// port, with no local devices unless local is true.
+// startSim runs the CloudStack simulator in the test process, with 50 ms
+// jobs and no local devices unless cfg says otherwise.
 func startSim(t *testing.T, cfg cloudsim.Config) *cloudsim.Sim {
 	t.Helper()
-	cfg.Listen = "127.0.0.1:0"
-	if cfg.StateDir == "" {
-		cfg.StateDir = t.TempDir()
-	}
-	if cfg.LocalDevices == "" {
-		cfg.LocalDevices = cloudsim.LocalDevicesOff
-	}
 	if cfg.JobDuration == 0 {
 		cfg.JobDuration = 50 * time.Millisecond
 	}
-	sim, err := cloudsim.New(cfg)
-	if err != nil {
-		t.Fatalf("simulator: %v", err)
-	}
-	if err := sim.Start(context.Background()); err != nil {
-		t.Fatalf("simulator start: %v", err)
-	}
-	t.Cleanup(func() {
-		_ = sim.Close(context.Background())
-		_ = sim.Teardown(context.Background())
-	})
-	return sim
+	return simtest.Start(t, cfg)
 }
 
 // daemon is one volumed process.
