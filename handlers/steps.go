@@ -18,6 +18,10 @@ func (s *Service) create(ctx context.Context, op *commands.Operation) (*commands
 	if err := decodeRequest(op, &req); err != nil {
 		return nil, err
 	}
+	// dispatch put the operation in its volume's line when the volume id
+	// was already recorded; otherwise in the operation's own line, and the
+	// volume's line is taken here as soon as the id is known.
+	lined := op.VolumeID != ""
 	if op.VolumeID == "" && op.Step == stepCreateRequested {
 		// A crash came between createVolume and recording its answer:
 		// adopt the volume it made rather than make a second one.
@@ -40,18 +44,23 @@ func (s *Service) create(ctx context.Context, op *commands.Operation) (*commands
 		if err != nil {
 			return nil, failure(err)
 		}
+		op.VolumeID, op.JobID = volID, jobID
+	}
+	if !lined {
 		// Hold the new volume's line before anyone can learn its id.
-		wait, done := s.keys.enqueue(volID)
+		wait, done := s.keys.enqueue(op.VolumeID)
 		defer done()
-		<-wait
-		op.VolumeID, op.JobID, op.Step = volID, jobID, stepCreateJob
+		select {
+		case <-wait:
+		case <-ctx.Done():
+			return nil, errStopped
+		}
+	}
+	if op.Step != stepCreateJob {
+		op.Step = stepCreateJob
 		if err := s.save(ctx, op); err != nil {
 			return nil, err
 		}
-	} else {
-		wait, done := s.keys.enqueue(op.VolumeID)
-		defer done()
-		<-wait
 	}
 	vol, err := s.createdVolume(ctx, op)
 	if err != nil {

@@ -68,3 +68,29 @@ func TestCrashBeforeJobRecorded(t *testing.T) {
 		t.Fatalf("attaches done in CloudStack: %d, want exactly 1", n)
 	}
 }
+
+// TestCrashDuringCreate kills volumed while CloudStack runs the create
+// job: after the restart the operation completes on the same volume, with
+// one createVolume call, and later operations on it run.
+func TestCrashDuringCreate(t *testing.T) {
+	sim := startSimProcess(t)
+	d := startDaemon(t, sim, daemonOpts{})
+	sim.setFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"createVolume": cloudsim.Duration(3 * time.Second)}})
+	op := d.submit(http.MethodPost, "/volumes", map[string]any{"name": "crash-create", "size": 1 << 30,
+		"disk_offering_id": cloudsim.CustomOfferingID, "zone_id": cloudsim.ZoneID})
+	var cur commands.Operation
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+op.ID, nil, &cur)
+		return cur.VolumeID != "" && cur.JobID != ""
+	}, "create job started")
+	d.kill9()
+	d.restart()
+	done := d.completed(op.ID)
+	if done.VolumeID != cur.VolumeID {
+		t.Fatalf("create completed on %s, CloudStack made %s", done.VolumeID, cur.VolumeID)
+	}
+	if n := sim.stats().Calls["createVolume"]; n != 1 {
+		t.Fatalf("createVolume called %d times, want 1", n)
+	}
+	d.completed(d.submit(http.MethodDelete, "/volumes/"+done.VolumeID, nil).ID)
+}
