@@ -1,5 +1,7 @@
 package commands
 
+import "time"
+
 // NATS subjects of the public contract. Command subjects are request/reply;
 // the reply is what the REST bridge answers, with the HTTP status in the
 // StatusHeader header.
@@ -28,6 +30,14 @@ const (
 
 	// StatusHeader carries the HTTP status of a command reply.
 	StatusHeader = "Status"
+)
+
+// How long the command service takes, at most, to answer: a command (it
+// records and queues the operation) and a force-sync (it runs the whole
+// reconcile). A requester waits a little longer than these.
+const (
+	AcceptTimeout    = 8 * time.Second
+	ForceSyncTimeout = 2 * time.Minute
 )
 
 // OpSubject is the subject of the events of one operation.

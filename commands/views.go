@@ -101,4 +101,6 @@ type SyncResult struct {
 	Timestamp time.Time `json:"timestamp"`
 	// Changes lists each repair made, in words; empty when nothing drifted.
 	Changes []string `json:"changes"`
+	// Errors names what could not be checked (and so was not repaired).
+	Errors []string `json:"errors,omitempty"`
 }

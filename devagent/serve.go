@@ -34,7 +34,7 @@ type NamesMessage struct {
 	// Names maps a persistent name (volXXXXXXXX) to a device path: in a
 	// request the full set the VM must hold, in a reply the set it holds.
 	Names map[string]string `json:"names"`
-	// Dir is the directory of the symlinks (reply only).
+	// Dir is the directory the names appear in (reply only).
 	Dir string `json:"dir,omitempty"`
 	// Previous is the set held before the request (reply only).
 	Previous map[string]string `json:"previous,omitempty"`
@@ -58,8 +58,8 @@ type ServerConfig struct {
 	// JetStream publishes the events; nil makes one on Conn.
 	JetStream jetstream.JetStream
 	Agent     *Agent
-	// Namer keeps the persistent names; nil means NewNamer("").
-	Namer *Namer
+	// Namer keeps the persistent names; nil means NewNames("", "").
+	Namer Names
 	// SysRoot is the sysfs the list and names requests re-read; default
 	// DefaultSysRoot.
 	SysRoot string
@@ -68,21 +68,23 @@ type ServerConfig struct {
 
 // Server is the agent's NATS side: it publishes every agent event to
 // JetStream on devices.<vm_id>.<action>, answers devices.<vm_id>.list with
-// the disks present (re-read from sysfs) and makes the link directory hold
+// the disks present (re-read from sysfs) and makes the persistent names
 // exactly the name set of each devices.<vm_id>.names request.
 type Server struct {
 	cfg   ServerConfig
 	log   *slog.Logger
 	sysfs Sysfs
 
-	// mu guards desired and serializes every change to the link directory.
+	// mu guards desired and serializes every change to the names.
 	mu sync.Mutex
 	// desired is the last requested name set, less names whose device
 	// went away since.
 	desired map[string]string
 
-	subs      []*nats.Subscription
-	unsub     func()
+	subs  []*nats.Subscription
+	unsub func()
+	// runCtx is cancelled by Close; the names requests run under it.
+	runCtx    context.Context
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
 	closeOnce sync.Once
@@ -91,7 +93,7 @@ type Server struct {
 // NewServer returns a Server with defaults filled in; Start runs it.
 func NewServer(cfg ServerConfig) *Server {
 	if cfg.Namer == nil {
-		cfg.Namer = NewNamer("")
+		cfg.Namer = NewNames("", "")
 	}
 	if cfg.SysRoot == "" {
 		cfg.SysRoot = DefaultSysRoot
@@ -122,13 +124,13 @@ func (s *Server) Start(ctx context.Context) error {
 		}
 		s.cfg.JetStream = js
 	}
-	found, err := s.cfg.Namer.List()
+	found, err := s.cfg.Namer.List(ctx)
 	if err != nil {
 		return fmt.Errorf("devagent: read persistent names: %w", err)
 	}
 	s.desired = found
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	s.cancel = cancel
+	s.runCtx, s.cancel = runCtx, cancel
 	events, unsub := s.cfg.Agent.Subscribe()
 	s.unsub = unsub
 	s.wg.Add(1)
@@ -185,7 +187,7 @@ func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
 				return
 			}
 			if ev.Action == commands.DeviceRemove {
-				s.dropNamesOf(ev.Path)
+				s.dropNamesOf(ctx, ev.Path)
 			}
 			s.publish(ctx, ev)
 		}
@@ -226,9 +228,9 @@ func (s *Server) publish(ctx context.Context, ev commands.Device) {
 	}
 }
 
-// dropNamesOf removes the links to a device that went away and forgets
+// dropNamesOf removes the names of a device that went away and forgets
 // them: a device reusing the kernel name later is not the same volume.
-func (s *Server) dropNamesOf(devicePath string) {
+func (s *Server) dropNamesOf(ctx context.Context, devicePath string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for name, target := range s.desired {
@@ -236,7 +238,7 @@ func (s *Server) dropNamesOf(devicePath string) {
 			continue
 		}
 		delete(s.desired, name)
-		if err := s.cfg.Namer.Remove(name); err != nil {
+		if err := s.cfg.Namer.Remove(ctx, name); err != nil {
 			s.log.Warn("remove persistent name", "name", name, "err", err)
 			continue
 		}
@@ -260,7 +262,7 @@ func (s *Server) serveList(msg *nats.Msg) {
 	s.reply(msg, disks)
 }
 
-// serveNames makes the link directory hold exactly the requested set.
+// serveNames makes the persistent names exactly the requested set.
 func (s *Server) serveNames(msg *nats.Msg) {
 	var req NamesMessage
 	if err := json.Unmarshal(msg.Data, &req); err != nil {
@@ -271,15 +273,15 @@ func (s *Server) serveNames(msg *nats.Msg) {
 		s.reply(msg, NamesMessage{Error: err.Error()})
 		return
 	}
-	s.reply(msg, s.apply(req.Names))
+	s.reply(msg, s.apply(s.runCtx, req.Names))
 }
 
 // checkNames refuses a set with a name that is not volXXXXXXXX or a target
 // that is not /dev/<kernel name>.
 func checkNames(names map[string]string) error {
 	for name, target := range names {
-		if !IsPersistentName(name) {
-			return fmt.Errorf("%w: %q", ErrInvalidName, name)
+		if err := checkName(name); err != nil {
+			return err
 		}
 		dev, ok := strings.CutPrefix(target, "/dev/")
 		if !ok || dev == "" || filepath.Clean(target) != target || strings.Contains(dev, "/") {
@@ -289,14 +291,14 @@ func checkNames(names map[string]string) error {
 	return nil
 }
 
-// apply makes the links hold want: each name whose target is a present
-// disk is made (replacing a link pointing elsewhere), every other link is
+// apply makes the names exactly want: each name whose target is a present
+// disk is made (replacing one referring elsewhere), every other name is
 // removed.
-func (s *Server) apply(want map[string]string) NamesMessage {
+func (s *Server) apply(ctx context.Context, want map[string]string) NamesMessage {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := NamesMessage{Dir: s.cfg.Namer.Dir(), Skipped: map[string]string{}}
-	prev, err := s.cfg.Namer.List()
+	prev, err := s.cfg.Namer.List(ctx)
 	if err != nil {
 		out.Error = err.Error()
 		return out
@@ -313,25 +315,25 @@ func (s *Server) apply(want map[string]string) NamesMessage {
 		case !ok || d.Path != target:
 			out.Skipped[name] = fmt.Sprintf("%s is not a present disk", target)
 		default:
-			if _, err := s.cfg.Namer.Ensure(name, target); err != nil {
+			if _, err := s.cfg.Namer.Ensure(ctx, name, target); err != nil {
 				errs = append(errs, err)
 				continue
 			}
 			s.desired[name] = target
 			continue
 		}
-		if err := s.cfg.Namer.Remove(name); err != nil {
+		if err := s.cfg.Namer.Remove(ctx, name); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	for name := range prev {
 		if _, keep := want[name]; !keep {
-			if err := s.cfg.Namer.Remove(name); err != nil {
+			if err := s.cfg.Namer.Remove(ctx, name); err != nil {
 				errs = append(errs, err)
 			}
 		}
 	}
-	if out.Names, err = s.cfg.Namer.List(); err != nil {
+	if out.Names, err = s.cfg.Namer.List(ctx); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"testing"
@@ -31,7 +32,8 @@ type serveEnv struct {
 	dev               *loopdev.Device
 }
 
-func startServe(t *testing.T, before func(namesDir string)) *serveEnv {
+// names keeps the persistent names; nil means a Namer on e.names.
+func startServe(t *testing.T, before func(namesDir string), names devagent.Names) *serveEnv {
 	t.Helper()
 	testenv.RequireLoopControl(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -43,13 +45,16 @@ func startServe(t *testing.T, before func(namesDir string)) *serveEnv {
 	if before != nil {
 		before(e.names)
 	}
+	if names == nil {
+		names = devagent.NewNamer(e.names)
+	}
 	agent := devagent.New(devagent.Config{VMID: e.vm, Logger: quiet})
 	if err := agent.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = agent.Close(context.Background()) })
 	srv := devagent.NewServer(devagent.ServerConfig{VMID: e.vm, Conn: b.Conn(), JetStream: b.JetStream(),
-		Agent: agent, Namer: devagent.NewNamer(e.names), Logger: quiet})
+		Agent: agent, Namer: names, Logger: quiet})
 	if err := srv.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -109,7 +114,7 @@ func (e *serveEnv) event(t *testing.T, action commands.DeviceAction) commands.De
 }
 
 func TestServerPublishesAndLists(t *testing.T) {
-	e := startServe(t, nil)
+	e := startServe(t, nil, nil)
 	add := e.event(t, commands.DeviceAdd)
 	if add.Action != commands.DeviceAdd || add.VMID != e.vm || add.Size != 3<<20 || add.Time.IsZero() {
 		t.Errorf("add event = %+v", add)
@@ -154,7 +159,7 @@ func TestServerNames(t *testing.T) {
 		if err := os.Symlink("/dev/null", filepath.Join(dir, kept)); err != nil {
 			t.Fatal(err)
 		}
-	})
+	}, nil)
 	if target, err := os.Readlink(filepath.Join(e.names, kept)); err != nil || target != "/dev/null" {
 		t.Fatalf("name found at start not kept: %q, %v", target, err)
 	}
@@ -210,4 +215,40 @@ func TestServerNames(t *testing.T) {
 		_, err := os.Lstat(filepath.Join(e.names, name))
 		return errors.Is(err, os.ErrNotExist)
 	}, "name of removed device %s removed", e.dev.Path)
+}
+
+// TestServerDMNames runs the names requests through a DMNamer on the fake
+// dmsetup (the real dm path is untested here): a stale dm device found at
+// start is removed, the requested one made, and removed when its device
+// goes away.
+func TestServerDMNames(t *testing.T) {
+	fake := devagent.NewFakeDM(t)
+	stale := "volaaaaaaaa"
+	fake.SetTable(t, stale, "0 8 linear 7:4095 0")
+	e := startServe(t, nil, devagent.NewDMNamer(fake.Bin, ""))
+	name := devagent.PersistentName(e.volume)
+	body, err := json.Marshal(devagent.NamesMessage{Names: map[string]string{name: e.dev.Path}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reply devagent.NamesMessage
+	if err := json.Unmarshal(e.request(t, commands.DevicesNamesSubject(e.vm), body), &reply); err != nil {
+		t.Fatal(err)
+	}
+	if reply.Error != "" || reply.Dir != devagent.DMDir || len(reply.Names) != 1 || reply.Names[name] != e.dev.Path {
+		t.Fatalf("reply = %+v, want %s -> %s in %s", reply, name, e.dev.Path, devagent.DMDir)
+	}
+	if target, found := reply.Previous[stale]; !found || target != "" {
+		t.Errorf("previous = %v, want %s with no present disk", reply.Previous, stale)
+	}
+	want := map[string]string{name: devagent.WholeDeviceTable(t, e.dev.Path, 3<<20)}
+	if got := fake.Tables(t); !maps.Equal(got, want) {
+		t.Fatalf("dm devices %v, want %v", got, want)
+	}
+
+	if err := e.dev.Remove(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 10*time.Second, func() bool { return len(fake.Tables(t)) == 0 },
+		"dm device %s of removed device %s removed", name, e.dev.Path)
 }

@@ -16,9 +16,6 @@ import (
 	"github.com/volumed/volumed/state"
 )
 
-// acceptTimeout bounds the work of accepting one command.
-const acceptTimeout = 10 * time.Second
-
 func (s *Service) commandHandlers() map[string]nats.MsgHandler {
 	return map[string]nats.MsgHandler{
 		commands.SubjectCreate:     s.handle(s.acceptCreate),
@@ -37,12 +34,12 @@ func (s *Service) commandHandlers() map[string]nats.MsgHandler {
 // JSON with its HTTP status, in the Status header.
 func (s *Service) handle(fn func(ctx context.Context, data []byte) (any, error)) nats.MsgHandler {
 	return func(msg *nats.Msg) {
-		ctx, cancel := context.WithTimeout(s.ctx, acceptTimeout)
-		defer cancel()
-		status := http.StatusCreated
+		status, timeout := http.StatusCreated, commands.AcceptTimeout
 		if msg.Subject == commands.SubjectForceSync {
-			status = http.StatusOK
+			status, timeout = http.StatusOK, commands.ForceSyncTimeout
 		}
+		ctx, cancel := context.WithTimeout(s.ctx, timeout)
+		defer cancel()
 		result, err := fn(ctx, msg.Data)
 		if err != nil {
 			apiErr := commands.AsError(err)
@@ -134,13 +131,13 @@ func (s *Service) accept(ctx context.Context, typ commands.OpType, volumeID stri
 	if err := s.cfg.Store.CreateOperation(ctx, op); err != nil {
 		return nil, storeError(err)
 	}
+	s.publish(ctx, op) // before the job, so no event of its execution comes first
 	if err := s.enqueue(ctx, op.ID); err != nil {
 		s.log.Error("queue unavailable", "operation_id", op.ID, "error", err)
 		op.Error = "could not queue the operation: " + err.Error()
 		s.finish(ctx, &op, commands.StatusFailed)
 		return nil, commands.Unavailable("command queue unavailable: %v", err).WithDetail("operation_id", op.ID)
 	}
-	s.publish(ctx, op)
 	s.log.Info("operation accepted", "operation_id", op.ID, "type", op.Type, "volume_id", op.VolumeID)
 	return op, nil
 }

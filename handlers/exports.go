@@ -2,10 +2,13 @@ package handlers
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
 	"time"
+
+	"github.com/nats-io/nats.go"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
@@ -240,6 +243,22 @@ func (s *Service) dropExport(ctx context.Context, volumeID string) (string, erro
 	}
 	s.log.Info("export ended", "volume_id", volumeID, "export", e.ExportName)
 	return e.ExportName, nil
+}
+
+// onMapping ends the export of a volume whose device on this host went
+// away, as soon as the device side announces it on volumes.mappings.>.
+func (s *Service) onMapping(msg *nats.Msg) {
+	var m commands.Mapping
+	if json.Unmarshal(msg.Data, &m) != nil || m.VMID != s.cfg.VMID || m.LinuxState == commands.LinuxDetected {
+		return
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, exportSyncTimeout)
+	defer cancel()
+	if name, err := s.dropExport(ctx, m.VolumeID); err != nil {
+		s.log.Warn("cannot end the export of a volume whose device went away", "volume_id", m.VolumeID, "error", err)
+	} else if name != "" {
+		s.log.Warn("export ended: its device went away", "volume_id", m.VolumeID, "export", name)
+	}
 }
 
 // localExports returns this host's export records.

@@ -92,7 +92,7 @@ func (s *Service) dispatch(msg jetstream.Msg) {
 		return
 	case err != nil:
 		log.Warn("store unavailable, job will be redelivered", "error", err)
-		_ = msg.NakWithDelay(time.Second)
+		_ = msg.NakWithDelay(retryDelay)
 		return
 	case op.Status.Terminal():
 		_ = msg.Ack()
@@ -103,6 +103,11 @@ func (s *Service) dispatch(msg jetstream.Msg) {
 		seq = meta.Sequence.Stream
 	}
 	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		_ = msg.Nak()
+		return
+	}
 	if held, running := s.inflight[op.ID]; running {
 		s.mu.Unlock()
 		if held != seq {
@@ -113,6 +118,7 @@ func (s *Service) dispatch(msg jetstream.Msg) {
 		return
 	}
 	s.inflight[op.ID] = seq
+	s.wg.Add(1)
 	s.mu.Unlock()
 
 	key := op.VolumeID
@@ -120,7 +126,6 @@ func (s *Service) dispatch(msg jetstream.Msg) {
 		key = op.ID
 	}
 	wait, done := s.keys.enqueue(key)
-	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
 		defer done()
@@ -144,14 +149,49 @@ func (s *Service) dispatch(msg jetstream.Msg) {
 			return
 		}
 		defer func() { <-s.sem }()
-		if s.run(j.OperationID, log) {
+		if older := s.olderUnfinished(op); older != "" {
+			// After a restart an older operation on this volume may not be
+			// redelivered yet: let it go first.
+			log.Debug("waiting for an older operation on the volume", "older", older)
+			_ = msg.NakWithDelay(retryDelay)
+			return
+		}
+		switch {
+		case s.run(j.OperationID, log):
 			_ = msg.Ack()
-		} else {
-			// Shutting down or the store failed: redeliver at once to
-			// whoever runs next.
-			_ = msg.Nak()
+		case s.ctx.Err() != nil:
+			_ = msg.Nak() // shutting down: to whoever runs next, at once
+		default:
+			_ = msg.NakWithDelay(retryDelay) // the store failed
 		}
 	}()
+}
+
+// retryDelay is how long a job put back on the queue waits.
+const retryDelay = time.Second
+
+// olderUnfinished returns an operation on op's volume, accepted before op,
+// not ended and not running here; "" when there is none (or the store
+// cannot tell, in which case run fails on the store anyway).
+func (s *Service) olderUnfinished(op commands.Operation) string {
+	if op.VolumeID == "" {
+		return ""
+	}
+	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
+		ops, err := s.cfg.Store.ListOperations(s.ctx, state.Filter{VolumeID: op.VolumeID, Status: st})
+		if err != nil {
+			return ""
+		}
+		for _, o := range ops {
+			s.mu.Lock()
+			_, running := s.inflight[o.ID]
+			s.mu.Unlock()
+			if o.ID != op.ID && !running && o.CreatedAt.Before(op.CreatedAt) {
+				return o.ID
+			}
+		}
+	}
+	return ""
 }
 
 // heartbeat tells JetStream the job is still being worked on.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/volumed/volumed/commands"
@@ -12,43 +14,50 @@ import (
 )
 
 // Reconcile compares the mappings with CloudStack (and, through the device
-// agent, with the devices present), repairs what drifted, and queues again
+// agents, with the devices present), repairs what drifted, and queues again
 // any unfinished operation that no handler here is running. It is POST
-// /admin/force-sync and the periodic sync.
+// /admin/force-sync and the periodic sync; one runs at a time. A volume or
+// VM that cannot be checked is skipped and named in the result's errors;
+// the rest is still repaired.
 func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
+	s.syncMu.Lock()
+	defer s.syncMu.Unlock()
 	res := commands.SyncResult{Message: "Force sync completed successfully", Changes: []string{}}
 	mappings, err := s.cfg.Store.ListMappings(ctx, "")
 	if err != nil {
 		return res, storeError(err)
 	}
+	vms := map[string]bool{}
+	if s.cfg.VMID != "" {
+		vms[s.cfg.VMID] = true
+	}
 	for _, m := range mappings {
+		vms[m.VMID] = true
 		change, err := s.reconcileMapping(ctx, m)
 		if err != nil {
-			return res, err
-		}
-		if change != "" {
+			res.Errors = append(res.Errors, fmt.Sprintf("volume %s: %v", m.VolumeID, err))
+		} else if change != "" {
 			res.Changes = append(res.Changes, change)
 		}
 	}
-	if s.cfg.Devices != nil && s.cfg.VMID != "" && s.cfg.Devices.HasAgent(ctx, s.cfg.VMID) {
-		vols, err := s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: s.cfg.VMID})
-		if err != nil {
-			return res, cloudStackError(err)
+	if s.cfg.Devices != nil {
+		for _, vm := range s.cfg.Devices.AgentVMs() {
+			vms[vm] = true
 		}
-		attached := make([]commands.Mapping, 0, len(vols))
-		for _, v := range vols {
-			attached = append(attached, commands.Mapping{VolumeID: v.ID, VMID: v.VMID, Size: v.Size,
-				DeviceID: v.DeviceID, CloudStackState: commands.CloudStackAttached})
+		for _, vm := range slices.Sorted(maps.Keys(vms)) {
+			if !s.cfg.Devices.HasAgent(ctx, vm) {
+				continue
+			}
+			changes, err := s.reconcileDevices(ctx, vm)
+			if err != nil {
+				res.Errors = append(res.Errors, fmt.Sprintf("devices of VM %s: %v", vm, err))
+			}
+			res.Changes = append(res.Changes, changes...)
 		}
-		changes, err := s.cfg.Devices.Reconcile(ctx, s.cfg.VMID, attached)
-		if err != nil {
-			return res, commands.Internal("device reconcile: %v", err)
-		}
-		res.Changes = append(res.Changes, changes...)
 	}
 	exports, err := s.reconcileExports(ctx)
 	if err != nil {
-		return res, err
+		res.Errors = append(res.Errors, fmt.Sprintf("exports: %v", err))
 	}
 	res.Changes = append(res.Changes, exports...)
 	requeued, err := s.requeueIdle(ctx)
@@ -57,10 +66,29 @@ func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
 	}
 	res.Changes = append(res.Changes, requeued...)
 	res.Timestamp = time.Now().UTC()
+	if len(res.Errors) > 0 {
+		res.Message = "Force sync completed with errors"
+		s.log.Warn("reconcile could not check everything", "errors", res.Errors)
+	}
 	if len(res.Changes) > 0 {
 		s.log.Info("reconcile repaired drift", "changes", res.Changes)
 	}
 	return res, nil
+}
+
+// reconcileDevices has the device agent side repair the mappings of a VM
+// with an agent against the volumes CloudStack has attached to it.
+func (s *Service) reconcileDevices(ctx context.Context, vm string) ([]string, error) {
+	vols, err := s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: vm})
+	if err != nil {
+		return nil, cloudStackError(err)
+	}
+	attached := make([]commands.Mapping, 0, len(vols))
+	for _, v := range vols {
+		attached = append(attached, commands.Mapping{VolumeID: v.ID, VMID: v.VMID, Size: v.Size,
+			DeviceID: v.DeviceID, CloudStackState: commands.CloudStackAttached})
+	}
+	return s.cfg.Devices.Reconcile(ctx, vm, attached)
 }
 
 // reconcileMapping removes a mapping CloudStack no longer explains and
@@ -79,12 +107,22 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		why = fmt.Sprintf("CloudStack says the volume is attached to VM %s", vol.VMID)
 	}
 	if why == "" {
-		m.LastSync = time.Now().UTC()
-		m.CloudStackState = commands.CloudStackAttached
-		if vol.DeviceID != nil {
-			m.DeviceID = vol.DeviceID
+		// Refresh the sync time on the record as it is now, not on the
+		// copy read before the CloudStack call: the device side may have
+		// changed it meanwhile.
+		cur, err := s.cfg.Store.GetMapping(ctx, m.VolumeID)
+		if errors.Is(err, state.ErrNotFound) {
+			return "", nil
 		}
-		if err := s.cfg.Store.PutMapping(ctx, m); err != nil {
+		if err != nil {
+			return "", storeError(err)
+		}
+		cur.LastSync = time.Now().UTC()
+		cur.CloudStackState = commands.CloudStackAttached
+		if vol.DeviceID != nil {
+			cur.DeviceID = vol.DeviceID
+		}
+		if err := s.cfg.Store.PutMapping(ctx, cur); err != nil {
 			return "", storeError(err)
 		}
 		return "", nil

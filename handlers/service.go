@@ -82,6 +82,8 @@ type DeviceCorrelator interface {
 	// Status reports the monitor's health, device count, scan interval and
 	// the device events processed.
 	Status() (health string, deviceCount int, scanInterval time.Duration, events int64)
+	// AgentVMs lists the VMs whose agents have been heard from.
+	AgentVMs() []string
 	// NoIdentity reports whether vmID's disks show no volume identity, so
 	// that its attaches must run one at a time to be told apart.
 	NoIdentity(vmID string) bool
@@ -109,6 +111,10 @@ type Service struct {
 	// inflight maps each operation running here to the stream sequence
 	// of the job message it holds.
 	inflight map[string]uint64
+	// stopping refuses new jobs once Close has begun.
+	stopping bool
+	// syncMu runs one reconcile at a time.
+	syncMu sync.Mutex
 
 	// exportMu serializes the syncs of the served exports.
 	exportMu sync.Mutex
@@ -175,6 +181,14 @@ func (s *Service) Start(ctx context.Context) error {
 	} else if len(changes) > 0 {
 		s.log.Info("exports restored from state", "changes", changes)
 	}
+	if s.cfg.Exporter != nil {
+		sub, err := s.cfg.Conn.Subscribe(commands.SubjectMappingsPrefix+">", s.onMapping)
+		if err != nil {
+			s.stop()
+			return fmt.Errorf("handlers: subscribe mappings: %w", err)
+		}
+		s.subs = append(s.subs, sub)
+	}
 	if err := s.requeueUnfinished(ctx); err != nil {
 		s.stop()
 		return err
@@ -202,6 +216,9 @@ func (s *Service) Close(ctx context.Context) error {
 }
 
 func (s *Service) stop() {
+	s.mu.Lock()
+	s.stopping = true
+	s.mu.Unlock()
 	for _, sub := range s.subs {
 		_ = sub.Unsubscribe()
 	}

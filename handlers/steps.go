@@ -278,8 +278,10 @@ func (s *Service) detach(ctx context.Context, op *commands.Operation) (*commands
 			}
 		}
 		if _, jobErr := s.waitJob(ctx, op, "detachVolume job"); jobErr != nil {
+			// Detached anyway? Only CloudStack saying so counts.
 			again, err := s.volume(ctx, op, req.VolumeID)
-			if err == nil && again.VMID != "" {
+			detached := (err == nil && again.VMID == "") || errors.Is(err, csapi.ErrNotFound)
+			if !detached {
 				return nil, failure(jobErr)
 			}
 		}

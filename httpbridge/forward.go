@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/nats-io/nats.go"
 
@@ -17,8 +18,8 @@ import (
 // forward returns a handler that sends the request body to subject over
 // NATS request/reply and answers the reply as it is, with the HTTP status
 // of its StatusHeader. withVolume handlers take volume_id from the path
-// and merge it into the body.
-func (s *Server) forward(subject string, withVolume bool) http.HandlerFunc {
+// and merge it into the body. timeout bounds the round trip.
+func (s *Server) forward(subject string, withVolume bool, timeout time.Duration) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		body, err := readBody(w, r)
 		if err != nil {
@@ -31,7 +32,7 @@ func (s *Server) forward(subject string, withVolume bool) http.HandlerFunc {
 				return
 			}
 		}
-		ctx, cancel := context.WithTimeout(r.Context(), s.cfg.CommandTimeout)
+		ctx, cancel := context.WithTimeout(r.Context(), timeout)
 		defer cancel()
 		status, reply, err := s.request(ctx, subject, body)
 		if err != nil {
@@ -56,7 +57,7 @@ func (s *Server) request(ctx context.Context, subject string, body []byte) (int,
 		return 0, nil, commands.Unavailable("command service unavailable: no responders on %s", subject).
 			WithDetail("subject", subject)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
-		return 0, nil, commands.Unavailable("command service did not answer within %v", s.cfg.CommandTimeout).
+		return 0, nil, commands.Unavailable("command service did not answer in time").
 			WithDetail("subject", subject)
 	case err != nil:
 		return 0, nil, commands.Unavailable("command bus: %v", err).WithDetail("subject", subject)

@@ -82,7 +82,7 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 		conn = b.Conn()
 	}
 	h.srv = httpbridge.New(httpbridge.Config{Listen: "127.0.0.1:0", Conn: conn, Store: h.store,
-		Backend: h.backend, VMID: vm1, CommandTimeout: o.commandTimeout, MaxWait: o.maxWait, Logger: testLogger(t)})
+		Backend: h.backend, VMID: vm1, CommandTimeout: o.commandTimeout, SyncTimeout: o.commandTimeout, MaxWait: o.maxWait, Logger: testLogger(t)})
 	if err := h.srv.Start(ctx); err != nil {
 		t.Fatalf("start bridge: %v", err)
 	}

@@ -12,13 +12,14 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/state"
 )
 
 // Defaults of Config.
 const (
 	DefaultListen         = "127.0.0.1:8090"
-	DefaultCommandTimeout = 10 * time.Second
+	DefaultCommandTimeout = commands.AcceptTimeout + 7*time.Second
 	DefaultMaxWait        = 5 * time.Minute
 )
 
@@ -42,6 +43,9 @@ type Config struct {
 	// CommandTimeout bounds one command round trip and one read; default
 	// DefaultCommandTimeout.
 	CommandTimeout time.Duration
+	// SyncTimeout bounds a force-sync round trip; default
+	// commands.ForceSyncTimeout plus DefaultCommandTimeout.
+	SyncTimeout time.Duration
 	// MaxWait caps the ?wait of GET /operations/{id}; default DefaultMaxWait.
 	MaxWait time.Duration
 	// Logger is the parent of the bridge's logger; default slog.Default().
@@ -70,6 +74,9 @@ func New(cfg Config) *Server {
 	}
 	if cfg.CommandTimeout <= 0 {
 		cfg.CommandTimeout = DefaultCommandTimeout
+	}
+	if cfg.SyncTimeout <= 0 {
+		cfg.SyncTimeout = commands.ForceSyncTimeout + DefaultCommandTimeout
 	}
 	if cfg.MaxWait <= 0 {
 		cfg.MaxWait = DefaultMaxWait

@@ -40,6 +40,7 @@ type config struct {
 	deviceAgent    bool
 	scanInterval   time.Duration
 	nameDir        string
+	dmsetup        string
 	correlateAfter time.Duration
 	// NBD exports: nbdListen "" turns the NBD server off.
 	nbdListen     string
@@ -141,7 +142,8 @@ func newFlagSet(name, usage string, stderr io.Writer, c *config) *flagSet {
 	f.level = f.String("log-level", env("VOLUMED_LOG_LEVEL", "info"), "debug, info, warn or error (VOLUMED_LOG_LEVEL)")
 	f.str(&c.vmID, "vm-id", "VOLUMED_VM_ID", "", "the CloudStack VM this host is")
 	f.duration(&c.scanInterval, "scan-interval", "VOLUMED_SCAN_INTERVAL", "30s", time.Second, "device agent full-scan interval")
-	f.str(&c.nameDir, "name-dir", "VOLUMED_NAME_DIR", "/dev/disk/by-volume", "directory of the persistent device names")
+	f.str(&c.nameDir, "name-dir", "VOLUMED_NAME_DIR", "/dev/disk/by-volume", "directory of the persistent names as symlinks, where device-mapper is not available")
+	f.str(&c.dmsetup, "dmsetup", "VOLUMED_DMSETUP", "dmsetup", "dmsetup binary: with /dev/mapper/control, persistent names are dm linear devices in /dev/mapper")
 	return f
 }
 

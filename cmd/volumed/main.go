@@ -192,7 +192,7 @@ func startAgent(ctx context.Context, cfg config, b *bus.Bus, log *slog.Logger) (
 		return nil, nil, fmt.Errorf("device agent: %w", err)
 	}
 	srv := devagent.NewServer(devagent.ServerConfig{VMID: cfg.vmID, Conn: b.Conn(), JetStream: b.JetStream(),
-		Agent: agent, Namer: devagent.NewNamer(cfg.nameDir), Logger: log})
+		Agent: agent, Namer: devagent.NewNames(cfg.nameDir, cfg.dmsetup), Logger: log})
 	if err := srv.Start(ctx); err != nil {
 		return agent, []component{agent}, fmt.Errorf("device agent: %w", err)
 	}

@@ -270,12 +270,34 @@ func (c *Correlator) verify(ctx context.Context, vm string, dev commands.Device,
 // markMissing records that a mapping's device is gone.
 func (c *Correlator) markMissing(ctx context.Context, m commands.Mapping, why string) error {
 	old := m.DevicePath
-	m = missing(m)
+	// Mark the record as it is now: a detach may have ended it, or another
+	// writer moved it, since m was read.
+	cur, err := c.cfg.Store.GetMapping(ctx, m.VolumeID)
+	if errors.Is(err, state.ErrNotFound) || (err == nil && (cur.DevicePath != old || cur.VMID != m.VMID)) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
+	}
+	m = missing(cur)
 	if err := c.cfg.Store.PutMapping(ctx, m); err != nil {
 		return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
 	}
+	c.publish(m)
 	c.log.Warn("mapping device gone", "volume_id", m.VolumeID, "vm_id", m.VMID, "device", old, "reason", why)
 	return nil
+}
+
+// publish announces a mapping the correlator changed outside an attach on
+// volumes.mappings.<volume_id>.
+func (c *Correlator) publish(m commands.Mapping) {
+	data, err := json.Marshal(m)
+	if err == nil {
+		err = c.cfg.Conn.Publish(commands.MappingSubject(m.VolumeID), data)
+	}
+	if err != nil {
+		c.log.Warn("publish mapping", "volume_id", m.VolumeID, "err", err)
+	}
 }
 
 // nameOne makes the persistent name of m (with the VM's other names) and

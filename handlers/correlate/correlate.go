@@ -399,3 +399,17 @@ func (c *Correlator) queueHeal(vm string) {
 		c.log.Warn("heal queue full", "vm_id", vm)
 	}
 }
+
+// AgentVMs lists the VMs whose agents this correlator has heard from.
+func (c *Correlator) AgentVMs() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var vms []string
+	for vm, t := range c.vms {
+		if !t.agentAt.IsZero() {
+			vms = append(vms, vm)
+		}
+	}
+	slices.Sort(vms)
+	return vms
+}

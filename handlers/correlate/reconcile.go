@@ -2,7 +2,6 @@ package correlate
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -126,11 +125,7 @@ func (c *Correlator) record(ctx context.Context, m commands.Mapping) (commands.M
 	if err := c.cfg.Store.PutMapping(ctx, m); err != nil {
 		return m, fmt.Errorf("record mapping: %w", err)
 	}
-	if data, err := json.Marshal(m); err == nil {
-		if err := c.cfg.Conn.Publish(commands.MappingSubject(m.VolumeID), data); err != nil {
-			c.log.Warn("publish mapping", "volume_id", m.VolumeID, "err", err)
-		}
-	}
+	c.publish(m)
 	return m, nameErr
 }
 

@@ -247,7 +247,9 @@ func TestDeviceRemovedBehindOurBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := (&loopdev.Device{Index: idx, Path: local.Path, Backing: local.BackingFile}).Remove(context.Background()); err != nil {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := (&loopdev.Device{Index: idx, Path: local.Path, Backing: local.BackingFile}).Remove(ctx); err != nil {
 		t.Fatalf("remove %s: %v", local.Path, err)
 	}
 	testenv.Eventually(t, 15*time.Second, func() bool {
@@ -306,4 +308,29 @@ func TestCorrelationTimeout(t *testing.T) {
 	if m.CloudStackState != commands.CloudStackAttached || m.LinuxState != commands.LinuxMissing || m.DevicePath != "" {
 		t.Fatalf("mapping after the timeout: %+v", m)
 	}
+}
+
+// TestExportEndsWhenDeviceGoes announces on volumes.mappings.<id>, as the
+// correlator does when a device vanishes (a loop device cannot be removed
+// while an export holds it open, so the announcement is made by hand), that
+// an exported volume's device is missing: the export ends at once.
+func TestExportEndsWhenDeviceGoes(t *testing.T) {
+	sim := startLocalSim(t, false)
+	d := startDaemon(t, sim, daemonOpts{})
+	vol := d.createVolume("exported", 1)
+	d.attachLocal(vol)
+	m := d.requireMapped(sim, vol)
+	d.completed(d.submit(http.MethodPost, "/exports", map[string]any{"volume_id": vol, "read_only": true}).ID)
+	d.mustCall(http.StatusOK, http.MethodGet, "/exports/"+vol, nil, nil)
+
+	m.LinuxState, m.DevicePath = commands.LinuxMissing, ""
+	data, _ := json.Marshal(m)
+	if err := d.nats().Publish(commands.MappingSubject(vol), data); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 15*time.Second, func() bool {
+		status, _ := d.call(http.MethodGet, "/exports/"+vol, nil)
+		return status == http.StatusNotFound
+	}, "export of %s ended", vol)
+	d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
 }
