@@ -41,14 +41,12 @@ type Device struct {
 // CloudStack states of a mapping.
 const (
 	CloudStackAttached = "attached"
-	CloudStackDetached = "detached"
 )
 
 // Linux states of a mapping.
 const (
 	LinuxDetected = "detected"
 	LinuxMissing  = "missing"
-	LinuxRemoved  = "removed"
 	// LinuxNotApplicable: the VM has no device agent (a remote VM).
 	LinuxNotApplicable = "not_applicable"
 )

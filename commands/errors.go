@@ -26,6 +26,9 @@ type Error struct {
 	Details map[string]any `json:"details,omitempty"`
 }
 
+var _ error = (*Error)(nil)
+
+// Error is the code and the message.
 func (e *Error) Error() string { return e.Code + ": " + e.Message }
 
 // WithDetail adds one detail and returns e.

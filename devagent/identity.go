@@ -2,6 +2,7 @@ package devagent
 
 import (
 	"path/filepath"
+	"regexp"
 	"strings"
 
 	"github.com/google/uuid"
@@ -46,8 +47,13 @@ func MatchesVolume(d commands.Device, volumeUUID string) bool {
 	return false
 }
 
-// HasIdentity reports whether d carries a kernel identity (serial, WWID or
-// backing file) that MatchesVolume can use.
+// uuidInName finds a UUID in a backing file's name.
+var uuidInName = regexp.MustCompile(`[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}`)
+
+// HasIdentity reports whether d carries a kernel identity that can name a
+// volume: a serial, a WWID, or a loop backing file whose name holds a UUID.
+// A loop device on an anonymous file names no volume: such devices are
+// told apart by size and time only.
 func HasIdentity(d commands.Device) bool {
-	return d.Serial != "" || d.WWID != "" || d.BackingFile != ""
+	return d.Serial != "" || d.WWID != "" || uuidInName.MatchString(strings.ToLower(filepath.Base(d.BackingFile)))
 }

@@ -60,7 +60,8 @@ func TestHasIdentity(t *testing.T) {
 	}{
 		{commands.Device{Serial: "s"}, true},
 		{commands.Device{WWID: "w"}, true},
-		{commands.Device{BackingFile: "/b"}, true},
+		{commands.Device{BackingFile: "/var/disks/vol-3f2b7c1e-8a4d-4e6f-9b0a-1c2d3e4f5a6b.img"}, true},
+		{commands.Device{BackingFile: "/var/disks/disk-b623953d523d51f4c5e9111a.img"}, false},
 		{commands.Device{Name: "vdb", Controller: "virtio4", Size: 1}, false},
 	}
 	for _, tt := range tests {

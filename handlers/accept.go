@@ -129,7 +129,7 @@ func (s *Service) accept(ctx context.Context, typ commands.OpType, volumeID stri
 		VolumeID: volumeID, VMID: vmID, Request: raw, CreatedAt: now, UpdatedAt: now,
 	}
 	if err := s.cfg.Store.CreateOperation(ctx, op); err != nil {
-		return nil, storeError(err)
+		return nil, state.APIError(err)
 	}
 	s.publish(ctx, op) // before the job, so no event of its execution comes first
 	if err := s.enqueue(ctx, op.ID); err != nil {
@@ -140,19 +140,6 @@ func (s *Service) accept(ctx context.Context, typ commands.OpType, volumeID stri
 	}
 	s.log.Info("operation accepted", "operation_id", op.ID, "type", op.Type, "volume_id", op.VolumeID)
 	return op, nil
-}
-
-// storeError maps a store failure to the API error.
-func storeError(err error) error {
-	switch {
-	case errors.Is(err, state.ErrUnavailable):
-		return commands.Unavailable("state store unavailable: %v", err)
-	case errors.Is(err, state.ErrNotFound):
-		return commands.NotFound("%v", err)
-	case errors.Is(err, state.ErrConflict):
-		return commands.Conflict("%v", err)
-	}
-	return commands.Internal("state store: %v", err)
 }
 
 // cloudStackError maps a final CloudStack failure to 422 CLOUDSTACK_ERROR

@@ -96,7 +96,7 @@ func (s *Service) mappingForExport(ctx context.Context, volumeID string) (comman
 			WithDetail("volume_id", volumeID)
 	}
 	if err != nil {
-		return commands.Export{}, storeError(err)
+		return commands.Export{}, state.APIError(err)
 	}
 	e, why := s.exportable(m)
 	if why != "" {
@@ -136,7 +136,7 @@ func (s *Service) acceptUnexport(ctx context.Context, data []byte) (any, error) 
 			return nil, err
 		}
 	} else if err != nil {
-		return nil, storeError(err)
+		return nil, state.APIError(err)
 	}
 	vm := s.cfg.VMID
 	return s.accept(ctx, commands.OpUnexport, req.VolumeID, &vm, req)
@@ -280,7 +280,7 @@ func (s *Service) syncExports(ctx context.Context) (dropped []string, err error)
 	defer cancel()
 	recs, err := s.localExports(ctx)
 	if err != nil {
-		return nil, storeError(err)
+		return nil, state.APIError(err)
 	}
 	syncErr := s.cfg.Exporter.Sync(ctx, recs)
 	served := s.cfg.Exporter.Clients()
@@ -289,7 +289,7 @@ func (s *Service) syncExports(ctx context.Context) (dropped []string, err error)
 			continue
 		}
 		if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID); err != nil {
-			return dropped, storeError(err)
+			return dropped, state.APIError(err)
 		}
 		dropped = append(dropped, e.VolumeID)
 	}
@@ -310,7 +310,7 @@ func (s *Service) reconcileExports(ctx context.Context) ([]string, error) {
 	}
 	recs, err := s.localExports(ctx)
 	if err != nil {
-		return nil, storeError(err)
+		return nil, state.APIError(err)
 	}
 	var changes []string
 	served := s.cfg.Exporter.Clients()
@@ -322,14 +322,14 @@ func (s *Service) reconcileExports(ctx context.Context) ([]string, error) {
 		case errors.Is(err, state.ErrNotFound):
 			why = "the volume has no mapping"
 		case err != nil:
-			return changes, storeError(err)
+			return changes, state.APIError(err)
 		}
 		if _, ok := served[e.ExportName]; !ok {
 			resync = true
 		}
 		if why != "" {
 			if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID); err != nil {
-				return changes, storeError(err)
+				return changes, state.APIError(err)
 			}
 			changes = append(changes, fmt.Sprintf("removed export %s of volume %s: %s", e.ExportName, e.VolumeID, why))
 			resync = true
@@ -338,7 +338,7 @@ func (s *Service) reconcileExports(ctx context.Context) ([]string, error) {
 		if want.ExportName != e.ExportName || want.DevicePath != e.DevicePath {
 			e.ExportName, e.DevicePath, e.UpdatedAt = want.ExportName, want.DevicePath, time.Now().UTC()
 			if err := s.cfg.Store.PutExport(ctx, e); err != nil {
-				return changes, storeError(err)
+				return changes, state.APIError(err)
 			}
 			changes = append(changes, fmt.Sprintf("export of volume %s now serves %s as %s", e.VolumeID, e.DevicePath, e.ExportName))
 			resync = true
@@ -386,7 +386,7 @@ func (s *Service) Exports(ctx context.Context) ([]commands.Export, error) {
 	}
 	recs, err := s.localExports(ctx)
 	if err != nil {
-		return nil, storeError(err)
+		return nil, state.APIError(err)
 	}
 	clients := s.cfg.Exporter.Clients()
 	for i := range recs {
@@ -406,7 +406,7 @@ func (s *Service) Export(ctx context.Context, volumeID string) (commands.Export,
 		return commands.Export{}, commands.NotFound("volume %s is not exported on this host", volumeID).WithDetail("volume_id", volumeID)
 	}
 	if err != nil {
-		return e, storeError(err)
+		return e, state.APIError(err)
 	}
 	e.Clients = s.cfg.Exporter.Clients()[e.ExportName]
 	return e, nil

@@ -25,7 +25,7 @@ func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
 	res := commands.SyncResult{Message: "Force sync completed successfully", Changes: []string{}}
 	mappings, err := s.cfg.Store.ListMappings(ctx, "")
 	if err != nil {
-		return res, storeError(err)
+		return res, state.APIError(err)
 	}
 	vms := map[string]bool{}
 	if s.cfg.VMID != "" {
@@ -115,7 +115,7 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 			return "", nil
 		}
 		if err != nil {
-			return "", storeError(err)
+			return "", state.APIError(err)
 		}
 		cur.LastSync = time.Now().UTC()
 		cur.CloudStackState = commands.CloudStackAttached
@@ -123,7 +123,7 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 			cur.DeviceID = vol.DeviceID
 		}
 		if err := s.cfg.Store.PutMapping(ctx, cur); err != nil {
-			return "", storeError(err)
+			return "", state.APIError(err)
 		}
 		return "", nil
 	}
@@ -136,7 +136,7 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		}
 	}
 	if err := s.cfg.Store.DeleteMapping(ctx, m.VolumeID); err != nil {
-		return "", storeError(err)
+		return "", state.APIError(err)
 	}
 	return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s", m.VolumeID, m.VMID, orNone(m.DevicePath), why), nil
 }
@@ -148,7 +148,7 @@ func (s *Service) requeueIdle(ctx context.Context) ([]string, error) {
 	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
 		ops, err := s.cfg.Store.ListOperations(ctx, state.Filter{Status: st})
 		if err != nil {
-			return changes, storeError(err)
+			return changes, state.APIError(err)
 		}
 		for i := len(ops) - 1; i >= 0; i-- {
 			op := ops[i]

@@ -48,11 +48,11 @@ func (s *Service) volumeRow(ctx context.Context, vol csapi.Volume) (commands.Vol
 		st.DevicePath = &path
 		st.LinuxData = &commands.LinuxData{DevicePath: m.DevicePath, Size: m.Size, Controller: s.controller(m)}
 	case err != nil && !errors.Is(err, state.ErrNotFound):
-		return st, storeError(err)
+		return st, state.APIError(err)
 	}
 	ops, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: vol.ID, Limit: 1})
 	if err != nil {
-		return st, storeError(err)
+		return st, state.APIError(err)
 	}
 	if len(ops) == 1 {
 		st.LastOperation = &commands.LastOperation{ID: ops[0].ID, Type: ops[0].Type, Status: ops[0].Status}
@@ -95,7 +95,8 @@ func (s *Service) VMVolumes(ctx context.Context, vmID string) ([]commands.Volume
 // Health probes CloudStack, the store and the device monitor.
 func (s *Service) Health(ctx context.Context) commands.Health {
 	h := commands.Health{Timestamp: time.Now().UTC(), DeviceMonitor: commands.NotConfigured,
-		Details: commands.HealthDetails{Store: s.cfg.StoreName, UptimeSeconds: int64(time.Since(s.started).Seconds())}}
+		Details: commands.HealthDetails{ImplementationStatus: commands.ImplementationStatus, Store: s.cfg.StoreName,
+			PollingInterval: time.Duration(0).String(), UptimeSeconds: int64(time.Since(s.started).Seconds())}}
 	errs := map[string]string{}
 	probe := func(name string, fn func(context.Context) error) string {
 		pctx, cancel := context.WithTimeout(ctx, probeTimeout)
@@ -139,11 +140,11 @@ func (s *Service) Health(ctx context.Context) commands.Health {
 func (s *Service) Metrics(ctx context.Context) (commands.Metrics, error) {
 	st, err := s.cfg.Store.Stats(ctx)
 	if err != nil {
-		return commands.Metrics{}, storeError(err)
+		return commands.Metrics{}, state.APIError(err)
 	}
 	mappings, err := s.cfg.Store.ListMappings(ctx, "")
 	if err != nil {
-		return commands.Metrics{}, storeError(err)
+		return commands.Metrics{}, state.APIError(err)
 	}
 	m := commands.Metrics{
 		Timestamp: time.Now().UTC(), TotalOperations: st.Total,

@@ -2,7 +2,6 @@ package httpbridge
 
 import (
 	"encoding/json"
-	"errors"
 	"net/http"
 	"net/url"
 	"runtime/debug"
@@ -134,25 +133,9 @@ func (s *Server) recoverPanics(next http.Handler) http.Handler {
 	})
 }
 
-// apiError maps an error to the documented error format.
-func apiError(err error) *commands.Error {
-	var e *commands.Error
-	switch {
-	case errors.As(err, &e):
-		return e
-	case errors.Is(err, state.ErrNotFound):
-		return commands.NotFound("%v", err)
-	case errors.Is(err, state.ErrUnavailable):
-		return commands.Unavailable("%v", err)
-	case errors.Is(err, state.ErrConflict):
-		return commands.Conflict("%v", err)
-	}
-	return commands.AsError(err)
-}
-
 // writeError answers err in the documented error format.
 func writeError(w http.ResponseWriter, err error) {
-	e := apiError(err)
+	e := state.APIError(err)
 	status := e.Status
 	if status == 0 {
 		status = http.StatusInternalServerError

@@ -42,9 +42,12 @@ func run(args []string, stderr io.Writer) int {
 	switch {
 	case errors.Is(err, flag.ErrHelp):
 		return 0
-	case err != nil:
+	case errors.Is(err, errUsage):
 		fmt.Fprintln(stderr, "volumed:", err)
 		return 2
+	case err != nil:
+		fmt.Fprintln(stderr, "volumed:", err)
+		return 1
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: cfg.logLevel}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

@@ -9,9 +9,7 @@ import (
 	"maps"
 	"path"
 	"path/filepath"
-	"regexp"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/volumed/volumed/commands"
@@ -162,7 +160,7 @@ func (c *Correlator) pick(want commands.Mapping, since time.Time, skip map[strin
 				cands = append(cands, cand{d, at})
 			}
 		case bySizeAndTime:
-			if !namesVolume(d) && sizeFits(d.Size, want.Size) && !at.IsZero() && at.After(since) {
+			if !devagent.HasIdentity(d) && sizeFits(d.Size, want.Size) && !at.IsZero() && at.After(since) {
 				cands = append(cands, cand{d, at})
 			}
 		}
@@ -235,7 +233,7 @@ func (c *Correlator) take(ctx context.Context, want commands.Mapping, dev comman
 		if how == byIdentity {
 			return devagent.MatchesVolume(d, want.VolumeID)
 		}
-		return !namesVolume(d) && d.Size == dev.Size
+		return !devagent.HasIdentity(d) && d.Size == dev.Size
 	})
 	if err != nil {
 		return commands.Mapping{}, err
@@ -416,7 +414,7 @@ func (c *Correlator) waitGone(ctx context.Context, m commands.Mapping) error {
 		d, present := t.devices[name]
 		changed := t.changed
 		c.mu.Unlock()
-		if !present || (namesVolume(d) && !devagent.MatchesVolume(d, m.VolumeID)) {
+		if !present || (devagent.HasIdentity(d) && !devagent.MatchesVolume(d, m.VolumeID)) {
 			return nil
 		}
 		select {
@@ -429,17 +427,6 @@ func (c *Correlator) waitGone(ctx context.Context, m commands.Mapping) error {
 			refresh = true
 		}
 	}
-}
-
-// uuidInName finds a UUID in a backing file's name.
-var uuidInName = regexp.MustCompile(`[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}`)
-
-// namesVolume reports whether d's identity can name a volume: a serial, a
-// WWID, or a backing file whose name holds a UUID. It is narrower than
-// devagent.HasIdentity, which counts any backing file: a loop device on an
-// anonymous file names no volume and is matched by size and time.
-func namesVolume(d commands.Device) bool {
-	return d.Serial != "" || d.WWID != "" || uuidInName.MatchString(strings.ToLower(filepath.Base(d.BackingFile)))
 }
 
 // sortedNames lists a name set's keys in order.

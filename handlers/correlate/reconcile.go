@@ -107,7 +107,7 @@ func (c *Correlator) pickLate(m commands.Mapping, ms []commands.Mapping) (comman
 	t := c.table(m.VMID)
 	n, busy := 0, t.inflight > 0
 	for _, d := range t.devices {
-		if !namesVolume(d) && sizeFits(d.Size, m.Size) && t.arrivedAt(d).After(m.UpdatedAt) {
+		if !devagent.HasIdentity(d) && sizeFits(d.Size, m.Size) && t.arrivedAt(d).After(m.UpdatedAt) {
 			n++
 		}
 	}
@@ -212,9 +212,9 @@ func (c *Correlator) repair(ctx context.Context, vm string, a, m commands.Mappin
 		switch {
 		case !present:
 			why = "is gone"
-		case namesVolume(d) && !devagent.MatchesVolume(d, a.VolumeID):
+		case devagent.HasIdentity(d) && !devagent.MatchesVolume(d, a.VolumeID):
 			why = "now carries another identity"
-		case !namesVolume(d) && !sizeFits(d.Size, m.Size):
+		case !devagent.HasIdentity(d) && !sizeFits(d.Size, m.Size):
 			why = fmt.Sprintf("now has size %d, not %d", d.Size, m.Size)
 		}
 		if why == "" {

@@ -115,6 +115,9 @@ type Error struct {
 	Err error
 }
 
+var _ error = (*Error)(nil)
+
+// Error names the command, CloudStack's code and its text.
 func (e *Error) Error() string {
 	if e.Code == 0 {
 		return fmt.Sprintf("cloudstack %s: %s", e.Command, e.Text)
@@ -122,6 +125,7 @@ func (e *Error) Error() string {
 	return fmt.Sprintf("cloudstack %s: error %d: %s", e.Command, e.Code, e.Text)
 }
 
+// Unwrap returns the underlying error.
 func (e *Error) Unwrap() error { return e.Err }
 
 // IsRetryable reports whether err is a CloudStack error worth retrying.

@@ -1,0 +1,53 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestRunExitCodes checks that configuration errors exit 2 with a message
+// naming the flag, and --help exits 0 listing every flag.
+func TestRunExitCodes(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		code int
+		want string
+	}{
+		{"help", []string{"--help"}, 0, "-correlation-timeout"},
+		{"agent help", []string{"agent", "--help"}, 0, "-nats-url"},
+		{"no cloudstack without sim", nil, 2, "--cloudstack-api-key, --cloudstack-secret-key, --cloudstack-url required without --sim"},
+		{"bad duration", []string{"--sim", "--step-timeout", "soon"}, 2, "--step-timeout"},
+		{"step timeout too short", []string{"--sim", "--step-timeout", "10ms"}, 2, "at least 1s"},
+		{"bad boolean", []string{"--sim=maybe"}, 2, "sim"},
+		{"replicas out of range", []string{"--sim", "--nats-replicas", "7"}, 2, "--nats-replicas"},
+		{"bad log level", []string{"--sim", "--log-level", "loud"}, 2, "--log-level"},
+		{"stray argument", []string{"--sim", "extra"}, 2, `unexpected argument "extra"`},
+		{"agent without vm", []string{"agent", "--nats-url", "nats://127.0.0.1:4222"}, 2, "--vm-id is required"},
+		{"agent without nats", []string{"agent", "--vm-id", "87654321-4321-4321-4321-210987654321"}, 2, "--nats-url is required"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var out bytes.Buffer
+			if code := run(tc.args, &out); code != tc.code || !strings.Contains(out.String(), tc.want) {
+				t.Fatalf("exit %d, want %d; output lacks %q:\n%s", code, tc.code, tc.want, out.String())
+			}
+		})
+	}
+}
+
+func TestConfigFromEnvironment(t *testing.T) {
+	t.Setenv("VOLUMED_SIM", "true")
+	t.Setenv("VOLUMED_STEP_TIMEOUT", "90s")
+	t.Setenv("VOLUMED_SYNC_INTERVAL", "0")
+	t.Setenv("VOLUMED_LISTEN", "127.0.0.1:9999")
+	c, err := parseConfig([]string{"--listen", "127.0.0.1:7777"}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.sim || c.stepTimeout != 90*time.Second || c.syncInterval >= 0 || c.listen != "127.0.0.1:7777" {
+		t.Fatalf("config %+v: environment not taken, or the flag did not win", c)
+	}
+}

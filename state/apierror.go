@@ -1,0 +1,26 @@
+package state
+
+import (
+	"errors"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// APIError maps a store error to the documented API error, once for both
+// edges (REST and NATS): ErrUnavailable is 503 SERVICE_UNAVAILABLE,
+// ErrNotFound 404, ErrConflict 409; an *commands.Error passes through and
+// anything else is 500 INTERNAL_ERROR.
+func APIError(err error) *commands.Error {
+	var e *commands.Error
+	switch {
+	case errors.As(err, &e):
+		return e
+	case errors.Is(err, ErrUnavailable):
+		return commands.Unavailable("state store unavailable: %v", err)
+	case errors.Is(err, ErrNotFound):
+		return commands.NotFound("%v", err)
+	case errors.Is(err, ErrConflict):
+		return commands.Conflict("%v", err)
+	}
+	return commands.Internal("%v", err)
+}
