@@ -193,8 +193,16 @@ func newLoop(t *testing.T, size int64) (*loopdev.Device, string) {
 	return d, backing
 }
 
+// removed holds the devices a test already removed, so that its cleanup
+// does not remove them again: by then another process may have made a new
+// device with the same index, and loopdev rightly refuses to touch it.
+var removed sync.Map
+
 func removeLoop(t *testing.T, d *loopdev.Device) {
 	t.Helper()
+	if _, done := removed.LoadOrStore(d, true); done {
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
 	if err := d.Remove(ctx); err != nil {
