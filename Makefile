@@ -5,7 +5,12 @@ export PATH := $(PATH):/usr/local/go/bin
 PKGS := ./...
 TEST_TIMEOUT ?= 45m
 
-.PHONY: run test bench build lint cloudsim clean
+# What the tests use besides Go: redis-server, and the NBD clients
+# (nbdinfo and nbdcopy from libnbd-bin; qemu-img and qemu-io from qemu-utils).
+TEST_TOOLS := redis-server nbdinfo nbdcopy qemu-img qemu-io
+TEST_PACKAGES := redis-server libnbd-bin qemu-utils
+
+.PHONY: run test bench build lint deps cloudsim clean
 
 run:
 	$(GO) run ./cmd/volumed --sim
@@ -20,7 +25,19 @@ lint:
 	@out=$$(gofmt -l . | grep -v '^vendor/'); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
 
-test: lint
+# deps installs the test tools with apt-get when they are missing and this
+# is root on Debian; elsewhere the tests that need them skip (fail when CI=true).
+deps:
+	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing$$missing"; \
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; \
+		else echo "missing$$missing: the tests that need them will skip (install: $(TEST_PACKAGES))"; fi; \
+	fi
+
+test: lint deps
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
 
 bench:
