@@ -127,7 +127,8 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		}
 		return "", nil
 	}
-	if _, err := s.dropExport(ctx, m.VolumeID); err != nil {
+	export, err := s.dropExport(ctx, m.VolumeID)
+	if err != nil {
 		return "", err
 	}
 	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, m.VMID) {
@@ -138,7 +139,11 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 	if err := s.cfg.Store.DeleteMapping(ctx, m.VolumeID); err != nil {
 		return "", state.APIError(err)
 	}
-	return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s", m.VolumeID, m.VMID, orNone(m.DevicePath), why), nil
+	change := fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s", m.VolumeID, m.VMID, orNone(m.DevicePath), why)
+	if export != "" {
+		change += "; ended its NBD export " + export
+	}
+	return change, nil
 }
 
 // requeueIdle queues again the unfinished operations no handler here runs

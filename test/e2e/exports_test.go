@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/apache/cloudstack-go/v2/cloudstack"
+
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/internal/testenv"
@@ -403,4 +405,33 @@ func TestExportErrors(t *testing.T) {
 		d.completed(op.ID)
 	})
 	d.requireExports()
+}
+
+// TestForceSyncEndsDriftedExport detaches an exported volume behind
+// volumed's back, with the cloudstack-go client: force-sync removes the
+// mapping and ends the export, and says so.
+func TestForceSyncEndsDriftedExport(t *testing.T) {
+	requireNBDClients(t)
+	sim := startLocalSim(t, false)
+	d := startDaemon(t, sim, daemonOpts{extra: []string{"--sync-interval", "0"}})
+	vol := d.createVolume("drifting-export", 1)
+	d.attachLocal(vol)
+	d.requireMapped(sim, vol)
+	d.exportVolume(vol, true)
+	d.requireExports(vol)
+
+	cs := cloudstack.NewAsyncClient(sim.URL(), cloudsim.DefaultAPIKey, cloudsim.DefaultSecretKey, false)
+	p := cs.Volume.NewDetachVolumeParams()
+	p.SetId(vol)
+	if _, err := cs.Volume.DetachVolume(p); err != nil {
+		t.Fatalf("detach behind volumed's back: %v", err)
+	}
+	var res commands.SyncResult
+	d.mustCall(http.StatusOK, http.MethodPost, "/admin/force-sync", nil, &res)
+	all := strings.Join(res.Changes, "\n")
+	if !strings.Contains(all, "removed mapping of volume "+vol) || !strings.Contains(all, devagent.PersistentName(vol)) {
+		t.Fatalf("force-sync changes %q: want the mapping and the export of %s gone", res.Changes, vol)
+	}
+	d.requireExports()
+	d.mustCall(http.StatusNotFound, http.MethodGet, "/exports/"+vol, nil, nil)
 }
