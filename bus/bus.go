@@ -58,7 +58,8 @@ type Config struct {
 	// process that only uses the streams volumed made (a device agent).
 	ClientOnly bool
 	// Name is the client connection name; default "volumed".
-	Name   string
+	Name string
+	// Logger is the parent logger; default slog.Default().
 	Logger *slog.Logger
 }
 

@@ -15,14 +15,18 @@ const (
 // Device is a Linux block device as the device agent sees it, and the
 // payload of a device event.
 type Device struct {
+	// Action is what happened to the device; empty outside an event.
 	Action DeviceAction `json:"action,omitempty"`
-	VMID   string       `json:"vm_id,omitempty"`
+	// VMID is the VM whose device agent reports the device.
+	VMID string `json:"vm_id,omitempty"`
 	// Name is the kernel name, e.g. "vdb" or "loop3".
 	Name string `json:"name"`
 	// Path is the /dev path, e.g. "/dev/vdb".
-	Path  string `json:"device_path"`
-	Major int    `json:"major"`
-	Minor int    `json:"minor"`
+	Path string `json:"device_path"`
+	// Major is the device's major number.
+	Major int `json:"major"`
+	// Minor is the device's minor number.
+	Minor int `json:"minor"`
 	// Size is in bytes.
 	Size int64 `json:"size"`
 	// Serial is the virtio serial (/sys/block/X/serial).
@@ -34,8 +38,9 @@ type Device struct {
 	// Controller names the bus or driver the disk hangs on, e.g. "virtio4".
 	Controller string `json:"controller,omitempty"`
 	// Seqnum is the kernel uevent SEQNUM; 0 for a device found by a scan.
-	Seqnum uint64    `json:"seqnum,omitempty"`
-	Time   time.Time `json:"time"`
+	Seqnum uint64 `json:"seqnum,omitempty"`
+	// Time is when the agent saw the change (UTC).
+	Time time.Time `json:"time"`
 }
 
 // CloudStack states of a mapping.
@@ -53,17 +58,30 @@ const (
 
 // Mapping records which device a volume became on a VM.
 type Mapping struct {
-	ID                   string    `json:"id"`
-	VolumeID             string    `json:"volume_id"`
-	VMID                 string    `json:"vm_id"`
-	DevicePath           string    `json:"device_path"`
-	CloudStackState      string    `json:"cloudstack_state"`
-	LinuxState           string    `json:"linux_state"`
-	Size                 int64     `json:"size"`
-	DeviceID             *int64    `json:"cloudstack_device_id,omitempty"`
-	PersistentDeviceName string    `json:"persistent_device_name,omitempty"`
-	SymlinkPath          string    `json:"symlink_path,omitempty"`
-	LastSync             time.Time `json:"last_sync"`
-	CreatedAt            time.Time `json:"created_at"`
-	UpdatedAt            time.Time `json:"updated_at"`
+	// ID is the mapping's own id, "mapping-" and a UUID.
+	ID string `json:"id"`
+	// VolumeID is the mapped CloudStack volume.
+	VolumeID string `json:"volume_id"`
+	// VMID is the VM the volume is attached to.
+	VMID string `json:"vm_id"`
+	// DevicePath is the volume's /dev path on the VM, "" when not found.
+	DevicePath string `json:"device_path"`
+	// CloudStackState is the volume's CloudStack side: CloudStackAttached.
+	CloudStackState string `json:"cloudstack_state"`
+	// LinuxState is LinuxDetected, LinuxMissing or LinuxNotApplicable.
+	LinuxState string `json:"linux_state"`
+	// Size is in bytes.
+	Size int64 `json:"size"`
+	// DeviceID is CloudStack's device id of the volume on the VM.
+	DeviceID *int64 `json:"cloudstack_device_id,omitempty"`
+	// PersistentDeviceName is "vol" + 8 hex digits of the id, "" until made.
+	PersistentDeviceName string `json:"persistent_device_name,omitempty"`
+	// SymlinkPath is the persistent name's path on the VM, "" until made.
+	SymlinkPath string `json:"symlink_path,omitempty"`
+	// LastSync is when the mapping was last checked (UTC).
+	LastSync time.Time `json:"last_sync"`
+	// CreatedAt is when the mapping was first recorded (UTC).
+	CreatedAt time.Time `json:"created_at"`
+	// UpdatedAt is when the mapping last changed (UTC).
+	UpdatedAt time.Time `json:"updated_at"`
 }

@@ -20,9 +20,12 @@ const (
 // {"error": "...", "code": "...", "details": {...}}. Status is the HTTP
 // status; it travels in the StatusHeader header on NATS, not in the body.
 type Error struct {
-	Status  int            `json:"-"`
-	Message string         `json:"error"`
-	Code    string         `json:"code"`
+	Status int `json:"-"`
+	// Message says what went wrong, for people.
+	Message string `json:"error"`
+	// Code is one of the Code constants, e.g. "NOT_FOUND".
+	Code string `json:"code"`
+	// Details qualifies the error, e.g. the offending "field".
 	Details map[string]any `json:"details,omitempty"`
 }
 

@@ -8,6 +8,7 @@ const ExportActive = "active"
 // Export is the record of one volume's NBD export on a host, as GET
 // /exports shows it.
 type Export struct {
+	// VolumeID is the exported volume.
 	VolumeID string `json:"volume_id"`
 	// VMID is the host (CloudStack VM) serving the export.
 	VMID string `json:"vm_id"`
@@ -16,17 +17,22 @@ type Export struct {
 	ExportName string `json:"export_name"`
 	// DevicePath is the persistent path the export serves.
 	DevicePath string `json:"device_path"`
-	ReadOnly   bool   `json:"read_only"`
-	Status     string `json:"status"`
+	// ReadOnly refuses writes from NBD clients.
+	ReadOnly bool `json:"read_only"`
+	// Status is ExportActive.
+	Status string `json:"status"`
 	// Clients counts the connected NBD clients; filled on read from the
 	// NBD server, never stored.
-	Clients   int       `json:"clients"`
+	Clients int `json:"clients"`
+	// CreatedAt is when the export was first recorded (UTC).
 	CreatedAt time.Time `json:"created_at"`
+	// UpdatedAt is when the export record last changed (UTC).
 	UpdatedAt time.Time `json:"updated_at"`
 }
 
 // ExportRequest is the request of POST /exports and volumes.cmd.export.
 type ExportRequest struct {
+	// VolumeID is the volume to export, a UUID ("vol-" prefix allowed).
 	VolumeID string `json:"volume_id"`
 	// ReadOnly is true unless the request says "read_only": false.
 	ReadOnly bool `json:"read_only"`

@@ -47,13 +47,20 @@ func (s OpStatus) Terminal() bool {
 // Operation is the record of one accepted command, as the REST API and the
 // volumes.ops.<id> events show it.
 type Operation struct {
-	ID       string          `json:"id"`
-	Type     OpType          `json:"type"`
-	Status   OpStatus        `json:"status"`
-	VolumeID string          `json:"volume_id"`
-	VMID     *string         `json:"vm_id"`
-	Request  json.RawMessage `json:"request"`
-	Response *OpResponse     `json:"response,omitempty"`
+	// ID is "op-" and a UUID.
+	ID string `json:"id"`
+	// Type is the command the operation runs.
+	Type OpType `json:"type"`
+	// Status is where the operation is; see OpStatus.
+	Status OpStatus `json:"status"`
+	// VolumeID is the volume operated on; "" for a create until it exists.
+	VolumeID string `json:"volume_id"`
+	// VMID is the VM of an attach; null for every other type.
+	VMID *string `json:"vm_id"`
+	// Request is the accepted request, validated and normalized.
+	Request json.RawMessage `json:"request"`
+	// Response is the result, set once the operation completed.
+	Response *OpResponse `json:"response,omitempty"`
 	// Error is the last error of the operation, the final one when failed.
 	Error string `json:"error,omitempty"`
 	// Details qualifies Error (cloudstack_error_code, cloudstack_message, …).
@@ -63,21 +70,29 @@ type Operation struct {
 	// JobID is the CloudStack async job of the current step.
 	JobID string `json:"cloudstack_job_id,omitempty"`
 	// Attempts counts deliveries of the operation to a handler.
-	Attempts    int        `json:"attempts,omitempty"`
-	CreatedAt   time.Time  `json:"created_at"`
-	UpdatedAt   time.Time  `json:"updated_at"`
+	Attempts int `json:"attempts,omitempty"`
+	// CreatedAt is when the command was accepted (UTC).
+	CreatedAt time.Time `json:"created_at"`
+	// UpdatedAt is when the record last changed (UTC).
+	UpdatedAt time.Time `json:"updated_at"`
+	// CompletedAt is when the operation became terminal; null before.
 	CompletedAt *time.Time `json:"completed_at,omitempty"`
 }
 
 // OpResponse is the result of a completed operation.
 type OpResponse struct {
-	VolumeID   string `json:"volume_id,omitempty"`
-	VMID       string `json:"vm_id,omitempty"`
+	// VolumeID is the volume operated on (the new one for a create).
+	VolumeID string `json:"volume_id,omitempty"`
+	// VMID is the VM attached to, detached from or exporting; omitted otherwise.
+	VMID string `json:"vm_id,omitempty"`
+	// DevicePath is the attached device's path or the exported persistent path.
 	DevicePath string `json:"device_path,omitempty"`
-	DeviceID   *int64 `json:"device_id,omitempty"`
+	// DeviceID is CloudStack's device id of an attached volume.
+	DeviceID *int64 `json:"device_id,omitempty"`
 	// ExportName is the NBD export an export operation made.
 	ExportName string `json:"export_name,omitempty"`
-	Message    string `json:"message"`
+	// Message says what was done, e.g. "Volume attached successfully".
+	Message string `json:"message"`
 }
 
 // Duration is how long a terminal operation took; zero otherwise.
@@ -90,13 +105,21 @@ func (o *Operation) Duration() time.Duration {
 
 // OperationSummary is one row of GET /operations.
 type OperationSummary struct {
-	ID          string     `json:"id"`
-	Type        OpType     `json:"type"`
-	Status      OpStatus   `json:"status"`
-	VolumeID    string     `json:"volume_id"`
-	VMID        *string    `json:"vm_id,omitempty"`
-	Error       string     `json:"error,omitempty"`
-	CreatedAt   time.Time  `json:"created_at"`
+	// ID is the operation's id.
+	ID string `json:"id"`
+	// Type is the command the operation runs.
+	Type OpType `json:"type"`
+	// Status is where the operation is.
+	Status OpStatus `json:"status"`
+	// VolumeID is the volume operated on; "" for a create not yet made.
+	VolumeID string `json:"volume_id"`
+	// VMID is the VM of an attach; omitted for every other type.
+	VMID *string `json:"vm_id,omitempty"`
+	// Error is the operation's last error; omitted when none.
+	Error string `json:"error,omitempty"`
+	// CreatedAt is when the command was accepted (UTC).
+	CreatedAt time.Time `json:"created_at"`
+	// CompletedAt is when the operation became terminal; omitted before.
 	CompletedAt *time.Time `json:"completed_at,omitempty"`
 }
 

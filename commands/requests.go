@@ -25,11 +25,16 @@ const (
 
 // CreateRequest is the body of POST /volumes and volumes.cmd.create.
 type CreateRequest struct {
-	Name           string         `json:"name"`
-	Size           int64          `json:"size"`
-	DiskOfferingID string         `json:"disk_offering_id"`
-	ZoneID         string         `json:"zone_id"`
-	Metadata       map[string]any `json:"metadata,omitempty"`
+	// Name is the volume's name: 1 to 255 bytes, no control characters.
+	Name string `json:"name"`
+	// Size is in bytes, at least MinVolumeSize; rounded up to whole GiB.
+	Size int64 `json:"size"`
+	// DiskOfferingID is the CloudStack disk offering, a UUID.
+	DiskOfferingID string `json:"disk_offering_id"`
+	// ZoneID is the CloudStack zone to create the volume in, a UUID.
+	ZoneID string `json:"zone_id"`
+	// Metadata is the caller's own; it is recorded with the request, not used.
+	Metadata map[string]any `json:"metadata,omitempty"`
 }
 
 // SizeGiB is the size in whole GiB, rounded up, as CloudStack takes it.
@@ -37,9 +42,13 @@ func (r CreateRequest) SizeGiB() int64 { return (r.Size + MinVolumeSize - 1) / M
 
 // AttachRequest is the recorded request of an attach or attach-root.
 type AttachRequest struct {
+	// VolumeID is the volume to attach, a bare lower-case UUID.
 	VolumeID string `json:"volume_id"`
-	VMID     string `json:"vm_id"`
+	// VMID is the VM to attach it to, a bare lower-case UUID.
+	VMID string `json:"vm_id"`
+	// DeviceID is the device id to ask for: 0 for attach-root, nil otherwise.
 	DeviceID *int64 `json:"device_id,omitempty"`
+	// AttachAs is AttachAsRoot for an attach-root, "" otherwise.
 	AttachAs string `json:"attach_as,omitempty"`
 }
 
@@ -48,6 +57,7 @@ func (r AttachRequest) Root() bool { return r.AttachAs == AttachAsRoot }
 
 // VolumeRequest is the request of detach and delete.
 type VolumeRequest struct {
+	// VolumeID is the volume to detach or delete, a UUID ("vol-" prefix allowed).
 	VolumeID string `json:"volume_id"`
 }
 

@@ -70,8 +70,10 @@ type Status struct {
 	// LastScanOK: the last full scan read every disk.
 	LastScanOK bool
 	// LastScan is when the last full scan ended; zero before the first.
-	LastScan     time.Time
-	DeviceCount  int
+	LastScan time.Time
+	// DeviceCount counts the disks the agent knows.
+	DeviceCount int
+	// ScanInterval is the period of the full scan.
 	ScanInterval time.Duration
 	// EventsProcessed counts uevents handled, of every subsystem.
 	EventsProcessed int64

@@ -47,6 +47,7 @@ type NamesMessage struct {
 
 // ErrorReply is the reply of a devices.<vm_id>.list request that failed.
 type ErrorReply struct {
+	// Error says why the list failed.
 	Error string `json:"error"`
 }
 
@@ -54,16 +55,19 @@ type ErrorReply struct {
 type ServerConfig struct {
 	// VMID is the VM the agent runs on: the <vm_id> of its subjects.
 	VMID string
+	// Conn is the NATS connection the server answers on; required.
 	Conn *nats.Conn
 	// JetStream publishes the events; nil makes one on Conn.
 	JetStream jetstream.JetStream
-	Agent     *Agent
+	// Agent is the agent whose events are published; required.
+	Agent *Agent
 	// Namer keeps the persistent names; nil means NewNames("", "").
 	Namer Names
 	// SysRoot is the sysfs the list and names requests re-read; default
 	// DefaultSysRoot.
 	SysRoot string
-	Logger  *slog.Logger
+	// Logger is the parent logger; default slog.Default().
+	Logger *slog.Logger
 }
 
 // Server is the agent's NATS side: it publishes every agent event to

@@ -30,9 +30,9 @@ type Uevent struct {
 	Subsystem string // e.g. "block"
 	DevName   string // e.g. "loop3"; "" if the uevent carries none
 	DevType   string // "disk" or "partition" for block
-	Major     int
-	Minor     int
-	Seqnum    uint64
+	Major     int    // MAJOR, 0 if the uevent carries none
+	Minor     int    // MINOR, 0 if the uevent carries none
+	Seqnum    uint64 // SEQNUM, the kernel's uevent sequence number
 }
 
 // IsDisk reports whether the uevent is about a whole block disk (not a

@@ -34,6 +34,7 @@ type Exporter interface {
 
 // NBDExporter is the Exporter on volumed's NBD server.
 type NBDExporter struct {
+	// Server is the NBD server whose exports are set.
 	Server *nbd.Server
 }
 

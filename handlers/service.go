@@ -30,9 +30,13 @@ const QueueGroup = "volumed"
 
 // Config configures a Service.
 type Config struct {
-	Conn       *nats.Conn
-	JetStream  jetstream.JetStream
-	Store      state.Store
+	// Conn receives the commands on the volumes.cmd.* subjects; required.
+	Conn *nats.Conn
+	// JetStream queues the jobs and publishes operation updates; required.
+	JetStream jetstream.JetStream
+	// Store holds operations, mappings and exports; required.
+	Store state.Store
+	// CloudStack is the CloudStack API the steps call; required.
 	CloudStack csapi.API
 	// StoreName names the state backend in health ("redis", "embedded").
 	StoreName string
@@ -62,7 +66,8 @@ type Config struct {
 	// SyncInterval is the period of the background reconcile; default 5 m,
 	// negative turns it off.
 	SyncInterval time.Duration
-	Logger       *slog.Logger
+	// Logger receives the service's logs; default slog.Default().
+	Logger *slog.Logger
 }
 
 // DeviceCorrelator is the device agent side of attach and detach.

@@ -87,6 +87,7 @@ func (s *Service) VMVolumes(ctx context.Context, vmID string) ([]commands.Volume
 		if err != nil {
 			return nil, err
 		}
+		row.LinuxData = nil // a list row, as the reference shows it
 		out = append(out, row)
 	}
 	return out, nil

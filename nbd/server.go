@@ -76,8 +76,10 @@ type ExportStatus struct {
 // ExportError reports an export SetExports could not open; the others in
 // the call are served.
 type ExportError struct {
+	// Name is the export that could not be opened.
 	Name string
-	Err  error
+	// Err is why it could not be opened.
+	Err error
 }
 
 var _ error = (*ExportError)(nil)

@@ -27,17 +27,25 @@ var (
 // Filter selects operations. Empty fields match everything; Limit 0 means
 // no limit. Results are newest first (by CreatedAt, then id).
 type Filter struct {
-	Type     commands.OpType
-	Status   commands.OpStatus
+	// Type selects operations of this type.
+	Type commands.OpType
+	// Status selects operations in this status.
+	Status commands.OpStatus
+	// VolumeID selects operations on this volume.
 	VolumeID string
-	VMID     string
-	Limit    int
+	// VMID selects operations on this VM.
+	VMID string
+	// Limit bounds the number of results.
+	Limit int
 }
 
 // Stats are counts over every recorded operation.
 type Stats struct {
-	Total    int64
-	ByType   map[commands.OpType]int64
+	// Total counts every recorded operation.
+	Total int64
+	// ByType counts the operations of each type.
+	ByType map[commands.OpType]int64
+	// ByStatus counts the operations in each status.
 	ByStatus map[commands.OpStatus]int64
 	// Terminal counts operations that completed or failed or were
 	// cancelled; TerminalDuration is the sum of their durations.

@@ -71,7 +71,10 @@ const (
 
 // Config configures a Correlator.
 type Config struct {
-	Conn  *nats.Conn
+	// Conn carries the device events and the requests to device agents;
+	// required.
+	Conn *nats.Conn
+	// Store holds the mappings recorded and repaired; required.
 	Store state.Store
 	// Timeout bounds the wait for a device in Attached; default
 	// DefaultTimeout.
@@ -82,7 +85,8 @@ type Config struct {
 	// LocalStatus reports the health of the agent running in this process;
 	// nil when there is none.
 	LocalStatus func() devagent.Status
-	Logger      *slog.Logger
+	// Logger receives the correlator's logs; default slog.Default().
+	Logger *slog.Logger
 }
 
 // Correlator implements handlers.DeviceCorrelator over NATS.

@@ -14,27 +14,41 @@ var ErrNotFound = errors.New("cloudstack: not found")
 
 // Volume is a CloudStack volume as volumed needs it.
 type Volume struct {
-	ID       string `json:"id"`
-	Name     string `json:"name"`
-	State    string `json:"state"`
-	Type     string `json:"type"`
-	ZoneID   string `json:"zoneid,omitempty"`
+	// ID is the volume's CloudStack UUID.
+	ID string `json:"id"`
+	// Name is the volume's name.
+	Name string `json:"name"`
+	// State is CloudStack's volume state, e.g. "Allocated" or "Ready".
+	State string `json:"state"`
+	// Type is the volume type, e.g. "ROOT" or "DATADISK".
+	Type string `json:"type"`
+	// ZoneID is the zone the volume is in.
+	ZoneID string `json:"zoneid,omitempty"`
+	// ZoneName is the name of the zone the volume is in.
 	ZoneName string `json:"zonename,omitempty"`
 	// Size is in bytes.
 	Size int64 `json:"size"`
 	// VMID is the VM the volume is attached to, "" when detached.
-	VMID     string `json:"virtualmachineid,omitempty"`
-	VMName   string `json:"vmname,omitempty"`
+	VMID string `json:"virtualmachineid,omitempty"`
+	// VMName is the name of the VM the volume is attached to, "" when detached.
+	VMName string `json:"vmname,omitempty"`
+	// DeviceID is the volume's device id on its VM, nil when detached.
 	DeviceID *int64 `json:"deviceid,omitempty"`
+	// Attached is when the volume was attached, "" when detached.
 	Attached string `json:"attached,omitempty"`
-	Created  string `json:"created,omitempty"`
+	// Created is when the volume was created (2006-01-02T15:04:05-0700).
+	Created string `json:"created,omitempty"`
 }
 
 // VM is a CloudStack virtual machine.
 type VM struct {
-	ID     string `json:"id"`
-	Name   string `json:"name"`
-	State  string `json:"state"`
+	// ID is the VM's CloudStack UUID.
+	ID string `json:"id"`
+	// Name is the VM's name.
+	Name string `json:"name"`
+	// State is CloudStack's VM state, e.g. "Running" or "Stopped".
+	State string `json:"state"`
+	// ZoneID is the zone the VM is in.
 	ZoneID string `json:"zoneid,omitempty"`
 }
 
@@ -50,7 +64,9 @@ const (
 
 // Job is the state of a CloudStack async job.
 type Job struct {
-	ID     string
+	// ID is the async job's id.
+	ID string
+	// Status is JobPending until the job ends in JobSuccess or JobFailure.
 	Status JobStatus
 	// Volume is the job's volume result, when it has one.
 	Volume *Volume
@@ -60,29 +76,40 @@ type Job struct {
 
 // CreateParams are the parameters of createVolume.
 type CreateParams struct {
-	Name           string
-	SizeGiB        int64
+	// Name is the new volume's name.
+	Name string
+	// SizeGiB is the size in GiB for a custom disk offering; 0 sends none.
+	SizeGiB int64
+	// DiskOfferingID is the disk offering to create the volume from.
 	DiskOfferingID string
-	ZoneID         string
+	// ZoneID is the zone to create the volume in.
+	ZoneID string
 }
 
 // ListFilter selects volumes; empty fields match all.
 type ListFilter struct {
-	VMID   string
-	Name   string
+	// VMID selects the volumes attached to this VM.
+	VMID string
+	// Name selects the volumes of this name.
+	Name string
+	// ZoneID selects the volumes in this zone.
 	ZoneID string
 }
 
 // API is what volumed asks of CloudStack. Async commands return the job id;
 // WaitJob follows a job to its end.
 type API interface {
+	// CreateVolume starts creating a volume.
 	CreateVolume(ctx context.Context, p CreateParams) (volumeID, jobID string, err error)
 	// AttachVolume attaches; deviceID nil lets CloudStack choose.
 	AttachVolume(ctx context.Context, volumeID, vmID string, deviceID *int64) (jobID string, err error)
+	// DetachVolume detaches a volume from its VM.
 	DetachVolume(ctx context.Context, volumeID string) (jobID string, err error)
+	// DeleteVolume deletes a volume; it is synchronous (no job).
 	DeleteVolume(ctx context.Context, volumeID string) error
 	// GetVolume returns a volume or an error wrapping ErrNotFound.
 	GetVolume(ctx context.Context, volumeID string) (Volume, error)
+	// ListVolumes returns the volumes f selects.
 	ListVolumes(ctx context.Context, f ListFilter) ([]Volume, error)
 	// GetVM returns a VM or an error wrapping ErrNotFound.
 	GetVM(ctx context.Context, vmID string) (VM, error)

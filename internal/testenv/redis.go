@@ -23,6 +23,7 @@ func FreePort(t testing.TB) int {
 
 // Redis is a real redis-server process started for one test.
 type Redis struct {
+	// Addr is the server's host:port on 127.0.0.1.
 	Addr string
 	cmd  *exec.Cmd
 }

@@ -37,32 +37,43 @@ const (
 // Inventory is the fixed part of the simulated cloud: zones, disk offerings
 // and VMs. Volumes are created through the API.
 type Inventory struct {
-	Zones         []Zone         `json:"zones"`
+	// Zones are the zones of the cloud.
+	Zones []Zone `json:"zones"`
+	// DiskOfferings are the offerings createVolume accepts.
 	DiskOfferings []DiskOffering `json:"diskofferings"`
-	VMs           []VM           `json:"vms"`
+	// VMs are the virtual machines, with their root volumes.
+	VMs []VM `json:"vms"`
 	// MaxDataDisks is the data-disk limit per VM; 0 means DefaultMaxDataDisks.
 	MaxDataDisks int `json:"maxdatadisks,omitempty"`
 }
 
 // Zone is a CloudStack zone.
 type Zone struct {
-	ID   string `json:"id"`
+	// ID is the zone's UUID.
+	ID string `json:"id"`
+	// Name is the zone's name, e.g. "OSSEA-Zone".
 	Name string `json:"name"`
 }
 
 // DiskOffering is a disk offering; Custom offerings take a size on createVolume.
 type DiskOffering struct {
-	ID     string `json:"id"`
-	Name   string `json:"name"`
-	Custom bool   `json:"iscustomized"`
+	// ID is the offering's UUID.
+	ID string `json:"id"`
+	// Name is the offering's name.
+	Name string `json:"name"`
+	// Custom marks a custom-size offering.
+	Custom bool `json:"iscustomized"`
 	// SizeGB is the size of a fixed offering.
 	SizeGB int64 `json:"disksize"`
 }
 
 // VM is a virtual machine of the inventory.
 type VM struct {
-	ID     string `json:"id"`
-	Name   string `json:"name"`
+	// ID is the VM's UUID.
+	ID string `json:"id"`
+	// Name is the VM's name.
+	Name string `json:"name"`
+	// ZoneID is the zone the VM is in.
 	ZoneID string `json:"zoneid"`
 	// State is the initial state, "Running" or "Stopped".
 	State string `json:"state"`
@@ -74,8 +85,10 @@ type VM struct {
 
 // RootVolume is a VM's root disk.
 type RootVolume struct {
-	ID     string `json:"id"`
-	SizeGB int64  `json:"sizegb"`
+	// ID is the root volume's UUID.
+	ID string `json:"id"`
+	// SizeGB is the root disk's size in GiB.
+	SizeGB int64 `json:"sizegb"`
 }
 
 // DefaultInventory returns the built-in inventory; see the package constants.
