@@ -85,3 +85,12 @@ type Mapping struct {
 	// UpdatedAt is when the mapping last changed (UTC).
 	UpdatedAt time.Time `json:"updated_at"`
 }
+
+// Device names the mapping's device path for people: "no device" when it
+// has none.
+func (m Mapping) Device() string {
+	if m.DevicePath == "" {
+		return "no device"
+	}
+	return m.DevicePath
+}

@@ -72,7 +72,7 @@ func NormalizeID(field, prefix, id string) (string, error) {
 	}
 	bare := strings.ToLower(strings.TrimPrefix(strings.ToLower(id), prefix))
 	if !uuidRE.MatchString(bare) {
-		return "", Invalid(field, "%s must be a UUID, got %q", field, truncate(id, 80)).WithDetail("provided_value", truncate(id, 80))
+		return "", Invalid(field, "%s must be a UUID, got %q", field, Shown(id, 80)).WithDetail("provided_value", Shown(id, 80))
 	}
 	return bare, nil
 }
@@ -212,9 +212,11 @@ func jsonKind(goKind string) string {
 	return fmt.Sprintf("a %s", goKind)
 }
 
-func truncate(s string, n int) string {
+// Shown cuts a user's input to at most n bytes (never inside a UTF-8
+// character) for an error message, marking the cut with "…".
+func Shown(s string, n int) string {
 	if len(s) <= n {
 		return s
 	}
-	return s[:n] + "…"
+	return strings.ToValidUTF8(s[:n], "") + "…"
 }

@@ -139,7 +139,7 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 	if err := s.cfg.Store.DeleteMapping(ctx, m.VolumeID); err != nil {
 		return "", state.APIError(err)
 	}
-	change := fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s", m.VolumeID, m.VMID, orNone(m.DevicePath), why)
+	change := fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s", m.VolumeID, m.VMID, m.Device(), why)
 	if export != "" {
 		change += "; ended its NBD export " + export
 	}
@@ -170,11 +170,4 @@ func (s *Service) requeueIdle(ctx context.Context) ([]string, error) {
 		}
 	}
 	return changes, nil
-}
-
-func orNone(s string) string {
-	if s == "" {
-		return "no device"
-	}
-	return s
 }

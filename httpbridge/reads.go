@@ -153,10 +153,7 @@ func NormalizeDevicePath(p string) (string, error) {
 	}
 	if len(abs) > maxDevicePath || !devicePathRE.MatchString(abs) || path.Clean(abs) != abs ||
 		strings.Contains(abs+"/", "/./") || strings.Contains(abs+"/", "/../") {
-		shown := p
-		if len(shown) > 80 {
-			shown = shown[:80] + "…"
-		}
+		shown := commands.Shown(p, 80)
 		return "", commands.Invalid("device_path", "device_path must be a clean path under /dev, got %q", shown).
 			WithDetail("provided_value", shown)
 	}

@@ -199,7 +199,7 @@ func (c *Correlator) repair(ctx context.Context, vm string, a, m commands.Mappin
 		}
 		return fmt.Sprintf("mapped attached volume %s on VM %s to %s (it had no mapping)", a.VolumeID, vm, own.Path), nil
 	case has && own != nil && (m.DevicePath != own.Path || m.LinuxState != commands.LinuxDetected):
-		was := fmt.Sprintf("%s, linux_state %s", orNone(m.DevicePath), m.LinuxState)
+		was := fmt.Sprintf("%s, linux_state %s", m.Device(), m.LinuxState)
 		m.DevicePath, m.Size, m.LinuxState = own.Path, own.Size, commands.LinuxDetected
 		m.LastSync, m.UpdatedAt = now, now
 		if _, err := c.record(ctx, m); err != nil && !errors.Is(err, ErrName) {
@@ -246,11 +246,4 @@ func describeNames(vm string, reply devagent.NamesMessage) []string {
 		}
 	}
 	return out
-}
-
-func orNone(s string) string {
-	if s == "" {
-		return "no device"
-	}
-	return s
 }
