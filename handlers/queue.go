@@ -39,7 +39,7 @@ func (s *Service) requeueUnfinished(ctx context.Context) error {
 		}
 		// Oldest first, so the queue keeps the order of acceptance.
 		for i := len(ops) - 1; i >= 0; i-- {
-			if err := s.enqueue(ctx, ops[i].ID); err != nil {
+			if err := s.requeue(ctx, ops[i]); err != nil {
 				return fmt.Errorf("handlers: requeue %s: %w", ops[i].ID, err)
 			}
 		}
@@ -48,6 +48,17 @@ func (s *Service) requeueUnfinished(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// requeue queues an unfinished operation again and marks its volume as
+// one whose later operations must first look for older ones.
+func (s *Service) requeue(ctx context.Context, op commands.Operation) error {
+	if op.VolumeID != "" {
+		s.mu.Lock()
+		s.recovering[op.VolumeID] = true
+		s.mu.Unlock()
+	}
+	return s.enqueue(ctx, op.ID)
 }
 
 func (s *Service) startConsumer(ctx context.Context) error {
@@ -172,9 +183,14 @@ const retryDelay = time.Second
 
 // olderUnfinished returns an operation on op's volume, accepted before op,
 // not ended and not running here; "" when there is none (or the store
-// cannot tell, in which case run fails on the store anyway).
+// cannot tell, in which case run fails on the store anyway). Only volumes
+// with a requeued operation are looked up: elsewhere the queue's order is
+// the order of acceptance.
 func (s *Service) olderUnfinished(op commands.Operation) string {
-	if op.VolumeID == "" {
+	s.mu.Lock()
+	recovering := s.recovering[op.VolumeID]
+	s.mu.Unlock()
+	if !recovering {
 		return ""
 	}
 	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
@@ -191,6 +207,9 @@ func (s *Service) olderUnfinished(op commands.Operation) string {
 			}
 		}
 	}
+	s.mu.Lock()
+	delete(s.recovering, op.VolumeID)
+	s.mu.Unlock()
 	return ""
 }
 

@@ -163,7 +163,7 @@ func (s *Service) requeueIdle(ctx context.Context) ([]string, error) {
 			if running || time.Since(op.UpdatedAt) < 2*s.cfg.AckWait {
 				continue
 			}
-			if err := s.enqueue(ctx, op.ID); err != nil {
+			if err := s.requeue(ctx, op); err != nil {
 				return changes, commands.Unavailable("command queue unavailable: %v", err)
 			}
 			changes = append(changes, fmt.Sprintf("requeued %s operation %s (%s)", op.Type, op.ID, op.Status))

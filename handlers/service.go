@@ -116,6 +116,9 @@ type Service struct {
 	// inflight maps each operation running here to the stream sequence
 	// of the job message it holds.
 	inflight map[string]uint64
+	// recovering holds the volumes with a requeued unfinished operation,
+	// until no older one is left on them.
+	recovering map[string]bool
 	// stopping refuses new jobs once Close has begun.
 	stopping bool
 	// syncMu runs one reconcile at a time.
@@ -157,11 +160,12 @@ func New(cfg Config) *Service {
 		cfg.Logger = slog.Default()
 	}
 	return &Service{
-		cfg:      cfg,
-		log:      cfg.Logger.With("component", "handlers"),
-		keys:     newSerializer(),
-		sem:      make(chan struct{}, cfg.MaxConcurrent),
-		inflight: map[string]uint64{},
+		cfg:        cfg,
+		log:        cfg.Logger.With("component", "handlers"),
+		keys:       newSerializer(),
+		sem:        make(chan struct{}, cfg.MaxConcurrent),
+		inflight:   map[string]uint64{},
+		recovering: map[string]bool{},
 	}
 }
 
