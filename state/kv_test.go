@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -236,4 +237,18 @@ func TestKVUnavailable(t *testing.T) {
 func BenchmarkKV(b *testing.B) {
 	bus := testenv.StartBus(b)
 	storetest.Bench(b, func(t testing.TB) state.Store { return newKV(t, bus.JetStream(), nextBucket()) })
+}
+
+// BenchmarkKVMemory measures the heap of this process (the store's
+// indexes and the embedded NATS server holding the bucket) per 100k
+// operations, and after pruning them.
+func BenchmarkKVMemory(b *testing.B) {
+	bus := testenv.StartBus(b)
+	s := newKV(b, bus.JetStream(), nextBucket())
+	storetest.MeasureMemory(b, s, func() int64 {
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return int64(ms.HeapAlloc)
+	})
 }
