@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"runtime"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -107,37 +106,7 @@ func TestKVSharedBucket(t *testing.T) {
 
 	// Four writers increment one operation's attempts through both
 	// stores at once: every lost race is ErrStale, and no increment is lost.
-	var wg sync.WaitGroup
-	var stale atomic.Int64
-	const writers, each = 4, 20
-	for i, s := range []*state.KV{a, b, a, b} {
-		wg.Go(func() {
-			for n := 0; n < each; {
-				cur, err := s.GetOperation(ctx, op.ID)
-				if err != nil {
-					t.Errorf("writer %d: %v", i, err)
-					return
-				}
-				cur.Attempts++
-				_, err = s.UpdateOperation(ctx, cur)
-				switch {
-				case errors.Is(err, state.ErrStale):
-					stale.Add(1)
-				case err != nil:
-					t.Errorf("writer %d update %d: %v", i, n, err)
-					return
-				default:
-					n++
-				}
-			}
-		})
-	}
-	wg.Wait()
-	got, err := a.GetOperation(ctx, op.ID)
-	if err != nil || got.Attempts != writers*each {
-		t.Fatalf("after the race: attempts %d, %v; want %d", got.Attempts, err, writers*each)
-	}
-	t.Logf("%d stale writes refused", stale.Load())
+	storetest.Increments(t, op.ID, 20, a, b, a, b)
 }
 
 // TestKVRestart: a store opened on a restarted bus rebuilds its indexes

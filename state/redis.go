@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -501,7 +502,7 @@ func (r *Redis) writeOp(ctx context.Context, old *commands.Operation, op command
 	if old != nil {
 		expected, oldType, oldStatus = strconv.FormatUint(op.Revision, 10), string(old.Type), string(old.Status)
 		for _, n := range opIndexes(old) {
-			if !contains(add, n) {
+			if !slices.Contains(add, n) {
 				keys = append(keys, r.idxKey(n))
 			}
 		}
@@ -521,16 +522,6 @@ func (r *Redis) writeOp(ctx context.Context, old *commands.Operation, op command
 	}
 	op.Revision = uint64(n)
 	return op, nil
-}
-
-// contains reports whether names holds n.
-func contains(names []string, n string) bool {
-	for _, m := range names {
-		if m == n {
-			return true
-		}
-	}
-	return false
 }
 
 // DeleteOperation removes the operation at rev with its index entries and
