@@ -121,13 +121,17 @@ func (s *Service) publish(ctx context.Context, op commands.Operation) {
 	}
 }
 
-// step runs fn under the step deadline, retrying transient CloudStack
-// failures with exponential backoff and recording the last error on the
-// operation. It returns a TIMEOUT error when the deadline passes.
+// step runs fn under the step deadline, retrying retryable CloudStack
+// failures with exponential backoff (at least the Retry-After CloudStack
+// asked for, and at most RetryLimit times in a row for a limited kind such
+// as 530) and recording the last error on the operation. A MaybeDone error
+// is returned at once: the caller asks CloudStack what happened. It returns
+// a TIMEOUT error when the deadline passes.
 func (s *Service) step(ctx context.Context, op *commands.Operation, name string, fn func(ctx context.Context) error) error {
 	stepCtx, cancel := context.WithTimeout(ctx, s.cfg.StepTimeout)
 	defer cancel()
 	backoff := s.cfg.RetryMin
+	limited := 0
 	for {
 		err := fn(stepCtx)
 		if err == nil {
@@ -140,18 +144,49 @@ func (s *Service) step(ctx context.Context, op *commands.Operation, name string,
 			return commands.Timeout("%s did not finish within %v: %v", name, s.cfg.StepTimeout, err).
 				WithDetail("step", name)
 		}
-		if !csapi.IsRetryable(err) {
+		var cs *csapi.Error
+		if !errors.As(err, &cs) || !cs.Retryable {
 			return err
+		}
+		if cs.RetryLimit > 0 {
+			if limited++; limited > cs.RetryLimit {
+				return err
+			}
 		}
 		op.Error = fmt.Sprintf("%s: %v (retrying)", name, err)
 		if err := s.save(ctx, op); err != nil {
 			return err
 		}
 		select {
-		case <-time.After(backoff):
+		case <-time.After(max(backoff, cs.RetryAfter)):
 		case <-stepCtx.Done():
 		}
 		backoff = min(2*backoff, s.cfg.RetryMax)
+	}
+}
+
+// settle follows up a call whose answer was lost (or that a crash cut
+// off): it asks CloudStack, through check, until check reports the call
+// took effect or SettleTimeout passes; done says which. The operation
+// shows what it waits for.
+func (s *Service) settle(ctx context.Context, op *commands.Operation, name string, check func(ctx context.Context) (bool, error)) (done bool, err error) {
+	op.Error = name + ": answer lost; asking CloudStack what happened (retrying)"
+	if err := s.save(ctx, op); err != nil {
+		return false, err
+	}
+	deadline := time.Now().Add(s.cfg.SettleTimeout)
+	wait := s.cfg.RetryMin
+	for {
+		done, err := check(ctx)
+		if err != nil || done || time.Now().After(deadline) {
+			return done, err
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return false, errStopped
+		}
+		wait = min(2*wait, time.Second)
 	}
 }
 
@@ -166,7 +201,9 @@ func (s *Service) volume(ctx context.Context, op *commands.Operation, id string)
 	return vol, err
 }
 
-// waitJob follows the operation's CloudStack job to its end.
+// waitJob follows the operation's CloudStack job to its end. A job still
+// running at the step's deadline fails the operation with TIMEOUT saying
+// so (job_may_run and the job's id).
 func (s *Service) waitJob(ctx context.Context, op *commands.Operation, name string) (csapi.Job, error) {
 	var job csapi.Job
 	err := s.step(ctx, op, name, func(ctx context.Context) error {
@@ -174,6 +211,10 @@ func (s *Service) waitJob(ctx context.Context, op *commands.Operation, name stri
 		job, err = s.cfg.CloudStack.WaitJob(ctx, op.JobID)
 		return err
 	})
+	var e *commands.Error
+	if errors.As(err, &e) && e.Code == commands.CodeTimeout {
+		return job, e.WithDetail("job_may_run", true).WithDetail("cloudstack_job_id", op.JobID)
+	}
 	return job, err
 }
 

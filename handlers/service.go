@@ -63,6 +63,10 @@ type Config struct {
 	// RetryMin and RetryMax bound the backoff between retries of a
 	// transient CloudStack failure. Defaults 200 ms and 5 s.
 	RetryMin, RetryMax time.Duration
+	// SettleTimeout is how long a call whose answer was lost is followed
+	// up in CloudStack (the volume showing the effect) before it is sent
+	// again. Default 10 s.
+	SettleTimeout time.Duration
 	// SyncInterval is the period of the background reconcile; default 5 m,
 	// negative turns it off.
 	SyncInterval time.Duration
@@ -149,6 +153,9 @@ func New(cfg Config) *Service {
 	}
 	if cfg.RetryMax <= 0 {
 		cfg.RetryMax = 5 * time.Second
+	}
+	if cfg.SettleTimeout <= 0 {
+		cfg.SettleTimeout = 10 * time.Second
 	}
 	if cfg.SyncInterval == 0 {
 		cfg.SyncInterval = 5 * time.Minute
