@@ -31,22 +31,40 @@ const (
 // operation is left as recorded and resumed on redelivery.
 var errStopped = errors.New("handlers: stopped before the operation ended")
 
-// run executes one operation to a terminal state. It returns false when it
-// stopped early and the job must be delivered again.
-func (s *Service) run(opID string, log *slog.Logger) bool {
+// errLost: another executor claimed the operation (a later attempt) or
+// ended it; this one stops at once, without acking its job.
+var errLost = errors.New("handlers: the operation was taken over")
+
+// runResult is how run left an operation.
+type runResult int
+
+const (
+	// runDone: the operation is terminal; its job is acked.
+	runDone runResult = iota
+	// runStopped: stopped early (shutdown, store failure); the job is
+	// delivered again.
+	runStopped
+	// runLost: another executor holds the operation; its job is left to
+	// that executor's delivery.
+	runLost
+)
+
+// run executes one operation to a terminal state: it claims the operation
+// (attempt + 1), runs its steps and records the end.
+func (s *Service) run(opID string, log *slog.Logger) runResult {
 	ctx := s.ctx
 	op, err := s.cfg.Store.GetOperation(ctx, opID)
 	if err != nil {
-		log.Warn("cannot load operation", "error", err)
-		return false
+		log.Warn("cannot load operation", "err", err)
+		return runStopped
 	}
 	if op.Status.Terminal() {
-		return true
+		return runDone
 	}
 	op.Attempts++
 	op.Status = commands.StatusExecuting
 	if err := s.save(ctx, &op); err != nil {
-		return false
+		return stopped(err)
 	}
 	log = log.With("type", op.Type, "volume_id", op.VolumeID)
 	log.Info("operation executing", "attempt", op.Attempts, "step", op.Step)
@@ -67,9 +85,13 @@ func (s *Service) run(opID string, log *slog.Logger) bool {
 	default:
 		err = commands.Internal("unknown operation type %q", op.Type)
 	}
-	if ctx.Err() != nil || errors.Is(err, errStopped) {
+	switch {
+	case errors.Is(err, errLost):
+		log.Warn("operation taken over by another executor; stopping", "step", op.Step)
+		return runLost
+	case ctx.Err() != nil || errors.Is(err, errStopped):
 		log.Info("operation interrupted; it resumes on redelivery", "step", op.Step)
-		return false
+		return runStopped
 	}
 	status := commands.StatusCompleted
 	if err != nil {
@@ -83,25 +105,36 @@ func (s *Service) run(opID string, log *slog.Logger) bool {
 	} else {
 		op.Response, op.Error, op.Details = resp, "", nil
 	}
-	if !s.finish(ctx, &op, status) {
-		return false
+	if err := s.finish(ctx, &op, status); err != nil {
+		return stopped(err)
 	}
-	log.Info("operation "+string(status), "error", op.Error, "duration", op.Duration())
-	return true
+	log.Info("operation "+string(status), "err", op.Error, "duration", op.Duration())
+	return runDone
 }
 
-// finish records a terminal status; false if the store failed.
-func (s *Service) finish(ctx context.Context, op *commands.Operation, status commands.OpStatus) bool {
+// stopped maps a failed write of run to its result.
+func stopped(err error) runResult {
+	if errors.Is(err, errLost) {
+		return runLost
+	}
+	return runStopped
+}
+
+// finish records a terminal status.
+func (s *Service) finish(ctx context.Context, op *commands.Operation, status commands.OpStatus) error {
 	now := time.Now().UTC()
 	op.Status, op.CompletedAt = status, &now
-	return s.save(ctx, op) == nil
+	return s.save(ctx, op)
 }
 
-// save records the operation and publishes its new state.
+// save records the operation and publishes its new state. It fails with
+// errStopped when the store cannot be written, and with errLost when the
+// record changed since this executor last wrote it (another executor
+// claimed or ended the operation).
 func (s *Service) save(ctx context.Context, op *commands.Operation) error {
 	op.UpdatedAt = time.Now().UTC()
 	if err := s.cfg.Store.UpdateOperation(ctx, *op); err != nil {
-		s.log.Warn("cannot record operation", "operation_id", op.ID, "error", err)
+		s.log.Warn("cannot record operation", "operation_id", op.ID, "err", err)
 		return fmt.Errorf("%w: %w", errStopped, err)
 	}
 	s.publish(ctx, *op)

@@ -15,7 +15,7 @@ import (
 
 // Reconcile compares the mappings with CloudStack (and, through the device
 // agents, with the devices present), repairs what drifted, and queues again
-// any unfinished operation that no handler here is running. It is POST
+// any unfinished operation whose job is missing from the work queue. It is POST
 // /admin/force-sync and the periodic sync; one runs at a time. A volume or
 // VM that cannot be checked is skipped and named in the result's errors;
 // the rest is still repaired.
@@ -60,7 +60,7 @@ func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
 		res.Errors = append(res.Errors, fmt.Sprintf("exports: %v", err))
 	}
 	res.Changes = append(res.Changes, exports...)
-	requeued, err := s.requeueIdle(ctx)
+	requeued, err := s.sweep(ctx)
 	if err != nil {
 		return res, err
 	}
@@ -144,30 +144,4 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		change += "; ended its NBD export " + export
 	}
 	return change, nil
-}
-
-// requeueIdle queues again the unfinished operations no handler here runs
-// and that were last touched over two ack-waits ago.
-func (s *Service) requeueIdle(ctx context.Context) ([]string, error) {
-	var changes []string
-	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
-		ops, err := s.cfg.Store.ListOperations(ctx, state.Filter{Status: st})
-		if err != nil {
-			return changes, state.APIError(err)
-		}
-		for i := len(ops) - 1; i >= 0; i-- {
-			op := ops[i]
-			s.mu.Lock()
-			_, running := s.inflight[op.ID]
-			s.mu.Unlock()
-			if running || time.Since(op.UpdatedAt) < 2*s.cfg.AckWait {
-				continue
-			}
-			if err := s.requeue(ctx, op); err != nil {
-				return changes, commands.Unavailable("command queue unavailable: %v", err)
-			}
-			changes = append(changes, fmt.Sprintf("requeued %s operation %s (%s)", op.Type, op.ID, op.Status))
-		}
-	}
-	return changes, nil
 }

@@ -112,17 +112,12 @@ type Service struct {
 	started time.Time
 
 	subs    []*nats.Subscription
+	jobs    jetstream.Stream
 	consume jetstream.ConsumeContext
 	keys    *serializer
 	sem     chan struct{}
 
 	mu sync.Mutex
-	// inflight maps each operation running here to the stream sequence
-	// of the job message it holds.
-	inflight map[string]uint64
-	// recovering holds the volumes with a requeued unfinished operation,
-	// until no older one is left on them.
-	recovering map[string]bool
 	// stopping refuses new jobs once Close has begun.
 	stopping bool
 	// syncMu runs one reconcile at a time.
@@ -167,17 +162,15 @@ func New(cfg Config) *Service {
 		cfg.Logger = slog.Default()
 	}
 	return &Service{
-		cfg:        cfg,
-		log:        cfg.Logger.With("component", "handlers"),
-		keys:       newSerializer(),
-		sem:        make(chan struct{}, cfg.MaxConcurrent),
-		inflight:   map[string]uint64{},
-		recovering: map[string]bool{},
+		cfg:  cfg,
+		log:  cfg.Logger.With("component", "handlers"),
+		keys: newSerializer(),
+		sem:  make(chan struct{}, cfg.MaxConcurrent),
 	}
 }
 
-// Start subscribes to the command subjects, re-queues operations a crash
-// left unfinished, and starts pulling jobs.
+// Start subscribes to the command subjects, starts pulling jobs, and
+// queues again unfinished operations whose job is missing.
 func (s *Service) Start(ctx context.Context) error {
 	if s.cfg.Conn == nil || s.cfg.JetStream == nil || s.cfg.Store == nil || s.cfg.CloudStack == nil {
 		return errors.New("handlers: Conn, JetStream, Store and CloudStack are required")
@@ -205,11 +198,11 @@ func (s *Service) Start(ctx context.Context) error {
 		}
 		s.subs = append(s.subs, sub)
 	}
-	if err := s.requeueUnfinished(ctx); err != nil {
+	if err := s.startConsumer(ctx); err != nil {
 		s.stop()
 		return err
 	}
-	if err := s.startConsumer(ctx); err != nil {
+	if _, err := s.sweep(ctx); err != nil {
 		s.stop()
 		return err
 	}

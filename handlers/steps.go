@@ -18,10 +18,6 @@ func (s *Service) create(ctx context.Context, op *commands.Operation) (*commands
 	if err := decodeRequest(op, &req); err != nil {
 		return nil, err
 	}
-	// dispatch put the operation in its volume's line when the volume id
-	// was already recorded; otherwise in the operation's own line, and the
-	// volume's line is taken here as soon as the id is known.
-	lined := op.VolumeID != ""
 	for op.VolumeID == "" {
 		if op.Step == stepCreateRequested {
 			// A createVolume whose answer was lost, or that a crash cut
@@ -56,16 +52,8 @@ func (s *Service) create(ctx context.Context, op *commands.Operation) (*commands
 		}
 		op.VolumeID, op.JobID = volID, jobID
 	}
-	if !lined {
-		// Hold the new volume's line before anyone can learn its id.
-		wait, done := s.keys.enqueue(op.VolumeID)
-		defer done()
-		select {
-		case <-wait:
-		case <-ctx.Done():
-			return nil, errStopped
-		}
-	}
+	// From here the volume's id is recorded: later operations on it wait
+	// until this create ends (see turn).
 	if op.Step != stepCreateJob {
 		op.Step = stepCreateJob
 		if err := s.save(ctx, op); err != nil {
