@@ -10,6 +10,7 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/state"
 )
 
 // Steps recorded on an operation, so a redelivery after a crash knows
@@ -61,9 +62,13 @@ func (s *Service) run(opID string, log *slog.Logger) runResult {
 	if op.Status.Terminal() {
 		return runDone
 	}
+	// The claim: attempt + 1 by compare-and-swap. Losing it means another
+	// executor claimed the operation since it was read.
 	op.Attempts++
 	op.Status = commands.StatusExecuting
-	if err := s.save(ctx, &op); err != nil {
+	if err := s.save(ctx, &op); errors.Is(err, state.ErrStale) {
+		return runLost
+	} else if err != nil {
 		return stopped(err)
 	}
 	log = log.With("type", op.Type, "volume_id", op.VolumeID)
@@ -127,16 +132,31 @@ func (s *Service) finish(ctx context.Context, op *commands.Operation, status com
 	return s.save(ctx, op)
 }
 
-// save records the operation and publishes its new state. It fails with
+// save records the operation by compare-and-swap on the revision it was
+// read or last saved at, and publishes its new state. It fails with
 // errStopped when the store cannot be written, and with errLost when the
-// record changed since this executor last wrote it (another executor
-// claimed or ended the operation).
+// record moved on: another executor claimed the operation (a later
+// attempt) or ended it. A writer that loses never writes its data again;
+// the next delivery reads the record and decides.
 func (s *Service) save(ctx context.Context, op *commands.Operation) error {
 	op.UpdatedAt = time.Now().UTC()
-	if err := s.cfg.Store.UpdateOperation(ctx, *op); err != nil {
+	saved, err := s.cfg.Store.UpdateOperation(ctx, *op)
+	if errors.Is(err, state.ErrStale) || errors.Is(err, state.ErrTransition) {
+		cur, gerr := s.cfg.Store.GetOperation(ctx, op.ID)
+		switch {
+		case gerr != nil:
+			return fmt.Errorf("%w: %w", errStopped, gerr)
+		case cur.Attempts != op.Attempts || cur.Status.Terminal():
+			return fmt.Errorf("%w: attempt %d, %s, is recorded", errLost, cur.Attempts, cur.Status)
+		}
+		// Our own write whose answer was lost, most likely: the next
+		// delivery resumes from the record.
+	}
+	if err != nil {
 		s.log.Warn("cannot record operation", "operation_id", op.ID, "err", err)
 		return fmt.Errorf("%w: %w", errStopped, err)
 	}
+	op.Revision = saved.Revision
 	s.publish(ctx, *op)
 	return nil
 }

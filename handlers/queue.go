@@ -71,15 +71,29 @@ func (s *Service) jobQueued(ctx context.Context, op commands.Operation) (bool, e
 	return true, nil
 }
 
-// sweep queues again every unfinished operation whose job is missing from
-// the work queue (an accept whose undo failed, a lost stream), oldest
-// first. Operations whose job is queued are left to it: whoever holds the
-// job runs them, and JetStream redelivers it after a crash. Callers hold
-// the sweep lease, so one instance sweeps at a time.
+// sweep queues again, under the sweep lease (one instance at a time; when
+// another holds it, it sweeps), every unfinished operation whose job is
+// missing from the work queue (an accept whose undo failed, a lost
+// stream), oldest first. Operations whose job is queued are left to it:
+// whoever holds the job runs them, and JetStream redelivers it after a
+// crash, to another instance if need be.
 func (s *Service) sweep(ctx context.Context) ([]string, error) {
 	var changes []string
+	err := s.leased(ctx, leaseSweep, false, func(ctx context.Context) error {
+		var err error
+		changes, err = s.sweepLeased(ctx)
+		return err
+	})
+	if errors.Is(err, state.ErrLeaseHeld) {
+		return nil, nil
+	}
+	return changes, err
+}
+
+func (s *Service) sweepLeased(ctx context.Context) ([]string, error) {
+	var changes []string
 	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
-		ops, err := s.cfg.Store.ListOperations(ctx, state.Filter{Status: st})
+		ops, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{Status: st})
 		if err != nil {
 			return changes, state.APIError(err)
 		}
@@ -246,7 +260,7 @@ func (s *Service) turn(ctx context.Context, subject string, seq uint64, op comma
 	if op.Type == commands.OpCreate || op.VolumeID == "" {
 		return false, ""
 	}
-	creates, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: op.VolumeID, Type: commands.OpCreate, Limit: 1})
+	creates, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: op.VolumeID, Type: commands.OpCreate, Limit: 1})
 	if err != nil {
 		return true, "store unavailable: " + err.Error()
 	}

@@ -10,9 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -110,19 +112,17 @@ type Service struct {
 	cfg     Config
 	log     *slog.Logger
 	started time.Time
+	// holder names this instance in the store's leases.
+	holder string
 
 	subs    []*nats.Subscription
 	jobs    jetstream.Stream
 	consume jetstream.ConsumeContext
-	keys    *serializer
 	sem     chan struct{}
 
 	mu sync.Mutex
 	// stopping refuses new jobs once Close has begun.
 	stopping bool
-	// syncMu runs one reconcile at a time.
-	syncMu sync.Mutex
-
 	// exportMu serializes the syncs of the served exports.
 	exportMu sync.Mutex
 
@@ -162,10 +162,10 @@ func New(cfg Config) *Service {
 		cfg.Logger = slog.Default()
 	}
 	return &Service{
-		cfg:  cfg,
-		log:  cfg.Logger.With("component", "handlers"),
-		keys: newSerializer(),
-		sem:  make(chan struct{}, cfg.MaxConcurrent),
+		cfg:    cfg,
+		log:    cfg.Logger.With("component", "handlers"),
+		holder: holderName(),
+		sem:    make(chan struct{}, cfg.MaxConcurrent),
 	}
 }
 
@@ -206,9 +206,23 @@ func (s *Service) Start(ctx context.Context) error {
 		s.stop()
 		return err
 	}
+	s.wg.Add(1)
+	go s.every(s.sweepInterval(), func() {
+		if _, err := s.sweep(s.ctx); err != nil {
+			s.log.Warn("periodic sweep failed", "err", err)
+		}
+	})
 	if s.cfg.SyncInterval > 0 {
 		s.wg.Add(1)
-		go s.syncLoop()
+		go s.every(s.cfg.SyncInterval, func() {
+			err := s.leased(s.ctx, leaseReconcile, false, func(ctx context.Context) error {
+				_, err := s.reconcile(ctx)
+				return err
+			})
+			if err != nil && !errors.Is(err, state.ErrLeaseHeld) {
+				s.log.Warn("periodic reconcile failed", "err", err)
+			}
+		})
 	}
 	s.log.Info("handlers started", "vm_id", s.cfg.VMID, "step_timeout", s.cfg.StepTimeout,
 		"store", s.cfg.StoreName, "device_correlation", s.cfg.Devices != nil,
@@ -240,18 +254,28 @@ func (s *Service) stop() {
 	s.wg.Wait()
 }
 
-func (s *Service) syncLoop() {
+// every runs fn every interval until the service stops.
+func (s *Service) every(interval time.Duration, fn func()) {
 	defer s.wg.Done()
-	t := time.NewTicker(s.cfg.SyncInterval)
+	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-s.ctx.Done():
 			return
 		case <-t.C:
-			if _, err := s.Reconcile(s.ctx); err != nil {
-				s.log.Warn("periodic reconcile failed", "error", err)
-			}
+			fn()
 		}
 	}
+}
+
+// sweepInterval is how often an instance tries to sweep: a few ack-waits,
+// so a job lost with its stream is queued again soon, without listing the
+// unfinished operations too often.
+func (s *Service) sweepInterval() time.Duration { return 4 * s.cfg.AckWait }
+
+// holderName names this process in leases: host, pid and a random part.
+func holderName() string {
+	host, _ := os.Hostname()
+	return fmt.Sprintf("%s/%d/%s", host, os.Getpid(), uuid.NewString()[:8])
 }

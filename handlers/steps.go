@@ -103,7 +103,7 @@ func (s *Service) adoptCreated(ctx context.Context, op *commands.Operation, req 
 		if created, err := time.Parse("2006-01-02T15:04:05-0700", v.Created); err == nil && created.Before(op.CreatedAt.Add(-time.Minute)) {
 			continue
 		}
-		claimed, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: v.ID, Limit: 1})
+		claimed, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: v.ID, Limit: 1})
 		if err != nil {
 			return false, errStopped
 		}
@@ -131,15 +131,27 @@ func (s *Service) attach(ctx context.Context, op *commands.Operation) (*commands
 	}
 	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, req.VMID) && s.cfg.Devices.NoIdentity(req.VMID) {
 		// Without identity a device is told by size and time: attaches to
-		// this VM run one at a time, from the CloudStack call to the match.
-		wait, done := s.keys.enqueue("vm:" + req.VMID)
-		defer done()
-		select {
-		case <-wait:
-		case <-ctx.Done():
-			return nil, errStopped
+		// this VM run one at a time, from the CloudStack call to the
+		// match, on whichever instance (a lease in the store).
+		var resp *commands.OpResponse
+		var ran bool
+		err := s.leased(ctx, leaseVMPrefix+req.VMID, true, func(ctx context.Context) error {
+			var err error
+			ran = true
+			resp, err = s.attachVolume(ctx, op, req)
+			return err
+		})
+		if !ran || ctx.Err() != nil {
+			return nil, errStopped // no lease (store down, stopping): resumed on redelivery
 		}
+		return resp, err
 	}
+	return s.attachVolume(ctx, op, req)
+}
+
+// attachVolume attaches the volume in CloudStack (unless it is already)
+// and records its mapping.
+func (s *Service) attachVolume(ctx context.Context, op *commands.Operation, req commands.AttachRequest) (*commands.OpResponse, error) {
 	since := time.Now()
 	vol, err := s.volume(ctx, op, req.VolumeID)
 	if err != nil {
@@ -222,7 +234,7 @@ func (s *Service) recordAttached(ctx context.Context, op *commands.Operation, vo
 		LastSync: now, CreatedAt: now, UpdatedAt: now,
 	}
 	if old, err := s.cfg.Store.GetMapping(ctx, vol.ID); err == nil {
-		m.ID, m.CreatedAt = old.ID, old.CreatedAt
+		m.ID, m.CreatedAt, m.Revision = old.ID, old.CreatedAt, old.Revision
 	} else if !errors.Is(err, state.ErrNotFound) {
 		return m, errStopped
 	}
@@ -239,10 +251,13 @@ func (s *Service) recordAttached(ctx context.Context, op *commands.Operation, vo
 		if ctx.Err() != nil {
 			return m, errStopped
 		}
-		found.ID, found.CreatedAt, found.DeviceID = m.ID, m.CreatedAt, vol.DeviceID
+		found.ID, found.CreatedAt, found.DeviceID, found.Revision = m.ID, m.CreatedAt, vol.DeviceID, m.Revision
 		m, corrErr = found, err
 	}
-	if err := s.cfg.Store.PutMapping(ctx, m); err != nil {
+	// A stale revision (the mapping changed or went since it was read)
+	// stops the run; the redelivery decides again from CloudStack.
+	m, err := s.cfg.Store.PutMapping(ctx, m)
+	if err != nil {
 		if errors.Is(err, state.ErrConflict) {
 			return m, commands.Conflict("device %s is already mapped to another volume", m.DevicePath)
 		}
@@ -385,7 +400,7 @@ func (s *Service) release(ctx context.Context, op *commands.Operation, volumeID 
 			s.log.Warn("device release incomplete", "volume_id", volumeID, "error", err)
 		}
 	}
-	if err := s.cfg.Store.DeleteMapping(ctx, volumeID); err != nil {
+	if err := s.cfg.Store.DeleteMapping(ctx, volumeID, m.Revision); err != nil {
 		return errStopped
 	}
 	return nil

@@ -14,12 +14,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
-
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/devagent/loopdev"
 	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -272,13 +271,19 @@ func TestForceSyncRepairsBrokenMapping(t *testing.T) {
 	d.attachLocal(vol)
 	m := d.requireMapped(sim, vol)
 
-	rdb := redis.NewClient(&redis.Options{Addr: r.Addr})
-	defer rdb.Close()
-	broken := m
-	broken.DevicePath = "/dev/loop99999"
-	data, _ := json.Marshal(broken)
+	// Another writer (an operator, a bug) breaks the mapping in the store.
 	ctx := context.Background()
-	if err := rdb.Set(ctx, "volumed:mapping:"+vol, data, 0).Err(); err != nil {
+	store, err := state.NewRedis(ctx, state.RedisConfig{URL: r.URL()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close(ctx)
+	broken, err := store.GetMapping(ctx, vol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	broken.DevicePath = "/dev/loop99999"
+	if _, err := store.PutMapping(ctx, broken); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Remove(m.SymlinkPath); err != nil {
