@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/google/uuid"
+
 	"github.com/volumed/volumed/state"
 )
 
@@ -32,14 +34,18 @@ const leaseTTL = 15 * time.Second
 // lease is lost (not renewed in time), so work that needs exclusivity
 // stops.
 func (s *Service) leased(ctx context.Context, name string, wait bool, fn func(ctx context.Context) error) error {
-	l, err := s.cfg.Store.AcquireLease(ctx, name, s.holder, leaseTTL)
+	// Each acquisition is its own holder: the store lets a holder take its
+	// lease again, and two goroutines of this process must exclude each
+	// other too.
+	holder := s.holder + "/" + uuid.NewString()[:8]
+	l, err := s.cfg.Store.AcquireLease(ctx, name, holder, leaseTTL)
 	for delay := 50 * time.Millisecond; wait && errors.Is(err, state.ErrLeaseHeld); delay = min(2*delay, time.Second) {
 		select {
 		case <-time.After(delay):
 		case <-ctx.Done():
 			return fmt.Errorf("lease %s: %w", name, ctx.Err())
 		}
-		l, err = s.cfg.Store.AcquireLease(ctx, name, s.holder, leaseTTL)
+		l, err = s.cfg.Store.AcquireLease(ctx, name, holder, leaseTTL)
 	}
 	if err != nil {
 		return fmt.Errorf("lease %s: %w", name, err)

@@ -14,7 +14,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/google/uuid"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -112,7 +111,8 @@ type Service struct {
 	cfg     Config
 	log     *slog.Logger
 	started time.Time
-	// holder names this instance in the store's leases.
+	// holder names this instance in the store's leases (each acquisition
+	// adds its own suffix).
 	holder string
 
 	subs    []*nats.Subscription
@@ -274,8 +274,8 @@ func (s *Service) every(interval time.Duration, fn func()) {
 // unfinished operations too often.
 func (s *Service) sweepInterval() time.Duration { return 4 * s.cfg.AckWait }
 
-// holderName names this process in leases: host, pid and a random part.
+// holderName names this process in leases: host and pid.
 func holderName() string {
 	host, _ := os.Hostname()
-	return fmt.Sprintf("%s/%d/%s", host, os.Getpid(), uuid.NewString()[:8])
+	return fmt.Sprintf("%s/%d", host, os.Getpid())
 }

@@ -85,7 +85,10 @@ type daemon struct {
 type daemonOpts struct {
 	redisURL string
 	dataDir  string
-	extra    []string
+	// natsURL is an external NATS cluster (comma-separated URLs, three
+	// replicas); "" runs the daemon's own embedded server.
+	natsURL string
+	extra   []string
 }
 
 // cloud is a CloudStack API endpoint: the simulator in this process, or a
@@ -99,19 +102,24 @@ func startDaemon(t *testing.T, sim cloud, o daemonOpts) *daemon {
 	if o.dataDir == "" {
 		o.dataDir = t.TempDir()
 	}
-	natsPort := testenv.FreePort(t)
-	conf := filepath.Join(o.dataDir, "nats.conf")
-	if err := os.WriteFile(conf, []byte(fmt.Sprintf("listen: 127.0.0.1:%d\njetstream {}\n", natsPort)), 0o600); err != nil {
-		t.Fatal(err)
+	natsArgs := []string{"--nats-url", o.natsURL, "--nats-replicas", "3"}
+	natsURL := o.natsURL
+	if o.natsURL == "" {
+		natsPort := testenv.FreePort(t)
+		conf := filepath.Join(o.dataDir, "nats.conf")
+		if err := os.WriteFile(conf, []byte(fmt.Sprintf("listen: 127.0.0.1:%d\njetstream {}\n", natsPort)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		natsArgs, natsURL = []string{"--nats-config", conf}, fmt.Sprintf("nats://127.0.0.1:%d", natsPort)
 	}
 	listen := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 	d := &daemon{t: t, dataDir: o.dataDir, api: "http://" + listen + "/api/v1",
-		natsURL: fmt.Sprintf("nats://127.0.0.1:%d", natsPort), nbdAddr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}
-	d.args = append([]string{"--listen", listen, "--data-dir", o.dataDir, "--nats-config", conf,
+		natsURL: natsURL, nbdAddr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}
+	d.args = append([]string{"--listen", listen, "--data-dir", o.dataDir,
 		"--cloudstack-url", sim.URL(), "--cloudstack-api-key", cloudsim.DefaultAPIKey,
 		"--cloudstack-secret-key", cloudsim.DefaultSecretKey, "--vm-id", cloudsim.ApplianceVMID,
 		"--ack-wait", "2s", "--log-level", "debug", "--name-dir", filepath.Join(o.dataDir, "by-volume"),
-		"--nbd-listen", d.nbdAddr}, o.extra...)
+		"--nbd-listen", d.nbdAddr}, append(natsArgs, o.extra...)...)
 	if o.redisURL != "" {
 		d.args = append(d.args, "--redis-url", o.redisURL)
 	}
