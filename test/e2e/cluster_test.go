@@ -23,14 +23,14 @@ import (
 // natsCluster is a JetStream cluster of real nats-server instances running
 // in the test process, joined by routes.
 type natsCluster struct {
-	t     *testing.T
+	t     testing.TB
 	nodes []*server.Server
 	urls  []string
 }
 
 // startNATSCluster starts n servers forming one cluster and waits until
 // JetStream answers.
-func startNATSCluster(t *testing.T, n int) *natsCluster {
+func startNATSCluster(t testing.TB, n int) *natsCluster {
 	t.Helper()
 	c := &natsCluster{t: t}
 	clusterPorts := make([]int, n)
@@ -85,7 +85,7 @@ func (c *natsCluster) kill(i int) {
 // startInstances runs n volumed processes against the cluster, sharing its
 // JetStream (streams and state bucket with three replicas). Their device
 // agents are off: the tests attach to a VM without one.
-func startInstances(t *testing.T, sim cloud, c *natsCluster, n int) []*daemon {
+func startInstances(t testing.TB, sim cloud, c *natsCluster, n int) []*daemon {
 	t.Helper()
 	var ds []*daemon
 	for range n {

@@ -60,7 +60,7 @@ func TestMain(m *testing.M) {
 
 // startSim runs the CloudStack simulator in the test process, with 50 ms
 // jobs and no local devices unless cfg says otherwise.
-func startSim(t *testing.T, cfg cloudsim.Config) *cloudsim.Sim {
+func startSim(t testing.TB, cfg cloudsim.Config) *cloudsim.Sim {
 	t.Helper()
 	if cfg.JobDuration == 0 {
 		cfg.JobDuration = 50 * time.Millisecond
@@ -70,7 +70,7 @@ func startSim(t *testing.T, cfg cloudsim.Config) *cloudsim.Sim {
 
 // daemon is one volumed process.
 type daemon struct {
-	t       *testing.T
+	t       testing.TB
 	dataDir string
 	args    []string
 	api     string // http://host:port/api/v1
@@ -97,7 +97,7 @@ type cloud interface{ URL() string }
 
 // startDaemon runs the volumed binary against sim, with its own embedded
 // NATS on a free port, and waits until its API answers.
-func startDaemon(t *testing.T, sim cloud, o daemonOpts) *daemon {
+func startDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
 	t.Helper()
 	if o.dataDir == "" {
 		o.dataDir = t.TempDir()
