@@ -68,7 +68,7 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 			res.Changes = append(res.Changes, changes...)
 		}
 	}
-	exports, err := s.reconcileExports(ctx)
+	exports, err := s.reconcileExports(ctx, true)
 	if err != nil {
 		res.Errors = append(res.Errors, fmt.Sprintf("exports: %v", err))
 	}

@@ -185,7 +185,7 @@ func (s *Service) Start(ctx context.Context) error {
 		}
 		s.subs = append(s.subs, sub)
 	}
-	if changes, err := s.reconcileExports(ctx); err != nil {
+	if changes, err := s.reconcileExports(ctx, false); err != nil {
 		s.log.Warn("exports not restored", "error", err)
 	} else if len(changes) > 0 {
 		s.log.Info("exports restored from state", "changes", changes)
@@ -197,6 +197,14 @@ func (s *Service) Start(ctx context.Context) error {
 			return fmt.Errorf("handlers: subscribe mappings: %w", err)
 		}
 		s.subs = append(s.subs, sub)
+		if s.cfg.VMID != "" {
+			// Export work for this VM comes here, whoever runs its operation.
+			if sub, err = s.cfg.Conn.QueueSubscribe(hostSubject(s.cfg.VMID), QueueGroup, s.onHostRequest); err != nil {
+				s.stop()
+				return fmt.Errorf("handlers: subscribe %s: %w", hostSubject(s.cfg.VMID), err)
+			}
+			s.subs = append(s.subs, sub)
+		}
 	}
 	if err := s.startConsumer(ctx); err != nil {
 		s.stop()

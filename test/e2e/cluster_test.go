@@ -286,3 +286,31 @@ func requireRanInOrder(t *testing.T, d *daemon, ids []string) {
 		}
 	}
 }
+
+// TestClusterHostWork: two instances on one NATS cluster, one serving the
+// appliance VM (device agent, NBD server), the other another VM without
+// either. Commands sent to the other instance (and run by whichever takes
+// their job) export the appliance's volume on the appliance's NBD server,
+// on its per-VM subject, and end the export there.
+func TestClusterHostWork(t *testing.T) {
+	requireNBDClients(t)
+	sim := startLocalSim(t, false)
+	c := startNATSCluster(t, 3)
+	host := startDaemon(t, sim, daemonOpts{natsURL: c.url()})
+	other := startDaemon(t, sim, daemonOpts{natsURL: c.url(),
+		extra: []string{"--vm-id", cloudsim.RemoteVMID, "--device-agent=false", "--nbd-listen", ""}})
+	vol := other.createVolume("host-work", 1)
+	other.attachLocal(vol)
+	host.requireMapped(sim, vol)
+
+	other.exportVolume(vol, true)
+	host.requireExports(vol)
+	other.completed(other.submit(http.MethodDelete, "/exports/"+vol, nil).ID)
+	host.requireExports()
+
+	// Detach through the other instance ends the export on the host first.
+	other.exportVolume(vol, false)
+	host.requireExports(vol)
+	other.completed(other.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
+	host.requireExports()
+}

@@ -256,13 +256,15 @@ func (d *daemon) submit(method, path string, body any) commands.Operation {
 	return op
 }
 
-// wait waits for an operation to end, through ?wait, and returns it.
+// wait waits for an operation to end, through ?wait (shorter than the
+// client's own request timeout, so the server answers first), and returns
+// it.
 func (d *daemon) wait(opID string) commands.Operation {
 	d.t.Helper()
 	deadline := time.Now().Add(90 * time.Second)
 	for {
 		var op commands.Operation
-		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+opID+"?wait=30s", nil, &op)
+		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+opID+"?wait=20s", nil, &op)
 		if op.Status.Terminal() {
 			return op
 		}
