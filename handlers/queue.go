@@ -51,11 +51,21 @@ func lineOfSubject(subject string) string {
 // within the dedup window; a later copy waits behind the first in the line
 // and finds the operation ended.
 func (s *Service) enqueue(ctx context.Context, op commands.Operation) error {
+	_, err := s.publishJob(ctx, op, op.ID)
+	return err
+}
+
+// publishJob publishes op's job under message id msgID and reports whether
+// JetStream kept it (false: a duplicate within the dedup window).
+func (s *Service) publishJob(ctx context.Context, op commands.Operation, msgID string) (bool, error) {
 	data, _ := json.Marshal(job{OperationID: op.ID})
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	_, err := s.cfg.JetStream.Publish(ctx, jobSubject(op), data, jetstream.WithMsgID(op.ID))
-	return err
+	ack, err := s.cfg.JetStream.Publish(ctx, jobSubject(op), data, jetstream.WithMsgID(msgID))
+	if err != nil {
+		return false, err
+	}
+	return !ack.Duplicate, nil
 }
 
 // jobQueued reports whether the operation's job is in the work queue
@@ -106,8 +116,15 @@ func (s *Service) sweepLeased(ctx context.Context) ([]string, error) {
 			if queued {
 				continue
 			}
-			if err := s.enqueue(ctx, op); err != nil {
+			// Not the operation id as message id: the first job may have
+			// been lost within the dedup window. The revision keeps two
+			// sweeps of the same record from queueing it twice.
+			kept, err := s.publishJob(ctx, op, fmt.Sprintf("%s@%d", op.ID, op.Revision))
+			if err != nil {
 				return changes, commands.Unavailable("command queue unavailable: %v", err)
+			}
+			if !kept {
+				continue
 			}
 			changes = append(changes, fmt.Sprintf("requeued %s operation %s (%s): its job was missing", op.Type, op.ID, op.Status))
 		}
@@ -134,11 +151,14 @@ func (s *Service) startConsumer(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("handlers: consumer: %w", err)
 	}
-	s.consume, err = cons.Consume(s.dispatch, jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-		if !errors.Is(err, jetstream.ErrNoHeartbeat) {
-			s.log.Debug("consume", "err", err)
-		}
-	}))
+	// Short pulls: when the consumer's leader moves (a node lost, a slow
+	// one), a lost pull is noticed within a few seconds, not 30.
+	s.consume, err = cons.Consume(s.dispatch, jetstream.PullExpiry(5*time.Second), jetstream.PullHeartbeat(2*time.Second),
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+			if !errors.Is(err, jetstream.ErrNoHeartbeat) {
+				s.log.Debug("consume", "err", err)
+			}
+		}))
 	if err != nil {
 		return fmt.Errorf("handlers: consume: %w", err)
 	}
@@ -147,6 +167,9 @@ func (s *Service) startConsumer(ctx context.Context) error {
 
 // Delays of a job put back on the queue.
 const (
+	// unrecordedGrace: a job whose operation the store does not show is
+	// dropped only when it is older than this (accept undone, retention).
+	unrecordedGrace = time.Minute
 	// retryDelay: the store or the queue failed.
 	retryDelay = time.Second
 	// turnDelayMin and turnDelayMax bound the wait of a job whose turn
@@ -195,6 +218,11 @@ func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, opID stri
 	ctx := s.ctx
 	op, err := s.cfg.Store.GetOperation(ctx, opID)
 	switch {
+	case errors.Is(err, state.ErrNotFound) && time.Since(meta.Timestamp) < unrecordedGrace:
+		// The record may not have reached the replica that answered yet
+		// (the job was queued after it was written).
+		_ = msg.NakWithDelay(turnDelay(meta.NumDelivered))
+		return
 	case errors.Is(err, state.ErrNotFound):
 		log.Error("dropping job of an unrecorded operation")
 		_ = msg.Term()

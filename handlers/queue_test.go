@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers/csapi"
@@ -178,5 +180,46 @@ func TestSaveFencesALateExecutor(t *testing.T) {
 	cur, _ := s.cfg.Store.GetOperation(ctx, first.ID)
 	if cur.Status != commands.StatusCompleted || cur.Attempts != 2 || cur.Step != "" {
 		t.Fatalf("record after the late writes: %+v", cur)
+	}
+}
+
+// TestSweepRequeuesALostJob: a job lost from the stream within the dedup
+// window (its operation id already seen) is queued again by the sweep,
+// once; a queued job is left alone.
+func TestSweepRequeuesALostJob(t *testing.T) {
+	s := newTestService(t)
+	ctx := context.Background()
+	var err error
+	if s.jobs, err = s.cfg.JetStream.Stream(ctx, bus.StreamJobs); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now().UTC()
+	op, err := s.cfg.Store.CreateOperation(ctx, commands.Operation{ID: "op-lost", Type: commands.OpDetach,
+		Status: commands.StatusPending, VolumeID: "v-1", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.enqueue(ctx, op); err != nil {
+		t.Fatal(err)
+	}
+	if changes, err := s.sweep(ctx); err != nil || len(changes) != 0 {
+		t.Fatalf("sweep with the job queued: %v %v, want nothing", changes, err)
+	}
+	msg, err := s.jobs.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(jobSubject(op)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.jobs.DeleteMsg(ctx, msg.Sequence); err != nil {
+		t.Fatal(err)
+	}
+	changes, err := s.sweep(ctx)
+	if err != nil || len(changes) != 1 {
+		t.Fatalf("sweep after the job was lost: %v %v, want it requeued", changes, err)
+	}
+	if queued, err := s.jobQueued(ctx, op); err != nil || !queued {
+		t.Fatalf("job queued after the sweep: %v %v", queued, err)
+	}
+	if changes, err := s.sweep(ctx); err != nil || len(changes) != 0 {
+		t.Fatalf("second sweep: %v %v, want nothing", changes, err)
 	}
 }
