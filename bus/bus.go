@@ -39,7 +39,9 @@ const DefaultListen = "127.0.0.1:4222"
 // Config configures a Bus. The zero value runs an embedded server on
 // DefaultListen with JetStream under the working directory.
 type Config struct {
-	// URL of an external NATS server or cluster; "" runs the embedded one.
+	// URL of an external NATS server or cluster, several comma-separated
+	// for a cluster (the client fails over between them); "" runs the
+	// embedded one.
 	URL string
 	// ConfigFile is the embedded server's nats.conf; "" uses built-in defaults.
 	ConfigFile string
@@ -154,6 +156,10 @@ func (b *Bus) startEmbedded() (*server.Server, error) {
 		opts.StoreDir = filepath.Join(b.cfg.DataDir, "nats")
 	}
 	if opts.ServerName == "" {
+		if opts.Cluster.Port != 0 {
+			// JetStream tells the members of a cluster apart by name.
+			return nil, fmt.Errorf("bus: nats config %s: a cluster {} needs a server_name unique to this server", b.cfg.ConfigFile)
+		}
 		opts.ServerName = "volumed"
 	}
 	opts.NoSigs = true
@@ -185,8 +191,25 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 			Description: "volumed block device events"},
 	}
 	for _, sc := range streams {
-		if _, err := b.js.CreateOrUpdateStream(ctx, sc); err != nil {
-			return fmt.Errorf("bus: stream %s: %w", sc.Name, err)
+		// On a cluster that is still forming (its members start one by
+		// one) there are not yet enough servers for the replicas: wait.
+		for {
+			// Until the cluster has a leader, requests go unanswered: each
+			// try gets its own deadline.
+			tryCtx, cancel := context.WithTimeout(ctx, 3*time.Second)
+			_, err := b.js.CreateOrUpdateStream(tryCtx, sc)
+			cancel()
+			if err == nil {
+				break
+			}
+			if ctx.Err() != nil {
+				return fmt.Errorf("bus: stream %s: %w", sc.Name, err)
+			}
+			b.log.Debug("stream not created yet", "stream", sc.Name, "err", err)
+			select {
+			case <-time.After(250 * time.Millisecond):
+			case <-ctx.Done():
+			}
 		}
 	}
 	return nil

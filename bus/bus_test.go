@@ -5,7 +5,9 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -87,5 +89,91 @@ func TestBadConfigFile(t *testing.T) {
 	}
 	if err := bus.New(bus.Config{ConfigFile: conf}).Start(context.Background()); err == nil {
 		t.Fatal("start with a malformed config file succeeded")
+	}
+}
+
+// clusterConfs writes the nats.conf of n embedded servers forming one
+// cluster through routes, and returns the files and the client URLs.
+func clusterConfs(t *testing.T, n int, named bool) (confs, urls []string) {
+	t.Helper()
+	var routes []string
+	clientPorts := make([]int, n)
+	clusterPorts := make([]int, n)
+	for i := range n {
+		clientPorts[i], clusterPorts[i] = testenv.FreePort(t), testenv.FreePort(t)
+		routes = append(routes, "nats-route://127.0.0.1:"+strconv.Itoa(clusterPorts[i]))
+	}
+	for i := range n {
+		body := "listen: 127.0.0.1:" + strconv.Itoa(clientPorts[i]) + "\n"
+		if named {
+			body += "server_name: volumed-" + strconv.Itoa(i+1) + "\n"
+		}
+		body += "jetstream { store_dir: \"" + t.TempDir() + "\" }\n" +
+			"cluster {\n  name: volumed\n  listen: 127.0.0.1:" + strconv.Itoa(clusterPorts[i]) + "\n" +
+			"  routes: [" + strings.Join(routes, ", ") + "]\n}\n"
+		conf := filepath.Join(t.TempDir(), "nats.conf")
+		if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		confs = append(confs, conf)
+		urls = append(urls, "nats://127.0.0.1:"+strconv.Itoa(clientPorts[i]))
+	}
+	return confs, urls
+}
+
+// TestEmbeddedCluster: three embedded servers form a JetStream cluster
+// from their nats.conf routes; the streams get three replicas; a client
+// given every URL keeps working when a server goes.
+func TestEmbeddedCluster(t *testing.T) {
+	confs, urls := clusterConfs(t, 3, true)
+	ctx := context.Background()
+	buses := make([]*bus.Bus, len(confs))
+	errs := make(chan error, len(confs))
+	for i, conf := range confs {
+		buses[i] = bus.New(bus.Config{ConfigFile: conf, Replicas: 3})
+		go func() { errs <- buses[i].Start(ctx) }()
+	}
+	for range confs {
+		if err := <-errs; err != nil {
+			t.Fatalf("start: %v", err)
+		}
+	}
+	for _, b := range buses {
+		defer b.Close(ctx)
+	}
+	client := bus.New(bus.Config{URL: strings.Join(urls, ","), ClientOnly: true})
+	if err := client.Start(ctx); err != nil {
+		t.Fatalf("client with several URLs: %v", err)
+	}
+	defer client.Close(ctx)
+	s, err := client.JetStream().Stream(ctx, bus.StreamJobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil || info.Config.Replicas != 3 || info.Cluster == nil || len(info.Cluster.Replicas) != 2 {
+		t.Fatalf("jobs stream: %+v %v, want 3 replicas on the cluster", info, err)
+	}
+	// The server the client is connected to goes: the client moves on.
+	for i, u := range urls {
+		if u == client.Conn().ConnectedUrl() {
+			buses[i].Close(ctx)
+		}
+	}
+	testenv.Eventually(t, 30*time.Second, func() bool {
+		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		_, err := client.JetStream().Publish(pctx, bus.JobsSubjectPrefix+"line.op-1", []byte(`{}`))
+		return err == nil
+	}, "publish after a server of the cluster went")
+}
+
+// TestClusterNeedsServerNames: members of a cluster without server_name
+// would all be called "volumed", which JetStream cannot tell apart.
+func TestClusterNeedsServerNames(t *testing.T) {
+	confs, _ := clusterConfs(t, 1, false)
+	err := bus.New(bus.Config{ConfigFile: confs[0]}).Start(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "server_name") {
+		t.Fatalf("start of a cluster member without server_name: %v", err)
 	}
 }

@@ -133,10 +133,10 @@ func (s *Service) accept(ctx context.Context, typ commands.OpType, volumeID stri
 		return nil, state.APIError(err)
 	}
 	s.publish(ctx, op) // before the job, so no event of its execution comes first
-	if err := s.enqueue(ctx, op.ID); err != nil {
+	if err := s.enqueue(ctx, op); err != nil {
 		s.log.Error("queue unavailable", "operation_id", op.ID, "error", err)
 		op.Error = "could not queue the operation: " + err.Error()
-		s.finish(ctx, &op, commands.StatusFailed)
+		_ = s.finish(ctx, &op, commands.StatusFailed)
 		return nil, commands.Unavailable("command queue unavailable: %v", err).WithDetail("operation_id", op.ID)
 	}
 	s.log.Info("operation accepted", "operation_id", op.ID, "type", op.Type, "volume_id", op.VolumeID)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/state"
 )
 
 // Steps recorded on an operation, so a redelivery after a crash knows
@@ -31,22 +32,44 @@ const (
 // operation is left as recorded and resumed on redelivery.
 var errStopped = errors.New("handlers: stopped before the operation ended")
 
-// run executes one operation to a terminal state. It returns false when it
-// stopped early and the job must be delivered again.
-func (s *Service) run(opID string, log *slog.Logger) bool {
+// errLost: another executor claimed the operation (a later attempt) or
+// ended it; this one stops at once, without acking its job.
+var errLost = errors.New("handlers: the operation was taken over")
+
+// runResult is how run left an operation.
+type runResult int
+
+const (
+	// runDone: the operation is terminal; its job is acked.
+	runDone runResult = iota
+	// runStopped: stopped early (shutdown, store failure); the job is
+	// delivered again.
+	runStopped
+	// runLost: another executor holds the operation; its job is left to
+	// that executor's delivery.
+	runLost
+)
+
+// run executes one operation to a terminal state: it claims the operation
+// (attempt + 1), runs its steps and records the end.
+func (s *Service) run(opID string, log *slog.Logger) runResult {
 	ctx := s.ctx
 	op, err := s.cfg.Store.GetOperation(ctx, opID)
 	if err != nil {
-		log.Warn("cannot load operation", "error", err)
-		return false
+		log.Warn("cannot load operation", "err", err)
+		return runStopped
 	}
 	if op.Status.Terminal() {
-		return true
+		return runDone
 	}
+	// The claim: attempt + 1 by compare-and-swap. Losing it means another
+	// executor claimed the operation since it was read.
 	op.Attempts++
 	op.Status = commands.StatusExecuting
-	if err := s.save(ctx, &op); err != nil {
-		return false
+	if err := s.save(ctx, &op); errors.Is(err, state.ErrStale) {
+		return runLost
+	} else if err != nil {
+		return stopped(err)
 	}
 	log = log.With("type", op.Type, "volume_id", op.VolumeID)
 	log.Info("operation executing", "attempt", op.Attempts, "step", op.Step)
@@ -67,9 +90,13 @@ func (s *Service) run(opID string, log *slog.Logger) bool {
 	default:
 		err = commands.Internal("unknown operation type %q", op.Type)
 	}
-	if ctx.Err() != nil || errors.Is(err, errStopped) {
+	switch {
+	case errors.Is(err, errLost):
+		log.Warn("operation taken over by another executor; stopping", "step", op.Step)
+		return runLost
+	case ctx.Err() != nil || errors.Is(err, errStopped):
 		log.Info("operation interrupted; it resumes on redelivery", "step", op.Step)
-		return false
+		return runStopped
 	}
 	status := commands.StatusCompleted
 	if err != nil {
@@ -83,28 +110,50 @@ func (s *Service) run(opID string, log *slog.Logger) bool {
 	} else {
 		op.Response, op.Error, op.Details = resp, "", nil
 	}
-	if !s.finish(ctx, &op, status) {
-		return false
+	if err := s.finish(ctx, &op, status); err != nil {
+		return stopped(err)
 	}
-	log.Info("operation "+string(status), "error", op.Error, "duration", op.Duration())
-	return true
+	log.Info("operation "+string(status), "err", op.Error, "duration", op.Duration())
+	return runDone
 }
 
-// finish records a terminal status; false if the store failed.
-func (s *Service) finish(ctx context.Context, op *commands.Operation, status commands.OpStatus) bool {
+// stopped maps a failed write of run to its result.
+func stopped(err error) runResult {
+	if errors.Is(err, errLost) {
+		return runLost
+	}
+	return runStopped
+}
+
+// finish records a terminal status.
+func (s *Service) finish(ctx context.Context, op *commands.Operation, status commands.OpStatus) error {
 	now := time.Now().UTC()
 	op.Status, op.CompletedAt = status, &now
-	return s.save(ctx, op) == nil
+	return s.save(ctx, op)
 }
 
-// save records the operation at the revision it was read or last saved
-// at, and publishes its new state. A lost race (state.ErrStale) stops the
-// run like a store failure: the redelivery reads the record again.
+// save records the operation by compare-and-swap on the revision it was
+// read or last saved at, and publishes its new state. It fails with
+// errStopped when the store cannot be written, and with errLost when the
+// record moved on: another executor claimed the operation (a later
+// attempt) or ended it. A writer that loses never writes its data again;
+// the next delivery reads the record and decides.
 func (s *Service) save(ctx context.Context, op *commands.Operation) error {
 	op.UpdatedAt = time.Now().UTC()
 	saved, err := s.cfg.Store.UpdateOperation(ctx, *op)
+	if errors.Is(err, state.ErrStale) || errors.Is(err, state.ErrTransition) {
+		cur, gerr := s.cfg.Store.GetOperation(ctx, op.ID)
+		switch {
+		case gerr != nil:
+			return fmt.Errorf("%w: %w", errStopped, gerr)
+		case cur.Attempts != op.Attempts || cur.Status.Terminal():
+			return fmt.Errorf("%w: attempt %d, %s, is recorded", errLost, cur.Attempts, cur.Status)
+		}
+		// Our own write whose answer was lost, most likely: the next
+		// delivery resumes from the record.
+	}
 	if err != nil {
-		s.log.Warn("cannot record operation", "operation_id", op.ID, "error", err)
+		s.log.Warn("cannot record operation", "operation_id", op.ID, "err", err)
 		return fmt.Errorf("%w: %w", errStopped, err)
 	}
 	op.Revision = saved.Revision
@@ -125,13 +174,17 @@ func (s *Service) publish(ctx context.Context, op commands.Operation) {
 	}
 }
 
-// step runs fn under the step deadline, retrying transient CloudStack
-// failures with exponential backoff and recording the last error on the
-// operation. It returns a TIMEOUT error when the deadline passes.
+// step runs fn under the step deadline, retrying retryable CloudStack
+// failures with exponential backoff (at least the Retry-After CloudStack
+// asked for, and at most RetryLimit times in a row for a limited kind such
+// as 530) and recording the last error on the operation. A MaybeDone error
+// is returned at once: the caller asks CloudStack what happened. It returns
+// a TIMEOUT error when the deadline passes.
 func (s *Service) step(ctx context.Context, op *commands.Operation, name string, fn func(ctx context.Context) error) error {
 	stepCtx, cancel := context.WithTimeout(ctx, s.cfg.StepTimeout)
 	defer cancel()
 	backoff := s.cfg.RetryMin
+	limited := 0
 	for {
 		err := fn(stepCtx)
 		if err == nil {
@@ -144,18 +197,49 @@ func (s *Service) step(ctx context.Context, op *commands.Operation, name string,
 			return commands.Timeout("%s did not finish within %v: %v", name, s.cfg.StepTimeout, err).
 				WithDetail("step", name)
 		}
-		if !csapi.IsRetryable(err) {
+		var cs *csapi.Error
+		if !errors.As(err, &cs) || !cs.Retryable {
 			return err
+		}
+		if cs.RetryLimit > 0 {
+			if limited++; limited > cs.RetryLimit {
+				return err
+			}
 		}
 		op.Error = fmt.Sprintf("%s: %v (retrying)", name, err)
 		if err := s.save(ctx, op); err != nil {
 			return err
 		}
 		select {
-		case <-time.After(backoff):
+		case <-time.After(max(backoff, cs.RetryAfter)):
 		case <-stepCtx.Done():
 		}
 		backoff = min(2*backoff, s.cfg.RetryMax)
+	}
+}
+
+// settle follows up a call whose answer was lost (or that a crash cut
+// off): it asks CloudStack, through check, until check reports the call
+// took effect or SettleTimeout passes; done says which. The operation
+// shows what it waits for.
+func (s *Service) settle(ctx context.Context, op *commands.Operation, name string, check func(ctx context.Context) (bool, error)) (done bool, err error) {
+	op.Error = name + ": answer lost; asking CloudStack what happened (retrying)"
+	if err := s.save(ctx, op); err != nil {
+		return false, err
+	}
+	deadline := time.Now().Add(s.cfg.SettleTimeout)
+	wait := s.cfg.RetryMin
+	for {
+		done, err := check(ctx)
+		if err != nil || done || time.Now().After(deadline) {
+			return done, err
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return false, errStopped
+		}
+		wait = min(2*wait, time.Second)
 	}
 }
 
@@ -170,7 +254,9 @@ func (s *Service) volume(ctx context.Context, op *commands.Operation, id string)
 	return vol, err
 }
 
-// waitJob follows the operation's CloudStack job to its end.
+// waitJob follows the operation's CloudStack job to its end. A job still
+// running at the step's deadline fails the operation with TIMEOUT saying
+// so (job_may_run and the job's id).
 func (s *Service) waitJob(ctx context.Context, op *commands.Operation, name string) (csapi.Job, error) {
 	var job csapi.Job
 	err := s.step(ctx, op, name, func(ctx context.Context) error {
@@ -178,6 +264,10 @@ func (s *Service) waitJob(ctx context.Context, op *commands.Operation, name stri
 		job, err = s.cfg.CloudStack.WaitJob(ctx, op.JobID)
 		return err
 	})
+	var e *commands.Error
+	if errors.As(err, &e) && e.Code == commands.CodeTimeout {
+		return job, e.WithDetail("job_may_run", true).WithDetail("cloudstack_job_id", op.JobID)
+	}
 	return job, err
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -65,14 +66,12 @@ func exportsOff() *commands.Error {
 	return commands.Unavailable("the NBD server is off (--nbd-listen is empty)")
 }
 
-// exportable returns the export a mapping allows: only a volume attached
-// to this host whose device was found. why says what is missing otherwise.
+// exportable returns the export a mapping allows: only a volume whose
+// device was found on the VM it is attached to; the volumed serving that
+// VM serves the export. why says what is missing otherwise.
 func (s *Service) exportable(m commands.Mapping) (e commands.Export, why string) {
-	switch {
-	case m.VMID != s.cfg.VMID:
-		return e, fmt.Sprintf("it is attached to VM %s, not to this host (%s)", m.VMID, s.cfg.VMID)
-	case m.LinuxState != commands.LinuxDetected:
-		return e, fmt.Sprintf("its device on this host is %s", m.LinuxState)
+	if m.LinuxState != commands.LinuxDetected {
+		return e, fmt.Sprintf("its device on VM %s is %s", m.VMID, m.LinuxState)
 	}
 	e = commands.Export{VolumeID: m.VolumeID, VMID: m.VMID, ExportName: m.PersistentDeviceName,
 		DevicePath: m.SymlinkPath, Status: commands.ExportActive}
@@ -93,7 +92,7 @@ func (s *Service) exportable(m commands.Mapping) (e commands.Export, why string)
 func (s *Service) mappingForExport(ctx context.Context, volumeID string) (commands.Export, error) {
 	m, err := s.cfg.Store.GetMapping(ctx, volumeID)
 	if errors.Is(err, state.ErrNotFound) {
-		return commands.Export{}, commands.Conflict("volume %s is not attached to this host (%s)", volumeID, s.cfg.VMID).
+		return commands.Export{}, commands.Conflict("volume %s is not attached to a VM with a device agent", volumeID).
 			WithDetail("volume_id", volumeID)
 	}
 	if err != nil {
@@ -111,16 +110,17 @@ func (s *Service) acceptExport(ctx context.Context, data []byte) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if s.cfg.Exporter == nil {
-		return nil, exportsOff()
-	}
 	if err := s.checkVolume(ctx, req.VolumeID); err != nil {
 		return nil, err
 	}
-	if _, err := s.mappingForExport(ctx, req.VolumeID); err != nil {
+	e, err := s.mappingForExport(ctx, req.VolumeID)
+	if err != nil {
 		return nil, err
 	}
-	vm := s.cfg.VMID
+	if _, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostPing}); err != nil {
+		return nil, hostError(err)
+	}
+	vm := e.VMID
 	return s.accept(ctx, commands.OpExport, req.VolumeID, &vm, req)
 }
 
@@ -129,17 +129,20 @@ func (s *Service) acceptUnexport(ctx context.Context, data []byte) (any, error) 
 	if err != nil {
 		return nil, err
 	}
-	if s.cfg.Exporter == nil {
-		return nil, exportsOff()
-	}
-	if _, err := s.cfg.Store.GetExport(ctx, req.VolumeID); errors.Is(err, state.ErrNotFound) {
+	vm := s.cfg.VMID
+	switch e, err := s.cfg.Store.GetExport(ctx, req.VolumeID); {
+	case errors.Is(err, state.ErrNotFound):
+		if s.cfg.Exporter == nil {
+			return nil, exportsOff()
+		}
 		if err := s.checkVolume(ctx, req.VolumeID); err != nil {
 			return nil, err
 		}
-	} else if err != nil {
+	case err != nil:
 		return nil, state.APIError(err)
+	default:
+		vm = e.VMID
 	}
-	vm := s.cfg.VMID
 	return s.accept(ctx, commands.OpUnexport, req.VolumeID, &vm, req)
 }
 
@@ -149,9 +152,6 @@ func (s *Service) exportOp(ctx context.Context, op *commands.Operation) (*comman
 	var req commands.ExportRequest
 	if err := decodeRequest(op, &req); err != nil {
 		return nil, err
-	}
-	if s.cfg.Exporter == nil {
-		return nil, exportsOff()
 	}
 	e, err := s.mappingForExport(ctx, req.VolumeID)
 	if err != nil {
@@ -179,7 +179,7 @@ func (s *Service) putExport(ctx context.Context, e commands.Export) error {
 	case !errors.Is(err, state.ErrNotFound):
 		return errStopped
 	}
-	recs, err := s.localExports(ctx)
+	recs, err := s.exportsOf(ctx, e.VMID)
 	if err != nil {
 		return errStopped
 	}
@@ -192,14 +192,23 @@ func (s *Service) putExport(ctx context.Context, e commands.Export) error {
 	if _, err := s.cfg.Store.PutExport(ctx, e); err != nil {
 		return errStopped
 	}
-	dropped, err := s.syncExports(ctx)
+	dropped, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostSync})
 	if slices.Contains(dropped, e.VolumeID) {
 		return commands.Internal("the NBD server cannot serve %s: %v", e.DevicePath, err).WithDetail("export_name", e.ExportName)
 	}
 	if err != nil {
-		return commands.Internal("sync NBD exports: %v", err)
+		return hostError(err)
 	}
 	return nil
+}
+
+// hostError is the operation's error when the volumed serving a VM could
+// not do its part.
+func hostError(err error) error {
+	if errors.Is(err, errNoHost) {
+		return commands.Unavailable("%v (--nbd-listen is empty, or it is not running)", err)
+	}
+	return commands.Internal("sync NBD exports: %v", err)
 }
 
 // unexportOp runs an unexport operation.
@@ -207,9 +216,6 @@ func (s *Service) unexportOp(ctx context.Context, op *commands.Operation) (*comm
 	var req commands.VolumeRequest
 	if err := decodeRequest(op, &req); err != nil {
 		return nil, err
-	}
-	if s.cfg.Exporter == nil {
-		return nil, exportsOff()
 	}
 	name, err := s.dropExport(ctx, req.VolumeID)
 	if err != nil {
@@ -222,13 +228,12 @@ func (s *Service) unexportOp(ctx context.Context, op *commands.Operation) (*comm
 	return resp, nil
 }
 
-// dropExport ends a volume's export: its record goes, then the served set
-// is synced, which refuses new clients and closes open ones. It returns
-// the export name, "" when the volume had no export.
+// dropExport ends a volume's export: its record goes, then the volumed
+// serving the export's VM syncs its served set, which refuses new clients
+// and closes open ones. When none serves that VM (it is down), its NBD
+// server went with it, and it restarts from the records. It returns the
+// export name, "" when the volume had no export.
 func (s *Service) dropExport(ctx context.Context, volumeID string) (string, error) {
-	if s.cfg.Exporter == nil {
-		return "", nil
-	}
 	e, err := s.cfg.Store.GetExport(ctx, volumeID)
 	if errors.Is(err, state.ErrNotFound) {
 		return "", nil
@@ -239,7 +244,9 @@ func (s *Service) dropExport(ctx context.Context, volumeID string) (string, erro
 	if err := s.cfg.Store.DeleteExport(ctx, volumeID, e.Revision); err != nil {
 		return "", errStopped
 	}
-	if _, err := s.syncExports(ctx); err != nil {
+	if _, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostSync}); errors.Is(err, errNoHost) {
+		s.log.Warn("export record removed; no volumed serves its VM now", "volume_id", volumeID, "vm_id", e.VMID)
+	} else if err != nil {
 		return "", commands.Internal("end NBD export %s: %v", e.ExportName, err).WithDetail("export_name", e.ExportName)
 	}
 	s.log.Info("export ended", "volume_id", volumeID, "export", e.ExportName)
@@ -262,13 +269,13 @@ func (s *Service) onMapping(msg *nats.Msg) {
 	}
 }
 
-// localExports returns this host's export records.
-func (s *Service) localExports(ctx context.Context) ([]commands.Export, error) {
+// exportsOf returns the export records of one VM.
+func (s *Service) exportsOf(ctx context.Context, vmID string) ([]commands.Export, error) {
 	all, err := s.cfg.Store.ListExports(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return slices.DeleteFunc(all, func(e commands.Export) bool { return e.VMID != s.cfg.VMID }), nil
+	return slices.DeleteFunc(all, func(e commands.Export) bool { return e.VMID != vmID }), nil
 }
 
 // syncExports makes the served set this host's records. Records the
@@ -279,7 +286,7 @@ func (s *Service) syncExports(ctx context.Context) (dropped []string, err error)
 	defer s.exportMu.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, exportSyncTimeout)
 	defer cancel()
-	recs, err := s.localExports(ctx)
+	recs, err := s.exportsOf(ctx, s.cfg.VMID)
 	if err != nil {
 		return nil, state.APIError(err)
 	}
@@ -304,21 +311,26 @@ func (s *Service) syncExports(ctx context.Context) (dropped []string, err error)
 }
 
 // reconcileExports removes the export records whose mapping no longer
-// allows an export, follows a mapping's new device path, and syncs the
-// served set; it returns each repair in words. It runs at Start and in
-// Reconcile.
-func (s *Service) reconcileExports(ctx context.Context) ([]string, error) {
-	if s.cfg.Exporter == nil {
-		return nil, nil
-	}
-	recs, err := s.localExports(ctx)
+// allows an export and follows a mapping's new device path, then has the
+// volumed serving each VM with exports sync its served set; it returns
+// each repair in words. At Start it looks at this host's records only
+// (all false); in Reconcile, which one instance runs, at every VM's.
+func (s *Service) reconcileExports(ctx context.Context, all bool) ([]string, error) {
+	recs, err := s.cfg.Store.ListExports(ctx)
 	if err != nil {
 		return nil, state.APIError(err)
 	}
+	vms := map[string]bool{}
+	if s.cfg.Exporter != nil {
+		vms[s.cfg.VMID] = true
+	}
 	var changes []string
-	served := s.cfg.Exporter.Clients()
-	resync := len(served) != len(recs)
+	local := 0
 	for _, e := range recs {
+		if !all && e.VMID != s.cfg.VMID {
+			continue
+		}
+		vms[e.VMID] = true
 		m, err := s.cfg.Store.GetMapping(ctx, e.VolumeID)
 		want, why := s.exportable(m)
 		switch {
@@ -326,9 +338,8 @@ func (s *Service) reconcileExports(ctx context.Context) ([]string, error) {
 			why = "the volume has no mapping"
 		case err != nil:
 			return changes, state.APIError(err)
-		}
-		if _, ok := served[e.ExportName]; !ok {
-			resync = true
+		case why == "" && m.VMID != e.VMID:
+			why = fmt.Sprintf("the volume is attached to VM %s now", m.VMID)
 		}
 		if why != "" {
 			if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); errors.Is(err, state.ErrStale) {
@@ -337,7 +348,6 @@ func (s *Service) reconcileExports(ctx context.Context) ([]string, error) {
 				return changes, state.APIError(err)
 			}
 			changes = append(changes, fmt.Sprintf("removed export %s of volume %s: %s", e.ExportName, e.VolumeID, why))
-			resync = true
 			continue
 		}
 		if want.ExportName != e.ExportName || want.DevicePath != e.DevicePath {
@@ -348,25 +358,46 @@ func (s *Service) reconcileExports(ctx context.Context) ([]string, error) {
 				return changes, state.APIError(err)
 			}
 			changes = append(changes, fmt.Sprintf("export of volume %s now serves %s as %s", e.VolumeID, e.DevicePath, e.ExportName))
-			resync = true
+		}
+		if e.VMID == s.cfg.VMID {
+			local++
 		}
 	}
-	dropped, err := s.syncExports(ctx)
-	for _, id := range dropped {
-		changes = append(changes, fmt.Sprintf("removed export of volume %s: the NBD server cannot serve it", id))
+	resync := false
+	if s.cfg.Exporter != nil {
+		resync = len(s.cfg.Exporter.Clients()) != local
 	}
-	if err != nil {
-		return changes, err
+	var errs []error
+	for _, vm := range slices.Sorted(maps.Keys(vms)) {
+		dropped, err := s.askHost(ctx, vm, hostRequest{Action: hostSync})
+		for _, id := range dropped {
+			changes = append(changes, fmt.Sprintf("removed export of volume %s: the NBD server cannot serve it", id))
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if resync && len(changes) == 0 {
 		changes = append(changes, "re-synced the NBD server's exports with the records")
 	}
-	return changes, nil
+	return changes, errors.Join(errs...)
 }
 
-// autoExport exports a volume just attached to this host, read-only, when
-// --nbd-auto-export asks for it; a failure is logged, the attach stands.
+// autoExport has the volumed serving the VM of a volume just attached and
+// mapped export it, read-only, when that host's --nbd-auto-export asks for
+// it; a failure is logged, the attach stands.
 func (s *Service) autoExport(ctx context.Context, m commands.Mapping) {
+	if m.VMID == s.cfg.VMID {
+		s.autoExportHere(ctx, m)
+		return
+	}
+	if _, err := s.askHost(ctx, m.VMID, hostRequest{Action: hostAutoExport, Mapping: &m}); err != nil && !errors.Is(err, errNoHost) {
+		s.log.Warn("auto-export on the volume's host failed", "volume_id", m.VolumeID, "vm_id", m.VMID, "err", err)
+	}
+}
+
+// autoExportHere is autoExport on this host's NBD server.
+func (s *Service) autoExportHere(ctx context.Context, m commands.Mapping) {
 	if !s.cfg.AutoExport || s.cfg.Exporter == nil {
 		return
 	}
@@ -379,7 +410,7 @@ func (s *Service) autoExport(ctx context.Context, m commands.Mapping) {
 	}
 	e.ReadOnly = true
 	if err := s.putExport(ctx, e); err != nil {
-		s.log.Warn("auto-export failed", "volume_id", m.VolumeID, "error", err)
+		s.log.Warn("auto-export failed", "volume_id", m.VolumeID, "err", err)
 		return
 	}
 	s.log.Info("volume auto-exported", "volume_id", m.VolumeID, "export", e.ExportName)
@@ -391,7 +422,7 @@ func (s *Service) Exports(ctx context.Context) ([]commands.Export, error) {
 	if s.cfg.Exporter == nil {
 		return nil, exportsOff()
 	}
-	recs, err := s.localExports(ctx)
+	recs, err := s.exportsOf(ctx, s.cfg.VMID)
 	if err != nil {
 		return nil, state.APIError(err)
 	}

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -19,49 +21,125 @@ type job struct {
 	OperationID string `json:"operation_id"`
 }
 
-// enqueue publishes the job of an operation; the operation id is the
-// message id, so JetStream drops a duplicate within its window.
-func (s *Service) enqueue(ctx context.Context, opID string) error {
-	data, _ := json.Marshal(job{OperationID: opID})
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	_, err := s.cfg.JetStream.Publish(ctx, bus.JobsSubjectPrefix+opID, data, jetstream.WithMsgID(opID))
+// lineOf names the line an operation waits in: its volume, or, for a
+// create (whose volume does not exist yet), the operation itself. The line
+// never changes during the operation's life, so every copy of its job is
+// on the same subject.
+func lineOf(op commands.Operation) string {
+	if op.Type == commands.OpCreate || op.VolumeID == "" {
+		return op.ID
+	}
+	return op.VolumeID
+}
+
+// jobSubject is the subject of an operation's job:
+// volumed.jobs.<line>.<operation_id>.
+func jobSubject(op commands.Operation) string {
+	return bus.JobsSubjectPrefix + lineOf(op) + "." + op.ID
+}
+
+// lineOfSubject returns the line of a job subject; a job queued by an
+// older volumed (volumed.jobs.<operation_id>) is its own line.
+func lineOfSubject(subject string) string {
+	rest := strings.TrimPrefix(subject, bus.JobsSubjectPrefix)
+	line, _, _ := strings.Cut(rest, ".")
+	return line
+}
+
+// enqueue publishes the job of an accepted operation on its line. The
+// operation id is the message id, so JetStream drops a copy published
+// within the dedup window; a later copy waits behind the first in the line
+// and finds the operation ended.
+func (s *Service) enqueue(ctx context.Context, op commands.Operation) error {
+	_, err := s.publishJob(ctx, op, op.ID)
 	return err
 }
 
-// requeueUnfinished queues again every operation the store has as pending
-// or executing, so that none is lost even if its job message was.
-func (s *Service) requeueUnfinished(ctx context.Context) error {
+// publishJob publishes op's job under message id msgID and reports whether
+// JetStream kept it (false: a duplicate within the dedup window).
+func (s *Service) publishJob(ctx context.Context, op commands.Operation, msgID string) (bool, error) {
+	data, _ := json.Marshal(job{OperationID: op.ID})
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	ack, err := s.cfg.JetStream.Publish(ctx, jobSubject(op), data, jetstream.WithMsgID(msgID))
+	if err != nil {
+		return false, err
+	}
+	return !ack.Duplicate, nil
+}
+
+// jobQueued reports whether the operation's job is in the work queue
+// (waiting, or delivered and not acked).
+func (s *Service) jobQueued(ctx context.Context, op commands.Operation) (bool, error) {
+	_, err := s.jobs.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(jobSubject(op)))
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return false, nil
+	case err != nil:
+		return false, err
+	}
+	return true, nil
+}
+
+// sweep queues again, under the sweep lease (one instance at a time; when
+// another holds it, it sweeps), every unfinished operation whose job is
+// missing from the work queue (an accept whose undo failed, a lost
+// stream), oldest first. Operations whose job is queued are left to it:
+// whoever holds the job runs them, and JetStream redelivers it after a
+// crash, to another instance if need be.
+func (s *Service) sweep(ctx context.Context) ([]string, error) {
+	var changes []string
+	err := s.leased(ctx, leaseSweep, false, func(ctx context.Context) error {
+		var err error
+		changes, err = s.sweepLeased(ctx)
+		return err
+	})
+	if errors.Is(err, state.ErrLeaseHeld) {
+		return nil, nil
+	}
+	return changes, err
+}
+
+func (s *Service) sweepLeased(ctx context.Context) ([]string, error) {
+	var changes []string
 	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
 		ops, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{Status: st})
 		if err != nil {
-			return fmt.Errorf("handlers: list %s operations: %w", st, err)
+			return changes, state.APIError(err)
 		}
-		// Oldest first, so the queue keeps the order of acceptance.
 		for i := len(ops) - 1; i >= 0; i-- {
-			if err := s.requeue(ctx, ops[i]); err != nil {
-				return fmt.Errorf("handlers: requeue %s: %w", ops[i].ID, err)
+			op := ops[i]
+			queued, err := s.jobQueued(ctx, op)
+			if err != nil {
+				return changes, commands.Unavailable("command queue unavailable: %v", err)
 			}
-		}
-		if len(ops) > 0 {
-			s.log.Info("requeued unfinished operations", "status", st, "count", len(ops))
+			if queued {
+				continue
+			}
+			// Not the operation id as message id: the first job may have
+			// been lost within the dedup window. The revision keeps two
+			// sweeps of the same record from queueing it twice.
+			kept, err := s.publishJob(ctx, op, fmt.Sprintf("%s@%d", op.ID, op.Revision))
+			if err != nil {
+				return changes, commands.Unavailable("command queue unavailable: %v", err)
+			}
+			if !kept {
+				continue
+			}
+			changes = append(changes, fmt.Sprintf("requeued %s operation %s (%s): its job was missing", op.Type, op.ID, op.Status))
 		}
 	}
-	return nil
-}
-
-// requeue queues an unfinished operation again and marks its volume as
-// one whose later operations must first look for older ones.
-func (s *Service) requeue(ctx context.Context, op commands.Operation) error {
-	if op.VolumeID != "" {
-		s.mu.Lock()
-		s.recovering[op.VolumeID] = true
-		s.mu.Unlock()
+	if len(changes) > 0 {
+		s.log.Info("requeued operations without a job", "changes", changes)
 	}
-	return s.enqueue(ctx, op.ID)
+	return changes, nil
 }
 
 func (s *Service) startConsumer(ctx context.Context) error {
+	var err error
+	if s.jobs, err = s.cfg.JetStream.Stream(ctx, bus.StreamJobs); err != nil {
+		return fmt.Errorf("handlers: stream %s: %w", bus.StreamJobs, err)
+	}
 	cons, err := s.cfg.JetStream.CreateOrUpdateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{
 		Durable:       ConsumerName,
 		AckPolicy:     jetstream.AckExplicitPolicy,
@@ -73,144 +151,162 @@ func (s *Service) startConsumer(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("handlers: consumer: %w", err)
 	}
-	s.consume, err = cons.Consume(s.dispatch, jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-		if !errors.Is(err, jetstream.ErrNoHeartbeat) {
-			s.log.Debug("consume", "error", err)
-		}
-	}))
+	// Short pulls: when the consumer's leader moves (a node lost, a slow
+	// one), a lost pull is noticed within a few seconds, not 30.
+	s.consume, err = cons.Consume(s.dispatch, jetstream.PullExpiry(5*time.Second), jetstream.PullHeartbeat(2*time.Second),
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+			if !errors.Is(err, jetstream.ErrNoHeartbeat) {
+				s.log.Debug("consume", "err", err)
+			}
+		}))
 	if err != nil {
 		return fmt.Errorf("handlers: consume: %w", err)
 	}
 	return nil
 }
 
-// dispatch takes a job message in delivery order, puts it in its volume's
-// line and runs it when its turn comes. It keeps the message alive with
-// heartbeats and acks it only when the operation is terminal.
+// Delays of a job put back on the queue.
+const (
+	// unrecordedGrace: a job whose operation the store does not show is
+	// dropped only when it is older than this (accept undone, retention).
+	unrecordedGrace = time.Minute
+	// retryDelay: the store or the queue failed.
+	retryDelay = time.Second
+	// turnDelayMin and turnDelayMax bound the wait of a job whose turn
+	// has not come; it doubles with each delivery.
+	turnDelayMin = 20 * time.Millisecond
+	turnDelayMax = 500 * time.Millisecond
+)
+
+// dispatch takes a job message. It runs the operation only when the job is
+// the first message left on its line's subject in the work-queue stream,
+// so operations on one volume run one at a time in JetStream's order, on
+// whichever instance holds the message; otherwise the job goes back to the
+// queue for a little while. It heartbeats the message while it works and
+// acks it only when the operation is terminal.
 func (s *Service) dispatch(msg jetstream.Msg) {
 	var j job
 	if err := json.Unmarshal(msg.Data(), &j); err != nil || j.OperationID == "" {
-		s.log.Error("dropping malformed job", "subject", msg.Subject(), "error", err)
+		s.log.Error("dropping malformed job", "subject", msg.Subject(), "err", err)
+		_ = msg.Term()
+		return
+	}
+	meta, err := msg.Metadata()
+	if err != nil {
+		s.log.Error("dropping job without metadata", "subject", msg.Subject(), "err", err)
 		_ = msg.Term()
 		return
 	}
 	log := s.log.With("operation_id", j.OperationID)
-	op, err := s.cfg.Store.GetOperation(s.ctx, j.OperationID)
-	switch {
-	case errors.Is(err, state.ErrNotFound):
-		log.Error("dropping job of an unrecorded operation")
-		_ = msg.Term()
-		return
-	case err != nil:
-		log.Warn("store unavailable, job will be redelivered", "error", err)
-		_ = msg.NakWithDelay(retryDelay)
-		return
-	case op.Status.Terminal():
-		_ = msg.Ack()
-		return
-	}
-	var seq uint64
-	if meta, err := msg.Metadata(); err == nil {
-		seq = meta.Sequence.Stream
-	}
 	s.mu.Lock()
 	if s.stopping {
 		s.mu.Unlock()
 		_ = msg.Nak()
 		return
 	}
-	if held, running := s.inflight[op.ID]; running {
-		s.mu.Unlock()
-		if held != seq {
-			_ = msg.Ack() // a second copy of a job already running here
-		}
-		// Else a redelivery of the very message being worked on: its
-		// holder acks it when the operation ends.
-		return
-	}
-	s.inflight[op.ID] = seq
 	s.wg.Add(1)
 	s.mu.Unlock()
-
-	key := op.VolumeID
-	if key == "" {
-		key = op.ID
-	}
-	wait, done := s.keys.enqueue(key)
 	go func() {
 		defer s.wg.Done()
-		defer done()
-		defer func() {
-			s.mu.Lock()
-			delete(s.inflight, op.ID)
-			s.mu.Unlock()
-		}()
-		stopBeat := s.heartbeat(msg)
-		defer stopBeat()
-		select {
-		case <-wait:
-		case <-s.ctx.Done():
-			_ = msg.Nak()
-			return
-		}
-		select {
-		case s.sem <- struct{}{}:
-		case <-s.ctx.Done():
-			_ = msg.Nak()
-			return
-		}
-		defer func() { <-s.sem }()
-		if older := s.olderUnfinished(op); older != "" {
-			// After a restart an older operation on this volume may not be
-			// redelivered yet: let it go first.
-			log.Debug("waiting for an older operation on the volume", "older", older)
-			_ = msg.NakWithDelay(retryDelay)
-			return
-		}
-		switch {
-		case s.run(j.OperationID, log):
-			_ = msg.Ack()
-		case s.ctx.Err() != nil:
-			_ = msg.Nak() // shutting down: to whoever runs next, at once
-		default:
-			_ = msg.NakWithDelay(retryDelay) // the store failed
-		}
+		s.take(msg, meta, j.OperationID, log)
 	}()
 }
 
-// retryDelay is how long a job put back on the queue waits.
-const retryDelay = time.Second
+// take decides what to do with a job message and, when its turn has come,
+// runs its operation.
+func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, opID string, log *slog.Logger) {
+	ctx := s.ctx
+	op, err := s.cfg.Store.GetOperation(ctx, opID)
+	switch {
+	case errors.Is(err, state.ErrNotFound) && time.Since(meta.Timestamp) < unrecordedGrace:
+		// The record may not have reached the replica that answered yet
+		// (the job was queued after it was written).
+		_ = msg.NakWithDelay(turnDelay(meta.NumDelivered))
+		return
+	case errors.Is(err, state.ErrNotFound):
+		log.Error("dropping job of an unrecorded operation")
+		_ = msg.Term()
+		return
+	case err != nil:
+		log.Warn("store unavailable, job will be redelivered", "err", err)
+		_ = msg.NakWithDelay(retryDelay)
+		return
+	case op.Status.Terminal():
+		s.ackJob(msg) // a copy of a job already done
+		return
+	}
+	if wait, why := s.turn(ctx, msg.Subject(), meta.Sequence.Stream, op); wait {
+		log.Debug("not this operation's turn", "why", why)
+		_ = msg.NakWithDelay(turnDelay(meta.NumDelivered))
+		return
+	}
+	stopBeat := s.heartbeat(msg)
+	defer stopBeat()
+	select {
+	case s.sem <- struct{}{}:
+	case <-ctx.Done():
+		_ = msg.Nak()
+		return
+	}
+	defer func() { <-s.sem }()
+	switch s.run(opID, log) {
+	case runDone:
+		s.ackJob(msg)
+	case runLost:
+		// Another instance holds the operation now: its delivery acks.
+	case runStopped:
+		if ctx.Err() != nil {
+			_ = msg.Nak() // shutting down: to whoever runs next, at once
+		} else {
+			_ = msg.NakWithDelay(retryDelay) // the store failed
+		}
+	}
+}
 
-// olderUnfinished returns an operation on op's volume, accepted before op,
-// not ended and not running here; "" when there is none (or the store
-// cannot tell, in which case run fails on the store anyway). Only volumes
-// with a requeued operation are looked up: elsewhere the queue's order is
-// the order of acceptance.
-func (s *Service) olderUnfinished(op commands.Operation) string {
-	s.mu.Lock()
-	recovering := s.recovering[op.VolumeID]
-	s.mu.Unlock()
-	if !recovering {
-		return ""
+// turnDelay is how long a job whose turn has not come waits before its
+// next delivery.
+func turnDelay(delivered uint64) time.Duration {
+	d := turnDelayMin
+	for i := uint64(1); i < delivered && d < turnDelayMax; i++ {
+		d *= 2
 	}
-	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
-		ops, _, err := s.cfg.Store.ListOperations(s.ctx, state.Filter{VolumeID: op.VolumeID, Status: st})
-		if err != nil {
-			return ""
-		}
-		for _, o := range ops {
-			s.mu.Lock()
-			_, running := s.inflight[o.ID]
-			s.mu.Unlock()
-			if o.ID != op.ID && !running && o.CreatedAt.Before(op.CreatedAt) {
-				return o.ID
-			}
-		}
+	return min(d, turnDelayMax)
+}
+
+// turn reports whether op must wait, and why: an older job is left on its
+// line's subject (JetStream's order is the order of acceptance), or an
+// unfinished create made its volume (a create waits in its own line until
+// it knows the volume's id, and is older than anything on that volume).
+func (s *Service) turn(ctx context.Context, subject string, seq uint64, op commands.Operation) (bool, string) {
+	head, err := s.jobs.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(bus.JobsSubjectPrefix+lineOfSubject(subject)+".>"))
+	if err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+		return true, "queue unavailable: " + err.Error()
 	}
-	s.mu.Lock()
-	delete(s.recovering, op.VolumeID)
-	s.mu.Unlock()
-	return ""
+	if err == nil && head.Sequence < seq {
+		return true, fmt.Sprintf("job %d is first on the line", head.Sequence)
+	}
+	if op.Type == commands.OpCreate || op.VolumeID == "" {
+		return false, ""
+	}
+	creates, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: op.VolumeID, Type: commands.OpCreate, Limit: 1})
+	if err != nil {
+		return true, "store unavailable: " + err.Error()
+	}
+	if len(creates) == 1 && !creates[0].Status.Terminal() {
+		return true, "the create of the volume, " + creates[0].ID + ", has not ended"
+	}
+	return false, ""
+}
+
+// ackJob acks a job and waits for JetStream to confirm, so the next job on
+// the line finds this one gone. An ack that is lost leaves the job to be
+// delivered again, to find its operation ended.
+func (s *Service) ackJob(msg jetstream.Msg) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := msg.DoubleAck(ctx); err != nil {
+		s.log.Warn("job ack not confirmed", "subject", msg.Subject(), "err", err)
+	}
 }
 
 // heartbeat tells JetStream the job is still being worked on.

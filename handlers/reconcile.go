@@ -15,13 +15,26 @@ import (
 
 // Reconcile compares the mappings with CloudStack (and, through the device
 // agents, with the devices present), repairs what drifted, and queues again
-// any unfinished operation that no handler here is running. It is POST
-// /admin/force-sync and the periodic sync; one runs at a time. A volume or
-// VM that cannot be checked is skipped and named in the result's errors;
-// the rest is still repaired.
+// any unfinished operation whose job is missing from the work queue. It is
+// POST /admin/force-sync; it waits for the reconcile lease, so one runs at
+// a time across the instances (the periodic sync skips its turn instead).
+// A volume or VM that cannot be checked is skipped and named in the
+// result's errors; the rest is still repaired.
 func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
-	s.syncMu.Lock()
-	defer s.syncMu.Unlock()
+	var res commands.SyncResult
+	err := s.leased(ctx, leaseReconcile, true, func(ctx context.Context) error {
+		var err error
+		res, err = s.reconcile(ctx)
+		return err
+	})
+	if err != nil && res.Message == "" {
+		return res, commands.Unavailable("reconcile: %v", err)
+	}
+	return res, err
+}
+
+// reconcile is Reconcile under the reconcile lease.
+func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 	res := commands.SyncResult{Message: "Force sync completed successfully", Changes: []string{}}
 	mappings, err := s.cfg.Store.ListMappings(ctx, "")
 	if err != nil {
@@ -33,7 +46,7 @@ func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
 	}
 	for _, m := range mappings {
 		vms[m.VMID] = true
-		change, err := s.reconcileMapping(ctx, m)
+		change, err := s.reconcileMappingAgain(ctx, m)
 		if err != nil {
 			res.Errors = append(res.Errors, fmt.Sprintf("volume %s: %v", m.VolumeID, err))
 		} else if change != "" {
@@ -55,12 +68,12 @@ func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
 			res.Changes = append(res.Changes, changes...)
 		}
 	}
-	exports, err := s.reconcileExports(ctx)
+	exports, err := s.reconcileExports(ctx, true)
 	if err != nil {
 		res.Errors = append(res.Errors, fmt.Sprintf("exports: %v", err))
 	}
 	res.Changes = append(res.Changes, exports...)
-	requeued, err := s.requeueIdle(ctx)
+	requeued, err := s.sweep(ctx)
 	if err != nil {
 		return res, err
 	}
@@ -91,9 +104,33 @@ func (s *Service) reconcileDevices(ctx context.Context, vm string) ([]string, er
 	return s.cfg.Devices.Reconcile(ctx, vm, attached)
 }
 
+// staleRetries bounds how often a reconcile of one mapping starts again
+// because the mapping changed while it was being decided on.
+const staleRetries = 3
+
+// reconcileMappingAgain runs reconcileMapping; when the mapping changed
+// meanwhile (the device side healed it, marked it missing, a new attach),
+// it reads it again and decides again, from CloudStack's answer then.
+func (s *Service) reconcileMappingAgain(ctx context.Context, m commands.Mapping) (string, error) {
+	var export string // ended by an earlier try
+	for try := 1; ; try++ {
+		change, err := s.reconcileMapping(ctx, m, &export)
+		if !errors.Is(err, state.ErrStale) || try == staleRetries {
+			return change, err
+		}
+		if m, err = s.cfg.Store.GetMapping(ctx, m.VolumeID); errors.Is(err, state.ErrNotFound) {
+			return "", nil
+		} else if err != nil {
+			return "", state.APIError(err)
+		}
+	}
+}
+
 // reconcileMapping removes a mapping CloudStack no longer explains and
-// refreshes the sync time of one it does.
-func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (string, error) {
+// refreshes the sync time of one it does; state.ErrStale if the mapping
+// changed since m was read. export holds the name of the NBD export it
+// ended, across tries.
+func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping, export *string) (string, error) {
 	vol, err := s.cfg.CloudStack.GetVolume(ctx, m.VolumeID)
 	var why string
 	switch {
@@ -125,11 +162,14 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		if _, err := s.cfg.Store.PutMapping(ctx, cur); err != nil && !errors.Is(err, state.ErrStale) {
 			return "", state.APIError(err)
 		}
-		return "", nil // stale: changed since read, and the next sync looks again
+		return "", nil // stale: the sync time was refreshed by whoever wrote it
 	}
-	export, err := s.dropExport(ctx, m.VolumeID)
+	ended, err := s.dropExport(ctx, m.VolumeID)
 	if err != nil {
 		return "", err
+	}
+	if ended != "" {
+		*export = ended
 	}
 	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, m.VMID) {
 		if err := s.cfg.Devices.Detached(ctx, m); err != nil {
@@ -141,38 +181,12 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		return "", state.APIError(err)
 	}
 	switch {
-	case deleted && export != "":
-		return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s; ended its NBD export %s", m.VolumeID, m.VMID, m.Device(), why, export), nil
+	case deleted && *export != "":
+		return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s; ended its NBD export %s", m.VolumeID, m.VMID, m.Device(), why, *export), nil
 	case deleted:
 		return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s", m.VolumeID, m.VMID, m.Device(), why), nil
-	case export != "":
-		return fmt.Sprintf("ended the NBD export %s of volume %s: %s", export, m.VolumeID, why), nil
+	case *export != "":
+		return fmt.Sprintf("ended the NBD export %s of volume %s: %s", *export, m.VolumeID, why), nil
 	}
 	return "", nil // gone already, or another attachment now
-}
-
-// requeueIdle queues again the unfinished operations no handler here runs
-// and that were last touched over two ack-waits ago.
-func (s *Service) requeueIdle(ctx context.Context) ([]string, error) {
-	var changes []string
-	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
-		ops, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{Status: st})
-		if err != nil {
-			return changes, state.APIError(err)
-		}
-		for i := len(ops) - 1; i >= 0; i-- {
-			op := ops[i]
-			s.mu.Lock()
-			_, running := s.inflight[op.ID]
-			s.mu.Unlock()
-			if running || time.Since(op.UpdatedAt) < 2*s.cfg.AckWait {
-				continue
-			}
-			if err := s.requeue(ctx, op); err != nil {
-				return changes, commands.Unavailable("command queue unavailable: %v", err)
-			}
-			changes = append(changes, fmt.Sprintf("requeued %s operation %s (%s)", op.Type, op.ID, op.Status))
-		}
-	}
-	return changes, nil
 }

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync"
 	"time"
 
@@ -63,6 +64,10 @@ type Config struct {
 	// RetryMin and RetryMax bound the backoff between retries of a
 	// transient CloudStack failure. Defaults 200 ms and 5 s.
 	RetryMin, RetryMax time.Duration
+	// SettleTimeout is how long a call whose answer was lost is followed
+	// up in CloudStack (the volume showing the effect) before it is sent
+	// again. Default 10 s.
+	SettleTimeout time.Duration
 	// SyncInterval is the period of the background reconcile; default 5 m,
 	// negative turns it off.
 	SyncInterval time.Duration
@@ -106,24 +111,18 @@ type Service struct {
 	cfg     Config
 	log     *slog.Logger
 	started time.Time
+	// holder names this instance in the store's leases (each acquisition
+	// adds its own suffix).
+	holder string
 
 	subs    []*nats.Subscription
+	jobs    jetstream.Stream
 	consume jetstream.ConsumeContext
-	keys    *serializer
 	sem     chan struct{}
 
 	mu sync.Mutex
-	// inflight maps each operation running here to the stream sequence
-	// of the job message it holds.
-	inflight map[string]uint64
-	// recovering holds the volumes with a requeued unfinished operation,
-	// until no older one is left on them.
-	recovering map[string]bool
 	// stopping refuses new jobs once Close has begun.
 	stopping bool
-	// syncMu runs one reconcile at a time.
-	syncMu sync.Mutex
-
 	// exportMu serializes the syncs of the served exports.
 	exportMu sync.Mutex
 
@@ -150,6 +149,9 @@ func New(cfg Config) *Service {
 	if cfg.RetryMax <= 0 {
 		cfg.RetryMax = 5 * time.Second
 	}
+	if cfg.SettleTimeout <= 0 {
+		cfg.SettleTimeout = 10 * time.Second
+	}
 	if cfg.SyncInterval == 0 {
 		cfg.SyncInterval = 5 * time.Minute
 	}
@@ -160,17 +162,15 @@ func New(cfg Config) *Service {
 		cfg.Logger = slog.Default()
 	}
 	return &Service{
-		cfg:        cfg,
-		log:        cfg.Logger.With("component", "handlers"),
-		keys:       newSerializer(),
-		sem:        make(chan struct{}, cfg.MaxConcurrent),
-		inflight:   map[string]uint64{},
-		recovering: map[string]bool{},
+		cfg:    cfg,
+		log:    cfg.Logger.With("component", "handlers"),
+		holder: holderName(),
+		sem:    make(chan struct{}, cfg.MaxConcurrent),
 	}
 }
 
-// Start subscribes to the command subjects, re-queues operations a crash
-// left unfinished, and starts pulling jobs.
+// Start subscribes to the command subjects, starts pulling jobs, and
+// queues again unfinished operations whose job is missing.
 func (s *Service) Start(ctx context.Context) error {
 	if s.cfg.Conn == nil || s.cfg.JetStream == nil || s.cfg.Store == nil || s.cfg.CloudStack == nil {
 		return errors.New("handlers: Conn, JetStream, Store and CloudStack are required")
@@ -185,7 +185,7 @@ func (s *Service) Start(ctx context.Context) error {
 		}
 		s.subs = append(s.subs, sub)
 	}
-	if changes, err := s.reconcileExports(ctx); err != nil {
+	if changes, err := s.reconcileExports(ctx, false); err != nil {
 		s.log.Warn("exports not restored", "error", err)
 	} else if len(changes) > 0 {
 		s.log.Info("exports restored from state", "changes", changes)
@@ -197,18 +197,40 @@ func (s *Service) Start(ctx context.Context) error {
 			return fmt.Errorf("handlers: subscribe mappings: %w", err)
 		}
 		s.subs = append(s.subs, sub)
-	}
-	if err := s.requeueUnfinished(ctx); err != nil {
-		s.stop()
-		return err
+		if s.cfg.VMID != "" {
+			// Export work for this VM comes here, whoever runs its operation.
+			if sub, err = s.cfg.Conn.QueueSubscribe(hostSubject(s.cfg.VMID), QueueGroup, s.onHostRequest); err != nil {
+				s.stop()
+				return fmt.Errorf("handlers: subscribe %s: %w", hostSubject(s.cfg.VMID), err)
+			}
+			s.subs = append(s.subs, sub)
+		}
 	}
 	if err := s.startConsumer(ctx); err != nil {
 		s.stop()
 		return err
 	}
+	if _, err := s.sweep(ctx); err != nil {
+		s.stop()
+		return err
+	}
+	s.wg.Add(1)
+	go s.every(s.sweepInterval(), func() {
+		if _, err := s.sweep(s.ctx); err != nil {
+			s.log.Warn("periodic sweep failed", "err", err)
+		}
+	})
 	if s.cfg.SyncInterval > 0 {
 		s.wg.Add(1)
-		go s.syncLoop()
+		go s.every(s.cfg.SyncInterval, func() {
+			err := s.leased(s.ctx, leaseReconcile, false, func(ctx context.Context) error {
+				_, err := s.reconcile(ctx)
+				return err
+			})
+			if err != nil && !errors.Is(err, state.ErrLeaseHeld) {
+				s.log.Warn("periodic reconcile failed", "err", err)
+			}
+		})
 	}
 	s.log.Info("handlers started", "vm_id", s.cfg.VMID, "step_timeout", s.cfg.StepTimeout,
 		"store", s.cfg.StoreName, "device_correlation", s.cfg.Devices != nil,
@@ -240,18 +262,28 @@ func (s *Service) stop() {
 	s.wg.Wait()
 }
 
-func (s *Service) syncLoop() {
+// every runs fn every interval until the service stops.
+func (s *Service) every(interval time.Duration, fn func()) {
 	defer s.wg.Done()
-	t := time.NewTicker(s.cfg.SyncInterval)
+	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-s.ctx.Done():
 			return
 		case <-t.C:
-			if _, err := s.Reconcile(s.ctx); err != nil {
-				s.log.Warn("periodic reconcile failed", "error", err)
-			}
+			fn()
 		}
 	}
+}
+
+// sweepInterval is how often an instance tries to sweep: a few ack-waits,
+// so a job lost with its stream is queued again soon, without listing the
+// unfinished operations too often.
+func (s *Service) sweepInterval() time.Duration { return 4 * s.cfg.AckWait }
+
+// holderName names this process in leases: host and pid.
+func holderName() string {
+	host, _ := os.Hostname()
+	return fmt.Sprintf("%s/%d", host, os.Getpid())
 }

@@ -18,18 +18,21 @@ func (s *Service) create(ctx context.Context, op *commands.Operation) (*commands
 	if err := decodeRequest(op, &req); err != nil {
 		return nil, err
 	}
-	// dispatch put the operation in its volume's line when the volume id
-	// was already recorded; otherwise in the operation's own line, and the
-	// volume's line is taken here as soon as the id is known.
-	lined := op.VolumeID != ""
-	if op.VolumeID == "" && op.Step == stepCreateRequested {
-		// A crash came between createVolume and recording its answer:
-		// adopt the volume it made rather than make a second one.
-		if err := s.adoptCreated(ctx, op, req); err != nil {
-			return nil, err
+	for op.VolumeID == "" {
+		if op.Step == stepCreateRequested {
+			// A createVolume whose answer was lost, or that a crash cut
+			// off: adopt the volume it made rather than make a second one.
+			found, err := s.settle(ctx, op, "createVolume", func(ctx context.Context) (bool, error) {
+				return s.adoptCreated(ctx, op, req)
+			})
+			if err != nil {
+				return nil, err
+			}
+			if found {
+				break
+			}
+			// CloudStack has no such volume: it did not make one.
 		}
-	}
-	if op.VolumeID == "" {
 		op.Step = stepCreateRequested
 		if err := s.save(ctx, op); err != nil {
 			return nil, err
@@ -41,21 +44,16 @@ func (s *Service) create(ctx context.Context, op *commands.Operation) (*commands
 				Name: req.Name, SizeGiB: req.SizeGiB(), DiskOfferingID: req.DiskOfferingID, ZoneID: req.ZoneID})
 			return err
 		})
-		if err != nil {
+		switch {
+		case csapi.IsMaybeDone(err):
+			continue
+		case err != nil:
 			return nil, failure(err)
 		}
 		op.VolumeID, op.JobID = volID, jobID
 	}
-	if !lined {
-		// Hold the new volume's line before anyone can learn its id.
-		wait, done := s.keys.enqueue(op.VolumeID)
-		defer done()
-		select {
-		case <-wait:
-		case <-ctx.Done():
-			return nil, errStopped
-		}
-	}
+	// From here the volume's id is recorded: later operations on it wait
+	// until this create ends (see turn).
 	if op.Step != stepCreateJob {
 		op.Step = stepCreateJob
 		if err := s.save(ctx, op); err != nil {
@@ -89,8 +87,9 @@ func (s *Service) createdVolume(ctx context.Context, op *commands.Operation) (cs
 }
 
 // adoptCreated looks for the volume an interrupted createVolume made: same
-// name and zone, created since the operation, claimed by no operation.
-func (s *Service) adoptCreated(ctx context.Context, op *commands.Operation, req commands.CreateRequest) error {
+// name and zone, created since the operation, claimed by no operation. It
+// reports whether it adopted one.
+func (s *Service) adoptCreated(ctx context.Context, op *commands.Operation, req commands.CreateRequest) (bool, error) {
 	var vols []csapi.Volume
 	err := s.step(ctx, op, "listVolumes", func(ctx context.Context) error {
 		var err error
@@ -98,7 +97,7 @@ func (s *Service) adoptCreated(ctx context.Context, op *commands.Operation, req 
 		return err
 	})
 	if err != nil {
-		return failure(err)
+		return false, failure(err)
 	}
 	for _, v := range vols {
 		if created, err := time.Parse("2006-01-02T15:04:05-0700", v.Created); err == nil && created.Before(op.CreatedAt.Add(-time.Minute)) {
@@ -106,15 +105,15 @@ func (s *Service) adoptCreated(ctx context.Context, op *commands.Operation, req 
 		}
 		claimed, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: v.ID, Limit: 1})
 		if err != nil {
-			return errStopped
+			return false, errStopped
 		}
 		if len(claimed) == 0 {
 			s.log.Info("adopting volume of an interrupted create", "operation_id", op.ID, "volume_id", v.ID)
-			op.VolumeID, op.Step = v.ID, stepCreateJob
-			return s.save(ctx, op)
+			op.VolumeID, op.Step, op.Error = v.ID, stepCreateJob, ""
+			return true, s.save(ctx, op)
 		}
 	}
-	return nil
+	return false, nil
 }
 
 // attachedAsWanted reports whether vol is already attached as req asks.
@@ -132,49 +131,43 @@ func (s *Service) attach(ctx context.Context, op *commands.Operation) (*commands
 	}
 	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, req.VMID) && s.cfg.Devices.NoIdentity(req.VMID) {
 		// Without identity a device is told by size and time: attaches to
-		// this VM run one at a time, from the CloudStack call to the match.
-		wait, done := s.keys.enqueue("vm:" + req.VMID)
-		defer done()
-		select {
-		case <-wait:
-		case <-ctx.Done():
-			return nil, errStopped
+		// this VM run one at a time, from the CloudStack call to the
+		// match, on whichever instance (a lease in the store).
+		var resp *commands.OpResponse
+		var ran bool
+		err := s.leased(ctx, leaseVMPrefix+req.VMID, true, func(ctx context.Context) error {
+			var err error
+			ran = true
+			resp, err = s.attachVolume(ctx, op, req)
+			return err
+		})
+		if !ran || ctx.Err() != nil {
+			return nil, errStopped // no lease (store down, stopping): resumed on redelivery
 		}
+		return resp, err
 	}
+	return s.attachVolume(ctx, op, req)
+}
+
+// attachVolume attaches the volume in CloudStack (unless it is already)
+// and records its mapping.
+func (s *Service) attachVolume(ctx context.Context, op *commands.Operation, req commands.AttachRequest) (*commands.OpResponse, error) {
 	since := time.Now()
 	vol, err := s.volume(ctx, op, req.VolumeID)
 	if err != nil {
 		return nil, notFoundOr(err, req.VolumeID)
 	}
-	if !attachedAsWanted(vol, req) {
+	for !attachedAsWanted(vol, req) {
 		if vol.VMID != "" && op.Step != stepAttachJob {
 			return nil, commands.Conflict("volume %s is already attached to VM %s as device %s", vol.ID, vol.VMID, deviceString(vol.DeviceID)).
 				WithDetail("attached_vm_id", vol.VMID)
 		}
-		if op.Step != stepAttachJob || op.JobID == "" {
-			op.Step = stepAttachRequested
-			if err := s.save(ctx, op); err != nil {
-				return nil, err
+		if op.Step == stepAttachJob && op.JobID != "" {
+			job, jobErr := s.waitJob(ctx, op, "attachVolume job")
+			if jobErr == nil && job.Volume != nil {
+				vol = *job.Volume
+				break
 			}
-			var jobID string
-			err := s.step(ctx, op, "attachVolume", func(ctx context.Context) error {
-				var err error
-				jobID, err = s.cfg.CloudStack.AttachVolume(ctx, req.VolumeID, req.VMID, req.DeviceID)
-				return err
-			})
-			if err != nil {
-				return nil, failure(err)
-			}
-			op.JobID, op.Step = jobID, stepAttachJob
-			if err := s.save(ctx, op); err != nil {
-				return nil, err
-			}
-		}
-		job, jobErr := s.waitJob(ctx, op, "attachVolume job")
-		switch {
-		case jobErr == nil && job.Volume != nil:
-			vol = *job.Volume
-		default:
 			// Done anyway? A repeated attach after a crash fails while the
 			// first one succeeded.
 			again, err := s.volume(ctx, op, req.VolumeID)
@@ -185,6 +178,42 @@ func (s *Service) attach(ctx context.Context, op *commands.Operation) (*commands
 				return nil, failure(jobErr)
 			}
 			vol = again
+			break
+		}
+		if op.Step == stepAttachRequested {
+			// An attachVolume whose answer was lost, or that a crash cut
+			// off: wait for CloudStack to show whether it happened.
+			done, err := s.settle(ctx, op, "attachVolume", func(ctx context.Context) (bool, error) {
+				var err error
+				vol, err = s.volume(ctx, op, req.VolumeID)
+				return err == nil && attachedAsWanted(vol, req), notFoundOr(err, req.VolumeID)
+			})
+			if err != nil {
+				return nil, err
+			}
+			if done || vol.VMID != "" {
+				continue
+			}
+		}
+		op.Step, op.JobID = stepAttachRequested, ""
+		if err := s.save(ctx, op); err != nil {
+			return nil, err
+		}
+		var jobID string
+		err := s.step(ctx, op, "attachVolume", func(ctx context.Context) error {
+			var err error
+			jobID, err = s.cfg.CloudStack.AttachVolume(ctx, req.VolumeID, req.VMID, req.DeviceID)
+			return err
+		})
+		switch {
+		case csapi.IsMaybeDone(err):
+			continue
+		case err != nil:
+			return nil, failure(err)
+		}
+		op.JobID, op.Step, op.Error = jobID, stepAttachJob, ""
+		if err := s.save(ctx, op); err != nil {
+			return nil, err
 		}
 	}
 	m, err := s.recordAttached(ctx, op, vol, req.VMID, since)
@@ -261,32 +290,8 @@ func (s *Service) detach(ctx context.Context, op *commands.Operation) (*commands
 		if err := s.unexportFirst(ctx, op, req.VolumeID); err != nil {
 			return nil, err
 		}
-		if op.Step != stepDetachJob || op.JobID == "" {
-			op.Step = stepDetachRequested
-			if err := s.save(ctx, op); err != nil {
-				return nil, err
-			}
-			var jobID string
-			err := s.step(ctx, op, "detachVolume", func(ctx context.Context) error {
-				var err error
-				jobID, err = s.cfg.CloudStack.DetachVolume(ctx, req.VolumeID)
-				return err
-			})
-			if err != nil {
-				return nil, failure(err)
-			}
-			op.JobID, op.Step = jobID, stepDetachJob
-			if err := s.save(ctx, op); err != nil {
-				return nil, err
-			}
-		}
-		if _, jobErr := s.waitJob(ctx, op, "detachVolume job"); jobErr != nil {
-			// Detached anyway? Only CloudStack saying so counts.
-			again, err := s.volume(ctx, op, req.VolumeID)
-			detached := (err == nil && again.VMID == "") || errors.Is(err, csapi.ErrNotFound)
-			if !detached {
-				return nil, failure(jobErr)
-			}
+		if err := s.detachInCloudStack(ctx, op, req.VolumeID); err != nil {
+			return nil, err
 		}
 	}
 	if err := s.release(ctx, op, req.VolumeID); err != nil {
@@ -297,6 +302,60 @@ func (s *Service) detach(ctx context.Context, op *commands.Operation) (*commands
 		resp.Message = "Volume was not attached"
 	}
 	return resp, nil
+}
+
+// detachInCloudStack detaches an attached volume in CloudStack: it follows
+// a recorded job, or, after a lost answer or a crash between the call and
+// its answer, waits for CloudStack to show whether the detach happened
+// before sending it again. Only CloudStack saying the volume is detached
+// counts as success.
+func (s *Service) detachInCloudStack(ctx context.Context, op *commands.Operation, volumeID string) error {
+	detached := func(ctx context.Context) (bool, error) {
+		vol, err := s.volume(ctx, op, volumeID)
+		if errors.Is(err, csapi.ErrNotFound) {
+			return true, nil
+		}
+		return err == nil && vol.VMID == "", failure(err)
+	}
+	for {
+		switch {
+		case op.Step == stepDetachJob && op.JobID != "":
+			_, jobErr := s.waitJob(ctx, op, "detachVolume job")
+			if jobErr == nil {
+				return nil
+			}
+			// Detached anyway?
+			if done, err := detached(ctx); err != nil || !done {
+				return failure(jobErr)
+			}
+			return nil
+		case op.Step == stepDetachRequested:
+			done, err := s.settle(ctx, op, "detachVolume", detached)
+			if err != nil || done {
+				return err
+			}
+		}
+		op.Step, op.JobID = stepDetachRequested, ""
+		if err := s.save(ctx, op); err != nil {
+			return err
+		}
+		var jobID string
+		err := s.step(ctx, op, "detachVolume", func(ctx context.Context) error {
+			var err error
+			jobID, err = s.cfg.CloudStack.DetachVolume(ctx, volumeID)
+			return err
+		})
+		switch {
+		case csapi.IsMaybeDone(err):
+			continue
+		case err != nil:
+			return failure(err)
+		}
+		op.JobID, op.Step, op.Error = jobID, stepDetachJob, ""
+		if err := s.save(ctx, op); err != nil {
+			return err
+		}
+	}
 }
 
 // unexportFirst ends the volume's export, if it has one, recording the
@@ -397,13 +456,19 @@ func (s *Service) delete(ctx context.Context, op *commands.Operation) (*commands
 	}
 	err = s.step(ctx, op, "deleteVolume", func(ctx context.Context) error {
 		err := s.cfg.CloudStack.DeleteVolume(ctx, req.VolumeID)
-		if err != nil && csapi.IsRetryable(err) {
-			// Gone already? A lost answer to a delete that worked.
-			if _, gerr := s.cfg.CloudStack.GetVolume(ctx, req.VolumeID); errors.Is(gerr, csapi.ErrNotFound) {
-				return nil
-			}
+		if err == nil || !(csapi.IsRetryable(err) || csapi.IsMaybeDone(err)) {
+			return err
 		}
-		return err
+		// Gone already? A lost answer to a delete that worked.
+		_, gerr := s.cfg.CloudStack.GetVolume(ctx, req.VolumeID)
+		switch {
+		case errors.Is(gerr, csapi.ErrNotFound):
+			return nil
+		case gerr != nil:
+			return gerr // retryable or final, as CloudStack answers
+		}
+		// Still there: deleting again is safe (a volume is deleted once).
+		return lostAnswer(err)
 	})
 	if err != nil {
 		return nil, failure(err)
@@ -412,6 +477,18 @@ func (s *Service) delete(ctx context.Context, op *commands.Operation) (*commands
 		return nil, err
 	}
 	return &commands.OpResponse{VolumeID: req.VolumeID, Message: "Volume deleted successfully"}, nil
+}
+
+// lostAnswer makes a lost answer retryable, for a call that CloudStack
+// shows was not done and that may be sent again.
+func lostAnswer(err error) error {
+	var cs *csapi.Error
+	if !errors.As(err, &cs) || !cs.MaybeDone {
+		return err
+	}
+	again := *cs
+	again.MaybeDone, again.Retryable = false, true
+	return &again
 }
 
 // notFoundOr maps a missing volume to NOT_FOUND and anything else through

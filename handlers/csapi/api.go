@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 )
 
 // ErrNotFound: CloudStack does not know the volume, VM or job.
@@ -135,9 +136,24 @@ type Error struct {
 	CSCode int
 	// Text is CloudStack's errortext, or the transport error.
 	Text string
-	// Retryable: transport errors, timeouts and 5xx answers to the HTTP
-	// call; never a failed job and never a 4xx.
+	// Retryable: the call may be sent again as it is. True for a call
+	// that never reached CloudStack (refused, reset before the request was
+	// written), for 530 (a few times: RetryLimit), for HTTP 429 and 503 (after
+	// RetryAfter) and for a proxy's 5xx; for reads also for a connection
+	// lost or timed out after the request was written. Never for a failed
+	// job, a 4xx or 531–537.
 	Retryable bool
+	// MaybeDone: a side-effecting call (create, attach, detach, delete)
+	// reached CloudStack and its answer was lost (the connection dropped
+	// after the request was written, or the call timed out). CloudStack may
+	// have done it: the caller must ask CloudStack, never send it again.
+	MaybeDone bool
+	// RetryLimit bounds how many times in a row a Retryable error of this
+	// kind is retried (530); 0 means until the caller's deadline.
+	RetryLimit int
+	// RetryAfter is the delay the answer asked for (HTTP Retry-After), 0
+	// when none.
+	RetryAfter time.Duration
 	// Err is the underlying error, if any.
 	Err error
 }
@@ -159,4 +175,11 @@ func (e *Error) Unwrap() error { return e.Err }
 func IsRetryable(err error) bool {
 	var e *Error
 	return errors.As(err, &e) && e.Retryable
+}
+
+// IsMaybeDone reports whether err is a lost answer to a side-effecting
+// call that CloudStack may have carried out.
+func IsMaybeDone(err error) bool {
+	var e *Error
+	return errors.As(err, &e) && e.MaybeDone
 }

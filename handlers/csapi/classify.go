@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/apache/cloudstack-go/v2/cloudstack"
 )
@@ -22,33 +23,85 @@ var csErrorRE = regexp.MustCompile(`(?s)^CloudStack API error (\d+) \(CSExceptio
 // textNoEntity is in CloudStack's 431 for a UUID parameter naming nothing.
 const textNoEntity = "entity does not exist"
 
-// classify turns a cloudstack-go call's error into an *Error. status is the
-// last HTTP status the call received, 0 for none.
-func classify(command string, err error, status int) *Error {
+// Retries530 is how many times in a row a 530 (CloudStack's internal
+// error, the command not done) is retried before it is final.
+const Retries530 = 3
+
+// answer is what the HTTP side of a failed call tells classify.
+type answer struct {
+	// status is the last HTTP status received, 0 for none.
+	status int
+	// retryAfter is that answer's Retry-After header.
+	retryAfter string
+	// sent: the request was written to CloudStack.
+	sent bool
+	// sideEffect: the command changes CloudStack (not a read).
+	sideEffect bool
+}
+
+// classify turns a cloudstack-go call's error into an *Error, once: final,
+// retryable (how often, after how long), or, for a side-effecting call
+// whose answer was lost, MaybeDone.
+func classify(command string, err error, a answer) *Error {
 	e := &Error{Command: command, Text: err.Error(), Err: err}
 	if m := csErrorRE.FindStringSubmatch(err.Error()); m != nil {
 		e.Code, _ = strconv.Atoi(m[1])
 		e.CSCode, _ = strconv.Atoi(m[2])
 		e.Text = m[3]
 		if e.Code == 0 {
-			e.Code = status
+			e.Code = a.status
 		}
-		e.Retryable = e.Code >= 500
+		switch {
+		case e.Code == 530:
+			e.Retryable, e.RetryLimit = true, Retries530
+		case e.Code == http.StatusTooManyRequests || e.Code == http.StatusServiceUnavailable:
+			e.Retryable, e.RetryAfter = true, retryAfter(a.retryAfter)
+		case e.Code >= 531 && e.Code <= 537: // account, limits, capacity, in use…: final
+		case e.Code >= 500:
+			e.Retryable = true
+		}
 		if notFound(e.Code, e.Text) {
 			e.Err = ErrNotFound
 		}
 		return e
 	}
 	switch {
+	case isTransport(err) && !a.sent:
+		e.Retryable = true // CloudStack never saw it
+	case isTransport(err) && a.sideEffect:
+		e.MaybeDone = true
 	case isTransport(err):
-		e.Retryable = true
-	case status >= 500: // an answer that is not CloudStack JSON, e.g. a proxy's 502
-		e.Code, e.Retryable = status, true
-	case status != 0 && status != http.StatusOK:
-		e.Code = status
+		e.Retryable = true // a read: ask again
+	case a.status == http.StatusTooManyRequests || a.status == http.StatusServiceUnavailable:
+		e.Code, e.Retryable, e.RetryAfter = a.status, true, retryAfter(a.retryAfter)
+	case a.status >= 500 && a.sideEffect && (a.status == http.StatusBadGateway || a.status == http.StatusGatewayTimeout):
+		// A proxy lost CloudStack's answer: the command may have run.
+		e.Code, e.MaybeDone = a.status, true
+	case a.status >= 500: // an answer that is not CloudStack JSON, e.g. a proxy's 500
+		e.Code, e.Retryable = a.status, true
+	case a.status != 0 && a.status != http.StatusOK:
+		e.Code = a.status
 	}
 	// Otherwise a 200 that cloudstack-go cannot parse: final.
 	return e
+}
+
+// maxRetryAfter caps the delay a Retry-After may ask for.
+const maxRetryAfter = time.Minute
+
+// retryAfter reads a Retry-After header: seconds or an HTTP date; 0 when
+// absent or unreadable.
+func retryAfter(h string) time.Duration {
+	if h == "" {
+		return 0
+	}
+	var d time.Duration
+	if n, err := strconv.Atoi(h); err == nil && n >= 0 {
+		d = time.Duration(n) * time.Second
+	} else if t, err := http.ParseTime(h); err == nil {
+		d = time.Until(t)
+	}
+	return min(max(d, 0), maxRetryAfter)
 }
 
 // notFound reports a CloudStack error that says an id names nothing.

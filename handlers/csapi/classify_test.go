@@ -34,6 +34,9 @@ func TestErrorClassification(t *testing.T) {
 		csCode    int
 		text      string // substring of Text
 		retryable bool
+		maybeDone bool
+		limit     int
+		after     time.Duration
 		notFound  bool
 	}{
 		{name: "401 bad signature", script: map[string][]step{"attachVolume": {{status: 401, file: "error_401_bad_signature.json"}}},
@@ -45,14 +48,27 @@ func TestErrorClassification(t *testing.T) {
 			call:    func(ctx context.Context, c *Client) error { return c.DeleteVolume(ctx, "v") },
 			command: "deleteVolume", code: 431, csCode: 4350, text: "Please specify a volume that is not attached to any VM."},
 		{name: "530 internal", script: map[string][]step{"attachVolume": {{status: 530, file: "error_530_internal.json"}}},
-			call: attach, command: "attachVolume", code: 530, csCode: 9999, text: "Internal error executing command", retryable: true},
+			call: attach, command: "attachVolume", code: 530, csCode: 9999, text: "Internal error executing command", retryable: true, limit: Retries530},
+		{name: "533 insufficient capacity is final with CloudStack's text", script: map[string][]step{"createVolume": {{status: 533, file: "error_533_capacity.json"}}},
+			call: create, command: "createVolume", code: 533, csCode: 4250, text: "insufficient capacity"},
+		{name: "HTML 503 with Retry-After is retried after it", script: map[string][]step{"createVolume": {{status: 503, file: "bad_503_unavailable.html", header: map[string]string{"Retry-After": "2"}}}},
+			call: create, command: "createVolume", code: 503, retryable: true, after: 2 * time.Second},
+		{name: "429 without Retry-After is retried", script: map[string][]step{"listVolumes": {{status: 429, file: "bad_503_unavailable.html"}}},
+			call: getVolume, command: "listVolumes", code: 429, retryable: true},
 		{name: "432 unsupported", script: map[string][]step{"listZones": {{status: 432, file: "error_432_unsupported.json"}}},
 			call:    func(ctx context.Context, c *Client) error { return c.Ping(ctx) },
 			command: "listZones", code: 432, csCode: 9999, text: "does not exist or it is not available"},
-		{name: "dropped connection", script: map[string][]step{"createVolume": {{drop: true}}},
-			call: create, command: "createVolume", text: "EOF", retryable: true},
-		{name: "proxy 502 without CloudStack JSON", script: map[string][]step{"createVolume": {{status: 502, file: "bad_proxy_502.html"}}},
-			call: create, command: "createVolume", code: 502, retryable: true},
+		{name: "connection dropped after a create was written may be done", script: map[string][]step{"createVolume": {{drop: true}}},
+			call: create, command: "createVolume", text: "EOF", maybeDone: true},
+		{name: "connection dropped after an attach was written may be done", script: map[string][]step{"attachVolume": {{drop: true}}},
+			call: attach, command: "attachVolume", text: "EOF", maybeDone: true},
+		{name: "connection dropped during a read is retried", script: map[string][]step{"listVolumes": {{drop: true}}},
+			call: getVolume, command: "listVolumes", text: "EOF", retryable: true},
+		{name: "proxy 502 to a create may be done", script: map[string][]step{"createVolume": {{status: 502, file: "bad_proxy_502.html"}}},
+			call: create, command: "createVolume", code: 502, maybeDone: true},
+		{name: "proxy 502 to a read is retried", script: map[string][]step{"listZones": {{status: 502, file: "bad_proxy_502.html"}}},
+			call:    func(ctx context.Context, c *Client) error { return c.Ping(ctx) },
+			command: "listZones", code: 502, retryable: true},
 		{name: "truncated 200 is final", script: map[string][]step{"listVolumes": {{file: "bad_truncated_200.json"}}},
 			call:    func(ctx context.Context, c *Client) error { _, err := c.ListVolumes(ctx, ListFilter{}); return err },
 			command: "listVolumes", text: "invalid character"},
@@ -66,6 +82,14 @@ func TestErrorClassification(t *testing.T) {
 			_, c := startReplay(t, tc.script)
 			err := tc.call(ctxTimeout(t, 10*time.Second), c)
 			checkError(t, err, tc.command, tc.code, tc.csCode, tc.text, tc.retryable)
+			var e *Error
+			if errors.As(err, &e) && (e.MaybeDone != tc.maybeDone || e.RetryLimit != tc.limit || e.RetryAfter != tc.after) {
+				t.Errorf("MaybeDone %v RetryLimit %d RetryAfter %v, want %v %d %v", e.MaybeDone, e.RetryLimit, e.RetryAfter,
+					tc.maybeDone, tc.limit, tc.after)
+			}
+			if IsMaybeDone(err) != tc.maybeDone {
+				t.Errorf("IsMaybeDone = %v, want %v", IsMaybeDone(err), tc.maybeDone)
+			}
 			if got := errors.Is(err, ErrNotFound); got != tc.notFound {
 				t.Errorf("errors.Is(err, ErrNotFound) = %v, want %v (err %v)", got, tc.notFound, err)
 			}
@@ -105,13 +129,21 @@ func TestTransportErrors(t *testing.T) {
 		c := New(Config{URL: "http://" + addr + "/client/api", APIKey: "k", SecretKey: "s"})
 		err = c.Ping(ctxTimeout(t, 10*time.Second))
 		checkError(t, err, "listZones", 0, 0, "connection refused", true)
+		// A create that never reached CloudStack is not MaybeDone: it is
+		// sent again.
+		_, _, err = c.CreateVolume(ctxTimeout(t, 10*time.Second), CreateParams{Name: "v", DiskOfferingID: "o", ZoneID: "z"})
+		checkError(t, err, "createVolume", 0, 0, "connection refused", true)
+		if IsMaybeDone(err) {
+			t.Errorf("refused create is MaybeDone: %v", err)
+		}
 	})
-	t.Run("context deadline while CloudStack does not answer", func(t *testing.T) {
+	t.Run("context deadline while CloudStack does not answer a detach", func(t *testing.T) {
 		_, c := startReplay(t, map[string][]step{"detachVolume": {{hang: true}}})
 		_, err := c.DetachVolume(ctxTimeout(t, 50*time.Millisecond), "v")
-		checkError(t, err, "detachVolume", 0, 0, "context deadline exceeded", true)
-		if !errors.Is(err, context.DeadlineExceeded) {
-			t.Errorf("errors.Is(err, context.DeadlineExceeded) = false: %v", err)
+		checkError(t, err, "detachVolume", 0, 0, "context deadline exceeded", false)
+		if !errors.Is(err, context.DeadlineExceeded) || !IsMaybeDone(err) {
+			t.Errorf("errors.Is(err, context.DeadlineExceeded) %v, IsMaybeDone %v: %v",
+				errors.Is(err, context.DeadlineExceeded), IsMaybeDone(err), err)
 		}
 	})
 	t.Run("HTTP timeout", func(t *testing.T) {
@@ -120,4 +152,26 @@ func TestTransportErrors(t *testing.T) {
 		err := c.Ping(ctxTimeout(t, time.Minute))
 		checkError(t, err, "listZones", 0, 0, "context deadline exceeded", true)
 	})
+}
+
+// TestSideEffectNotResent: net/http sends an idempotent request (GET) again
+// by itself when a kept-alive connection closes after the request was
+// written. A create (cloudstack-go POSTs it) must reach CloudStack once and
+// come back MaybeDone.
+func TestSideEffectNotResent(t *testing.T) {
+	r, c := startReplay(t, map[string][]step{
+		"listZones":    {{file: "listZones.json"}},
+		"createVolume": {{drop: true}, {file: "createVolume_initial.json"}},
+	})
+	ctx := ctxTimeout(t, 10*time.Second)
+	if err := c.Ping(ctx); err != nil { // leaves a kept-alive connection
+		t.Fatal(err)
+	}
+	_, _, err := c.CreateVolume(ctx, CreateParams{Name: "v", SizeGiB: 1, DiskOfferingID: "o", ZoneID: "z"})
+	if !IsMaybeDone(err) {
+		t.Fatalf("create with a lost answer: %v, want MaybeDone", err)
+	}
+	if n := r.requests(); n != 2 {
+		t.Fatalf("%d requests reached CloudStack, want 2 (listZones, one createVolume)", n)
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/http/httptrace"
 	"sync/atomic"
 	"time"
 
@@ -72,27 +73,40 @@ func New(cfg Config) *Client {
 func (c *Client) Calls() int64 { return c.calls.Load() }
 
 // callTransport binds one call's HTTP requests to its context and records
-// the last HTTP status, which cloudstack-go does not report when an answer
-// is not CloudStack JSON.
+// what cloudstack-go does not report: the last HTTP status and Retry-After
+// (when an answer is not CloudStack JSON), and whether the request was
+// written to CloudStack at all.
 type callTransport struct {
-	ctx    context.Context
-	base   http.RoundTripper
-	status int
+	ctx        context.Context
+	base       http.RoundTripper
+	status     int
+	retryAfter string
+	wrote      atomic.Bool
 }
 
 // RoundTrip sends req under the call's context.
 func (t *callTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	resp, err := t.base.RoundTrip(req.WithContext(t.ctx))
+	trace := &httptrace.ClientTrace{WroteRequest: func(info httptrace.WroteRequestInfo) {
+		if info.Err == nil {
+			t.wrote.Store(true)
+		}
+	}}
+	resp, err := t.base.RoundTrip(req.WithContext(httptrace.WithClientTrace(t.ctx, trace)))
 	if resp != nil {
-		t.status = resp.StatusCode
+		t.status, t.retryAfter = resp.StatusCode, resp.Header.Get("Retry-After")
 	}
 	return resp, err
 }
 
+// sideEffects lists the commands that change CloudStack: their lost
+// answers are MaybeDone rather than retryable.
+var sideEffects = map[string]bool{"createVolume": true, "attachVolume": true, "detachVolume": true, "deleteVolume": true}
+
 // do runs one cloudstack-go call under ctx and the HTTP timeout, counts it
 // and classifies its error. cloudstack-go takes no context, so each call
 // gets its own sync client whose HTTP client carries ctx; connections are
-// shared through c.transport.
+// shared through c.transport. cloudstack-go sends the side-effecting
+// commands as POST, which net/http never sends twice by itself.
 func do[T any](ctx context.Context, c *Client, command string, fn func(*cloudstack.CloudStackClient) (T, error)) (T, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.HTTPTimeout)
 	defer cancel()
@@ -104,9 +118,10 @@ func do[T any](ctx context.Context, c *Client, command string, fn func(*cloudsta
 	start := time.Now()
 	res, err := fn(cs)
 	if err != nil {
-		e := classify(command, err, rt.status)
+		e := classify(command, err, answer{status: rt.status, retryAfter: rt.retryAfter,
+			sent: rt.wrote.Load(), sideEffect: sideEffects[command]})
 		c.log.Debug("call failed", "command", command, "duration", time.Since(start),
-			"code", e.Code, "retryable", e.Retryable, "err", e.Error())
+			"code", e.Code, "retryable", e.Retryable, "maybe_done", e.MaybeDone, "err", e.Error())
 		return res, e
 	}
 	c.log.Debug("call", "command", command, "duration", time.Since(start))

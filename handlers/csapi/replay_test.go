@@ -26,6 +26,8 @@ type step struct {
 	drop bool
 	// hang answers only when the request's context ends.
 	hang bool
+	// header is added to the answer.
+	header map[string]string
 }
 
 // replay is an HTTP server that answers each command with its scripted
@@ -85,6 +87,9 @@ func (r *replay) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	}
 	body := readTestdata(r.t, s.file, s.key)
 	w.Header().Set("Content-Type", "application/json")
+	for k, v := range s.header {
+		w.Header().Set(k, v)
+	}
 	w.WriteHeader(max(s.status, http.StatusOK))
 	w.Write(body)
 }

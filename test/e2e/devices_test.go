@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
-
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/devagent/loopdev"
@@ -273,14 +271,19 @@ func TestForceSyncRepairsBrokenMapping(t *testing.T) {
 	d.attachLocal(vol)
 	m := d.requireMapped(sim, vol)
 
-	rdb := redis.NewClient(&redis.Options{Addr: r.Addr})
-	defer rdb.Close()
-	broken := m
-	broken.DevicePath = "/dev/loop99999"
-	data, _ := json.Marshal(broken)
+	// Another writer (an operator, a bug) breaks the mapping in the store.
 	ctx := context.Background()
-	// The record's JSON, behind the store's back: its revision stays.
-	if err := rdb.HSet(ctx, state.DefaultRedisPrefix+"mapping:"+vol, "j", data).Err(); err != nil {
+	store, err := state.NewRedis(ctx, state.RedisConfig{URL: r.URL()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close(ctx)
+	broken, err := store.GetMapping(ctx, vol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	broken.DevicePath = "/dev/loop99999"
+	if _, err := store.PutMapping(ctx, broken); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Remove(m.SymlinkPath); err != nil {

@@ -41,7 +41,7 @@ func requireNBDClients(t *testing.T) {
 func (d *daemon) nbdURI(name string) string { return "nbd://" + d.nbdAddr + "/" + name }
 
 // runClient runs an NBD client to its end and returns its combined output.
-func runClient(t *testing.T, name string, args ...string) (string, error) {
+func runClient(t testing.TB, name string, args ...string) (string, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), nbdClientTimeout)
 	defer cancel()

@@ -1,12 +1,16 @@
 package e2e_test
 
 import (
+	"context"
+	"fmt"
 	"net/http"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -81,4 +85,43 @@ func TestHealthAndOutage(t *testing.T) {
 		"disk_offering_id": cloudsim.CustomOfferingID, "zone_id": cloudsim.ZoneID})
 	sim.SetFaults(cloudsim.Faults{})
 	d.completed(op.ID)
+}
+
+// TestLostReplies: CloudStack does half of the creates, attaches and
+// detaches but their answers are lost (the simulator's drop-after). Every
+// operation completes, each create makes exactly one CloudStack volume,
+// and each attach and detach happens exactly once.
+func TestLostReplies(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{Seed: 11})
+	d := startDaemon(t, sim, daemonOpts{})
+	lost := cloudsim.ErrorFault{Rate: 0.5, Kind: cloudsim.ErrorKindDropAfter}
+	sim.SetFaults(cloudsim.Faults{Errors: map[string]cloudsim.ErrorFault{
+		"createVolume": lost, "attachVolume": lost, "detachVolume": lost}})
+	const n = 6
+	vols := make([]string, n)
+	for i := range vols {
+		vols[i] = d.createVolume(fmt.Sprintf("lost-%d", i), 1)
+	}
+	for _, vol := range vols {
+		d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID}).ID)
+	}
+	for _, vol := range vols {
+		d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
+	}
+	st := sim.Stats()
+	for _, cmd := range []string{"createVolume", "attachVolume", "detachVolume"} {
+		if !regexp.MustCompile(`command=` + cmd + `.*maybe_done=true`).MatchString(d.out.String()) {
+			t.Fatalf("no answer to %s was lost: the test proves nothing", cmd)
+		}
+	}
+	cs := csapi.New(csapi.Config{URL: sim.URL(), APIKey: cloudsim.DefaultAPIKey, SecretKey: cloudsim.DefaultSecretKey})
+	for i, vol := range vols {
+		made, err := cs.ListVolumes(context.Background(), csapi.ListFilter{Name: fmt.Sprintf("lost-%d", i)})
+		if err != nil || len(made) != 1 || made[0].ID != vol {
+			t.Errorf("create lost-%d: CloudStack has %v (%v), want exactly %s", i, made, err, vol)
+		}
+		if st.AttachesSucceeded[vol] != 1 || st.DetachesSucceeded[vol] != 1 {
+			t.Errorf("volume %s: %d attaches, %d detaches done, want 1 and 1", vol, st.AttachesSucceeded[vol], st.DetachesSucceeded[vol])
+		}
+	}
 }

@@ -60,7 +60,7 @@ func TestMain(m *testing.M) {
 
 // startSim runs the CloudStack simulator in the test process, with 50 ms
 // jobs and no local devices unless cfg says otherwise.
-func startSim(t *testing.T, cfg cloudsim.Config) *cloudsim.Sim {
+func startSim(t testing.TB, cfg cloudsim.Config) *cloudsim.Sim {
 	t.Helper()
 	if cfg.JobDuration == 0 {
 		cfg.JobDuration = 50 * time.Millisecond
@@ -70,7 +70,7 @@ func startSim(t *testing.T, cfg cloudsim.Config) *cloudsim.Sim {
 
 // daemon is one volumed process.
 type daemon struct {
-	t       *testing.T
+	t       testing.TB
 	dataDir string
 	args    []string
 	api     string // http://host:port/api/v1
@@ -85,7 +85,10 @@ type daemon struct {
 type daemonOpts struct {
 	redisURL string
 	dataDir  string
-	extra    []string
+	// natsURL is an external NATS cluster (comma-separated URLs, three
+	// replicas); "" runs the daemon's own embedded server.
+	natsURL string
+	extra   []string
 }
 
 // cloud is a CloudStack API endpoint: the simulator in this process, or a
@@ -94,24 +97,29 @@ type cloud interface{ URL() string }
 
 // startDaemon runs the volumed binary against sim, with its own embedded
 // NATS on a free port, and waits until its API answers.
-func startDaemon(t *testing.T, sim cloud, o daemonOpts) *daemon {
+func startDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
 	t.Helper()
 	if o.dataDir == "" {
 		o.dataDir = t.TempDir()
 	}
-	natsPort := testenv.FreePort(t)
-	conf := filepath.Join(o.dataDir, "nats.conf")
-	if err := os.WriteFile(conf, []byte(fmt.Sprintf("listen: 127.0.0.1:%d\njetstream {}\n", natsPort)), 0o600); err != nil {
-		t.Fatal(err)
+	natsArgs := []string{"--nats-url", o.natsURL, "--nats-replicas", "3"}
+	natsURL := o.natsURL
+	if o.natsURL == "" {
+		natsPort := testenv.FreePort(t)
+		conf := filepath.Join(o.dataDir, "nats.conf")
+		if err := os.WriteFile(conf, []byte(fmt.Sprintf("listen: 127.0.0.1:%d\njetstream {}\n", natsPort)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		natsArgs, natsURL = []string{"--nats-config", conf}, fmt.Sprintf("nats://127.0.0.1:%d", natsPort)
 	}
 	listen := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 	d := &daemon{t: t, dataDir: o.dataDir, api: "http://" + listen + "/api/v1",
-		natsURL: fmt.Sprintf("nats://127.0.0.1:%d", natsPort), nbdAddr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}
-	d.args = append([]string{"--listen", listen, "--data-dir", o.dataDir, "--nats-config", conf,
+		natsURL: natsURL, nbdAddr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}
+	d.args = append([]string{"--listen", listen, "--data-dir", o.dataDir,
 		"--cloudstack-url", sim.URL(), "--cloudstack-api-key", cloudsim.DefaultAPIKey,
 		"--cloudstack-secret-key", cloudsim.DefaultSecretKey, "--vm-id", cloudsim.ApplianceVMID,
 		"--ack-wait", "2s", "--log-level", "debug", "--name-dir", filepath.Join(o.dataDir, "by-volume"),
-		"--nbd-listen", d.nbdAddr}, o.extra...)
+		"--nbd-listen", d.nbdAddr}, append(natsArgs, o.extra...)...)
 	if o.redisURL != "" {
 		d.args = append(d.args, "--redis-url", o.redisURL)
 	}
@@ -248,13 +256,15 @@ func (d *daemon) submit(method, path string, body any) commands.Operation {
 	return op
 }
 
-// wait waits for an operation to end, through ?wait, and returns it.
+// wait waits for an operation to end, through ?wait (shorter than the
+// client's own request timeout, so the server answers first), and returns
+// it.
 func (d *daemon) wait(opID string) commands.Operation {
 	d.t.Helper()
 	deadline := time.Now().Add(90 * time.Second)
 	for {
 		var op commands.Operation
-		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+opID+"?wait=30s", nil, &op)
+		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+opID+"?wait=20s", nil, &op)
 		if op.Status.Terminal() {
 			return op
 		}

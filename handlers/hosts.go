@@ -1,0 +1,114 @@
+package handlers
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// HostSubjectPrefix prefixes the per-VM subjects of host work:
+// volumed.hosts.<vm_id>.exports is answered by the volumed serving that VM
+// (its NBD server), never by another member of the group.
+const HostSubjectPrefix = "volumed.hosts."
+
+// hostSubject is the subject of the export work of one VM.
+func hostSubject(vmID string) string { return HostSubjectPrefix + vmID + ".exports" }
+
+// hostTimeout bounds one request to the instance serving a VM.
+const hostTimeout = exportSyncTimeout + 5*time.Second
+
+// Actions of a host request.
+const (
+	// hostPing: is an NBD server serving this VM?
+	hostPing = "ping"
+	// hostSync: serve exactly this VM's export records now.
+	hostSync = "sync"
+	// hostAutoExport: a volume was just attached and mapped; export it if
+	// this host's --nbd-auto-export says so.
+	hostAutoExport = "auto-export"
+)
+
+// hostRequest is the body of a request on hostSubject.
+type hostRequest struct {
+	Action  string            `json:"action"`
+	Mapping *commands.Mapping `json:"mapping,omitempty"`
+}
+
+// hostReply is its answer: the records the NBD server could not serve
+// (deleted), and the error of the sync, if any.
+type hostReply struct {
+	Dropped []string `json:"dropped,omitempty"`
+	Error   string   `json:"error,omitempty"`
+}
+
+// errNoHost: no volumed with an NBD server serves the VM.
+var errNoHost = errors.New("no volumed with an NBD server serves the VM")
+
+// askHost runs a host action for vmID: here when this instance serves that
+// VM, else on the instance that does, through its per-VM subject.
+func (s *Service) askHost(ctx context.Context, vmID string, req hostRequest) ([]string, error) {
+	if vmID == s.cfg.VMID && s.cfg.Exporter != nil {
+		return s.hostAction(ctx, req)
+	}
+	data, _ := json.Marshal(req)
+	ctx, cancel := context.WithTimeout(ctx, hostTimeout)
+	defer cancel()
+	msg, err := s.cfg.Conn.RequestWithContext(ctx, hostSubject(vmID), data)
+	if errors.Is(err, nats.ErrNoResponders) {
+		return nil, fmt.Errorf("VM %s: %w", vmID, errNoHost)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("volumed serving VM %s: %w", vmID, err)
+	}
+	var rep hostReply
+	if err := json.Unmarshal(msg.Data, &rep); err != nil {
+		return nil, fmt.Errorf("volumed serving VM %s: reply %q: %w", vmID, msg.Data, err)
+	}
+	if rep.Error != "" {
+		return rep.Dropped, fmt.Errorf("volumed serving VM %s: %s", vmID, rep.Error)
+	}
+	return rep.Dropped, nil
+}
+
+// hostAction runs a host action on this instance's NBD server.
+func (s *Service) hostAction(ctx context.Context, req hostRequest) ([]string, error) {
+	switch req.Action {
+	case hostPing:
+		return nil, nil
+	case hostSync:
+		return s.syncExports(ctx)
+	case hostAutoExport:
+		if req.Mapping != nil {
+			s.autoExportHere(ctx, *req.Mapping)
+		}
+		return nil, nil
+	}
+	return nil, fmt.Errorf("unknown host action %q", req.Action)
+}
+
+// onHostRequest answers a request on this VM's host subject.
+func (s *Service) onHostRequest(msg *nats.Msg) {
+	var req hostRequest
+	var rep hostReply
+	if err := json.Unmarshal(msg.Data, &req); err != nil {
+		rep.Error = "bad host request: " + err.Error()
+	} else {
+		ctx, cancel := context.WithTimeout(s.ctx, exportSyncTimeout)
+		dropped, err := s.hostAction(ctx, req)
+		cancel()
+		rep.Dropped = dropped
+		if err != nil {
+			rep.Error = err.Error()
+		}
+	}
+	data, _ := json.Marshal(rep)
+	if err := msg.Respond(data); err != nil {
+		s.log.Warn("host reply failed", "err", err)
+	}
+}
