@@ -270,3 +270,25 @@ func TestSimInventoryLists(t *testing.T) {
 		t.Fatalf("ListZones during an outage: %v, want a retryable error", err)
 	}
 }
+
+// TestInvalidParameterText: the text the pre-checks answer is CloudStack's
+// own, as the simulator gives it for an unknown zone and offering.
+func TestInvalidParameterText(t *testing.T) {
+	_, c := startSim(t, time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	const unknown = "00000000-0000-4000-8000-00000000abcd"
+	for _, tc := range []struct {
+		param string
+		p     CreateParams
+	}{
+		{"zoneid", CreateParams{Name: "x", SizeGiB: 1, DiskOfferingID: cloudsim.CustomOfferingID, ZoneID: unknown}},
+		{"diskofferingid", CreateParams{Name: "x", SizeGiB: 1, DiskOfferingID: unknown, ZoneID: cloudsim.ZoneID}},
+	} {
+		_, _, err := c.CreateVolume(ctx, tc.p)
+		var e *Error
+		if !errors.As(err, &e) || e.Code != CodeParamError || e.Text != InvalidParameterText("createVolume", tc.param, unknown) {
+			t.Fatalf("create with unknown %s: %v; want %d %q", tc.param, err, CodeParamError, InvalidParameterText("createVolume", tc.param, unknown))
+		}
+	}
+}
