@@ -106,7 +106,7 @@ func (s *Service) mappingForExport(ctx context.Context, volumeID string) (comman
 	return e, nil
 }
 
-func (s *Service) acceptExport(ctx context.Context, data []byte) (any, error) {
+func (s *Service) acceptExport(ctx context.Context, data []byte, key string) (any, error) {
 	req, err := commands.DecodeExport(data)
 	if err != nil {
 		return nil, err
@@ -114,17 +114,17 @@ func (s *Service) acceptExport(ctx context.Context, data []byte) (any, error) {
 	if s.cfg.Exporter == nil {
 		return nil, exportsOff()
 	}
-	if err := s.checkVolume(ctx, req.VolumeID); err != nil {
-		return nil, err
-	}
-	if _, err := s.mappingForExport(ctx, req.VolumeID); err != nil {
-		return nil, err
-	}
 	vm := s.cfg.VMID
-	return s.accept(ctx, commands.OpExport, req.VolumeID, &vm, req)
+	return s.accept(ctx, key, commands.OpExport, req.VolumeID, &vm, req, func(ctx context.Context) error {
+		if err := s.checkVolume(ctx, req.VolumeID); err != nil {
+			return err
+		}
+		_, err := s.mappingForExport(ctx, req.VolumeID)
+		return err
+	})
 }
 
-func (s *Service) acceptUnexport(ctx context.Context, data []byte) (any, error) {
+func (s *Service) acceptUnexport(ctx context.Context, data []byte, key string) (any, error) {
 	req, err := commands.DecodeVolume(data)
 	if err != nil {
 		return nil, err
@@ -132,15 +132,15 @@ func (s *Service) acceptUnexport(ctx context.Context, data []byte) (any, error) 
 	if s.cfg.Exporter == nil {
 		return nil, exportsOff()
 	}
-	if _, err := s.cfg.Store.GetExport(ctx, req.VolumeID); errors.Is(err, state.ErrNotFound) {
-		if err := s.checkVolume(ctx, req.VolumeID); err != nil {
-			return nil, err
-		}
-	} else if err != nil {
-		return nil, state.APIError(err)
-	}
 	vm := s.cfg.VMID
-	return s.accept(ctx, commands.OpUnexport, req.VolumeID, &vm, req)
+	return s.accept(ctx, key, commands.OpUnexport, req.VolumeID, &vm, req, func(ctx context.Context) error {
+		if _, err := s.cfg.Store.GetExport(ctx, req.VolumeID); errors.Is(err, state.ErrNotFound) {
+			return s.checkVolume(ctx, req.VolumeID)
+		} else if err != nil {
+			return state.APIError(err)
+		}
+		return nil
+	})
 }
 
 // exportOp runs an export operation: it checks the mapping again, writes

@@ -21,7 +21,8 @@ type job struct {
 
 // enqueue publishes the job of an operation; the operation id is the
 // message id, so JetStream drops a duplicate within its window.
-func (s *Service) enqueue(ctx context.Context, opID string) error {
+func (s *Service) enqueue(ctx context.Context, op commands.Operation) error {
+	opID := op.ID
 	data, _ := json.Marshal(job{OperationID: opID})
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
@@ -58,7 +59,7 @@ func (s *Service) requeue(ctx context.Context, op commands.Operation) error {
 		s.recovering[op.VolumeID] = true
 		s.mu.Unlock()
 	}
-	return s.enqueue(ctx, op.ID)
+	return s.enqueue(ctx, op)
 }
 
 func (s *Service) startConsumer(ctx context.Context) error {
