@@ -181,7 +181,19 @@ func (h *harness) operations() []commands.Operation {
 
 // listAll lists every recorded operation, newest first.
 func listAll(ctx context.Context, st state.Store) ([]commands.Operation, error) {
-	return st.ListOperations(ctx, state.Filter{})
+	var all []commands.Operation
+	f := state.Filter{}
+	for {
+		ops, next, err := st.ListOperations(ctx, f)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, ops...)
+		if next == "" {
+			return all, nil
+		}
+		f.Cursor = next
+	}
 }
 
 // recorded reports whether the store has the operation.
