@@ -200,7 +200,13 @@ func (e *seenError) Error() string { return "operation " + e.op.ID + " already r
 func (s *Service) record(ctx context.Context, op commands.Operation) (commands.Operation, error) {
 	deadline, _ := ctx.Deadline()
 	var lastErr error
-	for attempt := 0; ; attempt++ {
+	for attempt, pause := 0, 20*time.Millisecond; ; attempt, pause = attempt+1, min(2*pause, 500*time.Millisecond) {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+			case <-time.After(pause):
+			}
+		}
 		left := time.Until(deadline) - undoReserve
 		if attempt > 0 && left <= 0 {
 			break

@@ -1,20 +1,24 @@
 package handlers_test
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -274,5 +278,135 @@ func TestCreateUnknownZoneOrOffering(t *testing.T) {
 	body["zone_id"] = unknown
 	if a := h.command(commands.SubjectCreate, body, ""); a.status != http.StatusCreated || a.elapsed > 2*time.Second {
 		t.Fatalf("create with CloudStack slow: %d after %v: %s", a.status, a.elapsed, a.body)
+	}
+}
+
+// faultyStore is the real store with faults a test cannot produce for
+// real: an answer lost after the write, a store silent for a while.
+type faultyStore struct {
+	state.Store
+	mu sync.Mutex
+	// lostCreates is how many creates are written but answered
+	// ErrUnavailable; failedCreates how many are refused unwritten;
+	// failDeletes makes every delete fail.
+	lostCreates, failedCreates int
+	failDeletes                bool
+}
+
+func (f *faultyStore) CreateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
+	f.mu.Lock()
+	lost, failed := f.lostCreates > 0, f.failedCreates > 0 && f.lostCreates == 0
+	if lost {
+		f.lostCreates--
+	} else if failed {
+		f.failedCreates--
+	}
+	f.mu.Unlock()
+	if failed {
+		return commands.Operation{}, fmt.Errorf("injected: %w", state.ErrUnavailable)
+	}
+	rec, err := f.Store.CreateOperation(ctx, op)
+	if lost && err == nil {
+		return commands.Operation{}, fmt.Errorf("injected lost answer: %w", state.ErrUnavailable)
+	}
+	return rec, err
+}
+
+func (f *faultyStore) DeleteOperation(ctx context.Context, id string, rev uint64) error {
+	f.mu.Lock()
+	fail := f.failDeletes
+	f.mu.Unlock()
+	if fail {
+		return fmt.Errorf("injected: %w", state.ErrUnavailable)
+	}
+	return f.Store.DeleteOperation(ctx, id, rev)
+}
+
+// TestAmbiguousWrite: a create whose answer is lost is resolved by asking
+// the store, never guessed: written once and answered 201 (and run), or,
+// when the store stays silent past the budget, answered 503 and the record
+// removed before anything runs it.
+func TestAmbiguousWrite(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		lost, failed int
+		want         int
+	}{
+		{"answer lost once", 1, 0, http.StatusCreated},
+		{"refused once", 0, 1, http.StatusCreated},
+		{"answer lost, then refused", 1, 2, http.StatusCreated},
+		{"silent past the budget", 1, 1 << 30, http.StatusServiceUnavailable},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			faulty := &faultyStore{lostCreates: tc.lost, failedCreates: tc.failed}
+			h := newHarness(t, harnessOpts{wrap: func(s state.Store) state.Store { faulty.Store = s; return faulty }})
+			key := "ambiguous-" + strings.ReplaceAll(tc.name, " ", "-")
+			a := h.command(commands.SubjectCreate, createBody("ambiguous"), key)
+			id := handlers.OperationIDForKey(key)
+			if a.status != tc.want || a.elapsed >= commands.AcceptTimeout {
+				t.Fatalf("answer %d after %v, want %d: %s", a.status, a.elapsed, tc.want, a.body)
+			}
+			if tc.want == http.StatusServiceUnavailable {
+				testenv.Eventually(t, 10*time.Second, func() bool { return !h.recorded(id) },
+					"the record of a create answered 503 removed")
+				if n := h.sim.Stats().Calls["createVolume"]; n != 0 {
+					t.Fatalf("a create answered 503 reached CloudStack %d times", n)
+				}
+				return
+			}
+			if a.op.ID != id || len(h.operations()) != 1 {
+				t.Fatalf("201 with %s; %d operations recorded", a.op.ID, len(h.operations()))
+			}
+			testenv.Eventually(t, 30*time.Second, func() bool {
+				op, err := h.store.GetOperation(context.Background(), id)
+				return err == nil && op.Status == commands.StatusCompleted
+			}, "the accepted create completed")
+		})
+	}
+}
+
+// TestQueueUnavailable: a job that cannot be queued undoes the record and
+// answers 503 (its events end cancelled); if the undo fails too, the
+// record stands and the answer is 201.
+func TestQueueUnavailable(t *testing.T) {
+	for _, undoFails := range []bool{false, true} {
+		t.Run(fmt.Sprintf("undo fails %v", undoFails), func(t *testing.T) {
+			faulty := &faultyStore{failDeletes: undoFails}
+			h := newHarness(t, harnessOpts{wrap: func(s state.Store) state.Store { faulty.Store = s; return faulty }})
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := h.bus.JetStream().DeleteStream(ctx, bus.StreamJobs); err != nil {
+				t.Fatal(err)
+			}
+			key := fmt.Sprintf("unqueued-%v", undoFails)
+			id := handlers.OperationIDForKey(key)
+			events, err := h.nc.SubscribeSync(commands.OpSubject(id))
+			if err != nil {
+				t.Fatal(err)
+			}
+			a := h.command(commands.SubjectCreate, createBody("unqueued"), key)
+			if undoFails {
+				if a.status != http.StatusCreated || a.op.ID != id || !h.recorded(id) {
+					t.Fatalf("undo failed: %d %s, recorded %v; want 201 with the record standing", a.status, a.body, h.recorded(id))
+				}
+				return
+			}
+			if a.status != http.StatusServiceUnavailable || a.header.Get(commands.RetryAfterHeader) != "1" || h.recorded(id) {
+				t.Fatalf("queue gone: %d %s headers %v, recorded %v", a.status, a.body, a.header, h.recorded(id))
+			}
+			var statuses []commands.OpStatus
+			for len(statuses) < 2 {
+				m, err := events.NextMsg(5 * time.Second)
+				if err != nil {
+					t.Fatalf("events %v: %v", statuses, err)
+				}
+				var op commands.Operation
+				_ = json.Unmarshal(m.Data, &op)
+				statuses = append(statuses, op.Status)
+			}
+			if statuses[0] != commands.StatusPending || statuses[1] != commands.StatusCancelled {
+				t.Fatalf("events of the undone operation: %v", statuses)
+			}
+		})
 	}
 }
