@@ -127,8 +127,8 @@ type Service struct {
 	acceptSlots chan struct{}
 	accepts     acceptStats
 	inventory   *inventory
-	keys    *serializer
-	sem     chan struct{}
+	keys        *serializer
+	sem         chan struct{}
 
 	mu sync.Mutex
 	// inflight maps each operation running here to the stream sequence
@@ -195,10 +195,10 @@ func New(cfg Config) *Service {
 		log:         log,
 		acceptSlots: make(chan struct{}, cfg.AcceptConcurrency),
 		inventory:   newInventory(cfg.CloudStack, log),
-		keys:       newSerializer(),
-		sem:        make(chan struct{}, cfg.MaxConcurrent),
-		inflight:   map[string]uint64{},
-		recovering: map[string]bool{},
+		keys:        newSerializer(),
+		sem:         make(chan struct{}, cfg.MaxConcurrent),
+		inflight:    map[string]uint64{},
+		recovering:  map[string]bool{},
 	}
 }
 
