@@ -419,6 +419,17 @@ func (k *KV) opAt(ctx context.Context, id string, rev uint64) (*commands.Operati
 
 // DeleteOperation purges the operation's key if it is at revision rev.
 func (k *KV) DeleteOperation(ctx context.Context, id string, rev uint64) error {
+	if rev == 0 {
+		// No revision matches a record: refuse unless there is none.
+		_, err := k.kv.Get(ctx, kvOpPrefix+id)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			return nil
+		}
+		if err != nil {
+			return kvErr("get operation", err)
+		}
+		return stale("operation", id, rev)
+	}
 	if err := k.purge(ctx, "operation", kvOpPrefix+id, rev); err != nil {
 		return err
 	}

@@ -127,7 +127,8 @@ return rev
 
 // deleteOpScript removes an operation at a revision with its index
 // entries and counts. KEYS: op, stats, done, then its index zsets. ARGV:
-// expected revision, id, type, status, "1" when terminal, duration ns.
+// expected revision, id, type, status, "1" when terminal, minus its
+// duration in ns.
 // Returns 1, 0 when there is no record, or replyStale.
 var deleteOpScript = redis.NewScript(`
 local cur = redis.call('HGET', KEYS[1], 'v')
@@ -141,7 +142,7 @@ redis.call('HINCRBY', KEYS[2], 'type:' .. ARGV[3], -1)
 redis.call('HINCRBY', KEYS[2], 'status:' .. ARGV[4], -1)
 if ARGV[5] == '1' then
   redis.call('HINCRBY', KEYS[2], 'terminal', -1)
-  redis.call('HINCRBY', KEYS[2], 'terminal_ns', -tonumber(ARGV[6]))
+  redis.call('HINCRBY', KEYS[2], 'terminal_ns', ARGV[6])
 end
 return 1
 `)
@@ -533,7 +534,7 @@ func (r *Redis) DeleteOperation(ctx context.Context, id string, rev uint64) erro
 		terminal = "1"
 	}
 	n, err := r.runWrite(ctx, "delete operation", deleteOpScript, keys, rev, id,
-		string(op.Type), string(op.Status), terminal, int64(op.Duration()))
+		string(op.Type), string(op.Status), terminal, -int64(op.Duration()))
 	if err != nil {
 		return err
 	}

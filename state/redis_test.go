@@ -1,9 +1,14 @@
 package state_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"regexp"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -308,4 +313,109 @@ func BenchmarkRedis(b *testing.B) {
 		s, _ := newRedis(t, r.URL())
 		return s
 	})
+}
+
+// monitorArg matches one quoted argument of a MONITOR line.
+var monitorArg = regexp.MustCompile(`"((?:[^"\\]|\\.)*)"`)
+
+// TestRedisScriptsDeclareTheirKeys runs the conformance suite under
+// MONITOR and checks, for every command a script ran, that its key was
+// declared in the script's KEYS and carries the prefix's hash tag, so
+// that the scripts run on Redis Cluster. Every command the store sends
+// outside scripts must also carry the hash tag.
+func TestRedisScriptsDeclareTheirKeys(t *testing.T) {
+	r := testenv.StartRedis(t)
+	raw := redis.NewClient(&redis.Options{Addr: r.Addr})
+	defer raw.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	// MONITOR on a plain connection: go-redis's gives up on an idle read.
+	conn, err := net.Dial("tcp", r.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte("MONITOR\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	rd := bufio.NewReader(conn)
+	if l, err := rd.ReadString('\n'); err != nil || !strings.HasPrefix(l, "+OK") {
+		t.Fatalf("MONITOR: %q, %v", l, err)
+	}
+	var got []string
+	var scripts, scripted atomic.Int64
+	drained := make(chan error, 1)
+	go func() {
+		for {
+			l, err := rd.ReadString('\n')
+			if err != nil {
+				drained <- err
+				return
+			}
+			got = append(got, l)
+			if strings.Contains(l, `"monitor-end"`) {
+				drained <- nil
+				return
+			}
+		}
+	}()
+	storetest.Run(t, func(t testing.TB) state.Store {
+		s, _ := newRedis(t, r.URL())
+		return s
+	})
+	if err := raw.Echo(ctx, "monitor-end").Err(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-drained:
+		if err != nil {
+			t.Fatalf("MONITOR: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("MONITOR did not show the end marker")
+	}
+
+	var declared map[string]bool
+	for _, l := range got {
+		var args []string
+		for _, m := range monitorArg.FindAllStringSubmatch(l, -1) {
+			a, err := strconv.Unquote(`"` + m[1] + `"`)
+			if err != nil {
+				t.Fatalf("unquote %q in %q: %v", m[1], l, err)
+			}
+			args = append(args, a)
+		}
+		if len(args) < 2 {
+			continue
+		}
+		cmd := strings.ToLower(args[0])
+		switch {
+		case strings.Contains(l, "[0 lua]"):
+			scripted.Add(1)
+			if !declared[args[1]] {
+				t.Errorf("a script touched the undeclared key %q: %s", args[1], l)
+			}
+		case cmd == "evalsha" || cmd == "eval":
+			scripts.Add(1)
+			n, err := strconv.Atoi(args[2])
+			if err != nil || 3+n > len(args) {
+				t.Fatalf("bad %s: %s", cmd, l)
+			}
+			declared = make(map[string]bool)
+			for _, k := range args[3 : 3+n] {
+				declared[k] = true
+				if !strings.HasPrefix(k, "{test") {
+					t.Errorf("script key %q has no hash tag", k)
+				}
+			}
+		case cmd == "hmget" || cmd == "get" || cmd == "smembers" || cmd == "zrange" || cmd == "zrem" || cmd == "hgetall":
+			if !strings.HasPrefix(args[1], "{test") {
+				t.Errorf("key %q has no hash tag: %s", args[1], l)
+			}
+		}
+	}
+	if scripts.Load() < 100 || scripted.Load() < 500 {
+		t.Fatalf("saw %d scripts running %d commands: MONITOR missed them", scripts.Load(), scripted.Load())
+	}
+	t.Logf("%d scripts ran %d commands, each on a declared key", scripts.Load(), scripted.Load())
 }

@@ -62,6 +62,15 @@ func Run(t *testing.T, open Open) {
 		{"MappingConflictAndMoves", testMappingConflictAndMoves},
 		{"Exports", testExports},
 		{"ConcurrentWriters", testConcurrentWriters},
+		{"StaleOperationWrites", testStaleOperationWrites},
+		{"Transitions", testTransitions},
+		{"CASIncrements", testCASIncrements},
+		{"DeleteOperation", testDeleteOperation},
+		{"Prune", testPrune},
+		{"Pagination", testPagination},
+		{"MappingCAS", testMappingCAS},
+		{"ExportCAS", testExportCAS},
+		{"Leases", testLeases},
 		{"PingClose", testPingClose},
 	} {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, open(t)) })
