@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
@@ -41,6 +42,8 @@ type harnessOpts struct {
 	cfg   handlers.Config // Conn, JetStream, Store and CloudStack are filled in
 	// wrap, when set, wraps the store the service uses (a fault).
 	wrap func(state.Store) state.Store
+	// wrapJS, when set, wraps the service's JetStream.
+	wrapJS func(jetstream.JetStream) jetstream.JetStream
 }
 
 func newHarness(t testing.TB, o harnessOpts) *harness {
@@ -68,6 +71,9 @@ func newHarness(t testing.TB, o harnessOpts) *harness {
 	cfg.Conn, cfg.JetStream, cfg.Store = h.bus.Conn(), h.bus.JetStream(), h.store
 	if o.wrap != nil {
 		cfg.Store = o.wrap(h.store)
+	}
+	if o.wrapJS != nil {
+		cfg.JetStream = o.wrapJS(cfg.JetStream)
 	}
 	cfg.CloudStack = csapi.New(csapi.Config{URL: h.sim.URL(), APIKey: h.sim.APIKey(), SecretKey: h.sim.SecretKey()})
 	cfg.VMID, cfg.Logger = cloudsim.ApplianceVMID, log
