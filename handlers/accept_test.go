@@ -58,6 +58,10 @@ func TestMicroService(t *testing.T) {
 	if info.Name != handlers.ServiceName || fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("service %q endpoints %v, want %v", info.Name, got, want)
 	}
+	// `nats micro ls` pings every service.
+	if reply, err := h.nc.Request("$SRV.PING", nil, 5*time.Second); err != nil || !strings.Contains(string(reply.Data), `"name":"volumed"`) {
+		t.Fatalf("ping: %v %v", reply, err)
+	}
 	// A command through the service counts in its stats.
 	if a := h.command(commands.SubjectCreate, createBody("counted"), ""); a.status != http.StatusCreated {
 		t.Fatalf("create: %d %s", a.status, a.body)
@@ -408,5 +412,23 @@ func TestQueueUnavailable(t *testing.T) {
 				t.Fatalf("events of the undone operation: %v", statuses)
 			}
 		})
+	}
+}
+
+// TestCloseDuringAccept: a command being accepted when the service stops
+// still gets the answer of what was recorded.
+func TestCloseDuringAccept(t *testing.T) {
+	h := newHarness(t, harnessOpts{cfg: handlers.Config{CheckTimeout: time.Second}})
+	vol := h.createVolume("closing")
+	h.setFaults(cloudsim.Faults{Latency: map[string]cloudsim.Duration{"listVolumes": cloudsim.Duration(5 * time.Second)}})
+	done := make(chan answer, 1)
+	go func() { done <- h.command(commands.SubjectDetach, map[string]string{"volume_id": vol}, "closing") }()
+	testenv.Eventually(t, 5*time.Second, func() bool { return h.inflight() == 1 }, "the detach being accepted")
+	if err := h.svc.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	a := <-done
+	if a.status != http.StatusCreated || a.op.ID != handlers.OperationIDForKey("closing") || !h.recorded(a.op.ID) {
+		t.Fatalf("answer while stopping: %d %s, recorded %v", a.status, a.body, h.recorded(a.op.ID))
 	}
 }

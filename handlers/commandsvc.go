@@ -100,7 +100,9 @@ func (s *Service) startCommands() error {
 // serve is an endpoint's micro handler. micro calls it serially per
 // endpoint, so it only takes a slot of the bounded pool and hands the
 // request to a goroutine; when every slot is taken it answers 503 with
-// Retry-After at once, before anything is looked at or recorded.
+// Retry-After at once, before anything is looked at or recorded. A
+// command runs to its answer under its own timeout even while the
+// service stops (Close waits for it); force-sync is cancelled.
 func (s *Service) serve(ep endpoint) micro.Handler {
 	return micro.HandlerFunc(func(req micro.Request) {
 		select {
@@ -118,13 +120,17 @@ func (s *Service) serve(ep endpoint) micro.Handler {
 			s.reply(req, ep, nil, commands.Unavailable("volumed is stopping"))
 			return
 		}
-		s.wg.Add(1)
+		parent, wg := s.ctx, &s.wg
+		if ep.status == http.StatusCreated {
+			parent, wg = context.WithoutCancel(s.ctx), &s.accepting
+		}
+		wg.Add(1)
 		s.mu.Unlock()
 		s.accepts.inflight.Add(1)
 		go func() {
-			defer s.wg.Done()
+			defer wg.Done()
 			defer func() { <-s.acceptSlots; s.accepts.inflight.Add(-1) }()
-			ctx, cancel := context.WithTimeout(s.ctx, ep.timeout)
+			ctx, cancel := context.WithTimeout(parent, ep.timeout)
 			defer cancel()
 			result, err := ep.run(ctx, req.Data(), req.Headers().Get(commands.IdempotencyKeyHeader))
 			s.reply(req, ep, result, err)

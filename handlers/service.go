@@ -126,6 +126,9 @@ type Service struct {
 	// acceptSlots bounds the commands being accepted.
 	acceptSlots chan struct{}
 	accepts     acceptStats
+	// accepting tracks the commands being accepted; they run under their
+	// own timeout, not the service's context, and Close waits for them.
+	accepting sync.WaitGroup
 	inventory   *inventory
 	keys        *serializer
 	sem         chan struct{}
@@ -265,6 +268,9 @@ func (s *Service) stop() {
 	if s.micro != nil {
 		_ = s.micro.Stop()
 	}
+	// Commands being accepted end on their own, within their timeout:
+	// cut short, an answer could contradict what was recorded.
+	s.accepting.Wait()
 	for _, sub := range s.subs {
 		_ = sub.Unsubscribe()
 	}
