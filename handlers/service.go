@@ -129,9 +129,9 @@ type Service struct {
 	// accepting tracks the commands being accepted; they run under their
 	// own timeout, not the service's context, and Close waits for them.
 	accepting sync.WaitGroup
-	inventory   *inventory
-	keys        *serializer
-	sem         chan struct{}
+	inventory *inventory
+	keys      *serializer
+	sem       chan struct{}
 
 	mu sync.Mutex
 	// inflight maps each operation running here to the stream sequence
