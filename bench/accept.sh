@@ -4,7 +4,10 @@
 # handler that decodes and validates the same body (bench/barechi), using
 # vegeta with WORKERS workers (default 16) at full speed for DURATION
 # (default 5s) each, after a 1 s warm-up. volumed runs with the CloudStack
-# simulator in-process (--sim), which executes the creates meanwhile.
+# simulator in-process (--sim). In the "held" lines the simulator answers
+# createVolume only after an hour, so the executor holds its 64 creates and
+# the figure is the front door's; in the "executing" line the creates run
+# (50 ms jobs) while the front door is measured.
 # It prints the machine, its load, and one line per target with the
 # ratio to bare chi. Needs Go and, for the Redis line, redis-server.
 set -euo pipefail
@@ -64,8 +67,14 @@ volumed_up() {
 		>"$work/$name.log" 2>&1 &
 	pids+=($!)
 	API="http://127.0.0.1:$api/api/v1"
+	SIM="http://127.0.0.1:$sim/_sim"
 	wait_http "$API/health"
 }
+
+# faults JSON: replaces the in-process simulator's faults.
+faults() { curl -fs -X PUT "$SIM/faults" -d "$1" >/dev/null; }
+held='{"latency":{"createVolume":"1h"}}'
+
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -sr)"
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -79,7 +88,12 @@ for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$chi/" && break; 
 results=()
 results+=("$(attack bare-chi "http://127.0.0.1:$chi/api/v1/volumes")")
 volumed_up embedded
-results+=("$(attack volumed-embedded "$API/volumes")")
+faults "$held"
+results+=("$(attack embedded-held "$API/volumes")")
+stop_last
+volumed_up executing
+faults '{"jobduration":{"createVolume":"50ms"}}'
+results+=("$(attack embedded-executing "$API/volumes")")
 stop_last
 if command -v redis-server >/dev/null; then
 	rport=$(port)
@@ -87,15 +101,16 @@ if command -v redis-server >/dev/null; then
 	pids+=($!)
 	for _ in $(seq 100); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
 	volumed_up redis --redis-url "redis://127.0.0.1:$rport/0"
-	results+=("$(attack volumed-redis "$API/volumes")")
+	faults "$held"
+	results+=("$(attack redis-held "$API/volumes")")
 else
 	echo "redis-server not found: no Redis line" >&2
 fi
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-printf '%-18s %9s %9s %9s %8s %7s  %s\n' target req/s p50_ms p99_ms success ratio codes
+printf '%-20s %9s %9s %9s %8s %7s  %s\n' target req/s p50_ms p99_ms success ratio codes
 base=$(echo "${results[0]}" | cut -d' ' -f2)
 for r in "${results[@]}"; do
 	set -- $r
-	printf '%-18s %9s %9s %9s %8s %7s  %s\n' "$1" "$2" "$3" "$4" "$5" "$(python3 -c "print(f'{$2/$base:.3f}')")" "$6"
+	printf '%-20s %9s %9s %9s %8s %7s  %s\n' "$1" "$2" "$3" "$4" "$5" "$(python3 -c "print(f'{$2/$base:.3f}')")" "$6"
 done
