@@ -185,3 +185,9 @@ func checkLease(name, holder string, ttl time.Duration) error {
 	}
 	return nil
 }
+
+// matches reports whether op has every field f sets.
+func matches(op *commands.Operation, f Filter) bool {
+	return op != nil && (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
+		(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || vmOf(op) == f.VMID)
+}

@@ -419,3 +419,29 @@ func TestRedisScriptsDeclareTheirKeys(t *testing.T) {
 	}
 	t.Logf("%d scripts ran %d commands, each on a declared key", scripts.Load(), scripted.Load())
 }
+
+// BenchmarkRedisMemory measures redis-server's used_memory per 100k
+// operations, and after pruning them.
+func BenchmarkRedisMemory(b *testing.B) {
+	r := testenv.StartRedis(b)
+	s, _ := newRedis(b, r.URL())
+	raw := redis.NewClient(&redis.Options{Addr: r.Addr})
+	defer raw.Close()
+	storetest.MeasureMemory(b, s, func() int64 {
+		info, err := raw.Info(context.Background(), "memory").Result()
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, l := range strings.Split(info, "\r\n") {
+			if v, ok := strings.CutPrefix(l, "used_memory:"); ok {
+				n, err := strconv.ParseInt(v, 10, 64)
+				if err != nil {
+					b.Fatal(err)
+				}
+				return n
+			}
+		}
+		b.Fatal("no used_memory in INFO memory")
+		return 0
+	})
+}
