@@ -291,9 +291,9 @@ func (s *Service) forget(op commands.Operation) {
 		for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
 			got, err := s.cfg.Store.GetOperation(ctx, op.ID)
 			switch {
-			case errors.Is(err, state.ErrNotFound):
-				return
-			case err == nil && (!sameRecord(got, op) || got.Status != commands.StatusPending || got.Attempts > 0):
+			case errors.Is(err, state.ErrNotFound), err == nil && !sameRecord(got, op):
+				return // never written, or another command's (same Idempotency-Key)
+			case err == nil && (got.Status != commands.StatusPending || got.Attempts > 0):
 				s.log.Error("an operation answered 503 was recorded and claimed", "operation_id", op.ID, "status", got.Status)
 				return
 			case err == nil:
