@@ -121,17 +121,18 @@ type Service struct {
 	started time.Time
 
 	subs    []*nats.Subscription
-	micro   micro.Service
 	consume jetstream.ConsumeContext
-	// acceptSlots bounds the commands being accepted.
+	keys    *serializer
+	sem     chan struct{}
+
+	// micro is the command service; acceptSlots bounds the commands being
+	// accepted, accepting tracks them (they run under their own timeout,
+	// not the service's context, and Close waits for them).
+	micro       micro.Service
 	acceptSlots chan struct{}
+	accepting   sync.WaitGroup
 	accepts     acceptStats
-	// accepting tracks the commands being accepted; they run under their
-	// own timeout, not the service's context, and Close waits for them.
-	accepting sync.WaitGroup
-	inventory *inventory
-	keys      *serializer
-	sem       chan struct{}
+	inventory   *inventory
 
 	mu sync.Mutex
 	// inflight maps each operation running here to the stream sequence
@@ -192,17 +193,17 @@ func New(cfg Config) *Service {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	log := cfg.Logger.With("component", "handlers")
-	return &Service{
-		cfg:         cfg,
-		log:         log,
-		acceptSlots: make(chan struct{}, cfg.AcceptConcurrency),
-		inventory:   newInventory(cfg.CloudStack, log),
-		keys:        newSerializer(),
-		sem:         make(chan struct{}, cfg.MaxConcurrent),
-		inflight:    map[string]uint64{},
-		recovering:  map[string]bool{},
+	s := &Service{
+		cfg:        cfg,
+		log:        cfg.Logger.With("component", "handlers"),
+		keys:       newSerializer(),
+		sem:        make(chan struct{}, cfg.MaxConcurrent),
+		inflight:   map[string]uint64{},
+		recovering: map[string]bool{},
 	}
+	s.acceptSlots = make(chan struct{}, cfg.AcceptConcurrency)
+	s.inventory = newInventory(cfg.CloudStack, s.log)
+	return s
 }
 
 // Start subscribes to the command subjects, re-queues operations a crash
