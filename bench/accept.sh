@@ -8,8 +8,9 @@
 # createVolume only after an hour, so the executor holds its 64 creates and
 # the figure is the front door's; in the "executing" line the creates run
 # (50 ms jobs) while the front door is measured.
-# It prints the machine, its load, and one line per target with the
-# ratio to bare chi. Needs Go and, for the Redis line, redis-server.
+# Each target runs right after a bare chi run, so that both see the same
+# load; it prints the machine, its load, and one line per run with the
+# ratio to the bare chi run before it. Needs Go and, for the Redis line, redis-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5s}
@@ -75,7 +76,6 @@ volumed_up() {
 faults() { curl -fs -X PUT "$SIM/faults" -d "$1" >/dev/null; }
 held='{"latency":{"createVolume":"1h"}}'
 
-
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(uname -sr)"
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "vegeta $VEGETA, $WORKERS workers, $DURATION per target, volumed --log-level $LOG_LEVEL"
@@ -85,15 +85,16 @@ chi=$(port)
 pids+=($!)
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$chi/" && break; sleep 0.1; done
 
+# pair NAME URL: bare chi, then the target, back to back, so that both
+# see the same load; the ratio is the target's to that bare chi's.
 results=()
-results+=("$(attack bare-chi "http://127.0.0.1:$chi/api/v1/volumes")")
+pair() {
+	results+=("$(attack bare-chi "http://127.0.0.1:$chi/api/v1/volumes")")
+	results+=("$(attack "$1" "$2")")
+}
 volumed_up embedded
 faults "$held"
-results+=("$(attack embedded-held "$API/volumes")")
-stop_last
-volumed_up executing
-faults '{"jobduration":{"createVolume":"50ms"}}'
-results+=("$(attack embedded-executing "$API/volumes")")
+pair embedded-held "$API/volumes"
 stop_last
 if command -v redis-server >/dev/null; then
 	rport=$(port)
@@ -102,15 +103,20 @@ if command -v redis-server >/dev/null; then
 	for _ in $(seq 100); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
 	volumed_up redis --redis-url "redis://127.0.0.1:$rport/0"
 	faults "$held"
-	results+=("$(attack redis-held "$API/volumes")")
+	pair redis-held "$API/volumes"
+	stop_last
 else
 	echo "redis-server not found: no Redis line" >&2
 fi
+volumed_up executing
+faults '{"jobduration":{"createVolume":"50ms"}}'
+pair embedded-executing "$API/volumes"
+stop_last
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 printf '%-20s %9s %9s %9s %8s %7s  %s\n' target req/s p50_ms p99_ms success ratio codes
-base=$(echo "${results[0]}" | cut -d' ' -f2)
 for r in "${results[@]}"; do
 	set -- $r
+	[ "$1" = bare-chi ] && base=$2
 	printf '%-20s %9s %9s %9s %8s %7s  %s\n' "$1" "$2" "$3" "$4" "$5" "$(python3 -c "print(f'{$2/$base:.3f}')")" "$6"
 done
