@@ -107,37 +107,7 @@ func TestKVSharedBucket(t *testing.T) {
 
 	// Four writers increment one operation's attempts through both
 	// stores at once: every lost race is ErrStale, and no increment is lost.
-	var wg sync.WaitGroup
-	var stale atomic.Int64
-	const writers, each = 4, 20
-	for i, s := range []*state.KV{a, b, a, b} {
-		wg.Go(func() {
-			for n := 0; n < each; {
-				cur, err := s.GetOperation(ctx, op.ID)
-				if err != nil {
-					t.Errorf("writer %d: %v", i, err)
-					return
-				}
-				cur.Attempts++
-				_, err = s.UpdateOperation(ctx, cur)
-				switch {
-				case errors.Is(err, state.ErrStale):
-					stale.Add(1)
-				case err != nil:
-					t.Errorf("writer %d update %d: %v", i, n, err)
-					return
-				default:
-					n++
-				}
-			}
-		})
-	}
-	wg.Wait()
-	got, err := a.GetOperation(ctx, op.ID)
-	if err != nil || got.Attempts != writers*each {
-		t.Fatalf("after the race: attempts %d, %v; want %d", got.Attempts, err, writers*each)
-	}
-	t.Logf("%d stale writes refused", stale.Load())
+	storetest.Increments(t, op.ID, 20, a, b, a, b)
 }
 
 // TestKVRestart: a store opened on a restarted bus rebuilds its indexes
@@ -344,5 +314,55 @@ func TestKVSharedBucketPruneAndLeases(t *testing.T) {
 	}
 	if _, err := b.AcquireLease(ctx, "reconcile", "b", time.Minute); err != nil {
 		t.Fatalf("b after a released: %v", err)
+	}
+}
+
+// TestKVReadYourWritesUnderChurn: each store sees its own creates, updates
+// and deletes at once, whatever its watcher delivers later, and neither
+// store keeps or brings back anything once the churn ends, although each
+// watcher delivers the other's writes and its own after the fact.
+func TestKVReadYourWritesUnderChurn(t *testing.T) {
+	bus := testenv.StartBus(t)
+	bucket := nextBucket()
+	a, b := newKV(t, bus.JetStream(), bucket), newKV(t, bus.JetStream(), bucket)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	for w, s := range []*state.KV{a, b} {
+		wg.Go(func() {
+			for i := range 100 {
+				vol := fmt.Sprintf("vol-%d-%d", w, i)
+				op, err := s.CreateOperation(ctx, storetest.Op(w*1000+i, commands.OpDetach, commands.StatusPending, vol, "", time.Now()))
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				op.Status = commands.StatusExecuting
+				if op, err = s.UpdateOperation(ctx, op); err != nil {
+					t.Error(err)
+					return
+				}
+				if got := listed(t, s, state.Filter{VolumeID: vol, Status: commands.StatusExecuting}); len(got) != 1 {
+					t.Errorf("store %d does not list its update of %s: %v", w, op.ID, got)
+				}
+				if err := s.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
+					t.Error(err)
+					return
+				}
+				if got := listed(t, s, state.Filter{VolumeID: vol}); len(got) != 0 {
+					t.Errorf("store %d lists its deleted %s: %v", w, op.ID, got)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	for i, s := range []*state.KV{a, b} {
+		testenv.Eventually(t, 5*time.Second, func() bool {
+			st, _ := s.Stats(ctx)
+			return len(listed(t, s, state.Filter{})) == 0 && st.Total == 0
+		}, "store %d empty after the churn", i)
+	}
+	if got := listed(t, newKV(t, bus.JetStream(), bucket), state.Filter{}); len(got) != 0 {
+		t.Fatalf("a new store loads %v", got)
 	}
 }

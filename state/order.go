@@ -91,24 +91,6 @@ func decode[T any](data []byte, v *T) error {
 	return nil
 }
 
-// decodeRows decodes the JSON strings of a script reply, skipping nil
-// entries (records gone between index and read).
-func decodeRows[T any](rows []any) ([]T, error) {
-	out := make([]T, 0, len(rows))
-	for _, row := range rows {
-		s, ok := row.(string)
-		if !ok {
-			continue
-		}
-		var v T
-		if err := decode([]byte(s), &v); err != nil {
-			return nil, err
-		}
-		out = append(out, v)
-	}
-	return out, nil
-}
-
 // filterIndexes names the indexes (as "type:attach", "vm:<id>", …) that f
 // selects by, or "all" when it selects by nothing.
 func filterIndexes(f Filter) []string {

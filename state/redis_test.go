@@ -445,3 +445,60 @@ func BenchmarkRedisMemory(b *testing.B) {
 		return 0
 	})
 }
+
+// startCluster starts n redis-server nodes as one Redis Cluster, the
+// slots split evenly between them, and waits until every node says the
+// cluster is ok.
+func startCluster(t *testing.T, n int) []*testenv.Redis {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var nodes []*testenv.Redis
+	var clients []*redis.Client
+	for i := range n {
+		node := testenv.StartRedis(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000")
+		c := redis.NewClient(&redis.Options{Addr: node.Addr})
+		t.Cleanup(func() { _ = c.Close() })
+		lo, hi := i*16384/n, (i+1)*16384/n-1
+		if err := c.Do(ctx, "CLUSTER", "ADDSLOTSRANGE", lo, hi).Err(); err != nil {
+			t.Fatalf("node %d slots %d-%d: %v", i, lo, hi, err)
+		}
+		if i > 0 {
+			host, port, _ := net.SplitHostPort(nodes[0].Addr)
+			if err := c.ClusterMeet(ctx, host, port).Err(); err != nil {
+				t.Fatalf("node %d meets node 0: %v", i, err)
+			}
+		}
+		nodes, clients = append(nodes, node), append(clients, c)
+	}
+	testenv.Eventually(t, 20*time.Second, func() bool {
+		for _, c := range clients {
+			info, err := c.ClusterInfo(ctx).Result()
+			slots, serr := c.ClusterSlots(ctx).Result()
+			if err != nil || serr != nil || !strings.Contains(info, "cluster_state:ok") || len(slots) != n {
+				return false
+			}
+		}
+		return true
+	}, "a %d-node cluster", n)
+	return nodes
+}
+
+// TestRedisClusterConformance runs the conformance suite on a three-node
+// Redis Cluster: each store's keys share its prefix's hash tag, so each
+// store lives on one node, and the stores of the suite spread over all
+// three; a script with a key in another slot would fail there.
+func TestRedisClusterConformance(t *testing.T) {
+	nodes := startCluster(t, 3)
+	storetest.Run(t, func(t testing.TB) state.Store {
+		s, _ := newRedis(t, nodes[0].URL())
+		return s
+	})
+	t.Run("prefix without a hash tag is refused", func(t *testing.T) {
+		for _, p := range []string{"volumed:", "{}:", "{a}{b}:", "{a"} {
+			if _, err := state.NewRedis(context.Background(), state.RedisConfig{URL: nodes[0].URL(), Prefix: p}); err == nil {
+				t.Fatalf("prefix %q accepted", p)
+			}
+		}
+	})
+}
