@@ -40,8 +40,11 @@ deps:
 test: lint deps
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
 
+# bench runs every Go benchmark, then bench/accept.sh: POST /volumes with
+# vegeta against volumed (embedded store, Redis) and a bare chi handler.
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 30m $(PKGS)
+	bash bench/accept.sh
 
 clean:
 	rm -rf bin volumed-data

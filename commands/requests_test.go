@@ -159,3 +159,19 @@ func TestDecodeExport(t *testing.T) {
 		})
 	}
 }
+
+func TestValidateIdempotencyKey(t *testing.T) {
+	for _, tc := range []struct {
+		key string
+		ok  bool
+	}{
+		{"", true}, {"order-42/attach", true}, {strings.Repeat("k", commands.MaxIdempotencyKeyBytes), true},
+		{strings.Repeat("k", commands.MaxIdempotencyKeyBytes+1), false}, {"with space", false}, {"tab\tkey", false}, {"clé", false},
+	} {
+		err := commands.ValidateIdempotencyKey(tc.key)
+		var e *commands.Error
+		if tc.ok != (err == nil) || (err != nil && (!errors.As(err, &e) || e.Status != http.StatusBadRequest || e.Details["field"] != commands.IdempotencyKeyHeader)) {
+			t.Errorf("key %q: %v, want ok=%v", tc.key, err, tc.ok)
+		}
+	}
+}

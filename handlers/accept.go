@@ -1,112 +1,118 @@
 package handlers
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
-	"net/http"
-	"strconv"
 	"time"
 
 	"github.com/google/uuid"
-	"github.com/nats-io/nats.go"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/state"
 )
 
-func (s *Service) commandHandlers() map[string]nats.MsgHandler {
-	return map[string]nats.MsgHandler{
-		commands.SubjectCreate:     s.handle(s.acceptCreate),
-		commands.SubjectAttach:     s.handle(func(ctx context.Context, d []byte) (any, error) { return s.acceptAttach(ctx, d, false) }),
-		commands.SubjectAttachRoot: s.handle(func(ctx context.Context, d []byte) (any, error) { return s.acceptAttach(ctx, d, true) }),
-		commands.SubjectDetach:     s.handle(func(ctx context.Context, d []byte) (any, error) { return s.acceptVolume(ctx, d, commands.OpDetach) }),
-		commands.SubjectDelete:     s.handle(func(ctx context.Context, d []byte) (any, error) { return s.acceptVolume(ctx, d, commands.OpDelete) }),
-		commands.SubjectExport:     s.handle(s.acceptExport),
-		commands.SubjectUnexport:   s.handle(s.acceptUnexport),
-		commands.SubjectForceSync:  s.handle(func(ctx context.Context, _ []byte) (any, error) { return s.Reconcile(ctx) }),
-	}
+// Accept budgets, inside commands.AcceptTimeout.
+const (
+	// DefaultCheckTimeout bounds the pre-checks of one command (cache
+	// refreshes and the volume lookup): past it the command is accepted
+	// unchecked, and the store write keeps the rest of the budget.
+	DefaultCheckTimeout = 1500 * time.Millisecond
+	// writeAttempt bounds one attempt at the record; an unanswered attempt
+	// is resolved by creating again with the same id.
+	writeAttempt = 2 * time.Second
+	// undoReserve is kept back from the record's attempts for queueing the
+	// job and, if that fails, undoing the record.
+	undoReserve = 2 * time.Second
+	// forgetTimeout bounds the background removal of a record whose write
+	// could not be resolved in time.
+	forgetTimeout = time.Minute
+)
+
+// idemNamespace derives operation ids from idempotency keys.
+var idemNamespace = uuid.MustParse("5b0e7a4c-2f61-4d8e-9a3b-7c1d0e2f4a65")
+
+// OperationIDForKey is the id of the operation a command with this
+// Idempotency-Key records: "op-" and the SHA-1 (version 5) UUID of the key.
+func OperationIDForKey(key string) string {
+	return "op-" + uuid.NewSHA1(idemNamespace, []byte(key)).String()
 }
 
-// handle adapts a command function to a NATS request handler: the reply
-// is the result JSON with status 201 (200 for force-sync), or the error
-// JSON with its HTTP status, in the Status header.
-func (s *Service) handle(fn func(ctx context.Context, data []byte) (any, error)) nats.MsgHandler {
-	return func(msg *nats.Msg) {
-		status, timeout := http.StatusCreated, commands.AcceptTimeout
-		if msg.Subject == commands.SubjectForceSync {
-			status, timeout = http.StatusOK, commands.ForceSyncTimeout
-		}
-		ctx, cancel := context.WithTimeout(s.ctx, timeout)
-		defer cancel()
-		result, err := fn(ctx, msg.Data)
-		if err != nil {
-			apiErr := commands.AsError(err)
-			if apiErr.Status >= 500 {
-				s.log.Error("command failed", "subject", msg.Subject, "error", err)
-			}
-			status, result = apiErr.Status, apiErr
-		}
-		body, _ := json.Marshal(result)
-		if msg.Reply == "" {
-			return
-		}
-		reply := nats.NewMsg(msg.Reply)
-		reply.Header.Set(commands.StatusHeader, strconv.Itoa(status))
-		reply.Data = body
-		if err := msg.RespondMsg(reply); err != nil {
-			s.log.Warn("reply failed", "subject", msg.Subject, "error", err)
-		}
+// operationID is the id of a new operation: derived from the
+// Idempotency-Key when there is one, random otherwise.
+func operationID(key string) string {
+	if key == "" {
+		return "op-" + uuid.NewString()
 	}
+	return OperationIDForKey(key)
 }
 
-func (s *Service) acceptCreate(ctx context.Context, data []byte) (any, error) {
+func (s *Service) acceptCreate(ctx context.Context, data []byte, key string) (any, error) {
 	req, err := commands.DecodeCreate(data)
 	if err != nil {
 		return nil, err
 	}
-	return s.accept(ctx, commands.OpCreate, "", nil, req)
+	return s.accept(ctx, key, commands.OpCreate, "", nil, req, func(ctx context.Context) error {
+		return s.checkCreate(ctx, req)
+	})
 }
 
-func (s *Service) acceptAttach(ctx context.Context, data []byte, root bool) (any, error) {
+func (s *Service) acceptAttach(ctx context.Context, data []byte, key string, root bool) (any, error) {
 	req, err := commands.DecodeAttach(data, root)
 	if err != nil {
 		return nil, err
 	}
-	if err := s.checkVolume(ctx, req.VolumeID); err != nil {
-		return nil, err
-	}
-	if _, err := s.cfg.CloudStack.GetVM(ctx, req.VMID); err != nil {
-		if errors.Is(err, csapi.ErrNotFound) {
-			return nil, commands.NotFound("VM %s not found in CloudStack", req.VMID).WithDetail("vm_id", req.VMID)
-		}
-		if !csapi.IsRetryable(err) {
-			return nil, cloudStackError(err)
-		}
-	}
 	vm := req.VMID
-	return s.accept(ctx, commands.OpAttach, req.VolumeID, &vm, req)
+	return s.accept(ctx, key, commands.OpAttach, req.VolumeID, &vm, req, func(ctx context.Context) error {
+		if s.inventory.vms.lookup(ctx, s.ctx, &s.wg, req.VMID) == absent {
+			return commands.NotFound("VM %s not found in CloudStack", req.VMID).WithDetail("vm_id", req.VMID)
+		}
+		return s.checkVolume(ctx, req.VolumeID)
+	})
 }
 
-func (s *Service) acceptVolume(ctx context.Context, data []byte, typ commands.OpType) (any, error) {
+func (s *Service) acceptVolume(ctx context.Context, data []byte, key string, typ commands.OpType) (any, error) {
 	req, err := commands.DecodeVolume(data)
 	if err != nil {
 		return nil, err
 	}
-	if err := s.checkVolume(ctx, req.VolumeID); err != nil {
-		return nil, err
+	return s.accept(ctx, key, typ, req.VolumeID, nil, req, func(ctx context.Context) error {
+		return s.checkVolume(ctx, req.VolumeID)
+	})
+}
+
+// checkCreate answers 422 CLOUDSTACK_ERROR, as CloudStack's createVolume
+// would, for a disk offering or zone CloudStack does not list (the
+// offering first, as CloudStack checks it first).
+func (s *Service) checkCreate(ctx context.Context, req commands.CreateRequest) error {
+	for _, p := range []struct {
+		set       *entitySet
+		param, id string
+	}{{s.inventory.offerings, "diskofferingid", req.DiskOfferingID}, {s.inventory.zones, "zoneid", req.ZoneID}} {
+		if p.set.lookup(ctx, s.ctx, &s.wg, p.id) == absent {
+			return unknownParameter("createVolume", "volume creation", p.param, p.id)
+		}
 	}
-	return s.accept(ctx, typ, req.VolumeID, nil, req)
+	return nil
+}
+
+// unknownParameter is CloudStack's answer to an id that names nothing:
+// HTTP 431 with its invalid-parameter text, as a 422 CLOUDSTACK_ERROR.
+func unknownParameter(command, what, param, value string) error {
+	return commands.CloudStack("CloudStack %s failed: Invalid parameter %s", what, param).
+		WithDetail("cloudstack_error_code", csapi.CodeParamError).
+		WithDetail("cloudstack_message", csapi.InvalidParameterText(command, param, value))
 }
 
 // checkVolume answers 404 for a volume CloudStack does not know. When
-// CloudStack cannot be reached the command is accepted all the same: the
-// queue retries it.
+// CloudStack does not answer within ctx, or cannot be reached, the command
+// is accepted all the same: the queue retries it.
 func (s *Service) checkVolume(ctx context.Context, volumeID string) error {
 	_, err := s.cfg.CloudStack.GetVolume(ctx, volumeID)
 	switch {
-	case err == nil || csapi.IsRetryable(err):
+	case err == nil || csapi.IsRetryable(err) || ctx.Err() != nil:
 		return nil
 	case errors.Is(err, csapi.ErrNotFound):
 		return commands.NotFound("volume %s not found in CloudStack", volumeID).WithDetail("volume_id", volumeID)
@@ -115,32 +121,195 @@ func (s *Service) checkVolume(ctx context.Context, volumeID string) error {
 	}
 }
 
-// accept records a pending operation, queues it and publishes its first
-// event. A queue failure marks the operation failed and answers 503, so no
-// accepted operation is left without a job.
-func (s *Service) accept(ctx context.Context, typ commands.OpType, volumeID string, vmID *string, req any) (any, error) {
+// accept runs a command's acceptance: an operation already recorded
+// under the Idempotency-Key answers again; else the pre-checks (their own
+// budget), the record (the write that decides the answer), its first
+// event and its job. A job that cannot be queued undoes the record and
+// answers 503; if the undo fails, the record stands and the answer is
+// 201 (the queue's sweep queues it).
+func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, volumeID string, vmID *string, req any,
+	check func(ctx context.Context) error) (any, error) {
+	if err := commands.ValidateIdempotencyKey(key); err != nil {
+		return nil, err
+	}
 	raw, err := json.Marshal(req)
 	if err != nil {
 		return nil, commands.Internal("encode request: %v", err)
 	}
+	id := operationID(key)
+	if key != "" {
+		seen, err := s.cfg.Store.GetOperation(ctx, id)
+		switch {
+		case err == nil:
+			return seenBefore(seen, key, typ, raw)
+		case !errors.Is(err, state.ErrNotFound):
+			return nil, state.APIError(err)
+		}
+	}
+	checkCtx, cancel := context.WithTimeout(ctx, s.cfg.CheckTimeout)
+	err = check(checkCtx)
+	cancel()
+	if err != nil {
+		return nil, err
+	}
 	now := time.Now().UTC()
 	op := commands.Operation{
-		ID: "op-" + uuid.NewString(), Type: typ, Status: commands.StatusPending,
+		ID: id, Type: typ, Status: commands.StatusPending,
 		VolumeID: volumeID, VMID: vmID, Request: raw, CreatedAt: now, UpdatedAt: now,
 	}
-	op, err = s.cfg.Store.CreateOperation(ctx, op)
-	if err != nil {
-		return nil, state.APIError(err)
+	rec, err := s.record(ctx, op)
+	var seen *seenError
+	switch {
+	case errors.As(err, &seen):
+		return seenBefore(seen.op, key, typ, raw)
+	case err != nil:
+		return nil, err
 	}
-	s.publish(ctx, op) // before the job, so no event of its execution comes first
-	if err := s.enqueue(ctx, op); err != nil {
-		s.log.Error("queue unavailable", "operation_id", op.ID, "error", err)
-		op.Error = "could not queue the operation: " + err.Error()
-		_ = s.finish(ctx, &op, commands.StatusFailed)
-		return nil, commands.Unavailable("command queue unavailable: %v", err).WithDetail("operation_id", op.ID)
+	s.publish(ctx, rec) // before the job, so no event of its execution comes first
+	if err := s.enqueue(ctx, rec); err != nil {
+		s.log.Error("queue unavailable", "operation_id", rec.ID, "err", err)
+		return s.undo(rec, err)
 	}
-	s.log.Info("operation accepted", "operation_id", op.ID, "type", op.Type, "volume_id", op.VolumeID)
-	return op, nil
+	s.log.Debug("operation accepted", "operation_id", rec.ID, "type", rec.Type, "volume_id", rec.VolumeID)
+	return rec, nil
+}
+
+// seenBefore answers a command whose Idempotency-Key names a recorded
+// operation: the same command answers that operation again; any other is
+// 409 CONFLICT.
+func seenBefore(op commands.Operation, key string, typ commands.OpType, raw []byte) (any, error) {
+	if op.Type == typ && bytes.Equal(op.Request, raw) {
+		return op, nil
+	}
+	return nil, commands.Conflict("Idempotency-Key %q was used for another command (operation %s)", commands.Shown(key, 80), op.ID).
+		WithDetail("idempotency_key", key).WithDetail("operation_id", op.ID)
+}
+
+// seenError: the id is recorded by an earlier command.
+type seenError struct{ op commands.Operation }
+
+func (e *seenError) Error() string { return "operation " + e.op.ID + " already recorded" }
+
+// record creates op in the store. An attempt the store does not answer
+// may have been written, so it is resolved by asking the store: creating
+// again with the same id either records it or finds it (ours if it is
+// the very record, same creation time and request). If the store stays
+// silent until the budget (less undoReserve) is spent, the answer is 503,
+// and a record that may have been written is removed in the background
+// before anything runs it.
+func (s *Service) record(ctx context.Context, op commands.Operation) (commands.Operation, error) {
+	deadline, _ := ctx.Deadline()
+	var lastErr error
+	for attempt, pause := 0, 20*time.Millisecond; ; attempt, pause = attempt+1, min(2*pause, 500*time.Millisecond) {
+		if attempt > 0 {
+			select {
+			case <-ctx.Done():
+			case <-time.After(pause):
+			}
+		}
+		left := time.Until(deadline) - undoReserve
+		if attempt > 0 && left <= 0 {
+			break
+		}
+		actx, cancel := context.WithTimeout(ctx, min(writeAttempt, max(left, writeAttempt/4)))
+		rec, err := s.cfg.Store.CreateOperation(actx, op)
+		cancel()
+		switch {
+		case err == nil:
+			return rec, nil
+		case errors.Is(err, state.ErrExists):
+			got, gerr := s.cfg.Store.GetOperation(ctx, op.ID)
+			switch {
+			case gerr == nil && sameRecord(got, op):
+				return got, nil // an earlier attempt of ours was written
+			case gerr == nil:
+				return commands.Operation{}, &seenError{got}
+			case errors.Is(gerr, state.ErrNotFound):
+				continue // removed since: create again
+			}
+			lastErr = gerr
+		case errors.Is(err, state.ErrUnavailable):
+			lastErr = err
+		default:
+			return commands.Operation{}, state.APIError(err)
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	s.forget(op)
+	return commands.Operation{}, state.APIError(lastErr)
+}
+
+// sameRecord reports whether got is the record op was written as.
+func sameRecord(got, op commands.Operation) bool {
+	return got.Type == op.Type && got.CreatedAt.Equal(op.CreatedAt) && bytes.Equal(got.Request, op.Request)
+}
+
+// undo removes the record of an operation whose job could not be queued
+// and answers 503. If the removal fails, the store is asked what stands:
+// a record that stands is the answer (201), since the sweep queues it.
+func (s *Service) undo(rec commands.Operation, cause error) (any, error) {
+	ctx, cancel := context.WithTimeout(s.ctx, undoReserve)
+	defer cancel()
+	refused := commands.Unavailable("command queue unavailable: %v", cause)
+	err := s.cfg.Store.DeleteOperation(ctx, rec.ID, rec.Revision)
+	if err == nil || errors.Is(err, state.ErrNotFound) {
+		s.publishUndone(rec)
+		return nil, refused
+	}
+	got, gerr := s.cfg.Store.GetOperation(ctx, rec.ID)
+	switch {
+	case errors.Is(gerr, state.ErrNotFound):
+		s.publishUndone(rec)
+		return nil, refused
+	case gerr == nil:
+		rec = got
+	}
+	s.log.Warn("accepted without a job; the sweep queues it", "operation_id", rec.ID, "err", err)
+	return rec, nil
+}
+
+// publishUndone ends the event history of an operation that was never
+// accepted: cancelled, saying why.
+func (s *Service) publishUndone(op commands.Operation) {
+	now := time.Now().UTC()
+	op.Status, op.UpdatedAt, op.CompletedAt = commands.StatusCancelled, now, &now
+	op.Error = "not accepted: the command queue was unavailable"
+	s.publish(s.ctx, op)
+}
+
+// forget removes, in the background, a record whose write could not be
+// resolved, if it exists and nothing has claimed it, so that the 503
+// answered for it holds.
+func (s *Service) forget(op commands.Operation) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		ctx, cancel := context.WithTimeout(s.ctx, forgetTimeout)
+		defer cancel()
+		for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
+			got, err := s.cfg.Store.GetOperation(ctx, op.ID)
+			switch {
+			case errors.Is(err, state.ErrNotFound), err == nil && !sameRecord(got, op):
+				return // never written, or another command's (same Idempotency-Key)
+			case err == nil && (got.Status != commands.StatusPending || got.Attempts > 0):
+				s.log.Error("an operation answered 503 was recorded and claimed", "operation_id", op.ID, "status", got.Status)
+				return
+			case err == nil:
+				if err = s.cfg.Store.DeleteOperation(ctx, op.ID, got.Revision); err == nil || errors.Is(err, state.ErrNotFound) {
+					s.log.Warn("removed the record of an operation answered 503", "operation_id", op.ID)
+					return
+				}
+			}
+			select {
+			case <-ctx.Done():
+				s.log.Error("could not resolve the record of an operation answered 503", "operation_id", op.ID, "err", err)
+				return
+			case <-time.After(wait):
+			}
+		}
+	}()
 }
 
 // cloudStackError maps a final CloudStack failure to 422 CLOUDSTACK_ERROR

@@ -105,12 +105,9 @@ func (s *Service) mappingForExport(ctx context.Context, volumeID string) (comman
 	return e, nil
 }
 
-func (s *Service) acceptExport(ctx context.Context, data []byte) (any, error) {
+func (s *Service) acceptExport(ctx context.Context, data []byte, key string) (any, error) {
 	req, err := commands.DecodeExport(data)
 	if err != nil {
-		return nil, err
-	}
-	if err := s.checkVolume(ctx, req.VolumeID); err != nil {
 		return nil, err
 	}
 	e, err := s.mappingForExport(ctx, req.VolumeID)
@@ -121,29 +118,35 @@ func (s *Service) acceptExport(ctx context.Context, data []byte) (any, error) {
 		return nil, hostError(err)
 	}
 	vm := e.VMID
-	return s.accept(ctx, commands.OpExport, req.VolumeID, &vm, req)
+	return s.accept(ctx, key, commands.OpExport, req.VolumeID, &vm, req, func(ctx context.Context) error {
+		return s.checkVolume(ctx, req.VolumeID)
+	})
 }
 
-func (s *Service) acceptUnexport(ctx context.Context, data []byte) (any, error) {
+func (s *Service) acceptUnexport(ctx context.Context, data []byte, key string) (any, error) {
 	req, err := commands.DecodeVolume(data)
 	if err != nil {
 		return nil, err
 	}
 	vm := s.cfg.VMID
-	switch e, err := s.cfg.Store.GetExport(ctx, req.VolumeID); {
+	e, err := s.cfg.Store.GetExport(ctx, req.VolumeID)
+	switch {
 	case errors.Is(err, state.ErrNotFound):
 		if s.cfg.Exporter == nil {
 			return nil, exportsOff()
-		}
-		if err := s.checkVolume(ctx, req.VolumeID); err != nil {
-			return nil, err
 		}
 	case err != nil:
 		return nil, state.APIError(err)
 	default:
 		vm = e.VMID
 	}
-	return s.accept(ctx, commands.OpUnexport, req.VolumeID, &vm, req)
+	recorded := err == nil
+	return s.accept(ctx, key, commands.OpUnexport, req.VolumeID, &vm, req, func(ctx context.Context) error {
+		if recorded {
+			return nil
+		}
+		return s.checkVolume(ctx, req.VolumeID)
+	})
 }
 
 // exportOp runs an export operation: it checks the mapping again, writes

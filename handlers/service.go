@@ -16,6 +16,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers/csapi"
@@ -61,6 +62,18 @@ type Config struct {
 	AckWait time.Duration
 	// MaxConcurrent bounds the operations running at once. Default 64.
 	MaxConcurrent int
+	// AcceptConcurrency bounds the commands accepted at once; past it a
+	// command is answered 503 with Retry-After. Default
+	// DefaultAcceptConcurrency.
+	AcceptConcurrency int
+	// CheckTimeout bounds the pre-checks of one command; past it the
+	// command is accepted unchecked. Default DefaultCheckTimeout.
+	CheckTimeout time.Duration
+	// InventoryInterval is the background refresh period of the cached
+	// zones, disk offerings and VMs. Default DefaultInventoryInterval.
+	InventoryInterval time.Duration
+	// Version is the version the micro service announces.
+	Version string
 	// RetryMin and RetryMax bound the backoff between retries of a
 	// transient CloudStack failure. Defaults 200 ms and 5 s.
 	RetryMin, RetryMax time.Duration
@@ -120,6 +133,15 @@ type Service struct {
 	consume jetstream.ConsumeContext
 	sem     chan struct{}
 
+	// micro is the command service; acceptSlots bounds the commands being
+	// accepted, accepting tracks them (they run under their own timeout,
+	// not the service's context, and Close waits for them).
+	micro       micro.Service
+	acceptSlots chan struct{}
+	accepting   sync.WaitGroup
+	accepts     acceptStats
+	inventory   *inventory
+
 	mu sync.Mutex
 	// stopping refuses new jobs once Close has begun.
 	stopping bool
@@ -143,6 +165,18 @@ func New(cfg Config) *Service {
 	if cfg.MaxConcurrent <= 0 {
 		cfg.MaxConcurrent = 64
 	}
+	if cfg.AcceptConcurrency <= 0 {
+		cfg.AcceptConcurrency = DefaultAcceptConcurrency
+	}
+	if cfg.CheckTimeout <= 0 {
+		cfg.CheckTimeout = DefaultCheckTimeout
+	}
+	if cfg.InventoryInterval <= 0 {
+		cfg.InventoryInterval = DefaultInventoryInterval
+	}
+	if cfg.Version == "" {
+		cfg.Version = "0.0.0"
+	}
 	if cfg.RetryMin <= 0 {
 		cfg.RetryMin = 200 * time.Millisecond
 	}
@@ -161,12 +195,15 @@ func New(cfg Config) *Service {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	return &Service{
+	s := &Service{
 		cfg:    cfg,
 		log:    cfg.Logger.With("component", "handlers"),
 		holder: holderName(),
 		sem:    make(chan struct{}, cfg.MaxConcurrent),
 	}
+	s.acceptSlots = make(chan struct{}, cfg.AcceptConcurrency)
+	s.inventory = newInventory(cfg.CloudStack, s.log)
+	return s
 }
 
 // Start subscribes to the command subjects, starts pulling jobs, and
@@ -177,13 +214,14 @@ func (s *Service) Start(ctx context.Context) error {
 	}
 	s.started = time.Now()
 	s.ctx, s.cancel = context.WithCancel(context.Background())
-	for subject, handle := range s.commandHandlers() {
-		sub, err := s.cfg.Conn.QueueSubscribe(subject, QueueGroup, handle)
-		if err != nil {
-			s.stop()
-			return fmt.Errorf("handlers: subscribe %s: %w", subject, err)
-		}
-		s.subs = append(s.subs, sub)
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.inventory.run(s.ctx, s.cfg.InventoryInterval, &s.wg)
+	}()
+	if err := s.startCommands(); err != nil {
+		s.stop()
+		return err
 	}
 	if changes, err := s.reconcileExports(ctx, false); err != nil {
 		s.log.Warn("exports not restored", "error", err)
@@ -250,6 +288,12 @@ func (s *Service) stop() {
 	s.mu.Lock()
 	s.stopping = true
 	s.mu.Unlock()
+	if s.micro != nil {
+		_ = s.micro.Stop()
+	}
+	// Commands being accepted end on their own, within their timeout:
+	// cut short, an answer could contradict what was recorded.
+	s.accepting.Wait()
 	for _, sub := range s.subs {
 		_ = sub.Unsubscribe()
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"strconv"
@@ -17,8 +18,9 @@ import (
 
 // forward returns a handler that sends the request body to subject over
 // NATS request/reply and answers the reply as it is, with the HTTP status
-// of its StatusHeader. withVolume handlers take volume_id from the path
-// and merge it into the body. timeout bounds the round trip.
+// of its StatusHeader. The Idempotency-Key header goes along, and a
+// reply's Retry-After comes back. withVolume handlers take volume_id from
+// the path and merge it into the body. timeout bounds the round trip.
 func (s *Server) forward(subject string, withVolume bool, timeout time.Duration) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		body, err := readBody(w, r)
@@ -34,28 +36,39 @@ func (s *Server) forward(subject string, withVolume bool, timeout time.Duration)
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), timeout)
 		defer cancel()
-		status, reply, err := s.request(ctx, subject, body)
+		msg := nats.NewMsg(subject)
+		msg.Data = body
+		if key := r.Header.Get(commands.IdempotencyKeyHeader); key != "" {
+			msg.Header.Set(commands.IdempotencyKeyHeader, key)
+		}
+		status, reply, err := s.request(ctx, msg)
 		if err != nil {
 			if ctx.Err() != nil && r.Context().Err() != nil {
 				return // the client went away
 			}
 			s.log.Warn("command not answered", "subject", subject, "error", err)
+			if errors.Is(err, errNoResponders) {
+				w.Header().Set(commands.RetryAfterHeader, retryAfterNoResponders)
+			}
 			writeError(w, err)
 			return
 		}
-		writeRaw(w, status, reply)
+		if after := reply.Header.Get(commands.RetryAfterHeader); after != "" {
+			w.Header().Set(commands.RetryAfterHeader, after)
+		}
+		writeRaw(w, status, reply.Data)
 	}
 }
 
-// request sends one command and returns the reply's status and body.
-func (s *Server) request(ctx context.Context, subject string, body []byte) (int, []byte, error) {
-	msg := nats.NewMsg(subject)
-	msg.Data = body
+// request sends one command and returns the reply's status and the reply.
+// No responder means nothing was recorded: that 503 says when to retry.
+func (s *Server) request(ctx context.Context, msg *nats.Msg) (int, *nats.Msg, error) {
+	subject := msg.Subject
 	reply, err := s.cfg.Conn.RequestMsgWithContext(ctx, msg)
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
-		return 0, nil, commands.Unavailable("command service unavailable: no responders on %s", subject).
-			WithDetail("subject", subject)
+		return 0, nil, fmt.Errorf("%w%w", commands.Unavailable("command service unavailable: no responders on %s", subject).
+			WithDetail("subject", subject), errNoResponders)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
 		return 0, nil, commands.Unavailable("command service did not answer in time").
 			WithDetail("subject", subject)
@@ -67,8 +80,15 @@ func (s *Server) request(ctx context.Context, subject string, body []byte) (int,
 		return 0, nil, commands.Internal("command service replied without a valid %s header: %q",
 			commands.StatusHeader, reply.Header.Get(commands.StatusHeader))
 	}
-	return status, reply.Data, nil
+	return status, reply, nil
 }
+
+// errNoResponders marks a command nobody received: nothing was recorded.
+var errNoResponders = errors.New("")
+
+// retryAfterNoResponders is the Retry-After, in seconds, of a command
+// nobody received.
+const retryAfterNoResponders = "1"
 
 // readBody reads a request body of at most commands.MaxBodyBytes.
 func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {

@@ -53,6 +53,22 @@ type VM struct {
 	ZoneID string `json:"zoneid,omitempty"`
 }
 
+// Zone is a CloudStack zone.
+type Zone struct {
+	// ID is the zone's CloudStack UUID.
+	ID string `json:"id"`
+	// Name is the zone's name.
+	Name string `json:"name"`
+}
+
+// DiskOffering is a CloudStack disk offering.
+type DiskOffering struct {
+	// ID is the offering's CloudStack UUID.
+	ID string `json:"id"`
+	// Name is the offering's name.
+	Name string `json:"name"`
+}
+
 // JobStatus is an async job's jobstatus.
 type JobStatus int
 
@@ -114,6 +130,12 @@ type API interface {
 	ListVolumes(ctx context.Context, f ListFilter) ([]Volume, error)
 	// GetVM returns a VM or an error wrapping ErrNotFound.
 	GetVM(ctx context.Context, vmID string) (VM, error)
+	// ListZones lists every zone.
+	ListZones(ctx context.Context) ([]Zone, error)
+	// ListDiskOfferings lists every disk offering.
+	ListDiskOfferings(ctx context.Context) ([]DiskOffering, error)
+	// ListVMs lists every VM.
+	ListVMs(ctx context.Context) ([]VM, error)
 	// QueryJob asks once for a job's state.
 	QueryJob(ctx context.Context, jobID string) (Job, error)
 	// WaitJob polls a job on a short adaptive interval (first poll at once,

@@ -267,8 +267,88 @@ func (c *Client) GetVM(ctx context.Context, vmID string) (VM, error) {
 	if len(r.VirtualMachines) != 1 {
 		return VM{}, fmt.Errorf("cloudstack listVirtualMachines: vm %s (%d listed): %w", vmID, len(r.VirtualMachines), ErrNotFound)
 	}
-	vm := r.VirtualMachines[0]
-	return VM{ID: vm.Id, Name: vm.Name, State: vm.State, ZoneID: vm.Zoneid}, nil
+	return vmFrom(r.VirtualMachines[0]), nil
+}
+
+func vmFrom(vm *cloudstack.VirtualMachine) VM {
+	return VM{ID: vm.Id, Name: vm.Name, State: vm.State, ZoneID: vm.Zoneid}
+}
+
+// ListZones lists every zone, all pages.
+func (c *Client) ListZones(ctx context.Context) ([]Zone, error) {
+	return listAll(ctx, c, "listZones", func(cs *cloudstack.CloudStackClient, page int) ([]Zone, int, error) {
+		q := cs.Zone.NewListZonesParams()
+		q.SetPage(page)
+		q.SetPagesize(listPageSize)
+		r, err := cs.Zone.ListZones(q)
+		if err != nil {
+			return nil, 0, err
+		}
+		out := make([]Zone, 0, len(r.Zones))
+		for _, z := range r.Zones {
+			out = append(out, Zone{ID: z.Id, Name: z.Name})
+		}
+		return out, r.Count, nil
+	})
+}
+
+// ListDiskOfferings lists every disk offering, all pages.
+func (c *Client) ListDiskOfferings(ctx context.Context) ([]DiskOffering, error) {
+	return listAll(ctx, c, "listDiskOfferings", func(cs *cloudstack.CloudStackClient, page int) ([]DiskOffering, int, error) {
+		q := cs.DiskOffering.NewListDiskOfferingsParams()
+		q.SetPage(page)
+		q.SetPagesize(listPageSize)
+		r, err := cs.DiskOffering.ListDiskOfferings(q)
+		if err != nil {
+			return nil, 0, err
+		}
+		out := make([]DiskOffering, 0, len(r.DiskOfferings))
+		for _, o := range r.DiskOfferings {
+			out = append(out, DiskOffering{ID: o.Id, Name: o.Name})
+		}
+		return out, r.Count, nil
+	})
+}
+
+// ListVMs lists every VM, all pages.
+func (c *Client) ListVMs(ctx context.Context) ([]VM, error) {
+	return listAll(ctx, c, "listVirtualMachines", func(cs *cloudstack.CloudStackClient, page int) ([]VM, int, error) {
+		q := cs.VirtualMachine.NewListVirtualMachinesParams()
+		q.SetPage(page)
+		q.SetPagesize(listPageSize)
+		r, err := cs.VirtualMachine.ListVirtualMachines(q)
+		if err != nil {
+			return nil, 0, err
+		}
+		out := make([]VM, 0, len(r.VirtualMachines))
+		for _, vm := range r.VirtualMachines {
+			out = append(out, vmFrom(vm))
+		}
+		return out, r.Count, nil
+	})
+}
+
+// listAll pages through a list command: fetch returns one page and the
+// total count CloudStack reports.
+func listAll[T any](ctx context.Context, c *Client, command string, fetch func(cs *cloudstack.CloudStackClient, page int) ([]T, int, error)) ([]T, error) {
+	type page struct {
+		items []T
+		count int
+	}
+	var out []T
+	for n := 1; ; n++ {
+		p, err := do(ctx, c, command, func(cs *cloudstack.CloudStackClient) (page, error) {
+			items, count, err := fetch(cs, n)
+			return page{items, count}, err
+		})
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p.items...)
+		if len(p.items) < listPageSize || len(out) >= p.count {
+			return out, nil
+		}
+	}
 }
 
 // Ping lists zones: it needs valid credentials and a working API.

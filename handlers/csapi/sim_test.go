@@ -3,6 +3,7 @@ package csapi
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"sync/atomic"
 	"testing"
@@ -230,5 +231,64 @@ func TestSimJobNoticedPromptly(t *testing.T) {
 	// One HTTP request per poll: no hidden retries inside cloudstack-go.
 	if polls, seen := c.Calls()-1, sim.Stats().Calls["queryAsyncJobResult"]; seen != polls {
 		t.Errorf("simulator saw %d queryAsyncJobResult requests for %d polls", seen, polls)
+	}
+}
+
+// TestSimInventoryLists lists zones, offerings and VMs, over more than one
+// page of VMs.
+func TestSimInventoryLists(t *testing.T) {
+	inv := cloudsim.DefaultInventory()
+	for i := range listPageSize + 3 {
+		inv.VMs = append(inv.VMs, cloudsim.VM{ID: fmt.Sprintf("00000000-0000-4000-8000-%012d", i), Name: fmt.Sprintf("vm-%d", i),
+			ZoneID: cloudsim.ZoneID, State: "Stopped"})
+	}
+	sim := simtest.Start(t, cloudsim.Config{Inventory: inv, JobDuration: time.Millisecond})
+	c := New(Config{URL: sim.URL(), APIKey: sim.APIKey(), SecretKey: sim.SecretKey()})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	zones, err := c.ListZones(ctx)
+	if err != nil || len(zones) != 1 || zones[0].ID != cloudsim.ZoneID || zones[0].Name != "OSSEA-Zone" {
+		t.Fatalf("ListZones: %+v %v", zones, err)
+	}
+	offs, err := c.ListDiskOfferings(ctx)
+	if err != nil || !slices.ContainsFunc(offs, func(o DiskOffering) bool { return o.ID == cloudsim.CustomOfferingID }) {
+		t.Fatalf("ListDiskOfferings: %+v %v", offs, err)
+	}
+	vms, err := c.ListVMs(ctx)
+	if err != nil || len(vms) != len(inv.VMs) {
+		t.Fatalf("ListVMs: %d VMs (want %d), %v", len(vms), len(inv.VMs), err)
+	}
+	seen := map[string]bool{}
+	for _, vm := range vms {
+		seen[vm.ID] = true
+	}
+	if len(seen) != len(inv.VMs) || !seen[cloudsim.ApplianceVMID] || !seen[inv.VMs[len(inv.VMs)-1].ID] {
+		t.Fatalf("ListVMs listed %d distinct VMs", len(seen))
+	}
+	sim.SetFaults(cloudsim.Faults{Outage: true})
+	if _, err := c.ListZones(ctx); !IsRetryable(err) {
+		t.Fatalf("ListZones during an outage: %v, want a retryable error", err)
+	}
+}
+
+// TestInvalidParameterText: the text the pre-checks answer is CloudStack's
+// own, as the simulator gives it for an unknown zone and offering.
+func TestInvalidParameterText(t *testing.T) {
+	_, c := startSim(t, time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	const unknown = "00000000-0000-4000-8000-00000000abcd"
+	for _, tc := range []struct {
+		param string
+		p     CreateParams
+	}{
+		{"zoneid", CreateParams{Name: "x", SizeGiB: 1, DiskOfferingID: cloudsim.CustomOfferingID, ZoneID: unknown}},
+		{"diskofferingid", CreateParams{Name: "x", SizeGiB: 1, DiskOfferingID: unknown, ZoneID: cloudsim.ZoneID}},
+	} {
+		_, _, err := c.CreateVolume(ctx, tc.p)
+		var e *Error
+		if !errors.As(err, &e) || e.Code != CodeParamError || e.Text != InvalidParameterText("createVolume", tc.param, unknown) {
+			t.Fatalf("create with unknown %s: %v; want %d %q", tc.param, err, CodeParamError, InvalidParameterText("createVolume", tc.param, unknown))
+		}
 	}
 }
