@@ -252,3 +252,82 @@ func TestServerDMNames(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, func() bool { return len(fake.Tables(t)) == 0 },
 		"dm device %s of removed device %s removed", name, e.dev.Path)
 }
+
+// TestServerNameFollowsIdentity gives the names requests the identity of
+// the disk: a name is not made on another disk under the same kernel
+// name, and when the loop device is rebound to another volume's file the
+// name is removed when it is cleared, before the new file is bound, and
+// is not made again for the old identity.
+func TestServerNameFollowsIdentity(t *testing.T) {
+	e := startServe(t, nil, nil)
+	add := e.event(t, commands.DeviceAdd)
+	id := add.Identity()
+	if id.DiskSeq == 0 {
+		t.Fatalf("add %+v has no diskseq", add)
+	}
+	name := devagent.PersistentName(e.volume)
+	link := filepath.Join(e.names, name)
+	names := func(id commands.DeviceIdentity) devagent.NamesMessage {
+		t.Helper()
+		body, err := json.Marshal(devagent.NamesMessage{Names: map[string]string{name: e.dev.Path},
+			Identities: map[string]commands.DeviceIdentity{name: id}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var reply devagent.NamesMessage
+		if err := json.Unmarshal(e.request(t, commands.DevicesNamesSubject(e.vm), body), &reply); err != nil {
+			t.Fatal(err)
+		}
+		return reply
+	}
+	if r := names(id); r.Names[name] != e.dev.Path {
+		t.Fatalf("names with the disk's identity: %+v", r)
+	}
+	stale := id
+	stale.DiskSeq--
+	if r := names(stale); r.Skipped[name] == "" || len(r.Names) != 0 {
+		t.Fatalf("names with an older diskseq: %+v, want %s skipped", r, name)
+	}
+	if _, err := os.Lstat(link); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("name for a stale identity kept: %v", err)
+	}
+	wrongName := id
+	wrongName.Name = "loop99999"
+	if r := names(wrongName); r.Error == "" {
+		t.Fatalf("identity of another kernel name accepted: %+v", r)
+	}
+	if r := names(id); r.Names[name] != e.dev.Path {
+		t.Fatalf("names with the disk's identity again: %+v", r)
+	}
+
+	other := filepath.Join(t.TempDir(), "vol-"+uuid.NewString()+".img")
+	if err := os.WriteFile(other, []byte("OTHER VOLUME"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(other, 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.dev.Unbind(); err != nil {
+		t.Fatal(err)
+	}
+	// The clear (size 0) is the disk's removal: its name goes with it,
+	// before the kernel can give the name to the next volume.
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		_, err := os.Lstat(link)
+		return errors.Is(err, os.ErrNotExist)
+	}, "name of the cleared %s removed", e.dev.Path)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.dev.Bind(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := os.Open(link); err == nil {
+		buf := make([]byte, 12)
+		_, _ = io.ReadFull(f, buf)
+		f.Close()
+		t.Fatalf("%s opens after its disk was rebound (read %q)", link, buf)
+	}
+	if r := names(id); r.Skipped[name] == "" {
+		t.Fatalf("name made again for the old identity on the rebound disk: %+v", r)
+	}
+}
