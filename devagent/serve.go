@@ -259,7 +259,8 @@ func (s *Server) dropNamesOf(ctx context.Context, gone commands.Device) {
 	}
 }
 
-// serveList answers with the disks present, re-read from sysfs.
+// serveList answers with the disks present, re-read from sysfs, with the
+// agent's generations.
 func (s *Server) serveList(msg *nats.Msg) {
 	disks, err := s.sysfs.Disks()
 	if err != nil {
@@ -271,6 +272,12 @@ func (s *Server) serveList(msg *nats.Msg) {
 	}
 	for i := range disks {
 		disks[i].VMID = s.cfg.VMID
+		// Without a kernel diskseq the identity is the agent's generation:
+		// a disk the agent has not seen yet has none (0) and matches no
+		// recorded one.
+		if k, ok := s.cfg.Agent.Device(disks[i].Name); ok && disks[i].DiskSeq == 0 && !replaced(k, disks[i]) {
+			disks[i].Generation = k.Generation
+		}
 	}
 	s.reply(msg, disks)
 }
