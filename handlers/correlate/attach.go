@@ -257,7 +257,7 @@ func (c *Correlator) take(ctx context.Context, want commands.Mapping, dev comman
 
 // verify lists the VM's devices afresh and checks dev is still there as
 // the same disk (name, major:minor, diskseq or generation), and that
-// same(it) holds.
+// same(it) holds; on this host's own VM, that the kernel agrees.
 func (c *Correlator) verify(ctx context.Context, vm string, dev commands.Device, same func(commands.Device) bool) (commands.Device, error) {
 	devs, err := c.list(ctx, vm, requestTimeout)
 	if err != nil {
@@ -271,6 +271,11 @@ func (c *Correlator) verify(ctx context.Context, vm string, dev commands.Device,
 		return commands.Device{}, fmt.Errorf("%s is now disk %s, was %s", dev.Path, devs[i].Identity(), dev.Identity())
 	case !same(devs[i]):
 		return commands.Device{}, fmt.Errorf("%s changed identity or size", dev.Path)
+	}
+	if vm == c.cfg.LocalVMID && vm != "" {
+		if err := devagent.CheckLocal("", "", dev.Identity()); err != nil {
+			return commands.Device{}, fmt.Errorf("the agent's %s is not that disk on this host: %w", dev.Path, err)
+		}
 	}
 	return devs[i], nil
 }

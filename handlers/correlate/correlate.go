@@ -46,6 +46,8 @@ const (
 	// pollInterval is how often a wait re-lists the VM's devices, should
 	// an event be lost.
 	pollInterval = time.Second
+	// maxGone bounds a VM's set of removed disk identities.
+	maxGone = 4096
 	// sizeSlack is how much larger than the volume a device may be and
 	// still match by size (virtual disks round up).
 	sizeSlack = 1 << 20
@@ -89,6 +91,9 @@ type Config struct {
 	// arrivals a correlation resumed after a restart relies on are known
 	// again; default DefaultReplay.
 	Replay time.Duration
+	// LocalVMID is the VM this process runs on: its agents' devices are
+	// checked here (devagent.CheckLocal) before one is handed out.
+	LocalVMID string
 	// LocalStatus reports the health of the agent running in this process;
 	// nil when there is none.
 	LocalStatus func() devagent.Status
@@ -127,6 +132,10 @@ type vmTable struct {
 	// list reply racing an event cannot lose it, and Start's replay of
 	// the stream brings it back after a restart.
 	arrived map[commands.DeviceIdentity]time.Time
+	// gone holds the disk appearances removed: an identity never comes
+	// back (diskseq and generations are not reused), so a late event of
+	// one is stale. Cleared past maxGone entries.
+	gone map[commands.DeviceIdentity]bool
 	// changed is closed and replaced at every change of devices.
 	changed chan struct{}
 	// agentAt is when the VM's agent last answered.
@@ -278,7 +287,7 @@ func (c *Correlator) table(vm string) *vmTable {
 	t := c.vms[vm]
 	if t == nil {
 		t = &vmTable{devices: map[string]commands.Device{}, arrived: map[commands.DeviceIdentity]time.Time{},
-			changed: make(chan struct{})}
+			gone: map[commands.DeviceIdentity]bool{}, changed: make(chan struct{})}
 		c.vms[vm] = t
 	}
 	return t
@@ -357,16 +366,32 @@ func (c *Correlator) apply(vm string, action commands.DeviceAction, d commands.D
 		t.epoch, t.seq = d.Epoch, d.EventSeq
 	}
 	id := d.Identity()
+	cur, had := t.devices[d.Name]
+	stale := t.gone[id] && action != commands.DeviceRemove
+	if action == commands.DeviceChange && had && cur.Identity() != id {
+		stale = true // a change never changes identity: a late one of an older disk
+	}
+	if stale {
+		c.log.Info("device event of a disk no longer there: dropped", "vm_id", vm, "action", string(action),
+			"identity", id.String())
+		return false
+	}
 	d.Action, d.VMID, d.Epoch, d.EventSeq = "", vm, "", 0
 	switch action {
 	case commands.DeviceRemove:
-		if cur, ok := t.devices[d.Name]; ok && cur.Identity() == id {
+		if had && cur.Identity() == id {
 			delete(t.devices, d.Name)
 		}
 		delete(t.arrived, id)
+		if id.DiskSeq != 0 || id.Generation != 0 { // else the identity is reused
+			if len(t.gone) >= maxGone {
+				clear(t.gone)
+			}
+			t.gone[id] = true
+		}
 		c.dropClaims(vm, id)
 	case commands.DeviceAdd, commands.DeviceChange:
-		if cur, ok := t.devices[d.Name]; ok && cur.Identity() != id {
+		if had && cur.Identity() != id {
 			c.dropClaims(vm, cur.Identity())
 			delete(t.arrived, cur.Identity())
 		}

@@ -70,7 +70,7 @@ func setup(t *testing.T, anonymous bool, timeout time.Duration) *env {
 	t.Cleanup(func() { _ = srv.Close(context.Background()) })
 
 	corr := correlate.New(correlate.Config{Conn: b.Conn(), Store: store, Timeout: timeout,
-		ReleaseTimeout: 20 * time.Second, LocalStatus: agent.Status, Logger: quiet})
+		ReleaseTimeout: 20 * time.Second, LocalVMID: vm, LocalStatus: agent.Status, Logger: quiet})
 	if err := corr.Start(ctx); err != nil {
 		t.Fatalf("correlator: %v", err)
 	}
