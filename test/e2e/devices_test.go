@@ -204,6 +204,17 @@ func TestSeparateAgentProcess(t *testing.T) {
 	d := startDaemon(t, sim, daemonOpts{dataDir: dataDir, extra: []string{"--device-agent=false"}})
 	vol := d.createVolume("remote-agent", 1)
 
+	startAgentProcess(t, d)
+	d.attachLocal(vol)
+	d.requireMapped(sim, vol)
+	d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
+	d.mustCall(http.StatusNotFound, http.MethodGet, "/volumes/"+vol+"/device", nil, nil)
+}
+
+// startAgentProcess runs `volumed agent` for the appliance VM against d's
+// bus, stopped with SIGINT when the test ends, and waits until it is ready.
+func startAgentProcess(t *testing.T, d *daemon) {
+	t.Helper()
 	out := &syncBuffer{}
 	agent := exec.Command(volumedBin, "agent", "--vm-id", cloudsim.ApplianceVMID, "--nats-url", d.natsURL,
 		"--name-dir", d.nameDir(), "--log-level", "debug")
@@ -227,11 +238,6 @@ func TestSeparateAgentProcess(t *testing.T) {
 	})
 	testenv.Eventually(t, 15*time.Second, func() bool { return strings.Contains(out.String(), "device agent ready") },
 		"volumed agent ready:\n%s", out.String())
-
-	d.attachLocal(vol)
-	d.requireMapped(sim, vol)
-	d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
-	d.mustCall(http.StatusNotFound, http.MethodGet, "/volumes/"+vol+"/device", nil, nil)
 }
 
 // TestDeviceRemovedBehindOurBack removes the loop device of an attached

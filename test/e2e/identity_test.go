@@ -2,6 +2,7 @@ package e2e_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,9 +16,12 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
+	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -272,4 +276,58 @@ func TestForgedAgentReply(t *testing.T) {
 	if out, err := runClient(t, "nbdinfo", "--list", "nbd://"+d.nbdAddr); strings.Contains(out, devagent.PersistentName(vol)) {
 		t.Fatalf("NBD server lists an export of the forged device (%v):\n%s", err, out)
 	}
+}
+
+// TestNoIdentityAcrossRestart attaches a volume whose disk carries no
+// identity to a VM whose agent runs as its own process, and kills volumed
+// after the disk appeared but before volumed saw the CloudStack job end.
+// After the restart no new event announces the disk: the correlation,
+// resumed, still finds it by its recorded arrival, by size and time.
+func TestNoIdentityAcrossRestart(t *testing.T) {
+	sim := startLocalSim(t, true)
+	d := startDaemon(t, sim, daemonOpts{extra: []string{"--device-agent=false", "--correlation-timeout", "10s"}})
+	startAgentProcess(t, d)
+	vol := d.createVolume("anonymous-restart", 5) // a size no other test uses
+	if err := sim.SetFaults(cloudsim.Faults{Latency: map[string]cloudsim.Duration{
+		"queryAsyncJobResult": cloudsim.Duration(time.Minute)}}); err != nil {
+		t.Fatal(err)
+	}
+	op := d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.ApplianceVMID})
+	var local cloudsim.LocalDevice
+	testenv.Eventually(t, 15*time.Second, func() bool {
+		var ok bool
+		local, ok = sim.LocalDevice(vol)
+		return ok
+	}, "simulator attached %s", vol)
+	// The agent stores the disk's add; wait for it in the stream.
+	js, err := jetstream.New(d.nats())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	cons, err := js.OrderedConsumer(ctx, bus.StreamDevices, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{commands.DeviceSubject(cloudsim.ApplianceVMID, commands.DeviceAdd)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		msg, err := cons.Next(jetstream.FetchContext(ctx))
+		if err != nil {
+			t.Fatalf("no stored add of %s: %v", local.Path, err)
+		}
+		var dev commands.Device
+		if json.Unmarshal(msg.Data(), &dev) == nil && dev.Path == local.Path && dev.BackingFile == local.BackingFile {
+			break
+		}
+	}
+	d.kill9()
+	if err := sim.SetFaults(cloudsim.Faults{}); err != nil {
+		t.Fatal(err)
+	}
+	d.restart()
+	if got := d.wait(op.ID); got.Status != commands.StatusCompleted {
+		t.Fatalf("resumed attach: %+v", got)
+	}
+	d.requireMapped(sim, vol)
 }
