@@ -280,26 +280,32 @@ func (c *Correlator) verify(ctx context.Context, vm string, dev commands.Device,
 	return devs[i], nil
 }
 
-// markMissing records that a mapping's device is gone.
+// markMissing records that a mapping's device is gone, as a CAS on the
+// record as it is now; a record that changed meanwhile is read and
+// judged again.
 func (c *Correlator) markMissing(ctx context.Context, m commands.Mapping, why string) error {
-	old := m.DevicePath
-	// Mark the record as it is now: a detach may have ended it, or another
-	// writer moved it, since m was read.
-	cur, err := c.cfg.Store.GetMapping(ctx, m.VolumeID)
-	if errors.Is(err, state.ErrNotFound) || (err == nil && (cur.DevicePath != old || cur.VMID != m.VMID ||
-		!slices.Equal(identities(cur), identities(m)))) {
+	for attempt := 1; ; attempt++ {
+		// Mark the record as it is now: a detach may have ended it, or
+		// another writer moved it, since m was read.
+		cur, err := c.cfg.Store.GetMapping(ctx, m.VolumeID)
+		if errors.Is(err, state.ErrNotFound) || (err == nil && (cur.DevicePath != m.DevicePath || cur.VMID != m.VMID ||
+			!slices.Equal(identities(cur), identities(m)))) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
+		}
+		gone, err := c.cfg.Store.PutMapping(ctx, missing(cur))
+		if errors.Is(err, state.ErrStale) && attempt < maxStale {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
+		}
+		c.publish(gone)
+		c.log.Warn("mapping device gone", "volume_id", m.VolumeID, "vm_id", m.VMID, "device", m.DevicePath, "reason", why)
 		return nil
 	}
-	if err != nil {
-		return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
-	}
-	m = missing(cur)
-	if m, err = c.cfg.Store.PutMapping(ctx, m); err != nil {
-		return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
-	}
-	c.publish(m)
-	c.log.Warn("mapping device gone", "volume_id", m.VolumeID, "vm_id", m.VMID, "device", old, "reason", why)
-	return nil
 }
 
 // publish announces a mapping the correlator changed outside an attach on

@@ -46,6 +46,9 @@ const (
 	// pollInterval is how often a wait re-lists the VM's devices, should
 	// an event be lost.
 	pollInterval = time.Second
+	// maxStale is how often a write that found its record changed reads
+	// it again and decides anew.
+	maxStale = 3
 	// maxGone bounds a VM's set of removed disk identities.
 	maxGone = 4096
 	// sizeSlack is how much larger than the volume a device may be and
