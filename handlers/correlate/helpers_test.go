@@ -43,7 +43,7 @@ type env struct {
 
 // setup starts everything for one test; cfg tunes the simulator and the
 // correlator's timeouts.
-func setup(t *testing.T, anonymous bool, timeout time.Duration) *env {
+func setup(t testing.TB, anonymous bool, timeout time.Duration) *env {
 	t.Helper()
 	testenv.RequireLoopControl(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

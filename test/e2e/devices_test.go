@@ -20,6 +20,7 @@ import (
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/devagent/loopdev"
 	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -268,34 +269,51 @@ func TestDeviceRemovedBehindOurBack(t *testing.T) {
 	}
 }
 
-// TestForceSyncRepairsBrokenMapping breaks a mapping by hand in Redis and
-// requires force-sync to point it back at the volume's device.
+// TestForceSyncRepairsBrokenMapping breaks a mapping by hand in Redis, its
+// path or its recorded disk identity (an older diskseq: another disk that
+// once had the name), and requires force-sync to point it back at the
+// volume's disk as it is now.
 func TestForceSyncRepairsBrokenMapping(t *testing.T) {
-	sim := startLocalSim(t, false)
-	r := testenv.StartRedis(t)
-	d := startDaemon(t, sim, daemonOpts{redisURL: r.URL()})
-	vol := d.createVolume("broken", 1)
-	d.attachLocal(vol)
-	m := d.requireMapped(sim, vol)
+	for _, tc := range []struct {
+		name  string
+		spoil func(m *commands.Mapping)
+	}{
+		{"path", func(m *commands.Mapping) { m.DevicePath = "/dev/loop99999" }},
+		{"identity", func(m *commands.Mapping) { m.DeviceIdentity.DiskSeq-- }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sim := startLocalSim(t, false)
+			r := testenv.StartRedis(t)
+			d := startDaemon(t, sim, daemonOpts{redisURL: r.URL()})
+			vol := d.createVolume("broken", 1)
+			d.attachLocal(vol)
+			m := d.requireMapped(sim, vol)
 
-	rdb := redis.NewClient(&redis.Options{Addr: r.Addr})
-	defer rdb.Close()
-	broken := m
-	broken.DevicePath = "/dev/loop99999"
-	data, _ := json.Marshal(broken)
-	ctx := context.Background()
-	if err := rdb.Set(ctx, "volumed:mapping:"+vol, data, 0).Err(); err != nil {
-		t.Fatal(err)
+			rdb := redis.NewClient(&redis.Options{Addr: r.Addr})
+			defer rdb.Close()
+			broken := m
+			id := *m.DeviceIdentity
+			broken.DeviceIdentity = &id
+			tc.spoil(&broken)
+			data, _ := json.Marshal(broken)
+			ctx := context.Background()
+			if err := rdb.HSet(ctx, state.DefaultRedisPrefix+"mapping:"+vol, "j", data).Err(); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Remove(m.SymlinkPath); err != nil {
+				t.Fatal(err)
+			}
+			var res commands.SyncResult
+			d.mustCall(http.StatusOK, http.MethodPost, "/admin/force-sync", nil, &res)
+			if !strings.Contains(strings.Join(res.Changes, "\n"), "mapping of volume "+vol) {
+				t.Fatalf("force-sync changes %q", res.Changes)
+			}
+			got := d.requireMapped(sim, vol)
+			if got.DeviceIdentity == nil || *got.DeviceIdentity != *m.DeviceIdentity {
+				t.Fatalf("repaired identity %+v, want %+v", got.DeviceIdentity, m.DeviceIdentity)
+			}
+		})
 	}
-	if err := os.Remove(m.SymlinkPath); err != nil {
-		t.Fatal(err)
-	}
-	var res commands.SyncResult
-	d.mustCall(http.StatusOK, http.MethodPost, "/admin/force-sync", nil, &res)
-	if len(res.Changes) == 0 || !strings.Contains(strings.Join(res.Changes, "\n"), vol) {
-		t.Fatalf("force-sync changes %q", res.Changes)
-	}
-	d.requireMapped(sim, vol)
 }
 
 // TestCorrelationTimeout attaches to the appliance while the simulator
