@@ -6,6 +6,7 @@
 package devagent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -101,7 +102,7 @@ type Agent struct {
 	eventSeq   uint64
 	generation uint64
 	known      map[string]commands.Device
-	pending    map[string]commands.Device // events whose Publish failed
+	pending    map[commands.DeviceIdentity]commands.Device // events whose Publish failed, by disk
 	subs       map[*subscription]struct{}
 	lastScan   time.Time
 	lastScanOK bool
@@ -137,7 +138,7 @@ func New(cfg Config) *Agent {
 		sysfs:      Sysfs{Root: cfg.SysRoot, Ignore: ignore(cfg.Ignore)},
 		log:        cfg.Logger.With("component", "devagent", "vm_id", cfg.VMID),
 		known:      map[string]commands.Device{},
-		pending:    map[string]commands.Device{},
+		pending:    map[commands.DeviceIdentity]commands.Device{},
 		subs:       map[*subscription]struct{}{},
 		uevents:    make(chan Uevent, ueventBuffer),
 		scanReq:    make(chan struct{}, 1),
@@ -466,8 +467,8 @@ func (a *Agent) publish(ctx context.Context, ev commands.Device) {
 		return
 	}
 	a.mu.Lock()
-	prev, had := a.pending[ev.Name]
-	delete(a.pending, ev.Name)
+	prev, had := a.pending[ev.Identity()]
+	delete(a.pending, ev.Identity())
 	a.mu.Unlock()
 	if had {
 		var ok bool
@@ -480,7 +481,7 @@ func (a *Agent) publish(ctx context.Context, ev commands.Device) {
 	if err := a.cfg.Publish(pctx, ev); err != nil {
 		a.log.Warn("publish failed; retrying at next scan", "device", ev.Name, "action", string(ev.Action), "err", err)
 		a.mu.Lock()
-		a.pending[ev.Name] = ev
+		a.pending[ev.Identity()] = ev
 		a.mu.Unlock()
 	}
 }
@@ -507,7 +508,7 @@ func (a *Agent) retryPending(ctx context.Context) {
 	evs := slices.Collect(maps.Values(a.pending))
 	clear(a.pending)
 	a.mu.Unlock()
-	slices.SortFunc(evs, func(x, y commands.Device) int { return strings.Compare(x.Name, y.Name) })
+	slices.SortFunc(evs, func(x, y commands.Device) int { return cmp.Compare(x.EventSeq, y.EventSeq) })
 	for _, ev := range evs {
 		a.publish(ctx, ev)
 	}

@@ -207,7 +207,8 @@ func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
 }
 
 // publish sends one event to JetStream, retrying with backoff; the message
-// id makes a retry of a stored event a duplicate the stream ignores.
+// id (agent run and event number) makes a retry of a stored event a
+// duplicate the stream ignores.
 func (s *Server) publish(ctx context.Context, ev commands.Device) {
 	ev.VMID = s.cfg.VMID
 	data, err := json.Marshal(ev)
@@ -216,8 +217,7 @@ func (s *Server) publish(ctx context.Context, ev commands.Device) {
 		return
 	}
 	subject := commands.DeviceSubject(s.cfg.VMID, ev.Action)
-	id := strings.Join([]string{s.cfg.VMID, ev.Name, string(ev.Action),
-		strconv.FormatUint(ev.Seqnum, 10), strconv.FormatInt(ev.Time.UnixNano(), 10)}, "/")
+	id := strings.Join([]string{s.cfg.VMID, ev.Epoch, strconv.FormatUint(ev.EventSeq, 10), ev.Name, string(ev.Action)}, "/")
 	wait := publishRetryMin
 	for attempt := 1; ; attempt++ {
 		pctx, cancel := context.WithTimeout(ctx, publishTimeout)
