@@ -231,7 +231,8 @@ func (a *Agent) Close(ctx context.Context) error {
 	}
 }
 
-// Devices returns the disks present, sorted by name.
+// Devices returns the disks present, sorted by name; each one's Time is
+// when the agent saw it come.
 func (a *Agent) Devices() []commands.Device {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -417,6 +418,9 @@ func (a *Agent) apply(ctx context.Context, name string, d commands.Device, prese
 		if evs[i].Action != commands.DeviceRemove {
 			cur := evs[i]
 			cur.Action, cur.Epoch, cur.EventSeq = "", "", 0
+			if evs[i].Action == commands.DeviceChange {
+				cur.Time = old.Time // the known set keeps when the disk came
+			}
 			a.known[name] = cur
 		}
 	}

@@ -260,7 +260,7 @@ func (s *Server) dropNamesOf(ctx context.Context, gone commands.Device) {
 }
 
 // serveList answers with the disks present, re-read from sysfs, with the
-// agent's generations.
+// agent's generations and arrival times.
 func (s *Server) serveList(msg *nats.Msg) {
 	disks, err := s.sysfs.Disks()
 	if err != nil {
@@ -272,11 +272,11 @@ func (s *Server) serveList(msg *nats.Msg) {
 	}
 	for i := range disks {
 		disks[i].VMID = s.cfg.VMID
-		// Without a kernel diskseq the identity is the agent's generation:
-		// a disk the agent has not seen yet has none (0) and matches no
-		// recorded one.
-		if k, ok := s.cfg.Agent.Device(disks[i].Name); ok && disks[i].DiskSeq == 0 && !replaced(k, disks[i]) {
-			disks[i].Generation = k.Generation
+		// The agent's word for the disk it knows: when it came, and without
+		// a kernel diskseq its generation (a disk the agent has not seen
+		// yet has none, and matches no recorded one).
+		if k, ok := s.cfg.Agent.Device(disks[i].Name); ok && !replaced(k, disks[i]) {
+			disks[i].Generation, disks[i].Time = k.Generation, k.Time
 		}
 	}
 	s.reply(msg, disks)

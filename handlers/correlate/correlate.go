@@ -161,8 +161,15 @@ type vmTable struct {
 	names sync.Mutex
 }
 
-// arrivedAt is when d arrived, zero if unknown; c.mu must be held.
-func (t *vmTable) arrivedAt(d commands.Device) time.Time { return t.arrived[d.Identity()] }
+// arrivedAt is when d arrived: when the stream stored its add, else when
+// its agent says it saw it come (a list reply, say after the add was lost
+// in a crash); zero if unknown. c.mu must be held.
+func (t *vmTable) arrivedAt(d commands.Device) time.Time {
+	if at, ok := t.arrived[d.Identity()]; ok {
+		return at
+	}
+	return d.Time
+}
 
 // claimKey is one disk appearance on a VM: a reused kernel name is
 // another key.
@@ -413,8 +420,8 @@ func (c *Correlator) dropClaims(vm string, id commands.DeviceIdentity) {
 	delete(c.claims, claimKey{vm, id})
 }
 
-// merge replaces the VM's device set with a fresh list; claims of disks
-// no longer there end.
+// merge replaces the VM's device set with a fresh list, less the disks
+// whose remove was applied already; claims of disks no longer there end.
 func (c *Correlator) merge(vm string, devs []commands.Device) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -423,6 +430,9 @@ func (c *Correlator) merge(vm string, devs []commands.Device) {
 	t.devices = make(map[string]commands.Device, len(devs))
 	present := map[commands.DeviceIdentity]bool{}
 	for _, d := range devs {
+		if t.gone[d.Identity()] {
+			continue // a list taken before the disk's remove event
+		}
 		t.devices[d.Name] = d
 		present[d.Identity()] = true
 	}

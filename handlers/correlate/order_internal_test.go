@@ -113,3 +113,67 @@ func strings20(vol string) string {
 	}
 	return s[:20]
 }
+
+// TestArrivalsReplayedAtStart stores a disk's add, then starts another
+// correlator (a restarted volumed): it knows the disk's arrival, at the
+// time the stream stored it, without any new event or list.
+func TestArrivalsReplayedAtStart(t *testing.T) {
+	b := testenv.StartBus(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	store, err := state.NewKV(ctx, b.JetStream(), state.KVConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = store.Close(context.Background()) })
+	vm := uuid.NewString()
+	d := commands.Device{Action: commands.DeviceAdd, VMID: vm, Name: "vdc", Path: "/dev/vdc", Major: 252, Minor: 32,
+		Size: 1 << 30, DiskSeq: 21, Epoch: "run1", EventSeq: 1, Time: time.Now().UTC()}
+	data, err := json.Marshal(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := time.Now()
+	if _, err := b.JetStream().Publish(ctx, commands.DeviceSubject(vm, commands.DeviceAdd), data); err != nil {
+		t.Fatal(err)
+	}
+	after := time.Now()
+	for _, tc := range []struct {
+		name   string
+		replay time.Duration
+		want   bool
+	}{{"within the replay window", time.Minute, true}, {"before the replay window", time.Nanosecond, false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, Replay: tc.replay,
+				Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+			if err := c.Start(ctx); err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close(context.Background())
+			// A later event of another VM: once it is applied, every older
+			// one in the window was (the consumer is ordered).
+			mark := uuid.NewString()
+			md := d
+			md.VMID, md.Time = mark, time.Now().UTC()
+			mdata, _ := json.Marshal(md)
+			if _, err := b.JetStream().Publish(ctx, commands.DeviceSubject(mark, commands.DeviceAdd), mdata); err != nil {
+				t.Fatal(err)
+			}
+			var at time.Time
+			testenv.Eventually(t, 10*time.Second, func() bool {
+				c.mu.Lock()
+				defer c.mu.Unlock()
+				if tb := c.vms[vm]; tb != nil {
+					at = tb.arrived[d.Identity()]
+				}
+				return c.vms[mark] != nil
+			}, "marker event applied")
+			if got := !at.IsZero(); got != tc.want {
+				t.Fatalf("arrival %v known: %v, want %v", at, got, tc.want)
+			}
+			if tc.want && (at.Before(before.Add(-time.Second)) || at.After(after.Add(time.Second))) {
+				t.Fatalf("arrival %v, stored between %v and %v", at, before, after)
+			}
+		})
+	}
+}
