@@ -134,6 +134,16 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		return fmt.Errorf("state store: %w", err)
 	}
 	started = append(started, store)
+	if cfg.opRetention > 0 {
+		retention, err := state.NewRetention(state.RetentionConfig{Store: store, Keep: cfg.opRetention, Logger: log})
+		if err != nil {
+			return fmt.Errorf("retention: %w", err)
+		}
+		if err := retention.Start(ctx); err != nil {
+			return fmt.Errorf("retention: %w", err)
+		}
+		started = append(started, retention)
+	}
 
 	var localStatus func() devagent.Status
 	if cfg.deviceAgent && cfg.vmID != "" {

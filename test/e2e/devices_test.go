@@ -297,6 +297,7 @@ func TestForceSyncRepairsBrokenMapping(t *testing.T) {
 			tc.spoil(&broken)
 			data, _ := json.Marshal(broken)
 			ctx := context.Background()
+			// The record's JSON, behind the store's back: its revision stays.
 			if err := rdb.HSet(ctx, state.DefaultRedisPrefix+"mapping:"+vol, "j", data).Err(); err != nil {
 				t.Fatal(err)
 			}
