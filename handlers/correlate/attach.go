@@ -419,9 +419,20 @@ func (c *Correlator) setNames(ctx context.Context, vm string, extra *commands.Ma
 
 // Detached waits, up to Config.ReleaseTimeout, until the device of m is
 // gone from its VM (a remove event, or absent from a fresh list), then
-// re-sends the VM's names without the volume's. A device still there at
+// re-sends the VM's names without the volume's. Meanwhile heal leaves the
+// mapping to the caller, who removes it next. A device still there at
 // the end is an error; the name is removed all the same.
 func (c *Correlator) Detached(ctx context.Context, m commands.Mapping) error {
+	c.mu.Lock()
+	c.releasing[m.VolumeID]++
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		if c.releasing[m.VolumeID]--; c.releasing[m.VolumeID] <= 0 {
+			delete(c.releasing, m.VolumeID)
+		}
+		c.mu.Unlock()
+	}()
 	var waitErr error
 	if m.LinuxState == commands.LinuxDetected && m.DevicePath != "" {
 		waitErr = c.waitGone(ctx, m)

@@ -112,6 +112,9 @@ type Correlator struct {
 	mu     sync.Mutex
 	vms    map[string]*vmTable
 	claims map[claimKey]claim
+	// releasing counts the Detached calls running per volume: their
+	// caller removes the mapping next, so heal leaves it alone.
+	releasing map[string]int
 
 	events atomic.Int64
 
@@ -201,11 +204,12 @@ func New(cfg Config) *Correlator {
 		cfg.Logger = slog.Default()
 	}
 	return &Correlator{
-		cfg:    cfg,
-		log:    cfg.Logger.With("component", "correlate"),
-		vms:    map[string]*vmTable{},
-		claims: map[claimKey]claim{},
-		healQ:  make(chan string, 256),
+		cfg:       cfg,
+		log:       cfg.Logger.With("component", "correlate"),
+		vms:       map[string]*vmTable{},
+		claims:    map[claimKey]claim{},
+		releasing: map[string]int{},
+		healQ:     make(chan string, 256),
 	}
 }
 

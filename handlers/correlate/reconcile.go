@@ -36,7 +36,8 @@ func (c *Correlator) healLoop() {
 // gives each missing mapping the device that came late: the one
 // with the volume's identity or, while no Attached waits on the VM, the
 // only fitting device without identity that appeared after the mapping was
-// marked missing. A healed mapping is recorded, named and published on
+// marked missing. Mappings being released (Detached) are left alone. A
+// healed mapping is recorded, named and published on
 // volumes.mappings.<volume_id>.
 func (c *Correlator) heal(ctx context.Context, vm string) error {
 	ms, err := c.cfg.Store.ListMappings(ctx, vm)
@@ -45,6 +46,12 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 	}
 	var errs []error
 	for _, m := range ms {
+		c.mu.Lock()
+		releasing := c.releasing[m.VolumeID] > 0
+		c.mu.Unlock()
+		if releasing {
+			continue
+		}
 		if m.LinuxState == commands.LinuxDetected && !c.present(vm, m) {
 			// Its device went away behind our back, or its name is another
 			// disk now: the mapping must not point at it.
