@@ -1,6 +1,10 @@
 package commands
 
-import "time"
+import (
+	"fmt"
+	"strings"
+	"time"
+)
 
 // DeviceAction is what happened to a block device.
 type DeviceAction string
@@ -35,13 +39,64 @@ type Device struct {
 	WWID string `json:"wwid,omitempty"`
 	// BackingFile is a loop device's backing file.
 	BackingFile string `json:"backing_file,omitempty"`
+	// NGUID is an NVMe namespace's NGUID (/sys/block/nvmeXnY/nguid).
+	NGUID string `json:"nguid,omitempty"`
+	// EUI is an NVMe namespace's EUI-64 (/sys/block/nvmeXnY/eui).
+	EUI string `json:"eui,omitempty"`
+	// DiskSeq is the kernel's disk sequence number
+	// (/sys/block/X/diskseq): every disk the kernel makes, and every new
+	// medium of a loop device, gets a new one. 0 on kernels before 5.15.
+	DiskSeq uint64 `json:"diskseq,omitempty"`
+	// Generation is the agent's number for this appearance of the disk
+	// where the kernel shows no DiskSeq: a new one on each add.
+	Generation uint64 `json:"generation,omitempty"`
 	// Controller names the bus or driver the disk hangs on, e.g. "virtio4".
 	Controller string `json:"controller,omitempty"`
 	// Seqnum is the kernel uevent SEQNUM; 0 for a device found by a scan.
 	Seqnum uint64 `json:"seqnum,omitempty"`
+	// Epoch names one run of the agent that emitted an event.
+	Epoch string `json:"epoch,omitempty"`
+	// EventSeq numbers the events of one Epoch in the order the agent
+	// emitted them, from 1; the correlator applies them in that order.
+	EventSeq uint64 `json:"event_seq,omitempty"`
 	// Time is when the agent saw the change (UTC).
 	Time time.Time `json:"time"`
 }
+
+// Identity is which appearance of a disk d is: its name, device number
+// and DiskSeq (or Generation).
+func (d Device) Identity() DeviceIdentity {
+	return DeviceIdentity{Name: d.Name, Major: d.Major, Minor: d.Minor, DiskSeq: d.DiskSeq, Generation: d.Generation}
+}
+
+// DeviceIdentity tells one appearance of a disk from every other, also
+// from a later disk under the same kernel name: the name and major:minor,
+// which the kernel reuses, and the kernel's DiskSeq, which it never
+// reuses (or, where the kernel has none, the agent's Generation).
+type DeviceIdentity struct {
+	// Name is the kernel name, e.g. "loop3".
+	Name string `json:"name"`
+	// Major is the device's major number.
+	Major int `json:"major"`
+	// Minor is the device's minor number.
+	Minor int `json:"minor"`
+	// DiskSeq is the kernel's disk sequence number, 0 if none.
+	DiskSeq uint64 `json:"diskseq,omitempty"`
+	// Generation is the agent's appearance number where DiskSeq is 0.
+	Generation uint64 `json:"generation,omitempty"`
+}
+
+// String is "name maj:min seq N" (or "gen N"), for logs and errors.
+func (i DeviceIdentity) String() string {
+	if i.DiskSeq == 0 {
+		return fmt.Sprintf("%s %d:%d gen %d", i.Name, i.Major, i.Minor, i.Generation)
+	}
+	return fmt.Sprintf("%s %d:%d seq %d", i.Name, i.Major, i.Minor, i.DiskSeq)
+}
+
+// Path is the disk's /dev path: /dev/<name>, a '!' in the name standing
+// for '/'.
+func (i DeviceIdentity) Path() string { return "/dev/" + strings.ReplaceAll(i.Name, "!", "/") }
 
 // CloudStack states of a mapping.
 const (
@@ -76,6 +131,9 @@ type Mapping struct {
 	DeviceID *int64 `json:"cloudstack_device_id,omitempty"`
 	// PersistentDeviceName is "vol" + 8 hex digits of the id, "" until made.
 	PersistentDeviceName string `json:"persistent_device_name,omitempty"`
+	// DeviceIdentity is the identity of the device at DevicePath when it
+	// was recorded; nil when there is none.
+	DeviceIdentity *DeviceIdentity `json:"device_identity,omitempty"`
 	// SymlinkPath is the persistent name's path on the VM, "" until made.
 	SymlinkPath string `json:"symlink_path,omitempty"`
 	// LastSync is when the mapping was last checked (UTC).

@@ -17,6 +17,9 @@ type Export struct {
 	ExportName string `json:"export_name"`
 	// DevicePath is the persistent path the export serves.
 	DevicePath string `json:"device_path"`
+	// DeviceIdentity is the identity of the mapped device the export
+	// serves: it is opened only while that device is present.
+	DeviceIdentity *DeviceIdentity `json:"device_identity,omitempty"`
 	// ReadOnly refuses writes from NBD clients.
 	ReadOnly bool `json:"read_only"`
 	// Status is ExportActive.

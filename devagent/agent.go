@@ -6,12 +6,14 @@
 package devagent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -91,9 +93,16 @@ type Agent struct {
 	sysfs Sysfs
 	log   *slog.Logger
 
-	mu         sync.Mutex
+	// epoch names this run of the agent in its events.
+	epoch string
+
+	mu sync.Mutex
+	// eventSeq numbers the events emitted; generation numbers the
+	// appearances of disks without diskseq.
+	eventSeq   uint64
+	generation uint64
 	known      map[string]commands.Device
-	pending    map[string]commands.Device // events whose Publish failed
+	pending    map[commands.DeviceIdentity]commands.Device // events whose Publish failed, by disk
 	subs       map[*subscription]struct{}
 	lastScan   time.Time
 	lastScanOK bool
@@ -123,14 +132,16 @@ func New(cfg Config) *Agent {
 		cfg.Logger = slog.Default()
 	}
 	return &Agent{
-		cfg:     cfg,
-		sysfs:   Sysfs{Root: cfg.SysRoot, Ignore: ignore(cfg.Ignore)},
-		log:     cfg.Logger.With("component", "devagent", "vm_id", cfg.VMID),
-		known:   map[string]commands.Device{},
-		pending: map[string]commands.Device{},
-		subs:    map[*subscription]struct{}{},
-		uevents: make(chan Uevent, ueventBuffer),
-		scanReq: make(chan struct{}, 1),
+		cfg:        cfg,
+		epoch:      strconv.FormatInt(time.Now().UnixNano(), 36),
+		generation: uint64(time.Now().UnixMicro()),
+		sysfs:      Sysfs{Root: cfg.SysRoot, Ignore: ignore(cfg.Ignore)},
+		log:        cfg.Logger.With("component", "devagent", "vm_id", cfg.VMID),
+		known:      map[string]commands.Device{},
+		pending:    map[commands.DeviceIdentity]commands.Device{},
+		subs:       map[*subscription]struct{}{},
+		uevents:    make(chan Uevent, ueventBuffer),
+		scanReq:    make(chan struct{}, 1),
 	}
 }
 
@@ -220,7 +231,8 @@ func (a *Agent) Close(ctx context.Context) error {
 	}
 }
 
-// Devices returns the disks present, sorted by name.
+// Devices returns the disks present, sorted by name; each one's Time is
+// when the agent saw it come.
 func (a *Agent) Devices() []commands.Device {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -322,7 +334,9 @@ func (a *Agent) run(ctx context.Context) {
 	}
 }
 
-// handle re-reads the disk a block uevent is about and applies it.
+// handle re-reads the disk a block uevent is about and applies it. An add
+// or remove uevent for a disk the agent knows without a kernel diskseq
+// means a new disk, whatever sysfs shows by now.
 func (a *Agent) handle(ctx context.Context, u Uevent) {
 	defer a.processed.Add(1)
 	if !u.IsDisk() {
@@ -334,7 +348,8 @@ func (a *Agent) handle(ctx context.Context, u Uevent) {
 		a.requestScan()
 		return
 	}
-	a.apply(ctx, u.Name(), d, ok, u.Seqnum)
+	renew := u.Action == string(commands.DeviceAdd) || u.Action == string(commands.DeviceRemove)
+	a.apply(ctx, u.Name(), d, ok, u.Seqnum, renew)
 }
 
 // scan reads all of /sys/block and applies every difference with the known
@@ -351,7 +366,7 @@ func (a *Agent) scan(ctx context.Context) error {
 		for _, n := range slices.Compact(names) {
 			if _, bad := failed[n]; !bad {
 				d, ok := present[n]
-				a.apply(ctx, n, d, ok, 0)
+				a.apply(ctx, n, d, ok, 0, false)
 			}
 		}
 		a.retryPending(ctx)
@@ -366,45 +381,87 @@ func (a *Agent) scan(ctx context.Context) error {
 }
 
 // apply compares the disk name as just read (d, present) with what the
-// agent knew, and on a difference records it and emits the event.
-func (a *Agent) apply(ctx context.Context, name string, d commands.Device, present bool, seqnum uint64) {
+// agent knew, and on a difference records it and emits the events. A disk
+// whose identity changed under the same name (diskseq, device number,
+// serial, WWID, NGUID, EUI or backing file; or, without a diskseq, an add
+// or remove uevent: renew) is a remove of the old disk followed by an add
+// of the new one, never a change. Events are numbered in emission order.
+func (a *Agent) apply(ctx context.Context, name string, d commands.Device, present bool, seqnum uint64, renew bool) {
 	a.mu.Lock()
 	old, had := a.known[name]
-	var ev commands.Device
+	var evs []commands.Device
 	switch {
+	case had && (!present || replaced(old, d) || (renew && old.DiskSeq == 0)):
+		rm := old
+		rm.Action = commands.DeviceRemove
+		evs = append(evs, rm)
+		delete(a.known, name)
+		if present {
+			evs = append(evs, a.added(d))
+		}
 	case present && !had:
-		ev, ev.Action = d, commands.DeviceAdd
+		evs = append(evs, a.added(d))
 	case present && differs(old, d):
-		ev, ev.Action = d, commands.DeviceChange
-	case !present && had:
-		ev, ev.Action = old, commands.DeviceRemove
+		d.Generation = old.Generation
+		ev := d
+		ev.Action = commands.DeviceChange
+		evs = append(evs, ev)
 	default:
 		a.mu.Unlock()
 		return
 	}
-	ev.VMID, ev.Seqnum, ev.Time = a.cfg.VMID, seqnum, time.Now().UTC()
-	if present {
-		cur := ev
-		cur.Action = ""
-		a.known[name] = cur
-	} else {
-		delete(a.known, name)
+	now := time.Now().UTC()
+	for i := range evs {
+		a.eventSeq++
+		evs[i].VMID, evs[i].Seqnum, evs[i].Time = a.cfg.VMID, seqnum, now
+		evs[i].Epoch, evs[i].EventSeq = a.epoch, a.eventSeq
+		if evs[i].Action != commands.DeviceRemove {
+			cur := evs[i]
+			cur.Action, cur.Epoch, cur.EventSeq = "", "", 0
+			if evs[i].Action == commands.DeviceChange {
+				cur.Time = old.Time // the known set keeps when the disk came
+			}
+			a.known[name] = cur
+		}
 	}
 	subs := slices.Collect(maps.Keys(a.subs))
+	// Pushed under mu, so that subscribers see the events in EventSeq order.
+	for _, ev := range evs {
+		for _, s := range subs {
+			s.push(ev)
+		}
+	}
 	a.mu.Unlock()
 
-	a.log.Info("device event", "action", string(ev.Action), "device", ev.Name, "size", ev.Size, "seqnum", seqnum,
-		"serial", ev.Serial, "wwid", ev.WWID, "backing_file", ev.BackingFile)
-	for _, s := range subs {
-		s.push(ev)
+	for _, ev := range evs {
+		a.log.Info("device event", "action", string(ev.Action), "device", ev.Name, "identity", ev.Identity().String(),
+			"size", ev.Size, "seqnum", seqnum, "event_seq", ev.EventSeq,
+			"serial", ev.Serial, "wwid", ev.WWID, "backing_file", ev.BackingFile)
+		a.publish(ctx, ev)
 	}
-	a.publish(ctx, ev)
 }
 
-// differs reports a change of size, device number or identity.
+// added is d as a new disk: without a kernel diskseq it gets the next
+// generation; a.mu must be held.
+func (a *Agent) added(d commands.Device) commands.Device {
+	if d.DiskSeq == 0 {
+		a.generation++
+		d.Generation = a.generation
+	}
+	d.Action = commands.DeviceAdd
+	return d
+}
+
+// replaced reports whether b, read under a's kernel name, is another disk:
+// another diskseq, device number or volume identity.
+func replaced(a, b commands.Device) bool {
+	return a.DiskSeq != b.DiskSeq || a.Major != b.Major || a.Minor != b.Minor || a.Serial != b.Serial ||
+		a.WWID != b.WWID || a.NGUID != b.NGUID || a.EUI != b.EUI || a.BackingFile != b.BackingFile
+}
+
+// differs reports a change of size or controller of the same disk.
 func differs(a, b commands.Device) bool {
-	return a.Size != b.Size || a.Major != b.Major || a.Minor != b.Minor || a.Serial != b.Serial ||
-		a.WWID != b.WWID || a.BackingFile != b.BackingFile || a.Controller != b.Controller
+	return a.Size != b.Size || a.Controller != b.Controller
 }
 
 // publish hands ev to Config.Publish, first folding in an earlier event for
@@ -414,8 +471,8 @@ func (a *Agent) publish(ctx context.Context, ev commands.Device) {
 		return
 	}
 	a.mu.Lock()
-	prev, had := a.pending[ev.Name]
-	delete(a.pending, ev.Name)
+	prev, had := a.pending[ev.Identity()]
+	delete(a.pending, ev.Identity())
 	a.mu.Unlock()
 	if had {
 		var ok bool
@@ -428,7 +485,7 @@ func (a *Agent) publish(ctx context.Context, ev commands.Device) {
 	if err := a.cfg.Publish(pctx, ev); err != nil {
 		a.log.Warn("publish failed; retrying at next scan", "device", ev.Name, "action", string(ev.Action), "err", err)
 		a.mu.Lock()
-		a.pending[ev.Name] = ev
+		a.pending[ev.Identity()] = ev
 		a.mu.Unlock()
 	}
 }
@@ -455,7 +512,7 @@ func (a *Agent) retryPending(ctx context.Context) {
 	evs := slices.Collect(maps.Values(a.pending))
 	clear(a.pending)
 	a.mu.Unlock()
-	slices.SortFunc(evs, func(x, y commands.Device) int { return strings.Compare(x.Name, y.Name) })
+	slices.SortFunc(evs, func(x, y commands.Device) int { return cmp.Compare(x.EventSeq, y.EventSeq) })
 	for _, ev := range evs {
 		a.publish(ctx, ev)
 	}

@@ -24,10 +24,12 @@ func VolumeSerial(volumeUUID string) string {
 }
 
 // MatchesVolume reports whether the kernel identity of d is the volume's:
-// a virtio serial equal to VolumeSerial, a SCSI WWID containing it, or a
-// loop backing file whose base name contains the UUID (with dashes) or the
-// serial. Case is ignored. It is false for a volumeUUID that is not a UUID
-// and for a device without identity.
+// a virtio or NVMe controller serial equal to VolumeSerial, a SCSI or
+// NVMe WWID or an NVMe NGUID containing it (dashes ignored), an NVMe
+// EUI-64 equal to its first 16 hex digits, or a loop backing file whose
+// base name contains the UUID (with dashes) or the serial. Case is
+// ignored. It is false for a volumeUUID that is not a UUID and for a
+// device without identity.
 func MatchesVolume(d commands.Device, volumeUUID string) bool {
 	id, err := uuid.Parse(volumeUUID)
 	if err != nil {
@@ -38,7 +40,11 @@ func MatchesVolume(d commands.Device, volumeUUID string) bool {
 	switch {
 	case d.Serial != "" && strings.EqualFold(d.Serial, serial):
 		return true
-	case d.WWID != "" && strings.Contains(strings.ToLower(d.WWID), serial):
+	case d.WWID != "" && strings.Contains(hexOnly(d.WWID), serial):
+		return true
+	case d.NGUID != "" && strings.Contains(hexOnly(d.NGUID), serial):
+		return true
+	case d.EUI != "" && hexOnly(d.EUI) == serial[:euiLen]:
 		return true
 	case d.BackingFile != "":
 		base := strings.ToLower(filepath.Base(d.BackingFile))
@@ -47,13 +53,21 @@ func MatchesVolume(d commands.Device, volumeUUID string) bool {
 	return false
 }
 
+// euiLen is the length of an EUI-64 in hex digits.
+const euiLen = 16
+
+// hexOnly lower-cases s and drops its dashes, as WWIDs and NGUIDs are
+// written with or without them.
+func hexOnly(s string) string { return strings.ToLower(strings.ReplaceAll(s, "-", "")) }
+
 // uuidInName finds a UUID in a backing file's name.
 var uuidInName = regexp.MustCompile(`[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}`)
 
 // HasIdentity reports whether d carries a kernel identity that can name a
-// volume: a serial, a WWID, or a loop backing file whose name holds a UUID.
+// volume: a serial, a WWID, an NGUID or EUI-64, or a loop backing file
+// whose name holds a UUID.
 // A loop device on an anonymous file names no volume: such devices are
 // told apart by size and time only.
 func HasIdentity(d commands.Device) bool {
-	return d.Serial != "" || d.WWID != "" || uuidInName.MatchString(strings.ToLower(filepath.Base(d.BackingFile)))
+	return d.Serial != "" || d.WWID != "" || d.NGUID != "" || d.EUI != "" || uuidInName.MatchString(strings.ToLower(filepath.Base(d.BackingFile)))
 }

@@ -34,6 +34,10 @@ type NamesMessage struct {
 	// Names maps a persistent name (volXXXXXXXX) to a device path: in a
 	// request the full set the VM must hold, in a reply the set it holds.
 	Names map[string]string `json:"names"`
+	// Identities gives, in a request, the identity the disk of each name
+	// must have now: a name whose target is another disk (its name reused)
+	// is not made, and is removed.
+	Identities map[string]commands.DeviceIdentity `json:"identities,omitempty"`
 	// Dir is the directory the names appear in (reply only).
 	Dir string `json:"dir,omitempty"`
 	// Previous is the set held before the request (reply only).
@@ -82,8 +86,9 @@ type Server struct {
 	// mu guards desired and serializes every change to the names.
 	mu sync.Mutex
 	// desired is the last requested name set, less names whose device
-	// went away since.
-	desired map[string]string
+	// went away since: name → the disk's identity (only the path known
+	// for names found at start).
+	desired map[string]commands.DeviceIdentity
 
 	subs  []*nats.Subscription
 	unsub func()
@@ -132,7 +137,10 @@ func (s *Server) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("devagent: read persistent names: %w", err)
 	}
-	s.desired = found
+	s.desired = map[string]commands.DeviceIdentity{}
+	for name, target := range found {
+		s.desired[name] = commands.DeviceIdentity{Name: strings.TrimPrefix(target, "/dev/")}
+	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.runCtx, s.cancel = runCtx, cancel
 	events, unsub := s.cfg.Agent.Subscribe()
@@ -191,7 +199,7 @@ func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
 				return
 			}
 			if ev.Action == commands.DeviceRemove {
-				s.dropNamesOf(ctx, ev.Path)
+				s.dropNamesOf(ctx, ev)
 			}
 			s.publish(ctx, ev)
 		}
@@ -199,7 +207,8 @@ func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
 }
 
 // publish sends one event to JetStream, retrying with backoff; the message
-// id makes a retry of a stored event a duplicate the stream ignores.
+// id (agent run and event number) makes a retry of a stored event a
+// duplicate the stream ignores.
 func (s *Server) publish(ctx context.Context, ev commands.Device) {
 	ev.VMID = s.cfg.VMID
 	data, err := json.Marshal(ev)
@@ -208,8 +217,7 @@ func (s *Server) publish(ctx context.Context, ev commands.Device) {
 		return
 	}
 	subject := commands.DeviceSubject(s.cfg.VMID, ev.Action)
-	id := strings.Join([]string{s.cfg.VMID, ev.Name, string(ev.Action),
-		strconv.FormatUint(ev.Seqnum, 10), strconv.FormatInt(ev.Time.UnixNano(), 10)}, "/")
+	id := strings.Join([]string{s.cfg.VMID, ev.Epoch, strconv.FormatUint(ev.EventSeq, 10), ev.Name, string(ev.Action)}, "/")
 	wait := publishRetryMin
 	for attempt := 1; ; attempt++ {
 		pctx, cancel := context.WithTimeout(ctx, publishTimeout)
@@ -232,13 +240,14 @@ func (s *Server) publish(ctx context.Context, ev commands.Device) {
 	}
 }
 
-// dropNamesOf removes the names of a device that went away and forgets
-// them: a device reusing the kernel name later is not the same volume.
-func (s *Server) dropNamesOf(ctx context.Context, devicePath string) {
+// dropNamesOf removes the names of a disk that went away and forgets
+// them, before its removal is published: a disk reusing the kernel name
+// later is not the same volume.
+func (s *Server) dropNamesOf(ctx context.Context, gone commands.Device) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for name, target := range s.desired {
-		if target != devicePath {
+	for name, id := range s.desired {
+		if id.Name != gone.Name || (id.Major != 0 && id != gone.Identity()) {
 			continue
 		}
 		delete(s.desired, name)
@@ -246,11 +255,12 @@ func (s *Server) dropNamesOf(ctx context.Context, devicePath string) {
 			s.log.Warn("remove persistent name", "name", name, "err", err)
 			continue
 		}
-		s.log.Info("persistent name removed: device gone", "name", name, "device", devicePath)
+		s.log.Info("persistent name removed: device gone", "name", name, "device", gone.Path, "identity", gone.Identity().String())
 	}
 }
 
-// serveList answers with the disks present, re-read from sysfs.
+// serveList answers with the disks present, re-read from sysfs, with the
+// agent's generations and arrival times.
 func (s *Server) serveList(msg *nats.Msg) {
 	disks, err := s.sysfs.Disks()
 	if err != nil {
@@ -262,6 +272,12 @@ func (s *Server) serveList(msg *nats.Msg) {
 	}
 	for i := range disks {
 		disks[i].VMID = s.cfg.VMID
+		// The agent's word for the disk it knows: when it came, and without
+		// a kernel diskseq its generation (a disk the agent has not seen
+		// yet has none, and matches no recorded one).
+		if k, ok := s.cfg.Agent.Device(disks[i].Name); ok && !replaced(k, disks[i]) {
+			disks[i].Generation, disks[i].Time = k.Generation, k.Time
+		}
 	}
 	s.reply(msg, disks)
 }
@@ -273,16 +289,16 @@ func (s *Server) serveNames(msg *nats.Msg) {
 		s.reply(msg, NamesMessage{Error: fmt.Sprintf("bad names request: %v", err)})
 		return
 	}
-	if err := checkNames(req.Names); err != nil {
+	if err := checkNames(req.Names, req.Identities); err != nil {
 		s.reply(msg, NamesMessage{Error: err.Error()})
 		return
 	}
-	s.reply(msg, s.apply(s.runCtx, req.Names))
+	s.reply(msg, s.apply(s.runCtx, req.Names, req.Identities))
 }
 
-// checkNames refuses a set with a name that is not volXXXXXXXX or a target
-// that is not /dev/<kernel name>.
-func checkNames(names map[string]string) error {
+// checkNames refuses a set with a name that is not volXXXXXXXX, a target
+// that is not /dev/<kernel name>, or an identity of another kernel name.
+func checkNames(names map[string]string, ids map[string]commands.DeviceIdentity) error {
 	for name, target := range names {
 		if err := checkName(name); err != nil {
 			return err
@@ -291,6 +307,9 @@ func checkNames(names map[string]string) error {
 		if !ok || dev == "" || filepath.Clean(target) != target || strings.Contains(dev, "/") {
 			return fmt.Errorf("devagent: target %q of %s is not /dev/<disk>", target, name)
 		}
+		if id, ok := ids[name]; ok && id.Path() != target {
+			return fmt.Errorf("devagent: identity %s of %s is not of %s", id, name, target)
+		}
 	}
 	return nil
 }
@@ -298,7 +317,7 @@ func checkNames(names map[string]string) error {
 // apply makes the names exactly want: each name whose target is a present
 // disk is made (replacing one referring elsewhere), every other name is
 // removed.
-func (s *Server) apply(ctx context.Context, want map[string]string) NamesMessage {
+func (s *Server) apply(ctx context.Context, want map[string]string, ids map[string]commands.DeviceIdentity) NamesMessage {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := NamesMessage{Dir: s.cfg.Namer.Dir(), Skipped: map[string]string{}}
@@ -308,22 +327,25 @@ func (s *Server) apply(ctx context.Context, want map[string]string) NamesMessage
 		return out
 	}
 	out.Previous = prev
-	s.desired = map[string]string{}
+	s.desired = map[string]commands.DeviceIdentity{}
 	var errs []error
 	for _, name := range slices.Sorted(maps.Keys(want)) {
 		target := want[name]
 		d, ok, err := s.sysfs.Disk(strings.TrimPrefix(target, "/dev/"))
+		id, checked := ids[name]
 		switch {
 		case err != nil:
 			out.Skipped[name] = err.Error()
 		case !ok || d.Path != target:
 			out.Skipped[name] = fmt.Sprintf("%s is not a present disk", target)
+		case checked && !s.sameDisk(id, d):
+			out.Skipped[name] = fmt.Sprintf("%s is now disk %s, not %s", target, d.Identity(), id)
 		default:
 			if _, err := s.cfg.Namer.Ensure(ctx, name, target); err != nil {
 				errs = append(errs, err)
 				continue
 			}
-			s.desired[name] = target
+			s.desired[name] = commands.DeviceIdentity{Name: d.Name, Major: d.Major, Minor: d.Minor, DiskSeq: d.DiskSeq, Generation: id.Generation}
 			continue
 		}
 		if err := s.cfg.Namer.Remove(ctx, name); err != nil {
@@ -347,6 +369,20 @@ func (s *Server) apply(ctx context.Context, want map[string]string) NamesMessage
 		s.log.Info("persistent names set", "names", out.Names, "skipped", out.Skipped)
 	}
 	return out
+}
+
+// sameDisk reports whether d, as read from sysfs now, is the disk of
+// identity id. Without a kernel diskseq the agent's generation is not in
+// sysfs: the disk the agent knows by that name must carry it.
+func (s *Server) sameDisk(id commands.DeviceIdentity, d commands.Device) bool {
+	if id.Name != d.Name || id.Major != d.Major || id.Minor != d.Minor || id.DiskSeq != d.DiskSeq {
+		return false
+	}
+	if id.DiskSeq == 0 && id.Generation != 0 {
+		known, ok := s.cfg.Agent.Device(d.Name)
+		return ok && known.Generation == id.Generation
+	}
+	return true
 }
 
 // reply answers a request with v as JSON.

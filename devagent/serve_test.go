@@ -9,6 +9,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -251,4 +252,205 @@ func TestServerDMNames(t *testing.T) {
 	}
 	testenv.Eventually(t, 10*time.Second, func() bool { return len(fake.Tables(t)) == 0 },
 		"dm device %s of removed device %s removed", name, e.dev.Path)
+}
+
+// TestServerNameFollowsIdentity gives the names requests the identity of
+// the disk: a name is not made on another disk under the same kernel
+// name, and when the loop device is rebound to another volume's file the
+// name is removed when it is cleared, before the new file is bound, and
+// is not made again for the old identity.
+func TestServerNameFollowsIdentity(t *testing.T) {
+	e := startServe(t, nil, nil)
+	add := e.event(t, commands.DeviceAdd)
+	id := add.Identity()
+	if id.DiskSeq == 0 {
+		t.Fatalf("add %+v has no diskseq", add)
+	}
+	name := devagent.PersistentName(e.volume)
+	link := filepath.Join(e.names, name)
+	names := func(id commands.DeviceIdentity) devagent.NamesMessage {
+		t.Helper()
+		body, err := json.Marshal(devagent.NamesMessage{Names: map[string]string{name: e.dev.Path},
+			Identities: map[string]commands.DeviceIdentity{name: id}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var reply devagent.NamesMessage
+		if err := json.Unmarshal(e.request(t, commands.DevicesNamesSubject(e.vm), body), &reply); err != nil {
+			t.Fatal(err)
+		}
+		return reply
+	}
+	if r := names(id); r.Names[name] != e.dev.Path {
+		t.Fatalf("names with the disk's identity: %+v", r)
+	}
+	stale := id
+	stale.DiskSeq--
+	if r := names(stale); r.Skipped[name] == "" || len(r.Names) != 0 {
+		t.Fatalf("names with an older diskseq: %+v, want %s skipped", r, name)
+	}
+	if _, err := os.Lstat(link); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("name for a stale identity kept: %v", err)
+	}
+	wrongName := id
+	wrongName.Name = "loop99999"
+	if r := names(wrongName); r.Error == "" {
+		t.Fatalf("identity of another kernel name accepted: %+v", r)
+	}
+	if r := names(id); r.Names[name] != e.dev.Path {
+		t.Fatalf("names with the disk's identity again: %+v", r)
+	}
+
+	other := filepath.Join(t.TempDir(), "vol-"+uuid.NewString()+".img")
+	if err := os.WriteFile(other, []byte("OTHER VOLUME"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(other, 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.dev.Unbind(); err != nil {
+		t.Fatal(err)
+	}
+	// The clear (size 0) is the disk's removal: its name goes with it,
+	// before the kernel can give the name to the next volume.
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		_, err := os.Lstat(link)
+		return errors.Is(err, os.ErrNotExist)
+	}, "name of the cleared %s removed", e.dev.Path)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := e.dev.Bind(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := os.Open(link); err == nil {
+		buf := make([]byte, 12)
+		_, _ = io.ReadFull(f, buf)
+		f.Close()
+		t.Fatalf("%s opens after its disk was rebound (read %q)", link, buf)
+	}
+	if r := names(id); r.Skipped[name] == "" {
+		t.Fatalf("name made again for the old identity on the rebound disk: %+v", r)
+	}
+}
+
+// scanOnly is an EventSource that delivers no uevent (as after a socket
+// overflow): each value sent on overflow makes the agent rescan.
+type scanOnly struct {
+	overflow chan struct{}
+	closed   chan struct{}
+	once     sync.Once
+}
+
+func (s *scanOnly) Receive() (devagent.Uevent, error) {
+	select {
+	case <-s.overflow:
+		return devagent.Uevent{}, errors.New("no buffer space available")
+	case <-s.closed:
+		return devagent.Uevent{}, devagent.ErrSourceClosed
+	}
+}
+
+func (s *scanOnly) Close() error {
+	s.once.Do(func() { close(s.closed) })
+	return nil
+}
+
+// TestServerNameRemovedByScan rebinds a named loop device to another
+// volume's file while the agent sees no uevent: the next scan publishes
+// the remove and then the add, in order, and the name is gone.
+func TestServerNameRemovedByScan(t *testing.T) {
+	testenv.RequireLoopControl(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	b := testenv.StartBus(t)
+	vm, vol := uuid.NewString(), uuid.NewString()
+	dir := t.TempDir()
+	first := filepath.Join(dir, "vol-"+vol+".img")
+	second := filepath.Join(dir, "vol-"+uuid.NewString()+".img")
+	for _, f := range []string{first, second} {
+		if err := os.WriteFile(f, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(f, 3<<20); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dev, err := loopdev.Create(ctx, first)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = dev.Remove(context.Background()) })
+	src := &scanOnly{overflow: make(chan struct{}), closed: make(chan struct{})}
+	agent := devagent.New(devagent.Config{VMID: vm, Source: src, ScanInterval: time.Hour, Logger: quiet})
+	if err := agent.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = agent.Close(context.Background()) })
+	names := filepath.Join(dir, "by-volume")
+	srv := devagent.NewServer(devagent.ServerConfig{VMID: vm, Conn: b.Conn(), JetStream: b.JetStream(),
+		Agent: agent, Namer: devagent.NewNamer(names), Logger: quiet})
+	if err := srv.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Close(context.Background()) })
+
+	known, ok := agent.Device(dev.Name())
+	if !ok {
+		t.Fatalf("%s not found by the first scan", dev.Path)
+	}
+	name := devagent.PersistentName(vol)
+	body, _ := json.Marshal(devagent.NamesMessage{Names: map[string]string{name: dev.Path},
+		Identities: map[string]commands.DeviceIdentity{name: known.Identity()}})
+	msg, err := b.Conn().Request(commands.DevicesNamesSubject(vm), body, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reply devagent.NamesMessage
+	if err := json.Unmarshal(msg.Data, &reply); err != nil || reply.Names[name] != dev.Path {
+		t.Fatalf("names reply %s (%v)", msg.Data, err)
+	}
+
+	if err := dev.Unbind(); err != nil {
+		t.Fatal(err)
+	}
+	if err := dev.Bind(ctx, second); err != nil {
+		t.Fatal(err)
+	}
+	src.overflow <- struct{}{}
+	link := filepath.Join(names, name)
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		_, err := os.Lstat(link)
+		return errors.Is(err, os.ErrNotExist)
+	}, "name of the rebound %s removed by the scan", dev.Path)
+
+	cons, err := b.JetStream().OrderedConsumer(ctx, bus.StreamDevices, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{"devices." + vm + ".*"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The disk's first add was the agent's start scan, before the server
+	// subscribed: the stream holds what came after.
+	var got []commands.Device
+	for len(got) < 2 {
+		m, err := cons.Next(jetstream.FetchContext(ctx))
+		if err != nil {
+			t.Fatalf("stored events %+v: %v", got, err)
+		}
+		var d commands.Device
+		if err := json.Unmarshal(m.Data(), &d); err != nil {
+			t.Fatal(err)
+		}
+		if d.Name == dev.Name() {
+			got = append(got, d)
+		}
+	}
+	switch {
+	case got[0].Action != commands.DeviceRemove || got[0].Identity() != known.Identity() || got[0].BackingFile != first:
+		t.Fatalf("first event %+v, want the remove of %v", got[0], known.Identity())
+	case got[1].Action != commands.DeviceAdd || got[1].BackingFile != second || got[1].DiskSeq == known.DiskSeq:
+		t.Fatalf("second event %+v, want the add of %s with a new diskseq", got[1], second)
+	case got[1].EventSeq != got[0].EventSeq+1:
+		t.Fatalf("event numbers %d then %d", got[0].EventSeq, got[1].EventSeq)
+	}
 }

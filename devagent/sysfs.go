@@ -20,6 +20,10 @@ const DefaultSysRoot = "/sys"
 // sectorSize is the unit of /sys/block/X/size.
 const sectorSize = 512
 
+// nvmeNamespace matches an NVMe namespace's disk name, nvmeXnY (a
+// multipath head nvmeXcYnZ included).
+var nvmeNamespace = regexp.MustCompile(`^nvme[0-9]+(c[0-9]+)?n[0-9]+$`)
+
 // ramDisk matches zram and ram devices, which are never volumes.
 var ramDisk = regexp.MustCompile(`^z?ram[0-9]+$`)
 
@@ -77,7 +81,8 @@ func (s Sysfs) scan() (present map[string]commands.Device, failed map[string]err
 // a disk that is absent, ignored, a zram/ram device, or of size 0 (not yet
 // present: loop, nbd and dm devices appear empty and get their size later).
 // Identity fields are set where the kernel shows them: the virtio serial,
-// the SCSI WWID, a loop device's backing file.
+// the SCSI WWID, a loop device's backing file, an NVMe namespace's
+// controller serial, WWID, NGUID and EUI-64, and the kernel's diskseq.
 func (s Sysfs) Disk(name string) (commands.Device, bool, error) {
 	if name == "" || strings.ContainsAny(name, "/") || name == "." || name == ".." || ramDisk.MatchString(name) {
 		return commands.Device{}, false, nil
@@ -107,6 +112,8 @@ func (s Sysfs) Disk(name string) (commands.Device, bool, error) {
 		return commands.Device{}, false, fmt.Errorf("devagent: %s/size %q: bad sector count", name, sectors)
 	}
 	d.Size = n * sectorSize
+	// virtio: serial; SCSI: device/wwid; NVMe namespace: wwid, nguid,
+	// eui and the serial of its controller (device/serial).
 	for _, f := range []struct {
 		dst  *string
 		path string
@@ -117,6 +124,33 @@ func (s Sysfs) Disk(name string) (commands.Device, bool, error) {
 	} {
 		if *f.dst, err = readOptional(f.path); err != nil {
 			return commands.Device{}, false, err
+		}
+	}
+	if nvmeNamespace.MatchString(name) {
+		for _, f := range []struct {
+			dst  *string
+			path string
+		}{
+			{&d.Serial, filepath.Join(dir, "device", "serial")},
+			{&d.WWID, filepath.Join(dir, "wwid")},
+			{&d.NGUID, filepath.Join(dir, "nguid")},
+			{&d.EUI, filepath.Join(dir, "eui")},
+		} {
+			if *f.dst != "" {
+				continue
+			}
+			if *f.dst, err = readOptional(f.path); err != nil {
+				return commands.Device{}, false, err
+			}
+		}
+	}
+	seq, err := readOptional(filepath.Join(dir, "diskseq"))
+	if err != nil {
+		return commands.Device{}, false, err
+	}
+	if seq != "" {
+		if d.DiskSeq, err = strconv.ParseUint(seq, 10, 64); err != nil {
+			return commands.Device{}, false, fmt.Errorf("devagent: %s/diskseq %q: %w", name, seq, err)
 		}
 	}
 	if d.Controller, err = controller(dir, name); err != nil {

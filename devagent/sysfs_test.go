@@ -19,7 +19,7 @@ var (
 	treeSDA = commands.Device{Name: "sda", Path: "/dev/sda", Major: 8, Minor: 0, Size: 2097152 * 512,
 		WWID: "t10.QEMU     QEMU HARDDISK    5e1f0c2a9d8b47c6a3e1", Controller: "2:0:0:0"}
 	treeLoop3 = commands.Device{Name: "loop3", Path: "/dev/loop3", Major: 7, Minor: 3, Size: 204800 * 512,
-		BackingFile: "/var/lib/volumed/vol-7c9e6679-7425-40de-944b-e07fc1f90ae7.img", Controller: "loop"}
+		BackingFile: "/var/lib/volumed/vol-7c9e6679-7425-40de-944b-e07fc1f90ae7.img", DiskSeq: 9, Controller: "loop"}
 	treeDM0 = commands.Device{Name: "dm-0", Path: "/dev/dm-0", Major: 254, Minor: 0, Size: 2097152 * 512, Controller: "dm"}
 	treeDM1 = commands.Device{Name: "dm-1", Path: "/dev/dm-1", Major: 254, Minor: 1, Size: 4096 * 512, Controller: "dm"}
 )

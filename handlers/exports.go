@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"golang.org/x/sys/unix"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
@@ -33,22 +34,61 @@ type Exporter interface {
 	Clients() map[string]int
 }
 
-// NBDExporter is the Exporter on volumed's NBD server.
+// NBDExporter is the Exporter on volumed's NBD server. It serves only the
+// recorded disk of an export: the kernel node /dev/<name> of its device
+// identity, checked on this host (CheckLocal) and opened by the NBD
+// server with O_NOFOLLOW as that device number; never a path an agent
+// chose, nor the persistent name.
 type NBDExporter struct {
 	// Server is the NBD server whose exports are set.
 	Server *nbd.Server
+	// SysRoot and DevRoot are where sysfs and /dev are; empty: the host's.
+	SysRoot, DevRoot string
 }
 
 var _ Exporter = NBDExporter{}
 
-// Sync sets the server's exports to the records.
+// Sync sets the server's exports to the records whose disk is present as
+// recorded. A record without identity, or whose disk changed, is left out
+// and named in the error; so is one whose disk changed while it was
+// being opened (checked again once open, when the open holds it).
 func (x NBDExporter) Sync(ctx context.Context, exports []commands.Export) error {
+	var errs []error
 	specs := make([]nbd.ExportSpec, 0, len(exports))
 	for _, e := range exports {
-		specs = append(specs, nbd.ExportSpec{Name: e.ExportName, Path: e.DevicePath, ReadOnly: e.ReadOnly,
-			Description: "volume " + e.VolumeID})
+		sp, err := x.spec(e)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("export %s of volume %s: %w", e.ExportName, e.VolumeID, err))
+			continue
+		}
+		specs = append(specs, sp)
 	}
-	return x.Server.SetExports(ctx, specs)
+	errs = append(errs, x.Server.SetExports(ctx, specs))
+	kept := slices.DeleteFunc(slices.Clone(specs), func(sp nbd.ExportSpec) bool {
+		e := exports[slices.IndexFunc(exports, func(e commands.Export) bool { return e.ExportName == sp.Name })]
+		err := devagent.CheckLocal(x.SysRoot, x.DevRoot, *e.DeviceIdentity)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("export %s of volume %s: disk changed while opened: %w", e.ExportName, e.VolumeID, err))
+		}
+		return err != nil
+	})
+	if len(kept) != len(specs) {
+		errs = append(errs, x.Server.SetExports(ctx, kept))
+	}
+	return errors.Join(errs...)
+}
+
+// spec is the NBD export of e's recorded disk, checked on this host.
+func (x NBDExporter) spec(e commands.Export) (nbd.ExportSpec, error) {
+	if e.DeviceIdentity == nil {
+		return nbd.ExportSpec{}, errors.New("no recorded disk identity")
+	}
+	id := *e.DeviceIdentity
+	if err := devagent.CheckLocal(x.SysRoot, x.DevRoot, id); err != nil {
+		return nbd.ExportSpec{}, err
+	}
+	return nbd.ExportSpec{Name: e.ExportName, Path: id.Path(), Device: unix.Mkdev(uint32(id.Major), uint32(id.Minor)),
+		ReadOnly: e.ReadOnly, Description: "volume " + e.VolumeID}, nil
 }
 
 // Clients reads the served exports' client counts.
@@ -74,7 +114,7 @@ func (s *Service) exportable(m commands.Mapping) (e commands.Export, why string)
 		return e, fmt.Sprintf("its device on VM %s is %s", m.VMID, m.LinuxState)
 	}
 	e = commands.Export{VolumeID: m.VolumeID, VMID: m.VMID, ExportName: m.PersistentDeviceName,
-		DevicePath: m.SymlinkPath, Status: commands.ExportActive}
+		DevicePath: m.SymlinkPath, DeviceIdentity: m.DeviceIdentity, Status: commands.ExportActive}
 	if e.ExportName == "" {
 		e.ExportName = devagent.PersistentName(m.VolumeID)
 	}
@@ -83,6 +123,9 @@ func (s *Service) exportable(m commands.Mapping) (e commands.Export, why string)
 	}
 	if e.DevicePath == "" {
 		return e, "its device has no path"
+	}
+	if e.DeviceIdentity == nil {
+		return e, "its device has no recorded identity"
 	}
 	return e, ""
 }

@@ -153,6 +153,11 @@ func (s *Service) attach(ctx context.Context, op *commands.Operation) (*commands
 // and records its mapping.
 func (s *Service) attachVolume(ctx context.Context, op *commands.Operation, req commands.AttachRequest) (*commands.OpResponse, error) {
 	since := time.Now()
+	if op.Step != "" {
+		// Resumed (after a restart): its device may have come before now.
+		// Devices of earlier attaches are held by their mappings.
+		since = op.CreatedAt
+	}
 	vol, err := s.volume(ctx, op, req.VolumeID)
 	if err != nil {
 		return nil, notFoundOr(err, req.VolumeID)

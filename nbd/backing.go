@@ -16,6 +16,10 @@ import (
 // nor a regular file.
 var ErrNotBlockOrFile = errors.New("nbd: export path is neither a block device nor a regular file")
 
+// ErrNotDevice reports an export path that is not the block device its
+// spec names (ExportSpec.Device): a symlink, a file or another device.
+var ErrNotDevice = errors.New("nbd: export path is not the expected block device")
+
 // backing is the opened device or file behind one export. Its methods are
 // safe for concurrent use: they are positional reads and writes on one fd.
 type backing struct {
@@ -25,11 +29,15 @@ type backing struct {
 }
 
 // openBacking opens path read-write, or read-only, and finds out whether
-// it can discard.
-func openBacking(path string, readOnly bool) (*backing, error) {
+// it can discard. With dev not 0, path must be block device dev itself: it
+// is opened with O_NOFOLLOW and checked on the open descriptor.
+func openBacking(path string, readOnly bool, dev uint64) (*backing, error) {
 	flags := os.O_RDWR
 	if readOnly {
 		flags = os.O_RDONLY
+	}
+	if dev != 0 {
+		flags |= unix.O_NOFOLLOW
 	}
 	f, err := os.OpenFile(path, flags|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -39,6 +47,10 @@ func openBacking(path string, readOnly bool) (*backing, error) {
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("nbd: stat %s: %w", path, err)
+	}
+	if dev != 0 && (st.Mode&unix.S_IFMT != unix.S_IFBLK || st.Rdev != dev) {
+		f.Close()
+		return nil, fmt.Errorf("nbd: %s: %w", path, ErrNotDevice)
 	}
 	b := &backing{f: f}
 	switch st.Mode & unix.S_IFMT {

@@ -59,6 +59,10 @@ type ExportSpec struct {
 	Path string
 	// ReadOnly opens Path read-only and refuses writes and trims with EPERM.
 	ReadOnly bool
+	// Device, when not 0, is the device number (unix.Mkdev) Path must be:
+	// Path is opened with O_NOFOLLOW and served only if it is that block
+	// device (ErrNotDevice otherwise).
+	Device uint64
 	// Description is sent to clients asking NBD_INFO_DESCRIPTION.
 	Description string
 }
@@ -225,7 +229,7 @@ func (s *Server) SetExports(ctx context.Context, specs []ExportSpec) error {
 	}
 	gone := map[string]*export{}
 	for name, e := range s.exports {
-		if sp, ok := want[name]; !ok || sp.Path != e.spec.Path || sp.ReadOnly != e.spec.ReadOnly {
+		if sp, ok := want[name]; !ok || sp.Path != e.spec.Path || sp.ReadOnly != e.spec.ReadOnly || sp.Device != e.spec.Device {
 			gone[name] = e
 		}
 	}
@@ -244,7 +248,7 @@ func (s *Server) SetExports(ctx context.Context, specs []ExportSpec) error {
 	var errs []error
 	opened := make([]*export, 0, len(add))
 	for _, sp := range add {
-		b, err := openBacking(sp.Path, sp.ReadOnly)
+		b, err := openBacking(sp.Path, sp.ReadOnly, sp.Device)
 		if err != nil {
 			errs = append(errs, &ExportError{Name: sp.Name, Err: err})
 			continue

@@ -155,7 +155,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		localStatus = agent.Status
 	}
 	corr := correlate.New(correlate.Config{Conn: b.Conn(), Store: store, Timeout: cfg.correlateAfter,
-		LocalStatus: localStatus, Logger: log})
+		LocalVMID: cfg.vmID, LocalStatus: localStatus, Logger: log})
 	if err := corr.Start(ctx); err != nil {
 		return err
 	}

@@ -156,6 +156,35 @@ func (d *Device) Bind(ctx context.Context, backing string) error {
 	return nil
 }
 
+// Unbind detaches the backing file (LOOP_CLR_FD) and keeps the device, so
+// that a later Bind reuses its name with a new diskseq. The kernel sends
+// `change` with size 0. A device no longer the one this Device set up is
+// left alone with ErrNotOurs.
+func (d *Device) Unbind() error {
+	if err := d.ours(); err != nil {
+		return err
+	}
+	if err := d.clearFD(); err != nil {
+		return err
+	}
+	d.Backing = ""
+	return nil
+}
+
+// clearFD detaches the backing file (LOOP_CLR_FD); a device already
+// unbound (ENXIO) is not an error, an absent one wraps os.ErrNotExist.
+func (d *Device) clearFD() error {
+	f, err := os.OpenFile(d.Path, os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("loopdev: %w", err)
+	}
+	defer f.Close()
+	if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0); err != nil && !errors.Is(err, unix.ENXIO) {
+		return fmt.Errorf("loopdev: LOOP_CLR_FD %s: %w", d.Path, err)
+	}
+	return nil
+}
+
 // Resize makes the device take the current size of its backing file
 // (LOOP_SET_CAPACITY). The kernel sends `change` when the size changed.
 func (d *Device) Resize() error {
@@ -179,17 +208,11 @@ func (d *Device) Remove(ctx context.Context) error {
 	if err := d.ours(); err != nil {
 		return err
 	}
-	f, err := os.OpenFile(d.Path, os.O_RDWR|unix.O_CLOEXEC, 0)
-	switch {
+	switch err := d.clearFD(); {
 	case errors.Is(err, os.ErrNotExist):
 		return nil
 	case err != nil:
-		return fmt.Errorf("loopdev: %w", err)
-	}
-	err = unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0)
-	f.Close()
-	if err != nil && !errors.Is(err, unix.ENXIO) {
-		return fmt.Errorf("loopdev: LOOP_CLR_FD %s: %w", d.Path, err)
+		return err
 	}
 	for {
 		_, err := control(unix.LOOP_CTL_REMOVE, d.Index)

@@ -54,7 +54,7 @@ func (c *Correlator) Attached(ctx context.Context, want commands.Mapping, since 
 		c.table(vm).inflight--
 		c.mu.Unlock()
 	}()
-	skip := map[string]bool{} // devices ruled out since the last change
+	skip := map[commands.DeviceIdentity]bool{} // devices ruled out since the last change
 	refresh := true
 	for {
 		if refresh {
@@ -88,7 +88,7 @@ func (c *Correlator) Attached(ctx context.Context, want commands.Mapping, since 
 func missing(want commands.Mapping) commands.Mapping {
 	now := time.Now().UTC()
 	want.CloudStackState, want.LinuxState = commands.CloudStackAttached, commands.LinuxMissing
-	want.DevicePath, want.PersistentDeviceName, want.SymlinkPath = "", "", ""
+	want.DevicePath, want.PersistentDeviceName, want.SymlinkPath, want.DeviceIdentity = "", "", "", nil
 	want.LastSync, want.UpdatedAt = now, now
 	return want
 }
@@ -96,7 +96,7 @@ func missing(want commands.Mapping) commands.Mapping {
 // try looks once for the volume's device among the known ones. ok is
 // false when none qualifies yet; a device that failed a check goes into
 // skip.
-func (c *Correlator) try(ctx context.Context, want commands.Mapping, since time.Time, skip map[string]bool) (commands.Mapping, bool, error) {
+func (c *Correlator) try(ctx context.Context, want commands.Mapping, since time.Time, skip map[commands.DeviceIdentity]bool) (commands.Mapping, bool, error) {
 	vm := want.VMID
 	dev, how, found := c.pick(want, since, skip, byIdentity)
 	if !found {
@@ -113,17 +113,17 @@ func (c *Correlator) try(ctx context.Context, want commands.Mapping, since time.
 	}
 	m, err := c.take(ctx, want, dev, how)
 	if err != nil {
-		c.unclaim(vm, dev.Path, want.VolumeID)
-		skip[dev.Path] = true
+		c.unclaim(vm, dev.Identity(), want.VolumeID)
+		skip[dev.Identity()] = true
 		if ctx.Err() != nil {
 			return missing(want), true, ctx.Err()
 		}
 		c.log.Info("device candidate rejected", "vm_id", vm, "volume_id", want.VolumeID, "device", dev.Path, "match", how.String(), "reason", err)
 		return commands.Mapping{}, false, nil
 	}
-	// Held until the caller has recorded it, and named with the VM's
-	// other names from now on.
-	c.hold(vm, dev.Path, want.VolumeID)
+	// Held until the caller has recorded it (or it goes away), and named
+	// with the VM's other names from now on.
+	c.hold(vm, dev.Identity(), want.VolumeID)
 	c.mu.Lock()
 	c.table(vm).identity = map[match]int{byIdentity: 1, bySizeAndTime: -1}[how]
 	c.mu.Unlock()
@@ -140,7 +140,7 @@ func (c *Correlator) try(ctx context.Context, want commands.Mapping, since time.
 // device whose identity is the volume's, with bySizeAndTime the earliest
 // device without identity that appeared after since with the volume's
 // size. Claimed and skipped devices are passed over.
-func (c *Correlator) pick(want commands.Mapping, since time.Time, skip map[string]bool, how match) (commands.Device, match, bool) {
+func (c *Correlator) pick(want commands.Mapping, since time.Time, skip map[commands.DeviceIdentity]bool, how match) (commands.Device, match, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	t := c.table(want.VMID)
@@ -150,7 +150,7 @@ func (c *Correlator) pick(want commands.Mapping, since time.Time, skip map[strin
 	}
 	var cands []cand
 	for _, d := range t.devices {
-		if skip[d.Path] || c.claimedByOther(want.VMID, d.Path, want.VolumeID) {
+		if skip[d.Identity()] || c.claimedByOther(want.VMID, d.Identity(), want.VolumeID) {
 			continue
 		}
 		at := t.arrivedAt(d)
@@ -171,7 +171,10 @@ func (c *Correlator) pick(want commands.Mapping, since time.Time, skip map[strin
 	s := slices.MinFunc(cands, func(a, b cand) int {
 		return cmp.Or(a.at.Compare(b.at), cmp.Compare(a.dev.Name, b.dev.Name))
 	})
-	c.claims[claimKey{want.VMID, s.dev.Path}] = claim{volumeID: want.VolumeID}
+	k := claimKey{want.VMID, s.dev.Identity()}
+	if cl := c.claims[k]; cl.volumeID != want.VolumeID {
+		c.claims[k] = claim{volumeID: want.VolumeID}
+	}
 	return s.dev, how, true
 }
 
@@ -181,34 +184,38 @@ func sizeFits(got, want int64) bool {
 	return want > 0 && got >= want && got-want <= sizeSlack
 }
 
-// claimedByOther reports whether another volume holds the device; c.mu
-// must be held. Expired claims are dropped.
-func (c *Correlator) claimedByOther(vm, path, volumeID string) bool {
-	k := claimKey{vm, path}
-	cl, ok := c.claims[k]
-	if ok && !cl.until.IsZero() && time.Now().After(cl.until) {
-		delete(c.claims, k)
-		return false
-	}
+// claimedByOther reports whether another volume holds the disk; c.mu
+// must be held.
+func (c *Correlator) claimedByOther(vm string, id commands.DeviceIdentity, volumeID string) bool {
+	cl, ok := c.claims[claimKey{vm, id}]
 	return ok && cl.volumeID != volumeID
 }
 
-// hold keeps a device claimed for volumeID for claimGrace from now, and
-// named with the VM's other names meanwhile.
-func (c *Correlator) hold(vm, path, volumeID string) {
+// hold marks volumeID's claim of a disk as handed out: named with the
+// VM's other names until its mapping is recorded.
+func (c *Correlator) hold(vm string, id commands.DeviceIdentity, volumeID string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.claims[claimKey{vm, path}] = claim{volumeID: volumeID, until: time.Now().Add(claimGrace)}
+	c.claims[claimKey{vm, id}] = claim{volumeID: volumeID, held: true}
 }
 
-// unclaim drops volumeID's claim of a device.
-func (c *Correlator) unclaim(vm, path, volumeID string) {
+// unclaim drops volumeID's claim of a disk.
+func (c *Correlator) unclaim(vm string, id commands.DeviceIdentity, volumeID string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	k := claimKey{vm, path}
+	k := claimKey{vm, id}
 	if c.claims[k].volumeID == volumeID {
 		delete(c.claims, k)
 	}
+}
+
+// sameDisk reports whether a mapping's recorded device is the disk d; a
+// mapping recorded without identity is compared by path.
+func sameDisk(m commands.Mapping, d commands.Device) bool {
+	if m.DeviceIdentity == nil {
+		return m.DevicePath == d.Path
+	}
+	return *m.DeviceIdentity == d.Identity()
 }
 
 // take checks a claimed candidate against the store and re-checks it with
@@ -220,10 +227,11 @@ func (c *Correlator) take(ctx context.Context, want commands.Mapping, dev comman
 	case err != nil:
 		return commands.Mapping{}, fmt.Errorf("look up mapping of %s: %w", dev.Path, err)
 	case other.VolumeID == want.VolumeID:
-	case other.VMID == want.VMID && how == byIdentity && !devagent.MatchesVolume(dev, other.VolumeID):
-		// The device carries this volume's identity: the other mapping's
-		// device is gone and the kernel reused the name.
-		if err := c.markMissing(ctx, other, "its device name now belongs to volume "+want.VolumeID); err != nil {
+	case other.VMID == want.VMID && (!sameDisk(other, dev) ||
+		(other.DeviceIdentity == nil && how == byIdentity && !devagent.MatchesVolume(dev, other.VolumeID))):
+		// Another disk under the same name: the other mapping's device is
+		// gone and the kernel reused the name.
+		if err := c.markMissing(ctx, other, "its device name now is disk "+dev.Identity().String()); err != nil {
 			return commands.Mapping{}, err
 		}
 	default:
@@ -240,14 +248,16 @@ func (c *Correlator) take(ctx context.Context, want commands.Mapping, dev comman
 	}
 	now := time.Now().UTC()
 	m := want
-	m.DevicePath, m.Size = fresh.Path, fresh.Size
+	id := fresh.Identity()
+	m.DevicePath, m.Size, m.DeviceIdentity = fresh.Path, fresh.Size, &id
 	m.CloudStackState, m.LinuxState = commands.CloudStackAttached, commands.LinuxDetected
 	m.LastSync, m.UpdatedAt = now, now
 	return m, nil
 }
 
-// verify lists the VM's devices afresh and checks dev is still there with
-// the same name, path and major:minor, and that same(it) holds.
+// verify lists the VM's devices afresh and checks dev is still there as
+// the same disk (name, major:minor, diskseq or generation), and that
+// same(it) holds; on this host's own VM, that the kernel agrees.
 func (c *Correlator) verify(ctx context.Context, vm string, dev commands.Device, same func(commands.Device) bool) (commands.Device, error) {
 	devs, err := c.list(ctx, vm, requestTimeout)
 	if err != nil {
@@ -257,33 +267,45 @@ func (c *Correlator) verify(ctx context.Context, vm string, dev commands.Device,
 	switch {
 	case i < 0:
 		return commands.Device{}, fmt.Errorf("%s is gone", dev.Path)
-	case devs[i].Path != dev.Path || devs[i].Major != dev.Major || devs[i].Minor != dev.Minor:
-		return commands.Device{}, fmt.Errorf("%s is now %d:%d, was %d:%d", dev.Path, devs[i].Major, devs[i].Minor, dev.Major, dev.Minor)
+	case devs[i].Identity() != dev.Identity():
+		return commands.Device{}, fmt.Errorf("%s is now disk %s, was %s", dev.Path, devs[i].Identity(), dev.Identity())
 	case !same(devs[i]):
 		return commands.Device{}, fmt.Errorf("%s changed identity or size", dev.Path)
+	}
+	if vm == c.cfg.LocalVMID && vm != "" {
+		if err := devagent.CheckLocal("", "", dev.Identity()); err != nil {
+			return commands.Device{}, fmt.Errorf("the agent's %s is not that disk on this host: %w", dev.Path, err)
+		}
 	}
 	return devs[i], nil
 }
 
-// markMissing records that a mapping's device is gone.
+// markMissing records that a mapping's device is gone, as a CAS on the
+// record as it is now; a record that changed meanwhile is read and
+// judged again.
 func (c *Correlator) markMissing(ctx context.Context, m commands.Mapping, why string) error {
-	old := m.DevicePath
-	// Mark the record as it is now: a detach may have ended it, or another
-	// writer moved it, since m was read.
-	cur, err := c.cfg.Store.GetMapping(ctx, m.VolumeID)
-	if errors.Is(err, state.ErrNotFound) || (err == nil && (cur.DevicePath != old || cur.VMID != m.VMID)) {
+	for attempt := 1; ; attempt++ {
+		// Mark the record as it is now: a detach may have ended it, or
+		// another writer moved it, since m was read.
+		cur, err := c.cfg.Store.GetMapping(ctx, m.VolumeID)
+		if errors.Is(err, state.ErrNotFound) || (err == nil && (cur.DevicePath != m.DevicePath || cur.VMID != m.VMID ||
+			!slices.Equal(identities(cur), identities(m)))) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
+		}
+		gone, err := c.cfg.Store.PutMapping(ctx, missing(cur))
+		if errors.Is(err, state.ErrStale) && attempt < maxStale {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
+		}
+		c.publish(gone)
+		c.log.Warn("mapping device gone", "volume_id", m.VolumeID, "vm_id", m.VMID, "device", m.DevicePath, "reason", why)
 		return nil
 	}
-	if err != nil {
-		return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
-	}
-	m = missing(cur)
-	if m, err = c.cfg.Store.PutMapping(ctx, m); err != nil {
-		return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
-	}
-	c.publish(m)
-	c.log.Warn("mapping device gone", "volume_id", m.VolumeID, "vm_id", m.VMID, "device", old, "reason", why)
-	return nil
 }
 
 // publish announces a mapping the correlator changed outside an attach on
@@ -313,10 +335,19 @@ func (c *Correlator) nameOne(ctx context.Context, m commands.Mapping) (commands.
 	return m, nil
 }
 
-// setNames sends the VM's agent the full set of persistent names: every
-// detected mapping of the VM in the store, overridden by the devices
-// handed out but perhaps not recorded yet (claims in their grace time)
-// and by extra, without volume `without`.
+// identities is m's recorded disk identity as a slice of zero or one.
+func identities(m commands.Mapping) []commands.DeviceIdentity {
+	if m.DeviceIdentity == nil {
+		return nil
+	}
+	return []commands.DeviceIdentity{*m.DeviceIdentity}
+}
+
+// setNames sends the VM's agent the full set of persistent names, each
+// with the identity its disk must have: every detected mapping of the VM
+// in the store, overridden by the disks handed out but not recorded yet
+// (held claims) and by extra, without volume `without`. A claim whose
+// mapping is recorded with its disk ends here: the store holds it now.
 func (c *Correlator) setNames(ctx context.Context, vm string, extra *commands.Mapping, without string) (devagent.NamesMessage, error) {
 	c.mu.Lock()
 	t := c.table(vm)
@@ -333,16 +364,23 @@ func (c *Correlator) setNames(ctx context.Context, vm string, extra *commands.Ma
 	}
 	c.mu.Lock()
 	for k, cl := range c.claims {
-		if k.vm == vm && !cl.until.IsZero() && time.Now().Before(cl.until) {
-			latest[cl.volumeID] = commands.Mapping{VolumeID: cl.volumeID, DevicePath: k.path, LinuxState: commands.LinuxDetected}
+		if k.vm != vm || !cl.held {
+			continue
 		}
+		if m, ok := latest[cl.volumeID]; ok && m.DeviceIdentity != nil && *m.DeviceIdentity == k.id {
+			delete(c.claims, k)
+			continue
+		}
+		id := k.id
+		latest[cl.volumeID] = commands.Mapping{VolumeID: cl.volumeID, DevicePath: id.Path(), DeviceIdentity: &id,
+			LinuxState: commands.LinuxDetected}
 	}
 	c.mu.Unlock()
 	if extra != nil {
 		latest[extra.VolumeID] = *extra
 	}
 	delete(latest, without)
-	set := map[string]string{}
+	req := devagent.NamesMessage{Names: map[string]string{}, Identities: map[string]commands.DeviceIdentity{}}
 	owner := map[string]string{}
 	for _, id := range slices.Sorted(maps.Keys(latest)) {
 		m := latest[id]
@@ -354,9 +392,12 @@ func (c *Correlator) setNames(ctx context.Context, vm string, extra *commands.Ma
 			c.log.Error("persistent name collision", "name", name, "volume_id", m.VolumeID, "other_volume_id", prev)
 			continue
 		}
-		owner[name], set[name] = m.VolumeID, m.DevicePath
+		owner[name], req.Names[name] = m.VolumeID, m.DevicePath
+		if m.DeviceIdentity != nil {
+			req.Identities[name] = *m.DeviceIdentity
+		}
 	}
-	body, err := json.Marshal(devagent.NamesMessage{Names: set})
+	body, err := json.Marshal(req)
 	if err != nil {
 		return devagent.NamesMessage{}, fmt.Errorf("%w: %w", ErrName, err)
 	}
@@ -378,9 +419,20 @@ func (c *Correlator) setNames(ctx context.Context, vm string, extra *commands.Ma
 
 // Detached waits, up to Config.ReleaseTimeout, until the device of m is
 // gone from its VM (a remove event, or absent from a fresh list), then
-// re-sends the VM's names without the volume's. A device still there at
+// re-sends the VM's names without the volume's. Meanwhile heal leaves the
+// mapping to the caller, who removes it next. A device still there at
 // the end is an error; the name is removed all the same.
 func (c *Correlator) Detached(ctx context.Context, m commands.Mapping) error {
+	c.mu.Lock()
+	c.releasing[m.VolumeID]++
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		if c.releasing[m.VolumeID]--; c.releasing[m.VolumeID] <= 0 {
+			delete(c.releasing, m.VolumeID)
+		}
+		c.mu.Unlock()
+	}()
 	var waitErr error
 	if m.LinuxState == commands.LinuxDetected && m.DevicePath != "" {
 		waitErr = c.waitGone(ctx, m)
@@ -388,13 +440,19 @@ func (c *Correlator) Detached(ctx context.Context, m commands.Mapping) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	c.unclaim(m.VMID, m.DevicePath, m.VolumeID)
+	c.mu.Lock()
+	for k, cl := range c.claims {
+		if k.vm == m.VMID && cl.volumeID == m.VolumeID {
+			delete(c.claims, k)
+		}
+	}
+	c.mu.Unlock()
 	_, err := c.setNames(ctx, m.VMID, nil, m.VolumeID)
 	return errors.Join(waitErr, err)
 }
 
-// waitGone waits until m's device is absent from the VM or shows another
-// volume's identity.
+// waitGone waits until m's device is absent from the VM, is another disk
+// under its name, or shows another volume's identity.
 func (c *Correlator) waitGone(ctx context.Context, m commands.Mapping) error {
 	timer := time.NewTimer(c.cfg.ReleaseTimeout)
 	defer timer.Stop()
@@ -414,7 +472,7 @@ func (c *Correlator) waitGone(ctx context.Context, m commands.Mapping) error {
 		d, present := t.devices[name]
 		changed := t.changed
 		c.mu.Unlock()
-		if !present || (devagent.HasIdentity(d) && !devagent.MatchesVolume(d, m.VolumeID)) {
+		if !present || !sameDisk(m, d) || (devagent.HasIdentity(d) && !devagent.MatchesVolume(d, m.VolumeID)) {
 			return nil
 		}
 		select {

@@ -20,7 +20,9 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/handlers"
@@ -31,6 +33,7 @@ import (
 const (
 	DefaultTimeout        = 60 * time.Second
 	DefaultReleaseTimeout = 30 * time.Second
+	DefaultReplay         = 10 * time.Minute
 )
 
 const (
@@ -43,9 +46,11 @@ const (
 	// pollInterval is how often a wait re-lists the VM's devices, should
 	// an event be lost.
 	pollInterval = time.Second
-	// claimGrace keeps a device claimed after Attached returned it, until
-	// the caller has recorded the mapping.
-	claimGrace = 30 * time.Second
+	// maxStale is how often a write that found its record changed reads
+	// it again and decides anew.
+	maxStale = 3
+	// maxGone bounds a VM's set of removed disk identities.
+	maxGone = 4096
 	// sizeSlack is how much larger than the volume a device may be and
 	// still match by size (virtual disks round up).
 	sizeSlack = 1 << 20
@@ -74,6 +79,9 @@ type Config struct {
 	// Conn carries the device events and the requests to device agents;
 	// required.
 	Conn *nats.Conn
+	// JetStream reads the device events from stream VOLUMED_DEVICES; nil
+	// makes one on Conn.
+	JetStream jetstream.JetStream
 	// Store holds the mappings recorded and repaired; required.
 	Store state.Store
 	// Timeout bounds the wait for a device in Attached; default
@@ -82,6 +90,13 @@ type Config struct {
 	// ReleaseTimeout bounds the wait for a device to go in Detached;
 	// default DefaultReleaseTimeout.
 	ReleaseTimeout time.Duration
+	// Replay is how far back Start reads the device events, so that the
+	// arrivals a correlation resumed after a restart relies on are known
+	// again; default DefaultReplay.
+	Replay time.Duration
+	// LocalVMID is the VM this process runs on: its agents' devices are
+	// checked here (devagent.CheckLocal) before one is handed out.
+	LocalVMID string
 	// LocalStatus reports the health of the agent running in this process;
 	// nil when there is none.
 	LocalStatus func() devagent.Status
@@ -97,11 +112,14 @@ type Correlator struct {
 	mu     sync.Mutex
 	vms    map[string]*vmTable
 	claims map[claimKey]claim
+	// releasing counts the Detached calls running per volume: their
+	// caller removes the mapping next, so heal leaves it alone.
+	releasing map[string]int
 
 	events atomic.Int64
 
 	healQ     chan string
-	subs      []*nats.Subscription
+	consume   jetstream.ConsumeContext
 	ctx       context.Context
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup
@@ -112,16 +130,28 @@ var _ handlers.DeviceCorrelator = (*Correlator)(nil)
 
 // vmTable is what the correlator knows of one VM's devices.
 type vmTable struct {
-	// devices are the VM's disks by kernel name, from events and lists.
+	// devices are the VM's disks by kernel name, from events and lists;
+	// each carries its identity.
 	devices map[string]commands.Device
-	// arrived holds, by kernel name, when an add event (or a change of
-	// device number) reached the correlator; only events change it, so a
-	// list reply racing an event cannot lose it.
-	arrived map[string]arrival
+	// arrived holds when each disk appearance (by identity) was added, as
+	// the event stream stored its add event; only events change it, so a
+	// list reply racing an event cannot lose it, and Start's replay of
+	// the stream brings it back after a restart.
+	arrived map[commands.DeviceIdentity]time.Time
+	// gone holds the disk appearances removed: an identity never comes
+	// back (diskseq and generations are not reused), so a late event of
+	// one is stale. Cleared past maxGone entries.
+	gone map[commands.DeviceIdentity]bool
 	// changed is closed and replaced at every change of devices.
 	changed chan struct{}
 	// agentAt is when the VM's agent last answered.
 	agentAt time.Time
+	// listed: devices was filled by a list since the last gap in events.
+	listed bool
+	// epoch and seq are the agent run and event number of the last event
+	// applied: older ones are dropped, a gap makes the VM listed again.
+	epoch string
+	seq   uint64
 	// identity is what the last correlation on the VM went by: 1 identity,
 	// -1 size and time, 0 none yet.
 	identity int
@@ -134,28 +164,29 @@ type vmTable struct {
 	names sync.Mutex
 }
 
-// arrival is when a device number appeared under a kernel name.
-type arrival struct {
-	major, minor int
-	at           time.Time
-}
-
-// arrivedAt is when d arrived, zero if unknown; c.mu must be held.
+// arrivedAt is when d arrived: when the stream stored its add, else when
+// its agent says it saw it come (a list reply, say after the add was lost
+// in a crash); zero if unknown. c.mu must be held.
 func (t *vmTable) arrivedAt(d commands.Device) time.Time {
-	a, ok := t.arrived[d.Name]
-	if !ok || a.major != d.Major || a.minor != d.Minor {
-		return time.Time{}
+	if at, ok := t.arrived[d.Identity()]; ok {
+		return at
 	}
-	return a.at
+	return d.Time
 }
 
-type claimKey struct{ vm, path string }
+// claimKey is one disk appearance on a VM: a reused kernel name is
+// another key.
+type claimKey struct {
+	vm string
+	id commands.DeviceIdentity
+}
 
-// claim holds a device for a volume while it is correlated, and until
-// `until` after (zero: no end yet).
+// claim holds a disk for a volume from its pick until its device goes
+// away, its volume is detached, or its mapping is recorded with it (then
+// the store holds it). held: the disk was checked and handed out.
 type claim struct {
 	volumeID string
-	until    time.Time
+	held     bool
 }
 
 // New returns a Correlator with defaults filled in; Start runs it.
@@ -166,42 +197,58 @@ func New(cfg Config) *Correlator {
 	if cfg.ReleaseTimeout <= 0 {
 		cfg.ReleaseTimeout = DefaultReleaseTimeout
 	}
+	if cfg.Replay <= 0 {
+		cfg.Replay = DefaultReplay
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
 	return &Correlator{
-		cfg:    cfg,
-		log:    cfg.Logger.With("component", "correlate"),
-		vms:    map[string]*vmTable{},
-		claims: map[claimKey]claim{},
-		healQ:  make(chan string, 256),
+		cfg:       cfg,
+		log:       cfg.Logger.With("component", "correlate"),
+		vms:       map[string]*vmTable{},
+		claims:    map[claimKey]claim{},
+		releasing: map[string]int{},
+		healQ:     make(chan string, 256),
 	}
 }
 
-// Start subscribes to every agent's device events, then in the background
+// Start follows every agent's device events through one ordered consumer
+// of stream VOLUMED_DEVICES (so each VM's events are applied in the order
+// its agent stored them), from Config.Replay ago, then in the background
 // re-sends the persistent-name set of each VM with mappings whose agent
 // answers, and heals its missing mappings.
 func (c *Correlator) Start(ctx context.Context) error {
 	if c.cfg.Conn == nil || c.cfg.Store == nil {
 		return errors.New("correlate: Conn and Store are required")
 	}
-	c.ctx, c.cancel = context.WithCancel(context.WithoutCancel(ctx))
-	for _, a := range []commands.DeviceAction{commands.DeviceAdd, commands.DeviceRemove, commands.DeviceChange} {
-		sub, err := c.cfg.Conn.Subscribe(commands.DeviceSubject("*", a), c.onEvent)
-		if err != nil {
-			c.stop()
-			return fmt.Errorf("correlate: subscribe: %w", err)
+	js := c.cfg.JetStream
+	if js == nil {
+		var err error
+		if js, err = jetstream.New(c.cfg.Conn); err != nil {
+			return fmt.Errorf("correlate: jetstream: %w", err)
 		}
-		c.subs = append(c.subs, sub)
 	}
-	if err := c.cfg.Conn.FlushTimeout(requestTimeout); err != nil {
+	c.ctx, c.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	from := time.Now().Add(-c.cfg.Replay)
+	var filters []string
+	for _, a := range []commands.DeviceAction{commands.DeviceAdd, commands.DeviceRemove, commands.DeviceChange} {
+		filters = append(filters, commands.DeviceSubject("*", a))
+	}
+	cons, err := js.OrderedConsumer(ctx, bus.StreamDevices, jetstream.OrderedConsumerConfig{
+		FilterSubjects: filters, DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &from})
+	if err != nil {
 		c.stop()
-		return fmt.Errorf("correlate: flush subscriptions: %w", err)
+		return fmt.Errorf("correlate: device events consumer: %w", err)
+	}
+	if c.consume, err = cons.Consume(c.onEvent); err != nil {
+		c.stop()
+		return fmt.Errorf("correlate: consume device events: %w", err)
 	}
 	c.wg.Add(2)
 	go c.healLoop()
 	go c.resync()
-	c.log.Info("device correlator started", "timeout", c.cfg.Timeout, "release_timeout", c.cfg.ReleaseTimeout)
+	c.log.Info("device correlator started", "timeout", c.cfg.Timeout, "release_timeout", c.cfg.ReleaseTimeout, "replay", c.cfg.Replay)
 	return nil
 }
 
@@ -213,8 +260,8 @@ func (c *Correlator) Close(ctx context.Context) error {
 }
 
 func (c *Correlator) stop() {
-	for _, sub := range c.subs {
-		_ = sub.Unsubscribe()
+	if c.consume != nil {
+		c.consume.Stop()
 	}
 	if c.cancel != nil {
 		c.cancel()
@@ -253,7 +300,8 @@ func (c *Correlator) resync() {
 func (c *Correlator) table(vm string) *vmTable {
 	t := c.vms[vm]
 	if t == nil {
-		t = &vmTable{devices: map[string]commands.Device{}, arrived: map[string]arrival{}, changed: make(chan struct{})}
+		t = &vmTable{devices: map[string]commands.Device{}, arrived: map[commands.DeviceIdentity]time.Time{},
+			gone: map[commands.DeviceIdentity]bool{}, changed: make(chan struct{})}
 		c.vms[vm] = t
 	}
 	return t
@@ -265,49 +313,139 @@ func (t *vmTable) notify() {
 	t.changed = make(chan struct{})
 }
 
-// onEvent applies a device event to its VM's table.
-func (c *Correlator) onEvent(msg *nats.Msg) {
-	parts := strings.Split(msg.Subject, ".")
+// checkDevice refuses a device of an agent's event or list reply whose
+// path is not /dev/<its kernel name>, or whose kernel name could name
+// something else.
+func checkDevice(d commands.Device) error {
+	switch {
+	case d.Name == "" || d.Name == "." || d.Name == ".." || strings.ContainsAny(d.Name, "/\x00"):
+		return fmt.Errorf("bad kernel name %q", d.Name)
+	case d.Path != d.Identity().Path():
+		return fmt.Errorf("path %q of %s is not /dev/<kernel name>", d.Path, d.Name)
+	case d.Major <= 0 || d.Minor < 0:
+		return fmt.Errorf("bad device number %d:%d of %s", d.Major, d.Minor, d.Name)
+	}
+	return nil
+}
+
+// onEvent applies one stored device event to its VM's table.
+func (c *Correlator) onEvent(msg jetstream.Msg) {
+	parts := strings.Split(msg.Subject(), ".")
 	if len(parts) != 3 {
 		return
 	}
 	vm, action := parts[1], commands.DeviceAction(parts[2])
 	var d commands.Device
-	if err := json.Unmarshal(msg.Data, &d); err != nil || d.Name == "" {
-		c.log.Warn("bad device event", "subject", msg.Subject, "err", err)
+	err := json.Unmarshal(msg.Data(), &d)
+	if err == nil {
+		err = checkDevice(d)
+	}
+	if err == nil && d.VMID != "" && d.VMID != vm {
+		err = fmt.Errorf("event of VM %s on the subject of VM %s", d.VMID, vm)
+	}
+	if err != nil {
+		c.log.Warn("bad device event", "subject", msg.Subject(), "err", err)
 		return
 	}
+	at := time.Now()
+	if md, err := msg.Metadata(); err == nil {
+		at = md.Timestamp
+	}
 	c.events.Add(1)
-	now := time.Now()
+	if c.apply(vm, action, d, at) {
+		c.queueHeal(vm)
+	}
+}
+
+// apply applies a device event stored at `at` to the VM's table, unless
+// it is older than the last one applied (same agent run, lower number);
+// false when dropped.
+func (c *Correlator) apply(vm string, action commands.DeviceAction, d commands.Device, at time.Time) bool {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	t := c.table(vm)
-	t.agentAt = now
+	if time.Since(at) < agentTTL && at.After(t.agentAt) {
+		t.agentAt = at
+	}
+	if d.Epoch != "" {
+		if d.Epoch == t.epoch && d.EventSeq <= t.seq {
+			c.log.Info("device event older than the last applied: dropped", "vm_id", vm, "action", string(action),
+				"identity", d.Identity().String(), "event_seq", d.EventSeq, "last", t.seq)
+			return false
+		}
+		if (d.Epoch == t.epoch && d.EventSeq != t.seq+1) || (d.Epoch != t.epoch && t.epoch != "" && d.EventSeq != 1) {
+			c.log.Warn("device events missed: listing the VM again", "vm_id", vm, "event_seq", d.EventSeq, "last", t.seq)
+			t.listed = false
+		}
+		t.epoch, t.seq = d.Epoch, d.EventSeq
+	}
+	id := d.Identity()
+	cur, had := t.devices[d.Name]
+	stale := t.gone[id] && action != commands.DeviceRemove
+	if action == commands.DeviceChange && had && cur.Identity() != id {
+		stale = true // a change never changes identity: a late one of an older disk
+	}
+	if stale {
+		c.log.Info("device event of a disk no longer there: dropped", "vm_id", vm, "action", string(action),
+			"identity", id.String())
+		return false
+	}
+	d.Action, d.VMID, d.Epoch, d.EventSeq = "", vm, "", 0
 	switch action {
 	case commands.DeviceRemove:
-		delete(t.devices, d.Name)
-		delete(t.arrived, d.Name)
-	case commands.DeviceAdd, commands.DeviceChange:
-		if action == commands.DeviceAdd {
-			t.arrived[d.Name] = arrival{major: d.Major, minor: d.Minor, at: now}
+		if had && cur.Identity() == id {
+			delete(t.devices, d.Name)
 		}
-		d.Action, d.VMID = "", vm
+		delete(t.arrived, id)
+		if id.DiskSeq != 0 || id.Generation != 0 { // else the identity is reused
+			if len(t.gone) >= maxGone {
+				clear(t.gone)
+			}
+			t.gone[id] = true
+		}
+		c.dropClaims(vm, id)
+	case commands.DeviceAdd, commands.DeviceChange:
+		if had && cur.Identity() != id {
+			c.dropClaims(vm, cur.Identity())
+			delete(t.arrived, cur.Identity())
+		}
+		if _, ok := t.arrived[id]; !ok && action == commands.DeviceAdd {
+			t.arrived[id] = at
+		}
 		t.devices[d.Name] = d
 	}
 	t.notify()
-	c.mu.Unlock()
-	c.queueHeal(vm)
+	return true
 }
 
-// merge replaces the VM's device set with a fresh list.
+// dropClaims ends the claims of a disk appearance that went away; c.mu
+// must be held.
+func (c *Correlator) dropClaims(vm string, id commands.DeviceIdentity) {
+	delete(c.claims, claimKey{vm, id})
+}
+
+// merge replaces the VM's device set with a fresh list, less the disks
+// whose remove was applied already; claims of disks no longer there end.
 func (c *Correlator) merge(vm string, devs []commands.Device) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	t := c.table(vm)
 	t.agentAt = time.Now()
 	t.devices = make(map[string]commands.Device, len(devs))
+	present := map[commands.DeviceIdentity]bool{}
 	for _, d := range devs {
+		if t.gone[d.Identity()] {
+			continue // a list taken before the disk's remove event
+		}
 		t.devices[d.Name] = d
+		present[d.Identity()] = true
 	}
+	for k := range c.claims {
+		if k.vm == vm && !present[k.id] {
+			delete(c.claims, k)
+		}
+	}
+	t.listed = true
 	t.notify()
 }
 
@@ -327,6 +465,13 @@ func (c *Correlator) list(ctx context.Context, vm string, timeout time.Duration)
 		}
 		return nil, fmt.Errorf("%w: list devices of VM %s: %w", ErrAgent, vm, err)
 	}
+	devs = slices.DeleteFunc(devs, func(d commands.Device) bool {
+		err := checkDevice(d)
+		if err != nil {
+			c.log.Warn("bad device in list reply: ignored", "vm_id", vm, "err", err)
+		}
+		return err != nil
+	})
 	c.merge(vm, devs)
 	return devs, nil
 }

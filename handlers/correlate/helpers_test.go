@@ -43,7 +43,7 @@ type env struct {
 
 // setup starts everything for one test; cfg tunes the simulator and the
 // correlator's timeouts.
-func setup(t *testing.T, anonymous bool, timeout time.Duration) *env {
+func setup(t testing.TB, anonymous bool, timeout time.Duration) *env {
 	t.Helper()
 	testenv.RequireLoopControl(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -70,7 +70,7 @@ func setup(t *testing.T, anonymous bool, timeout time.Duration) *env {
 	t.Cleanup(func() { _ = srv.Close(context.Background()) })
 
 	corr := correlate.New(correlate.Config{Conn: b.Conn(), Store: store, Timeout: timeout,
-		ReleaseTimeout: 20 * time.Second, LocalStatus: agent.Status, Logger: quiet})
+		ReleaseTimeout: 20 * time.Second, LocalVMID: vm, LocalStatus: agent.Status, Logger: quiet})
 	if err := corr.Start(ctx); err != nil {
 		t.Fatalf("correlator: %v", err)
 	}
@@ -86,7 +86,7 @@ func setup(t *testing.T, anonymous bool, timeout time.Duration) *env {
 }
 
 // createVolume creates a volume of sizeGB GiB and returns its id.
-func (e *env) createVolume(t *testing.T, sizeGB int64) string {
+func (e *env) createVolume(t testing.TB, sizeGB int64) string {
 	t.Helper()
 	p := e.cs.Volume.NewCreateVolumeParams()
 	p.SetName("corr-" + uuid.NewString()[:8])
@@ -147,7 +147,7 @@ func (e *env) attachAndCorrelate(t *testing.T, sizeGB int64) (string, commands.M
 }
 
 // simDevice is the loop device the simulator made for a volume.
-func (e *env) simDevice(t *testing.T, volumeID string) cloudsim.LocalDevice {
+func (e *env) simDevice(t testing.TB, volumeID string) cloudsim.LocalDevice {
 	t.Helper()
 	d, ok := e.sim.LocalDevice(volumeID)
 	if !ok {
@@ -184,7 +184,7 @@ func (e *env) checkMapped(t *testing.T, volumeID string, m commands.Mapping) {
 }
 
 // detach detaches a volume in CloudStack, waiting for the job.
-func (e *env) detach(t *testing.T, volumeID string) {
+func (e *env) detach(t testing.TB, volumeID string) {
 	t.Helper()
 	p := e.cs.Volume.NewDetachVolumeParams()
 	p.SetId(volumeID)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path"
 	"strings"
 	"time"
 
@@ -35,7 +36,8 @@ func (c *Correlator) healLoop() {
 // gives each missing mapping the device that came late: the one
 // with the volume's identity or, while no Attached waits on the VM, the
 // only fitting device without identity that appeared after the mapping was
-// marked missing. A healed mapping is recorded, named and published on
+// marked missing. Mappings being released (Detached) are left alone. A
+// healed mapping is recorded, named and published on
 // volumes.mappings.<volume_id>.
 func (c *Correlator) heal(ctx context.Context, vm string) error {
 	ms, err := c.cfg.Store.ListMappings(ctx, vm)
@@ -44,9 +46,15 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 	}
 	var errs []error
 	for _, m := range ms {
-		if m.LinuxState == commands.LinuxDetected && !c.present(vm, m.DevicePath) {
-			// Its device went away behind our back: the mapping must not
-			// point at a device that is gone.
+		c.mu.Lock()
+		releasing := c.releasing[m.VolumeID] > 0
+		c.mu.Unlock()
+		if releasing {
+			continue
+		}
+		if m.LinuxState == commands.LinuxDetected && !c.present(vm, m) {
+			// Its device went away behind our back, or its name is another
+			// disk now: the mapping must not point at it.
 			if err := c.markMissing(ctx, m, "device removed"); err != nil {
 				errs = append(errs, err)
 			}
@@ -63,10 +71,10 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 		}
 		healed, err := c.take(ctx, m, dev, how)
 		if err == nil {
-			c.hold(vm, dev.Path, m.VolumeID)
+			c.hold(vm, dev.Identity(), m.VolumeID)
 			healed, err = c.record(ctx, healed)
 		}
-		c.unclaim(vm, dev.Path, m.VolumeID)
+		c.unclaim(vm, dev.Identity(), m.VolumeID)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("volume %s: %w", m.VolumeID, err))
 			continue
@@ -77,20 +85,26 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 	return errors.Join(errs...)
 }
 
-// present reports whether the VM's device table holds a device path.
-func (c *Correlator) present(vm, path string) bool {
+// present reports whether the VM's device table holds m's disk: its name
+// with its recorded identity. Before the VM was listed (after a start or
+// a gap in its events) it lists it first; without an answer nothing is
+// known and nothing is called gone.
+func (c *Correlator) present(vm string, m commands.Mapping) bool {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	t := c.vms[vm]
-	if t == nil {
-		return true // nothing known: no evidence it is gone
-	}
-	for _, d := range t.devices {
-		if d.Path == path {
+	listed := t != nil && t.listed
+	c.mu.Unlock()
+	if !listed {
+		ctx, cancel := context.WithTimeout(c.ctx, requestTimeout)
+		defer cancel()
+		if _, err := c.list(ctx, vm, requestTimeout); err != nil {
 			return true
 		}
 	}
-	return false
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	d, ok := c.vms[vm].devices[path.Base(m.DevicePath)]
+	return ok && d.Path == m.DevicePath && sameDisk(m, d)
 }
 
 // pickLate claims the device without identity for a missing mapping m when
@@ -189,19 +203,26 @@ func (c *Correlator) repair(ctx context.Context, vm string, a, m commands.Mappin
 	switch {
 	case !has && own != nil:
 		if other, err := c.cfg.Store.GetMappingByDevice(ctx, vm, own.Path); err == nil && other.VolumeID != a.VolumeID {
-			return "", fmt.Errorf("%s carries its identity but is mapped to volume %s", own.Path, other.VolumeID)
+			if sameDisk(other, *own) {
+				return "", fmt.Errorf("%s carries its identity but is mapped to volume %s", own.Path, other.VolumeID)
+			}
+			if err := c.markMissing(ctx, other, "its device name now is disk "+own.Identity().String()); err != nil {
+				return "", err
+			}
 		}
+		id := own.Identity()
 		m = a
-		m.ID, m.CreatedAt, m.VMID = "mapping-"+uuid.NewString(), now, vm
+		m.ID, m.CreatedAt, m.VMID, m.DeviceIdentity = "mapping-"+uuid.NewString(), now, vm, &id
 		m.DevicePath, m.Size, m.LinuxState, m.CloudStackState = own.Path, own.Size, commands.LinuxDetected, commands.CloudStackAttached
 		m.LastSync, m.UpdatedAt = now, now
 		if _, err := c.record(ctx, m); err != nil && !errors.Is(err, ErrName) {
 			return "", err
 		}
 		return fmt.Sprintf("mapped attached volume %s on VM %s to %s (it had no mapping)", a.VolumeID, vm, own.Path), nil
-	case has && own != nil && (m.DevicePath != own.Path || m.LinuxState != commands.LinuxDetected):
+	case has && own != nil && (!sameDisk(m, *own) || m.DevicePath != own.Path || m.LinuxState != commands.LinuxDetected):
 		was := fmt.Sprintf("%s, linux_state %s", m.Device(), m.LinuxState)
-		m.DevicePath, m.Size, m.LinuxState = own.Path, own.Size, commands.LinuxDetected
+		id := own.Identity()
+		m.DevicePath, m.Size, m.LinuxState, m.DeviceIdentity = own.Path, own.Size, commands.LinuxDetected, &id
 		m.LastSync, m.UpdatedAt = now, now
 		if _, err := c.record(ctx, m); err != nil && !errors.Is(err, ErrName) {
 			return "", err
@@ -213,6 +234,8 @@ func (c *Correlator) repair(ctx context.Context, vm string, a, m commands.Mappin
 		switch {
 		case !present:
 			why = "is gone"
+		case !sameDisk(m, d):
+			why = "is another disk now (" + d.Identity().String() + ")"
 		case devagent.HasIdentity(d) && !devagent.MatchesVolume(d, a.VolumeID):
 			why = "now carries another identity"
 		case !devagent.HasIdentity(d) && !sizeFits(d.Size, m.Size):

@@ -203,6 +203,17 @@ func TestSeparateAgentProcess(t *testing.T) {
 	d := startDaemon(t, sim, daemonOpts{dataDir: dataDir, extra: []string{"--device-agent=false"}})
 	vol := d.createVolume("remote-agent", 1)
 
+	startAgentProcess(t, d)
+	d.attachLocal(vol)
+	d.requireMapped(sim, vol)
+	d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
+	d.mustCall(http.StatusNotFound, http.MethodGet, "/volumes/"+vol+"/device", nil, nil)
+}
+
+// startAgentProcess runs `volumed agent` for the appliance VM against d's
+// bus, stopped with SIGINT when the test ends, and waits until it is ready.
+func startAgentProcess(t *testing.T, d *daemon) {
+	t.Helper()
 	out := &syncBuffer{}
 	agent := exec.Command(volumedBin, "agent", "--vm-id", cloudsim.ApplianceVMID, "--nats-url", d.natsURL,
 		"--name-dir", d.nameDir(), "--log-level", "debug")
@@ -226,11 +237,6 @@ func TestSeparateAgentProcess(t *testing.T) {
 	})
 	testenv.Eventually(t, 15*time.Second, func() bool { return strings.Contains(out.String(), "device agent ready") },
 		"volumed agent ready:\n%s", out.String())
-
-	d.attachLocal(vol)
-	d.requireMapped(sim, vol)
-	d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
-	d.mustCall(http.StatusNotFound, http.MethodGet, "/volumes/"+vol+"/device", nil, nil)
 }
 
 // TestDeviceRemovedBehindOurBack removes the loop device of an attached
@@ -261,40 +267,57 @@ func TestDeviceRemovedBehindOurBack(t *testing.T) {
 	}
 }
 
-// TestForceSyncRepairsBrokenMapping breaks a mapping by hand in Redis and
-// requires force-sync to point it back at the volume's device.
+// TestForceSyncRepairsBrokenMapping breaks a mapping by hand in Redis, its
+// path or its recorded disk identity (an older diskseq: another disk that
+// once had the name), and requires force-sync to point it back at the
+// volume's disk as it is now.
 func TestForceSyncRepairsBrokenMapping(t *testing.T) {
-	sim := startLocalSim(t, false)
-	r := testenv.StartRedis(t)
-	d := startDaemon(t, sim, daemonOpts{redisURL: r.URL()})
-	vol := d.createVolume("broken", 1)
-	d.attachLocal(vol)
-	m := d.requireMapped(sim, vol)
+	for _, tc := range []struct {
+		name  string
+		spoil func(m *commands.Mapping)
+	}{
+		{"path", func(m *commands.Mapping) { m.DevicePath = "/dev/loop99999" }},
+		{"identity", func(m *commands.Mapping) { m.DeviceIdentity.DiskSeq-- }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sim := startLocalSim(t, false)
+			r := testenv.StartRedis(t)
+			d := startDaemon(t, sim, daemonOpts{redisURL: r.URL()})
+			vol := d.createVolume("broken", 1)
+			d.attachLocal(vol)
+			m := d.requireMapped(sim, vol)
 
-	// Another writer (an operator, a bug) breaks the mapping in the store.
-	ctx := context.Background()
-	store, err := state.NewRedis(ctx, state.RedisConfig{URL: r.URL()})
-	if err != nil {
-		t.Fatal(err)
+			// Another writer (an operator, a bug) breaks the mapping in the store.
+			ctx := context.Background()
+			store, err := state.NewRedis(ctx, state.RedisConfig{URL: r.URL()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer store.Close(ctx)
+			broken, err := store.GetMapping(ctx, vol)
+			if err != nil {
+				t.Fatal(err)
+			}
+			id := *broken.DeviceIdentity
+			broken.DeviceIdentity = &id
+			tc.spoil(&broken)
+			if _, err := store.PutMapping(ctx, broken); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Remove(m.SymlinkPath); err != nil {
+				t.Fatal(err)
+			}
+			var res commands.SyncResult
+			d.mustCall(http.StatusOK, http.MethodPost, "/admin/force-sync", nil, &res)
+			if !strings.Contains(strings.Join(res.Changes, "\n"), "mapping of volume "+vol) {
+				t.Fatalf("force-sync changes %q", res.Changes)
+			}
+			got := d.requireMapped(sim, vol)
+			if got.DeviceIdentity == nil || *got.DeviceIdentity != *m.DeviceIdentity {
+				t.Fatalf("repaired identity %+v, want %+v", got.DeviceIdentity, m.DeviceIdentity)
+			}
+		})
 	}
-	defer store.Close(ctx)
-	broken, err := store.GetMapping(ctx, vol)
-	if err != nil {
-		t.Fatal(err)
-	}
-	broken.DevicePath = "/dev/loop99999"
-	if _, err := store.PutMapping(ctx, broken); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Remove(m.SymlinkPath); err != nil {
-		t.Fatal(err)
-	}
-	var res commands.SyncResult
-	d.mustCall(http.StatusOK, http.MethodPost, "/admin/force-sync", nil, &res)
-	if len(res.Changes) == 0 || !strings.Contains(strings.Join(res.Changes, "\n"), vol) {
-		t.Fatalf("force-sync changes %q", res.Changes)
-	}
-	d.requireMapped(sim, vol)
 }
 
 // TestCorrelationTimeout attaches to the appliance while the simulator
