@@ -35,8 +35,24 @@ func requireTools(t testing.TB, names ...string) {
 // startServer starts a Server on a free loopback port, closed at cleanup.
 func startServer(t testing.TB) *Server {
 	t.Helper()
-	s := New(Config{Listen: "127.0.0.1:0", HandshakeTimeout: 5 * time.Second,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	return startServerWith(t, Config{})
+}
+
+// startServerWith starts a Server with cfg on a free loopback port, closed
+// at cleanup.
+func startServerWith(t testing.TB, cfg Config) *Server {
+	t.Helper()
+	cfg.Listen = "127.0.0.1:0"
+	if cfg.HandshakeTimeout == 0 {
+		cfg.HandshakeTimeout = 5 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := s.Start(ctx); err != nil {

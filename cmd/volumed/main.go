@@ -154,7 +154,10 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	var exporter handlers.Exporter
 	nbdAddr := "off"
 	if cfg.nbdListen != "" {
-		srv := nbd.New(nbd.Config{Listen: cfg.nbdListen, Logger: log})
+		srv, err := nbd.New(nbd.Config{Listen: cfg.nbdListen, Logger: log})
+		if err != nil {
+			return err
+		}
 		if err := srv.Start(ctx); err != nil {
 			return err
 		}
