@@ -188,6 +188,13 @@ func (b *backing) writeAt(p []byte, off int64, fua bool) error {
 	return nil
 }
 
+// startWriteback starts writing [off, off+n) out to the device without
+// waiting for it (sync_file_range SYNC_FILE_RANGE_WRITE), so that dirty
+// data does not pile up for the next flush; best effort.
+func (b *backing) startWriteback(off, n int64) {
+	_ = unix.SyncFileRange(b.fd(), off, n, unix.SYNC_FILE_RANGE_WRITE)
+}
+
 // discard drops the range [off, off+n): BLKDISCARD or a punched hole.
 func (b *backing) discard(off, n uint64) error {
 	if b.block {

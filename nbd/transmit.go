@@ -184,7 +184,11 @@ func (c *conn) do(e *export, r request, buf []byte) error {
 	case cmdBlockStatus:
 		return c.blockStatus(e, r)
 	case cmdWrite:
-		err = e.b.writeAt(buf, int64(r.off), fua)
+		if err = e.b.writeAt(buf, int64(r.off), fua); err == nil && !fua {
+			// Reply first, then start writing the range out, so the
+			// next flush has less left to do.
+			defer e.b.startWriteback(int64(r.off), int64(r.n))
+		}
 	case cmdTrim:
 		if r.n > 0 {
 			err = syncAfter(e, fua, e.b.discard(r.off, uint64(r.n)))
