@@ -293,7 +293,8 @@ type optError struct{ typ uint32 }
 func (e *optError) Error() string { return fmt.Sprintf("option reply %#x", e.typ) }
 
 // dialWire connects to the export with NBD_OPT_GO.
-func dialWire(t testing.TB, addr net.Addr, name string) (*wireClient, error) {
+// The connection is closed when negotiation fails, or at cleanup.
+func dialWire(t testing.TB, addr net.Addr, name string) (_ *wireClient, err error) {
 	t.Helper()
 	nc, err := net.DialTimeout("tcp", addr.String(), 5*time.Second)
 	if err != nil {
@@ -301,6 +302,11 @@ func dialWire(t testing.TB, addr net.Addr, name string) (*wireClient, error) {
 	}
 	c := &wireClient{nc: nc, br: bufio.NewReader(nc)}
 	t.Cleanup(func() { nc.Close() })
+	defer func() {
+		if err != nil {
+			nc.Close()
+		}
+	}()
 	var hello [18]byte
 	if _, err := io.ReadFull(c.br, hello[:]); err != nil {
 		return nil, err
