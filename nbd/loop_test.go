@@ -41,7 +41,7 @@ func TestLoopDevice(t *testing.T) {
 	}
 
 	data := pattern(16*mib, 77)
-	mustRun(t, "nbdcopy", backingFile(t, "src.img", data), uri(s, "vol00000001"))
+	mustRun(t, "nbdcopy", "--flush", backingFile(t, "src.img", data), uri(s, "vol00000001"))
 	fileEquals(t, backing, data) // nbdcopy's flush reached the backing file
 
 	if discards {

@@ -68,7 +68,12 @@ func (c *conn) transmit(e *export, size uint64) (err error) {
 			n:      binary.BigEndian.Uint32(h[24:]),
 		}
 		if r.typ == cmdDisc {
+			// Finish what is in flight and hang up; then write the data
+			// out, without the client waiting for it (durability is what
+			// flush and FUA promise, but a client that forgot them should
+			// not lose data).
 			wg.Wait()
+			c.close()
 			if !e.spec.ReadOnly {
 				return e.b.sync()
 			}
@@ -185,9 +190,8 @@ func (c *conn) do(e *export, r request, buf []byte) error {
 		return c.blockStatus(e, r)
 	case cmdWrite:
 		if err = e.b.writeAt(buf, int64(r.off), fua); err == nil && !fua {
-			// Reply first, then start writing the range out, so the
-			// next flush has less left to do.
-			defer e.b.startWriteback(int64(r.off), int64(r.n))
+			// Reply first, then maybe start writing the range out.
+			defer e.b.wrote(int64(r.off), int64(r.n))
 		}
 	case cmdTrim:
 		if r.n > 0 {
