@@ -4,7 +4,9 @@
 # the nbd package volumed runs) and through qemu-nbd, with the same clients:
 #
 #   nbdcopy read           whole device, all data, to null:
-#   nbdcopy write          a 1 GiB data file onto the export
+#   nbdcopy write          a 1 GiB data file onto the export (no flush:
+#                          nbdcopy's default)
+#   nbdcopy --flush write  the same, flushed at the end (durable)
 #   qemu-img convert qcow2 a sparse device (32 MiB of data) to a qcow2 file
 #   qemu-img convert into  a half-sparse 1 GiB raw file into the export (-n)
 #
@@ -68,12 +70,14 @@ state_empty() { blkdiscard "$loop"; }
 # The workloads; $1 is the export URI.
 run_read() { nbdcopy "$1" null:; }
 run_write() { nbdcopy "$work/full.img" "$1"; }
+run_writeflush() { nbdcopy --flush "$work/full.img" "$1"; }
 run_qcow2() { rm -f "$work/out.qcow2"; qemu-img convert -f raw -O qcow2 "$1" "$work/out.qcow2"; }
 run_into() { qemu-img convert -n -f raw -O raw "$work/half.img" "$1"; }
 
 # check verifies the device after a workload.
 check_read() { :; }
 check_write() { cmp -s "$work/full.img" "$loop"; }
+check_writeflush() { check_write; }
 check_qcow2() { qemu-img compare -q -f raw -F qcow2 "$loop" "$work/out.qcow2"; }
 check_into() { cmp -s "$work/half.img" "$loop"; }
 
@@ -91,7 +95,7 @@ measure() { # workload state server
 	if [ -z "${best[$w/$srv]:-}" ] || (($(echo "$dt < ${best[$w/$srv]}" | bc -l))); then best[$w/$srv]=$dt; fi
 }
 
-workloads=(read:full write:empty qcow2:sparse into:empty)
+workloads=(read:full write:empty writeflush:empty qcow2:sparse into:empty)
 for ((r = 0; r < ROUNDS; r++)); do
 	for ws in "${workloads[@]}"; do
 		w=${ws%%:*} st=${ws#*:}
@@ -101,6 +105,7 @@ for ((r = 0; r < ROUNDS; r++)); do
 done
 
 declare -A title=([read]="nbdcopy read (1 GiB, all data)" [write]="nbdcopy write (1 GiB)"
+	[writeflush]="nbdcopy --flush write (1 GiB)"
 	[qcow2]="qemu-img convert -O qcow2, sparse device (32 MiB data)" [into]="qemu-img convert -n into the export (1 GiB, half holes)")
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r); best of $ROUNDS; $(date -u +%FT%TZ)"
 printf '| %s | %s | %s | %s |\n' workload volumed qemu-nbd "ratio (qemu-nbd time / volumed time)"
@@ -109,7 +114,7 @@ for ws in "${workloads[@]}"; do
 	w=${ws%%:*}
 	v=${best[$w/volumed]} q=${best[$w/qemu-nbd]}
 	case $w in
-	read | write) fmt() { printf '%.0f MB/s (%.2f s)' "$(echo "$SIZE_MB * 1.048576 / $1" | bc -l)" "$1"; } ;;
+	read | write | writeflush) fmt() { printf '%.0f MB/s (%.2f s)' "$(echo "$SIZE_MB * 1.048576 / $1" | bc -l)" "$1"; } ;;
 	*) fmt() { printf '%.2f s' "$1"; } ;;
 	esac
 	printf '| %s | %s | %s | %.2f× |\n' "${title[$w]}" "$(fmt "$v")" "$(fmt "$q")" "$(echo "$q / $v" | bc -l)"

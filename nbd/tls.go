@@ -91,23 +91,9 @@ func createCerts(dir string, hosts []string) error {
 	if ca, err = x509.ParseCertificate(caDER); err != nil {
 		return err
 	}
-	server := &x509.Certificate{
-		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: "volumed NBD server"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(certValidity),
-		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
+	server := leaf("volumed NBD server", x509.ExtKeyUsageServerAuth, now)
 	addSANs(server, hosts)
-	client := &x509.Certificate{
-		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: "volumed NBD client"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(certValidity),
-		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-	}
+	client := leaf("volumed NBD client", x509.ExtKeyUsageClientAuth, now)
 	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
 	for _, p := range []string{filepath.Join(dir, CACertFile), filepath.Join(dir, ClientDir, CACertFile)} {
 		if err := os.WriteFile(p, caPEM, 0o644); err != nil {
@@ -119,6 +105,18 @@ func createCerts(dir string, hosts []string) error {
 	}
 	// The server certificate last: its presence marks a complete directory.
 	return issue(ca, caKey, server, filepath.Join(dir, ServerCertFile), filepath.Join(dir, ServerKeyFile))
+}
+
+// leaf is the template of a server or client certificate.
+func leaf(cn string, usage x509.ExtKeyUsage, now time.Time) *x509.Certificate {
+	return &x509.Certificate{
+		SerialNumber: serial(),
+		Subject:      pkix.Name{CommonName: cn},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(certValidity),
+		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+		ExtKeyUsage:  []x509.ExtKeyUsage{usage},
+	}
 }
 
 // addSANs names localhost, this host and its addresses, and hosts.
