@@ -103,7 +103,9 @@ func (c *conn) transmit(e *export, size uint64) (err error) {
 			if g, ok = c.s.budget.acquire(&c.cb, int64(min(r.n, chunkSize))); !ok {
 				return net.ErrClosed
 			}
-			buf = getBuf(min(r.n, chunkSize))
+			if r.typ == cmdWrite || !c.zeroCopy() {
+				buf = getBuf(min(r.n, chunkSize))
+			}
 		}
 		if r.typ == cmdWrite {
 			if r.n > chunkSize {
@@ -249,13 +251,19 @@ func (c *conn) writeLarge(e *export, r request, buf []byte) error {
 	return c.sendSimple(r.cookie, 0, nil)
 }
 
-// read answers a read. With structured replies each buffer-full is its
-// own NBD_REPLY_TYPE_OFFSET_DATA chunk, read before it is sent, so a
-// failure is reported (ERROR_OFFSET) and other replies interleave. With
-// simple replies the first buffer-full is read before the reply starts
-// (a failure there gets EIO); the rest follows with sendfile from the
-// device on plain TCP, and a failure in it closes the connection, as the
-// protocol requires.
+// read answers a read. Over plain TCP with structured replies the data
+// goes out with sendfile, from the page cache to the socket with no copy
+// through user space and no buffer: readahead for the range is started
+// first, so several reads still wait on the device at once, and the one
+// OFFSET_DATA chunk is sent under the write lock (a failure in the middle
+// of it closes the connection: the chunk is never complete, so the
+// client cannot take it for data). Otherwise (TLS, or simple replies) the
+// data is read into buf first. With structured replies each buffer-full
+// is then its own OFFSET_DATA chunk, so a failure is reported
+// (ERROR_OFFSET) and other replies interleave. With simple replies the
+// first buffer-full is read before the reply starts (a failure there gets
+// EIO); the rest follows with sendfile on plain TCP, and a failure in it
+// closes the connection, as the protocol requires.
 func (c *conn) read(e *export, r request, buf []byte) error {
 	off, left := int64(r.off), int64(r.n)
 	if !c.structured {
@@ -276,6 +284,16 @@ func (c *conn) read(e *export, r request, buf []byte) error {
 	}
 	if left == 0 {
 		return c.sendChunk(r.cookie, replyFlagDone, replyNone, nil)
+	}
+	if buf == nil {
+		_ = e.b.cache(r.off, uint64(r.n))
+		h := chunkHeader(r.cookie, replyFlagDone, replyOffsetData, 8+int(r.n))
+		c.wmu.Lock()
+		defer c.wmu.Unlock()
+		if err := c.writeLocked(h, binary.BigEndian.AppendUint64(nil, r.off)); err != nil {
+			return err
+		}
+		return sendfile(c.rw.(*net.TCPConn), e.b.fd(), off, left)
 	}
 	for left > 0 {
 		k := min(left, int64(len(buf)))
@@ -386,14 +404,26 @@ func (c *conn) sendChunk(cookie uint64, flags, typ uint16, parts ...[]byte) erro
 	for _, p := range parts {
 		n += len(p)
 	}
+	h := chunkHeader(cookie, flags, typ, n)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.writeLocked(append([][]byte{h}, parts...)...)
+}
+
+// chunkHeader is a structured reply chunk's header for n payload bytes.
+func chunkHeader(cookie uint64, flags, typ uint16, n int) []byte {
 	h := binary.BigEndian.AppendUint32(make([]byte, 0, 20), magicStructured)
 	h = binary.BigEndian.AppendUint16(h, flags)
 	h = binary.BigEndian.AppendUint16(h, typ)
 	h = binary.BigEndian.AppendUint64(h, cookie)
-	h = binary.BigEndian.AppendUint32(h, uint32(n))
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	return c.writeLocked(append([][]byte{h}, parts...)...)
+	return binary.BigEndian.AppendUint32(h, uint32(n))
+}
+
+// zeroCopy reports whether reads go out with sendfile and no buffer:
+// structured replies over plain TCP.
+func (c *conn) zeroCopy() bool {
+	_, tcp := c.rw.(*net.TCPConn)
+	return tcp && c.structured
 }
 
 // sendErr replies with an error: a structured NBD_REPLY_TYPE_ERROR with
