@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -40,8 +39,6 @@ type backing struct {
 	// every block is reported as data.
 	seek    *os.File
 	seekOff int64
-	// dirty counts bytes written since the last sync (see wrote).
-	dirty atomic.Int64
 }
 
 // openBacking opens the export's path read-write, or read-only: symlinks
@@ -191,21 +188,6 @@ func (b *backing) writeAt(p []byte, off int64, fua bool) error {
 	return nil
 }
 
-// writebackAfter is how many bytes written since the last flush stay in
-// the page cache before each further write starts its own write-out: a
-// flush then has at most about this much left to write, and short bursts
-// are not written twice.
-const writebackAfter = 256 << 20
-
-// wrote accounts a completed write of [off, off+n) and, past
-// writebackAfter, starts writing it out to the device without waiting
-// (sync_file_range SYNC_FILE_RANGE_WRITE); best effort.
-func (b *backing) wrote(off, n int64) {
-	if b.dirty.Add(n) > writebackAfter {
-		_ = unix.SyncFileRange(b.fd(), off, n, unix.SYNC_FILE_RANGE_WRITE)
-	}
-}
-
 // discard drops the range [off, off+n): BLKDISCARD or a punched hole.
 func (b *backing) discard(off, n uint64) error {
 	if b.block {
@@ -338,10 +320,7 @@ func (b *backing) extents(off uint64, n uint32) ([]extent, error) {
 }
 
 // sync flushes written data to stable storage.
-func (b *backing) sync() error {
-	b.dirty.Store(0)
-	return unix.Fdatasync(b.fd())
-}
+func (b *backing) sync() error { return unix.Fdatasync(b.fd()) }
 
 // close releases the file descriptors.
 func (b *backing) close() error {

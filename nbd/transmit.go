@@ -191,10 +191,7 @@ func (c *conn) do(e *export, r request, buf []byte) error {
 	case cmdBlockStatus:
 		return c.blockStatus(e, r)
 	case cmdWrite:
-		if err = e.b.writeAt(buf, int64(r.off), fua); err == nil && !fua {
-			// Reply first, then maybe start writing the range out.
-			defer e.b.wrote(int64(r.off), int64(r.n))
-		}
+		err = e.b.writeAt(buf, int64(r.off), fua)
 	case cmdTrim:
 		if r.n > 0 {
 			err = syncAfter(e, fua, e.b.discard(r.off, uint64(r.n)))
