@@ -6,11 +6,12 @@ PKGS := ./...
 TEST_TIMEOUT ?= 45m
 
 # What the tests use besides Go: redis-server, and the NBD clients
-# (nbdinfo and nbdcopy from libnbd-bin; qemu-img and qemu-io from qemu-utils).
-TEST_TOOLS := redis-server nbdinfo nbdcopy qemu-img qemu-io
-TEST_PACKAGES := redis-server libnbd-bin qemu-utils
+# (nbdinfo and nbdcopy from libnbd-bin; nbdsh from python3-libnbd; qemu-img,
+# qemu-io and, for bench-nbd, qemu-nbd from qemu-utils).
+TEST_TOOLS := redis-server nbdinfo nbdcopy nbdsh qemu-img qemu-io qemu-nbd
+TEST_PACKAGES := redis-server libnbd-bin python3-libnbd qemu-utils
 
-.PHONY: run test bench build lint deps cloudsim clean
+.PHONY: run test bench bench-nbd build lint deps cloudsim clean
 
 run:
 	$(GO) run ./cmd/volumed --sim
@@ -40,11 +41,19 @@ deps:
 test: lint deps
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
 
-# bench runs every Go benchmark, then bench/accept.sh: POST /volumes with
-# vegeta against volumed (embedded store, Redis) and a bare chi handler.
-bench:
+# bench runs bench-nbd (volumed's NBD server beside qemu-nbd), every Go
+# benchmark, then bench/accept.sh: POST /volumes with vegeta against
+# volumed (embedded store, Redis) and a bare chi handler.
+bench: bench-nbd
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 30m $(PKGS)
 	bash bench/accept.sh
+
+# bench-nbd runs volumed's NBD server and qemu-nbd side by side on one loop
+# device (root and the NBD clients needed; skipped with a message otherwise).
+bench-nbd:
+	@if [ "$$(id -u)" = 0 ] && command -v qemu-nbd >/dev/null && command -v nbdcopy >/dev/null; then \
+		bench/nbd-vs-qemu.sh; \
+	else echo "bench-nbd: skipped (needs root, qemu-nbd and nbdcopy; make deps)"; fi
 
 clean:
 	rm -rf bin volumed-data

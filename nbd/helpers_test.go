@@ -35,8 +35,24 @@ func requireTools(t testing.TB, names ...string) {
 // startServer starts a Server on a free loopback port, closed at cleanup.
 func startServer(t testing.TB) *Server {
 	t.Helper()
-	s := New(Config{Listen: "127.0.0.1:0", HandshakeTimeout: 5 * time.Second,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	return startServerWith(t, Config{})
+}
+
+// startServerWith starts a Server with cfg on a free loopback port, closed
+// at cleanup.
+func startServerWith(t testing.TB, cfg Config) *Server {
+	t.Helper()
+	cfg.Listen = "127.0.0.1:0"
+	if cfg.HandshakeTimeout == 0 {
+		cfg.HandshakeTimeout = 5 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := s.Start(ctx); err != nil {
@@ -107,14 +123,106 @@ func mustRun(t testing.TB, name string, args ...string) string {
 	return out
 }
 
+// nbdsh runs a Python script in nbdsh connected to uri with base:allocation
+// requested (h is the handle);
+// the script asserts, and a failed assertion fails the test with its
+// output. Debian's nbdsh needs Debian's python3, so /usr/bin comes first.
+func nbdsh(t testing.TB, uri, script string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*clientTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "nbdsh", "--base-allocation", "-u", uri, "-c", script)
+	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		t.Fatalf("nbdsh hung: %v\n%s", ctx.Err(), out)
+	}
+	if err != nil {
+		t.Fatalf("nbdsh: %v\n%s", err, out)
+	}
+	return string(out)
+}
+
+// mapEntry is one extent of `nbdinfo --map --json`.
+type mapEntry struct {
+	Offset uint64 `json:"offset"`
+	Length uint64 `json:"length"`
+	Type   uint32 `json:"type"`
+}
+
+// nbdinfoMap runs `nbdinfo --map --json uri`.
+func nbdinfoMap(t testing.TB, uri string) []mapEntry {
+	t.Helper()
+	out := mustRun(t, "nbdinfo", "--map", "--json", uri)
+	var m []mapEntry
+	if err := json.Unmarshal([]byte(out), &m); err != nil {
+		t.Fatalf("nbdinfo --map output: %v\n%s", err, out)
+	}
+	return m
+}
+
+// span is a byte range [Off, Off+Len).
+type span struct{ Off, Len uint64 }
+
+// sparseFile creates a sparse file of size bytes holding pattern data in
+// the given ranges and holes elsewhere.
+func sparseFile(t testing.TB, size uint64, data []span) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "sparse.img")
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Truncate(int64(size)); err != nil {
+		t.Fatal(err)
+	}
+	for i, d := range data {
+		if _, err := f.WriteAt(pattern(int(d.Len), byte(i+1)), int64(d.Off)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return p
+}
+
+// wantMap is the base:allocation map of a device of size bytes with data
+// in the given sorted, disjoint ranges: data 0, hole|zero 3 elsewhere.
+func wantMap(size uint64, data []span) []mapEntry {
+	var out []mapEntry
+	pos := uint64(0)
+	for _, d := range data {
+		if d.Off > pos {
+			out = append(out, mapEntry{Offset: pos, Length: d.Off - pos, Type: 3})
+		}
+		out = append(out, mapEntry{Offset: d.Off, Length: d.Len, Type: 0})
+		pos = d.Off + d.Len
+	}
+	if pos < size {
+		out = append(out, mapEntry{Offset: pos, Length: size - pos, Type: 3})
+	}
+	return out
+}
+
 // nbdinfoExport is the part of `nbdinfo --json` the tests look at.
 type nbdinfoExport struct {
-	Name        string `json:"export-name"`
-	Description string `json:"description"`
-	Size        uint64 `json:"export-size"`
-	ReadOnly    bool   `json:"is_read_only"`
-	CanTrim     bool   `json:"can_trim"`
-	CanFlush    bool   `json:"can_flush"`
+	Name        string   `json:"export-name"`
+	Description string   `json:"description"`
+	Size        uint64   `json:"export-size"`
+	ReadOnly    bool     `json:"is_read_only"`
+	CanTrim     bool     `json:"can_trim"`
+	CanFlush    bool     `json:"can_flush"`
+	CanZero     bool     `json:"can_zero"`
+	CanFastZero bool     `json:"can_fast_zero"`
+	CanCache    bool     `json:"can_cache"`
+	CanMulti    bool     `json:"can_multi_conn"`
+	Contexts    []string `json:"contexts"`
+}
+
+// nbdinfoTop is `nbdinfo --json` with the connection-level fields.
+type nbdinfoTop struct {
+	TLS        bool            `json:"TLS"`
+	Structured bool            `json:"structured"`
+	Exports    []nbdinfoExport `json:"exports"`
 }
 
 // nbdinfo runs `nbdinfo --json [args] uri` and decodes the exports.
@@ -185,7 +293,8 @@ type optError struct{ typ uint32 }
 func (e *optError) Error() string { return fmt.Sprintf("option reply %#x", e.typ) }
 
 // dialWire connects to the export with NBD_OPT_GO.
-func dialWire(t testing.TB, addr net.Addr, name string) (*wireClient, error) {
+// The connection is closed when negotiation fails, or at cleanup.
+func dialWire(t testing.TB, addr net.Addr, name string) (_ *wireClient, err error) {
 	t.Helper()
 	nc, err := net.DialTimeout("tcp", addr.String(), 5*time.Second)
 	if err != nil {
@@ -193,6 +302,11 @@ func dialWire(t testing.TB, addr net.Addr, name string) (*wireClient, error) {
 	}
 	c := &wireClient{nc: nc, br: bufio.NewReader(nc)}
 	t.Cleanup(func() { nc.Close() })
+	defer func() {
+		if err != nil {
+			nc.Close()
+		}
+	}()
 	var hello [18]byte
 	if _, err := io.ReadFull(c.br, hello[:]); err != nil {
 		return nil, err

@@ -25,19 +25,7 @@ func TestLoopDevice(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	backing := backingFile(t, "loop.img", make([]byte, 16*mib))
-	d, err := loopdev.Create(ctx, backing)
-	if err != nil {
-		t.Fatalf("loopdev.Create: %v", err)
-	}
-	removed := false
-	t.Cleanup(func() {
-		if removed {
-			return
-		}
-		if err := d.Remove(context.Background()); err != nil {
-			t.Errorf("remove %s: %v", d.Path, err)
-		}
-	})
+	d, removed := loopDevice(t, backing)
 	s := startServer(t)
 	setExports(t, s, ExportSpec{Name: "vol00000001", Path: d.Path})
 
@@ -53,7 +41,7 @@ func TestLoopDevice(t *testing.T) {
 	}
 
 	data := pattern(16*mib, 77)
-	mustRun(t, "nbdcopy", backingFile(t, "src.img", data), uri(s, "vol00000001"))
+	mustRun(t, "nbdcopy", "--flush", backingFile(t, "src.img", data), uri(s, "vol00000001"))
 	fileEquals(t, backing, data) // nbdcopy's flush reached the backing file
 
 	if discards {
@@ -76,5 +64,30 @@ func TestLoopDevice(t *testing.T) {
 	if err := d.Remove(rctx); err != nil {
 		t.Fatalf("loop device still busy after the export was removed: %v", err)
 	}
-	removed = true
+	*removed = true
+}
+
+// loopDevice binds a new loop device to backing, removed at cleanup
+// unless the test sets *removed.
+func loopDevice(t *testing.T, backing string) (*loopdev.Device, *bool) {
+	t.Helper()
+	testenv.RequireLoopControl(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	d, err := loopdev.Create(ctx, backing)
+	if err != nil {
+		t.Fatalf("loopdev.Create: %v", err)
+	}
+	removed := new(bool)
+	t.Cleanup(func() {
+		if *removed {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := d.Remove(ctx); err != nil {
+			t.Errorf("remove %s: %v", d.Path, err)
+		}
+	})
+	return d, removed
 }

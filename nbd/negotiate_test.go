@@ -2,11 +2,9 @@ package nbd
 
 import (
 	"bufio"
-	"context"
 	"encoding/binary"
 	"errors"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"testing"
@@ -61,7 +59,7 @@ func TestNegotiationBadInputs(t *testing.T) {
 		wantReply uint32 // 0: the server closes the connection instead
 	}{
 		{"list with data", clientFixed, option(magicOpt, optList, []byte{1}), repErrInvalid},
-		{"starttls unsupported", clientFixed, option(magicOpt, 5, nil), repErrUnsup},
+		{"starttls without TLS configured", clientFixed, option(magicOpt, optStartTLS, nil), repErrPolicy},
 		{"go too short", clientFixed, option(magicOpt, optGo, []byte{0, 0}), repErrInvalid},
 		{"go name past end", clientFixed, option(magicOpt, optGo, goData("vol00000001", 99, 0, 0)), repErrInvalid},
 		{"go request count mismatch", clientFixed, option(magicOpt, optGo, goData("vol00000001", 11, 2, 2)), repErrInvalid},
@@ -130,12 +128,7 @@ func TestExportNameOption(t *testing.T) {
 // TestHandshakeTimeout: a client that never finishes negotiating is
 // disconnected after HandshakeTimeout.
 func TestHandshakeTimeout(t *testing.T) {
-	s := New(Config{Listen: "127.0.0.1:0", HandshakeTimeout: 100 * time.Millisecond,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err := s.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close(context.Background()) })
+	s := startServerWith(t, Config{HandshakeTimeout: 100 * time.Millisecond})
 	_, br := greet(t, s.Addr(), clientFixed)
 	if _, err := br.ReadByte(); !errors.Is(err, io.EOF) {
 		t.Fatalf("idle negotiating client not disconnected: %v", err)

@@ -1,7 +1,11 @@
 // Package nbd is volumed's NBD server: it serves each locally mapped volume
 // as an export named by its persistent device name, speaking fixed newstyle
-// negotiation (NBD_OPT_LIST, NBD_OPT_INFO, NBD_OPT_GO, NBD_OPT_EXPORT_NAME)
-// and the read, write, flush, trim and disconnect commands. The served set
+// negotiation (NBD_OPT_LIST, INFO, GO, EXPORT_NAME, STARTTLS,
+// STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT with
+// base:allocation) and the read, write, flush, trim, cache, write-zeroes,
+// block-status and disconnect commands, several at once per connection
+// with replies in any order, within bounds on connections and on the
+// bytes of requests in flight. The served set
 // is exactly the last one given to SetExports: a removed export refuses new
 // clients at once, and its open connections and file descriptor are closed
 // before SetExports returns.
@@ -10,6 +14,7 @@ package nbd
 import (
 	"cmp"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -25,8 +30,20 @@ import (
 // DefaultListen is the address volumed's --nbd-listen defaults to.
 const DefaultListen = "127.0.0.1:10809"
 
-// defaultHandshakeTimeout bounds the negotiation phase of a connection.
-const defaultHandshakeTimeout = 30 * time.Second
+// Defaults of the Config limits.
+const (
+	// DefaultHandshakeTimeout bounds the negotiation phase, TLS included.
+	DefaultHandshakeTimeout = 10 * time.Second
+	// DefaultMaxConns caps connections overall, negotiating ones included.
+	DefaultMaxConns = 64
+	// DefaultMaxConnsPerExport caps connections in transmission on one export.
+	DefaultMaxConnsPerExport = 16
+	// DefaultMaxBytesInFlight caps the request buffers of all connections,
+	// beyond each connection's one-buffer floor.
+	DefaultMaxBytesInFlight = 128 << 20
+	// DefaultConnBytesInFlight caps the request buffers of one connection.
+	DefaultConnBytesInFlight = 16 << 20
+)
 
 var (
 	// ErrClosed reports a call on a closed Server.
@@ -45,8 +62,20 @@ type Config struct {
 	// Listen is the TCP address to serve on; empty means DefaultListen.
 	// The daemon creates no Server at all when --nbd-listen is empty.
 	Listen string
-	// HandshakeTimeout bounds negotiation; zero means 30 s.
+	// HandshakeTimeout bounds negotiation; zero means
+	// DefaultHandshakeTimeout.
 	HandshakeTimeout time.Duration
+	// TLS, when set, is offered with NBD_OPT_STARTTLS (see TLSConfig).
+	TLS *tls.Config
+	// RequireTLS refuses every option but STARTTLS and ABORT before TLS
+	// (NBD_REP_ERR_TLS_REQD); it needs TLS.
+	RequireTLS bool
+	// MaxConns, MaxConnsPerExport, MaxBytesInFlight and ConnBytesInFlight
+	// are the limits; zero means the Default constants.
+	MaxConns          int
+	MaxConnsPerExport int
+	MaxBytesInFlight  int64
+	ConnBytesInFlight int64
 	// Logger is the parent logger; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -59,9 +88,10 @@ type ExportSpec struct {
 	Path string
 	// ReadOnly opens Path read-only and refuses writes and trims with EPERM.
 	ReadOnly bool
-	// Device, when not 0, is the device number (unix.Mkdev) Path must be:
-	// Path is opened with O_NOFOLLOW and served only if it is that block
-	// device (ErrNotDevice otherwise).
+	// Device, when non-zero, is the device number (unix.Mkdev) Path must
+	// be once opened: a block device with exactly this rdev, checked on
+	// the open descriptor (ErrWrongDevice otherwise). Zero accepts any
+	// block device or regular file.
 	Device uint64
 	// Description is sent to clients asking NBD_INFO_DESCRIPTION.
 	Description string
@@ -105,8 +135,9 @@ type export struct {
 
 // Server serves NBD exports. Create it with New.
 type Server struct {
-	cfg Config
-	log *slog.Logger
+	cfg    Config
+	log    *slog.Logger
+	budget *budget
 
 	setMu sync.Mutex // serialises SetExports and Close
 
@@ -121,12 +152,21 @@ type Server struct {
 
 // New returns a Server for cfg, with defaults filled in. It serves nothing
 // until Start.
-func New(cfg Config) *Server {
+func New(cfg Config) (*Server, error) {
 	if cfg.Listen == "" {
 		cfg.Listen = DefaultListen
 	}
-	if cfg.HandshakeTimeout <= 0 {
-		cfg.HandshakeTimeout = defaultHandshakeTimeout
+	if cfg.RequireTLS && cfg.TLS == nil {
+		return nil, errors.New("nbd: RequireTLS without a TLS config")
+	}
+	cfg.HandshakeTimeout = cmp.Or(cfg.HandshakeTimeout, DefaultHandshakeTimeout)
+	cfg.MaxConns = cmp.Or(cfg.MaxConns, DefaultMaxConns)
+	cfg.MaxConnsPerExport = cmp.Or(cfg.MaxConnsPerExport, DefaultMaxConnsPerExport)
+	cfg.MaxBytesInFlight = cmp.Or(cfg.MaxBytesInFlight, DefaultMaxBytesInFlight)
+	cfg.ConnBytesInFlight = cmp.Or(cfg.ConnBytesInFlight, DefaultConnBytesInFlight)
+	if cfg.HandshakeTimeout < 0 || cfg.MaxConns < 0 || cfg.MaxConnsPerExport < 0 || cfg.MaxBytesInFlight < 0 ||
+		cfg.ConnBytesInFlight < chunkSize {
+		return nil, fmt.Errorf("nbd: negative limit, or ConnBytesInFlight under %d", chunkSize)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -134,9 +174,10 @@ func New(cfg Config) *Server {
 	return &Server{
 		cfg:     cfg,
 		log:     cfg.Logger.With("component", "nbd"),
+		budget:  newBudget(cfg.MaxBytesInFlight, cfg.ConnBytesInFlight),
 		exports: map[string]*export{},
 		conns:   map[*conn]struct{}{},
-	}
+	}, nil
 }
 
 // Start listens on Config.Listen and accepts connections until Close. ctx
@@ -188,7 +229,7 @@ func (s *Server) Close(ctx context.Context) error {
 	}
 	removed := s.removeLocked(s.exports)
 	for c := range s.conns {
-		c.nc.Close()
+		c.close()
 	}
 	s.mu.Unlock()
 
@@ -207,7 +248,7 @@ func (s *Server) Close(ctx context.Context) error {
 // when it returns; removed ones, and ones whose Path or ReadOnly changed
 // (a remove then an add), refuse new clients at once and have their
 // connections and file descriptor closed before it returns, or an error
-// when ctx ends first. A changed Description alone keeps the export and
+// when ctx ends first (a changed Device too). A changed Description alone keeps the export and
 // its clients. An invalid spec (ErrInvalidSpec) changes nothing; an export
 // that cannot be opened is left out and reported as an *ExportError while
 // the rest of the set is applied.
@@ -248,7 +289,7 @@ func (s *Server) SetExports(ctx context.Context, specs []ExportSpec) error {
 	var errs []error
 	opened := make([]*export, 0, len(add))
 	for _, sp := range add {
-		b, err := openBacking(sp.Path, sp.ReadOnly, sp.Device)
+		b, err := openBacking(sp)
 		if err != nil {
 			errs = append(errs, &ExportError{Name: sp.Name, Err: err})
 			continue
@@ -314,7 +355,7 @@ func (s *Server) removeLocked(gone map[string]*export) []*export {
 		delete(s.exports, name)
 		e.removed = true
 		for c := range e.conns {
-			c.nc.Close()
+			c.close()
 		}
 		if len(e.conns) == 0 {
 			s.release(e)
@@ -345,20 +386,27 @@ func (s *Server) awaitRemoved(ctx context.Context, removed []*export) error {
 	return nil
 }
 
+// errTooManyClients reports an export at MaxConnsPerExport.
+var errTooManyClients = errors.New("nbd: too many clients on this export")
+
 // find returns the named export and a snapshot of its spec, nil when it is
-// not served. With attach, c is bound to it for transmission (c.exp).
-func (s *Server) find(c *conn, name string, attach bool) (*export, ExportSpec) {
+// not served. With attach, c is bound to it for transmission (c.exp), or
+// errTooManyClients when the export has MaxConnsPerExport already.
+func (s *Server) find(c *conn, name string, attach bool) (*export, ExportSpec, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e, ok := s.exports[name]
 	if !ok {
-		return nil, ExportSpec{}
+		return nil, ExportSpec{}, nil
 	}
 	if attach {
+		if len(e.conns) >= s.cfg.MaxConnsPerExport {
+			return nil, ExportSpec{}, errTooManyClients
+		}
 		e.conns[c] = struct{}{}
 		c.exp = e
 	}
-	return e, e.spec
+	return e, e.spec, nil
 }
 
 // specs lists the served exports' specs sorted by name.
@@ -383,12 +431,18 @@ func (s *Server) accept(ln net.Listener) {
 			}
 			return
 		}
-		c := &conn{s: s, nc: nc, log: s.log.With("remote", nc.RemoteAddr().String())}
+		c := newConn(s, nc)
 		s.mu.Lock()
 		if s.closed {
 			s.mu.Unlock()
 			nc.Close()
 			return
+		}
+		if len(s.conns) >= s.cfg.MaxConns {
+			s.mu.Unlock()
+			s.log.Warn("nbd connection refused: too many connections", "remote", nc.RemoteAddr().String(), "max", s.cfg.MaxConns)
+			nc.Close()
+			continue
 		}
 		s.conns[c] = struct{}{}
 		s.wg.Add(1)

@@ -164,13 +164,21 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	var exporter handlers.Exporter
 	nbdAddr := "off"
 	if cfg.nbdListen != "" {
-		srv := nbd.New(nbd.Config{Listen: cfg.nbdListen, Logger: log})
+		// TLS is always offered; off loopback it is required.
+		tlsCfg, err := nbd.TLSConfig(filepath.Join(cfg.dataDir, "nbd-tls"), nil)
+		if err != nil {
+			return err
+		}
+		srv, err := nbd.New(nbd.Config{Listen: cfg.nbdListen, TLS: tlsCfg, RequireTLS: !nbd.LoopbackOnly(cfg.nbdListen), Logger: log})
+		if err != nil {
+			return err
+		}
 		if err := srv.Start(ctx); err != nil {
 			return err
 		}
 		started = append(started, srv)
 		exporter, nbdAddr = handlers.NBDExporter{Server: srv}, srv.Addr().String()
-		log.Info("nbd server ready", "addr", nbdAddr, "auto_export", cfg.nbdAutoExport)
+		log.Info("nbd server ready", "addr", nbdAddr, "auto_export", cfg.nbdAutoExport, "tls_required", !nbd.LoopbackOnly(cfg.nbdListen))
 	}
 
 	cs := csapi.New(csapi.Config{URL: cfg.csURL, APIKey: cfg.csAPIKey, SecretKey: cfg.csSecretKey, Logger: log})

@@ -1,0 +1,132 @@
+package nbd
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestTLS: with certificates created at first start, a TLS-only server is
+// read with nbdinfo and nbdcopy over nbds:// with the client directory;
+// plain clients get NBD_REP_ERR_TLS_REQD (nbdinfo fails, no data), a
+// client without a client certificate fails the handshake, and a second
+// TLSConfig call on the directory reuses the same certificates.
+func TestTLS(t *testing.T) {
+	requireTools(t, "nbdinfo", "nbdcopy", "qemu-img")
+	dir := filepath.Join(t.TempDir(), "tls")
+	tc, err := TLSConfig(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := os.ReadFile(filepath.Join(dir, ServerCertFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := TLSConfig(dir, nil); err != nil {
+		t.Fatal(err)
+	}
+	if again, _ := os.ReadFile(filepath.Join(dir, ServerCertFile)); string(again) != string(cert) {
+		t.Fatal("second TLSConfig replaced the server certificate")
+	}
+	for _, p := range []string{ServerKeyFile, filepath.Join(ClientDir, ClientKeyFile)} {
+		if fi, err := os.Stat(filepath.Join(dir, p)); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s: %v %v, want mode 0600", p, fi.Mode(), err)
+		}
+	}
+
+	data := pattern(8*mib, 3)
+	s := startServerWith(t, Config{TLS: tc, RequireTLS: true})
+	setExports(t, s, ExportSpec{Name: "vol00000001", Path: backingFile(t, "vol.img", data), ReadOnly: true})
+	client := filepath.Join(dir, ClientDir)
+	tlsURI := "nbds://" + s.Addr().String() + "/vol00000001?tls-certificates=" + client
+
+	out := mustRun(t, "nbdinfo", "--json", tlsURI)
+	var top nbdinfoTop
+	if err := json.Unmarshal([]byte(out), &top); err != nil {
+		t.Fatalf("nbdinfo: %v\n%s", err, out)
+	}
+	if !top.TLS || !top.Structured || len(top.Exports) != 1 || top.Exports[0].Size != 8*mib {
+		t.Fatalf("nbdinfo over TLS: %+v", top)
+	}
+	dst := filepath.Join(t.TempDir(), "copy.img")
+	mustRun(t, "nbdcopy", tlsURI, dst)
+	fileEquals(t, dst, data)
+	qdst := filepath.Join(t.TempDir(), "copy.qcow2")
+	mustRun(t, "qemu-img", "convert", "--object", "tls-creds-x509,id=tls0,dir="+client+",endpoint=client",
+		"--image-opts", "driver=nbd,host=127.0.0.1,port="+strings.Split(s.Addr().String(), ":")[1]+",export=vol00000001,tls-creds=tls0",
+		"-O", "qcow2", qdst)
+	mustRun(t, "qemu-img", "compare", "-f", "raw", "-F", "qcow2", dst, qdst)
+
+	if out, err := run(t, "nbdinfo", uri(s, "vol00000001")); err == nil {
+		t.Fatalf("plain client served by a TLS-only server: %s", out)
+	}
+	// CA but no client certificate: the handshake fails.
+	noCert := t.TempDir()
+	caPEM, _ := os.ReadFile(filepath.Join(dir, CACertFile))
+	if err := os.WriteFile(filepath.Join(noCert, CACertFile), caPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := run(t, "nbdinfo", "nbds://"+s.Addr().String()+"/vol00000001?tls-certificates="+noCert); err == nil {
+		t.Fatalf("client without a certificate served: %s", out)
+	}
+	// On the wire: every option but STARTTLS and ABORT is refused.
+	for _, opt := range []uint32{optList, optGo, optInfo, optStructuredRepl, 99} {
+		nc, br := greet(t, s.Addr(), clientFixed)
+		if _, err := nc.Write(option(magicOpt, opt, nil)); err != nil {
+			t.Fatal(err)
+		}
+		var h [20]byte
+		if _, err := io.ReadFull(br, h[:]); err != nil {
+			t.Fatal(err)
+		}
+		if got := binary.BigEndian.Uint32(h[12:]); got != repErrTLSReqd {
+			t.Errorf("option %d before STARTTLS: reply %#x, want NBD_REP_ERR_TLS_REQD", opt, got)
+		}
+	}
+}
+
+// TestTLSOptional: a server with TLS configured but not required serves
+// plain and TLS clients alike.
+func TestTLSOptional(t *testing.T) {
+	requireTools(t, "nbdinfo")
+	dir := t.TempDir()
+	tc, err := TLSConfig(dir, []string{"nbd.example"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startServerWith(t, Config{TLS: tc})
+	setExports(t, s, ExportSpec{Name: "vol00000001", Path: backingFile(t, "vol.img", make([]byte, mib))})
+	for _, u := range []string{uri(s, "vol00000001"), "nbds://" + s.Addr().String() + "/vol00000001?tls-certificates=" + filepath.Join(dir, ClientDir)} {
+		if got := nbdinfo(t, u); len(got) != 1 || got[0].Size != mib {
+			t.Errorf("%s: %+v", u, got)
+		}
+	}
+}
+
+// TestLoopbackOnly: which --nbd-listen values make TLS required.
+func TestLoopbackOnly(t *testing.T) {
+	tests := []struct {
+		listen string
+		want   bool
+	}{
+		{"127.0.0.1:10809", true},
+		{"127.0.0.2:10809", true},
+		{"[::1]:10809", true},
+		{"localhost:10809", true},
+		{":10809", false},
+		{"0.0.0.0:10809", false},
+		{"[::]:10809", false},
+		{"192.0.2.7:10809", false},
+		{"nbd.example:10809", false},
+		{"no-port", false},
+	}
+	for _, tt := range tests {
+		if got := LoopbackOnly(tt.listen); got != tt.want {
+			t.Errorf("LoopbackOnly(%q) = %v, want %v", tt.listen, got, tt.want)
+		}
+	}
+}
