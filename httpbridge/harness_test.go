@@ -75,7 +75,7 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 		h.store = kv
 	}
 	if !o.noResponders {
-		startCommandService(t, b.ClientURL(), h.store)
+		startCommandService(t, b, h.store)
 	}
 	conn := o.conn
 	if conn == nil {
@@ -162,13 +162,9 @@ func readTestdata(t testing.TB, name string) string {
 // package, records a pending operation in the store and replies with the
 // operation (201) or the error, the HTTP status in the Status header.
 // Volumes other than vol1 and vol2 are unknown to it (404).
-func startCommandService(t testing.TB, url string, store state.Store) {
+func startCommandService(t testing.TB, b *bus.Bus, store state.Store) {
 	t.Helper()
-	nc, err := nats.Connect(url, nats.Name("test-command-service"))
-	if err != nil {
-		t.Fatalf("command service connect: %v", err)
-	}
-	t.Cleanup(nc.Close)
+	nc := testenv.Connect(t, b, bus.RoleDaemon, nats.Name("test-command-service"))
 	known := map[string]bool{vol1: true, vol2: true}
 	accept := func(ctx context.Context, typ commands.OpType, volumeID string, vmID *string, req any) (any, error) {
 		if typ != commands.OpCreate && !known[volumeID] {

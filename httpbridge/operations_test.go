@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/apitest"
 	"github.com/volumed/volumed/internal/testenv"
@@ -156,11 +157,7 @@ func publishUntil(t *testing.T, nc *nats.Conn, op commands.Operation, done <-cha
 
 func TestOperationWait(t *testing.T) {
 	b := testenv.StartBus(t)
-	bridgeConn, err := nats.Connect(b.ClientURL(), nats.Name("bridge-under-test"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(bridgeConn.Close)
+	bridgeConn := testenv.Connect(t, b, bus.RoleDaemon, nats.Name("bridge-under-test"))
 	h := newHarnessOnBus(t, b, options{conn: bridgeConn})
 
 	t.Run("terminal event ends the wait with the stored record", func(t *testing.T) {
