@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -54,6 +55,10 @@ type options struct {
 	commandTimeout time.Duration
 	maxWait        time.Duration
 	conn           *nats.Conn // the bridge's connection; default the bus's
+	listen         string     // default 127.0.0.1:0
+	token          string
+	// HTTP server timeouts; default the bridge's.
+	readHeaderTimeout, readTimeout, idleTimeout time.Duration
 }
 
 func newHarness(t testing.TB, o options) *harness {
@@ -81,8 +86,13 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 	if conn == nil {
 		conn = b.Conn()
 	}
-	h.srv = httpbridge.New(httpbridge.Config{Listen: "127.0.0.1:0", Conn: conn, Store: h.store,
-		Backend: h.backend, VMID: vm1, CommandTimeout: o.commandTimeout, SyncTimeout: o.commandTimeout, MaxWait: o.maxWait, Logger: testLogger(t)})
+	if o.listen == "" {
+		o.listen = "127.0.0.1:0"
+	}
+	h.srv = httpbridge.New(httpbridge.Config{Listen: o.listen, Conn: conn, Store: h.store,
+		Backend: h.backend, VMID: vm1, CommandTimeout: o.commandTimeout, SyncTimeout: o.commandTimeout, MaxWait: o.maxWait,
+		Token: o.token, ReadHeaderTimeout: o.readHeaderTimeout, ReadTimeout: o.readTimeout, IdleTimeout: o.idleTimeout,
+		Logger: testLogger(t)})
 	if err := h.srv.Start(ctx); err != nil {
 		t.Fatalf("start bridge: %v", err)
 	}
@@ -93,7 +103,8 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 			t.Errorf("close bridge: %v", err)
 		}
 	})
-	h.base = "http://" + h.srv.Addr() + httpbridge.BasePath
+	_, port, _ := net.SplitHostPort(h.srv.Addr())
+	h.base = "http://127.0.0.1:" + port + httpbridge.BasePath
 	return h
 }
 
