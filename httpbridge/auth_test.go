@@ -57,7 +57,9 @@ func (h *harness) operations(t *testing.T) int {
 	return len(ops)
 }
 
-func bearer(token string) map[string]string { return map[string]string{"Authorization": "Bearer " + token} }
+func bearer(token string) map[string]string {
+	return map[string]string{"Authorization": "Bearer " + token}
+}
 
 func TestTokenRequiredOffLoopback(t *testing.T) {
 	h := newHarness(t, options{listen: "0.0.0.0:0", token: testToken})
