@@ -95,6 +95,9 @@ func TestOperations(t *testing.T) {
 		{name: "list zero limit", method: "GET", path: "/operations?limit=0", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
 		{name: "list negative limit", method: "GET", path: "/operations?limit=-3", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
 		{name: "list non-integer limit", method: "GET", path: "/operations?limit=2.5", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
+		{name: "list limit at the cap", method: "GET", path: "/operations?limit=1000", status: 200},
+		{name: "list limit over the cap", method: "GET", path: "/operations?limit=1001", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
+		{name: "list limit overflowing int", method: "GET", path: "/operations?limit=99999999999999999999", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
 		{name: "list empty limit", method: "GET", path: "/operations?limit=", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
 	})
 }
