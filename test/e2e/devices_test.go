@@ -16,6 +16,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/devagent/loopdev"
@@ -204,9 +205,14 @@ func TestSeparateAgentProcess(t *testing.T) {
 	d := startDaemon(t, sim, daemonOpts{dataDir: dataDir, extra: []string{"--device-agent=false"}})
 	vol := d.createVolume("remote-agent", 1)
 
+	creds := filepath.Join(t.TempDir(), "agent.creds")
+	if out, err := exec.Command(volumedBin, "creds", "agent", "--vm-id", cloudsim.ApplianceVMID, "--data-dir", dataDir,
+		"--out", creds).CombinedOutput(); err != nil {
+		t.Fatalf("volumed creds agent: %v\n%s", err, out)
+	}
 	out := &syncBuffer{}
 	agent := exec.Command(volumedBin, "agent", "--vm-id", cloudsim.ApplianceVMID, "--nats-url", d.natsURL,
-		"--name-dir", d.nameDir(), "--log-level", "debug")
+		"--nats-creds", creds, "--name-dir", d.nameDir(), "--log-level", "debug")
 	agent.Stdout, agent.Stderr = out, out
 	if err := agent.Start(); err != nil {
 		t.Fatal(err)
@@ -325,7 +331,7 @@ func TestExportEndsWhenDeviceGoes(t *testing.T) {
 
 	m.LinuxState, m.DevicePath = commands.LinuxMissing, ""
 	data, _ := json.Marshal(m)
-	if err := d.nats().Publish(commands.MappingSubject(vol), data); err != nil {
+	if err := d.natsAs(bus.RoleDaemon).Publish(commands.MappingSubject(vol), data); err != nil {
 		t.Fatal(err)
 	}
 	testenv.Eventually(t, 15*time.Second, func() bool {

@@ -1,0 +1,245 @@
+package e2e_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/test/cloudsim"
+)
+
+// denials records the permission violations the server reports to a client.
+type denials struct {
+	mu   sync.Mutex
+	errs []string
+}
+
+func (v *denials) handler(_ *nats.Conn, _ *nats.Subscription, err error) {
+	if errors.Is(err, nats.ErrPermissionViolation) {
+		v.mu.Lock()
+		v.errs = append(v.errs, err.Error())
+		v.mu.Unlock()
+	}
+}
+
+func (v *denials) of(subject string) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for _, e := range v.errs {
+		if strings.Contains(e, `"`+subject+`"`) {
+			return true
+		}
+	}
+	return false
+}
+
+// refused requires call to fail and the server to report a permission
+// violation on subject.
+func refused(t *testing.T, v *denials, subject string, call func(ctx context.Context) error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := call(ctx); err == nil {
+		t.Fatalf("%s succeeded, want it refused", subject)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for !v.of(subject) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no permission violation reported for %s", subject)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestNATSAuthorization: the bus lets in no anonymous client; the
+// operator cannot purge the job queue or delete the state bucket; an
+// agent identity cannot publish another VM's device events; volumed keeps
+// working through all of it.
+func TestNATSAuthorization(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{})
+	d := startDaemon(t, sim, daemonOpts{})
+	ctx := context.Background()
+
+	for _, role := range []string{bus.RoleDaemon, bus.RoleOperator, bus.RoleObserver} {
+		if fi, err := os.Stat(d.credsFile(role)); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("%s credentials: %v %v, want mode 0600", role, fi, err)
+		}
+	}
+
+	t.Run("anonymous client", func(t *testing.T) {
+		nc, err := nats.Connect(d.natsURL, nats.NoReconnect())
+		if err == nil {
+			defer nc.Close()
+			if _, err := nc.Request(commands.SubjectForceSync, nil, 2*time.Second); err == nil {
+				t.Fatal("an anonymous client sent a command")
+			}
+			t.Fatal("an anonymous client connected")
+		}
+		if !errors.Is(err, nats.ErrAuthorization) {
+			t.Fatalf("anonymous connect: %v, want an authorization violation", err)
+		}
+	})
+
+	t.Run("operator cannot purge or delete", func(t *testing.T) {
+		v := &denials{}
+		js, err := jetstream.New(d.natsAs(bus.RoleOperator, nats.ErrorHandler(v.handler)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		refused(t, v, "$JS.API.STREAM.PURGE."+bus.StreamJobs, func(ctx context.Context) error {
+			s, err := js.Stream(ctx, bus.StreamJobs)
+			if err != nil {
+				return err
+			}
+			return s.Purge(ctx)
+		})
+		refused(t, v, "$JS.API.STREAM.DELETE.KV_"+state.DefaultKVBucket, func(ctx context.Context) error {
+			return js.DeleteKeyValue(ctx, state.DefaultKVBucket)
+		})
+		refused(t, v, "$JS.API.STREAM.DELETE."+bus.StreamOps, func(ctx context.Context) error {
+			return js.DeleteStream(ctx, bus.StreamOps)
+		})
+		// The state bucket and the queue are whole: a create runs to the end.
+		d.createVolume("after-the-operator-tried", 1)
+	})
+
+	t.Run("agent identity", func(t *testing.T) {
+		creds := filepath.Join(t.TempDir(), "remote.creds")
+		if out, err := exec.Command(volumedBin, "creds", "agent", "--vm-id", "vm-"+cloudsim.RemoteVMID,
+			"--data-dir", d.dataDir, "--out", creds).CombinedOutput(); err != nil {
+			t.Fatalf("volumed creds agent: %v\n%s", err, out)
+		}
+		if fi, err := os.Stat(creds); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("agent credentials: %v %v, want mode 0600", fi, err)
+		}
+		v := &denials{}
+		nc, err := nats.Connect(d.natsURL, nats.UserCredentials(creds), nats.ErrorHandler(v.handler),
+			nats.CustomInboxPrefix(bus.AgentInboxPrefix(cloudsim.RemoteVMID)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		js, err := jetstream.New(nc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := js.Publish(ctx, commands.DeviceSubject(cloudsim.RemoteVMID, "change"), []byte(`{"name":"vdz"}`)); err != nil {
+			t.Fatalf("the agent's own device event: %v", err)
+		}
+		forged := commands.DeviceSubject(cloudsim.ApplianceVMID, "add")
+		refused(t, v, forged, func(ctx context.Context) error {
+			_, err := js.Publish(ctx, forged, []byte(`{"name":"forged-by-another-vm"}`))
+			return err
+		})
+		djs, err := jetstream.New(d.natsAs(bus.RoleDaemon))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := djs.Stream(ctx, bus.StreamDevices)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m, err := s.GetLastMsgForSubject(ctx, forged); err == nil && strings.Contains(string(m.Data), "forged") {
+			t.Fatalf("the forged event is in the device stream: %s", m.Data)
+		}
+		// Nor may it send commands.
+		refused(t, v, commands.SubjectForceSync, func(ctx context.Context) error {
+			_, err := nc.RequestWithContext(ctx, commands.SubjectForceSync, nil)
+			return err
+		})
+	})
+}
+
+// TestRESTSecurity: off loopback the API wants its token on every route
+// but /health and /openapi.json; a cross-site POST is refused even with
+// it; huge and overflowing sizes are 400.
+func TestRESTSecurity(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{})
+	d := startDaemon(t, sim, daemonOpts{offLoopback: true})
+	if fi, err := os.Stat(filepath.Join(d.dataDir, "api-token")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("generated API token: %v %v, want mode 0600", fi, err)
+	}
+	send := func(method, path string, headers map[string]string) (int, string) {
+		t.Helper()
+		req, err := http.NewRequest(method, d.api+path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k, v := range headers {
+			req.Header.Set(k, v)
+		}
+		resp, body := validator.Do(t, http.DefaultClient, req)
+		var e commands.Error
+		_ = json.Unmarshal(body, &e)
+		return resp.StatusCode, e.Code
+	}
+	vol := d.createVolume("guarded", 1)
+	auth := map[string]string{"Authorization": "Bearer " + d.token}
+	tests := []struct {
+		name         string
+		method, path string
+		headers      map[string]string
+		status       int
+		code         string
+	}{
+		{"health without token", "GET", "/health", nil, 200, ""},
+		{"openapi without token", "GET", "/openapi.json", nil, 200, ""},
+		{"read without token", "GET", "/volumes/" + vol, nil, 401, commands.CodeUnauthorized},
+		{"detach without token", "POST", "/volumes/" + vol + "/detach", nil, 401, commands.CodeUnauthorized},
+		{"force-sync with a wrong token", "POST", "/admin/force-sync", map[string]string{"Authorization": "Bearer " + strings.Repeat("0", 64)}, 401, commands.CodeUnauthorized},
+		{"cross-site detach with the token", "POST", "/volumes/" + vol + "/detach",
+			map[string]string{"Authorization": auth["Authorization"], "Sec-Fetch-Site": "cross-site"}, 403, commands.CodeForbidden},
+		{"detach from another origin with the token", "POST", "/volumes/" + vol + "/detach",
+			map[string]string{"Authorization": auth["Authorization"], "Origin": "http://evil.example"}, 403, commands.CodeForbidden},
+		{"read with the token", "GET", "/volumes/" + vol, auth, 200, ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if status, code := send(tc.method, tc.path, tc.headers); status != tc.status || code != tc.code {
+				t.Fatalf("%s %s: %d %s, want %d %s", tc.method, tc.path, status, code, tc.status, tc.code)
+			}
+		})
+	}
+	// None of the refused detaches was recorded.
+	var ops []commands.Operation
+	d.mustCall(http.StatusOK, http.MethodGet, "/operations?volume_id="+vol, nil, &ops)
+	if len(ops) != 1 || ops[0].Type != commands.OpCreate {
+		t.Fatalf("operations of %s after refused requests: %+v", vol, ops)
+	}
+	for _, size := range []string{"70368744177665", "9223372036854775807", "9223372036854775808", "1e300"} {
+		status, data := d.call(http.MethodPost, "/volumes", `{"name":"huge","size":`+size+`,"disk_offering_id":"`+
+			cloudsim.CustomOfferingID+`","zone_id":"`+cloudsim.ZoneID+`"}`)
+		var e commands.Error
+		if status != http.StatusBadRequest || json.Unmarshal(data, &e) != nil || e.Details["field"] != "size" {
+			t.Fatalf("create of size %s: %d %s, want 400 on size", size, status, data)
+		}
+	}
+}
+
+// TestRefusesOffLoopbackWithoutToken: an empty token file is not a token.
+func TestRefusesOffLoopbackWithoutToken(t *testing.T) {
+	empty := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(empty, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(volumedBin, "--sim", "--listen", "0.0.0.0:0", "--data-dir", t.TempDir(),
+		"--api-token-file", empty).CombinedOutput()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 2 || !strings.Contains(string(out), "api-token-file") {
+		t.Fatalf("volumed off loopback with an empty token file: %v\n%s", err, out)
+	}
+}
