@@ -369,15 +369,15 @@ func (b *Bus) configureAuth(opts *server.Options) error {
 // authOptions are the connection's credentials and inbox prefix.
 func (b *Bus) authOptions() []nats.Option {
 	var opts []nats.Option
-	prefix := b.cfg.InboxPrefix
 	switch {
 	case b.cfg.URL == "":
 		opts = append(opts, nats.UserCredentials(CredsFile(b.cfg.CredsDir, RoleDaemon)))
-		if prefix == "" {
-			prefix = daemonInboxPrefix
-		}
 	case b.cfg.Creds != "":
 		opts = append(opts, nats.UserCredentials(b.cfg.Creds))
+	}
+	prefix := b.cfg.InboxPrefix
+	if prefix == "" && !b.cfg.ClientOnly {
+		prefix = daemonInboxPrefix
 	}
 	if prefix != "" {
 		opts = append(opts, nats.CustomInboxPrefix(prefix))

@@ -65,8 +65,8 @@ type Config struct {
 	// Creds is the credentials file to connect to an external URL with;
 	// the embedded server is reached with the daemon's own.
 	Creds string
-	// InboxPrefix is the connection's inbox prefix; default _INBOX, or a
-	// prefix only the daemon may subscribe to on the embedded server.
+	// InboxPrefix is the connection's inbox prefix; default one only the
+	// daemon may subscribe to (_INBOX for a ClientOnly bus).
 	InboxPrefix string
 	// Logger is the parent logger; default slog.Default().
 	Logger *slog.Logger
