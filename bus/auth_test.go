@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,56 +18,17 @@ import (
 	"github.com/volumed/volumed/state"
 )
 
-// violations collects the permission violations a connection is told of.
-type violations struct {
-	mu   sync.Mutex
-	errs []string
-}
-
-func (v *violations) handler(_ *nats.Conn, _ *nats.Subscription, err error) {
-	if errors.Is(err, nats.ErrPermissionViolation) {
-		v.mu.Lock()
-		v.errs = append(v.errs, err.Error())
-		v.mu.Unlock()
-	}
-}
-
-// has reports whether a violation names subject.
-func (v *violations) has(subject string) bool {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	for _, e := range v.errs {
-		if strings.Contains(e, `"`+subject+`"`) {
-			return true
-		}
-	}
-	return false
-}
-
 // connect connects to b with a credentials file, recording violations.
-func connect(t *testing.T, b *bus.Bus, creds string, opts ...nats.Option) (*nats.Conn, *violations) {
+func connect(t *testing.T, b *bus.Bus, creds string, opts ...nats.Option) (*nats.Conn, *testenv.Violations) {
 	t.Helper()
-	v := &violations{}
+	v := &testenv.Violations{}
 	nc, err := nats.Connect(b.ClientURL(), append([]nats.Option{nats.UserCredentials(creds),
-		nats.ErrorHandler(v.handler)}, opts...)...)
+		nats.ErrorHandler(v.Handler)}, opts...)...)
 	if err != nil {
 		t.Fatalf("connect with %s: %v", creds, err)
 	}
 	t.Cleanup(nc.Close)
 	return nc, v
-}
-
-// denied runs a JetStream API call that must fail and asserts the server
-// reported a permission violation on its subject.
-func denied(t *testing.T, v *violations, subject string, call func(ctx context.Context) error) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if err := call(ctx); err == nil {
-		t.Fatalf("%s succeeded, want it refused", subject)
-	}
-	testenv.Eventually(t, 2*time.Second, func() bool { return v.has(subject) },
-		"permission violation reported for %s", subject)
 }
 
 func TestRoleCredentialsFiles(t *testing.T) {
@@ -181,30 +141,30 @@ func TestOperatorRole(t *testing.T) {
 		t.Fatalf("operator stream info: %v", err)
 	}
 
-	denied(t, v, "$JS.API.STREAM.PURGE."+bus.StreamJobs, func(ctx context.Context) error {
+	v.Refused(t, "$JS.API.STREAM.PURGE."+bus.StreamJobs, func(ctx context.Context) error {
 		s, err := ojs.Stream(ctx, bus.StreamJobs)
 		if err != nil {
 			return err
 		}
 		return s.Purge(ctx)
 	})
-	denied(t, v, "$JS.API.STREAM.PURGE."+bus.StreamOps, func(ctx context.Context) error {
+	v.Refused(t, "$JS.API.STREAM.PURGE."+bus.StreamOps, func(ctx context.Context) error {
 		s, err := ojs.Stream(ctx, bus.StreamOps)
 		if err != nil {
 			return err
 		}
 		return s.Purge(ctx)
 	})
-	denied(t, v, "$JS.API.STREAM.DELETE."+bus.StreamJobs, func(ctx context.Context) error {
+	v.Refused(t, "$JS.API.STREAM.DELETE."+bus.StreamJobs, func(ctx context.Context) error {
 		return ojs.DeleteStream(ctx, bus.StreamJobs)
 	})
-	denied(t, v, "$JS.API.STREAM.DELETE.KV_"+state.DefaultKVBucket, func(ctx context.Context) error {
+	v.Refused(t, "$JS.API.STREAM.DELETE.KV_"+state.DefaultKVBucket, func(ctx context.Context) error {
 		return ojs.DeleteKeyValue(ctx, state.DefaultKVBucket)
 	})
-	denied(t, v, "$JS.API.CONSUMER.DELETE."+bus.StreamJobs+".handlers", func(ctx context.Context) error {
+	v.Refused(t, "$JS.API.CONSUMER.DELETE."+bus.StreamJobs+".handlers", func(ctx context.Context) error {
 		return ojs.DeleteConsumer(ctx, bus.StreamJobs, "handlers")
 	})
-	denied(t, v, "$KV."+state.DefaultKVBucket+".k", func(ctx context.Context) error {
+	v.Refused(t, "$KV."+state.DefaultKVBucket+".k", func(ctx context.Context) error {
 		okv, err := ojs.KeyValue(ctx, state.DefaultKVBucket)
 		if err != nil {
 			return err
@@ -213,7 +173,7 @@ func TestOperatorRole(t *testing.T) {
 		return err
 	})
 	// A consumer on the work queue would take jobs away from volumed.
-	denied(t, v, "$JS.API.CONSUMER.CREATE."+bus.StreamJobs+".thief", func(ctx context.Context) error {
+	v.Refused(t, "$JS.API.CONSUMER.CREATE."+bus.StreamJobs+".thief", func(ctx context.Context) error {
 		_, err := ojs.CreateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{Name: "thief"})
 		return err
 	})
@@ -271,8 +231,7 @@ func TestObserverRole(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = nc.Flush()
-	testenv.Eventually(t, 2*time.Second, func() bool { return v.has("volumes.cmd.delete") },
-		"permission violation for the observer's command")
+	v.Await(t, "volumes.cmd.delete")
 	select {
 	case m := <-got:
 		t.Fatalf("the observer's command reached volumed: %s %s", m.Subject, m.Data)
@@ -313,8 +272,7 @@ func TestAgentIdentity(t *testing.T) {
 	if err == nil {
 		t.Fatal("agent published another VM's device event")
 	}
-	testenv.Eventually(t, 2*time.Second, func() bool { return v.has("devices." + other + ".add") },
-		"permission violation for another VM's event")
+	v.Await(t, "devices."+other+".add")
 	s, err := b.JetStream().Stream(ctx, bus.StreamDevices)
 	if err != nil {
 		t.Fatal(err)
@@ -332,8 +290,7 @@ func TestAgentIdentity(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = nc.Flush()
-	testenv.Eventually(t, 2*time.Second, func() bool { return v.has("devices." + other + ".list") },
-		"permission violation for subscribing to another VM's requests")
+	v.Await(t, "devices."+other+".list")
 	if reply, err := b.Conn().Request("devices."+mine+".list", nil, 5*time.Second); err != nil || string(reply.Data) != "[]" {
 		t.Fatalf("list request to the agent: %v %v", reply, err)
 	}
@@ -345,8 +302,7 @@ func TestAgentIdentity(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = nc.Flush()
-	testenv.Eventually(t, 2*time.Second, func() bool { return v.has("volumes.cmd.delete") },
-		"permission violation for an agent's command")
+	v.Await(t, "volumes.cmd.delete")
 }
 
 func TestNATSConfigWithAuthorizationRefused(t *testing.T) {

@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,52 +17,10 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
 )
-
-// denials records the permission violations the server reports to a client.
-type denials struct {
-	mu   sync.Mutex
-	errs []string
-}
-
-func (v *denials) handler(_ *nats.Conn, _ *nats.Subscription, err error) {
-	if errors.Is(err, nats.ErrPermissionViolation) {
-		v.mu.Lock()
-		v.errs = append(v.errs, err.Error())
-		v.mu.Unlock()
-	}
-}
-
-func (v *denials) of(subject string) bool {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	for _, e := range v.errs {
-		if strings.Contains(e, `"`+subject+`"`) {
-			return true
-		}
-	}
-	return false
-}
-
-// refused requires call to fail and the server to report a permission
-// violation on subject.
-func refused(t *testing.T, v *denials, subject string, call func(ctx context.Context) error) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if err := call(ctx); err == nil {
-		t.Fatalf("%s succeeded, want it refused", subject)
-	}
-	deadline := time.Now().Add(2 * time.Second)
-	for !v.of(subject) {
-		if time.Now().After(deadline) {
-			t.Fatalf("no permission violation reported for %s", subject)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
 
 // TestNATSAuthorization: the bus lets in no anonymous client; the
 // operator cannot purge the job queue or delete the state bucket; an
@@ -95,22 +52,22 @@ func TestNATSAuthorization(t *testing.T) {
 	})
 
 	t.Run("operator cannot purge or delete", func(t *testing.T) {
-		v := &denials{}
-		js, err := jetstream.New(d.natsAs(bus.RoleOperator, nats.ErrorHandler(v.handler)))
+		v := &testenv.Violations{}
+		js, err := jetstream.New(d.natsAs(bus.RoleOperator, nats.ErrorHandler(v.Handler)))
 		if err != nil {
 			t.Fatal(err)
 		}
-		refused(t, v, "$JS.API.STREAM.PURGE."+bus.StreamJobs, func(ctx context.Context) error {
+		v.Refused(t, "$JS.API.STREAM.PURGE."+bus.StreamJobs, func(ctx context.Context) error {
 			s, err := js.Stream(ctx, bus.StreamJobs)
 			if err != nil {
 				return err
 			}
 			return s.Purge(ctx)
 		})
-		refused(t, v, "$JS.API.STREAM.DELETE.KV_"+state.DefaultKVBucket, func(ctx context.Context) error {
+		v.Refused(t, "$JS.API.STREAM.DELETE.KV_"+state.DefaultKVBucket, func(ctx context.Context) error {
 			return js.DeleteKeyValue(ctx, state.DefaultKVBucket)
 		})
-		refused(t, v, "$JS.API.STREAM.DELETE."+bus.StreamOps, func(ctx context.Context) error {
+		v.Refused(t, "$JS.API.STREAM.DELETE."+bus.StreamOps, func(ctx context.Context) error {
 			return js.DeleteStream(ctx, bus.StreamOps)
 		})
 		// The state bucket and the queue are whole: a create runs to the end.
@@ -126,8 +83,8 @@ func TestNATSAuthorization(t *testing.T) {
 		if fi, err := os.Stat(creds); err != nil || fi.Mode().Perm() != 0o600 {
 			t.Fatalf("agent credentials: %v %v, want mode 0600", fi, err)
 		}
-		v := &denials{}
-		nc, err := nats.Connect(d.natsURL, nats.UserCredentials(creds), nats.ErrorHandler(v.handler),
+		v := &testenv.Violations{}
+		nc, err := nats.Connect(d.natsURL, nats.UserCredentials(creds), nats.ErrorHandler(v.Handler),
 			nats.CustomInboxPrefix(bus.AgentInboxPrefix(cloudsim.RemoteVMID)))
 		if err != nil {
 			t.Fatal(err)
@@ -141,7 +98,7 @@ func TestNATSAuthorization(t *testing.T) {
 			t.Fatalf("the agent's own device event: %v", err)
 		}
 		forged := commands.DeviceSubject(cloudsim.ApplianceVMID, "add")
-		refused(t, v, forged, func(ctx context.Context) error {
+		v.Refused(t, forged, func(ctx context.Context) error {
 			_, err := js.Publish(ctx, forged, []byte(`{"name":"forged-by-another-vm"}`))
 			return err
 		})
@@ -157,7 +114,7 @@ func TestNATSAuthorization(t *testing.T) {
 			t.Fatalf("the forged event is in the device stream: %s", m.Data)
 		}
 		// Nor may it send commands.
-		refused(t, v, commands.SubjectForceSync, func(ctx context.Context) error {
+		v.Refused(t, commands.SubjectForceSync, func(ctx context.Context) error {
 			_, err := nc.RequestWithContext(ctx, commands.SubjectForceSync, nil)
 			return err
 		})
