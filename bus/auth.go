@@ -122,7 +122,10 @@ func loadOrCreateKey(path string, create func() (nkeys.KeyPair, error)) (nkeys.K
 	if seed, err = kp.Seed(); err != nil {
 		return nil, fmt.Errorf("bus: new key: %w", err)
 	}
-	if err := writeSecret(path, append(seed, '\n'), true); err != nil {
+	if err := writeSecret(path, append(seed, '\n'), true); errors.Is(err, fs.ErrExist) {
+		// Another process made it first: use that one.
+		return loadOrCreateKey(path, create)
+	} else if err != nil {
 		return nil, err
 	}
 	return kp, nil

@@ -368,3 +368,38 @@ func runServer(t *testing.T, conf string) string {
 	}
 	return srv.ClientURL()
 }
+
+// TestAuthorityConcurrentFirstUse: processes making the keys at once end
+// with one authority (credentials of one are valid for the others).
+func TestAuthorityConcurrentFirstUse(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "creds")
+	const n = 8
+	creds := make([][]byte, n)
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			a, err := bus.LoadAuthority(dir)
+			if err == nil {
+				creds[i], err = a.Creds(bus.RoleOperator)
+			}
+			errs <- err
+		}()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	b := testenv.StartBusIn(t, filepath.Dir(dir))
+	for i, c := range creds {
+		path := filepath.Join(t.TempDir(), "op.creds")
+		if err := os.WriteFile(path, c, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		nc, err := nats.Connect(b.ClientURL(), nats.UserCredentials(path), nats.NoReconnect())
+		if err != nil {
+			t.Fatalf("credentials %d of the concurrent first use refused: %v", i, err)
+		}
+		nc.Close()
+	}
+}
