@@ -324,15 +324,20 @@ func rolePermissions(role string) (jwt.Permissions, bool) {
 // eventStreams are the streams operator and observer may replay.
 var eventStreams = []string{StreamOps, StreamDevices}
 
+// serviceName is the name of volumed's command service for discovery.
+const serviceName = "volumed"
+
 // readEvents lets a role subscribe to operation, mapping and device events
 // and replay the event streams: stream and consumer info, message gets,
 // consumers of its own on those streams (ephemeral or ordered), their
-// next-message requests, acks and flow control. No purge, no delete, no
-// job queue, no state bucket.
+// next-message requests, acks and flow control; and discover the command
+// service. No purge, no delete, no job queue, no state bucket.
 func readEvents(p *jwt.Permissions) {
 	p.Sub.Allow.Add("volumes.ops.>", "volumes.mappings.>", "devices.*.add", "devices.*.remove",
 		"devices.*.change", "_INBOX.>")
 	p.Pub.Allow.Add("$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST", "$JS.API.STREAM.INFO.*")
+	// Service discovery of volumed's command service (nats micro).
+	p.Pub.Allow.Add("$SRV.*", "$SRV.*."+serviceName, "$SRV.*."+serviceName+".*")
 	for _, s := range eventStreams {
 		p.Pub.Allow.Add(
 			"$JS.API.STREAM.MSG.GET."+s,

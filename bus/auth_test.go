@@ -140,6 +140,15 @@ func TestOperatorRole(t *testing.T) {
 	if _, err := ojs.Stream(ctx, bus.StreamDevices); err != nil {
 		t.Fatalf("operator stream info: %v", err)
 	}
+	info, err := b.Conn().Subscribe("$SRV.INFO.volumed", func(m *nats.Msg) { _ = m.Respond([]byte(`{}`)) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer info.Unsubscribe()
+	_ = b.Conn().Flush()
+	if _, err := nc.Request("$SRV.INFO.volumed", nil, 5*time.Second); err != nil {
+		t.Fatalf("operator service discovery: %v", err)
+	}
 
 	v.Refused(t, "$JS.API.STREAM.PURGE."+bus.StreamJobs, func(ctx context.Context) error {
 		s, err := ojs.Stream(ctx, bus.StreamJobs)
