@@ -401,3 +401,20 @@ func (b *Bus) CredsFile(role string) string {
 	}
 	return CredsFile(b.cfg.CredsDir, role)
 }
+
+// FromConsumer reports whether msg was delivered by a JetStream consumer
+// (its reply is an ack subject) rather than published. A push consumer
+// may deliver stored events to any subject someone subscribes to by name,
+// so an identity allowed to make consumers (operator, observer) could
+// replay them onto a request subject volumed or an agent acts on.
+func FromConsumer(msg *nats.Msg) bool { return strings.HasPrefix(msg.Reply, "$JS.ACK.") }
+
+// Published wraps a handler of requests or events so that it ignores
+// what a JetStream consumer delivered (FromConsumer).
+func Published(h nats.MsgHandler) nats.MsgHandler {
+	return func(msg *nats.Msg) {
+		if !FromConsumer(msg) {
+			h(msg)
+		}
+	}
+}

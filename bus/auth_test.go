@@ -412,3 +412,48 @@ func TestAuthorityConcurrentFirstUse(t *testing.T) {
 		nc.Close()
 	}
 }
+
+// TestConsumerCopiesAreIgnored: an observer's push consumer can deliver
+// stored operation events onto a request subject an agent subscribes to
+// by name; Published handlers ignore those copies and still take requests.
+func TestConsumerCopiesAreIgnored(t *testing.T) {
+	b := testenv.StartBus(t)
+	ctx := context.Background()
+	const subject = "devices.vm-1.names"
+	got := make(chan *nats.Msg, 4)
+	handled := make(chan *nats.Msg, 4)
+	if _, err := b.Conn().Subscribe(subject, func(m *nats.Msg) {
+		got <- m
+		bus.Published(func(m *nats.Msg) { handled <- m; _ = m.Respond([]byte(`{}`)) })(m)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	_ = b.Conn().Flush()
+	if _, err := b.JetStream().Publish(ctx, "volumes.ops.op-3", []byte(`{"id":"op-3"}`)); err != nil {
+		t.Fatal(err)
+	}
+	nc, _ := connect(t, b, b.CredsFile(bus.RoleObserver))
+	legacy, err := nc.JetStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := legacy.AddConsumer(bus.StreamOps, &nats.ConsumerConfig{DeliverSubject: subject,
+		AckPolicy: nats.AckExplicitPolicy, DeliverPolicy: nats.DeliverAllPolicy}); err != nil {
+		t.Fatalf("observer push consumer: %v", err)
+	}
+	select {
+	case m := <-got:
+		if !bus.FromConsumer(m) {
+			t.Fatalf("a consumer's copy on %s (reply %q) not recognized", m.Subject, m.Reply)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the observer's consumer delivered nothing: the test proves nothing")
+	}
+	// A real request after it is handled; the copy before it was not.
+	if _, err := b.Conn().Request(subject, []byte(`{"names":{}}`), 5*time.Second); err != nil {
+		t.Fatalf("real request: %v", err)
+	}
+	if m := <-handled; bus.FromConsumer(m) || len(handled) != 0 {
+		t.Fatalf("handled %s (reply %q), %d more", m.Data, m.Reply, len(handled))
+	}
+}

@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/state"
@@ -178,7 +179,7 @@ func (s *Service) Start(ctx context.Context) error {
 	s.started = time.Now()
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	for subject, handle := range s.commandHandlers() {
-		sub, err := s.cfg.Conn.QueueSubscribe(subject, QueueGroup, handle)
+		sub, err := s.cfg.Conn.QueueSubscribe(subject, QueueGroup, bus.Published(handle))
 		if err != nil {
 			s.stop()
 			return fmt.Errorf("handlers: subscribe %s: %w", subject, err)
@@ -191,7 +192,7 @@ func (s *Service) Start(ctx context.Context) error {
 		s.log.Info("exports restored from state", "changes", changes)
 	}
 	if s.cfg.Exporter != nil {
-		sub, err := s.cfg.Conn.Subscribe(commands.SubjectMappingsPrefix+">", s.onMapping)
+		sub, err := s.cfg.Conn.Subscribe(commands.SubjectMappingsPrefix+">", bus.Published(s.onMapping))
 		if err != nil {
 			s.stop()
 			return fmt.Errorf("handlers: subscribe mappings: %w", err)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/handlers"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
@@ -119,6 +120,72 @@ func TestNATSAuthorization(t *testing.T) {
 			return err
 		})
 	})
+}
+
+// TestEventsReplayedOntoRequestsIgnored: an observer may make consumers on
+// the event streams, and a push consumer delivers to any subject; copies
+// it delivers onto the agent's list subject or a command are not taken as
+// requests (a stored event read as a names request would wipe the names).
+func TestEventsReplayedOntoRequestsIgnored(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{})
+	d := startDaemon(t, sim, daemonOpts{})
+	d.createVolume("an-event-to-replay", 1) // puts events in VOLUMED_OPS
+	js, err := d.natsAs(bus.RoleObserver).JetStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	operator := d.natsAs(bus.RoleOperator)
+	daemonConn := d.natsAs(bus.RoleDaemon)
+	for _, tc := range []struct {
+		deliver, group string
+		control        func() error
+	}{
+		{commands.DevicesListSubject(cloudsim.ApplianceVMID), "", func() error {
+			_, err := daemonConn.Request(commands.DevicesListSubject(cloudsim.ApplianceVMID), nil, 10*time.Second)
+			return err
+		}},
+		{commands.SubjectForceSync, handlers.QueueGroup, func() error {
+			_, err := operator.Request(commands.SubjectForceSync, nil, 60*time.Second)
+			return err
+		}},
+	} {
+		t.Run(tc.deliver, func(t *testing.T) {
+			// A reply to the copy would go to its ack subject.
+			name := "replay-" + strings.NewReplacer(".", "-", "-", "").Replace(tc.deliver)
+			replies := make(chan *nats.Msg, 4)
+			sub, err := daemonConn.ChanSubscribe("$JS.ACK."+bus.StreamOps+"."+name+".>", replies)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sub.Unsubscribe()
+			if err := daemonConn.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := js.AddConsumer(bus.StreamOps, &nats.ConsumerConfig{Name: name, DeliverSubject: tc.deliver,
+				DeliverGroup: tc.group, AckPolicy: nats.AckExplicitPolicy, DeliverPolicy: nats.DeliverLastPolicy,
+				MaxDeliver: 1}); err != nil {
+				t.Fatalf("observer push consumer: %v", err)
+			}
+			testenv.Eventually(t, 10*time.Second, func() bool {
+				info, err := js.ConsumerInfo(bus.StreamOps, name)
+				return err == nil && info.Delivered.Consumer == 1
+			}, "the observer's consumer delivered its copy to %s", tc.deliver)
+			// The subscriber takes messages in order: once a real request
+			// is answered, the copy before it has been handled, and a
+			// reply to it would have come before the flush ends.
+			if err := tc.control(); err != nil {
+				t.Fatalf("real request on %s: %v", tc.deliver, err)
+			}
+			if err := daemonConn.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case m := <-replies:
+				t.Fatalf("the copy delivered to %s was answered: %s", tc.deliver, m.Data)
+			default:
+			}
+		})
+	}
 }
 
 // TestRESTSecurity: off loopback the API wants its token on every route
