@@ -21,6 +21,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/handlers"
@@ -187,7 +188,7 @@ func (c *Correlator) Start(ctx context.Context) error {
 	}
 	c.ctx, c.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	for _, a := range []commands.DeviceAction{commands.DeviceAdd, commands.DeviceRemove, commands.DeviceChange} {
-		sub, err := c.cfg.Conn.Subscribe(commands.DeviceSubject("*", a), c.onEvent)
+		sub, err := c.cfg.Conn.Subscribe(commands.DeviceSubject("*", a), bus.Published(c.onEvent))
 		if err != nil {
 			c.stop()
 			return fmt.Errorf("correlate: subscribe: %w", err)
