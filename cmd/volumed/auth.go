@@ -13,6 +13,10 @@ import (
 	"github.com/volumed/volumed/httpbridge"
 )
 
+// tokenEnv is the environment variable of --api-token; it is not the
+// flag's default, so --help cannot print it.
+const tokenEnv = "VOLUMED_API_TOKEN"
+
 // tokenFileName is the REST token's file in the data dir, made at first
 // start when no token is configured.
 const tokenFileName = "api-token"
@@ -28,6 +32,9 @@ func (f *flagSet) natsCreds(c *config) {
 func (c *config) checkSecurity() error {
 	if c.natsCreds != "" && c.natsURL == "" {
 		return fmt.Errorf("%w: --nats-creds needs --nats-url (the embedded server's credentials are made in <data-dir>/creds)", errUsage)
+	}
+	if c.apiToken == "" {
+		c.apiToken = os.Getenv(tokenEnv)
 	}
 	if c.apiToken == "" && c.apiTokenFile != "" {
 		data, err := os.ReadFile(c.apiTokenFile)

@@ -183,7 +183,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f.str(&c.nbdListen, "nbd-listen", "VOLUMED_NBD_LISTEN", nbd.DefaultListen, "NBD server address for volume exports; empty turns it off")
 	f.boolean("nbd-auto-export", "VOLUMED_NBD_AUTO_EXPORT", "false", "export every volume attached to this host, read-only, as soon as its device is found")
 	f.natsCreds(&c)
-	f.str(&c.apiToken, "api-token", "VOLUMED_API_TOKEN", "", "REST API bearer token (at least 16 characters)")
+	f.StringVar(&c.apiToken, "api-token", "", "REST API bearer token, at least 16 characters ("+tokenEnv+", never shown here)")
 	f.str(&c.apiTokenFile, "api-token-file", "VOLUMED_API_TOKEN_FILE", "", "file holding the REST API bearer token; default <data-dir>/"+tokenFileName+", generated at first start")
 	if err := f.parse(args, &c); err != nil {
 		return c, err

@@ -50,11 +50,22 @@ func TestConfigFromEnvironment(t *testing.T) {
 	t.Setenv("VOLUMED_STEP_TIMEOUT", "90s")
 	t.Setenv("VOLUMED_SYNC_INTERVAL", "0")
 	t.Setenv("VOLUMED_LISTEN", "127.0.0.1:9999")
+	t.Setenv("VOLUMED_API_TOKEN", "from-the-environment-0123")
 	c, err := parseConfig([]string{"--listen", "127.0.0.1:7777"}, &bytes.Buffer{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !c.sim || c.stepTimeout != 90*time.Second || c.syncInterval >= 0 || c.listen != "127.0.0.1:7777" {
+	if !c.sim || c.stepTimeout != 90*time.Second || c.syncInterval >= 0 || c.listen != "127.0.0.1:7777" ||
+		c.apiToken != "from-the-environment-0123" {
 		t.Fatalf("config %+v: environment not taken, or the flag did not win", c)
+	}
+}
+
+// TestHelpHidesTheToken: --help never prints the token from the environment.
+func TestHelpHidesTheToken(t *testing.T) {
+	t.Setenv("VOLUMED_API_TOKEN", "secret-token-0123456789")
+	var out bytes.Buffer
+	if code := run([]string{"--help"}, &out); code != 0 || strings.Contains(out.String(), "secret-token") {
+		t.Fatalf("exit %d; help shows the token:\n%s", code, out.String())
 	}
 }
