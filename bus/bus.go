@@ -61,6 +61,15 @@ type Config struct {
 	ClientOnly bool
 	// Name is the client connection name; default "volumed".
 	Name string
+	// CredsDir holds the embedded server's keys and the role credentials
+	// (see Authority); default DataDir/creds.
+	CredsDir string
+	// Creds is the credentials file to connect to an external URL with;
+	// the embedded server is reached with the daemon's own.
+	Creds string
+	// InboxPrefix is the connection's inbox prefix; default one only the
+	// daemon may subscribe to (_INBOX for a ClientOnly bus).
+	InboxPrefix string
 	// Logger is the parent logger; default slog.Default().
 	Logger *slog.Logger
 }
@@ -92,6 +101,9 @@ func New(cfg Config) *Bus {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.CredsDir == "" {
+		cfg.CredsDir = filepath.Join(cfg.DataDir, "creds")
+	}
 	return &Bus{cfg: cfg, log: cfg.Logger.With("component", "bus")}
 }
 
@@ -107,8 +119,8 @@ func (b *Bus) Start(ctx context.Context) error {
 		b.srv = srv
 		url = srv.ClientURL()
 	}
-	nc, err := nats.Connect(url, nats.Name(b.cfg.Name), nats.MaxReconnects(-1),
-		nats.ReconnectWait(250*time.Millisecond), nats.Timeout(5*time.Second))
+	nc, err := nats.Connect(url, append(b.authOptions(), nats.Name(b.cfg.Name), nats.MaxReconnects(-1),
+		nats.ReconnectWait(250*time.Millisecond), nats.Timeout(5*time.Second))...)
 	if err != nil {
 		b.shutdownServer()
 		return fmt.Errorf("bus: connect %s: %w", url, err)
@@ -136,6 +148,9 @@ func (b *Bus) startEmbedded() (*server.Server, error) {
 			return nil, fmt.Errorf("bus: nats config %s: %w", b.cfg.ConfigFile, err)
 		}
 		opts = fileOpts
+	}
+	if err := b.configureAuth(opts); err != nil {
+		return nil, err
 	}
 	if b.cfg.Listen != "" {
 		host, port, err := net.SplitHostPort(b.cfg.Listen)

@@ -72,7 +72,7 @@ func TestConfigFile(t *testing.T) {
 		t.Errorf("store_dir %s from the config file is empty", store)
 	}
 	// A second Bus connects to the first one as an external server.
-	ext := bus.New(bus.Config{URL: b.ClientURL()})
+	ext := bus.New(bus.Config{URL: b.ClientURL(), Creds: b.CredsFile(bus.RoleDaemon)})
 	if err := ext.Start(context.Background()); err != nil {
 		t.Fatalf("external start: %v", err)
 	}

@@ -98,3 +98,21 @@ const CodeTimeout = "TIMEOUT"
 func Timeout(format string, args ...any) *Error {
 	return newError(http.StatusGatewayTimeout, CodeTimeout, format, args...)
 }
+
+// Codes of the REST API's own refusals (never an operation's).
+const (
+	// CodeUnauthorized: the bearer token is missing or wrong.
+	CodeUnauthorized = "UNAUTHORIZED"
+	// CodeForbidden: a cross-site request.
+	CodeForbidden = "FORBIDDEN"
+)
+
+// Unauthorized is a 401 UNAUTHORIZED.
+func Unauthorized(format string, args ...any) *Error {
+	return newError(http.StatusUnauthorized, CodeUnauthorized, format, args...)
+}
+
+// Forbidden is a 403 FORBIDDEN.
+func Forbidden(format string, args ...any) *Error {
+	return newError(http.StatusForbidden, CodeForbidden, format, args...)
+}

@@ -14,6 +14,14 @@ import (
 // MinVolumeSize is the smallest volume volumed creates: 1 GiB.
 const MinVolumeSize int64 = 1 << 30
 
+// MaxVolumeSize is the largest volume volumed creates: 64 TiB. A larger
+// size is refused before it is converted to GiB.
+const MaxVolumeSize int64 = 64 << 40
+
+// MaxListLimit caps a list's limit; it is also the limit of a list that
+// gives none.
+const MaxListLimit = 1000
+
 // MaxBodyBytes bounds every request body, on REST and on NATS.
 const MaxBodyBytes = 64 << 10
 
@@ -27,7 +35,8 @@ const (
 type CreateRequest struct {
 	// Name is the volume's name: 1 to 255 bytes, no control characters.
 	Name string `json:"name"`
-	// Size is in bytes, at least MinVolumeSize; rounded up to whole GiB.
+	// Size is in bytes, MinVolumeSize to MaxVolumeSize; rounded up to
+	// whole GiB.
 	Size int64 `json:"size"`
 	// DiskOfferingID is the CloudStack disk offering, a UUID.
 	DiskOfferingID string `json:"disk_offering_id"`
@@ -38,7 +47,13 @@ type CreateRequest struct {
 }
 
 // SizeGiB is the size in whole GiB, rounded up, as CloudStack takes it.
-func (r CreateRequest) SizeGiB() int64 { return (r.Size + MinVolumeSize - 1) / MinVolumeSize }
+func (r CreateRequest) SizeGiB() int64 {
+	gib := r.Size / MinVolumeSize
+	if r.Size%MinVolumeSize != 0 {
+		gib++
+	}
+	return gib
+}
 
 // AttachRequest is the recorded request of an attach or attach-root.
 type AttachRequest struct {
@@ -110,6 +125,10 @@ func DecodeCreate(data []byte) (CreateRequest, error) {
 	if r.Size < MinVolumeSize {
 		return r, Invalid("size", "Invalid volume size: must be at least 1GB").
 			WithDetail("provided_value", r.Size).WithDetail("minimum_value", MinVolumeSize)
+	}
+	if r.Size > MaxVolumeSize {
+		return r, Invalid("size", "Invalid volume size: must be at most 64 TiB (%d bytes)", MaxVolumeSize).
+			WithDetail("provided_value", r.Size).WithDetail("maximum_value", MaxVolumeSize)
 	}
 	var err error
 	if r.DiskOfferingID, err = NormalizeID("disk_offering_id", "", r.DiskOfferingID); err != nil {

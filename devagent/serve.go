@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 )
 
@@ -151,7 +152,7 @@ func (s *Server) Start(ctx context.Context) error {
 		commands.DevicesListSubject(s.cfg.VMID):  s.serveList,
 		commands.DevicesNamesSubject(s.cfg.VMID): s.serveNames,
 	} {
-		sub, err := s.cfg.Conn.Subscribe(subject, handle)
+		sub, err := s.cfg.Conn.Subscribe(subject, bus.Published(handle))
 		if err != nil {
 			s.stop()
 			return fmt.Errorf("devagent: subscribe %s: %w", subject, err)

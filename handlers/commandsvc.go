@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 )
 
@@ -105,6 +106,9 @@ func (s *Service) startCommands() error {
 // service stops (Close waits for it); force-sync is cancelled.
 func (s *Service) serve(ep endpoint) micro.Handler {
 	return micro.HandlerFunc(func(req micro.Request) {
+		if bus.FromConsumerReply(req.Reply()) {
+			return // a copy a JetStream consumer delivered here, not a command
+		}
 		select {
 		case s.acceptSlots <- struct{}{}:
 		default:

@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/state"
@@ -229,7 +230,7 @@ func (s *Service) Start(ctx context.Context) error {
 		s.log.Info("exports restored from state", "changes", changes)
 	}
 	if s.cfg.Exporter != nil {
-		sub, err := s.cfg.Conn.Subscribe(commands.SubjectMappingsPrefix+">", s.onMapping)
+		sub, err := s.cfg.Conn.Subscribe(commands.SubjectMappingsPrefix+">", bus.Published(s.onMapping))
 		if err != nil {
 			s.stop()
 			return fmt.Errorf("handlers: subscribe mappings: %w", err)
@@ -237,7 +238,7 @@ func (s *Service) Start(ctx context.Context) error {
 		s.subs = append(s.subs, sub)
 		if s.cfg.VMID != "" {
 			// Export work for this VM comes here, whoever runs its operation.
-			if sub, err = s.cfg.Conn.QueueSubscribe(hostSubject(s.cfg.VMID), QueueGroup, s.onHostRequest); err != nil {
+			if sub, err = s.cfg.Conn.QueueSubscribe(hostSubject(s.cfg.VMID), QueueGroup, bus.Published(s.onHostRequest)); err != nil {
 				s.stop()
 				return fmt.Errorf("handlers: subscribe %s: %w", hostSubject(s.cfg.VMID), err)
 			}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -54,6 +55,10 @@ type options struct {
 	commandTimeout time.Duration
 	maxWait        time.Duration
 	conn           *nats.Conn // the bridge's connection; default the bus's
+	listen         string     // default 127.0.0.1:0
+	token          string
+	// HTTP server timeouts; default the bridge's.
+	readHeaderTimeout, readTimeout, idleTimeout time.Duration
 }
 
 func newHarness(t testing.TB, o options) *harness {
@@ -75,14 +80,19 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 		h.store = kv
 	}
 	if !o.noResponders {
-		startCommandService(t, b.ClientURL(), h.store)
+		startCommandService(t, b, h.store)
 	}
 	conn := o.conn
 	if conn == nil {
 		conn = b.Conn()
 	}
-	h.srv = httpbridge.New(httpbridge.Config{Listen: "127.0.0.1:0", Conn: conn, Store: h.store,
-		Backend: h.backend, VMID: vm1, CommandTimeout: o.commandTimeout, SyncTimeout: o.commandTimeout, MaxWait: o.maxWait, Logger: testLogger(t)})
+	if o.listen == "" {
+		o.listen = "127.0.0.1:0"
+	}
+	h.srv = httpbridge.New(httpbridge.Config{Listen: o.listen, Conn: conn, Store: h.store,
+		Backend: h.backend, VMID: vm1, CommandTimeout: o.commandTimeout, SyncTimeout: o.commandTimeout, MaxWait: o.maxWait,
+		Token: o.token, ReadHeaderTimeout: o.readHeaderTimeout, ReadTimeout: o.readTimeout, IdleTimeout: o.idleTimeout,
+		Logger: testLogger(t)})
 	if err := h.srv.Start(ctx); err != nil {
 		t.Fatalf("start bridge: %v", err)
 	}
@@ -93,7 +103,8 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 			t.Errorf("close bridge: %v", err)
 		}
 	})
-	h.base = "http://" + h.srv.Addr() + httpbridge.BasePath
+	_, port, _ := net.SplitHostPort(h.srv.Addr())
+	h.base = "http://127.0.0.1:" + port + httpbridge.BasePath
 	return h
 }
 
@@ -163,13 +174,9 @@ func readTestdata(t testing.TB, name string) string {
 // package, records a pending operation in the store and replies with the
 // operation (201) or the error, the HTTP status in the Status header.
 // Volumes other than vol1 and vol2 are unknown to it (404).
-func startCommandService(t testing.TB, url string, store state.Store) {
+func startCommandService(t testing.TB, b *bus.Bus, store state.Store) {
 	t.Helper()
-	nc, err := nats.Connect(url, nats.Name("test-command-service"))
-	if err != nil {
-		t.Fatalf("command service connect: %v", err)
-	}
-	t.Cleanup(nc.Close)
+	nc := testenv.Connect(t, b, bus.RoleDaemon, nats.Name("test-command-service"))
 	known := map[string]bool{vol1: true, vol2: true}
 	accept := func(ctx context.Context, typ commands.OpType, volumeID string, vmID *string, req any) (any, error) {
 		if typ != commands.OpCreate && !known[volumeID] {

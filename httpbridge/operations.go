@@ -150,11 +150,14 @@ func parseFilter(r *http.Request) (state.Filter, error) {
 			return f, err
 		}
 	}
+	f.Limit = commands.MaxListLimit
 	if q.Has("limit") {
 		v := q.Get("limit")
 		n, convErr := strconv.Atoi(v)
-		if convErr != nil || n <= 0 {
-			return f, commands.Invalid("limit", "limit must be a positive integer, got %q", v).WithDetail("provided_value", v)
+		if convErr != nil || n <= 0 || n > commands.MaxListLimit {
+			return f, commands.Invalid("limit", "limit must be an integer from 1 to %d, got %q", commands.MaxListLimit,
+				commands.Shown(v, 40)).WithDetail("provided_value", commands.Shown(v, 40)).
+				WithDetail("maximum_value", commands.MaxListLimit)
 		}
 		f.Limit = n
 	}

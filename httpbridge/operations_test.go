@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/apitest"
 	"github.com/volumed/volumed/internal/testenv"
@@ -94,6 +95,9 @@ func TestOperations(t *testing.T) {
 		{name: "list zero limit", method: "GET", path: "/operations?limit=0", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
 		{name: "list negative limit", method: "GET", path: "/operations?limit=-3", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
 		{name: "list non-integer limit", method: "GET", path: "/operations?limit=2.5", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
+		{name: "list limit at the cap", method: "GET", path: "/operations?limit=1000", status: 200},
+		{name: "list limit over the cap", method: "GET", path: "/operations?limit=1001", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
+		{name: "list limit overflowing int", method: "GET", path: "/operations?limit=99999999999999999999", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
 		{name: "list empty limit", method: "GET", path: "/operations?limit=", status: 400, code: commands.CodeInvalidRequest, field: "limit"},
 	})
 }
@@ -156,11 +160,7 @@ func publishUntil(t *testing.T, nc *nats.Conn, op commands.Operation, done <-cha
 
 func TestOperationWait(t *testing.T) {
 	b := testenv.StartBus(t)
-	bridgeConn, err := nats.Connect(b.ClientURL(), nats.Name("bridge-under-test"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(bridgeConn.Close)
+	bridgeConn := testenv.Connect(t, b, bus.RoleDaemon, nats.Name("bridge-under-test"))
 	h := newHarnessOnBus(t, b, options{conn: bridgeConn})
 
 	t.Run("terminal event ends the wait with the stored record", func(t *testing.T) {

@@ -19,7 +19,7 @@ import (
 // unknown routes and wrong methods.
 func (s *Server) routes() http.Handler {
 	r := chi.NewRouter()
-	r.Use(s.logRequests, s.recoverPanics, jsonContentType)
+	r.Use(s.logRequests, s.recoverPanics, jsonContentType, s.guard)
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, commands.NotFound("no route for %s %s", r.Method, r.URL.Path))
 	})

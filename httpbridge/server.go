@@ -21,6 +21,15 @@ const (
 	DefaultListen         = "127.0.0.1:8090"
 	DefaultCommandTimeout = commands.AcceptTimeout + 7*time.Second
 	DefaultMaxWait        = 5 * time.Minute
+	// DefaultReadHeaderTimeout, DefaultReadTimeout and DefaultIdleTimeout
+	// bound a request's headers, a whole request, and an idle keep-alive
+	// connection.
+	DefaultReadHeaderTimeout = 10 * time.Second
+	DefaultReadTimeout       = 30 * time.Second
+	DefaultIdleTimeout       = 2 * time.Minute
+	// writeSlack is added to the longest answer (a ?wait, a force-sync)
+	// to make the write timeout.
+	writeSlack = 30 * time.Second
 )
 
 // BasePath prefixes every route.
@@ -48,6 +57,15 @@ type Config struct {
 	SyncTimeout time.Duration
 	// MaxWait caps the ?wait of GET /operations/{id}; default DefaultMaxWait.
 	MaxWait time.Duration
+	// Token is the API bearer token. Off loopback it is required on every
+	// route but /health and /openapi.json, and Start refuses to listen
+	// off loopback without one; on loopback a request may omit it.
+	Token string
+	// ReadHeaderTimeout, ReadTimeout and IdleTimeout of the HTTP server;
+	// defaults DefaultReadHeaderTimeout, DefaultReadTimeout and
+	// DefaultIdleTimeout. The write timeout is the longest answer
+	// (MaxWait, SyncTimeout, CommandTimeout) plus 30 s.
+	ReadHeaderTimeout, ReadTimeout, IdleTimeout time.Duration
 	// Logger is the parent of the bridge's logger; default slog.Default().
 	Logger *slog.Logger
 }
@@ -57,6 +75,8 @@ type Server struct {
 	cfg     Config
 	log     *slog.Logger
 	handler http.Handler
+	// requireToken: the bridge listens off loopback.
+	requireToken bool
 	// closing is closed by Close so long polls answer at once.
 	closing chan struct{}
 
@@ -81,10 +101,20 @@ func New(cfg Config) *Server {
 	if cfg.MaxWait <= 0 {
 		cfg.MaxWait = DefaultMaxWait
 	}
+	if cfg.ReadHeaderTimeout <= 0 {
+		cfg.ReadHeaderTimeout = DefaultReadHeaderTimeout
+	}
+	if cfg.ReadTimeout <= 0 {
+		cfg.ReadTimeout = DefaultReadTimeout
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "httpbridge"), closing: make(chan struct{})}
+	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "httpbridge"), closing: make(chan struct{}),
+		requireToken: !IsLoopback(cfg.Listen)}
 	s.handler = s.routes()
 	return s
 }
@@ -104,6 +134,10 @@ func (s *Server) Start(ctx context.Context) error {
 		return errors.New("httpbridge: closed")
 	default:
 	}
+	if s.requireToken && len(s.cfg.Token) < MinTokenLength {
+		return fmt.Errorf("httpbridge: refusing to listen on %s, off loopback, without an API token of at least %d characters",
+			s.cfg.Listen, MinTokenLength)
+	}
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", s.cfg.Listen)
 	if err != nil {
@@ -112,7 +146,10 @@ func (s *Server) Start(ctx context.Context) error {
 	s.ln = ln
 	s.srv = &http.Server{
 		Handler:           s.handler,
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: s.cfg.ReadHeaderTimeout,
+		ReadTimeout:       s.cfg.ReadTimeout,
+		WriteTimeout:      max(s.cfg.MaxWait, s.cfg.SyncTimeout, s.cfg.CommandTimeout) + writeSlack,
+		IdleTimeout:       s.cfg.IdleTimeout,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
 	s.served = make(chan struct{})
@@ -122,7 +159,7 @@ func (s *Server) Start(ctx context.Context) error {
 			s.log.Error("serve failed", "error", err)
 		}
 	}()
-	s.log.Info("listening", "addr", ln.Addr().String())
+	s.log.Info("listening", "addr", ln.Addr().String(), "token_required", s.requireToken)
 	return nil
 }
 

@@ -47,6 +47,12 @@ type config struct {
 	// NBD exports: nbdListen "" turns the NBD server off.
 	nbdListen     string
 	nbdAutoExport bool
+	// Security (auth.go): natsCreds for --nats-url; the REST token.
+	natsCreds    string
+	apiToken     string
+	apiTokenFile string
+	// creds: `volumed creds` (creds.go) instead of the daemon.
+	creds *credsCommand
 }
 
 // errUsage marks a configuration error (exit code 2).
@@ -154,6 +160,9 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	if len(args) > 0 && args[0] == "agent" {
 		return parseAgentConfig(args[1:], stderr)
 	}
+	if len(args) > 0 && args[0] == "creds" {
+		return parseCredsConfig(args[1:], stderr)
+	}
 	var c config
 	f := newFlagSet("volumed", "volumed manages CloudStack block volumes for this host.\n"+
 		"`volumed agent --help` shows the device agent alone.", stderr, &c)
@@ -176,7 +185,13 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f.duration(&c.correlateAfter, "correlation-timeout", "VOLUMED_CORRELATION_TIMEOUT", "60s", time.Second, "how long an attach waits for its device")
 	f.str(&c.nbdListen, "nbd-listen", "VOLUMED_NBD_LISTEN", nbd.DefaultListen, "NBD server address for volume exports; empty turns it off")
 	f.boolean("nbd-auto-export", "VOLUMED_NBD_AUTO_EXPORT", "false", "export every volume attached to this host, read-only, as soon as its device is found")
+	f.natsCreds(&c)
+	f.StringVar(&c.apiToken, "api-token", "", "REST API bearer token, at least 16 characters ("+tokenEnv+", never shown here)")
+	f.str(&c.apiTokenFile, "api-token-file", "VOLUMED_API_TOKEN_FILE", "", "file holding the REST API bearer token; default <data-dir>/"+tokenFileName+", generated at first start")
 	if err := f.parse(args, &c); err != nil {
+		return c, err
+	}
+	if err := c.checkSecurity(); err != nil {
 		return c, err
 	}
 	var err error
@@ -223,6 +238,7 @@ func parseAgentConfig(args []string, stderr io.Writer) (config, error) {
 	f := newFlagSet("volumed agent", "The device agent alone: it publishes this VM's block devices on\n"+
 		"devices.<vm_id>.* and keeps their persistent names, for a volumed elsewhere.", stderr, &c)
 	f.str(&c.natsURL, "nats-url", "VOLUMED_NATS_URL", "", "NATS URL of the volumed bus (required)")
+	f.natsCreds(&c)
 	if err := f.parse(args, &c); err != nil {
 		return c, err
 	}

@@ -28,6 +28,13 @@ func TestRunExitCodes(t *testing.T) {
 		{"stray argument", []string{"--sim", "extra"}, 2, `unexpected argument "extra"`},
 		{"agent without vm", []string{"agent", "--nats-url", "nats://127.0.0.1:4222"}, 2, "--vm-id is required"},
 		{"agent without nats", []string{"agent", "--vm-id", "87654321-4321-4321-4321-210987654321"}, 2, "--nats-url is required"},
+		{"nats creds without url", []string{"--sim", "--nats-creds", "x.creds"}, 2, "--nats-creds needs --nats-url"},
+		{"short api token", []string{"--sim", "--api-token", "short"}, 2, "at least 16 characters"},
+		{"missing token file", []string{"--sim", "--api-token-file", "/nonexistent/token"}, 2, "--api-token-file"},
+		{"creds without what", []string{"creds"}, 2, "needs agent or server-config"},
+		{"creds agent without vm", []string{"creds", "agent"}, 2, "vm_id is required"},
+		{"creds agent with a bad vm", []string{"creds", "agent", "--vm-id", "a.b"}, 2, "must be a UUID"},
+		{"creds help", []string{"creds", "--help"}, 0, "volumed creds agent --vm-id"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -45,11 +52,22 @@ func TestConfigFromEnvironment(t *testing.T) {
 	t.Setenv("VOLUMED_SYNC_INTERVAL", "0")
 	t.Setenv("VOLUMED_LISTEN", "127.0.0.1:9999")
 	t.Setenv("VOLUMED_OP_RETENTION", "0")
+	t.Setenv("VOLUMED_API_TOKEN", "from-the-environment-0123")
 	c, err := parseConfig([]string{"--listen", "127.0.0.1:7777"}, &bytes.Buffer{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !c.sim || c.stepTimeout != 90*time.Second || c.syncInterval >= 0 || c.listen != "127.0.0.1:7777" || c.opRetention != 0 {
+	if !c.sim || c.stepTimeout != 90*time.Second || c.syncInterval >= 0 || c.listen != "127.0.0.1:7777" || c.opRetention != 0 ||
+		c.apiToken != "from-the-environment-0123" {
 		t.Fatalf("config %+v: environment not taken, or the flag did not win", c)
+	}
+}
+
+// TestHelpHidesTheToken: --help never prints the token from the environment.
+func TestHelpHidesTheToken(t *testing.T) {
+	t.Setenv("VOLUMED_API_TOKEN", "secret-token-0123456789")
+	var out bytes.Buffer
+	if code := run([]string{"--help"}, &out); code != 0 || strings.Contains(out.String(), "secret-token") {
+		t.Fatalf("exit %d; help shows the token:\n%s", code, out.String())
 	}
 }

@@ -49,6 +49,13 @@ func run(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "volumed:", err)
 		return 1
 	}
+	if cfg.creds != nil {
+		if err := runCreds(cfg, os.Stdout, stderr); err != nil {
+			fmt.Fprintln(stderr, "volumed:", err)
+			return 1
+		}
+		return 0
+	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: cfg.logLevel}))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -81,7 +88,8 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		}
 	}()
 	if cfg.agentOnly {
-		b := bus.New(bus.Config{URL: cfg.natsURL, ClientOnly: true, Name: "volumed-agent", Logger: log})
+		b := bus.New(bus.Config{URL: cfg.natsURL, ClientOnly: true, Name: "volumed-agent", Logger: log,
+			Creds: cfg.natsCreds, InboxPrefix: bus.AgentInboxPrefix(cfg.vmID)})
 		if err := b.Start(ctx); err != nil {
 			return err
 		}
@@ -98,6 +106,10 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	}
 	if err := os.MkdirAll(cfg.dataDir, 0o750); err != nil {
 		return fmt.Errorf("data dir: %w", err)
+	}
+	tokenSource, err := ensureToken(&cfg)
+	if err != nil {
+		return err
 	}
 	if cfg.sim {
 		sim, err := cloudsim.New(cloudsim.Config{Listen: cfg.simListen, StateDir: filepath.Join(cfg.dataDir, "cloudsim"),
@@ -116,7 +128,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	}
 
 	b := bus.New(bus.Config{URL: cfg.natsURL, ConfigFile: cfg.natsConfig, DataDir: cfg.dataDir,
-		Replicas: cfg.natsReplicas, Logger: log})
+		CredsDir: credsDir(cfg.dataDir), Creds: cfg.natsCreds, Replicas: cfg.natsReplicas, Logger: log})
 	if err := b.Start(ctx); err != nil {
 		return err
 	}
@@ -191,7 +203,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	started = append(started, svc)
 
 	bridge := httpbridge.New(httpbridge.Config{Listen: cfg.listen, Conn: b.Conn(), Store: store, Backend: svc,
-		VMID: cfg.vmID, Logger: log})
+		VMID: cfg.vmID, Token: cfg.apiToken, Logger: log})
 	if err := bridge.Start(ctx); err != nil {
 		return err
 	}
@@ -199,7 +211,9 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 
 	log.Info("volumed ready", "api", "http://"+bridge.Addr()+"/api/v1", "nats", b.ClientURL(),
 		"nats_embedded", b.Embedded(), "store", storeName, "cloudstack", cfg.csURL, "simulator", cfg.sim,
-		"vm_id", cfg.vmID, "device_agent", localStatus != nil, "nbd", nbdAddr, "data_dir", cfg.dataDir)
+		"vm_id", cfg.vmID, "device_agent", localStatus != nil, "nbd", nbdAddr, "data_dir", cfg.dataDir,
+		"nats_operator_creds", b.CredsFile(bus.RoleOperator), "api_token", tokenSource,
+		"api_token_required", !httpbridge.IsLoopback(cfg.listen))
 	<-ctx.Done()
 	log.Info("shutting down; unfinished operations resume at the next start")
 	return nil

@@ -119,7 +119,8 @@ func (v *Validator) Do(t testing.TB, client *http.Client, req *http.Request) (*h
 // promises: JSON, a status declared for the route, and a body matching
 // that status's schema. A request the document has no route for must be
 // answered 404 NOT_FOUND (unknown path) or 405 with an Allow header (known
-// path, other method), in the Error format.
+// path, other method), in the Error format, unless the bridge refused it
+// before routing (401 UNAUTHORIZED, 403 FORBIDDEN).
 func (v *Validator) Check(t testing.TB, req *http.Request, resp *http.Response, body []byte) {
 	t.Helper()
 	if err := v.check(req, resp, body); err != nil {
@@ -134,6 +135,10 @@ func (v *Validator) check(req *http.Request, resp *http.Response, body []byte) e
 		return errors.New("Content-Type is " + resp.Header.Get("Content-Type") + ", want application/json")
 	}
 	route, params, err := v.router.FindRoute(req)
+	unrouted := errors.Is(err, routers.ErrPathNotFound) || errors.Is(err, routers.ErrMethodNotAllowed)
+	if code, ok := refusals[resp.StatusCode]; ok && unrouted {
+		return v.checkUnrouted(resp, body, resp.StatusCode, code)
+	}
 	switch {
 	case errors.Is(err, routers.ErrPathNotFound):
 		return v.checkUnrouted(resp, body, http.StatusNotFound, "NOT_FOUND")
@@ -157,6 +162,9 @@ func (v *Validator) check(req *http.Request, resp *http.Response, body []byte) e
 	}
 	return openapi3filter.ValidateResponse(context.Background(), in)
 }
+
+// refusals are the bridge's answers before routing, with their codes.
+var refusals = map[int]string{http.StatusUnauthorized: "UNAUTHORIZED", http.StatusForbidden: "FORBIDDEN"}
 
 // checkUnrouted checks a response to a request no documented operation
 // matches: the wanted status and an Error body (with code, when given).

@@ -4,6 +4,8 @@ import (
 	"context"
 	"testing"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/volumed/volumed/bus"
 )
 
@@ -25,4 +27,17 @@ func StartBusIn(t testing.TB, dir string) *bus.Bus {
 	}
 	t.Cleanup(func() { _ = b.Close(context.Background()) })
 	return b
+}
+
+// Connect connects a client to an embedded bus with a role's credentials
+// (bus.RoleDaemon, RoleOperator, RoleObserver) and closes it when the
+// test ends.
+func Connect(t testing.TB, b *bus.Bus, role string, opts ...nats.Option) *nats.Conn {
+	t.Helper()
+	nc, err := nats.Connect(b.ClientURL(), append([]nats.Option{nats.UserCredentials(b.CredsFile(role))}, opts...)...)
+	if err != nil {
+		t.Fatalf("connect to the bus as %s: %v", role, err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
 }

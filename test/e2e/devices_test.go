@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/devagent/loopdev"
@@ -214,9 +215,14 @@ func TestSeparateAgentProcess(t *testing.T) {
 // bus, stopped with SIGINT when the test ends, and waits until it is ready.
 func startAgentProcess(t *testing.T, d *daemon) {
 	t.Helper()
+	creds := filepath.Join(t.TempDir(), "agent.creds")
+	if out, err := exec.Command(volumedBin, "creds", "agent", "--vm-id", cloudsim.ApplianceVMID, "--data-dir", d.dataDir,
+		"--out", creds).CombinedOutput(); err != nil {
+		t.Fatalf("volumed creds agent: %v\n%s", err, out)
+	}
 	out := &syncBuffer{}
 	agent := exec.Command(volumedBin, "agent", "--vm-id", cloudsim.ApplianceVMID, "--nats-url", d.natsURL,
-		"--name-dir", d.nameDir(), "--log-level", "debug")
+		"--nats-creds", creds, "--name-dir", d.nameDir(), "--log-level", "debug")
 	agent.Stdout, agent.Stderr = out, out
 	if err := agent.Start(); err != nil {
 		t.Fatal(err)
@@ -353,7 +359,7 @@ func TestExportEndsWhenDeviceGoes(t *testing.T) {
 
 	m.LinuxState, m.DevicePath = commands.LinuxMissing, ""
 	data, _ := json.Marshal(m)
-	if err := d.nats().Publish(commands.MappingSubject(vol), data); err != nil {
+	if err := d.natsAs(bus.RoleDaemon).Publish(commands.MappingSubject(vol), data); err != nil {
 		t.Fatal(err)
 	}
 	testenv.Eventually(t, 15*time.Second, func() bool {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/apitest"
 	"github.com/volumed/volumed/internal/testenv"
@@ -76,9 +77,11 @@ type daemon struct {
 	api     string // http://host:port/api/v1
 	natsURL string
 	nbdAddr string // host:port of the NBD server
-	cmd     *exec.Cmd
-	out     *syncBuffer
-	exited  chan struct{}
+	// token is sent on every call when set (a daemon listening off loopback).
+	token  string
+	cmd    *exec.Cmd
+	out    *syncBuffer
+	exited chan struct{}
 }
 
 // daemonOpts configure startDaemon.
@@ -89,6 +92,8 @@ type daemonOpts struct {
 	// replicas); "" runs the daemon's own embedded server.
 	natsURL string
 	extra   []string
+	// offLoopback listens on every interface, so the API token is required.
+	offLoopback bool
 }
 
 // cloud is a CloudStack API endpoint: the simulator in this process, or a
@@ -112,8 +117,12 @@ func startDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
 		}
 		natsArgs, natsURL = []string{"--nats-config", conf}, fmt.Sprintf("nats://127.0.0.1:%d", natsPort)
 	}
-	listen := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
-	d := &daemon{t: t, dataDir: o.dataDir, api: "http://" + listen + "/api/v1",
+	apiPort := testenv.FreePort(t)
+	listen := fmt.Sprintf("127.0.0.1:%d", apiPort)
+	if o.offLoopback {
+		listen = fmt.Sprintf("0.0.0.0:%d", apiPort)
+	}
+	d := &daemon{t: t, dataDir: o.dataDir, api: fmt.Sprintf("http://127.0.0.1:%d/api/v1", apiPort),
 		natsURL: natsURL, nbdAddr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}
 	d.args = append([]string{"--listen", listen, "--data-dir", o.dataDir,
 		"--cloudstack-url", sim.URL(), "--cloudstack-api-key", cloudsim.DefaultAPIKey,
@@ -125,7 +134,25 @@ func startDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
 	}
 	d.start()
 	t.Cleanup(d.stop)
+	if o.offLoopback {
+		d.token = d.apiToken()
+	}
 	return d
+}
+
+// apiToken is the REST token volumed generated in its data dir.
+func (d *daemon) apiToken() string {
+	d.t.Helper()
+	data, err := os.ReadFile(filepath.Join(d.dataDir, "api-token"))
+	if err != nil {
+		d.t.Fatalf("api token: %v", err)
+	}
+	return strings.TrimSpace(string(data))
+}
+
+// credsFile is the path of a role's NATS credentials volumed made.
+func (d *daemon) credsFile(role string) string {
+	return filepath.Join(d.dataDir, "creds", role+".creds")
 }
 
 func (d *daemon) start() {
@@ -192,12 +219,19 @@ func (d *daemon) stop() {
 	}
 }
 
-// nats connects a client to the daemon's embedded NATS server.
+// nats connects a client to the daemon's embedded NATS server with the
+// operator credentials, as the README's examples do.
 func (d *daemon) nats() *nats.Conn {
 	d.t.Helper()
-	nc, err := nats.Connect(d.natsURL)
+	return d.natsAs(bus.RoleOperator)
+}
+
+// natsAs connects a client with a role's credentials.
+func (d *daemon) natsAs(role string, opts ...nats.Option) *nats.Conn {
+	d.t.Helper()
+	nc, err := nats.Connect(d.natsURL, append([]nats.Option{nats.UserCredentials(d.credsFile(role))}, opts...)...)
 	if err != nil {
-		d.t.Fatalf("connect NATS: %v", err)
+		d.t.Fatalf("connect NATS as %s: %v", role, err)
 	}
 	d.t.Cleanup(nc.Close)
 	return nc
@@ -226,6 +260,9 @@ func (d *daemon) call(method, path string, body any) (int, []byte) {
 	}
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
+	}
+	if d.token != "" {
+		req.Header.Set("Authorization", "Bearer "+d.token)
 	}
 	resp, data := validator.Do(d.t, http.DefaultClient, req)
 	return resp.StatusCode, data

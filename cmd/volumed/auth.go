@@ -1,0 +1,84 @@
+package main
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/volumed/volumed/httpbridge"
+)
+
+// tokenEnv is the environment variable of --api-token; it is not the
+// flag's default, so --help cannot print it.
+const tokenEnv = "VOLUMED_API_TOKEN"
+
+// tokenFileName is the REST token's file in the data dir, made at first
+// start when no token is configured.
+const tokenFileName = "api-token"
+
+// natsCreds adds --nats-creds.
+func (f *flagSet) natsCreds(c *config) {
+	f.str(&c.natsCreds, "nats-creds", "VOLUMED_NATS_CREDS", "",
+		"NATS credentials file (the nats --creds format) to connect to --nats-url with")
+}
+
+// checkSecurity validates the credential flags and reads a configured
+// token file.
+func (c *config) checkSecurity() error {
+	if c.natsCreds != "" && c.natsURL == "" {
+		return fmt.Errorf("%w: --nats-creds needs --nats-url (the embedded server's credentials are made in <data-dir>/creds)", errUsage)
+	}
+	if c.apiToken == "" {
+		c.apiToken = os.Getenv(tokenEnv)
+	}
+	if c.apiToken == "" && c.apiTokenFile != "" {
+		data, err := os.ReadFile(c.apiTokenFile)
+		if err != nil {
+			return fmt.Errorf("%w: --api-token-file: %w", errUsage, err)
+		}
+		c.apiToken = strings.TrimSpace(string(data))
+		if c.apiToken == "" {
+			return fmt.Errorf("%w: --api-token-file %s is empty", errUsage, c.apiTokenFile)
+		}
+	}
+	if c.apiToken != "" && len(c.apiToken) < httpbridge.MinTokenLength {
+		return fmt.Errorf("%w: the API token must have at least %d characters", errUsage, httpbridge.MinTokenLength)
+	}
+	return nil
+}
+
+// ensureToken makes sure the REST API has a token: the configured one, or
+// <data-dir>/api-token, generated (0600) at first start.
+func ensureToken(c *config) (source string, err error) {
+	if c.apiToken != "" {
+		return "configured", nil
+	}
+	path := filepath.Join(c.dataDir, tokenFileName)
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		var raw [32]byte
+		_, _ = rand.Read(raw[:])
+		data = []byte(hex.EncodeToString(raw[:]) + "\n")
+		f, cerr := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if cerr != nil {
+			return "", fmt.Errorf("api token: %w", cerr)
+		}
+		_, err = f.Write(data)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err != nil {
+		return "", fmt.Errorf("api token %s: %w", path, err)
+	}
+	c.apiToken = strings.TrimSpace(string(data))
+	if len(c.apiToken) < httpbridge.MinTokenLength {
+		return "", fmt.Errorf("api token %s: shorter than %d characters", path, httpbridge.MinTokenLength)
+	}
+	return path, nil
+}

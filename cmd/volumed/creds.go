@@ -1,0 +1,116 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/commands"
+)
+
+// credsCommand is `volumed creds agent|server-config`.
+type credsCommand struct {
+	what string // "agent" or "server-config"
+	vmID string
+	out  string // "-" is standard output
+}
+
+// parseCredsConfig parses `volumed creds`.
+func parseCredsConfig(args []string, stderr io.Writer) (config, error) {
+	c := config{creds: &credsCommand{}}
+	fs := flag.NewFlagSet("volumed creds", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(stderr, "Usage:\n"+
+			"  volumed creds agent --vm-id ID [--data-dir DIR] [--out FILE]\n"+
+			"      mints the NATS credentials of the device agent of one VM (default <data-dir>/creds/agent-ID.creds)\n"+
+			"  volumed creds server-config [--data-dir DIR] [--out FILE]\n"+
+			"      prints the nats-server configuration that trusts volumed's credentials, for an external server\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&c.dataDir, "data-dir", env("VOLUMED_DATA_DIR", "./volumed-data"), "volumed's data directory (VOLUMED_DATA_DIR)")
+	fs.StringVar(&c.creds.vmID, "vm-id", "", "the agent's CloudStack VM")
+	fs.StringVar(&c.creds.out, "out", "", "where to write; - is standard output")
+	if len(args) == 0 || (args[0] != "agent" && args[0] != "server-config") {
+		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
+			fs.Usage()
+			return c, flag.ErrHelp
+		}
+		fs.Usage()
+		return c, fmt.Errorf("%w: volumed creds needs agent or server-config", errUsage)
+	}
+	c.creds.what = args[0]
+	if err := fs.Parse(args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return c, err
+		}
+		return c, fmt.Errorf("%w: %w", errUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
+	}
+	switch c.creds.what {
+	case "agent":
+		vm, err := commands.NormalizeVMID(c.creds.vmID)
+		if err != nil {
+			return c, fmt.Errorf("%w: --vm-id: %w", errUsage, err)
+		}
+		c.creds.vmID = vm
+		if c.creds.out == "" {
+			c.creds.out = bus.AgentCredsFile(credsDir(c.dataDir), vm)
+		}
+	case "server-config":
+		if c.creds.out == "" {
+			c.creds.out = "-"
+		}
+	}
+	return c, nil
+}
+
+// credsDir is the creds directory of a data dir.
+func credsDir(dataDir string) string { return filepath.Join(dataDir, "creds") }
+
+// runCreds mints what c.creds asks for with the keys in the data dir
+// (made if missing: the daemon then uses the same).
+func runCreds(c config, stdout, stderr io.Writer) error {
+	a, err := bus.LoadAuthority(credsDir(c.dataDir))
+	if err != nil {
+		return err
+	}
+	var data []byte
+	switch c.creds.what {
+	case "agent":
+		data, err = a.AgentCreds(c.creds.vmID)
+	default:
+		var s string
+		s, err = a.ServerConfig()
+		data = []byte(s)
+	}
+	if err != nil {
+		return err
+	}
+	if c.creds.out == "-" {
+		_, err = stdout.Write(data)
+		return err
+	}
+	f, err := os.OpenFile(c.creds.out, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	// A file that existed keeps its mode unless told: 0600 before the secret.
+	if err = f.Chmod(0o600); err == nil {
+		_, err = f.Write(data)
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", c.creds.out, err)
+	}
+	fmt.Fprintln(stderr, "volumed: wrote", c.creds.out)
+	return nil
+}
