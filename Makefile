@@ -10,7 +10,7 @@ TEST_TIMEOUT ?= 45m
 TEST_TOOLS := redis-server nbdinfo nbdcopy qemu-img qemu-io
 TEST_PACKAGES := redis-server libnbd-bin qemu-utils
 
-.PHONY: run test bench build lint deps cloudsim clean
+.PHONY: run test bench build lint deps deps-apt deps-npm cloudsim clean
 
 run:
 	$(GO) run ./cmd/volumed --sim
@@ -25,9 +25,15 @@ lint:
 	@out=$$(gofmt -l . | grep -v '^vendor/'); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
 
+# The OpenAPI validators the tests run (npm, pinned in tools/openapi).
+OPENAPI_TOOLS := tools/openapi/node_modules/.bin
+
 # deps installs the test tools with apt-get when they are missing and this
-# is root on Debian; elsewhere the tests that need them skip (fail when CI=true).
-deps:
+# is root on Debian, and the npm validators into tools/openapi/node_modules;
+# elsewhere the tests that need them skip (fail when CI=true).
+deps: deps-apt deps-npm
+
+deps-apt:
 	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -35,6 +41,19 @@ deps:
 			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; \
 		else echo "missing$$missing: the tests that need them will skip (install: $(TEST_PACKAGES))"; fi; \
+	fi
+
+deps-npm:
+	@if [ ! -x $(OPENAPI_TOOLS)/swagger-cli ] || [ ! -x $(OPENAPI_TOOLS)/redocly ]; then \
+		if ! command -v npm >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing npm"; \
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; \
+		fi; \
+		if command -v npm >/dev/null 2>&1; then \
+			echo "installing the OpenAPI validators (npm ci --prefix tools/openapi)"; \
+			npm ci --prefix tools/openapi --no-audit --no-fund --loglevel=error; \
+		else echo "npm missing: the OpenAPI lint test will skip (install: nodejs npm)"; fi; \
 	fi
 
 test: lint deps
