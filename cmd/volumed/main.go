@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 	"github.com/volumed/volumed/handlers/correlate"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/httpbridge"
+	"github.com/volumed/volumed/internal/version"
 	"github.com/volumed/volumed/nbd"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
@@ -38,6 +40,10 @@ func main() { os.Exit(run(os.Args[1:], os.Stderr)) }
 
 // run maps every outcome to an exit code, in one place.
 func run(args []string, stderr io.Writer) int {
+	if slices.Contains(args, "--version") || slices.Contains(args, "-version") {
+		fmt.Fprintln(os.Stdout, "volumed", version.String())
+		return 0
+	}
 	cfg, err := parseConfig(args, stderr)
 	switch {
 	case errors.Is(err, flag.ErrHelp):
