@@ -111,8 +111,10 @@ func (c *conn) do(e *export, r request) {
 			c.log.Warn("nbd read", "export", e.spec.Name, "err", err)
 			errno, out = errIO, nil
 		}
+		c.s.stats.read.Add(uint64(len(out)))
 	case cmdWrite:
-		_, err := e.b.f.WriteAt(r.data, int64(r.off))
+		n, err := e.b.f.WriteAt(r.data, int64(r.off))
+		c.s.stats.written.Add(uint64(n))
 		putBuf(r.data)
 		errno = c.ioErr(e, "write", err, r.flags)
 	case cmdTrim:

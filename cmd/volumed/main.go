@@ -26,6 +26,7 @@ import (
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/httpbridge"
 	"github.com/volumed/volumed/internal/version"
+	"github.com/volumed/volumed/metrics"
 	"github.com/volumed/volumed/nbd"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
@@ -158,6 +159,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	started = append(started, corr)
 
 	var exporter handlers.Exporter
+	var nbdStats metrics.NBDStats
 	nbdAddr := "off"
 	if cfg.nbdListen != "" {
 		srv := nbd.New(nbd.Config{Listen: cfg.nbdListen, Logger: log})
@@ -165,7 +167,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 			return err
 		}
 		started = append(started, srv)
-		exporter, nbdAddr = handlers.NBDExporter{Server: srv}, srv.Addr().String()
+		exporter, nbdStats, nbdAddr = handlers.NBDExporter{Server: srv}, srv, srv.Addr().String()
 		log.Info("nbd server ready", "addr", nbdAddr, "auto_export", cfg.nbdAutoExport)
 	}
 
@@ -173,13 +175,22 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	svc := handlers.New(handlers.Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, CloudStack: cs,
 		StoreName: storeName, VMID: cfg.vmID, Devices: corr, Exporter: exporter, AutoExport: cfg.nbdAutoExport,
 		StepTimeout: cfg.stepTimeout, AckWait: cfg.ackWait, SyncInterval: cfg.syncInterval, Logger: log})
+	prom, err := metrics.New(metrics.Config{Conn: b.Conn(), JetStream: b.JetStream(), Counters: svc, NBD: nbdStats, Logger: log})
+	if err != nil {
+		return err
+	}
+	if err := prom.Start(ctx); err != nil {
+		return err
+	}
+	started = append(started, prom)
+
 	if err := svc.Start(ctx); err != nil {
 		return err
 	}
 	started = append(started, svc)
 
 	bridge := httpbridge.New(httpbridge.Config{Listen: cfg.listen, Conn: b.Conn(), Store: store, Backend: svc,
-		VMID: cfg.vmID, Logger: log})
+		VMID: cfg.vmID, Logger: log, Prometheus: prom.Handler()})
 	if err := bridge.Start(ctx); err != nil {
 		return err
 	}

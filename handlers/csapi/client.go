@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/apache/cloudstack-go/v2/cloudstack"
+
+	"github.com/volumed/volumed/metrics"
 )
 
 // Defaults of Config.
@@ -103,6 +105,7 @@ func do[T any](ctx context.Context, c *Client, command string, fn func(*cloudsta
 		cloudstack.WithHTTPClient(&http.Client{Transport: rt}))
 	start := time.Now()
 	res, err := fn(cs)
+	metrics.CloudStackCall(command, time.Since(start), err)
 	if err != nil {
 		e := classify(command, err, rt.status)
 		c.log.Debug("call failed", "command", command, "duration", time.Since(start),
