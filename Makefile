@@ -10,7 +10,14 @@ TEST_TIMEOUT ?= 45m
 TEST_TOOLS := redis-server nbdinfo nbdcopy qemu-img qemu-io
 TEST_PACKAGES := redis-server libnbd-bin qemu-utils
 
-.PHONY: run test bench build lint deps deps-apt deps-npm cloudsim clean
+# make install: the binaries, the systemd units and the README; DESTDIR
+# stages it (packaging), PREFIX moves it (the units follow).
+PREFIX ?= /usr/local
+SYSTEMD_DIR ?= /etc/systemd/system
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+LDFLAGS := -X github.com/volumed/volumed/internal/version.Version=$(VERSION)
+
+.PHONY: run test bench build install lint deps deps-apt deps-npm cloudsim clean
 
 run:
 	$(GO) run ./cmd/volumed --sim
@@ -19,7 +26,19 @@ cloudsim:
 	$(GO) run ./cmd/cloudsim
 
 build:
-	$(GO) build -o bin/ ./cmd/...
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./cmd/...
+
+install: build
+	install -D -m 0755 bin/volumed $(DESTDIR)$(PREFIX)/bin/volumed
+	install -D -m 0755 bin/volctl $(DESTDIR)$(PREFIX)/bin/volctl
+	install -d -m 0755 $(DESTDIR)$(SYSTEMD_DIR)
+	for u in volumed volumed-agent; do \
+		sed 's#/usr/local/#$(PREFIX)/#g' deploy/systemd/$$u.service > $(DESTDIR)$(SYSTEMD_DIR)/$$u.service && \
+		chmod 0644 $(DESTDIR)$(SYSTEMD_DIR)/$$u.service || exit 1; \
+	done
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/volumed/README.md
+	install -d -m 0750 $(DESTDIR)/etc/volumed
+	@echo "installed; settings in /etc/volumed/volumed.env (agent: /etc/volumed/agent.env), then: systemctl daemon-reload && systemctl enable --now volumed"
 
 lint:
 	@out=$$(gofmt -l . | grep -v '^vendor/'); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
