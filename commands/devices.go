@@ -84,6 +84,9 @@ type Mapping struct {
 	CreatedAt time.Time `json:"created_at"`
 	// UpdatedAt is when the mapping last changed (UTC).
 	UpdatedAt time.Time `json:"updated_at"`
+	// Revision is the stored record's revision, set by the state store on
+	// every read and write; 0 writes a new mapping. Never serialized.
+	Revision uint64 `json:"-"`
 }
 
 // Device names the mapping's device path for people: "no device" when it

@@ -28,6 +28,9 @@ type Export struct {
 	CreatedAt time.Time `json:"created_at"`
 	// UpdatedAt is when the export record last changed (UTC).
 	UpdatedAt time.Time `json:"updated_at"`
+	// Revision is the stored record's revision, set by the state store on
+	// every read and write; 0 writes a new export. Never serialized.
+	Revision uint64 `json:"-"`
 }
 
 // ExportRequest is the request of POST /exports and volumes.cmd.export.

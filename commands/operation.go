@@ -77,6 +77,10 @@ type Operation struct {
 	UpdatedAt time.Time `json:"updated_at"`
 	// CompletedAt is when the operation became terminal; null before.
 	CompletedAt *time.Time `json:"completed_at,omitempty"`
+	// Revision is the stored record's revision, set by the state store on
+	// every read and write; a write must carry the revision it read.
+	// Never serialized.
+	Revision uint64 `json:"-"`
 }
 
 // OpResponse is the result of a completed operation.

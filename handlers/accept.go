@@ -128,7 +128,8 @@ func (s *Service) accept(ctx context.Context, typ commands.OpType, volumeID stri
 		ID: "op-" + uuid.NewString(), Type: typ, Status: commands.StatusPending,
 		VolumeID: volumeID, VMID: vmID, Request: raw, CreatedAt: now, UpdatedAt: now,
 	}
-	if err := s.cfg.Store.CreateOperation(ctx, op); err != nil {
+	op, err = s.cfg.Store.CreateOperation(ctx, op)
+	if err != nil {
 		return nil, state.APIError(err)
 	}
 	s.publish(ctx, op) // before the job, so no event of its execution comes first

@@ -97,13 +97,17 @@ func (s *Service) finish(ctx context.Context, op *commands.Operation, status com
 	return s.save(ctx, op) == nil
 }
 
-// save records the operation and publishes its new state.
+// save records the operation at the revision it was read or last saved
+// at, and publishes its new state. A lost race (state.ErrStale) stops the
+// run like a store failure: the redelivery reads the record again.
 func (s *Service) save(ctx context.Context, op *commands.Operation) error {
 	op.UpdatedAt = time.Now().UTC()
-	if err := s.cfg.Store.UpdateOperation(ctx, *op); err != nil {
+	saved, err := s.cfg.Store.UpdateOperation(ctx, *op)
+	if err != nil {
 		s.log.Warn("cannot record operation", "operation_id", op.ID, "error", err)
 		return fmt.Errorf("%w: %w", errStopped, err)
 	}
+	op.Revision = saved.Revision
 	s.publish(ctx, *op)
 	return nil
 }

@@ -175,7 +175,7 @@ func (s *Service) putExport(ctx context.Context, e commands.Export) error {
 	old, err := s.cfg.Store.GetExport(ctx, e.VolumeID)
 	switch {
 	case err == nil:
-		e.CreatedAt = old.CreatedAt
+		e.CreatedAt, e.Revision = old.CreatedAt, old.Revision
 	case !errors.Is(err, state.ErrNotFound):
 		return errStopped
 	}
@@ -189,7 +189,7 @@ func (s *Service) putExport(ctx context.Context, e commands.Export) error {
 				WithDetail("export_name", e.ExportName)
 		}
 	}
-	if err := s.cfg.Store.PutExport(ctx, e); err != nil {
+	if _, err := s.cfg.Store.PutExport(ctx, e); err != nil {
 		return errStopped
 	}
 	dropped, err := s.syncExports(ctx)
@@ -236,7 +236,7 @@ func (s *Service) dropExport(ctx context.Context, volumeID string) (string, erro
 	if err != nil {
 		return "", errStopped
 	}
-	if err := s.cfg.Store.DeleteExport(ctx, volumeID); err != nil {
+	if err := s.cfg.Store.DeleteExport(ctx, volumeID, e.Revision); err != nil {
 		return "", errStopped
 	}
 	if _, err := s.syncExports(ctx); err != nil {
@@ -289,7 +289,7 @@ func (s *Service) syncExports(ctx context.Context) (dropped []string, err error)
 		if _, ok := served[e.ExportName]; ok {
 			continue
 		}
-		if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID); err != nil {
+		if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); err != nil {
 			return dropped, state.APIError(err)
 		}
 		dropped = append(dropped, e.VolumeID)
@@ -329,7 +329,7 @@ func (s *Service) reconcileExports(ctx context.Context) ([]string, error) {
 			resync = true
 		}
 		if why != "" {
-			if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID); err != nil {
+			if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); err != nil {
 				return changes, state.APIError(err)
 			}
 			changes = append(changes, fmt.Sprintf("removed export %s of volume %s: %s", e.ExportName, e.VolumeID, why))
@@ -338,7 +338,7 @@ func (s *Service) reconcileExports(ctx context.Context) ([]string, error) {
 		}
 		if want.ExportName != e.ExportName || want.DevicePath != e.DevicePath {
 			e.ExportName, e.DevicePath, e.UpdatedAt = want.ExportName, want.DevicePath, time.Now().UTC()
-			if err := s.cfg.Store.PutExport(ctx, e); err != nil {
+			if _, err := s.cfg.Store.PutExport(ctx, e); err != nil {
 				return changes, state.APIError(err)
 			}
 			changes = append(changes, fmt.Sprintf("export of volume %s now serves %s as %s", e.VolumeID, e.DevicePath, e.ExportName))

@@ -33,7 +33,7 @@ func (s *Service) enqueue(ctx context.Context, opID string) error {
 // or executing, so that none is lost even if its job message was.
 func (s *Service) requeueUnfinished(ctx context.Context) error {
 	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
-		ops, err := s.cfg.Store.ListOperations(ctx, state.Filter{Status: st})
+		ops, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{Status: st})
 		if err != nil {
 			return fmt.Errorf("handlers: list %s operations: %w", st, err)
 		}
@@ -194,7 +194,7 @@ func (s *Service) olderUnfinished(op commands.Operation) string {
 		return ""
 	}
 	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
-		ops, err := s.cfg.Store.ListOperations(s.ctx, state.Filter{VolumeID: op.VolumeID, Status: st})
+		ops, _, err := s.cfg.Store.ListOperations(s.ctx, state.Filter{VolumeID: op.VolumeID, Status: st})
 		if err != nil {
 			return ""
 		}

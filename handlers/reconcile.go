@@ -122,10 +122,10 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		if vol.DeviceID != nil {
 			cur.DeviceID = vol.DeviceID
 		}
-		if err := s.cfg.Store.PutMapping(ctx, cur); err != nil {
+		if _, err := s.cfg.Store.PutMapping(ctx, cur); err != nil && !errors.Is(err, state.ErrStale) {
 			return "", state.APIError(err)
 		}
-		return "", nil
+		return "", nil // stale: changed since read, and the next sync looks again
 	}
 	export, err := s.dropExport(ctx, m.VolumeID)
 	if err != nil {
@@ -136,7 +136,11 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 			s.log.Warn("device release incomplete", "volume_id", m.VolumeID, "error", err)
 		}
 	}
-	if err := s.cfg.Store.DeleteMapping(ctx, m.VolumeID); err != nil {
+	if err := s.cfg.Store.DeleteMapping(ctx, m.VolumeID, m.Revision); errors.Is(err, state.ErrStale) {
+		// Changed since it was read (a new attach, a healed device): the
+		// next sync decides again on the record as it is then.
+		return "", nil
+	} else if err != nil {
 		return "", state.APIError(err)
 	}
 	change := fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s", m.VolumeID, m.VMID, m.Device(), why)
@@ -151,7 +155,7 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 func (s *Service) requeueIdle(ctx context.Context) ([]string, error) {
 	var changes []string
 	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
-		ops, err := s.cfg.Store.ListOperations(ctx, state.Filter{Status: st})
+		ops, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{Status: st})
 		if err != nil {
 			return changes, state.APIError(err)
 		}

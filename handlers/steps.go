@@ -104,7 +104,7 @@ func (s *Service) adoptCreated(ctx context.Context, op *commands.Operation, req 
 		if created, err := time.Parse("2006-01-02T15:04:05-0700", v.Created); err == nil && created.Before(op.CreatedAt.Add(-time.Minute)) {
 			continue
 		}
-		claimed, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: v.ID, Limit: 1})
+		claimed, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: v.ID, Limit: 1})
 		if err != nil {
 			return errStopped
 		}
@@ -205,7 +205,7 @@ func (s *Service) recordAttached(ctx context.Context, op *commands.Operation, vo
 		LastSync: now, CreatedAt: now, UpdatedAt: now,
 	}
 	if old, err := s.cfg.Store.GetMapping(ctx, vol.ID); err == nil {
-		m.ID, m.CreatedAt = old.ID, old.CreatedAt
+		m.ID, m.CreatedAt, m.Revision = old.ID, old.CreatedAt, old.Revision
 	} else if !errors.Is(err, state.ErrNotFound) {
 		return m, errStopped
 	}
@@ -222,10 +222,13 @@ func (s *Service) recordAttached(ctx context.Context, op *commands.Operation, vo
 		if ctx.Err() != nil {
 			return m, errStopped
 		}
-		found.ID, found.CreatedAt, found.DeviceID = m.ID, m.CreatedAt, vol.DeviceID
+		found.ID, found.CreatedAt, found.DeviceID, found.Revision = m.ID, m.CreatedAt, vol.DeviceID, m.Revision
 		m, corrErr = found, err
 	}
-	if err := s.cfg.Store.PutMapping(ctx, m); err != nil {
+	// A stale revision (the mapping changed or went since it was read)
+	// stops the run; the redelivery decides again from CloudStack.
+	m, err := s.cfg.Store.PutMapping(ctx, m)
+	if err != nil {
 		if errors.Is(err, state.ErrConflict) {
 			return m, commands.Conflict("device %s is already mapped to another volume", m.DevicePath)
 		}
@@ -338,7 +341,7 @@ func (s *Service) release(ctx context.Context, op *commands.Operation, volumeID 
 			s.log.Warn("device release incomplete", "volume_id", volumeID, "error", err)
 		}
 	}
-	if err := s.cfg.Store.DeleteMapping(ctx, volumeID); err != nil {
+	if err := s.cfg.Store.DeleteMapping(ctx, volumeID, m.Revision); err != nil {
 		return errStopped
 	}
 	return nil

@@ -50,7 +50,7 @@ func (s *Service) volumeRow(ctx context.Context, vol csapi.Volume) (commands.Vol
 	case err != nil && !errors.Is(err, state.ErrNotFound):
 		return st, state.APIError(err)
 	}
-	ops, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: vol.ID, Limit: 1})
+	ops, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: vol.ID, Limit: 1})
 	if err != nil {
 		return st, state.APIError(err)
 	}

@@ -120,7 +120,8 @@ func (h *harness) seedOperation(t testing.TB, id string, typ commands.OpType, st
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := h.store.CreateOperation(ctx, op); err != nil {
+	op, err := h.store.CreateOperation(ctx, op)
+	if err != nil {
 		t.Fatalf("seed operation %s: %v", id, err)
 	}
 	return op
@@ -136,7 +137,7 @@ func (h *harness) seedMapping(t *testing.T, volumeID, devicePath string) {
 		DeviceID: &dev, LastSync: now, CreatedAt: now, UpdatedAt: now}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := h.store.PutMapping(ctx, m); err != nil {
+	if _, err := h.store.PutMapping(ctx, m); err != nil {
 		t.Fatalf("seed mapping %s: %v", volumeID, err)
 	}
 }
@@ -178,7 +179,8 @@ func startCommandService(t testing.TB, url string, store state.Store) {
 		now := time.Now().UTC()
 		op := commands.Operation{ID: "op-" + uuid.NewString(), Type: typ, Status: commands.StatusPending,
 			VolumeID: volumeID, VMID: vmID, Request: raw, CreatedAt: now, UpdatedAt: now}
-		if err := store.CreateOperation(ctx, op); err != nil {
+		op, err := store.CreateOperation(ctx, op)
+		if err != nil {
 			if errors.Is(err, state.ErrUnavailable) {
 				return nil, commands.Unavailable("state store unavailable: %v", err)
 			}

@@ -113,7 +113,7 @@ func (s *Server) listOperations(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := s.readContext(r)
 	defer cancel()
-	ops, err := s.cfg.Store.ListOperations(ctx, f)
+	ops, _, err := s.cfg.Store.ListOperations(ctx, f)
 	if err != nil {
 		writeError(w, err)
 		return

@@ -169,7 +169,7 @@ func TestOperationWait(t *testing.T) {
 		op.Status, op.Error = commands.StatusFailed, "CloudStack refused"
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if err := h.store.UpdateOperation(ctx, op); err != nil {
+		if _, err := h.store.UpdateOperation(ctx, op); err != nil {
 			t.Fatal(err)
 		}
 		r := publishUntil(t, h.bus, op, done)

@@ -8,8 +8,9 @@ import (
 
 // APIError maps a store error to the documented API error, once for both
 // edges (REST and NATS): ErrUnavailable is 503 SERVICE_UNAVAILABLE,
-// ErrNotFound 404, ErrConflict 409; an *commands.Error passes through and
-// anything else is 500 INTERNAL_ERROR.
+// ErrNotFound 404, ErrConflict, ErrStale, ErrTransition and ErrLeaseHeld
+// 409; an *commands.Error passes through and anything else is 500
+// INTERNAL_ERROR.
 func APIError(err error) *commands.Error {
 	var e *commands.Error
 	switch {
@@ -19,7 +20,7 @@ func APIError(err error) *commands.Error {
 		return commands.Unavailable("state store unavailable: %v", err)
 	case errors.Is(err, ErrNotFound):
 		return commands.NotFound("%v", err)
-	case errors.Is(err, ErrConflict):
+	case errors.Is(err, ErrConflict), errors.Is(err, ErrStale), errors.Is(err, ErrTransition), errors.Is(err, ErrLeaseHeld):
 		return commands.Conflict("%v", err)
 	}
 	return commands.Internal("%v", err)

@@ -19,6 +19,10 @@ func TestAPIError(t *testing.T) {
 		{fmt.Errorf("redis: %w", state.ErrUnavailable), http.StatusServiceUnavailable, commands.CodeServiceUnavailable},
 		{fmt.Errorf("op x: %w", state.ErrNotFound), http.StatusNotFound, commands.CodeNotFound},
 		{fmt.Errorf("device: %w", state.ErrConflict), http.StatusConflict, commands.CodeConflict},
+		{fmt.Errorf("op x: %w", state.ErrStale), http.StatusConflict, commands.CodeConflict},
+		{fmt.Errorf("op x: %w: %w", state.ErrStale, state.ErrNotFound), http.StatusNotFound, commands.CodeNotFound},
+		{fmt.Errorf("op x: %w", state.ErrTransition), http.StatusConflict, commands.CodeConflict},
+		{fmt.Errorf("lease: %w", state.ErrLeaseHeld), http.StatusConflict, commands.CodeConflict},
 		{fmt.Errorf("wrapped: %w", commands.Invalid("size", "too small")), http.StatusBadRequest, commands.CodeInvalidRequest},
 		{errors.New("disk on fire"), http.StatusInternalServerError, commands.CodeInternalError},
 	}

@@ -2,18 +2,19 @@ package state
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
-	"math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/commands"
@@ -27,11 +28,14 @@ const (
 	kvOpPrefix      = "op."
 	kvMappingPrefix = "map."
 	kvExportPrefix  = "export."
+	kvLeasePrefix   = "lease."
 )
 
-// maxUpdateBackoff caps the random pause between UpdateOperation's
-// retries on a revision race; the retries end with ctx.
-const maxUpdateBackoff = 20 * time.Millisecond
+// kvMarkerTTL is how long the bucket keeps the marker of a deleted key
+// (and of an expired lease). A watcher that falls further behind than this
+// would miss the delete, so it is long; the markers are what keeps the
+// stream bounded once records are pruned.
+const kvMarkerTTL = 24 * time.Hour
 
 // KVConfig configures a KV store.
 type KVConfig struct {
@@ -45,13 +49,17 @@ type KVConfig struct {
 
 // KV is the Store on a JetStream KeyValue bucket: operations under
 // op.<id>, mappings under map.<volume_id>, exports under
-// export.<volume_id>, each logical write one KV
-// operation. The secondary indexes and Stats live in memory, built at start
-// by a watcher over the bucket and kept live by it, so every process
-// sharing the bucket converges; each write also updates them before it
-// returns. The memory holds every record's JSON; the bucket is the truth.
+// export.<volume_id>, leases under lease.<base64url(name)>, each logical
+// write one KV operation conditioned on the key's last revision, which is
+// the record's Revision. The secondary indexes and Stats live in memory,
+// built at start by a watcher over the bucket and kept live by it, so every
+// process sharing the bucket converges; each write also updates them
+// before it returns. Deletes leave a marker that expires after a day
+// (LimitMarkerTTL), so pruned records leave nothing behind for long.
 type KV struct {
+	js     jetstream.JetStream
 	kv     jetstream.KeyValue
+	bucket string
 	log    *slog.Logger
 	writes atomic.Int64
 
@@ -60,13 +68,14 @@ type KV struct {
 	mapMu sync.Mutex
 
 	mu       sync.RWMutex
-	ops      map[string]kvOp
+	seen     uint64 // the last revision the watcher delivered
+	ops      map[string]kvEntry[commands.Operation]
 	idx      map[string][]opRef // sorted oldest first; see opIndexes
 	stats    Stats              // without Writes
-	mappings map[string]kvMapping
+	mappings map[string]kvEntry[commands.Mapping]
 	byDevice map[string]string
 	byVM     map[string]map[string]struct{}
-	exports  map[string]kvRecord // by volume id
+	exports  map[string]kvEntry[commands.Export]
 
 	watcher   jetstream.KeyWatcher
 	cancel    context.CancelFunc
@@ -76,30 +85,17 @@ type KV struct {
 
 var _ Store = (*KV)(nil)
 
-// kvOp is the in-memory entry of an operation; op is nil once deleted.
-type kvOp struct {
+// kvEntry is the in-memory entry of a record at revision rev; v is nil for
+// a record this process deleted until the watcher delivers the delete.
+type kvEntry[T any] struct {
 	rev uint64
-	op  *commands.Operation
+	v   *T
 	raw []byte
 }
 
-// kvMapping is the in-memory entry of a mapping; m is nil once deleted.
-type kvMapping struct {
-	rev uint64
-	m   *commands.Mapping
-	raw []byte
-}
-
-// kvRecord is the in-memory entry of an unindexed record; raw is nil once
-// deleted.
-type kvRecord struct {
-	rev uint64
-	raw []byte
-}
-
-// NewKV creates or updates the bucket (file storage, one value per key),
-// reads every record into the indexes and keeps watching the bucket until
-// Close.
+// NewKV creates or updates the bucket (file storage, one value per key,
+// per-key TTLs for leases), reads every record into the indexes and keeps
+// watching the bucket until Close.
 func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, error) {
 	if cfg.Bucket == "" {
 		cfg.Bucket = DefaultKVBucket
@@ -111,16 +107,16 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		cfg.Logger = slog.Default()
 	}
 	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket: cfg.Bucket, Description: "volumed operations, device mappings and exports",
-		History: 1, Storage: jetstream.FileStorage, Replicas: cfg.Replicas,
+		Bucket: cfg.Bucket, Description: "volumed operations, device mappings, exports and leases",
+		History: 1, Storage: jetstream.FileStorage, Replicas: cfg.Replicas, LimitMarkerTTL: kvMarkerTTL,
 	})
 	if err != nil {
 		return nil, kvErr("create bucket "+cfg.Bucket, err)
 	}
-	k := &KV{kv: kv, log: cfg.Logger.With("component", "state-kv", "bucket", cfg.Bucket),
-		ops: make(map[string]kvOp), idx: make(map[string][]opRef), stats: newStats(),
-		mappings: make(map[string]kvMapping), byDevice: make(map[string]string),
-		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvRecord), done: make(chan struct{})}
+	k := &KV{js: js, kv: kv, bucket: cfg.Bucket, log: cfg.Logger.With("component", "state-kv", "bucket", cfg.Bucket),
+		ops: make(map[string]kvEntry[commands.Operation]), idx: make(map[string][]opRef), stats: newStats(),
+		mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
+		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export]), done: make(chan struct{})}
 	watchCtx, cancel := context.WithCancel(context.Background())
 	k.cancel = cancel
 	if k.watcher, err = kv.WatchAll(watchCtx); err != nil {
@@ -165,40 +161,65 @@ func (k *KV) applyEntry(e jetstream.KeyValueEntry) {
 	var err error
 	switch key := e.Key(); {
 	case strings.HasPrefix(key, kvOpPrefix):
-		err = k.applyOp(strings.TrimPrefix(key, kvOpPrefix), e.Revision(), raw)
+		err = k.applyOp(strings.TrimPrefix(key, kvOpPrefix), e.Revision(), raw, true)
 	case strings.HasPrefix(key, kvMappingPrefix):
-		err = k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), e.Revision(), raw)
+		err = k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), e.Revision(), raw, true)
 	case strings.HasPrefix(key, kvExportPrefix):
-		err = k.applyExport(strings.TrimPrefix(key, kvExportPrefix), e.Revision(), raw)
+		err = k.applyExport(strings.TrimPrefix(key, kvExportPrefix), e.Revision(), raw, true)
+	default:
+		k.mu.Lock()
+		k.seen = max(k.seen, e.Revision())
+		k.mu.Unlock()
 	}
 	if err != nil {
-		k.log.Warn("skipping bad record", "key", e.Key(), "revision", e.Revision(), "error", err)
+		k.log.Warn("skipping bad record", "key", e.Key(), "revision", e.Revision(), "err", err)
 	}
+}
+
+// fresh reports whether revision rev should replace the in-memory entry at
+// revision cur. The watcher delivers every revision in order, so a write
+// of this process at or below the last revision the watcher delivered is
+// already applied, or overtaken by a later one. k.mu is held.
+func (k *KV) fresh(cur, rev uint64, fromWatcher bool) bool {
+	if fromWatcher {
+		k.seen = max(k.seen, rev)
+	} else if rev <= k.seen {
+		return false
+	}
+	return rev > cur
+}
+
+// decodeRecord decodes raw, nil for a delete.
+func decodeRecord[T any](raw []byte) (*T, error) {
+	if raw == nil {
+		return nil, nil
+	}
+	v := new(T)
+	return v, decode(raw, v)
 }
 
 // applyOp puts revision rev of an operation (nil raw: deleted) in the
 // indexes unless they already hold that revision or a later one.
-func (k *KV) applyOp(id string, rev uint64, raw []byte) error {
-	var op *commands.Operation
-	if raw != nil {
-		op = new(commands.Operation)
-		if err := decode(raw, op); err != nil {
-			return err
-		}
+func (k *KV) applyOp(id string, rev uint64, raw []byte, fromWatcher bool) error {
+	op, err := decodeRecord[commands.Operation](raw)
+	if err != nil {
+		return err
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	cur, ok := k.ops[id]
-	if ok && cur.rev >= rev {
+	cur := k.ops[id]
+	if !k.fresh(cur.rev, rev, fromWatcher) {
 		return nil
 	}
-	if cur.op != nil {
-		k.indexOp(cur.op, -1)
+	if cur.v != nil {
+		k.indexOp(cur.v, -1)
 	}
-	k.ops[id] = kvOp{rev: rev, op: op, raw: raw}
-	if op != nil {
-		k.indexOp(op, 1)
+	if op == nil {
+		delete(k.ops, id)
+		return nil
 	}
+	k.ops[id] = kvEntry[commands.Operation]{rev: rev, v: op, raw: raw}
+	k.indexOp(op, 1)
 	return nil
 }
 
@@ -229,44 +250,44 @@ func (k *KV) indexOp(op *commands.Operation, sign int64) {
 
 // applyMapping puts revision rev of a mapping (nil raw: deleted) in the
 // indexes unless they already hold that revision or a later one.
-func (k *KV) applyMapping(volumeID string, rev uint64, raw []byte) error {
-	var m *commands.Mapping
-	if raw != nil {
-		m = new(commands.Mapping)
-		if err := decode(raw, m); err != nil {
-			return err
-		}
+func (k *KV) applyMapping(volumeID string, rev uint64, raw []byte, fromWatcher bool) error {
+	m, err := decodeRecord[commands.Mapping](raw)
+	if err != nil {
+		return err
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if cur, ok := k.mappings[volumeID]; ok && cur.rev >= rev {
+	if !k.fresh(k.mappings[volumeID].rev, rev, fromWatcher) {
 		return nil
 	}
-	k.setMapping(volumeID, kvMapping{rev: rev, m: m, raw: raw})
+	k.setMapping(volumeID, kvEntry[commands.Mapping]{rev: rev, v: m, raw: raw})
 	return nil
 }
 
 // applyExport puts revision rev of an export (nil raw: deleted) in memory
 // unless it already holds that revision or a later one.
-func (k *KV) applyExport(volumeID string, rev uint64, raw []byte) error {
-	if raw != nil {
-		if err := decode(raw, new(commands.Export)); err != nil {
-			return err
-		}
+func (k *KV) applyExport(volumeID string, rev uint64, raw []byte, fromWatcher bool) error {
+	e, err := decodeRecord[commands.Export](raw)
+	if err != nil {
+		return err
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if cur, ok := k.exports[volumeID]; ok && cur.rev >= rev {
+	if !k.fresh(k.exports[volumeID].rev, rev, fromWatcher) {
 		return nil
 	}
-	k.exports[volumeID] = kvRecord{rev: rev, raw: raw}
+	if e == nil {
+		delete(k.exports, volumeID)
+		return nil
+	}
+	k.exports[volumeID] = kvEntry[commands.Export]{rev: rev, v: e, raw: raw}
 	return nil
 }
 
 // setMapping replaces the entry of a volume, moving its device and VM
-// index entries. k.mu is held.
-func (k *KV) setMapping(volumeID string, e kvMapping) {
-	if old := k.mappings[volumeID].m; old != nil {
+// index entries; an entry without a mapping is dropped. k.mu is held.
+func (k *KV) setMapping(volumeID string, e kvEntry[commands.Mapping]) {
+	if old := k.mappings[volumeID].v; old != nil {
 		if key := deviceKey(old.VMID, old.DevicePath); k.byDevice[key] == volumeID {
 			delete(k.byDevice, key)
 		}
@@ -275,18 +296,22 @@ func (k *KV) setMapping(volumeID string, e kvMapping) {
 			delete(k.byVM, old.VMID)
 		}
 	}
-	k.mappings[volumeID] = e
-	if e.m == nil {
+	if e.v == nil && e.rev == 0 {
+		delete(k.mappings, volumeID)
 		return
 	}
-	if e.m.DevicePath != "" {
-		k.byDevice[deviceKey(e.m.VMID, e.m.DevicePath)] = volumeID
+	k.mappings[volumeID] = e
+	if e.v == nil {
+		return
 	}
-	if e.m.VMID != "" {
-		if k.byVM[e.m.VMID] == nil {
-			k.byVM[e.m.VMID] = make(map[string]struct{})
+	if e.v.DevicePath != "" {
+		k.byDevice[deviceKey(e.v.VMID, e.v.DevicePath)] = volumeID
+	}
+	if e.v.VMID != "" {
+		if k.byVM[e.v.VMID] == nil {
+			k.byVM[e.v.VMID] = make(map[string]struct{})
 		}
-		k.byVM[e.m.VMID][volumeID] = struct{}{}
+		k.byVM[e.v.VMID][volumeID] = struct{}{}
 	}
 }
 
@@ -301,97 +326,220 @@ func kvErr(op string, err error) error {
 	return fmt.Errorf("state: kv %s: %w: %w", op, ErrUnavailable, err)
 }
 
+// wrongRevision reports whether err is JetStream refusing a write whose
+// expected last revision of the key is not the key's.
+func wrongRevision(err error) bool {
+	return errors.Is(err, jetstream.ErrKeyRevisionMismatch) || errors.Is(err, jetstream.ErrKeyExists)
+}
+
+// gone is the error of a compare-and-swap write on a deleted record.
+func gone(what, key string) error {
+	return fmt.Errorf("state: %s %s: %w: %w", what, key, ErrStale, ErrNotFound)
+}
+
+// stale is the error of a compare-and-swap write that lost.
+func stale(what, key string, rev uint64) error {
+	return fmt.Errorf("state: %s %s at revision %d: %w", what, key, rev, ErrStale)
+}
+
 // CreateOperation writes op with one KV Create; ErrExists if the key is
 // taken.
-func (k *KV) CreateOperation(ctx context.Context, op commands.Operation) error {
+func (k *KV) CreateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
 	if err := checkOp(&op); err != nil {
-		return err
+		return op, err
 	}
 	data, err := json.Marshal(op)
 	if err != nil {
-		return fmt.Errorf("state: encode operation %s: %w", op.ID, err)
+		return op, fmt.Errorf("state: encode operation %s: %w", op.ID, err)
 	}
 	rev, err := k.kv.Create(ctx, kvOpPrefix+op.ID, data)
 	if errors.Is(err, jetstream.ErrKeyExists) {
-		return fmt.Errorf("state: operation %s: %w", op.ID, ErrExists)
+		return op, fmt.Errorf("state: operation %s: %w", op.ID, ErrExists)
 	}
 	if err != nil {
-		return kvErr("create operation", err)
+		return op, kvErr("create operation", err)
 	}
 	k.writes.Add(1)
-	return k.applyOp(op.ID, rev, data)
+	op.Revision = rev
+	return op, k.applyOp(op.ID, rev, data, false)
 }
 
-// UpdateOperation replaces op with one KV Update on its last revision,
-// retrying when another writer got in between; ErrNotFound if the key was
-// never created.
-func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) error {
+// UpdateOperation replaces the operation at op.Revision with one KV Update
+// on that revision, after checking the status move against the record
+// there. A lost race is ErrStale; it is never retried here.
+func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
 	if err := checkOp(&op); err != nil {
-		return err
+		return op, err
+	}
+	old, err := k.opAt(ctx, op.ID, op.Revision)
+	if err != nil {
+		return op, err
+	}
+	if err := checkMove(old, &op); err != nil {
+		return op, err
 	}
 	data, err := json.Marshal(op)
 	if err != nil {
-		return fmt.Errorf("state: encode operation %s: %w", op.ID, err)
+		return op, fmt.Errorf("state: encode operation %s: %w", op.ID, err)
 	}
-	key := kvOpPrefix + op.ID
+	rev, err := k.kv.Update(ctx, kvOpPrefix+op.ID, data, op.Revision)
+	if wrongRevision(err) {
+		return op, stale("operation", op.ID, op.Revision)
+	}
+	if err != nil {
+		return op, kvErr("update operation", err)
+	}
+	k.writes.Add(1)
+	op.Revision = rev
+	return op, k.applyOp(op.ID, rev, data, false)
+}
+
+// opAt returns the operation recorded at revision rev: from memory when it
+// holds that revision (a revision names one value of one key), else from
+// the bucket. ErrStale when the key has another revision.
+func (k *KV) opAt(ctx context.Context, id string, rev uint64) (*commands.Operation, error) {
 	k.mu.RLock()
-	cur := k.ops[op.ID]
+	cur := k.ops[id]
 	k.mu.RUnlock()
-	rev, known := cur.rev, cur.op != nil
-	for attempt := 1; ; attempt++ {
-		if !known {
-			e, err := k.kv.Get(ctx, key)
-			if errors.Is(err, jetstream.ErrKeyNotFound) {
-				return fmt.Errorf("state: operation %s: %w", op.ID, ErrNotFound)
-			}
-			if err != nil {
-				return kvErr("update operation", err)
-			}
-			rev = e.Revision()
-		}
-		newRev, err := k.kv.Update(ctx, key, data, rev)
-		if err == nil {
-			k.writes.Add(1)
-			return k.applyOp(op.ID, newRev, data)
-		}
-		if !errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
-			return kvErr(fmt.Sprintf("update operation (attempt %d)", attempt), err)
-		}
-		// Back off a random while, so that writers racing on one key
-		// do not starve each other.
-		select {
-		case <-time.After(rand.N(min(time.Duration(attempt)*time.Millisecond, maxUpdateBackoff))):
-		case <-ctx.Done():
-			return kvErr("update operation", ctx.Err())
-		}
-		known = false
+	if cur.v != nil && cur.rev == rev {
+		return cur.v, nil
 	}
+	e, err := k.kv.Get(ctx, kvOpPrefix+id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, gone("operation", id)
+	}
+	if err != nil {
+		return nil, kvErr("get operation", err)
+	}
+	if e.Revision() != rev {
+		return nil, stale("operation", id, rev)
+	}
+	return decodeRecord[commands.Operation](e.Value())
+}
+
+// DeleteOperation purges the operation's key if it is at revision rev.
+func (k *KV) DeleteOperation(ctx context.Context, id string, rev uint64) error {
+	if rev == 0 {
+		// No revision matches a record: refuse unless there is none.
+		_, err := k.kv.Get(ctx, kvOpPrefix+id)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			return nil
+		}
+		if err != nil {
+			return kvErr("get operation", err)
+		}
+		return stale("operation", id, rev)
+	}
+	if err := k.purge(ctx, "operation", kvOpPrefix+id, rev); err != nil {
+		return err
+	}
+	k.mu.Lock()
+	if e := k.ops[id]; e.v != nil && e.rev == rev {
+		k.indexOp(e.v, -1)
+		k.ops[id] = kvEntry[commands.Operation]{rev: rev}
+	}
+	k.mu.Unlock()
+	return nil
+}
+
+// purge removes key if it is at revision rev (any revision when rev is
+// 0), leaving a marker that expires; no error if the key holds nothing.
+func (k *KV) purge(ctx context.Context, what, key string, rev uint64) error {
+	opts := []jetstream.KVDeleteOpt{jetstream.PurgeTTL(kvMarkerTTL)}
+	if rev != 0 {
+		opts = append(opts, jetstream.LastRevision(rev))
+	}
+	err := k.kv.Purge(ctx, key, opts...)
+	if wrongRevision(err) {
+		if _, gerr := k.kv.Get(ctx, key); errors.Is(gerr, jetstream.ErrKeyNotFound) {
+			return nil
+		} else if gerr != nil {
+			return kvErr("get "+what, gerr)
+		}
+		return stale(what, key, rev)
+	}
+	if err != nil {
+		return kvErr("delete "+what, err)
+	}
+	k.writes.Add(1)
+	return nil
+}
+
+// PruneOperations deletes terminal operations completed before
+// completedBefore, found in the in-memory status indexes (oldest created
+// first: an operation completed before a time was created before it).
+func (k *KV) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
+	type victim struct {
+		id  string
+		rev uint64
+	}
+	var victims []victim
+	k.mu.RLock()
+	for _, st := range commands.OpStatuses {
+		if !st.Terminal() {
+			continue
+		}
+		for _, ref := range k.idx["status:"+string(st)] {
+			if ref.score >= opScore(completedBefore) || (limit > 0 && len(victims) >= limit) {
+				break
+			}
+			if e := k.ops[ref.id]; e.v != nil && completedAt(e.v).Before(completedBefore) {
+				victims = append(victims, victim{ref.id, e.rev})
+			}
+		}
+	}
+	k.mu.RUnlock()
+	n := 0
+	for _, v := range victims {
+		err := k.DeleteOperation(ctx, v.id, v.rev)
+		if errors.Is(err, ErrStale) {
+			continue // a terminal record never changes: it was deleted and created again
+		}
+		if err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
 }
 
 // GetOperation reads one operation from the bucket.
 func (k *KV) GetOperation(ctx context.Context, id string) (commands.Operation, error) {
 	var op commands.Operation
-	return op, k.get(ctx, "operation", kvOpPrefix+id, &op)
+	rev, err := k.get(ctx, "operation", kvOpPrefix+id, &op)
+	op.Revision = rev
+	return op, err
 }
 
-// get reads and decodes one key.
-func (k *KV) get(ctx context.Context, what, key string, v any) error {
+// get reads and decodes one key, returning its revision.
+func (k *KV) get(ctx context.Context, what, key string, v any) (uint64, error) {
 	e, err := k.kv.Get(ctx, key)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return fmt.Errorf("state: %s %s: %w", what, key, ErrNotFound)
+		return 0, fmt.Errorf("state: %s %s: %w", what, key, ErrNotFound)
 	}
 	if err != nil {
-		return kvErr("get "+what, err)
+		return 0, kvErr("get "+what, err)
 	}
 	if err := json.Unmarshal(e.Value(), v); err != nil {
-		return fmt.Errorf("state: decode %s %s: %w", what, key, err)
+		return 0, fmt.Errorf("state: decode %s %s: %w", what, key, err)
 	}
-	return nil
+	return e.Revision(), nil
 }
 
-// ListOperations walks the smallest index of f newest first, keeping the
-// operations that match f's other fields, up to the limit.
-func (k *KV) ListOperations(_ context.Context, f Filter) ([]commands.Operation, error) {
+// ListOperations walks the smallest index of f newest first from the
+// cursor, keeping the operations that match f's other fields, up to the
+// limit.
+func (k *KV) ListOperations(_ context.Context, f Filter) ([]commands.Operation, string, error) {
+	after, err := parseCursor(f.Cursor)
+	if err != nil {
+		return nil, "", err
+	}
+	type row struct {
+		rev uint64
+		raw []byte
+	}
+	var rows []row
+	next := ""
 	k.mu.RLock()
 	var walk []opRef
 	for i, name := range filterIndexes(f) {
@@ -399,25 +547,38 @@ func (k *KV) ListOperations(_ context.Context, f Filter) ([]commands.Operation, 
 			walk = refs
 		}
 	}
-	var rows [][]byte
-	for i := len(walk) - 1; i >= 0 && (f.Limit <= 0 || len(rows) < f.Limit); i-- {
-		if e := k.ops[walk[i].id]; matches(e.op, f) {
-			rows = append(rows, e.raw)
+	start := len(walk)
+	if after != nil {
+		start, _ = slices.BinarySearchFunc(walk, *after, compareRefs)
+	}
+	more := false
+	for i := start - 1; i >= 0 && !more; i-- {
+		e := k.ops[walk[i].id]
+		if !matches(e.v, f) {
+			continue
+		}
+		more = f.Limit > 0 && len(rows) == f.Limit
+		if !more {
+			rows = append(rows, row{e.rev, e.raw})
 		}
 	}
 	k.mu.RUnlock()
 	out := make([]commands.Operation, len(rows))
-	for i, raw := range rows {
-		if err := decode(raw, &out[i]); err != nil {
-			return nil, err
+	for i, r := range rows {
+		if err := decode(r.raw, &out[i]); err != nil {
+			return nil, "", err
 		}
+		out[i].Revision = r.rev
 	}
-	return out, nil
+	if more {
+		next = formatCursor(out[len(out)-1])
+	}
+	return out, next, nil
 }
 
 // matches reports whether op has every field f sets.
 func matches(op *commands.Operation, f Filter) bool {
-	return (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
+	return op != nil && (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
 		(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || vmOf(op) == f.VMID)
 }
 
@@ -431,15 +592,41 @@ func (k *KV) Stats(context.Context) (Stats, error) {
 	return s, nil
 }
 
-// PutMapping writes m with one KV Put; ErrConflict if the index gives its
-// device path to another volume.
-func (k *KV) PutMapping(ctx context.Context, m commands.Mapping) error {
+// write creates key (rev 0) or updates it at rev, mapping a lost race to
+// ErrStale.
+func (k *KV) write(ctx context.Context, what, key string, data []byte, rev uint64) (uint64, error) {
+	var newRev uint64
+	var err error
+	if rev == 0 {
+		newRev, err = k.kv.Create(ctx, key, data)
+	} else {
+		newRev, err = k.kv.Update(ctx, key, data, rev)
+	}
+	switch {
+	case wrongRevision(err) && rev == 0:
+		return 0, fmt.Errorf("state: %s %s exists: %w", what, key, ErrStale)
+	case wrongRevision(err):
+		if _, gerr := k.kv.Get(ctx, key); errors.Is(gerr, jetstream.ErrKeyNotFound) {
+			return 0, gone(what, key)
+		}
+		return 0, stale(what, key, rev)
+	case err != nil:
+		return 0, kvErr("put "+what, err)
+	}
+	k.writes.Add(1)
+	return newRev, nil
+}
+
+// PutMapping writes m with one KV Create (Revision 0) or Update on
+// m.Revision; ErrConflict if the index gives its device path to another
+// volume.
+func (k *KV) PutMapping(ctx context.Context, m commands.Mapping) (commands.Mapping, error) {
 	if m.VolumeID == "" {
-		return errors.New("state: mapping without volume id")
+		return m, errors.New("state: mapping without volume id")
 	}
 	data, err := json.Marshal(m)
 	if err != nil {
-		return fmt.Errorf("state: encode mapping %s: %w", m.VolumeID, err)
+		return m, fmt.Errorf("state: encode mapping %s: %w", m.VolumeID, err)
 	}
 	k.mapMu.Lock()
 	defer k.mapMu.Unlock()
@@ -447,20 +634,22 @@ func (k *KV) PutMapping(ctx context.Context, m commands.Mapping) error {
 	holder, held := k.byDevice[deviceKey(m.VMID, m.DevicePath)]
 	k.mu.RUnlock()
 	if m.DevicePath != "" && held && holder != m.VolumeID {
-		return fmt.Errorf("state: device %s of volume %s held by %s: %w", m.DevicePath, m.VolumeID, holder, ErrConflict)
+		return m, fmt.Errorf("state: device %s of volume %s held by %s: %w", m.DevicePath, m.VolumeID, holder, ErrConflict)
 	}
-	rev, err := k.kv.Put(ctx, kvMappingPrefix+m.VolumeID, data)
+	rev, err := k.write(ctx, "mapping", kvMappingPrefix+m.VolumeID, data, m.Revision)
 	if err != nil {
-		return kvErr("put mapping", err)
+		return m, err
 	}
-	k.writes.Add(1)
-	return k.applyMapping(m.VolumeID, rev, data)
+	m.Revision = rev
+	return m, k.applyMapping(m.VolumeID, rev, data, false)
 }
 
 // GetMapping reads the mapping of a volume from the bucket.
 func (k *KV) GetMapping(ctx context.Context, volumeID string) (commands.Mapping, error) {
 	var m commands.Mapping
-	return m, k.get(ctx, "mapping", kvMappingPrefix+volumeID, &m)
+	rev, err := k.get(ctx, "mapping", kvMappingPrefix+volumeID, &m)
+	m.Revision = rev
+	return m, err
 }
 
 // GetMappingByDevice returns the indexed mapping holding a device path on
@@ -468,12 +657,14 @@ func (k *KV) GetMapping(ctx context.Context, volumeID string) (commands.Mapping,
 func (k *KV) GetMappingByDevice(_ context.Context, vmID, devicePath string) (commands.Mapping, error) {
 	var m commands.Mapping
 	k.mu.RLock()
-	raw := k.mappings[k.byDevice[deviceKey(vmID, devicePath)]].raw
+	e := k.mappings[k.byDevice[deviceKey(vmID, devicePath)]]
 	k.mu.RUnlock()
-	if devicePath == "" || raw == nil {
+	if devicePath == "" || e.v == nil {
 		return m, fmt.Errorf("state: mapping of device %s: %w", devicePath, ErrNotFound)
 	}
-	return m, decode(raw, &m)
+	err := decode(e.raw, &m)
+	m.Revision = e.rev
+	return m, err
 }
 
 // deviceKey is the device-path index key of a path on a VM.
@@ -482,107 +673,203 @@ func deviceKey(vmID, devicePath string) string { return vmID + " " + devicePath 
 // ListMappings returns the indexed mappings of one VM, or all of them.
 func (k *KV) ListMappings(_ context.Context, vmID string) ([]commands.Mapping, error) {
 	k.mu.RLock()
-	var rows [][]byte
+	var rows []kvEntry[commands.Mapping]
 	if vmID == "" {
 		for _, e := range k.mappings {
-			if e.m != nil {
-				rows = append(rows, e.raw)
+			if e.v != nil {
+				rows = append(rows, e)
 			}
 		}
 	}
 	for vol := range k.byVM[vmID] {
-		rows = append(rows, k.mappings[vol].raw)
+		rows = append(rows, k.mappings[vol])
 	}
 	k.mu.RUnlock()
 	out := make([]commands.Mapping, len(rows))
-	for i, raw := range rows {
-		if err := decode(raw, &out[i]); err != nil {
+	for i, e := range rows {
+		if err := decode(e.raw, &out[i]); err != nil {
 			return nil, err
 		}
+		out[i].Revision = e.rev
 	}
 	sortMappings(out)
 	return out, nil
 }
 
-// DeleteMapping writes a delete marker for the volume's mapping.
-func (k *KV) DeleteMapping(ctx context.Context, volumeID string) error {
+// DeleteMapping purges the volume's mapping key (at revision rev unless 0).
+func (k *KV) DeleteMapping(ctx context.Context, volumeID string, rev uint64) error {
 	k.mapMu.Lock()
 	defer k.mapMu.Unlock()
 	k.mu.RLock()
 	before := k.mappings[volumeID].rev
 	k.mu.RUnlock()
-	if err := k.kv.Delete(ctx, kvMappingPrefix+volumeID); err != nil {
-		return kvErr("delete mapping", err)
+	if rev != 0 {
+		before = rev
 	}
-	k.writes.Add(1)
-	// Delete returns no revision: drop the entry unless the watcher has
+	if err := k.purge(ctx, "mapping", kvMappingPrefix+volumeID, rev); err != nil {
+		return err
+	}
+	// Purge returns no revision: unindex the entry unless the watcher has
 	// already moved past the revision the delete replaced.
 	k.mu.Lock()
-	if k.mappings[volumeID].rev == before {
-		k.setMapping(volumeID, kvMapping{rev: before})
+	if e := k.mappings[volumeID]; e.v != nil && e.rev == before {
+		k.setMapping(volumeID, kvEntry[commands.Mapping]{rev: before})
 	}
 	k.mu.Unlock()
 	return nil
 }
 
-// PutExport writes e with one KV Put.
-func (k *KV) PutExport(ctx context.Context, e commands.Export) error {
+// PutExport writes e with one KV Create (Revision 0) or Update on
+// e.Revision.
+func (k *KV) PutExport(ctx context.Context, e commands.Export) (commands.Export, error) {
 	if err := checkExport(e); err != nil {
-		return err
+		return e, err
 	}
 	data, err := json.Marshal(e)
 	if err != nil {
-		return fmt.Errorf("state: encode export %s: %w", e.VolumeID, err)
+		return e, fmt.Errorf("state: encode export %s: %w", e.VolumeID, err)
 	}
-	rev, err := k.kv.Put(ctx, kvExportPrefix+e.VolumeID, data)
+	rev, err := k.write(ctx, "export", kvExportPrefix+e.VolumeID, data, e.Revision)
 	if err != nil {
-		return kvErr("put export", err)
+		return e, err
 	}
-	k.writes.Add(1)
-	return k.applyExport(e.VolumeID, rev, data)
+	e.Revision = rev
+	return e, k.applyExport(e.VolumeID, rev, data, false)
 }
 
 // GetExport reads the export record of a volume from the bucket.
 func (k *KV) GetExport(ctx context.Context, volumeID string) (commands.Export, error) {
 	var e commands.Export
-	return e, k.get(ctx, "export", kvExportPrefix+volumeID, &e)
+	rev, err := k.get(ctx, "export", kvExportPrefix+volumeID, &e)
+	e.Revision = rev
+	return e, err
 }
 
 // ListExports returns the export records held in memory.
 func (k *KV) ListExports(context.Context) ([]commands.Export, error) {
 	k.mu.RLock()
-	var rows [][]byte
+	var rows []kvEntry[commands.Export]
 	for _, e := range k.exports {
-		if e.raw != nil {
-			rows = append(rows, e.raw)
+		if e.v != nil {
+			rows = append(rows, e)
 		}
 	}
 	k.mu.RUnlock()
 	out := make([]commands.Export, len(rows))
-	for i, raw := range rows {
-		if err := decode(raw, &out[i]); err != nil {
+	for i, e := range rows {
+		if err := decode(e.raw, &out[i]); err != nil {
 			return nil, err
 		}
+		out[i].Revision = e.rev
 	}
 	sortExports(out)
 	return out, nil
 }
 
-// DeleteExport writes a delete marker for the volume's export record.
-func (k *KV) DeleteExport(ctx context.Context, volumeID string) error {
+// DeleteExport purges the volume's export key (at revision rev unless 0).
+func (k *KV) DeleteExport(ctx context.Context, volumeID string, rev uint64) error {
 	k.mu.RLock()
 	before := k.exports[volumeID].rev
 	k.mu.RUnlock()
-	if err := k.kv.Delete(ctx, kvExportPrefix+volumeID); err != nil {
-		return kvErr("delete export", err)
+	if rev != 0 {
+		before = rev
 	}
-	k.writes.Add(1)
-	// As DeleteMapping: drop the entry unless the watcher has moved on.
+	if err := k.purge(ctx, "export", kvExportPrefix+volumeID, rev); err != nil {
+		return err
+	}
+	// As DeleteMapping: unindex unless the watcher has moved on.
 	k.mu.Lock()
-	if k.exports[volumeID].rev == before {
-		k.exports[volumeID] = kvRecord{rev: before}
+	if e := k.exports[volumeID]; e.v != nil && e.rev == before {
+		k.exports[volumeID] = kvEntry[commands.Export]{rev: before}
 	}
 	k.mu.Unlock()
+	return nil
+}
+
+// kvLease is the value of a lease key.
+type kvLease struct {
+	Holder string `json:"holder"`
+}
+
+// leaseKey is the key of a lease: names may hold characters keys may not.
+func leaseKey(name string) string {
+	return kvLeasePrefix + base64.RawURLEncoding.EncodeToString([]byte(name))
+}
+
+// AcquireLease creates the lease key with a per-key TTL, so the server
+// expires it by its own clock; the token is the key's revision. The same
+// holder taking a live lease again renews it.
+func (k *KV) AcquireLease(ctx context.Context, name, holder string, ttl time.Duration) (Lease, error) {
+	if err := checkLease(name, holder, ttl); err != nil {
+		return Lease{}, err
+	}
+	data, err := json.Marshal(kvLease{Holder: holder})
+	if err != nil {
+		return Lease{}, fmt.Errorf("state: encode lease %s: %w", name, err)
+	}
+	key := leaseKey(name)
+	l := Lease{Name: name, Holder: holder, TTL: ttl}
+	start := time.Now()
+	rev, err := k.kv.Create(ctx, key, data, jetstream.KeyTTL(ttl))
+	if errors.Is(err, jetstream.ErrKeyExists) {
+		e, gerr := k.kv.Get(ctx, key)
+		if gerr != nil && !errors.Is(gerr, jetstream.ErrKeyNotFound) {
+			return Lease{}, kvErr("get lease", gerr)
+		}
+		var cur kvLease
+		if gerr != nil || json.Unmarshal(e.Value(), &cur) != nil || cur.Holder != holder {
+			return Lease{}, fmt.Errorf("state: lease %s: %w", name, ErrLeaseHeld)
+		}
+		l.Token = e.Revision()
+		l, err = k.RenewLease(ctx, l)
+		if errors.Is(err, ErrLeaseLost) {
+			return Lease{}, fmt.Errorf("state: lease %s: %w", name, ErrLeaseHeld)
+		}
+		return l, err
+	}
+	if err != nil {
+		return Lease{}, kvErr("acquire lease", err)
+	}
+	k.writes.Add(1)
+	l.Token, l.Expires = rev, start.Add(ttl)
+	return l, nil
+}
+
+// RenewLease rewrites the lease key at revision l.Token with a new TTL.
+// KeyValue.Update cannot set a TTL, so this publishes on the key's subject
+// with the same expected-revision header Update sends.
+func (k *KV) RenewLease(ctx context.Context, l Lease) (Lease, error) {
+	if err := checkLease(l.Name, l.Holder, l.TTL); err != nil {
+		return Lease{}, err
+	}
+	data, err := json.Marshal(kvLease{Holder: l.Holder})
+	if err != nil {
+		return Lease{}, fmt.Errorf("state: encode lease %s: %w", l.Name, err)
+	}
+	start := time.Now()
+	msg := &nats.Msg{Subject: "$KV." + k.bucket + "." + leaseKey(l.Name), Data: data}
+	ack, err := k.js.PublishMsg(ctx, msg, jetstream.WithExpectLastSequencePerSubject(l.Token), jetstream.WithMsgTTL(l.TTL))
+	if wrongRevision(err) {
+		return Lease{}, fmt.Errorf("state: lease %s: %w", l.Name, ErrLeaseLost)
+	}
+	if err != nil {
+		return Lease{}, kvErr("renew lease", err)
+	}
+	k.writes.Add(1)
+	l.Token, l.Expires = ack.Sequence, start.Add(l.TTL)
+	return l, nil
+}
+
+// ReleaseLease purges the lease key if it is still at revision l.Token.
+func (k *KV) ReleaseLease(ctx context.Context, l Lease) error {
+	err := k.kv.Purge(ctx, leaseKey(l.Name), jetstream.LastRevision(l.Token), jetstream.PurgeTTL(kvMarkerTTL))
+	if wrongRevision(err) {
+		return fmt.Errorf("state: lease %s: %w", l.Name, ErrLeaseLost)
+	}
+	if err != nil {
+		return kvErr("release lease", err)
+	}
+	k.writes.Add(1)
 	return nil
 }
 

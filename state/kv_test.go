@@ -42,7 +42,7 @@ func TestKVConformance(t *testing.T) {
 
 func listed(t testing.TB, s state.Store, f state.Filter) []string {
 	t.Helper()
-	ops, err := s.ListOperations(context.Background(), f)
+	ops, _, err := s.ListOperations(context.Background(), f)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,8 +54,9 @@ func listed(t testing.TB, s state.Store, f state.Filter) []string {
 }
 
 // TestKVSharedBucket: two stores on one bucket converge through their
-// watchers, and concurrent updates of one operation retry on the
-// revision race instead of failing.
+// watchers, and concurrent read-modify-writes of one operation through
+// both lose no update: a writer that loses gets ErrStale, re-reads and
+// decides again.
 func TestKVSharedBucket(t *testing.T) {
 	bus := testenv.StartBus(t)
 	bucket := nextBucket()
@@ -63,11 +64,12 @@ func TestKVSharedBucket(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
-	op := storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now())
-	if err := a.CreateOperation(ctx, op); err != nil {
+	op, err := a.CreateOperation(ctx, storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now()))
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := a.PutMapping(ctx, storetest.Mapping("vol-1", "vm-1", "/dev/vdb")); err != nil {
+	m, err := a.PutMapping(ctx, storetest.Mapping("vol-1", "vm-1", "/dev/vdb"))
+	if err != nil {
 		t.Fatal(err)
 	}
 	testenv.Eventually(t, 5*time.Second, func() bool {
@@ -75,19 +77,23 @@ func TestKVSharedBucket(t *testing.T) {
 		return slices.Equal(listed(t, b, state.Filter{VMID: "vm-1", Status: commands.StatusPending}), []string{op.ID}) &&
 			err == nil && m.VolumeID == "vol-1"
 	}, "b sees a's operation and mapping")
-	if err := b.CreateOperation(ctx, op); !errors.Is(err, state.ErrExists) {
+	if _, err := b.CreateOperation(ctx, op); !errors.Is(err, state.ErrExists) {
 		t.Fatalf("b creates a's operation: %v", err)
 	}
-	if err := b.PutMapping(ctx, storetest.Mapping("vol-2", "vm-1", "/dev/vdb")); !errors.Is(err, state.ErrConflict) {
+	if _, err := b.PutMapping(ctx, storetest.Mapping("vol-2", "vm-1", "/dev/vdb")); !errors.Is(err, state.ErrConflict) {
 		t.Fatalf("b takes a's device: %v", err)
 	}
 
 	op.Status = commands.StatusExecuting
-	if err := b.UpdateOperation(ctx, op); err != nil {
+	if op, err = b.UpdateOperation(ctx, op); err != nil {
 		t.Fatal(err)
 	}
-	if err := b.DeleteMapping(ctx, "vol-1"); err != nil {
+	if err := b.DeleteMapping(ctx, "vol-1", m.Revision); err != nil {
 		t.Fatal(err)
+	}
+	// a's copy of the mapping is stale now: it cannot bring it back.
+	if _, err := a.PutMapping(ctx, m); !errors.Is(err, state.ErrStale) {
+		t.Fatalf("a rewrites the deleted mapping: %v, want ErrStale", err)
 	}
 	testenv.Eventually(t, 5*time.Second, func() bool {
 		_, err := a.GetMappingByDevice(ctx, "vm-1", "/dev/vdb")
@@ -97,26 +103,39 @@ func TestKVSharedBucket(t *testing.T) {
 			errors.Is(err, state.ErrNotFound) && st.ByStatus[commands.StatusExecuting] == 1
 	}, "a sees b's update and delete")
 
-	// Both update the same operation at once: each store's revision goes
-	// stale under the other's writes, and the retries absorb it.
+	// Four writers increment one operation's attempts through both
+	// stores at once: every lost race is ErrStale, and no increment is lost.
 	var wg sync.WaitGroup
+	var stale atomic.Int64
+	const writers, each = 4, 20
 	for i, s := range []*state.KV{a, b, a, b} {
 		wg.Go(func() {
-			next := op
-			for n := range 20 {
-				next.Attempts = i*100 + n
-				if err := s.UpdateOperation(ctx, next); err != nil {
+			for n := 0; n < each; {
+				cur, err := s.GetOperation(ctx, op.ID)
+				if err != nil {
+					t.Errorf("writer %d: %v", i, err)
+					return
+				}
+				cur.Attempts++
+				_, err = s.UpdateOperation(ctx, cur)
+				switch {
+				case errors.Is(err, state.ErrStale):
+					stale.Add(1)
+				case err != nil:
 					t.Errorf("writer %d update %d: %v", i, n, err)
 					return
+				default:
+					n++
 				}
 			}
 		})
 	}
 	wg.Wait()
 	got, err := a.GetOperation(ctx, op.ID)
-	if err != nil || got.Attempts%100 != 19 {
-		t.Fatalf("after the race: attempts %d, %v; want some writer's last", got.Attempts, err)
+	if err != nil || got.Attempts != writers*each {
+		t.Fatalf("after the race: attempts %d, %v; want %d", got.Attempts, err, writers*each)
 	}
+	t.Logf("%d stale writes refused", stale.Load())
 }
 
 // TestKVRestart: a store opened on a restarted bus rebuilds its indexes
@@ -137,16 +156,16 @@ func TestKVRestart(t *testing.T) {
 	bus1 := testenv.StartBusIn(t, dir)
 	s1 := newKV(t, bus1.JetStream(), bucket)
 	for _, op := range ops {
-		if err := s1.CreateOperation(ctx, op); err != nil {
+		if _, err := s1.CreateOperation(ctx, op); err != nil {
 			t.Fatal(err)
 		}
 	}
 	for _, m := range []commands.Mapping{storetest.Mapping("vol-1", "vm-1", "/dev/vdb"), storetest.Mapping("vol-2", "vm-1", "/dev/vdc")} {
-		if err := s1.PutMapping(ctx, m); err != nil {
+		if _, err := s1.PutMapping(ctx, m); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := s1.DeleteMapping(ctx, "vol-2"); err != nil {
+	if err := s1.DeleteMapping(ctx, "vol-2", 0); err != nil {
 		t.Fatal(err)
 	}
 	want, err := s1.Stats(ctx)
@@ -188,14 +207,15 @@ func TestKVUnavailable(t *testing.T) {
 	s := newKV(t, bus.JetStream(), nextBucket())
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	op := storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now())
-	if err := s.CreateOperation(ctx, op); err != nil {
+	op, err := s.CreateOperation(ctx, storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now()))
+	if err != nil {
 		t.Fatal(err)
 	}
 	if err := bus.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
-	inMemory := map[string]bool{"ListOperations": true, "Stats": true, "GetMappingByDevice": true, "ListMappings": true}
+	inMemory := map[string]bool{"ListOperations": true, "Stats": true, "GetMappingByDevice": true, "ListMappings": true,
+		"ListExports": true, "PruneOperations": true}
 	for _, call := range storeCalls(op) {
 		err := call.fn(ctx, s)
 		if inMemory[call.name] {

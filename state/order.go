@@ -2,9 +2,11 @@ package state
 
 import (
 	"cmp"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -131,4 +133,55 @@ func indexNames(typ, status, volume, vm string, withAll bool) []string {
 		names = append(names, "all")
 	}
 	return names
+}
+
+// formatCursor is the cursor after op in the newest-first order: its sort
+// key, opaque to callers.
+func formatCursor(op commands.Operation) string {
+	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(opScore(op.CreatedAt), 10) + ":" + op.ID))
+}
+
+// parseCursor decodes a cursor; nil for "". A cursor that is not one is a
+// bad request.
+func parseCursor(s string) (*opRef, error) {
+	if s == "" {
+		return nil, nil
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(s)
+	score, id, ok := strings.Cut(string(raw), ":")
+	n, perr := strconv.ParseInt(score, 10, 64)
+	if err != nil || !ok || perr != nil || id == "" {
+		return nil, commands.Invalid("cursor", "cursor %q is not one this server returned", commands.Shown(s, 64))
+	}
+	return &opRef{score: n, id: id}, nil
+}
+
+// completedAt is when a terminal operation ended: CompletedAt, or its last
+// update when it has none.
+func completedAt(op *commands.Operation) time.Time {
+	if op.CompletedAt != nil {
+		return *op.CompletedAt
+	}
+	return op.UpdatedAt
+}
+
+// checkMove refuses an update of old to op that CanMove forbids.
+func checkMove(old, op *commands.Operation) error {
+	if !CanMove(old.Status, op.Status) {
+		return fmt.Errorf("state: operation %s from %s to %s: %w", op.ID, old.Status, op.Status, ErrTransition)
+	}
+	return nil
+}
+
+// minLeaseTTL is the shortest lease: JetStream's per-message TTLs count
+// in seconds.
+const minLeaseTTL = time.Second
+
+// checkLease refuses a lease without a name or holder, or shorter than
+// minLeaseTTL.
+func checkLease(name, holder string, ttl time.Duration) error {
+	if name == "" || holder == "" || ttl < minLeaseTTL {
+		return fmt.Errorf("state: lease %q for %q needs a name, a holder and a ttl of at least %v (got %v)", name, holder, minLeaseTTL, ttl)
+	}
+	return nil
 }

@@ -17,40 +17,49 @@ import (
 	"github.com/volumed/volumed/commands"
 )
 
-// DefaultRedisPrefix prefixes every key the Redis store writes.
-const DefaultRedisPrefix = "volumed:"
+// DefaultRedisPrefix prefixes every key the Redis store writes. Its hash
+// tag puts every key in one Redis Cluster slot, so each script's keys are
+// on one node.
+const DefaultRedisPrefix = "{volumed}:"
 
 // RedisConfig configures a Redis store.
 type RedisConfig struct {
 	// URL is a redis:// or rediss:// URL; its query may set go-redis options
 	// such as dial_timeout, read_timeout and max_retries.
 	URL string
-	// Prefix of every key; default DefaultRedisPrefix.
+	// Prefix of every key; default DefaultRedisPrefix. It must hold a
+	// non-empty hash tag ("{…}") and nothing else in braces, so that every
+	// key hashes to one cluster slot.
 	Prefix string
 	// Logger is the parent logger; default slog.Default().
 	Logger *slog.Logger
 }
 
-// Redis is the Store on a Redis server. Every write is one Lua script, so
-// it is atomic; indexes are sorted sets and counters a hash, so listing and
-// Stats never scan the records.
+// Redis is the Store on a Redis server. Every write is one Lua script that
+// declares every key it touches in KEYS and checks the record's version
+// before its first write, so it is atomic and compare-and-swap; indexes are
+// sorted sets and counters a hash, so listing and Stats never scan the
+// records. Revisions come from one counter, so a revision is never reused,
+// even by a record deleted and written again.
 //
 // Keys (P is the prefix):
 //
-//	P op:<id>                 operation JSON
+//	P rev                     counter: the last revision (and lease token) given
+//	P op:<id>                 hash: j operation JSON, v revision
 //	P ops:all                 zset of every operation id, score opScore(CreatedAt)
 //	P ops:type:<type>         zset, same scores
 //	P ops:status:<status>     zset
 //	P ops:volume:<volume_id>  zset
 //	P ops:vm:<vm_id>          zset
-//	P ops:terminal            set of ids already counted as terminal
+//	P ops:done                zset of terminal operation ids, score µs of completion
 //	P ops:stats               hash: total, type:<t>, status:<s>, terminal, terminal_ns
-//	P mapping:<volume_id>     mapping JSON
+//	P mapping:<volume_id>     hash: j mapping JSON, v revision
 //	P mapping:dev:<vm>:<path> volume id holding the device path on a VM
 //	P mappings:vm:<vm_id>     set of volume ids mapped on the VM
 //	P mappings:all            set of every mapped volume id
-//	P export:<volume_id>      export JSON
+//	P export:<volume_id>      hash: j export JSON, v revision
 //	P exports:all             set of every exported volume id
+//	P lease:<name>            hash: holder, token; with the lease's TTL
 type Redis struct {
 	rdb       *redis.Client
 	p         string
@@ -62,60 +71,87 @@ type Redis struct {
 
 var _ Store = (*Redis)(nil)
 
-// luaField defines field(obj, name): a string field of a decoded JSON
-// object, "" when absent or null. Every script that decodes a record
-// decodes it before its first write, so a bad record writes nothing.
-const luaField = `
-local function field(obj, name)
-  local v = obj[name]
-  if type(v) == 'string' then return v end
-  return ''
+// Replies of the write scripts other than a new revision.
+const (
+	replyExists   = -1 // create, and the record exists
+	replyGone     = -2 // compare-and-swap, and there is no record
+	replyStale    = -3 // compare-and-swap, and the record has another revision
+	replyConflict = -4 // the device path is held by another volume
+)
+
+// luaCAS defines cas(key, expected): 0 when the record hash at key may be
+// written by a writer that read revision expected ("0": none, a create),
+// else the reply (replyExists, replyGone, replyStale) to return.
+const luaCAS = `
+local function cas(key, expected)
+  local cur = redis.call('HGET', key, 'v')
+  if expected == '0' then
+    if cur then return -1 end
+    return 0
+  end
+  if not cur then return -2 end
+  if cur ~= expected then return -3 end
+  return 0
 end
 `
 
-// writeOpScript creates (ARGV[1] "create") or replaces ("update") an
-// operation with its indexes and counters. Returns 0 when the id exists
-// (create) or does not (update), 1 on success.
-// KEYS: op, stats, all, terminal set. ARGV: mode, prefix, id, json, score,
-// type, status, volume, vm, terminal ("1"/"0"), duration ns.
-var writeOpScript = redis.NewScript(luaField + `
-local old = redis.call('GET', KEYS[1])
-if (ARGV[1] == 'create') == (old ~= false) then return 0 end
-local was = {type = '', status = '', volume = '', vm = ''}
-if old then
-  local o = cjson.decode(old)
-  was = {type = field(o, 'type'), status = field(o, 'status'), volume = field(o, 'volume_id'), vm = field(o, 'vm_id')}
-end
-local now = {type = ARGV[6], status = ARGV[7], volume = ARGV[8], vm = ARGV[9]}
-local p, id, score = ARGV[2], ARGV[3], ARGV[5]
-redis.call('SET', KEYS[1], ARGV[4])
-redis.call('ZADD', KEYS[3], score, id)
-for _, dim in ipairs({'type', 'status', 'volume', 'vm'}) do
-  if was[dim] ~= '' and was[dim] ~= now[dim] then
-    redis.call('ZREM', p .. 'ops:' .. dim .. ':' .. was[dim], id)
-  end
-  if now[dim] ~= '' then
-    redis.call('ZADD', p .. 'ops:' .. dim .. ':' .. now[dim], score, id)
+// writeOpScript creates or replaces an operation, moves its indexes and
+// counts it. KEYS: op, rev counter, stats, done, then ARGV[5] index zsets
+// to add the id to, then index zsets to remove it from. ARGV: expected
+// revision ("0": create), id, json, score, number of zsets to add to, old
+// type, old status (both "" on create), type, status, "1" when it becomes
+// terminal now, its duration in ns, its completion score. Returns the new
+// revision or a reply constant.
+var writeOpScript = redis.NewScript(luaCAS + `
+local c = cas(KEYS[1], ARGV[1])
+if c ~= 0 then return c end
+local rev = redis.call('INCR', KEYS[2])
+local id, score, nadd = ARGV[2], ARGV[4], tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], 'j', ARGV[3], 'v', rev)
+for i = 5, 4 + nadd do redis.call('ZADD', KEYS[i], score, id) end
+for i = 5 + nadd, #KEYS do redis.call('ZREM', KEYS[i], id) end
+if ARGV[1] == '0' then redis.call('HINCRBY', KEYS[3], 'total', 1) end
+for _, f in ipairs({{'type:', ARGV[6], ARGV[8]}, {'status:', ARGV[7], ARGV[9]}}) do
+  if f[2] ~= f[3] then
+    if f[2] ~= '' then redis.call('HINCRBY', KEYS[3], f[1] .. f[2], -1) end
+    redis.call('HINCRBY', KEYS[3], f[1] .. f[3], 1)
   end
 end
-if not old then redis.call('HINCRBY', KEYS[2], 'total', 1) end
-for _, dim in ipairs({'type', 'status'}) do
-  if was[dim] ~= now[dim] then
-    if was[dim] ~= '' then redis.call('HINCRBY', KEYS[2], dim .. ':' .. was[dim], -1) end
-    redis.call('HINCRBY', KEYS[2], dim .. ':' .. now[dim], 1)
-  end
+if ARGV[10] == '1' then
+  redis.call('HINCRBY', KEYS[3], 'terminal', 1)
+  redis.call('HINCRBY', KEYS[3], 'terminal_ns', ARGV[11])
+  redis.call('ZADD', KEYS[4], ARGV[12], id)
 end
-if ARGV[10] == '1' and redis.call('SADD', KEYS[4], id) == 1 then
-  redis.call('HINCRBY', KEYS[2], 'terminal', 1)
-  redis.call('HINCRBY', KEYS[2], 'terminal_ns', ARGV[11])
+return rev
+`)
+
+// deleteOpScript removes an operation at a revision with its index
+// entries and counts. KEYS: op, stats, done, then its index zsets. ARGV:
+// expected revision, id, type, status, "1" when terminal, minus its
+// duration in ns.
+// Returns 1, 0 when there is no record, or replyStale.
+var deleteOpScript = redis.NewScript(`
+local cur = redis.call('HGET', KEYS[1], 'v')
+if not cur then return 0 end
+if cur ~= ARGV[1] then return -3 end
+local id = ARGV[2]
+redis.call('DEL', KEYS[1])
+for i = 3, #KEYS do redis.call('ZREM', KEYS[i], id) end
+redis.call('HINCRBY', KEYS[2], 'total', -1)
+redis.call('HINCRBY', KEYS[2], 'type:' .. ARGV[3], -1)
+redis.call('HINCRBY', KEYS[2], 'status:' .. ARGV[4], -1)
+if ARGV[5] == '1' then
+  redis.call('HINCRBY', KEYS[2], 'terminal', -1)
+  redis.call('HINCRBY', KEYS[2], 'terminal_ns', ARGV[6])
 end
 return 1
 `)
 
 // listOpsScript walks the smallest of the index zsets KEYS newest first,
-// keeps the ids present in every other one, and returns up to ARGV[1]
-// records (0: all) read from ARGV[2]..id. It stops at the limit, so it
-// reads no record that does not match and walks no further than needed.
+// from after the cursor (ARGV[2] score, "" for none; ARGV[3] id), keeps
+// the ids present in every other one, and returns up to ARGV[1]+1 of them
+// (ARGV[1] 0: all): one more than the page, so the caller knows whether
+// another page follows. It reads no record.
 var listOpsScript = redis.NewScript(`
 local limit = tonumber(ARGV[1])
 local walk, best = 1, -1
@@ -123,99 +159,122 @@ for i = 1, #KEYS do
   local n = redis.call('ZCARD', KEYS[i])
   if best < 0 or n < best then walk, best = i, n end
 end
+local max, cs, cid = '+inf', nil, ARGV[3]
+if ARGV[2] ~= '' then max, cs = ARGV[2], tonumber(ARGV[2]) end
 local out, pos, chunk = {}, 0, 256
-if limit > 0 then chunk = limit end
-while pos < best do
-  local ids = redis.call('ZREVRANGE', KEYS[walk], pos, pos + chunk - 1)
-  for _, id in ipairs(ids) do
-    local match = true
-    for i = 1, #KEYS do
-      if i ~= walk and not redis.call('ZSCORE', KEYS[i], id) then match = false; break end
-    end
-    if match then
-      out[#out + 1] = redis.call('GET', ARGV[2] .. id)
-      if #out == limit then return out end
+if limit > 0 then chunk = limit + 1 end
+while true do
+  local page = redis.call('ZREVRANGEBYSCORE', KEYS[walk], max, '-inf', 'WITHSCORES', 'LIMIT', pos, chunk)
+  if #page == 0 then return out end
+  for j = 1, #page, 2 do
+    local id = page[j]
+    if not (cs and tonumber(page[j + 1]) == cs and id >= cid) then
+      local match = true
+      for i = 1, #KEYS do
+        if i ~= walk and not redis.call('ZSCORE', KEYS[i], id) then match = false; break end
+      end
+      if match then
+        out[#out + 1] = id
+        if limit > 0 and #out > limit then return out end
+      end
     end
   end
   pos = pos + chunk
   chunk = math.min(chunk * 2, 1024)
 end
-return out
 `)
 
-// luaUnindexMapping defines devkey(p, vm, dev), the key of a device path
-// on a VM, and unindex(p, vol, old, dev, vm): drop the device-path and VM
-// index entries of the old mapping JSON that differ from dev and vm. It
-// decodes before writing.
-const luaUnindexMapping = luaField + `
-local function devkey(p, vm, dev) return p .. 'mapping:dev:' .. vm .. ':' .. dev end
-local function unindex(p, vol, old, dev, vm)
-  local o = cjson.decode(old)
-  local odev, ovm = field(o, 'device_path'), field(o, 'vm_id')
-  if odev ~= '' and (odev ~= dev or ovm ~= vm) and redis.call('GET', devkey(p, ovm, odev)) == vol then
-    redis.call('DEL', devkey(p, ovm, odev))
-  end
-  if ovm ~= '' and ovm ~= vm then redis.call('SREM', p .. 'mappings:vm:' .. ovm, vol) end
+// putMappingScript writes a mapping at a revision and moves its indexes.
+// KEYS: mapping, all set, rev counter, then the optional keys whose
+// positions in KEYS ARGV[4..7] give (0: none): the new device key, the new
+// VM set, the old device key, the old VM set. ARGV: expected revision
+// ("0": create), volume, json. Returns the new revision or a reply
+// constant (replyConflict when another volume holds the device).
+var putMappingScript = redis.NewScript(luaCAS + `
+local c = cas(KEYS[1], ARGV[1])
+if c ~= 0 then return c end
+local vol = ARGV[2]
+local nd, nv, od, ov = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+if nd > 0 then
+  local holder = redis.call('GET', KEYS[nd])
+  if holder and holder ~= vol then return -4 end
 end
-`
-
-// putMappingScript writes a mapping and moves its indexes; 0 when another
-// volume holds the device path on the VM. KEYS: mapping, all set. ARGV:
-// prefix, volume, json, device path, vm.
-var putMappingScript = redis.NewScript(luaUnindexMapping + `
-local p, vol, dev, vm = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
-if dev ~= '' then
-  local holder = redis.call('GET', devkey(p, vm, dev))
-  if holder and holder ~= vol then return 0 end
-end
-local old = redis.call('GET', KEYS[1])
-if old then unindex(p, vol, old, dev, vm) end
-redis.call('SET', KEYS[1], ARGV[3])
-if dev ~= '' then redis.call('SET', devkey(p, vm, dev), vol) end
-if vm ~= '' then redis.call('SADD', p .. 'mappings:vm:' .. vm, vol) end
+if od > 0 and redis.call('GET', KEYS[od]) == vol then redis.call('DEL', KEYS[od]) end
+if ov > 0 then redis.call('SREM', KEYS[ov], vol) end
+local rev = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'j', ARGV[3], 'v', rev)
+if nd > 0 then redis.call('SET', KEYS[nd], vol) end
+if nv > 0 then redis.call('SADD', KEYS[nv], vol) end
 redis.call('SADD', KEYS[2], vol)
-return 1
+return rev
 `)
 
-// deleteMappingScript removes a mapping and its index entries; 0 when
-// there was none. KEYS: mapping, all set. ARGV: prefix, volume.
-var deleteMappingScript = redis.NewScript(luaUnindexMapping + `
-local old = redis.call('GET', KEYS[1])
-if not old then return 0 end
-unindex(ARGV[1], ARGV[2], old, '', '')
-redis.call('SREM', KEYS[2], ARGV[2])
+// deleteMappingScript removes a mapping at a revision and its index
+// entries. KEYS: mapping, all set, then the optional device key and VM
+// set at the positions ARGV[3] and ARGV[4] give (0: none). ARGV: expected
+// revision, volume. Returns 1, 0 when there is none, or replyStale.
+var deleteMappingScript = redis.NewScript(`
+local cur = redis.call('HGET', KEYS[1], 'v')
+if not cur then return 0 end
+if cur ~= ARGV[1] then return -3 end
+local vol, d, v = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+if d > 0 and redis.call('GET', KEYS[d]) == vol then redis.call('DEL', KEYS[d]) end
+if v > 0 then redis.call('SREM', KEYS[v], vol) end
+redis.call('SREM', KEYS[2], vol)
 redis.call('DEL', KEYS[1])
 return 1
 `)
 
-// listSetScript returns the records ARGV[1]..member of the set KEYS[1].
-var listSetScript = redis.NewScript(`
-local out = {}
-for i, vol in ipairs(redis.call('SMEMBERS', KEYS[1])) do out[i] = redis.call('GET', ARGV[1] .. vol) end
-return out
+// putExportScript writes an export at a revision and adds it to the set.
+// KEYS: export, all set, rev counter. ARGV: expected revision ("0":
+// create), volume, json. Returns the new revision or a reply constant.
+var putExportScript = redis.NewScript(luaCAS + `
+local c = cas(KEYS[1], ARGV[1])
+if c ~= 0 then return c end
+local rev = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'j', ARGV[3], 'v', rev)
+redis.call('SADD', KEYS[2], ARGV[2])
+return rev
 `)
 
-// putExportScript writes an export and adds it to the set. KEYS: export,
-// all set. ARGV: volume, json.
-var putExportScript = redis.NewScript(`
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[1])
-return 1
-`)
-
-// deleteExportScript removes an export and its set entry; 0 when there was
-// none. KEYS: export, all set. ARGV: volume.
+// deleteExportScript removes an export and its set entry. KEYS: export,
+// all set. ARGV: expected revision ("0": any), volume. Returns 1, 0 when
+// there is none, or replyStale.
 var deleteExportScript = redis.NewScript(`
-if redis.call('DEL', KEYS[1]) == 0 then return 0 end
-redis.call('SREM', KEYS[2], ARGV[1])
+local cur = redis.call('HGET', KEYS[1], 'v')
+if not cur then return 0 end
+if ARGV[1] ~= '0' and cur ~= ARGV[1] then return -3 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
 return 1
 `)
 
-// mappingByDeviceScript returns the mapping whose volume KEYS[1] names.
-var mappingByDeviceScript = redis.NewScript(`
-local vol = redis.call('GET', KEYS[1])
-if not vol then return false end
-return redis.call('GET', ARGV[1] .. vol)
+// acquireLeaseScript takes a lease unless another holder has it. KEYS:
+// lease, rev counter. ARGV: holder, ttl ms. Returns the token, or 0.
+var acquireLeaseScript = redis.NewScript(`
+local holder = redis.call('HGET', KEYS[1], 'holder')
+if holder and holder ~= ARGV[1] then return 0 end
+local token = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'token', token)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return token
+`)
+
+// renewLeaseScript extends a lease still at token ARGV[1] by ARGV[2] ms.
+// KEYS: lease, rev counter. Returns the new token, or 0.
+var renewLeaseScript = redis.NewScript(`
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+local token = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], 'token', token)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return token
+`)
+
+// releaseLeaseScript deletes a lease still at token ARGV[1]. KEYS: lease.
+// Returns 1, or 0.
+var releaseLeaseScript = redis.NewScript(`
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
 `)
 
 // NewRedis connects to cfg.URL and pings the server. An unreachable
@@ -226,6 +285,9 @@ func NewRedis(ctx context.Context, cfg RedisConfig) (*Redis, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
+	}
+	if err := checkHashTag(cfg.Prefix); err != nil {
+		return nil, err
 	}
 	opts, err := redis.ParseURL(cfg.URL)
 	if err != nil {
@@ -245,6 +307,17 @@ func NewRedis(ctx context.Context, cfg RedisConfig) (*Redis, error) {
 	return r, nil
 }
 
+// checkHashTag refuses a prefix whose keys would not share a cluster slot:
+// Redis hashes the text between the first "{" and the next "}".
+func checkHashTag(p string) error {
+	i := strings.IndexByte(p, '{')
+	j := strings.IndexByte(p[i+1:], '}')
+	if i < 0 || j <= 0 || strings.ContainsAny(p[i+1+j+1:], "{}") {
+		return fmt.Errorf("state: redis prefix %q needs one hash tag such as {volumed}", p)
+	}
+	return nil
+}
+
 // wrap classifies a go-redis error: server error replies and a cancelled
 // caller pass through; anything else (dial errors, timeouts, io.EOF, a
 // closed client) means the server could not be reached and wraps
@@ -257,87 +330,334 @@ func (r *Redis) wrap(op string, err error) error {
 	return fmt.Errorf("state: redis %s: %w: %w", op, ErrUnavailable, err)
 }
 
-// runWrite runs a write script; it reports whether the script wrote
-// (returned 1) and counts the write.
-func (r *Redis) runWrite(ctx context.Context, name string, s *redis.Script, keys []string, args ...any) (bool, error) {
-	n, err := s.Run(ctx, r.rdb, keys, args...).Int()
+// runWrite runs a write script and returns its reply, counting a write
+// when the reply is positive.
+func (r *Redis) runWrite(ctx context.Context, name string, s *redis.Script, keys []string, args ...any) (int64, error) {
+	n, err := s.Run(ctx, r.rdb, keys, args...).Int64()
 	if err != nil {
-		return false, r.wrap(name, err)
+		return 0, r.wrap(name, err)
 	}
-	if n == 1 {
+	if n > 0 {
 		r.writes.Add(1)
 	}
-	return n == 1, nil
+	return n, nil
 }
 
-func (r *Redis) opKey(id string) string { return r.p + "op:" + id }
+// casErr turns a write script's negative reply into its error; exists is
+// the error of a create over an existing record.
+func casErr(n int64, what, key string, rev uint64, exists error) error {
+	switch n {
+	case replyExists:
+		return fmt.Errorf("state: %s %s: %w", what, key, exists)
+	case replyGone:
+		return gone(what, key)
+	case replyStale:
+		return stale(what, key, rev)
+	case replyConflict:
+		return fmt.Errorf("state: device of %s %s held by another volume: %w", what, key, ErrConflict)
+	}
+	return fmt.Errorf("state: %s %s: unexpected script reply %d", what, key, n)
+}
 
-func (r *Redis) writeOp(ctx context.Context, mode string, op commands.Operation) (bool, error) {
+func (r *Redis) revKey() string           { return r.p + "rev" }
+func (r *Redis) opKey(id string) string   { return r.p + "op:" + id }
+func (r *Redis) idxKey(n string) string   { return r.p + "ops:" + n }
+func (r *Redis) mapKey(v string) string   { return r.p + "mapping:" + v }
+func (r *Redis) vmSetKey(v string) string { return r.p + "mappings:vm:" + v }
+func (r *Redis) exportKey(v string) string {
+	return r.p + "export:" + v
+}
+
+// devKey is the key of a device path on a VM.
+func (r *Redis) devKey(vm, dev string) string { return r.p + "mapping:dev:" + vm + ":" + dev }
+
+// record is a stored record hash: its JSON and revision.
+type record struct {
+	raw []byte
+	rev uint64
+}
+
+// readRecords reads the record hashes at keys in one pipeline; a key
+// without a record gives a record with nil raw.
+func (r *Redis) readRecords(ctx context.Context, name string, keys []string) ([]record, error) {
+	cmds := make([]*redis.SliceCmd, len(keys))
+	_, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, k := range keys {
+			cmds[i] = p.HMGet(ctx, k, "j", "v")
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, r.wrap(name, err)
+	}
+	out := make([]record, len(keys))
+	for i, c := range cmds {
+		vals := c.Val()
+		j, ok1 := vals[0].(string)
+		v, ok2 := vals[1].(string)
+		if !ok1 || !ok2 {
+			continue
+		}
+		rev, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("state: redis %s: revision %q of %s: %w", name, v, keys[i], err)
+		}
+		out[i] = record{raw: []byte(j), rev: rev}
+	}
+	return out, nil
+}
+
+// readOne reads one record hash; ErrNotFound when there is none.
+func (r *Redis) readOne(ctx context.Context, what, key string) (record, error) {
+	recs, err := r.readRecords(ctx, "get "+what, []string{key})
+	if err != nil {
+		return record{}, err
+	}
+	if recs[0].raw == nil {
+		return record{}, fmt.Errorf("state: %s %s: %w", what, key, ErrNotFound)
+	}
+	return recs[0], nil
+}
+
+// readAt reads the record at key, checking it is at revision rev;
+// ErrStale (and ErrNotFound when it is gone) otherwise.
+func readAt[T any](ctx context.Context, r *Redis, what, key string, rev uint64) (*T, error) {
+	rec, err := r.readOne(ctx, what, key)
+	if errors.Is(err, ErrNotFound) {
+		return nil, gone(what, key)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if rec.rev != rev {
+		return nil, stale(what, key, rev)
+	}
+	v := new(T)
+	return v, decode(rec.raw, v)
+}
+
+// CreateOperation records op with its indexes and counters in one script.
+func (r *Redis) CreateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
+	return r.writeOp(ctx, nil, op)
+}
+
+// UpdateOperation checks the status move against the record at
+// op.Revision, then replaces it and moves its indexes and counters in one
+// script that refuses to write unless the record is still at op.Revision.
+func (r *Redis) UpdateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
 	if err := checkOp(&op); err != nil {
-		return false, err
+		return op, err
+	}
+	old, err := readAt[commands.Operation](ctx, r, "operation", r.opKey(op.ID), op.Revision)
+	if err != nil {
+		return op, err
+	}
+	if err := checkMove(old, &op); err != nil {
+		return op, err
+	}
+	return r.writeOp(ctx, old, op)
+}
+
+// writeOp creates op (old nil) or replaces old, read at op.Revision.
+func (r *Redis) writeOp(ctx context.Context, old *commands.Operation, op commands.Operation) (commands.Operation, error) {
+	if err := checkOp(&op); err != nil {
+		return op, err
 	}
 	data, err := json.Marshal(op)
 	if err != nil {
-		return false, fmt.Errorf("state: encode operation %s: %w", op.ID, err)
+		return op, fmt.Errorf("state: encode operation %s: %w", op.ID, err)
+	}
+	add := opIndexes(&op)
+	keys := []string{r.opKey(op.ID), r.revKey(), r.idxKey("stats"), r.idxKey("done")}
+	for _, n := range add {
+		keys = append(keys, r.idxKey(n))
+	}
+	expected, oldType, oldStatus := "0", "", ""
+	if old != nil {
+		expected, oldType, oldStatus = strconv.FormatUint(op.Revision, 10), string(old.Type), string(old.Status)
+		for _, n := range opIndexes(old) {
+			if !contains(add, n) {
+				keys = append(keys, r.idxKey(n))
+			}
+		}
+	}
+	terminal := "0"
+	if op.Status.Terminal() && (old == nil || !old.Status.Terminal()) {
+		terminal = "1"
+	}
+	n, err := r.runWrite(ctx, "write operation", writeOpScript, keys, expected, op.ID, data,
+		opScore(op.CreatedAt), len(add), oldType, oldStatus, string(op.Type), string(op.Status),
+		terminal, int64(op.Duration()), opScore(completedAt(&op)))
+	if err != nil {
+		return op, err
+	}
+	if n < 0 {
+		return op, casErr(n, "operation", op.ID, op.Revision, ErrExists)
+	}
+	op.Revision = uint64(n)
+	return op, nil
+}
+
+// contains reports whether names holds n.
+func contains(names []string, n string) bool {
+	for _, m := range names {
+		if m == n {
+			return true
+		}
+	}
+	return false
+}
+
+// DeleteOperation removes the operation at rev with its index entries and
+// counts in one script.
+func (r *Redis) DeleteOperation(ctx context.Context, id string, rev uint64) error {
+	rec, err := r.readOne(ctx, "operation", r.opKey(id))
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if rec.rev != rev {
+		return stale("operation", id, rev)
+	}
+	var op commands.Operation
+	if err := decode(rec.raw, &op); err != nil {
+		return err
+	}
+	keys := []string{r.opKey(id), r.idxKey("stats"), r.idxKey("done")}
+	for _, n := range opIndexes(&op) {
+		keys = append(keys, r.idxKey(n))
 	}
 	terminal := "0"
 	if op.Status.Terminal() {
 		terminal = "1"
 	}
-	keys := []string{r.opKey(op.ID), r.p + "ops:stats", r.p + "ops:all", r.p + "ops:terminal"}
-	return r.runWrite(ctx, mode+" operation", writeOpScript, keys, mode, r.p, op.ID, data,
-		opScore(op.CreatedAt), string(op.Type), string(op.Status), op.VolumeID, vmOf(&op),
-		terminal, int64(op.Duration()))
+	n, err := r.runWrite(ctx, "delete operation", deleteOpScript, keys, rev, id,
+		string(op.Type), string(op.Status), terminal, -int64(op.Duration()))
+	if err != nil {
+		return err
+	}
+	if n < 0 {
+		return casErr(n, "operation", id, rev, ErrExists)
+	}
+	return nil
 }
 
-// CreateOperation records op with its indexes and counters in one script.
-func (r *Redis) CreateOperation(ctx context.Context, op commands.Operation) error {
-	ok, err := r.writeOp(ctx, "create", op)
-	if err == nil && !ok {
-		return fmt.Errorf("state: operation %s: %w", op.ID, ErrExists)
+// PruneOperations deletes the terminal operations the done index has
+// completed before completedBefore, oldest first.
+func (r *Redis) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
+	n := 0
+	for limit <= 0 || n < limit {
+		batch := int64(256)
+		if limit > 0 {
+			batch = min(batch, int64(limit-n))
+		}
+		ids, err := r.rdb.ZRangeArgs(ctx, redis.ZRangeArgs{Key: r.idxKey("done"), ByScore: true,
+			Start: "-inf", Stop: "(" + strconv.FormatInt(opScore(completedBefore), 10), Count: batch}).Result()
+		if err != nil {
+			return n, r.wrap("prune operations", err)
+		}
+		if len(ids) == 0 {
+			return n, nil
+		}
+		recs, err := r.readRecords(ctx, "prune operations", r.keysOf(ids, r.opKey))
+		if err != nil {
+			return n, err
+		}
+		for i, rec := range recs {
+			if rec.raw == nil {
+				// No record: a stray index entry; drop it.
+				if err := r.rdb.ZRem(ctx, r.idxKey("done"), ids[i]).Err(); err != nil {
+					return n, r.wrap("prune operations", err)
+				}
+				continue
+			}
+			err := r.DeleteOperation(ctx, ids[i], rec.rev)
+			if errors.Is(err, ErrStale) {
+				continue // deleted and created again since the read: read again
+			}
+			if err != nil {
+				return n, err
+			}
+			n++
+		}
 	}
-	return err
+	return n, nil
 }
 
-// UpdateOperation replaces op and moves its indexes and counters in one
-// script.
-func (r *Redis) UpdateOperation(ctx context.Context, op commands.Operation) error {
-	ok, err := r.writeOp(ctx, "update", op)
-	if err == nil && !ok {
-		return fmt.Errorf("state: operation %s: %w", op.ID, ErrNotFound)
+// keysOf maps ids to keys.
+func (r *Redis) keysOf(ids []string, key func(string) string) []string {
+	out := make([]string, len(ids))
+	for i, id := range ids {
+		out[i] = key(id)
 	}
-	return err
+	return out
 }
 
 // GetOperation reads one operation.
 func (r *Redis) GetOperation(ctx context.Context, id string) (commands.Operation, error) {
 	var op commands.Operation
-	data, err := r.rdb.Get(ctx, r.opKey(id)).Bytes()
-	if errors.Is(err, redis.Nil) {
-		return op, fmt.Errorf("state: operation %s: %w", id, ErrNotFound)
-	}
+	rec, err := r.readOne(ctx, "operation", r.opKey(id))
 	if err != nil {
-		return op, r.wrap("get operation", err)
+		return op, err
 	}
-	return op, decode(data, &op)
+	err = decode(rec.raw, &op)
+	op.Revision = rec.rev
+	return op, err
 }
 
-// ListOperations intersects the index zsets of f's fields in one script.
-func (r *Redis) ListOperations(ctx context.Context, f Filter) ([]commands.Operation, error) {
+// ListOperations finds the ids of a page in one script over the index
+// zsets of f's fields, then reads their records in one pipeline.
+func (r *Redis) ListOperations(ctx context.Context, f Filter) ([]commands.Operation, string, error) {
+	after, err := parseCursor(f.Cursor)
+	if err != nil {
+		return nil, "", err
+	}
 	var keys []string
 	for _, name := range filterIndexes(f) {
-		keys = append(keys, r.p+"ops:"+name)
+		keys = append(keys, r.idxKey(name))
 	}
-	rows, err := listOpsScript.Run(ctx, r.rdb, keys, f.Limit, r.p+"op:").Slice()
+	score, id := "", ""
+	if after != nil {
+		score, id = strconv.FormatInt(after.score, 10), after.id
+	}
+	ids, err := listOpsScript.Run(ctx, r.rdb, keys, f.Limit, score, id).StringSlice()
 	if err != nil {
-		return nil, r.wrap("list operations", err)
+		return nil, "", r.wrap("list operations", err)
 	}
-	return decodeRows[commands.Operation](rows)
+	more := f.Limit > 0 && len(ids) > f.Limit
+	if more {
+		ids = ids[:f.Limit]
+	}
+	recs, err := r.readRecords(ctx, "list operations", r.keysOf(ids, r.opKey))
+	if err != nil {
+		return nil, "", err
+	}
+	out := make([]commands.Operation, 0, len(recs))
+	for _, rec := range recs {
+		var op commands.Operation
+		if rec.raw == nil {
+			continue // deleted since the ids were read
+		}
+		if err := decode(rec.raw, &op); err != nil {
+			return nil, "", err
+		}
+		op.Revision = rec.rev
+		if matches(&op, f) { // not moved out of the filter since
+			out = append(out, op)
+		}
+	}
+	next := ""
+	if more && len(out) > 0 {
+		next = formatCursor(out[len(out)-1])
+	}
+	return out, next, nil
 }
 
 // Stats reads the counters the write scripts keep.
 func (r *Redis) Stats(ctx context.Context) (Stats, error) {
-	h, err := r.rdb.HGetAll(ctx, r.p+"ops:stats").Result()
+	h, err := r.rdb.HGetAll(ctx, r.idxKey("stats")).Result()
 	if err != nil {
 		return Stats{}, r.wrap("stats", err)
 	}
@@ -364,116 +684,263 @@ func (r *Redis) Stats(ctx context.Context) (Stats, error) {
 	return s, nil
 }
 
-// PutMapping writes m and moves its device and VM indexes in one script.
-func (r *Redis) PutMapping(ctx context.Context, m commands.Mapping) error {
+// PutMapping writes m and moves its device and VM indexes in one script,
+// which checks the revision and the device's holder before writing.
+func (r *Redis) PutMapping(ctx context.Context, m commands.Mapping) (commands.Mapping, error) {
 	if m.VolumeID == "" {
-		return errors.New("state: mapping without volume id")
+		return m, errors.New("state: mapping without volume id")
 	}
 	data, err := json.Marshal(m)
 	if err != nil {
-		return fmt.Errorf("state: encode mapping %s: %w", m.VolumeID, err)
+		return m, fmt.Errorf("state: encode mapping %s: %w", m.VolumeID, err)
 	}
-	ok, err := r.runWrite(ctx, "put mapping", putMappingScript,
-		[]string{r.p + "mapping:" + m.VolumeID, r.p + "mappings:all"},
-		r.p, m.VolumeID, data, m.DevicePath, m.VMID)
-	if err == nil && !ok {
-		return fmt.Errorf("state: device %s of volume %s: %w", m.DevicePath, m.VolumeID, ErrConflict)
+	old := new(commands.Mapping)
+	if m.Revision != 0 {
+		if old, err = readAt[commands.Mapping](ctx, r, "mapping", r.mapKey(m.VolumeID), m.Revision); err != nil {
+			return m, err
+		}
 	}
-	return err
+	keys := []string{r.mapKey(m.VolumeID), r.p + "mappings:all", r.revKey()}
+	pos := func(ok bool, key string) int {
+		if !ok {
+			return 0
+		}
+		keys = append(keys, key)
+		return len(keys)
+	}
+	newDev := pos(m.DevicePath != "", r.devKey(m.VMID, m.DevicePath))
+	newVM := pos(m.VMID != "", r.vmSetKey(m.VMID))
+	oldDev := pos(old.DevicePath != "" && (old.DevicePath != m.DevicePath || old.VMID != m.VMID), r.devKey(old.VMID, old.DevicePath))
+	oldVM := pos(old.VMID != "" && old.VMID != m.VMID, r.vmSetKey(old.VMID))
+	n, err := r.runWrite(ctx, "put mapping", putMappingScript, keys,
+		m.Revision, m.VolumeID, data, newDev, newVM, oldDev, oldVM)
+	if err != nil {
+		return m, err
+	}
+	if n < 0 {
+		return m, casErr(n, "mapping", m.VolumeID, m.Revision, ErrStale)
+	}
+	m.Revision = uint64(n)
+	return m, nil
 }
 
 // GetMapping reads the mapping of a volume.
 func (r *Redis) GetMapping(ctx context.Context, volumeID string) (commands.Mapping, error) {
-	data, err := r.rdb.Get(ctx, r.p+"mapping:"+volumeID).Result()
-	return r.readMapping("get mapping", volumeID, data, err)
-}
-
-// GetMappingByDevice reads the mapping holding a device path on a VM.
-func (r *Redis) GetMappingByDevice(ctx context.Context, vmID, devicePath string) (commands.Mapping, error) {
-	data, err := mappingByDeviceScript.Run(ctx, r.rdb,
-		[]string{r.p + "mapping:dev:" + vmID + ":" + devicePath}, r.p+"mapping:").Text()
-	return r.readMapping("get mapping by device", devicePath, data, err)
-}
-
-// readMapping decodes the reply of a single-mapping read.
-func (r *Redis) readMapping(name, key, data string, err error) (commands.Mapping, error) {
 	var m commands.Mapping
+	rec, err := r.readOne(ctx, "mapping", r.mapKey(volumeID))
+	if err != nil {
+		return m, err
+	}
+	err = decode(rec.raw, &m)
+	m.Revision = rec.rev
+	return m, err
+}
+
+// GetMappingByDevice reads the volume holding a device path on a VM, then
+// its mapping, which must still hold the device.
+func (r *Redis) GetMappingByDevice(ctx context.Context, vmID, devicePath string) (commands.Mapping, error) {
+	notFound := fmt.Errorf("state: mapping of device %s on %s: %w", devicePath, vmID, ErrNotFound)
+	if devicePath == "" {
+		return commands.Mapping{}, notFound
+	}
+	vol, err := r.rdb.Get(ctx, r.devKey(vmID, devicePath)).Result()
 	if errors.Is(err, redis.Nil) {
-		return m, fmt.Errorf("state: mapping %s: %w", key, ErrNotFound)
+		return commands.Mapping{}, notFound
 	}
 	if err != nil {
-		return m, r.wrap(name, err)
+		return commands.Mapping{}, r.wrap("get mapping by device", err)
 	}
-	return m, decode([]byte(data), &m)
+	m, err := r.GetMapping(ctx, vol)
+	if errors.Is(err, ErrNotFound) || (err == nil && (m.VMID != vmID || m.DevicePath != devicePath)) {
+		return commands.Mapping{}, notFound // moved since the device key was read
+	}
+	return m, err
 }
 
 // ListMappings reads the mappings of one VM, or all of them.
 func (r *Redis) ListMappings(ctx context.Context, vmID string) ([]commands.Mapping, error) {
 	set := r.p + "mappings:all"
 	if vmID != "" {
-		set = r.p + "mappings:vm:" + vmID
+		set = r.vmSetKey(vmID)
 	}
-	rows, err := listSetScript.Run(ctx, r.rdb, []string{set}, r.p+"mapping:").Slice()
-	if err != nil {
-		return nil, r.wrap("list mappings", err)
-	}
-	ms, err := decodeRows[commands.Mapping](rows)
+	ms, err := listSet(ctx, r, "list mappings", set, r.mapKey, func(m *commands.Mapping, rev uint64) bool {
+		m.Revision = rev
+		return vmID == "" || m.VMID == vmID
+	})
 	sortMappings(ms)
 	return ms, err
 }
 
-// DeleteMapping removes a mapping and its index entries in one script.
-func (r *Redis) DeleteMapping(ctx context.Context, volumeID string) error {
-	_, err := r.runWrite(ctx, "delete mapping", deleteMappingScript,
-		[]string{r.p + "mapping:" + volumeID, r.p + "mappings:all"}, r.p, volumeID)
-	return err
+// listSet reads the records of the ids in a set; keep sets the revision
+// and drops records that no longer belong.
+func listSet[T any](ctx context.Context, r *Redis, name, set string, key func(string) string, keep func(*T, uint64) bool) ([]T, error) {
+	ids, err := r.rdb.SMembers(ctx, set).Result()
+	if err != nil {
+		return nil, r.wrap(name, err)
+	}
+	recs, err := r.readRecords(ctx, name, r.keysOf(ids, key))
+	if err != nil {
+		return nil, err
+	}
+	out := make([]T, 0, len(recs))
+	for _, rec := range recs {
+		if rec.raw == nil {
+			continue
+		}
+		var v T
+		if err := decode(rec.raw, &v); err != nil {
+			return nil, err
+		}
+		if keep(&v, rec.rev) {
+			out = append(out, v)
+		}
+	}
+	return out, nil
 }
 
-func (r *Redis) exportKeys(volumeID string) []string {
-	return []string{r.p + "export:" + volumeID, r.p + "exports:all"}
+// DeleteMapping removes a mapping and its index entries in one script at
+// the revision read (rev, or whatever is there when rev is 0).
+func (r *Redis) DeleteMapping(ctx context.Context, volumeID string, rev uint64) error {
+	for {
+		rec, err := r.readOne(ctx, "mapping", r.mapKey(volumeID))
+		if errors.Is(err, ErrNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if rev != 0 && rec.rev != rev {
+			return stale("mapping", volumeID, rev)
+		}
+		var m commands.Mapping
+		if err := decode(rec.raw, &m); err != nil {
+			return err
+		}
+		keys := []string{r.mapKey(volumeID), r.p + "mappings:all"}
+		dev, vm := 0, 0
+		if m.DevicePath != "" {
+			keys = append(keys, r.devKey(m.VMID, m.DevicePath))
+			dev = len(keys)
+		}
+		if m.VMID != "" {
+			keys = append(keys, r.vmSetKey(m.VMID))
+			vm = len(keys)
+		}
+		n, err := r.runWrite(ctx, "delete mapping", deleteMappingScript, keys, rec.rev, volumeID, dev, vm)
+		if err != nil {
+			return err
+		}
+		if n >= 0 {
+			return nil
+		}
+		if rev != 0 {
+			return casErr(n, "mapping", volumeID, rev, ErrStale)
+		}
+		// Unconditional, and the mapping changed between the read and
+		// the script: delete what is there now.
+	}
 }
 
 // PutExport writes e and its set entry in one script.
-func (r *Redis) PutExport(ctx context.Context, e commands.Export) error {
+func (r *Redis) PutExport(ctx context.Context, e commands.Export) (commands.Export, error) {
 	if err := checkExport(e); err != nil {
-		return err
+		return e, err
 	}
 	data, err := json.Marshal(e)
 	if err != nil {
-		return fmt.Errorf("state: encode export %s: %w", e.VolumeID, err)
+		return e, fmt.Errorf("state: encode export %s: %w", e.VolumeID, err)
 	}
-	_, err = r.runWrite(ctx, "put export", putExportScript, r.exportKeys(e.VolumeID), e.VolumeID, data)
-	return err
+	n, err := r.runWrite(ctx, "put export", putExportScript,
+		[]string{r.exportKey(e.VolumeID), r.p + "exports:all", r.revKey()}, e.Revision, e.VolumeID, data)
+	if err != nil {
+		return e, err
+	}
+	if n < 0 {
+		return e, casErr(n, "export", e.VolumeID, e.Revision, ErrStale)
+	}
+	e.Revision = uint64(n)
+	return e, nil
 }
 
 // GetExport reads the export record of a volume.
 func (r *Redis) GetExport(ctx context.Context, volumeID string) (commands.Export, error) {
 	var e commands.Export
-	data, err := r.rdb.Get(ctx, r.p+"export:"+volumeID).Bytes()
-	if errors.Is(err, redis.Nil) {
-		return e, fmt.Errorf("state: export %s: %w", volumeID, ErrNotFound)
-	}
+	rec, err := r.readOne(ctx, "export", r.exportKey(volumeID))
 	if err != nil {
-		return e, r.wrap("get export", err)
+		return e, err
 	}
-	return e, decode(data, &e)
+	err = decode(rec.raw, &e)
+	e.Revision = rec.rev
+	return e, err
 }
 
-// ListExports reads every export record in one script.
+// ListExports reads every export record.
 func (r *Redis) ListExports(ctx context.Context) ([]commands.Export, error) {
-	rows, err := listSetScript.Run(ctx, r.rdb, []string{r.p + "exports:all"}, r.p+"export:").Slice()
-	if err != nil {
-		return nil, r.wrap("list exports", err)
-	}
-	es, err := decodeRows[commands.Export](rows)
+	es, err := listSet(ctx, r, "list exports", r.p+"exports:all", r.exportKey, func(e *commands.Export, rev uint64) bool {
+		e.Revision = rev
+		return true
+	})
 	sortExports(es)
 	return es, err
 }
 
 // DeleteExport removes an export record and its set entry in one script.
-func (r *Redis) DeleteExport(ctx context.Context, volumeID string) error {
-	_, err := r.runWrite(ctx, "delete export", deleteExportScript, r.exportKeys(volumeID), volumeID)
+func (r *Redis) DeleteExport(ctx context.Context, volumeID string, rev uint64) error {
+	n, err := r.runWrite(ctx, "delete export", deleteExportScript,
+		[]string{r.exportKey(volumeID), r.p + "exports:all"}, rev, volumeID)
+	if err == nil && n < 0 {
+		err = casErr(n, "export", volumeID, rev, ErrStale)
+	}
 	return err
+}
+
+// AcquireLease takes the lease in one script: a hash with the key's own
+// TTL, so Redis expires it by its clock; the token comes from the
+// revision counter.
+func (r *Redis) AcquireLease(ctx context.Context, name, holder string, ttl time.Duration) (Lease, error) {
+	if err := checkLease(name, holder, ttl); err != nil {
+		return Lease{}, err
+	}
+	start := time.Now()
+	n, err := r.runWrite(ctx, "acquire lease", acquireLeaseScript,
+		[]string{r.p + "lease:" + name, r.revKey()}, holder, ttl.Milliseconds())
+	if err != nil {
+		return Lease{}, err
+	}
+	if n == 0 {
+		return Lease{}, fmt.Errorf("state: lease %s: %w", name, ErrLeaseHeld)
+	}
+	return Lease{Name: name, Holder: holder, Token: uint64(n), Expires: start.Add(ttl), TTL: ttl}, nil
+}
+
+// RenewLease extends the lease if it is still at l.Token.
+func (r *Redis) RenewLease(ctx context.Context, l Lease) (Lease, error) {
+	if err := checkLease(l.Name, l.Holder, l.TTL); err != nil {
+		return Lease{}, err
+	}
+	start := time.Now()
+	n, err := r.runWrite(ctx, "renew lease", renewLeaseScript,
+		[]string{r.p + "lease:" + l.Name, r.revKey()}, l.Token, l.TTL.Milliseconds())
+	if err != nil {
+		return Lease{}, err
+	}
+	if n == 0 {
+		return Lease{}, fmt.Errorf("state: lease %s: %w", l.Name, ErrLeaseLost)
+	}
+	l.Token, l.Expires = uint64(n), start.Add(l.TTL)
+	return l, nil
+}
+
+// ReleaseLease deletes the lease if it is still at l.Token.
+func (r *Redis) ReleaseLease(ctx context.Context, l Lease) error {
+	n, err := r.runWrite(ctx, "release lease", releaseLeaseScript, []string{r.p + "lease:" + l.Name}, l.Token)
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		return fmt.Errorf("state: lease %s: %w", l.Name, ErrLeaseLost)
+	}
+	return nil
 }
 
 // Ping checks the server answers.

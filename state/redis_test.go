@@ -27,7 +27,7 @@ func newRedis(t testing.TB, url string) (*state.Redis, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	prefix := fmt.Sprintf("test%d:", prefixes.Add(1))
+	prefix := fmt.Sprintf("{test%d}:", prefixes.Add(1))
 	s, err := state.NewRedis(ctx, state.RedisConfig{URL: url, Prefix: prefix})
 	if err != nil {
 		t.Fatalf("new redis store: %v", err)
@@ -49,8 +49,8 @@ func TestRedisUnavailable(t *testing.T) {
 	s, _ := newRedis(t, r.URL()+fastFail)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	op := storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now())
-	if err := s.CreateOperation(ctx, op); err != nil {
+	op, err := s.CreateOperation(ctx, storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now()))
+	if err != nil {
 		t.Fatal(err)
 	}
 	r.Stop()
@@ -95,30 +95,62 @@ func storeCalls(op commands.Operation) []struct {
 		{"CreateOperation", func(ctx context.Context, s state.Store) error {
 			next := op
 			next.ID = storetest.ID(2)
-			return s.CreateOperation(ctx, next)
+			_, err := s.CreateOperation(ctx, next)
+			return err
 		}},
-		{"UpdateOperation", func(ctx context.Context, s state.Store) error { return s.UpdateOperation(ctx, op) }},
+		{"UpdateOperation", func(ctx context.Context, s state.Store) error {
+			next := op
+			next.Status = commands.StatusExecuting
+			_, err := s.UpdateOperation(ctx, next)
+			return err
+		}},
+		{"DeleteOperation", func(ctx context.Context, s state.Store) error { return s.DeleteOperation(ctx, op.ID, op.Revision) }},
+		{"PruneOperations", func(ctx context.Context, s state.Store) error {
+			_, err := s.PruneOperations(ctx, time.Now(), 10)
+			return err
+		}},
 		{"GetOperation", func(ctx context.Context, s state.Store) error { _, err := s.GetOperation(ctx, op.ID); return err }},
 		{"ListOperations", func(ctx context.Context, s state.Store) error {
-			_, err := s.ListOperations(ctx, state.Filter{Type: op.Type, Limit: 5})
+			_, _, err := s.ListOperations(ctx, state.Filter{Type: op.Type, Limit: 5})
 			return err
 		}},
 		{"Stats", func(ctx context.Context, s state.Store) error { _, err := s.Stats(ctx); return err }},
-		{"PutMapping", func(ctx context.Context, s state.Store) error { return s.PutMapping(ctx, m) }},
+		{"PutMapping", func(ctx context.Context, s state.Store) error { _, err := s.PutMapping(ctx, m); return err }},
 		{"GetMapping", func(ctx context.Context, s state.Store) error { _, err := s.GetMapping(ctx, m.VolumeID); return err }},
 		{"GetMappingByDevice", func(ctx context.Context, s state.Store) error {
 			_, err := s.GetMappingByDevice(ctx, m.VMID, m.DevicePath)
 			return err
 		}},
 		{"ListMappings", func(ctx context.Context, s state.Store) error { _, err := s.ListMappings(ctx, ""); return err }},
-		{"DeleteMapping", func(ctx context.Context, s state.Store) error { return s.DeleteMapping(ctx, m.VolumeID) }},
+		{"DeleteMapping", func(ctx context.Context, s state.Store) error { return s.DeleteMapping(ctx, m.VolumeID, 0) }},
+		{"PutExport", func(ctx context.Context, s state.Store) error {
+			_, err := s.PutExport(ctx, storetest.Export(storetest.ID(1), true))
+			return err
+		}},
+		{"GetExport", func(ctx context.Context, s state.Store) error {
+			_, err := s.GetExport(ctx, storetest.ID(1))
+			return err
+		}},
+		{"ListExports", func(ctx context.Context, s state.Store) error { _, err := s.ListExports(ctx); return err }},
+		{"DeleteExport", func(ctx context.Context, s state.Store) error { return s.DeleteExport(ctx, storetest.ID(1), 0) }},
+		{"AcquireLease", func(ctx context.Context, s state.Store) error {
+			_, err := s.AcquireLease(ctx, "l", "me", time.Second)
+			return err
+		}},
+		{"RenewLease", func(ctx context.Context, s state.Store) error {
+			_, err := s.RenewLease(ctx, state.Lease{Name: "l", Holder: "me", Token: 1, TTL: time.Second})
+			return err
+		}},
+		{"ReleaseLease", func(ctx context.Context, s state.Store) error {
+			return s.ReleaseLease(ctx, state.Lease{Name: "l", Holder: "me", Token: 1, TTL: time.Second})
+		}},
 		{"Ping", func(ctx context.Context, s state.Store) error { return s.Ping(ctx) }},
 	}
 }
 
 // TestRedisFailedScriptWritesNothing: Redis does not roll a script back,
-// so each script decodes the old record before its first write. A record
-// that cannot be decoded makes the update fail with nothing written.
+// so the old record is decoded before the script runs. A record that
+// cannot be decoded makes the update fail with nothing written.
 func TestRedisFailedScriptWritesNothing(t *testing.T) {
 	r := testenv.StartRedis(t)
 	s, p := newRedis(t, r.URL())
@@ -127,16 +159,16 @@ func TestRedisFailedScriptWritesNothing(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 
-	op := storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "", time.Now())
-	if err := s.CreateOperation(ctx, op); err != nil {
+	op, err := s.CreateOperation(ctx, storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "", time.Now()))
+	if err != nil {
 		t.Fatal(err)
 	}
-	m := storetest.Mapping("vol-1", "vm-1", "/dev/vdb")
-	if err := s.PutMapping(ctx, m); err != nil {
+	m, err := s.PutMapping(ctx, storetest.Mapping("vol-1", "vm-1", "/dev/vdb"))
+	if err != nil {
 		t.Fatal(err)
 	}
 	for _, key := range []string{p + "op:" + op.ID, p + "mapping:vol-1"} {
-		if err := raw.Set(ctx, key, "{not json", 0).Err(); err != nil {
+		if err := raw.HSet(ctx, key, "j", "{not json").Err(); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -146,14 +178,14 @@ func TestRedisFailedScriptWritesNothing(t *testing.T) {
 	op.Status, op.VolumeID, op.CompletedAt = commands.StatusCompleted, "vol-2", &done
 	vm := "vm-2"
 	op.VMID = &vm
-	if err := s.UpdateOperation(ctx, op); err == nil || errors.Is(err, state.ErrUnavailable) {
+	if _, err := s.UpdateOperation(ctx, op); err == nil || errors.Is(err, state.ErrUnavailable) {
 		t.Fatalf("update over a bad record: %v", err)
 	}
 	m.DevicePath, m.VMID = "/dev/vdc", "vm-2"
-	if err := s.PutMapping(ctx, m); err == nil || errors.Is(err, state.ErrUnavailable) {
+	if _, err := s.PutMapping(ctx, m); err == nil || errors.Is(err, state.ErrUnavailable) {
 		t.Fatalf("put over a bad record: %v", err)
 	}
-	if err := s.DeleteMapping(ctx, m.VolumeID); err == nil {
+	if err := s.DeleteMapping(ctx, m.VolumeID, 0); err == nil {
 		t.Fatal("delete over a bad record succeeded")
 	}
 	after := dump(ctx, t, raw, p)
@@ -181,6 +213,8 @@ func dump(ctx context.Context, t *testing.T, raw *redis.Client, p string) map[st
 			out[k] = fmt.Sprint(raw.SMembers(ctx, k).Val())
 		case "hash":
 			out[k] = fmt.Sprint(raw.HGetAll(ctx, k).Val())
+		default:
+			out[k] = typ
 		}
 	}
 	return out
@@ -194,7 +228,7 @@ local p = ARGV[1]
 local ids = redis.call('ZRANGE', p .. 'ops:all', 0, -1)
 local pending = 0
 for _, id in ipairs(ids) do
-  local o = cjson.decode(redis.call('GET', p .. 'op:' .. id))
+  local o = cjson.decode(redis.call('HGET', p .. 'op:' .. id, 'j'))
   for _, k in ipairs({'ops:type:' .. o.type, 'ops:status:' .. o.status, 'ops:volume:' .. o.volume_id}) do
     if not redis.call('ZSCORE', p .. k, id) then return id .. ' missing from ' .. k end
   end
@@ -227,14 +261,14 @@ func TestRedisWritesAreAtomic(t *testing.T) {
 	for w := range writers {
 		wg.Go(func() {
 			for i := range perWriter {
-				op := storetest.Op(w*perWriter+i, commands.OpCreate, commands.StatusPending, fmt.Sprintf("vol-%d", i%3), "", time.Now())
-				if err := s.CreateOperation(ctx, op); err != nil {
+				op, err := s.CreateOperation(ctx, storetest.Op(w*perWriter+i, commands.OpCreate, commands.StatusPending, fmt.Sprintf("vol-%d", i%3), "", time.Now()))
+				if err != nil {
 					t.Error(err)
 					return
 				}
 				for _, st := range []commands.OpStatus{commands.StatusExecuting, commands.StatusCompleted} {
 					op.Status, op.VolumeID = st, fmt.Sprintf("vol-%d", (i+1)%3)
-					if err := s.UpdateOperation(ctx, op); err != nil {
+					if op, err = s.UpdateOperation(ctx, op); err != nil {
 						t.Error(err)
 						return
 					}

@@ -22,7 +22,33 @@ var (
 	// ErrConflict: a mapping write would give one device of a VM to two
 	// volumes.
 	ErrConflict = errors.New("conflict")
+	// ErrStale: a compare-and-swap write carried a revision that is no
+	// longer the record's (another writer got in between, or the record was
+	// deleted); nothing was written. The writer re-reads and decides again.
+	ErrStale = errors.New("stale revision")
+	// ErrTransition: an operation write would move its status in a way the
+	// state machine forbids (see CanMove); nothing was written.
+	ErrTransition = errors.New("status transition not allowed")
+	// ErrLeaseHeld: another holder has the lease.
+	ErrLeaseHeld = errors.New("lease held by another holder")
+	// ErrLeaseLost: the lease expired or was taken since it was acquired or
+	// last renewed.
+	ErrLeaseLost = errors.New("lease lost")
 )
+
+// CanMove reports whether an operation may move from status from to
+// status to: pending → executing | failed | cancelled, executing →
+// executing | completed | failed | cancelled. A terminal operation never
+// changes again.
+func CanMove(from, to commands.OpStatus) bool {
+	switch from {
+	case commands.StatusPending:
+		return to == commands.StatusExecuting || to == commands.StatusFailed || to == commands.StatusCancelled
+	case commands.StatusExecuting:
+		return to == commands.StatusExecuting || to.Terminal()
+	}
+	return false
+}
 
 // Filter selects operations. Empty fields match everything; Limit 0 means
 // no limit. Results are newest first (by CreatedAt, then id).
@@ -37,6 +63,26 @@ type Filter struct {
 	VMID string
 	// Limit bounds the number of results.
 	Limit int
+	// Cursor, when set, is the next cursor of an earlier page: results are
+	// strictly after it in the newest-first order. It is opaque.
+	Cursor string
+}
+
+// Lease is a named lease held by one holder until Expires. Token fences
+// the holder: it grows with every acquisition and renewal, and only the
+// last one renews or releases.
+type Lease struct {
+	// Name of the lease ("reconcile", "vm:<vm_id>", …).
+	Name string
+	// Holder names the instance that holds it.
+	Holder string
+	// Token is the fencing token of this acquisition or renewal.
+	Token uint64
+	// Expires is when the lease ends unless renewed, by the caller's clock
+	// (measured from before the write, so never later than the store's).
+	Expires time.Time
+	// TTL is the lease's time to live, which every renewal extends it by.
+	TTL time.Duration
 }
 
 // Stats are counts over every recorded operation.
@@ -55,44 +101,74 @@ type Stats struct {
 	Writes int64
 }
 
-// Store keeps operations, mappings and exports. Every method is safe for concurrent
-// use; each write is atomic (all of it or none of it).
+// Store keeps operations, mappings, exports and leases. Every method is
+// safe for concurrent use; each write is atomic (all of it or none of it).
+// Records carry a Revision: every read sets it and every write returns the
+// record with its new one. Writes are compare-and-swap on it, so a writer
+// that lost a race gets ErrStale and must re-read and decide again.
 type Store interface {
-	// CreateOperation records a new operation; ErrExists if the id is taken.
-	CreateOperation(ctx context.Context, op commands.Operation) error
-	// UpdateOperation replaces a recorded operation, moving its indexes;
-	// ErrNotFound if it was never created.
-	UpdateOperation(ctx context.Context, op commands.Operation) error
+	// CreateOperation records a new operation and returns it with its
+	// revision; ErrExists if the id is taken.
+	CreateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error)
+	// UpdateOperation replaces the operation recorded at op.Revision,
+	// moving its indexes, and returns it with its new revision. ErrStale if
+	// the record changed since (ErrStale and ErrNotFound if it is gone);
+	// ErrTransition if CanMove refuses the status move.
+	UpdateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error)
+	// DeleteOperation removes the operation recorded at rev with its index
+	// entries and counts; ErrStale if the record has another revision; no
+	// error if there is none.
+	DeleteOperation(ctx context.Context, id string, rev uint64) error
+	// PruneOperations deletes up to limit (0: no limit) terminal operations
+	// completed before completedBefore, with their index entries and
+	// counts, and returns how many it deleted.
+	PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error)
 	// GetOperation returns one operation or ErrNotFound.
 	GetOperation(ctx context.Context, id string) (commands.Operation, error)
 	// ListOperations returns the operations matching f, newest first,
-	// without reading records that do not match.
-	ListOperations(ctx context.Context, f Filter) ([]commands.Operation, error)
+	// without reading records that do not match, and the cursor of the
+	// next page ("" when there is none).
+	ListOperations(ctx context.Context, f Filter) ([]commands.Operation, string, error)
 	// Stats counts operations by type and status.
 	Stats(ctx context.Context) (Stats, error)
 
-	// PutMapping creates or replaces the mapping of m.VolumeID, keeping the
-	// device-path and VM indexes; ErrConflict if another volume's mapping
-	// holds m.DevicePath on the same VM.
-	PutMapping(ctx context.Context, m commands.Mapping) error
+	// PutMapping writes the mapping of m.VolumeID, keeping the device-path
+	// and VM indexes, and returns it with its new revision. m.Revision 0
+	// creates it (ErrStale if one exists); otherwise it replaces the
+	// mapping recorded at m.Revision (ErrStale if it changed or is gone).
+	// ErrConflict if another volume's mapping holds m.DevicePath on the
+	// same VM.
+	PutMapping(ctx context.Context, m commands.Mapping) (commands.Mapping, error)
 	// GetMapping returns the mapping of a volume or ErrNotFound.
 	GetMapping(ctx context.Context, volumeID string) (commands.Mapping, error)
 	// GetMappingByDevice returns the mapping holding a device path on a VM.
 	GetMappingByDevice(ctx context.Context, vmID, devicePath string) (commands.Mapping, error)
 	// ListMappings returns the mappings of one VM, or all when vmID is "".
 	ListMappings(ctx context.Context, vmID string) ([]commands.Mapping, error)
-	// DeleteMapping removes a volume's mapping; no error if there is none.
-	DeleteMapping(ctx context.Context, volumeID string) error
+	// DeleteMapping removes a volume's mapping: any revision when rev is 0,
+	// else only the one recorded at rev (ErrStale otherwise). No error if
+	// there is none.
+	DeleteMapping(ctx context.Context, volumeID string, rev uint64) error
 
-	// PutExport creates or replaces the export record of e.VolumeID.
-	PutExport(ctx context.Context, e commands.Export) error
+	// PutExport writes the export record of e.VolumeID as PutMapping does
+	// (Revision 0 creates, otherwise compare-and-swap).
+	PutExport(ctx context.Context, e commands.Export) (commands.Export, error)
 	// GetExport returns the export record of a volume or ErrNotFound.
 	GetExport(ctx context.Context, volumeID string) (commands.Export, error)
 	// ListExports returns every export record, sorted by volume id.
 	ListExports(ctx context.Context) ([]commands.Export, error)
-	// DeleteExport removes a volume's export record; no error if there is
-	// none.
-	DeleteExport(ctx context.Context, volumeID string) error
+	// DeleteExport removes a volume's export record as DeleteMapping does.
+	DeleteExport(ctx context.Context, volumeID string, rev uint64) error
+
+	// AcquireLease takes the lease name for holder for ttl (at least one
+	// second); ErrLeaseHeld if another holder has it. The same holder
+	// taking it again gets a new token.
+	AcquireLease(ctx context.Context, name, holder string, ttl time.Duration) (Lease, error)
+	// RenewLease extends l by l.TTL from now and returns it with a new
+	// token; ErrLeaseLost if it expired or was taken since.
+	RenewLease(ctx context.Context, l Lease) (Lease, error)
+	// ReleaseLease ends l; ErrLeaseLost if it expired or was taken since.
+	ReleaseLease(ctx context.Context, l Lease) error
 
 	// Ping checks the backend is reachable.
 	Ping(ctx context.Context) error

@@ -280,7 +280,7 @@ func (c *Correlator) markMissing(ctx context.Context, m commands.Mapping, why st
 		return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
 	}
 	m = missing(cur)
-	if err := c.cfg.Store.PutMapping(ctx, m); err != nil {
+	if m, err = c.cfg.Store.PutMapping(ctx, m); err != nil {
 		return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
 	}
 	c.publish(m)

@@ -193,10 +193,10 @@ func TestReconcileRepairs(t *testing.T) {
 	}, "mapping of the removed %s marked missing", dev.Path)
 	bm, _ := e.store.GetMapping(ctx, broken)
 	bm.DevicePath, bm.LinuxState = "/dev/loop99999", commands.LinuxDetected
-	if err := e.store.PutMapping(ctx, bm); err != nil {
+	if _, err := e.store.PutMapping(ctx, bm); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.store.DeleteMapping(ctx, lost); err != nil {
+	if err := e.store.DeleteMapping(ctx, lost, 0); err != nil {
 		t.Fatal(err)
 	}
 	lostLink := filepath.Join(e.namesDir, devagent.PersistentName(lost))

@@ -121,7 +121,11 @@ func (e *env) correlate(ctx context.Context, want commands.Mapping, since time.T
 	}
 	m, corrErr := e.corr.Attached(ctx, want, since)
 	m.ID, m.CreatedAt = "mapping-"+want.VolumeID, time.Now().UTC()
-	if err := e.store.PutMapping(ctx, m); err != nil {
+	if old, err := e.store.GetMapping(ctx, m.VolumeID); err == nil {
+		m.Revision = old.Revision
+	}
+	m, err := e.store.PutMapping(ctx, m)
+	if err != nil {
 		return m, fmt.Errorf("record mapping: %w", err)
 	}
 	return m, corrErr

@@ -122,7 +122,8 @@ func (c *Correlator) pickLate(m commands.Mapping, ms []commands.Mapping) (comman
 // it on volumes.mappings.<volume_id>.
 func (c *Correlator) record(ctx context.Context, m commands.Mapping) (commands.Mapping, error) {
 	m, nameErr := c.nameOne(ctx, m)
-	if err := c.cfg.Store.PutMapping(ctx, m); err != nil {
+	m, err := c.cfg.Store.PutMapping(ctx, m)
+	if err != nil {
 		return m, fmt.Errorf("record mapping: %w", err)
 	}
 	c.publish(m)

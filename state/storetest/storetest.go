@@ -62,6 +62,15 @@ func Run(t *testing.T, open Open) {
 		{"MappingConflictAndMoves", testMappingConflictAndMoves},
 		{"Exports", testExports},
 		{"ConcurrentWriters", testConcurrentWriters},
+		{"StaleOperationWrites", testStaleOperationWrites},
+		{"Transitions", testTransitions},
+		{"CASIncrements", testCASIncrements},
+		{"DeleteOperation", testDeleteOperation},
+		{"Prune", testPrune},
+		{"Pagination", testPagination},
+		{"MappingCAS", testMappingCAS},
+		{"ExportCAS", testExportCAS},
+		{"Leases", testLeases},
 		{"PingClose", testPingClose},
 	} {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, open(t)) })
@@ -84,20 +93,43 @@ func sameJSON(t testing.TB, got, want any) {
 	}
 }
 
-func mustCreate(t testing.TB, s state.Store, ops ...commands.Operation) {
+// mustCreate creates ops and returns them with their revisions.
+func mustCreate(t testing.TB, s state.Store, ops ...commands.Operation) []commands.Operation {
 	t.Helper()
-	for _, op := range ops {
-		if err := s.CreateOperation(ctxFor(t), op); err != nil {
+	out := make([]commands.Operation, len(ops))
+	for i, op := range ops {
+		var err error
+		if out[i], err = s.CreateOperation(ctxFor(t), op); err != nil {
 			t.Fatalf("create %s: %v", op.ID, err)
 		}
+		if out[i].Revision == 0 {
+			t.Fatalf("create %s returned no revision", op.ID)
+		}
 	}
+	return out
 }
 
-func mustUpdate(t testing.TB, s state.Store, op commands.Operation) {
+// mustUpdate updates op and returns it with its new revision.
+func mustUpdate(t testing.TB, s state.Store, op commands.Operation) commands.Operation {
 	t.Helper()
-	if err := s.UpdateOperation(ctxFor(t), op); err != nil {
-		t.Fatalf("update %s: %v", op.ID, err)
+	got, err := s.UpdateOperation(ctxFor(t), op)
+	if err != nil {
+		t.Fatalf("update %s at %d: %v", op.ID, op.Revision, err)
 	}
+	if got.Revision == op.Revision || got.Revision == 0 {
+		t.Fatalf("update %s: revision %d after %d", op.ID, got.Revision, op.Revision)
+	}
+	return got
+}
+
+// mustPut writes a mapping and returns it with its new revision.
+func mustPut(t testing.TB, s state.Store, m commands.Mapping) commands.Mapping {
+	t.Helper()
+	got, err := s.PutMapping(ctxFor(t), m)
+	if err != nil {
+		t.Fatalf("put mapping %s at %d: %v", m.VolumeID, m.Revision, err)
+	}
+	return got
 }
 
 func ids(ops []commands.Operation) []string {
@@ -111,7 +143,7 @@ func ids(ops []commands.Operation) []string {
 // listIDs lists with f and returns the ids in order.
 func listIDs(t testing.TB, s state.Store, f state.Filter) []string {
 	t.Helper()
-	ops, err := s.ListOperations(ctxFor(t), f)
+	ops, _, err := s.ListOperations(ctxFor(t), f)
 	if err != nil {
 		t.Fatalf("list %+v: %v", f, err)
 	}
@@ -130,23 +162,33 @@ func testCreateGet(t *testing.T, s state.Store) {
 	ctx := ctxFor(t)
 	done := base.Add(3 * time.Second)
 	dev := int64(1)
-	want := Op(1, commands.OpAttach, commands.StatusCompleted, "vol-1", "vm-1", base)
+	want := Op(1, commands.OpAttach, commands.StatusExecuting, "vol-1", "vm-1", base)
 	want.Response = &commands.OpResponse{VolumeID: "vol-1", VMID: "vm-1", DevicePath: "/dev/vdb", DeviceID: &dev, Message: "attached"}
 	want.Details = map[string]any{"cloudstack_error_code": "530"}
-	want.Step, want.JobID, want.Attempts, want.CompletedAt = "wait-device", "job-1", 2, &done
-	mustCreate(t, s, want)
+	want.Step, want.JobID, want.Attempts = "wait-device", "job-1", 2
+	want.Revision = 99 // ignored by a create
+	want = mustCreate(t, s, want)[0]
 	got, err := s.GetOperation(ctx, want.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
 	sameJSON(t, got, want)
+	if got.Revision != want.Revision {
+		t.Fatalf("get: revision %d, create returned %d", got.Revision, want.Revision)
+	}
 
-	want.Status, want.Error = commands.StatusFailed, "device never appeared"
-	mustUpdate(t, s, want)
+	want.Status, want.Error, want.CompletedAt = commands.StatusFailed, "device never appeared", &done
+	want = mustUpdate(t, s, want)
 	if got, err = s.GetOperation(ctx, want.ID); err != nil {
 		t.Fatal(err)
 	}
 	sameJSON(t, got, want)
+	if got.Revision != want.Revision {
+		t.Fatalf("get: revision %d, update returned %d", got.Revision, want.Revision)
+	}
+	if data, _ := json.Marshal(got); strings.Contains(string(data), "evision") {
+		t.Fatalf("the revision is serialized: %s", data)
+	}
 }
 
 func testCreateErrors(t *testing.T, s state.Store) {
@@ -168,7 +210,7 @@ func testCreateErrors(t *testing.T, s state.Store) {
 		{"no status", Op(4, commands.OpCreate, "", "", "", base), nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			err := s.CreateOperation(ctx, tc.op)
+			_, err := s.CreateOperation(ctx, tc.op)
 			switch {
 			case err == nil:
 				t.Fatal("created")
@@ -208,8 +250,10 @@ func testNotFound(t *testing.T, s state.Store) {
 	if _, err := s.GetOperation(ctx, ID(9)); !errors.Is(err, state.ErrNotFound) {
 		t.Fatalf("get unknown: %v", err)
 	}
-	err := s.UpdateOperation(ctx, Op(9, commands.OpAttach, commands.StatusCompleted, "vol-9", "vm-9", base))
-	if !errors.Is(err, state.ErrNotFound) {
+	unknown := Op(9, commands.OpAttach, commands.StatusCompleted, "vol-9", "vm-9", base)
+	unknown.Revision = 1
+	_, err := s.UpdateOperation(ctx, unknown)
+	if !errors.Is(err, state.ErrNotFound) || !errors.Is(err, state.ErrStale) {
 		t.Fatalf("update unknown: %v", err)
 	}
 	if _, err := s.GetOperation(ctx, ID(9)); !errors.Is(err, state.ErrNotFound) {
@@ -338,7 +382,7 @@ func testListOrder(t *testing.T, s state.Store) {
 func testIndexMoves(t *testing.T, s state.Store) {
 	x := Op(1, commands.OpCreate, commands.StatusPending, "", "", base)
 	y := Op(2, commands.OpAttach, commands.StatusPending, "vol-new", "vm-a", base.Add(-time.Second))
-	mustCreate(t, s, x, y)
+	x = mustCreate(t, s, x, y)[0]
 	vm := func(id string) *string { return &id }
 	done := base.Add(time.Minute)
 	for _, step := range []struct {
@@ -368,23 +412,23 @@ func testIndexMoves(t *testing.T, s state.Store) {
 				{VolumeID: "vol-new"}:   wantIDs(2),
 				{VolumeID: "vol-other"}: wantIDs(1),
 			}},
-		{"completes", func(op *commands.Operation) { op.Status, op.CompletedAt = commands.StatusCompleted, &done },
-			map[state.Filter][]string{
-				{Status: commands.StatusExecuting}:               wantIDs(),
-				{Status: commands.StatusCompleted}:               wantIDs(1),
-				{Status: commands.StatusCompleted, VMID: "vm-b"}: wantIDs(1),
-				{Type: commands.OpCreate}:                        wantIDs(1),
-				{}:                                               wantIDs(1, 2),
-			}},
 		{"vm dropped", func(op *commands.Operation) { op.VMID = nil },
 			map[state.Filter][]string{
 				{VMID: "vm-b"}:          wantIDs(),
 				{VolumeID: "vol-other"}: wantIDs(1),
 			}},
+		{"completes", func(op *commands.Operation) { op.Status, op.CompletedAt = commands.StatusCompleted, &done },
+			map[state.Filter][]string{
+				{Status: commands.StatusExecuting}:                        wantIDs(),
+				{Status: commands.StatusCompleted}:                        wantIDs(1),
+				{Status: commands.StatusCompleted, VolumeID: "vol-other"}: wantIDs(1),
+				{Type: commands.OpCreate}:                                 wantIDs(1),
+				{}:                                                        wantIDs(1, 2),
+			}},
 	} {
 		t.Run(step.name, func(t *testing.T) {
 			step.change(&x)
-			mustUpdate(t, s, x)
+			x = mustUpdate(t, s, x)
 			for f, want := range step.want {
 				if got := listIDs(t, s, f); !slices.Equal(got, want) {
 					t.Fatalf("list %+v = %v, want %v", f, got, want)
@@ -425,22 +469,24 @@ func testStats(t *testing.T, s state.Store) {
 	b := Op(2, commands.OpAttach, commands.StatusExecuting, "vol-1", "vm-1", base)
 	c := Op(3, commands.OpDetach, commands.StatusCompleted, "vol-1", "vm-1", base)
 	c.CompletedAt = at(5 * time.Second)
-	mustCreate(t, s, a, b, c)
+	created := mustCreate(t, s, a, b, c)
+	a, b, c = created[0], created[1], created[2]
 	wantStats(t, s, 3, 1, 5*time.Second,
 		map[commands.OpType]int64{commands.OpCreate: 1, commands.OpAttach: 1, commands.OpDetach: 1},
 		map[commands.OpStatus]int64{commands.StatusPending: 1, commands.StatusExecuting: 1, commands.StatusCompleted: 1})
 
 	b.Status, b.CompletedAt = commands.StatusCompleted, at(2*time.Second)
-	mustUpdate(t, s, b)
-	b.Attempts = 3 // updated again while terminal: counted once
-	mustUpdate(t, s, b)
-	mustUpdate(t, s, c)
+	b = mustUpdate(t, s, b)
+	b.Attempts = 3 // updated again while terminal: refused, counted once
+	if _, err := s.UpdateOperation(ctxFor(t), b); !errors.Is(err, state.ErrTransition) {
+		t.Fatalf("update of a terminal operation: %v, want ErrTransition", err)
+	}
 	wantStats(t, s, 3, 2, 7*time.Second,
 		map[commands.OpType]int64{commands.OpCreate: 1, commands.OpAttach: 1, commands.OpDetach: 1},
 		map[commands.OpStatus]int64{commands.StatusPending: 1, commands.StatusCompleted: 2})
 
 	a.Status, a.CompletedAt = commands.StatusFailed, at(time.Second)
-	mustUpdate(t, s, a)
+	_ = mustUpdate(t, s, a)
 	wantStats(t, s, 3, 3, 8*time.Second,
 		map[commands.OpType]int64{commands.OpCreate: 1, commands.OpAttach: 1, commands.OpDetach: 1},
 		map[commands.OpStatus]int64{commands.StatusCompleted: 2, commands.StatusFailed: 1})
@@ -452,17 +498,16 @@ func testWrites(t *testing.T, s state.Store) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	op := Op(1, commands.OpCreate, commands.StatusPending, "vol-1", "", base)
-	mustCreate(t, s, op)                                                                       // 1
-	_ = s.CreateOperation(ctx, op)                                                             // refused
-	mustUpdate(t, s, op)                                                                       // 2
-	_ = s.UpdateOperation(ctx, Op(2, commands.OpCreate, commands.StatusPending, "", "", base)) // refused
-	m := commands.Mapping{ID: "m1", VolumeID: "vol-1", VMID: "vm-1", DevicePath: "/dev/vdb"}
-	if err := s.PutMapping(ctx, m); err != nil { // 3
-		t.Fatal(err)
-	}
-	m.VolumeID = "vol-2"
-	_ = s.PutMapping(ctx, m) // refused: conflict
+	op := mustCreate(t, s, Op(1, commands.OpCreate, commands.StatusPending, "vol-1", "", base))[0] // 1
+	_, _ = s.CreateOperation(ctx, op)                                                              // refused: exists
+	op.Status = commands.StatusExecuting
+	op = mustUpdate(t, s, op) // 2
+	op.Revision--
+	_, _ = s.UpdateOperation(ctx, op)                                                                       // refused: stale
+	_, _ = s.UpdateOperation(ctx, Op(2, commands.OpCreate, commands.StatusPending, "", "", base))           // refused: unknown
+	m := mustPut(t, s, commands.Mapping{ID: "m1", VolumeID: "vol-1", VMID: "vm-1", DevicePath: "/dev/vdb"}) // 3
+	m.VolumeID, m.Revision = "vol-2", 0
+	_, _ = s.PutMapping(ctx, m) // refused: conflict
 	after, err := s.Stats(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -514,11 +559,7 @@ func testMappings(t *testing.T, s state.Store) {
 	dev := int64(4)
 	m2.DeviceID, m2.PersistentDeviceName, m2.SymlinkPath = &dev, "vol00000002", "/dev/disk/volumed/vol-2"
 	m3.CreatedAt = base.Add(-time.Minute)
-	for _, m := range []commands.Mapping{m1, m2, m3} {
-		if err := s.PutMapping(ctx, m); err != nil {
-			t.Fatal(err)
-		}
-	}
+	m1, m2, m3 = mustPut(t, s, m1), mustPut(t, s, m2), mustPut(t, s, m3)
 	got, err := s.GetMapping(ctx, "vol-2")
 	if err != nil {
 		t.Fatal(err)
@@ -538,9 +579,7 @@ func testMappings(t *testing.T, s state.Store) {
 	}
 
 	m1.LinuxState, m1.UpdatedAt = commands.LinuxMissing, base.Add(time.Hour)
-	if err := s.PutMapping(ctx, m1); err != nil {
-		t.Fatalf("replace: %v", err)
-	}
+	m1 = mustPut(t, s, m1)
 	if got, err = s.GetMapping(ctx, "vol-1"); err != nil {
 		t.Fatal(err)
 	}
@@ -550,7 +589,7 @@ func testMappings(t *testing.T, s state.Store) {
 	}
 
 	for range 2 { // deleting twice is no error
-		if err := s.DeleteMapping(ctx, "vol-2"); err != nil {
+		if err := s.DeleteMapping(ctx, "vol-2", 0); err != nil {
 			t.Fatalf("delete: %v", err)
 		}
 	}
@@ -568,17 +607,16 @@ func testMappings(t *testing.T, s state.Store) {
 	if _, err := s.GetMapping(ctx, "vol-9"); !errors.Is(err, state.ErrNotFound) {
 		t.Fatalf("get unknown: %v", err)
 	}
-	if err := s.DeleteMapping(ctx, "vol-9"); err != nil {
+	if err := s.DeleteMapping(ctx, "vol-9", 0); err != nil {
 		t.Fatalf("delete unknown: %v", err)
 	}
 }
 
 func testMappingConflictAndMoves(t *testing.T, s state.Store) {
 	ctx := ctxFor(t)
+	revs := map[string]uint64{} // volume → revision of its mapping
 	for _, m := range []commands.Mapping{Mapping("vol-1", "vm-1", "/dev/vdb"), Mapping("vol-3", "vm-2", "/dev/vdd")} {
-		if err := s.PutMapping(ctx, m); err != nil {
-			t.Fatal(err)
-		}
+		revs[m.VolumeID] = mustPut(t, s, m).Revision
 	}
 	for _, step := range []struct {
 		name    string
@@ -606,7 +644,11 @@ func testMappingConflictAndMoves(t *testing.T, s state.Store) {
 			if step.put.VolumeID == "vol-3" {
 				step.put.CreatedAt = base.Add(-time.Minute)
 			}
-			err := s.PutMapping(ctx, step.put)
+			step.put.Revision = revs[step.put.VolumeID]
+			got, err := s.PutMapping(ctx, step.put)
+			if err == nil {
+				revs[step.put.VolumeID] = got.Revision
+			}
 			if !errors.Is(err, step.wantErr) || (step.wantErr == nil) != (err == nil) {
 				t.Fatalf("put %s on %s: %v, want %v", step.put.VolumeID, step.put.DevicePath, err, step.wantErr)
 			}
@@ -663,18 +705,29 @@ func testExports(t *testing.T, s state.Store) {
 		gone   string           // GetExport of this volume must be ErrNotFound
 	}{
 		{"put three, listed by volume", func() error {
-			return errors.Join(s.PutExport(ctx, e3), s.PutExport(ctx, e1), s.PutExport(ctx, e2))
+			var err3, err1, err2 error
+			e3, err3 = s.PutExport(ctx, e3)
+			e1, err1 = s.PutExport(ctx, e1)
+			e2, err2 = s.PutExport(ctx, e2)
+			return errors.Join(err3, err1, err2)
 		}, all, &e2, ID(9)},
 		{"replace keeps one record", func() error {
 			e2.ReadOnly, e2.UpdatedAt = true, base.Add(time.Hour)
-			return s.PutExport(ctx, e2)
+			var err error
+			e2, err = s.PutExport(ctx, e2)
+			return err
 		}, all, &e2, ""},
-		{"delete", func() error { return s.DeleteExport(ctx, ID(2)) }, []string{ID(1), ID(3)}, &e1, ID(2)},
-		{"delete again is no error", func() error { return s.DeleteExport(ctx, ID(2)) }, []string{ID(1), ID(3)}, &e3, ID(2)},
-		{"delete unknown is no error", func() error { return s.DeleteExport(ctx, ID(8)) }, []string{ID(1), ID(3)}, &e3, ID(8)},
-		{"put again after delete", func() error { return s.PutExport(ctx, e2) }, all, &e2, ""},
+		{"delete", func() error { return s.DeleteExport(ctx, ID(2), e2.Revision) }, []string{ID(1), ID(3)}, &e1, ID(2)},
+		{"delete again is no error", func() error { return s.DeleteExport(ctx, ID(2), e2.Revision) }, []string{ID(1), ID(3)}, &e3, ID(2)},
+		{"delete unknown is no error", func() error { return s.DeleteExport(ctx, ID(8), 0) }, []string{ID(1), ID(3)}, &e3, ID(8)},
+		{"put again after delete", func() error {
+			e2.Revision = 0
+			var err error
+			e2, err = s.PutExport(ctx, e2)
+			return err
+		}, all, &e2, ""},
 		{"no volume id is refused", func() error {
-			if err := s.PutExport(ctx, commands.Export{ExportName: "vol00000000"}); err == nil {
+			if _, err := s.PutExport(ctx, commands.Export{ExportName: "vol00000000"}); err == nil {
 				return errors.New("export without volume id accepted")
 			}
 			return nil
@@ -693,6 +746,9 @@ func testExports(t *testing.T, s state.Store) {
 					t.Fatal(err)
 				}
 				sameJSON(t, got, *step.record)
+				if got.Revision != step.record.Revision {
+					t.Fatalf("export revision %d, the write returned %d", got.Revision, step.record.Revision)
+				}
 			}
 			if step.gone != "" {
 				if got, err := s.GetExport(ctx, step.gone); !errors.Is(err, state.ErrNotFound) {
@@ -715,19 +771,20 @@ func testConcurrentWriters(t *testing.T, s state.Store) {
 		byType[typ]++
 		dur += time.Duration(i+1) * time.Millisecond
 		wg.Go(func() {
-			op := Op(i+1, typ, commands.StatusPending, fmt.Sprintf("vol-%d", i%5), "", base.Add(time.Duration(i)*time.Microsecond))
-			if err := s.CreateOperation(ctx, op); err != nil {
+			op, err := s.CreateOperation(ctx, Op(i+1, typ, commands.StatusPending, fmt.Sprintf("vol-%d", i%5), "", base.Add(time.Duration(i)*time.Microsecond)))
+			if err != nil {
 				errs <- err
 				return
 			}
 			op.Status = commands.StatusExecuting
-			if err := s.UpdateOperation(ctx, op); err != nil {
+			if op, err = s.UpdateOperation(ctx, op); err != nil {
 				errs <- err
 				return
 			}
 			done := op.CreatedAt.Add(time.Duration(i+1) * time.Millisecond)
 			op.Status, op.CompletedAt = commands.StatusCompleted, &done
-			errs <- s.UpdateOperation(ctx, op)
+			_, err = s.UpdateOperation(ctx, op)
+			errs <- err
 		})
 	}
 	wg.Wait()
@@ -769,7 +826,7 @@ func Bench(b *testing.B, open Open) {
 	b.Run("CreateOperation", func(b *testing.B) {
 		s := open(b)
 		for i := 0; b.Loop(); i++ {
-			if err := s.CreateOperation(ctx, Op(i, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", base)); err != nil {
+			if _, err := s.CreateOperation(ctx, Op(i, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", base)); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -778,16 +835,16 @@ func Bench(b *testing.B, open Open) {
 		s := open(b)
 		ops := make([]commands.Operation, 100)
 		for i := range ops {
-			ops[i] = Op(i, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", base)
-			mustCreate(b, s, ops[i])
+			ops[i] = mustCreate(b, s, Op(i, commands.OpAttach, commands.StatusExecuting, "vol-1", "vm-1", base))[0]
 		}
-		statuses := []commands.OpStatus{commands.StatusExecuting, commands.StatusPending}
 		for i := 0; b.Loop(); i++ {
-			op := ops[i%len(ops)]
-			op.Status = statuses[(i/len(ops))%2] // every update moves the op between status indexes
-			if err := s.UpdateOperation(ctx, op); err != nil {
+			op := &ops[i%len(ops)]
+			op.Attempts++ // a compare-and-swap on the revision the last update returned
+			next, err := s.UpdateOperation(ctx, *op)
+			if err != nil {
 				b.Fatal(err)
 			}
+			*op = next
 		}
 	})
 	s := open(b)
@@ -799,7 +856,7 @@ func Bench(b *testing.B, open Open) {
 	} {
 		b.Run("ListOperations/"+filterName(f), func(b *testing.B) {
 			for b.Loop() {
-				ops, err := s.ListOperations(ctx, f)
+				ops, _, err := s.ListOperations(ctx, f)
 				if err != nil || len(ops) != 10 {
 					b.Fatalf("list: %d, %v", len(ops), err)
 				}
@@ -829,7 +886,7 @@ func seed(b *testing.B, s state.Store, n int) {
 			for i := w; i < n; i += writers {
 				op := Op(i, commands.OpTypes[i%len(commands.OpTypes)], commands.OpStatuses[i%3*2%len(commands.OpStatuses)],
 					fmt.Sprintf("vol-%d", i%100), fmt.Sprintf("vm-%d", i%20), base.Add(time.Duration(i)*time.Millisecond))
-				if err := s.CreateOperation(context.Background(), op); err != nil {
+				if _, err := s.CreateOperation(context.Background(), op); err != nil {
 					b.Error(err)
 					return
 				}
