@@ -113,7 +113,7 @@ func (s *Server) listOperations(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := s.readContext(r)
 	defer cancel()
-	ops, _, err := s.cfg.Store.ListOperations(ctx, f)
+	ops, next, err := s.cfg.Store.ListOperations(ctx, f)
 	if err != nil {
 		writeError(w, err)
 		return
@@ -122,6 +122,7 @@ func (s *Server) listOperations(w http.ResponseWriter, r *http.Request) {
 	for i := range ops {
 		rows = append(rows, ops[i].Summary())
 	}
+	setNextPage(w, r, next)
 	writeJSON(w, http.StatusOK, rows)
 }
 
@@ -158,6 +159,10 @@ func parseFilter(r *http.Request) (state.Filter, error) {
 		}
 		f.Limit = n
 	}
+	if f.Limit == 0 {
+		f.Limit = DefaultListLimit
+	}
+	f.Cursor = q.Get("cursor")
 	return f, nil
 }
 
