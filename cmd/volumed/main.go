@@ -28,6 +28,7 @@ import (
 	"github.com/volumed/volumed/internal/version"
 	"github.com/volumed/volumed/metrics"
 	"github.com/volumed/volumed/nbd"
+	"github.com/volumed/volumed/retention"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
 )
@@ -141,6 +142,17 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		return fmt.Errorf("state store: %w", err)
 	}
 	started = append(started, store)
+
+	if cfg.opRetention > 0 {
+		pruner, err := retention.New(retention.Config{Store: store, Retention: cfg.opRetention, Logger: log})
+		if err != nil {
+			return err
+		}
+		if err := pruner.Start(ctx); err != nil {
+			return err
+		}
+		started = append(started, pruner)
+	}
 
 	var localStatus func() devagent.Status
 	if cfg.deviceAgent && cfg.vmID != "" {
