@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"iter"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -62,4 +63,28 @@ func (c *Client) ListOperations(ctx context.Context, o ListOptions) (OperationPa
 	}
 	p.NextCursor = resp.Header.Get(NextCursorHeader)
 	return p, nil
+}
+
+// Operations yields every operation matching o, newest first, reading
+// page after page (of o.Limit, or the server's default) until the last or
+// until the caller stops. An error is yielded once, last.
+func (c *Client) Operations(ctx context.Context, o ListOptions) iter.Seq2[commands.OperationSummary, error] {
+	return func(yield func(commands.OperationSummary, error) bool) {
+		for {
+			page, err := c.ListOperations(ctx, o)
+			if err != nil {
+				yield(commands.OperationSummary{}, err)
+				return
+			}
+			for _, op := range page.Operations {
+				if !yield(op, nil) {
+					return
+				}
+			}
+			if page.NextCursor == "" {
+				return
+			}
+			o.Cursor = page.NextCursor
+		}
+	}
 }

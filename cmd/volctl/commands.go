@@ -368,16 +368,19 @@ func listOperations(ctx context.Context, in *invocation) error {
 	return nil
 }
 
-// knownVolumes lists the volumes named by the operations volumed still
-// keeps (at most knownVolumesScan of them) that CloudStack still has.
+// knownVolumes lists the volumes named by the newest knownVolumesScan
+// operations volumed keeps that CloudStack still has.
 func knownVolumes(ctx context.Context, c *client.Client) ([]commands.VolumeStatus, error) {
-	page, err := c.ListOperations(ctx, client.ListOptions{Limit: knownVolumesScan})
-	if err != nil {
-		return nil, err
-	}
 	seen := map[string]bool{}
 	list := []commands.VolumeStatus{}
-	for _, op := range page.Operations {
+	read := 0
+	for op, err := range c.Operations(ctx, client.ListOptions{}) {
+		if err != nil {
+			return nil, err
+		}
+		if read++; read > knownVolumesScan {
+			break
+		}
 		if op.VolumeID == "" || seen[op.VolumeID] {
 			continue
 		}
@@ -395,7 +398,7 @@ func knownVolumes(ctx context.Context, c *client.Client) ([]commands.VolumeStatu
 }
 
 // knownVolumesScan is how many recent operations volume list reads.
-const knownVolumesScan = 500
+const knownVolumesScan = 1000
 
 // metadataFlag collects repeated --metadata k=v.
 type metadataFlag map[string]string

@@ -91,8 +91,27 @@ func TestClientRoundTrip(t *testing.T) {
 		t.Fatalf("ListOperations of the volume: %v", types)
 	}
 	page, err = c.ListOperations(ctx, client.ListOptions{VolumeID: vol, Type: commands.OpAttach, Limit: 1})
-	if err != nil || len(page.Operations) != 1 || page.Operations[0].ID != op.ID {
+	if err != nil || len(page.Operations) != 1 || page.Operations[0].ID != op.ID || page.NextCursor != "" {
 		t.Fatalf("ListOperations filtered: %+v %v", page, err)
+	}
+	// Pages of one, by cursor, and Operations walking them: the same four.
+	page, err = c.ListOperations(ctx, client.ListOptions{VolumeID: vol, Limit: 1})
+	if err != nil || len(page.Operations) != 1 || page.Operations[0].Type != commands.OpDelete || page.NextCursor == "" {
+		t.Fatalf("first page of one: %+v %v", page, err)
+	}
+	next, err := c.ListOperations(ctx, client.ListOptions{VolumeID: vol, Limit: 1, Cursor: page.NextCursor})
+	if err != nil || len(next.Operations) != 1 || next.Operations[0].Type != commands.OpDetach {
+		t.Fatalf("second page of one: %+v %v", next, err)
+	}
+	var walked []commands.OpType
+	for o, err := range c.Operations(ctx, client.ListOptions{VolumeID: vol, Limit: 1}) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		walked = append(walked, o.Type)
+	}
+	if !slices.Equal(walked, types) {
+		t.Fatalf("Operations walked %v, want %v", walked, types)
 	}
 
 	if h, err := c.Health(ctx); err != nil || h.Status != commands.Healthy {

@@ -135,6 +135,15 @@ func TestVolctl(t *testing.T) {
 	if len(ops) != 2 || ops[0].ID != attach.ID || ops[1].ID != created.ID {
 		t.Fatalf("op list: %+v", ops)
 	}
+	r = d.mustVolctl(0, "op", "list", "--volume", vol, "--limit", "1", "-o", "json")
+	cursor, ok := strings.CutPrefix(strings.TrimSpace(r.stderr), "more: --cursor ")
+	if !ok {
+		t.Fatalf("op list --limit 1 does not name the next page: %q", r.stderr)
+	}
+	decodeOut(t, d.mustVolctl(0, "op", "list", "--volume", vol, "--limit", "1", "--cursor", cursor, "-o", "json"), &ops)
+	if len(ops) != 1 || ops[0].ID != created.ID {
+		t.Fatalf("op list, second page: %+v", ops)
+	}
 
 	// A failing operation: --wait prints it and exits 1 with its error.
 	if err := sim.SetFaults(cloudsim.Faults{JobFailureRate: map[string]float64{"detachVolume": 1}}); err != nil {
