@@ -39,15 +39,22 @@ func exists(t *testing.T, s state.Store, id string) bool {
 	return err == nil
 }
 
-// TestPrune removes exactly the terminal operations that ended before the
-// retention period, across several batches, from the embedded store.
-func TestPrune(t *testing.T) {
+// newStore is the embedded store on a bus of its own.
+func newStore(t *testing.T) state.Store {
+	t.Helper()
 	b := testenv.StartBus(t)
 	s, err := state.NewKV(context.Background(), b.JetStream(), state.KVConfig{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	return s
+}
+
+// TestPrune removes exactly the terminal operations that ended before the
+// retention period, across several batches, from the embedded store.
+func TestPrune(t *testing.T) {
+	s := newStore(t)
 	const retain = 24 * time.Hour
 	var old, kept []string
 	for i := range 250 {
@@ -89,12 +96,7 @@ func TestPrune(t *testing.T) {
 
 // TestPrunerLoop prunes on its timer until closed.
 func TestPrunerLoop(t *testing.T) {
-	b := testenv.StartBus(t)
-	s, err := state.NewKV(context.Background(), b.JetStream(), state.KVConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	s := newStore(t)
 	p, err := retention.New(retention.Config{Store: s, Retention: time.Hour, Interval: 20 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
