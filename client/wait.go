@@ -72,7 +72,10 @@ func (c *Client) WaitProgress(ctx context.Context, opID string, slice time.Durat
 
 // Watch yields the operation's events from volumed's NATS bus, from its
 // first (replayed from the JetStream stream that keeps volumes.ops.<id>)
-// to its terminal one, then ends. An error is yielded once, last: a bus
+// to its terminal one, then ends. When the stream keeps no event of the
+// operation (it is older than the stream's retention), the stored record
+// is yielded instead, and Watch ends if it is terminal. An error is
+// yielded once, last: an unknown operation (*Error NOT_FOUND), a bus
 // failure, an undecodable event or ctx's end.
 func (c *Client) Watch(ctx context.Context, opID string) iter.Seq2[commands.Operation, error] {
 	return func(yield func(commands.Operation, error) bool) {
@@ -80,12 +83,21 @@ func (c *Client) Watch(ctx context.Context, opID string) iter.Seq2[commands.Oper
 			yield(commands.Operation{}, ErrNoNATS)
 			return
 		}
-		msgs, err := c.subscribeOps(ctx, opID)
+		msgs, kept, err := c.subscribeOps(ctx, opID)
 		if err != nil {
 			yield(commands.Operation{}, err)
 			return
 		}
 		defer msgs.Stop()
+		if !kept {
+			op, err := c.GetOperation(ctx, opID)
+			if err != nil || !yield(op, nil) || op.Status.Terminal() {
+				if err != nil {
+					yield(op, err)
+				}
+				return
+			}
+		}
 		for {
 			msg, err := msgs.Next(jetstream.NextContext(ctx))
 			if err != nil {
@@ -108,25 +120,40 @@ func (c *Client) Watch(ctx context.Context, opID string) iter.Seq2[commands.Oper
 }
 
 // subscribeOps opens an ordered consumer on the operation's event subject,
-// delivering from the first event the stream kept.
-func (c *Client) subscribeOps(ctx context.Context, opID string) (jetstream.MessagesContext, error) {
+// delivering from the first event the stream kept, and says whether the
+// stream kept any.
+func (c *Client) subscribeOps(ctx context.Context, opID string) (jetstream.MessagesContext, bool, error) {
 	js, err := jetstream.New(c.nc)
 	if err != nil {
-		return nil, fmt.Errorf("client: jetstream: %w", err)
+		return nil, false, fmt.Errorf("client: jetstream: %w", err)
 	}
 	subject := commands.OpSubject(opID)
-	stream, err := js.StreamNameBySubject(ctx, subject)
+	name, err := js.StreamNameBySubject(ctx, subject)
 	if err != nil {
-		return nil, fmt.Errorf("client: no stream keeps %s: %w", subject, err)
+		return nil, false, fmt.Errorf("client: no stream keeps %s: %w", subject, err)
 	}
-	cons, err := js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{
+	stream, err := js.Stream(ctx, name)
+	if err != nil {
+		return nil, false, fmt.Errorf("client: stream %s: %w", name, err)
+	}
+	cons, err := stream.OrderedConsumer(ctx, jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{subject}, DeliverPolicy: jetstream.DeliverAllPolicy})
 	if err != nil {
-		return nil, fmt.Errorf("client: consume %s: %w", subject, err)
+		return nil, false, fmt.Errorf("client: consume %s: %w", subject, err)
 	}
 	msgs, err := cons.Messages()
 	if err != nil {
-		return nil, fmt.Errorf("client: consume %s: %w", subject, err)
+		return nil, false, fmt.Errorf("client: consume %s: %w", subject, err)
 	}
-	return msgs, nil
+	// Asked after the consumer exists, so an event published in between is
+	// delivered by it, never lost.
+	_, err = stream.GetLastMsgForSubject(ctx, subject)
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return msgs, false, nil
+	case err != nil:
+		msgs.Stop()
+		return nil, false, fmt.Errorf("client: stream %s: %w", name, err)
+	}
+	return msgs, true, nil
 }

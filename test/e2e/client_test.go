@@ -8,6 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/client"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/test/cloudsim"
@@ -64,6 +67,34 @@ func TestClientRoundTrip(t *testing.T) {
 	}
 	if len(statuses) < 2 || statuses[0] != commands.StatusPending || statuses[len(statuses)-1] != commands.StatusCompleted {
 		t.Fatalf("Watch statuses %v: want pending first, completed last", statuses)
+	}
+	// An unknown operation is NOT_FOUND, at once.
+	for _, err := range wc.Watch(ctx, "op-00000000-0000-4000-8000-00000000dead") {
+		if !client.HasCode(err, commands.CodeNotFound) {
+			t.Fatalf("Watch of an unknown operation: %v", err)
+		}
+	}
+	// Events the stream no longer keeps: the stored record, once.
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := js.Stream(ctx, bus.StreamOps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Purge(ctx, jetstream.WithPurgeSubject(commands.OpSubject(op.ID))); err != nil {
+		t.Fatal(err)
+	}
+	var after []commands.Operation
+	for ev, err := range wc.Watch(ctx, op.ID) {
+		if err != nil {
+			t.Fatalf("Watch after a purge: %v", err)
+		}
+		after = append(after, ev)
+	}
+	if len(after) != 1 || after[0].Status != commands.StatusCompleted || after[0].ID != op.ID {
+		t.Fatalf("Watch after a purge yielded %+v, want the completed record once", after)
 	}
 	// Watch without NATS says so.
 	for _, err := range c.Watch(ctx, op.ID) {
