@@ -289,7 +289,9 @@ func (s *Service) syncExports(ctx context.Context) (dropped []string, err error)
 		if _, ok := served[e.ExportName]; ok {
 			continue
 		}
-		if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); err != nil {
+		if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); errors.Is(err, state.ErrStale) {
+			continue // changed since it was listed: the next sync looks again
+		} else if err != nil {
 			return dropped, state.APIError(err)
 		}
 		dropped = append(dropped, e.VolumeID)
@@ -329,7 +331,9 @@ func (s *Service) reconcileExports(ctx context.Context) ([]string, error) {
 			resync = true
 		}
 		if why != "" {
-			if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); err != nil {
+			if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); errors.Is(err, state.ErrStale) {
+				continue // changed since it was listed: the next reconcile looks again
+			} else if err != nil {
 				return changes, state.APIError(err)
 			}
 			changes = append(changes, fmt.Sprintf("removed export %s of volume %s: %s", e.ExportName, e.VolumeID, why))
@@ -338,7 +342,9 @@ func (s *Service) reconcileExports(ctx context.Context) ([]string, error) {
 		}
 		if want.ExportName != e.ExportName || want.DevicePath != e.DevicePath {
 			e.ExportName, e.DevicePath, e.UpdatedAt = want.ExportName, want.DevicePath, time.Now().UTC()
-			if _, err := s.cfg.Store.PutExport(ctx, e); err != nil {
+			if _, err := s.cfg.Store.PutExport(ctx, e); errors.Is(err, state.ErrStale) {
+				continue
+			} else if err != nil {
 				return changes, state.APIError(err)
 			}
 			changes = append(changes, fmt.Sprintf("export of volume %s now serves %s as %s", e.VolumeID, e.DevicePath, e.ExportName))

@@ -69,7 +69,8 @@ type KV struct {
 
 	mu       sync.RWMutex
 	seen     uint64 // the last revision the watcher delivered
-	ops      map[string]kvEntry[commands.Operation]
+	ops      map[string]kvEntry[kvOp]
+	opsPeak  int                // the most entries ops held since it was last made
 	idx      map[string][]opRef // sorted oldest first; see opIndexes
 	stats    Stats              // without Writes
 	mappings map[string]kvEntry[commands.Mapping]
@@ -114,7 +115,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		return nil, kvErr("create bucket "+cfg.Bucket, err)
 	}
 	k := &KV{js: js, kv: kv, bucket: cfg.Bucket, log: cfg.Logger.With("component", "state-kv", "bucket", cfg.Bucket),
-		ops: make(map[string]kvEntry[commands.Operation]), idx: make(map[string][]opRef), stats: newStats(),
+		ops: make(map[string]kvEntry[kvOp]), idx: make(map[string][]opRef), stats: newStats(),
 		mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export]), done: make(chan struct{})}
 	watchCtx, cancel := context.WithCancel(context.Background())
@@ -189,6 +190,41 @@ func (k *KV) fresh(cur, rev uint64, fromWatcher bool) bool {
 	return rev > cur
 }
 
+// kvOp is what memory keeps of an operation besides its JSON: the fields
+// the indexes and Stats are made of.
+type kvOp struct {
+	typ       commands.OpType
+	status    commands.OpStatus
+	volume    string
+	vm        string
+	created   int64 // opScore of CreatedAt
+	completed int64 // opScore of completedAt, for a terminal operation
+	duration  time.Duration
+}
+
+// newKVOp keeps the indexed fields of op; type and status share the
+// constants' memory.
+func newKVOp(op *commands.Operation) *kvOp {
+	o := &kvOp{typ: op.Type, status: op.Status, volume: op.VolumeID, vm: vmOf(op),
+		created: opScore(op.CreatedAt), duration: op.Duration()}
+	if i := slices.Index(commands.OpTypes, o.typ); i >= 0 {
+		o.typ = commands.OpTypes[i]
+	}
+	if i := slices.Index(commands.OpStatuses, o.status); i >= 0 {
+		o.status = commands.OpStatuses[i]
+	}
+	if o.status.Terminal() {
+		o.completed = opScore(completedAt(op))
+	}
+	return o
+}
+
+// matches reports whether o has every field f sets.
+func (o *kvOp) matches(f Filter) bool {
+	return o != nil && (f.Type == "" || o.typ == f.Type) && (f.Status == "" || o.status == f.Status) &&
+		(f.VolumeID == "" || o.volume == f.VolumeID) && (f.VMID == "" || o.vm == f.VMID)
+}
+
 // decodeRecord decodes raw, nil for a delete.
 func decodeRecord[T any](raw []byte) (*T, error) {
 	if raw == nil {
@@ -212,22 +248,29 @@ func (k *KV) applyOp(id string, rev uint64, raw []byte, fromWatcher bool) error 
 		return nil
 	}
 	if cur.v != nil {
-		k.indexOp(cur.v, -1)
+		k.indexOp(id, cur.v, -1)
 	}
 	if op == nil {
 		delete(k.ops, id)
+		if k.opsPeak > 4096 && len(k.ops) < k.opsPeak/4 {
+			// A Go map keeps the size it grew to: copy it once pruning
+			// has emptied most of it.
+			k.ops, k.opsPeak = maps.Collect(maps.All(k.ops)), len(k.ops)
+		}
 		return nil
 	}
-	k.ops[id] = kvEntry[commands.Operation]{rev: rev, v: op, raw: raw}
-	k.indexOp(op, 1)
+	o := newKVOp(op)
+	k.ops[id] = kvEntry[kvOp]{rev: rev, v: o, raw: raw}
+	k.opsPeak = max(k.opsPeak, len(k.ops))
+	k.indexOp(id, o, 1)
 	return nil
 }
 
 // indexOp adds (sign 1) or removes (sign -1) an operation from the
 // indexes and counters. k.mu is held.
-func (k *KV) indexOp(op *commands.Operation, sign int64) {
-	ref := opRef{score: opScore(op.CreatedAt), id: op.ID}
-	for _, name := range opIndexes(op) {
+func (k *KV) indexOp(id string, op *kvOp, sign int64) {
+	ref := opRef{score: op.created, id: id}
+	for _, name := range indexNames(string(op.typ), string(op.status), op.volume, op.vm, true) {
 		refs := k.idx[name]
 		i, found := slices.BinarySearchFunc(refs, ref, compareRefs)
 		switch {
@@ -236,15 +279,19 @@ func (k *KV) indexOp(op *commands.Operation, sign int64) {
 		case sign < 0 && found && len(refs) == 1:
 			delete(k.idx, name)
 		case sign < 0 && found:
-			k.idx[name] = slices.Delete(refs, i, i+1)
+			refs = slices.Delete(refs, i, i+1)
+			if cap(refs) > 64 && len(refs) < cap(refs)/4 {
+				refs = slices.Clone(refs) // give back what pruning freed
+			}
+			k.idx[name] = refs
 		}
 	}
 	k.stats.Total += sign
-	k.stats.ByType[op.Type] += sign
-	k.stats.ByStatus[op.Status] += sign
-	if op.Status.Terminal() {
+	k.stats.ByType[op.typ] += sign
+	k.stats.ByStatus[op.status] += sign
+	if op.status.Terminal() {
 		k.stats.Terminal += sign
-		k.stats.TerminalDuration += time.Duration(sign) * op.Duration()
+		k.stats.TerminalDuration += time.Duration(sign) * op.duration
 	}
 }
 
@@ -371,11 +418,11 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 	if err := checkOp(&op); err != nil {
 		return op, err
 	}
-	old, err := k.opAt(ctx, op.ID, op.Revision)
+	was, err := k.statusAt(ctx, op.ID, op.Revision)
 	if err != nil {
 		return op, err
 	}
-	if err := checkMove(old, &op); err != nil {
+	if err := checkMove(&commands.Operation{Status: was}, &op); err != nil {
 		return op, err
 	}
 	data, err := json.Marshal(op)
@@ -394,27 +441,32 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 	return op, k.applyOp(op.ID, rev, data, false)
 }
 
-// opAt returns the operation recorded at revision rev: from memory when it
-// holds that revision (a revision names one value of one key), else from
-// the bucket. ErrStale when the key has another revision.
-func (k *KV) opAt(ctx context.Context, id string, rev uint64) (*commands.Operation, error) {
+// statusAt returns the status of the operation recorded at revision rev:
+// from memory when it holds that revision (a revision names one value of
+// one key), else from the bucket. ErrStale when the key has another
+// revision.
+func (k *KV) statusAt(ctx context.Context, id string, rev uint64) (commands.OpStatus, error) {
 	k.mu.RLock()
 	cur := k.ops[id]
 	k.mu.RUnlock()
 	if cur.v != nil && cur.rev == rev {
-		return cur.v, nil
+		return cur.v.status, nil
 	}
 	e, err := k.kv.Get(ctx, kvOpPrefix+id)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return nil, gone("operation", id)
+		return "", gone("operation", id)
 	}
 	if err != nil {
-		return nil, kvErr("get operation", err)
+		return "", kvErr("get operation", err)
 	}
 	if e.Revision() != rev {
-		return nil, stale("operation", id, rev)
+		return "", stale("operation", id, rev)
 	}
-	return decodeRecord[commands.Operation](e.Value())
+	op, err := decodeRecord[commands.Operation](e.Value())
+	if err != nil {
+		return "", err
+	}
+	return op.Status, nil
 }
 
 // DeleteOperation purges the operation's key if it is at revision rev.
@@ -435,8 +487,8 @@ func (k *KV) DeleteOperation(ctx context.Context, id string, rev uint64) error {
 	}
 	k.mu.Lock()
 	if e := k.ops[id]; e.v != nil && e.rev == rev {
-		k.indexOp(e.v, -1)
-		k.ops[id] = kvEntry[commands.Operation]{rev: rev}
+		k.indexOp(id, e.v, -1)
+		k.ops[id] = kvEntry[kvOp]{rev: rev}
 	}
 	k.mu.Unlock()
 	return nil
@@ -483,7 +535,7 @@ func (k *KV) PruneOperations(ctx context.Context, completedBefore time.Time, lim
 			if ref.score >= opScore(completedBefore) || (limit > 0 && len(victims) >= limit) {
 				break
 			}
-			if e := k.ops[ref.id]; e.v != nil && completedAt(e.v).Before(completedBefore) {
+			if e := k.ops[ref.id]; e.v != nil && e.v.completed < opScore(completedBefore) {
 				victims = append(victims, victim{ref.id, e.rev})
 			}
 		}
@@ -554,7 +606,7 @@ func (k *KV) ListOperations(_ context.Context, f Filter) ([]commands.Operation, 
 	more := false
 	for i := start - 1; i >= 0 && !more; i-- {
 		e := k.ops[walk[i].id]
-		if !matches(e.v, f) {
+		if !e.v.matches(f) {
 			continue
 		}
 		more = f.Limit > 0 && len(rows) == f.Limit
@@ -574,12 +626,6 @@ func (k *KV) ListOperations(_ context.Context, f Filter) ([]commands.Operation, 
 		next = formatCursor(out[len(out)-1])
 	}
 	return out, next, nil
-}
-
-// matches reports whether op has every field f sets.
-func matches(op *commands.Operation, f Filter) bool {
-	return op != nil && (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
-		(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || vmOf(op) == f.VMID)
 }
 
 // Stats returns the in-memory counters.

@@ -2,10 +2,11 @@ package state_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -105,37 +106,7 @@ func TestKVSharedBucket(t *testing.T) {
 
 	// Four writers increment one operation's attempts through both
 	// stores at once: every lost race is ErrStale, and no increment is lost.
-	var wg sync.WaitGroup
-	var stale atomic.Int64
-	const writers, each = 4, 20
-	for i, s := range []*state.KV{a, b, a, b} {
-		wg.Go(func() {
-			for n := 0; n < each; {
-				cur, err := s.GetOperation(ctx, op.ID)
-				if err != nil {
-					t.Errorf("writer %d: %v", i, err)
-					return
-				}
-				cur.Attempts++
-				_, err = s.UpdateOperation(ctx, cur)
-				switch {
-				case errors.Is(err, state.ErrStale):
-					stale.Add(1)
-				case err != nil:
-					t.Errorf("writer %d update %d: %v", i, n, err)
-					return
-				default:
-					n++
-				}
-			}
-		})
-	}
-	wg.Wait()
-	got, err := a.GetOperation(ctx, op.ID)
-	if err != nil || got.Attempts != writers*each {
-		t.Fatalf("after the race: attempts %d, %v; want %d", got.Attempts, err, writers*each)
-	}
-	t.Logf("%d stale writes refused", stale.Load())
+	storetest.Increments(t, op.ID, 20, a, b, a, b)
 }
 
 // TestKVRestart: a store opened on a restarted bus rebuilds its indexes
@@ -236,4 +207,111 @@ func TestKVUnavailable(t *testing.T) {
 func BenchmarkKV(b *testing.B) {
 	bus := testenv.StartBus(b)
 	storetest.Bench(b, func(t testing.TB) state.Store { return newKV(t, bus.JetStream(), nextBucket()) })
+}
+
+// BenchmarkKVMemory measures the heap of this process (the store's
+// indexes and the embedded NATS server holding the bucket) per 100k
+// operations, and after pruning them.
+func BenchmarkKVMemory(b *testing.B) {
+	bus := testenv.StartBus(b)
+	s := newKV(b, bus.JetStream(), nextBucket())
+	storetest.MeasureMemory(b, s, func() int64 {
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return int64(ms.HeapAlloc)
+	})
+}
+
+// TestKVUpgradesOldBucket: a bucket made before per-key TTLs (by an older
+// volumed) is updated in place: its records stay, and leases work on it.
+func TestKVUpgradesOldBucket(t *testing.T) {
+	bus := testenv.StartBus(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bucket := nextBucket()
+	old, err := bus.JetStream().CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: bucket, History: 1, Storage: jetstream.FileStorage})
+	if err != nil {
+		t.Fatal(err)
+	}
+	op := storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now())
+	data, _ := json.Marshal(op)
+	rev, err := old.Put(ctx, "op."+op.ID, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newKV(t, bus.JetStream(), bucket)
+	got, err := s.GetOperation(ctx, op.ID)
+	if err != nil || got.Revision != rev {
+		t.Fatalf("old record: %+v, %v; want revision %d", got, err, rev)
+	}
+	got.Status = commands.StatusExecuting
+	if _, err := s.UpdateOperation(ctx, got); err != nil {
+		t.Fatal(err)
+	}
+	l, err := s.AcquireLease(ctx, "reconcile", "a", time.Minute)
+	if err != nil {
+		t.Fatalf("lease on an upgraded bucket: %v", err)
+	}
+	if _, err := s.RenewLease(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestKVSharedBucketPruneAndLeases: what one store prunes leaves the other
+// store's indexes and counters too, a lease taken through one is held
+// against the other, and a store opened afterwards loads nothing pruned.
+func TestKVSharedBucketPruneAndLeases(t *testing.T) {
+	bus := testenv.StartBus(t)
+	bucket := nextBucket()
+	a, b := newKV(t, bus.JetStream(), bucket), newKV(t, bus.JetStream(), bucket)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	done := time.Now().Add(-time.Hour)
+	for i := range 10 {
+		status := commands.StatusCompleted
+		if i%2 == 1 {
+			status = commands.StatusPending
+		}
+		op := storetest.Op(i+1, commands.OpAttach, status, "vol-1", "vm-1", done.Add(-time.Minute))
+		if status == commands.StatusCompleted {
+			op.CompletedAt = &done
+		}
+		if _, err := a.CreateOperation(ctx, op); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testenv.Eventually(t, 5*time.Second, func() bool { return len(listed(t, b, state.Filter{})) == 10 }, "b sees the 10 operations")
+	if n, err := b.PruneOperations(ctx, time.Now(), 0); err != nil || n != 5 {
+		t.Fatalf("prune through b: %d, %v", n, err)
+	}
+	testenv.Eventually(t, 5*time.Second, func() bool {
+		st, _ := a.Stats(ctx)
+		return len(listed(t, a, state.Filter{})) == 5 && len(listed(t, a, state.Filter{Status: commands.StatusCompleted})) == 0 &&
+			st.Total == 5 && st.Terminal == 0
+	}, "a's indexes and counters drop what b pruned")
+	if n, err := a.PruneOperations(ctx, time.Now(), 0); err != nil || n != 0 {
+		t.Fatalf("prune again through a: %d, %v", n, err)
+	}
+	c := newKV(t, bus.JetStream(), bucket)
+	if got := listed(t, c, state.Filter{}); len(got) != 5 {
+		t.Fatalf("a store opened after the prune lists %v", got)
+	}
+
+	l, err := a.AcquireLease(ctx, "reconcile", "a", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.AcquireLease(ctx, "reconcile", "b", time.Minute); !errors.Is(err, state.ErrLeaseHeld) {
+		t.Fatalf("b takes a's lease: %v", err)
+	}
+	if _, err := b.RenewLease(ctx, state.Lease{Name: "reconcile", Holder: "b", Token: l.Token - 1, TTL: time.Minute}); !errors.Is(err, state.ErrLeaseLost) {
+		t.Fatalf("b renews with a made-up token: %v", err)
+	}
+	if err := a.ReleaseLease(ctx, l); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.AcquireLease(ctx, "reconcile", "b", time.Minute); err != nil {
+		t.Fatalf("b after a released: %v", err)
+	}
 }

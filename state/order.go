@@ -91,24 +91,6 @@ func decode[T any](data []byte, v *T) error {
 	return nil
 }
 
-// decodeRows decodes the JSON strings of a script reply, skipping nil
-// entries (records gone between index and read).
-func decodeRows[T any](rows []any) ([]T, error) {
-	out := make([]T, 0, len(rows))
-	for _, row := range rows {
-		s, ok := row.(string)
-		if !ok {
-			continue
-		}
-		var v T
-		if err := decode([]byte(s), &v); err != nil {
-			return nil, err
-		}
-		out = append(out, v)
-	}
-	return out, nil
-}
-
 // filterIndexes names the indexes (as "type:attach", "vm:<id>", …) that f
 // selects by, or "all" when it selects by nothing.
 func filterIndexes(f Filter) []string {
@@ -184,4 +166,10 @@ func checkLease(name, holder string, ttl time.Duration) error {
 		return fmt.Errorf("state: lease %q for %q needs a name, a holder and a ttl of at least %v (got %v)", name, holder, minLeaseTTL, ttl)
 	}
 	return nil
+}
+
+// matches reports whether op has every field f sets.
+func matches(op *commands.Operation, f Filter) bool {
+	return op != nil && (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
+		(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || vmOf(op) == f.VMID)
 }

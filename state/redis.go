@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -61,7 +62,7 @@ type RedisConfig struct {
 //	P exports:all             set of every exported volume id
 //	P lease:<name>            hash: holder, token; with the lease's TTL
 type Redis struct {
-	rdb       *redis.Client
+	rdb       redis.UniversalClient
 	p         string
 	log       *slog.Logger
 	writes    atomic.Int64
@@ -278,7 +279,10 @@ return redis.call('DEL', KEYS[1])
 `)
 
 // NewRedis connects to cfg.URL and pings the server. An unreachable
-// server gives an error wrapping ErrUnavailable.
+// server gives an error wrapping ErrUnavailable. When the server is a
+// Redis Cluster node, the store uses a cluster client seeded with it,
+// which finds the other nodes and routes each command to the node of its
+// keys' slot.
 func NewRedis(ctx context.Context, cfg RedisConfig) (*Redis, error) {
 	if cfg.Prefix == "" {
 		cfg.Prefix = DefaultRedisPrefix
@@ -299,12 +303,34 @@ func NewRedis(ctx context.Context, cfg RedisConfig) (*Redis, error) {
 	opts.DialerRetries = 1
 	r := &Redis{rdb: redis.NewClient(opts), p: cfg.Prefix,
 		log: cfg.Logger.With("component", "state-redis")}
-	if err := r.Ping(ctx); err != nil {
+	cluster, err := r.clusterEnabled(ctx)
+	if err == nil && cluster {
+		_ = r.rdb.Close()
+		if opts.DB != 0 {
+			return nil, fmt.Errorf("state: redis url: database %d on Redis Cluster, which has only database 0", opts.DB)
+		}
+		r.rdb = redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{opts.Addr},
+			Username: opts.Username, Password: opts.Password, TLSConfig: opts.TLSConfig, Protocol: opts.Protocol,
+			ClientName: opts.ClientName, DialTimeout: opts.DialTimeout, ReadTimeout: opts.ReadTimeout,
+			WriteTimeout: opts.WriteTimeout, MaxRetries: opts.MaxRetries, DialerRetries: opts.DialerRetries,
+			PoolSize: opts.PoolSize})
+		err = r.Ping(ctx)
+	}
+	if err != nil {
 		_ = r.rdb.Close()
 		return nil, err
 	}
-	r.log.Info("state store ready", "addr", opts.Addr, "db", opts.DB, "prefix", cfg.Prefix)
+	r.log.Info("state store ready", "addr", opts.Addr, "db", opts.DB, "prefix", cfg.Prefix, "cluster", cluster)
 	return r, nil
+}
+
+// clusterEnabled asks the server whether it is a Redis Cluster node.
+func (r *Redis) clusterEnabled(ctx context.Context) (bool, error) {
+	info, err := r.rdb.Info(ctx, "cluster").Result()
+	if err != nil {
+		return false, r.wrap("connect", err)
+	}
+	return strings.Contains(info, "cluster_enabled:1"), nil
 }
 
 // checkHashTag refuses a prefix whose keys would not share a cluster slot:
@@ -476,7 +502,7 @@ func (r *Redis) writeOp(ctx context.Context, old *commands.Operation, op command
 	if old != nil {
 		expected, oldType, oldStatus = strconv.FormatUint(op.Revision, 10), string(old.Type), string(old.Status)
 		for _, n := range opIndexes(old) {
-			if !contains(add, n) {
+			if !slices.Contains(add, n) {
 				keys = append(keys, r.idxKey(n))
 			}
 		}
@@ -496,16 +522,6 @@ func (r *Redis) writeOp(ctx context.Context, old *commands.Operation, op command
 	}
 	op.Revision = uint64(n)
 	return op, nil
-}
-
-// contains reports whether names holds n.
-func contains(names []string, n string) bool {
-	for _, m := range names {
-		if m == n {
-			return true
-		}
-	}
-	return false
 }
 
 // DeleteOperation removes the operation at rev with its index entries and

@@ -1,9 +1,14 @@
 package state_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"regexp"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -307,5 +312,193 @@ func BenchmarkRedis(b *testing.B) {
 	storetest.Bench(b, func(t testing.TB) state.Store {
 		s, _ := newRedis(t, r.URL())
 		return s
+	})
+}
+
+// monitorArg matches one quoted argument of a MONITOR line.
+var monitorArg = regexp.MustCompile(`"((?:[^"\\]|\\.)*)"`)
+
+// TestRedisScriptsDeclareTheirKeys runs the conformance suite under
+// MONITOR and checks, for every command a script ran, that its key was
+// declared in the script's KEYS and carries the prefix's hash tag, so
+// that the scripts run on Redis Cluster. Every command the store sends
+// outside scripts must also carry the hash tag.
+func TestRedisScriptsDeclareTheirKeys(t *testing.T) {
+	r := testenv.StartRedis(t)
+	raw := redis.NewClient(&redis.Options{Addr: r.Addr})
+	defer raw.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	// MONITOR on a plain connection: go-redis's gives up on an idle read.
+	conn, err := net.Dial("tcp", r.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte("MONITOR\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	rd := bufio.NewReader(conn)
+	if l, err := rd.ReadString('\n'); err != nil || !strings.HasPrefix(l, "+OK") {
+		t.Fatalf("MONITOR: %q, %v", l, err)
+	}
+	var got []string
+	var scripts, scripted atomic.Int64
+	drained := make(chan error, 1)
+	go func() {
+		for {
+			l, err := rd.ReadString('\n')
+			if err != nil {
+				drained <- err
+				return
+			}
+			got = append(got, l)
+			if strings.Contains(l, `"monitor-end"`) {
+				drained <- nil
+				return
+			}
+		}
+	}()
+	storetest.Run(t, func(t testing.TB) state.Store {
+		s, _ := newRedis(t, r.URL())
+		return s
+	})
+	if err := raw.Echo(ctx, "monitor-end").Err(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-drained:
+		if err != nil {
+			t.Fatalf("MONITOR: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("MONITOR did not show the end marker")
+	}
+
+	var declared map[string]bool
+	for _, l := range got {
+		var args []string
+		for _, m := range monitorArg.FindAllStringSubmatch(l, -1) {
+			a, err := strconv.Unquote(`"` + m[1] + `"`)
+			if err != nil {
+				t.Fatalf("unquote %q in %q: %v", m[1], l, err)
+			}
+			args = append(args, a)
+		}
+		if len(args) < 2 {
+			continue
+		}
+		cmd := strings.ToLower(args[0])
+		switch {
+		case strings.Contains(l, "[0 lua]"):
+			scripted.Add(1)
+			if !declared[args[1]] {
+				t.Errorf("a script touched the undeclared key %q: %s", args[1], l)
+			}
+		case cmd == "evalsha" || cmd == "eval":
+			scripts.Add(1)
+			n, err := strconv.Atoi(args[2])
+			if err != nil || 3+n > len(args) {
+				t.Fatalf("bad %s: %s", cmd, l)
+			}
+			declared = make(map[string]bool)
+			for _, k := range args[3 : 3+n] {
+				declared[k] = true
+				if !strings.HasPrefix(k, "{test") {
+					t.Errorf("script key %q has no hash tag", k)
+				}
+			}
+		case cmd == "hmget" || cmd == "get" || cmd == "smembers" || cmd == "zrange" || cmd == "zrem" || cmd == "hgetall":
+			if !strings.HasPrefix(args[1], "{test") {
+				t.Errorf("key %q has no hash tag: %s", args[1], l)
+			}
+		}
+	}
+	if scripts.Load() < 100 || scripted.Load() < 500 {
+		t.Fatalf("saw %d scripts running %d commands: MONITOR missed them", scripts.Load(), scripted.Load())
+	}
+	t.Logf("%d scripts ran %d commands, each on a declared key", scripts.Load(), scripted.Load())
+}
+
+// BenchmarkRedisMemory measures redis-server's used_memory per 100k
+// operations, and after pruning them.
+func BenchmarkRedisMemory(b *testing.B) {
+	r := testenv.StartRedis(b)
+	s, _ := newRedis(b, r.URL())
+	raw := redis.NewClient(&redis.Options{Addr: r.Addr})
+	defer raw.Close()
+	storetest.MeasureMemory(b, s, func() int64 {
+		info, err := raw.Info(context.Background(), "memory").Result()
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, l := range strings.Split(info, "\r\n") {
+			if v, ok := strings.CutPrefix(l, "used_memory:"); ok {
+				n, err := strconv.ParseInt(v, 10, 64)
+				if err != nil {
+					b.Fatal(err)
+				}
+				return n
+			}
+		}
+		b.Fatal("no used_memory in INFO memory")
+		return 0
+	})
+}
+
+// startCluster starts n redis-server nodes as one Redis Cluster, the
+// slots split evenly between them, and waits until every node says the
+// cluster is ok.
+func startCluster(t *testing.T, n int) []*testenv.Redis {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var nodes []*testenv.Redis
+	var clients []*redis.Client
+	for i := range n {
+		node := testenv.StartRedis(t, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000")
+		c := redis.NewClient(&redis.Options{Addr: node.Addr})
+		t.Cleanup(func() { _ = c.Close() })
+		lo, hi := i*16384/n, (i+1)*16384/n-1
+		if err := c.Do(ctx, "CLUSTER", "ADDSLOTSRANGE", lo, hi).Err(); err != nil {
+			t.Fatalf("node %d slots %d-%d: %v", i, lo, hi, err)
+		}
+		if i > 0 {
+			host, port, _ := net.SplitHostPort(nodes[0].Addr)
+			if err := c.ClusterMeet(ctx, host, port).Err(); err != nil {
+				t.Fatalf("node %d meets node 0: %v", i, err)
+			}
+		}
+		nodes, clients = append(nodes, node), append(clients, c)
+	}
+	testenv.Eventually(t, 20*time.Second, func() bool {
+		for _, c := range clients {
+			info, err := c.ClusterInfo(ctx).Result()
+			slots, serr := c.ClusterSlots(ctx).Result()
+			if err != nil || serr != nil || !strings.Contains(info, "cluster_state:ok") || len(slots) != n {
+				return false
+			}
+		}
+		return true
+	}, "a %d-node cluster", n)
+	return nodes
+}
+
+// TestRedisClusterConformance runs the conformance suite on a three-node
+// Redis Cluster: each store's keys share its prefix's hash tag, so each
+// store lives on one node, and the stores of the suite spread over all
+// three; a script with a key in another slot would fail there.
+func TestRedisClusterConformance(t *testing.T) {
+	nodes := startCluster(t, 3)
+	storetest.Run(t, func(t testing.TB) state.Store {
+		s, _ := newRedis(t, nodes[0].URL())
+		return s
+	})
+	t.Run("prefix without a hash tag is refused", func(t *testing.T) {
+		for _, p := range []string{"volumed:", "{}:", "{a}{b}:", "{a"} {
+			if _, err := state.NewRedis(context.Background(), state.RedisConfig{URL: nodes[0].URL(), Prefix: p}); err == nil {
+				t.Fatalf("prefix %q accepted", p)
+			}
+		}
 	})
 }

@@ -1,6 +1,8 @@
 // Package state keeps volumed's durable records, operations, device
-// mappings and NBD exports, behind one Store interface with two backends: Redis and an
-// embedded store on the embedded NATS server's JetStream KeyValue.
+// mappings and NBD exports, and its leases, behind one Store interface with
+// two backends: Redis and an embedded store on the embedded NATS server's
+// JetStream KeyValue. Every write is a compare-and-swap on the record's
+// revision.
 package state
 
 import (
@@ -101,6 +103,21 @@ type Stats struct {
 	Writes int64
 }
 
+// Leaser is the lease part of a Store, for the components that only need
+// to serialize work across instances (the periodic reconcile, attaches to
+// one VM).
+type Leaser interface {
+	// AcquireLease takes the lease name for holder for ttl (at least one
+	// second); ErrLeaseHeld if another holder has it. The same holder
+	// taking it again gets a new token.
+	AcquireLease(ctx context.Context, name, holder string, ttl time.Duration) (Lease, error)
+	// RenewLease extends l by l.TTL from now and returns it with a new
+	// token; ErrLeaseLost if it expired or was taken since.
+	RenewLease(ctx context.Context, l Lease) (Lease, error)
+	// ReleaseLease ends l; ErrLeaseLost if it expired or was taken since.
+	ReleaseLease(ctx context.Context, l Lease) error
+}
+
 // Store keeps operations, mappings, exports and leases. Every method is
 // safe for concurrent use; each write is atomic (all of it or none of it).
 // Records carry a Revision: every read sets it and every write returns the
@@ -160,15 +177,7 @@ type Store interface {
 	// DeleteExport removes a volume's export record as DeleteMapping does.
 	DeleteExport(ctx context.Context, volumeID string, rev uint64) error
 
-	// AcquireLease takes the lease name for holder for ttl (at least one
-	// second); ErrLeaseHeld if another holder has it. The same holder
-	// taking it again gets a new token.
-	AcquireLease(ctx context.Context, name, holder string, ttl time.Duration) (Lease, error)
-	// RenewLease extends l by l.TTL from now and returns it with a new
-	// token; ErrLeaseLost if it expired or was taken since.
-	RenewLease(ctx context.Context, l Lease) (Lease, error)
-	// ReleaseLease ends l; ErrLeaseLost if it expired or was taken since.
-	ReleaseLease(ctx context.Context, l Lease) error
+	Leaser
 
 	// Ping checks the backend is reachable.
 	Ping(ctx context.Context) error

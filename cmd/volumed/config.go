@@ -35,15 +35,15 @@ type config struct {
 	stepTimeout  time.Duration
 	ackWait      time.Duration
 	syncInterval time.Duration
-	logLevel     slog.Level
+	// opRetention: how long terminal operations are kept; 0 keeps them.
+	opRetention time.Duration
+	logLevel    slog.Level
 	// Device agent and correlation.
 	deviceAgent    bool
 	scanInterval   time.Duration
 	nameDir        string
 	dmsetup        string
 	correlateAfter time.Duration
-	// opRetention keeps terminal operations this long; 0 keeps them all.
-	opRetention time.Duration
 	// NBD exports: nbdListen "" turns the NBD server off.
 	nbdListen     string
 	nbdAutoExport bool
@@ -171,7 +171,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f.duration(&c.stepTimeout, "step-timeout", "VOLUMED_STEP_TIMEOUT", "5m", time.Second, "deadline of each CloudStack step; an operation past it fails")
 	f.duration(&c.ackWait, "ack-wait", "VOLUMED_ACK_WAIT", "15s", time.Second, "how soon a job is redelivered after a crash")
 	f.duration(&c.syncInterval, "sync-interval", "VOLUMED_SYNC_INTERVAL", "5m", 0, "period of the background reconcile; 0 turns it off")
-	f.duration(&c.opRetention, "op-retention", "VOLUMED_OP_RETENTION", "720h", 0, "how long terminal operations are kept (720h: 30 days); 0 keeps everything")
+	f.duration(&c.opRetention, "op-retention", "VOLUMED_OP_RETENTION", "720h", 0, "how long terminal operations are kept after they end; 0 keeps them forever")
 	f.boolean("device-agent", "VOLUMED_DEVICE_AGENT", "true", "run the device agent for --vm-id in this process")
 	f.duration(&c.correlateAfter, "correlation-timeout", "VOLUMED_CORRELATION_TIMEOUT", "60s", time.Second, "how long an attach waits for its device")
 	f.str(&c.nbdListen, "nbd-listen", "VOLUMED_NBD_LISTEN", nbd.DefaultListen, "NBD server address for volume exports; empty turns it off")

@@ -24,6 +24,7 @@ func TestRunExitCodes(t *testing.T) {
 		{"bad boolean", []string{"--sim=maybe"}, 2, "sim"},
 		{"replicas out of range", []string{"--sim", "--nats-replicas", "7"}, 2, "--nats-replicas"},
 		{"bad log level", []string{"--sim", "--log-level", "loud"}, 2, "--log-level"},
+		{"bad retention", []string{"--sim", "--op-retention", "-1h"}, 2, "--op-retention"},
 		{"stray argument", []string{"--sim", "extra"}, 2, `unexpected argument "extra"`},
 		{"agent without vm", []string{"agent", "--nats-url", "nats://127.0.0.1:4222"}, 2, "--vm-id is required"},
 		{"agent without nats", []string{"agent", "--vm-id", "87654321-4321-4321-4321-210987654321"}, 2, "--nats-url is required"},
@@ -43,11 +44,12 @@ func TestConfigFromEnvironment(t *testing.T) {
 	t.Setenv("VOLUMED_STEP_TIMEOUT", "90s")
 	t.Setenv("VOLUMED_SYNC_INTERVAL", "0")
 	t.Setenv("VOLUMED_LISTEN", "127.0.0.1:9999")
+	t.Setenv("VOLUMED_OP_RETENTION", "0")
 	c, err := parseConfig([]string{"--listen", "127.0.0.1:7777"}, &bytes.Buffer{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !c.sim || c.stepTimeout != 90*time.Second || c.syncInterval >= 0 || c.listen != "127.0.0.1:7777" {
+	if !c.sim || c.stepTimeout != 90*time.Second || c.syncInterval >= 0 || c.listen != "127.0.0.1:7777" || c.opRetention != 0 {
 		t.Fatalf("config %+v: environment not taken, or the flag did not win", c)
 	}
 }

@@ -28,7 +28,6 @@ import (
 	"github.com/volumed/volumed/internal/version"
 	"github.com/volumed/volumed/metrics"
 	"github.com/volumed/volumed/nbd"
-	"github.com/volumed/volumed/retention"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
 )
@@ -142,16 +141,15 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		return fmt.Errorf("state store: %w", err)
 	}
 	started = append(started, store)
-
 	if cfg.opRetention > 0 {
-		pruner, err := retention.New(retention.Config{Store: store, Retention: cfg.opRetention, Logger: log})
+		retention, err := state.NewRetention(state.RetentionConfig{Store: store, Keep: cfg.opRetention, Logger: log})
 		if err != nil {
-			return err
+			return fmt.Errorf("retention: %w", err)
 		}
-		if err := pruner.Start(ctx); err != nil {
-			return err
+		if err := retention.Start(ctx); err != nil {
+			return fmt.Errorf("retention: %w", err)
 		}
-		started = append(started, pruner)
+		started = append(started, retention)
 	}
 
 	var localStatus func() devagent.Status

@@ -40,15 +40,15 @@ func (r *Redis) Stop() {
 }
 
 // StartRedis starts redis-server on a free loopback port with no
-// persistence, and stops it when the test ends. It skips (fails under
-// CI=true) when redis-server is not installed.
-func StartRedis(t testing.TB) *Redis {
+// persistence and the extra arguments, and stops it when the test ends.
+// It skips (fails under CI=true) when redis-server is not installed.
+func StartRedis(t testing.TB, extra ...string) *Redis {
 	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	Require(t, err == nil, "needs redis-server on PATH (apt-get install redis-server)")
 	port := FreePort(t)
-	cmd := exec.Command(bin, "--port", fmt.Sprint(port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--dir", t.TempDir())
+	cmd := exec.Command(bin, append([]string{"--port", fmt.Sprint(port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--dir", t.TempDir()}, extra...)...)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

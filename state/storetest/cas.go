@@ -116,18 +116,25 @@ func testTransitions(t *testing.T, s state.Store) {
 }
 
 // testCASIncrements: concurrent read-modify-writes of one operation lose
-// no update: each lost race is ErrStale, the writer re-reads and tries
-// again.
+// no update.
 func testCASIncrements(t *testing.T, s state.Store) {
-	ctx := ctxFor(t)
 	op := mustCreate(t, s, Op(1, commands.OpAttach, commands.StatusExecuting, "vol-1", "", base))[0]
-	const writers, each = 4, 15
+	Increments(t, op.ID, 15, s, s, s, s)
+}
+
+// Increments runs one writer per store (a store may come several times),
+// each adding 1 to the attempts of operation id each times by
+// read-modify-write: a lost race is ErrStale, and the writer re-reads and
+// tries again. It fails the test unless no increment was lost.
+func Increments(t *testing.T, id string, each int, stores ...state.Store) {
+	ctx := ctxFor(t)
+	start := getOp(t, stores[0], id).Attempts
 	var wg sync.WaitGroup
 	var stale atomic.Int64
-	for w := range writers {
+	for w, s := range stores {
 		wg.Go(func() {
 			for n := 0; n < each; {
-				cur, err := s.GetOperation(ctx, op.ID)
+				cur, err := s.GetOperation(ctx, id)
 				if err != nil {
 					t.Errorf("writer %d: %v", w, err)
 					return
@@ -147,8 +154,8 @@ func testCASIncrements(t *testing.T, s state.Store) {
 		})
 	}
 	wg.Wait()
-	if got := getOp(t, s, op.ID); got.Attempts != writers*each {
-		t.Fatalf("attempts %d after %d increments", got.Attempts, writers*each)
+	if got, want := getOp(t, stores[0], id).Attempts, start+len(stores)*each; got != want {
+		t.Fatalf("attempts %d after %d increments from %d", got, len(stores)*each, start)
 	}
 	t.Logf("%d stale writes refused", stale.Load())
 }

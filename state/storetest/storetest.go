@@ -895,3 +895,52 @@ func seed(b *testing.B, s state.Store, n int) {
 	}
 	wg.Wait()
 }
+
+// MemoryOps is how many operations MeasureMemory records.
+const MemoryOps = 100_000
+
+// MeasureMemory reports what MemoryOps operations cost the store, as used
+// reports it (the process heap, the server's memory): recorded, and again
+// after PruneOperations removed them all. The operations look like the
+// ones volumed records: completed attaches with their request, response,
+// step and job id.
+func MeasureMemory(b *testing.B, s state.Store, used func() int64) {
+	ctx := context.Background()
+	before := used()
+	const writers = 4
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			for i := w; i < MemoryOps; i += writers {
+				vol, vm := fmt.Sprintf("4e5c3f2a-1b0d-4c8e-9f7a-%012d", i%5000), fmt.Sprintf("87654321-4321-4321-4321-%012d", i%50)
+				created := base.Add(time.Duration(i) * time.Millisecond)
+				done := created.Add(3 * time.Second)
+				dev := int64(1 + i%14)
+				op := commands.Operation{ID: fmt.Sprintf("op-%08x-7d4e-4b1a-9c3f-2a1b0c9d8e7f", i), Type: commands.OpAttach,
+					Status: commands.StatusCompleted, VolumeID: vol, VMID: &vm,
+					Request:  json.RawMessage(fmt.Sprintf(`{"volume_id":%q,"vm_id":%q}`, vol, vm)),
+					Response: &commands.OpResponse{VolumeID: vol, VMID: vm, DevicePath: "/dev/vdb", DeviceID: &dev, Message: "Volume attached successfully"},
+					Step:     "attach:correlate", JobID: fmt.Sprintf("a1b2c3d4-%04d-4e5f-8a9b-0c1d2e3f4a5b", i%10000), Attempts: 1,
+					CreatedAt: created, UpdatedAt: done, CompletedAt: &done}
+				if _, err := s.CreateOperation(ctx, op); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if b.Failed() {
+		return
+	}
+	filled := used()
+	n, err := s.PruneOperations(ctx, time.Now(), 0)
+	if err != nil || n != MemoryOps {
+		b.Fatalf("pruned %d, %v", n, err)
+	}
+	pruned := used()
+	b.ReportMetric(float64(filled-before), "B/100k-ops")
+	b.ReportMetric(float64(pruned-before), "B-after-prune")
+	b.Logf("%d operations: %.1f MiB (%d B each); after pruning them all: %+.1f MiB",
+		MemoryOps, float64(filled-before)/(1<<20), (filled-before)/MemoryOps, float64(pruned-before)/(1<<20))
+}

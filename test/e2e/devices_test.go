@@ -20,6 +20,7 @@ import (
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/devagent/loopdev"
 	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -278,7 +279,8 @@ func TestForceSyncRepairsBrokenMapping(t *testing.T) {
 	broken.DevicePath = "/dev/loop99999"
 	data, _ := json.Marshal(broken)
 	ctx := context.Background()
-	if err := rdb.Set(ctx, "volumed:mapping:"+vol, data, 0).Err(); err != nil {
+	// The record's JSON, behind the store's back: its revision stays.
+	if err := rdb.HSet(ctx, state.DefaultRedisPrefix+"mapping:"+vol, "j", data).Err(); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.Remove(m.SymlinkPath); err != nil {

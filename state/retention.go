@@ -1,0 +1,136 @@
+package state
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+)
+
+// RetentionLease is the lease that makes one instance at a time prune.
+const RetentionLease = "retention"
+
+// RetentionConfig configures a Retention.
+type RetentionConfig struct {
+	// Store is pruned.
+	Store Store
+	// Keep is how long a terminal operation is kept after it completed;
+	// it must be positive (no Retention keeps everything).
+	Keep time.Duration
+	// Interval between passes; default Keep/10, between one minute and
+	// one hour.
+	Interval time.Duration
+	// Batch bounds the deletions of one PruneOperations call; default 500.
+	Batch int
+	// Holder names this instance in the lease; default host name and pid.
+	Holder string
+	// Logger is the parent logger; default slog.Default().
+	Logger *slog.Logger
+}
+
+// Retention deletes, at start and then every Interval, the terminal
+// operations completed more than Keep ago, under the lease
+// RetentionLease so that one instance of several does it.
+type Retention struct {
+	cfg    RetentionConfig
+	log    *slog.Logger
+	cancel context.CancelFunc
+	done   chan struct{}
+	once   sync.Once
+}
+
+// NewRetention checks cfg and fills its defaults.
+func NewRetention(cfg RetentionConfig) (*Retention, error) {
+	if cfg.Store == nil || cfg.Keep <= 0 {
+		return nil, fmt.Errorf("state: retention needs a store and a positive keep time (got %v)", cfg.Keep)
+	}
+	if cfg.Interval <= 0 {
+		cfg.Interval = min(max(cfg.Keep/10, time.Minute), time.Hour)
+	}
+	if cfg.Batch <= 0 {
+		cfg.Batch = 500
+	}
+	if cfg.Holder == "" {
+		host, _ := os.Hostname()
+		cfg.Holder = fmt.Sprintf("%s:%d", host, os.Getpid())
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return &Retention{cfg: cfg, log: cfg.Logger.With("component", "retention"), done: make(chan struct{})}, nil
+}
+
+// Start runs the passes until Close.
+func (r *Retention) Start(context.Context) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	r.cancel = cancel
+	go func() {
+		defer close(r.done)
+		t := time.NewTicker(r.cfg.Interval)
+		defer t.Stop()
+		for {
+			if n, err := r.Prune(ctx); err != nil && ctx.Err() == nil {
+				r.log.Warn("retention pass failed", "deleted", n, "err", err)
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return nil
+}
+
+// Prune runs one pass: with the lease, it deletes batches until none is
+// left, renewing the lease between batches. It returns how many it
+// deleted; 0 and no error when another instance holds the lease.
+func (r *Retention) Prune(ctx context.Context) (int, error) {
+	ttl := max(r.cfg.Interval, 30*time.Second)
+	l, err := r.cfg.Store.AcquireLease(ctx, RetentionLease, r.cfg.Holder, ttl)
+	if errors.Is(err, ErrLeaseHeld) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	before := time.Now().Add(-r.cfg.Keep)
+	total := 0
+	for {
+		n, err := r.cfg.Store.PruneOperations(ctx, before, r.cfg.Batch)
+		total += n
+		if err != nil || n < r.cfg.Batch {
+			if rerr := r.cfg.Store.ReleaseLease(context.WithoutCancel(ctx), l); rerr != nil && err == nil {
+				err = rerr
+			}
+			if total > 0 {
+				r.log.Info("operations pruned", "deleted", total, "completed_before", before)
+			}
+			return total, err
+		}
+		if l, err = r.cfg.Store.RenewLease(ctx, l); err != nil {
+			return total, err // lost: another instance goes on
+		}
+	}
+}
+
+// Close stops the passes and waits for the one running. Closing twice is
+// safe.
+func (r *Retention) Close(ctx context.Context) error {
+	var err error
+	r.once.Do(func() {
+		if r.cancel == nil {
+			return
+		}
+		r.cancel()
+		select {
+		case <-r.done:
+		case <-ctx.Done():
+			err = fmt.Errorf("state: retention close: %w", ctx.Err())
+		}
+	})
+	return err
+}
