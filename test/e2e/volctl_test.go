@@ -156,7 +156,13 @@ func TestVolctl(t *testing.T) {
 	if err := sim.SetFaults(cloudsim.Faults{}); err != nil {
 		t.Fatal(err)
 	}
-	d.mustVolctl(0, "volume", "detach", vol, "--wait")
+	// --wait following the events over NATS: the same final operation.
+	var detached commands.Operation
+	r = d.mustVolctl(0, "volume", "detach", vol, "--wait", "--nats", d.natsURL, "-o", "json")
+	decodeOut(t, r, &detached)
+	if detached.Status != commands.StatusCompleted || detached.Type != commands.OpDetach || !strings.Contains(r.stderr, "pending") {
+		t.Fatalf("detach --wait --nats: %+v\nstderr: %s", detached, r.stderr)
+	}
 	d.mustVolctl(0, "volume", "delete", vol, "--wait")
 
 	// Errors: API refusals exit 1 with the code; usage errors exit 2.
