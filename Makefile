@@ -6,9 +6,10 @@ PKGS := ./...
 TEST_TIMEOUT ?= 45m
 
 # What the tests use besides Go: redis-server, and the NBD clients
-# (nbdinfo and nbdcopy from libnbd-bin; qemu-img and qemu-io from qemu-utils).
-TEST_TOOLS := redis-server nbdinfo nbdcopy qemu-img qemu-io
-TEST_PACKAGES := redis-server libnbd-bin qemu-utils
+# (nbdinfo and nbdcopy from libnbd-bin; qemu-img and qemu-io from qemu-utils),
+# and systemd-analyze (systemd) for the units.
+TEST_TOOLS := redis-server nbdinfo nbdcopy qemu-img qemu-io systemd-analyze
+TEST_PACKAGES := redis-server libnbd-bin qemu-utils systemd
 
 # make install: the binaries, the systemd units and the README; DESTDIR
 # stages it (packaging), PREFIX moves it (the units follow).
