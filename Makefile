@@ -7,11 +7,19 @@ TEST_TIMEOUT ?= 45m
 
 # What the tests use besides Go: redis-server, and the NBD clients
 # (nbdinfo and nbdcopy from libnbd-bin; nbdsh from python3-libnbd; qemu-img,
-# qemu-io and, for bench-nbd, qemu-nbd from qemu-utils).
-TEST_TOOLS := redis-server nbdinfo nbdcopy nbdsh qemu-img qemu-io qemu-nbd
-TEST_PACKAGES := redis-server libnbd-bin python3-libnbd qemu-utils
+# qemu-io and, for bench-nbd, qemu-nbd from qemu-utils), and systemd-analyze
+# (systemd) for the units.
+TEST_TOOLS := redis-server nbdinfo nbdcopy nbdsh qemu-img qemu-io qemu-nbd systemd-analyze
+TEST_PACKAGES := redis-server libnbd-bin python3-libnbd qemu-utils systemd
 
-.PHONY: run test bench bench-nbd build lint deps cloudsim clean
+# make install: the binaries, the systemd units and the README; DESTDIR
+# stages it (packaging), PREFIX moves it (the units follow).
+PREFIX ?= /usr/local
+SYSTEMD_DIR ?= /etc/systemd/system
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+LDFLAGS := -X github.com/volumed/volumed/internal/version.Version=$(VERSION)
+
+.PHONY: run test bench bench-nbd build install lint deps deps-apt deps-npm cloudsim clean
 
 run:
 	$(GO) run ./cmd/volumed --sim
@@ -20,15 +28,33 @@ cloudsim:
 	$(GO) run ./cmd/cloudsim
 
 build:
-	$(GO) build -o bin/ ./cmd/...
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./cmd/...
+
+install: build
+	install -D -m 0755 bin/volumed $(DESTDIR)$(PREFIX)/bin/volumed
+	install -D -m 0755 bin/volctl $(DESTDIR)$(PREFIX)/bin/volctl
+	install -d -m 0755 $(DESTDIR)$(SYSTEMD_DIR)
+	for u in volumed volumed-agent; do \
+		sed 's#/usr/local/#$(PREFIX)/#g' deploy/systemd/$$u.service > $(DESTDIR)$(SYSTEMD_DIR)/$$u.service && \
+		chmod 0644 $(DESTDIR)$(SYSTEMD_DIR)/$$u.service || exit 1; \
+	done
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/volumed/README.md
+	install -d -m 0750 $(DESTDIR)/etc/volumed
+	@echo "installed; settings in /etc/volumed/volumed.env (agent: /etc/volumed/agent.env), then: systemctl daemon-reload && systemctl enable --now volumed"
 
 lint:
 	@out=$$(gofmt -l . | grep -v '^vendor/'); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
 
+# The OpenAPI validators the tests run (npm, pinned in tools/openapi).
+OPENAPI_TOOLS := tools/openapi/node_modules/.bin
+
 # deps installs the test tools with apt-get when they are missing and this
-# is root on Debian; elsewhere the tests that need them skip (fail when CI=true).
-deps:
+# is root on Debian, and the npm validators into tools/openapi/node_modules;
+# elsewhere the tests that need them skip (fail when CI=true).
+deps: deps-apt deps-npm
+
+deps-apt:
 	@missing=""; for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -36,6 +62,19 @@ deps:
 			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEST_PACKAGES) >/dev/null; \
 		else echo "missing$$missing: the tests that need them will skip (install: $(TEST_PACKAGES))"; fi; \
+	fi
+
+deps-npm:
+	@if [ ! -x $(OPENAPI_TOOLS)/swagger-cli ] || [ ! -x $(OPENAPI_TOOLS)/redocly ]; then \
+		if ! command -v npm >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing npm"; \
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; \
+		fi; \
+		if command -v npm >/dev/null 2>&1; then \
+			echo "installing the OpenAPI validators (npm ci --prefix tools/openapi)"; \
+			npm ci --prefix tools/openapi --no-audit --no-fund --loglevel=error; \
+		else echo "npm missing: the OpenAPI lint test will skip (install: nodejs npm)"; fi; \
 	fi
 
 test: lint deps

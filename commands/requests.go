@@ -18,8 +18,7 @@ const MinVolumeSize int64 = 1 << 30
 // size is refused before it is converted to GiB.
 const MaxVolumeSize int64 = 64 << 40
 
-// MaxListLimit caps a list's limit; it is also the limit of a list that
-// gives none.
+// MaxListLimit caps the limit (page size) a list may ask for.
 const MaxListLimit = 1000
 
 // MaxBodyBytes bounds every request body, on REST and on NATS.

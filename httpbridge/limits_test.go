@@ -6,22 +6,39 @@ import (
 	"testing"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/httpbridge"
 )
 
-// TestListCappedWithoutLimit: a list that names no limit answers at most
-// commands.MaxListLimit operations, the newest.
+// TestListCappedWithoutLimit: a list that names no limit answers one page
+// of DefaultListLimit operations, the newest; a limit is capped at
+// commands.MaxListLimit.
 func TestListCappedWithoutLimit(t *testing.T) {
 	h := newHarness(t, options{})
 	for i := 0; i <= commands.MaxListLimit; i++ {
 		h.seedOperation(t, fmt.Sprintf("op-00000000-0000-4000-8000-%012d", i), commands.OpDetach,
 			commands.StatusPending, vol1, "", i)
 	}
-	resp, body := h.do(t, http.MethodGet, "/operations", "")
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("list: %d %s", resp.StatusCode, body)
+	newest := fmt.Sprintf("op-00000000-0000-4000-8000-%012d", commands.MaxListLimit)
+	for _, tc := range []struct {
+		query string
+		want  int
+	}{
+		{"", httpbridge.DefaultListLimit},
+		{"?limit=1000", commands.MaxListLimit},
+	} {
+		resp, body := h.do(t, http.MethodGet, "/operations"+tc.query, "")
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("list%s: %d %s", tc.query, resp.StatusCode, body)
+		}
+		got := ids(t, body)
+		if len(got) != tc.want || got[0] != newest {
+			t.Fatalf("list%s: %d operations, first %v; want the newest %d", tc.query, len(got), got[:1], tc.want)
+		}
+		if resp.Header.Get("X-Next-Cursor") == "" {
+			t.Fatalf("list%s: no next cursor, although older operations remain", tc.query)
+		}
 	}
-	got := ids(t, body)
-	if len(got) != commands.MaxListLimit || got[0] != fmt.Sprintf("op-00000000-0000-4000-8000-%012d", commands.MaxListLimit) {
-		t.Fatalf("list without limit: %d operations, first %v; want the newest %d", len(got), got[:1], commands.MaxListLimit)
+	if resp, body := h.do(t, http.MethodGet, "/operations?limit=1001", ""); resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("limit above the cap: %d %s", resp.StatusCode, body)
 	}
 }

@@ -113,7 +113,7 @@ func (s *Server) listOperations(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := s.readContext(r)
 	defer cancel()
-	ops, _, err := s.cfg.Store.ListOperations(ctx, f)
+	ops, next, err := s.cfg.Store.ListOperations(ctx, f)
 	if err != nil {
 		writeError(w, err)
 		return
@@ -122,6 +122,7 @@ func (s *Server) listOperations(w http.ResponseWriter, r *http.Request) {
 	for i := range ops {
 		rows = append(rows, ops[i].Summary())
 	}
+	setNextPage(w, r, next)
 	writeJSON(w, http.StatusOK, rows)
 }
 
@@ -150,7 +151,7 @@ func parseFilter(r *http.Request) (state.Filter, error) {
 			return f, err
 		}
 	}
-	f.Limit = commands.MaxListLimit
+	f.Limit = DefaultListLimit
 	if q.Has("limit") {
 		v := q.Get("limit")
 		n, convErr := strconv.Atoi(v)
@@ -161,6 +162,7 @@ func parseFilter(r *http.Request) (state.Filter, error) {
 		}
 		f.Limit = n
 	}
+	f.Cursor = q.Get("cursor")
 	return f, nil
 }
 

@@ -31,6 +31,9 @@ func (s *Server) routes() http.Handler {
 		e.Status = http.StatusMethodNotAllowed
 		writeError(w, e)
 	})
+	if s.cfg.Prometheus != nil {
+		r.Method(http.MethodGet, PrometheusPath, s.cfg.Prometheus)
+	}
 	r.Route(BasePath, func(r chi.Router) {
 		r.Post("/volumes", s.forward(commands.SubjectCreate, false, s.cfg.CommandTimeout))
 		r.Get("/volumes/{volume_id}", s.getVolume)
@@ -54,6 +57,9 @@ func (s *Server) routes() http.Handler {
 	})
 	return r
 }
+
+// PrometheusPath serves the Prometheus text exposition (Config.Prometheus).
+const PrometheusPath = "/metrics"
 
 // routeMethods are the methods the API serves anywhere.
 var routeMethods = []string{http.MethodGet, http.MethodPost, http.MethodDelete}

@@ -68,6 +68,8 @@ type Config struct {
 	ReadHeaderTimeout, ReadTimeout, IdleTimeout time.Duration
 	// Logger is the parent of the bridge's logger; default slog.Default().
 	Logger *slog.Logger
+	// Prometheus serves GET /metrics (outside BasePath) when not nil.
+	Prometheus http.Handler
 }
 
 // Server is the REST bridge.

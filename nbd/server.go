@@ -24,6 +24,7 @@ import (
 	"regexp"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -148,6 +149,31 @@ type Server struct {
 	closed  bool
 
 	wg sync.WaitGroup // accept loop and connection handlers
+
+	stats counters // read by Stats
+}
+
+// counters are the server's totals since it started.
+type counters struct{ conns, read, written atomic.Uint64 }
+
+// Stats are a Server's counters, for monitoring.
+type Stats struct {
+	// Connections counts the connections open now; ConnectionsTotal every
+	// connection accepted since the server started.
+	Connections      int
+	ConnectionsTotal uint64
+	// BytesRead and BytesWritten count the payload bytes clients read and
+	// wrote through every export since the server started.
+	BytesRead, BytesWritten uint64
+}
+
+// Stats returns the server's counters.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	open := len(s.conns)
+	s.mu.Unlock()
+	return Stats{Connections: open, ConnectionsTotal: s.stats.conns.Load(),
+		BytesRead: s.stats.read.Load(), BytesWritten: s.stats.written.Load()}
 }
 
 // New returns a Server for cfg, with defaults filled in. It serves nothing
@@ -445,6 +471,7 @@ func (s *Server) accept(ln net.Listener) {
 			continue
 		}
 		s.conns[c] = struct{}{}
+		s.stats.conns.Add(1)
 		s.wg.Add(1)
 		s.mu.Unlock()
 		go c.serve()

@@ -187,11 +187,18 @@ func (c *conn) do(e *export, r request, buf []byte) error {
 	fua := r.flags&cmdFlagFUA != 0
 	switch r.typ {
 	case cmdRead:
-		return c.read(e, r, buf)
+		if err := c.read(e, r, buf); err != nil {
+			return err
+		}
+		c.s.stats.read.Add(uint64(r.n))
+		return nil
 	case cmdBlockStatus:
 		return c.blockStatus(e, r)
 	case cmdWrite:
 		err = e.b.writeAt(buf, int64(r.off), fua)
+		if err == nil {
+			c.s.stats.written.Add(uint64(len(buf)))
+		}
 	case cmdTrim:
 		if r.n > 0 {
 			err = syncAfter(e, fua, e.b.discard(r.off, uint64(r.n)))

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
 
@@ -24,6 +25,8 @@ import (
 	"github.com/volumed/volumed/handlers/correlate"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/httpbridge"
+	"github.com/volumed/volumed/internal/version"
+	"github.com/volumed/volumed/metrics"
 	"github.com/volumed/volumed/nbd"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
@@ -38,6 +41,10 @@ func main() { os.Exit(run(os.Args[1:], os.Stderr)) }
 
 // run maps every outcome to an exit code, in one place.
 func run(args []string, stderr io.Writer) int {
+	if slices.Contains(args, "--version") || slices.Contains(args, "-version") {
+		fmt.Fprintln(os.Stdout, "volumed", version.String())
+		return 0
+	}
 	cfg, err := parseConfig(args, stderr)
 	switch {
 	case errors.Is(err, flag.ErrHelp):
@@ -174,6 +181,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	started = append(started, corr)
 
 	var exporter handlers.Exporter
+	var nbdStats metrics.NBDStats
 	nbdAddr := "off"
 	if cfg.nbdListen != "" {
 		// TLS is always offered; off loopback it is required.
@@ -189,7 +197,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 			return err
 		}
 		started = append(started, srv)
-		exporter, nbdAddr = handlers.NBDExporter{Server: srv}, srv.Addr().String()
+		exporter, nbdStats, nbdAddr = handlers.NBDExporter{Server: srv}, srv, srv.Addr().String()
 		log.Info("nbd server ready", "addr", nbdAddr, "auto_export", cfg.nbdAutoExport, "tls_required", !nbd.LoopbackOnly(cfg.nbdListen))
 	}
 
@@ -197,13 +205,22 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	svc := handlers.New(handlers.Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, CloudStack: cs,
 		StoreName: storeName, VMID: cfg.vmID, Devices: corr, Exporter: exporter, AutoExport: cfg.nbdAutoExport,
 		StepTimeout: cfg.stepTimeout, AckWait: cfg.ackWait, SyncInterval: cfg.syncInterval, Logger: log})
+	prom, err := metrics.New(metrics.Config{Conn: b.Conn(), JetStream: b.JetStream(), Counters: svc, NBD: nbdStats, Logger: log})
+	if err != nil {
+		return err
+	}
+	if err := prom.Start(ctx); err != nil {
+		return err
+	}
+	started = append(started, prom)
+
 	if err := svc.Start(ctx); err != nil {
 		return err
 	}
 	started = append(started, svc)
 
 	bridge := httpbridge.New(httpbridge.Config{Listen: cfg.listen, Conn: b.Conn(), Store: store, Backend: svc,
-		VMID: cfg.vmID, Token: cfg.apiToken, Logger: log})
+		VMID: cfg.vmID, Token: cfg.apiToken, Logger: log, Prometheus: prom.Handler()})
 	if err := bridge.Start(ctx); err != nil {
 		return err
 	}

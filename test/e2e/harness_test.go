@@ -2,6 +2,7 @@ package e2e_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -18,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/client"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/apitest"
 	"github.com/volumed/volumed/internal/testenv"
@@ -25,8 +27,9 @@ import (
 	"github.com/volumed/volumed/test/cloudsim/simtest"
 )
 
-// volumedBin and cloudsimBin are the binaries the tests run, built once.
-var volumedBin, cloudsimBin string
+// volumedBin, cloudsimBin and volctlBin are the binaries the tests run,
+// built once.
+var volumedBin, cloudsimBin, volctlBin string
 
 // validator checks every REST response against the OpenAPI document.
 var validator *apitest.Validator
@@ -41,8 +44,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "OpenAPI document:", err)
 		os.Exit(1)
 	}
-	volumedBin, cloudsimBin = filepath.Join(dir, "volumed"), filepath.Join(dir, "cloudsim")
-	for bin, pkg := range map[string]string{volumedBin: "./cmd/volumed", cloudsimBin: "./cmd/cloudsim"} {
+	volumedBin, cloudsimBin, volctlBin = filepath.Join(dir, "volumed"), filepath.Join(dir, "cloudsim"), filepath.Join(dir, "volctl")
+	for bin, pkg := range map[string]string{volumedBin: "./cmd/volumed", cloudsimBin: "./cmd/cloudsim", volctlBin: "./cmd/volctl"} {
 		args := []string{"build", "-o", bin}
 		if raceBuild {
 			args = append(args, "-race")
@@ -293,22 +296,48 @@ func (d *daemon) submit(method, path string, body any) commands.Operation {
 	return op
 }
 
-// wait waits for an operation to end, through ?wait (shorter than the
-// client's own request timeout, so the server answers first), and returns
-// it.
+// cli is a Go client of the daemon whose every response is validated
+// against the OpenAPI document.
+func (d *daemon) cli() *client.Client {
+	d.t.Helper()
+	c, err := client.New(strings.TrimSuffix(d.api, "/api/v1"),
+		client.WithHTTPClient(&http.Client{Transport: validating{t: d.t}}), client.WithToken(d.token))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	return c
+}
+
+// validating is a RoundTripper that checks every response against the
+// OpenAPI document.
+type validating struct{ t testing.TB }
+
+func (v validating) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		return nil, err
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		return nil, err
+	}
+	validator.Check(v.t, req, resp, body)
+	resp.Body = io.NopCloser(bytes.NewReader(body))
+	return resp, nil
+}
+
+// wait waits for an operation to end with the client's Wait (?wait) and
+// returns it.
 func (d *daemon) wait(opID string) commands.Operation {
 	d.t.Helper()
-	deadline := time.Now().Add(90 * time.Second)
-	for {
-		var op commands.Operation
-		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+opID+"?wait=20s", nil, &op)
-		if op.Status.Terminal() {
-			return op
-		}
-		if time.Now().After(deadline) {
-			d.t.Fatalf("operation %s not terminal after 90s: %+v\n%s", opID, op, d.out.String())
-		}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	op, err := d.cli().Wait(ctx, opID)
+	if err != nil {
+		d.t.Fatalf("operation %s not terminal: %v (%+v)\n%s", opID, err, op, d.out.String())
 	}
+	return op
 }
 
 // completed waits for an operation and requires it completed.
@@ -321,11 +350,17 @@ func (d *daemon) completed(opID string) commands.Operation {
 	return op
 }
 
-// createVolume creates a volume of size GiB and returns its id.
+// createVolume creates a volume of size GiB through the client and
+// returns its id.
 func (d *daemon) createVolume(name string, gib int64) string {
 	d.t.Helper()
-	op := d.submit(http.MethodPost, "/volumes", map[string]any{"name": name, "size": gib << 30,
-		"disk_offering_id": cloudsim.CustomOfferingID, "zone_id": cloudsim.ZoneID})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	op, err := d.cli().CreateVolume(ctx, commands.CreateRequest{Name: name, Size: gib << 30,
+		DiskOfferingID: cloudsim.CustomOfferingID, ZoneID: cloudsim.ZoneID})
+	if err != nil || op.Status != commands.StatusPending {
+		d.t.Fatalf("create %s: %+v %v", name, op, err)
+	}
 	done := d.completed(op.ID)
 	if done.VolumeID == "" || done.Response == nil || done.Response.VolumeID != done.VolumeID {
 		d.t.Fatalf("create completed without a volume id: %+v", done)

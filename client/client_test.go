@@ -1,0 +1,105 @@
+package client_test
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/client"
+	"github.com/volumed/volumed/commands"
+)
+
+// The daemon itself is driven through this client by the e2e tests; these
+// cover what a real volumed does not send: answers from a proxy in front
+// of it, and server URLs.
+
+func TestNewServerURL(t *testing.T) {
+	tests := []struct {
+		in, want string
+		ok       bool
+	}{
+		{"", client.DefaultServer, true},
+		{"http://h:8090", "http://h:8090", true},
+		{"http://h:8090/", "http://h:8090", true},
+		{"https://h/api/v1", "https://h", true},
+		{"http://h:8090/api/v1/", "http://h:8090", true},
+		{"ftp://h", "", false},
+		{"h:8090", "", false},
+		{"http://h?x=1", "", false},
+	}
+	for _, tc := range tests {
+		c, err := client.New(tc.in)
+		if (err == nil) != tc.ok || (tc.ok && c.Server() != tc.want) {
+			t.Errorf("New(%q) = %v, %v; want %q ok=%v", tc.in, c, err, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestErrorAnswers(t *testing.T) {
+	tests := []struct {
+		name       string
+		status     int
+		header     map[string]string
+		body       string
+		code       string
+		message    string
+		retryAfter time.Duration
+	}{
+		{"documented error", 409, nil, `{"error":"attached elsewhere","code":"CONFLICT","details":{"vm_id":"x"}}`,
+			commands.CodeConflict, "attached elsewhere", 0},
+		{"retry after", 503, map[string]string{"Retry-After": "3"}, `{"error":"busy","code":"SERVICE_UNAVAILABLE"}`,
+			commands.CodeServiceUnavailable, "busy", 3 * time.Second},
+		{"a proxy's page", 502, nil, "<html>Bad Gateway</html>", "", "<html>Bad Gateway</html>", 0},
+		{"empty body", 504, map[string]string{"Retry-After": "soon"}, "", "", "Gateway Timeout", 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				for k, v := range tc.header {
+					w.Header().Set(k, v)
+				}
+				w.WriteHeader(tc.status)
+				_, _ = w.Write([]byte(tc.body))
+			}))
+			defer srv.Close()
+			c, err := client.New(srv.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = c.GetVolume(context.Background(), "v")
+			var e *client.Error
+			if !errors.As(err, &e) || e.Status != tc.status || e.Code() != tc.code || e.API.Message != tc.message ||
+				e.RetryAfter != tc.retryAfter || string(e.Body) != tc.body {
+				t.Fatalf("error %#v (%v)", e, err)
+			}
+			if tc.code == commands.CodeConflict && e.Details()["vm_id"] != "x" {
+				t.Fatalf("details %v", e.Details())
+			}
+		})
+	}
+}
+
+// TestHealthUnhealthy: the 503 of an unhealthy daemon is its health
+// document, not an error.
+func TestHealthUnhealthy(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/api/v1/health" || r.Header.Get("Authorization") != "Bearer t0k" {
+			http.Error(w, "wrong request", http.StatusTeapot)
+			return
+		}
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = w.Write([]byte(`{"status":"unhealthy","database_health":"unhealthy"}`))
+	}))
+	defer srv.Close()
+	c, err := client.New(srv.URL, client.WithToken("t0k"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := c.Health(context.Background())
+	if err != nil || h.Status != commands.Unhealthy || h.DatabaseHealth != commands.Unhealthy {
+		t.Fatalf("Health: %+v %v", h, err)
+	}
+}

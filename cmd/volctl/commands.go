@@ -1,0 +1,448 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/volumed/volumed/client"
+	"github.com/volumed/volumed/commands"
+)
+
+// errHelp asks for the usage text.
+var errHelp = errors.New("help")
+
+// usageText is volctl's help.
+const usageText = `volctl drives volumed through its REST API.
+
+Usage:
+  volctl volume create --name N --size 5GiB --zone Z --disk-offering O [--metadata k=v]... [--wait]
+  volctl volume attach ID --vm VM [--wait]
+  volctl volume attach-root ID --vm VM [--wait]
+  volctl volume detach ID [--wait]
+  volctl volume delete ID [--wait]
+  volctl volume get ID
+  volctl volume list [--vm VM]
+  volctl op get ID
+  volctl op wait ID
+  volctl op watch ID
+  volctl op list [--type T] [--status S] [--volume V] [--vm VM] [--limit N] [--cursor C]
+  volctl device ID | volctl device --path /dev/vdb [--vm VM]
+  volctl export list | get ID | create ID [--read-write] [--wait] | delete ID [--wait]
+  volctl sync
+  volctl health
+  volctl --version
+
+Flags of every command:
+  --server URL   volumed's address (VOLCTL_SERVER, default http://127.0.0.1:8090)
+  --token T      bearer token (VOLCTL_TOKEN)
+  -o FORMAT      table (default) or json
+  --nats URL     volumed's NATS bus (VOLCTL_NATS): op watch and --wait follow
+                 the operation's events instead of polling
+  --timeout D    give up after D (a Go duration; default none)
+
+--wait shows the operation's steps on stderr, prints the final operation
+and exits 1 unless it completed (with -o json: the operation's JSON).
+volume list without --vm lists the volumes volumed's recent operations
+name that CloudStack still has.
+Exit codes: 0 success; 1 API error, failed operation or unhealthy daemon; 2 usage.
+`
+
+// globals are the flags of every command.
+type globals struct {
+	server, token, output, nats string
+	wait                        bool
+	timeout                     time.Duration
+}
+
+// opts are the command-specific flags.
+type opts struct {
+	name, size, zone, offering, vm, path string
+	typ, status, volume, cursor          string
+	limit                                int
+	readWrite                            bool
+	metadata                             metadataFlag
+}
+
+// invocation is one parsed command line.
+type invocation struct {
+	c        *client.Client
+	nc       *nats.Conn
+	args     []string
+	g        globals
+	o        opts
+	out, err io.Writer
+}
+
+// command is one volctl command.
+type command struct {
+	group, name string
+	// args names the required positional arguments.
+	args []string
+	// optionalArg allows one optional positional argument instead.
+	optionalArg bool
+	// op commands start an operation and take --wait.
+	op    bool
+	flags func(fs *flag.FlagSet, o *opts)
+	run   func(ctx context.Context, in *invocation) error
+}
+
+// groups are the commands that take a subcommand.
+var groups = map[string]bool{"volume": true, "op": true, "export": true}
+
+func vmFlag(fs *flag.FlagSet, o *opts) { fs.StringVar(&o.vm, "vm", "", "VM id") }
+
+var commandList = []command{
+	{group: "volume", name: "create", op: true, flags: func(fs *flag.FlagSet, o *opts) {
+		fs.StringVar(&o.name, "name", "", "volume name (required)")
+		fs.StringVar(&o.size, "size", "", "size: bytes or with a unit, e.g. 5GiB (required)")
+		fs.StringVar(&o.zone, "zone", "", "zone id (required)")
+		fs.StringVar(&o.offering, "disk-offering", "", "disk offering id (required)")
+		fs.Var(&o.metadata, "metadata", "k=v, repeatable")
+	}, run: func(ctx context.Context, in *invocation) error {
+		req, err := in.o.createRequest()
+		if err != nil {
+			return err
+		}
+		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) { return in.c.CreateVolume(ctx, req) })
+	}},
+	{group: "volume", name: "attach", args: []string{"ID"}, op: true, flags: vmFlag, run: func(ctx context.Context, in *invocation) error {
+		if in.o.vm == "" {
+			return usagef("volume attach: --vm is required")
+		}
+		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) {
+			return in.c.AttachVolume(ctx, in.args[0], in.o.vm)
+		})
+	}},
+	{group: "volume", name: "attach-root", args: []string{"ID"}, op: true, flags: vmFlag, run: func(ctx context.Context, in *invocation) error {
+		if in.o.vm == "" {
+			return usagef("volume attach-root: --vm is required")
+		}
+		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) {
+			return in.c.AttachRoot(ctx, in.args[0], in.o.vm)
+		})
+	}},
+	{group: "volume", name: "detach", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
+		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) { return in.c.DetachVolume(ctx, in.args[0]) })
+	}},
+	{group: "volume", name: "delete", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
+		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) { return in.c.DeleteVolume(ctx, in.args[0]) })
+	}},
+	{group: "volume", name: "get", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
+		v, err := in.c.GetVolume(ctx, in.args[0])
+		if err != nil {
+			return err
+		}
+		return in.print(v, volumeRows([]commands.VolumeStatus{v}))
+	}},
+	{group: "volume", name: "list", flags: vmFlag, run: func(ctx context.Context, in *invocation) error {
+		var list []commands.VolumeStatus
+		var err error
+		if in.o.vm != "" {
+			list, err = in.c.VMVolumes(ctx, in.o.vm)
+		} else {
+			list, err = knownVolumes(ctx, in.c)
+		}
+		if err != nil {
+			return err
+		}
+		return in.print(list, volumeRows(list))
+	}},
+	{group: "op", name: "get", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
+		op, err := in.c.GetOperation(ctx, in.args[0])
+		if err != nil {
+			return err
+		}
+		return in.print(op, operationFields(op))
+	}},
+	{group: "op", name: "wait", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
+		return in.waitAndPrint(ctx, in.args[0])
+	}},
+	{group: "op", name: "watch", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
+		return in.watch(ctx, in.args[0])
+	}},
+	{group: "op", name: "list", flags: func(fs *flag.FlagSet, o *opts) {
+		fs.StringVar(&o.typ, "type", "", "only this type")
+		fs.StringVar(&o.status, "status", "", "only this status")
+		fs.StringVar(&o.volume, "volume", "", "only this volume")
+		fs.StringVar(&o.vm, "vm", "", "only this VM")
+		fs.IntVar(&o.limit, "limit", 0, "at most this many (the server's default when 0)")
+		fs.StringVar(&o.cursor, "cursor", "", "continue after this cursor (printed by the previous page)")
+	}, run: listOperations},
+	{group: "device", optionalArg: true, flags: func(fs *flag.FlagSet, o *opts) {
+		fs.StringVar(&o.path, "path", "", "a device path, e.g. /dev/vdb, instead of a volume id")
+		fs.StringVar(&o.vm, "vm", "", "with --path: the VM of the device (default volumed's host)")
+	}, run: func(ctx context.Context, in *invocation) error {
+		var m commands.Mapping
+		var err error
+		switch {
+		case in.o.path != "" && len(in.args) == 0:
+			m, err = in.c.DeviceVolume(ctx, in.o.path, in.o.vm)
+		case in.o.path == "" && len(in.args) == 1 && in.o.vm == "":
+			m, err = in.c.VolumeDevice(ctx, in.args[0])
+		default:
+			return usagef("device: give a volume ID, or --path P [--vm VM]")
+		}
+		if err != nil {
+			return err
+		}
+		return in.print(m, mappingFields(m))
+	}},
+	{group: "export", name: "list", run: func(ctx context.Context, in *invocation) error {
+		list, err := in.c.Exports(ctx)
+		if err != nil {
+			return err
+		}
+		return in.print(list, exportRows(list))
+	}},
+	{group: "export", name: "get", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
+		e, err := in.c.Export(ctx, in.args[0])
+		if err != nil {
+			return err
+		}
+		return in.print(e, exportRows([]commands.Export{e}))
+	}},
+	{group: "export", name: "create", args: []string{"ID"}, op: true, flags: func(fs *flag.FlagSet, o *opts) {
+		fs.BoolVar(&o.readWrite, "read-write", false, "export read-write (default read-only)")
+	}, run: func(ctx context.Context, in *invocation) error {
+		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) {
+			return in.c.CreateExport(ctx, commands.ExportRequest{VolumeID: in.args[0], ReadOnly: !in.o.readWrite})
+		})
+	}},
+	{group: "export", name: "delete", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
+		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) { return in.c.DeleteExport(ctx, in.args[0]) })
+	}},
+	{group: "sync", run: func(ctx context.Context, in *invocation) error {
+		r, err := in.c.ForceSync(ctx)
+		if err != nil {
+			return err
+		}
+		if err := in.print(r, syncRows(r)); err != nil {
+			return err
+		}
+		if len(r.Errors) > 0 {
+			return &failedError{fmt.Sprintf("force sync could not check %d thing(s)", len(r.Errors))}
+		}
+		return nil
+	}},
+	{group: "health", run: func(ctx context.Context, in *invocation) error {
+		h, err := in.c.Health(ctx)
+		if err != nil {
+			return err
+		}
+		if err := in.print(h, healthRows(h)); err != nil {
+			return err
+		}
+		if h.Status == commands.Unhealthy {
+			return &failedError{"volumed is unhealthy"}
+		}
+		return nil
+	}},
+}
+
+// lookup finds a command by group and subcommand.
+func lookup(group, sub string) (command, bool) {
+	for _, c := range commandList {
+		if c.group == group && (c.name == sub || !groups[group]) {
+			return c, true
+		}
+	}
+	return command{}, false
+}
+
+// parse reads a command's flags and arguments, interleaved in any order,
+// and connects the client.
+func parse(cmd command, args []string, stdout, stderr io.Writer) (*invocation, error) {
+	in := &invocation{out: stdout, err: stderr}
+	label := strings.TrimSpace(cmd.group + " " + cmd.name)
+	fs := flag.NewFlagSet("volctl "+label, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.StringVar(&in.g.server, "server", envOr("VOLCTL_SERVER", client.DefaultServer), "volumed's URL")
+	fs.StringVar(&in.g.token, "token", os.Getenv("VOLCTL_TOKEN"), "bearer token")
+	fs.StringVar(&in.g.output, "o", "table", "output: table or json")
+	fs.StringVar(&in.g.nats, "nats", os.Getenv("VOLCTL_NATS"), "volumed's NATS URL, for events")
+	fs.DurationVar(&in.g.timeout, "timeout", 0, "give up after this long")
+	if cmd.op {
+		fs.BoolVar(&in.g.wait, "wait", false, "wait for the operation to end, showing its steps")
+	}
+	if cmd.flags != nil {
+		cmd.flags(fs, &in.o)
+	}
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, errHelp
+			}
+			return nil, usagef("%s: %v", label, err)
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		in.args = append(in.args, fs.Arg(0))
+		args = fs.Args()[1:]
+	}
+	switch {
+	case cmd.optionalArg && len(in.args) > 1:
+		return nil, usagef("%s: at most one argument, got %d", label, len(in.args))
+	case !cmd.optionalArg && len(in.args) != len(cmd.args):
+		return nil, usagef("%s: want %d argument(s) %v, got %d", label, len(cmd.args), cmd.args, len(in.args))
+	}
+	if in.g.output != "table" && in.g.output != "json" {
+		return nil, usagef("-o: want table or json, got %q", in.g.output)
+	}
+	opts := []client.Option{client.WithToken(in.g.token),
+		client.WithHTTPClient(&http.Client{Timeout: client.WaitSlice + 30*time.Second})}
+	if in.g.nats != "" {
+		nc, err := nats.Connect(in.g.nats, nats.Name("volctl"), nats.Timeout(5*time.Second))
+		if err != nil {
+			return nil, fmt.Errorf("connect to NATS %s: %w", in.g.nats, err)
+		}
+		in.nc = nc
+		opts = append(opts, client.WithNATS(nc))
+	}
+	c, err := client.New(in.g.server, opts...)
+	if err != nil {
+		return nil, usagef("--server: %v", err)
+	}
+	in.c = c
+	return in, nil
+}
+
+// envOr is the environment variable name, or def when unset or empty.
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+// createRequest validates the flags of volume create.
+func (o *opts) createRequest() (commands.CreateRequest, error) {
+	var missing []string
+	for flagName, v := range map[string]string{"--name": o.name, "--size": o.size, "--zone": o.zone, "--disk-offering": o.offering} {
+		if v == "" {
+			missing = append(missing, flagName)
+		}
+	}
+	if len(missing) > 0 {
+		return commands.CreateRequest{}, usagef("volume create: %s required", strings.Join(slices.Sorted(slices.Values(missing)), ", "))
+	}
+	size, err := parseSize(o.size)
+	if err != nil {
+		return commands.CreateRequest{}, usagef("--size: %v", err)
+	}
+	req := commands.CreateRequest{Name: o.name, Size: size, ZoneID: o.zone, DiskOfferingID: o.offering}
+	if len(o.metadata) > 0 {
+		req.Metadata = map[string]any{}
+		for k, v := range o.metadata {
+			req.Metadata[k] = v
+		}
+	}
+	return req, nil
+}
+
+// listOperations is op list; the next page's cursor goes to stderr.
+func listOperations(ctx context.Context, in *invocation) error {
+	q := client.ListOptions{Type: commands.OpType(in.o.typ), Status: commands.OpStatus(in.o.status),
+		VolumeID: in.o.volume, VMID: in.o.vm, Limit: in.o.limit, Cursor: in.o.cursor}
+	page, err := in.c.ListOperations(ctx, q)
+	if err != nil {
+		return err
+	}
+	if err := in.print(page.Operations, operationRows(page.Operations)); err != nil {
+		return err
+	}
+	if page.NextCursor != "" {
+		fmt.Fprintf(in.err, "more: --cursor %s\n", page.NextCursor)
+	}
+	return nil
+}
+
+// knownVolumes lists the volumes named by the newest knownVolumesScan
+// operations volumed keeps that CloudStack still has.
+func knownVolumes(ctx context.Context, c *client.Client) ([]commands.VolumeStatus, error) {
+	seen := map[string]bool{}
+	list := []commands.VolumeStatus{}
+	read := 0
+	for op, err := range c.Operations(ctx, client.ListOptions{}) {
+		if err != nil {
+			return nil, err
+		}
+		if read++; read > knownVolumesScan {
+			break
+		}
+		if op.VolumeID == "" || seen[op.VolumeID] {
+			continue
+		}
+		seen[op.VolumeID] = true
+		v, err := c.GetVolume(ctx, op.VolumeID)
+		if client.HasCode(err, commands.CodeNotFound) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		list = append(list, v)
+	}
+	return list, nil
+}
+
+// knownVolumesScan is how many recent operations volume list reads.
+const knownVolumesScan = 1000
+
+// metadataFlag collects repeated --metadata k=v.
+type metadataFlag map[string]string
+
+func (m *metadataFlag) String() string { return fmt.Sprint(map[string]string(*m)) }
+
+func (m *metadataFlag) Set(v string) error {
+	k, val, ok := strings.Cut(v, "=")
+	if !ok || k == "" {
+		return fmt.Errorf("want k=v, got %q", v)
+	}
+	if *m == nil {
+		*m = metadataFlag{}
+	}
+	(*m)[k] = val
+	return nil
+}
+
+// sizeUnits are the units --size takes: binary for K/M/G/T with or
+// without "iB", decimal for KB/MB/GB/TB.
+var sizeUnits = []struct {
+	suffix string
+	factor int64
+}{
+	{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
+	{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12},
+	{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40}, {"B", 1},
+}
+
+// parseSize reads "5GiB", "5G", "5368709120" or "1.5TiB" as bytes.
+func parseSize(s string) (int64, error) {
+	num, factor := strings.TrimSpace(s), int64(1)
+	for _, u := range sizeUnits {
+		if strings.HasSuffix(strings.ToUpper(num), strings.ToUpper(u.suffix)) {
+			num, factor = strings.TrimSpace(num[:len(num)-len(u.suffix)]), u.factor
+			break
+		}
+	}
+	if n, err := strconv.ParseInt(num, 10, 64); err == nil && n > 0 && n <= (1<<62)/factor {
+		return n * factor, nil
+	}
+	f, err := strconv.ParseFloat(num, 64)
+	if err != nil || f <= 0 || f*float64(factor) > 1<<62 {
+		return 0, fmt.Errorf("want a positive size such as 5GiB or 5368709120, got %q", s)
+	}
+	return int64(f * float64(factor)), nil
+}

@@ -1,0 +1,71 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+)
+
+func TestParseSize(t *testing.T) {
+	tests := []struct {
+		in   string
+		want int64
+		ok   bool
+	}{
+		{"5GiB", 5 << 30, true},
+		{"5G", 5 << 30, true},
+		{"5gib", 5 << 30, true},
+		{"1024MiB", 1 << 30, true},
+		{"1.5TiB", 3 << 39, true},
+		{"5GB", 5e9, true},
+		{"5368709120", 5368709120, true},
+		{"512B", 512, true},
+		{" 2 GiB ", 2 << 30, true},
+		{"", 0, false},
+		{"0", 0, false},
+		{"-1G", 0, false},
+		{"5XB", 0, false},
+		{"GiB", 0, false},
+		{"99999999999TiB", 0, false},
+	}
+	for _, tc := range tests {
+		got, err := parseSize(tc.in)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d ok=%v", tc.in, got, err, tc.want, tc.ok)
+		}
+	}
+}
+
+// TestUsage checks the exit codes of command lines refused before any
+// request is made.
+func TestUsage(t *testing.T) {
+	tests := []struct {
+		args []string
+		code int
+		say  string
+	}{
+		{nil, exitUsage, "no command"},
+		{[]string{"frobnicate"}, exitUsage, "unknown command"},
+		{[]string{"volume"}, exitUsage, "unknown command"},
+		{[]string{"volume", "attach", "v"}, exitUsage, "--vm is required"},
+		{[]string{"volume", "attach", "v", "w", "--vm", "x"}, exitUsage, "want 1 argument"},
+		{[]string{"volume", "create", "--name", "n", "--size", "5GiB"}, exitUsage, "--disk-offering, --zone required"},
+		{[]string{"volume", "create", "--name", "n", "--size", "big", "--zone", "z", "--disk-offering", "o"}, exitUsage, "--size"},
+		{[]string{"volume", "create", "--metadata", "novalue"}, exitUsage, "k=v"},
+		{[]string{"volume", "get", "v", "-o", "yaml"}, exitUsage, "table or json"},
+		{[]string{"volume", "get", "v", "--wait"}, exitUsage, "not defined"},
+		{[]string{"device"}, exitUsage, "give a volume ID"},
+		{[]string{"device", "v", "--path", "/dev/vdb"}, exitUsage, "give a volume ID"},
+		{[]string{"health", "--server", "ftp://x"}, exitUsage, "http or https"},
+		{[]string{"help"}, exitOK, "Usage:"},
+		{[]string{"--version"}, exitOK, "volctl "},
+	}
+	for _, tc := range tests {
+		var out, errb bytes.Buffer
+		code := run(context.Background(), tc.args, &out, &errb)
+		if code != tc.code || !strings.Contains(out.String()+errb.String(), tc.say) {
+			t.Errorf("volctl %v: exit %d, want %d saying %q\nstdout: %s\nstderr: %s", tc.args, code, tc.code, tc.say, out.String(), errb.String())
+		}
+	}
+}

@@ -1,0 +1,320 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// progressSlice is how long one ?wait request holds while --wait shows
+// progress without NATS; each answer shows the operation's current step.
+const progressSlice = time.Second
+
+// table is rows of cells; the first row is the header.
+type table [][]string
+
+// print writes v as indented JSON with -o json, else t as aligned columns.
+func (in *invocation) print(v any, t table) error {
+	if in.g.output == "json" {
+		enc := json.NewEncoder(in.out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	tw := tabwriter.NewWriter(in.out, 0, 4, 2, ' ', 0)
+	for _, row := range t {
+		fmt.Fprintln(tw, strings.Join(row, "\t"))
+	}
+	return tw.Flush()
+}
+
+// operation runs a command that starts an operation: without --wait it
+// prints the accepted operation; with it, waits (showing progress) and
+// prints the final one.
+func (in *invocation) operation(ctx context.Context, start func(ctx context.Context) (commands.Operation, error)) error {
+	ctx, cancel := in.deadline(ctx)
+	defer cancel()
+	op, err := start(ctx)
+	if err != nil {
+		return err
+	}
+	if !in.g.wait {
+		return in.print(op, operationFields(op))
+	}
+	return in.waitAndPrint(ctx, op.ID)
+}
+
+// deadline applies --timeout.
+func (in *invocation) deadline(ctx context.Context) (context.Context, context.CancelFunc) {
+	if in.g.timeout > 0 {
+		return context.WithTimeout(ctx, in.g.timeout)
+	}
+	return context.WithCancel(ctx)
+}
+
+// waitAndPrint follows an operation to its end with progress on stderr,
+// prints it, and fails unless it completed.
+func (in *invocation) waitAndPrint(ctx context.Context, opID string) error {
+	ctx, cancel := in.deadline(ctx)
+	defer cancel()
+	p := newProgress(in.err)
+	var op commands.Operation
+	var err error
+	if in.nc != nil {
+		op, err = in.followEvents(ctx, opID, p.show)
+	} else {
+		op, err = in.c.WaitProgress(ctx, opID, progressSlice, p.show)
+	}
+	p.end()
+	if err != nil {
+		return err
+	}
+	if err := in.print(op, operationFields(op)); err != nil {
+		return err
+	}
+	if op.Status != commands.StatusCompleted {
+		msg := fmt.Sprintf("operation %s %s", op.ID, op.Status)
+		if op.Error != "" {
+			msg += ": " + op.Error
+		}
+		fmt.Fprintln(in.err, "volctl:", msg)
+		if len(op.Details) > 0 {
+			fmt.Fprintf(in.err, "details: %s\n", compactJSON(op.Details))
+		}
+		return &failedError{msg}
+	}
+	return nil
+}
+
+// followEvents follows an operation's NATS events to its terminal one and
+// returns the stored record then.
+func (in *invocation) followEvents(ctx context.Context, opID string, show func(commands.Operation)) (commands.Operation, error) {
+	for ev, err := range in.c.Watch(ctx, opID) {
+		if err != nil {
+			return ev, err
+		}
+		show(ev)
+	}
+	return in.c.GetOperation(ctx, opID)
+}
+
+// watch is op watch: a line per event (or, without NATS, per change seen
+// by polling) until the operation ends.
+func (in *invocation) watch(ctx context.Context, opID string) error {
+	ctx, cancel := in.deadline(ctx)
+	defer cancel()
+	printEvent := func(op commands.Operation) {
+		if in.g.output == "json" {
+			data, _ := json.Marshal(op)
+			fmt.Fprintln(in.out, string(data))
+			return
+		}
+		fmt.Fprintln(in.out, progressLine(op))
+	}
+	var op commands.Operation
+	var err error
+	if in.nc != nil {
+		for ev, werr := range in.c.Watch(ctx, opID) {
+			if werr != nil {
+				return werr
+			}
+			printEvent(ev)
+			op = ev
+		}
+	} else {
+		last := ""
+		op, err = in.c.WaitProgress(ctx, opID, progressSlice, func(o commands.Operation) {
+			if line := progressLine(o); line != last {
+				printEvent(o)
+				last = line
+			}
+		})
+		if err != nil {
+			return err
+		}
+	}
+	if op.Status != commands.StatusCompleted {
+		return &failedError{fmt.Sprintf("operation %s %s", op.ID, op.Status)}
+	}
+	return nil
+}
+
+// progressLine describes where an operation is.
+func progressLine(op commands.Operation) string {
+	parts := []string{op.ID, string(op.Type), string(op.Status)}
+	if op.Step != "" {
+		parts = append(parts, op.Step)
+	}
+	if op.Error != "" {
+		parts = append(parts, "error: "+op.Error)
+	}
+	return strings.Join(parts, " ")
+}
+
+// progress shows an operation's steps: one line rewritten in place on a
+// terminal, a line per change otherwise.
+type progress struct {
+	w     io.Writer
+	tty   bool
+	start time.Time
+	last  string
+	drawn bool
+}
+
+func newProgress(w io.Writer) *progress {
+	return &progress{w: w, tty: isTerminal(w), start: time.Now()}
+}
+
+// show draws op if it changed (on a terminal, also to move the clock).
+func (p *progress) show(op commands.Operation) {
+	line := progressLine(op)
+	if p.tty {
+		fmt.Fprintf(p.w, "\r\033[K%s (%s)", line, time.Since(p.start).Round(100*time.Millisecond))
+		p.drawn = true
+		return
+	}
+	if line != p.last {
+		fmt.Fprintln(p.w, line)
+	}
+	p.last = line
+}
+
+// end finishes the live line.
+func (p *progress) end() {
+	if p.tty && p.drawn {
+		fmt.Fprintln(p.w)
+	}
+}
+
+// isTerminal reports whether w is a terminal.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// compactJSON is v as one line of JSON.
+func compactJSON(v any) string {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Sprint(v)
+	}
+	return string(data)
+}
+
+// orDash shows "" as "-".
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// ptr shows a nullable string.
+func ptr(s *string) string {
+	if s == nil {
+		return "-"
+	}
+	return orDash(*s)
+}
+
+// ts shows a time in UTC, "-" when zero or nil.
+func ts(t *time.Time) string {
+	if t == nil || t.IsZero() {
+		return "-"
+	}
+	return t.UTC().Format(time.RFC3339)
+}
+
+func operationFields(op commands.Operation) table {
+	t := table{{"FIELD", "VALUE"},
+		{"id", op.ID}, {"type", string(op.Type)}, {"status", string(op.Status)},
+		{"volume_id", orDash(op.VolumeID)}, {"vm_id", ptr(op.VMID)}, {"step", orDash(op.Step)},
+		{"created_at", ts(&op.CreatedAt)}, {"completed_at", ts(op.CompletedAt)}}
+	if op.Response != nil {
+		t = append(t, []string{"device_path", orDash(op.Response.DevicePath)}, []string{"message", orDash(op.Response.Message)})
+		if op.Response.ExportName != "" {
+			t = append(t, []string{"export_name", op.Response.ExportName})
+		}
+	}
+	if op.Error != "" {
+		t = append(t, []string{"error", op.Error})
+	}
+	if len(op.Details) > 0 {
+		t = append(t, []string{"details", compactJSON(op.Details)})
+	}
+	return t
+}
+
+func operationRows(ops []commands.OperationSummary) table {
+	t := table{{"ID", "TYPE", "STATUS", "VOLUME", "VM", "CREATED", "ERROR"}}
+	for _, op := range ops {
+		t = append(t, []string{op.ID, string(op.Type), string(op.Status), orDash(op.VolumeID), ptr(op.VMID),
+			ts(&op.CreatedAt), orDash(commands.Shown(op.Error, 60))})
+	}
+	return t
+}
+
+func volumeRows(list []commands.VolumeStatus) table {
+	t := table{{"VOLUME", "NAME", "STATE", "SIZE", "VM", "DEVICE", "LAST OPERATION"}}
+	for _, v := range list {
+		name, last := "-", "-"
+		if v.CloudStackData != nil {
+			name = orDash(v.CloudStackData.Name)
+		}
+		if v.LastOperation != nil {
+			last = string(v.LastOperation.Type) + " " + string(v.LastOperation.Status)
+		}
+		t = append(t, []string{v.VolumeID, name, orDash(v.State), fmt.Sprintf("%dGiB", v.Size>>30), ptr(v.VMID), ptr(v.DevicePath), last})
+	}
+	return t
+}
+
+func mappingFields(m commands.Mapping) table {
+	return table{{"FIELD", "VALUE"}, {"volume_id", m.VolumeID}, {"vm_id", m.VMID}, {"device_path", orDash(m.DevicePath)},
+		{"cloudstack_state", m.CloudStackState}, {"linux_state", m.LinuxState}, {"size", fmt.Sprint(m.Size)},
+		{"persistent_device_name", orDash(m.PersistentDeviceName)}, {"symlink_path", orDash(m.SymlinkPath)},
+		{"last_sync", ts(&m.LastSync)}}
+}
+
+func exportRows(list []commands.Export) table {
+	t := table{{"VOLUME", "EXPORT", "DEVICE", "READ-ONLY", "STATUS", "CLIENTS"}}
+	for _, e := range list {
+		t = append(t, []string{e.VolumeID, e.ExportName, e.DevicePath, fmt.Sprint(e.ReadOnly), e.Status, fmt.Sprint(e.Clients)})
+	}
+	return t
+}
+
+func syncRows(r commands.SyncResult) table {
+	t := table{{"RESULT", "DETAIL"}, {"message", r.Message}, {"timestamp", ts(&r.Timestamp)}}
+	for _, c := range r.Changes {
+		t = append(t, []string{"change", c})
+	}
+	for _, e := range r.Errors {
+		t = append(t, []string{"error", e})
+	}
+	return t
+}
+
+func healthRows(h commands.Health) table {
+	t := table{{"COMPONENT", "HEALTH"}, {"status", h.Status}, {"cloudstack", h.CloudStackHealth},
+		{"database", h.DatabaseHealth}, {"device_monitor", h.DeviceMonitor},
+		{"store", h.Details.Store}, {"active_operations", fmt.Sprint(h.Details.ActiveOperations)}}
+	for _, k := range slices.Sorted(maps.Keys(h.Details.Errors)) {
+		t = append(t, []string{"error " + k, h.Details.Errors[k]})
+	}
+	return t
+}

@@ -1,0 +1,133 @@
+package metrics_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/metrics"
+	"github.com/volumed/volumed/nbd"
+)
+
+// counters is a Counters whose answer the test sets.
+type counters struct {
+	events int64
+	err    error
+}
+
+func (c *counters) Metrics(context.Context) (commands.Metrics, error) {
+	return commands.Metrics{Details: commands.MetricsDetails{DeviceEventsProcessed: c.events}}, c.err
+}
+
+// nbdStats is an NBDStats with fixed counters.
+type nbdStats nbd.Stats
+
+func (s nbdStats) Stats() nbd.Stats { return nbd.Stats(s) }
+
+// TestExporter counts operation events from a real embedded bus and reads
+// the scrape-time sources, a failing one included.
+func TestExporter(t *testing.T) {
+	b := testenv.StartBus(t)
+	if _, err := metrics.New(metrics.Config{}); err == nil {
+		t.Fatal("New without a bus accepted")
+	}
+	cs := &counters{events: 7}
+	e, err := metrics.New(metrics.Config{Conn: b.Conn(), JetStream: b.JetStream(), Counters: cs,
+		NBD: nbdStats{Connections: 1, ConnectionsTotal: 3, BytesRead: 4096, BytesWritten: 512}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	created := time.Now().UTC()
+	done := created.Add(1500 * time.Millisecond)
+	for _, op := range []commands.Operation{
+		{ID: "op-1", Type: commands.OpAttach, Status: commands.StatusPending, CreatedAt: created},
+		{ID: "op-1", Type: commands.OpAttach, Status: commands.StatusExecuting, Step: "attach:job", CreatedAt: created},
+		{ID: "op-1", Type: commands.OpAttach, Status: commands.StatusFailed, CreatedAt: created, CompletedAt: &done},
+	} {
+		data, _ := json.Marshal(op)
+		if err := b.Conn().Publish(commands.OpSubject(op.ID), data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = b.Conn().Publish(commands.OpSubject("op-2"), []byte("not json")) // ignored
+	reg := e.Registry()
+	testenv.Eventually(t, 5*time.Second, func() bool {
+		n, _ := testutil.GatherAndCount(reg, "volumed_operation_duration_seconds")
+		return n == 1
+	}, "the failed attach's duration observed")
+	want := `
+# HELP volumed_nbd_bytes_total Payload bytes moved through the NBD exports since this process started, by direction (read, write).
+# TYPE volumed_nbd_bytes_total counter
+volumed_nbd_bytes_total{direction="read"} 4096
+volumed_nbd_bytes_total{direction="write"} 512
+# HELP volumed_device_events_total Device events (add, remove, change) the correlator received since this process started.
+# TYPE volumed_device_events_total counter
+volumed_device_events_total 7
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "volumed_nbd_bytes_total", "volumed_device_events_total"); err != nil {
+		t.Fatal(err)
+	}
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range fams {
+		for _, m := range f.Metric {
+			key := f.GetName()
+			for _, l := range m.Label {
+				key += "," + l.GetName() + "=" + l.GetValue()
+			}
+			switch {
+			case m.Counter != nil:
+				got[key] = m.Counter.GetValue()
+			case m.Gauge != nil:
+				got[key] = m.Gauge.GetValue()
+			case m.Histogram != nil:
+				got[key] = m.Histogram.GetSampleSum()
+			}
+		}
+	}
+	for key, v := range map[string]float64{
+		"volumed_operations_total,status=pending,type=attach":   1,
+		"volumed_operations_total,status=failed,type=attach":    1,
+		"volumed_operations_total,status=completed,type=attach": 0,
+		"volumed_operation_duration_seconds,type=attach":        1.5,
+		"volumed_nbd_connections":                               1,
+		"volumed_nbd_connections_total":                         3,
+		"volumed_queue_depth":                                   0,
+		"volumed_scrape_errors,source=queue":                    0,
+		"volumed_scrape_errors,source=counters":                 0,
+	} {
+		if got[key] != v {
+			t.Errorf("%s = %v, want %v", key, got[key], v)
+		}
+	}
+	if _, ok := got["volumed_operations_total,status=executing,type=attach"]; ok {
+		t.Error("executing events counted")
+	}
+	cs.err = errors.New("store down")
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(`
+# HELP volumed_scrape_errors Sources this scrape could not read, by source (queue, counters).
+# TYPE volumed_scrape_errors gauge
+volumed_scrape_errors{source="counters"} 1
+volumed_scrape_errors{source="queue"} 0
+`), "volumed_scrape_errors"); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if err := e.Close(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
