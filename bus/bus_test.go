@@ -87,7 +87,7 @@ func TestBadConfigFile(t *testing.T) {
 	if err := os.WriteFile(conf, []byte("listen: {{{"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := bus.New(bus.Config{ConfigFile: conf}).Start(context.Background()); err == nil {
+	if err := bus.New(bus.Config{ConfigFile: conf, DataDir: t.TempDir()}).Start(context.Background()); err == nil {
 		t.Fatal("start with a malformed config file succeeded")
 	}
 }
@@ -129,8 +129,10 @@ func TestEmbeddedCluster(t *testing.T) {
 	ctx := context.Background()
 	buses := make([]*bus.Bus, len(confs))
 	errs := make(chan error, len(confs))
+	// The members of one cluster share their keys (README: copy creds/keys).
+	credsDir := t.TempDir()
 	for i, conf := range confs {
-		buses[i] = bus.New(bus.Config{ConfigFile: conf, Replicas: 3})
+		buses[i] = bus.New(bus.Config{ConfigFile: conf, Replicas: 3, CredsDir: credsDir})
 		go func() { errs <- buses[i].Start(ctx) }()
 	}
 	for range confs {
@@ -141,7 +143,8 @@ func TestEmbeddedCluster(t *testing.T) {
 	for _, b := range buses {
 		defer b.Close(ctx)
 	}
-	client := bus.New(bus.Config{URL: strings.Join(urls, ","), ClientOnly: true})
+	client := bus.New(bus.Config{URL: strings.Join(urls, ","), ClientOnly: true,
+		Creds: filepath.Join(credsDir, bus.RoleDaemon+".creds")})
 	if err := client.Start(ctx); err != nil {
 		t.Fatalf("client with several URLs: %v", err)
 	}
@@ -172,7 +175,7 @@ func TestEmbeddedCluster(t *testing.T) {
 // would all be called "volumed", which JetStream cannot tell apart.
 func TestClusterNeedsServerNames(t *testing.T) {
 	confs, _ := clusterConfs(t, 1, false)
-	err := bus.New(bus.Config{ConfigFile: confs[0]}).Start(context.Background())
+	err := bus.New(bus.Config{ConfigFile: confs[0], DataDir: t.TempDir()}).Start(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "server_name") {
 		t.Fatalf("start of a cluster member without server_name: %v", err)
 	}

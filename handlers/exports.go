@@ -153,16 +153,22 @@ func (s *Service) acceptExport(ctx context.Context, data []byte, key string) (an
 	if err != nil {
 		return nil, err
 	}
-	e, err := s.mappingForExport(ctx, req.VolumeID)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostPing}); err != nil {
-		return nil, hostError(err)
-	}
-	vm := e.VMID
-	return s.accept(ctx, key, commands.OpExport, req.VolumeID, &vm, req, func(ctx context.Context) error {
-		return s.checkVolume(ctx, req.VolumeID)
+	var vm string // the VM whose instance serves the export, once checked
+	return s.accept(ctx, key, commands.OpExport, req.VolumeID, &vm, req, func(checkCtx context.Context) error {
+		// CloudStack within the check budget; the store and the host
+		// within the command's own.
+		if err := s.checkVolume(checkCtx, req.VolumeID); err != nil {
+			return err
+		}
+		e, err := s.mappingForExport(ctx, req.VolumeID)
+		if err != nil {
+			return err
+		}
+		if _, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostPing}); err != nil {
+			return hostError(err)
+		}
+		vm = e.VMID
+		return nil
 	})
 }
 

@@ -85,12 +85,7 @@ func newHarness(t testing.TB, o harnessOpts) *harness {
 		t.Fatalf("start handlers: %v", err)
 	}
 	t.Cleanup(func() { _ = h.svc.Close(context.Background()) })
-	nc, err := nats.Connect(h.bus.ClientURL(), nats.Name("test-client"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	h.nc = nc
+	h.nc = testenv.Connect(t, h.bus, bus.RoleOperator, nats.Name("test-client"))
 	return h
 }
 

@@ -49,6 +49,8 @@ Flags of every command:
   -o FORMAT      table (default) or json
   --nats URL     volumed's NATS bus (VOLCTL_NATS): op watch and --wait follow
                  the operation's events instead of polling
+  --nats-creds F NATS credentials for --nats (VOLCTL_NATS_CREDS, default
+                 ./volumed-data/creds/operator.creds when it exists)
   --timeout D    give up after D (a Go duration; default none)
 
 --wait shows the operation's steps on stderr, prints the final operation
@@ -60,9 +62,9 @@ Exit codes: 0 success; 1 API error, failed operation or unhealthy daemon; 2 usag
 
 // globals are the flags of every command.
 type globals struct {
-	server, token, output, nats string
-	wait                        bool
-	timeout                     time.Duration
+	server, token, output, nats, natsCreds string
+	wait                                   bool
+	timeout                                time.Duration
 }
 
 // opts are the command-specific flags.
@@ -271,6 +273,7 @@ func parse(cmd command, args []string, stdout, stderr io.Writer) (*invocation, e
 	fs.StringVar(&in.g.token, "token", os.Getenv("VOLCTL_TOKEN"), "bearer token")
 	fs.StringVar(&in.g.output, "o", "table", "output: table or json")
 	fs.StringVar(&in.g.nats, "nats", os.Getenv("VOLCTL_NATS"), "volumed's NATS URL, for events")
+	fs.StringVar(&in.g.natsCreds, "nats-creds", envOr("VOLCTL_NATS_CREDS", defaultNATSCreds()), "NATS credentials file")
 	fs.DurationVar(&in.g.timeout, "timeout", 0, "give up after this long")
 	if cmd.op {
 		fs.BoolVar(&in.g.wait, "wait", false, "wait for the operation to end, showing its steps")
@@ -303,7 +306,11 @@ func parse(cmd command, args []string, stdout, stderr io.Writer) (*invocation, e
 	opts := []client.Option{client.WithToken(in.g.token),
 		client.WithHTTPClient(&http.Client{Timeout: client.WaitSlice + 30*time.Second})}
 	if in.g.nats != "" {
-		nc, err := nats.Connect(in.g.nats, nats.Name("volctl"), nats.Timeout(5*time.Second))
+		natsOpts := []nats.Option{nats.Name("volctl"), nats.Timeout(5 * time.Second)}
+		if in.g.natsCreds != "" {
+			natsOpts = append(natsOpts, nats.UserCredentials(in.g.natsCreds))
+		}
+		nc, err := nats.Connect(in.g.nats, natsOpts...)
 		if err != nil {
 			return nil, fmt.Errorf("connect to NATS %s: %w", in.g.nats, err)
 		}
@@ -445,4 +452,14 @@ func parseSize(s string) (int64, error) {
 		return 0, fmt.Errorf("want a positive size such as 5GiB or 5368709120, got %q", s)
 	}
 	return int64(f * float64(factor)), nil
+}
+
+// defaultNATSCreds is the operator credentials of a volumed run from this
+// directory with its default data dir, when they exist ("" otherwise).
+func defaultNATSCreds() string {
+	const path = "volumed-data/creds/operator.creds"
+	if _, err := os.Stat(path); err != nil {
+		return ""
+	}
+	return path
 }

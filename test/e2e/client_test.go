@@ -74,8 +74,9 @@ func TestClientRoundTrip(t *testing.T) {
 			t.Fatalf("Watch of an unknown operation: %v", err)
 		}
 	}
-	// Events the stream no longer keeps: the stored record, once.
-	js, err := jetstream.New(nc)
+	// Events the stream no longer keeps: the stored record, once (the
+	// purge needs volumed's own credentials).
+	js, err := jetstream.New(d.natsAs(bus.RoleDaemon))
 	if err != nil {
 		t.Fatal(err)
 	}

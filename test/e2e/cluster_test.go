@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -14,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/internal/testenv"
@@ -21,18 +24,32 @@ import (
 )
 
 // natsCluster is a JetStream cluster of real nats-server instances running
-// in the test process, joined by routes.
+// in the test process, joined by routes, trusting volumed's credentials as
+// `volumed creds server-config` sets it up.
 type natsCluster struct {
 	t     testing.TB
 	nodes []*server.Server
 	urls  []string
+	// creds holds the authority's keys and the role credentials.
+	creds string
 }
 
-// startNATSCluster starts n servers forming one cluster and waits until
-// JetStream answers.
+// startNATSCluster starts n servers forming one cluster, with the
+// authorization of one volumed authority, and waits until JetStream answers.
 func startNATSCluster(t testing.TB, n int) *natsCluster {
 	t.Helper()
-	c := &natsCluster{t: t}
+	c := &natsCluster{t: t, creds: t.TempDir()}
+	auth, err := bus.LoadAuthority(c.creds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := auth.WriteRoleCreds(); err != nil {
+		t.Fatal(err)
+	}
+	trust, err := auth.ServerConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
 	clusterPorts := make([]int, n)
 	var routes []string
 	for i := range clusterPorts {
@@ -40,12 +57,18 @@ func startNATSCluster(t testing.TB, n int) *natsCluster {
 		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", clusterPorts[i]))
 	}
 	for i := range n {
-		opts := &server.Options{
-			ServerName: fmt.Sprintf("n%d", i+1), Host: "127.0.0.1", Port: testenv.FreePort(t),
-			JetStream: true, StoreDir: t.TempDir(), NoSigs: true, NoLog: true,
-			Cluster: server.ClusterOpts{Name: "volumed-test", Host: "127.0.0.1", Port: clusterPorts[i]},
-			Routes:  server.RoutesFromStr(strings.Join(routes, ",")),
+		conf := filepath.Join(t.TempDir(), "nats.conf")
+		body := fmt.Sprintf("%s\nserver_name: n%d\nlisten: 127.0.0.1:%d\njetstream { store_dir: %q }\n"+
+			"cluster { name: volumed-test, listen: \"127.0.0.1:%d\", routes: [%s] }\n",
+			trust, i+1, testenv.FreePort(t), t.TempDir(), clusterPorts[i], strings.Join(routes, ", "))
+		if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
 		}
+		opts, err := server.ProcessConfigFile(conf)
+		if err != nil {
+			t.Fatalf("nats server %d config: %v", i+1, err)
+		}
+		opts.NoSigs, opts.NoLog = true, true
 		srv, err := server.NewServer(opts)
 		if err != nil {
 			t.Fatalf("nats server %d: %v", i+1, err)
@@ -58,7 +81,7 @@ func startNATSCluster(t testing.TB, n int) *natsCluster {
 		c.nodes = append(c.nodes, srv)
 		c.urls = append(c.urls, srv.ClientURL())
 	}
-	nc, err := nats.Connect(c.url())
+	nc, err := nats.Connect(c.url(), nats.UserCredentials(bus.CredsFile(c.creds, bus.RoleDaemon)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +112,7 @@ func startInstances(t testing.TB, sim cloud, c *natsCluster, n int) []*daemon {
 	t.Helper()
 	var ds []*daemon
 	for range n {
-		ds = append(ds, startDaemon(t, sim, daemonOpts{natsURL: c.url(), extra: []string{"--device-agent=false"}}))
+		ds = append(ds, startDaemon(t, sim, daemonOpts{natsURL: c.url(), natsCreds: c.creds, extra: []string{"--device-agent=false"}}))
 	}
 	return ds
 }
@@ -296,8 +319,8 @@ func TestClusterHostWork(t *testing.T) {
 	requireNBDClients(t)
 	sim := startLocalSim(t, false)
 	c := startNATSCluster(t, 3)
-	host := startDaemon(t, sim, daemonOpts{natsURL: c.url()})
-	other := startDaemon(t, sim, daemonOpts{natsURL: c.url(),
+	host := startDaemon(t, sim, daemonOpts{natsURL: c.url(), natsCreds: c.creds})
+	other := startDaemon(t, sim, daemonOpts{natsURL: c.url(), natsCreds: c.creds,
 		extra: []string{"--vm-id", cloudsim.RemoteVMID, "--device-agent=false", "--nbd-listen", ""}})
 	vol := other.createVolume("host-work", 1)
 	other.attachLocal(vol)

@@ -215,11 +215,7 @@ func TestSeparateAgentProcess(t *testing.T) {
 // bus, stopped with SIGINT when the test ends, and waits until it is ready.
 func startAgentProcess(t *testing.T, d *daemon) {
 	t.Helper()
-	creds := filepath.Join(t.TempDir(), "agent.creds")
-	if out, err := exec.Command(volumedBin, "creds", "agent", "--vm-id", cloudsim.ApplianceVMID, "--data-dir", d.dataDir,
-		"--out", creds).CombinedOutput(); err != nil {
-		t.Fatalf("volumed creds agent: %v\n%s", err, out)
-	}
+	creds := d.agentCreds(cloudsim.ApplianceVMID)
 	out := &syncBuffer{}
 	agent := exec.Command(volumedBin, "agent", "--vm-id", cloudsim.ApplianceVMID, "--nats-url", d.natsURL,
 		"--nats-creds", creds, "--name-dir", d.nameDir(), "--log-level", "debug")

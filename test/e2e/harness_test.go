@@ -80,6 +80,9 @@ type daemon struct {
 	api     string // http://host:port/api/v1
 	natsURL string
 	nbdAddr string // host:port of the NBD server
+	// credsDir holds the NATS role credentials: the daemon's own, or those
+	// of the external cluster it runs on.
+	credsDir string
 	// token is sent on every call when set (a daemon listening off loopback).
 	token  string
 	cmd    *exec.Cmd
@@ -94,7 +97,10 @@ type daemonOpts struct {
 	// natsURL is an external NATS cluster (comma-separated URLs, three
 	// replicas); "" runs the daemon's own embedded server.
 	natsURL string
-	extra   []string
+	// natsCreds is the directory of the external cluster's credentials
+	// (daemon.creds, operator.creds, …); with natsURL.
+	natsCreds string
+	extra     []string
 	// offLoopback listens on every interface, so the API token is required.
 	offLoopback bool
 }
@@ -110,7 +116,8 @@ func startDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
 	if o.dataDir == "" {
 		o.dataDir = t.TempDir()
 	}
-	natsArgs := []string{"--nats-url", o.natsURL, "--nats-replicas", "3"}
+	natsArgs := []string{"--nats-url", o.natsURL, "--nats-replicas", "3",
+		"--nats-creds", bus.CredsFile(o.natsCreds, bus.RoleDaemon)}
 	natsURL := o.natsURL
 	if o.natsURL == "" {
 		natsPort := testenv.FreePort(t)
@@ -125,8 +132,12 @@ func startDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
 	if o.offLoopback {
 		listen = fmt.Sprintf("0.0.0.0:%d", apiPort)
 	}
+	credsDir := filepath.Join(o.dataDir, "creds")
+	if o.natsURL != "" {
+		credsDir = o.natsCreds
+	}
 	d := &daemon{t: t, dataDir: o.dataDir, api: fmt.Sprintf("http://127.0.0.1:%d/api/v1", apiPort),
-		natsURL: natsURL, nbdAddr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}
+		natsURL: natsURL, credsDir: credsDir, nbdAddr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}
 	d.args = append([]string{"--listen", listen, "--data-dir", o.dataDir,
 		"--cloudstack-url", sim.URL(), "--cloudstack-api-key", cloudsim.DefaultAPIKey,
 		"--cloudstack-secret-key", cloudsim.DefaultSecretKey, "--vm-id", cloudsim.ApplianceVMID,
@@ -155,7 +166,7 @@ func (d *daemon) apiToken() string {
 
 // credsFile is the path of a role's NATS credentials volumed made.
 func (d *daemon) credsFile(role string) string {
-	return filepath.Join(d.dataDir, "creds", role+".creds")
+	return bus.CredsFile(d.credsDir, role)
 }
 
 func (d *daemon) start() {
@@ -227,6 +238,30 @@ func (d *daemon) stop() {
 func (d *daemon) nats() *nats.Conn {
 	d.t.Helper()
 	return d.natsAs(bus.RoleOperator)
+}
+
+// agentCreds mints the NATS credentials of vmID's device agent with
+// `volumed creds agent` and returns their file.
+func (d *daemon) agentCreds(vmID string) string {
+	d.t.Helper()
+	creds := filepath.Join(d.t.TempDir(), "agent-"+vmID+".creds")
+	if out, err := exec.Command(volumedBin, "creds", "agent", "--vm-id", vmID, "--data-dir", d.dataDir,
+		"--out", creds).CombinedOutput(); err != nil {
+		d.t.Fatalf("volumed creds agent: %v\n%s", err, out)
+	}
+	return creds
+}
+
+// natsAgent connects as vmID's device agent.
+func (d *daemon) natsAgent(vmID string) *nats.Conn {
+	d.t.Helper()
+	nc, err := nats.Connect(d.natsURL, nats.UserCredentials(d.agentCreds(vmID)),
+		nats.CustomInboxPrefix(bus.AgentInboxPrefix(vmID)))
+	if err != nil {
+		d.t.Fatalf("connect NATS as the agent of %s: %v", vmID, err)
+	}
+	d.t.Cleanup(nc.Close)
+	return nc
 }
 
 // natsAs connects a client with a role's credentials.

@@ -233,7 +233,9 @@ func TestForgedAgentReply(t *testing.T) {
 		{Name: "../../" + strings.TrimPrefix(file, "/"), Path: file, Major: 7, Minor: 998, Size: 1 << 30, BackingFile: file},
 		{Name: "loop997", Path: "/dev/loop997", Major: 7, Minor: 997, Size: 1 << 30, BackingFile: file, DiskSeq: 1},
 	}
-	nc := d.nats()
+	// The VM's own agent identity lies (a compromised agent): the most a
+	// forger on the bus can be.
+	nc := d.natsAgent(cloudsim.ApplianceVMID)
 	sub, err := nc.Subscribe(commands.DevicesListSubject(cloudsim.ApplianceVMID), func(msg *nats.Msg) {
 		data, _ := json.Marshal(forged)
 		_ = msg.Respond(data)

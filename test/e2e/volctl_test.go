@@ -19,6 +19,7 @@ import (
 
 	"github.com/creack/pty"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/test/cloudsim"
 )
@@ -112,7 +113,8 @@ func TestVolctl(t *testing.T) {
 		t.Fatalf("op get table:\n%s", out)
 	}
 	// op watch over NATS replays every event to the terminal one.
-	w := d.mustVolctl(0, "op", "watch", attach.ID, "--nats", d.natsURL)
+	w := d.mustVolctl(0, "op", "watch", attach.ID, "--nats", d.natsURL,
+		"--nats-creds", d.credsFile(bus.RoleOperator))
 	lines := strings.Split(strings.TrimSpace(w.stdout), "\n")
 	if len(lines) < 2 || !strings.Contains(lines[0], "pending") || !strings.Contains(lines[len(lines)-1], "completed") {
 		t.Fatalf("op watch lines:\n%s", w.stdout)
@@ -158,7 +160,8 @@ func TestVolctl(t *testing.T) {
 	}
 	// --wait following the events over NATS: the same final operation.
 	var detached commands.Operation
-	r = d.mustVolctl(0, "volume", "detach", vol, "--wait", "--nats", d.natsURL, "-o", "json")
+	r = d.mustVolctl(0, "volume", "detach", vol, "--wait", "--nats", d.natsURL,
+		"--nats-creds", d.credsFile(bus.RoleOperator), "-o", "json")
 	decodeOut(t, r, &detached)
 	if detached.Status != commands.StatusCompleted || detached.Type != commands.OpDetach || !strings.Contains(r.stderr, "pending") {
 		t.Fatalf("detach --wait --nats: %+v\nstderr: %s", detached, r.stderr)
