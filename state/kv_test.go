@@ -262,6 +262,14 @@ func TestKVUpgradesOldBucket(t *testing.T) {
 	if _, err := s.PutMapping(ctx, storetest.Mapping("vol-2", "vm-1", "/dev/vdb")); !errors.Is(err, state.ErrConflict) {
 		t.Fatalf("a device an old mapping holds, taken: %v", err)
 	}
+	// An older volumed deletes the mapping the old way, leaving its claim:
+	// the device is free all the same.
+	if err := old.Purge(ctx, "map.vol-1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.PutMapping(ctx, storetest.Mapping("vol-2", "vm-1", "/dev/vdb")); err != nil {
+		t.Fatalf("a device whose claim no mapping backs: %v", err)
+	}
 	if _, err := s.RenewLease(ctx, l); err != nil {
 		t.Fatal(err)
 	}

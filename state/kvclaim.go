@@ -148,7 +148,15 @@ func (k *KV) mappingWrites(ctx context.Context, ws []kvWrite, volumeID string, o
 			return nil, err
 		}
 		if holder := string(c.data); c.live && holder != "" && holder != volumeID {
-			return nil, fmt.Errorf("state: device %s of volume %s held by %s: %w", m.DevicePath, volumeID, holder, ErrConflict)
+			held, err := k.holds(ctx, holder, m)
+			if err != nil {
+				return nil, err
+			}
+			if held {
+				return nil, fmt.Errorf("state: device %s of volume %s held by %s: %w", m.DevicePath, volumeID, holder, ErrConflict)
+			}
+			// A claim left behind by a writer that kept no claims (an
+			// older volumed): taken over, on its revision like any other.
 		}
 		ws = append(ws, kvWrite{key: key, data: []byte(volumeID), expect: c.rev})
 	}
@@ -163,6 +171,22 @@ func (k *KV) mappingWrites(ctx context.Context, ws []kvWrite, volumeID string, o
 		}
 	}
 	return ws, nil
+}
+
+// holds reports whether the recorded mapping of volume holder has m's
+// device path on m's VM. A writer of holder's mapping writes the claim in
+// the same batch, so taking over a claim its holder's mapping no longer
+// backs races with no such write unnoticed.
+func (k *KV) holds(ctx context.Context, holder string, m *commands.Mapping) (bool, error) {
+	h, err := k.last(ctx, kvMappingPrefix+holder)
+	if err != nil || !h.live {
+		return false, err
+	}
+	hm, err := decodeRecord[commands.Mapping](h.data)
+	if err != nil {
+		return false, err
+	}
+	return hm.VMID == m.VMID && hm.DevicePath == m.DevicePath, nil
 }
 
 // PutMapping writes m and the device claims it takes and gives up in one
