@@ -10,7 +10,8 @@
 # (50 ms jobs) while the front door is measured.
 # Each target runs right after a bare chi run, so that both see the same
 # load; it prints the machine, its load, and one line per run with the
-# ratio to the bare chi run before it. Needs Go and, for the Redis line, redis-server.
+# ratio to the bare chi run before it. Needs Go, curl, python3 and, for the
+# Redis line, redis-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5s}

@@ -67,7 +67,7 @@ func (s *Server) request(ctx context.Context, msg *nats.Msg) (int, *nats.Msg, er
 	reply, err := s.cfg.Conn.RequestMsgWithContext(ctx, msg)
 	switch {
 	case errors.Is(err, nats.ErrNoResponders):
-		return 0, nil, fmt.Errorf("%w%w", commands.Unavailable("command service unavailable: no responders on %s", subject).
+		return 0, nil, fmt.Errorf("%w (%w)", commands.Unavailable("command service unavailable: no responders on %s", subject).
 			WithDetail("subject", subject), errNoResponders)
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
 		return 0, nil, commands.Unavailable("command service did not answer in time").
@@ -84,7 +84,7 @@ func (s *Server) request(ctx context.Context, msg *nats.Msg) (int, *nats.Msg, er
 }
 
 // errNoResponders marks a command nobody received: nothing was recorded.
-var errNoResponders = errors.New("")
+var errNoResponders = errors.New("nothing recorded")
 
 // retryAfterNoResponders is the Retry-After, in seconds, of a command
 // nobody received.

@@ -280,55 +280,58 @@ func vmFrom(vm *cloudstack.VirtualMachine) VM {
 // ListZones lists every zone, all pages.
 func (c *Client) ListZones(ctx context.Context) ([]Zone, error) {
 	return listAll(ctx, c, "listZones", func(cs *cloudstack.CloudStackClient, page int) ([]Zone, int, error) {
-		q := cs.Zone.NewListZonesParams()
-		q.SetPage(page)
-		q.SetPagesize(listPageSize)
-		r, err := cs.Zone.ListZones(q)
+		r, err := cs.Zone.ListZones(paged(cs.Zone.NewListZonesParams(), page))
 		if err != nil {
 			return nil, 0, err
 		}
-		out := make([]Zone, 0, len(r.Zones))
-		for _, z := range r.Zones {
-			out = append(out, Zone{ID: z.Id, Name: z.Name})
-		}
-		return out, r.Count, nil
+		return mapAll(r.Zones, func(z *cloudstack.Zone) Zone { return Zone{ID: z.Id, Name: z.Name} }), r.Count, nil
 	})
 }
 
 // ListDiskOfferings lists every disk offering, all pages.
 func (c *Client) ListDiskOfferings(ctx context.Context) ([]DiskOffering, error) {
 	return listAll(ctx, c, "listDiskOfferings", func(cs *cloudstack.CloudStackClient, page int) ([]DiskOffering, int, error) {
-		q := cs.DiskOffering.NewListDiskOfferingsParams()
-		q.SetPage(page)
-		q.SetPagesize(listPageSize)
-		r, err := cs.DiskOffering.ListDiskOfferings(q)
+		r, err := cs.DiskOffering.ListDiskOfferings(paged(cs.DiskOffering.NewListDiskOfferingsParams(), page))
 		if err != nil {
 			return nil, 0, err
 		}
-		out := make([]DiskOffering, 0, len(r.DiskOfferings))
-		for _, o := range r.DiskOfferings {
-			out = append(out, DiskOffering{ID: o.Id, Name: o.Name})
-		}
-		return out, r.Count, nil
+		return mapAll(r.DiskOfferings, func(o *cloudstack.DiskOffering) DiskOffering {
+			return DiskOffering{ID: o.Id, Name: o.Name}
+		}), r.Count, nil
 	})
 }
 
 // ListVMs lists every VM, all pages.
 func (c *Client) ListVMs(ctx context.Context) ([]VM, error) {
 	return listAll(ctx, c, "listVirtualMachines", func(cs *cloudstack.CloudStackClient, page int) ([]VM, int, error) {
-		q := cs.VirtualMachine.NewListVirtualMachinesParams()
-		q.SetPage(page)
-		q.SetPagesize(listPageSize)
-		r, err := cs.VirtualMachine.ListVirtualMachines(q)
+		r, err := cs.VirtualMachine.ListVirtualMachines(paged(cs.VirtualMachine.NewListVirtualMachinesParams(), page))
 		if err != nil {
 			return nil, 0, err
 		}
-		out := make([]VM, 0, len(r.VirtualMachines))
-		for _, vm := range r.VirtualMachines {
-			out = append(out, vmFrom(vm))
-		}
-		return out, r.Count, nil
+		return mapAll(r.VirtualMachines, vmFrom), r.Count, nil
 	})
+}
+
+// pager is the paging of a list command's parameters.
+type pager interface {
+	SetPage(int)
+	SetPagesize(int)
+}
+
+// paged sets page number page of listPageSize items on q.
+func paged[P pager](q P, page int) P {
+	q.SetPage(page)
+	q.SetPagesize(listPageSize)
+	return q
+}
+
+// mapAll maps every item of in.
+func mapAll[S, T any](in []S, f func(S) T) []T {
+	out := make([]T, len(in))
+	for i, v := range in {
+		out[i] = f(v)
+	}
+	return out
 }
 
 // listAll pages through a list command: fetch returns one page and the
