@@ -8,8 +8,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/metrics"
@@ -129,5 +131,73 @@ volumed_scrape_errors{source="queue"} 0
 		if err := e.Close(context.Background()); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestQueueGauges reads a real JetStream consumer of the job stream: a job
+// queued, then delivered and not acknowledged, then redelivered after its
+// ack wait, then acknowledged.
+func TestQueueGauges(t *testing.T) {
+	b := testenv.StartBus(t)
+	e, err := metrics.New(metrics.Config{Conn: b.Conn(), JetStream: b.JetStream(), Counters: &counters{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	cons, err := b.JetStream().CreateOrUpdateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{
+		Durable: "gauges", AckPolicy: jetstream.AckExplicitPolicy, AckWait: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.JetStream().Publish(ctx, bus.JobsSubjectPrefix+"op-1", []byte("{}")); err != nil {
+		t.Fatal(err)
+	}
+	gauges := func() [3]float64 {
+		t.Helper()
+		fams, err := e.Registry().Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var g [3]float64
+		for _, f := range fams {
+			for i, name := range []string{"volumed_queue_depth", "volumed_queue_in_flight", "volumed_queue_redelivered"} {
+				if f.GetName() == name {
+					g[i] = f.Metric[0].GetGauge().GetValue()
+				}
+			}
+		}
+		return g
+	}
+	fetch := func() jetstream.Msg {
+		t.Helper()
+		batch, err := cons.Fetch(1, jetstream.FetchMaxWait(5*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for msg := range batch.Messages() {
+			return msg
+		}
+		t.Fatalf("no message fetched: %v", batch.Error())
+		return nil
+	}
+	if g := gauges(); g != [3]float64{1, 0, 0} {
+		t.Fatalf("queued: depth, in flight, redelivered = %v, want [1 0 0]", g)
+	}
+	fetch() // not acknowledged
+	if g := gauges(); g != [3]float64{0, 1, 0} {
+		t.Fatalf("delivered: %v, want [0 1 0]", g)
+	}
+	msg := fetch() // after the ack wait: redelivered
+	if meta, err := msg.Metadata(); err != nil || meta.NumDelivered != 2 {
+		t.Fatalf("second delivery: %+v %v", meta, err)
+	}
+	if g := gauges(); g != [3]float64{0, 1, 1} {
+		t.Fatalf("redelivered: %v, want [0 1 1]", g)
+	}
+	if err := msg.DoubleAck(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if g := gauges(); g != [3]float64{0, 0, 0} {
+		t.Fatalf("acknowledged: %v, want [0 0 0]", g)
 	}
 }

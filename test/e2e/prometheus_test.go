@@ -2,7 +2,6 @@ package e2e_test
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"fmt"
 	"io"
@@ -247,30 +246,4 @@ func TestPrometheusDevicesAndNBD(t *testing.T) {
 	if t.Failed() {
 		t.Log(fmt.Sprint(s["volumed_nbd_bytes_total"]))
 	}
-}
-
-// TestPrometheusRedelivery kills volumed during a long attach job: after
-// the restart JetStream redelivers the job, and the exposition shows it
-// redelivered and in flight until it completes, then neither.
-func TestPrometheusRedelivery(t *testing.T) {
-	sim := startSimProcess(t)
-	d := startDaemon(t, sim, daemonOpts{})
-	vol := d.createVolume("prom-crash", 1)
-	sim.setFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"attachVolume": cloudsim.Duration(8 * time.Second)}})
-	op := d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID})
-	testenv.Eventually(t, 10*time.Second, func() bool {
-		cur, err := d.cli().GetOperation(context.Background(), op.ID)
-		return err == nil && cur.JobID != ""
-	}, "attach job started")
-	d.kill9()
-	d.restart()
-	testenv.Eventually(t, 15*time.Second, func() bool {
-		s := d.scrape()
-		return s.value("volumed_queue_redelivered") == 1 && s.value("volumed_queue_in_flight") == 1
-	}, "the attach job redelivered and in flight after the crash")
-	d.completed(op.ID)
-	testenv.Eventually(t, 10*time.Second, func() bool {
-		s := d.scrape()
-		return s.value("volumed_queue_redelivered") == 0 && s.value("volumed_queue_in_flight") == 0 && s.value("volumed_queue_depth") == 0
-	}, "the queue empty once the attach completed")
 }
