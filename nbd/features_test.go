@@ -288,3 +288,29 @@ func TestDeviceIdentity(t *testing.T) {
 		}
 	}
 }
+
+// TestFastZeroRefused: on a block device that cannot zero without writing
+// (no write-zeroes offload: a fault the test machine's devices do not
+// have, so a file's backing is marked so), a fast zero that must keep the
+// range allocated fails with errSlowZero (ENOTSUP on the wire) and
+// changes nothing, and the same request without fast zeroes.
+func TestFastZeroRefused(t *testing.T) {
+	orig := pattern(mib, 4)
+	path := backingFile(t, "vol.img", orig)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := &backing{f: f, block: true, fastZeroFill: false}
+	if err := b.zero(0, 64<<10, true, true); !errors.Is(err, errSlowZero) {
+		t.Fatalf("fast zero: %v, want errSlowZero", err)
+	}
+	fileEquals(t, path, orig)
+	if err := b.zero(0, 64<<10, true, false); err != nil {
+		t.Fatalf("zero without fast: %v", err)
+	}
+	want := slices.Clone(orig)
+	clear(want[:64<<10])
+	fileEquals(t, path, want)
+}
