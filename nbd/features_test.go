@@ -37,7 +37,8 @@ func exportOf(t *testing.T, kind, file string) string {
 // LOOP_GET_STATUS64); data written or trimmed through the export shows
 // at once; REQ_ONE returns one extent.
 func TestBlockStatusMatchesHoles(t *testing.T) {
-	requireTools(t, "nbdinfo", "nbdsh", "qemu-io")
+	requireTools(t, "nbdinfo", "qemu-io")
+	requireNbdsh(t)
 	const size = 64 * mib
 	data := []span{{1 * mib, mib}, {10 * mib, 3 * mib}, {40 * mib, 64 << 10}}
 	for _, kind := range backingKinds {
@@ -76,7 +77,8 @@ assert ext == [512*1024, 3, 1024*1024, 0, 1536*1024, 3], ext
 // allocated; FAST_ZERO and FUA succeed where zeroing is fast (ext4, loop
 // on ext4); the data around is untouched.
 func TestWriteZeroes(t *testing.T) {
-	requireTools(t, "nbdsh", "nbdinfo")
+	requireTools(t, "nbdinfo")
+	requireNbdsh(t)
 	const size = 16 * mib
 	for _, kind := range backingKinds {
 		t.Run(kind, func(t *testing.T) {
