@@ -315,4 +315,17 @@ func TestFastZeroRefused(t *testing.T) {
 	want := slices.Clone(orig)
 	clear(want[:64<<10])
 	fileEquals(t, path, want)
+	// The last resort, writing zeroes, over more than one shared chunk.
+	big := backingFile(t, "big.img", pattern(5*mib, 6))
+	bf, err := os.OpenFile(big, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bf.Close()
+	if err := (&backing{f: bf}).writeZeroes(mib/2, 4*mib); err != nil {
+		t.Fatal(err)
+	}
+	want = pattern(5*mib, 6)
+	clear(want[mib/2 : mib/2+4*mib])
+	fileEquals(t, big, want)
 }
