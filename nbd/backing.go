@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -242,9 +243,13 @@ func (b *backing) zero(off, n uint64, noHole, fast bool) error {
 	return b.writeZeroes(o, l)
 }
 
+// zeroes is one shared, never written chunk of zero bytes, so zeroing by
+// writing needs no buffer per request.
+var zeroes = sync.OnceValue(func() []byte { return make([]byte, chunkSize) })
+
 // writeZeroes writes zero bytes over [off, off+n), a chunk at a time.
 func (b *backing) writeZeroes(off, n int64) error {
-	z := make([]byte, min(n, chunkSize))
+	z := zeroes()
 	for n > 0 {
 		k := min(n, int64(len(z)))
 		if err := b.writeAt(z[:k], off, false); err != nil {

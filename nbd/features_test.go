@@ -37,7 +37,8 @@ func exportOf(t *testing.T, kind, file string) string {
 // LOOP_GET_STATUS64); data written or trimmed through the export shows
 // at once; REQ_ONE returns one extent.
 func TestBlockStatusMatchesHoles(t *testing.T) {
-	requireTools(t, "nbdinfo", "nbdsh", "qemu-io")
+	requireTools(t, "nbdinfo", "qemu-io")
+	requireNbdsh(t)
 	const size = 64 * mib
 	data := []span{{1 * mib, mib}, {10 * mib, 3 * mib}, {40 * mib, 64 << 10}}
 	for _, kind := range backingKinds {
@@ -76,7 +77,8 @@ assert ext == [512*1024, 3, 1024*1024, 0, 1536*1024, 3], ext
 // allocated; FAST_ZERO and FUA succeed where zeroing is fast (ext4, loop
 // on ext4); the data around is untouched.
 func TestWriteZeroes(t *testing.T) {
-	requireTools(t, "nbdsh", "nbdinfo")
+	requireTools(t, "nbdinfo")
+	requireNbdsh(t)
 	const size = 16 * mib
 	for _, kind := range backingKinds {
 		t.Run(kind, func(t *testing.T) {
@@ -287,4 +289,43 @@ func TestDeviceIdentity(t *testing.T) {
 			t.Fatalf("served %+v after a refused spec", got)
 		}
 	}
+}
+
+// TestFastZeroRefused: on a block device that cannot zero without writing
+// (no write-zeroes offload: a fault the test machine's devices do not
+// have, so a file's backing is marked so), a fast zero that must keep the
+// range allocated fails with errSlowZero (ENOTSUP on the wire) and
+// changes nothing, and the same request without fast zeroes.
+func TestFastZeroRefused(t *testing.T) {
+	orig := pattern(mib, 4)
+	path := backingFile(t, "vol.img", orig)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := &backing{f: f, block: true, fastZeroFill: false}
+	if err := b.zero(0, 64<<10, true, true); !errors.Is(err, errSlowZero) {
+		t.Fatalf("fast zero: %v, want errSlowZero", err)
+	}
+	fileEquals(t, path, orig)
+	if err := b.zero(0, 64<<10, true, false); err != nil {
+		t.Fatalf("zero without fast: %v", err)
+	}
+	want := slices.Clone(orig)
+	clear(want[:64<<10])
+	fileEquals(t, path, want)
+	// The last resort, writing zeroes, over more than one shared chunk.
+	big := backingFile(t, "big.img", pattern(5*mib, 6))
+	bf, err := os.OpenFile(big, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bf.Close()
+	if err := (&backing{f: bf}).writeZeroes(mib/2, 4*mib); err != nil {
+		t.Fatal(err)
+	}
+	want = pattern(5*mib, 6)
+	clear(want[mib/2 : mib/2+4*mib])
+	fileEquals(t, big, want)
 }

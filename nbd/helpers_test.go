@@ -123,16 +123,30 @@ func mustRun(t testing.TB, name string, args ...string) string {
 	return out
 }
 
+// nbdshEnv is the environment nbdsh runs in: Debian's nbdsh needs
+// Debian's python3 (with the nbd module), so /usr/bin comes first.
+func nbdshEnv() []string { return append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH")) }
+
+// requireNbdsh skips (or fails under CI=true) unless nbdsh runs with its
+// Python module (Debian python3-libnbd).
+func requireNbdsh(t testing.TB) {
+	t.Helper()
+	requireTools(t, "nbdsh")
+	cmd := exec.Command("nbdsh", "-n", "-c", "import nbd")
+	cmd.Env = nbdshEnv()
+	out, err := cmd.CombinedOutput()
+	testenv.Require(t, err == nil, "needs a working nbdsh (Debian python3-libnbd): %v %s", err, out)
+}
+
 // nbdsh runs a Python script in nbdsh connected to uri with base:allocation
-// requested (h is the handle);
-// the script asserts, and a failed assertion fails the test with its
-// output. Debian's nbdsh needs Debian's python3, so /usr/bin comes first.
+// requested (h is the handle); the script asserts, and a failed
+// assertion fails the test with its output.
 func nbdsh(t testing.TB, uri, script string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*clientTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "nbdsh", "--base-allocation", "-u", uri, "-c", script)
-	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
+	cmd.Env = nbdshEnv()
 	out, err := cmd.CombinedOutput()
 	if ctx.Err() != nil {
 		t.Fatalf("nbdsh hung: %v\n%s", ctx.Err(), out)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"testing"
 	"time"
 )
@@ -132,5 +133,86 @@ func TestHandshakeTimeout(t *testing.T) {
 	_, br := greet(t, s.Addr(), clientFixed)
 	if _, err := br.ReadByte(); !errors.Is(err, io.EOF) {
 		t.Fatalf("idle negotiating client not disconnected: %v", err)
+	}
+}
+
+// metaData builds LIST/SET_META_CONTEXT data for name and queries.
+func metaData(name string, queries ...string) []byte {
+	b := append(binary.BigEndian.AppendUint32(nil, uint32(len(name))), name...)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(queries)))
+	for _, q := range queries {
+		b = append(binary.BigEndian.AppendUint32(b, uint32(len(q))), q...)
+	}
+	return b
+}
+
+// optReplies reads option replies up to and including the first ACK or
+// error, returning their types and the META_CONTEXT names.
+func optReplies(t *testing.T, br *bufio.Reader) (types []uint32, contexts []string) {
+	t.Helper()
+	for {
+		var h [20]byte
+		if _, err := io.ReadFull(br, h[:]); err != nil {
+			t.Fatal(err)
+		}
+		typ := binary.BigEndian.Uint32(h[12:])
+		body := make([]byte, binary.BigEndian.Uint32(h[16:]))
+		if _, err := io.ReadFull(br, body); err != nil {
+			t.Fatal(err)
+		}
+		types = append(types, typ)
+		if typ == repMetaContext {
+			contexts = append(contexts, string(body[4:]))
+		}
+		if typ == repAck || typ&(1<<31) != 0 {
+			return types, contexts
+		}
+	}
+}
+
+// TestMetaContextOptions: LIST/SET_META_CONTEXT need structured replies
+// first, know only base:allocation (listed for no query and for "base:"),
+// ignore unknown queries, and refuse malformed data, unknown exports and
+// too many queries.
+func TestMetaContextOptions(t *testing.T) {
+	s := startServer(t)
+	setExports(t, s, ExportSpec{Name: "vol00000001", Path: backingFile(t, "vol.img", make([]byte, mib))})
+	tests := []struct {
+		name       string
+		structured bool
+		opt        uint32
+		data       []byte
+		wantLast   uint32
+		wantCtx    []string
+	}{
+		{"set before structured replies", false, optSetMetaCtx, metaData("vol00000001", metaBaseAlloc), repErrInvalid, nil},
+		{"list all", true, optListMetaCtx, metaData("vol00000001"), repAck, []string{metaBaseAlloc}},
+		{"list base:", true, optListMetaCtx, metaData("vol00000001", "base:"), repAck, []string{metaBaseAlloc}},
+		{"set base:allocation", true, optSetMetaCtx, metaData("vol00000001", metaBaseAlloc), repAck, []string{metaBaseAlloc}},
+		{"set base: selects nothing", true, optSetMetaCtx, metaData("vol00000001", "base:"), repAck, nil},
+		{"unknown namespace ignored", true, optSetMetaCtx, metaData("vol00000001", "qemu:dirty-bitmap:x"), repAck, nil},
+		{"unknown export", true, optSetMetaCtx, metaData("vol00000009", metaBaseAlloc), repErrUnknown, nil},
+		{"malformed", true, optSetMetaCtx, metaData("vol00000001", metaBaseAlloc)[:20], repErrInvalid, nil},
+		{"too many queries", true, optListMetaCtx, metaData("vol00000001", make([]string, maxMetaQueries+1)...), repErrTooBig, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			nc, br := greet(t, s.Addr(), clientFixed)
+			if tt.structured {
+				if _, err := nc.Write(option(magicOpt, optStructuredRepl, nil)); err != nil {
+					t.Fatal(err)
+				}
+				if types, _ := optReplies(t, br); types[0] != repAck {
+					t.Fatalf("structured replies: %#x", types)
+				}
+			}
+			if _, err := nc.Write(option(magicOpt, tt.opt, tt.data)); err != nil {
+				t.Fatal(err)
+			}
+			types, ctx := optReplies(t, br)
+			if last := types[len(types)-1]; last != tt.wantLast || !slices.Equal(ctx, tt.wantCtx) {
+				t.Fatalf("replies %#x contexts %q; want last %#x, contexts %q", types, ctx, tt.wantLast, tt.wantCtx)
+			}
+		})
 	}
 }

@@ -1,6 +1,10 @@
 package nbd
 
 import (
+	"bufio"
+	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"encoding/json"
 	"io"
@@ -127,6 +131,77 @@ func TestLoopbackOnly(t *testing.T) {
 	for _, tt := range tests {
 		if got := LoopbackOnly(tt.listen); got != tt.want {
 			t.Errorf("LoopbackOnly(%q) = %v, want %v", tt.listen, got, tt.want)
+		}
+	}
+}
+
+// TestStartTLSWire: STARTTLS with data is refused; after STARTTLS the
+// negotiation goes on inside TLS with a client certificate, where a
+// second STARTTLS is refused and the export is reached; a client without
+// a certificate is cut off in the handshake.
+func TestStartTLSWire(t *testing.T) {
+	dir := t.TempDir()
+	tc, err := TLSConfig(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startServerWith(t, Config{TLS: tc, RequireTLS: true})
+	setExports(t, s, ExportSpec{Name: "vol00000001", Path: backingFile(t, "vol.img", pattern(mib, 8))})
+	clientCert, err := tls.LoadX509KeyPair(filepath.Join(dir, ClientDir, ClientCertFile), filepath.Join(dir, ClientDir, ClientKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	caPEM, _ := os.ReadFile(filepath.Join(dir, ClientDir, CACertFile))
+	roots.AppendCertsFromPEM(caPEM)
+
+	nc, br := greet(t, s.Addr(), clientFixed)
+	if _, err := nc.Write(option(magicOpt, optStartTLS, []byte{1})); err != nil {
+		t.Fatal(err)
+	}
+	if types, _ := optReplies(t, br); types[0] != repErrInvalid {
+		t.Fatalf("STARTTLS with data: %#x", types)
+	}
+	starttls := func(certs []tls.Certificate) (*tls.Conn, error) {
+		if _, err := nc.Write(option(magicOpt, optStartTLS, nil)); err != nil {
+			t.Fatal(err)
+		}
+		if types, _ := optReplies(t, br); types[0] != repAck {
+			t.Fatalf("STARTTLS: %#x", types)
+		}
+		tcn := tls.Client(nc, &tls.Config{RootCAs: roots, ServerName: "127.0.0.1", Certificates: certs})
+		if err := tcn.Handshake(); err != nil {
+			return nil, err
+		}
+		// TLS 1.3 reports a refused client certificate on the first read.
+		_, err := tcn.Write(option(magicOpt, optStartTLS, nil))
+		return tcn, err
+	}
+	tcn, err := starttls([]tls.Certificate{clientCert})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tbr := bufio.NewReader(tcn)
+	if types, _ := optReplies(t, tbr); types[0] != repErrInvalid {
+		t.Fatalf("second STARTTLS: %#x", types)
+	}
+	data := binary.BigEndian.AppendUint32(nil, 11)
+	data = binary.BigEndian.AppendUint16(append(data, "vol00000001"...), 0)
+	if _, err := tcn.Write(option(magicOpt, optGo, data)); err != nil {
+		t.Fatal(err)
+	}
+	if types, _ := optReplies(t, tbr); types[len(types)-1] != repAck {
+		t.Fatalf("GO inside TLS: %#x", types)
+	}
+	c := &wireClient{nc: tcn, br: tbr}
+	if errno, got, err := c.cmd(cmdRead, 0, 4096, 4096, nil); err != nil || errno != 0 || !bytes.Equal(got, pattern(mib, 8)[4096:8192]) {
+		t.Fatalf("read inside TLS: errno %d err %v", errno, err)
+	}
+
+	nc, br = greet(t, s.Addr(), clientFixed)
+	if tcn, err := starttls(nil); err == nil {
+		if _, err := io.ReadFull(bufio.NewReader(tcn), make([]byte, 20)); err == nil {
+			t.Fatal("client without a certificate got a reply inside TLS")
 		}
 	}
 }
