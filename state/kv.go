@@ -599,12 +599,42 @@ func (k *KV) get(ctx context.Context, what, key string, v any) (uint64, error) {
 	return e.Revision(), nil
 }
 
+// caughtUp waits until the watcher has applied every entry the bucket
+// held when it was called, so that a read from memory (lists, indexes,
+// stats) reflects every write committed before it, by any process sharing
+// the bucket. (A read of one key asks the bucket itself.)
+func (k *KV) caughtUp(ctx context.Context) error {
+	last, err := k.stream.GetLastMsgForSubject(ctx, k.subject(">"))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return nil // an empty bucket
+	}
+	if err != nil {
+		return kvErr("read barrier", err)
+	}
+	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 5*time.Millisecond) {
+		k.mu.RLock()
+		seen := k.seen
+		k.mu.RUnlock()
+		if seen >= last.Sequence {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return kvErr("read barrier", ctx.Err())
+		case <-time.After(pause):
+		}
+	}
+}
+
 // ListOperations walks the smallest index of f newest first from the
 // cursor, keeping the operations that match f's other fields, up to the
 // limit.
-func (k *KV) ListOperations(_ context.Context, f Filter) ([]commands.Operation, string, error) {
+func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation, string, error) {
 	after, err := parseCursor(f.Cursor)
 	if err != nil {
+		return nil, "", err
+	}
+	if err := k.caughtUp(ctx); err != nil {
 		return nil, "", err
 	}
 	type row struct {
@@ -650,7 +680,10 @@ func (k *KV) ListOperations(_ context.Context, f Filter) ([]commands.Operation, 
 }
 
 // Stats returns the in-memory counters.
-func (k *KV) Stats(context.Context) (Stats, error) {
+func (k *KV) Stats(ctx context.Context) (Stats, error) {
+	if err := k.caughtUp(ctx); err != nil {
+		return Stats{}, err
+	}
 	k.mu.RLock()
 	defer k.mu.RUnlock()
 	s := k.stats
@@ -694,8 +727,11 @@ func (k *KV) GetMapping(ctx context.Context, volumeID string) (commands.Mapping,
 
 // GetMappingByDevice returns the indexed mapping holding a device path on
 // a VM.
-func (k *KV) GetMappingByDevice(_ context.Context, vmID, devicePath string) (commands.Mapping, error) {
+func (k *KV) GetMappingByDevice(ctx context.Context, vmID, devicePath string) (commands.Mapping, error) {
 	var m commands.Mapping
+	if err := k.caughtUp(ctx); err != nil {
+		return m, err
+	}
 	k.mu.RLock()
 	e := k.mappings[k.byDevice[deviceKey(vmID, devicePath)]]
 	k.mu.RUnlock()
@@ -711,7 +747,10 @@ func (k *KV) GetMappingByDevice(_ context.Context, vmID, devicePath string) (com
 func deviceKey(vmID, devicePath string) string { return vmID + " " + devicePath }
 
 // ListMappings returns the indexed mappings of one VM, or all of them.
-func (k *KV) ListMappings(_ context.Context, vmID string) ([]commands.Mapping, error) {
+func (k *KV) ListMappings(ctx context.Context, vmID string) ([]commands.Mapping, error) {
+	if err := k.caughtUp(ctx); err != nil {
+		return nil, err
+	}
 	k.mu.RLock()
 	var rows []kvEntry[commands.Mapping]
 	if vmID == "" {
@@ -763,7 +802,10 @@ func (k *KV) GetExport(ctx context.Context, volumeID string) (commands.Export, e
 }
 
 // ListExports returns the export records held in memory.
-func (k *KV) ListExports(context.Context) ([]commands.Export, error) {
+func (k *KV) ListExports(ctx context.Context) ([]commands.Export, error) {
+	if err := k.caughtUp(ctx); err != nil {
+		return nil, err
+	}
 	k.mu.RLock()
 	var rows []kvEntry[commands.Export]
 	for _, e := range k.exports {

@@ -172,8 +172,9 @@ func TestKVRestart(t *testing.T) {
 }
 
 // TestKVUnavailable: with the NATS connection gone, every method that
-// reaches the server wraps ErrUnavailable; the in-memory reads keep
-// answering from the last known state.
+// reaches the server wraps ErrUnavailable. That includes the reads from
+// memory: they first ask the bucket how far it is, so as never to answer
+// from a state older than what was recorded.
 func TestKVUnavailable(t *testing.T) {
 	bus := testenv.StartBus(t)
 	s := newKV(t, bus.JetStream(), nextBucket())
@@ -186,8 +187,7 @@ func TestKVUnavailable(t *testing.T) {
 	if err := bus.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
-	inMemory := map[string]bool{"ListOperations": true, "Stats": true, "GetMappingByDevice": true, "ListMappings": true,
-		"ListExports": true, "PruneOperations": true}
+	inMemory := map[string]bool{"PruneOperations": true} // nothing to prune: no call
 	for _, call := range storeCalls(op) {
 		err := call.fn(ctx, s)
 		if inMemory[call.name] {
@@ -438,5 +438,40 @@ func TestKVDeviceConflictAcrossStores(t *testing.T) {
 	}
 	if _, err := b.PutMapping(ctx, storetest.Mapping("vol-new", "vm-1", "/dev/vdb")); err != nil {
 		t.Fatalf("take a freed device through the other store: %v", err)
+	}
+}
+
+// TestKVListsSeeOtherWriters: a list on one process reflects every write
+// another process sharing the bucket committed before it, at once, with
+// no waiting for the watcher (an export ended on one instance must not
+// still be listed, and served, by the instance that syncs it).
+func TestKVListsSeeOtherWriters(t *testing.T) {
+	bus := testenv.StartBus(t)
+	bucket := nextBucket()
+	a, b := newKV(t, bus.JetStream(), bucket), newKV(t, bus.JetStream(), bucket)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for i := range 50 {
+		vol := fmt.Sprintf("vol-%d", i)
+		e, err := a.PutExport(ctx, commands.Export{VolumeID: vol, VMID: "vm-1", ExportName: "e-" + vol})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, err := b.ListExports(ctx); err != nil || !slices.ContainsFunc(got, func(x commands.Export) bool { return x.VolumeID == vol }) {
+			t.Fatalf("b's list right after a's put of %s: %v %v", vol, got, err)
+		}
+		if err := a.DeleteExport(ctx, vol, e.Revision); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := b.ListExports(ctx); err != nil || len(got) != 0 {
+			t.Fatalf("b's list right after a's delete of %s: %v %v", vol, got, err)
+		}
+		op, err := a.CreateOperation(ctx, storetest.Op(i+1, commands.OpDetach, commands.StatusPending, vol, "", time.Now()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ids := listed(t, b, state.Filter{VolumeID: vol}); !slices.Equal(ids, []string{op.ID}) {
+			t.Fatalf("b's list right after a's create of %s: %v", op.ID, ids)
+		}
 	}
 }
