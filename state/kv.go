@@ -104,24 +104,9 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	kv, err := js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket: cfg.Bucket, Description: "volumed operations, device mappings, exports and leases",
-		History: 1, Storage: jetstream.FileStorage, Replicas: cfg.Replicas, LimitMarkerTTL: kvMarkerTTL,
-	})
+	kv, stream, err := openBucket(ctx, js, cfg)
 	if err != nil {
-		return nil, kvErr("create bucket "+cfg.Bucket, err)
-	}
-	// Mappings and their device claims are written in atomic batches,
-	// which the KeyValue API does not turn on.
-	stream, err := js.Stream(ctx, "KV_"+cfg.Bucket)
-	if err != nil {
-		return nil, kvErr("bucket stream", err)
-	}
-	if scfg := stream.CachedInfo().Config; !scfg.AllowAtomicPublish {
-		scfg.AllowAtomicPublish = true
-		if stream, err = js.UpdateStream(ctx, scfg); err != nil {
-			return nil, kvErr("allow atomic batches on "+cfg.Bucket, err)
-		}
+		return nil, err
 	}
 	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: cfg.Logger.With("component", "state-kv", "bucket", cfg.Bucket),
 		ops: make(map[string]kvEntry[kvOp]), idx: make(map[string][]opRef), stats: newStats(),
@@ -597,6 +582,71 @@ func (k *KV) get(ctx context.Context, what, key string, v any) (uint64, error) {
 		return 0, fmt.Errorf("state: decode %s %s: %w", what, key, err)
 	}
 	return e.Revision(), nil
+}
+
+// bucketSetupTimeout bounds how long NewKV retries making or binding the
+// bucket while JetStream cannot answer yet (a cluster still electing its
+// leaders).
+const bucketSetupTimeout = time.Minute
+
+// openBucket binds the bucket, making it if it does not exist, and brings
+// its stream to what this store needs in one update, so that instances
+// already running never see it without atomic batches. Replicas serve no
+// reads: every read goes to the stream's leader (no direct get), so a read
+// after a write by another instance sees that write. JetStream that does
+// not answer yet is asked again, up to bucketSetupTimeout.
+func openBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (jetstream.KeyValue, jetstream.Stream, error) {
+	ctx, cancel := context.WithTimeout(ctx, bucketSetupTimeout)
+	defer cancel()
+	for pause := 100 * time.Millisecond; ; pause = min(2*pause, 2*time.Second) {
+		kv, stream, err := setupBucket(ctx, js, cfg)
+		if err == nil {
+			return kv, stream, nil
+		}
+		if !errors.Is(err, ErrUnavailable) {
+			return nil, nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil, err
+		case <-time.After(pause):
+		}
+	}
+}
+
+// setupBucket is one attempt of openBucket.
+func setupBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (jetstream.KeyValue, jetstream.Stream, error) {
+	streamName := "KV_" + cfg.Bucket
+	stream, err := js.Stream(ctx, streamName)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		_, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket: cfg.Bucket, Description: "volumed operations, device mappings, exports and leases",
+			History: 1, Storage: jetstream.FileStorage, Replicas: cfg.Replicas, LimitMarkerTTL: kvMarkerTTL,
+		})
+		if err != nil && !errors.Is(err, jetstream.ErrBucketExists) {
+			return nil, nil, kvErr("create bucket "+cfg.Bucket, err)
+		}
+		stream, err = js.Stream(ctx, streamName)
+	}
+	if err != nil {
+		return nil, nil, kvErr("bucket stream "+streamName, err)
+	}
+	// Mappings and their device claims are written in atomic batches,
+	// which the KeyValue API does not turn on; reads go to the leader.
+	scfg := stream.CachedInfo().Config
+	if !scfg.AllowAtomicPublish || scfg.AllowDirect || scfg.SubjectDeleteMarkerTTL < kvMarkerTTL ||
+		!scfg.AllowMsgTTL || scfg.Replicas != cfg.Replicas {
+		scfg.AllowAtomicPublish, scfg.AllowDirect, scfg.AllowMsgTTL = true, false, true
+		scfg.SubjectDeleteMarkerTTL, scfg.Replicas = kvMarkerTTL, cfg.Replicas
+		if stream, err = js.UpdateStream(ctx, scfg); err != nil {
+			return nil, nil, kvErr("update the stream of "+cfg.Bucket, err)
+		}
+	}
+	kv, err := js.KeyValue(ctx, cfg.Bucket)
+	if err != nil {
+		return nil, nil, kvErr("bind bucket "+cfg.Bucket, err)
+	}
+	return kv, stream, nil
 }
 
 // caughtUp waits until the watcher has applied every entry the bucket
