@@ -231,6 +231,10 @@ func (d *daemon) call(method, path string, body any) (int, []byte) {
 	return resp.StatusCode, data
 }
 
+// replicaLag bounds how long a replica of the embedded store may not show
+// a record just written.
+const replicaLag = 5 * time.Second
+
 // mustCall is call requiring a status.
 func (d *daemon) mustCall(want int, method, path string, body any, out any) {
 	d.t.Helper()
@@ -259,12 +263,25 @@ func (d *daemon) submit(method, path string, body any) commands.Operation {
 // wait waits for an operation to end, through ?wait (shorter than the
 // client's own request timeout, so the server answers first), and returns
 // it.
+//
+// An instance other than the one that accepted the operation may answer
+// 404 for a moment: with three replicas, the embedded store's reads are
+// JetStream direct gets, which a replica that has not caught up yet may
+// answer. Such a 404 is asked again for a few seconds.
 func (d *daemon) wait(opID string) commands.Operation {
 	d.t.Helper()
-	deadline := time.Now().Add(90 * time.Second)
+	start := time.Now()
+	deadline := start.Add(90 * time.Second)
 	for {
 		var op commands.Operation
-		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+opID+"?wait=20s", nil, &op)
+		status, data := d.call(http.MethodGet, "/operations/"+opID+"?wait=20s", nil)
+		if status == http.StatusNotFound && time.Since(start) < replicaLag {
+			time.Sleep(50 * time.Millisecond) // poll until the replica shows it
+			continue
+		}
+		if status != http.StatusOK || json.Unmarshal(data, &op) != nil {
+			d.t.Fatalf("GET /operations/%s: status %d: %s", opID, status, data)
+		}
 		if op.Status.Terminal() {
 			return op
 		}
