@@ -108,17 +108,25 @@ func TestLostReplies(t *testing.T) {
 	for _, vol := range vols {
 		d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
 	}
-	st := sim.Stats()
 	for _, cmd := range []string{"createVolume", "attachVolume", "detachVolume"} {
 		if !regexp.MustCompile(`command=` + cmd + `.*maybe_done=true`).MatchString(d.out.String()) {
 			t.Fatalf("no answer to %s was lost: the test proves nothing", cmd)
 		}
 	}
+	requireOnceEach(t, sim, "lost-", vols)
+}
+
+// requireOnceEach checks that CloudStack made exactly one volume named
+// prefix+i for each vols[i], and attached and detached each once.
+func requireOnceEach(t *testing.T, sim *cloudsim.Sim, prefix string, vols []string) {
+	t.Helper()
+	st := sim.Stats()
 	cs := csapi.New(csapi.Config{URL: sim.URL(), APIKey: cloudsim.DefaultAPIKey, SecretKey: cloudsim.DefaultSecretKey})
 	for i, vol := range vols {
-		made, err := cs.ListVolumes(context.Background(), csapi.ListFilter{Name: fmt.Sprintf("lost-%d", i)})
+		name := fmt.Sprintf("%s%d", prefix, i)
+		made, err := cs.ListVolumes(context.Background(), csapi.ListFilter{Name: name})
 		if err != nil || len(made) != 1 || made[0].ID != vol {
-			t.Errorf("create lost-%d: CloudStack has %v (%v), want exactly %s", i, made, err, vol)
+			t.Errorf("create %s: CloudStack has %v (%v), want exactly %s", name, made, err, vol)
 		}
 		if st.AttachesSucceeded[vol] != 1 || st.DetachesSucceeded[vol] != 1 {
 			t.Errorf("volume %s: %d attaches, %d detaches done, want 1 and 1", vol, st.AttachesSucceeded[vol], st.DetachesSucceeded[vol])
