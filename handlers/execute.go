@@ -207,7 +207,9 @@ func (s *Service) step(ctx context.Context, op *commands.Operation, name string,
 		}
 		if cs.RetryLimit > 0 {
 			if limited++; limited > cs.RetryLimit {
-				return err
+				final := *cs // retried enough: final, with CloudStack's code and text
+				final.Retryable = false
+				return &final
 			}
 		}
 		op.Error = fmt.Sprintf("%s: %v (retrying)", name, err)

@@ -138,6 +138,9 @@ func TestStepRetryPolicy(t *testing.T) {
 			if calls != tc.calls || time.Since(start) < tc.minSpent {
 				t.Fatalf("%d calls in %v (err %v), want %d in at least %v", calls, time.Since(start), err, tc.calls, tc.minSpent)
 			}
+			if err != nil && csapi.IsRetryable(err) {
+				t.Fatalf("step gave up with a retryable error %v: the operation would not fail as CloudStack said", err)
+			}
 		})
 	}
 }

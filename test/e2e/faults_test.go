@@ -64,6 +64,26 @@ func TestStepTimeout(t *testing.T) {
 	if op.Status != commands.StatusFailed || op.Details["code"] != commands.CodeTimeout || !strings.Contains(op.Error, "did not finish within 2s") {
 		t.Fatalf("operation with a job that never ends: %+v", op)
 	}
+	// The job may still run in CloudStack, and the operation says so.
+	if op.Details["job_may_run"] != true || op.Details["cloudstack_job_id"] != op.JobID || op.JobID == "" {
+		t.Fatalf("TIMEOUT details %v (job %q): want job_may_run and the job's id", op.Details, op.JobID)
+	}
+}
+
+// TestInternalErrorRetriedAFewTimes: CloudStack's 530 is retried a few
+// times, then the operation fails with CloudStack's code and text.
+func TestInternalErrorRetriedAFewTimes(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{})
+	d := startDaemon(t, sim, daemonOpts{})
+	vol := d.createVolume("internal-error", 1)
+	sim.SetFaults(cloudsim.Faults{Errors: map[string]cloudsim.ErrorFault{"attachVolume": {Rate: 1, Kind: cloudsim.ErrorKind530}}})
+	op := d.wait(d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID}).ID)
+	if op.Status != commands.StatusFailed || op.Details["cloudstack_error_code"] != float64(530) || op.Details["cloudstack_message"] == "" {
+		t.Fatalf("operation after repeated 530s: %+v", op)
+	}
+	if n := sim.Stats().Calls["attachVolume"]; n != 1+csapi.Retries530 {
+		t.Fatalf("attachVolume called %d times, want %d (one and %d retries)", n, 1+csapi.Retries530, csapi.Retries530)
+	}
 }
 
 func TestHealthAndOutage(t *testing.T) {
