@@ -225,7 +225,16 @@ func TestCluster(t *testing.T) {
 	})
 
 	t.Run("a NATS node killed", func(t *testing.T) {
+		// Work in flight when the node goes ends; new work is taken.
+		vol := ds[0].createVolume("node-loss", 1)
+		sim.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"attachVolume": cloudsim.Duration(time.Second)}})
+		inFlight := ds[1].submit(http.MethodPost, "/volumes/"+vol+"/attach", attach)
 		c.kill(0)
+		sim.SetFaults(cloudsim.Faults{})
+		ds[1].completed(inFlight.ID)
+		if n := sim.Stats().AttachesSucceeded[vol]; n != 1 {
+			t.Fatalf("attaches done for the attach in flight: %d, want 1", n)
+		}
 		for i, d := range ds {
 			op := submitEventually(t, d, http.MethodPost, "/volumes", map[string]any{"name": fmt.Sprintf("after-node-loss-%d", i),
 				"size": 1 << 30, "disk_offering_id": cloudsim.CustomOfferingID, "zone_id": cloudsim.ZoneID})
