@@ -189,10 +189,11 @@ func (s *Service) putExport(ctx context.Context, e commands.Export) error {
 				WithDetail("export_name", e.ExportName)
 		}
 	}
-	if _, err := s.cfg.Store.PutExport(ctx, e); err != nil {
+	saved, err := s.cfg.Store.PutExport(ctx, e)
+	if err != nil {
 		return errStopped
 	}
-	dropped, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostSync})
+	dropped, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostSync, Change: &exportChange{Put: &saved}})
 	if slices.Contains(dropped, e.VolumeID) {
 		return commands.Internal("the NBD server cannot serve %s: %v", e.DevicePath, err).WithDetail("export_name", e.ExportName)
 	}
@@ -244,7 +245,7 @@ func (s *Service) dropExport(ctx context.Context, volumeID string) (string, erro
 	if err := s.cfg.Store.DeleteExport(ctx, volumeID, e.Revision); err != nil {
 		return "", errStopped
 	}
-	if _, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostSync}); errors.Is(err, errNoHost) {
+	if _, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostSync, Change: &exportChange{Removed: volumeID}}); errors.Is(err, errNoHost) {
 		s.log.Warn("export record removed; no volumed serves its VM now", "volume_id", volumeID, "vm_id", e.VMID)
 	} else if err != nil {
 		return "", commands.Internal("end NBD export %s: %v", e.ExportName, err).WithDetail("export_name", e.ExportName)
@@ -281,7 +282,7 @@ func (s *Service) exportsOf(ctx context.Context, vmID string) ([]commands.Export
 // syncExports makes the served set this host's records. Records the
 // exporter could not serve are deleted and returned; the error is then
 // only logged. Syncs run one at a time.
-func (s *Service) syncExports(ctx context.Context) (dropped []string, err error) {
+func (s *Service) syncExports(ctx context.Context, change *exportChange) (dropped []string, err error) {
 	s.exportMu.Lock()
 	defer s.exportMu.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, exportSyncTimeout)
@@ -290,13 +291,16 @@ func (s *Service) syncExports(ctx context.Context) (dropped []string, err error)
 	if err != nil {
 		return nil, state.APIError(err)
 	}
+	recs = change.apply(recs, s.cfg.VMID)
 	syncErr := s.cfg.Exporter.Sync(ctx, recs)
 	served := s.cfg.Exporter.Clients()
 	for _, e := range recs {
 		if _, ok := served[e.ExportName]; ok {
 			continue
 		}
-		if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); err != nil {
+		if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); errors.Is(err, state.ErrStale) {
+			continue // changed since it was listed: the next sync looks again
+		} else if err != nil {
 			return dropped, state.APIError(err)
 		}
 		dropped = append(dropped, e.VolumeID)
@@ -340,7 +344,9 @@ func (s *Service) reconcileExports(ctx context.Context, all bool) ([]string, err
 			why = fmt.Sprintf("the volume is attached to VM %s now", m.VMID)
 		}
 		if why != "" {
-			if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); err != nil {
+			if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); errors.Is(err, state.ErrStale) {
+				continue // changed since it was listed: the next reconcile looks again
+			} else if err != nil {
 				return changes, state.APIError(err)
 			}
 			changes = append(changes, fmt.Sprintf("removed export %s of volume %s: %s", e.ExportName, e.VolumeID, why))
@@ -348,7 +354,9 @@ func (s *Service) reconcileExports(ctx context.Context, all bool) ([]string, err
 		}
 		if want.ExportName != e.ExportName || want.DevicePath != e.DevicePath {
 			e.ExportName, e.DevicePath, e.UpdatedAt = want.ExportName, want.DevicePath, time.Now().UTC()
-			if _, err := s.cfg.Store.PutExport(ctx, e); err != nil {
+			if _, err := s.cfg.Store.PutExport(ctx, e); errors.Is(err, state.ErrStale) {
+				continue
+			} else if err != nil {
 				return changes, state.APIError(err)
 			}
 			changes = append(changes, fmt.Sprintf("export of volume %s now serves %s as %s", e.VolumeID, e.DevicePath, e.ExportName))

@@ -1,6 +1,8 @@
 // Package state keeps volumed's durable records, operations, device
-// mappings and NBD exports, behind one Store interface with two backends: Redis and an
-// embedded store on the embedded NATS server's JetStream KeyValue.
+// mappings and NBD exports, and its leases, behind one Store interface with
+// two backends: Redis and an embedded store on the embedded NATS server's
+// JetStream KeyValue. Every write is a compare-and-swap on the record's
+// revision.
 package state
 
 import (

@@ -1,0 +1,56 @@
+package state
+
+import (
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// TestKVApplyOrder drives the in-memory indexes through the interleavings
+// of a process's own writes with its watcher that real timing produces
+// only rarely: a write applied after the watcher has delivered it and a
+// later delete must not bring the record back, and the watcher must not
+// undo a newer write of the process.
+func TestKVApplyOrder(t *testing.T) {
+	op := commands.Operation{ID: "op-1", Type: commands.OpAttach, Status: commands.StatusExecuting, VolumeID: "vol-1",
+		CreatedAt: time.Unix(1, 0)}
+	raw, err := json.Marshal(op)
+	if err != nil {
+		t.Fatal(err)
+	}
+	type apply struct {
+		rev     uint64
+		deleted bool
+		watcher bool
+	}
+	for _, tc := range []struct {
+		name   string
+		steps  []apply
+		listed bool
+	}{
+		{"own write after the watcher delivered it and a delete", []apply{{7, false, true}, {9, true, true}, {7, false, false}}, false},
+		{"own write before the watcher", []apply{{7, false, false}, {7, false, true}}, true},
+		{"watcher behind an own newer write", []apply{{7, false, false}, {5, false, true}}, true},
+		{"own write, then the watcher delivers a delete", []apply{{7, false, false}, {9, true, true}}, false},
+		{"delete delivered before an older own write returns", []apply{{9, true, true}, {8, false, false}}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			k := &KV{ops: make(map[string]kvEntry[kvOp]), idx: make(map[string][]opRef), stats: newStats()}
+			for _, st := range tc.steps {
+				data := raw
+				if st.deleted {
+					data = nil
+				}
+				if err := k.applyOp(op.ID, st.rev, data, st.watcher); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_, listed := k.ops[op.ID]
+			if n := len(k.idx["all"]); listed != tc.listed || (n == 1) != tc.listed || k.stats.Total != int64(n) {
+				t.Fatalf("entry %v, indexed %d, total %d; want listed %v", listed, n, k.stats.Total, tc.listed)
+			}
+		})
+	}
+}
