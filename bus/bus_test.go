@@ -160,7 +160,8 @@ func TestEmbeddedCluster(t *testing.T) {
 			buses[i].Close(ctx)
 		}
 	}
-	testenv.Eventually(t, 30*time.Second, func() bool {
+	// New leaders are elected first; on a loaded machine that takes a while.
+	testenv.Eventually(t, 90*time.Second, func() bool {
 		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		defer cancel()
 		_, err := client.JetStream().Publish(pctx, bus.JobsSubjectPrefix+"line.op-1", []byte(`{}`))
