@@ -14,7 +14,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
@@ -311,47 +310,4 @@ func TestClusterHostWork(t *testing.T) {
 	host.requireExports(vol)
 	other.completed(other.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
 	host.requireExports()
-}
-
-// TestEmbeddedClusterInstances: three volumed whose embedded servers form
-// one JetStream cluster through cluster {} routes in their nats.conf (the
-// first setup of the README); commands through each instance run, and the
-// queue has three replicas.
-func TestEmbeddedClusterInstances(t *testing.T) {
-	sim := startSim(t, cloudsim.Config{})
-	ports := []int{testenv.FreePort(t), testenv.FreePort(t), testenv.FreePort(t)}
-	var routes []string
-	for _, p := range ports {
-		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", p))
-	}
-	var ds []*daemon
-	for i, p := range ports {
-		conf := fmt.Sprintf("server_name: volumed-%d\ncluster {\n  name: volumed-e2e\n  listen: 127.0.0.1:%d\n  routes: [%s]\n}\n",
-			i+1, p, strings.Join(routes, ", "))
-		ds = append(ds, startDaemon(t, sim, daemonOpts{natsConf: conf, lazy: true,
-			extra: []string{"--nats-replicas", "3", "--device-agent=false"}}))
-	}
-	for _, d := range ds {
-		d.ready()
-	}
-	attach := map[string]string{"vm_id": cloudsim.RemoteVMID}
-	vol := ds[0].createVolume("embedded-cluster", 1)
-	ds[1].completed(ds[1].submit(http.MethodPost, "/volumes/"+vol+"/attach", attach).ID)
-	ds[2].completed(ds[2].submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
-	if n := sim.Stats().AttachesSucceeded[vol]; n != 1 {
-		t.Fatalf("attaches done: %d, want 1", n)
-	}
-	js, err := jetstream.New(ds[2].nats())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	s, err := js.Stream(ctx, bus.StreamJobs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if info := s.CachedInfo(); info.Config.Replicas != 3 || info.Cluster == nil || len(info.Cluster.Replicas) != 2 {
-		t.Fatalf("jobs stream %+v: want three replicas on the embedded cluster", info.Cluster)
-	}
 }

@@ -88,13 +88,7 @@ type daemonOpts struct {
 	// natsURL is an external NATS cluster (comma-separated URLs, three
 	// replicas); "" runs the daemon's own embedded server.
 	natsURL string
-	// natsConf is added to the embedded server's nats.conf (a
-	// server_name and a cluster {} block, say).
-	natsConf string
-	// lazy starts the process without waiting for its API: the caller
-	// calls ready (the members of an embedded cluster wait for each other).
-	lazy  bool
-	extra []string
+	extra   []string
 }
 
 // cloud is a CloudStack API endpoint: the simulator in this process, or a
@@ -113,7 +107,7 @@ func startDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
 	if o.natsURL == "" {
 		natsPort := testenv.FreePort(t)
 		conf := filepath.Join(o.dataDir, "nats.conf")
-		if err := os.WriteFile(conf, []byte(fmt.Sprintf("listen: 127.0.0.1:%d\njetstream {}\n%s", natsPort, o.natsConf)), 0o600); err != nil {
+		if err := os.WriteFile(conf, []byte(fmt.Sprintf("listen: 127.0.0.1:%d\njetstream {}\n", natsPort)), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		natsArgs, natsURL = []string{"--nats-config", conf}, fmt.Sprintf("nats://127.0.0.1:%d", natsPort)
@@ -129,24 +123,12 @@ func startDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
 	if o.redisURL != "" {
 		d.args = append(d.args, "--redis-url", o.redisURL)
 	}
+	d.start()
 	t.Cleanup(d.stop)
-	if o.lazy {
-		d.launch()
-	} else {
-		d.start()
-	}
 	return d
 }
 
-// start runs the process and waits until its API answers.
 func (d *daemon) start() {
-	d.t.Helper()
-	d.launch()
-	d.ready()
-}
-
-// launch runs the process.
-func (d *daemon) launch() {
 	d.t.Helper()
 	d.out = &syncBuffer{}
 	d.cmd = exec.Command(volumedBin, d.args...)
@@ -157,11 +139,6 @@ func (d *daemon) launch() {
 	}
 	d.exited = make(chan struct{})
 	go func() { _ = d.cmd.Wait(); close(d.exited) }()
-}
-
-// ready waits until the process's API answers.
-func (d *daemon) ready() {
-	d.t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		resp, err := http.Get(d.api + "/health")
