@@ -66,9 +66,13 @@ func (s *Service) run(opID string, log *slog.Logger) runResult {
 	// executor claimed the operation since it was read.
 	op.Attempts++
 	op.Status = commands.StatusExecuting
-	if err := s.save(ctx, &op); errors.Is(err, state.ErrStale) {
-		return runLost
-	} else if err != nil {
+	if err := s.save(ctx, &op); err != nil {
+		if cur, gerr := s.cfg.Store.GetOperation(ctx, opID); gerr == nil && cur.Status.Terminal() {
+			return runDone // the read was behind: it had ended
+		}
+		if errors.Is(err, state.ErrStale) {
+			return runLost
+		}
 		return stopped(err)
 	}
 	log = log.With("type", op.Type, "volume_id", op.VolumeID)
@@ -203,7 +207,9 @@ func (s *Service) step(ctx context.Context, op *commands.Operation, name string,
 		}
 		if cs.RetryLimit > 0 {
 			if limited++; limited > cs.RetryLimit {
-				return err
+				final := *cs // retried enough: final, with CloudStack's code and text
+				final.Retryable = false
+				return &final
 			}
 		}
 		op.Error = fmt.Sprintf("%s: %v (retrying)", name, err)

@@ -241,10 +241,11 @@ func (s *Service) putExport(ctx context.Context, e commands.Export) error {
 				WithDetail("export_name", e.ExportName)
 		}
 	}
-	if _, err := s.cfg.Store.PutExport(ctx, e); err != nil {
+	saved, err := s.cfg.Store.PutExport(ctx, e)
+	if err != nil {
 		return errStopped
 	}
-	dropped, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostSync})
+	dropped, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostSync, Change: &exportChange{Put: &saved}})
 	if slices.Contains(dropped, e.VolumeID) {
 		return commands.Internal("the NBD server cannot serve %s: %v", e.DevicePath, err).WithDetail("export_name", e.ExportName)
 	}
@@ -296,7 +297,7 @@ func (s *Service) dropExport(ctx context.Context, volumeID string) (string, erro
 	if err := s.cfg.Store.DeleteExport(ctx, volumeID, e.Revision); err != nil {
 		return "", errStopped
 	}
-	if _, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostSync}); errors.Is(err, errNoHost) {
+	if _, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostSync, Change: &exportChange{Removed: volumeID}}); errors.Is(err, errNoHost) {
 		s.log.Warn("export record removed; no volumed serves its VM now", "volume_id", volumeID, "vm_id", e.VMID)
 	} else if err != nil {
 		return "", commands.Internal("end NBD export %s: %v", e.ExportName, err).WithDetail("export_name", e.ExportName)
@@ -333,7 +334,7 @@ func (s *Service) exportsOf(ctx context.Context, vmID string) ([]commands.Export
 // syncExports makes the served set this host's records. Records the
 // exporter could not serve are deleted and returned; the error is then
 // only logged. Syncs run one at a time.
-func (s *Service) syncExports(ctx context.Context) (dropped []string, err error) {
+func (s *Service) syncExports(ctx context.Context, change *exportChange) (dropped []string, err error) {
 	s.exportMu.Lock()
 	defer s.exportMu.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, exportSyncTimeout)
@@ -342,6 +343,7 @@ func (s *Service) syncExports(ctx context.Context) (dropped []string, err error)
 	if err != nil {
 		return nil, state.APIError(err)
 	}
+	recs = change.apply(recs, s.cfg.VMID)
 	syncErr := s.cfg.Exporter.Sync(ctx, recs)
 	served := s.cfg.Exporter.Clients()
 	for _, e := range recs {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -38,6 +39,32 @@ const (
 type hostRequest struct {
 	Action  string            `json:"action"`
 	Mapping *commands.Mapping `json:"mapping,omitempty"`
+	// Change is the export write the requester just made, applied over
+	// the host's reading of the records, which may not show it yet.
+	Change *exportChange `json:"change,omitempty"`
+}
+
+// exportChange is one export record written (Put) or removed (Removed,
+// a volume id).
+type exportChange struct {
+	Put     *commands.Export `json:"put,omitempty"`
+	Removed string           `json:"removed,omitempty"`
+}
+
+// apply returns vmID's records with the change made over them.
+func (c *exportChange) apply(recs []commands.Export, vmID string) []commands.Export {
+	if c == nil {
+		return recs
+	}
+	gone := c.Removed
+	if c.Put != nil {
+		gone = c.Put.VolumeID
+	}
+	recs = slices.DeleteFunc(recs, func(e commands.Export) bool { return e.VolumeID == gone })
+	if c.Put != nil && c.Put.VMID == vmID {
+		recs = append(recs, *c.Put)
+	}
+	return recs
 }
 
 // hostReply is its answer: the records the NBD server could not serve
@@ -82,7 +109,7 @@ func (s *Service) hostAction(ctx context.Context, req hostRequest) ([]string, er
 	case hostPing:
 		return nil, nil
 	case hostSync:
-		return s.syncExports(ctx)
+		return s.syncExports(ctx, req.Change)
 	case hostAutoExport:
 		if req.Mapping != nil {
 			s.autoExportHere(ctx, *req.Mapping)

@@ -46,7 +46,7 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 	}
 	for _, m := range mappings {
 		vms[m.VMID] = true
-		change, err := s.reconcileMappingAgain(ctx, m)
+		change, err := s.reconcileMapping(ctx, m)
 		if err != nil {
 			res.Errors = append(res.Errors, fmt.Sprintf("volume %s: %v", m.VolumeID, err))
 		} else if change != "" {
@@ -104,33 +104,9 @@ func (s *Service) reconcileDevices(ctx context.Context, vm string) ([]string, er
 	return s.cfg.Devices.Reconcile(ctx, vm, attached)
 }
 
-// staleRetries bounds how often a reconcile of one mapping starts again
-// because the mapping changed while it was being decided on.
-const staleRetries = 3
-
-// reconcileMappingAgain runs reconcileMapping; when the mapping changed
-// meanwhile (the device side healed it, marked it missing, a new attach),
-// it reads it again and decides again, from CloudStack's answer then.
-func (s *Service) reconcileMappingAgain(ctx context.Context, m commands.Mapping) (string, error) {
-	var export string // ended by an earlier try
-	for try := 1; ; try++ {
-		change, err := s.reconcileMapping(ctx, m, &export)
-		if !errors.Is(err, state.ErrStale) || try == staleRetries {
-			return change, err
-		}
-		if m, err = s.cfg.Store.GetMapping(ctx, m.VolumeID); errors.Is(err, state.ErrNotFound) {
-			return "", nil
-		} else if err != nil {
-			return "", state.APIError(err)
-		}
-	}
-}
-
 // reconcileMapping removes a mapping CloudStack no longer explains and
-// refreshes the sync time of one it does; state.ErrStale if the mapping
-// changed since m was read. export holds the name of the NBD export it
-// ended, across tries.
-func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping, export *string) (string, error) {
+// refreshes the sync time of one it does.
+func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (string, error) {
 	vol, err := s.cfg.CloudStack.GetVolume(ctx, m.VolumeID)
 	var why string
 	switch {
@@ -162,14 +138,11 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping, expo
 		if _, err := s.cfg.Store.PutMapping(ctx, cur); err != nil && !errors.Is(err, state.ErrStale) {
 			return "", state.APIError(err)
 		}
-		return "", nil // stale: the sync time was refreshed by whoever wrote it
+		return "", nil // stale: changed since read, and the next sync looks again
 	}
-	ended, err := s.dropExport(ctx, m.VolumeID)
+	export, err := s.dropExport(ctx, m.VolumeID)
 	if err != nil {
 		return "", err
-	}
-	if ended != "" {
-		*export = ended
 	}
 	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, m.VMID) {
 		if err := s.cfg.Devices.Detached(ctx, m); err != nil {
@@ -181,12 +154,12 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping, expo
 		return "", state.APIError(err)
 	}
 	switch {
-	case deleted && *export != "":
-		return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s; ended its NBD export %s", m.VolumeID, m.VMID, m.Device(), why, *export), nil
+	case deleted && export != "":
+		return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s; ended its NBD export %s", m.VolumeID, m.VMID, m.Device(), why, export), nil
 	case deleted:
 		return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s", m.VolumeID, m.VMID, m.Device(), why), nil
-	case *export != "":
-		return fmt.Sprintf("ended the NBD export %s of volume %s: %s", *export, m.VolumeID, why), nil
+	case export != "":
+		return fmt.Sprintf("ended the NBD export %s of volume %s: %s", export, m.VolumeID, why), nil
 	}
 	return "", nil // gone already, or another attachment now
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
 	"os"
 	"sort"
 	"strconv"
@@ -168,7 +169,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 		"`volumed agent --help` shows the device agent alone.", stderr, &c)
 	f.str(&c.listen, "listen", "VOLUMED_LISTEN", "127.0.0.1:8090", "REST API address")
 	f.str(&c.dataDir, "data-dir", "VOLUMED_DATA_DIR", "./volumed-data", "directory for JetStream files and simulator state")
-	f.str(&c.natsURL, "nats-url", "VOLUMED_NATS_URL", "", "external NATS URL; empty runs the embedded server")
+	f.str(&c.natsURL, "nats-url", "VOLUMED_NATS_URL", "", "external NATS URL, or several comma-separated of one cluster; empty runs the embedded server")
 	f.str(&c.natsConfig, "nats-config", "VOLUMED_NATS_CONFIG", "", "embedded server config file; default ./nats.conf when present")
 	replicas := f.String("nats-replicas", env("VOLUMED_NATS_REPLICAS", "1"), "replicas of the streams and state bucket on a NATS cluster (VOLUMED_NATS_REPLICAS)")
 	f.str(&c.redisURL, "redis-url", "VOLUMED_REDIS_URL", "", "Redis URL for state; empty uses the embedded store")
@@ -192,6 +193,9 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 		return c, err
 	}
 	if err := c.checkSecurity(); err != nil {
+		return c, err
+	}
+	if err := checkNATSURLs(c.natsURL); err != nil {
 		return c, err
 	}
 	var err error
@@ -229,6 +233,24 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 		}
 	}
 	return c, nil
+}
+
+// checkNATSURLs refuses a --nats-url list with an empty or unreadable
+// entry ("" itself means the embedded server).
+func checkNATSURLs(list string) error {
+	if list == "" {
+		return nil
+	}
+	for _, u := range strings.Split(list, ",") {
+		u = strings.TrimSpace(u)
+		if u == "" {
+			return fmt.Errorf("%w: --nats-url: empty URL in %q", errUsage, list)
+		}
+		if _, err := url.Parse(u); err != nil {
+			return fmt.Errorf("%w: --nats-url: %w", errUsage, err)
+		}
+	}
+	return nil
 }
 
 // parseAgentConfig parses `volumed agent`: the device agent alone, for a

@@ -23,6 +23,7 @@ func TestRunExitCodes(t *testing.T) {
 		{"step timeout too short", []string{"--sim", "--step-timeout", "10ms"}, 2, "at least 1s"},
 		{"bad boolean", []string{"--sim=maybe"}, 2, "sim"},
 		{"replicas out of range", []string{"--sim", "--nats-replicas", "7"}, 2, "--nats-replicas"},
+		{"empty URL in the NATS list", []string{"--sim", "--nats-url", "nats://127.0.0.1:4222,,nats://127.0.0.1:4223"}, 2, "--nats-url: empty URL"},
 		{"bad log level", []string{"--sim", "--log-level", "loud"}, 2, "--log-level"},
 		{"bad retention", []string{"--sim", "--op-retention", "-1h"}, 2, "--op-retention"},
 		{"stray argument", []string{"--sim", "extra"}, 2, `unexpected argument "extra"`},
@@ -53,12 +54,14 @@ func TestConfigFromEnvironment(t *testing.T) {
 	t.Setenv("VOLUMED_LISTEN", "127.0.0.1:9999")
 	t.Setenv("VOLUMED_OP_RETENTION", "0")
 	t.Setenv("VOLUMED_API_TOKEN", "from-the-environment-0123")
+	t.Setenv("VOLUMED_NATS_URL", "nats://10.0.0.1:4222, nats://10.0.0.2:4222,nats://10.0.0.3:4222")
+	t.Setenv("VOLUMED_NATS_REPLICAS", "3")
 	c, err := parseConfig([]string{"--listen", "127.0.0.1:7777"}, &bytes.Buffer{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !c.sim || c.stepTimeout != 90*time.Second || c.syncInterval >= 0 || c.listen != "127.0.0.1:7777" || c.opRetention != 0 ||
-		c.apiToken != "from-the-environment-0123" {
+		c.apiToken != "from-the-environment-0123" || c.natsReplicas != 3 || !strings.Contains(c.natsURL, "10.0.0.3") {
 		t.Fatalf("config %+v: environment not taken, or the flag did not win", c)
 	}
 }

@@ -18,7 +18,6 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
 )
@@ -200,7 +199,6 @@ func TestCluster(t *testing.T) {
 		sim.SetFaults(cloudsim.Faults{Errors: map[string]cloudsim.ErrorFault{
 			"createVolume": lost, "attachVolume": lost, "detachVolume": lost}})
 		defer sim.SetFaults(cloudsim.Faults{})
-		before := sim.Stats()
 		var ids []string
 		for i := range 6 {
 			ids = append(ids, ds[i%len(ds)].createVolume(fmt.Sprintf("lost-cluster-%d", i), 1))
@@ -211,23 +209,13 @@ func TestCluster(t *testing.T) {
 		for i, vol := range ids {
 			ds[i%len(ds)].completed(ds[(i+2)%len(ds)].submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
 		}
-		st := sim.Stats()
-		cs := csapi.New(csapi.Config{URL: sim.URL(), APIKey: cloudsim.DefaultAPIKey, SecretKey: cloudsim.DefaultSecretKey})
-		for i, vol := range ids {
-			made, err := cs.ListVolumes(context.Background(), csapi.ListFilter{Name: fmt.Sprintf("lost-cluster-%d", i)})
-			if err != nil || len(made) != 1 || made[0].ID != vol {
-				t.Errorf("create lost-cluster-%d: CloudStack has %v (%v), want exactly %s", i, made, err, vol)
-			}
-			if st.AttachesSucceeded[vol] != 1 || st.DetachesSucceeded[vol] != 1 {
-				t.Errorf("volume %s: %d attaches, %d detaches, want 1 and 1", vol, st.AttachesSucceeded[vol], st.DetachesSucceeded[vol])
-			}
-		}
+		requireOnceEach(t, sim, "lost-cluster-", ids)
 		lostAny := false
 		for _, d := range ds {
 			lostAny = lostAny || strings.Contains(d.out.String(), "maybe_done=true")
 		}
-		if !lostAny || st.Calls["createVolume"]-before.Calls["createVolume"] < 6 {
-			t.Fatalf("no answer was lost (calls %v): the test proves nothing", st.Calls)
+		if !lostAny {
+			t.Fatal("no answer was lost: the test proves nothing")
 		}
 	})
 
@@ -259,7 +247,16 @@ func TestCluster(t *testing.T) {
 	})
 
 	t.Run("a NATS node killed", func(t *testing.T) {
+		// Work in flight when the node goes ends; new work is taken.
+		vol := ds[0].createVolume("node-loss", 1)
+		sim.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"attachVolume": cloudsim.Duration(time.Second)}})
+		inFlight := ds[1].submit(http.MethodPost, "/volumes/"+vol+"/attach", attach)
 		c.kill(0)
+		sim.SetFaults(cloudsim.Faults{})
+		ds[1].completed(inFlight.ID)
+		if n := sim.Stats().AttachesSucceeded[vol]; n != 1 {
+			t.Fatalf("attaches done for the attach in flight: %d, want 1", n)
+		}
 		for i, d := range ds {
 			op := submitEventually(t, d, http.MethodPost, "/volumes", map[string]any{"name": fmt.Sprintf("after-node-loss-%d", i),
 				"size": 1 << 30, "disk_offering_id": cloudsim.CustomOfferingID, "zone_id": cloudsim.ZoneID})

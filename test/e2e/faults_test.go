@@ -64,6 +64,26 @@ func TestStepTimeout(t *testing.T) {
 	if op.Status != commands.StatusFailed || op.Details["code"] != commands.CodeTimeout || !strings.Contains(op.Error, "did not finish within 2s") {
 		t.Fatalf("operation with a job that never ends: %+v", op)
 	}
+	// The job may still run in CloudStack, and the operation says so.
+	if op.Details["job_may_run"] != true || op.Details["cloudstack_job_id"] != op.JobID || op.JobID == "" {
+		t.Fatalf("TIMEOUT details %v (job %q): want job_may_run and the job's id", op.Details, op.JobID)
+	}
+}
+
+// TestInternalErrorRetriedAFewTimes: CloudStack's 530 is retried a few
+// times, then the operation fails with CloudStack's code and text.
+func TestInternalErrorRetriedAFewTimes(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{})
+	d := startDaemon(t, sim, daemonOpts{})
+	vol := d.createVolume("internal-error", 1)
+	sim.SetFaults(cloudsim.Faults{Errors: map[string]cloudsim.ErrorFault{"attachVolume": {Rate: 1, Kind: cloudsim.ErrorKind530}}})
+	op := d.wait(d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID}).ID)
+	if op.Status != commands.StatusFailed || op.Details["cloudstack_error_code"] != float64(530) || op.Details["cloudstack_message"] == "" {
+		t.Fatalf("operation after repeated 530s: %+v", op)
+	}
+	if n := sim.Stats().Calls["attachVolume"]; n != 1+csapi.Retries530 {
+		t.Fatalf("attachVolume called %d times, want %d (one and %d retries)", n, 1+csapi.Retries530, csapi.Retries530)
+	}
 }
 
 func TestHealthAndOutage(t *testing.T) {
@@ -108,17 +128,25 @@ func TestLostReplies(t *testing.T) {
 	for _, vol := range vols {
 		d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
 	}
-	st := sim.Stats()
 	for _, cmd := range []string{"createVolume", "attachVolume", "detachVolume"} {
 		if !regexp.MustCompile(`command=` + cmd + `.*maybe_done=true`).MatchString(d.out.String()) {
 			t.Fatalf("no answer to %s was lost: the test proves nothing", cmd)
 		}
 	}
+	requireOnceEach(t, sim, "lost-", vols)
+}
+
+// requireOnceEach checks that CloudStack made exactly one volume named
+// prefix+i for each vols[i], and attached and detached each once.
+func requireOnceEach(t *testing.T, sim *cloudsim.Sim, prefix string, vols []string) {
+	t.Helper()
+	st := sim.Stats()
 	cs := csapi.New(csapi.Config{URL: sim.URL(), APIKey: cloudsim.DefaultAPIKey, SecretKey: cloudsim.DefaultSecretKey})
 	for i, vol := range vols {
-		made, err := cs.ListVolumes(context.Background(), csapi.ListFilter{Name: fmt.Sprintf("lost-%d", i)})
+		name := fmt.Sprintf("%s%d", prefix, i)
+		made, err := cs.ListVolumes(context.Background(), csapi.ListFilter{Name: name})
 		if err != nil || len(made) != 1 || made[0].ID != vol {
-			t.Errorf("create lost-%d: CloudStack has %v (%v), want exactly %s", i, made, err, vol)
+			t.Errorf("create %s: CloudStack has %v (%v), want exactly %s", name, made, err, vol)
 		}
 		if st.AttachesSucceeded[vol] != 1 || st.DetachesSucceeded[vol] != 1 {
 			t.Errorf("volume %s: %d attaches, %d detaches done, want 1 and 1", vol, st.AttachesSucceeded[vol], st.DetachesSucceeded[vol])
