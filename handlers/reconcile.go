@@ -136,18 +136,19 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 			s.log.Warn("device release incomplete", "volume_id", m.VolumeID, "error", err)
 		}
 	}
-	if err := s.cfg.Store.DeleteMapping(ctx, m.VolumeID, m.Revision); errors.Is(err, state.ErrStale) {
-		// Changed since it was read (a new attach, a healed device): the
-		// next sync decides again on the record as it is then.
-		return "", nil
-	} else if err != nil {
+	deleted, err := s.deleteReleased(ctx, m)
+	if err != nil {
 		return "", state.APIError(err)
 	}
-	change := fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s", m.VolumeID, m.VMID, m.Device(), why)
-	if export != "" {
-		change += "; ended its NBD export " + export
+	switch {
+	case deleted && export != "":
+		return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s; ended its NBD export %s", m.VolumeID, m.VMID, m.Device(), why, export), nil
+	case deleted:
+		return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s", m.VolumeID, m.VMID, m.Device(), why), nil
+	case export != "":
+		return fmt.Sprintf("ended the NBD export %s of volume %s: %s", export, m.VolumeID, why), nil
 	}
-	return change, nil
+	return "", nil // gone already, or another attachment now
 }
 
 // requeueIdle queues again the unfinished operations no handler here runs

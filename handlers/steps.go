@@ -346,10 +346,36 @@ func (s *Service) release(ctx context.Context, op *commands.Operation, volumeID 
 			s.log.Warn("device release incomplete", "volume_id", volumeID, "error", err)
 		}
 	}
-	if err := s.cfg.Store.DeleteMapping(ctx, volumeID, m.Revision); err != nil {
+	if _, err := s.deleteReleased(ctx, m); err != nil {
 		return errStopped
 	}
 	return nil
+}
+
+// deleteReleased deletes the mapping m of a released attachment. The
+// device side may have changed the record since m was read (its device
+// went away, so it is now missing): on a stale revision it reads the
+// record again and deletes it if it is still this attachment (same
+// mapping on the same VM, not detected on another device). It reports
+// whether a record was deleted.
+func (s *Service) deleteReleased(ctx context.Context, m commands.Mapping) (bool, error) {
+	for {
+		err := s.cfg.Store.DeleteMapping(ctx, m.VolumeID, m.Revision)
+		if !errors.Is(err, state.ErrStale) {
+			return err == nil, err
+		}
+		cur, err := s.cfg.Store.GetMapping(ctx, m.VolumeID)
+		if errors.Is(err, state.ErrNotFound) {
+			return false, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		if cur.ID != m.ID || cur.VMID != m.VMID || (cur.LinuxState == commands.LinuxDetected && cur.DevicePath != m.DevicePath) {
+			return false, nil // another attachment now: not ours to delete
+		}
+		m = cur
+	}
 }
 
 func (s *Service) delete(ctx context.Context, op *commands.Operation) (*commands.OpResponse, error) {

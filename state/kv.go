@@ -59,13 +59,10 @@ type KVConfig struct {
 type KV struct {
 	js     jetstream.JetStream
 	kv     jetstream.KeyValue
+	stream jetstream.Stream // the bucket's, for batches and delete markers
 	bucket string
 	log    *slog.Logger
 	writes atomic.Int64
-
-	// mapMu serializes this process's mapping writes, so the device
-	// check and the write happen as one step.
-	mapMu sync.Mutex
 
 	mu       sync.RWMutex
 	seen     uint64 // the last revision the watcher delivered
@@ -114,7 +111,19 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	if err != nil {
 		return nil, kvErr("create bucket "+cfg.Bucket, err)
 	}
-	k := &KV{js: js, kv: kv, bucket: cfg.Bucket, log: cfg.Logger.With("component", "state-kv", "bucket", cfg.Bucket),
+	// Mappings and their device claims are written in atomic batches,
+	// which the KeyValue API does not turn on.
+	stream, err := js.Stream(ctx, "KV_"+cfg.Bucket)
+	if err != nil {
+		return nil, kvErr("bucket stream", err)
+	}
+	if scfg := stream.CachedInfo().Config; !scfg.AllowAtomicPublish {
+		scfg.AllowAtomicPublish = true
+		if stream, err = js.UpdateStream(ctx, scfg); err != nil {
+			return nil, kvErr("allow atomic batches on "+cfg.Bucket, err)
+		}
+	}
+	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: cfg.Logger.With("component", "state-kv", "bucket", cfg.Bucket),
 		ops: make(map[string]kvEntry[kvOp]), idx: make(map[string][]opRef), stats: newStats(),
 		mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export]), done: make(chan struct{})}
@@ -134,6 +143,10 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	case <-ctx.Done():
 		_ = k.Close(context.Background())
 		return nil, fmt.Errorf("state: kv load %s: %w: %w", cfg.Bucket, ErrUnavailable, ctx.Err())
+	}
+	if err := k.claimLoaded(ctx); err != nil {
+		_ = k.Close(context.Background())
+		return nil, err
 	}
 	k.log.Info("state store ready", "operations", len(k.ops), "mappings", len(k.mappings))
 	return k, nil
@@ -376,7 +389,15 @@ func kvErr(op string, err error) error {
 // wrongRevision reports whether err is JetStream refusing a write whose
 // expected last revision of the key is not the key's.
 func wrongRevision(err error) bool {
-	return errors.Is(err, jetstream.ErrKeyRevisionMismatch) || errors.Is(err, jetstream.ErrKeyExists)
+	var apiErr *jetstream.APIError
+	return errors.Is(err, jetstream.ErrKeyRevisionMismatch) || errors.Is(err, jetstream.ErrKeyExists) ||
+		(errors.As(err, &apiErr) && isWrongLast(int(apiErr.ErrorCode)))
+}
+
+// isWrongLast reports whether a JetStream error code says a write's
+// expected last revision was not the key's (10164 on replicated streams).
+func isWrongLast(code int) bool {
+	return code == int(jetstream.JSErrCodeStreamWrongLastSequence) || code == int(jetstream.JSErrCodeStreamWrongLastSequenceConstant)
 }
 
 // gone is the error of a compare-and-swap write on a deleted record.
@@ -663,33 +684,6 @@ func (k *KV) write(ctx context.Context, what, key string, data []byte, rev uint6
 	return newRev, nil
 }
 
-// PutMapping writes m with one KV Create (Revision 0) or Update on
-// m.Revision; ErrConflict if the index gives its device path to another
-// volume.
-func (k *KV) PutMapping(ctx context.Context, m commands.Mapping) (commands.Mapping, error) {
-	if m.VolumeID == "" {
-		return m, errors.New("state: mapping without volume id")
-	}
-	data, err := json.Marshal(m)
-	if err != nil {
-		return m, fmt.Errorf("state: encode mapping %s: %w", m.VolumeID, err)
-	}
-	k.mapMu.Lock()
-	defer k.mapMu.Unlock()
-	k.mu.RLock()
-	holder, held := k.byDevice[deviceKey(m.VMID, m.DevicePath)]
-	k.mu.RUnlock()
-	if m.DevicePath != "" && held && holder != m.VolumeID {
-		return m, fmt.Errorf("state: device %s of volume %s held by %s: %w", m.DevicePath, m.VolumeID, holder, ErrConflict)
-	}
-	rev, err := k.write(ctx, "mapping", kvMappingPrefix+m.VolumeID, data, m.Revision)
-	if err != nil {
-		return m, err
-	}
-	m.Revision = rev
-	return m, k.applyMapping(m.VolumeID, rev, data, false)
-}
-
 // GetMapping reads the mapping of a volume from the bucket.
 func (k *KV) GetMapping(ctx context.Context, volumeID string) (commands.Mapping, error) {
 	var m commands.Mapping
@@ -740,29 +734,6 @@ func (k *KV) ListMappings(_ context.Context, vmID string) ([]commands.Mapping, e
 	}
 	sortMappings(out)
 	return out, nil
-}
-
-// DeleteMapping purges the volume's mapping key (at revision rev unless 0).
-func (k *KV) DeleteMapping(ctx context.Context, volumeID string, rev uint64) error {
-	k.mapMu.Lock()
-	defer k.mapMu.Unlock()
-	k.mu.RLock()
-	before := k.mappings[volumeID].rev
-	k.mu.RUnlock()
-	if rev != 0 {
-		before = rev
-	}
-	if err := k.purge(ctx, "mapping", kvMappingPrefix+volumeID, rev); err != nil {
-		return err
-	}
-	// Purge returns no revision: unindex the entry unless the watcher has
-	// already moved past the revision the delete replaced.
-	k.mu.Lock()
-	if e := k.mappings[volumeID]; e.v != nil && e.rev == before {
-		k.setMapping(volumeID, kvEntry[commands.Mapping]{rev: before})
-	}
-	k.mu.Unlock()
-	return nil
 }
 
 // PutExport writes e with one KV Create (Revision 0) or Update on

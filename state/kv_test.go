@@ -224,8 +224,9 @@ func BenchmarkKVMemory(b *testing.B) {
 	})
 }
 
-// TestKVUpgradesOldBucket: a bucket made before per-key TTLs (by an older
-// volumed) is updated in place: its records stay, and leases work on it.
+// TestKVUpgradesOldBucket: a bucket made before per-key TTLs and device
+// claims (by an older volumed) is updated in place: its records stay,
+// leases work on it, and its mappings' devices are claimed.
 func TestKVUpgradesOldBucket(t *testing.T) {
 	bus := testenv.StartBus(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -241,6 +242,10 @@ func TestKVUpgradesOldBucket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	data, _ = json.Marshal(storetest.Mapping("vol-1", "vm-1", "/dev/vdb"))
+	if _, err := old.Put(ctx, "map.vol-1", data); err != nil {
+		t.Fatal(err)
+	}
 	s := newKV(t, bus.JetStream(), bucket)
 	got, err := s.GetOperation(ctx, op.ID)
 	if err != nil || got.Revision != rev {
@@ -253,6 +258,17 @@ func TestKVUpgradesOldBucket(t *testing.T) {
 	l, err := s.AcquireLease(ctx, "reconcile", "a", time.Minute)
 	if err != nil {
 		t.Fatalf("lease on an upgraded bucket: %v", err)
+	}
+	if _, err := s.PutMapping(ctx, storetest.Mapping("vol-2", "vm-1", "/dev/vdb")); !errors.Is(err, state.ErrConflict) {
+		t.Fatalf("a device an old mapping holds, taken: %v", err)
+	}
+	// An older volumed deletes the mapping the old way, leaving its claim:
+	// the device is free all the same.
+	if err := old.Purge(ctx, "map.vol-1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.PutMapping(ctx, storetest.Mapping("vol-2", "vm-1", "/dev/vdb")); err != nil {
+		t.Fatalf("a device whose claim no mapping backs: %v", err)
 	}
 	if _, err := s.RenewLease(ctx, l); err != nil {
 		t.Fatal(err)
@@ -364,5 +380,63 @@ func TestKVReadYourWritesUnderChurn(t *testing.T) {
 	}
 	if got := listed(t, newKV(t, bus.JetStream(), bucket), state.Filter{}); len(got) != 0 {
 		t.Fatalf("a new store loads %v", got)
+	}
+}
+
+// TestKVDeviceConflictAcrossStores: two stores on one bucket race to map
+// different volumes onto one device of a VM; each time exactly one wins,
+// the other is refused (ErrConflict, or ErrStale when it lost the race
+// for the claim itself), and no device ever has two volumes.
+func TestKVDeviceConflictAcrossStores(t *testing.T) {
+	bus := testenv.StartBus(t)
+	bucket := nextBucket()
+	a, b := newKV(t, bus.JetStream(), bucket), newKV(t, bus.JetStream(), bucket)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for round := range 20 {
+		dev := fmt.Sprintf("/dev/vd%c", 'b'+round)
+		var wg sync.WaitGroup
+		errs := make([]error, 2)
+		for i, s := range []*state.KV{a, b} {
+			wg.Go(func() {
+				_, errs[i] = s.PutMapping(ctx, storetest.Mapping(fmt.Sprintf("vol-%d-%d", round, i), "vm-1", dev))
+			})
+		}
+		wg.Wait()
+		won := 0
+		for i, err := range errs {
+			switch {
+			case err == nil:
+				won++
+			case !errors.Is(err, state.ErrConflict) && !errors.Is(err, state.ErrStale):
+				t.Fatalf("round %d store %d: %v", round, i, err)
+			}
+		}
+		if won != 1 {
+			t.Fatalf("round %d: %d stores mapped %s (%v)", round, won, dev, errs)
+		}
+		testenv.Eventually(t, 5*time.Second, func() bool {
+			ma, erra := a.GetMappingByDevice(ctx, "vm-1", dev)
+			mb, errb := b.GetMappingByDevice(ctx, "vm-1", dev)
+			all, _ := a.ListMappings(ctx, "vm-1")
+			n := 0
+			for _, m := range all {
+				if m.DevicePath == dev {
+					n++
+				}
+			}
+			return erra == nil && errb == nil && ma.VolumeID == mb.VolumeID && n == 1
+		}, "round %d: both stores agree on the one volume of %s", round, dev)
+	}
+	// A freed device can be taken through the other store at once.
+	m, err := a.GetMappingByDevice(ctx, "vm-1", "/dev/vdb")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.DeleteMapping(ctx, m.VolumeID, m.Revision); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.PutMapping(ctx, storetest.Mapping("vol-new", "vm-1", "/dev/vdb")); err != nil {
+		t.Fatalf("take a freed device through the other store: %v", err)
 	}
 }

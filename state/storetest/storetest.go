@@ -186,6 +186,10 @@ func testCreateGet(t *testing.T, s state.Store) {
 	if got.Revision != want.Revision {
 		t.Fatalf("get: revision %d, update returned %d", got.Revision, want.Revision)
 	}
+	listedOps, _, err := s.ListOperations(ctx, state.Filter{VolumeID: "vol-1"})
+	if err != nil || len(listedOps) != 1 || listedOps[0].Revision != want.Revision {
+		t.Fatalf("list: %+v, %v; want revision %d", listedOps, err, want.Revision)
+	}
 	if data, _ := json.Marshal(got); strings.Contains(string(data), "evision") {
 		t.Fatalf("the revision is serialized: %s", data)
 	}
