@@ -321,6 +321,13 @@ func TestNoIdentityAcrossRestart(t *testing.T) {
 			break
 		}
 	}
+	// And the operation has recorded its CloudStack job: killed before
+	// that, it would start over (and look for devices from then on).
+	testenv.Eventually(t, 15*time.Second, func() bool {
+		var cur commands.Operation
+		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+op.ID, nil, &cur)
+		return cur.JobID != ""
+	}, "operation %s recorded its job", op.ID)
 	d.kill9()
 	if err := sim.SetFaults(cloudsim.Faults{}); err != nil {
 		t.Fatal(err)
