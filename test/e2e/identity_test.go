@@ -287,7 +287,10 @@ func TestNoIdentityAcrossRestart(t *testing.T) {
 	sim := startLocalSim(t, true)
 	d := startDaemon(t, sim, daemonOpts{extra: []string{"--device-agent=false", "--correlation-timeout", "10s"}})
 	startAgentProcess(t, d)
-	vol := d.createVolume("anonymous-restart", 5) // a size no other test uses
+	// Disks without identity are told apart by size and time only, and
+	// other test processes make loop devices on this host: 7 GiB is a
+	// size no other test uses.
+	vol := d.createVolume("anonymous-restart", 7)
 	if err := sim.SetFaults(cloudsim.Faults{Latency: map[string]cloudsim.Duration{
 		"queryAsyncJobResult": cloudsim.Duration(time.Minute)}}); err != nil {
 		t.Fatal(err)
@@ -334,7 +337,7 @@ func TestNoIdentityAcrossRestart(t *testing.T) {
 	}
 	d.restart()
 	if got := d.wait(op.ID); got.Status != commands.StatusCompleted {
-		t.Fatalf("resumed attach: %+v", got)
+		t.Fatalf("resumed attach: %+v\n%s", got, d.out.String())
 	}
 	d.requireMapped(sim, vol)
 }
