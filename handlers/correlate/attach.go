@@ -62,6 +62,8 @@ func (c *Correlator) Attached(ctx context.Context, want commands.Mapping, since 
 		if refresh {
 			if _, err := c.list(ctx, vm, requestTimeout); err != nil {
 				c.log.Warn("list devices while waiting", "vm_id", vm, "volume_id", want.VolumeID, "err", err)
+			} else {
+				clear(skip) // judged again on a fresh list (a rejection may have been the agent's silence)
 			}
 			refresh = false
 		}

@@ -44,6 +44,16 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 	if err != nil {
 		return fmt.Errorf("list mappings: %w", err)
 	}
+	c.mu.Lock()
+	listed := c.table(vm).listed
+	c.mu.Unlock()
+	if !listed && len(ms) > 0 {
+		// After a start or a gap in events, the table is filled by a list
+		// before a mapping is called gone.
+		if _, err := c.list(ctx, vm, requestTimeout); err != nil {
+			c.log.Warn("heal: list devices", "vm_id", vm, "err", err)
+		}
+	}
 	var errs []error
 	for _, m := range ms {
 		c.mu.Lock()
@@ -86,24 +96,16 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 }
 
 // present reports whether the VM's device table holds m's disk: its name
-// with its recorded identity. Before the VM was listed (after a start or
-// a gap in its events) it lists it first; without an answer nothing is
-// known and nothing is called gone.
+// with its recorded identity. A table not filled by a list since the
+// last start or gap in events knows too little: nothing is called gone.
 func (c *Correlator) present(vm string, m commands.Mapping) bool {
 	c.mu.Lock()
-	t := c.vms[vm]
-	listed := t != nil && t.listed
-	c.mu.Unlock()
-	if !listed {
-		ctx, cancel := context.WithTimeout(c.ctx, requestTimeout)
-		defer cancel()
-		if _, err := c.list(ctx, vm, requestTimeout); err != nil {
-			return true
-		}
-	}
-	c.mu.Lock()
 	defer c.mu.Unlock()
-	d, ok := c.vms[vm].devices[path.Base(m.DevicePath)]
+	t := c.vms[vm]
+	if t == nil || !t.listed {
+		return true
+	}
+	d, ok := t.devices[path.Base(m.DevicePath)]
 	return ok && d.Path == m.DevicePath && sameDisk(m, d)
 }
 

@@ -289,7 +289,10 @@ func TestNoIdentityAcrossRestart(t *testing.T) {
 	sim := startLocalSim(t, true)
 	d := startDaemon(t, sim, daemonOpts{extra: []string{"--device-agent=false", "--correlation-timeout", "10s"}})
 	startAgentProcess(t, d)
-	vol := d.createVolume("anonymous-restart", 5) // a size no other test uses
+	// Disks without identity are told apart by size and time only, and
+	// other test processes make loop devices on this host: 7 GiB is a
+	// size no other test uses.
+	vol := d.createVolume("anonymous-restart", 7)
 	if err := sim.SetFaults(cloudsim.Faults{Latency: map[string]cloudsim.Duration{
 		"queryAsyncJobResult": cloudsim.Duration(time.Minute)}}); err != nil {
 		t.Fatal(err)
@@ -323,13 +326,20 @@ func TestNoIdentityAcrossRestart(t *testing.T) {
 			break
 		}
 	}
+	// And the operation has recorded its CloudStack job: killed before
+	// that, it would start over (and look for devices from then on).
+	testenv.Eventually(t, 15*time.Second, func() bool {
+		var cur commands.Operation
+		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+op.ID, nil, &cur)
+		return cur.JobID != ""
+	}, "operation %s recorded its job", op.ID)
 	d.kill9()
 	if err := sim.SetFaults(cloudsim.Faults{}); err != nil {
 		t.Fatal(err)
 	}
 	d.restart()
 	if got := d.wait(op.ID); got.Status != commands.StatusCompleted {
-		t.Fatalf("resumed attach: %+v", got)
+		t.Fatalf("resumed attach: %+v\n%s", got, d.out.String())
 	}
 	d.requireMapped(sim, vol)
 }
