@@ -51,9 +51,9 @@ const (
 )
 
 // run executes one operation to a terminal state: it claims the operation
-// (attempt + 1), runs its steps and records the end.
-func (s *Service) run(opID string, log *slog.Logger) runResult {
-	ctx := s.ctx
+// (attempt + 1), runs its steps and records the end. ctx is the service's,
+// or that of a lease the operation runs under.
+func (s *Service) run(ctx context.Context, opID string, log *slog.Logger) runResult {
 	op, err := s.cfg.Store.GetOperation(ctx, opID)
 	if err != nil {
 		log.Warn("cannot load operation", "err", err)

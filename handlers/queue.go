@@ -242,23 +242,61 @@ func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, opID stri
 	}
 	stopBeat := s.heartbeat(msg)
 	defer stopBeat()
+	name := s.exclusiveLease(ctx, op)
+	if name == "" {
+		s.runJob(ctx, msg, opID, log)
+		return
+	}
+	// The lease is taken before a running slot, and not waited for: a job
+	// whose VM is busy goes back to the queue and holds no slot meanwhile.
+	err = s.leased(ctx, name, false, func(lctx context.Context) error {
+		s.runJob(lctx, msg, opID, log)
+		return nil
+	})
+	switch {
+	case errors.Is(err, state.ErrLeaseHeld):
+		log.Debug("another attach to the VM runs; waiting for its lease", "lease", name)
+		_ = msg.NakWithDelay(turnDelay(meta.NumDelivered))
+	case err != nil:
+		log.Warn("lease unavailable, job will be redelivered", "lease", name, "err", err)
+		_ = msg.NakWithDelay(retryDelay)
+	}
+}
+
+// exclusiveLease names the lease an operation must hold while it runs, ""
+// for none: an attach to a VM whose disks carry no identity, whose device
+// is told by size and time, runs alone among the VM's attaches, on
+// whichever instance.
+func (s *Service) exclusiveLease(ctx context.Context, op commands.Operation) string {
+	if op.Type != commands.OpAttach || op.VMID == nil || s.cfg.Devices == nil {
+		return ""
+	}
+	if vm := *op.VMID; s.cfg.Devices.HasAgent(ctx, vm) && s.cfg.Devices.NoIdentity(vm) {
+		return leaseVMPrefix + vm
+	}
+	return ""
+}
+
+// runJob runs a job's operation in a running slot, under ctx (the
+// service's, or a lease's), and settles the job message by the result.
+func (s *Service) runJob(ctx context.Context, msg jetstream.Msg, opID string, log *slog.Logger) {
 	select {
 	case s.sem <- struct{}{}:
 	case <-ctx.Done():
-		_ = msg.Nak()
+		_ = msg.NakWithDelay(retryDelay)
 		return
 	}
 	defer func() { <-s.sem }()
-	switch s.run(opID, log) {
+	switch s.run(ctx, opID, log) {
 	case runDone:
 		s.ackJob(msg)
 	case runLost:
 		// Another instance holds the operation now: its delivery acks.
 	case runStopped:
-		if ctx.Err() != nil {
+		if s.ctx.Err() != nil {
 			_ = msg.Nak() // shutting down: to whoever runs next, at once
 		} else {
-			_ = msg.NakWithDelay(retryDelay) // the store failed
+			_ = msg.NakWithDelay(retryDelay) // the store failed, or the lease was lost
 		}
 	}
 }

@@ -129,23 +129,8 @@ func (s *Service) attach(ctx context.Context, op *commands.Operation) (*commands
 	if err := decodeRequest(op, &req); err != nil {
 		return nil, err
 	}
-	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, req.VMID) && s.cfg.Devices.NoIdentity(req.VMID) {
-		// Without identity a device is told by size and time: attaches to
-		// this VM run one at a time, from the CloudStack call to the
-		// match, on whichever instance (a lease in the store).
-		var resp *commands.OpResponse
-		var ran bool
-		err := s.leased(ctx, leaseVMPrefix+req.VMID, true, func(ctx context.Context) error {
-			var err error
-			ran = true
-			resp, err = s.attachVolume(ctx, op, req)
-			return err
-		})
-		if !ran || ctx.Err() != nil {
-			return nil, errStopped // no lease (store down, stopping): resumed on redelivery
-		}
-		return resp, err
-	}
+	// An attach to a VM whose disks carry no identity runs under the VM's
+	// lease, taken before it started (exclusiveLease).
 	return s.attachVolume(ctx, op, req)
 }
 
