@@ -3,6 +3,7 @@ package httpbridge
 import (
 	"crypto/sha256"
 	"crypto/subtle"
+	"fmt"
 	"net"
 	"net/http"
 	"net/url"
@@ -13,6 +14,14 @@ import (
 
 // MinTokenLength is the shortest API token volumed takes.
 const MinTokenLength = 16
+
+// CheckToken reports an API token shorter than MinTokenLength.
+func CheckToken(token string) error {
+	if len(token) < MinTokenLength {
+		return fmt.Errorf("the API token must have at least %d characters", MinTokenLength)
+	}
+	return nil
+}
 
 // IsLoopback reports whether a listen address (host:port) binds loopback
 // only: localhost or a loopback IP. An empty host or any other name does

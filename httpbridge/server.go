@@ -136,9 +136,8 @@ func (s *Server) Start(ctx context.Context) error {
 		return errors.New("httpbridge: closed")
 	default:
 	}
-	if s.requireToken && len(s.cfg.Token) < MinTokenLength {
-		return fmt.Errorf("httpbridge: refusing to listen on %s, off loopback, without an API token of at least %d characters",
-			s.cfg.Listen, MinTokenLength)
+	if err := CheckToken(s.cfg.Token); s.requireToken && err != nil {
+		return fmt.Errorf("httpbridge: refusing to listen on %s, off loopback: %w", s.cfg.Listen, err)
 	}
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", s.cfg.Listen)

@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -10,6 +12,10 @@ import (
 // TestRunExitCodes checks that configuration errors exit 2 with a message
 // naming the flag, and --help exits 0 listing every flag.
 func TestRunExitCodes(t *testing.T) {
+	shortTokenDir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(shortTokenDir, "api-token"), []byte("short\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name string
 		args []string
@@ -30,6 +36,7 @@ func TestRunExitCodes(t *testing.T) {
 		{"agent without nats", []string{"agent", "--vm-id", "87654321-4321-4321-4321-210987654321"}, 2, "--nats-url is required"},
 		{"nats creds without url", []string{"--sim", "--nats-creds", "x.creds"}, 2, "--nats-creds needs --nats-url"},
 		{"short api token", []string{"--sim", "--api-token", "short"}, 2, "at least 16 characters"},
+		{"short token in the data dir", []string{"--sim", "--data-dir", shortTokenDir}, 2, "at least 16 characters"},
 		{"missing token file", []string{"--sim", "--api-token-file", "/nonexistent/token"}, 2, "--api-token-file"},
 		{"creds without what", []string{"creds"}, 2, "needs agent or server-config"},
 		{"creds agent without vm", []string{"creds", "agent"}, 2, "vm_id is required"},

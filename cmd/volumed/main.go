@@ -68,6 +68,9 @@ func run(args []string, stderr io.Writer) int {
 	defer stop()
 	if err := serve(ctx, cfg, log); err != nil {
 		log.Error("volumed failed", "error", err)
+		if errors.Is(err, errUsage) {
+			return 2
+		}
 		return 1
 	}
 	return 0
