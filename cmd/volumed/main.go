@@ -97,6 +97,11 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 			log.Info("volumed stopped")
 		}
 	}()
+	if cfg.natsURL != "" && cfg.natsCreds == "" {
+		// Not refused: an unauthenticated external server is the user's choice.
+		log.Warn("connecting to --nats-url without --nats-creds: the server must accept anonymous clients",
+			"nats", cfg.natsURL)
+	}
 	if cfg.agentOnly {
 		b := bus.New(bus.Config{URL: cfg.natsURL, ClientOnly: true, Name: "volumed-agent", Logger: log,
 			Creds: cfg.natsCreds, InboxPrefix: bus.AgentInboxPrefix(cfg.vmID)})
