@@ -311,6 +311,10 @@ func parse(cmd command, args []string, stdout, stderr io.Writer) (*invocation, e
 			natsOpts = append(natsOpts, nats.UserCredentials(in.g.natsCreds))
 		}
 		nc, err := nats.Connect(in.g.nats, natsOpts...)
+		if errors.Is(err, nats.ErrAuthorization) {
+			return nil, fmt.Errorf("connect to NATS %s: %w: pass --nats-creds with the operator credentials (<data-dir>/creds/operator.creds)",
+				in.g.nats, err)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("connect to NATS %s: %w", in.g.nats, err)
 		}

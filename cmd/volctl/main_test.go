@@ -5,6 +5,10 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/internal/testenv"
 )
 
 func TestParseSize(t *testing.T) {
@@ -67,5 +71,34 @@ func TestUsage(t *testing.T) {
 		if code != tc.code || !strings.Contains(out.String()+errb.String(), tc.say) {
 			t.Errorf("volctl %v: exit %d, want %d saying %q\nstdout: %s\nstderr: %s", tc.args, code, tc.code, tc.say, out.String(), errb.String())
 		}
+	}
+}
+
+// TestNATSAuthorizationViolation: volumed's bus refuses volctl without
+// credentials, and volctl says which flag to pass; with the operator's it
+// connects (and fails later, on the unreachable REST server, without that
+// advice).
+func TestNATSAuthorizationViolation(t *testing.T) {
+	b := testenv.StartBus(t)
+	tests := []struct {
+		name   string
+		creds  string
+		advice bool
+	}{
+		{"no credentials", "", true},
+		{"operator credentials", b.CredsFile(bus.RoleOperator), false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var out, errb bytes.Buffer
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			code := run(ctx, []string{"op", "watch", "op-00000000-0000-0000-0000-000000000000",
+				"--server", "http://127.0.0.1:1", "--timeout", "5s", "--nats", b.ClientURL(), "--nats-creds=" + tc.creds}, &out, &errb)
+			advised := strings.Contains(errb.String(), "pass --nats-creds")
+			if code != exitFailed || advised != tc.advice || strings.Contains(strings.ToLower(errb.String()), "authorization violation") != tc.advice {
+				t.Fatalf("exit %d, want %d; advice %v, want %v\nstderr: %s", code, exitFailed, advised, tc.advice, errb.String())
+			}
+		})
 	}
 }
