@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/state"
 )
@@ -83,6 +84,9 @@ func (s *Server) waitOperation(ctx context.Context, id string, wait time.Duratio
 	for {
 		select {
 		case msg := <-events:
+			if bus.FromConsumer(msg) {
+				continue // a consumer's copy, not the event
+			}
 			var ev struct {
 				Status commands.OpStatus `json:"status"`
 			}
