@@ -155,7 +155,7 @@ func parseFilter(r *http.Request) (state.Filter, error) {
 			return f, err
 		}
 	}
-	f.Limit = DefaultListLimit
+	f.Limit = commands.DefaultListLimit
 	if q.Has("limit") {
 		v := q.Get("limit")
 		n, convErr := strconv.Atoi(v)

@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/netaddr"
 	"github.com/volumed/volumed/state"
 )
 
@@ -116,7 +117,7 @@ func New(cfg Config) *Server {
 		cfg.Logger = slog.Default()
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "httpbridge"), closing: make(chan struct{}),
-		requireToken: !IsLoopback(cfg.Listen)}
+		requireToken: !netaddr.IsLoopback(cfg.Listen)}
 	s.handler = s.routes()
 	return s
 }

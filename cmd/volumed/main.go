@@ -25,6 +25,7 @@ import (
 	"github.com/volumed/volumed/handlers/correlate"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/httpbridge"
+	"github.com/volumed/volumed/internal/netaddr"
 	"github.com/volumed/volumed/internal/version"
 	"github.com/volumed/volumed/metrics"
 	"github.com/volumed/volumed/nbd"
@@ -197,7 +198,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		if err != nil {
 			return err
 		}
-		srv, err := nbd.New(nbd.Config{Listen: cfg.nbdListen, TLS: tlsCfg, RequireTLS: !nbd.LoopbackOnly(cfg.nbdListen), Logger: log})
+		srv, err := nbd.New(nbd.Config{Listen: cfg.nbdListen, TLS: tlsCfg, RequireTLS: !netaddr.IsLoopback(cfg.nbdListen), Logger: log})
 		if err != nil {
 			return err
 		}
@@ -206,7 +207,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		}
 		started = append(started, srv)
 		exporter, nbdStats, nbdAddr = handlers.NBDExporter{Server: srv}, srv, srv.Addr().String()
-		log.Info("nbd server ready", "addr", nbdAddr, "auto_export", cfg.nbdAutoExport, "tls_required", !nbd.LoopbackOnly(cfg.nbdListen))
+		log.Info("nbd server ready", "addr", nbdAddr, "auto_export", cfg.nbdAutoExport, "tls_required", !netaddr.IsLoopback(cfg.nbdListen))
 	}
 
 	cs := csapi.New(csapi.Config{URL: cfg.csURL, APIKey: cfg.csAPIKey, SecretKey: cfg.csSecretKey, Logger: log})
@@ -238,7 +239,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		"nats_embedded", b.Embedded(), "store", storeName, "cloudstack", cfg.csURL, "simulator", cfg.sim,
 		"vm_id", cfg.vmID, "device_agent", localStatus != nil, "nbd", nbdAddr, "data_dir", cfg.dataDir,
 		"nats_operator_creds", b.CredsFile(bus.RoleOperator), "api_token", tokenSource,
-		"api_token_required", !httpbridge.IsLoopback(cfg.listen))
+		"api_token_required", !netaddr.IsLoopback(cfg.listen))
 	<-ctx.Done()
 	log.Info("shutting down; unfinished operations resume at the next start")
 	return nil
