@@ -3,11 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 )
 
@@ -62,6 +65,8 @@ func TestUsage(t *testing.T) {
 		{[]string{"device"}, exitUsage, "give a volume ID"},
 		{[]string{"device", "v", "--path", "/dev/vdb"}, exitUsage, "give a volume ID"},
 		{[]string{"health", "--server", "ftp://x"}, exitUsage, "http or https"},
+		{[]string{"volume", "detach", "v", "--idempotency-key", "a key"}, exitUsage, "--idempotency-key"},
+		{[]string{"volume", "get", "v", "--idempotency-key", "k"}, exitUsage, "not defined"},
 		{[]string{"help"}, exitOK, "Usage:"},
 		{[]string{"--version"}, exitOK, "volctl "},
 	}
@@ -100,5 +105,30 @@ func TestNATSAuthorizationViolation(t *testing.T) {
 				t.Fatalf("exit %d, want %d; advice %v, want %v\nstderr: %s", code, exitFailed, advised, tc.advice, errb.String())
 			}
 		})
+	}
+}
+
+// TestIdempotencyKeyFlag: --idempotency-key goes out as the
+// Idempotency-Key header of the command, and no key without the flag.
+func TestIdempotencyKeyFlag(t *testing.T) {
+	keys := make(chan string, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		keys <- r.Header.Get(commands.IdempotencyKeyHeader)
+		w.WriteHeader(http.StatusCreated)
+		_, _ = w.Write([]byte(`{"id":"op-1","type":"detach","status":"pending"}`))
+	}))
+	defer srv.Close()
+	for _, key := range []string{"job-7", ""} {
+		args := []string{"volume", "detach", "v1", "--server", srv.URL, "-o", "json"}
+		if key != "" {
+			args = append(args, "--idempotency-key", key)
+		}
+		var out, errb bytes.Buffer
+		if code := run(context.Background(), args, &out, &errb); code != exitOK {
+			t.Fatalf("volctl %v: exit %d\nstderr: %s", args, code, errb.String())
+		}
+		if got := <-keys; got != key {
+			t.Errorf("volctl %v sent Idempotency-Key %q, want %q", args, got, key)
+		}
 	}
 }
