@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/volumed/volumed/internal/testenv"
 )
 
 // TestRunExitCodes checks that configuration errors exit 2 with a message
@@ -76,5 +78,32 @@ func TestHelpHidesTheToken(t *testing.T) {
 	var out bytes.Buffer
 	if code := run([]string{"--help"}, &out); code != 0 || strings.Contains(out.String(), "secret-token") {
 		t.Fatalf("exit %d; help shows the token:\n%s", code, out.String())
+	}
+}
+
+// TestAnonymousNATSWarning: --nats-url without --nats-creds is not refused
+// but warned about at start; with --nats-creds there is no warning. The
+// agent then fails to connect either way (volumed's bus refuses an
+// anonymous client; the credentials file is missing), exit 1.
+func TestAnonymousNATSWarning(t *testing.T) {
+	b := testenv.StartBus(t)
+	for _, tc := range []struct {
+		name  string
+		creds []string
+		warn  bool
+	}{
+		{"anonymous", nil, true},
+		{"with credentials", []string{"--nats-creds", filepath.Join(t.TempDir(), "missing.creds")}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{"agent", "--vm-id", "87654321-4321-4321-4321-210987654321", "--nats-url", b.ClientURL(),
+				"--name-dir", t.TempDir()}, tc.creds...)
+			var out bytes.Buffer
+			code := run(args, &out)
+			warned := strings.Contains(out.String(), "without --nats-creds")
+			if code != 1 || warned != tc.warn {
+				t.Fatalf("exit %d, want 1; warned %v, want %v:\n%s", code, warned, tc.warn, out.String())
+			}
+		})
 	}
 }
