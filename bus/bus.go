@@ -22,7 +22,9 @@ import (
 // Streams and internal subjects.
 const (
 	// StreamJobs is the durable work queue of accepted commands, one
-	// message per operation on volumed.jobs.<operation_id>.
+	// message per operation on volumed.jobs.<line>.<operation_id>: the
+	// line is the volume's id (a create's own operation id), and a job
+	// runs when it is the first message left on its line.
 	StreamJobs = "VOLUMED_JOBS"
 	// JobsSubjectPrefix prefixes the job subjects.
 	JobsSubjectPrefix = "volumed.jobs."

@@ -53,6 +53,21 @@ func WithToken(token string) Option { return func(c *Client) { c.token = token }
 // WithNATS gives Watch the NATS connection of volumed's bus.
 func WithNATS(nc *nats.Conn) Option { return func(c *Client) { c.nc = nc } }
 
+// CallOption configures one command call.
+type CallOption func(*callOptions)
+
+// callOptions are what CallOptions set.
+type callOptions struct {
+	idempotencyKey string
+}
+
+// WithIdempotencyKey sends key as the command's Idempotency-Key header: a
+// command sent again with the same key and body answers the operation the
+// first one started; with another body, 409 CONFLICT.
+func WithIdempotencyKey(key string) CallOption {
+	return func(o *callOptions) { o.idempotencyKey = key }
+}
+
 // New returns a client of the volumed at server (scheme://host[:port],
 // optionally ending in /api/v1); "" means DefaultServer.
 func New(server string, opts ...Option) (*Client, error) {
@@ -81,6 +96,11 @@ func (c *Client) Server() string { return c.base }
 // its JSON body (none when nil) and decodes a 2xx answer into out (unless
 // nil). Any other answer is an *Error.
 func (c *Client) do(ctx context.Context, method, path string, in, out any) (*http.Response, error) {
+	return c.doWith(ctx, method, path, nil, in, out)
+}
+
+// doWith is do with extra request headers.
+func (c *Client) doWith(ctx context.Context, method, path string, header http.Header, in, out any) (*http.Response, error) {
 	var body io.Reader
 	if in != nil {
 		data, err := json.Marshal(in)
@@ -99,6 +119,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) (*htt
 	}
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	for name, values := range header {
+		req.Header[name] = values
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
@@ -125,10 +148,19 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) (*htt
 	return resp, nil
 }
 
-// command sends a command and returns the accepted operation.
-func (c *Client) command(ctx context.Context, method, path string, in any) (commands.Operation, error) {
+// command sends a command with its call options and returns the
+// accepted operation.
+func (c *Client) command(ctx context.Context, method, path string, in any, opts []CallOption) (commands.Operation, error) {
+	var o callOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	header := http.Header{}
+	if o.idempotencyKey != "" {
+		header.Set(commands.IdempotencyKeyHeader, o.idempotencyKey)
+	}
 	var op commands.Operation
-	_, err := c.do(ctx, method, path, in, &op)
+	_, err := c.doWith(ctx, method, path, header, in, &op)
 	return op, err
 }
 
@@ -136,29 +168,29 @@ func (c *Client) command(ctx context.Context, method, path string, in any) (comm
 func vol(id string) string { return url.PathEscape(id) }
 
 // CreateVolume asks for a new volume (POST /volumes).
-func (c *Client) CreateVolume(ctx context.Context, req commands.CreateRequest) (commands.Operation, error) {
-	return c.command(ctx, http.MethodPost, "/volumes", req)
+func (c *Client) CreateVolume(ctx context.Context, req commands.CreateRequest, opts ...CallOption) (commands.Operation, error) {
+	return c.command(ctx, http.MethodPost, "/volumes", req, opts)
 }
 
 // AttachVolume attaches a volume to a VM (POST /volumes/{id}/attach).
-func (c *Client) AttachVolume(ctx context.Context, volumeID, vmID string) (commands.Operation, error) {
-	return c.command(ctx, http.MethodPost, "/volumes/"+vol(volumeID)+"/attach", map[string]string{"vm_id": vmID})
+func (c *Client) AttachVolume(ctx context.Context, volumeID, vmID string, opts ...CallOption) (commands.Operation, error) {
+	return c.command(ctx, http.MethodPost, "/volumes/"+vol(volumeID)+"/attach", map[string]string{"vm_id": vmID}, opts)
 }
 
 // AttachRoot attaches a volume as the root disk (device 0) of a stopped VM
 // (POST /volumes/{id}/attach-root).
-func (c *Client) AttachRoot(ctx context.Context, volumeID, vmID string) (commands.Operation, error) {
-	return c.command(ctx, http.MethodPost, "/volumes/"+vol(volumeID)+"/attach-root", map[string]string{"vm_id": vmID})
+func (c *Client) AttachRoot(ctx context.Context, volumeID, vmID string, opts ...CallOption) (commands.Operation, error) {
+	return c.command(ctx, http.MethodPost, "/volumes/"+vol(volumeID)+"/attach-root", map[string]string{"vm_id": vmID}, opts)
 }
 
 // DetachVolume detaches a volume from its VM (POST /volumes/{id}/detach).
-func (c *Client) DetachVolume(ctx context.Context, volumeID string) (commands.Operation, error) {
-	return c.command(ctx, http.MethodPost, "/volumes/"+vol(volumeID)+"/detach", nil)
+func (c *Client) DetachVolume(ctx context.Context, volumeID string, opts ...CallOption) (commands.Operation, error) {
+	return c.command(ctx, http.MethodPost, "/volumes/"+vol(volumeID)+"/detach", nil, opts)
 }
 
 // DeleteVolume deletes a volume (DELETE /volumes/{id}).
-func (c *Client) DeleteVolume(ctx context.Context, volumeID string) (commands.Operation, error) {
-	return c.command(ctx, http.MethodDelete, "/volumes/"+vol(volumeID), nil)
+func (c *Client) DeleteVolume(ctx context.Context, volumeID string, opts ...CallOption) (commands.Operation, error) {
+	return c.command(ctx, http.MethodDelete, "/volumes/"+vol(volumeID), nil, opts)
 }
 
 // GetVolume returns a volume's state, device and last operation
@@ -246,13 +278,13 @@ func (c *Client) Export(ctx context.Context, volumeID string) (commands.Export, 
 
 // CreateExport exports a volume attached to volumed's host over NBD
 // (POST /exports).
-func (c *Client) CreateExport(ctx context.Context, req commands.ExportRequest) (commands.Operation, error) {
-	return c.command(ctx, http.MethodPost, "/exports", req)
+func (c *Client) CreateExport(ctx context.Context, req commands.ExportRequest, opts ...CallOption) (commands.Operation, error) {
+	return c.command(ctx, http.MethodPost, "/exports", req, opts)
 }
 
 // DeleteExport ends a volume's export (DELETE /exports/{id}).
-func (c *Client) DeleteExport(ctx context.Context, volumeID string) (commands.Operation, error) {
-	return c.command(ctx, http.MethodDelete, "/exports/"+vol(volumeID), nil)
+func (c *Client) DeleteExport(ctx context.Context, volumeID string, opts ...CallOption) (commands.Operation, error) {
+	return c.command(ctx, http.MethodDelete, "/exports/"+vol(volumeID), nil, opts)
 }
 
 // OpenAPI returns the OpenAPI document the daemon serves.

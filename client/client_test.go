@@ -103,3 +103,62 @@ func TestHealthUnhealthy(t *testing.T) {
 		t.Fatalf("Health: %+v %v", h, err)
 	}
 }
+
+// TestIdempotencyKey: every operation-starting call sends the key of
+// WithIdempotencyKey as the Idempotency-Key header, and none without it.
+func TestIdempotencyKey(t *testing.T) {
+	type seen struct{ method, path, key string }
+	got := make(chan seen, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got <- seen{r.Method, r.URL.Path, r.Header.Get(commands.IdempotencyKeyHeader)}
+		w.WriteHeader(http.StatusCreated)
+		_, _ = w.Write([]byte(`{"id":"op-1","status":"pending"}`))
+	}))
+	defer srv.Close()
+	c, err := client.New(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	calls := []struct {
+		method, path string
+		call         func(...client.CallOption) (commands.Operation, error)
+	}{
+		{"POST", "/api/v1/volumes", func(o ...client.CallOption) (commands.Operation, error) {
+			return c.CreateVolume(ctx, commands.CreateRequest{Name: "n"}, o...)
+		}},
+		{"POST", "/api/v1/volumes/v1/attach", func(o ...client.CallOption) (commands.Operation, error) {
+			return c.AttachVolume(ctx, "v1", "vm1", o...)
+		}},
+		{"POST", "/api/v1/volumes/v1/attach-root", func(o ...client.CallOption) (commands.Operation, error) {
+			return c.AttachRoot(ctx, "v1", "vm1", o...)
+		}},
+		{"POST", "/api/v1/volumes/v1/detach", func(o ...client.CallOption) (commands.Operation, error) {
+			return c.DetachVolume(ctx, "v1", o...)
+		}},
+		{"DELETE", "/api/v1/volumes/v1", func(o ...client.CallOption) (commands.Operation, error) {
+			return c.DeleteVolume(ctx, "v1", o...)
+		}},
+		{"POST", "/api/v1/exports", func(o ...client.CallOption) (commands.Operation, error) {
+			return c.CreateExport(ctx, commands.ExportRequest{VolumeID: "v1"}, o...)
+		}},
+		{"DELETE", "/api/v1/exports/v1", func(o ...client.CallOption) (commands.Operation, error) {
+			return c.DeleteExport(ctx, "v1", o...)
+		}},
+	}
+	for _, tc := range calls {
+		for _, key := range []string{"job-7", ""} {
+			var opts []client.CallOption
+			if key != "" {
+				opts = append(opts, client.WithIdempotencyKey(key))
+			}
+			op, err := tc.call(opts...)
+			if err != nil || op.ID != "op-1" {
+				t.Fatalf("%s %s: %+v %v", tc.method, tc.path, op, err)
+			}
+			if s := <-got; s != (seen{tc.method, tc.path, key}) {
+				t.Errorf("server saw %+v, want %s %s with key %q", s, tc.method, tc.path, key)
+			}
+		}
+	}
+}

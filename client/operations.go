@@ -10,10 +10,6 @@ import (
 	"github.com/volumed/volumed/commands"
 )
 
-// NextCursorHeader carries the cursor of GET /operations' next page; it is
-// absent on the last page.
-const NextCursorHeader = "X-Next-Cursor"
-
 // ListOptions filter GET /operations; zero fields do not filter.
 type ListOptions struct {
 	// Type, Status, VolumeID and VMID keep only the matching operations.
@@ -61,7 +57,7 @@ func (c *Client) ListOperations(ctx context.Context, o ListOptions) (OperationPa
 	if err != nil {
 		return OperationPage{}, err
 	}
-	p.NextCursor = resp.Header.Get(NextCursorHeader)
+	p.NextCursor = resp.Header.Get(commands.NextCursorHeader)
 	return p, nil
 }
 

@@ -10,6 +10,9 @@ const (
 	// RetryAfterHeader on a 503 answer says how many seconds to wait
 	// before retrying; nothing was recorded.
 	RetryAfterHeader = "Retry-After"
+	// NextCursorHeader carries the cursor of the next page of GET
+	// /operations; absent on the last page.
+	NextCursorHeader = "X-Next-Cursor"
 )
 
 // MaxIdempotencyKeyBytes bounds an Idempotency-Key.

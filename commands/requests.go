@@ -21,6 +21,9 @@ const MaxVolumeSize int64 = 64 << 40
 // MaxListLimit caps the limit (page size) a list may ask for.
 const MaxListLimit = 1000
 
+// DefaultListLimit is the page size of a list that asks for none.
+const DefaultListLimit = 100
+
 // MaxBodyBytes bounds every request body, on REST and on NATS.
 const MaxBodyBytes = 64 << 10
 

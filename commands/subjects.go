@@ -12,7 +12,7 @@ const (
 	SubjectDetach     = "volumes.cmd.detach"
 	SubjectDelete     = "volumes.cmd.delete"
 	// SubjectExport and SubjectUnexport start and end a volume's NBD
-	// export on this host.
+	// export, served by the instance serving the volume's VM (--vm-id).
 	SubjectExport   = "volumes.cmd.export"
 	SubjectUnexport = "volumes.cmd.unexport"
 	// SubjectForceSync runs a reconcile and replies with its summary.
@@ -24,7 +24,8 @@ const (
 	SubjectDevicesPrefix = "devices."
 
 	// SubjectMappingsPrefix prefixes mapping updates the device correlator
-	// makes by itself (a late device healing a mapping):
+	// makes by itself, outside an attach (a late device healing a mapping,
+	// or a mapping marked missing when its device went away):
 	// volumes.mappings.<volume_id>, payload the Mapping JSON.
 	SubjectMappingsPrefix = "volumes.mappings."
 

@@ -3,30 +3,25 @@ package httpbridge
 import (
 	"crypto/sha256"
 	"crypto/subtle"
+	"fmt"
 	"net"
 	"net/http"
 	"net/url"
 	"strings"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/netaddr"
 )
 
 // MinTokenLength is the shortest API token volumed takes.
 const MinTokenLength = 16
 
-// IsLoopback reports whether a listen address (host:port) binds loopback
-// only: localhost or a loopback IP. An empty host or any other name does
-// not.
-func IsLoopback(listen string) bool {
-	host, _, err := net.SplitHostPort(listen)
-	if err != nil {
-		return false
+// CheckToken reports an API token shorter than MinTokenLength.
+func CheckToken(token string) error {
+	if len(token) < MinTokenLength {
+		return fmt.Errorf("the API token must have at least %d characters", MinTokenLength)
 	}
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
+	return nil
 }
 
 // openRoutes answer without a token, anywhere.
@@ -89,7 +84,7 @@ func loopbackHost(hostport string) bool {
 	if _, _, err := net.SplitHostPort(hostport); err != nil {
 		hostport = net.JoinHostPort(strings.Trim(hostport, "[]"), "0")
 	}
-	return IsLoopback(hostport)
+	return netaddr.IsLoopback(hostport)
 }
 
 // crossSite refuses a request a browser sent for another site: a

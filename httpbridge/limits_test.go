@@ -6,11 +6,10 @@ import (
 	"testing"
 
 	"github.com/volumed/volumed/commands"
-	"github.com/volumed/volumed/httpbridge"
 )
 
 // TestListCappedWithoutLimit: a list that names no limit answers one page
-// of DefaultListLimit operations, the newest; a limit is capped at
+// of commands.DefaultListLimit operations, the newest; a limit is capped at
 // commands.MaxListLimit.
 func TestListCappedWithoutLimit(t *testing.T) {
 	h := newHarness(t, options{})
@@ -23,7 +22,7 @@ func TestListCappedWithoutLimit(t *testing.T) {
 		query string
 		want  int
 	}{
-		{"", httpbridge.DefaultListLimit},
+		{"", commands.DefaultListLimit},
 		{"?limit=1000", commands.MaxListLimit},
 	} {
 		resp, body := h.do(t, http.MethodGet, "/operations"+tc.query, "")

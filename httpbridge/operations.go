@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/state"
 )
@@ -83,6 +84,9 @@ func (s *Server) waitOperation(ctx context.Context, id string, wait time.Duratio
 	for {
 		select {
 		case msg := <-events:
+			if bus.FromConsumer(msg) {
+				continue // a consumer's copy, not the event
+			}
 			var ev struct {
 				Status commands.OpStatus `json:"status"`
 			}
@@ -151,7 +155,7 @@ func parseFilter(r *http.Request) (state.Filter, error) {
 			return f, err
 		}
 	}
-	f.Limit = DefaultListLimit
+	f.Limit = commands.DefaultListLimit
 	if q.Has("limit") {
 		v := q.Get("limit")
 		n, convErr := strconv.Atoi(v)

@@ -206,6 +206,50 @@ func TestOperationWait(t *testing.T) {
 			t.Errorf("answered after %v, before the %v wait ended", r.took, wait)
 		}
 	})
+	t.Run("a consumer's copy of a terminal event does not end the wait", func(t *testing.T) {
+		const id = "op-07a8b9c0-d1e2-4456-8c23-567890123456"
+		op := h.seedOperation(t, id, commands.OpDetach, commands.StatusPending, vol2, "", 29)
+		const wait = 2 * time.Second
+		start := time.Now()
+		done := startWait(t, h, bridgeConn, op.ID, wait.String())
+		op.Status, op.Error = commands.StatusFailed, "CloudStack refused"
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := h.store.UpdateOperation(ctx, op); err != nil {
+			t.Fatal(err)
+		}
+		// A push consumer of another stream delivers the terminal event
+		// onto the operation's subject: its reply is an ack subject.
+		js, err := h.bus.JetStream()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := js.AddStream(&nats.StreamConfig{Name: "REPLAY", Subjects: []string{"replay.>"}}); err != nil {
+			t.Fatal(err)
+		}
+		data, _ := json.Marshal(op)
+		if _, err := js.Publish("replay."+op.ID, data); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := js.AddConsumer("REPLAY", &nats.ConsumerConfig{Durable: "replay", DeliverSubject: commands.OpSubject(op.ID),
+			AckPolicy: nats.AckExplicitPolicy}); err != nil {
+			t.Fatal(err)
+		}
+		testenv.Eventually(t, 5*time.Second, func() bool {
+			ci, err := js.ConsumerInfo("REPLAY", "replay")
+			return err == nil && ci.Delivered.Consumer >= 1
+		}, "the consumer delivered its copy onto %s", commands.OpSubject(op.ID))
+		if time.Since(start) >= wait {
+			t.Fatalf("the copy was delivered after the %v wait ended: nothing tested", wait)
+		}
+		r := <-done
+		if r.resp == nil || r.resp.StatusCode != 200 {
+			t.Fatalf("long poll failed: %+v", r)
+		}
+		if r.took < wait {
+			t.Errorf("answered after %v, before the %v wait ended: the consumer's copy woke it", r.took, wait)
+		}
+	})
 	t.Run("close answers pending waits", func(t *testing.T) {
 		op := h.seedOperation(t, opCreate, commands.OpCreate, commands.StatusPending, "", "", 30)
 		done := startWait(t, h, bridgeConn, op.ID, "5m")

@@ -9,7 +9,6 @@ import (
 	"testing"
 
 	"github.com/volumed/volumed/commands"
-	"github.com/volumed/volumed/httpbridge"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
 )
@@ -50,7 +49,7 @@ func TestOperationsPagination(t *testing.T) {
 					}
 					rows := decodeAs[[]commands.OperationSummary](t, body)
 					pages, all = append(pages, len(rows)), append(all, rows...)
-					next := resp.Header.Get(httpbridge.NextCursorHeader)
+					next := resp.Header.Get(commands.NextCursorHeader)
 					link := resp.Header.Get("Link")
 					if next == "" {
 						if link != "" {

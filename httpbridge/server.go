@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/netaddr"
 	"github.com/volumed/volumed/state"
 )
 
@@ -116,7 +117,7 @@ func New(cfg Config) *Server {
 		cfg.Logger = slog.Default()
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("component", "httpbridge"), closing: make(chan struct{}),
-		requireToken: !IsLoopback(cfg.Listen)}
+		requireToken: !netaddr.IsLoopback(cfg.Listen)}
 	s.handler = s.routes()
 	return s
 }
@@ -136,9 +137,8 @@ func (s *Server) Start(ctx context.Context) error {
 		return errors.New("httpbridge: closed")
 	default:
 	}
-	if s.requireToken && len(s.cfg.Token) < MinTokenLength {
-		return fmt.Errorf("httpbridge: refusing to listen on %s, off loopback, without an API token of at least %d characters",
-			s.cfg.Listen, MinTokenLength)
+	if err := CheckToken(s.cfg.Token); s.requireToken && err != nil {
+		return fmt.Errorf("httpbridge: refusing to listen on %s, off loopback: %w", s.cfg.Listen, err)
 	}
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", s.cfg.Listen)

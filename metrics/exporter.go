@@ -109,14 +109,15 @@ func (e *Exporter) Handler() http.Handler {
 // Registry is the registry the exporter serves, for tests and embedding.
 func (e *Exporter) Registry() *prometheus.Registry { return e.reg }
 
-// Start subscribes to the operation events.
+// Start subscribes to the operation events, as published: a copy a
+// JetStream consumer delivers onto volumes.ops.> is not counted again.
 func (e *Exporter) Start(ctx context.Context) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.sub != nil || e.done {
 		return errors.New("metrics: already started or closed")
 	}
-	sub, err := e.cfg.Conn.Subscribe(commands.SubjectOpsPrefix+">", e.event)
+	sub, err := e.cfg.Conn.Subscribe(commands.SubjectOpsPrefix+">", bus.Published(e.event))
 	if err != nil {
 		return fmt.Errorf("metrics: subscribe: %w", err)
 	}

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -199,5 +200,81 @@ func TestQueueGauges(t *testing.T) {
 	}
 	if g := gauges(); g != [3]float64{0, 0, 0} {
 		t.Fatalf("acknowledged: %v, want [0 0 0]", g)
+	}
+}
+
+// TestConsumerCopiesNotCounted: an operation event a JetStream consumer
+// delivers onto volumes.ops.> (its reply an ack subject) is not counted;
+// the same event published is.
+func TestConsumerCopiesNotCounted(t *testing.T) {
+	b := testenv.StartBus(t)
+	e, err := metrics.New(metrics.Config{Conn: b.Conn(), JetStream: b.JetStream(), Counters: &counters{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	// A real consumer's copy: a stream outside volumes.ops.> holds the
+	// event, and a push consumer delivers it onto volumes.ops.op-3.
+	js, err := b.Conn().JetStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.AddStream(&nats.StreamConfig{Name: "REPLAY", Subjects: []string{"replay.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	done := time.Now().UTC()
+	copied, _ := json.Marshal(commands.Operation{ID: "op-3", Type: commands.OpDelete, Status: commands.StatusCompleted,
+		CreatedAt: done.Add(-time.Second), CompletedAt: &done})
+	if _, err := js.Publish("replay.op-3", copied); err != nil {
+		t.Fatal(err)
+	}
+	// The server binds a push consumer to a subscription on its exact
+	// deliver subject (not to volumes.ops.>); this one also sees the copy.
+	probe, err := b.Conn().SubscribeSync(commands.OpSubject("op-3"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.AddConsumer("REPLAY", &nats.ConsumerConfig{Durable: "replay", DeliverSubject: commands.OpSubject("op-3"),
+		AckPolicy: nats.AckExplicitPolicy}); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 5*time.Second, func() bool {
+		ci, err := js.ConsumerInfo("REPLAY", "replay")
+		return err == nil && ci.Delivered.Consumer >= 1
+	}, "the consumer delivered its copy onto %s", commands.OpSubject("op-3"))
+	if m, err := probe.NextMsg(5 * time.Second); err != nil || !bus.FromConsumer(m) {
+		t.Fatalf("the consumer's copy: %v, %v", m, err)
+	}
+	// Published after the copy was delivered, so counted after it.
+	published, _ := json.Marshal(commands.Operation{ID: "op-4", Type: commands.OpDetach, Status: commands.StatusPending,
+		CreatedAt: done})
+	if err := b.Conn().Publish(commands.OpSubject("op-4"), published); err != nil {
+		t.Fatal(err)
+	}
+	count := func(typ commands.OpType, status commands.OpStatus) float64 {
+		fams, err := e.Registry().Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range fams {
+			for _, m := range f.Metric {
+				labels := map[string]string{}
+				for _, l := range m.Label {
+					labels[l.GetName()] = l.GetValue()
+				}
+				if f.GetName() == "volumed_operations_total" && labels["type"] == string(typ) && labels["status"] == string(status) {
+					return m.Counter.GetValue()
+				}
+			}
+		}
+		return 0
+	}
+	testenv.Eventually(t, 5*time.Second, func() bool { return count(commands.OpDetach, commands.StatusPending) == 1 },
+		"the published event counted")
+	if n := count(commands.OpDelete, commands.StatusCompleted); n != 0 {
+		t.Fatalf("a consumer's copy was counted: completed deletes = %v, want 0", n)
 	}
 }

@@ -170,17 +170,3 @@ func serial() *big.Int {
 	}
 	return n
 }
-
-// LoopbackOnly reports whether the listen address serves loopback alone
-// (a loopback IP or localhost); volumed requires TLS otherwise.
-func LoopbackOnly(listen string) bool {
-	host, _, err := net.SplitHostPort(listen)
-	if err != nil {
-		return false
-	}
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
-}

@@ -111,30 +111,6 @@ func TestTLSOptional(t *testing.T) {
 	}
 }
 
-// TestLoopbackOnly: which --nbd-listen values make TLS required.
-func TestLoopbackOnly(t *testing.T) {
-	tests := []struct {
-		listen string
-		want   bool
-	}{
-		{"127.0.0.1:10809", true},
-		{"127.0.0.2:10809", true},
-		{"[::1]:10809", true},
-		{"localhost:10809", true},
-		{":10809", false},
-		{"0.0.0.0:10809", false},
-		{"[::]:10809", false},
-		{"192.0.2.7:10809", false},
-		{"nbd.example:10809", false},
-		{"no-port", false},
-	}
-	for _, tt := range tests {
-		if got := LoopbackOnly(tt.listen); got != tt.want {
-			t.Errorf("LoopbackOnly(%q) = %v, want %v", tt.listen, got, tt.want)
-		}
-	}
-}
-
 // TestStartTLSWire: STARTTLS with data is refused; after STARTTLS the
 // negotiation goes on inside TLS with a client certificate, where a
 // second STARTTLS is refused and the export is reached; a client without

@@ -53,6 +53,13 @@ Flags of every command:
                  ./volumed-data/creds/operator.creds when it exists)
   --timeout D    give up after D (a Go duration; default none)
 
+Flags of the commands that start an operation (create, attach, attach-root,
+detach, delete, export create, export delete):
+  --wait              wait for the operation to end, showing its steps
+  --idempotency-key K send K as the Idempotency-Key: the command sent again
+                      with the same K answers the same operation (another
+                      command or body with K: 409 CONFLICT)
+
 --wait shows the operation's steps on stderr, prints the final operation
 and exits 1 unless it completed (with -o json: the operation's JSON).
 volume list without --vm lists the volumes volumed's recent operations
@@ -63,6 +70,7 @@ Exit codes: 0 success; 1 API error, failed operation or unhealthy daemon; 2 usag
 // globals are the flags of every command.
 type globals struct {
 	server, token, output, nats, natsCreds string
+	idempotencyKey                         string
 	wait                                   bool
 	timeout                                time.Duration
 }
@@ -116,29 +124,35 @@ var commandList = []command{
 		if err != nil {
 			return err
 		}
-		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) { return in.c.CreateVolume(ctx, req) })
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.CreateVolume(ctx, req, o...)
+		})
 	}},
 	{group: "volume", name: "attach", args: []string{"ID"}, op: true, flags: vmFlag, run: func(ctx context.Context, in *invocation) error {
 		if in.o.vm == "" {
 			return usagef("volume attach: --vm is required")
 		}
-		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) {
-			return in.c.AttachVolume(ctx, in.args[0], in.o.vm)
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.AttachVolume(ctx, in.args[0], in.o.vm, o...)
 		})
 	}},
 	{group: "volume", name: "attach-root", args: []string{"ID"}, op: true, flags: vmFlag, run: func(ctx context.Context, in *invocation) error {
 		if in.o.vm == "" {
 			return usagef("volume attach-root: --vm is required")
 		}
-		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) {
-			return in.c.AttachRoot(ctx, in.args[0], in.o.vm)
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.AttachRoot(ctx, in.args[0], in.o.vm, o...)
 		})
 	}},
 	{group: "volume", name: "detach", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
-		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) { return in.c.DetachVolume(ctx, in.args[0]) })
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.DetachVolume(ctx, in.args[0], o...)
+		})
 	}},
 	{group: "volume", name: "delete", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
-		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) { return in.c.DeleteVolume(ctx, in.args[0]) })
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.DeleteVolume(ctx, in.args[0], o...)
+		})
 	}},
 	{group: "volume", name: "get", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
 		v, err := in.c.GetVolume(ctx, in.args[0])
@@ -217,12 +231,14 @@ var commandList = []command{
 	{group: "export", name: "create", args: []string{"ID"}, op: true, flags: func(fs *flag.FlagSet, o *opts) {
 		fs.BoolVar(&o.readWrite, "read-write", false, "export read-write (default read-only)")
 	}, run: func(ctx context.Context, in *invocation) error {
-		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) {
-			return in.c.CreateExport(ctx, commands.ExportRequest{VolumeID: in.args[0], ReadOnly: !in.o.readWrite})
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.CreateExport(ctx, commands.ExportRequest{VolumeID: in.args[0], ReadOnly: !in.o.readWrite}, o...)
 		})
 	}},
 	{group: "export", name: "delete", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
-		return in.operation(ctx, func(ctx context.Context) (commands.Operation, error) { return in.c.DeleteExport(ctx, in.args[0]) })
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.DeleteExport(ctx, in.args[0], o...)
+		})
 	}},
 	{group: "sync", run: func(ctx context.Context, in *invocation) error {
 		r, err := in.c.ForceSync(ctx)
@@ -277,6 +293,7 @@ func parse(cmd command, args []string, stdout, stderr io.Writer) (*invocation, e
 	fs.DurationVar(&in.g.timeout, "timeout", 0, "give up after this long")
 	if cmd.op {
 		fs.BoolVar(&in.g.wait, "wait", false, "wait for the operation to end, showing its steps")
+		fs.StringVar(&in.g.idempotencyKey, "idempotency-key", "", "the command's Idempotency-Key: the same key and command answer the same operation")
 	}
 	if cmd.flags != nil {
 		cmd.flags(fs, &in.o)
@@ -300,6 +317,9 @@ func parse(cmd command, args []string, stdout, stderr io.Writer) (*invocation, e
 	case !cmd.optionalArg && len(in.args) != len(cmd.args):
 		return nil, usagef("%s: want %d argument(s) %v, got %d", label, len(cmd.args), cmd.args, len(in.args))
 	}
+	if err := commands.ValidateIdempotencyKey(in.g.idempotencyKey); err != nil {
+		return nil, usagef("--idempotency-key: %v", err)
+	}
 	if in.g.output != "table" && in.g.output != "json" {
 		return nil, usagef("-o: want table or json, got %q", in.g.output)
 	}
@@ -311,6 +331,10 @@ func parse(cmd command, args []string, stdout, stderr io.Writer) (*invocation, e
 			natsOpts = append(natsOpts, nats.UserCredentials(in.g.natsCreds))
 		}
 		nc, err := nats.Connect(in.g.nats, natsOpts...)
+		if errors.Is(err, nats.ErrAuthorization) {
+			return nil, fmt.Errorf("connect to NATS %s: %w: pass --nats-creds with the operator credentials (<data-dir>/creds/operator.creds)",
+				in.g.nats, err)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("connect to NATS %s: %w", in.g.nats, err)
 		}

@@ -10,7 +10,12 @@
 //
 // Every command takes --server URL (VOLCTL_SERVER, default
 // http://127.0.0.1:8090), --token T (VOLCTL_TOKEN, sent as a bearer token),
-// -o table|json, and --nats URL (VOLCTL_NATS) for event-driven progress.
+// -o table|json, --nats URL (VOLCTL_NATS) for event-driven progress, and
+// --nats-creds FILE (VOLCTL_NATS_CREDS, default
+// ./volumed-data/creds/operator.creds when it exists): the NATS
+// credentials for --nats, volumed's operator credentials
+// (<data-dir>/creds/operator.creds). volumed's server refuses a client
+// without them (authorization violation).
 // A command that starts an operation takes --wait: it shows the
 // operation's steps on stderr (one live line on a terminal, a line per
 // change otherwise), prints the final operation, and exits 1 unless it

@@ -3,8 +3,15 @@ package main
 import (
 	"bytes"
 	"context"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/testenv"
 )
 
 func TestParseSize(t *testing.T) {
@@ -58,6 +65,8 @@ func TestUsage(t *testing.T) {
 		{[]string{"device"}, exitUsage, "give a volume ID"},
 		{[]string{"device", "v", "--path", "/dev/vdb"}, exitUsage, "give a volume ID"},
 		{[]string{"health", "--server", "ftp://x"}, exitUsage, "http or https"},
+		{[]string{"volume", "detach", "v", "--idempotency-key", "a key"}, exitUsage, "--idempotency-key"},
+		{[]string{"volume", "get", "v", "--idempotency-key", "k"}, exitUsage, "not defined"},
 		{[]string{"help"}, exitOK, "Usage:"},
 		{[]string{"--version"}, exitOK, "volctl "},
 	}
@@ -66,6 +75,60 @@ func TestUsage(t *testing.T) {
 		code := run(context.Background(), tc.args, &out, &errb)
 		if code != tc.code || !strings.Contains(out.String()+errb.String(), tc.say) {
 			t.Errorf("volctl %v: exit %d, want %d saying %q\nstdout: %s\nstderr: %s", tc.args, code, tc.code, tc.say, out.String(), errb.String())
+		}
+	}
+}
+
+// TestNATSAuthorizationViolation: volumed's bus refuses volctl without
+// credentials, and volctl says which flag to pass; with the operator's it
+// connects (and fails later, on the unreachable REST server, without that
+// advice).
+func TestNATSAuthorizationViolation(t *testing.T) {
+	b := testenv.StartBus(t)
+	tests := []struct {
+		name   string
+		creds  string
+		advice bool
+	}{
+		{"no credentials", "", true},
+		{"operator credentials", b.CredsFile(bus.RoleOperator), false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var out, errb bytes.Buffer
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			code := run(ctx, []string{"op", "watch", "op-00000000-0000-0000-0000-000000000000",
+				"--server", "http://127.0.0.1:1", "--timeout", "5s", "--nats", b.ClientURL(), "--nats-creds=" + tc.creds}, &out, &errb)
+			advised := strings.Contains(errb.String(), "pass --nats-creds")
+			if code != exitFailed || advised != tc.advice || strings.Contains(strings.ToLower(errb.String()), "authorization violation") != tc.advice {
+				t.Fatalf("exit %d, want %d; advice %v, want %v\nstderr: %s", code, exitFailed, advised, tc.advice, errb.String())
+			}
+		})
+	}
+}
+
+// TestIdempotencyKeyFlag: --idempotency-key goes out as the
+// Idempotency-Key header of the command, and no key without the flag.
+func TestIdempotencyKeyFlag(t *testing.T) {
+	keys := make(chan string, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		keys <- r.Header.Get(commands.IdempotencyKeyHeader)
+		w.WriteHeader(http.StatusCreated)
+		_, _ = w.Write([]byte(`{"id":"op-1","type":"detach","status":"pending"}`))
+	}))
+	defer srv.Close()
+	for _, key := range []string{"job-7", ""} {
+		args := []string{"volume", "detach", "v1", "--server", srv.URL, "-o", "json"}
+		if key != "" {
+			args = append(args, "--idempotency-key", key)
+		}
+		var out, errb bytes.Buffer
+		if code := run(context.Background(), args, &out, &errb); code != exitOK {
+			t.Fatalf("volctl %v: exit %d\nstderr: %s", args, code, errb.String())
+		}
+		if got := <-keys; got != key {
+			t.Errorf("volctl %v sent Idempotency-Key %q, want %q", args, got, key)
 		}
 	}
 }

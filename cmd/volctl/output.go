@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/volumed/volumed/client"
 	"github.com/volumed/volumed/commands"
 )
 
@@ -38,13 +39,18 @@ func (in *invocation) print(v any, t table) error {
 	return tw.Flush()
 }
 
-// operation runs a command that starts an operation: without --wait it
-// prints the accepted operation; with it, waits (showing progress) and
+// operation runs a command that starts an operation, with
+// --idempotency-key's key if given: without --wait it prints the accepted
+// operation; with it, waits (showing progress) and
 // prints the final one.
-func (in *invocation) operation(ctx context.Context, start func(ctx context.Context) (commands.Operation, error)) error {
+func (in *invocation) operation(ctx context.Context, start func(ctx context.Context, o ...client.CallOption) (commands.Operation, error)) error {
 	ctx, cancel := in.deadline(ctx)
 	defer cancel()
-	op, err := start(ctx)
+	var opts []client.CallOption
+	if in.g.idempotencyKey != "" {
+		opts = append(opts, client.WithIdempotencyKey(in.g.idempotencyKey))
+	}
+	op, err := start(ctx, opts...)
 	if err != nil {
 		return err
 	}

@@ -46,14 +46,17 @@ func (c *config) checkSecurity() error {
 			return fmt.Errorf("%w: --api-token-file %s is empty", errUsage, c.apiTokenFile)
 		}
 	}
-	if c.apiToken != "" && len(c.apiToken) < httpbridge.MinTokenLength {
-		return fmt.Errorf("%w: the API token must have at least %d characters", errUsage, httpbridge.MinTokenLength)
+	if c.apiToken != "" {
+		if err := httpbridge.CheckToken(c.apiToken); err != nil {
+			return fmt.Errorf("%w: %w", errUsage, err)
+		}
 	}
 	return nil
 }
 
 // ensureToken makes sure the REST API has a token: the configured one, or
-// <data-dir>/api-token, generated (0600) at first start.
+// <data-dir>/api-token, generated (0600) at first start. A short token
+// file is a configuration error (errUsage).
 func ensureToken(c *config) (source string, err error) {
 	if c.apiToken != "" {
 		return "configured", nil
@@ -77,8 +80,8 @@ func ensureToken(c *config) (source string, err error) {
 		return "", fmt.Errorf("api token %s: %w", path, err)
 	}
 	c.apiToken = strings.TrimSpace(string(data))
-	if len(c.apiToken) < httpbridge.MinTokenLength {
-		return "", fmt.Errorf("api token %s: shorter than %d characters", path, httpbridge.MinTokenLength)
+	if err := httpbridge.CheckToken(c.apiToken); err != nil {
+		return "", fmt.Errorf("%w: %s: %w", errUsage, path, err)
 	}
 	return path, nil
 }

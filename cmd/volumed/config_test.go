@@ -2,14 +2,22 @@ package main
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/volumed/volumed/internal/testenv"
 )
 
 // TestRunExitCodes checks that configuration errors exit 2 with a message
 // naming the flag, and --help exits 0 listing every flag.
 func TestRunExitCodes(t *testing.T) {
+	shortTokenDir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(shortTokenDir, "api-token"), []byte("short\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name string
 		args []string
@@ -31,6 +39,7 @@ func TestRunExitCodes(t *testing.T) {
 		{"agent without nats", []string{"agent", "--vm-id", "87654321-4321-4321-4321-210987654321"}, 2, "--nats-url is required"},
 		{"nats creds without url", []string{"--sim", "--nats-creds", "x.creds"}, 2, "--nats-creds needs --nats-url"},
 		{"short api token", []string{"--sim", "--api-token", "short"}, 2, "at least 16 characters"},
+		{"short token in the data dir", []string{"--sim", "--data-dir", shortTokenDir}, 2, "at least 16 characters"},
 		{"missing token file", []string{"--sim", "--api-token-file", "/nonexistent/token"}, 2, "--api-token-file"},
 		{"creds without what", []string{"creds"}, 2, "needs agent or server-config"},
 		{"creds agent without vm", []string{"creds", "agent"}, 2, "vm_id is required"},
@@ -72,5 +81,32 @@ func TestHelpHidesTheToken(t *testing.T) {
 	var out bytes.Buffer
 	if code := run([]string{"--help"}, &out); code != 0 || strings.Contains(out.String(), "secret-token") {
 		t.Fatalf("exit %d; help shows the token:\n%s", code, out.String())
+	}
+}
+
+// TestAnonymousNATSWarning: --nats-url without --nats-creds is not refused
+// but warned about at start; with --nats-creds there is no warning. The
+// agent then fails to connect either way (volumed's bus refuses an
+// anonymous client; the credentials file is missing), exit 1.
+func TestAnonymousNATSWarning(t *testing.T) {
+	b := testenv.StartBus(t)
+	for _, tc := range []struct {
+		name  string
+		creds []string
+		warn  bool
+	}{
+		{"anonymous", nil, true},
+		{"with credentials", []string{"--nats-creds", filepath.Join(t.TempDir(), "missing.creds")}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{"agent", "--vm-id", "87654321-4321-4321-4321-210987654321", "--nats-url", b.ClientURL(),
+				"--name-dir", t.TempDir()}, tc.creds...)
+			var out bytes.Buffer
+			code := run(args, &out)
+			warned := strings.Contains(out.String(), "without --nats-creds")
+			if code != 1 || warned != tc.warn {
+				t.Fatalf("exit %d, want 1; warned %v, want %v:\n%s", code, warned, tc.warn, out.String())
+			}
+		})
 	}
 }

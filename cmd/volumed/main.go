@@ -25,6 +25,7 @@ import (
 	"github.com/volumed/volumed/handlers/correlate"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/httpbridge"
+	"github.com/volumed/volumed/internal/netaddr"
 	"github.com/volumed/volumed/internal/version"
 	"github.com/volumed/volumed/metrics"
 	"github.com/volumed/volumed/nbd"
@@ -68,6 +69,9 @@ func run(args []string, stderr io.Writer) int {
 	defer stop()
 	if err := serve(ctx, cfg, log); err != nil {
 		log.Error("volumed failed", "error", err)
+		if errors.Is(err, errUsage) {
+			return 2
+		}
 		return 1
 	}
 	return 0
@@ -94,6 +98,11 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 			log.Info("volumed stopped")
 		}
 	}()
+	if cfg.natsURL != "" && cfg.natsCreds == "" {
+		// Not refused: an unauthenticated external server is the user's choice.
+		log.Warn("connecting to --nats-url without --nats-creds: the server must accept anonymous clients",
+			"nats", cfg.natsURL)
+	}
 	if cfg.agentOnly {
 		b := bus.New(bus.Config{URL: cfg.natsURL, ClientOnly: true, Name: "volumed-agent", Logger: log,
 			Creds: cfg.natsCreds, InboxPrefix: bus.AgentInboxPrefix(cfg.vmID)})
@@ -189,7 +198,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		if err != nil {
 			return err
 		}
-		srv, err := nbd.New(nbd.Config{Listen: cfg.nbdListen, TLS: tlsCfg, RequireTLS: !nbd.LoopbackOnly(cfg.nbdListen), Logger: log})
+		srv, err := nbd.New(nbd.Config{Listen: cfg.nbdListen, TLS: tlsCfg, RequireTLS: !netaddr.IsLoopback(cfg.nbdListen), Logger: log})
 		if err != nil {
 			return err
 		}
@@ -198,7 +207,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		}
 		started = append(started, srv)
 		exporter, nbdStats, nbdAddr = handlers.NBDExporter{Server: srv}, srv, srv.Addr().String()
-		log.Info("nbd server ready", "addr", nbdAddr, "auto_export", cfg.nbdAutoExport, "tls_required", !nbd.LoopbackOnly(cfg.nbdListen))
+		log.Info("nbd server ready", "addr", nbdAddr, "auto_export", cfg.nbdAutoExport, "tls_required", !netaddr.IsLoopback(cfg.nbdListen))
 	}
 
 	cs := csapi.New(csapi.Config{URL: cfg.csURL, APIKey: cfg.csAPIKey, SecretKey: cfg.csSecretKey, Logger: log})
@@ -230,7 +239,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		"nats_embedded", b.Embedded(), "store", storeName, "cloudstack", cfg.csURL, "simulator", cfg.sim,
 		"vm_id", cfg.vmID, "device_agent", localStatus != nil, "nbd", nbdAddr, "data_dir", cfg.dataDir,
 		"nats_operator_creds", b.CredsFile(bus.RoleOperator), "api_token", tokenSource,
-		"api_token_required", !httpbridge.IsLoopback(cfg.listen))
+		"api_token_required", !netaddr.IsLoopback(cfg.listen))
 	<-ctx.Done()
 	log.Info("shutting down; unfinished operations resume at the next start")
 	return nil
