@@ -145,7 +145,7 @@ func (s *Service) startConsumer(ctx context.Context) error {
 		AckPolicy:     jetstream.AckExplicitPolicy,
 		AckWait:       s.cfg.AckWait,
 		MaxDeliver:    -1,
-		MaxAckPending: 10000,
+		MaxAckPending: MaxJobsInFlight,
 		Description:   "volumed command handlers",
 	})
 	if err != nil {

@@ -27,6 +27,13 @@ import (
 // ConsumerName is the durable JetStream consumer the handlers pull jobs from.
 const ConsumerName = "volumed-handlers"
 
+// MaxJobsInFlight bounds the jobs the work queue has handed to the
+// instances and not had acked (running, waiting for a running slot or for
+// their turn), across the cluster: JetStream hands out no more until some
+// end, so a backlog stays in the stream rather than in memory, and idle
+// deliveries do not take the CPU that acceptance needs.
+const MaxJobsInFlight = 1024
+
 // QueueGroup is the NATS queue group of the command subscriptions, so
 // several volumed processes share the requests.
 const QueueGroup = "volumed"
