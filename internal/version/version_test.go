@@ -20,3 +20,20 @@ func TestString(t *testing.T) {
 	}
 	Version = ""
 }
+
+// TestSemver: the micro service's version is always a semantic version.
+func TestSemver(t *testing.T) {
+	for _, tc := range []struct{ set, want string }{
+		{"v1.2.3", "1.2.3"},
+		{"1.4.0-rc.1+build.7", "1.4.0-rc.1+build.7"},
+		{"eb11269-dirty", ""}, // git describe without a tag: not one
+		{"", ""},
+	} {
+		Version = tc.set
+		got := Semver()
+		if !semverRE.MatchString(got) || (tc.want != "" && got != tc.want) || (tc.want == "" && !strings.HasPrefix(got, "0.0.0-devel")) {
+			t.Errorf("Version=%q: Semver() = %q, want %q", tc.set, got, tc.want)
+		}
+	}
+	Version = ""
+}
