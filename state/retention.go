@@ -85,12 +85,16 @@ func (r *Retention) Start(context.Context) error {
 	return nil
 }
 
+// retentionLeaseTTL is the TTL of the retention lease. It is renewed
+// after every batch (one batch takes far less), so a pruner that dies
+// holds back the others for at most this long, whatever the interval.
+const retentionLeaseTTL = 30 * time.Second
+
 // Prune runs one pass: with the lease, it deletes batches until none is
 // left, renewing the lease between batches. It returns how many it
 // deleted; 0 and no error when another instance holds the lease.
 func (r *Retention) Prune(ctx context.Context) (int, error) {
-	ttl := max(r.cfg.Interval, 30*time.Second)
-	l, err := r.cfg.Store.AcquireLease(ctx, RetentionLease, r.cfg.Holder, ttl)
+	l, err := r.cfg.Store.AcquireLease(ctx, RetentionLease, r.cfg.Holder, retentionLeaseTTL)
 	if errors.Is(err, ErrLeaseHeld) {
 		return 0, nil
 	}

@@ -103,9 +103,9 @@ type Stats struct {
 	Writes int64
 }
 
-// Leaser is the lease part of a Store, for the components that only need
-// to serialize work across instances (the periodic reconcile, attaches to
-// one VM).
+// Leaser is the lease part of a Store: named, TTL-bounded leases that
+// serialize work across instances, each acquisition or renewal fenced by a
+// larger token.
 type Leaser interface {
 	// AcquireLease takes the lease name for holder for ttl (at least one
 	// second); ErrLeaseHeld if another holder has it. The same holder
