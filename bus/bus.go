@@ -76,6 +76,14 @@ type Config struct {
 	Logger *slog.Logger
 }
 
+// Bounds of the publishes whose ack is not waited for (PublishAsync): at
+// most asyncMaxPending unacknowledged at once, each failed after
+// asyncAckTimeout without an ack.
+const (
+	asyncMaxPending = 4096
+	asyncAckTimeout = 5 * time.Second
+)
+
 // Bus is a running connection to NATS, with the embedded server if any.
 type Bus struct {
 	cfg       Config
@@ -128,7 +136,11 @@ func (b *Bus) Start(ctx context.Context) error {
 		return fmt.Errorf("bus: connect %s: %w", url, err)
 	}
 	b.nc = nc
-	if b.js, err = jetstream.New(nc); err != nil {
+	if b.js, err = jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(asyncMaxPending),
+		jetstream.WithPublishAsyncTimeout(asyncAckTimeout),
+		jetstream.WithPublishAsyncErrHandler(func(_ jetstream.JetStream, msg *nats.Msg, err error) {
+			b.log.Warn("asynchronous publish not stored", "subject", msg.Subject, "err", err)
+		})); err != nil {
 		b.closeAll()
 		return fmt.Errorf("bus: jetstream: %w", err)
 	}

@@ -59,3 +59,16 @@ func DevicesNamesSubject(vmID string) string { return SubjectDevicesPrefix + vmI
 
 // MappingSubject is the subject of mapping updates of one volume.
 func MappingSubject(volumeID string) string { return SubjectMappingsPrefix + volumeID }
+
+// Answer is the answer to a command, the same on NATS (the reply's body,
+// its StatusHeader and Retry-After headers) and over REST.
+type Answer struct {
+	// Status is the HTTP status.
+	Status int
+	// Body is the JSON of the operation, the result, or the error.
+	Body []byte
+	// Err is the error answered; nil on success.
+	Err *Error
+	// RetryAfter is the Retry-After of a 503, in seconds; "" otherwise.
+	RetryAfter string
+}

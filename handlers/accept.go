@@ -124,7 +124,7 @@ func (s *Service) checkVolume(ctx context.Context, volumeID string) error {
 // accept runs a command's acceptance: an operation already recorded
 // under the Idempotency-Key answers again; else the pre-checks (their own
 // budget), the record (the write that decides the answer), its first
-// event and its job. A job that cannot be queued undoes the record and
+// event (not waited for) and its job. A job that cannot be queued undoes the record and
 // answers 503; if the undo fails, the record stands and the answer is
 // 201 (the queue's sweep queues it).
 func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, volumeID string, vmID *string, req any,
@@ -165,7 +165,7 @@ func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, v
 	case err != nil:
 		return nil, err
 	}
-	s.publish(ctx, rec) // before the job, so no event of its execution comes first
+	s.announce(rec) // before the job, so no event of its execution comes first
 	if err := s.enqueue(ctx, rec); err != nil {
 		s.log.Error("queue unavailable", "operation_id", rec.ID, "err", err)
 		return s.undo(rec, err)

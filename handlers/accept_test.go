@@ -167,30 +167,65 @@ func TestAcceptSlowCloudStack(t *testing.T) {
 // once, with Retry-After, and nothing is recorded; the commands holding
 // the slots are accepted.
 func TestBackpressure(t *testing.T) {
-	h := newHarness(t, harnessOpts{cfg: handlers.Config{AcceptConcurrency: 2, CheckTimeout: 2 * time.Second}})
-	vol := h.createVolume("held")
-	h.setFaults(cloudsim.Faults{Latency: map[string]cloudsim.Duration{"listVolumes": cloudsim.Duration(10 * time.Second)}})
-	held := make([]answer, 2)
-	var wg sync.WaitGroup
-	for i := range held {
-		wg.Go(func() { held[i] = h.command(commands.SubjectDetach, map[string]string{"volume_id": vol}, "") })
+	for _, way := range []string{"nats", "in process"} {
+		t.Run(way, func(t *testing.T) {
+			h := newHarness(t, harnessOpts{cfg: handlers.Config{AcceptConcurrency: 2, CheckTimeout: 2 * time.Second}})
+			send := func(subject string, body any, key string) answer {
+				if way == "nats" {
+					return h.command(subject, body, key)
+				}
+				return h.local(context.Background(), subject, body, key)
+			}
+			vol := h.createVolume("held")
+			h.setFaults(cloudsim.Faults{Latency: map[string]cloudsim.Duration{"listVolumes": cloudsim.Duration(10 * time.Second)}})
+			held := make([]answer, 2)
+			var wg sync.WaitGroup
+			for i := range held {
+				// One slot taken each way: the pool is one for both.
+				wg.Go(func() {
+					if i == 0 {
+						held[i] = h.command(commands.SubjectDetach, map[string]string{"volume_id": vol}, "")
+					} else {
+						held[i] = h.local(context.Background(), commands.SubjectDetach, map[string]string{"volume_id": vol}, "")
+					}
+				})
+			}
+			testenv.Eventually(t, 5*time.Second, func() bool { return h.inflight() == 2 }, "both slots taken")
+			a := send(commands.SubjectCreate, createBody("refused"), "refused")
+			if a.status != http.StatusServiceUnavailable || a.header.Get(commands.RetryAfterHeader) != "1" || a.elapsed > time.Second {
+				t.Fatalf("command past the slots: %d after %v, headers %v: %s", a.status, a.elapsed, a.header, a.body)
+			}
+			if h.recorded(handlers.OperationIDForKey("refused")) {
+				t.Fatal("a command answered 503 is recorded")
+			}
+			wg.Wait()
+			for i, a := range held {
+				if a.status != http.StatusCreated || !h.recorded(a.op.ID) {
+					t.Fatalf("held command %d: %d %s", i, a.status, a.body)
+				}
+			}
+			if n := len(h.operations()); n != 2 {
+				t.Fatalf("%d operations recorded, want the 2 accepted", n)
+			}
+		})
 	}
-	testenv.Eventually(t, 5*time.Second, func() bool { return h.inflight() == 2 }, "both slots taken")
-	a := h.command(commands.SubjectCreate, createBody("refused"), "refused")
-	if a.status != http.StatusServiceUnavailable || a.header.Get(commands.RetryAfterHeader) != "1" || a.elapsed > time.Second {
-		t.Fatalf("command past the slots: %d after %v, headers %v: %s", a.status, a.elapsed, a.header, a.body)
+}
+
+// TestCommandInProcessOutlivesItsCaller: a command run in process whose
+// caller gives up (the REST client went away) still runs to its answer,
+// and the answer is what was recorded.
+func TestCommandInProcessOutlivesItsCaller(t *testing.T) {
+	h := newHarness(t, harnessOpts{cfg: handlers.Config{CheckTimeout: 2 * time.Second}})
+	vol := h.createVolume("slow")
+	h.setFaults(cloudsim.Faults{Latency: map[string]cloudsim.Duration{"listVolumes": cloudsim.Duration(time.Second)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	a := h.local(ctx, commands.SubjectDetach, map[string]string{"volume_id": vol}, "gone-client")
+	if a.status != http.StatusCreated || a.op.ID != handlers.OperationIDForKey("gone-client") || !h.recorded(a.op.ID) {
+		t.Fatalf("%d %s: want 201 with the recorded operation", a.status, a.body)
 	}
-	if h.recorded(handlers.OperationIDForKey("refused")) {
-		t.Fatal("a command answered 503 is recorded")
-	}
-	wg.Wait()
-	for i, a := range held {
-		if a.status != http.StatusCreated || !h.recorded(a.op.ID) {
-			t.Fatalf("held command %d: %d %s", i, a.status, a.body)
-		}
-	}
-	if n := len(h.operations()); n != 2 {
-		t.Fatalf("%d operations recorded, want the 2 accepted", n)
+	if a := h.local(context.Background(), "volumes.cmd.nothing", map[string]string{}, ""); a.status != http.StatusInternalServerError {
+		t.Fatalf("unknown subject: %d %s", a.status, a.body)
 	}
 }
 

@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -90,7 +92,8 @@ func (s *Service) startCommands() error {
 		return fmt.Errorf("handlers: micro service: %w", err)
 	}
 	s.micro = svc
-	for _, ep := range s.endpoints() {
+	for _, subject := range slices.Sorted(maps.Keys(s.bySubject)) {
+		ep := s.bySubject[subject]
 		if err := svc.AddEndpoint(ep.name, s.serve(ep), micro.WithEndpointSubject(ep.subject)); err != nil {
 			return fmt.Errorf("handlers: endpoint %s: %w", ep.subject, err)
 		}
@@ -98,80 +101,131 @@ func (s *Service) startCommands() error {
 	return nil
 }
 
+// admit takes a slot of the bounded pool for a command of ep and returns
+// the context it runs under and the function that ends it. When every slot
+// is taken, or the service is stopping, it answers 503 at once, before
+// anything is looked at or recorded. An accepted command runs to its
+// answer under its own timeout even while the service stops (Close waits
+// for it): cut short, its answer could contradict what was recorded. A
+// force-sync runs under parent, and stops with the service.
+func (s *Service) admit(parent context.Context, ep endpoint) (context.Context, func(), error) {
+	select {
+	case s.acceptSlots <- struct{}{}:
+	default:
+		s.accepts.rejected.Add(1) // counted, not logged: a burst would flood the log
+		return nil, nil, commands.Unavailable("volumed is handling %d commands; retry later", cap(s.acceptSlots)).
+			WithDetail("retry_after_seconds", int(RetryAfter/time.Second))
+	}
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		<-s.acceptSlots
+		return nil, nil, commands.Unavailable("volumed is stopping")
+	}
+	wg := &s.wg
+	var stop func() bool
+	if ep.status == http.StatusCreated {
+		parent, wg = context.WithoutCancel(s.ctx), &s.accepting
+	}
+	wg.Add(1)
+	s.mu.Unlock()
+	s.accepts.inflight.Add(1)
+	ctx, cancel := context.WithTimeout(parent, ep.timeout)
+	if ep.status != http.StatusCreated {
+		stop = context.AfterFunc(s.ctx, cancel)
+	}
+	return ctx, func() {
+		if stop != nil {
+			stop()
+		}
+		cancel()
+		<-s.acceptSlots
+		s.accepts.inflight.Add(-1)
+		wg.Done()
+	}, nil
+}
+
 // serve is an endpoint's micro handler. micro calls it serially per
-// endpoint, so it only takes a slot of the bounded pool and hands the
-// request to a goroutine; when every slot is taken it answers 503 with
-// Retry-After at once, before anything is looked at or recorded. A
-// command runs to its answer under its own timeout even while the
-// service stops (Close waits for it); force-sync is cancelled.
+// endpoint, so it only admits the command and hands it to a goroutine.
 func (s *Service) serve(ep endpoint) micro.Handler {
 	return micro.HandlerFunc(func(req micro.Request) {
 		if bus.FromConsumerReply(req.Reply()) {
 			return // a copy a JetStream consumer delivered here, not a command
 		}
-		select {
-		case s.acceptSlots <- struct{}{}:
-		default:
-			s.accepts.rejected.Add(1) // counted, not logged: a burst would flood the log
-			s.reply(req, ep, nil, commands.Unavailable("volumed is handling %d commands; retry later", cap(s.acceptSlots)).
-				WithDetail("retry_after_seconds", int(RetryAfter/time.Second)))
+		ctx, done, err := s.admit(s.ctx, ep)
+		if err != nil {
+			s.reply(req, s.answer(ep, nil, err))
 			return
 		}
-		s.mu.Lock()
-		if s.stopping {
-			s.mu.Unlock()
-			<-s.acceptSlots
-			s.reply(req, ep, nil, commands.Unavailable("volumed is stopping"))
-			return
-		}
-		parent, wg := s.ctx, &s.wg
-		if ep.status == http.StatusCreated {
-			parent, wg = context.WithoutCancel(s.ctx), &s.accepting
-		}
-		wg.Add(1)
-		s.mu.Unlock()
-		s.accepts.inflight.Add(1)
 		go func() {
-			defer wg.Done()
-			defer func() { <-s.acceptSlots; s.accepts.inflight.Add(-1) }()
-			ctx, cancel := context.WithTimeout(parent, ep.timeout)
-			defer cancel()
+			defer done()
 			result, err := ep.run(ctx, req.Data(), req.Headers().Get(commands.IdempotencyKeyHeader))
-			s.reply(req, ep, result, err)
+			s.reply(req, s.answer(ep, result, err))
 		}()
 	})
 }
 
-// reply answers a command: the result JSON with the endpoint's status, or
-// the error JSON with its own, in the Status header. An error also carries
-// micro's error headers (code = the HTTP status), and a 503 Retry-After.
-// It publishes the reply itself rather than through req, which micro reads
-// once its handler has returned.
-func (s *Service) reply(req micro.Request, ep endpoint, result any, err error) {
-	status := ep.status
-	msg := nats.NewMsg(req.Reply())
+// Command runs the command of subject in this process, admitted and
+// bounded exactly as its NATS endpoint is, and returns its answer: the
+// REST bridge's way in, without a NATS round trip. key is the request's
+// Idempotency-Key. An accepted command runs to its answer whatever
+// happens to ctx; a force-sync stops with ctx.
+func (s *Service) Command(ctx context.Context, subject string, data []byte, key string) commands.Answer {
+	ep, ok := s.bySubject[subject]
+	if !ok {
+		return s.answer(endpoint{subject: subject}, nil, commands.Internal("no command on subject %s", subject))
+	}
+	ctx, done, err := s.admit(ctx, ep)
 	if err != nil {
-		apiErr := commands.AsError(err)
-		status, result = apiErr.Status, apiErr
+		return s.answer(ep, nil, err)
+	}
+	defer done()
+	result, err := ep.run(ctx, data, key)
+	return s.answer(ep, result, err)
+}
+
+// answer builds a command's answer: the result JSON with the endpoint's
+// status, or the error JSON with its own. Failures are counted and logged
+// here, once for both ways in.
+func (s *Service) answer(ep endpoint, result any, err error) commands.Answer {
+	a := commands.Answer{Status: ep.status}
+	if err != nil {
+		a.Err = commands.AsError(err)
+		a.Status, result = a.Err.Status, a.Err
 		switch {
-		case status == http.StatusServiceUnavailable && apiErr.Details["retry_after_seconds"] == nil:
+		case a.Status == http.StatusServiceUnavailable && a.Err.Details["retry_after_seconds"] == nil:
 			s.log.Warn("command refused", "subject", ep.subject, "err", err)
-		case status >= 500 && status != http.StatusServiceUnavailable:
-			s.log.Error("command failed", "subject", ep.subject, "status", status, "err", err)
+		case a.Status >= 500 && a.Status != http.StatusServiceUnavailable:
+			s.log.Error("command failed", "subject", ep.subject, "status", a.Status, "err", err)
 		}
 		s.accepts.failed.Add(1)
-		msg.Header.Set(micro.ErrorCodeHeader, strconv.Itoa(status))
-		msg.Header.Set(micro.ErrorHeader, apiErr.Message)
-		if status == http.StatusServiceUnavailable {
-			msg.Header.Set(commands.RetryAfterHeader, strconv.Itoa(int(RetryAfter/time.Second)))
+		if a.Status == http.StatusServiceUnavailable {
+			a.RetryAfter = strconv.Itoa(int(RetryAfter / time.Second))
 		}
 	}
-	msg.Header.Set(commands.StatusHeader, strconv.Itoa(status))
-	msg.Data, _ = json.Marshal(result)
+	a.Body, _ = json.Marshal(result)
+	return a
+}
+
+// reply sends an answer on NATS: the body, the HTTP status in the Status
+// header, micro's error headers (code = the HTTP status) on an error, and
+// a 503's Retry-After. It publishes the reply itself rather than through
+// req, which micro reads once its handler has returned.
+func (s *Service) reply(req micro.Request, a commands.Answer) {
 	if req.Reply() == "" {
 		return
 	}
+	msg := nats.NewMsg(req.Reply())
+	if a.Err != nil {
+		msg.Header.Set(micro.ErrorCodeHeader, strconv.Itoa(a.Status))
+		msg.Header.Set(micro.ErrorHeader, a.Err.Message)
+	}
+	if a.RetryAfter != "" {
+		msg.Header.Set(commands.RetryAfterHeader, a.RetryAfter)
+	}
+	msg.Header.Set(commands.StatusHeader, strconv.Itoa(a.Status))
+	msg.Data = a.Body
 	if err := s.cfg.Conn.PublishMsg(msg); err != nil {
-		s.log.Warn("reply failed", "subject", ep.subject, "err", err)
+		s.log.Warn("reply failed", "subject", req.Subject(), "err", err)
 	}
 }

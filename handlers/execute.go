@@ -178,6 +178,21 @@ func (s *Service) publish(ctx context.Context, op commands.Operation) {
 	}
 }
 
+// announce publishes the first event of an accepted operation without
+// waiting for JetStream's ack: the record, already written, is what the
+// answer stands on, and a failure is logged by the bus. It leaves on the
+// connection before the job does, so a server stores it before any event
+// of the job's execution.
+func (s *Service) announce(op commands.Operation) {
+	data, err := json.Marshal(op)
+	if err != nil {
+		return
+	}
+	if _, err := s.cfg.JetStream.PublishAsync(commands.OpSubject(op.ID), data); err != nil {
+		s.log.Warn("cannot publish operation event", "operation_id", op.ID, "err", err)
+	}
+}
+
 // step runs fn under the step deadline, retrying retryable CloudStack
 // failures with exponential backoff (at least the Retry-After CloudStack
 // asked for, and at most RetryLimit times in a row for a limited kind such

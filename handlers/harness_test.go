@@ -132,6 +132,29 @@ func (h *harness) command(subject string, body any, key string) answer {
 	return a
 }
 
+// local runs one command in process through Service.Command, as the REST
+// bridge does, under ctx.
+func (h *harness) local(ctx context.Context, subject string, body any, key string) answer {
+	h.t.Helper()
+	data, _ := json.Marshal(body)
+	start := time.Now()
+	got := h.svc.Command(ctx, subject, data, key)
+	a := answer{status: got.Status, header: nats.Header{}, body: got.Body, elapsed: time.Since(start)}
+	if got.RetryAfter != "" {
+		a.header.Set(commands.RetryAfterHeader, got.RetryAfter)
+	}
+	var err error
+	if a.status == http.StatusCreated {
+		err = json.Unmarshal(got.Body, &a.op)
+	} else {
+		err = json.Unmarshal(got.Body, &a.err)
+	}
+	if err != nil {
+		h.t.Errorf("answer on %s: %s: %v", subject, got.Body, err)
+	}
+	return a
+}
+
 // createBody is a valid create request.
 func createBody(name string) map[string]any {
 	return map[string]any{"name": name, "size": 1 << 30, "disk_offering_id": cloudsim.CustomOfferingID, "zone_id": cloudsim.ZoneID}

@@ -141,10 +141,12 @@ type Service struct {
 	consume jetstream.ConsumeContext
 	sem     chan struct{}
 
-	// micro is the command service; acceptSlots bounds the commands being
+	// micro is the command service and bySubject its endpoints (also run
+	// in process by Command); acceptSlots bounds the commands being
 	// accepted, accepting tracks them (they run under their own timeout,
 	// not the service's context, and Close waits for them).
 	micro       micro.Service
+	bySubject   map[string]endpoint
 	acceptSlots chan struct{}
 	accepting   sync.WaitGroup
 	accepts     acceptStats
@@ -210,6 +212,10 @@ func New(cfg Config) *Service {
 		sem:    make(chan struct{}, cfg.MaxConcurrent),
 	}
 	s.acceptSlots = make(chan struct{}, cfg.AcceptConcurrency)
+	s.bySubject = map[string]endpoint{}
+	for _, ep := range s.endpoints() {
+		s.bySubject[ep.subject] = ep
+	}
 	s.inventory = newInventory(cfg.CloudStack, s.log)
 	return s
 }

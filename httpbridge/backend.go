@@ -1,6 +1,7 @@
-// Package httpbridge serves volumed's REST API under /api/v1. Commands go
-// over NATS request/reply to the volumes.cmd.* subjects; reads come from the
-// state store and the Backend.
+// Package httpbridge serves volumed's REST API under /api/v1. Commands run
+// in process through Commands, the command service that also answers them
+// on NATS; reads come from the state store and the Backend; waits follow
+// the operation events on NATS.
 package httpbridge
 
 import (
@@ -8,6 +9,14 @@ import (
 
 	"github.com/volumed/volumed/commands"
 )
+
+// Commands runs the API's commands: volumed's command service, the same
+// code that answers them on NATS (volumes.cmd.*), called in process.
+type Commands interface {
+	// Command runs the command of subject with body data and the
+	// request's Idempotency-Key (key, "" for none) and returns its answer.
+	Command(ctx context.Context, subject string, data []byte, key string) commands.Answer
+}
 
 // Backend answers the reads that need more than the state store.
 type Backend interface {

@@ -9,8 +9,8 @@ import (
 	"github.com/volumed/volumed/commands"
 )
 
-// BenchmarkCreate measures POST /volumes end to end: HTTP, NATS
-// request/reply to the test command service, a KV write, the reply.
+// BenchmarkCreate measures POST /volumes end to end: HTTP, the test
+// command service in process, a KV write, the reply.
 func BenchmarkCreate(b *testing.B) {
 	h := newHarness(b, options{})
 	body := readTestdata(b, "create.json")

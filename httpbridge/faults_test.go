@@ -3,9 +3,7 @@ package httpbridge_test
 import (
 	"context"
 	"testing"
-	"time"
 
-	"github.com/nats-io/nats.go"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
@@ -20,57 +18,6 @@ var commandCases = []struct{ method, path, body string }{
 	{"POST", "/volumes/" + vol1 + "/detach", ""},
 	{"DELETE", "/volumes/" + vol1, ""},
 	{"POST", "/admin/force-sync", ""},
-}
-
-// expectCommandErrors sends every command and wants status and code.
-func expectCommandErrors(t *testing.T, h *harness, status int, code string) {
-	t.Helper()
-	for _, c := range commandCases {
-		t.Run(c.method+" "+c.path, func(t *testing.T) {
-			resp, body := h.do(t, c.method, c.path, readTestdata(t, c.body))
-			if e := decodeAs[apiErr](t, body); resp.StatusCode != status || e.Code != code {
-				t.Errorf("%d %s, want %d %s", resp.StatusCode, body, status, code)
-			}
-		})
-	}
-}
-
-func TestNoResponders(t *testing.T) {
-	h := newHarness(t, options{noResponders: true})
-	expectCommandErrors(t, h, 503, commands.CodeServiceUnavailable)
-}
-
-func TestCommandTimeout(t *testing.T) {
-	h := newHarness(t, options{noResponders: true, commandTimeout: 200 * time.Millisecond})
-	// A command service that takes the requests and never answers.
-	for _, c := range []string{commands.SubjectCreate, commands.SubjectAttach, commands.SubjectAttachRoot,
-		commands.SubjectDetach, commands.SubjectDelete, commands.SubjectForceSync} {
-		sub, err := h.bus.Subscribe(c, func(*nats.Msg) {})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = sub.Unsubscribe() })
-	}
-	if err := h.bus.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	expectCommandErrors(t, h, 503, commands.CodeServiceUnavailable)
-}
-
-func TestReplyWithoutStatus(t *testing.T) {
-	h := newHarness(t, options{noResponders: true})
-	sub, err := h.bus.Subscribe(commands.SubjectForceSync, func(m *nats.Msg) { _ = m.Respond([]byte(`{}`)) })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = sub.Unsubscribe() })
-	if err := h.bus.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	resp, body := h.do(t, "POST", "/admin/force-sync", "")
-	if e := decodeAs[apiErr](t, body); resp.StatusCode != 500 || e.Code != commands.CodeInternalError {
-		t.Errorf("%d %s", resp.StatusCode, body)
-	}
 }
 
 // storeDownCases are the reads answered from the store.

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -38,19 +37,19 @@ const (
 )
 
 // harness is a bridge served on a free loopback port, with a real embedded
-// NATS, a real KV store and a test command service on the bus.
+// NATS, a real KV store and a test command service.
 type harness struct {
-	bus     *nats.Conn
-	store   state.Store
-	backend *testBackend
-	srv     *httpbridge.Server
-	base    string
-	v       *apitest.Validator
+	bus      *nats.Conn
+	store    state.Store
+	backend  *testBackend
+	commands *testCommands
+	srv      *httpbridge.Server
+	base     string
+	v        *apitest.Validator
 }
 
 // options of newHarness.
 type options struct {
-	noResponders   bool
 	store          state.Store // default: KV on the harness bus
 	commandTimeout time.Duration
 	maxWait        time.Duration
@@ -79,9 +78,7 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 		t.Cleanup(func() { _ = kv.Close(context.Background()) })
 		h.store = kv
 	}
-	if !o.noResponders {
-		startCommandService(t, b, h.store)
-	}
+	h.commands = &testCommands{store: h.store}
 	conn := o.conn
 	if conn == nil {
 		conn = b.Conn()
@@ -89,7 +86,7 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 	if o.listen == "" {
 		o.listen = "127.0.0.1:0"
 	}
-	h.srv = httpbridge.New(httpbridge.Config{Listen: o.listen, Conn: conn, Store: h.store,
+	h.srv = httpbridge.New(httpbridge.Config{Listen: o.listen, Conn: conn, Commands: h.commands, Store: h.store,
 		Backend: h.backend, VMID: vm1, CommandTimeout: o.commandTimeout, SyncTimeout: o.commandTimeout, MaxWait: o.maxWait,
 		Token: o.token, ReadHeaderTimeout: o.readHeaderTimeout, ReadTimeout: o.readTimeout, IdleTimeout: o.idleTimeout,
 		Logger: testLogger(t)})
@@ -169,14 +166,56 @@ func readTestdata(t testing.TB, name string) string {
 	return string(data)
 }
 
-// startCommandService answers the command subjects on its own connection
-// as volumed's command service does: it validates with the commands
-// package, records a pending operation in the store and replies with the
-// operation (201) or the error, the HTTP status in the Status header.
-// Volumes other than vol1 and vol2 are unknown to it (404).
-func startCommandService(t testing.TB, b *bus.Bus, store state.Store) {
-	t.Helper()
-	nc := testenv.Connect(t, b, bus.RoleDaemon, nats.Name("test-command-service"))
+// testCommands is the Commands of the tests: it validates with the
+// commands package, records a pending operation in the store and answers
+// the operation (201) or the error, as volumed's command service does.
+// Volumes other than vol1 and vol2 are unknown to it (404). With fixed
+// set, it answers that to every command instead, and sends the command's
+// Idempotency-Key on keys.
+type testCommands struct {
+	store state.Store
+	mu    sync.Mutex
+	fixed *commands.Answer
+	keys  chan string
+}
+
+var _ httpbridge.Commands = (*testCommands)(nil)
+
+// answerAll makes c answer a to every command, sending the keys on keys.
+func (c *testCommands) answerAll(a commands.Answer, keys chan string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.fixed, c.keys = &a, keys
+}
+
+func (c *testCommands) Command(ctx context.Context, subject string, data []byte, key string) commands.Answer {
+	c.mu.Lock()
+	fixed, keys := c.fixed, c.keys
+	c.mu.Unlock()
+	if fixed != nil {
+		keys <- key
+		return *fixed
+	}
+	status := http.StatusCreated
+	if subject == commands.SubjectForceSync {
+		status = http.StatusOK
+	}
+	fn, ok := testCommandHandlers(c.store)[subject]
+	if !ok {
+		panic("test command service: no subject " + subject)
+	}
+	result, err := fn(ctx, data)
+	a := commands.Answer{Status: status}
+	if err != nil {
+		a.Err = commands.AsError(err)
+		a.Status, result = a.Err.Status, a.Err
+	}
+	a.Body, _ = json.Marshal(result)
+	return a
+}
+
+// testCommandHandlers are the test command service's commands.
+func testCommandHandlers(store state.Store) map[string]func(ctx context.Context, data []byte) (any, error) {
 	known := map[string]bool{vol1: true, vol2: true}
 	accept := func(ctx context.Context, typ commands.OpType, volumeID string, vmID *string, req any) (any, error) {
 		if typ != commands.OpCreate && !known[volumeID] {
@@ -195,7 +234,7 @@ func startCommandService(t testing.TB, b *bus.Bus, store state.Store) {
 		}
 		return op, nil
 	}
-	handlers := map[string]func(ctx context.Context, data []byte) (any, error){
+	return map[string]func(ctx context.Context, data []byte) (any, error){
 		commands.SubjectCreate: func(ctx context.Context, data []byte) (any, error) {
 			req, err := commands.DecodeCreate(data)
 			if err != nil {
@@ -223,31 +262,6 @@ func startCommandService(t testing.TB, b *bus.Bus, store state.Store) {
 			return commands.SyncResult{Message: "Force sync completed successfully", Timestamp: time.Now().UTC(),
 				Changes: []string{}}, nil
 		},
-	}
-	for subject, fn := range handlers {
-		_, err := nc.Subscribe(subject, func(msg *nats.Msg) {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			status := http.StatusCreated
-			if subject == commands.SubjectForceSync {
-				status = http.StatusOK
-			}
-			result, err := fn(ctx, msg.Data)
-			if err != nil {
-				e := commands.AsError(err)
-				status, result = e.Status, e
-			}
-			reply := nats.NewMsg(msg.Reply)
-			reply.Header.Set(commands.StatusHeader, strconv.Itoa(status))
-			reply.Data, _ = json.Marshal(result)
-			_ = msg.RespondMsg(reply)
-		})
-		if err != nil {
-			t.Fatalf("subscribe %s: %v", subject, err)
-		}
-	}
-	if err := nc.Flush(); err != nil {
-		t.Fatal(err)
 	}
 }
 

@@ -41,8 +41,10 @@ type Config struct {
 	// Listen is the host:port to serve on; default DefaultListen. Port 0
 	// picks a free port (see Server.Addr).
 	Listen string
-	// Conn carries commands (request/reply) and operation events; required.
+	// Conn carries the operation events a wait follows; required.
 	Conn *nats.Conn
+	// Commands runs the commands; required.
+	Commands Commands
 	// Store answers operation and mapping reads; required.
 	Store state.Store
 	// Backend answers volume, VM, health and metrics reads; required.
@@ -50,10 +52,9 @@ type Config struct {
 	// VMID is the VM volumed runs on: GET /devices/{device_path}/volume
 	// names its devices unless ?vm_id says otherwise.
 	VMID string
-	// CommandTimeout bounds one command round trip and one read; default
-	// DefaultCommandTimeout.
+	// CommandTimeout bounds one read; default DefaultCommandTimeout.
 	CommandTimeout time.Duration
-	// SyncTimeout bounds a force-sync round trip; default
+	// SyncTimeout bounds a force-sync; default
 	// commands.ForceSyncTimeout plus DefaultCommandTimeout.
 	SyncTimeout time.Duration
 	// MaxWait caps the ?wait of GET /operations/{id}; default DefaultMaxWait.

@@ -33,7 +33,10 @@ import (
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
-var _ httpbridge.Backend = (*handlers.Service)(nil)
+var (
+	_ httpbridge.Backend  = (*handlers.Service)(nil)
+	_ httpbridge.Commands = (*handlers.Service)(nil)
+)
 
 // shutdownTimeout bounds the clean shutdown after SIGINT or SIGTERM.
 const shutdownTimeout = 30 * time.Second
@@ -228,7 +231,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	}
 	started = append(started, svc)
 
-	bridge := httpbridge.New(httpbridge.Config{Listen: cfg.listen, Conn: b.Conn(), Store: store, Backend: svc,
+	bridge := httpbridge.New(httpbridge.Config{Listen: cfg.listen, Conn: b.Conn(), Commands: svc, Store: store, Backend: svc,
 		VMID: cfg.vmID, Token: cfg.apiToken, Logger: log, Prometheus: prom.Handler()})
 	if err := bridge.Start(ctx); err != nil {
 		return err

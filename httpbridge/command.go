@@ -5,23 +5,21 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"net/http"
-	"strconv"
 	"time"
-
-	"github.com/nats-io/nats.go"
 
 	"github.com/volumed/volumed/commands"
 )
 
-// forward returns a handler that sends the request body to subject over
-// NATS request/reply and answers the reply as it is, with the HTTP status
-// of its StatusHeader. The Idempotency-Key header goes along, and a
-// reply's Retry-After comes back. withVolume handlers take volume_id from
-// the path and merge it into the body. timeout bounds the round trip.
-func (s *Server) forward(subject string, withVolume bool, timeout time.Duration) http.HandlerFunc {
+// command returns a handler that runs the command of subject with the
+// request body through Config.Commands and answers what it answers: the
+// status, the JSON, and a 503's Retry-After. The Idempotency-Key header
+// goes along. withVolume handlers take volume_id from the path and merge
+// it into the body. timeout bounds a force-sync; an accepted command runs
+// to its answer whatever the client does, since the command service
+// bounds it and its answer says what was recorded.
+func (s *Server) command(subject string, withVolume bool, timeout time.Duration) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		body, err := readBody(w, r)
 		if err != nil {
@@ -36,59 +34,13 @@ func (s *Server) forward(subject string, withVolume bool, timeout time.Duration)
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), timeout)
 		defer cancel()
-		msg := nats.NewMsg(subject)
-		msg.Data = body
-		if key := r.Header.Get(commands.IdempotencyKeyHeader); key != "" {
-			msg.Header.Set(commands.IdempotencyKeyHeader, key)
+		a := s.cfg.Commands.Command(ctx, subject, body, r.Header.Get(commands.IdempotencyKeyHeader))
+		if a.RetryAfter != "" {
+			w.Header().Set(commands.RetryAfterHeader, a.RetryAfter)
 		}
-		status, reply, err := s.request(ctx, msg)
-		if err != nil {
-			if ctx.Err() != nil && r.Context().Err() != nil {
-				return // the client went away
-			}
-			s.log.Warn("command not answered", "subject", subject, "error", err)
-			if errors.Is(err, errNoResponders) {
-				w.Header().Set(commands.RetryAfterHeader, retryAfterNoResponders)
-			}
-			writeError(w, err)
-			return
-		}
-		if after := reply.Header.Get(commands.RetryAfterHeader); after != "" {
-			w.Header().Set(commands.RetryAfterHeader, after)
-		}
-		writeRaw(w, status, reply.Data)
+		writeRaw(w, a.Status, a.Body)
 	}
 }
-
-// request sends one command and returns the reply's status and the reply.
-// No responder means nothing was recorded: that 503 says when to retry.
-func (s *Server) request(ctx context.Context, msg *nats.Msg) (int, *nats.Msg, error) {
-	subject := msg.Subject
-	reply, err := s.cfg.Conn.RequestMsgWithContext(ctx, msg)
-	switch {
-	case errors.Is(err, nats.ErrNoResponders):
-		return 0, nil, fmt.Errorf("%w (%w)", commands.Unavailable("command service unavailable: no responders on %s", subject).
-			WithDetail("subject", subject), errNoResponders)
-	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
-		return 0, nil, commands.Unavailable("command service did not answer in time").
-			WithDetail("subject", subject)
-	case err != nil:
-		return 0, nil, commands.Unavailable("command bus: %v", err).WithDetail("subject", subject)
-	}
-	status, convErr := strconv.Atoi(reply.Header.Get(commands.StatusHeader))
-	if convErr != nil || status < 200 || status > 599 {
-		return 0, nil, commands.Internal("command service replied without a valid %s header: %q",
-			commands.StatusHeader, reply.Header.Get(commands.StatusHeader))
-	}
-	return status, reply, nil
-}
-
-// errNoResponders marks a command nobody received: nothing was recorded.
-var errNoResponders = errors.New("nothing recorded")
-
-// retryAfterNoResponders is the Retry-After, in seconds, of a command
-// nobody received.
-const retryAfterNoResponders = "1"
 
 // readBody reads a request body of at most commands.MaxBodyBytes.
 func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
