@@ -99,12 +99,14 @@ type OpResponse struct {
 	Message string `json:"message"`
 }
 
-// Duration is how long a terminal operation took; zero otherwise.
+// Duration is how long a terminal operation took, between the wall-clock
+// times recorded (the same before and after a round trip through JSON);
+// zero otherwise.
 func (o *Operation) Duration() time.Duration {
 	if o.CompletedAt == nil {
 		return 0
 	}
-	return o.CompletedAt.Sub(o.CreatedAt)
+	return o.CompletedAt.Round(0).Sub(o.CreatedAt.Round(0))
 }
 
 // OperationSummary is one row of GET /operations.

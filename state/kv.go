@@ -233,12 +233,29 @@ func decodeRecord[T any](raw []byte) (*T, error) {
 }
 
 // applyOp puts revision rev of an operation (nil raw: deleted) in the
-// indexes unless they already hold that revision or a later one.
+// indexes unless they already hold that revision or a later one; a record
+// they do is not even decoded (the watcher's copy of this process's own
+// write).
 func (k *KV) applyOp(id string, rev uint64, raw []byte, fromWatcher bool) error {
+	k.mu.Lock()
+	applied := rev <= k.ops[id].rev || (!fromWatcher && rev <= k.seen)
+	if applied && fromWatcher {
+		k.seen = max(k.seen, rev)
+	}
+	k.mu.Unlock()
+	if applied {
+		return nil
+	}
 	op, err := decodeRecord[commands.Operation](raw)
 	if err != nil {
 		return err
 	}
+	return k.applyOpValue(id, rev, raw, op, fromWatcher)
+}
+
+// applyOpValue is applyOp with the record already decoded (op, nil when
+// deleted), as a writer has it.
+func (k *KV) applyOpValue(id string, rev uint64, raw []byte, op *commands.Operation, fromWatcher bool) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	cur := k.ops[id]
@@ -414,7 +431,7 @@ func (k *KV) CreateOperation(ctx context.Context, op commands.Operation) (comman
 	}
 	k.writes.Add(1)
 	op.Revision = rev
-	return op, k.applyOp(op.ID, rev, data, false)
+	return op, k.applyOpValue(op.ID, rev, data, &op, false)
 }
 
 // UpdateOperation replaces the operation at op.Revision with one KV Update
@@ -444,7 +461,7 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 	}
 	k.writes.Add(1)
 	op.Revision = rev
-	return op, k.applyOp(op.ID, rev, data, false)
+	return op, k.applyOpValue(op.ID, rev, data, &op, false)
 }
 
 // statusAt returns the status of the operation recorded at revision rev:

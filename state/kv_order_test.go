@@ -54,3 +54,28 @@ func TestKVApplyOrder(t *testing.T) {
 		})
 	}
 }
+
+// TestKVApplySkipsWhatItHolds: the watcher's copy of a revision the
+// indexes already hold (this process's own write) is not decoded again;
+// a revision they do not hold is.
+func TestKVApplySkipsWhatItHolds(t *testing.T) {
+	op := commands.Operation{ID: "op-1", Type: commands.OpCreate, Status: commands.StatusPending, CreatedAt: time.Unix(1, 0)}
+	raw, err := json.Marshal(op)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := &KV{ops: make(map[string]kvEntry[kvOp]), idx: make(map[string][]opRef), stats: newStats()}
+	if err := k.applyOpValue(op.ID, 7, raw, &op, false); err != nil {
+		t.Fatal(err)
+	}
+	undecodable := []byte("{not json")
+	if err := k.applyOp(op.ID, 7, undecodable, true); err != nil || k.seen != 7 {
+		t.Fatalf("watcher's copy of a held revision: err %v, seen %d", err, k.seen)
+	}
+	if err := k.applyOp(op.ID, 8, undecodable, true); err == nil {
+		t.Fatal("a revision the indexes do not hold was not decoded")
+	}
+	if got := k.ops[op.ID]; got.rev != 7 || string(got.raw) != string(raw) {
+		t.Fatalf("entry at revision %d: %s", got.rev, got.raw)
+	}
+}
