@@ -165,13 +165,17 @@ func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, v
 	case err != nil:
 		return nil, err
 	}
-	s.announce(rec) // before the job, so no event of its execution comes first
+	data, err := json.Marshal(rec) // once, for the first event and the answer
+	if err != nil {
+		return s.undo(rec, err)
+	}
+	s.announce(rec.ID, data) // before the job, so no event of its execution comes first
 	if err := s.enqueue(ctx, rec); err != nil {
 		s.log.Error("queue unavailable", "operation_id", rec.ID, "err", err)
 		return s.undo(rec, err)
 	}
 	s.log.Debug("operation accepted", "operation_id", rec.ID, "type", rec.Type, "volume_id", rec.VolumeID)
-	return rec, nil
+	return json.RawMessage(data), nil
 }
 
 // seenBefore answers a command whose Idempotency-Key names a recorded

@@ -178,18 +178,14 @@ func (s *Service) publish(ctx context.Context, op commands.Operation) {
 	}
 }
 
-// announce publishes the first event of an accepted operation without
+// announce publishes data, the first event of an accepted operation, without
 // waiting for JetStream's ack: the record, already written, is what the
 // answer stands on, and a failure is logged by the bus. It leaves on the
 // connection before the job does, so a server stores it before any event
 // of the job's execution.
-func (s *Service) announce(op commands.Operation) {
-	data, err := json.Marshal(op)
-	if err != nil {
-		return
-	}
-	if _, err := s.cfg.JetStream.PublishAsync(commands.OpSubject(op.ID), data); err != nil {
-		s.log.Warn("cannot publish operation event", "operation_id", op.ID, "err", err)
+func (s *Service) announce(opID string, data []byte) {
+	if _, err := s.cfg.JetStream.PublishAsync(commands.OpSubject(opID), data); err != nil {
+		s.log.Warn("cannot publish operation event", "operation_id", opID, "err", err)
 	}
 }
 
