@@ -134,3 +134,41 @@ func (o *Operation) Summary() OperationSummary {
 	return OperationSummary{ID: o.ID, Type: o.Type, Status: o.Status, VolumeID: o.VolumeID,
 		VMID: o.VMID, Error: o.Error, CreatedAt: o.CreatedAt, CompletedAt: o.CompletedAt}
 }
+
+// Details keys of an operation that failed on TIMEOUT while its CloudStack
+// job ran, and of the record the reconcile adds once the job's end is
+// known (see Resolved).
+const (
+	// DetailJobMayRun is true while the operation's CloudStack job may
+	// still be running, false once the reconcile has resolved it.
+	DetailJobMayRun = "job_may_run"
+	// DetailJobID is the CloudStack job the operation timed out on.
+	DetailJobID = "cloudstack_job_id"
+	// DetailJobStatus is how the job ended: JobSucceeded, JobFailed or
+	// JobUnknown.
+	DetailJobStatus = "job_status"
+	// DetailResolvedAt is when the reconcile resolved the job (RFC 3339, UTC).
+	DetailResolvedAt = "resolved_at"
+	// DetailResolution says in words what became of the job and what was
+	// adopted from it.
+	DetailResolution = "resolution"
+)
+
+// Values of DetailJobStatus.
+const (
+	// JobSucceeded: CloudStack did what the operation asked.
+	JobSucceeded = "succeeded"
+	// JobFailed: the job failed; CloudStack did nothing.
+	JobFailed = "failed"
+	// JobUnknown: CloudStack no longer knows the job and the volume's
+	// state does not tell.
+	JobUnknown = "unknown"
+)
+
+// Resolved reports whether the reconcile has recorded what became of the
+// CloudStack job of a failed operation: its details carry
+// DetailResolvedAt. Its event then repeats the failed status.
+func (o *Operation) Resolved() bool {
+	_, ok := o.Details[DetailResolvedAt]
+	return ok
+}

@@ -273,7 +273,8 @@ func (s *Service) volume(ctx context.Context, op *commands.Operation, id string)
 
 // waitJob follows the operation's CloudStack job to its end. A job still
 // running at the step's deadline fails the operation with TIMEOUT saying
-// so (job_may_run and the job's id).
+// so (job_may_run and the job's id); a later reconcile records what became
+// of the job (resolveJobs).
 func (s *Service) waitJob(ctx context.Context, op *commands.Operation, name string) (csapi.Job, error) {
 	var job csapi.Job
 	err := s.step(ctx, op, name, func(ctx context.Context) error {
@@ -283,7 +284,7 @@ func (s *Service) waitJob(ctx context.Context, op *commands.Operation, name stri
 	})
 	var e *commands.Error
 	if errors.As(err, &e) && e.Code == commands.CodeTimeout {
-		return job, e.WithDetail("job_may_run", true).WithDetail("cloudstack_job_id", op.JobID)
+		return job, e.WithDetail(commands.DetailJobMayRun, true).WithDetail(commands.DetailJobID, op.JobID)
 	}
 	return job, err
 }

@@ -13,9 +13,11 @@ import (
 	"github.com/volumed/volumed/state"
 )
 
-// Reconcile compares the mappings with CloudStack (and, through the device
-// agents, with the devices present), repairs what drifted, and queues again
-// any unfinished operation whose job is missing from the work queue. It is
+// Reconcile records what became of the CloudStack jobs that failed
+// operations timed out on (resolveJobs), compares the mappings with
+// CloudStack (and, through the device agents, with the devices present),
+// repairs what drifted, and queues again any unfinished operation whose
+// job is missing from the work queue. It is
 // POST /admin/force-sync; it waits for the reconcile lease, so one runs at
 // a time across the instances (the periodic sync skips its turn instead).
 // A volume or VM that cannot be checked is skipped and named in the
@@ -36,6 +38,11 @@ func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
 // reconcile is Reconcile under the reconcile lease.
 func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 	res := commands.SyncResult{Message: "Force sync completed successfully", Changes: []string{}}
+	// First what timed-out jobs did: the mapping an attach made after all
+	// is then reconciled (its device found) and that of a detach removed,
+	// in this same sync.
+	resolved, errs := s.resolveJobs(ctx)
+	res.Changes, res.Errors = append(res.Changes, resolved...), errs
 	mappings, err := s.cfg.Store.ListMappings(ctx, "")
 	if err != nil {
 		return res, state.APIError(err)

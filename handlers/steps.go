@@ -214,22 +214,25 @@ func (s *Service) attachVolume(ctx context.Context, op *commands.Operation, req 
 		Message: "Volume attached successfully"}, nil
 }
 
-// recordAttached finds the volume's device (where the VM has a device
-// agent) and records the mapping.
-func (s *Service) recordAttached(ctx context.Context, op *commands.Operation, vol csapi.Volume, vmID string, since time.Time) (commands.Mapping, error) {
+// attachedMapping is the new mapping of vol, attached to vmID as CloudStack
+// says, before its device is looked for (linux_state not_applicable).
+func attachedMapping(vol csapi.Volume, vmID string) commands.Mapping {
 	now := time.Now().UTC()
-	m := commands.Mapping{
-		VolumeID: vol.ID, VMID: vmID, CloudStackState: commands.CloudStackAttached,
+	return commands.Mapping{
+		ID: "mapping-" + uuid.NewString(), VolumeID: vol.ID, VMID: vmID, CloudStackState: commands.CloudStackAttached,
 		LinuxState: commands.LinuxNotApplicable, Size: vol.Size, DeviceID: vol.DeviceID,
 		LastSync: now, CreatedAt: now, UpdatedAt: now,
 	}
+}
+
+// recordAttached finds the volume's device (where the VM has a device
+// agent) and records the mapping.
+func (s *Service) recordAttached(ctx context.Context, op *commands.Operation, vol csapi.Volume, vmID string, since time.Time) (commands.Mapping, error) {
+	m := attachedMapping(vol, vmID)
 	if old, err := s.cfg.Store.GetMapping(ctx, vol.ID); err == nil {
 		m.ID, m.CreatedAt, m.Revision = old.ID, old.CreatedAt, old.Revision
 	} else if !errors.Is(err, state.ErrNotFound) {
 		return m, errStopped
-	}
-	if m.ID == "" {
-		m.ID = "mapping-" + uuid.NewString()
 	}
 	var corrErr error
 	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, vmID) {

@@ -157,6 +157,9 @@ func (e *Exporter) event(msg *nats.Msg) {
 	switch {
 	case op.Status == commands.StatusPending:
 		e.ops.WithLabelValues(string(op.Type), string(op.Status)).Inc()
+	case op.Resolved():
+		// The reconcile's record of a timed-out job: the operation had
+		// failed, and was counted, already.
 	case op.Status.Terminal():
 		e.ops.WithLabelValues(string(op.Type), string(op.Status)).Inc()
 		if d := op.Duration(); d > 0 {

@@ -56,6 +56,11 @@ func TestExporter(t *testing.T) {
 		{ID: "op-1", Type: commands.OpAttach, Status: commands.StatusPending, CreatedAt: created},
 		{ID: "op-1", Type: commands.OpAttach, Status: commands.StatusExecuting, Step: "attach:job", CreatedAt: created},
 		{ID: "op-1", Type: commands.OpAttach, Status: commands.StatusFailed, CreatedAt: created, CompletedAt: &done},
+		// The reconcile's record of its timed-out job: not counted again.
+		{ID: "op-1", Type: commands.OpAttach, Status: commands.StatusFailed, CreatedAt: created, CompletedAt: &done,
+			Details: map[string]any{commands.DetailJobMayRun: false, commands.DetailResolvedAt: done.Format(time.RFC3339)}},
+		// Published after it, so counted after it.
+		{ID: "op-3", Type: commands.OpCreate, Status: commands.StatusCompleted, CreatedAt: created, CompletedAt: &done},
 	} {
 		data, _ := json.Marshal(op)
 		if err := b.Conn().Publish(commands.OpSubject(op.ID), data); err != nil {
@@ -66,8 +71,8 @@ func TestExporter(t *testing.T) {
 	reg := e.Registry()
 	testenv.Eventually(t, 5*time.Second, func() bool {
 		n, _ := testutil.GatherAndCount(reg, "volumed_operation_duration_seconds")
-		return n == 1
-	}, "the failed attach's duration observed")
+		return n == 2
+	}, "the failed attach's and the completed create's durations observed")
 	want := `
 # HELP volumed_nbd_bytes_total Payload bytes moved through the NBD exports since this process started, by direction (read, write).
 # TYPE volumed_nbd_bytes_total counter
@@ -106,6 +111,7 @@ volumed_device_events_total 7
 		"volumed_operations_total,status=failed,type=attach":    1,
 		"volumed_operations_total,status=completed,type=attach": 0,
 		"volumed_operation_duration_seconds,type=attach":        1.5,
+		"volumed_operations_total,status=completed,type=create": 1,
 		"volumed_nbd_connections":                               1,
 		"volumed_nbd_connections_total":                         3,
 		"volumed_queue_depth":                                   0,

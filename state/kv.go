@@ -435,17 +435,17 @@ func (k *KV) CreateOperation(ctx context.Context, op commands.Operation) (comman
 }
 
 // UpdateOperation replaces the operation at op.Revision with one KV Update
-// on that revision, after checking the status move against the record
-// there. A lost race is ErrStale; it is never retried here.
+// on that revision, after checking the change (checkMove) against the
+// record there. A lost race is ErrStale; it is never retried here.
 func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
 	if err := checkOp(&op); err != nil {
 		return op, err
 	}
-	was, err := k.statusAt(ctx, op.ID, op.Revision)
+	old, err := k.opAt(ctx, op.ID, op.Revision)
 	if err != nil {
 		return op, err
 	}
-	if err := checkMove(&commands.Operation{Status: was}, &op); err != nil {
+	if err := checkMove(old, &op); err != nil {
 		return op, err
 	}
 	data, err := json.Marshal(op)
@@ -464,32 +464,28 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 	return op, k.applyOpValue(op.ID, rev, data, &op, false)
 }
 
-// statusAt returns the status of the operation recorded at revision rev:
-// from memory when it holds that revision (a revision names one value of
-// one key), else from the bucket. ErrStale when the key has another
-// revision.
-func (k *KV) statusAt(ctx context.Context, id string, rev uint64) (commands.OpStatus, error) {
+// opAt returns the operation recorded at revision rev: from memory when
+// it holds that revision (a revision names one value of one key), else
+// from the bucket. ErrStale when the key has another revision.
+func (k *KV) opAt(ctx context.Context, id string, rev uint64) (*commands.Operation, error) {
 	k.mu.RLock()
 	cur := k.ops[id]
 	k.mu.RUnlock()
-	if cur.v != nil && cur.rev == rev {
-		return cur.v.status, nil
+	raw := cur.raw
+	if cur.v == nil || cur.rev != rev {
+		e, err := k.kv.Get(ctx, kvOpPrefix+id)
+		if errors.Is(err, jetstream.ErrKeyNotFound) {
+			return nil, gone("operation", id)
+		}
+		if err != nil {
+			return nil, kvErr("get operation", err)
+		}
+		if e.Revision() != rev {
+			return nil, stale("operation", id, rev)
+		}
+		raw = e.Value()
 	}
-	e, err := k.kv.Get(ctx, kvOpPrefix+id)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return "", gone("operation", id)
-	}
-	if err != nil {
-		return "", kvErr("get operation", err)
-	}
-	if e.Revision() != rev {
-		return "", stale("operation", id, rev)
-	}
-	op, err := decodeRecord[commands.Operation](e.Value())
-	if err != nil {
-		return "", err
-	}
-	return op.Status, nil
+	return decodeRecord[commands.Operation](raw)
 }
 
 // DeleteOperation purges the operation's key if it is at revision rev.
@@ -568,7 +564,7 @@ func (k *KV) PruneOperations(ctx context.Context, completedBefore time.Time, lim
 	for _, v := range victims {
 		err := k.DeleteOperation(ctx, v.id, v.rev)
 		if errors.Is(err, ErrStale) {
-			continue // a terminal record never changes: it was deleted and created again
+			continue // annotated (CanAnnotate), or deleted and created again: the next pass reads it again
 		}
 		if err != nil {
 			return n, err

@@ -147,12 +147,17 @@ func completedAt(op *commands.Operation) time.Time {
 	return op.UpdatedAt
 }
 
-// checkMove refuses an update of old to op that CanMove forbids.
+// checkMove refuses an update of old to op that neither CanMove nor
+// CanAnnotate allows. Both stores call it on the record read at op's
+// revision, and write only if the record is still at that revision.
 func checkMove(old, op *commands.Operation) error {
-	if !CanMove(old.Status, op.Status) {
-		return fmt.Errorf("state: operation %s from %s to %s: %w", op.ID, old.Status, op.Status, ErrTransition)
+	switch {
+	case CanMove(old.Status, op.Status), CanAnnotate(*old, *op):
+		return nil
+	case old.Status == op.Status:
+		return fmt.Errorf("state: operation %s is %s: only details of a failed operation may change: %w", op.ID, old.Status, ErrTransition)
 	}
-	return nil
+	return fmt.Errorf("state: operation %s from %s to %s: %w", op.ID, old.Status, op.Status, ErrTransition)
 }
 
 // minLeaseTTL is the shortest lease: JetStream's per-message TTLs count

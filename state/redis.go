@@ -467,7 +467,7 @@ func (r *Redis) CreateOperation(ctx context.Context, op commands.Operation) (com
 	return r.writeOp(ctx, nil, op)
 }
 
-// UpdateOperation checks the status move against the record at
+// UpdateOperation checks the change (checkMove) against the record at
 // op.Revision, then replaces it and moves its indexes and counters in one
 // script that refuses to write unless the record is still at op.Revision.
 func (r *Redis) UpdateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
@@ -591,7 +591,7 @@ func (r *Redis) PruneOperations(ctx context.Context, completedBefore time.Time, 
 			}
 			err := r.DeleteOperation(ctx, ids[i], rec.rev)
 			if errors.Is(err, ErrStale) {
-				continue // deleted and created again since the read: read again
+				continue // annotated (CanAnnotate), or deleted and created again, since the read: read again
 			}
 			if err != nil {
 				return n, err

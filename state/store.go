@@ -6,8 +6,11 @@
 package state
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"reflect"
 	"time"
 
 	"github.com/volumed/volumed/commands"
@@ -29,7 +32,8 @@ var (
 	// deleted); nothing was written. The writer re-reads and decides again.
 	ErrStale = errors.New("stale revision")
 	// ErrTransition: an operation write would move its status in a way the
-	// state machine forbids (see CanMove); nothing was written.
+	// state machine forbids (see CanMove), or change a terminal operation
+	// otherwise than CanAnnotate allows; nothing was written.
 	ErrTransition = errors.New("status transition not allowed")
 	// ErrLeaseHeld: another holder has the lease.
 	ErrLeaseHeld = errors.New("lease held by another holder")
@@ -41,7 +45,7 @@ var (
 // CanMove reports whether an operation may move from status from to
 // status to: pending → executing | failed | cancelled, executing →
 // executing | completed | failed | cancelled. A terminal operation never
-// changes again.
+// changes again, but for the annotation CanAnnotate allows.
 func CanMove(from, to commands.OpStatus) bool {
 	switch from {
 	case commands.StatusPending:
@@ -50,6 +54,44 @@ func CanMove(from, to commands.OpStatus) bool {
 		return to == commands.StatusExecuting || to.Terminal()
 	}
 	return false
+}
+
+// CanAnnotate reports whether the failed operation old may be rewritten as
+// op: the one change a terminal operation allows, a details-only
+// annotation (the reconcile recording what became of a CloudStack job the
+// operation timed out on). op must still be failed, with every field but
+// Details and UpdatedAt equal to old's: type, status, volume, VM, request,
+// response, error, step, job, attempts, creation and completion. Completed
+// and cancelled operations never change. Both stores allow it, like a
+// status move, only as a compare-and-swap on the revision read; it moves
+// no index and no count, and the operation's retention still runs from
+// its completion.
+func CanAnnotate(old, op commands.Operation) bool {
+	return old.Status == commands.StatusFailed && op.Status == commands.StatusFailed &&
+		old.Type == op.Type && old.VolumeID == op.VolumeID && sameVM(old.VMID, op.VMID) &&
+		sameRaw(old.Request, op.Request) && reflect.DeepEqual(old.Response, op.Response) &&
+		old.Error == op.Error && old.Step == op.Step && old.JobID == op.JobID && old.Attempts == op.Attempts &&
+		old.CreatedAt.Equal(op.CreatedAt) && sameTime(old.CompletedAt, op.CompletedAt)
+}
+
+// sameVM reports whether two optional VM ids are equal.
+func sameVM(a, b *string) bool {
+	return (a == nil) == (b == nil) && (a == nil || *a == *b)
+}
+
+// sameTime reports whether two optional times are the same instant.
+func sameTime(a, b *time.Time) bool {
+	return (a == nil) == (b == nil) && (a == nil || a.Equal(*b))
+}
+
+// sameRaw reports whether two JSON documents are equal but for
+// insignificant space (a stored request is compacted).
+func sameRaw(a, b json.RawMessage) bool {
+	var ca, cb bytes.Buffer
+	if json.Compact(&ca, a) != nil || json.Compact(&cb, b) != nil {
+		return bytes.Equal(a, b)
+	}
+	return bytes.Equal(ca.Bytes(), cb.Bytes())
 }
 
 // Filter selects operations. Empty fields match everything; Limit 0 means
@@ -130,7 +172,8 @@ type Store interface {
 	// UpdateOperation replaces the operation recorded at op.Revision,
 	// moving its indexes, and returns it with its new revision. ErrStale if
 	// the record changed since (ErrStale and ErrNotFound if it is gone);
-	// ErrTransition if CanMove refuses the status move.
+	// ErrTransition if CanMove refuses the status move and CanAnnotate the
+	// rewrite of a terminal record.
 	UpdateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error)
 	// DeleteOperation removes the operation recorded at rev with its index
 	// entries and counts; ErrStale if the record has another revision; no

@@ -1,8 +1,10 @@
 package storetest
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -524,4 +526,137 @@ func testLeases(t *testing.T, s state.Store) {
 			t.Fatalf("acquire %+v: %v", bad, err)
 		}
 	}
+}
+
+// testAnnotate: the one change a terminal operation allows is a
+// details-only rewrite of a failed one (state.CanAnnotate), as a
+// compare-and-swap; it moves no index and no count, and retention still
+// counts from the completion. Any other change of a failed operation, and
+// any change of a completed or cancelled one, is ErrTransition and writes
+// nothing.
+func testAnnotate(t *testing.T, s state.Store) {
+	ctx := ctxFor(t)
+	done := base.Add(time.Minute)
+	failed := Op(1, commands.OpAttach, commands.StatusExecuting, "vol-1", "vm-1", base)
+	failed.Step, failed.JobID, failed.Attempts = "attach:job", "job-1", 1
+	failed = mustCreate(t, s, failed)[0]
+	failed.Status, failed.CompletedAt, failed.UpdatedAt = commands.StatusFailed, &done, done
+	failed.Error = "attachVolume job did not finish within 1s"
+	failed.Details = map[string]any{"code": "TIMEOUT", "job_may_run": true, "cloudstack_job_id": "job-1"}
+	failed = mustUpdate(t, s, failed)
+
+	// Any other field changed, with the details: refused, nothing written.
+	other := "vm-2"
+	when := base.Add(time.Hour)
+	for _, tc := range []struct {
+		field  string
+		change func(op *commands.Operation)
+	}{
+		{"type", func(op *commands.Operation) { op.Type = commands.OpDetach }},
+		{"status", func(op *commands.Operation) { op.Status = commands.StatusCompleted }},
+		{"volume_id", func(op *commands.Operation) { op.VolumeID = "vol-2" }},
+		{"vm_id", func(op *commands.Operation) { op.VMID = &other }},
+		{"vm_id dropped", func(op *commands.Operation) { op.VMID = nil }},
+		{"request", func(op *commands.Operation) { op.Request = json.RawMessage(`{"n":2}`) }},
+		{"response", func(op *commands.Operation) { op.Response = &commands.OpResponse{Message: "done"} }},
+		{"error", func(op *commands.Operation) { op.Error = "another error" }},
+		{"step", func(op *commands.Operation) { op.Step = "attach:correlate" }},
+		{"job", func(op *commands.Operation) { op.JobID = "job-2" }},
+		{"attempts", func(op *commands.Operation) { op.Attempts++ }},
+		{"created_at", func(op *commands.Operation) { op.CreatedAt = op.CreatedAt.Add(time.Second) }},
+		{"completed_at", func(op *commands.Operation) { op.CompletedAt = &when }},
+		{"completed_at dropped", func(op *commands.Operation) { op.CompletedAt = nil }},
+	} {
+		t.Run("refused "+tc.field, func(t *testing.T) {
+			next := failed
+			next.Details = map[string]any{"code": "TIMEOUT", "job_may_run": false}
+			next.UpdatedAt = when
+			tc.change(&next)
+			if state.CanAnnotate(failed, next) {
+				t.Fatalf("CanAnnotate allows a change of %s", tc.field)
+			}
+			_, err := s.UpdateOperation(ctx, next)
+			wantErr(t, "update of "+tc.field, err, state.ErrTransition)
+			got := getOp(t, s, failed.ID)
+			sameJSON(t, got, failed)
+			if got.Revision != failed.Revision {
+				t.Fatalf("refused annotation wrote: revision %d, want %d", got.Revision, failed.Revision)
+			}
+		})
+	}
+
+	// Details and the update time only: allowed, at the revision read.
+	note := failed
+	note.Details = map[string]any{"code": "TIMEOUT", "job_may_run": false, "cloudstack_job_id": "job-1",
+		"job_status": "succeeded", "resolution": "the job succeeded"}
+	note.UpdatedAt = when
+	if !state.CanAnnotate(failed, note) {
+		t.Fatal("CanAnnotate refuses a details-only change")
+	}
+	// A compacted and a spaced request are the same request.
+	spaced := note
+	spaced.Request = json.RawMessage(` { "n" : 1 } `)
+	if !state.CanAnnotate(failed, spaced) {
+		t.Fatal("CanAnnotate refuses the same request with other spacing")
+	}
+	annotated := mustUpdate(t, s, note)
+	got := getOp(t, s, failed.ID)
+	sameJSON(t, got, note)
+	if got.Revision != annotated.Revision {
+		t.Fatalf("revision %d after the annotation, want %d", got.Revision, annotated.Revision)
+	}
+	// Again on the revision before it: stale.
+	late := failed
+	late.Details = map[string]any{"code": "TIMEOUT", "job_may_run": false, "job_status": "unknown"}
+	_, err := s.UpdateOperation(ctx, late)
+	wantErr(t, "annotation at an old revision", err, state.ErrStale)
+	sameJSON(t, getOp(t, s, failed.ID), note)
+	// Annotated again at its new revision: allowed.
+	again := annotated
+	again.Details = maps.Clone(annotated.Details)
+	again.Details["resolved_at"] = when.Format(time.RFC3339)
+	annotated = mustUpdate(t, s, again)
+
+	// Indexes and counts as before the annotations.
+	for f, want := range map[state.Filter][]string{
+		{}: wantIDs(1), {Status: commands.StatusFailed}: wantIDs(1), {VolumeID: "vol-1"}: wantIDs(1),
+		{VMID: "vm-1"}: wantIDs(1), {Type: commands.OpAttach}: wantIDs(1),
+		{Status: commands.StatusExecuting}: wantIDs(),
+	} {
+		if got := listIDs(t, s, f); !slices.Equal(got, want) {
+			t.Fatalf("list %+v after the annotation = %v, want %v", f, got, want)
+		}
+	}
+	wantStats(t, s, 1, 1, time.Minute, map[commands.OpType]int64{commands.OpAttach: 1},
+		map[commands.OpStatus]int64{commands.StatusFailed: 1})
+
+	// Completed and cancelled operations never change, not even details.
+	for i, status := range []commands.OpStatus{commands.StatusCompleted, commands.StatusCancelled} {
+		t.Run("refused on "+string(status), func(t *testing.T) {
+			op := Op(10+i, commands.OpCreate, status, "vol-3", "", base)
+			op.CompletedAt, op.Details = &done, map[string]any{"code": "TIMEOUT"}
+			op = mustCreate(t, s, op)[0]
+			next := op
+			next.Details, next.UpdatedAt = map[string]any{"code": "TIMEOUT", "job_may_run": false}, when
+			if state.CanAnnotate(op, next) {
+				t.Fatalf("CanAnnotate allows a change of a %s operation", status)
+			}
+			_, err := s.UpdateOperation(ctx, next)
+			wantErr(t, "annotation of a "+string(status)+" operation", err, state.ErrTransition)
+			if got := getOp(t, s, op.ID); got.Revision != op.Revision {
+				t.Fatalf("refused annotation wrote: %+v", got)
+			}
+		})
+	}
+
+	// Retention counts from the completion, not from the annotation: an
+	// annotated operation that completed before the cut is pruned.
+	n, err := s.PruneOperations(ctx, base.Add(2*time.Minute), 0)
+	if err != nil || n != 3 {
+		t.Fatalf("prune after the annotation: %d, %v; want 3", n, err)
+	}
+	if _, err := s.GetOperation(ctx, annotated.ID); !errors.Is(err, state.ErrNotFound) {
+		t.Fatalf("annotated operation completed before the cut not pruned: %v", err)
+	}
+	wantStats(t, s, 0, 0, 0, nil, nil)
 }

@@ -64,6 +64,7 @@ func Run(t *testing.T, open Open) {
 		{"ConcurrentWriters", testConcurrentWriters},
 		{"StaleOperationWrites", testStaleOperationWrites},
 		{"Transitions", testTransitions},
+		{"Annotate", testAnnotate},
 		{"CASIncrements", testCASIncrements},
 		{"DeleteOperation", testDeleteOperation},
 		{"Prune", testPrune},

@@ -119,6 +119,32 @@ func TestJobFaults(t *testing.T) {
 	}
 }
 
+// TestExpungeJob: a finished job can be forgotten, as CloudStack expunges
+// old jobs; queryAsyncJobResult then answers 431 as for an id naming
+// nothing. A pending job is kept.
+func TestExpungeJob(t *testing.T) {
+	s := startSim(t, cloudsim.Config{})
+	cs := syncClient(s)
+	r, err := cs.Volume.CreateVolume(createParams(cs, "expunged", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.ExpungeJob(r.JobID) {
+		t.Fatal("a pending job was expunged")
+	}
+	waitJob(t, cs, r.JobID)
+	if !s.ExpungeJob(r.JobID) || s.ExpungeJob(r.JobID) {
+		t.Fatal("ExpungeJob does not report one expunged job")
+	}
+	status, body := signedRequest(t, s, s.SecretKey(), v3(s, "queryAsyncJobResult", map[string]string{"jobid": r.JobID}))
+	if status != 431 || !strings.Contains(string(body), "entity does not exist") {
+		t.Fatalf("queryAsyncJobResult of an expunged job: %d %s", status, body)
+	}
+	if v, _, err := cs.Volume.GetVolumeByID(r.Id); err != nil || v.Id != r.Id {
+		t.Fatalf("the volume went with its job: %v", err)
+	}
+}
+
 // TestSeedReproducesFaults: the same seed gives the same fault sequence.
 func TestSeedReproducesFaults(t *testing.T) {
 	run := func(seed uint64) []bool {

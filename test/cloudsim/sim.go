@@ -357,6 +357,24 @@ func (s *Sim) Stats() Stats {
 	return st
 }
 
+// ExpungeJob forgets a finished job, as CloudStack does once a job is
+// older than its job.expire.minutes: queryAsyncJobResult then answers 431,
+// the job id naming nothing. It reports whether there was such a job; a
+// pending job is kept.
+func (s *Sim) ExpungeJob(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	j, ok := s.st.Jobs[id]
+	if !ok || j.Status == jobPending {
+		return false
+	}
+	delete(s.st.Jobs, id)
+	if err := s.st.save(s.cfg.StateDir); err != nil {
+		s.log.Error("save state", "job", id, "err", err.Error())
+	}
+	return true
+}
+
 // LocalDevice returns the loop device and backing file of a volume that is
 // attached to a VM with local devices.
 func (s *Sim) LocalDevice(volumeID string) (LocalDevice, bool) {

@@ -1,0 +1,289 @@
+package handlers
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/state"
+)
+
+// resolvePage is how many failed operations one store read of
+// resolveJobs lists.
+const resolvePage = 200
+
+// jobCommands names the CloudStack command of the job each operation type
+// waits for.
+var jobCommands = map[commands.OpType]string{
+	commands.OpCreate: "createVolume",
+	commands.OpAttach: "attachVolume",
+	commands.OpDetach: "detachVolume",
+}
+
+// jobOutcome is what became of the CloudStack job of a failed operation.
+type jobOutcome struct {
+	// status is commands.JobSucceeded, JobFailed or JobUnknown.
+	status string
+	// resolution says it in words.
+	resolution string
+	// details are added to the operation's details besides the status.
+	details map[string]any
+}
+
+// resolveJobs finishes the story of the failed operations whose CloudStack
+// job may still run (details job_may_run true, left by waitJob on
+// TIMEOUT): it lists the failed operations page by page and asks
+// CloudStack, once and without waiting, about the job of each that says
+// so. A job still running is looked at again by the next reconcile. A job
+// that ended, or that CloudStack no longer knows, is resolved (see
+// resolveJob). It returns a sentence per resolved operation, and one per
+// operation or page it could not check.
+func (s *Service) resolveJobs(ctx context.Context) (changes, errs []string) {
+	f := state.Filter{Status: commands.StatusFailed, Limit: resolvePage}
+	for {
+		ops, next, err := s.cfg.Store.ListOperations(ctx, f)
+		if err != nil {
+			return changes, append(errs, fmt.Sprintf("failed operations: %v", state.APIError(err)))
+		}
+		for _, op := range ops {
+			if op.Details[commands.DetailJobMayRun] != true {
+				continue
+			}
+			change, err := s.resolveJob(ctx, op)
+			if change != "" {
+				changes = append(changes, change)
+			}
+			if err != nil {
+				errs = append(errs, fmt.Sprintf("job of operation %s: %v", op.ID, err))
+			}
+		}
+		if next == "" {
+			return changes, errs
+		}
+		f.Cursor = next
+	}
+}
+
+// resolveJob asks CloudStack about the job of one failed operation. A job
+// that ended is adopted as CloudStack's truth: a create that succeeded
+// names its volume; an attach that succeeded gets its mapping (resolved
+// before the mappings are reconciled, which also find its device); a
+// detach that succeeded loses its mapping and export when the mappings
+// are reconciled next, in the same sync; a job that failed did nothing. A
+// job CloudStack no longer knows is decided from the volume's state where
+// it shows the operation's effect, and is unknown otherwise. Nothing is
+// ever sent to CloudStack again. The outcome is recorded on the operation
+// (job_may_run false, job_status, resolved_at, resolution) by
+// compare-and-swap and published; "" and no error when the job still runs
+// or the operation changed since it was listed (the next reconcile reads
+// it again).
+func (s *Service) resolveJob(ctx context.Context, op commands.Operation) (string, error) {
+	jobID, _ := op.Details[commands.DetailJobID].(string)
+	if jobID == "" {
+		jobID = op.JobID
+	}
+	var out jobOutcome
+	job, err := s.cfg.CloudStack.QueryJob(ctx, jobID)
+	switch {
+	case errors.Is(err, csapi.ErrNotFound):
+		if out, err = s.outcomeFromVolume(ctx, op, jobID); err != nil {
+			return "", err
+		}
+	case err != nil:
+		return "", cloudStackError(err)
+	case job.Status == csapi.JobPending:
+		return "", nil
+	case job.Status == csapi.JobSuccess:
+		out = succeeded(op, jobID, job.Volume)
+	default:
+		out = failedJob(op, jobID, job.Err)
+	}
+	var adopted string
+	if out.status == commands.JobSucceeded && op.Type == commands.OpAttach {
+		if adopted, err = s.adoptAttach(ctx, op); err != nil {
+			return "", err
+		}
+	}
+	note := op
+	note.Details = maps.Clone(op.Details)
+	maps.Copy(note.Details, out.details)
+	now := time.Now().UTC()
+	note.Details[commands.DetailJobMayRun] = false
+	note.Details[commands.DetailJobStatus] = out.status
+	note.Details[commands.DetailResolvedAt] = now.Format(time.RFC3339)
+	note.Details[commands.DetailResolution] = out.resolution
+	note.UpdatedAt = now
+	saved, err := s.cfg.Store.UpdateOperation(ctx, note)
+	if errors.Is(err, state.ErrStale) {
+		return adopted, nil // changed since listed: the next reconcile reads it again
+	}
+	if err != nil {
+		return adopted, state.APIError(err)
+	}
+	s.publish(ctx, saved)
+	s.log.Info("timed-out job resolved", "operation_id", op.ID, "type", op.Type, "volume_id", op.VolumeID,
+		"cloudstack_job_id", jobID, "job_status", out.status)
+	change := fmt.Sprintf("operation %s (%s of volume %s) timed out on CloudStack job %s: %s", op.ID, op.Type, op.VolumeID, jobID, out.resolution)
+	if adopted != "" {
+		change += "; " + adopted
+	}
+	return change, nil
+}
+
+// succeeded is the outcome of a job that succeeded; vol is its result.
+func succeeded(op commands.Operation, jobID string, vol *csapi.Volume) jobOutcome {
+	out := jobOutcome{status: commands.JobSucceeded, details: map[string]any{}}
+	what := jobCommands[op.Type] + " job " + jobID + " succeeded after the operation timed out"
+	switch op.Type {
+	case commands.OpCreate:
+		id := op.VolumeID
+		if vol != nil && vol.ID != "" {
+			id = vol.ID
+		}
+		out.details["volume_id"] = id
+		out.resolution = fmt.Sprintf("%s: CloudStack made volume %s, this operation's", what, id)
+	case commands.OpAttach:
+		out.resolution = fmt.Sprintf("%s: CloudStack attached volume %s to VM %s", what, op.VolumeID, vmOf(op))
+	case commands.OpDetach:
+		out.resolution = fmt.Sprintf("%s: CloudStack detached volume %s", what, op.VolumeID)
+	default:
+		out.resolution = what
+	}
+	return out
+}
+
+// failedJob is the outcome of a job that failed with jobErr.
+func failedJob(op commands.Operation, jobID string, jobErr error) jobOutcome {
+	out := jobOutcome{status: commands.JobFailed, details: map[string]any{}}
+	why := "it failed"
+	var cs *csapi.Error
+	if errors.As(jobErr, &cs) {
+		out.details["cloudstack_error_code"], out.details["cloudstack_message"] = cs.Code, cs.Text
+		why = fmt.Sprintf("error %d: %s", cs.Code, cs.Text)
+	}
+	out.resolution = fmt.Sprintf("%s job %s failed after the operation timed out (%s): CloudStack did nothing", jobCommands[op.Type], jobID, why)
+	return out
+}
+
+// outcomeFromVolume decides the outcome of a job CloudStack no longer
+// knows (expunged) from the volume's state: the operation's effect shown
+// (a create's volume exists; an attach's volume is attached as asked; a
+// detach's volume is detached or gone) counts as its job having
+// succeeded; anything else is unknown, as it may have run and been undone
+// since.
+func (s *Service) outcomeFromVolume(ctx context.Context, op commands.Operation, jobID string) (jobOutcome, error) {
+	gone := "CloudStack no longer knows " + jobCommands[op.Type] + " job " + jobID
+	unknown := func(seen string) jobOutcome {
+		return jobOutcome{status: commands.JobUnknown,
+			resolution: fmt.Sprintf("%s, and the volume's state (%s) does not tell whether it ran: what it did is unknown", gone, seen)}
+	}
+	if op.VolumeID == "" {
+		return unknown("no volume recorded"), nil
+	}
+	vol, err := s.cfg.CloudStack.GetVolume(ctx, op.VolumeID)
+	missing := errors.Is(err, csapi.ErrNotFound)
+	if err != nil && !missing {
+		return jobOutcome{}, cloudStackError(err)
+	}
+	shown := ""
+	switch op.Type {
+	case commands.OpCreate:
+		if !missing {
+			shown = "volume " + vol.ID + " exists, this operation's"
+		}
+	case commands.OpAttach:
+		var req commands.AttachRequest
+		if err := decodeRequest(&op, &req); err != nil {
+			return jobOutcome{}, err
+		}
+		if !missing && attachedAsWanted(vol, req) {
+			shown = fmt.Sprintf("volume %s is attached to VM %s", vol.ID, vol.VMID)
+		}
+	case commands.OpDetach:
+		switch {
+		case missing:
+			shown = "volume " + op.VolumeID + " is gone"
+		case vol.VMID == "":
+			shown = "volume " + vol.ID + " is detached"
+		}
+	}
+	if shown == "" {
+		switch {
+		case missing:
+			return unknown("volume not found"), nil
+		case vol.VMID != "":
+			return unknown("attached to VM " + vol.VMID), nil
+		}
+		return unknown("detached"), nil
+	}
+	out := jobOutcome{status: commands.JobSucceeded, details: map[string]any{},
+		resolution: fmt.Sprintf("%s, and it shows the operation's effect (%s): taken as succeeded", gone, shown)}
+	if op.Type == commands.OpCreate {
+		out.details["volume_id"] = vol.ID
+	}
+	return out, nil
+}
+
+// adoptAttach records the mapping of the volume a timed-out attach
+// attached after all, as the attach would have: when CloudStack shows it
+// attached as asked, it has no mapping, and no unfinished operation on it
+// will decide. On a VM with a device agent the mapping starts missing
+// (its device unknown), and the devices' reconcile in the same sync points
+// it at the volume's device when that carries its identity; elsewhere it
+// is not_applicable. It returns what it recorded in words ("" for
+// nothing).
+func (s *Service) adoptAttach(ctx context.Context, op commands.Operation) (string, error) {
+	switch _, err := s.cfg.Store.GetMapping(ctx, op.VolumeID); {
+	case err == nil:
+		return "", nil // mapped already
+	case !errors.Is(err, state.ErrNotFound):
+		return "", state.APIError(err)
+	}
+	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
+		busy, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: op.VolumeID, Status: st, Limit: 1})
+		if err != nil {
+			return "", state.APIError(err)
+		}
+		if len(busy) > 0 {
+			return "", nil // its mapping is that operation's to record
+		}
+	}
+	var req commands.AttachRequest
+	if err := decodeRequest(&op, &req); err != nil {
+		return "", err
+	}
+	vol, err := s.cfg.CloudStack.GetVolume(ctx, op.VolumeID)
+	if errors.Is(err, csapi.ErrNotFound) {
+		return "", nil
+	}
+	if err != nil {
+		return "", cloudStackError(err)
+	}
+	if !attachedAsWanted(vol, req) {
+		return "", nil // not so any more: the mappings' reconcile follows CloudStack
+	}
+	m := attachedMapping(vol, req.VMID)
+	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, req.VMID) {
+		m.LinuxState = commands.LinuxMissing
+	}
+	if _, err := s.cfg.Store.PutMapping(ctx, m); err != nil {
+		if errors.Is(err, state.ErrStale) {
+			return "", nil // mapped meanwhile
+		}
+		return "", state.APIError(err)
+	}
+	return fmt.Sprintf("recorded the mapping of volume %s on VM %s (device id %s, linux_state %s)",
+		m.VolumeID, m.VMID, deviceString(m.DeviceID), m.LinuxState), nil
+}
+
+// vmOf returns the VM id of an operation, "" when it has none.
+func vmOf(op commands.Operation) string {
+	if op.VMID == nil {
+		return ""
+	}
+	return *op.VMID
+}
