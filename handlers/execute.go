@@ -174,7 +174,7 @@ func (s *Service) publish(ctx context.Context, op commands.Operation) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if _, err := s.cfg.JetStream.Publish(ctx, commands.OpSubject(op.ID), data); err != nil {
-		s.log.Warn("cannot publish operation event", "operation_id", op.ID, "error", err)
+		s.log.Warn("cannot publish operation event", "operation_id", op.ID, "err", err)
 	}
 }
 

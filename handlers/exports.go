@@ -316,7 +316,7 @@ func (s *Service) onMapping(msg *nats.Msg) {
 	ctx, cancel := context.WithTimeout(s.ctx, exportSyncTimeout)
 	defer cancel()
 	if name, err := s.dropExport(ctx, m.VolumeID); err != nil {
-		s.log.Warn("cannot end the export of a volume whose device went away", "volume_id", m.VolumeID, "error", err)
+		s.log.Warn("cannot end the export of a volume whose device went away", "volume_id", m.VolumeID, "err", err)
 	} else if name != "" {
 		s.log.Warn("export ended: its device went away", "volume_id", m.VolumeID, "export", name)
 	}

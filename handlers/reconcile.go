@@ -153,7 +153,7 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 	}
 	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, m.VMID) {
 		if err := s.cfg.Devices.Detached(ctx, m); err != nil {
-			s.log.Warn("device release incomplete", "volume_id", m.VolumeID, "error", err)
+			s.log.Warn("device release incomplete", "volume_id", m.VolumeID, "err", err)
 		}
 	}
 	deleted, err := s.deleteReleased(ctx, m)

@@ -238,7 +238,7 @@ func (s *Service) Start(ctx context.Context) error {
 		return err
 	}
 	if changes, err := s.reconcileExports(ctx, false); err != nil {
-		s.log.Warn("exports not restored", "error", err)
+		s.log.Warn("exports not restored", "err", err)
 	} else if len(changes) > 0 {
 		s.log.Info("exports restored from state", "changes", changes)
 	}

@@ -390,7 +390,7 @@ func (s *Service) release(ctx context.Context, op *commands.Operation, volumeID 
 			if ctx.Err() != nil {
 				return errStopped
 			}
-			s.log.Warn("device release incomplete", "volume_id", volumeID, "error", err)
+			s.log.Warn("device release incomplete", "volume_id", volumeID, "err", err)
 		}
 	}
 	if _, err := s.deleteReleased(ctx, m); err != nil {

@@ -159,7 +159,7 @@ func (s *Server) Start(ctx context.Context) error {
 	go func() {
 		defer close(s.served)
 		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			s.log.Error("serve failed", "error", err)
+			s.log.Error("serve failed", "err", err)
 		}
 	}()
 	s.log.Info("listening", "addr", ln.Addr().String(), "token_required", s.requireToken)

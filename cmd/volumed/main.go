@@ -71,7 +71,7 @@ func run(args []string, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := serve(ctx, cfg, log); err != nil {
-		log.Error("volumed failed", "error", err)
+		log.Error("volumed failed", "err", err)
 		if errors.Is(err, errUsage) {
 			return 2
 		}
