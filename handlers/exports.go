@@ -358,7 +358,7 @@ func (s *Service) syncExports(ctx context.Context, change *exportChange) (droppe
 		dropped = append(dropped, e.VolumeID)
 	}
 	if len(dropped) > 0 {
-		s.log.Warn("exports dropped: the NBD server cannot serve them", "volume_ids", dropped, "error", syncErr)
+		s.log.Warn("exports dropped: the NBD server cannot serve them", "volume_ids", dropped, "err", syncErr)
 		return dropped, nil
 	}
 	return nil, syncErr

@@ -94,7 +94,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		defer cancel()
 		for i := len(started) - 1; i >= 0; i-- {
 			if cerr := started[i].Close(cctx); cerr != nil {
-				log.Warn("close", "error", cerr)
+				log.Warn("close", "err", cerr)
 			}
 		}
 		if err == nil {
