@@ -11,12 +11,13 @@ import (
 	"net"
 	"path/filepath"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/internal/lifecycle"
 )
 
 // Streams and internal subjects.
@@ -86,12 +87,12 @@ const (
 
 // Bus is a running connection to NATS, with the embedded server if any.
 type Bus struct {
-	cfg       Config
-	log       *slog.Logger
-	srv       *server.Server
-	nc        *nats.Conn
-	js        jetstream.JetStream
-	closeOnce sync.Once
+	cfg    Config
+	log    *slog.Logger
+	srv    *server.Server
+	nc     *nats.Conn
+	js     jetstream.JetStream
+	closer lifecycle.Stopper
 }
 
 // New returns a Bus with defaults filled in; Start connects it.
@@ -280,7 +281,9 @@ func (b *Bus) Ping(ctx context.Context) error {
 // Close drains the connection and shuts the embedded server down. Closing
 // twice is safe.
 func (b *Bus) Close(ctx context.Context) error {
-	b.closeOnce.Do(b.closeAll)
+	if err := b.closer.Close(ctx, b.closeAll); err != nil {
+		return fmt.Errorf("bus: close: %w", err)
+	}
 	return nil
 }
 

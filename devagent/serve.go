@@ -19,6 +19,7 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/lifecycle"
 )
 
 // Retries of one event's JetStream publish: the first failure waits
@@ -94,10 +95,10 @@ type Server struct {
 	subs  []*nats.Subscription
 	unsub func()
 	// runCtx is cancelled by Close; the names requests run under it.
-	runCtx    context.Context
-	cancel    context.CancelFunc
-	wg        sync.WaitGroup
-	closeOnce sync.Once
+	runCtx context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	closer lifecycle.Stopper
 }
 
 // NewServer returns a Server with defaults filled in; Start runs it.
@@ -170,7 +171,9 @@ func (s *Server) Start(ctx context.Context) error {
 // Close stops answering and publishing and waits for the publisher. Closing
 // twice is safe.
 func (s *Server) Close(ctx context.Context) error {
-	s.closeOnce.Do(s.stop)
+	if err := s.closer.Close(ctx, s.stop); err != nil {
+		return fmt.Errorf("devagent: close: %w", err)
+	}
 	return nil
 }
 

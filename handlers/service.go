@@ -21,6 +21,7 @@ import (
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/internal/lifecycle"
 	"github.com/volumed/volumed/state"
 )
 
@@ -158,10 +159,10 @@ type Service struct {
 	// exportMu serializes the syncs of the served exports.
 	exportMu sync.Mutex
 
-	ctx       context.Context
-	cancel    context.CancelFunc
-	wg        sync.WaitGroup
-	closeOnce sync.Once
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	closer lifecycle.Stopper
 }
 
 // New returns a Service with defaults filled in; Start runs it.
@@ -292,9 +293,11 @@ func (s *Service) Start(ctx context.Context) error {
 
 // Close stops taking commands and jobs, cancels running steps and waits for
 // them. Unfinished operations stay recorded and are resumed by the next
-// Start. Closing twice is safe.
+// Start. It waits within ctx; closing twice is safe.
 func (s *Service) Close(ctx context.Context) error {
-	s.closeOnce.Do(s.stop)
+	if err := s.closer.Close(ctx, s.stop); err != nil {
+		return fmt.Errorf("handlers: close: %w", err)
+	}
 	return nil
 }
 

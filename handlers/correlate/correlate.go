@@ -26,6 +26,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/handlers"
+	"github.com/volumed/volumed/internal/lifecycle"
 	"github.com/volumed/volumed/state"
 )
 
@@ -118,12 +119,12 @@ type Correlator struct {
 
 	events atomic.Int64
 
-	healQ     chan string
-	consume   jetstream.ConsumeContext
-	ctx       context.Context
-	cancel    context.CancelFunc
-	wg        sync.WaitGroup
-	closeOnce sync.Once
+	healQ   chan string
+	consume jetstream.ConsumeContext
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	closer  lifecycle.Stopper
 }
 
 var _ handlers.DeviceCorrelator = (*Correlator)(nil)
@@ -255,7 +256,9 @@ func (c *Correlator) Start(ctx context.Context) error {
 // Close stops following events and waits for the background work. Closing
 // twice is safe.
 func (c *Correlator) Close(ctx context.Context) error {
-	c.closeOnce.Do(c.stop)
+	if err := c.closer.Close(ctx, c.stop); err != nil {
+		return fmt.Errorf("correlate: close: %w", err)
+	}
 	return nil
 }
 
