@@ -4,7 +4,6 @@ import (
 	"context"
 	"testing"
 
-
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
