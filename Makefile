@@ -1,4 +1,4 @@
-# volumed: `make run` starts the daemon on embedded defaults with the
+# volumed: `make run` starts the daemon on embedded defaults against the
 # CloudStack simulator; `make test` runs every test.
 GO ?= go
 export PATH := $(PATH):/usr/local/go/bin
@@ -21,11 +21,15 @@ LDFLAGS := -X github.com/volumed/volumed/internal/version.Version=$(VERSION)
 
 .PHONY: run test bench bench-nbd build install lint deps deps-apt deps-npm cloudsim clean
 
+# run builds volumed and the CloudStack simulator (test/cloudsim/cmd/cloudsim)
+# into bin/, then scripts/run.sh starts the simulator in the background and
+# volumed in the foreground against it; Ctrl-C stops both.
 run:
-	$(GO) run ./cmd/volumed --sim
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./cmd/volumed ./test/cloudsim/cmd/cloudsim
+	bash scripts/run.sh
 
 cloudsim:
-	$(GO) run ./cmd/cloudsim
+	$(GO) run ./test/cloudsim/cmd/cloudsim
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./cmd/...

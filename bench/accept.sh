@@ -3,8 +3,9 @@
 # store and with Redis, side by side in the same run with a bare chi
 # handler that decodes and validates the same body (bench/barechi), using
 # vegeta with WORKERS workers (default 16) at full speed for DURATION
-# (default 5s) each, after a 1 s warm-up. volumed runs with the CloudStack
-# simulator in-process (--sim). In the "held" lines the simulator answers
+# (default 5s) each, after a 1 s warm-up. Each volumed run has a CloudStack
+# simulator of its own (test/cloudsim/cmd/cloudsim) beside it, driven
+# through its control endpoint. In the "held" lines the simulator answers
 # createVolume only after an hour, so the executor holds its 64 creates and
 # the figure is the front door's; in the "executing" line the creates run
 # (50 ms jobs) while the front door is measured.
@@ -31,6 +32,7 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 go build -o "$work/volumed" ./cmd/volumed
+go build -o "$work/cloudsim" ./test/cloudsim/cmd/cloudsim
 go build -o "$work/barechi" ./bench/barechi
 GOBIN="$work" go install "$VEGETA"
 
@@ -54,26 +56,39 @@ print(f'{sys.argv[1]} {r["throughput"]:.0f} {r["latencies"]["50th"]/1e6:.2f} {r[
 PY
 }
 
-# stop_last stops the process started last and waits for it.
-stop_last() { kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; }
+# stop PID: stops a process and waits for it.
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-# volumed_up NAME [extra flags]: starts volumed with the simulator; API is its API base
+# volumed_up NAME [extra flags]: starts a simulator, then volumed against it
+# (as the simulator's appliance VM); API is volumed's API base, SIM the
+# simulator's control endpoint.
 volumed_up() {
 	local name=$1; shift
 	local api nats sim
 	api=$(port); nats=$(port); sim=$(port)
 	mkdir -p "$work/$name"
+	"$work/cloudsim" --listen "127.0.0.1:$sim" --state-dir "$work/$name/cloudsim" --log-level "$LOG_LEVEL" \
+		>"$work/$name-cloudsim.log" 2>&1 &
+	sim_pid=$!
+	pids+=("$sim_pid")
+	SIM="http://127.0.0.1:$sim/_sim"
+	wait_http "$SIM/stats"
 	printf 'listen: 127.0.0.1:%s\njetstream {}\n' "$nats" >"$work/$name/nats.conf"
-	"$work/volumed" --sim --sim-listen "127.0.0.1:$sim" --listen "127.0.0.1:$api" --data-dir "$work/$name" \
+	"$work/volumed" --cloudstack-url "http://127.0.0.1:$sim/client/api" --cloudstack-api-key cloudsim-api-key \
+		--cloudstack-secret-key cloudsim-secret-key --vm-id 87654321-4321-4321-4321-210987654321 \
+		--listen "127.0.0.1:$api" --data-dir "$work/$name" \
 		--nats-config "$work/$name/nats.conf" --nbd-listen "" --device-agent=false --log-level "$LOG_LEVEL" "$@" \
 		>"$work/$name.log" 2>&1 &
-	pids+=($!)
+	volumed_pid=$!
+	pids+=("$volumed_pid")
 	API="http://127.0.0.1:$api/api/v1"
-	SIM="http://127.0.0.1:$sim/_sim"
 	wait_http "$API/health"
 }
 
-# faults JSON: replaces the in-process simulator's faults.
+# volumed_down stops the volumed started last, then its simulator.
+volumed_down() { stop "$volumed_pid"; stop "$sim_pid"; }
+
+# faults JSON: replaces the simulator's faults.
 faults() { curl -fs -X PUT "$SIM/faults" -d "$1" >/dev/null; }
 held='{"latency":{"createVolume":"1h"}}'
 
@@ -96,7 +111,7 @@ pair() {
 volumed_up embedded
 faults "$held"
 pair embedded-held "$API/volumes"
-stop_last
+volumed_down
 if command -v redis-server >/dev/null; then
 	rport=$(port)
 	redis-server --port "$rport" --bind 127.0.0.1 --dir "$work" --save '' >"$work/redis.log" 2>&1 &
@@ -105,14 +120,14 @@ if command -v redis-server >/dev/null; then
 	volumed_up redis --redis-url "redis://127.0.0.1:$rport/0"
 	faults "$held"
 	pair redis-held "$API/volumes"
-	stop_last
+	volumed_down
 else
 	echo "redis-server not found: no Redis line" >&2
 fi
 volumed_up executing
 faults '{"jobduration":{"createVolume":"50ms"}}'
 pair embedded-executing "$API/volumes"
-stop_last
+volumed_down
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 printf '%-20s %9s %9s %9s %8s %7s  %s\n' target req/s p50_ms p99_ms success ratio codes

@@ -31,8 +31,6 @@ type config struct {
 	csAPIKey     string
 	csSecretKey  string
 	vmID         string
-	sim          bool
-	simListen    string
 	stepTimeout  time.Duration
 	ackWait      time.Duration
 	syncInterval time.Duration
@@ -90,7 +88,7 @@ func (f *flagSet) boolean(name, envName, def, usage string) {
 	f.Var(&v, name, usage+" ("+envName+")")
 }
 
-// boolFlag is a boolean flag that also takes no value (--sim), kept as
+// boolFlag is a boolean flag that also takes no value (--device-agent), kept as
 // text until parse so a bad environment value is reported as a usage error.
 type boolFlag string
 
@@ -168,7 +166,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f := newFlagSet("volumed", "volumed manages CloudStack block volumes for this host.\n"+
 		"`volumed agent --help` shows the device agent alone.", stderr, &c)
 	f.str(&c.listen, "listen", "VOLUMED_LISTEN", "127.0.0.1:8090", "REST API address")
-	f.str(&c.dataDir, "data-dir", "VOLUMED_DATA_DIR", "./volumed-data", "data directory: JetStream files (nats/), NATS keys and credentials (creds/), the generated REST token (api-token), NBD TLS certificates (nbd-tls/), simulator state (cloudsim/)")
+	f.str(&c.dataDir, "data-dir", "VOLUMED_DATA_DIR", "./volumed-data", "data directory: JetStream files (nats/), NATS keys and credentials (creds/), the generated REST token (api-token), NBD TLS certificates (nbd-tls/)")
 	f.str(&c.natsURL, "nats-url", "VOLUMED_NATS_URL", "", "external NATS URL, or several comma-separated of one cluster; empty runs the embedded server")
 	f.str(&c.natsConfig, "nats-config", "VOLUMED_NATS_CONFIG", "", "embedded server config file; default ./nats.conf when present")
 	replicas := f.String("nats-replicas", env("VOLUMED_NATS_REPLICAS", "1"), "replicas of the streams and state bucket on a NATS cluster (VOLUMED_NATS_REPLICAS)")
@@ -176,8 +174,6 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f.str(&c.csURL, "cloudstack-url", "CLOUDSTACK_API_URL", "", "CloudStack API URL, e.g. http://host:8080/client/api")
 	f.str(&c.csAPIKey, "cloudstack-api-key", "CLOUDSTACK_API_KEY", "", "CloudStack API key")
 	f.str(&c.csSecretKey, "cloudstack-secret-key", "CLOUDSTACK_SECRET_KEY", "", "CloudStack secret key")
-	f.boolean("sim", "VOLUMED_SIM", "false", "run the CloudStack simulator in-process and use its appliance VM as --vm-id")
-	f.str(&c.simListen, "sim-listen", "VOLUMED_SIM_LISTEN", "127.0.0.1:8080", "address of the in-process simulator")
 	f.duration(&c.stepTimeout, "step-timeout", "VOLUMED_STEP_TIMEOUT", "5m", time.Second, "deadline of each CloudStack step; an operation past it fails")
 	f.duration(&c.ackWait, "ack-wait", "VOLUMED_ACK_WAIT", "15s", time.Second, "how soon a job is redelivered after a crash")
 	f.duration(&c.syncInterval, "sync-interval", "VOLUMED_SYNC_INTERVAL", "5m", 0, "period of the background reconcile; 0 turns it off")
@@ -202,9 +198,6 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	if c.natsReplicas, err = strconv.Atoi(*replicas); err != nil || c.natsReplicas < 1 || c.natsReplicas > 5 {
 		return c, fmt.Errorf("%w: --nats-replicas: want 1 to 5, got %q", errUsage, *replicas)
 	}
-	if c.sim, err = f.boolValue("sim"); err != nil {
-		return c, err
-	}
 	if c.deviceAgent, err = f.boolValue("device-agent"); err != nil {
 		return c, err
 	}
@@ -219,18 +212,16 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 			c.natsConfig = "nats.conf"
 		}
 	}
-	if !c.sim {
-		var missing []string
-		for name, v := range map[string]string{"cloudstack-url": c.csURL, "cloudstack-api-key": c.csAPIKey,
-			"cloudstack-secret-key": c.csSecretKey} {
-			if v == "" {
-				missing = append(missing, "--"+name)
-			}
+	var missing []string
+	for name, v := range map[string]string{"cloudstack-url": c.csURL, "cloudstack-api-key": c.csAPIKey,
+		"cloudstack-secret-key": c.csSecretKey} {
+		if v == "" {
+			missing = append(missing, "--"+name)
 		}
-		if len(missing) > 0 {
-			sort.Strings(missing)
-			return c, fmt.Errorf("%w: %s required without --sim", errUsage, strings.Join(missing, ", "))
-		}
+	}
+	if len(missing) > 0 {
+		sort.Strings(missing)
+		return c, fmt.Errorf("%w: %s required", errUsage, strings.Join(missing, ", "))
 	}
 	return c, nil
 }

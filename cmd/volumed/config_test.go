@@ -11,6 +11,12 @@ import (
 	"github.com/volumed/volumed/internal/testenv"
 )
 
+// cs is args after the CloudStack flags, which volumed requires.
+func cs(args ...string) []string {
+	return append([]string{"--cloudstack-url", "http://127.0.0.1:8080/client/api", "--cloudstack-api-key", "key",
+		"--cloudstack-secret-key", "secret"}, args...)
+}
+
 // TestRunExitCodes checks that configuration errors exit 2 with a message
 // naming the flag, and --help exits 0 listing every flag.
 func TestRunExitCodes(t *testing.T) {
@@ -26,21 +32,23 @@ func TestRunExitCodes(t *testing.T) {
 	}{
 		{"help", []string{"--help"}, 0, "-correlation-timeout"},
 		{"agent help", []string{"agent", "--help"}, 0, "-nats-url"},
-		{"no cloudstack without sim", nil, 2, "--cloudstack-api-key, --cloudstack-secret-key, --cloudstack-url required without --sim"},
-		{"bad duration", []string{"--sim", "--step-timeout", "soon"}, 2, "--step-timeout"},
-		{"step timeout too short", []string{"--sim", "--step-timeout", "10ms"}, 2, "at least 1s"},
-		{"bad boolean", []string{"--sim=maybe"}, 2, "sim"},
-		{"replicas out of range", []string{"--sim", "--nats-replicas", "7"}, 2, "--nats-replicas"},
-		{"empty URL in the NATS list", []string{"--sim", "--nats-url", "nats://127.0.0.1:4222,,nats://127.0.0.1:4223"}, 2, "--nats-url: empty URL"},
-		{"bad log level", []string{"--sim", "--log-level", "loud"}, 2, "--log-level"},
-		{"bad retention", []string{"--sim", "--op-retention", "-1h"}, 2, "--op-retention"},
-		{"stray argument", []string{"--sim", "extra"}, 2, `unexpected argument "extra"`},
+		{"no cloudstack", nil, 2, "--cloudstack-api-key, --cloudstack-secret-key, --cloudstack-url required"},
+		{"no cloudstack secret", []string{"--cloudstack-url", "http://127.0.0.1:8080/client/api", "--cloudstack-api-key", "k"}, 2,
+			"--cloudstack-secret-key required"},
+		{"bad duration", cs("--step-timeout", "soon"), 2, "--step-timeout"},
+		{"step timeout too short", cs("--step-timeout", "10ms"), 2, "at least 1s"},
+		{"bad boolean", cs("--device-agent=maybe"), 2, "device-agent"},
+		{"replicas out of range", cs("--nats-replicas", "7"), 2, "--nats-replicas"},
+		{"empty URL in the NATS list", cs("--nats-url", "nats://127.0.0.1:4222,,nats://127.0.0.1:4223"), 2, "--nats-url: empty URL"},
+		{"bad log level", cs("--log-level", "loud"), 2, "--log-level"},
+		{"bad retention", cs("--op-retention", "-1h"), 2, "--op-retention"},
+		{"stray argument", cs("extra"), 2, `unexpected argument "extra"`},
 		{"agent without vm", []string{"agent", "--nats-url", "nats://127.0.0.1:4222"}, 2, "--vm-id is required"},
 		{"agent without nats", []string{"agent", "--vm-id", "87654321-4321-4321-4321-210987654321"}, 2, "--nats-url is required"},
-		{"nats creds without url", []string{"--sim", "--nats-creds", "x.creds"}, 2, "--nats-creds needs --nats-url"},
-		{"short api token", []string{"--sim", "--api-token", "short"}, 2, "at least 16 characters"},
-		{"short token in the data dir", []string{"--sim", "--data-dir", shortTokenDir}, 2, "at least 16 characters"},
-		{"missing token file", []string{"--sim", "--api-token-file", "/nonexistent/token"}, 2, "--api-token-file"},
+		{"nats creds without url", cs("--nats-creds", "x.creds"), 2, "--nats-creds needs --nats-url"},
+		{"short api token", cs("--api-token", "short"), 2, "at least 16 characters"},
+		{"short token in the data dir", cs("--data-dir", shortTokenDir), 2, "at least 16 characters"},
+		{"missing token file", cs("--api-token-file", "/nonexistent/token"), 2, "--api-token-file"},
 		{"creds without what", []string{"creds"}, 2, "needs agent or server-config"},
 		{"creds agent without vm", []string{"creds", "agent"}, 2, "vm_id is required"},
 		{"creds agent with a bad vm", []string{"creds", "agent", "--vm-id", "a.b"}, 2, "must be a UUID"},
@@ -57,7 +65,9 @@ func TestRunExitCodes(t *testing.T) {
 }
 
 func TestConfigFromEnvironment(t *testing.T) {
-	t.Setenv("VOLUMED_SIM", "true")
+	t.Setenv("CLOUDSTACK_API_URL", "http://cloudstack.example:8080/client/api")
+	t.Setenv("CLOUDSTACK_API_KEY", "env-key")
+	t.Setenv("CLOUDSTACK_SECRET_KEY", "env-secret")
 	t.Setenv("VOLUMED_STEP_TIMEOUT", "90s")
 	t.Setenv("VOLUMED_SYNC_INTERVAL", "0")
 	t.Setenv("VOLUMED_LISTEN", "127.0.0.1:9999")
@@ -69,7 +79,8 @@ func TestConfigFromEnvironment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !c.sim || c.stepTimeout != 90*time.Second || c.syncInterval >= 0 || c.listen != "127.0.0.1:7777" || c.opRetention != 0 ||
+	if c.csURL != "http://cloudstack.example:8080/client/api" || c.csAPIKey != "env-key" || c.csSecretKey != "env-secret" ||
+		c.stepTimeout != 90*time.Second || c.syncInterval >= 0 || c.listen != "127.0.0.1:7777" || c.opRetention != 0 ||
 		c.apiToken != "from-the-environment-0123" || c.natsReplicas != 3 || !strings.Contains(c.natsURL, "10.0.0.3") {
 		t.Fatalf("config %+v: environment not taken, or the flag did not win", c)
 	}

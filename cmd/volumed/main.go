@@ -30,7 +30,6 @@ import (
 	"github.com/volumed/volumed/metrics"
 	"github.com/volumed/volumed/nbd"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/test/cloudsim"
 )
 
 var (
@@ -130,22 +129,6 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	if err != nil {
 		return err
 	}
-	if cfg.sim {
-		sim, err := cloudsim.New(cloudsim.Config{Listen: cfg.simListen, StateDir: filepath.Join(cfg.dataDir, "cloudsim"),
-			Logger: log.With("component", "cloudsim")})
-		if err != nil {
-			return fmt.Errorf("simulator: %w", err)
-		}
-		if err := sim.Start(ctx); err != nil {
-			return fmt.Errorf("simulator: %w", err)
-		}
-		started = append(started, sim)
-		cfg.csURL, cfg.csAPIKey, cfg.csSecretKey = sim.URL(), cloudsim.DefaultAPIKey, cloudsim.DefaultSecretKey
-		if cfg.vmID == "" {
-			cfg.vmID = cloudsim.ApplianceVMID
-		}
-	}
-
 	b := bus.New(bus.Config{URL: cfg.natsURL, ConfigFile: cfg.natsConfig, DataDir: cfg.dataDir,
 		CredsDir: credsDir(cfg.dataDir), Creds: cfg.natsCreds, Replicas: cfg.natsReplicas, Logger: log})
 	if err := b.Start(ctx); err != nil {
@@ -239,7 +222,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	started = append(started, bridge)
 
 	log.Info("volumed ready", "api", "http://"+bridge.Addr()+"/api/v1", "nats", b.ClientURL(),
-		"nats_embedded", b.Embedded(), "store", storeName, "cloudstack", cfg.csURL, "simulator", cfg.sim,
+		"nats_embedded", b.Embedded(), "store", storeName, "cloudstack", cfg.csURL,
 		"vm_id", cfg.vmID, "device_agent", localStatus != nil, "nbd", nbdAddr, "data_dir", cfg.dataDir,
 		"nats_operator_creds", b.CredsFile(bus.RoleOperator), "api_token", tokenSource,
 		"api_token_required", !netaddr.IsLoopback(cfg.listen))

@@ -45,7 +45,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	volumedBin, cloudsimBin, volctlBin = filepath.Join(dir, "volumed"), filepath.Join(dir, "cloudsim"), filepath.Join(dir, "volctl")
-	for bin, pkg := range map[string]string{volumedBin: "./cmd/volumed", cloudsimBin: "./cmd/cloudsim", volctlBin: "./cmd/volctl"} {
+	for bin, pkg := range map[string]string{volumedBin: "./cmd/volumed", cloudsimBin: "./test/cloudsim/cmd/cloudsim", volctlBin: "./cmd/volctl"} {
 		args := []string{"build", "-o", bin}
 		if raceBuild {
 			args = append(args, "-race")
@@ -429,7 +429,7 @@ type simProcess struct {
 	addr string
 }
 
-// startSimProcess runs cmd/cloudsim on a free port with no local devices.
+// startSimProcess runs the cloudsim binary on a free port with no local devices.
 func startSimProcess(t *testing.T) *simProcess {
 	t.Helper()
 	p := &simProcess{t: t, addr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}

@@ -260,8 +260,10 @@ func TestRefusesOffLoopbackWithoutToken(t *testing.T) {
 	if err := os.WriteFile(empty, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command(volumedBin, "--sim", "--listen", "0.0.0.0:0", "--data-dir", t.TempDir(),
-		"--api-token-file", empty).CombinedOutput()
+	// Refused at start, before CloudStack is ever called: no simulator needed.
+	out, err := exec.Command(volumedBin, "--cloudstack-url", "http://127.0.0.1:1"+cloudsim.APIPath,
+		"--cloudstack-api-key", cloudsim.DefaultAPIKey, "--cloudstack-secret-key", cloudsim.DefaultSecretKey,
+		"--listen", "0.0.0.0:0", "--data-dir", t.TempDir(), "--api-token-file", empty).CombinedOutput()
 	var exit *exec.ExitError
 	if !errors.As(err, &exit) || exit.ExitCode() != 2 || !strings.Contains(string(out), "api-token-file") {
 		t.Fatalf("volumed off loopback with an empty token file: %v\n%s", err, out)

@@ -1,7 +1,11 @@
 // Command cloudsim runs the CloudStack API simulator (package test/cloudsim)
-// at http://ADDR/client/api, with its control endpoint at /_sim.
+// at http://ADDR/client/api, with its control endpoint at /_sim, until
+// SIGINT or SIGTERM. It logs its URL, API key and secret key at start.
 // Every flag can also be set by an environment variable: CLOUDSIM_ and the
 // flag name in capitals with - as _, e.g. CLOUDSIM_STATE_DIR.
+//
+// It is a test tool: `make run` starts it beside volumed (scripts/run.sh),
+// and bench/accept.sh and the e2e tests run it as a process.
 package main
 
 import (
@@ -130,10 +134,18 @@ func run(ctx context.Context, args []string, getenv func(string) string, stderr 
 	if err := sim.Start(startCtx); err != nil {
 		return err
 	}
-	cfg.Logger.Info("cloudsim serving", "api", sim.URL(), "control", sim.ControlURL(),
-		"statedir", sim.StateDir(), "localdevices", sim.LocalDevicesEnabled())
+	attrs := []any{"api", sim.URL(), "control", sim.ControlURL(), "api_key", sim.APIKey(), "secret_key", sim.SecretKey(),
+		"statedir", sim.StateDir(), "localdevices", sim.LocalDevicesEnabled()}
+	if cfg.Inventory == nil {
+		attrs = append(attrs, "appliance_vm", cloudsim.ApplianceVMID)
+	}
+	cfg.Logger.Info("cloudsim serving", attrs...)
 	<-ctx.Done()
 	closeCtx, cancelClose := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancelClose()
-	return sim.Close(closeCtx)
+	if err := sim.Close(closeCtx); err != nil {
+		return err
+	}
+	cfg.Logger.Info("cloudsim stopped")
+	return nil
 }

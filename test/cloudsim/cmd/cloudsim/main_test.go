@@ -7,7 +7,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -87,5 +92,77 @@ func TestRunServes(t *testing.T) {
 		}
 	case <-time.After(15 * time.Second):
 		t.Fatal("run did not return after cancel")
+	}
+}
+
+// lockedBuffer collects a process's output while the test reads it.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// TestBinary builds the binary, runs it on a free port, calls it with the
+// unmodified cloudstack-go client, then stops it with SIGTERM: it logs its
+// URL and credentials at start, keeps its state in --state-dir and exits 0.
+func TestBinary(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "cloudsim")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
+	stateDir := t.TempDir()
+	out := &lockedBuffer{}
+	cmd := exec.Command(bin, "--listen", addr, "--state-dir", stateDir, "--local-devices", "off")
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-exited
+	})
+	cs := cloudstack.NewClient("http://"+addr+cloudsim.APIPath, cloudsim.DefaultAPIKey, cloudsim.DefaultSecretKey, false)
+	testenv.Eventually(t, 15*time.Second, func() bool {
+		_, err := cs.Configuration.ListCapabilities(cs.Configuration.NewListCapabilitiesParams())
+		return err == nil
+	}, "listCapabilities answers on %s:\n%s", addr, out)
+	zones, err := cs.Zone.ListZones(cs.Zone.NewListZonesParams())
+	if err != nil || zones.Count != 1 || zones.Zones[0].Id != cloudsim.ZoneID {
+		t.Fatalf("listZones: %+v %v", zones, err)
+	}
+	for _, want := range []string{"api=http://" + addr + cloudsim.APIPath, "api_key=" + cloudsim.DefaultAPIKey,
+		"secret_key=" + cloudsim.DefaultSecretKey, "appliance_vm=" + cloudsim.ApplianceVMID} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("the start log lacks %q:\n%s", want, out)
+		}
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-exited:
+		exited <- err // for the cleanup
+		if err != nil {
+			t.Fatalf("exit after SIGTERM: %v\n%s", err, out)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatalf("no exit within 15s of SIGTERM:\n%s", out)
+	}
+	if _, err := os.Stat(filepath.Join(stateDir, "state.json")); err != nil {
+		t.Errorf("state: %v", err)
 	}
 }
