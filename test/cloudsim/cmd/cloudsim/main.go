@@ -32,7 +32,7 @@ func main() {
 		return
 	}
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "cloudsim:", err)
+		fmt.Fprintln(os.Stderr, err) // already "cloudsim: …"
 		os.Exit(1)
 	}
 }
