@@ -32,7 +32,11 @@ func main() {
 		return
 	}
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err) // already "cloudsim: …"
+		msg := err.Error()
+		if !strings.HasPrefix(msg, "cloudsim: ") {
+			msg = "cloudsim: " + msg
+		}
+		fmt.Fprintln(os.Stderr, msg)
 		os.Exit(1)
 	}
 }
