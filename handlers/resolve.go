@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/http"
 	"time"
 
 	"github.com/volumed/volumed/commands"
@@ -15,6 +16,10 @@ import (
 // resolvePage is how many failed operations one store read of
 // resolveJobs lists.
 const resolvePage = 200
+
+// resolveBudget bounds resolveJobs inside a reconcile, so that a slow
+// CloudStack leaves the rest of the reconcile its time.
+const resolveBudget = commands.ForceSyncTimeout / 4
 
 // jobCommands names the CloudStack command of the job each operation type
 // waits for.
@@ -41,8 +46,12 @@ type jobOutcome struct {
 // so. A job still running is looked at again by the next reconcile. A job
 // that ended, or that CloudStack no longer knows, is resolved (see
 // resolveJob). It returns a sentence per resolved operation, and one per
-// operation or page it could not check.
+// operation or page it could not check. It stops at the first CloudStack
+// or store that does not answer, and within resolveBudget: what is left
+// waits for the next reconcile.
 func (s *Service) resolveJobs(ctx context.Context) (changes, errs []string) {
+	ctx, cancel := context.WithTimeout(ctx, resolveBudget)
+	defer cancel()
 	f := state.Filter{Status: commands.StatusFailed, Limit: resolvePage}
 	for {
 		ops, next, err := s.cfg.Store.ListOperations(ctx, f)
@@ -59,6 +68,9 @@ func (s *Service) resolveJobs(ctx context.Context) (changes, errs []string) {
 			}
 			if err != nil {
 				errs = append(errs, fmt.Sprintf("job of operation %s: %v", op.ID, err))
+				if commands.AsError(err).Status == http.StatusServiceUnavailable || ctx.Err() != nil {
+					return changes, append(errs, "timed-out jobs: the others wait for the next reconcile")
+				}
 			}
 		}
 		if next == "" {
@@ -87,6 +99,10 @@ func (s *Service) resolveJob(ctx context.Context, op commands.Operation) (string
 		jobID = op.JobID
 	}
 	var out jobOutcome
+	if jobID == "" {
+		out = jobOutcome{status: commands.JobUnknown, resolution: "the operation recorded no CloudStack job: what it did is unknown"}
+		return s.annotate(ctx, op, jobID, out, "")
+	}
 	job, err := s.cfg.CloudStack.QueryJob(ctx, jobID)
 	switch {
 	case errors.Is(err, csapi.ErrNotFound):
@@ -108,6 +124,13 @@ func (s *Service) resolveJob(ctx context.Context, op commands.Operation) (string
 			return "", err
 		}
 	}
+	return s.annotate(ctx, op, jobID, out, adopted)
+}
+
+// annotate records out on the failed operation op by compare-and-swap and
+// publishes it; adopted says what was recorded besides. It returns the
+// change in words, "" when the operation changed since it was listed.
+func (s *Service) annotate(ctx context.Context, op commands.Operation, jobID string, out jobOutcome, adopted string) (string, error) {
 	note := op
 	note.Details = maps.Clone(op.Details)
 	maps.Copy(note.Details, out.details)
@@ -166,35 +189,56 @@ func failedJob(op commands.Operation, jobID string, jobErr error) jobOutcome {
 		why = fmt.Sprintf("error %d: %s", cs.Code, cs.Text)
 	}
 	out.resolution = fmt.Sprintf("%s job %s failed after the operation timed out (%s): CloudStack did nothing", jobCommands[op.Type], jobID, why)
+	if op.Type == commands.OpCreate && op.VolumeID != "" {
+		// CloudStack made the volume before its job ran, and leaves it.
+		out.details["volume_id"] = op.VolumeID
+		out.resolution = fmt.Sprintf("%s job %s failed after the operation timed out (%s): volume %s, made before the job ran, is left in CloudStack",
+			jobCommands[op.Type], jobID, why, op.VolumeID)
+	}
 	return out
 }
 
 // outcomeFromVolume decides the outcome of a job CloudStack no longer
-// knows (expunged) from the volume's state: the operation's effect shown
-// (a create's volume exists; an attach's volume is attached as asked; a
-// detach's volume is detached or gone) counts as its job having
-// succeeded; anything else is unknown, as it may have run and been undone
-// since.
+// knows (expunged) from the volume's state, where that can tell: an
+// attach's volume attached as asked, or a detach's volume detached or
+// gone, counts as its job having succeeded, unless a later operation on
+// the volume could have done it. Anything else is unknown: a create's
+// volume exists whatever its job did (CloudStack makes it before the job
+// runs), so the create names it for whoever cleans up.
 func (s *Service) outcomeFromVolume(ctx context.Context, op commands.Operation, jobID string) (jobOutcome, error) {
 	gone := "CloudStack no longer knows " + jobCommands[op.Type] + " job " + jobID
 	unknown := func(seen string) jobOutcome {
-		return jobOutcome{status: commands.JobUnknown,
+		return jobOutcome{status: commands.JobUnknown, details: map[string]any{},
 			resolution: fmt.Sprintf("%s, and the volume's state (%s) does not tell whether it ran: what it did is unknown", gone, seen)}
 	}
 	if op.VolumeID == "" {
 		return unknown("no volume recorded"), nil
+	}
+	later := ""
+	if op.Type != commands.OpCreate {
+		var err error
+		if later, err = s.laterOperation(ctx, op); err != nil {
+			return jobOutcome{}, err
+		}
+	}
+	if later != "" {
+		return unknown("operation " + later + " on the volume came after"), nil
 	}
 	vol, err := s.cfg.CloudStack.GetVolume(ctx, op.VolumeID)
 	missing := errors.Is(err, csapi.ErrNotFound)
 	if err != nil && !missing {
 		return jobOutcome{}, cloudStackError(err)
 	}
+	if op.Type == commands.OpCreate {
+		if missing {
+			return unknown("volume not found"), nil
+		}
+		out := unknown("volume " + vol.ID + " exists, but CloudStack makes it before the job runs")
+		out.details["volume_id"] = vol.ID
+		return out, nil
+	}
 	shown := ""
 	switch op.Type {
-	case commands.OpCreate:
-		if !missing {
-			shown = "volume " + vol.ID + " exists, this operation's"
-		}
 	case commands.OpAttach:
 		var req commands.AttachRequest
 		if err := decodeRequest(&op, &req); err != nil {
@@ -220,12 +264,33 @@ func (s *Service) outcomeFromVolume(ctx context.Context, op commands.Operation, 
 		}
 		return unknown("detached"), nil
 	}
-	out := jobOutcome{status: commands.JobSucceeded, details: map[string]any{},
-		resolution: fmt.Sprintf("%s, and it shows the operation's effect (%s): taken as succeeded", gone, shown)}
-	if op.Type == commands.OpCreate {
-		out.details["volume_id"] = vol.ID
+	return jobOutcome{status: commands.JobSucceeded,
+		resolution: fmt.Sprintf("%s, and it shows the operation's effect (%s), which no later operation made: taken as succeeded", gone, shown)}, nil
+}
+
+// laterOperation returns the id of an operation on op's volume accepted
+// after op, in any status ("" for none): its work could be what the
+// volume shows now.
+func (s *Service) laterOperation(ctx context.Context, op commands.Operation) (string, error) {
+	f := state.Filter{VolumeID: op.VolumeID, Limit: resolvePage}
+	for {
+		ops, next, err := s.cfg.Store.ListOperations(ctx, f)
+		if err != nil {
+			return "", state.APIError(err)
+		}
+		for _, o := range ops { // newest first
+			if o.ID != op.ID && o.CreatedAt.After(op.CreatedAt) {
+				return o.ID, nil
+			}
+			if !o.CreatedAt.After(op.CreatedAt) {
+				return "", nil
+			}
+		}
+		if next == "" {
+			return "", nil
+		}
+		f.Cursor = next
 	}
-	return out, nil
 }
 
 // adoptAttach records the mapping of the volume a timed-out attach

@@ -220,12 +220,19 @@ func TestReconcileResolvesTimedOutJobs(t *testing.T) {
 	}{
 		{"create, job running", commands.OpCreate, func(t *testing.T) (string, string) { return cs.create(t, jobRuns) }, "", false, 0, false},
 		{"create, job succeeded", commands.OpCreate, func(t *testing.T) (string, string) { return cs.create(t, jobSucceeds) }, commands.JobSucceeded, true, 0, false},
-		{"create, job failed", commands.OpCreate, func(t *testing.T) (string, string) { return cs.create(t, jobFails) }, commands.JobFailed, false, 530, false},
+		{"create, job failed", commands.OpCreate, func(t *testing.T) (string, string) { return cs.create(t, jobFails) }, commands.JobFailed, true, 530, false},
+		// CloudStack makes the volume before the create's job runs, and a
+		// failed job leaves it: its existence does not tell.
 		{"create, job unknown, volume exists", commands.OpCreate, func(t *testing.T) (string, string) {
 			vol, job := cs.create(t, jobSucceeds)
 			cs.expunge(t, job)
 			return vol, job
-		}, commands.JobSucceeded, true, 0, false},
+		}, commands.JobUnknown, true, 0, false},
+		{"create, job failed and unknown, volume exists", commands.OpCreate, func(t *testing.T) (string, string) {
+			vol, job := cs.create(t, jobFails)
+			cs.expunge(t, job)
+			return vol, job
+		}, commands.JobUnknown, true, 0, false},
 		{"create, job unknown, volume gone", commands.OpCreate, func(t *testing.T) (string, string) {
 			vol, job := cs.create(t, jobSucceeds)
 			cs.expunge(t, job)
@@ -361,6 +368,38 @@ func TestReconcileResolvesTimedOutJobs(t *testing.T) {
 				t.Fatalf("the reconcile sent CloudStack side effects: %v, before %v", after, before)
 			}
 		})
+	}
+}
+
+// TestReconcileResolutionLaterOperation: an attach whose job failed and
+// was expunged, on a volume a later attach then attached, is not credited
+// with the later one's work: its outcome is unknown, and the later
+// operation is named.
+func TestReconcileResolutionLaterOperation(t *testing.T) {
+	h := newHarness(t, harnessOpts{})
+	cs := newJobSide(h)
+	ctx := context.Background()
+	volID, jobID := cs.attach(t, jobFails)
+	cs.expunge(t, jobID)
+	op := timedOut(t, h.store, commands.OpAttach, volID, jobID)
+	cs.submit(t, "attachVolume", jobSucceeds, func(ctx context.Context) (string, error) {
+		return cs.cs.AttachVolume(ctx, volID, cloudsim.RemoteVMID, nil)
+	})
+	now := time.Now().UTC()
+	vm := cloudsim.RemoteVMID
+	later, err := h.store.CreateOperation(ctx, commands.Operation{ID: "op-" + uuid.NewString(), Type: commands.OpAttach,
+		Status: commands.StatusCompleted, VolumeID: volID, VMID: &vm, Request: op.Request, CreatedAt: now, UpdatedAt: now, CompletedAt: &now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.reconcile(t)
+	got, err := h.store.GetOperation(ctx, op.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, _ := got.Details[commands.DetailResolution].(string)
+	if got.Details[commands.DetailJobStatus] != commands.JobUnknown || !strings.Contains(res, later.ID) {
+		t.Fatalf("details %v: want job_status unknown naming operation %s", got.Details, later.ID)
 	}
 }
 
