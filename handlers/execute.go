@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/state"
@@ -180,14 +182,23 @@ func (s *Service) publish(ctx context.Context, op commands.Operation) {
 
 // announce publishes data, the first event of an accepted operation, without
 // waiting for JetStream's ack: the record, already written, is what the
-// answer stands on, and a failure is logged by the bus. It leaves on the
-// connection before the job does, so a server stores it before any event
-// of the job's execution.
+// answer stands on. It leaves on the connection before the job does, so
+// one server stores it before any event of the job's execution (on a
+// cluster, whose streams may have other leaders, normally so). It is sent
+// once: a failure is logged (here, or by the bus when the ack says so),
+// never sent again later, when it could come after the execution's
+// events; and a full window of unacknowledged publishes holds the accept
+// back at most announceStall.
 func (s *Service) announce(opID string, data []byte) {
-	if _, err := s.cfg.JetStream.PublishAsync(commands.OpSubject(opID), data); err != nil {
+	if _, err := s.cfg.JetStream.PublishAsync(commands.OpSubject(opID), data,
+		jetstream.WithRetryAttempts(0), jetstream.WithStallWait(announceStall)); err != nil {
 		s.log.Warn("cannot publish operation event", "operation_id", opID, "err", err)
 	}
 }
+
+// announceStall bounds how long announce waits for room among the
+// unacknowledged publishes.
+const announceStall = 50 * time.Millisecond
 
 // step runs fn under the step deadline, retrying retryable CloudStack
 // failures with exponential backoff (at least the Retry-After CloudStack
