@@ -2,12 +2,10 @@ package httpbridge
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
-	"time"
 
 	"github.com/volumed/volumed/commands"
 )
@@ -16,10 +14,10 @@ import (
 // request body through Config.Commands and answers what it answers: the
 // status, the JSON, and a 503's Retry-After. The Idempotency-Key header
 // goes along. withVolume handlers take volume_id from the path and merge
-// it into the body. timeout bounds a force-sync; an accepted command runs
-// to its answer whatever the client does, since the command service
-// bounds it and its answer says what was recorded.
-func (s *Server) command(subject string, withVolume bool, timeout time.Duration) http.HandlerFunc {
+// it into the body. The command service bounds the command: an accepted
+// one runs to its answer whatever the client does, since its answer says
+// what was recorded; a force-sync stops when the client goes away.
+func (s *Server) command(subject string, withVolume bool) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		body, err := readBody(w, r)
 		if err != nil {
@@ -32,9 +30,7 @@ func (s *Server) command(subject string, withVolume bool, timeout time.Duration)
 				return
 			}
 		}
-		ctx, cancel := context.WithTimeout(r.Context(), timeout)
-		defer cancel()
-		a := s.cfg.Commands.Command(ctx, subject, body, r.Header.Get(commands.IdempotencyKeyHeader))
+		a := s.cfg.Commands.Command(r.Context(), subject, body, r.Header.Get(commands.IdempotencyKeyHeader))
 		if a.RetryAfter != "" {
 			w.Header().Set(commands.RetryAfterHeader, a.RetryAfter)
 		}

@@ -50,12 +50,11 @@ type harness struct {
 
 // options of newHarness.
 type options struct {
-	store          state.Store // default: KV on the harness bus
-	commandTimeout time.Duration
-	maxWait        time.Duration
-	conn           *nats.Conn // the bridge's connection; default the bus's
-	listen         string     // default 127.0.0.1:0
-	token          string
+	store   state.Store // default: KV on the harness bus
+	maxWait time.Duration
+	conn    *nats.Conn // the bridge's connection; default the bus's
+	listen  string     // default 127.0.0.1:0
+	token   string
 	// HTTP server timeouts; default the bridge's.
 	readHeaderTimeout, readTimeout, idleTimeout time.Duration
 }
@@ -87,7 +86,7 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 		o.listen = "127.0.0.1:0"
 	}
 	h.srv = httpbridge.New(httpbridge.Config{Listen: o.listen, Conn: conn, Commands: h.commands, Store: h.store,
-		Backend: h.backend, VMID: vm1, CommandTimeout: o.commandTimeout, SyncTimeout: o.commandTimeout, MaxWait: o.maxWait,
+		Backend: h.backend, VMID: vm1, MaxWait: o.maxWait,
 		Token: o.token, ReadHeaderTimeout: o.readHeaderTimeout, ReadTimeout: o.readTimeout, IdleTimeout: o.idleTimeout,
 		Logger: testLogger(t)})
 	if err := h.srv.Start(ctx); err != nil {
@@ -103,6 +102,20 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 	_, port, _ := net.SplitHostPort(h.srv.Addr())
 	h.base = "http://127.0.0.1:" + port + httpbridge.BasePath
 	return h
+}
+
+// baseConfig is a complete bridge configuration on loopback, on a bus and
+// a KV store of its own, for tests that start a bridge themselves.
+func baseConfig(t testing.TB) httpbridge.Config {
+	t.Helper()
+	b := testenv.StartBus(t)
+	kv, err := state.NewKV(context.Background(), b.JetStream(), state.KVConfig{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatalf("kv store: %v", err)
+	}
+	t.Cleanup(func() { _ = kv.Close(context.Background()) })
+	return httpbridge.Config{Listen: "127.0.0.1:0", Conn: b.Conn(), Commands: &testCommands{store: kv}, Store: kv,
+		Backend: newTestBackend(), Logger: testLogger(t)}
 }
 
 // do sends one request, validated against the OpenAPI document.

@@ -48,10 +48,9 @@ func TestNormalizeDevicePath(t *testing.T) {
 }
 
 func TestLifecycle(t *testing.T) {
-	b := testenv.StartBus(t)
 	ctx := context.Background()
-
-	s := httpbridge.New(httpbridge.Config{Listen: "127.0.0.1:0", Conn: b.Conn(), Backend: newTestBackend(), Logger: testLogger(t)})
+	cfg := baseConfig(t)
+	s := httpbridge.New(cfg)
 	if s.Addr() != "" {
 		t.Errorf("Addr before Start = %q", s.Addr())
 	}
@@ -82,12 +81,19 @@ func TestLifecycle(t *testing.T) {
 		t.Errorf("Close of an unstarted server: %v", err)
 	}
 
-	occupied := httpbridge.New(httpbridge.Config{Listen: "127.0.0.1:0", Logger: testLogger(t)})
+	incomplete := httpbridge.New(httpbridge.Config{Listen: "127.0.0.1:0", Logger: testLogger(t)})
+	if err := incomplete.Start(ctx); err == nil || !strings.Contains(err.Error(), "required") {
+		_ = incomplete.Close(ctx)
+		t.Errorf("Start without Conn, Commands, Store and Backend: %v", err)
+	}
+
+	occupied := httpbridge.New(cfg)
 	if err := occupied.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = occupied.Close(ctx) })
-	busy := httpbridge.New(httpbridge.Config{Listen: occupied.Addr(), Logger: testLogger(t)})
+	cfg.Listen = occupied.Addr()
+	busy := httpbridge.New(cfg)
 	if err := busy.Start(ctx); err == nil {
 		t.Error("Start on a taken port succeeded")
 	}
@@ -113,8 +119,9 @@ func (s *syncBuffer) lines() []string {
 
 func TestRequestLog(t *testing.T) {
 	var logs syncBuffer
-	s := httpbridge.New(httpbridge.Config{Listen: "127.0.0.1:0", Backend: newTestBackend(),
-		Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
+	cfg := baseConfig(t)
+	cfg.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
+	s := httpbridge.New(cfg)
 	if err := s.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -69,7 +69,7 @@ func (s *Server) waitOperation(ctx context.Context, id string, wait time.Duratio
 		return commands.Operation{}, commands.Unavailable("subscribe to operation events: %v", err)
 	}
 	defer func() { _ = sub.Unsubscribe() }()
-	flushCtx, cancel := context.WithTimeout(ctx, s.cfg.CommandTimeout)
+	flushCtx, cancel := context.WithTimeout(ctx, s.cfg.QueryTimeout)
 	err = s.cfg.Conn.FlushWithContext(flushCtx)
 	cancel()
 	if err != nil {
@@ -104,7 +104,7 @@ func (s *Server) waitOperation(ctx context.Context, id string, wait time.Duratio
 
 // readOperation reads one operation from the store under the read timeout.
 func (s *Server) readOperation(ctx context.Context, id string) (commands.Operation, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.CommandTimeout)
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.QueryTimeout)
 	defer cancel()
 	return s.cfg.Store.GetOperation(ctx, id)
 }

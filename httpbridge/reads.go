@@ -14,7 +14,7 @@ import (
 
 // readContext bounds one read made for a request.
 func (s *Server) readContext(r *http.Request) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(r.Context(), s.cfg.CommandTimeout)
+	return context.WithTimeout(r.Context(), s.cfg.QueryTimeout)
 }
 
 // pathID decodes and validates an id path parameter with normalize.

@@ -19,9 +19,9 @@ import (
 
 // Defaults of Config.
 const (
-	DefaultListen         = "127.0.0.1:8090"
-	DefaultCommandTimeout = commands.AcceptTimeout + 7*time.Second
-	DefaultMaxWait        = 5 * time.Minute
+	DefaultListen       = "127.0.0.1:8090"
+	DefaultQueryTimeout = 15 * time.Second
+	DefaultMaxWait      = 5 * time.Minute
 	// DefaultReadHeaderTimeout, DefaultReadTimeout and DefaultIdleTimeout
 	// bound a request's headers, a whole request, and an idle keep-alive
 	// connection.
@@ -52,11 +52,10 @@ type Config struct {
 	// VMID is the VM volumed runs on: GET /devices/{device_path}/volume
 	// names its devices unless ?vm_id says otherwise.
 	VMID string
-	// CommandTimeout bounds one read; default DefaultCommandTimeout.
-	CommandTimeout time.Duration
-	// SyncTimeout bounds a force-sync; default
-	// commands.ForceSyncTimeout plus DefaultCommandTimeout.
-	SyncTimeout time.Duration
+	// QueryTimeout bounds one read (the store, the Backend, the flush
+	// before a wait); default DefaultQueryTimeout. Commands are bounded by
+	// the command service.
+	QueryTimeout time.Duration
 	// MaxWait caps the ?wait of GET /operations/{id}; default DefaultMaxWait.
 	MaxWait time.Duration
 	// Token is the API bearer token. Off loopback it is required on every
@@ -66,7 +65,7 @@ type Config struct {
 	// ReadHeaderTimeout, ReadTimeout and IdleTimeout of the HTTP server;
 	// defaults DefaultReadHeaderTimeout, DefaultReadTimeout and
 	// DefaultIdleTimeout. The write timeout is the longest answer
-	// (MaxWait, SyncTimeout, CommandTimeout) plus 30 s.
+	// (MaxWait, a force-sync, a command, QueryTimeout) plus 30 s.
 	ReadHeaderTimeout, ReadTimeout, IdleTimeout time.Duration
 	// Logger is the parent of the bridge's logger; default slog.Default().
 	Logger *slog.Logger
@@ -96,11 +95,8 @@ func New(cfg Config) *Server {
 	if cfg.Listen == "" {
 		cfg.Listen = DefaultListen
 	}
-	if cfg.CommandTimeout <= 0 {
-		cfg.CommandTimeout = DefaultCommandTimeout
-	}
-	if cfg.SyncTimeout <= 0 {
-		cfg.SyncTimeout = commands.ForceSyncTimeout + DefaultCommandTimeout
+	if cfg.QueryTimeout <= 0 {
+		cfg.QueryTimeout = DefaultQueryTimeout
 	}
 	if cfg.MaxWait <= 0 {
 		cfg.MaxWait = DefaultMaxWait
@@ -141,6 +137,9 @@ func (s *Server) Start(ctx context.Context) error {
 	if err := CheckToken(s.cfg.Token); s.requireToken && err != nil {
 		return fmt.Errorf("httpbridge: refusing to listen on %s, off loopback: %w", s.cfg.Listen, err)
 	}
+	if s.cfg.Conn == nil || s.cfg.Commands == nil || s.cfg.Store == nil || s.cfg.Backend == nil {
+		return errors.New("httpbridge: Conn, Commands, Store and Backend are required")
+	}
 	var lc net.ListenConfig
 	ln, err := lc.Listen(ctx, "tcp", s.cfg.Listen)
 	if err != nil {
@@ -151,7 +150,7 @@ func (s *Server) Start(ctx context.Context) error {
 		Handler:           s.handler,
 		ReadHeaderTimeout: s.cfg.ReadHeaderTimeout,
 		ReadTimeout:       s.cfg.ReadTimeout,
-		WriteTimeout:      max(s.cfg.MaxWait, s.cfg.SyncTimeout, s.cfg.CommandTimeout) + writeSlack,
+		WriteTimeout:      max(s.cfg.MaxWait, commands.ForceSyncTimeout, commands.AcceptTimeout, s.cfg.QueryTimeout) + writeSlack,
 		IdleTimeout:       s.cfg.IdleTimeout,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
