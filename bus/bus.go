@@ -278,7 +278,7 @@ func (b *Bus) Ping(ctx context.Context) error {
 	return b.nc.FlushTimeout(timeout)
 }
 
-// Close drains the connection and shuts the embedded server down. Closing
+// Close closes the connection and shuts the embedded server down. Closing
 // twice is safe.
 func (b *Bus) Close(ctx context.Context) error {
 	if err := b.closer.Close(ctx, b.closeAll); err != nil {

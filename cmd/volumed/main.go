@@ -37,8 +37,12 @@ var (
 	_ httpbridge.Commands = (*handlers.Service)(nil)
 )
 
-// shutdownTimeout bounds the clean shutdown after SIGINT or SIGTERM.
-const shutdownTimeout = 30 * time.Second
+// shutdownTimeout bounds the clean shutdown after SIGINT or SIGTERM, of
+// which each component closed gets at least minCloseTimeout.
+const (
+	shutdownTimeout = 30 * time.Second
+	minCloseTimeout = 5 * time.Second
+)
 
 func main() { os.Exit(run(os.Args[1:], os.Stderr)) }
 
@@ -89,12 +93,16 @@ type component interface {
 func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	var started []component
 	defer func() {
-		cctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
-		defer cancel()
+		deadline := time.Now().Add(shutdownTimeout)
 		for i := len(started) - 1; i >= 0; i-- {
+			// What is left of the budget, but never less than
+			// minCloseTimeout: a slow component does not starve those
+			// closed after it (the store, the bus and its server).
+			cctx, cancel := context.WithTimeout(context.Background(), max(time.Until(deadline), minCloseTimeout))
 			if cerr := started[i].Close(cctx); cerr != nil {
 				log.Warn("close", "err", cerr)
 			}
+			cancel()
 		}
 		if err == nil {
 			log.Info("volumed stopped")

@@ -25,6 +25,11 @@ func (s *Stopper) Close(ctx context.Context, stop func()) error {
 		}()
 	})
 	select {
+	case <-s.done: // stopped already: nil even if ctx has ended too
+		return nil
+	default:
+	}
+	select {
 	case <-s.done:
 		return nil
 	case <-ctx.Done():

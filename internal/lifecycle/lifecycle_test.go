@@ -37,4 +37,11 @@ func TestStopper(t *testing.T) {
 	if err := s.Close(context.Background(), stop); err != nil || runs.Load() != 1 {
 		t.Fatalf("third Close: %v; stop ran %d times, want 1", err, runs.Load())
 	}
+	ended, cancelEnded := context.WithCancel(context.Background())
+	cancelEnded()
+	for range 100 { // a select between two ready cases would pick at random
+		if err := s.Close(ended, stop); err != nil {
+			t.Fatalf("Close of a stopped component with an ended ctx: %v", err)
+		}
+	}
 }
