@@ -160,7 +160,7 @@ func (k *KV) applyEntry(e jetstream.KeyValueEntry) {
 	var err error
 	switch key := e.Key(); {
 	case strings.HasPrefix(key, kvOpPrefix):
-		err = k.applyOp(strings.TrimPrefix(key, kvOpPrefix), e.Revision(), raw, true)
+		err = k.applyWatchedOp(strings.TrimPrefix(key, kvOpPrefix), e.Revision(), raw)
 	case strings.HasPrefix(key, kvMappingPrefix):
 		err = k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), e.Revision(), raw, true)
 	case strings.HasPrefix(key, kvExportPrefix):
@@ -232,14 +232,14 @@ func decodeRecord[T any](raw []byte) (*T, error) {
 	return v, decode(raw, v)
 }
 
-// applyOp puts revision rev of an operation (nil raw: deleted) in the
-// indexes unless they already hold that revision or a later one; a record
-// they do is not even decoded (the watcher's copy of this process's own
-// write).
-func (k *KV) applyOp(id string, rev uint64, raw []byte, fromWatcher bool) error {
+// applyWatchedOp puts revision rev of an operation (nil raw: deleted),
+// as the watcher delivers it, in the indexes unless they already hold
+// that revision or a later one; a record they do is not even decoded (the
+// watcher's copy of this process's own write).
+func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte) error {
 	k.mu.Lock()
-	applied := rev <= k.ops[id].rev || (!fromWatcher && rev <= k.seen)
-	if applied && fromWatcher {
+	applied := rev <= k.ops[id].rev
+	if applied {
 		k.seen = max(k.seen, rev)
 	}
 	k.mu.Unlock()
@@ -250,11 +250,12 @@ func (k *KV) applyOp(id string, rev uint64, raw []byte, fromWatcher bool) error 
 	if err != nil {
 		return err
 	}
-	return k.applyOpValue(id, rev, raw, op, fromWatcher)
+	return k.applyOpValue(id, rev, raw, op, true)
 }
 
-// applyOpValue is applyOp with the record already decoded (op, nil when
-// deleted), as a writer has it.
+// applyOpValue puts revision rev of the operation op (nil: deleted), whose
+// JSON is raw, in the indexes unless they already hold that revision or a
+// later one: a writer's own record, or one the watcher delivered.
 func (k *KV) applyOpValue(id string, rev uint64, raw []byte, op *commands.Operation, fromWatcher bool) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -441,12 +442,16 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 	if err := checkOp(&op); err != nil {
 		return op, err
 	}
-	old, err := k.opAt(ctx, op.ID, op.Revision)
-	if err != nil {
-		return op, err
-	}
-	if err := checkMove(old, &op); err != nil {
-		return op, err
+	// A status move allowed from the status memory holds at this revision
+	// needs no more; anything else is checked on the whole record.
+	if st, held := k.statusAt(op.ID, op.Revision); !held || !CanMove(st, op.Status) {
+		old, err := k.opAt(ctx, op.ID, op.Revision)
+		if err != nil {
+			return op, err
+		}
+		if err := checkMove(old, &op); err != nil {
+			return op, err
+		}
 	}
 	data, err := json.Marshal(op)
 	if err != nil {
@@ -462,6 +467,18 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 	k.writes.Add(1)
 	op.Revision = rev
 	return op, k.applyOpValue(op.ID, rev, data, &op, false)
+}
+
+// statusAt returns the status of the operation at revision rev when
+// memory holds that revision.
+func (k *KV) statusAt(id string, rev uint64) (commands.OpStatus, bool) {
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	cur := k.ops[id]
+	if cur.v == nil || cur.rev != rev {
+		return "", false
+	}
+	return cur.v.status, true
 }
 
 // opAt returns the operation recorded at revision rev: from memory when

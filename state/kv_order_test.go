@@ -43,7 +43,16 @@ func TestKVApplyOrder(t *testing.T) {
 				if st.deleted {
 					data = nil
 				}
-				if err := k.applyOp(op.ID, st.rev, data, st.watcher); err != nil {
+				var err error
+				switch {
+				case st.watcher:
+					err = k.applyWatchedOp(op.ID, st.rev, data)
+				case st.deleted:
+					err = k.applyOpValue(op.ID, st.rev, nil, nil, false)
+				default:
+					err = k.applyOpValue(op.ID, st.rev, data, &op, false)
+				}
+				if err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -69,10 +78,10 @@ func TestKVApplySkipsWhatItHolds(t *testing.T) {
 		t.Fatal(err)
 	}
 	undecodable := []byte("{not json")
-	if err := k.applyOp(op.ID, 7, undecodable, true); err != nil || k.seen != 7 {
+	if err := k.applyWatchedOp(op.ID, 7, undecodable); err != nil || k.seen != 7 {
 		t.Fatalf("watcher's copy of a held revision: err %v, seen %d", err, k.seen)
 	}
-	if err := k.applyOp(op.ID, 8, undecodable, true); err == nil {
+	if err := k.applyWatchedOp(op.ID, 8, undecodable); err == nil {
 		t.Fatal("a revision the indexes do not hold was not decoded")
 	}
 	if got := k.ops[op.ID]; got.rev != 7 || string(got.raw) != string(raw) {
