@@ -229,6 +229,36 @@ func TestCommandInProcessOutlivesItsCaller(t *testing.T) {
 	}
 }
 
+// TestCommandInProcessStops: a force-sync run in process stops with its
+// caller, and once the service is closed a command is 503 with
+// Retry-After and nothing recorded.
+func TestCommandInProcessStops(t *testing.T) {
+	h := newHarness(t, harnessOpts{})
+	// A reconcile asks CloudStack about each mapped volume, which takes 10 s.
+	vol, now := h.createVolume("mapped"), time.Now().UTC()
+	if _, err := h.store.PutMapping(context.Background(), commands.Mapping{ID: "mapping-" + vol, VolumeID: vol, VMID: cloudsim.RemoteVMID,
+		CloudStackState: commands.CloudStackAttached, LinuxState: commands.LinuxNotApplicable, LastSync: now, CreatedAt: now, UpdatedAt: now}); err != nil {
+		t.Fatal(err)
+	}
+	h.setFaults(cloudsim.Faults{Latency: map[string]cloudsim.Duration{"listVolumes": cloudsim.Duration(10 * time.Second)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if a := h.local(ctx, commands.SubjectForceSync, nil, ""); a.elapsed > 5*time.Second {
+		t.Fatalf("a force-sync whose caller left ran on for %v: %d %s", a.elapsed, a.status, a.body)
+	}
+	h.setFaults(cloudsim.Faults{})
+	if err := h.svc.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	a := h.local(context.Background(), commands.SubjectCreate, createBody("after-close"), "after-close")
+	if a.status != http.StatusServiceUnavailable || a.header.Get(commands.RetryAfterHeader) != "1" {
+		t.Fatalf("command after Close: %d %v %s", a.status, a.header, a.body)
+	}
+	if h.recorded(handlers.OperationIDForKey("after-close")) {
+		t.Fatal("a command refused after Close is recorded")
+	}
+}
+
 // TestIdempotencyKey: the same key and body answer the same operation,
 // concurrently too and after it ended; another body or command with the
 // key is 409 CONFLICT; a malformed key is 400.

@@ -203,6 +203,10 @@ func (s *Service) answer(ep endpoint, result any, err error) commands.Answer {
 			a.RetryAfter = strconv.Itoa(int(RetryAfter / time.Second))
 		}
 	}
+	if raw, ok := result.(json.RawMessage); ok {
+		a.Body = raw // encoded already (an accepted operation)
+		return a
+	}
 	a.Body, _ = json.Marshal(result)
 	return a
 }

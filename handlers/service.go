@@ -127,8 +127,9 @@ type DeviceCorrelator interface {
 	Reconcile(ctx context.Context, vmID string, attached []commands.Mapping) ([]string, error)
 }
 
-// Service accepts and executes commands, and answers the REST bridge's
-// reads (it is the bridge's Backend).
+// Service accepts and executes commands, on NATS and for the REST bridge
+// (it is the bridge's Commands), and answers the bridge's reads (its
+// Backend).
 type Service struct {
 	cfg     Config
 	log     *slog.Logger
