@@ -104,11 +104,12 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	kv, stream, err := openBucket(ctx, js, cfg)
+	log := cfg.Logger.With("component", "state-kv", "bucket", cfg.Bucket)
+	kv, stream, err := openBucket(ctx, js, cfg, log)
 	if err != nil {
 		return nil, err
 	}
-	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: cfg.Logger.With("component", "state-kv", "bucket", cfg.Bucket),
+	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log,
 		ops: make(map[string]kvEntry[kvOp]), idx: make(map[string][]opRef), stats: newStats(),
 		mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export]), done: make(chan struct{})}
@@ -362,13 +363,34 @@ func (k *KV) setMapping(volumeID string, e kvEntry[commands.Mapping]) {
 
 // kvErr classifies a NATS error: a JetStream API reply, an invalid key or
 // a cancelled caller pass through; anything else (closed or lost
-// connection, timeouts, no responders) wraps ErrUnavailable.
+// connection, timeouts, no responders), and the API replies of a cluster
+// that cannot serve yet (clusterNotReady), wrap ErrUnavailable.
 func kvErr(op string, err error) error {
 	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) || errors.Is(err, jetstream.ErrInvalidKey) || errors.Is(err, context.Canceled) {
+	if (errors.As(err, &apiErr) && !clusterNotReady(apiErr)) || errors.Is(err, jetstream.ErrInvalidKey) || errors.Is(err, context.Canceled) {
 		return fmt.Errorf("state: kv %s: %w", op, err)
 	}
 	return fmt.Errorf("state: kv %s: %w: %w", op, ErrUnavailable, err)
+}
+
+// JetStream API error codes of a cluster that cannot serve a request yet:
+// it has no meta leader, the request reached a server that is not the
+// leader, or too few servers have joined to place every replica.
+const (
+	jsClusterNoPeers   = 10005
+	jsClusterNotAvail  = 10008
+	jsClusterNotLeader = 10009
+)
+
+// clusterNotReady reports whether a JetStream API error says the cluster
+// cannot serve yet (while it forms or elects leaders), not that the
+// request is wrong.
+func clusterNotReady(apiErr *jetstream.APIError) bool {
+	switch apiErr.ErrorCode {
+	case jsClusterNoPeers, jsClusterNotAvail, jsClusterNotLeader:
+		return true
+	}
+	return false
 }
 
 // wrongRevision reports whether err is JetStream refusing a write whose
@@ -586,8 +608,14 @@ func (k *KV) get(ctx context.Context, what, key string, v any) (uint64, error) {
 
 // bucketSetupTimeout bounds how long NewKV retries making or binding the
 // bucket while JetStream cannot answer yet (a cluster still electing its
-// leaders).
-const bucketSetupTimeout = time.Minute
+// leaders); bucketSetupTry bounds one attempt (the first ones are
+// shorter), so that a request the cluster dropped while it formed, or the
+// answer only one of several members making the bucket at once gets, is
+// asked again rather than waited for.
+const (
+	bucketSetupTimeout = time.Minute
+	bucketSetupTry     = 5 * time.Second
+)
 
 // openBucket binds the bucket, making it if it does not exist, and brings
 // its stream to what this store needs in one update, so that instances
@@ -595,17 +623,20 @@ const bucketSetupTimeout = time.Minute
 // reads: every read goes to the stream's leader (no direct get), so a read
 // after a write by another instance sees that write. JetStream that does
 // not answer yet is asked again, up to bucketSetupTimeout.
-func openBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (jetstream.KeyValue, jetstream.Stream, error) {
+func openBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig, log *slog.Logger) (jetstream.KeyValue, jetstream.Stream, error) {
 	ctx, cancel := context.WithTimeout(ctx, bucketSetupTimeout)
 	defer cancel()
-	for pause := 100 * time.Millisecond; ; pause = min(2*pause, 2*time.Second) {
-		kv, stream, err := setupBucket(ctx, js, cfg)
+	for pause, try := 100*time.Millisecond, time.Second; ; pause, try = min(2*pause, 2*time.Second), min(2*try, bucketSetupTry) {
+		tryCtx, cancelTry := context.WithTimeout(ctx, try)
+		kv, stream, err := setupBucket(tryCtx, js, cfg)
+		cancelTry()
 		if err == nil {
 			return kv, stream, nil
 		}
-		if !errors.Is(err, ErrUnavailable) {
+		if !errors.Is(err, ErrUnavailable) || ctx.Err() != nil {
 			return nil, nil, err
 		}
+		log.Debug("bucket not set up yet", "err", err)
 		select {
 		case <-ctx.Done():
 			return nil, nil, err
