@@ -210,10 +210,11 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 	for _, sc := range streams {
 		// On a cluster that is still forming (its members start one by
 		// one) there are not yet enough servers for the replicas: wait.
-		for {
-			// Until the cluster has a leader, requests go unanswered: each
-			// try gets its own deadline.
-			tryCtx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		for try := time.Second; ; try = min(2*try, 4*time.Second) {
+			// Until the cluster has a leader, requests go unanswered, and
+			// of several members creating a stream at once only one hears
+			// back: each try gets its own deadline, short at first.
+			tryCtx, cancel := context.WithTimeout(ctx, try)
 			_, err := b.js.CreateOrUpdateStream(tryCtx, sc)
 			cancel()
 			if err == nil {
