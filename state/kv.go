@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -75,9 +74,7 @@ type KV struct {
 	byVM     map[string]map[string]struct{}
 	exports  map[string]kvEntry[commands.Export]
 
-	watcher   jetstream.KeyWatcher
-	cancel    context.CancelFunc
-	done      chan struct{}
+	watcher   *kvWatcher
 	closeOnce sync.Once
 }
 
@@ -112,19 +109,13 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log,
 		ops: make(map[string]kvEntry[kvOp]), idx: make(map[string][]opRef), stats: newStats(),
 		mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
-		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export]), done: make(chan struct{})}
-	watchCtx, cancel := context.WithCancel(context.Background())
-	k.cancel = cancel
-	if k.watcher, err = kv.WatchAll(watchCtx); err != nil {
-		cancel()
-		return nil, kvErr("watch bucket", err)
+		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
+	if k.watcher, err = k.startWatch(ctx); err != nil {
+		return nil, err
 	}
-	loaded := make(chan struct{})
-	go k.watch(loaded)
 	select {
-	case <-loaded:
-	case <-k.done:
-		cancel()
+	case <-k.watcher.loaded:
+	case <-k.watcher.done:
 		return nil, fmt.Errorf("state: kv load %s: %w: watcher stopped", cfg.Bucket, ErrUnavailable)
 	case <-ctx.Done():
 		_ = k.Close(context.Background())
@@ -136,44 +127,6 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	}
 	k.log.Info("state store ready", "operations", len(k.ops), "mappings", len(k.mappings))
 	return k, nil
-}
-
-// watch applies the watcher's entries until it stops, closing loaded at
-// the end of the initial values.
-func (k *KV) watch(loaded chan struct{}) {
-	defer close(k.done)
-	for e := range k.watcher.Updates() {
-		if e == nil {
-			close(loaded) // the watcher sends nil once, after the initial values
-			continue
-		}
-		k.applyEntry(e)
-	}
-	k.log.Debug("watcher stopped")
-}
-
-// applyEntry applies one bucket entry to the indexes.
-func (k *KV) applyEntry(e jetstream.KeyValueEntry) {
-	raw := e.Value()
-	if e.Operation() != jetstream.KeyValuePut {
-		raw = nil
-	}
-	var err error
-	switch key := e.Key(); {
-	case strings.HasPrefix(key, kvOpPrefix):
-		err = k.applyOp(strings.TrimPrefix(key, kvOpPrefix), e.Revision(), raw, true)
-	case strings.HasPrefix(key, kvMappingPrefix):
-		err = k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), e.Revision(), raw, true)
-	case strings.HasPrefix(key, kvExportPrefix):
-		err = k.applyExport(strings.TrimPrefix(key, kvExportPrefix), e.Revision(), raw, true)
-	default:
-		k.mu.Lock()
-		k.seen = max(k.seen, e.Revision())
-		k.mu.Unlock()
-	}
-	if err != nil {
-		k.log.Warn("skipping bad record", "key", e.Key(), "revision", e.Revision(), "err", err)
-	}
 }
 
 // fresh reports whether revision rev should replace the in-memory entry at
@@ -1021,17 +974,13 @@ func (k *KV) Ping(ctx context.Context) error {
 	return nil
 }
 
-// Close stops the watcher and waits for it; the NATS connection stays
-// open. Closing twice is safe.
+// Close stops the watcher, waits for it and removes its consumer; the NATS
+// connection stays open. Closing twice is safe.
 func (k *KV) Close(ctx context.Context) error {
 	var err error
 	k.closeOnce.Do(func() {
-		_ = k.watcher.Stop()
-		k.cancel()
-		select {
-		case <-k.done:
-		case <-ctx.Done():
-			err = fmt.Errorf("state: kv close: %w", ctx.Err())
+		if cerr := k.watcher.close(ctx); cerr != nil {
+			err = fmt.Errorf("state: kv close: %w", cerr)
 		}
 	})
 	return err

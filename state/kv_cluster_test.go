@@ -14,8 +14,10 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/storetest"
 )
 
 // logLines is a slog handler's output, safe to read while it is written.
@@ -135,4 +137,106 @@ func TestKVSetupWhileClusterForms(t *testing.T) {
 	if info := s.CachedInfo(); info.Config.Replicas != n || info.Cluster == nil || len(info.Cluster.Replicas) != n-1 {
 		t.Fatalf("bucket stream: replicas %d, cluster %+v; want %d on the cluster", info.Config.Replicas, info.Cluster, n)
 	}
+}
+
+// TestKVWatcherOutlivesItsServer: the server holding a store's watcher
+// (an R1 consumer on any member) goes away while the store's own server,
+// the meta leader and the bucket's leader stay; a write another store
+// makes is in the first store's lists within a few seconds (the missing
+// heartbeats are noticed and the watcher goes on from another member),
+// not after the 10 to 20 s a push consumer takes to notice.
+func TestKVWatcherOutlivesItsServer(t *testing.T) {
+	const n = 3
+	c := newJSCluster(t, n)
+	for i := range n {
+		c.start(i)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	// The bucket is made through the meta leader, which leads it too.
+	leader := -1
+	testenv.Eventually(t, 30*time.Second, func() bool {
+		for i, s := range c.srvs {
+			if s.JetStreamIsLeader() {
+				leader = i
+			}
+		}
+		return leader >= 0
+	}, "a meta leader")
+	_, js := c.connect(leader)
+	bucket := nextBucket()
+	stream := "KV_" + bucket
+	open := func() *state.KV {
+		kv, err := state.NewKV(ctx, js, state.KVConfig{Bucket: bucket, Replicas: n})
+		if err != nil {
+			t.Fatalf("new kv store: %v", err)
+		}
+		return kv
+	}
+	// watcherHost is the member holding the stream's only consumer.
+	watcherHost := func() int {
+		s, err := js.Stream(ctx, stream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var hosts []string
+		for info := range s.ListConsumers(ctx).Info() {
+			if info.Cluster != nil {
+				hosts = append(hosts, info.Cluster.Leader)
+			}
+		}
+		if len(hosts) != 1 {
+			t.Fatalf("consumers of %s on %v, want the watcher alone", stream, hosts)
+		}
+		for i, s := range c.srvs {
+			if s.Name() == hosts[0] {
+				return i
+			}
+		}
+		t.Fatalf("watcher on %q, not a member", hosts[0])
+		return -1
+	}
+	// Open the store until its watcher is on another member than the
+	// leaders of the cluster and of the bucket (each try places it on one
+	// of the three at random).
+	var a *state.KV
+	victim := -1
+	for try := 0; victim < 0; try++ {
+		if try == 30 {
+			t.Fatal("the watcher was never placed off the leaders")
+		}
+		a = open()
+		host := watcherHost()
+		if host != leader && !c.srvs[host].JetStreamIsStreamLeader(server.DEFAULT_GLOBAL_ACCOUNT, stream) {
+			victim = host
+			break
+		}
+		_ = a.Close(ctx)
+		s, err := js.Stream(ctx, stream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for info := range s.ListConsumers(ctx).Info() {
+			_ = js.DeleteConsumer(ctx, stream, info.Name)
+		}
+	}
+	defer a.Close(context.Background())
+	b := newKV(t, js, bucket)
+
+	c.srvs[victim].Shutdown()
+	c.srvs[victim].WaitForShutdown()
+	killed := time.Now()
+	op := storetest.Op(1, commands.OpCreate, commands.StatusPending, "vol-1", "", time.Now())
+	if _, err := b.CreateOperation(ctx, op); err != nil {
+		t.Fatalf("write on the survivors: %v", err)
+	}
+	const within = 8 * time.Second
+	lctx, lcancel := context.WithDeadline(ctx, killed.Add(within))
+	defer lcancel()
+	ops, _, err := a.ListOperations(lctx, state.Filter{})
+	if err != nil || len(ops) != 1 || ops[0].ID != op.ID {
+		t.Fatalf("the other store's write, %v after its watcher's server went: %v %v (want it within %v)",
+			time.Since(killed).Round(time.Millisecond), ops, err, within)
+	}
+	t.Logf("seen %v after the watcher's server went", time.Since(killed).Round(time.Millisecond))
 }
