@@ -193,8 +193,13 @@ func (b *Bus) startEmbedded() (*server.Server, error) {
 	return srv, nil
 }
 
+// streamSetupTimeout bounds how long Start waits for JetStream to create
+// the streams: on a cluster, for the other members to join and a leader to
+// be elected (the state bucket's setup waits as long).
+const streamSetupTimeout = time.Minute
+
 func (b *Bus) ensureStreams(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, streamSetupTimeout)
 	defer cancel()
 	streams := []jetstream.StreamConfig{
 		{Name: StreamJobs, Subjects: []string{JobsSubjectPrefix + ">"}, Retention: jetstream.WorkQueuePolicy,
