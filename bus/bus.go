@@ -206,8 +206,13 @@ func (b *Bus) startEmbedded() (*server.Server, error) {
 	return srv, nil
 }
 
+// streamSetupTimeout bounds how long Start waits for JetStream to create
+// the streams: on a cluster, for the other members to join and a leader to
+// be elected (the state bucket's setup waits as long).
+const streamSetupTimeout = time.Minute
+
 func (b *Bus) ensureStreams(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, streamSetupTimeout)
 	defer cancel()
 	streams := []jetstream.StreamConfig{
 		{Name: StreamJobs, Subjects: []string{JobsSubjectPrefix + ">"}, Retention: jetstream.WorkQueuePolicy,
@@ -223,10 +228,11 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 	for _, sc := range streams {
 		// On a cluster that is still forming (its members start one by
 		// one) there are not yet enough servers for the replicas: wait.
-		for {
-			// Until the cluster has a leader, requests go unanswered: each
-			// try gets its own deadline.
-			tryCtx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		for try := time.Second; ; try = min(2*try, 4*time.Second) {
+			// Until the cluster has a leader, requests go unanswered, and
+			// of several members creating a stream at once only one hears
+			// back: each try gets its own deadline, short at first.
+			tryCtx, cancel := context.WithTimeout(ctx, try)
 			_, err := b.js.CreateOrUpdateStream(tryCtx, sc)
 			cancel()
 			if err == nil {

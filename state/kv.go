@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -75,9 +74,7 @@ type KV struct {
 	byVM     map[string]map[string]struct{}
 	exports  map[string]kvEntry[commands.Export]
 
-	watcher   jetstream.KeyWatcher
-	cancel    context.CancelFunc
-	done      chan struct{}
+	watcher   *kvWatcher
 	closeOnce sync.Once
 }
 
@@ -104,26 +101,21 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	kv, stream, err := openBucket(ctx, js, cfg)
+	log := cfg.Logger.With("component", "state-kv", "bucket", cfg.Bucket)
+	kv, stream, err := openBucket(ctx, js, cfg, log)
 	if err != nil {
 		return nil, err
 	}
-	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: cfg.Logger.With("component", "state-kv", "bucket", cfg.Bucket),
+	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log,
 		ops: make(map[string]kvEntry[kvOp]), idx: make(map[string][]opRef), stats: newStats(),
 		mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
-		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export]), done: make(chan struct{})}
-	watchCtx, cancel := context.WithCancel(context.Background())
-	k.cancel = cancel
-	if k.watcher, err = kv.WatchAll(watchCtx); err != nil {
-		cancel()
-		return nil, kvErr("watch bucket", err)
+		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
+	if k.watcher, err = k.startWatch(ctx); err != nil {
+		return nil, err
 	}
-	loaded := make(chan struct{})
-	go k.watch(loaded)
 	select {
-	case <-loaded:
-	case <-k.done:
-		cancel()
+	case <-k.watcher.loaded:
+	case <-k.watcher.done:
 		return nil, fmt.Errorf("state: kv load %s: %w: watcher stopped", cfg.Bucket, ErrUnavailable)
 	case <-ctx.Done():
 		_ = k.Close(context.Background())
@@ -135,44 +127,6 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	}
 	k.log.Info("state store ready", "operations", len(k.ops), "mappings", len(k.mappings))
 	return k, nil
-}
-
-// watch applies the watcher's entries until it stops, closing loaded at
-// the end of the initial values.
-func (k *KV) watch(loaded chan struct{}) {
-	defer close(k.done)
-	for e := range k.watcher.Updates() {
-		if e == nil {
-			close(loaded) // the watcher sends nil once, after the initial values
-			continue
-		}
-		k.applyEntry(e)
-	}
-	k.log.Debug("watcher stopped")
-}
-
-// applyEntry applies one bucket entry to the indexes.
-func (k *KV) applyEntry(e jetstream.KeyValueEntry) {
-	raw := e.Value()
-	if e.Operation() != jetstream.KeyValuePut {
-		raw = nil
-	}
-	var err error
-	switch key := e.Key(); {
-	case strings.HasPrefix(key, kvOpPrefix):
-		err = k.applyWatchedOp(strings.TrimPrefix(key, kvOpPrefix), e.Revision(), raw)
-	case strings.HasPrefix(key, kvMappingPrefix):
-		err = k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), e.Revision(), raw, true)
-	case strings.HasPrefix(key, kvExportPrefix):
-		err = k.applyExport(strings.TrimPrefix(key, kvExportPrefix), e.Revision(), raw, true)
-	default:
-		k.mu.Lock()
-		k.seen = max(k.seen, e.Revision())
-		k.mu.Unlock()
-	}
-	if err != nil {
-		k.log.Warn("skipping bad record", "key", e.Key(), "revision", e.Revision(), "err", err)
-	}
 }
 
 // fresh reports whether revision rev should replace the in-memory entry at
@@ -380,13 +334,34 @@ func (k *KV) setMapping(volumeID string, e kvEntry[commands.Mapping]) {
 
 // kvErr classifies a NATS error: a JetStream API reply, an invalid key or
 // a cancelled caller pass through; anything else (closed or lost
-// connection, timeouts, no responders) wraps ErrUnavailable.
+// connection, timeouts, no responders), and the API replies of a cluster
+// that cannot serve yet (clusterNotReady), wrap ErrUnavailable.
 func kvErr(op string, err error) error {
 	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) || errors.Is(err, jetstream.ErrInvalidKey) || errors.Is(err, context.Canceled) {
+	if (errors.As(err, &apiErr) && !clusterNotReady(apiErr)) || errors.Is(err, jetstream.ErrInvalidKey) || errors.Is(err, context.Canceled) {
 		return fmt.Errorf("state: kv %s: %w", op, err)
 	}
 	return fmt.Errorf("state: kv %s: %w: %w", op, ErrUnavailable, err)
+}
+
+// JetStream API error codes of a cluster that cannot serve a request yet:
+// it has no meta leader, the request reached a server that is not the
+// leader, or too few servers have joined to place every replica.
+const (
+	jsClusterNoPeers   = 10005
+	jsClusterNotAvail  = 10008
+	jsClusterNotLeader = 10009
+)
+
+// clusterNotReady reports whether a JetStream API error says the cluster
+// cannot serve yet (while it forms or elects leaders), not that the
+// request is wrong.
+func clusterNotReady(apiErr *jetstream.APIError) bool {
+	switch apiErr.ErrorCode {
+	case jsClusterNoPeers, jsClusterNotAvail, jsClusterNotLeader:
+		return true
+	}
+	return false
 }
 
 // wrongRevision reports whether err is JetStream refusing a write whose
@@ -616,8 +591,14 @@ func (k *KV) get(ctx context.Context, what, key string, v any) (uint64, error) {
 
 // bucketSetupTimeout bounds how long NewKV retries making or binding the
 // bucket while JetStream cannot answer yet (a cluster still electing its
-// leaders).
-const bucketSetupTimeout = time.Minute
+// leaders); bucketSetupTry bounds one attempt (the first ones are
+// shorter), so that a request the cluster dropped while it formed, or the
+// answer only one of several members making the bucket at once gets, is
+// asked again rather than waited for.
+const (
+	bucketSetupTimeout = time.Minute
+	bucketSetupTry     = 5 * time.Second
+)
 
 // openBucket binds the bucket, making it if it does not exist, and brings
 // its stream to what this store needs in one update, so that instances
@@ -625,17 +606,20 @@ const bucketSetupTimeout = time.Minute
 // reads: every read goes to the stream's leader (no direct get), so a read
 // after a write by another instance sees that write. JetStream that does
 // not answer yet is asked again, up to bucketSetupTimeout.
-func openBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (jetstream.KeyValue, jetstream.Stream, error) {
+func openBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig, log *slog.Logger) (jetstream.KeyValue, jetstream.Stream, error) {
 	ctx, cancel := context.WithTimeout(ctx, bucketSetupTimeout)
 	defer cancel()
-	for pause := 100 * time.Millisecond; ; pause = min(2*pause, 2*time.Second) {
-		kv, stream, err := setupBucket(ctx, js, cfg)
+	for pause, try := 100*time.Millisecond, time.Second; ; pause, try = min(2*pause, 2*time.Second), min(2*try, bucketSetupTry) {
+		tryCtx, cancelTry := context.WithTimeout(ctx, try)
+		kv, stream, err := setupBucket(tryCtx, js, cfg)
+		cancelTry()
 		if err == nil {
 			return kv, stream, nil
 		}
-		if !errors.Is(err, ErrUnavailable) {
+		if !errors.Is(err, ErrUnavailable) || ctx.Err() != nil {
 			return nil, nil, err
 		}
+		log.Debug("bucket not set up yet", "err", err)
 		select {
 		case <-ctx.Done():
 			return nil, nil, err
@@ -1020,17 +1004,13 @@ func (k *KV) Ping(ctx context.Context) error {
 	return nil
 }
 
-// Close stops the watcher and waits for it; the NATS connection stays
-// open. Closing twice is safe.
+// Close stops the watcher, waits for it and removes its consumer; the NATS
+// connection stays open. Closing twice is safe.
 func (k *KV) Close(ctx context.Context) error {
 	var err error
 	k.closeOnce.Do(func() {
-		_ = k.watcher.Stop()
-		k.cancel()
-		select {
-		case <-k.done:
-		case <-ctx.Done():
-			err = fmt.Errorf("state: kv close: %w", ctx.Err())
+		if cerr := k.watcher.close(ctx); cerr != nil {
+			err = fmt.Errorf("state: kv close: %w", cerr)
 		}
 	})
 	return err

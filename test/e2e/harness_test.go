@@ -100,7 +100,12 @@ type daemonOpts struct {
 	// natsCreds is the directory of the external cluster's credentials
 	// (daemon.creds, operator.creds, …); with natsURL.
 	natsCreds string
-	extra     []string
+	// natsConfig is the embedded server's nats.conf, written by the test
+	// (a member of an embedded cluster), with natsConfigURL the client URL
+	// it listens on; "" writes one on a free port.
+	natsConfig, natsConfigURL string
+	// extra are more flags.
+	extra []string
 	// offLoopback listens on every interface, so the API token is required.
 	offLoopback bool
 }
@@ -113,13 +118,29 @@ type cloud interface{ URL() string }
 // NATS on a free port, and waits until its API answers.
 func startDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
 	t.Helper()
+	d := newDaemon(t, sim, o)
+	d.start()
+	t.Cleanup(d.stop)
+	if o.offLoopback {
+		d.token = d.apiToken()
+	}
+	return d
+}
+
+// newDaemon prepares a volumed process startDaemon would run, without
+// starting it.
+func newDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
+	t.Helper()
 	if o.dataDir == "" {
 		o.dataDir = t.TempDir()
 	}
 	natsArgs := []string{"--nats-url", o.natsURL, "--nats-replicas", "3",
 		"--nats-creds", bus.CredsFile(o.natsCreds, bus.RoleDaemon)}
 	natsURL := o.natsURL
-	if o.natsURL == "" {
+	switch {
+	case o.natsConfig != "":
+		natsArgs, natsURL = []string{"--nats-config", o.natsConfig, "--nats-replicas", "3"}, o.natsConfigURL
+	case o.natsURL == "":
 		natsPort := testenv.FreePort(t)
 		conf := filepath.Join(o.dataDir, "nats.conf")
 		if err := os.WriteFile(conf, []byte(fmt.Sprintf("listen: 127.0.0.1:%d\njetstream {}\n", natsPort)), 0o600); err != nil {
@@ -146,11 +167,6 @@ func startDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
 	if o.redisURL != "" {
 		d.args = append(d.args, "--redis-url", o.redisURL)
 	}
-	d.start()
-	t.Cleanup(d.stop)
-	if o.offLoopback {
-		d.token = d.apiToken()
-	}
 	return d
 }
 
@@ -169,7 +185,15 @@ func (d *daemon) credsFile(role string) string {
 	return bus.CredsFile(d.credsDir, role)
 }
 
+// start runs the process and waits until its API answers.
 func (d *daemon) start() {
+	d.t.Helper()
+	d.launch()
+	d.awaitAPI()
+}
+
+// launch runs the process without waiting for it.
+func (d *daemon) launch() {
 	d.t.Helper()
 	d.out = &syncBuffer{}
 	d.cmd = exec.Command(volumedBin, d.args...)
@@ -180,6 +204,12 @@ func (d *daemon) start() {
 	}
 	d.exited = make(chan struct{})
 	go func() { _ = d.cmd.Wait(); close(d.exited) }()
+}
+
+// awaitAPI waits until the launched process's API answers (volumed
+// listens last, once everything else is up).
+func (d *daemon) awaitAPI() {
+	d.t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		resp, err := http.Get(d.api + "/health")
@@ -217,6 +247,12 @@ func (d *daemon) stop() {
 	default:
 	}
 	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	d.awaitStop()
+}
+
+// awaitStop waits for a daemon sent SIGTERM to exit and requires a clean
+// exit.
+func (d *daemon) awaitStop() {
 	select {
 	case <-d.exited:
 	case <-time.After(40 * time.Second):

@@ -1,0 +1,242 @@
+package state_test
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/storetest"
+)
+
+// logLines is a slog handler's output, safe to read while it is written.
+type logLines struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (l *logLines) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *logLines) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+// jsCluster is a JetStream cluster of n nats-servers in the test process,
+// joined by routes; start runs one member.
+type jsCluster struct {
+	t      *testing.T
+	routes []*url.URL
+	ports  []int
+	srvs   []*server.Server
+}
+
+func newJSCluster(t *testing.T, n int) *jsCluster {
+	t.Helper()
+	c := &jsCluster{t: t, ports: make([]int, n), srvs: make([]*server.Server, n)}
+	for i := range c.ports {
+		c.ports[i] = testenv.FreePort(t)
+		c.routes = append(c.routes, &url.URL{Scheme: "nats-route", Host: fmt.Sprintf("127.0.0.1:%d", c.ports[i])})
+	}
+	return c
+}
+
+// start runs member i (named s<i+1>) and waits until it takes clients.
+func (c *jsCluster) start(i int) *server.Server {
+	c.t.Helper()
+	srv, err := server.NewServer(&server.Options{ServerName: fmt.Sprintf("s%d", i+1), Host: "127.0.0.1", Port: server.RANDOM_PORT,
+		JetStream: true, StoreDir: c.t.TempDir(), NoLog: true, NoSigs: true, Routes: c.routes,
+		Cluster: server.ClusterOpts{Name: "kv-test", Host: "127.0.0.1", Port: c.ports[i]}})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	srv.Start()
+	c.t.Cleanup(srv.Shutdown)
+	if !srv.ReadyForConnections(10 * time.Second) {
+		c.t.Fatalf("server %d not ready", i+1)
+	}
+	c.srvs[i] = srv
+	return srv
+}
+
+// connect opens a JetStream client on one member only.
+func (c *jsCluster) connect(i int) (*nats.Conn, jetstream.JetStream) {
+	c.t.Helper()
+	nc, err := nats.Connect(c.srvs[i].ClientURL())
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return nc, js
+}
+
+// TestKVSetupWhileClusterForms: a store started on the first server of a
+// three-server cluster, before the others are up (no meta leader, so its
+// requests go unanswered), is set up once they join, with three replicas.
+func TestKVSetupWhileClusterForms(t *testing.T) {
+	const n = 3
+	c := newJSCluster(t, n)
+	c.start(0)
+	_, js := c.connect(0)
+	logs := &logLines{}
+	type result struct {
+		kv  *state.KV
+		err error
+	}
+	done := make(chan result, 1)
+	bucket := nextBucket()
+	go func() {
+		kv, err := state.NewKV(context.Background(), js, state.KVConfig{Bucket: bucket, Replicas: n,
+			Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+		done <- result{kv, err}
+	}()
+	testenv.Eventually(t, 30*time.Second, func() bool { return strings.Contains(logs.String(), "bucket not set up yet") },
+		"a setup attempt failing on the lone server")
+	for i := 1; i < n; i++ {
+		c.start(i)
+	}
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(90 * time.Second):
+		t.Fatalf("store not set up 90s after the cluster was complete:\n%s", logs.String())
+	}
+	if r.err != nil {
+		t.Fatalf("store on a forming cluster: %v\n%s", r.err, logs.String())
+	}
+	defer r.kv.Close(context.Background())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := r.kv.Ping(ctx); err != nil {
+		t.Fatalf("ping: %v", err)
+	}
+	s, err := js.Stream(ctx, "KV_"+bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info := s.CachedInfo(); info.Config.Replicas != n || info.Cluster == nil || len(info.Cluster.Replicas) != n-1 {
+		t.Fatalf("bucket stream: replicas %d, cluster %+v; want %d on the cluster", info.Config.Replicas, info.Cluster, n)
+	}
+}
+
+// TestKVWatcherOutlivesItsServer: the server holding a store's watcher
+// (an R1 consumer on any member) goes away while the store's own server,
+// the meta leader and the bucket's leader stay; a write another store
+// makes is in the first store's lists within a few seconds (the missing
+// heartbeats are noticed and the watcher goes on from another member),
+// not after the 10 to 20 s a push consumer takes to notice.
+func TestKVWatcherOutlivesItsServer(t *testing.T) {
+	const n = 3
+	c := newJSCluster(t, n)
+	for i := range n {
+		c.start(i)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	// The bucket is made through the meta leader, which leads it too.
+	leader := -1
+	testenv.Eventually(t, 30*time.Second, func() bool {
+		for i, s := range c.srvs {
+			if s.JetStreamIsLeader() {
+				leader = i
+			}
+		}
+		return leader >= 0
+	}, "a meta leader")
+	_, js := c.connect(leader)
+	bucket := nextBucket()
+	stream := "KV_" + bucket
+	open := func() *state.KV {
+		kv, err := state.NewKV(ctx, js, state.KVConfig{Bucket: bucket, Replicas: n})
+		if err != nil {
+			t.Fatalf("new kv store: %v", err)
+		}
+		return kv
+	}
+	// watcherHost is the member holding the stream's only consumer.
+	watcherHost := func() int {
+		s, err := js.Stream(ctx, stream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var hosts []string
+		for info := range s.ListConsumers(ctx).Info() {
+			if info.Cluster != nil {
+				hosts = append(hosts, info.Cluster.Leader)
+			}
+		}
+		if len(hosts) != 1 {
+			t.Fatalf("consumers of %s on %v, want the watcher alone", stream, hosts)
+		}
+		for i, s := range c.srvs {
+			if s.Name() == hosts[0] {
+				return i
+			}
+		}
+		t.Fatalf("watcher on %q, not a member", hosts[0])
+		return -1
+	}
+	// Open the store until its watcher is on another member than the
+	// leaders of the cluster and of the bucket (each try places it on one
+	// of the three at random).
+	var a *state.KV
+	victim := -1
+	for try := 0; victim < 0; try++ {
+		if try == 30 {
+			t.Fatal("the watcher was never placed off the leaders")
+		}
+		a = open()
+		host := watcherHost()
+		if host != leader && !c.srvs[host].JetStreamIsStreamLeader(server.DEFAULT_GLOBAL_ACCOUNT, stream) {
+			victim = host
+			break
+		}
+		_ = a.Close(ctx)
+		s, err := js.Stream(ctx, stream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for info := range s.ListConsumers(ctx).Info() {
+			_ = js.DeleteConsumer(ctx, stream, info.Name)
+		}
+	}
+	defer a.Close(context.Background())
+	b := newKV(t, js, bucket)
+
+	c.srvs[victim].Shutdown()
+	c.srvs[victim].WaitForShutdown()
+	killed := time.Now()
+	op := storetest.Op(1, commands.OpCreate, commands.StatusPending, "vol-1", "", time.Now())
+	if _, err := b.CreateOperation(ctx, op); err != nil {
+		t.Fatalf("write on the survivors: %v", err)
+	}
+	const within = 8 * time.Second
+	lctx, lcancel := context.WithDeadline(ctx, killed.Add(within))
+	defer lcancel()
+	ops, _, err := a.ListOperations(lctx, state.Filter{})
+	if err != nil || len(ops) != 1 || ops[0].ID != op.ID {
+		t.Fatalf("the other store's write, %v after its watcher's server went: %v %v (want it within %v)",
+			time.Since(killed).Round(time.Millisecond), ops, err, within)
+	}
+	t.Logf("seen %v after the watcher's server went", time.Since(killed).Round(time.Millisecond))
+}
