@@ -182,17 +182,6 @@ func (h *harness) reconcile(t *testing.T) commands.SyncResult {
 	return res
 }
 
-// mentioning returns the changes that name s.
-func mentioning(changes []string, s string) []string {
-	var out []string
-	for _, c := range changes {
-		if strings.Contains(c, s) {
-			out = append(out, c)
-		}
-	}
-	return out
-}
-
 // TestReconcileResolvesTimedOutJobs: for each operation type and what
 // became of the CloudStack job it timed out on, the reconcile records the
 // job's end on the operation (job_may_run false, job_status, resolved_at,
@@ -316,12 +305,12 @@ func TestReconcileResolvesTimedOutJobs(t *testing.T) {
 				if got.Revision != op.Revision || got.Details[commands.DetailJobMayRun] != op.Details[commands.DetailJobMayRun] {
 					t.Fatalf("operation changed: %+v", got)
 				}
-				if c := mentioning(res.Changes, op.ID); len(c) != 0 {
+				if c := testenv.Mentioning(res.Changes, op.ID); len(c) != 0 {
 					t.Fatalf("changes name the untouched operation: %q", c)
 				}
 			} else {
 				checkResolved(t, op, got, tc.status, jobID, start)
-				if c := mentioning(res.Changes, op.ID); len(c) != 1 || !strings.Contains(c[0], jobID) {
+				if c := testenv.Mentioning(res.Changes, op.ID); len(c) != 1 || !strings.Contains(c[0], jobID) {
 					t.Fatalf("changes %q: want one line naming operation %s and its job", res.Changes, op.ID)
 				}
 				msg, err := events.NextMsg(5 * time.Second)
@@ -346,17 +335,17 @@ func TestReconcileResolvesTimedOutJobs(t *testing.T) {
 				t.Errorf("details of a job that did not fail name an error: %v", got.Details)
 			}
 			checkMapping(t, h.store, volID, tc.mapped)
-			if tc.mapped && tc.typ == commands.OpAttach && len(mentioning(res.Changes, "recorded the mapping of volume "+volID)) != 1 {
+			if tc.mapped && tc.typ == commands.OpAttach && len(testenv.Mentioning(res.Changes, "recorded the mapping of volume "+volID)) != 1 {
 				t.Errorf("changes %q do not say the mapping was recorded", res.Changes)
 			}
-			if tc.typ == commands.OpDetach && !tc.mapped && len(mentioning(res.Changes, "removed mapping of volume "+volID)) != 1 {
+			if tc.typ == commands.OpDetach && !tc.mapped && len(testenv.Mentioning(res.Changes, "removed mapping of volume "+volID)) != 1 {
 				t.Errorf("changes %q do not say the mapping was removed", res.Changes)
 			}
 
 			// Again: nothing more to do, and CloudStack was never asked to
 			// do anything.
 			res = h.reconcile(t)
-			if c := mentioning(res.Changes, volID); len(c) != 0 {
+			if c := testenv.Mentioning(res.Changes, volID); len(c) != 0 {
 				t.Fatalf("second reconcile changed %q", c)
 			}
 			again, err := h.store.GetOperation(ctx, op.ID)
@@ -477,7 +466,7 @@ func TestReconcileResolutionStaleWrite(t *testing.T) {
 	rs.opID = op.ID
 
 	res := h.reconcile(t)
-	if c := mentioning(res.Changes, op.ID); len(c) != 0 || !rs.raced.Load() {
+	if c := testenv.Mentioning(res.Changes, op.ID); len(c) != 0 || !rs.raced.Load() {
 		t.Fatalf("a stale annotation is reported: %q (raced %v)", c, rs.raced.Load())
 	}
 	got, err := h.store.GetOperation(context.Background(), op.ID)
@@ -486,7 +475,7 @@ func TestReconcileResolutionStaleWrite(t *testing.T) {
 	}
 
 	res = h.reconcile(t)
-	if c := mentioning(res.Changes, op.ID); len(c) != 1 {
+	if c := testenv.Mentioning(res.Changes, op.ID); len(c) != 1 {
 		t.Fatalf("next reconcile: changes %q, want the resolution", res.Changes)
 	}
 	got, err = h.store.GetOperation(context.Background(), op.ID)
@@ -514,7 +503,7 @@ func TestReconcileResolvesPastThePage(t *testing.T) {
 	}
 	queries := h.sim.Stats().Calls["queryAsyncJobResult"]
 	res := h.reconcile(t)
-	if c := mentioning(res.Changes, op.ID); len(c) != 1 {
+	if c := testenv.Mentioning(res.Changes, op.ID); len(c) != 1 {
 		t.Fatalf("changes %q: want the resolution of %s", res.Changes, op.ID)
 	}
 	if n := h.sim.Stats().Calls["queryAsyncJobResult"] - queries; n != 1 {

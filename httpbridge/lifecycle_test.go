@@ -1,7 +1,6 @@
 package httpbridge_test
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -99,26 +97,8 @@ func TestLifecycle(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for the server's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) lines() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return strings.Split(strings.TrimSpace(s.b.String()), "\n")
-}
-
 func TestRequestLog(t *testing.T) {
-	var logs syncBuffer
+	var logs testenv.Buffer
 	cfg := baseConfig(t)
 	cfg.Logger = slog.New(slog.NewJSONHandler(&logs, nil))
 	s := httpbridge.New(cfg)
@@ -136,7 +116,7 @@ func TestRequestLog(t *testing.T) {
 	}{{"/api/v1/devices/dev%2Fvdb%2F..%2Fsda/volume", 400}, {"/api/v1/volumes/" + volPanic, 500}}
 	testenv.Eventually(t, 5*time.Second, func() bool {
 		found := 0
-		for _, line := range logs.lines() {
+		for _, line := range logs.Lines() {
 			var rec map[string]any
 			if json.Unmarshal([]byte(line), &rec) != nil || rec["msg"] != "request" {
 				continue
@@ -149,5 +129,5 @@ func TestRequestLog(t *testing.T) {
 			}
 		}
 		return found == len(want)
-	}, "request log lines for %v in %v", want, logs.lines())
+	}, "request log lines for %v in %v", want, logs.Lines())
 }

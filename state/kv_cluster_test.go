@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net/url"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -19,24 +18,6 @@ import (
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/state/storetest"
 )
-
-// logLines is a slog handler's output, safe to read while it is written.
-type logLines struct {
-	mu  sync.Mutex
-	buf strings.Builder
-}
-
-func (l *logLines) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logLines) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
 
 // jsCluster is a JetStream cluster of n nats-servers in the test process,
 // joined by routes; start runs one member.
@@ -98,7 +79,7 @@ func TestKVSetupWhileClusterForms(t *testing.T) {
 	c := newJSCluster(t, n)
 	c.start(0)
 	_, js := c.connect(0)
-	logs := &logLines{}
+	logs := &testenv.Buffer{}
 	type result struct {
 		kv  *state.KV
 		err error

@@ -4,8 +4,11 @@
 package testenv
 
 import (
+	"bytes"
 	"fmt"
 	"os"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -58,4 +61,42 @@ func Eventually(t testing.TB, timeout time.Duration, cond func() bool, format st
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// Buffer collects output (a process's, a logger's) that a test reads
+// while it is written.
+type Buffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+// Write appends p.
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// String is everything written so far.
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// Lines is everything written so far, a line each, without the last
+// newline.
+func (b *Buffer) Lines() []string {
+	return strings.Split(strings.TrimSpace(b.String()), "\n")
+}
+
+// Mentioning returns the lines that contain s.
+func Mentioning(lines []string, s string) []string {
+	var out []string
+	for _, l := range lines {
+		if strings.Contains(l, s) {
+			out = append(out, l)
+		}
+	}
+	return out
 }

@@ -216,7 +216,7 @@ func TestSeparateAgentProcess(t *testing.T) {
 func startAgentProcess(t *testing.T, d *daemon) {
 	t.Helper()
 	creds := d.agentCreds(cloudsim.ApplianceVMID)
-	out := &syncBuffer{}
+	out := &testenv.Buffer{}
 	agent := exec.Command(volumedBin, "agent", "--vm-id", cloudsim.ApplianceVMID, "--nats-url", d.natsURL,
 		"--nats-creds", creds, "--name-dir", d.nameDir(), "--log-level", "debug")
 	agent.Stdout, agent.Stderr = out, out

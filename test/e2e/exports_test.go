@@ -122,7 +122,7 @@ func (d *daemon) clientsOf(vol string) int {
 type heldClient struct {
 	cmd  *exec.Cmd
 	in   io.WriteCloser
-	out  *syncBuffer
+	out  *testenv.Buffer
 	done chan struct{}
 }
 
@@ -134,7 +134,7 @@ func holdClient(t *testing.T, uri string, readOnly bool) *heldClient {
 	if readOnly {
 		args = append(args, "-r")
 	}
-	c := &heldClient{cmd: exec.Command("qemu-io", append(args, uri)...), out: &syncBuffer{}, done: make(chan struct{})}
+	c := &heldClient{cmd: exec.Command("qemu-io", append(args, uri)...), out: &testenv.Buffer{}, done: make(chan struct{})}
 	c.cmd.Stdout, c.cmd.Stderr = c.out, c.out
 	var err error
 	if c.in, err = c.cmd.StdinPipe(); err != nil {

@@ -11,7 +11,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -86,7 +85,7 @@ type daemon struct {
 	// token is sent on every call when set (a daemon listening off loopback).
 	token  string
 	cmd    *exec.Cmd
-	out    *syncBuffer
+	out    *testenv.Buffer
 	exited chan struct{}
 }
 
@@ -195,7 +194,7 @@ func (d *daemon) start() {
 // launch runs the process without waiting for it.
 func (d *daemon) launch() {
 	d.t.Helper()
-	d.out = &syncBuffer{}
+	d.out = &testenv.Buffer{}
 	d.cmd = exec.Command(volumedBin, d.args...)
 	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
 	d.cmd.Env = append(os.Environ(), "GORACE=halt_on_error=1")
@@ -439,25 +438,6 @@ func (d *daemon) createVolume(name string, gib int64) string {
 	return done.VolumeID
 }
 
-// syncBuffer is a bytes.Buffer safe for the process's writes and the
-// test's reads.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // simProcess is the cloudsim binary running as its own process, driven
 // through its control endpoint.
 type simProcess struct {
@@ -469,7 +449,7 @@ type simProcess struct {
 func startSimProcess(t *testing.T) *simProcess {
 	t.Helper()
 	p := &simProcess{t: t, addr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}
-	out := &syncBuffer{}
+	out := &testenv.Buffer{}
 	cmd := exec.Command(cloudsimBin, "--listen", p.addr, "--state-dir", t.TempDir(), "--local-devices", "off",
 		"--job-duration", "50ms")
 	cmd.Stdout, cmd.Stderr = out, out

@@ -77,7 +77,7 @@ func TestMakeRun(t *testing.T) {
 // volumed it started are gone.
 func runScript(t *testing.T, env []string, c *client.Client, use func()) {
 	t.Helper()
-	out := &syncBuffer{}
+	out := &testenv.Buffer{}
 	cmd := exec.Command("bash", "../../scripts/run.sh")
 	cmd.Env, cmd.Stdout, cmd.Stderr = env, out, out
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

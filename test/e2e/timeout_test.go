@@ -81,7 +81,7 @@ func TestTimedOutJobsResolvedBySync(t *testing.T) {
 	var res commands.SyncResult
 	d.mustCall(http.StatusOK, http.MethodPost, "/admin/force-sync", nil, &res)
 	for _, op := range []commands.Operation{create, attach} {
-		if n := len(mentioning(res.Changes, op.ID)); n != 1 {
+		if n := len(testenv.Mentioning(res.Changes, op.ID)); n != 1 {
 			t.Fatalf("force-sync changes %q: want one line for operation %s", res.Changes, op.ID)
 		}
 	}
@@ -131,20 +131,9 @@ func TestTimedOutAttachHereMapsItsDevice(t *testing.T) {
 	d.mustCall(http.StatusNotFound, http.MethodGet, "/volumes/"+vol+"/device", nil, nil)
 	var res commands.SyncResult
 	d.mustCall(http.StatusOK, http.MethodPost, "/admin/force-sync", nil, &res)
-	if len(mentioning(res.Changes, op.ID)) != 1 {
+	if len(testenv.Mentioning(res.Changes, op.ID)) != 1 {
 		t.Fatalf("force-sync changes %q: want the resolution of %s", res.Changes, op.ID)
 	}
 	d.resolved(op.ID)
 	d.requireMapped(sim, vol)
-}
-
-// mentioning returns the changes that name s.
-func mentioning(changes []string, s string) []string {
-	var out []string
-	for _, c := range changes {
-		if strings.Contains(c, s) {
-			out = append(out, c)
-		}
-	}
-	return out
 }
