@@ -2,16 +2,12 @@ package state_test
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
-	"net/url"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
@@ -19,66 +15,14 @@ import (
 	"github.com/volumed/volumed/state/storetest"
 )
 
-// jsCluster is a JetStream cluster of n nats-servers in the test process,
-// joined by routes; start runs one member.
-type jsCluster struct {
-	t      *testing.T
-	routes []*url.URL
-	ports  []int
-	srvs   []*server.Server
-}
-
-func newJSCluster(t *testing.T, n int) *jsCluster {
-	t.Helper()
-	c := &jsCluster{t: t, ports: make([]int, n), srvs: make([]*server.Server, n)}
-	for i := range c.ports {
-		c.ports[i] = testenv.FreePort(t)
-		c.routes = append(c.routes, &url.URL{Scheme: "nats-route", Host: fmt.Sprintf("127.0.0.1:%d", c.ports[i])})
-	}
-	return c
-}
-
-// start runs member i (named s<i+1>) and waits until it takes clients.
-func (c *jsCluster) start(i int) *server.Server {
-	c.t.Helper()
-	srv, err := server.NewServer(&server.Options{ServerName: fmt.Sprintf("s%d", i+1), Host: "127.0.0.1", Port: server.RANDOM_PORT,
-		JetStream: true, StoreDir: c.t.TempDir(), NoLog: true, NoSigs: true, Routes: c.routes,
-		Cluster: server.ClusterOpts{Name: "kv-test", Host: "127.0.0.1", Port: c.ports[i]}})
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	srv.Start()
-	c.t.Cleanup(srv.Shutdown)
-	if !srv.ReadyForConnections(10 * time.Second) {
-		c.t.Fatalf("server %d not ready", i+1)
-	}
-	c.srvs[i] = srv
-	return srv
-}
-
-// connect opens a JetStream client on one member only.
-func (c *jsCluster) connect(i int) (*nats.Conn, jetstream.JetStream) {
-	c.t.Helper()
-	nc, err := nats.Connect(c.srvs[i].ClientURL())
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	c.t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	return nc, js
-}
-
 // TestKVSetupWhileClusterForms: a store started on the first server of a
 // three-server cluster, before the others are up (no meta leader, so its
 // requests go unanswered), is set up once they join, with three replicas.
 func TestKVSetupWhileClusterForms(t *testing.T) {
 	const n = 3
-	c := newJSCluster(t, n)
-	c.start(0)
-	_, js := c.connect(0)
+	c := testenv.NewJSCluster(t, n)
+	c.Start(0)
+	_, js := c.Connect(0)
 	logs := &testenv.Buffer{}
 	type result struct {
 		kv  *state.KV
@@ -94,7 +38,7 @@ func TestKVSetupWhileClusterForms(t *testing.T) {
 	testenv.Eventually(t, 30*time.Second, func() bool { return strings.Contains(logs.String(), "bucket not set up yet") },
 		"a setup attempt failing on the lone server")
 	for i := 1; i < n; i++ {
-		c.start(i)
+		c.Start(i)
 	}
 	var r result
 	select {
@@ -128,23 +72,15 @@ func TestKVSetupWhileClusterForms(t *testing.T) {
 // not after the 10 to 20 s a push consumer takes to notice.
 func TestKVWatcherOutlivesItsServer(t *testing.T) {
 	const n = 3
-	c := newJSCluster(t, n)
+	c := testenv.NewJSCluster(t, n)
 	for i := range n {
-		c.start(i)
+		c.Start(i)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	// The bucket is made through the meta leader, which leads it too.
-	leader := -1
-	testenv.Eventually(t, 30*time.Second, func() bool {
-		for i, s := range c.srvs {
-			if s.JetStreamIsLeader() {
-				leader = i
-			}
-		}
-		return leader >= 0
-	}, "a meta leader")
-	_, js := c.connect(leader)
+	leader := c.MetaLeader()
+	_, js := c.Connect(leader)
 	bucket := nextBucket()
 	stream := "KV_" + bucket
 	open := func() *state.KV {
@@ -169,7 +105,7 @@ func TestKVWatcherOutlivesItsServer(t *testing.T) {
 		if len(hosts) != 1 {
 			t.Fatalf("consumers of %s on %v, want the watcher alone", stream, hosts)
 		}
-		for i, s := range c.srvs {
+		for i, s := range c.Srvs {
 			if s.Name() == hosts[0] {
 				return i
 			}
@@ -188,7 +124,7 @@ func TestKVWatcherOutlivesItsServer(t *testing.T) {
 		}
 		a = open()
 		host := watcherHost()
-		if host != leader && !c.srvs[host].JetStreamIsStreamLeader(server.DEFAULT_GLOBAL_ACCOUNT, stream) {
+		if host != leader && !c.Srvs[host].JetStreamIsStreamLeader(server.DEFAULT_GLOBAL_ACCOUNT, stream) {
 			victim = host
 			break
 		}
@@ -204,8 +140,8 @@ func TestKVWatcherOutlivesItsServer(t *testing.T) {
 	defer a.Close(context.Background())
 	b := newKV(t, js, bucket)
 
-	c.srvs[victim].Shutdown()
-	c.srvs[victim].WaitForShutdown()
+	c.Srvs[victim].Shutdown()
+	c.Srvs[victim].WaitForShutdown()
 	killed := time.Now()
 	op := storetest.Op(1, commands.OpCreate, commands.StatusPending, "vol-1", "", time.Now())
 	if _, err := b.CreateOperation(ctx, op); err != nil {

@@ -26,6 +26,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/handlers"
+	"github.com/volumed/volumed/internal/follow"
 	"github.com/volumed/volumed/internal/lifecycle"
 	"github.com/volumed/volumed/state"
 )
@@ -119,12 +120,12 @@ type Correlator struct {
 
 	events atomic.Int64
 
-	healQ   chan string
-	consume jetstream.ConsumeContext
-	ctx     context.Context
-	cancel  context.CancelFunc
-	wg      sync.WaitGroup
-	closer  lifecycle.Stopper
+	healQ  chan string
+	reader *follow.Reader
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	closer lifecycle.Stopper
 }
 
 var _ handlers.DeviceCorrelator = (*Correlator)(nil)
@@ -214,11 +215,12 @@ func New(cfg Config) *Correlator {
 	}
 }
 
-// Start follows every agent's device events through one ordered consumer
-// of stream VOLUMED_DEVICES (so each VM's events are applied in the order
-// its agent stored them), from Config.Replay ago, then in the background
-// re-sends the persistent-name set of each VM with mappings whose agent
-// answers, and heals its missing mappings.
+// Start follows every agent's device events through one reader of stream
+// VOLUMED_DEVICES (package follow: each VM's events are applied in the
+// order its agent stored them, and the reader goes on from the next event
+// when the cluster member holding its consumer goes), from Config.Replay
+// ago, then in the background re-sends the persistent-name set of each VM
+// with mappings whose agent answers, and heals its missing mappings.
 func (c *Correlator) Start(ctx context.Context) error {
 	if c.cfg.Conn == nil || c.cfg.Store == nil {
 		return errors.New("correlate: Conn and Store are required")
@@ -236,16 +238,13 @@ func (c *Correlator) Start(ctx context.Context) error {
 	for _, a := range []commands.DeviceAction{commands.DeviceAdd, commands.DeviceRemove, commands.DeviceChange} {
 		filters = append(filters, commands.DeviceSubject("*", a))
 	}
-	cons, err := js.OrderedConsumer(ctx, bus.StreamDevices, jetstream.OrderedConsumerConfig{
-		FilterSubjects: filters, DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &from})
+	r, err := follow.Start(ctx, js, follow.Config{Stream: bus.StreamDevices, FilterSubjects: filters,
+		DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &from, Logger: c.log}, c.onEvent)
 	if err != nil {
 		c.stop()
-		return fmt.Errorf("correlate: device events consumer: %w", err)
+		return fmt.Errorf("correlate: device events: %w", err)
 	}
-	if c.consume, err = cons.Consume(c.onEvent); err != nil {
-		c.stop()
-		return fmt.Errorf("correlate: consume device events: %w", err)
-	}
+	c.reader = r
 	c.wg.Add(2)
 	go c.healLoop()
 	go c.resync()
@@ -263,8 +262,10 @@ func (c *Correlator) Close(ctx context.Context) error {
 }
 
 func (c *Correlator) stop() {
-	if c.consume != nil {
-		c.consume.Stop()
+	if c.reader != nil {
+		// Bounded by the reader: the event in hand, then a second to
+		// remove its consumer.
+		_ = c.reader.Close(context.Background())
 	}
 	if c.cancel != nil {
 		c.cancel()

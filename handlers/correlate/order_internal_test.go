@@ -3,6 +3,7 @@ package correlate
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"testing"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
@@ -151,7 +153,7 @@ func TestArrivalsReplayedAtStart(t *testing.T) {
 			}
 			defer c.Close(context.Background())
 			// A later event of another VM: once it is applied, every older
-			// one in the window was (the consumer is ordered).
+			// one in the window was (events are read in stream order).
 			mark := uuid.NewString()
 			md := d
 			md.VMID, md.Time = mark, time.Now().UTC()
@@ -175,5 +177,78 @@ func TestArrivalsReplayedAtStart(t *testing.T) {
 				t.Fatalf("arrival %v, stored between %v and %v", at, before, after)
 			}
 		})
+	}
+}
+
+// TestEventsAfterConsumerLost: the consumer the correlator reads the
+// device events through goes (as with the cluster member holding it); the
+// events stored afterwards are applied, after the earlier ones, each once
+// and with no gap in the VM's numbering (a gap would list the VM again).
+func TestEventsAfterConsumerLost(t *testing.T) {
+	b := testenv.StartBus(t)
+	js := b.JetStream()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	store, err := state.NewKV(ctx, js, state.KVConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = store.Close(context.Background()) })
+	c := New(Config{Conn: b.Conn(), JetStream: js, Store: store, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close(context.Background()) })
+	vm := uuid.NewString()
+	emit := func(seq uint64) {
+		d := commands.Device{Action: commands.DeviceAdd, VMID: vm, Name: fmt.Sprintf("vd%c", 'b'+rune(seq)),
+			Major: 252, Minor: 16 * int(seq), Size: 1 << 30, DiskSeq: 30 + seq, Epoch: "run1", EventSeq: seq,
+			Time: time.Now().UTC()}
+		d.Path = d.Identity().Path()
+		data, err := json.Marshal(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := js.Publish(ctx, commands.DeviceSubject(vm, commands.DeviceAdd), data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	applied := func(seq uint64) func() bool {
+		return func() bool {
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			tb := c.vms[vm]
+			return tb != nil && tb.seq >= seq
+		}
+	}
+	emit(1)
+	testenv.Eventually(t, 10*time.Second, applied(1), "event #1 applied")
+	c.mu.Lock()
+	c.vms[vm].listed = true // as after a list: a gap clears it
+	c.mu.Unlock()
+
+	s, err := js.Stream(ctx, bus.StreamDevices)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for info := range s.ListConsumers(ctx).Info() {
+		names = append(names, info.Name)
+	}
+	if len(names) != 1 {
+		t.Fatalf("consumers of the device events %v, want the correlator's alone", names)
+	}
+	if err := js.DeleteConsumer(ctx, bus.StreamDevices, names[0]); err != nil {
+		t.Fatal(err)
+	}
+	emit(2)
+	emit(3)
+	testenv.Eventually(t, 10*time.Second, applied(3), "events #2 and #3 applied after the consumer went")
+	time.Sleep(200 * time.Millisecond) // none more after
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	tb := c.vms[vm]
+	if n := c.events.Load(); n != 3 || len(tb.devices) != 3 || !tb.listed {
+		t.Fatalf("%d events received, devices %v, listed %v: want each of 3 once, in order", n, tb.devices, tb.listed)
 	}
 }

@@ -1,0 +1,84 @@
+package testenv
+
+import (
+	"fmt"
+	"net/url"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// JSCluster is a JetStream cluster of nats-servers in the test process,
+// joined by routes; Start runs one member.
+type JSCluster struct {
+	t      testing.TB
+	routes []*url.URL
+	ports  []int
+	// Srvs are the members by index, nil until started.
+	Srvs []*server.Server
+}
+
+// NewJSCluster returns a cluster of n members, none started.
+func NewJSCluster(t testing.TB, n int) *JSCluster {
+	t.Helper()
+	c := &JSCluster{t: t, ports: make([]int, n), Srvs: make([]*server.Server, n)}
+	for i := range c.ports {
+		c.ports[i] = FreePort(t)
+		c.routes = append(c.routes, &url.URL{Scheme: "nats-route", Host: fmt.Sprintf("127.0.0.1:%d", c.ports[i])})
+	}
+	return c
+}
+
+// Start runs member i (named s<i+1>), shut down when the test ends, and
+// waits until it takes clients.
+func (c *JSCluster) Start(i int) *server.Server {
+	c.t.Helper()
+	srv, err := server.NewServer(&server.Options{ServerName: fmt.Sprintf("s%d", i+1), Host: "127.0.0.1", Port: server.RANDOM_PORT,
+		JetStream: true, StoreDir: c.t.TempDir(), NoLog: true, NoSigs: true, Routes: c.routes,
+		Cluster: server.ClusterOpts{Name: "test", Host: "127.0.0.1", Port: c.ports[i]}})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	srv.Start()
+	c.t.Cleanup(srv.Shutdown)
+	if !srv.ReadyForConnections(10 * time.Second) {
+		c.t.Fatalf("server %d not ready", i+1)
+	}
+	c.Srvs[i] = srv
+	return srv
+}
+
+// MetaLeader waits up to 30 s for a member to lead the cluster's
+// JetStream and returns its index.
+func (c *JSCluster) MetaLeader() int {
+	c.t.Helper()
+	leader := -1
+	Eventually(c.t, 30*time.Second, func() bool {
+		for i, s := range c.Srvs {
+			if s != nil && s.JetStreamIsLeader() {
+				leader = i
+			}
+		}
+		return leader >= 0
+	}, "a meta leader")
+	return leader
+}
+
+// Connect opens a JetStream client on member i only, closed when the test
+// ends.
+func (c *JSCluster) Connect(i int) (*nats.Conn, jetstream.JetStream) {
+	c.t.Helper()
+	nc, err := nats.Connect(c.Srvs[i].ClientURL())
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return nc, js
+}
