@@ -171,9 +171,11 @@ func TestReaderOutlivesItsServer(t *testing.T) {
 	leader := c.MetaLeader()
 	_, js := c.Connect(leader)
 	const stream = "FOLLOW"
-	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: stream, Subjects: []string{"follow.>"}, Replicas: n}); err != nil {
-		t.Fatal(err)
-	}
+	// Until every peer has reported in, placing three replicas fails.
+	testenv.Eventually(t, 30*time.Second, func() bool {
+		_, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: stream, Subjects: []string{"follow.>"}, Replicas: n})
+		return err == nil
+	}, "a stream of %d replicas made", n)
 	want := publish(ctx, t, js, "follow.a", 0, 5)
 	// Start readers until one's consumer is on another member than the
 	// leaders (each try places it on one of the three at random).
