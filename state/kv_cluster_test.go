@@ -72,15 +72,10 @@ func TestKVSetupWhileClusterForms(t *testing.T) {
 // not after the 10 to 20 s a push consumer takes to notice.
 func TestKVWatcherOutlivesItsServer(t *testing.T) {
 	const n = 3
-	c := testenv.NewJSCluster(t, n)
-	for i := range n {
-		c.Start(i)
-	}
+	// The bucket is made through the meta leader, which leads it too.
+	c, leader, js := testenv.StartJSCluster(t, n)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	// The bucket is made through the meta leader, which leads it too.
-	leader := c.MetaLeader()
-	_, js := c.Connect(leader)
 	bucket := nextBucket()
 	stream := "KV_" + bucket
 	open := func() *state.KV {

@@ -161,15 +161,10 @@ func TestReaderFilterStartClose(t *testing.T) {
 // none lost, none twice.
 func TestReaderOutlivesItsServer(t *testing.T) {
 	const n = 3
-	c := testenv.NewJSCluster(t, n)
-	for i := range n {
-		c.Start(i)
-	}
+	// The stream is made through the meta leader, which leads it too.
+	c, leader, js := testenv.StartJSCluster(t, n)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	// The stream is made through the meta leader, which leads it too.
-	leader := c.MetaLeader()
-	_, js := c.Connect(leader)
 	const stream = "FOLLOW"
 	// Until every peer has reported in, placing three replicas fails.
 	testenv.Eventually(t, 30*time.Second, func() bool {

@@ -82,3 +82,17 @@ func (c *JSCluster) Connect(i int) (*nats.Conn, jetstream.JetStream) {
 	}
 	return nc, js
 }
+
+// StartJSCluster runs a whole cluster of n members and returns it, the
+// index of its meta leader, and a JetStream client on that member (where
+// what it makes is led, too).
+func StartJSCluster(t testing.TB, n int) (c *JSCluster, leader int, js jetstream.JetStream) {
+	t.Helper()
+	c = NewJSCluster(t, n)
+	for i := range n {
+		c.Start(i)
+	}
+	leader = c.MetaLeader()
+	_, js = c.Connect(leader)
+	return c, leader, js
+}
