@@ -220,25 +220,15 @@ func (c *Client) ListVolumes(ctx context.Context, f ListFilter) ([]Volume, error
 
 // listVolumes pages through listVolumes with the parameters set sets.
 func (c *Client) listVolumes(ctx context.Context, set func(*cloudstack.ListVolumesParams)) ([]Volume, error) {
-	var out []Volume
-	for page := 1; ; page++ {
-		r, err := do(ctx, c, "listVolumes", func(cs *cloudstack.CloudStackClient) (*cloudstack.ListVolumesResponse, error) {
-			q := cs.Volume.NewListVolumesParams()
-			set(q)
-			q.SetPage(page)
-			q.SetPagesize(listPageSize)
-			return cs.Volume.ListVolumes(q)
-		})
+	return listAll(ctx, c, "listVolumes", func(cs *cloudstack.CloudStackClient, page int) ([]Volume, int, error) {
+		q := cs.Volume.NewListVolumesParams()
+		set(q)
+		r, err := cs.Volume.ListVolumes(paged(q, page))
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
-		for _, v := range r.Volumes {
-			out = append(out, volumeFrom(v))
-		}
-		if len(r.Volumes) < listPageSize || len(out) >= r.Count {
-			return out, nil
-		}
-	}
+		return mapAll(r.Volumes, volumeFrom), r.Count, nil
+	})
 }
 
 // volumeFrom maps cloudstack-go's volume. cloudstack-go reads an absent
