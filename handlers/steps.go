@@ -124,19 +124,14 @@ func attachedAsWanted(vol csapi.Volume, req commands.AttachRequest) bool {
 	return !req.Root() || (vol.DeviceID != nil && *vol.DeviceID == commands.RootDeviceID)
 }
 
+// attach attaches the volume in CloudStack (unless it is already) and
+// records its mapping. An attach to a VM whose disks carry no identity
+// runs under the VM's lease, taken before it started (exclusiveLease).
 func (s *Service) attach(ctx context.Context, op *commands.Operation) (*commands.OpResponse, error) {
 	var req commands.AttachRequest
 	if err := decodeRequest(op, &req); err != nil {
 		return nil, err
 	}
-	// An attach to a VM whose disks carry no identity runs under the VM's
-	// lease, taken before it started (exclusiveLease).
-	return s.attachVolume(ctx, op, req)
-}
-
-// attachVolume attaches the volume in CloudStack (unless it is already)
-// and records its mapping.
-func (s *Service) attachVolume(ctx context.Context, op *commands.Operation, req commands.AttachRequest) (*commands.OpResponse, error) {
 	since := time.Now()
 	if op.Step != "" {
 		// Resumed (after a restart): its device may have come before now.
