@@ -323,8 +323,8 @@ func (s *Service) turn(ctx context.Context, subject string, seq uint64, op comma
 	if err == nil && head.Sequence < seq {
 		return true, fmt.Sprintf("job %d is first on the line", head.Sequence)
 	}
-	if op.Type == commands.OpCreate || op.VolumeID == "" {
-		return false, ""
+	if lineOf(op) == op.ID {
+		return false, "" // a create: nothing on its volume is older
 	}
 	creates, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: op.VolumeID, Type: commands.OpCreate, Limit: 1})
 	if err != nil {
