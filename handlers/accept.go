@@ -67,7 +67,7 @@ func (s *Service) acceptAttach(ctx context.Context, data []byte, key string, roo
 	vm := req.VMID
 	return s.accept(ctx, key, commands.OpAttach, req.VolumeID, &vm, req, func(ctx context.Context) error {
 		if s.inventory.vms.lookup(ctx, s.ctx, &s.wg, req.VMID) == absent {
-			return commands.NotFound("VM %s not found in CloudStack", req.VMID).WithDetail("vm_id", req.VMID)
+			return vmNotFound(req.VMID)
 		}
 		return s.checkVolume(ctx, req.VolumeID)
 	})
@@ -115,7 +115,7 @@ func (s *Service) checkVolume(ctx context.Context, volumeID string) error {
 	case err == nil || csapi.IsRetryable(err) || ctx.Err() != nil:
 		return nil
 	case errors.Is(err, csapi.ErrNotFound):
-		return commands.NotFound("volume %s not found in CloudStack", volumeID).WithDetail("volume_id", volumeID)
+		return volumeNotFound(volumeID)
 	default:
 		return cloudStackError(err)
 	}
@@ -314,6 +314,16 @@ func (s *Service) forget(op commands.Operation) {
 			}
 		}
 	}()
+}
+
+// volumeNotFound is the 404 for a volume CloudStack does not know.
+func volumeNotFound(volumeID string) *commands.Error {
+	return commands.NotFound("volume %s not found in CloudStack", volumeID).WithDetail("volume_id", volumeID)
+}
+
+// vmNotFound is the 404 for a VM CloudStack does not know.
+func vmNotFound(vmID string) *commands.Error {
+	return commands.NotFound("VM %s not found in CloudStack", vmID).WithDetail("vm_id", vmID)
 }
 
 // cloudStackError maps a final CloudStack failure to 422 CLOUDSTACK_ERROR

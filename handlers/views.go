@@ -19,7 +19,7 @@ func (s *Service) VolumeStatus(ctx context.Context, volumeID string) (commands.V
 	vol, err := s.cfg.CloudStack.GetVolume(ctx, volumeID)
 	if err != nil {
 		if errors.Is(err, csapi.ErrNotFound) {
-			return commands.VolumeStatus{}, commands.NotFound("volume %s not found in CloudStack", volumeID).WithDetail("volume_id", volumeID)
+			return commands.VolumeStatus{}, volumeNotFound(volumeID)
 		}
 		return commands.VolumeStatus{}, cloudStackError(err)
 	}
@@ -73,7 +73,7 @@ func (s *Service) controller(m commands.Mapping) string {
 func (s *Service) VMVolumes(ctx context.Context, vmID string) ([]commands.VolumeStatus, error) {
 	if _, err := s.cfg.CloudStack.GetVM(ctx, vmID); err != nil {
 		if errors.Is(err, csapi.ErrNotFound) {
-			return nil, commands.NotFound("VM %s not found in CloudStack", vmID).WithDetail("vm_id", vmID)
+			return nil, vmNotFound(vmID)
 		}
 		return nil, cloudStackError(err)
 	}
