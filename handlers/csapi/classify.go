@@ -106,7 +106,7 @@ func retryAfter(h string) time.Duration {
 
 // notFound reports a CloudStack error that says an id names nothing.
 func notFound(code int, text string) bool {
-	return code == 431 && strings.Contains(text, textNoEntity)
+	return code == CodeParamError && strings.Contains(text, textNoEntity)
 }
 
 // isTransport reports an error of the connection rather than of an answer:
