@@ -121,15 +121,20 @@ func (h *harness) command(subject string, body any, key string) answer {
 	if err != nil {
 		h.t.Errorf("reply on %s without a Status header: %v", subject, reply.Header)
 	}
-	if a.status == http.StatusCreated {
-		err = json.Unmarshal(reply.Data, &a.op)
-	} else {
-		err = json.Unmarshal(reply.Data, &a.err)
-	}
-	if err != nil {
-		h.t.Errorf("reply on %s: %s: %v", subject, reply.Data, err)
-	}
+	a.decode(h.t, subject)
 	return a
+}
+
+// decode reads the body into op (a 201) or err (any other status).
+func (a *answer) decode(t testing.TB, subject string) {
+	t.Helper()
+	into := any(&a.err)
+	if a.status == http.StatusCreated {
+		into = &a.op
+	}
+	if err := json.Unmarshal(a.body, into); err != nil {
+		t.Errorf("answer on %s: %s: %v", subject, a.body, err)
+	}
 }
 
 // local runs one command in process through Service.Command, as the REST
@@ -143,15 +148,7 @@ func (h *harness) local(ctx context.Context, subject string, body any, key strin
 	if got.RetryAfter != "" {
 		a.header.Set(commands.RetryAfterHeader, got.RetryAfter)
 	}
-	var err error
-	if a.status == http.StatusCreated {
-		err = json.Unmarshal(got.Body, &a.op)
-	} else {
-		err = json.Unmarshal(got.Body, &a.err)
-	}
-	if err != nil {
-		h.t.Errorf("answer on %s: %s: %v", subject, got.Body, err)
-	}
+	a.decode(h.t, subject)
 	return a
 }
 
