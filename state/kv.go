@@ -970,7 +970,7 @@ func (k *KV) RenewLease(ctx context.Context, l Lease) (Lease, error) {
 		return Lease{}, fmt.Errorf("state: encode lease %s: %w", l.Name, err)
 	}
 	start := time.Now()
-	msg := &nats.Msg{Subject: "$KV." + k.bucket + "." + leaseKey(l.Name), Data: data}
+	msg := &nats.Msg{Subject: k.subject(leaseKey(l.Name)), Data: data}
 	ack, err := k.js.PublishMsg(ctx, msg, jetstream.WithExpectLastSequencePerSubject(l.Token), jetstream.WithMsgTTL(l.TTL))
 	if wrongRevision(err) {
 		return Lease{}, fmt.Errorf("state: lease %s: %w", l.Name, ErrLeaseLost)
