@@ -47,8 +47,14 @@ func (k *KV) last(ctx context.Context, key string) (kvLast, error) {
 	if err != nil {
 		return kvLast{}, kvErr("read "+key, err)
 	}
-	live := msg.Header.Get(kvOperationHeader) == "" && msg.Header.Get(jetstream.MarkerReasonHeader) == ""
-	return kvLast{rev: msg.Sequence, live: live, data: msg.Data}, nil
+	return kvLast{rev: msg.Sequence, live: !isDelete(msg.Header), data: msg.Data}, nil
+}
+
+// isDelete reports whether a bucket message with headers h deletes its
+// key: a KV delete or purge, or a marker the server left when the key's
+// TTL ran out.
+func isDelete(h nats.Header) bool {
+	return h.Get(kvOperationHeader) != "" || h.Get(jetstream.MarkerReasonHeader) != ""
 }
 
 // subject is the stream subject of a key.

@@ -86,7 +86,7 @@ func (w *kvWatcher) close(ctx context.Context) error {
 // or a marker the server left when a key's TTL ran out).
 func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte) {
 	raw := data
-	if h.Get(kvOperationHeader) != "" || h.Get(jetstream.MarkerReasonHeader) != "" {
+	if isDelete(h) {
 		raw = nil
 	}
 	var err error
