@@ -115,7 +115,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	}
 	select {
 	case <-k.watcher.loaded:
-	case <-k.watcher.done:
+	case <-k.watcher.r.Done():
 		return nil, fmt.Errorf("state: kv load %s: %w: watcher stopped", cfg.Bucket, ErrUnavailable)
 	case <-ctx.Done():
 		_ = k.Close(context.Background())
@@ -1009,7 +1009,7 @@ func (k *KV) Ping(ctx context.Context) error {
 func (k *KV) Close(ctx context.Context) error {
 	var err error
 	k.closeOnce.Do(func() {
-		if cerr := k.watcher.close(ctx); cerr != nil {
+		if cerr := k.watcher.r.Close(ctx); cerr != nil {
 			err = fmt.Errorf("state: kv close: %w", cerr)
 		}
 	})
