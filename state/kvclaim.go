@@ -119,8 +119,11 @@ func (k *KV) batch(ctx context.Context, ws []kvWrite) (uint64, error) {
 			if ack.Error != nil && isWrongLast(ack.Error.ErrCode) {
 				return 0, errBatchStale
 			}
-			if ack.Error != nil || ack.Count != len(ws) {
+			if ack.Error != nil {
 				return 0, fmt.Errorf("state: kv batch: %w: %s (%d of %d)", ErrUnavailable, ack.Error.Description, ack.Count, len(ws))
+			}
+			if ack.Count != len(ws) {
+				return 0, fmt.Errorf("state: kv batch: %w: %d of %d written", ErrUnavailable, ack.Count, len(ws))
 			}
 			k.writes.Add(1)
 			return ack.Seq - uint64(len(ws)) + 1, nil
