@@ -115,7 +115,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	}
 	select {
 	case <-k.watcher.loaded:
-	case <-k.watcher.done:
+	case <-k.watcher.r.Done():
 		return nil, fmt.Errorf("state: kv load %s: %w: watcher stopped", cfg.Bucket, ErrUnavailable)
 	case <-ctx.Done():
 		_ = k.Close(context.Background())
@@ -970,7 +970,7 @@ func (k *KV) RenewLease(ctx context.Context, l Lease) (Lease, error) {
 		return Lease{}, fmt.Errorf("state: encode lease %s: %w", l.Name, err)
 	}
 	start := time.Now()
-	msg := &nats.Msg{Subject: "$KV." + k.bucket + "." + leaseKey(l.Name), Data: data}
+	msg := &nats.Msg{Subject: k.subject(leaseKey(l.Name)), Data: data}
 	ack, err := k.js.PublishMsg(ctx, msg, jetstream.WithExpectLastSequencePerSubject(l.Token), jetstream.WithMsgTTL(l.TTL))
 	if wrongRevision(err) {
 		return Lease{}, fmt.Errorf("state: lease %s: %w", l.Name, ErrLeaseLost)
@@ -1009,7 +1009,7 @@ func (k *KV) Ping(ctx context.Context) error {
 func (k *KV) Close(ctx context.Context) error {
 	var err error
 	k.closeOnce.Do(func() {
-		if cerr := k.watcher.close(ctx); cerr != nil {
+		if cerr := k.watcher.r.Close(ctx); cerr != nil {
 			err = fmt.Errorf("state: kv close: %w", cerr)
 		}
 	})

@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
-
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
@@ -73,7 +71,7 @@ func TestKVSetupWhileClusterForms(t *testing.T) {
 func TestKVWatcherOutlivesItsServer(t *testing.T) {
 	const n = 3
 	// The bucket is made through the meta leader, which leads it too.
-	c, leader, js := testenv.StartJSCluster(t, n)
+	c, js := testenv.StartJSCluster(t, n)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	bucket := nextBucket()
@@ -85,29 +83,6 @@ func TestKVWatcherOutlivesItsServer(t *testing.T) {
 		}
 		return kv
 	}
-	// watcherHost is the member holding the stream's only consumer.
-	watcherHost := func() int {
-		s, err := js.Stream(ctx, stream)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var hosts []string
-		for info := range s.ListConsumers(ctx).Info() {
-			if info.Cluster != nil {
-				hosts = append(hosts, info.Cluster.Leader)
-			}
-		}
-		if len(hosts) != 1 {
-			t.Fatalf("consumers of %s on %v, want the watcher alone", stream, hosts)
-		}
-		for i, s := range c.Srvs {
-			if s.Name() == hosts[0] {
-				return i
-			}
-		}
-		t.Fatalf("watcher on %q, not a member", hosts[0])
-		return -1
-	}
 	// Open the store until its watcher is on another member than the
 	// leaders of the cluster and of the bucket (each try places it on one
 	// of the three at random).
@@ -118,9 +93,14 @@ func TestKVWatcherOutlivesItsServer(t *testing.T) {
 			t.Fatal("the watcher was never placed off the leaders")
 		}
 		a = open()
-		host := watcherHost()
-		if host != leader && !c.Srvs[host].JetStreamIsStreamLeader(server.DEFAULT_GLOBAL_ACCOUNT, stream) {
-			victim = host
+		hosts := testenv.Consumers(ctx, t, js, stream)
+		if len(hosts) != 1 {
+			t.Fatalf("consumers of %s on %v, want the watcher alone", stream, hosts)
+		}
+		for _, host := range hosts {
+			victim = c.Bystander(host, stream)
+		}
+		if victim >= 0 {
 			break
 		}
 		_ = a.Close(ctx)

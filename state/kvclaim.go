@@ -47,8 +47,14 @@ func (k *KV) last(ctx context.Context, key string) (kvLast, error) {
 	if err != nil {
 		return kvLast{}, kvErr("read "+key, err)
 	}
-	live := msg.Header.Get(kvOperationHeader) == "" && msg.Header.Get(jetstream.MarkerReasonHeader) == ""
-	return kvLast{rev: msg.Sequence, live: live, data: msg.Data}, nil
+	return kvLast{rev: msg.Sequence, live: !isDelete(msg.Header), data: msg.Data}, nil
+}
+
+// isDelete reports whether a bucket message with headers h deletes its
+// key: a KV delete or purge, or a marker the server left when the key's
+// TTL ran out.
+func isDelete(h nats.Header) bool {
+	return h.Get(kvOperationHeader) != "" || h.Get(jetstream.MarkerReasonHeader) != ""
 }
 
 // subject is the stream subject of a key.
@@ -113,8 +119,11 @@ func (k *KV) batch(ctx context.Context, ws []kvWrite) (uint64, error) {
 			if ack.Error != nil && isWrongLast(ack.Error.ErrCode) {
 				return 0, errBatchStale
 			}
-			if ack.Error != nil || ack.Count != len(ws) {
+			if ack.Error != nil {
 				return 0, fmt.Errorf("state: kv batch: %w: %s (%d of %d)", ErrUnavailable, ack.Error.Description, ack.Count, len(ws))
+			}
+			if ack.Count != len(ws) {
+				return 0, fmt.Errorf("state: kv batch: %w: %d of %d written", ErrUnavailable, ack.Count, len(ws))
 			}
 			k.writes.Add(1)
 			return ack.Seq - uint64(len(ws)) + 1, nil

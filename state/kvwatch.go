@@ -24,9 +24,6 @@ type kvWatcher struct {
 	loaded            chan struct{}
 	initial, received uint64
 	isLoaded          bool
-	// done is closed when the watcher stops: closed, or its connection
-	// closed.
-	done <-chan struct{}
 }
 
 // startWatch makes the watcher's first consumer and follows the bucket
@@ -49,7 +46,7 @@ func (k *KV) startWatch(ctx context.Context) (*kvWatcher, error) {
 	if err != nil {
 		return nil, kvErr("watch bucket", err)
 	}
-	w.r, w.done = r, r.Done()
+	w.r = r
 	return w, nil
 }
 
@@ -75,18 +72,12 @@ func (w *kvWatcher) apply(msg jetstream.Msg) {
 	}
 }
 
-// close stops the watcher, waits for it and removes its consumer, within
-// ctx.
-func (w *kvWatcher) close(ctx context.Context) error {
-	return w.r.Close(ctx)
-}
-
 // applyEntry applies one bucket entry, the message at revision rev on
 // key's subject, to the indexes: a put, or a delete (a KV delete or purge,
 // or a marker the server left when a key's TTL ran out).
 func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte) {
 	raw := data
-	if h.Get(kvOperationHeader) != "" || h.Get(jetstream.MarkerReasonHeader) != "" {
+	if isDelete(h) {
 		raw = nil
 	}
 	var err error

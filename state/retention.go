@@ -6,8 +6,9 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"sync"
 	"time"
+
+	"github.com/volumed/volumed/internal/lifecycle"
 )
 
 // RetentionLease is the lease that makes one instance at a time prune.
@@ -39,7 +40,7 @@ type Retention struct {
 	log    *slog.Logger
 	cancel context.CancelFunc
 	done   chan struct{}
-	once   sync.Once
+	closer lifecycle.Stopper
 }
 
 // NewRetention checks cfg and fills its defaults.
@@ -121,20 +122,17 @@ func (r *Retention) Prune(ctx context.Context) (int, error) {
 	}
 }
 
-// Close stops the passes and waits for the one running. Closing twice is
-// safe.
+// Close stops the passes and waits for the one running, within ctx.
+// Closing twice is safe.
 func (r *Retention) Close(ctx context.Context) error {
-	var err error
-	r.once.Do(func() {
-		if r.cancel == nil {
-			return
-		}
-		r.cancel()
-		select {
-		case <-r.done:
-		case <-ctx.Done():
-			err = fmt.Errorf("state: retention close: %w", ctx.Err())
+	err := r.closer.Close(ctx, func() {
+		if r.cancel != nil {
+			r.cancel()
+			<-r.done
 		}
 	})
-	return err
+	if err != nil {
+		return fmt.Errorf("state: retention close: %w", err)
+	}
+	return nil
 }

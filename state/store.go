@@ -145,21 +145,6 @@ type Stats struct {
 	Writes int64
 }
 
-// Leaser is the lease part of a Store: named, TTL-bounded leases that
-// serialize work across instances, each acquisition or renewal fenced by a
-// larger token.
-type Leaser interface {
-	// AcquireLease takes the lease name for holder for ttl (at least one
-	// second); ErrLeaseHeld if another holder has it. The same holder
-	// taking it again gets a new token.
-	AcquireLease(ctx context.Context, name, holder string, ttl time.Duration) (Lease, error)
-	// RenewLease extends l by l.TTL from now and returns it with a new
-	// token; ErrLeaseLost if it expired or was taken since.
-	RenewLease(ctx context.Context, l Lease) (Lease, error)
-	// ReleaseLease ends l; ErrLeaseLost if it expired or was taken since.
-	ReleaseLease(ctx context.Context, l Lease) error
-}
-
 // Store keeps operations, mappings, exports and leases. Every method is
 // safe for concurrent use; each write is atomic (all of it or none of it).
 // Records carry a Revision: every read sets it and every write returns the
@@ -220,7 +205,15 @@ type Store interface {
 	// DeleteExport removes a volume's export record as DeleteMapping does.
 	DeleteExport(ctx context.Context, volumeID string, rev uint64) error
 
-	Leaser
+	// AcquireLease takes the lease name for holder for ttl (at least one
+	// second); ErrLeaseHeld if another holder has it. The same holder
+	// taking it again gets a new token.
+	AcquireLease(ctx context.Context, name, holder string, ttl time.Duration) (Lease, error)
+	// RenewLease extends l by l.TTL from now and returns it with a new
+	// token; ErrLeaseLost if it expired or was taken since.
+	RenewLease(ctx context.Context, l Lease) (Lease, error)
+	// ReleaseLease ends l; ErrLeaseLost if it expired or was taken since.
+	ReleaseLease(ctx context.Context, l Lease) error
 
 	// Ping checks the backend is reachable.
 	Ping(ctx context.Context) error

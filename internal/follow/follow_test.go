@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/internal/follow"
@@ -72,24 +71,6 @@ func publish(ctx context.Context, t *testing.T, js jetstream.JetStream, subject 
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 
-// consumers lists the names and hosts of the stream's consumers.
-func consumers(ctx context.Context, t *testing.T, js jetstream.JetStream, stream string) map[string]string {
-	t.Helper()
-	s, err := js.Stream(ctx, stream)
-	if err != nil {
-		t.Fatal(err)
-	}
-	hosts := map[string]string{}
-	for info := range s.ListConsumers(ctx).Info() {
-		host := ""
-		if info.Cluster != nil {
-			host = info.Cluster.Leader
-		}
-		hosts[info.Name] = host
-	}
-	return hosts
-}
-
 // TestReaderFilterStartClose: on one server, a reader begins at its start
 // sequence, hands over only its subjects, in order; when its consumer is
 // removed under it, it goes on from the next message on a consumer of
@@ -116,7 +97,7 @@ func TestReaderFilterStartClose(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, func() bool { return g.len() >= len(want) }, "%d messages", len(want))
 	g.check(t, want)
 
-	first := consumers(ctx, t, js, "FOLLOW")
+	first := testenv.Consumers(ctx, t, js, "FOLLOW")
 	if len(first) != 1 {
 		t.Fatalf("consumers %v, want the reader's alone", first)
 	}
@@ -128,7 +109,7 @@ func TestReaderFilterStartClose(t *testing.T) {
 	want = append(want, publish(ctx, t, js, "follow.a", 4, 8)...)
 	testenv.Eventually(t, 10*time.Second, func() bool { return g.len() >= len(want) }, "%d messages", len(want))
 	g.check(t, want)
-	second := consumers(ctx, t, js, "FOLLOW")
+	second := testenv.Consumers(ctx, t, js, "FOLLOW")
 	for name := range second {
 		if _, ok := first[name]; ok || len(second) != 1 {
 			t.Fatalf("consumers %v after %v was removed, want one of another name", second, first)
@@ -143,7 +124,7 @@ func TestReaderFilterStartClose(t *testing.T) {
 	default:
 		t.Fatal("Done open after Close")
 	}
-	if left := consumers(ctx, t, js, "FOLLOW"); len(left) != 0 {
+	if left := testenv.Consumers(ctx, t, js, "FOLLOW"); len(left) != 0 {
 		t.Fatalf("consumers %v left after Close", left)
 	}
 	publish(ctx, t, js, "follow.a", 8, 9)
@@ -162,7 +143,7 @@ func TestReaderFilterStartClose(t *testing.T) {
 func TestReaderOutlivesItsServer(t *testing.T) {
 	const n = 3
 	// The stream is made through the meta leader, which leads it too.
-	c, leader, js := testenv.StartJSCluster(t, n)
+	c, js := testenv.StartJSCluster(t, n)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	const stream = "FOLLOW"
@@ -187,16 +168,12 @@ func TestReaderOutlivesItsServer(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		hosts := consumers(ctx, t, js, stream)
+		hosts := testenv.Consumers(ctx, t, js, stream)
 		if len(hosts) != 1 {
 			t.Fatalf("consumers %v, want the reader's alone", hosts)
 		}
 		for _, host := range hosts {
-			for i, s := range c.Srvs {
-				if s.Name() == host && i != leader && !s.JetStreamIsStreamLeader(server.DEFAULT_GLOBAL_ACCOUNT, stream) {
-					victim = i
-				}
-			}
+			victim = c.Bystander(host, stream)
 		}
 		if victim < 0 {
 			if err := r.Close(ctx); err != nil {

@@ -1,6 +1,7 @@
 package testenv
 
 import (
+	"context"
 	"fmt"
 	"net/url"
 	"testing"
@@ -83,16 +84,52 @@ func (c *JSCluster) Connect(i int) (*nats.Conn, jetstream.JetStream) {
 	return nc, js
 }
 
-// StartJSCluster runs a whole cluster of n members and returns it, the
-// index of its meta leader, and a JetStream client on that member (where
-// what it makes is led, too).
-func StartJSCluster(t testing.TB, n int) (c *JSCluster, leader int, js jetstream.JetStream) {
+// StartJSCluster runs a whole cluster of n members and returns it and a
+// JetStream client on its meta leader (where what it makes is led, too).
+func StartJSCluster(t testing.TB, n int) (*JSCluster, jetstream.JetStream) {
 	t.Helper()
-	c = NewJSCluster(t, n)
+	c := NewJSCluster(t, n)
 	for i := range n {
 		c.Start(i)
 	}
-	leader = c.MetaLeader()
-	_, js = c.Connect(leader)
-	return c, leader, js
+	_, js := c.Connect(c.MetaLeader())
+	return c, js
+}
+
+// Consumers lists the consumers of a stream: each one's name and the
+// member that holds it ("" on a single server).
+func Consumers(ctx context.Context, t testing.TB, js jetstream.JetStream, stream string) map[string]string {
+	t.Helper()
+	s, err := js.Stream(ctx, stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hosts := map[string]string{}
+	for info := range s.ListConsumers(ctx).Info() {
+		host := ""
+		if info.Cluster != nil {
+			host = info.Cluster.Leader
+		}
+		hosts[info.Name] = host
+	}
+	return hosts
+}
+
+// Bystander returns the index of the member named name if it leads
+// neither the cluster's JetStream nor stream, else -1: the member a test
+// can shut down leaving both leaders standing. It fails the test when no
+// member has that name.
+func (c *JSCluster) Bystander(name, stream string) int {
+	c.t.Helper()
+	for i, s := range c.Srvs {
+		if s == nil || s.Name() != name {
+			continue
+		}
+		if s.JetStreamIsLeader() || s.JetStreamIsStreamLeader(server.DEFAULT_GLOBAL_ACCOUNT, stream) {
+			return -1
+		}
+		return i
+	}
+	c.t.Fatalf("%q is not a member of the cluster", name)
+	return -1
 }
