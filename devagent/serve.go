@@ -349,7 +349,7 @@ func (s *Server) apply(ctx context.Context, want map[string]string, ids map[stri
 				errs = append(errs, err)
 				continue
 			}
-			s.desired[name] = commands.DeviceIdentity{Name: d.Name, Major: d.Major, Minor: d.Minor, DiskSeq: d.DiskSeq, Generation: id.Generation}
+			s.desired[name] = sysfsIdentity(d, id.Generation)
 			continue
 		}
 		if err := s.cfg.Namer.Remove(ctx, name); err != nil {
@@ -379,7 +379,7 @@ func (s *Server) apply(ctx context.Context, want map[string]string, ids map[stri
 // identity id. Without a kernel diskseq the agent's generation is not in
 // sysfs: the disk the agent knows by that name must carry it.
 func (s *Server) sameDisk(id commands.DeviceIdentity, d commands.Device) bool {
-	if id.Name != d.Name || id.Major != d.Major || id.Minor != d.Minor || id.DiskSeq != d.DiskSeq {
+	if sysfsIdentity(d, id.Generation) != id {
 		return false
 	}
 	if id.DiskSeq == 0 && id.Generation != 0 {
@@ -387,6 +387,14 @@ func (s *Server) sameDisk(id commands.DeviceIdentity, d commands.Device) bool {
 		return ok && known.Generation == id.Generation
 	}
 	return true
+}
+
+// sysfsIdentity is the identity of d as read from sysfs, which knows no
+// generation: the agent's, gen, is taken for it.
+func sysfsIdentity(d commands.Device, gen uint64) commands.DeviceIdentity {
+	id := d.Identity()
+	id.Generation = gen
+	return id
 }
 
 // reply answers a request with v as JSON.

@@ -30,7 +30,6 @@ const loopMajor = 7
 type backing struct {
 	f     *os.File
 	block bool // a block device, not a regular file
-	rdev  uint64
 	trim  bool // discard works here: BLKDISCARD or FALLOC_FL_PUNCH_HOLE
 	// fastZeroFill: zeroing without unmapping is fast (fallocate on a
 	// file; a block device whose queue offloads write-zeroes).
@@ -76,7 +75,7 @@ func inspect(f *os.File, sp ExportSpec) (*backing, error) {
 	b := &backing{f: f}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFBLK:
-		b.block, b.rdev = true, st.Rdev
+		b.block = true
 		if sp.Device != 0 && st.Rdev != sp.Device {
 			return nil, fmt.Errorf("nbd: %s is %d:%d, want %d:%d: %w", f.Name(), unix.Major(st.Rdev), unix.Minor(st.Rdev),
 				unix.Major(sp.Device), unix.Minor(sp.Device), ErrWrongDevice)

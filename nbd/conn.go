@@ -144,8 +144,11 @@ func (c *conn) option(opt uint32, data []byte, noZeroes bool) (e *export, size u
 	case optExportName:
 		// No error reply exists for this option: an unknown name closes.
 		e, _, err = c.s.find(c, string(data), true)
-		if err != nil || e == nil {
-			return nil, 0, true, fmt.Errorf("nbd: NBD_OPT_EXPORT_NAME %q: export unknown or full: %v", data, err)
+		if err != nil {
+			return nil, 0, true, fmt.Errorf("nbd: NBD_OPT_EXPORT_NAME %q: %w", data, err)
+		}
+		if e == nil {
+			return nil, 0, true, fmt.Errorf("nbd: NBD_OPT_EXPORT_NAME %q: export unknown", data)
 		}
 		if size, err = e.b.size(); err != nil {
 			return nil, 0, true, err

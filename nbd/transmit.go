@@ -303,10 +303,7 @@ func (c *conn) read(e *export, r request, buf []byte) error {
 		k := min(left, int64(len(buf)))
 		if _, err := e.b.f.ReadAt(buf[:k], off); err != nil {
 			c.log.Warn("nbd read failed", "export", e.spec.Name, "err", err)
-			msg := err.Error()
-			p := binary.BigEndian.AppendUint32(nil, errIO)
-			p = binary.BigEndian.AppendUint16(p, uint16(len(msg)))
-			p = binary.BigEndian.AppendUint64(append(p, msg...), uint64(off))
+			p := binary.BigEndian.AppendUint64(errorPayload(errIO, err.Error()), uint64(off))
 			return c.sendChunk(r.cookie, replyFlagDone, replyErrorOffset, p)
 		}
 		var flags uint16
@@ -436,10 +433,16 @@ func (c *conn) sendErr(r request, errno uint32, msg string) error {
 	if !c.structured {
 		return c.sendSimple(r.cookie, errno, nil)
 	}
-	msg = msg[:min(len(msg), 4096)]
-	p := binary.BigEndian.AppendUint32(nil, errno)
+	return c.sendChunk(r.cookie, replyFlagDone, replyError, errorPayload(errno, msg))
+}
+
+// errorPayload is the start of an error chunk's payload: errno, then msg
+// (cut to maxErrMsg bytes) with its length.
+func errorPayload(errno uint32, msg string) []byte {
+	msg = msg[:min(len(msg), maxErrMsg)]
+	p := binary.BigEndian.AppendUint32(make([]byte, 0, 6+len(msg)+8), errno)
 	p = binary.BigEndian.AppendUint16(p, uint16(len(msg)))
-	return c.sendChunk(r.cookie, replyFlagDone, replyError, append(p, msg...))
+	return append(p, msg...)
 }
 
 // writeLocked writes parts as one vectored write; c.wmu is held.

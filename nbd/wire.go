@@ -108,4 +108,7 @@ const (
 	maxExtents = 1024
 	// maxMetaQueries bounds the queries in one meta-context option.
 	maxMetaQueries = 16
+	// maxErrMsg is the longest message an error chunk carries (the
+	// protocol's bound).
+	maxErrMsg = 4096
 )

@@ -174,13 +174,8 @@ func (d *Device) Unbind() error {
 // clearFD detaches the backing file (LOOP_CLR_FD); a device already
 // unbound (ENXIO) is not an error, an absent one wraps os.ErrNotExist.
 func (d *Device) clearFD() error {
-	f, err := os.OpenFile(d.Path, os.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("loopdev: %w", err)
-	}
-	defer f.Close()
-	if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0); err != nil && !errors.Is(err, unix.ENXIO) {
-		return fmt.Errorf("loopdev: LOOP_CLR_FD %s: %w", d.Path, err)
+	if err := d.ioctl("LOOP_CLR_FD", unix.LOOP_CLR_FD); !errors.Is(err, unix.ENXIO) {
+		return err
 	}
 	return nil
 }
@@ -188,13 +183,19 @@ func (d *Device) clearFD() error {
 // Resize makes the device take the current size of its backing file
 // (LOOP_SET_CAPACITY). The kernel sends `change` when the size changed.
 func (d *Device) Resize() error {
+	return d.ioctl("LOOP_SET_CAPACITY", unix.LOOP_SET_CAPACITY)
+}
+
+// ioctl opens the device and runs the argument-less loop ioctl req (named
+// name in the error) on it; an absent device wraps os.ErrNotExist.
+func (d *Device) ioctl(name string, req uint) error {
 	f, err := os.OpenFile(d.Path, os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("loopdev: %w", err)
 	}
 	defer f.Close()
-	if err := unix.IoctlSetInt(int(f.Fd()), unix.LOOP_SET_CAPACITY, 0); err != nil {
-		return fmt.Errorf("loopdev: LOOP_SET_CAPACITY %s: %w", d.Path, err)
+	if err := unix.IoctlSetInt(int(f.Fd()), req, 0); err != nil {
+		return fmt.Errorf("loopdev: %s %s: %w", name, d.Path, err)
 	}
 	return nil
 }

@@ -293,7 +293,7 @@ func (c *Correlator) markMissing(ctx context.Context, m commands.Mapping, why st
 		// another writer moved it, since m was read.
 		cur, err := c.cfg.Store.GetMapping(ctx, m.VolumeID)
 		if errors.Is(err, state.ErrNotFound) || (err == nil && (cur.DevicePath != m.DevicePath || cur.VMID != m.VMID ||
-			!slices.Equal(identities(cur), identities(m)))) {
+			!sameIdentity(cur.DeviceIdentity, m.DeviceIdentity))) {
 			return nil
 		}
 		if err != nil {
@@ -339,12 +339,10 @@ func (c *Correlator) nameOne(ctx context.Context, m commands.Mapping) (commands.
 	return m, nil
 }
 
-// identities is m's recorded disk identity as a slice of zero or one.
-func identities(m commands.Mapping) []commands.DeviceIdentity {
-	if m.DeviceIdentity == nil {
-		return nil
-	}
-	return []commands.DeviceIdentity{*m.DeviceIdentity}
+// sameIdentity reports whether two recorded disk identities are equal,
+// both absent included.
+func sameIdentity(a, b *commands.DeviceIdentity) bool {
+	return a == b || (a != nil && b != nil && *a == *b)
 }
 
 // setNames sends the VM's agent the full set of persistent names, each
