@@ -13,6 +13,8 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
+
+	"github.com/volumed/volumed/commands"
 )
 
 // Roles of the NATS identities volumed issues. Every identity is a user of
@@ -333,8 +335,8 @@ const serviceName = "volumed"
 // next-message requests, acks and flow control; and discover the command
 // service. No purge, no delete, no job queue, no state bucket.
 func readEvents(p *jwt.Permissions) {
-	p.Sub.Allow.Add("volumes.ops.>", "volumes.mappings.>", "devices.*.add", "devices.*.remove",
-		"devices.*.change", "_INBOX.>")
+	p.Sub.Allow.Add(opsSubject, commands.SubjectMappingsPrefix+">", "_INBOX.>")
+	p.Sub.Allow.Add(deviceEventSubjects...)
 	p.Pub.Allow.Add("$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST", "$JS.API.STREAM.INFO.*")
 	// Service discovery of volumed's command service (nats micro).
 	p.Pub.Allow.Add("$SRV.*", "$SRV.*."+serviceName, "$SRV.*."+serviceName+".*")
@@ -354,9 +356,8 @@ func readEvents(p *jwt.Permissions) {
 // agentPermissions are the permissions of the agent of vmID.
 func agentPermissions(vmID string) jwt.Permissions {
 	var p jwt.Permissions
-	prefix := "devices." + vmID + "."
-	p.Pub.Allow.Add(prefix + ">")
-	p.Sub.Allow.Add(prefix+"list", prefix+"names", AgentInboxPrefix(vmID)+".>")
+	p.Pub.Allow.Add(commands.SubjectDevicesPrefix + vmID + ".>")
+	p.Sub.Allow.Add(commands.DevicesListSubject(vmID), commands.DevicesNamesSubject(vmID), AgentInboxPrefix(vmID)+".>")
 	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1, Expires: agentReplyTTL}
 	return p
 }
