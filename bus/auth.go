@@ -124,7 +124,7 @@ func loadOrCreateKey(path string, create func() (nkeys.KeyPair, error)) (nkeys.K
 	if seed, err = kp.Seed(); err != nil {
 		return nil, fmt.Errorf("bus: new key: %w", err)
 	}
-	if err := writeSecret(path, append(seed, '\n'), true); errors.Is(err, fs.ErrExist) {
+	if err := WriteSecret(path, append(seed, '\n'), true); errors.Is(err, fs.ErrExist) {
 		// Another process made it first: use that one.
 		return loadOrCreateKey(path, create)
 	} else if err != nil {
@@ -133,9 +133,10 @@ func loadOrCreateKey(path string, create func() (nkeys.KeyPair, error)) (nkeys.K
 	return kp, nil
 }
 
-// writeSecret writes data to path with mode 0600, atomically; exclusive
-// fails if the file exists (two processes making the same key).
-func writeSecret(path string, data []byte, exclusive bool) error {
+// WriteSecret writes data to path with mode 0600, atomically (a crash
+// leaves the old file or the new one, never a part); exclusive fails with
+// fs.ErrExist if the file exists (two processes making the same key).
+func WriteSecret(path string, data []byte, exclusive bool) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
 	if err != nil {
 		return fmt.Errorf("bus: write %s: %w", path, err)
@@ -298,7 +299,7 @@ func (a *Authority) WriteRoleCreds() error {
 		if err != nil {
 			return err
 		}
-		if err := writeSecret(CredsFile(a.dir, role), creds, false); err != nil {
+		if err := WriteSecret(CredsFile(a.dir, role), creds, false); err != nil {
 			return err
 		}
 	}
