@@ -13,6 +13,8 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nkeys"
+
+	"github.com/volumed/volumed/commands"
 )
 
 // Roles of the NATS identities volumed issues. Every identity is a user of
@@ -122,7 +124,7 @@ func loadOrCreateKey(path string, create func() (nkeys.KeyPair, error)) (nkeys.K
 	if seed, err = kp.Seed(); err != nil {
 		return nil, fmt.Errorf("bus: new key: %w", err)
 	}
-	if err := writeSecret(path, append(seed, '\n'), true); errors.Is(err, fs.ErrExist) {
+	if err := WriteSecret(path, append(seed, '\n'), true); errors.Is(err, fs.ErrExist) {
 		// Another process made it first: use that one.
 		return loadOrCreateKey(path, create)
 	} else if err != nil {
@@ -131,9 +133,10 @@ func loadOrCreateKey(path string, create func() (nkeys.KeyPair, error)) (nkeys.K
 	return kp, nil
 }
 
-// writeSecret writes data to path with mode 0600, atomically; exclusive
-// fails if the file exists (two processes making the same key).
-func writeSecret(path string, data []byte, exclusive bool) error {
+// WriteSecret writes data to path with mode 0600, atomically (a crash
+// leaves the old file or the new one, never a part); exclusive fails with
+// fs.ErrExist if the file exists (two processes making the same key).
+func WriteSecret(path string, data []byte, exclusive bool) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
 	if err != nil {
 		return fmt.Errorf("bus: write %s: %w", path, err)
@@ -296,7 +299,7 @@ func (a *Authority) WriteRoleCreds() error {
 		if err != nil {
 			return err
 		}
-		if err := writeSecret(CredsFile(a.dir, role), creds, false); err != nil {
+		if err := WriteSecret(CredsFile(a.dir, role), creds, false); err != nil {
 			return err
 		}
 	}
@@ -333,8 +336,8 @@ const serviceName = "volumed"
 // next-message requests, acks and flow control; and discover the command
 // service. No purge, no delete, no job queue, no state bucket.
 func readEvents(p *jwt.Permissions) {
-	p.Sub.Allow.Add("volumes.ops.>", "volumes.mappings.>", "devices.*.add", "devices.*.remove",
-		"devices.*.change", "_INBOX.>")
+	p.Sub.Allow.Add(opsSubject, commands.SubjectMappingsPrefix+">", "_INBOX.>")
+	p.Sub.Allow.Add(deviceEventSubjects...)
 	p.Pub.Allow.Add("$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST", "$JS.API.STREAM.INFO.*")
 	// Service discovery of volumed's command service (nats micro).
 	p.Pub.Allow.Add("$SRV.*", "$SRV.*."+serviceName, "$SRV.*."+serviceName+".*")
@@ -354,9 +357,8 @@ func readEvents(p *jwt.Permissions) {
 // agentPermissions are the permissions of the agent of vmID.
 func agentPermissions(vmID string) jwt.Permissions {
 	var p jwt.Permissions
-	prefix := "devices." + vmID + "."
-	p.Pub.Allow.Add(prefix + ">")
-	p.Sub.Allow.Add(prefix+"list", prefix+"names", AgentInboxPrefix(vmID)+".>")
+	p.Pub.Allow.Add(commands.SubjectDevicesPrefix + vmID + ".>")
+	p.Sub.Allow.Add(commands.DevicesListSubject(vmID), commands.DevicesNamesSubject(vmID), AgentInboxPrefix(vmID)+".>")
 	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1, Expires: agentReplyTTL}
 	return p
 }

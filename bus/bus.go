@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/lifecycle"
 )
 
@@ -34,6 +35,14 @@ const (
 	// StreamDevices keeps every device event (devices.<vm_id>.add|remove|change);
 	// the agents' request subjects (devices.<vm_id>.list|names) stay out.
 	StreamDevices = "VOLUMED_DEVICES"
+)
+
+// Subjects of the event streams, from the public contract's (commands):
+// opsSubject for StreamOps, deviceEventSubjects for StreamDevices.
+var (
+	opsSubject          = commands.SubjectOpsPrefix + ">"
+	deviceEventSubjects = []string{commands.DeviceSubject("*", commands.DeviceAdd),
+		commands.DeviceSubject("*", commands.DeviceRemove), commands.DeviceSubject("*", commands.DeviceChange)}
 )
 
 // DefaultListen is where the embedded server listens without a config file.
@@ -218,10 +227,10 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 		{Name: StreamJobs, Subjects: []string{JobsSubjectPrefix + ">"}, Retention: jetstream.WorkQueuePolicy,
 			Storage: jetstream.FileStorage, Replicas: b.cfg.Replicas, Duplicates: 2 * time.Minute,
 			Description: "volumed accepted commands awaiting execution"},
-		{Name: StreamOps, Subjects: []string{"volumes.ops.>"}, Retention: jetstream.LimitsPolicy,
+		{Name: StreamOps, Subjects: []string{opsSubject}, Retention: jetstream.LimitsPolicy,
 			Storage: jetstream.FileStorage, Replicas: b.cfg.Replicas, MaxAge: b.cfg.OpsMaxAge,
 			Description: "volumed operation events"},
-		{Name: StreamDevices, Subjects: []string{"devices.*.add", "devices.*.remove", "devices.*.change"}, Retention: jetstream.LimitsPolicy,
+		{Name: StreamDevices, Subjects: deviceEventSubjects, Retention: jetstream.LimitsPolicy,
 			Storage: jetstream.FileStorage, Replicas: b.cfg.Replicas, MaxAge: b.cfg.DevicesMaxAge,
 			Description: "volumed block device events"},
 	}

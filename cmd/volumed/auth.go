@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/httpbridge"
 )
 
@@ -67,13 +68,8 @@ func ensureToken(c *config) (source string, err error) {
 		var raw [32]byte
 		_, _ = rand.Read(raw[:])
 		data = []byte(hex.EncodeToString(raw[:]) + "\n")
-		f, cerr := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-		if cerr != nil {
-			return "", fmt.Errorf("api token: %w", cerr)
-		}
-		_, err = f.Write(data)
-		if cerr := f.Close(); err == nil {
-			err = cerr
+		if err = bus.WriteSecret(path, data, true); errors.Is(err, fs.ErrExist) {
+			data, err = os.ReadFile(path) // another process made it first: use that one
 		}
 	}
 	if err != nil {

@@ -5,7 +5,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 
 	"github.com/volumed/volumed/bus"
@@ -97,19 +96,8 @@ func runCreds(c config, stdout, stderr io.Writer) error {
 		_, err = stdout.Write(data)
 		return err
 	}
-	f, err := os.OpenFile(c.creds.out, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
+	if err := bus.WriteSecret(c.creds.out, data, false); err != nil {
 		return err
-	}
-	// A file that existed keeps its mode unless told: 0600 before the secret.
-	if err = f.Chmod(0o600); err == nil {
-		_, err = f.Write(data)
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("write %s: %w", c.creds.out, err)
 	}
 	fmt.Fprintln(stderr, "volumed: wrote", c.creds.out)
 	return nil
