@@ -99,6 +99,14 @@ type OpResponse struct {
 	Message string `json:"message"`
 }
 
+// VM is the operation's VM id, "" when it has none (VMID null).
+func (o *Operation) VM() string {
+	if o.VMID == nil {
+		return ""
+	}
+	return *o.VMID
+}
+
 // Duration is how long a terminal operation took, between the wall-clock
 // times recorded (the same before and after a round trip through JSON);
 // zero otherwise.

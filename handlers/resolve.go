@@ -170,7 +170,7 @@ func succeeded(op commands.Operation, jobID string, vol *csapi.Volume) jobOutcom
 		out.details["volume_id"] = id
 		out.resolution = fmt.Sprintf("%s: CloudStack made volume %s, this operation's", what, id)
 	case commands.OpAttach:
-		out.resolution = fmt.Sprintf("%s: CloudStack attached volume %s to VM %s", what, op.VolumeID, vmOf(op))
+		out.resolution = fmt.Sprintf("%s: CloudStack attached volume %s to VM %s", what, op.VolumeID, op.VM())
 	case commands.OpDetach:
 		out.resolution = fmt.Sprintf("%s: CloudStack detached volume %s", what, op.VolumeID)
 	default:
@@ -343,12 +343,4 @@ func (s *Service) adoptAttach(ctx context.Context, op commands.Operation) (strin
 	}
 	return fmt.Sprintf("recorded the mapping of volume %s on VM %s (device id %s, linux_state %s)",
 		m.VolumeID, m.VMID, deviceString(m.DeviceID), m.LinuxState), nil
-}
-
-// vmOf returns the VM id of an operation, "" when it has none.
-func vmOf(op commands.Operation) string {
-	if op.VMID == nil {
-		return ""
-	}
-	return *op.VMID
 }

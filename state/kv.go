@@ -157,7 +157,7 @@ type kvOp struct {
 // newKVOp keeps the indexed fields of op; type and status share the
 // constants' memory.
 func newKVOp(op *commands.Operation) *kvOp {
-	o := &kvOp{typ: op.Type, status: op.Status, volume: op.VolumeID, vm: vmOf(op),
+	o := &kvOp{typ: op.Type, status: op.Status, volume: op.VolumeID, vm: op.VM(),
 		created: opScore(op.CreatedAt), duration: op.Duration()}
 	if i := slices.Index(commands.OpTypes, o.typ); i >= 0 {
 		o.typ = commands.OpTypes[i]

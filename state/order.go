@@ -67,13 +67,6 @@ func newStats() Stats {
 	return s
 }
 
-// vmOf returns the VM id of an operation, "" when it has none.
-func vmOf(op *commands.Operation) string {
-	if op.VMID == nil {
-		return ""
-	}
-	return *op.VMID
-}
 
 // checkOp rejects an operation no index could place.
 func checkOp(op *commands.Operation) error {
@@ -99,7 +92,7 @@ func filterIndexes(f Filter) []string {
 
 // opIndexes names every index an operation belongs to, "all" included.
 func opIndexes(op *commands.Operation) []string {
-	return indexNames(string(op.Type), string(op.Status), op.VolumeID, vmOf(op), true)
+	return indexNames(string(op.Type), string(op.Status), op.VolumeID, op.VM(), true)
 }
 
 func indexNames(typ, status, volume, vm string, withAll bool) []string {
@@ -176,5 +169,5 @@ func checkLease(name, holder string, ttl time.Duration) error {
 // matches reports whether op has every field f sets.
 func matches(op *commands.Operation, f Filter) bool {
 	return op != nil && (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
-		(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || vmOf(op) == f.VMID)
+		(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || op.VM() == f.VMID)
 }
