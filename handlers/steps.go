@@ -100,7 +100,7 @@ func (s *Service) adoptCreated(ctx context.Context, op *commands.Operation, req 
 		return false, failure(err)
 	}
 	for _, v := range vols {
-		if created, err := time.Parse("2006-01-02T15:04:05-0700", v.Created); err == nil && created.Before(op.CreatedAt.Add(-time.Minute)) {
+		if created, err := time.Parse(csapi.TimeLayout, v.Created); err == nil && created.Before(op.CreatedAt.Add(-time.Minute)) {
 			continue
 		}
 		claimed, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: v.ID, Limit: 1})

@@ -37,9 +37,12 @@ type Volume struct {
 	DeviceID *int64 `json:"deviceid,omitempty"`
 	// Attached is when the volume was attached, "" when detached.
 	Attached string `json:"attached,omitempty"`
-	// Created is when the volume was created (2006-01-02T15:04:05-0700).
+	// Created is when the volume was created, in TimeLayout.
 	Created string `json:"created,omitempty"`
 }
+
+// TimeLayout is CloudStack's timestamp format (Volume.Created, Attached).
+const TimeLayout = "2006-01-02T15:04:05-0700"
 
 // VM is a CloudStack virtual machine.
 type VM struct {
