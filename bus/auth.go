@@ -327,9 +327,6 @@ func rolePermissions(role string) (jwt.Permissions, bool) {
 // eventStreams are the streams operator and observer may replay.
 var eventStreams = []string{StreamOps, StreamDevices}
 
-// serviceName is the name of volumed's command service for discovery.
-const serviceName = "volumed"
-
 // readEvents lets a role subscribe to operation, mapping and device events
 // and replay the event streams: stream and consumer info, message gets,
 // consumers of its own on those streams (ephemeral or ordered), their
@@ -340,7 +337,7 @@ func readEvents(p *jwt.Permissions) {
 	p.Sub.Allow.Add(deviceEventSubjects...)
 	p.Pub.Allow.Add("$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST", "$JS.API.STREAM.INFO.*")
 	// Service discovery of volumed's command service (nats micro).
-	p.Pub.Allow.Add("$SRV.*", "$SRV.*."+serviceName, "$SRV.*."+serviceName+".*")
+	p.Pub.Allow.Add("$SRV.*", "$SRV.*."+commands.ServiceName, "$SRV.*."+commands.ServiceName+".*")
 	for _, s := range eventStreams {
 		p.Pub.Allow.Add(
 			"$JS.API.STREAM.MSG.GET."+s,

@@ -266,9 +266,6 @@ func (b *Bus) Conn() *nats.Conn { return b.nc }
 // JetStream is the JetStream context of the connection.
 func (b *Bus) JetStream() jetstream.JetStream { return b.js }
 
-// Replicas is the configured replica count.
-func (b *Bus) Replicas() int { return b.cfg.Replicas }
-
 // ClientURL is the URL other processes use to reach the bus.
 func (b *Bus) ClientURL() string {
 	if b.srv != nil {

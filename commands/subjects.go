@@ -29,6 +29,10 @@ const (
 	// volumes.mappings.<volume_id>, payload the Mapping JSON.
 	SubjectMappingsPrefix = "volumes.mappings."
 
+	// ServiceName is the NATS micro service whose endpoints are the command
+	// subjects: `nats micro info volumed` lists them.
+	ServiceName = "volumed"
+
 	// StatusHeader carries the HTTP status of a command reply.
 	StatusHeader = "Status"
 )

@@ -37,7 +37,7 @@ func stores(t *testing.T, run func(t *testing.T, redis bool)) {
 // command subject, in the volumed queue group.
 func TestMicroService(t *testing.T) {
 	h := newHarness(t, harnessOpts{})
-	reply, err := h.nc.Request("$SRV.INFO."+handlers.ServiceName, nil, 5*time.Second)
+	reply, err := h.nc.Request("$SRV.INFO."+commands.ServiceName, nil, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,7 +55,7 @@ func TestMicroService(t *testing.T) {
 			t.Errorf("endpoint %s in queue group %q", ep.Name, ep.QueueGroup)
 		}
 	}
-	if info.Name != handlers.ServiceName || fmt.Sprint(got) != fmt.Sprint(want) {
+	if info.Name != commands.ServiceName || fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("service %q endpoints %v, want %v", info.Name, got, want)
 	}
 	// `nats micro ls` pings every service.
@@ -76,7 +76,7 @@ func TestMicroService(t *testing.T) {
 // stats asks the micro service for its stats.
 func (h *harness) stats() micro.Stats {
 	h.t.Helper()
-	reply, err := h.nc.Request("$SRV.STATS."+handlers.ServiceName, nil, 5*time.Second)
+	reply, err := h.nc.Request("$SRV.STATS."+commands.ServiceName, nil, 5*time.Second)
 	if err != nil {
 		h.t.Fatal(err)
 	}

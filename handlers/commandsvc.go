@@ -18,10 +18,6 @@ import (
 	"github.com/volumed/volumed/commands"
 )
 
-// ServiceName is the name of volumed's NATS micro service: `nats micro
-// info volumed` lists its endpoints, one per command subject.
-const ServiceName = "volumed"
-
 // DefaultAcceptConcurrency bounds the commands accepted at once.
 const DefaultAcceptConcurrency = 128
 
@@ -79,7 +75,7 @@ type acceptStats struct {
 // per command subject, in the QueueGroup queue group.
 func (s *Service) startCommands() error {
 	svc, err := micro.AddService(s.cfg.Conn, micro.Config{
-		Name:        ServiceName,
+		Name:        commands.ServiceName,
 		Version:     s.cfg.Version,
 		Description: "volumed commands: the reply is the operation or the error JSON, the HTTP status in the Status header",
 		QueueGroup:  QueueGroup,
