@@ -18,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/formation"
 	"github.com/volumed/volumed/internal/lifecycle"
 )
 
@@ -215,13 +216,13 @@ func (b *Bus) startEmbedded() (*server.Server, error) {
 	return srv, nil
 }
 
-// streamSetupTimeout bounds how long Start waits for JetStream to create
-// the streams: on a cluster, for the other members to join and a leader to
-// be elected (the state bucket's setup waits as long).
-const streamSetupTimeout = time.Minute
+// streamSetupTry bounds one attempt at creating a stream (see
+// formation.Retry); Start waits formation.Budget for them all: on a
+// cluster, for the other members to join and a leader to be elected.
+const streamSetupTry = 4 * time.Second
 
 func (b *Bus) ensureStreams(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, streamSetupTimeout)
+	ctx, cancel := context.WithTimeout(ctx, formation.Budget)
 	defer cancel()
 	streams := []jetstream.StreamConfig{
 		{Name: StreamJobs, Subjects: []string{JobsSubjectPrefix + ">"}, Retention: jetstream.WorkQueuePolicy,
@@ -237,24 +238,15 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 	for _, sc := range streams {
 		// On a cluster that is still forming (its members start one by
 		// one) there are not yet enough servers for the replicas: wait.
-		for try := time.Second; ; try = min(2*try, 4*time.Second) {
-			// Until the cluster has a leader, requests go unanswered, and
-			// of several members creating a stream at once only one hears
-			// back: each try gets its own deadline, short at first.
-			tryCtx, cancel := context.WithTimeout(ctx, try)
-			_, err := b.js.CreateOrUpdateStream(tryCtx, sc)
-			cancel()
-			if err == nil {
-				break
-			}
-			if ctx.Err() != nil {
-				return fmt.Errorf("bus: stream %s: %w", sc.Name, err)
-			}
+		err := formation.Retry(ctx, streamSetupTry, func(err error) bool {
 			b.log.Debug("stream not created yet", "stream", sc.Name, "err", err)
-			select {
-			case <-time.After(250 * time.Millisecond):
-			case <-ctx.Done():
-			}
+			return true
+		}, func(ctx context.Context) error {
+			_, err := b.js.CreateOrUpdateStream(ctx, sc)
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("bus: stream %s: %w", sc.Name, err)
 		}
 	}
 	return nil

@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/formation"
 )
 
 // DefaultKVBucket is the JetStream KeyValue bucket of the embedded store.
@@ -589,43 +590,39 @@ func (k *KV) get(ctx context.Context, what, key string, v any) (uint64, error) {
 	return e.Revision(), nil
 }
 
-// bucketSetupTimeout bounds how long NewKV retries making or binding the
-// bucket while JetStream cannot answer yet (a cluster still electing its
-// leaders); bucketSetupTry bounds one attempt (the first ones are
-// shorter), so that a request the cluster dropped while it formed, or the
-// answer only one of several members making the bucket at once gets, is
-// asked again rather than waited for.
-const (
-	bucketSetupTimeout = time.Minute
-	bucketSetupTry     = 5 * time.Second
-)
+// bucketSetupTry bounds one attempt at making or binding the bucket (see
+// formation.Retry).
+const bucketSetupTry = 5 * time.Second
 
 // openBucket binds the bucket, making it if it does not exist, and brings
 // its stream to what this store needs in one update, so that instances
 // already running never see it without atomic batches. Replicas serve no
 // reads: every read goes to the stream's leader (no direct get), so a read
 // after a write by another instance sees that write. JetStream that does
-// not answer yet is asked again, up to bucketSetupTimeout.
+// not answer yet (a cluster still forming) is asked again, up to
+// formation.Budget.
 func openBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig, log *slog.Logger) (jetstream.KeyValue, jetstream.Stream, error) {
-	ctx, cancel := context.WithTimeout(ctx, bucketSetupTimeout)
+	ctx, cancel := context.WithTimeout(ctx, formation.Budget)
 	defer cancel()
-	for pause, try := 100*time.Millisecond, time.Second; ; pause, try = min(2*pause, 2*time.Second), min(2*try, bucketSetupTry) {
-		tryCtx, cancelTry := context.WithTimeout(ctx, try)
-		kv, stream, err := setupBucket(tryCtx, js, cfg)
-		cancelTry()
-		if err == nil {
-			return kv, stream, nil
-		}
-		if !errors.Is(err, ErrUnavailable) || ctx.Err() != nil {
-			return nil, nil, err
+	var (
+		kv     jetstream.KeyValue
+		stream jetstream.Stream
+	)
+	err := formation.Retry(ctx, bucketSetupTry, func(err error) bool {
+		if !errors.Is(err, ErrUnavailable) {
+			return false
 		}
 		log.Debug("bucket not set up yet", "err", err)
-		select {
-		case <-ctx.Done():
-			return nil, nil, err
-		case <-time.After(pause):
-		}
+		return true
+	}, func(ctx context.Context) error {
+		var err error
+		kv, stream, err = setupBucket(ctx, js, cfg)
+		return err
+	})
+	if err != nil {
+		return nil, nil, err
 	}
+	return kv, stream, nil
 }
 
 // setupBucket is one attempt of openBucket.
