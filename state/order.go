@@ -67,7 +67,6 @@ func newStats() Stats {
 	return s
 }
 
-
 // checkOp rejects an operation no index could place.
 func checkOp(op *commands.Operation) error {
 	if op.ID == "" || op.Type == "" || op.Status == "" {
