@@ -71,6 +71,10 @@ type Operation struct {
 	JobID string `json:"cloudstack_job_id,omitempty"`
 	// Attempts counts deliveries of the operation to a handler.
 	Attempts int `json:"attempts,omitempty"`
+	// RequestedBy names who asked: "api-token:<name>@<client address>" for
+	// REST, "nats:<role or user>" for a NATS command, "failover:<op id>"
+	// for a workflow's own steps; "" on records written before it existed.
+	RequestedBy string `json:"requested_by,omitempty"`
 	// CreatedAt is when the command was accepted (UTC).
 	CreatedAt time.Time `json:"created_at"`
 	// UpdatedAt is when the record last changed (UTC).

@@ -105,6 +105,8 @@ type Filter struct {
 	VolumeID string
 	// VMID selects operations on this VM.
 	VMID string
+	// RequestedBy selects operations requested by this principal.
+	RequestedBy string
 	// Limit bounds the number of results.
 	Limit int
 	// Cursor, when set, is the next cursor of an earlier page: results are
@@ -145,12 +147,21 @@ type Stats struct {
 	Writes int64
 }
 
-// Store keeps operations, mappings, exports and leases. Every method is
-// safe for concurrent use; each write is atomic (all of it or none of it).
-// Records carry a Revision: every read sets it and every write returns the
-// record with its new one. Writes are compare-and-swap on it, so a writer
-// that lost a race gets ErrStale and must re-read and decide again.
-type Store interface {
+// OperationReader reads operations: the REST bridge's reads, the
+// schedulers' listings.
+type OperationReader interface {
+	// GetOperation returns one operation or ErrNotFound.
+	GetOperation(ctx context.Context, id string) (commands.Operation, error)
+	// ListOperations returns the operations matching f, newest first,
+	// without reading records that do not match, and the cursor of the
+	// next page ("" when there is none).
+	ListOperations(ctx context.Context, f Filter) ([]commands.Operation, string, error)
+	// Stats counts operations by type and status.
+	Stats(ctx context.Context) (Stats, error)
+}
+
+// OperationWriter records operations by compare-and-swap.
+type OperationWriter interface {
 	// CreateOperation records a new operation and returns it with its
 	// revision; ErrExists if the id is taken.
 	CreateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error)
@@ -164,19 +175,36 @@ type Store interface {
 	// entries and counts; ErrStale if the record has another revision; no
 	// error if there is none.
 	DeleteOperation(ctx context.Context, id string, rev uint64) error
+}
+
+// Operations reads and writes operations: the engine's journal.
+type Operations interface {
+	OperationReader
+	OperationWriter
+}
+
+// Pruner deletes old terminal operations (retention).
+type Pruner interface {
 	// PruneOperations deletes up to limit (0: no limit) terminal operations
 	// completed before completedBefore, with their index entries and
 	// counts, and returns how many it deleted.
 	PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error)
-	// GetOperation returns one operation or ErrNotFound.
-	GetOperation(ctx context.Context, id string) (commands.Operation, error)
-	// ListOperations returns the operations matching f, newest first,
-	// without reading records that do not match, and the cursor of the
-	// next page ("" when there is none).
-	ListOperations(ctx context.Context, f Filter) ([]commands.Operation, string, error)
-	// Stats counts operations by type and status.
-	Stats(ctx context.Context) (Stats, error)
+}
 
+// MappingReader reads device mappings.
+type MappingReader interface {
+	// GetMapping returns the mapping of a volume or ErrNotFound.
+	GetMapping(ctx context.Context, volumeID string) (commands.Mapping, error)
+	// GetMappingByDevice returns the mapping holding a device path on a VM.
+	GetMappingByDevice(ctx context.Context, vmID, devicePath string) (commands.Mapping, error)
+	// ListMappings returns the mappings of one VM, or all when vmID is "".
+	ListMappings(ctx context.Context, vmID string) ([]commands.Mapping, error)
+}
+
+// Mappings reads and writes device mappings: the one mapping writer's
+// store.
+type Mappings interface {
+	MappingReader
 	// PutMapping writes the mapping of m.VolumeID, keeping the device-path
 	// and VM indexes, and returns it with its new revision. m.Revision 0
 	// creates it (ErrStale if one exists); otherwise it replaces the
@@ -184,27 +212,32 @@ type Store interface {
 	// ErrConflict if another volume's mapping holds m.DevicePath on the
 	// same VM.
 	PutMapping(ctx context.Context, m commands.Mapping) (commands.Mapping, error)
-	// GetMapping returns the mapping of a volume or ErrNotFound.
-	GetMapping(ctx context.Context, volumeID string) (commands.Mapping, error)
-	// GetMappingByDevice returns the mapping holding a device path on a VM.
-	GetMappingByDevice(ctx context.Context, vmID, devicePath string) (commands.Mapping, error)
-	// ListMappings returns the mappings of one VM, or all when vmID is "".
-	ListMappings(ctx context.Context, vmID string) ([]commands.Mapping, error)
 	// DeleteMapping removes a volume's mapping: any revision when rev is 0,
 	// else only the one recorded at rev (ErrStale otherwise). No error if
 	// there is none.
 	DeleteMapping(ctx context.Context, volumeID string, rev uint64) error
+}
 
-	// PutExport writes the export record of e.VolumeID as PutMapping does
-	// (Revision 0 creates, otherwise compare-and-swap).
-	PutExport(ctx context.Context, e commands.Export) (commands.Export, error)
+// ExportReader reads NBD export records.
+type ExportReader interface {
 	// GetExport returns the export record of a volume or ErrNotFound.
 	GetExport(ctx context.Context, volumeID string) (commands.Export, error)
 	// ListExports returns every export record, sorted by volume id.
 	ListExports(ctx context.Context) ([]commands.Export, error)
+}
+
+// Exports reads and writes NBD export records.
+type Exports interface {
+	ExportReader
+	// PutExport writes the export record of e.VolumeID as PutMapping does
+	// (Revision 0 creates, otherwise compare-and-swap).
+	PutExport(ctx context.Context, e commands.Export) (commands.Export, error)
 	// DeleteExport removes a volume's export record as DeleteMapping does.
 	DeleteExport(ctx context.Context, volumeID string, rev uint64) error
+}
 
+// Leases are named, fenced leases: the one lease implementation.
+type Leases interface {
 	// AcquireLease takes the lease name for holder for ttl (at least one
 	// second); ErrLeaseHeld if another holder has it. The same holder
 	// taking it again gets a new token.
@@ -214,7 +247,27 @@ type Store interface {
 	RenewLease(ctx context.Context, l Lease) (Lease, error)
 	// ReleaseLease ends l; ErrLeaseLost if it expired or was taken since.
 	ReleaseLease(ctx context.Context, l Lease) error
+}
 
+// Reader is every read the REST bridge makes.
+type Reader interface {
+	OperationReader
+	MappingReader
+	ExportReader
+}
+
+// Store keeps operations, mappings, exports and leases: every role above.
+// Every method is safe for concurrent use; each write is atomic (all of it
+// or none of it). Records carry a Revision: every read sets it and every
+// write returns the record with its new one. Writes are compare-and-swap on
+// it, so a writer that lost a race gets ErrStale and must re-read and
+// decide again. Consumers take the roles they use, not the whole Store.
+type Store interface {
+	Operations
+	Pruner
+	Mappings
+	Exports
+	Leases
 	// Ping checks the backend is reachable.
 	Ping(ctx context.Context) error
 	// Close releases the backend's resources. Closing twice is safe.
