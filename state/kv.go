@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -66,10 +65,7 @@ type KV struct {
 
 	mu       sync.RWMutex
 	seen     uint64 // the last revision the watcher delivered
-	ops      map[string]kvEntry[kvOp]
-	opsPeak  int                // the most entries ops held since it was last made
-	idx      map[string][]opRef // sorted oldest first; see opIndexes
-	stats    Stats              // without Writes
+	ops      *opIndex
 	mappings map[string]kvEntry[commands.Mapping]
 	byDevice map[string]string
 	byVM     map[string]map[string]struct{}
@@ -108,8 +104,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		return nil, err
 	}
 	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log,
-		ops: make(map[string]kvEntry[kvOp]), idx: make(map[string][]opRef), stats: newStats(),
-		mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
+		ops: newOpIndex(), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
 	if k.watcher, err = k.startWatch(ctx); err != nil {
 		return nil, err
@@ -126,7 +121,10 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		_ = k.Close(context.Background())
 		return nil, err
 	}
-	k.log.Info("state store ready", "operations", len(k.ops), "mappings", len(k.mappings))
+	k.mu.RLock()
+	nops, nmaps := k.ops.len(), len(k.mappings)
+	k.mu.RUnlock()
+	k.log.Info("state store ready", "operations", nops, "mappings", nmaps)
 	return k, nil
 }
 
@@ -143,41 +141,6 @@ func (k *KV) fresh(cur, rev uint64, fromWatcher bool) bool {
 	return rev > cur
 }
 
-// kvOp is what memory keeps of an operation besides its JSON: the fields
-// the indexes and Stats are made of.
-type kvOp struct {
-	typ       commands.OpType
-	status    commands.OpStatus
-	volume    string
-	vm        string
-	created   int64 // opScore of CreatedAt
-	completed int64 // opScore of completedAt, for a terminal operation
-	duration  time.Duration
-}
-
-// newKVOp keeps the indexed fields of op; type and status share the
-// constants' memory.
-func newKVOp(op *commands.Operation) *kvOp {
-	o := &kvOp{typ: op.Type, status: op.Status, volume: op.VolumeID, vm: op.VM(),
-		created: opScore(op.CreatedAt), duration: op.Duration()}
-	if i := slices.Index(commands.OpTypes, o.typ); i >= 0 {
-		o.typ = commands.OpTypes[i]
-	}
-	if i := slices.Index(commands.OpStatuses, o.status); i >= 0 {
-		o.status = commands.OpStatuses[i]
-	}
-	if o.status.Terminal() {
-		o.completed = opScore(completedAt(op))
-	}
-	return o
-}
-
-// matches reports whether o has every field f sets.
-func (o *kvOp) matches(f Filter) bool {
-	return o != nil && (f.Type == "" || o.typ == f.Type) && (f.Status == "" || o.status == f.Status) &&
-		(f.VolumeID == "" || o.volume == f.VolumeID) && (f.VMID == "" || o.vm == f.VMID)
-}
-
 // decodeRecord decodes raw, nil for a delete.
 func decodeRecord[T any](raw []byte) (*T, error) {
 	if raw == nil {
@@ -188,12 +151,13 @@ func decodeRecord[T any](raw []byte) (*T, error) {
 }
 
 // applyWatchedOp puts revision rev of an operation (nil raw: deleted),
-// as the watcher delivers it, in the indexes unless they already hold
-// that revision or a later one; a record they do is not even decoded (the
+// as the watcher delivers it, in the index unless it already holds that
+// revision or a later one; a record it does is not even decoded (the
 // watcher's copy of this process's own write).
 func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte) error {
 	k.mu.Lock()
-	applied := rev <= k.ops[id].rev
+	held, _, _ := k.ops.rev(id)
+	applied := rev <= held
 	if applied {
 		k.seen = max(k.seen, rev)
 	}
@@ -201,69 +165,52 @@ func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte) error {
 	if applied {
 		return nil
 	}
-	op, err := decodeRecord[commands.Operation](raw)
+	op, err := decodeRecord[kvIndexed](raw)
 	if err != nil {
 		return err
 	}
-	return k.applyOpValue(id, rev, raw, op, true)
+	if op == nil {
+		return k.applyOpValue(id, rev, nil, true)
+	}
+	o := op.operation(id)
+	return k.applyOpValue(id, rev, &o, true)
 }
 
-// applyOpValue puts revision rev of the operation op (nil: deleted), whose
-// JSON is raw, in the indexes unless they already hold that revision or a
-// later one: a writer's own record, or one the watcher delivered.
-func (k *KV) applyOpValue(id string, rev uint64, raw []byte, op *commands.Operation, fromWatcher bool) error {
+// kvIndexed is what the index reads of an operation's JSON: decoding
+// only these fields is what makes loading the bucket at start fast.
+type kvIndexed struct {
+	Type        commands.OpType   `json:"type"`
+	Status      commands.OpStatus `json:"status"`
+	VolumeID    string            `json:"volume_id"`
+	VMID        *string           `json:"vm_id"`
+	RequestedBy string            `json:"requested_by"`
+	CreatedAt   time.Time         `json:"created_at"`
+	UpdatedAt   time.Time         `json:"updated_at"`
+	CompletedAt *time.Time        `json:"completed_at"`
+}
+
+// operation is the operation id with the indexed fields of o.
+func (o *kvIndexed) operation(id string) commands.Operation {
+	return commands.Operation{ID: id, Type: o.Type, Status: o.Status, VolumeID: o.VolumeID, VMID: o.VMID,
+		RequestedBy: o.RequestedBy, CreatedAt: o.CreatedAt, UpdatedAt: o.UpdatedAt, CompletedAt: o.CompletedAt}
+}
+
+// applyOpValue puts revision rev of the operation op (nil: deleted) in
+// the index unless it already holds that revision or a later one: a
+// writer's own record, or one the watcher delivered.
+func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, fromWatcher bool) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	cur := k.ops[id]
-	if !k.fresh(cur.rev, rev, fromWatcher) {
+	cur, _, _ := k.ops.rev(id)
+	if !k.fresh(cur, rev, fromWatcher) {
 		return nil
-	}
-	if cur.v != nil {
-		k.indexOp(id, cur.v, -1)
 	}
 	if op == nil {
-		delete(k.ops, id)
-		if k.opsPeak > 4096 && len(k.ops) < k.opsPeak/4 {
-			// A Go map keeps the size it grew to: copy it once pruning
-			// has emptied most of it.
-			k.ops, k.opsPeak = maps.Collect(maps.All(k.ops)), len(k.ops)
-		}
+		k.ops.remove(id)
 		return nil
 	}
-	o := newKVOp(op)
-	k.ops[id] = kvEntry[kvOp]{rev: rev, v: o, raw: raw}
-	k.opsPeak = max(k.opsPeak, len(k.ops))
-	k.indexOp(id, o, 1)
+	k.ops.put(rev, op)
 	return nil
-}
-
-// indexOp adds (sign 1) or removes (sign -1) an operation from the
-// indexes and counters. k.mu is held.
-func (k *KV) indexOp(id string, op *kvOp, sign int64) {
-	ref := opRef{score: op.created, id: id}
-	for _, name := range indexNames(string(op.typ), string(op.status), op.volume, op.vm, true) {
-		refs := k.idx[name]
-		i, found := slices.BinarySearchFunc(refs, ref, compareRefs)
-		switch {
-		case sign > 0 && !found:
-			k.idx[name] = slices.Insert(refs, i, ref)
-		case sign < 0 && found && len(refs) == 1:
-			delete(k.idx, name)
-		case sign < 0 && found:
-			refs = slices.Delete(refs, i, i+1)
-			if cap(refs) > 64 && len(refs) < cap(refs)/4 {
-				refs = slices.Clone(refs) // give back what pruning freed
-			}
-			k.idx[name] = refs
-		}
-	}
-	k.stats.Total += sign
-	k.stats.ByType[op.typ] += sign
-	k.stats.ByStatus[op.status] += sign
-	if op.status.Terminal() {
-		k.stats.Terminal += sign
-		k.stats.TerminalDuration += time.Duration(sign) * op.duration
-	}
 }
 
 // applyMapping puts revision rev of a mapping (nil raw: deleted) in the
@@ -408,7 +355,7 @@ func (k *KV) CreateOperation(ctx context.Context, op commands.Operation) (comman
 	}
 	k.writes.Add(1)
 	op.Revision = rev
-	return op, k.applyOpValue(op.ID, rev, data, &op, false)
+	return op, k.applyOpValue(op.ID, rev, &op, false)
 }
 
 // UpdateOperation replaces the operation at op.Revision with one KV Update
@@ -442,7 +389,7 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 	}
 	k.writes.Add(1)
 	op.Revision = rev
-	return op, k.applyOpValue(op.ID, rev, data, &op, false)
+	return op, k.applyOpValue(op.ID, rev, &op, false)
 }
 
 // statusAt returns the status of the operation at revision rev when
@@ -450,35 +397,27 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 func (k *KV) statusAt(id string, rev uint64) (commands.OpStatus, bool) {
 	k.mu.RLock()
 	defer k.mu.RUnlock()
-	cur := k.ops[id]
-	if cur.v == nil || cur.rev != rev {
+	cur, st, live := k.ops.rev(id)
+	if !live || cur != rev {
 		return "", false
 	}
-	return cur.v.status, true
+	return st, true
 }
 
-// opAt returns the operation recorded at revision rev: from memory when
-// it holds that revision (a revision names one value of one key), else
-// from the bucket. ErrStale when the key has another revision.
+// opAt returns the operation recorded at revision rev, read from the
+// bucket. ErrStale when the key has another revision.
 func (k *KV) opAt(ctx context.Context, id string, rev uint64) (*commands.Operation, error) {
-	k.mu.RLock()
-	cur := k.ops[id]
-	k.mu.RUnlock()
-	raw := cur.raw
-	if cur.v == nil || cur.rev != rev {
-		e, err := k.kv.Get(ctx, kvOpPrefix+id)
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			return nil, gone("operation", id)
-		}
-		if err != nil {
-			return nil, kvErr("get operation", err)
-		}
-		if e.Revision() != rev {
-			return nil, stale("operation", id, rev)
-		}
-		raw = e.Value()
+	e, err := k.kv.Get(ctx, kvOpPrefix+id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, gone("operation", id)
 	}
-	return decodeRecord[commands.Operation](raw)
+	if err != nil {
+		return nil, kvErr("get operation", err)
+	}
+	if e.Revision() != rev {
+		return nil, stale("operation", id, rev)
+	}
+	return decodeRecord[commands.Operation](e.Value())
 }
 
 // DeleteOperation purges the operation's key if it is at revision rev.
@@ -498,9 +437,8 @@ func (k *KV) DeleteOperation(ctx context.Context, id string, rev uint64) error {
 		return err
 	}
 	k.mu.Lock()
-	if e := k.ops[id]; e.v != nil && e.rev == rev {
-		k.indexOp(id, e.v, -1)
-		k.ops[id] = kvEntry[kvOp]{rev: rev}
+	if cur, _, live := k.ops.rev(id); live && cur == rev {
+		k.ops.tombstone(id, rev)
 	}
 	k.mu.Unlock()
 	return nil
@@ -530,32 +468,14 @@ func (k *KV) purge(ctx context.Context, what, key string, rev uint64) error {
 }
 
 // PruneOperations deletes terminal operations completed before
-// completedBefore, found in the in-memory status indexes (oldest created
-// first: an operation completed before a time was created before it).
+// completedBefore, found in the in-memory status indexes.
 func (k *KV) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
-	type victim struct {
-		id  string
-		rev uint64
-	}
-	var victims []victim
 	k.mu.RLock()
-	for _, st := range commands.OpStatuses {
-		if !st.Terminal() {
-			continue
-		}
-		for _, ref := range k.idx["status:"+string(st)] {
-			if ref.score >= opScore(completedBefore) || (limit > 0 && len(victims) >= limit) {
-				break
-			}
-			if e := k.ops[ref.id]; e.v != nil && e.v.completed < opScore(completedBefore) {
-				victims = append(victims, victim{ref.id, e.rev})
-			}
-		}
-	}
+	ids, revs := k.ops.expired(opScore(completedBefore), limit)
 	k.mu.RUnlock()
 	n := 0
-	for _, v := range victims {
-		err := k.DeleteOperation(ctx, v.id, v.rev)
+	for i, id := range ids {
+		err := k.DeleteOperation(ctx, id, revs[i])
 		if errors.Is(err, ErrStale) {
 			continue // annotated (CanAnnotate), or deleted and created again: the next pass reads it again
 		}
@@ -689,7 +609,9 @@ func (k *KV) caughtUp(ctx context.Context) error {
 
 // ListOperations walks the smallest index of f newest first from the
 // cursor, keeping the operations that match f's other fields, up to the
-// limit.
+// limit, then reads their records from the bucket. A record that changed
+// since is returned as it is now if it still matches f, and left out
+// otherwise (as the Redis store does).
 func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation, string, error) {
 	after, err := parseCursor(f.Cursor)
 	if err != nil {
@@ -698,46 +620,49 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 	if err := k.caughtUp(ctx); err != nil {
 		return nil, "", err
 	}
-	type row struct {
-		rev uint64
-		raw []byte
-	}
-	var rows []row
-	next := ""
 	k.mu.RLock()
-	var walk []opRef
-	for i, name := range filterIndexes(f) {
-		if refs := k.idx[name]; i == 0 || len(refs) < len(walk) {
-			walk = refs
-		}
-	}
-	start := len(walk)
-	if after != nil {
-		start, _ = slices.BinarySearchFunc(walk, *after, compareRefs)
-	}
-	more := false
-	for i := start - 1; i >= 0 && !more; i-- {
-		e := k.ops[walk[i].id]
-		if !e.v.matches(f) {
-			continue
-		}
-		more = f.Limit > 0 && len(rows) == f.Limit
-		if !more {
-			rows = append(rows, row{e.rev, e.raw})
-		}
-	}
+	ids, _, more := k.ops.list(f, after, f.Limit)
 	k.mu.RUnlock()
-	out := make([]commands.Operation, len(rows))
-	for i, r := range rows {
-		if err := decode(r.raw, &out[i]); err != nil {
-			return nil, "", err
-		}
-		out[i].Revision = r.rev
+	recs, err := k.getOps(ctx, ids)
+	if err != nil {
+		return nil, "", err
 	}
-	if more {
+	out := make([]commands.Operation, 0, len(recs))
+	for i := range recs {
+		if recs[i].ID != "" && matches(&recs[i], f) {
+			out = append(out, recs[i])
+		}
+	}
+	next := ""
+	if more && len(out) > 0 {
 		next = formatCursor(out[len(out)-1])
 	}
 	return out, next, nil
+}
+
+// kvReaders bounds the reads of one listing in flight at once.
+const kvReaders = 16
+
+// getOps reads the operations ids from the bucket, several at once; a
+// deleted one is left zero.
+func (k *KV) getOps(ctx context.Context, ids []string) ([]commands.Operation, error) {
+	out := make([]commands.Operation, len(ids))
+	errs := make([]error, len(ids))
+	sem := make(chan struct{}, kvReaders)
+	var wg sync.WaitGroup
+	for i, id := range ids {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			op, err := k.GetOperation(ctx, id)
+			if errors.Is(err, ErrNotFound) {
+				return
+			}
+			out[i], errs[i] = op, err
+		})
+	}
+	wg.Wait()
+	return out, errors.Join(errs...)
 }
 
 // Stats returns the in-memory counters.
@@ -747,8 +672,8 @@ func (k *KV) Stats(ctx context.Context) (Stats, error) {
 	}
 	k.mu.RLock()
 	defer k.mu.RUnlock()
-	s := k.stats
-	s.ByType, s.ByStatus = maps.Clone(k.stats.ByType), maps.Clone(k.stats.ByStatus)
+	s := k.ops.stats
+	s.ByType, s.ByStatus = maps.Clone(s.ByType), maps.Clone(s.ByStatus)
 	s.Writes = k.writes.Load()
 	return s, nil
 }

@@ -37,7 +37,7 @@ func TestKVApplyOrder(t *testing.T) {
 		{"delete delivered before an older own write returns", []apply{{9, true, true}, {8, false, false}}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			k := &KV{ops: make(map[string]kvEntry[kvOp]), idx: make(map[string][]opRef), stats: newStats()}
+			k := &KV{ops: newOpIndex()}
 			for _, st := range tc.steps {
 				data := raw
 				if st.deleted {
@@ -48,17 +48,17 @@ func TestKVApplyOrder(t *testing.T) {
 				case st.watcher:
 					err = k.applyWatchedOp(op.ID, st.rev, data)
 				case st.deleted:
-					err = k.applyOpValue(op.ID, st.rev, nil, nil, false)
+					err = k.applyOpValue(op.ID, st.rev, nil, false)
 				default:
-					err = k.applyOpValue(op.ID, st.rev, data, &op, false)
+					err = k.applyOpValue(op.ID, st.rev, &op, false)
 				}
 				if err != nil {
 					t.Fatal(err)
 				}
 			}
-			_, listed := k.ops[op.ID]
-			if n := len(k.idx["all"]); listed != tc.listed || (n == 1) != tc.listed || k.stats.Total != int64(n) {
-				t.Fatalf("entry %v, indexed %d, total %d; want listed %v", listed, n, k.stats.Total, tc.listed)
+			_, _, listed := k.ops.rev(op.ID)
+			if n := len(k.ops.lists["all"]); listed != tc.listed || (n == 1) != tc.listed || k.ops.stats.Total != int64(n) {
+				t.Fatalf("entry %v, indexed %d, total %d; want listed %v", listed, n, k.ops.stats.Total, tc.listed)
 			}
 		})
 	}
@@ -69,12 +69,8 @@ func TestKVApplyOrder(t *testing.T) {
 // a revision they do not hold is.
 func TestKVApplySkipsWhatItHolds(t *testing.T) {
 	op := commands.Operation{ID: "op-1", Type: commands.OpCreate, Status: commands.StatusPending, CreatedAt: time.Unix(1, 0)}
-	raw, err := json.Marshal(op)
-	if err != nil {
-		t.Fatal(err)
-	}
-	k := &KV{ops: make(map[string]kvEntry[kvOp]), idx: make(map[string][]opRef), stats: newStats()}
-	if err := k.applyOpValue(op.ID, 7, raw, &op, false); err != nil {
+	k := &KV{ops: newOpIndex()}
+	if err := k.applyOpValue(op.ID, 7, &op, false); err != nil {
 		t.Fatal(err)
 	}
 	undecodable := []byte("{not json")
@@ -84,7 +80,7 @@ func TestKVApplySkipsWhatItHolds(t *testing.T) {
 	if err := k.applyWatchedOp(op.ID, 8, undecodable); err == nil {
 		t.Fatal("a revision the indexes do not hold was not decoded")
 	}
-	if got := k.ops[op.ID]; got.rev != 7 || string(got.raw) != string(raw) {
-		t.Fatalf("entry at revision %d: %s", got.rev, got.raw)
+	if rev, st, live := k.ops.rev(op.ID); rev != 7 || st != op.Status || !live {
+		t.Fatalf("entry at revision %d: %s, live %v", rev, st, live)
 	}
 }
