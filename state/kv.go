@@ -65,6 +65,7 @@ type KV struct {
 
 	mu       sync.RWMutex
 	seen     uint64 // the last revision the watcher delivered
+	gap      kvGap  // see caughtUp
 	ops      *opIndex
 	mappings map[string]kvEntry[commands.Mapping]
 	byDevice map[string]string
@@ -584,19 +585,45 @@ func setupBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (jet
 // held when it was called, so that a read from memory (lists, indexes,
 // stats) reflects every write committed before it, by any process sharing
 // the bucket. (A read of one key asks the bucket itself.)
+//
+// The stream's last sequence, which its leader gives at a constant cost,
+// is the barrier; the last message of the bucket's subjects, which costs
+// a match over every key, is asked only when the watcher has not seen
+// that sequence, since the message there may be gone (an expired marker).
 func (k *KV) caughtUp(ctx context.Context) error {
-	last, err := k.stream.GetLastMsgForSubject(ctx, k.subject(">"))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return nil // an empty bucket
-	}
+	info, err := k.stream.Info(ctx)
 	if err != nil {
 		return kvErr("read barrier", err)
+	}
+	target := info.State.LastSeq
+	k.mu.RLock()
+	seen, gap := k.seen, k.gap
+	k.mu.RUnlock()
+	switch {
+	case seen >= target:
+		return nil
+	case gap.streamLast == target:
+		// Nothing written since the last slow barrier found the last
+		// message below the stream's last sequence.
+		target = gap.lastMsg
+	default:
+		last, err := k.stream.GetLastMsgForSubject(ctx, k.subject(">"))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return nil // an empty bucket
+		}
+		if err != nil {
+			return kvErr("read barrier", err)
+		}
+		k.mu.Lock()
+		k.gap = kvGap{streamLast: target, lastMsg: last.Sequence}
+		k.mu.Unlock()
+		target = last.Sequence
 	}
 	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 5*time.Millisecond) {
 		k.mu.RLock()
 		seen := k.seen
 		k.mu.RUnlock()
-		if seen >= last.Sequence {
+		if seen >= target {
 			return nil
 		}
 		select {
@@ -605,6 +632,12 @@ func (k *KV) caughtUp(ctx context.Context) error {
 		case <-time.After(pause):
 		}
 	}
+}
+
+// kvGap records that when the stream's last sequence was streamLast, the
+// last message it held was at lastMsg.
+type kvGap struct {
+	streamLast, lastMsg uint64
 }
 
 // ListOperations walks the smallest index of f newest first from the
