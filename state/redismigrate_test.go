@@ -134,4 +134,3 @@ func opIDs(ops []commands.Operation) []string {
 	}
 	return out
 }
-
