@@ -230,25 +230,29 @@ func (g generator) loadAndMeasure(ctx context.Context, data string) error {
 		g.c.samples, goalListMS, goalGetMS)
 	for _, q := range g.queries() {
 		for _, deep := range []bool{false, true} {
-			lat, err := g.sample(func(r *rand.Rand) error {
-				f := q.filter(r)
-				f.Limit = commands.DefaultListLimit
-				if deep {
-					f.Cursor = g.deepCursor(f)
-				}
-				ops, _, err := s.ListOperations(ctx, f)
+			fs := g.filters(q, deep)
+			ignored := false
+			lat, err := g.sample(func(i int, _ *rand.Rand) error {
+				ops, _, err := s.ListOperations(ctx, fs[i])
 				if err == nil && len(ops) == 0 {
 					err = fmt.Errorf("%s: empty page", q.name)
+				}
+				for _, op := range ops {
+					ignored = ignored || (fs[i].RequestedBy != "" && op.RequestedBy != fs[i].RequestedBy)
 				}
 				return err
 			})
 			if err != nil {
 				return err
 			}
-			report("list "+q.name+page(deep), lat, goalListMS)
+			name := "list " + q.name + page(deep)
+			if ignored {
+				name += " (NOT FILTERED)"
+			}
+			report(name, lat, goalListMS)
 		}
 	}
-	lat, err := g.sample(func(r *rand.Rand) error {
+	lat, err := g.sample(func(_ int, r *rand.Rand) error {
 		_, err := s.GetOperation(ctx, g.id(r.IntN(g.c.n)))
 		return err
 	})
@@ -256,7 +260,7 @@ func (g generator) loadAndMeasure(ctx context.Context, data string) error {
 		return err
 	}
 	report("get operation", lat, goalGetMS)
-	lat, err = g.sample(func(*rand.Rand) error {
+	lat, err = g.sample(func(int, *rand.Rand) error {
 		st, err := s.Stats(ctx)
 		if err == nil && st.Total != int64(g.c.n) {
 			err = fmt.Errorf("stats total %d, want %d", st.Total, g.c.n)
@@ -341,19 +345,38 @@ func (g generator) deepCursor(f state.Filter) string {
 	return ""
 }
 
-// sample runs fn samples times, after a few warm-up runs, and returns
-// the sorted latencies.
-func (g generator) sample(fn func(r *rand.Rand) error) ([]time.Duration, error) {
+// warmups is how many runs of a measured request precede the timed ones.
+const warmups = 5
+
+// filters makes the filters of the runs of a listing (warm-up ones
+// first), with the first page's limit and the deep cursor if asked, so
+// that making them is not timed.
+func (g generator) filters(q query, deep bool) []state.Filter {
+	r := rand.New(rand.NewPCG(3, 4))
+	out := make([]state.Filter, warmups+g.c.samples)
+	for i := range out {
+		out[i] = q.filter(r)
+		out[i].Limit = commands.DefaultListLimit
+		if deep {
+			out[i].Cursor = g.deepCursor(out[i])
+		}
+	}
+	return out
+}
+
+// sample runs fn (with the run's number) samples times, after a few
+// warm-up runs, and returns the sorted latencies.
+func (g generator) sample(fn func(i int, r *rand.Rand) error) ([]time.Duration, error) {
 	r := rand.New(rand.NewPCG(1, 2))
-	for range 5 {
-		if err := fn(r); err != nil {
+	for i := range warmups {
+		if err := fn(i, r); err != nil {
 			return nil, err
 		}
 	}
 	out := make([]time.Duration, 0, g.c.samples)
-	for range g.c.samples {
+	for i := range g.c.samples {
 		t := time.Now()
-		if err := fn(r); err != nil {
+		if err := fn(warmups+i, r); err != nil {
 			return nil, err
 		}
 		out = append(out, time.Since(t))
@@ -478,8 +501,9 @@ func (g generator) measureHTTP(ctx context.Context, cl client) error {
 			continue
 		}
 		for _, deep := range []bool{false, true} {
-			lat, err := g.sample(func(r *rand.Rand) error {
-				f := q.filter(r)
+			fs := g.filters(q, deep)
+			lat, err := g.sample(func(i int, _ *rand.Rand) error {
+				f := fs[i]
 				v := url.Values{}
 				for k, val := range map[string]string{"type": string(f.Type), "status": string(f.Status),
 					"volume_id": f.VolumeID, "vm_id": f.VMID} {
@@ -487,8 +511,8 @@ func (g generator) measureHTTP(ctx context.Context, cl client) error {
 						v.Set(k, val)
 					}
 				}
-				if deep {
-					v.Set("cursor", g.deepCursor(f))
+				if f.Cursor != "" {
+					v.Set("cursor", f.Cursor)
 				}
 				return cl.get(ctx, "/operations?"+v.Encode())
 			})
@@ -499,7 +523,7 @@ func (g generator) measureHTTP(ctx context.Context, cl client) error {
 		}
 	}
 	for _, tc := range []struct{ name, query string }{{"GET /operations/{id}", ""}, {"GET /operations/{id}?wait=10s", "?wait=10s"}} {
-		lat, err := g.sample(func(r *rand.Rand) error {
+		lat, err := g.sample(func(_ int, r *rand.Rand) error {
 			return cl.get(ctx, "/operations/"+g.id(r.IntN(g.c.n))+tc.query)
 		})
 		if err != nil {
@@ -512,7 +536,7 @@ func (g generator) measureHTTP(ctx context.Context, cl client) error {
 		if path != "/metrics" {
 			name = "GET /metrics (Prometheus)"
 		}
-		lat, err := g.sample(func(*rand.Rand) error { return cl.get(ctx, path) })
+		lat, err := g.sample(func(int, *rand.Rand) error { return cl.get(ctx, path) })
 		if err != nil {
 			return err
 		}
