@@ -226,8 +226,8 @@ func (g generator) loadAndMeasure(ctx context.Context, data string) error {
 	fmt.Printf("loaded %d operations through the store in %s (%.0f/s, %d writers)\n",
 		g.c.n, el.Round(time.Second), float64(g.c.n)/el.Seconds(), g.c.writers)
 
-	fmt.Printf("\nstore, in process (p50 / p99 ms over %d requests; goal p99 ≤ %.0f ms for lists, ≤ %.0f ms for a get)\n",
-		g.c.samples, goalListMS, goalGetMS)
+	fmt.Printf("\nstore, in process (p50 / p99 ms over %d requests; goal p99 ≤ %.0f ms for lists, ≤ %.0f ms for a get); load %s\n",
+		g.c.samples, goalListMS, goalGetMS, loadAvg())
 	for _, q := range g.queries() {
 		for _, deep := range []bool{false, true} {
 			fs := g.filters(q, deep)
@@ -433,7 +433,7 @@ func (g generator) serve(ctx context.Context, data string) error {
 		args = append(args, "--redis-url", g.c.redisURL)
 	}
 	api := "http://127.0.0.1:" + apiPort + "/api/v1"
-	fmt.Printf("\nvolumed over HTTP (p50 / p99 ms over %d requests)\n", g.c.samples)
+	fmt.Printf("\nvolumed over HTTP (p50 / p99 ms over %d requests); load %s\n", g.c.samples, loadAvg())
 	for round, name := range []string{"start", "restart"} {
 		vd, up, err := g.startVolumed(ctx, args, api, data, round)
 		if err != nil {
@@ -646,6 +646,16 @@ func procField(path, field string) float64 {
 		}
 	}
 	return 0
+}
+
+// loadAvg is the machine's load average over 1, 5 and 15 minutes: the
+// figures are only comparable under a similar load.
+func loadAvg() string {
+	data, _ := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(data)); len(f) >= 3 {
+		return strings.Join(f[:3], " ")
+	}
+	return "unknown"
 }
 
 func cpuModel() string {
