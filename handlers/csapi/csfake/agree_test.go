@@ -20,12 +20,12 @@ import (
 type fault int
 
 const (
-	f530      fault = iota // CloudStack answers 530, the command not run
-	fLost                  // the command runs, its answer is lost
-	fJobFail               // the command's job fails without effect
-	fJobHang               // the command's job stays pending
-	fDropped               // the connection drops before the command runs
-	faultKinds             // count
+	f530       fault = iota // CloudStack answers 530, the command not run
+	fLost                   // the command runs, its answer is lost
+	fJobFail                // the command's job fails without effect
+	fJobHang                // the command's job stays pending
+	fDropped                // the connection drops before the command runs
+	faultKinds              // count
 )
 
 // world is one cloud, the simulator through the real client or the
