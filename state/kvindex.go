@@ -2,6 +2,7 @@ package state
 
 import (
 	"cmp"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -101,12 +102,8 @@ func (x *opIndex) remove(id string) {
 	x.free = append(x.free, i)
 	if x.peak > 4096 && len(x.byID) < x.peak/4 {
 		// A Go map keeps the size it grew to: copy it once pruning has
-		// emptied most of it.
-		m := make(map[string]uint32, len(x.byID))
-		for k, v := range x.byID {
-			m[k] = v
-		}
-		x.byID, x.peak = m, len(m)
+		// emptied most of it. (Freed slots are reused by new operations.)
+		x.byID, x.peak = maps.Collect(maps.All(x.byID)), len(x.byID)
 	}
 }
 
