@@ -2,6 +2,7 @@ package state
 
 import (
 	"encoding/json"
+	"fmt"
 	"testing"
 	"time"
 
@@ -82,5 +83,34 @@ func TestKVApplySkipsWhatItHolds(t *testing.T) {
 	}
 	if rev, st, live := k.ops.rev(op.ID); rev != 7 || st != op.Status || !live {
 		t.Fatalf("entry at revision %d: %s, live %v", rev, st, live)
+	}
+}
+
+// TestOpIndexForgets: once every operation is deleted, the index holds no
+// list, no interned value and no count, whichever way each went (a
+// delete the watcher delivered, or this process's own delete first).
+func TestOpIndexForgets(t *testing.T) {
+	x := newOpIndex()
+	for i := range 100 {
+		vm := fmt.Sprintf("vm-%d", i)
+		op := commands.Operation{ID: fmt.Sprintf("op-%d", i), Type: commands.OpAttach, Status: commands.StatusExecuting,
+			VolumeID: fmt.Sprintf("vol-%d", i), VMID: &vm, RequestedBy: fmt.Sprintf("nats:%d", i), CreatedAt: time.Unix(int64(i), 0)}
+		x.put(uint64(2*i+1), &op)
+		done := op.CreatedAt.Add(time.Second)
+		op.Status, op.CompletedAt = commands.StatusCompleted, &done
+		x.put(uint64(2*i+2), &op) // moves its status
+	}
+	if x.len() != 100 || len(x.lists["status:completed"]) != 100 || len(x.lists["status:executing"]) != 0 {
+		t.Fatalf("%d operations, %d completed, %d executing", x.len(), len(x.lists["status:completed"]), len(x.lists["status:executing"]))
+	}
+	for i := range 100 {
+		id := fmt.Sprintf("op-%d", i)
+		if i%2 == 0 {
+			x.tombstone(id, uint64(2*i+2))
+		}
+		x.remove(id)
+	}
+	if x.len() != 0 || len(x.lists) != 0 || len(x.names.ids) != 0 || len(x.byID) != 0 || x.stats.Terminal != 0 || x.stats.TerminalDuration != 0 {
+		t.Fatalf("left: %d operations, %d lists, %d names, %d ids, stats %+v", x.len(), len(x.lists), len(x.names.ids), len(x.byID), x.stats)
 	}
 }
