@@ -51,6 +51,7 @@ type config struct {
 	volumed  string
 	cloudsim string
 	redisURL string
+	settle   time.Duration
 }
 
 func main() {
@@ -66,6 +67,7 @@ func main() {
 	flag.StringVar(&c.volumed, "volumed", "", "volumed binary")
 	flag.StringVar(&c.cloudsim, "cloudsim", "", "cloudsim binary (test/cloudsim/cmd/cloudsim)")
 	flag.StringVar(&c.redisURL, "redis-url", "", "Redis URL, for -store redis (its database is flushed first)")
+	flag.DurationVar(&c.settle, "settle", 150*time.Second, "how long volumed idles before its resident memory is measured again")
 	flag.Parse()
 	if err := run(context.Background(), c); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-scale:", err)
@@ -345,10 +347,6 @@ func (g generator) deepCursor(f state.Filter) string {
 	return ""
 }
 
-// settle is how long the bench lets volumed idle before measuring its
-// resident memory again.
-const settle = 30 * time.Second
-
 // warmups is how many runs of a measured request precede the timed ones.
 const warmups = 5
 
@@ -456,8 +454,10 @@ func (g generator) serve(ctx context.Context, data string) error {
 			fmt.Printf("  %-44s %8.1f MB            goal ≤ %4.0f MB  %s\n", "resident (VmRSS) "+when, mb, goalRSSMB, verdict(mb <= goalRSSMB))
 		}
 		rss("after " + name)
-		time.Sleep(settle) // what the process holds once it is idle, not the garbage of its start
-		rss(fmt.Sprintf("%s idle after %s", settle, name))
+		// What the process holds once idle, not the garbage of its start
+		// (Go collects at least every two minutes, then gives memory back).
+		time.Sleep(g.c.settle)
+		rss(fmt.Sprintf("%s idle after %s", g.c.settle, name))
 		if round == 0 {
 			if err := g.measureHTTP(ctx, cl); err != nil {
 				stop(vd)
