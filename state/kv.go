@@ -67,6 +67,7 @@ type KV struct {
 	seen     uint64 // the last revision the watcher delivered
 	gap      kvGap  // see caughtUp
 	ops      *opIndex
+	recent   *recentOps
 	mappings map[string]kvEntry[commands.Mapping]
 	byDevice map[string]string
 	byVM     map[string]map[string]struct{}
@@ -105,7 +106,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		return nil, err
 	}
 	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log,
-		ops: newOpIndex(), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
+		ops: newOpIndex(), recent: newRecentOps(kvRecentOps), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
 	if k.watcher, err = k.startWatch(ctx); err != nil {
 		return nil, err
@@ -171,10 +172,10 @@ func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte) error {
 		return err
 	}
 	if op == nil {
-		return k.applyOpValue(id, rev, nil, true)
+		return k.applyOpValue(id, rev, nil, nil, true)
 	}
 	o := op.operation(id)
-	return k.applyOpValue(id, rev, &o, true)
+	return k.applyOpValue(id, rev, &o, raw, true)
 }
 
 // kvIndexed is what the index reads of an operation's JSON: decoding
@@ -196,10 +197,11 @@ func (o *kvIndexed) operation(id string) commands.Operation {
 		RequestedBy: o.RequestedBy, CreatedAt: o.CreatedAt, UpdatedAt: o.UpdatedAt, CompletedAt: o.CompletedAt}
 }
 
-// applyOpValue puts revision rev of the operation op (nil: deleted) in
-// the index unless it already holds that revision or a later one: a
-// writer's own record, or one the watcher delivered.
-func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, fromWatcher bool) error {
+// applyOpValue puts revision rev of the operation op (nil: deleted),
+// whose JSON is raw, in the index and the recent records unless the index
+// already holds that revision or a later one: a writer's own record, or
+// one the watcher delivered.
+func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []byte, fromWatcher bool) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	cur, _, _ := k.ops.rev(id)
@@ -208,9 +210,11 @@ func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, fromWat
 	}
 	if op == nil {
 		k.ops.remove(id)
+		k.recent.forget(id)
 		return nil
 	}
 	k.ops.put(rev, op)
+	k.recent.put(id, rev, raw)
 	return nil
 }
 
@@ -356,7 +360,7 @@ func (k *KV) CreateOperation(ctx context.Context, op commands.Operation) (comman
 	}
 	k.writes.Add(1)
 	op.Revision = rev
-	return op, k.applyOpValue(op.ID, rev, &op, false)
+	return op, k.applyOpValue(op.ID, rev, &op, data, false)
 }
 
 // UpdateOperation replaces the operation at op.Revision with one KV Update
@@ -390,7 +394,7 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 	}
 	k.writes.Add(1)
 	op.Revision = rev
-	return op, k.applyOpValue(op.ID, rev, &op, false)
+	return op, k.applyOpValue(op.ID, rev, &op, data, false)
 }
 
 // statusAt returns the status of the operation at revision rev when
@@ -440,6 +444,7 @@ func (k *KV) DeleteOperation(ctx context.Context, id string, rev uint64) error {
 	k.mu.Lock()
 	if cur, _, live := k.ops.rev(id); live && cur == rev {
 		k.ops.tombstone(id, rev)
+		k.recent.forget(id)
 	}
 	k.mu.Unlock()
 	return nil
@@ -642,9 +647,10 @@ type kvGap struct {
 
 // ListOperations walks the smallest index of f newest first from the
 // cursor, keeping the operations that match f's other fields, up to the
-// limit, then reads their records from the bucket. A record that changed
-// since is returned as it is now if it still matches f, and left out
-// otherwise (as the Redis store does).
+// limit, then takes their records from the recent ones kept in memory or
+// reads them from the bucket. A record that changed since is returned as
+// it is now if it still matches f, and left out otherwise (as the Redis
+// store does).
 func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation, string, error) {
 	after, err := parseCursor(f.Cursor)
 	if err != nil {
@@ -654,10 +660,26 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 		return nil, "", err
 	}
 	k.mu.RLock()
-	ids, _, more := k.ops.list(f, after, f.Limit)
+	ids, revs, more := k.ops.list(f, after, f.Limit)
+	raws := make([][]byte, len(ids))
+	var missing []int
+	for i, id := range ids {
+		var ok bool
+		if raws[i], ok = k.recent.get(id, revs[i]); !ok {
+			missing = append(missing, i)
+		}
+	}
 	k.mu.RUnlock()
-	recs, err := k.getOps(ctx, ids)
-	if err != nil {
+	recs := make([]commands.Operation, len(ids))
+	for i, raw := range raws {
+		if raw != nil {
+			if err := decode(raw, &recs[i]); err != nil {
+				return nil, "", err
+			}
+			recs[i].Revision = revs[i]
+		}
+	}
+	if err := k.getOps(ctx, ids, missing, recs); err != nil {
 		return nil, "", err
 	}
 	out := make([]commands.Operation, 0, len(recs))
@@ -676,26 +698,25 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 // kvReaders bounds the reads of one listing in flight at once.
 const kvReaders = 16
 
-// getOps reads the operations ids from the bucket, several at once; a
-// deleted one is left zero.
-func (k *KV) getOps(ctx context.Context, ids []string) ([]commands.Operation, error) {
-	out := make([]commands.Operation, len(ids))
-	errs := make([]error, len(ids))
+// getOps reads the operations ids[i] for each i of which into out[i]
+// from the bucket, several at once; a deleted one is left zero.
+func (k *KV) getOps(ctx context.Context, ids []string, which []int, out []commands.Operation) error {
+	errs := make([]error, len(which))
 	sem := make(chan struct{}, kvReaders)
 	var wg sync.WaitGroup
-	for i, id := range ids {
+	for j, i := range which {
 		sem <- struct{}{}
 		wg.Go(func() {
 			defer func() { <-sem }()
-			op, err := k.GetOperation(ctx, id)
+			op, err := k.GetOperation(ctx, ids[i])
 			if errors.Is(err, ErrNotFound) {
 				return
 			}
-			out[i], errs[i] = op, err
+			out[i], errs[j] = op, err
 		})
 	}
 	wg.Wait()
-	return out, errors.Join(errs...)
+	return errors.Join(errs...)
 }
 
 // Stats returns the in-memory counters.

@@ -38,7 +38,7 @@ func TestKVApplyOrder(t *testing.T) {
 		{"delete delivered before an older own write returns", []apply{{9, true, true}, {8, false, false}}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			k := &KV{ops: newOpIndex()}
+			k := &KV{ops: newOpIndex(), recent: newRecentOps(4)}
 			for _, st := range tc.steps {
 				data := raw
 				if st.deleted {
@@ -49,9 +49,9 @@ func TestKVApplyOrder(t *testing.T) {
 				case st.watcher:
 					err = k.applyWatchedOp(op.ID, st.rev, data)
 				case st.deleted:
-					err = k.applyOpValue(op.ID, st.rev, nil, false)
+					err = k.applyOpValue(op.ID, st.rev, nil, nil, false)
 				default:
-					err = k.applyOpValue(op.ID, st.rev, &op, false)
+					err = k.applyOpValue(op.ID, st.rev, &op, data, false)
 				}
 				if err != nil {
 					t.Fatal(err)
@@ -70,8 +70,8 @@ func TestKVApplyOrder(t *testing.T) {
 // a revision they do not hold is.
 func TestKVApplySkipsWhatItHolds(t *testing.T) {
 	op := commands.Operation{ID: "op-1", Type: commands.OpCreate, Status: commands.StatusPending, CreatedAt: time.Unix(1, 0)}
-	k := &KV{ops: newOpIndex()}
-	if err := k.applyOpValue(op.ID, 7, &op, false); err != nil {
+	k := &KV{ops: newOpIndex(), recent: newRecentOps(4)}
+	if err := k.applyOpValue(op.ID, 7, &op, nil, false); err != nil {
 		t.Fatal(err)
 	}
 	undecodable := []byte("{not json")
@@ -112,5 +112,33 @@ func TestOpIndexForgets(t *testing.T) {
 	}
 	if x.len() != 0 || len(x.lists) != 0 || len(x.names.ids) != 0 || len(x.byID) != 0 || x.stats.Terminal != 0 || x.stats.TerminalDuration != 0 {
 		t.Fatalf("left: %d operations, %d lists, %d names, %d ids, stats %+v", x.len(), len(x.lists), len(x.names.ids), len(x.byID), x.stats)
+	}
+}
+
+// TestRecentOps: the recent records keep the last ones put, each only at
+// the revision put; an id put again outlives the eviction of its older
+// revision.
+func TestRecentOps(t *testing.T) {
+	r := newRecentOps(3)
+	r.put("a", 1, []byte("a1"))
+	r.put("b", 2, []byte("b2"))
+	r.put("a", 3, []byte("a3")) // a again: its revision 1 is the oldest entry
+	r.put("c", 4, []byte("c4")) // evicts a@1, which a@3 replaced: a stays
+	if raw, ok := r.get("a", 3); !ok || string(raw) != "a3" {
+		t.Fatalf("a at 3: %q, %v", raw, ok)
+	}
+	if _, ok := r.get("a", 1); ok {
+		t.Fatal("a at an older revision")
+	}
+	r.put("d", 5, []byte("d5")) // evicts b
+	if _, ok := r.get("b", 2); ok {
+		t.Fatal("b kept past the capacity")
+	}
+	r.forget("c")
+	if _, ok := r.get("c", 4); ok {
+		t.Fatal("c kept after forget")
+	}
+	if len(r.byID) != 2 {
+		t.Fatalf("%d kept, want a and d", len(r.byID))
 	}
 }

@@ -323,3 +323,58 @@ func (n *interner) lookup(s string) (uint32, bool) {
 }
 
 func (n *interner) str(h uint32) string { return n.strs[h] }
+
+// kvRecentOps is how many records the embedded store keeps as JSON: the
+// last ones written or read from the bucket's watcher, which the engine's
+// own lookups (an operation's volume's latest operation) and the first
+// pages of listings mostly ask for. About 1 KB each.
+const kvRecentOps = 4096
+
+// recentOps keeps the JSON of the last kvRecentOps operation revisions
+// applied, first in first out. A revision names one value of a key, so a
+// record held at the revision the index holds is the record.
+type recentOps struct {
+	byID map[string]recentOp
+	ring []recentRef // insertion order; next is the oldest once full
+	next int
+}
+
+type recentOp struct {
+	rev uint64
+	raw []byte
+}
+
+type recentRef struct {
+	id  string
+	rev uint64
+}
+
+func newRecentOps(n int) *recentOps {
+	return &recentOps{byID: make(map[string]recentOp, n), ring: make([]recentRef, 0, n)}
+}
+
+// put keeps raw as id's record at revision rev, forgetting the oldest
+// one kept when full.
+func (r *recentOps) put(id string, rev uint64, raw []byte) {
+	ref := recentRef{id, rev}
+	if len(r.ring) < cap(r.ring) {
+		r.ring = append(r.ring, ref)
+	} else {
+		old := r.ring[r.next]
+		if e, ok := r.byID[old.id]; ok && e.rev == old.rev {
+			delete(r.byID, old.id)
+		}
+		r.ring[r.next] = ref
+		r.next = (r.next + 1) % len(r.ring)
+	}
+	r.byID[id] = recentOp{rev, raw}
+}
+
+// forget drops id's record.
+func (r *recentOps) forget(id string) { delete(r.byID, id) }
+
+// get returns id's record if it is kept at revision rev.
+func (r *recentOps) get(id string, rev uint64) ([]byte, bool) {
+	e, ok := r.byID[id]
+	return e.raw, ok && e.rev == rev
+}
