@@ -366,25 +366,40 @@ func (g generator) filters(q query, deep bool) []state.Filter {
 	return out
 }
 
+// result is the latencies of a measured request, sorted, and how many
+// of its runs failed with the store unavailable (a timeout: counted with
+// its latency, not fatal), with the first such error.
+type result struct {
+	lat    []time.Duration
+	failed int
+	first  error
+}
+
 // sample runs fn (with the run's number) samples times, after a few
-// warm-up runs, and returns the sorted latencies.
-func (g generator) sample(fn func(i int, r *rand.Rand) error) ([]time.Duration, error) {
+// warm-up runs. An error other than the store being unavailable (an
+// empty page, a wrong answer) stops the bench.
+func (g generator) sample(fn func(i int, r *rand.Rand) error) (result, error) {
 	r := rand.New(rand.NewPCG(1, 2))
-	for i := range warmups {
-		if err := fn(i, r); err != nil {
-			return nil, err
-		}
-	}
-	out := make([]time.Duration, 0, g.c.samples)
-	for i := range g.c.samples {
+	var res result
+	for i := range warmups + g.c.samples {
 		t := time.Now()
-		if err := fn(warmups+i, r); err != nil {
-			return nil, err
+		err := fn(i, r)
+		el := time.Since(t)
+		if err != nil && !errors.Is(err, state.ErrUnavailable) && !strings.Contains(err.Error(), ": 503 ") {
+			return res, err
 		}
-		out = append(out, time.Since(t))
+		if i < warmups {
+			continue
+		}
+		if err != nil {
+			if res.failed++; res.first == nil {
+				res.first = err
+			}
+		}
+		res.lat = append(res.lat, el)
 	}
-	slices.Sort(out)
-	return out, nil
+	slices.Sort(res.lat)
+	return res, nil
 }
 
 func pct(lat []time.Duration, p float64) float64 {
@@ -392,9 +407,12 @@ func pct(lat []time.Duration, p float64) float64 {
 	return float64(lat[i].Microseconds()) / 1000
 }
 
-func report(name string, lat []time.Duration, goal float64) {
-	p99 := pct(lat, 0.99)
-	fmt.Printf("  %-44s %8.2f %8.2f   goal ≤ %4.0f ms  %s\n", name, pct(lat, 0.5), p99, goal, verdict(p99 <= goal))
+func report(name string, res result, goal float64) {
+	p99 := pct(res.lat, 0.99)
+	fmt.Printf("  %-44s %8.2f %8.2f   goal ≤ %4.0f ms  %s\n", name, pct(res.lat, 0.5), p99, goal, verdict(p99 <= goal && res.failed == 0))
+	if res.failed > 0 {
+		fmt.Printf("    %d of %d failed, first: %v\n", res.failed, len(res.lat), res.first)
+	}
 }
 
 func verdict(ok bool) string {
