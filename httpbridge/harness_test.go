@@ -203,8 +203,8 @@ type testCommands struct {
 	mu    sync.Mutex
 	// requesters are the requested_by of the commands, in order.
 	requesters []string
-	fixed *commands.Answer
-	keys  chan string
+	fixed      *commands.Answer
+	keys       chan string
 }
 
 var _ httpbridge.Commands = (*testCommands)(nil)
