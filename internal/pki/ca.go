@@ -154,6 +154,9 @@ func (c *CA) Pool() *x509.CertPool {
 // Issue signs a new key's certificate named name for hosts (DNS names or
 // IP addresses), valid for lifetime, usable by a server and a client.
 func (c *CA) Issue(name string, hosts []string, lifetime time.Duration) (tls.Certificate, error) {
+	if lifetime <= 0 {
+		return tls.Certificate{}, fmt.Errorf("pki: issue %s: lifetime %v", name, lifetime)
+	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("pki: key: %w", err)
