@@ -2,8 +2,8 @@ package client_test
 
 import (
 	"context"
-	"net/http"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"testing"
