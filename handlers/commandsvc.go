@@ -153,6 +153,7 @@ func (s *Service) serve(ep endpoint) micro.Handler {
 			s.reply(req, s.answer(ep, nil, err))
 			return
 		}
+		ctx = commands.WithRequester(ctx, bus.CommandRequester)
 		go func() {
 			defer done()
 			result, err := ep.run(ctx, req.Data(), req.Headers().Get(commands.IdempotencyKeyHeader))
@@ -171,12 +172,14 @@ func (s *Service) Command(ctx context.Context, subject string, data []byte, key 
 	if !ok {
 		return s.answer(endpoint{subject: subject}, nil, commands.Internal("no command on subject %s", subject))
 	}
+	who := commands.Requester(ctx)
 	ctx, done, err := s.admit(ctx, ep)
 	if err != nil {
 		return s.answer(ep, nil, err)
 	}
 	defer done()
-	result, err := ep.run(ctx, data, key)
+	// admit detaches an accepted command from ctx, values and all.
+	result, err := ep.run(commands.WithRequester(ctx, who), data, key)
 	return s.answer(ep, result, err)
 }
 
