@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/big"
 	"net"
@@ -458,5 +459,17 @@ func startMember(t *testing.T, dataDir, host, listen, peer string) {
 	t.Cleanup(srv.Shutdown)
 	if !srv.ReadyForConnections(15 * time.Second) {
 		t.Fatal("member not ready")
+	}
+}
+
+// TestPlainHTTPOffLoopbackRefusedAtStart: asking for plain HTTP off
+// loopback is a configuration error (exit 2) that says why.
+func TestPlainHTTPOffLoopbackRefusedAtStart(t *testing.T) {
+	out, err := exec.Command(volumedBin, "--cloudstack-url", "http://127.0.0.1:1"+cloudsim.APIPath,
+		"--cloudstack-api-key", cloudsim.DefaultAPIKey, "--cloudstack-secret-key", cloudsim.DefaultSecretKey,
+		"--listen", "0.0.0.0:0", "--data-dir", t.TempDir(), "--api-tls", "off").CombinedOutput()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 2 || !strings.Contains(string(out), "plain HTTP is refused off loopback") {
+		t.Fatalf("volumed --api-tls=off off loopback: %v\n%s", err, out)
 	}
 }
