@@ -141,7 +141,7 @@ func TestOffLoopbackTLS(t *testing.T) {
 
 	const lifetime = 6 * time.Second
 	apiAddr, natsAddr, routeAddr := ns.peer+":8443", ns.peer+":4222", ns.peer+":6222"
-	memberRoute := ns.host + ":6222"
+	memberRoute := fmt.Sprintf("%s:%d", ns.host, testenv.FreePort(t))
 	startMember(t, dataDir, ns.host, memberRoute, routeAddr)
 	conf := filepath.Join(dataDir, "nats.conf")
 	if err := os.WriteFile(conf, []byte(fmt.Sprintf("server_name: tls-1\nlisten: %s\njetstream { store_dir: %q }\n"+
