@@ -473,3 +473,42 @@ func TestPlainHTTPOffLoopbackRefusedAtStart(t *testing.T) {
 		t.Fatalf("volumed --api-tls=off off loopback: %v\n%s", err, out)
 	}
 }
+
+// TestTokensReloadedOnSIGHUP: a token added to --api-tokens-file works
+// after SIGHUP and one removed is refused; the daemon goes on.
+func TestTokensReloadedOnSIGHUP(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{})
+	tokens := filepath.Join(t.TempDir(), "tokens")
+	alice, bob := "alice-"+strings.Repeat("a", 20), "bob-"+strings.Repeat("b", 20)
+	if err := os.WriteFile(tokens, []byte("alice:"+alice+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, sim, daemonOpts{offLoopback: true, extra: []string{"--api-tokens-file", tokens}})
+	status := func(token string) int {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodGet, d.api+"/operations", nil)
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := (&http.Client{Transport: d.transport()}).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if a, b := status(alice), status(bob); a != 200 || b != 401 {
+		t.Fatalf("before SIGHUP: alice %d, bob %d", a, b)
+	}
+	if err := os.WriteFile(tokens, []byte("bob:"+bob+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 10*time.Second, func() bool { return status(bob) == 200 }, "bob's token after SIGHUP")
+	if a := status(alice); a != 401 {
+		t.Fatalf("a removed token after SIGHUP: %d, want 401", a)
+	}
+	if d := status(d.token); d != 200 {
+		t.Fatalf("the default token after SIGHUP: %d", d)
+	}
+}
