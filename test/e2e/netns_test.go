@@ -512,3 +512,20 @@ func TestTokensReloadedOnSIGHUP(t *testing.T) {
 		t.Fatalf("the default token after SIGHUP: %d", d)
 	}
 }
+
+// TestNBDClientOfVolumedCA: off loopback the NBD server requires TLS and
+// takes libnbd with the client files volumed keeps under its CA.
+func TestNBDClientOfVolumedCA(t *testing.T) {
+	_, err := exec.LookPath("nbdinfo")
+	testenv.Require(t, err == nil, "needs nbdinfo (apt-get install libnbd-bin)")
+	sim := startSim(t, cloudsim.Config{})
+	port := testenv.FreePort(t)
+	d := startDaemon(t, sim, daemonOpts{extra: []string{"--nbd-listen", fmt.Sprintf("0.0.0.0:%d", port)}})
+	dir := filepath.Join(d.dataDir, pki.DirName, "nbd-client")
+	if out, err := runClient(t, "nbdinfo", "--list", fmt.Sprintf("nbds://127.0.0.1:%d/?tls-certificates=%s", port, dir)); err != nil {
+		t.Fatalf("nbdinfo over TLS with %s: %v\n%s", dir, err, out)
+	}
+	if out, err := runClient(t, "nbdinfo", "--list", fmt.Sprintf("nbd://127.0.0.1:%d", port)); err == nil {
+		t.Fatalf("plain NBD off loopback listed the exports:\n%s", out)
+	}
+}
