@@ -153,14 +153,21 @@ func (s *Service) serve(ep endpoint) micro.Handler {
 			s.reply(req, s.answer(ep, nil, err))
 			return
 		}
-		ctx = commands.WithRequester(ctx, bus.CommandRequester)
 		go func() {
 			defer done()
+			ctx := commands.WithRequester(ctx, natsRequester(req))
 			result, err := ep.run(ctx, req.Data(), req.Headers().Get(commands.IdempotencyKeyHeader))
 			s.reply(req, s.answer(ep, result, err))
 		}()
 	})
 }
+
+// natsRequester names who asked for a command that came on NATS: the one
+// place the NATS edge derives the operation's requested_by from the
+// request. The server's authorization names the sender, never what the
+// request carries: only the operator role may publish a command
+// (bus.CommandRequester).
+func natsRequester(micro.Request) string { return bus.CommandRequester }
 
 // Command runs the command of subject in this process, admitted and
 // bounded exactly as its NATS endpoint is, and returns its answer: the
