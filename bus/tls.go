@@ -23,8 +23,9 @@ type TLS struct {
 	// Server is offered to clients; they must use it when the server
 	// listens off loopback, they may on loopback.
 	Server *tls.Config
-	// Routes is the mutual TLS of the cluster routes: each member
-	// presents a certificate and requires one from the same CA.
+	// Routes is the mutual TLS of the cluster routes when the cluster
+	// listens off loopback: each member presents a certificate and
+	// requires one from the same CA.
 	Routes *tls.Config
 	// Client is the connection's: its RootCAs verify the server (the
 	// embedded one or an external URL, tls:// or one that requires TLS).
@@ -47,13 +48,15 @@ func (b *Bus) configureTLS(opts *server.Options) error {
 	if offLoopback && opts.TLSConfig == nil {
 		return errors.New("bus: the embedded NATS server listens off loopback without TLS: give it a certificate (volumed's CA does by default)")
 	}
-	if opts.Cluster.Port != 0 && opts.Cluster.TLSConfig == nil {
-		switch {
-		case t.Routes != nil:
-			opts.Cluster.TLSConfig, opts.Cluster.TLSTimeout = t.Routes, tlsHandshakeTimeout
-		case !netaddr.IsLoopback(net.JoinHostPort(opts.Cluster.Host, strconv.Itoa(opts.Cluster.Port))):
+	// Routes off loopback take mutual TLS; on loopback they stay plain,
+	// as in earlier versions, so a cluster of one host upgrades member by
+	// member (a plain and a TLS route do not connect).
+	if opts.Cluster.Port != 0 && opts.Cluster.TLSConfig == nil &&
+		!netaddr.IsLoopback(net.JoinHostPort(opts.Cluster.Host, strconv.Itoa(opts.Cluster.Port))) {
+		if t.Routes == nil {
 			return errors.New("bus: the cluster {} listens off loopback without TLS on its routes: give it a certificate (volumed's CA does by default)")
 		}
+		opts.Cluster.TLSConfig, opts.Cluster.TLSTimeout = t.Routes, tlsHandshakeTimeout
 	}
 	return nil
 }

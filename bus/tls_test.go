@@ -85,11 +85,22 @@ func TestClientTLSRequiredOffLoopback(t *testing.T) {
 	}
 }
 
-// TestRoutesMutualTLS: members sharing a CA form a cluster over mutual
-// TLS; the route port refuses a peer with a certificate of another CA, or
-// none.
+// TestRoutesMutualTLS: members off loopback sharing a CA form a cluster
+// over mutual TLS; the route port refuses a peer with a certificate of
+// another CA, or none.
 func TestRoutesMutualTLS(t *testing.T) {
 	confs, _ := clusterConfs(t, 2, true)
+	for _, conf := range confs {
+		// Off loopback, where routes take TLS; the routes still dial 127.0.0.1.
+		data, err := os.ReadFile(conf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		data = []byte(strings.Replace(string(data), "cluster {\n  name: volumed\n  listen: 127.0.0.1:", "cluster {\n  name: volumed\n  listen: 0.0.0.0:", 1))
+		if err := os.WriteFile(conf, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	caDir, credsDir := t.TempDir(), t.TempDir()
 	ctx := context.Background()
 	buses := make([]*bus.Bus, len(confs))
@@ -159,7 +170,7 @@ func routePortOf(t *testing.T, conf string) string {
 		t.Fatal(err)
 	}
 	_, rest, _ := strings.Cut(string(data), "cluster {")
-	_, rest, _ = strings.Cut(rest, "listen: 127.0.0.1:")
+	_, rest, _ = strings.Cut(rest, "listen: 0.0.0.0:")
 	port, _, _ := strings.Cut(rest, "\n")
 	if _, err := strconv.Atoi(port); err != nil {
 		t.Fatalf("no cluster port in %s", conf)
