@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -14,6 +15,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+
+	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/internal/pki"
 	"github.com/volumed/volumed/nbd"
 )
@@ -196,5 +201,69 @@ func TestUserCertificates(t *testing.T) {
 	}
 	if name, ok := sec.tokens.Lookup(strings.Repeat("b", 20)); !ok || name != "bob" {
 		t.Fatal("a token added to the file does not work")
+	}
+}
+
+// TestServerConfigTLS: `volumed creds server-config` makes an external
+// nats-server require TLS with a certificate of volumed's CA, which a
+// volumed of the same data dir trusts on --nats-url and a client without
+// the CA does not.
+func TestServerConfigTLS(t *testing.T) {
+	dir := t.TempDir()
+	var out bytes.Buffer
+	conf := filepath.Join(t.TempDir(), "volumed-auth.conf")
+	if code := run([]string{"creds", "server-config", "--data-dir", dir, "--tls-host", "127.0.0.1", "--out", conf}, &out); code != 0 {
+		t.Fatalf("creds server-config: exit %d: %s", code, out.String())
+	}
+	data, err := os.ReadFile(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, pki.DirName, "nats-server-key.pem")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("server key: %v %v", fi, err)
+	}
+	full := filepath.Join(t.TempDir(), "nats-server.conf")
+	if err := os.WriteFile(full, append(data, []byte(fmt.Sprintf("\nlisten: 127.0.0.1:-1\njetstream { store_dir: %q }\n", t.TempDir()))...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	opts, err := server.ProcessConfigFile(full)
+	if err != nil {
+		t.Fatalf("nats-server takes the configuration: %v\n%s", err, data)
+	}
+	opts.NoLog, opts.NoSigs = true, true
+	srv, err := server.NewServer(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Start()
+	defer srv.Shutdown()
+	if !srv.ReadyForConnections(10 * time.Second) {
+		t.Fatal("server not ready")
+	}
+	url := strings.Replace(srv.ClientURL(), "nats://", "tls://", 1)
+
+	auth, err := bus.LoadAuthority(filepath.Join(dir, "creds"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := auth.WriteRoleCreds(); err != nil {
+		t.Fatal(err)
+	}
+	cfg := config{dataDir: dir, listen: "127.0.0.1:8090", natsURL: url}
+	cfg.tls.lifetime = time.Hour
+	sec := startTestSecurity(t, cfg)
+	busTLS, err := sec.busTLS(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := bus.New(bus.Config{URL: url, Creds: bus.CredsFile(filepath.Join(dir, "creds"), bus.RoleDaemon), DataDir: dir,
+		TLS: busTLS, Logger: quiet()})
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatalf("volumed on the external server over TLS: %v", err)
+	}
+	defer b.Close(context.Background())
+	if _, err := nats.Connect(url, nats.UserCredentials(bus.CredsFile(filepath.Join(dir, "creds"), bus.RoleOperator)),
+		nats.NoReconnect()); err == nil {
+		t.Fatal("a client without volumed's CA trusted the external server")
 	}
 }
