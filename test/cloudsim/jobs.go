@@ -138,7 +138,7 @@ func (s *Sim) abandon(j *job) {
 func (s *Sim) execJob(ctx context.Context, j *job) (map[string]any, *apiError) {
 	switch j.Command {
 	case "createVolume":
-		return s.execCreateVolume(ctx, j)
+		return s.execCreateVolume(j)
 	case "attachVolume":
 		return s.execAttach(ctx, j.Params)
 	case "detachVolume":

@@ -1,7 +1,6 @@
 package cloudsim
 
 import (
-	"context"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -284,7 +283,7 @@ func (s *Sim) snapshotJSON(sn *snapshot) map[string]any {
 
 // execCreateVolume finishes a createVolume job: a volume from a snapshot
 // gets a copy of the snapshot's data and is Ready; execMu is held.
-func (s *Sim) execCreateVolume(_ context.Context, j *job) (map[string]any, *apiError) {
+func (s *Sim) execCreateVolume(j *job) (map[string]any, *apiError) {
 	s.mu.Lock()
 	v := s.st.Volumes[j.InstanceID]
 	var file string
