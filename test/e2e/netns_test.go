@@ -529,3 +529,33 @@ func TestNBDClientOfVolumedCA(t *testing.T) {
 		t.Fatalf("plain NBD off loopback listed the exports:\n%s", out)
 	}
 }
+
+// TestVolctlOverHTTPS: volctl finds volumed's CA on its host
+// ($VOLUMED_DATA_DIR) and drives the HTTPS API with it; another CA given
+// with --cacert is refused.
+func TestVolctlOverHTTPS(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{})
+	d := startDaemon(t, sim, daemonOpts{offLoopback: true})
+	server := strings.TrimSuffix(d.api, "/api/v1")
+	volctl := func(env []string, args ...string) (string, error) {
+		cmd := exec.Command(volctlBin, append(args, "--server", server, "--token", d.token)...)
+		cmd.Env = append(os.Environ(), env...)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	if out, err := volctl([]string{"VOLUMED_DATA_DIR=" + d.dataDir}, "health"); err != nil {
+		t.Fatalf("volctl health with volumed's CA found on its host: %v\n%s", err, out)
+	}
+	foreign, err := pki.LoadCA(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(t.TempDir(), "other-ca.pem")
+	if err := os.WriteFile(other, foreign.CertPEM(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := volctl([]string{"VOLUMED_DATA_DIR=" + d.dataDir}, "health", "--cacert", other)
+	if err == nil || !strings.Contains(out, "certificate") {
+		t.Fatalf("volctl with another CA: %v\n%s", err, out)
+	}
+}
