@@ -286,7 +286,6 @@ func page(deep bool) string {
 // query is a filter of the measured listings; filter picks its values.
 type query struct {
 	name   string
-	http   bool // the REST bridge takes it
 	filter func(r *rand.Rand) state.Filter
 }
 
@@ -304,28 +303,28 @@ func (g generator) queries() []query {
 	any := func(commands.Operation) bool { return true }
 	onVM := func(op commands.Operation) bool { return op.VMID != nil }
 	return []query{
-		{"type", true, func(r *rand.Rand) state.Filter { return state.Filter{Type: pick(r, any).Type} }},
-		{"status", true, func(r *rand.Rand) state.Filter {
+		{"type", func(r *rand.Rand) state.Filter { return state.Filter{Type: pick(r, any).Type} }},
+		{"status", func(r *rand.Rand) state.Filter {
 			return state.Filter{Status: []commands.OpStatus{commands.StatusCompleted, commands.StatusFailed}[r.IntN(2)]}
 		}},
-		{"volume", true, func(r *rand.Rand) state.Filter { return state.Filter{VolumeID: pick(r, any).VolumeID} }},
-		{"vm", true, func(r *rand.Rand) state.Filter { return state.Filter{VMID: vmOf(pick(r, onVM))} }},
-		{"requested_by", false, func(r *rand.Rand) state.Filter {
+		{"volume", func(r *rand.Rand) state.Filter { return state.Filter{VolumeID: pick(r, any).VolumeID} }},
+		{"vm", func(r *rand.Rand) state.Filter { return state.Filter{VMID: vmOf(pick(r, onVM))} }},
+		{"requested_by", func(r *rand.Rand) state.Filter {
 			return state.Filter{RequestedBy: pick(r, any).RequestedBy}
 		}},
-		{"type+status", true, func(r *rand.Rand) state.Filter {
+		{"type+status", func(r *rand.Rand) state.Filter {
 			op := pick(r, func(op commands.Operation) bool { return op.Status == commands.StatusFailed })
 			return state.Filter{Type: op.Type, Status: op.Status}
 		}},
-		{"status+volume", true, func(r *rand.Rand) state.Filter {
+		{"status+volume", func(r *rand.Rand) state.Filter {
 			op := pick(r, func(op commands.Operation) bool { return op.Status == commands.StatusCompleted })
 			return state.Filter{Status: op.Status, VolumeID: op.VolumeID}
 		}},
-		{"type+vm", true, func(r *rand.Rand) state.Filter {
+		{"type+vm", func(r *rand.Rand) state.Filter {
 			op := pick(r, onVM)
 			return state.Filter{Type: op.Type, VMID: vmOf(op)}
 		}},
-		{"vm+requested_by", false, func(r *rand.Rand) state.Filter {
+		{"vm+requested_by", func(r *rand.Rand) state.Filter {
 			op := pick(r, onVM)
 			return state.Filter{VMID: vmOf(op), RequestedBy: op.RequestedBy}
 		}},
@@ -521,18 +520,13 @@ func (g generator) startVolumed(ctx context.Context, args []string, api, data st
 // API.
 func (g generator) measureHTTP(ctx context.Context, cl client) error {
 	for _, q := range g.queries() {
-		if !q.http {
-			fmt.Printf("  %-44s %8s %8s   (the bridge's requested_by filter comes with another branch; see the store figures)\n",
-				"list "+q.name, "-", "-")
-			continue
-		}
 		for _, deep := range []bool{false, true} {
 			fs := g.filters(q, deep)
 			lat, err := g.sample(func(i int, _ *rand.Rand) error {
 				f := fs[i]
 				v := url.Values{}
 				for k, val := range map[string]string{"type": string(f.Type), "status": string(f.Status),
-					"volume_id": f.VolumeID, "vm_id": f.VMID} {
+					"volume_id": f.VolumeID, "vm_id": f.VMID, "requested_by": f.RequestedBy} {
 					if val != "" {
 						v.Set(k, val)
 					}
