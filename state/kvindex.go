@@ -12,9 +12,9 @@ import (
 
 // opIndex is the in-memory index of the embedded store's operations: per
 // operation, only what the listings, the prune and the counters need (its
-// id, revision, times and interned field values, about 100 bytes and a
-// 4-byte entry per index it is in); the records themselves stay in the
-// bucket and are read from it. It is not safe for concurrent use: KV.mu
+// id, revision, times and interned field values: a 72-byte slot, the id,
+// a map entry and a 4-byte entry per index it is in, about 200 bytes);
+// the records themselves stay in the bucket and are read from it. It is not safe for concurrent use: KV.mu
 // guards it.
 type opIndex struct {
 	slots []opSlot
