@@ -53,7 +53,9 @@ type KVConfig struct {
 // the record's Revision. The secondary indexes and Stats live in memory,
 // built at start by a watcher over the bucket and kept live by it, so every
 // process sharing the bucket converges; each write also updates them
-// before it returns. Deletes leave a marker that expires after a day
+// before it returns. Of an operation, memory keeps only what the indexes
+// need (opIndex), and the JSON of the recent ones (recentOps); other
+// records are read from the bucket. Deletes leave a marker that expires after a day
 // (LimitMarkerTTL), so pruned records leave nothing behind for long.
 type KV struct {
 	js     jetstream.JetStream
