@@ -13,6 +13,7 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/state"
 )
 
@@ -89,7 +90,7 @@ func (s *Service) jobQueued(ctx context.Context, op commands.Operation) (bool, e
 // crash, to another instance if need be.
 func (s *Service) sweep(ctx context.Context) ([]string, error) {
 	var changes []string
-	err := s.leased(ctx, leaseSweep, false, func(ctx context.Context) error {
+	err := s.leases.Leased(ctx, engine.LeaseSweep, false, func(ctx context.Context) error {
 		var err error
 		changes, err = s.sweepLeased(ctx)
 		return err
@@ -249,7 +250,7 @@ func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, opID stri
 	}
 	// The lease is taken before a running slot, and not waited for: a job
 	// whose VM is busy goes back to the queue and holds no slot meanwhile.
-	err = s.leased(ctx, name, false, func(lctx context.Context) error {
+	err = s.leases.Leased(ctx, name, false, func(lctx context.Context) error {
 		s.runJob(lctx, msg, opID, log)
 		return nil
 	})
@@ -272,7 +273,7 @@ func (s *Service) exclusiveLease(ctx context.Context, op commands.Operation) str
 		return ""
 	}
 	if vm := *op.VMID; s.cfg.Devices.HasAgent(ctx, vm) && s.cfg.Devices.NoIdentity(vm) {
-		return leaseVMPrefix + vm
+		return engine.LeaseVMPrefix + vm
 	}
 	return ""
 }
@@ -287,12 +288,12 @@ func (s *Service) runJob(ctx context.Context, msg jetstream.Msg, opID string, lo
 		return
 	}
 	defer func() { <-s.sem }()
-	switch s.run(ctx, opID, log) {
-	case runDone:
+	switch s.engine.Run(ctx, opID, log) {
+	case engine.Done:
 		s.ackJob(msg)
-	case runLost:
+	case engine.Lost:
 		// Another instance holds the operation now: its delivery acks.
-	case runStopped:
+	case engine.Stopped:
 		if s.ctx.Err() != nil {
 			_ = msg.Nak() // shutting down: to whoever runs next, at once
 		} else {

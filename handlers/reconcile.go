@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/state"
 )
@@ -24,7 +25,7 @@ import (
 // result's errors; the rest is still repaired.
 func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
 	var res commands.SyncResult
-	err := s.leased(ctx, leaseReconcile, true, func(ctx context.Context) error {
+	err := s.leases.Leased(ctx, engine.LeaseReconcile, true, func(ctx context.Context) error {
 		var err error
 		res, err = s.reconcile(ctx)
 		return err
@@ -75,7 +76,7 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 			res.Changes = append(res.Changes, changes...)
 		}
 	}
-	exports, err := s.reconcileExports(ctx, true)
+	exports, err := s.host.Reconcile(ctx, true)
 	if err != nil {
 		res.Errors = append(res.Errors, fmt.Sprintf("exports: %v", err))
 	}
@@ -101,7 +102,7 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 func (s *Service) reconcileDevices(ctx context.Context, vm string) ([]string, error) {
 	vols, err := s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: vm})
 	if err != nil {
-		return nil, cloudStackError(err)
+		return nil, engine.CloudStackError(err)
 	}
 	attached := make([]commands.Mapping, 0, len(vols))
 	for _, v := range vols {
@@ -120,7 +121,7 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 	case errors.Is(err, csapi.ErrNotFound):
 		why = "CloudStack no longer has the volume"
 	case err != nil:
-		return "", cloudStackError(err)
+		return "", engine.CloudStackError(err)
 	case vol.VMID == "":
 		why = "CloudStack says the volume is detached"
 	case vol.VMID != m.VMID:
@@ -142,24 +143,16 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		if vol.DeviceID != nil {
 			cur.DeviceID = vol.DeviceID
 		}
-		if _, err := s.cfg.Store.PutMapping(ctx, cur); err != nil && !errors.Is(err, state.ErrStale) {
+		if _, err := s.mappings.Put(ctx, nil, cur); err != nil && !errors.Is(err, state.ErrStale) {
 			return "", state.APIError(err)
 		}
 		return "", nil // stale: changed since read, and the next sync looks again
 	}
-	export, err := s.dropExport(ctx, m.VolumeID)
+	rel, err := s.release.Release(ctx, nil, m.VolumeID, &m, nil)
 	if err != nil {
 		return "", err
 	}
-	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, m.VMID) {
-		if err := s.cfg.Devices.Detached(ctx, m); err != nil {
-			s.log.Warn("device release incomplete", "volume_id", m.VolumeID, "err", err)
-		}
-	}
-	deleted, err := s.deleteReleased(ctx, m)
-	if err != nil {
-		return "", state.APIError(err)
-	}
+	deleted, export := rel.Deleted, rel.Export
 	switch {
 	case deleted && export != "":
 		return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s; ended its NBD export %s", m.VolumeID, m.VMID, m.Device(), why, export), nil

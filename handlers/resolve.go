@@ -9,7 +9,9 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -110,7 +112,7 @@ func (s *Service) resolveJob(ctx context.Context, op commands.Operation) (string
 			return "", err
 		}
 	case err != nil:
-		return "", cloudStackError(err)
+		return "", engine.CloudStackError(err)
 	case job.Status == csapi.JobPending:
 		return "", nil
 	case job.Status == csapi.JobSuccess:
@@ -147,7 +149,7 @@ func (s *Service) annotate(ctx context.Context, op commands.Operation, jobID str
 	if err != nil {
 		return adopted, state.APIError(err)
 	}
-	s.publish(ctx, saved)
+	s.PublishOperation(ctx, saved)
 	s.log.Info("timed-out job resolved", "operation_id", op.ID, "type", op.Type, "volume_id", op.VolumeID,
 		"cloudstack_job_id", jobID, "job_status", out.status)
 	change := fmt.Sprintf("operation %s (%s of volume %s) timed out on CloudStack job %s: %s", op.ID, op.Type, op.VolumeID, jobID, out.resolution)
@@ -227,7 +229,7 @@ func (s *Service) outcomeFromVolume(ctx context.Context, op commands.Operation, 
 	vol, err := s.cfg.CloudStack.GetVolume(ctx, op.VolumeID)
 	missing := errors.Is(err, csapi.ErrNotFound)
 	if err != nil && !missing {
-		return jobOutcome{}, cloudStackError(err)
+		return jobOutcome{}, engine.CloudStackError(err)
 	}
 	if op.Type == commands.OpCreate {
 		if missing {
@@ -241,10 +243,10 @@ func (s *Service) outcomeFromVolume(ctx context.Context, op commands.Operation, 
 	switch op.Type {
 	case commands.OpAttach:
 		var req commands.AttachRequest
-		if err := decodeRequest(&op, &req); err != nil {
+		if err := engine.DecodeRequest(&op, &req); err != nil {
 			return jobOutcome{}, err
 		}
-		if !missing && attachedAsWanted(vol, req) {
+		if !missing && kinds.AttachedAsWanted(vol, req) {
 			shown = fmt.Sprintf("volume %s is attached to VM %s", vol.ID, vol.VMID)
 		}
 	case commands.OpDetach:
@@ -318,7 +320,7 @@ func (s *Service) adoptAttach(ctx context.Context, op commands.Operation) (strin
 		}
 	}
 	var req commands.AttachRequest
-	if err := decodeRequest(&op, &req); err != nil {
+	if err := engine.DecodeRequest(&op, &req); err != nil {
 		return "", err
 	}
 	vol, err := s.cfg.CloudStack.GetVolume(ctx, op.VolumeID)
@@ -326,21 +328,21 @@ func (s *Service) adoptAttach(ctx context.Context, op commands.Operation) (strin
 		return "", nil
 	}
 	if err != nil {
-		return "", cloudStackError(err)
+		return "", engine.CloudStackError(err)
 	}
-	if !attachedAsWanted(vol, req) {
+	if !kinds.AttachedAsWanted(vol, req) {
 		return "", nil // not so any more: the mappings' reconcile follows CloudStack
 	}
-	m := attachedMapping(vol, req.VMID)
+	m := kinds.AttachedMapping(vol, req.VMID)
 	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, req.VMID) {
 		m.LinuxState = commands.LinuxMissing
 	}
-	if _, err := s.cfg.Store.PutMapping(ctx, m); err != nil {
+	if _, err := s.mappings.Put(ctx, nil, m); err != nil {
 		if errors.Is(err, state.ErrStale) {
 			return "", nil // mapped meanwhile
 		}
 		return "", state.APIError(err)
 	}
 	return fmt.Sprintf("recorded the mapping of volume %s on VM %s (device id %s, linux_state %s)",
-		m.VolumeID, m.VMID, deviceString(m.DeviceID), m.LinuxState), nil
+		m.VolumeID, m.VMID, kinds.DeviceString(m.DeviceID), m.LinuxState), nil
 }

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/state"
 )
@@ -19,9 +20,9 @@ func (s *Service) VolumeStatus(ctx context.Context, volumeID string) (commands.V
 	vol, err := s.cfg.CloudStack.GetVolume(ctx, volumeID)
 	if err != nil {
 		if errors.Is(err, csapi.ErrNotFound) {
-			return commands.VolumeStatus{}, volumeNotFound(volumeID)
+			return commands.VolumeStatus{}, engine.VolumeNotFound(volumeID)
 		}
-		return commands.VolumeStatus{}, cloudStackError(err)
+		return commands.VolumeStatus{}, engine.CloudStackError(err)
 	}
 	st, err := s.volumeRow(ctx, vol)
 	if err != nil {
@@ -75,11 +76,11 @@ func (s *Service) VMVolumes(ctx context.Context, vmID string) ([]commands.Volume
 		if errors.Is(err, csapi.ErrNotFound) {
 			return nil, vmNotFound(vmID)
 		}
-		return nil, cloudStackError(err)
+		return nil, engine.CloudStackError(err)
 	}
 	vols, err := s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: vmID})
 	if err != nil {
-		return nil, cloudStackError(err)
+		return nil, engine.CloudStackError(err)
 	}
 	out := make([]commands.VolumeStatus, 0, len(vols))
 	for _, v := range vols {
@@ -173,4 +174,14 @@ func (s *Service) Metrics(ctx context.Context) (commands.Metrics, error) {
 		_, _, _, m.Details.DeviceEventsProcessed = s.cfg.Devices.Status()
 	}
 	return m, nil
+}
+
+// Exports lists this host's exports with their connected clients; 503
+// when the NBD server is off.
+func (s *Service) Exports(ctx context.Context) ([]commands.Export, error) { return s.host.Exports(ctx) }
+
+// Export is one volume's export with its connected clients; NOT_FOUND
+// when the volume is not exported here.
+func (s *Service) Export(ctx context.Context, volumeID string) (commands.Export, error) {
+	return s.host.Export(ctx, volumeID)
 }
