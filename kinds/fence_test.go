@@ -194,7 +194,9 @@ func (w *fenceWorld) accepted(t *testing.T, id string, typ commands.OpType, req 
 // arrives on the channel.
 func (w *fenceWorld) runB(id string) <-chan engine.Result {
 	done := make(chan engine.Result, 1)
-	go func() { done <- w.engine.Run(context.Background(), id, slog.New(slog.NewTextHandler(w.log, nil)).With("executor", "B")) }()
+	go func() {
+		done <- w.engine.Run(context.Background(), id, slog.New(slog.NewTextHandler(w.log, nil)).With("executor", "B"))
+	}()
 	return done
 }
 
