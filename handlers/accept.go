@@ -158,6 +158,7 @@ func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, v
 	op := commands.Operation{
 		ID: id, Type: typ, Status: commands.StatusPending,
 		VolumeID: volumeID, VMID: vmID, Request: raw, CreatedAt: now, UpdatedAt: now,
+		RequestedBy: commands.Requester(ctx),
 	}
 	rec, err := s.record(ctx, op)
 	var seen *seenError

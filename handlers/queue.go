@@ -233,7 +233,7 @@ func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, opID stri
 		_ = msg.NakWithDelay(retryDelay)
 		return
 	case op.Status.Terminal():
-		s.ackJob(msg) // a copy of a job already done
+		ackJob(msg, s.log) // a copy of a job already done
 		return
 	}
 	if wait, why := s.turn(ctx, msg.Subject(), meta.Sequence.Stream, op); wait {
@@ -241,7 +241,7 @@ func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, opID stri
 		_ = msg.NakWithDelay(turnDelay(meta.NumDelivered))
 		return
 	}
-	stopBeat := s.heartbeat(msg)
+	stopBeat := heartbeat(msg, s.cfg.AckWait)
 	defer stopBeat()
 	name := s.exclusiveLease(ctx, op)
 	if name == "" {
@@ -290,7 +290,7 @@ func (s *Service) runJob(ctx context.Context, msg jetstream.Msg, opID string, lo
 	defer func() { <-s.sem }()
 	switch s.engine.Run(ctx, opID, log) {
 	case engine.Done:
-		s.ackJob(msg)
+		ackJob(msg, s.log)
 	case engine.Lost:
 		// Another instance holds the operation now: its delivery acks.
 	case engine.Stopped:
@@ -340,19 +340,20 @@ func (s *Service) turn(ctx context.Context, subject string, seq uint64, op comma
 // ackJob acks a job and waits for JetStream to confirm, so the next job on
 // the line finds this one gone. An ack that is lost leaves the job to be
 // delivered again, to find its operation ended.
-func (s *Service) ackJob(msg jetstream.Msg) {
+func ackJob(msg jetstream.Msg, log *slog.Logger) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := msg.DoubleAck(ctx); err != nil {
-		s.log.Warn("job ack not confirmed", "subject", msg.Subject(), "err", err)
+		log.Warn("job ack not confirmed", "subject", msg.Subject(), "err", err)
 	}
 }
 
-// heartbeat tells JetStream the job is still being worked on.
-func (s *Service) heartbeat(msg jetstream.Msg) (stop func()) {
+// heartbeat tells JetStream the job is still being worked on, every third
+// of its ack-wait.
+func heartbeat(msg jetstream.Msg, ackWait time.Duration) (stop func()) {
 	done := make(chan struct{})
 	go func() {
-		t := time.NewTicker(s.cfg.AckWait / 3)
+		t := time.NewTicker(ackWait / 3)
 		defer t.Stop()
 		for {
 			select {

@@ -42,7 +42,7 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 	// First what timed-out jobs did: the mapping an attach made after all
 	// is then reconciled (its device found) and that of a detach removed,
 	// in this same sync.
-	resolved, errs := s.resolveJobs(ctx)
+	resolved, errs := s.rec.resolveJobs(ctx)
 	res.Changes, res.Errors = append(res.Changes, resolved...), errs
 	mappings, err := s.cfg.Store.ListMappings(ctx, "")
 	if err != nil {
@@ -54,7 +54,7 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 	}
 	for _, m := range mappings {
 		vms[m.VMID] = true
-		change, err := s.reconcileMapping(ctx, m)
+		change, err := s.rec.reconcileMapping(ctx, m)
 		if err != nil {
 			res.Errors = append(res.Errors, fmt.Sprintf("volume %s: %v", m.VolumeID, err))
 		} else if change != "" {
@@ -69,7 +69,7 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 			if !s.cfg.Devices.HasAgent(ctx, vm) {
 				continue
 			}
-			changes, err := s.reconcileDevices(ctx, vm)
+			changes, err := s.rec.reconcileDevices(ctx, vm)
 			if err != nil {
 				res.Errors = append(res.Errors, fmt.Sprintf("devices of VM %s: %v", vm, err))
 			}
@@ -99,8 +99,8 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 
 // reconcileDevices has the device agent side repair the mappings of a VM
 // with an agent against the volumes CloudStack has attached to it.
-func (s *Service) reconcileDevices(ctx context.Context, vm string) ([]string, error) {
-	vols, err := s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: vm})
+func (r *reconciler) reconcileDevices(ctx context.Context, vm string) ([]string, error) {
+	vols, err := r.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: vm})
 	if err != nil {
 		return nil, engine.CloudStackError(err)
 	}
@@ -109,13 +109,13 @@ func (s *Service) reconcileDevices(ctx context.Context, vm string) ([]string, er
 		attached = append(attached, commands.Mapping{VolumeID: v.ID, VMID: v.VMID, Size: v.Size,
 			DeviceID: v.DeviceID, CloudStackState: commands.CloudStackAttached})
 	}
-	return s.cfg.Devices.Reconcile(ctx, vm, attached)
+	return r.cfg.Devices.Reconcile(ctx, vm, attached)
 }
 
 // reconcileMapping removes a mapping CloudStack no longer explains and
 // refreshes the sync time of one it does.
-func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (string, error) {
-	vol, err := s.cfg.CloudStack.GetVolume(ctx, m.VolumeID)
+func (r *reconciler) reconcileMapping(ctx context.Context, m commands.Mapping) (string, error) {
+	vol, err := r.cfg.CloudStack.GetVolume(ctx, m.VolumeID)
 	var why string
 	switch {
 	case errors.Is(err, csapi.ErrNotFound):
@@ -131,7 +131,7 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		// Refresh the sync time on the record as it is now, not on the
 		// copy read before the CloudStack call: the device side may have
 		// changed it meanwhile.
-		cur, err := s.cfg.Store.GetMapping(ctx, m.VolumeID)
+		cur, err := r.cfg.Store.GetMapping(ctx, m.VolumeID)
 		if errors.Is(err, state.ErrNotFound) {
 			return "", nil
 		}
@@ -143,12 +143,12 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		if vol.DeviceID != nil {
 			cur.DeviceID = vol.DeviceID
 		}
-		if _, err := s.mappings.Put(ctx, nil, cur); err != nil && !errors.Is(err, state.ErrStale) {
+		if _, err := r.mappings.Put(ctx, nil, cur); err != nil && !errors.Is(err, state.ErrStale) {
 			return "", state.APIError(err)
 		}
 		return "", nil // stale: changed since read, and the next sync looks again
 	}
-	rel, err := s.release.Release(ctx, nil, m.VolumeID, &m, nil)
+	rel, err := r.release.Release(ctx, nil, m.VolumeID, &m, nil)
 	if err != nil {
 		return "", err
 	}

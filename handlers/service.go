@@ -152,6 +152,7 @@ type Service struct {
 	host     *hostwork.Host
 	mappings *engine.MappingWriter
 	release  *engine.Releaser
+	rec      *reconciler
 
 	mu sync.Mutex
 	// stopping refuses new jobs once Close has begun.
@@ -224,6 +225,7 @@ func New(cfg Config) *Service {
 		devices = cfg.Devices
 	}
 	s.release = &engine.Releaser{Mappings: s.mappings, Exports: s.host, Devices: devices, Log: s.log}
+	s.rec = &reconciler{cfg: cfg, log: s.log, mappings: s.mappings, release: s.release, pub: s}
 	s.engine = engine.New(engine.Config{Operations: cfg.Store, Publisher: s, Logger: s.log,
 		Timing: engine.Timing{StepTimeout: cfg.StepTimeout, SettleTimeout: cfg.SettleTimeout,
 			Retry: backoff.Policy{Min: cfg.RetryMin, Max: cfg.RetryMax}}},
@@ -261,15 +263,17 @@ func (s *Service) Start(ctx context.Context) error {
 		s.stop()
 		return err
 	}
+	// A sweep every few ack-waits: a job lost with its stream is queued
+	// again soon, without listing the unfinished operations too often.
 	s.wg.Add(1)
-	go s.every(s.sweepInterval(), func() {
+	go every(s.ctx, &s.wg, 4*s.cfg.AckWait, func() {
 		if _, err := s.sweep(s.ctx); err != nil {
 			s.log.Warn("periodic sweep failed", "err", err)
 		}
 	})
 	if s.cfg.SyncInterval > 0 {
 		s.wg.Add(1)
-		go s.every(s.cfg.SyncInterval, func() {
+		go every(s.ctx, &s.wg, s.cfg.SyncInterval, func() {
 			err := s.leases.Leased(s.ctx, engine.LeaseReconcile, false, func(ctx context.Context) error {
 				_, err := s.reconcile(ctx)
 				return err
@@ -315,22 +319,17 @@ func (s *Service) stop() {
 	s.wg.Wait()
 }
 
-// every runs fn every interval until the service stops.
-func (s *Service) every(interval time.Duration, fn func()) {
-	defer s.wg.Done()
+// every runs fn every interval until ctx ends, and then marks wg done.
+func every(ctx context.Context, wg *sync.WaitGroup, interval time.Duration, fn func()) {
+	defer wg.Done()
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
-		case <-s.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-t.C:
 			fn()
 		}
 	}
 }
-
-// sweepInterval is how often an instance tries to sweep: a few ack-waits,
-// so a job lost with its stream is queued again soon, without listing the
-// unfinished operations too often.
-func (s *Service) sweepInterval() time.Duration { return 4 * s.cfg.AckWait }

@@ -24,7 +24,7 @@ func (s *Service) VolumeStatus(ctx context.Context, volumeID string) (commands.V
 		}
 		return commands.VolumeStatus{}, engine.CloudStackError(err)
 	}
-	st, err := s.volumeRow(ctx, vol)
+	st, err := volumeRow(ctx, s.cfg.Store, s.cfg.Devices, vol)
 	if err != nil {
 		return st, err
 	}
@@ -36,22 +36,22 @@ func (s *Service) VolumeStatus(ctx context.Context, volumeID string) (commands.V
 }
 
 // volumeRow is the VolumeStatus without CloudStackData.
-func (s *Service) volumeRow(ctx context.Context, vol csapi.Volume) (commands.VolumeStatus, error) {
+func volumeRow(ctx context.Context, store state.Reader, devices DeviceCorrelator, vol csapi.Volume) (commands.VolumeStatus, error) {
 	st := commands.VolumeStatus{VolumeID: vol.ID, State: vol.State, Size: vol.Size}
 	if vol.VMID != "" {
 		vm := vol.VMID
 		st.VMID = &vm
 	}
-	m, err := s.cfg.Store.GetMapping(ctx, vol.ID)
+	m, err := store.GetMapping(ctx, vol.ID)
 	switch {
 	case err == nil && m.DevicePath != "" && m.VMID == vol.VMID:
 		path := m.DevicePath
 		st.DevicePath = &path
-		st.LinuxData = &commands.LinuxData{DevicePath: m.DevicePath, Size: m.Size, Controller: s.controller(m)}
+		st.LinuxData = &commands.LinuxData{DevicePath: m.DevicePath, Size: m.Size, Controller: controller(devices, m)}
 	case err != nil && !errors.Is(err, state.ErrNotFound):
 		return st, state.APIError(err)
 	}
-	ops, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: vol.ID, Limit: 1})
+	ops, _, err := store.ListOperations(ctx, state.Filter{VolumeID: vol.ID, Limit: 1})
 	if err != nil {
 		return st, state.APIError(err)
 	}
@@ -63,11 +63,11 @@ func (s *Service) volumeRow(ctx context.Context, vol csapi.Volume) (commands.Vol
 
 // controller names the bus of a mapped device, when the device agent
 // knows it.
-func (s *Service) controller(m commands.Mapping) string {
-	if s.cfg.Devices == nil {
+func controller(devices DeviceCorrelator, m commands.Mapping) string {
+	if devices == nil {
 		return ""
 	}
-	return s.cfg.Devices.Controller(m.DevicePath)
+	return devices.Controller(m.DevicePath)
 }
 
 // VMVolumes lists the volumes CloudStack has attached to a VM.
@@ -84,7 +84,7 @@ func (s *Service) VMVolumes(ctx context.Context, vmID string) ([]commands.Volume
 	}
 	out := make([]commands.VolumeStatus, 0, len(vols))
 	for _, v := range vols {
-		row, err := s.volumeRow(ctx, v)
+		row, err := volumeRow(ctx, s.cfg.Store, s.cfg.Devices, v)
 		if err != nil {
 			return nil, err
 		}

@@ -1,6 +1,8 @@
 package e2e_test
 
 import (
+	"encoding/json"
+	"fmt"
 	"net/http"
 	"regexp"
 	"syscall"
@@ -43,12 +45,24 @@ func pauseRunner(t *testing.T, ds []*daemon, opID string) int {
 }
 
 // awaitStopped waits for the resumed instance to log that it stopped op,
-// taken over, without writing.
-func awaitStopped(t *testing.T, d *daemon, opID string) {
+// taken over, without writing, and requires intact to hold (every
+// instance answering the volume's device as it should) meanwhile and
+// after.
+func awaitStopped(t *testing.T, ds []*daemon, late int, opID string, intact func(d *daemon) string) {
 	t.Helper()
 	re := regexp.MustCompile(`operation taken over by another executor; stopping, nothing more written.*operation_id=` + regexp.QuoteMeta(opID))
-	testenv.Eventually(t, 30*time.Second, func() bool { return re.MatchString(d.out.String()) },
-		"the late executor of %s logs that it stopped", opID)
+	check := func() {
+		for _, d := range ds {
+			if broken := intact(d); broken != "" {
+				t.Fatalf("after the late executor of %s resumed: %s", opID, broken)
+			}
+		}
+	}
+	testenv.Eventually(t, 30*time.Second, func() bool {
+		check()
+		return re.MatchString(ds[late].out.String())
+	}, "the late executor of %s logs that it stopped", opID)
+	check()
 }
 
 // TestFencedLateExecutor: two volumed on one NATS cluster. The instance
@@ -82,10 +96,12 @@ func TestFencedLateExecutor(t *testing.T) {
 		other.mustCall(http.StatusNotFound, http.MethodGet, "/volumes/"+vol+"/device", nil, nil)
 
 		ds[late].resume()
-		awaitStopped(t, ds[late], op.ID)
-		for _, d := range ds {
-			d.mustCall(http.StatusNotFound, http.MethodGet, "/volumes/"+vol+"/device", nil, nil)
-		}
+		awaitStopped(t, ds, late, op.ID, func(d *daemon) string {
+			if status, body := d.call(http.MethodGet, "/volumes/"+vol+"/device", nil); status != http.StatusNotFound {
+				return fmt.Sprintf("the detached volume's device answers %d %s, want 404", status, body)
+			}
+			return ""
+		})
 		if n := sim.Stats().AttachesSucceeded[vol]; n != 1 {
 			t.Fatalf("attaches done in CloudStack: %d, want exactly 1", n)
 		}
@@ -107,13 +123,13 @@ func TestFencedLateExecutor(t *testing.T) {
 		other.mustCall(http.StatusOK, http.MethodGet, "/volumes/"+vol+"/device", nil, &newer)
 
 		ds[late].resume()
-		awaitStopped(t, ds[late], op.ID)
-		for _, d := range ds {
+		awaitStopped(t, ds, late, op.ID, func(d *daemon) string {
+			status, body := d.call(http.MethodGet, "/volumes/"+vol+"/device", nil)
 			var m commands.Mapping
-			d.mustCall(http.StatusOK, http.MethodGet, "/volumes/"+vol+"/device", nil, &m)
-			if m.ID != newer.ID || m.VMID != cloudsim.RemoteVMID {
-				t.Fatalf("mapping after the late detach: %+v, want the newer attach's %+v", m, newer)
+			if status != http.StatusOK || json.Unmarshal(body, &m) != nil || m.ID != newer.ID || m.VMID != cloudsim.RemoteVMID {
+				return fmt.Sprintf("the attached volume's device answers %d %s, want the newer attach's mapping %s", status, body, newer.ID)
 			}
-		}
+			return ""
+		})
 	})
 }
