@@ -13,6 +13,7 @@ import (
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/hostwork"
+	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/state"
 )
 
@@ -31,6 +32,13 @@ const (
 	// forgetTimeout bounds the background removal of a record whose write
 	// could not be resolved in time.
 	forgetTimeout = time.Minute
+)
+
+// Backoffs of acceptance: between attempts at the record, and between
+// tries to remove a record answered 503.
+var (
+	recordBackoff = backoff.Policy{Min: 20 * time.Millisecond, Max: 500 * time.Millisecond}
+	forgetBackoff = backoff.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second}
 )
 
 // idemNamespace derives operation ids from idempotency keys.
@@ -207,12 +215,10 @@ func (e *seenError) Error() string { return "operation " + e.op.ID + " already r
 func (s *Service) record(ctx context.Context, op commands.Operation) (commands.Operation, error) {
 	deadline, _ := ctx.Deadline()
 	var lastErr error
-	for attempt, pause := 0, 20*time.Millisecond; ; attempt, pause = attempt+1, min(2*pause, 500*time.Millisecond) {
+	pause := recordBackoff.Start()
+	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
-			select {
-			case <-ctx.Done():
-			case <-time.After(pause):
-			}
+			backoff.Sleep(ctx, pause.Next())
 		}
 		left := time.Until(deadline) - undoReserve
 		if attempt > 0 && left <= 0 {
@@ -295,7 +301,7 @@ func (s *Service) forget(op commands.Operation) {
 		defer s.wg.Done()
 		ctx, cancel := context.WithTimeout(s.ctx, forgetTimeout)
 		defer cancel()
-		for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
+		for wait := forgetBackoff.Start(); ; {
 			got, err := s.cfg.Store.GetOperation(ctx, op.ID)
 			switch {
 			case errors.Is(err, state.ErrNotFound), err == nil && !sameRecord(got, op):
@@ -309,11 +315,9 @@ func (s *Service) forget(op commands.Operation) {
 					return
 				}
 			}
-			select {
-			case <-ctx.Done():
+			if !wait.Wait(ctx, 0) {
 				s.log.Error("could not resolve the record of an operation answered 503", "operation_id", op.ID, "err", err)
 				return
-			case <-time.After(wait):
 			}
 		}
 	}()

@@ -14,6 +14,7 @@ import (
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/state"
 )
 
@@ -173,11 +174,11 @@ const (
 	unrecordedGrace = time.Minute
 	// retryDelay: the store or the queue failed.
 	retryDelay = time.Second
-	// turnDelayMin and turnDelayMax bound the wait of a job whose turn
-	// has not come; it doubles with each delivery.
-	turnDelayMin = 20 * time.Millisecond
-	turnDelayMax = 500 * time.Millisecond
 )
+
+// turnBackoff bounds the wait of a job whose turn has not come; it
+// doubles with each delivery.
+var turnBackoff = backoff.Policy{Min: 20 * time.Millisecond, Max: 500 * time.Millisecond}
 
 // dispatch takes a job message. It runs the operation only when the job is
 // the first message left on its line's subject in the work-queue stream,
@@ -305,11 +306,7 @@ func (s *Service) runJob(ctx context.Context, msg jetstream.Msg, opID string, lo
 // turnDelay is how long a job whose turn has not come waits before its
 // next delivery.
 func turnDelay(delivered uint64) time.Duration {
-	d := turnDelayMin
-	for i := uint64(1); i < delivered && d < turnDelayMax; i++ {
-		d *= 2
-	}
-	return min(d, turnDelayMax)
+	return turnBackoff.Delay(int(min(delivered, 64)) - 1)
 }
 
 // turn reports whether op must wait, and why: an older job is left on its

@@ -37,7 +37,7 @@ func TestJobLines(t *testing.T) {
 }
 
 func TestTurnDelay(t *testing.T) {
-	for delivered, want := range map[uint64]time.Duration{1: turnDelayMin, 2: 2 * turnDelayMin, 3: 4 * turnDelayMin, 50: turnDelayMax} {
+	for delivered, want := range map[uint64]time.Duration{1: 20 * time.Millisecond, 2: 40 * time.Millisecond, 3: 80 * time.Millisecond, 50: 500 * time.Millisecond} {
 		if got := turnDelay(delivered); got != want {
 			t.Errorf("turnDelay(%d) = %v, want %v", delivered, got, want)
 		}
