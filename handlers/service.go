@@ -128,7 +128,7 @@ type Service struct {
 	started time.Time
 	// leases runs the sweep, the reconcile and a VM's exclusive attaches
 	// under the store's leases.
-	leases *engine.Leaser
+	leases *state.Leaser
 
 	jobs    jetstream.Stream
 	consume jetstream.ConsumeContext
@@ -208,7 +208,7 @@ func New(cfg Config) *Service {
 	s := &Service{
 		cfg:    cfg,
 		log:    cfg.Logger.With("component", "handlers"),
-		leases: &engine.Leaser{Store: cfg.Store, Holder: engine.Holder(), Log: cfg.Logger.With("component", "handlers")},
+		leases: &state.Leaser{Store: cfg.Store, Holder: state.Holder(), Log: cfg.Logger.With("component", "handlers")},
 		sem:    make(chan struct{}, cfg.MaxConcurrent),
 	}
 	s.acceptSlots = make(chan struct{}, cfg.AcceptConcurrency)
