@@ -225,12 +225,12 @@ func New(cfg Config) *Service {
 		devices = cfg.Devices
 	}
 	s.release = &engine.Releaser{Mappings: s.mappings, Exports: s.host, Devices: devices, Log: s.log}
-	s.rec = &reconciler{cfg: cfg, log: s.log, mappings: s.mappings, release: s.release, pub: s}
 	s.engine = engine.New(engine.Config{Operations: cfg.Store, Publisher: s, Logger: s.log,
 		Timing: engine.Timing{StepTimeout: cfg.StepTimeout, SettleTimeout: cfg.SettleTimeout,
 			Retry: backoff.Policy{Min: cfg.RetryMin, Max: cfg.RetryMax}}},
 		kinds.All(kinds.Deps{CloudStack: cfg.CloudStack, Operations: cfg.Store, Mappings: s.mappings, Release: s.release,
 			Devices: devices, Exports: s.host, Log: s.log})...)
+	s.rec = &reconciler{cfg: cfg, log: s.log, mappings: s.mappings, release: s.release, pub: s, kind: s.engine.Kind}
 	return s
 }
 
