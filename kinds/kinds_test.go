@@ -381,4 +381,3 @@ func TestDeleteResumes(t *testing.T) {
 		})
 	}
 }
-
