@@ -1,8 +1,10 @@
-// Package handlers executes volumed's commands: it accepts them on the
-// volumes.cmd.* subjects, records and queues them durably, runs each one as
-// CloudStack steps that first ask whether the step is already done, keeps
-// mappings and NBD exports, publishes every state change on volumes.ops.<id>, and answers
-// the reads of the REST bridge.
+// Package handlers is volumed's NATS edge of the operation engine: it
+// accepts commands on the volumes.cmd.* subjects (and in process for the
+// REST bridge), records and queues them durably on JetStream, runs each
+// job in its volume's turn through the engine (package engine, with the
+// kinds of package kinds), schedules the sweep and the reconcile under
+// store leases, resolves timed-out jobs, and answers the bridge's reads.
+// The host work (NBD exports) is package hostwork's.
 package handlers
 
 import (
