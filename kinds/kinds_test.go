@@ -37,7 +37,11 @@ func newWorld(t *testing.T) *world {
 		Timing: engine.Timing{StepTimeout: 5 * time.Second, SettleTimeout: 50 * time.Millisecond,
 			Retry: backoff.Policy{Min: time.Millisecond, Max: time.Millisecond}}},
 		kinds.All(kinds.Deps{CloudStack: w.cloud, Operations: w.store, Mappings: writer, Release: rel,
-			Exports: exports, Log: log})...)
+			Exports: exports, Log: log, Catalog: listed{
+				kinds.Zones:     {csfake.ZoneID},
+				kinds.Offerings: {csfake.CustomOfferingID, csfake.FixedOfferingID},
+				kinds.VMs:       {csfake.VMID, csfake.StoppedVMID},
+			}})...)
 	return w
 }
 
