@@ -208,9 +208,9 @@ func New(cfg Config) *Service {
 		cfg.Logger = slog.Default()
 	}
 	s := &Service{
-		cfg:    cfg,
-		log:    cfg.Logger.With("component", "handlers"),
-		sem:    make(chan struct{}, cfg.MaxConcurrent),
+		cfg: cfg,
+		log: cfg.Logger.With("component", "handlers"),
+		sem: make(chan struct{}, cfg.MaxConcurrent),
 	}
 	s.leases = &state.Leaser{Store: cfg.Store, Holder: state.Holder(), Log: s.log}
 	s.acceptSlots = make(chan struct{}, cfg.AcceptConcurrency)
