@@ -3,8 +3,12 @@ package formation_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/internal/formation"
 )
@@ -44,5 +48,34 @@ func TestRetry(t *testing.T) {
 	err = formation.Retry(ctx, time.Second, always, func(context.Context) error { return errBusy })
 	if !errors.Is(err, errBusy) || ctx.Err() == nil {
 		t.Fatalf("Retry past its ctx = %v (ctx %v)", err, ctx.Err())
+	}
+}
+
+// TestTransient: the answers of a cluster forming or catching up are
+// retried; a refusal and a missing stream are final.
+func TestTransient(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"nil", nil, false},
+		{"unanswered", fmt.Errorf("consumer: %w", context.DeadlineExceeded), true},
+		{"nats timeout", nats.ErrTimeout, true},
+		{"no responders", nats.ErrNoResponders, true},
+		{"no stream response", jetstream.ErrNoStreamResponse, true},
+		{"503", &jetstream.APIError{Code: 503, ErrorCode: 10008, Description: "JetStream system temporarily unavailable"}, true},
+		{"no peers", &jetstream.APIError{Code: 500, ErrorCode: 10005, Description: "no suitable peers for placement"}, true},
+		{"stream offline", &jetstream.APIError{Code: 500, ErrorCode: 10118, Description: "stream is offline"}, true},
+		{"stream not found", jetstream.ErrStreamNotFound, false},
+		{"bad request", &jetstream.APIError{Code: 400, ErrorCode: 10003, Description: "bad request"}, false},
+		{"canceled", context.Canceled, false},
+		{"other", errors.New("disk full"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := formation.Transient(tc.err); got != tc.want {
+				t.Fatalf("Transient(%v) = %v, want %v", tc.err, got, tc.want)
+			}
+		})
 	}
 }
