@@ -60,7 +60,7 @@ func (b *Bus) upgradeStore(ctx context.Context, opts *server.Options) error {
 		Steps: []upgrade.Step{{From: 0, Name: "move the streams and the state bucket from the global account to volumed's",
 			Run: func(ctx context.Context, log *slog.Logger) error { return b.moveGlobal(ctx, dir, log) }}},
 	}
-	return plan.Run(ctx, b.log)
+	return plan.Run(ctx, b.cfg.Logger)
 }
 
 // globalStreams lists the streams the global account has under storeDir.
