@@ -28,6 +28,7 @@ import (
 	"github.com/volumed/volumed/httpbridge"
 	"github.com/volumed/volumed/internal/netaddr"
 	"github.com/volumed/volumed/internal/upgrade"
+	"github.com/volumed/volumed/internal/upgrade/identity"
 	"github.com/volumed/volumed/internal/version"
 	"github.com/volumed/volumed/metrics"
 	"github.com/volumed/volumed/nbd"
@@ -180,6 +181,9 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 			return err
 		}
 		localStatus = agent.Status
+		if err := identity.Backfill(ctx, store, cfg.vmID, agent.Devices(), log); err != nil {
+			return err
+		}
 	}
 	corr := correlate.New(correlate.Config{Conn: b.Conn(), Store: store, Timeout: cfg.correlateAfter,
 		LocalVMID: cfg.vmID, LocalStatus: localStatus, Logger: log})
@@ -222,6 +226,9 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	}
 	started = append(started, prom)
 
+	if err := handlers.RelineJobs(ctx, b.JetStream(), store, log); err != nil {
+		return err
+	}
 	if err := svc.Start(ctx); err != nil {
 		return err
 	}
