@@ -126,7 +126,10 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		_ = k.Close(context.Background())
 		return nil, err
 	}
-	k.log.Info("state store ready", "operations", len(k.ops), "mappings", len(k.mappings))
+	k.mu.RLock()
+	ops, mappings := len(k.ops), len(k.mappings)
+	k.mu.RUnlock()
+	k.log.Info("state store ready", "operations", ops, "mappings", mappings)
 	return k, nil
 }
 
