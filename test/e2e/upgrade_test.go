@@ -1,16 +1,22 @@
 package e2e_test
 
 import (
+	"context"
+	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
 )
@@ -193,4 +199,123 @@ func TestUpgradeRefusesNewerData(t *testing.T) {
 	if data, err := os.ReadFile(marker); err != nil || string(data) != newer {
 		t.Fatalf("the format record changed: %q %v", data, err)
 	}
+}
+
+// accepter keeps creating volumes through the members of a cluster that
+// are up, as a careful client does: each create has its own
+// Idempotency-Key, and one not answered 201 is sent again, same key, to
+// the next member until it is.
+type accepter struct {
+	mu       sync.Mutex
+	accepted []commands.Operation // by create, in order
+	down     int                  // the member being upgraded; -1 none
+	retries  int                  // creates sent again
+	failures []string             // why, for the log
+}
+
+// rollingName is the volume name of create i.
+func rollingName(i int) string { return fmt.Sprintf("rolling-%04d", i) }
+
+func (a *accepter) setDown(i int) {
+	a.mu.Lock()
+	a.down = i
+	a.mu.Unlock()
+}
+
+// run submits creates until stop is closed; it gives up on a create after
+// a minute of tries.
+func (a *accepter) run(ds []*daemon, stop <-chan struct{}) {
+	hc := &http.Client{Timeout: 10 * time.Second}
+	k := 0
+	for i := 0; ; i++ {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		body := fmt.Sprintf(`{"name":%q,"size":%d,"disk_offering_id":%q,"zone_id":%q}`, rollingName(i), 1<<30,
+			cloudsim.CustomOfferingID, cloudsim.ZoneID)
+		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); k++ {
+			a.mu.Lock()
+			skip := k%len(ds) == a.down
+			a.mu.Unlock()
+			if skip {
+				continue
+			}
+			req, _ := http.NewRequest(http.MethodPost, ds[k%len(ds)].api+"/volumes", strings.NewReader(body))
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Idempotency-Key", rollingName(i))
+			var op commands.Operation
+			resp, err := hc.Do(req)
+			if err == nil {
+				err = json.NewDecoder(resp.Body).Decode(&op)
+				resp.Body.Close()
+				if err == nil && resp.StatusCode != http.StatusCreated {
+					err = fmt.Errorf("status %d: %s", resp.StatusCode, op.Error)
+				}
+			}
+			if err == nil {
+				a.mu.Lock()
+				a.accepted = append(a.accepted, op)
+				a.mu.Unlock()
+				k++
+				break
+			}
+			a.mu.Lock()
+			a.retries++
+			a.failures = append(a.failures, fmt.Sprintf("%s via %s: %v", rollingName(i), embeddedMember(k%len(ds)), err))
+			a.mu.Unlock()
+			time.Sleep(50 * time.Millisecond)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestUpgradeRollingCluster: three volumed of the previous main in one
+// embedded cluster are replaced by this release one at a time while a
+// client keeps creating volumes through the members up; every create is
+// accepted (a few sent again under their Idempotency-Key while a stream
+// leader moves), completes, and made exactly one CloudStack volume.
+func TestUpgradeRollingCluster(t *testing.T) {
+	bin := oldVolumed(t, releasePrevious)
+	sim := startSim(t, cloudsim.Config{})
+	ds := startEmbeddedClusterOf(t, sim, 3, bin)
+	a := &accepter{down: -1}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() { defer close(done); a.run(ds, stop) }()
+	stopped := false
+	defer func() {
+		if !stopped {
+			close(stop)
+			<-done
+		}
+	}()
+	for i, d := range ds {
+		a.setDown(i)
+		d.stop()
+		d.bin = ""
+		d.launch()
+		d.awaitHealthy(90 * time.Second)
+		a.setDown(-1)
+	}
+	close(stop)
+	<-done
+	stopped = true
+	a.mu.Lock()
+	accepted, retries, failures := slices.Clone(a.accepted), a.retries, slices.Clone(a.failures)
+	a.mu.Unlock()
+	if len(accepted) < 10 {
+		t.Fatalf("only %d creates accepted during the upgrade; failures:\n%s", len(accepted), strings.Join(failures, "\n"))
+	}
+	cs := csapi.New(csapi.Config{URL: sim.URL(), APIKey: cloudsim.DefaultAPIKey, SecretKey: cloudsim.DefaultSecretKey})
+	for i, op := range accepted {
+		done := ds[i%len(ds)].completed(op.ID)
+		made, err := cs.ListVolumes(context.Background(), csapi.ListFilter{Name: rollingName(i)})
+		if err != nil || len(made) != 1 || made[0].ID != done.VolumeID {
+			t.Errorf("create %s: CloudStack has %v (%v), want exactly %s", rollingName(i), made, err, done.VolumeID)
+		}
+	}
+	t.Logf("%d creates accepted during the rolling upgrade, all completed once; %d sent again:\n%s",
+		len(accepted), retries, strings.Join(failures, "\n"))
 }
