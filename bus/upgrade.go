@@ -216,7 +216,8 @@ func moveStream(ctx context.Context, oldJS, newJS jetstream.JetStream, name stri
 }
 
 // copyMsg publishes msg into stream's namesake in the new account under a
-// message id of its stream and sequence, with its headers.
+// message id of its stream and sequence, with its headers; a message on a
+// subject no stream there takes is skipped.
 func copyMsg(ctx context.Context, js jetstream.JetStream, stream string, msg *jetstream.RawStreamMsg) (bool, error) {
 	out := nats.NewMsg(msg.Subject)
 	out.Data = msg.Data
@@ -228,6 +229,11 @@ func copyMsg(ctx context.Context, js jetstream.JetStream, stream string, msg *je
 	from := stream + ":" + strconv.FormatUint(msg.Sequence, 10)
 	out.Header.Set(migratedFromHeader, from)
 	ack, err := js.PublishMsg(ctx, out, jetstream.WithMsgID("volumed-upgrade:"+from))
+	if errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) {
+		// No stream of the volumed account takes the subject: the first
+		// device stream kept every devices.> message, requests included.
+		return false, nil
+	}
 	if err != nil {
 		return false, err
 	}

@@ -41,6 +41,8 @@ func writeGlobal(t *testing.T, dataDir string) {
 	for _, sc := range []jetstream.StreamConfig{
 		{Name: bus.StreamJobs, Subjects: []string{bus.JobsSubjectPrefix + ">"}, Retention: jetstream.WorkQueuePolicy, Storage: jetstream.FileStorage},
 		{Name: bus.StreamOps, Subjects: []string{"volumes.ops.>"}, Storage: jetstream.FileStorage},
+		// The first releases' device stream took every devices.> subject.
+		{Name: bus.StreamDevices, Subjects: []string{"devices.>"}, Storage: jetstream.FileStorage},
 	} {
 		if _, err := js.CreateStream(ctx, sc); err != nil {
 			t.Fatal(err)
@@ -51,6 +53,11 @@ func writeGlobal(t *testing.T, dataDir string) {
 	}
 	for _, id := range []string{"op-1", "op-2"} {
 		if _, err := js.Publish(ctx, "volumes.ops."+id, []byte(`{"id":"`+id+`"}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, subject := range []string{"devices.vm-1.add", "devices.vm-1.list"} {
+		if _, err := js.Publish(ctx, subject, []byte(`{}`)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -70,8 +77,10 @@ func writeGlobal(t *testing.T, dataDir string) {
 }
 
 // checkMoved checks the volumed account holds what writeGlobal wrote
-// once, and the global account nothing.
-func checkMoved(t *testing.T, dataDir string) {
+// once (the device list request of the first device stream, only if the
+// stream was made from its configuration: stored), and the global
+// account nothing.
+func checkMoved(t *testing.T, dataDir string, devices uint64) {
 	t.Helper()
 	ctx := context.Background()
 	b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dataDir})
@@ -80,7 +89,7 @@ func checkMoved(t *testing.T, dataDir string) {
 	}
 	defer b.Close(ctx)
 	js := b.JetStream()
-	for stream, want := range map[string]uint64{bus.StreamJobs: 1, bus.StreamOps: 2, "KV_volumed_state": 4} {
+	for stream, want := range map[string]uint64{bus.StreamJobs: 1, bus.StreamOps: 2, bus.StreamDevices: devices, "KV_volumed_state": 4} {
 		s, err := js.Stream(ctx, stream)
 		if err != nil {
 			t.Fatalf("stream %s: %v", stream, err)
@@ -129,7 +138,7 @@ func TestStartMovesGlobalAccount(t *testing.T) {
 	if err := os.CopyFS(saved, os.DirFS(global)); err != nil {
 		t.Fatal(err)
 	}
-	checkMoved(t, dir)
+	checkMoved(t, dir, 2)
 	if err := os.RemoveAll(global); err != nil {
 		t.Fatal(err)
 	}
@@ -139,7 +148,31 @@ func TestStartMovesGlobalAccount(t *testing.T) {
 	if err := os.Remove(filepath.Join(dir, "nats", bus.FormatFile)); err != nil {
 		t.Fatal(err)
 	}
-	checkMoved(t, dir)
+	checkMoved(t, dir, 2)
+}
+
+// TestStartMergesGlobalAccount: a data dir a release with authorization
+// already started on (its own streams made, empty, the global account's
+// left behind, as 10bb206 did) gets the global account's contents merged
+// into its streams; a message no stream of the volumed account takes is
+// skipped.
+func TestStartMergesGlobalAccount(t *testing.T) {
+	dir := t.TempDir()
+	b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir})
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.JetStream().CreateKeyValue(context.Background(), jetstream.KeyValueConfig{Bucket: "volumed_state", History: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(dir, "nats", bus.FormatFile)); err != nil {
+		t.Fatal(err)
+	}
+	writeGlobal(t, dir)
+	checkMoved(t, dir, 1)
 }
 
 // TestStartRefusesNewerStore: a store recorded in a format above this
