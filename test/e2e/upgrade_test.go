@@ -86,11 +86,11 @@ func (d *daemon) operations() []commands.OperationSummary {
 }
 
 // TestUpgradeInPlace: volumed of an earlier main records two volumes, an
-// attach with its mapping, an export, and an operation accepted during a
-// CloudStack outage (its job still queued), then stops; this release,
+// attach with its mapping, an export, and two operations accepted during
+// a CloudStack outage (their jobs still queued), then stops; this release,
 // started on the same data dir (and Redis), answers every operation and
 // the mapping as before, serves the export over NBD, and runs the queued
-// operation once CloudStack is back.
+// operations (a create, an attach) once CloudStack is back.
 func TestUpgradeInPlace(t *testing.T) {
 	for _, tc := range []struct {
 		name, commit string
@@ -121,16 +121,18 @@ func TestUpgradeInPlace(t *testing.T) {
 			sim.SetFaults(cloudsim.Faults{Outage: true})
 			queued := old.submit(http.MethodPost, "/volumes", map[string]any{"name": "upgrade-queued", "size": 1 << 30,
 				"disk_offering_id": cloudsim.CustomOfferingID, "zone_id": cloudsim.ZoneID})
+			// On a volume's line, as a create is on its own.
+			queuedAttach := old.submit(http.MethodPost, "/volumes/"+vol2+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID})
 			before := old.operations()
-			if len(before) != 5 {
-				t.Fatalf("the old release lists %d operations, want 5: %+v", len(before), before)
+			if len(before) != 6 {
+				t.Fatalf("the old release lists %d operations, want 6: %+v", len(before), before)
 			}
 			old.stop()
 
 			d := startDaemon(t, sim, o)
 			if tc.commit == releasePreAuth {
 				moved := testenv.Mentioning(d.out.Lines(), "stream moved from the global account")
-				if !strings.Contains(strings.Join(moved, "\n"), "stream="+bus.StreamJobs+" copied=1") {
+				if !strings.Contains(strings.Join(moved, "\n"), "stream="+bus.StreamJobs+" copied=2") {
 					t.Fatalf("the queued job was not moved out of the global account:\n%s", strings.Join(moved, "\n"))
 				}
 			}
@@ -155,6 +157,9 @@ func TestUpgradeInPlace(t *testing.T) {
 			done := d.completed(queued.ID)
 			if done.VolumeID == "" || done.VolumeID == vol1 || done.VolumeID == vol2 {
 				t.Fatalf("the queued create made volume %q", done.VolumeID)
+			}
+			if att := d.completed(queuedAttach.ID); att.VolumeID != vol2 {
+				t.Fatalf("the queued attach: %+v", att)
 			}
 			if n := len(d.operations()); n != len(before) {
 				t.Fatalf("%d operations after the upgrade, want %d", n, len(before))
