@@ -63,8 +63,11 @@ func startEmbeddedClusterOf(t *testing.T, sim cloud, n int, bin string) []*daemo
 	}
 	for _, dir := range dirs[1:] {
 		copyKeys(t, filepath.Join(dirs[0], "creds", "keys"), filepath.Join(dir, "creds", "keys"))
-		// The CA too: members present certificates of it on their routes.
-		copyKeys(t, filepath.Join(dirs[0], pki.DirName), filepath.Join(dir, pki.DirName))
+		// The CA too: members present certificates of it on their routes
+		// (an older release makes none).
+		if bin == volumedBin {
+			copyKeys(t, filepath.Join(dirs[0], pki.DirName), filepath.Join(dir, pki.DirName))
+		}
 	}
 	ds := make([]*daemon, n)
 	for i, dir := range dirs {
