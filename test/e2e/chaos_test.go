@@ -148,8 +148,8 @@ func TestChaos(t *testing.T) {
 	}
 	counts := c.drive(rng, length, long)
 	close(c.stop)
+	clients.Wait() // each ends its submission, and waits no more
 	c.settle()
-	clients.Wait()
 	t.Logf("faults injected: %s", counts)
 	c.check()
 }
@@ -282,12 +282,17 @@ func (c *chaos) stopped() bool {
 // request sends one REST request to instance i with an Idempotency-Key
 // ("" for none); err is a transport error or timeout.
 func (c *chaos) request(i int, method, path string, body any, key string) (int, []byte, error) {
+	return c.requestCtx(context.Background(), i, method, path, body, key)
+}
+
+// requestCtx is request under ctx.
+func (c *chaos) requestCtx(ctx context.Context, i int, method, path string, body any, key string) (int, []byte, error) {
 	var rd io.Reader
 	if body != nil {
 		data, _ := json.Marshal(body)
 		rd = bytes.NewReader(data)
 	}
-	req, err := http.NewRequest(method, c.ds[i].api+path, rd)
+	req, err := http.NewRequestWithContext(ctx, method, c.ds[i].api+path, rd)
 	if err != nil {
 		return 0, nil, err
 	}
@@ -308,7 +313,9 @@ func (c *chaos) request(i int, method, path string, body any, key string) (int, 
 
 // submit sends a command with key until an instance accepts it (201),
 // each retry on another instance than the last, and records it; nil when
-// it is refused with 409 or not accepted in time.
+// it is refused with 409 or not accepted in time. A third of the first
+// attempts hang up after 10–120 ms, often after the instance recorded the
+// command: the answer is lost, and the retry must find the same operation.
 func (c *chaos) submit(rng *rand.Rand, slot int, typ commands.OpType, method, path string, body any, key string) *chaosOp {
 	deadline := time.Now().Add(90 * time.Second)
 	last := -1
@@ -323,7 +330,12 @@ func (c *chaos) submit(rng *rand.Rand, slot int, typ commands.OpType, method, pa
 			c.retries++
 			c.mu.Unlock()
 		}
-		status, data, err := c.request(i, method, path, body, key)
+		ctx, cancel := context.WithCancel(context.Background())
+		if n == 0 && rng.IntN(3) == 0 {
+			ctx, cancel = context.WithTimeout(ctx, time.Duration(10+rng.IntN(110))*time.Millisecond)
+		}
+		status, data, err := c.requestCtx(ctx, i, method, path, body, key)
+		cancel()
 		switch {
 		case err == nil && status == http.StatusCreated:
 			var op commands.Operation
@@ -522,6 +534,17 @@ func (c *chaos) check() {
 		m.ops = append(m.ops, op)
 	}
 	t.Logf("operations by type and end: %v", statuses)
+	failures := map[string]int{}
+	for _, op := range c.ops {
+		if op.final.Status == commands.StatusFailed {
+			e := op.final.Error
+			if i := strings.IndexAny(e, "0123456789"); i > 40 {
+				e = e[:i] // ids and numbers vary
+			}
+			failures[string(op.typ)+": "+e]++
+		}
+	}
+	t.Logf("failures: %v", failures)
 	for _, id := range order {
 		m := volumes[id]
 		for _, op := range m.ops {
@@ -652,7 +675,8 @@ func (c *chaos) check() {
 	if len(stored) != len(ids) {
 		t.Errorf("invariant: %d operations stored, %d keys accepted", len(stored), len(ids))
 	}
-	t.Logf("checked %d volumes, %d operations, %d keys on %d instances", len(order), len(c.ops), len(c.byKey), len(c.ds))
+	t.Logf("checked %d volumes, %d operations (%d with an executing event), %d keys on %d instances",
+		len(order), len(c.ops), len(started), len(c.byKey), len(c.ds))
 }
 
 // story tells a volume's operations, for a failure message.
@@ -718,18 +742,28 @@ func (c *chaos) firstExecuting(ctx context.Context) map[string]time.Time {
 		c.t.Fatal(err)
 	}
 	out := map[string]time.Time{}
+	n := 0
 	for {
-		msg, err := cons.Next(jetstream.FetchMaxWait(time.Second))
+		batch, err := cons.Fetch(500, jetstream.FetchMaxWait(2*time.Second))
 		if err != nil {
+			c.t.Fatalf("read operation events: %v", err)
+		}
+		got := 0
+		for msg := range batch.Messages() {
+			got++
+			var op commands.Operation
+			meta, merr := msg.Metadata()
+			if json.Unmarshal(msg.Data(), &op) != nil || merr != nil {
+				continue
+			}
+			if _, seen := out[op.ID]; !seen && op.Status == commands.StatusExecuting {
+				out[op.ID] = meta.Timestamp
+			}
+		}
+		n += got
+		if got == 0 {
+			c.t.Logf("%d operation events read", n)
 			return out
-		}
-		var op commands.Operation
-		meta, merr := msg.Metadata()
-		if json.Unmarshal(msg.Data(), &op) != nil || merr != nil {
-			continue
-		}
-		if _, seen := out[op.ID]; !seen && op.Status == commands.StatusExecuting {
-			out[op.ID] = meta.Timestamp
 		}
 	}
 }
