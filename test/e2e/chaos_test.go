@@ -79,7 +79,7 @@ type chaos struct {
 	mu       sync.Mutex
 	ops      []*chaosOp        // in acceptance order
 	byKey    map[string]string // Idempotency-Key → operation id answered
-	rejected []string          // keys answered 409: nothing recorded
+	rejected []string          // "key: status" of commands refused (404, 409): nothing recorded
 	retries  int               // submissions sent again with the same key
 	down     []bool            // instance i killed or stopped now
 	history  []string          // logs of instances' earlier runs
@@ -355,11 +355,16 @@ func (c *chaos) submit(rng *rand.Rand, slot int, typ commands.OpType, method, pa
 			o := &chaosOp{key: key, id: op.ID, typ: typ, slot: slot, volume: op.VolumeID}
 			c.ops = append(c.ops, o)
 			return o
-		case err == nil && status == http.StatusConflict && typ == commands.OpDelete:
-			// The volume is attached (a detach failed): nothing recorded.
+		case err == nil && (status == http.StatusConflict && typ == commands.OpDelete ||
+			status == http.StatusNotFound && typ != commands.OpCreate):
+			// A delete of a volume still attached (a detach failed), or a
+			// command on a volume CloudStack no longer has (a delete that
+			// failed but took effect): nothing may be recorded, which
+			// check verifies; the client goes on with a new volume.
 			c.mu.Lock()
-			c.rejected = append(c.rejected, key)
+			c.rejected = append(c.rejected, fmt.Sprintf("%s: %d", key, status))
 			c.mu.Unlock()
+			c.t.Logf("%s %s (key %s): %d %s", method, path, key, status, data)
 			return nil
 		case err == nil && status != http.StatusServiceUnavailable:
 			c.t.Errorf("%s %s (key %s) on instance %d: %d %s", method, path, key, i, status, data)
@@ -404,47 +409,26 @@ func (c *chaos) client(slot int, rng *rand.Rand) {
 		op := c.submit(rng, slot, commands.OpCreate, http.MethodPost, "/volumes", map[string]any{"name": name,
 			"size": 1 << 30, "disk_offering_id": cloudsim.CustomOfferingID, "zone_id": cloudsim.ZoneID}, key())
 		if op == nil {
-			return
+			continue
 		}
 		done, ok := c.await(rng, op)
-		if !ok {
-			return
-		}
-		if done.Status != commands.StatusCompleted {
+		if !ok || done.Status != commands.StatusCompleted {
 			continue
 		}
 		vol := done.VolumeID
 		c.mu.Lock()
 		op.volume = vol
 		c.mu.Unlock()
-		for range 2 + rng.IntN(4) {
-			if c.stopped() {
-				return
-			}
-			var burst []*chaosOp
-			for range 1 + rng.IntN(3) {
-				if rng.IntN(2) == 0 {
-					burst = append(burst, c.submit(rng, slot, commands.OpAttach, http.MethodPost, "/volumes/"+vol+"/attach", attach, key()))
-				} else {
-					burst = append(burst, c.submit(rng, slot, commands.OpDetach, http.MethodPost, "/volumes/"+vol+"/detach", nil, key()))
-				}
-			}
-			for _, op := range burst {
-				if op == nil {
-					return
-				}
-				if _, ok := c.await(rng, op); !ok {
-					return
-				}
-			}
+		if !c.work(rng, slot, vol, key, attach) {
+			continue
 		}
 		for try := 0; try < 3 && !c.stopped(); try++ {
 			det := c.submit(rng, slot, commands.OpDetach, http.MethodPost, "/volumes/"+vol+"/detach", nil, key())
 			if det == nil {
-				return
+				break
 			}
 			if _, ok := c.await(rng, det); !ok {
-				return
+				break
 			}
 			del := c.submit(rng, slot, commands.OpDelete, http.MethodDelete, "/volumes/"+vol, nil, key())
 			if del == nil {
@@ -456,6 +440,33 @@ func (c *chaos) client(slot int, rng *rand.Rand) {
 			}
 		}
 	}
+}
+
+// work runs two to five bursts of attaches and detaches on vol; false if
+// one was refused or the faults ended.
+func (c *chaos) work(rng *rand.Rand, slot int, vol string, key func() string, attach any) bool {
+	for range 2 + rng.IntN(4) {
+		if c.stopped() {
+			return false
+		}
+		var burst []*chaosOp
+		for range 1 + rng.IntN(3) {
+			if rng.IntN(2) == 0 {
+				burst = append(burst, c.submit(rng, slot, commands.OpAttach, http.MethodPost, "/volumes/"+vol+"/attach", attach, key()))
+			} else {
+				burst = append(burst, c.submit(rng, slot, commands.OpDetach, http.MethodPost, "/volumes/"+vol+"/detach", nil, key()))
+			}
+		}
+		for _, op := range burst {
+			if op == nil {
+				return false
+			}
+			if _, ok := c.await(rng, op); !ok {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // settle ends the faults (every instance up and healthy, CloudStack
@@ -669,7 +680,8 @@ func (c *chaos) check() {
 	stored := c.listOperations()
 	for _, op := range stored {
 		if !ids[op.ID] {
-			t.Errorf("invariant: operation %s (%s on %s) is in the store, but no key was answered with it", op.ID, op.Type, op.VolumeID)
+			t.Errorf("invariant: operation %s (%s on %s, %s) is in the store, but no key was answered with it; refused keys: %v",
+				op.ID, op.Type, op.VolumeID, op.Status, c.rejected)
 		}
 	}
 	if len(stored) != len(ids) {
