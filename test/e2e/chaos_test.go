@@ -737,7 +737,7 @@ func (c *chaos) listOperations() []commands.Operation {
 	}
 }
 
-// firstExecuting reads the operation events and returns when each
+// firstExecuting reads every operation event and returns when each
 // operation first started executing, by the stream's clock.
 func (c *chaos) firstExecuting(ctx context.Context) map[string]time.Time {
 	nc, err := nats.Connect(c.natsURL, nats.UserCredentials(bus.CredsFile(c.creds, bus.RoleOperator)))
@@ -749,33 +749,39 @@ func (c *chaos) firstExecuting(ctx context.Context) map[string]time.Time {
 	if err != nil {
 		c.t.Fatal(err)
 	}
+	stream, err := js.Stream(ctx, bus.StreamOps)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	info, err := stream.Info(ctx)
+	if err != nil {
+		c.t.Fatal(err)
+	}
 	cons, err := js.OrderedConsumer(ctx, bus.StreamOps, jetstream.OrderedConsumerConfig{FilterSubjects: []string{commands.SubjectOpsPrefix + ">"}})
 	if err != nil {
 		c.t.Fatal(err)
 	}
 	out := map[string]time.Time{}
-	n := 0
-	for {
-		batch, err := cons.Fetch(500, jetstream.FetchMaxWait(2*time.Second))
-		if err != nil {
-			c.t.Fatalf("read operation events: %v", err)
+	var last uint64
+	for n := 0; last < info.State.LastSeq; {
+		batch, err := cons.Fetch(500, jetstream.FetchMaxWait(5*time.Second))
+		if err != nil || ctx.Err() != nil {
+			c.t.Fatalf("operation events: %d read, up to %d of %d: %v %v", n, last, info.State.LastSeq, err, ctx.Err())
 		}
-		got := 0
 		for msg := range batch.Messages() {
-			got++
+			n++
 			var op commands.Operation
 			meta, merr := msg.Metadata()
-			if json.Unmarshal(msg.Data(), &op) != nil || merr != nil {
+			if merr != nil {
 				continue
 			}
-			if _, seen := out[op.ID]; !seen && op.Status == commands.StatusExecuting {
-				out[op.ID] = meta.Timestamp
+			last = meta.Sequence.Stream
+			if json.Unmarshal(msg.Data(), &op) == nil && op.Status == commands.StatusExecuting {
+				if _, seen := out[op.ID]; !seen {
+					out[op.ID] = meta.Timestamp
+				}
 			}
 		}
-		n += got
-		if got == 0 {
-			c.t.Logf("%d operation events read", n)
-			return out
-		}
 	}
+	return out
 }
