@@ -12,7 +12,7 @@ TEST_TIMEOUT ?= 45m
 TEST_TOOLS := redis-server nbdinfo nbdcopy nbdsh qemu-img qemu-io qemu-nbd systemd-analyze
 TEST_PACKAGES := redis-server libnbd-bin python3-libnbd qemu-utils systemd
 
-# make install: the binaries, the systemd units and the README; DESTDIR
+# make install: the binaries, the systemd units, the README and docs/; DESTDIR
 # stages it (packaging), PREFIX moves it (the units follow).
 PREFIX ?= /usr/local
 SYSTEMD_DIR ?= /etc/systemd/system
@@ -43,6 +43,8 @@ install: build
 		chmod 0644 $(DESTDIR)$(SYSTEMD_DIR)/$$u.service || exit 1; \
 	done
 	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/volumed/README.md
+	install -d -m 0755 $(DESTDIR)$(PREFIX)/share/doc/volumed/docs
+	install -m 0644 docs/*.md $(DESTDIR)$(PREFIX)/share/doc/volumed/docs/
 	install -d -m 0750 $(DESTDIR)/etc/volumed
 	@echo "installed; settings in /etc/volumed/volumed.env (agent: /etc/volumed/agent.env), then: systemctl daemon-reload && systemctl enable --now volumed"
 

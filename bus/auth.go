@@ -219,7 +219,7 @@ func (a *Authority) configureServer(opts *server.Options) error {
 		len(opts.Accounts) > 0 || len(opts.TrustedOperators) > 0 || len(opts.TrustedKeys) > 0 ||
 		opts.AccountResolver != nil || opts.NoAuthUser != "" || opts.SystemAccount != "":
 		return errors.New("bus: the nats config sets authorization, accounts or an operator; " +
-			"volumed configures authorization of its embedded server itself (see the README's Security section)")
+			"volumed configures authorization of its embedded server itself (see docs/security.md)")
 	}
 	t, err := a.claims()
 	if err != nil {

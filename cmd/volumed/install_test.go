@@ -12,7 +12,7 @@ import (
 
 // TestMakeInstall stages `make install` in a temporary DESTDIR and checks
 // what it lays down: both binaries answering --version with the version
-// linked in, and systemd units that systemd-analyze verifies and rates at
+// linked in, the README with every docs page, and systemd units that systemd-analyze verifies and rates at
 // most 4.0 on its exposure scale (hardened).
 func TestMakeInstall(t *testing.T) {
 	for _, tool := range []string{"make", "systemd-analyze"} {
@@ -31,8 +31,19 @@ func TestMakeInstall(t *testing.T) {
 			t.Fatalf("%s --version: %q %v", bin, out, err)
 		}
 	}
-	if _, err := os.Stat(filepath.Join(dest, "usr/local/share/doc/volumed/README.md")); err != nil {
-		t.Fatal(err)
+	// The README links to the pages under docs/: every one is installed beside it.
+	pages, err := filepath.Glob("../../docs/*.md")
+	if err != nil || len(pages) == 0 {
+		t.Fatalf("no docs pages: %v", err)
+	}
+	docs := []string{"README.md"}
+	for _, p := range pages {
+		docs = append(docs, filepath.Join("docs", filepath.Base(p)))
+	}
+	for _, doc := range docs {
+		if _, err := os.Stat(filepath.Join(dest, "usr/local/share/doc/volumed", doc)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for _, unit := range []string{"volumed.service", "volumed-agent.service"} {
 		data, err := os.ReadFile(filepath.Join(dest, "etc/systemd/system", unit))
