@@ -191,6 +191,10 @@ func (c *chaos) drive(rng *rand.Rand, length time.Duration, long bool) string {
 			// in CloudStack by design (README), which the check would
 			// count as an orphan.
 			f.JobFailureRate = map[string]float64{"attachVolume": 0.3, "detachVolume": 0.3}
+		case actStop:
+			// Long jobs, so that the paused instance is likely polling one.
+			d := cloudsim.Duration(time.Duration(500+rng.IntN(1500)) * time.Millisecond)
+			f.JobDuration = map[string]cloudsim.Duration{"attachVolume": d, "detachVolume": d}
 		case actOutage:
 			f.Outage = true
 			hold = time.Duration(1000+rng.IntN(2000)) * time.Millisecond
@@ -205,6 +209,7 @@ func (c *chaos) drive(rng *rand.Rand, length time.Duration, long bool) string {
 			if long {
 				pause = time.Duration(500+rng.IntN(int(3*chaosAckWait/time.Millisecond))) * time.Millisecond
 			}
+			time.Sleep(time.Second) // jobs start under the long durations
 			c.pause(rng, pause)
 		default:
 			time.Sleep(hold)
@@ -443,8 +448,12 @@ func (c *chaos) client(slot int, rng *rand.Rand) {
 }
 
 // work runs two to five bursts of attaches and detaches on vol; false if
-// one was refused or the faults ended.
+// one was refused or the faults ended. After each burst, with nothing
+// left running on the volume, it waits up to a second and checks that
+// every instance that answers shows the mapping the completed operations
+// leave: a late write of a paused executor would show here, mid-run.
 func (c *chaos) work(rng *rand.Rand, slot int, vol string, key func() string, attach any) bool {
+	attached := false
 	for range 2 + rng.IntN(4) {
 		if c.stopped() {
 			return false
@@ -457,16 +466,42 @@ func (c *chaos) work(rng *rand.Rand, slot int, vol string, key func() string, at
 				burst = append(burst, c.submit(rng, slot, commands.OpDetach, http.MethodPost, "/volumes/"+vol+"/detach", nil, key()))
 			}
 		}
+		var last string
 		for _, op := range burst {
 			if op == nil {
 				return false
 			}
-			if _, ok := c.await(rng, op); !ok {
+			done, ok := c.await(rng, op)
+			if !ok {
 				return false
 			}
+			if done.Status == commands.StatusCompleted {
+				attached = op.typ == commands.OpAttach
+			}
+			last = op.id
 		}
+		time.Sleep(time.Duration(rng.IntN(1000)) * time.Millisecond)
+		c.checkMapping(vol, attached, last)
 	}
 	return true
+}
+
+// checkMapping asks every instance for vol's mapping: it must exist
+// exactly when the completed operations leave vol attached. Instances
+// that do not answer 200 or 404 (paused, killed, starting) are skipped.
+func (c *chaos) checkMapping(vol string, attached bool, after string) {
+	for i := range c.ds {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		status, data, err := c.requestCtx(ctx, i, http.MethodGet, "/volumes/"+vol+"/device", nil, "")
+		cancel()
+		switch {
+		case err != nil:
+		case status == http.StatusOK && !attached:
+			c.t.Errorf("invariant (mid-run): instance %d: volume %s has a mapping after %s left it detached: %s", i, vol, after, data)
+		case status == http.StatusNotFound && attached:
+			c.t.Errorf("invariant (mid-run): instance %d: volume %s has no mapping after %s left it attached", i, vol, after)
+		}
+	}
 }
 
 // settle ends the faults (every instance up and healthy, CloudStack
