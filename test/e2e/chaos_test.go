@@ -67,22 +67,23 @@ type chaosOp struct {
 
 // chaos is the soak's shared state.
 type chaos struct {
-	t        *testing.T
-	seed     uint64
-	ds       []*daemon
-	sim      *simProcess
-	cs       *csapi.Client
-	hc       *http.Client
-	creds    string // NATS credentials directory
-	natsURL  string
-	stop     chan struct{} // closed when the clients must stop submitting
-	mu       sync.Mutex
-	ops      []*chaosOp        // in acceptance order
-	byKey    map[string]string // Idempotency-Key → operation id answered
-	rejected []string          // "key: status" of commands refused (404, 409): nothing recorded
-	retries  int               // submissions sent again with the same key
-	down     []bool            // instance i killed or stopped now
-	history  []string          // logs of instances' earlier runs
+	t         *testing.T
+	seed      uint64
+	ds        []*daemon
+	sim       *simProcess
+	cs        *csapi.Client
+	hc        *http.Client
+	creds     string // NATS credentials directory
+	natsURL   string
+	stop      chan struct{} // closed when the clients must stop submitting
+	mu        sync.Mutex
+	ops       []*chaosOp        // in acceptance order
+	byKey     map[string]string // Idempotency-Key → operation id answered
+	rejected  []string          // "key: status" of commands refused (404, 409): nothing recorded
+	retries   int               // submissions sent again with the same key
+	resubmits int               // accepted commands sent again with their key
+	down      []bool            // instance i killed or stopped now
+	history   []string          // logs of instances' earlier runs
 }
 
 // chaosSettings reads CHAOS_SEED and CHAOS_SECONDS.
@@ -349,16 +350,13 @@ func (c *chaos) submit(rng *rand.Rand, slot int, typ commands.OpType, method, pa
 				return nil
 			}
 			c.mu.Lock()
-			defer c.mu.Unlock()
-			if prev, ok := c.byKey[key]; ok && prev != op.ID {
-				c.t.Errorf("key %s answered operation %s, then %s", key, prev, op.ID)
-			}
-			if _, ok := c.byKey[key]; ok {
-				return nil // cannot happen: a key is submitted until its first 201
-			}
 			c.byKey[key] = op.ID
 			o := &chaosOp{key: key, id: op.ID, typ: typ, slot: slot, volume: op.VolumeID}
 			c.ops = append(c.ops, o)
+			c.mu.Unlock()
+			if rng.IntN(5) == 0 { // a client that doubts its answer asks another instance
+				c.resubmit(o, (i+1+rng.IntN(len(c.ds)-1))%len(c.ds), method, path, body)
+			}
 			return o
 		case err == nil && (status == http.StatusConflict && typ == commands.OpDelete ||
 			status == http.StatusNotFound && typ != commands.OpCreate):
@@ -380,6 +378,19 @@ func (c *chaos) submit(rng *rand.Rand, slot int, typ commands.OpType, method, pa
 		}
 		time.Sleep(time.Duration(50+rng.IntN(200)) * time.Millisecond)
 	}
+}
+
+// resubmit sends an accepted command again, with its key, to instance i:
+// a 201 must name the same operation.
+func (c *chaos) resubmit(op *chaosOp, i int, method, path string, body any) {
+	status, data, err := c.request(i, method, path, body, op.key)
+	var again commands.Operation
+	if err == nil && status == http.StatusCreated && json.Unmarshal(data, &again) == nil && again.ID != op.id {
+		c.t.Errorf("invariant: key %s answered operation %s, then %s on instance %d", op.key, op.id, again.ID, i)
+	}
+	c.mu.Lock()
+	c.resubmits++
+	c.mu.Unlock()
 }
 
 // await polls an operation on random instances until it is terminal, or
@@ -540,8 +551,8 @@ func (c *chaos) settle() {
 		}
 	}
 	testenv.Eventually(c.t, time.Minute, func() bool { return c.sim.stats().PendingJobs == 0 }, "CloudStack jobs finished")
-	c.t.Logf("settled in %v: %d operations accepted, %d submissions retried with their key, %d refused",
-		time.Since(began).Round(time.Millisecond), len(ops), c.retries, len(c.rejected))
+	c.t.Logf("settled in %v: %d operations accepted, %d submissions retried with their key, %d accepted ones sent again, %d refused",
+		time.Since(began).Round(time.Millisecond), len(ops), c.retries, c.resubmits, len(c.rejected))
 }
 
 // volumeModel is what the completed operations on one volume made of it.
