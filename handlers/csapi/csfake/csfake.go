@@ -334,8 +334,8 @@ func (c *Cloud) CallsOf(command string) int64 {
 	return c.calls[command]
 }
 
-// Attaches and Detaches count the attach and detach jobs that succeeded
-// for a volume, as the simulator's stats do.
+// Attaches counts the attach jobs that succeeded for a volume, as the
+// simulator's stats do.
 func (c *Cloud) Attaches(volumeID string) int64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
