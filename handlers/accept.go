@@ -10,7 +10,9 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/volumed/volumed/commands"
-	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/internal/backoff"
+	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -31,6 +33,13 @@ const (
 	forgetTimeout = time.Minute
 )
 
+// Backoffs of acceptance: between attempts at the record, and between
+// tries to remove a record answered 503.
+var (
+	recordBackoff = backoff.Policy{Min: 20 * time.Millisecond, Max: 500 * time.Millisecond}
+	forgetBackoff = backoff.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second}
+)
+
 // idemNamespace derives operation ids from idempotency keys.
 var idemNamespace = uuid.MustParse("5b0e7a4c-2f61-4d8e-9a3b-7c1d0e2f4a65")
 
@@ -49,90 +58,17 @@ func operationID(key string) string {
 	return OperationIDForKey(key)
 }
 
-func (s *Service) acceptCreate(ctx context.Context, data []byte, key string) (any, error) {
-	req, err := commands.DecodeCreate(data)
-	if err != nil {
-		return nil, err
-	}
-	return s.accept(ctx, key, commands.OpCreate, "", nil, req, func(ctx context.Context) error {
-		return s.checkCreate(ctx, req)
-	})
-}
-
-func (s *Service) acceptAttach(ctx context.Context, data []byte, key string, root bool) (any, error) {
-	req, err := commands.DecodeAttach(data, root)
-	if err != nil {
-		return nil, err
-	}
-	vm := req.VMID
-	return s.accept(ctx, key, commands.OpAttach, req.VolumeID, &vm, req, func(ctx context.Context) error {
-		if s.inventory.vms.lookup(ctx, s.ctx, &s.wg, req.VMID) == absent {
-			return vmNotFound(req.VMID)
-		}
-		return s.checkVolume(ctx, req.VolumeID)
-	})
-}
-
-func (s *Service) acceptVolume(ctx context.Context, data []byte, key string, typ commands.OpType) (any, error) {
-	req, err := commands.DecodeVolume(data)
-	if err != nil {
-		return nil, err
-	}
-	return s.accept(ctx, key, typ, req.VolumeID, nil, req, func(ctx context.Context) error {
-		return s.checkVolume(ctx, req.VolumeID)
-	})
-}
-
-// checkCreate answers 422 CLOUDSTACK_ERROR, as CloudStack's createVolume
-// would, for a disk offering or zone CloudStack does not list (the
-// offering first, as CloudStack checks it first).
-func (s *Service) checkCreate(ctx context.Context, req commands.CreateRequest) error {
-	for _, p := range []struct {
-		set       *entitySet
-		param, id string
-	}{{s.inventory.offerings, "diskofferingid", req.DiskOfferingID}, {s.inventory.zones, "zoneid", req.ZoneID}} {
-		if p.set.lookup(ctx, s.ctx, &s.wg, p.id) == absent {
-			return unknownParameter("createVolume", "volume creation", p.param, p.id)
-		}
-	}
-	return nil
-}
-
-// unknownParameter is CloudStack's answer to an id that names nothing:
-// HTTP 431 with its invalid-parameter text, as a 422 CLOUDSTACK_ERROR.
-func unknownParameter(command, what, param, value string) error {
-	return commands.CloudStack("CloudStack %s failed: Invalid parameter %s", what, param).
-		WithDetail("cloudstack_error_code", csapi.CodeParamError).
-		WithDetail("cloudstack_message", csapi.InvalidParameterText(command, param, value))
-}
-
-// checkVolume answers 404 for a volume CloudStack does not know. When
-// CloudStack does not answer within ctx, or cannot be reached, the command
-// is accepted all the same: the queue retries it.
-func (s *Service) checkVolume(ctx context.Context, volumeID string) error {
-	_, err := s.cfg.CloudStack.GetVolume(ctx, volumeID)
-	switch {
-	case err == nil || csapi.IsRetryable(err) || ctx.Err() != nil:
-		return nil
-	case errors.Is(err, csapi.ErrNotFound):
-		return volumeNotFound(volumeID)
-	default:
-		return cloudStackError(err)
-	}
-}
-
 // accept runs a command's acceptance: an operation already recorded
 // under the Idempotency-Key answers again; else the pre-checks (their own
 // budget), the record (the write that decides the answer), its first
 // event (not waited for) and its job. A job that cannot be queued undoes the record and
 // answers 503; if the undo fails, the record stands and the answer is
 // 201 (the queue's sweep queues it).
-func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, volumeID string, vmID *string, req any,
-	check func(ctx context.Context) error) (any, error) {
+func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, cmd engine.Command) (any, error) {
 	if err := commands.ValidateIdempotencyKey(key); err != nil {
 		return nil, err
 	}
-	raw, err := json.Marshal(req)
+	raw, err := json.Marshal(cmd.Request)
 	if err != nil {
 		return nil, commands.Internal("encode request: %v", err)
 	}
@@ -141,27 +77,30 @@ func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, v
 		seen, err := s.cfg.Store.GetOperation(ctx, id)
 		switch {
 		case err == nil:
-			return seenBefore(seen, key, typ, raw)
+			return s.seenBefore(ctx, seen, key, typ, raw)
 		case !errors.Is(err, state.ErrNotFound):
 			return nil, state.APIError(err)
 		}
 	}
-	checkCtx, cancel := context.WithTimeout(ctx, s.cfg.CheckTimeout)
-	err = check(checkCtx)
-	cancel()
-	if err != nil {
-		return nil, err
+	if cmd.Check != nil {
+		checkCtx, cancel := context.WithTimeout(ctx, s.cfg.CheckTimeout)
+		err = cmd.Check(ctx, checkCtx)
+		cancel()
+		if err != nil {
+			return nil, err
+		}
 	}
 	now := time.Now().UTC()
 	op := commands.Operation{
 		ID: id, Type: typ, Status: commands.StatusPending,
-		VolumeID: volumeID, VMID: vmID, Request: raw, CreatedAt: now, UpdatedAt: now,
+		VolumeID: cmd.VolumeID, VMID: cmd.VMID, Request: raw, CreatedAt: now, UpdatedAt: now,
+		RequestedBy: commands.Requester(ctx),
 	}
 	rec, err := s.record(ctx, op)
 	var seen *seenError
 	switch {
 	case errors.As(err, &seen):
-		return seenBefore(seen.op, key, typ, raw)
+		return s.seenBefore(ctx, seen.op, key, typ, raw)
 	case err != nil:
 		return nil, err
 	}
@@ -180,13 +119,22 @@ func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, v
 
 // seenBefore answers a command whose Idempotency-Key names a recorded
 // operation: the same command answers that operation again; any other is
-// 409 CONFLICT.
-func seenBefore(op commands.Operation, key string, typ commands.OpType, raw []byte) (any, error) {
-	if op.Type == typ && bytes.Equal(op.Request, raw) {
-		return op, nil
+// 409 CONFLICT. A pending operation whose job is missing (the instance
+// that recorded it died before queueing it, so its client got no answer
+// and retries) is queued now, as the sweep would later.
+func (s *Service) seenBefore(ctx context.Context, op commands.Operation, key string, typ commands.OpType, raw []byte) (any, error) {
+	if op.Type != typ || !bytes.Equal(op.Request, raw) {
+		return nil, commands.Conflict("Idempotency-Key %q was used for another command (operation %s)", commands.Shown(key, 80), op.ID).
+			WithDetail("idempotency_key", key).WithDetail("operation_id", op.ID)
 	}
-	return nil, commands.Conflict("Idempotency-Key %q was used for another command (operation %s)", commands.Shown(key, 80), op.ID).
-		WithDetail("idempotency_key", key).WithDetail("operation_id", op.ID)
+	if op.Status == commands.StatusPending {
+		if requeued, err := s.requeueMissing(ctx, op); err != nil {
+			s.log.Warn("cannot requeue a retried operation; the sweep will", "operation_id", op.ID, "err", err)
+		} else if requeued {
+			s.log.Info("requeued a retried operation whose job was missing", "operation_id", op.ID)
+		}
+	}
+	return op, nil
 }
 
 // seenError: the id is recorded by an earlier command.
@@ -204,12 +152,10 @@ func (e *seenError) Error() string { return "operation " + e.op.ID + " already r
 func (s *Service) record(ctx context.Context, op commands.Operation) (commands.Operation, error) {
 	deadline, _ := ctx.Deadline()
 	var lastErr error
-	for attempt, pause := 0, 20*time.Millisecond; ; attempt, pause = attempt+1, min(2*pause, 500*time.Millisecond) {
+	pause := recordBackoff.Start()
+	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
-			select {
-			case <-ctx.Done():
-			case <-time.After(pause):
-			}
+			backoff.Sleep(ctx, pause.Next())
 		}
 		left := time.Until(deadline) - undoReserve
 		if attempt > 0 && left <= 0 {
@@ -280,7 +226,7 @@ func (s *Service) publishUndone(op commands.Operation) {
 	now := time.Now().UTC()
 	op.Status, op.UpdatedAt, op.CompletedAt = commands.StatusCancelled, now, &now
 	op.Error = "not accepted: the command queue was unavailable"
-	s.publish(s.ctx, op)
+	s.PublishOperation(s.ctx, op)
 }
 
 // forget removes, in the background, a record whose write could not be
@@ -292,7 +238,7 @@ func (s *Service) forget(op commands.Operation) {
 		defer s.wg.Done()
 		ctx, cancel := context.WithTimeout(s.ctx, forgetTimeout)
 		defer cancel()
-		for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
+		for wait := forgetBackoff.Start(); ; {
 			got, err := s.cfg.Store.GetOperation(ctx, op.ID)
 			switch {
 			case errors.Is(err, state.ErrNotFound), err == nil && !sameRecord(got, op):
@@ -306,36 +252,21 @@ func (s *Service) forget(op commands.Operation) {
 					return
 				}
 			}
-			select {
-			case <-ctx.Done():
+			if !wait.Wait(ctx, 0) {
 				s.log.Error("could not resolve the record of an operation answered 503", "operation_id", op.ID, "err", err)
 				return
-			case <-time.After(wait):
 			}
 		}
 	}()
 }
 
-// volumeNotFound is the 404 for a volume CloudStack does not know.
-func volumeNotFound(volumeID string) *commands.Error {
-	return commands.NotFound("volume %s not found in CloudStack", volumeID).WithDetail("volume_id", volumeID)
-}
+// catalog answers the kinds' pre-checks from the inventory's cache, whose
+// refreshes run under the service's context.
+type catalog struct{ s *Service }
 
-// vmNotFound is the 404 for a VM CloudStack does not know.
-func vmNotFound(vmID string) *commands.Error {
-	return commands.NotFound("VM %s not found in CloudStack", vmID).WithDetail("vm_id", vmID)
-}
+var _ kinds.Catalog = catalog{}
 
-// cloudStackError maps a final CloudStack failure to 422 CLOUDSTACK_ERROR
-// (503 when CloudStack cannot be reached).
-func cloudStackError(err error) error {
-	var cs *csapi.Error
-	if !errors.As(err, &cs) {
-		return commands.Internal("cloudstack: %v", err)
-	}
-	if cs.Retryable {
-		return commands.Unavailable("CloudStack unavailable: %s", cs.Text).WithDetail("cloudstack_message", cs.Text)
-	}
-	return commands.CloudStack("CloudStack %s failed: %s", cs.Command, cs.Text).
-		WithDetail("cloudstack_error_code", cs.Code).WithDetail("cloudstack_message", cs.Text)
+func (c catalog) Unlisted(ctx context.Context, list kinds.List, id string) bool {
+	set := map[kinds.List]*entitySet{kinds.Zones: c.s.inventory.zones, kinds.Offerings: c.s.inventory.offerings, kinds.VMs: c.s.inventory.vms}[list]
+	return set.lookup(ctx, c.s.ctx, &c.s.wg, id) == absent
 }

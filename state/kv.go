@@ -912,7 +912,9 @@ func (k *KV) AcquireLease(ctx context.Context, name, holder string, ttl time.Dur
 	l := Lease{Name: name, Holder: holder, TTL: ttl}
 	start := time.Now()
 	rev, err := k.kv.Create(ctx, key, data, jetstream.KeyTTL(ttl))
-	if errors.Is(err, jetstream.ErrKeyExists) {
+	// Another holder's create: ErrKeyExists, or on a replicated bucket the
+	// wrong last sequence (10164) the library does not map to it.
+	if wrongRevision(err) {
 		e, gerr := k.kv.Get(ctx, key)
 		if gerr != nil && !errors.Is(gerr, jetstream.ErrKeyNotFound) {
 			return Lease{}, kvErr("get lease", gerr)

@@ -52,7 +52,7 @@ type RedisConfig struct {
 //	P ops:status:<status>     zset
 //	P ops:volume:<volume_id>  zset
 //	P ops:vm:<vm_id>          zset
-//	P ops:by:<requested_by>   zset (since layout 2)
+//	P ops:by:<requested_by>   zset (since format 2)
 //	P ops:done                zset of terminal operation ids, score µs of completion
 //	P ops:stats               hash: total, type:<t>, status:<s>, terminal, terminal_ns
 //	P mapping:<volume_id>     hash: j mapping JSON, v revision
@@ -62,7 +62,6 @@ type RedisConfig struct {
 //	P export:<volume_id>      hash: j export JSON, v revision
 //	P exports:all             set of every exported volume id
 //	P lease:<name>            hash: holder, token; with the lease's TTL
-//	P layout                  the key layout's version (see redisLayout)
 type Redis struct {
 	rdb       redis.UniversalClient
 	p         string
@@ -280,11 +279,11 @@ if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 return redis.call('DEL', KEYS[1])
 `)
 
-// NewRedis connects to cfg.URL, pings the server and brings the keys to
-// this release's layout (see migrate). An unreachable server gives an
-// error wrapping ErrUnavailable. When the server is a Redis Cluster node,
-// the store uses a cluster client seeded with it, which finds the other
-// nodes and routes each command to the node of its keys' slot.
+// NewRedis connects to cfg.URL and pings the server. An unreachable
+// server gives an error wrapping ErrUnavailable. When the server is a
+// Redis Cluster node, the store uses a cluster client seeded with it,
+// which finds the other nodes and routes each command to the node of its
+// keys' slot.
 func NewRedis(ctx context.Context, cfg RedisConfig) (*Redis, error) {
 	if cfg.Prefix == "" {
 		cfg.Prefix = DefaultRedisPrefix
@@ -317,9 +316,6 @@ func NewRedis(ctx context.Context, cfg RedisConfig) (*Redis, error) {
 			WriteTimeout: opts.WriteTimeout, MaxRetries: opts.MaxRetries, DialerRetries: opts.DialerRetries,
 			PoolSize: opts.PoolSize})
 		err = r.Ping(ctx)
-	}
-	if err == nil {
-		err = r.migrate(ctx)
 	}
 	if err != nil {
 		_ = r.rdb.Close()

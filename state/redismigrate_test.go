@@ -16,10 +16,10 @@ import (
 	"github.com/volumed/volumed/state/storetest"
 )
 
-// writeLayout1 records ops as the Redis store of 10bb206 did (layout 1:
-// no layout key, no requester index): each record hash, its index zsets,
-// the terminal index and the counters.
-func writeLayout1(t *testing.T, rdb *redis.Client, p string, ops []commands.Operation) {
+// writeFormat1 records ops as the Redis store of 10bb206 did (format 1,
+// not recorded: no requester index): each record hash, its index zsets
+// and the counters.
+func writeFormat1(t *testing.T, rdb *redis.Client, p string, ops []commands.Operation) {
 	t.Helper()
 	ctx := context.Background()
 	for i, op := range ops {
@@ -46,11 +46,12 @@ func writeLayout1(t *testing.T, rdb *redis.Client, p string, ops []commands.Oper
 	}
 }
 
-// TestRedisMigratesLayout1: records written under the old layout, some
-// with a requester, are found by requester once a store opens the
-// database; the layout is recorded, and opening again (or again after a
-// start that died before recording it) changes nothing.
-func TestRedisMigratesLayout1(t *testing.T) {
+// TestRedisUpgradeIndexesRequesters: records written in format 1 (by
+// 10bb206, which recorded no format), some with a requester, are found by
+// requester once Upgrade ran; format 2 is recorded, and running it again
+// (or again after a start that died before recording it) changes
+// nothing.
+func TestRedisUpgradeIndexesRequesters(t *testing.T) {
 	r := testenv.StartRedis(t)
 	rdb := redis.NewClient(&redis.Options{Addr: r.Addr})
 	defer rdb.Close()
@@ -66,7 +67,7 @@ func TestRedisMigratesLayout1(t *testing.T) {
 		}
 		ops = append(ops, op)
 	}
-	writeLayout1(t, rdb, p, ops)
+	writeFormat1(t, rdb, p, ops)
 	var want []string
 	for _, op := range slices.Backward(ops) {
 		if op.RequestedBy != "" {
@@ -74,11 +75,14 @@ func TestRedisMigratesLayout1(t *testing.T) {
 		}
 	}
 	open := func() *state.Redis {
-		s, err := state.NewRedis(ctx, state.RedisConfig{URL: r.URL(), Prefix: p})
+		s, err := state.NewRedis(ctx, state.RedisConfig{URL: r.URL(), Prefix: p, Logger: quietLog})
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { _ = s.Close(context.Background()) })
+		if err := state.Upgrade(ctx, s, quietLog); err != nil {
+			t.Fatal(err)
+		}
 		return s
 	}
 	check := func(s *state.Redis) {
@@ -93,8 +97,8 @@ func TestRedisMigratesLayout1(t *testing.T) {
 		if n, err := rdb.ZCard(ctx, p+"ops:by:api-token:alice@127.0.0.1").Result(); err != nil || n != int64(len(want)) {
 			t.Fatalf("requester index holds %d, %v; want %d", n, err, len(want))
 		}
-		if v, err := rdb.Get(ctx, p+"layout").Result(); err != nil || v != "2" {
-			t.Fatalf("layout %q, %v", v, err)
+		if v, err := rdb.Get(ctx, p+"format").Result(); err != nil || v != "2" {
+			t.Fatalf("format %q, %v", v, err)
 		}
 		st, err := s.Stats(ctx)
 		if err != nil || st.Total != int64(len(ops)) {
@@ -107,10 +111,10 @@ func TestRedisMigratesLayout1(t *testing.T) {
 	}
 	check(open())
 	check(open()) // recorded: nothing to do
-	if err := rdb.Del(ctx, p+"layout").Err(); err != nil {
+	if err := rdb.Set(ctx, p+"format", "1", 0).Err(); err != nil {
 		t.Fatal(err)
 	}
-	check(open()) // a start that died before recording the layout: done again, the same
+	check(open()) // a start that died before recording format 2: done again, the same
 	// An operation updated since it was read is left to its writer:
 	// the migration adds it on the revision it read, or not at all.
 	s := open()

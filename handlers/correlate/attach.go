@@ -14,7 +14,7 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
-	"github.com/volumed/volumed/metrics"
+	"github.com/volumed/volumed/metrics/hooks"
 	"github.com/volumed/volumed/state"
 )
 
@@ -42,7 +42,7 @@ func (m match) String() string {
 // persistent name made. After Config.Timeout it returns the mapping with
 // linux_state missing and an error wrapping ErrTimeout.
 func (c *Correlator) Attached(ctx context.Context, want commands.Mapping, since time.Time) (commands.Mapping, error) {
-	defer metrics.Correlation(time.Now())
+	defer hooks.Correlation(time.Now())
 	vm := want.VMID
 	timer := time.NewTimer(c.cfg.Timeout)
 	defer timer.Stop()
@@ -299,22 +299,22 @@ func (c *Correlator) markMissing(ctx context.Context, m commands.Mapping, why st
 		if err != nil {
 			return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
 		}
-		gone, err := c.cfg.Store.PutMapping(ctx, missing(cur))
+		gone, err := c.mappings.Put(ctx, nil, missing(cur))
 		if errors.Is(err, state.ErrStale) && attempt < maxStale {
 			continue
 		}
 		if err != nil {
 			return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
 		}
-		c.publish(gone)
+		c.mappings.Announce(gone)
 		c.log.Warn("mapping device gone", "volume_id", m.VolumeID, "vm_id", m.VMID, "device", m.DevicePath, "reason", why)
 		return nil
 	}
 }
 
-// publish announces a mapping the correlator changed outside an attach on
-// volumes.mappings.<volume_id>.
-func (c *Correlator) publish(m commands.Mapping) {
+// announce publishes a mapping the correlator changed outside an attach
+// on volumes.mappings.<volume_id>: the mapping writer's announcer.
+func (c *Correlator) announce(m commands.Mapping) {
 	data, err := json.Marshal(m)
 	if err == nil {
 		err = c.cfg.Conn.Publish(commands.MappingSubject(m.VolumeID), data)

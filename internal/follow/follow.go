@@ -21,6 +21,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/internal/backoff"
+	"github.com/volumed/volumed/internal/formation"
 )
 
 // How a Reader pulls.
@@ -88,7 +91,14 @@ func Start(ctx context.Context, js jetstream.JetStream, cfg Config, handle func(
 	}
 	r := &Reader{js: js, cfg: cfg, handle: handle, log: cfg.Logger.With("stream", cfg.Stream),
 		stop: make(chan struct{}), done: make(chan struct{})}
-	cons, err := r.consumer(ctx, 0)
+	// A member restarting into a cluster whose replicas catch up waits
+	// for them, as the streams' set-up does.
+	var cons jetstream.Consumer
+	err := formation.Wait(ctx, r.log, "consumer of "+cfg.Stream, func(ctx context.Context) error {
+		var err error
+		cons, err = r.consumer(ctx, 0)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("follow %s: %w", cfg.Stream, err)
 	}
@@ -129,12 +139,13 @@ func (r *Reader) consumer(ctx context.Context, from uint64) (jetstream.Consumer,
 func (r *Reader) follow(cons jetstream.Consumer) {
 	defer close(r.done)
 	var next uint64 // the sequence after the last one handled; 0 before the first
-	for pause := minPause; ; {
+	pause := backoff.Policy{Min: minPause, Max: maxPause}.Start()
+	for {
 		if cons == nil {
 			select {
 			case <-r.stop:
 				return
-			case <-time.After(pause):
+			case <-time.After(pause.Next()):
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), createTry)
 			var err error
@@ -145,10 +156,9 @@ func (r *Reader) follow(cons jetstream.Consumer) {
 			}
 			if err != nil {
 				r.log.Debug("follower consumer not made", "from", next, "err", err)
-				pause = min(2*pause, maxPause)
 				continue
 			}
-			pause = minPause
+			pause.Reset()
 		}
 		read, err := r.read(cons, &next)
 		if errors.Is(err, nats.ErrConnectionClosed) || errors.Is(err, errStopped) {

@@ -1,0 +1,200 @@
+package engine_test
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/internal/backoff"
+	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/memstore"
+)
+
+// events records the operation events the engine publishes.
+type events struct {
+	mu  sync.Mutex
+	ops []commands.Operation
+}
+
+func (e *events) PublishOperation(_ context.Context, op commands.Operation) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.ops = append(e.ops, op)
+}
+
+var timing = engine.Timing{StepTimeout: 30 * time.Second, SettleTimeout: time.Second,
+	Retry: backoff.Policy{Min: time.Millisecond, Max: time.Millisecond}}
+
+// claimed records a new attach operation and claims it as attempt 1.
+func claimed(t *testing.T, ops state.Operations, id string) *engine.Journal {
+	t.Helper()
+	ctx := context.Background()
+	now := time.Now().UTC()
+	op, err := ops.CreateOperation(ctx, commands.Operation{ID: id, Type: commands.OpAttach,
+		Status: commands.StatusPending, VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	op.Status, op.Attempts = commands.StatusExecuting, 1
+	j := engine.NewJournal(&op, ops, &events{}, timing, slog.Default())
+	if err := j.Save(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return j
+}
+
+// TestStepRetryPolicy: 530 is retried a limited number of times, a
+// Retry-After is honoured, and a lost answer (MaybeDone) is never retried.
+func TestStepRetryPolicy(t *testing.T) {
+	j := claimed(t, memstore.New(), "op-step")
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name     string
+		err      *csapi.Error
+		calls    int
+		minSpent time.Duration
+	}{
+		{"530 a few times", &csapi.Error{Command: "attachVolume", Code: 530, Retryable: true, RetryLimit: csapi.Retries530}, csapi.Retries530 + 1, 0},
+		{"503 after Retry-After", &csapi.Error{Command: "attachVolume", Code: 503, Retryable: true, RetryAfter: 300 * time.Millisecond}, 2, 300 * time.Millisecond},
+		{"lost answer not retried", &csapi.Error{Command: "attachVolume", MaybeDone: true}, 1, 0},
+		{"final not retried", &csapi.Error{Command: "attachVolume", Code: 533}, 1, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			calls := 0
+			start := time.Now()
+			err := j.Step(ctx, "attachVolume", func(context.Context) error {
+				calls++
+				if tc.err.RetryLimit == 0 && tc.err.Retryable && calls > 1 {
+					return nil // the retry after Retry-After succeeds
+				}
+				return tc.err
+			})
+			if calls != tc.calls || time.Since(start) < tc.minSpent {
+				t.Fatalf("%d calls in %v (err %v), want %d in at least %v", calls, time.Since(start), err, tc.calls, tc.minSpent)
+			}
+			if err != nil && csapi.IsRetryable(err) {
+				t.Fatalf("step gave up with a retryable error %v: the operation would not fail as CloudStack said", err)
+			}
+		})
+	}
+}
+
+// TestSaveFencesALateExecutor: once another executor claimed the
+// operation (attempt + 1), the first one's next write is refused and it
+// learns it lost the operation; so is a write after the operation ended;
+// and the fence check says so before any other write.
+func TestSaveFencesALateExecutor(t *testing.T) {
+	store := memstore.New()
+	ctx := context.Background()
+	first := claimed(t, store, "op-fence")
+	if err := first.Check(ctx); err != nil {
+		t.Fatalf("fence of the holder: %v", err)
+	}
+	cur, err := store.GetOperation(ctx, first.Op.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.Attempts++
+	second := engine.NewJournal(&cur, store, &events{}, timing, slog.Default())
+	if err := second.Save(ctx); err != nil {
+		t.Fatalf("claim by the second executor: %v", err)
+	}
+	if err := first.Check(ctx); !errors.Is(err, engine.ErrLost) {
+		t.Fatalf("fence of the late executor: %v, want ErrLost", err)
+	}
+	first.Op.Step = "attach:requested"
+	if err := first.Save(ctx); !errors.Is(err, engine.ErrLost) {
+		t.Fatalf("late write of the first executor: %v, want ErrLost", err)
+	}
+	now := time.Now().UTC()
+	second.Op.Status, second.Op.CompletedAt = commands.StatusCompleted, &now
+	if err := second.Save(ctx); err != nil {
+		t.Fatal(err)
+	}
+	second.Op.Step = "attach:job"
+	if err := second.Save(ctx); !errors.Is(err, engine.ErrLost) {
+		t.Fatalf("write after the end: %v, want ErrLost", err)
+	}
+	got, _ := store.GetOperation(ctx, first.Op.ID)
+	if got.Status != commands.StatusCompleted || got.Attempts != 2 || got.Step != "" {
+		t.Fatalf("record after the late writes: %+v", got)
+	}
+}
+
+// kindFunc is a Kind of one type running fn.
+type kindFunc struct {
+	typ commands.OpType
+	fn  func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error)
+}
+
+func (k kindFunc) Type() commands.OpType { return k.typ }
+
+func (k kindFunc) Execute(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+	return k.fn(ctx, j)
+}
+
+// TestRunByRegisteredKind: Run hands an operation to the kind registered
+// for its type and records its end; a type no kind runs fails with
+// INTERNAL_ERROR; an operation another executor claimed meanwhile is
+// left to it, untouched.
+func TestRunByRegisteredKind(t *testing.T) {
+	ctx := context.Background()
+	store := memstore.New()
+	ran := 0
+	e := engine.New(engine.Config{Operations: store, Publisher: &events{}, Timing: timing, Logger: slog.Default()},
+		kindFunc{commands.OpDetach, func(_ context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			ran++
+			return &commands.OpResponse{VolumeID: j.Op.VolumeID, Message: "done"}, nil
+		}},
+		kindFunc{commands.OpDelete, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			cur, _ := store.GetOperation(ctx, j.Op.ID) // another executor claims it now
+			cur.Attempts++
+			if _, err := store.UpdateOperation(ctx, cur); err != nil {
+				t.Fatal(err)
+			}
+			return nil, j.Check(ctx)
+		}})
+	record := func(id string, typ commands.OpType) {
+		now := time.Now().UTC()
+		if _, err := store.CreateOperation(ctx, commands.Operation{ID: id, Type: typ, Status: commands.StatusPending,
+			VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	record("op-detach", commands.OpDetach)
+	record("op-attach", commands.OpAttach)
+	record("op-delete", commands.OpDelete)
+	for _, tc := range []struct {
+		id     string
+		result engine.Result
+		status commands.OpStatus
+		code   any
+	}{
+		{"op-detach", engine.Done, commands.StatusCompleted, nil},
+		{"op-attach", engine.Done, commands.StatusFailed, commands.CodeInternalError},
+		{"op-delete", engine.Lost, commands.StatusExecuting, nil},
+	} {
+		if res := e.Run(ctx, tc.id, slog.Default()); res != tc.result {
+			t.Fatalf("%s: result %v, want %v", tc.id, res, tc.result)
+		}
+		op, _ := store.GetOperation(ctx, tc.id)
+		if op.Status != tc.status || op.Details["code"] != tc.code {
+			t.Fatalf("%s: %s %v, want %s with code %v", tc.id, op.Status, op.Details, tc.status, tc.code)
+		}
+	}
+	if ran != 1 {
+		t.Fatalf("the detach kind ran %d times, want 1", ran)
+	}
+	defer func() {
+		if recover() == nil {
+			t.Fatal("two kinds of one type were registered")
+		}
+	}()
+	engine.New(engine.Config{}, kindFunc{typ: commands.OpDetach}, kindFunc{typ: commands.OpDetach})
+}
