@@ -155,11 +155,11 @@ func (h *Host) PutExport(ctx context.Context, f engine.Fence, e commands.Export)
 	case err == nil:
 		e.CreatedAt, e.Revision = old.CreatedAt, old.Revision
 	case !errors.Is(err, state.ErrNotFound):
-		return engine.ErrStopped
+		return fmt.Errorf("%w: read export of %s: %w", engine.ErrStopped, e.VolumeID, err)
 	}
 	recs, err := h.exportsOf(ctx, e.VMID)
 	if err != nil {
-		return engine.ErrStopped
+		return fmt.Errorf("%w: list exports of VM %s: %w", engine.ErrStopped, e.VMID, err)
 	}
 	for _, r := range recs {
 		if r.ExportName == e.ExportName && r.VolumeID != e.VolumeID {
@@ -174,7 +174,7 @@ func (h *Host) PutExport(ctx context.Context, f engine.Fence, e commands.Export)
 	}
 	saved, err := h.cfg.Store.PutExport(ctx, e)
 	if err != nil {
-		return engine.ErrStopped
+		return fmt.Errorf("%w: record export of %s: %w", engine.ErrStopped, e.VolumeID, err)
 	}
 	dropped, err := h.askHost(ctx, e.VMID, hostRequest{Action: hostSync, Change: &exportChange{Put: &saved}})
 	if slices.Contains(dropped, e.VolumeID) {
@@ -216,7 +216,7 @@ func (h *Host) DropExport(ctx context.Context, f engine.Fence, volumeID string) 
 		return "", nil
 	}
 	if err != nil {
-		return "", engine.ErrStopped
+		return "", fmt.Errorf("%w: read export of %s: %w", engine.ErrStopped, volumeID, err)
 	}
 	if f != nil {
 		if err := f.Check(ctx); err != nil {
@@ -224,7 +224,7 @@ func (h *Host) DropExport(ctx context.Context, f engine.Fence, volumeID string) 
 		}
 	}
 	if err := h.cfg.Store.DeleteExport(ctx, volumeID, e.Revision); err != nil {
-		return "", engine.ErrStopped
+		return "", fmt.Errorf("%w: delete export of %s: %w", engine.ErrStopped, volumeID, err)
 	}
 	if _, err := h.askHost(ctx, e.VMID, hostRequest{Action: hostSync, Change: &exportChange{Removed: volumeID}}); errors.Is(err, errNoHost) {
 		h.log.Warn("export record removed; no volumed serves its VM now", "volume_id", volumeID, "vm_id", e.VMID)
