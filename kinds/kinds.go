@@ -129,11 +129,11 @@ func lostAnswer(err error) error {
 	return &again
 }
 
-// notFoundOr maps a missing volume to NOT_FOUND and anything else through
-// engine.Failure.
+// notFoundOr maps a missing volume to engine.VolumeNotFound and anything
+// else through engine.Failure.
 func notFoundOr(err error, volumeID string) error {
 	if errors.Is(err, csapi.ErrNotFound) {
-		return commands.NotFound("volume %s not found in CloudStack", volumeID)
+		return engine.VolumeNotFound(volumeID)
 	}
 	return engine.Failure(err)
 }

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/redis/go-redis/v9"
@@ -146,18 +147,23 @@ func (r *Redis) detectFormat(ctx context.Context) (int, error) {
 var errStopScan = errors.New("stop")
 
 // scanLegacy calls fn with every key of the first layout matching
-// legacyRedisPrefix+pattern, on every master of a cluster.
+// legacyRedisPrefix+pattern, as scanKeys does.
 func (r *Redis) scanLegacy(ctx context.Context, pattern string, fn func(key string) error) error {
 	return r.scanKeys(ctx, legacyRedisPrefix+pattern, fn)
 }
 
 // scanKeys calls fn with every key matching match, on every master of a
-// cluster.
+// cluster. The masters are scanned at once (ForEachMaster), fn one call at
+// a time.
 func (r *Redis) scanKeys(ctx context.Context, match string, fn func(key string) error) error {
+	var mu sync.Mutex
 	scan := func(ctx context.Context, c *redis.Client) error {
 		it := c.Scan(ctx, 0, match, 1000).Iterator()
 		for it.Next(ctx) {
-			if err := fn(it.Val()); err != nil {
+			mu.Lock()
+			err := fn(it.Val())
+			mu.Unlock()
+			if err != nil {
 				return err
 			}
 		}
