@@ -401,10 +401,15 @@ func (h *Host) Reconcile(ctx context.Context, all bool) ([]string, error) {
 
 // AutoExport has the volumed serving the VM of a volume just attached and
 // mapped export it, read-only, when that host's --nbd-auto-export asks for
-// it; a failure is logged, the attach stands.
-func (h *Host) AutoExport(ctx context.Context, m commands.Mapping) {
+// it, while the attach holds its operation (f); a failure is logged, the
+// attach stands.
+func (h *Host) AutoExport(ctx context.Context, f engine.Fence, m commands.Mapping) {
+	if err := f.Check(ctx); err != nil {
+		h.log.Warn("auto-export skipped: the attach no longer holds its operation", "volume_id", m.VolumeID, "err", err)
+		return
+	}
 	if m.VMID == h.cfg.VMID {
-		h.autoExportHere(ctx, m)
+		h.autoExportHere(ctx, f, m)
 		return
 	}
 	if _, err := h.askHost(ctx, m.VMID, hostRequest{Action: hostAutoExport, Mapping: &m}); err != nil && !errors.Is(err, errNoHost) {
@@ -412,8 +417,9 @@ func (h *Host) AutoExport(ctx context.Context, m commands.Mapping) {
 	}
 }
 
-// autoExportHere is autoExport on this host's NBD server.
-func (h *Host) autoExportHere(ctx context.Context, m commands.Mapping) {
+// autoExportHere is autoExport on this host's NBD server, fenced by f
+// when the attach runs here (nil when another volumed asked).
+func (h *Host) autoExportHere(ctx context.Context, f engine.Fence, m commands.Mapping) {
 	if !h.cfg.AutoExport || h.cfg.Exporter == nil {
 		return
 	}
@@ -425,7 +431,7 @@ func (h *Host) autoExportHere(ctx context.Context, m commands.Mapping) {
 		return // exported already, maybe read-write: keep it
 	}
 	e.ReadOnly = true
-	if err := h.PutExport(ctx, nil, e); err != nil {
+	if err := h.PutExport(ctx, f, e); err != nil {
 		h.log.Warn("auto-export failed", "volume_id", m.VolumeID, "err", err)
 		return
 	}

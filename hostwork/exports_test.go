@@ -66,3 +66,29 @@ func TestLateExportWriteUndone(t *testing.T) {
 		})
 	}
 }
+
+// noExporter serves nothing: the test never gets as far as serving.
+type noExporter struct{}
+
+func (noExporter) Sync(context.Context, []commands.Export) error { return nil }
+func (noExporter) Clients() map[string]int                       { return nil }
+
+// lostFence is the fence of an executor whose operation was taken over.
+type lostFence struct{}
+
+func (lostFence) Check(context.Context) error { return engine.ErrLost }
+
+// TestLateAutoExportWritesNothing: an attach that lost its operation
+// before auto-exporting records no export (and asks no host).
+func TestLateAutoExportWritesNothing(t *testing.T) {
+	ctx := context.Background()
+	store := memstore.New()
+	h := New(Config{Store: store, VMID: "vm-1", Exporter: noExporter{}, AutoExport: true}) // no Conn: asking a host would panic
+	id := commands.DeviceIdentity{}
+	m := commands.Mapping{VolumeID: "vol-1", VMID: "vm-1", LinuxState: commands.LinuxDetected,
+		DevicePath: "/dev/vdb", DeviceIdentity: &id}
+	h.AutoExport(ctx, lostFence{}, m)
+	if got, err := store.GetExport(ctx, "vol-1"); !errors.Is(err, state.ErrNotFound) {
+		t.Fatalf("late auto-export recorded %+v (%v)", got, err)
+	}
+}

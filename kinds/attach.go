@@ -161,7 +161,7 @@ func (k attach) recordAttached(ctx context.Context, j *engine.Journal, vol csapi
 		return m, fmt.Errorf("%w: record mapping of %s: %w", engine.ErrStopped, vol.ID, err)
 	}
 	if corrErr == nil {
-		k.Exports.AutoExport(ctx, m)
+		k.Exports.AutoExport(ctx, j, m)
 	}
 	return m, corrErr
 }
