@@ -20,6 +20,7 @@ import (
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/redisstore"
 	"github.com/volumed/volumed/test/cloudsim"
 	"github.com/volumed/volumed/test/cloudsim/simtest"
 )
@@ -54,7 +55,7 @@ func newHarness(t testing.TB, o harnessOpts) *harness {
 	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	if o.redis {
 		r := testenv.StartRedis(t)
-		st, err := state.NewRedis(ctx, state.RedisConfig{URL: r.URL(), Logger: log})
+		st, err := redisstore.New(ctx, redisstore.Config{URL: r.URL(), Logger: log})
 		if err != nil {
 			t.Fatalf("redis store: %v", err)
 		}

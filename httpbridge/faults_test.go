@@ -7,6 +7,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/redisstore"
 )
 
 // commandCases are one request per command endpoint.
@@ -46,7 +47,7 @@ func TestStoreDown(t *testing.T) {
 	})
 	t.Run("redis", func(t *testing.T) {
 		redis := testenv.StartRedis(t)
-		rs, err := state.NewRedis(context.Background(), state.RedisConfig{
+		rs, err := redisstore.New(context.Background(), redisstore.Config{
 			URL: redis.URL() + "?max_retries=-1&dial_timeout=1s", Logger: testLogger(t)})
 		if err != nil {
 			t.Fatal(err)

@@ -11,6 +11,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/redisstore"
 )
 
 // TestOperationsPagination seeds 250 operations and walks GET /operations
@@ -21,7 +22,7 @@ func TestOperationsPagination(t *testing.T) {
 	stores := map[string]func(t *testing.T) state.Store{
 		"embedded": func(*testing.T) state.Store { return nil },
 		"redis": func(t *testing.T) state.Store {
-			rs, err := state.NewRedis(context.Background(), state.RedisConfig{URL: testenv.StartRedis(t).URL(), Logger: testLogger(t)})
+			rs, err := redisstore.New(context.Background(), redisstore.Config{URL: testenv.StartRedis(t).URL(), Logger: testLogger(t)})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -188,16 +188,16 @@ func TestKVUnavailable(t *testing.T) {
 		t.Fatal(err)
 	}
 	inMemory := map[string]bool{"PruneOperations": true} // nothing to prune: no call
-	for _, call := range storeCalls(op) {
-		err := call.fn(ctx, s)
-		if inMemory[call.name] {
+	for _, call := range storetest.Calls(op) {
+		err := call.Fn(ctx, s)
+		if inMemory[call.Name] {
 			if err != nil && !errors.Is(err, state.ErrNotFound) {
-				t.Errorf("%s from memory: %v", call.name, err)
+				t.Errorf("%s from memory: %v", call.Name, err)
 			}
 			continue
 		}
 		if !errors.Is(err, state.ErrUnavailable) {
-			t.Errorf("%s: %v, want ErrUnavailable", call.name, err)
+			t.Errorf("%s: %v, want ErrUnavailable", call.Name, err)
 		}
 	}
 	if _, err := state.NewKV(ctx, bus.JetStream(), state.KVConfig{}); !errors.Is(err, state.ErrUnavailable) {

@@ -44,8 +44,8 @@ func TestKVIndexesOldRecords(t *testing.T) {
 	}
 	s := newKV(t, bus.JetStream(), bucket)
 	got, _, err := s.ListOperations(ctx, state.Filter{RequestedBy: alice, VolumeID: "vol-1"})
-	if err != nil || !slices.Equal(opIDs(got), want) {
-		t.Fatalf("by requester: %v, %v; want %v", opIDs(got), err, want)
+	if err != nil || !slices.Equal(storetest.IDs(got), want) {
+		t.Fatalf("by requester: %v, %v; want %v", storetest.IDs(got), err, want)
 	}
 	st, err := s.Stats(ctx)
 	if err != nil || st.Total != 20 || st.ByType[commands.OpDetach] != 20 || st.Terminal != 20 {

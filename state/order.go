@@ -89,11 +89,6 @@ func filterIndexes(f Filter) []string {
 	return indexNames(string(f.Type), string(f.Status), f.VolumeID, f.VMID, f.RequestedBy, false)
 }
 
-// opIndexes names every index an operation belongs to, "all" included.
-func opIndexes(op *commands.Operation) []string {
-	return indexNames(string(op.Type), string(op.Status), op.VolumeID, op.VM(), op.RequestedBy, true)
-}
-
 // indexNames names the indexes of the given field values ("" for none):
 // type:, status:, volume:, vm: and by: (requested by).
 func indexNames(typ, status, volume, vm, by string, withAll bool) []string {

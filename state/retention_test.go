@@ -9,6 +9,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/redisstore"
 	"github.com/volumed/volumed/state/storetest"
 )
 
@@ -21,7 +22,11 @@ func TestRetention(t *testing.T) {
 	for name, open := range map[string]func(t *testing.T) state.Store{
 		"kv": func(t *testing.T) state.Store { return newKV(t, bus.JetStream(), nextBucket()) },
 		"redis": func(t *testing.T) state.Store {
-			s, _ := newRedis(t, r.URL())
+			s, err := redisstore.New(context.Background(), redisstore.Config{URL: r.URL()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = s.Close(context.Background()) })
 			return s
 		},
 	} {

@@ -7,7 +7,7 @@ import (
 )
 
 // The rules every backend applies, exported for backends outside this
-// package (state/memstore).
+// package (state/memstore, state/redisstore).
 
 // CheckOperation refuses an operation without an id, a type or a status.
 func CheckOperation(op commands.Operation) error { return checkOp(&op) }
@@ -53,3 +53,43 @@ func SortMappings(ms []commands.Mapping) { sortMappings(ms) }
 
 // SortExports orders exports as ListExports returns them.
 func SortExports(es []commands.Export) { sortExports(es) }
+
+// Decode reads a record's JSON into v.
+func Decode[T any](data []byte, v *T) error { return decode(data, v) }
+
+// NewStats is Stats with every type and status counted at zero.
+func NewStats() Stats { return newStats() }
+
+// Score is the order of an operation created (or completed) at t in the
+// newest-first listings and their cursors: t in microseconds.
+func Score(t time.Time) int64 { return opScore(t) }
+
+// CompletedAt is when op completed, else its last update.
+func CompletedAt(op commands.Operation) time.Time { return completedAt(&op) }
+
+// ParseCursor reads a cursor of FormatCursor: the Score and id of the
+// last operation of the page before (id "" for cursor ""); a cursor that is
+// not one is a bad request.
+func ParseCursor(cursor string) (score int64, id string, err error) {
+	ref, err := parseCursor(cursor)
+	if err != nil || ref == nil {
+		return 0, "", err
+	}
+	return ref.score, ref.id, nil
+}
+
+// Indexes names every index an operation belongs to (as "type:attach",
+// "vm:<id>", …), "all" included.
+func Indexes(op commands.Operation) []string {
+	return indexNames(string(op.Type), string(op.Status), op.VolumeID, op.VM(), op.RequestedBy, true)
+}
+
+// FilterIndexes names the indexes that f selects by, or "all" when it
+// selects by nothing.
+func FilterIndexes(f Filter) []string { return filterIndexes(f) }
+
+// Gone is the error of a compare-and-swap write on a deleted record.
+func Gone(what, key string) error { return gone(what, key) }
+
+// Stale is the error of a compare-and-swap write that lost: ErrStale.
+func Stale(what, key string, rev uint64) error { return stale(what, key, rev) }

@@ -37,6 +37,7 @@ import (
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/redisstore"
 )
 
 type config struct {
@@ -164,7 +165,7 @@ func (g generator) op(i int) commands.Operation {
 func (g generator) openStore(ctx context.Context, data string) (state.Store, func(), error) {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	if g.c.store == "redis" {
-		s, err := state.NewRedis(ctx, state.RedisConfig{URL: g.c.redisURL, Logger: log})
+		s, err := redisstore.New(ctx, redisstore.Config{URL: g.c.redisURL, Logger: log})
 		if err != nil {
 			return nil, nil, err
 		}

@@ -33,6 +33,7 @@ import (
 	"github.com/volumed/volumed/metrics"
 	"github.com/volumed/volumed/nbd"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/redisstore"
 )
 
 var (
@@ -165,7 +166,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	storeName := "embedded"
 	if cfg.redisURL != "" {
 		storeName = "redis"
-		store, err = state.NewRedis(ctx, state.RedisConfig{URL: cfg.redisURL, Logger: log})
+		store, err = redisstore.New(ctx, redisstore.Config{URL: cfg.redisURL, Logger: log})
 	} else {
 		store, err = state.NewKV(ctx, b.JetStream(), state.KVConfig{Replicas: cfg.natsReplicas, Logger: log})
 	}

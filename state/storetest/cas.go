@@ -298,7 +298,7 @@ func testPagination(t *testing.T, s state.Store) {
 					t.Fatalf("list %+v: %v", page, err)
 				}
 				pages++
-				got = append(got, ids(rows)...)
+				got = append(got, IDs(rows)...)
 				if len(rows) > limit || (next != "" && len(rows) != limit) {
 					t.Fatalf("page %d of %+v: %d rows, next %q", pages, page, len(rows), next)
 				}
@@ -332,8 +332,8 @@ func testPagination(t *testing.T, s state.Store) {
 		t.Fatal(err)
 	}
 	all := listIDs(t, s, state.Filter{})
-	if i := slices.Index(all, first[3].ID); !slices.Equal(ids(rows), all[i+1:i+4]) {
-		t.Fatalf("after a deleted cursor row: %v, want %v", ids(rows), all[i+1:i+4])
+	if i := slices.Index(all, first[3].ID); !slices.Equal(IDs(rows), all[i+1:i+4]) {
+		t.Fatalf("after a deleted cursor row: %v, want %v", IDs(rows), all[i+1:i+4])
 	}
 	for _, bad := range []string{"x", "bm90IGEgY3Vyc29y", "!!!"} {
 		_, _, err := s.ListOperations(ctx, state.Filter{Cursor: bad})

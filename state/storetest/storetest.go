@@ -134,7 +134,8 @@ func mustPut(t testing.TB, s state.Store, m commands.Mapping) commands.Mapping {
 	return got
 }
 
-func ids(ops []commands.Operation) []string {
+// IDs returns the ids of ops, in order.
+func IDs(ops []commands.Operation) []string {
 	out := []string{}
 	for _, op := range ops {
 		out = append(out, op.ID)
@@ -149,7 +150,7 @@ func listIDs(t testing.TB, s state.Store, f state.Filter) []string {
 	if err != nil {
 		t.Fatalf("list %+v: %v", f, err)
 	}
-	return ids(ops)
+	return IDs(ops)
 }
 
 func wantIDs(ns ...int) []string {
@@ -360,7 +361,7 @@ func reference(ops []commands.Operation, f state.Filter) []string {
 	if f.Limit > 0 && len(keep) > f.Limit {
 		keep = keep[:f.Limit]
 	}
-	return ids(keep)
+	return IDs(keep)
 }
 
 // testListRequestedBy: the requested_by filter alone, with the others,
@@ -412,7 +413,7 @@ func testListRequestedBy(t *testing.T, s state.Store) {
 				t.Fatalf("listed %s requested by %q", op.ID, op.RequestedBy)
 			}
 		}
-		got = append(got, ids(page)...)
+		got = append(got, IDs(page)...)
 		if f.Cursor = next; next == "" {
 			break
 		}

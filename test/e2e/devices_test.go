@@ -19,7 +19,7 @@ import (
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/devagent/loopdev"
 	"github.com/volumed/volumed/internal/testenv"
-	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/redisstore"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -291,7 +291,7 @@ func TestForceSyncRepairsBrokenMapping(t *testing.T) {
 
 			// Another writer (an operator, a bug) breaks the mapping in the store.
 			ctx := context.Background()
-			store, err := state.NewRedis(ctx, state.RedisConfig{URL: r.URL()})
+			store, err := redisstore.New(ctx, redisstore.Config{URL: r.URL()})
 			if err != nil {
 				t.Fatal(err)
 			}

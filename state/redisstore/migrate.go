@@ -1,4 +1,4 @@
-package state
+package redisstore
 
 import (
 	"context"
@@ -7,6 +7,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/state"
 )
 
 // indexRequesterScript adds an operation to its requester's index if its
@@ -25,7 +26,7 @@ return 1
 // revision read, so running it again (a crash before the format was
 // recorded) changes nothing, and an operation written meanwhile by an
 // instance of this release, which indexes what it writes, is left to it.
-func (r *Redis) indexRequesters(ctx context.Context, log *slog.Logger) error {
+func (r *Store) indexRequesters(ctx context.Context, log *slog.Logger) error {
 	scanned, indexed := 0, 0
 	var batch []string
 	flush := func() error {
@@ -35,11 +36,11 @@ func (r *Redis) indexRequesters(ctx context.Context, log *slog.Logger) error {
 		}
 		for i, rec := range recs {
 			var op commands.Operation
-			if rec.raw == nil || decode(rec.raw, &op) != nil || op.RequestedBy == "" {
+			if rec.raw == nil || state.Decode(rec.raw, &op) != nil || op.RequestedBy == "" {
 				continue
 			}
 			n, err := r.runWrite(ctx, "index requester", indexRequesterScript,
-				[]string{batch[i], r.idxKey("by:" + op.RequestedBy)}, rec.rev, op.ID, opScore(op.CreatedAt))
+				[]string{batch[i], r.idxKey("by:" + op.RequestedBy)}, rec.rev, op.ID, state.Score(op.CreatedAt))
 			if err != nil {
 				return err
 			}

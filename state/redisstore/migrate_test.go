@@ -1,4 +1,4 @@
-package state_test
+package redisstore_test
 
 import (
 	"context"
@@ -13,6 +13,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/redisstore"
 	"github.com/volumed/volumed/state/storetest"
 )
 
@@ -74,8 +75,8 @@ func TestRedisUpgradeIndexesRequesters(t *testing.T) {
 			want = append(want, op.ID)
 		}
 	}
-	open := func() *state.Redis {
-		s, err := state.NewRedis(ctx, state.RedisConfig{URL: r.URL(), Prefix: p, Logger: quietLog})
+	open := func() *redisstore.Store {
+		s, err := redisstore.New(ctx, redisstore.Config{URL: r.URL(), Prefix: p, Logger: quietLog})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -85,13 +86,13 @@ func TestRedisUpgradeIndexesRequesters(t *testing.T) {
 		}
 		return s
 	}
-	check := func(s *state.Redis) {
+	check := func(s *redisstore.Store) {
 		t.Helper()
 		got, _, err := s.ListOperations(ctx, state.Filter{RequestedBy: "api-token:alice@127.0.0.1"})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if ids := opIDs(got); !slices.Equal(ids, want) {
+		if ids := storetest.IDs(got); !slices.Equal(ids, want) {
 			t.Fatalf("by requester: %d operations, want %d", len(ids), len(want))
 		}
 		if n, err := rdb.ZCard(ctx, p+"ops:by:api-token:alice@127.0.0.1").Result(); err != nil || n != int64(len(want)) {
@@ -106,7 +107,7 @@ func TestRedisUpgradeIndexesRequesters(t *testing.T) {
 		}
 		page, _, err := s.ListOperations(ctx, state.Filter{VolumeID: "vol-1", Limit: 1})
 		if err != nil || len(page) != 1 || page[0].ID != ops[2499].ID {
-			t.Fatalf("old index: %v, %v", opIDs(page), err)
+			t.Fatalf("old index: %v, %v", storetest.IDs(page), err)
 		}
 	}
 	check(open())
@@ -129,12 +130,4 @@ func TestRedisUpgradeIndexesRequesters(t *testing.T) {
 	if _, err := rdb.ZScore(ctx, p+"ops:by:"+got.RequestedBy, got.ID).Result(); err != nil {
 		t.Fatalf("an updated operation left its requester index: %v", err)
 	}
-}
-
-func opIDs(ops []commands.Operation) []string {
-	out := make([]string, len(ops))
-	for i, op := range ops {
-		out[i] = op.ID
-	}
-	return out
 }

@@ -1,4 +1,4 @@
-package state
+package redisstore
 
 import (
 	"context"
@@ -16,19 +16,20 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/state"
 )
 
-// DefaultRedisPrefix prefixes every key the Redis store writes. Its hash
+// DefaultPrefix prefixes every key the Redis store writes. Its hash
 // tag puts every key in one Redis Cluster slot, so each script's keys are
 // on one node.
-const DefaultRedisPrefix = "{volumed}:"
+const DefaultPrefix = "{volumed}:"
 
-// RedisConfig configures a Redis store.
-type RedisConfig struct {
+// Config configures a Redis store.
+type Config struct {
 	// URL is a redis:// or rediss:// URL; its query may set go-redis options
 	// such as dial_timeout, read_timeout and max_retries.
 	URL string
-	// Prefix of every key; default DefaultRedisPrefix. It must hold a
+	// Prefix of every key; default DefaultPrefix. It must hold a
 	// non-empty hash tag ("{…}") and nothing else in braces, so that every
 	// key hashes to one cluster slot.
 	Prefix string
@@ -36,7 +37,7 @@ type RedisConfig struct {
 	Logger *slog.Logger
 }
 
-// Redis is the Store on a Redis server. Every write is one Lua script that
+// Store is the state.Store on a Redis server. Every write is one Lua script that
 // declares every key it touches in KEYS and checks the record's version
 // before its first write, so it is atomic and compare-and-swap; indexes are
 // sorted sets and counters a hash, so listing and Stats never scan the
@@ -47,7 +48,7 @@ type RedisConfig struct {
 //
 //	P rev                     counter: the last revision (and lease token) given
 //	P op:<id>                 hash: j operation JSON, v revision
-//	P ops:all                 zset of every operation id, score opScore(CreatedAt)
+//	P ops:all                 zset of every operation id, score state.Score(CreatedAt)
 //	P ops:type:<type>         zset, same scores
 //	P ops:status:<status>     zset
 //	P ops:volume:<volume_id>  zset
@@ -62,7 +63,7 @@ type RedisConfig struct {
 //	P export:<volume_id>      hash: j export JSON, v revision
 //	P exports:all             set of every exported volume id
 //	P lease:<name>            hash: holder, token; with the lease's TTL
-type Redis struct {
+type Store struct {
 	rdb       redis.UniversalClient
 	p         string
 	log       *slog.Logger
@@ -71,7 +72,7 @@ type Redis struct {
 	closeErr  error
 }
 
-var _ Store = (*Redis)(nil)
+var _ state.Store = (*Store)(nil)
 
 // Replies of the write scripts other than a new revision.
 const (
@@ -279,14 +280,14 @@ if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 return redis.call('DEL', KEYS[1])
 `)
 
-// NewRedis connects to cfg.URL and pings the server. An unreachable
-// server gives an error wrapping ErrUnavailable. When the server is a
+// New connects to cfg.URL and pings the server. An unreachable
+// server gives an error wrapping state.ErrUnavailable. When the server is a
 // Redis Cluster node, the store uses a cluster client seeded with it,
 // which finds the other nodes and routes each command to the node of its
 // keys' slot.
-func NewRedis(ctx context.Context, cfg RedisConfig) (*Redis, error) {
+func New(ctx context.Context, cfg Config) (*Store, error) {
 	if cfg.Prefix == "" {
-		cfg.Prefix = DefaultRedisPrefix
+		cfg.Prefix = DefaultPrefix
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -302,7 +303,7 @@ func NewRedis(ctx context.Context, cfg RedisConfig) (*Redis, error) {
 	// dial_timeout, so callers answer 503 at once instead of after
 	// go-redis's five dials.
 	opts.DialerRetries = 1
-	r := &Redis{rdb: redis.NewClient(opts), p: cfg.Prefix,
+	r := &Store{rdb: redis.NewClient(opts), p: cfg.Prefix,
 		log: cfg.Logger.With("component", "state-redis")}
 	cluster, err := r.clusterEnabled(ctx)
 	if err == nil && cluster {
@@ -326,7 +327,7 @@ func NewRedis(ctx context.Context, cfg RedisConfig) (*Redis, error) {
 }
 
 // clusterEnabled asks the server whether it is a Redis Cluster node.
-func (r *Redis) clusterEnabled(ctx context.Context) (bool, error) {
+func (r *Store) clusterEnabled(ctx context.Context) (bool, error) {
 	info, err := r.rdb.Info(ctx, "cluster").Result()
 	if err != nil {
 		return false, r.wrap("connect", err)
@@ -348,18 +349,18 @@ func checkHashTag(p string) error {
 // wrap classifies a go-redis error: server error replies and a cancelled
 // caller pass through; anything else (dial errors, timeouts, io.EOF, a
 // closed client) means the server could not be reached and wraps
-// ErrUnavailable.
-func (r *Redis) wrap(op string, err error) error {
+// state.ErrUnavailable.
+func (r *Store) wrap(op string, err error) error {
 	var reply redis.Error
 	if errors.As(err, &reply) || errors.Is(err, context.Canceled) {
 		return fmt.Errorf("state: redis %s: %w", op, err)
 	}
-	return fmt.Errorf("state: redis %s: %w: %w", op, ErrUnavailable, err)
+	return fmt.Errorf("state: redis %s: %w: %w", op, state.ErrUnavailable, err)
 }
 
 // runWrite runs a write script and returns its reply, counting a write
 // when the reply is positive.
-func (r *Redis) runWrite(ctx context.Context, name string, s *redis.Script, keys []string, args ...any) (int64, error) {
+func (r *Store) runWrite(ctx context.Context, name string, s *redis.Script, keys []string, args ...any) (int64, error) {
 	n, err := s.Run(ctx, r.rdb, keys, args...).Int64()
 	if err != nil {
 		return 0, r.wrap(name, err)
@@ -377,26 +378,26 @@ func casErr(n int64, what, key string, rev uint64, exists error) error {
 	case replyExists:
 		return fmt.Errorf("state: %s %s: %w", what, key, exists)
 	case replyGone:
-		return gone(what, key)
+		return state.Gone(what, key)
 	case replyStale:
-		return stale(what, key, rev)
+		return state.Stale(what, key, rev)
 	case replyConflict:
-		return fmt.Errorf("state: device of %s %s held by another volume: %w", what, key, ErrConflict)
+		return fmt.Errorf("state: device of %s %s held by another volume: %w", what, key, state.ErrConflict)
 	}
 	return fmt.Errorf("state: %s %s: unexpected script reply %d", what, key, n)
 }
 
-func (r *Redis) revKey() string           { return r.p + "rev" }
-func (r *Redis) opKey(id string) string   { return r.p + "op:" + id }
-func (r *Redis) idxKey(n string) string   { return r.p + "ops:" + n }
-func (r *Redis) mapKey(v string) string   { return r.p + "mapping:" + v }
-func (r *Redis) vmSetKey(v string) string { return r.p + "mappings:vm:" + v }
-func (r *Redis) exportKey(v string) string {
+func (r *Store) revKey() string           { return r.p + "rev" }
+func (r *Store) opKey(id string) string   { return r.p + "op:" + id }
+func (r *Store) idxKey(n string) string   { return r.p + "ops:" + n }
+func (r *Store) mapKey(v string) string   { return r.p + "mapping:" + v }
+func (r *Store) vmSetKey(v string) string { return r.p + "mappings:vm:" + v }
+func (r *Store) exportKey(v string) string {
 	return r.p + "export:" + v
 }
 
 // devKey is the key of a device path on a VM.
-func (r *Redis) devKey(vm, dev string) string { return r.p + "mapping:dev:" + vm + ":" + dev }
+func (r *Store) devKey(vm, dev string) string { return r.p + "mapping:dev:" + vm + ":" + dev }
 
 // record is a stored record hash: its JSON and revision.
 type record struct {
@@ -406,7 +407,7 @@ type record struct {
 
 // readRecords reads the record hashes at keys in one pipeline; a key
 // without a record gives a record with nil raw.
-func (r *Redis) readRecords(ctx context.Context, name string, keys []string) ([]record, error) {
+func (r *Store) readRecords(ctx context.Context, name string, keys []string) ([]record, error) {
 	cmds := make([]*redis.SliceCmd, len(keys))
 	_, err := r.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, k := range keys {
@@ -434,67 +435,67 @@ func (r *Redis) readRecords(ctx context.Context, name string, keys []string) ([]
 	return out, nil
 }
 
-// readOne reads one record hash; ErrNotFound when there is none.
-func (r *Redis) readOne(ctx context.Context, what, key string) (record, error) {
+// readOne reads one record hash; state.ErrNotFound when there is none.
+func (r *Store) readOne(ctx context.Context, what, key string) (record, error) {
 	recs, err := r.readRecords(ctx, "get "+what, []string{key})
 	if err != nil {
 		return record{}, err
 	}
 	if recs[0].raw == nil {
-		return record{}, fmt.Errorf("state: %s %s: %w", what, key, ErrNotFound)
+		return record{}, fmt.Errorf("state: %s %s: %w", what, key, state.ErrNotFound)
 	}
 	return recs[0], nil
 }
 
 // readAt reads the record at key, checking it is at revision rev;
-// ErrStale (and ErrNotFound when it is gone) otherwise.
-func readAt[T any](ctx context.Context, r *Redis, what, key string, rev uint64) (*T, error) {
+// state.ErrStale (and state.ErrNotFound when it is gone) otherwise.
+func readAt[T any](ctx context.Context, r *Store, what, key string, rev uint64) (*T, error) {
 	rec, err := r.readOne(ctx, what, key)
-	if errors.Is(err, ErrNotFound) {
-		return nil, gone(what, key)
+	if errors.Is(err, state.ErrNotFound) {
+		return nil, state.Gone(what, key)
 	}
 	if err != nil {
 		return nil, err
 	}
 	if rec.rev != rev {
-		return nil, stale(what, key, rev)
+		return nil, state.Stale(what, key, rev)
 	}
 	v := new(T)
-	return v, decode(rec.raw, v)
+	return v, state.Decode(rec.raw, v)
 }
 
 // CreateOperation records op with its indexes and counters in one script.
-func (r *Redis) CreateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
+func (r *Store) CreateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
 	return r.writeOp(ctx, nil, op)
 }
 
 // UpdateOperation checks the change (checkMove) against the record at
 // op.Revision, then replaces it and moves its indexes and counters in one
 // script that refuses to write unless the record is still at op.Revision.
-func (r *Redis) UpdateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
-	if err := checkOp(&op); err != nil {
+func (r *Store) UpdateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
+	if err := state.CheckOperation(op); err != nil {
 		return op, err
 	}
 	old, err := readAt[commands.Operation](ctx, r, "operation", r.opKey(op.ID), op.Revision)
 	if err != nil {
 		return op, err
 	}
-	if err := checkMove(old, &op); err != nil {
+	if err := state.CheckMove(*old, op); err != nil {
 		return op, err
 	}
 	return r.writeOp(ctx, old, op)
 }
 
 // writeOp creates op (old nil) or replaces old, read at op.Revision.
-func (r *Redis) writeOp(ctx context.Context, old *commands.Operation, op commands.Operation) (commands.Operation, error) {
-	if err := checkOp(&op); err != nil {
+func (r *Store) writeOp(ctx context.Context, old *commands.Operation, op commands.Operation) (commands.Operation, error) {
+	if err := state.CheckOperation(op); err != nil {
 		return op, err
 	}
 	data, err := json.Marshal(op)
 	if err != nil {
 		return op, fmt.Errorf("state: encode operation %s: %w", op.ID, err)
 	}
-	add := opIndexes(&op)
+	add := state.Indexes(op)
 	keys := []string{r.opKey(op.ID), r.revKey(), r.idxKey("stats"), r.idxKey("done")}
 	for _, n := range add {
 		keys = append(keys, r.idxKey(n))
@@ -502,7 +503,7 @@ func (r *Redis) writeOp(ctx context.Context, old *commands.Operation, op command
 	expected, oldType, oldStatus := "0", "", ""
 	if old != nil {
 		expected, oldType, oldStatus = strconv.FormatUint(op.Revision, 10), string(old.Type), string(old.Status)
-		for _, n := range opIndexes(old) {
+		for _, n := range state.Indexes(*old) {
 			if !slices.Contains(add, n) {
 				keys = append(keys, r.idxKey(n))
 			}
@@ -513,13 +514,13 @@ func (r *Redis) writeOp(ctx context.Context, old *commands.Operation, op command
 		terminal = "1"
 	}
 	n, err := r.runWrite(ctx, "write operation", writeOpScript, keys, expected, op.ID, data,
-		opScore(op.CreatedAt), len(add), oldType, oldStatus, string(op.Type), string(op.Status),
-		terminal, int64(op.Duration()), opScore(completedAt(&op)))
+		state.Score(op.CreatedAt), len(add), oldType, oldStatus, string(op.Type), string(op.Status),
+		terminal, int64(op.Duration()), state.Score(state.CompletedAt(op)))
 	if err != nil {
 		return op, err
 	}
 	if n < 0 {
-		return op, casErr(n, "operation", op.ID, op.Revision, ErrExists)
+		return op, casErr(n, "operation", op.ID, op.Revision, state.ErrExists)
 	}
 	op.Revision = uint64(n)
 	return op, nil
@@ -527,23 +528,23 @@ func (r *Redis) writeOp(ctx context.Context, old *commands.Operation, op command
 
 // DeleteOperation removes the operation at rev with its index entries and
 // counts in one script.
-func (r *Redis) DeleteOperation(ctx context.Context, id string, rev uint64) error {
+func (r *Store) DeleteOperation(ctx context.Context, id string, rev uint64) error {
 	rec, err := r.readOne(ctx, "operation", r.opKey(id))
-	if errors.Is(err, ErrNotFound) {
+	if errors.Is(err, state.ErrNotFound) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
 	if rec.rev != rev {
-		return stale("operation", id, rev)
+		return state.Stale("operation", id, rev)
 	}
 	var op commands.Operation
-	if err := decode(rec.raw, &op); err != nil {
+	if err := state.Decode(rec.raw, &op); err != nil {
 		return err
 	}
 	keys := []string{r.opKey(id), r.idxKey("stats"), r.idxKey("done")}
-	for _, n := range opIndexes(&op) {
+	for _, n := range state.Indexes(op) {
 		keys = append(keys, r.idxKey(n))
 	}
 	terminal := "0"
@@ -556,14 +557,14 @@ func (r *Redis) DeleteOperation(ctx context.Context, id string, rev uint64) erro
 		return err
 	}
 	if n < 0 {
-		return casErr(n, "operation", id, rev, ErrExists)
+		return casErr(n, "operation", id, rev, state.ErrExists)
 	}
 	return nil
 }
 
 // PruneOperations deletes the terminal operations the done index has
 // completed before completedBefore, oldest first.
-func (r *Redis) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
+func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
 	n := 0
 	for limit <= 0 || n < limit {
 		batch := int64(256)
@@ -571,7 +572,7 @@ func (r *Redis) PruneOperations(ctx context.Context, completedBefore time.Time, 
 			batch = min(batch, int64(limit-n))
 		}
 		ids, err := r.rdb.ZRangeArgs(ctx, redis.ZRangeArgs{Key: r.idxKey("done"), ByScore: true,
-			Start: "-inf", Stop: "(" + strconv.FormatInt(opScore(completedBefore), 10), Count: batch}).Result()
+			Start: "-inf", Stop: "(" + strconv.FormatInt(state.Score(completedBefore), 10), Count: batch}).Result()
 		if err != nil {
 			return n, r.wrap("prune operations", err)
 		}
@@ -591,7 +592,7 @@ func (r *Redis) PruneOperations(ctx context.Context, completedBefore time.Time, 
 				continue
 			}
 			err := r.DeleteOperation(ctx, ids[i], rec.rev)
-			if errors.Is(err, ErrStale) {
+			if errors.Is(err, state.ErrStale) {
 				continue // annotated (CanAnnotate), or deleted and created again, since the read: read again
 			}
 			if err != nil {
@@ -604,7 +605,7 @@ func (r *Redis) PruneOperations(ctx context.Context, completedBefore time.Time, 
 }
 
 // keysOf maps ids to keys.
-func (r *Redis) keysOf(ids []string, key func(string) string) []string {
+func (r *Store) keysOf(ids []string, key func(string) string) []string {
 	out := make([]string, len(ids))
 	for i, id := range ids {
 		out[i] = key(id)
@@ -613,31 +614,31 @@ func (r *Redis) keysOf(ids []string, key func(string) string) []string {
 }
 
 // GetOperation reads one operation.
-func (r *Redis) GetOperation(ctx context.Context, id string) (commands.Operation, error) {
+func (r *Store) GetOperation(ctx context.Context, id string) (commands.Operation, error) {
 	var op commands.Operation
 	rec, err := r.readOne(ctx, "operation", r.opKey(id))
 	if err != nil {
 		return op, err
 	}
-	err = decode(rec.raw, &op)
+	err = state.Decode(rec.raw, &op)
 	op.Revision = rec.rev
 	return op, err
 }
 
 // ListOperations finds the ids of a page in one script over the index
 // zsets of f's fields, then reads their records in one pipeline.
-func (r *Redis) ListOperations(ctx context.Context, f Filter) ([]commands.Operation, string, error) {
-	after, err := parseCursor(f.Cursor)
+func (r *Store) ListOperations(ctx context.Context, f state.Filter) ([]commands.Operation, string, error) {
+	afterScore, afterID, err := state.ParseCursor(f.Cursor)
 	if err != nil {
 		return nil, "", err
 	}
 	var keys []string
-	for _, name := range filterIndexes(f) {
+	for _, name := range state.FilterIndexes(f) {
 		keys = append(keys, r.idxKey(name))
 	}
 	score, id := "", ""
-	if after != nil {
-		score, id = strconv.FormatInt(after.score, 10), after.id
+	if afterID != "" {
+		score, id = strconv.FormatInt(afterScore, 10), afterID
 	}
 	ids, err := listOpsScript.Run(ctx, r.rdb, keys, f.Limit, score, id).StringSlice()
 	if err != nil {
@@ -657,33 +658,33 @@ func (r *Redis) ListOperations(ctx context.Context, f Filter) ([]commands.Operat
 		if rec.raw == nil {
 			continue // deleted since the ids were read
 		}
-		if err := decode(rec.raw, &op); err != nil {
+		if err := state.Decode(rec.raw, &op); err != nil {
 			return nil, "", err
 		}
 		op.Revision = rec.rev
-		if matches(&op, f) { // not moved out of the filter since
+		if state.Matches(op, f) { // not moved out of the filter since
 			out = append(out, op)
 		}
 	}
 	next := ""
 	if more && len(out) > 0 {
-		next = formatCursor(out[len(out)-1])
+		next = state.FormatCursor(out[len(out)-1])
 	}
 	return out, next, nil
 }
 
 // Stats reads the counters the write scripts keep.
-func (r *Redis) Stats(ctx context.Context) (Stats, error) {
+func (r *Store) Stats(ctx context.Context) (state.Stats, error) {
 	h, err := r.rdb.HGetAll(ctx, r.idxKey("stats")).Result()
 	if err != nil {
-		return Stats{}, r.wrap("stats", err)
+		return state.Stats{}, r.wrap("stats", err)
 	}
-	s := newStats()
+	s := state.NewStats()
 	s.Writes = r.writes.Load()
 	for k, v := range h {
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil {
-			return Stats{}, fmt.Errorf("state: redis stats field %s=%q: %w", k, v, err)
+			return state.Stats{}, fmt.Errorf("state: redis stats field %s=%q: %w", k, v, err)
 		}
 		switch name, value, _ := strings.Cut(k, ":"); name {
 		case "total":
@@ -703,7 +704,7 @@ func (r *Redis) Stats(ctx context.Context) (Stats, error) {
 
 // PutMapping writes m and moves its device and VM indexes in one script,
 // which checks the revision and the device's holder before writing.
-func (r *Redis) PutMapping(ctx context.Context, m commands.Mapping) (commands.Mapping, error) {
+func (r *Store) PutMapping(ctx context.Context, m commands.Mapping) (commands.Mapping, error) {
 	if m.VolumeID == "" {
 		return m, errors.New("state: mapping without volume id")
 	}
@@ -735,28 +736,28 @@ func (r *Redis) PutMapping(ctx context.Context, m commands.Mapping) (commands.Ma
 		return m, err
 	}
 	if n < 0 {
-		return m, casErr(n, "mapping", m.VolumeID, m.Revision, ErrStale)
+		return m, casErr(n, "mapping", m.VolumeID, m.Revision, state.ErrStale)
 	}
 	m.Revision = uint64(n)
 	return m, nil
 }
 
 // GetMapping reads the mapping of a volume.
-func (r *Redis) GetMapping(ctx context.Context, volumeID string) (commands.Mapping, error) {
+func (r *Store) GetMapping(ctx context.Context, volumeID string) (commands.Mapping, error) {
 	var m commands.Mapping
 	rec, err := r.readOne(ctx, "mapping", r.mapKey(volumeID))
 	if err != nil {
 		return m, err
 	}
-	err = decode(rec.raw, &m)
+	err = state.Decode(rec.raw, &m)
 	m.Revision = rec.rev
 	return m, err
 }
 
 // GetMappingByDevice reads the volume holding a device path on a VM, then
 // its mapping, which must still hold the device.
-func (r *Redis) GetMappingByDevice(ctx context.Context, vmID, devicePath string) (commands.Mapping, error) {
-	notFound := fmt.Errorf("state: mapping of device %s on %s: %w", devicePath, vmID, ErrNotFound)
+func (r *Store) GetMappingByDevice(ctx context.Context, vmID, devicePath string) (commands.Mapping, error) {
+	notFound := fmt.Errorf("state: mapping of device %s on %s: %w", devicePath, vmID, state.ErrNotFound)
 	if devicePath == "" {
 		return commands.Mapping{}, notFound
 	}
@@ -768,14 +769,14 @@ func (r *Redis) GetMappingByDevice(ctx context.Context, vmID, devicePath string)
 		return commands.Mapping{}, r.wrap("get mapping by device", err)
 	}
 	m, err := r.GetMapping(ctx, vol)
-	if errors.Is(err, ErrNotFound) || (err == nil && (m.VMID != vmID || m.DevicePath != devicePath)) {
+	if errors.Is(err, state.ErrNotFound) || (err == nil && (m.VMID != vmID || m.DevicePath != devicePath)) {
 		return commands.Mapping{}, notFound // moved since the device key was read
 	}
 	return m, err
 }
 
 // ListMappings reads the mappings of one VM, or all of them.
-func (r *Redis) ListMappings(ctx context.Context, vmID string) ([]commands.Mapping, error) {
+func (r *Store) ListMappings(ctx context.Context, vmID string) ([]commands.Mapping, error) {
 	set := r.p + "mappings:all"
 	if vmID != "" {
 		set = r.vmSetKey(vmID)
@@ -784,13 +785,13 @@ func (r *Redis) ListMappings(ctx context.Context, vmID string) ([]commands.Mappi
 		m.Revision = rev
 		return vmID == "" || m.VMID == vmID
 	})
-	sortMappings(ms)
+	state.SortMappings(ms)
 	return ms, err
 }
 
 // listSet reads the records of the ids in a set; keep sets the revision
 // and drops records that no longer belong.
-func listSet[T any](ctx context.Context, r *Redis, name, set string, key func(string) string, keep func(*T, uint64) bool) ([]T, error) {
+func listSet[T any](ctx context.Context, r *Store, name, set string, key func(string) string, keep func(*T, uint64) bool) ([]T, error) {
 	ids, err := r.rdb.SMembers(ctx, set).Result()
 	if err != nil {
 		return nil, r.wrap(name, err)
@@ -805,7 +806,7 @@ func listSet[T any](ctx context.Context, r *Redis, name, set string, key func(st
 			continue
 		}
 		var v T
-		if err := decode(rec.raw, &v); err != nil {
+		if err := state.Decode(rec.raw, &v); err != nil {
 			return nil, err
 		}
 		if keep(&v, rec.rev) {
@@ -817,20 +818,20 @@ func listSet[T any](ctx context.Context, r *Redis, name, set string, key func(st
 
 // DeleteMapping removes a mapping and its index entries in one script at
 // the revision read (rev, or whatever is there when rev is 0).
-func (r *Redis) DeleteMapping(ctx context.Context, volumeID string, rev uint64) error {
+func (r *Store) DeleteMapping(ctx context.Context, volumeID string, rev uint64) error {
 	for {
 		rec, err := r.readOne(ctx, "mapping", r.mapKey(volumeID))
-		if errors.Is(err, ErrNotFound) {
+		if errors.Is(err, state.ErrNotFound) {
 			return nil
 		}
 		if err != nil {
 			return err
 		}
 		if rev != 0 && rec.rev != rev {
-			return stale("mapping", volumeID, rev)
+			return state.Stale("mapping", volumeID, rev)
 		}
 		var m commands.Mapping
-		if err := decode(rec.raw, &m); err != nil {
+		if err := state.Decode(rec.raw, &m); err != nil {
 			return err
 		}
 		keys := []string{r.mapKey(volumeID), r.p + "mappings:all"}
@@ -851,7 +852,7 @@ func (r *Redis) DeleteMapping(ctx context.Context, volumeID string, rev uint64) 
 			return nil
 		}
 		if rev != 0 {
-			return casErr(n, "mapping", volumeID, rev, ErrStale)
+			return casErr(n, "mapping", volumeID, rev, state.ErrStale)
 		}
 		// Unconditional, and the mapping changed between the read and
 		// the script: delete what is there now.
@@ -859,8 +860,8 @@ func (r *Redis) DeleteMapping(ctx context.Context, volumeID string, rev uint64) 
 }
 
 // PutExport writes e and its set entry in one script.
-func (r *Redis) PutExport(ctx context.Context, e commands.Export) (commands.Export, error) {
-	if err := checkExport(e); err != nil {
+func (r *Store) PutExport(ctx context.Context, e commands.Export) (commands.Export, error) {
+	if err := state.CheckExport(e); err != nil {
 		return e, err
 	}
 	data, err := json.Marshal(e)
@@ -873,40 +874,40 @@ func (r *Redis) PutExport(ctx context.Context, e commands.Export) (commands.Expo
 		return e, err
 	}
 	if n < 0 {
-		return e, casErr(n, "export", e.VolumeID, e.Revision, ErrStale)
+		return e, casErr(n, "export", e.VolumeID, e.Revision, state.ErrStale)
 	}
 	e.Revision = uint64(n)
 	return e, nil
 }
 
 // GetExport reads the export record of a volume.
-func (r *Redis) GetExport(ctx context.Context, volumeID string) (commands.Export, error) {
+func (r *Store) GetExport(ctx context.Context, volumeID string) (commands.Export, error) {
 	var e commands.Export
 	rec, err := r.readOne(ctx, "export", r.exportKey(volumeID))
 	if err != nil {
 		return e, err
 	}
-	err = decode(rec.raw, &e)
+	err = state.Decode(rec.raw, &e)
 	e.Revision = rec.rev
 	return e, err
 }
 
 // ListExports reads every export record.
-func (r *Redis) ListExports(ctx context.Context) ([]commands.Export, error) {
+func (r *Store) ListExports(ctx context.Context) ([]commands.Export, error) {
 	es, err := listSet(ctx, r, "list exports", r.p+"exports:all", r.exportKey, func(e *commands.Export, rev uint64) bool {
 		e.Revision = rev
 		return true
 	})
-	sortExports(es)
+	state.SortExports(es)
 	return es, err
 }
 
 // DeleteExport removes an export record and its set entry in one script.
-func (r *Redis) DeleteExport(ctx context.Context, volumeID string, rev uint64) error {
+func (r *Store) DeleteExport(ctx context.Context, volumeID string, rev uint64) error {
 	n, err := r.runWrite(ctx, "delete export", deleteExportScript,
 		[]string{r.exportKey(volumeID), r.p + "exports:all"}, rev, volumeID)
 	if err == nil && n < 0 {
-		err = casErr(n, "export", volumeID, rev, ErrStale)
+		err = casErr(n, "export", volumeID, rev, state.ErrStale)
 	}
 	return err
 }
@@ -914,54 +915,54 @@ func (r *Redis) DeleteExport(ctx context.Context, volumeID string, rev uint64) e
 // AcquireLease takes the lease in one script: a hash with the key's own
 // TTL, so Redis expires it by its clock; the token comes from the
 // revision counter.
-func (r *Redis) AcquireLease(ctx context.Context, name, holder string, ttl time.Duration) (Lease, error) {
-	if err := checkLease(name, holder, ttl); err != nil {
-		return Lease{}, err
+func (r *Store) AcquireLease(ctx context.Context, name, holder string, ttl time.Duration) (state.Lease, error) {
+	if err := state.CheckLease(name, holder, ttl); err != nil {
+		return state.Lease{}, err
 	}
 	start := time.Now()
 	n, err := r.runWrite(ctx, "acquire lease", acquireLeaseScript,
 		[]string{r.p + "lease:" + name, r.revKey()}, holder, ttl.Milliseconds())
 	if err != nil {
-		return Lease{}, err
+		return state.Lease{}, err
 	}
 	if n == 0 {
-		return Lease{}, fmt.Errorf("state: lease %s: %w", name, ErrLeaseHeld)
+		return state.Lease{}, fmt.Errorf("state: lease %s: %w", name, state.ErrLeaseHeld)
 	}
-	return Lease{Name: name, Holder: holder, Token: uint64(n), Expires: start.Add(ttl), TTL: ttl}, nil
+	return state.Lease{Name: name, Holder: holder, Token: uint64(n), Expires: start.Add(ttl), TTL: ttl}, nil
 }
 
 // RenewLease extends the lease if it is still at l.Token.
-func (r *Redis) RenewLease(ctx context.Context, l Lease) (Lease, error) {
-	if err := checkLease(l.Name, l.Holder, l.TTL); err != nil {
-		return Lease{}, err
+func (r *Store) RenewLease(ctx context.Context, l state.Lease) (state.Lease, error) {
+	if err := state.CheckLease(l.Name, l.Holder, l.TTL); err != nil {
+		return state.Lease{}, err
 	}
 	start := time.Now()
 	n, err := r.runWrite(ctx, "renew lease", renewLeaseScript,
 		[]string{r.p + "lease:" + l.Name, r.revKey()}, l.Token, l.TTL.Milliseconds())
 	if err != nil {
-		return Lease{}, err
+		return state.Lease{}, err
 	}
 	if n == 0 {
-		return Lease{}, fmt.Errorf("state: lease %s: %w", l.Name, ErrLeaseLost)
+		return state.Lease{}, fmt.Errorf("state: lease %s: %w", l.Name, state.ErrLeaseLost)
 	}
 	l.Token, l.Expires = uint64(n), start.Add(l.TTL)
 	return l, nil
 }
 
 // ReleaseLease deletes the lease if it is still at l.Token.
-func (r *Redis) ReleaseLease(ctx context.Context, l Lease) error {
+func (r *Store) ReleaseLease(ctx context.Context, l state.Lease) error {
 	n, err := r.runWrite(ctx, "release lease", releaseLeaseScript, []string{r.p + "lease:" + l.Name}, l.Token)
 	if err != nil {
 		return err
 	}
 	if n == 0 {
-		return fmt.Errorf("state: lease %s: %w", l.Name, ErrLeaseLost)
+		return fmt.Errorf("state: lease %s: %w", l.Name, state.ErrLeaseLost)
 	}
 	return nil
 }
 
 // Ping checks the server answers.
-func (r *Redis) Ping(ctx context.Context) error {
+func (r *Store) Ping(ctx context.Context) error {
 	if err := r.rdb.Ping(ctx).Err(); err != nil {
 		return r.wrap("ping", err)
 	}
@@ -969,7 +970,7 @@ func (r *Redis) Ping(ctx context.Context) error {
 }
 
 // Close closes the connection pool. Closing twice is safe.
-func (r *Redis) Close(context.Context) error {
+func (r *Store) Close(context.Context) error {
 	r.closeOnce.Do(func() { r.closeErr = r.rdb.Close() })
 	return r.closeErr
 }

@@ -1,4 +1,4 @@
-package state_test
+package redisstore_test
 
 import (
 	"bufio"
@@ -19,6 +19,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/redisstore"
 	"github.com/volumed/volumed/state/storetest"
 )
 
@@ -28,12 +29,12 @@ var prefixes atomic.Int64
 // fastFail makes a dead server answer within a fraction of a second.
 const fastFail = "?dial_timeout=200ms&read_timeout=500ms&write_timeout=500ms&max_retries=-1"
 
-func newRedis(t testing.TB, url string) (*state.Redis, string) {
+func newRedis(t testing.TB, url string) (*redisstore.Store, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	prefix := fmt.Sprintf("{test%d}:", prefixes.Add(1))
-	s, err := state.NewRedis(ctx, state.RedisConfig{URL: url, Prefix: prefix})
+	s, err := redisstore.New(ctx, redisstore.Config{URL: url, Prefix: prefix})
 	if err != nil {
 		t.Fatalf("new redis store: %v", err)
 	}
@@ -66,91 +67,25 @@ func TestRedisUnavailable(t *testing.T) {
 	}
 	for name, store := range map[string]state.Store{"server killed": s, "store closed": closed} {
 		t.Run(name, func(t *testing.T) {
-			for _, call := range storeCalls(op) {
-				if err := call.fn(ctx, store); !errors.Is(err, state.ErrUnavailable) {
-					t.Errorf("%s: %v, want ErrUnavailable", call.name, err)
+			for _, call := range storetest.Calls(op) {
+				if err := call.Fn(ctx, store); !errors.Is(err, state.ErrUnavailable) {
+					t.Errorf("%s: %v, want ErrUnavailable", call.Name, err)
 				}
 			}
 		})
 	}
 	t.Run("connect to a dead server", func(t *testing.T) {
-		_, err := state.NewRedis(ctx, state.RedisConfig{URL: r.URL() + fastFail})
+		_, err := redisstore.New(ctx, redisstore.Config{URL: r.URL() + fastFail})
 		if !errors.Is(err, state.ErrUnavailable) {
-			t.Fatalf("NewRedis: %v, want ErrUnavailable", err)
+			t.Fatalf("New: %v, want ErrUnavailable", err)
 		}
 	})
 	t.Run("bad url is not unavailability", func(t *testing.T) {
-		_, err := state.NewRedis(ctx, state.RedisConfig{URL: "http://" + r.Addr})
+		_, err := redisstore.New(ctx, redisstore.Config{URL: "http://" + r.Addr})
 		if err == nil || errors.Is(err, state.ErrUnavailable) {
-			t.Fatalf("NewRedis with an http url: %v", err)
+			t.Fatalf("New with an http url: %v", err)
 		}
 	})
-}
-
-// storeCalls calls every Store method that reaches the backend.
-func storeCalls(op commands.Operation) []struct {
-	name string
-	fn   func(context.Context, state.Store) error
-} {
-	m := storetest.Mapping("vol-1", "vm-1", "/dev/vdb")
-	return []struct {
-		name string
-		fn   func(context.Context, state.Store) error
-	}{
-		{"CreateOperation", func(ctx context.Context, s state.Store) error {
-			next := op
-			next.ID = storetest.ID(2)
-			_, err := s.CreateOperation(ctx, next)
-			return err
-		}},
-		{"UpdateOperation", func(ctx context.Context, s state.Store) error {
-			next := op
-			next.Status = commands.StatusExecuting
-			_, err := s.UpdateOperation(ctx, next)
-			return err
-		}},
-		{"DeleteOperation", func(ctx context.Context, s state.Store) error { return s.DeleteOperation(ctx, op.ID, op.Revision) }},
-		{"PruneOperations", func(ctx context.Context, s state.Store) error {
-			_, err := s.PruneOperations(ctx, time.Now(), 10)
-			return err
-		}},
-		{"GetOperation", func(ctx context.Context, s state.Store) error { _, err := s.GetOperation(ctx, op.ID); return err }},
-		{"ListOperations", func(ctx context.Context, s state.Store) error {
-			_, _, err := s.ListOperations(ctx, state.Filter{Type: op.Type, Limit: 5})
-			return err
-		}},
-		{"Stats", func(ctx context.Context, s state.Store) error { _, err := s.Stats(ctx); return err }},
-		{"PutMapping", func(ctx context.Context, s state.Store) error { _, err := s.PutMapping(ctx, m); return err }},
-		{"GetMapping", func(ctx context.Context, s state.Store) error { _, err := s.GetMapping(ctx, m.VolumeID); return err }},
-		{"GetMappingByDevice", func(ctx context.Context, s state.Store) error {
-			_, err := s.GetMappingByDevice(ctx, m.VMID, m.DevicePath)
-			return err
-		}},
-		{"ListMappings", func(ctx context.Context, s state.Store) error { _, err := s.ListMappings(ctx, ""); return err }},
-		{"DeleteMapping", func(ctx context.Context, s state.Store) error { return s.DeleteMapping(ctx, m.VolumeID, 0) }},
-		{"PutExport", func(ctx context.Context, s state.Store) error {
-			_, err := s.PutExport(ctx, storetest.Export(storetest.ID(1), true))
-			return err
-		}},
-		{"GetExport", func(ctx context.Context, s state.Store) error {
-			_, err := s.GetExport(ctx, storetest.ID(1))
-			return err
-		}},
-		{"ListExports", func(ctx context.Context, s state.Store) error { _, err := s.ListExports(ctx); return err }},
-		{"DeleteExport", func(ctx context.Context, s state.Store) error { return s.DeleteExport(ctx, storetest.ID(1), 0) }},
-		{"AcquireLease", func(ctx context.Context, s state.Store) error {
-			_, err := s.AcquireLease(ctx, "l", "me", time.Second)
-			return err
-		}},
-		{"RenewLease", func(ctx context.Context, s state.Store) error {
-			_, err := s.RenewLease(ctx, state.Lease{Name: "l", Holder: "me", Token: 1, TTL: time.Second})
-			return err
-		}},
-		{"ReleaseLease", func(ctx context.Context, s state.Store) error {
-			return s.ReleaseLease(ctx, state.Lease{Name: "l", Holder: "me", Token: 1, TTL: time.Second})
-		}},
-		{"Ping", func(ctx context.Context, s state.Store) error { return s.Ping(ctx) }},
-	}
 }
 
 // TestRedisFailedScriptWritesNothing: Redis does not roll a script back,
@@ -496,7 +431,7 @@ func TestRedisClusterConformance(t *testing.T) {
 	})
 	t.Run("prefix without a hash tag is refused", func(t *testing.T) {
 		for _, p := range []string{"volumed:", "{}:", "{a}{b}:", "{a"} {
-			if _, err := state.NewRedis(context.Background(), state.RedisConfig{URL: nodes[0].URL(), Prefix: p}); err == nil {
+			if _, err := redisstore.New(context.Background(), redisstore.Config{URL: nodes[0].URL(), Prefix: p}); err == nil {
 				t.Fatalf("prefix %q accepted", p)
 			}
 		}
