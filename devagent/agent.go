@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/backoff"
 )
 
 // DefaultScanInterval is how often the agent rescans /sys/block when
@@ -31,9 +32,6 @@ const (
 	publishTimeout = 10 * time.Second
 	// ueventBuffer is how many uevents may wait for the agent's loop.
 	ueventBuffer = 256
-	// Receive errors back off from minBackoff to maxBackoff.
-	minBackoff = 10 * time.Millisecond
-	maxBackoff = time.Second
 )
 
 // Errors of the Agent's lifecycle.
@@ -264,13 +262,16 @@ func (a *Agent) Status() Status {
 	}
 }
 
+// receiveBackoff is the wait between receive errors.
+var receiveBackoff = backoff.Policy{Min: 10 * time.Millisecond, Max: time.Second}
+
 // receive reads uevents into a.uevents, asking for a rescan after a
 // receive error or a SEQNUM gap, until ctx ends or the source is closed.
 func (a *Agent) receive(ctx context.Context, src EventSource) {
 	defer a.wg.Done()
 	defer a.socketLive.Store(false)
 	var last uint64
-	backoff := minBackoff
+	wait := receiveBackoff.Start()
 	for {
 		u, err := src.Receive()
 		if ctx.Err() != nil || errors.Is(err, ErrSourceClosed) {
@@ -280,16 +281,13 @@ func (a *Agent) receive(ctx context.Context, src EventSource) {
 			a.socketLive.Store(false)
 			a.log.Warn("uevent receive failed; rescanning", "err", err)
 			a.requestScan()
-			select {
-			case <-ctx.Done():
+			if !wait.Wait(ctx, 0) {
 				return
-			case <-time.After(backoff):
 			}
-			backoff = min(2*backoff, maxBackoff)
 			continue
 		}
 		a.socketLive.Store(true)
-		backoff = minBackoff
+		wait.Reset()
 		if last != 0 && u.Seqnum > last+1 {
 			a.log.Info("uevent seqnum gap; rescanning", "after", last, "seqnum", u.Seqnum)
 			a.requestScan()

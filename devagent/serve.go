@@ -19,6 +19,7 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/internal/lifecycle"
 )
 
@@ -222,7 +223,7 @@ func (s *Server) publish(ctx context.Context, ev commands.Device) {
 	}
 	subject := commands.DeviceSubject(s.cfg.VMID, ev.Action)
 	id := strings.Join([]string{s.cfg.VMID, ev.Epoch, strconv.FormatUint(ev.EventSeq, 10), ev.Name, string(ev.Action)}, "/")
-	wait := publishRetryMin
+	wait := backoff.Policy{Min: publishRetryMin, Max: publishRetryMax}.Start()
 	for attempt := 1; ; attempt++ {
 		pctx, cancel := context.WithTimeout(ctx, publishTimeout)
 		_, err = s.cfg.JetStream.Publish(pctx, subject, data, jetstream.WithMsgID(id))
@@ -235,12 +236,9 @@ func (s *Server) publish(ctx context.Context, ev commands.Device) {
 			return
 		}
 		s.log.Warn("device event publish failed; retrying", "subject", subject, "device", ev.Name, "err", err)
-		select {
-		case <-ctx.Done():
+		if !wait.Wait(ctx, 0) {
 			return
-		case <-time.After(wait):
 		}
-		wait = min(2*wait, publishRetryMax)
 	}
 }
 

@@ -10,7 +10,10 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/hostwork"
+	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/state"
 )
 
@@ -29,6 +32,13 @@ const (
 	// forgetTimeout bounds the background removal of a record whose write
 	// could not be resolved in time.
 	forgetTimeout = time.Minute
+)
+
+// Backoffs of acceptance: between attempts at the record, and between
+// tries to remove a record answered 503.
+var (
+	recordBackoff = backoff.Policy{Min: 20 * time.Millisecond, Max: 500 * time.Millisecond}
+	forgetBackoff = backoff.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second}
 )
 
 // idemNamespace derives operation ids from idempotency keys.
@@ -115,9 +125,9 @@ func (s *Service) checkVolume(ctx context.Context, volumeID string) error {
 	case err == nil || csapi.IsRetryable(err) || ctx.Err() != nil:
 		return nil
 	case errors.Is(err, csapi.ErrNotFound):
-		return volumeNotFound(volumeID)
+		return engine.VolumeNotFound(volumeID)
 	default:
-		return cloudStackError(err)
+		return engine.CloudStackError(err)
 	}
 }
 
@@ -156,6 +166,7 @@ func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, v
 	op := commands.Operation{
 		ID: id, Type: typ, Status: commands.StatusPending,
 		VolumeID: volumeID, VMID: vmID, Request: raw, CreatedAt: now, UpdatedAt: now,
+		RequestedBy: commands.Requester(ctx),
 	}
 	rec, err := s.record(ctx, op)
 	var seen *seenError
@@ -204,12 +215,10 @@ func (e *seenError) Error() string { return "operation " + e.op.ID + " already r
 func (s *Service) record(ctx context.Context, op commands.Operation) (commands.Operation, error) {
 	deadline, _ := ctx.Deadline()
 	var lastErr error
-	for attempt, pause := 0, 20*time.Millisecond; ; attempt, pause = attempt+1, min(2*pause, 500*time.Millisecond) {
+	pause := recordBackoff.Start()
+	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
-			select {
-			case <-ctx.Done():
-			case <-time.After(pause):
-			}
+			backoff.Sleep(ctx, pause.Next())
 		}
 		left := time.Until(deadline) - undoReserve
 		if attempt > 0 && left <= 0 {
@@ -280,7 +289,7 @@ func (s *Service) publishUndone(op commands.Operation) {
 	now := time.Now().UTC()
 	op.Status, op.UpdatedAt, op.CompletedAt = commands.StatusCancelled, now, &now
 	op.Error = "not accepted: the command queue was unavailable"
-	s.publish(s.ctx, op)
+	s.PublishOperation(s.ctx, op)
 }
 
 // forget removes, in the background, a record whose write could not be
@@ -292,7 +301,7 @@ func (s *Service) forget(op commands.Operation) {
 		defer s.wg.Done()
 		ctx, cancel := context.WithTimeout(s.ctx, forgetTimeout)
 		defer cancel()
-		for wait := 100 * time.Millisecond; ; wait = min(2*wait, 5*time.Second) {
+		for wait := forgetBackoff.Start(); ; {
 			got, err := s.cfg.Store.GetOperation(ctx, op.ID)
 			switch {
 			case errors.Is(err, state.ErrNotFound), err == nil && !sameRecord(got, op):
@@ -306,19 +315,12 @@ func (s *Service) forget(op commands.Operation) {
 					return
 				}
 			}
-			select {
-			case <-ctx.Done():
+			if !wait.Wait(ctx, 0) {
 				s.log.Error("could not resolve the record of an operation answered 503", "operation_id", op.ID, "err", err)
 				return
-			case <-time.After(wait):
 			}
 		}
 	}()
-}
-
-// volumeNotFound is the 404 for a volume CloudStack does not know.
-func volumeNotFound(volumeID string) *commands.Error {
-	return commands.NotFound("volume %s not found in CloudStack", volumeID).WithDetail("volume_id", volumeID)
 }
 
 // vmNotFound is the 404 for a VM CloudStack does not know.
@@ -326,16 +328,52 @@ func vmNotFound(vmID string) *commands.Error {
 	return commands.NotFound("VM %s not found in CloudStack", vmID).WithDetail("vm_id", vmID)
 }
 
-// cloudStackError maps a final CloudStack failure to 422 CLOUDSTACK_ERROR
-// (503 when CloudStack cannot be reached).
-func cloudStackError(err error) error {
-	var cs *csapi.Error
-	if !errors.As(err, &cs) {
-		return commands.Internal("cloudstack: %v", err)
+func (s *Service) acceptExport(ctx context.Context, data []byte, key string) (any, error) {
+	req, err := commands.DecodeExport(data)
+	if err != nil {
+		return nil, err
 	}
-	if cs.Retryable {
-		return commands.Unavailable("CloudStack unavailable: %s", cs.Text).WithDetail("cloudstack_message", cs.Text)
+	var vm string // the VM whose instance serves the export, once checked
+	return s.accept(ctx, key, commands.OpExport, req.VolumeID, &vm, req, func(checkCtx context.Context) error {
+		// CloudStack within the check budget; the store and the host
+		// within the command's own.
+		if err := s.checkVolume(checkCtx, req.VolumeID); err != nil {
+			return err
+		}
+		e, err := s.host.ExportFor(ctx, req.VolumeID)
+		if err != nil {
+			return err
+		}
+		if err := s.host.Ping(ctx, e.VMID); err != nil {
+			return err
+		}
+		vm = e.VMID
+		return nil
+	})
+}
+
+func (s *Service) acceptUnexport(ctx context.Context, data []byte, key string) (any, error) {
+	req, err := commands.DecodeVolume(data)
+	if err != nil {
+		return nil, err
 	}
-	return commands.CloudStack("CloudStack %s failed: %s", cs.Command, cs.Text).
-		WithDetail("cloudstack_error_code", cs.Code).WithDetail("cloudstack_message", cs.Text)
+	vm := s.cfg.VMID
+	e, err := s.cfg.Store.GetExport(ctx, req.VolumeID)
+	switch {
+	case errors.Is(err, state.ErrNotFound):
+		if !s.host.Serving() {
+			return nil, hostwork.ExportsOff()
+		}
+	case err != nil:
+		return nil, state.APIError(err)
+	default:
+		vm = e.VMID
+	}
+	recorded := err == nil
+	return s.accept(ctx, key, commands.OpUnexport, req.VolumeID, &vm, req, func(ctx context.Context) error {
+		if recorded {
+			return nil
+		}
+		return s.checkVolume(ctx, req.VolumeID)
+	})
 }

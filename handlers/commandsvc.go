@@ -155,11 +155,17 @@ func (s *Service) serve(ep endpoint) micro.Handler {
 		}
 		go func() {
 			defer done()
+			ctx := commands.WithRequester(ctx, natsRequester(req))
 			result, err := ep.run(ctx, req.Data(), req.Headers().Get(commands.IdempotencyKeyHeader))
 			s.reply(req, s.answer(ep, result, err))
 		}()
 	})
 }
+
+// natsRequester names who asked for a command that came on NATS: the one
+// place the NATS edge derives the operation's requested_by from the
+// request.
+func natsRequester(micro.Request) string { return "nats" }
 
 // Command runs the command of subject in this process, admitted and
 // bounded exactly as its NATS endpoint is, and returns its answer: the

@@ -13,6 +13,8 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/state"
 )
 
@@ -89,7 +91,7 @@ func (s *Service) jobQueued(ctx context.Context, op commands.Operation) (bool, e
 // crash, to another instance if need be.
 func (s *Service) sweep(ctx context.Context) ([]string, error) {
 	var changes []string
-	err := s.leased(ctx, leaseSweep, false, func(ctx context.Context) error {
+	err := s.leases.Leased(ctx, engine.LeaseSweep, false, func(ctx context.Context) error {
 		var err error
 		changes, err = s.sweepLeased(ctx)
 		return err
@@ -172,11 +174,11 @@ const (
 	unrecordedGrace = time.Minute
 	// retryDelay: the store or the queue failed.
 	retryDelay = time.Second
-	// turnDelayMin and turnDelayMax bound the wait of a job whose turn
-	// has not come; it doubles with each delivery.
-	turnDelayMin = 20 * time.Millisecond
-	turnDelayMax = 500 * time.Millisecond
 )
+
+// turnBackoff bounds the wait of a job whose turn has not come; it
+// doubles with each delivery.
+var turnBackoff = backoff.Policy{Min: 20 * time.Millisecond, Max: 500 * time.Millisecond}
 
 // dispatch takes a job message. It runs the operation only when the job is
 // the first message left on its line's subject in the work-queue stream,
@@ -232,7 +234,7 @@ func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, opID stri
 		_ = msg.NakWithDelay(retryDelay)
 		return
 	case op.Status.Terminal():
-		s.ackJob(msg) // a copy of a job already done
+		ackJob(msg, s.log) // a copy of a job already done
 		return
 	}
 	if wait, why := s.turn(ctx, msg.Subject(), meta.Sequence.Stream, op); wait {
@@ -240,7 +242,7 @@ func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, opID stri
 		_ = msg.NakWithDelay(turnDelay(meta.NumDelivered))
 		return
 	}
-	stopBeat := s.heartbeat(msg)
+	stopBeat := heartbeat(msg, s.cfg.AckWait)
 	defer stopBeat()
 	name := s.exclusiveLease(ctx, op)
 	if name == "" {
@@ -249,7 +251,7 @@ func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, opID stri
 	}
 	// The lease is taken before a running slot, and not waited for: a job
 	// whose VM is busy goes back to the queue and holds no slot meanwhile.
-	err = s.leased(ctx, name, false, func(lctx context.Context) error {
+	err = s.leases.Leased(ctx, name, false, func(lctx context.Context) error {
 		s.runJob(lctx, msg, opID, log)
 		return nil
 	})
@@ -272,7 +274,7 @@ func (s *Service) exclusiveLease(ctx context.Context, op commands.Operation) str
 		return ""
 	}
 	if vm := *op.VMID; s.cfg.Devices.HasAgent(ctx, vm) && s.cfg.Devices.NoIdentity(vm) {
-		return leaseVMPrefix + vm
+		return engine.LeaseVMPrefix + vm
 	}
 	return ""
 }
@@ -287,12 +289,12 @@ func (s *Service) runJob(ctx context.Context, msg jetstream.Msg, opID string, lo
 		return
 	}
 	defer func() { <-s.sem }()
-	switch s.run(ctx, opID, log) {
-	case runDone:
-		s.ackJob(msg)
-	case runLost:
+	switch s.engine.Run(ctx, opID, log) {
+	case engine.Done:
+		ackJob(msg, s.log)
+	case engine.Lost:
 		// Another instance holds the operation now: its delivery acks.
-	case runStopped:
+	case engine.Stopped:
 		if s.ctx.Err() != nil {
 			_ = msg.Nak() // shutting down: to whoever runs next, at once
 		} else {
@@ -304,11 +306,7 @@ func (s *Service) runJob(ctx context.Context, msg jetstream.Msg, opID string, lo
 // turnDelay is how long a job whose turn has not come waits before its
 // next delivery.
 func turnDelay(delivered uint64) time.Duration {
-	d := turnDelayMin
-	for i := uint64(1); i < delivered && d < turnDelayMax; i++ {
-		d *= 2
-	}
-	return min(d, turnDelayMax)
+	return turnBackoff.Delay(int(min(delivered, 64)) - 1)
 }
 
 // turn reports whether op must wait, and why: an older job is left on its
@@ -339,19 +337,20 @@ func (s *Service) turn(ctx context.Context, subject string, seq uint64, op comma
 // ackJob acks a job and waits for JetStream to confirm, so the next job on
 // the line finds this one gone. An ack that is lost leaves the job to be
 // delivered again, to find its operation ended.
-func (s *Service) ackJob(msg jetstream.Msg) {
+func ackJob(msg jetstream.Msg, log *slog.Logger) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := msg.DoubleAck(ctx); err != nil {
-		s.log.Warn("job ack not confirmed", "subject", msg.Subject(), "err", err)
+		log.Warn("job ack not confirmed", "subject", msg.Subject(), "err", err)
 	}
 }
 
-// heartbeat tells JetStream the job is still being worked on.
-func (s *Service) heartbeat(msg jetstream.Msg) (stop func()) {
+// heartbeat tells JetStream the job is still being worked on, every third
+// of its ack-wait.
+func heartbeat(msg jetstream.Msg, ackWait time.Duration) (stop func()) {
 	done := make(chan struct{})
 	go func() {
-		t := time.NewTicker(s.cfg.AckWait / 3)
+		t := time.NewTicker(ackWait / 3)
 		defer t.Stop()
 		for {
 			select {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/state"
 )
@@ -24,7 +25,7 @@ import (
 // result's errors; the rest is still repaired.
 func (s *Service) Reconcile(ctx context.Context) (commands.SyncResult, error) {
 	var res commands.SyncResult
-	err := s.leased(ctx, leaseReconcile, true, func(ctx context.Context) error {
+	err := s.leases.Leased(ctx, engine.LeaseReconcile, true, func(ctx context.Context) error {
 		var err error
 		res, err = s.reconcile(ctx)
 		return err
@@ -41,7 +42,7 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 	// First what timed-out jobs did: the mapping an attach made after all
 	// is then reconciled (its device found) and that of a detach removed,
 	// in this same sync.
-	resolved, errs := s.resolveJobs(ctx)
+	resolved, errs := s.rec.resolveJobs(ctx)
 	res.Changes, res.Errors = append(res.Changes, resolved...), errs
 	mappings, err := s.cfg.Store.ListMappings(ctx, "")
 	if err != nil {
@@ -53,7 +54,7 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 	}
 	for _, m := range mappings {
 		vms[m.VMID] = true
-		change, err := s.reconcileMapping(ctx, m)
+		change, err := s.rec.reconcileMapping(ctx, m)
 		if err != nil {
 			res.Errors = append(res.Errors, fmt.Sprintf("volume %s: %v", m.VolumeID, err))
 		} else if change != "" {
@@ -68,14 +69,14 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 			if !s.cfg.Devices.HasAgent(ctx, vm) {
 				continue
 			}
-			changes, err := s.reconcileDevices(ctx, vm)
+			changes, err := s.rec.reconcileDevices(ctx, vm)
 			if err != nil {
 				res.Errors = append(res.Errors, fmt.Sprintf("devices of VM %s: %v", vm, err))
 			}
 			res.Changes = append(res.Changes, changes...)
 		}
 	}
-	exports, err := s.reconcileExports(ctx, true)
+	exports, err := s.host.Reconcile(ctx, true)
 	if err != nil {
 		res.Errors = append(res.Errors, fmt.Sprintf("exports: %v", err))
 	}
@@ -98,29 +99,29 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 
 // reconcileDevices has the device agent side repair the mappings of a VM
 // with an agent against the volumes CloudStack has attached to it.
-func (s *Service) reconcileDevices(ctx context.Context, vm string) ([]string, error) {
-	vols, err := s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: vm})
+func (r *reconciler) reconcileDevices(ctx context.Context, vm string) ([]string, error) {
+	vols, err := r.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: vm})
 	if err != nil {
-		return nil, cloudStackError(err)
+		return nil, engine.CloudStackError(err)
 	}
 	attached := make([]commands.Mapping, 0, len(vols))
 	for _, v := range vols {
 		attached = append(attached, commands.Mapping{VolumeID: v.ID, VMID: v.VMID, Size: v.Size,
 			DeviceID: v.DeviceID, CloudStackState: commands.CloudStackAttached})
 	}
-	return s.cfg.Devices.Reconcile(ctx, vm, attached)
+	return r.cfg.Devices.Reconcile(ctx, vm, attached)
 }
 
 // reconcileMapping removes a mapping CloudStack no longer explains and
 // refreshes the sync time of one it does.
-func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (string, error) {
-	vol, err := s.cfg.CloudStack.GetVolume(ctx, m.VolumeID)
+func (r *reconciler) reconcileMapping(ctx context.Context, m commands.Mapping) (string, error) {
+	vol, err := r.cfg.CloudStack.GetVolume(ctx, m.VolumeID)
 	var why string
 	switch {
 	case errors.Is(err, csapi.ErrNotFound):
 		why = "CloudStack no longer has the volume"
 	case err != nil:
-		return "", cloudStackError(err)
+		return "", engine.CloudStackError(err)
 	case vol.VMID == "":
 		why = "CloudStack says the volume is detached"
 	case vol.VMID != m.VMID:
@@ -130,7 +131,7 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		// Refresh the sync time on the record as it is now, not on the
 		// copy read before the CloudStack call: the device side may have
 		// changed it meanwhile.
-		cur, err := s.cfg.Store.GetMapping(ctx, m.VolumeID)
+		cur, err := r.cfg.Store.GetMapping(ctx, m.VolumeID)
 		if errors.Is(err, state.ErrNotFound) {
 			return "", nil
 		}
@@ -142,24 +143,16 @@ func (s *Service) reconcileMapping(ctx context.Context, m commands.Mapping) (str
 		if vol.DeviceID != nil {
 			cur.DeviceID = vol.DeviceID
 		}
-		if _, err := s.cfg.Store.PutMapping(ctx, cur); err != nil && !errors.Is(err, state.ErrStale) {
+		if _, err := r.mappings.Put(ctx, nil, cur); err != nil && !errors.Is(err, state.ErrStale) {
 			return "", state.APIError(err)
 		}
 		return "", nil // stale: changed since read, and the next sync looks again
 	}
-	export, err := s.dropExport(ctx, m.VolumeID)
+	rel, err := r.release.Release(ctx, nil, m.VolumeID, &m, nil)
 	if err != nil {
 		return "", err
 	}
-	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, m.VMID) {
-		if err := s.cfg.Devices.Detached(ctx, m); err != nil {
-			s.log.Warn("device release incomplete", "volume_id", m.VolumeID, "err", err)
-		}
-	}
-	deleted, err := s.deleteReleased(ctx, m)
-	if err != nil {
-		return "", state.APIError(err)
-	}
+	deleted, export := rel.Deleted, rel.Export
 	switch {
 	case deleted && export != "":
 		return fmt.Sprintf("removed mapping of volume %s on VM %s (%s): %s; ended its NBD export %s", m.VolumeID, m.VMID, m.Device(), why, export), nil

@@ -4,12 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"net/http"
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -27,6 +30,17 @@ var jobCommands = map[commands.OpType]string{
 	commands.OpCreate: "createVolume",
 	commands.OpAttach: "attachVolume",
 	commands.OpDetach: "detachVolume",
+}
+
+// reconciler repairs what drifted from CloudStack: the timed-out jobs'
+// operations, and the mappings (the Service's reconcile runs it under its
+// lease).
+type reconciler struct {
+	cfg      Config
+	log      *slog.Logger
+	mappings *engine.MappingWriter
+	release  *engine.Releaser
+	pub      engine.Publisher
 }
 
 // jobOutcome is what became of the CloudStack job of a failed operation.
@@ -49,12 +63,12 @@ type jobOutcome struct {
 // operation or page it could not check. It stops at the first CloudStack
 // or store that does not answer, and within resolveBudget: what is left
 // waits for the next reconcile.
-func (s *Service) resolveJobs(ctx context.Context) (changes, errs []string) {
+func (r *reconciler) resolveJobs(ctx context.Context) (changes, errs []string) {
 	ctx, cancel := context.WithTimeout(ctx, resolveBudget)
 	defer cancel()
 	f := state.Filter{Status: commands.StatusFailed, Limit: resolvePage}
 	for {
-		ops, next, err := s.cfg.Store.ListOperations(ctx, f)
+		ops, next, err := r.cfg.Store.ListOperations(ctx, f)
 		if err != nil {
 			return changes, append(errs, fmt.Sprintf("failed operations: %v", state.APIError(err)))
 		}
@@ -62,7 +76,7 @@ func (s *Service) resolveJobs(ctx context.Context) (changes, errs []string) {
 			if op.Details[commands.DetailJobMayRun] != true {
 				continue
 			}
-			change, err := s.resolveJob(ctx, op)
+			change, err := r.resolveJob(ctx, op)
 			if change != "" {
 				changes = append(changes, change)
 			}
@@ -93,7 +107,7 @@ func (s *Service) resolveJobs(ctx context.Context) (changes, errs []string) {
 // compare-and-swap and published; "" and no error when the job still runs
 // or the operation changed since it was listed (the next reconcile reads
 // it again).
-func (s *Service) resolveJob(ctx context.Context, op commands.Operation) (string, error) {
+func (r *reconciler) resolveJob(ctx context.Context, op commands.Operation) (string, error) {
 	jobID, _ := op.Details[commands.DetailJobID].(string)
 	if jobID == "" {
 		jobID = op.JobID
@@ -101,16 +115,16 @@ func (s *Service) resolveJob(ctx context.Context, op commands.Operation) (string
 	var out jobOutcome
 	if jobID == "" {
 		out = jobOutcome{status: commands.JobUnknown, resolution: "the operation recorded no CloudStack job: what it did is unknown"}
-		return s.annotate(ctx, op, jobID, out, "")
+		return r.annotate(ctx, op, jobID, out, "")
 	}
-	job, err := s.cfg.CloudStack.QueryJob(ctx, jobID)
+	job, err := r.cfg.CloudStack.QueryJob(ctx, jobID)
 	switch {
 	case errors.Is(err, csapi.ErrNotFound):
-		if out, err = s.outcomeFromVolume(ctx, op, jobID); err != nil {
+		if out, err = r.outcomeFromVolume(ctx, op, jobID); err != nil {
 			return "", err
 		}
 	case err != nil:
-		return "", cloudStackError(err)
+		return "", engine.CloudStackError(err)
 	case job.Status == csapi.JobPending:
 		return "", nil
 	case job.Status == csapi.JobSuccess:
@@ -120,17 +134,17 @@ func (s *Service) resolveJob(ctx context.Context, op commands.Operation) (string
 	}
 	var adopted string
 	if out.status == commands.JobSucceeded && op.Type == commands.OpAttach {
-		if adopted, err = s.adoptAttach(ctx, op); err != nil {
+		if adopted, err = r.adoptAttach(ctx, op); err != nil {
 			return "", err
 		}
 	}
-	return s.annotate(ctx, op, jobID, out, adopted)
+	return r.annotate(ctx, op, jobID, out, adopted)
 }
 
 // annotate records out on the failed operation op by compare-and-swap and
 // publishes it; adopted says what was recorded besides. It returns the
 // change in words, "" when the operation changed since it was listed.
-func (s *Service) annotate(ctx context.Context, op commands.Operation, jobID string, out jobOutcome, adopted string) (string, error) {
+func (r *reconciler) annotate(ctx context.Context, op commands.Operation, jobID string, out jobOutcome, adopted string) (string, error) {
 	note := op
 	note.Details = maps.Clone(op.Details)
 	maps.Copy(note.Details, out.details)
@@ -140,15 +154,15 @@ func (s *Service) annotate(ctx context.Context, op commands.Operation, jobID str
 	note.Details[commands.DetailResolvedAt] = now.Format(time.RFC3339)
 	note.Details[commands.DetailResolution] = out.resolution
 	note.UpdatedAt = now
-	saved, err := s.cfg.Store.UpdateOperation(ctx, note)
+	saved, err := r.cfg.Store.UpdateOperation(ctx, note)
 	if errors.Is(err, state.ErrStale) {
 		return adopted, nil // changed since listed: the next reconcile reads it again
 	}
 	if err != nil {
 		return adopted, state.APIError(err)
 	}
-	s.publish(ctx, saved)
-	s.log.Info("timed-out job resolved", "operation_id", op.ID, "type", op.Type, "volume_id", op.VolumeID,
+	r.pub.PublishOperation(ctx, saved)
+	r.log.Info("timed-out job resolved", "operation_id", op.ID, "type", op.Type, "volume_id", op.VolumeID,
 		"cloudstack_job_id", jobID, "job_status", out.status)
 	change := fmt.Sprintf("operation %s (%s of volume %s) timed out on CloudStack job %s: %s", op.ID, op.Type, op.VolumeID, jobID, out.resolution)
 	if adopted != "" {
@@ -205,7 +219,7 @@ func failedJob(op commands.Operation, jobID string, jobErr error) jobOutcome {
 // the volume could have done it. Anything else is unknown: a create's
 // volume exists whatever its job did (CloudStack makes it before the job
 // runs), so the create names it for whoever cleans up.
-func (s *Service) outcomeFromVolume(ctx context.Context, op commands.Operation, jobID string) (jobOutcome, error) {
+func (r *reconciler) outcomeFromVolume(ctx context.Context, op commands.Operation, jobID string) (jobOutcome, error) {
 	gone := "CloudStack no longer knows " + jobCommands[op.Type] + " job " + jobID
 	unknown := func(seen string) jobOutcome {
 		return jobOutcome{status: commands.JobUnknown, details: map[string]any{},
@@ -217,17 +231,17 @@ func (s *Service) outcomeFromVolume(ctx context.Context, op commands.Operation, 
 	later := ""
 	if op.Type != commands.OpCreate {
 		var err error
-		if later, err = s.laterOperation(ctx, op); err != nil {
+		if later, err = r.laterOperation(ctx, op); err != nil {
 			return jobOutcome{}, err
 		}
 	}
 	if later != "" {
 		return unknown("operation " + later + " on the volume came after"), nil
 	}
-	vol, err := s.cfg.CloudStack.GetVolume(ctx, op.VolumeID)
+	vol, err := r.cfg.CloudStack.GetVolume(ctx, op.VolumeID)
 	missing := errors.Is(err, csapi.ErrNotFound)
 	if err != nil && !missing {
-		return jobOutcome{}, cloudStackError(err)
+		return jobOutcome{}, engine.CloudStackError(err)
 	}
 	if op.Type == commands.OpCreate {
 		if missing {
@@ -241,10 +255,10 @@ func (s *Service) outcomeFromVolume(ctx context.Context, op commands.Operation, 
 	switch op.Type {
 	case commands.OpAttach:
 		var req commands.AttachRequest
-		if err := decodeRequest(&op, &req); err != nil {
+		if err := engine.DecodeRequest(&op, &req); err != nil {
 			return jobOutcome{}, err
 		}
-		if !missing && attachedAsWanted(vol, req) {
+		if !missing && kinds.AttachedAsWanted(vol, req) {
 			shown = fmt.Sprintf("volume %s is attached to VM %s", vol.ID, vol.VMID)
 		}
 	case commands.OpDetach:
@@ -271,10 +285,10 @@ func (s *Service) outcomeFromVolume(ctx context.Context, op commands.Operation, 
 // laterOperation returns the id of an operation on op's volume accepted
 // after op, in any status ("" for none): its work could be what the
 // volume shows now.
-func (s *Service) laterOperation(ctx context.Context, op commands.Operation) (string, error) {
+func (r *reconciler) laterOperation(ctx context.Context, op commands.Operation) (string, error) {
 	f := state.Filter{VolumeID: op.VolumeID, Limit: resolvePage}
 	for {
-		ops, next, err := s.cfg.Store.ListOperations(ctx, f)
+		ops, next, err := r.cfg.Store.ListOperations(ctx, f)
 		if err != nil {
 			return "", state.APIError(err)
 		}
@@ -301,15 +315,15 @@ func (s *Service) laterOperation(ctx context.Context, op commands.Operation) (st
 // it at the volume's device when that carries its identity; elsewhere it
 // is not_applicable. It returns what it recorded in words ("" for
 // nothing).
-func (s *Service) adoptAttach(ctx context.Context, op commands.Operation) (string, error) {
-	switch _, err := s.cfg.Store.GetMapping(ctx, op.VolumeID); {
+func (r *reconciler) adoptAttach(ctx context.Context, op commands.Operation) (string, error) {
+	switch _, err := r.cfg.Store.GetMapping(ctx, op.VolumeID); {
 	case err == nil:
 		return "", nil // mapped already
 	case !errors.Is(err, state.ErrNotFound):
 		return "", state.APIError(err)
 	}
 	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
-		busy, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: op.VolumeID, Status: st, Limit: 1})
+		busy, _, err := r.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: op.VolumeID, Status: st, Limit: 1})
 		if err != nil {
 			return "", state.APIError(err)
 		}
@@ -318,29 +332,29 @@ func (s *Service) adoptAttach(ctx context.Context, op commands.Operation) (strin
 		}
 	}
 	var req commands.AttachRequest
-	if err := decodeRequest(&op, &req); err != nil {
+	if err := engine.DecodeRequest(&op, &req); err != nil {
 		return "", err
 	}
-	vol, err := s.cfg.CloudStack.GetVolume(ctx, op.VolumeID)
+	vol, err := r.cfg.CloudStack.GetVolume(ctx, op.VolumeID)
 	if errors.Is(err, csapi.ErrNotFound) {
 		return "", nil
 	}
 	if err != nil {
-		return "", cloudStackError(err)
+		return "", engine.CloudStackError(err)
 	}
-	if !attachedAsWanted(vol, req) {
+	if !kinds.AttachedAsWanted(vol, req) {
 		return "", nil // not so any more: the mappings' reconcile follows CloudStack
 	}
-	m := attachedMapping(vol, req.VMID)
-	if s.cfg.Devices != nil && s.cfg.Devices.HasAgent(ctx, req.VMID) {
+	m := kinds.AttachedMapping(vol, req.VMID)
+	if r.cfg.Devices != nil && r.cfg.Devices.HasAgent(ctx, req.VMID) {
 		m.LinuxState = commands.LinuxMissing
 	}
-	if _, err := s.cfg.Store.PutMapping(ctx, m); err != nil {
+	if _, err := r.mappings.Put(ctx, nil, m); err != nil {
 		if errors.Is(err, state.ErrStale) {
 			return "", nil // mapped meanwhile
 		}
 		return "", state.APIError(err)
 	}
 	return fmt.Sprintf("recorded the mapping of volume %s on VM %s (device id %s, linux_state %s)",
-		m.VolumeID, m.VMID, deviceString(m.DeviceID), m.LinuxState), nil
+		m.VolumeID, m.VMID, kinds.DeviceString(m.DeviceID), m.LinuxState), nil
 }

@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"sync"
 	"time"
 
@@ -18,10 +17,13 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
-	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/hostwork"
+	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/internal/lifecycle"
+	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -59,7 +61,7 @@ type Config struct {
 	Devices DeviceCorrelator
 	// Exporter serves this host's export records over NBD; nil when the
 	// NBD server is off (export commands and reads then answer 503).
-	Exporter Exporter
+	Exporter hostwork.Exporter
 	// AutoExport exports, read-only, every volume attached to this host
 	// as soon as its device is found.
 	AutoExport bool
@@ -97,20 +99,10 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// DeviceCorrelator is the device agent side of attach and detach.
+// DeviceCorrelator is the device agent side of attach, detach, the
+// reconcile and the reads.
 type DeviceCorrelator interface {
-	// HasAgent reports whether vmID has a device agent whose devices can
-	// be correlated.
-	HasAgent(ctx context.Context, vmID string) bool
-	// Attached waits for the device of a volume just attached; want holds
-	// the volume, VM, size and CloudStack device id. It returns the mapping
-	// to record (device path, linux state, size, persistent name); after
-	// its timeout it fails, returning a mapping with linux_state missing to
-	// record all the same.
-	Attached(ctx context.Context, want commands.Mapping, since time.Time) (commands.Mapping, error)
-	// Detached releases what the volume had on its VM (persistent name)
-	// once its device is gone or after a timeout.
-	Detached(ctx context.Context, m commands.Mapping) error
+	engine.Devices
 	// Status reports the monitor's health, device count, scan interval and
 	// the device events processed.
 	Status() (health string, deviceCount int, scanInterval time.Duration, events int64)
@@ -134,11 +126,10 @@ type Service struct {
 	cfg     Config
 	log     *slog.Logger
 	started time.Time
-	// holder names this instance in the store's leases (each acquisition
-	// adds its own suffix).
-	holder string
+	// leases runs the sweep, the reconcile and a VM's exclusive attaches
+	// under the store's leases.
+	leases *engine.Leaser
 
-	subs    []*nats.Subscription
 	jobs    jetstream.Stream
 	consume jetstream.ConsumeContext
 	sem     chan struct{}
@@ -154,11 +145,18 @@ type Service struct {
 	accepts     acceptStats
 	inventory   *inventory
 
+	// engine runs the operations with the kinds; host does the host work
+	// (exports); mappings is the one mapping writer and release the one
+	// release sequence.
+	engine   *engine.Engine
+	host     *hostwork.Host
+	mappings *engine.MappingWriter
+	release  *engine.Releaser
+	rec      *reconciler
+
 	mu sync.Mutex
 	// stopping refuses new jobs once Close has begun.
 	stopping bool
-	// exportMu serializes the syncs of the served exports.
-	exportMu sync.Mutex
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -210,7 +208,7 @@ func New(cfg Config) *Service {
 	s := &Service{
 		cfg:    cfg,
 		log:    cfg.Logger.With("component", "handlers"),
-		holder: holderName(),
+		leases: &engine.Leaser{Store: cfg.Store, Holder: engine.Holder(), Log: cfg.Logger.With("component", "handlers")},
 		sem:    make(chan struct{}, cfg.MaxConcurrent),
 	}
 	s.acceptSlots = make(chan struct{}, cfg.AcceptConcurrency)
@@ -219,6 +217,20 @@ func New(cfg Config) *Service {
 		s.bySubject[ep.subject] = ep
 	}
 	s.inventory = newInventory(cfg.CloudStack, s.log)
+	s.host = hostwork.New(hostwork.Config{Conn: cfg.Conn, Store: cfg.Store, VMID: cfg.VMID, Exporter: cfg.Exporter,
+		AutoExport: cfg.AutoExport, QueueGroup: QueueGroup, Logger: s.log})
+	s.mappings = engine.NewMappingWriter(cfg.Store, nil, s.log)
+	var devices engine.Devices
+	if cfg.Devices != nil {
+		devices = cfg.Devices
+	}
+	s.release = &engine.Releaser{Mappings: s.mappings, Exports: s.host, Devices: devices, Log: s.log}
+	s.rec = &reconciler{cfg: cfg, log: s.log, mappings: s.mappings, release: s.release, pub: s}
+	s.engine = engine.New(engine.Config{Operations: cfg.Store, Publisher: s, Logger: s.log,
+		Timing: engine.Timing{StepTimeout: cfg.StepTimeout, SettleTimeout: cfg.SettleTimeout,
+			Retry: backoff.Policy{Min: cfg.RetryMin, Max: cfg.RetryMax}}},
+		kinds.All(kinds.Deps{CloudStack: cfg.CloudStack, Operations: cfg.Store, Mappings: s.mappings, Release: s.release,
+			Devices: devices, Exports: s.host, Log: s.log})...)
 	return s
 }
 
@@ -239,26 +251,9 @@ func (s *Service) Start(ctx context.Context) error {
 		s.stop()
 		return err
 	}
-	if changes, err := s.reconcileExports(ctx, false); err != nil {
-		s.log.Warn("exports not restored", "err", err)
-	} else if len(changes) > 0 {
-		s.log.Info("exports restored from state", "changes", changes)
-	}
-	if s.cfg.Exporter != nil {
-		sub, err := s.cfg.Conn.Subscribe(commands.SubjectMappingsPrefix+">", bus.Published(s.onMapping))
-		if err != nil {
-			s.stop()
-			return fmt.Errorf("handlers: subscribe mappings: %w", err)
-		}
-		s.subs = append(s.subs, sub)
-		if s.cfg.VMID != "" {
-			// Export work for this VM comes here, whoever runs its operation.
-			if sub, err = s.cfg.Conn.QueueSubscribe(hostSubject(s.cfg.VMID), QueueGroup, bus.Published(s.onHostRequest)); err != nil {
-				s.stop()
-				return fmt.Errorf("handlers: subscribe %s: %w", hostSubject(s.cfg.VMID), err)
-			}
-			s.subs = append(s.subs, sub)
-		}
+	if err := s.host.Start(ctx); err != nil {
+		s.stop()
+		return err
 	}
 	if err := s.startConsumer(ctx); err != nil {
 		s.stop()
@@ -268,16 +263,18 @@ func (s *Service) Start(ctx context.Context) error {
 		s.stop()
 		return err
 	}
+	// A sweep every few ack-waits: a job lost with its stream is queued
+	// again soon, without listing the unfinished operations too often.
 	s.wg.Add(1)
-	go s.every(s.sweepInterval(), func() {
+	go every(s.ctx, &s.wg, 4*s.cfg.AckWait, func() {
 		if _, err := s.sweep(s.ctx); err != nil {
 			s.log.Warn("periodic sweep failed", "err", err)
 		}
 	})
 	if s.cfg.SyncInterval > 0 {
 		s.wg.Add(1)
-		go s.every(s.cfg.SyncInterval, func() {
-			err := s.leased(s.ctx, leaseReconcile, false, func(ctx context.Context) error {
+		go every(s.ctx, &s.wg, s.cfg.SyncInterval, func() {
+			err := s.leases.Leased(s.ctx, engine.LeaseReconcile, false, func(ctx context.Context) error {
 				_, err := s.reconcile(ctx)
 				return err
 			})
@@ -312,9 +309,7 @@ func (s *Service) stop() {
 	// Commands being accepted end on their own, within their timeout:
 	// cut short, an answer could contradict what was recorded.
 	s.accepting.Wait()
-	for _, sub := range s.subs {
-		_ = sub.Unsubscribe()
-	}
+	s.host.Stop()
 	if s.consume != nil {
 		s.consume.Stop()
 	}
@@ -324,28 +319,17 @@ func (s *Service) stop() {
 	s.wg.Wait()
 }
 
-// every runs fn every interval until the service stops.
-func (s *Service) every(interval time.Duration, fn func()) {
-	defer s.wg.Done()
+// every runs fn every interval until ctx ends, and then marks wg done.
+func every(ctx context.Context, wg *sync.WaitGroup, interval time.Duration, fn func()) {
+	defer wg.Done()
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
-		case <-s.ctx.Done():
+		case <-ctx.Done():
 			return
 		case <-t.C:
 			fn()
 		}
 	}
-}
-
-// sweepInterval is how often an instance tries to sweep: a few ack-waits,
-// so a job lost with its stream is queued again soon, without listing the
-// unfinished operations too often.
-func (s *Service) sweepInterval() time.Duration { return 4 * s.cfg.AckWait }
-
-// holderName names this process in leases: host and pid.
-func holderName() string {
-	host, _ := os.Hostname()
-	return fmt.Sprintf("%s/%d", host, os.Getpid())
 }

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/state"
 )
@@ -19,11 +20,11 @@ func (s *Service) VolumeStatus(ctx context.Context, volumeID string) (commands.V
 	vol, err := s.cfg.CloudStack.GetVolume(ctx, volumeID)
 	if err != nil {
 		if errors.Is(err, csapi.ErrNotFound) {
-			return commands.VolumeStatus{}, volumeNotFound(volumeID)
+			return commands.VolumeStatus{}, engine.VolumeNotFound(volumeID)
 		}
-		return commands.VolumeStatus{}, cloudStackError(err)
+		return commands.VolumeStatus{}, engine.CloudStackError(err)
 	}
-	st, err := s.volumeRow(ctx, vol)
+	st, err := volumeRow(ctx, s.cfg.Store, s.cfg.Devices, vol)
 	if err != nil {
 		return st, err
 	}
@@ -35,22 +36,22 @@ func (s *Service) VolumeStatus(ctx context.Context, volumeID string) (commands.V
 }
 
 // volumeRow is the VolumeStatus without CloudStackData.
-func (s *Service) volumeRow(ctx context.Context, vol csapi.Volume) (commands.VolumeStatus, error) {
+func volumeRow(ctx context.Context, store state.Reader, devices DeviceCorrelator, vol csapi.Volume) (commands.VolumeStatus, error) {
 	st := commands.VolumeStatus{VolumeID: vol.ID, State: vol.State, Size: vol.Size}
 	if vol.VMID != "" {
 		vm := vol.VMID
 		st.VMID = &vm
 	}
-	m, err := s.cfg.Store.GetMapping(ctx, vol.ID)
+	m, err := store.GetMapping(ctx, vol.ID)
 	switch {
 	case err == nil && m.DevicePath != "" && m.VMID == vol.VMID:
 		path := m.DevicePath
 		st.DevicePath = &path
-		st.LinuxData = &commands.LinuxData{DevicePath: m.DevicePath, Size: m.Size, Controller: s.controller(m)}
+		st.LinuxData = &commands.LinuxData{DevicePath: m.DevicePath, Size: m.Size, Controller: controller(devices, m)}
 	case err != nil && !errors.Is(err, state.ErrNotFound):
 		return st, state.APIError(err)
 	}
-	ops, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: vol.ID, Limit: 1})
+	ops, _, err := store.ListOperations(ctx, state.Filter{VolumeID: vol.ID, Limit: 1})
 	if err != nil {
 		return st, state.APIError(err)
 	}
@@ -62,11 +63,11 @@ func (s *Service) volumeRow(ctx context.Context, vol csapi.Volume) (commands.Vol
 
 // controller names the bus of a mapped device, when the device agent
 // knows it.
-func (s *Service) controller(m commands.Mapping) string {
-	if s.cfg.Devices == nil {
+func controller(devices DeviceCorrelator, m commands.Mapping) string {
+	if devices == nil {
 		return ""
 	}
-	return s.cfg.Devices.Controller(m.DevicePath)
+	return devices.Controller(m.DevicePath)
 }
 
 // VMVolumes lists the volumes CloudStack has attached to a VM.
@@ -75,15 +76,15 @@ func (s *Service) VMVolumes(ctx context.Context, vmID string) ([]commands.Volume
 		if errors.Is(err, csapi.ErrNotFound) {
 			return nil, vmNotFound(vmID)
 		}
-		return nil, cloudStackError(err)
+		return nil, engine.CloudStackError(err)
 	}
 	vols, err := s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: vmID})
 	if err != nil {
-		return nil, cloudStackError(err)
+		return nil, engine.CloudStackError(err)
 	}
 	out := make([]commands.VolumeStatus, 0, len(vols))
 	for _, v := range vols {
-		row, err := s.volumeRow(ctx, v)
+		row, err := volumeRow(ctx, s.cfg.Store, s.cfg.Devices, v)
 		if err != nil {
 			return nil, err
 		}
@@ -173,4 +174,14 @@ func (s *Service) Metrics(ctx context.Context) (commands.Metrics, error) {
 		_, _, _, m.Details.DeviceEventsProcessed = s.cfg.Devices.Status()
 	}
 	return m, nil
+}
+
+// Exports lists this host's exports with their connected clients; 503
+// when the NBD server is off.
+func (s *Service) Exports(ctx context.Context) ([]commands.Export, error) { return s.host.Exports(ctx) }
+
+// Export is one volume's export with its connected clients; NOT_FOUND
+// when the volume is not exported here.
+func (s *Service) Export(ctx context.Context, volumeID string) (commands.Export, error) {
+	return s.host.Export(ctx, volumeID)
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/volumed/volumed/handlers"
 	"github.com/volumed/volumed/handlers/correlate"
 	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/hostwork"
 	"github.com/volumed/volumed/httpbridge"
 	"github.com/volumed/volumed/internal/netaddr"
 	"github.com/volumed/volumed/internal/version"
@@ -183,7 +184,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	}
 	started = append(started, corr)
 
-	var exporter handlers.Exporter
+	var exporter hostwork.Exporter
 	var nbdStats metrics.NBDStats
 	nbdAddr := "off"
 	if cfg.nbdListen != "" {
@@ -200,7 +201,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 			return err
 		}
 		started = append(started, srv)
-		exporter, nbdStats, nbdAddr = handlers.NBDExporter{Server: srv}, srv, srv.Addr().String()
+		exporter, nbdStats, nbdAddr = hostwork.NBDExporter{Server: srv}, srv, srv.Addr().String()
 		log.Info("nbd server ready", "addr", nbdAddr, "auto_export", cfg.nbdAutoExport, "tls_required", !netaddr.IsLoopback(cfg.nbdListen))
 	}
 

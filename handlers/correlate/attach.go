@@ -299,22 +299,22 @@ func (c *Correlator) markMissing(ctx context.Context, m commands.Mapping, why st
 		if err != nil {
 			return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
 		}
-		gone, err := c.cfg.Store.PutMapping(ctx, missing(cur))
+		gone, err := c.mappings.Put(ctx, nil, missing(cur))
 		if errors.Is(err, state.ErrStale) && attempt < maxStale {
 			continue
 		}
 		if err != nil {
 			return fmt.Errorf("mark mapping of volume %s missing: %w", m.VolumeID, err)
 		}
-		c.publish(gone)
+		c.mappings.Announce(gone)
 		c.log.Warn("mapping device gone", "volume_id", m.VolumeID, "vm_id", m.VMID, "device", m.DevicePath, "reason", why)
 		return nil
 	}
 }
 
-// publish announces a mapping the correlator changed outside an attach on
-// volumes.mappings.<volume_id>.
-func (c *Correlator) publish(m commands.Mapping) {
+// announce publishes a mapping the correlator changed outside an attach
+// on volumes.mappings.<volume_id>: the mapping writer's announcer.
+func (c *Correlator) announce(m commands.Mapping) {
 	data, err := json.Marshal(m)
 	if err == nil {
 		err = c.cfg.Conn.Publish(commands.MappingSubject(m.VolumeID), data)

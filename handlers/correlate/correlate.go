@@ -25,6 +25,7 @@ import (
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers"
 	"github.com/volumed/volumed/internal/follow"
 	"github.com/volumed/volumed/internal/lifecycle"
@@ -106,10 +107,14 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// Correlator implements handlers.DeviceCorrelator over NATS.
+// Correlator implements handlers.DeviceCorrelator over NATS; its mapping
+// writes go through the engine's one mapping writer.
 type Correlator struct {
 	cfg Config
 	log *slog.Logger
+	// mappings is the one mapping writer; the mappings the correlator
+	// changes outside an attach are announced through it.
+	mappings *engine.MappingWriter
 
 	mu     sync.Mutex
 	vms    map[string]*vmTable
@@ -205,7 +210,7 @@ func New(cfg Config) *Correlator {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	return &Correlator{
+	c := &Correlator{
 		cfg:       cfg,
 		log:       cfg.Logger.With("component", "correlate"),
 		vms:       map[string]*vmTable{},
@@ -213,6 +218,8 @@ func New(cfg Config) *Correlator {
 		releasing: map[string]int{},
 		healQ:     make(chan string, 256),
 	}
+	c.mappings = engine.NewMappingWriter(cfg.Store, c.announce, c.log)
+	return c
 }
 
 // Start follows every agent's device events through one reader of stream

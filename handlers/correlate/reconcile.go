@@ -138,11 +138,11 @@ func (c *Correlator) pickLate(m commands.Mapping, ms []commands.Mapping) (comman
 // it on volumes.mappings.<volume_id>.
 func (c *Correlator) record(ctx context.Context, m commands.Mapping) (commands.Mapping, error) {
 	m, nameErr := c.nameOne(ctx, m)
-	m, err := c.cfg.Store.PutMapping(ctx, m)
+	m, err := c.mappings.Put(ctx, nil, m)
 	if err != nil {
 		return m, fmt.Errorf("record mapping: %w", err)
 	}
-	c.publish(m)
+	c.mappings.Announce(m)
 	return m, nameErr
 }
 

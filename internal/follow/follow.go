@@ -21,6 +21,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/internal/backoff"
 )
 
 // How a Reader pulls.
@@ -129,12 +131,13 @@ func (r *Reader) consumer(ctx context.Context, from uint64) (jetstream.Consumer,
 func (r *Reader) follow(cons jetstream.Consumer) {
 	defer close(r.done)
 	var next uint64 // the sequence after the last one handled; 0 before the first
-	for pause := minPause; ; {
+	pause := backoff.Policy{Min: minPause, Max: maxPause}.Start()
+	for {
 		if cons == nil {
 			select {
 			case <-r.stop:
 				return
-			case <-time.After(pause):
+			case <-time.After(pause.Next()):
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), createTry)
 			var err error
@@ -145,10 +148,9 @@ func (r *Reader) follow(cons jetstream.Consumer) {
 			}
 			if err != nil {
 				r.log.Debug("follower consumer not made", "from", next, "err", err)
-				pause = min(2*pause, maxPause)
 				continue
 			}
-			pause = minPause
+			pause.Reset()
 		}
 		read, err := r.read(cons, &next)
 		if errors.Is(err, nats.ErrConnectionClosed) || errors.Is(err, errStopped) {

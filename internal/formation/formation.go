@@ -5,6 +5,8 @@ package formation
 import (
 	"context"
 	"time"
+
+	"github.com/volumed/volumed/internal/backoff"
 )
 
 // Budget is how long set-up waits for a forming cluster: members started
@@ -18,17 +20,17 @@ const Budget = time.Minute
 // stream at once only one hears back, so a short first deadline asks
 // again soon. Attempts are 100 ms apart, doubling to 1 s.
 func Retry(ctx context.Context, maxTry time.Duration, retryable func(error) bool, attempt func(ctx context.Context) error) error {
-	for pause, try := 100*time.Millisecond, time.Second; ; pause, try = min(2*pause, time.Second), min(2*try, maxTry) {
-		tryCtx, cancel := context.WithTimeout(ctx, try)
+	pauses := backoff.Policy{Min: 100 * time.Millisecond, Max: time.Second}.Start()
+	tries := backoff.Policy{Min: time.Second, Max: max(maxTry, time.Second)}.Start()
+	for {
+		tryCtx, cancel := context.WithTimeout(ctx, tries.Next())
 		err := attempt(tryCtx)
 		cancel()
 		if err == nil || !retryable(err) || ctx.Err() != nil {
 			return err
 		}
-		select {
-		case <-ctx.Done():
+		if !pauses.Wait(ctx, 0) {
 			return err
-		case <-time.After(pause):
 		}
 	}
 }

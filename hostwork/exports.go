@@ -1,4 +1,4 @@
-package handlers
+package hostwork
 
 import (
 	"context"
@@ -14,6 +14,7 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/nbd"
 	"github.com/volumed/volumed/state"
 )
@@ -100,16 +101,16 @@ func (x NBDExporter) Clients() map[string]int {
 	return out
 }
 
-// exportsOff is the answer to every export command and read when volumed
+// ExportsOff is the answer to every export command and read when volumed
 // runs without an NBD server.
-func exportsOff() *commands.Error {
+func ExportsOff() *commands.Error {
 	return commands.Unavailable("the NBD server is off (--nbd-listen is empty)")
 }
 
 // exportable returns the export a mapping allows: only a volume whose
 // device was found on the VM it is attached to; the volumed serving that
 // VM serves the export. why says what is missing otherwise.
-func (s *Service) exportable(m commands.Mapping) (e commands.Export, why string) {
+func (h *Host) exportable(m commands.Mapping) (e commands.Export, why string) {
 	if m.LinuxState != commands.LinuxDetected {
 		return e, fmt.Sprintf("its device on VM %s is %s", m.VMID, m.LinuxState)
 	}
@@ -130,10 +131,10 @@ func (s *Service) exportable(m commands.Mapping) (e commands.Export, why string)
 	return e, ""
 }
 
-// mappingForExport returns the export the volume's mapping allows, or a
+// ExportFor returns the export the volume's mapping allows, or a
 // CONFLICT saying why there is none.
-func (s *Service) mappingForExport(ctx context.Context, volumeID string) (commands.Export, error) {
-	m, err := s.cfg.Store.GetMapping(ctx, volumeID)
+func (h *Host) ExportFor(ctx context.Context, volumeID string) (commands.Export, error) {
+	m, err := h.cfg.Store.GetMapping(ctx, volumeID)
 	if errors.Is(err, state.ErrNotFound) {
 		return commands.Export{}, commands.Conflict("volume %s is not attached to a VM with a device agent", volumeID).
 			WithDetail("volume_id", volumeID)
@@ -141,99 +142,30 @@ func (s *Service) mappingForExport(ctx context.Context, volumeID string) (comman
 	if err != nil {
 		return commands.Export{}, state.APIError(err)
 	}
-	e, why := s.exportable(m)
+	e, why := h.exportable(m)
 	if why != "" {
 		return e, commands.Conflict("volume %s cannot be exported: %s", volumeID, why).WithDetail("volume_id", volumeID)
 	}
 	return e, nil
 }
 
-func (s *Service) acceptExport(ctx context.Context, data []byte, key string) (any, error) {
-	req, err := commands.DecodeExport(data)
-	if err != nil {
-		return nil, err
-	}
-	var vm string // the VM whose instance serves the export, once checked
-	return s.accept(ctx, key, commands.OpExport, req.VolumeID, &vm, req, func(checkCtx context.Context) error {
-		// CloudStack within the check budget; the store and the host
-		// within the command's own.
-		if err := s.checkVolume(checkCtx, req.VolumeID); err != nil {
-			return err
-		}
-		e, err := s.mappingForExport(ctx, req.VolumeID)
-		if err != nil {
-			return err
-		}
-		if _, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostPing}); err != nil {
-			return hostError(err)
-		}
-		vm = e.VMID
-		return nil
-	})
-}
-
-func (s *Service) acceptUnexport(ctx context.Context, data []byte, key string) (any, error) {
-	req, err := commands.DecodeVolume(data)
-	if err != nil {
-		return nil, err
-	}
-	vm := s.cfg.VMID
-	e, err := s.cfg.Store.GetExport(ctx, req.VolumeID)
-	switch {
-	case errors.Is(err, state.ErrNotFound):
-		if s.cfg.Exporter == nil {
-			return nil, exportsOff()
-		}
-	case err != nil:
-		return nil, state.APIError(err)
-	default:
-		vm = e.VMID
-	}
-	recorded := err == nil
-	return s.accept(ctx, key, commands.OpUnexport, req.VolumeID, &vm, req, func(ctx context.Context) error {
-		if recorded {
-			return nil
-		}
-		return s.checkVolume(ctx, req.VolumeID)
-	})
-}
-
-// exportOp runs an export operation: it checks the mapping again, writes
-// the record and syncs the served set.
-func (s *Service) exportOp(ctx context.Context, op *commands.Operation) (*commands.OpResponse, error) {
-	var req commands.ExportRequest
-	if err := decodeRequest(op, &req); err != nil {
-		return nil, err
-	}
-	e, err := s.mappingForExport(ctx, req.VolumeID)
-	if err != nil {
-		return nil, err
-	}
-	e.ReadOnly = req.ReadOnly
-	if err := s.putExport(ctx, e); err != nil {
-		return nil, err
-	}
-	return &commands.OpResponse{VolumeID: e.VolumeID, VMID: e.VMID, DevicePath: e.DevicePath, ExportName: e.ExportName,
-		Message: "Volume exported as " + e.ExportName}, nil
-}
-
-// putExport records e (keeping the creation time of a record it
-// replaces) and serves it; an export name another volume holds is a
-// CONFLICT, and an export that cannot be served is removed again and
-// fails.
-func (s *Service) putExport(ctx context.Context, e commands.Export) error {
+// PutExport records e (keeping the creation time of a record it
+// replaces), fenced by f (nil: unfenced), and has the volumed serving its
+// VM serve it; an export name another volume holds is a CONFLICT, and an
+// export that cannot be served is removed again and fails.
+func (h *Host) PutExport(ctx context.Context, f engine.Fence, e commands.Export) error {
 	now := time.Now().UTC()
 	e.CreatedAt, e.UpdatedAt = now, now
-	old, err := s.cfg.Store.GetExport(ctx, e.VolumeID)
+	old, err := h.cfg.Store.GetExport(ctx, e.VolumeID)
 	switch {
 	case err == nil:
 		e.CreatedAt, e.Revision = old.CreatedAt, old.Revision
 	case !errors.Is(err, state.ErrNotFound):
-		return errStopped
+		return engine.ErrStopped
 	}
-	recs, err := s.exportsOf(ctx, e.VMID)
+	recs, err := h.exportsOf(ctx, e.VMID)
 	if err != nil {
-		return errStopped
+		return engine.ErrStopped
 	}
 	for _, r := range recs {
 		if r.ExportName == e.ExportName && r.VolumeID != e.VolumeID {
@@ -241,11 +173,16 @@ func (s *Service) putExport(ctx context.Context, e commands.Export) error {
 				WithDetail("export_name", e.ExportName)
 		}
 	}
-	saved, err := s.cfg.Store.PutExport(ctx, e)
-	if err != nil {
-		return errStopped
+	if f != nil {
+		if err := f.Check(ctx); err != nil {
+			return err
+		}
 	}
-	dropped, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostSync, Change: &exportChange{Put: &saved}})
+	saved, err := h.cfg.Store.PutExport(ctx, e)
+	if err != nil {
+		return engine.ErrStopped
+	}
+	dropped, err := h.askHost(ctx, e.VMID, hostRequest{Action: hostSync, Change: &exportChange{Put: &saved}})
 	if slices.Contains(dropped, e.VolumeID) {
 		return commands.Internal("the NBD server cannot serve %s: %v", e.DevicePath, err).WithDetail("export_name", e.ExportName)
 	}
@@ -264,67 +201,65 @@ func hostError(err error) error {
 	return commands.Internal("sync NBD exports: %v", err)
 }
 
-// unexportOp runs an unexport operation.
-func (s *Service) unexportOp(ctx context.Context, op *commands.Operation) (*commands.OpResponse, error) {
-	var req commands.VolumeRequest
-	if err := decodeRequest(op, &req); err != nil {
-		return nil, err
+// HasExport reports whether the volume has an export record.
+func (h *Host) HasExport(ctx context.Context, volumeID string) (bool, error) {
+	_, err := h.cfg.Store.GetExport(ctx, volumeID)
+	if errors.Is(err, state.ErrNotFound) {
+		return false, nil
 	}
-	name, err := s.dropExport(ctx, req.VolumeID)
-	if err != nil {
-		return nil, err
-	}
-	resp := &commands.OpResponse{VolumeID: req.VolumeID, ExportName: name, Message: "Export " + name + " removed"}
-	if name == "" {
-		resp.Message = "Volume was not exported"
-	}
-	return resp, nil
+	return err == nil, err
 }
 
-// dropExport ends a volume's export: its record goes, then the volumed
-// serving the export's VM syncs its served set, which refuses new clients
-// and closes open ones. When none serves that VM (it is down), its NBD
-// server went with it, and it restarts from the records. It returns the
-// export name, "" when the volume had no export.
-func (s *Service) dropExport(ctx context.Context, volumeID string) (string, error) {
-	e, err := s.cfg.Store.GetExport(ctx, volumeID)
+// DropExport ends a volume's export, fenced by f (nil: unfenced): its
+// record goes, then the volumed serving the export's VM syncs its served
+// set, which refuses new clients and closes open ones. When none serves
+// that VM (it is down), its NBD server went with it, and it restarts from
+// the records. It returns the export name, "" when the volume had no
+// export.
+func (h *Host) DropExport(ctx context.Context, f engine.Fence, volumeID string) (string, error) {
+	e, err := h.cfg.Store.GetExport(ctx, volumeID)
 	if errors.Is(err, state.ErrNotFound) {
 		return "", nil
 	}
 	if err != nil {
-		return "", errStopped
+		return "", engine.ErrStopped
 	}
-	if err := s.cfg.Store.DeleteExport(ctx, volumeID, e.Revision); err != nil {
-		return "", errStopped
+	if f != nil {
+		if err := f.Check(ctx); err != nil {
+			return "", err
+		}
 	}
-	if _, err := s.askHost(ctx, e.VMID, hostRequest{Action: hostSync, Change: &exportChange{Removed: volumeID}}); errors.Is(err, errNoHost) {
-		s.log.Warn("export record removed; no volumed serves its VM now", "volume_id", volumeID, "vm_id", e.VMID)
+	if err := h.cfg.Store.DeleteExport(ctx, volumeID, e.Revision); err != nil {
+		return "", engine.ErrStopped
+	}
+	if _, err := h.askHost(ctx, e.VMID, hostRequest{Action: hostSync, Change: &exportChange{Removed: volumeID}}); errors.Is(err, errNoHost) {
+		h.log.Warn("export record removed; no volumed serves its VM now", "volume_id", volumeID, "vm_id", e.VMID)
 	} else if err != nil {
 		return "", commands.Internal("end NBD export %s: %v", e.ExportName, err).WithDetail("export_name", e.ExportName)
 	}
-	s.log.Info("export ended", "volume_id", volumeID, "export", e.ExportName)
+	h.log.Info("export ended", "volume_id", volumeID, "export", e.ExportName)
 	return e.ExportName, nil
 }
 
 // onMapping ends the export of a volume whose device on this host went
 // away, as soon as the device side announces it on volumes.mappings.>.
-func (s *Service) onMapping(msg *nats.Msg) {
+func (h *Host) onMapping(msg *nats.Msg) {
 	var m commands.Mapping
-	if json.Unmarshal(msg.Data, &m) != nil || m.VMID != s.cfg.VMID || m.LinuxState == commands.LinuxDetected {
+	if json.Unmarshal(msg.Data, &m) != nil || m.VMID != h.cfg.VMID || m.LinuxState == commands.LinuxDetected {
 		return
 	}
-	ctx, cancel := context.WithTimeout(s.ctx, exportSyncTimeout)
+	ctx, cancel := context.WithTimeout(h.ctx, exportSyncTimeout)
 	defer cancel()
-	if name, err := s.dropExport(ctx, m.VolumeID); err != nil {
-		s.log.Warn("cannot end the export of a volume whose device went away", "volume_id", m.VolumeID, "err", err)
+	if name, err := h.DropExport(ctx, nil, m.VolumeID); err != nil {
+		h.log.Warn("cannot end the export of a volume whose device went away", "volume_id", m.VolumeID, "err", err)
 	} else if name != "" {
-		s.log.Warn("export ended: its device went away", "volume_id", m.VolumeID, "export", name)
+		h.log.Warn("export ended: its device went away", "volume_id", m.VolumeID, "export", name)
 	}
 }
 
 // exportsOf returns the export records of one VM.
-func (s *Service) exportsOf(ctx context.Context, vmID string) ([]commands.Export, error) {
-	all, err := s.cfg.Store.ListExports(ctx)
+func (h *Host) exportsOf(ctx context.Context, vmID string) ([]commands.Export, error) {
+	all, err := h.cfg.Store.ListExports(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -334,23 +269,23 @@ func (s *Service) exportsOf(ctx context.Context, vmID string) ([]commands.Export
 // syncExports makes the served set this host's records. Records the
 // exporter could not serve are deleted and returned; the error is then
 // only logged. Syncs run one at a time.
-func (s *Service) syncExports(ctx context.Context, change *exportChange) (dropped []string, err error) {
-	s.exportMu.Lock()
-	defer s.exportMu.Unlock()
+func (h *Host) syncExports(ctx context.Context, change *exportChange) (dropped []string, err error) {
+	h.exportMu.Lock()
+	defer h.exportMu.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, exportSyncTimeout)
 	defer cancel()
-	recs, err := s.exportsOf(ctx, s.cfg.VMID)
+	recs, err := h.exportsOf(ctx, h.cfg.VMID)
 	if err != nil {
 		return nil, state.APIError(err)
 	}
-	recs = change.apply(recs, s.cfg.VMID)
-	syncErr := s.cfg.Exporter.Sync(ctx, recs)
-	served := s.cfg.Exporter.Clients()
+	recs = change.apply(recs, h.cfg.VMID)
+	syncErr := h.cfg.Exporter.Sync(ctx, recs)
+	served := h.cfg.Exporter.Clients()
 	for _, e := range recs {
 		if _, ok := served[e.ExportName]; ok {
 			continue
 		}
-		if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); errors.Is(err, state.ErrStale) {
+		if err := h.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); errors.Is(err, state.ErrStale) {
 			continue // changed since it was listed: the next sync looks again
 		} else if err != nil {
 			return dropped, state.APIError(err)
@@ -358,35 +293,35 @@ func (s *Service) syncExports(ctx context.Context, change *exportChange) (droppe
 		dropped = append(dropped, e.VolumeID)
 	}
 	if len(dropped) > 0 {
-		s.log.Warn("exports dropped: the NBD server cannot serve them", "volume_ids", dropped, "err", syncErr)
+		h.log.Warn("exports dropped: the NBD server cannot serve them", "volume_ids", dropped, "err", syncErr)
 		return dropped, nil
 	}
 	return nil, syncErr
 }
 
-// reconcileExports removes the export records whose mapping no longer
+// Reconcile removes the export records whose mapping no longer
 // allows an export and follows a mapping's new device path, then has the
 // volumed serving each VM with exports sync its served set; it returns
 // each repair in words. At Start it looks at this host's records only
-// (all false); in Reconcile, which one instance runs, at every VM's.
-func (s *Service) reconcileExports(ctx context.Context, all bool) ([]string, error) {
-	recs, err := s.cfg.Store.ListExports(ctx)
+// (all false); in the reconcile, which one instance runs, at every VM's.
+func (h *Host) Reconcile(ctx context.Context, all bool) ([]string, error) {
+	recs, err := h.cfg.Store.ListExports(ctx)
 	if err != nil {
 		return nil, state.APIError(err)
 	}
 	vms := map[string]bool{}
-	if s.cfg.Exporter != nil {
-		vms[s.cfg.VMID] = true
+	if h.cfg.Exporter != nil {
+		vms[h.cfg.VMID] = true
 	}
 	var changes []string
 	local := 0
 	for _, e := range recs {
-		if !all && e.VMID != s.cfg.VMID {
+		if !all && e.VMID != h.cfg.VMID {
 			continue
 		}
 		vms[e.VMID] = true
-		m, err := s.cfg.Store.GetMapping(ctx, e.VolumeID)
-		want, why := s.exportable(m)
+		m, err := h.cfg.Store.GetMapping(ctx, e.VolumeID)
+		want, why := h.exportable(m)
 		switch {
 		case errors.Is(err, state.ErrNotFound):
 			why = "the volume has no mapping"
@@ -396,7 +331,7 @@ func (s *Service) reconcileExports(ctx context.Context, all bool) ([]string, err
 			why = fmt.Sprintf("the volume is attached to VM %s now", m.VMID)
 		}
 		if why != "" {
-			if err := s.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); errors.Is(err, state.ErrStale) {
+			if err := h.cfg.Store.DeleteExport(ctx, e.VolumeID, e.Revision); errors.Is(err, state.ErrStale) {
 				continue // changed since it was listed: the next reconcile looks again
 			} else if err != nil {
 				return changes, state.APIError(err)
@@ -406,24 +341,24 @@ func (s *Service) reconcileExports(ctx context.Context, all bool) ([]string, err
 		}
 		if want.ExportName != e.ExportName || want.DevicePath != e.DevicePath {
 			e.ExportName, e.DevicePath, e.UpdatedAt = want.ExportName, want.DevicePath, time.Now().UTC()
-			if _, err := s.cfg.Store.PutExport(ctx, e); errors.Is(err, state.ErrStale) {
+			if _, err := h.cfg.Store.PutExport(ctx, e); errors.Is(err, state.ErrStale) {
 				continue
 			} else if err != nil {
 				return changes, state.APIError(err)
 			}
 			changes = append(changes, fmt.Sprintf("export of volume %s now serves %s as %s", e.VolumeID, e.DevicePath, e.ExportName))
 		}
-		if e.VMID == s.cfg.VMID {
+		if e.VMID == h.cfg.VMID {
 			local++
 		}
 	}
 	resync := false
-	if s.cfg.Exporter != nil {
-		resync = len(s.cfg.Exporter.Clients()) != local
+	if h.cfg.Exporter != nil {
+		resync = len(h.cfg.Exporter.Clients()) != local
 	}
 	var errs []error
 	for _, vm := range slices.Sorted(maps.Keys(vms)) {
-		dropped, err := s.askHost(ctx, vm, hostRequest{Action: hostSync})
+		dropped, err := h.askHost(ctx, vm, hostRequest{Action: hostSync})
 		for _, id := range dropped {
 			changes = append(changes, fmt.Sprintf("removed export of volume %s: the NBD server cannot serve it", id))
 		}
@@ -437,50 +372,50 @@ func (s *Service) reconcileExports(ctx context.Context, all bool) ([]string, err
 	return changes, errors.Join(errs...)
 }
 
-// autoExport has the volumed serving the VM of a volume just attached and
+// AutoExport has the volumed serving the VM of a volume just attached and
 // mapped export it, read-only, when that host's --nbd-auto-export asks for
 // it; a failure is logged, the attach stands.
-func (s *Service) autoExport(ctx context.Context, m commands.Mapping) {
-	if m.VMID == s.cfg.VMID {
-		s.autoExportHere(ctx, m)
+func (h *Host) AutoExport(ctx context.Context, m commands.Mapping) {
+	if m.VMID == h.cfg.VMID {
+		h.autoExportHere(ctx, m)
 		return
 	}
-	if _, err := s.askHost(ctx, m.VMID, hostRequest{Action: hostAutoExport, Mapping: &m}); err != nil && !errors.Is(err, errNoHost) {
-		s.log.Warn("auto-export on the volume's host failed", "volume_id", m.VolumeID, "vm_id", m.VMID, "err", err)
+	if _, err := h.askHost(ctx, m.VMID, hostRequest{Action: hostAutoExport, Mapping: &m}); err != nil && !errors.Is(err, errNoHost) {
+		h.log.Warn("auto-export on the volume's host failed", "volume_id", m.VolumeID, "vm_id", m.VMID, "err", err)
 	}
 }
 
 // autoExportHere is autoExport on this host's NBD server.
-func (s *Service) autoExportHere(ctx context.Context, m commands.Mapping) {
-	if !s.cfg.AutoExport || s.cfg.Exporter == nil {
+func (h *Host) autoExportHere(ctx context.Context, m commands.Mapping) {
+	if !h.cfg.AutoExport || h.cfg.Exporter == nil {
 		return
 	}
-	e, why := s.exportable(m)
+	e, why := h.exportable(m)
 	if why != "" {
 		return
 	}
-	if _, err := s.cfg.Store.GetExport(ctx, m.VolumeID); err == nil {
+	if _, err := h.cfg.Store.GetExport(ctx, m.VolumeID); err == nil {
 		return // exported already, maybe read-write: keep it
 	}
 	e.ReadOnly = true
-	if err := s.putExport(ctx, e); err != nil {
-		s.log.Warn("auto-export failed", "volume_id", m.VolumeID, "err", err)
+	if err := h.PutExport(ctx, nil, e); err != nil {
+		h.log.Warn("auto-export failed", "volume_id", m.VolumeID, "err", err)
 		return
 	}
-	s.log.Info("volume auto-exported", "volume_id", m.VolumeID, "export", e.ExportName)
+	h.log.Info("volume auto-exported", "volume_id", m.VolumeID, "export", e.ExportName)
 }
 
 // Exports lists this host's exports with their connected clients; 503
 // when the NBD server is off.
-func (s *Service) Exports(ctx context.Context) ([]commands.Export, error) {
-	if s.cfg.Exporter == nil {
-		return nil, exportsOff()
+func (h *Host) Exports(ctx context.Context) ([]commands.Export, error) {
+	if h.cfg.Exporter == nil {
+		return nil, ExportsOff()
 	}
-	recs, err := s.exportsOf(ctx, s.cfg.VMID)
+	recs, err := h.exportsOf(ctx, h.cfg.VMID)
 	if err != nil {
 		return nil, state.APIError(err)
 	}
-	clients := s.cfg.Exporter.Clients()
+	clients := h.cfg.Exporter.Clients()
 	for i := range recs {
 		recs[i].Clients = clients[recs[i].ExportName]
 	}
@@ -489,17 +424,17 @@ func (s *Service) Exports(ctx context.Context) ([]commands.Export, error) {
 
 // Export is one volume's export with its connected clients; NOT_FOUND
 // when the volume is not exported here.
-func (s *Service) Export(ctx context.Context, volumeID string) (commands.Export, error) {
-	if s.cfg.Exporter == nil {
-		return commands.Export{}, exportsOff()
+func (h *Host) Export(ctx context.Context, volumeID string) (commands.Export, error) {
+	if h.cfg.Exporter == nil {
+		return commands.Export{}, ExportsOff()
 	}
-	e, err := s.cfg.Store.GetExport(ctx, volumeID)
-	if errors.Is(err, state.ErrNotFound) || (err == nil && e.VMID != s.cfg.VMID) {
+	e, err := h.cfg.Store.GetExport(ctx, volumeID)
+	if errors.Is(err, state.ErrNotFound) || (err == nil && e.VMID != h.cfg.VMID) {
 		return commands.Export{}, commands.NotFound("volume %s is not exported on this host", volumeID).WithDetail("volume_id", volumeID)
 	}
 	if err != nil {
 		return e, state.APIError(err)
 	}
-	e.Clients = s.cfg.Exporter.Clients()[e.ExportName]
+	e.Clients = h.cfg.Exporter.Clients()[e.ExportName]
 	return e, nil
 }

@@ -1,4 +1,4 @@
-package handlers
+package hostwork
 
 import (
 	"context"
@@ -79,14 +79,14 @@ var errNoHost = errors.New("no volumed with an NBD server serves the VM")
 
 // askHost runs a host action for vmID: here when this instance serves that
 // VM, else on the instance that does, through its per-VM subject.
-func (s *Service) askHost(ctx context.Context, vmID string, req hostRequest) ([]string, error) {
-	if vmID == s.cfg.VMID && s.cfg.Exporter != nil {
-		return s.hostAction(ctx, req)
+func (h *Host) askHost(ctx context.Context, vmID string, req hostRequest) ([]string, error) {
+	if vmID == h.cfg.VMID && h.cfg.Exporter != nil {
+		return h.hostAction(ctx, req)
 	}
 	data, _ := json.Marshal(req)
 	ctx, cancel := context.WithTimeout(ctx, hostTimeout)
 	defer cancel()
-	msg, err := s.cfg.Conn.RequestWithContext(ctx, hostSubject(vmID), data)
+	msg, err := h.cfg.Conn.RequestWithContext(ctx, hostSubject(vmID), data)
 	if errors.Is(err, nats.ErrNoResponders) {
 		return nil, fmt.Errorf("VM %s: %w", vmID, errNoHost)
 	}
@@ -104,15 +104,15 @@ func (s *Service) askHost(ctx context.Context, vmID string, req hostRequest) ([]
 }
 
 // hostAction runs a host action on this instance's NBD server.
-func (s *Service) hostAction(ctx context.Context, req hostRequest) ([]string, error) {
+func (h *Host) hostAction(ctx context.Context, req hostRequest) ([]string, error) {
 	switch req.Action {
 	case hostPing:
 		return nil, nil
 	case hostSync:
-		return s.syncExports(ctx, req.Change)
+		return h.syncExports(ctx, req.Change)
 	case hostAutoExport:
 		if req.Mapping != nil {
-			s.autoExportHere(ctx, *req.Mapping)
+			h.autoExportHere(ctx, *req.Mapping)
 		}
 		return nil, nil
 	}
@@ -120,14 +120,14 @@ func (s *Service) hostAction(ctx context.Context, req hostRequest) ([]string, er
 }
 
 // onHostRequest answers a request on this VM's host subject.
-func (s *Service) onHostRequest(msg *nats.Msg) {
+func (h *Host) onHostRequest(msg *nats.Msg) {
 	var req hostRequest
 	var rep hostReply
 	if err := json.Unmarshal(msg.Data, &req); err != nil {
 		rep.Error = "bad host request: " + err.Error()
 	} else {
-		ctx, cancel := context.WithTimeout(s.ctx, exportSyncTimeout)
-		dropped, err := s.hostAction(ctx, req)
+		ctx, cancel := context.WithTimeout(h.ctx, exportSyncTimeout)
+		dropped, err := h.hostAction(ctx, req)
 		cancel()
 		rep.Dropped = dropped
 		if err != nil {
@@ -136,6 +136,6 @@ func (s *Service) onHostRequest(msg *nats.Msg) {
 	}
 	data, _ := json.Marshal(rep)
 	if err := msg.Respond(data); err != nil {
-		s.log.Warn("host reply failed", "err", err)
+		h.log.Warn("host reply failed", "err", err)
 	}
 }

@@ -1,0 +1,176 @@
+// Package engine runs volumed's operations: it claims an operation by
+// compare-and-swap (attempt + 1), hands it to the Kind registered for its
+// type, journals every step on the record by compare-and-swap, fences
+// every write a step makes by the claim, and records the end. It knows
+// nothing of NATS, NBD or device agents: the queue that delivers
+// operations (handlers), the kinds (kinds) and the host work (hostwork)
+// plug into it.
+package engine
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/backoff"
+	"github.com/volumed/volumed/state"
+)
+
+// Kind is one type of operation: create, attach (attach-root too),
+// detach, delete, export, unexport. Execute runs the operation to its end
+// from the step the journal shows, first asking whether a step is already
+// done, and writes only through the journal and the fenced writers.
+type Kind interface {
+	// Type is the operation type the kind runs.
+	Type() commands.OpType
+	// Execute runs j's operation and returns its response, or the error
+	// it fails with; ErrLost or ErrStopped (wrapped) stop it unfinished.
+	Execute(ctx context.Context, j *Journal) (*commands.OpResponse, error)
+}
+
+// Publisher sends an operation's new state on volumes.ops.<id>.
+type Publisher interface {
+	PublishOperation(ctx context.Context, op commands.Operation)
+}
+
+// Timing bounds a step's retries and waits.
+type Timing struct {
+	// StepTimeout bounds each CloudStack step, job wait included.
+	StepTimeout time.Duration
+	// Retry is the backoff between retries of a transient failure.
+	Retry backoff.Policy
+	// SettleTimeout is how long a call whose answer was lost is followed
+	// up before it is sent again.
+	SettleTimeout time.Duration
+}
+
+// Config configures an Engine.
+type Config struct {
+	// Operations is the journal's store; required.
+	Operations state.Operations
+	// Publisher sends operation events; required.
+	Publisher Publisher
+	// Timing bounds the steps.
+	Timing Timing
+	// Logger receives the engine's logs.
+	Logger *slog.Logger
+}
+
+// Engine runs operations with the kinds registered by type.
+type Engine struct {
+	cfg   Config
+	kinds map[commands.OpType]Kind
+}
+
+// New returns an Engine running kinds, one per type; a second kind of a
+// type already registered panics (a wiring error).
+func New(cfg Config, kinds ...Kind) *Engine {
+	e := &Engine{cfg: cfg, kinds: map[commands.OpType]Kind{}}
+	for _, k := range kinds {
+		if _, dup := e.kinds[k.Type()]; dup {
+			panic("engine: two kinds of type " + string(k.Type()))
+		}
+		e.kinds[k.Type()] = k
+	}
+	return e
+}
+
+// Kind returns the kind registered for typ, nil if none.
+func (e *Engine) Kind(typ commands.OpType) Kind { return e.kinds[typ] }
+
+// Result is how Run left an operation.
+type Result int
+
+const (
+	// Done: the operation is terminal; its job is acked.
+	Done Result = iota
+	// Stopped: stopped early (shutdown, store failure); the job is
+	// delivered again.
+	Stopped
+	// Lost: another executor holds the operation; its job is left to that
+	// executor's delivery.
+	Lost
+)
+
+// Run executes one operation to a terminal state: it claims the operation
+// (attempt + 1), runs its kind and records the end. ctx is the caller's,
+// or that of a lease the operation runs under. An executor that finds it
+// lost the operation writes nothing more and logs why.
+func (e *Engine) Run(ctx context.Context, opID string, log *slog.Logger) Result {
+	op, err := e.cfg.Operations.GetOperation(ctx, opID)
+	if err != nil {
+		log.Warn("cannot load operation", "err", err)
+		return Stopped
+	}
+	if op.Status.Terminal() {
+		return Done
+	}
+	// The claim: attempt + 1 by compare-and-swap. Losing it means another
+	// executor claimed the operation since it was read.
+	op.Attempts++
+	op.Status = commands.StatusExecuting
+	j := e.journal(&op, log)
+	if err := j.Save(ctx); err != nil {
+		if cur, gerr := e.cfg.Operations.GetOperation(ctx, opID); gerr == nil && cur.Status.Terminal() {
+			return Done // the read was behind: it had ended
+		}
+		if errors.Is(err, state.ErrStale) || errors.Is(err, ErrLost) {
+			log.Info("operation claimed by another executor; not running it", "attempt", op.Attempts, "err", err)
+			return Lost
+		}
+		return e.stopped(log, &op, err)
+	}
+	j.log = log.With("type", op.Type, "volume_id", op.VolumeID, "attempt", op.Attempts)
+	log = j.log
+	log.Info("operation executing", "step", op.Step)
+	var resp *commands.OpResponse
+	if k := e.kinds[op.Type]; k == nil {
+		err = commands.Internal("unknown operation type %q", op.Type)
+	} else {
+		resp, err = k.Execute(ctx, j)
+	}
+	switch {
+	case errors.Is(err, ErrLost):
+		log.Warn("operation taken over by another executor; stopping, nothing more written", "step", op.Step, "err", err)
+		return Lost
+	case ctx.Err() != nil || errors.Is(err, ErrStopped):
+		log.Info("operation interrupted; it resumes on redelivery", "step", op.Step, "err", err)
+		return Stopped
+	}
+	status := commands.StatusCompleted
+	if err != nil {
+		status = commands.StatusFailed
+		ce := commands.AsError(err)
+		op.Error = ce.Message
+		op.Details = map[string]any{"code": ce.Code}
+		for k, v := range ce.Details {
+			op.Details[k] = v
+		}
+	} else {
+		op.Response, op.Error, op.Details = resp, "", nil
+	}
+	now := time.Now().UTC()
+	op.Status, op.CompletedAt = status, &now
+	if err := j.Save(ctx); err != nil {
+		return e.stopped(log, &op, err)
+	}
+	log.Info("operation "+string(status), "err", op.Error, "duration", op.Duration())
+	return Done
+}
+
+// stopped maps a failed write of Run to its result, and logs it.
+func (e *Engine) stopped(log *slog.Logger, op *commands.Operation, err error) Result {
+	if errors.Is(err, ErrLost) {
+		log.Warn("operation taken over by another executor; stopping, nothing more written", "step", op.Step, "err", err)
+		return Lost
+	}
+	log.Info("operation interrupted; it resumes on redelivery", "step", op.Step, "err", err)
+	return Stopped
+}
+
+// journal returns the journal of op, claimed or about to be.
+func (e *Engine) journal(op *commands.Operation, log *slog.Logger) *Journal {
+	return &Journal{Op: op, ops: e.cfg.Operations, pub: e.cfg.Publisher, timing: e.cfg.Timing, log: log}
+}

@@ -1,0 +1,167 @@
+package engine_test
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/internal/backoff"
+	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/memstore"
+)
+
+// events records the operation events the engine publishes.
+type events struct {
+	mu  sync.Mutex
+	ops []commands.Operation
+}
+
+func (e *events) PublishOperation(_ context.Context, op commands.Operation) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.ops = append(e.ops, op)
+}
+
+var timing = engine.Timing{StepTimeout: 30 * time.Second, SettleTimeout: time.Second,
+	Retry: backoff.Policy{Min: time.Millisecond, Max: time.Millisecond}}
+
+// claimed records a new attach operation and claims it as attempt 1.
+func claimed(t *testing.T, ops state.Operations, id string) *engine.Journal {
+	t.Helper()
+	ctx := context.Background()
+	now := time.Now().UTC()
+	op, err := ops.CreateOperation(ctx, commands.Operation{ID: id, Type: commands.OpAttach,
+		Status: commands.StatusPending, VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	op.Status, op.Attempts = commands.StatusExecuting, 1
+	j := engine.NewJournal(&op, ops, &events{}, timing, slog.Default())
+	if err := j.Save(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return j
+}
+
+// TestStepRetryPolicy: 530 is retried a limited number of times, a
+// Retry-After is honoured, and a lost answer (MaybeDone) is never retried.
+func TestStepRetryPolicy(t *testing.T) {
+	j := claimed(t, memstore.New(), "op-step")
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name     string
+		err      *csapi.Error
+		calls    int
+		minSpent time.Duration
+	}{
+		{"530 a few times", &csapi.Error{Command: "attachVolume", Code: 530, Retryable: true, RetryLimit: csapi.Retries530}, csapi.Retries530 + 1, 0},
+		{"503 after Retry-After", &csapi.Error{Command: "attachVolume", Code: 503, Retryable: true, RetryAfter: 300 * time.Millisecond}, 2, 300 * time.Millisecond},
+		{"lost answer not retried", &csapi.Error{Command: "attachVolume", MaybeDone: true}, 1, 0},
+		{"final not retried", &csapi.Error{Command: "attachVolume", Code: 533}, 1, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			calls := 0
+			start := time.Now()
+			err := j.Step(ctx, "attachVolume", func(context.Context) error {
+				calls++
+				if tc.err.RetryLimit == 0 && tc.err.Retryable && calls > 1 {
+					return nil // the retry after Retry-After succeeds
+				}
+				return tc.err
+			})
+			if calls != tc.calls || time.Since(start) < tc.minSpent {
+				t.Fatalf("%d calls in %v (err %v), want %d in at least %v", calls, time.Since(start), err, tc.calls, tc.minSpent)
+			}
+			if err != nil && csapi.IsRetryable(err) {
+				t.Fatalf("step gave up with a retryable error %v: the operation would not fail as CloudStack said", err)
+			}
+		})
+	}
+}
+
+// TestSaveFencesALateExecutor: once another executor claimed the
+// operation (attempt + 1), the first one's next write is refused and it
+// learns it lost the operation; so is a write after the operation ended;
+// and the fence check says so before any other write.
+func TestSaveFencesALateExecutor(t *testing.T) {
+	store := memstore.New()
+	ctx := context.Background()
+	first := claimed(t, store, "op-fence")
+	if err := first.Check(ctx); err != nil {
+		t.Fatalf("fence of the holder: %v", err)
+	}
+	cur, err := store.GetOperation(ctx, first.Op.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.Attempts++
+	second := engine.NewJournal(&cur, store, &events{}, timing, slog.Default())
+	if err := second.Save(ctx); err != nil {
+		t.Fatalf("claim by the second executor: %v", err)
+	}
+	if err := first.Check(ctx); !errors.Is(err, engine.ErrLost) {
+		t.Fatalf("fence of the late executor: %v, want ErrLost", err)
+	}
+	first.Op.Step = "attach:requested"
+	if err := first.Save(ctx); !errors.Is(err, engine.ErrLost) {
+		t.Fatalf("late write of the first executor: %v, want ErrLost", err)
+	}
+	now := time.Now().UTC()
+	second.Op.Status, second.Op.CompletedAt = commands.StatusCompleted, &now
+	if err := second.Save(ctx); err != nil {
+		t.Fatal(err)
+	}
+	second.Op.Step = "attach:job"
+	if err := second.Save(ctx); !errors.Is(err, engine.ErrLost) {
+		t.Fatalf("write after the end: %v, want ErrLost", err)
+	}
+	got, _ := store.GetOperation(ctx, first.Op.ID)
+	if got.Status != commands.StatusCompleted || got.Attempts != 2 || got.Step != "" {
+		t.Fatalf("record after the late writes: %+v", got)
+	}
+}
+
+// TestLeasedExcludes: two holders of one lease in one process never work
+// at once; a caller that does not wait is told the lease is held.
+func TestLeasedExcludes(t *testing.T) {
+	l := &engine.Leaser{Store: memstore.New(), Holder: engine.Holder(), Log: slog.Default()}
+	ctx := context.Background()
+	var inside, overlaps, runs atomic.Int32
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			err := l.Leased(ctx, "test", true, func(ctx context.Context) error {
+				if inside.Add(1) > 1 {
+					overlaps.Add(1)
+				}
+				time.Sleep(20 * time.Millisecond)
+				inside.Add(-1)
+				runs.Add(1)
+				return nil
+			})
+			if err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	if overlaps.Load() != 0 || runs.Load() != 4 {
+		t.Fatalf("%d overlaps in %d runs, want 0 in 4", overlaps.Load(), runs.Load())
+	}
+	held := make(chan struct{})
+	release := make(chan struct{})
+	go l.Leased(ctx, "test", false, func(ctx context.Context) error { close(held); <-release; return nil })
+	<-held
+	err := l.Leased(ctx, "test", false, func(ctx context.Context) error { return errors.New("ran while held") })
+	close(release)
+	if !errors.Is(err, state.ErrLeaseHeld) {
+		t.Fatalf("leased without waiting while held: %v, want ErrLeaseHeld", err)
+	}
+}

@@ -1,0 +1,179 @@
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/internal/backoff"
+	"github.com/volumed/volumed/state"
+)
+
+// ErrStopped: the engine is shutting down or the store failed; the
+// operation is left as recorded and resumed on redelivery.
+var ErrStopped = errors.New("engine: stopped before the operation ended")
+
+// ErrLost: another executor claimed the operation (a later attempt) or
+// ended it; this one stops at once, writes nothing more, and does not ack
+// its job.
+var ErrLost = errors.New("engine: the operation was taken over")
+
+// Fence proves, before a write, that its writer still holds what allows
+// the write; nil means an unfenced writer (the reconcile, which writes by
+// compare-and-swap on what it read, under its lease).
+type Fence interface {
+	// Check returns nil while the claim holds, an error wrapping ErrLost
+	// once another executor claimed or ended the operation, and one
+	// wrapping ErrStopped when it cannot tell.
+	Check(ctx context.Context) error
+}
+
+// Journal is one claimed operation's record: the kind sets the operation's
+// step, job, volume or error and saves it, by compare-and-swap on the
+// revision it holds. It is also the operation's Fence.
+type Journal struct {
+	// Op is the claimed operation, as last saved.
+	Op     *commands.Operation
+	ops    state.Operations
+	pub    Publisher
+	timing Timing
+	log    *slog.Logger
+}
+
+var _ Fence = (*Journal)(nil)
+
+// NewJournal returns the journal of op, claimed at op.Revision, for a
+// kind's test or a caller that claimed op itself.
+func NewJournal(op *commands.Operation, ops state.Operations, pub Publisher, timing Timing, log *slog.Logger) *Journal {
+	return &Journal{Op: op, ops: ops, pub: pub, timing: timing, log: log}
+}
+
+// Log is the operation's logger.
+func (j *Journal) Log() *slog.Logger { return j.log }
+
+// Save records the operation by compare-and-swap on the revision it was
+// read or last saved at, and publishes its new state. It fails with
+// ErrStopped when the store cannot be written, and with ErrLost when the
+// record moved on: another executor claimed the operation (a later
+// attempt) or ended it. A writer that loses never writes its data again;
+// the next delivery reads the record and decides.
+func (j *Journal) Save(ctx context.Context) error {
+	op := j.Op
+	op.UpdatedAt = time.Now().UTC()
+	saved, err := j.ops.UpdateOperation(ctx, *op)
+	if errors.Is(err, state.ErrStale) || errors.Is(err, state.ErrTransition) {
+		cur, gerr := j.ops.GetOperation(ctx, op.ID)
+		switch {
+		case gerr != nil:
+			return fmt.Errorf("%w: %w", ErrStopped, gerr)
+		case cur.Attempts != op.Attempts || cur.Status.Terminal():
+			return fmt.Errorf("%w: attempt %d, %s, is recorded", ErrLost, cur.Attempts, cur.Status)
+		}
+		// Our own write whose answer was lost, most likely: the next
+		// delivery resumes from the record.
+	}
+	if err != nil {
+		j.log.Warn("cannot record operation", "operation_id", op.ID, "err", err)
+		return fmt.Errorf("%w: %w", ErrStopped, err)
+	}
+	op.Revision = saved.Revision
+	j.pub.PublishOperation(ctx, *op)
+	return nil
+}
+
+// Check is the claim's fence: it reads the record and returns nil only if
+// it is still at the revision this executor last saved. A later attempt,
+// or an end, is ErrLost; any other change (a write of ours whose answer
+// was lost) is ErrStopped, and the next delivery decides from the record.
+func (j *Journal) Check(ctx context.Context) error {
+	cur, err := j.ops.GetOperation(ctx, j.Op.ID)
+	switch {
+	case err != nil:
+		return fmt.Errorf("%w: fence: %w", ErrStopped, err)
+	case cur.Attempts != j.Op.Attempts || cur.Status.Terminal():
+		return fmt.Errorf("%w: attempt %d (%s) is recorded, this executor holds attempt %d", ErrLost, cur.Attempts, cur.Status, j.Op.Attempts)
+	case cur.Revision != j.Op.Revision:
+		return fmt.Errorf("%w: fence: the record moved to revision %d from %d", ErrStopped, cur.Revision, j.Op.Revision)
+	}
+	return nil
+}
+
+// Step runs fn under the step deadline, retrying retryable CloudStack
+// failures with the engine's backoff (at least the Retry-After CloudStack
+// asked for, and at most RetryLimit times in a row for a limited kind such
+// as 530) and recording the last error on the operation. A MaybeDone error
+// is returned at once: the caller asks CloudStack what happened. It returns
+// a TIMEOUT error when the deadline passes.
+func (j *Journal) Step(ctx context.Context, name string, fn func(ctx context.Context) error) error {
+	stepCtx, cancel := context.WithTimeout(ctx, j.timing.StepTimeout)
+	defer cancel()
+	wait := j.timing.Retry.Start()
+	limited := 0
+	for {
+		err := fn(stepCtx)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ErrStopped
+		}
+		if stepCtx.Err() != nil {
+			return commands.Timeout("%s did not finish within %v: %v", name, j.timing.StepTimeout, err).
+				WithDetail("step", name)
+		}
+		var cs *csapi.Error
+		if !errors.As(err, &cs) || !cs.Retryable {
+			return err
+		}
+		if cs.RetryLimit > 0 {
+			if limited++; limited > cs.RetryLimit {
+				final := *cs // retried enough: final, with CloudStack's code and text
+				final.Retryable = false
+				return &final
+			}
+		}
+		j.Op.Error = fmt.Sprintf("%s: %v (retrying)", name, err)
+		if err := j.Save(ctx); err != nil {
+			return err
+		}
+		wait.Wait(stepCtx, cs.RetryAfter)
+	}
+}
+
+// Settle follows up a call whose answer was lost (or that a crash cut
+// off): it asks CloudStack, through check, until check reports the call
+// took effect or the settle timeout passes; done says which. The
+// operation shows what it waits for.
+func (j *Journal) Settle(ctx context.Context, name string, check func(ctx context.Context) (bool, error)) (done bool, err error) {
+	j.Op.Error = name + ": answer lost; asking CloudStack what happened (retrying)"
+	if err := j.Save(ctx); err != nil {
+		return false, err
+	}
+	deadline := time.Now().Add(j.timing.SettleTimeout)
+	tm := backoff.Policy{Min: j.timing.Retry.Min, Max: time.Second}.Start()
+	for {
+		done, err := check(ctx)
+		if err != nil || done || time.Now().After(deadline) {
+			return done, err
+		}
+		if !tm.Wait(ctx, 0) {
+			return false, ErrStopped
+		}
+	}
+}
+
+// Decode reads the operation's recorded request into v.
+func (j *Journal) Decode(v any) error { return DecodeRequest(j.Op, v) }
+
+// DecodeRequest reads op's recorded request into v.
+func DecodeRequest(op *commands.Operation, v any) error {
+	if err := json.Unmarshal(op.Request, v); err != nil {
+		return commands.Internal("recorded request of %s is unreadable: %v", op.ID, err)
+	}
+	return nil
+}

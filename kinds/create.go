@@ -1,0 +1,124 @@
+package kinds
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/state"
+)
+
+// create makes a volume; a createVolume whose answer was lost adopts the
+// volume it made instead of making a second one.
+type create struct{ Deps }
+
+func (create) Type() commands.OpType { return commands.OpCreate }
+
+func (k create) Execute(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+	op := j.Op
+	var req commands.CreateRequest
+	if err := j.Decode(&req); err != nil {
+		return nil, err
+	}
+	for op.VolumeID == "" {
+		if op.Step == StepCreateRequested {
+			// A createVolume whose answer was lost, or that a crash cut
+			// off: adopt the volume it made rather than make a second one.
+			found, err := j.Settle(ctx, "createVolume", func(ctx context.Context) (bool, error) {
+				return k.adoptCreated(ctx, j, req)
+			})
+			if err != nil {
+				return nil, err
+			}
+			if found {
+				break
+			}
+			// CloudStack has no such volume: it did not make one.
+		}
+		op.Step = StepCreateRequested
+		if err := j.Save(ctx); err != nil {
+			return nil, err
+		}
+		var volID, jobID string
+		err := j.Step(ctx, "createVolume", func(ctx context.Context) error {
+			var err error
+			volID, jobID, err = k.CloudStack.CreateVolume(ctx, csapi.CreateParams{
+				Name: req.Name, SizeGiB: req.SizeGiB(), DiskOfferingID: req.DiskOfferingID, ZoneID: req.ZoneID})
+			return err
+		})
+		switch {
+		case csapi.IsMaybeDone(err):
+			continue
+		case err != nil:
+			return nil, engine.Failure(err)
+		}
+		op.VolumeID, op.JobID = volID, jobID
+	}
+	// From here the volume's id is recorded: later operations on it wait
+	// until this create ends (the queue's turn).
+	if op.Step != StepCreateJob {
+		op.Step = StepCreateJob
+		if err := j.Save(ctx); err != nil {
+			return nil, err
+		}
+	}
+	vol, err := k.createdVolume(ctx, j)
+	if err != nil {
+		return nil, err
+	}
+	return &commands.OpResponse{VolumeID: vol.ID, Message: "Volume created successfully"}, nil
+}
+
+// createdVolume waits for the create job, or, without one, asks
+// CloudStack for the volume.
+func (k create) createdVolume(ctx context.Context, j *engine.Journal) (csapi.Volume, error) {
+	op := j.Op
+	if op.JobID != "" {
+		job, err := k.waitJob(ctx, j, "createVolume job")
+		if err == nil && job.Volume != nil {
+			return *job.Volume, nil
+		}
+		if err != nil && !errors.Is(err, csapi.ErrNotFound) {
+			return csapi.Volume{}, engine.Failure(err)
+		}
+	}
+	vol, err := k.volume(ctx, j, op.VolumeID)
+	if errors.Is(err, csapi.ErrNotFound) {
+		return vol, commands.NotFound("volume %s, created by this operation, no longer exists", op.VolumeID)
+	}
+	return vol, engine.Failure(err)
+}
+
+// adoptCreated looks for the volume an interrupted createVolume made: same
+// name and zone, created since the operation, claimed by no operation. It
+// reports whether it adopted one.
+func (k create) adoptCreated(ctx context.Context, j *engine.Journal, req commands.CreateRequest) (bool, error) {
+	op := j.Op
+	var vols []csapi.Volume
+	err := j.Step(ctx, "listVolumes", func(ctx context.Context) error {
+		var err error
+		vols, err = k.CloudStack.ListVolumes(ctx, csapi.ListFilter{Name: req.Name, ZoneID: req.ZoneID})
+		return err
+	})
+	if err != nil {
+		return false, engine.Failure(err)
+	}
+	for _, v := range vols {
+		if created, err := time.Parse(csapi.TimeLayout, v.Created); err == nil && created.Before(op.CreatedAt.Add(-time.Minute)) {
+			continue
+		}
+		claimed, _, err := k.Operations.ListOperations(ctx, state.Filter{VolumeID: v.ID, Limit: 1})
+		if err != nil {
+			return false, engine.ErrStopped
+		}
+		if len(claimed) == 0 {
+			k.Log.Info("adopting volume of an interrupted create", "operation_id", op.ID, "volume_id", v.ID)
+			op.VolumeID, op.Step, op.Error = v.ID, StepCreateJob, ""
+			return true, j.Save(ctx)
+		}
+	}
+	return false, nil
+}

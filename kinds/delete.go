@@ -1,0 +1,63 @@
+package kinds
+
+import (
+	"context"
+	"errors"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/handlers/csapi"
+)
+
+// remove deletes a detached volume in CloudStack (deleteVolume is
+// synchronous: no job) and releases what it had left.
+type remove struct{ Deps }
+
+func (remove) Type() commands.OpType { return commands.OpDelete }
+
+func (k remove) Execute(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+	var req commands.VolumeRequest
+	if err := j.Decode(&req); err != nil {
+		return nil, err
+	}
+	vol, err := k.volume(ctx, j, req.VolumeID)
+	switch {
+	case errors.Is(err, csapi.ErrNotFound):
+		if _, err := k.Release.Release(ctx, j, req.VolumeID, nil, mark(j)); err != nil {
+			return nil, err
+		}
+		return &commands.OpResponse{VolumeID: req.VolumeID, Message: "Volume already deleted"}, nil
+	case err != nil:
+		return nil, engine.Failure(err)
+	case vol.VMID != "":
+		return nil, commands.Conflict("volume %s is attached to VM %s: detach it first", vol.ID, vol.VMID).
+			WithDetail("attached_vm_id", vol.VMID)
+	}
+	j.Op.Step = StepDelete
+	if err := j.Save(ctx); err != nil {
+		return nil, err
+	}
+	err = j.Step(ctx, "deleteVolume", func(ctx context.Context) error {
+		err := k.CloudStack.DeleteVolume(ctx, req.VolumeID)
+		if err == nil || !(csapi.IsRetryable(err) || csapi.IsMaybeDone(err)) {
+			return err
+		}
+		// Gone already? A lost answer to a delete that worked.
+		_, gerr := k.CloudStack.GetVolume(ctx, req.VolumeID)
+		switch {
+		case errors.Is(gerr, csapi.ErrNotFound):
+			return nil
+		case gerr != nil:
+			return gerr // retryable or final, as CloudStack answers
+		}
+		// Still there: deleting again is safe (a volume is deleted once).
+		return lostAnswer(err)
+	})
+	if err != nil {
+		return nil, engine.Failure(err)
+	}
+	if _, err := k.Release.Release(ctx, j, req.VolumeID, nil, mark(j)); err != nil {
+		return nil, err
+	}
+	return &commands.OpResponse{VolumeID: req.VolumeID, Message: "Volume deleted successfully"}, nil
+}

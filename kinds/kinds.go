@@ -1,0 +1,137 @@
+// Package kinds holds volumed's operation kinds, one file each: create,
+// attach (attach-root too), detach, delete, export and unexport. Each
+// implements engine.Kind: it runs its operation as CloudStack steps that
+// first ask whether the step is already done, journals each step through
+// the engine's Journal, and writes mappings and exports only through the
+// fenced writers the engine gives it.
+package kinds
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"strconv"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/state"
+)
+
+// Steps recorded on an operation, so a redelivery after a crash knows
+// what was already asked of CloudStack. The release steps are the
+// engine's (engine.StepUnexport, engine.StepRelease).
+const (
+	StepCreateRequested = "create:requested"
+	StepCreateJob       = "create:job"
+	StepAttachRequested = "attach:requested"
+	StepAttachJob       = "attach:job"
+	StepCorrelate       = "attach:correlate"
+	StepDetachRequested = "detach:requested"
+	StepDetachJob       = "detach:job"
+	StepDelete          = "delete:requested"
+)
+
+// Exports is the host work the export kinds and attach need: the export
+// records and the NBD servers that serve them.
+type Exports interface {
+	engine.ExportEnder
+	// ExportFor returns the export the volume's mapping allows, or a
+	// CONFLICT saying why there is none.
+	ExportFor(ctx context.Context, volumeID string) (commands.Export, error)
+	// PutExport records e and has the volumed serving its VM serve it,
+	// fenced by f.
+	PutExport(ctx context.Context, f engine.Fence, e commands.Export) error
+	// AutoExport has the volumed serving m's VM export it, read-only, when
+	// that host's --nbd-auto-export asks for it.
+	AutoExport(ctx context.Context, m commands.Mapping)
+}
+
+// Deps are what the kinds work with.
+type Deps struct {
+	// CloudStack is the CloudStack API the steps call.
+	CloudStack csapi.API
+	// Operations lists operations (a create's adoption).
+	Operations state.OperationReader
+	// Mappings is the one mapping writer.
+	Mappings *engine.MappingWriter
+	// Release is the one release sequence.
+	Release *engine.Releaser
+	// Devices is the device agent side; nil without agents.
+	Devices engine.Devices
+	// Exports is the host work.
+	Exports Exports
+	// Log receives the kinds' logs.
+	Log *slog.Logger
+}
+
+// All returns every kind, for engine.New.
+func All(d Deps) []engine.Kind {
+	return []engine.Kind{create{d}, attach{d}, detach{d}, remove{d}, export{d}, unexport{d}}
+}
+
+// mark journals a step on the operation.
+func mark(j *engine.Journal) func(ctx context.Context, step string) error {
+	return func(ctx context.Context, step string) error {
+		j.Op.Step = step
+		return j.Save(ctx)
+	}
+}
+
+// volume asks CloudStack for a volume inside a step.
+func (d Deps) volume(ctx context.Context, j *engine.Journal, id string) (csapi.Volume, error) {
+	var vol csapi.Volume
+	err := j.Step(ctx, "listVolumes", func(ctx context.Context) error {
+		var err error
+		vol, err = d.CloudStack.GetVolume(ctx, id)
+		return err
+	})
+	return vol, err
+}
+
+// waitJob follows the operation's CloudStack job to its end. A job still
+// running at the step's deadline fails the operation with TIMEOUT saying
+// so (job_may_run and the job's id); a later reconcile records what became
+// of the job.
+func (d Deps) waitJob(ctx context.Context, j *engine.Journal, name string) (csapi.Job, error) {
+	var job csapi.Job
+	err := j.Step(ctx, name, func(ctx context.Context) error {
+		var err error
+		job, err = d.CloudStack.WaitJob(ctx, j.Op.JobID)
+		return err
+	})
+	var e *commands.Error
+	if errors.As(err, &e) && e.Code == commands.CodeTimeout {
+		return job, e.WithDetail(commands.DetailJobMayRun, true).WithDetail(commands.DetailJobID, j.Op.JobID)
+	}
+	return job, err
+}
+
+// lostAnswer makes a lost answer retryable, for a call that CloudStack
+// shows was not done and that may be sent again.
+func lostAnswer(err error) error {
+	var cs *csapi.Error
+	if !errors.As(err, &cs) || !cs.MaybeDone {
+		return err
+	}
+	again := *cs
+	again.MaybeDone, again.Retryable = false, true
+	return &again
+}
+
+// notFoundOr maps a missing volume to NOT_FOUND and anything else through
+// engine.Failure.
+func notFoundOr(err error, volumeID string) error {
+	if errors.Is(err, csapi.ErrNotFound) {
+		return commands.NotFound("volume %s not found in CloudStack", volumeID)
+	}
+	return engine.Failure(err)
+}
+
+// DeviceString names a CloudStack device id for people.
+func DeviceString(id *int64) string {
+	if id == nil {
+		return "unknown"
+	}
+	return strconv.FormatInt(*id, 10)
+}
