@@ -39,7 +39,36 @@ type Volume struct {
 	Attached string `json:"attached,omitempty"`
 	// Created is when the volume was created, in TimeLayout.
 	Created string `json:"created,omitempty"`
+	// SnapshotID is the snapshot the volume was created from, if any.
+	SnapshotID string `json:"snapshotid,omitempty"`
+	// Tags are the volume's resource tags, key to value; nil when none.
+	Tags map[string]string `json:"tags,omitempty"`
 }
+
+// Snapshot is a CloudStack volume snapshot.
+type Snapshot struct {
+	// ID is the snapshot's CloudStack UUID.
+	ID string `json:"id"`
+	// Name is the snapshot's name.
+	Name string `json:"name"`
+	// VolumeID is the volume the snapshot was taken of.
+	VolumeID string `json:"volumeid"`
+	// State is CloudStack's snapshot state: "Creating" while it is taken,
+	// "BackedUp" when usable, "Error" when taking it failed.
+	State string `json:"state"`
+	// Size is the volume's size at the snapshot, in bytes.
+	Size int64 `json:"size"`
+	// ZoneID is the zone of the snapshot's volume.
+	ZoneID string `json:"zoneid,omitempty"`
+	// Created is when the snapshot was taken, in TimeLayout.
+	Created string `json:"created,omitempty"`
+}
+
+// Snapshot states that matter to volumed.
+const (
+	SnapshotBackedUp = "BackedUp"
+	SnapshotError    = "Error"
+)
 
 // TimeLayout is CloudStack's timestamp format (Volume.Created, Attached).
 const TimeLayout = "2006-01-02T15:04:05-0700"
@@ -90,6 +119,12 @@ type Job struct {
 	Status JobStatus
 	// Volume is the job's volume result, when it has one.
 	Volume *Volume
+	// Snapshot is the job's snapshot result (createSnapshot,
+	// revertSnapshot), when it has one.
+	Snapshot *Snapshot
+	// VM is the job's VM result (startVirtualMachine,
+	// stopVirtualMachine), when it has one.
+	VM *VM
 	// Err is the job's failure as a final *Error, when Status is JobFailure.
 	Err error
 }
@@ -104,6 +139,10 @@ type CreateParams struct {
 	DiskOfferingID string
 	// ZoneID is the zone to create the volume in.
 	ZoneID string
+	// SnapshotID creates the volume from this snapshot, with its data;
+	// SizeGiB, DiskOfferingID and ZoneID are then optional (CloudStack
+	// takes the snapshot's).
+	SnapshotID string
 }
 
 // ListFilter selects volumes; empty fields match all.
@@ -114,6 +153,20 @@ type ListFilter struct {
 	Name string
 	// ZoneID selects the volumes in this zone.
 	ZoneID string
+	// Tags selects the volumes that have every one of these tags (keys and
+	// values compared without case, as CloudStack does).
+	Tags map[string]string
+}
+
+// SnapshotFilter selects snapshots; empty fields match all. Destroyed
+// snapshots are never listed.
+type SnapshotFilter struct {
+	// ID selects one snapshot.
+	ID string
+	// VolumeID selects the snapshots of this volume.
+	VolumeID string
+	// Name selects the snapshots of this name.
+	Name string
 }
 
 // API is what volumed asks of CloudStack. Async commands return the job id;
@@ -127,6 +180,33 @@ type API interface {
 	DetachVolume(ctx context.Context, volumeID string) (jobID string, err error)
 	// DeleteVolume deletes a volume; it is synchronous (no job).
 	DeleteVolume(ctx context.Context, volumeID string) error
+	// ResizeVolume starts resizing a volume to sizeGiB; a smaller size needs
+	// shrinkOK.
+	ResizeVolume(ctx context.Context, volumeID string, sizeGiB int64, shrinkOK bool) (jobID string, err error)
+	// CreateSnapshot starts a snapshot of a volume; an empty name lets
+	// CloudStack name it.
+	CreateSnapshot(ctx context.Context, volumeID, name string) (snapshotID, jobID string, err error)
+	// ListSnapshots returns the snapshots f selects, newest first.
+	ListSnapshots(ctx context.Context, f SnapshotFilter) ([]Snapshot, error)
+	// GetSnapshot returns a snapshot or an error wrapping ErrNotFound
+	// (also for a deleted one).
+	GetSnapshot(ctx context.Context, snapshotID string) (Snapshot, error)
+	// DeleteSnapshot starts deleting a snapshot.
+	DeleteSnapshot(ctx context.Context, snapshotID string) (jobID string, err error)
+	// RevertSnapshot starts reverting the snapshot's volume to it (the
+	// volume detached or its VM stopped).
+	RevertSnapshot(ctx context.Context, snapshotID string) (jobID string, err error)
+	// CreateTags starts adding tags to a volume; a key it already has fails
+	// the job.
+	CreateTags(ctx context.Context, volumeID string, tags map[string]string) (jobID string, err error)
+	// DeleteTags starts removing these tags (key and value) from a volume;
+	// a job that finds none of them fails. tags must not be empty
+	// (CloudStack would delete every tag).
+	DeleteTags(ctx context.Context, volumeID string, tags map[string]string) (jobID string, err error)
+	// StartVM starts a VM.
+	StartVM(ctx context.Context, vmID string) (jobID string, err error)
+	// StopVM stops a VM; forced stops it without the guest's consent.
+	StopVM(ctx context.Context, vmID string, forced bool) (jobID string, err error)
 	// GetVolume returns a volume or an error wrapping ErrNotFound.
 	GetVolume(ctx context.Context, volumeID string) (Volume, error)
 	// ListVolumes returns the volumes f selects.
@@ -168,8 +248,8 @@ type Error struct {
 	// lost or timed out after the request was written. Never for a failed
 	// job, a 4xx or 531–537.
 	Retryable bool
-	// MaybeDone: a side-effecting call (create, attach, detach, delete)
-	// reached CloudStack and its answer was lost (the connection dropped
+	// MaybeDone: a side-effecting call (create, attach, detach, delete,
+	// resize, snapshot, revert, tags, start, stop) reached CloudStack and its answer was lost (the connection dropped
 	// after the request was written, or the call timed out). CloudStack may
 	// have done it: the caller must ask CloudStack, never send it again.
 	MaybeDone bool

@@ -152,6 +152,9 @@ func jobError(r *cloudstack.QueryAsyncJobResultResponse) *Error {
 	return e
 }
 
+// jobCommands are the API commands whose class is not named after them.
+var jobCommands = map[string]string{"StartVM": "startVirtualMachine", "StopVM": "stopVirtualMachine"}
+
 // jobCommand turns a job's cmd, e.g.
 // "org.apache.cloudstack.api.command.user.volume.AttachVolumeCmd", into the
 // API command "attachVolume".
@@ -160,6 +163,9 @@ func jobCommand(cmd string) string {
 	name = strings.TrimSuffix(strings.TrimSuffix(name, "ByAdmin"), "Cmd")
 	if name == "" {
 		return "queryAsyncJobResult"
+	}
+	if c, ok := jobCommands[name]; ok {
+		return c
 	}
 	return strings.ToLower(name[:1]) + name[1:]
 }

@@ -175,3 +175,20 @@ func TestSideEffectNotResent(t *testing.T) {
 		t.Fatalf("%d requests reached CloudStack, want 2 (listZones, one createVolume)", n)
 	}
 }
+
+// TestJobCommand: a job's Java class names its API command.
+func TestJobCommand(t *testing.T) {
+	for cmd, want := range map[string]string{
+		"org.apache.cloudstack.api.command.user.volume.AttachVolumeCmd":         "attachVolume",
+		"org.apache.cloudstack.api.command.admin.volume.ResizeVolumeCmdByAdmin": "resizeVolume",
+		"org.apache.cloudstack.api.command.user.snapshot.CreateSnapshotCmd":     "createSnapshot",
+		"org.apache.cloudstack.api.command.user.tag.DeleteTagsCmd":              "deleteTags",
+		"org.apache.cloudstack.api.command.user.vm.StartVMCmd":                  "startVirtualMachine",
+		"org.apache.cloudstack.api.command.admin.vm.StopVMCmdByAdmin":           "stopVirtualMachine",
+		"": "queryAsyncJobResult",
+	} {
+		if got := jobCommand(cmd); got != want {
+			t.Errorf("jobCommand(%q) = %q, want %q", cmd, got, want)
+		}
+	}
+}

@@ -3,11 +3,14 @@ package csapi
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptrace"
+	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -102,7 +105,12 @@ func (t *callTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 
 // sideEffects lists the commands that change CloudStack: their lost
 // answers are MaybeDone rather than retryable.
-var sideEffects = map[string]bool{"createVolume": true, "attachVolume": true, "detachVolume": true, "deleteVolume": true}
+var sideEffects = map[string]bool{"createVolume": true, "attachVolume": true, "detachVolume": true, "deleteVolume": true,
+	"resizeVolume": true, "createSnapshot": true, "deleteSnapshot": true, "revertSnapshot": true,
+	"createTags": true, "deleteTags": true, "startVirtualMachine": true, "stopVirtualMachine": true}
+
+// tagResourceType is the resource type of volume tags.
+const tagResourceType = "Volume"
 
 // do runs one cloudstack-go call under ctx and the HTTP timeout, counts it
 // and classifies its error. cloudstack-go takes no context, so each call
@@ -136,10 +144,17 @@ func (c *Client) CreateVolume(ctx context.Context, p CreateParams) (string, stri
 	r, err := do(ctx, c, "createVolume", func(cs *cloudstack.CloudStackClient) (*cloudstack.CreateVolumeResponse, error) {
 		q := cs.Volume.NewCreateVolumeParams()
 		q.SetName(p.Name)
-		q.SetDiskofferingid(p.DiskOfferingID)
-		q.SetZoneid(p.ZoneID)
+		if p.DiskOfferingID != "" {
+			q.SetDiskofferingid(p.DiskOfferingID)
+		}
+		if p.ZoneID != "" {
+			q.SetZoneid(p.ZoneID)
+		}
 		if p.SizeGiB > 0 {
 			q.SetSize(p.SizeGiB)
+		}
+		if p.SnapshotID != "" {
+			q.SetSnapshotid(p.SnapshotID)
 		}
 		return cs.Volume.CreateVolume(q)
 	})
@@ -203,9 +218,14 @@ func (c *Client) GetVolume(ctx context.Context, volumeID string) (Volume, error)
 	return vols[0], nil
 }
 
-// ListVolumes lists the volumes f selects, all pages.
+// ListVolumes lists the volumes f selects, all pages. CloudStack lists
+// the volumes with any of the tags; those without all of them are dropped
+// here.
 func (c *Client) ListVolumes(ctx context.Context, f ListFilter) ([]Volume, error) {
-	return c.listVolumes(ctx, func(q *cloudstack.ListVolumesParams) {
+	vols, err := c.listVolumes(ctx, func(q *cloudstack.ListVolumesParams) {
+		if len(f.Tags) > 0 {
+			q.SetTags(f.Tags)
+		}
 		if f.VMID != "" {
 			q.SetVirtualmachineid(f.VMID)
 		}
@@ -216,6 +236,28 @@ func (c *Client) ListVolumes(ctx context.Context, f ListFilter) ([]Volume, error
 			q.SetZoneid(f.ZoneID)
 		}
 	})
+	if err != nil || len(f.Tags) == 0 {
+		return vols, err
+	}
+	return slices.DeleteFunc(vols, func(v Volume) bool { return !hasTags(v.Tags, f.Tags) }), nil
+}
+
+// hasTags reports whether have holds every tag of want, keys and values
+// compared without case.
+func hasTags(have, want map[string]string) bool {
+	for k, v := range want {
+		found := false
+		for hk, hv := range have {
+			if strings.EqualFold(hk, k) && strings.EqualFold(hv, v) {
+				found = true
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
 }
 
 // listVolumes pages through listVolumes with the parameters set sets.
@@ -239,12 +281,173 @@ func volumeFrom(v *cloudstack.Volume) Volume {
 		ID: v.Id, Name: v.Name, State: v.State, Type: v.Type,
 		ZoneID: v.Zoneid, ZoneName: v.Zonename, Size: v.Size,
 		VMID: v.Virtualmachineid, VMName: v.Vmname, Attached: v.Attached, Created: v.Created,
+		SnapshotID: v.Snapshotid, Tags: tagsFrom(v.Tags),
 	}
 	if v.Virtualmachineid != "" {
 		id := v.Deviceid
 		out.DeviceID = &id
 	}
 	return out
+}
+
+// tagsFrom maps cloudstack-go's tags; nil when there are none.
+func tagsFrom(tags []cloudstack.Tags) map[string]string {
+	if len(tags) == 0 {
+		return nil
+	}
+	m := make(map[string]string, len(tags))
+	for _, t := range tags {
+		m[t.Key] = t.Value
+	}
+	return m
+}
+
+// ResizeVolume submits resizeVolume.
+func (c *Client) ResizeVolume(ctx context.Context, volumeID string, sizeGiB int64, shrinkOK bool) (string, error) {
+	r, err := do(ctx, c, "resizeVolume", func(cs *cloudstack.CloudStackClient) (*cloudstack.ResizeVolumeResponse, error) {
+		q := cs.Volume.NewResizeVolumeParams(volumeID)
+		q.SetSize(sizeGiB)
+		if shrinkOK {
+			q.SetShrinkok(true)
+		}
+		return cs.Volume.ResizeVolume(q)
+	})
+	if err != nil {
+		return "", err
+	}
+	return r.JobID, nil
+}
+
+// CreateSnapshot submits createSnapshot.
+func (c *Client) CreateSnapshot(ctx context.Context, volumeID, name string) (string, string, error) {
+	r, err := do(ctx, c, "createSnapshot", func(cs *cloudstack.CloudStackClient) (*cloudstack.CreateSnapshotResponse, error) {
+		q := cs.Snapshot.NewCreateSnapshotParams(volumeID)
+		if name != "" {
+			q.SetName(name)
+		}
+		return cs.Snapshot.CreateSnapshot(q)
+	})
+	if err != nil {
+		return "", "", err
+	}
+	return r.Id, r.JobID, nil
+}
+
+// ListSnapshots lists the snapshots f selects, all pages.
+func (c *Client) ListSnapshots(ctx context.Context, f SnapshotFilter) ([]Snapshot, error) {
+	return listAll(ctx, c, "listSnapshots", func(cs *cloudstack.CloudStackClient, page int) ([]Snapshot, int, error) {
+		q := cs.Snapshot.NewListSnapshotsParams()
+		if f.ID != "" {
+			q.SetId(f.ID)
+		}
+		if f.VolumeID != "" {
+			q.SetVolumeid(f.VolumeID)
+		}
+		if f.Name != "" {
+			q.SetName(f.Name)
+		}
+		r, err := cs.Snapshot.ListSnapshots(paged(q, page))
+		if err != nil {
+			return nil, 0, err
+		}
+		return mapAll(r.Snapshots, snapshotFrom), r.Count, nil
+	})
+}
+
+// GetSnapshot lists one snapshot by id.
+func (c *Client) GetSnapshot(ctx context.Context, snapshotID string) (Snapshot, error) {
+	snaps, err := c.ListSnapshots(ctx, SnapshotFilter{ID: snapshotID})
+	if err != nil {
+		return Snapshot{}, err
+	}
+	if len(snaps) != 1 {
+		return Snapshot{}, fmt.Errorf("cloudstack listSnapshots: snapshot %s (%d listed): %w", snapshotID, len(snaps), ErrNotFound)
+	}
+	return snaps[0], nil
+}
+
+// snapshotFrom maps cloudstack-go's snapshot.
+func snapshotFrom(s *cloudstack.Snapshot) Snapshot {
+	return Snapshot{ID: s.Id, Name: s.Name, VolumeID: s.Volumeid, State: s.State, Size: s.Virtualsize,
+		ZoneID: s.Zoneid, Created: s.Created}
+}
+
+// DeleteSnapshot submits deleteSnapshot.
+func (c *Client) DeleteSnapshot(ctx context.Context, snapshotID string) (string, error) {
+	r, err := do(ctx, c, "deleteSnapshot", func(cs *cloudstack.CloudStackClient) (*cloudstack.DeleteSnapshotResponse, error) {
+		return cs.Snapshot.DeleteSnapshot(cs.Snapshot.NewDeleteSnapshotParams(snapshotID))
+	})
+	if err != nil {
+		return "", err
+	}
+	return r.JobID, nil
+}
+
+// RevertSnapshot submits revertSnapshot.
+func (c *Client) RevertSnapshot(ctx context.Context, snapshotID string) (string, error) {
+	r, err := do(ctx, c, "revertSnapshot", func(cs *cloudstack.CloudStackClient) (*cloudstack.RevertSnapshotResponse, error) {
+		return cs.Snapshot.RevertSnapshot(cs.Snapshot.NewRevertSnapshotParams(snapshotID))
+	})
+	if err != nil {
+		return "", err
+	}
+	return r.JobID, nil
+}
+
+// CreateTags submits createTags on a volume.
+func (c *Client) CreateTags(ctx context.Context, volumeID string, tags map[string]string) (string, error) {
+	r, err := do(ctx, c, "createTags", func(cs *cloudstack.CloudStackClient) (*cloudstack.CreateTagsResponse, error) {
+		return cs.Resourcetags.CreateTags(cs.Resourcetags.NewCreateTagsParams([]string{volumeID}, tagResourceType, tags))
+	})
+	if err != nil {
+		return "", err
+	}
+	return r.JobID, nil
+}
+
+// ErrNoTags is returned by DeleteTags for an empty tag set.
+var ErrNoTags = errors.New("cloudstack deleteTags: no tags given (CloudStack would delete every tag)")
+
+// DeleteTags submits deleteTags on a volume.
+func (c *Client) DeleteTags(ctx context.Context, volumeID string, tags map[string]string) (string, error) {
+	if len(tags) == 0 {
+		return "", ErrNoTags
+	}
+	r, err := do(ctx, c, "deleteTags", func(cs *cloudstack.CloudStackClient) (*cloudstack.DeleteTagsResponse, error) {
+		q := cs.Resourcetags.NewDeleteTagsParams([]string{volumeID}, tagResourceType)
+		q.SetTags(tags)
+		return cs.Resourcetags.DeleteTags(q)
+	})
+	if err != nil {
+		return "", err
+	}
+	return r.JobID, nil
+}
+
+// StartVM submits startVirtualMachine.
+func (c *Client) StartVM(ctx context.Context, vmID string) (string, error) {
+	r, err := do(ctx, c, "startVirtualMachine", func(cs *cloudstack.CloudStackClient) (*cloudstack.StartVirtualMachineResponse, error) {
+		return cs.VirtualMachine.StartVirtualMachine(cs.VirtualMachine.NewStartVirtualMachineParams(vmID))
+	})
+	if err != nil {
+		return "", err
+	}
+	return r.JobID, nil
+}
+
+// StopVM submits stopVirtualMachine.
+func (c *Client) StopVM(ctx context.Context, vmID string, forced bool) (string, error) {
+	r, err := do(ctx, c, "stopVirtualMachine", func(cs *cloudstack.CloudStackClient) (*cloudstack.StopVirtualMachineResponse, error) {
+		q := cs.VirtualMachine.NewStopVirtualMachineParams(vmID)
+		if forced {
+			q.SetForced(true)
+		}
+		return cs.VirtualMachine.StopVirtualMachine(q)
+	})
+	if err != nil {
+		return "", err
+	}
+	return r.JobID, nil
 }
 
 // GetVM lists one VM by id.
@@ -383,7 +586,9 @@ func parseJob(jobID string, r *cloudstack.QueryAsyncJobResultResponse) (Job, err
 	case JobPending:
 	case JobSuccess:
 		var res struct {
-			Volume *cloudstack.Volume `json:"volume"`
+			Volume   *cloudstack.Volume         `json:"volume"`
+			Snapshot *cloudstack.Snapshot       `json:"snapshot"`
+			VM       *cloudstack.VirtualMachine `json:"virtualmachine"`
 		}
 		if len(r.Jobresult) > 0 {
 			if err := json.Unmarshal(r.Jobresult, &res); err != nil {
@@ -393,6 +598,14 @@ func parseJob(jobID string, r *cloudstack.QueryAsyncJobResultResponse) (Job, err
 		if res.Volume != nil {
 			v := volumeFrom(res.Volume)
 			job.Volume = &v
+		}
+		if res.Snapshot != nil {
+			sn := snapshotFrom(res.Snapshot)
+			job.Snapshot = &sn
+		}
+		if res.VM != nil {
+			vm := vmFrom(res.VM)
+			job.VM = &vm
 		}
 	case JobFailure:
 		job.Err = jobError(r)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"strconv"
 	"testing"
 	"time"
@@ -254,7 +255,7 @@ func volumeEqual(a, b Volume) bool {
 		return false
 	}
 	a.DeviceID, b.DeviceID = nil, nil
-	return a == b
+	return reflect.DeepEqual(a, b)
 }
 
 // show renders a value as JSON for failure messages.

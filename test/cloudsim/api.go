@@ -87,8 +87,7 @@ func (q request) uuid(name string, exists func(string) bool) (string, *apiError)
 // required is uuid for a mandatory parameter.
 func (q request) required(name string, exists func(string) bool) (string, *apiError) {
 	if q.v.Get(name) == "" {
-		return "", &apiError{Code: 431, CSCode: csPlain,
-			Text: fmt.Sprintf("Unable to execute API command %s due to missing parameter %s", strings.ToLower(q.cmd), name)}
+		return "", q.missing(name)
 	}
 	return q.uuid(name, exists)
 }
@@ -122,6 +121,14 @@ var handlers = map[string]handler{
 	"startVirtualMachine": (*Sim).startVirtualMachine,
 	"stopVirtualMachine":  (*Sim).stopVirtualMachine,
 	"listCapabilities":    (*Sim).listCapabilities,
+	"createSnapshot":      (*Sim).createSnapshot,
+	"listSnapshots":       (*Sim).listSnapshots,
+	"deleteSnapshot":      (*Sim).deleteSnapshot,
+	"revertSnapshot":      (*Sim).revertSnapshot,
+	"resizeVolume":        (*Sim).resizeVolume,
+	"createTags":          (*Sim).createTags,
+	"deleteTags":          (*Sim).deleteTags,
+	"listTags":            (*Sim).listTags,
 }
 
 // serveAPI is /client/api: faults, then signature, then the command.

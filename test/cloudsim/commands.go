@@ -39,6 +39,9 @@ func (s *Sim) jobExists(id string) bool {
 	return ok
 }
 
+// createVolume allocates a volume, from a disk offering or a snapshot,
+// with VolumeApiServiceImpl.allocVolume's checks; the job makes it (a
+// volume from a snapshot gets the snapshot's data and is Ready).
 func (s *Sim) createVolume(q request) (any, *apiError) {
 	offID, aerr := q.uuid("diskofferingid", s.offeringExists)
 	if aerr != nil {
@@ -48,23 +51,47 @@ func (s *Sim) createVolume(q request) (any, *apiError) {
 	if aerr != nil {
 		return nil, aerr
 	}
+	snapID, aerr := q.uuid("snapshotid", s.snapshotExists)
+	if aerr != nil {
+		return nil, aerr
+	}
 	size, aerr := q.int("size")
 	if aerr != nil {
 		return nil, aerr
 	}
-	if offID == "" {
-		return nil, errParam("Please specify a valid disk offering.")
+	if offID == "" && snapID == "" {
+		return nil, errParam("At least one of disk Offering ID or snapshot ID must be passed whilst creating volume")
 	}
-	off, _ := s.inv.offering(offID)
-	sizeGB := off.SizeGB
-	if off.Custom {
-		if size == nil {
-			return nil, errParam("This disk offering requires a custom size specified")
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var sizeBytes int64
+	if offID != "" {
+		if snapID != "" {
+			if sn := s.st.Snapshots[snapID]; s.st.Volumes[sn.VolumeID].Type != typeRoot {
+				return nil, errParam("Disk Offering ID cannot be passed whilst creating volume from snapshot other than ROOT disk snapshots")
+			}
 		}
-		sizeGB = *size
+		if size != nil && *size <= 0 {
+			return nil, errParam("Disk size must be larger than 0")
+		}
+		off, _ := s.inv.offering(offID)
+		switch {
+		case off.Custom && size == nil:
+			return nil, errParam("This disk offering requires a custom size specified")
+		case off.Custom && (*size < customSizeMinGB || *size > customSizeMaxGB):
+			return nil, errParam("Volume size: %d GB is out of allowed range. Min: %d. Max: %d", *size, customSizeMinGB, customSizeMaxGB)
+		case !off.Custom && size != nil:
+			return nil, errParam("This disk offering does not allow custom size")
+		case off.Custom:
+			sizeBytes = *size << 30
+		default:
+			sizeBytes = off.SizeGB << 30
+		}
 	}
-	if sizeGB <= 0 {
-		return nil, errParam("Disk size must be larger than 0")
+	if snapID != "" {
+		if zoneID, offID, sizeBytes, aerr = s.createFromSnapshot(snapID, zoneID, offID, sizeBytes); aerr != nil {
+			return nil, aerr
+		}
 	}
 	if zoneID == "" {
 		return nil, errParam("Please specify a valid zone.")
@@ -74,13 +101,12 @@ func (s *Sim) createVolume(q request) (any, *apiError) {
 	if name == "" {
 		name = "DATA-" + id[:8]
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	s.st.NextSeq++
 	s.st.Volumes[id] = &volume{ID: id, Seq: s.st.NextSeq, Name: name, ZoneID: zoneID, Type: typeData,
-		Size: sizeGB << 30, OfferingID: offID, State: volAllocated, Created: time.Now().UTC()}
+		Size: sizeBytes, OfferingID: offID, State: volAllocated, Created: time.Now().UTC(), SnapshotID: snapID}
 	j, aerr := s.newJob(q.cmd, "Volume", id, nil)
 	if aerr != nil {
+		delete(s.st.Volumes, id)
 		return nil, aerr
 	}
 	return map[string]any{"id": id, "jobid": j.ID}, nil
@@ -146,6 +172,7 @@ func (s *Sim) deleteVolume(q request) (any, *apiError) {
 		v.BackingFile = ""
 	}
 	v.Removed = true
+	s.st.Tags = slices.DeleteFunc(s.st.Tags, func(t resourceTag) bool { return t.ResourceType == tagVolume && t.ResourceID == volID })
 	if err := s.st.save(s.cfg.StateDir); err != nil {
 		return nil, errInternal("Failed to delete volume %s: %v", volID, err)
 	}
@@ -209,13 +236,15 @@ func (s *Sim) listVolumes(q request) (any, *apiError) {
 		return nil, aerr
 	}
 	typ, name, state := q.str("type"), q.str("name"), q.str("state")
+	tags := q.tags("tags")
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var vols []*volume
 	for _, v := range s.st.Volumes {
 		if v.Removed || (id != "" && v.ID != id) || (vmID != "" && v.VMID != vmID) ||
 			(zoneID != "" && v.ZoneID != zoneID) || (typ != "" && !strings.EqualFold(v.Type, typ)) ||
-			(name != "" && v.Name != name) || (state != "" && !strings.EqualFold(v.State, state)) {
+			(name != "" && v.Name != name) || (state != "" && !strings.EqualFold(v.State, state)) ||
+			(len(tags) > 0 && !s.hasAnyTag(tagVolume, v.ID, tags)) {
 			continue
 		}
 		vols = append(vols, v)
@@ -297,16 +326,16 @@ func (s *Sim) queryAsyncJobResult(q request) (any, *apiError) {
 }
 
 func (s *Sim) startVirtualMachine(q request) (any, *apiError) {
-	return s.vmPower(q, "Starting")
+	return s.vmPower(q, vmRunning, "Starting")
 }
 
 func (s *Sim) stopVirtualMachine(q request) (any, *apiError) {
-	return s.vmPower(q, "Stopping")
+	return s.vmPower(q, vmStopped, "Stopping")
 }
 
-// vmPower submits a start or stop job; the VM is in the transitional state
-// until the job ends.
-func (s *Sim) vmPower(q request, transition string) (any, *apiError) {
+// vmPower submits a start or stop job; a VM not already in the target
+// state is in the transitional state until the job ends.
+func (s *Sim) vmPower(q request, target, transition string) (any, *apiError) {
 	id, aerr := q.required("id", s.vmExists)
 	if aerr != nil {
 		return nil, aerr
@@ -314,8 +343,10 @@ func (s *Sim) vmPower(q request, transition string) (any, *apiError) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	prev := s.st.VMStates[id]
-	s.st.VMStates[id] = transition
-	j, aerr := s.newJob(q.cmd, "VirtualMachine", id, map[string]string{"previous": prev})
+	if prev != target {
+		s.st.VMStates[id] = transition
+	}
+	j, aerr := s.newJob(q.cmd, "VirtualMachine", id, map[string]string{"previous": prev, "forced": q.str("forced")})
 	if aerr != nil {
 		s.st.VMStates[id] = prev
 		return nil, aerr
@@ -340,7 +371,10 @@ func (s *Sim) volumeJSON(v *volume) map[string]any {
 		"state": v.State, "account": accountName, "domainid": domainID, "domain": domainName,
 		"storagetype": "shared", "hypervisor": "None", "destroyed": false, "isextractable": true,
 		"displayvolume": true, "quiescevm": false, "supportsstoragesnapshot": false,
-		"tags": []any{}, "deleteprotection": false,
+		"tags": s.tagsJSON(tagVolume, v.ID), "deleteprotection": false,
+	}
+	if v.SnapshotID != "" {
+		m["snapshotid"] = v.SnapshotID
 	}
 	if off, ok := s.inv.offering(v.OfferingID); ok {
 		m["diskofferingid"], m["diskofferingname"], m["diskofferingdisplaytext"] = off.ID, off.Name, off.Name
@@ -367,9 +401,12 @@ func (s *Sim) vmJSON(vm VM) map[string]any {
 		"id": vm.ID, "name": vm.Name, "displayname": vm.Name, "account": accountName,
 		"domainid": domainID, "domain": domainName, "created": "2025-01-01T00:00:00+0000",
 		"state": s.st.VMStates[vm.ID], "haenable": false, "zoneid": vm.ZoneID, "zonename": zone.Name,
-		"hypervisor": "KVM", "instancename": "i-2-" + vm.ID[:4] + "-VM", "cpunumber": 2, "cpuspeed": 2000,
+		"hypervisor": "KVM", "instancename": instanceName(vm), "cpunumber": 2, "cpuspeed": 2000,
 		"memory": 4096, "rootdeviceid": 0, "rootdevicetype": "ROOT", "displayvm": true,
 		"isdynamicallyscalable": false, "details": map[string]string{}, "tags": []any{},
 		"securitygroup": []any{}, "affinitygroup": []any{}, "nic": []any{},
 	}
 }
+
+// instanceName is the VM's hypervisor name.
+func instanceName(vm VM) string { return "i-2-" + vm.ID[:4] + "-VM" }

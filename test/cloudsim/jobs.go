@@ -22,6 +22,12 @@ var jobCmd = map[string]string{
 	"detachVolume":        "org.apache.cloudstack.api.command.user.volume.DetachVolumeCmd",
 	"startVirtualMachine": "org.apache.cloudstack.api.command.user.vm.StartVMCmd",
 	"stopVirtualMachine":  "org.apache.cloudstack.api.command.user.vm.StopVMCmd",
+	"createSnapshot":      "org.apache.cloudstack.api.command.user.snapshot.CreateSnapshotCmd",
+	"deleteSnapshot":      "org.apache.cloudstack.api.command.user.snapshot.DeleteSnapshotCmd",
+	"revertSnapshot":      "org.apache.cloudstack.api.command.user.snapshot.RevertSnapshotCmd",
+	"resizeVolume":        "org.apache.cloudstack.api.command.user.volume.ResizeVolumeCmd",
+	"createTags":          "org.apache.cloudstack.api.command.user.tag.CreateTagsCmd",
+	"deleteTags":          "org.apache.cloudstack.api.command.user.tag.DeleteTagsCmd",
 }
 
 const (
@@ -95,11 +101,7 @@ func (s *Sim) runJob(id string) {
 	var aerr *apiError
 	if j.Fail {
 		aerr = errInternal("Failed to execute %s: injected job failure (cloudsim)", j.Command)
-		if prev := j.Params["previous"]; prev != "" {
-			s.mu.Lock()
-			s.st.VMStates[j.InstanceID] = prev
-			s.mu.Unlock()
-		}
+		s.abandon(j)
 	} else {
 		res, aerr = s.execJob(context.Background(), j)
 	}
@@ -119,29 +121,86 @@ func (s *Sim) runJob(id string) {
 	s.log.Debug("job done", "job", id, "command", j.Command, "status", j.Status)
 }
 
+// abandon undoes what submitting a job that then fails without effect
+// did: a VM back in its previous state, a snapshot in Error.
+func (s *Sim) abandon(j *job) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if prev := j.Params["previous"]; prev != "" {
+		s.st.VMStates[j.InstanceID] = prev
+	}
+	if j.Command == "createSnapshot" {
+		s.st.Snapshots[j.InstanceID].State = snapError
+	}
+}
+
 // execJob performs a job's command; execMu is held.
 func (s *Sim) execJob(ctx context.Context, j *job) (map[string]any, *apiError) {
 	switch j.Command {
 	case "createVolume":
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		return map[string]any{"volume": s.volumeJSON(s.st.Volumes[j.InstanceID])}, nil
+		return s.execCreateVolume(ctx, j)
 	case "attachVolume":
 		return s.execAttach(ctx, j.Params)
 	case "detachVolume":
 		return s.execDetach(ctx, j.Params)
 	case "startVirtualMachine", "stopVirtualMachine":
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		s.st.VMStates[j.InstanceID] = map[string]string{"startVirtualMachine": vmRunning, "stopVirtualMachine": vmStopped}[j.Command]
-		vm, _ := s.inv.vm(j.InstanceID)
-		return map[string]any{"virtualmachine": s.vmJSON(vm)}, nil
+		return s.execVMPower(j)
+	case "createSnapshot":
+		return s.execCreateSnapshot(j)
+	case "deleteSnapshot":
+		return s.execDeleteSnapshot(j)
+	case "revertSnapshot":
+		return s.execRevertSnapshot(j)
+	case "resizeVolume":
+		return s.execResize(j)
+	case "createTags":
+		return s.execCreateTags(j.Params)
+	case "deleteTags":
+		return s.execDeleteTags(j.Params)
 	}
 	return nil, errInternal("unknown job command %s", j.Command)
 }
 
-// parseDeviceID reads a job's optional deviceid parameter.
-func parseDeviceID(p string) *int64 {
+// execVMPower starts or stops a VM. Starting a Running VM is refused
+// (UserVmManagerImpl), as is starting a VM without a root disk; stopping a
+// Stopped VM succeeds (VirtualMachineManagerImpl.advanceStop).
+func (s *Sim) execVMPower(j *job) (map[string]any, *apiError) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	vm, _ := s.inv.vm(j.InstanceID)
+	prev := j.Params["previous"]
+	if j.Command == "startVirtualMachine" {
+		var aerr *apiError
+		switch {
+		case prev == vmRunning:
+			aerr = errParam("The virtual machine %s (%s) is already running", vm.ID, vm.Name)
+		case !s.hasRootDisk(vm.ID):
+			aerr = &apiError{Code: 533, CSCode: csPlain, Text: "Unable to create a deployment for VM[User|" + instanceName(vm) + "]"}
+		}
+		if aerr != nil {
+			s.st.VMStates[vm.ID] = prev
+			return nil, aerr
+		}
+		s.st.VMStates[vm.ID] = vmRunning
+	} else {
+		s.st.VMStates[vm.ID] = vmStopped
+	}
+	return map[string]any{"virtualmachine": s.vmJSON(vm)}, nil
+}
+
+// hasRootDisk reports whether a volume is attached to the VM at device 0;
+// s.mu is held.
+func (s *Sim) hasRootDisk(vmID string) bool {
+	for _, v := range s.st.Volumes {
+		if !v.Removed && v.VMID == vmID && v.DeviceID != nil && *v.DeviceID == 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// parseOptInt reads a job's optional integer parameter.
+func parseOptInt(p string) *int64 {
 	if p == "" {
 		return nil
 	}
@@ -217,22 +276,23 @@ func (s *Sim) execAttach(ctx context.Context, p map[string]string) (map[string]a
 		s.mu.Unlock()
 		return nil, errParam("Please specify a valid User VM.")
 	}
-	dev, aerr := s.checkAttach(v, vm, parseDeviceID(p["deviceid"]))
+	dev, aerr := s.checkAttach(v, vm, parseOptInt(p["deviceid"]))
 	backing := v.BackingFile
 	s.mu.Unlock()
 	if aerr != nil {
 		return nil, aerr
 	}
+	fresh := backing == ""
+	if fresh {
+		var err error
+		if backing, err = s.createBacking(v); err != nil {
+			return nil, errInternal("Failed to attach volume %s to VM %s; %v", v.Name, vm.Name, err)
+		}
+	}
 	var loop string
 	if s.local(vm.ID) {
-		var err error
-		fresh := backing == ""
-		if fresh {
-			if backing, err = s.createBacking(v); err != nil {
-				return nil, errInternal("Failed to attach volume %s to VM %s; %v", v.Name, vm.Name, err)
-			}
-		}
 		dctx, cancel := context.WithTimeout(ctx, deviceTimeout)
+		var err error
 		loop, err = s.loops.attach(dctx, backing)
 		cancel()
 		if err != nil {
@@ -256,13 +316,7 @@ func (s *Sim) execAttach(ctx context.Context, p map[string]string) (map[string]a
 
 // createBacking makes the volume's sparse backing file.
 func (s *Sim) createBacking(v *volume) (string, error) {
-	name := "vol-" + v.ID + ".img"
-	if s.cfg.AnonymousBackingFiles {
-		b := make([]byte, 12)
-		_, _ = rand.Read(b)
-		name = "disk-" + hex.EncodeToString(b) + ".img"
-	}
-	path := filepath.Join(s.cfg.StateDir, disksDir, name)
+	path := filepath.Join(s.cfg.StateDir, disksDir, backingName(v.ID, s.cfg.AnonymousBackingFiles))
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return "", fmt.Errorf("create backing file: %w", err)
@@ -278,10 +332,33 @@ func (s *Sim) createBacking(v *volume) (string, error) {
 	return path, nil
 }
 
+// backingName is the name of a volume's backing file: named by the volume,
+// or random when anonymous.
+func backingName(volID string, anonymous bool) string {
+	if anonymous {
+		b := make([]byte, 12)
+		_, _ = rand.Read(b)
+		return "disk-" + hex.EncodeToString(b) + ".img"
+	}
+	return "vol-" + volID + ".img"
+}
+
+// truncateUp grows path to size; a larger file is left as it is.
+func truncateUp(path string, size int64) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if st.Size() >= size {
+		return nil
+	}
+	return os.Truncate(path, size)
+}
+
 // execDetach detaches a volume named by id or by (virtualmachineid,
 // deviceid), removing its loop device.
 func (s *Sim) execDetach(ctx context.Context, p map[string]string) (map[string]any, *apiError) {
-	dev := parseDeviceID(p["deviceid"])
+	dev := parseOptInt(p["deviceid"])
 	s.mu.Lock()
 	var v *volume
 	switch {
@@ -342,8 +419,10 @@ func jobJSON(j *job) map[string]any {
 	m := map[string]any{
 		"accountid": jobAccountID, "userid": jobUserID, "cmd": jobCmd[j.Command],
 		"jobstatus": j.Status, "jobprocstatus": 0, "jobresultcode": j.ResultCode,
-		"jobinstancetype": j.InstanceType, "jobinstanceid": j.InstanceID,
 		"created": j.Created.Format(timeLayout), "jobid": j.ID,
+	}
+	if j.InstanceType != "" { // commands without an instance (createTags) have none
+		m["jobinstancetype"], m["jobinstanceid"] = j.InstanceType, j.InstanceID
 	}
 	if j.Status != jobPending {
 		m["jobresulttype"] = "object"

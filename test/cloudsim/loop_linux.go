@@ -87,3 +87,13 @@ func (l *loops) detach(ctx context.Context, path string) error {
 	}
 	return err
 }
+
+// resize makes the loop device at path take its backing file's current
+// size (LOOP_SET_CAPACITY; the kernel sends `change`).
+func (l *loops) resize(path string) error {
+	d, ok := l.devs[path]
+	if !ok {
+		return fmt.Errorf("%s was not set up by this simulator: %w", path, loopdev.ErrNotOurs)
+	}
+	return d.Resize()
+}

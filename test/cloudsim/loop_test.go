@@ -265,3 +265,60 @@ func TestDetachLeavesForeignDevice(t *testing.T) {
 		})
 	}
 }
+
+// TestResizeAttachedApplianceVolume: resizing a volume attached to the
+// appliance sets its loop device's capacity: the kernel sends `change` and
+// the device has the new size. Data written through the control endpoint
+// reads through the device, and a revert (appliance stopped) too.
+func TestResizeAttachedApplianceVolume(t *testing.T) {
+	testenv.RequireLoopControl(t)
+	ev := listenUevents(t)
+	s := startSim(t, cloudsim.Config{LocalDevices: cloudsim.LocalDevicesAuto})
+	cs := syncClient(s)
+	vol, dev := attachToAppliance(t, s, cs, "grow-loop", 1)
+	name := filepath.Base(dev.Path)
+
+	readDev := func(off int64, n int) []byte {
+		t.Helper()
+		f, err := os.Open(dev.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		b := make([]byte, n)
+		if _, err := f.ReadAt(b, off); err != nil {
+			t.Fatalf("read %s: %v", dev.Path, err)
+		}
+		return b
+	}
+	writePattern(t, s, vol, patternA)
+	if got := readDev(farOffset, len(patternA)); string(got) != string(patternA) {
+		t.Fatalf("device reads %.20q…, want pattern A", got)
+	}
+	snapID := snapshot(t, cs, vol, "loop-snap")
+
+	p := cs.Volume.NewResizeVolumeParams(vol)
+	p.SetSize(2)
+	r, err := cs.Volume.ResizeVolume(p)
+	if _, text := runJob(t, cs, r.JobID, err); text != "" {
+		t.Fatalf("resize: %s", text)
+	}
+	testenv.Eventually(t, 5*time.Second, func() bool { return ev.seen(kobject.Change, name) }, "change uevent for %s", name)
+	if got := sysSize(name); got != 2<<30 {
+		t.Fatalf("%s size after resize = %d, want %d", name, got, int64(2<<30))
+	}
+
+	writePattern(t, s, vol, patternB)
+	setVMState(t, cs, cloudsim.ApplianceVMID, false)
+	rv, err := cs.Snapshot.RevertSnapshot(cs.Snapshot.NewRevertSnapshotParams(snapID))
+	if _, text := runJob(t, cs, rv.JobID, err); text != "" {
+		t.Fatalf("revert: %s", text)
+	}
+	if got := readDev(0, len(patternA)); string(got) != string(patternA) {
+		t.Fatalf("device reads %.20q… after revert, want pattern A", got)
+	}
+	// The revert brought back the snapshot's size, on the device too.
+	if got := sysSize(name); got != 1<<30 {
+		t.Fatalf("%s size after revert = %d, want %d", name, got, int64(1<<30))
+	}
+}

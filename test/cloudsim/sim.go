@@ -39,7 +39,7 @@ const (
 	DefaultJobDuration = 300 * time.Millisecond
 	// APIPath is where the CloudStack API is served.
 	APIPath = "/client/api"
-	// ControlPath is the prefix of the fault and stats endpoints.
+	// ControlPath is the prefix of the fault, stats and data endpoints.
 	ControlPath = "/_sim"
 )
 
@@ -219,6 +219,7 @@ func (s *Sim) Start(ctx context.Context) error {
 	mux.HandleFunc(APIPath, s.serveAPI)
 	mux.HandleFunc(ControlPath+"/faults", s.serveFaults)
 	mux.HandleFunc(ControlPath+"/stats", s.serveStats)
+	mux.HandleFunc(ControlPath+"/volumes/{id}/data", s.serveData)
 	s.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second,
 		BaseContext: func(net.Listener) context.Context { return s.ctx }}
 	s.wg.Add(1)

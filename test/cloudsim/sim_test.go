@@ -114,26 +114,26 @@ func TestSyncClientCommands(t *testing.T) {
 		t.Fatalf("appliance volumes = %+v, %v", vols, err)
 	}
 
-	// Start and stop: the VM is in transition while the job runs.
-	start, err := cs.VirtualMachine.StartVirtualMachine(cs.VirtualMachine.NewStartVirtualMachineParams(cloudsim.TestVMID))
-	if err != nil {
-		t.Fatalf("startVirtualMachine: %v", err)
-	}
-	if j := waitJob(t, cs, start.JobID); j.Jobstatus != 1 || j.Jobinstancetype != "VirtualMachine" {
-		t.Fatalf("start job = %+v", j)
-	}
-	vm, _, err := cs.VirtualMachine.GetVirtualMachineByID(cloudsim.TestVMID)
-	if err != nil || vm.State != "Running" {
-		t.Fatalf("after start = %+v, %v", vm, err)
-	}
-	stop, err := cs.VirtualMachine.StopVirtualMachine(cs.VirtualMachine.NewStopVirtualMachineParams(cloudsim.TestVMID))
+	// Stop and start: the VM is in transition while the job runs.
+	stop, err := cs.VirtualMachine.StopVirtualMachine(cs.VirtualMachine.NewStopVirtualMachineParams(cloudsim.RemoteVMID))
 	if err != nil {
 		t.Fatalf("stopVirtualMachine: %v", err)
 	}
-	waitJob(t, cs, stop.JobID)
-	vm, _, err = cs.VirtualMachine.GetVirtualMachineByID(cloudsim.TestVMID)
+	if j := waitJob(t, cs, stop.JobID); j.Jobstatus != 1 || j.Jobinstancetype != "VirtualMachine" {
+		t.Fatalf("stop job = %+v", j)
+	}
+	vm, _, err := cs.VirtualMachine.GetVirtualMachineByID(cloudsim.RemoteVMID)
 	if err != nil || vm.State != "Stopped" {
 		t.Fatalf("after stop = %+v, %v", vm, err)
+	}
+	start, err := cs.VirtualMachine.StartVirtualMachine(cs.VirtualMachine.NewStartVirtualMachineParams(cloudsim.RemoteVMID))
+	if err != nil {
+		t.Fatalf("startVirtualMachine: %v", err)
+	}
+	waitJob(t, cs, start.JobID)
+	vm, _, err = cs.VirtualMachine.GetVirtualMachineByID(cloudsim.RemoteVMID)
+	if err != nil || vm.State != "Running" {
+		t.Fatalf("after start = %+v, %v", vm, err)
 	}
 }
 
@@ -282,7 +282,9 @@ func TestErrorPaths(t *testing.T) {
 			call func() error
 			want string
 		}{
-			{"create without offering", create("", cloudsim.ZoneID, 1), "CloudStack API error 431 (CSExceptionErrorCode: 4350): Please specify a valid disk offering."},
+			{"create without offering or snapshot", create("", cloudsim.ZoneID, 1), "CloudStack API error 431 (CSExceptionErrorCode: 4350): At least one of disk Offering ID or snapshot ID must be passed whilst creating volume"},
+			{"create custom size out of range", create(cloudsim.CustomOfferingID, cloudsim.ZoneID, 1025), "CloudStack API error 431 (CSExceptionErrorCode: 4350): Volume size: 1025 GB is out of allowed range. Min: 1. Max: 1024"},
+			{"create fixed with size", create(cloudsim.FixedOfferingID, cloudsim.ZoneID, 5), "CloudStack API error 431 (CSExceptionErrorCode: 4350): This disk offering does not allow custom size"},
 			{"create custom without size", create(cloudsim.CustomOfferingID, cloudsim.ZoneID, -1), "CloudStack API error 431 (CSExceptionErrorCode: 4350): This disk offering requires a custom size specified"},
 			{"create size 0", create(cloudsim.CustomOfferingID, cloudsim.ZoneID, 0), "CloudStack API error 431 (CSExceptionErrorCode: 4350): Disk size must be larger than 0"},
 			{"create unknown offering", create(unknown, cloudsim.ZoneID, 1), "CloudStack API error 431 (CSExceptionErrorCode: 9999): Unable to execute API command createvolume due to invalid value. Invalid parameter diskofferingid value=" + unknown},

@@ -16,6 +16,12 @@ const (
 
 	volAllocated = "Allocated"
 	volReady     = "Ready"
+	volResizing  = "Resizing"
+
+	snapCreating  = "Creating"
+	snapBackedUp  = "BackedUp"
+	snapError     = "Error"
+	snapDestroyed = "Destroyed"
 
 	typeData = "DATADISK"
 	typeRoot = "ROOT"
@@ -51,6 +57,29 @@ type volume struct {
 	// BackingFile and LoopDevice are the local device, when it has one.
 	BackingFile string `json:"backingfile,omitempty"`
 	LoopDevice  string `json:"loopdevice,omitempty"`
+	// SnapshotID is the snapshot the volume was created from.
+	SnapshotID string `json:"snapshotid,omitempty"`
+}
+
+// resourceTag is a resource tag (createTags).
+type resourceTag struct {
+	ResourceType string `json:"resourcetype"`
+	ResourceID   string `json:"resourceid"`
+	Key          string `json:"key"`
+	Value        string `json:"value"`
+}
+
+// snapshot is a persisted volume snapshot.
+type snapshot struct {
+	ID       string    `json:"id"`
+	Seq      int64     `json:"seq"`
+	Name     string    `json:"name"`
+	VolumeID string    `json:"volumeid"`
+	Size     int64     `json:"size"`
+	State    string    `json:"state"`
+	Created  time.Time `json:"created"`
+	// File is the copy of the volume's backing file, once taken.
+	File string `json:"file,omitempty"`
 }
 
 // job is a persisted async job.
@@ -73,10 +102,15 @@ type job struct {
 
 // persisted is everything kept in the state directory.
 type persisted struct {
-	NextSeq  int64              `json:"nextseq"`
-	Volumes  map[string]*volume `json:"volumes"`
-	VMStates map[string]string  `json:"vmstates"`
-	Jobs     map[string]*job    `json:"jobs"`
+	NextSeq int64              `json:"nextseq"`
+	Volumes map[string]*volume `json:"volumes"`
+	// Snapshots are kept after deleteSnapshot (state Destroyed) so their
+	// ids still resolve.
+	Snapshots map[string]*snapshot `json:"snapshots,omitempty"`
+	// Tags are the resource tags, in creation order.
+	Tags     []resourceTag     `json:"tags,omitempty"`
+	VMStates map[string]string `json:"vmstates"`
+	Jobs     map[string]*job   `json:"jobs"`
 	// Attaches and Detaches count succeeded jobs per volume.
 	Attaches map[string]int64 `json:"attaches"`
 	Detaches map[string]int64 `json:"detaches"`
@@ -85,11 +119,12 @@ type persisted struct {
 // newPersisted is the state of a fresh simulator over inv.
 func newPersisted(inv *Inventory, now time.Time) *persisted {
 	p := &persisted{
-		Volumes:  map[string]*volume{},
-		VMStates: map[string]string{},
-		Jobs:     map[string]*job{},
-		Attaches: map[string]int64{},
-		Detaches: map[string]int64{},
+		Volumes:   map[string]*volume{},
+		Snapshots: map[string]*snapshot{},
+		VMStates:  map[string]string{},
+		Jobs:      map[string]*job{},
+		Attaches:  map[string]int64{},
+		Detaches:  map[string]int64{},
 	}
 	for _, vm := range inv.VMs {
 		p.VMStates[vm.ID] = vm.State
@@ -121,6 +156,9 @@ func loadPersisted(dir string) (*persisted, error) {
 		if *m == nil {
 			*m = map[string]int64{}
 		}
+	}
+	if p.Snapshots == nil { // a state file from before snapshots
+		p.Snapshots = map[string]*snapshot{}
 	}
 	if p.Volumes == nil || p.VMStates == nil || p.Jobs == nil {
 		return nil, errors.New("state file lacks volumes, vmstates or jobs")
