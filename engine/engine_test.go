@@ -126,3 +126,75 @@ func TestSaveFencesALateExecutor(t *testing.T) {
 		t.Fatalf("record after the late writes: %+v", got)
 	}
 }
+
+// kindFunc is a Kind of one type running fn.
+type kindFunc struct {
+	typ commands.OpType
+	fn  func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error)
+}
+
+func (k kindFunc) Type() commands.OpType { return k.typ }
+
+func (k kindFunc) Execute(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+	return k.fn(ctx, j)
+}
+
+// TestRunByRegisteredKind: Run hands an operation to the kind registered
+// for its type and records its end; a type no kind runs fails with
+// INTERNAL_ERROR; an operation another executor claimed meanwhile is
+// left to it, untouched.
+func TestRunByRegisteredKind(t *testing.T) {
+	ctx := context.Background()
+	store := memstore.New()
+	ran := 0
+	e := engine.New(engine.Config{Operations: store, Publisher: &events{}, Timing: timing, Logger: slog.Default()},
+		kindFunc{commands.OpDetach, func(_ context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			ran++
+			return &commands.OpResponse{VolumeID: j.Op.VolumeID, Message: "done"}, nil
+		}},
+		kindFunc{commands.OpDelete, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			cur, _ := store.GetOperation(ctx, j.Op.ID) // another executor claims it now
+			cur.Attempts++
+			if _, err := store.UpdateOperation(ctx, cur); err != nil {
+				t.Fatal(err)
+			}
+			return nil, j.Check(ctx)
+		}})
+	record := func(id string, typ commands.OpType) {
+		now := time.Now().UTC()
+		if _, err := store.CreateOperation(ctx, commands.Operation{ID: id, Type: typ, Status: commands.StatusPending,
+			VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	record("op-detach", commands.OpDetach)
+	record("op-attach", commands.OpAttach)
+	record("op-delete", commands.OpDelete)
+	for _, tc := range []struct {
+		id     string
+		result engine.Result
+		status commands.OpStatus
+		code   any
+	}{
+		{"op-detach", engine.Done, commands.StatusCompleted, nil},
+		{"op-attach", engine.Done, commands.StatusFailed, commands.CodeInternalError},
+		{"op-delete", engine.Lost, commands.StatusExecuting, nil},
+	} {
+		if res := e.Run(ctx, tc.id, slog.Default()); res != tc.result {
+			t.Fatalf("%s: result %v, want %v", tc.id, res, tc.result)
+		}
+		op, _ := store.GetOperation(ctx, tc.id)
+		if op.Status != tc.status || op.Details["code"] != tc.code {
+			t.Fatalf("%s: %s %v, want %s with code %v", tc.id, op.Status, op.Details, tc.status, tc.code)
+		}
+	}
+	if ran != 1 {
+		t.Fatalf("the detach kind ran %d times, want 1", ran)
+	}
+	defer func() {
+		if recover() == nil {
+			t.Fatal("two kinds of one type were registered")
+		}
+	}()
+	engine.New(engine.Config{}, kindFunc{typ: commands.OpDetach}, kindFunc{typ: commands.OpDetach})
+}
