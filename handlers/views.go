@@ -8,6 +8,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -77,7 +78,7 @@ func controller(devices DeviceCorrelator, m commands.Mapping) string {
 func (s *Service) VMVolumes(ctx context.Context, vmID string) ([]commands.VolumeStatus, error) {
 	if _, err := s.cfg.CloudStack.GetVM(ctx, vmID); err != nil {
 		if errors.Is(err, csapi.ErrNotFound) {
-			return nil, vmNotFound(vmID)
+			return nil, kinds.VMNotFound(vmID)
 		}
 		return nil, engine.CloudStackError(err)
 	}
