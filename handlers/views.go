@@ -25,6 +25,11 @@ func (s *Service) VolumeStatus(ctx context.Context, volumeID string) (commands.V
 		}
 		return commands.VolumeStatus{}, engine.CloudStackError(err)
 	}
+	return s.volumeStatus(ctx, vol)
+}
+
+// volumeStatus is the whole VolumeStatus of a volume CloudStack listed.
+func (s *Service) volumeStatus(ctx context.Context, vol csapi.Volume) (commands.VolumeStatus, error) {
 	st, err := volumeRow(ctx, s.cfg.Store, s.cfg.Devices, vol)
 	if err != nil {
 		return st, err

@@ -401,7 +401,6 @@ func (b *testBackend) Volumes(_ context.Context, f commands.VolumeFilter) ([]com
 			match = match && v.Tags[k] == want
 		}
 		if match {
-			v.CloudStackData, v.LinuxData = nil, nil
 			out = append(out, v)
 		}
 	}
