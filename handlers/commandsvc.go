@@ -156,11 +156,19 @@ func (s *Service) serve(ep endpoint) micro.Handler {
 		}
 		go func() {
 			defer done()
+			ctx := commands.WithRequester(ctx, natsRequester(req))
 			result, err := ep.run(ctx, req.Data(), req.Headers().Get(commands.IdempotencyKeyHeader))
 			s.reply(req, s.answer(ep, result, err))
 		}()
 	})
 }
+
+// natsRequester names who asked for a command that came on NATS: the one
+// place the NATS edge derives the operation's requested_by from the
+// request. The server's authorization names the sender, never what the
+// request carries: only the operator role may publish a command
+// (bus.CommandRequester).
+func natsRequester(micro.Request) string { return bus.CommandRequester }
 
 // Command runs the command of subject in this process, admitted and
 // bounded exactly as its NATS endpoint is, and returns its answer: the
@@ -172,12 +180,14 @@ func (s *Service) Command(ctx context.Context, subject string, data []byte, key 
 	if !ok {
 		return s.answer(endpoint{subject: subject}, nil, commands.Internal("no command on subject %s", subject))
 	}
+	who := commands.Requester(ctx)
 	ctx, done, err := s.admit(ctx, ep)
 	if err != nil {
 		return s.answer(ep, nil, err)
 	}
 	defer done()
-	result, err := ep.run(ctx, data, key)
+	// admit detaches an accepted command from ctx, values and all.
+	result, err := ep.run(commands.WithRequester(ctx, who), data, key)
 	return s.answer(ep, result, err)
 }
 

@@ -209,11 +209,11 @@ func New(cfg Config) *Service {
 		cfg.Logger = slog.Default()
 	}
 	s := &Service{
-		cfg:    cfg,
-		log:    cfg.Logger.With("component", "handlers"),
-		leases: &state.Leaser{Store: cfg.Store, Holder: state.Holder(), Log: cfg.Logger.With("component", "handlers")},
-		sem:    make(chan struct{}, cfg.MaxConcurrent),
+		cfg: cfg,
+		log: cfg.Logger.With("component", "handlers"),
+		sem: make(chan struct{}, cfg.MaxConcurrent),
 	}
+	s.leases = &state.Leaser{Store: cfg.Store, Holder: state.Holder(), Log: s.log}
 	s.acceptSlots = make(chan struct{}, cfg.AcceptConcurrency)
 	s.inventory = newInventory(cfg.CloudStack, s.log)
 	s.host = hostwork.New(hostwork.Config{Conn: cfg.Conn, Store: cfg.Store, VMID: cfg.VMID, Exporter: cfg.Exporter,

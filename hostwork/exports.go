@@ -101,7 +101,6 @@ func (x NBDExporter) Clients() map[string]int {
 	return out
 }
 
-
 // exportable returns the export a mapping allows: only a volume whose
 // device was found on the VM it is attached to; the volumed serving that
 // VM serves the export. why says what is missing otherwise.
