@@ -20,7 +20,7 @@ SYSTEMD_DIR ?= /etc/systemd/system
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
 LDFLAGS := -X github.com/volumed/volumed/internal/version.Version=$(VERSION)
 
-.PHONY: run test bench bench-nbd build install lint deps deps-apt deps-npm cloudsim clean
+.PHONY: run test chaos bench bench-nbd build install lint deps deps-apt deps-npm cloudsim clean
 
 # run builds volumed and the CloudStack simulator (test/cloudsim/cmd/cloudsim)
 # into bin/, then scripts/run.sh starts the simulator in the background and
@@ -86,6 +86,15 @@ deps-npm:
 
 test: lint deps
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) $(PKGS)
+
+# chaos runs only the chaos soak (test/e2e TestChaos) for SECONDS of faults
+# (default 600), its SIGSTOPs outlasting the ack-wait; SEED replays a run
+# (default: a new one, printed). make test runs a short one.
+SECONDS ?= 600
+SEED ?=
+chaos:
+	CHAOS_SECONDS=$(SECONDS) CHAOS_SEED=$(SEED) $(GO) test -race -count=1 -timeout $$(( $(SECONDS) + 1200 ))s \
+		-run '^TestChaos$$' -v ./test/e2e/
 
 # bench runs bench-nbd (volumed's NBD server beside qemu-nbd), every Go
 # benchmark, then bench/accept.sh: POST /volumes with vegeta against

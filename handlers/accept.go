@@ -77,7 +77,7 @@ func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, c
 		seen, err := s.cfg.Store.GetOperation(ctx, id)
 		switch {
 		case err == nil:
-			return seenBefore(seen, key, typ, raw)
+			return s.seenBefore(ctx, seen, key, typ, raw)
 		case !errors.Is(err, state.ErrNotFound):
 			return nil, state.APIError(err)
 		}
@@ -100,7 +100,7 @@ func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, c
 	var seen *seenError
 	switch {
 	case errors.As(err, &seen):
-		return seenBefore(seen.op, key, typ, raw)
+		return s.seenBefore(ctx, seen.op, key, typ, raw)
 	case err != nil:
 		return nil, err
 	}
@@ -119,13 +119,22 @@ func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, c
 
 // seenBefore answers a command whose Idempotency-Key names a recorded
 // operation: the same command answers that operation again; any other is
-// 409 CONFLICT.
-func seenBefore(op commands.Operation, key string, typ commands.OpType, raw []byte) (any, error) {
-	if op.Type == typ && bytes.Equal(op.Request, raw) {
-		return op, nil
+// 409 CONFLICT. A pending operation whose job is missing (the instance
+// that recorded it died before queueing it, so its client got no answer
+// and retries) is queued now, as the sweep would later.
+func (s *Service) seenBefore(ctx context.Context, op commands.Operation, key string, typ commands.OpType, raw []byte) (any, error) {
+	if op.Type != typ || !bytes.Equal(op.Request, raw) {
+		return nil, commands.Conflict("Idempotency-Key %q was used for another command (operation %s)", commands.Shown(key, 80), op.ID).
+			WithDetail("idempotency_key", key).WithDetail("operation_id", op.ID)
 	}
-	return nil, commands.Conflict("Idempotency-Key %q was used for another command (operation %s)", commands.Shown(key, 80), op.ID).
-		WithDetail("idempotency_key", key).WithDetail("operation_id", op.ID)
+	if op.Status == commands.StatusPending {
+		if requeued, err := s.requeueMissing(ctx, op); err != nil {
+			s.log.Warn("cannot requeue a retried operation; the sweep will", "operation_id", op.ID, "err", err)
+		} else if requeued {
+			s.log.Info("requeued a retried operation whose job was missing", "operation_id", op.ID)
+		}
+	}
+	return op, nil
 }
 
 // seenError: the id is recorded by an earlier command.

@@ -8,9 +8,11 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/volumed/volumed/bus"
@@ -497,5 +499,48 @@ func TestCloseDuringAccept(t *testing.T) {
 	a := <-done
 	if a.status != http.StatusCreated || a.op.ID != handlers.OperationIDForKey("closing") || !h.recorded(a.op.ID) {
 		t.Fatalf("answer while stopping: %d %s, recorded %v", a.status, a.body, h.recorded(a.op.ID))
+	}
+}
+
+// losingJS answers the first job publish as if JetStream kept it, and
+// drops it: the instance that recorded the operation died before its job
+// reached the queue.
+type losingJS struct {
+	jetstream.JetStream
+	lost atomic.Bool
+}
+
+func (l *losingJS) Publish(ctx context.Context, subject string, data []byte, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	if strings.HasPrefix(subject, bus.JobsSubjectPrefix) && l.lost.CompareAndSwap(false, true) {
+		return &jetstream.PubAck{Stream: bus.StreamJobs}, nil
+	}
+	return l.JetStream.Publish(ctx, subject, data, opts...)
+}
+
+// TestRetriedKeyQueuesMissingJob: a client that retries with its
+// Idempotency-Key an operation recorded without a job (lost with the
+// instance that recorded it) gets it queued at once, not at the next
+// sweep: it runs, once.
+func TestRetriedKeyQueuesMissingJob(t *testing.T) {
+	js := &losingJS{}
+	h := newHarness(t, harnessOpts{wrapJS: func(j jetstream.JetStream) jetstream.JetStream { js.JetStream = j; return js }})
+	const key = "retried/create"
+	body := createBody("retried")
+	first := h.command(commands.SubjectCreate, body, key)
+	if first.status != http.StatusCreated || !js.lost.Load() {
+		t.Fatalf("first answer %d %s, job lost %v", first.status, first.body, js.lost.Load())
+	}
+	// Nothing would run it before the next sweep, 4 × the 15 s ack-wait
+	// away: within the 20 s below, only the retry can have queued it.
+	again := h.command(commands.SubjectCreate, body, key)
+	if again.status != http.StatusCreated || again.op.ID != first.op.ID {
+		t.Fatalf("retry: %d %s", again.status, again.body)
+	}
+	testenv.Eventually(t, 20*time.Second, func() bool {
+		op, err := h.store.GetOperation(context.Background(), first.op.ID)
+		return err == nil && op.Status == commands.StatusCompleted
+	}, "the retried operation ran")
+	if n := h.sim.Stats().Calls["createVolume"]; n != 1 {
+		t.Fatalf("createVolume called %d times, want 1", n)
 	}
 }

@@ -71,6 +71,26 @@ func (s *Service) publishJob(ctx context.Context, op commands.Operation, msgID s
 	return !ack.Duplicate, nil
 }
 
+// requeueMissing queues op's job again if the work queue has none (its
+// publish was lost: a crash between the record and the job) and reports
+// whether it did. Not the operation id as message id: the first job may
+// have been lost within the dedup window. The revision keeps two callers
+// that read the same record from queueing it twice.
+func (s *Service) requeueMissing(ctx context.Context, op commands.Operation) (bool, error) {
+	queued, err := s.jobQueued(ctx, op)
+	if err != nil {
+		return false, commands.Unavailable("command queue unavailable: %v", err)
+	}
+	if queued {
+		return false, nil
+	}
+	kept, err := s.publishJob(ctx, op, fmt.Sprintf("%s@%d", op.ID, op.Revision))
+	if err != nil {
+		return false, commands.Unavailable("command queue unavailable: %v", err)
+	}
+	return kept, nil
+}
+
 // jobQueued reports whether the operation's job is in the work queue
 // (waiting, or delivered and not acked).
 func (s *Service) jobQueued(ctx context.Context, op commands.Operation) (bool, error) {
@@ -112,19 +132,9 @@ func (s *Service) sweepLeased(ctx context.Context) ([]string, error) {
 		}
 		for i := len(ops) - 1; i >= 0; i-- {
 			op := ops[i]
-			queued, err := s.jobQueued(ctx, op)
+			kept, err := s.requeueMissing(ctx, op)
 			if err != nil {
-				return changes, commands.Unavailable("command queue unavailable: %v", err)
-			}
-			if queued {
-				continue
-			}
-			// Not the operation id as message id: the first job may have
-			// been lost within the dedup window. The revision keeps two
-			// sweeps of the same record from queueing it twice.
-			kept, err := s.publishJob(ctx, op, fmt.Sprintf("%s@%d", op.ID, op.Revision))
-			if err != nil {
-				return changes, commands.Unavailable("command queue unavailable: %v", err)
+				return changes, err
 			}
 			if !kept {
 				continue

@@ -37,21 +37,30 @@ func (k remove) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 	if err := j.Save(ctx); err != nil {
 		return nil, err
 	}
+	// sent: a deleteVolume went out whose answer was lost. CloudStack is
+	// then asked whether the volume is gone before anything is sent again,
+	// however often the asking itself must be retried.
+	sent := false
 	err = j.Step(ctx, "deleteVolume", func(ctx context.Context) error {
+		if sent {
+			_, gerr := k.CloudStack.GetVolume(ctx, req.VolumeID)
+			switch {
+			case errors.Is(gerr, csapi.ErrNotFound):
+				return nil // the lost delete worked
+			case gerr != nil:
+				return gerr // retryable or final, as CloudStack answers
+			}
+			sent = false // still there: deleting again is safe (a volume is deleted once)
+		}
 		err := k.CloudStack.DeleteVolume(ctx, req.VolumeID)
-		if err == nil || !(csapi.IsRetryable(err) || csapi.IsMaybeDone(err)) {
-			return err
-		}
-		// Gone already? A lost answer to a delete that worked.
-		_, gerr := k.CloudStack.GetVolume(ctx, req.VolumeID)
 		switch {
-		case errors.Is(gerr, csapi.ErrNotFound):
-			return nil
-		case gerr != nil:
-			return gerr // retryable or final, as CloudStack answers
+		case errors.Is(err, csapi.ErrNotFound):
+			return nil // gone already
+		case csapi.IsMaybeDone(err):
+			sent = true
+			return lostAnswer(err)
 		}
-		// Still there: deleting again is safe (a volume is deleted once).
-		return lostAnswer(err)
+		return err
 	})
 	if err != nil {
 		return nil, engine.Failure(err)

@@ -363,6 +363,11 @@ func TestDeleteResumes(t *testing.T) {
 			w.cloud.Script(csfake.CmdDeleteVolume, csfake.Fault{LostAnswer: true})
 			return w.volume("x", ""), ""
 		}, want{status: commands.StatusCompleted, msg: "Volume deleted successfully", calls: 1}},
+		{"answer lost, then the question fails too: asked again, never sent twice", func(w *world) (string, string) {
+			w.cloud.Script(csfake.CmdDeleteVolume, csfake.Fault{LostAnswer: true})
+			w.cloud.Script(csfake.CmdListVolumes, csfake.Fault{}, csfake.Fault{Err: csfake.Retryable(csfake.CmdListVolumes)})
+			return w.volume("x", ""), ""
+		}, want{status: commands.StatusCompleted, msg: "Volume deleted successfully", calls: 1}},
 		{"delete:requested after a crash, deleted already", func(w *world) (string, string) {
 			vol := w.volume("x", "")
 			if err := w.cloud.DeleteVolume(context.Background(), vol); err != nil {

@@ -23,6 +23,11 @@ var csErrorRE = regexp.MustCompile(`(?s)^CloudStack API error (\d+) \(CSExceptio
 // textNoEntity is in CloudStack's 431 for a UUID parameter naming nothing.
 const textNoEntity = "entity does not exist"
 
+// textNoVolume is deleteVolume's 431 for a volume that is gone (removed
+// since the id was resolved): VolumeApiServiceImpl's "Unable to find
+// volume with ID: <id>".
+const textNoVolume = "Unable to find volume with ID"
+
 // Retries530 is how many times in a row a 530 (CloudStack's internal
 // error, the command not done) is retried before it is final.
 const Retries530 = 3
@@ -106,7 +111,7 @@ func retryAfter(h string) time.Duration {
 
 // notFound reports a CloudStack error that says an id names nothing.
 func notFound(code int, text string) bool {
-	return code == CodeParamError && strings.Contains(text, textNoEntity)
+	return code == CodeParamError && (strings.Contains(text, textNoEntity) || strings.Contains(text, textNoVolume))
 }
 
 // isTransport reports an error of the connection rather than of an answer:

@@ -472,13 +472,14 @@ type simProcess struct {
 	addr string
 }
 
-// startSimProcess runs the cloudsim binary on a free port with no local devices.
-func startSimProcess(t *testing.T) *simProcess {
+// startSimProcess runs the cloudsim binary on a free port with no local
+// devices and 50 ms jobs; extra are more flags.
+func startSimProcess(t *testing.T, extra ...string) *simProcess {
 	t.Helper()
 	p := &simProcess{t: t, addr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}
 	out := &testenv.Buffer{}
-	cmd := exec.Command(cloudsimBin, "--listen", p.addr, "--state-dir", t.TempDir(), "--local-devices", "off",
-		"--job-duration", "50ms")
+	cmd := exec.Command(cloudsimBin, append([]string{"--listen", p.addr, "--state-dir", t.TempDir(), "--local-devices", "off",
+		"--job-duration", "50ms"}, extra...)...)
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start cloudsim: %v", err)

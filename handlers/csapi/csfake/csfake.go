@@ -334,8 +334,8 @@ func (c *Cloud) CallsOf(command string) int64 {
 	return c.calls[command]
 }
 
-// Attaches and Detaches count the attach and detach jobs that succeeded
-// for a volume, as the simulator's stats do.
+// Attaches counts the attach jobs that succeeded for a volume, as the
+// simulator's stats do.
 func (c *Cloud) Attaches(volumeID string) int64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -725,7 +725,9 @@ func (c *Cloud) DeleteVolume(ctx context.Context, volumeID string) error {
 		case err != nil:
 			return struct{}{}, err
 		case v.removed:
-			return struct{}{}, paramError(CmdDeleteVolume, "Unable to find volume with ID: %s", volumeID)
+			gone := paramError(CmdDeleteVolume, "Unable to find volume with ID: %s", volumeID)
+			gone.Err = csapi.ErrNotFound // as the real client classifies it
+			return struct{}{}, gone
 		case v.vmID != "":
 			return struct{}{}, paramError(CmdDeleteVolume, "Please specify a volume that is not attached to any VM.")
 		}
