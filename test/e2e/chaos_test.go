@@ -127,7 +127,7 @@ func TestChaos(t *testing.T) {
 
 	sim := startSimProcess(t, "--seed", strconv.FormatUint(seed, 10))
 	nc := startNATSCluster(t, 3)
-	c := &chaos{t: t, seed: seed, sim: sim, hc: &http.Client{Timeout: chaosClientTimeout, Transport: validating{t: t}},
+	c := &chaos{t: t, seed: seed, sim: sim, hc: &http.Client{Timeout: chaosClientTimeout, Transport: validating{t: t, rt: http.DefaultTransport}},
 		cs:    csapi.New(csapi.Config{URL: sim.URL(), APIKey: cloudsim.DefaultAPIKey, SecretKey: cloudsim.DefaultSecretKey}),
 		creds: nc.creds, natsURL: nc.url(), stop: make(chan struct{}), byKey: map[string]string{}, down: make([]bool, 3)}
 	for range 3 {
