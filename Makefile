@@ -20,7 +20,7 @@ SYSTEMD_DIR ?= /etc/systemd/system
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
 LDFLAGS := -X github.com/volumed/volumed/internal/version.Version=$(VERSION)
 
-.PHONY: run test chaos bench bench-nbd build install lint deps deps-apt deps-npm cloudsim clean
+.PHONY: run test chaos bench bench-nbd bench-scale build install lint deps deps-apt deps-npm cloudsim clean
 
 # run builds volumed and the CloudStack simulator (test/cloudsim/cmd/cloudsim)
 # into bin/, then scripts/run.sh starts the simulator in the background and
@@ -102,6 +102,16 @@ chaos:
 bench: bench-nbd
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 30m $(PKGS)
 	bash bench/accept.sh
+
+# bench-scale records N terminal operations (default 1,000,000, over
+# 10,000 volumes and 1,000 VMs) through the state store interface, then
+# measures a real volumed on that history (bench/scale): listings, reads,
+# counts, resident memory, start and restart, each beside its goal
+# (docs/scale.md). The embedded store, then Redis when redis-server is
+# installed. `make bench-scale N=100000` for a shorter run.
+N ?= 1000000
+bench-scale:
+	bash bench/scale.sh $(N)
 
 # bench-nbd runs volumed's NBD server and qemu-nbd side by side on one loop
 # device (root and the NBD clients needed; skipped with a message otherwise).

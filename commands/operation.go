@@ -81,8 +81,9 @@ type Operation struct {
 	// Attempts counts deliveries of the operation to a handler.
 	Attempts int `json:"attempts,omitempty"`
 	// RequestedBy names who asked: "api-token:<name>@<client address>" for
-	// REST, "nats:<role or user>" for a NATS command, "failover:<op id>"
-	// for a workflow's own steps; "" on records written before it existed.
+	// REST with a token, "loopback@<client address>" for REST on loopback
+	// without one, "nats:operator" for a NATS command (bus.CommandRequester);
+	// "" on records written before it existed.
 	RequestedBy string `json:"requested_by,omitempty"`
 	// CreatedAt is when the command was accepted (UTC).
 	CreatedAt time.Time `json:"created_at"`

@@ -117,7 +117,7 @@ func (j *Journal) Step(ctx context.Context, name string, fn func(ctx context.Con
 			return nil
 		}
 		if ctx.Err() != nil {
-			return ErrStopped
+			return fmt.Errorf("%w: %s: %w", ErrStopped, name, context.Cause(ctx))
 		}
 		if stepCtx.Err() != nil {
 			return commands.Timeout("%s did not finish within %v: %v", name, j.timing.StepTimeout, err).
@@ -159,7 +159,7 @@ func (j *Journal) Settle(ctx context.Context, name string, check func(ctx contex
 			return done, err
 		}
 		if !tm.Wait(ctx, 0) {
-			return false, ErrStopped
+			return false, fmt.Errorf("%w: %s: %w", ErrStopped, name, context.Cause(ctx))
 		}
 	}
 }

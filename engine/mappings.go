@@ -12,7 +12,8 @@ import (
 
 // MappingWriter is the one writer of device mappings and of their events
 // on volumes.mappings.<volume_id>: the steps, the resolution of timed-out
-// jobs, both reconciles and the device correlation write through it.
+// jobs, both reconciles, the device correlation and the upgrade's identity
+// backfill write through it.
 //
 // A write is fenced: the writer checks its Fence before the write, writes
 // by compare-and-swap, and checks the fence again after; a writer that

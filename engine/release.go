@@ -121,7 +121,7 @@ func (r *Releaser) Release(ctx context.Context, f Fence, volumeID string, m *com
 		}
 		if err := r.Devices.Detached(ctx, *m); err != nil {
 			if ctx.Err() != nil {
-				return out, ErrStopped
+				return out, fmt.Errorf("%w: device release: %w", ErrStopped, context.Cause(ctx))
 			}
 			r.Log.Warn("device release incomplete", "volume_id", volumeID, "err", err)
 		}

@@ -144,22 +144,26 @@ func (h *Host) ExportFor(ctx context.Context, volumeID string) (commands.Export,
 }
 
 // PutExport records e (keeping the creation time of a record it
-// replaces), fenced by f (nil: unfenced), and has the volumed serving its
-// VM serve it; an export name another volume holds is a CONFLICT, and an
-// export that cannot be served is removed again and fails.
+// replaces), fenced by f (nil: unfenced) as MappingWriter.Put is: checked
+// before the write and again after it, a write that finds the claim lost
+// then being taken back. It then has the volumed serving e's VM serve it;
+// an export name another volume holds is a CONFLICT, and an export that
+// cannot be served is removed again and fails.
 func (h *Host) PutExport(ctx context.Context, f engine.Fence, e commands.Export) error {
 	now := time.Now().UTC()
 	e.CreatedAt, e.UpdatedAt = now, now
+	var prev *commands.Export
 	old, err := h.cfg.Store.GetExport(ctx, e.VolumeID)
 	switch {
 	case err == nil:
 		e.CreatedAt, e.Revision = old.CreatedAt, old.Revision
+		prev = &old
 	case !errors.Is(err, state.ErrNotFound):
-		return engine.ErrStopped
+		return fmt.Errorf("%w: read export of %s: %w", engine.ErrStopped, e.VolumeID, err)
 	}
 	recs, err := h.exportsOf(ctx, e.VMID)
 	if err != nil {
-		return engine.ErrStopped
+		return fmt.Errorf("%w: list exports of VM %s: %w", engine.ErrStopped, e.VMID, err)
 	}
 	for _, r := range recs {
 		if r.ExportName == e.ExportName && r.VolumeID != e.VolumeID {
@@ -174,7 +178,13 @@ func (h *Host) PutExport(ctx context.Context, f engine.Fence, e commands.Export)
 	}
 	saved, err := h.cfg.Store.PutExport(ctx, e)
 	if err != nil {
-		return engine.ErrStopped
+		return fmt.Errorf("%w: record export of %s: %w", engine.ErrStopped, e.VolumeID, err)
+	}
+	if f != nil {
+		if ferr := f.Check(ctx); ferr != nil {
+			h.undoPut(ctx, saved, prev, ferr)
+			return ferr
+		}
 	}
 	dropped, err := h.askHost(ctx, e.VMID, hostRequest{Action: hostSync, Change: &exportChange{Put: &saved}})
 	if slices.Contains(dropped, e.VolumeID) {
@@ -184,6 +194,29 @@ func (h *Host) PutExport(ctx context.Context, f engine.Fence, e commands.Export)
 		return hostError(err)
 	}
 	return nil
+}
+
+// undoPut puts back what an export write that lost its fence replaced:
+// prev, or nothing when it created the record; only while the record is
+// still at the revision the write left. The served set was not synced
+// to the write, so the next sync serves the records as they stand.
+func (h *Host) undoPut(ctx context.Context, saved commands.Export, prev *commands.Export, why error) {
+	var err error
+	if prev == nil {
+		err = h.cfg.Store.DeleteExport(ctx, saved.VolumeID, saved.Revision)
+	} else {
+		back := *prev
+		back.Revision = saved.Revision
+		_, err = h.cfg.Store.PutExport(ctx, back)
+	}
+	switch {
+	case errors.Is(err, state.ErrStale):
+		h.log.Warn("late export write: a newer one replaced it already", "volume_id", saved.VolumeID, "why", why)
+	case err != nil:
+		h.log.Error("late export write could not be undone; the reconcile repairs it", "volume_id", saved.VolumeID, "err", err, "why", why)
+	default:
+		h.log.Warn("late export write undone", "volume_id", saved.VolumeID, "why", why)
+	}
 }
 
 // hostError is the operation's error when the volumed serving a VM could
@@ -216,7 +249,7 @@ func (h *Host) DropExport(ctx context.Context, f engine.Fence, volumeID string) 
 		return "", nil
 	}
 	if err != nil {
-		return "", engine.ErrStopped
+		return "", fmt.Errorf("%w: read export of %s: %w", engine.ErrStopped, volumeID, err)
 	}
 	if f != nil {
 		if err := f.Check(ctx); err != nil {
@@ -224,7 +257,7 @@ func (h *Host) DropExport(ctx context.Context, f engine.Fence, volumeID string) 
 		}
 	}
 	if err := h.cfg.Store.DeleteExport(ctx, volumeID, e.Revision); err != nil {
-		return "", engine.ErrStopped
+		return "", fmt.Errorf("%w: delete export of %s: %w", engine.ErrStopped, volumeID, err)
 	}
 	if _, err := h.askHost(ctx, e.VMID, hostRequest{Action: hostSync, Change: &exportChange{Removed: volumeID}}); errors.Is(err, errNoHost) {
 		h.log.Warn("export record removed; no volumed serves its VM now", "volume_id", volumeID, "vm_id", e.VMID)
@@ -368,10 +401,15 @@ func (h *Host) Reconcile(ctx context.Context, all bool) ([]string, error) {
 
 // AutoExport has the volumed serving the VM of a volume just attached and
 // mapped export it, read-only, when that host's --nbd-auto-export asks for
-// it; a failure is logged, the attach stands.
-func (h *Host) AutoExport(ctx context.Context, m commands.Mapping) {
+// it, while the attach holds its operation (f); a failure is logged, the
+// attach stands.
+func (h *Host) AutoExport(ctx context.Context, f engine.Fence, m commands.Mapping) {
+	if err := f.Check(ctx); err != nil {
+		h.log.Warn("auto-export skipped: the attach no longer holds its operation", "volume_id", m.VolumeID, "err", err)
+		return
+	}
 	if m.VMID == h.cfg.VMID {
-		h.autoExportHere(ctx, m)
+		h.autoExportHere(ctx, f, m)
 		return
 	}
 	if _, err := h.askHost(ctx, m.VMID, hostRequest{Action: hostAutoExport, Mapping: &m}); err != nil && !errors.Is(err, errNoHost) {
@@ -379,8 +417,9 @@ func (h *Host) AutoExport(ctx context.Context, m commands.Mapping) {
 	}
 }
 
-// autoExportHere is autoExport on this host's NBD server.
-func (h *Host) autoExportHere(ctx context.Context, m commands.Mapping) {
+// autoExportHere is autoExport on this host's NBD server, fenced by f
+// when the attach runs here (nil when another volumed asked).
+func (h *Host) autoExportHere(ctx context.Context, f engine.Fence, m commands.Mapping) {
 	if !h.cfg.AutoExport || h.cfg.Exporter == nil {
 		return
 	}
@@ -392,7 +431,7 @@ func (h *Host) autoExportHere(ctx context.Context, m commands.Mapping) {
 		return // exported already, maybe read-write: keep it
 	}
 	e.ReadOnly = true
-	if err := h.PutExport(ctx, nil, e); err != nil {
+	if err := h.PutExport(ctx, f, e); err != nil {
 		h.log.Warn("auto-export failed", "volume_id", m.VolumeID, "err", err)
 		return
 	}

@@ -112,7 +112,7 @@ func (h *Host) hostAction(ctx context.Context, req hostRequest) ([]string, error
 		return h.syncExports(ctx, req.Change)
 	case hostAutoExport:
 		if req.Mapping != nil {
-			h.autoExportHere(ctx, *req.Mapping)
+			h.autoExportHere(ctx, nil, *req.Mapping)
 		}
 		return nil, nil
 	}

@@ -3,6 +3,7 @@ package kinds
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/google/uuid"
@@ -131,7 +132,7 @@ func (k attach) recordAttached(ctx context.Context, j *engine.Journal, vol csapi
 	if old, err := k.Mappings.Get(ctx, vol.ID); err == nil {
 		m.ID, m.CreatedAt, m.Revision = old.ID, old.CreatedAt, old.Revision
 	} else if !errors.Is(err, state.ErrNotFound) {
-		return m, engine.ErrStopped
+		return m, fmt.Errorf("%w: read mapping of %s: %w", engine.ErrStopped, vol.ID, err)
 	}
 	var corrErr error
 	if k.Devices != nil && k.Devices.HasAgent(ctx, vmID) {
@@ -143,7 +144,7 @@ func (k attach) recordAttached(ctx context.Context, j *engine.Journal, vol csapi
 		}
 		found, err := k.Devices.Attached(ctx, m, since)
 		if ctx.Err() != nil {
-			return m, engine.ErrStopped
+			return m, fmt.Errorf("%w: %w", engine.ErrStopped, context.Cause(ctx))
 		}
 		found.ID, found.CreatedAt, found.DeviceID, found.Revision = m.ID, m.CreatedAt, vol.DeviceID, m.Revision
 		m, corrErr = found, err
@@ -157,10 +158,10 @@ func (k attach) recordAttached(ctx context.Context, j *engine.Journal, vol csapi
 	case errors.Is(err, state.ErrConflict):
 		return m, commands.Conflict("device %s is already mapped to another volume", m.DevicePath)
 	case err != nil:
-		return m, engine.ErrStopped
+		return m, fmt.Errorf("%w: record mapping of %s: %w", engine.ErrStopped, vol.ID, err)
 	}
 	if corrErr == nil {
-		k.Exports.AutoExport(ctx, m)
+		k.Exports.AutoExport(ctx, j, m)
 	}
 	return m, corrErr
 }

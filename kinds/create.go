@@ -3,6 +3,7 @@ package kinds
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"time"
 
@@ -126,7 +127,7 @@ func (k create) adoptCreated(ctx context.Context, j *engine.Journal, req command
 		}
 		claimed, _, err := k.Operations.ListOperations(ctx, state.Filter{VolumeID: v.ID, Limit: 1})
 		if err != nil {
-			return false, engine.ErrStopped
+			return false, fmt.Errorf("%w: operations on volume %s: %w", engine.ErrStopped, v.ID, err)
 		}
 		if len(claimed) == 0 {
 			k.Log.Info("adopting volume of an interrupted create", "operation_id", op.ID, "volume_id", v.ID)

@@ -128,7 +128,7 @@ func (x storeExports) PutExport(context.Context, engine.Fence, commands.Export) 
 	return errors.New("not in this test")
 }
 
-func (x storeExports) AutoExport(context.Context, commands.Mapping) {}
+func (x storeExports) AutoExport(context.Context, engine.Fence, commands.Mapping) {}
 
 func (x storeExports) Record(ctx context.Context, volumeID string) (commands.Export, error) {
 	return x.store.GetExport(ctx, volumeID)

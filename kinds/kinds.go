@@ -59,8 +59,8 @@ type Exports interface {
 	// fenced by f.
 	PutExport(ctx context.Context, f engine.Fence, e commands.Export) error
 	// AutoExport has the volumed serving m's VM export it, read-only, when
-	// that host's --nbd-auto-export asks for it.
-	AutoExport(ctx context.Context, m commands.Mapping)
+	// that host's --nbd-auto-export asks for it, fenced by f.
+	AutoExport(ctx context.Context, f engine.Fence, m commands.Mapping)
 	// Record returns a volume's export record.
 	Record(ctx context.Context, volumeID string) (commands.Export, error)
 	// Ping checks that a volumed with an NBD server serves vmID.
@@ -148,11 +148,11 @@ func lostAnswer(err error) error {
 	return &again
 }
 
-// notFoundOr maps a missing volume to NOT_FOUND and anything else through
-// engine.Failure.
+// notFoundOr maps a missing volume to engine.VolumeNotFound and anything
+// else through engine.Failure.
 func notFoundOr(err error, volumeID string) error {
 	if errors.Is(err, csapi.ErrNotFound) {
-		return commands.NotFound("volume %s not found in CloudStack", volumeID)
+		return engine.VolumeNotFound(volumeID)
 	}
 	return engine.Failure(err)
 }

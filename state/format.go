@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/redis/go-redis/v9"
@@ -24,10 +25,11 @@ const (
 	// KVFormat 1: operations, mappings and exports under op., map. and
 	// export., as since the first release.
 	KVFormat = 1
-	// RedisFormat 1: records as hashes (j, v) under the hash-tagged
-	// prefix, indexes in sorted sets (see Redis). Format 0 is the first
-	// releases' layout: JSON strings under "volumed:".
-	RedisFormat = 1
+	// RedisFormat 2: format 1 and the requester index,
+	// ops:by:<requested_by>. Format 1: records as hashes (j, v) under the
+	// hash-tagged prefix, indexes in sorted sets (see Redis). Format 0 is
+	// the first releases' layout: JSON strings under "volumed:".
+	RedisFormat = 2
 )
 
 // kvFormatKey is the bucket key of the embedded store's format; the
@@ -57,7 +59,7 @@ func kvSteps(*KV) []upgrade.Step { return nil }
 // redisSteps are the Redis store's migrations.
 func redisSteps(r *Redis) []upgrade.Step {
 	return []upgrade.Step{{From: 0, Name: "copy the records of the first layout (JSON under volumed:) into hashes with indexes",
-		Run: r.copyLegacy}}
+		Run: r.copyLegacy}, {From: 1, Name: "index by requester the operations recorded with one", Run: r.indexRequesters}}
 }
 
 // kvMarker records the embedded store's format under kvFormatKey.
@@ -117,8 +119,9 @@ func parseFormat(s string) (int, bool, error) {
 
 // detectFormat tells a store without a recorded format apart: format 0
 // when the first layout's keys are there (even beside records of format
-// 1: a release of format 1 started on them without reading them), else
-// RedisFormat.
+// 1: a release of format 1 started on them without reading them), format
+// 1 when records are (the revision counter: written by a release from
+// before formats were recorded), else RedisFormat (nothing recorded).
 func (r *Redis) detectFormat(ctx context.Context) (int, error) {
 	if r.p == legacyRedisPrefix {
 		return RedisFormat, nil
@@ -131,23 +134,41 @@ func (r *Redis) detectFormat(ctx context.Context) (int, error) {
 	if found {
 		return 0, nil
 	}
+	n, err := r.rdb.Exists(ctx, r.revKey()).Result()
+	if err != nil {
+		return 0, r.wrap("detect format", err)
+	}
+	if n > 0 {
+		return 1, nil
+	}
 	return RedisFormat, nil
 }
 
 var errStopScan = errors.New("stop")
 
 // scanLegacy calls fn with every key of the first layout matching
-// legacyRedisPrefix+pattern, on every master of a cluster.
+// legacyRedisPrefix+pattern, as scanKeys does.
 func (r *Redis) scanLegacy(ctx context.Context, pattern string, fn func(key string) error) error {
+	return r.scanKeys(ctx, legacyRedisPrefix+pattern, fn)
+}
+
+// scanKeys calls fn with every key matching match, on every master of a
+// cluster. The masters are scanned at once (ForEachMaster), fn one call at
+// a time.
+func (r *Redis) scanKeys(ctx context.Context, match string, fn func(key string) error) error {
+	var mu sync.Mutex
 	scan := func(ctx context.Context, c *redis.Client) error {
-		it := c.Scan(ctx, 0, legacyRedisPrefix+pattern, 1000).Iterator()
+		it := c.Scan(ctx, 0, match, 1000).Iterator()
 		for it.Next(ctx) {
-			if err := fn(it.Val()); err != nil {
+			mu.Lock()
+			err := fn(it.Val())
+			mu.Unlock()
+			if err != nil {
 				return err
 			}
 		}
 		if err := it.Err(); err != nil {
-			return r.wrap("scan "+legacyRedisPrefix+pattern, err)
+			return r.wrap("scan "+match, err)
 		}
 		return nil
 	}

@@ -3,6 +3,7 @@ package state_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"testing"
@@ -94,6 +95,38 @@ func TestRedisUpgradeFromFirstLayout(t *testing.T) {
 	}
 	if err := state.Upgrade(ctx, s, quietLog); !errors.Is(err, upgrade.ErrRefused) {
 		t.Fatalf("upgrade of format 7: %v, want ErrRefused", err)
+	}
+}
+
+// TestRedisClusterUpgradeFromFirstLayout: on a Redis Cluster the first
+// layout's keys are spread over the masters, which are scanned at once;
+// every record is copied (run with -race: the copy's counters are shared
+// by the masters' scans).
+func TestRedisClusterUpgradeFromFirstLayout(t *testing.T) {
+	nodes := startCluster(t, 3)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	addrs := make([]string, len(nodes))
+	for i, n := range nodes {
+		addrs[i] = n.Addr
+	}
+	raw := redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs})
+	defer raw.Close()
+	const n = 30
+	for i := range n {
+		op := fmt.Sprintf(`{"id":"op-%d","type":"create","status":"completed","volume_id":"vol-%d","created_at":"2026-11-25T20:00:00Z","completed_at":"2026-11-25T20:00:01Z"}`, i, i)
+		if err := raw.Set(ctx, fmt.Sprintf("volumed:op:op-%d", i), op, 0).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s, _ := newRedis(t, nodes[0].URL())
+	if err := state.Upgrade(ctx, s, quietLog); err != nil {
+		t.Fatalf("upgrade: %v", err)
+	}
+	for i := range n {
+		if _, err := s.GetOperation(ctx, fmt.Sprintf("op-%d", i)); err != nil {
+			t.Fatalf("operation op-%d not copied: %v", i, err)
+		}
 	}
 }
 

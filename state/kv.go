@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,7 +53,9 @@ type KVConfig struct {
 // the record's Revision. The secondary indexes and Stats live in memory,
 // built at start by a watcher over the bucket and kept live by it, so every
 // process sharing the bucket converges; each write also updates them
-// before it returns. Deletes leave a marker that expires after a day
+// before it returns. Of an operation, memory keeps only what the indexes
+// need (opIndex), and the JSON of the recent ones (recentOps); other
+// records are read from the bucket. Deletes leave a marker that expires after a day
 // (LimitMarkerTTL), so pruned records leave nothing behind for long.
 type KV struct {
 	js     jetstream.JetStream
@@ -66,10 +67,9 @@ type KV struct {
 
 	mu       sync.RWMutex
 	seen     uint64 // the last revision the watcher delivered
-	ops      map[string]kvEntry[kvOp]
-	opsPeak  int                // the most entries ops held since it was last made
-	idx      map[string][]opRef // sorted oldest first; see opIndexes
-	stats    Stats              // without Writes
+	gap      kvGap  // see caughtUp
+	ops      *opIndex
+	recent   *recentOps
 	mappings map[string]kvEntry[commands.Mapping]
 	byDevice map[string]string
 	byVM     map[string]map[string]struct{}
@@ -108,8 +108,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		return nil, err
 	}
 	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log,
-		ops: make(map[string]kvEntry[kvOp]), idx: make(map[string][]opRef), stats: newStats(),
-		mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
+		ops: newOpIndex(), recent: newRecentOps(kvRecentOps), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
 	if k.watcher, err = k.startWatch(ctx); err != nil {
 		return nil, err
@@ -127,9 +126,9 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		return nil, err
 	}
 	k.mu.RLock()
-	ops, mappings := len(k.ops), len(k.mappings)
+	nops, nmaps := k.ops.len(), len(k.mappings)
 	k.mu.RUnlock()
-	k.log.Info("state store ready", "operations", ops, "mappings", mappings)
+	k.log.Info("state store ready", "operations", nops, "mappings", nmaps)
 	return k, nil
 }
 
@@ -146,41 +145,6 @@ func (k *KV) fresh(cur, rev uint64, fromWatcher bool) bool {
 	return rev > cur
 }
 
-// kvOp is what memory keeps of an operation besides its JSON: the fields
-// the indexes and Stats are made of.
-type kvOp struct {
-	typ       commands.OpType
-	status    commands.OpStatus
-	volume    string
-	vm        string
-	created   int64 // opScore of CreatedAt
-	completed int64 // opScore of completedAt, for a terminal operation
-	duration  time.Duration
-}
-
-// newKVOp keeps the indexed fields of op; type and status share the
-// constants' memory.
-func newKVOp(op *commands.Operation) *kvOp {
-	o := &kvOp{typ: op.Type, status: op.Status, volume: op.VolumeID, vm: op.VM(),
-		created: opScore(op.CreatedAt), duration: op.Duration()}
-	if i := slices.Index(commands.OpTypes, o.typ); i >= 0 {
-		o.typ = commands.OpTypes[i]
-	}
-	if i := slices.Index(commands.OpStatuses, o.status); i >= 0 {
-		o.status = commands.OpStatuses[i]
-	}
-	if o.status.Terminal() {
-		o.completed = opScore(completedAt(op))
-	}
-	return o
-}
-
-// matches reports whether o has every field f sets.
-func (o *kvOp) matches(f Filter) bool {
-	return o != nil && (f.Type == "" || o.typ == f.Type) && (f.Status == "" || o.status == f.Status) &&
-		(f.VolumeID == "" || o.volume == f.VolumeID) && (f.VMID == "" || o.vm == f.VMID)
-}
-
 // decodeRecord decodes raw, nil for a delete.
 func decodeRecord[T any](raw []byte) (*T, error) {
 	if raw == nil {
@@ -191,12 +155,13 @@ func decodeRecord[T any](raw []byte) (*T, error) {
 }
 
 // applyWatchedOp puts revision rev of an operation (nil raw: deleted),
-// as the watcher delivers it, in the indexes unless they already hold
-// that revision or a later one; a record they do is not even decoded (the
+// as the watcher delivers it, in the index unless it already holds that
+// revision or a later one; a record it does is not even decoded (the
 // watcher's copy of this process's own write).
 func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte) error {
 	k.mu.Lock()
-	applied := rev <= k.ops[id].rev
+	held, _, _ := k.ops.rev(id)
+	applied := rev <= held
 	if applied {
 		k.seen = max(k.seen, rev)
 	}
@@ -204,69 +169,55 @@ func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte) error {
 	if applied {
 		return nil
 	}
-	op, err := decodeRecord[commands.Operation](raw)
+	op, err := decodeRecord[kvIndexed](raw)
 	if err != nil {
 		return err
 	}
-	return k.applyOpValue(id, rev, raw, op, true)
+	if op == nil {
+		return k.applyOpValue(id, rev, nil, nil, true)
+	}
+	o := op.operation(id)
+	return k.applyOpValue(id, rev, &o, raw, true)
 }
 
-// applyOpValue puts revision rev of the operation op (nil: deleted), whose
-// JSON is raw, in the indexes unless they already hold that revision or a
-// later one: a writer's own record, or one the watcher delivered.
-func (k *KV) applyOpValue(id string, rev uint64, raw []byte, op *commands.Operation, fromWatcher bool) error {
+// kvIndexed is what the index reads of an operation's JSON: decoding
+// only these fields is what makes loading the bucket at start fast.
+type kvIndexed struct {
+	Type        commands.OpType   `json:"type"`
+	Status      commands.OpStatus `json:"status"`
+	VolumeID    string            `json:"volume_id"`
+	VMID        *string           `json:"vm_id"`
+	RequestedBy string            `json:"requested_by"`
+	CreatedAt   time.Time         `json:"created_at"`
+	UpdatedAt   time.Time         `json:"updated_at"`
+	CompletedAt *time.Time        `json:"completed_at"`
+}
+
+// operation is the operation id with the indexed fields of o.
+func (o *kvIndexed) operation(id string) commands.Operation {
+	return commands.Operation{ID: id, Type: o.Type, Status: o.Status, VolumeID: o.VolumeID, VMID: o.VMID,
+		RequestedBy: o.RequestedBy, CreatedAt: o.CreatedAt, UpdatedAt: o.UpdatedAt, CompletedAt: o.CompletedAt}
+}
+
+// applyOpValue puts revision rev of the operation op (nil: deleted),
+// whose JSON is raw, in the index and the recent records unless the index
+// already holds that revision or a later one: a writer's own record, or
+// one the watcher delivered.
+func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []byte, fromWatcher bool) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	cur := k.ops[id]
-	if !k.fresh(cur.rev, rev, fromWatcher) {
+	cur, _, _ := k.ops.rev(id)
+	if !k.fresh(cur, rev, fromWatcher) {
 		return nil
-	}
-	if cur.v != nil {
-		k.indexOp(id, cur.v, -1)
 	}
 	if op == nil {
-		delete(k.ops, id)
-		if k.opsPeak > 4096 && len(k.ops) < k.opsPeak/4 {
-			// A Go map keeps the size it grew to: copy it once pruning
-			// has emptied most of it.
-			k.ops, k.opsPeak = maps.Collect(maps.All(k.ops)), len(k.ops)
-		}
+		k.ops.remove(id)
+		k.recent.forget(id)
 		return nil
 	}
-	o := newKVOp(op)
-	k.ops[id] = kvEntry[kvOp]{rev: rev, v: o, raw: raw}
-	k.opsPeak = max(k.opsPeak, len(k.ops))
-	k.indexOp(id, o, 1)
+	k.ops.put(rev, op)
+	k.recent.put(id, rev, raw)
 	return nil
-}
-
-// indexOp adds (sign 1) or removes (sign -1) an operation from the
-// indexes and counters. k.mu is held.
-func (k *KV) indexOp(id string, op *kvOp, sign int64) {
-	ref := opRef{score: op.created, id: id}
-	for _, name := range indexNames(string(op.typ), string(op.status), op.volume, op.vm, true) {
-		refs := k.idx[name]
-		i, found := slices.BinarySearchFunc(refs, ref, compareRefs)
-		switch {
-		case sign > 0 && !found:
-			k.idx[name] = slices.Insert(refs, i, ref)
-		case sign < 0 && found && len(refs) == 1:
-			delete(k.idx, name)
-		case sign < 0 && found:
-			refs = slices.Delete(refs, i, i+1)
-			if cap(refs) > 64 && len(refs) < cap(refs)/4 {
-				refs = slices.Clone(refs) // give back what pruning freed
-			}
-			k.idx[name] = refs
-		}
-	}
-	k.stats.Total += sign
-	k.stats.ByType[op.typ] += sign
-	k.stats.ByStatus[op.status] += sign
-	if op.status.Terminal() {
-		k.stats.Terminal += sign
-		k.stats.TerminalDuration += time.Duration(sign) * op.duration
-	}
 }
 
 // applyMapping puts revision rev of a mapping (nil raw: deleted) in the
@@ -411,7 +362,7 @@ func (k *KV) CreateOperation(ctx context.Context, op commands.Operation) (comman
 	}
 	k.writes.Add(1)
 	op.Revision = rev
-	return op, k.applyOpValue(op.ID, rev, data, &op, false)
+	return op, k.applyOpValue(op.ID, rev, &op, data, false)
 }
 
 // UpdateOperation replaces the operation at op.Revision with one KV Update
@@ -445,7 +396,7 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 	}
 	k.writes.Add(1)
 	op.Revision = rev
-	return op, k.applyOpValue(op.ID, rev, data, &op, false)
+	return op, k.applyOpValue(op.ID, rev, &op, data, false)
 }
 
 // statusAt returns the status of the operation at revision rev when
@@ -453,35 +404,27 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 func (k *KV) statusAt(id string, rev uint64) (commands.OpStatus, bool) {
 	k.mu.RLock()
 	defer k.mu.RUnlock()
-	cur := k.ops[id]
-	if cur.v == nil || cur.rev != rev {
+	cur, st, live := k.ops.rev(id)
+	if !live || cur != rev {
 		return "", false
 	}
-	return cur.v.status, true
+	return st, true
 }
 
-// opAt returns the operation recorded at revision rev: from memory when
-// it holds that revision (a revision names one value of one key), else
-// from the bucket. ErrStale when the key has another revision.
+// opAt returns the operation recorded at revision rev, read from the
+// bucket. ErrStale when the key has another revision.
 func (k *KV) opAt(ctx context.Context, id string, rev uint64) (*commands.Operation, error) {
-	k.mu.RLock()
-	cur := k.ops[id]
-	k.mu.RUnlock()
-	raw := cur.raw
-	if cur.v == nil || cur.rev != rev {
-		e, err := k.kv.Get(ctx, kvOpPrefix+id)
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			return nil, gone("operation", id)
-		}
-		if err != nil {
-			return nil, kvErr("get operation", err)
-		}
-		if e.Revision() != rev {
-			return nil, stale("operation", id, rev)
-		}
-		raw = e.Value()
+	e, err := k.kv.Get(ctx, kvOpPrefix+id)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, gone("operation", id)
 	}
-	return decodeRecord[commands.Operation](raw)
+	if err != nil {
+		return nil, kvErr("get operation", err)
+	}
+	if e.Revision() != rev {
+		return nil, stale("operation", id, rev)
+	}
+	return decodeRecord[commands.Operation](e.Value())
 }
 
 // DeleteOperation purges the operation's key if it is at revision rev.
@@ -501,9 +444,9 @@ func (k *KV) DeleteOperation(ctx context.Context, id string, rev uint64) error {
 		return err
 	}
 	k.mu.Lock()
-	if e := k.ops[id]; e.v != nil && e.rev == rev {
-		k.indexOp(id, e.v, -1)
-		k.ops[id] = kvEntry[kvOp]{rev: rev}
+	if cur, _, live := k.ops.rev(id); live && cur == rev {
+		k.ops.tombstone(id, rev)
+		k.recent.forget(id)
 	}
 	k.mu.Unlock()
 	return nil
@@ -533,32 +476,14 @@ func (k *KV) purge(ctx context.Context, what, key string, rev uint64) error {
 }
 
 // PruneOperations deletes terminal operations completed before
-// completedBefore, found in the in-memory status indexes (oldest created
-// first: an operation completed before a time was created before it).
+// completedBefore, found in the in-memory status indexes.
 func (k *KV) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
-	type victim struct {
-		id  string
-		rev uint64
-	}
-	var victims []victim
 	k.mu.RLock()
-	for _, st := range commands.OpStatuses {
-		if !st.Terminal() {
-			continue
-		}
-		for _, ref := range k.idx["status:"+string(st)] {
-			if ref.score >= opScore(completedBefore) || (limit > 0 && len(victims) >= limit) {
-				break
-			}
-			if e := k.ops[ref.id]; e.v != nil && e.v.completed < opScore(completedBefore) {
-				victims = append(victims, victim{ref.id, e.rev})
-			}
-		}
-	}
+	ids, revs := k.ops.expired(opScore(completedBefore), limit)
 	k.mu.RUnlock()
 	n := 0
-	for _, v := range victims {
-		err := k.DeleteOperation(ctx, v.id, v.rev)
+	for i, id := range ids {
+		err := k.DeleteOperation(ctx, id, revs[i])
 		if errors.Is(err, ErrStale) {
 			continue // annotated (CanAnnotate), or deleted and created again: the next pass reads it again
 		}
@@ -667,19 +592,45 @@ func setupBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (jet
 // held when it was called, so that a read from memory (lists, indexes,
 // stats) reflects every write committed before it, by any process sharing
 // the bucket. (A read of one key asks the bucket itself.)
+//
+// The stream's last sequence, which its leader gives at a constant cost,
+// is the barrier; the last message of the bucket's subjects, which costs
+// a match over every key, is asked only when the watcher has not seen
+// that sequence, since the message there may be gone (an expired marker).
 func (k *KV) caughtUp(ctx context.Context) error {
-	last, err := k.stream.GetLastMsgForSubject(ctx, k.subject(">"))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return nil // an empty bucket
-	}
+	info, err := k.stream.Info(ctx)
 	if err != nil {
 		return kvErr("read barrier", err)
+	}
+	target := info.State.LastSeq
+	k.mu.RLock()
+	seen, gap := k.seen, k.gap
+	k.mu.RUnlock()
+	switch {
+	case seen >= target:
+		return nil
+	case gap.streamLast == target:
+		// Nothing written since the last slow barrier found the last
+		// message below the stream's last sequence.
+		target = gap.lastMsg
+	default:
+		last, err := k.stream.GetLastMsgForSubject(ctx, k.subject(">"))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return nil // an empty bucket
+		}
+		if err != nil {
+			return kvErr("read barrier", err)
+		}
+		k.mu.Lock()
+		k.gap = kvGap{streamLast: target, lastMsg: last.Sequence}
+		k.mu.Unlock()
+		target = last.Sequence
 	}
 	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 5*time.Millisecond) {
 		k.mu.RLock()
 		seen := k.seen
 		k.mu.RUnlock()
-		if seen >= last.Sequence {
+		if seen >= target {
 			return nil
 		}
 		select {
@@ -690,9 +641,18 @@ func (k *KV) caughtUp(ctx context.Context) error {
 	}
 }
 
+// kvGap records that when the stream's last sequence was streamLast, the
+// last message it held was at lastMsg.
+type kvGap struct {
+	streamLast, lastMsg uint64
+}
+
 // ListOperations walks the smallest index of f newest first from the
 // cursor, keeping the operations that match f's other fields, up to the
-// limit.
+// limit, then takes their records from the recent ones kept in memory or
+// reads them from the bucket. A record that changed since is returned as
+// it is now if it still matches f, and left out otherwise (as the Redis
+// store does).
 func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation, string, error) {
 	after, err := parseCursor(f.Cursor)
 	if err != nil {
@@ -701,46 +661,64 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 	if err := k.caughtUp(ctx); err != nil {
 		return nil, "", err
 	}
-	type row struct {
-		rev uint64
-		raw []byte
-	}
-	var rows []row
-	next := ""
 	k.mu.RLock()
-	var walk []opRef
-	for i, name := range filterIndexes(f) {
-		if refs := k.idx[name]; i == 0 || len(refs) < len(walk) {
-			walk = refs
-		}
-	}
-	start := len(walk)
-	if after != nil {
-		start, _ = slices.BinarySearchFunc(walk, *after, compareRefs)
-	}
-	more := false
-	for i := start - 1; i >= 0 && !more; i-- {
-		e := k.ops[walk[i].id]
-		if !e.v.matches(f) {
-			continue
-		}
-		more = f.Limit > 0 && len(rows) == f.Limit
-		if !more {
-			rows = append(rows, row{e.rev, e.raw})
+	ids, revs, more := k.ops.list(f, after, f.Limit)
+	raws := make([][]byte, len(ids))
+	var missing []int
+	for i, id := range ids {
+		var ok bool
+		if raws[i], ok = k.recent.get(id, revs[i]); !ok {
+			missing = append(missing, i)
 		}
 	}
 	k.mu.RUnlock()
-	out := make([]commands.Operation, len(rows))
-	for i, r := range rows {
-		if err := decode(r.raw, &out[i]); err != nil {
-			return nil, "", err
+	recs := make([]commands.Operation, len(ids))
+	for i, raw := range raws {
+		if raw != nil {
+			if err := decode(raw, &recs[i]); err != nil {
+				return nil, "", err
+			}
+			recs[i].Revision = revs[i]
 		}
-		out[i].Revision = r.rev
 	}
-	if more {
+	if err := k.getOps(ctx, ids, missing, recs); err != nil {
+		return nil, "", err
+	}
+	out := make([]commands.Operation, 0, len(recs))
+	for i := range recs {
+		if recs[i].ID != "" && matches(&recs[i], f) {
+			out = append(out, recs[i])
+		}
+	}
+	next := ""
+	if more && len(out) > 0 {
 		next = formatCursor(out[len(out)-1])
 	}
 	return out, next, nil
+}
+
+// kvReaders bounds the reads of one listing in flight at once.
+const kvReaders = 16
+
+// getOps reads the operations ids[i] for each i of which into out[i]
+// from the bucket, several at once; a deleted one is left zero.
+func (k *KV) getOps(ctx context.Context, ids []string, which []int, out []commands.Operation) error {
+	errs := make([]error, len(which))
+	sem := make(chan struct{}, kvReaders)
+	var wg sync.WaitGroup
+	for j, i := range which {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			op, err := k.GetOperation(ctx, ids[i])
+			if errors.Is(err, ErrNotFound) {
+				return
+			}
+			out[i], errs[j] = op, err
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // Stats returns the in-memory counters.
@@ -750,8 +728,8 @@ func (k *KV) Stats(ctx context.Context) (Stats, error) {
 	}
 	k.mu.RLock()
 	defer k.mu.RUnlock()
-	s := k.stats
-	s.ByType, s.ByStatus = maps.Clone(k.stats.ByType), maps.Clone(k.stats.ByStatus)
+	s := k.ops.stats
+	s.ByType, s.ByStatus = maps.Clone(s.ByType), maps.Clone(s.ByStatus)
 	s.Writes = k.writes.Load()
 	return s, nil
 }

@@ -86,18 +86,20 @@ func decode[T any](data []byte, v *T) error {
 // filterIndexes names the indexes (as "type:attach", "vm:<id>", …) that f
 // selects by, or "all" when it selects by nothing.
 func filterIndexes(f Filter) []string {
-	return indexNames(string(f.Type), string(f.Status), f.VolumeID, f.VMID, false)
+	return indexNames(string(f.Type), string(f.Status), f.VolumeID, f.VMID, f.RequestedBy, false)
 }
 
 // opIndexes names every index an operation belongs to, "all" included.
 func opIndexes(op *commands.Operation) []string {
-	return indexNames(string(op.Type), string(op.Status), op.VolumeID, op.VM(), true)
+	return indexNames(string(op.Type), string(op.Status), op.VolumeID, op.VM(), op.RequestedBy, true)
 }
 
-func indexNames(typ, status, volume, vm string, withAll bool) []string {
+// indexNames names the indexes of the given field values ("" for none):
+// type:, status:, volume:, vm: and by: (requested by).
+func indexNames(typ, status, volume, vm, by string, withAll bool) []string {
 	var names []string
 	for _, idx := range [...]struct{ dim, value string }{
-		{"type", typ}, {"status", status}, {"volume", volume}, {"vm", vm},
+		{"type", typ}, {"status", status}, {"volume", volume}, {"vm", vm}, {"by", by},
 	} {
 		if idx.value != "" {
 			names = append(names, idx.dim+":"+idx.value)
@@ -168,5 +170,6 @@ func checkLease(name, holder string, ttl time.Duration) error {
 // matches reports whether op has every field f sets.
 func matches(op *commands.Operation, f Filter) bool {
 	return op != nil && (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
-		(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || op.VM() == f.VMID)
+		(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || op.VM() == f.VMID) &&
+		(f.RequestedBy == "" || op.RequestedBy == f.RequestedBy)
 }

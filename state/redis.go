@@ -52,6 +52,7 @@ type RedisConfig struct {
 //	P ops:status:<status>     zset
 //	P ops:volume:<volume_id>  zset
 //	P ops:vm:<vm_id>          zset
+//	P ops:by:<requested_by>   zset (since format 2)
 //	P ops:done                zset of terminal operation ids, score µs of completion
 //	P ops:stats               hash: total, type:<t>, status:<s>, terminal, terminal_ns
 //	P mapping:<volume_id>     hash: j mapping JSON, v revision

@@ -186,7 +186,9 @@ type API interface {
 	// CreateSnapshot starts a snapshot of a volume; an empty name lets
 	// CloudStack name it.
 	CreateSnapshot(ctx context.Context, volumeID, name string) (snapshotID, jobID string, err error)
-	// ListSnapshots returns the snapshots f selects, newest first.
+	// ListSnapshots returns the snapshots f selects, newest first as
+	// CloudStack lists them (SnapshotManagerImpl orders by created,
+	// descending).
 	ListSnapshots(ctx context.Context, f SnapshotFilter) ([]Snapshot, error)
 	// GetSnapshot returns a snapshot or an error wrapping ErrNotFound
 	// (also for a deleted one).

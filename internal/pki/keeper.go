@@ -65,6 +65,7 @@ type Keeper struct {
 	cancel  context.CancelFunc
 	done    chan struct{}
 	started bool
+	closed  bool
 }
 
 // NewKeeper validates cfg; Start loads or issues the first certificate.
@@ -88,17 +89,23 @@ func NewKeeper(cfg KeeperConfig) (*Keeper, error) {
 }
 
 // Start obtains the first certificate, then renews or watches it in the
-// background until Close.
+// background until Close. A keeper starts once, and not after Close.
 func (k *Keeper) Start(ctx context.Context) error {
+	k.mu.Lock()
+	started := k.started
+	k.started = true
+	k.mu.Unlock()
+	if started {
+		return errors.New("pki: keeper already started or closed")
+	}
 	if err := k.refresh(true); err != nil {
 		return err
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if k.started {
-		return errors.New("pki: keeper already started")
+	if k.closed {
+		return errors.New("pki: keeper closed")
 	}
-	k.started = true
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	k.cancel, k.done = cancel, make(chan struct{})
 	go k.run(runCtx)
@@ -213,6 +220,7 @@ func (k *Keeper) Close(ctx context.Context) error {
 	return k.stop.Close(ctx, func() {
 		k.mu.Lock()
 		cancel, done := k.cancel, k.done
+		k.started, k.closed = true, true // no renewals after Close
 		k.mu.Unlock()
 		if cancel != nil {
 			cancel()

@@ -254,3 +254,33 @@ func TestNewKeeperValidates(t *testing.T) {
 		t.Fatalf("Start with missing files: %v", err)
 	}
 }
+
+// TestKeeperStartsOnce: a second Start, or a Start after Close, is refused
+// before it issues anything, so no renewal runs that Close does not stop.
+func TestKeeperStartsOnce(t *testing.T) {
+	ca, err := pki.LoadCA(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := startKeeper(t, pki.KeeperConfig{Issuer: ca, Name: "once"})
+	first := k.Current()
+	if err := k.Start(context.Background()); err == nil {
+		t.Fatal("second Start accepted")
+	}
+	if k.Current() != first {
+		t.Fatal("second Start issued a certificate")
+	}
+	closed, err := pki.NewKeeper(pki.KeeperConfig{Issuer: ca, Name: "closed"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := closed.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := closed.Start(context.Background()); err == nil {
+		t.Fatal("Start after Close accepted")
+	}
+	if closed.Current() != nil {
+		t.Fatal("Start after Close issued a certificate")
+	}
+}

@@ -55,6 +55,7 @@ func Run(t *testing.T, open Open) {
 		{"NotFound", testNotFound},
 		{"ListFilters", testListFilters},
 		{"ListOrder", testListOrder},
+		{"ListRequestedBy", testListRequestedBy},
 		{"IndexMoves", testIndexMoves},
 		{"Stats", testStats},
 		{"Writes", testWrites},
@@ -360,6 +361,71 @@ func reference(ops []commands.Operation, f state.Filter) []string {
 		keep = keep[:f.Limit]
 	}
 	return ids(keep)
+}
+
+// testListRequestedBy: the requested_by filter alone, with the others,
+// paged, and after a delete; records without a requester (written before
+// it existed) match no requester.
+func testListRequestedBy(t *testing.T, s state.Store) {
+	ctx := ctxFor(t)
+	by := map[int]string{1: "api-token:alice@127.0.0.1", 2: "nats:bob", 3: "api-token:alice@127.0.0.1",
+		4: "api-token:alice@127.0.0.1", 5: "", 6: "api-token:alice@127.0.0.1"}
+	var ops []commands.Operation
+	for n := 1; n <= 6; n++ {
+		typ := commands.OpAttach
+		if n%2 == 0 {
+			typ = commands.OpDetach
+		}
+		op := Op(n, typ, commands.StatusPending, fmt.Sprintf("vol-%d", n%2), "vm-1", base.Add(time.Duration(n)*time.Second))
+		op.RequestedBy = by[n]
+		ops = append(ops, op)
+	}
+	ops = mustCreate(t, s, ops...)
+	alice := by[1]
+	for _, tc := range []struct {
+		name string
+		f    state.Filter
+		want []string
+	}{
+		{"alone", state.Filter{RequestedBy: alice}, wantIDs(6, 4, 3, 1)},
+		{"other", state.Filter{RequestedBy: "nats:bob"}, wantIDs(2)},
+		{"unknown", state.Filter{RequestedBy: "nats:carol"}, wantIDs()},
+		{"with type", state.Filter{RequestedBy: alice, Type: commands.OpAttach}, wantIDs(3, 1)},
+		{"with volume and vm", state.Filter{RequestedBy: alice, VolumeID: "vol-0", VMID: "vm-1"}, wantIDs(6, 4)},
+		{"with status", state.Filter{RequestedBy: "nats:bob", Status: commands.StatusCompleted}, wantIDs()},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := listIDs(t, s, tc.f); !slices.Equal(got, tc.want) {
+				t.Fatalf("list %+v = %v, want %v", tc.f, got, tc.want)
+			}
+		})
+	}
+	var got []string
+	f := state.Filter{RequestedBy: alice, Limit: 3}
+	for range 3 {
+		page, next, err := s.ListOperations(ctx, f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, op := range page {
+			if op.RequestedBy != alice {
+				t.Fatalf("listed %s requested by %q", op.ID, op.RequestedBy)
+			}
+		}
+		got = append(got, ids(page)...)
+		if f.Cursor = next; next == "" {
+			break
+		}
+	}
+	if want := wantIDs(6, 4, 3, 1); !slices.Equal(got, want) {
+		t.Fatalf("paged %v, want %v", got, want)
+	}
+	if err := s.DeleteOperation(ctx, ops[3].ID, ops[3].Revision); err != nil {
+		t.Fatal(err)
+	}
+	if got := listIDs(t, s, state.Filter{RequestedBy: alice}); !slices.Equal(got, wantIDs(6, 3, 1)) {
+		t.Fatalf("after deleting 4: %v", got)
+	}
 }
 
 func testListOrder(t *testing.T, s state.Store) {

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/state"
 )
 
@@ -37,6 +38,7 @@ func Backfill(ctx context.Context, store Store, vmID string, devices []commands.
 		return fmt.Errorf("identity: list mappings: %w", err)
 	}
 	mappings, exports := 0, 0
+	w := engine.NewMappingWriter(store, nil, log) // unfenced: before any operation runs
 	for _, m := range ms {
 		if m.DeviceIdentity != nil || m.LinuxState != commands.LinuxDetected || m.DevicePath == "" {
 			continue
@@ -49,7 +51,7 @@ func Backfill(ctx context.Context, store Store, vmID string, devices []commands.
 		}
 		id := d.Identity()
 		m.DeviceIdentity = &id
-		if _, err := store.PutMapping(ctx, m); errors.Is(err, state.ErrStale) || errors.Is(err, state.ErrConflict) {
+		if _, err := w.Put(ctx, nil, m); errors.Is(err, state.ErrStale) || errors.Is(err, state.ErrConflict) {
 			continue
 		} else if err != nil {
 			return fmt.Errorf("identity: mapping of %s: %w", m.VolumeID, err)

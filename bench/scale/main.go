@@ -1,0 +1,689 @@
+// Command scale measures volumed with a large retained history (make
+// bench-scale). It records N terminal operations over VOLUMES volumes and
+// VMS VMs through the state store interface (in parallel), measures the
+// store's reads in process, then starts a real volumed on that history
+// (with a CloudStack simulator beside it) and measures, over HTTP, the
+// listings, reads and counts, its resident memory (VmRSS), and its start
+// and restart to serving. Every figure is printed beside its goal; nothing
+// is asserted.
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/state"
+)
+
+type config struct {
+	store    string
+	n        int
+	volumes  int
+	vms      int
+	callers  int
+	writers  int
+	samples  int
+	work     string
+	volumed  string
+	cloudsim string
+	redisURL string
+	settle   time.Duration
+}
+
+func main() {
+	var c config
+	flag.StringVar(&c.store, "store", "kv", "kv (embedded) or redis")
+	flag.IntVar(&c.n, "n", 1_000_000, "retained terminal operations to record")
+	flag.IntVar(&c.volumes, "volumes", 10_000, "volumes they spread over")
+	flag.IntVar(&c.vms, "vms", 1_000, "VMs they spread over")
+	flag.IntVar(&c.callers, "callers", 20, "distinct requested_by principals")
+	flag.IntVar(&c.writers, "writers", 64, "parallel writers while loading")
+	flag.IntVar(&c.samples, "samples", 200, "requests per measured figure")
+	flag.StringVar(&c.work, "work", "", "work directory (data dir, logs); default a new temporary one, removed after")
+	flag.StringVar(&c.volumed, "volumed", "", "volumed binary")
+	flag.StringVar(&c.cloudsim, "cloudsim", "", "cloudsim binary (test/cloudsim/cmd/cloudsim)")
+	flag.StringVar(&c.redisURL, "redis-url", "", "Redis URL, for -store redis (its database is flushed first)")
+	flag.DurationVar(&c.settle, "settle", 150*time.Second, "how long volumed idles before its resident memory is measured again")
+	flag.Parse()
+	if err := run(context.Background(), c); err != nil {
+		fmt.Fprintln(os.Stderr, "bench-scale:", err)
+		os.Exit(1)
+	}
+}
+
+// goals of issue 21, by figure.
+const (
+	goalListMS  = 20.0
+	goalGetMS   = 5.0
+	goalStartS  = 2.0
+	goalRSSMB   = 100.0
+	goalStatsMS = 20.0
+)
+
+func run(ctx context.Context, c config) error {
+	if c.volumed == "" || c.cloudsim == "" {
+		return errors.New("-volumed and -cloudsim are required")
+	}
+	if c.store == "redis" && c.redisURL == "" {
+		return errors.New("-store redis needs -redis-url")
+	}
+	if c.work == "" {
+		dir, err := os.MkdirTemp("", "bench-scale-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		c.work = dir
+	}
+	fmt.Printf("machine: %d cores, %s, %.0f GiB; store %s; %d operations over %d volumes, %d VMs, %d callers\n",
+		runtime.NumCPU(), cpuModel(), memTotalGiB(), c.store, c.n, c.volumes, c.vms, c.callers)
+	gen := generator{c: c, start: time.Now().Add(-29 * 24 * time.Hour).Truncate(time.Second)}
+	data := filepath.Join(c.work, "data")
+	if err := gen.loadAndMeasure(ctx, data); err != nil {
+		return err
+	}
+	return gen.serve(ctx, data)
+}
+
+// generator makes the i-th operation of the history, the same every run.
+type generator struct {
+	c     config
+	start time.Time
+}
+
+func uuidOf(kind, i int) string { return fmt.Sprintf("%08x-0000-4000-8000-%012x", kind, i) }
+
+func (g generator) volume(i int) string { return uuidOf(1, i%g.c.volumes) }
+func (g generator) vm(i int) string     { return uuidOf(2, i%g.c.vms) }
+func (g generator) caller(i int) string {
+	return fmt.Sprintf("api-token:bench-%d@127.0.0.1", i%g.c.callers)
+}
+func (g generator) id(i int) string     { return "op-" + uuidOf(3, i) }
+func (g generator) step() time.Duration { return 29 * 24 * time.Hour / time.Duration(g.c.n) }
+func (g generator) created(i int) time.Time {
+	return g.start.Add(time.Duration(i) * g.step())
+}
+
+// op is the i-th operation: types and terminal statuses in turn, a
+// volume, a VM for attaches and detaches, the payload volumed records.
+func (g generator) op(i int) commands.Operation {
+	typ := commands.OpTypes[i%len(commands.OpTypes)]
+	status := commands.StatusCompleted
+	switch round := i / len(commands.OpTypes); {
+	case round%10 == 3:
+		status = commands.StatusFailed
+	case round%50 == 7:
+		status = commands.StatusCancelled
+	}
+	vol, vm := g.volume(i), g.vm(i)
+	created := g.created(i)
+	done := created.Add(3 * time.Second)
+	dev := int64(1 + i%14)
+	op := commands.Operation{ID: g.id(i), Type: typ, Status: status, VolumeID: vol,
+		Request: json.RawMessage(fmt.Sprintf(`{"volume_id":%q,"vm_id":%q}`, vol, vm)),
+		Step:    string(typ) + ":done", JobID: uuidOf(4, i), Attempts: 1, RequestedBy: g.caller(i),
+		CreatedAt: created, UpdatedAt: done, CompletedAt: &done}
+	if typ == commands.OpAttach || typ == commands.OpDetach {
+		op.VMID = &vm
+	}
+	if status == commands.StatusCompleted {
+		op.Response = &commands.OpResponse{VolumeID: vol, VMID: vm, DevicePath: "/dev/vdb", DeviceID: &dev,
+			Message: "Volume attached successfully"}
+	} else {
+		op.Error = "cloudstack: job failed: bench"
+	}
+	return op
+}
+
+// openStore opens the store volumed will use on data (the embedded
+// server's files and volumed's account, or Redis).
+func (g generator) openStore(ctx context.Context, data string) (state.Store, func(), error) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if g.c.store == "redis" {
+		s, err := state.NewRedis(ctx, state.RedisConfig{URL: g.c.redisURL, Logger: log})
+		if err != nil {
+			return nil, nil, err
+		}
+		return s, func() { _ = s.Close(ctx) }, nil
+	}
+	b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: data, Logger: log})
+	if err := b.Start(ctx); err != nil {
+		return nil, nil, err
+	}
+	s, err := state.NewKV(ctx, b.JetStream(), state.KVConfig{Logger: log})
+	if err != nil {
+		_ = b.Close(ctx)
+		return nil, nil, err
+	}
+	return s, func() { _ = s.Close(ctx); _ = b.Close(ctx) }, nil
+}
+
+// loadAndMeasure records the history through the store, then measures
+// the store's own reads in this process.
+func (g generator) loadAndMeasure(ctx context.Context, data string) error {
+	if g.c.store == "redis" {
+		if out, err := exec.Command("redis-cli", "-u", g.c.redisURL, "FLUSHDB").CombinedOutput(); err != nil {
+			return fmt.Errorf("flush redis: %v: %s", err, out)
+		}
+	}
+	if err := os.MkdirAll(data, 0o750); err != nil {
+		return err
+	}
+	s, closeStore, err := g.openStore(ctx, data)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	began := time.Now()
+	var next, done atomic.Int64
+	var wg sync.WaitGroup
+	errc := make(chan error, g.c.writers)
+	for range g.c.writers {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= g.c.n {
+					return
+				}
+				if _, err := s.CreateOperation(ctx, g.op(i)); err != nil && !errors.Is(err, state.ErrExists) {
+					errc <- fmt.Errorf("create %d: %w", i, err)
+					return
+				}
+				if d := done.Add(1); d%100_000 == 0 {
+					fmt.Fprintf(os.Stderr, "  loaded %d in %s\n", d, time.Since(began).Round(time.Second))
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errc)
+	if err := <-errc; err != nil {
+		return err
+	}
+	el := time.Since(began)
+	fmt.Printf("loaded %d operations through the store in %s (%.0f/s, %d writers)\n",
+		g.c.n, el.Round(time.Second), float64(g.c.n)/el.Seconds(), g.c.writers)
+
+	fmt.Printf("\nstore, in process (p50 / p99 ms over %d requests; goal p99 ≤ %.0f ms for lists, ≤ %.0f ms for a get); load %s\n",
+		g.c.samples, goalListMS, goalGetMS, loadAvg())
+	for _, q := range g.queries() {
+		for _, deep := range []bool{false, true} {
+			fs := g.filters(q, deep)
+			ignored := false
+			lat, err := g.sample(func(i int, _ *rand.Rand) error {
+				ops, _, err := s.ListOperations(ctx, fs[i])
+				if err == nil && len(ops) == 0 {
+					err = fmt.Errorf("%s: empty page", q.name)
+				}
+				for _, op := range ops {
+					ignored = ignored || (fs[i].RequestedBy != "" && op.RequestedBy != fs[i].RequestedBy)
+				}
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			name := "list " + q.name + page(deep)
+			if ignored {
+				name += " (NOT FILTERED)"
+			}
+			report(name, lat, goalListMS)
+		}
+	}
+	lat, err := g.sample(func(_ int, r *rand.Rand) error {
+		_, err := s.GetOperation(ctx, g.id(r.IntN(g.c.n)))
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	report("get operation", lat, goalGetMS)
+	lat, err = g.sample(func(int, *rand.Rand) error {
+		st, err := s.Stats(ctx)
+		if err == nil && st.Total != int64(g.c.n) {
+			err = fmt.Errorf("stats total %d, want %d", st.Total, g.c.n)
+		}
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	report("stats", lat, goalStatsMS)
+	return nil
+}
+
+func page(deep bool) string {
+	if deep {
+		return ", deep cursor"
+	}
+	return ", first page"
+}
+
+// query is a filter of the measured listings; filter picks its values.
+type query struct {
+	name   string
+	filter func(r *rand.Rand) state.Filter
+}
+
+func (g generator) queries() []query {
+	// pick returns a random operation that keep accepts, so that every
+	// filter made of its fields selects something.
+	pick := func(r *rand.Rand, keep func(commands.Operation) bool) commands.Operation {
+		for {
+			if op := g.op(r.IntN(g.c.n)); keep(op) {
+				return op
+			}
+		}
+	}
+	vmOf := func(op commands.Operation) string { return op.VM() }
+	any := func(commands.Operation) bool { return true }
+	onVM := func(op commands.Operation) bool { return op.VMID != nil }
+	return []query{
+		{"type", func(r *rand.Rand) state.Filter { return state.Filter{Type: pick(r, any).Type} }},
+		{"status", func(r *rand.Rand) state.Filter {
+			return state.Filter{Status: []commands.OpStatus{commands.StatusCompleted, commands.StatusFailed}[r.IntN(2)]}
+		}},
+		{"volume", func(r *rand.Rand) state.Filter { return state.Filter{VolumeID: pick(r, any).VolumeID} }},
+		{"vm", func(r *rand.Rand) state.Filter { return state.Filter{VMID: vmOf(pick(r, onVM))} }},
+		{"requested_by", func(r *rand.Rand) state.Filter {
+			return state.Filter{RequestedBy: pick(r, any).RequestedBy}
+		}},
+		{"type+status", func(r *rand.Rand) state.Filter {
+			op := pick(r, func(op commands.Operation) bool { return op.Status == commands.StatusFailed })
+			return state.Filter{Type: op.Type, Status: op.Status}
+		}},
+		{"status+volume", func(r *rand.Rand) state.Filter {
+			op := pick(r, func(op commands.Operation) bool { return op.Status == commands.StatusCompleted })
+			return state.Filter{Status: op.Status, VolumeID: op.VolumeID}
+		}},
+		{"type+vm", func(r *rand.Rand) state.Filter {
+			op := pick(r, onVM)
+			return state.Filter{Type: op.Type, VMID: vmOf(op)}
+		}},
+		{"vm+requested_by", func(r *rand.Rand) state.Filter {
+			op := pick(r, onVM)
+			return state.Filter{VMID: vmOf(op), RequestedBy: op.RequestedBy}
+		}},
+	}
+}
+
+// deepCursor is the cursor after the newest operation of the older half
+// of the history that f selects (the bench knows the history, so it makes
+// the cursor the bridge would have returned on that page).
+func (g generator) deepCursor(f state.Filter) string {
+	for i := g.c.n / 2; i >= 0; i-- {
+		op := g.op(i)
+		if (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
+			(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || op.VM() == f.VMID) &&
+			(f.RequestedBy == "" || op.RequestedBy == f.RequestedBy) {
+			return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(op.CreatedAt.UnixMicro(), 10) + ":" + op.ID))
+		}
+	}
+	return ""
+}
+
+// warmups is how many runs of a measured request precede the timed ones.
+const warmups = 5
+
+// filters makes the filters of the runs of a listing (warm-up ones
+// first), with the first page's limit and the deep cursor if asked, so
+// that making them is not timed.
+func (g generator) filters(q query, deep bool) []state.Filter {
+	r := rand.New(rand.NewPCG(3, 4))
+	out := make([]state.Filter, warmups+g.c.samples)
+	for i := range out {
+		out[i] = q.filter(r)
+		out[i].Limit = commands.DefaultListLimit
+		if deep {
+			out[i].Cursor = g.deepCursor(out[i])
+		}
+	}
+	return out
+}
+
+// result is the latencies of a measured request, sorted, and how many
+// of its runs failed with the store unavailable (a timeout: counted with
+// its latency, not fatal), with the first such error.
+type result struct {
+	lat    []time.Duration
+	failed int
+	first  error
+}
+
+// sample runs fn (with the run's number) samples times, after a few
+// warm-up runs. An error other than the store being unavailable (an
+// empty page, a wrong answer) stops the bench.
+func (g generator) sample(fn func(i int, r *rand.Rand) error) (result, error) {
+	r := rand.New(rand.NewPCG(1, 2))
+	var res result
+	for i := range warmups + g.c.samples {
+		t := time.Now()
+		err := fn(i, r)
+		el := time.Since(t)
+		if err != nil && !errors.Is(err, state.ErrUnavailable) && !strings.Contains(err.Error(), ": 503 ") {
+			return res, err
+		}
+		if i < warmups {
+			continue
+		}
+		if err != nil {
+			if res.failed++; res.first == nil {
+				res.first = err
+			}
+		}
+		res.lat = append(res.lat, el)
+	}
+	slices.Sort(res.lat)
+	return res, nil
+}
+
+func pct(lat []time.Duration, p float64) float64 {
+	i := min(len(lat)-1, int(float64(len(lat))*p))
+	return float64(lat[i].Microseconds()) / 1000
+}
+
+func report(name string, res result, goal float64) {
+	p99 := pct(res.lat, 0.99)
+	fmt.Printf("  %-44s %8.2f %8.2f   goal ≤ %4.0f ms  %s\n", name, pct(res.lat, 0.5), p99, goal, verdict(p99 <= goal && res.failed == 0))
+	if res.failed > 0 {
+		fmt.Printf("    %d of %d failed, first: %v\n", res.failed, len(res.lat), res.first)
+	}
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "MISSED"
+}
+
+// serve starts volumed on the history, measures it, restarts it and
+// measures again.
+func (g generator) serve(ctx context.Context, data string) error {
+	simPort, natsPort, apiPort := freePort(), freePort(), freePort()
+	simDir := filepath.Join(g.c.work, "cloudsim")
+	sim := exec.Command(g.c.cloudsim, "--listen", "127.0.0.1:"+simPort, "--state-dir", simDir, "--log-level", "warn")
+	simLog, err := os.Create(filepath.Join(g.c.work, "cloudsim.log"))
+	if err != nil {
+		return err
+	}
+	sim.Stdout, sim.Stderr = simLog, simLog
+	if err := sim.Start(); err != nil {
+		return err
+	}
+	defer stop(sim)
+	if err := waitHTTP(ctx, "http://127.0.0.1:"+simPort+"/_sim/stats", "", 30*time.Second); err != nil {
+		return err
+	}
+	natsConf := filepath.Join(g.c.work, "nats.conf")
+	if err := os.WriteFile(natsConf, []byte("listen: 127.0.0.1:"+natsPort+"\njetstream {}\n"), 0o600); err != nil {
+		return err
+	}
+	args := []string{"--cloudstack-url", "http://127.0.0.1:" + simPort + "/client/api",
+		"--cloudstack-api-key", "cloudsim-api-key", "--cloudstack-secret-key", "cloudsim-secret-key",
+		"--vm-id", "87654321-4321-4321-4321-210987654321", "--listen", "127.0.0.1:" + apiPort,
+		"--data-dir", data, "--nats-config", natsConf, "--nbd-listen", "", "--device-agent=false",
+		"--sync-interval", "0", "--log-level", "info"}
+	if g.c.store == "redis" {
+		args = append(args, "--redis-url", g.c.redisURL)
+	}
+	api := "http://127.0.0.1:" + apiPort + "/api/v1"
+	fmt.Printf("\nvolumed over HTTP (p50 / p99 ms over %d requests); load %s\n", g.c.samples, loadAvg())
+	for round, name := range []string{"start", "restart"} {
+		vd, up, err := g.startVolumed(ctx, args, api, data, round)
+		if err != nil {
+			return err
+		}
+		token, err := os.ReadFile(filepath.Join(data, "api-token"))
+		if err != nil {
+			stop(vd)
+			return err
+		}
+		cl := client{api: api, token: strings.TrimSpace(string(token))}
+		fmt.Printf("  %-44s %8.2f s             goal ≤ %4.0f s   %s\n", name+" to serving (health and a list)", up.Seconds(),
+			goalStartS, verdict(up.Seconds() <= goalStartS))
+		rss := func(when string) {
+			mb := rssMB(vd.Process.Pid)
+			fmt.Printf("  %-44s %8.1f MB            goal ≤ %4.0f MB  %s\n", "resident (VmRSS) "+when, mb, goalRSSMB, verdict(mb <= goalRSSMB))
+		}
+		rss("after " + name)
+		// What the process holds once idle, not the garbage of its start
+		// (Go collects at least every two minutes, then gives memory back).
+		time.Sleep(g.c.settle)
+		rss(fmt.Sprintf("%s idle after %s", g.c.settle, name))
+		if round == 0 {
+			if err := g.measureHTTP(ctx, cl); err != nil {
+				stop(vd)
+				return err
+			}
+			rss("after the requests")
+		}
+		stop(vd)
+	}
+	return nil
+}
+
+// startVolumed starts volumed and returns how long until /health
+// answered 200 and a list of operations answered.
+func (g generator) startVolumed(ctx context.Context, args []string, api, data string, round int) (*exec.Cmd, time.Duration, error) {
+	log, err := os.Create(filepath.Join(g.c.work, fmt.Sprintf("volumed-%d.log", round)))
+	if err != nil {
+		return nil, 0, err
+	}
+	vd := exec.Command(g.c.volumed, args...)
+	vd.Stdout, vd.Stderr = log, log
+	began := time.Now()
+	if err := vd.Start(); err != nil {
+		return nil, 0, err
+	}
+	if err := waitHTTP(ctx, api+"/health", "", 10*time.Minute); err != nil {
+		stop(vd)
+		return nil, 0, err
+	}
+	token, err := os.ReadFile(filepath.Join(data, "api-token"))
+	if err != nil {
+		stop(vd)
+		return nil, 0, err
+	}
+	if err := waitHTTP(ctx, api+"/operations?limit=1", strings.TrimSpace(string(token)), time.Minute); err != nil {
+		stop(vd)
+		return nil, 0, err
+	}
+	return vd, time.Since(began), nil
+}
+
+// measureHTTP measures the listings, reads and counts through the REST
+// API.
+func (g generator) measureHTTP(ctx context.Context, cl client) error {
+	for _, q := range g.queries() {
+		for _, deep := range []bool{false, true} {
+			fs := g.filters(q, deep)
+			lat, err := g.sample(func(i int, _ *rand.Rand) error {
+				f := fs[i]
+				v := url.Values{}
+				for k, val := range map[string]string{"type": string(f.Type), "status": string(f.Status),
+					"volume_id": f.VolumeID, "vm_id": f.VMID, "requested_by": f.RequestedBy} {
+					if val != "" {
+						v.Set(k, val)
+					}
+				}
+				if f.Cursor != "" {
+					v.Set("cursor", f.Cursor)
+				}
+				return cl.get(ctx, "/operations?"+v.Encode())
+			})
+			if err != nil {
+				return err
+			}
+			report("GET /operations "+q.name+page(deep), lat, goalListMS)
+		}
+	}
+	for _, tc := range []struct{ name, query string }{{"GET /operations/{id}", ""}, {"GET /operations/{id}?wait=10s", "?wait=10s"}} {
+		lat, err := g.sample(func(_ int, r *rand.Rand) error {
+			return cl.get(ctx, "/operations/"+g.id(r.IntN(g.c.n))+tc.query)
+		})
+		if err != nil {
+			return err
+		}
+		report(tc.name, lat, goalGetMS)
+	}
+	for _, path := range []string{"/metrics", "/../../metrics"} {
+		name := "GET /api/v1/metrics"
+		if path != "/metrics" {
+			name = "GET /metrics (Prometheus)"
+		}
+		lat, err := g.sample(func(int, *rand.Rand) error { return cl.get(ctx, path) })
+		if err != nil {
+			return err
+		}
+		report(name, lat, goalStatsMS)
+	}
+	return nil
+}
+
+type client struct {
+	api, token string
+}
+
+var httpClient = &http.Client{Timeout: 30 * time.Second}
+
+func (c client) get(ctx context.Context, path string) error {
+	u := c.api + path
+	if strings.HasPrefix(path, "/../../") {
+		u = strings.TrimSuffix(c.api, "/api/v1") + strings.TrimPrefix(path, "/../..")
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.token)
+	resp, err := httpClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET %s: %d %s", path, resp.StatusCode, body)
+	}
+	if strings.HasPrefix(path, "/operations?") && strings.TrimSpace(string(body)) == "[]" {
+		return fmt.Errorf("GET %s: empty page", path)
+	}
+	return nil
+}
+
+// waitHTTP polls url until it answers 200.
+func waitHTTP(ctx context.Context, u, token string, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+		if err != nil {
+			return err
+		}
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := httpClient.Do(req)
+		if err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no 200 from %s within %s (last: %v)", u, limit, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func stop(c *exec.Cmd) {
+	_ = c.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = c.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(60 * time.Second):
+		_ = c.Process.Kill()
+		<-done
+	}
+}
+
+func freePort() string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer l.Close()
+	return strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+}
+
+// rssMB is a process's resident memory (VmRSS) in MB (10^6 bytes).
+func rssMB(pid int) float64 {
+	kb := procField(fmt.Sprintf("/proc/%d/status", pid), "VmRSS:")
+	return kb * 1024 / 1e6
+}
+
+func memTotalGiB() float64 { return procField("/proc/meminfo", "MemTotal:") / (1 << 20) }
+
+// procField reads the kB figure of a /proc file's field.
+func procField(path, field string) float64 {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), field); ok {
+			v, _ := strconv.ParseFloat(strings.Fields(rest)[0], 64)
+			return v
+		}
+	}
+	return 0
+}
+
+// loadAvg is the machine's load average over 1, 5 and 15 minutes: the
+// figures are only comparable under a similar load.
+func loadAvg() string {
+	data, _ := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(data)); len(f) >= 3 {
+		return strings.Join(f[:3], " ")
+	}
+	return "unknown"
+}
+
+func cpuModel() string {
+	data, _ := os.ReadFile("/proc/cpuinfo")
+	for _, line := range strings.Split(string(data), "\n") {
+		if name, ok := strings.CutPrefix(line, "model name"); ok {
+			return strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(name), ":"))
+		}
+	}
+	return "unknown CPU"
+}

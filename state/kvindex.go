@@ -1,0 +1,380 @@
+package state
+
+import (
+	"cmp"
+	"maps"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// opIndex is the in-memory index of the embedded store's operations: per
+// operation, only what the listings, the prune and the counters need (its
+// id, revision, times and interned field values: a 72-byte slot, the id,
+// a map entry and a 4-byte entry per index it is in, about 200 bytes);
+// the records themselves stay in the bucket and are read from it. It is not safe for concurrent use: KV.mu
+// guards it.
+type opIndex struct {
+	slots []opSlot
+	free  []uint32          // unused slots
+	byID  map[string]uint32 // operation id → slot
+	names interner
+	// lists holds, per index name (see indexNames), the slots of its
+	// operations ordered oldest first by (created, id).
+	lists map[string][]uint32
+	stats Stats // without Writes
+	peak  int   // the most ids byID held since it was last made
+}
+
+// opSlot is what memory keeps of one operation. A slot whose status is 0
+// records only the revision of an operation this process deleted, until
+// the watcher delivers the delete.
+type opSlot struct {
+	id        string
+	rev       uint64
+	created   int64 // opScore of CreatedAt
+	completed int64 // opScore of completedAt, for a terminal operation
+	duration  time.Duration
+	// Interned values (0: none) of the indexed fields.
+	typ, status, volume, vm, by uint32
+}
+
+func newOpIndex() *opIndex {
+	return &opIndex{byID: make(map[string]uint32), lists: make(map[string][]uint32),
+		names: newInterner(), stats: newStats()}
+}
+
+// rev returns the revision memory holds for id (0: none), and the slot's
+// status when it is live.
+func (x *opIndex) rev(id string) (uint64, commands.OpStatus, bool) {
+	i, ok := x.byID[id]
+	if !ok {
+		return 0, "", false
+	}
+	s := &x.slots[i]
+	return s.rev, commands.OpStatus(x.names.str(s.status)), s.status != 0
+}
+
+// len counts the live operations.
+func (x *opIndex) len() int { return int(x.stats.Total) }
+
+// put records op at revision rev, replacing what id held.
+func (x *opIndex) put(rev uint64, op *commands.Operation) {
+	x.unindex(op.ID)
+	s := opSlot{id: op.ID, rev: rev, created: opScore(op.CreatedAt), duration: op.Duration(),
+		typ: x.names.add(string(op.Type)), status: x.names.add(string(op.Status)),
+		volume: x.names.add(op.VolumeID), vm: x.names.add(op.VM()), by: x.names.add(op.RequestedBy)}
+	if op.Status.Terminal() {
+		s.completed = opScore(completedAt(op))
+	}
+	i, ok := x.byID[op.ID]
+	if !ok {
+		i = x.alloc()
+		x.byID[op.ID] = i
+		x.peak = max(x.peak, len(x.byID))
+	} else {
+		s.id = x.slots[i].id // keep the map key's string, not a second copy
+	}
+	x.slots[i] = s
+	x.index(i, 1)
+}
+
+// tombstone unindexes id but keeps its revision rev, so that a stale put
+// of that revision or an older one is recognised as such.
+func (x *opIndex) tombstone(id string, rev uint64) {
+	x.unindex(id)
+	if i, ok := x.byID[id]; ok {
+		x.slots[i].rev = rev
+	}
+}
+
+// remove forgets id.
+func (x *opIndex) remove(id string) {
+	x.unindex(id)
+	i, ok := x.byID[id]
+	if !ok {
+		return
+	}
+	delete(x.byID, id)
+	x.slots[i] = opSlot{}
+	x.free = append(x.free, i)
+	if x.peak > 4096 && len(x.byID) < x.peak/4 {
+		// A Go map keeps the size it grew to: copy it once pruning has
+		// emptied most of it. (Freed slots are reused by new operations.)
+		x.byID, x.peak = maps.Collect(maps.All(x.byID)), len(x.byID)
+	}
+}
+
+// unindex takes id's live slot, if any, out of the lists and counters
+// and makes it a tombstone at the same revision.
+func (x *opIndex) unindex(id string) {
+	i, ok := x.byID[id]
+	if !ok || x.slots[i].status == 0 {
+		return
+	}
+	x.index(i, -1)
+	s := &x.slots[i]
+	for _, h := range [...]uint32{s.typ, s.status, s.volume, s.vm, s.by} {
+		x.names.drop(h)
+	}
+	*s = opSlot{id: s.id, rev: s.rev}
+}
+
+func (x *opIndex) alloc() uint32 {
+	if n := len(x.free); n > 0 {
+		i := x.free[n-1]
+		x.free = x.free[:n-1]
+		return i
+	}
+	x.slots = append(x.slots, opSlot{})
+	return uint32(len(x.slots) - 1)
+}
+
+// compare orders slots oldest first by (created, id).
+func (x *opIndex) compare(a, b uint32) int {
+	sa, sb := &x.slots[a], &x.slots[b]
+	if c := cmp.Compare(sa.created, sb.created); c != 0 {
+		return c
+	}
+	return strings.Compare(sa.id, sb.id)
+}
+
+// listNames names the lists slot i belongs to.
+func (x *opIndex) listNames(i uint32) []string {
+	s := &x.slots[i]
+	return indexNames(x.names.str(s.typ), x.names.str(s.status), x.names.str(s.volume), x.names.str(s.vm),
+		x.names.str(s.by), true)
+}
+
+// index adds (sign 1) or removes (sign -1) live slot i from its lists and
+// the counters.
+func (x *opIndex) index(i uint32, sign int64) {
+	s := &x.slots[i]
+	for _, name := range x.listNames(i) {
+		l := x.lists[name]
+		// Most writes are of the newest operation: look at the end first.
+		var at int
+		var found bool
+		if n := len(l); n > 0 && x.compare(l[n-1], i) < 0 {
+			at = n
+		} else {
+			at, found = slices.BinarySearchFunc(l, i, x.compare)
+		}
+		switch {
+		case sign > 0 && !found:
+			x.lists[name] = slices.Insert(l, at, i)
+		case sign < 0 && found && len(l) == 1:
+			delete(x.lists, name)
+		case sign < 0 && found:
+			l = slices.Delete(l, at, at+1)
+			if cap(l) > 64 && len(l) < cap(l)/4 {
+				l = slices.Clone(l) // give back what pruning freed
+			}
+			x.lists[name] = l
+		}
+	}
+	typ, status := commands.OpType(x.names.str(s.typ)), commands.OpStatus(x.names.str(s.status))
+	x.stats.Total += sign
+	x.stats.ByType[typ] += sign
+	x.stats.ByStatus[status] += sign
+	if status.Terminal() {
+		x.stats.Terminal += sign
+		x.stats.TerminalDuration += time.Duration(sign) * s.duration
+	}
+}
+
+// opMatch is a Filter in interned values; ok is false when a value it
+// selects by is held by no operation.
+type opMatch struct {
+	typ, status, volume, vm, by uint32
+	ok                          bool
+}
+
+func (x *opIndex) match(f Filter) opMatch {
+	m := opMatch{ok: true}
+	for _, v := range [...]struct {
+		h *uint32
+		s string
+	}{{&m.typ, string(f.Type)}, {&m.status, string(f.Status)}, {&m.volume, f.VolumeID}, {&m.vm, f.VMID}, {&m.by, f.RequestedBy}} {
+		if v.s == "" {
+			continue
+		}
+		h, ok := x.names.lookup(v.s)
+		*v.h, m.ok = h, m.ok && ok
+	}
+	return m
+}
+
+func (m opMatch) matches(s *opSlot) bool {
+	return s.status != 0 && (m.typ == 0 || s.typ == m.typ) && (m.status == 0 || s.status == m.status) &&
+		(m.volume == 0 || s.volume == m.volume) && (m.vm == 0 || s.vm == m.vm) && (m.by == 0 || s.by == m.by)
+}
+
+// list returns the ids and revisions of up to limit operations matching
+// f (0: no limit) newest first, strictly after the cursor after (nil:
+// from the newest), walking the smallest list f selects; more reports
+// whether another one follows.
+func (x *opIndex) list(f Filter, after *opRef, limit int) (ids []string, revs []uint64, more bool) {
+	m := x.match(f)
+	if !m.ok {
+		return nil, nil, false
+	}
+	var walk []uint32
+	for i, name := range filterIndexes(f) {
+		if l := x.lists[name]; i == 0 || len(l) < len(walk) {
+			walk = l
+		}
+	}
+	start := len(walk)
+	if after != nil {
+		start, _ = slices.BinarySearchFunc(walk, *after, func(i uint32, r opRef) int {
+			s := &x.slots[i]
+			if c := cmp.Compare(s.created, r.score); c != 0 {
+				return c
+			}
+			return strings.Compare(s.id, r.id)
+		})
+	}
+	for j := start - 1; j >= 0; j-- {
+		s := &x.slots[walk[j]]
+		if !m.matches(s) {
+			continue
+		}
+		if limit > 0 && len(ids) == limit {
+			return ids, revs, true
+		}
+		ids, revs = append(ids, s.id), append(revs, s.rev)
+	}
+	return ids, revs, false
+}
+
+// expired returns the ids and revisions of up to limit (0: no limit)
+// terminal operations completed before the score before, oldest created
+// first (an operation completed before a time was created before it).
+func (x *opIndex) expired(before int64, limit int) (ids []string, revs []uint64) {
+	for _, st := range commands.OpStatuses {
+		if !st.Terminal() {
+			continue
+		}
+		for _, i := range x.lists["status:"+string(st)] {
+			s := &x.slots[i]
+			if s.created >= before || (limit > 0 && len(ids) >= limit) {
+				break
+			}
+			if s.completed < before {
+				ids, revs = append(ids, s.id), append(revs, s.rev)
+			}
+		}
+	}
+	return ids, revs
+}
+
+// interner gives each distinct string a small number, counting its
+// users so that a string no operation holds any more is forgotten.
+// Number 0 is "".
+type interner struct {
+	ids   map[string]uint32
+	strs  []string
+	users []int64
+	free  []uint32
+}
+
+func newInterner() interner {
+	return interner{ids: make(map[string]uint32), strs: []string{""}, users: []int64{0}}
+}
+
+// add returns the number of s and counts one more user of it.
+func (n *interner) add(s string) uint32 {
+	if s == "" {
+		return 0
+	}
+	h, ok := n.ids[s]
+	if !ok {
+		if k := len(n.free); k > 0 {
+			h, n.free = n.free[k-1], n.free[:k-1]
+			n.strs[h] = s
+		} else {
+			h = uint32(len(n.strs))
+			n.strs, n.users = append(n.strs, s), append(n.users, 0)
+		}
+		n.ids[s] = h
+	}
+	n.users[h]++
+	return h
+}
+
+// drop counts one user less of number h.
+func (n *interner) drop(h uint32) {
+	if h == 0 {
+		return
+	}
+	if n.users[h]--; n.users[h] == 0 {
+		delete(n.ids, n.strs[h])
+		n.strs[h] = ""
+		n.free = append(n.free, h)
+	}
+}
+
+func (n *interner) lookup(s string) (uint32, bool) {
+	h, ok := n.ids[s]
+	return h, ok
+}
+
+func (n *interner) str(h uint32) string { return n.strs[h] }
+
+// kvRecentOps is how many records the embedded store keeps as JSON: the
+// last ones written or read from the bucket's watcher, which the engine's
+// own lookups (an operation's volume's latest operation) and the first
+// pages of listings mostly ask for. About 1 KB each.
+const kvRecentOps = 4096
+
+// recentOps keeps the JSON of the last kvRecentOps operation revisions
+// applied, first in first out. A revision names one value of a key, so a
+// record held at the revision the index holds is the record.
+type recentOps struct {
+	byID map[string]recentOp
+	ring []recentRef // insertion order; next is the oldest once full
+	next int
+}
+
+type recentOp struct {
+	rev uint64
+	raw []byte
+}
+
+type recentRef struct {
+	id  string
+	rev uint64
+}
+
+func newRecentOps(n int) *recentOps {
+	return &recentOps{byID: make(map[string]recentOp, n), ring: make([]recentRef, 0, n)}
+}
+
+// put keeps raw as id's record at revision rev, forgetting the oldest
+// one kept when full.
+func (r *recentOps) put(id string, rev uint64, raw []byte) {
+	ref := recentRef{id, rev}
+	if len(r.ring) < cap(r.ring) {
+		r.ring = append(r.ring, ref)
+	} else {
+		old := r.ring[r.next]
+		if e, ok := r.byID[old.id]; ok && e.rev == old.rev {
+			delete(r.byID, old.id)
+		}
+		r.ring[r.next] = ref
+		r.next = (r.next + 1) % len(r.ring)
+	}
+	r.byID[id] = recentOp{rev, raw}
+}
+
+// forget drops id's record.
+func (r *recentOps) forget(id string) { delete(r.byID, id) }
+
+// get returns id's record if it is kept at revision rev.
+func (r *recentOps) get(id string, rev uint64) ([]byte, bool) {
+	e, ok := r.byID[id]
+	return e.raw, ok && e.rev == rev
+}
