@@ -357,6 +357,9 @@ func (s *Service) acceptUnexport(ctx context.Context, data []byte, key string) (
 	if err != nil {
 		return nil, err
 	}
+	if req.Force {
+		return nil, commands.Invalid("force", "force applies to detach and delete only").WithDetail("provided_value", true)
+	}
 	vm := s.cfg.VMID
 	e, err := s.cfg.Store.GetExport(ctx, req.VolumeID)
 	switch {
