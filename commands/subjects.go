@@ -15,6 +15,12 @@ const (
 	// export, served by the instance serving the volume's VM (--vm-id).
 	SubjectExport   = "volumes.cmd.export"
 	SubjectUnexport = "volumes.cmd.unexport"
+	// Snapshots, revert, resize and tags: see OpSnapshot and the others.
+	SubjectSnapshot       = "volumes.cmd.snapshot"
+	SubjectDeleteSnapshot = "volumes.cmd.delete_snapshot"
+	SubjectRevert         = "volumes.cmd.revert"
+	SubjectResize         = "volumes.cmd.resize"
+	SubjectTags           = "volumes.cmd.tags"
 	// SubjectForceSync runs a reconcile and replies with its summary.
 	SubjectForceSync = "volumes.cmd.force-sync"
 

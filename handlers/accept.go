@@ -94,13 +94,25 @@ func (s *Service) acceptVolume(ctx context.Context, data []byte, key string, typ
 }
 
 // checkCreate answers 422 CLOUDSTACK_ERROR, as CloudStack's createVolume
-// would, for a disk offering or zone CloudStack does not list (the
-// offering first, as CloudStack checks it first).
+// would, for a snapshot, disk offering or zone CloudStack does not list
+// (the snapshot first, then the offering, as CloudStack checks them).
 func (s *Service) checkCreate(ctx context.Context, req commands.CreateRequest) error {
+	if req.SnapshotID != "" {
+		_, err := s.cfg.CloudStack.GetSnapshot(ctx, req.SnapshotID)
+		switch {
+		case errors.Is(err, csapi.ErrNotFound):
+			return unknownParameter("createVolume", "volume creation", "snapshotid", req.SnapshotID)
+		case err != nil && !csapi.IsRetryable(err) && ctx.Err() == nil:
+			return engine.CloudStackError(err)
+		}
+	}
 	for _, p := range []struct {
 		set       *entitySet
 		param, id string
 	}{{s.inventory.offerings, "diskofferingid", req.DiskOfferingID}, {s.inventory.zones, "zoneid", req.ZoneID}} {
+		if p.id == "" {
+			continue // a create from a snapshot takes the snapshot's
+		}
 		if p.set.lookup(ctx, s.ctx, &s.wg, p.id) == absent {
 			return unknownParameter("createVolume", "volume creation", p.param, p.id)
 		}

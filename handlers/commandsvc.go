@@ -55,6 +55,11 @@ func (s *Service) endpoints() []endpoint {
 		}),
 		accept("export", commands.SubjectExport, s.acceptExport),
 		accept("unexport", commands.SubjectUnexport, s.acceptUnexport),
+		accept("snapshot", commands.SubjectSnapshot, s.acceptSnapshot),
+		accept("delete_snapshot", commands.SubjectDeleteSnapshot, s.acceptDeleteSnapshot),
+		accept("revert", commands.SubjectRevert, s.acceptRevert),
+		accept("resize", commands.SubjectResize, s.acceptResize),
+		accept("tags", commands.SubjectTags, s.acceptTags),
 		{name: "force-sync", subject: commands.SubjectForceSync, status: http.StatusOK, timeout: commands.ForceSyncTimeout,
 			run: func(ctx context.Context, _ []byte, _ string) (any, error) { return s.Reconcile(ctx) }},
 	}

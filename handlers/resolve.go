@@ -27,9 +27,14 @@ const resolveBudget = commands.ForceSyncTimeout / 4
 // jobCommands names the CloudStack command of the job each operation type
 // waits for.
 var jobCommands = map[commands.OpType]string{
-	commands.OpCreate: "createVolume",
-	commands.OpAttach: "attachVolume",
-	commands.OpDetach: "detachVolume",
+	commands.OpCreate:         "createVolume",
+	commands.OpAttach:         "attachVolume",
+	commands.OpDetach:         "detachVolume",
+	commands.OpSnapshot:       "createSnapshot",
+	commands.OpDeleteSnapshot: "deleteSnapshot",
+	commands.OpRevert:         "revertSnapshot",
+	commands.OpResize:         "resizeVolume",
+	commands.OpTags:           "createTags/deleteTags",
 }
 
 // reconciler repairs what drifted from CloudStack: the timed-out jobs'

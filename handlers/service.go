@@ -103,6 +103,7 @@ type Config struct {
 // reconcile and the reads.
 type DeviceCorrelator interface {
 	engine.Devices
+	kinds.DeviceSizes
 	// Status reports the monitor's health, device count, scan interval and
 	// the device events processed.
 	Status() (health string, deviceCount int, scanInterval time.Duration, events int64)
@@ -224,8 +225,9 @@ func New(cfg Config) *Service {
 		AutoExport: cfg.AutoExport, QueueGroup: QueueGroup, Logger: s.log})
 	s.mappings = engine.NewMappingWriter(cfg.Store, nil, s.log)
 	var devices engine.Devices
+	var sizes kinds.DeviceSizes
 	if cfg.Devices != nil {
-		devices = cfg.Devices
+		devices, sizes = cfg.Devices, cfg.Devices
 	}
 	s.release = &engine.Releaser{Mappings: s.mappings, Exports: s.host, Devices: devices,
 		InUse: inUse{devices: cfg.Devices, host: s.host}, Wait: cfg.StepTimeout, Log: s.log}
@@ -234,7 +236,7 @@ func New(cfg Config) *Service {
 		Timing: engine.Timing{StepTimeout: cfg.StepTimeout, SettleTimeout: cfg.SettleTimeout,
 			Retry: backoff.Policy{Min: cfg.RetryMin, Max: cfg.RetryMax}}},
 		kinds.All(kinds.Deps{CloudStack: cfg.CloudStack, Operations: cfg.Store, Mappings: s.mappings, Release: s.release,
-			Devices: devices, Exports: s.host, Log: s.log})...)
+			Devices: devices, Sizes: sizes, Exports: s.host, Log: s.log})...)
 	return s
 }
 

@@ -442,11 +442,228 @@ var scenarios = []struct {
 	}},
 }
 
+// snapText describes a snapshot; its time only by whether it parses, a
+// default name only by its prefix (it ends in the time).
+func snapText(s *csapi.Snapshot) string {
+	if s == nil {
+		return "no snapshot"
+	}
+	_, cerr := time.Parse(csapi.TimeLayout, s.Created)
+	name := s.Name
+	if i := strings.LastIndexByte(name, '_'); i > 0 && len(name)-i-1 == len("20060102150405") {
+		name = name[:i] + "_<time>"
+	}
+	return fmt.Sprintf("snapshot %s %q of %s %s %d B in %s (created ok %v)", s.ID, name, s.VolumeID, s.State, s.Size, s.ZoneID, cerr == nil)
+}
+
+// fullJobText is jobText with the job's snapshot, VM and the volume's
+// snapshot and tags.
+func fullJobText(j csapi.Job, err error) string {
+	vm := "no vm"
+	if j.VM != nil {
+		vm = fmt.Sprintf("vm %s %s", j.VM.ID, j.VM.State)
+	}
+	extra := ""
+	if j.Volume != nil {
+		extra = fmt.Sprintf(" from %q tags %v", j.Volume.SnapshotID, j.Volume.Tags)
+	}
+	return jobText(j, err) + extra + "; " + snapText(j.Snapshot) + "; " + vm
+}
+
+// submitted returns a function that logs a submit call's answer and
+// waits for its job: w.submitted("what")(w.api.StartVM(…)).
+func (w *world) submitted(what string) func(jobID string, err error) {
+	return func(jobID string, err error) {
+		w.logf("%s: %s", what, errText(err))
+		if err == nil {
+			j, err := w.api.WaitJob(w.ctx, jobID)
+			w.logf("wait: %s", fullJobText(j, err))
+		}
+	}
+}
+
+// snapshot takes a snapshot and waits for it; it returns its id.
+func (w *world) snapshot(vol, name string) string {
+	id, jobID, err := w.api.CreateSnapshot(w.ctx, vol, name)
+	w.submitted(fmt.Sprintf("snapshot %s %q: %s", vol, name, id))(jobID, err)
+	return id
+}
+
+func (w *world) snapshots(f csapi.SnapshotFilter) {
+	ss, err := w.api.ListSnapshots(w.ctx, f)
+	w.logf("snapshots %+v: %d, %s", f, len(ss), errText(err))
+	for _, s := range ss {
+		w.logf("  %s", snapText(&s))
+	}
+}
+
+// getFull logs a volume with its snapshot and tags.
+func (w *world) getFull(vol string) {
+	v, err := w.api.GetVolume(w.ctx, vol)
+	if err != nil {
+		w.logf("get %s: %s", vol, errText(err))
+		return
+	}
+	w.logf("get %s: %s from %q tags %v", vol, volText(&v), v.SnapshotID, v.Tags)
+}
+
+// vmState logs a VM's state.
+func (w *world) vmState(vm string) {
+	v, err := w.api.GetVM(w.ctx, vm)
+	w.logf("vm %s: %s %s", vm, v.State, errText(err))
+}
+
+// lifecycleScenarios cover snapshots, revert, volumes from snapshots,
+// resize, tags and VM power.
+var lifecycleScenarios = []struct {
+	name string
+	run  func(w *world)
+}{
+	{"snapshots, revert, clones", func(w *world) {
+		v := w.create("s", 2)
+		w.snapshot(v, "too-early") // Allocated
+		w.attach(v, cloudsim.RemoteVMID, nil)
+		s1 := w.snapshot(v, "s1")
+		w.snapshot(v, "") // CloudStack's default name
+		for _, f := range []csapi.SnapshotFilter{{VolumeID: v}, {Name: "s1"}, {ID: s1}, {ID: unknownID}, {VolumeID: unknownID}} {
+			w.snapshots(f)
+		}
+		s, err := w.api.GetSnapshot(w.ctx, s1)
+		w.logf("get snapshot: %s %s", snapText(&s), errText(err))
+		w.submitted("revert on a running VM")(w.api.RevertSnapshot(w.ctx, s1))
+		w.submitted("stop")(w.api.StopVM(w.ctx, cloudsim.RemoteVMID, true))
+		w.submitted("revert")(w.api.RevertSnapshot(w.ctx, s1))
+		w.getFull(v)
+		id, jobID, err := w.api.CreateVolume(w.ctx, csapi.CreateParams{Name: "clone", SnapshotID: s1})
+		w.submitted("clone "+id)(jobID, err)
+		for _, p := range []csapi.CreateParams{
+			{Name: "bad", SnapshotID: s1, DiskOfferingID: cloudsim.CustomOfferingID, SizeGiB: 5},
+			{Name: "bad", SnapshotID: unknownID},
+			{Name: "bad"},
+			{Name: "bad", DiskOfferingID: cloudsim.CustomOfferingID, ZoneID: cloudsim.ZoneID, SizeGiB: 1025},
+			{Name: "bad", DiskOfferingID: cloudsim.FixedOfferingID, ZoneID: cloudsim.ZoneID, SizeGiB: 3},
+		} {
+			_, _, err := w.api.CreateVolume(w.ctx, p)
+			w.logf("create %+v: %s", p, errText(err))
+		}
+		w.submitted("delete snapshot")(w.api.DeleteSnapshot(w.ctx, s1))
+		w.submitted("delete it again")(w.api.DeleteSnapshot(w.ctx, s1))
+		_, err = w.api.GetSnapshot(w.ctx, s1)
+		w.logf("get deleted snapshot: %s", errText(err))
+		w.snapshots(csapi.SnapshotFilter{ID: s1})
+		_, _, err = w.api.CreateVolume(w.ctx, csapi.CreateParams{Name: "bad", SnapshotID: s1})
+		w.logf("clone a deleted snapshot: %s", errText(err))
+		w.submitted("revert a deleted snapshot")(w.api.RevertSnapshot(w.ctx, s1))
+		_, err = w.api.DeleteSnapshot(w.ctx, unknownID)
+		w.logf("delete an unknown snapshot: %s", errText(err))
+		w.submitted("start")(w.api.StartVM(w.ctx, cloudsim.RemoteVMID))
+	}},
+	{"resize", func(w *world) {
+		v := w.create("r", 1)
+		w.submitted("resize Allocated")(w.api.ResizeVolume(w.ctx, v, 2, false))
+		w.attach(v, cloudsim.RemoteVMID, nil)
+		w.submitted("grow")(w.api.ResizeVolume(w.ctx, v, 4, false))
+		w.submitted("same size")(w.api.ResizeVolume(w.ctx, v, 4, false))
+		w.submitted("shrink without shrinkok")(w.api.ResizeVolume(w.ctx, v, 3, false))
+		w.submitted("shrink")(w.api.ResizeVolume(w.ctx, v, 3, true))
+		w.submitted("out of range")(w.api.ResizeVolume(w.ctx, v, 1025, false))
+		w.getFull(v)
+		_, err := w.api.ResizeVolume(w.ctx, unknownID, 1, false)
+		w.logf("resize unknown: %s", errText(err))
+		d := w.create("rd", 1)
+		w.delete(d)
+		w.submitted("resize deleted")(w.api.ResizeVolume(w.ctx, d, 2, false))
+	}},
+	{"tags", func(w *world) {
+		a, b := w.create("ta", 1), w.create("tb", 1)
+		w.submitted("tag a")(w.api.CreateTags(w.ctx, a, map[string]string{"env": "dr", "app": "db"}))
+		w.submitted("tag b")(w.api.CreateTags(w.ctx, b, map[string]string{"env": "dr"}))
+		w.getFull(a)
+		w.list(csapi.ListFilter{Tags: map[string]string{"env": "dr"}})
+		w.list(csapi.ListFilter{Tags: map[string]string{"ENV": "DR", "app": "db"}})
+		w.list(csapi.ListFilter{Tags: map[string]string{"app": "web"}})
+		w.submitted("tag twice")(w.api.CreateTags(w.ctx, a, map[string]string{"Env": "x"}))
+		w.submitted("empty value")(w.api.CreateTags(w.ctx, a, map[string]string{"e": ""}))
+		w.submitted("untag")(w.api.DeleteTags(w.ctx, a, map[string]string{"app": "db"}))
+		w.submitted("untag missing")(w.api.DeleteTags(w.ctx, a, map[string]string{"app": "db"}))
+		w.submitted("untag other value")(w.api.DeleteTags(w.ctx, a, map[string]string{"env": "prod"}))
+		_, err := w.api.DeleteTags(w.ctx, a, nil)
+		w.logf("untag nothing: %v", err)
+		w.getFull(a)
+		w.delete(b)
+		w.submitted("tag deleted")(w.api.CreateTags(w.ctx, b, map[string]string{"k": "v"}))
+		w.submitted("untag deleted")(w.api.DeleteTags(w.ctx, b, map[string]string{"env": "dr"}))
+	}},
+	{"vm power", func(w *world) {
+		w.submitted("start running")(w.api.StartVM(w.ctx, cloudsim.RemoteVMID))
+		w.submitted("start without root")(w.api.StartVM(w.ctx, cloudsim.TestVMID))
+		w.vmState(cloudsim.TestVMID)
+		w.submitted("stop stopped")(w.api.StopVM(w.ctx, cloudsim.TestVMID, false))
+		w.submitted("stop")(w.api.StopVM(w.ctx, cloudsim.RemoteVMID, false))
+		w.vmState(cloudsim.RemoteVMID)
+		_, err := w.api.StartVM(w.ctx, unknownID)
+		w.logf("start unknown: %s", errText(err))
+		w.inject(csfake.CmdStartVM, fJobHang)
+		jobID, err := w.api.StartVM(w.ctx, cloudsim.RemoteVMID)
+		w.clear()
+		w.logf("start with a hanging job: %s", errText(err))
+		w.vmState(cloudsim.RemoteVMID) // Starting
+		j, err := w.api.QueryJob(w.ctx, jobID)
+		w.logf("query: %s", fullJobText(j, err))
+		w.inject(csfake.CmdStopVM, fJobFail)
+		w.submitted("stop, job fails")(w.api.StopVM(w.ctx, cloudsim.TestVMID, false))
+		w.clear()
+		w.vmState(cloudsim.TestVMID)
+	}},
+	{"new calls under faults", func(w *world) {
+		v := w.create("f", 1)
+		w.attach(v, cloudsim.RemoteVMID, nil)
+		w.inject(csfake.CmdCreateSnapshot, f530)
+		w.snapshot(v, "f530")
+		w.clear()
+		w.snapshots(csapi.SnapshotFilter{Name: "f530"})
+		w.inject(csfake.CmdCreateSnapshot, fLost)
+		w.snapshot(v, "flost")
+		w.clear()
+		w.eventually("the snapshot of a lost answer backed up", func() bool {
+			ss, err := w.api.ListSnapshots(w.ctx, csapi.SnapshotFilter{Name: "flost"})
+			return err == nil && len(ss) == 1 && ss[0].State == csapi.SnapshotBackedUp
+		})
+		w.inject(csfake.CmdCreateSnapshot, fJobFail)
+		w.snapshot(v, "ffail")
+		w.clear()
+		w.snapshots(csapi.SnapshotFilter{Name: "ffail"})
+		w.inject(csfake.CmdCreateSnapshot, fJobHang)
+		hung, _, err := w.api.CreateSnapshot(w.ctx, v, "fhang")
+		w.clear()
+		w.logf("snapshot with a hanging job: %s", errText(err))
+		w.submitted("resize during a snapshot")(w.api.ResizeVolume(w.ctx, v, 2, false))
+		w.submitted("delete a snapshot being taken")(w.api.DeleteSnapshot(w.ctx, hung))
+		_, _, err = w.api.CreateVolume(w.ctx, csapi.CreateParams{Name: "bad", SnapshotID: hung})
+		w.logf("clone a snapshot being taken: %s", errText(err))
+		w.inject(csfake.CmdResizeVolume, fDropped)
+		_, err = w.api.ResizeVolume(w.ctx, v, 2, false)
+		w.clear()
+		w.logf("resize dropped: %s", errText(err))
+		w.inject(csfake.CmdCreateTags, fLost)
+		_, err = w.api.CreateTags(w.ctx, v, map[string]string{"k": "v"})
+		w.clear()
+		w.logf("tags lost: %s", errText(err))
+		w.eventually("tagged after a lost answer", func() bool {
+			got, err := w.api.GetVolume(w.ctx, v)
+			return err == nil && got.Tags["k"] == "v"
+		})
+		w.inject(csfake.CmdListSnapshots, f530)
+		w.snapshots(csapi.SnapshotFilter{VolumeID: v})
+		w.clear()
+	}},
+}
+
 // TestAgreesWithSimulator runs every scenario on the simulator through the
 // real client and on the fake, and wants the same transcript: the same
 // answers, the same errors classified the same way, the same effects.
 func TestAgreesWithSimulator(t *testing.T) {
-	for _, sc := range scenarios {
+	for _, sc := range append(scenarios, lifecycleScenarios...) {
 		t.Run(sc.name, func(t *testing.T) {
 			sim, fake := simWorld(t), fakeWorld(t)
 			sc.run(sim)
@@ -475,7 +692,7 @@ func TestAgreesWithSimulator(t *testing.T) {
 // is used by a scenario.
 func TestFaultKindsCovered(t *testing.T) {
 	used := map[fault]bool{}
-	for _, sc := range scenarios {
+	for _, sc := range append(scenarios, lifecycleScenarios...) {
 		w := fakeWorld(t)
 		inject := w.inject
 		w.inject = func(cmd string, f fault) { used[f] = true; inject(cmd, f) }

@@ -9,6 +9,9 @@
 // detach that CloudStack refuses fails its job. Its agreement with the
 // real client on the simulator is tested.
 //
+// It also takes snapshots (with revert and volumes from them), resizes,
+// tags volumes and starts and stops VMs, by the same rules.
+//
 // Each call can be scripted (Script): a retryable or final error, a lost
 // answer after the effect, and a job that stays pending (until Release),
 // fails, or is expunged. Calls are counted per command. A job runs when
@@ -75,10 +78,21 @@ const (
 	CmdListZones         = "listZones"
 	CmdListDiskOfferings = "listDiskOfferings"
 	CmdQueryJob          = "queryAsyncJobResult"
+	CmdResizeVolume      = "resizeVolume"
+	CmdCreateSnapshot    = "createSnapshot"
+	CmdListSnapshots     = "listSnapshots"
+	CmdDeleteSnapshot    = "deleteSnapshot"
+	CmdRevertSnapshot    = "revertSnapshot"
+	CmdCreateTags        = "createTags"
+	CmdDeleteTags        = "deleteTags"
+	CmdStartVM           = "startVirtualMachine"
+	CmdStopVM            = "stopVirtualMachine"
 )
 
 // sideEffects are the commands whose lost answer is MaybeDone.
-var sideEffects = map[string]bool{CmdCreateVolume: true, CmdAttachVolume: true, CmdDetachVolume: true, CmdDeleteVolume: true}
+var sideEffects = map[string]bool{CmdCreateVolume: true, CmdAttachVolume: true, CmdDetachVolume: true, CmdDeleteVolume: true,
+	CmdResizeVolume: true, CmdCreateSnapshot: true, CmdDeleteSnapshot: true, CmdRevertSnapshot: true,
+	CmdCreateTags: true, CmdDeleteTags: true, CmdStartVM: true, CmdStopVM: true}
 
 // Config is the fixed inventory of a Cloud.
 type Config struct {
@@ -151,7 +165,7 @@ type Fault struct {
 	// MaybeDone error for a side-effecting command, a retryable one for a
 	// read.
 	LostAnswer bool
-	// Job is what becomes of the call's job (create, attach, detach).
+	// Job is what becomes of the call's job (every async command).
 	Job JobFate
 	// JobErr is the error of a JobFails job; nil is CloudStack's 530 for
 	// a job that failed inside.
@@ -219,6 +233,7 @@ func jobFailure(command string, code int, format string, args ...any) *csapi.Err
 // volume is a stored volume.
 type volume struct {
 	id, name, zoneID, typ, state string
+	offeringID                   string
 	seq                          int64
 	size                         int64
 	created                      time.Time
@@ -226,16 +241,32 @@ type volume struct {
 	vmID                         string
 	deviceID                     int64
 	attached                     time.Time
+	snapshotID                   string
+	tags                         []tag
+}
+
+// result is what a job produced.
+type result struct {
+	volume   *csapi.Volume
+	snapshot *csapi.Snapshot
+	vm       *csapi.VM
+}
+
+// volumeResult wraps a volume job's outcome.
+func volumeResult(v *csapi.Volume, err *csapi.Error) (result, *csapi.Error) {
+	return result{volume: v}, err
 }
 
 // job is a stored async job.
 type job struct {
 	id, command string
 	status      csapi.JobStatus
-	volume      *csapi.Volume
+	result      result
 	err         *csapi.Error
 	// run takes the job's effect; nil once it ran.
-	run func() (*csapi.Volume, *csapi.Error)
+	run func() (result, *csapi.Error)
+	// undo reverts what submitting did when the job fails without effect.
+	undo func()
 }
 
 // Cloud is an in-memory CloudStack.
@@ -244,6 +275,7 @@ type Cloud struct {
 	cfg      Config
 	vmStates map[string]string
 	volumes  map[string]*volume
+	snaps    map[string]*snapshot
 	seq      int64
 	jobs     map[string]*job
 	script   map[string][]Fault
@@ -262,7 +294,7 @@ func New(cfg Config) *Cloud {
 	if cfg.MaxDataDisks <= 0 {
 		cfg.MaxDataDisks = DefaultMaxDataDisks
 	}
-	c := &Cloud{cfg: cfg, vmStates: map[string]string{}, volumes: map[string]*volume{}, jobs: map[string]*job{},
+	c := &Cloud{cfg: cfg, vmStates: map[string]string{}, volumes: map[string]*volume{}, snaps: map[string]*snapshot{}, jobs: map[string]*job{},
 		script: map[string][]Fault{}, calls: map[string]int64{}, attaches: map[string]int64{},
 		detaches: map[string]int64{}, changed: make(chan struct{})}
 	now := time.Now().UTC().Truncate(time.Second)
@@ -386,13 +418,22 @@ func (c *Cloud) notify() {
 
 // submit records a job for command whose effect is run, and runs it as
 // the fault says; c.mu is held.
-func (c *Cloud) submit(command string, f Fault, run func() (*csapi.Volume, *csapi.Error)) string {
-	j := &job{id: uuid.NewString(), command: command, run: run}
+func (c *Cloud) submit(command string, f Fault, run func() (result, *csapi.Error)) string {
+	return c.submitUndo(command, f, run, nil)
+}
+
+// submitUndo is submit for a job whose submission changed something
+// (undo reverts it if the job fails without effect); c.mu is held.
+func (c *Cloud) submitUndo(command string, f Fault, run func() (result, *csapi.Error), undo func()) string {
+	j := &job{id: uuid.NewString(), command: command, run: run, undo: undo}
 	c.jobs[j.id] = j
 	switch f.Job {
 	case JobPends:
 	case JobFails:
 		j.run = nil
+		if undo != nil {
+			undo()
+		}
 		j.status, j.err = csapi.JobFailure, f.JobErr
 		if j.err == nil {
 			j.err = jobFailure(command, 530, "Failed to execute %s: injected job failure (csfake)", command)
@@ -409,12 +450,12 @@ func (c *Cloud) submit(command string, f Fault, run func() (*csapi.Volume, *csap
 
 // finish runs a job's effect and records its end; c.mu is held.
 func (c *Cloud) finish(j *job) {
-	v, err := j.run()
+	r, err := j.run()
 	j.run = nil
 	if err != nil {
 		j.status, j.err = csapi.JobFailure, err
 	} else {
-		j.status, j.volume = csapi.JobSuccess, v
+		j.status, j.result = csapi.JobSuccess, r
 	}
 	c.notify()
 }
@@ -422,7 +463,7 @@ func (c *Cloud) finish(j *job) {
 // view renders a volume as the real client returns it; c.mu is held.
 func (c *Cloud) view(v *volume) csapi.Volume {
 	out := csapi.Volume{ID: v.id, Name: v.name, State: v.state, Type: v.typ, ZoneID: v.zoneID,
-		Size: v.size, Created: v.created.Format(csapi.TimeLayout)}
+		Size: v.size, Created: v.created.Format(csapi.TimeLayout), SnapshotID: v.snapshotID, Tags: tagMap(v.tags)}
 	for _, z := range c.cfg.Zones {
 		if z.ID == v.zoneID {
 			out.ZoneName = z.Name
@@ -470,28 +511,57 @@ func (c *Cloud) CreateVolume(ctx context.Context, p csapi.CreateParams) (string,
 	return r.volumeID, r.jobID, err
 }
 
-// create runs createVolume's checks and records the volume; c.mu is held.
+// create runs createVolume's checks (from an offering or a snapshot) and
+// records the volume; c.mu is held.
 func (c *Cloud) create(p csapi.CreateParams, f Fault) (created, error) {
 	off, ok := c.offering(p.DiskOfferingID)
+	sn, snapOK := c.snaps[p.SnapshotID]
 	switch {
 	case p.DiskOfferingID != "" && !ok:
 		return created{}, notFound(CmdCreateVolume, "diskofferingid", p.DiskOfferingID)
 	case p.ZoneID != "" && !c.zone(p.ZoneID):
 		return created{}, notFound(CmdCreateVolume, "zoneid", p.ZoneID)
-	case p.DiskOfferingID == "":
-		return created{}, paramError(CmdCreateVolume, "Please specify a valid disk offering.")
+	case p.SnapshotID != "" && !snapOK:
+		return created{}, notFound(CmdCreateVolume, "snapshotid", p.SnapshotID)
+	case p.DiskOfferingID == "" && p.SnapshotID == "":
+		return created{}, paramError(CmdCreateVolume, "At least one of disk Offering ID or snapshot ID must be passed whilst creating volume")
 	}
-	size := off.SizeGiB
-	if off.Custom {
-		if p.SizeGiB == 0 {
-			return created{}, paramError(CmdCreateVolume, "This disk offering requires a custom size specified")
+	var size int64
+	zoneID, offID := p.ZoneID, p.DiskOfferingID
+	if p.DiskOfferingID != "" {
+		if snapOK && c.volumes[sn.volumeID].typ != Root {
+			return created{}, paramError(CmdCreateVolume, "Disk Offering ID cannot be passed whilst creating volume from snapshot other than ROOT disk snapshots")
 		}
-		size = p.SizeGiB
+		switch {
+		case p.SizeGiB < 0:
+			return created{}, paramError(CmdCreateVolume, "Disk size must be larger than 0")
+		case off.Custom && p.SizeGiB == 0:
+			return created{}, paramError(CmdCreateVolume, "This disk offering requires a custom size specified")
+		case off.Custom && (p.SizeGiB < customMinGiB || p.SizeGiB > customMaxGiB):
+			return created{}, paramError(CmdCreateVolume, "Volume size: %d GB is out of allowed range. Min: %d. Max: %d", p.SizeGiB, customMinGiB, customMaxGiB)
+		case !off.Custom && p.SizeGiB != 0:
+			return created{}, paramError(CmdCreateVolume, "This disk offering does not allow custom size")
+		case off.Custom:
+			size = p.SizeGiB << 30
+		default:
+			size = off.SizeGiB << 30
+		}
 	}
-	switch {
-	case size <= 0:
-		return created{}, paramError(CmdCreateVolume, "Disk size must be larger than 0")
-	case p.ZoneID == "":
+	if snapOK {
+		parent := c.volumes[sn.volumeID]
+		switch {
+		case sn.state != SnapshotBackedUp:
+			return created{}, paramError(CmdCreateVolume, "Snapshot id=%d is not in BackedUp state yet and can't be used for volume creation", sn.seq)
+		case offID == "":
+			offID, size = parent.offeringID, sn.size
+		case size < sn.size:
+			return created{}, paramError(CmdCreateVolume, "Invalid size for volume creation: %dGB, snapshot size is: %dGB", size>>30, sn.size>>30)
+		}
+		if zoneID == "" {
+			zoneID = parent.zoneID
+		}
+	}
+	if zoneID == "" {
 		return created{}, paramError(CmdCreateVolume, "Please specify a valid zone.")
 	}
 	id := uuid.NewString()
@@ -500,12 +570,18 @@ func (c *Cloud) create(p csapi.CreateParams, f Fault) (created, error) {
 		name = "DATA-" + id[:8]
 	}
 	c.seq++
-	v := &volume{id: id, name: name, zoneID: p.ZoneID, typ: DataDisk, state: Allocated, seq: c.seq,
-		size: size << 30, created: time.Now().UTC().Truncate(time.Second)}
+	v := &volume{id: id, name: name, zoneID: zoneID, typ: DataDisk, state: Allocated, seq: c.seq, offeringID: offID,
+		size: size, created: time.Now().UTC().Truncate(time.Second), snapshotID: p.SnapshotID}
 	c.volumes[id] = v
-	jobID := c.submit(CmdCreateVolume, f, func() (*csapi.Volume, *csapi.Error) {
+	jobID := c.submit(CmdCreateVolume, f, func() (result, *csapi.Error) {
+		if v.snapshotID != "" && v.state == Allocated {
+			if c.snaps[v.snapshotID].state != SnapshotBackedUp {
+				return result{}, jobFailure(CmdCreateVolume, 530, "Failed to create volume: %d", v.seq)
+			}
+			v.state = Ready
+		}
 		out := c.view(v)
-		return &out, nil
+		return result{volume: &out}, nil
 	})
 	return created{id, jobID}, nil
 }
@@ -528,7 +604,7 @@ func (c *Cloud) AttachVolume(ctx context.Context, volumeID, vmID string, deviceI
 			d := *deviceID
 			want = &d
 		}
-		return c.submit(CmdAttachVolume, f, func() (*csapi.Volume, *csapi.Error) { return c.attach(v, vmID, want) }), nil
+		return c.submit(CmdAttachVolume, f, func() (result, *csapi.Error) { return volumeResult(c.attach(v, vmID, want)) }), nil
 	})
 }
 
@@ -618,7 +694,7 @@ func (c *Cloud) DetachVolume(ctx context.Context, volumeID string) (string, erro
 		if err != nil {
 			return "", err
 		}
-		return c.submit(CmdDetachVolume, f, func() (*csapi.Volume, *csapi.Error) { return c.detach(v) }), nil
+		return c.submit(CmdDetachVolume, f, func() (result, *csapi.Error) { return volumeResult(c.detach(v)) }), nil
 	})
 }
 
@@ -653,7 +729,7 @@ func (c *Cloud) DeleteVolume(ctx context.Context, volumeID string) error {
 		case v.vmID != "":
 			return struct{}{}, paramError(CmdDeleteVolume, "Please specify a volume that is not attached to any VM.")
 		}
-		v.removed = true
+		v.removed, v.tags = true, nil
 		return struct{}{}, nil
 	})
 	return err
@@ -688,7 +764,7 @@ func (c *Cloud) ListVolumes(ctx context.Context, lf csapi.ListFilter) ([]csapi.V
 		var out []csapi.Volume
 		for _, v := range vols {
 			if v.removed || (lf.VMID != "" && v.vmID != lf.VMID) || (lf.Name != "" && v.name != lf.Name) ||
-				(lf.ZoneID != "" && v.zoneID != lf.ZoneID) {
+				(lf.ZoneID != "" && v.zoneID != lf.ZoneID) || !hasTags(v.tags, lf.Tags) {
 				continue
 			}
 			out = append(out, c.view(v))
@@ -762,9 +838,17 @@ func (c *Cloud) QueryJob(ctx context.Context, jobID string) (csapi.Job, error) {
 			return csapi.Job{}, notFound(CmdQueryJob, "jobid", jobID)
 		}
 		out := csapi.Job{ID: jobID, Status: j.status}
-		if j.volume != nil {
-			v := *j.volume
+		if j.result.volume != nil {
+			v := *j.result.volume
 			out.Volume = &v
+		}
+		if j.result.snapshot != nil {
+			sn := *j.result.snapshot
+			out.Snapshot = &sn
+		}
+		if j.result.vm != nil {
+			vm := *j.result.vm
+			out.VM = &vm
 		}
 		if j.err != nil {
 			e := *j.err
