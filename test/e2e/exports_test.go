@@ -281,7 +281,8 @@ func TestExportLifecycle(t *testing.T) {
 			c := holdClient(t, d.nbdURI(mrw.PersistentDeviceName), false)
 			testenv.Eventually(t, 20*time.Second, func() bool { return d.clientsOf(rw) == 1 }, "client connected:\n%s", c.out.String())
 			loop := filepath.Base(mrw.DevicePath)
-			d.completed(d.submit(http.MethodPost, "/volumes/"+rw+"/detach", nil).ID)
+			// Refused without force (TestSafeDetach); force cuts the client.
+			d.completed(d.submit(http.MethodPost, "/volumes/"+rw+"/detach", map[string]any{"force": true}).ID)
 			d.requireExports(ro)
 			d.mustCall(http.StatusNotFound, http.MethodGet, "/exports/"+rw, nil, nil)
 			if out := c.read(t); strings.Contains(out, "read 512/512 bytes") {
