@@ -28,8 +28,9 @@ type Usage struct {
 	// host's.
 	SysRoot, ProcRoot string
 	// Self is the pid whose open files do not count (this process: the
-	// agent, and with it the NBD server of a volumed); 0 counts every
-	// process.
+	// agent, and with it the NBD server of a volumed), nor those of any
+	// process running the same executable (a volumed serving NBD beside a
+	// separate agent); 0 counts every process.
 	Self int
 }
 
@@ -256,7 +257,7 @@ func (u Usage) openers(nodes []node, aliases []string) ([]commands.DeviceUser, e
 					dev, ok = byNum[st.Rdev]
 				}
 			}
-			if !ok || seen[dev] {
+			if !ok || seen[dev] || u.sameProgram(p.Name()) {
 				continue
 			}
 			seen[dev] = true
@@ -265,6 +266,19 @@ func (u Usage) openers(nodes []node, aliases []string) ([]commands.DeviceUser, e
 		}
 	}
 	return out, nil
+}
+
+// sameProgram reports whether process pid runs Self's executable.
+func (u Usage) sameProgram(pid string) bool {
+	if u.Self <= 0 {
+		return false
+	}
+	self, err := os.Stat(filepath.Join(u.procRoot(), strconv.Itoa(u.Self), "exe"))
+	if err != nil {
+		return false
+	}
+	exe, err := os.Stat(filepath.Join(u.procRoot(), pid, "exe"))
+	return err == nil && os.SameFile(self, exe)
 }
 
 func (u Usage) sysRoot() string {

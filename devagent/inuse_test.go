@@ -179,6 +179,12 @@ func TestUsers(t *testing.T) {
 				h.proc("300", "volumed", "/dev/vdc") // self
 				h.proc("400", "cat", "/dev/vdd", "socket:[123]", "/dev/vdc (deleted)")
 				h.proc("500", "qemu-io", "/dev/disk/by-volume/vol12345678")
+				h.proc("700", "volumed", "/dev/vdc") // same executable as self: a volumed serving NBD
+				h.file("bin/volumed", "binary")
+				h.file("bin/sleep", "binary")
+				h.link("proc/300/exe", filepath.Join(h.root, "bin/volumed"))
+				h.link("proc/700/exe", filepath.Join(h.root, "bin/volumed"))
+				h.link("proc/100/exe", filepath.Join(h.root, "bin/sleep"))
 				h.file("proc/600/comm", "gone") // no fd directory: ended
 				h.proc("notapid", "x", "/dev/vdc")
 			},
