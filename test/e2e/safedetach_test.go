@@ -1,6 +1,7 @@
 package e2e_test
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
@@ -100,7 +101,13 @@ func TestSafeDetach(t *testing.T) {
 
 	// Forced: the client is cut, CloudStack detaches, and the operation
 	// waits for the device, which the mount and the process keep.
-	id := d.submit(http.MethodPost, detach, map[string]any{"force": true}).ID
+	// Through NATS this time: the bus body takes force as REST's does.
+	msg, err := d.nats().Request(commands.SubjectDetach, []byte(`{"volume_id":"`+vol+`","force":true}`), 10*time.Second)
+	var accepted commands.Operation
+	if err != nil || msg.Header.Get(commands.StatusHeader) != "201" || json.Unmarshal(msg.Data, &accepted) != nil {
+		t.Fatalf("volumes.cmd.detach with force: %v %s", err, msg.Data)
+	}
+	id := accepted.ID
 	testenv.Eventually(t, 60*time.Second, func() bool {
 		var op commands.Operation
 		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+id, nil, &op)
