@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -233,6 +234,11 @@ func TestSimNewCallsUnderFaults(t *testing.T) {
 		if err != nil || len(snaps) != 1 {
 			t.Fatalf("snapshots named op-lost: %s, %v; want exactly one", show(snaps), err)
 		}
+		// Its job runs on; the volume is Snapshotting until it ends.
+		testenv.Eventually(t, 10*time.Second, func() bool {
+			s, err := c.GetSnapshot(ctx, snaps[0].ID)
+			return err == nil && s.State == SnapshotBackedUp
+		}, "the snapshot of the lost answer is backed up")
 	})
 	t.Run("createSnapshot 530 retried", func(t *testing.T) {
 		fault("createSnapshot", cloudsim.ErrorKind530)

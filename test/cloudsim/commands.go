@@ -379,7 +379,7 @@ func (s *Sim) volumeJSON(v *volume) map[string]any {
 	if off, ok := s.inv.offering(v.OfferingID); ok {
 		m["diskofferingid"], m["diskofferingname"], m["diskofferingdisplaytext"] = off.ID, off.Name, off.Name
 	}
-	if v.State == volReady {
+	if v.State != volAllocated { // created on primary storage
 		m["hypervisor"] = "KVM"
 		m["storage"], m["storageid"], m["path"] = storageName, storageID, v.ID
 		m["physicalsize"], m["virtualsize"] = 197120, v.Size

@@ -122,15 +122,30 @@ func (s *Sim) runJob(id string) {
 }
 
 // abandon undoes what submitting a job that then fails without effect
-// did: a VM back in its previous state, a snapshot in Error.
+// did: a VM back in its previous state, a snapshot in Error, a volume
+// Ready again.
 func (s *Sim) abandon(j *job) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if prev := j.Params["previous"]; prev != "" {
 		s.st.VMStates[j.InstanceID] = prev
 	}
-	if j.Command == "createSnapshot" {
-		s.st.Snapshots[j.InstanceID].State = snapError
+	switch j.Command {
+	case "createSnapshot":
+		sn := s.st.Snapshots[j.InstanceID]
+		sn.State = snapError
+		s.readyAgain(sn.VolumeID, volSnapshotting)
+	case "resizeVolume":
+		if j.Params["resizing"] == "true" {
+			s.readyAgain(j.InstanceID, volResizing)
+		}
+	}
+}
+
+// readyAgain makes a volume in the transitional state Ready; s.mu is held.
+func (s *Sim) readyAgain(volID, transitional string) {
+	if v := s.st.Volumes[volID]; v.State == transitional {
+		v.State = volReady
 	}
 }
 
@@ -138,7 +153,7 @@ func (s *Sim) abandon(j *job) {
 func (s *Sim) execJob(ctx context.Context, j *job) (map[string]any, *apiError) {
 	switch j.Command {
 	case "createVolume":
-		return s.execCreateVolume(ctx, j)
+		return s.execCreateVolume(j)
 	case "attachVolume":
 		return s.execAttach(ctx, j.Params)
 	case "detachVolume":

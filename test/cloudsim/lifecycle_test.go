@@ -16,6 +16,7 @@ import (
 
 	"github.com/apache/cloudstack-go/v2/cloudstack"
 
+	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -293,7 +294,26 @@ func TestResizeVolume(t *testing.T) {
 		r, err := cs.Volume.ResizeVolume(p)
 		return runJob(t, cs, r.JobID, err)
 	}
-	if _, text := resize(3, false); text != "" {
+	// While the job runs the volume is Resizing; a second resize is refused.
+	if err := s.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"resizeVolume": cloudsim.Duration(300 * time.Millisecond)}}); err != nil {
+		t.Fatal(err)
+	}
+	p := cs.Volume.NewResizeVolumeParams(vol)
+	p.SetSize(3)
+	first, err := cs.Volume.ResizeVolume(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, _, _ := cs.Volume.GetVolumeByID(vol); v.State != "Resizing" {
+		t.Fatalf("during a resize: %s", v.State)
+	}
+	if err := s.SetFaults(cloudsim.Faults{}); err != nil {
+		t.Fatal(err)
+	}
+	if code, text := resize(4, false); code != 431 || text != "Volume should be in ready or allocated state before attempting a resize. Volume "+vol+" is in state Resizing." {
+		t.Fatalf("resize during a resize: %d %q", code, text)
+	}
+	if _, text := runJob(t, cs, first.JobID, nil); text != "" {
 		t.Fatal(text)
 	}
 	v, _, _ := cs.Volume.GetVolumeByID(vol)
@@ -704,6 +724,15 @@ func TestNewCommandErrors(t *testing.T) {
 		if err := s.SetFaults(cloudsim.Faults{}); err != nil {
 			t.Fatal(err)
 		}
+		// The volume is Snapshotting while the job runs: no second
+		// snapshot, no attach.
+		if v, _, err := cs.Volume.GetVolumeByID(ready); err != nil || v.State != "Snapshotting" {
+			t.Fatalf("volume during a snapshot: %+v, %v", v, err)
+		}
+		if _, err := cs.Snapshot.CreateSnapshot(cs.Snapshot.NewCreateSnapshotParams(ready)); err == nil ||
+			!strings.Contains(err.Error(), "is not in Ready state but Snapshotting. Cannot take snapshot.") {
+			t.Fatalf("second snapshot during a snapshot: %v", err)
+		}
 		p := cs.Volume.NewResizeVolumeParams(ready)
 		p.SetSize(2)
 		rr, err := cs.Volume.ResizeVolume(p)
@@ -889,6 +918,9 @@ func TestCreateSnapshotFaults(t *testing.T) {
 			if err := s.SetFaults(cloudsim.Faults{}); err != nil {
 				t.Fatal(err)
 			}
+			// A job of a lost answer runs on: the volume is Snapshotting
+			// until it ends.
+			testenv.Eventually(t, 10*time.Second, func() bool { return s.Stats().PendingJobs == 0 }, "jobs end")
 			if n := count("f-" + tc.kind); n != tc.want {
 				t.Fatalf("%d snapshots named f-%s, want %d", n, tc.kind, tc.want)
 			}

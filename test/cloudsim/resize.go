@@ -3,6 +3,7 @@ package cloudsim
 import (
 	"fmt"
 	"os"
+	"strings"
 )
 
 // CloudStack's size limits (VolumeOrchestrationService defaults, as
@@ -25,8 +26,21 @@ func (s *Sim) resizeVolume(q request) (any, *apiError) {
 	if _, aerr := q.int("size"); aerr != nil {
 		return nil, aerr
 	}
-	return s.submit(q.cmd, "Volume", volID, map[string]string{
-		"size": q.str("size"), "shrinkok": q.str("shrinkok"), "diskofferingid": offID})
+	p := map[string]string{"size": q.str("size"), "shrinkok": q.str("shrinkok"), "diskofferingid": offID}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// A Ready volume is Resizing until the job ends (VolumeServiceImpl's
+	// ResizeRequested); the job checks it as the Ready volume it was.
+	v := s.st.Volumes[volID]
+	if v.State == volReady && !v.Removed {
+		v.State, p["resizing"] = volResizing, "true"
+	}
+	j, aerr := s.newJob(q.cmd, "Volume", volID, p)
+	if aerr != nil {
+		s.readyAgain(volID, volResizing)
+		return nil, aerr
+	}
+	return map[string]any{"jobid": j.ID}, nil
 }
 
 // execResize runs VolumeApiServiceImpl.resizeVolume's checks (size in GiB
@@ -37,7 +51,10 @@ func (s *Sim) execResize(j *job) (map[string]any, *apiError) {
 	p := j.Params
 	s.mu.Lock()
 	v := s.st.Volumes[j.InstanceID]
-	newSize, aerr := s.checkResize(v, parseOptInt(p["size"]), p["shrinkok"] == "true", p["diskofferingid"])
+	if p["resizing"] == "true" {
+		s.readyAgain(v.ID, volResizing)
+	}
+	newSize, aerr := s.checkResize(v, parseOptInt(p["size"]), strings.EqualFold(p["shrinkok"], "true"), p["diskofferingid"])
 	state, backing := v.State, v.BackingFile
 	s.mu.Unlock()
 	if aerr != nil {

@@ -1,7 +1,6 @@
 package cloudsim
 
 import (
-	"context"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -51,49 +50,52 @@ func (s *Sim) createSnapshot(q request) (any, *apiError) {
 	sn := &snapshot{ID: uuid.NewString(), Seq: s.st.NextSeq, Name: name, VolumeID: v.ID, Size: v.Size,
 		State: snapCreating, Created: now}
 	s.st.Snapshots[sn.ID] = sn
+	// The job takes the volume through Snapshotting (VolumeServiceImpl's
+	// SnapshotRequested), from now until it ends.
+	v.State = volSnapshotting
 	j, aerr := s.newJob(q.cmd, "Snapshot", sn.ID, nil)
 	if aerr != nil {
 		delete(s.st.Snapshots, sn.ID)
+		v.State = volReady
 		return nil, aerr
 	}
 	return map[string]any{"id": sn.ID, "jobid": j.ID}, nil
 }
 
 // execCreateSnapshot copies the volume's backing file (a reflink where the
-// filesystem has one) as the snapshot's file; execMu is held.
+// filesystem has one) as the snapshot's file; then the volume is Ready
+// again; execMu is held.
 func (s *Sim) execCreateSnapshot(j *job) (map[string]any, *apiError) {
 	s.mu.Lock()
 	sn := s.st.Snapshots[j.InstanceID]
 	v := s.st.Volumes[sn.VolumeID]
-	var aerr *apiError
-	switch {
-	case v.Removed:
-		aerr = errParam("Creating snapshot failed due to volume:%d doesn't exist", v.Seq)
-	case v.State != volReady:
-		aerr = errParam("VolumeId: %d is not in Ready state but %s. Cannot take snapshot.", v.Seq, v.State)
-	}
-	if aerr != nil {
-		sn.State = snapError
-		s.mu.Unlock()
-		return nil, aerr
-	}
+	removed := v.Removed
 	s.mu.Unlock()
-	backing, err := s.ensureBacking(v)
-	if err == nil {
-		s.flushLoop(v)
-		file := filepath.Join(s.cfg.StateDir, disksDir, "snap-"+sn.ID+".img")
-		if err = cloneFile(backing, file); err == nil {
-			s.mu.Lock()
-			sn.File, sn.Size, sn.State = file, v.Size, snapBackedUp
-			s.mu.Unlock()
+	var err error
+	if !removed {
+		var backing string
+		if backing, err = s.ensureBacking(v); err == nil {
+			s.flushLoop(v)
+			file := filepath.Join(s.cfg.StateDir, disksDir, "snap-"+sn.ID+".img")
+			if err = cloneFile(backing, file); err == nil {
+				s.mu.Lock()
+				sn.File, sn.Size = file, v.Size
+				s.mu.Unlock()
+			}
 		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err != nil {
+	s.readyAgain(v.ID, volSnapshotting)
+	switch {
+	case removed:
+		sn.State = snapError
+		return nil, errParam("Creating snapshot failed due to volume:%d doesn't exist", v.Seq)
+	case err != nil:
 		sn.State = snapError
 		return nil, errInternal("Failed to create snapshot: %v", err)
 	}
+	sn.State = snapBackedUp
 	return map[string]any{"snapshot": s.snapshotJSON(sn)}, nil
 }
 
@@ -284,7 +286,7 @@ func (s *Sim) snapshotJSON(sn *snapshot) map[string]any {
 
 // execCreateVolume finishes a createVolume job: a volume from a snapshot
 // gets a copy of the snapshot's data and is Ready; execMu is held.
-func (s *Sim) execCreateVolume(_ context.Context, j *job) (map[string]any, *apiError) {
+func (s *Sim) execCreateVolume(j *job) (map[string]any, *apiError) {
 	s.mu.Lock()
 	v := s.st.Volumes[j.InstanceID]
 	var file string

@@ -16,7 +16,10 @@ const (
 
 	volAllocated = "Allocated"
 	volReady     = "Ready"
-	volResizing  = "Resizing"
+	// volSnapshotting and volResizing last while a createSnapshot or a
+	// resizeVolume job of the volume runs.
+	volSnapshotting = "Snapshotting"
+	volResizing     = "Resizing"
 
 	snapCreating  = "Creating"
 	snapBackedUp  = "BackedUp"

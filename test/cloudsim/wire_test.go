@@ -163,6 +163,23 @@ func TestWireMatchesFixtures(t *testing.T) {
 	check("listVolumes_error_unknown_id_431", st, b)
 	st, b = call("listZones", nil)
 	check("listZones", st, b)
+
+	// createTags' job answers as cloudstack-go's own sample of it
+	// (test/testdata/ResourcetagsService.json): {"success": true}, no
+	// instance; createSnapshot answers {id, jobid} at once.
+	tagged := createVolume(t, syncClient(s), "tagged", 1)
+	st, b = call("createTags", map[string]string{"resourceids": tagged, "resourcetype": "Volume", "tags[0].key": "k", "tags[0].value": "v"})
+	var ct map[string]map[string]string
+	if err := json.Unmarshal(b, &ct); err != nil || st != 200 {
+		t.Fatalf("createTags: %d %s", st, b)
+	}
+	st, b = job(ct["createtagsresponse"]["jobid"])
+	check("queryAsyncJobResult_createTags_success", st, b)
+	if _, text := attach(t, syncClient(s), tagged, cloudsim.RemoteVMID, -1); text != "" {
+		t.Fatal(text)
+	}
+	st, b = call("createSnapshot", map[string]string{"volumeid": tagged})
+	check("createSnapshot_initial", st, b)
 	st, b = signedRequest(t, s, "wrong-secret", v3(s, "attachVolume", map[string]string{"id": vol, "virtualmachineid": cloudsim.RemoteVMID}))
 	check("error_401_bad_signature", st, b)
 

@@ -573,6 +573,12 @@ var lifecycleScenarios = []struct {
 		d := w.create("rd", 1)
 		w.delete(d)
 		w.submitted("resize deleted")(w.api.ResizeVolume(w.ctx, d, 2, false))
+		w.inject(csfake.CmdResizeVolume, fJobHang)
+		_, err = w.api.ResizeVolume(w.ctx, v, 5, false)
+		w.clear()
+		w.logf("resize with a hanging job: %s", errText(err))
+		w.getFull(v) // Resizing
+		w.submitted("resize during a resize")(w.api.ResizeVolume(w.ctx, v, 6, false))
 	}},
 	{"tags", func(w *world) {
 		a, b := w.create("ta", 1), w.create("tb", 1)
@@ -637,6 +643,8 @@ var lifecycleScenarios = []struct {
 		hung, _, err := w.api.CreateSnapshot(w.ctx, v, "fhang")
 		w.clear()
 		w.logf("snapshot with a hanging job: %s", errText(err))
+		w.getFull(v)            // Snapshotting
+		w.snapshot(v, "second") // refused while Snapshotting
 		w.submitted("resize during a snapshot")(w.api.ResizeVolume(w.ctx, v, 2, false))
 		w.submitted("delete a snapshot being taken")(w.api.DeleteSnapshot(w.ctx, hung))
 		_, _, err = w.api.CreateVolume(w.ctx, csapi.CreateParams{Name: "bad", SnapshotID: hung})

@@ -13,6 +13,12 @@ import (
 	"github.com/volumed/volumed/handlers/csapi"
 )
 
+// Volume states while a snapshot or resize job runs.
+const (
+	Snapshotting = "Snapshotting"
+	Resizing     = "Resizing"
+)
+
 // Snapshot states.
 const (
 	SnapshotCreating  = "Creating"
@@ -73,14 +79,34 @@ func (c *Cloud) snapView(s *snapshot) csapi.Snapshot {
 		ZoneID: c.volumes[s.volumeID].zoneID, Created: s.created.Format(csapi.TimeLayout)}
 }
 
-// ResizeVolume submits a resize; its job runs CloudStack's checks.
+// readyAgain makes a volume in the transitional state Ready; c.mu is held.
+func readyAgain(v *volume, transitional string) {
+	if v.state == transitional {
+		v.state = Ready
+	}
+}
+
+// ResizeVolume submits a resize; its job runs CloudStack's checks. A
+// Ready volume is Resizing until the job ends.
 func (c *Cloud) ResizeVolume(ctx context.Context, volumeID string, sizeGiB int64, shrinkOK bool) (string, error) {
 	return call(ctx, c, CmdResizeVolume, func(f Fault) (string, error) {
 		v, err := c.volumeParam(CmdResizeVolume, volumeID)
 		if err != nil {
 			return "", err
 		}
-		return c.submit(CmdResizeVolume, f, func() (result, *csapi.Error) { return volumeResult(c.resize(v, sizeGiB, shrinkOK)) }), nil
+		own := v.state == Ready && !v.removed
+		if own {
+			v.state = Resizing
+		}
+		undo := func() {
+			if own {
+				readyAgain(v, Resizing)
+			}
+		}
+		return c.submitUndo(CmdResizeVolume, f, func() (result, *csapi.Error) {
+			undo()
+			return volumeResult(c.resize(v, sizeGiB, shrinkOK))
+		}, undo), nil
 	})
 }
 
@@ -144,15 +170,17 @@ func (c *Cloud) CreateSnapshot(ctx context.Context, volumeID, name string) (stri
 		c.seq++
 		s := &snapshot{id: uuid.NewString(), name: name, volumeID: v.id, state: SnapshotCreating, seq: c.seq, size: v.size, created: now}
 		c.snaps[s.id] = s
+		v.state = Snapshotting // until the job ends
 		jobID := c.submitUndo(CmdCreateSnapshot, f, func() (result, *csapi.Error) {
-			if v.removed || v.state != Ready {
+			readyAgain(v, Snapshotting)
+			if v.removed {
 				s.state = SnapshotError
-				return result{}, jobFailure(CmdCreateSnapshot, 431, "VolumeId: %d is not in Ready state but %s. Cannot take snapshot.", v.seq, v.state)
+				return result{}, jobFailure(CmdCreateSnapshot, 431, "Creating snapshot failed due to volume:%d doesn't exist", v.seq)
 			}
 			s.state, s.size = SnapshotBackedUp, v.size
 			out := c.snapView(s)
 			return result{snapshot: &out}, nil
-		}, func() { s.state = SnapshotError })
+		}, func() { s.state = SnapshotError; readyAgain(v, Snapshotting) })
 		return created{s.id, jobID}, nil
 	})
 	return r.volumeID, r.jobID, err

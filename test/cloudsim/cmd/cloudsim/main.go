@@ -86,7 +86,8 @@ func parse(args []string, getenv func(string) string, out io.Writer) (cloudsim.C
 	})
 	fs.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.Usage = func() {
-		fmt.Fprintf(out, "Usage: cloudsim [flags]\n\nCloudStack API simulator. Control endpoint: GET/PUT /_sim/faults, GET /_sim/stats.\n"+
+		fmt.Fprintf(out, "Usage: cloudsim [flags]\n\nCloudStack API simulator. Control endpoint: GET/PUT /_sim/faults, GET /_sim/stats,\n"+
+			"GET/PUT /_sim/volumes/ID/data?offset=N[&length=N] (a volume's bytes).\n"+
 			"Each flag may be set by the environment variable CLOUDSIM_<NAME> (e.g. CLOUDSIM_STATE_DIR).\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
