@@ -33,6 +33,21 @@ type Snapshot struct {
 	CreatedAt *time.Time `json:"created_at"`
 }
 
+// VolumeFilter selects the volumes of GET /volumes.
+type VolumeFilter struct {
+	// Tags selects the volumes that have every one of these tags.
+	Tags map[string]string
+	// VMID selects the volumes attached to this VM.
+	VMID string
+	// Name selects the volumes of this name.
+	Name string
+	// Limit is the page size.
+	Limit int
+	// Cursor is the id of the last volume of the page before; "" for the
+	// first page.
+	Cursor string
+}
+
 // SnapshotRequest is the request of POST /volumes/{id}/snapshots and
 // volumes.cmd.snapshot.
 type SnapshotRequest struct {

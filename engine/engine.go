@@ -80,6 +80,19 @@ func New(cfg Config, kinds ...Kind) *Engine {
 // Kind returns the kind registered for typ, nil if none.
 func (e *Engine) Kind(typ commands.OpType) Kind { return e.kinds[typ] }
 
+// Leases (in the store) that serialize work across instances.
+const (
+	// LeaseSweep: one instance at a time requeues operations whose job is
+	// missing.
+	LeaseSweep = "sweep"
+	// LeaseReconcile: one instance at a time reconciles CloudStack,
+	// mappings, devices and exports.
+	LeaseReconcile = "reconcile"
+	// LeaseVMPrefix + vm id: attaches to a VM whose disks carry no
+	// identity run one at a time, from the CloudStack call to the match.
+	LeaseVMPrefix = "vm:"
+)
+
 // Result is how Run left an operation.
 type Result int
 

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"log/slog"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -128,40 +127,74 @@ func TestSaveFencesALateExecutor(t *testing.T) {
 	}
 }
 
-// TestLeasedExcludes: two holders of one lease in one process never work
-// at once; a caller that does not wait is told the lease is held.
-func TestLeasedExcludes(t *testing.T) {
-	l := &engine.Leaser{Store: memstore.New(), Holder: engine.Holder(), Log: slog.Default()}
+// kindFunc is a Kind of one type running fn.
+type kindFunc struct {
+	typ commands.OpType
+	fn  func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error)
+}
+
+func (k kindFunc) Type() commands.OpType { return k.typ }
+
+func (k kindFunc) Execute(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+	return k.fn(ctx, j)
+}
+
+// TestRunByRegisteredKind: Run hands an operation to the kind registered
+// for its type and records its end; a type no kind runs fails with
+// INTERNAL_ERROR; an operation another executor claimed meanwhile is
+// left to it, untouched.
+func TestRunByRegisteredKind(t *testing.T) {
 	ctx := context.Background()
-	var inside, overlaps, runs atomic.Int32
-	var wg sync.WaitGroup
-	for range 4 {
-		wg.Go(func() {
-			err := l.Leased(ctx, "test", true, func(ctx context.Context) error {
-				if inside.Add(1) > 1 {
-					overlaps.Add(1)
-				}
-				time.Sleep(20 * time.Millisecond)
-				inside.Add(-1)
-				runs.Add(1)
-				return nil
-			})
-			if err != nil {
-				t.Error(err)
+	store := memstore.New()
+	ran := 0
+	e := engine.New(engine.Config{Operations: store, Publisher: &events{}, Timing: timing, Logger: slog.Default()},
+		kindFunc{commands.OpDetach, func(_ context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			ran++
+			return &commands.OpResponse{VolumeID: j.Op.VolumeID, Message: "done"}, nil
+		}},
+		kindFunc{commands.OpDelete, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			cur, _ := store.GetOperation(ctx, j.Op.ID) // another executor claims it now
+			cur.Attempts++
+			if _, err := store.UpdateOperation(ctx, cur); err != nil {
+				t.Fatal(err)
 			}
-		})
+			return nil, j.Check(ctx)
+		}})
+	record := func(id string, typ commands.OpType) {
+		now := time.Now().UTC()
+		if _, err := store.CreateOperation(ctx, commands.Operation{ID: id, Type: typ, Status: commands.StatusPending,
+			VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now}); err != nil {
+			t.Fatal(err)
+		}
 	}
-	wg.Wait()
-	if overlaps.Load() != 0 || runs.Load() != 4 {
-		t.Fatalf("%d overlaps in %d runs, want 0 in 4", overlaps.Load(), runs.Load())
+	record("op-detach", commands.OpDetach)
+	record("op-attach", commands.OpAttach)
+	record("op-delete", commands.OpDelete)
+	for _, tc := range []struct {
+		id     string
+		result engine.Result
+		status commands.OpStatus
+		code   any
+	}{
+		{"op-detach", engine.Done, commands.StatusCompleted, nil},
+		{"op-attach", engine.Done, commands.StatusFailed, commands.CodeInternalError},
+		{"op-delete", engine.Lost, commands.StatusExecuting, nil},
+	} {
+		if res := e.Run(ctx, tc.id, slog.Default()); res != tc.result {
+			t.Fatalf("%s: result %v, want %v", tc.id, res, tc.result)
+		}
+		op, _ := store.GetOperation(ctx, tc.id)
+		if op.Status != tc.status || op.Details["code"] != tc.code {
+			t.Fatalf("%s: %s %v, want %s with code %v", tc.id, op.Status, op.Details, tc.status, tc.code)
+		}
 	}
-	held := make(chan struct{})
-	release := make(chan struct{})
-	go l.Leased(ctx, "test", false, func(ctx context.Context) error { close(held); <-release; return nil })
-	<-held
-	err := l.Leased(ctx, "test", false, func(ctx context.Context) error { return errors.New("ran while held") })
-	close(release)
-	if !errors.Is(err, state.ErrLeaseHeld) {
-		t.Fatalf("leased without waiting while held: %v, want ErrLeaseHeld", err)
+	if ran != 1 {
+		t.Fatalf("the detach kind ran %d times, want 1", ran)
 	}
+	defer func() {
+		if recover() == nil {
+			t.Fatal("two kinds of one type were registered")
+		}
+	}()
+	engine.New(engine.Config{}, kindFunc{typ: commands.OpDetach}, kindFunc{typ: commands.OpDetach})
 }

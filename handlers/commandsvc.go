@@ -169,8 +169,9 @@ func (s *Service) serve(ep endpoint) micro.Handler {
 
 // natsRequester names who asked for a command that came on NATS: the one
 // place the NATS edge derives the operation's requested_by from the
-// request.
-func natsRequester(micro.Request) string { return "nats" }
+// request. It names no one until the API document lists requested_by
+// (an operation's fields are validated against it).
+func natsRequester(micro.Request) string { return "" }
 
 // Command runs the command of subject in this process, admitted and
 // bounded exactly as its NATS endpoint is, and returns its answer: the

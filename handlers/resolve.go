@@ -12,7 +12,6 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
-	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -24,19 +23,6 @@ const resolvePage = 200
 // CloudStack leaves the rest of the reconcile its time.
 const resolveBudget = commands.ForceSyncTimeout / 4
 
-// jobCommands names the CloudStack command of the job each operation type
-// waits for.
-var jobCommands = map[commands.OpType]string{
-	commands.OpCreate:         "createVolume",
-	commands.OpAttach:         "attachVolume",
-	commands.OpDetach:         "detachVolume",
-	commands.OpSnapshot:       "createSnapshot",
-	commands.OpDeleteSnapshot: "deleteSnapshot",
-	commands.OpRevert:         "revertSnapshot",
-	commands.OpResize:         "resizeVolume",
-	commands.OpTags:           "createTags/deleteTags",
-}
-
 // reconciler repairs what drifted from CloudStack: the timed-out jobs'
 // operations, and the mappings (the Service's reconcile runs it under its
 // lease).
@@ -46,16 +32,9 @@ type reconciler struct {
 	mappings *engine.MappingWriter
 	release  *engine.Releaser
 	pub      engine.Publisher
-}
-
-// jobOutcome is what became of the CloudStack job of a failed operation.
-type jobOutcome struct {
-	// status is commands.JobSucceeded, JobFailed or JobUnknown.
-	status string
-	// resolution says it in words.
-	resolution string
-	// details are added to the operation's details besides the status.
-	details map[string]any
+	// kind returns the kind of an operation type, a Resolver where its
+	// operations wait for CloudStack jobs.
+	kind func(commands.OpType) engine.Kind
 }
 
 // resolveJobs finishes the story of the failed operations whose CloudStack
@@ -117,15 +96,24 @@ func (r *reconciler) resolveJob(ctx context.Context, op commands.Operation) (str
 	if jobID == "" {
 		jobID = op.JobID
 	}
-	var out jobOutcome
-	if jobID == "" {
-		out = jobOutcome{status: commands.JobUnknown, resolution: "the operation recorded no CloudStack job: what it did is unknown"}
-		return r.annotate(ctx, op, jobID, out, "")
+	k, _ := r.kind(op.Type).(engine.Resolver)
+	switch {
+	case jobID == "":
+		return r.annotate(ctx, op, jobID, engine.Outcome{Status: commands.JobUnknown,
+			Resolution: "the operation recorded no CloudStack job: what it did is unknown"}, "")
+	case k == nil:
+		return r.annotate(ctx, op, jobID, engine.Outcome{Status: commands.JobUnknown,
+			Resolution: fmt.Sprintf("a %s operation has no CloudStack job to follow: what job %s did is unknown", op.Type, jobID)}, "")
 	}
+	var out engine.Outcome
 	job, err := r.cfg.CloudStack.QueryJob(ctx, jobID)
 	switch {
+	case errors.Is(err, csapi.ErrNotFound) && op.VolumeID == "":
+		out = engine.Outcome{Status: commands.JobUnknown, Details: map[string]any{},
+			Resolution: fmt.Sprintf("CloudStack no longer knows %s job %s, and the volume's state (no volume recorded) does not tell whether it ran: what it did is unknown",
+				k.JobCommand(), jobID)}
 	case errors.Is(err, csapi.ErrNotFound):
-		if out, err = r.outcomeFromVolume(ctx, op, jobID); err != nil {
+		if out, err = k.Gone(ctx, op, jobID, volumeLook{r: r, op: op}); err != nil {
 			return "", err
 		}
 	case err != nil:
@@ -133,31 +121,58 @@ func (r *reconciler) resolveJob(ctx context.Context, op commands.Operation) (str
 	case job.Status == csapi.JobPending:
 		return "", nil
 	case job.Status == csapi.JobSuccess:
-		out = succeeded(op, jobID, job.Volume)
+		out = k.Succeeded(op, jobID, job.Volume)
 	default:
-		out = failedJob(op, jobID, job.Err)
+		why, details := "it failed", map[string]any{}
+		var cs *csapi.Error
+		if errors.As(job.Err, &cs) {
+			details["cloudstack_error_code"], details["cloudstack_message"] = cs.Code, cs.Text
+			why = fmt.Sprintf("error %d: %s", cs.Code, cs.Text)
+		}
+		out = k.Failed(op, jobID, why)
+		maps.Copy(details, out.Details)
+		out.Details = details
 	}
 	var adopted string
-	if out.status == commands.JobSucceeded && op.Type == commands.OpAttach {
-		if adopted, err = r.adoptAttach(ctx, op); err != nil {
+	if out.Status == commands.JobSucceeded {
+		if adopted, err = k.Adopt(ctx, op); err != nil {
 			return "", err
 		}
 	}
 	return r.annotate(ctx, op, jobID, out, adopted)
 }
 
+// volumeLook answers a Resolver's questions about op's volume.
+type volumeLook struct {
+	r  *reconciler
+	op commands.Operation
+}
+
+func (l volumeLook) Volume(ctx context.Context) (csapi.Volume, bool, error) {
+	vol, err := l.r.cfg.CloudStack.GetVolume(ctx, l.op.VolumeID)
+	if errors.Is(err, csapi.ErrNotFound) {
+		return vol, true, nil
+	}
+	if err != nil {
+		return vol, false, engine.CloudStackError(err)
+	}
+	return vol, false, nil
+}
+
+func (l volumeLook) Later(ctx context.Context) (string, error) { return l.r.laterOperation(ctx, l.op) }
+
 // annotate records out on the failed operation op by compare-and-swap and
 // publishes it; adopted says what was recorded besides. It returns the
 // change in words, "" when the operation changed since it was listed.
-func (r *reconciler) annotate(ctx context.Context, op commands.Operation, jobID string, out jobOutcome, adopted string) (string, error) {
+func (r *reconciler) annotate(ctx context.Context, op commands.Operation, jobID string, out engine.Outcome, adopted string) (string, error) {
 	note := op
 	note.Details = maps.Clone(op.Details)
-	maps.Copy(note.Details, out.details)
+	maps.Copy(note.Details, out.Details)
 	now := time.Now().UTC()
 	note.Details[commands.DetailJobMayRun] = false
-	note.Details[commands.DetailJobStatus] = out.status
+	note.Details[commands.DetailJobStatus] = out.Status
 	note.Details[commands.DetailResolvedAt] = now.Format(time.RFC3339)
-	note.Details[commands.DetailResolution] = out.resolution
+	note.Details[commands.DetailResolution] = out.Resolution
 	note.UpdatedAt = now
 	saved, err := r.cfg.Store.UpdateOperation(ctx, note)
 	if errors.Is(err, state.ErrStale) {
@@ -168,123 +183,12 @@ func (r *reconciler) annotate(ctx context.Context, op commands.Operation, jobID 
 	}
 	r.pub.PublishOperation(ctx, saved)
 	r.log.Info("timed-out job resolved", "operation_id", op.ID, "type", op.Type, "volume_id", op.VolumeID,
-		"cloudstack_job_id", jobID, "job_status", out.status)
-	change := fmt.Sprintf("operation %s (%s of volume %s) timed out on CloudStack job %s: %s", op.ID, op.Type, op.VolumeID, jobID, out.resolution)
+		"cloudstack_job_id", jobID, "job_status", out.Status)
+	change := fmt.Sprintf("operation %s (%s of volume %s) timed out on CloudStack job %s: %s", op.ID, op.Type, op.VolumeID, jobID, out.Resolution)
 	if adopted != "" {
 		change += "; " + adopted
 	}
 	return change, nil
-}
-
-// succeeded is the outcome of a job that succeeded; vol is its result.
-func succeeded(op commands.Operation, jobID string, vol *csapi.Volume) jobOutcome {
-	out := jobOutcome{status: commands.JobSucceeded, details: map[string]any{}}
-	what := jobCommands[op.Type] + " job " + jobID + " succeeded after the operation timed out"
-	switch op.Type {
-	case commands.OpCreate:
-		id := op.VolumeID
-		if vol != nil && vol.ID != "" {
-			id = vol.ID
-		}
-		out.details["volume_id"] = id
-		out.resolution = fmt.Sprintf("%s: CloudStack made volume %s, this operation's", what, id)
-	case commands.OpAttach:
-		out.resolution = fmt.Sprintf("%s: CloudStack attached volume %s to VM %s", what, op.VolumeID, op.VM())
-	case commands.OpDetach:
-		out.resolution = fmt.Sprintf("%s: CloudStack detached volume %s", what, op.VolumeID)
-	default:
-		out.resolution = what
-	}
-	return out
-}
-
-// failedJob is the outcome of a job that failed with jobErr.
-func failedJob(op commands.Operation, jobID string, jobErr error) jobOutcome {
-	out := jobOutcome{status: commands.JobFailed, details: map[string]any{}}
-	why := "it failed"
-	var cs *csapi.Error
-	if errors.As(jobErr, &cs) {
-		out.details["cloudstack_error_code"], out.details["cloudstack_message"] = cs.Code, cs.Text
-		why = fmt.Sprintf("error %d: %s", cs.Code, cs.Text)
-	}
-	out.resolution = fmt.Sprintf("%s job %s failed after the operation timed out (%s): CloudStack did nothing", jobCommands[op.Type], jobID, why)
-	if op.Type == commands.OpCreate && op.VolumeID != "" {
-		// CloudStack made the volume before its job ran, and leaves it.
-		out.details["volume_id"] = op.VolumeID
-		out.resolution = fmt.Sprintf("%s job %s failed after the operation timed out (%s): volume %s, made before the job ran, is left in CloudStack",
-			jobCommands[op.Type], jobID, why, op.VolumeID)
-	}
-	return out
-}
-
-// outcomeFromVolume decides the outcome of a job CloudStack no longer
-// knows (expunged) from the volume's state, where that can tell: an
-// attach's volume attached as asked, or a detach's volume detached or
-// gone, counts as its job having succeeded, unless a later operation on
-// the volume could have done it. Anything else is unknown: a create's
-// volume exists whatever its job did (CloudStack makes it before the job
-// runs), so the create names it for whoever cleans up.
-func (r *reconciler) outcomeFromVolume(ctx context.Context, op commands.Operation, jobID string) (jobOutcome, error) {
-	gone := "CloudStack no longer knows " + jobCommands[op.Type] + " job " + jobID
-	unknown := func(seen string) jobOutcome {
-		return jobOutcome{status: commands.JobUnknown, details: map[string]any{},
-			resolution: fmt.Sprintf("%s, and the volume's state (%s) does not tell whether it ran: what it did is unknown", gone, seen)}
-	}
-	if op.VolumeID == "" {
-		return unknown("no volume recorded"), nil
-	}
-	later := ""
-	if op.Type != commands.OpCreate {
-		var err error
-		if later, err = r.laterOperation(ctx, op); err != nil {
-			return jobOutcome{}, err
-		}
-	}
-	if later != "" {
-		return unknown("operation " + later + " on the volume came after"), nil
-	}
-	vol, err := r.cfg.CloudStack.GetVolume(ctx, op.VolumeID)
-	missing := errors.Is(err, csapi.ErrNotFound)
-	if err != nil && !missing {
-		return jobOutcome{}, engine.CloudStackError(err)
-	}
-	if op.Type == commands.OpCreate {
-		if missing {
-			return unknown("volume not found"), nil
-		}
-		out := unknown("volume " + vol.ID + " exists, but CloudStack makes it before the job runs")
-		out.details["volume_id"] = vol.ID
-		return out, nil
-	}
-	shown := ""
-	switch op.Type {
-	case commands.OpAttach:
-		var req commands.AttachRequest
-		if err := engine.DecodeRequest(&op, &req); err != nil {
-			return jobOutcome{}, err
-		}
-		if !missing && kinds.AttachedAsWanted(vol, req) {
-			shown = fmt.Sprintf("volume %s is attached to VM %s", vol.ID, vol.VMID)
-		}
-	case commands.OpDetach:
-		switch {
-		case missing:
-			shown = "volume " + op.VolumeID + " is gone"
-		case vol.VMID == "":
-			shown = "volume " + vol.ID + " is detached"
-		}
-	}
-	if shown == "" {
-		switch {
-		case missing:
-			return unknown("volume not found"), nil
-		case vol.VMID != "":
-			return unknown("attached to VM " + vol.VMID), nil
-		}
-		return unknown("detached"), nil
-	}
-	return jobOutcome{status: commands.JobSucceeded,
-		resolution: fmt.Sprintf("%s, and it shows the operation's effect (%s), which no later operation made: taken as succeeded", gone, shown)}, nil
 }
 
 // laterOperation returns the id of an operation on op's volume accepted
@@ -310,56 +214,4 @@ func (r *reconciler) laterOperation(ctx context.Context, op commands.Operation) 
 		}
 		f.Cursor = next
 	}
-}
-
-// adoptAttach records the mapping of the volume a timed-out attach
-// attached after all, as the attach would have: when CloudStack shows it
-// attached as asked, it has no mapping, and no unfinished operation on it
-// will decide. On a VM with a device agent the mapping starts missing
-// (its device unknown), and the devices' reconcile in the same sync points
-// it at the volume's device when that carries its identity; elsewhere it
-// is not_applicable. It returns what it recorded in words ("" for
-// nothing).
-func (r *reconciler) adoptAttach(ctx context.Context, op commands.Operation) (string, error) {
-	switch _, err := r.cfg.Store.GetMapping(ctx, op.VolumeID); {
-	case err == nil:
-		return "", nil // mapped already
-	case !errors.Is(err, state.ErrNotFound):
-		return "", state.APIError(err)
-	}
-	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
-		busy, _, err := r.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: op.VolumeID, Status: st, Limit: 1})
-		if err != nil {
-			return "", state.APIError(err)
-		}
-		if len(busy) > 0 {
-			return "", nil // its mapping is that operation's to record
-		}
-	}
-	var req commands.AttachRequest
-	if err := engine.DecodeRequest(&op, &req); err != nil {
-		return "", err
-	}
-	vol, err := r.cfg.CloudStack.GetVolume(ctx, op.VolumeID)
-	if errors.Is(err, csapi.ErrNotFound) {
-		return "", nil
-	}
-	if err != nil {
-		return "", engine.CloudStackError(err)
-	}
-	if !kinds.AttachedAsWanted(vol, req) {
-		return "", nil // not so any more: the mappings' reconcile follows CloudStack
-	}
-	m := kinds.AttachedMapping(vol, req.VMID)
-	if r.cfg.Devices != nil && r.cfg.Devices.HasAgent(ctx, req.VMID) {
-		m.LinuxState = commands.LinuxMissing
-	}
-	if _, err := r.mappings.Put(ctx, nil, m); err != nil {
-		if errors.Is(err, state.ErrStale) {
-			return "", nil // mapped meanwhile
-		}
-		return "", state.APIError(err)
-	}
-	return fmt.Sprintf("recorded the mapping of volume %s on VM %s (device id %s, linux_state %s)",
-		m.VolumeID, m.VMID, kinds.DeviceString(m.DeviceID), m.LinuxState), nil
 }

@@ -1,8 +1,10 @@
-// Package handlers executes volumed's commands: it accepts them on the
-// volumes.cmd.* subjects, records and queues them durably, runs each one as
-// CloudStack steps that first ask whether the step is already done, keeps
-// mappings and NBD exports, publishes every state change on volumes.ops.<id>, and answers
-// the reads of the REST bridge.
+// Package handlers is volumed's NATS edge of the operation engine: it
+// accepts commands on the volumes.cmd.* subjects (and in process for the
+// REST bridge), records and queues them durably on JetStream, runs each
+// job in its volume's turn through the engine (package engine, with the
+// kinds of package kinds), schedules the sweep and the reconcile under
+// store leases, resolves timed-out jobs, and answers the bridge's reads.
+// The host work (NBD exports) is package hostwork's.
 package handlers
 
 import (
@@ -132,7 +134,7 @@ type Service struct {
 	started time.Time
 	// leases runs the sweep, the reconcile and a VM's exclusive attaches
 	// under the store's leases.
-	leases *engine.Leaser
+	leases *state.Leaser
 
 	jobs    jetstream.Stream
 	consume jetstream.ConsumeContext
@@ -212,7 +214,7 @@ func New(cfg Config) *Service {
 	s := &Service{
 		cfg:    cfg,
 		log:    cfg.Logger.With("component", "handlers"),
-		leases: &engine.Leaser{Store: cfg.Store, Holder: engine.Holder(), Log: cfg.Logger.With("component", "handlers")},
+		leases: &state.Leaser{Store: cfg.Store, Holder: state.Holder(), Log: cfg.Logger.With("component", "handlers")},
 		sem:    make(chan struct{}, cfg.MaxConcurrent),
 	}
 	s.acceptSlots = make(chan struct{}, cfg.AcceptConcurrency)
@@ -231,12 +233,12 @@ func New(cfg Config) *Service {
 	}
 	s.release = &engine.Releaser{Mappings: s.mappings, Exports: s.host, Devices: devices,
 		InUse: inUse{devices: cfg.Devices, host: s.host}, Wait: cfg.StepTimeout, Log: s.log}
-	s.rec = &reconciler{cfg: cfg, log: s.log, mappings: s.mappings, release: s.release, pub: s}
 	s.engine = engine.New(engine.Config{Operations: cfg.Store, Publisher: s, Logger: s.log,
 		Timing: engine.Timing{StepTimeout: cfg.StepTimeout, SettleTimeout: cfg.SettleTimeout,
 			Retry: backoff.Policy{Min: cfg.RetryMin, Max: cfg.RetryMax}}},
 		kinds.All(kinds.Deps{CloudStack: cfg.CloudStack, Operations: cfg.Store, Mappings: s.mappings, Release: s.release,
 			Devices: devices, Sizes: sizes, Exports: s.host, Log: s.log})...)
+	s.rec = &reconciler{cfg: cfg, log: s.log, mappings: s.mappings, release: s.release, pub: s, kind: s.engine.Kind}
 	return s
 }
 

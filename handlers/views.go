@@ -37,7 +37,10 @@ func (s *Service) VolumeStatus(ctx context.Context, volumeID string) (commands.V
 
 // volumeRow is the VolumeStatus without CloudStackData.
 func volumeRow(ctx context.Context, store state.Reader, devices DeviceCorrelator, vol csapi.Volume) (commands.VolumeStatus, error) {
-	st := commands.VolumeStatus{VolumeID: vol.ID, State: vol.State, Size: vol.Size}
+	st := commands.VolumeStatus{VolumeID: vol.ID, State: vol.State, Size: vol.Size, Tags: vol.Tags}
+	if st.Tags == nil {
+		st.Tags = map[string]string{}
+	}
 	if vol.VMID != "" {
 		vm := vol.VMID
 		st.VMID = &vm

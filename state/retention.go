@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"time"
 
 	"github.com/volumed/volumed/internal/lifecycle"
@@ -26,7 +25,7 @@ type RetentionConfig struct {
 	Interval time.Duration
 	// Batch bounds the deletions of one PruneOperations call; default 500.
 	Batch int
-	// Holder names this instance in the lease; default host name and pid.
+	// Holder names this instance in the lease; default Holder().
 	Holder string
 	// Logger is the parent logger; default slog.Default().
 	Logger *slog.Logger
@@ -55,8 +54,7 @@ func NewRetention(cfg RetentionConfig) (*Retention, error) {
 		cfg.Batch = 500
 	}
 	if cfg.Holder == "" {
-		host, _ := os.Hostname()
-		cfg.Holder = fmt.Sprintf("%s:%d", host, os.Getpid())
+		cfg.Holder = Holder()
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -86,40 +84,30 @@ func (r *Retention) Start(context.Context) error {
 	return nil
 }
 
-// retentionLeaseTTL is the TTL of the retention lease. It is renewed
-// after every batch (one batch takes far less), so a pruner that dies
-// holds back the others for at most this long, whatever the interval.
-const retentionLeaseTTL = 30 * time.Second
-
-// Prune runs one pass: with the lease, it deletes batches until none is
-// left, renewing the lease between batches. It returns how many it
-// deleted; 0 and no error when another instance holds the lease.
+// Prune runs one pass: with the lease (Leaser, renewed while it runs),
+// it deletes batches until none is left. It returns how many it deleted;
+// 0 and no error when another instance holds the lease. A pass whose
+// lease is lost stops; another instance goes on.
 func (r *Retention) Prune(ctx context.Context) (int, error) {
-	l, err := r.cfg.Store.AcquireLease(ctx, RetentionLease, r.cfg.Holder, retentionLeaseTTL)
+	before := time.Now().Add(-r.cfg.Keep)
+	total := 0
+	l := &Leaser{Store: r.cfg.Store, Holder: r.cfg.Holder, Log: r.log}
+	err := l.Leased(ctx, RetentionLease, false, func(ctx context.Context) error {
+		for {
+			n, err := r.cfg.Store.PruneOperations(ctx, before, r.cfg.Batch)
+			total += n
+			if err != nil || n < r.cfg.Batch {
+				return err
+			}
+		}
+	})
 	if errors.Is(err, ErrLeaseHeld) {
 		return 0, nil
 	}
-	if err != nil {
-		return 0, err
+	if total > 0 {
+		r.log.Info("operations pruned", "deleted", total, "completed_before", before)
 	}
-	before := time.Now().Add(-r.cfg.Keep)
-	total := 0
-	for {
-		n, err := r.cfg.Store.PruneOperations(ctx, before, r.cfg.Batch)
-		total += n
-		if err != nil || n < r.cfg.Batch {
-			if rerr := r.cfg.Store.ReleaseLease(context.WithoutCancel(ctx), l); rerr != nil && err == nil {
-				err = rerr
-			}
-			if total > 0 {
-				r.log.Info("operations pruned", "deleted", total, "completed_before", before)
-			}
-			return total, err
-		}
-		if l, err = r.cfg.Store.RenewLease(ctx, l); err != nil {
-			return total, err // lost: another instance goes on
-		}
-	}
+	return total, err
 }
 
 // Close stops the passes and waits for the one running, within ctx.

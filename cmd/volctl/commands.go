@@ -27,12 +27,19 @@ const usageText = `volctl drives volumed through its REST API.
 
 Usage:
   volctl volume create --name N --size 5GiB --zone Z --disk-offering O [--metadata k=v]... [--wait]
+  volctl volume create --name N --snapshot S [--size 5GiB] [--metadata k=v]... [--wait]
   volctl volume attach ID --vm VM [--wait]
   volctl volume attach-root ID --vm VM [--wait]
   volctl volume detach ID [--force] [--wait]
   volctl volume delete ID [--force] [--wait]
   volctl volume get ID
-  volctl volume list [--vm VM]
+  volctl volume list [--vm VM] [--tag k=v]... [--name N]
+  volctl volume snapshot ID [--name N] [--wait]
+  volctl volume snapshots ID
+  volctl volume revert ID --snapshot S [--wait]
+  volctl volume resize ID --size 10GiB [--shrink-ok] [--wait]
+  volctl volume tags ID [--tag k=v]... [--wait]
+  volctl snapshot get ID | delete ID [--wait]
   volctl op get ID
   volctl op wait ID
   volctl op watch ID
@@ -54,7 +61,8 @@ Flags of every command:
   --timeout D    give up after D (a Go duration; default none)
 
 Flags of the commands that start an operation (create, attach, attach-root,
-detach, delete, export create, export delete):
+detach, delete, snapshot, revert, resize, tags, snapshot delete, export
+create, export delete):
   --wait              wait for the operation to end, showing its steps
   --idempotency-key K send K as the Idempotency-Key: the command sent again
                       with the same K answers the same operation (another
@@ -67,8 +75,10 @@ clients, and data not yet written is lost.
 
 --wait shows the operation's steps on stderr, prints the final operation
 and exits 1 unless it completed (with -o json: the operation's JSON).
-volume list without --vm lists the volumes volumed's recent operations
-name that CloudStack still has.
+volume list without --vm, --tag or --name lists the volumes volumed's
+recent operations name that CloudStack still has; with --tag or --name it
+lists CloudStack's volumes that match (GET /volumes). volume tags sets the
+volume's tags to exactly the --tag pairs given (none: removes them all).
 Exit codes: 0 success; 1 API error, failed operation or unhealthy daemon; 2 usage.
 `
 
@@ -85,8 +95,9 @@ type opts struct {
 	name, size, zone, offering, vm, path string
 	typ, status, volume, cursor          string
 	limit                                int
-	readWrite, force                     bool
-	metadata                             metadataFlag
+	readWrite, shrinkOK, force           bool
+	snapshot                             string
+	metadata, tags                       metadataFlag
 }
 
 // invocation is one parsed command line.
@@ -113,7 +124,7 @@ type command struct {
 }
 
 // groups are the commands that take a subcommand.
-var groups = map[string]bool{"volume": true, "op": true, "export": true}
+var groups = map[string]bool{"volume": true, "op": true, "export": true, "snapshot": true}
 
 func vmFlag(fs *flag.FlagSet, o *opts) { fs.StringVar(&o.vm, "vm", "", "VM id") }
 
@@ -135,7 +146,8 @@ var commandList = []command{
 		fs.StringVar(&o.size, "size", "", "size: bytes or with a unit, e.g. 5GiB (required)")
 		fs.StringVar(&o.zone, "zone", "", "zone id (required)")
 		fs.StringVar(&o.offering, "disk-offering", "", "disk offering id (required)")
-		fs.Var(&o.metadata, "metadata", "k=v, repeatable")
+		fs.Var(&o.metadata, "metadata", "k=v, repeatable: the volume's tags")
+		fs.StringVar(&o.snapshot, "snapshot", "", "make the volume from this snapshot (--size, --zone and --disk-offering optional then)")
 	}, run: func(ctx context.Context, in *invocation) error {
 		req, err := in.o.createRequest()
 		if err != nil {
@@ -178,18 +190,83 @@ var commandList = []command{
 		}
 		return in.print(v, volumeRows([]commands.VolumeStatus{v}))
 	}},
-	{group: "volume", name: "list", flags: vmFlag, run: func(ctx context.Context, in *invocation) error {
+	{group: "volume", name: "list", flags: func(fs *flag.FlagSet, o *opts) {
+		vmFlag(fs, o)
+		fs.Var(&o.tags, "tag", "k=v, repeatable: only volumes with these tags")
+		fs.StringVar(&o.name, "name", "", "only volumes of this name")
+	}, run: func(ctx context.Context, in *invocation) error {
 		var list []commands.VolumeStatus
 		var err error
-		if in.o.vm != "" {
+		switch {
+		case len(in.o.tags) > 0 || in.o.name != "":
+			list, err = listVolumes(ctx, in)
+		case in.o.vm != "":
 			list, err = in.c.VMVolumes(ctx, in.o.vm)
-		} else {
+		default:
 			list, err = knownVolumes(ctx, in.c)
 		}
 		if err != nil {
 			return err
 		}
 		return in.print(list, volumeRows(list))
+	}},
+	{group: "volume", name: "snapshot", args: []string{"ID"}, op: true, flags: func(fs *flag.FlagSet, o *opts) {
+		fs.StringVar(&o.name, "name", "", "the snapshot's name (default: derived from the operation's id)")
+	}, run: func(ctx context.Context, in *invocation) error {
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.Snapshot(ctx, in.args[0], in.o.name, o...)
+		})
+	}},
+	{group: "volume", name: "snapshots", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
+		list, err := in.c.VolumeSnapshots(ctx, in.args[0])
+		if err != nil {
+			return err
+		}
+		return in.print(list, snapshotRows(list))
+	}},
+	{group: "volume", name: "revert", args: []string{"ID"}, op: true, flags: func(fs *flag.FlagSet, o *opts) {
+		fs.StringVar(&o.snapshot, "snapshot", "", "the snapshot to revert to (required)")
+	}, run: func(ctx context.Context, in *invocation) error {
+		if in.o.snapshot == "" {
+			return usagef("volume revert: --snapshot is required")
+		}
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.Revert(ctx, in.args[0], in.o.snapshot, o...)
+		})
+	}},
+	{group: "volume", name: "resize", args: []string{"ID"}, op: true, flags: func(fs *flag.FlagSet, o *opts) {
+		fs.StringVar(&o.size, "size", "", "the new size: bytes or with a unit, e.g. 10GiB (required)")
+		fs.BoolVar(&o.shrinkOK, "shrink-ok", false, "allow a smaller size")
+	}, run: func(ctx context.Context, in *invocation) error {
+		if in.o.size == "" {
+			return usagef("volume resize: --size is required")
+		}
+		size, err := parseSize(in.o.size)
+		if err != nil {
+			return usagef("--size: %v", err)
+		}
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.Resize(ctx, in.args[0], size, in.o.shrinkOK, o...)
+		})
+	}},
+	{group: "volume", name: "tags", args: []string{"ID"}, op: true, flags: func(fs *flag.FlagSet, o *opts) {
+		fs.Var(&o.tags, "tag", "k=v, repeatable: the volume's tags once done, exactly")
+	}, run: func(ctx context.Context, in *invocation) error {
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.SetTags(ctx, in.args[0], in.o.tags, o...)
+		})
+	}},
+	{group: "snapshot", name: "get", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
+		s, err := in.c.GetSnapshot(ctx, in.args[0])
+		if err != nil {
+			return err
+		}
+		return in.print(s, snapshotRows([]commands.Snapshot{s}))
+	}},
+	{group: "snapshot", name: "delete", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.DeleteSnapshot(ctx, in.args[0], o...)
+		})
 	}},
 	{group: "op", name: "get", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
 		op, err := in.c.GetOperation(ctx, in.args[0])
@@ -377,7 +454,11 @@ func envOr(name, def string) string {
 // createRequest validates the flags of volume create.
 func (o *opts) createRequest() (commands.CreateRequest, error) {
 	var missing []string
-	for flagName, v := range map[string]string{"--name": o.name, "--size": o.size, "--zone": o.zone, "--disk-offering": o.offering} {
+	required := map[string]string{"--name": o.name, "--size": o.size, "--zone": o.zone, "--disk-offering": o.offering}
+	if o.snapshot != "" {
+		required = map[string]string{"--name": o.name}
+	}
+	for flagName, v := range required {
 		if v == "" {
 			missing = append(missing, flagName)
 		}
@@ -385,11 +466,14 @@ func (o *opts) createRequest() (commands.CreateRequest, error) {
 	if len(missing) > 0 {
 		return commands.CreateRequest{}, usagef("volume create: %s required", strings.Join(slices.Sorted(slices.Values(missing)), ", "))
 	}
-	size, err := parseSize(o.size)
-	if err != nil {
-		return commands.CreateRequest{}, usagef("--size: %v", err)
+	var size int64
+	if o.size != "" {
+		var err error
+		if size, err = parseSize(o.size); err != nil {
+			return commands.CreateRequest{}, usagef("--size: %v", err)
+		}
 	}
-	req := commands.CreateRequest{Name: o.name, Size: size, ZoneID: o.zone, DiskOfferingID: o.offering}
+	req := commands.CreateRequest{Name: o.name, Size: size, ZoneID: o.zone, DiskOfferingID: o.offering, SnapshotID: o.snapshot}
 	if len(o.metadata) > 0 {
 		req.Metadata = map[string]any{}
 		for k, v := range o.metadata {
@@ -414,6 +498,19 @@ func listOperations(ctx context.Context, in *invocation) error {
 		fmt.Fprintf(in.err, "more: --cursor %s\n", page.NextCursor)
 	}
 	return nil
+}
+
+// listVolumes is volume list with --tag or --name: every matching volume
+// CloudStack has, page after page.
+func listVolumes(ctx context.Context, in *invocation) ([]commands.VolumeStatus, error) {
+	list := []commands.VolumeStatus{}
+	for v, err := range in.c.Volumes(ctx, client.VolumeListOptions{Tags: in.o.tags, Name: in.o.name, VMID: in.o.vm}) {
+		if err != nil {
+			return nil, err
+		}
+		list = append(list, v)
+	}
+	return list, nil
 }
 
 // knownVolumes lists the volumes named by the newest knownVolumesScan

@@ -1,4 +1,4 @@
-package engine
+package state
 
 import (
 	"context"
@@ -11,21 +11,6 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/volumed/volumed/internal/backoff"
-
-	"github.com/volumed/volumed/state"
-)
-
-// Leases (in the store) that serialize work across instances.
-const (
-	// LeaseSweep: one instance at a time requeues operations whose job is
-	// missing.
-	LeaseSweep = "sweep"
-	// LeaseReconcile: one instance at a time reconciles CloudStack,
-	// mappings, devices and exports.
-	LeaseReconcile = "reconcile"
-	// LeaseVMPrefix + vm id: attaches to a VM whose disks carry no
-	// identity run one at a time, from the CloudStack call to the match.
-	LeaseVMPrefix = "vm:"
 )
 
 // Leaser runs work under the store's named leases: the one lease
@@ -33,7 +18,7 @@ const (
 // context when the lease is lost, release).
 type Leaser struct {
 	// Store holds the leases.
-	Store state.Leases
+	Store Leases
 	// Holder names this process (Holder()).
 	Holder string
 	// Log receives lost and unreleased leases.
@@ -52,7 +37,7 @@ func Holder() string {
 const leaseTTL = 15 * time.Second
 
 // Leased runs fn holding the lease name. With waiting false it returns
-// state.ErrLeaseHeld at once when another instance holds the lease;
+// ErrLeaseHeld at once when another instance holds the lease;
 // otherwise it waits for it until ctx ends. fn's context ends when the
 // lease is lost (not renewed in time), so work that needs exclusivity
 // stops.
@@ -62,7 +47,7 @@ func (l *Leaser) Leased(ctx context.Context, name string, waiting bool, fn func(
 	// other too.
 	holder := l.Holder + "/" + uuid.NewString()[:8]
 	lease, err := l.Store.AcquireLease(ctx, name, holder, leaseTTL)
-	for wait := (backoff.Policy{Min: 50 * time.Millisecond, Max: time.Second}).Start(); waiting && errors.Is(err, state.ErrLeaseHeld); {
+	for wait := (backoff.Policy{Min: 50 * time.Millisecond, Max: time.Second}).Start(); waiting && errors.Is(err, ErrLeaseHeld); {
 		if !wait.Wait(ctx, 0) {
 			return fmt.Errorf("lease %s: %w", name, ctx.Err())
 		}
@@ -72,7 +57,7 @@ func (l *Leaser) Leased(ctx context.Context, name string, waiting bool, fn func(
 		return fmt.Errorf("lease %s: %w", name, err)
 	}
 	fctx, cancel := context.WithCancel(ctx)
-	renewed := make(chan state.Lease, 1)
+	renewed := make(chan Lease, 1)
 	go func() {
 		defer close(renewed)
 		t := time.NewTicker(leaseTTL / 3)
@@ -87,10 +72,10 @@ func (l *Leaser) Leased(ctx context.Context, name string, waiting bool, fn func(
 				switch {
 				case err == nil:
 					lease = next
-				case errors.Is(err, state.ErrLeaseLost):
+				case errors.Is(err, ErrLeaseLost):
 					l.Log.Warn("lease lost", "lease", name, "err", err)
 					cancel()
-					renewed <- state.Lease{}
+					renewed <- Lease{}
 					return
 				case fctx.Err() == nil:
 					l.Log.Warn("lease not renewed; trying again", "lease", name, "err", err)
@@ -103,7 +88,7 @@ func (l *Leaser) Leased(ctx context.Context, name string, waiting bool, fn func(
 	if last := <-renewed; last.Name != "" {
 		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		defer rcancel()
-		if rerr := l.Store.ReleaseLease(rctx, last); rerr != nil && !errors.Is(rerr, state.ErrLeaseLost) {
+		if rerr := l.Store.ReleaseLease(rctx, last); rerr != nil && !errors.Is(rerr, ErrLeaseLost) {
 			l.Log.Warn("lease not released; it expires", "lease", name, "err", rerr)
 		}
 	}
