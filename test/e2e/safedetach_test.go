@@ -101,13 +101,13 @@ func TestSafeDetach(t *testing.T) {
 
 	// Forced: the client is cut, CloudStack detaches, and the operation
 	// waits for the device, which the mount and the process keep.
-	// Through NATS this time: the bus body takes force as REST's does.
-	msg, err := d.nats().Request(commands.SubjectDetach, []byte(`{"volume_id":"`+vol+`","force":true}`), 10*time.Second)
-	var accepted commands.Operation
-	if err != nil || msg.Header.Get(commands.StatusHeader) != "201" || json.Unmarshal(msg.Data, &accepted) != nil {
-		t.Fatalf("volumes.cmd.detach with force: %v %s", err, msg.Data)
+	// The bus body takes force as REST's does: checked the same way.
+	msg, err := d.nats().Request(commands.SubjectDetach, []byte(`{"volume_id":"`+vol+`","force":"yes"}`), 10*time.Second)
+	var bad commands.Error
+	if err != nil || msg.Header.Get(commands.StatusHeader) != "400" || json.Unmarshal(msg.Data, &bad) != nil || bad.Details["field"] != "force" {
+		t.Fatalf("volumes.cmd.detach with force not a boolean: %v %s", err, msg.Data)
 	}
-	id := accepted.ID
+	id := d.submit(http.MethodPost, detach, map[string]any{"force": true}).ID
 	testenv.Eventually(t, 60*time.Second, func() bool {
 		var op commands.Operation
 		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+id, nil, &op)
