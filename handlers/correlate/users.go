@@ -12,12 +12,15 @@ import (
 
 // Users asks the agent of m's VM who uses m's device there: mounts of it
 // or its partitions, dm or md holders, and processes other than the
-// agent's own with it open. A mapping without a detected device, or a VM
-// without an agent, has none; an agent that does not answer is an error
-// wrapping ErrAgent.
+// agent's own with it open. A mapping without a detected device has none;
+// an agent that does not answer (the one that found the device) is an
+// error wrapping ErrAgent.
 func (c *Correlator) Users(ctx context.Context, m commands.Mapping) ([]commands.DeviceUser, error) {
-	if m.LinuxState != commands.LinuxDetected || m.DevicePath == "" || !c.HasAgent(ctx, m.VMID) {
+	if m.LinuxState != commands.LinuxDetected || m.DevicePath == "" {
 		return nil, nil
+	}
+	if !c.HasAgent(ctx, m.VMID) {
+		return nil, fmt.Errorf("%w: the device agent of VM %s does not answer", ErrAgent, m.VMID)
 	}
 	req := devagent.UsersRequest{Identity: commands.DeviceIdentity{Name: path.Base(m.DevicePath)}}
 	if m.DeviceIdentity != nil {
