@@ -312,9 +312,10 @@ func rolePermissions(role string) (jwt.Permissions, bool) {
 	switch role {
 	case RoleDaemon:
 		p.Pub.Allow.Add(">")
+		p.Pub.Deny.Add(commandSubjects) // CommandRequester
 		p.Sub.Allow.Add(">")
 	case RoleOperator:
-		p.Pub.Allow.Add("volumes.cmd.*")
+		p.Pub.Allow.Add(commandSubjects)
 		readEvents(&p)
 	case RoleObserver:
 		readEvents(&p)

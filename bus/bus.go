@@ -83,6 +83,9 @@ type Config struct {
 	// InboxPrefix is the connection's inbox prefix; default one only the
 	// daemon may subscribe to (_INBOX for a ClientOnly bus).
 	InboxPrefix string
+	// TLS of the embedded server and of the connection (tls.go); without
+	// it the embedded server must listen on loopback.
+	TLS TLS
 	// Logger is the parent logger; default slog.Default().
 	Logger *slog.Logger
 }
@@ -138,9 +141,9 @@ func (b *Bus) Start(ctx context.Context) error {
 			return err
 		}
 		b.srv = srv
-		url = srv.ClientURL()
+		url = connectURL(srv)
 	}
-	nc, err := nats.Connect(url, append(b.authOptions(), nats.Name(b.cfg.Name), nats.MaxReconnects(-1),
+	nc, err := nats.Connect(url, append(b.authOptions(), b.tlsOption(), nats.Name(b.cfg.Name), nats.MaxReconnects(-1),
 		nats.ReconnectWait(250*time.Millisecond), nats.Timeout(5*time.Second))...)
 	if err != nil {
 		b.shutdownServer()
@@ -201,6 +204,9 @@ func (b *Bus) startEmbedded() (*server.Server, error) {
 			return nil, fmt.Errorf("bus: nats config %s: a cluster {} needs a server_name unique to this server", b.cfg.ConfigFile)
 		}
 		opts.ServerName = "volumed"
+	}
+	if err := b.configureTLS(opts); err != nil {
+		return nil, err
 	}
 	opts.NoSigs = true
 	srv, err := server.NewServer(opts)

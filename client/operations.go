@@ -12,11 +12,13 @@ import (
 
 // ListOptions filter GET /operations; zero fields do not filter.
 type ListOptions struct {
-	// Type, Status, VolumeID and VMID keep only the matching operations.
-	Type     commands.OpType
-	Status   commands.OpStatus
-	VolumeID string
-	VMID     string
+	// Type, Status, VolumeID, VMID and RequestedBy keep only the
+	// matching operations.
+	Type        commands.OpType
+	Status      commands.OpStatus
+	VolumeID    string
+	VMID        string
+	RequestedBy string
 	// Limit is the page size; 0 means the server's default.
 	Limit int
 	// Cursor continues after the page that returned it.
@@ -27,7 +29,7 @@ type ListOptions struct {
 func (o ListOptions) query() url.Values {
 	q := url.Values{}
 	for k, v := range map[string]string{"type": string(o.Type), "status": string(o.Status),
-		"volume_id": o.VolumeID, "vm_id": o.VMID, "cursor": o.Cursor} {
+		"volume_id": o.VolumeID, "vm_id": o.VMID, "requested_by": o.RequestedBy, "cursor": o.Cursor} {
 		if v != "" {
 			q.Set(k, v)
 		}

@@ -82,7 +82,7 @@ type VolumeRequest struct {
 	VolumeID string `json:"volume_id"`
 	// Force detaches or deletes a volume whose device is in use (mounted,
 	// held, open, or its NBD export with clients): the export's clients
-	// are cut. Detach and delete only.
+	// are cut. Detach and delete only (an unexport always cuts them).
 	Force bool `json:"force,omitempty"`
 }
 

@@ -62,6 +62,7 @@ type Config struct {
 type Engine struct {
 	cfg   Config
 	kinds map[commands.OpType]Kind
+	order []Kind
 }
 
 // New returns an Engine running kinds, one per type; a second kind of a
@@ -73,6 +74,7 @@ func New(cfg Config, kinds ...Kind) *Engine {
 			panic("engine: two kinds of type " + string(k.Type()))
 		}
 		e.kinds[k.Type()] = k
+		e.order = append(e.order, k)
 	}
 	return e
 }

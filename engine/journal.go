@@ -53,9 +53,6 @@ func NewJournal(op *commands.Operation, ops state.Operations, pub Publisher, tim
 	return &Journal{Op: op, ops: ops, pub: pub, timing: timing, log: log}
 }
 
-// Log is the operation's logger.
-func (j *Journal) Log() *slog.Logger { return j.log }
-
 // Save records the operation by compare-and-swap on the revision it was
 // read or last saved at, and publishes its new state. It fails with
 // ErrStopped when the store cannot be written, and with ErrLost when the

@@ -11,9 +11,8 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
-	"github.com/volumed/volumed/hostwork"
 	"github.com/volumed/volumed/internal/backoff"
+	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -59,102 +58,17 @@ func operationID(key string) string {
 	return OperationIDForKey(key)
 }
 
-func (s *Service) acceptCreate(ctx context.Context, data []byte, key string) (any, error) {
-	req, err := commands.DecodeCreate(data)
-	if err != nil {
-		return nil, err
-	}
-	return s.accept(ctx, key, commands.OpCreate, "", nil, req, func(ctx context.Context) error {
-		return s.checkCreate(ctx, req)
-	})
-}
-
-func (s *Service) acceptAttach(ctx context.Context, data []byte, key string, root bool) (any, error) {
-	req, err := commands.DecodeAttach(data, root)
-	if err != nil {
-		return nil, err
-	}
-	vm := req.VMID
-	return s.accept(ctx, key, commands.OpAttach, req.VolumeID, &vm, req, func(ctx context.Context) error {
-		if s.inventory.vms.lookup(ctx, s.ctx, &s.wg, req.VMID) == absent {
-			return vmNotFound(req.VMID)
-		}
-		return s.checkVolume(ctx, req.VolumeID)
-	})
-}
-
-func (s *Service) acceptVolume(ctx context.Context, data []byte, key string, typ commands.OpType) (any, error) {
-	req, err := commands.DecodeVolume(data)
-	if err != nil {
-		return nil, err
-	}
-	return s.accept(ctx, key, typ, req.VolumeID, nil, req, func(ctx context.Context) error {
-		return s.checkVolume(ctx, req.VolumeID)
-	})
-}
-
-// checkCreate answers 422 CLOUDSTACK_ERROR, as CloudStack's createVolume
-// would, for a snapshot, disk offering or zone CloudStack does not list
-// (the snapshot first, then the offering, as CloudStack checks them).
-func (s *Service) checkCreate(ctx context.Context, req commands.CreateRequest) error {
-	if req.SnapshotID != "" {
-		_, err := s.cfg.CloudStack.GetSnapshot(ctx, req.SnapshotID)
-		switch {
-		case errors.Is(err, csapi.ErrNotFound):
-			return unknownParameter("createVolume", "volume creation", "snapshotid", req.SnapshotID)
-		case err != nil && !csapi.IsRetryable(err) && ctx.Err() == nil:
-			return engine.CloudStackError(err)
-		}
-	}
-	for _, p := range []struct {
-		set       *entitySet
-		param, id string
-	}{{s.inventory.offerings, "diskofferingid", req.DiskOfferingID}, {s.inventory.zones, "zoneid", req.ZoneID}} {
-		if p.id == "" {
-			continue // a create from a snapshot takes the snapshot's
-		}
-		if p.set.lookup(ctx, s.ctx, &s.wg, p.id) == absent {
-			return unknownParameter("createVolume", "volume creation", p.param, p.id)
-		}
-	}
-	return nil
-}
-
-// unknownParameter is CloudStack's answer to an id that names nothing:
-// HTTP 431 with its invalid-parameter text, as a 422 CLOUDSTACK_ERROR.
-func unknownParameter(command, what, param, value string) error {
-	return commands.CloudStack("CloudStack %s failed: Invalid parameter %s", what, param).
-		WithDetail("cloudstack_error_code", csapi.CodeParamError).
-		WithDetail("cloudstack_message", csapi.InvalidParameterText(command, param, value))
-}
-
-// checkVolume answers 404 for a volume CloudStack does not know. When
-// CloudStack does not answer within ctx, or cannot be reached, the command
-// is accepted all the same: the queue retries it.
-func (s *Service) checkVolume(ctx context.Context, volumeID string) error {
-	_, err := s.cfg.CloudStack.GetVolume(ctx, volumeID)
-	switch {
-	case err == nil || csapi.IsRetryable(err) || ctx.Err() != nil:
-		return nil
-	case errors.Is(err, csapi.ErrNotFound):
-		return engine.VolumeNotFound(volumeID)
-	default:
-		return engine.CloudStackError(err)
-	}
-}
-
 // accept runs a command's acceptance: an operation already recorded
 // under the Idempotency-Key answers again; else the pre-checks (their own
 // budget), the record (the write that decides the answer), its first
 // event (not waited for) and its job. A job that cannot be queued undoes the record and
 // answers 503; if the undo fails, the record stands and the answer is
 // 201 (the queue's sweep queues it).
-func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, volumeID string, vmID *string, req any,
-	check func(ctx context.Context) error) (any, error) {
+func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, cmd engine.Command) (any, error) {
 	if err := commands.ValidateIdempotencyKey(key); err != nil {
 		return nil, err
 	}
-	raw, err := json.Marshal(req)
+	raw, err := json.Marshal(cmd.Request)
 	if err != nil {
 		return nil, commands.Internal("encode request: %v", err)
 	}
@@ -168,16 +82,18 @@ func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, v
 			return nil, state.APIError(err)
 		}
 	}
-	checkCtx, cancel := context.WithTimeout(ctx, s.cfg.CheckTimeout)
-	err = check(checkCtx)
-	cancel()
-	if err != nil {
-		return nil, err
+	if cmd.Check != nil {
+		checkCtx, cancel := context.WithTimeout(ctx, s.cfg.CheckTimeout)
+		err = cmd.Check(ctx, checkCtx)
+		cancel()
+		if err != nil {
+			return nil, err
+		}
 	}
 	now := time.Now().UTC()
 	op := commands.Operation{
 		ID: id, Type: typ, Status: commands.StatusPending,
-		VolumeID: volumeID, VMID: vmID, Request: raw, CreatedAt: now, UpdatedAt: now,
+		VolumeID: cmd.VolumeID, VMID: cmd.VMID, Request: raw, CreatedAt: now, UpdatedAt: now,
 		RequestedBy: commands.Requester(ctx),
 	}
 	rec, err := s.record(ctx, op)
@@ -335,60 +251,13 @@ func (s *Service) forget(op commands.Operation) {
 	}()
 }
 
-// vmNotFound is the 404 for a VM CloudStack does not know.
-func vmNotFound(vmID string) *commands.Error {
-	return commands.NotFound("VM %s not found in CloudStack", vmID).WithDetail("vm_id", vmID)
-}
+// catalog answers the kinds' pre-checks from the inventory's cache, whose
+// refreshes run under the service's context.
+type catalog struct{ s *Service }
 
-func (s *Service) acceptExport(ctx context.Context, data []byte, key string) (any, error) {
-	req, err := commands.DecodeExport(data)
-	if err != nil {
-		return nil, err
-	}
-	var vm string // the VM whose instance serves the export, once checked
-	return s.accept(ctx, key, commands.OpExport, req.VolumeID, &vm, req, func(checkCtx context.Context) error {
-		// CloudStack within the check budget; the store and the host
-		// within the command's own.
-		if err := s.checkVolume(checkCtx, req.VolumeID); err != nil {
-			return err
-		}
-		e, err := s.host.ExportFor(ctx, req.VolumeID)
-		if err != nil {
-			return err
-		}
-		if err := s.host.Ping(ctx, e.VMID); err != nil {
-			return err
-		}
-		vm = e.VMID
-		return nil
-	})
-}
+var _ kinds.Catalog = catalog{}
 
-func (s *Service) acceptUnexport(ctx context.Context, data []byte, key string) (any, error) {
-	req, err := commands.DecodeVolume(data)
-	if err != nil {
-		return nil, err
-	}
-	if req.Force {
-		return nil, commands.Invalid("force", "force applies to detach and delete only").WithDetail("provided_value", true)
-	}
-	vm := s.cfg.VMID
-	e, err := s.cfg.Store.GetExport(ctx, req.VolumeID)
-	switch {
-	case errors.Is(err, state.ErrNotFound):
-		if !s.host.Serving() {
-			return nil, hostwork.ExportsOff()
-		}
-	case err != nil:
-		return nil, state.APIError(err)
-	default:
-		vm = e.VMID
-	}
-	recorded := err == nil
-	return s.accept(ctx, key, commands.OpUnexport, req.VolumeID, &vm, req, func(ctx context.Context) error {
-		if recorded {
-			return nil
-		}
-		return s.checkVolume(ctx, req.VolumeID)
-	})
+func (c catalog) Unlisted(ctx context.Context, list kinds.List, id string) bool {
+	set := map[kinds.List]*entitySet{kinds.Zones: c.s.inventory.zones, kinds.Offerings: c.s.inventory.offerings, kinds.VMs: c.s.inventory.vms}[list]
+	return set.lookup(ctx, c.s.ctx, &c.s.wg, id) == absent
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/engine"
 )
 
 // DefaultAcceptConcurrency bounds the commands accepted at once.
@@ -35,34 +36,29 @@ type endpoint struct {
 	run     func(ctx context.Context, data []byte, key string) (any, error)
 }
 
+// endpoints are the commands of the registered kinds, each on its
+// subjects, and the force-sync.
 func (s *Service) endpoints() []endpoint {
-	accept := func(name, subject string, run func(ctx context.Context, data []byte, key string) (any, error)) endpoint {
-		return endpoint{name: name, subject: subject, status: http.StatusCreated, timeout: commands.AcceptTimeout, run: run}
+	var eps []endpoint
+	for _, k := range s.engine.Kinds() {
+		a, ok := k.(engine.Accepter)
+		if !ok {
+			continue
+		}
+		for _, e := range a.Endpoints() {
+			typ, subject := k.Type(), e.Subject
+			eps = append(eps, endpoint{name: e.Name, subject: subject, status: http.StatusCreated, timeout: commands.AcceptTimeout,
+				run: func(ctx context.Context, data []byte, key string) (any, error) {
+					cmd, err := a.Decode(ctx, subject, data)
+					if err != nil {
+						return nil, err
+					}
+					return s.accept(ctx, key, typ, cmd)
+				}})
+		}
 	}
-	return []endpoint{
-		accept("create", commands.SubjectCreate, s.acceptCreate),
-		accept("attach", commands.SubjectAttach, func(ctx context.Context, d []byte, key string) (any, error) {
-			return s.acceptAttach(ctx, d, key, false)
-		}),
-		accept("attach-root", commands.SubjectAttachRoot, func(ctx context.Context, d []byte, key string) (any, error) {
-			return s.acceptAttach(ctx, d, key, true)
-		}),
-		accept("detach", commands.SubjectDetach, func(ctx context.Context, d []byte, key string) (any, error) {
-			return s.acceptVolume(ctx, d, key, commands.OpDetach)
-		}),
-		accept("delete", commands.SubjectDelete, func(ctx context.Context, d []byte, key string) (any, error) {
-			return s.acceptVolume(ctx, d, key, commands.OpDelete)
-		}),
-		accept("export", commands.SubjectExport, s.acceptExport),
-		accept("unexport", commands.SubjectUnexport, s.acceptUnexport),
-		accept("snapshot", commands.SubjectSnapshot, s.acceptSnapshot),
-		accept("delete_snapshot", commands.SubjectDeleteSnapshot, s.acceptDeleteSnapshot),
-		accept("revert", commands.SubjectRevert, s.acceptRevert),
-		accept("resize", commands.SubjectResize, s.acceptResize),
-		accept("tags", commands.SubjectTags, s.acceptTags),
-		{name: "force-sync", subject: commands.SubjectForceSync, status: http.StatusOK, timeout: commands.ForceSyncTimeout,
-			run: func(ctx context.Context, _ []byte, _ string) (any, error) { return s.Reconcile(ctx) }},
-	}
+	return append(eps, endpoint{name: "force-sync", subject: commands.SubjectForceSync, status: http.StatusOK, timeout: commands.ForceSyncTimeout,
+		run: func(ctx context.Context, _ []byte, _ string) (any, error) { return s.Reconcile(ctx) }})
 }
 
 // acceptStats are the command service's own counters, shown in the
@@ -169,9 +165,10 @@ func (s *Service) serve(ep endpoint) micro.Handler {
 
 // natsRequester names who asked for a command that came on NATS: the one
 // place the NATS edge derives the operation's requested_by from the
-// request. It names no one until the API document lists requested_by
-// (an operation's fields are validated against it).
-func natsRequester(micro.Request) string { return "" }
+// request. The server's authorization names the sender, never what the
+// request carries: only the operator role may publish a command
+// (bus.CommandRequester).
+func natsRequester(micro.Request) string { return bus.CommandRequester }
 
 // Command runs the command of subject in this process, admitted and
 // bounded exactly as its NATS endpoint is, and returns its answer: the
@@ -183,12 +180,14 @@ func (s *Service) Command(ctx context.Context, subject string, data []byte, key 
 	if !ok {
 		return s.answer(endpoint{subject: subject}, nil, commands.Internal("no command on subject %s", subject))
 	}
+	who := commands.Requester(ctx)
 	ctx, done, err := s.admit(ctx, ep)
 	if err != nil {
 		return s.answer(ep, nil, err)
 	}
 	defer done()
-	result, err := ep.run(ctx, data, key)
+	// admit detaches an accepted command from ctx, values and all.
+	result, err := ep.run(commands.WithRequester(ctx, who), data, key)
 	return s.answer(ep, result, err)
 }
 

@@ -212,16 +212,12 @@ func New(cfg Config) *Service {
 		cfg.Logger = slog.Default()
 	}
 	s := &Service{
-		cfg:    cfg,
-		log:    cfg.Logger.With("component", "handlers"),
-		leases: &state.Leaser{Store: cfg.Store, Holder: state.Holder(), Log: cfg.Logger.With("component", "handlers")},
-		sem:    make(chan struct{}, cfg.MaxConcurrent),
+		cfg: cfg,
+		log: cfg.Logger.With("component", "handlers"),
+		sem: make(chan struct{}, cfg.MaxConcurrent),
 	}
+	s.leases = &state.Leaser{Store: cfg.Store, Holder: state.Holder(), Log: s.log}
 	s.acceptSlots = make(chan struct{}, cfg.AcceptConcurrency)
-	s.bySubject = map[string]endpoint{}
-	for _, ep := range s.endpoints() {
-		s.bySubject[ep.subject] = ep
-	}
 	s.inventory = newInventory(cfg.CloudStack, s.log)
 	s.host = hostwork.New(hostwork.Config{Conn: cfg.Conn, Store: cfg.Store, VMID: cfg.VMID, Exporter: cfg.Exporter,
 		AutoExport: cfg.AutoExport, QueueGroup: QueueGroup, Logger: s.log})
@@ -237,8 +233,12 @@ func New(cfg Config) *Service {
 		Timing: engine.Timing{StepTimeout: cfg.StepTimeout, SettleTimeout: cfg.SettleTimeout,
 			Retry: backoff.Policy{Min: cfg.RetryMin, Max: cfg.RetryMax}}},
 		kinds.All(kinds.Deps{CloudStack: cfg.CloudStack, Operations: cfg.Store, Mappings: s.mappings, Release: s.release,
-			Devices: devices, Sizes: sizes, Exports: s.host, Log: s.log})...)
+			Devices: devices, Sizes: sizes, Exports: s.host, Catalog: catalog{s}, Log: s.log})...)
 	s.rec = &reconciler{cfg: cfg, log: s.log, mappings: s.mappings, release: s.release, pub: s, kind: s.engine.Kind}
+	s.bySubject = map[string]endpoint{}
+	for _, ep := range s.endpoints() {
+		s.bySubject[ep.subject] = ep
+	}
 	return s
 }
 

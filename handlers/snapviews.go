@@ -12,8 +12,9 @@ import (
 	"github.com/volumed/volumed/handlers/csapi"
 )
 
-// Volumes lists the volumes f selects, ordered by id, a page at a time:
-// next is the cursor of the next page, "" after the last.
+// Volumes lists the volumes f selects, ordered by id, a page at a time,
+// each as GET /volumes/{id} shows it: next is the cursor of the next page,
+// "" after the last.
 func (s *Service) Volumes(ctx context.Context, f commands.VolumeFilter) (rows []commands.VolumeStatus, next string, err error) {
 	vols, err := s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: f.VMID, Name: f.Name, Tags: f.Tags})
 	if err != nil {
@@ -31,11 +32,10 @@ func (s *Service) Volumes(ctx context.Context, f commands.VolumeFilter) (rows []
 	}
 	rows = make([]commands.VolumeStatus, 0, len(vols))
 	for _, v := range vols {
-		row, err := volumeRow(ctx, s.cfg.Store, s.cfg.Devices, v)
+		row, err := s.volumeStatus(ctx, v)
 		if err != nil {
 			return nil, "", err
 		}
-		row.LinuxData = nil // a list row, as GET /vms/{id}/volumes shows it
 		rows = append(rows, row)
 	}
 	return rows, next, nil

@@ -8,6 +8,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -24,6 +25,11 @@ func (s *Service) VolumeStatus(ctx context.Context, volumeID string) (commands.V
 		}
 		return commands.VolumeStatus{}, engine.CloudStackError(err)
 	}
+	return s.volumeStatus(ctx, vol)
+}
+
+// volumeStatus is the whole VolumeStatus of a volume CloudStack listed.
+func (s *Service) volumeStatus(ctx context.Context, vol csapi.Volume) (commands.VolumeStatus, error) {
 	st, err := volumeRow(ctx, s.cfg.Store, s.cfg.Devices, vol)
 	if err != nil {
 		return st, err
@@ -77,7 +83,7 @@ func controller(devices DeviceCorrelator, m commands.Mapping) string {
 func (s *Service) VMVolumes(ctx context.Context, vmID string) ([]commands.VolumeStatus, error) {
 	if _, err := s.cfg.CloudStack.GetVM(ctx, vmID); err != nil {
 		if errors.Is(err, csapi.ErrNotFound) {
-			return nil, vmNotFound(vmID)
+			return nil, kinds.VMNotFound(vmID)
 		}
 		return nil, engine.CloudStackError(err)
 	}

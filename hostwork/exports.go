@@ -101,12 +101,6 @@ func (x NBDExporter) Clients() map[string]int {
 	return out
 }
 
-// ExportsOff is the answer to every export command and read when volumed
-// runs without an NBD server.
-func ExportsOff() *commands.Error {
-	return commands.Unavailable("the NBD server is off (--nbd-listen is empty)")
-}
-
 // exportable returns the export a mapping allows: only a volume whose
 // device was found on the VM it is attached to; the volumed serving that
 // VM serves the export. why says what is missing otherwise.
@@ -433,7 +427,7 @@ func (h *Host) autoExportHere(ctx context.Context, m commands.Mapping) {
 // when the NBD server is off.
 func (h *Host) Exports(ctx context.Context) ([]commands.Export, error) {
 	if h.cfg.Exporter == nil {
-		return nil, ExportsOff()
+		return nil, engine.ExportsOff()
 	}
 	recs, err := h.exportsOf(ctx, h.cfg.VMID)
 	if err != nil {
@@ -450,7 +444,7 @@ func (h *Host) Exports(ctx context.Context) ([]commands.Export, error) {
 // when the volume is not exported here.
 func (h *Host) Export(ctx context.Context, volumeID string) (commands.Export, error) {
 	if h.cfg.Exporter == nil {
-		return commands.Export{}, ExportsOff()
+		return commands.Export{}, engine.ExportsOff()
 	}
 	e, err := h.cfg.Store.GetExport(ctx, volumeID)
 	if errors.Is(err, state.ErrNotFound) || (err == nil && e.VMID != h.cfg.VMID) {

@@ -111,3 +111,11 @@ func (h *Host) Ping(ctx context.Context, vmID string) error {
 
 // Serving reports whether this instance runs an NBD server.
 func (h *Host) Serving() bool { return h.cfg.Exporter != nil }
+
+// VMID is the VM this host is.
+func (h *Host) VMID() string { return h.cfg.VMID }
+
+// Record returns a volume's export record.
+func (h *Host) Record(ctx context.Context, volumeID string) (commands.Export, error) {
+	return h.cfg.Store.GetExport(ctx, volumeID)
+}

@@ -38,38 +38,47 @@ func (s *Server) guard(next http.Handler) http.Handler {
 			return
 		}
 		if !openRoutes[r.URL.Path] {
-			if err := s.authenticate(r); err != nil {
+			name, err := s.authenticate(r)
+			if err != nil {
 				if err.Status == http.StatusUnauthorized {
 					w.Header().Set("WWW-Authenticate", `Bearer realm="volumed"`)
 				}
 				writeError(w, err)
 				return
 			}
+			r = r.WithContext(commands.WithRequester(r.Context(), requester(r, name)))
 		}
 		next.ServeHTTP(w, r)
 	})
 }
 
-// authenticate checks the request's bearer token.
-func (s *Server) authenticate(r *http.Request) *commands.Error {
+// authenticate checks the request's bearer token and returns its name,
+// "" for a request without one on loopback.
+func (s *Server) authenticate(r *http.Request) (string, *commands.Error) {
 	h := r.Header.Get("Authorization")
 	if h == "" {
 		switch {
 		case s.requireToken:
-			return commands.Unauthorized("an API token is required: Authorization: Bearer <token>")
+			return "", commands.Unauthorized("an API token is required: Authorization: Bearer <token>")
 		case !loopbackHost(r.Host):
-			return commands.Forbidden("Host %q is not a loopback name: send the API token", commands.Shown(r.Host, 80))
+			return "", commands.Forbidden("Host %q is not a loopback name: send the API token", commands.Shown(r.Host, 80))
 		}
-		return nil
+		return "", nil
 	}
 	scheme, token, ok := strings.Cut(h, " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
-		return commands.Unauthorized("the Authorization header must be Bearer <token>")
+		return "", commands.Unauthorized("the Authorization header must be Bearer <token>")
 	}
-	if s.cfg.Token == "" || !tokenEqual(strings.TrimSpace(token), s.cfg.Token) {
-		return commands.Unauthorized("the API token is wrong")
+	token = strings.TrimSpace(token)
+	if s.cfg.Token != "" && tokenEqual(token, s.cfg.Token) {
+		return DefaultTokenName, nil
 	}
-	return nil
+	if s.cfg.Tokens != nil {
+		if name, ok := s.cfg.Tokens.Lookup(token); ok {
+			return name, nil
+		}
+	}
+	return "", commands.Unauthorized("the API token is wrong")
 }
 
 // tokenEqual compares two tokens in constant time (their hashes, so the

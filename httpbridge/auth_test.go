@@ -31,7 +31,7 @@ func (h *harness) send(t *testing.T, method, path string, headers map[string]str
 		}
 		req.Header.Set(k, v)
 	}
-	resp, body := h.v.Do(t, nil, req)
+	resp, body := h.v.Do(t, h.client, req)
 	var e struct {
 		Code string `json:"code"`
 	}
@@ -49,7 +49,7 @@ func (h *harness) operations(t *testing.T) int {
 	t.Helper()
 	req := apitest.NewRequest(t, "GET", h.base+"/operations", "")
 	req.Header.Set("Authorization", "Bearer "+testToken)
-	resp, body := h.v.Do(t, nil, req)
+	resp, body := h.v.Do(t, h.client, req)
 	var ops []json.RawMessage
 	if resp.StatusCode != 200 || json.Unmarshal(body, &ops) != nil {
 		t.Fatalf("list operations: %d %s", resp.StatusCode, body)
@@ -62,7 +62,7 @@ func bearer(token string) map[string]string {
 }
 
 func TestTokenRequiredOffLoopback(t *testing.T) {
-	h := newHarness(t, options{listen: "0.0.0.0:0", token: testToken})
+	h := newHarness(t, options{listen: "0.0.0.0:0", token: testToken, tls: true})
 	tests := []struct {
 		name         string
 		method, path string

@@ -53,3 +53,39 @@ func BenchmarkGetOperation(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkGetOperationTLS measures GET /operations/{id} over plain HTTP
+// and over HTTPS (HTTP/2 on one kept connection, and a new TLS connection
+// per request: a full handshake each).
+func BenchmarkGetOperationTLS(b *testing.B) {
+	for _, tc := range []struct {
+		name      string
+		tls, keep bool
+	}{{"http", false, true}, {"https-kept", true, true}, {"https-new-connection", true, false}} {
+		b.Run(tc.name, func(b *testing.B) {
+			h := newHarness(b, options{tls: tc.tls})
+			h.seedOperation(b, opAttach, commands.OpAttach, commands.StatusCompleted, vol1, vm1, 31)
+			client := h.client
+			if client == nil {
+				client = &http.Client{}
+			}
+			if !tc.keep {
+				tr := client.Transport.(*http.Transport).Clone()
+				tr.DisableKeepAlives = true
+				client = &http.Client{Transport: tr}
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				resp, err := client.Get(h.base + "/operations/" + opAttach)
+				if err != nil {
+					b.Fatal(err)
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					b.Fatalf("status %d", resp.StatusCode)
+				}
+			}
+		})
+	}
+}

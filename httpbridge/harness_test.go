@@ -2,6 +2,7 @@ package httpbridge_test
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -47,6 +48,8 @@ type harness struct {
 	srv      *httpbridge.Server
 	base     string
 	v        *apitest.Validator
+	// client sends the requests; nil is http.DefaultClient.
+	client *http.Client
 }
 
 // options of newHarness.
@@ -56,6 +59,9 @@ type options struct {
 	conn    *nats.Conn // the bridge's connection; default the bus's
 	listen  string     // default 127.0.0.1:0
 	token   string
+	tokens  *httpbridge.Tokens
+	// tls serves HTTPS with a certificate of a CA of the test's own.
+	tls bool
 	// HTTP server timeouts; default the bridge's.
 	readHeaderTimeout, readTimeout, idleTimeout time.Duration
 }
@@ -86,8 +92,15 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 	if o.listen == "" {
 		o.listen = "127.0.0.1:0"
 	}
+	var serverTLS *tls.Config
+	scheme := "http"
+	if o.tls {
+		trust := testTrust(t)
+		serverTLS, scheme = trust.Server(), "https"
+		h.client = &http.Client{Transport: &http.Transport{TLSClientConfig: trust.Client(), ForceAttemptHTTP2: true}}
+	}
 	h.srv = httpbridge.New(httpbridge.Config{Listen: o.listen, Conn: conn, Commands: h.commands, Store: h.store,
-		Backend: h.backend, VMID: vm1, MaxWait: o.maxWait,
+		Backend: h.backend, VMID: vm1, MaxWait: o.maxWait, TLS: serverTLS, Tokens: o.tokens,
 		Token: o.token, ReadHeaderTimeout: o.readHeaderTimeout, ReadTimeout: o.readTimeout, IdleTimeout: o.idleTimeout,
 		Logger: testLogger(t)})
 	if err := h.srv.Start(ctx); err != nil {
@@ -101,7 +114,7 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 		}
 	})
 	_, port, _ := net.SplitHostPort(h.srv.Addr())
-	h.base = "http://127.0.0.1:" + port + httpbridge.BasePath
+	h.base = scheme + "://127.0.0.1:" + port + httpbridge.BasePath
 	return h
 }
 
@@ -122,7 +135,7 @@ func baseConfig(t testing.TB) httpbridge.Config {
 // do sends one request, validated against the OpenAPI document.
 func (h *harness) do(t testing.TB, method, path, body string) (*http.Response, []byte) {
 	t.Helper()
-	return h.v.Do(t, nil, apitest.NewRequest(t, method, h.base+path, body))
+	return h.v.Do(t, h.client, apitest.NewRequest(t, method, h.base+path, body))
 }
 
 // seedOperation records an operation created at the given offset from a
@@ -189,8 +202,10 @@ func readTestdata(t testing.TB, name string) string {
 type testCommands struct {
 	store state.Store
 	mu    sync.Mutex
-	fixed *commands.Answer
-	keys  chan string
+	// requesters are the requested_by of the commands, in order.
+	requesters []string
+	fixed      *commands.Answer
+	keys       chan string
 }
 
 var _ httpbridge.Commands = (*testCommands)(nil)
@@ -205,6 +220,7 @@ func (c *testCommands) answerAll(a commands.Answer, keys chan string) {
 func (c *testCommands) Command(ctx context.Context, subject string, data []byte, key string) commands.Answer {
 	c.mu.Lock()
 	fixed, keys := c.fixed, c.keys
+	c.requesters = append(c.requesters, commands.Requester(ctx))
 	c.mu.Unlock()
 	if fixed != nil {
 		keys <- key
@@ -401,7 +417,6 @@ func (b *testBackend) Volumes(_ context.Context, f commands.VolumeFilter) ([]com
 			match = match && v.Tags[k] == want
 		}
 		if match {
-			v.CloudStackData, v.LinuxData = nil, nil
 			out = append(out, v)
 		}
 	}

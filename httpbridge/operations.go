@@ -130,6 +130,9 @@ func (s *Server) listOperations(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, rows)
 }
 
+// maxRequestedBy bounds the requested_by filter.
+const maxRequestedBy = 256
+
 // parseFilter validates the query of GET /operations.
 func parseFilter(r *http.Request) (state.Filter, error) {
 	q := r.URL.Query()
@@ -154,6 +157,13 @@ func parseFilter(r *http.Request) (state.Filter, error) {
 		if f.VMID, err = commands.NormalizeVMID(v); err != nil {
 			return f, err
 		}
+	}
+	if v := q.Get("requested_by"); v != "" {
+		if len(v) > maxRequestedBy {
+			return f, commands.Invalid("requested_by", "requested_by must have at most %d characters", maxRequestedBy).
+				WithDetail("provided_value", commands.Shown(v, 40))
+		}
+		f.RequestedBy = v
 	}
 	f.Limit = commands.DefaultListLimit
 	if q.Has("limit") {

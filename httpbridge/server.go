@@ -2,6 +2,7 @@ package httpbridge
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -58,10 +59,16 @@ type Config struct {
 	QueryTimeout time.Duration
 	// MaxWait caps the ?wait of GET /operations/{id}; default DefaultMaxWait.
 	MaxWait time.Duration
-	// Token is the API bearer token. Off loopback it is required on every
-	// route but /health and /openapi.json, and Start refuses to listen
-	// off loopback without one; on loopback a request may omit it.
+	// Token is the API bearer token, named DefaultTokenName. Off loopback
+	// a token is required on every route but /health and /openapi.json,
+	// and Start refuses to listen off loopback without one; on loopback a
+	// request may omit it.
 	Token string
+	// Tokens are named tokens besides Token, replaced whole on a reload.
+	Tokens *Tokens
+	// TLS serves HTTPS when set (its certificate callbacks give the
+	// current certificate). Off loopback Start refuses to serve without.
+	TLS *tls.Config
 	// ReadHeaderTimeout, ReadTimeout and IdleTimeout of the HTTP server;
 	// defaults DefaultReadHeaderTimeout, DefaultReadTimeout and
 	// DefaultIdleTimeout. The write timeout is the longest answer
@@ -134,8 +141,11 @@ func (s *Server) Start(ctx context.Context) error {
 		return errors.New("httpbridge: closed")
 	default:
 	}
-	if err := CheckToken(s.cfg.Token); s.requireToken && err != nil {
+	if err := CheckToken(s.cfg.Token); s.requireToken && err != nil && (s.cfg.Tokens == nil || s.cfg.Tokens.Len() == 0) {
 		return fmt.Errorf("httpbridge: refusing to listen on %s, off loopback: %w", s.cfg.Listen, err)
+	}
+	if s.requireToken && s.cfg.TLS == nil {
+		return fmt.Errorf("httpbridge: refusing to listen on %s, off loopback: %w", s.cfg.Listen, ErrPlainOffLoopback)
 	}
 	if s.cfg.Conn == nil || s.cfg.Commands == nil || s.cfg.Store == nil || s.cfg.Backend == nil {
 		return errors.New("httpbridge: Conn, Commands, Store and Backend are required")
@@ -157,12 +167,33 @@ func (s *Server) Start(ctx context.Context) error {
 	s.served = make(chan struct{})
 	go func() {
 		defer close(s.served)
-		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		serve := s.srv.Serve
+		if s.cfg.TLS != nil {
+			// ServeTLS offers HTTP/2; a plain request gets a 400.
+			s.srv.TLSConfig = s.cfg.TLS
+			serve = func(ln net.Listener) error { return s.srv.ServeTLS(ln, "", "") }
+		}
+		if err := serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.log.Error("serve failed", "err", err)
 		}
 	}()
-	s.log.Info("listening", "addr", ln.Addr().String(), "token_required", s.requireToken)
+	s.log.Info("listening", "addr", ln.Addr().String(), "token_required", s.requireToken, "https", s.cfg.TLS != nil)
 	return nil
+}
+
+// ErrPlainOffLoopback is Start's refusal to serve plain HTTP off loopback.
+var ErrPlainOffLoopback = errors.New("plain HTTP is refused off loopback: serve HTTPS (Config.TLS)")
+
+// URL is the API's base URL once started (http or https), "" before.
+func (s *Server) URL() string {
+	addr := s.Addr()
+	if addr == "" {
+		return ""
+	}
+	if s.cfg.TLS != nil {
+		return "https://" + addr + BasePath
+	}
+	return "http://" + addr + BasePath
 }
 
 // Addr is the bound address once started, "" before.

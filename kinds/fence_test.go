@@ -130,6 +130,16 @@ func (x storeExports) PutExport(context.Context, engine.Fence, commands.Export) 
 
 func (x storeExports) AutoExport(context.Context, commands.Mapping) {}
 
+func (x storeExports) Record(ctx context.Context, volumeID string) (commands.Export, error) {
+	return x.store.GetExport(ctx, volumeID)
+}
+
+func (x storeExports) Ping(context.Context, string) error { return errors.New("not in this test") }
+
+func (x storeExports) Serving() bool { return false }
+
+func (x storeExports) VMID() string { return "" }
+
 // lockedBuffer is a log sink safe for concurrent writers.
 type lockedBuffer struct {
 	mu sync.Mutex

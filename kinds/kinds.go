@@ -61,6 +61,14 @@ type Exports interface {
 	// AutoExport has the volumed serving m's VM export it, read-only, when
 	// that host's --nbd-auto-export asks for it.
 	AutoExport(ctx context.Context, m commands.Mapping)
+	// Record returns a volume's export record.
+	Record(ctx context.Context, volumeID string) (commands.Export, error)
+	// Ping checks that a volumed with an NBD server serves vmID.
+	Ping(ctx context.Context, vmID string) error
+	// Serving reports whether this instance runs an NBD server, and VMID
+	// is the VM it is.
+	Serving() bool
+	VMID() string
 }
 
 // Deps are what the kinds work with.
@@ -79,6 +87,8 @@ type Deps struct {
 	Sizes DeviceSizes
 	// Exports is the host work.
 	Exports Exports
+	// Catalog answers the pre-checks from CloudStack's cached lists.
+	Catalog Catalog
 	// Log receives the kinds' logs.
 	Log *slog.Logger
 }

@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -37,7 +39,11 @@ func newWorld(t *testing.T) *world {
 		Timing: engine.Timing{StepTimeout: 5 * time.Second, SettleTimeout: 50 * time.Millisecond,
 			Retry: backoff.Policy{Min: time.Millisecond, Max: time.Millisecond}}},
 		kinds.All(kinds.Deps{CloudStack: w.cloud, Operations: w.store, Mappings: writer, Release: rel,
-			Exports: exports, Log: log})...)
+			Exports: exports, Log: log, Catalog: listed{
+				kinds.Zones:     {csfake.ZoneID},
+				kinds.Offerings: {csfake.CustomOfferingID, csfake.FixedOfferingID},
+				kinds.VMs:       {csfake.VMID, csfake.StoppedVMID},
+			}})...)
 	return w
 }
 
@@ -109,13 +115,16 @@ func (w *world) releaseWhenPolled(jobs ...string) {
 	}()
 }
 
+// opSeq numbers the operations the tests record.
+var opSeq atomic.Int64
+
 // resumed records an operation as an earlier attempt left it: its step
 // and job (none for a fresh operation).
 func (w *world) resumed(typ commands.OpType, volID string, vmID *string, req any, step, jobID string) string {
 	w.t.Helper()
 	raw, _ := json.Marshal(req)
 	now := time.Now().UTC()
-	op := commands.Operation{ID: "op-" + string(typ), Type: typ, Status: commands.StatusPending, VolumeID: volID, VMID: vmID,
+	op := commands.Operation{ID: fmt.Sprintf("op-%s-%d", typ, opSeq.Add(1)), Type: typ, Status: commands.StatusPending, VolumeID: volID, VMID: vmID,
 		Request: raw, CreatedAt: now, UpdatedAt: now}
 	rec, err := w.store.CreateOperation(context.Background(), op)
 	if err != nil {

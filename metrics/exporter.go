@@ -1,3 +1,10 @@
+// Package metrics is volumed's Prometheus exposition (GET /metrics, outside
+// /api/v1). Most values are read at scrape time from what the components
+// already keep (the store, the JetStream consumers, the NBD server's
+// counters) or counted from the operation events on the bus; the two
+// measurements nothing else keeps, CloudStack call latency and correlation
+// latency, are one-line hooks (package metrics/hooks) whose vectors every
+// Registry registers.
 package metrics
 
 import (
@@ -18,8 +25,12 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/metrics/hooks"
 	"github.com/volumed/volumed/nbd"
 )
+
+// Namespace prefixes every metric name.
+const Namespace = hooks.Namespace
 
 // scrapeTimeout bounds the reads one scrape makes.
 const scrapeTimeout = 5 * time.Second
@@ -83,7 +94,7 @@ func New(cfg Config) (*Exporter, error) {
 		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: Namespace, Name: "operation_duration_seconds",
 			Help:    "Time from acceptance to the terminal status, by operation type.",
-			Buckets: waitBuckets,
+			Buckets: hooks.WaitBuckets,
 		}, []string{"type"}),
 	}
 	for _, t := range commands.OpTypes {
@@ -92,7 +103,7 @@ func New(cfg Config) (*Exporter, error) {
 		}
 	}
 	cs := append([]prometheus.Collector{e.ops, e.duration, scrape{e},
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})}, hooks...)
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})}, hooks.Collectors()...)
 	for _, c := range cs {
 		if err := e.reg.Register(c); err != nil {
 			return nil, fmt.Errorf("metrics: register: %w", err)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -43,7 +44,7 @@ Usage:
   volctl op get ID
   volctl op wait ID
   volctl op watch ID
-  volctl op list [--type T] [--status S] [--volume V] [--vm VM] [--limit N] [--cursor C]
+  volctl op list [--type T] [--status S] [--volume V] [--vm VM] [--requested-by WHO] [--limit N] [--cursor C]
   volctl device ID | volctl device --path /dev/vdb [--vm VM]
   volctl export list | get ID | create ID [--read-write] [--wait] | delete ID [--wait]
   volctl sync
@@ -58,6 +59,9 @@ Flags of every command:
                  the operation's events instead of polling
   --nats-creds F NATS credentials for --nats (VOLCTL_NATS_CREDS, default
                  ./volumed-data/creds/operator.creds when it exists)
+  --cacert F     CA certificate of volumed's HTTPS API and NATS (VOLCTL_CACERT,
+                 default <data-dir>/tls/ca.pem of a volumed on this host:
+                 $VOLUMED_DATA_DIR, ./volumed-data or /var/lib/volumed)
   --timeout D    give up after D (a Go duration; default none)
 
 Flags of the commands that start an operation (create, attach, attach-root,
@@ -85,6 +89,7 @@ Exit codes: 0 success; 1 API error, failed operation or unhealthy daemon; 2 usag
 // globals are the flags of every command.
 type globals struct {
 	server, token, output, nats, natsCreds string
+	cacert                                 string
 	idempotencyKey                         string
 	wait                                   bool
 	timeout                                time.Duration
@@ -94,6 +99,7 @@ type globals struct {
 type opts struct {
 	name, size, zone, offering, vm, path string
 	typ, status, volume, cursor          string
+	requestedBy                          string
 	limit                                int
 	readWrite, shrinkOK, force           bool
 	snapshot                             string
@@ -286,6 +292,7 @@ var commandList = []command{
 		fs.StringVar(&o.status, "status", "", "only this status")
 		fs.StringVar(&o.volume, "volume", "", "only this volume")
 		fs.StringVar(&o.vm, "vm", "", "only this VM")
+		fs.StringVar(&o.requestedBy, "requested-by", "", "only those this principal asked for (requested_by)")
 		fs.IntVar(&o.limit, "limit", 0, "at most this many (the server's default when 0)")
 		fs.StringVar(&o.cursor, "cursor", "", "continue after this cursor (printed by the previous page)")
 	}, run: listOperations},
@@ -384,6 +391,7 @@ func parse(cmd command, args []string, stdout, stderr io.Writer) (*invocation, e
 	fs.StringVar(&in.g.output, "o", "table", "output: table or json")
 	fs.StringVar(&in.g.nats, "nats", os.Getenv("VOLCTL_NATS"), "volumed's NATS URL, for events")
 	fs.StringVar(&in.g.natsCreds, "nats-creds", envOr("VOLCTL_NATS_CREDS", defaultNATSCreds()), "NATS credentials file")
+	fs.StringVar(&in.g.cacert, "cacert", envOr("VOLCTL_CACERT", client.DefaultCA()), "CA certificate of volumed's HTTPS and NATS")
 	fs.DurationVar(&in.g.timeout, "timeout", 0, "give up after this long")
 	if cmd.op {
 		fs.BoolVar(&in.g.wait, "wait", false, "wait for the operation to end, showing its steps")
@@ -419,8 +427,20 @@ func parse(cmd command, args []string, stdout, stderr io.Writer) (*invocation, e
 	}
 	opts := []client.Option{client.WithToken(in.g.token),
 		client.WithHTTPClient(&http.Client{Timeout: client.WaitSlice + 30*time.Second})}
+	var tlsConfig *tls.Config
+	if in.g.cacert != "" {
+		roots, err := client.LoadCA(in.g.cacert)
+		if err != nil {
+			return nil, usagef("--cacert: %v", err)
+		}
+		opts, tlsConfig = append(opts, client.WithRootCAs(roots)), client.TLSConfig(roots)
+	}
 	if in.g.nats != "" {
-		natsOpts := []nats.Option{nats.Name("volctl"), nats.Timeout(5 * time.Second)}
+		natsOpts := []nats.Option{nats.Name("volctl"), nats.Timeout(5 * time.Second), func(o *nats.Options) error {
+			// TLS when the server asks for it or the URL is tls://.
+			o.TLSConfig = tlsConfig
+			return nil
+		}}
 		if in.g.natsCreds != "" {
 			natsOpts = append(natsOpts, nats.UserCredentials(in.g.natsCreds))
 		}
@@ -486,7 +506,7 @@ func (o *opts) createRequest() (commands.CreateRequest, error) {
 // listOperations is op list; the next page's cursor goes to stderr.
 func listOperations(ctx context.Context, in *invocation) error {
 	q := client.ListOptions{Type: commands.OpType(in.o.typ), Status: commands.OpStatus(in.o.status),
-		VolumeID: in.o.volume, VMID: in.o.vm, Limit: in.o.limit, Cursor: in.o.cursor}
+		VolumeID: in.o.volume, VMID: in.o.vm, RequestedBy: in.o.requestedBy, Limit: in.o.limit, Cursor: in.o.cursor}
 	page, err := in.c.ListOperations(ctx, q)
 	if err != nil {
 		return err

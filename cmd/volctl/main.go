@@ -15,7 +15,9 @@
 // ./volumed-data/creds/operator.creds when it exists): the NATS
 // credentials for --nats, volumed's operator credentials
 // (<data-dir>/creds/operator.creds). volumed's server refuses a client
-// without them (authorization violation).
+// without them (authorization violation). --cacert FILE (VOLCTL_CACERT)
+// is the CA of volumed's HTTPS API and NATS TLS, by default
+// <data-dir>/tls/ca.pem of a volumed on this host.
 // A command that starts an operation takes --wait: it shows the
 // operation's steps on stderr (one live line on a terminal, a line per
 // change otherwise), prints the final operation, and exits 1 unless it

@@ -248,7 +248,7 @@ func ts(t *time.Time) string {
 func operationFields(op commands.Operation) table {
 	t := table{{"FIELD", "VALUE"},
 		{"id", op.ID}, {"type", string(op.Type)}, {"status", string(op.Status)},
-		{"volume_id", orDash(op.VolumeID)}, {"vm_id", ptr(op.VMID)}, {"step", orDash(op.Step)},
+		{"volume_id", orDash(op.VolumeID)}, {"vm_id", ptr(op.VMID)}, {"requested_by", orDash(op.RequestedBy)}, {"step", orDash(op.Step)},
 		{"created_at", ts(&op.CreatedAt)}, {"completed_at", ts(op.CompletedAt)}}
 	if op.Response != nil {
 		t = append(t, []string{"device_path", orDash(op.Response.DevicePath)}, []string{"message", orDash(op.Response.Message)})

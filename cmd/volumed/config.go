@@ -50,6 +50,8 @@ type config struct {
 	natsCreds    string
 	apiToken     string
 	apiTokenFile string
+	// TLS and more tokens (tls.go).
+	tls tlsFlags
 	// creds: `volumed creds` (creds.go) instead of the daemon.
 	creds *credsCommand
 }
@@ -166,7 +168,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f := newFlagSet("volumed", "volumed manages CloudStack block volumes for this host.\n"+
 		"`volumed agent --help` shows the device agent alone.", stderr, &c)
 	f.str(&c.listen, "listen", "VOLUMED_LISTEN", "127.0.0.1:8090", "REST API address")
-	f.str(&c.dataDir, "data-dir", "VOLUMED_DATA_DIR", "./volumed-data", "data directory: JetStream files (nats/), NATS keys and credentials (creds/), the generated REST token (api-token), NBD TLS certificates (nbd-tls/)")
+	f.str(&c.dataDir, "data-dir", "VOLUMED_DATA_DIR", "./volumed-data", "data directory: JetStream files (nats/), NATS keys and credentials (creds/), the generated REST token (api-token), volumed's CA and the NBD client certificates (tls/)")
 	f.str(&c.natsURL, "nats-url", "VOLUMED_NATS_URL", "", "external NATS URL, or several comma-separated of one cluster; empty runs the embedded server")
 	f.str(&c.natsConfig, "nats-config", "VOLUMED_NATS_CONFIG", "", "embedded server config file; default ./nats.conf when present")
 	replicas := f.String("nats-replicas", env("VOLUMED_NATS_REPLICAS", "1"), "replicas of the streams and state bucket on a NATS cluster (VOLUMED_NATS_REPLICAS)")
@@ -185,10 +187,14 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f.natsCreds(&c)
 	f.StringVar(&c.apiToken, "api-token", "", "REST API bearer token, at least 16 characters ("+tokenEnv+", never shown here)")
 	f.str(&c.apiTokenFile, "api-token-file", "VOLUMED_API_TOKEN_FILE", "", "file holding the REST API bearer token; default <data-dir>/"+tokenFileName+", generated at first start")
+	f.tlsFlags(&c)
 	if err := f.parse(args, &c); err != nil {
 		return c, err
 	}
 	if err := c.checkSecurity(); err != nil {
+		return c, err
+	}
+	if err := c.tls.check(c.listen); err != nil {
 		return c, err
 	}
 	if err := checkNATSURLs(c.natsURL); err != nil {
@@ -250,8 +256,9 @@ func parseAgentConfig(args []string, stderr io.Writer) (config, error) {
 	c := config{agentOnly: true, deviceAgent: true}
 	f := newFlagSet("volumed agent", "The device agent alone: it publishes this VM's block devices on\n"+
 		"devices.<vm_id>.* and keeps their persistent names, for a volumed elsewhere.", stderr, &c)
-	f.str(&c.natsURL, "nats-url", "VOLUMED_NATS_URL", "", "NATS URL of the volumed bus (required)")
+	f.str(&c.natsURL, "nats-url", "VOLUMED_NATS_URL", "", "NATS URL of the volumed bus (required; tls://host:4222 off loopback)")
 	f.natsCreds(&c)
+	f.str(&c.tls.natsCA, "nats-ca", "VOLUMED_NATS_CA", "", "CA certificate (PEM) of the bus's servers: volumed's <data-dir>/tls/ca.pem; default the system's roots")
 	if err := f.parse(args, &c); err != nil {
 		return c, err
 	}

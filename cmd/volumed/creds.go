@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"strings"
+	"time"
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/pki"
 )
 
 // credsCommand is `volumed creds agent|server-config`.
@@ -16,6 +19,10 @@ type credsCommand struct {
 	what string // "agent" or "server-config"
 	vmID string
 	out  string // "-" is standard output
+	// tlsHosts and tlsLifetime: the external server's certificate
+	// (server-config).
+	tlsHosts    string
+	tlsLifetime time.Duration
 }
 
 // parseCredsConfig parses `volumed creds`.
@@ -28,12 +35,15 @@ func parseCredsConfig(args []string, stderr io.Writer) (config, error) {
 			"  volumed creds agent --vm-id ID [--data-dir DIR] [--out FILE]\n"+
 			"      mints the NATS credentials of the device agent of one VM (default <data-dir>/creds/agent-ID.creds)\n"+
 			"  volumed creds server-config [--data-dir DIR] [--out FILE]\n"+
-			"      prints the nats-server configuration that trusts volumed's credentials, for an external server\n\nFlags:\n")
+			"      prints the nats-server configuration that trusts volumed's credentials, for an external server,\n"+
+			"      with its TLS: a certificate of volumed's CA for --tls-host, written to <data-dir>/tls/nats-server-*.pem\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	fs.StringVar(&c.dataDir, "data-dir", env("VOLUMED_DATA_DIR", "./volumed-data"), "volumed's data directory (VOLUMED_DATA_DIR)")
 	fs.StringVar(&c.creds.vmID, "vm-id", "", "the agent's CloudStack VM")
 	fs.StringVar(&c.creds.out, "out", "", "where to write; - is standard output")
+	fs.StringVar(&c.creds.tlsHosts, "tls-host", "", "server-config: the external servers' names or addresses, comma-separated (default this host's)")
+	fs.DurationVar(&c.creds.tlsLifetime, "tls-lifetime", 365*24*time.Hour, "server-config: life of the external servers' certificate (run again before it ends, then nats-server --signal reload)")
 	if len(args) == 0 || (args[0] != "agent" && args[0] != "server-config") {
 		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "-help") {
 			fs.Usage()
@@ -70,6 +80,43 @@ func parseCredsConfig(args []string, stderr io.Writer) (config, error) {
 	return c, nil
 }
 
+// externalServerTLS issues the external servers' certificate with
+// volumed's CA (made if missing: the daemon then uses the same) and
+// returns the configuration that uses it.
+func externalServerTLS(c config) (string, error) {
+	dir := tlsDir(c.dataDir)
+	ca, err := pki.LoadCA(dir)
+	if err != nil {
+		return "", err
+	}
+	var hosts []string
+	for _, h := range strings.Split(c.creds.tlsHosts, ",") {
+		hosts = append(hosts, strings.TrimSpace(h))
+	}
+	cert, err := ca.Issue("volumed NATS server", pki.LocalHosts(hosts...), c.creds.tlsLifetime)
+	if err != nil {
+		return "", err
+	}
+	certPEM, keyPEM, err := pki.EncodePair(cert)
+	if err != nil {
+		return "", err
+	}
+	certFile, keyFile := filepath.Join(dir, "nats-server-cert.pem"), filepath.Join(dir, "nats-server-key.pem")
+	if err := bus.WriteSecret(keyFile, keyPEM, false); err != nil {
+		return "", err
+	}
+	if err := bus.WriteSecret(certFile, certPEM, false); err != nil {
+		return "", err
+	}
+	abs := func(p string) string {
+		if a, err := filepath.Abs(p); err == nil {
+			return a
+		}
+		return p
+	}
+	return bus.ServerConfigTLS(abs(certFile), abs(keyFile), abs(filepath.Join(dir, pki.CAFile))), nil
+}
+
 // credsDir is the creds directory of a data dir.
 func credsDir(dataDir string) string { return filepath.Join(dataDir, "creds") }
 
@@ -86,7 +133,11 @@ func runCreds(c config, stdout, stderr io.Writer) error {
 		data, err = a.AgentCreds(c.creds.vmID)
 	default:
 		var s string
-		s, err = a.ServerConfig()
+		if s, err = a.ServerConfig(); err == nil {
+			var t string
+			t, err = externalServerTLS(c)
+			s += t
+		}
 		data = []byte(s)
 	}
 	if err != nil {

@@ -14,7 +14,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"slices"
 	"syscall"
 	"time"
@@ -115,8 +114,12 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 			"nats", cfg.natsURL)
 	}
 	if cfg.agentOnly {
+		busTLS, err := agentBusTLS(cfg)
+		if err != nil {
+			return err
+		}
 		b := bus.New(bus.Config{URL: cfg.natsURL, ClientOnly: true, Name: "volumed-agent", Logger: log,
-			Creds: cfg.natsCreds, InboxPrefix: bus.AgentInboxPrefix(cfg.vmID)})
+			Creds: cfg.natsCreds, InboxPrefix: bus.AgentInboxPrefix(cfg.vmID), TLS: busTLS})
 		if err := b.Start(ctx); err != nil {
 			return err
 		}
@@ -138,8 +141,18 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	if err != nil {
 		return err
 	}
+	sec, more, err := startSecurity(ctx, cfg, log)
+	started = append(started, more...)
+	if err != nil {
+		return err
+	}
+	sec.reloadOnHUP(ctx, cfg, log)
+	busTLS, err := sec.busTLS(cfg)
+	if err != nil {
+		return err
+	}
 	b := bus.New(bus.Config{URL: cfg.natsURL, ConfigFile: cfg.natsConfig, DataDir: cfg.dataDir,
-		CredsDir: credsDir(cfg.dataDir), Creds: cfg.natsCreds, Replicas: cfg.natsReplicas, Logger: log})
+		CredsDir: credsDir(cfg.dataDir), Creds: cfg.natsCreds, Replicas: cfg.natsReplicas, Logger: log, TLS: busTLS})
 	if err := b.Start(ctx); err != nil {
 		return err
 	}
@@ -189,7 +202,8 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	nbdAddr := "off"
 	if cfg.nbdListen != "" {
 		// TLS is always offered; off loopback it is required.
-		tlsCfg, err := nbd.TLSConfig(filepath.Join(cfg.dataDir, "nbd-tls"), nil)
+		tlsCfg, more, err := sec.nbdTLS(ctx, cfg, log)
+		started = append(started, more...)
 		if err != nil {
 			return err
 		}
@@ -224,17 +238,17 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	started = append(started, svc)
 
 	bridge := httpbridge.New(httpbridge.Config{Listen: cfg.listen, Conn: b.Conn(), Commands: svc, Store: store, Backend: svc,
-		VMID: cfg.vmID, Token: cfg.apiToken, Logger: log, Prometheus: prom.Handler()})
+		VMID: cfg.vmID, Token: cfg.apiToken, Tokens: sec.tokens, TLS: sec.apiTLS(cfg), Logger: log, Prometheus: prom.Handler()})
 	if err := bridge.Start(ctx); err != nil {
 		return err
 	}
 	started = append(started, bridge)
 
-	log.Info("volumed ready", "api", "http://"+bridge.Addr()+"/api/v1", "nats", b.ClientURL(),
+	log.Info("volumed ready", "api", bridge.URL(), "nats", b.ClientURL(),
 		"nats_embedded", b.Embedded(), "store", storeName, "cloudstack", cfg.csURL,
 		"vm_id", cfg.vmID, "device_agent", localStatus != nil, "nbd", nbdAddr, "data_dir", cfg.dataDir,
 		"nats_operator_creds", b.CredsFile(bus.RoleOperator), "api_token", tokenSource,
-		"api_token_required", !netaddr.IsLoopback(cfg.listen))
+		"api_token_required", !netaddr.IsLoopback(cfg.listen), "tls_ca", cfg.tls.caFile(cfg.dataDir))
 	<-ctx.Done()
 	log.Info("shutting down; unfinished operations resume at the next start")
 	return nil

@@ -15,7 +15,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/metrics"
+	"github.com/volumed/volumed/metrics/hooks"
 	"github.com/volumed/volumed/state"
 )
 
@@ -43,7 +43,7 @@ func (m match) String() string {
 // persistent name made. After Config.Timeout it returns the mapping with
 // linux_state missing and an error wrapping ErrTimeout.
 func (c *Correlator) Attached(ctx context.Context, want commands.Mapping, since time.Time) (commands.Mapping, error) {
-	defer metrics.Correlation(time.Now())
+	defer hooks.Correlation(time.Now())
 	vm := want.VMID
 	timer := time.NewTimer(c.cfg.Timeout)
 	defer timer.Stop()

@@ -16,7 +16,7 @@ import (
 
 	"github.com/apache/cloudstack-go/v2/cloudstack"
 
-	"github.com/volumed/volumed/metrics"
+	"github.com/volumed/volumed/metrics/hooks"
 )
 
 // Defaults of Config.
@@ -127,7 +127,7 @@ func do[T any](ctx context.Context, c *Client, command string, fn func(*cloudsta
 		cloudstack.WithHTTPClient(&http.Client{Transport: rt}))
 	start := time.Now()
 	res, err := fn(cs)
-	metrics.CloudStackCall(command, time.Since(start), err)
+	hooks.CloudStackCall(command, time.Since(start), err)
 	if err != nil {
 		e := classify(command, err, answer{status: rt.status, retryAfter: rt.retryAfter,
 			sent: rt.wrote.Load(), sideEffect: sideEffects[command]})

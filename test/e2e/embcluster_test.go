@@ -19,6 +19,7 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/pki"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
@@ -31,7 +32,7 @@ func embeddedMember(i int) string { return fmt.Sprintf("volumed-%d", i+1) }
 // startEmbeddedCluster runs n volumed processes, each with its own data
 // dir and embedded nats-server, forming one JetStream cluster through the
 // cluster {} routes of their nats.conf, as the README sets it up: the keys
-// made on the first host (`volumed creds`) and copied to the others before
+// and CA made on the first host (`volumed creds`) and copied to the others before
 // their first start; every process started at once, as an operator would,
 // and each waited for until its health is healthy. Their device agents and
 // NBD servers are off: the tests attach to a VM without one, and export
@@ -55,6 +56,8 @@ func startEmbeddedCluster(t *testing.T, sim cloud, n int) []*daemon {
 	}
 	for _, dir := range dirs[1:] {
 		copyKeys(t, filepath.Join(dirs[0], "creds", "keys"), filepath.Join(dir, "creds", "keys"))
+		// The CA too: members present certificates of it on their routes.
+		copyKeys(t, filepath.Join(dirs[0], pki.DirName), filepath.Join(dir, pki.DirName))
 	}
 	ds := make([]*daemon, n)
 	for i, dir := range dirs {

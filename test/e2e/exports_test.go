@@ -364,7 +364,6 @@ func TestExportErrors(t *testing.T) {
 		{"export with a bad read_only", http.MethodPost, "/exports", `{"volume_id":"` + idle + `","read_only":1}`, 400, commands.CodeInvalidRequest},
 		{"unexport of an unknown volume", http.MethodDelete, "/exports/" + unknown, nil, 404, commands.CodeNotFound},
 		{"get of a volume not exported", http.MethodGet, "/exports/" + idle, nil, 404, commands.CodeNotFound},
-		{"unexport with force", http.MethodDelete, "/exports/" + idle, map[string]any{"force": true}, 400, commands.CodeInvalidRequest},
 		{"detach with a force not a boolean", http.MethodPost, "/volumes/" + idle + "/detach", `{"force":"yes"}`, 400, commands.CodeInvalidRequest},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

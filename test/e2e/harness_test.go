@@ -156,7 +156,11 @@ func newDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
 	if o.natsURL != "" {
 		credsDir = o.natsCreds
 	}
-	d := &daemon{t: t, dataDir: o.dataDir, api: fmt.Sprintf("http://127.0.0.1:%d/api/v1", apiPort),
+	scheme := "http"
+	if o.offLoopback {
+		scheme = "https" // volumed serves HTTPS off loopback
+	}
+	d := &daemon{t: t, dataDir: o.dataDir, api: fmt.Sprintf("%s://127.0.0.1:%d/api/v1", scheme, apiPort),
 		natsURL: natsURL, credsDir: credsDir, nbdAddr: fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))}
 	d.args = append([]string{"--listen", listen, "--data-dir", o.dataDir,
 		"--cloudstack-url", sim.URL(), "--cloudstack-api-key", cloudsim.DefaultAPIKey,
@@ -211,7 +215,7 @@ func (d *daemon) awaitAPI() {
 	d.t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		resp, err := http.Get(d.api + "/health")
+		resp, err := (&http.Client{Transport: d.transport()}).Get(d.api + "/health")
 		if err == nil {
 			resp.Body.Close()
 			return
@@ -337,7 +341,7 @@ func (d *daemon) call(method, path string, body any) (int, []byte) {
 	if d.token != "" {
 		req.Header.Set("Authorization", "Bearer "+d.token)
 	}
-	resp, data := validator.Do(d.t, http.DefaultClient, req)
+	resp, data := validator.Do(d.t, &http.Client{Transport: d.transport()}, req)
 	return resp.StatusCode, data
 }
 
@@ -366,12 +370,25 @@ func (d *daemon) submit(method, path string, body any) commands.Operation {
 	return op
 }
 
+// transport reaches the daemon's API: over HTTPS it trusts volumed's CA
+// in the data dir (until the daemon made it, calls fail and are retried).
+func (d *daemon) transport() http.RoundTripper {
+	if !strings.HasPrefix(d.api, "https:") {
+		return http.DefaultTransport
+	}
+	roots, err := client.LoadCA(filepath.Join(d.dataDir, client.CAFile))
+	if err != nil {
+		return http.DefaultTransport
+	}
+	return &http.Transport{TLSClientConfig: client.TLSConfig(roots), DisableKeepAlives: true}
+}
+
 // cli is a Go client of the daemon whose every response is validated
 // against the OpenAPI document.
 func (d *daemon) cli() *client.Client {
 	d.t.Helper()
 	c, err := client.New(strings.TrimSuffix(d.api, "/api/v1"),
-		client.WithHTTPClient(&http.Client{Transport: validating{t: d.t}}), client.WithToken(d.token))
+		client.WithHTTPClient(&http.Client{Transport: validating{t: d.t, rt: d.transport()}}), client.WithToken(d.token))
 	if err != nil {
 		d.t.Fatal(err)
 	}
@@ -380,10 +397,13 @@ func (d *daemon) cli() *client.Client {
 
 // validating is a RoundTripper that checks every response against the
 // OpenAPI document.
-type validating struct{ t testing.TB }
+type validating struct {
+	t  testing.TB
+	rt http.RoundTripper
+}
 
 func (v validating) RoundTrip(req *http.Request) (*http.Response, error) {
-	resp, err := http.DefaultTransport.RoundTrip(req)
+	resp, err := v.rt.RoundTrip(req)
 	if err != nil {
 		return nil, err
 	}

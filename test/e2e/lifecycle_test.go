@@ -230,6 +230,11 @@ func TestTagsAndVolumeList(t *testing.T) {
 	if got := ids("tag=env=prod&tag=tier=gold"); len(got) != 1 || got[0] != vol {
 		t.Fatalf("GET /volumes?tag=env=prod&tag=tier=gold: %v, want [%s]", got, vol)
 	}
+	var rows []commands.VolumeStatus
+	d.mustCall(http.StatusOK, http.MethodGet, "/volumes?tag=ENV=PROD", nil, &rows)
+	if len(rows) != 1 || rows[0].CloudStackData == nil || rows[0].CloudStackData.Name != "tagged" || rows[0].Tags["tier"] != "gold" {
+		t.Fatalf("GET /volumes?tag=ENV=PROD (CloudStack compares without case): %+v", rows)
+	}
 	if got := ids("tag=env=test"); len(got) != 0 {
 		t.Fatalf("GET /volumes?tag=env=test: %v, want none", got)
 	}

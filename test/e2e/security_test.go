@@ -206,7 +206,7 @@ func TestRESTSecurity(t *testing.T) {
 		for k, v := range headers {
 			req.Header.Set(k, v)
 		}
-		resp, body := validator.Do(t, http.DefaultClient, req)
+		resp, body := validator.Do(t, &http.Client{Transport: d.transport()}, req)
 		var e commands.Error
 		_ = json.Unmarshal(body, &e)
 		return resp.StatusCode, e.Code

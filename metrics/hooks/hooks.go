@@ -1,10 +1,9 @@
-// Package metrics is volumed's Prometheus exposition (GET /metrics, outside
-// /api/v1). Most values are read at scrape time from what the components
-// already keep (the store, the JetStream consumers, the NBD server's
-// counters) or counted from the operation events on the bus; the two
-// measurements nothing else keeps, CloudStack call latency and correlation
-// latency, are one-line hooks into this package's vectors.
-package metrics
+// Package hooks holds the two measurements nothing else keeps, CloudStack
+// call latency and correlation latency, as one-line hooks that the
+// CloudStack client and the correlator call; package metrics registers
+// its vectors. It imports nothing of volumed, so its callers depend on no
+// exporter.
+package hooks
 
 import (
 	"time"
@@ -15,11 +14,11 @@ import (
 // Namespace prefixes every metric name.
 const Namespace = "volumed"
 
+// WaitBuckets are buckets for operations and correlations, 10 ms to 10 min.
+var WaitBuckets = []float64{.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}
+
 // callBuckets are latency buckets for CloudStack calls, 5 ms to 30 s.
 var callBuckets = []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30}
-
-// waitBuckets are buckets for operations and correlations, 10 ms to 10 min.
-var waitBuckets = []float64{.01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}
 
 var (
 	cloudStackSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
@@ -34,7 +33,7 @@ var (
 	correlationSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Namespace: Namespace, Name: "correlation_duration_seconds",
 		Help:    "How long an attach waited for its Linux device (found, timed out or cancelled).",
-		Buckets: waitBuckets,
+		Buckets: WaitBuckets,
 	})
 )
 
@@ -48,8 +47,11 @@ func CloudStackCall(command string, d time.Duration, err error) {
 }
 
 // Correlation records the wait of one correlation that began at start:
-// `defer metrics.Correlation(time.Now())`.
+// `defer hooks.Correlation(time.Now())`.
 func Correlation(start time.Time) { correlationSeconds.Observe(time.Since(start).Seconds()) }
 
-// hooks are the vectors the hooks feed, registered in every Registry.
-var hooks = []prometheus.Collector{cloudStackSeconds, cloudStackErrors, correlationSeconds}
+// Collectors are the vectors the hooks feed, registered in every
+// metrics Registry.
+func Collectors() []prometheus.Collector {
+	return []prometheus.Collector{cloudStackSeconds, cloudStackErrors, correlationSeconds}
+}
