@@ -220,20 +220,24 @@ func DecodeTags(data []byte) (TagsRequest, error) {
 }
 
 // MetadataTags are the CloudStack tags a create's metadata becomes: a
-// string value as it is, any other (recorded by an earlier volumed) as
-// its JSON text.
+// string value as it is, any other (recorded by an earlier volumed, which
+// took any JSON) as its JSON text. An entry CloudStack could not take as a
+// tag (an empty or blank key or value, over 255 bytes, control
+// characters), which only an earlier volumed accepted, is left out.
 func MetadataTags(metadata map[string]any) map[string]string {
 	if len(metadata) == 0 {
 		return nil
 	}
 	tags := make(map[string]string, len(metadata))
 	for k, v := range metadata {
-		if s, ok := v.(string); ok {
-			tags[k] = s
-			continue
+		s, ok := v.(string)
+		if !ok {
+			raw, _ := json.Marshal(v)
+			s = string(raw)
 		}
-		raw, _ := json.Marshal(v)
-		tags[k] = string(raw)
+		if checkName("metadata", k) == nil && checkName("metadata", s) == nil {
+			tags[k] = s
+		}
 	}
 	return tags
 }

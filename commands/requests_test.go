@@ -2,6 +2,7 @@ package commands_test
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -209,5 +210,16 @@ func TestDecodeVolumeForce(t *testing.T) {
 	}
 	if s := commands.DevicesUsersSubject(vm); s != "devices."+vm+".users" {
 		t.Errorf("DevicesUsersSubject = %s", s)
+	}
+}
+
+// TestMetadataTags: metadata becomes tags; what an earlier volumed
+// accepted and CloudStack cannot take is left out.
+func TestMetadataTags(t *testing.T) {
+	got := commands.MetadataTags(map[string]any{"purpose": "test", "n": 1.5, "obj": map[string]any{"a": true}, "empty": "",
+		"": "no key", "long": strings.Repeat("x", 256)})
+	want := map[string]string{"purpose": "test", "n": "1.5", "obj": `{"a":true}`}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("MetadataTags = %v, want %v", got, want)
 	}
 }

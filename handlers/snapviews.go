@@ -10,6 +10,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/kinds"
 )
 
 // Volumes lists the volumes f selects, ordered by id, a page at a time,
@@ -66,7 +67,7 @@ func (s *Service) Snapshot(ctx context.Context, snapshotID string) (commands.Sna
 	snap, err := s.cfg.CloudStack.GetSnapshot(ctx, snapshotID)
 	switch {
 	case errors.Is(err, csapi.ErrNotFound):
-		return commands.Snapshot{}, commands.NotFound("snapshot %s not found in CloudStack", snapshotID).WithDetail("snapshot_id", snapshotID)
+		return commands.Snapshot{}, kinds.SnapshotNotFound(snapshotID)
 	case err != nil:
 		return commands.Snapshot{}, engine.CloudStackError(err)
 	}

@@ -308,6 +308,7 @@ func TestRevertResumes(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
 		attached  bool
+		stopped   bool // the VM it is attached to is Stopped
 		prep      func(w *life, snap string) (step, job string)
 		other     bool // a snapshot of another volume
 		code      string
@@ -318,6 +319,7 @@ func TestRevertResumes(t *testing.T) {
 		{name: "detached", wantCalls: 1},
 		{name: "attached to a running VM", attached: true, code: commands.CodeCloudStackError, csCode: 431,
 			text: "not in the shutdown state", wantCalls: 1},
+		{name: "attached to a stopped VM", attached: true, stopped: true, wantCalls: 1},
 		{name: "lost answer: sent again", wantCalls: 2, prep: func(w *life, _ string) (string, string) {
 			w.cloud.Script(csfake.CmdRevertSnapshot, csfake.Fault{LostAnswer: true})
 			return "", ""
@@ -345,6 +347,9 @@ func TestRevertResumes(t *testing.T) {
 			}
 			// The volume grows after the snapshot: the revert shrinks it back.
 			w.wait(w.cloud.ResizeVolume(w.ctx, vol, 2, false))
+			if tc.stopped {
+				w.cloud.SetVMState(csfake.VMID, csfake.Stopped)
+			}
 			step, job := "", ""
 			if tc.prep != nil {
 				step, job = tc.prep(w, snap)

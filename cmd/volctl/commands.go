@@ -79,10 +79,10 @@ clients, and data not yet written is lost.
 
 --wait shows the operation's steps on stderr, prints the final operation
 and exits 1 unless it completed (with -o json: the operation's JSON).
-volume list without --vm, --tag or --name lists the volumes volumed's
-recent operations name that CloudStack still has; with --tag or --name it
-lists CloudStack's volumes that match (GET /volumes). volume tags sets the
-volume's tags to exactly the --tag pairs given (none: removes them all).
+volume list lists CloudStack's volumes that match --tag, --name and --vm
+(GET /volumes; with --vm alone, GET /vms/{id}/volumes). volume tags sets
+the volume's tags to exactly the --tag pairs given (none: removes them
+all).
 Exit codes: 0 success; 1 API error, failed operation or unhealthy daemon; 2 usage.
 `
 
@@ -203,13 +203,10 @@ var commandList = []command{
 	}, run: func(ctx context.Context, in *invocation) error {
 		var list []commands.VolumeStatus
 		var err error
-		switch {
-		case len(in.o.tags) > 0 || in.o.name != "":
-			list, err = listVolumes(ctx, in)
-		case in.o.vm != "":
+		if in.o.vm != "" && len(in.o.tags) == 0 && in.o.name == "" {
 			list, err = in.c.VMVolumes(ctx, in.o.vm)
-		default:
-			list, err = knownVolumes(ctx, in.c)
+		} else {
+			list, err = listVolumes(ctx, in)
 		}
 		if err != nil {
 			return err
@@ -520,8 +517,8 @@ func listOperations(ctx context.Context, in *invocation) error {
 	return nil
 }
 
-// listVolumes is volume list with --tag or --name: every matching volume
-// CloudStack has, page after page.
+// listVolumes is volume list: every volume CloudStack has that matches
+// --tag, --name and --vm, page after page.
 func listVolumes(ctx context.Context, in *invocation) ([]commands.VolumeStatus, error) {
 	list := []commands.VolumeStatus{}
 	for v, err := range in.c.Volumes(ctx, client.VolumeListOptions{Tags: in.o.tags, Name: in.o.name, VMID: in.o.vm}) {
@@ -532,38 +529,6 @@ func listVolumes(ctx context.Context, in *invocation) ([]commands.VolumeStatus, 
 	}
 	return list, nil
 }
-
-// knownVolumes lists the volumes named by the newest knownVolumesScan
-// operations volumed keeps that CloudStack still has.
-func knownVolumes(ctx context.Context, c *client.Client) ([]commands.VolumeStatus, error) {
-	seen := map[string]bool{}
-	list := []commands.VolumeStatus{}
-	read := 0
-	for op, err := range c.Operations(ctx, client.ListOptions{}) {
-		if err != nil {
-			return nil, err
-		}
-		if read++; read > knownVolumesScan {
-			break
-		}
-		if op.VolumeID == "" || seen[op.VolumeID] {
-			continue
-		}
-		seen[op.VolumeID] = true
-		v, err := c.GetVolume(ctx, op.VolumeID)
-		if client.HasCode(err, commands.CodeNotFound) {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		list = append(list, v)
-	}
-	return list, nil
-}
-
-// knownVolumesScan is how many recent operations volume list reads.
-const knownVolumesScan = 1000
 
 // metadataFlag collects repeated --metadata k=v.
 type metadataFlag map[string]string
