@@ -80,6 +80,7 @@ func TestSafeDetach(t *testing.T) {
 		if mounted {
 			if err := unix.Unmount(dir, 0); err != nil {
 				t.Errorf("unmount %s: %v", dir, err)
+				_ = unix.Unmount(dir, unix.MNT_DETACH) // never leave it mounted
 			}
 			mounted = false
 		}
