@@ -136,7 +136,7 @@ func New(cfg Config) *Bus {
 func (b *Bus) Start(ctx context.Context) error {
 	url := b.cfg.URL
 	if url == "" {
-		srv, err := b.startEmbedded()
+		srv, err := b.startEmbedded(ctx)
 		if err != nil {
 			return err
 		}
@@ -168,7 +168,7 @@ func (b *Bus) Start(ctx context.Context) error {
 	return nil
 }
 
-func (b *Bus) startEmbedded() (*server.Server, error) {
+func (b *Bus) startEmbedded(ctx context.Context) (*server.Server, error) {
 	opts := &server.Options{Host: "127.0.0.1", Port: 4222}
 	if b.cfg.ConfigFile != "" {
 		fileOpts, err := server.ProcessConfigFile(b.cfg.ConfigFile)
@@ -206,6 +206,9 @@ func (b *Bus) startEmbedded() (*server.Server, error) {
 		opts.ServerName = "volumed"
 	}
 	if err := b.configureTLS(opts); err != nil {
+		return nil, err
+	}
+	if err := b.upgradeStore(ctx, opts); err != nil {
 		return nil, err
 	}
 	opts.NoSigs = true

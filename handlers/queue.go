@@ -15,6 +15,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/internal/backoff"
+	"github.com/volumed/volumed/internal/formation"
 	"github.com/volumed/volumed/state"
 )
 
@@ -138,17 +139,23 @@ func (s *Service) sweepLeased(ctx context.Context) ([]string, error) {
 }
 
 func (s *Service) startConsumer(ctx context.Context) error {
-	var err error
-	if s.jobs, err = s.cfg.JetStream.Stream(ctx, bus.StreamJobs); err != nil {
-		return fmt.Errorf("handlers: stream %s: %w", bus.StreamJobs, err)
-	}
-	cons, err := s.cfg.JetStream.CreateOrUpdateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{
-		Durable:       ConsumerName,
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       s.cfg.AckWait,
-		MaxDeliver:    -1,
-		MaxAckPending: MaxJobsInFlight,
-		Description:   "volumed command handlers",
+	// A member restarting into a cluster whose replicas catch up waits
+	// for them, as the streams' set-up does.
+	var cons jetstream.Consumer
+	err := formation.Wait(ctx, s.log, "consumer "+ConsumerName, func(ctx context.Context) error {
+		var err error
+		if s.jobs, err = s.cfg.JetStream.Stream(ctx, bus.StreamJobs); err != nil {
+			return fmt.Errorf("stream %s: %w", bus.StreamJobs, err)
+		}
+		cons, err = s.cfg.JetStream.CreateOrUpdateConsumer(ctx, bus.StreamJobs, jetstream.ConsumerConfig{
+			Durable:       ConsumerName,
+			AckPolicy:     jetstream.AckExplicitPolicy,
+			AckWait:       s.cfg.AckWait,
+			MaxDeliver:    -1,
+			MaxAckPending: MaxJobsInFlight,
+			Description:   "volumed command handlers",
+		})
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("handlers: consumer: %w", err)

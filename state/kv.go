@@ -126,7 +126,10 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		_ = k.Close(context.Background())
 		return nil, err
 	}
-	k.log.Info("state store ready", "operations", len(k.ops), "mappings", len(k.mappings))
+	k.mu.RLock()
+	ops, mappings := len(k.ops), len(k.mappings)
+	k.mu.RUnlock()
+	k.log.Info("state store ready", "operations", ops, "mappings", mappings)
 	return k, nil
 }
 
@@ -931,7 +934,9 @@ func (k *KV) AcquireLease(ctx context.Context, name, holder string, ttl time.Dur
 	l := Lease{Name: name, Holder: holder, TTL: ttl}
 	start := time.Now()
 	rev, err := k.kv.Create(ctx, key, data, jetstream.KeyTTL(ttl))
-	if errors.Is(err, jetstream.ErrKeyExists) {
+	// Another holder's create: ErrKeyExists, or on a replicated bucket the
+	// wrong last sequence (10164) the library does not map to it.
+	if wrongRevision(err) {
 		e, gerr := k.kv.Get(ctx, key)
 		if gerr != nil && !errors.Is(gerr, jetstream.ErrKeyNotFound) {
 			return Lease{}, kvErr("get lease", gerr)

@@ -2,7 +2,8 @@
 // for the host it runs on, behind a REST API and NATS subjects.
 //
 // Exit codes: 0 after a clean shutdown, 1 when a component fails, 2 for a
-// configuration error.
+// configuration error or data this release will not read (too new, or
+// too old to migrate; see internal/upgrade).
 package main
 
 import (
@@ -26,6 +27,8 @@ import (
 	"github.com/volumed/volumed/hostwork"
 	"github.com/volumed/volumed/httpbridge"
 	"github.com/volumed/volumed/internal/netaddr"
+	"github.com/volumed/volumed/internal/upgrade"
+	"github.com/volumed/volumed/internal/upgrade/identity"
 	"github.com/volumed/volumed/internal/version"
 	"github.com/volumed/volumed/metrics"
 	"github.com/volumed/volumed/nbd"
@@ -75,7 +78,7 @@ func run(args []string, stderr io.Writer) int {
 	defer stop()
 	if err := serve(ctx, cfg, log); err != nil {
 		log.Error("volumed failed", "err", err)
-		if errors.Is(err, errUsage) {
+		if errors.Is(err, errUsage) || errors.Is(err, upgrade.ErrRefused) {
 			return 2
 		}
 		return 1
@@ -170,6 +173,9 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		return fmt.Errorf("state store: %w", err)
 	}
 	started = append(started, store)
+	if err := state.Upgrade(ctx, store, log); err != nil {
+		return fmt.Errorf("state store: %w", err)
+	}
 	if cfg.opRetention > 0 {
 		retention, err := state.NewRetention(state.RetentionConfig{Store: store, Keep: cfg.opRetention, Logger: log})
 		if err != nil {
@@ -189,6 +195,9 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 			return err
 		}
 		localStatus = agent.Status
+		if err := identity.Backfill(ctx, store, cfg.vmID, agent.Devices(), log); err != nil {
+			return err
+		}
 	}
 	corr := correlate.New(correlate.Config{Conn: b.Conn(), Store: store, Timeout: cfg.correlateAfter,
 		LocalVMID: cfg.vmID, LocalStatus: localStatus, Logger: log})
@@ -232,6 +241,9 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	}
 	started = append(started, prom)
 
+	if err := handlers.RelineJobs(ctx, b.JetStream(), store, log); err != nil {
+		return err
+	}
 	if err := svc.Start(ctx); err != nil {
 		return err
 	}

@@ -23,6 +23,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/internal/backoff"
+	"github.com/volumed/volumed/internal/formation"
 )
 
 // How a Reader pulls.
@@ -90,7 +91,14 @@ func Start(ctx context.Context, js jetstream.JetStream, cfg Config, handle func(
 	}
 	r := &Reader{js: js, cfg: cfg, handle: handle, log: cfg.Logger.With("stream", cfg.Stream),
 		stop: make(chan struct{}), done: make(chan struct{})}
-	cons, err := r.consumer(ctx, 0)
+	// A member restarting into a cluster whose replicas catch up waits
+	// for them, as the streams' set-up does.
+	var cons jetstream.Consumer
+	err := formation.Wait(ctx, r.log, "consumer of "+cfg.Stream, func(ctx context.Context) error {
+		var err error
+		cons, err = r.consumer(ctx, 0)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("follow %s: %w", cfg.Stream, err)
 	}

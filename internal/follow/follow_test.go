@@ -196,3 +196,54 @@ func TestReaderOutlivesItsServer(t *testing.T) {
 	time.Sleep(200 * time.Millisecond) // none more after
 	g.check(t, want)
 }
+
+// TestReaderStartWaitsForQuorum: a reader started while its stream has no
+// quorum (two of three members down, as when they restart) keeps asking
+// for its consumer, and starts, handing everything over, once they are
+// back; before formation.Wait it failed after 5 s.
+func TestReaderStartWaitsForQuorum(t *testing.T) {
+	const n = 3
+	c, js := testenv.StartJSCluster(t, n)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	const stream = "FOLLOW"
+	testenv.Eventually(t, 30*time.Second, func() bool {
+		_, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: stream, Subjects: []string{"follow.>"}, Replicas: n})
+		return err == nil
+	}, "a stream of %d replicas made", n)
+	want := publish(ctx, t, js, "follow.a", 0, 5)
+	_, js0 := c.Connect(0)
+	for i := 1; i < n; i++ {
+		c.Srvs[i].Shutdown()
+		c.Srvs[i].WaitForShutdown()
+	}
+	var out testenv.Buffer
+	log := slog.New(slog.NewTextHandler(&out, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	g := &got{}
+	started := make(chan error, 1)
+	var r *follow.Reader
+	go func() {
+		var err error
+		// No deadline, as at volumed's start: the client's default 5 s
+		// bounded the one request it made before formation.Wait.
+		r, err = follow.Start(context.Background(), js0, follow.Config{Stream: stream, FilterSubjects: []string{"follow.a"}, Logger: log}, g.handle)
+		started <- err
+	}()
+	testenv.Eventually(t, 30*time.Second, func() bool {
+		return len(testenv.Mentioning(out.Lines(), "jetstream not ready yet")) > 0
+	}, "a consumer request retried while the stream has no quorum")
+	for i := 1; i < n; i++ {
+		c.Start(i)
+	}
+	select {
+	case err := <-started:
+		if err != nil {
+			t.Fatalf("start once the members are back: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("the reader never started")
+	}
+	defer r.Close(context.Background())
+	testenv.Eventually(t, 10*time.Second, func() bool { return g.len() >= len(want) }, "%d messages", len(want))
+	g.check(t, want)
+}

@@ -1,10 +1,16 @@
 // Package formation runs the JetStream set-up that must wait for a
-// cluster still forming: its streams and the state bucket.
+// cluster still forming or a member catching up: its streams, the state
+// bucket, the consumers and every other request start-up makes.
 package formation
 
 import (
 	"context"
+	"errors"
+	"log/slog"
 	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/internal/backoff"
 )
@@ -12,6 +18,9 @@ import (
 // Budget is how long set-up waits for a forming cluster: members started
 // one by one by an operator join within it.
 const Budget = time.Minute
+
+// maxTry bounds one attempt of Wait.
+const maxTry = 4 * time.Second
 
 // Retry calls attempt until it succeeds, retryable says its error is
 // final, or ctx ends; then it returns attempt's last error. Each attempt
@@ -33,4 +42,53 @@ func Retry(ctx context.Context, maxTry time.Duration, retryable func(error) bool
 			return err
 		}
 	}
+}
+
+// Wait runs attempt as Retry does, within Budget, for as long as its error
+// is one of Transient's; log gets each retried error at debug level, with
+// what names the request.
+func Wait(ctx context.Context, log *slog.Logger, what string, attempt func(ctx context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, Budget)
+	defer cancel()
+	return Retry(ctx, maxTry, func(err error) bool {
+		if !Transient(err) {
+			return false
+		}
+		log.Debug("jetstream not ready yet", "request", what, "err", err)
+		return true
+	}, attempt)
+}
+
+// transientCodes are the JetStream errors of a cluster without a leader,
+// without enough members, or whose member has not caught up yet.
+var transientCodes = map[jetstream.ErrorCode]bool{
+	10005: true, // JSClusterNoPeersErrF: not enough peers for the replicas
+	10006: true, // JSClusterNotActiveErr
+	10008: true, // JSClusterNotAvailErr
+	10009: true, // JSClusterNotLeaderErr
+	10023: true, // JSInsufficientResourcesErr: peers still joining
+	10040: true, // JSClusterPeerNotMemberErr
+	10041: true, // JSRaftGeneralErrF
+	10118: true, // JSStreamOfflineErr
+	10119: true, // JSConsumerOfflineErr
+	10194: true, // JSStreamOfflineReasonErrF
+	10195: true, // JSConsumerOfflineReasonErrF
+}
+
+// Transient reports whether err is an answer a forming or catching-up
+// cluster gives for a while: no answer in time, nobody answering, or a
+// JetStream error of a cluster not ready (a 503, or one of transientCodes).
+func Transient(err error) bool {
+	var apiErr *jetstream.APIError
+	switch {
+	case err == nil:
+		return false
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout),
+		errors.Is(err, nats.ErrNoResponders), errors.Is(err, jetstream.ErrNoStreamResponse),
+		errors.Is(err, nats.ErrConnectionReconnecting):
+		return true
+	case errors.As(err, &apiErr):
+		return apiErr.Code == 503 || transientCodes[apiErr.ErrorCode]
+	}
+	return false
 }

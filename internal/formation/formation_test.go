@@ -3,10 +3,16 @@ package formation_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"log/slog"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/volumed/volumed/internal/formation"
+	"github.com/volumed/volumed/internal/testenv"
 )
 
 var errBusy = errors.New("no meta leader")
@@ -44,5 +50,81 @@ func TestRetry(t *testing.T) {
 	err = formation.Retry(ctx, time.Second, always, func(context.Context) error { return errBusy })
 	if !errors.Is(err, errBusy) || ctx.Err() == nil {
 		t.Fatalf("Retry past its ctx = %v (ctx %v)", err, ctx.Err())
+	}
+}
+
+// TestTransient: the answers of a cluster forming or catching up are
+// retried; a refusal and a missing stream are final.
+func TestTransient(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"nil", nil, false},
+		{"unanswered", fmt.Errorf("consumer: %w", context.DeadlineExceeded), true},
+		{"nats timeout", nats.ErrTimeout, true},
+		{"no responders", nats.ErrNoResponders, true},
+		{"no stream response", jetstream.ErrNoStreamResponse, true},
+		{"503", &jetstream.APIError{Code: 503, ErrorCode: 10008, Description: "JetStream system temporarily unavailable"}, true},
+		{"no peers", &jetstream.APIError{Code: 500, ErrorCode: 10005, Description: "no suitable peers for placement"}, true},
+		{"stream offline", &jetstream.APIError{Code: 500, ErrorCode: 10118, Description: "stream is offline"}, true},
+		{"stream not found", jetstream.ErrStreamNotFound, false},
+		{"bad request", &jetstream.APIError{Code: 400, ErrorCode: 10003, Description: "bad request"}, false},
+		{"canceled", context.Canceled, false},
+		{"other", errors.New("disk full"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := formation.Transient(tc.err); got != tc.want {
+				t.Fatalf("Transient(%v) = %v, want %v", tc.err, got, tc.want)
+			}
+		})
+	}
+}
+
+// TestWaitConsumerOnQuorumLoss: the job consumer's creation, as start-up
+// makes it, on a stream two of whose three members are down (restarting)
+// goes unanswered; under Wait it is asked again until they are back, and
+// made.
+func TestWaitConsumerOnQuorumLoss(t *testing.T) {
+	const n = 3
+	c, js := testenv.StartJSCluster(t, n)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	const stream = "JOBS"
+	testenv.Eventually(t, 30*time.Second, func() bool {
+		_, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: stream, Subjects: []string{"jobs.>"},
+			Retention: jetstream.WorkQueuePolicy, Replicas: n})
+		return err == nil
+	}, "a stream of %d replicas made", n)
+	_, js0 := c.Connect(0)
+	for i := 1; i < n; i++ {
+		c.Srvs[i].Shutdown()
+		c.Srvs[i].WaitForShutdown()
+	}
+	var out testenv.Buffer
+	log := slog.New(slog.NewTextHandler(&out, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	made := make(chan error, 1)
+	go func() {
+		// No deadline, as at volumed's start.
+		made <- formation.Wait(context.Background(), log, "consumer", func(ctx context.Context) error {
+			_, err := js0.CreateOrUpdateConsumer(ctx, stream, jetstream.ConsumerConfig{Durable: "handlers",
+				AckPolicy: jetstream.AckExplicitPolicy, MaxDeliver: -1})
+			return err
+		})
+	}()
+	testenv.Eventually(t, 30*time.Second, func() bool {
+		return len(testenv.Mentioning(out.Lines(), "jetstream not ready yet")) > 0
+	}, "the consumer asked for again while the stream has no quorum")
+	for i := 1; i < n; i++ {
+		c.Start(i)
+	}
+	select {
+	case err := <-made:
+		if err != nil {
+			t.Fatalf("consumer once the members are back: %v\n%s", err, out.String())
+		}
+	case <-ctx.Done():
+		t.Fatal("the consumer was never made")
 	}
 }

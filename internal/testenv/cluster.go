@@ -18,6 +18,7 @@ type JSCluster struct {
 	t      testing.TB
 	routes []*url.URL
 	ports  []int
+	dirs   []string // each member's store, kept across its restarts
 	// Srvs are the members by index, nil until started.
 	Srvs []*server.Server
 }
@@ -25,7 +26,7 @@ type JSCluster struct {
 // NewJSCluster returns a cluster of n members, none started.
 func NewJSCluster(t testing.TB, n int) *JSCluster {
 	t.Helper()
-	c := &JSCluster{t: t, ports: make([]int, n), Srvs: make([]*server.Server, n)}
+	c := &JSCluster{t: t, ports: make([]int, n), dirs: make([]string, n), Srvs: make([]*server.Server, n)}
 	for i := range c.ports {
 		c.ports[i] = FreePort(t)
 		c.routes = append(c.routes, &url.URL{Scheme: "nats-route", Host: fmt.Sprintf("127.0.0.1:%d", c.ports[i])})
@@ -34,11 +35,14 @@ func NewJSCluster(t testing.TB, n int) *JSCluster {
 }
 
 // Start runs member i (named s<i+1>), shut down when the test ends, and
-// waits until it takes clients.
+// waits until it takes clients; a member started again keeps its store.
 func (c *JSCluster) Start(i int) *server.Server {
 	c.t.Helper()
+	if c.dirs[i] == "" {
+		c.dirs[i] = c.t.TempDir()
+	}
 	srv, err := server.NewServer(&server.Options{ServerName: fmt.Sprintf("s%d", i+1), Host: "127.0.0.1", Port: server.RANDOM_PORT,
-		JetStream: true, StoreDir: c.t.TempDir(), NoLog: true, NoSigs: true, Routes: c.routes,
+		JetStream: true, StoreDir: c.dirs[i], NoLog: true, NoSigs: true, Routes: c.routes,
 		Cluster: server.ClusterOpts{Name: "test", Host: "127.0.0.1", Port: c.ports[i]}})
 	if err != nil {
 		c.t.Fatal(err)

@@ -39,6 +39,13 @@ func embeddedMember(i int) string { return fmt.Sprintf("volumed-%d", i+1) }
 // nothing.
 func startEmbeddedCluster(t *testing.T, sim cloud, n int) []*daemon {
 	t.Helper()
+	return startEmbeddedClusterOf(t, sim, n, volumedBin)
+}
+
+// startEmbeddedClusterOf is startEmbeddedCluster with the volumed binary
+// bin (an older release's in the upgrade tests).
+func startEmbeddedClusterOf(t *testing.T, sim cloud, n int, bin string) []*daemon {
+	t.Helper()
 	dirs := make([]string, n)
 	clientPorts, clusterPorts := make([]int, n), make([]int, n)
 	var routes []string
@@ -49,15 +56,18 @@ func startEmbeddedCluster(t *testing.T, sim cloud, n int) []*daemon {
 	}
 	// Host 1 makes the keys; hosts 2 and 3 get a copy before they start.
 	var stderr strings.Builder
-	cmd := exec.Command(volumedBin, "creds", "server-config", "--data-dir", dirs[0])
+	cmd := exec.Command(bin, "creds", "server-config", "--data-dir", dirs[0])
 	cmd.Stdout, cmd.Stderr = io.Discard, &stderr
 	if err := cmd.Run(); err != nil {
 		t.Fatalf("volumed creds server-config: %v\n%s", err, stderr.String())
 	}
 	for _, dir := range dirs[1:] {
 		copyKeys(t, filepath.Join(dirs[0], "creds", "keys"), filepath.Join(dir, "creds", "keys"))
-		// The CA too: members present certificates of it on their routes.
-		copyKeys(t, filepath.Join(dirs[0], pki.DirName), filepath.Join(dir, pki.DirName))
+		// The CA too: members present certificates of it on their routes
+		// (an older release makes none).
+		if bin == volumedBin {
+			copyKeys(t, filepath.Join(dirs[0], pki.DirName), filepath.Join(dir, pki.DirName))
+		}
 	}
 	ds := make([]*daemon, n)
 	for i, dir := range dirs {
@@ -70,6 +80,7 @@ func startEmbeddedCluster(t *testing.T, sim cloud, n int) []*daemon {
 		}
 		ds[i] = newDaemon(t, sim, daemonOpts{dataDir: dir, natsConfig: conf,
 			natsConfigURL: fmt.Sprintf("nats://127.0.0.1:%d", clientPorts[i]), extra: []string{"--device-agent=false", "--nbd-listen="}})
+		ds[i].bin = bin
 	}
 	for _, d := range ds {
 		d.launch()

@@ -83,7 +83,10 @@ type daemon struct {
 	// of the external cluster it runs on.
 	credsDir string
 	// token is sent on every call when set (a daemon listening off loopback).
-	token  string
+	token string
+	// bin is the volumed binary run; "" is volumedBin (an older release's
+	// in the upgrade tests).
+	bin    string
 	cmd    *exec.Cmd
 	out    *testenv.Buffer
 	exited chan struct{}
@@ -199,7 +202,11 @@ func (d *daemon) start() {
 func (d *daemon) launch() {
 	d.t.Helper()
 	d.out = &testenv.Buffer{}
-	d.cmd = exec.Command(volumedBin, d.args...)
+	bin := volumedBin
+	if d.bin != "" {
+		bin = d.bin
+	}
+	d.cmd = exec.Command(bin, d.args...)
 	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
 	d.cmd.Env = append(os.Environ(), "GORACE=halt_on_error=1")
 	if err := d.cmd.Start(); err != nil {

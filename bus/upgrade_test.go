@@ -1,0 +1,198 @@
+package bus_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/internal/upgrade"
+)
+
+// writeGlobal writes what a volumed before NATS authorization left in
+// its data dir: the streams and the state bucket in the global account,
+// with a queued job, two operation events, and records (a lease too).
+func writeGlobal(t *testing.T, dataDir string) {
+	t.Helper()
+	ctx := context.Background()
+	srv, err := server.NewServer(&server.Options{ServerName: "volumed", DontListen: true, NoLog: true, NoSigs: true,
+		JetStream: true, StoreDir: filepath.Join(dataDir, "nats")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.Start()
+	defer func() { srv.Shutdown(); srv.WaitForShutdown() }()
+	if !srv.ReadyForConnections(10 * time.Second) {
+		t.Fatal("old server not ready")
+	}
+	nc, err := nats.Connect("", nats.InProcessServer(srv))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	for _, sc := range []jetstream.StreamConfig{
+		{Name: bus.StreamJobs, Subjects: []string{bus.JobsSubjectPrefix + ">"}, Retention: jetstream.WorkQueuePolicy, Storage: jetstream.FileStorage},
+		{Name: bus.StreamOps, Subjects: []string{"volumes.ops.>"}, Storage: jetstream.FileStorage},
+		// The first releases' device stream took every devices.> subject.
+		{Name: bus.StreamDevices, Subjects: []string{"devices.>"}, Storage: jetstream.FileStorage},
+	} {
+		if _, err := js.CreateStream(ctx, sc); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := js.Publish(ctx, bus.JobsSubjectPrefix+"op-2", []byte(`{"operation_id":"op-2"}`), jetstream.WithMsgID("op-2")); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"op-1", "op-2"} {
+		if _, err := js.Publish(ctx, "volumes.ops."+id, []byte(`{"id":"`+id+`"}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, subject := range []string{"devices.vm-1.add", "devices.vm-1.list"} {
+		if _, err := js.Publish(ctx, subject, []byte(`{}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "volumed_state", History: 1, Storage: jetstream.FileStorage})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range map[string]string{"op.op-1": `{"id":"op-1"}`, "op.op-2": `{"id":"op-2"}`, "map.vol-1": `{"volume_id":"vol-1"}`,
+		"export.vol-1": `{"volume_id":"vol-1"}`, "lease.c3dlZXA": `x`, "op.gone": `{}`} {
+		if _, err := kv.Put(ctx, k, []byte(v)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := kv.Delete(ctx, "op.gone"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// checkMoved checks the volumed account holds what writeGlobal wrote
+// once (the device list request of the first device stream, only if the
+// stream was made from its configuration: stored), and the global
+// account nothing.
+func checkMoved(t *testing.T, dataDir string, devices uint64) {
+	t.Helper()
+	ctx := context.Background()
+	b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dataDir})
+	if err := b.Start(ctx); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	defer b.Close(ctx)
+	js := b.JetStream()
+	for stream, want := range map[string]uint64{bus.StreamJobs: 1, bus.StreamOps: 2, bus.StreamDevices: devices, "KV_volumed_state": 4} {
+		s, err := js.Stream(ctx, stream)
+		if err != nil {
+			t.Fatalf("stream %s: %v", stream, err)
+		}
+		info, err := s.Info(ctx)
+		if err != nil || info.State.Msgs != want {
+			t.Fatalf("stream %s: %d messages (%v), want %d", stream, info.State.Msgs, err, want)
+		}
+	}
+	job, err := js.Stream(ctx, bus.StreamJobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, err := job.GetLastMsgForSubject(ctx, bus.JobsSubjectPrefix+"op-2")
+	if err != nil || string(msg.Data) != `{"operation_id":"op-2"}` {
+		t.Fatalf("the queued job: %v %v", msg, err)
+	}
+	kv, err := js.KeyValue(ctx, "volumed_state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"op.op-1", "op.op-2", "map.vol-1", "export.vol-1"} {
+		if _, err := kv.Get(ctx, k); err != nil {
+			t.Errorf("record %s: %v", k, err)
+		}
+	}
+	for _, k := range []string{"lease.c3dlZXA", "op.gone"} {
+		if _, err := kv.Get(ctx, k); !errors.Is(err, jetstream.ErrKeyNotFound) {
+			t.Errorf("record %s copied (%v), want it left out", k, err)
+		}
+	}
+	if entries, _ := os.ReadDir(filepath.Join(dataDir, "nats", "jetstream", "$G", "streams")); len(entries) != 0 {
+		t.Errorf("the global account still has %d streams", len(entries))
+	}
+}
+
+// TestStartMovesGlobalAccount: a data dir from before NATS authorization
+// has its streams and bucket moved into the volumed account at start; a
+// crash before the old ones were deleted (they are put back, the format
+// unrecorded) moves them again without duplicating anything.
+func TestStartMovesGlobalAccount(t *testing.T) {
+	dir := t.TempDir()
+	writeGlobal(t, dir)
+	global := filepath.Join(dir, "nats", "jetstream", "$G")
+	saved := filepath.Join(t.TempDir(), "G")
+	if err := os.CopyFS(saved, os.DirFS(global)); err != nil {
+		t.Fatal(err)
+	}
+	checkMoved(t, dir, 2)
+	if err := os.RemoveAll(global); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.CopyFS(global, os.DirFS(saved)); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(dir, "nats", bus.FormatFile)); err != nil {
+		t.Fatal(err)
+	}
+	checkMoved(t, dir, 2)
+}
+
+// TestStartMergesGlobalAccount: a data dir a release with authorization
+// already started on (its own streams made, empty, the global account's
+// left behind, as 10bb206 did) gets the global account's contents merged
+// into its streams; a message no stream of the volumed account takes is
+// skipped.
+func TestStartMergesGlobalAccount(t *testing.T) {
+	dir := t.TempDir()
+	b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir})
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.JetStream().CreateKeyValue(context.Background(), jetstream.KeyValueConfig{Bucket: "volumed_state", History: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(dir, "nats", bus.FormatFile)); err != nil {
+		t.Fatal(err)
+	}
+	writeGlobal(t, dir)
+	checkMoved(t, dir, 1)
+}
+
+// TestStartRefusesNewerStore: a store recorded in a format above this
+// release's is refused (upgrade.ErrRefused: exit status 2) and left alone.
+func TestStartRefusesNewerStore(t *testing.T) {
+	dir := t.TempDir()
+	marker := filepath.Join(dir, "nats", bus.FormatFile)
+	if err := os.MkdirAll(filepath.Dir(marker), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(marker, []byte(`{"format": 99}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir})
+	err := b.Start(context.Background())
+	if !errors.Is(err, upgrade.ErrRefused) {
+		b.Close(context.Background())
+		t.Fatalf("start on format 99: %v, want ErrRefused", err)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(dir, "nats")); len(entries) != 1 {
+		t.Errorf("the refused store dir was written: %v", entries)
+	}
+}

@@ -1,0 +1,89 @@
+// Package identity records the disk identity of this host's mappings and
+// exports written by a release that did not record one (before
+// commands.DeviceIdentity): exports are served only from a recorded
+// identity, so without it an upgrade would end them.
+package identity
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/state"
+)
+
+// Store is what Backfill reads and writes.
+type Store interface {
+	state.Mappings
+	state.Exports
+}
+
+// Backfill gives each mapping of vmID without an identity, whose device was
+// found, the identity of the disk now at its device path (of its size,
+// when the mapping has one): the disk a mapping without identity is taken
+// to be anyway. Then each export of vmID without an identity gets its
+// mapping's. Every write is compare-and-swap: a record changed meanwhile
+// is left as it is. Records whose disk is not here are left to the
+// reconcile, which ends their exports.
+func Backfill(ctx context.Context, store Store, vmID string, devices []commands.Device, log *slog.Logger) error {
+	byPath := make(map[string]commands.Device, len(devices))
+	for _, d := range devices {
+		byPath[d.Path] = d
+	}
+	ms, err := store.ListMappings(ctx, vmID)
+	if err != nil {
+		return fmt.Errorf("identity: list mappings: %w", err)
+	}
+	mappings, exports := 0, 0
+	for _, m := range ms {
+		if m.DeviceIdentity != nil || m.LinuxState != commands.LinuxDetected || m.DevicePath == "" {
+			continue
+		}
+		d, ok := byPath[m.DevicePath]
+		if !ok || (m.Size != 0 && d.Size != m.Size) {
+			log.Warn("mapping without disk identity and without its disk here: left to the reconcile",
+				"volume_id", m.VolumeID, "device", m.DevicePath)
+			continue
+		}
+		id := d.Identity()
+		m.DeviceIdentity = &id
+		if _, err := store.PutMapping(ctx, m); errors.Is(err, state.ErrStale) || errors.Is(err, state.ErrConflict) {
+			continue
+		} else if err != nil {
+			return fmt.Errorf("identity: mapping of %s: %w", m.VolumeID, err)
+		}
+		mappings++
+	}
+	es, err := store.ListExports(ctx)
+	if err != nil {
+		return fmt.Errorf("identity: list exports: %w", err)
+	}
+	for _, e := range es {
+		if e.VMID != vmID || e.DeviceIdentity != nil {
+			continue
+		}
+		m, err := store.GetMapping(ctx, e.VolumeID)
+		if errors.Is(err, state.ErrNotFound) {
+			continue
+		} else if err != nil {
+			return fmt.Errorf("identity: mapping of %s: %w", e.VolumeID, err)
+		}
+		if m.DeviceIdentity == nil || m.VMID != vmID {
+			continue
+		}
+		e.DeviceIdentity = m.DeviceIdentity
+		if _, err := store.PutExport(ctx, e); errors.Is(err, state.ErrStale) {
+			continue
+		} else if err != nil {
+			return fmt.Errorf("identity: export of %s: %w", e.VolumeID, err)
+		}
+		exports++
+	}
+	if mappings+exports > 0 {
+		log.Info("recorded the disk identity of records written without one", "component", "upgrade",
+			"mappings", mappings, "exports", exports)
+	}
+	return nil
+}
