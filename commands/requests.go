@@ -80,6 +80,10 @@ func (r AttachRequest) Root() bool { return r.AttachAs == AttachAsRoot }
 type VolumeRequest struct {
 	// VolumeID is the volume to detach or delete, a UUID ("vol-" prefix allowed).
 	VolumeID string `json:"volume_id"`
+	// Force detaches or deletes a volume whose device is in use (mounted,
+	// held, open, or its NBD export with clients): the export's clients
+	// are cut. Detach and delete only (an unexport always cuts them).
+	Force bool `json:"force,omitempty"`
 }
 
 var uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)

@@ -183,6 +183,36 @@ func TestValidateIdempotencyKey(t *testing.T) {
 	}
 }
 
+func TestDecodeVolumeForce(t *testing.T) {
+	for _, tc := range []struct {
+		name, body, field string
+		ok, force         bool
+	}{
+		{"no force by default", `{"volume_id":"` + vol + `"}`, "", true, false},
+		{"force asked", `{"volume_id":"` + vol + `","force":true}`, "", true, true},
+		{"force false", `{"volume_id":"` + vol + `","force":false}`, "", true, false},
+		{"force not a boolean", `{"volume_id":"` + vol + `","force":"yes"}`, "force", false, false},
+		{"force a number", `{"volume_id":"` + vol + `","force":1}`, "force", false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, err := commands.DecodeVolume([]byte(tc.body))
+			if !tc.ok {
+				var e *commands.Error
+				if !errors.As(err, &e) || e.Status != http.StatusBadRequest || e.Details["field"] != tc.field {
+					t.Fatalf("error %v (%+v), want 400 on field %q", err, e, tc.field)
+				}
+				return
+			}
+			if err != nil || req.VolumeID != vol || req.Force != tc.force {
+				t.Fatalf("decoded %+v, %v; want force=%v", req, err, tc.force)
+			}
+		})
+	}
+	if s := commands.DevicesUsersSubject(vm); s != "devices."+vm+".users" {
+		t.Errorf("DevicesUsersSubject = %s", s)
+	}
+}
+
 // TestMetadataTags: metadata becomes tags; what an earlier volumed
 // accepted and CloudStack cannot take is left out.
 func TestMetadataTags(t *testing.T) {

@@ -67,6 +67,10 @@ func DevicesListSubject(vmID string) string { return SubjectDevicesPrefix + vmID
 // agent takes the full set of persistent names it must hold.
 func DevicesNamesSubject(vmID string) string { return SubjectDevicesPrefix + vmID + ".names" }
 
+// DevicesUsersSubject is the request/reply subject where a VM's device
+// agent answers who uses one of its disks (mounts, holders, processes).
+func DevicesUsersSubject(vmID string) string { return SubjectDevicesPrefix + vmID + ".users" }
+
 // MappingSubject is the subject of mapping updates of one volume.
 func MappingSubject(volumeID string) string { return SubjectMappingsPrefix + volumeID }
 

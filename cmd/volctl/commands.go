@@ -31,8 +31,8 @@ Usage:
   volctl volume create --name N --snapshot S [--size 5GiB] [--metadata k=v]... [--wait]
   volctl volume attach ID --vm VM [--wait]
   volctl volume attach-root ID --vm VM [--wait]
-  volctl volume detach ID [--wait]
-  volctl volume delete ID [--wait]
+  volctl volume detach ID [--force] [--wait]
+  volctl volume delete ID [--force] [--wait]
   volctl volume get ID
   volctl volume list [--vm VM] [--tag k=v]... [--name N]
   volctl volume snapshot ID [--name N] [--wait]
@@ -72,6 +72,11 @@ create, export delete):
                       with the same K answers the same operation (another
                       command or body with K: 409 CONFLICT)
 
+detach and delete refuse (the operation fails with CONFLICT naming who) a
+volume in use on its VM: mounted, held by dm or md, open by a process, or
+its NBD export with clients. --force goes ahead: it cuts the export's
+clients, and data not yet written is lost.
+
 --wait shows the operation's steps on stderr, prints the final operation
 and exits 1 unless it completed (with -o json: the operation's JSON).
 volume list lists CloudStack's volumes that match --tag, --name and --vm
@@ -96,7 +101,7 @@ type opts struct {
 	typ, status, volume, cursor          string
 	requestedBy                          string
 	limit                                int
-	readWrite, shrinkOK                  bool
+	readWrite, shrinkOK, force           bool
 	snapshot                             string
 	metadata, tags                       metadataFlag
 }
@@ -128,6 +133,18 @@ type command struct {
 var groups = map[string]bool{"volume": true, "op": true, "export": true, "snapshot": true}
 
 func vmFlag(fs *flag.FlagSet, o *opts) { fs.StringVar(&o.vm, "vm", "", "VM id") }
+
+func forceFlag(fs *flag.FlagSet, o *opts) {
+	fs.BoolVar(&o.force, "force", false, "go ahead although the volume is in use (cuts NBD clients; data not yet written is lost)")
+}
+
+// forced adds client.WithForce to o when --force was given.
+func (in *invocation) forced(o []client.CallOption) []client.CallOption {
+	if in.o.force {
+		return append(o, client.WithForce())
+	}
+	return o
+}
 
 var commandList = []command{
 	{group: "volume", name: "create", op: true, flags: func(fs *flag.FlagSet, o *opts) {
@@ -162,14 +179,14 @@ var commandList = []command{
 			return in.c.AttachRoot(ctx, in.args[0], in.o.vm, o...)
 		})
 	}},
-	{group: "volume", name: "detach", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
+	{group: "volume", name: "detach", args: []string{"ID"}, op: true, flags: forceFlag, run: func(ctx context.Context, in *invocation) error {
 		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
-			return in.c.DetachVolume(ctx, in.args[0], o...)
+			return in.c.DetachVolume(ctx, in.args[0], in.forced(o)...)
 		})
 	}},
-	{group: "volume", name: "delete", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
+	{group: "volume", name: "delete", args: []string{"ID"}, op: true, flags: forceFlag, run: func(ctx context.Context, in *invocation) error {
 		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
-			return in.c.DeleteVolume(ctx, in.args[0], o...)
+			return in.c.DeleteVolume(ctx, in.args[0], in.forced(o)...)
 		})
 	}},
 	{group: "volume", name: "get", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
