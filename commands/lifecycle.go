@@ -56,8 +56,10 @@ type SnapshotRequest struct {
 	// Name is the snapshot's name; "" names it after the operation
 	// (SnapshotName).
 	Name string `json:"name,omitempty"`
-	// Quiesce asks for a snapshot with the guest's file systems quiesced;
-	// only false is supported.
+	// Quiesce asks CloudStack for a snapshot with the guest's file systems
+	// quiesced (createSnapshot quiescevm=true); CloudStack's default
+	// snapshot strategy refuses it, and the operation then fails with
+	// CloudStack's code and text.
 	Quiesce bool `json:"quiesce"`
 }
 
@@ -137,10 +139,6 @@ func DecodeSnapshot(data []byte) (SnapshotRequest, error) {
 		if err := checkName("name", r.Name); err != nil {
 			return r, err
 		}
-	}
-	if r.Quiesce {
-		return r, Invalid("quiesce", "quiesce true is not supported: snapshots are crash-consistent (CloudStack quiesces only on VMware)").
-			WithDetail("provided_value", true)
 	}
 	return r, nil
 }

@@ -102,7 +102,7 @@ func (w *life) readyVolume(vmID string) string {
 // snapshotOf takes a snapshot of a volume directly in the fake.
 func (w *life) snapshotOf(volumeID, name string) string {
 	w.t.Helper()
-	id, job, err := w.cloud.CreateSnapshot(w.ctx, volumeID, name)
+	id, job, err := w.cloud.CreateSnapshot(w.ctx, csapi.SnapshotParams{VolumeID: volumeID, Name: name})
 	w.wait(job, err)
 	return id
 }
@@ -188,7 +188,7 @@ func TestSnapshotResumes(t *testing.T) {
 			return kinds.StepSnapshotRequested, ""
 		}},
 		{name: "crash while the job ran", wantSnaps: 1, prep: func(w *life, vol, name string) (string, string) {
-			_, job, err := w.cloud.CreateSnapshot(w.ctx, vol, name)
+			_, job, err := w.cloud.CreateSnapshot(w.ctx, csapi.SnapshotParams{VolumeID: vol, Name: name})
 			w.must(err)
 			return kinds.StepSnapshotJob, job
 		}},

@@ -35,7 +35,7 @@ func (k snapshot) Execute(ctx context.Context, j *engine.Journal) (*commands.OpR
 		name: "createSnapshot", requested: StepSnapshotRequested, job: StepSnapshotJob,
 		done: found,
 		send: func(ctx context.Context) (string, error) {
-			_, jobID, err := k.CloudStack.CreateSnapshot(ctx, req.VolumeID, name)
+			_, jobID, err := k.CloudStack.CreateSnapshot(ctx, csapi.SnapshotParams{VolumeID: req.VolumeID, Name: name, Quiesce: req.Quiesce})
 			return jobID, err
 		},
 		result: func(job csapi.Job) {
