@@ -19,7 +19,7 @@ func TestLifecycleEndpoints(t *testing.T) {
 		{name: "snapshot without body", method: "POST", path: "/volumes/" + vol1 + "/snapshots", status: http.StatusCreated,
 			check: accepted(commands.OpSnapshot, vol1, "", map[string]any{"volume_id": vol1})},
 		{name: "snapshot quiesce", method: "POST", path: "/volumes/" + vol1 + "/snapshots", body: "snapshot_quiesce.json",
-			status: http.StatusBadRequest, code: commands.CodeInvalidRequest, field: "quiesce"},
+			status: http.StatusCreated, check: accepted(commands.OpSnapshot, vol1, "", map[string]any{"quiesce": true, "volume_id": vol1})},
 		{name: "snapshot of unknown volume", method: "POST", path: "/volumes/" + volUnknown + "/snapshots", status: http.StatusNotFound,
 			code: commands.CodeNotFound},
 		{name: "list snapshots", method: "GET", path: "/volumes/" + vol1 + "/snapshots", status: http.StatusOK,

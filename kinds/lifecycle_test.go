@@ -170,6 +170,7 @@ func TestSnapshotResumes(t *testing.T) {
 		// found at.
 		prep      func(w *life, vol, name string) (step, job string)
 		reqName   string
+		quiesce   bool
 		code      string
 		csCode    int
 		wantSnaps int
@@ -200,11 +201,14 @@ func TestSnapshotResumes(t *testing.T) {
 			w.cloud.Script(csfake.CmdCreateSnapshot, csfake.Fault{Job: csfake.JobFails})
 			return "", ""
 		}},
+		// quiesce reaches CloudStack, whose refusal fails the operation
+		// with its code and text (the snapshot it allocated is in Error).
+		{name: "quiesced", quiesce: true, code: commands.CodeCloudStackError, csCode: 530, wantSnaps: 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			w := newLife(t, false)
 			vol := w.readyVolume("")
-			req := commands.SnapshotRequest{VolumeID: vol, Name: tc.reqName}
+			req := commands.SnapshotRequest{VolumeID: vol, Name: tc.reqName, Quiesce: tc.quiesce}
 			id := "op-" + uuid.NewString()
 			name := commands.SnapshotName(id, tc.reqName)
 			step, job := "", ""
@@ -215,6 +219,9 @@ func TestSnapshotResumes(t *testing.T) {
 			id = w.opWithID(id, commands.OpSnapshot, vol, req, step, job)
 			op := w.run(id)
 			wantOutcome(t, op, tc.code, tc.csCode)
+			if refused := csfake.QuiesceRefused(vol); tc.quiesce != strings.Contains(op.Error, refused) {
+				t.Errorf("error %q, want CloudStack's %q: %v", op.Error, refused, tc.quiesce)
+			}
 			snaps, err := w.cloud.ListSnapshots(w.ctx, csapi.SnapshotFilter{VolumeID: vol})
 			w.must(err)
 			if len(snaps) != tc.wantSnaps {

@@ -30,7 +30,7 @@ func TestLifecycleAccept(t *testing.T) {
 	}{
 		{"snapshot", commands.SubjectSnapshot, map[string]any{"volume_id": vol, "name": "x"}, 0, "", 0, vol},
 		{"snapshot of an unknown volume", commands.SubjectSnapshot, map[string]any{"volume_id": unknown}, 404, "", 0, ""},
-		{"snapshot quiesced", commands.SubjectSnapshot, map[string]any{"volume_id": vol, "quiesce": true}, 400, "quiesce", 0, ""},
+		{"snapshot quiesced", commands.SubjectSnapshot, map[string]any{"volume_id": vol, "quiesce": true}, 0, "", 0, vol},
 		{"snapshot with a blank name", commands.SubjectSnapshot, map[string]any{"volume_id": vol, "name": " "}, 400, "name", 0, ""},
 		{"delete_snapshot: the snapshot's volume's line", commands.SubjectDeleteSnapshot, map[string]any{"snapshot_id": otherSnap}, 0, "", 0, other},
 		{"delete_snapshot of an unknown snapshot", commands.SubjectDeleteSnapshot, map[string]any{"snapshot_id": unknown}, 404, "", 0, ""},

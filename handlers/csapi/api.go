@@ -165,7 +165,7 @@ type SnapshotParams struct {
 	// Name is the snapshot's name; "" lets CloudStack name it.
 	Name string
 	// Quiesce sends quiescevm=true; CloudStack's default snapshot strategy
-	// (every storage but a managed one) refuses it, failing the job with
+	// (every storage but managed storage) refuses it, failing the job with
 	// 530.
 	Quiesce bool
 }

@@ -278,8 +278,6 @@ func TestTagsAndVolumeList(t *testing.T) {
 			http.StatusBadRequest, commands.CodeInvalidRequest, "tags"},
 		{"tags missing", http.MethodPut, "/volumes/" + vol + "/tags", map[string]any{}, http.StatusBadRequest,
 			commands.CodeInvalidRequest, "tags"},
-		{"snapshot quiesced", http.MethodPost, "/volumes/" + vol + "/snapshots", map[string]any{"quiesce": true},
-			http.StatusBadRequest, commands.CodeInvalidRequest, "quiesce"},
 		{"revert without snapshot", http.MethodPost, "/volumes/" + vol + "/revert", map[string]any{}, http.StatusBadRequest,
 			commands.CodeInvalidRequest, "snapshot_id"},
 		{"list with a bad tag", http.MethodGet, "/volumes?tag=env", nil, http.StatusBadRequest, commands.CodeInvalidRequest, "tag"},

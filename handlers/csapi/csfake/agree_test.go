@@ -562,7 +562,7 @@ var lifecycleScenarios = []struct {
 		v := w.create("q", 1)
 		w.attach(v, cloudsim.RemoteVMID, nil)
 		id, jobID, err := w.api.CreateSnapshot(w.ctx, csapi.SnapshotParams{VolumeID: v, Name: "quiesced", Quiesce: true})
-		w.submitted("quiesced snapshot " + id)(jobID, err)
+		w.submitted("quiesced snapshot "+id)(jobID, err)
 		w.snapshots(csapi.SnapshotFilter{Name: "quiesced"})
 		w.getFull(v)
 		w.snapshot(v, "crash-consistent")
