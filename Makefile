@@ -8,10 +8,11 @@ TEST_TIMEOUT ?= 45m
 # What the tests use besides Go: redis-server, and the NBD clients
 # (nbdinfo and nbdcopy from libnbd-bin; nbdsh from python3-libnbd; qemu-img,
 # qemu-io and, for bench-nbd, qemu-nbd from qemu-utils), systemd-analyze
-# (systemd) for the units, and ip (iproute2) and tcpdump for the TLS test
-# off loopback (a network namespace, a veth pair and a capture on it).
-TEST_TOOLS := redis-server nbdinfo nbdcopy nbdsh qemu-img qemu-io qemu-nbd systemd-analyze ip tcpdump
-TEST_PACKAGES := redis-server libnbd-bin python3-libnbd qemu-utils systemd iproute2 tcpdump
+# (systemd) for the units, ip (iproute2) and tcpdump for the TLS test off
+# loopback (a network namespace, a veth pair and a capture on it), and
+# mkfs.ext4 (e2fsprogs) for a mounted volume.
+TEST_TOOLS := redis-server nbdinfo nbdcopy nbdsh qemu-img qemu-io qemu-nbd systemd-analyze ip tcpdump mkfs.ext4
+TEST_PACKAGES := redis-server libnbd-bin python3-libnbd qemu-utils systemd iproute2 tcpdump e2fsprogs
 
 # make install: the binaries, the systemd units, the README and docs/; DESTDIR
 # stages it (packaging), PREFIX moves it (the units follow).

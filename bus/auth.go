@@ -262,7 +262,7 @@ func (a *Authority) Creds(role string) ([]byte, error) {
 }
 
 // AgentCreds mints the credentials of the device agent of vmID: it may
-// publish only devices.<vmID>.>, take only its own list and names
+// publish only devices.<vmID>.>, take only its own list, names and users
 // requests, and answer them.
 func (a *Authority) AgentCreds(vmID string) ([]byte, error) {
 	if vmID == "" || strings.ContainsAny(vmID, ".*> \t\r\n") {
@@ -356,7 +356,8 @@ func readEvents(p *jwt.Permissions) {
 func agentPermissions(vmID string) jwt.Permissions {
 	var p jwt.Permissions
 	p.Pub.Allow.Add(commands.SubjectDevicesPrefix + vmID + ".>")
-	p.Sub.Allow.Add(commands.DevicesListSubject(vmID), commands.DevicesNamesSubject(vmID), AgentInboxPrefix(vmID)+".>")
+	p.Sub.Allow.Add(commands.DevicesListSubject(vmID), commands.DevicesNamesSubject(vmID), commands.DevicesUsersSubject(vmID),
+		AgentInboxPrefix(vmID)+".>")
 	p.Resp = &jwt.ResponsePermission{MaxMsgs: 1, Expires: agentReplyTTL}
 	return p
 }

@@ -59,6 +59,7 @@ type CallOption func(*callOptions)
 // callOptions are what CallOptions set.
 type callOptions struct {
 	idempotencyKey string
+	force          bool
 }
 
 // WithIdempotencyKey sends key as the command's Idempotency-Key header: a
@@ -66,6 +67,19 @@ type callOptions struct {
 // first one started; with another body, 409 CONFLICT.
 func WithIdempotencyKey(key string) CallOption {
 	return func(o *callOptions) { o.idempotencyKey = key }
+}
+
+// WithForce sends {"force": true}: a detach or delete goes ahead although
+// the volume is in use on its VM (mounted, held, open, or its NBD export
+// with clients), cutting the export's clients. Only DetachVolume and
+// DeleteVolume take it; see the operations documentation for its risks.
+func WithForce() CallOption {
+	return func(o *callOptions) { o.force = true }
+}
+
+// volumeBody is the body of a detach or delete.
+type volumeBody struct {
+	Force bool `json:"force,omitempty"`
 }
 
 // New returns a client of the volumed at server (scheme://host[:port],
@@ -155,6 +169,9 @@ func (c *Client) command(ctx context.Context, method, path string, in any, opts 
 	for _, opt := range opts {
 		opt(&o)
 	}
+	if _, ok := in.(volumeBody); o.force && !ok {
+		return commands.Operation{}, fmt.Errorf("client: %s %s: WithForce applies to DetachVolume and DeleteVolume only", method, path)
+	}
 	header := http.Header{}
 	if o.idempotencyKey != "" {
 		header.Set(commands.IdempotencyKeyHeader, o.idempotencyKey)
@@ -183,14 +200,25 @@ func (c *Client) AttachRoot(ctx context.Context, volumeID, vmID string, opts ...
 	return c.command(ctx, http.MethodPost, "/volumes/"+vol(volumeID)+"/attach-root", map[string]string{"vm_id": vmID}, opts)
 }
 
-// DetachVolume detaches a volume from its VM (POST /volumes/{id}/detach).
+// DetachVolume detaches a volume from its VM (POST /volumes/{id}/detach);
+// a volume in use is refused unless WithForce.
 func (c *Client) DetachVolume(ctx context.Context, volumeID string, opts ...CallOption) (commands.Operation, error) {
-	return c.command(ctx, http.MethodPost, "/volumes/"+vol(volumeID)+"/detach", nil, opts)
+	return c.command(ctx, http.MethodPost, "/volumes/"+vol(volumeID)+"/detach", forceBody(opts), opts)
 }
 
-// DeleteVolume deletes a volume (DELETE /volumes/{id}).
+// DeleteVolume deletes a volume (DELETE /volumes/{id}); a volume whose
+// device is in use is refused unless WithForce.
 func (c *Client) DeleteVolume(ctx context.Context, volumeID string, opts ...CallOption) (commands.Operation, error) {
-	return c.command(ctx, http.MethodDelete, "/volumes/"+vol(volumeID), nil, opts)
+	return c.command(ctx, http.MethodDelete, "/volumes/"+vol(volumeID), forceBody(opts), opts)
+}
+
+// forceBody is the body of a detach or delete with opts.
+func forceBody(opts []CallOption) volumeBody {
+	var o callOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return volumeBody{Force: o.force}
 }
 
 // GetVolume returns a volume's state, device and last operation

@@ -3,8 +3,10 @@ package client_test
 import (
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
@@ -160,5 +162,50 @@ func TestIdempotencyKey(t *testing.T) {
 				t.Errorf("server saw %+v, want %s %s with key %q", s, tc.method, tc.path, key)
 			}
 		}
+	}
+}
+
+// TestForce: WithForce sends {"force":true} on detach and delete, nothing
+// without it, and is refused on other commands before anything is sent.
+func TestForce(t *testing.T) {
+	bodies := make(chan string, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		bodies <- r.Method + " " + r.URL.Path + " " + string(b)
+		w.WriteHeader(http.StatusCreated)
+		_, _ = w.Write([]byte(`{"id":"op-1","status":"pending"}`))
+	}))
+	defer srv.Close()
+	c, err := client.New(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for _, tc := range []struct {
+		call func(...client.CallOption) (commands.Operation, error)
+		want string
+		opts []client.CallOption
+	}{
+		{func(o ...client.CallOption) (commands.Operation, error) { return c.DetachVolume(ctx, "v1", o...) },
+			`POST /api/v1/volumes/v1/detach {"force":true}`, []client.CallOption{client.WithForce()}},
+		{func(o ...client.CallOption) (commands.Operation, error) { return c.DetachVolume(ctx, "v1", o...) },
+			`POST /api/v1/volumes/v1/detach {}`, nil},
+		{func(o ...client.CallOption) (commands.Operation, error) { return c.DeleteVolume(ctx, "v1", o...) },
+			`DELETE /api/v1/volumes/v1 {"force":true}`, []client.CallOption{client.WithForce()}},
+	} {
+		if _, err := tc.call(tc.opts...); err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.TrimSpace(<-bodies); got != tc.want {
+			t.Errorf("sent %q, want %q", got, tc.want)
+		}
+	}
+	if _, err := c.DeleteExport(ctx, "v1", client.WithForce()); err == nil || !strings.Contains(err.Error(), "WithForce applies to") {
+		t.Fatalf("unexport with force: %v", err)
+	}
+	select {
+	case b := <-bodies:
+		t.Fatalf("unexport with force was sent: %s", b)
+	default:
 	}
 }

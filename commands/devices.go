@@ -155,3 +155,58 @@ func (m Mapping) Device() string {
 	}
 	return m.DevicePath
 }
+
+// DeviceUser is one holder of a volume's device or export, which makes a
+// detach or delete without force a CONFLICT.
+type DeviceUser struct {
+	// Kind is what holds it: UserMount, UserHolder, UserProcess or
+	// UserNBDClient.
+	Kind string `json:"kind"`
+	// Device is the node held: the disk or one of its partitions.
+	Device string `json:"device,omitempty"`
+	// MountPoint is where it is mounted (UserMount).
+	MountPoint string `json:"mount_point,omitempty"`
+	// Holder is the kernel name of the dm or md device over it
+	// (UserHolder).
+	Holder string `json:"holder,omitempty"`
+	// PID and Command are the process holding it open (UserProcess).
+	PID     int    `json:"pid,omitempty"`
+	Command string `json:"command,omitempty"`
+	// Clients counts the connected clients of its NBD export
+	// (UserNBDClient), and Export names it.
+	Clients int    `json:"clients,omitempty"`
+	Export  string `json:"export,omitempty"`
+}
+
+// Kinds of DeviceUser.
+const (
+	UserMount     = "mount"
+	UserHolder    = "holder"
+	UserProcess   = "process"
+	UserNBDClient = "nbd_client"
+)
+
+// String names the user for people, e.g. "/dev/loop3p1 mounted on /mnt"
+// or "pid 42 (sleep) has /dev/loop3 open".
+func (u DeviceUser) String() string {
+	switch u.Kind {
+	case UserMount:
+		return fmt.Sprintf("%s mounted on %s", u.Device, u.MountPoint)
+	case UserHolder:
+		return fmt.Sprintf("%s held by %s", u.Device, u.Holder)
+	case UserProcess:
+		return fmt.Sprintf("pid %d (%s) has %s open", u.PID, u.Command, u.Device)
+	case UserNBDClient:
+		return fmt.Sprintf("NBD export %s has %d connected client(s)", u.Export, u.Clients)
+	}
+	return u.Kind + " " + u.Device
+}
+
+// DeviceUsers lists users for people, separated by "; ".
+func DeviceUsers(users []DeviceUser) string {
+	s := make([]string, len(users))
+	for i, u := range users {
+		s[i] = u.String()
+	}
+	return strings.Join(s, "; ")
+}

@@ -18,10 +18,19 @@ const (
 	// OpExport and OpUnexport start and end a volume's NBD export.
 	OpExport   OpType = "export"
 	OpUnexport OpType = "unexport"
+	// OpSnapshot takes a snapshot of a volume; OpDeleteSnapshot deletes
+	// one (ordered on its volume); OpRevert reverts a volume to one.
+	OpSnapshot       OpType = "snapshot"
+	OpDeleteSnapshot OpType = "delete_snapshot"
+	OpRevert         OpType = "revert"
+	// OpResize resizes a volume; OpTags sets a volume's tags.
+	OpResize OpType = "resize"
+	OpTags   OpType = "tags"
 )
 
 // OpTypes lists every operation type.
-var OpTypes = []OpType{OpCreate, OpAttach, OpDetach, OpDelete, OpExport, OpUnexport}
+var OpTypes = []OpType{OpCreate, OpAttach, OpDetach, OpDelete, OpExport, OpUnexport,
+	OpSnapshot, OpDeleteSnapshot, OpRevert, OpResize, OpTags}
 
 // OpStatus is where an operation is in its life.
 type OpStatus string
@@ -100,6 +109,11 @@ type OpResponse struct {
 	DeviceID *int64 `json:"device_id,omitempty"`
 	// ExportName is the NBD export an export operation made.
 	ExportName string `json:"export_name,omitempty"`
+	// SnapshotID is the snapshot a snapshot operation took, deleted or
+	// reverted to.
+	SnapshotID string `json:"snapshot_id,omitempty"`
+	// Size is the volume's size in bytes after a resize or a revert.
+	Size int64 `json:"size,omitempty"`
 	// Message says what was done, e.g. "Volume attached successfully".
 	Message string `json:"message"`
 }

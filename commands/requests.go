@@ -44,8 +44,12 @@ type CreateRequest struct {
 	DiskOfferingID string `json:"disk_offering_id"`
 	// ZoneID is the CloudStack zone to create the volume in, a UUID.
 	ZoneID string `json:"zone_id"`
-	// Metadata is the caller's own; it is recorded with the request, not used.
+	// Metadata becomes the volume's CloudStack tags: each value a string,
+	// or, recorded by an earlier volumed, any JSON (its text is the tag).
 	Metadata map[string]any `json:"metadata,omitempty"`
+	// SnapshotID creates the volume from this snapshot, with its data;
+	// Size, DiskOfferingID and ZoneID are then optional.
+	SnapshotID string `json:"snapshot_id,omitempty"`
 }
 
 // SizeGiB is the size in whole GiB, rounded up, as CloudStack takes it.
@@ -76,6 +80,10 @@ func (r AttachRequest) Root() bool { return r.AttachAs == AttachAsRoot }
 type VolumeRequest struct {
 	// VolumeID is the volume to detach or delete, a UUID ("vol-" prefix allowed).
 	VolumeID string `json:"volume_id"`
+	// Force detaches or deletes a volume whose device is in use (mounted,
+	// held, open, or its NBD export with clients): the export's clients
+	// are cut. Detach and delete only (an unexport always cuts them).
+	Force bool `json:"force,omitempty"`
 }
 
 var uuidRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
@@ -124,6 +132,10 @@ func DecodeCreate(data []byte) (CreateRequest, error) {
 	case strings.IndexFunc(r.Name, unicode.IsControl) >= 0:
 		return r, Invalid("name", "name must not contain control characters")
 	}
+	var err error
+	if r.SnapshotID != "" {
+		return decodeFromSnapshot(r)
+	}
 	if r.Size < MinVolumeSize {
 		return r, Invalid("size", "Invalid volume size: must be at least 1GB").
 			WithDetail("provided_value", r.Size).WithDetail("minimum_value", MinVolumeSize)
@@ -132,14 +144,13 @@ func DecodeCreate(data []byte) (CreateRequest, error) {
 		return r, Invalid("size", "Invalid volume size: must be at most 64 TiB (%d bytes)", MaxVolumeSize).
 			WithDetail("provided_value", r.Size).WithDetail("maximum_value", MaxVolumeSize)
 	}
-	var err error
 	if r.DiskOfferingID, err = NormalizeID("disk_offering_id", "", r.DiskOfferingID); err != nil {
 		return r, err
 	}
 	if r.ZoneID, err = NormalizeID("zone_id", "", r.ZoneID); err != nil {
 		return r, err
 	}
-	return r, nil
+	return r, checkMetadata(r.Metadata)
 }
 
 // DecodeAttach parses and validates an attach request ({"volume_id",

@@ -2,6 +2,7 @@ package commands_test
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -179,5 +180,46 @@ func TestValidateIdempotencyKey(t *testing.T) {
 		if tc.ok != (err == nil) || (err != nil && (!errors.As(err, &e) || e.Status != http.StatusBadRequest || e.Details["field"] != commands.IdempotencyKeyHeader)) {
 			t.Errorf("key %q: %v, want ok=%v", tc.key, err, tc.ok)
 		}
+	}
+}
+
+func TestDecodeVolumeForce(t *testing.T) {
+	for _, tc := range []struct {
+		name, body, field string
+		ok, force         bool
+	}{
+		{"no force by default", `{"volume_id":"` + vol + `"}`, "", true, false},
+		{"force asked", `{"volume_id":"` + vol + `","force":true}`, "", true, true},
+		{"force false", `{"volume_id":"` + vol + `","force":false}`, "", true, false},
+		{"force not a boolean", `{"volume_id":"` + vol + `","force":"yes"}`, "force", false, false},
+		{"force a number", `{"volume_id":"` + vol + `","force":1}`, "force", false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, err := commands.DecodeVolume([]byte(tc.body))
+			if !tc.ok {
+				var e *commands.Error
+				if !errors.As(err, &e) || e.Status != http.StatusBadRequest || e.Details["field"] != tc.field {
+					t.Fatalf("error %v (%+v), want 400 on field %q", err, e, tc.field)
+				}
+				return
+			}
+			if err != nil || req.VolumeID != vol || req.Force != tc.force {
+				t.Fatalf("decoded %+v, %v; want force=%v", req, err, tc.force)
+			}
+		})
+	}
+	if s := commands.DevicesUsersSubject(vm); s != "devices."+vm+".users" {
+		t.Errorf("DevicesUsersSubject = %s", s)
+	}
+}
+
+// TestMetadataTags: metadata becomes tags; what an earlier volumed
+// accepted and CloudStack cannot take is left out.
+func TestMetadataTags(t *testing.T) {
+	got := commands.MetadataTags(map[string]any{"purpose": "test", "n": 1.5, "obj": map[string]any{"a": true}, "empty": "",
+		"": "no key", "long": strings.Repeat("x", 256)})
+	want := map[string]string{"purpose": "test", "n": "1.5", "obj": `{"a":true}`}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("MetadataTags = %v, want %v", got, want)
 	}
 }

@@ -15,6 +15,12 @@ const (
 	// export, served by the instance serving the volume's VM (--vm-id).
 	SubjectExport   = "volumes.cmd.export"
 	SubjectUnexport = "volumes.cmd.unexport"
+	// Snapshots, revert, resize and tags: see OpSnapshot and the others.
+	SubjectSnapshot       = "volumes.cmd.snapshot"
+	SubjectDeleteSnapshot = "volumes.cmd.delete_snapshot"
+	SubjectRevert         = "volumes.cmd.revert"
+	SubjectResize         = "volumes.cmd.resize"
+	SubjectTags           = "volumes.cmd.tags"
 	// SubjectForceSync runs a reconcile and replies with its summary.
 	SubjectForceSync = "volumes.cmd.force-sync"
 
@@ -60,6 +66,10 @@ func DevicesListSubject(vmID string) string { return SubjectDevicesPrefix + vmID
 // DevicesNamesSubject is the request/reply subject where a VM's device
 // agent takes the full set of persistent names it must hold.
 func DevicesNamesSubject(vmID string) string { return SubjectDevicesPrefix + vmID + ".names" }
+
+// DevicesUsersSubject is the request/reply subject where a VM's device
+// agent answers who uses one of its disks (mounts, holders, processes).
+func DevicesUsersSubject(vmID string) string { return SubjectDevicesPrefix + vmID + ".users" }
 
 // MappingSubject is the subject of mapping updates of one volume.
 func MappingSubject(volumeID string) string { return SubjectMappingsPrefix + volumeID }

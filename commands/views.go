@@ -15,6 +15,8 @@ type VolumeStatus struct {
 	State string `json:"state"`
 	// Size is in bytes, as CloudStack reports it.
 	Size int64 `json:"size"`
+	// Tags are the volume's CloudStack resource tags; {} when none.
+	Tags map[string]string `json:"tags"`
 	// CloudStackData is CloudStack's record of the volume.
 	CloudStackData *CloudStackData `json:"cloudstack_data,omitempty"`
 	// LinuxData describes the mapped device; omitted when there is none.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -58,6 +59,28 @@ type ErrorReply struct {
 	Error string `json:"error"`
 }
 
+// UsersRequest is the body of a devices.<vm_id>.users request: who uses
+// the disk of Identity?
+type UsersRequest struct {
+	// Identity is the disk asked about, as the mapping records it.
+	Identity commands.DeviceIdentity `json:"identity"`
+	// Aliases are more paths naming it (its persistent name).
+	Aliases []string `json:"aliases,omitempty"`
+}
+
+// UsersReply is the reply of a devices.<vm_id>.users request.
+type UsersReply struct {
+	// Users are who uses the disk; empty when it is free.
+	Users []commands.DeviceUser `json:"users,omitempty"`
+	// Gone: the disk of that identity is not present (nothing uses it).
+	Gone bool `json:"gone,omitempty"`
+	// Error says why the request failed.
+	Error string `json:"error,omitempty"`
+}
+
+// maxAliases bounds the aliases of a users request.
+const maxAliases = 16
+
 // ServerConfig configures a Server.
 type ServerConfig struct {
 	// VMID is the VM the agent runs on: the <vm_id> of its subjects.
@@ -73,14 +96,18 @@ type ServerConfig struct {
 	// SysRoot is the sysfs the list and names requests re-read; default
 	// DefaultSysRoot.
 	SysRoot string
+	// ProcRoot is the procfs the users requests read; default
+	// DefaultProcRoot. This process's own open files do not count.
+	ProcRoot string
 	// Logger is the parent logger; default slog.Default().
 	Logger *slog.Logger
 }
 
 // Server is the agent's NATS side: it publishes every agent event to
 // JetStream on devices.<vm_id>.<action>, answers devices.<vm_id>.list with
-// the disks present (re-read from sysfs) and makes the persistent names
-// exactly the name set of each devices.<vm_id>.names request.
+// the disks present (re-read from sysfs), makes the persistent names
+// exactly the name set of each devices.<vm_id>.names request, and
+// answers devices.<vm_id>.users with who uses a disk (Usage).
 type Server struct {
 	cfg   ServerConfig
 	log   *slog.Logger
@@ -153,6 +180,7 @@ func (s *Server) Start(ctx context.Context) error {
 	for subject, handle := range map[string]nats.MsgHandler{
 		commands.DevicesListSubject(s.cfg.VMID):  s.serveList,
 		commands.DevicesNamesSubject(s.cfg.VMID): s.serveNames,
+		commands.DevicesUsersSubject(s.cfg.VMID): s.serveUsers,
 	} {
 		sub, err := s.cfg.Conn.Subscribe(subject, bus.Published(handle))
 		if err != nil {
@@ -296,6 +324,41 @@ func (s *Server) serveNames(msg *nats.Msg) {
 		return
 	}
 	s.reply(msg, s.apply(s.runCtx, req.Names, req.Identities))
+}
+
+// serveUsers answers who uses the disk of the requested identity: its
+// mounts, holders and the processes other than this one with it open.
+func (s *Server) serveUsers(msg *nats.Msg) {
+	var req UsersRequest
+	if err := json.Unmarshal(msg.Data, &req); err != nil {
+		s.reply(msg, UsersReply{Error: fmt.Sprintf("bad users request: %v", err)})
+		return
+	}
+	id := req.Identity
+	if len(req.Aliases) > maxAliases {
+		s.reply(msg, UsersReply{Error: fmt.Sprintf("more than %d aliases", maxAliases)})
+		return
+	}
+	d, ok, err := s.sysfs.Disk(id.Name)
+	switch {
+	case err != nil:
+		s.reply(msg, UsersReply{Error: err.Error()})
+		return
+	case !ok || (id.Major != 0 && !s.sameDisk(id, d)):
+		// Gone, or another disk under the name now. An identity with only
+		// a name (a mapping recorded before identities) asks for the name.
+		s.reply(msg, UsersReply{Gone: true})
+		return
+	}
+	users, err := Usage{SysRoot: s.cfg.SysRoot, ProcRoot: s.cfg.ProcRoot, Self: os.Getpid()}.Users(id.Name, req.Aliases...)
+	if err != nil {
+		s.reply(msg, UsersReply{Error: err.Error()})
+		return
+	}
+	if len(users) > 0 {
+		s.log.Info("disk in use", "device", d.Path, "users", commands.DeviceUsers(users))
+	}
+	s.reply(msg, UsersReply{Users: users})
 }
 
 // checkNames refuses a set with a name that is not volXXXXXXXX, a target

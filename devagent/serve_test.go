@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"maps"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -452,5 +453,55 @@ func TestServerNameRemovedByScan(t *testing.T) {
 		t.Fatalf("second event %+v, want the add of %s with a new diskseq", got[1], second)
 	case got[1].EventSeq != got[0].EventSeq+1:
 		t.Fatalf("event numbers %d then %d", got[0].EventSeq, got[1].EventSeq)
+	}
+}
+
+// users asks the server who uses the disk of id.
+func (e *serveEnv) users(t *testing.T, id commands.DeviceIdentity) devagent.UsersReply {
+	t.Helper()
+	body, _ := json.Marshal(devagent.UsersRequest{Identity: id})
+	var rep devagent.UsersReply
+	if err := json.Unmarshal(e.request(t, commands.DevicesUsersSubject(e.vm), body), &rep); err != nil {
+		t.Fatal(err)
+	}
+	if rep.Error != "" {
+		t.Fatalf("users of %s: %s", id, rep.Error)
+	}
+	return rep
+}
+
+// TestServerUsers: on a real loop device, the users request names a
+// process holding it open (pid and command), not this process's own open
+// file, and says gone for another appearance of the disk.
+func TestServerUsers(t *testing.T) {
+	e := startServe(t, nil, nil)
+	id := e.event(t, commands.DeviceAdd).Identity()
+	if rep := e.users(t, id); len(rep.Users) != 0 || rep.Gone {
+		t.Fatalf("unused disk: %+v", rep)
+	}
+	own, err := os.Open(e.dev.Path) // this process is the agent's: not a user
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer own.Close()
+	holder := exec.Command("sh", "-c", "exec 3<"+e.dev.Path+"; exec sleep 600")
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = holder.Process.Kill(); _ = holder.Wait() })
+	want := commands.DeviceUser{Kind: commands.UserProcess, Device: e.dev.Path, PID: holder.Process.Pid, Command: "sleep"}
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		rep := e.users(t, id)
+		return len(rep.Users) == 1 && rep.Users[0] == want
+	}, "users of %s: want only %+v", e.dev.Path, want)
+	_ = holder.Process.Kill()
+	_ = holder.Wait()
+	if rep := e.users(t, id); len(rep.Users) != 0 {
+		t.Fatalf("after the holder ended: %+v", rep)
+	}
+	other := id
+	other.DiskSeq, other.Generation = id.DiskSeq+1000, id.Generation+1000
+	if rep := e.users(t, other); !rep.Gone {
+		t.Fatalf("another appearance of %s: %+v, want gone", id.Name, rep)
 	}
 }

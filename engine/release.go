@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/state"
 )
 
@@ -31,8 +32,22 @@ type Devices interface {
 	// record all the same.
 	Attached(ctx context.Context, want commands.Mapping, since time.Time) (commands.Mapping, error)
 	// Detached releases what the volume had on its VM (persistent name)
-	// once its device is gone or after a timeout.
+	// once its device is gone or after a timeout; a device still there
+	// then is an error wrapping ErrDevicePresent.
 	Detached(ctx context.Context, m commands.Mapping) error
+}
+
+// ErrDevicePresent: the kernel of the volume's VM still shows its device.
+var ErrDevicePresent = errors.New("the device is still on its VM")
+
+// UseChecker tells who uses a volume's device or export.
+type UseChecker interface {
+	// Users names who uses m's device on its VM (mounts of it or of its
+	// partitions, dm or md holders, processes other than volumed with it
+	// open) and the connected clients of the volume's NBD export; none
+	// when nothing does. m may be a mapping with only VolumeID set (no
+	// mapping recorded): only the export is asked about then.
+	Users(ctx context.Context, m commands.Mapping) ([]commands.DeviceUser, error)
 }
 
 // ExportEnder ends NBD exports (the host work).
@@ -54,8 +69,46 @@ type Releaser struct {
 	Exports ExportEnder
 	// Devices is the device agent side; nil without agents.
 	Devices Devices
+	// InUse tells who uses a volume's device or export, for CheckFree;
+	// nil: nothing is ever in use.
+	InUse UseChecker
+	// Wait bounds an operation's wait for the volume's device to go from
+	// its VM (the step deadline); 0: one Detached call.
+	Wait time.Duration
 	// Log receives what could not be released.
 	Log *slog.Logger
+}
+
+// CheckFree fails with CONFLICT, naming who, when the volume's device on
+// its VM or its NBD export is in use (InUse), and with SERVICE_UNAVAILABLE
+// when that cannot be told. A detach or delete asked with force skips it.
+func (r *Releaser) CheckFree(ctx context.Context, volumeID string) error {
+	if r.InUse == nil {
+		return nil
+	}
+	m, err := r.Mappings.Get(ctx, volumeID)
+	switch {
+	case errors.Is(err, state.ErrNotFound):
+		m = commands.Mapping{VolumeID: volumeID}
+	case err != nil:
+		return fmt.Errorf("%w: %w", ErrStopped, err)
+	}
+	users, err := r.InUse.Users(ctx, m)
+	switch {
+	case ctx.Err() != nil || errors.Is(err, ErrStopped):
+		return fmt.Errorf("%w: %w", ErrStopped, err)
+	case err != nil:
+		return commands.Unavailable("cannot tell whether volume %s is in use on VM %s: %v (force skips this check)",
+			volumeID, m.VMID, err).WithDetail("volume_id", volumeID)
+	case len(users) > 0:
+		where := ""
+		if m.VMID != "" {
+			where = " on VM " + m.VMID
+		}
+		return commands.Conflict("volume %s is in use%s: %s; stop using it, or use force", volumeID, where,
+			commands.DeviceUsers(users)).WithDetail("volume_id", volumeID).WithDetail("users", users)
+	}
+	return nil
 }
 
 // Released is what a release ended.
@@ -89,7 +142,10 @@ func (r *Releaser) Unexport(ctx context.Context, f Fence, volumeID string, mark 
 
 // Release ends the volume's export, device and mapping, fenced by f;
 // m is the mapping as read (nil: read now). mark journals the steps on
-// the operation running it (nil for the reconcile).
+// the operation running it (nil for the reconcile). An operation waits,
+// up to Wait, for the kernel of a VM with an agent to remove the device,
+// and fails with TIMEOUT, keeping the mapping, if it is still there; the
+// reconcile releases the mapping all the same.
 func (r *Releaser) Release(ctx context.Context, f Fence, volumeID string, m *commands.Mapping, mark func(ctx context.Context, step string) error) (Released, error) {
 	var out Released
 	name, err := r.Unexport(ctx, f, volumeID, mark)
@@ -119,11 +175,8 @@ func (r *Releaser) Release(ctx context.Context, f Fence, volumeID string, m *com
 				return out, err
 			}
 		}
-		if err := r.Devices.Detached(ctx, *m); err != nil {
-			if ctx.Err() != nil {
-				return out, fmt.Errorf("%w: device release: %w", ErrStopped, context.Cause(ctx))
-			}
-			r.Log.Warn("device release incomplete", "volume_id", volumeID, "err", err)
+		if err := r.waitGone(ctx, *m, mark != nil); err != nil {
+			return out, err
 		}
 	}
 	out.Deleted, err = r.Mappings.DeleteReleased(ctx, f, *m)
@@ -131,4 +184,35 @@ func (r *Releaser) Release(ctx context.Context, f Fence, volumeID string, m *com
 		err = fmt.Errorf("%w: %w", ErrStopped, err)
 	}
 	return out, err
+}
+
+// waitGone has the device agent release m's device, again while the
+// device is still there, until Wait passes; then an operation (strict)
+// fails with TIMEOUT and the reconcile goes on. Other failures of the
+// release are logged.
+func (r *Releaser) waitGone(ctx context.Context, m commands.Mapping, strict bool) error {
+	deadline := time.Now().Add(r.Wait)
+	pause := backoff.Policy{Min: 100 * time.Millisecond, Max: 2 * time.Second}.Start()
+	for {
+		err := r.Devices.Detached(ctx, m)
+		switch {
+		case ctx.Err() != nil:
+			return fmt.Errorf("%w: device release: %w", ErrStopped, context.Cause(ctx))
+		case err == nil:
+			return nil
+		case !errors.Is(err, ErrDevicePresent) || !strict:
+			r.Log.Warn("device release incomplete", "volume_id", m.VolumeID, "err", err)
+			return nil
+		case time.Now().After(deadline):
+			return commands.Timeout("volume %s is detached in CloudStack, but VM %s still shows its device %s after %v: %v",
+				m.VolumeID, m.VMID, m.DevicePath, r.Wait, err).WithDetail("step", StepRelease).WithDetail("device_path", m.DevicePath)
+		case !r.Devices.HasAgent(ctx, m.VMID):
+			r.Log.Warn("the VM's device agent no longer answers; device release not confirmed", "volume_id", m.VolumeID, "vm_id", m.VMID, "err", err)
+			return nil
+		}
+		r.Log.Info("device still on its VM; waiting for the kernel to remove it", "volume_id", m.VolumeID, "vm_id", m.VMID, "device", m.DevicePath)
+		if !pause.Wait(ctx, 0) {
+			return fmt.Errorf("%w: device release: %w", ErrStopped, context.Cause(ctx))
+		}
+	}
 }

@@ -87,6 +87,15 @@ func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, c
 		err = cmd.Check(ctx, checkCtx)
 		cancel()
 		if err != nil {
+			// The same command sent again while the first was recorded
+			// and ran (its answer lost): the record answers, not the
+			// state it left (a deleted volume's 404).
+			if key == "" {
+				return nil, err
+			}
+			if seen, gerr := s.cfg.Store.GetOperation(ctx, id); gerr == nil {
+				return s.seenBefore(ctx, seen, key, typ, raw)
+			}
 			return nil, err
 		}
 	}

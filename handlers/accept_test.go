@@ -49,7 +49,9 @@ func TestMicroService(t *testing.T) {
 	}
 	want := map[string]string{"create": commands.SubjectCreate, "attach": commands.SubjectAttach,
 		"attach-root": commands.SubjectAttachRoot, "detach": commands.SubjectDetach, "delete": commands.SubjectDelete,
-		"export": commands.SubjectExport, "unexport": commands.SubjectUnexport, "force-sync": commands.SubjectForceSync}
+		"export": commands.SubjectExport, "unexport": commands.SubjectUnexport, "force-sync": commands.SubjectForceSync,
+		"snapshot": commands.SubjectSnapshot, "delete_snapshot": commands.SubjectDeleteSnapshot, "revert": commands.SubjectRevert,
+		"resize": commands.SubjectResize, "tags": commands.SubjectTags}
 	got := map[string]string{}
 	for _, ep := range info.Endpoints {
 		got[ep.Name] = ep.Subject

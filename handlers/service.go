@@ -105,6 +105,7 @@ type Config struct {
 // reconcile and the reads.
 type DeviceCorrelator interface {
 	engine.Devices
+	kinds.DeviceSizes
 	// Status reports the monitor's health, device count, scan interval and
 	// the device events processed.
 	Status() (health string, deviceCount int, scanInterval time.Duration, events int64)
@@ -115,6 +116,9 @@ type DeviceCorrelator interface {
 	NoIdentity(vmID string) bool
 	// Controller names the bus of a local device path ("" if unknown).
 	Controller(devicePath string) string
+	// Users names who uses a mapping's device on its VM (its agent's
+	// answer); none on a VM without an agent.
+	Users(ctx context.Context, m commands.Mapping) ([]commands.DeviceUser, error)
 	// Reconcile repairs the mappings of vmID against the volumes CloudStack
 	// has attached to it (given as mappings to expect) and the devices
 	// present, returning each repair in words.
@@ -219,21 +223,45 @@ func New(cfg Config) *Service {
 		AutoExport: cfg.AutoExport, QueueGroup: QueueGroup, Logger: s.log})
 	s.mappings = engine.NewMappingWriter(cfg.Store, nil, s.log)
 	var devices engine.Devices
+	var sizes kinds.DeviceSizes
 	if cfg.Devices != nil {
-		devices = cfg.Devices
+		devices, sizes = cfg.Devices, cfg.Devices
 	}
-	s.release = &engine.Releaser{Mappings: s.mappings, Exports: s.host, Devices: devices, Log: s.log}
+	s.release = &engine.Releaser{Mappings: s.mappings, Exports: s.host, Devices: devices,
+		InUse: inUse{devices: cfg.Devices, host: s.host}, Wait: cfg.StepTimeout, Log: s.log}
 	s.engine = engine.New(engine.Config{Operations: cfg.Store, Publisher: s, Logger: s.log,
 		Timing: engine.Timing{StepTimeout: cfg.StepTimeout, SettleTimeout: cfg.SettleTimeout,
 			Retry: backoff.Policy{Min: cfg.RetryMin, Max: cfg.RetryMax}}},
 		kinds.All(kinds.Deps{CloudStack: cfg.CloudStack, Operations: cfg.Store, Mappings: s.mappings, Release: s.release,
-			Devices: devices, Exports: s.host, Catalog: catalog{s}, Log: s.log})...)
+			Devices: devices, Sizes: sizes, Exports: s.host, Catalog: catalog{s}, Log: s.log})...)
 	s.rec = &reconciler{cfg: cfg, log: s.log, mappings: s.mappings, release: s.release, pub: s, kind: s.engine.Kind}
 	s.bySubject = map[string]endpoint{}
 	for _, ep := range s.endpoints() {
 		s.bySubject[ep.subject] = ep
 	}
 	return s
+}
+
+// inUse is the release's UseChecker: the device agent of the volume's VM
+// and the NBD server serving its export.
+type inUse struct {
+	devices DeviceCorrelator
+	host    *hostwork.Host
+}
+
+var _ engine.UseChecker = inUse{}
+
+// Users lists the device's users, then the export's clients.
+func (u inUse) Users(ctx context.Context, m commands.Mapping) ([]commands.DeviceUser, error) {
+	var users []commands.DeviceUser
+	if u.devices != nil && m.VMID != "" {
+		var err error
+		if users, err = u.devices.Users(ctx, m); err != nil {
+			return nil, err
+		}
+	}
+	clients, err := u.host.ExportUsers(ctx, m.VolumeID)
+	return append(users, clients...), err
 }
 
 // Start subscribes to the command subjects, starts pulling jobs, and

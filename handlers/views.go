@@ -25,6 +25,11 @@ func (s *Service) VolumeStatus(ctx context.Context, volumeID string) (commands.V
 		}
 		return commands.VolumeStatus{}, engine.CloudStackError(err)
 	}
+	return s.volumeStatus(ctx, vol)
+}
+
+// volumeStatus is the whole VolumeStatus of a volume CloudStack listed.
+func (s *Service) volumeStatus(ctx context.Context, vol csapi.Volume) (commands.VolumeStatus, error) {
 	st, err := volumeRow(ctx, s.cfg.Store, s.cfg.Devices, vol)
 	if err != nil {
 		return st, err
@@ -38,7 +43,10 @@ func (s *Service) VolumeStatus(ctx context.Context, volumeID string) (commands.V
 
 // volumeRow is the VolumeStatus without CloudStackData.
 func volumeRow(ctx context.Context, store state.Reader, devices DeviceCorrelator, vol csapi.Volume) (commands.VolumeStatus, error) {
-	st := commands.VolumeStatus{VolumeID: vol.ID, State: vol.State, Size: vol.Size}
+	st := commands.VolumeStatus{VolumeID: vol.ID, State: vol.State, Size: vol.Size, Tags: vol.Tags}
+	if st.Tags == nil {
+		st.Tags = map[string]string{}
+	}
 	if vol.VMID != "" {
 		vm := vol.VMID
 		st.VMID = &vm

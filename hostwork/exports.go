@@ -237,6 +237,30 @@ func (h *Host) HasExport(ctx context.Context, volumeID string) (bool, error) {
 	return err == nil, err
 }
 
+// ExportUsers names the connected clients of the volume's NBD export, as
+// the volumed serving its VM counts them; none without an export, or
+// when no volumed serves its VM now (its NBD server went with it).
+func (h *Host) ExportUsers(ctx context.Context, volumeID string) ([]commands.DeviceUser, error) {
+	e, err := h.cfg.Store.GetExport(ctx, volumeID)
+	if errors.Is(err, state.ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", engine.ErrStopped, err)
+	}
+	rep, err := h.ask(ctx, e.VMID, hostRequest{Action: hostClients, Export: e.ExportName})
+	switch {
+	case errors.Is(err, errNoHost):
+		return nil, nil
+	case err != nil:
+		return nil, commands.Unavailable("cannot count the clients of NBD export %s: %v", e.ExportName, err).
+			WithDetail("export_name", e.ExportName)
+	case rep.Clients == 0:
+		return nil, nil
+	}
+	return []commands.DeviceUser{{Kind: commands.UserNBDClient, Device: e.DevicePath, Export: e.ExportName, Clients: rep.Clients}}, nil
+}
+
 // DropExport ends a volume's export, fenced by f (nil: unfenced): its
 // record goes, then the volumed serving the export's VM syncs its served
 // set, which refuses new clients and closes open ones. When none serves

@@ -33,6 +33,8 @@ const (
 	// hostAutoExport: a volume was just attached and mapped; export it if
 	// this host's --nbd-auto-export says so.
 	hostAutoExport = "auto-export"
+	// hostClients: how many clients has export Export connected?
+	hostClients = "clients"
 )
 
 // hostRequest is the body of a request on hostSubject.
@@ -42,6 +44,8 @@ type hostRequest struct {
 	// Change is the export write the requester just made, applied over
 	// the host's reading of the records, which may not show it yet.
 	Change *exportChange `json:"change,omitempty"`
+	// Export is the export name of a clients request.
+	Export string `json:"export,omitempty"`
 }
 
 // exportChange is one export record written (Put) or removed (Removed,
@@ -68,9 +72,11 @@ func (c *exportChange) apply(recs []commands.Export, vmID string) []commands.Exp
 }
 
 // hostReply is its answer: the records the NBD server could not serve
-// (deleted), and the error of the sync, if any.
+// (deleted), the connected clients of a clients request, and the error,
+// if any.
 type hostReply struct {
 	Dropped []string `json:"dropped,omitempty"`
+	Clients int      `json:"clients,omitempty"`
 	Error   string   `json:"error,omitempty"`
 }
 
@@ -80,6 +86,12 @@ var errNoHost = errors.New("no volumed with an NBD server serves the VM")
 // askHost runs a host action for vmID: here when this instance serves that
 // VM, else on the instance that does, through its per-VM subject.
 func (h *Host) askHost(ctx context.Context, vmID string, req hostRequest) ([]string, error) {
+	rep, err := h.ask(ctx, vmID, req)
+	return rep.Dropped, err
+}
+
+// ask runs a host action for vmID and returns the whole reply.
+func (h *Host) ask(ctx context.Context, vmID string, req hostRequest) (hostReply, error) {
 	if vmID == h.cfg.VMID && h.cfg.Exporter != nil {
 		return h.hostAction(ctx, req)
 	}
@@ -88,35 +100,38 @@ func (h *Host) askHost(ctx context.Context, vmID string, req hostRequest) ([]str
 	defer cancel()
 	msg, err := h.cfg.Conn.RequestWithContext(ctx, hostSubject(vmID), data)
 	if errors.Is(err, nats.ErrNoResponders) {
-		return nil, fmt.Errorf("VM %s: %w", vmID, errNoHost)
+		return hostReply{}, fmt.Errorf("VM %s: %w", vmID, errNoHost)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("volumed serving VM %s: %w", vmID, err)
+		return hostReply{}, fmt.Errorf("volumed serving VM %s: %w", vmID, err)
 	}
 	var rep hostReply
 	if err := json.Unmarshal(msg.Data, &rep); err != nil {
-		return nil, fmt.Errorf("volumed serving VM %s: reply %q: %w", vmID, msg.Data, err)
+		return hostReply{}, fmt.Errorf("volumed serving VM %s: reply %q: %w", vmID, msg.Data, err)
 	}
 	if rep.Error != "" {
-		return rep.Dropped, fmt.Errorf("volumed serving VM %s: %s", vmID, rep.Error)
+		return rep, fmt.Errorf("volumed serving VM %s: %s", vmID, rep.Error)
 	}
-	return rep.Dropped, nil
+	return rep, nil
 }
 
 // hostAction runs a host action on this instance's NBD server.
-func (h *Host) hostAction(ctx context.Context, req hostRequest) ([]string, error) {
+func (h *Host) hostAction(ctx context.Context, req hostRequest) (hostReply, error) {
 	switch req.Action {
 	case hostPing:
-		return nil, nil
+		return hostReply{}, nil
 	case hostSync:
-		return h.syncExports(ctx, req.Change)
+		dropped, err := h.syncExports(ctx, req.Change)
+		return hostReply{Dropped: dropped}, err
 	case hostAutoExport:
 		if req.Mapping != nil {
 			h.autoExportHere(ctx, nil, *req.Mapping)
 		}
-		return nil, nil
+		return hostReply{}, nil
+	case hostClients:
+		return hostReply{Clients: h.cfg.Exporter.Clients()[req.Export]}, nil
 	}
-	return nil, fmt.Errorf("unknown host action %q", req.Action)
+	return hostReply{}, fmt.Errorf("unknown host action %q", req.Action)
 }
 
 // onHostRequest answers a request on this VM's host subject.
@@ -127,9 +142,9 @@ func (h *Host) onHostRequest(msg *nats.Msg) {
 		rep.Error = "bad host request: " + err.Error()
 	} else {
 		ctx, cancel := context.WithTimeout(h.ctx, exportSyncTimeout)
-		dropped, err := h.hostAction(ctx, req)
+		var err error
+		rep, err = h.hostAction(ctx, req)
 		cancel()
-		rep.Dropped = dropped
 		if err != nil {
 			rep.Error = err.Error()
 		}

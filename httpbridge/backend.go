@@ -26,6 +26,15 @@ type Backend interface {
 	VolumeStatus(ctx context.Context, volumeID string) (commands.VolumeStatus, error)
 	// VMVolumes lists the volumes attached to a VM.
 	VMVolumes(ctx context.Context, vmID string) ([]commands.VolumeStatus, error)
+	// Volumes lists the volumes f selects, ordered by id, a page at a
+	// time; next is the cursor of the next page, "" after the last.
+	Volumes(ctx context.Context, f commands.VolumeFilter) (rows []commands.VolumeStatus, next string, err error)
+	// VolumeSnapshots lists a volume's snapshots, newest first; a
+	// *commands.Error NOT_FOUND for an unknown volume.
+	VolumeSnapshots(ctx context.Context, volumeID string) ([]commands.Snapshot, error)
+	// Snapshot is one snapshot; a *commands.Error NOT_FOUND for an
+	// unknown or deleted one.
+	Snapshot(ctx context.Context, snapshotID string) (commands.Snapshot, error)
 	// Health probes every dependency.
 	Health(ctx context.Context) commands.Health
 	// Metrics counts operations and calls.

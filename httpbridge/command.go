@@ -18,14 +18,23 @@ import (
 // one runs to its answer whatever the client does, since its answer says
 // what was recorded; a force-sync stops when the client goes away.
 func (s *Server) command(subject string, withVolume bool) http.HandlerFunc {
+	if withVolume {
+		return s.commandOn(subject, "volume_id", commands.NormalizeVolumeID)
+	}
+	return s.commandOn(subject, "", nil)
+}
+
+// commandOn is command with the path's id parameter name (validated by
+// normalize) merged into the body; "" merges nothing.
+func (s *Server) commandOn(subject, name string, normalize func(string) (string, error)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		body, err := readBody(w, r)
 		if err != nil {
 			writeError(w, err)
 			return
 		}
-		if withVolume {
-			if body, err = withPathVolume(r, body); err != nil {
+		if name != "" {
+			if body, err = withPathID(r, body, name, normalize); err != nil {
 				writeError(w, err)
 				return
 			}
@@ -55,11 +64,18 @@ func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
 // withPathVolume merges the path's volume_id into a JSON object body
 // (empty counts as {}). A body volume_id naming another volume is refused.
 func withPathVolume(r *http.Request, body []byte) ([]byte, error) {
-	raw, err := pathParam(r, "volume_id")
+	return withPathID(r, body, "volume_id", commands.NormalizeVolumeID)
+}
+
+// withPathID merges the path's id parameter name, validated by
+// normalize, into a JSON object body (empty counts as {}) under the same
+// name. A body field naming another id is refused.
+func withPathID(r *http.Request, body []byte, name string, normalize func(string) (string, error)) ([]byte, error) {
+	raw, err := pathParam(r, name)
 	if err != nil {
 		return nil, err
 	}
-	volumeID, err := commands.NormalizeVolumeID(raw)
+	id, err := normalize(raw)
 	if err != nil {
 		return nil, err
 	}
@@ -69,17 +85,17 @@ func withPathVolume(r *http.Request, body []byte) ([]byte, error) {
 			return nil, err
 		}
 	}
-	if given, ok := fields["volume_id"]; ok {
+	if given, ok := fields[name]; ok {
 		var s string
 		if json.Unmarshal(given, &s) != nil {
-			return nil, commands.Invalid("volume_id", "volume_id must be a string")
+			return nil, commands.Invalid(name, "%s must be a string", name)
 		}
-		if bodyID, err := commands.NormalizeVolumeID(s); err != nil || bodyID != volumeID {
-			return nil, commands.Invalid("volume_id", "volume_id in the body (%q) differs from the path (%q)", s, raw).
+		if bodyID, err := normalize(s); err != nil || bodyID != id {
+			return nil, commands.Invalid(name, "%s in the body (%q) differs from the path (%q)", name, s, raw).
 				WithDetail("provided_value", s)
 		}
 	}
-	fields["volume_id"], _ = json.Marshal(volumeID)
+	fields[name], _ = json.Marshal(id)
 	return json.Marshal(fields)
 }
 

@@ -34,6 +34,7 @@ const (
 	// volPanic makes the test backend panic.
 	volPanic = "deadbeef-dead-4eef-8eef-deadbeefdead"
 	vm1      = "87654321-4321-4321-4321-210987654321"
+	snap1    = "5a5a5a5a-1b1b-4c2c-8d3d-4e4e4e4e4e4e"
 	vmEmpty  = "11111111-2222-4333-8444-555555555555"
 )
 
@@ -287,10 +288,40 @@ func testCommandHandlers(store state.Store) map[string]func(ctx context.Context,
 			return accept(ctx, commands.OpExport, req.VolumeID, &vm, req)
 		},
 		commands.SubjectUnexport: volumeHandler(accept, commands.OpUnexport),
+		commands.SubjectSnapshot: decoded(accept, commands.OpSnapshot, commands.DecodeSnapshot,
+			func(r commands.SnapshotRequest) string { return r.VolumeID }),
+		commands.SubjectRevert: decoded(accept, commands.OpRevert, commands.DecodeRevert,
+			func(r commands.RevertRequest) string { return r.VolumeID }),
+		commands.SubjectResize: decoded(accept, commands.OpResize, commands.DecodeResize,
+			func(r commands.ResizeRequest) string { return r.VolumeID }),
+		commands.SubjectTags: decoded(accept, commands.OpTags, commands.DecodeTags,
+			func(r commands.TagsRequest) string { return r.VolumeID }),
+		commands.SubjectDeleteSnapshot: func(ctx context.Context, data []byte) (any, error) {
+			req, err := commands.DecodeSnapshotID(data)
+			if err != nil {
+				return nil, err
+			}
+			if req.SnapshotID != snap1 {
+				return nil, commands.NotFound("snapshot %s not found in CloudStack", req.SnapshotID)
+			}
+			return accept(ctx, commands.OpDeleteSnapshot, vol1, nil, req)
+		},
 		commands.SubjectForceSync: func(context.Context, []byte) (any, error) {
 			return commands.SyncResult{Message: "Force sync completed successfully", Timestamp: time.Now().UTC(),
 				Changes: []string{}}, nil
 		},
+	}
+}
+
+// decoded is the handler of a command whose request decode validates and
+// volume names the volume of.
+func decoded[R any](accept acceptFunc, typ commands.OpType, decode func([]byte) (R, error), volume func(R) string) func(context.Context, []byte) (any, error) {
+	return func(ctx context.Context, data []byte) (any, error) {
+		req, err := decode(data)
+		if err != nil {
+			return nil, err
+		}
+		return accept(ctx, typ, volume(req), nil, req)
 	}
 }
 
@@ -338,9 +369,10 @@ func newTestBackend() *testBackend {
 			vol1: {VolumeID: vol1, VMID: &vm, DevicePath: &dev, State: "Ready", Size: 5368709120,
 				CloudStackData: &commands.CloudStackData{ID: vol1, Name: "migration-volume-001", State: "Ready",
 					Type: "DATADISK", ZoneName: "OSSEA-Zone", VirtualMachineID: vm1, DeviceID: &devID, Size: 5368709120},
+				Tags:          map[string]string{},
 				LinuxData:     &commands.LinuxData{DevicePath: dev, Size: 5368717312, Controller: "virtio4"},
 				LastOperation: &commands.LastOperation{ID: "op-b2c3d4e5-f6a7-4901-bcde-f12345678901", Type: commands.OpAttach, Status: commands.StatusCompleted}},
-			vol2: {VolumeID: vol2, State: "Allocated", Size: 10737418240},
+			vol2: {VolumeID: vol2, State: "Allocated", Size: 10737418240, Tags: map[string]string{"env": "test"}},
 		},
 		health: commands.Health{Status: commands.Healthy, Timestamp: time.Now().UTC(),
 			CloudStackHealth: commands.Healthy, DatabaseHealth: commands.Healthy, DeviceMonitor: commands.NotConfigured,
@@ -372,6 +404,47 @@ func (b *testBackend) VMVolumes(_ context.Context, vmID string) ([]commands.Volu
 		}
 	}
 	return out, nil // nil when none: the bridge must answer []
+}
+
+func (b *testBackend) Volumes(_ context.Context, f commands.VolumeFilter) ([]commands.VolumeStatus, string, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []commands.VolumeStatus
+	for _, id := range []string{vol1, vol2} {
+		v := b.volumes[id]
+		match := id > f.Cursor
+		for k, want := range f.Tags {
+			match = match && v.Tags[k] == want
+		}
+		if match {
+			out = append(out, v)
+		}
+	}
+	next := ""
+	if len(out) > f.Limit {
+		out = out[:f.Limit]
+		next = out[len(out)-1].VolumeID
+	}
+	return out, next, nil
+}
+
+func (b *testBackend) VolumeSnapshots(_ context.Context, volumeID string) ([]commands.Snapshot, error) {
+	if volumeID != vol1 && volumeID != vol2 {
+		return nil, commands.NotFound("volume %s not found in CloudStack", volumeID)
+	}
+	if volumeID == vol2 {
+		return nil, nil // none: the bridge must answer []
+	}
+	s, _ := b.Snapshot(context.Background(), snap1)
+	return []commands.Snapshot{s}, nil
+}
+
+func (b *testBackend) Snapshot(_ context.Context, snapshotID string) (commands.Snapshot, error) {
+	if snapshotID != snap1 {
+		return commands.Snapshot{}, commands.NotFound("snapshot %s not found in CloudStack", snapshotID)
+	}
+	at := time.Date(2026, 12, 7, 0, 0, 0, 0, time.UTC)
+	return commands.Snapshot{ID: snap1, VolumeID: vol1, Name: "before-test", State: "BackedUp", Size: 5368709120, CreatedAt: &at}, nil
 }
 
 func (b *testBackend) Health(context.Context) commands.Health {

@@ -88,7 +88,7 @@ func TestOperations(t *testing.T) {
 				t.Errorf("body %s, want []", body)
 			}
 		}},
-		{name: "list unknown type", method: "GET", path: "/operations?type=resize", status: 400, code: commands.CodeInvalidRequest, field: "type"},
+		{name: "list unknown type", method: "GET", path: "/operations?type=frobnicate", status: 400, code: commands.CodeInvalidRequest, field: "type"},
 		{name: "list unknown status", method: "GET", path: "/operations?status=done", status: 400, code: commands.CodeInvalidRequest, field: "status"},
 		{name: "list malformed volume", method: "GET", path: "/operations?volume_id=abc", status: 400, code: commands.CodeInvalidRequest, field: "volume_id"},
 		{name: "list malformed vm", method: "GET", path: "/operations?vm_id=abc", status: 400, code: commands.CodeInvalidRequest, field: "vm_id"},

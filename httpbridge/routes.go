@@ -36,12 +36,20 @@ func (s *Server) routes() http.Handler {
 	}
 	r.Route(BasePath, func(r chi.Router) {
 		r.Post("/volumes", s.command(commands.SubjectCreate, false))
+		r.Get("/volumes", s.listVolumes)
 		r.Get("/volumes/{volume_id}", s.getVolume)
 		r.Delete("/volumes/{volume_id}", s.command(commands.SubjectDelete, true))
 		r.Post("/volumes/{volume_id}/attach", s.command(commands.SubjectAttach, true))
 		r.Post("/volumes/{volume_id}/attach-root", s.command(commands.SubjectAttachRoot, true))
 		r.Post("/volumes/{volume_id}/detach", s.command(commands.SubjectDetach, true))
 		r.Get("/volumes/{volume_id}/device", s.getVolumeDevice)
+		r.Get("/volumes/{volume_id}/snapshots", s.getVolumeSnapshots)
+		r.Post("/volumes/{volume_id}/snapshots", s.command(commands.SubjectSnapshot, true))
+		r.Post("/volumes/{volume_id}/revert", s.command(commands.SubjectRevert, true))
+		r.Post("/volumes/{volume_id}/resize", s.command(commands.SubjectResize, true))
+		r.Put("/volumes/{volume_id}/tags", s.command(commands.SubjectTags, true))
+		r.Get("/snapshots/{snapshot_id}", s.getSnapshot)
+		r.Delete("/snapshots/{snapshot_id}", s.commandOn(commands.SubjectDeleteSnapshot, "snapshot_id", commands.NormalizeSnapshotID))
 		r.Get("/devices/{device_path}/volume", s.getDeviceVolume)
 		r.Get("/vms/{vm_id}/volumes", s.getVMVolumes)
 		r.Get("/exports", s.listExports)
@@ -62,7 +70,7 @@ func (s *Server) routes() http.Handler {
 const PrometheusPath = "/metrics"
 
 // routeMethods are the methods the API serves anywhere.
-var routeMethods = []string{http.MethodGet, http.MethodPost, http.MethodDelete}
+var routeMethods = []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodDelete}
 
 // allowedMethods lists the methods the router serves on req's path.
 func allowedMethods(mux chi.Routes, req *http.Request) []string {

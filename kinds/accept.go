@@ -70,19 +70,32 @@ func (create) Endpoints() []engine.Endpoint {
 	return []engine.Endpoint{{Name: "create", Subject: commands.SubjectCreate}}
 }
 
-// Decode checks, as CloudStack's createVolume would, that the disk
-// offering and the zone are listed (the offering first, as CloudStack
-// checks it first): 422 CLOUDSTACK_ERROR otherwise.
+// Decode checks, as CloudStack's createVolume would, that the snapshot
+// (of a create from one), the disk offering and the zone exist (in that
+// order, as CloudStack checks them): 422 CLOUDSTACK_ERROR otherwise. A
+// create from a snapshot may leave the offering and the zone out.
 func (k create) Decode(_ context.Context, _ string, data []byte) (engine.Command, error) {
 	req, err := commands.DecodeCreate(data)
 	if err != nil {
 		return engine.Command{}, err
 	}
 	return engine.Command{Request: req, Check: func(_, ctx context.Context) error {
+		if req.SnapshotID != "" {
+			_, err := k.CloudStack.GetSnapshot(ctx, req.SnapshotID)
+			switch {
+			case errors.Is(err, csapi.ErrNotFound):
+				return unknownParameter("createVolume", "volume creation", "snapshotid", req.SnapshotID)
+			case err != nil && !csapi.IsRetryable(err) && ctx.Err() == nil:
+				return engine.CloudStackError(err)
+			}
+		}
 		for _, p := range []struct {
 			list      List
 			param, id string
 		}{{Offerings, "diskofferingid", req.DiskOfferingID}, {Zones, "zoneid", req.ZoneID}} {
+			if p.id == "" {
+				continue // a create from a snapshot takes the snapshot's
+			}
 			if k.Catalog.Unlisted(ctx, p.list, p.id) {
 				return unknownParameter("createVolume", "volume creation", p.param, p.id)
 			}

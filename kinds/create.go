@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/volumed/volumed/commands"
@@ -47,7 +48,8 @@ func (k create) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 		err := j.Step(ctx, "createVolume", func(ctx context.Context) error {
 			var err error
 			volID, jobID, err = k.CloudStack.CreateVolume(ctx, csapi.CreateParams{
-				Name: req.Name, SizeGiB: req.SizeGiB(), DiskOfferingID: req.DiskOfferingID, ZoneID: req.ZoneID})
+				Name: req.Name, SizeGiB: req.SizeGiB(), DiskOfferingID: req.DiskOfferingID, ZoneID: req.ZoneID,
+				SnapshotID: req.SnapshotID})
 			return err
 		})
 		switch {
@@ -60,17 +62,26 @@ func (k create) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 	}
 	// From here the volume's id is recorded: later operations on it wait
 	// until this create ends (the queue's turn).
-	if op.Step != StepCreateJob {
+	tagged := strings.HasPrefix(op.Step, "tags:") // past the job: writing the metadata's tags
+	if op.Step != StepCreateJob && !tagged {
 		op.Step = StepCreateJob
 		if err := j.Save(ctx); err != nil {
 			return nil, err
 		}
 	}
-	vol, err := k.createdVolume(ctx, j)
-	if err != nil {
-		return nil, err
+	if !tagged {
+		if _, err := k.createdVolume(ctx, j); err != nil {
+			return nil, err
+		}
 	}
-	return &commands.OpResponse{VolumeID: vol.ID, Message: "Volume created successfully"}, nil
+	// The metadata becomes the volume's tags: one more step, which lists
+	// the tags before it writes them.
+	if tags := commands.MetadataTags(req.Metadata); len(tags) > 0 {
+		if err := k.setTags(ctx, j, op.VolumeID, tags, false); err != nil {
+			return nil, err
+		}
+	}
+	return &commands.OpResponse{VolumeID: op.VolumeID, Message: "Volume created successfully"}, nil
 }
 
 // createdVolume waits for the create job, or, without one, asks
@@ -108,6 +119,9 @@ func (k create) adoptCreated(ctx context.Context, j *engine.Journal, req command
 		return false, engine.Failure(err)
 	}
 	for _, v := range vols {
+		if v.SnapshotID != req.SnapshotID {
+			continue
+		}
 		if created, err := time.Parse(csapi.TimeLayout, v.Created); err == nil && created.Before(op.CreatedAt.Add(-time.Minute)) {
 			continue
 		}

@@ -10,7 +10,9 @@ import (
 )
 
 // remove deletes a detached volume in CloudStack (deleteVolume is
-// synchronous: no job) and releases what it had left.
+// synchronous: no job) and releases what it had left. Unless asked with
+// force, a volume whose device (still on a VM) or export is in use is
+// refused first (CONFLICT naming who).
 type remove struct{ Deps }
 
 func (remove) Type() commands.OpType { return commands.OpDelete }
@@ -32,6 +34,11 @@ func (k remove) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 	case vol.VMID != "":
 		return nil, commands.Conflict("volume %s is attached to VM %s: detach it first", vol.ID, vol.VMID).
 			WithDetail("attached_vm_id", vol.VMID)
+	}
+	if j.Op.Step == "" && !req.Force {
+		if err := k.Release.CheckFree(ctx, req.VolumeID); err != nil {
+			return nil, err
+		}
 	}
 	j.Op.Step = StepDelete
 	if err := j.Save(ctx); err != nil {

@@ -10,7 +10,10 @@ import (
 )
 
 // detach ends a volume's export, detaches it in CloudStack and releases
-// its device and mapping.
+// its device and mapping. Unless asked with force, a volume whose device
+// or export is in use is refused first (CONFLICT naming who), before
+// anything is done. On a VM with an agent it completes only once the
+// kernel there removed the device (the release step waits for it).
 type detach struct{ Deps }
 
 func (detach) Type() commands.OpType { return commands.OpDetach }
@@ -32,6 +35,12 @@ func (k detach) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 			return nil, err
 		}
 	}
+	if op.Step == "" && !req.Force {
+		// Nothing done yet: refuse a device or export in use.
+		if err := k.Release.CheckFree(ctx, req.VolumeID); err != nil {
+			return nil, err
+		}
+	}
 	if vmID != "" {
 		// The export ends before CloudStack takes the device away.
 		if _, err := k.Release.Unexport(ctx, j, req.VolumeID, mark(j)); err != nil {
@@ -43,6 +52,9 @@ func (k detach) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 	}
 	if _, err := k.Release.Release(ctx, j, req.VolumeID, nil, mark(j)); err != nil {
 		return nil, err
+	}
+	if vmID == "" && op.VMID != nil {
+		vmID = *op.VMID // detached by this operation before a restart
 	}
 	resp := &commands.OpResponse{VolumeID: req.VolumeID, VMID: vmID, Message: "Volume detached successfully"}
 	if vmID == "" {

@@ -1,5 +1,6 @@
 // Package kinds holds volumed's operation kinds, one file each: create,
-// attach (attach-root too), detach, delete, export and unexport. Each
+// attach (attach-root too), detach, delete, export and unexport,
+// snapshot, delete_snapshot, revert, resize and tags. Each
 // implements engine.Kind: it runs its operation as CloudStack steps that
 // first ask whether the step is already done, journals each step through
 // the engine's Journal, and writes mappings and exports only through the
@@ -30,6 +31,21 @@ const (
 	StepDetachRequested = "detach:requested"
 	StepDetachJob       = "detach:job"
 	StepDelete          = "delete:requested"
+
+	StepSnapshotRequested       = "snapshot:requested"
+	StepSnapshotJob             = "snapshot:job"
+	StepDeleteSnapshotRequested = "delete_snapshot:requested"
+	StepDeleteSnapshotJob       = "delete_snapshot:job"
+	StepRevertRequested         = "revert:requested"
+	StepRevertJob               = "revert:job"
+	StepResizeRequested         = "resize:requested"
+	StepResizeJob               = "resize:job"
+	StepResizeDevice            = "resize:device"
+	// The tag steps, of tags and of a create with metadata.
+	StepTagsDeleteRequested = "tags:delete:requested"
+	StepTagsDeleteJob       = "tags:delete:job"
+	StepTagsCreateRequested = "tags:create:requested"
+	StepTagsCreateJob       = "tags:create:job"
 )
 
 // Exports is the host work the export kinds and attach need: the export
@@ -67,6 +83,8 @@ type Deps struct {
 	Release *engine.Releaser
 	// Devices is the device agent side; nil without agents.
 	Devices engine.Devices
+	// Sizes follows a resized volume's device; nil without agents.
+	Sizes DeviceSizes
 	// Exports is the host work.
 	Exports Exports
 	// Catalog answers the pre-checks from CloudStack's cached lists.
@@ -77,7 +95,8 @@ type Deps struct {
 
 // All returns every kind, for engine.New.
 func All(d Deps) []engine.Kind {
-	return []engine.Kind{create{d}, attach{d}, detach{d}, remove{d}, export{d}, unexport{d}}
+	return []engine.Kind{create{d}, attach{d}, detach{d}, remove{d}, export{d}, unexport{d},
+		snapshot{d}, deleteSnapshot{d}, revert{d}, resize{d}, tags{d}}
 }
 
 // mark journals a step on the operation.

@@ -28,12 +28,19 @@ const usageText = `volctl drives volumed through its REST API.
 
 Usage:
   volctl volume create --name N --size 5GiB --zone Z --disk-offering O [--metadata k=v]... [--wait]
+  volctl volume create --name N --snapshot S [--size 5GiB] [--metadata k=v]... [--wait]
   volctl volume attach ID --vm VM [--wait]
   volctl volume attach-root ID --vm VM [--wait]
-  volctl volume detach ID [--wait]
-  volctl volume delete ID [--wait]
+  volctl volume detach ID [--force] [--wait]
+  volctl volume delete ID [--force] [--wait]
   volctl volume get ID
-  volctl volume list [--vm VM]
+  volctl volume list [--vm VM] [--tag k=v]... [--name N]
+  volctl volume snapshot ID [--name N] [--wait]
+  volctl volume snapshots ID
+  volctl volume revert ID --snapshot S [--wait]
+  volctl volume resize ID --size 10GiB [--shrink-ok] [--wait]
+  volctl volume tags ID [--tag k=v]... [--wait]
+  volctl snapshot get ID | delete ID [--wait]
   volctl op get ID
   volctl op wait ID
   volctl op watch ID
@@ -58,16 +65,24 @@ Flags of every command:
   --timeout D    give up after D (a Go duration; default none)
 
 Flags of the commands that start an operation (create, attach, attach-root,
-detach, delete, export create, export delete):
+detach, delete, snapshot, revert, resize, tags, snapshot delete, export
+create, export delete):
   --wait              wait for the operation to end, showing its steps
   --idempotency-key K send K as the Idempotency-Key: the command sent again
                       with the same K answers the same operation (another
                       command or body with K: 409 CONFLICT)
 
+detach and delete refuse (the operation fails with CONFLICT naming who) a
+volume in use on its VM: mounted, held by dm or md, open by a process, or
+its NBD export with clients. --force goes ahead: it cuts the export's
+clients, and data not yet written is lost.
+
 --wait shows the operation's steps on stderr, prints the final operation
 and exits 1 unless it completed (with -o json: the operation's JSON).
-volume list without --vm lists the volumes volumed's recent operations
-name that CloudStack still has.
+volume list lists CloudStack's volumes that match --tag, --name and --vm
+(GET /volumes; with --vm alone, GET /vms/{id}/volumes). volume tags sets
+the volume's tags to exactly the --tag pairs given (none: removes them
+all).
 Exit codes: 0 success; 1 API error, failed operation or unhealthy daemon; 2 usage.
 `
 
@@ -86,8 +101,9 @@ type opts struct {
 	typ, status, volume, cursor          string
 	requestedBy                          string
 	limit                                int
-	readWrite                            bool
-	metadata                             metadataFlag
+	readWrite, shrinkOK, force           bool
+	snapshot                             string
+	metadata, tags                       metadataFlag
 }
 
 // invocation is one parsed command line.
@@ -114,9 +130,21 @@ type command struct {
 }
 
 // groups are the commands that take a subcommand.
-var groups = map[string]bool{"volume": true, "op": true, "export": true}
+var groups = map[string]bool{"volume": true, "op": true, "export": true, "snapshot": true}
 
 func vmFlag(fs *flag.FlagSet, o *opts) { fs.StringVar(&o.vm, "vm", "", "VM id") }
+
+func forceFlag(fs *flag.FlagSet, o *opts) {
+	fs.BoolVar(&o.force, "force", false, "go ahead although the volume is in use (cuts NBD clients; data not yet written is lost)")
+}
+
+// forced adds client.WithForce to o when --force was given.
+func (in *invocation) forced(o []client.CallOption) []client.CallOption {
+	if in.o.force {
+		return append(o, client.WithForce())
+	}
+	return o
+}
 
 var commandList = []command{
 	{group: "volume", name: "create", op: true, flags: func(fs *flag.FlagSet, o *opts) {
@@ -124,7 +152,8 @@ var commandList = []command{
 		fs.StringVar(&o.size, "size", "", "size: bytes or with a unit, e.g. 5GiB (required)")
 		fs.StringVar(&o.zone, "zone", "", "zone id (required)")
 		fs.StringVar(&o.offering, "disk-offering", "", "disk offering id (required)")
-		fs.Var(&o.metadata, "metadata", "k=v, repeatable")
+		fs.Var(&o.metadata, "metadata", "k=v, repeatable: the volume's tags")
+		fs.StringVar(&o.snapshot, "snapshot", "", "make the volume from this snapshot (--size, --zone and --disk-offering optional then)")
 	}, run: func(ctx context.Context, in *invocation) error {
 		req, err := in.o.createRequest()
 		if err != nil {
@@ -150,14 +179,14 @@ var commandList = []command{
 			return in.c.AttachRoot(ctx, in.args[0], in.o.vm, o...)
 		})
 	}},
-	{group: "volume", name: "detach", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
+	{group: "volume", name: "detach", args: []string{"ID"}, op: true, flags: forceFlag, run: func(ctx context.Context, in *invocation) error {
 		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
-			return in.c.DetachVolume(ctx, in.args[0], o...)
+			return in.c.DetachVolume(ctx, in.args[0], in.forced(o)...)
 		})
 	}},
-	{group: "volume", name: "delete", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
+	{group: "volume", name: "delete", args: []string{"ID"}, op: true, flags: forceFlag, run: func(ctx context.Context, in *invocation) error {
 		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
-			return in.c.DeleteVolume(ctx, in.args[0], o...)
+			return in.c.DeleteVolume(ctx, in.args[0], in.forced(o)...)
 		})
 	}},
 	{group: "volume", name: "get", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
@@ -167,18 +196,80 @@ var commandList = []command{
 		}
 		return in.print(v, volumeRows([]commands.VolumeStatus{v}))
 	}},
-	{group: "volume", name: "list", flags: vmFlag, run: func(ctx context.Context, in *invocation) error {
+	{group: "volume", name: "list", flags: func(fs *flag.FlagSet, o *opts) {
+		vmFlag(fs, o)
+		fs.Var(&o.tags, "tag", "k=v, repeatable: only volumes with these tags")
+		fs.StringVar(&o.name, "name", "", "only volumes of this name")
+	}, run: func(ctx context.Context, in *invocation) error {
 		var list []commands.VolumeStatus
 		var err error
-		if in.o.vm != "" {
+		if in.o.vm != "" && len(in.o.tags) == 0 && in.o.name == "" {
 			list, err = in.c.VMVolumes(ctx, in.o.vm)
 		} else {
-			list, err = knownVolumes(ctx, in.c)
+			list, err = listVolumes(ctx, in)
 		}
 		if err != nil {
 			return err
 		}
 		return in.print(list, volumeRows(list))
+	}},
+	{group: "volume", name: "snapshot", args: []string{"ID"}, op: true, flags: func(fs *flag.FlagSet, o *opts) {
+		fs.StringVar(&o.name, "name", "", "the snapshot's name (default: derived from the operation's id)")
+	}, run: func(ctx context.Context, in *invocation) error {
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.Snapshot(ctx, in.args[0], in.o.name, o...)
+		})
+	}},
+	{group: "volume", name: "snapshots", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
+		list, err := in.c.VolumeSnapshots(ctx, in.args[0])
+		if err != nil {
+			return err
+		}
+		return in.print(list, snapshotRows(list))
+	}},
+	{group: "volume", name: "revert", args: []string{"ID"}, op: true, flags: func(fs *flag.FlagSet, o *opts) {
+		fs.StringVar(&o.snapshot, "snapshot", "", "the snapshot to revert to (required)")
+	}, run: func(ctx context.Context, in *invocation) error {
+		if in.o.snapshot == "" {
+			return usagef("volume revert: --snapshot is required")
+		}
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.Revert(ctx, in.args[0], in.o.snapshot, o...)
+		})
+	}},
+	{group: "volume", name: "resize", args: []string{"ID"}, op: true, flags: func(fs *flag.FlagSet, o *opts) {
+		fs.StringVar(&o.size, "size", "", "the new size: bytes or with a unit, e.g. 10GiB (required)")
+		fs.BoolVar(&o.shrinkOK, "shrink-ok", false, "allow a smaller size")
+	}, run: func(ctx context.Context, in *invocation) error {
+		if in.o.size == "" {
+			return usagef("volume resize: --size is required")
+		}
+		size, err := parseSize(in.o.size)
+		if err != nil {
+			return usagef("--size: %v", err)
+		}
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.Resize(ctx, in.args[0], size, in.o.shrinkOK, o...)
+		})
+	}},
+	{group: "volume", name: "tags", args: []string{"ID"}, op: true, flags: func(fs *flag.FlagSet, o *opts) {
+		fs.Var(&o.tags, "tag", "k=v, repeatable: the volume's tags once done, exactly")
+	}, run: func(ctx context.Context, in *invocation) error {
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.SetTags(ctx, in.args[0], in.o.tags, o...)
+		})
+	}},
+	{group: "snapshot", name: "get", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
+		s, err := in.c.GetSnapshot(ctx, in.args[0])
+		if err != nil {
+			return err
+		}
+		return in.print(s, snapshotRows([]commands.Snapshot{s}))
+	}},
+	{group: "snapshot", name: "delete", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.DeleteSnapshot(ctx, in.args[0], o...)
+		})
 	}},
 	{group: "op", name: "get", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
 		op, err := in.c.GetOperation(ctx, in.args[0])
@@ -380,7 +471,11 @@ func envOr(name, def string) string {
 // createRequest validates the flags of volume create.
 func (o *opts) createRequest() (commands.CreateRequest, error) {
 	var missing []string
-	for flagName, v := range map[string]string{"--name": o.name, "--size": o.size, "--zone": o.zone, "--disk-offering": o.offering} {
+	required := map[string]string{"--name": o.name, "--size": o.size, "--zone": o.zone, "--disk-offering": o.offering}
+	if o.snapshot != "" {
+		required = map[string]string{"--name": o.name}
+	}
+	for flagName, v := range required {
 		if v == "" {
 			missing = append(missing, flagName)
 		}
@@ -388,11 +483,14 @@ func (o *opts) createRequest() (commands.CreateRequest, error) {
 	if len(missing) > 0 {
 		return commands.CreateRequest{}, usagef("volume create: %s required", strings.Join(slices.Sorted(slices.Values(missing)), ", "))
 	}
-	size, err := parseSize(o.size)
-	if err != nil {
-		return commands.CreateRequest{}, usagef("--size: %v", err)
+	var size int64
+	if o.size != "" {
+		var err error
+		if size, err = parseSize(o.size); err != nil {
+			return commands.CreateRequest{}, usagef("--size: %v", err)
+		}
 	}
-	req := commands.CreateRequest{Name: o.name, Size: size, ZoneID: o.zone, DiskOfferingID: o.offering}
+	req := commands.CreateRequest{Name: o.name, Size: size, ZoneID: o.zone, DiskOfferingID: o.offering, SnapshotID: o.snapshot}
 	if len(o.metadata) > 0 {
 		req.Metadata = map[string]any{}
 		for k, v := range o.metadata {
@@ -419,27 +517,11 @@ func listOperations(ctx context.Context, in *invocation) error {
 	return nil
 }
 
-// knownVolumes lists the volumes named by the newest knownVolumesScan
-// operations volumed keeps that CloudStack still has.
-func knownVolumes(ctx context.Context, c *client.Client) ([]commands.VolumeStatus, error) {
-	seen := map[string]bool{}
+// listVolumes is volume list: every volume CloudStack has that matches
+// --tag, --name and --vm, page after page.
+func listVolumes(ctx context.Context, in *invocation) ([]commands.VolumeStatus, error) {
 	list := []commands.VolumeStatus{}
-	read := 0
-	for op, err := range c.Operations(ctx, client.ListOptions{}) {
-		if err != nil {
-			return nil, err
-		}
-		if read++; read > knownVolumesScan {
-			break
-		}
-		if op.VolumeID == "" || seen[op.VolumeID] {
-			continue
-		}
-		seen[op.VolumeID] = true
-		v, err := c.GetVolume(ctx, op.VolumeID)
-		if client.HasCode(err, commands.CodeNotFound) {
-			continue
-		}
+	for v, err := range in.c.Volumes(ctx, client.VolumeListOptions{Tags: in.o.tags, Name: in.o.name, VMID: in.o.vm}) {
 		if err != nil {
 			return nil, err
 		}
@@ -447,9 +529,6 @@ func knownVolumes(ctx context.Context, c *client.Client) ([]commands.VolumeStatu
 	}
 	return list, nil
 }
-
-// knownVolumesScan is how many recent operations volume list reads.
-const knownVolumesScan = 1000
 
 // metadataFlag collects repeated --metadata k=v.
 type metadataFlag map[string]string

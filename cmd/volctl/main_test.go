@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -129,6 +130,35 @@ func TestIdempotencyKeyFlag(t *testing.T) {
 		}
 		if got := <-keys; got != key {
 			t.Errorf("volctl %v sent Idempotency-Key %q, want %q", args, got, key)
+		}
+	}
+}
+
+// TestForceFlag: --force on detach and delete sends {"force":true}.
+func TestForceFlag(t *testing.T) {
+	bodies := make(chan string, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		bodies <- strings.TrimSpace(string(b))
+		w.WriteHeader(http.StatusCreated)
+		_, _ = w.Write([]byte(`{"id":"op-1","type":"detach","status":"pending"}`))
+	}))
+	defer srv.Close()
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"volume", "detach", "v1", "--force"}, `{"force":true}`},
+		{[]string{"volume", "delete", "v1", "--force"}, `{"force":true}`},
+		{[]string{"volume", "detach", "v1"}, `{}`},
+	} {
+		args := append(tc.args, "--server", srv.URL, "-o", "json")
+		var out, errb bytes.Buffer
+		if code := run(context.Background(), args, &out, &errb); code != exitOK {
+			t.Fatalf("volctl %v: exit %d\nstderr: %s", args, code, errb.String())
+		}
+		if got := <-bodies; got != tc.want {
+			t.Errorf("volctl %v sent %s, want %s", args, got, tc.want)
 		}
 	}
 }

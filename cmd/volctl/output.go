@@ -289,6 +289,14 @@ func volumeRows(list []commands.VolumeStatus) table {
 	return t
 }
 
+func snapshotRows(list []commands.Snapshot) table {
+	t := table{{"SNAPSHOT", "VOLUME", "NAME", "STATE", "SIZE", "CREATED"}}
+	for _, s := range list {
+		t = append(t, []string{s.ID, s.VolumeID, s.Name, s.State, fmt.Sprintf("%dGiB", s.Size>>30), ts(s.CreatedAt)})
+	}
+	return t
+}
+
 func mappingFields(m commands.Mapping) table {
 	return table{{"FIELD", "VALUE"}, {"volume_id", m.VolumeID}, {"vm_id", m.VMID}, {"device_path", orDash(m.DevicePath)},
 		{"cloudstack_state", m.CloudStackState}, {"linux_state", m.LinuxState}, {"size", fmt.Sprint(m.Size)},

@@ -14,6 +14,7 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/metrics/hooks"
 	"github.com/volumed/volumed/state"
 )
@@ -423,7 +424,8 @@ func (c *Correlator) setNames(ctx context.Context, vm string, extra *commands.Ma
 // gone from its VM (a remove event, or absent from a fresh list), then
 // re-sends the VM's names without the volume's. Meanwhile heal leaves the
 // mapping to the caller, who removes it next. A device still there at
-// the end is an error; the name is removed all the same.
+// the end is an error wrapping engine.ErrDevicePresent; the name is
+// removed all the same.
 func (c *Correlator) Detached(ctx context.Context, m commands.Mapping) error {
 	c.mu.Lock()
 	c.releasing[m.VolumeID]++
@@ -481,7 +483,7 @@ func (c *Correlator) waitGone(ctx context.Context, m commands.Mapping) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-timer.C:
-			return fmt.Errorf("device %s of volume %s still present on VM %s after %v", m.DevicePath, m.VolumeID, m.VMID, c.cfg.ReleaseTimeout)
+			return fmt.Errorf("device %s of volume %s on VM %s after %v: %w", m.DevicePath, m.VolumeID, m.VMID, c.cfg.ReleaseTimeout, engine.ErrDevicePresent)
 		case <-changed:
 		case <-poll.C:
 			refresh = true

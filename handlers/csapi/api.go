@@ -158,6 +158,18 @@ type ListFilter struct {
 	Tags map[string]string
 }
 
+// SnapshotParams are createSnapshot's parameters.
+type SnapshotParams struct {
+	// VolumeID is the volume to snapshot.
+	VolumeID string
+	// Name is the snapshot's name; "" lets CloudStack name it.
+	Name string
+	// Quiesce sends quiescevm=true; CloudStack's default snapshot strategy
+	// (every storage but managed storage) refuses it, failing the job with
+	// 530.
+	Quiesce bool
+}
+
 // SnapshotFilter selects snapshots; empty fields match all. Destroyed
 // snapshots are never listed.
 type SnapshotFilter struct {
@@ -183,9 +195,8 @@ type API interface {
 	// ResizeVolume starts resizing a volume to sizeGiB; a smaller size needs
 	// shrinkOK.
 	ResizeVolume(ctx context.Context, volumeID string, sizeGiB int64, shrinkOK bool) (jobID string, err error)
-	// CreateSnapshot starts a snapshot of a volume; an empty name lets
-	// CloudStack name it.
-	CreateSnapshot(ctx context.Context, volumeID, name string) (snapshotID, jobID string, err error)
+	// CreateSnapshot starts a snapshot of a volume.
+	CreateSnapshot(ctx context.Context, p SnapshotParams) (snapshotID, jobID string, err error)
 	// ListSnapshots returns the snapshots f selects, newest first as
 	// CloudStack lists them (SnapshotManagerImpl orders by created,
 	// descending).

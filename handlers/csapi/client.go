@@ -318,12 +318,16 @@ func (c *Client) ResizeVolume(ctx context.Context, volumeID string, sizeGiB int6
 	return r.JobID, nil
 }
 
-// CreateSnapshot submits createSnapshot.
-func (c *Client) CreateSnapshot(ctx context.Context, volumeID, name string) (string, string, error) {
+// CreateSnapshot submits createSnapshot; quiescevm is sent only when
+// p.Quiesce.
+func (c *Client) CreateSnapshot(ctx context.Context, p SnapshotParams) (string, string, error) {
 	r, err := do(ctx, c, "createSnapshot", func(cs *cloudstack.CloudStackClient) (*cloudstack.CreateSnapshotResponse, error) {
-		q := cs.Snapshot.NewCreateSnapshotParams(volumeID)
-		if name != "" {
-			q.SetName(name)
+		q := cs.Snapshot.NewCreateSnapshotParams(p.VolumeID)
+		if p.Name != "" {
+			q.SetName(p.Name)
+		}
+		if p.Quiesce {
+			q.SetQuiescevm(true)
 		}
 		return cs.Snapshot.CreateSnapshot(q)
 	})

@@ -49,7 +49,7 @@ func TestSimSnapshotsRevertAndClone(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	snapID, jobID, err := c.CreateSnapshot(ctx, v.ID, "op-1234")
+	snapID, jobID, err := c.CreateSnapshot(ctx, SnapshotParams{VolumeID: v.ID, Name: "op-1234"})
 	job, err := run(jobID, err)
 	if err != nil || job.Snapshot == nil || job.Snapshot.ID != snapID || job.Snapshot.State != SnapshotBackedUp ||
 		job.Snapshot.VolumeID != v.ID || job.Snapshot.Size != 1<<30 || job.Snapshot.Name != "op-1234" || job.Snapshot.Created == "" {
@@ -206,7 +206,7 @@ func TestSimNewCallsUnderFaults(t *testing.T) {
 	ctx := ctxTimeout(t, time.Minute)
 	run := jobRunner(ctx, t, c)
 	v := readyVolume(ctx, t, c, "faults", 1)
-	snapID, jobID, err := c.CreateSnapshot(ctx, v.ID, "base")
+	snapID, jobID, err := c.CreateSnapshot(ctx, SnapshotParams{VolumeID: v.ID, Name: "base"})
 	if _, err := run(jobID, err); err != nil {
 		t.Fatal(err)
 	}
@@ -225,7 +225,7 @@ func TestSimNewCallsUnderFaults(t *testing.T) {
 
 	t.Run("createSnapshot lost answer", func(t *testing.T) {
 		fault("createSnapshot", cloudsim.ErrorKindDropAfter)
-		_, _, err := c.CreateSnapshot(ctx, v.ID, "op-lost")
+		_, _, err := c.CreateSnapshot(ctx, SnapshotParams{VolumeID: v.ID, Name: "op-lost"})
 		clear()
 		if !IsMaybeDone(err) || IsRetryable(err) {
 			t.Fatalf("lost answer: %v, want MaybeDone", err)
@@ -242,7 +242,7 @@ func TestSimNewCallsUnderFaults(t *testing.T) {
 	})
 	t.Run("createSnapshot 530 retried", func(t *testing.T) {
 		fault("createSnapshot", cloudsim.ErrorKind530)
-		_, _, err := c.CreateSnapshot(ctx, v.ID, "op-530")
+		_, _, err := c.CreateSnapshot(ctx, SnapshotParams{VolumeID: v.ID, Name: "op-530"})
 		clear()
 		var e *Error
 		if !errors.As(err, &e) || !e.Retryable || e.RetryLimit != Retries530 || e.MaybeDone {
@@ -251,7 +251,7 @@ func TestSimNewCallsUnderFaults(t *testing.T) {
 		if snaps, _ := c.ListSnapshots(ctx, SnapshotFilter{Name: "op-530"}); len(snaps) != 0 {
 			t.Fatalf("a 530 made %d snapshots", len(snaps))
 		}
-		_, jobID, err := c.CreateSnapshot(ctx, v.ID, "op-530")
+		_, jobID, err := c.CreateSnapshot(ctx, SnapshotParams{VolumeID: v.ID, Name: "op-530"})
 		if _, err := run(jobID, err); err != nil {
 			t.Fatal(err)
 		}

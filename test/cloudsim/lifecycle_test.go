@@ -948,3 +948,52 @@ func TestCreateSnapshotFaults(t *testing.T) {
 		}
 	})
 }
+
+// TestCreateSnapshotQuiescevm sends quiescevm with cloudstack-go: false
+// takes the snapshot; true is allocated, then its job fails with
+// CloudStack's 530 (DefaultSnapshotStrategy refuses quiescevm) leaving the
+// snapshot in Error, no file copied and the volume Ready.
+func TestCreateSnapshotQuiescevm(t *testing.T) {
+	s := startSim(t, cloudsim.Config{})
+	cs := syncClient(s)
+	vol := createVolume(t, cs, "quiesce", 1)
+	if _, text := attach(t, cs, vol, cloudsim.RemoteVMID, -1); text != "" {
+		t.Fatal(text)
+	}
+	for _, tc := range []struct {
+		name     string
+		quiesce  bool
+		code     int
+		text     string
+		state    string
+		hasFiles bool
+	}{
+		{"quiescevm false", false, 0, "", "BackedUp", true},
+		{"quiescevm true", true, 530, cloudsim.QuiesceRefused(vol), "Error", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := cs.Snapshot.NewCreateSnapshotParams(vol)
+			p.SetName(tc.name)
+			p.SetQuiescevm(tc.quiesce)
+			r, err := cs.Snapshot.CreateSnapshot(p)
+			if code, text := runJob(t, cs, r.JobID, err); code != tc.code || text != tc.text {
+				t.Fatalf("createSnapshot job = %d %q, want %d %q", code, text, tc.code, tc.text)
+			}
+			lp := cs.Snapshot.NewListSnapshotsParams()
+			lp.SetVolumeid(vol)
+			lp.SetName(tc.name)
+			l, err := cs.Snapshot.ListSnapshots(lp)
+			if err != nil || l.Count != 1 || l.Snapshots[0].State != tc.state {
+				t.Fatalf("listSnapshots = %+v, %v; want one in %s", l, err, tc.state)
+			}
+			files, _ := filepath.Glob(filepath.Join(s.StateDir(), "disks", "snap-"+r.Id+".img"))
+			if (len(files) > 0) != tc.hasFiles {
+				t.Fatalf("snapshot files %v, want some %v", files, tc.hasFiles)
+			}
+			v, _, err := cs.Volume.GetVolumeByID(vol)
+			if err != nil || v.State != "Ready" {
+				t.Fatalf("volume after the job: %+v, %v", v, err)
+			}
+		})
+	}
+}

@@ -13,6 +13,12 @@ import (
 // of a default snapshot name.
 const snapshotNameLayout = "20060102150405"
 
+// QuiesceRefused is the text of the failed createSnapshot job of a
+// quiesced snapshot of volumeID (CloudStack's error code 530).
+func QuiesceRefused(volumeID string) string {
+	return "Failed to create snapshot due to an internal error creating snapshot for volume " + volumeID
+}
+
 func (s *Sim) snapshotExists(id string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -22,7 +28,8 @@ func (s *Sim) snapshotExists(id string) bool {
 
 // createSnapshot allocates the snapshot in the HTTP call (as
 // VolumeApiServiceImpl.allocSnapshot: the volume must exist and be Ready)
-// and copies the volume's data in the job.
+// and copies the volume's data in the job. quiescevm=true is refused by
+// the job (execCreateSnapshot), as CloudStack refuses it only there.
 func (s *Sim) createSnapshot(q request) (any, *apiError) {
 	volID, aerr := q.required("volumeid", s.volumeExists)
 	if aerr != nil {
@@ -53,7 +60,7 @@ func (s *Sim) createSnapshot(q request) (any, *apiError) {
 	// The job takes the volume through Snapshotting (VolumeServiceImpl's
 	// SnapshotRequested), from now until it ends.
 	v.State = volSnapshotting
-	j, aerr := s.newJob(q.cmd, "Snapshot", sn.ID, nil)
+	j, aerr := s.newJob(q.cmd, "Snapshot", sn.ID, map[string]string{"quiescevm": q.str("quiescevm")})
 	if aerr != nil {
 		delete(s.st.Snapshots, sn.ID)
 		v.State = volReady
@@ -64,15 +71,19 @@ func (s *Sim) createSnapshot(q request) (any, *apiError) {
 
 // execCreateSnapshot copies the volume's backing file (a reflink where the
 // filesystem has one) as the snapshot's file; then the volume is Ready
-// again; execMu is held.
+// again; execMu is held. A quiesced snapshot fails with nothing copied:
+// DefaultSnapshotStrategy.takeSnapshot throws "can't handle quiescevm equal
+// true for volume snapshot" and CreateSnapshotCmd.execute turns any
+// exception into a 530 naming only the volume.
 func (s *Sim) execCreateSnapshot(j *job) (map[string]any, *apiError) {
 	s.mu.Lock()
 	sn := s.st.Snapshots[j.InstanceID]
 	v := s.st.Volumes[sn.VolumeID]
 	removed := v.Removed
 	s.mu.Unlock()
+	quiesce := strings.EqualFold(j.Params["quiescevm"], "true")
 	var err error
-	if !removed {
+	if !removed && !quiesce {
 		var backing string
 		if backing, err = s.ensureBacking(v); err == nil {
 			s.flushLoop(v)
@@ -91,6 +102,9 @@ func (s *Sim) execCreateSnapshot(j *job) (map[string]any, *apiError) {
 	case removed:
 		sn.State = snapError
 		return nil, errParam("Creating snapshot failed due to volume:%d doesn't exist", v.Seq)
+	case quiesce:
+		sn.State = snapError
+		return nil, errInternal("%s", QuiesceRefused(v.ID))
 	case err != nil:
 		sn.State = snapError
 		return nil, errInternal("Failed to create snapshot: %v", err)

@@ -197,7 +197,8 @@ func TestMappingsSurviveRestart(t *testing.T) {
 }
 
 // TestSeparateAgentProcess turns volumed's own agent off and runs
-// `volumed agent` as another process: attaches are correlated the same.
+// `volumed agent` as another process: attaches are correlated the same,
+// and it tells who uses a disk before a detach.
 func TestSeparateAgentProcess(t *testing.T) {
 	sim := startLocalSim(t, false)
 	dataDir := t.TempDir()
@@ -206,7 +207,15 @@ func TestSeparateAgentProcess(t *testing.T) {
 
 	startAgentProcess(t, d)
 	d.attachLocal(vol)
-	d.requireMapped(sim, vol)
+	m := d.requireMapped(sim, vol)
+	// The separate agent answers who uses the disk with its own
+	// credentials: a process holding it refuses the detach; volumed's NBD
+	// server serving it (another process of the same executable) does not.
+	holder := holdOpen(t, m.DevicePath)
+	d.refused(http.MethodPost, "/volumes/"+vol+"/detach", fmt.Sprintf("pid %d (sleep) has %s open", holder.Process.Pid, m.DevicePath))
+	_ = holder.Process.Kill()
+	_ = holder.Wait()
+	d.exportVolume(vol, true)
 	d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
 	d.mustCall(http.StatusNotFound, http.MethodGet, "/volumes/"+vol+"/device", nil, nil)
 }

@@ -281,7 +281,8 @@ func TestExportLifecycle(t *testing.T) {
 			c := holdClient(t, d.nbdURI(mrw.PersistentDeviceName), false)
 			testenv.Eventually(t, 20*time.Second, func() bool { return d.clientsOf(rw) == 1 }, "client connected:\n%s", c.out.String())
 			loop := filepath.Base(mrw.DevicePath)
-			d.completed(d.submit(http.MethodPost, "/volumes/"+rw+"/detach", nil).ID)
+			// Refused without force (TestSafeDetach); force cuts the client.
+			d.completed(d.submit(http.MethodPost, "/volumes/"+rw+"/detach", map[string]any{"force": true}).ID)
 			d.requireExports(ro)
 			d.mustCall(http.StatusNotFound, http.MethodGet, "/exports/"+rw, nil, nil)
 			if out := c.read(t); strings.Contains(out, "read 512/512 bytes") {
@@ -363,6 +364,7 @@ func TestExportErrors(t *testing.T) {
 		{"export with a bad read_only", http.MethodPost, "/exports", `{"volume_id":"` + idle + `","read_only":1}`, 400, commands.CodeInvalidRequest},
 		{"unexport of an unknown volume", http.MethodDelete, "/exports/" + unknown, nil, 404, commands.CodeNotFound},
 		{"get of a volume not exported", http.MethodGet, "/exports/" + idle, nil, 404, commands.CodeNotFound},
+		{"detach with a force not a boolean", http.MethodPost, "/volumes/" + idle + "/detach", `{"force":"yes"}`, 400, commands.CodeInvalidRequest},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var e commands.Error

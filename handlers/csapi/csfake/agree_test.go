@@ -484,7 +484,7 @@ func (w *world) submitted(what string) func(jobID string, err error) {
 
 // snapshot takes a snapshot and waits for it; it returns its id.
 func (w *world) snapshot(vol, name string) string {
-	id, jobID, err := w.api.CreateSnapshot(w.ctx, vol, name)
+	id, jobID, err := w.api.CreateSnapshot(w.ctx, csapi.SnapshotParams{VolumeID: vol, Name: name})
 	w.submitted(fmt.Sprintf("snapshot %s %q: %s", vol, name, id))(jobID, err)
 	return id
 }
@@ -557,6 +557,16 @@ var lifecycleScenarios = []struct {
 		_, err = w.api.DeleteSnapshot(w.ctx, unknownID)
 		w.logf("delete an unknown snapshot: %s", errText(err))
 		w.submitted("start")(w.api.StartVM(w.ctx, cloudsim.RemoteVMID))
+	}},
+	{"quiesced snapshot", func(w *world) {
+		v := w.create("q", 1)
+		w.attach(v, cloudsim.RemoteVMID, nil)
+		id, jobID, err := w.api.CreateSnapshot(w.ctx, csapi.SnapshotParams{VolumeID: v, Name: "quiesced", Quiesce: true})
+		w.submitted("quiesced snapshot "+id)(jobID, err)
+		w.snapshots(csapi.SnapshotFilter{Name: "quiesced"})
+		w.getFull(v)
+		w.snapshot(v, "crash-consistent")
+		w.detach(v)
 	}},
 	{"resize", func(w *world) {
 		v := w.create("r", 1)
@@ -640,7 +650,7 @@ var lifecycleScenarios = []struct {
 		w.clear()
 		w.snapshots(csapi.SnapshotFilter{Name: "ffail"})
 		w.inject(csfake.CmdCreateSnapshot, fJobHang)
-		hung, _, err := w.api.CreateSnapshot(w.ctx, v, "fhang")
+		hung, _, err := w.api.CreateSnapshot(w.ctx, csapi.SnapshotParams{VolumeID: v, Name: "fhang"})
 		w.clear()
 		w.logf("snapshot with a hanging job: %s", errText(err))
 		w.getFull(v)            // Snapshotting

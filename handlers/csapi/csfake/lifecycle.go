@@ -143,9 +143,17 @@ func (c *Cloud) resize(v *volume, sizeGiB int64, shrinkOK bool) (*csapi.Volume, 
 	return &out, nil
 }
 
+// QuiesceRefused is the text of the failed createSnapshot job of a
+// quiesced snapshot of volumeID.
+func QuiesceRefused(volumeID string) string {
+	return "Failed to create snapshot due to an internal error creating snapshot for volume " + volumeID
+}
+
 // CreateSnapshot allocates a snapshot of a Ready volume; its job backs it
-// up (a failed job leaves it in Error).
-func (c *Cloud) CreateSnapshot(ctx context.Context, volumeID, name string) (string, string, error) {
+// up (a failed job leaves it in Error). A quiesced one's job fails with
+// 530, as CloudStack's default snapshot strategy refuses quiescevm.
+func (c *Cloud) CreateSnapshot(ctx context.Context, p csapi.SnapshotParams) (string, string, error) {
+	volumeID, name := p.VolumeID, p.Name
 	r, err := call(ctx, c, CmdCreateSnapshot, func(f Fault) (created, error) {
 		if volumeID == "" {
 			return created{}, missing(CmdCreateSnapshot, "volumeid")
@@ -176,6 +184,10 @@ func (c *Cloud) CreateSnapshot(ctx context.Context, volumeID, name string) (stri
 			if v.removed {
 				s.state = SnapshotError
 				return result{}, jobFailure(CmdCreateSnapshot, 431, "Creating snapshot failed due to volume:%d doesn't exist", v.seq)
+			}
+			if p.Quiesce {
+				s.state = SnapshotError
+				return result{}, jobFailure(CmdCreateSnapshot, 530, "%s", QuiesceRefused(v.id))
 			}
 			s.state, s.size = SnapshotBackedUp, v.size
 			out := c.snapView(s)
