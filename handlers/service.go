@@ -27,6 +27,7 @@ import (
 	"github.com/volumed/volumed/internal/lifecycle"
 	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/lease"
 )
 
 // ConsumerName is the durable JetStream consumer the handlers pull jobs from.
@@ -134,7 +135,7 @@ type Service struct {
 	started time.Time
 	// leases runs the sweep, the reconcile and a VM's exclusive attaches
 	// under the store's leases.
-	leases *state.Leaser
+	leases *lease.Leaser
 
 	jobs    jetstream.Stream
 	consume jetstream.ConsumeContext
@@ -216,7 +217,7 @@ func New(cfg Config) *Service {
 		log: cfg.Logger.With("component", "handlers"),
 		sem: make(chan struct{}, cfg.MaxConcurrent),
 	}
-	s.leases = &state.Leaser{Store: cfg.Store, Holder: state.Holder(), Log: s.log}
+	s.leases = &lease.Leaser{Store: cfg.Store, Holder: lease.Holder(), Log: s.log}
 	s.acceptSlots = make(chan struct{}, cfg.AcceptConcurrency)
 	s.inventory = newInventory(cfg.CloudStack, s.log)
 	s.host = hostwork.New(hostwork.Config{Conn: cfg.Conn, Store: cfg.Store, VMID: cfg.VMID, Exporter: cfg.Exporter,

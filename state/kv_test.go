@@ -42,19 +42,6 @@ func TestKVConformance(t *testing.T) {
 	storetest.Run(t, func(t testing.TB) state.Store { return newKV(t, b.JetStream(), nextBucket()) })
 }
 
-func listed(t testing.TB, s state.Store, f state.Filter) []string {
-	t.Helper()
-	ops, _, err := s.ListOperations(context.Background(), f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, op := range ops {
-		out = append(out, op.ID)
-	}
-	return out
-}
-
 // TestKVSharedBucket: two stores on one bucket converge through their
 // watchers, and concurrent read-modify-writes of one operation through
 // both lose no update: a writer that loses gets ErrStale, re-reads and
@@ -76,7 +63,7 @@ func TestKVSharedBucket(t *testing.T) {
 	}
 	testenv.Eventually(t, 5*time.Second, func() bool {
 		m, err := b.GetMappingByDevice(ctx, "vm-1", "/dev/vdb")
-		return slices.Equal(listed(t, b, state.Filter{VMID: "vm-1", Status: commands.StatusPending}), []string{op.ID}) &&
+		return slices.Equal(storetest.ListIDs(t, b, state.Filter{VMID: "vm-1", Status: commands.StatusPending}), []string{op.ID}) &&
 			err == nil && m.VolumeID == "vol-1"
 	}, "b sees a's operation and mapping")
 	if _, err := b.CreateOperation(ctx, op); !errors.Is(err, state.ErrExists) {
@@ -100,8 +87,8 @@ func TestKVSharedBucket(t *testing.T) {
 	testenv.Eventually(t, 5*time.Second, func() bool {
 		_, err := a.GetMappingByDevice(ctx, "vm-1", "/dev/vdb")
 		st, _ := a.Stats(ctx)
-		return slices.Equal(listed(t, a, state.Filter{Status: commands.StatusExecuting}), []string{op.ID}) &&
-			len(listed(t, a, state.Filter{Status: commands.StatusPending})) == 0 &&
+		return slices.Equal(storetest.ListIDs(t, a, state.Filter{Status: commands.StatusExecuting}), []string{op.ID}) &&
+			len(storetest.ListIDs(t, a, state.Filter{Status: commands.StatusPending})) == 0 &&
 			errors.Is(err, state.ErrNotFound) && st.ByStatus[commands.StatusExecuting] == 1
 	}, "a sees b's update and delete")
 
@@ -152,7 +139,7 @@ func TestKVRestart(t *testing.T) {
 	}
 
 	s2 := newKV(t, testenv.StartBusIn(t, dir).JetStream(), bucket)
-	if got := listed(t, s2, state.Filter{VMID: "vm-1", Type: commands.OpAttach}); !slices.Equal(got, []string{ops[2].ID, ops[1].ID}) {
+	if got := storetest.ListIDs(t, s2, state.Filter{VMID: "vm-1", Type: commands.OpAttach}); !slices.Equal(got, []string{ops[2].ID, ops[1].ID}) {
 		t.Fatalf("after restart, vm-1 attaches = %v", got)
 	}
 	got, err := s2.Stats(ctx)
@@ -298,20 +285,20 @@ func TestKVSharedBucketPruneAndLeases(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	testenv.Eventually(t, 5*time.Second, func() bool { return len(listed(t, b, state.Filter{})) == 10 }, "b sees the 10 operations")
+	testenv.Eventually(t, 5*time.Second, func() bool { return len(storetest.ListIDs(t, b, state.Filter{})) == 10 }, "b sees the 10 operations")
 	if n, err := b.PruneOperations(ctx, time.Now(), 0); err != nil || n != 5 {
 		t.Fatalf("prune through b: %d, %v", n, err)
 	}
 	testenv.Eventually(t, 5*time.Second, func() bool {
 		st, _ := a.Stats(ctx)
-		return len(listed(t, a, state.Filter{})) == 5 && len(listed(t, a, state.Filter{Status: commands.StatusCompleted})) == 0 &&
+		return len(storetest.ListIDs(t, a, state.Filter{})) == 5 && len(storetest.ListIDs(t, a, state.Filter{Status: commands.StatusCompleted})) == 0 &&
 			st.Total == 5 && st.Terminal == 0
 	}, "a's indexes and counters drop what b pruned")
 	if n, err := a.PruneOperations(ctx, time.Now(), 0); err != nil || n != 0 {
 		t.Fatalf("prune again through a: %d, %v", n, err)
 	}
 	c := newKV(t, bus.JetStream(), bucket)
-	if got := listed(t, c, state.Filter{}); len(got) != 5 {
+	if got := storetest.ListIDs(t, c, state.Filter{}); len(got) != 5 {
 		t.Fatalf("a store opened after the prune lists %v", got)
 	}
 
@@ -358,14 +345,14 @@ func TestKVReadYourWritesUnderChurn(t *testing.T) {
 					t.Error(err)
 					return
 				}
-				if got := listed(t, s, state.Filter{VolumeID: vol, Status: commands.StatusExecuting}); len(got) != 1 {
+				if got := storetest.ListIDs(t, s, state.Filter{VolumeID: vol, Status: commands.StatusExecuting}); len(got) != 1 {
 					t.Errorf("store %d does not list its update of %s: %v", w, op.ID, got)
 				}
 				if err := s.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
 					t.Error(err)
 					return
 				}
-				if got := listed(t, s, state.Filter{VolumeID: vol}); len(got) != 0 {
+				if got := storetest.ListIDs(t, s, state.Filter{VolumeID: vol}); len(got) != 0 {
 					t.Errorf("store %d lists its deleted %s: %v", w, op.ID, got)
 				}
 			}
@@ -375,10 +362,10 @@ func TestKVReadYourWritesUnderChurn(t *testing.T) {
 	for i, s := range []*state.KV{a, b} {
 		testenv.Eventually(t, 5*time.Second, func() bool {
 			st, _ := s.Stats(ctx)
-			return len(listed(t, s, state.Filter{})) == 0 && st.Total == 0
+			return len(storetest.ListIDs(t, s, state.Filter{})) == 0 && st.Total == 0
 		}, "store %d empty after the churn", i)
 	}
-	if got := listed(t, newKV(t, bus.JetStream(), bucket), state.Filter{}); len(got) != 0 {
+	if got := storetest.ListIDs(t, newKV(t, bus.JetStream(), bucket), state.Filter{}); len(got) != 0 {
 		t.Fatalf("a new store loads %v", got)
 	}
 }
@@ -470,7 +457,7 @@ func TestKVListsSeeOtherWriters(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if ids := listed(t, b, state.Filter{VolumeID: vol}); !slices.Equal(ids, []string{op.ID}) {
+		if ids := storetest.ListIDs(t, b, state.Filter{VolumeID: vol}); !slices.Equal(ids, []string{op.ID}) {
 			t.Fatalf("b's list right after a's create of %s: %v", op.ID, ids)
 		}
 	}

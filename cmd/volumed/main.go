@@ -33,6 +33,7 @@ import (
 	"github.com/volumed/volumed/metrics"
 	"github.com/volumed/volumed/nbd"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/lease"
 	"github.com/volumed/volumed/state/redisstore"
 )
 
@@ -178,7 +179,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		return fmt.Errorf("state store: %w", err)
 	}
 	if cfg.opRetention > 0 {
-		retention, err := state.NewRetention(state.RetentionConfig{Store: store, Keep: cfg.opRetention, Logger: log})
+		retention, err := lease.NewRetention(lease.RetentionConfig{Store: store, Keep: cfg.opRetention, Logger: log})
 		if err != nil {
 			return fmt.Errorf("retention: %w", err)
 		}

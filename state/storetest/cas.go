@@ -70,7 +70,7 @@ func testStaleOperationWrites(t *testing.T, s state.Store) {
 	if got.Revision != completed.Revision {
 		t.Fatalf("revision %d, want %d", got.Revision, completed.Revision)
 	}
-	if ids := listIDs(t, s, state.Filter{Status: commands.StatusExecuting}); len(ids) != 0 {
+	if ids := ListIDs(t, s, state.Filter{Status: commands.StatusExecuting}); len(ids) != 0 {
 		t.Fatalf("refused writes moved the indexes: executing %v", ids)
 	}
 	wantStats(t, s, 1, 1, time.Minute, map[commands.OpType]int64{commands.OpAttach: 1},
@@ -184,11 +184,11 @@ func testDeleteOperation(t *testing.T, s state.Store) {
 		t.Fatalf("get deleted: %v", err)
 	}
 	for _, f := range []state.Filter{{}, {VolumeID: "vol-1"}, {VMID: "vm-1"}, {Type: commands.OpAttach}, {Status: commands.StatusExecuting}} {
-		if got := listIDs(t, s, f); !slices.Equal(got, wantIDs(1)) {
+		if got := ListIDs(t, s, f); !slices.Equal(got, wantIDs(1)) {
 			t.Fatalf("list %+v after delete = %v", f, got)
 		}
 	}
-	if got := listIDs(t, s, state.Filter{Status: commands.StatusCompleted}); len(got) != 0 {
+	if got := ListIDs(t, s, state.Filter{Status: commands.StatusCompleted}); len(got) != 0 {
 		t.Fatalf("completed after delete = %v", got)
 	}
 	wantStats(t, s, 1, 0, 0, map[commands.OpType]int64{commands.OpAttach: 1},
@@ -258,14 +258,14 @@ func testPrune(t *testing.T, s state.Store) {
 	slices.Sort(keep)
 	for _, f := range []state.Filter{{}, {VMID: "vm-1"}, {VolumeID: "vol-0"}, {VolumeID: "vol-1"}, {Status: commands.StatusCompleted},
 		{Status: commands.StatusFailed}, {Status: commands.StatusCancelled}, {Type: commands.OpAttach}} {
-		got := listIDs(t, s, f)
+		got := ListIDs(t, s, f)
 		for _, id := range got {
 			if _, ok := slices.BinarySearch(keep, id); !ok {
 				t.Fatalf("list %+v still has pruned %s", f, id)
 			}
 		}
 	}
-	if got := listIDs(t, s, state.Filter{}); len(got) != 4 {
+	if got := ListIDs(t, s, state.Filter{}); len(got) != 4 {
 		t.Fatalf("left %v", got)
 	}
 	wantStats(t, s, 4, 2, 3*time.Hour-time.Minute,
@@ -331,7 +331,7 @@ func testPagination(t *testing.T, s state.Store) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	all := listIDs(t, s, state.Filter{})
+	all := ListIDs(t, s, state.Filter{})
 	if i := slices.Index(all, first[3].ID); !slices.Equal(IDs(rows), all[i+1:i+4]) {
 		t.Fatalf("after a deleted cursor row: %v, want %v", IDs(rows), all[i+1:i+4])
 	}
@@ -623,7 +623,7 @@ func testAnnotate(t *testing.T, s state.Store) {
 		{VMID: "vm-1"}: wantIDs(1), {Type: commands.OpAttach}: wantIDs(1),
 		{Status: commands.StatusExecuting}: wantIDs(),
 	} {
-		if got := listIDs(t, s, f); !slices.Equal(got, want) {
+		if got := ListIDs(t, s, f); !slices.Equal(got, want) {
 			t.Fatalf("list %+v after the annotation = %v, want %v", f, got, want)
 		}
 	}

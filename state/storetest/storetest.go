@@ -143,8 +143,8 @@ func IDs(ops []commands.Operation) []string {
 	return out
 }
 
-// listIDs lists with f and returns the ids in order.
-func listIDs(t testing.TB, s state.Store, f state.Filter) []string {
+// ListIDs lists with f and returns the ids in order.
+func ListIDs(t testing.TB, s state.Store, f state.Filter) []string {
 	t.Helper()
 	ops, _, err := s.ListOperations(ctxFor(t), f)
 	if err != nil {
@@ -234,12 +234,12 @@ func testCreateErrors(t *testing.T, s state.Store) {
 		t.Fatal(err)
 	}
 	sameJSON(t, got, first)
-	if got := listIDs(t, s, state.Filter{}); !slices.Equal(got, wantIDs(1)) {
+	if got := ListIDs(t, s, state.Filter{}); !slices.Equal(got, wantIDs(1)) {
 		t.Fatalf("list all = %v", got)
 	}
 	for _, f := range []state.Filter{{Type: commands.OpDelete}, {Status: commands.StatusFailed},
 		{VolumeID: "vol-2"}, {VMID: "vm-2"}} {
-		if got := listIDs(t, s, f); len(got) != 0 {
+		if got := ListIDs(t, s, f); len(got) != 0 {
 			t.Fatalf("list %+v = %v after refused create", f, got)
 		}
 	}
@@ -267,7 +267,7 @@ func testNotFound(t *testing.T, s state.Store) {
 		t.Fatalf("update of an unknown id created it: %v", err)
 	}
 	for _, f := range []state.Filter{{}, {Status: commands.StatusCompleted}, {VolumeID: "vol-9"}, {VMID: "vm-9"}} {
-		if got := listIDs(t, s, f); len(got) != 0 {
+		if got := ListIDs(t, s, f); len(got) != 0 {
 			t.Fatalf("list %+v = %v", f, got)
 		}
 	}
@@ -314,7 +314,7 @@ func testListFilters(t *testing.T, s state.Store) {
 		{"unknown vm with type", state.Filter{VMID: "vm-z", Type: commands.OpAttach}, wantIDs()},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := listIDs(t, s, tc.f); !slices.Equal(got, tc.want) {
+			if got := ListIDs(t, s, tc.f); !slices.Equal(got, tc.want) {
 				t.Fatalf("list %+v = %v, want %v", tc.f, got, tc.want)
 			}
 		})
@@ -328,7 +328,7 @@ func testListFilters(t *testing.T, s state.Store) {
 				for _, vm := range []string{"", "vm-1", "vm-2"} {
 					for _, limit := range []int{0, 2} {
 						f := state.Filter{Type: typ, Status: st, VolumeID: vol, VMID: vm, Limit: limit}
-						if got, want := listIDs(t, s, f), reference(dataset, f); !slices.Equal(got, want) {
+						if got, want := ListIDs(t, s, f), reference(dataset, f); !slices.Equal(got, want) {
 							t.Fatalf("list %+v = %v, want %v", f, got, want)
 						}
 					}
@@ -396,7 +396,7 @@ func testListRequestedBy(t *testing.T, s state.Store) {
 		{"with status", state.Filter{RequestedBy: "nats:bob", Status: commands.StatusCompleted}, wantIDs()},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if got := listIDs(t, s, tc.f); !slices.Equal(got, tc.want) {
+			if got := ListIDs(t, s, tc.f); !slices.Equal(got, tc.want) {
 				t.Fatalf("list %+v = %v, want %v", tc.f, got, tc.want)
 			}
 		})
@@ -424,7 +424,7 @@ func testListRequestedBy(t *testing.T, s state.Store) {
 	if err := s.DeleteOperation(ctx, ops[3].ID, ops[3].Revision); err != nil {
 		t.Fatal(err)
 	}
-	if got := listIDs(t, s, state.Filter{RequestedBy: alice}); !slices.Equal(got, wantIDs(6, 3, 1)) {
+	if got := ListIDs(t, s, state.Filter{RequestedBy: alice}); !slices.Equal(got, wantIDs(6, 3, 1)) {
 		t.Fatalf("after deleting 4: %v", got)
 	}
 }
@@ -441,12 +441,12 @@ func testListOrder(t *testing.T, s state.Store) {
 	)
 	want := wantIDs(4, 5, 3, 2, 1)
 	for _, f := range []state.Filter{{}, {VolumeID: "vol-1"}, {Type: commands.OpAttach, Status: commands.StatusPending}} {
-		if got := listIDs(t, s, f); !slices.Equal(got, want) {
+		if got := ListIDs(t, s, f); !slices.Equal(got, want) {
 			t.Fatalf("list %+v = %v, want %v", f, got, want)
 		}
 	}
 	f := state.Filter{VolumeID: "vol-1", Limit: 4}
-	if got := listIDs(t, s, f); !slices.Equal(got, want[:4]) {
+	if got := ListIDs(t, s, f); !slices.Equal(got, want[:4]) {
 		t.Fatalf("list %+v = %v, want %v", f, got, want[:4])
 	}
 }
@@ -502,7 +502,7 @@ func testIndexMoves(t *testing.T, s state.Store) {
 			step.change(&x)
 			x = mustUpdate(t, s, x)
 			for f, want := range step.want {
-				if got := listIDs(t, s, f); !slices.Equal(got, want) {
+				if got := ListIDs(t, s, f); !slices.Equal(got, want) {
 					t.Fatalf("list %+v = %v, want %v", f, got, want)
 				}
 			}
@@ -866,14 +866,14 @@ func testConcurrentWriters(t *testing.T, s state.Store) {
 			t.Fatal(err)
 		}
 	}
-	if got := listIDs(t, s, state.Filter{Status: commands.StatusCompleted}); len(got) != n {
+	if got := ListIDs(t, s, state.Filter{Status: commands.StatusCompleted}); len(got) != n {
 		t.Fatalf("%d completed, want %d", len(got), n)
 	}
-	if got := listIDs(t, s, state.Filter{VolumeID: "vol-3"}); len(got) != n/5 {
+	if got := ListIDs(t, s, state.Filter{VolumeID: "vol-3"}); len(got) != n/5 {
 		t.Fatalf("%d on vol-3, want %d", len(got), n/5)
 	}
 	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
-		if got := listIDs(t, s, state.Filter{Status: st}); len(got) != 0 {
+		if got := ListIDs(t, s, state.Filter{Status: st}); len(got) != 0 {
 			t.Fatalf("left %s: %v", st, got)
 		}
 	}

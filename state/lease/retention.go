@@ -1,4 +1,4 @@
-package state
+package lease
 
 import (
 	"context"
@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/internal/lifecycle"
+	"github.com/volumed/volumed/state"
 )
 
 // RetentionLease is the lease that makes one instance at a time prune.
@@ -15,8 +16,11 @@ const RetentionLease = "retention"
 
 // RetentionConfig configures a Retention.
 type RetentionConfig struct {
-	// Store is pruned.
-	Store Store
+	// Store is pruned, under its lease.
+	Store interface {
+		state.Pruner
+		state.Leases
+	}
 	// Keep is how long a terminal operation is kept after it completed;
 	// it must be positive (no Retention keeps everything).
 	Keep time.Duration
@@ -45,7 +49,7 @@ type Retention struct {
 // NewRetention checks cfg and fills its defaults.
 func NewRetention(cfg RetentionConfig) (*Retention, error) {
 	if cfg.Store == nil || cfg.Keep <= 0 {
-		return nil, fmt.Errorf("state: retention needs a store and a positive keep time (got %v)", cfg.Keep)
+		return nil, fmt.Errorf("lease: retention needs a store and a positive keep time (got %v)", cfg.Keep)
 	}
 	if cfg.Interval <= 0 {
 		cfg.Interval = min(max(cfg.Keep/10, time.Minute), time.Hour)
@@ -101,7 +105,7 @@ func (r *Retention) Prune(ctx context.Context) (int, error) {
 			}
 		}
 	})
-	if errors.Is(err, ErrLeaseHeld) {
+	if errors.Is(err, state.ErrLeaseHeld) {
 		return 0, nil
 	}
 	if total > 0 {
@@ -120,7 +124,7 @@ func (r *Retention) Close(ctx context.Context) error {
 		}
 	})
 	if err != nil {
-		return fmt.Errorf("state: retention close: %w", err)
+		return fmt.Errorf("lease: retention close: %w", err)
 	}
 	return nil
 }

@@ -1,4 +1,4 @@
-package state_test
+package lease_test
 
 import (
 	"context"
@@ -9,6 +9,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/lease"
 	"github.com/volumed/volumed/state/redisstore"
 	"github.com/volumed/volumed/state/storetest"
 )
@@ -20,7 +21,16 @@ func TestRetention(t *testing.T) {
 	r := testenv.StartRedis(t)
 	bus := testenv.StartBus(t)
 	for name, open := range map[string]func(t *testing.T) state.Store{
-		"kv": func(t *testing.T) state.Store { return newKV(t, bus.JetStream(), nextBucket()) },
+		"kv": func(t *testing.T) state.Store {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			s, err := state.NewKV(ctx, bus.JetStream(), state.KVConfig{Bucket: "retention"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = s.Close(context.Background()) })
+			return s
+		},
 		"redis": func(t *testing.T) state.Store {
 			s, err := redisstore.New(context.Background(), redisstore.Config{URL: r.URL()})
 			if err != nil {
@@ -53,18 +63,18 @@ func TestRetention(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			a, err := state.NewRetention(state.RetentionConfig{Store: s, Keep: time.Hour, Batch: 2, Holder: "a"})
+			a, err := lease.NewRetention(lease.RetentionConfig{Store: s, Keep: time.Hour, Batch: 2, Holder: "a"})
 			if err != nil {
 				t.Fatal(err)
 			}
-			other, err := s.AcquireLease(ctx, state.RetentionLease, "x", time.Minute)
+			other, err := s.AcquireLease(ctx, lease.RetentionLease, "x", time.Minute)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if n, err := a.Prune(ctx); n != 0 || err != nil {
 				t.Fatalf("pass while another holds the lease: %d, %v", n, err)
 			}
-			if got := listed(t, s, state.Filter{}); len(got) != 7 {
+			if got := storetest.ListIDs(t, s, state.Filter{}); len(got) != 7 {
 				t.Fatalf("deleted without the lease: %v", got)
 			}
 			if err := s.ReleaseLease(ctx, other); err != nil {
@@ -73,10 +83,10 @@ func TestRetention(t *testing.T) {
 			if n, err := a.Prune(ctx); n != 5 || err != nil {
 				t.Fatalf("first pass, 2 per batch: %d, %v; want 5", n, err)
 			}
-			if got := listed(t, s, state.Filter{}); len(got) != 2 {
+			if got := storetest.ListIDs(t, s, state.Filter{}); len(got) != 2 {
 				t.Fatalf("after the first pass: %v", got)
 			}
-			l, err := s.AcquireLease(ctx, state.RetentionLease, "x", time.Minute)
+			l, err := s.AcquireLease(ctx, lease.RetentionLease, "x", time.Minute)
 			if err != nil {
 				t.Fatalf("the pass kept the lease: %v", err)
 			}
@@ -91,22 +101,22 @@ func TestRetention(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			b, err := state.NewRetention(state.RetentionConfig{Store: s, Keep: time.Hour, Batch: 2, Holder: "b"})
+			b, err := lease.NewRetention(lease.RetentionConfig{Store: s, Keep: time.Hour, Batch: 2, Holder: "b"})
 			if err != nil {
 				t.Fatal(err)
 			}
-			for _, x := range []*state.Retention{a, b} {
+			for _, x := range []*lease.Retention{a, b} {
 				if err := x.Start(ctx); err != nil {
 					t.Fatal(err)
 				}
 			}
 			testenv.Eventually(t, 10*time.Second, func() bool {
-				got := listed(t, s, state.Filter{})
+				got := storetest.ListIDs(t, s, state.Filter{})
 				slices.Sort(got)
 				return slices.Equal(got, keep)
 			}, "two instances prune to the kept operations")
 			for range 2 {
-				for _, x := range []*state.Retention{a, b} {
+				for _, x := range []*lease.Retention{a, b} {
 					if err := x.Close(ctx); err != nil {
 						t.Fatal(err)
 					}
@@ -114,7 +124,7 @@ func TestRetention(t *testing.T) {
 			}
 		})
 	}
-	if _, err := state.NewRetention(state.RetentionConfig{Keep: time.Hour}); err == nil {
+	if _, err := lease.NewRetention(lease.RetentionConfig{Keep: time.Hour}); err == nil {
 		t.Fatal("retention without a store")
 	}
 }

@@ -1,4 +1,4 @@
-package state_test
+package lease_test
 
 import (
 	"context"
@@ -10,13 +10,14 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/state/lease"
 	"github.com/volumed/volumed/state/memstore"
 )
 
 // TestLeasedExcludes: two holders of one lease in one process never work
 // at once; a caller that does not wait is told the lease is held.
 func TestLeasedExcludes(t *testing.T) {
-	l := &state.Leaser{Store: memstore.New(), Holder: state.Holder(), Log: slog.Default()}
+	l := &lease.Leaser{Store: memstore.New(), Holder: lease.Holder(), Log: slog.Default()}
 	ctx := context.Background()
 	var inside, overlaps, runs atomic.Int32
 	var wg sync.WaitGroup

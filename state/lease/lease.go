@@ -1,4 +1,7 @@
-package state
+// Package lease runs work under the state store's named leases: the one
+// lease implementation (Leaser), and the retention that prunes old
+// operations under it.
+package lease
 
 import (
 	"context"
@@ -11,6 +14,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/volumed/volumed/internal/backoff"
+	"github.com/volumed/volumed/state"
 )
 
 // Leaser runs work under the store's named leases: the one lease
@@ -18,7 +22,7 @@ import (
 // context when the lease is lost, release).
 type Leaser struct {
 	// Store holds the leases.
-	Store Leases
+	Store state.Leases
 	// Holder names this process (Holder()).
 	Holder string
 	// Log receives lost and unreleased leases.
@@ -37,7 +41,7 @@ func Holder() string {
 const leaseTTL = 15 * time.Second
 
 // Leased runs fn holding the lease name. With waiting false it returns
-// ErrLeaseHeld at once when another instance holds the lease;
+// state.ErrLeaseHeld at once when another instance holds the lease;
 // otherwise it waits for it until ctx ends. fn's context ends when the
 // lease is lost (not renewed in time), so work that needs exclusivity
 // stops.
@@ -47,7 +51,7 @@ func (l *Leaser) Leased(ctx context.Context, name string, waiting bool, fn func(
 	// other too.
 	holder := l.Holder + "/" + uuid.NewString()[:8]
 	lease, err := l.Store.AcquireLease(ctx, name, holder, leaseTTL)
-	for wait := (backoff.Policy{Min: 50 * time.Millisecond, Max: time.Second}).Start(); waiting && errors.Is(err, ErrLeaseHeld); {
+	for wait := (backoff.Policy{Min: 50 * time.Millisecond, Max: time.Second}).Start(); waiting && errors.Is(err, state.ErrLeaseHeld); {
 		if !wait.Wait(ctx, 0) {
 			return fmt.Errorf("lease %s: %w", name, ctx.Err())
 		}
@@ -57,7 +61,7 @@ func (l *Leaser) Leased(ctx context.Context, name string, waiting bool, fn func(
 		return fmt.Errorf("lease %s: %w", name, err)
 	}
 	fctx, cancel := context.WithCancel(ctx)
-	renewed := make(chan Lease, 1)
+	renewed := make(chan state.Lease, 1)
 	go func() {
 		defer close(renewed)
 		t := time.NewTicker(leaseTTL / 3)
@@ -72,10 +76,10 @@ func (l *Leaser) Leased(ctx context.Context, name string, waiting bool, fn func(
 				switch {
 				case err == nil:
 					lease = next
-				case errors.Is(err, ErrLeaseLost):
+				case errors.Is(err, state.ErrLeaseLost):
 					l.Log.Warn("lease lost", "lease", name, "err", err)
 					cancel()
-					renewed <- Lease{}
+					renewed <- state.Lease{}
 					return
 				case fctx.Err() == nil:
 					l.Log.Warn("lease not renewed; trying again", "lease", name, "err", err)
@@ -88,7 +92,7 @@ func (l *Leaser) Leased(ctx context.Context, name string, waiting bool, fn func(
 	if last := <-renewed; last.Name != "" {
 		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		defer rcancel()
-		if rerr := l.Store.ReleaseLease(rctx, last); rerr != nil && !errors.Is(rerr, ErrLeaseLost) {
+		if rerr := l.Store.ReleaseLease(rctx, last); rerr != nil && !errors.Is(rerr, state.ErrLeaseLost) {
 			l.Log.Warn("lease not released; it expires", "lease", name, "err", rerr)
 		}
 	}
