@@ -53,6 +53,11 @@ func writeMarker(t *testing.T, devicePath, vol string) {
 	}
 }
 
+// forced is the detach body of the tests whose nameWatcher reads the
+// disks at any moment: this process has them open now and then, which
+// safe detach would otherwise refuse.
+var forced = map[string]any{"force": true}
+
 // nameWatcher reads through every persistent name, over and over, until
 // stopped: a name whose disk holds another volume's marker is a failure.
 type nameWatcher struct {
@@ -170,7 +175,7 @@ func TestReusedNameAttachCycles(t *testing.T) {
 			t.Fatalf("export %s of %s reads:\n%s\nwant %q", m.PersistentDeviceName, vol, out, marker(vol))
 		}
 		d.completed(d.submit(http.MethodDelete, "/exports/"+vol, nil).ID)
-		d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
+		d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", forced).ID)
 		if _, err := os.Lstat(m.SymlinkPath); !errors.Is(err, os.ErrNotExist) {
 			t.Fatalf("name %s after detach: %v", m.SymlinkPath, err)
 		}
@@ -204,7 +209,7 @@ func TestSameSizeAttachesInWaves(t *testing.T) {
 			t.Errorf("wave of %d took %v", len(wave), took)
 		}
 		for _, vol := range wave {
-			d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
+			d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/detach", forced).ID)
 		}
 	}
 	w.finish(t)
