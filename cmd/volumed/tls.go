@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/client"
 	"github.com/volumed/volumed/httpbridge"
 	"github.com/volumed/volumed/internal/netaddr"
 	"github.com/volumed/volumed/internal/pki"
@@ -114,7 +115,7 @@ func startSecurity(ctx context.Context, cfg config, log *slog.Logger) (*security
 	s := &security{}
 	var kc pki.KeeperConfig
 	if t.cert != "" {
-		roots, err := pki.LoadPool(t.ca)
+		roots, err := client.LoadCA(t.ca)
 		if err != nil {
 			return nil, nil, fmt.Errorf("%w: --tls-ca: %w", errUsage, err)
 		}

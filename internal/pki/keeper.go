@@ -264,16 +264,3 @@ func (t Trust) Mutual() *tls.Config {
 func (t Trust) Client() *tls.Config {
 	return &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: t.Roots}
 }
-
-// LoadPool reads a PEM file of CA certificates into a pool.
-func LoadPool(path string) (*x509.CertPool, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("pki: CA file: %w", err)
-	}
-	p := x509.NewCertPool()
-	if !p.AppendCertsFromPEM(data) {
-		return nil, fmt.Errorf("pki: no certificate in %s", path)
-	}
-	return p, nil
-}
