@@ -30,7 +30,8 @@ const (
 
 // OpTypes lists every operation type.
 var OpTypes = []OpType{OpCreate, OpAttach, OpDetach, OpDelete, OpExport, OpUnexport,
-	OpSnapshot, OpDeleteSnapshot, OpRevert, OpResize, OpTags}
+	OpSnapshot, OpDeleteSnapshot, OpRevert, OpResize, OpTags,
+	OpFailover, OpRollback, OpStartVM, OpStopVM}
 
 // OpStatus is where an operation is in its life.
 type OpStatus string
@@ -85,6 +86,15 @@ type Operation struct {
 	// without one, "nats:operator" for a NATS command (bus.CommandRequester);
 	// "" on records written before it existed.
 	RequestedBy string `json:"requested_by,omitempty"`
+	// ParentID is the failover or rollback this operation is a step of;
+	// "" for an operation a command asked for.
+	ParentID string `json:"parent_id,omitempty"`
+	// VolumeIDs are every volume a failover or rollback names (VolumeID,
+	// its root, first): it holds the line of each while it runs. Omitted
+	// for an operation on one volume.
+	VolumeIDs []string `json:"volume_ids,omitempty"`
+	// Workflow is a failover's or rollback's plan and progress.
+	Workflow *Workflow `json:"workflow,omitempty"`
 	// CreatedAt is when the command was accepted (UTC).
 	CreatedAt time.Time `json:"created_at"`
 	// UpdatedAt is when the record last changed (UTC).
@@ -114,6 +124,13 @@ type OpResponse struct {
 	SnapshotID string `json:"snapshot_id,omitempty"`
 	// Size is the volume's size in bytes after a resize or a revert.
 	Size int64 `json:"size,omitempty"`
+	// Snapshots maps each volume of a test failover to the snapshot it
+	// took (a rollback reverts to them).
+	Snapshots map[string]string `json:"snapshots,omitempty"`
+	// Before is where each volume of a failover was before it.
+	Before map[string]Placement `json:"before,omitempty"`
+	// Steps are the steps a failover or rollback ran.
+	Steps []WorkflowStep `json:"steps,omitempty"`
 	// Message says what was done, e.g. "Volume attached successfully".
 	Message string `json:"message"`
 }

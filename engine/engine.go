@@ -46,6 +46,16 @@ type Timing struct {
 	SettleTimeout time.Duration
 }
 
+// Guard holds, while an operation runs, what it must hold alone: the
+// handlers' VM lease of an attach to a VM whose disks carry no identity.
+type Guard interface {
+	// Exclusive runs fn under what op must hold, with a ctx that ends if
+	// it is lost; fn runs at once when op needs nothing. It fails with
+	// state.ErrLeaseHeld (wrapped) when another holds it now, and runs
+	// nothing then.
+	Exclusive(ctx context.Context, op commands.Operation, fn func(ctx context.Context)) error
+}
+
 // Config configures an Engine.
 type Config struct {
 	// Operations is the journal's store; required.
@@ -54,6 +64,9 @@ type Config struct {
 	Publisher Publisher
 	// Timing bounds the steps.
 	Timing Timing
+	// Guard is what a workflow's steps hold while they run (the queue
+	// takes it for the operations it delivers); nil holds nothing.
+	Guard Guard
 	// Logger receives the engine's logs.
 	Logger *slog.Logger
 }
