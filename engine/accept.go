@@ -19,6 +19,9 @@ type Command struct {
 	// filled in by Check).
 	VolumeID string
 	VMID     *string
+	// VolumeIDs are every volume of a command on several (a failover):
+	// the operation holds each one's line; nil for one volume.
+	VolumeIDs []string
 	// Request is recorded as the operation's request.
 	Request any
 	// Check runs the pre-checks; nil for none. checkCtx bounds what asks

@@ -102,7 +102,7 @@ func (s *Service) accept(ctx context.Context, key string, typ commands.OpType, c
 	now := time.Now().UTC()
 	op := commands.Operation{
 		ID: id, Type: typ, Status: commands.StatusPending,
-		VolumeID: cmd.VolumeID, VMID: cmd.VMID, Request: raw, CreatedAt: now, UpdatedAt: now,
+		VolumeID: cmd.VolumeID, VMID: cmd.VMID, VolumeIDs: cmd.VolumeIDs, Request: raw, CreatedAt: now, UpdatedAt: now,
 		RequestedBy: commands.Requester(ctx),
 	}
 	rec, err := s.record(ctx, op)
