@@ -122,3 +122,66 @@ const (
 	DetailSteps       = "steps"
 	DetailLeft        = "left"
 )
+
+// DecodeFailover parses and validates a failover request: vm_id and
+// root_volume_id required, data_volume_ids optional (ids normalized, no
+// volume twice, at most MaxFailoverVolumes in all); test and start_vm
+// default to true, force to false.
+func DecodeFailover(data []byte) (FailoverRequest, error) {
+	var in struct {
+		VMID          string   `json:"vm_id"`
+		RootVolumeID  string   `json:"root_volume_id"`
+		DataVolumeIDs []string `json:"data_volume_ids"`
+		Test          *bool    `json:"test"`
+		StartVM       *bool    `json:"start_vm"`
+		Force         bool     `json:"force"`
+	}
+	if err := decodeStrict(data, &in); err != nil {
+		return FailoverRequest{}, err
+	}
+	vm, err := NormalizeVMID(in.VMID)
+	if err != nil {
+		return FailoverRequest{}, err
+	}
+	root, err := NormalizeID("root_volume_id", "vol-", in.RootVolumeID)
+	if err != nil {
+		return FailoverRequest{}, err
+	}
+	if len(in.DataVolumeIDs)+1 > MaxFailoverVolumes {
+		return FailoverRequest{}, Invalid("data_volume_ids", "a failover moves at most %d volumes, root included; got %d",
+			MaxFailoverVolumes, len(in.DataVolumeIDs)+1)
+	}
+	r := FailoverRequest{VMID: vm, RootVolumeID: root, DataVolumeIDs: []string{}, Test: true, StartVM: true, Force: in.Force}
+	seen := map[string]bool{root: true}
+	for _, id := range in.DataVolumeIDs {
+		vol, err := NormalizeID("data_volume_ids", "vol-", id)
+		if err != nil {
+			return FailoverRequest{}, err
+		}
+		if seen[vol] {
+			return FailoverRequest{}, Invalid("data_volume_ids", "volume %s is named twice", vol).WithDetail("provided_value", vol)
+		}
+		seen[vol] = true
+		r.DataVolumeIDs = append(r.DataVolumeIDs, vol)
+	}
+	if in.Test != nil {
+		r.Test = *in.Test
+	}
+	if in.StartVM != nil {
+		r.StartVM = *in.StartVM
+	}
+	return r, nil
+}
+
+// DecodeRollback parses and validates a rollback request.
+func DecodeRollback(data []byte) (RollbackRequest, error) {
+	var in RollbackRequest
+	if err := decodeStrict(data, &in); err != nil {
+		return RollbackRequest{}, err
+	}
+	id, err := NormalizeID("failover_id", "op-", in.FailoverID)
+	if err != nil {
+		return RollbackRequest{}, err
+	}
+	return RollbackRequest{FailoverID: "op-" + id}, nil
+}
