@@ -38,6 +38,8 @@ func request(t *testing.T, nc *nats.Conn, subject string, body any) (int, []byte
 type opEvent struct {
 	ID     string
 	Status commands.OpStatus
+	// Op is the whole record the event carried.
+	Op commands.Operation
 }
 
 // opEvents replays, from the stream's start, the events of the given
@@ -68,7 +70,7 @@ func (d *daemon) opEvents(ids []string) []opEvent {
 		if err := json.Unmarshal(msg.Data(), &op); err != nil {
 			d.t.Fatalf("event %s: %v", msg.Data(), err)
 		}
-		events = append(events, opEvent{op.ID, op.Status})
+		events = append(events, opEvent{ID: op.ID, Status: op.Status, Op: op})
 	}
 }
 

@@ -1,0 +1,665 @@
+package e2e_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/test/cloudsim"
+)
+
+// testVM2ID is a second Stopped VM without a root disk, which
+// failoverSim adds to the inventory: two failovers to two test VMs.
+const testVM2ID = "3f2e1d0c-9b8a-4c7d-8e6f-5a4b3c2d1e0f"
+
+// stepCommand is the CloudStack command that runs each workflow step.
+var stepCommand = map[string]string{
+	"snapshot": "createSnapshot", "detach": "detachVolume", "attach": "attachVolume",
+	"start_vm": "startVirtualMachine", "stop_vm": "stopVirtualMachine", "revert": "revertSnapshot",
+	"delete_snapshot": "deleteSnapshot",
+}
+
+// failoverSim runs the simulator without local devices and with a second
+// test VM.
+func failoverSim(t *testing.T, seed uint64) *cloudsim.Sim {
+	t.Helper()
+	inv := cloudsim.DefaultInventory()
+	inv.VMs = append(inv.VMs, cloudsim.VM{ID: testVM2ID, Name: "test-failover-vm-2", ZoneID: cloudsim.ZoneID, State: "Stopped"})
+	return startSim(t, cloudsim.Config{Seed: seed, Inventory: inv})
+}
+
+// requireFailoverAPI skips while the daemon has no failover endpoint
+// (the feature's other parts are not merged yet).
+func requireFailoverAPI(d *daemon) {
+	d.t.Helper()
+	if status, body := d.call(http.MethodPost, "/failovers", map[string]any{}); status == http.StatusNotFound {
+		d.t.Skipf("POST /failovers answers 404 (%s): not on this branch yet", body)
+	}
+}
+
+// failover posts a failover and returns the accepted operation.
+func (d *daemon) failover(req commands.FailoverRequest) commands.Operation {
+	d.t.Helper()
+	op := d.submit(http.MethodPost, "/failovers", req)
+	if op.Type != commands.OpFailover || op.VolumeID != req.RootVolumeID || op.VMID == nil || *op.VMID != req.VMID ||
+		!slices.Equal(op.VolumeIDs, req.Volumes()) {
+		d.t.Fatalf("accepted failover %+v, want type failover of %v to %s", op, req.Volumes(), req.VMID)
+	}
+	return op
+}
+
+// rollback posts the rollback of a failover and returns the accepted
+// operation.
+func (d *daemon) rollback(failoverID string) commands.Operation {
+	d.t.Helper()
+	op := d.submit(http.MethodPost, "/failovers/"+failoverID+"/rollback", nil)
+	if op.Type != commands.OpRollback {
+		d.t.Fatalf("accepted rollback %+v, want type rollback", op)
+	}
+	return op
+}
+
+// attachTo attaches vol to vmID and waits for it.
+func (d *daemon) attachTo(vol, vmID string) {
+	d.t.Helper()
+	d.completed(d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": vmID}).ID)
+}
+
+// snapshotsOf lists a volume's snapshots over REST.
+func (d *daemon) snapshotsOf(vol string) []commands.Snapshot {
+	d.t.Helper()
+	var list []commands.Snapshot
+	d.mustCall(http.StatusOK, http.MethodGet, "/volumes/"+vol+"/snapshots", nil, &list)
+	return list
+}
+
+// requireNoSnapshots checks that neither volumed nor CloudStack lists a
+// snapshot of vols.
+func requireNoSnapshots(t *testing.T, d *daemon, cs csapi.API, vols ...string) {
+	t.Helper()
+	for _, v := range vols {
+		if list := d.snapshotsOf(v); len(list) != 0 {
+			t.Errorf("snapshots of %s left: %+v", v, list)
+		}
+		if list, err := cs.ListSnapshots(context.Background(), csapi.SnapshotFilter{VolumeID: v}); err != nil || len(list) != 0 {
+			t.Errorf("CloudStack lists snapshots of %s: %+v %v", v, list, err)
+		}
+	}
+}
+
+// requireOn checks in CloudStack that root is vmID's root disk (device 0)
+// and that data are attached to it, not as its root.
+func requireOn(t *testing.T, cs csapi.API, vmID, root string, data ...string) {
+	t.Helper()
+	ctx := context.Background()
+	if root != "" {
+		v, err := cs.GetVolume(ctx, root)
+		if err != nil || v.VMID != vmID || v.DeviceID == nil || *v.DeviceID != 0 {
+			t.Fatalf("root %s: CloudStack has %+v (%v), want device 0 of %s", root, v, err, vmID)
+		}
+	}
+	for _, id := range data {
+		v, err := cs.GetVolume(ctx, id)
+		if err != nil || v.VMID != vmID || v.DeviceID == nil || *v.DeviceID == 0 {
+			t.Fatalf("data volume %s: CloudStack has %+v (%v), want a data disk of %s", id, v, err, vmID)
+		}
+	}
+}
+
+// requireVMState checks a VM's state in CloudStack.
+func requireVMState(t *testing.T, cs csapi.API, vmID, want string) {
+	t.Helper()
+	vm, err := cs.GetVM(context.Background(), vmID)
+	if err != nil || vm.State != want {
+		t.Fatalf("VM %s: %+v %v, want %s", vmID, vm, err, want)
+	}
+}
+
+// forward are a workflow's forward steps (not the compensating ones).
+func forward(wf *commands.Workflow) []commands.WorkflowStep {
+	if wf == nil {
+		return nil
+	}
+	var out []commands.WorkflowStep
+	for _, s := range wf.Steps {
+		if s.Undoes == nil {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// stepIndex is the index in wf.Steps of the forward step name on vol ("":
+// the VM's power), -1 when the plan has none.
+func stepIndex(wf *commands.Workflow, name, vol string) int {
+	if wf == nil {
+		return -1
+	}
+	for i, s := range wf.Steps {
+		if s.Undoes == nil && s.Name == name && s.VolumeID == vol {
+			return i
+		}
+	}
+	return -1
+}
+
+// planStep names a forward step: what it does, on which volume ("" for
+// the VM's power).
+type planStep struct{ name, vol string }
+
+func (s planStep) String() string {
+	if s.vol == "" {
+		return s.name
+	}
+	return s.name + ":" + s.vol[:8]
+}
+
+// requirePlan checks that a completed workflow ran exactly the steps
+// want, each done, in that order.
+func requirePlan(t *testing.T, op commands.Operation, want []planStep) {
+	t.Helper()
+	var got []planStep
+	for _, s := range forward(op.Workflow) {
+		if s.Status != commands.StepDone || s.OperationID == "" {
+			t.Errorf("%s step %+v: want done by a child operation", op.Type, s)
+		}
+		got = append(got, planStep{s.Name, s.VolumeID})
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("%s ran steps %v, want %v", op.Type, got, want)
+	}
+	if op.Response == nil || len(op.Response.Steps) != len(op.Workflow.Steps) {
+		t.Fatalf("%s response %+v: want its %d steps", op.Type, op.Response, len(op.Workflow.Steps))
+	}
+}
+
+// failoverSteps and rollbackSteps are the plans of a test failover of
+// root and data with start_vm and of its rollback, the volumes on a VM
+// without exports.
+func failoverSteps(root, data string) []planStep {
+	return []planStep{{"snapshot", root}, {"snapshot", data}, {"detach", root}, {"detach", data},
+		{"attach", root}, {"attach", data}, {"start_vm", ""}}
+}
+
+func rollbackSteps(root, data string) []planStep {
+	return []planStep{{"stop_vm", ""}, {"detach", root}, {"detach", data}, {"revert", root}, {"revert", data},
+		{"attach", root}, {"attach", data}, {"delete_snapshot", root}, {"delete_snapshot", data}}
+}
+
+// requireCompensated checks that a workflow ended failed with every step
+// it did undone, and says so in its details.
+func requireCompensated(t *testing.T, op commands.Operation) {
+	t.Helper()
+	if op.Status != commands.StatusFailed || op.Details[commands.DetailCompensated] != true {
+		t.Fatalf("%s %s: %q %v, want failed and compensated", op.Type, op.Status, op.Error, op.Details)
+	}
+	if steps, ok := op.Details[commands.DetailSteps].([]any); !ok || len(steps) == 0 {
+		t.Fatalf("%s details %v: want the steps done and undone", op.Type, op.Details)
+	}
+	if op.Workflow == nil {
+		t.Fatalf("%s without its workflow", op.Type)
+	}
+	undone := map[int]bool{}
+	for _, s := range op.Workflow.Steps {
+		if s.Undoes != nil && s.Status == commands.StepDone {
+			undone[*s.Undoes] = true
+		}
+	}
+	failed := 0
+	for i, s := range op.Workflow.Steps {
+		switch {
+		case s.Undoes != nil:
+		case s.Status == commands.StepFailed:
+			failed++
+		case (s.Status == commands.StepDone || s.Status == commands.StepUndone) && !undone[i]:
+			t.Errorf("step %d %+v done and never undone", i, s)
+		}
+	}
+	if failed != 1 {
+		t.Fatalf("%d failed steps in %+v, want 1", failed, op.Workflow.Steps)
+	}
+}
+
+// requireStepEvents checks that a completed workflow published every
+// step: an event with step "<index>:<name>:…" for each forward step, and
+// details counting the steps done of all.
+func requireStepEvents(t *testing.T, d *daemon, op commands.Operation) {
+	t.Helper()
+	steps := forward(op.Workflow)
+	seen := map[int]bool{}
+	maxDone := -1.0
+	for _, ev := range d.opEvents([]string{op.ID}) {
+		if ev.Status != commands.StatusExecuting {
+			continue
+		}
+		for i, s := range steps {
+			if strings.HasPrefix(ev.Op.Step, fmt.Sprintf("%d:%s:", i, s.Name)) {
+				seen[i] = true
+			}
+		}
+		total, hasTotal := ev.Op.Details[commands.DetailStepsTotal].(float64)
+		done, hasDone := ev.Op.Details[commands.DetailStepsDone].(float64)
+		if !hasTotal || !hasDone {
+			continue
+		}
+		if int(total) != len(steps) || done > total {
+			t.Errorf("%s event details %v: want %d steps in all", op.Type, ev.Op.Details, len(steps))
+		}
+		maxDone = max(maxDone, done)
+	}
+	for i, s := range steps {
+		if !seen[i] {
+			t.Errorf("%s published no event of step %d (%s)", op.Type, i, s.Name)
+		}
+	}
+	if int(maxDone) != len(steps) {
+		t.Errorf("%s events counted at most %v steps done, want %d", op.Type, maxDone, len(steps))
+	}
+}
+
+// writeSim writes b at the start of a volume through the simulator's data
+// endpoint, as the VM it is attached to would.
+func writeSim(t *testing.T, sim *cloudsim.Sim, vol string, b []byte) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPut, sim.ControlURL()+"/volumes/"+vol+"/data?offset=0", bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("write %s through the simulator: %s", vol, resp.Status)
+	}
+}
+
+// readSim reads n bytes at the start of a volume through the simulator's
+// data endpoint.
+func readSim(t *testing.T, sim *cloudsim.Sim, vol string, n int) []byte {
+	t.Helper()
+	resp, err := http.Get(sim.ControlURL() + "/volumes/" + vol + "/data?offset=0&length=" + strconv.Itoa(n))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("read %s through the simulator: %s %v", vol, resp.Status, err)
+	}
+	return b
+}
+
+// TestFailoverData: the appliance writes pattern A to two volumes through
+// their NBD exports. A test failover whose VM refuses to start is undone:
+// both volumes are back on the appliance, exported, reading A, and no
+// snapshot is left. Then a test failover puts them on the test VM, which
+// writes pattern B; the rollback brings them back to the appliance under
+// the same export names, reading A, with no snapshot left.
+func TestFailoverData(t *testing.T) {
+	requireNBDClients(t)
+	sim := startLocalSim(t, false)
+	d := startDaemon(t, sim, daemonOpts{})
+	requireFailoverAPI(d)
+	cs := simAPI(sim)
+	root, data := d.createVolume("failover-root", 1), d.createVolume("failover-data", 1)
+	vols := []string{root, data}
+	a := map[string][]byte{}
+	names := map[string]string{}
+	for _, v := range vols {
+		m := d.attachExported(sim, v)
+		a[v], names[v] = pattern(t), m.PersistentDeviceName
+		d.writeNBD(m, a[v])
+	}
+	// backHome checks each volume mapped on the appliance under its export
+	// name, exported, reading A, with no snapshot.
+	backHome := func(t *testing.T) {
+		t.Helper()
+		requireOn(t, cs, cloudsim.ApplianceVMID, "", vols...)
+		d.requireExports(vols...)
+		for _, v := range vols {
+			m := d.requireMapped(sim, v)
+			if m.PersistentDeviceName != names[v] {
+				t.Fatalf("%s exported as %s, was %s", v, m.PersistentDeviceName, names[v])
+			}
+			if got := d.readNBD(m, len(a[v])); !bytes.Equal(got, a[v]) {
+				t.Fatalf("%s does not read pattern A over NBD", v)
+			}
+		}
+		requireNoSnapshots(t, d, cs, vols...)
+		requireVMState(t, cs, cloudsim.TestVMID, "Stopped")
+	}
+	req := commands.FailoverRequest{VMID: cloudsim.TestVMID, RootVolumeID: root, DataVolumeIDs: []string{data}, Test: true, StartVM: true}
+
+	t.Run("start refused", func(t *testing.T) {
+		sim.SetFaults(cloudsim.Faults{JobFailureRate: map[string]float64{"startVirtualMachine": 1}})
+		op := d.wait(d.failover(req).ID)
+		sim.SetFaults(cloudsim.Faults{})
+		requireCompensated(t, op)
+		if i := stepIndex(op.Workflow, "start_vm", ""); i < 0 || op.Workflow.Steps[i].Status != commands.StepFailed {
+			t.Fatalf("steps %+v: want start_vm failed", op.Workflow.Steps)
+		}
+		backHome(t)
+	})
+
+	t.Run("rollback", func(t *testing.T) {
+		fo := d.completed(d.failover(req).ID)
+		requireOn(t, cs, cloudsim.TestVMID, root, data)
+		requireVMState(t, cs, cloudsim.TestVMID, "Running")
+		d.requireExports()
+		for _, v := range vols {
+			d.mustCall(http.StatusNotFound, http.MethodGet, "/volumes/"+v+"/device", nil, nil)
+			before := fo.Response.Before[v]
+			if before.VMID != cloudsim.ApplianceVMID || before.ExportName != names[v] || before.ExportReadOnly {
+				t.Fatalf("before of %s: %+v, want the appliance and export %s", v, before, names[v])
+			}
+			snaps := d.snapshotsOf(v)
+			if len(snaps) != 1 || snaps[0].ID != fo.Response.Snapshots[v] {
+				t.Fatalf("snapshots of %s: %+v, want the failover's %s", v, snaps, fo.Response.Snapshots[v])
+			}
+		}
+		requireStepEvents(t, d, fo)
+
+		// The test VM writes pattern B.
+		for _, v := range vols {
+			b := pattern(t)
+			writeSim(t, sim, v, b)
+			if got := readSim(t, sim, v, len(b)); !bytes.Equal(got, b) {
+				t.Fatalf("%s does not read pattern B in the simulator", v)
+			}
+		}
+
+		rb := d.completed(d.rollback(fo.ID).ID)
+		if rb.VolumeID != root || !slices.Equal(rb.VolumeIDs, vols) {
+			t.Fatalf("rollback %+v: want the failover's volumes", rb)
+		}
+		backHome(t)
+		requireStepEvents(t, d, rb)
+	})
+}
+
+// killAt runs a workflow submit starts and, when at is set, kills -9 the
+// instance executing it while at's child runs its CloudStack job (slowed
+// down); another instance completes it.
+func killAt(t *testing.T, ds []*daemon, sim *cloudsim.Sim, at *planStep, submit func(d *daemon) string) commands.Operation {
+	t.Helper()
+	if at == nil {
+		return ds[0].completed(submit(ds[0]))
+	}
+	sim.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{stepCommand[at.name]: cloudsim.Duration(time.Second)}})
+	id := submit(ds[0])
+	testenv.Eventually(t, 60*time.Second, func() bool {
+		var op commands.Operation
+		ds[0].mustCall(http.StatusOK, http.MethodGet, "/operations/"+id, nil, &op)
+		if op.Status.Terminal() {
+			t.Fatalf("%s ended before step %s: %+v", id, at, op)
+		}
+		i := stepIndex(op.Workflow, at.name, at.vol)
+		if i < 0 || op.Workflow.Steps[i].OperationID == "" || op.Workflow.Steps[i].Status != commands.StepPending {
+			return false
+		}
+		var child commands.Operation
+		status, body := ds[0].call(http.MethodGet, "/operations/"+op.Workflow.Steps[i].OperationID, nil)
+		return status == http.StatusOK && json.Unmarshal(body, &child) == nil && child.ParentID == id &&
+			child.Status == commands.StatusExecuting && sim.Stats().PendingJobs > 0
+	}, "%s at step %s with its CloudStack job running", id, at)
+	runners := executedBy(ds, id)
+	if len(runners) != 1 {
+		t.Fatalf("%s executing on instances %v, want exactly one", id, runners)
+	}
+	r := runners[0]
+	ds[r].kill9()
+	sim.SetFaults(cloudsim.Faults{})
+	ds[r].restart()
+	done := ds[1-r].completed(id)
+	if done.Attempts < 2 {
+		t.Fatalf("%s completed in attempt %d: it was not resumed after the kill", id, done.Attempts)
+	}
+	return done
+}
+
+// onceEach checks what CloudStack did between two stats: calls of each
+// command as counted, and an attach and a detach of each volume.
+func onceEach(t *testing.T, before, after cloudsim.Stats, calls map[string]int64, vols ...string) {
+	t.Helper()
+	for c, want := range calls {
+		if got := after.Calls[c] - before.Calls[c]; got != want {
+			t.Errorf("%s sent %d times, want %d", c, got, want)
+		}
+	}
+	for _, v := range vols {
+		if n := after.AttachesSucceeded[v] - before.AttachesSucceeded[v]; n != 1 {
+			t.Errorf("%s attached %d times, want once", v, n)
+		}
+		if n := after.DetachesSucceeded[v] - before.DetachesSucceeded[v]; n != 1 {
+			t.Errorf("%s detached %d times, want once", v, n)
+		}
+	}
+}
+
+// failoverRound runs a test failover of root and data from the remote VM
+// to the test VM and its rollback, with run (killing or not), and checks
+// each did its work exactly once.
+func failoverRound(t *testing.T, d *daemon, sim *cloudsim.Sim, root, data string, run func(at int, submit func(d *daemon) string) commands.Operation) {
+	t.Helper()
+	cs := simAPI(sim)
+	req := commands.FailoverRequest{VMID: cloudsim.TestVMID, RootVolumeID: root, DataVolumeIDs: []string{data}, Test: true, StartVM: true}
+	vols := req.Volumes()
+
+	before := sim.Stats()
+	fo := run(0, func(d *daemon) string { return d.failover(req).ID })
+	after := sim.Stats()
+	requirePlan(t, fo, failoverSteps(root, data))
+	onceEach(t, before, after, map[string]int64{"createSnapshot": 2, "startVirtualMachine": 1}, vols...)
+	requireOn(t, cs, cloudsim.TestVMID, root, data)
+	requireVMState(t, cs, cloudsim.TestVMID, "Running")
+	for _, v := range vols {
+		if p := fo.Response.Before[v]; p.VMID != cloudsim.RemoteVMID || p.DeviceID == nil || *p.DeviceID == 0 {
+			t.Errorf("before of %s: %+v, want a data disk of the remote VM", v, p)
+		}
+		if snaps := d.snapshotsOf(v); len(snaps) != 1 || snaps[0].ID != fo.Response.Snapshots[v] {
+			t.Errorf("snapshots of %s: %+v, want the failover's one %s", v, snaps, fo.Response.Snapshots[v])
+		}
+	}
+
+	before = sim.Stats()
+	rb := run(1, func(d *daemon) string { return d.rollback(fo.ID).ID })
+	after = sim.Stats()
+	requirePlan(t, rb, rollbackSteps(root, data))
+	onceEach(t, before, after, map[string]int64{"createSnapshot": 0, "startVirtualMachine": 0, "deleteSnapshot": 2}, vols...)
+	if n := after.Calls["stopVirtualMachine"] - before.Calls["stopVirtualMachine"]; n < 1 {
+		t.Errorf("stopVirtualMachine sent %d times", n)
+	}
+	requireOn(t, cs, cloudsim.RemoteVMID, "", vols...)
+	requireVMState(t, cs, cloudsim.TestVMID, "Stopped")
+	requireNoSnapshots(t, d, cs, vols...)
+}
+
+// TestFailoverKill: two volumed on one NATS cluster. Each step of a test
+// failover and of its rollback in turn, the instance executing the
+// workflow is killed -9 while the step's CloudStack job runs; the other
+// resumes it, and each workflow completes having done its work exactly
+// once in CloudStack: one snapshot, one detach and one attach per volume,
+// one start.
+func TestFailoverKill(t *testing.T) {
+	sim := failoverSim(t, 0)
+	c := startNATSCluster(t, 3)
+	ds := startInstances(t, sim, c, 2)
+	requireFailoverAPI(ds[0])
+	root, data := ds[0].createVolume("kill-root", 1), ds[0].createVolume("kill-data", 1)
+	ds[0].attachTo(root, cloudsim.RemoteVMID)
+	ds[0].attachTo(data, cloudsim.RemoteVMID)
+	plans := [][]planStep{failoverSteps(root, data), rollbackSteps(root, data)}
+	role := map[string]string{root: "root", data: "data", "": "vm"}
+	for i := range max(len(plans[0]), len(plans[1])) {
+		// Round i kills the failover at its step i, the rollback at its.
+		var at [2]*planStep
+		var name []string
+		for w, plan := range plans {
+			if i < len(plan) {
+				at[w] = &plan[i]
+				name = append(name, fmt.Sprintf("%s_at_%s_%s", []string{"failover", "rollback"}[w], plan[i].name, role[plan[i].vol]))
+			}
+		}
+		t.Run(strings.Join(name, "+"), func(t *testing.T) {
+			failoverRound(t, ds[0], sim, root, data, func(w int, submit func(d *daemon) string) commands.Operation {
+				return killAt(t, ds, sim, at[w], submit)
+			})
+		})
+	}
+}
+
+// TestFailoverLostReplies: CloudStack does every call of the workflows'
+// steps, but half of its answers are lost. Test failovers and their
+// rollbacks complete, each with one snapshot, one detach and one attach
+// per volume and one start.
+func TestFailoverLostReplies(t *testing.T) {
+	sim := failoverSim(t, 13)
+	d := startDaemon(t, sim, daemonOpts{})
+	requireFailoverAPI(d)
+	root, data := d.createVolume("lost-root", 1), d.createVolume("lost-data", 1)
+	d.attachTo(root, cloudsim.RemoteVMID)
+	d.attachTo(data, cloudsim.RemoteVMID)
+	lost := cloudsim.ErrorFault{Rate: 0.5, Kind: cloudsim.ErrorKindDropAfter}
+	faults := cloudsim.Faults{Errors: map[string]cloudsim.ErrorFault{}}
+	for _, c := range stepCommand {
+		faults.Errors[c] = lost
+	}
+	sim.SetFaults(faults)
+	for range 3 {
+		failoverRound(t, d, sim, root, data, func(_ int, submit func(d *daemon) string) commands.Operation {
+			return d.completed(submit(d))
+		})
+	}
+	for _, c := range stepCommand {
+		if !regexp.MustCompile(`command=` + c + `.*maybe_done=true`).MatchString(d.out.String()) {
+			t.Errorf("no answer to %s was lost: the test proves nothing for it", c)
+		}
+	}
+}
+
+// TestFailoverHoldsLines: a snapshot of the root accepted before a
+// failover runs first; a detach of its data volume sent while the
+// failover runs starts only after it ended, and detaches the volume from
+// where the failover put it.
+func TestFailoverHoldsLines(t *testing.T) {
+	sim := failoverSim(t, 0)
+	d := startDaemon(t, sim, daemonOpts{})
+	requireFailoverAPI(d)
+	cs := simAPI(sim)
+	root, data := d.createVolume("held-root", 1), d.createVolume("held-data", 1)
+	d.attachTo(root, cloudsim.RemoteVMID)
+	d.attachTo(data, cloudsim.RemoteVMID)
+	sim.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"createSnapshot": cloudsim.Duration(time.Second)}})
+	snap := d.submit(http.MethodPost, "/volumes/"+root+"/snapshots", nil)
+	fo := d.failover(commands.FailoverRequest{VMID: cloudsim.TestVMID, RootVolumeID: root, DataVolumeIDs: []string{data}, Test: true, StartVM: true})
+	testenv.Eventually(t, 30*time.Second, func() bool {
+		var op commands.Operation
+		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+fo.ID, nil, &op)
+		return op.Status == commands.StatusExecuting && op.Workflow != nil && len(op.Workflow.Steps) > 0 && op.Workflow.Steps[0].OperationID != ""
+	}, "failover %s running its first step", fo.ID)
+	det := d.submit(http.MethodPost, "/volumes/"+data+"/detach", nil)
+	d.completed(snap.ID)
+	foDone := d.completed(fo.ID)
+	detDone := d.completed(det.ID)
+	sim.SetFaults(cloudsim.Faults{})
+
+	requireRanInOrder(t, d, []string{snap.ID, fo.ID, det.ID})
+	for _, ev := range d.opEvents([]string{det.ID}) {
+		if ev.Status == commands.StatusExecuting && ev.Op.UpdatedAt.Before(*foDone.CompletedAt) {
+			t.Fatalf("detach executing at %v, before the failover ended at %v", ev.Op.UpdatedAt, foDone.CompletedAt)
+		}
+	}
+	if detDone.Response == nil || detDone.Response.VMID != cloudsim.TestVMID {
+		t.Fatalf("detach %+v: want it from the test VM, where the failover put the volume", detDone.Response)
+	}
+	requireOn(t, cs, cloudsim.TestVMID, root)
+	if v, err := cs.GetVolume(context.Background(), data); err != nil || v.VMID != "" {
+		t.Fatalf("data volume after the detach: %+v %v", v, err)
+	}
+}
+
+// TestFailoversSharingVolumes: two failovers naming the same two volumes
+// in opposite orders, to two test VMs, accepted at once, do not deadlock:
+// both end, one after the other, and the volumes are where the records
+// say: on the VM of the later one if it completed, else (compensated)
+// where the earlier one put them.
+func TestFailoversSharingVolumes(t *testing.T) {
+	sim := failoverSim(t, 0)
+	d := startDaemon(t, sim, daemonOpts{})
+	requireFailoverAPI(d)
+	cs := simAPI(sim)
+	a, b := d.createVolume("shared-a", 1), d.createVolume("shared-b", 1)
+	d.attachTo(a, cloudsim.RemoteVMID)
+	d.attachTo(b, cloudsim.RemoteVMID)
+	sim.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"attachVolume": cloudsim.Duration(300 * time.Millisecond)}})
+	reqs := []commands.FailoverRequest{
+		{VMID: cloudsim.TestVMID, RootVolumeID: a, DataVolumeIDs: []string{b}, Test: true},
+		{VMID: testVM2ID, RootVolumeID: b, DataVolumeIDs: []string{a}, Test: true},
+	}
+	ids := make([]string, len(reqs))
+	var wg sync.WaitGroup
+	for i, req := range reqs {
+		wg.Go(func() {
+			status, body := d.call(http.MethodPost, "/failovers", req)
+			var op commands.Operation
+			if status != http.StatusCreated || json.Unmarshal(body, &op) != nil {
+				t.Errorf("failover %d: %d %s", i, status, body)
+			}
+			ids[i] = op.ID
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	ends := map[string]commands.Operation{}
+	for _, id := range ids {
+		ends[id] = d.wait(id)
+	}
+	sim.SetFaults(cloudsim.Faults{})
+
+	// The order they ran in is that of their first executing events.
+	var order []string
+	for _, ev := range d.opEvents(ids) {
+		if ev.Status == commands.StatusExecuting && !slices.Contains(order, ev.ID) {
+			order = append(order, ev.ID)
+		}
+	}
+	if len(order) != 2 {
+		t.Fatalf("executing events of %v: %v", ids, order)
+	}
+	requireRanInOrder(t, d, order)
+	first, last := ends[order[0]], ends[order[1]]
+	reqOf := func(op commands.Operation) commands.FailoverRequest { return reqs[indexOf(ids, op.ID)] }
+	if first.Status != commands.StatusCompleted {
+		t.Fatalf("the first failover %s: %q %v, want completed", first.Status, first.Error, first.Details)
+	}
+	where := reqOf(first)
+	switch {
+	case last.Status == commands.StatusCompleted:
+		where = reqOf(last)
+		if p := last.Response.Before[where.RootVolumeID]; p.VMID != reqOf(first).VMID {
+			t.Errorf("the later failover found %s on %+v, want the earlier one's VM", where.RootVolumeID, p)
+		}
+	case last.Status == commands.StatusFailed:
+		requireCompensated(t, last)
+	default:
+		t.Fatalf("the later failover ended %s", last.Status)
+	}
+	requireOn(t, cs, where.VMID, where.RootVolumeID, where.DataVolumeIDs...)
+}
