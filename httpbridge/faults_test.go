@@ -18,6 +18,8 @@ var commandCases = []struct{ method, path, body string }{
 	{"POST", "/volumes/" + vol1 + "/detach", ""},
 	{"DELETE", "/volumes/" + vol1, ""},
 	{"POST", "/admin/force-sync", ""},
+	{"POST", "/failovers", "failover.json"},
+	{"POST", "/failovers/" + opFailover + "/rollback", ""},
 }
 
 // storeDownCases are the reads answered from the store.
