@@ -136,7 +136,7 @@ func seedWorkflow(t *testing.T, h *harness) {
 	snaps := map[string]string{vol1: snap1}
 	failover := commands.Operation{ID: opFailover, Type: commands.OpFailover, Status: commands.StatusCompleted,
 		VolumeID: vol1, VMID: &vm, VolumeIDs: []string{vol1, vol2},
-		Request: json.RawMessage(`{"vm_id":"` + vm1 + `","root_volume_id":"` + vol1 + `","data_volume_ids":["` + vol2 + `"],"test":true,"start_vm":true,"force":false}`),
+		Request:  json.RawMessage(`{"vm_id":"` + vm1 + `","root_volume_id":"` + vol1 + `","data_volume_ids":["` + vol2 + `"],"test":true,"start_vm":true,"force":false}`),
 		Workflow: &commands.Workflow{Before: before, Snapshots: snaps, Steps: steps},
 		Response: &commands.OpResponse{VolumeID: vol1, VMID: vm1, Snapshots: snaps, Before: before, Steps: steps,
 			Message: "Failover completed"},
