@@ -49,11 +49,11 @@ func TestWorkflowMetrics(t *testing.T) {
 			Workflow: &commands.Workflow{Steps: undone, Compensating: true}, Details: map[string]any{commands.DetailCompensated: true}},
 		{ID: "op-3", Type: commands.OpRollback, Status: commands.StatusFailed, CreatedAt: created, CompletedAt: &done,
 			Workflow: &commands.Workflow{Steps: []commands.WorkflowStep{step("stop_vm", commands.StepDone, nil), step("revert", commands.StepFailed, nil)}},
-			Details: map[string]any{commands.DetailCompensated: false}},
+			Details:  map[string]any{commands.DetailCompensated: false}},
 		// The reconcile's record of a step's timed-out job: counted already.
 		{ID: "op-3", Type: commands.OpRollback, Status: commands.StatusFailed, CreatedAt: created, CompletedAt: &done,
 			Workflow: &commands.Workflow{Steps: []commands.WorkflowStep{step("revert", commands.StepFailed, nil)}},
-			Details: map[string]any{commands.DetailCompensated: false, commands.DetailResolvedAt: done.Format(time.RFC3339)}},
+			Details:  map[string]any{commands.DetailCompensated: false, commands.DetailResolvedAt: done.Format(time.RFC3339)}},
 		// Published last: once it is counted, everything before it is.
 		{ID: "op-4", Type: commands.OpStartVM, Status: commands.StatusCompleted, ParentID: "op-1", CreatedAt: created, CompletedAt: &done},
 	} {
