@@ -7,7 +7,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/redisstore"
+	"github.com/volumed/volumed/stores/redisstore"
 )
 
 // commandCases are one request per command endpoint.
