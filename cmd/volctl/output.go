@@ -278,7 +278,7 @@ func isWorkflow(op commands.Operation) bool {
 }
 
 // workflowProgress describes the step a failover or rollback runs:
-// "[done/total] name volume -> vm (status)", from its details and
+// "[done/total] name volume vm VM (status)", from its details and
 // workflow; "" for another operation or before its first step.
 func workflowProgress(op commands.Operation) string {
 	if !isWorkflow(op) {
