@@ -93,6 +93,15 @@ func TestFailoverEndpoints(t *testing.T) {
 			t.Errorf("GET the failed rollback: %d %s", resp.StatusCode, body)
 		}
 	})
+	t.Run("listed by type", func(t *testing.T) {
+		for typ, want := range map[commands.OpType]string{commands.OpFailover: opFailover, commands.OpRollback: opFailedRollback} {
+			resp, body := h.do(t, "GET", "/operations?type="+string(typ), "")
+			rows := decodeAs[[]commands.OperationSummary](t, body)
+			if resp.StatusCode != http.StatusOK || !slices.ContainsFunc(rows, func(r commands.OperationSummary) bool { return r.ID == want }) {
+				t.Errorf("GET /operations?type=%s: %d %s", typ, resp.StatusCode, body)
+			}
+		}
+	})
 	t.Run("refused ids send nothing", func(t *testing.T) {
 		before := len(h.commands.sentAll())
 		for _, p := range []string{"/failovers/nope/rollback", "/failovers/" + vol1 + "x/rollback"} {
