@@ -60,9 +60,16 @@ func (d *daemon) opEvents(ids []string) []opEvent {
 	if err != nil {
 		d.t.Fatal(err)
 	}
+	// One pull subscription for the whole replay (each Next of its own
+	// would make a consumer per event).
+	msgs, err := cons.Messages()
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	defer msgs.Stop()
 	var events []opEvent
 	for {
-		msg, err := cons.Next(jetstream.FetchMaxWait(time.Second))
+		msg, err := msgs.Next(jetstream.NextMaxWait(time.Second))
 		if err != nil {
 			return events
 		}
