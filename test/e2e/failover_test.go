@@ -50,6 +50,13 @@ func requireFailoverAPI(d *daemon) {
 	}
 }
 
+// in is d for a subtest: its calls fail t. Take it anew after a restart.
+func (d *daemon) in(t *testing.T) *daemon {
+	c := *d
+	c.t = t
+	return &c
+}
+
 // failover posts a failover and returns the accepted operation.
 func (d *daemon) failover(req commands.FailoverRequest) commands.Operation {
 	d.t.Helper()
@@ -329,6 +336,7 @@ func TestFailoverData(t *testing.T) {
 	// name, exported, reading A, with no snapshot.
 	backHome := func(t *testing.T) {
 		t.Helper()
+		d := d.in(t)
 		requireOn(t, cs, cloudsim.ApplianceVMID, "", vols...)
 		d.requireExports(vols...)
 		for _, v := range vols {
@@ -346,6 +354,7 @@ func TestFailoverData(t *testing.T) {
 	req := commands.FailoverRequest{VMID: cloudsim.TestVMID, RootVolumeID: root, DataVolumeIDs: []string{data}, Test: true, StartVM: true}
 
 	t.Run("start refused", func(t *testing.T) {
+		d := d.in(t)
 		sim.SetFaults(cloudsim.Faults{JobFailureRate: map[string]float64{"startVirtualMachine": 1}})
 		op := d.wait(d.failover(req).ID)
 		sim.SetFaults(cloudsim.Faults{})
@@ -357,12 +366,17 @@ func TestFailoverData(t *testing.T) {
 	})
 
 	t.Run("rollback", func(t *testing.T) {
+		d := d.in(t)
 		fo := d.completed(d.failover(req).ID)
 		requireOn(t, cs, cloudsim.TestVMID, root, data)
 		requireVMState(t, cs, cloudsim.TestVMID, "Running")
 		d.requireExports()
 		for _, v := range vols {
-			d.mustCall(http.StatusNotFound, http.MethodGet, "/volumes/"+v+"/device", nil, nil)
+			var m commands.Mapping
+			d.mustCall(http.StatusOK, http.MethodGet, "/volumes/"+v+"/device", nil, &m)
+			if m.VMID != cloudsim.TestVMID || m.DevicePath != "" || m.PersistentDeviceName != "" {
+				t.Fatalf("mapping of %s on the test VM: %+v, want no device nor name here", v, m)
+			}
 			before := fo.Response.Before[v]
 			if before.VMID != cloudsim.ApplianceVMID || before.ExportName != names[v] || before.ExportReadOnly {
 				t.Fatalf("before of %s: %+v, want the appliance and export %s", v, before, names[v])
@@ -398,13 +412,15 @@ func TestFailoverData(t *testing.T) {
 func killAt(t *testing.T, ds []*daemon, sim *cloudsim.Sim, at *planStep, submit func(d *daemon) string) commands.Operation {
 	t.Helper()
 	if at == nil {
-		return ds[0].completed(submit(ds[0]))
+		d := ds[0].in(t)
+		return d.completed(submit(d))
 	}
 	sim.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{stepCommand[at.name]: cloudsim.Duration(time.Second)}})
-	id := submit(ds[0])
+	d := ds[0].in(t)
+	id := submit(d)
 	testenv.Eventually(t, 60*time.Second, func() bool {
 		var op commands.Operation
-		ds[0].mustCall(http.StatusOK, http.MethodGet, "/operations/"+id, nil, &op)
+		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+id, nil, &op)
 		if op.Status.Terminal() {
 			t.Fatalf("%s ended before step %s: %+v", id, at, op)
 		}
@@ -413,7 +429,7 @@ func killAt(t *testing.T, ds []*daemon, sim *cloudsim.Sim, at *planStep, submit 
 			return false
 		}
 		var child commands.Operation
-		status, body := ds[0].call(http.MethodGet, "/operations/"+op.Workflow.Steps[i].OperationID, nil)
+		status, body := d.call(http.MethodGet, "/operations/"+op.Workflow.Steps[i].OperationID, nil)
 		return status == http.StatusOK && json.Unmarshal(body, &child) == nil && child.ParentID == id &&
 			child.Status == commands.StatusExecuting && sim.Stats().PendingJobs > 0
 	}, "%s at step %s with its CloudStack job running", id, at)
@@ -425,7 +441,7 @@ func killAt(t *testing.T, ds []*daemon, sim *cloudsim.Sim, at *planStep, submit 
 	ds[r].kill9()
 	sim.SetFaults(cloudsim.Faults{})
 	ds[r].restart()
-	done := ds[1-r].completed(id)
+	done := ds[1-r].in(t).completed(id)
 	if done.Attempts < 2 {
 		t.Fatalf("%s completed in attempt %d: it was not resumed after the kill", id, done.Attempts)
 	}
@@ -456,6 +472,7 @@ func onceEach(t *testing.T, before, after cloudsim.Stats, calls map[string]int64
 // each did its work exactly once.
 func failoverRound(t *testing.T, d *daemon, sim *cloudsim.Sim, root, data string, run func(at int, submit func(d *daemon) string) commands.Operation) {
 	t.Helper()
+	d = d.in(t)
 	cs := simAPI(sim)
 	req := commands.FailoverRequest{VMID: cloudsim.TestVMID, RootVolumeID: root, DataVolumeIDs: []string{data}, Test: true, StartVM: true}
 	vols := req.Volumes()
