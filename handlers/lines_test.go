@@ -274,9 +274,10 @@ func TestLinesOrder(t *testing.T) {
 	multi := s.acceptLines(t, "", "vol-a", "vol-b")
 	afterA := s.acceptLines(t, "", "vol-a")
 	afterB := s.acceptLines(t, "", "vol-b")
-	// The operation on A and B, then those after it on A and on B, were
-	// each handed out and sent back: what runs out of turn has run by now.
-	s.waitLooked(t, 3)
+	// The operation on A and B, its hold on B, and those after it on A and
+	// on B were each handed out and sent back at least once: what would
+	// run out of turn would have run at its first delivery.
+	s.waitLooked(t, 4)
 	for _, id := range []string{multi, afterA, afterB} {
 		if s.kind.started(id) {
 			t.Errorf("operation %s started while the first on A runs", id)
@@ -286,6 +287,28 @@ func TestLinesOrder(t *testing.T) {
 	s.waitEnded(t, first, multi, afterA, afterB)
 	s.kind.checkLine(t, "A", []string{first, multi, afterA})
 	s.kind.checkLine(t, "B", []string{multi, afterB})
+	s.checkQueueEmpty(t)
+}
+
+// TestLinesSingleWaits: a single-volume operation on B sent while an
+// operation on A and B runs waits for it to end.
+func TestLinesSingleWaits(t *testing.T) {
+	s := newLineService(t)
+	multi := s.acceptLines(t, "multi", "vol-a", "vol-b")
+	within(t, time.Minute, func() error {
+		if !s.kind.started(multi) {
+			return errors.New("the operation on A and B has not started")
+		}
+		return nil
+	})
+	single := s.acceptLines(t, "", "vol-b")
+	s.waitLooked(t, 2) // the hold on B and the single one, sent back
+	if s.kind.started(single) {
+		t.Errorf("the operation on B started while the one on A and B runs")
+	}
+	close(s.kind.gate("multi"))
+	s.waitEnded(t, multi, single)
+	s.kind.checkLine(t, "B", []string{multi, single})
 	s.checkQueueEmpty(t)
 }
 
@@ -524,6 +547,57 @@ func TestLinesOf(t *testing.T) {
 				t.Fatalf("linesOf = %v, want %v", got, tc.want)
 			}
 		})
+	}
+}
+
+// agentDevices is the device agent side of TestVMGuard: every VM has an
+// agent, and those in noIdentity show no disk identity.
+type agentDevices struct {
+	DeviceCorrelator
+	noIdentity map[string]bool
+}
+
+func (d agentDevices) HasAgent(context.Context, string) bool { return true }
+func (d agentDevices) NoIdentity(vm string) bool             { return d.noIdentity[vm] }
+
+// TestVMGuard: an attach to a VM whose disks carry no identity runs under
+// the VM's lease, and not while another holds it (state.ErrLeaseHeld,
+// nothing run); any other operation runs at once, under no lease.
+func TestVMGuard(t *testing.T) {
+	s := newTestService(t)
+	g := vmGuard{devices: agentDevices{noIdentity: map[string]bool{"vm-bare": true}}, leases: s.leases}
+	vm := func(id string) *string { return &id }
+	for _, tc := range []struct {
+		name  string
+		op    commands.Operation
+		lease bool
+	}{
+		{"attach to a VM without identities", commands.Operation{ID: "op-1", Type: commands.OpAttach, VMID: vm("vm-bare")}, true},
+		{"attach to a VM with identities", commands.Operation{ID: "op-2", Type: commands.OpAttach, VMID: vm("vm-ids")}, false},
+		{"detach from a VM without identities", commands.Operation{ID: "op-3", Type: commands.OpDetach, VMID: vm("vm-bare")}, false},
+		{"attach without a VM", commands.Operation{ID: "op-4", Type: commands.OpAttach}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			ran, inner := false, error(nil)
+			err := g.Exclusive(ctx, tc.op, func(ctx context.Context) {
+				ran = true
+				// A second operation of the same kind meanwhile.
+				inner = g.Exclusive(ctx, tc.op, func(context.Context) {})
+			})
+			if err != nil || !ran {
+				t.Fatalf("Exclusive: ran %v, %v", ran, err)
+			}
+			if held := errors.Is(inner, state.ErrLeaseHeld); held != tc.lease {
+				t.Fatalf("a second one while the first runs: %v, want lease held %v", inner, tc.lease)
+			}
+			if err := g.Exclusive(ctx, tc.op, func(context.Context) {}); err != nil {
+				t.Fatalf("after the first ended: %v", err)
+			}
+		})
+	}
+	if (vmGuard{leases: s.leases}).lease(context.Background(), commands.Operation{Type: commands.OpAttach, VMID: vm("vm-bare")}) != "" {
+		t.Error("a lease without a device agent")
 	}
 }
 
