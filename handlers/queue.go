@@ -117,18 +117,18 @@ const (
 
 // JetStream's answers to an atomic batch that publishBatch tells apart.
 const (
-	errBatchDisabled    jetstream.ErrorCode = 10174 // the stream does not allow atomic publish
-	errBatchIncomplete  jetstream.ErrorCode = 10176 // a message of the batch did not arrive
-	errBatchDuplicate   jetstream.ErrorCode = 10201 // a message id of the batch is stored already
-	errBatchTooMany     jetstream.ErrorCode = 10210 // too many batches in flight on the stream
-	errDuplicateInFlght jetstream.ErrorCode = 10158 // the same message id is being stored now
+	errBatchDisabled     jetstream.ErrorCode = 10174 // the stream does not allow atomic publish
+	errBatchIncomplete   jetstream.ErrorCode = 10176 // a message of the batch did not arrive
+	errBatchDuplicate    jetstream.ErrorCode = 10201 // a message id of the batch is stored already
+	errBatchTooMany      jetstream.ErrorCode = 10210 // too many batches in flight on the stream
+	errDuplicateInFlight jetstream.ErrorCode = 10158 // the same message id is being stored now
 )
 
 // batchBackoff paces the attempts at a batch JetStream could not take
 // yet (too many in flight, a message lost on the way).
 var batchBackoff = backoff.Policy{Min: 10 * time.Millisecond, Max: 200 * time.Millisecond}
 
-// ErrAtomicPublishOff: the job stream does not take atomic batches, so an
+// errAtomicPublishOff: the job stream does not take atomic batches, so an
 // operation on several volumes cannot be queued.
 var errAtomicPublishOff = errors.New("stream " + bus.StreamJobs + " does not allow atomic publish (a volumed from before it, or a NATS server before 2.12, turned it off: upgrade every instance)")
 
@@ -146,7 +146,7 @@ func (s *Service) publishBatch(ctx context.Context, op commands.Operation, lines
 		var apiErr *jetstream.APIError
 		if errors.As(err, &apiErr) {
 			switch apiErr.ErrorCode {
-			case errBatchDuplicate, errDuplicateInFlght:
+			case errBatchDuplicate, errDuplicateInFlight:
 				return 0, false, nil
 			case errBatchDisabled:
 				return 0, false, fmt.Errorf("%w: %w", errAtomicPublishOff, err)
