@@ -19,13 +19,13 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
-	"github.com/volumed/volumed/test/cloudsim/simtest"
+	"github.com/volumed/volumed/test/simtest"
 )
 
 // opLines is the type of lineKind's operations.

@@ -21,8 +21,8 @@ import (
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/internal/formation"
+	"github.com/volumed/volumed/lease"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/lease"
 )
 
 // job is the queued message of an accepted operation.
