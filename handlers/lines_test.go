@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"slices"
@@ -616,3 +617,56 @@ func within(t *testing.T, timeout time.Duration, cond func() error) {
 type lastError struct{ err *error }
 
 func (l lastError) String() string { return fmt.Sprint(*l.err) }
+
+// TestTurnOnSeveralLines: with the jobs of X on [A, B], Y on [B, A] and Z
+// on B queued in that order, only X's turn has come; once X's messages
+// are gone, Y's comes and Z still waits for Y. Y queued again (its job
+// lost) goes behind Z, and the hold of its earlier batch does not hold it
+// back.
+func TestTurnOnSeveralLines(t *testing.T) {
+	s := newTestService(t)
+	ctx := context.Background()
+	var err error
+	if s.jobs, err = s.cfg.JetStream.Stream(ctx, bus.StreamJobs); err != nil {
+		t.Fatal(err)
+	}
+	x := commands.Operation{ID: "op-x", Type: opLines, VolumeID: "vol-a", VolumeIDs: []string{"vol-a", "vol-b"}}
+	y := commands.Operation{ID: "op-y", Type: opLines, VolumeID: "vol-b", VolumeIDs: []string{"vol-b", "vol-a"}}
+	z := commands.Operation{ID: "op-z", Type: opLines, VolumeID: "vol-b"}
+	seq := map[string]uint64{}
+	for _, op := range []commands.Operation{x, y, z} {
+		if seq[op.ID], _, err = s.publishJob(ctx, op, op.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check := func(when string, want map[string]bool) {
+		t.Helper()
+		for _, op := range []commands.Operation{x, y, z} {
+			if _, asked := want[op.ID]; !asked {
+				continue
+			}
+			wait, why := s.turn(ctx, seq[op.ID], op)
+			if wait != want[op.ID] {
+				t.Errorf("%s: %s waits %v (%s), want %v", when, op.ID, wait, why, want[op.ID])
+			}
+		}
+	}
+	check("all queued", map[string]bool{"op-x": false, "op-y": true, "op-z": true})
+	s.removeHolds(ctx, x, math.MaxUint64)
+	if err := s.jobs.DeleteMsg(ctx, seq[x.ID]); err != nil {
+		t.Fatal(err)
+	}
+	check("X ended", map[string]bool{"op-y": false, "op-z": true})
+	// Y queued again (its job lost): its earlier hold on A is passed over.
+	if err := s.jobs.DeleteMsg(ctx, seq[y.ID]); err != nil {
+		t.Fatal(err)
+	}
+	if seq[y.ID], _, err = s.publishJob(ctx, y, "op-y@2"); err != nil {
+		t.Fatal(err)
+	}
+	check("Y queued again, behind Z", map[string]bool{"op-y": true, "op-z": false})
+	if err := s.jobs.DeleteMsg(ctx, seq[z.ID]); err != nil {
+		t.Fatal(err)
+	}
+	check("Z ended", map[string]bool{"op-y": false})
+}
