@@ -670,3 +670,34 @@ func TestTurnOnSeveralLines(t *testing.T) {
 	}
 	check("Z ended", map[string]bool{"op-y": false})
 }
+
+// BenchmarkEnqueue measures queueing a job on the embedded bus: one
+// publish for an operation on one volume, one atomic batch (its job and a
+// hold per other volume) for an operation on several.
+func BenchmarkEnqueue(b *testing.B) {
+	for _, n := range []int{1, 2, 4} {
+		b.Run(fmt.Sprintf("volumes=%d", n), func(b *testing.B) {
+			s := newTestService(b)
+			ctx := context.Background()
+			var err error
+			if s.jobs, err = s.cfg.JetStream.Stream(ctx, bus.StreamJobs); err != nil {
+				b.Fatal(err)
+			}
+			var volumes []string
+			for i := range n {
+				volumes = append(volumes, fmt.Sprintf("vol-%d", i))
+			}
+			i := 0
+			for b.Loop() {
+				i++
+				op := commands.Operation{ID: fmt.Sprintf("op-%d", i), Type: opLines, VolumeID: volumes[0]}
+				if n > 1 {
+					op.VolumeIDs = volumes
+				}
+				if err := s.enqueue(ctx, op); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
