@@ -281,15 +281,17 @@ func (s *Service) Start(ctx context.Context) error {
 		defer s.wg.Done()
 		s.inventory.run(s.ctx, s.cfg.InventoryInterval, &s.wg)
 	}()
-	if err := s.startCommands(); err != nil {
-		s.stop()
-		return err
-	}
 	if err := s.host.Start(ctx); err != nil {
 		s.stop()
 		return err
 	}
+	// The consumer first: a command retried with its key asks the work
+	// queue (s.jobs) whether its job is there.
 	if err := s.startConsumer(ctx); err != nil {
+		s.stop()
+		return err
+	}
+	if err := s.startCommands(); err != nil {
 		s.stop()
 		return err
 	}
