@@ -314,11 +314,14 @@ func readSim(t *testing.T, sim *cloudsim.Sim, vol string, n int) []byte {
 }
 
 // TestFailoverData: the appliance writes pattern A to two volumes through
-// their NBD exports. A test failover whose VM refuses to start is undone:
+// their NBD exports. A failover while one has an NBD client is refused
+// (409 naming it, nothing recorded, the client reading on). A test
+// failover whose VM refuses to start is undone:
 // both volumes are back on the appliance, exported, reading A, and no
 // snapshot is left. Then a test failover puts them on the test VM, which
 // writes pattern B; the rollback brings them back to the appliance under
-// the same export names, reading A, with no snapshot left.
+// the same export names, reading A, with no snapshot left. A rollback of
+// either failover again is refused, naming why.
 func TestFailoverData(t *testing.T) {
 	requireNBDClients(t)
 	sim := startLocalSim(t, false)
@@ -355,6 +358,37 @@ func TestFailoverData(t *testing.T) {
 	}
 	req := commands.FailoverRequest{VMID: cloudsim.TestVMID, RootVolumeID: root, DataVolumeIDs: []string{data}, Test: true, StartVM: true}
 
+	// refused requires a synchronous refusal with code, naming want, and
+	// no failover recorded but those done before.
+	refused := func(t *testing.T, d *daemon, path string, body any, status int, code, want string) {
+		t.Helper()
+		var before []commands.OperationSummary
+		d.mustCall(http.StatusOK, http.MethodGet, "/operations?type=failover", nil, &before)
+		var e commands.Error
+		d.mustCall(status, http.MethodPost, path, body, &e)
+		if e.Code != code || !strings.Contains(e.Message, want) {
+			t.Fatalf("POST %s: %+v, want %s naming %s", path, e, code, want)
+		}
+		var after []commands.OperationSummary
+		d.mustCall(http.StatusOK, http.MethodGet, "/operations?type=failover", nil, &after)
+		if len(after) != len(before) {
+			t.Fatalf("a refused POST %s recorded a failover: %+v", path, after)
+		}
+	}
+
+	t.Run("in use", func(t *testing.T) {
+		d := d.in(t)
+		c := holdClient(t, d.nbdURI(names[data]), true)
+		testenv.Eventually(t, 20*time.Second, func() bool { return d.clientsOf(data) == 1 }, "the NBD client of %s counted", data)
+		refused(t, d, "/failovers", req, http.StatusConflict, commands.CodeConflict, data)
+		if out := c.read(t); !strings.Contains(out, "ops/sec") {
+			t.Fatalf("the NBD client after the refusal: %s", out)
+		}
+		c.in.Close()
+		testenv.Eventually(t, 20*time.Second, func() bool { return d.clientsOf(data) == 0 }, "the NBD client of %s gone", data)
+		backHome(t)
+	})
+
 	t.Run("start refused", func(t *testing.T) {
 		d := d.in(t)
 		sim.SetFaults(cloudsim.Faults{JobFailureRate: map[string]float64{"startVirtualMachine": 1}})
@@ -365,6 +399,7 @@ func TestFailoverData(t *testing.T) {
 			t.Fatalf("steps %+v: want start_vm failed", op.Workflow.Steps)
 		}
 		backHome(t)
+		refused(t, d, "/failovers/"+op.ID+"/rollback", nil, http.StatusConflict, commands.CodeConflict, op.ID)
 	})
 
 	t.Run("rollback", func(t *testing.T) {
@@ -405,6 +440,7 @@ func TestFailoverData(t *testing.T) {
 		}
 		backHome(t)
 		requireStepEvents(t, d, rb)
+		refused(t, d, "/failovers/"+fo.ID+"/rollback", nil, http.StatusConflict, commands.CodeConflict, rb.ID)
 	})
 }
 
