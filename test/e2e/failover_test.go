@@ -152,13 +152,14 @@ func forward(wf *commands.Workflow) []commands.WorkflowStep {
 }
 
 // stepIndex is the index in wf.Steps of the forward step name on vol ("":
-// the VM's power), -1 when the plan has none.
-func stepIndex(wf *commands.Workflow, name, vol string) int {
+// the VM's power), or with undo of the step undoing one; -1 when there is
+// none.
+func stepIndex(wf *commands.Workflow, name, vol string, undo bool) int {
 	if wf == nil {
 		return -1
 	}
 	for i, s := range wf.Steps {
-		if s.Undoes == nil && s.Name == name && s.VolumeID == vol {
+		if (s.Undoes != nil) == undo && s.Name == name && s.VolumeID == vol {
 			return i
 		}
 	}
@@ -395,7 +396,7 @@ func TestFailoverData(t *testing.T) {
 		op := d.wait(d.failover(req).ID)
 		sim.SetFaults(cloudsim.Faults{})
 		requireCompensated(t, op)
-		if i := stepIndex(op.Workflow, "start_vm", ""); i < 0 || op.Workflow.Steps[i].Status != commands.StepFailed {
+		if i := stepIndex(op.Workflow, "start_vm", "", false); i < 0 || op.Workflow.Steps[i].Status != commands.StepFailed {
 			t.Fatalf("steps %+v: want start_vm failed", op.Workflow.Steps)
 		}
 		backHome(t)
@@ -444,16 +445,26 @@ func TestFailoverData(t *testing.T) {
 	})
 }
 
+// killPoint is where a workflow is killed: at a forward step, or at the
+// step undoing it (undo).
+type killPoint struct {
+	planStep
+	undo bool
+}
+
 // killAt runs a workflow submit starts and, when at is set, kills -9 the
 // instance executing it while at's child runs its CloudStack job (slowed
-// down); another instance completes it.
-func killAt(t *testing.T, ds []*daemon, sim *cloudsim.Sim, at *planStep, submit func(d *daemon) string) commands.Operation {
+// down, on top of the faults set); another instance ends it.
+func killAt(t *testing.T, ds []*daemon, sim *cloudsim.Sim, at *killPoint, submit func(d *daemon) string) commands.Operation {
 	t.Helper()
 	if at == nil {
 		d := ds[0].in(t)
-		return d.completed(submit(d))
+		return d.wait(submit(d))
 	}
-	sim.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{stepCommand[at.name]: cloudsim.Duration(time.Second)}})
+	base := sim.Faults()
+	slow := base
+	slow.JobDuration = map[string]cloudsim.Duration{stepCommand[at.name]: cloudsim.Duration(1500 * time.Millisecond)}
+	sim.SetFaults(slow)
 	d := ds[0].in(t)
 	id := submit(d)
 	testenv.Eventually(t, 60*time.Second, func() bool {
@@ -462,7 +473,7 @@ func killAt(t *testing.T, ds []*daemon, sim *cloudsim.Sim, at *planStep, submit 
 		if op.Status.Terminal() {
 			t.Fatalf("%s ended before step %s: %+v", id, at, op)
 		}
-		i := stepIndex(op.Workflow, at.name, at.vol)
+		i := stepIndex(op.Workflow, at.name, at.vol, at.undo)
 		label := fmt.Sprintf("%d:%s:%s", i, at.name, at.vol)
 		if i < 0 || op.Workflow.Steps[i].OperationID == "" || op.Workflow.Steps[i].Status != commands.StepPending ||
 			op.Step != label || op.Details[commands.DetailStep] != label {
@@ -479,18 +490,18 @@ func killAt(t *testing.T, ds []*daemon, sim *cloudsim.Sim, at *planStep, submit 
 	}
 	r := runners[0]
 	ds[r].kill9()
-	sim.SetFaults(cloudsim.Faults{})
+	sim.SetFaults(base)
 	ds[r].restart()
-	done := ds[1-r].in(t).completed(id)
+	done := ds[1-r].in(t).wait(id)
 	if done.Attempts < 2 {
-		t.Fatalf("%s completed in attempt %d: it was not resumed after the kill", id, done.Attempts)
+		t.Fatalf("%s ended in attempt %d: it was not resumed after the kill", id, done.Attempts)
 	}
 	return done
 }
 
 // onceEach checks what CloudStack did between two stats: calls of each
-// command as counted, and an attach and a detach of each volume.
-func onceEach(t *testing.T, before, after cloudsim.Stats, calls map[string]int64, vols ...string) {
+// command as counted, and moves attaches and detaches of each volume.
+func onceEach(t *testing.T, before, after cloudsim.Stats, calls map[string]int64, moves int64, vols ...string) {
 	t.Helper()
 	for c, want := range calls {
 		if got := after.Calls[c] - before.Calls[c]; got != want {
@@ -498,11 +509,11 @@ func onceEach(t *testing.T, before, after cloudsim.Stats, calls map[string]int64
 		}
 	}
 	for _, v := range vols {
-		if n := after.AttachesSucceeded[v] - before.AttachesSucceeded[v]; n != 1 {
-			t.Errorf("%s attached %d times, want once", v, n)
+		if n := after.AttachesSucceeded[v] - before.AttachesSucceeded[v]; n != moves {
+			t.Errorf("%s attached %d times, want %d", v, n, moves)
 		}
-		if n := after.DetachesSucceeded[v] - before.DetachesSucceeded[v]; n != 1 {
-			t.Errorf("%s detached %d times, want once", v, n)
+		if n := after.DetachesSucceeded[v] - before.DetachesSucceeded[v]; n != moves {
+			t.Errorf("%s detached %d times, want %d", v, n, moves)
 		}
 	}
 }
@@ -520,8 +531,11 @@ func failoverRound(t *testing.T, d *daemon, sim *cloudsim.Sim, root, data string
 	before := sim.Stats()
 	fo := run(0, func(d *daemon) string { return d.failover(req).ID })
 	after := sim.Stats()
+	if fo.Status != commands.StatusCompleted {
+		t.Fatalf("failover %s: %q %v", fo.Status, fo.Error, fo.Details)
+	}
 	requirePlan(t, fo, failoverSteps(root, data))
-	onceEach(t, before, after, map[string]int64{"createSnapshot": 2, "startVirtualMachine": 1}, vols...)
+	onceEach(t, before, after, map[string]int64{"createSnapshot": 2, "startVirtualMachine": 1}, 1, vols...)
 	requireOn(t, cs, cloudsim.TestVMID, root, data)
 	requireVMState(t, cs, cloudsim.TestVMID, "Running")
 	for _, v := range vols {
@@ -536,8 +550,11 @@ func failoverRound(t *testing.T, d *daemon, sim *cloudsim.Sim, root, data string
 	before = sim.Stats()
 	rb := run(1, func(d *daemon) string { return d.rollback(fo.ID).ID })
 	after = sim.Stats()
+	if rb.Status != commands.StatusCompleted {
+		t.Fatalf("rollback %s: %q %v", rb.Status, rb.Error, rb.Details)
+	}
 	requirePlan(t, rb, rollbackSteps(root, data))
-	onceEach(t, before, after, map[string]int64{"createSnapshot": 0, "startVirtualMachine": 0, "deleteSnapshot": 2}, vols...)
+	onceEach(t, before, after, map[string]int64{"createSnapshot": 0, "startVirtualMachine": 0, "deleteSnapshot": 2}, 1, vols...)
 	if n := after.Calls["stopVirtualMachine"] - before.Calls["stopVirtualMachine"]; n < 1 {
 		t.Errorf("stopVirtualMachine sent %d times", n)
 	}
@@ -551,7 +568,8 @@ func failoverRound(t *testing.T, d *daemon, sim *cloudsim.Sim, root, data string
 // workflow is killed -9 while the step's CloudStack job runs; the other
 // resumes it, and each workflow completes having done its work exactly
 // once in CloudStack: one snapshot, one detach and one attach per volume,
-// one start.
+// one start. Last, a failover whose VM refuses to start is killed while
+// it undoes its steps: it ends compensated, everything back, once.
 func TestFailoverKill(t *testing.T) {
 	sim := failoverSim(t, 0)
 	c := startNATSCluster(t, 3)
@@ -564,11 +582,11 @@ func TestFailoverKill(t *testing.T) {
 	role := map[string]string{root: "root", data: "data"}
 	for i := range max(len(plans[0]), len(plans[1])) {
 		// Round i kills the failover at its step i, the rollback at its.
-		var at [2]*planStep
+		var at [2]*killPoint
 		var name []string
 		for w, plan := range plans {
 			if i < len(plan) {
-				at[w] = &plan[i]
+				at[w] = &killPoint{planStep: plan[i]}
 				name = append(name, strings.TrimSuffix(fmt.Sprintf("%s_at_%s_%s", []string{"failover", "rollback"}[w], plan[i].name, role[plan[i].vol]), "_"))
 			}
 		}
@@ -578,6 +596,23 @@ func TestFailoverKill(t *testing.T) {
 			})
 		})
 	}
+
+	// The VM refuses to start: the failover is undone, and killed while
+	// it attaches the root back.
+	t.Run("compensation_at_attach_root", func(t *testing.T) {
+		d := ds[0].in(t)
+		cs := simAPI(sim)
+		sim.SetFaults(cloudsim.Faults{JobFailureRate: map[string]float64{"startVirtualMachine": 1}})
+		defer sim.SetFaults(cloudsim.Faults{})
+		req := commands.FailoverRequest{VMID: cloudsim.TestVMID, RootVolumeID: root, DataVolumeIDs: []string{data}, Test: true, StartVM: true}
+		before := sim.Stats()
+		op := killAt(t, ds, sim, &killPoint{planStep{"attach", root}, true}, func(d *daemon) string { return d.failover(req).ID })
+		requireCompensated(t, op)
+		onceEach(t, before, sim.Stats(), map[string]int64{"createSnapshot": 2, "startVirtualMachine": 1, "deleteSnapshot": 2}, 2, root, data)
+		requireOn(t, cs, cloudsim.RemoteVMID, "", root, data)
+		requireVMState(t, cs, cloudsim.TestVMID, "Stopped")
+		requireNoSnapshots(t, d, cs, root, data)
+	})
 }
 
 // TestFailoverLostReplies: CloudStack does every call of the workflows'
@@ -599,7 +634,7 @@ func TestFailoverLostReplies(t *testing.T) {
 	sim.SetFaults(faults)
 	for range 3 {
 		failoverRound(t, d, sim, root, data, func(_ int, submit func(d *daemon) string) commands.Operation {
-			return d.completed(submit(d))
+			return d.wait(submit(d))
 		})
 	}
 	for _, c := range stepCommand {
