@@ -131,7 +131,7 @@ func (k stopVM) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 	}
 	// Not stopped gracefully within the grace period (or refused): forced.
 	k.Log.Info("VM did not stop gracefully; forcing it", "vm_id", req.VMID, "operation_id", j.Op.ID, "err", err)
-	j.Op.Step, j.Op.JobID = StepStopVMForced, ""
+	j.Op.Step, j.Op.JobID = "", "" // the forced stop records its own steps
 	if err := forced.run(ctx, k.Deps, j); err != nil {
 		return nil, vmNotFoundOr(err, req.VMID)
 	}
