@@ -9,11 +9,11 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/memstore"
+	"github.com/volumed/volumed/stores/memstore"
 )
 
 // events records the operation events the engine publishes.

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
-	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/state"
 )

@@ -17,8 +17,8 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/handlers"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"

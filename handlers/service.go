@@ -20,14 +20,14 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/hostwork"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/internal/lifecycle"
 	"github.com/volumed/volumed/kinds"
+	"github.com/volumed/volumed/lease"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/lease"
 )
 
 // ConsumerName is the durable JetStream consumer the handlers pull jobs from.

@@ -8,8 +8,8 @@ import (
 	"testing"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csfake"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi/csfake"
 	"github.com/volumed/volumed/kinds"
 )
 
