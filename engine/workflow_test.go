@@ -13,7 +13,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/memstore"
+	"github.com/volumed/volumed/stores/memstore"
 )
 
 // Types of the test workflow and of its steps.

@@ -15,13 +15,13 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
+	"github.com/volumed/volumed/csfake"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
-	"github.com/volumed/volumed/handlers/csapi/csfake"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/memstore"
+	"github.com/volumed/volumed/stores/memstore"
 )
 
 // The VMs of a failover test: the appliance holds the replicated volumes
