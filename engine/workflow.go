@@ -319,7 +319,9 @@ func (j *Journal) failed(p Plan, i int, child commands.Operation) error {
 	e := &commands.Error{Code: code, Message: fmt.Sprintf("step %d (%s %s) failed: %s; %s",
 		i, s.Name, stepTarget(s), child.Error, what), Details: map[string]any{}}
 	for k, v := range child.Details {
-		if k != "code" {
+		switch k {
+		case "code", commands.DetailJobMayRun, commands.DetailJobID: // the child's own job is the reconcile's
+		default:
 			e.Details[k] = v
 		}
 	}
