@@ -38,6 +38,9 @@ type flowWorld struct {
 	did    []string
 	fail   map[string]bool
 	guard  *onceHeld
+	// during, when set, runs inside each step's child before its fenced
+	// write.
+	during func(do string)
 }
 
 // onceHeld is a Guard held elsewhere the first held times it is asked.
@@ -65,13 +68,19 @@ func newFlowWorld(t *testing.T, fail ...string) *flowWorld {
 	for _, f := range fail {
 		w.fail[f] = true
 	}
-	step := kindFunc{typeStep, func(_ context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+	step := kindFunc{typeStep, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
 		var req stepReq
 		if err := j.Decode(&req); err != nil {
 			return nil, err
 		}
 		if req.Fail {
 			return nil, commands.CloudStack("%s refused", req.Do).WithDetail("cloudstack_error_code", 533)
+		}
+		if w.during != nil {
+			w.during(req.Do)
+		}
+		if err := j.Check(ctx); err != nil { // as a fenced writer does
+			return nil, err
 		}
 		w.mu.Lock()
 		w.did = append(w.did, req.Do)
@@ -247,31 +256,55 @@ func TestWorkflowResumes(t *testing.T) {
 }
 
 // TestWorkflowChildFencedByParent: once another executor claimed the
-// workflow, a step of the late one writes nothing: its claim of the
-// child is refused and the workflow stops Lost.
+// workflow, the late one writes nothing more: neither a child it has not
+// created yet, nor a fenced write of a child it runs (whose own claim
+// still holds), and it stops Lost.
 func TestWorkflowChildFencedByParent(t *testing.T) {
-	w := newFlowWorld(t)
-	w.record(t, "op-flow")
 	ctx := context.Background()
-	var once sync.Once
-	w.events.hook = func(op commands.Operation) {
-		if op.ID == "op-flow" && op.Details[commands.DetailStep] == "1:b:vol-b" && op.Workflow.Steps[1].Status == commands.StepPending {
-			once.Do(func() { // another executor claims the workflow now
+	for _, tc := range []struct {
+		name string
+		// at takes the workflow over: at the event of the workflow's
+		// step 1 pending, or inside step 1's child.
+		inside bool
+		// child1 is whether step 1's child is recorded after.
+		child1 bool
+	}{
+		{name: "before the step's child is created"},
+		{name: "inside the step's child", inside: true, child1: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newFlowWorld(t)
+			w.record(t, "op-flow")
+			takeOver := func() {
 				cur, _ := w.store.GetOperation(ctx, "op-flow")
 				cur.Attempts++
 				if _, err := w.store.UpdateOperation(ctx, cur); err != nil {
 					t.Error(err)
 				}
-			})
-		}
-	}
-	if res := w.engine.Run(ctx, "op-flow", slog.Default()); res != engine.Lost {
-		t.Fatalf("late executor's result %v, want Lost", res)
-	}
-	if !slices.Equal(w.did, []string{"a"}) {
-		t.Fatalf("did %v, want only [a]", w.did)
-	}
-	if child, err := w.store.GetOperation(ctx, engine.ChildID("op-flow", 1)); err == nil {
-		t.Fatalf("the late executor recorded step 1's child: %+v", child)
+			}
+			if tc.inside {
+				w.during = func(do string) {
+					if do == "b" {
+						takeOver()
+					}
+				}
+			} else {
+				w.events.hook = func(op commands.Operation) {
+					if op.ID == "op-flow" && op.Details[commands.DetailStep] == "1:b:vol-b" && op.Workflow.Steps[1].Status == commands.StepPending {
+						takeOver()
+					}
+				}
+			}
+			if res := w.engine.Run(ctx, "op-flow", slog.Default()); res != engine.Lost {
+				t.Fatalf("late executor's result %v, want Lost", res)
+			}
+			if !slices.Equal(w.did, []string{"a"}) {
+				t.Fatalf("did %v, want only [a]", w.did)
+			}
+			child, err := w.store.GetOperation(ctx, engine.ChildID("op-flow", 1))
+			if (err == nil) != tc.child1 || err == nil && child.Status.Terminal() {
+				t.Fatalf("step 1's child: %+v (%v)", child, err)
+			}
+		})
 	}
 }

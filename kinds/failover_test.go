@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -716,5 +717,64 @@ func TestStopVMForcedAfterGrace(t *testing.T) {
 	}
 	if op := w.finish("op-stop-2"); op.Response.Message != "VM already stopped" || w.sent.calls(csfake.CmdStopVM) != 2 {
 		t.Fatalf("second stop: %+v", op.Response)
+	}
+}
+
+// TestLateFailoverWritesNothing: executor B runs a failover and pauses
+// once the root's attach recorded its CloudStack job. A takes the
+// failover over (attempt 2) and completes it, the attach included. B
+// resumes: it sees the job done, and writes nothing (no mapping, no
+// record of the step or the workflow), stopping Lost.
+func TestLateFailoverWritesNothing(t *testing.T) {
+	w := newFoWorld(t)
+	id := w.record(commands.OpFailover, w.failoverReq(), testVM)
+	attach := engine.ChildID(id, 4)
+	paused, resume := make(chan struct{}), make(chan struct{})
+	var first atomic.Bool // not a sync.Once: A's events must not wait for B's pause
+	w.events.set(func(op commands.Operation) {
+		if op.ID == attach && op.JobID != "" && first.CompareAndSwap(false, true) {
+			close(paused)
+			<-resume
+		}
+	})
+	done := make(chan engine.Result, 1)
+	go func() {
+		done <- w.engine.Run(w.ctx, id, slog.New(slog.NewTextHandler(w.log, nil)).With("executor", "B"))
+	}()
+	select {
+	case <-paused:
+	case <-time.After(10 * time.Second):
+		t.Fatal("B never reached the root's attach job")
+	}
+	fo := w.finish(id) // A
+	w.wantFailedOver(fo)
+	mapping, err := w.store.GetMapping(w.ctx, w.root)
+	w.must(err)
+	child, err := w.store.GetOperation(w.ctx, attach)
+	w.must(err)
+	close(resume)
+	select {
+	case res := <-done:
+		if res != engine.Lost {
+			t.Fatalf("late executor's result %v, want Lost", res)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("late executor did not stop")
+	}
+	if !strings.Contains(w.log.String(), "taken over by another executor") {
+		t.Fatalf("late executor stopped without saying why:\n%s", w.log.String())
+	}
+	after, err := w.store.GetOperation(w.ctx, id)
+	w.must(err)
+	m, err := w.store.GetMapping(w.ctx, w.root)
+	w.must(err)
+	c, err := w.store.GetOperation(w.ctx, attach)
+	w.must(err)
+	if after.Revision != fo.Revision || m.Revision != mapping.Revision || c.Revision != child.Revision {
+		t.Fatalf("the late executor wrote: workflow %d→%d, mapping %d→%d, attach %d→%d",
+			fo.Revision, after.Revision, mapping.Revision, m.Revision, child.Revision, c.Revision)
+	}
+	if n := w.cloud.Attaches(w.root); n != 2 { // the appliance's, then the test VM's
+		t.Fatalf("root attached %d times in all, want 2", n)
 	}
 }
