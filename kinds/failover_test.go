@@ -571,6 +571,23 @@ func TestFailoverCompensates(t *testing.T) {
 			t.Fatalf("details steps: %v", op.Details[commands.DetailSteps])
 		}
 	})
+	t.Run("data volume in use when its detach comes", func(t *testing.T) {
+		w := newFoWorld(t)
+		id := w.record(commands.OpFailover, w.failoverReq(), testVM)
+		w.events.set(func(op commands.Operation) {
+			if op.ID == id && op.Step == "3:detach:"+w.data {
+				w.users.mu.Lock()
+				w.users.users[w.data] = []commands.DeviceUser{mounted}
+				w.users.mu.Unlock()
+			}
+		})
+		_, op := w.run(w.ctx, id)
+		if op.Status != commands.StatusFailed || op.Details["code"] != commands.CodeConflict || op.Details[commands.DetailCompensated] != true ||
+			!strings.Contains(op.Error, "in use") {
+			t.Fatalf("failover %s: %s %v", op.Status, op.Error, op.Details)
+		}
+		w.wantBack()
+	})
 	t.Run("attach-root refused", func(t *testing.T) {
 		w := newFoWorld(t)
 		w.cloud.Script(csfake.CmdAttachVolume, csfake.Fault{Err: csfake.Final(csfake.CmdAttachVolume, 431, "Vm already has root volume attached to it")})
@@ -776,5 +793,28 @@ func TestLateFailoverWritesNothing(t *testing.T) {
 	}
 	if n := w.cloud.Attaches(w.root); n != 2 { // the appliance's, then the test VM's
 		t.Fatalf("root attached %d times in all, want 2", n)
+	}
+}
+
+// TestFailoverCompensationKilled: an executor killed at each undo step of
+// a failover whose start was refused is resumed by a new one: the undo
+// finishes, compensated, each effect once.
+func TestFailoverCompensationKilled(t *testing.T) {
+	refused := csfake.Fault{Job: csfake.JobFails, JobErr: &csapi.Error{Command: csfake.CmdStartVM, Code: 533,
+		Text: "Unable to create a deployment for VM"}}
+	for n := 6; n < 15; n++ { // 6 is the failed start; 7… its undo
+		for _, k := range []killPoint{atPending, atJob, atEnded} {
+			t.Run(fmt.Sprintf("step %d %s", n, k), func(t *testing.T) {
+				w := newFoWorld(t)
+				w.cloud.Script(csfake.CmdStartVM, refused)
+				before := w.counts()
+				op := w.killedAndResumed(w.record(commands.OpFailover, w.failoverReq(), testVM), n, k)
+				if op.Status != commands.StatusFailed || op.Details[commands.DetailCompensated] != true {
+					t.Fatalf("failover %s: %s %v", op.Status, op.Error, op.Details)
+				}
+				w.wantBack()
+				w.wantOnce(w.since(before), 2, 2, map[string]int64{csfake.CmdCreateSnapshot: 2, csfake.CmdDeleteSnapshot: 2, csfake.CmdStartVM: 1})
+			})
+		}
 	}
 }
