@@ -706,6 +706,7 @@ func TestRollbackPrechecks(t *testing.T) {
 	}
 	wantCode(check("op-"+uuid.NewString()), commands.CodeNotFound)
 	wantCode(check(liveOp), commands.CodeConflict)
+	wantCode(check(engine.ChildID(fo.ID, 0)), commands.CodeConflict) // a snapshot
 	rb := w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM)
 	wantCode(check(fo.ID), commands.CodeConflict) // pending
 	w.finish(rb)
@@ -816,5 +817,50 @@ func TestFailoverCompensationKilled(t *testing.T) {
 				w.wantOnce(w.since(before), 2, 2, map[string]int64{csfake.CmdCreateSnapshot: 2, csfake.CmdDeleteSnapshot: 2, csfake.CmdStartVM: 1})
 			})
 		}
+	}
+}
+
+// TestRollbackFailsAndIsAskedAgain: a rollback whose step fails for good
+// ends failed, not compensated, saying what is left where; asked again, it
+// plans from where each volume is and puts everything back, a volume
+// already back neither detached nor reverted again.
+func TestRollbackFailsAndIsAskedAgain(t *testing.T) {
+	w := newFoWorld(t)
+	fo := w.finish(w.record(commands.OpFailover, w.failoverReq(), testVM))
+	// The root's attach back passes, the data volume's is refused.
+	w.cloud.Script(csfake.CmdAttachVolume, csfake.Fault{}, csfake.Fault{Err: csfake.Final(csfake.CmdAttachVolume, 431, "refused (test)")})
+	_, rb := w.run(w.ctx, w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if rb.Status != commands.StatusFailed || rb.Details[commands.DetailCompensated] != false {
+		t.Fatalf("rollback %s: %s %v", rb.Status, rb.Error, rb.Details)
+	}
+	var left []string
+	for _, l := range rb.Details[commands.DetailLeft].([]any) {
+		left = append(left, l.(string))
+	}
+	want := []string{"volume " + w.root + " is on VM " + appliance + " but not exported; it was exported as " + exportName(w.root),
+		"volume " + w.data + " is detached; it was on VM " + appliance + " exported as " + exportName(w.data),
+		"snapshot " + fo.Response.Snapshots[w.root] + " of volume " + w.root + " is kept",
+		"snapshot " + fo.Response.Snapshots[w.data] + " of volume " + w.data + " is kept"}
+	if !slices.Equal(left, want) {
+		t.Fatalf("left %q\nwant %q", left, want)
+	}
+	before := w.counts()
+	again := w.finish(w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if again.Status != commands.StatusCompleted {
+		t.Fatalf("rollback asked again: %s %s %v", again.Status, again.Error, again.Details)
+	}
+	var names []string
+	for _, s := range again.Workflow.Steps {
+		names = append(names, s.Name+":"+s.VolumeID)
+	}
+	wantSteps := []string{"stop_vm:", "revert:" + w.data, "attach:" + w.data, "export:" + w.root, "export:" + w.data,
+		"delete_snapshot:" + w.root, "delete_snapshot:" + w.data}
+	if !slices.Equal(names, wantSteps) {
+		t.Fatalf("steps asked again %v\nwant %v", names, wantSteps)
+	}
+	w.wantBack()
+	got := w.since(before)
+	if got.attaches[w.root] != 0 || got.attaches[w.data] != 1 || got.calls[csfake.CmdRevertSnapshot] != 1 || got.calls[csfake.CmdDetachVolume] != 0 {
+		t.Fatalf("asked again: %+v", got)
 	}
 }

@@ -28,8 +28,8 @@ func (rollback) Endpoints() []engine.Endpoint {
 	return []engine.Endpoint{{Name: "rollback", Subject: commands.SubjectRollback}}
 }
 
-// Decode reads a rollback: its failover must be recorded (404); its
-// operation takes the failover's volumes and VM. The pre-checks: the
+// Decode reads a rollback: its failover must be recorded (404) and be a
+// failover (409); its operation takes the failover's volumes and VM. The pre-checks: the
 // failover is a completed test failover, and no rollback of it is
 // pending, executing or completed (409).
 func (k rollback) Decode(ctx context.Context, _ string, data []byte) (engine.Command, error) {
@@ -38,15 +38,16 @@ func (k rollback) Decode(ctx context.Context, _ string, data []byte) (engine.Com
 		return engine.Command{}, err
 	}
 	fo, freq, err := k.failoverOf(ctx, req.FailoverID)
-	if err != nil {
+	switch {
+	case err != nil:
 		return engine.Command{}, err
+	case fo.Type != commands.OpFailover:
+		return engine.Command{}, commands.Conflict("operation %s is a %s, not a failover", fo.ID, fo.Type).WithDetail("failover_id", fo.ID)
 	}
 	vm := freq.VMID
 	return engine.Command{VolumeID: freq.RootVolumeID, VMID: &vm, VolumeIDs: freq.Volumes(), Request: req,
 		Check: func(ctx, _ context.Context) error {
 			switch {
-			case fo.Type != commands.OpFailover:
-				return commands.Conflict("operation %s is a %s, not a failover", fo.ID, fo.Type).WithDetail("failover_id", fo.ID)
 			case fo.Status != commands.StatusCompleted:
 				return commands.Conflict("failover %s is %s; only a completed test failover is rolled back", fo.ID, fo.Status).
 					WithDetail("failover_id", fo.ID).WithDetail("status", fo.Status)
