@@ -91,6 +91,8 @@ type sentCloud struct {
 	*csfake.Cloud
 	mu   sync.Mutex
 	sent map[string]int64
+	// stops records the forced flag of each stop sent.
+	stops []bool
 }
 
 func (c *sentCloud) count(ctx context.Context, cmd string) {
@@ -129,6 +131,9 @@ func (c *sentCloud) StartVM(ctx context.Context, vmID string) (string, error) {
 
 func (c *sentCloud) StopVM(ctx context.Context, vmID string, forced bool) (string, error) {
 	c.count(ctx, csfake.CmdStopVM)
+	c.mu.Lock()
+	c.stops = append(c.stops, forced)
+	c.mu.Unlock()
 	return c.Cloud.StopVM(ctx, vmID, forced)
 }
 
@@ -713,28 +718,67 @@ func TestRollbackPrechecks(t *testing.T) {
 	wantCode(check(fo.ID), commands.CodeConflict) // completed
 }
 
-// TestStopVMForcedAfterGrace: a graceful stop the guest ignores is forced
-// once the grace period passes; a Stopped VM is done at once.
-func TestStopVMForcedAfterGrace(t *testing.T) {
-	w := newFoWorld(t)
-	w.cloud.SetVMState(appliance, csfake.Running)
-	w.cloud.Script(csfake.CmdStopVM, csfake.Fault{Job: csfake.JobPends})
-	raw, _ := json.Marshal(kinds.VMPowerRequest{VMID: appliance})
-	now := time.Now().UTC()
-	for _, id := range []string{"op-stop-1", "op-stop-2"} {
-		_, err := w.store.CreateOperation(w.ctx, commands.Operation{ID: id, Type: commands.OpStopVM, Status: commands.StatusPending,
-			Request: raw, CreatedAt: now, UpdatedAt: now})
-		w.must(err)
-	}
-	op := w.finish("op-stop-1")
-	if op.Status != commands.StatusCompleted || !strings.Contains(op.Response.Message, "forced") || w.vmState(appliance) != kinds.VMStopped {
-		t.Fatalf("stop: %s %s %+v, VM %s", op.Status, op.Error, op.Response, w.vmState(appliance))
-	}
-	if n := w.sent.calls(csfake.CmdStopVM); n != 2 {
-		t.Fatalf("stopVirtualMachine calls %d, want 2 (graceful, forced)", n)
-	}
-	if op := w.finish("op-stop-2"); op.Response.Message != "VM already stopped" || w.sent.calls(csfake.CmdStopVM) != 2 {
-		t.Fatalf("second stop: %+v", op.Response)
+// TestVMPower: start_vm and stop_vm ask the VM's state first, settle a
+// lost answer by it, and stop gracefully, forced after the grace period
+// (or at once when asked).
+func TestVMPower(t *testing.T) {
+	lost := csfake.Fault{LostAnswer: true}
+	for _, tc := range []struct {
+		name   string
+		typ    commands.OpType
+		vm     string // its state is set first
+		state  string
+		forced bool
+		faults []csfake.Fault
+		want   string // the VM's state after
+		msg    string
+		stops  []bool // the forced flag of each stop sent
+		starts int64
+	}{
+		{name: "start", typ: commands.OpStartVM, vm: testVM, state: csfake.Stopped, want: kinds.VMRunning, msg: "VM started", starts: 1},
+		{name: "start, running already", typ: commands.OpStartVM, vm: appliance, state: csfake.Running, want: kinds.VMRunning, msg: "VM already running"},
+		{name: "start, answer lost", typ: commands.OpStartVM, vm: testVM, state: csfake.Stopped, faults: []csfake.Fault{lost},
+			want: kinds.VMRunning, msg: "VM started", starts: 1},
+		{name: "stop", typ: commands.OpStopVM, vm: appliance, state: csfake.Running, want: kinds.VMStopped, msg: "VM stopped", stops: []bool{false}},
+		{name: "stop, stopped already", typ: commands.OpStopVM, vm: testVM, state: csfake.Stopped, want: kinds.VMStopped, msg: "VM already stopped"},
+		{name: "stop forced at once", typ: commands.OpStopVM, vm: appliance, state: csfake.Running, forced: true, want: kinds.VMStopped,
+			msg: "VM stopped", stops: []bool{true}},
+		{name: "stop, answer lost", typ: commands.OpStopVM, vm: appliance, state: csfake.Running, faults: []csfake.Fault{lost},
+			want: kinds.VMStopped, msg: "VM stopped", stops: []bool{false}},
+		{name: "stop ignored by the guest: forced after the grace period", typ: commands.OpStopVM, vm: appliance, state: csfake.Running,
+			faults: []csfake.Fault{{Job: csfake.JobPends}}, want: kinds.VMStopped, msg: "VM stopped (forced after 50ms)", stops: []bool{false, true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newFoWorld(t)
+			w.cloud.SetVMState(tc.vm, tc.state)
+			cmd := csfake.CmdStopVM
+			if tc.typ == commands.OpStartVM {
+				cmd = csfake.CmdStartVM
+				// The test VM starts from a root disk.
+				job, err := w.cloud.DetachVolume(w.ctx, w.root)
+				w.must(err)
+				_, err = w.cloud.WaitJob(w.ctx, job)
+				w.must(err)
+				root := int64(0)
+				job, err = w.cloud.AttachVolume(w.ctx, w.root, testVM, &root)
+				w.must(err)
+				_, err = w.cloud.WaitJob(w.ctx, job)
+				w.must(err)
+			}
+			w.cloud.Script(cmd, tc.faults...)
+			raw, _ := json.Marshal(kinds.VMPowerRequest{VMID: tc.vm, Forced: tc.forced})
+			now := time.Now().UTC()
+			_, err := w.store.CreateOperation(w.ctx, commands.Operation{ID: "op-power", Type: tc.typ, Status: commands.StatusPending,
+				Request: raw, CreatedAt: now, UpdatedAt: now})
+			w.must(err)
+			op := w.finish("op-power")
+			if op.Status != commands.StatusCompleted || op.Response.Message != tc.msg || w.vmState(tc.vm) != tc.want {
+				t.Fatalf("%s: %s %s %+v, VM %s", tc.typ, op.Status, op.Error, op.Response, w.vmState(tc.vm))
+			}
+			if !slices.Equal(w.sent.stops, tc.stops) || w.sent.calls(csfake.CmdStartVM) != tc.starts {
+				t.Fatalf("stops sent %v, starts %d; want %v and %d", w.sent.stops, w.sent.calls(csfake.CmdStartVM), tc.stops, tc.starts)
+			}
+		})
 	}
 }
 
@@ -862,5 +906,53 @@ func TestRollbackFailsAndIsAskedAgain(t *testing.T) {
 	got := w.since(before)
 	if got.attaches[w.root] != 0 || got.attaches[w.data] != 1 || got.calls[csfake.CmdRevertSnapshot] != 1 || got.calls[csfake.CmdDetachVolume] != 0 {
 		t.Fatalf("asked again: %+v", got)
+	}
+}
+
+// TestFailoverPrechecks: a failover naming a VM or a volume CloudStack
+// does not know is 404, one naming a volume already on the VM 409, a bad
+// body 400; none is recorded.
+func TestFailoverPrechecks(t *testing.T) {
+	w := newFoWorld(t)
+	var acc engine.Accepter
+	for _, k := range w.engine.Kinds() {
+		if k.Type() == commands.OpFailover {
+			acc = k.(engine.Accepter)
+		}
+	}
+	onTest := w.replicated(false)
+	job, err := w.cloud.DetachVolume(w.ctx, onTest)
+	w.must(err)
+	_, err = w.cloud.WaitJob(w.ctx, job)
+	w.must(err)
+	job, err = w.cloud.AttachVolume(w.ctx, onTest, testVM, nil)
+	w.must(err)
+	_, err = w.cloud.WaitJob(w.ctx, job)
+	w.must(err)
+	for _, tc := range []struct {
+		name string
+		body string
+		code string
+	}{
+		{"accepted", `{"vm_id":"` + testVM + `","root_volume_id":"` + w.root + `","data_volume_ids":["` + w.data + `"]}`, ""},
+		{"unknown VM", `{"vm_id":"` + uuid.NewString() + `","root_volume_id":"` + w.root + `"}`, commands.CodeNotFound},
+		{"unknown volume", `{"vm_id":"` + testVM + `","root_volume_id":"` + w.root + `","data_volume_ids":["` + uuid.NewString() + `"]}`, commands.CodeNotFound},
+		{"volume on the VM already", `{"vm_id":"` + testVM + `","root_volume_id":"` + w.root + `","data_volume_ids":["` + onTest + `"]}`, commands.CodeConflict},
+		{"root twice", `{"vm_id":"` + testVM + `","root_volume_id":"` + w.root + `","data_volume_ids":["` + w.root + `"]}`, commands.CodeInvalidRequest},
+		{"unknown field", `{"vm_id":"` + testVM + `","root_volume_id":"` + w.root + `","quick":true}`, commands.CodeInvalidRequest},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cmd, err := acc.Decode(w.ctx, commands.SubjectFailover, []byte(tc.body))
+			if err == nil {
+				err = cmd.Check(w.ctx, w.ctx)
+			}
+			var ce *commands.Error
+			switch {
+			case tc.code == "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tc.code != "" && (!errors.As(err, &ce) || ce.Code != tc.code):
+				t.Fatalf("answer %v, want %s", err, tc.code)
+			}
+		})
 	}
 }
