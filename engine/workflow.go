@@ -168,13 +168,12 @@ func (j *Journal) RunWorkflow(ctx context.Context, p Plan) error {
 			continue
 		}
 		child, err := j.runStep(ctx, p, i)
-		if err != nil || child.Status == commands.StatusCompleted {
-			if err != nil {
-				return err
-			}
+		switch {
+		case err != nil:
+			return err
+		case child.Status == commands.StatusCompleted:
 			continue
-		}
-		if p.Undo == nil {
+		case p.Undo == nil:
 			return j.failed(p, i, child)
 		}
 		// The failure and the undo plan are recorded in one save.
@@ -212,7 +211,10 @@ func (j *Journal) RunWorkflow(ctx context.Context, p Plan) error {
 		return commands.Internal("workflow %s compensates, but no step of it failed", j.Op.ID)
 	}
 	child, err := j.ops.GetOperation(ctx, wf.Steps[failed].OperationID)
-	if err != nil {
+	switch {
+	case errors.Is(err, state.ErrNotFound): // pruned by the retention
+		child = commands.Operation{ID: wf.Steps[failed].OperationID, Error: "its operation's record is gone"}
+	case err != nil:
 		return fmt.Errorf("%w: read failed step %d: %w", ErrStopped, failed, err)
 	}
 	return j.failed(p, failed, child)
