@@ -332,7 +332,7 @@ func (j *Journal) failed(p Plan, i int, child commands.Operation) error {
 	if !compensated && p.Left != nil {
 		e.Details[commands.DetailLeft] = p.Left(wf)
 	}
-	j.Op.Step = StepLabel(i, s)
+	j.Op.Step = stepLabel(i, s)
 	return e
 }
 
@@ -347,9 +347,9 @@ func stepTarget(s commands.WorkflowStep) string {
 	return "VM " + s.VMID
 }
 
-// StepLabel is a workflow's Op.Step while step i runs:
+// stepLabel is a workflow's Op.Step while step i runs:
 // "<index>:<name>:<volume>".
-func StepLabel(i int, s commands.WorkflowStep) string {
+func stepLabel(i int, s commands.WorkflowStep) string {
 	return strconv.Itoa(i) + ":" + s.Name + ":" + s.VolumeID
 }
 
@@ -363,7 +363,7 @@ func (j *Journal) saveProgress(ctx context.Context, i int) error {
 			done++
 		}
 	}
-	j.Op.Step = StepLabel(i, wf.Steps[i])
+	j.Op.Step = stepLabel(i, wf.Steps[i])
 	j.Op.Details = map[string]any{commands.DetailStepsDone: done, commands.DetailStepsTotal: len(wf.Steps),
 		commands.DetailStep: j.Op.Step}
 	return j.Save(ctx)
