@@ -81,6 +81,7 @@ func (j *Journal) RunChild(ctx context.Context, index int, c Child) (commands.Op
 			run(ctx)
 		}
 		switch {
+		case res == Done: // ended, whatever the guard's release said
 		case errors.Is(err, state.ErrLeaseHeld):
 			log.Info("step waits: what it must hold is held elsewhere", "err", err)
 		case err != nil:
@@ -93,7 +94,7 @@ func (j *Journal) RunChild(ctx context.Context, index int, c Child) (commands.Op
 			}
 			log.Warn("step taken over by a late executor while this one holds the workflow; running it again")
 		}
-		if res != Done || err != nil {
+		if res != Done {
 			if !wait.Wait(ctx, 0) {
 				return child, fmt.Errorf("%w: step %d: %w", ErrStopped, index, context.Cause(ctx))
 			}
