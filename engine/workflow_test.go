@@ -26,6 +26,8 @@ const (
 type stepReq struct {
 	Do   string `json:"do"`
 	Fail bool   `json:"fail"`
+	// MayRun fails it on TIMEOUT, its CloudStack job maybe still running.
+	MayRun bool `json:"may_run"`
 }
 
 // flowWorld runs a workflow of named steps whose children record what
@@ -73,7 +75,11 @@ func newFlowWorld(t *testing.T, fail ...string) *flowWorld {
 		if err := j.Decode(&req); err != nil {
 			return nil, err
 		}
-		if req.Fail {
+		switch {
+		case req.MayRun:
+			return nil, commands.Timeout("%s did not finish", req.Do).WithDetail(commands.DetailJobMayRun, true).
+				WithDetail("cloudstack_error_code", 530)
+		case req.Fail:
 			return nil, commands.CloudStack("%s refused", req.Do).WithDetail("cloudstack_error_code", 533)
 		}
 		if w.during != nil {
@@ -90,7 +96,8 @@ func newFlowWorld(t *testing.T, fail ...string) *flowWorld {
 	plan := engine.Plan{
 		Child: func(wf *commands.Workflow, i int) (engine.Child, error) {
 			s := wf.Steps[i]
-			return engine.Child{Type: typeStep, VolumeID: s.VolumeID, Request: stepReq{Do: s.Name, Fail: w.fail[s.Name]}}, nil
+			return engine.Child{Type: typeStep, VolumeID: s.VolumeID,
+				Request: stepReq{Do: s.Name, Fail: w.fail[s.Name], MayRun: w.fail[s.Name+" may run"]}}, nil
 		},
 		Undo: func(wf *commands.Workflow, i int) []commands.WorkflowStep {
 			return []commands.WorkflowStep{{Name: "undo-" + wf.Steps[i].Name, VolumeID: wf.Steps[i].VolumeID}}
@@ -145,6 +152,7 @@ func TestWorkflowRunner(t *testing.T) {
 		status      commands.OpStatus
 		did         []string
 		compensated any
+		code        string // of the failure; CLOUDSTACK_ERROR when ""
 		statuses    []string
 		left        []any
 	}{
@@ -155,6 +163,9 @@ func TestWorkflowRunner(t *testing.T) {
 		{name: "c fails: b then a undone", fail: []string{"c"}, status: commands.StatusFailed,
 			did: []string{"a", "b", "undo-b", "undo-a"}, compensated: true,
 			statuses: []string{"undone", "undone", "failed", "done", "done"}},
+		{name: "c times out, its job maybe running: c undone too", fail: []string{"c may run"}, status: commands.StatusFailed,
+			code: commands.CodeTimeout, did: []string{"a", "b", "undo-c", "undo-b", "undo-a"}, compensated: true,
+			statuses: []string{"undone", "undone", "failed", "done", "done", "done"}},
 		{name: "a fails: nothing to undo", fail: []string{"a"}, status: commands.StatusFailed,
 			compensated: true, statuses: []string{"failed", "pending", "pending"}},
 		{name: "undo of b fails", fail: []string{"c", "undo-b"}, status: commands.StatusFailed,
@@ -194,8 +205,12 @@ func TestWorkflowRunner(t *testing.T) {
 				t.Fatalf("step statuses %v, want %v", statuses, tc.statuses)
 			}
 			if tc.status == commands.StatusFailed {
-				if op.Details[commands.DetailCompensated] != tc.compensated || op.Details["code"] != commands.CodeCloudStackError ||
-					op.Details["cloudstack_error_code"] == nil {
+				code := tc.code
+				if code == "" {
+					code = commands.CodeCloudStackError
+				}
+				if op.Details[commands.DetailCompensated] != tc.compensated || op.Details["code"] != code ||
+					op.Details["cloudstack_error_code"] == nil || op.Details[commands.DetailJobMayRun] != nil {
 					t.Fatalf("details %v, want compensated %v and the step's CloudStack error", op.Details, tc.compensated)
 				}
 				left, _ := op.Details[commands.DetailLeft].([]any)
