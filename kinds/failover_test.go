@@ -956,3 +956,69 @@ func TestFailoverPrechecks(t *testing.T) {
 		})
 	}
 }
+
+// TestFailoverPlans: a live failover takes no snapshot, one without
+// start_vm leaves the VM Stopped, a detached volume has no detach step;
+// refused at its start, such a failover puts the detached volume back
+// detached.
+func TestFailoverPlans(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		test      bool
+		start     bool
+		detached  bool // the data volume is detached at first
+		refused   bool // its start is refused
+		steps     []string
+		snapshots int
+		vm        string
+	}{
+		{name: "live", start: true, steps: []string{"detach", "detach", "attach", "attach", "start_vm"}, vm: kinds.VMRunning},
+		{name: "test, no start", test: true, steps: []string{"snapshot", "snapshot", "detach", "detach", "attach", "attach"},
+			snapshots: 1, vm: kinds.VMStopped},
+		{name: "data volume detached", test: true, start: true, detached: true,
+			steps: []string{"snapshot", "snapshot", "detach", "attach", "attach", "start_vm"}, snapshots: 1, vm: kinds.VMRunning},
+		{name: "data volume detached, start refused", test: true, start: true, detached: true, refused: true,
+			steps: []string{"snapshot", "snapshot", "detach", "attach", "attach", "start_vm",
+				"detach", "detach", "attach", "export", "delete_snapshot", "delete_snapshot"}, vm: kinds.VMStopped},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newFoWorld(t)
+			if tc.detached {
+				job, err := w.cloud.DetachVolume(w.ctx, w.data)
+				w.must(err)
+				_, err = w.cloud.WaitJob(w.ctx, job)
+				w.must(err)
+				w.must(w.store.DeleteExport(w.ctx, w.data, 0))
+				m, err := w.store.GetMapping(w.ctx, w.data)
+				w.must(err)
+				w.must(w.store.DeleteMapping(w.ctx, w.data, m.Revision))
+			}
+			if tc.refused {
+				w.cloud.Script(csfake.CmdStartVM, csfake.Fault{Job: csfake.JobFails})
+			}
+			req := w.failoverReq()
+			req.Test, req.StartVM = tc.test, tc.start
+			_, op := w.run(w.ctx, w.record(commands.OpFailover, req, testVM))
+			var steps []string
+			for _, s := range op.Workflow.Steps {
+				steps = append(steps, s.Name)
+			}
+			if !slices.Equal(steps, tc.steps) {
+				t.Fatalf("steps %v, want %v (%s %s)", steps, tc.steps, op.Status, op.Error)
+			}
+			if tc.refused != (op.Status == commands.StatusFailed) || w.vmState(testVM) != tc.vm {
+				t.Fatalf("failover %s %s %v, VM %s", op.Status, op.Error, op.Details, w.vmState(testVM))
+			}
+			if w.snapshots(w.root) != tc.snapshots || w.snapshots(w.data) != tc.snapshots {
+				t.Fatalf("snapshots %d and %d, want %d each", w.snapshots(w.root), w.snapshots(w.data), tc.snapshots)
+			}
+			data := w.where(w.data)
+			switch {
+			case tc.refused && (data.vm != "" || op.Details[commands.DetailCompensated] != true):
+				t.Fatalf("data volume after the undo: %+v, want detached", data)
+			case !tc.refused && data.vm != testVM:
+				t.Fatalf("data volume: %+v, want on the test VM", data)
+			}
+		})
+	}
+}
