@@ -20,12 +20,17 @@ import (
 type events struct {
 	mu  sync.Mutex
 	ops []commands.Operation
+	// hook, when set, sees each event as it is published.
+	hook func(commands.Operation)
 }
 
 func (e *events) PublishOperation(_ context.Context, op commands.Operation) {
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	e.ops = append(e.ops, op)
+	e.mu.Unlock()
+	if e.hook != nil {
+		e.hook(op)
+	}
 }
 
 var timing = engine.Timing{StepTimeout: 30 * time.Second, SettleTimeout: time.Second,
