@@ -41,17 +41,6 @@ func failoverSim(t *testing.T, seed uint64) *cloudsim.Sim {
 	return startSim(t, cloudsim.Config{Seed: seed, Inventory: inv})
 }
 
-// requireFailoverAPI skips while the daemon has no failover endpoint
-// (the feature's other parts are not merged yet).
-func requireFailoverAPI(d *daemon) {
-	d.t.Helper()
-	status, body := d.call(http.MethodPost, "/failovers", map[string]any{"vm_id": cloudsim.TestVMID,
-		"root_volume_id": "00000000-0000-4000-8000-00000000dead"})
-	if strings.Contains(string(body), "no route") || strings.Contains(string(body), "no command on subject") {
-		d.t.Skipf("POST /failovers answers %d (%s): not on this branch yet", status, body)
-	}
-}
-
 // in is d for a subtest: its calls fail t. Take it anew after a restart.
 func (d *daemon) in(t *testing.T) *daemon {
 	c := *d
@@ -327,7 +316,6 @@ func TestFailoverData(t *testing.T) {
 	requireNBDClients(t)
 	sim := startLocalSim(t, false)
 	d := startDaemon(t, sim, daemonOpts{})
-	requireFailoverAPI(d)
 	cs := simAPI(sim)
 	root, data := d.createVolume("failover-root", 1), d.createVolume("failover-data", 1)
 	vols := []string{root, data}
@@ -574,7 +562,6 @@ func TestFailoverKill(t *testing.T) {
 	sim := failoverSim(t, 0)
 	c := startNATSCluster(t, 3)
 	ds := startInstances(t, sim, c, 2)
-	requireFailoverAPI(ds[0])
 	root, data := ds[0].createVolume("kill-root", 1), ds[0].createVolume("kill-data", 1)
 	ds[0].attachTo(root, cloudsim.RemoteVMID)
 	ds[0].attachTo(data, cloudsim.RemoteVMID)
@@ -622,7 +609,6 @@ func TestFailoverKill(t *testing.T) {
 func TestFailoverLostReplies(t *testing.T) {
 	sim := failoverSim(t, 13)
 	d := startDaemon(t, sim, daemonOpts{})
-	requireFailoverAPI(d)
 	root, data := d.createVolume("lost-root", 1), d.createVolume("lost-data", 1)
 	d.attachTo(root, cloudsim.RemoteVMID)
 	d.attachTo(data, cloudsim.RemoteVMID)
@@ -651,7 +637,6 @@ func TestFailoverLostReplies(t *testing.T) {
 func TestFailoverHoldsLines(t *testing.T) {
 	sim := failoverSim(t, 0)
 	d := startDaemon(t, sim, daemonOpts{})
-	requireFailoverAPI(d)
 	cs := simAPI(sim)
 	root, data := d.createVolume("held-root", 1), d.createVolume("held-data", 1)
 	d.attachTo(root, cloudsim.RemoteVMID)
@@ -693,7 +678,6 @@ func TestFailoverHoldsLines(t *testing.T) {
 func TestFailoversSharingVolumes(t *testing.T) {
 	sim := failoverSim(t, 0)
 	d := startDaemon(t, sim, daemonOpts{})
-	requireFailoverAPI(d)
 	cs := simAPI(sim)
 	a, b := d.createVolume("shared-a", 1), d.createVolume("shared-b", 1)
 	d.attachTo(a, cloudsim.RemoteVMID)
