@@ -308,8 +308,8 @@ func readSim(t *testing.T, sim *cloudsim.Sim, vol string, n int) []byte {
 // (409 naming it, nothing recorded, the client reading on). A test
 // failover whose VM refuses to start is undone:
 // both volumes are back on the appliance, exported, reading A, and no
-// snapshot is left. Then a test failover puts them on the test VM, which
-// writes pattern B; the rollback brings them back to the appliance under
+// snapshot is left. Then a forced test failover (the reader of one export
+// is cut) puts them on the test VM, which writes pattern B; the rollback brings them back to the appliance under
 // the same export names, reading A, with no snapshot left. A rollback of
 // either failover again is refused, naming why.
 func TestFailoverData(t *testing.T) {
@@ -393,7 +393,16 @@ func TestFailoverData(t *testing.T) {
 
 	t.Run("rollback", func(t *testing.T) {
 		d := d.in(t)
-		fo := d.completed(d.failover(req).ID)
+		// A reader of the data volume's export does not stop a forced
+		// failover: it is cut.
+		c := holdClient(t, d.nbdURI(names[data]), true)
+		testenv.Eventually(t, 20*time.Second, func() bool { return d.clientsOf(data) == 1 }, "the NBD client of %s counted", data)
+		forced := req
+		forced.Force = true
+		fo := d.completed(d.failover(forced).ID)
+		if out := c.read(t); strings.Contains(out, "read 512/512 bytes") {
+			t.Fatalf("the NBD client still reads after a forced failover: %s", out)
+		}
 		requireOn(t, cs, cloudsim.TestVMID, root, data)
 		requireVMState(t, cs, cloudsim.TestVMID, "Running")
 		d.requireExports()
