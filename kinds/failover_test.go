@@ -734,6 +734,9 @@ func TestVMPower(t *testing.T) {
 		msg    string
 		stops  []bool // the forced flag of each stop sent
 		starts int64
+		// slow: the job whose answer was lost ends only once the settle
+		// timeout has long passed (the VM Starting or Stopping meanwhile).
+		slow bool
 	}{
 		{name: "start", typ: commands.OpStartVM, vm: testVM, state: csfake.Stopped, want: kinds.VMRunning, msg: "VM started", starts: 1},
 		{name: "start, running already", typ: commands.OpStartVM, vm: appliance, state: csfake.Running, want: kinds.VMRunning, msg: "VM already running"},
@@ -747,6 +750,11 @@ func TestVMPower(t *testing.T) {
 			want: kinds.VMStopped, msg: "VM stopped", stops: []bool{false}},
 		{name: "stop ignored by the guest: forced after the grace period", typ: commands.OpStopVM, vm: appliance, state: csfake.Running,
 			faults: []csfake.Fault{{Job: csfake.JobPends}}, want: kinds.VMStopped, msg: "VM stopped (forced after 50ms)", stops: []bool{false, true}},
+		{name: "start, answer lost, Starting past the settle timeout", typ: commands.OpStartVM, vm: testVM, state: csfake.Stopped,
+			faults: []csfake.Fault{{LostAnswer: true, Job: csfake.JobPends}}, slow: true, want: kinds.VMRunning, msg: "VM started", starts: 1},
+		{name: "stop, answer lost, Stopping past the settle timeout", typ: commands.OpStopVM, vm: appliance, state: csfake.Running,
+			forced: true, faults: []csfake.Fault{{LostAnswer: true, Job: csfake.JobPends}}, slow: true, want: kinds.VMStopped,
+			msg: "VM stopped", stops: []bool{true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			w := newFoWorld(t)
@@ -771,6 +779,9 @@ func TestVMPower(t *testing.T) {
 			_, err := w.store.CreateOperation(w.ctx, commands.Operation{ID: "op-power", Type: tc.typ, Status: commands.StatusPending,
 				Request: raw, CreatedAt: now, UpdatedAt: now})
 			w.must(err)
+			if tc.slow {
+				go w.releaseLate("op-power")
+			}
 			op := w.finish("op-power")
 			if op.Status != commands.StatusCompleted || op.Response.Message != tc.msg || w.vmState(tc.vm) != tc.want {
 				t.Fatalf("%s: %s %s %+v, VM %s", tc.typ, op.Status, op.Error, op.Response, w.vmState(tc.vm))
@@ -779,6 +790,28 @@ func TestVMPower(t *testing.T) {
 				t.Fatalf("stops sent %v, starts %d; want %v and %d", w.sent.stops, w.sent.calls(csfake.CmdStartVM), tc.stops, tc.starts)
 			}
 		})
+	}
+}
+
+// releaseLate releases the pending CloudStack job of operation id once the
+// operation has settled its lost answer for ten settle timeouts (50 ms
+// each), or once it ended.
+func (w *foWorld) releaseLate(id string) {
+	var since time.Time
+	for {
+		op, err := w.store.GetOperation(w.ctx, id)
+		switch {
+		case err != nil || op.Status.Terminal():
+			return
+		case since.IsZero() && strings.Contains(op.Error, "answer lost"):
+			since = time.Now()
+		case !since.IsZero() && time.Since(since) > 500*time.Millisecond:
+			for _, job := range w.cloud.PendingJobs() {
+				_ = w.cloud.Release(job)
+			}
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
