@@ -1055,3 +1055,49 @@ func TestFailoverPlans(t *testing.T) {
 		})
 	}
 }
+
+// TestRollbackAskedAgainAfterItsReverts: a volume that was detached before
+// the failover is back where it was once a rollback detached and reverted
+// it. When that rollback fails after its reverts (a snapshot's deletion
+// refused), the rollback asked again does not revert the volume again (its
+// snapshot is deleted already): it completes.
+func TestRollbackAskedAgainAfterItsReverts(t *testing.T) {
+	w := newFoWorld(t)
+	// The root was detached (no mapping, no export) before the failover.
+	job, err := w.cloud.DetachVolume(w.ctx, w.root)
+	w.must(err)
+	_, err = w.cloud.WaitJob(w.ctx, job)
+	w.must(err)
+	m, err := w.store.GetMapping(w.ctx, w.root)
+	w.must(err)
+	w.must(w.store.DeleteMapping(w.ctx, w.root, m.Revision))
+	e, err := w.store.GetExport(w.ctx, w.root)
+	w.must(err)
+	w.must(w.store.DeleteExport(w.ctx, w.root, e.Revision))
+
+	fo := w.finish(w.record(commands.OpFailover, w.failoverReq(), testVM))
+	if fo.Status != commands.StatusCompleted || fo.Response.Before[w.root].VMID != "" {
+		t.Fatalf("failover: %s %s %+v", fo.Status, fo.Error, fo.Response)
+	}
+	// The root's snapshot is deleted, the data volume's refused.
+	w.cloud.Script(csfake.CmdDeleteSnapshot, csfake.Fault{}, csfake.Fault{Err: csfake.Final(csfake.CmdDeleteSnapshot, 431, "refused (test)")})
+	_, rb := w.run(w.ctx, w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if rb.Status != commands.StatusFailed || w.snapshots(w.root) != 0 || w.snapshots(w.data) != 1 {
+		t.Fatalf("rollback %s: %s %v", rb.Status, rb.Error, rb.Details)
+	}
+	before := w.counts()
+	again := w.finish(w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if again.Status != commands.StatusCompleted {
+		t.Fatalf("rollback asked again: %s %s %v", again.Status, again.Error, again.Details)
+	}
+	var names []string
+	for _, s := range again.Workflow.Steps {
+		names = append(names, s.Name+":"+s.VolumeID)
+	}
+	if want := []string{"stop_vm:", "delete_snapshot:" + w.root, "delete_snapshot:" + w.data}; !slices.Equal(names, want) {
+		t.Fatalf("steps asked again %v\nwant %v", names, want)
+	}
+	if got := w.since(before); got.calls[csfake.CmdRevertSnapshot] != 0 || w.snapshots(w.data) != 0 || w.where(w.root).vm != "" {
+		t.Fatalf("asked again: %+v, data snapshots %d, root %+v", got, w.snapshots(w.data), w.where(w.root))
+	}
+}
