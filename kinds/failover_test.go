@@ -926,10 +926,7 @@ func TestRollbackFailsAndIsAskedAgain(t *testing.T) {
 	if again.Status != commands.StatusCompleted {
 		t.Fatalf("rollback asked again: %s %s %v", again.Status, again.Error, again.Details)
 	}
-	var names []string
-	for _, s := range again.Workflow.Steps {
-		names = append(names, s.Name+":"+s.VolumeID)
-	}
+	names := stepTargets(again)
 	wantSteps := []string{"stop_vm:", "revert:" + w.data, "attach:" + w.data, "export:" + w.root, "export:" + w.data,
 		"delete_snapshot:" + w.root, "delete_snapshot:" + w.data}
 	if !slices.Equal(names, wantSteps) {
@@ -1056,6 +1053,15 @@ func TestFailoverPlans(t *testing.T) {
 	}
 }
 
+// stepTargets lists a workflow's steps as "<name>:<volume>".
+func stepTargets(op commands.Operation) []string {
+	var names []string
+	for _, s := range op.Workflow.Steps {
+		names = append(names, s.Name+":"+s.VolumeID)
+	}
+	return names
+}
+
 // TestRollbackAskedAgainAfterItsReverts: a volume that was detached before
 // the failover is back where it was once a rollback detached and reverted
 // it. When that rollback fails after its reverts (a snapshot's deletion
@@ -1090,10 +1096,7 @@ func TestRollbackAskedAgainAfterItsReverts(t *testing.T) {
 	if again.Status != commands.StatusCompleted {
 		t.Fatalf("rollback asked again: %s %s %v", again.Status, again.Error, again.Details)
 	}
-	var names []string
-	for _, s := range again.Workflow.Steps {
-		names = append(names, s.Name+":"+s.VolumeID)
-	}
+	names := stepTargets(again)
 	if want := []string{"stop_vm:", "delete_snapshot:" + w.root, "delete_snapshot:" + w.data}; !slices.Equal(names, want) {
 		t.Fatalf("steps asked again %v\nwant %v", names, want)
 	}
