@@ -562,8 +562,9 @@ func failoverRound(t *testing.T, d *daemon, sim *cloudsim.Sim, root, data string
 // workflow is killed -9 while the step's CloudStack job runs; the other
 // resumes it, and each workflow completes having done its work exactly
 // once in CloudStack: one snapshot, one detach and one attach per volume,
-// one start, one stop. Last, a failover whose VM refuses to start is killed while
-// it undoes its steps: it ends compensated, everything back, once.
+// one start, one stop. Last, a failover whose VM refuses to start is
+// killed while it undoes its steps: it ends compensated, everything back,
+// once.
 func TestFailoverKill(t *testing.T) {
 	sim := failoverSim(t, 0)
 	c := startNATSCluster(t, 3)
