@@ -451,7 +451,8 @@ type killPoint struct {
 
 // killAt runs a workflow submit starts and, when at is set, kills -9 the
 // instance executing it while at's child runs its CloudStack job (slowed
-// down, on top of the faults set); another instance ends it.
+// down, on top of the faults set); another instance ends it (or the
+// same, restarted, when it is the only one).
 func killAt(t *testing.T, ds []*daemon, sim *cloudsim.Sim, at *killPoint, submit func(d *daemon) string) commands.Operation {
 	t.Helper()
 	if at == nil {
@@ -489,7 +490,7 @@ func killAt(t *testing.T, ds []*daemon, sim *cloudsim.Sim, at *killPoint, submit
 	ds[r].kill9()
 	sim.SetFaults(base)
 	ds[r].restart()
-	done := ds[1-r].in(t).wait(id)
+	done := ds[(r+1)%len(ds)].in(t).wait(id)
 	if done.Attempts < 2 {
 		t.Fatalf("%s ended in attempt %d: it was not resumed after the kill", id, done.Attempts)
 	}
@@ -745,4 +746,45 @@ func TestFailoversSharingVolumes(t *testing.T) {
 		t.Fatalf("the later failover ended %s", last.Status)
 	}
 	requireOn(t, cs, where.VMID, where.RootVolumeID, where.DataVolumeIDs...)
+}
+
+// TestFailoverKillAppliance: the appliance's own volumed (its NBD server
+// and device agent) is killed -9 while a failover detaches an exported
+// volume from it, and again while the rollback attaches the root back;
+// restarted, it ends both, and the volumes read pattern A over NBD
+// under their export names. (The resumed attach waits out the VM lease
+// the killed process held: up to its 15 s TTL.)
+func TestFailoverKillAppliance(t *testing.T) {
+	requireNBDClients(t)
+	sim := startLocalSim(t, false)
+	d := startDaemon(t, sim, daemonOpts{})
+	cs := simAPI(sim)
+	root, data := d.createVolume("appliance-root", 1), d.createVolume("appliance-data", 1)
+	vols := []string{root, data}
+	a := map[string][]byte{}
+	for _, v := range vols {
+		m := d.attachExported(sim, v)
+		a[v] = pattern(t)
+		d.writeNBD(m, a[v])
+	}
+	req := commands.FailoverRequest{VMID: cloudsim.TestVMID, RootVolumeID: root, DataVolumeIDs: []string{data}, Test: true, StartVM: true}
+	ds := []*daemon{d}
+	fo := killAt(t, ds, sim, &killPoint{planStep: planStep{"detach", data}}, func(d *daemon) string { return d.failover(req).ID })
+	if fo.Status != commands.StatusCompleted {
+		t.Fatalf("failover %s: %q %v", fo.Status, fo.Error, fo.Details)
+	}
+	requireOn(t, cs, cloudsim.TestVMID, root, data)
+	d.requireExports()
+	rb := killAt(t, ds, sim, &killPoint{planStep: planStep{"attach", root}}, func(d *daemon) string { return d.rollback(fo.ID).ID })
+	if rb.Status != commands.StatusCompleted {
+		t.Fatalf("rollback %s: %q %v", rb.Status, rb.Error, rb.Details)
+	}
+	requireOn(t, cs, cloudsim.ApplianceVMID, "", vols...)
+	d.requireExports(vols...)
+	for _, v := range vols {
+		if got := d.readNBD(d.requireMapped(sim, v), len(a[v])); !bytes.Equal(got, a[v]) {
+			t.Fatalf("%s does not read pattern A over NBD", v)
+		}
+	}
+	requireNoSnapshots(t, d, cs, vols...)
 }
