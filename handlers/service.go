@@ -233,7 +233,7 @@ func New(cfg Config) *Service {
 	}
 	s.release = &engine.Releaser{Mappings: s.mappings, Exports: s.host, Devices: devices,
 		InUse: inUse{devices: cfg.Devices, host: s.host}, Wait: cfg.StepTimeout, Log: s.log}
-	s.engine = engine.New(engine.Config{Operations: cfg.Store, Publisher: s, Guard: s.guard, Logger: s.log,
+	s.engine = engine.New(engine.Config{Operations: cfg.Store, Publisher: s, Guard: s.guard, Jobs: cfg.CloudStack, Logger: s.log,
 		Timing: engine.Timing{StepTimeout: cfg.StepTimeout, SettleTimeout: cfg.SettleTimeout,
 			Retry: backoff.Policy{Min: cfg.RetryMin, Max: cfg.RetryMax}}},
 		kinds.All(kinds.Deps{CloudStack: cfg.CloudStack, Operations: cfg.Store, Mappings: s.mappings, Release: s.release,

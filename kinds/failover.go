@@ -238,14 +238,25 @@ func (w workflow) child(wf *commands.Workflow, i int) (engine.Child, error) {
 	return engine.Child{}, commands.Internal("workflow step %d: unknown step %q", i, s.Name)
 }
 
-// done records the snapshot a snapshot step took.
+// done records the snapshot a snapshot step took: the child's response,
+// or, for a child that timed out on a job that took it after all, the
+// snapshot its failure or its job's resolution names.
 func (workflow) done(wf *commands.Workflow, i int, child commands.Operation) {
-	if s := wf.Steps[i]; s.Name == WfSnapshot && child.Response != nil {
-		if wf.Snapshots == nil {
-			wf.Snapshots = map[string]string{}
-		}
-		wf.Snapshots[s.VolumeID] = child.Response.SnapshotID
+	s := wf.Steps[i]
+	if s.Name != WfSnapshot {
+		return
 	}
+	id, _ := child.Details["snapshot_id"].(string)
+	if child.Response != nil {
+		id = child.Response.SnapshotID
+	}
+	if id == "" {
+		return
+	}
+	if wf.Snapshots == nil {
+		wf.Snapshots = map[string]string{}
+	}
+	wf.Snapshots[s.VolumeID] = id
 }
 
 // undo is the undo of a failover's forward step: a start by a forced

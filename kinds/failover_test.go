@@ -93,6 +93,8 @@ type sentCloud struct {
 	sent map[string]int64
 	// stops records the forced flag of each stop sent.
 	stops []bool
+	// onWait, when set, is called with the job of each WaitJob.
+	onWait func(jobID string)
 }
 
 func (c *sentCloud) count(ctx context.Context, cmd string) {
@@ -107,6 +109,17 @@ func (c *sentCloud) calls(cmd string) int64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.sent[cmd]
+}
+
+// WaitJob runs the hook the test set, if any, first.
+func (c *sentCloud) WaitJob(ctx context.Context, jobID string) (csapi.Job, error) {
+	c.mu.Lock()
+	fn := c.onWait
+	c.mu.Unlock()
+	if fn != nil {
+		fn(jobID)
+	}
+	return c.Cloud.WaitJob(ctx, jobID)
 }
 
 func (c *sentCloud) CreateSnapshot(ctx context.Context, p csapi.SnapshotParams) (string, string, error) {
@@ -166,6 +179,12 @@ type foWorld struct {
 
 func newFoWorld(t *testing.T) *foWorld {
 	t.Helper()
+	return newFoWorldStep(t, 5*time.Second)
+}
+
+// newFoWorldStep is newFoWorld whose steps time out after step.
+func newFoWorldStep(t *testing.T, step time.Duration) *foWorld {
+	t.Helper()
 	w := &foWorld{t: t, ctx: context.Background(), cloud: csfake.New(csfake.Default()), store: memstore.New(),
 		users: &fakeUsers{users: map[string][]commands.DeviceUser{}}, events: &hookEvents{}, log: &lockedBuffer{}}
 	w.sent = &sentCloud{Cloud: w.cloud, sent: map[string]int64{}}
@@ -173,8 +192,8 @@ func newFoWorld(t *testing.T) *foWorld {
 	writer := engine.NewMappingWriter(w.store, nil, log)
 	exports := namedExports{storeExports{w.store}, w.store}
 	rel := &engine.Releaser{Mappings: writer, Exports: exports, InUse: w.users, Log: log}
-	w.engine = engine.New(engine.Config{Operations: w.store, Publisher: w.events, Logger: log,
-		Timing: engine.Timing{StepTimeout: 5 * time.Second, SettleTimeout: 50 * time.Millisecond,
+	w.engine = engine.New(engine.Config{Operations: w.store, Publisher: w.events, Logger: log, Jobs: w.sent,
+		Timing: engine.Timing{StepTimeout: step, SettleTimeout: 50 * time.Millisecond,
 			Retry: backoff.Policy{Min: time.Millisecond, Max: time.Millisecond}}},
 		kinds.All(kinds.Deps{CloudStack: w.sent, Operations: w.store, Mappings: writer, Release: rel,
 			Exports: exports, Log: log, StopGrace: 50 * time.Millisecond})...)
