@@ -358,13 +358,7 @@ func (w workflow) left(wf *commands.Workflow) []string {
 	}
 	for _, v := range order {
 		c, before := at[v], wf.Before[v]
-		was := "detached"
-		if before.VMID != "" {
-			was = "on VM " + before.VMID
-		}
-		if before.ExportName != "" {
-			was += " exported as " + before.ExportName
-		}
+		was := wasAt(before)
 		switch {
 		case c.vm != before.VMID && c.vm == "":
 			out = append(out, fmt.Sprintf("volume %s is detached; it was %s", v, was))
@@ -388,4 +382,16 @@ func (w workflow) left(wf *commands.Workflow) []string {
 		}
 	}
 	return out
+}
+
+// wasAt says where a volume was before the failover, for people.
+func wasAt(before commands.Placement) string {
+	was := "detached"
+	if before.VMID != "" {
+		was = "on VM " + before.VMID
+	}
+	if before.ExportName != "" {
+		was += " exported as " + before.ExportName
+	}
+	return was
 }

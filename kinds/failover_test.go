@@ -30,6 +30,8 @@ import (
 const (
 	appliance = csfake.VMID
 	testVM    = csfake.StoppedVMID
+	// thirdVM is a Stopped VM neither the appliance nor the test VM.
+	thirdVM = "6a1b2c3d-0000-4000-8000-0000000000f3"
 )
 
 // hookEvents passes each operation event to a hook the test sets.
@@ -185,7 +187,9 @@ func newFoWorld(t *testing.T) *foWorld {
 // newFoWorldStep is newFoWorld whose steps time out after step.
 func newFoWorldStep(t *testing.T, step time.Duration) *foWorld {
 	t.Helper()
-	w := &foWorld{t: t, ctx: context.Background(), cloud: csfake.New(csfake.Default()), store: memstore.New(),
+	cfg := csfake.Default()
+	cfg.VMs = append(cfg.VMs, csfake.VM{VM: csapi.VM{ID: thirdVM, Name: "third-vm", State: csfake.Stopped, ZoneID: csfake.ZoneID}})
+	w := &foWorld{t: t, ctx: context.Background(), cloud: csfake.New(cfg), store: memstore.New(),
 		users: &fakeUsers{users: map[string][]commands.DeviceUser{}}, events: &hookEvents{}, log: &lockedBuffer{}}
 	w.sent = &sentCloud{Cloud: w.cloud, sent: map[string]int64{}}
 	log := slog.New(slog.NewTextHandler(w.log, nil))
@@ -1121,5 +1125,42 @@ func TestRollbackAskedAgainAfterItsReverts(t *testing.T) {
 	}
 	if got := w.since(before); got.calls[csfake.CmdRevertSnapshot] != 0 || w.snapshots(w.data) != 0 || w.where(w.root).vm != "" {
 		t.Fatalf("asked again: %+v, data snapshots %d, root %+v", got, w.snapshots(w.data), w.where(w.root))
+	}
+}
+
+// TestRollbackFindsAThirdVM: a rollback that finds a volume on a VM that
+// is neither the failover's nor where it was does nothing and fails not
+// compensated, left saying where each volume is and which snapshots are
+// kept.
+func TestRollbackFindsAThirdVM(t *testing.T) {
+	w := newFoWorld(t)
+	fo := w.finish(w.record(commands.OpFailover, w.failoverReq(), testVM))
+	job, err := w.cloud.DetachVolume(w.ctx, w.data)
+	w.must(err)
+	_, err = w.cloud.WaitJob(w.ctx, job)
+	w.must(err)
+	job, err = w.cloud.AttachVolume(w.ctx, w.data, thirdVM, nil)
+	w.must(err)
+	_, err = w.cloud.WaitJob(w.ctx, job)
+	w.must(err)
+	before := w.counts()
+	_, rb := w.run(w.ctx, w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if rb.Status != commands.StatusFailed || rb.Details[commands.DetailCompensated] != false || rb.Details["code"] != commands.CodeConflict {
+		t.Fatalf("rollback %s: %s %v", rb.Status, rb.Error, rb.Details)
+	}
+	var left []string
+	got, _ := rb.Details[commands.DetailLeft].([]any)
+	for _, l := range got {
+		left = append(left, l.(string))
+	}
+	want := []string{"volume " + w.root + " is attached to VM " + testVM + "; it was on VM " + appliance + " exported as " + exportName(w.root),
+		"volume " + w.data + " is attached to VM " + thirdVM + "; it was on VM " + appliance + " exported as " + exportName(w.data),
+		"snapshot " + fo.Response.Snapshots[w.root] + " of volume " + w.root + " is kept",
+		"snapshot " + fo.Response.Snapshots[w.data] + " of volume " + w.data + " is kept"}
+	if !slices.Equal(left, want) {
+		t.Fatalf("left %q\nwant %q", left, want)
+	}
+	if got := w.since(before); slices.ContainsFunc(countedCalls, func(cmd string) bool { return got.calls[cmd] != 0 }) {
+		t.Fatalf("the rollback called CloudStack: %v", got.calls)
 	}
 }

@@ -198,9 +198,14 @@ func (k rollback) plan(ctx context.Context, j *engine.Journal, freq commands.Fai
 			detaches = append(detaches, commands.WorkflowStep{Name: WfDetach, VolumeID: v, VMID: freq.VMID})
 		case back, vol.VMID == "":
 		default:
+			left, err := k.asIs(ctx, j, freq, wf)
+			if err != nil {
+				return nil, err
+			}
 			return nil, commands.Conflict("volume %s is on VM %s, neither the failover's VM %s nor where it was", v, vol.VMID, freq.VMID).
 				WithDetail("volume_id", v).WithDetail("vm_id", vol.VMID).
-				WithDetail(commands.DetailCompensated, false).WithDetail(commands.DetailSteps, []commands.WorkflowStep{})
+				WithDetail(commands.DetailCompensated, false).WithDetail(commands.DetailSteps, []commands.WorkflowStep{}).
+				WithDetail(commands.DetailLeft, left)
 		}
 		if !back {
 			reverts = append(reverts, commands.WorkflowStep{Name: WfRevert, VolumeID: v})
@@ -228,4 +233,37 @@ func (k rollback) plan(ctx context.Context, j *engine.Journal, freq commands.Fai
 		}
 	}
 	return wf, nil
+}
+
+// asIs is what a rollback that did nothing leaves where: each of the
+// failover's volumes not where it was before the failover (or without
+// its export), and the failover's snapshots, kept.
+func (k rollback) asIs(ctx context.Context, j *engine.Journal, freq commands.FailoverRequest, wf *commands.Workflow) ([]string, error) {
+	var left, kept []string
+	for _, v := range freq.Volumes() {
+		vol, err := k.volume(ctx, j, v)
+		if err != nil {
+			return nil, notFoundOr(err, v)
+		}
+		before := wf.Before[v]
+		switch {
+		case vol.VMID == before.VMID && before.ExportName != "":
+			has, err := k.Exports.HasExport(ctx, v)
+			if err != nil {
+				return nil, fmt.Errorf("%w: export record of %s: %w", engine.ErrStopped, v, err)
+			}
+			if !has {
+				left = append(left, fmt.Sprintf("volume %s is on VM %s but not exported; it was exported as %s", v, vol.VMID, before.ExportName))
+			}
+		case vol.VMID == before.VMID:
+		case vol.VMID == "":
+			left = append(left, fmt.Sprintf("volume %s is detached; it was %s", v, wasAt(before)))
+		default:
+			left = append(left, fmt.Sprintf("volume %s is attached to VM %s; it was %s", v, vol.VMID, wasAt(before)))
+		}
+		if snap := wf.Snapshots[v]; snap != "" {
+			kept = append(kept, fmt.Sprintf("snapshot %s of volume %s is kept", snap, v))
+		}
+	}
+	return append(left, kept...), nil
 }
