@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"time"
@@ -374,7 +375,9 @@ func (j *Journal) skipped(i int) bool {
 }
 
 // failed ends the workflow after step i failed for good (its child): the
-// error of the child, with the workflow's compensated, steps and left.
+// code and error of the child, with the workflow's own details (step,
+// steps_done, steps_total, compensated, steps and left) and the child's
+// under failed_step.
 func (j *Journal) failed(p Plan, i int, child commands.Operation) error {
 	wf := j.Op.Workflow
 	compensated := wf.Compensating
@@ -420,14 +423,13 @@ func (j *Journal) failed(p Plan, i int, child commands.Operation) error {
 	if compensated {
 		what = "everything done was undone"
 	}
+	j.progress(i)
 	e := &commands.Error{Code: code, Message: fmt.Sprintf("step %d (%s %s) failed: %s; %s",
-		i, s.Name, stepTarget(s), child.Error, what), Details: map[string]any{}}
-	for k, v := range child.Details {
-		switch k {
-		case "code", commands.DetailJobMayRun, commands.DetailJobID: // the child's own job is the reconcile's
-		default:
-			e.Details[k] = v
-		}
+		i, s.Name, stepTarget(s), child.Error, what), Details: maps.Clone(j.Op.Details)}
+	// The child's details are its own (its step, its job, which the
+	// reconcile follows on the child), under a key of their own.
+	if child.Details != nil {
+		e.Details[commands.DetailFailedStep] = maps.Clone(child.Details)
 	}
 	e.Details[commands.DetailCompensated] = compensated
 	e.Details[commands.DetailSteps] = slices.Clone(wf.Steps)
@@ -443,7 +445,6 @@ func (j *Journal) failed(p Plan, i int, child commands.Operation) error {
 			e.Details[commands.DetailLeft] = left
 		}
 	}
-	j.Op.Step = stepLabel(i, s)
 	return e
 }
 
@@ -467,6 +468,13 @@ func stepLabel(i int, s commands.WorkflowStep) string {
 // saveProgress records the workflow at step i, with its progress in
 // Details.
 func (j *Journal) saveProgress(ctx context.Context, i int) error {
+	j.progress(i)
+	return j.Save(ctx)
+}
+
+// progress sets the workflow's Step to step i and its Details to its
+// progress: steps_done, steps_total and step.
+func (j *Journal) progress(i int) {
 	wf := j.Op.Workflow
 	done := 0
 	for _, s := range wf.Steps {
@@ -477,5 +485,4 @@ func (j *Journal) saveProgress(ctx context.Context, i int) error {
 	j.Op.Step = stepLabel(i, wf.Steps[i])
 	j.Op.Details = map[string]any{commands.DetailStepsDone: done, commands.DetailStepsTotal: len(wf.Steps),
 		commands.DetailStep: j.Op.Step}
-	return j.Save(ctx)
 }
