@@ -12,6 +12,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -145,24 +146,13 @@ func (r *reconciler) askedAgain(ctx context.Context, rb commands.Operation) (boo
 	if err := engine.DecodeRequest(&rb, &req); err != nil {
 		return false, nil
 	}
-	f := state.Filter{Type: commands.OpRollback, VolumeID: rb.VolumeID}
-	for {
-		ops, next, err := r.cfg.Store.ListOperations(ctx, f)
-		if err != nil {
-			return false, err
-		}
-		for _, op := range ops {
-			var other commands.RollbackRequest
-			if op.ID != rb.ID && op.CreatedAt.After(rb.CreatedAt) && op.Status != commands.StatusFailed && op.Status != commands.StatusCancelled &&
-				engine.DecodeRequest(&op, &other) == nil && other.FailoverID == req.FailoverID {
-				return true, nil
-			}
-		}
-		if next == "" {
-			return false, nil
-		}
-		f.Cursor = next
+	rbs, err := kinds.RollbacksOf(ctx, r.cfg.Store, req.FailoverID, rb.VolumeID)
+	if err != nil {
+		return false, err
 	}
+	return slices.ContainsFunc(rbs, func(op commands.Operation) bool {
+		return op.ID != rb.ID && op.CreatedAt.After(rb.CreatedAt) && op.Status != commands.StatusFailed && op.Status != commands.StatusCancelled
+	}), nil
 }
 
 // leftOf is what a failed workflow left where, in words.
