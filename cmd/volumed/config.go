@@ -32,6 +32,8 @@ type config struct {
 	csSecretKey  string
 	vmID         string
 	stepTimeout  time.Duration
+	// stopGrace: how long a rollback's stop_vm waits for a graceful stop.
+	stopGrace    time.Duration
 	ackWait      time.Duration
 	syncInterval time.Duration
 	// opRetention: how long terminal operations are kept; 0 keeps them.
@@ -177,6 +179,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f.str(&c.csAPIKey, "cloudstack-api-key", "CLOUDSTACK_API_KEY", "", "CloudStack API key")
 	f.str(&c.csSecretKey, "cloudstack-secret-key", "CLOUDSTACK_SECRET_KEY", "", "CloudStack secret key")
 	f.duration(&c.stepTimeout, "step-timeout", "VOLUMED_STEP_TIMEOUT", "5m", time.Second, "deadline of each CloudStack step; an operation past it fails")
+	f.duration(&c.stopGrace, "stop-grace", "VOLUMED_STOP_GRACE", "60s", time.Second, "how long a rollback waits for the test VM to stop gracefully before it forces the stop")
 	f.duration(&c.ackWait, "ack-wait", "VOLUMED_ACK_WAIT", "15s", time.Second, "how soon a job is redelivered after a crash")
 	f.duration(&c.syncInterval, "sync-interval", "VOLUMED_SYNC_INTERVAL", "5m", 0, "period of the background reconcile; 0 turns it off")
 	f.duration(&c.opRetention, "op-retention", "VOLUMED_OP_RETENTION", "720h", 0, "how long terminal operations are kept after they end; 0 keeps them forever")
