@@ -286,9 +286,9 @@ func cpuProfile(ctx context.Context, addr string, d time.Duration) ([]byte, erro
 // window collects the latencies of the operations that end while it is
 // open, by type.
 type window struct {
-	mu   sync.Mutex
-	on   bool
-	lat  map[commands.OpType][]time.Duration
+	mu  sync.Mutex
+	on  bool
+	lat map[commands.OpType][]time.Duration
 }
 
 func (w *window) open() {
