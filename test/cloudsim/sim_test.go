@@ -3,6 +3,7 @@ package cloudsim_test
 import (
 	"context"
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -400,6 +401,48 @@ func TestBadInventories(t *testing.T) {
 				t.Fatalf("err = %v, want ErrBadInventory", err)
 			}
 		})
+	}
+}
+
+// TestInventoryVolumes loads an inventory with data volumes: they are
+// listed Ready, attached where it says, on their device, and one detached
+// attaches through the API.
+func TestInventoryVolumes(t *testing.T) {
+	inv, err := cloudsim.LoadInventory(filepath.Join("testdata", "inventory_volumes.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startSim(t, cloudsim.Config{Inventory: inv, JobDuration: time.Millisecond})
+	cs := syncClient(s)
+	const vm, attached, detached = "11111111-1111-4111-8111-111111111111", "aaaaaaaa-0000-4000-8000-000000000001", "aaaaaaaa-0000-4000-8000-000000000002"
+	p := cs.Volume.NewListVolumesParams()
+	p.SetVirtualmachineid(vm)
+	r, err := cs.Volume.ListVolumes(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]int64{}
+	for _, v := range r.Volumes {
+		if v.State != "Ready" {
+			t.Errorf("volume %s state %q, want Ready", v.Id, v.State)
+		}
+		got[v.Id] = v.Deviceid
+	}
+	if want := map[string]int64{"11111111-0000-4000-8000-000000000001": 0, attached: 1}; !maps.Equal(got, want) {
+		t.Fatalf("volumes of the VM: %v, want %v", got, want)
+	}
+	v, _, err := cs.Volume.GetVolumeByID(detached)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Virtualmachineid != "" || v.Size != 2<<30 || v.Type != "DATADISK" {
+		t.Fatalf("detached volume: vm %q size %d type %q", v.Virtualmachineid, v.Size, v.Type)
+	}
+	if _, text := attach(t, cs, detached, vm, -1); text != "" {
+		t.Fatalf("attach the detached volume: %s", text)
+	}
+	if v, _, err = cs.Volume.GetVolumeByID(detached); err != nil || v.Virtualmachineid != vm || v.Deviceid != 2 {
+		t.Fatalf("attached: vm %q device %d (%v), want %s device 2", v.Virtualmachineid, v.Deviceid, err, vm)
 	}
 }
 

@@ -142,6 +142,16 @@ func newPersisted(inv *Inventory, now time.Time) *persisted {
 			VMID: vm.ID, DeviceID: &zero, Attached: now,
 		}
 	}
+	for _, dv := range inv.Volumes {
+		p.NextSeq++
+		v := &volume{ID: dv.ID, Seq: p.NextSeq, Name: dv.Name, ZoneID: dv.ZoneID, Type: typeData,
+			Size: dv.SizeGB << 30, State: volReady, Created: now}
+		if dv.VMID != "" {
+			dev := dv.DeviceID
+			v.VMID, v.DeviceID, v.Attached = dv.VMID, &dev, now
+		}
+		p.Volumes[dv.ID] = v
+	}
 	return p
 }
 
