@@ -121,6 +121,13 @@ bench-scale:
 bench-ops:
 	bash bench/ops.sh
 
+# bench-inventory measures a force-sync, the periodic reconcile and the
+# pre-check cache's refresh with 1,000 volumes / 100 VMs and 10,000 / 1,000
+# in the simulator (SIZES=...), for BASE (default main) and this tree
+# (bench/inventory.sh).
+bench-inventory:
+	bash bench/inventory.sh
+
 # bench-nbd runs volumed's NBD server and qemu-nbd side by side on one loop
 # device (root and the NBD clients needed; skipped with a message otherwise).
 bench-nbd:

@@ -9,6 +9,7 @@
 # starts and writes, but the profiles, is gone when it ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/base.sh
 BASE=${BASE:-main}
 ROUNDS=${ROUNDS:-2}
 CLIENTS=${CLIENTS:-8}
@@ -21,17 +22,13 @@ trap 'rm -rf "$work"' EXIT
 go build -o "$work/volumed" ./cmd/volumed
 go build -o "$work/cloudsim" ./test/cloudsim/cmd/cloudsim
 go build -o "$work/ops" ./bench/ops
-mkdir "$work/base"
-git archive "$BASE" | tar -x -C "$work/base"
-(cd "$work/base" && go build -o "$work/volumed-base" ./cmd/volumed)
-base_rev=$(git rev-parse --short "$BASE")
-here_rev=$(git rev-parse --short HEAD)$( [ -z "$(git status --porcelain -- . ':!bench')" ] || echo "+changes")
+build_base "$BASE" "$work"
 
 for r in $(seq "$ROUNDS"); do
-	"$work/ops" -label "round $r before ($BASE $base_rev)" -volumed "$work/volumed-base" -cloudsim "$work/cloudsim" \
+	"$work/ops" -label "round $r before ($BASE $(rev_of "$BASE"))" -volumed "$work/volumed-base" -cloudsim "$work/cloudsim" \
 		-clients "$CLIENTS" -job "$JOB" -duration "$DURATION"
 	prof=()
 	if [ -n "$PROFILE" ]; then mkdir -p "$PROFILE"; prof=(-profile "$PROFILE/ops-$r.pprof"); fi
-	"$work/ops" -label "round $r after ($here_rev)" -volumed "$work/volumed" -cloudsim "$work/cloudsim" \
+	"$work/ops" -label "round $r after ($(rev_of HEAD))" -volumed "$work/volumed" -cloudsim "$work/cloudsim" \
 		-clients "$CLIENTS" -job "$JOB" -duration "$DURATION" "${prof[@]}"
 done
