@@ -50,11 +50,12 @@ func WaitHTTP(ctx context.Context, u, token string, limit time.Duration) error {
 		}
 		resp, err := httpClient.Do(req)
 		if err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
+			body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
 				return nil
 			}
+			err = fmt.Errorf("%s: %s", resp.Status, body)
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("no 200 from %s within %s (last: %v)", u, limit, err)
