@@ -459,7 +459,20 @@ func TestPersistenceAcrossRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	cs := syncClient(s1)
-	vol := createVolume(t, cs, "persist", 2)
+	created, err := cs.Volume.CreateVolume(createParams(cs, "persist", 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, cs, created.JobID)
+	vol := created.Id
+	goneJob, err := cs.Volume.CreateVolume(createParams(cs, "expunged-job", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, cs, goneJob.JobID)
+	if !s1.ExpungeJob(goneJob.JobID) {
+		t.Fatal("ended job not expunged")
+	}
 	if err := s1.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"attachVolume": cloudsim.Duration(300 * time.Millisecond)}}); err != nil {
 		t.Fatal(err)
 	}
@@ -490,5 +503,14 @@ func TestPersistenceAcrossRestart(t *testing.T) {
 	}
 	if got := s2.Stats().AttachesSucceeded[vol]; got != 1 {
 		t.Fatalf("attaches after restart = %d", got)
+	}
+	// Ended jobs are kept in files of their own: one still answers, an
+	// expunged one stays gone.
+	if j := waitJob(t, cs2, created.JobID); j.Jobstatus != 1 || !strings.Contains(string(j.Jobresult), vol) {
+		t.Fatalf("ended job after restart: %d %s", j.Jobstatus, j.Jobresult)
+	}
+	p := cs2.Asyncjob.NewQueryAsyncJobResultParams(goneJob.JobID)
+	if _, err := cs2.Asyncjob.QueryAsyncJobResult(p); err == nil || !strings.Contains(err.Error(), "431") {
+		t.Fatalf("expunged job after restart: %v, want a 431", err)
 	}
 }
