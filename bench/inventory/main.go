@@ -277,7 +277,8 @@ func measure(ctx context.Context, c config, s size, dir string) (figures, error)
 	if f.mappings, err = seed(ctx, inv, dataDir); err != nil {
 		return f, fmt.Errorf("seed mappings: %w", err)
 	}
-	simPort, natsPort, apiPort := proc.FreePort(), proc.FreePort(), proc.FreePort()
+	ports := proc.FreePorts(4)
+	simPort, natsPort, apiPort := ports[0], ports[1], ports[2]
 	sim, err := start(dir, "cloudsim", c.cloudsim, "--listen", "127.0.0.1:"+simPort, "--state-dir", filepath.Join(dir, "cloudsim"),
 		"--inventory", invFile, "--job-duration", "20ms", "--log-level", "warn")
 	if err != nil {

@@ -106,7 +106,8 @@ func run(ctx context.Context, c config) error {
 	if err := os.WriteFile(invFile, data, 0o600); err != nil {
 		return err
 	}
-	simPort, natsPort, apiPort := proc.FreePort(), proc.FreePort(), proc.FreePort()
+	ports := proc.FreePorts(4)
+	simPort, natsPort, apiPort := ports[0], ports[1], ports[2]
 	sim, err := start(c.work, "cloudsim", c.cloudsim, "--listen", "127.0.0.1:"+simPort, "--state-dir", filepath.Join(c.work, "cloudsim"),
 		"--inventory", invFile, "--job-duration", c.job.String(), "--log-level", "warn")
 	if err != nil {
@@ -128,7 +129,7 @@ func run(ctx context.Context, c config) error {
 		"--log-level", c.logLevel}
 	pprofAddr := ""
 	if c.profile != "" {
-		pprofAddr = "127.0.0.1:" + proc.FreePort()
+		pprofAddr = "127.0.0.1:" + ports[3]
 		args = append(args, "--pprof-listen", pprofAddr)
 	}
 	vd, err := start(c.work, "volumed", c.volumed, args...)

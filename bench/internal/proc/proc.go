@@ -26,14 +26,19 @@ const userHZ = 100
 
 var httpClient = &http.Client{Timeout: 30 * time.Second}
 
-// FreePort returns a TCP port free on loopback now.
-func FreePort() string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(err)
+// FreePorts returns n distinct TCP ports free on loopback now (each held
+// until all are chosen, so that none is handed out twice).
+func FreePorts(n int) []string {
+	ports := make([]string, n)
+	for i := range ports {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			panic(err)
+		}
+		defer l.Close()
+		ports[i] = strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
 	}
-	defer l.Close()
-	return strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+	return ports
 }
 
 // WaitHTTP polls u (with token as bearer when not empty) until it
