@@ -27,7 +27,9 @@ const (
 	// StreamJobs is the durable work queue of accepted commands, one
 	// message per operation on volumed.jobs.<line>.<operation_id>: the
 	// line is the volume's id (a create's own operation id), and a job
-	// runs when it is the first message left on its line.
+	// runs when it is the first message left on its line. An operation on
+	// several volumes has one message on each of their lines, published
+	// as one atomic batch (the stream allows atomic publish).
 	StreamJobs = "VOLUMED_JOBS"
 	// JobsSubjectPrefix prefixes the job subjects.
 	JobsSubjectPrefix = "volumed.jobs."
@@ -247,7 +249,7 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 	streams := []jetstream.StreamConfig{
 		{Name: StreamJobs, Subjects: []string{JobsSubjectPrefix + ">"}, Retention: jetstream.WorkQueuePolicy,
 			Storage: jetstream.FileStorage, Replicas: b.cfg.Replicas, Duplicates: 2 * time.Minute,
-			Description: "volumed accepted commands awaiting execution"},
+			AllowAtomicPublish: true, Description: "volumed accepted commands awaiting execution"},
 		{Name: StreamOps, Subjects: []string{opsSubject}, Retention: jetstream.LimitsPolicy,
 			Storage: jetstream.FileStorage, Replicas: b.cfg.Replicas, MaxAge: b.cfg.OpsMaxAge,
 			Description: "volumed operation events"},
@@ -258,15 +260,22 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 	for _, sc := range streams {
 		// On a cluster that is still forming (its members start one by
 		// one) there are not yet enough servers for the replicas: wait.
+		var stream jetstream.Stream
 		err := formation.Retry(ctx, streamSetupTry, func(err error) bool {
 			b.log.Debug("stream not created yet", "stream", sc.Name, "err", err)
 			return true
 		}, func(ctx context.Context) error {
-			_, err := b.js.CreateOrUpdateStream(ctx, sc)
+			var err error
+			stream, err = b.js.CreateOrUpdateStream(ctx, sc)
 			return err
 		})
 		if err != nil {
 			return fmt.Errorf("bus: stream %s: %w", sc.Name, err)
+		}
+		if sc.AllowAtomicPublish && !stream.CachedInfo().Config.AllowAtomicPublish {
+			// A NATS server before 2.12 ignores the setting.
+			b.log.Warn("the NATS server does not take atomic batches (it needs 2.12 or later): operations on several volumes are refused",
+				"stream", sc.Name)
 		}
 	}
 	return nil

@@ -103,6 +103,9 @@ func checkMoved(t *testing.T, dataDir string, devices uint64) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if !job.CachedInfo().Config.AllowAtomicPublish {
+		t.Errorf("the moved job stream does not allow atomic publish")
+	}
 	msg, err := job.GetLastMsgForSubject(ctx, bus.JobsSubjectPrefix+"op-2")
 	if err != nil || string(msg.Data) != `{"operation_id":"op-2"}` {
 		t.Fatalf("the queued job: %v %v", msg, err)
@@ -194,5 +197,50 @@ func TestStartRefusesNewerStore(t *testing.T) {
 	}
 	if entries, _ := os.ReadDir(filepath.Join(dir, "nats")); len(entries) != 1 {
 		t.Errorf("the refused store dir was written: %v", entries)
+	}
+}
+
+// TestStartAllowsAtomicPublish: a job stream as releases before atomic
+// batches left it (allow_atomic off) takes them after the next start,
+// with its queued job kept.
+func TestStartAllowsAtomicPublish(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir})
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	js := b.JetStream()
+	s, err := js.Stream(ctx, bus.StreamJobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := s.CachedInfo().Config
+	old.AllowAtomicPublish = false
+	if _, err := js.UpdateStream(ctx, old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.Publish(ctx, bus.JobsSubjectPrefix+"vol-1.op-1", []byte(`{"operation_id":"op-1"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	b = bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir})
+	if err := b.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close(ctx)
+	s, err = b.JetStream().Stream(ctx, bus.StreamJobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !info.Config.AllowAtomicPublish || info.State.Msgs != 1 {
+		t.Fatalf("job stream after the start: allow_atomic %v, %d messages, want on and the job kept",
+			info.Config.AllowAtomicPublish, info.State.Msgs)
 	}
 }

@@ -79,6 +79,9 @@ const (
 	StepDone    = "done"
 	StepFailed  = "failed"
 	StepUndone  = "undone"
+	// StepSkipped: an undo step not run because an earlier undo step of
+	// its volume failed.
+	StepSkipped = "skipped"
 )
 
 // WorkflowStep is one step of a failover or a rollback.
@@ -92,7 +95,8 @@ type WorkflowStep struct {
 	VMID string `json:"vm_id,omitempty"`
 	// OperationID is the child operation that runs it.
 	OperationID string `json:"operation_id,omitempty"`
-	// Status is StepPending, StepDone, StepFailed or StepUndone.
+	// Status is StepPending, StepDone, StepFailed, StepUndone or
+	// StepSkipped.
 	Status string `json:"status"`
 	// Undoes is the index of the forward step this compensating step
 	// undoes; nil for a forward step.

@@ -127,6 +127,12 @@ const (
 // or that of a lease the operation runs under. An executor that finds it
 // lost the operation writes nothing more and logs why.
 func (e *Engine) Run(ctx context.Context, opID string, log *slog.Logger) Result {
+	return e.run(ctx, opID, log, nil)
+}
+
+// run is Run; parent, when set, is the journal of the workflow whose step
+// the operation is: every write of the step is fenced by its claim too.
+func (e *Engine) run(ctx context.Context, opID string, log *slog.Logger, parent *Journal) Result {
 	op, err := e.cfg.Operations.GetOperation(ctx, opID)
 	if err != nil {
 		log.Warn("cannot load operation", "err", err)
@@ -140,6 +146,7 @@ func (e *Engine) Run(ctx context.Context, opID string, log *slog.Logger) Result 
 	op.Attempts++
 	op.Status = commands.StatusExecuting
 	j := e.journal(&op, log)
+	j.parent = parent
 	if err := j.Save(ctx); err != nil {
 		if cur, gerr := e.cfg.Operations.GetOperation(ctx, opID); gerr == nil && cur.Status.Terminal() {
 			return Done // the read was behind: it had ended
@@ -200,5 +207,5 @@ func (e *Engine) stopped(log *slog.Logger, op *commands.Operation, err error) Re
 
 // journal returns the journal of op, claimed or about to be.
 func (e *Engine) journal(op *commands.Operation, log *slog.Logger) *Journal {
-	return &Journal{Op: op, ops: e.cfg.Operations, pub: e.cfg.Publisher, timing: e.cfg.Timing, log: log}
+	return &Journal{Op: op, ops: e.cfg.Operations, pub: e.cfg.Publisher, timing: e.cfg.Timing, log: log, eng: e}
 }

@@ -9,23 +9,28 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/memstore"
+	"github.com/volumed/volumed/stores/memstore"
 )
 
 // events records the operation events the engine publishes.
 type events struct {
 	mu  sync.Mutex
 	ops []commands.Operation
+	// hook, when set, sees each event as it is published.
+	hook func(commands.Operation)
 }
 
 func (e *events) PublishOperation(_ context.Context, op commands.Operation) {
 	e.mu.Lock()
-	defer e.mu.Unlock()
 	e.ops = append(e.ops, op)
+	e.mu.Unlock()
+	if e.hook != nil {
+		e.hook(op)
+	}
 }
 
 var timing = engine.Timing{StepTimeout: 30 * time.Second, SettleTimeout: time.Second,

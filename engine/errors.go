@@ -4,7 +4,7 @@ import (
 	"errors"
 
 	"github.com/volumed/volumed/commands"
-	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/csapi"
 )
 
 // CloudStackError maps a final CloudStack failure to 422 CLOUDSTACK_ERROR

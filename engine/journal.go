@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
-	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/state"
 )
@@ -43,6 +43,12 @@ type Journal struct {
 	pub    Publisher
 	timing Timing
 	log    *slog.Logger
+	// eng runs the children of a workflow (RunChild); nil in a journal
+	// made by NewJournal.
+	eng *Engine
+	// parent is the journal of the workflow this operation is a step of:
+	// its claim fences every write of this one too.
+	parent *Journal
 }
 
 var _ Fence = (*Journal)(nil)
@@ -54,12 +60,18 @@ func NewJournal(op *commands.Operation, ops state.Operations, pub Publisher, tim
 }
 
 // Save records the operation by compare-and-swap on the revision it was
-// read or last saved at, and publishes its new state. It fails with
+// read or last saved at, and publishes its new state; a workflow's step
+// first checks the workflow's claim (Check). It fails with
 // ErrStopped when the store cannot be written, and with ErrLost when the
 // record moved on: another executor claimed the operation (a later
 // attempt) or ended it. A writer that loses never writes its data again;
 // the next delivery reads the record and decides.
 func (j *Journal) Save(ctx context.Context) error {
+	if j.parent != nil {
+		if err := j.parent.Check(ctx); err != nil {
+			return err
+		}
+	}
 	op := j.Op
 	op.UpdatedAt = time.Now().UTC()
 	saved, err := j.ops.UpdateOperation(ctx, *op)
@@ -84,10 +96,16 @@ func (j *Journal) Save(ctx context.Context) error {
 }
 
 // Check is the claim's fence: it reads the record and returns nil only if
-// it is still at the revision this executor last saved. A later attempt,
+// it is still at the revision this executor last saved (and, for a
+// workflow's step, the workflow's record too). A later attempt,
 // or an end, is ErrLost; any other change (a write of ours whose answer
 // was lost) is ErrStopped, and the next delivery decides from the record.
 func (j *Journal) Check(ctx context.Context) error {
+	if j.parent != nil {
+		if err := j.parent.Check(ctx); err != nil {
+			return err
+		}
+	}
 	cur, err := j.ops.GetOperation(ctx, j.Op.ID)
 	switch {
 	case err != nil:

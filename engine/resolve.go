@@ -4,7 +4,7 @@ import (
 	"context"
 
 	"github.com/volumed/volumed/commands"
-	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/csapi"
 )
 
 // Outcome is what became of the CloudStack job a failed operation timed

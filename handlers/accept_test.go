@@ -17,8 +17,8 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/handlers"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
@@ -51,7 +51,8 @@ func TestMicroService(t *testing.T) {
 		"attach-root": commands.SubjectAttachRoot, "detach": commands.SubjectDetach, "delete": commands.SubjectDelete,
 		"export": commands.SubjectExport, "unexport": commands.SubjectUnexport, "force-sync": commands.SubjectForceSync,
 		"snapshot": commands.SubjectSnapshot, "delete_snapshot": commands.SubjectDeleteSnapshot, "revert": commands.SubjectRevert,
-		"resize": commands.SubjectResize, "tags": commands.SubjectTags}
+		"resize": commands.SubjectResize, "tags": commands.SubjectTags,
+		"failover": commands.SubjectFailover, "rollback": commands.SubjectRollback}
 	got := map[string]string{}
 	for _, ep := range info.Endpoints {
 		got[ep.Name] = ep.Subject

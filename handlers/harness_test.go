@@ -16,13 +16,13 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/handlers"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/redisstore"
+	"github.com/volumed/volumed/stores/redisstore"
 	"github.com/volumed/volumed/test/cloudsim"
-	"github.com/volumed/volumed/test/cloudsim/simtest"
+	"github.com/volumed/volumed/test/simtest"
 )
 
 // harness is a real command service: the handlers on an embedded NATS

@@ -6,7 +6,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/csapi"
 )
 
 // Inventory defaults.

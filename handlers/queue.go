@@ -6,9 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/google/uuid"
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/bus"
@@ -16,29 +21,56 @@ import (
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/internal/formation"
+	"github.com/volumed/volumed/lease"
 	"github.com/volumed/volumed/state"
 )
 
 // job is the queued message of an accepted operation.
 type job struct {
 	OperationID string `json:"operation_id"`
+	// Hold marks a message that only holds one more line of an operation
+	// on several volumes: it never runs the operation.
+	Hold bool `json:"hold,omitempty"`
 }
 
-// lineOf names the line an operation waits in: its volume, or, for a
-// create (whose volume does not exist yet), the operation itself. The line
-// never changes during the operation's life, so every copy of its job is
-// on the same subject.
+// lineOf names the line an operation's job runs in: its volume (the first
+// of those it names), or, for a create (whose volume does not exist yet),
+// the operation itself. The line never changes during the operation's
+// life, so every copy of its job is on the same subject.
 func lineOf(op commands.Operation) string {
-	if op.Type == commands.OpCreate || op.VolumeID == "" {
+	switch {
+	case op.Type == commands.OpCreate:
 		return op.ID
+	case op.VolumeID != "":
+		return op.VolumeID
+	case len(op.VolumeIDs) > 0:
+		return op.VolumeIDs[0]
 	}
-	return op.VolumeID
+	return op.ID
 }
 
-// jobSubject is the subject of an operation's job:
+// linesOf lists every line an operation holds: the one its job runs in
+// first, then that of each other volume it names.
+func linesOf(op commands.Operation) []string {
+	lines := []string{lineOf(op)}
+	for _, v := range op.VolumeIDs {
+		if !slices.Contains(lines, v) {
+			lines = append(lines, v)
+		}
+	}
+	return lines
+}
+
+// lineSubject is the subject of an operation's message on a line:
 // volumed.jobs.<line>.<operation_id>.
+func lineSubject(line, opID string) string {
+	return bus.JobsSubjectPrefix + line + "." + opID
+}
+
+// jobSubject is the subject of the message that runs an operation, on its
+// first line.
 func jobSubject(op commands.Operation) string {
-	return bus.JobsSubjectPrefix + lineOf(op) + "." + op.ID
+	return lineSubject(lineOf(op), op.ID)
 }
 
 // lineOfSubject returns the line of a job subject; a job queued by an
@@ -49,33 +81,150 @@ func lineOfSubject(subject string) string {
 	return line
 }
 
-// enqueue publishes the job of an accepted operation on its line. The
-// operation id is the message id, so JetStream drops a copy published
-// within the dedup window; a later copy waits behind the first in the line
-// and finds the operation ended.
+// enqueue publishes the job of an accepted operation on its line (on each
+// of its lines, for an operation on several volumes). The operation id is
+// the message id, so JetStream drops a copy published within the dedup
+// window; a later copy waits behind the first in the line and finds the
+// operation ended.
 func (s *Service) enqueue(ctx context.Context, op commands.Operation) error {
-	_, err := s.publishJob(ctx, op, op.ID)
+	_, _, err := s.publishJob(ctx, op, op.ID)
 	return err
 }
 
 // publishJob publishes op's job under message id msgID and reports whether
-// JetStream kept it (false: a duplicate within the dedup window).
-func (s *Service) publishJob(ctx context.Context, op commands.Operation, msgID string) (bool, error) {
-	data, _ := json.Marshal(job{OperationID: op.ID})
+// JetStream kept it (false: a duplicate within the dedup window) and, if
+// so, its stream sequence.
+func (s *Service) publishJob(ctx context.Context, op commands.Operation, msgID string) (uint64, bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
+	if lines := linesOf(op); len(lines) > 1 {
+		return s.publishBatch(ctx, op, lines, msgID)
+	}
+	data, _ := json.Marshal(job{OperationID: op.ID})
 	ack, err := s.cfg.JetStream.Publish(ctx, jobSubject(op), data, jetstream.WithMsgID(msgID))
 	if err != nil {
-		return false, err
+		return 0, false, err
 	}
-	return !ack.Duplicate, nil
+	return ack.Sequence, !ack.Duplicate, nil
+}
+
+// Headers of a JetStream atomic batch (nats-server 2.12 and later).
+const (
+	batchIDHeader     = "Nats-Batch-Id"
+	batchSeqHeader    = "Nats-Batch-Sequence"
+	batchCommitHeader = "Nats-Batch-Commit"
+)
+
+// JetStream's answers to an atomic batch that publishBatch tells apart.
+const (
+	errBatchDisabled     jetstream.ErrorCode = 10174 // the stream does not allow atomic publish
+	errBatchIncomplete   jetstream.ErrorCode = 10176 // a message of the batch did not arrive
+	errBatchDuplicate    jetstream.ErrorCode = 10201 // a message id of the batch is stored already
+	errBatchTooMany      jetstream.ErrorCode = 10210 // too many batches in flight on the stream
+	errDuplicateInFlight jetstream.ErrorCode = 10158 // the same message id is being stored now
+)
+
+// batchBackoff paces the attempts at a batch JetStream could not take
+// yet (too many in flight, a message lost on the way).
+var batchBackoff = backoff.Policy{Min: 10 * time.Millisecond, Max: 200 * time.Millisecond}
+
+// errAtomicPublishOff: the job stream does not take atomic batches, so an
+// operation on several volumes cannot be queued.
+var errAtomicPublishOff = errors.New("stream " + bus.StreamJobs + " does not allow atomic publish (a volumed from before it, or a NATS server before 2.12, turned it off: upgrade every instance)")
+
+// publishBatch publishes the job of an operation on several lines as one
+// JetStream atomic batch: the job on its first line, then a hold on each
+// other line, all stored or none, under consecutive stream sequences (no
+// other message comes between them). msgID, on the job, makes a batch
+// sent again within the dedup window a duplicate, dropped whole. A batch
+// JetStream could not take yet is sent again, under a new batch id, until
+// ctx ends. It returns what publishJob does, the sequence of the job.
+func (s *Service) publishBatch(ctx context.Context, op commands.Operation, lines []string, msgID string) (uint64, bool, error) {
+	pause := batchBackoff.Start()
+	for {
+		first, err := s.sendBatch(ctx, op, lines, msgID)
+		var apiErr *jetstream.APIError
+		if errors.As(err, &apiErr) {
+			switch apiErr.ErrorCode {
+			case errBatchDuplicate, errDuplicateInFlight:
+				return 0, false, nil
+			case errBatchDisabled:
+				return 0, false, fmt.Errorf("%w: %w", errAtomicPublishOff, err)
+			case errBatchTooMany, errBatchIncomplete:
+				if backoff.Sleep(ctx, pause.Next()) {
+					continue
+				}
+			}
+		}
+		if err != nil {
+			return 0, false, err
+		}
+		return first, true, nil
+	}
+}
+
+// sendBatch sends one atomic batch of op's messages, one per line, and
+// returns the stream sequence of the first (its job). The messages before
+// the last are core publishes on the same connection, in order; the last
+// commits the batch and is answered with the batch's last sequence.
+func (s *Service) sendBatch(ctx context.Context, op commands.Operation, lines []string, msgID string) (uint64, error) {
+	nc := s.cfg.JetStream.Conn()
+	batch := uuid.NewString()
+	for i, line := range lines {
+		m := nats.NewMsg(lineSubject(line, op.ID))
+		m.Data, _ = json.Marshal(job{OperationID: op.ID, Hold: i > 0})
+		m.Header.Set(batchIDHeader, batch)
+		m.Header.Set(batchSeqHeader, strconv.Itoa(i+1))
+		if i == 0 {
+			m.Header.Set(jetstream.MsgIDHeader, msgID)
+		}
+		if i < len(lines)-1 {
+			if err := nc.PublishMsg(m); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		m.Header.Set(batchCommitHeader, "1")
+		ack, err := s.cfg.JetStream.PublishMsg(ctx, m)
+		if err != nil {
+			return 0, err
+		}
+		return ack.Sequence - uint64(len(lines)-1), nil
+	}
+	return 0, errors.New("an empty batch") // linesOf has one line at least
+}
+
+// removeHolds deletes op's holds queued before stream sequence before
+// (all of them: math.MaxUint64), so the next job on each of its other
+// lines does not wait for them; each is the first of op's messages on its
+// subject. One that is not deleted now is acked when next delivered (its
+// operation ended, or a later job of it queued).
+func (s *Service) removeHolds(ctx context.Context, op commands.Operation, before uint64) {
+	for _, line := range linesOf(op)[1:] {
+		subject := lineSubject(line, op.ID)
+		for {
+			msg, err := s.jobs.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(subject))
+			if errors.Is(err, jetstream.ErrMsgNotFound) || err == nil && msg.Sequence >= before {
+				break
+			}
+			if err == nil {
+				err = s.jobs.DeleteMsg(ctx, msg.Sequence)
+			}
+			if err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
+				s.log.Warn("hold not removed; it is acked when delivered", "operation_id", op.ID, "subject", subject, "err", err)
+				break
+			}
+		}
+	}
 }
 
 // requeueMissing queues op's job again if the work queue has none (its
 // publish was lost: a crash between the record and the job) and reports
-// whether it did. Not the operation id as message id: the first job may
-// have been lost within the dedup window. The revision keeps two callers
-// that read the same record from queueing it twice.
+// whether it did; an operation on several volumes is queued again whole
+// (job and holds, one batch), and its earlier holds removed. Not the
+// operation id as message id: the first job may have been lost within the
+// dedup window. The revision keeps two callers that read the same record
+// from queueing it twice.
 func (s *Service) requeueMissing(ctx context.Context, op commands.Operation) (bool, error) {
 	queued, err := s.jobQueued(ctx, op)
 	if err != nil {
@@ -84,15 +233,18 @@ func (s *Service) requeueMissing(ctx context.Context, op commands.Operation) (bo
 	if queued {
 		return false, nil
 	}
-	kept, err := s.publishJob(ctx, op, fmt.Sprintf("%s@%d", op.ID, op.Revision))
+	seq, kept, err := s.publishJob(ctx, op, fmt.Sprintf("%s@%d", op.ID, op.Revision))
 	if err != nil {
 		return false, commands.Unavailable("command queue unavailable: %v", err)
+	}
+	if kept {
+		s.removeHolds(ctx, op, seq)
 	}
 	return kept, nil
 }
 
 // jobQueued reports whether the operation's job is in the work queue
-// (waiting, or delivered and not acked).
+// (waiting, or delivered and not acked); its holds are not looked at.
 func (s *Service) jobQueued(ctx context.Context, op commands.Operation) (bool, error) {
 	_, err := s.jobs.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(jobSubject(op)))
 	switch {
@@ -109,7 +261,8 @@ func (s *Service) jobQueued(ctx context.Context, op commands.Operation) (bool, e
 // missing from the work queue (an accept whose undo failed, a lost
 // stream), oldest first. Operations whose job is queued are left to it:
 // whoever holds the job runs them, and JetStream redelivers it after a
-// crash, to another instance if need be.
+// crash, to another instance if need be. A workflow's steps (ParentID) are
+// never queued: their parent runs them.
 func (s *Service) sweep(ctx context.Context) ([]string, error) {
 	var changes []string
 	err := s.leases.Leased(ctx, engine.LeaseSweep, false, func(ctx context.Context) error {
@@ -132,6 +285,9 @@ func (s *Service) sweepLeased(ctx context.Context) ([]string, error) {
 		}
 		for i := len(ops) - 1; i >= 0; i-- {
 			op := ops[i]
+			if op.ParentID != "" {
+				continue // a workflow's step: its parent's executor runs it
+			}
 			kept, err := s.requeueMissing(ctx, op)
 			if err != nil {
 				return changes, err
@@ -227,15 +383,15 @@ func (s *Service) dispatch(msg jetstream.Msg) {
 	s.mu.Unlock()
 	go func() {
 		defer s.wg.Done()
-		s.take(msg, meta, j.OperationID, log)
+		s.take(msg, meta, j, log)
 	}()
 }
 
 // take decides what to do with a job message and, when its turn has come,
-// runs its operation.
-func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, opID string, log *slog.Logger) {
+// runs its operation under the guard.
+func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, j job, log *slog.Logger) {
 	ctx := s.ctx
-	op, err := s.cfg.Store.GetOperation(ctx, opID)
+	op, err := s.cfg.Store.GetOperation(ctx, j.OperationID)
 	switch {
 	case errors.Is(err, state.ErrNotFound) && time.Since(meta.Timestamp) < unrecordedGrace:
 		// The record may not have reached the replica that answered yet
@@ -251,54 +407,103 @@ func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, opID stri
 		_ = msg.NakWithDelay(retryDelay)
 		return
 	case op.Status.Terminal():
+		if !j.Hold {
+			s.removeHolds(ctx, op, math.MaxUint64) // its runner may have stopped before
+		}
 		ackJob(msg, s.log) // a copy of a job already done
 		return
+	case j.Hold:
+		s.hold(ctx, msg, meta, op, log)
+		return
 	}
-	if wait, why := s.turn(ctx, msg.Subject(), meta.Sequence.Stream, op); wait {
+	if wait, why := s.turn(ctx, meta.Sequence.Stream, op); wait {
 		log.Debug("not this operation's turn", "why", why)
 		_ = msg.NakWithDelay(turnDelay(meta.NumDelivered))
 		return
 	}
 	stopBeat := heartbeat(msg, s.cfg.AckWait)
 	defer stopBeat()
-	name := s.exclusiveLease(ctx, op)
-	if name == "" {
-		s.runJob(ctx, msg, opID, log)
-		return
-	}
-	// The lease is taken before a running slot, and not waited for: a job
+	// The guard is taken before a running slot, and not waited for: a job
 	// whose VM is busy goes back to the queue and holds no slot meanwhile.
-	err = s.leases.Leased(ctx, name, false, func(lctx context.Context) error {
-		s.runJob(lctx, msg, opID, log)
-		return nil
+	err = s.guard.Exclusive(ctx, op, func(ctx context.Context) {
+		s.runJob(ctx, msg, op, log)
 	})
 	switch {
 	case errors.Is(err, state.ErrLeaseHeld):
-		log.Debug("another attach to the VM runs; waiting for its lease", "lease", name)
+		log.Debug("another attach to the VM runs; waiting for its lease", "err", err)
 		_ = msg.NakWithDelay(turnDelay(meta.NumDelivered))
 	case err != nil:
-		log.Warn("lease unavailable, job will be redelivered", "lease", name, "err", err)
+		log.Warn("lease unavailable, job will be redelivered", "err", err)
 		_ = msg.NakWithDelay(retryDelay)
 	}
 }
 
-// exclusiveLease names the lease an operation must hold while it runs, ""
-// for none: an attach to a VM whose disks carry no identity, whose device
-// is told by size and time, runs alone among the VM's attaches, on
-// whichever instance.
-func (s *Service) exclusiveLease(ctx context.Context, op commands.Operation) string {
-	if op.Type != commands.OpAttach || op.VMID == nil || s.cfg.Devices == nil {
+// holdBackoff bounds the wait of a hold whose operation has not ended; it
+// doubles with each delivery. The operation's runner removes its holds
+// when it ends, so this only bounds how long a hold outlives a runner
+// that stopped before.
+var holdBackoff = backoff.Policy{Min: 100 * time.Millisecond, Max: 2 * time.Second}
+
+// hold settles a delivered hold of an unfinished operation: it stays
+// (nak'd with a delay) while it holds its line for the operation's job,
+// and is acked once a later job of the operation was queued (the whole
+// batch queued again: that batch holds the lines now).
+func (s *Service) hold(ctx context.Context, msg jetstream.Msg, meta *jetstream.MsgMetadata, op commands.Operation, log *slog.Logger) {
+	run, err := s.jobs.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(jobSubject(op)))
+	switch {
+	case err == nil && run.Sequence > meta.Sequence.Stream:
+		log.Debug("hold of an earlier batch of the operation; dropping it", "subject", msg.Subject())
+		ackJob(msg, s.log)
+	case err != nil && !errors.Is(err, jetstream.ErrMsgNotFound):
+		_ = msg.NakWithDelay(retryDelay)
+	default:
+		// Its job is queued before it, or lost (the sweep queues the batch
+		// again): the line stays held.
+		_ = msg.NakWithDelay(holdBackoff.Delay(int(min(meta.NumDelivered, 64)) - 1))
+	}
+}
+
+// vmGuard is the engine.Guard of the queue and of a workflow's steps: an
+// attach to a VM whose disks carry no identity, whose device is told by
+// size and time, runs alone among the VM's attaches, on whichever
+// instance, under the store lease engine.LeaseVMPrefix + the VM's id.
+type vmGuard struct {
+	devices DeviceCorrelator
+	leases  *lease.Leaser
+}
+
+var _ engine.Guard = vmGuard{}
+
+// Exclusive runs fn under op's VM lease, or at once when op needs none;
+// it fails with state.ErrLeaseHeld (wrapped), running nothing, while
+// another holds the lease.
+func (g vmGuard) Exclusive(ctx context.Context, op commands.Operation, fn func(ctx context.Context)) error {
+	name := g.lease(ctx, op)
+	if name == "" {
+		fn(ctx)
+		return nil
+	}
+	return g.leases.Leased(ctx, name, false, func(ctx context.Context) error {
+		fn(ctx)
+		return nil
+	})
+}
+
+// lease names the lease op must hold while it runs, "" for none.
+func (g vmGuard) lease(ctx context.Context, op commands.Operation) string {
+	if op.Type != commands.OpAttach || op.VMID == nil || g.devices == nil {
 		return ""
 	}
-	if vm := *op.VMID; s.cfg.Devices.HasAgent(ctx, vm) && s.cfg.Devices.NoIdentity(vm) {
+	if vm := *op.VMID; g.devices.HasAgent(ctx, vm) && g.devices.NoIdentity(vm) {
 		return engine.LeaseVMPrefix + vm
 	}
 	return ""
 }
 
 // runJob runs a job's operation in a running slot, under ctx (the
-// service's, or a lease's), and settles the job message by the result.
-func (s *Service) runJob(ctx context.Context, msg jetstream.Msg, opID string, log *slog.Logger) {
+// service's, or a lease's), and settles the job message by the result: an
+// operation that ended has its holds removed, then its job acked.
+func (s *Service) runJob(ctx context.Context, msg jetstream.Msg, op commands.Operation, log *slog.Logger) {
 	select {
 	case s.sem <- struct{}{}:
 	case <-ctx.Done():
@@ -306,8 +511,9 @@ func (s *Service) runJob(ctx context.Context, msg jetstream.Msg, opID string, lo
 		return
 	}
 	defer func() { <-s.sem }()
-	switch s.engine.Run(ctx, opID, log) {
+	switch s.engine.Run(ctx, op.ID, log) {
 	case engine.Done:
+		s.removeHolds(context.WithoutCancel(ctx), op, math.MaxUint64)
 		ackJob(msg, s.log)
 	case engine.Lost:
 		// Another instance holds the operation now: its delivery acks.
@@ -326,27 +532,47 @@ func turnDelay(delivered uint64) time.Duration {
 	return turnBackoff.Delay(int(min(delivered, 64)) - 1)
 }
 
-// turn reports whether op must wait, and why: an older job is left on its
-// line's subject (JetStream's order is the order of acceptance), or an
-// unfinished create made its volume (a create waits in its own line until
-// it knows the volume's id, and is older than anything on that volume).
-func (s *Service) turn(ctx context.Context, subject string, seq uint64, op commands.Operation) (bool, string) {
-	head, err := s.jobs.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(bus.JobsSubjectPrefix+lineOfSubject(subject)+".>"))
-	if err != nil && !errors.Is(err, jetstream.ErrMsgNotFound) {
-		return true, "queue unavailable: " + err.Error()
+// turn reports whether op, whose job is stream sequence seq, must wait,
+// and why: on one of its lines (it has several when it names several
+// volumes) a message older than its job is left (JetStream's order is the
+// order of acceptance), or an unfinished create made one of its volumes (a
+// create waits in its own line until it knows the volume's id, and is
+// older than anything on that volume). Its own messages older than its
+// job, holds of an earlier batch of it, are passed over.
+//
+// No deadlock: an operation waits only for older ones, and the messages
+// of an operation on several lines are one atomic batch, of consecutive
+// sequences, so any two operations are in the same order on every line
+// they share.
+func (s *Service) turn(ctx context.Context, seq uint64, op commands.Operation) (bool, string) {
+	for i, line := range linesOf(op) {
+		own := lineSubject(line, op.ID)
+		for from := uint64(1); ; {
+			head, err := s.jobs.GetMsg(ctx, from, jetstream.WithGetMsgSubject(bus.JobsSubjectPrefix+line+".>"))
+			switch {
+			case errors.Is(err, jetstream.ErrMsgNotFound):
+			case err != nil:
+				return true, "queue unavailable: " + err.Error()
+			case head.Sequence < seq && i > 0 && head.Subject == own:
+				from = head.Sequence + 1
+				continue
+			case head.Sequence < seq:
+				return true, fmt.Sprintf("job %d is first on the line %s", head.Sequence, line)
+			}
+			break
+		}
 	}
-	if err == nil && head.Sequence < seq {
-		return true, fmt.Sprintf("job %d is first on the line", head.Sequence)
-	}
-	if lineOf(op) == op.ID {
-		return false, "" // a create: nothing on its volume is older
-	}
-	creates, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: op.VolumeID, Type: commands.OpCreate, Limit: 1})
-	if err != nil {
-		return true, "store unavailable: " + err.Error()
-	}
-	if len(creates) == 1 && !creates[0].Status.Terminal() {
-		return true, "the create of the volume, " + creates[0].ID + ", has not ended"
+	for _, v := range linesOf(op) {
+		if v == op.ID {
+			continue // a create: nothing on its volume is older
+		}
+		creates, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: v, Type: commands.OpCreate, Limit: 1})
+		if err != nil {
+			return true, "store unavailable: " + err.Error()
+		}
+		if len(creates) == 1 && !creates[0].Status.Terminal() {
+			return true, "the create of the volume, " + creates[0].ID + ", has not ended"
+		}
 	}
 	return false, ""
 }

@@ -46,7 +46,7 @@ func TestTurnDelay(t *testing.T) {
 
 // newTestService is a Service on a real embedded bus and KV store, for
 // the parts that need no CloudStack.
-func newTestService(t *testing.T) *Service {
+func newTestService(t testing.TB) *Service {
 	t.Helper()
 	b := testenv.StartBus(t)
 	store, err := state.NewKV(context.Background(), b.JetStream(), state.KVConfig{})

@@ -6,11 +6,12 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/state"
 )
 
@@ -44,6 +45,7 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 	// in this same sync.
 	resolved, errs := s.rec.resolveJobs(ctx)
 	res.Changes, res.Errors = append(res.Changes, resolved...), errs
+	res.Errors = append(res.Errors, s.rec.scattered(ctx)...)
 	mappings, err := s.cfg.Store.ListMappings(ctx, "")
 	if err != nil {
 		return res, state.APIError(err)
@@ -107,6 +109,85 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 		s.log.Info("reconcile repaired drift", "changes", res.Changes)
 	}
 	return res, nil
+}
+
+// scattered reports each failover or rollback that ended failed and not
+// compensated (details compensated false), with what it left where, for
+// a person to act on: volumed does not move the volumes back by itself.
+// A failed rollback asked again since (pending, executing or completed)
+// is not reported.
+func (r *reconciler) scattered(ctx context.Context) []string {
+	var out []string
+	for _, typ := range []commands.OpType{commands.OpFailover, commands.OpRollback} {
+		f := state.Filter{Type: typ, Status: commands.StatusFailed}
+		for {
+			ops, next, err := r.cfg.Store.ListOperations(ctx, f)
+			if err != nil {
+				return append(out, fmt.Sprintf("failed %s operations: %v", typ, state.APIError(err)))
+			}
+			for _, op := range ops {
+				if op.Details[commands.DetailCompensated] != false {
+					continue
+				}
+				if typ == commands.OpRollback {
+					again, err := r.askedAgain(ctx, op)
+					if err != nil {
+						out = append(out, fmt.Sprintf("rollbacks of volume %s: %v", op.VolumeID, state.APIError(err)))
+						continue
+					}
+					if again {
+						continue
+					}
+				}
+				out = append(out, fmt.Sprintf("%s %s failed and was not compensated; a person must act: %s", typ, op.ID, leftOf(op)))
+			}
+			if next == "" {
+				break
+			}
+			f.Cursor = next
+		}
+	}
+	return out
+}
+
+// askedAgain reports whether the failed rollback rb was asked again since:
+// a later rollback of the same failover that did not fail.
+func (r *reconciler) askedAgain(ctx context.Context, rb commands.Operation) (bool, error) {
+	var req commands.RollbackRequest
+	if err := engine.DecodeRequest(&rb, &req); err != nil {
+		return false, nil
+	}
+	f := state.Filter{Type: commands.OpRollback, VolumeID: rb.VolumeID}
+	for {
+		ops, next, err := r.cfg.Store.ListOperations(ctx, f)
+		if err != nil {
+			return false, err
+		}
+		for _, op := range ops {
+			var other commands.RollbackRequest
+			if op.ID != rb.ID && op.CreatedAt.After(rb.CreatedAt) && op.Status != commands.StatusFailed && op.Status != commands.StatusCancelled &&
+				engine.DecodeRequest(&op, &other) == nil && other.FailoverID == req.FailoverID {
+				return true, nil
+			}
+		}
+		if next == "" {
+			return false, nil
+		}
+		f.Cursor = next
+	}
+}
+
+// leftOf is what a failed workflow left where, in words.
+func leftOf(op commands.Operation) string {
+	left, _ := op.Details[commands.DetailLeft].([]any)
+	var parts []string
+	for _, l := range left {
+		parts = append(parts, fmt.Sprint(l))
+	}
+	if len(parts) == 0 {
+		return "see its steps (" + op.Error + ")"
+	}
+	return strings.Join(parts, "; ")
 }
 
 // reconcileDevices has the device agent side repair the mappings of a VM

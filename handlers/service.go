@@ -20,14 +20,14 @@ import (
 	"github.com/nats-io/nats.go/micro"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/hostwork"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/internal/lifecycle"
 	"github.com/volumed/volumed/kinds"
+	"github.com/volumed/volumed/lease"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/lease"
 )
 
 // ConsumerName is the durable JetStream consumer the handlers pull jobs from.
@@ -134,8 +134,10 @@ type Service struct {
 	log     *slog.Logger
 	started time.Time
 	// leases runs the sweep, the reconcile and a VM's exclusive attaches
-	// under the store's leases.
+	// under the store's leases; guard is what an operation holds while it
+	// runs (a VM's lease), for the queue and a workflow's steps.
 	leases *lease.Leaser
+	guard  vmGuard
 
 	jobs    jetstream.Stream
 	consume jetstream.ConsumeContext
@@ -218,6 +220,7 @@ func New(cfg Config) *Service {
 		sem: make(chan struct{}, cfg.MaxConcurrent),
 	}
 	s.leases = &lease.Leaser{Store: cfg.Store, Holder: lease.Holder(), Log: s.log}
+	s.guard = vmGuard{devices: cfg.Devices, leases: s.leases}
 	s.acceptSlots = make(chan struct{}, cfg.AcceptConcurrency)
 	s.inventory = newInventory(cfg.CloudStack, s.log)
 	s.host = hostwork.New(hostwork.Config{Conn: cfg.Conn, Store: cfg.Store, VMID: cfg.VMID, Exporter: cfg.Exporter,
@@ -230,7 +233,7 @@ func New(cfg Config) *Service {
 	}
 	s.release = &engine.Releaser{Mappings: s.mappings, Exports: s.host, Devices: devices,
 		InUse: inUse{devices: cfg.Devices, host: s.host}, Wait: cfg.StepTimeout, Log: s.log}
-	s.engine = engine.New(engine.Config{Operations: cfg.Store, Publisher: s, Logger: s.log,
+	s.engine = engine.New(engine.Config{Operations: cfg.Store, Publisher: s, Guard: s.guard, Logger: s.log,
 		Timing: engine.Timing{StepTimeout: cfg.StepTimeout, SettleTimeout: cfg.SettleTimeout,
 			Retry: backoff.Policy{Min: cfg.RetryMin, Max: cfg.RetryMax}}},
 		kinds.All(kinds.Deps{CloudStack: cfg.CloudStack, Operations: cfg.Store, Mappings: s.mappings, Release: s.release,
@@ -278,15 +281,17 @@ func (s *Service) Start(ctx context.Context) error {
 		defer s.wg.Done()
 		s.inventory.run(s.ctx, s.cfg.InventoryInterval, &s.wg)
 	}()
-	if err := s.startCommands(); err != nil {
-		s.stop()
-		return err
-	}
 	if err := s.host.Start(ctx); err != nil {
 		s.stop()
 		return err
 	}
+	// The consumer first: a command retried with its key asks the work
+	// queue (s.jobs) whether its job is there.
 	if err := s.startConsumer(ctx); err != nil {
+		s.stop()
+		return err
+	}
+	if err := s.startCommands(); err != nil {
 		s.stop()
 		return err
 	}

@@ -19,22 +19,29 @@ import (
 // what was recorded; a force-sync stops when the client goes away.
 func (s *Server) command(subject string, withVolume bool) http.HandlerFunc {
 	if withVolume {
-		return s.commandOn(subject, "volume_id", commands.NormalizeVolumeID)
+		return s.commandOn(subject, pathMerge{param: "volume_id", field: "volume_id", normalize: commands.NormalizeVolumeID})
 	}
-	return s.commandOn(subject, "", nil)
+	return s.commandOn(subject, pathMerge{})
 }
 
-// commandOn is command with the path's id parameter name (validated by
-// normalize) merged into the body; "" merges nothing.
-func (s *Server) commandOn(subject, name string, normalize func(string) (string, error)) http.HandlerFunc {
+// pathMerge is a path parameter merged into a command's body: param, the
+// path's parameter, validated by normalize, goes into the body's field.
+// The zero pathMerge merges nothing.
+type pathMerge struct {
+	param, field string
+	normalize    func(string) (string, error)
+}
+
+// commandOn is command with the path's id merged into the body.
+func (s *Server) commandOn(subject string, id pathMerge) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		body, err := readBody(w, r)
 		if err != nil {
 			writeError(w, err)
 			return
 		}
-		if name != "" {
-			if body, err = withPathID(r, body, name, normalize); err != nil {
+		if id.param != "" {
+			if body, err = withPathID(r, body, id); err != nil {
 				writeError(w, err)
 				return
 			}
@@ -61,21 +68,11 @@ func readBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
 	return body, nil
 }
 
-// withPathVolume merges the path's volume_id into a JSON object body
-// (empty counts as {}). A body volume_id naming another volume is refused.
-func withPathVolume(r *http.Request, body []byte) ([]byte, error) {
-	return withPathID(r, body, "volume_id", commands.NormalizeVolumeID)
-}
-
-// withPathID merges the path's id parameter name, validated by
-// normalize, into a JSON object body (empty counts as {}) under the same
-// name. A body field naming another id is refused.
-func withPathID(r *http.Request, body []byte, name string, normalize func(string) (string, error)) ([]byte, error) {
-	raw, err := pathParam(r, name)
-	if err != nil {
-		return nil, err
-	}
-	id, err := normalize(raw)
+// withPathID merges the path's id parameter, validated, into a JSON
+// object body (empty counts as {}) under its field. A body field naming
+// another id is refused.
+func withPathID(r *http.Request, body []byte, p pathMerge) ([]byte, error) {
+	id, err := pathID(r, p.param, p.normalize)
 	if err != nil {
 		return nil, err
 	}
@@ -85,17 +82,17 @@ func withPathID(r *http.Request, body []byte, name string, normalize func(string
 			return nil, err
 		}
 	}
-	if given, ok := fields[name]; ok {
+	if given, ok := fields[p.field]; ok {
 		var s string
 		if json.Unmarshal(given, &s) != nil {
-			return nil, commands.Invalid(name, "%s must be a string", name)
+			return nil, commands.Invalid(p.field, "%s must be a string", p.field)
 		}
-		if bodyID, err := normalize(s); err != nil || bodyID != id {
-			return nil, commands.Invalid(name, "%s in the body (%q) differs from the path (%q)", name, s, raw).
+		if bodyID, err := p.normalize(s); err != nil || bodyID != id {
+			return nil, commands.Invalid(p.field, "%s in the body (%q) differs from the path (%q)", p.field, s, id).
 				WithDetail("provided_value", s)
 		}
 	}
-	fields[name], _ = json.Marshal(id)
+	fields[p.field], _ = json.Marshal(id)
 	return json.Marshal(fields)
 }
 

@@ -7,7 +7,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/redisstore"
+	"github.com/volumed/volumed/stores/redisstore"
 )
 
 // commandCases are one request per command endpoint.
@@ -18,6 +18,8 @@ var commandCases = []struct{ method, path, body string }{
 	{"POST", "/volumes/" + vol1 + "/detach", ""},
 	{"DELETE", "/volumes/" + vol1, ""},
 	{"POST", "/admin/force-sync", ""},
+	{"POST", "/failovers", "failover.json"},
+	{"POST", "/failovers/" + opFailover + "/rollback", ""},
 }
 
 // storeDownCases are the reads answered from the store.

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -204,11 +205,34 @@ type testCommands struct {
 	mu    sync.Mutex
 	// requesters are the requested_by of the commands, in order.
 	requesters []string
-	fixed      *commands.Answer
-	keys       chan string
+	// sent are the commands' subjects and bodies, in order.
+	sent  []sentCommand
+	fixed *commands.Answer
+	keys  chan string
 }
 
 var _ httpbridge.Commands = (*testCommands)(nil)
+
+// sentCommand is a command as the bridge sent it.
+type sentCommand struct {
+	subject string
+	body    string
+}
+
+// sentAll are the commands sent so far.
+func (c *testCommands) sentAll() []sentCommand {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.sent)
+}
+
+// last is the last command sent.
+func (c *testCommands) last() sentCommand {
+	if s := c.sentAll(); len(s) > 0 {
+		return s[len(s)-1]
+	}
+	return sentCommand{}
+}
 
 // answerAll makes c answer a to every command, sending the keys on keys.
 func (c *testCommands) answerAll(a commands.Answer, keys chan string) {
@@ -221,6 +245,7 @@ func (c *testCommands) Command(ctx context.Context, subject string, data []byte,
 	c.mu.Lock()
 	fixed, keys := c.fixed, c.keys
 	c.requesters = append(c.requesters, commands.Requester(ctx))
+	c.sent = append(c.sent, sentCommand{subject: subject, body: string(data)})
 	c.mu.Unlock()
 	if fixed != nil {
 		keys <- key
@@ -305,6 +330,30 @@ func testCommandHandlers(store state.Store) map[string]func(ctx context.Context,
 				return nil, commands.NotFound("snapshot %s not found in CloudStack", req.SnapshotID)
 			}
 			return accept(ctx, commands.OpDeleteSnapshot, vol1, nil, req)
+		},
+		commands.SubjectFailover: func(ctx context.Context, data []byte) (any, error) {
+			req, err := commands.DecodeFailover(data)
+			if err != nil {
+				return nil, err
+			}
+			for _, v := range req.Volumes() {
+				if !known[v] {
+					return nil, commands.NotFound("volume %s not found in CloudStack", v).WithDetail("volume_id", v)
+				}
+			}
+			vm := req.VMID
+			return accept(ctx, commands.OpFailover, req.RootVolumeID, &vm, req)
+		},
+		commands.SubjectRollback: func(ctx context.Context, data []byte) (any, error) {
+			req, err := commands.DecodeRollback(data)
+			if err != nil {
+				return nil, err
+			}
+			f, err := store.GetOperation(ctx, req.FailoverID)
+			if err != nil || f.Type != commands.OpFailover {
+				return nil, commands.NotFound("failover %s not found", req.FailoverID)
+			}
+			return accept(ctx, commands.OpRollback, f.VolumeID, f.VMID, req)
 		},
 		commands.SubjectForceSync: func(context.Context, []byte) (any, error) {
 			return commands.SyncResult{Message: "Force sync completed successfully", Timestamp: time.Now().UTC(),

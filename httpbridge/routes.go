@@ -49,13 +49,17 @@ func (s *Server) routes() http.Handler {
 		r.Post("/volumes/{volume_id}/resize", s.command(commands.SubjectResize, true))
 		r.Put("/volumes/{volume_id}/tags", s.command(commands.SubjectTags, true))
 		r.Get("/snapshots/{snapshot_id}", s.getSnapshot)
-		r.Delete("/snapshots/{snapshot_id}", s.commandOn(commands.SubjectDeleteSnapshot, "snapshot_id", commands.NormalizeSnapshotID))
+		r.Delete("/snapshots/{snapshot_id}", s.commandOn(commands.SubjectDeleteSnapshot,
+			pathMerge{param: "snapshot_id", field: "snapshot_id", normalize: commands.NormalizeSnapshotID}))
 		r.Get("/devices/{device_path}/volume", s.getDeviceVolume)
 		r.Get("/vms/{vm_id}/volumes", s.getVMVolumes)
 		r.Get("/exports", s.listExports)
 		r.Post("/exports", s.command(commands.SubjectExport, false))
 		r.Get("/exports/{volume_id}", s.getExport)
 		r.Delete("/exports/{volume_id}", s.command(commands.SubjectUnexport, true))
+		r.Post("/failovers", s.command(commands.SubjectFailover, false))
+		r.Post("/failovers/{operation_id}/rollback", s.commandOn(commands.SubjectRollback,
+			pathMerge{param: "operation_id", field: "failover_id", normalize: commands.NormalizeOperationID}))
 		r.Get("/operations", s.listOperations)
 		r.Get("/operations/{operation_id}", s.getOperation)
 		r.Post("/admin/force-sync", s.command(commands.SubjectForceSync, false))

@@ -9,8 +9,8 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/state"
 )
 

@@ -12,7 +12,7 @@ import (
 	"github.com/volumed/volumed/hostwork"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/kinds"
-	"github.com/volumed/volumed/state/memstore"
+	"github.com/volumed/volumed/stores/memstore"
 )
 
 // servedSet is an Exporter that serves every record it is given.

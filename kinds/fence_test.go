@@ -12,12 +12,12 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/memstore"
+	"github.com/volumed/volumed/stores/memstore"
 )
 
 // gatedCloud is a CloudStack whose job waits block until the test opens

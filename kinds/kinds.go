@@ -1,6 +1,7 @@
 // Package kinds holds volumed's operation kinds, one file each: create,
 // attach (attach-root too), detach, delete, export and unexport,
-// snapshot, delete_snapshot, revert, resize and tags. Each
+// snapshot, delete_snapshot, revert, resize and tags, the VM power steps
+// start_vm and stop_vm, and the workflows failover and rollback. Each
 // implements engine.Kind: it runs its operation as CloudStack steps that
 // first ask whether the step is already done, journals each step through
 // the engine's Journal, and writes mappings and exports only through the
@@ -12,10 +13,11 @@ import (
 	"errors"
 	"log/slog"
 	"strconv"
+	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/state"
 )
 
@@ -89,6 +91,9 @@ type Deps struct {
 	Exports Exports
 	// Catalog answers the pre-checks from CloudStack's cached lists.
 	Catalog Catalog
+	// StopGrace is how long stop_vm waits for a graceful stop before it
+	// forces one; 0 means DefaultStopGrace.
+	StopGrace time.Duration
 	// Log receives the kinds' logs.
 	Log *slog.Logger
 }
@@ -96,7 +101,8 @@ type Deps struct {
 // All returns every kind, for engine.New.
 func All(d Deps) []engine.Kind {
 	return []engine.Kind{create{d}, attach{d}, detach{d}, remove{d}, export{d}, unexport{d},
-		snapshot{d}, deleteSnapshot{d}, revert{d}, resize{d}, tags{d}}
+		snapshot{d}, deleteSnapshot{d}, revert{d}, resize{d}, tags{d},
+		startVM{d}, stopVM{d}, failover{d}, rollback{d}}
 }
 
 // mark journals a step on the operation.

@@ -11,12 +11,12 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
+	"github.com/volumed/volumed/csfake"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
-	"github.com/volumed/volumed/handlers/csapi/csfake"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/kinds"
-	"github.com/volumed/volumed/state/memstore"
+	"github.com/volumed/volumed/stores/memstore"
 )
 
 // world is the kinds run by an engine against the in-memory CloudStack

@@ -7,8 +7,8 @@ import (
 	"maps"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
 )
 
 // The lifecycle kinds resolve what their job did after they timed out;

@@ -7,8 +7,8 @@ import (
 	"testing"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
 )
 
 // fakeLook answers a Resolver's questions from the CloudStack fake; no

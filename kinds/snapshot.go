@@ -5,8 +5,8 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/csapi"
 )
 
 // snapshot takes a snapshot of a volume. Its name is the request's, or

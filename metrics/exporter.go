@@ -14,6 +14,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -72,6 +74,8 @@ type Exporter struct {
 
 	ops      *prometheus.CounterVec
 	duration *prometheus.HistogramVec
+	steps    *prometheus.CounterVec
+	failures *prometheus.CounterVec
 
 	mu   sync.Mutex
 	sub  *nats.Subscription
@@ -96,13 +100,26 @@ func New(cfg Config) (*Exporter, error) {
 			Help:    "Time from acceptance to the terminal status, by operation type.",
 			Buckets: hooks.WaitBuckets,
 		}, []string{"type"}),
+		steps: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: Namespace, Name: "workflow_steps_total",
+			Help: "Steps of the failovers and rollbacks that ended, by workflow type, step (snapshot, detach, attach, export, start_vm, stop_vm, revert, delete_snapshot), phase (forward, or undo for a compensating step) and final status (done, failed, undone, pending).",
+		}, []string{"type", "step", "phase", "status"}),
+		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: Namespace, Name: "workflow_failures_total",
+			Help: "Failovers and rollbacks that failed, by type and whether what they did was undone (compensated true); compensated false left volumes or snapshots that need a person.",
+		}, []string{"type", "compensated"}),
 	}
 	for _, t := range commands.OpTypes {
 		for _, s := range []commands.OpStatus{commands.StatusPending, commands.StatusCompleted, commands.StatusFailed, commands.StatusCancelled} {
 			e.ops.WithLabelValues(string(t), string(s))
 		}
 	}
-	cs := append([]prometheus.Collector{e.ops, e.duration, scrape{e},
+	for _, t := range workflowTypes {
+		for _, c := range []string{"true", "false"} {
+			e.failures.WithLabelValues(string(t), c)
+		}
+	}
+	cs := append([]prometheus.Collector{e.ops, e.duration, e.steps, e.failures, scrape{e},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})}, hooks.Collectors()...)
 	for _, c := range cs {
 		if err := e.reg.Register(c); err != nil {
@@ -176,6 +193,35 @@ func (e *Exporter) event(msg *nats.Msg) {
 		if d := op.Duration(); d > 0 {
 			e.duration.WithLabelValues(string(op.Type)).Observe(d.Seconds())
 		}
+		if slices.Contains(workflowTypes, op.Type) {
+			e.workflowEnded(op)
+		}
+	}
+}
+
+// workflowTypes are the operation types that run steps as child
+// operations (each child also counts under its own type).
+var workflowTypes = []commands.OpType{commands.OpFailover, commands.OpRollback}
+
+// workflowEnded counts the steps of a failover or rollback that ended, as
+// its final record has them, and its failure.
+func (e *Exporter) workflowEnded(op commands.Operation) {
+	var steps []commands.WorkflowStep
+	switch {
+	case op.Workflow != nil:
+		steps = op.Workflow.Steps
+	case op.Response != nil:
+		steps = op.Response.Steps
+	}
+	for _, s := range steps {
+		phase := "forward"
+		if s.Undoes != nil {
+			phase = "undo"
+		}
+		e.steps.WithLabelValues(string(op.Type), s.Name, phase, s.Status).Inc()
+	}
+	if c, ok := op.Details[commands.DetailCompensated].(bool); ok && op.Status == commands.StatusFailed {
+		e.failures.WithLabelValues(string(op.Type), strconv.FormatBool(c)).Inc()
 	}
 }
 

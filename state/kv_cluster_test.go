@@ -10,7 +10,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/storetest"
+	"github.com/volumed/volumed/stores/storetest"
 )
 
 // TestKVSetupWhileClusterForms: a store started on the first server of a

@@ -17,7 +17,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/storetest"
+	"github.com/volumed/volumed/stores/storetest"
 )
 
 // buckets gives every store of a test process its own bucket.

@@ -12,7 +12,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/storetest"
+	"github.com/volumed/volumed/stores/storetest"
 )
 
 // TestKVIndexesOldRecords: the embedded store keeps its indexes in

@@ -41,6 +41,9 @@ Usage:
   volctl volume resize ID --size 10GiB [--shrink-ok] [--wait]
   volctl volume tags ID [--tag k=v]... [--wait]
   volctl snapshot get ID | delete ID [--wait]
+  volctl failover test --vm VM --root VOL [--data VOL]... [--no-start] [--force] [--wait]
+  volctl failover live --vm VM --root VOL [--data VOL]... [--no-start] [--force] [--wait]
+  volctl failover rollback OP [--wait]
   volctl op get ID
   volctl op wait ID
   volctl op watch ID
@@ -66,7 +69,7 @@ Flags of every command:
 
 Flags of the commands that start an operation (create, attach, attach-root,
 detach, delete, snapshot, revert, resize, tags, snapshot delete, export
-create, export delete):
+create, export delete, failover test, failover live, failover rollback):
   --wait              wait for the operation to end, showing its steps
   --idempotency-key K send K as the Idempotency-Key: the command sent again
                       with the same K answers the same operation (another
@@ -77,8 +80,17 @@ volume in use on its VM: mounted, held by dm or md, open by a process, or
 its NBD export with clients. --force goes ahead: it cuts the export's
 clients, and data not yet written is lost.
 
+failover test moves the volumes onto the stopped VM --vm (--root as its
+root disk, each --data after it in order), taking a snapshot of each first,
+and starts the VM (not with --no-start); failover rollback OP puts them
+back. failover live takes no snapshots and cannot be rolled back. Without
+--force a volume in use on its host makes the failover fail before any step.
+
 --wait shows the operation's steps on stderr, prints the final operation
-and exits 1 unless it completed (with -o json: the operation's JSON).
+and exits 1 unless it completed (with -o json: the operation's JSON). For a
+failover or rollback it shows each step as it runs ([done/total] step,
+volume, VM), then the snapshots and where each volume was, or, when it
+failed, whether what it did was undone (compensated) and what is left where.
 volume list lists CloudStack's volumes that match --tag, --name and --vm
 (GET /volumes; with --vm alone, GET /vms/{id}/volumes). volume tags sets
 the volume's tags to exactly the --tag pairs given (none: removes them
@@ -104,6 +116,9 @@ type opts struct {
 	readWrite, shrinkOK, force           bool
 	snapshot                             string
 	metadata, tags                       metadataFlag
+	root                                 string
+	data                                 listFlag
+	noStart                              bool
 }
 
 // invocation is one parsed command line.
@@ -130,7 +145,7 @@ type command struct {
 }
 
 // groups are the commands that take a subcommand.
-var groups = map[string]bool{"volume": true, "op": true, "export": true, "snapshot": true}
+var groups = map[string]bool{"volume": true, "op": true, "export": true, "snapshot": true, "failover": true}
 
 func vmFlag(fs *flag.FlagSet, o *opts) { fs.StringVar(&o.vm, "vm", "", "VM id") }
 
@@ -269,6 +284,17 @@ var commandList = []command{
 	{group: "snapshot", name: "delete", args: []string{"ID"}, op: true, run: func(ctx context.Context, in *invocation) error {
 		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
 			return in.c.DeleteSnapshot(ctx, in.args[0], o...)
+		})
+	}},
+	{group: "failover", name: "test", op: true, flags: failoverFlags, run: func(ctx context.Context, in *invocation) error {
+		return in.failover(ctx, "failover test", true)
+	}},
+	{group: "failover", name: "live", op: true, flags: failoverFlags, run: func(ctx context.Context, in *invocation) error {
+		return in.failover(ctx, "failover live", false)
+	}},
+	{group: "failover", name: "rollback", args: []string{"OP"}, op: true, run: func(ctx context.Context, in *invocation) error {
+		return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+			return in.c.Rollback(ctx, in.args[0], o...)
 		})
 	}},
 	{group: "op", name: "get", args: []string{"ID"}, run: func(ctx context.Context, in *invocation) error {
@@ -500,6 +526,34 @@ func (o *opts) createRequest() (commands.CreateRequest, error) {
 	return req, nil
 }
 
+// failoverFlags are the flags of failover test and failover live.
+func failoverFlags(fs *flag.FlagSet, o *opts) {
+	fs.StringVar(&o.vm, "vm", "", "the stopped VM to fail over to (required)")
+	fs.StringVar(&o.root, "root", "", "the volume that becomes the VM's root disk, device 0 (required)")
+	fs.Var(&o.data, "data", "a data volume attached after the root, repeatable, in order")
+	fs.BoolVar(&o.noStart, "no-start", false, "leave the VM stopped")
+	fs.BoolVar(&o.force, "force", false, "move volumes in use on their host (cuts NBD clients; data not yet written is lost)")
+}
+
+// failover is failover test (test true) and failover live.
+func (in *invocation) failover(ctx context.Context, label string, test bool) error {
+	var missing []string
+	if in.o.vm == "" {
+		missing = append(missing, "--vm")
+	}
+	if in.o.root == "" {
+		missing = append(missing, "--root")
+	}
+	if len(missing) > 0 {
+		return usagef("%s: %s required", label, strings.Join(missing, ", "))
+	}
+	req := commands.FailoverRequest{VMID: in.o.vm, RootVolumeID: in.o.root, DataVolumeIDs: append([]string{}, in.o.data...),
+		Test: test, StartVM: !in.o.noStart, Force: in.o.force}
+	return in.operation(ctx, func(ctx context.Context, o ...client.CallOption) (commands.Operation, error) {
+		return in.c.Failover(ctx, req, o...)
+	})
+}
+
 // listOperations is op list; the next page's cursor goes to stderr.
 func listOperations(ctx context.Context, in *invocation) error {
 	q := client.ListOptions{Type: commands.OpType(in.o.typ), Status: commands.OpStatus(in.o.status),
@@ -544,6 +598,16 @@ func (m *metadataFlag) Set(v string) error {
 		*m = metadataFlag{}
 	}
 	(*m)[k] = val
+	return nil
+}
+
+// listFlag collects a repeated flag's values in order.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+
+func (l *listFlag) Set(v string) error {
+	*l = append(*l, v)
 	return nil
 }
 

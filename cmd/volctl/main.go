@@ -6,6 +6,7 @@
 //	volctl op get|wait|watch ID | list [--type T] [--status S] [--volume V] [--vm VM] [--limit N]
 //	volctl device ID | device --path /dev/vdb [--vm VM]
 //	volctl export list | get ID | create ID [--read-write] | delete ID
+//	volctl failover test|live --vm VM --root VOL [--data VOL]… [--no-start] [--force] | rollback OP
 //	volctl sync | health | --version
 //
 // Every command takes --server URL (VOLCTL_SERVER, default

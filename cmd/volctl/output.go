@@ -8,6 +8,7 @@ import (
 	"maps"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -97,6 +98,9 @@ func (in *invocation) waitAndPrint(ctx context.Context, opID string) error {
 		if len(op.Details) > 0 {
 			fmt.Fprintf(in.err, "details: %s\n", compactJSON(op.Details))
 		}
+		if advice := workflowAdvice(op); advice != "" {
+			fmt.Fprintln(in.err, "volctl:", advice)
+		}
 		return &failedError{msg}
 	}
 	return nil
@@ -158,7 +162,9 @@ func (in *invocation) watch(ctx context.Context, opID string) error {
 // progressLine describes where an operation is.
 func progressLine(op commands.Operation) string {
 	parts := []string{op.ID, string(op.Type), string(op.Status)}
-	if op.Step != "" {
+	if w := workflowProgress(op); w != "" {
+		parts = append(parts, w)
+	} else if op.Step != "" {
 		parts = append(parts, op.Step)
 	}
 	if op.Error != "" {
@@ -256,6 +262,7 @@ func operationFields(op commands.Operation) table {
 			t = append(t, []string{"export_name", op.Response.ExportName})
 		}
 	}
+	t = append(t, workflowRows(op)...)
 	if op.Error != "" {
 		t = append(t, []string{"error", op.Error})
 	}
@@ -263,6 +270,170 @@ func operationFields(op commands.Operation) table {
 		t = append(t, []string{"details", compactJSON(op.Details)})
 	}
 	return t
+}
+
+// isWorkflow reports whether op is a failover or a rollback.
+func isWorkflow(op commands.Operation) bool {
+	return op.Type == commands.OpFailover || op.Type == commands.OpRollback
+}
+
+// workflowProgress describes the step a failover or rollback runs:
+// "[done/total] name volume vm VM (status)", from its details and
+// workflow; "" for another operation or before its first step.
+func workflowProgress(op commands.Operation) string {
+	if !isWorkflow(op) {
+		return ""
+	}
+	var parts []string
+	done, okDone := intDetail(op.Details, commands.DetailStepsDone)
+	total, okTotal := intDetail(op.Details, commands.DetailStepsTotal)
+	if okDone && okTotal {
+		parts = append(parts, fmt.Sprintf("[%d/%d]", done, total))
+	}
+	step := op.Step
+	if s, ok := op.Details[commands.DetailStep].(string); ok && s != "" {
+		step = s
+	}
+	if i, ok := stepIndex(step); ok && op.Workflow != nil && i < len(op.Workflow.Steps) {
+		parts = append(parts, stepText(op.Workflow.Steps[i]))
+	} else if step != "" {
+		parts = append(parts, step)
+	}
+	return strings.Join(parts, " ")
+}
+
+// stepIndex reads the index of a workflow's step, "<index>:<name>:<volume>".
+func stepIndex(step string) (int, bool) {
+	idx, _, ok := strings.Cut(step, ":")
+	if !ok {
+		return 0, false
+	}
+	i, err := strconv.Atoi(idx)
+	return i, err == nil && i >= 0
+}
+
+// stepText describes one workflow step: "undo: " for a compensating one,
+// its name, volume and VM, and its status.
+func stepText(s commands.WorkflowStep) string {
+	text := s.Name
+	if s.Undoes != nil {
+		text = fmt.Sprintf("undo #%d: %s", *s.Undoes, text)
+	}
+	if s.VolumeID != "" {
+		text += " " + s.VolumeID
+	}
+	if s.VMID != "" {
+		text += " vm " + s.VMID
+	}
+	return text + " (" + orDash(s.Status) + ")"
+}
+
+// intDetail reads an integer of an operation's details (a JSON number).
+func intDetail(d map[string]any, key string) (int, bool) {
+	switch v := d[key].(type) {
+	case float64:
+		return int(v), true
+	case int:
+		return v, true
+	}
+	return 0, false
+}
+
+// workflowRows are a failover's or rollback's steps, snapshots and
+// previous places, and, when it failed, whether it was compensated and
+// what is left where.
+func workflowRows(op commands.Operation) table {
+	if !isWorkflow(op) {
+		return nil
+	}
+	var t table
+	var steps []commands.WorkflowStep
+	snapshots, before := map[string]string{}, map[string]commands.Placement{}
+	if op.Workflow != nil {
+		steps, snapshots, before = op.Workflow.Steps, op.Workflow.Snapshots, op.Workflow.Before
+	}
+	if r := op.Response; r != nil {
+		if len(r.Steps) > 0 {
+			steps = r.Steps
+		}
+		if len(r.Snapshots) > 0 {
+			snapshots = r.Snapshots
+		}
+		if len(r.Before) > 0 {
+			before = r.Before
+		}
+	}
+	for i, s := range steps {
+		t = append(t, []string{fmt.Sprintf("step %d", i), stepText(s) + " " + orDash(s.OperationID)})
+	}
+	for _, vol := range slices.Sorted(maps.Keys(snapshots)) {
+		t = append(t, []string{"snapshot " + vol, snapshots[vol]})
+	}
+	for _, vol := range slices.Sorted(maps.Keys(before)) {
+		t = append(t, []string{"before " + vol, placementText(before[vol])})
+	}
+	if c, ok := op.Details[commands.DetailCompensated].(bool); ok {
+		t = append(t, []string{"compensated", strconv.FormatBool(c)})
+	}
+	if left, ok := op.Details[commands.DetailLeft].([]any); ok {
+		for _, l := range left {
+			if s, ok := l.(string); ok {
+				t = append(t, []string{"left", s})
+				continue
+			}
+			t = append(t, []string{"left", compactJSON(l)})
+		}
+	}
+	return t
+}
+
+// placementText says where a volume was before a failover.
+func placementText(p commands.Placement) string {
+	if p.VMID == "" && p.ExportName == "" {
+		return "detached"
+	}
+	var parts []string
+	if p.VMID != "" {
+		parts = append(parts, "vm "+p.VMID)
+	}
+	if p.DeviceID != nil {
+		parts = append(parts, fmt.Sprintf("device %d", *p.DeviceID))
+	}
+	if p.ExportName != "" {
+		mode := "read-write"
+		if p.ExportReadOnly {
+			mode = "read-only"
+		}
+		parts = append(parts, fmt.Sprintf("export %s (%s) on %s", p.ExportName, mode, orDash(p.ExportVMID)))
+	}
+	return strings.Join(parts, ", ")
+}
+
+// workflowAdvice says what a failed failover or rollback left to do.
+func workflowAdvice(op commands.Operation) string {
+	if !isWorkflow(op) || op.Status != commands.StatusFailed {
+		return ""
+	}
+	c, ok := op.Details[commands.DetailCompensated].(bool)
+	switch {
+	case !ok:
+		return ""
+	case c:
+		return "every step it did was undone: the volumes are where they were and its snapshots are deleted"
+	case op.Type == commands.OpRollback:
+		return "the rollback stopped part way (see left); ask for it again: volctl failover rollback " + rollbackTarget(op) + " --wait"
+	default:
+		return "the undo could not finish: the rows 'left' say what is where; put those back by hand (see docs/failover.md)"
+	}
+}
+
+// rollbackTarget is the failover a rollback names, from its request.
+func rollbackTarget(op commands.Operation) string {
+	var req commands.RollbackRequest
+	if json.Unmarshal(op.Request, &req) != nil || req.FailoverID == "" {
+		return "<failover>"
+	}
+	return req.FailoverID
 }
 
 func operationRows(ops []commands.OperationSummary) table {

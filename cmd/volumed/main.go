@@ -20,26 +20,27 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/bus"
+	"github.com/volumed/volumed/correlate"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/handlers"
-	"github.com/volumed/volumed/handlers/correlate"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/hostwork"
 	"github.com/volumed/volumed/httpbridge"
 	"github.com/volumed/volumed/internal/netaddr"
 	"github.com/volumed/volumed/internal/upgrade"
 	"github.com/volumed/volumed/internal/upgrade/identity"
 	"github.com/volumed/volumed/internal/version"
+	"github.com/volumed/volumed/lease"
 	"github.com/volumed/volumed/metrics"
 	"github.com/volumed/volumed/nbd"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/lease"
-	"github.com/volumed/volumed/state/redisstore"
+	"github.com/volumed/volumed/stores/redisstore"
 )
 
 var (
-	_ httpbridge.Backend  = (*handlers.Service)(nil)
-	_ httpbridge.Commands = (*handlers.Service)(nil)
+	_ httpbridge.Backend        = (*handlers.Service)(nil)
+	_ httpbridge.Commands       = (*handlers.Service)(nil)
+	_ handlers.DeviceCorrelator = (*correlate.Correlator)(nil)
 )
 
 // shutdownTimeout bounds the clean shutdown after SIGINT or SIGTERM, of

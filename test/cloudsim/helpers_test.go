@@ -16,7 +16,7 @@ import (
 
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
-	"github.com/volumed/volumed/test/cloudsim/simtest"
+	"github.com/volumed/volumed/test/simtest"
 )
 
 // startSim starts a simulator for the test (see simtest.Start).

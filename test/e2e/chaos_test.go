@@ -22,7 +22,7 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
-	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
 )

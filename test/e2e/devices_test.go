@@ -19,7 +19,7 @@ import (
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/devagent/loopdev"
 	"github.com/volumed/volumed/internal/testenv"
-	"github.com/volumed/volumed/state/redisstore"
+	"github.com/volumed/volumed/stores/redisstore"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 

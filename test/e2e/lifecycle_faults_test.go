@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/commands"
-	"github.com/volumed/volumed/handlers/csapi"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
 )

@@ -14,8 +14,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/correlate"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers/correlate"
 	"github.com/volumed/volumed/internal/testenv"
 )
 

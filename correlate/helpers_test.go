@@ -16,12 +16,12 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/correlate"
 	"github.com/volumed/volumed/devagent"
-	"github.com/volumed/volumed/handlers/correlate"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
-	"github.com/volumed/volumed/test/cloudsim/simtest"
+	"github.com/volumed/volumed/test/simtest"
 )
 
 const (

@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/volumed/volumed/lease"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/lease"
-	"github.com/volumed/volumed/state/memstore"
+	"github.com/volumed/volumed/stores/memstore"
 )
 
 // TestLeasedExcludes: two holders of one lease in one process never work

@@ -11,8 +11,8 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/devagent/loopdev"
-	"github.com/volumed/volumed/handlers/csapi"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 

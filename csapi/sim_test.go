@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/volumed/volumed/test/cloudsim"
-	"github.com/volumed/volumed/test/cloudsim/simtest"
+	"github.com/volumed/volumed/test/simtest"
 )
 
 // startSim runs the CloudStack simulator (without local loop devices) for

@@ -9,11 +9,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/volumed/volumed/handlers/csapi"
-	"github.com/volumed/volumed/handlers/csapi/csfake"
+	"github.com/volumed/volumed/csapi"
+	"github.com/volumed/volumed/csfake"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
-	"github.com/volumed/volumed/test/cloudsim/simtest"
+	"github.com/volumed/volumed/test/simtest"
 )
 
 // fault is a fault both clouds can inject into the next call of a command.

@@ -16,9 +16,9 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/correlate"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/devagent/loopdev"
-	"github.com/volumed/volumed/handlers/correlate"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
 )

@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/volumed/volumed/handlers/csapi"
-	"github.com/volumed/volumed/handlers/csapi/csfake"
+	"github.com/volumed/volumed/csapi"
+	"github.com/volumed/volumed/csfake"
 )
 
 func ctxFor(t *testing.T) context.Context {

@@ -15,7 +15,7 @@ import (
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/internal/upgrade"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/redisstore"
+	"github.com/volumed/volumed/stores/redisstore"
 )
 
 var quietLog = slog.New(slog.NewTextHandler(io.Discard, nil))

@@ -4,8 +4,8 @@ import (
 	"testing"
 
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/memstore"
-	"github.com/volumed/volumed/state/storetest"
+	"github.com/volumed/volumed/stores/memstore"
+	"github.com/volumed/volumed/stores/storetest"
 )
 
 func TestConformance(t *testing.T) {

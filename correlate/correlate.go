@@ -26,7 +26,6 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/handlers"
 	"github.com/volumed/volumed/internal/follow"
 	"github.com/volumed/volumed/internal/lifecycle"
 	"github.com/volumed/volumed/state"
@@ -132,8 +131,6 @@ type Correlator struct {
 	wg     sync.WaitGroup
 	closer lifecycle.Stopper
 }
-
-var _ handlers.DeviceCorrelator = (*Correlator)(nil)
 
 // vmTable is what the correlator knows of one VM's devices.
 type vmTable struct {

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/volumed/volumed/handlers/correlate"
+	"github.com/volumed/volumed/correlate"
 )
 
 // TestResized: a resize in CloudStack grows the volume's loop device (a

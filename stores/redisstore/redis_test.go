@@ -19,8 +19,8 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/redisstore"
-	"github.com/volumed/volumed/state/storetest"
+	"github.com/volumed/volumed/stores/redisstore"
+	"github.com/volumed/volumed/stores/storetest"
 )
 
 // prefixes gives every store of a test process its own key prefix.

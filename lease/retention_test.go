@@ -8,10 +8,10 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/lease"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/lease"
-	"github.com/volumed/volumed/state/redisstore"
-	"github.com/volumed/volumed/state/storetest"
+	"github.com/volumed/volumed/stores/redisstore"
+	"github.com/volumed/volumed/stores/storetest"
 )
 
 // TestRetention: a pass deletes what completed before the keep time, in

@@ -13,8 +13,8 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
-	"github.com/volumed/volumed/state/redisstore"
-	"github.com/volumed/volumed/state/storetest"
+	"github.com/volumed/volumed/stores/redisstore"
+	"github.com/volumed/volumed/stores/storetest"
 )
 
 // writeFormat1 records ops as the Redis store of 10bb206 did (format 1,
