@@ -92,6 +92,11 @@ func TestFailoverEndpoints(t *testing.T) {
 		if resp.StatusCode != http.StatusOK || op.Details[commands.DetailCompensated] != false || op.ParentID != "" {
 			t.Errorf("GET the failed rollback: %d %s", resp.StatusCode, body)
 		}
+		resp, body = h.do(t, "GET", "/operations/"+opUncompensated, "")
+		op = decodeAs[commands.Operation](t, body)
+		if resp.StatusCode != http.StatusOK || op.Workflow == nil || op.Workflow.Steps[3].Status != commands.StepSkipped {
+			t.Errorf("GET the failover whose undo failed: %d %s", resp.StatusCode, body)
+		}
 	})
 	t.Run("listed by type", func(t *testing.T) {
 		for typ, want := range map[commands.OpType]string{commands.OpFailover: opFailover, commands.OpRollback: opFailedRollback} {
@@ -119,9 +124,13 @@ func TestFailoverEndpoints(t *testing.T) {
 // seedWorkflow.
 const opFailedRollback = "op-1e1e1e1e-2f2f-4a3a-8b4b-5c5c5c5c5c5c"
 
+// opUncompensated is a live failover whose undo failed (an undo step
+// skipped), seeded by seedWorkflow.
+const opUncompensated = "op-2d2d2d2d-3e3e-4f4f-8a5a-6b6b6b6b6b6b"
+
 // seedWorkflow records opFailover, a completed test failover of vol1 and
-// vol2 onto vm1 with every workflow field set, and opFailedRollback, a
-// rollback of it that failed uncompensated; the harness validates them
+// vol2 onto vm1 with every workflow field set, opFailedRollback, a
+// rollback of it that failed uncompensated, and opUncompensated; the harness validates them
 // against the OpenAPI document when they are read.
 func seedWorkflow(t *testing.T, h *harness) {
 	t.Helper()
@@ -161,7 +170,20 @@ func seedWorkflow(t *testing.T, h *harness) {
 		Details: map[string]any{commands.DetailCompensated: false, commands.DetailStepsDone: 1, commands.DetailStepsTotal: 2,
 			commands.DetailSteps: steps[:1], commands.DetailLeft: []string{vol1 + " detached"}},
 		CreatedAt: done, UpdatedAt: done, CompletedAt: &done}
-	for _, op := range []commands.Operation{failover, rollback} {
+	first := 0
+	uncompensated := commands.Operation{ID: opUncompensated, Type: commands.OpFailover, Status: commands.StatusFailed,
+		VolumeID: vol1, VMID: &vm, VolumeIDs: []string{vol1},
+		Request: json.RawMessage(`{"vm_id":"` + vm1 + `","root_volume_id":"` + vol1 + `","test":false,"start_vm":true,"force":false}`),
+		Workflow: &commands.Workflow{Before: map[string]commands.Placement{vol1: before[vol1]}, Compensating: true,
+			Steps: []commands.WorkflowStep{
+				{Name: "detach", VolumeID: vol1, VMID: vmEmpty, Status: commands.StepDone},
+				{Name: "attach", VolumeID: vol1, VMID: vm1, Status: commands.StepFailed},
+				{Name: "attach", VolumeID: vol1, VMID: vmEmpty, Status: commands.StepFailed, Undoes: &first},
+				{Name: "export", VolumeID: vol1, VMID: vmEmpty, Status: commands.StepSkipped, Undoes: &first}}},
+		Error: "attach refused", Step: "1:attach:" + vol1,
+		Details:   map[string]any{commands.DetailCompensated: false, commands.DetailLeft: []string{vol1 + " detached"}},
+		CreatedAt: done, UpdatedAt: done, CompletedAt: &done}
+	for _, op := range []commands.Operation{failover, rollback, uncompensated} {
 		if _, err := h.store.CreateOperation(ctx, op); err != nil {
 			t.Fatalf("seed %s: %v", op.ID, err)
 		}

@@ -734,6 +734,9 @@ func TestVMPower(t *testing.T) {
 		msg    string
 		stops  []bool // the forced flag of each stop sent
 		starts int64
+		// slow: the job whose answer was lost ends only once the settle
+		// timeout has long passed (the VM Starting or Stopping meanwhile).
+		slow bool
 	}{
 		{name: "start", typ: commands.OpStartVM, vm: testVM, state: csfake.Stopped, want: kinds.VMRunning, msg: "VM started", starts: 1},
 		{name: "start, running already", typ: commands.OpStartVM, vm: appliance, state: csfake.Running, want: kinds.VMRunning, msg: "VM already running"},
@@ -747,6 +750,11 @@ func TestVMPower(t *testing.T) {
 			want: kinds.VMStopped, msg: "VM stopped", stops: []bool{false}},
 		{name: "stop ignored by the guest: forced after the grace period", typ: commands.OpStopVM, vm: appliance, state: csfake.Running,
 			faults: []csfake.Fault{{Job: csfake.JobPends}}, want: kinds.VMStopped, msg: "VM stopped (forced after 50ms)", stops: []bool{false, true}},
+		{name: "start, answer lost, Starting past the settle timeout", typ: commands.OpStartVM, vm: testVM, state: csfake.Stopped,
+			faults: []csfake.Fault{{LostAnswer: true, Job: csfake.JobPends}}, slow: true, want: kinds.VMRunning, msg: "VM started", starts: 1},
+		{name: "stop, answer lost, Stopping past the settle timeout", typ: commands.OpStopVM, vm: appliance, state: csfake.Running,
+			forced: true, faults: []csfake.Fault{{LostAnswer: true, Job: csfake.JobPends}}, slow: true, want: kinds.VMStopped,
+			msg: "VM stopped", stops: []bool{true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			w := newFoWorld(t)
@@ -771,6 +779,9 @@ func TestVMPower(t *testing.T) {
 			_, err := w.store.CreateOperation(w.ctx, commands.Operation{ID: "op-power", Type: tc.typ, Status: commands.StatusPending,
 				Request: raw, CreatedAt: now, UpdatedAt: now})
 			w.must(err)
+			if tc.slow {
+				go w.releaseLate("op-power")
+			}
 			op := w.finish("op-power")
 			if op.Status != commands.StatusCompleted || op.Response.Message != tc.msg || w.vmState(tc.vm) != tc.want {
 				t.Fatalf("%s: %s %s %+v, VM %s", tc.typ, op.Status, op.Error, op.Response, w.vmState(tc.vm))
@@ -779,6 +790,28 @@ func TestVMPower(t *testing.T) {
 				t.Fatalf("stops sent %v, starts %d; want %v and %d", w.sent.stops, w.sent.calls(csfake.CmdStartVM), tc.stops, tc.starts)
 			}
 		})
+	}
+}
+
+// releaseLate releases the pending CloudStack job of operation id once the
+// operation has settled its lost answer for ten settle timeouts (50 ms
+// each), or once it ended.
+func (w *foWorld) releaseLate(id string) {
+	var since time.Time
+	for {
+		op, err := w.store.GetOperation(w.ctx, id)
+		switch {
+		case err != nil || op.Status.Terminal():
+			return
+		case since.IsZero() && strings.Contains(op.Error, "answer lost"):
+			since = time.Now()
+		case !since.IsZero() && time.Since(since) > 500*time.Millisecond:
+			for _, job := range w.cloud.PendingJobs() {
+				_ = w.cloud.Release(job)
+			}
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -893,10 +926,7 @@ func TestRollbackFailsAndIsAskedAgain(t *testing.T) {
 	if again.Status != commands.StatusCompleted {
 		t.Fatalf("rollback asked again: %s %s %v", again.Status, again.Error, again.Details)
 	}
-	var names []string
-	for _, s := range again.Workflow.Steps {
-		names = append(names, s.Name+":"+s.VolumeID)
-	}
+	names := stepTargets(again)
 	wantSteps := []string{"stop_vm:", "revert:" + w.data, "attach:" + w.data, "export:" + w.root, "export:" + w.data,
 		"delete_snapshot:" + w.root, "delete_snapshot:" + w.data}
 	if !slices.Equal(names, wantSteps) {
@@ -1020,5 +1050,57 @@ func TestFailoverPlans(t *testing.T) {
 				t.Fatalf("data volume: %+v, want on the test VM", data)
 			}
 		})
+	}
+}
+
+// stepTargets lists a workflow's steps as "<name>:<volume>".
+func stepTargets(op commands.Operation) []string {
+	var names []string
+	for _, s := range op.Workflow.Steps {
+		names = append(names, s.Name+":"+s.VolumeID)
+	}
+	return names
+}
+
+// TestRollbackAskedAgainAfterItsReverts: a volume that was detached before
+// the failover is back where it was once a rollback detached and reverted
+// it. When that rollback fails after its reverts (a snapshot's deletion
+// refused), the rollback asked again does not revert the volume again (its
+// snapshot is deleted already): it completes.
+func TestRollbackAskedAgainAfterItsReverts(t *testing.T) {
+	w := newFoWorld(t)
+	// The root was detached (no mapping, no export) before the failover.
+	job, err := w.cloud.DetachVolume(w.ctx, w.root)
+	w.must(err)
+	_, err = w.cloud.WaitJob(w.ctx, job)
+	w.must(err)
+	m, err := w.store.GetMapping(w.ctx, w.root)
+	w.must(err)
+	w.must(w.store.DeleteMapping(w.ctx, w.root, m.Revision))
+	e, err := w.store.GetExport(w.ctx, w.root)
+	w.must(err)
+	w.must(w.store.DeleteExport(w.ctx, w.root, e.Revision))
+
+	fo := w.finish(w.record(commands.OpFailover, w.failoverReq(), testVM))
+	if fo.Status != commands.StatusCompleted || fo.Response.Before[w.root].VMID != "" {
+		t.Fatalf("failover: %s %s %+v", fo.Status, fo.Error, fo.Response)
+	}
+	// The root's snapshot is deleted, the data volume's refused.
+	w.cloud.Script(csfake.CmdDeleteSnapshot, csfake.Fault{}, csfake.Fault{Err: csfake.Final(csfake.CmdDeleteSnapshot, 431, "refused (test)")})
+	_, rb := w.run(w.ctx, w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if rb.Status != commands.StatusFailed || w.snapshots(w.root) != 0 || w.snapshots(w.data) != 1 {
+		t.Fatalf("rollback %s: %s %v", rb.Status, rb.Error, rb.Details)
+	}
+	before := w.counts()
+	again := w.finish(w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if again.Status != commands.StatusCompleted {
+		t.Fatalf("rollback asked again: %s %s %v", again.Status, again.Error, again.Details)
+	}
+	names := stepTargets(again)
+	if want := []string{"stop_vm:", "delete_snapshot:" + w.root, "delete_snapshot:" + w.data}; !slices.Equal(names, want) {
+		t.Fatalf("steps asked again %v\nwant %v", names, want)
+	}
+	if got := w.since(before); got.calls[csfake.CmdRevertSnapshot] != 0 || w.snapshots(w.data) != 0 || w.where(w.root).vm != "" {
+		t.Fatalf("asked again: %+v, data snapshots %d, root %+v", got, w.snapshots(w.data), w.where(w.root))
 	}
 }

@@ -85,6 +85,21 @@ func (d Deps) failoverOf(ctx context.Context, id string) (commands.Operation, co
 // rollbackOf returns a rollback of fo that is pending, executing or
 // completed, nil when there is none.
 func (d Deps) rollbackOf(ctx context.Context, fo commands.Operation) (*commands.Operation, error) {
+	rbs, err := d.rollbacksOf(ctx, fo)
+	if err != nil {
+		return nil, err
+	}
+	for _, op := range rbs {
+		if op.Status != commands.StatusFailed && op.Status != commands.StatusCancelled {
+			return &op, nil
+		}
+	}
+	return nil, nil
+}
+
+// rollbacksOf returns the recorded rollbacks of fo, in any status.
+func (d Deps) rollbacksOf(ctx context.Context, fo commands.Operation) ([]commands.Operation, error) {
+	var out []commands.Operation
 	f := state.Filter{Type: commands.OpRollback, VolumeID: fo.VolumeID}
 	for {
 		ops, next, err := d.Operations.ListOperations(ctx, f)
@@ -93,16 +108,35 @@ func (d Deps) rollbackOf(ctx context.Context, fo commands.Operation) (*commands.
 		}
 		for _, op := range ops {
 			var req commands.RollbackRequest
-			if engine.DecodeRequest(&op, &req) == nil && req.FailoverID == fo.ID && op.Status != commands.StatusFailed &&
-				op.Status != commands.StatusCancelled {
-				return &op, nil
+			if engine.DecodeRequest(&op, &req) == nil && req.FailoverID == fo.ID {
+				out = append(out, op)
 			}
 		}
 		if next == "" {
-			return nil, nil
+			return out, nil
 		}
 		f.Cursor = next
 	}
+}
+
+// reverted returns the volumes an earlier rollback of fo reverted.
+func (d Deps) reverted(ctx context.Context, fo commands.Operation) (map[string]bool, error) {
+	rbs, err := d.rollbacksOf(ctx, fo)
+	if err != nil {
+		return nil, fmt.Errorf("%w: rollbacks of failover %s: %w", engine.ErrStopped, fo.ID, err)
+	}
+	out := map[string]bool{}
+	for _, rb := range rbs {
+		if rb.Workflow == nil {
+			continue
+		}
+		for _, s := range rb.Workflow.Steps {
+			if s.Name == WfRevert && s.Status == commands.StepDone {
+				out[s.VolumeID] = true
+			}
+		}
+	}
+	return out, nil
 }
 
 func (k rollback) Execute(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
@@ -121,7 +155,11 @@ func (k rollback) Execute(ctx context.Context, j *engine.Journal) (*commands.OpR
 		return nil, commands.Conflict("failover %s recorded no workflow to roll back", fo.ID)
 	}
 	if j.Op.Workflow == nil {
-		wf, err := k.plan(ctx, j, freq, fo.Workflow)
+		reverted, err := k.reverted(ctx, fo)
+		if err != nil {
+			return nil, err
+		}
+		wf, err := k.plan(ctx, j, freq, fo.Workflow, reverted)
 		if err != nil {
 			return nil, err
 		}
@@ -139,9 +177,12 @@ func (k rollback) Execute(ctx context.Context, j *engine.Journal) (*commands.OpR
 // plan decides the rollback's steps from where each volume is now: on
 // the test VM (detach, revert, attach back, export), detached (revert,
 // attach back, export), or back where it was (its export again if it
-// lacks it); then the snapshots' deletion. The VM is stopped first. A
-// volume on any other VM fails the rollback before any step.
-func (k rollback) plan(ctx context.Context, j *engine.Journal, freq commands.FailoverRequest, fwf *commands.Workflow) (*commands.Workflow, error) {
+// lacks it; a volume detached before the failover is back once an
+// earlier rollback reverted it, in reverted); then the snapshots'
+// deletion. The VM is stopped first. A volume on any other VM fails the
+// rollback before any step.
+func (k rollback) plan(ctx context.Context, j *engine.Journal, freq commands.FailoverRequest, fwf *commands.Workflow,
+	reverted map[string]bool) (*commands.Workflow, error) {
 	wf := &commands.Workflow{Before: maps.Clone(fwf.Before), Snapshots: maps.Clone(fwf.Snapshots)}
 	stop := []commands.WorkflowStep{{Name: WfStopVM, VMID: freq.VMID}}
 	var detaches, reverts, attaches, exports, deletes []commands.WorkflowStep
@@ -151,7 +192,7 @@ func (k rollback) plan(ctx context.Context, j *engine.Journal, freq commands.Fai
 			return nil, notFoundOr(err, v)
 		}
 		before := wf.Before[v]
-		back := before.VMID != "" && vol.VMID == before.VMID
+		back := vol.VMID == before.VMID && (before.VMID != "" || reverted[v])
 		switch {
 		case vol.VMID == freq.VMID:
 			detaches = append(detaches, commands.WorkflowStep{Name: WfDetach, VolumeID: v, VMID: freq.VMID})

@@ -3,11 +3,13 @@ package kinds
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/internal/backoff"
 )
 
 // Steps of the VM power kinds.
@@ -25,6 +27,7 @@ const (
 	VMRunning  = "Running"
 	VMStarting = "Starting"
 	VMStopped  = "Stopped"
+	VMStopping = "Stopping"
 )
 
 // DefaultStopGrace is how long stop_vm waits for a graceful stop before
@@ -41,8 +44,8 @@ type VMPowerRequest struct {
 }
 
 // startVM starts a VM: a Running VM is done, a Starting one is waited
-// for; a lost answer is settled by the VM's state, never sent again
-// blindly.
+// for; a lost answer is settled by the VM's state once it is no longer
+// Starting, never sent again blindly.
 type startVM struct{ Deps }
 
 func (startVM) Type() commands.OpType { return commands.OpStartVM }
@@ -67,7 +70,7 @@ func (k startVM) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRe
 	}
 	err := asyncCall{
 		name: "startVirtualMachine", requested: StepStartVMRequested, job: StepStartVMJob,
-		done: k.vmIn(j, req.VMID, VMRunning),
+		done: k.vmSettled(j, req.VMID, VMRunning, VMStarting),
 		send: func(ctx context.Context) (string, error) { return k.CloudStack.StartVM(ctx, req.VMID) },
 	}.run(ctx, k.Deps, j)
 	if err != nil {
@@ -79,7 +82,8 @@ func (k startVM) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRe
 // stopVM stops a VM: a Stopped VM is done; otherwise a graceful stop,
 // forced once the grace period (Deps.StopGrace, from this executor's
 // start of the wait) passes without the VM Stopped, or at once when the
-// request asks. A lost answer is settled by the VM's state.
+// request asks. A lost answer is settled by the VM's state once it is no
+// longer Stopping.
 type stopVM struct{ Deps }
 
 func (stopVM) Type() commands.OpType { return commands.OpStopVM }
@@ -90,7 +94,7 @@ func (k stopVM) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 		return nil, err
 	}
 	resp := &commands.OpResponse{VMID: req.VMID, Message: "VM stopped"}
-	stopped := k.vmIn(j, req.VMID, VMStopped)
+	stopped := k.vmSettled(j, req.VMID, VMStopped, VMStopping)
 	if j.Op.Step == "" {
 		done, err := stopped(ctx)
 		if err != nil {
@@ -150,11 +154,24 @@ func (d Deps) vm(ctx context.Context, j *engine.Journal, id string) (csapi.VM, e
 	return vm, vmNotFoundOr(err, id)
 }
 
-// vmIn reports whether CloudStack shows the VM in state.
-func (d Deps) vmIn(j *engine.Journal, id, state string) func(ctx context.Context) (bool, error) {
+// vmMoving paces the reads of a VM that is Starting or Stopping.
+var vmMoving = backoff.Policy{Min: 50 * time.Millisecond, Max: 2 * time.Second}
+
+// vmSettled reports whether CloudStack shows the VM in state, once it is
+// no longer in moving (Starting, Stopping): a start or stop under way is
+// waited for, so it is never judged undone, and sent again, meanwhile.
+func (d Deps) vmSettled(j *engine.Journal, id, state, moving string) func(ctx context.Context) (bool, error) {
 	return func(ctx context.Context) (bool, error) {
-		vm, err := d.vm(ctx, j, id)
-		return err == nil && vm.State == state, err
+		wait := vmMoving.Start()
+		for {
+			vm, err := d.vm(ctx, j, id)
+			if err != nil || vm.State != moving {
+				return err == nil && vm.State == state, err
+			}
+			if !wait.Wait(ctx, 0) {
+				return false, fmt.Errorf("%w: VM %s is %s: %w", engine.ErrStopped, id, moving, context.Cause(ctx))
+			}
+		}
 	}
 }
 

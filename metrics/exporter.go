@@ -102,7 +102,7 @@ func New(cfg Config) (*Exporter, error) {
 		}, []string{"type"}),
 		steps: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "workflow_steps_total",
-			Help: "Steps of the failovers and rollbacks that ended, by workflow type, step (snapshot, detach, attach, export, start_vm, stop_vm, revert, delete_snapshot), phase (forward, or undo for a compensating step) and final status (done, failed, undone, pending).",
+			Help: "Steps of the failovers and rollbacks that ended, by workflow type, step (snapshot, detach, attach, export, start_vm, stop_vm, revert, delete_snapshot), phase (forward, or undo for a compensating step) and final status (done, failed, undone, skipped, pending).",
 		}, []string{"type", "step", "phase", "status"}),
 		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "workflow_failures_total",

@@ -88,7 +88,7 @@ volumed_workflow_failures_total{compensated="false",type="failover"} 0
 volumed_workflow_failures_total{compensated="false",type="rollback"} 1
 volumed_workflow_failures_total{compensated="true",type="failover"} 1
 volumed_workflow_failures_total{compensated="true",type="rollback"} 0
-# HELP volumed_workflow_steps_total Steps of the failovers and rollbacks that ended, by workflow type, step (snapshot, detach, attach, export, start_vm, stop_vm, revert, delete_snapshot), phase (forward, or undo for a compensating step) and final status (done, failed, undone, pending).
+# HELP volumed_workflow_steps_total Steps of the failovers and rollbacks that ended, by workflow type, step (snapshot, detach, attach, export, start_vm, stop_vm, revert, delete_snapshot), phase (forward, or undo for a compensating step) and final status (done, failed, undone, skipped, pending).
 # TYPE volumed_workflow_steps_total counter
 volumed_workflow_steps_total{phase="forward",status="done",step="attach",type="failover"} 1
 volumed_workflow_steps_total{phase="forward",status="done",step="detach",type="failover"} 2
