@@ -701,3 +701,64 @@ func BenchmarkEnqueue(b *testing.B) {
 		})
 	}
 }
+
+// TestNoGuardWhileWaitingForASlot: a job that waits for a running slot
+// holds no guard (the VM lease of an attach to a VM whose disks carry no
+// identity), so a workflow's step that waits for that guard in its slot
+// never waits on a job that waits for the slot.
+func TestNoGuardWhileWaitingForASlot(t *testing.T) {
+	ctx := context.Background()
+	b := testenv.StartBus(t)
+	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	store, err := state.NewKV(ctx, b.JetStream(), state.KVConfig{Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close(context.Background()) })
+	sim := simtest.Start(t, cloudsim.Config{LocalDevices: cloudsim.LocalDevicesOff})
+	s := New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, Logger: log, SyncInterval: -1, MaxConcurrent: 1,
+		Devices:    agentDevices{noIdentity: map[string]bool{"vm-bare": true}},
+		CloudStack: csapi.New(csapi.Config{URL: sim.URL(), APIKey: sim.APIKey(), SecretKey: sim.SecretKey()})})
+	s.engine = engine.New(engine.Config{Operations: store, Publisher: s, Guard: s.guard, Logger: s.log}, &lineKind{})
+	if err := s.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close(context.Background()) })
+	s.sem <- struct{}{} // the one slot, taken (a workflow running)
+	vm, now := "vm-bare", time.Now().UTC()
+	op, err := store.CreateOperation(ctx, commands.Operation{ID: "op-attach-bare", Type: commands.OpAttach, Status: commands.StatusPending,
+		VolumeID: "v-bare", VMID: &vm, Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.enqueue(ctx, op); err != nil {
+		t.Fatal(err)
+	}
+	within(t, time.Minute, func() error {
+		info, err := b.JetStream().Consumer(ctx, bus.StreamJobs, ConsumerName)
+		if err != nil {
+			return err
+		}
+		if ci := info.CachedInfo(); ci.NumAckPending < 1 {
+			return fmt.Errorf("the attach's job is not handed out yet")
+		}
+		return nil
+	})
+	// While it waits for the slot, the VM's lease stays free for whoever
+	// holds the slot.
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) {
+		if err := s.guard.Exclusive(ctx, op, func(context.Context) {}); err != nil {
+			t.Fatalf("the VM lease while the attach waits for a slot: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	<-s.sem
+	within(t, time.Minute, func() error {
+		got, err := store.GetOperation(ctx, op.ID)
+		if err != nil || !got.Status.Terminal() {
+			return fmt.Errorf("attach not ended once the slot is free: %v %v", got.Status, err)
+		}
+		return nil
+	})
+}

@@ -414,8 +414,17 @@ func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, j job, lo
 	}
 	stopBeat := heartbeat(msg, s.cfg.AckWait)
 	defer stopBeat()
-	// The guard is taken before a running slot, and not waited for: a job
-	// whose VM is busy goes back to the queue and holds no slot meanwhile.
+	// The running slot first, then the guard, not waited for: a job whose
+	// VM is busy goes back to the queue and holds no slot meanwhile, and
+	// whoever holds a guard holds a slot and runs (a workflow's step that
+	// waits for a guard never waits on a job that waits for a slot).
+	select {
+	case s.sem <- struct{}{}:
+	case <-ctx.Done():
+		_ = msg.NakWithDelay(retryDelay)
+		return
+	}
+	defer func() { <-s.sem }()
 	err = s.guard.Exclusive(ctx, op, func(ctx context.Context) {
 		s.runJob(ctx, msg, op, log)
 	})
@@ -491,17 +500,10 @@ func (g vmGuard) lease(ctx context.Context, op commands.Operation) string {
 	return ""
 }
 
-// runJob runs a job's operation in a running slot, under ctx (the
-// service's, or a lease's), and settles the job message by the result: an
+// runJob runs a job's operation, in the running slot its caller holds,
+// under ctx (the service's, or a lease's), and settles the job message by the result: an
 // operation that ended has its holds removed, then its job acked.
 func (s *Service) runJob(ctx context.Context, msg jetstream.Msg, op commands.Operation, log *slog.Logger) {
-	select {
-	case s.sem <- struct{}{}:
-	case <-ctx.Done():
-		_ = msg.NakWithDelay(retryDelay)
-		return
-	}
-	defer func() { <-s.sem }()
 	switch s.engine.Run(ctx, op.ID, log) {
 	case engine.Done:
 		s.removeHolds(context.WithoutCancel(ctx), op, math.MaxUint64)

@@ -54,6 +54,8 @@ type config struct {
 	apiTokenFile string
 	// TLS and more tokens (tls.go).
 	tls tlsFlags
+	// pprofListen: the loopback address of net/http/pprof (pprof.go); "" off.
+	pprofListen string
 	// creds: `volumed creds` (creds.go) instead of the daemon.
 	creds *credsCommand
 }
@@ -190,8 +192,12 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f.natsCreds(&c)
 	f.StringVar(&c.apiToken, "api-token", "", "REST API bearer token, at least 16 characters ("+tokenEnv+", never shown here)")
 	f.str(&c.apiTokenFile, "api-token-file", "VOLUMED_API_TOKEN_FILE", "", "file holding the REST API bearer token; default <data-dir>/"+tokenFileName+", generated at first start")
+	f.str(&c.pprofListen, "pprof-listen", "VOLUMED_PPROF_LISTEN", "", "loopback address serving Go's profiles at /debug/pprof/; empty turns it off")
 	f.tlsFlags(&c)
 	if err := f.parse(args, &c); err != nil {
+		return c, err
+	}
+	if err := checkPprofListen(c.pprofListen); err != nil {
 		return c, err
 	}
 	if err := c.checkSecurity(); err != nil {

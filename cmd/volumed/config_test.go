@@ -43,6 +43,7 @@ func TestRunExitCodes(t *testing.T) {
 		{"empty URL in the NATS list", cs("--nats-url", "nats://127.0.0.1:4222,,nats://127.0.0.1:4223"), 2, "--nats-url: empty URL"},
 		{"bad log level", cs("--log-level", "loud"), 2, "--log-level"},
 		{"bad retention", cs("--op-retention", "-1h"), 2, "--op-retention"},
+		{"pprof off loopback", cs("--pprof-listen", "0.0.0.0:6060"), 2, "--pprof-listen: want a loopback address"},
 		{"stray argument", cs("extra"), 2, `unexpected argument "extra"`},
 		{"agent without vm", []string{"agent", "--nats-url", "nats://127.0.0.1:4222"}, 2, "--vm-id is required"},
 		{"agent without nats", []string{"agent", "--vm-id", "87654321-4321-4321-4321-210987654321"}, 2, "--nats-url is required"},

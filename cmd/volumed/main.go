@@ -143,6 +143,13 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	if err := os.MkdirAll(cfg.dataDir, 0o750); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
+	if cfg.pprofListen != "" {
+		p, err := startPprof(cfg.pprofListen, log)
+		if err != nil {
+			return err
+		}
+		started = append(started, p)
+	}
 	tokenSource, err := ensureToken(&cfg)
 	if err != nil {
 		return err
