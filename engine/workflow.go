@@ -140,7 +140,8 @@ type Plan struct {
 	// Child returns the child operation that runs wf.Steps[i].
 	Child func(wf *commands.Workflow, i int) (Child, error)
 	// Done records on wf what the completed child of wf.Steps[i] returned
-	// (a snapshot's id, say); nil records nothing.
+	// (a snapshot's id, say), or what a failed one's job did after all
+	// (in its details); nil records nothing.
 	Done func(wf *commands.Workflow, i int, child commands.Operation)
 	// Undo returns the steps that undo the done forward step wf.Steps[i],
 	// in the order they run; none when it needs no undoing. A nil Undo
@@ -155,7 +156,9 @@ type Plan struct {
 // RunWorkflow runs the plan of the journal's workflow from where its
 // record shows it: each step's child is recorded on the step (pending)
 // before it runs, and the step done or failed after, every save an event
-// whose details carry steps_done, steps_total and step. When a step fails
+// whose details carry steps_done, steps_total and step. A step whose
+// child failed while its CloudStack job may still run is settled by the
+// job first (settleJob). When a step fails
 // for good, the undo steps of the done forward steps run, in reverse
 // order, as children too (Compensating); the workflow then fails with
 // the failed step's error and details compensated (true when everything
