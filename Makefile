@@ -21,7 +21,7 @@ SYSTEMD_DIR ?= /etc/systemd/system
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
 LDFLAGS := -X github.com/volumed/volumed/internal/version.Version=$(VERSION)
 
-.PHONY: run test chaos bench bench-nbd bench-scale build install lint deps deps-apt deps-npm cloudsim clean
+.PHONY: run test chaos bench bench-nbd bench-scale bench-ops bench-inventory build install lint deps deps-apt deps-npm cloudsim clean
 
 # run builds volumed and the CloudStack simulator (test/cloudsim/cmd/cloudsim)
 # into bin/, then scripts/run.sh starts the simulator in the background and
@@ -113,6 +113,20 @@ bench: bench-nbd
 N ?= 1000000
 bench-scale:
 	bash bench/scale.sh $(N)
+
+# bench-ops measures volumed's CPU per operation and latency on the mixed
+# workload (8 clients, create -> attach -> detach -> delete, 20 ms
+# simulator jobs, embedded store), for BASE (default main) and this tree
+# side by side (bench/ops.sh; PROFILE=dir keeps CPU profiles).
+bench-ops:
+	bash bench/ops.sh
+
+# bench-inventory measures a force-sync, the periodic reconcile and the
+# pre-check cache's refresh with 1,000 volumes / 100 VMs and 10,000 / 1,000
+# in the simulator (SIZES=...), for BASE (default main) and this tree
+# (bench/inventory.sh).
+bench-inventory:
+	bash bench/inventory.sh
 
 # bench-nbd runs volumed's NBD server and qemu-nbd side by side on one loop
 # device (root and the NBD clients needed; skipped with a message otherwise).

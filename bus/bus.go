@@ -145,8 +145,19 @@ func (b *Bus) Start(ctx context.Context) error {
 		b.srv = srv
 		url = connectURL(srv)
 	}
-	nc, err := nats.Connect(url, append(b.authOptions(), b.tlsOption(), nats.Name(b.cfg.Name), nats.MaxReconnects(-1),
-		nats.ReconnectWait(250*time.Millisecond), nats.Timeout(5*time.Second))...)
+	opts := append(b.authOptions(), nats.Name(b.cfg.Name), nats.MaxReconnects(-1),
+		nats.ReconnectWait(250*time.Millisecond), nats.Timeout(5*time.Second))
+	dial := url
+	if b.srv != nil {
+		// The embedded server is reached in process: no socket, and no
+		// TLS to encrypt and decrypt every message with (the server does
+		// not ask it of an in-process client; a tls:// URL would).
+		dial = nats.DefaultURL
+		opts = append(opts, nats.InProcessServer(b.srv))
+	} else {
+		opts = append(opts, b.tlsOption())
+	}
+	nc, err := nats.Connect(dial, opts...)
 	if err != nil {
 		b.shutdownServer()
 		return fmt.Errorf("bus: connect %s: %w", url, err)

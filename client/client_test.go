@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -207,5 +208,50 @@ func TestForce(t *testing.T) {
 	case b := <-bodies:
 		t.Fatalf("unexport with force was sent: %s", b)
 	default:
+	}
+}
+
+// TestWaitRidesOut503: Wait asks again while the daemon answers 503 (its
+// store briefly unavailable), and returns the terminal record; another
+// error ends it at once.
+func TestWaitRidesOut503(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		failures int
+		status   int
+		wantErr  bool
+	}{
+		{"two 503s", 2, http.StatusServiceUnavailable, false},
+		{"a 500", 1, http.StatusInternalServerError, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var calls atomic.Int32
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "application/json")
+				if int(calls.Add(1)) <= tc.failures {
+					w.WriteHeader(tc.status)
+					_, _ = w.Write([]byte(`{"error":{"code":"SERVICE_UNAVAILABLE","message":"state store unavailable"}}`))
+					return
+				}
+				_, _ = w.Write([]byte(`{"id":"op-1","type":"create","status":"completed","volume_id":"v","vm_id":null,"request":{}}`))
+			}))
+			defer srv.Close()
+			c, err := client.New(srv.URL)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			op, err := c.Wait(ctx, "op-1")
+			if tc.wantErr {
+				if err == nil || calls.Load() != 1 {
+					t.Fatalf("Wait after a %d: %+v %v (%d calls), want the error at once", tc.status, op, err, calls.Load())
+				}
+				return
+			}
+			if err != nil || op.Status != commands.StatusCompleted || calls.Load() != int32(tc.failures+1) {
+				t.Fatalf("Wait: %+v %v after %d calls", op, err, calls.Load())
+			}
+		})
 	}
 }

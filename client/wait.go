@@ -27,7 +27,8 @@ var ErrNoNATS = errors.New("client: Watch needs a NATS connection (WithNATS)")
 
 // Wait returns the operation once it is terminal (completed, failed or
 // cancelled), through GET /operations/{id}?wait in slices of WaitSlice,
-// or ctx's error. A failed operation is returned with a nil error: read
+// or ctx's error; a 503 (the store briefly unavailable) is asked again
+// after its Retry-After. A failed operation is returned with a nil error: read
 // Status, Error and Details.
 func (c *Client) Wait(ctx context.Context, opID string) (commands.Operation, error) {
 	return c.WaitProgress(ctx, opID, WaitSlice, nil)
@@ -48,7 +49,18 @@ func (c *Client) WaitProgress(ctx context.Context, opID string, slice time.Durat
 		var op commands.Operation
 		_, err := c.do(ctx, http.MethodGet, "/operations/"+url.PathEscape(opID)+"?"+
 			url.Values{"wait": {d.Round(time.Millisecond).String()}}.Encode(), nil, &op)
-		if err != nil {
+		var e *Error
+		switch {
+		case errors.As(err, &e) && e.Status == http.StatusServiceUnavailable:
+			// A read, asked again: the store is briefly unavailable (a
+			// cluster electing leaders after losing a node).
+			select {
+			case <-ctx.Done():
+				return op, fmt.Errorf("%w (last answer: %w)", ctx.Err(), err)
+			case <-time.After(max(e.RetryAfter, minWaitSlice)):
+			}
+			continue
+		case err != nil:
 			return op, err
 		}
 		if progress != nil {

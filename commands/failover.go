@@ -125,6 +125,9 @@ const (
 	DetailCompensated = "compensated"
 	DetailSteps       = "steps"
 	DetailLeft        = "left"
+	// DetailFailedStep is the details of the failed step's child: its
+	// code, CloudStack error, job, as the child records them.
+	DetailFailedStep = "failed_step"
 )
 
 // DecodeFailover parses and validates a failover request: vm_id and

@@ -14,7 +14,7 @@ import (
 // simulator's pending-job count every 100 µs. Metrics: mean/p50/max latency
 // in ms, polls per job.
 func BenchmarkWaitJobLatency(b *testing.B) {
-	for _, d := range []time.Duration{50 * time.Millisecond, cloudsim.DefaultJobDuration} {
+	for _, d := range []time.Duration{20 * time.Millisecond, 50 * time.Millisecond, cloudsim.DefaultJobDuration} {
 		b.Run("job="+d.String(), func(b *testing.B) { benchWaitJob(b, d) })
 	}
 }

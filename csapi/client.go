@@ -36,8 +36,8 @@ type Config struct {
 	APIKey, SecretKey string
 	// HTTPTimeout bounds one API call, body included (DefaultHTTPTimeout).
 	HTTPTimeout time.Duration
-	// PollMin is WaitJob's first interval (DefaultPollMin); it doubles up
-	// to PollMax (DefaultPollMax).
+	// PollMin and PollMax bound WaitJob's interval, half the time since
+	// it began (DefaultPollMin, DefaultPollMax).
 	PollMin, PollMax time.Duration
 	// Logger is the parent logger (default: discard).
 	Logger *slog.Logger
@@ -619,12 +619,15 @@ func parseJob(jobID string, r *cloudstack.QueryAsyncJobResultResponse) (Job, err
 	return job, nil
 }
 
-// WaitJob polls the job at once, then on an interval doubling from PollMin
-// to PollMax, until it ends or ctx is done. Retryable poll errors are
+// WaitJob polls the job at once, then on an interval of half the time
+// since it began, within PollMin and PollMax, until it ends or ctx is
+// done: a job is seen at most a third of its length after its end (and
+// PollMin, PollMax), in a number of polls logarithmic in its length up to
+// PollMax. Retryable poll errors are
 // retried; a final one is returned. A failed job returns the job and
 // job.Err.
 func (c *Client) WaitJob(ctx context.Context, jobID string) (Job, error) {
-	interval := c.cfg.PollMin
+	began := time.Now()
 	var lastErr error
 	for {
 		job, err := c.QueryJob(ctx, jobID)
@@ -637,7 +640,7 @@ func (c *Client) WaitJob(ctx context.Context, jobID string) (Job, error) {
 			c.log.Debug("job poll failed, retrying", "job", jobID, "err", err.Error())
 		}
 		lastErr = err
-		t := time.NewTimer(interval)
+		t := time.NewTimer(min(max(time.Since(began)/2, c.cfg.PollMin), c.cfg.PollMax))
 		select {
 		case <-t.C:
 		case <-ctx.Done():
@@ -649,6 +652,5 @@ func (c *Client) WaitJob(ctx context.Context, jobID string) (Job, error) {
 			return Job{ID: jobID, Status: JobPending},
 				&Error{Command: "queryAsyncJobResult", Text: text, Retryable: true, Err: ctx.Err()}
 		}
-		interval = min(2*interval, c.cfg.PollMax)
 	}
 }

@@ -383,6 +383,28 @@ func (c *Cloud) Release(jobID string) error {
 	return nil
 }
 
+// FailJob ends a pending job now without effect, failed with err (nil
+// is CloudStack's 530 for a job that failed inside). An error if the job
+// is not pending.
+func (c *Cloud) FailJob(jobID string, err *csapi.Error) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	j, ok := c.jobs[jobID]
+	if !ok || j.status != csapi.JobPending {
+		return fmt.Errorf("csfake: job %s is not pending", jobID)
+	}
+	j.run = nil
+	if j.undo != nil {
+		j.undo()
+	}
+	j.status, j.err = csapi.JobFailure, err
+	if j.err == nil {
+		j.err = jobFailure(j.command, 530, "Failed to execute %s: injected job failure (csfake)", j.command)
+	}
+	c.notify()
+	return nil
+}
+
 // call runs one call of command under c.mu: it counts the call, draws
 // its fault and runs fn unless the fault fails it first. A done ctx fails
 // the call as the real client does: retryable, never sent. A lost answer

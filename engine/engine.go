@@ -67,6 +67,9 @@ type Config struct {
 	// Guard is what a workflow's steps hold while they run (the queue
 	// takes it for the operations it delivers); nil holds nothing.
 	Guard Guard
+	// Jobs is asked what became of the CloudStack job a workflow's step
+	// timed out on; nil leaves what such a step did unknown.
+	Jobs Jobs
 	// Logger receives the engine's logs.
 	Logger *slog.Logger
 }

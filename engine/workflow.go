@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"time"
@@ -12,6 +13,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/state"
 )
@@ -138,7 +140,8 @@ type Plan struct {
 	// Child returns the child operation that runs wf.Steps[i].
 	Child func(wf *commands.Workflow, i int) (Child, error)
 	// Done records on wf what the completed child of wf.Steps[i] returned
-	// (a snapshot's id, say); nil records nothing.
+	// (a snapshot's id, say), or what a failed one's job did after all
+	// (in its details); nil records nothing.
 	Done func(wf *commands.Workflow, i int, child commands.Operation)
 	// Undo returns the steps that undo the done forward step wf.Steps[i],
 	// in the order they run; none when it needs no undoing. A nil Undo
@@ -153,7 +156,9 @@ type Plan struct {
 // RunWorkflow runs the plan of the journal's workflow from where its
 // record shows it: each step's child is recorded on the step (pending)
 // before it runs, and the step done or failed after, every save an event
-// whose details carry steps_done, steps_total and step. When a step fails
+// whose details carry steps_done, steps_total and step. A step whose
+// child failed while its CloudStack job may still run is settled by the
+// job first (settleJob). When a step fails
 // for good, the undo steps of the done forward steps run, in reverse
 // order, as children too (Compensating); the workflow then fails with
 // the failed step's error and details compensated (true when everything
@@ -174,11 +179,28 @@ func (j *Journal) RunWorkflow(ctx context.Context, p Plan) error {
 			return err
 		case child.Status == commands.StatusCompleted:
 			continue
-		case p.Undo == nil:
-			return j.failed(p, i, child)
+		}
+		// What the step did is CloudStack's to say when its job may still
+		// run: the job decides it before anything is undone.
+		if child, err = j.settleJob(ctx, child); err != nil {
+			return err
+		}
+		ran := jobRan(child)
+		if ran == commands.JobSucceeded && p.Done != nil {
+			p.Done(wf, i, child)
+		}
+		if p.Undo == nil {
+			if ran != commands.JobSucceeded {
+				return j.failed(p, i, child)
+			}
+			wf.Steps[i].Status = commands.StepDone // its job did it after all
+			if err := j.saveProgress(ctx, i); err != nil {
+				return err
+			}
+			continue
 		}
 		// The failure and the undo plan are recorded in one save.
-		j.compensate(p, i, child)
+		j.compensate(p, i, ran == commands.JobSucceeded)
 		if err := j.saveProgress(ctx, i); err != nil {
 			return err
 		}
@@ -200,6 +222,12 @@ func (j *Journal) RunWorkflow(ctx context.Context, p Plan) error {
 			return err
 		}
 		if child.Status != commands.StatusCompleted {
+			if child, err = j.settleJob(ctx, child); err != nil {
+				return err
+			}
+			if jobRan(child) == commands.JobSucceeded {
+				s.Status = commands.StepDone // its job did it after all
+			}
 			if err := j.saveProgress(ctx, i); err != nil {
 				return err
 			}
@@ -255,14 +283,13 @@ func (j *Journal) runStep(ctx context.Context, p Plan, i int) (commands.Operatio
 
 // compensate turns the workflow to its undo: the undo steps of every done
 // forward step, last first, and of the failed step i when its child's
-// CloudStack job may still have run.
-func (j *Journal) compensate(p Plan, i int, child commands.Operation) {
+// CloudStack job did it after all (jobDid).
+func (j *Journal) compensate(p Plan, i int, jobDid bool) {
 	wf := j.Op.Workflow
 	wf.Compensating = true
 	forward := len(wf.Steps)
-	mayRun, _ := child.Details[commands.DetailJobMayRun].(bool)
 	for k := forward - 1; k >= 0; k-- {
-		if wf.Steps[k].Status != commands.StepDone && (k != i || !mayRun) {
+		if wf.Steps[k].Status != commands.StepDone && (k != i || !jobDid) {
 			continue
 		}
 		for _, u := range p.Undo(wf, k) {
@@ -271,6 +298,68 @@ func (j *Journal) compensate(p Plan, i int, child commands.Operation) {
 		}
 	}
 	j.log.Warn("workflow step failed for good; undoing what was done", "step_index", i, "undo_steps", len(wf.Steps)-forward)
+}
+
+// settleJob resolves the CloudStack job that the failed child of a step
+// timed out on (details job_may_run true), before the workflow decides
+// what the step did: it waits for the job's end, at most the step
+// timeout, has the child's kind say what that means (ResolveJob, as the
+// reconcile does) and records it on the child by compare-and-swap. A job
+// still running then, or one CloudStack cannot be asked about, is left to
+// the reconcile: what the step did is unknown (jobRan).
+func (j *Journal) settleJob(ctx context.Context, child commands.Operation) (commands.Operation, error) {
+	jobs := j.eng.cfg.Jobs
+	if child.Details[commands.DetailJobMayRun] != true || jobs == nil {
+		return child, nil
+	}
+	k, _ := j.eng.kinds[child.Type].(Resolver)
+	wait, cancel := context.WithTimeout(ctx, j.timing.StepTimeout)
+	defer cancel()
+	res, err := ResolveJob(wait, k, child, VolumeLook(jobs, j.ops, child), func(ctx context.Context, id string) (csapi.Job, error) {
+		job, err := jobs.WaitJob(ctx, id)
+		switch {
+		case job.Status == csapi.JobFailure:
+			return job, nil // its error is the job's, not the call's
+		case err != nil && ctx.Err() != nil:
+			return csapi.Job{ID: id, Status: csapi.JobPending}, nil
+		}
+		return job, err
+	})
+	switch {
+	case ctx.Err() != nil:
+		return child, fmt.Errorf("%w: resolve the job of %s: %w", ErrStopped, child.ID, context.Cause(ctx))
+	case err != nil || res.Pending:
+		j.log.Warn("what a failed step's CloudStack job did is unknown; the reconcile follows it", "child_id", child.ID,
+			"cloudstack_job_id", res.JobID, "pending", res.Pending, "err", err)
+		return child, nil
+	}
+	if err := j.Check(ctx); err != nil {
+		return child, err
+	}
+	saved, err := j.ops.UpdateOperation(ctx, res.Record(child, time.Now().UTC()))
+	switch {
+	case errors.Is(err, state.ErrStale): // resolved meanwhile (the reconcile): as recorded
+		saved, err = j.ops.GetOperation(ctx, child.ID)
+	case err == nil:
+		j.pub.PublishOperation(ctx, saved)
+	}
+	if err != nil {
+		return child, fmt.Errorf("%w: record the job of %s: %w", ErrStopped, child.ID, err)
+	}
+	j.log.Info("failed step's CloudStack job resolved", "child_id", child.ID, "cloudstack_job_id", res.JobID,
+		"job_status", res.Status)
+	return saved, nil
+}
+
+// jobRan says what the CloudStack job of a failed child did, as resolved:
+// commands.JobSucceeded, JobFailed or JobUnknown (also while it may still
+// run); "" for a child that failed without a job left running.
+func jobRan(child commands.Operation) string {
+	if child.Details[commands.DetailJobMayRun] == true {
+		return commands.JobUnknown
+	}
+	s, _ := child.Details[commands.DetailJobStatus].(string)
+	return s
 }
 
 // skipped reports whether undo step i must not run: an earlier undo step
@@ -289,7 +378,9 @@ func (j *Journal) skipped(i int) bool {
 }
 
 // failed ends the workflow after step i failed for good (its child): the
-// error of the child, with the workflow's compensated, steps and left.
+// code and error of the child, with the workflow's own details (step,
+// steps_done, steps_total, compensated, steps and left) and the child's
+// under failed_step.
 func (j *Journal) failed(p Plan, i int, child commands.Operation) error {
 	wf := j.Op.Workflow
 	compensated := wf.Compensating
@@ -311,6 +402,22 @@ func (j *Journal) failed(p Plan, i int, child commands.Operation) error {
 		}
 	}
 	s := wf.Steps[i]
+	var unknown string
+	if jobRan(child) == commands.JobUnknown {
+		// Nobody knows whether the failed step's job did it: not
+		// compensated, whatever else was undone.
+		compensated = false
+		jobID, _ := child.Details[commands.DetailJobID].(string)
+		why, _ := child.Details[commands.DetailResolution].(string)
+		if why == "" {
+			why = "it still ran when the workflow gave up waiting; the reconcile records its end on operation " + child.ID
+		}
+		job := "its CloudStack job"
+		if jobID != "" {
+			job += " " + jobID
+		}
+		unknown = fmt.Sprintf("step %d (%s %s) may have been done: what %s did is unknown (%s)", i, s.Name, stepTarget(s), job, why)
+	}
 	code := commands.CodeInternalError
 	if c, ok := child.Details["code"].(string); ok {
 		code = c
@@ -319,21 +426,28 @@ func (j *Journal) failed(p Plan, i int, child commands.Operation) error {
 	if compensated {
 		what = "everything done was undone"
 	}
+	j.progress(i)
 	e := &commands.Error{Code: code, Message: fmt.Sprintf("step %d (%s %s) failed: %s; %s",
-		i, s.Name, stepTarget(s), child.Error, what), Details: map[string]any{}}
-	for k, v := range child.Details {
-		switch k {
-		case "code", commands.DetailJobMayRun, commands.DetailJobID: // the child's own job is the reconcile's
-		default:
-			e.Details[k] = v
-		}
+		i, s.Name, stepTarget(s), child.Error, what), Details: maps.Clone(j.Op.Details)}
+	// The child's details are its own (its step, its job, which the
+	// reconcile follows on the child), under a key of their own.
+	if child.Details != nil {
+		e.Details[commands.DetailFailedStep] = maps.Clone(child.Details)
 	}
 	e.Details[commands.DetailCompensated] = compensated
 	e.Details[commands.DetailSteps] = slices.Clone(wf.Steps)
-	if !compensated && p.Left != nil {
-		e.Details[commands.DetailLeft] = p.Left(wf)
+	if !compensated {
+		var left []string
+		if p.Left != nil {
+			left = p.Left(wf)
+		}
+		if unknown != "" {
+			left = append(left, unknown)
+		}
+		if p.Left != nil || unknown != "" {
+			e.Details[commands.DetailLeft] = left
+		}
 	}
-	j.Op.Step = stepLabel(i, s)
 	return e
 }
 
@@ -357,6 +471,13 @@ func stepLabel(i int, s commands.WorkflowStep) string {
 // saveProgress records the workflow at step i, with its progress in
 // Details.
 func (j *Journal) saveProgress(ctx context.Context, i int) error {
+	j.progress(i)
+	return j.Save(ctx)
+}
+
+// progress sets the workflow's Step to step i and its Details to its
+// progress: steps_done, steps_total and step.
+func (j *Journal) progress(i int) {
 	wf := j.Op.Workflow
 	done := 0
 	for _, s := range wf.Steps {
@@ -367,5 +488,4 @@ func (j *Journal) saveProgress(ctx context.Context, i int) error {
 	j.Op.Step = stepLabel(i, wf.Steps[i])
 	j.Op.Details = map[string]any{commands.DetailStepsDone: done, commands.DetailStepsTotal: len(wf.Steps),
 		commands.DetailStep: j.Op.Step}
-	return j.Save(ctx)
 }

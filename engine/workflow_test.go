@@ -80,7 +80,7 @@ func newFlowWorld(t *testing.T, fail ...string) *flowWorld {
 			return nil, commands.Timeout("%s did not finish", req.Do).WithDetail(commands.DetailJobMayRun, true).
 				WithDetail("cloudstack_error_code", 530)
 		case req.Fail:
-			return nil, commands.CloudStack("%s refused", req.Do).WithDetail("cloudstack_error_code", 533)
+			return nil, commands.CloudStack("%s refused", req.Do).WithDetail("cloudstack_error_code", 533).WithDetail("step", "refuse")
 		}
 		if w.during != nil {
 			w.during(req.Do)
@@ -163,9 +163,11 @@ func TestWorkflowRunner(t *testing.T) {
 		{name: "c fails: b then a undone", fail: []string{"c"}, status: commands.StatusFailed,
 			did: []string{"a", "b", "undo-b", "undo-a"}, compensated: true,
 			statuses: []string{"undone", "undone", "failed", "done", "done"}},
-		{name: "c times out, its job maybe running: c undone too", fail: []string{"c may run"}, status: commands.StatusFailed,
-			code: commands.CodeTimeout, did: []string{"a", "b", "undo-c", "undo-b", "undo-a"}, compensated: true,
-			statuses: []string{"undone", "undone", "failed", "done", "done", "done"}},
+		{name: "c times out, its job maybe running, no CloudStack to ask: unknown", fail: []string{"c may run"}, status: commands.StatusFailed,
+			code: commands.CodeTimeout, did: []string{"a", "b", "undo-b", "undo-a"}, compensated: false,
+			statuses: []string{"undone", "undone", "failed", "done", "done"},
+			left: []any{"step 2 (c volume vol-c) may have been done: what its CloudStack job did is unknown (it still ran when the workflow gave up waiting; the reconcile records its end on operation " +
+				engine.ChildID("op-flow", 2) + ")"}},
 		{name: "a fails: nothing to undo", fail: []string{"a"}, status: commands.StatusFailed,
 			compensated: true, statuses: []string{"failed", "pending", "pending"}},
 		{name: "undo of b fails", fail: []string{"c", "undo-b"}, status: commands.StatusFailed,
@@ -209,9 +211,20 @@ func TestWorkflowRunner(t *testing.T) {
 				if code == "" {
 					code = commands.CodeCloudStackError
 				}
+				failedStep, _ := op.Details[commands.DetailFailedStep].(map[string]any)
 				if op.Details[commands.DetailCompensated] != tc.compensated || op.Details["code"] != code ||
-					op.Details["cloudstack_error_code"] == nil || op.Details[commands.DetailJobMayRun] != nil {
-					t.Fatalf("details %v, want compensated %v and the step's CloudStack error", op.Details, tc.compensated)
+					failedStep["cloudstack_error_code"] == nil || failedStep["code"] != code ||
+					op.Details["cloudstack_error_code"] != nil || op.Details[commands.DetailJobMayRun] != nil {
+					t.Fatalf("details %v, want compensated %v and the step's CloudStack error under failed_step", op.Details, tc.compensated)
+				}
+				// The workflow's own keys are its own: step is the step
+				// that failed, not the child's.
+				failed := slices.IndexFunc(op.Workflow.Steps, func(s commands.WorkflowStep) bool {
+					return s.Undoes == nil && s.Status == commands.StepFailed
+				})
+				if want := fmt.Sprintf("%d:%s:%s", failed, op.Workflow.Steps[failed].Name, op.Workflow.Steps[failed].VolumeID); op.Details[commands.DetailStep] != want ||
+					op.Details[commands.DetailStepsTotal] == nil || op.Step != want {
+					t.Fatalf("details step %v (op step %q), want %s with steps_total", op.Details[commands.DetailStep], op.Step, want)
 				}
 				left, _ := op.Details[commands.DetailLeft].([]any)
 				if !slices.Equal(left, tc.left) {

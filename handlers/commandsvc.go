@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -53,12 +54,101 @@ func (s *Service) endpoints() []endpoint {
 					if err != nil {
 						return nil, err
 					}
+					if len(cmd.VolumeIDs) > 0 {
+						cmd.Check = s.servedEverywhere(subject, cmd.Check)
+					}
 					return s.accept(ctx, key, typ, cmd)
 				}})
 		}
 	}
 	return append(eps, endpoint{name: "force-sync", subject: commands.SubjectForceSync, status: http.StatusOK, timeout: commands.ForceSyncTimeout,
 		run: func(ctx context.Context, _ []byte, _ string) (any, error) { return s.Reconcile(ctx) }})
+}
+
+// Discovery of the command service's instances ($SRV.INFO.volumed).
+const (
+	// discoveryWait bounds the wait for the instances' answers.
+	discoveryWait = 500 * time.Millisecond
+	// discoveryQuiet ends the wait once no answer has come for this long
+	// since the last one.
+	discoveryQuiet = 100 * time.Millisecond
+)
+
+// servedEverywhere adds to a command's pre-checks (check, nil for none)
+// that every running instance serves its subject: a command on several
+// volumes is queued as a job and holds on several lines, and an instance
+// of an earlier release that does not know its type, delivered one of
+// them, would fail the operation. Both run at once; the refusal of
+// unserved wins over the check's error.
+func (s *Service) servedEverywhere(subject string, check func(ctx, checkCtx context.Context) error) func(ctx, checkCtx context.Context) error {
+	return func(ctx, checkCtx context.Context) error {
+		served := make(chan error, 1)
+		go func() { served <- s.unserved(ctx, subject) }()
+		var err error
+		if check != nil {
+			err = check(ctx, checkCtx)
+		}
+		if refused := <-served; refused != nil {
+			return refused
+		}
+		return err
+	}
+}
+
+// unserved asks every instance of the command service for its endpoints
+// (micro's INFO, not cached) and answers 503 naming those that do not
+// serve subject, or when none answered. It reads the answers for up to
+// discoveryWait, until none came for discoveryQuiet: an instance that
+// answers later is not seen.
+func (s *Service) unserved(ctx context.Context, subject string) error {
+	info, err := micro.ControlSubject(micro.InfoVerb, commands.ServiceName, "")
+	if err != nil {
+		return commands.Internal("service discovery: %v", err)
+	}
+	inbox := s.cfg.Conn.NewInbox()
+	sub, err := s.cfg.Conn.SubscribeSync(inbox)
+	if err != nil {
+		return commands.Unavailable("service discovery: %v", err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := s.cfg.Conn.PublishRequest(info, inbox, nil); err != nil {
+		return commands.Unavailable("service discovery: %v", err)
+	}
+	end := time.Now().Add(discoveryWait)
+	answered := 0
+	var names []string
+	var lacking []map[string]string
+	for {
+		wait := time.Until(end)
+		if answered > 0 {
+			wait = min(wait, discoveryQuiet)
+		}
+		wctx, cancel := context.WithTimeout(ctx, wait)
+		msg, err := sub.NextMsgWithContext(wctx)
+		cancel()
+		if err != nil {
+			break // the time is up, or the command's
+		}
+		var got micro.Info
+		if err := json.Unmarshal(msg.Data, &got); err != nil {
+			s.log.Warn("unreadable answer to service discovery", "err", err)
+			continue
+		}
+		answered++
+		if !slices.ContainsFunc(got.Endpoints, func(e micro.EndpointInfo) bool { return e.Subject == subject }) {
+			names = append(names, fmt.Sprintf("%s (version %s)", got.ID, got.Version))
+			lacking = append(lacking, map[string]string{"id": got.ID, "version": got.Version})
+		}
+	}
+	switch {
+	case len(lacking) > 0:
+		return commands.Unavailable("an earlier volumed is running: instance(s) %s do not serve %s; upgrade every instance first",
+			strings.Join(names, ", "), subject).WithDetail("subject", subject).WithDetail("instances", lacking)
+	case answered == 0:
+		return commands.Unavailable("no volumed instance answered service discovery within %v: cannot tell whether every instance serves %s", discoveryWait, subject).
+			WithDetail("subject", subject)
+	}
+	return nil
 }
 
 // acceptStats are the command service's own counters, shown in the

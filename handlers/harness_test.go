@@ -45,13 +45,15 @@ type harnessOpts struct {
 	wrap func(state.Store) state.Store
 	// wrapJS, when set, wraps the service's JetStream.
 	wrapJS func(jetstream.JetStream) jetstream.JetStream
+	// inventory, when set, replaces the simulator's.
+	inventory *cloudsim.Inventory
 }
 
 func newHarness(t testing.TB, o harnessOpts) *harness {
 	t.Helper()
 	ctx := context.Background()
 	h := &harness{t: t, bus: testenv.StartBus(t)}
-	h.sim = simtest.Start(t, cloudsim.Config{JobDuration: 50 * time.Millisecond, LocalDevices: cloudsim.LocalDevicesOff})
+	h.sim = simtest.Start(t, cloudsim.Config{JobDuration: 50 * time.Millisecond, LocalDevices: cloudsim.LocalDevicesOff, Inventory: o.inventory})
 	log := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	if o.redis {
 		r := testenv.StartRedis(t)

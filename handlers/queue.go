@@ -9,7 +9,6 @@ import (
 	"math"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -71,14 +70,6 @@ func lineSubject(line, opID string) string {
 // first line.
 func jobSubject(op commands.Operation) string {
 	return lineSubject(lineOf(op), op.ID)
-}
-
-// lineOfSubject returns the line of a job subject; a job queued by an
-// older volumed (volumed.jobs.<operation_id>) is its own line.
-func lineOfSubject(subject string) string {
-	rest := strings.TrimPrefix(subject, bus.JobsSubjectPrefix)
-	line, _, _ := strings.Cut(rest, ".")
-	return line
 }
 
 // enqueue publishes the job of an accepted operation on its line (on each

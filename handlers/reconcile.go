@@ -12,6 +12,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -54,9 +55,21 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 	if s.cfg.VMID != "" {
 		vms[s.cfg.VMID] = true
 	}
+	// Listed after the mappings were read: as fresh as asking for each.
+	var listed map[string]csapi.Volume
+	if len(mappings) >= listAllAt {
+		vols, err := s.cfg.CloudStack.ListVolumes(ctx, csapi.ListFilter{})
+		if err != nil {
+			return res, engine.CloudStackError(err)
+		}
+		listed = make(map[string]csapi.Volume, len(vols))
+		for _, v := range vols {
+			listed[v.ID] = v
+		}
+	}
 	for _, m := range mappings {
 		vms[m.VMID] = true
-		change, err := s.rec.reconcileMapping(ctx, m)
+		change, err := s.rec.reconcileMapping(ctx, m, listed)
 		if err != nil {
 			res.Errors = append(res.Errors, fmt.Sprintf("volume %s: %v", m.VolumeID, err))
 		} else if change != "" {
@@ -145,24 +158,13 @@ func (r *reconciler) askedAgain(ctx context.Context, rb commands.Operation) (boo
 	if err := engine.DecodeRequest(&rb, &req); err != nil {
 		return false, nil
 	}
-	f := state.Filter{Type: commands.OpRollback, VolumeID: rb.VolumeID}
-	for {
-		ops, next, err := r.cfg.Store.ListOperations(ctx, f)
-		if err != nil {
-			return false, err
-		}
-		for _, op := range ops {
-			var other commands.RollbackRequest
-			if op.ID != rb.ID && op.CreatedAt.After(rb.CreatedAt) && op.Status != commands.StatusFailed && op.Status != commands.StatusCancelled &&
-				engine.DecodeRequest(&op, &other) == nil && other.FailoverID == req.FailoverID {
-				return true, nil
-			}
-		}
-		if next == "" {
-			return false, nil
-		}
-		f.Cursor = next
+	rbs, err := kinds.RollbacksOf(ctx, r.cfg.Store, req.FailoverID, rb.VolumeID)
+	if err != nil {
+		return false, err
 	}
+	return slices.ContainsFunc(rbs, func(op commands.Operation) bool {
+		return op.ID != rb.ID && op.CreatedAt.After(rb.CreatedAt) && op.Status != commands.StatusFailed && op.Status != commands.StatusCancelled
+	}), nil
 }
 
 // leftOf is what a failed workflow left where, in words.
@@ -193,10 +195,26 @@ func (r *reconciler) reconcileDevices(ctx context.Context, vm string) ([]string,
 	return r.cfg.Devices.Reconcile(ctx, vm, attached)
 }
 
+// listAllAt is the number of mappings from which a reconcile lists every
+// volume once, in pages, instead of asking CloudStack for each mapped
+// volume: its calls then grow with the pages, not with the mappings.
+const listAllAt = 16
+
 // reconcileMapping removes a mapping CloudStack no longer explains and
-// refreshes the sync time of one it does.
-func (r *reconciler) reconcileMapping(ctx context.Context, m commands.Mapping) (string, error) {
-	vol, err := r.cfg.CloudStack.GetVolume(ctx, m.VolumeID)
+// refreshes the sync time of one it does. listed, when not nil, is every
+// volume CloudStack listed after m was read; m's volume is asked for
+// otherwise.
+func (r *reconciler) reconcileMapping(ctx context.Context, m commands.Mapping, listed map[string]csapi.Volume) (string, error) {
+	var vol csapi.Volume
+	var err error
+	if listed != nil {
+		var ok bool
+		if vol, ok = listed[m.VolumeID]; !ok {
+			err = csapi.ErrNotFound
+		}
+	} else {
+		vol, err = r.cfg.CloudStack.GetVolume(ctx, m.VolumeID)
+	}
 	var why string
 	switch {
 	case errors.Is(err, csapi.ErrNotFound):
@@ -218,6 +236,9 @@ func (r *reconciler) reconcileMapping(ctx context.Context, m commands.Mapping) (
 		}
 		if err != nil {
 			return "", state.APIError(err)
+		}
+		if listed != nil && cur.Revision != m.Revision {
+			return "", nil // changed since the list began: the next sync looks again
 		}
 		cur.LastSync = time.Now().UTC()
 		cur.CloudStackState = commands.CloudStackAttached

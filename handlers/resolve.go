@@ -5,12 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net/http"
 	"time"
 
 	"github.com/volumed/volumed/commands"
-	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/state"
 )
@@ -92,89 +90,20 @@ func (r *reconciler) resolveJobs(ctx context.Context) (changes, errs []string) {
 // or the operation changed since it was listed (the next reconcile reads
 // it again).
 func (r *reconciler) resolveJob(ctx context.Context, op commands.Operation) (string, error) {
-	jobID, _ := op.Details[commands.DetailJobID].(string)
-	if jobID == "" {
-		jobID = op.JobID
-	}
 	k, _ := r.kind(op.Type).(engine.Resolver)
-	switch {
-	case jobID == "":
-		return r.annotate(ctx, op, jobID, engine.Outcome{Status: commands.JobUnknown,
-			Resolution: "the operation recorded no CloudStack job: what it did is unknown"}, "")
-	case k == nil:
-		return r.annotate(ctx, op, jobID, engine.Outcome{Status: commands.JobUnknown,
-			Resolution: fmt.Sprintf("a %s operation has no CloudStack job to follow: what job %s did is unknown", op.Type, jobID)}, "")
+	res, err := engine.ResolveJob(ctx, k, op, engine.VolumeLook(r.cfg.CloudStack, r.cfg.Store, op), r.cfg.CloudStack.QueryJob)
+	if err != nil || res.Pending {
+		return "", err
 	}
-	var out engine.Outcome
-	job, err := r.cfg.CloudStack.QueryJob(ctx, jobID)
-	switch {
-	case errors.Is(err, csapi.ErrNotFound) && op.VolumeID == "":
-		out = engine.Outcome{Status: commands.JobUnknown, Details: map[string]any{},
-			Resolution: fmt.Sprintf("CloudStack no longer knows %s job %s, and the volume's state (no volume recorded) does not tell whether it ran: what it did is unknown",
-				k.JobCommand(), jobID)}
-	case errors.Is(err, csapi.ErrNotFound):
-		if out, err = k.Gone(ctx, op, jobID, volumeLook{r: r, op: op}); err != nil {
-			return "", err
-		}
-	case err != nil:
-		return "", engine.CloudStackError(err)
-	case job.Status == csapi.JobPending:
-		return "", nil
-	case job.Status == csapi.JobSuccess:
-		out = k.Succeeded(op, jobID, job.Volume)
-	default:
-		why, details := "it failed", map[string]any{}
-		var cs *csapi.Error
-		if errors.As(job.Err, &cs) {
-			details["cloudstack_error_code"], details["cloudstack_message"] = cs.Code, cs.Text
-			why = fmt.Sprintf("error %d: %s", cs.Code, cs.Text)
-		}
-		out = k.Failed(op, jobID, why)
-		maps.Copy(details, out.Details)
-		out.Details = details
-	}
-	var adopted string
-	if out.Status == commands.JobSucceeded {
-		if adopted, err = k.Adopt(ctx, op); err != nil {
-			return "", err
-		}
-	}
-	return r.annotate(ctx, op, jobID, out, adopted)
+	return r.annotate(ctx, op, res)
 }
 
-// volumeLook answers a Resolver's questions about op's volume.
-type volumeLook struct {
-	r  *reconciler
-	op commands.Operation
-}
-
-func (l volumeLook) Volume(ctx context.Context) (csapi.Volume, bool, error) {
-	vol, err := l.r.cfg.CloudStack.GetVolume(ctx, l.op.VolumeID)
-	if errors.Is(err, csapi.ErrNotFound) {
-		return vol, true, nil
-	}
-	if err != nil {
-		return vol, false, engine.CloudStackError(err)
-	}
-	return vol, false, nil
-}
-
-func (l volumeLook) Later(ctx context.Context) (string, error) { return l.r.laterOperation(ctx, l.op) }
-
-// annotate records out on the failed operation op by compare-and-swap and
-// publishes it; adopted says what was recorded besides. It returns the
-// change in words, "" when the operation changed since it was listed.
-func (r *reconciler) annotate(ctx context.Context, op commands.Operation, jobID string, out engine.Outcome, adopted string) (string, error) {
-	note := op
-	note.Details = maps.Clone(op.Details)
-	maps.Copy(note.Details, out.Details)
-	now := time.Now().UTC()
-	note.Details[commands.DetailJobMayRun] = false
-	note.Details[commands.DetailJobStatus] = out.Status
-	note.Details[commands.DetailResolvedAt] = now.Format(time.RFC3339)
-	note.Details[commands.DetailResolution] = out.Resolution
-	note.UpdatedAt = now
-	saved, err := r.cfg.Store.UpdateOperation(ctx, note)
+// annotate records res on the failed operation op by compare-and-swap and
+// publishes it. It returns the change in words, "" when the operation
+// changed since it was listed.
+func (r *reconciler) annotate(ctx context.Context, op commands.Operation, res engine.Resolution) (string, error) {
+	jobID, out, adopted := res.JobID, res.Outcome, res.Adopted
+	saved, err := r.cfg.Store.UpdateOperation(ctx, res.Record(op, time.Now().UTC()))
 	if errors.Is(err, state.ErrStale) {
 		return adopted, nil // changed since listed: the next reconcile reads it again
 	}
@@ -189,29 +118,4 @@ func (r *reconciler) annotate(ctx context.Context, op commands.Operation, jobID 
 		change += "; " + adopted
 	}
 	return change, nil
-}
-
-// laterOperation returns the id of an operation on op's volume accepted
-// after op, in any status ("" for none): its work could be what the
-// volume shows now.
-func (r *reconciler) laterOperation(ctx context.Context, op commands.Operation) (string, error) {
-	f := state.Filter{VolumeID: op.VolumeID, Limit: resolvePage}
-	for {
-		ops, next, err := r.cfg.Store.ListOperations(ctx, f)
-		if err != nil {
-			return "", state.APIError(err)
-		}
-		for _, o := range ops { // newest first
-			if o.ID != op.ID && o.CreatedAt.After(op.CreatedAt) {
-				return o.ID, nil
-			}
-			if !o.CreatedAt.After(op.CreatedAt) {
-				return "", nil
-			}
-		}
-		if next == "" {
-			return "", nil
-		}
-		f.Cursor = next
-	}
 }

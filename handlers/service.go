@@ -71,6 +71,9 @@ type Config struct {
 	// StepTimeout bounds each CloudStack step, job wait included; an
 	// operation whose step passes it fails. Default 5 minutes.
 	StepTimeout time.Duration
+	// StopGrace is how long stop_vm (a rollback's first step) waits for a
+	// graceful stop before it forces one. Default kinds.DefaultStopGrace.
+	StopGrace time.Duration
 	// AckWait is how long a job message may go without a heartbeat before
 	// JetStream redelivers it (after a crash). Default 15 s.
 	AckWait time.Duration
@@ -205,6 +208,9 @@ func New(cfg Config) *Service {
 	if cfg.SettleTimeout <= 0 {
 		cfg.SettleTimeout = 10 * time.Second
 	}
+	if cfg.StopGrace <= 0 {
+		cfg.StopGrace = kinds.DefaultStopGrace
+	}
 	if cfg.SyncInterval == 0 {
 		cfg.SyncInterval = 5 * time.Minute
 	}
@@ -233,11 +239,11 @@ func New(cfg Config) *Service {
 	}
 	s.release = &engine.Releaser{Mappings: s.mappings, Exports: s.host, Devices: devices,
 		InUse: inUse{devices: cfg.Devices, host: s.host}, Wait: cfg.StepTimeout, Log: s.log}
-	s.engine = engine.New(engine.Config{Operations: cfg.Store, Publisher: s, Guard: s.guard, Logger: s.log,
+	s.engine = engine.New(engine.Config{Operations: cfg.Store, Publisher: s, Guard: s.guard, Jobs: cfg.CloudStack, Logger: s.log,
 		Timing: engine.Timing{StepTimeout: cfg.StepTimeout, SettleTimeout: cfg.SettleTimeout,
 			Retry: backoff.Policy{Min: cfg.RetryMin, Max: cfg.RetryMax}}},
 		kinds.All(kinds.Deps{CloudStack: cfg.CloudStack, Operations: cfg.Store, Mappings: s.mappings, Release: s.release,
-			Devices: devices, Sizes: sizes, Exports: s.host, Catalog: catalog{s}, Log: s.log})...)
+			Devices: devices, Sizes: sizes, Exports: s.host, Catalog: catalog{s}, StopGrace: cfg.StopGrace, Log: s.log})...)
 	s.rec = &reconciler{cfg: cfg, log: s.log, mappings: s.mappings, release: s.release, pub: s, kind: s.engine.Kind}
 	s.bySubject = map[string]endpoint{}
 	for _, ep := range s.endpoints() {

@@ -238,14 +238,25 @@ func (w workflow) child(wf *commands.Workflow, i int) (engine.Child, error) {
 	return engine.Child{}, commands.Internal("workflow step %d: unknown step %q", i, s.Name)
 }
 
-// done records the snapshot a snapshot step took.
+// done records the snapshot a snapshot step took: the child's response,
+// or, for a child that timed out on a job that took it after all, the
+// snapshot its failure or its job's resolution names.
 func (workflow) done(wf *commands.Workflow, i int, child commands.Operation) {
-	if s := wf.Steps[i]; s.Name == WfSnapshot && child.Response != nil {
-		if wf.Snapshots == nil {
-			wf.Snapshots = map[string]string{}
-		}
-		wf.Snapshots[s.VolumeID] = child.Response.SnapshotID
+	s := wf.Steps[i]
+	if s.Name != WfSnapshot {
+		return
 	}
+	id, _ := child.Details["snapshot_id"].(string)
+	if child.Response != nil {
+		id = child.Response.SnapshotID
+	}
+	if id == "" {
+		return
+	}
+	if wf.Snapshots == nil {
+		wf.Snapshots = map[string]string{}
+	}
+	wf.Snapshots[s.VolumeID] = id
 }
 
 // undo is the undo of a failover's forward step: a start by a forced
@@ -347,13 +358,7 @@ func (w workflow) left(wf *commands.Workflow) []string {
 	}
 	for _, v := range order {
 		c, before := at[v], wf.Before[v]
-		was := "detached"
-		if before.VMID != "" {
-			was = "on VM " + before.VMID
-		}
-		if before.ExportName != "" {
-			was += " exported as " + before.ExportName
-		}
+		was := wasAt(before)
 		switch {
 		case c.vm != before.VMID && c.vm == "":
 			out = append(out, fmt.Sprintf("volume %s is detached; it was %s", v, was))
@@ -377,4 +382,16 @@ func (w workflow) left(wf *commands.Workflow) []string {
 		}
 	}
 	return out
+}
+
+// wasAt says where a volume was before the failover, for people.
+func wasAt(before commands.Placement) string {
+	was := "detached"
+	if before.VMID != "" {
+		was = "on VM " + before.VMID
+	}
+	if before.ExportName != "" {
+		was += " exported as " + before.ExportName
+	}
+	return was
 }

@@ -30,6 +30,8 @@ import (
 const (
 	appliance = csfake.VMID
 	testVM    = csfake.StoppedVMID
+	// thirdVM is a Stopped VM neither the appliance nor the test VM.
+	thirdVM = "6a1b2c3d-0000-4000-8000-0000000000f3"
 )
 
 // hookEvents passes each operation event to a hook the test sets.
@@ -93,6 +95,8 @@ type sentCloud struct {
 	sent map[string]int64
 	// stops records the forced flag of each stop sent.
 	stops []bool
+	// onWait, when set, is called with the job of each WaitJob.
+	onWait func(jobID string)
 }
 
 func (c *sentCloud) count(ctx context.Context, cmd string) {
@@ -107,6 +111,17 @@ func (c *sentCloud) calls(cmd string) int64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.sent[cmd]
+}
+
+// WaitJob runs the hook the test set, if any, first.
+func (c *sentCloud) WaitJob(ctx context.Context, jobID string) (csapi.Job, error) {
+	c.mu.Lock()
+	fn := c.onWait
+	c.mu.Unlock()
+	if fn != nil {
+		fn(jobID)
+	}
+	return c.Cloud.WaitJob(ctx, jobID)
 }
 
 func (c *sentCloud) CreateSnapshot(ctx context.Context, p csapi.SnapshotParams) (string, string, error) {
@@ -166,15 +181,23 @@ type foWorld struct {
 
 func newFoWorld(t *testing.T) *foWorld {
 	t.Helper()
-	w := &foWorld{t: t, ctx: context.Background(), cloud: csfake.New(csfake.Default()), store: memstore.New(),
+	return newFoWorldStep(t, 5*time.Second)
+}
+
+// newFoWorldStep is newFoWorld whose steps time out after step.
+func newFoWorldStep(t *testing.T, step time.Duration) *foWorld {
+	t.Helper()
+	cfg := csfake.Default()
+	cfg.VMs = append(cfg.VMs, csfake.VM{VM: csapi.VM{ID: thirdVM, Name: "third-vm", State: csfake.Stopped, ZoneID: csfake.ZoneID}})
+	w := &foWorld{t: t, ctx: context.Background(), cloud: csfake.New(cfg), store: memstore.New(),
 		users: &fakeUsers{users: map[string][]commands.DeviceUser{}}, events: &hookEvents{}, log: &lockedBuffer{}}
 	w.sent = &sentCloud{Cloud: w.cloud, sent: map[string]int64{}}
 	log := slog.New(slog.NewTextHandler(w.log, nil))
 	writer := engine.NewMappingWriter(w.store, nil, log)
 	exports := namedExports{storeExports{w.store}, w.store}
 	rel := &engine.Releaser{Mappings: writer, Exports: exports, InUse: w.users, Log: log}
-	w.engine = engine.New(engine.Config{Operations: w.store, Publisher: w.events, Logger: log,
-		Timing: engine.Timing{StepTimeout: 5 * time.Second, SettleTimeout: 50 * time.Millisecond,
+	w.engine = engine.New(engine.Config{Operations: w.store, Publisher: w.events, Logger: log, Jobs: w.sent,
+		Timing: engine.Timing{StepTimeout: step, SettleTimeout: 50 * time.Millisecond,
 			Retry: backoff.Policy{Min: time.Millisecond, Max: time.Millisecond}}},
 		kinds.All(kinds.Deps{CloudStack: w.sent, Operations: w.store, Mappings: writer, Release: rel,
 			Exports: exports, Log: log, StopGrace: 50 * time.Millisecond})...)
@@ -1102,5 +1125,42 @@ func TestRollbackAskedAgainAfterItsReverts(t *testing.T) {
 	}
 	if got := w.since(before); got.calls[csfake.CmdRevertSnapshot] != 0 || w.snapshots(w.data) != 0 || w.where(w.root).vm != "" {
 		t.Fatalf("asked again: %+v, data snapshots %d, root %+v", got, w.snapshots(w.data), w.where(w.root))
+	}
+}
+
+// TestRollbackFindsAThirdVM: a rollback that finds a volume on a VM that
+// is neither the failover's nor where it was does nothing and fails not
+// compensated, left saying where each volume is and which snapshots are
+// kept.
+func TestRollbackFindsAThirdVM(t *testing.T) {
+	w := newFoWorld(t)
+	fo := w.finish(w.record(commands.OpFailover, w.failoverReq(), testVM))
+	job, err := w.cloud.DetachVolume(w.ctx, w.data)
+	w.must(err)
+	_, err = w.cloud.WaitJob(w.ctx, job)
+	w.must(err)
+	job, err = w.cloud.AttachVolume(w.ctx, w.data, thirdVM, nil)
+	w.must(err)
+	_, err = w.cloud.WaitJob(w.ctx, job)
+	w.must(err)
+	before := w.counts()
+	_, rb := w.run(w.ctx, w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if rb.Status != commands.StatusFailed || rb.Details[commands.DetailCompensated] != false || rb.Details["code"] != commands.CodeConflict {
+		t.Fatalf("rollback %s: %s %v", rb.Status, rb.Error, rb.Details)
+	}
+	var left []string
+	got, _ := rb.Details[commands.DetailLeft].([]any)
+	for _, l := range got {
+		left = append(left, l.(string))
+	}
+	want := []string{"volume " + w.root + " is attached to VM " + testVM + "; it was on VM " + appliance + " exported as " + exportName(w.root),
+		"volume " + w.data + " is attached to VM " + thirdVM + "; it was on VM " + appliance + " exported as " + exportName(w.data),
+		"snapshot " + fo.Response.Snapshots[w.root] + " of volume " + w.root + " is kept",
+		"snapshot " + fo.Response.Snapshots[w.data] + " of volume " + w.data + " is kept"}
+	if !slices.Equal(left, want) {
+		t.Fatalf("left %q\nwant %q", left, want)
+	}
+	if got := w.since(before); slices.ContainsFunc(countedCalls, func(cmd string) bool { return got.calls[cmd] != 0 }) {
+		t.Fatalf("the rollback called CloudStack: %v", got.calls)
 	}
 }

@@ -32,8 +32,15 @@ func succeededJob(command, jobID, what string) engine.Outcome {
 
 func (snapshot) JobCommand() string { return "createSnapshot" }
 
-func (k snapshot) Succeeded(op commands.Operation, jobID string, _ *csapi.Volume) engine.Outcome {
-	return succeededJob(k.JobCommand(), jobID, "CloudStack took the snapshot of volume "+op.VolumeID)
+// Succeeded names the snapshot the job took (details snapshot_id) when
+// its result carries it.
+func (k snapshot) Succeeded(op commands.Operation, jobID string, job csapi.Job) engine.Outcome {
+	if job.Snapshot == nil || job.Snapshot.ID == "" {
+		return succeededJob(k.JobCommand(), jobID, "CloudStack took the snapshot of volume "+op.VolumeID)
+	}
+	out := succeededJob(k.JobCommand(), jobID, fmt.Sprintf("CloudStack took snapshot %s (%s) of volume %s", job.Snapshot.Name, job.Snapshot.ID, op.VolumeID))
+	out.Details["snapshot_id"] = job.Snapshot.ID
+	return out
 }
 
 // Failed: a failed createSnapshot leaves its snapshot in state Error.
@@ -68,7 +75,7 @@ func (snapshot) Adopt(context.Context, commands.Operation) (string, error) { ret
 
 func (deleteSnapshot) JobCommand() string { return "deleteSnapshot" }
 
-func (k deleteSnapshot) Succeeded(op commands.Operation, jobID string, _ *csapi.Volume) engine.Outcome {
+func (k deleteSnapshot) Succeeded(op commands.Operation, jobID string, _ csapi.Job) engine.Outcome {
 	return succeededJob(k.JobCommand(), jobID, "CloudStack deleted the snapshot")
 }
 
@@ -97,7 +104,7 @@ func (deleteSnapshot) Adopt(context.Context, commands.Operation) (string, error)
 
 func (revert) JobCommand() string { return "revertSnapshot" }
 
-func (k revert) Succeeded(op commands.Operation, jobID string, _ *csapi.Volume) engine.Outcome {
+func (k revert) Succeeded(op commands.Operation, jobID string, _ csapi.Job) engine.Outcome {
 	return succeededJob(k.JobCommand(), jobID, "CloudStack reverted volume "+op.VolumeID)
 }
 
@@ -114,10 +121,10 @@ func (revert) Adopt(context.Context, commands.Operation) (string, error) { retur
 
 func (resize) JobCommand() string { return "resizeVolume" }
 
-func (k resize) Succeeded(op commands.Operation, jobID string, vol *csapi.Volume) engine.Outcome {
+func (k resize) Succeeded(op commands.Operation, jobID string, job csapi.Job) engine.Outcome {
 	what := "CloudStack resized volume " + op.VolumeID
-	if vol != nil {
-		what += fmt.Sprintf(" to %d bytes", vol.Size)
+	if job.Volume != nil {
+		what += fmt.Sprintf(" to %d bytes", job.Volume.Size)
 	}
 	return succeededJob(k.JobCommand(), jobID, what)
 }
@@ -144,7 +151,7 @@ func (resize) Adopt(context.Context, commands.Operation) (string, error) { retur
 
 func (tags) JobCommand() string { return "createTags/deleteTags" }
 
-func (k tags) Succeeded(op commands.Operation, jobID string, _ *csapi.Volume) engine.Outcome {
+func (k tags) Succeeded(op commands.Operation, jobID string, _ csapi.Job) engine.Outcome {
 	return succeededJob(k.JobCommand(), jobID, "CloudStack changed the tags of volume "+op.VolumeID)
 }
 
@@ -168,3 +175,43 @@ func (k tags) Gone(ctx context.Context, op commands.Operation, jobID string, loo
 }
 
 func (tags) Adopt(context.Context, commands.Operation) (string, error) { return "", nil }
+
+// A start or stop of a VM that timed out is resolved too; the VM's state
+// does not tell what a job CloudStack no longer knows did (another start
+// or stop may have made it).
+var (
+	_ engine.Resolver = startVM{}
+	_ engine.Resolver = stopVM{}
+)
+
+func (startVM) JobCommand() string { return "startVirtualMachine" }
+
+func (k startVM) Succeeded(op commands.Operation, jobID string, _ csapi.Job) engine.Outcome {
+	return succeededJob(k.JobCommand(), jobID, "CloudStack started VM "+op.VM())
+}
+
+func (k startVM) Failed(_ commands.Operation, jobID, why string) engine.Outcome {
+	return failedNothing(k.JobCommand(), jobID, why)
+}
+
+func (k startVM) Gone(_ context.Context, _ commands.Operation, jobID string, _ engine.JobLookup) (engine.Outcome, error) {
+	return unknown(k.JobCommand(), jobID, "a VM's state does not tell which start made it"), nil
+}
+
+func (startVM) Adopt(context.Context, commands.Operation) (string, error) { return "", nil }
+
+func (stopVM) JobCommand() string { return "stopVirtualMachine" }
+
+func (k stopVM) Succeeded(op commands.Operation, jobID string, _ csapi.Job) engine.Outcome {
+	return succeededJob(k.JobCommand(), jobID, "CloudStack stopped VM "+op.VM())
+}
+
+func (k stopVM) Failed(_ commands.Operation, jobID, why string) engine.Outcome {
+	return failedNothing(k.JobCommand(), jobID, why)
+}
+
+func (k stopVM) Gone(_ context.Context, _ commands.Operation, jobID string, _ engine.JobLookup) (engine.Outcome, error) {
+	return unknown(k.JobCommand(), jobID, "a VM's state does not tell which stop made it"), nil
+}
+
+func (stopVM) Adopt(context.Context, commands.Operation) (string, error) { return "", nil }

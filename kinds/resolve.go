@@ -75,10 +75,10 @@ func (create) JobCommand() string { return "createVolume" }
 
 // Succeeded names the volume CloudStack made, this operation's, so no
 // other create adopts it.
-func (k create) Succeeded(op commands.Operation, jobID string, vol *csapi.Volume) engine.Outcome {
+func (k create) Succeeded(op commands.Operation, jobID string, job csapi.Job) engine.Outcome {
 	id := op.VolumeID
-	if vol != nil && vol.ID != "" {
-		id = vol.ID
+	if job.Volume != nil && job.Volume.ID != "" {
+		id = job.Volume.ID
 	}
 	return engine.Outcome{Status: commands.JobSucceeded, Details: map[string]any{"volume_id": id},
 		Resolution: fmt.Sprintf("%s: CloudStack made volume %s, this operation's", succeededAfter(k.JobCommand(), jobID), id)}
@@ -115,7 +115,7 @@ func (create) Adopt(context.Context, commands.Operation) (string, error) { retur
 
 func (attach) JobCommand() string { return "attachVolume" }
 
-func (k attach) Succeeded(op commands.Operation, jobID string, _ *csapi.Volume) engine.Outcome {
+func (k attach) Succeeded(op commands.Operation, jobID string, _ csapi.Job) engine.Outcome {
 	return engine.Outcome{Status: commands.JobSucceeded, Details: map[string]any{},
 		Resolution: fmt.Sprintf("%s: CloudStack attached volume %s to VM %s", succeededAfter(k.JobCommand(), jobID), op.VolumeID, op.VM())}
 }
@@ -194,7 +194,7 @@ func (detach) JobCommand() string { return "detachVolume" }
 
 // Succeeded: the detach's mapping and NBD export are removed by the
 // mappings' reconcile in the same sync.
-func (k detach) Succeeded(op commands.Operation, jobID string, _ *csapi.Volume) engine.Outcome {
+func (k detach) Succeeded(op commands.Operation, jobID string, _ csapi.Job) engine.Outcome {
 	return engine.Outcome{Status: commands.JobSucceeded, Details: map[string]any{},
 		Resolution: fmt.Sprintf("%s: CloudStack detached volume %s", succeededAfter(k.JobCommand(), jobID), op.VolumeID)}
 }

@@ -85,7 +85,7 @@ func (d Deps) failoverOf(ctx context.Context, id string) (commands.Operation, co
 // rollbackOf returns a rollback of fo that is pending, executing or
 // completed, nil when there is none.
 func (d Deps) rollbackOf(ctx context.Context, fo commands.Operation) (*commands.Operation, error) {
-	rbs, err := d.rollbacksOf(ctx, fo)
+	rbs, err := RollbacksOf(ctx, d.Operations, fo.ID, fo.VolumeID)
 	if err != nil {
 		return nil, err
 	}
@@ -97,18 +97,19 @@ func (d Deps) rollbackOf(ctx context.Context, fo commands.Operation) (*commands.
 	return nil, nil
 }
 
-// rollbacksOf returns the recorded rollbacks of fo, in any status.
-func (d Deps) rollbacksOf(ctx context.Context, fo commands.Operation) ([]commands.Operation, error) {
+// RollbacksOf returns the recorded rollbacks of the failover failoverID
+// whose root volume is rootID, in any status, newest first.
+func RollbacksOf(ctx context.Context, ops state.OperationReader, failoverID, rootID string) ([]commands.Operation, error) {
 	var out []commands.Operation
-	f := state.Filter{Type: commands.OpRollback, VolumeID: fo.VolumeID}
+	f := state.Filter{Type: commands.OpRollback, VolumeID: rootID}
 	for {
-		ops, next, err := d.Operations.ListOperations(ctx, f)
+		page, next, err := ops.ListOperations(ctx, f)
 		if err != nil {
 			return nil, err
 		}
-		for _, op := range ops {
+		for _, op := range page {
 			var req commands.RollbackRequest
-			if engine.DecodeRequest(&op, &req) == nil && req.FailoverID == fo.ID {
+			if engine.DecodeRequest(&op, &req) == nil && req.FailoverID == failoverID {
 				out = append(out, op)
 			}
 		}
@@ -121,7 +122,7 @@ func (d Deps) rollbacksOf(ctx context.Context, fo commands.Operation) ([]command
 
 // reverted returns the volumes an earlier rollback of fo reverted.
 func (d Deps) reverted(ctx context.Context, fo commands.Operation) (map[string]bool, error) {
-	rbs, err := d.rollbacksOf(ctx, fo)
+	rbs, err := RollbacksOf(ctx, d.Operations, fo.ID, fo.VolumeID)
 	if err != nil {
 		return nil, fmt.Errorf("%w: rollbacks of failover %s: %w", engine.ErrStopped, fo.ID, err)
 	}
@@ -198,9 +199,14 @@ func (k rollback) plan(ctx context.Context, j *engine.Journal, freq commands.Fai
 			detaches = append(detaches, commands.WorkflowStep{Name: WfDetach, VolumeID: v, VMID: freq.VMID})
 		case back, vol.VMID == "":
 		default:
+			left, err := k.asIs(ctx, j, freq, wf)
+			if err != nil {
+				return nil, err
+			}
 			return nil, commands.Conflict("volume %s is on VM %s, neither the failover's VM %s nor where it was", v, vol.VMID, freq.VMID).
 				WithDetail("volume_id", v).WithDetail("vm_id", vol.VMID).
-				WithDetail(commands.DetailCompensated, false).WithDetail(commands.DetailSteps, []commands.WorkflowStep{})
+				WithDetail(commands.DetailCompensated, false).WithDetail(commands.DetailSteps, []commands.WorkflowStep{}).
+				WithDetail(commands.DetailLeft, left)
 		}
 		if !back {
 			reverts = append(reverts, commands.WorkflowStep{Name: WfRevert, VolumeID: v})
@@ -228,4 +234,37 @@ func (k rollback) plan(ctx context.Context, j *engine.Journal, freq commands.Fai
 		}
 	}
 	return wf, nil
+}
+
+// asIs is what a rollback that did nothing leaves where: each of the
+// failover's volumes not where it was before the failover (or without
+// its export), and the failover's snapshots, kept.
+func (k rollback) asIs(ctx context.Context, j *engine.Journal, freq commands.FailoverRequest, wf *commands.Workflow) ([]string, error) {
+	var left, kept []string
+	for _, v := range freq.Volumes() {
+		vol, err := k.volume(ctx, j, v)
+		if err != nil {
+			return nil, notFoundOr(err, v)
+		}
+		before := wf.Before[v]
+		switch {
+		case vol.VMID == before.VMID && before.ExportName != "":
+			has, err := k.Exports.HasExport(ctx, v)
+			if err != nil {
+				return nil, fmt.Errorf("%w: export record of %s: %w", engine.ErrStopped, v, err)
+			}
+			if !has {
+				left = append(left, fmt.Sprintf("volume %s is on VM %s but not exported; it was exported as %s", v, vol.VMID, before.ExportName))
+			}
+		case vol.VMID == before.VMID:
+		case vol.VMID == "":
+			left = append(left, fmt.Sprintf("volume %s is detached; it was %s", v, wasAt(before)))
+		default:
+			left = append(left, fmt.Sprintf("volume %s is attached to VM %s; it was %s", v, vol.VMID, wasAt(before)))
+		}
+		if snap := wf.Snapshots[v]; snap != "" {
+			kept = append(kept, fmt.Sprintf("snapshot %s of volume %s is kept", snap, v))
+		}
+	}
+	return append(left, kept...), nil
 }

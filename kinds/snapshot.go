@@ -106,7 +106,11 @@ func (k snapshot) backedUp(ctx context.Context, j *engine.Journal, s csapi.Snaps
 		return false, nil
 	})
 	if err == nil && !done {
-		err = commands.Timeout("snapshot %s (%s) is still %s", s.Name, s.ID, s.State).WithDetail("snapshot_id", s.ID)
+		e := commands.Timeout("snapshot %s (%s) is still %s", s.Name, s.ID, s.State).WithDetail("snapshot_id", s.ID)
+		if j.Op.JobID != "" { // its job may still take it
+			e = e.WithDetail(commands.DetailJobMayRun, true).WithDetail(commands.DetailJobID, j.Op.JobID)
+		}
+		err = e
 	}
 	return s, err
 }

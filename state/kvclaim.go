@@ -83,21 +83,20 @@ type kvWrite struct {
 var errBatchStale = errors.New("a key of the batch changed")
 
 // batch writes ws as one atomic batch and returns the revision of the
-// first write (the writes take consecutive revisions).
+// first write (the writes take consecutive revisions). A single write is
+// one conditional publish, as atomic as a batch of one: the server opens
+// a batch in a store of its own (on disk, for a file stream) and costs
+// several times as much.
 func (k *KV) batch(ctx context.Context, ws []kvWrite) (uint64, error) {
+	if len(ws) == 1 {
+		return k.single(ctx, ws[0])
+	}
 	nc := k.js.Conn()
 	id := uuid.NewString()
 	for i, w := range ws {
-		m := nats.NewMsg(k.subject(w.key))
-		m.Data = w.data
-		if w.purge {
-			m.Header.Set(kvOperationHeader, "PURGE")
-			m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
-			m.Header.Set(jetstream.MsgTTLHeader, kvMarkerTTL.String())
-		}
+		m := k.writeMsg(w)
 		m.Header.Set(batchIDHeader, id)
 		m.Header.Set(batchSeqHeader, strconv.Itoa(i+1))
-		m.Header.Set(expectLastSubject, strconv.FormatUint(w.expect, 10))
 		switch {
 		case i == len(ws)-1:
 			m.Header.Set(batchCommitHeader, "1")
@@ -144,6 +143,34 @@ func (k *KV) batch(ctx context.Context, ws []kvWrite) (uint64, error) {
 		}
 	}
 	return 0, errors.New("state: kv batch: no writes")
+}
+
+// writeMsg is the message of w, conditioned on its key's revision.
+func (k *KV) writeMsg(w kvWrite) *nats.Msg {
+	m := nats.NewMsg(k.subject(w.key))
+	m.Data = w.data
+	if w.purge {
+		m.Header.Set(kvOperationHeader, "PURGE")
+		m.Header.Set(jetstream.MsgRollup, jetstream.MsgRollupSubject)
+		m.Header.Set(jetstream.MsgTTLHeader, kvMarkerTTL.String())
+	}
+	m.Header.Set(expectLastSubject, strconv.FormatUint(w.expect, 10))
+	return m
+}
+
+// single writes w alone and returns its revision; errBatchStale when its
+// key had another revision.
+func (k *KV) single(ctx context.Context, w kvWrite) (uint64, error) {
+	ack, err := k.js.PublishMsg(ctx, k.writeMsg(w))
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && isWrongLast(int(apiErr.ErrorCode)) {
+		return 0, errBatchStale
+	}
+	if err != nil {
+		return 0, kvErr("write "+w.key, err)
+	}
+	k.writes.Add(1)
+	return ack.Sequence, nil
 }
 
 // mappingWrites adds to ws the claim writes that move a volume's device

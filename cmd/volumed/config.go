@@ -32,6 +32,8 @@ type config struct {
 	csSecretKey  string
 	vmID         string
 	stepTimeout  time.Duration
+	// stopGrace: how long a rollback's stop_vm waits for a graceful stop.
+	stopGrace    time.Duration
 	ackWait      time.Duration
 	syncInterval time.Duration
 	// opRetention: how long terminal operations are kept; 0 keeps them.
@@ -52,6 +54,8 @@ type config struct {
 	apiTokenFile string
 	// TLS and more tokens (tls.go).
 	tls tlsFlags
+	// pprofListen: the loopback address of net/http/pprof (pprof.go); "" off.
+	pprofListen string
 	// creds: `volumed creds` (creds.go) instead of the daemon.
 	creds *credsCommand
 }
@@ -177,6 +181,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f.str(&c.csAPIKey, "cloudstack-api-key", "CLOUDSTACK_API_KEY", "", "CloudStack API key")
 	f.str(&c.csSecretKey, "cloudstack-secret-key", "CLOUDSTACK_SECRET_KEY", "", "CloudStack secret key")
 	f.duration(&c.stepTimeout, "step-timeout", "VOLUMED_STEP_TIMEOUT", "5m", time.Second, "deadline of each CloudStack step; an operation past it fails")
+	f.duration(&c.stopGrace, "stop-grace", "VOLUMED_STOP_GRACE", "60s", time.Second, "how long a rollback waits for the test VM to stop gracefully before it forces the stop")
 	f.duration(&c.ackWait, "ack-wait", "VOLUMED_ACK_WAIT", "15s", time.Second, "how soon a job is redelivered after a crash")
 	f.duration(&c.syncInterval, "sync-interval", "VOLUMED_SYNC_INTERVAL", "5m", 0, "period of the background reconcile; 0 turns it off")
 	f.duration(&c.opRetention, "op-retention", "VOLUMED_OP_RETENTION", "720h", 0, "how long terminal operations are kept after they end; 0 keeps them forever")
@@ -187,8 +192,12 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f.natsCreds(&c)
 	f.StringVar(&c.apiToken, "api-token", "", "REST API bearer token, at least 16 characters ("+tokenEnv+", never shown here)")
 	f.str(&c.apiTokenFile, "api-token-file", "VOLUMED_API_TOKEN_FILE", "", "file holding the REST API bearer token; default <data-dir>/"+tokenFileName+", generated at first start")
+	f.str(&c.pprofListen, "pprof-listen", "VOLUMED_PPROF_LISTEN", "", "loopback address serving Go's profiles at /debug/pprof/; empty turns it off")
 	f.tlsFlags(&c)
 	if err := f.parse(args, &c); err != nil {
+		return c, err
+	}
+	if err := checkPprofListen(c.pprofListen); err != nil {
 		return c, err
 	}
 	if err := c.checkSecurity(); err != nil {

@@ -37,11 +37,13 @@ func TestRunExitCodes(t *testing.T) {
 			"--cloudstack-secret-key required"},
 		{"bad duration", cs("--step-timeout", "soon"), 2, "--step-timeout"},
 		{"step timeout too short", cs("--step-timeout", "10ms"), 2, "at least 1s"},
+		{"stop grace too short", cs("--stop-grace", "0"), 2, "--stop-grace"},
 		{"bad boolean", cs("--device-agent=maybe"), 2, "device-agent"},
 		{"replicas out of range", cs("--nats-replicas", "7"), 2, "--nats-replicas"},
 		{"empty URL in the NATS list", cs("--nats-url", "nats://127.0.0.1:4222,,nats://127.0.0.1:4223"), 2, "--nats-url: empty URL"},
 		{"bad log level", cs("--log-level", "loud"), 2, "--log-level"},
 		{"bad retention", cs("--op-retention", "-1h"), 2, "--op-retention"},
+		{"pprof off loopback", cs("--pprof-listen", "0.0.0.0:6060"), 2, "--pprof-listen: want a loopback address"},
 		{"stray argument", cs("extra"), 2, `unexpected argument "extra"`},
 		{"agent without vm", []string{"agent", "--nats-url", "nats://127.0.0.1:4222"}, 2, "--vm-id is required"},
 		{"agent without nats", []string{"agent", "--vm-id", "87654321-4321-4321-4321-210987654321"}, 2, "--nats-url is required"},
@@ -72,6 +74,7 @@ func TestConfigFromEnvironment(t *testing.T) {
 	t.Setenv("VOLUMED_SYNC_INTERVAL", "0")
 	t.Setenv("VOLUMED_LISTEN", "127.0.0.1:9999")
 	t.Setenv("VOLUMED_OP_RETENTION", "0")
+	t.Setenv("VOLUMED_STOP_GRACE", "2m")
 	t.Setenv("VOLUMED_API_TOKEN", "from-the-environment-0123")
 	t.Setenv("VOLUMED_NATS_URL", "nats://10.0.0.1:4222, nats://10.0.0.2:4222,nats://10.0.0.3:4222")
 	t.Setenv("VOLUMED_NATS_REPLICAS", "3")
@@ -80,7 +83,7 @@ func TestConfigFromEnvironment(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.csURL != "http://cloudstack.example:8080/client/api" || c.csAPIKey != "env-key" || c.csSecretKey != "env-secret" ||
-		c.stepTimeout != 90*time.Second || c.syncInterval >= 0 || c.listen != "127.0.0.1:7777" || c.opRetention != 0 ||
+		c.stepTimeout != 90*time.Second || c.syncInterval >= 0 || c.listen != "127.0.0.1:7777" || c.opRetention != 0 || c.stopGrace != 2*time.Minute ||
 		c.apiToken != "from-the-environment-0123" || c.natsReplicas != 3 || !strings.Contains(c.natsURL, "10.0.0.3") {
 		t.Fatalf("config %+v: environment not taken, or the flag did not win", c)
 	}

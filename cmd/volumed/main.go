@@ -143,6 +143,13 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	if err := os.MkdirAll(cfg.dataDir, 0o750); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
+	if cfg.pprofListen != "" {
+		p, err := startPprof(cfg.pprofListen, log)
+		if err != nil {
+			return err
+		}
+		started = append(started, p)
+	}
 	tokenSource, err := ensureToken(&cfg)
 	if err != nil {
 		return err
@@ -234,7 +241,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	cs := csapi.New(csapi.Config{URL: cfg.csURL, APIKey: cfg.csAPIKey, SecretKey: cfg.csSecretKey, Logger: log})
 	svc := handlers.New(handlers.Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, CloudStack: cs,
 		StoreName: storeName, VMID: cfg.vmID, Devices: corr, Exporter: exporter, AutoExport: cfg.nbdAutoExport,
-		StepTimeout: cfg.stepTimeout, AckWait: cfg.ackWait, SyncInterval: cfg.syncInterval, Version: version.Semver(), Logger: log})
+		StepTimeout: cfg.stepTimeout, StopGrace: cfg.stopGrace, AckWait: cfg.ackWait, SyncInterval: cfg.syncInterval, Version: version.Semver(), Logger: log})
 	prom, err := metrics.New(metrics.Config{Conn: b.Conn(), JetStream: b.JetStream(), Counters: svc, NBD: nbdStats, Logger: log})
 	if err != nil {
 		return err

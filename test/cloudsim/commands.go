@@ -208,16 +208,26 @@ func page(q request, n int) (int, int, *apiError) {
 
 // listAnswer is CloudStack's list shape: {} when empty, else count + items.
 func listAnswer(q request, key string, items []map[string]any) (any, *apiError) {
-	if len(items) == 0 {
+	return listPage(q, key, items, func(m map[string]any) map[string]any { return m })
+}
+
+// listPage is listAnswer of the items that toJSON makes of the page of
+// all that q asks for: a page costs its own items, not the whole list's.
+func listPage[T any](q request, key string, all []T, toJSON func(T) map[string]any) (any, *apiError) {
+	if len(all) == 0 {
 		return map[string]any{}, nil
 	}
-	lo, hi, aerr := page(q, len(items))
+	lo, hi, aerr := page(q, len(all))
 	if aerr != nil {
 		return nil, aerr
 	}
-	out := map[string]any{"count": len(items)}
+	out := map[string]any{"count": len(all)}
 	if hi > lo {
-		out[key] = items[lo:hi]
+		items := make([]map[string]any, 0, hi-lo)
+		for _, it := range all[lo:hi] {
+			items = append(items, toJSON(it))
+		}
+		out[key] = items
 	}
 	return out, nil
 }
@@ -250,11 +260,7 @@ func (s *Sim) listVolumes(q request) (any, *apiError) {
 		vols = append(vols, v)
 	}
 	slices.SortFunc(vols, func(a, b *volume) int { return int(a.Seq - b.Seq) })
-	items := make([]map[string]any, len(vols))
-	for i, v := range vols {
-		items[i] = s.volumeJSON(v)
-	}
-	return listAnswer(q, "volume", items)
+	return listPage(q, "volume", vols, s.volumeJSON)
 }
 
 func (s *Sim) listVirtualMachines(q request) (any, *apiError) {
@@ -269,15 +275,15 @@ func (s *Sim) listVirtualMachines(q request) (any, *apiError) {
 	state := q.str("state")
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var items []map[string]any
+	var vms []VM
 	for _, vm := range s.inv.VMs {
 		if (id != "" && vm.ID != id) || (zoneID != "" && vm.ZoneID != zoneID) ||
 			(state != "" && !strings.EqualFold(s.st.VMStates[vm.ID], state)) {
 			continue
 		}
-		items = append(items, s.vmJSON(vm))
+		vms = append(vms, vm)
 	}
-	return listAnswer(q, "virtualmachine", items)
+	return listPage(q, "virtualmachine", vms, s.vmJSON)
 }
 
 func (s *Sim) listZones(q request) (any, *apiError) {

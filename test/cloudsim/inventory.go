@@ -43,6 +43,9 @@ type Inventory struct {
 	DiskOfferings []DiskOffering `json:"diskofferings"`
 	// VMs are the virtual machines, with their root volumes.
 	VMs []VM `json:"vms"`
+	// Volumes are data volumes present at start, detached or attached to
+	// a VM without local devices; the others are created through the API.
+	Volumes []DataVolume `json:"volumes,omitempty"`
 	// MaxDataDisks is the data-disk limit per VM; 0 means DefaultMaxDataDisks.
 	MaxDataDisks int `json:"maxdatadisks,omitempty"`
 }
@@ -89,6 +92,23 @@ type RootVolume struct {
 	ID string `json:"id"`
 	// SizeGB is the root disk's size in GiB.
 	SizeGB int64 `json:"sizegb"`
+}
+
+// DataVolume is a data volume of the inventory, Ready.
+type DataVolume struct {
+	// ID is the volume's UUID.
+	ID string `json:"id"`
+	// Name is the volume's name.
+	Name string `json:"name"`
+	// ZoneID is the zone the volume is in.
+	ZoneID string `json:"zoneid"`
+	// SizeGB is the volume's size in GiB.
+	SizeGB int64 `json:"sizegb"`
+	// VMID is the VM the volume is attached to, at DeviceID; "" for none.
+	VMID string `json:"vmid,omitempty"`
+	// DeviceID is the volume's device on VMID: 1 or more, not 3 (the
+	// CD-ROM's), one volume each.
+	DeviceID int64 `json:"deviceid,omitempty"`
 }
 
 // DefaultInventory returns the built-in inventory; see the package constants.
@@ -179,6 +199,53 @@ func (inv *Inventory) Validate() error {
 	}
 	if inv.MaxDataDisks < 0 {
 		return fmt.Errorf("%w: maxdatadisks %d < 0", ErrBadInventory, inv.MaxDataDisks)
+	}
+	return inv.validateVolumes(add, zones)
+}
+
+// validateVolumes checks the data volumes: known zones, a size, and an
+// attachment to a known VM of their zone without local devices, on a
+// device of their own within the VM's data-disk limit.
+func (inv *Inventory) validateVolumes(add func(kind, id string) error, zones map[string]bool) error {
+	vms := make(map[string]VM, len(inv.VMs))
+	for _, vm := range inv.VMs {
+		vms[vm.ID] = vm
+	}
+	devices := map[string]map[int64]bool{}
+	for _, v := range inv.Volumes {
+		if err := add("volume", v.ID); err != nil {
+			return err
+		}
+		switch {
+		case !zones[v.ZoneID]:
+			return fmt.Errorf("%w: volume %s in unknown zone %q", ErrBadInventory, v.ID, v.ZoneID)
+		case v.SizeGB <= 0:
+			return fmt.Errorf("%w: volume %s needs sizegb > 0", ErrBadInventory, v.ID)
+		case v.VMID == "" && v.DeviceID != 0:
+			return fmt.Errorf("%w: volume %s has a deviceid but no vmid", ErrBadInventory, v.ID)
+		case v.VMID == "":
+			continue
+		}
+		vm, ok := vms[v.VMID]
+		switch {
+		case !ok:
+			return fmt.Errorf("%w: volume %s attached to unknown vm %q", ErrBadInventory, v.ID, v.VMID)
+		case vm.ZoneID != v.ZoneID:
+			return fmt.Errorf("%w: volume %s and its vm %s in different zones", ErrBadInventory, v.ID, v.VMID)
+		case vm.LocalDevices:
+			return fmt.Errorf("%w: volume %s attached to vm %s with local devices (attach it through the API)", ErrBadInventory, v.ID, v.VMID)
+		case v.DeviceID < 1 || v.DeviceID == 3:
+			return fmt.Errorf("%w: volume %s deviceid %d: want 1, 2 or 4 and up", ErrBadInventory, v.ID, v.DeviceID)
+		case devices[v.VMID][v.DeviceID]:
+			return fmt.Errorf("%w: volume %s: deviceid %d of vm %s taken", ErrBadInventory, v.ID, v.DeviceID, v.VMID)
+		}
+		if devices[v.VMID] == nil {
+			devices[v.VMID] = map[int64]bool{}
+		}
+		devices[v.VMID][v.DeviceID] = true
+		if len(devices[v.VMID]) > inv.maxDataDisks() {
+			return fmt.Errorf("%w: vm %s has more than %d data volumes", ErrBadInventory, v.VMID, inv.maxDataDisks())
+		}
 	}
 	return nil
 }

@@ -370,6 +370,9 @@ func (s *Sim) ExpungeJob(id string) bool {
 		return false
 	}
 	delete(s.st.Jobs, id)
+	if err := removeJob(s.cfg.StateDir, id); err != nil {
+		s.log.Error("remove job", "job", id, "err", err.Error())
+	}
 	if err := s.st.save(s.cfg.StateDir); err != nil {
 		s.log.Error("save state", "job", id, "err", err.Error())
 	}

@@ -3,6 +3,7 @@ package cloudsim_test
 import (
 	"context"
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -403,6 +404,48 @@ func TestBadInventories(t *testing.T) {
 	}
 }
 
+// TestInventoryVolumes loads an inventory with data volumes: they are
+// listed Ready, attached where it says, on their device, and one detached
+// attaches through the API.
+func TestInventoryVolumes(t *testing.T) {
+	inv, err := cloudsim.LoadInventory(filepath.Join("testdata", "inventory_volumes.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startSim(t, cloudsim.Config{Inventory: inv, JobDuration: time.Millisecond})
+	cs := syncClient(s)
+	const vm, attached, detached = "11111111-1111-4111-8111-111111111111", "aaaaaaaa-0000-4000-8000-000000000001", "aaaaaaaa-0000-4000-8000-000000000002"
+	p := cs.Volume.NewListVolumesParams()
+	p.SetVirtualmachineid(vm)
+	r, err := cs.Volume.ListVolumes(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]int64{}
+	for _, v := range r.Volumes {
+		if v.State != "Ready" {
+			t.Errorf("volume %s state %q, want Ready", v.Id, v.State)
+		}
+		got[v.Id] = v.Deviceid
+	}
+	if want := map[string]int64{"11111111-0000-4000-8000-000000000001": 0, attached: 1}; !maps.Equal(got, want) {
+		t.Fatalf("volumes of the VM: %v, want %v", got, want)
+	}
+	v, _, err := cs.Volume.GetVolumeByID(detached)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Virtualmachineid != "" || v.Size != 2<<30 || v.Type != "DATADISK" {
+		t.Fatalf("detached volume: vm %q size %d type %q", v.Virtualmachineid, v.Size, v.Type)
+	}
+	if _, text := attach(t, cs, detached, vm, -1); text != "" {
+		t.Fatalf("attach the detached volume: %s", text)
+	}
+	if v, _, err = cs.Volume.GetVolumeByID(detached); err != nil || v.Virtualmachineid != vm || v.Deviceid != 2 {
+		t.Fatalf("attached: vm %q device %d (%v), want %s device 2", v.Virtualmachineid, v.Deviceid, err, vm)
+	}
+}
+
 // TestPersistenceAcrossRestart: a job pending at Close finishes after a
 // restart on the same state directory, and state and counters survive.
 func TestPersistenceAcrossRestart(t *testing.T) {
@@ -416,7 +459,20 @@ func TestPersistenceAcrossRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	cs := syncClient(s1)
-	vol := createVolume(t, cs, "persist", 2)
+	created, err := cs.Volume.CreateVolume(createParams(cs, "persist", 2))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, cs, created.JobID)
+	vol := created.Id
+	goneJob, err := cs.Volume.CreateVolume(createParams(cs, "expunged-job", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitJob(t, cs, goneJob.JobID)
+	if !s1.ExpungeJob(goneJob.JobID) {
+		t.Fatal("ended job not expunged")
+	}
 	if err := s1.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"attachVolume": cloudsim.Duration(300 * time.Millisecond)}}); err != nil {
 		t.Fatal(err)
 	}
@@ -447,5 +503,14 @@ func TestPersistenceAcrossRestart(t *testing.T) {
 	}
 	if got := s2.Stats().AttachesSucceeded[vol]; got != 1 {
 		t.Fatalf("attaches after restart = %d", got)
+	}
+	// Ended jobs are kept in files of their own: one still answers, an
+	// expunged one stays gone.
+	if j := waitJob(t, cs2, created.JobID); j.Jobstatus != 1 || !strings.Contains(string(j.Jobresult), vol) {
+		t.Fatalf("ended job after restart: %d %s", j.Jobstatus, j.Jobresult)
+	}
+	p := cs2.Asyncjob.NewQueryAsyncJobResultParams(goneJob.JobID)
+	if _, err := cs2.Asyncjob.QueryAsyncJobResult(p); err == nil || !strings.Contains(err.Error(), "431") {
+		t.Fatalf("expunged job after restart: %v, want a 431", err)
 	}
 }

@@ -101,7 +101,15 @@ type job struct {
 	ResultCode int             `json:"resultcode"`
 	Result     json.RawMessage `json:"result,omitempty"`
 	Completed  time.Time       `json:"completed,omitzero"`
+	// filed: the ended job is in its file of jobsDir, and no more in the
+	// state file.
+	filed bool
 }
+
+// jobsDir holds one file per ended job, <id>.json, written once: the
+// state file keeps the pending jobs only, so that saving it costs what is
+// pending, not the whole history of jobs.
+const jobsDir = "jobs"
 
 // persisted is everything kept in the state directory.
 type persisted struct {
@@ -142,6 +150,16 @@ func newPersisted(inv *Inventory, now time.Time) *persisted {
 			VMID: vm.ID, DeviceID: &zero, Attached: now,
 		}
 	}
+	for _, dv := range inv.Volumes {
+		p.NextSeq++
+		v := &volume{ID: dv.ID, Seq: p.NextSeq, Name: dv.Name, ZoneID: dv.ZoneID, Type: typeData,
+			Size: dv.SizeGB << 30, State: volReady, Created: now}
+		if dv.VMID != "" {
+			dev := dv.DeviceID
+			v.VMID, v.DeviceID, v.Attached = dv.VMID, &dev, now
+		}
+		p.Volumes[dv.ID] = v
+	}
 	return p
 }
 
@@ -166,16 +184,71 @@ func loadPersisted(dir string) (*persisted, error) {
 	if p.Volumes == nil || p.VMStates == nil || p.Jobs == nil {
 		return nil, errors.New("state file lacks volumes, vmstates or jobs")
 	}
+	// The ended jobs' files; one also in the state file as pending ended
+	// after that was saved (the file is written first).
+	files, err := filepath.Glob(filepath.Join(dir, jobsDir, "*.json"))
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return nil, err
+		}
+		var j job
+		if err := json.Unmarshal(b, &j); err != nil {
+			return nil, fmt.Errorf("parse %s: %w", f, err)
+		}
+		j.filed = true
+		p.Jobs[j.ID] = &j
+	}
 	return &p, nil
 }
 
-// save writes the state atomically: temp file, fsync, rename.
+// save writes the jobs that ended since the last save to their files,
+// then the state without them, each atomically: temp file, fsync, rename.
 func (p *persisted) save(dir string) error {
+	pending := make(map[string]*job, len(p.Jobs))
+	for id, j := range p.Jobs {
+		switch {
+		case j.Status == jobPending:
+			pending[id] = j
+		case !j.filed:
+			b, err := json.Marshal(j)
+			if err != nil {
+				return fmt.Errorf("encode job %s: %w", id, err)
+			}
+			if err := writeAtomically(filepath.Join(dir, jobsDir), id+".json", b); err != nil {
+				return err
+			}
+			j.filed = true
+		}
+	}
+	all := p.Jobs
+	p.Jobs = pending
 	b, err := json.Marshal(p)
+	p.Jobs = all
 	if err != nil {
 		return fmt.Errorf("encode state: %w", err)
 	}
-	f, err := os.CreateTemp(dir, stateFile+".tmp*")
+	return writeAtomically(dir, stateFile, b)
+}
+
+// removeJob deletes an ended job's file, when it has one.
+func removeJob(dir, id string) error {
+	err := os.Remove(filepath.Join(dir, jobsDir, id+".json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	return err
+}
+
+// writeAtomically writes b to dir/name: temp file, fsync, rename.
+func writeAtomically(dir, name string, b []byte) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("save state: %w", err)
+	}
+	f, err := os.CreateTemp(dir, name+".tmp*")
 	if err != nil {
 		return fmt.Errorf("save state: %w", err)
 	}
@@ -187,7 +260,7 @@ func (p *persisted) save(dir string) error {
 		os.Remove(tmp)
 		return fmt.Errorf("save state: %w", err)
 	}
-	if err := os.Rename(tmp, filepath.Join(dir, stateFile)); err != nil {
+	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("save state: %w", err)
 	}

@@ -1,0 +1,4 @@
+package handlers
+
+// ListAllAt is listAllAt, for the tests.
+const ListAllAt = listAllAt
