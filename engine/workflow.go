@@ -271,7 +271,7 @@ func (j *Journal) runStep(ctx context.Context, p Plan, i int) (commands.Operatio
 	s := &wf.Steps[i]
 	if child.Status != commands.StatusCompleted {
 		s.Status = commands.StepFailed
-		j.log.Warn("workflow step failed", "step_index", i, "step", s.Name, "volume_id", s.VolumeID, "child_id", child.ID, "err", child.Error)
+		j.log.Warn("workflow step failed", "step_index", i, "step", s.Name, "step_volume_id", s.VolumeID, "child_id", child.ID, "err", child.Error)
 		return child, nil
 	}
 	s.Status = commands.StepDone
