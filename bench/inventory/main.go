@@ -29,7 +29,6 @@ import (
 	"maps"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -279,7 +278,7 @@ func measure(ctx context.Context, c config, s size, dir string) (figures, error)
 	}
 	ports := proc.FreePorts(4)
 	simPort, natsPort, apiPort := ports[0], ports[1], ports[2]
-	sim, err := start(dir, "cloudsim", c.cloudsim, "--listen", "127.0.0.1:"+simPort, "--state-dir", filepath.Join(dir, "cloudsim"),
+	sim, err := proc.Start(dir, "cloudsim", c.cloudsim, "--listen", "127.0.0.1:"+simPort, "--state-dir", filepath.Join(dir, "cloudsim"),
 		"--inventory", invFile, "--job-duration", "20ms", "--log-level", "warn")
 	if err != nil {
 		return f, err
@@ -293,7 +292,7 @@ func measure(ctx context.Context, c config, s size, dir string) (figures, error)
 	if err := os.WriteFile(natsConf, []byte("listen: 127.0.0.1:"+natsPort+"\njetstream {}\n"), 0o600); err != nil {
 		return f, err
 	}
-	vd, err := start(dir, "volumed", c.volumed, "--cloudstack-url", "http://127.0.0.1:"+simPort+"/client/api",
+	vd, err := proc.Start(dir, "volumed", c.volumed, "--cloudstack-url", "http://127.0.0.1:"+simPort+"/client/api",
 		"--cloudstack-api-key", cloudsim.DefaultAPIKey, "--cloudstack-secret-key", cloudsim.DefaultSecretKey,
 		"--vm-id", cloudsim.ApplianceVMID, "--listen", "127.0.0.1:"+apiPort, "--data-dir", dataDir,
 		"--nats-config", natsConf, "--nbd-listen", "", "--device-agent=false", "--sync-interval", c.period.String(),
@@ -322,7 +321,7 @@ func measure(ctx context.Context, c config, s size, dir string) (figures, error)
 
 	// measured runs fn and returns its time, volumed's CPU and the calls.
 	measured := func(fn func() error) (time.Duration, time.Duration, map[string]int64, error) {
-		calls0, err := simCalls(ctx, simStats)
+		calls0, err := proc.SimCalls(ctx, simStats)
 		if err != nil {
 			return 0, 0, nil, err
 		}
@@ -334,7 +333,7 @@ func measure(ctx context.Context, c config, s size, dir string) (figures, error)
 		err = fn()
 		el := time.Since(t0)
 		cpu1, cerr := proc.CPU(pid)
-		calls1, serr := simCalls(ctx, simStats)
+		calls1, serr := proc.SimCalls(ctx, simStats)
 		if err := errors.Join(err, cerr, serr); err != nil {
 			return 0, 0, nil, err
 		}
@@ -412,39 +411,4 @@ func median(d []time.Duration) time.Duration {
 	s := slices.Clone(d)
 	slices.Sort(s)
 	return s[len(s)/2]
-}
-
-// start runs a binary with its output in dir/name.log.
-func start(dir, name, bin string, args ...string) (*exec.Cmd, error) {
-	log, err := os.Create(filepath.Join(dir, name+".log"))
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("%s: %w", name, err)
-	}
-	return cmd, nil
-}
-
-// simCalls reads the simulator's API calls so far, by command.
-func simCalls(ctx context.Context, u string) (map[string]int64, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	var st cloudsim.Stats
-	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		return nil, fmt.Errorf("%s: %w", u, err)
-	}
-	if st.Calls == nil {
-		st.Calls = map[string]int64{}
-	}
-	return st.Calls, nil
 }

@@ -21,7 +21,6 @@ import (
 	"maps"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -108,7 +107,7 @@ func run(ctx context.Context, c config) error {
 	}
 	ports := proc.FreePorts(4)
 	simPort, natsPort, apiPort := ports[0], ports[1], ports[2]
-	sim, err := start(c.work, "cloudsim", c.cloudsim, "--listen", "127.0.0.1:"+simPort, "--state-dir", filepath.Join(c.work, "cloudsim"),
+	sim, err := proc.Start(c.work, "cloudsim", c.cloudsim, "--listen", "127.0.0.1:"+simPort, "--state-dir", filepath.Join(c.work, "cloudsim"),
 		"--inventory", invFile, "--job-duration", c.job.String(), "--log-level", "warn")
 	if err != nil {
 		return err
@@ -132,7 +131,7 @@ func run(ctx context.Context, c config) error {
 		pprofAddr = "127.0.0.1:" + ports[3]
 		args = append(args, "--pprof-listen", pprofAddr)
 	}
-	vd, err := start(c.work, "volumed", c.volumed, args...)
+	vd, err := proc.Start(c.work, "volumed", c.volumed, args...)
 	if err != nil {
 		return err
 	}
@@ -185,7 +184,7 @@ func run(ctx context.Context, c config) error {
 	}
 	simCPU0, _ := proc.CPU(sim.Process.Pid)
 	simURL := "http://127.0.0.1:" + simPort + "/_sim/stats"
-	calls0, err := simCalls(ctx, simURL)
+	calls0, err := proc.SimCalls(ctx, simURL)
 	if err != nil {
 		return err
 	}
@@ -207,7 +206,7 @@ func run(ctx context.Context, c config) error {
 	}
 	simCPU1, _ := proc.CPU(sim.Process.Pid)
 	lat := w.close()
-	calls1, err := simCalls(ctx, simURL)
+	calls1, err := proc.SimCalls(ctx, simURL)
 	if err != nil {
 		return err
 	}
@@ -232,38 +231,6 @@ func run(ctx context.Context, c config) error {
 	}
 	report(c, lat, cpu1-cpu0, simCPU1-simCPU0, elapsed, rss, load, calls1)
 	return nil
-}
-
-// simCalls reads the simulator's API calls so far, by command.
-func simCalls(ctx context.Context, u string) (map[string]int64, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	var st cloudsim.Stats
-	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		return nil, fmt.Errorf("%s: %w", u, err)
-	}
-	return st.Calls, nil
-}
-
-// start runs a binary with its output in work/name.log.
-func start(work, name, bin string, args ...string) (*exec.Cmd, error) {
-	log, err := os.Create(filepath.Join(work, name+".log"))
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = log, log
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("%s: %w", name, err)
-	}
-	return cmd, nil
 }
 
 // cpuProfile fetches a CPU profile of d from volumed's pprof listener.
@@ -351,14 +318,6 @@ func cycle(ctx context.Context, cl *client.Client, i int, w *window) error {
 	return nil
 }
 
-func pct(lat []time.Duration, p float64) float64 {
-	if len(lat) == 0 {
-		return 0
-	}
-	i := min(len(lat)-1, int(float64(len(lat))*p))
-	return float64(lat[i].Microseconds()) / 1000
-}
-
 func report(c config, lat map[commands.OpType][]time.Duration, cpu, simCPU, elapsed time.Duration, rss float64, load string,
 	calls map[string]int64) {
 	var all []time.Duration
@@ -373,14 +332,14 @@ func report(c config, lat map[commands.OpType][]time.Duration, cpu, simCPU, elap
 		return
 	}
 	cpuPerOp := float64(cpu.Microseconds()) / 1000 / float64(n)
-	p50 := pct(all, 0.5)
+	p50 := proc.Pct(all, 0.5)
 	fmt.Printf("%s: %d clients, %s jobs, %d operations in %s (%.1f/s); machine %s; load %s\n",
 		c.label, c.clients, c.job, n, elapsed.Round(time.Millisecond), float64(n)/elapsed.Seconds(), proc.Machine(), load)
-	fmt.Printf("  %-34s %8.2f ms   goal ≤ %.1f ms  %s\n", "volumed CPU per operation", cpuPerOp, goalCPUms, verdict(cpuPerOp <= goalCPUms))
-	fmt.Printf("  %-34s %8.2f / %.2f ms   goal p50 ≤ %.0f ms  %s\n", "latency p50 / p99", p50, pct(all, 0.99),
-		float64(c.job.Milliseconds())+goalOverJobMS, verdict(p50 <= float64(c.job.Milliseconds())+goalOverJobMS))
+	fmt.Printf("  %-34s %8.2f ms   goal ≤ %.1f ms  %s\n", "volumed CPU per operation", cpuPerOp, goalCPUms, proc.Verdict(cpuPerOp <= goalCPUms))
+	fmt.Printf("  %-34s %8.2f / %.2f ms   goal p50 ≤ %.0f ms  %s\n", "latency p50 / p99", p50, proc.Pct(all, 0.99),
+		float64(c.job.Milliseconds())+goalOverJobMS, proc.Verdict(p50 <= float64(c.job.Milliseconds())+goalOverJobMS))
 	for _, t := range []commands.OpType{commands.OpCreate, commands.OpAttach, commands.OpDetach, commands.OpDelete} {
-		fmt.Printf("    %-32s %8.2f / %.2f ms  (%d)\n", string(t)+" p50 / p99", pct(lat[t], 0.5), pct(lat[t], 0.99), len(lat[t]))
+		fmt.Printf("    %-32s %8.2f / %.2f ms  (%d)\n", string(t)+" p50 / p99", proc.Pct(lat[t], 0.5), proc.Pct(lat[t], 0.99), len(lat[t]))
 	}
 	fmt.Printf("  %-34s %8.2f ms (%.0f%% of a core)\n", "simulator CPU per operation", float64(simCPU.Microseconds())/1000/float64(n),
 		100*simCPU.Seconds()/elapsed.Seconds())
@@ -394,11 +353,4 @@ func report(c config, lat map[commands.OpType][]time.Duration, cpu, simCPU, elap
 		}
 	}
 	fmt.Printf("  %-34s %8.2f (%s)\n", "CloudStack calls per operation", float64(total)/float64(n), strings.Join(per, ", "))
-}
-
-func verdict(ok bool) string {
-	if ok {
-		return "met"
-	}
-	return "MISSED"
 }

@@ -9,7 +9,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -19,21 +18,19 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
+	"github.com/volumed/volumed/bench/internal/proc"
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/state"
@@ -100,8 +97,8 @@ func run(ctx context.Context, c config) error {
 		defer os.RemoveAll(dir)
 		c.work = dir
 	}
-	fmt.Printf("machine: %d cores, %s, %.0f GiB; store %s; %d operations over %d volumes, %d VMs, %d callers\n",
-		runtime.NumCPU(), cpuModel(), memTotalGiB(), c.store, c.n, c.volumes, c.vms, c.callers)
+	fmt.Printf("machine: %s; store %s; %d operations over %d volumes, %d VMs, %d callers\n",
+		proc.Machine(), c.store, c.n, c.volumes, c.vms, c.callers)
 	gen := generator{c: c, start: time.Now().Add(-29 * 24 * time.Hour).Truncate(time.Second)}
 	data := filepath.Join(c.work, "data")
 	if err := gen.loadAndMeasure(ctx, data); err != nil {
@@ -230,7 +227,7 @@ func (g generator) loadAndMeasure(ctx context.Context, data string) error {
 		g.c.n, el.Round(time.Second), float64(g.c.n)/el.Seconds(), g.c.writers)
 
 	fmt.Printf("\nstore, in process (p50 / p99 ms over %d requests; goal p99 ≤ %.0f ms for lists, ≤ %.0f ms for a get); load %s\n",
-		g.c.samples, goalListMS, goalGetMS, loadAvg())
+		g.c.samples, goalListMS, goalGetMS, proc.LoadAvg())
 	for _, q := range g.queries() {
 		for _, deep := range []bool{false, true} {
 			fs := g.filters(q, deep)
@@ -402,30 +399,19 @@ func (g generator) sample(fn func(i int, r *rand.Rand) error) (result, error) {
 	return res, nil
 }
 
-func pct(lat []time.Duration, p float64) float64 {
-	i := min(len(lat)-1, int(float64(len(lat))*p))
-	return float64(lat[i].Microseconds()) / 1000
-}
-
 func report(name string, res result, goal float64) {
-	p99 := pct(res.lat, 0.99)
-	fmt.Printf("  %-44s %8.2f %8.2f   goal ≤ %4.0f ms  %s\n", name, pct(res.lat, 0.5), p99, goal, verdict(p99 <= goal && res.failed == 0))
+	p99 := proc.Pct(res.lat, 0.99)
+	fmt.Printf("  %-44s %8.2f %8.2f   goal ≤ %4.0f ms  %s\n", name, proc.Pct(res.lat, 0.5), p99, goal, proc.Verdict(p99 <= goal && res.failed == 0))
 	if res.failed > 0 {
 		fmt.Printf("    %d of %d failed, first: %v\n", res.failed, len(res.lat), res.first)
 	}
 }
 
-func verdict(ok bool) string {
-	if ok {
-		return "met"
-	}
-	return "MISSED"
-}
-
 // serve starts volumed on the history, measures it, restarts it and
 // measures again.
 func (g generator) serve(ctx context.Context, data string) error {
-	simPort, natsPort, apiPort := freePort(), freePort(), freePort()
+	ports := proc.FreePorts(3)
+	simPort, natsPort, apiPort := ports[0], ports[1], ports[2]
 	simDir := filepath.Join(g.c.work, "cloudsim")
 	sim := exec.Command(g.c.cloudsim, "--listen", "127.0.0.1:"+simPort, "--state-dir", simDir, "--log-level", "warn")
 	simLog, err := os.Create(filepath.Join(g.c.work, "cloudsim.log"))
@@ -436,8 +422,8 @@ func (g generator) serve(ctx context.Context, data string) error {
 	if err := sim.Start(); err != nil {
 		return err
 	}
-	defer stop(sim)
-	if err := waitHTTP(ctx, "http://127.0.0.1:"+simPort+"/_sim/stats", "", 30*time.Second); err != nil {
+	defer proc.Stop(sim)
+	if err := proc.WaitHTTP(ctx, "http://127.0.0.1:"+simPort+"/_sim/stats", "", 30*time.Second); err != nil {
 		return err
 	}
 	natsConf := filepath.Join(g.c.work, "nats.conf")
@@ -453,7 +439,7 @@ func (g generator) serve(ctx context.Context, data string) error {
 		args = append(args, "--redis-url", g.c.redisURL)
 	}
 	api := "http://127.0.0.1:" + apiPort + "/api/v1"
-	fmt.Printf("\nvolumed over HTTP (p50 / p99 ms over %d requests); load %s\n", g.c.samples, loadAvg())
+	fmt.Printf("\nvolumed over HTTP (p50 / p99 ms over %d requests); load %s\n", g.c.samples, proc.LoadAvg())
 	for round, name := range []string{"start", "restart"} {
 		vd, up, err := g.startVolumed(ctx, args, api, data, round)
 		if err != nil {
@@ -461,15 +447,15 @@ func (g generator) serve(ctx context.Context, data string) error {
 		}
 		token, err := os.ReadFile(filepath.Join(data, "api-token"))
 		if err != nil {
-			stop(vd)
+			proc.Stop(vd)
 			return err
 		}
 		cl := client{api: api, token: strings.TrimSpace(string(token))}
 		fmt.Printf("  %-44s %8.2f s             goal ≤ %4.0f s   %s\n", name+" to serving (health and a list)", up.Seconds(),
-			goalStartS, verdict(up.Seconds() <= goalStartS))
+			goalStartS, proc.Verdict(up.Seconds() <= goalStartS))
 		rss := func(when string) {
-			mb := rssMB(vd.Process.Pid)
-			fmt.Printf("  %-44s %8.1f MB            goal ≤ %4.0f MB  %s\n", "resident (VmRSS) "+when, mb, goalRSSMB, verdict(mb <= goalRSSMB))
+			mb := proc.RSSMB(vd.Process.Pid)
+			fmt.Printf("  %-44s %8.1f MB            goal ≤ %4.0f MB  %s\n", "resident (VmRSS) "+when, mb, goalRSSMB, proc.Verdict(mb <= goalRSSMB))
 		}
 		rss("after " + name)
 		// What the process holds once idle, not the garbage of its start
@@ -478,12 +464,12 @@ func (g generator) serve(ctx context.Context, data string) error {
 		rss(fmt.Sprintf("%s idle after %s", g.c.settle, name))
 		if round == 0 {
 			if err := g.measureHTTP(ctx, cl); err != nil {
-				stop(vd)
+				proc.Stop(vd)
 				return err
 			}
 			rss("after the requests")
 		}
-		stop(vd)
+		proc.Stop(vd)
 	}
 	return nil
 }
@@ -501,17 +487,17 @@ func (g generator) startVolumed(ctx context.Context, args []string, api, data st
 	if err := vd.Start(); err != nil {
 		return nil, 0, err
 	}
-	if err := waitHTTP(ctx, api+"/health", "", 10*time.Minute); err != nil {
-		stop(vd)
+	if err := proc.WaitHTTP(ctx, api+"/health", "", 10*time.Minute); err != nil {
+		proc.Stop(vd)
 		return nil, 0, err
 	}
 	token, err := os.ReadFile(filepath.Join(data, "api-token"))
 	if err != nil {
-		stop(vd)
+		proc.Stop(vd)
 		return nil, 0, err
 	}
-	if err := waitHTTP(ctx, api+"/operations?limit=1", strings.TrimSpace(string(token)), time.Minute); err != nil {
-		stop(vd)
+	if err := proc.WaitHTTP(ctx, api+"/operations?limit=1", strings.TrimSpace(string(token)), time.Minute); err != nil {
+		proc.Stop(vd)
 		return nil, 0, err
 	}
 	return vd, time.Since(began), nil
@@ -595,96 +581,4 @@ func (c client) get(ctx context.Context, path string) error {
 		return fmt.Errorf("GET %s: empty page", path)
 	}
 	return nil
-}
-
-// waitHTTP polls url until it answers 200.
-func waitHTTP(ctx context.Context, u, token string, limit time.Duration) error {
-	deadline := time.Now().Add(limit)
-	for {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-		if err != nil {
-			return err
-		}
-		if token != "" {
-			req.Header.Set("Authorization", "Bearer "+token)
-		}
-		resp, err := httpClient.Do(req)
-		if err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("no 200 from %s within %s (last: %v)", u, limit, err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-func stop(c *exec.Cmd) {
-	_ = c.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = c.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(60 * time.Second):
-		_ = c.Process.Kill()
-		<-done
-	}
-}
-
-func freePort() string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(err)
-	}
-	defer l.Close()
-	return strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
-}
-
-// rssMB is a process's resident memory (VmRSS) in MB (10^6 bytes).
-func rssMB(pid int) float64 {
-	kb := procField(fmt.Sprintf("/proc/%d/status", pid), "VmRSS:")
-	return kb * 1024 / 1e6
-}
-
-func memTotalGiB() float64 { return procField("/proc/meminfo", "MemTotal:") / (1 << 20) }
-
-// procField reads the kB figure of a /proc file's field.
-func procField(path, field string) float64 {
-	f, err := os.Open(path)
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), field); ok {
-			v, _ := strconv.ParseFloat(strings.Fields(rest)[0], 64)
-			return v
-		}
-	}
-	return 0
-}
-
-// loadAvg is the machine's load average over 1, 5 and 15 minutes: the
-// figures are only comparable under a similar load.
-func loadAvg() string {
-	data, _ := os.ReadFile("/proc/loadavg")
-	if f := strings.Fields(string(data)); len(f) >= 3 {
-		return strings.Join(f[:3], " ")
-	}
-	return "unknown"
-}
-
-func cpuModel() string {
-	data, _ := os.ReadFile("/proc/cpuinfo")
-	for _, line := range strings.Split(string(data), "\n") {
-		if name, ok := strings.CutPrefix(line, "model name"); ok {
-			return strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(name), ":"))
-		}
-	}
-	return "unknown CPU"
 }

@@ -7,17 +7,21 @@ package proc
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/volumed/volumed/test/cloudsim"
 )
 
 // userHZ is the unit of utime and stime in /proc/<pid>/stat (USER_HZ,
@@ -160,4 +164,57 @@ func cpuModel() string {
 		}
 	}
 	return "unknown CPU"
+}
+
+// Start runs a binary with its output in dir/name.log.
+func Start(dir, name, bin string, args ...string) (*exec.Cmd, error) {
+	log, err := os.Create(filepath.Join(dir, name+".log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	return cmd, nil
+}
+
+// SimCalls reads the simulator's API calls so far, by command, from its
+// stats endpoint u.
+func SimCalls(ctx context.Context, u string) (map[string]int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := httpClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var st cloudsim.Stats
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		return nil, fmt.Errorf("%s: %w", u, err)
+	}
+	if st.Calls == nil {
+		st.Calls = map[string]int64{}
+	}
+	return st.Calls, nil
+}
+
+// Pct is the p-quantile (0 to 1) of sorted latencies, in ms; 0 for none.
+func Pct(lat []time.Duration, p float64) float64 {
+	if len(lat) == 0 {
+		return 0
+	}
+	i := min(len(lat)-1, int(float64(len(lat))*p))
+	return float64(lat[i].Microseconds()) / 1000
+}
+
+// Verdict says whether a figure met its goal.
+func Verdict(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "MISSED"
 }
