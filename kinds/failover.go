@@ -75,7 +75,7 @@ func (k failover) Decode(_ context.Context, _ string, data []byte) (engine.Comma
 			}
 			for _, v := range req.Volumes() {
 				if err := k.Release.CheckFree(ctx, v); err != nil {
-					return apiError(err)
+					return state.APIError(err)
 				}
 			}
 			return nil
@@ -86,15 +86,6 @@ func (k failover) Decode(_ context.Context, _ string, data []byte) (engine.Comma
 func onTarget(volumeID, vmID string) *commands.Error {
 	return commands.Conflict("volume %s is already attached to VM %s, the VM failed over to", volumeID, vmID).
 		WithDetail("volume_id", volumeID).WithDetail("vm_id", vmID)
-}
-
-// apiError is an error of the store or the host as a command's answer.
-func apiError(err error) error {
-	var ce *commands.Error
-	if errors.As(err, &ce) {
-		return ce
-	}
-	return commands.Unavailable("%v", err)
 }
 
 func (k failover) Execute(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {

@@ -57,7 +57,7 @@ func (k rollback) Decode(ctx context.Context, _ string, data []byte) (engine.Com
 			}
 			other, err := k.rollbackOf(ctx, fo)
 			if err != nil {
-				return apiError(err)
+				return state.APIError(err)
 			}
 			if other != nil {
 				return commands.Conflict("failover %s has a rollback already: %s, %s", fo.ID, other.ID, other.Status).
