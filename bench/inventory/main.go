@@ -108,14 +108,12 @@ func run(ctx context.Context, c config) error {
 	if c.volumed == "" || c.cloudsim == "" {
 		return errors.New("-volumed and -cloudsim are required")
 	}
-	if c.work == "" {
-		dir, err := os.MkdirTemp("", "bench-inventory-")
-		if err != nil {
-			return err
-		}
-		defer os.RemoveAll(dir)
-		c.work = dir
+	work, done, err := proc.WorkDir(c.work, "bench-inventory-")
+	if err != nil {
+		return err
 	}
+	defer done()
+	c.work = work
 	fmt.Printf("%s: machine %s; load %s\n", c.label, proc.Machine(), proc.LoadAvg())
 	var all []figures
 	for i, s := range c.sizes {

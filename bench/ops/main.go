@@ -85,14 +85,12 @@ func run(ctx context.Context, c config) error {
 	if c.volumed == "" || c.cloudsim == "" {
 		return errors.New("-volumed and -cloudsim are required")
 	}
-	if c.work == "" {
-		dir, err := os.MkdirTemp("", "bench-ops-")
-		if err != nil {
-			return err
-		}
-		defer os.RemoveAll(dir)
-		c.work = dir
+	work, done, err := proc.WorkDir(c.work, "bench-ops-")
+	if err != nil {
+		return err
 	}
+	defer done()
+	c.work = work
 	inv := cloudsim.DefaultInventory()
 	for i := range c.clients {
 		inv.VMs = append(inv.VMs, cloudsim.VM{ID: vmID(i), Name: fmt.Sprintf("bench-vm-%d", i), ZoneID: benchZone, State: "Running"})

@@ -89,14 +89,12 @@ func run(ctx context.Context, c config) error {
 	if c.store == "redis" && c.redisURL == "" {
 		return errors.New("-store redis needs -redis-url")
 	}
-	if c.work == "" {
-		dir, err := os.MkdirTemp("", "bench-scale-")
-		if err != nil {
-			return err
-		}
-		defer os.RemoveAll(dir)
-		c.work = dir
+	work, done, err := proc.WorkDir(c.work, "bench-scale-")
+	if err != nil {
+		return err
 	}
+	defer done()
+	c.work = work
 	fmt.Printf("machine: %s; store %s; %d operations over %d volumes, %d VMs, %d callers\n",
 		proc.Machine(), c.store, c.n, c.volumes, c.vms, c.callers)
 	gen := generator{c: c, start: time.Now().Add(-29 * 24 * time.Hour).Truncate(time.Second)}

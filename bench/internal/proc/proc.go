@@ -218,3 +218,16 @@ func Verdict(ok bool) string {
 	}
 	return "MISSED"
 }
+
+// WorkDir returns dir, or, when it is empty, a new temporary directory
+// named after prefix that done removes.
+func WorkDir(dir, prefix string) (string, func(), error) {
+	if dir != "" {
+		return dir, func() {}, nil
+	}
+	tmp, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		return "", nil, err
+	}
+	return tmp, func() { os.RemoveAll(tmp) }, nil
+}
