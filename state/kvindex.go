@@ -151,7 +151,6 @@ func (x *opIndex) listNames(i uint32) []string {
 // index adds (sign 1) or removes (sign -1) live slot i from its lists and
 // the counters.
 func (x *opIndex) index(i uint32, sign int64) {
-	s := &x.slots[i]
 	for _, name := range x.listNames(i) {
 		l := x.lists[name]
 		// Most writes are of the newest operation: look at the end first.
@@ -175,6 +174,12 @@ func (x *opIndex) index(i uint32, sign int64) {
 			x.lists[name] = l
 		}
 	}
+	x.count(i, sign)
+}
+
+// count adds (sign 1) or removes (sign -1) live slot i from the counters.
+func (x *opIndex) count(i uint32, sign int64) {
+	s := &x.slots[i]
 	typ, status := commands.OpType(x.names.str(s.typ)), commands.OpStatus(x.names.str(s.status))
 	x.stats.Total += sign
 	x.stats.ByType[typ] += sign

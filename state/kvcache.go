@@ -1,0 +1,459 @@
+package state
+
+import (
+	"bufio"
+	"cmp"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// The index cache is a copy of the embedded store's in-memory index (the
+// operations' opIndex, the mappings and the exports) in a file, with the
+// identity of the bucket's stream and the last stream sequence it
+// reflects, so that a start reads only the records written after that
+// sequence instead of every record. It is a cache: the records stay the
+// only source, and a start in any doubt about the file reads every record
+// as without one (kvCacheDoubt).
+const (
+	kvCacheMagic   = "volumed kv index cache\n"
+	kvCacheVersion = 1
+	// kvCacheEvery is how often a running store writes its cache (when
+	// the bucket changed since the last one); it is also written at Close.
+	kvCacheEvery = 10 * time.Minute
+	// kvCacheMaxAge is the oldest cache a start uses. A delete leaves a
+	// marker that expires after kvMarkerTTL: a cache older than that
+	// could miss a delete whose marker is gone. Half of it leaves room
+	// for a watcher that lagged behind when the cache was written.
+	kvCacheMaxAge = kvMarkerTTL / 2
+)
+
+var kvCacheCRC = crc32.MakeTable(crc32.Castagnoli)
+
+// kvCache is a decoded cache file.
+type kvCache struct {
+	stream   string    // the bucket's stream name
+	created  time.Time // the stream's creation time
+	seq      uint64    // the last stream sequence the index reflects
+	written  time.Time
+	ops      *opIndex
+	mappings map[string]kvEntry[commands.Mapping]
+	exports  map[string]kvEntry[commands.Export]
+	// The lowest and highest revision held, and the key at the highest.
+	minRev, maxRev uint64
+	maxKey         string
+}
+
+// saveCache writes the index to the cache file: to a temporary file,
+// synced, then renamed over the last one, so that a crash leaves the
+// last file or the new one, whole. Only what the watcher applied (up to
+// k.seen) is written: this process's writes it has not delivered yet are
+// read again from the bucket at the next start.
+func (k *KV) saveCache() error {
+	if k.cache == "" {
+		return nil
+	}
+	info := k.stream.CachedInfo()
+	tmp := k.cache + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	defer func() {
+		_ = f.Close()
+		_ = os.Remove(tmp) // gone after a rename
+	}()
+	sum := crc32.New(kvCacheCRC)
+	w := bufio.NewWriterSize(io.MultiWriter(f, sum), 1<<16)
+	e := cacheEncoder{w: w}
+	k.mu.RLock()
+	seq := k.seen
+	e.str(kvCacheMagic)
+	e.uvarint(kvCacheVersion)
+	e.str(info.Config.Name)
+	e.varint(info.Created.UnixNano())
+	e.uvarint(seq)
+	e.varint(time.Now().UnixNano())
+	k.ops.encode(&e, seq)
+	encodeEntries(&e, k.mappings, seq)
+	encodeEntries(&e, k.exports, seq)
+	k.mu.RUnlock()
+	if err := w.Flush(); err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	if _, err := f.Write(binary.LittleEndian.AppendUint32(nil, sum.Sum32())); err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	if err := os.Rename(tmp, k.cache); err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	if d, err := os.Open(filepath.Dir(k.cache)); err == nil {
+		_ = d.Sync() // the rename itself
+		_ = d.Close()
+	}
+	k.mu.Lock()
+	k.cached = seq
+	k.mu.Unlock()
+	return nil
+}
+
+// loadCache fills the indexes from the cache file when it is sound and
+// reflects this bucket, and returns the last stream sequence it reflects;
+// 0 (read every record) otherwise, saying why.
+func (k *KV) loadCache(ctx context.Context) uint64 {
+	if k.cache == "" {
+		return 0
+	}
+	began := time.Now()
+	c, err := readCache(k.cache)
+	if errors.Is(err, fs.ErrNotExist) {
+		k.log.Info("no index cache: reading every record", "cache", k.cache)
+		return 0
+	}
+	if err != nil {
+		k.log.Warn("index cache not used: reading every record", "cache", k.cache, "err", err)
+		return 0
+	}
+	if why := k.cacheDoubt(ctx, c); why != "" {
+		k.log.Info("index cache not used: reading every record", "cache", k.cache, "reason", why)
+		return 0
+	}
+	k.mu.Lock()
+	k.ops, k.seen, k.cached, k.exports = c.ops, c.seq, c.seq, c.exports
+	for id, e := range c.mappings {
+		k.setMapping(id, e)
+	}
+	n := k.ops.len()
+	k.mu.Unlock()
+	k.log.Info("index cache loaded: reading the records written since", "cache", k.cache, "sequence", c.seq,
+		"operations", n, "written", c.written.UTC().Format(time.RFC3339), "took", time.Since(began).Round(time.Millisecond))
+	return c.seq
+}
+
+// cacheDoubt says why cache c may not reflect the bucket, "" when it
+// does: it was written from another stream (another bucket, or one made
+// again), the stream is behind it (another history), a record it holds
+// is gone without a marker the watcher would deliver (the stream's first
+// sequence is past it), it is older than a delete marker may live, or the
+// message at its highest revision is on another key.
+func (k *KV) cacheDoubt(ctx context.Context, c *kvCache) string {
+	info, err := k.stream.Info(ctx)
+	if err != nil {
+		return "stream info: " + err.Error()
+	}
+	age := time.Since(c.written)
+	switch {
+	case c.stream != info.Config.Name:
+		return "written for stream " + c.stream
+	case !c.created.Equal(info.Created):
+		return "written for an earlier stream of that name"
+	case c.seq > info.State.LastSeq:
+		return fmt.Sprintf("written at sequence %d, the stream ends at %d", c.seq, info.State.LastSeq)
+	case c.minRev != 0 && info.State.FirstSeq > c.minRev:
+		return fmt.Sprintf("holds revision %d, the stream begins at %d", c.minRev, info.State.FirstSeq)
+	case age > kvCacheMaxAge || age < -time.Minute:
+		return "written at " + c.written.UTC().Format(time.RFC3339)
+	}
+	if c.maxRev == 0 {
+		return ""
+	}
+	msg, err := k.stream.GetMsg(ctx, c.maxRev)
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return "" // replaced since: the watcher reads what replaced it
+	case err != nil:
+		return "read revision: " + err.Error()
+	case msg.Subject != k.subject(c.maxKey):
+		return fmt.Sprintf("revision %d is %s, not %s", c.maxRev, msg.Subject, k.subject(c.maxKey))
+	}
+	return ""
+}
+
+// readCache reads and decodes a cache file, checking its checksum.
+func readCache(path string) (*kvCache, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	if len(data) < 4 || crc32.Checksum(data[:len(data)-4], kvCacheCRC) != binary.LittleEndian.Uint32(data[len(data)-4:]) {
+		return nil, errors.New("bad checksum")
+	}
+	d := &cacheDecoder{b: data[:len(data)-4]}
+	if d.str() != kvCacheMagic {
+		return nil, errors.New("not an index cache")
+	}
+	if v := d.uvarint(); v != kvCacheVersion {
+		return nil, fmt.Errorf("version %d, not %d", v, kvCacheVersion)
+	}
+	c := &kvCache{stream: d.str(), created: time.Unix(0, d.varint()), seq: d.uvarint(), written: time.Unix(0, d.varint())}
+	if c.ops, err = decodeOpIndex(d, c); err != nil {
+		return nil, err
+	}
+	c.mappings = decodeEntries[commands.Mapping](d, c, kvMappingPrefix)
+	c.exports = decodeEntries[commands.Export](d, c, kvExportPrefix)
+	if d.err != nil {
+		return nil, d.err
+	}
+	if len(d.b) != 0 {
+		return nil, errors.New("trailing bytes")
+	}
+	return c, nil
+}
+
+// note records revision rev of key in c's bounds.
+func (c *kvCache) note(key string, rev uint64) {
+	if c.minRev == 0 || rev < c.minRev {
+		c.minRev = rev
+	}
+	if rev > c.maxRev {
+		c.maxRev, c.maxKey = rev, key
+	}
+}
+
+// encode writes the live operations at revisions up to maxRev, oldest
+// first, after the interner's strings.
+func (x *opIndex) encode(e *cacheEncoder, maxRev uint64) {
+	e.uvarint(uint64(len(x.names.strs)))
+	for _, s := range x.names.strs {
+		e.str(s)
+	}
+	all := x.lists["all"]
+	n := 0
+	for _, i := range all {
+		if x.slots[i].rev <= maxRev {
+			n++
+		}
+	}
+	e.uvarint(uint64(n))
+	for _, i := range all {
+		s := &x.slots[i]
+		if s.rev > maxRev {
+			continue
+		}
+		e.str(s.id)
+		e.uvarint(s.rev)
+		e.varint(s.created)
+		e.varint(s.completed)
+		e.varint(int64(s.duration))
+		for _, h := range [...]uint32{s.typ, s.status, s.volume, s.vm, s.by} {
+			e.uvarint(uint64(h))
+		}
+	}
+}
+
+// decodeOpIndex reads what encode wrote into a new index. The operations
+// come oldest first, so each list is made by appending.
+func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
+	x := newOpIndex()
+	nstr := d.count(1)
+	if nstr == 0 {
+		return nil, errors.New("no strings")
+	}
+	x.names.strs, x.names.users = make([]string, nstr), make([]int64, nstr)
+	for h := range x.names.strs {
+		x.names.strs[h] = d.str()
+	}
+	if x.names.strs[0] != "" {
+		return nil, errors.New("string 0 is not empty")
+	}
+	n := d.count(10)
+	x.slots, x.byID = make([]opSlot, 0, n), make(map[string]uint32, n)
+	var byValue [len(indexDims)][][]uint32 // dimension → string → slots
+	for dim := range byValue {
+		byValue[dim] = make([][]uint32, nstr)
+	}
+	for range n {
+		s := opSlot{id: d.str(), rev: d.uvarint(), created: d.varint(), completed: d.varint(), duration: time.Duration(d.varint())}
+		hs := [...]*uint32{&s.typ, &s.status, &s.volume, &s.vm, &s.by}
+		for _, h := range hs {
+			v := d.uvarint()
+			if v >= uint64(nstr) || (v != 0 && x.names.strs[v] == "") {
+				return nil, fmt.Errorf("operation %s: bad string %d", s.id, v)
+			}
+			*h = uint32(v)
+		}
+		if d.err != nil {
+			return nil, d.err
+		}
+		i := uint32(len(x.slots))
+		if _, dup := x.byID[s.id]; dup || s.id == "" || s.status == 0 || s.rev == 0 {
+			return nil, fmt.Errorf("operation %q: bad entry", s.id)
+		}
+		if i > 0 {
+			p := &x.slots[i-1]
+			if cmp.Or(cmp.Compare(p.created, s.created), strings.Compare(p.id, s.id)) >= 0 {
+				return nil, fmt.Errorf("operation %s: out of order", s.id)
+			}
+		}
+		x.slots = append(x.slots, s)
+		x.byID[s.id] = i
+		c.note(kvOpPrefix+s.id, s.rev)
+		for dim, h := range hs {
+			if *h != 0 {
+				x.names.users[*h]++
+				byValue[dim][*h] = append(byValue[dim][*h], i)
+			}
+		}
+		x.count(i, 1)
+	}
+	if d.err != nil {
+		return nil, d.err
+	}
+	for h, s := range x.names.strs {
+		switch {
+		case h == 0:
+		case x.names.users[h] > 0:
+			x.names.ids[s] = uint32(h)
+		default:
+			x.names.strs[h] = ""
+			x.names.free = append(x.names.free, uint32(h))
+		}
+	}
+	if n > 0 {
+		all := make([]uint32, n)
+		for i := range all {
+			all[i] = uint32(i)
+		}
+		x.lists["all"] = all
+	}
+	for dim, lists := range byValue {
+		for h, l := range lists {
+			if len(l) > 0 {
+				x.lists[indexDims[dim]+":"+x.names.strs[h]] = l
+			}
+		}
+	}
+	x.peak = n
+	return x, nil
+}
+
+// encodeEntries writes the records of entries at revisions up to maxRev.
+func encodeEntries[T any](e *cacheEncoder, entries map[string]kvEntry[T], maxRev uint64) {
+	n := 0
+	for _, v := range entries {
+		if v.v != nil && v.rev <= maxRev {
+			n++
+		}
+	}
+	e.uvarint(uint64(n))
+	for id, v := range entries {
+		if v.v != nil && v.rev <= maxRev {
+			e.str(id)
+			e.uvarint(v.rev)
+			e.str(string(v.raw))
+		}
+	}
+}
+
+// decodeEntries reads what encodeEntries wrote, the records of keys
+// under prefix.
+func decodeEntries[T any](d *cacheDecoder, c *kvCache, prefix string) map[string]kvEntry[T] {
+	n := d.count(3)
+	entries := make(map[string]kvEntry[T], n)
+	for range n {
+		id, rev, raw := d.str(), d.uvarint(), []byte(d.str())
+		if d.err != nil {
+			break
+		}
+		v, err := decodeRecord[T](raw)
+		if err == nil && (rev == 0 || v == nil) {
+			err = errors.New("no revision or value")
+		}
+		if err != nil {
+			d.err = fmt.Errorf("%s%s: %w", prefix, id, err)
+			break
+		}
+		entries[id] = kvEntry[T]{rev: rev, v: v, raw: raw}
+		c.note(prefix+id, rev)
+	}
+	return entries
+}
+
+// cacheEncoder writes varints and length-prefixed strings.
+type cacheEncoder struct {
+	w   *bufio.Writer
+	buf [binary.MaxVarintLen64]byte
+}
+
+func (e *cacheEncoder) uvarint(v uint64) { _, _ = e.w.Write(binary.AppendUvarint(e.buf[:0], v)) }
+func (e *cacheEncoder) varint(v int64)   { _, _ = e.w.Write(binary.AppendVarint(e.buf[:0], v)) }
+func (e *cacheEncoder) str(s string) {
+	e.uvarint(uint64(len(s)))
+	_, _ = e.w.WriteString(s)
+}
+
+// cacheDecoder reads what a cacheEncoder wrote; the first error sticks
+// and every read after it returns zero.
+type cacheDecoder struct {
+	b   []byte
+	err error
+}
+
+func (d *cacheDecoder) uvarint() uint64 {
+	if d.err != nil {
+		return 0
+	}
+	v, n := binary.Uvarint(d.b)
+	if n <= 0 {
+		d.err = errors.New("truncated")
+		return 0
+	}
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *cacheDecoder) varint() int64 {
+	if d.err != nil {
+		return 0
+	}
+	v, n := binary.Varint(d.b)
+	if n <= 0 {
+		d.err = errors.New("truncated")
+		return 0
+	}
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *cacheDecoder) str() string {
+	n := d.uvarint()
+	if d.err != nil {
+		return ""
+	}
+	if n > uint64(len(d.b)) {
+		d.err = errors.New("truncated")
+		return ""
+	}
+	s := string(d.b[:n])
+	d.b = d.b[n:]
+	return s
+}
+
+// count reads a count of items of at least size bytes each, refusing one
+// the rest of the input cannot hold.
+func (d *cacheDecoder) count(size int) int {
+	n := d.uvarint()
+	if n > uint64(len(d.b)/size) {
+		d.err = cmp.Or(d.err, errors.New("truncated"))
+		return 0
+	}
+	return int(n)
+}
