@@ -1023,23 +1023,38 @@ func (k *KV) Ping(ctx context.Context) error {
 	return nil
 }
 
-// Close stops the watcher, waits for it and removes its consumer, then
-// writes the index cache (unless it closed while loading); the NATS connection stays open. Closing twice
-// is safe.
+// kvCloseCatchUp bounds Close's wait for the watcher before it writes the
+// index cache; what the cache misses is read from the bucket at the next
+// start.
+const kvCloseCatchUp = 2 * time.Second
+
+// Close waits for the watcher to apply the bucket's last writes (once it
+// has loaded the bucket), stops it and removes its consumer, then writes
+// the index cache; the NATS connection stays open. Closing twice is safe.
 func (k *KV) Close(ctx context.Context) error {
 	var err error
 	k.closeOnce.Do(func() {
 		close(k.stop)
 		k.saver.Wait()
+		loaded := false
+		select {
+		case <-k.watcher.loaded:
+			loaded = true
+		default: // closed while loading: no cache
+		}
+		if loaded && k.cache != "" {
+			// So that the cache holds this process's own last writes.
+			cctx, cancel := context.WithTimeout(ctx, kvCloseCatchUp)
+			_ = k.caughtUp(cctx)
+			cancel()
+		}
 		if cerr := k.watcher.r.Close(ctx); cerr != nil {
 			err = fmt.Errorf("state: kv close: %w", cerr)
 		}
-		select {
-		case <-k.watcher.loaded:
+		if loaded {
 			if cerr := k.saveCache(); cerr != nil {
 				k.log.Warn("index cache not written", "err", cerr)
 			}
-		default: // closed while loading
 		}
 	})
 	return err
