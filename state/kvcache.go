@@ -187,23 +187,49 @@ func (k *KV) cacheDoubt(ctx context.Context, c *kvCache) string {
 	return ""
 }
 
-// readCache reads and decodes a cache file, checking its checksum.
+// readCache reads and decodes a cache file, checking its checksum. It
+// reads the file as a stream: a whole-file buffer would be as large as
+// the index, and garbage right after the start.
 func readCache(path string) (*kvCache, error) {
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
-	if len(data) < 4 || crc32.Checksum(data[:len(data)-4], kvCacheCRC) != binary.LittleEndian.Uint32(data[len(data)-4:]) {
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if st.Size() < 4 {
+		return nil, errors.New("truncated")
+	}
+	sum := crc32.New(kvCacheCRC)
+	body := &io.LimitedReader{R: f, N: st.Size() - 4}
+	d := &cacheDecoder{r: bufio.NewReaderSize(io.TeeReader(body, sum), 1<<16), left: body}
+	c, err := decodeCache(d)
+	if err != nil {
+		return nil, err
+	}
+	var tail [4]byte
+	if _, err := io.ReadFull(f, tail[:]); err != nil {
+		return nil, err
+	}
+	if sum.Sum32() != binary.LittleEndian.Uint32(tail[:]) {
 		return nil, errors.New("bad checksum")
 	}
-	d := &cacheDecoder{b: data[:len(data)-4]}
+	return c, nil
+}
+
+// decodeCache decodes what saveCache wrote, before its checksum.
+func decodeCache(d *cacheDecoder) (*kvCache, error) {
 	if d.str() != kvCacheMagic {
-		return nil, errors.New("not an index cache")
+		return nil, cmp.Or(d.err, errors.New("not an index cache"))
 	}
 	if v := d.uvarint(); v != kvCacheVersion {
-		return nil, fmt.Errorf("version %d, not %d", v, kvCacheVersion)
+		return nil, cmp.Or(d.err, fmt.Errorf("version %d, not %d", v, kvCacheVersion))
 	}
 	c := &kvCache{stream: d.str(), created: time.Unix(0, d.varint()), seq: d.uvarint(), written: time.Unix(0, d.varint())}
+	var err error
 	if c.ops, err = decodeOpIndex(d, c); err != nil {
 		return nil, err
 	}
@@ -212,7 +238,7 @@ func readCache(path string) (*kvCache, error) {
 	if d.err != nil {
 		return nil, d.err
 	}
-	if len(d.b) != 0 {
+	if d.remaining() != 0 {
 		return nil, errors.New("trailing bytes")
 	}
 	return c, nil
@@ -276,14 +302,9 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 	}
 	n := d.count(10)
 	x.slots, x.byID = make([]opSlot, 0, n), make(map[string]uint32, n)
-	var byValue [len(indexDims)][][]uint32 // dimension → string → slots
-	for dim := range byValue {
-		byValue[dim] = make([][]uint32, nstr)
-	}
 	for range n {
 		s := opSlot{id: d.str(), rev: d.uvarint(), created: d.varint(), completed: d.varint(), duration: time.Duration(d.varint())}
-		hs := [...]*uint32{&s.typ, &s.status, &s.volume, &s.vm, &s.by}
-		for _, h := range hs {
+		for _, h := range s.handles() {
 			v := d.uvarint()
 			if v >= uint64(nstr) || (v != 0 && x.names.strs[v] == "") {
 				return nil, fmt.Errorf("operation %s: bad string %d", s.id, v)
@@ -306,16 +327,36 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 		x.slots = append(x.slots, s)
 		x.byID[s.id] = i
 		c.note(kvOpPrefix+s.id, s.rev)
-		for dim, h := range hs {
-			if *h != 0 {
-				x.names.users[*h]++
-				byValue[dim][*h] = append(byValue[dim][*h], i)
-			}
-		}
 		x.count(i, 1)
 	}
-	if d.err != nil {
-		return nil, d.err
+	// The lists, each of the size it needs: oldest first, as the slots.
+	var sizes [len(indexDims)][]int // dimension → string → operations
+	for dim := range sizes {
+		sizes[dim] = make([]int, nstr)
+	}
+	for i := range x.slots {
+		for dim, h := range x.slots[i].handles() {
+			if *h != 0 {
+				sizes[dim][*h]++
+				x.names.users[*h]++
+			}
+		}
+	}
+	var lists [len(indexDims)][][]uint32
+	for dim := range lists {
+		lists[dim] = make([][]uint32, nstr)
+		for h, size := range sizes[dim] {
+			if size > 0 {
+				lists[dim][h] = make([]uint32, 0, size)
+			}
+		}
+	}
+	for i := range x.slots {
+		for dim, h := range x.slots[i].handles() {
+			if *h != 0 {
+				lists[dim][*h] = append(lists[dim][*h], uint32(i))
+			}
+		}
 	}
 	for h, s := range x.names.strs {
 		switch {
@@ -334,8 +375,8 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 		}
 		x.lists["all"] = all
 	}
-	for dim, lists := range byValue {
-		for h, l := range lists {
+	for dim, byValue := range lists {
+		for h, l := range byValue {
 			if len(l) > 0 {
 				x.lists[indexDims[dim]+":"+x.names.strs[h]] = l
 			}
@@ -403,20 +444,30 @@ func (e *cacheEncoder) str(s string) {
 // cacheDecoder reads what a cacheEncoder wrote; the first error sticks
 // and every read after it returns zero.
 type cacheDecoder struct {
-	b   []byte
-	err error
+	r    *bufio.Reader
+	left *io.LimitedReader // what r reads from
+	buf  []byte
+	err  error
+}
+
+// remaining is how many bytes are left to read.
+func (d *cacheDecoder) remaining() int64 { return d.left.N + int64(d.r.Buffered()) }
+
+func (d *cacheDecoder) fail(err error) {
+	if errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	d.err = cmp.Or(d.err, fmt.Errorf("truncated: %w", err))
 }
 
 func (d *cacheDecoder) uvarint() uint64 {
 	if d.err != nil {
 		return 0
 	}
-	v, n := binary.Uvarint(d.b)
-	if n <= 0 {
-		d.err = errors.New("truncated")
-		return 0
+	v, err := binary.ReadUvarint(d.r)
+	if err != nil {
+		d.fail(err)
 	}
-	d.b = d.b[n:]
 	return v
 }
 
@@ -424,12 +475,10 @@ func (d *cacheDecoder) varint() int64 {
 	if d.err != nil {
 		return 0
 	}
-	v, n := binary.Varint(d.b)
-	if n <= 0 {
-		d.err = errors.New("truncated")
-		return 0
+	v, err := binary.ReadVarint(d.r)
+	if err != nil {
+		d.fail(err)
 	}
-	d.b = d.b[n:]
 	return v
 }
 
@@ -438,21 +487,27 @@ func (d *cacheDecoder) str() string {
 	if d.err != nil {
 		return ""
 	}
-	if n > uint64(len(d.b)) {
-		d.err = errors.New("truncated")
+	if n > uint64(d.remaining()) {
+		d.fail(io.EOF)
 		return ""
 	}
-	s := string(d.b[:n])
-	d.b = d.b[n:]
-	return s
+	if uint64(cap(d.buf)) < n {
+		d.buf = make([]byte, n)
+	}
+	b := d.buf[:n]
+	if _, err := io.ReadFull(d.r, b); err != nil {
+		d.fail(err)
+		return ""
+	}
+	return string(b)
 }
 
 // count reads a count of items of at least size bytes each, refusing one
 // the rest of the input cannot hold.
 func (d *cacheDecoder) count(size int) int {
 	n := d.uvarint()
-	if n > uint64(len(d.b)/size) {
-		d.err = cmp.Or(d.err, errors.New("truncated"))
+	if n > uint64(d.remaining()/int64(size)) {
+		d.fail(io.EOF)
 		return 0
 	}
 	return int(n)

@@ -41,6 +41,11 @@ type opSlot struct {
 	typ, status, volume, vm, by uint32
 }
 
+// handles are the slot's interned values, in the order of indexDims.
+func (s *opSlot) handles() [len(indexDims)]*uint32 {
+	return [...]*uint32{&s.typ, &s.status, &s.volume, &s.vm, &s.by}
+}
+
 func newOpIndex() *opIndex {
 	return &opIndex{byID: make(map[string]uint32), lists: make(map[string][]uint32),
 		names: newInterner(), stats: newStats()}
@@ -71,8 +76,11 @@ func (x *opIndex) put(rev uint64, op *commands.Operation) {
 	}
 	i, ok := x.byID[op.ID]
 	if !ok {
+		// Its own copy: op.ID may be part of a larger string (the
+		// watcher's is the message's subject).
+		s.id = strings.Clone(op.ID)
 		i = x.alloc()
-		x.byID[op.ID] = i
+		x.byID[s.id] = i
 		x.peak = max(x.peak, len(x.byID))
 	} else {
 		s.id = x.slots[i].id // keep the map key's string, not a second copy
@@ -121,6 +129,9 @@ func (x *opIndex) unindex(id string) {
 	}
 	*s = opSlot{id: s.id, rev: s.rev}
 }
+
+// grow makes room for n more operations.
+func (x *opIndex) grow(n int) { x.slots = slices.Grow(x.slots, n) }
 
 func (x *opIndex) alloc() uint32 {
 	if n := len(x.free); n > 0 {

@@ -41,6 +41,9 @@ func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
 		OnConsumer: func(info *jetstream.ConsumerInfo) {
 			if first {
 				w.initial, first = info.NumPending, false
+				k.mu.Lock()
+				k.ops.grow(int(info.NumPending))
+				k.mu.Unlock()
 			}
 			// Before the initial entries are loaded, a consumer with
 			// nothing pending means they are.
