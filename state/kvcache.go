@@ -244,13 +244,13 @@ func decodeCache(d *cacheDecoder) (*kvCache, error) {
 	return c, nil
 }
 
-// note records revision rev of key in c's bounds.
-func (c *kvCache) note(key string, rev uint64) {
+// note records revision rev of the key prefix+id in c's bounds.
+func (c *kvCache) note(prefix, id string, rev uint64) {
 	if c.minRev == 0 || rev < c.minRev {
 		c.minRev = rev
 	}
 	if rev > c.maxRev {
-		c.maxRev, c.maxKey = rev, key
+		c.maxRev, c.maxKey = rev, prefix+id
 	}
 }
 
@@ -315,7 +315,7 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 			return nil, d.err
 		}
 		i := uint32(len(x.slots))
-		if _, dup := x.byID[s.id]; dup || s.id == "" || s.status == 0 || s.rev == 0 {
+		if s.id == "" || s.status == 0 || s.rev == 0 {
 			return nil, fmt.Errorf("operation %q: bad entry", s.id)
 		}
 		if i > 0 {
@@ -324,9 +324,11 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 				return nil, fmt.Errorf("operation %s: out of order", s.id)
 			}
 		}
+		if x.byID[s.id] = i; len(x.byID) != len(x.slots)+1 {
+			return nil, fmt.Errorf("operation %s: twice", s.id)
+		}
 		x.slots = append(x.slots, s)
-		x.byID[s.id] = i
-		c.note(kvOpPrefix+s.id, s.rev)
+		c.note(kvOpPrefix, s.id, s.rev)
 		x.count(i, 1)
 	}
 	// The lists, each of the size it needs: oldest first, as the slots.
@@ -423,7 +425,7 @@ func decodeEntries[T any](d *cacheDecoder, c *kvCache, prefix string) map[string
 			break
 		}
 		entries[id] = kvEntry[T]{rev: rev, v: v, raw: raw}
-		c.note(prefix+id, rev)
+		c.note(prefix, id, rev)
 	}
 	return entries
 }
