@@ -41,9 +41,11 @@ func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
 		OnConsumer: func(info *jetstream.ConsumerInfo) {
 			if first {
 				w.initial, first = info.NumPending, false
-				k.mu.Lock()
-				k.ops.grow(int(info.NumPending))
-				k.mu.Unlock()
+				if after == 0 { // every record: room for them at once
+					k.mu.Lock()
+					k.ops.grow(int(info.NumPending))
+					k.mu.Unlock()
+				}
 			}
 			// Before the initial entries are loaded, a consumer with
 			// nothing pending means they are.
