@@ -301,7 +301,7 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 		return nil, errors.New("string 0 is not empty")
 	}
 	n := d.count(10)
-	x.slots, x.byID = make([]opSlot, 0, n), make(map[string]uint32, n)
+	x.slots, x.byID = make([]opSlot, 0, n), newIDTable(n)
 	for range n {
 		s := opSlot{id: d.str(), rev: d.uvarint(), created: d.varint(), completed: d.varint(), duration: time.Duration(d.varint())}
 		for _, h := range s.handles() {
@@ -324,10 +324,11 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 				return nil, fmt.Errorf("operation %s: out of order", s.id)
 			}
 		}
-		if x.byID[s.id] = i; len(x.byID) != len(x.slots)+1 {
+		if _, dup := x.byID.get(x.slots, s.id); dup {
 			return nil, fmt.Errorf("operation %s: twice", s.id)
 		}
 		x.slots = append(x.slots, s)
+		x.byID.add(x.slots, s.id, i)
 		c.note(kvOpPrefix, s.id, s.rev)
 		x.count(i, 1)
 	}
@@ -384,7 +385,6 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 			}
 		}
 	}
-	x.peak = n
 	return x, nil
 }
 

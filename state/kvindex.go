@@ -2,7 +2,6 @@ package state
 
 import (
 	"cmp"
-	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -12,20 +11,19 @@ import (
 
 // opIndex is the in-memory index of the embedded store's operations: per
 // operation, only what the listings, the prune and the counters need (its
-// id, revision, times and interned field values: a 72-byte slot, the id,
-// a map entry and a 4-byte entry per index it is in, about 200 bytes);
-// the records themselves stay in the bucket and are read from it. It is not safe for concurrent use: KV.mu
-// guards it.
+// id, revision, times and interned field values: a 72-byte slot, the id's
+// 48, 4 to 8 bytes of idTable and a 4-byte entry per index it is in,
+// about 150 bytes); the records themselves stay in the bucket and are
+// read from it. It is not safe for concurrent use: KV.mu guards it.
 type opIndex struct {
 	slots []opSlot
-	free  []uint32          // unused slots
-	byID  map[string]uint32 // operation id → slot
+	free  []uint32 // unused slots
+	byID  idTable  // operation id → slot
 	names interner
 	// lists holds, per index name (see indexNames), the slots of its
 	// operations ordered oldest first by (created, id).
 	lists map[string][]uint32
 	stats Stats // without Writes
-	peak  int   // the most ids byID held since it was last made
 }
 
 // opSlot is what memory keeps of one operation. A slot whose status is 0
@@ -47,14 +45,14 @@ func (s *opSlot) handles() [len(indexDims)]*uint32 {
 }
 
 func newOpIndex() *opIndex {
-	return &opIndex{byID: make(map[string]uint32), lists: make(map[string][]uint32),
+	return &opIndex{byID: newIDTable(0), lists: make(map[string][]uint32),
 		names: newInterner(), stats: newStats()}
 }
 
 // rev returns the revision memory holds for id (0: none), and the slot's
 // status when it is live.
 func (x *opIndex) rev(id string) (uint64, commands.OpStatus, bool) {
-	i, ok := x.byID[id]
+	i, ok := x.byID.get(x.slots, id)
 	if !ok {
 		return 0, "", false
 	}
@@ -74,16 +72,16 @@ func (x *opIndex) put(rev uint64, op *commands.Operation) {
 	if op.Status.Terminal() {
 		s.completed = opScore(completedAt(op))
 	}
-	i, ok := x.byID[op.ID]
+	i, ok := x.byID.get(x.slots, op.ID)
 	if !ok {
 		// Its own copy: op.ID may be part of a larger string (the
 		// watcher's is the message's subject).
 		s.id = strings.Clone(op.ID)
 		i = x.alloc()
-		x.byID[s.id] = i
-		x.peak = max(x.peak, len(x.byID))
+		x.slots[i] = s
+		x.byID.add(x.slots, s.id, i)
 	} else {
-		s.id = x.slots[i].id // keep the map key's string, not a second copy
+		s.id = x.slots[i].id // keep the string held, not a second copy
 	}
 	x.slots[i] = s
 	x.index(i, 1)
@@ -93,7 +91,7 @@ func (x *opIndex) put(rev uint64, op *commands.Operation) {
 // of that revision or an older one is recognised as such.
 func (x *opIndex) tombstone(id string, rev uint64) {
 	x.unindex(id)
-	if i, ok := x.byID[id]; ok {
+	if i, ok := x.byID.get(x.slots, id); ok {
 		x.slots[i].rev = rev
 	}
 }
@@ -101,24 +99,19 @@ func (x *opIndex) tombstone(id string, rev uint64) {
 // remove forgets id.
 func (x *opIndex) remove(id string) {
 	x.unindex(id)
-	i, ok := x.byID[id]
+	i, ok := x.byID.get(x.slots, id)
 	if !ok {
 		return
 	}
-	delete(x.byID, id)
+	x.byID.del(x.slots, id)
 	x.slots[i] = opSlot{}
-	x.free = append(x.free, i)
-	if x.peak > 4096 && len(x.byID) < x.peak/4 {
-		// A Go map keeps the size it grew to: copy it once pruning has
-		// emptied most of it. (Freed slots are reused by new operations.)
-		x.byID, x.peak = maps.Collect(maps.All(x.byID)), len(x.byID)
-	}
+	x.free = append(x.free, i) // reused by new operations
 }
 
 // unindex takes id's live slot, if any, out of the lists and counters
 // and makes it a tombstone at the same revision.
 func (x *opIndex) unindex(id string) {
-	i, ok := x.byID[id]
+	i, ok := x.byID.get(x.slots, id)
 	if !ok || x.slots[i].status == 0 {
 		return
 	}
