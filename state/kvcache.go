@@ -65,6 +65,7 @@ func (k *KV) saveCache() error {
 	if k.cache == "" {
 		return nil
 	}
+	began := time.Now()
 	info := k.stream.CachedInfo()
 	tmp := k.cache + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
@@ -112,6 +113,7 @@ func (k *KV) saveCache() error {
 	k.mu.Lock()
 	k.cached = seq
 	k.mu.Unlock()
+	k.log.Debug("index cache written", "cache", k.cache, "sequence", seq, "took", time.Since(began).Round(time.Millisecond))
 	return nil
 }
 
