@@ -133,6 +133,14 @@ func (e *Engine) Run(ctx context.Context, opID string, log *slog.Logger) Result 
 	return e.run(ctx, opID, log, nil)
 }
 
+// RunRead is Run of op as its caller read it from the store, which saves
+// Run's read: the claim is a compare-and-swap on op's revision. A claim
+// lost to a record that moved since without being claimed (its attempt
+// unchanged) is made again on the record as it is now, as Run would have.
+func (e *Engine) RunRead(ctx context.Context, op commands.Operation, log *slog.Logger) Result {
+	return e.claimAndRun(ctx, op, log, nil, true)
+}
+
 // run is Run; parent, when set, is the journal of the workflow whose step
 // the operation is: every write of the step is fenced by its claim too.
 func (e *Engine) run(ctx context.Context, opID string, log *slog.Logger, parent *Journal) Result {
@@ -141,6 +149,14 @@ func (e *Engine) run(ctx context.Context, opID string, log *slog.Logger, parent 
 		log.Warn("cannot load operation", "err", err)
 		return Stopped
 	}
+	return e.claimAndRun(ctx, op, log, parent, false)
+}
+
+// claimAndRun claims op, read at op.Revision, runs its kind and records
+// the end. reread: op was read by the caller, some time ago, and a claim
+// lost to a record that moved without a claim is made again on the record
+// read then.
+func (e *Engine) claimAndRun(ctx context.Context, op commands.Operation, log *slog.Logger, parent *Journal, reread bool) Result {
 	if op.Status.Terminal() {
 		return Done
 	}
@@ -151,19 +167,32 @@ func (e *Engine) run(ctx context.Context, opID string, log *slog.Logger, parent 
 	j := e.journal(&op, log)
 	j.parent = parent
 	if err := j.Save(ctx); err != nil {
-		if cur, gerr := e.cfg.Operations.GetOperation(ctx, opID); gerr == nil && cur.Status.Terminal() {
+		cur, gerr := e.cfg.Operations.GetOperation(ctx, op.ID)
+		if gerr == nil && cur.Status.Terminal() {
 			return Done // the read was behind: it had ended
 		}
 		if errors.Is(err, state.ErrStale) || errors.Is(err, ErrLost) {
+			if reread && gerr == nil && cur.Attempts == op.Attempts-1 {
+				return e.claimAndRun(ctx, cur, log, parent, false)
+			}
 			log.Info("operation claimed by another executor; not running it", "attempt", op.Attempts, "err", err)
 			return Lost
 		}
 		return e.stopped(log, &op, err)
 	}
+	return e.execute(ctx, j)
+}
+
+// execute runs the kind of j's claimed operation and records its end.
+func (e *Engine) execute(ctx context.Context, j *Journal) Result {
+	op, log := j.Op, j.log
 	j.log = log.With("type", op.Type, "volume_id", op.VolumeID, "attempt", op.Attempts)
 	log = j.log
 	log.Info("operation executing", "step", op.Step)
-	var resp *commands.OpResponse
+	var (
+		resp *commands.OpResponse
+		err  error
+	)
 	if k := e.kinds[op.Type]; k == nil {
 		err = commands.Internal("unknown operation type %q", op.Type)
 	} else {
@@ -192,7 +221,7 @@ func (e *Engine) run(ctx context.Context, opID string, log *slog.Logger, parent 
 	now := time.Now().UTC()
 	op.Status, op.CompletedAt = status, &now
 	if err := j.Save(ctx); err != nil {
-		return e.stopped(log, &op, err)
+		return e.stopped(log, op, err)
 	}
 	log.Info("operation "+string(status), "err", op.Error, "duration", op.Duration())
 	return Done

@@ -203,3 +203,64 @@ func TestRunByRegisteredKind(t *testing.T) {
 	}()
 	engine.New(engine.Config{}, kindFunc{typ: commands.OpDetach}, kindFunc{typ: commands.OpDetach})
 }
+
+// TestRunRead: RunRead claims the operation as its caller read it; a
+// record that moved since without a claim is claimed as it is now (as Run
+// would have), and one claimed since by another executor, or ended, is
+// not run.
+func TestRunRead(t *testing.T) {
+	ctx := context.Background()
+	store := memstore.New()
+	ran := map[string]int{}
+	e := engine.New(engine.Config{Operations: store, Publisher: &events{}, Timing: timing, Logger: slog.Default()},
+		kindFunc{commands.OpDetach, func(_ context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			ran[j.Op.ID]++
+			return &commands.OpResponse{VolumeID: j.Op.VolumeID}, nil
+		}})
+	for _, tc := range []struct {
+		name string
+		// since changes the record after the caller read it.
+		since    func(op commands.Operation) commands.Operation
+		result   engine.Result
+		ran      int
+		status   commands.OpStatus
+		attempts int
+	}{
+		{"as read", nil, engine.Done, 1, commands.StatusCompleted, 1},
+		{"moved, not claimed", func(op commands.Operation) commands.Operation {
+			op.Status, op.Step = commands.StatusExecuting, "detach:requested" // an earlier attempt's last step
+			return op
+		}, engine.Done, 1, commands.StatusCompleted, 1},
+		{"claimed since", func(op commands.Operation) commands.Operation {
+			op.Status, op.Attempts = commands.StatusExecuting, op.Attempts+1
+			return op
+		}, engine.Lost, 0, commands.StatusExecuting, 1},
+		{"ended since", func(op commands.Operation) commands.Operation {
+			now := time.Now().UTC()
+			op.Status, op.CompletedAt = commands.StatusFailed, &now
+			return op
+		}, engine.Done, 0, commands.StatusFailed, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			now := time.Now().UTC()
+			read, err := store.CreateOperation(ctx, commands.Operation{ID: "op-" + tc.name, Type: commands.OpDetach,
+				Status: commands.StatusPending, VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.since != nil {
+				if _, err := store.UpdateOperation(ctx, tc.since(read)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if res := e.RunRead(ctx, read, slog.Default()); res != tc.result {
+				t.Fatalf("result %v, want %v", res, tc.result)
+			}
+			got, _ := store.GetOperation(ctx, read.ID)
+			if ran[read.ID] != tc.ran || got.Status != tc.status || got.Attempts != tc.attempts {
+				t.Fatalf("ran %d times, recorded %s attempt %d; want %d, %s attempt %d", ran[read.ID], got.Status, got.Attempts,
+					tc.ran, tc.status, tc.attempts)
+			}
+		})
+	}
+}
