@@ -150,8 +150,12 @@ type vmTable struct {
 	changed chan struct{}
 	// agentAt is when the VM's agent last answered.
 	agentAt time.Time
-	// listed: devices was filled by a list since the last gap in events.
+	// listed: devices was filled by a list since the last gap in events
+	// and since the last event stored before the list that contradicts it.
 	listed bool
+	// listedAt is when the last list was asked for: the list shows every
+	// event the stream stored before.
+	listedAt time.Time
 	// epoch and seq are the agent run and event number of the last event
 	// applied: older ones are dropped, a gap makes the VM listed again.
 	epoch string
@@ -367,7 +371,14 @@ func (c *Correlator) onEvent(msg jetstream.Msg) {
 
 // apply applies a device event stored at `at` to the VM's table, unless
 // it is older than the last one applied (same agent run, lower number);
-// false when dropped.
+// false when dropped. An event the stream stored before the VM's last
+// list (replayed at a start, or delivered late) leaves the listed devices
+// as they are: the list shows them since, and the event would bring back
+// an earlier disk under the name, or the same disk without the identity
+// an older agent did not report, which heal would take for the mapped
+// disk gone. It still tells when its disk came and that it went; one
+// that contradicts the list (stamped early by a skewed clock: the stream
+// stamps `at`, this host the list) has the VM listed again.
 func (c *Correlator) apply(vm string, action commands.DeviceAction, d commands.Device, at time.Time) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -399,10 +410,19 @@ func (c *Correlator) apply(vm string, action commands.DeviceAction, d commands.D
 		return false
 	}
 	d.Action, d.VMID, d.Epoch, d.EventSeq = "", vm, "", 0
+	listed := t.listed && !at.After(t.listedAt)
+	if listed && contradicts(action, d, cur, had) {
+		c.log.Info("device event stored before the last list contradicts it: listing the VM again", "vm_id", vm,
+			"action", string(action), "identity", id.String())
+		t.listed = false
+	}
 	switch action {
 	case commands.DeviceRemove:
-		if had && cur.Identity() == id {
-			delete(t.devices, d.Name)
+		if !listed {
+			if had && cur.Identity() == id {
+				delete(t.devices, d.Name)
+			}
+			c.dropClaims(vm, id)
 		}
 		delete(t.arrived, id)
 		if id.DiskSeq != 0 || id.Generation != 0 { // else the identity is reused
@@ -411,19 +431,29 @@ func (c *Correlator) apply(vm string, action commands.DeviceAction, d commands.D
 			}
 			t.gone[id] = true
 		}
-		c.dropClaims(vm, id)
 	case commands.DeviceAdd, commands.DeviceChange:
-		if had && cur.Identity() != id {
+		if !listed && had && cur.Identity() != id {
 			c.dropClaims(vm, cur.Identity())
 			delete(t.arrived, cur.Identity())
 		}
 		if _, ok := t.arrived[id]; !ok && action == commands.DeviceAdd {
 			t.arrived[id] = at
 		}
-		t.devices[d.Name] = d
+		if !listed {
+			t.devices[d.Name] = d
+		}
 	}
 	t.notify()
 	return true
+}
+
+// contradicts reports whether an event of d would change the table's
+// entry under its name (cur, if had).
+func contradicts(action commands.DeviceAction, d, cur commands.Device, had bool) bool {
+	if action == commands.DeviceRemove {
+		return had && cur.Identity() == d.Identity()
+	}
+	return !had || cur.Identity() != d.Identity() || cur.Size != d.Size || cur.Controller != d.Controller
 }
 
 // dropClaims ends the claims of a disk appearance that went away; c.mu
@@ -432,9 +462,10 @@ func (c *Correlator) dropClaims(vm string, id commands.DeviceIdentity) {
 	delete(c.claims, claimKey{vm, id})
 }
 
-// merge replaces the VM's device set with a fresh list, less the disks
-// whose remove was applied already; claims of disks no longer there end.
-func (c *Correlator) merge(vm string, devs []commands.Device) {
+// merge replaces the VM's device set with a fresh list, asked for at
+// askedAt, less the disks whose remove was applied already; claims of
+// disks no longer there end.
+func (c *Correlator) merge(vm string, devs []commands.Device, askedAt time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	t := c.table(vm)
@@ -453,7 +484,7 @@ func (c *Correlator) merge(vm string, devs []commands.Device) {
 			delete(c.claims, k)
 		}
 	}
-	t.listed = true
+	t.listed, t.listedAt = true, askedAt
 	t.notify()
 }
 
@@ -461,6 +492,7 @@ func (c *Correlator) merge(vm string, devs []commands.Device) {
 func (c *Correlator) list(ctx context.Context, vm string, timeout time.Duration) ([]commands.Device, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	asked := time.Now()
 	msg, err := c.cfg.Conn.RequestWithContext(ctx, commands.DevicesListSubject(vm), nil)
 	if err != nil {
 		return nil, fmt.Errorf("%w: list devices of VM %s: %w", ErrAgent, vm, err)
@@ -480,7 +512,7 @@ func (c *Correlator) list(ctx context.Context, vm string, timeout time.Duration)
 		}
 		return err != nil
 	})
-	c.merge(vm, devs)
+	c.merge(vm, devs, asked)
 	return devs, nil
 }
 

@@ -97,7 +97,8 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 
 // present reports whether the VM's device table holds m's disk: its name
 // with its recorded identity. A table not filled by a list since the
-// last start or gap in events knows too little: nothing is called gone.
+// last start, gap in events or event contradicting the list knows too
+// little: nothing is called gone.
 func (c *Correlator) present(vm string, m commands.Mapping) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -619,27 +619,18 @@ func parseJob(jobID string, r *cloudstack.QueryAsyncJobResultResponse) (Job, err
 	return job, nil
 }
 
-// WaitJob polls the job at once, then on an interval of half the time
-// since it began, within PollMin and PollMax, until it ends or ctx is
-// done: a job is seen at most a third of its length after its end (and
-// PollMin, PollMax), in a number of polls logarithmic in its length up to
-// PollMax. Retryable poll errors are
+// WaitJob polls the job PollMin after it is called (a job is not done the
+// instant it was submitted, and PollMin is all a job found done costs),
+// then on an interval of half the time since it began, within PollMin and
+// PollMax, until it ends or ctx is done: a job is seen at most a third of
+// its length after its end (and PollMin, PollMax), in a number of polls
+// logarithmic in its length up to PollMax. Retryable poll errors are
 // retried; a final one is returned. A failed job returns the job and
 // job.Err.
 func (c *Client) WaitJob(ctx context.Context, jobID string) (Job, error) {
 	began := time.Now()
 	var lastErr error
 	for {
-		job, err := c.QueryJob(ctx, jobID)
-		switch {
-		case err == nil && job.Status != JobPending:
-			return job, job.Err
-		case err != nil && !IsRetryable(err):
-			return job, err
-		case err != nil:
-			c.log.Debug("job poll failed, retrying", "job", jobID, "err", err.Error())
-		}
-		lastErr = err
 		t := time.NewTimer(min(max(time.Since(began)/2, c.cfg.PollMin), c.cfg.PollMax))
 		select {
 		case <-t.C:
@@ -652,5 +643,15 @@ func (c *Client) WaitJob(ctx context.Context, jobID string) (Job, error) {
 			return Job{ID: jobID, Status: JobPending},
 				&Error{Command: "queryAsyncJobResult", Text: text, Retryable: true, Err: ctx.Err()}
 		}
+		job, err := c.QueryJob(ctx, jobID)
+		switch {
+		case err == nil && job.Status != JobPending:
+			return job, job.Err
+		case err != nil && !IsRetryable(err):
+			return job, err
+		case err != nil:
+			c.log.Debug("job poll failed, retrying", "job", jobID, "err", err.Error())
+		}
+		lastErr = err
 	}
 }

@@ -133,6 +133,14 @@ func (e *Engine) Run(ctx context.Context, opID string, log *slog.Logger) Result 
 	return e.run(ctx, opID, log, nil)
 }
 
+// RunRead is Run of op as its caller read it from the store, which saves
+// Run's read: the claim is a compare-and-swap on op's revision. A claim
+// lost to a record that moved since without being claimed (its attempt
+// unchanged) is made again on the record as it is now, as Run would have.
+func (e *Engine) RunRead(ctx context.Context, op commands.Operation, log *slog.Logger) Result {
+	return e.claimAndRun(ctx, op, log, nil, true)
+}
+
 // run is Run; parent, when set, is the journal of the workflow whose step
 // the operation is: every write of the step is fenced by its claim too.
 func (e *Engine) run(ctx context.Context, opID string, log *slog.Logger, parent *Journal) Result {
@@ -141,41 +149,95 @@ func (e *Engine) run(ctx context.Context, opID string, log *slog.Logger, parent 
 		log.Warn("cannot load operation", "err", err)
 		return Stopped
 	}
+	return e.claimAndRun(ctx, op, log, parent, false)
+}
+
+// claimAndRun claims op, read at op.Revision, runs its kind and records
+// the end. reread: op was read by the caller, some time ago, and a claim
+// lost to a record that moved without a claim is made again on the record
+// read then.
+//
+// The claim of a pending operation that is no workflow's step is written
+// with the operation's first save (its first step, or a fence check)
+// rather than on its own: a kind saves a step, or checks its fence, before
+// it changes anything, so until then it has only read, and an executor
+// whose first write finds the record moved since it was read (another
+// executor's claim or step, or an end) has done nothing, and stops. An
+// operation that ran before is claimed at once: the claim fences its
+// earlier executor from the start.
+func (e *Engine) claimAndRun(ctx context.Context, op commands.Operation, log *slog.Logger, parent *Journal, reread bool) Result {
 	if op.Status.Terminal() {
 		return Done
 	}
+	read := op.Attempts
+	lazy := parent == nil && op.Status == commands.StatusPending
 	// The claim: attempt + 1 by compare-and-swap. Losing it means another
 	// executor claimed the operation since it was read.
 	op.Attempts++
 	op.Status = commands.StatusExecuting
 	j := e.journal(&op, log)
-	j.parent = parent
-	if err := j.Save(ctx); err != nil {
-		if cur, gerr := e.cfg.Operations.GetOperation(ctx, opID); gerr == nil && cur.Status.Terminal() {
-			return Done // the read was behind: it had ended
+	j.parent, j.unclaimed = parent, true
+	if !lazy {
+		if err := j.Save(ctx); err != nil {
+			return e.notClaimed(ctx, op, read, err, log, parent, reread)
 		}
-		if errors.Is(err, state.ErrStale) || errors.Is(err, ErrLost) {
-			log.Info("operation claimed by another executor; not running it", "attempt", op.Attempts, "err", err)
-			return Lost
-		}
-		return e.stopped(log, &op, err)
 	}
+	res := e.execute(ctx, j)
+	if res == Lost && j.unclaimed {
+		return e.notClaimed(ctx, op, read, ErrLost, log, parent, reread)
+	}
+	return res
+}
+
+// notClaimed settles the run of op, claimed as attempt read + 1, whose
+// claim could not be written (err).
+func (e *Engine) notClaimed(ctx context.Context, op commands.Operation, read int, err error, log *slog.Logger, parent *Journal, reread bool) Result {
+	cur, gerr := e.cfg.Operations.GetOperation(ctx, op.ID)
+	switch {
+	case gerr == nil && cur.Status.Terminal():
+		return Done // the read was behind: it had ended
+	case !errors.Is(err, ErrLost):
+		return e.stopped(log, &op, err)
+	case reread && gerr == nil && cur.Attempts == read:
+		return e.claimAndRun(ctx, cur, log, parent, false)
+	}
+	log.Info("operation claimed by another executor; not running it", "attempt", op.Attempts, "err", err)
+	return Lost
+}
+
+// execute runs the kind of j's claimed operation and records its end.
+func (e *Engine) execute(ctx context.Context, j *Journal) Result {
+	op, log := j.Op, j.log
 	j.log = log.With("type", op.Type, "volume_id", op.VolumeID, "attempt", op.Attempts)
 	log = j.log
 	log.Info("operation executing", "step", op.Step)
-	var resp *commands.OpResponse
+	var (
+		resp *commands.OpResponse
+		err  error
+	)
 	if k := e.kinds[op.Type]; k == nil {
 		err = commands.Internal("unknown operation type %q", op.Type)
 	} else {
 		resp, err = k.Execute(ctx, j)
 	}
 	switch {
+	case errors.Is(err, ErrLost) && j.unclaimed:
+		return Lost // its caller tells why
 	case errors.Is(err, ErrLost):
 		log.Warn("operation taken over by another executor; stopping, nothing more written", "step", op.Step, "err", err)
 		return Lost
 	case ctx.Err() != nil || errors.Is(err, ErrStopped):
 		log.Info("operation interrupted; it resumes on redelivery", "step", op.Step, "err", err)
 		return Stopped
+	}
+	if j.unclaimed {
+		// The kind saved nothing: the claim first, so that the record
+		// moves through executing to its end.
+		if serr := j.Save(ctx); errors.Is(serr, ErrLost) {
+			return Lost // its caller tells why
+		} else if serr != nil {
+			return e.stopped(log, op, serr)
+		}
 	}
 	status := commands.StatusCompleted
 	if err != nil {
@@ -192,7 +254,7 @@ func (e *Engine) run(ctx context.Context, opID string, log *slog.Logger, parent 
 	now := time.Now().UTC()
 	op.Status, op.CompletedAt = status, &now
 	if err := j.Save(ctx); err != nil {
-		return e.stopped(log, &op, err)
+		return e.stopped(log, op, err)
 	}
 	log.Info("operation "+string(status), "err", op.Error, "duration", op.Duration())
 	return Done

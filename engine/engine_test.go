@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -159,7 +160,7 @@ func TestRunByRegisteredKind(t *testing.T) {
 		}},
 		kindFunc{commands.OpDelete, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
 			cur, _ := store.GetOperation(ctx, j.Op.ID) // another executor claims it now
-			cur.Attempts++
+			cur.Attempts, cur.Status = cur.Attempts+1, commands.StatusExecuting
 			if _, err := store.UpdateOperation(ctx, cur); err != nil {
 				t.Fatal(err)
 			}
@@ -202,4 +203,172 @@ func TestRunByRegisteredKind(t *testing.T) {
 		}
 	}()
 	engine.New(engine.Config{}, kindFunc{typ: commands.OpDetach}, kindFunc{typ: commands.OpDetach})
+}
+
+// TestRunRead: RunRead claims the operation as its caller read it; a
+// record that moved since without a claim is claimed as it is now (as Run
+// would have), and one claimed since by another executor, or ended, is
+// not run past its first save.
+func TestRunRead(t *testing.T) {
+	ctx := context.Background()
+	store := memstore.New()
+	ran := map[string]int{}
+	e := engine.New(engine.Config{Operations: store, Publisher: &events{}, Timing: timing, Logger: slog.Default()},
+		kindFunc{commands.OpDetach, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			j.Op.Step = "detach:requested" // as a kind does before it changes anything
+			if err := j.Save(ctx); err != nil {
+				return nil, err
+			}
+			ran[j.Op.ID]++
+			return &commands.OpResponse{VolumeID: j.Op.VolumeID}, nil
+		}})
+	for _, tc := range []struct {
+		name string
+		// since changes the record after the caller read it.
+		since    func(op commands.Operation) commands.Operation
+		result   engine.Result
+		ran      int
+		status   commands.OpStatus
+		attempts int
+	}{
+		{"as read", nil, engine.Done, 1, commands.StatusCompleted, 1},
+		{"moved, not claimed", func(op commands.Operation) commands.Operation {
+			op.Status, op.Step = commands.StatusExecuting, "detach:requested" // an earlier attempt's last step
+			return op
+		}, engine.Done, 1, commands.StatusCompleted, 1},
+		{"claimed since", func(op commands.Operation) commands.Operation {
+			op.Status, op.Attempts = commands.StatusExecuting, op.Attempts+1
+			return op
+		}, engine.Lost, 0, commands.StatusExecuting, 1},
+		{"ended since", func(op commands.Operation) commands.Operation {
+			now := time.Now().UTC()
+			op.Status, op.CompletedAt = commands.StatusFailed, &now
+			return op
+		}, engine.Done, 0, commands.StatusFailed, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			now := time.Now().UTC()
+			read, err := store.CreateOperation(ctx, commands.Operation{ID: "op-" + tc.name, Type: commands.OpDetach,
+				Status: commands.StatusPending, VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.since != nil {
+				if _, err := store.UpdateOperation(ctx, tc.since(read)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if res := e.RunRead(ctx, read, slog.Default()); res != tc.result {
+				t.Fatalf("result %v, want %v", res, tc.result)
+			}
+			got, _ := store.GetOperation(ctx, read.ID)
+			if ran[read.ID] != tc.ran || got.Status != tc.status || got.Attempts != tc.attempts {
+				t.Fatalf("ran %d times, recorded %s attempt %d; want %d, %s attempt %d", ran[read.ID], got.Status, got.Attempts,
+					tc.ran, tc.status, tc.attempts)
+			}
+		})
+	}
+}
+
+// TestClaimWithFirstSave: the claim of a pending operation is written
+// with its first save (a step, a fence check, or its end), and the record
+// still moves through executing; an operation that ran before is claimed
+// at once; and an executor whose first save finds another's claim has
+// written nothing and stops.
+func TestClaimWithFirstSave(t *testing.T) {
+	ctx := context.Background()
+	type saved struct {
+		status   commands.OpStatus
+		step     string
+		attempts int
+	}
+	for _, tc := range []struct {
+		name    string
+		status  commands.OpStatus // as recorded before the run
+		kind    func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error)
+		result  engine.Result
+		events  []saved
+		claimed int // attempts recorded at the end
+	}{
+		{"step saved", commands.StatusPending, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			j.Op.Step = "detach:requested"
+			return &commands.OpResponse{}, j.Save(ctx)
+		}, engine.Done, []saved{{commands.StatusExecuting, "detach:requested", 1}, {commands.StatusCompleted, "detach:requested", 1}}, 1},
+		{"fence checked", commands.StatusPending, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			return &commands.OpResponse{}, j.Check(ctx)
+		}, engine.Done, []saved{{commands.StatusExecuting, "", 1}, {commands.StatusCompleted, "", 1}}, 1},
+		{"nothing saved", commands.StatusPending, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			return &commands.OpResponse{}, nil
+		}, engine.Done, []saved{{commands.StatusExecuting, "", 1}, {commands.StatusCompleted, "", 1}}, 1},
+		{"failed, nothing saved", commands.StatusPending, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			return nil, commands.Conflict("attached")
+		}, engine.Done, []saved{{commands.StatusExecuting, "", 1}, {commands.StatusFailed, "", 1}}, 1},
+		{"ran before", commands.StatusExecuting, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			j.Op.Step = "detach:requested"
+			return &commands.OpResponse{}, j.Save(ctx)
+		}, engine.Done, []saved{{commands.StatusExecuting, "", 2}, {commands.StatusExecuting, "detach:requested", 2},
+			{commands.StatusCompleted, "detach:requested", 2}}, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			store := memstore.New()
+			pub := &events{}
+			e := engine.New(engine.Config{Operations: store, Publisher: pub, Timing: timing, Logger: slog.Default()},
+				kindFunc{commands.OpDetach, tc.kind})
+			now := time.Now().UTC()
+			op, err := store.CreateOperation(ctx, commands.Operation{ID: "op-claim", Type: commands.OpDetach,
+				Status: commands.StatusPending, VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
+			if err == nil && tc.status == commands.StatusExecuting {
+				op.Status, op.Attempts = commands.StatusExecuting, 1 // an earlier executor's claim
+				op, err = store.UpdateOperation(ctx, op)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res := e.RunRead(ctx, op, slog.Default()); res != tc.result {
+				t.Fatalf("result %v, want %v", res, tc.result)
+			}
+			var got []saved
+			for _, ev := range pub.ops {
+				got = append(got, saved{ev.Status, ev.Step, ev.Attempts})
+			}
+			if !slices.Equal(got, tc.events) {
+				t.Fatalf("events %v, want %v", got, tc.events)
+			}
+		})
+	}
+	t.Run("another claim first", func(t *testing.T) {
+		store := memstore.New()
+		pub := &events{}
+		var other commands.Operation
+		e := engine.New(engine.Config{Operations: store, Publisher: pub, Timing: timing, Logger: slog.Default()},
+			kindFunc{commands.OpDetach, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+				// Another executor, given the job after this one read the
+				// record, claims it and saves its first step.
+				cur, _ := store.GetOperation(ctx, j.Op.ID)
+				cur.Status, cur.Attempts, cur.Step = commands.StatusExecuting, cur.Attempts+1, "detach:requested"
+				var err error
+				if other, err = store.UpdateOperation(ctx, cur); err != nil {
+					t.Fatal(err)
+				}
+				j.Op.Step = "detach:requested"
+				err = j.Save(ctx)
+				if !errors.Is(err, engine.ErrLost) {
+					t.Errorf("first save after another's claim: %v, want ErrLost", err)
+				}
+				return nil, err
+			}})
+		now := time.Now().UTC()
+		op, err := store.CreateOperation(ctx, commands.Operation{ID: "op-claim", Type: commands.OpDetach,
+			Status: commands.StatusPending, VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res := e.RunRead(ctx, op, slog.Default()); res != engine.Lost {
+			t.Fatalf("result %v, want Lost", res)
+		}
+		got, _ := store.GetOperation(ctx, op.ID)
+		if len(pub.ops) != 0 || got.Revision != other.Revision || got.Status != commands.StatusExecuting {
+			t.Fatalf("this executor wrote: events %d, record %+v", len(pub.ops), got)
+		}
+	})
 }

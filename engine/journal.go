@@ -49,6 +49,9 @@ type Journal struct {
 	// parent is the journal of the workflow this operation is a step of:
 	// its claim fences every write of this one too.
 	parent *Journal
+	// unclaimed: Op holds the claim (attempt + 1, executing), not written
+	// yet; the first Save writes it (Engine.claimAndRun).
+	unclaimed bool
 }
 
 var _ Fence = (*Journal)(nil)
@@ -75,6 +78,9 @@ func (j *Journal) Save(ctx context.Context) error {
 	op := j.Op
 	op.UpdatedAt = time.Now().UTC()
 	saved, err := j.ops.UpdateOperation(ctx, *op)
+	if (errors.Is(err, state.ErrStale) || errors.Is(err, state.ErrTransition)) && j.unclaimed {
+		return fmt.Errorf("%w: the record moved since it was read: %w", ErrLost, err)
+	}
 	if errors.Is(err, state.ErrStale) || errors.Is(err, state.ErrTransition) {
 		cur, gerr := j.ops.GetOperation(ctx, op.ID)
 		switch {
@@ -90,7 +96,7 @@ func (j *Journal) Save(ctx context.Context) error {
 		j.log.Warn("cannot record operation", "operation_id", op.ID, "err", err)
 		return fmt.Errorf("%w: %w", ErrStopped, err)
 	}
-	op.Revision = saved.Revision
+	op.Revision, j.unclaimed = saved.Revision, false
 	j.pub.PublishOperation(ctx, *op)
 	return nil
 }
@@ -101,6 +107,11 @@ func (j *Journal) Save(ctx context.Context) error {
 // or an end, is ErrLost; any other change (a write of ours whose answer
 // was lost) is ErrStopped, and the next delivery decides from the record.
 func (j *Journal) Check(ctx context.Context) error {
+	if j.unclaimed {
+		// The claim, not written yet, is written now: its compare-and-swap
+		// on the revision read is the check.
+		return j.Save(ctx)
+	}
 	if j.parent != nil {
 		if err := j.parent.Check(ctx); err != nil {
 			return err

@@ -14,8 +14,11 @@ import (
 var _ engine.Publisher = (*Service)(nil)
 
 // PublishOperation sends the operation's state on volumes.ops.<id>: the
-// engine's Publisher.
+// engine's Publisher. The engine publishes a state once it is written, so
+// a create's end seen here is recorded, for the turn of the jobs on its
+// volume.
 func (s *Service) PublishOperation(ctx context.Context, op commands.Operation) {
+	s.createsEnded.noteEnded(op)
 	data, err := json.Marshal(op)
 	if err != nil {
 		return

@@ -9,6 +9,7 @@ import (
 	"math"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -500,11 +501,12 @@ func (g vmGuard) lease(ctx context.Context, op commands.Operation) string {
 	return ""
 }
 
-// runJob runs a job's operation, in the running slot its caller holds,
-// under ctx (the service's, or a lease's), and settles the job message by the result: an
-// operation that ended has its holds removed, then its job acked.
+// runJob runs a job's operation, as take read it, in the running slot its
+// caller holds, under ctx (the service's, or a lease's), and settles the
+// job message by the result: an operation that ended has its holds
+// removed, then its job acked.
 func (s *Service) runJob(ctx context.Context, msg jetstream.Msg, op commands.Operation, log *slog.Logger) {
-	switch s.engine.Run(ctx, op.ID, log) {
+	switch s.engine.RunRead(ctx, op, log) {
 	case engine.Done:
 		s.removeHolds(context.WithoutCancel(ctx), op, math.MaxUint64)
 		ackJob(msg, s.log)
@@ -556,18 +558,68 @@ func (s *Service) turn(ctx context.Context, seq uint64, op commands.Operation) (
 		}
 	}
 	for _, v := range linesOf(op) {
-		if v == op.ID {
-			continue // a create: nothing on its volume is older
+		if v == op.ID || s.createsEnded.has(v) {
+			continue // a create (nothing on its volume is older), or a volume whose create ended
 		}
 		creates, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: v, Type: commands.OpCreate, Limit: 1})
 		if err != nil {
 			return true, "store unavailable: " + err.Error()
 		}
-		if len(creates) == 1 && !creates[0].Status.Terminal() {
-			return true, "the create of the volume, " + creates[0].ID + ", has not ended"
+		if len(creates) == 1 {
+			if !creates[0].Status.Terminal() {
+				return true, "the create of the volume, " + creates[0].ID + ", has not ended"
+			}
+			s.createsEnded.add(v)
 		}
 	}
 	return false, ""
+}
+
+// endedCreatesKept bounds the volumes endedCreates remembers.
+const endedCreatesKept = 4096
+
+// endedCreates remembers volumes whose create has ended, so that the turn
+// of a later job on such a volume does not ask the store again. It holds
+// only that fact, which no instance can undo: a create's end is final, and
+// no second create claims a volume that an operation names (a create
+// adopts only a volume no operation names). The oldest are forgotten
+// first; a volume forgotten is asked about again.
+type endedCreates struct {
+	mu   sync.Mutex
+	set  map[string]struct{}
+	ring [endedCreatesKept]string
+	next int
+}
+
+// has reports whether volumeID's create is known to have ended.
+func (e *endedCreates) has(volumeID string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	_, ok := e.set[volumeID]
+	return ok
+}
+
+// add records that volumeID's create has ended.
+func (e *endedCreates) add(volumeID string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if _, ok := e.set[volumeID]; ok {
+		return
+	}
+	if e.set == nil {
+		e.set = make(map[string]struct{}, endedCreatesKept)
+	}
+	delete(e.set, e.ring[e.next])
+	e.ring[e.next] = volumeID
+	e.set[volumeID] = struct{}{}
+	e.next = (e.next + 1) % endedCreatesKept
+}
+
+// noteEnded records the end of a create that names its volume.
+func (e *endedCreates) noteEnded(op commands.Operation) {
+	if op.Type == commands.OpCreate && op.VolumeID != "" && op.Status.Terminal() {
+		e.add(op.VolumeID)
+	}
 }
 
 // ackJob acks a job and waits for JetStream to confirm, so the next job on

@@ -2,6 +2,8 @@ package handlers
 
 import (
 	"context"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -93,5 +95,85 @@ func TestSweepRequeuesALostJob(t *testing.T) {
 	}
 	if changes, err := s.sweep(ctx); err != nil || len(changes) != 0 {
 		t.Fatalf("second sweep: %v %v, want nothing", changes, err)
+	}
+}
+
+// TestTurnWaitsForTheCreate: a job on a volume waits while the create that
+// made it has not ended; once the create is seen ended (by the turn, or by
+// its end's event on this instance), the store is not asked again.
+func TestTurnWaitsForTheCreate(t *testing.T) {
+	s := newTestService(t)
+	ctx := context.Background()
+	var err error
+	if s.jobs, err = s.cfg.JetStream.Stream(ctx, bus.StreamJobs); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now().UTC()
+	record := func(id string, typ commands.OpType, volumeID string) commands.Operation {
+		t.Helper()
+		op, err := s.cfg.Store.CreateOperation(ctx, commands.Operation{ID: id, Type: typ, Status: commands.StatusPending,
+			VolumeID: volumeID, Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return op
+	}
+	end := func(op commands.Operation) {
+		t.Helper()
+		op.Status = commands.StatusExecuting
+		op, err := s.cfg.Store.UpdateOperation(ctx, op)
+		if err == nil {
+			done := time.Now().UTC()
+			op.Status, op.CompletedAt = commands.StatusCompleted, &done
+			_, err = s.cfg.Store.UpdateOperation(ctx, op)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	create := record("op-create-1", commands.OpCreate, "v-1")
+	attach := record("op-attach-1", commands.OpAttach, "v-1")
+	if wait, why := s.turn(ctx, 1, attach); !wait || !strings.Contains(why, create.ID) {
+		t.Fatalf("turn with the create unfinished: %v %q, want a wait for %s", wait, why, create.ID)
+	}
+	if s.createsEnded.has("v-1") {
+		t.Fatal("an unfinished create is remembered as ended")
+	}
+	end(create)
+	if wait, why := s.turn(ctx, 1, attach); wait {
+		t.Fatalf("turn with the create ended: waits (%s)", why)
+	}
+	if !s.createsEnded.has("v-1") {
+		t.Fatal("the create's end is not remembered")
+	}
+	// A create whose end this instance published is not asked about: the
+	// store still shows this one unfinished.
+	record("op-create-2", commands.OpCreate, "v-2")
+	unasked := record("op-attach-2", commands.OpAttach, "v-2")
+	s.createsEnded.noteEnded(commands.Operation{ID: "op-create-2", Type: commands.OpCreate, Status: commands.StatusCompleted, VolumeID: "v-2"})
+	if wait, why := s.turn(ctx, 1, unasked); wait {
+		t.Fatalf("turn after the create's end was published: waits (%s)", why)
+	}
+}
+
+func TestEndedCreatesBounded(t *testing.T) {
+	var e endedCreates
+	for i := range endedCreatesKept + 1 {
+		e.add(fmt.Sprintf("v-%d", i))
+	}
+	e.add("v-1") // already held: not added twice
+	if e.has("v-0") || !e.has("v-1") || !e.has(fmt.Sprintf("v-%d", endedCreatesKept)) || len(e.set) != endedCreatesKept {
+		t.Fatalf("after %d volumes: v-0 %v, v-1 %v, last %v, %d held", endedCreatesKept+1, e.has("v-0"), e.has("v-1"),
+			e.has(fmt.Sprintf("v-%d", endedCreatesKept)), len(e.set))
+	}
+	for _, op := range []commands.Operation{
+		{Type: commands.OpCreate, Status: commands.StatusExecuting, VolumeID: "v-running"},
+		{Type: commands.OpCreate, Status: commands.StatusFailed},
+		{Type: commands.OpAttach, Status: commands.StatusCompleted, VolumeID: "v-attached"},
+	} {
+		e.noteEnded(op)
+	}
+	if e.has("v-running") || e.has("v-attached") || len(e.set) != endedCreatesKept {
+		t.Fatal("noteEnded remembered what is not a create's end naming its volume")
 	}
 }

@@ -145,6 +145,9 @@ type Service struct {
 	jobs    jetstream.Stream
 	consume jetstream.ConsumeContext
 	sem     chan struct{}
+	// createsEnded: volumes whose create is known to have ended, for the
+	// turn of their jobs.
+	createsEnded endedCreates
 
 	// micro is the command service and bySubject its endpoints (also run
 	// in process by Command); acceptSlots bounds the commands being

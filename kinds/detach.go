@@ -30,10 +30,10 @@ func (k detach) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 	}
 	vmID := vol.VMID
 	if vmID != "" && op.VMID == nil {
+		// Recorded by the next save, which comes before anything is done
+		// (the unexport's step, or detach:requested): a detach that ends
+		// before a save has done nothing on the VM.
 		op.VMID = &vmID
-		if err := j.Save(ctx); err != nil {
-			return nil, err
-		}
 	}
 	if op.Step == "" && !req.Force {
 		// Nothing done yet: refuse a device or export in use.

@@ -177,6 +177,14 @@ func (e *Exporter) Close(context.Context) error {
 
 // event counts one operation event.
 func (e *Exporter) event(msg *nats.Msg) {
+	// Only an acceptance and an end are counted: the status first, and
+	// the whole operation only for those.
+	var head struct {
+		Status commands.OpStatus `json:"status"`
+	}
+	if err := json.Unmarshal(msg.Data, &head); err == nil && head.Status != commands.StatusPending && !head.Status.Terminal() {
+		return
+	}
 	var op commands.Operation
 	if err := json.Unmarshal(msg.Data, &op); err != nil || op.Type == "" {
 		e.log.Debug("undecodable operation event", "subject", msg.Subject, "err", err)

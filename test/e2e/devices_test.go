@@ -42,7 +42,8 @@ func (d *daemon) attachLocal(vol string) commands.Operation {
 }
 
 // requireMapped checks that vol is mapped to the simulator's device for it,
-// with its persistent name pointing there.
+// with its persistent name pointing there; a failure shows the daemon's
+// log.
 func (d *daemon) requireMapped(sim *cloudsim.Sim, vol string) commands.Mapping {
 	d.t.Helper()
 	local, ok := sim.LocalDevice(vol)
@@ -52,14 +53,14 @@ func (d *daemon) requireMapped(sim *cloudsim.Sim, vol string) commands.Mapping {
 	var m commands.Mapping
 	d.mustCall(http.StatusOK, http.MethodGet, "/volumes/"+vol+"/device", nil, &m)
 	if m.DevicePath != local.Path || m.LinuxState != commands.LinuxDetected || m.CloudStackState != commands.CloudStackAttached {
-		d.t.Fatalf("mapping of %s: %+v; the simulator attached it as %s", vol, m, local.Path)
+		d.t.Fatalf("mapping of %s: %+v; the simulator attached it as %s; volumed's log:\n%s", vol, m, local.Path, d.out.String())
 	}
 	name := devagent.PersistentName(vol)
 	if m.PersistentDeviceName != name || m.SymlinkPath != filepath.Join(d.nameDir(), name) {
-		d.t.Fatalf("persistent name of %s: %q at %q", vol, m.PersistentDeviceName, m.SymlinkPath)
+		d.t.Fatalf("persistent name of %s: %q at %q; volumed's log:\n%s", vol, m.PersistentDeviceName, m.SymlinkPath, d.out.String())
 	}
 	if target, err := os.Readlink(m.SymlinkPath); err != nil || target != local.Path {
-		d.t.Fatalf("%s -> %q (%v), want %s", m.SymlinkPath, target, err, local.Path)
+		d.t.Fatalf("%s -> %q (%v), want %s; volumed's log:\n%s", m.SymlinkPath, target, err, local.Path, d.out.String())
 	}
 	return m
 }
