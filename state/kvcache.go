@@ -12,7 +12,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -246,14 +245,17 @@ func decodeCache(d *cacheDecoder) (*kvCache, error) {
 	return c, nil
 }
 
-// note records revision rev of the key prefix+id in c's bounds.
-func (c *kvCache) note(prefix, id string, rev uint64) {
+// note records revision rev in c's bounds, and reports whether it is the
+// highest so far (whose key the caller sets).
+func (c *kvCache) note(rev uint64) bool {
 	if c.minRev == 0 || rev < c.minRev {
 		c.minRev = rev
 	}
 	if rev > c.maxRev {
-		c.maxRev, c.maxKey = rev, prefix+id
+		c.maxRev = rev
+		return true
 	}
+	return false
 }
 
 // encode writes the live operations at revisions up to maxRev, oldest
@@ -271,12 +273,14 @@ func (x *opIndex) encode(e *cacheEncoder, maxRev uint64) {
 		}
 	}
 	e.uvarint(uint64(n))
+	var id []byte
 	for _, i := range all {
 		s := &x.slots[i]
 		if s.rev > maxRev {
 			continue
 		}
-		e.str(s.id)
+		id = x.appendID(id[:0], i)
+		e.bytes(id)
 		e.uvarint(s.rev)
 		e.varint(s.created)
 		e.varint(s.completed)
@@ -305,33 +309,43 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 	n := d.count(10)
 	x.slots, x.byID = make([]opSlot, 0, n), newIDTable(n)
 	for range n {
-		s := opSlot{id: d.str(), rev: d.uvarint(), created: d.varint(), completed: d.varint(), duration: time.Duration(d.varint())}
+		i := uint32(len(x.slots))
+		var s opSlot
+		var canon bool
+		id := d.bytes() // valid until the next read
+		s.key, canon = parseOpKey(id)
+		name := ""
+		if s.named = !canon; s.named {
+			name = string(id)
+		}
+		s.rev, s.created, s.completed, s.duration = d.uvarint(), d.varint(), d.varint(), time.Duration(d.varint())
 		for _, h := range s.handles() {
 			v := d.uvarint()
 			if v >= uint64(nstr) || (v != 0 && x.names.strs[v] == "") {
-				return nil, fmt.Errorf("operation %s: bad string %d", s.id, v)
+				return nil, fmt.Errorf("operation %d: bad string %d", i, v)
 			}
 			*h = uint32(v)
 		}
 		if d.err != nil {
 			return nil, d.err
 		}
-		i := uint32(len(x.slots))
-		if s.id == "" || s.status == 0 || s.rev == 0 {
-			return nil, fmt.Errorf("operation %q: bad entry", s.id)
+		if (s.named && name == "") || s.status == 0 || s.rev == 0 {
+			return nil, fmt.Errorf("operation %d: bad entry", i)
 		}
-		if i > 0 {
-			p := &x.slots[i-1]
-			if cmp.Or(cmp.Compare(p.created, s.created), strings.Compare(p.id, s.id)) >= 0 {
-				return nil, fmt.Errorf("operation %s: out of order", s.id)
-			}
-		}
-		if _, dup := x.byID.get(x.slots, s.id); dup {
-			return nil, fmt.Errorf("operation %s: twice", s.id)
+		if _, dup := x.byID.findKey(x, name, &s.key, canon); dup {
+			return nil, fmt.Errorf("operation %d: twice", i)
 		}
 		x.slots = append(x.slots, s)
-		x.byID.add(x.slots, s.id, i)
-		c.note(kvOpPrefix, s.id, s.rev)
+		if s.named {
+			x.named[i] = name
+		}
+		if i > 0 && x.compare(i-1, i) >= 0 {
+			return nil, fmt.Errorf("operation %d: out of order", i)
+		}
+		x.byID.add(x, i)
+		if c.note(s.rev) {
+			c.maxKey = kvOpPrefix + x.idOf(i)
+		}
 		x.count(i, 1)
 	}
 	// The lists, each of the size it needs: oldest first, as the slots.
@@ -427,7 +441,9 @@ func decodeEntries[T any](d *cacheDecoder, c *kvCache, prefix string) map[string
 			break
 		}
 		entries[id] = kvEntry[T]{rev: rev, v: v, raw: raw}
-		c.note(prefix, id, rev)
+		if c.note(rev) {
+			c.maxKey = prefix + id
+		}
 	}
 	return entries
 }
@@ -443,6 +459,11 @@ func (e *cacheEncoder) varint(v int64)   { _, _ = e.w.Write(binary.AppendVarint(
 func (e *cacheEncoder) str(s string) {
 	e.uvarint(uint64(len(s)))
 	_, _ = e.w.WriteString(s)
+}
+
+func (e *cacheEncoder) bytes(b []byte) {
+	e.uvarint(uint64(len(b)))
+	_, _ = e.w.Write(b)
 }
 
 // cacheDecoder reads what a cacheEncoder wrote; the first error sticks
@@ -486,14 +507,18 @@ func (d *cacheDecoder) varint() int64 {
 	return v
 }
 
-func (d *cacheDecoder) str() string {
+func (d *cacheDecoder) str() string { return string(d.bytes()) }
+
+// bytes reads what cacheEncoder.bytes or str wrote into a buffer that the
+// next read reuses.
+func (d *cacheDecoder) bytes() []byte {
 	n := d.uvarint()
 	if d.err != nil {
-		return ""
+		return nil
 	}
 	if n > uint64(d.remaining()) {
 		d.fail(io.EOF)
-		return ""
+		return nil
 	}
 	if uint64(cap(d.buf)) < n {
 		d.buf = make([]byte, n)
@@ -501,9 +526,9 @@ func (d *cacheDecoder) str() string {
 	b := d.buf[:n]
 	if _, err := io.ReadFull(d.r, b); err != nil {
 		d.fail(err)
-		return ""
+		return nil
 	}
-	return string(b)
+	return b
 }
 
 // count reads a count of items of at least size bytes each, refusing one
