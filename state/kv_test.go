@@ -223,6 +223,16 @@ func TestKVUpgradesOldBucket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Earlier releases turned direct gets off on the bucket's stream.
+	stream, err := bus.JetStream().Stream(ctx, "KV_"+bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	scfg := stream.CachedInfo().Config
+	scfg.AllowDirect = false
+	if _, err := bus.JetStream().UpdateStream(ctx, scfg); err != nil {
+		t.Fatal(err)
+	}
 	op := storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now())
 	data, _ := json.Marshal(op)
 	rev, err := old.Put(ctx, "op."+op.ID, data)
@@ -234,6 +244,9 @@ func TestKVUpgradesOldBucket(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := newKV(t, bus.JetStream(), bucket)
+	if info, err := stream.Info(ctx); err != nil || !info.Config.AllowDirect {
+		t.Fatalf("one replica, direct gets: %v, %v; want on", err, info.Config.AllowDirect)
+	}
 	got, err := s.GetOperation(ctx, op.ID)
 	if err != nil || got.Revision != rev {
 		t.Fatalf("old record: %+v, %v; want revision %d", got, err, rev)
