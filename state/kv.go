@@ -454,17 +454,16 @@ func (k *KV) statusAt(id string, rev uint64) (commands.OpStatus, bool) {
 // opAt returns the operation recorded at revision rev, read from the
 // bucket. ErrStale when the key has another revision.
 func (k *KV) opAt(ctx context.Context, id string, rev uint64) (*commands.Operation, error) {
-	e, err := k.kv.Get(ctx, kvOpPrefix+id)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
+	e, err := k.last(ctx, kvOpPrefix+id)
+	switch {
+	case err != nil:
+		return nil, err
+	case !e.live:
 		return nil, gone("operation", id)
-	}
-	if err != nil {
-		return nil, kvErr("get operation", err)
-	}
-	if e.Revision() != rev {
+	case e.rev != rev:
 		return nil, stale("operation", id, rev)
 	}
-	return decodeRecord[commands.Operation](e.Value())
+	return decodeRecord[commands.Operation](e.data)
 }
 
 // DeleteOperation purges the operation's key if it is at revision rev.
@@ -545,17 +544,17 @@ func (k *KV) GetOperation(ctx context.Context, id string) (commands.Operation, e
 
 // get reads and decodes one key, returning its revision.
 func (k *KV) get(ctx context.Context, what, key string, v any) (uint64, error) {
-	e, err := k.kv.Get(ctx, key)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
+	e, err := k.last(ctx, key)
+	if err != nil {
+		return 0, err
+	}
+	if !e.live {
 		return 0, fmt.Errorf("state: %s %s: %w", what, key, ErrNotFound)
 	}
-	if err != nil {
-		return 0, kvErr("get "+what, err)
-	}
-	if err := json.Unmarshal(e.Value(), v); err != nil {
+	if err := json.Unmarshal(e.data, v); err != nil {
 		return 0, fmt.Errorf("state: decode %s %s: %w", what, key, err)
 	}
-	return e.Revision(), nil
+	return e.rev, nil
 }
 
 // bucketSetupTry bounds one attempt at making or binding the bucket (see

@@ -475,3 +475,23 @@ func TestKVListsSeeOtherWriters(t *testing.T) {
 		}
 	}
 }
+
+// TestKVReadsNoWildcard: an id that would make a wildcard subject (a read
+// by key is a message get of the key's subject) reads nothing, however
+// many records the bucket holds.
+func TestKVReadsNoWildcard(t *testing.T) {
+	b := testenv.StartBus(t)
+	s := newKV(t, b.JetStream(), nextBucket())
+	ctx := context.Background()
+	if _, err := s.CreateOperation(ctx, storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now())); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{">", "*", "op-1.>", "", "a..b", ".a", "a b"} {
+		if op, err := s.GetOperation(ctx, id); err == nil || op.ID != "" {
+			t.Errorf("GetOperation(%q) = %+v, %v; want an error and no record", id, op, err)
+		}
+	}
+	if _, err := s.GetMapping(ctx, ">"); err == nil {
+		t.Error("GetMapping(\">\"): no error")
+	}
+}
