@@ -158,6 +158,9 @@ type vmTable struct {
 	// listedSeq is the stream's last sequence when the last list was
 	// asked for: the list shows every event up to it. 0: unknown.
 	listedSeq uint64
+	// askedAt is when (this host's clock) the last list merged was asked
+	// for: a list asked for earlier and answered later is older.
+	askedAt time.Time
 	// epoch and seq are the agent run and event number of the last event
 	// applied: older ones are dropped, a gap makes the VM listed again.
 	epoch string
@@ -468,14 +471,21 @@ func (c *Correlator) dropClaims(vm string, id commands.DeviceIdentity) {
 	delete(c.claims, claimKey{vm, id})
 }
 
-// merge replaces the VM's device set with a fresh list, asked for when
-// the stream's last sequence was seq (0: unknown), less the disks whose
-// remove was applied already; claims of disks no longer there end.
-func (c *Correlator) merge(vm string, devs []commands.Device, seq uint64) {
+// merge replaces the VM's device set with a fresh list, asked for at
+// asked (this host's clock) when the stream's last sequence was seq (0:
+// unknown), less the disks whose remove was applied already; claims of
+// disks no longer there end. A list asked for before the one merged last
+// (its reply overtaken) is older than the table, and changes nothing.
+func (c *Correlator) merge(vm string, devs []commands.Device, seq uint64, asked time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	t := c.table(vm)
 	t.agentAt = time.Now()
+	if asked.Before(t.askedAt) {
+		c.log.Info("device list asked for before the last merged: ignored", "vm_id", vm)
+		return
+	}
+	t.askedAt = asked
 	t.devices = make(map[string]commands.Device, len(devs))
 	present := map[commands.DeviceIdentity]bool{}
 	for _, d := range devs {
@@ -498,7 +508,7 @@ func (c *Correlator) merge(vm string, devs []commands.Device, seq uint64) {
 func (c *Correlator) list(ctx context.Context, vm string, timeout time.Duration) ([]commands.Device, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	seq := c.lastSeq(ctx)
+	seq, asked := c.lastSeq(ctx), time.Now()
 	msg, err := c.cfg.Conn.RequestWithContext(ctx, commands.DevicesListSubject(vm), nil)
 	if err != nil {
 		return nil, fmt.Errorf("%w: list devices of VM %s: %w", ErrAgent, vm, err)
@@ -518,7 +528,7 @@ func (c *Correlator) list(ctx context.Context, vm string, timeout time.Duration)
 		}
 		return err != nil
 	})
-	c.merge(vm, devs, seq)
+	c.merge(vm, devs, seq, asked)
 	return devs, nil
 }
 

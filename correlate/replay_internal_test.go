@@ -127,7 +127,7 @@ func TestEventsBeforeListKeepListedDevices(t *testing.T) {
 				t.Fatal(err)
 			}
 			listed := time.Now()
-			c.merge(vm, []commands.Device{tc.mapped}, listSeq)
+			c.merge(vm, []commands.Device{tc.mapped}, listSeq, listed)
 			for _, e := range tc.events {
 				e.dev.Action, e.dev.VMID = e.action, vm
 				c.apply(vm, e.action, e.dev, listed.Add(e.at), uint64(listSeq+e.seq))
@@ -184,5 +184,44 @@ func TestListKnowsTheEventsStoredBefore(t *testing.T) {
 	c.mu.Unlock()
 	if got != ack.Sequence {
 		t.Fatalf("list recorded sequence %d, want %d (the event stored before it)", got, ack.Sequence)
+	}
+}
+
+// TestOlderListMergedLate: a list asked for before another but answered
+// after it does not bring back a disk the later list no longer shows
+// (an older agent's disk, whose identity is reused, so no remove marks it
+// gone): the mapping of the disk removed between the two lists goes
+// missing.
+func TestOlderListMergedLate(t *testing.T) {
+	b := testenv.StartBus(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	store, err := state.NewKV(ctx, b.JetStream(), state.KVConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = store.Close(context.Background()) })
+	c := New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	vm := uuid.NewString()
+	dev := commands.Device{Name: "vdb", Path: "/dev/vdb", Major: 252, Minor: 16, Size: 1 << 30, VMID: vm}
+	id := dev.Identity()
+	at := time.Now().UTC()
+	m, err := store.PutMapping(ctx, commands.Mapping{ID: "mapping-" + uuid.NewString(), VolumeID: uuid.NewString(),
+		VMID: vm, DevicePath: dev.Path, DeviceIdentity: &id, Size: dev.Size,
+		LinuxState: commands.LinuxDetected, CloudStackState: commands.CloudStackAttached,
+		CreatedAt: at, UpdatedAt: at, LastSync: at})
+	if err != nil {
+		t.Fatal(err)
+	}
+	earlier := time.Now()
+	c.merge(vm, nil, 105, earlier.Add(time.Millisecond))     // the later list: vdb is gone
+	c.apply(vm, commands.DeviceRemove, dev, time.Now(), 103) // its remove, stored between the lists
+	c.merge(vm, []commands.Device{dev}, 100, earlier)        // the earlier list, answered last
+	if err := c.heal(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := store.GetMapping(ctx, m.VolumeID); err != nil || got.LinuxState != commands.LinuxMissing {
+		t.Fatalf("mapping %+v (%v); want missing: its disk went before the later list", got, err)
 	}
 }
