@@ -506,9 +506,10 @@ func (c *Correlator) merge(vm string, devs []commands.Device, seq uint64, asked 
 
 // list asks the VM's agent for its devices and merges them into the table.
 func (c *Correlator) list(ctx context.Context, vm string, timeout time.Duration) ([]commands.Device, error) {
+	seq := c.lastSeq(ctx, timeout)
+	asked := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	seq, asked := c.lastSeq(ctx), time.Now()
 	msg, err := c.cfg.Conn.RequestWithContext(ctx, commands.DevicesListSubject(vm), nil)
 	if err != nil {
 		return nil, fmt.Errorf("%w: list devices of VM %s: %w", ErrAgent, vm, err)
@@ -533,12 +534,15 @@ func (c *Correlator) list(ctx context.Context, vm string, timeout time.Duration)
 }
 
 // lastSeq is the last sequence of stream VOLUMED_DEVICES, asked before a
-// list: every event up to it was stored before the list was asked for.
-// 0 when it cannot be told (then every event is news).
-func (c *Correlator) lastSeq(ctx context.Context) uint64 {
+// list (within timeout, its own: the list keeps all of its): every event
+// up to it was stored before the list was asked for. 0 when it cannot be
+// told (then every event is news).
+func (c *Correlator) lastSeq(ctx context.Context, timeout time.Duration) uint64 {
 	if c.js == nil {
 		return 0
 	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
 	s, err := c.js.Stream(ctx, bus.StreamDevices)
 	if err != nil {
 		c.log.Debug("device events: stream info", "err", err)
