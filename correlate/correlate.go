@@ -123,6 +123,12 @@ type Correlator struct {
 	releasing map[string]int
 
 	events atomic.Int64
+	// delivered is the stream sequence of the last event delivered, and
+	// caughtUp whether none was pending after it: then no event stored
+	// before it is still to come, and a list takes it for the stream's
+	// last sequence without asking.
+	delivered atomic.Uint64
+	caughtUp  atomic.Bool
 
 	healQ chan string
 	// js reads the device events' stream; set by Start.
@@ -368,6 +374,8 @@ func (c *Correlator) onEvent(msg jetstream.Msg) {
 	at, seq := time.Now(), uint64(0)
 	if md, err := msg.Metadata(); err == nil {
 		at, seq = md.Timestamp, md.Sequence.Stream
+		c.delivered.Store(seq)
+		c.caughtUp.Store(md.NumPending == 0)
 	}
 	c.events.Add(1)
 	if c.apply(vm, action, d, at, seq) {
@@ -533,11 +541,16 @@ func (c *Correlator) list(ctx context.Context, vm string, timeout time.Duration)
 	return devs, nil
 }
 
-// lastSeq is the last sequence of stream VOLUMED_DEVICES, asked before a
-// list (within timeout, its own: the list keeps all of its): every event
-// up to it was stored before the list was asked for. 0 when it cannot be
-// told (then every event is news).
+// lastSeq is a sequence of stream VOLUMED_DEVICES up to which every
+// event was stored before a list is asked for: the last event delivered
+// when none was pending after it (the events stored since, if any, are
+// news, as they would be after the list), else the stream's last, asked
+// (within timeout, its own: the list keeps all of its). 0 when it cannot
+// be told (then every event is news).
 func (c *Correlator) lastSeq(ctx context.Context, timeout time.Duration) uint64 {
+	if c.caughtUp.Load() {
+		return c.delivered.Load()
+	}
 	if c.js == nil {
 		return 0
 	}

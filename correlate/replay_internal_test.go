@@ -154,7 +154,8 @@ func TestEventsBeforeListKeepListedDevices(t *testing.T) {
 
 // TestListKnowsTheEventsStoredBefore: a list records the device stream's
 // last sequence as asked before the list, so that the events up to it,
-// and only those, count as stored before the list.
+// and only those, count as stored before the list; once the correlator
+// follows the events with none pending, the last one delivered.
 func TestListKnowsTheEventsStoredBefore(t *testing.T) {
 	b := testenv.StartBus(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -184,6 +185,31 @@ func TestListKnowsTheEventsStoredBefore(t *testing.T) {
 	c.mu.Unlock()
 	if got != ack.Sequence {
 		t.Fatalf("list recorded sequence %d, want %d (the event stored before it)", got, ack.Sequence)
+	}
+
+	// Once the events are followed and none is pending, the last delivered
+	// is taken without asking the stream (here it could not be asked).
+	store, err := state.NewKV(ctx, b.JetStream(), state.KVConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = store.Close(context.Background()) })
+	c = New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close(context.Background()) })
+	for c.delivered.Load() != ack.Sequence || !c.caughtUp.Load() {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("event %d not followed: delivered %d, caught up %v", ack.Sequence, c.delivered.Load(), c.caughtUp.Load())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	done, stop := context.WithCancel(ctx)
+	stop()
+	if got := c.lastSeq(done, time.Second); got != ack.Sequence {
+		t.Fatalf("caught up: last sequence %d, want %d, the last delivered", got, ack.Sequence)
 	}
 }
 
