@@ -44,6 +44,11 @@ type KVConfig struct {
 	Replicas int
 	// Logger is the parent logger; default slog.Default().
 	Logger *slog.Logger
+	// IndexCache is the file the store keeps a copy of its in-memory
+	// index in (kvcache.go), written at Close and every kvCacheEvery, so
+	// that a start reads only the records written since; empty: none. It
+	// is not used with more than one replica.
+	IndexCache string
 }
 
 // KV is the Store on a JetStream KeyValue bucket: operations under
@@ -65,8 +70,11 @@ type KV struct {
 	log    *slog.Logger
 	writes atomic.Int64
 
+	cache string // the index cache file; "" none
+
 	mu       sync.RWMutex
 	seen     uint64 // the last revision the watcher delivered
+	cached   uint64 // the last revision the cache file reflects
 	gap      kvGap  // see caughtUp
 	ops      *opIndex
 	recent   *recentOps
@@ -76,6 +84,8 @@ type KV struct {
 	exports  map[string]kvEntry[commands.Export]
 
 	watcher   *kvWatcher
+	stop      chan struct{} // closed by Close: stops saving the cache
+	saver     sync.WaitGroup
 	closeOnce sync.Once
 }
 
@@ -90,8 +100,9 @@ type kvEntry[T any] struct {
 }
 
 // NewKV creates or updates the bucket (file storage, one value per key,
-// per-key TTLs for leases), reads every record into the indexes and keeps
-// watching the bucket until Close.
+// per-key TTLs for leases), reads every record into the indexes (or the
+// index cache and the records written after it) and keeps watching the
+// bucket until Close.
 func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, error) {
 	if cfg.Bucket == "" {
 		cfg.Bucket = DefaultKVBucket
@@ -107,10 +118,13 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	if err != nil {
 		return nil, err
 	}
-	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log,
+	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log, stop: make(chan struct{}),
 		ops: newOpIndex(), recent: newRecentOps(kvRecentOps), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
-	if k.watcher, err = k.startWatch(ctx); err != nil {
+	if cfg.Replicas == 1 {
+		k.cache = cfg.IndexCache
+	}
+	if k.watcher, err = k.startWatch(ctx, k.loadCache(ctx)); err != nil {
 		return nil, err
 	}
 	select {
@@ -129,7 +143,32 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	nops, nmaps := k.ops.len(), len(k.mappings)
 	k.mu.RUnlock()
 	k.log.Info("state store ready", "operations", nops, "mappings", nmaps)
+	if k.cache != "" {
+		k.saver.Go(k.saveCacheEvery)
+	}
 	return k, nil
+}
+
+// saveCacheEvery writes the index cache every kvCacheEvery when the
+// bucket changed since the last one, until Close.
+func (k *KV) saveCacheEvery() {
+	t := time.NewTicker(kvCacheEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-k.stop:
+			return
+		case <-t.C:
+		}
+		k.mu.RLock()
+		changed := k.seen != k.cached
+		k.mu.RUnlock()
+		if changed {
+			if err := k.saveCache(); err != nil {
+				k.log.Warn("index cache not written", "err", err)
+			}
+		}
+	}
 }
 
 // fresh reports whether revision rev should replace the in-memory entry at
@@ -984,13 +1023,38 @@ func (k *KV) Ping(ctx context.Context) error {
 	return nil
 }
 
-// Close stops the watcher, waits for it and removes its consumer; the NATS
-// connection stays open. Closing twice is safe.
+// kvCloseCatchUp bounds Close's wait for the watcher before it writes the
+// index cache; what the cache misses is read from the bucket at the next
+// start.
+const kvCloseCatchUp = 2 * time.Second
+
+// Close waits for the watcher to apply the bucket's last writes (once it
+// has loaded the bucket), stops it and removes its consumer, then writes
+// the index cache; the NATS connection stays open. Closing twice is safe.
 func (k *KV) Close(ctx context.Context) error {
 	var err error
 	k.closeOnce.Do(func() {
+		close(k.stop)
+		k.saver.Wait()
+		loaded := false
+		select {
+		case <-k.watcher.loaded:
+			loaded = true
+		default: // closed while loading: no cache
+		}
+		if loaded && k.cache != "" {
+			// So that the cache holds this process's own last writes.
+			cctx, cancel := context.WithTimeout(ctx, kvCloseCatchUp)
+			_ = k.caughtUp(cctx)
+			cancel()
+		}
 		if cerr := k.watcher.r.Close(ctx); cerr != nil {
 			err = fmt.Errorf("state: kv close: %w", cerr)
+		}
+		if loaded {
+			if cerr := k.saveCache(); cerr != nil {
+				k.log.Warn("index cache not written", "err", cerr)
+			}
 		}
 	})
 	return err

@@ -110,8 +110,8 @@ func TestOpIndexForgets(t *testing.T) {
 		}
 		x.remove(id)
 	}
-	if x.len() != 0 || len(x.lists) != 0 || len(x.names.ids) != 0 || len(x.byID) != 0 || x.stats.Terminal != 0 || x.stats.TerminalDuration != 0 {
-		t.Fatalf("left: %d operations, %d lists, %d names, %d ids, stats %+v", x.len(), len(x.lists), len(x.names.ids), len(x.byID), x.stats)
+	if x.len() != 0 || len(x.lists) != 0 || len(x.names.ids) != 0 || x.byID.len() != 0 || x.stats.Terminal != 0 || x.stats.TerminalDuration != 0 {
+		t.Fatalf("left: %d operations, %d lists, %d names, %d ids, stats %+v", x.len(), len(x.lists), len(x.names.ids), x.byID.len(), x.stats)
 	}
 }
 

@@ -1,8 +1,8 @@
 package state
 
 import (
+	"bytes"
 	"cmp"
-	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -12,27 +12,29 @@ import (
 
 // opIndex is the in-memory index of the embedded store's operations: per
 // operation, only what the listings, the prune and the counters need (its
-// id, revision, times and interned field values: a 72-byte slot, the id,
-// a map entry and a 4-byte entry per index it is in, about 200 bytes);
-// the records themselves stay in the bucket and are read from it. It is not safe for concurrent use: KV.mu
-// guards it.
+// id, revision, times and interned field values: a 72-byte slot holding
+// the id's 16 bytes, 4 to 8 bytes of idTable and a 4-byte entry per index
+// it is in, about 100 bytes); the records themselves stay in the bucket
+// and are read from it. It is not safe for concurrent use: KV.mu guards
+// it.
 type opIndex struct {
 	slots []opSlot
 	free  []uint32          // unused slots
-	byID  map[string]uint32 // operation id → slot
+	byID  idTable           // operation id → slot
+	named map[uint32]string // slot → id, of ids not of volumed's form (opKey)
 	names interner
 	// lists holds, per index name (see indexNames), the slots of its
 	// operations ordered oldest first by (created, id).
 	lists map[string][]uint32
 	stats Stats // without Writes
-	peak  int   // the most ids byID held since it was last made
 }
 
 // opSlot is what memory keeps of one operation. A slot whose status is 0
 // records only the revision of an operation this process deleted, until
 // the watcher delivers the delete.
 type opSlot struct {
-	id        string
+	key       opKey
+	named     bool // the id is in opIndex.named, not in key
 	rev       uint64
 	created   int64 // opScore of CreatedAt
 	completed int64 // opScore of completedAt, for a terminal operation
@@ -41,15 +43,20 @@ type opSlot struct {
 	typ, status, volume, vm, by uint32
 }
 
+// handles are the slot's interned values, in the order of indexDims.
+func (s *opSlot) handles() [len(indexDims)]*uint32 {
+	return [...]*uint32{&s.typ, &s.status, &s.volume, &s.vm, &s.by}
+}
+
 func newOpIndex() *opIndex {
-	return &opIndex{byID: make(map[string]uint32), lists: make(map[string][]uint32),
+	return &opIndex{byID: newIDTable(0), named: make(map[uint32]string), lists: make(map[string][]uint32),
 		names: newInterner(), stats: newStats()}
 }
 
 // rev returns the revision memory holds for id (0: none), and the slot's
 // status when it is live.
 func (x *opIndex) rev(id string) (uint64, commands.OpStatus, bool) {
-	i, ok := x.byID[id]
+	i, ok := x.byID.get(x, id)
 	if !ok {
 		return 0, "", false
 	}
@@ -63,19 +70,26 @@ func (x *opIndex) len() int { return int(x.stats.Total) }
 // put records op at revision rev, replacing what id held.
 func (x *opIndex) put(rev uint64, op *commands.Operation) {
 	x.unindex(op.ID)
-	s := opSlot{id: op.ID, rev: rev, created: opScore(op.CreatedAt), duration: op.Duration(),
+	s := opSlot{rev: rev, created: opScore(op.CreatedAt), duration: op.Duration(),
 		typ: x.names.add(string(op.Type)), status: x.names.add(string(op.Status)),
 		volume: x.names.add(op.VolumeID), vm: x.names.add(op.VM()), by: x.names.add(op.RequestedBy)}
 	if op.Status.Terminal() {
 		s.completed = opScore(completedAt(op))
 	}
-	i, ok := x.byID[op.ID]
+	i, ok := x.byID.get(x, op.ID)
 	if !ok {
 		i = x.alloc()
-		x.byID[op.ID] = i
-		x.peak = max(x.peak, len(x.byID))
+		var canon bool
+		s.key, canon = parseOpKey(op.ID)
+		if s.named = !canon; s.named {
+			// Its own copy: op.ID may be part of a larger string (the
+			// watcher's is the message's subject).
+			x.named[i] = strings.Clone(op.ID)
+		}
+		x.slots[i] = s
+		x.byID.add(x, i)
 	} else {
-		s.id = x.slots[i].id // keep the map key's string, not a second copy
+		s.key, s.named = x.slots[i].key, x.slots[i].named
 	}
 	x.slots[i] = s
 	x.index(i, 1)
@@ -85,7 +99,7 @@ func (x *opIndex) put(rev uint64, op *commands.Operation) {
 // of that revision or an older one is recognised as such.
 func (x *opIndex) tombstone(id string, rev uint64) {
 	x.unindex(id)
-	if i, ok := x.byID[id]; ok {
+	if i, ok := x.byID.get(x, id); ok {
 		x.slots[i].rev = rev
 	}
 }
@@ -93,24 +107,20 @@ func (x *opIndex) tombstone(id string, rev uint64) {
 // remove forgets id.
 func (x *opIndex) remove(id string) {
 	x.unindex(id)
-	i, ok := x.byID[id]
+	i, ok := x.byID.get(x, id)
 	if !ok {
 		return
 	}
-	delete(x.byID, id)
+	x.byID.del(x, id)
 	x.slots[i] = opSlot{}
-	x.free = append(x.free, i)
-	if x.peak > 4096 && len(x.byID) < x.peak/4 {
-		// A Go map keeps the size it grew to: copy it once pruning has
-		// emptied most of it. (Freed slots are reused by new operations.)
-		x.byID, x.peak = maps.Collect(maps.All(x.byID)), len(x.byID)
-	}
+	delete(x.named, i)
+	x.free = append(x.free, i) // reused by new operations
 }
 
 // unindex takes id's live slot, if any, out of the lists and counters
 // and makes it a tombstone at the same revision.
 func (x *opIndex) unindex(id string) {
-	i, ok := x.byID[id]
+	i, ok := x.byID.get(x, id)
 	if !ok || x.slots[i].status == 0 {
 		return
 	}
@@ -119,8 +129,11 @@ func (x *opIndex) unindex(id string) {
 	for _, h := range [...]uint32{s.typ, s.status, s.volume, s.vm, s.by} {
 		x.names.drop(h)
 	}
-	*s = opSlot{id: s.id, rev: s.rev}
+	*s = opSlot{key: s.key, named: s.named, rev: s.rev}
 }
+
+// grow makes room for n more operations.
+func (x *opIndex) grow(n int) { x.slots = slices.Grow(x.slots, n) }
 
 func (x *opIndex) alloc() uint32 {
 	if n := len(x.free); n > 0 {
@@ -138,7 +151,10 @@ func (x *opIndex) compare(a, b uint32) int {
 	if c := cmp.Compare(sa.created, sb.created); c != 0 {
 		return c
 	}
-	return strings.Compare(sa.id, sb.id)
+	if !sa.named && !sb.named {
+		return bytes.Compare(sa.key[:], sb.key[:])
+	}
+	return strings.Compare(x.idOf(a), x.idOf(b))
 }
 
 // listNames names the lists slot i belongs to.
@@ -151,7 +167,6 @@ func (x *opIndex) listNames(i uint32) []string {
 // index adds (sign 1) or removes (sign -1) live slot i from its lists and
 // the counters.
 func (x *opIndex) index(i uint32, sign int64) {
-	s := &x.slots[i]
 	for _, name := range x.listNames(i) {
 		l := x.lists[name]
 		// Most writes are of the newest operation: look at the end first.
@@ -175,6 +190,12 @@ func (x *opIndex) index(i uint32, sign int64) {
 			x.lists[name] = l
 		}
 	}
+	x.count(i, sign)
+}
+
+// count adds (sign 1) or removes (sign -1) live slot i from the counters.
+func (x *opIndex) count(i uint32, sign int64) {
+	s := &x.slots[i]
 	typ, status := commands.OpType(x.names.str(s.typ)), commands.OpStatus(x.names.str(s.status))
 	x.stats.Total += sign
 	x.stats.ByType[typ] += sign
@@ -229,12 +250,12 @@ func (x *opIndex) list(f Filter, after *opRef, limit int) (ids []string, revs []
 	}
 	start := len(walk)
 	if after != nil {
+		k, ok := parseOpKey(after.id)
 		start, _ = slices.BinarySearchFunc(walk, *after, func(i uint32, r opRef) int {
-			s := &x.slots[i]
-			if c := cmp.Compare(s.created, r.score); c != 0 {
+			if c := cmp.Compare(x.slots[i].created, r.score); c != 0 {
 				return c
 			}
-			return strings.Compare(s.id, r.id)
+			return x.compareID(i, r.id, k, ok)
 		})
 	}
 	for j := start - 1; j >= 0; j-- {
@@ -245,7 +266,7 @@ func (x *opIndex) list(f Filter, after *opRef, limit int) (ids []string, revs []
 		if limit > 0 && len(ids) == limit {
 			return ids, revs, true
 		}
-		ids, revs = append(ids, s.id), append(revs, s.rev)
+		ids, revs = append(ids, x.idOf(walk[j])), append(revs, s.rev)
 	}
 	return ids, revs, false
 }
@@ -264,7 +285,7 @@ func (x *opIndex) expired(before int64, limit int) (ids []string, revs []uint64)
 				break
 			}
 			if s.completed < before {
-				ids, revs = append(ids, s.id), append(revs, s.rev)
+				ids, revs = append(ids, x.idOf(i)), append(revs, s.rev)
 			}
 		}
 	}

@@ -27,15 +27,25 @@ type kvWatcher struct {
 }
 
 // startWatch makes the watcher's first consumer and follows the bucket
-// from it.
-func (k *KV) startWatch(ctx context.Context) (*kvWatcher, error) {
+// from it: from every key's last revision when after is 0, from the
+// revisions after it otherwise (the index cache reflects those up to it).
+func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
 	w := &kvWatcher{k: k, loaded: make(chan struct{})}
 	first := true
+	policy, from := jetstream.DeliverLastPerSubjectPolicy, uint64(0)
+	if after > 0 {
+		policy, from = jetstream.DeliverByStartSequencePolicy, after+1
+	}
 	r, err := follow.Start(ctx, k.js, follow.Config{Stream: k.stream.CachedInfo().Config.Name,
-		FilterSubjects: []string{k.subject(">")}, DeliverPolicy: jetstream.DeliverLastPerSubjectPolicy, Logger: k.log,
+		FilterSubjects: []string{k.subject(">")}, DeliverPolicy: policy, OptStartSeq: from, Logger: k.log,
 		OnConsumer: func(info *jetstream.ConsumerInfo) {
 			if first {
 				w.initial, first = info.NumPending, false
+				if after == 0 { // every record: room for them at once
+					k.mu.Lock()
+					k.ops.grow(int(info.NumPending))
+					k.mu.Unlock()
+				}
 			}
 			// Before the initial entries are loaded, a consumer with
 			// nothing pending means they are.

@@ -89,15 +89,17 @@ func filterIndexes(f Filter) []string {
 	return indexNames(string(f.Type), string(f.Status), f.VolumeID, f.VMID, f.RequestedBy, false)
 }
 
+// indexDims names the dimensions of the indexes, in the order of
+// indexNames' arguments.
+var indexDims = [...]string{"type", "status", "volume", "vm", "by"}
+
 // indexNames names the indexes of the given field values ("" for none):
 // type:, status:, volume:, vm: and by: (requested by).
 func indexNames(typ, status, volume, vm, by string, withAll bool) []string {
 	var names []string
-	for _, idx := range [...]struct{ dim, value string }{
-		{"type", typ}, {"status", status}, {"volume", volume}, {"vm", vm}, {"by", by},
-	} {
-		if idx.value != "" {
-			names = append(names, idx.dim+":"+idx.value)
+	for d, value := range [...]string{typ, status, volume, vm, by} {
+		if value != "" {
+			names = append(names, indexDims[d]+":"+value)
 		}
 	}
 	if withAll || len(names) == 0 {

@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"syscall"
 	"time"
@@ -49,6 +50,10 @@ const (
 	shutdownTimeout = 30 * time.Second
 	minCloseTimeout = 5 * time.Second
 )
+
+// indexCacheFile is the embedded store's index cache in the data dir
+// (state.KVConfig.IndexCache).
+const indexCacheFile = "state-index.cache"
 
 func main() { os.Exit(run(os.Args[1:], os.Stderr)) }
 
@@ -177,7 +182,8 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		storeName = "redis"
 		store, err = redisstore.New(ctx, redisstore.Config{URL: cfg.redisURL, Logger: log})
 	} else {
-		store, err = state.NewKV(ctx, b.JetStream(), state.KVConfig{Replicas: cfg.natsReplicas, Logger: log})
+		store, err = state.NewKV(ctx, b.JetStream(), state.KVConfig{Replicas: cfg.natsReplicas, Logger: log,
+			IndexCache: filepath.Join(cfg.dataDir, indexCacheFile)})
 	}
 	if err != nil {
 		return fmt.Errorf("state store: %w", err)

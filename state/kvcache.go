@@ -1,0 +1,543 @@
+package state
+
+import (
+	"bufio"
+	"cmp"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// The index cache is a copy of the embedded store's in-memory index (the
+// operations' opIndex, the mappings and the exports) in a file, with the
+// identity of the bucket's stream and the last stream sequence it
+// reflects, so that a start reads only the records written after that
+// sequence instead of every record. It is a cache: the records stay the
+// only source, and a start in any doubt about the file reads every record
+// as without one (kvCacheDoubt).
+const (
+	kvCacheMagic   = "volumed kv index cache\n"
+	kvCacheVersion = 1
+	// kvCacheEvery is how often a running store writes its cache (when
+	// the bucket changed since the last one); it is also written at Close.
+	kvCacheEvery = 10 * time.Minute
+	// kvCacheMaxAge is the oldest cache a start uses. A delete leaves a
+	// marker that expires after kvMarkerTTL: a cache older than that
+	// could miss a delete whose marker is gone. Half of it leaves room
+	// for a watcher that lagged behind when the cache was written.
+	kvCacheMaxAge = kvMarkerTTL / 2
+)
+
+var kvCacheCRC = crc32.MakeTable(crc32.Castagnoli)
+
+// kvCache is a decoded cache file.
+type kvCache struct {
+	stream   string    // the bucket's stream name
+	created  time.Time // the stream's creation time
+	seq      uint64    // the last stream sequence the index reflects
+	written  time.Time
+	ops      *opIndex
+	mappings map[string]kvEntry[commands.Mapping]
+	exports  map[string]kvEntry[commands.Export]
+	// The lowest and highest revision held, and the key at the highest.
+	minRev, maxRev uint64
+	maxKey         string
+}
+
+// saveCache writes the index to the cache file: to a temporary file,
+// synced, then renamed over the last one, so that a crash leaves the
+// last file or the new one, whole. Only what the watcher applied (up to
+// k.seen) is written: this process's writes it has not delivered yet are
+// read again from the bucket at the next start.
+func (k *KV) saveCache() error {
+	if k.cache == "" {
+		return nil
+	}
+	began := time.Now()
+	info := k.stream.CachedInfo()
+	tmp := k.cache + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	defer func() {
+		_ = f.Close()
+		_ = os.Remove(tmp) // gone after a rename
+	}()
+	sum := crc32.New(kvCacheCRC)
+	w := bufio.NewWriterSize(io.MultiWriter(f, sum), 1<<16)
+	e := cacheEncoder{w: w}
+	k.mu.RLock()
+	seq := k.seen
+	e.str(kvCacheMagic)
+	e.uvarint(kvCacheVersion)
+	e.str(info.Config.Name)
+	e.varint(info.Created.UnixNano())
+	e.uvarint(seq)
+	e.varint(time.Now().UnixNano())
+	k.ops.encode(&e, seq)
+	encodeEntries(&e, k.mappings, seq)
+	encodeEntries(&e, k.exports, seq)
+	k.mu.RUnlock()
+	if err := w.Flush(); err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	if _, err := f.Write(binary.LittleEndian.AppendUint32(nil, sum.Sum32())); err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	if err := os.Rename(tmp, k.cache); err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	if d, err := os.Open(filepath.Dir(k.cache)); err == nil {
+		_ = d.Sync() // the rename itself
+		_ = d.Close()
+	}
+	k.mu.Lock()
+	k.cached = seq
+	k.mu.Unlock()
+	k.log.Debug("index cache written", "cache", k.cache, "sequence", seq, "took", time.Since(began).Round(time.Millisecond))
+	return nil
+}
+
+// loadCache fills the indexes from the cache file when it is sound and
+// reflects this bucket, and returns the last stream sequence it reflects;
+// 0 (read every record) otherwise, saying why.
+func (k *KV) loadCache(ctx context.Context) uint64 {
+	if k.cache == "" {
+		return 0
+	}
+	began := time.Now()
+	c, err := readCache(k.cache)
+	if errors.Is(err, fs.ErrNotExist) {
+		k.log.Info("no index cache: reading every record", "cache", k.cache)
+		return 0
+	}
+	if err != nil {
+		k.log.Warn("index cache not used: reading every record", "cache", k.cache, "err", err)
+		return 0
+	}
+	if why := k.cacheDoubt(ctx, c); why != "" {
+		k.log.Info("index cache not used: reading every record", "cache", k.cache, "reason", why)
+		return 0
+	}
+	k.mu.Lock()
+	k.ops, k.seen, k.cached, k.exports = c.ops, c.seq, c.seq, c.exports
+	for id, e := range c.mappings {
+		k.setMapping(id, e)
+	}
+	n := k.ops.len()
+	k.mu.Unlock()
+	k.log.Info("index cache loaded: reading the records written since", "cache", k.cache, "sequence", c.seq,
+		"operations", n, "written", c.written.UTC().Format(time.RFC3339), "took", time.Since(began).Round(time.Millisecond))
+	return c.seq
+}
+
+// cacheDoubt says why cache c may not reflect the bucket, "" when it
+// does: it was written from another stream (another bucket, or one made
+// again), the stream is behind it (another history), a record it holds
+// is gone without a marker the watcher would deliver (the stream's first
+// sequence is past it), it is older than a delete marker may live, or the
+// message at its highest revision is on another key.
+func (k *KV) cacheDoubt(ctx context.Context, c *kvCache) string {
+	info, err := k.stream.Info(ctx)
+	if err != nil {
+		return "stream info: " + err.Error()
+	}
+	age := time.Since(c.written)
+	switch {
+	case c.stream != info.Config.Name:
+		return "written for stream " + c.stream
+	case !c.created.Equal(info.Created):
+		return "written for an earlier stream of that name"
+	case c.seq > info.State.LastSeq:
+		return fmt.Sprintf("written at sequence %d, the stream ends at %d", c.seq, info.State.LastSeq)
+	case c.minRev != 0 && info.State.FirstSeq > c.minRev:
+		return fmt.Sprintf("holds revision %d, the stream begins at %d", c.minRev, info.State.FirstSeq)
+	case age > kvCacheMaxAge || age < -time.Minute:
+		return "written at " + c.written.UTC().Format(time.RFC3339)
+	}
+	if c.maxRev == 0 {
+		return ""
+	}
+	msg, err := k.stream.GetMsg(ctx, c.maxRev)
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return "" // replaced since: the watcher reads what replaced it
+	case err != nil:
+		return "read revision: " + err.Error()
+	case msg.Subject != k.subject(c.maxKey):
+		return fmt.Sprintf("revision %d is %s, not %s", c.maxRev, msg.Subject, k.subject(c.maxKey))
+	}
+	return ""
+}
+
+// readCache reads and decodes a cache file, checking its checksum. It
+// reads the file as a stream: a whole-file buffer would be as large as
+// the index, and garbage right after the start.
+func readCache(path string) (*kvCache, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if st.Size() < 4 {
+		return nil, errors.New("truncated")
+	}
+	sum := crc32.New(kvCacheCRC)
+	body := &io.LimitedReader{R: f, N: st.Size() - 4}
+	d := &cacheDecoder{r: bufio.NewReaderSize(io.TeeReader(body, sum), 1<<16), left: body}
+	c, err := decodeCache(d)
+	if err != nil {
+		return nil, err
+	}
+	var tail [4]byte
+	if _, err := io.ReadFull(f, tail[:]); err != nil {
+		return nil, err
+	}
+	if sum.Sum32() != binary.LittleEndian.Uint32(tail[:]) {
+		return nil, errors.New("bad checksum")
+	}
+	return c, nil
+}
+
+// decodeCache decodes what saveCache wrote, before its checksum.
+func decodeCache(d *cacheDecoder) (*kvCache, error) {
+	if d.str() != kvCacheMagic {
+		return nil, cmp.Or(d.err, errors.New("not an index cache"))
+	}
+	if v := d.uvarint(); v != kvCacheVersion {
+		return nil, cmp.Or(d.err, fmt.Errorf("version %d, not %d", v, kvCacheVersion))
+	}
+	c := &kvCache{stream: d.str(), created: time.Unix(0, d.varint()), seq: d.uvarint(), written: time.Unix(0, d.varint())}
+	var err error
+	if c.ops, err = decodeOpIndex(d, c); err != nil {
+		return nil, err
+	}
+	c.mappings = decodeEntries[commands.Mapping](d, c, kvMappingPrefix)
+	c.exports = decodeEntries[commands.Export](d, c, kvExportPrefix)
+	if d.err != nil {
+		return nil, d.err
+	}
+	if d.remaining() != 0 {
+		return nil, errors.New("trailing bytes")
+	}
+	return c, nil
+}
+
+// note records revision rev in c's bounds, and reports whether it is the
+// highest so far (whose key the caller sets).
+func (c *kvCache) note(rev uint64) bool {
+	if c.minRev == 0 || rev < c.minRev {
+		c.minRev = rev
+	}
+	if rev > c.maxRev {
+		c.maxRev = rev
+		return true
+	}
+	return false
+}
+
+// encode writes the live operations at revisions up to maxRev, oldest
+// first, after the interner's strings.
+func (x *opIndex) encode(e *cacheEncoder, maxRev uint64) {
+	e.uvarint(uint64(len(x.names.strs)))
+	for _, s := range x.names.strs {
+		e.str(s)
+	}
+	all := x.lists["all"]
+	n := 0
+	for _, i := range all {
+		if x.slots[i].rev <= maxRev {
+			n++
+		}
+	}
+	e.uvarint(uint64(n))
+	var id []byte
+	for _, i := range all {
+		s := &x.slots[i]
+		if s.rev > maxRev {
+			continue
+		}
+		id = x.appendID(id[:0], i)
+		e.bytes(id)
+		e.uvarint(s.rev)
+		e.varint(s.created)
+		e.varint(s.completed)
+		e.varint(int64(s.duration))
+		for _, h := range [...]uint32{s.typ, s.status, s.volume, s.vm, s.by} {
+			e.uvarint(uint64(h))
+		}
+	}
+}
+
+// decodeOpIndex reads what encode wrote into a new index. The operations
+// come oldest first, so each list is made by appending.
+func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
+	x := newOpIndex()
+	nstr := d.count(1)
+	if nstr == 0 {
+		return nil, errors.New("no strings")
+	}
+	x.names.strs, x.names.users = make([]string, nstr), make([]int64, nstr)
+	for h := range x.names.strs {
+		x.names.strs[h] = d.str()
+	}
+	if x.names.strs[0] != "" {
+		return nil, errors.New("string 0 is not empty")
+	}
+	n := d.count(10)
+	x.slots, x.byID = make([]opSlot, 0, n), newIDTable(n)
+	for range n {
+		i := uint32(len(x.slots))
+		var s opSlot
+		var canon bool
+		id := d.bytes() // valid until the next read
+		s.key, canon = parseOpKey(id)
+		name := ""
+		if s.named = !canon; s.named {
+			name = string(id)
+		}
+		s.rev, s.created, s.completed, s.duration = d.uvarint(), d.varint(), d.varint(), time.Duration(d.varint())
+		for _, h := range s.handles() {
+			v := d.uvarint()
+			if v >= uint64(nstr) || (v != 0 && x.names.strs[v] == "") {
+				return nil, fmt.Errorf("operation %d: bad string %d", i, v)
+			}
+			*h = uint32(v)
+		}
+		if d.err != nil {
+			return nil, d.err
+		}
+		if (s.named && name == "") || s.status == 0 || s.rev == 0 {
+			return nil, fmt.Errorf("operation %d: bad entry", i)
+		}
+		if _, dup := x.byID.findKey(x, name, &s.key, canon); dup {
+			return nil, fmt.Errorf("operation %d: twice", i)
+		}
+		x.slots = append(x.slots, s)
+		if s.named {
+			x.named[i] = name
+		}
+		if i > 0 && x.compare(i-1, i) >= 0 {
+			return nil, fmt.Errorf("operation %d: out of order", i)
+		}
+		x.byID.add(x, i)
+		if c.note(s.rev) {
+			c.maxKey = kvOpPrefix + x.idOf(i)
+		}
+		x.count(i, 1)
+	}
+	// The lists, each of the size it needs: oldest first, as the slots.
+	var sizes [len(indexDims)][]int // dimension → string → operations
+	for dim := range sizes {
+		sizes[dim] = make([]int, nstr)
+	}
+	for i := range x.slots {
+		for dim, h := range x.slots[i].handles() {
+			if *h != 0 {
+				sizes[dim][*h]++
+				x.names.users[*h]++
+			}
+		}
+	}
+	var lists [len(indexDims)][][]uint32
+	for dim := range lists {
+		lists[dim] = make([][]uint32, nstr)
+		for h, size := range sizes[dim] {
+			if size > 0 {
+				lists[dim][h] = make([]uint32, 0, size)
+			}
+		}
+	}
+	for i := range x.slots {
+		for dim, h := range x.slots[i].handles() {
+			if *h != 0 {
+				lists[dim][*h] = append(lists[dim][*h], uint32(i))
+			}
+		}
+	}
+	for h, s := range x.names.strs {
+		switch {
+		case h == 0:
+		case x.names.users[h] > 0:
+			x.names.ids[s] = uint32(h)
+		default:
+			x.names.strs[h] = ""
+			x.names.free = append(x.names.free, uint32(h))
+		}
+	}
+	if n > 0 {
+		all := make([]uint32, n)
+		for i := range all {
+			all[i] = uint32(i)
+		}
+		x.lists["all"] = all
+	}
+	for dim, byValue := range lists {
+		for h, l := range byValue {
+			if len(l) > 0 {
+				x.lists[indexDims[dim]+":"+x.names.strs[h]] = l
+			}
+		}
+	}
+	return x, nil
+}
+
+// encodeEntries writes the records of entries at revisions up to maxRev.
+func encodeEntries[T any](e *cacheEncoder, entries map[string]kvEntry[T], maxRev uint64) {
+	n := 0
+	for _, v := range entries {
+		if v.v != nil && v.rev <= maxRev {
+			n++
+		}
+	}
+	e.uvarint(uint64(n))
+	for id, v := range entries {
+		if v.v != nil && v.rev <= maxRev {
+			e.str(id)
+			e.uvarint(v.rev)
+			e.str(string(v.raw))
+		}
+	}
+}
+
+// decodeEntries reads what encodeEntries wrote, the records of keys
+// under prefix.
+func decodeEntries[T any](d *cacheDecoder, c *kvCache, prefix string) map[string]kvEntry[T] {
+	n := d.count(3)
+	entries := make(map[string]kvEntry[T], n)
+	for range n {
+		id, rev, raw := d.str(), d.uvarint(), []byte(d.str())
+		if d.err != nil {
+			break
+		}
+		v, err := decodeRecord[T](raw)
+		if err == nil && (rev == 0 || v == nil) {
+			err = errors.New("no revision or value")
+		}
+		if err != nil {
+			d.err = fmt.Errorf("%s%s: %w", prefix, id, err)
+			break
+		}
+		entries[id] = kvEntry[T]{rev: rev, v: v, raw: raw}
+		if c.note(rev) {
+			c.maxKey = prefix + id
+		}
+	}
+	return entries
+}
+
+// cacheEncoder writes varints and length-prefixed strings.
+type cacheEncoder struct {
+	w   *bufio.Writer
+	buf [binary.MaxVarintLen64]byte
+}
+
+func (e *cacheEncoder) uvarint(v uint64) { _, _ = e.w.Write(binary.AppendUvarint(e.buf[:0], v)) }
+func (e *cacheEncoder) varint(v int64)   { _, _ = e.w.Write(binary.AppendVarint(e.buf[:0], v)) }
+func (e *cacheEncoder) str(s string) {
+	e.uvarint(uint64(len(s)))
+	_, _ = e.w.WriteString(s)
+}
+
+func (e *cacheEncoder) bytes(b []byte) {
+	e.uvarint(uint64(len(b)))
+	_, _ = e.w.Write(b)
+}
+
+// cacheDecoder reads what a cacheEncoder wrote; the first error sticks
+// and every read after it returns zero.
+type cacheDecoder struct {
+	r    *bufio.Reader
+	left *io.LimitedReader // what r reads from
+	buf  []byte
+	err  error
+}
+
+// remaining is how many bytes are left to read.
+func (d *cacheDecoder) remaining() int64 { return d.left.N + int64(d.r.Buffered()) }
+
+func (d *cacheDecoder) fail(err error) {
+	if errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	d.err = cmp.Or(d.err, fmt.Errorf("truncated: %w", err))
+}
+
+func (d *cacheDecoder) uvarint() uint64 {
+	if d.err != nil {
+		return 0
+	}
+	v, err := binary.ReadUvarint(d.r)
+	if err != nil {
+		d.fail(err)
+	}
+	return v
+}
+
+func (d *cacheDecoder) varint() int64 {
+	if d.err != nil {
+		return 0
+	}
+	v, err := binary.ReadVarint(d.r)
+	if err != nil {
+		d.fail(err)
+	}
+	return v
+}
+
+func (d *cacheDecoder) str() string { return string(d.bytes()) }
+
+// bytes reads what cacheEncoder.bytes or str wrote into a buffer that the
+// next read reuses.
+func (d *cacheDecoder) bytes() []byte {
+	n := d.uvarint()
+	if d.err != nil {
+		return nil
+	}
+	if n > uint64(d.remaining()) {
+		d.fail(io.EOF)
+		return nil
+	}
+	if uint64(cap(d.buf)) < n {
+		d.buf = make([]byte, n)
+	}
+	b := d.buf[:n]
+	if _, err := io.ReadFull(d.r, b); err != nil {
+		d.fail(err)
+		return nil
+	}
+	return b
+}
+
+// count reads a count of items of at least size bytes each, refusing one
+// the rest of the input cannot hold.
+func (d *cacheDecoder) count(size int) int {
+	n := d.uvarint()
+	if n > uint64(d.remaining()/int64(size)) {
+		d.fail(io.EOF)
+		return 0
+	}
+	return int(n)
+}

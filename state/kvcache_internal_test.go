@@ -1,0 +1,68 @@
+package state
+
+import (
+	"context"
+	"encoding/json"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/testenv"
+)
+
+// TestKVCacheDoubt: a cache file is trusted only while it reflects the
+// bucket; each field that says otherwise makes the start read every
+// record. (A stream begun past a revision the cache holds: TestKVIndexCache.)
+func TestKVCacheDoubt(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	js := testenv.StartBus(t).JetStream()
+	path := filepath.Join(t.TempDir(), "index.cache")
+	k, err := NewKV(ctx, js, KVConfig{Bucket: "doubt", IndexCache: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"op-1", "op-2"} {
+		op := commands.Operation{ID: id, Type: commands.OpCreate, Status: commands.StatusPending, VolumeID: "vol-1",
+			Request: json.RawMessage(`{}`), CreatedAt: time.Now(), UpdatedAt: time.Now()}
+		if _, err := k.CreateOperation(ctx, op); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	k, err = NewKV(ctx, js, KVConfig{Bucket: "doubt"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close(ctx)
+	for _, tc := range []struct {
+		name  string
+		spoil func(c *kvCache)
+		doubt bool
+	}{
+		{"as written", func(*kvCache) {}, false},
+		{"another stream", func(c *kvCache) { c.stream = "KV_other" }, true},
+		{"made again", func(c *kvCache) { c.created = c.created.Add(time.Nanosecond) }, true},
+		{"ahead of the stream", func(c *kvCache) { c.seq++ }, true},
+		{"older than half the markers' life", func(c *kvCache) { c.written = time.Now().Add(-kvCacheMaxAge - time.Minute) }, true},
+		{"from the future", func(c *kvCache) { c.written = time.Now().Add(time.Hour) }, true},
+		{"its last revision on another key", func(c *kvCache) { c.maxKey = "op.other" }, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := readCache(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.ops.len() != 2 || c.minRev == 0 || c.maxRev <= c.minRev {
+				t.Fatalf("read %d operations, revisions %d to %d", c.ops.len(), c.minRev, c.maxRev)
+			}
+			tc.spoil(c)
+			if why := k.cacheDoubt(ctx, c); (why != "") != tc.doubt {
+				t.Fatalf("doubt %q, want doubt %v", why, tc.doubt)
+			}
+		})
+	}
+}

@@ -1,0 +1,112 @@
+package state
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"testing"
+)
+
+// TestOpKey: an id of volumed's form is held as its UUID's 16 bytes and
+// given back the same, in the same order as the strings; any other form
+// is not taken for one.
+func TestOpKey(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	var ids []string
+	for range 200 {
+		var b [16]byte
+		for i := range b {
+			b[i] = byte(rng.IntN(256))
+		}
+		ids = append(ids, fmt.Sprintf("op-%x-%x-%x-%x-%x", b[:4], b[4:6], b[6:8], b[8:10], b[10:]))
+	}
+	for i, id := range ids {
+		k, ok := parseOpKey(id)
+		if !ok || string(appendOpID(nil, &k)) != id {
+			t.Fatalf("%s: %x, %v, back %s", id, k, ok, appendOpID(nil, &k))
+		}
+		j := (i + 1) % len(ids)
+		kj, _ := parseOpKey(ids[j])
+		if got, want := bytes.Compare(k[:], kj[:]), strings.Compare(id, ids[j]); got != want {
+			t.Fatalf("%s vs %s: keys %d, strings %d", id, ids[j], got, want)
+		}
+	}
+	for _, id := range []string{"", "op-1", strings.ToUpper(ids[0]), strings.TrimPrefix(ids[0], "op-"),
+		"op-" + strings.ReplaceAll(strings.TrimPrefix(ids[0], "op-"), "-", ""), ids[0][:10] + "g" + ids[0][11:],
+		ids[0][:11] + "x" + ids[0][12:], ids[0] + "0", "xx-" + ids[0][3:]} {
+		if k, ok := parseOpKey(id); ok {
+			t.Errorf("%q taken for %x", id, k)
+		}
+	}
+}
+
+// TestIDTable: random adds and deletes of ids of both forms, through
+// growing and shrinking, find every id held and none other, as a map
+// does.
+func TestIDTable(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	x := newOpIndex()
+	want := map[string]uint32{}
+	check := func(step int) {
+		if x.byID.len() != len(want) {
+			t.Fatalf("step %d: %d held, want %d", step, x.byID.len(), len(want))
+		}
+		for id, i := range want {
+			if got, ok := x.byID.get(x, id); !ok || got != i || x.idOf(i) != id {
+				t.Fatalf("step %d: %s in %d, %v; want %d", step, id, got, ok, i)
+			}
+		}
+		for _, id := range []string{"op-none", "op-00000000-0000-4000-8000-ffffffffffff"} {
+			if _, ok := x.byID.get(x, id); ok {
+				t.Fatalf("step %d: an id never added is found", step)
+			}
+		}
+	}
+	for step := range 60000 {
+		// Grow to a few thousand, then empty most of it, then grow again;
+		// then stay near half of the smallest table, where runs wrap
+		// around its end.
+		add := rng.IntN(10) < 7
+		switch {
+		case step >= 8000 && step < 14000:
+			add = rng.IntN(10) < 2
+		case step >= 20000 && step < 30000:
+			add = false
+		case step >= 30000:
+			add = len(want) < idTableMin/2-1
+		}
+		if add || len(want) == 0 {
+			id := fmt.Sprintf("op-%d", rng.IntN(1<<20))
+			if rng.IntN(2) == 0 {
+				id = fmt.Sprintf("op-00000000-0000-4000-8000-%012x", rng.IntN(1<<20))
+			}
+			if _, ok := want[id]; ok {
+				continue
+			}
+			i := x.alloc()
+			var canon bool
+			x.slots[i].key, canon = parseOpKey(id)
+			if x.slots[i].named = !canon; !canon {
+				x.named[i] = id
+			}
+			x.byID.add(x, i)
+			want[id] = i
+		} else {
+			for id, i := range want { // a random one: map order
+				x.byID.del(x, id)
+				delete(want, id)
+				x.slots[i] = opSlot{}
+				delete(x.named, i)
+				x.free = append(x.free, i)
+				break
+			}
+		}
+		if step%500 == 0 || step >= 30000 {
+			check(step)
+		}
+	}
+	if len(x.byID.cells) > 4*max(idTableMin, 2*x.byID.len()) {
+		t.Fatalf("%d cells for %d ids", len(x.byID.cells), x.byID.len())
+	}
+}
