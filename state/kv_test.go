@@ -495,3 +495,33 @@ func TestKVReadsNoWildcard(t *testing.T) {
 		t.Error("GetMapping(\">\"): no error")
 	}
 }
+
+// TestKVReadsAfterDirectGetsOff: another instance turns the bucket's
+// direct gets off (it started with more replicas); a store that read
+// with them reads from the leader, the record as it is.
+func TestKVReadsAfterDirectGetsOff(t *testing.T) {
+	b := testenv.StartBus(t)
+	bucket := nextBucket()
+	s := newKV(t, b.JetStream(), bucket)
+	ctx := context.Background()
+	op, err := s.CreateOperation(ctx, storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := b.JetStream().Stream(ctx, "KV_"+bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	scfg := stream.CachedInfo().Config
+	if !scfg.AllowDirect {
+		t.Fatal("one replica: direct gets off")
+	}
+	scfg.AllowDirect = false
+	if _, err := b.JetStream().UpdateStream(ctx, scfg); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.GetOperation(ctx, op.ID)
+	if err != nil || got.Revision != op.Revision {
+		t.Fatalf("read after direct gets went off: %+v, %v; want revision %d", got, err, op.Revision)
+	}
+}

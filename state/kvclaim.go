@@ -46,6 +46,13 @@ func (k *KV) last(ctx context.Context, key string) (kvLast, error) {
 		return kvLast{}, kvErr("read "+key, jetstream.ErrInvalidKey)
 	}
 	msg, err := k.stream.GetLastMsgForSubject(ctx, k.subject(key))
+	if errors.Is(err, nats.ErrNoResponders) && k.stream.CachedInfo().Config.AllowDirect {
+		// Direct gets were turned off since (an instance started with
+		// more replicas): learn it, and ask the leader.
+		if _, ierr := k.stream.Info(ctx); ierr == nil {
+			msg, err = k.stream.GetLastMsgForSubject(ctx, k.subject(key))
+		}
+	}
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return kvLast{}, nil
 	}
