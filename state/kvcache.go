@@ -131,10 +131,12 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	}
 	if err != nil {
 		k.log.Warn("index cache not used: reading every record", "cache", k.cache, "err", err)
+		k.dropCache()
 		return 0
 	}
 	if why := k.cacheDoubt(ctx, c); why != "" {
 		k.log.Info("index cache not used: reading every record", "cache", k.cache, "reason", why)
+		k.dropCache()
 		return 0
 	}
 	k.mu.Lock()
@@ -147,6 +149,16 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	k.log.Info("index cache loaded: reading the records written since", "cache", k.cache, "sequence", c.seq,
 		"operations", n, "written", c.written.UTC().Format(time.RFC3339), "took", time.Since(began).Round(time.Millisecond))
 	return c.seq
+}
+
+// dropCache removes a cache file a start refused. Some doubts pass with
+// time (a stream restored from an earlier backup ends before the cache's
+// sequence until new writes reach it, with other records there), so a
+// file once refused is never read again.
+func (k *KV) dropCache() {
+	if err := os.Remove(k.cache); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		k.log.Warn("index cache not removed", "cache", k.cache, "err", err)
+	}
 }
 
 // cacheDoubt says why cache c may not reflect the bucket, "" when it
