@@ -34,8 +34,10 @@ const (
 	kvCacheEvery = 10 * time.Minute
 	// kvCacheMaxAge is the oldest cache a start uses. A delete leaves a
 	// marker that expires after kvMarkerTTL: a cache older than that
-	// could miss a delete whose marker is gone. Half of it leaves room
-	// for a watcher that lagged behind when the cache was written.
+	// could miss a delete whose marker is gone. (A cache is dated no later
+	// than the first message its watcher had not read: saveCache.) Half
+	// of it is a margin for the clocks: the age is the host's, a marker's
+	// life the server's.
 	kvCacheMaxAge = kvMarkerTTL / 2
 )
 
@@ -43,9 +45,11 @@ var kvCacheCRC = crc32.MakeTable(crc32.Castagnoli)
 
 // kvCache is a decoded cache file.
 type kvCache struct {
-	stream   string    // the bucket's stream name
-	created  time.Time // the stream's creation time
-	seq      uint64    // the last stream sequence the index reflects
+	stream  string    // the bucket's stream name
+	created time.Time // the stream's creation time
+	seq     uint64    // the last stream sequence the index reflects
+	// written is when the index was last known to reflect every message
+	// up to seq: no later message was stored before it.
 	written  time.Time
 	ops      *opIndex
 	mappings map[string]kvEntry[commands.Mapping]
@@ -59,12 +63,16 @@ type kvCache struct {
 // synced, then renamed over the last one, so that a crash leaves the
 // last file or the new one, whole. Only what the watcher applied (up to
 // k.seen) is written: this process's writes it has not delivered yet are
-// read again from the bucket at the next start.
-func (k *KV) saveCache() error {
+// read again from the bucket at the next start. It is dated now when the
+// watcher has read the bucket to its end (barrier), and otherwise at the
+// stream time of the last message the watcher delivered (k.seenAt): a
+// marker it has not read yet is no older than that.
+func (k *KV) saveCache(ctx context.Context) error {
 	if k.cache == "" {
 		return nil
 	}
 	began := time.Now()
+	target, terr := k.barrier(ctx)
 	info := k.stream.CachedInfo()
 	tmp := k.cache + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
@@ -79,13 +87,16 @@ func (k *KV) saveCache() error {
 	w := bufio.NewWriterSize(io.MultiWriter(f, sum), 1<<16)
 	e := cacheEncoder{w: w}
 	k.mu.RLock()
-	seq := k.seen
+	seq, complete := k.seen, began.UnixNano()
+	if terr != nil || target > seq {
+		complete = k.seenAt.Load()
+	}
 	e.str(kvCacheMagic)
 	e.uvarint(kvCacheVersion)
 	e.str(info.Config.Name)
 	e.varint(info.Created.UnixNano())
 	e.uvarint(seq)
-	e.varint(time.Now().UnixNano())
+	e.varint(complete)
 	k.ops.encode(&e, seq)
 	encodeEntries(&e, k.mappings, seq)
 	encodeEntries(&e, k.exports, seq)
@@ -141,6 +152,7 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	}
 	k.mu.Lock()
 	k.ops, k.seen, k.cached, k.exports = c.ops, c.seq, c.seq, c.exports
+	k.seenAt.Store(c.written.UnixNano())
 	for id, e := range c.mappings {
 		k.setMapping(id, e)
 	}

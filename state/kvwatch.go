@@ -75,6 +75,7 @@ func (w *kvWatcher) apply(msg jetstream.Msg) {
 		return
 	}
 	w.k.applyEntry(strings.TrimPrefix(msg.Subject(), w.k.subject("")), meta.Sequence.Stream, msg.Headers(), msg.Data())
+	w.k.seenAt.Store(meta.Timestamp.UnixNano())
 	if !w.isLoaded {
 		if w.received++; w.received >= w.initial || meta.NumPending == 0 {
 			w.markLoaded()
