@@ -10,8 +10,10 @@ import (
 	"hash/crc32"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -150,11 +152,17 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 		k.dropCache()
 		return 0
 	}
+	// The mappings in the order of their revisions, as the watcher
+	// applies them: of two holding one device (written before device
+	// claims), the device index keeps the later.
+	vols := slices.SortedFunc(maps.Keys(c.mappings), func(a, b string) int {
+		return cmp.Compare(c.mappings[a].rev, c.mappings[b].rev)
+	})
 	k.mu.Lock()
 	k.ops, k.seen, k.cached, k.exports = c.ops, c.seq, c.seq, c.exports
 	k.seenAt.Store(c.written.UnixNano())
-	for id, e := range c.mappings {
-		k.setMapping(id, e)
+	for _, id := range vols {
+		k.setMapping(id, c.mappings[id])
 	}
 	n := k.ops.len()
 	k.mu.Unlock()

@@ -3,6 +3,8 @@ package state_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -301,4 +303,46 @@ func mustRev(t *testing.T, s state.Store, n int) uint64 {
 		t.Fatal(err)
 	}
 	return op.Revision
+}
+
+// TestKVIndexCacheSharedDevice: mappings of an earlier main that hold one
+// device path on a VM (written before device claims) resolve the device
+// to the same volume after a restart on the cache as after reading every
+// record: the last written.
+func TestKVIndexCacheSharedDevice(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	js := testenv.StartBus(t).JetStream()
+	bucket, path := nextBucket(), filepath.Join(t.TempDir(), "index.cache")
+	newKV(t, js, bucket)
+	kv, err := js.KeyValue(ctx, bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := ""
+	for n := range 8 {
+		m := storetest.Mapping(fmt.Sprintf("vol-%d", n), "vm-1", "/dev/vdb")
+		data, err := json.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := kv.Put(ctx, "map."+m.VolumeID, data); err != nil {
+			t.Fatal(err)
+		}
+		last = m.VolumeID
+	}
+	s1, _ := openCached(t, js, bucket, path)
+	if err := s1.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s2, logs := openCached(t, js, bucket, path)
+	if !strings.Contains(logs.String(), "index cache loaded") {
+		t.Fatalf("cache not used; log:\n%s", logs)
+	}
+	for name, s := range map[string]state.Store{"every record": newKV(t, js, bucket), "cache": s2} {
+		m, err := s.GetMappingByDevice(ctx, "vm-1", "/dev/vdb")
+		if err != nil || m.VolumeID != last {
+			t.Errorf("%s: the device is %s's (%v), want %s's", name, m.VolumeID, err, last)
+		}
+	}
 }
