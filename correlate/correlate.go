@@ -123,8 +123,16 @@ type Correlator struct {
 	releasing map[string]int
 
 	events atomic.Int64
+	// delivered is the stream sequence of the last event delivered, and
+	// caughtUp whether none was pending after it: then no event stored
+	// before it is still to come, and a list takes it for the stream's
+	// last sequence without asking.
+	delivered atomic.Uint64
+	caughtUp  atomic.Bool
 
-	healQ  chan string
+	healQ chan string
+	// js reads the device events' stream; set by Start.
+	js     jetstream.JetStream
 	reader *follow.Reader
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -153,9 +161,12 @@ type vmTable struct {
 	// listed: devices was filled by a list since the last gap in events
 	// and since the last event stored before the list that contradicts it.
 	listed bool
-	// listedAt is when the last list was asked for: the list shows every
-	// event the stream stored before.
-	listedAt time.Time
+	// listedSeq is the stream's last sequence when the last list was
+	// asked for: the list shows every event up to it. 0: unknown.
+	listedSeq uint64
+	// askedAt is when (this host's clock) the last list merged was asked
+	// for: a list asked for earlier and answered later is older.
+	askedAt time.Time
 	// epoch and seq are the agent run and event number of the last event
 	// applied: older ones are dropped, a gap makes the VM listed again.
 	epoch string
@@ -240,6 +251,7 @@ func (c *Correlator) Start(ctx context.Context) error {
 			return fmt.Errorf("correlate: jetstream: %w", err)
 		}
 	}
+	c.js = js
 	c.ctx, c.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	from := time.Now().Add(-c.cfg.Replay)
 	var filters []string
@@ -359,27 +371,32 @@ func (c *Correlator) onEvent(msg jetstream.Msg) {
 		c.log.Warn("bad device event", "subject", msg.Subject(), "err", err)
 		return
 	}
-	at := time.Now()
+	at, seq := time.Now(), uint64(0)
 	if md, err := msg.Metadata(); err == nil {
-		at = md.Timestamp
+		at, seq = md.Timestamp, md.Sequence.Stream
+		c.delivered.Store(seq)
+		c.caughtUp.Store(md.NumPending == 0)
 	}
 	c.events.Add(1)
-	if c.apply(vm, action, d, at) {
+	if c.apply(vm, action, d, at, seq) {
 		c.queueHeal(vm)
 	}
 }
 
-// apply applies a device event stored at `at` to the VM's table, unless
-// it is older than the last one applied (same agent run, lower number);
-// false when dropped. An event the stream stored before the VM's last
-// list (replayed at a start, or delivered late) leaves the listed devices
-// as they are: the list shows them since, and the event would bring back
-// an earlier disk under the name, or the same disk without the identity
-// an older agent did not report, which heal would take for the mapped
-// disk gone. It still tells when its disk came and that it went; one
-// that contradicts the list (stamped early by a skewed clock: the stream
-// stamps `at`, this host the list) has the VM listed again.
-func (c *Correlator) apply(vm string, action commands.DeviceAction, d commands.Device, at time.Time) bool {
+// apply applies a device event stored at `at` as the stream's sequence
+// seq (0: unknown) to the VM's table, unless it is older than the last
+// one applied (same agent run, lower number); false when dropped. An
+// event the stream stored before the VM's last list was asked for (its
+// sequence at most the list's; replayed at a start, or delivered late)
+// leaves the listed devices as they are: the list shows them since, and
+// the event would bring back an earlier disk under the name, or the same
+// disk without the identity an older agent did not report, which heal
+// would take for the mapped disk gone. It still tells when its disk came
+// and that it went; one that contradicts the list (an agent whose list
+// lagged its events) has the VM listed again. Sequences, not times: the
+// stream's clock and this host's may disagree, and an event stamped
+// before the list by a clock behind is news all the same.
+func (c *Correlator) apply(vm string, action commands.DeviceAction, d commands.Device, at time.Time, seq uint64) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	t := c.table(vm)
@@ -410,7 +427,7 @@ func (c *Correlator) apply(vm string, action commands.DeviceAction, d commands.D
 		return false
 	}
 	d.Action, d.VMID, d.Epoch, d.EventSeq = "", vm, "", 0
-	listed := t.listed && !at.After(t.listedAt)
+	listed := t.listed && seq != 0 && seq <= t.listedSeq
 	if listed && contradicts(action, d, cur, had) {
 		c.log.Info("device event stored before the last list contradicts it: listing the VM again", "vm_id", vm,
 			"action", string(action), "identity", id.String())
@@ -463,13 +480,20 @@ func (c *Correlator) dropClaims(vm string, id commands.DeviceIdentity) {
 }
 
 // merge replaces the VM's device set with a fresh list, asked for at
-// askedAt, less the disks whose remove was applied already; claims of
-// disks no longer there end.
-func (c *Correlator) merge(vm string, devs []commands.Device, askedAt time.Time) {
+// asked (this host's clock) when the stream's last sequence was seq (0:
+// unknown), less the disks whose remove was applied already; claims of
+// disks no longer there end. A list asked for before the one merged last
+// (its reply overtaken) is older than the table, and changes nothing.
+func (c *Correlator) merge(vm string, devs []commands.Device, seq uint64, asked time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	t := c.table(vm)
 	t.agentAt = time.Now()
+	if asked.Before(t.askedAt) {
+		c.log.Info("device list asked for before the last merged: ignored", "vm_id", vm)
+		return
+	}
+	t.askedAt = asked
 	t.devices = make(map[string]commands.Device, len(devs))
 	present := map[commands.DeviceIdentity]bool{}
 	for _, d := range devs {
@@ -484,15 +508,16 @@ func (c *Correlator) merge(vm string, devs []commands.Device, askedAt time.Time)
 			delete(c.claims, k)
 		}
 	}
-	t.listed, t.listedAt = true, askedAt
+	t.listed, t.listedSeq = true, seq
 	t.notify()
 }
 
 // list asks the VM's agent for its devices and merges them into the table.
 func (c *Correlator) list(ctx context.Context, vm string, timeout time.Duration) ([]commands.Device, error) {
+	seq := c.lastSeq(ctx, timeout)
+	asked := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	asked := time.Now()
 	msg, err := c.cfg.Conn.RequestWithContext(ctx, commands.DevicesListSubject(vm), nil)
 	if err != nil {
 		return nil, fmt.Errorf("%w: list devices of VM %s: %w", ErrAgent, vm, err)
@@ -512,8 +537,31 @@ func (c *Correlator) list(ctx context.Context, vm string, timeout time.Duration)
 		}
 		return err != nil
 	})
-	c.merge(vm, devs, asked)
+	c.merge(vm, devs, seq, asked)
 	return devs, nil
+}
+
+// lastSeq is a sequence of stream VOLUMED_DEVICES up to which every
+// event was stored before a list is asked for: the last event delivered
+// when none was pending after it (the events stored since, if any, are
+// news, as they would be after the list), else the stream's last, asked
+// (within timeout, its own: the list keeps all of its). 0 when it cannot
+// be told (then every event is news).
+func (c *Correlator) lastSeq(ctx context.Context, timeout time.Duration) uint64 {
+	if c.caughtUp.Load() {
+		return c.delivered.Load()
+	}
+	if c.js == nil {
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	s, err := c.js.Stream(ctx, bus.StreamDevices)
+	if err != nil {
+		c.log.Debug("device events: stream info", "err", err)
+		return 0
+	}
+	return s.CachedInfo().State.LastSeq
 }
 
 // HasAgent reports whether vmID's agent answers a list request within

@@ -294,6 +294,16 @@ func TestClaimWithFirstSave(t *testing.T) {
 			j.Op.Step = "detach:requested"
 			return &commands.OpResponse{}, j.Save(ctx)
 		}, engine.Done, []saved{{commands.StatusExecuting, "detach:requested", 1}, {commands.StatusCompleted, "detach:requested", 1}}, 1},
+		{"read, then step saved", commands.StatusPending, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			if err := j.Read(ctx, "listVolumes", func(context.Context) error { return nil }); err != nil {
+				return nil, err
+			}
+			j.Op.Step = "detach:requested"
+			return &commands.OpResponse{}, j.Save(ctx)
+		}, engine.Done, []saved{{commands.StatusExecuting, "detach:requested", 1}, {commands.StatusCompleted, "detach:requested", 1}}, 1},
+		{"step called before any save", commands.StatusPending, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+			return &commands.OpResponse{}, j.Step(ctx, "detachVolume", func(context.Context) error { return nil })
+		}, engine.Done, []saved{{commands.StatusExecuting, "", 1}, {commands.StatusCompleted, "", 1}}, 1},
 		{"fence checked", commands.StatusPending, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
 			return &commands.OpResponse{}, j.Check(ctx)
 		}, engine.Done, []saved{{commands.StatusExecuting, "", 1}, {commands.StatusCompleted, "", 1}}, 1},
@@ -336,6 +346,39 @@ func TestClaimWithFirstSave(t *testing.T) {
 			}
 		})
 	}
+	// A kind that calls CloudStack (a Step) before it saved anything: the
+	// engine writes the claim first, so an executor that read the record
+	// before another claimed it never makes the call.
+	t.Run("step after another's claim", func(t *testing.T) {
+		store := memstore.New()
+		pub := &events{}
+		called := 0
+		e := engine.New(engine.Config{Operations: store, Publisher: pub, Timing: timing, Logger: slog.Default()},
+			kindFunc{commands.OpDetach, func(ctx context.Context, j *engine.Journal) (*commands.OpResponse, error) {
+				if err := j.Read(ctx, "listVolumes", func(context.Context) error { return nil }); err != nil {
+					return nil, err
+				}
+				cur, _ := store.GetOperation(ctx, j.Op.ID) // another executor claims it now
+				cur.Status, cur.Attempts = commands.StatusExecuting, cur.Attempts+1
+				if _, err := store.UpdateOperation(ctx, cur); err != nil {
+					t.Fatal(err)
+				}
+				err := j.Step(ctx, "detachVolume", func(context.Context) error { called++; return nil })
+				if !errors.Is(err, engine.ErrLost) {
+					t.Errorf("step after another's claim: %v, want ErrLost", err)
+				}
+				return nil, err
+			}})
+		now := time.Now().UTC()
+		op, err := store.CreateOperation(ctx, commands.Operation{ID: "op-claim", Type: commands.OpDetach,
+			Status: commands.StatusPending, VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if res := e.RunRead(ctx, op, slog.Default()); res != engine.Lost || called != 0 || len(pub.ops) != 0 {
+			t.Fatalf("result %v, CloudStack called %d times, %d events; want Lost, no call, no event", res, called, len(pub.ops))
+		}
+	})
 	t.Run("another claim first", func(t *testing.T) {
 		store := memstore.New()
 		pub := &events{}

@@ -129,13 +129,32 @@ func (j *Journal) Check(ctx context.Context) error {
 	return nil
 }
 
-// Step runs fn under the step deadline, retrying retryable CloudStack
-// failures with the engine's backoff (at least the Retry-After CloudStack
-// asked for, and at most RetryLimit times in a row for a limited kind such
-// as 530) and recording the last error on the operation. A MaybeDone error
-// is returned at once: the caller asks CloudStack what happened. It returns
-// a TIMEOUT error when the deadline passes.
+// Step runs fn, a call that may change something (a CloudStack command),
+// under the step deadline, retrying retryable CloudStack failures with the
+// engine's backoff (at least the Retry-After CloudStack asked for, and at
+// most RetryLimit times in a row for a limited kind such as 530) and
+// recording the last error on the operation. A MaybeDone error is
+// returned at once: the caller asks CloudStack what happened. It returns a
+// TIMEOUT error when the deadline passes. A claim not written yet is
+// written first: no executor acts before its claim holds, even in a kind
+// that saved nothing before the call.
 func (j *Journal) Step(ctx context.Context, name string, fn func(ctx context.Context) error) error {
+	if j.unclaimed {
+		if err := j.Save(ctx); err != nil {
+			return err
+		}
+	}
+	return j.step(ctx, name, fn)
+}
+
+// Read is Step for a call that only reads (a CloudStack list or query):
+// it leaves a claim not written yet to the operation's first save.
+func (j *Journal) Read(ctx context.Context, name string, fn func(ctx context.Context) error) error {
+	return j.step(ctx, name, fn)
+}
+
+// step is Step without the claim.
+func (j *Journal) step(ctx context.Context, name string, fn func(ctx context.Context) error) error {
 	stepCtx, cancel := context.WithTimeout(ctx, j.timing.StepTimeout)
 	defer cancel()
 	wait := j.timing.Retry.Start()

@@ -102,7 +102,7 @@ func (c asyncCall) run(ctx context.Context, k Deps, j *engine.Journal) error {
 // snapshotOf asks CloudStack for a snapshot inside a step.
 func (d Deps) snapshotOf(ctx context.Context, j *engine.Journal, id string) (csapi.Snapshot, error) {
 	var s csapi.Snapshot
-	err := j.Step(ctx, "listSnapshots", func(ctx context.Context) error {
+	err := j.Read(ctx, "listSnapshots", func(ctx context.Context) error {
 		var err error
 		s, err = d.CloudStack.GetSnapshot(ctx, id)
 		return err

@@ -110,7 +110,7 @@ func (k create) createdVolume(ctx context.Context, j *engine.Journal) (csapi.Vol
 func (k create) adoptCreated(ctx context.Context, j *engine.Journal, req commands.CreateRequest) (bool, error) {
 	op := j.Op
 	var vols []csapi.Volume
-	err := j.Step(ctx, "listVolumes", func(ctx context.Context) error {
+	err := j.Read(ctx, "listVolumes", func(ctx context.Context) error {
 		var err error
 		vols, err = k.CloudStack.ListVolumes(ctx, csapi.ListFilter{Name: req.Name, ZoneID: req.ZoneID})
 		return err

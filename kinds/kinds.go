@@ -116,7 +116,7 @@ func mark(j *engine.Journal) func(ctx context.Context, step string) error {
 // volume asks CloudStack for a volume inside a step.
 func (d Deps) volume(ctx context.Context, j *engine.Journal, id string) (csapi.Volume, error) {
 	var vol csapi.Volume
-	err := j.Step(ctx, "listVolumes", func(ctx context.Context) error {
+	err := j.Read(ctx, "listVolumes", func(ctx context.Context) error {
 		var err error
 		vol, err = d.CloudStack.GetVolume(ctx, id)
 		return err
@@ -130,7 +130,7 @@ func (d Deps) volume(ctx context.Context, j *engine.Journal, id string) (csapi.V
 // of the job.
 func (d Deps) waitJob(ctx context.Context, j *engine.Journal, name string) (csapi.Job, error) {
 	var job csapi.Job
-	err := j.Step(ctx, name, func(ctx context.Context) error {
+	err := j.Read(ctx, name, func(ctx context.Context) error {
 		var err error
 		job, err = d.CloudStack.WaitJob(ctx, j.Op.JobID)
 		return err

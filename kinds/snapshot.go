@@ -67,7 +67,7 @@ func (k snapshot) Execute(ctx context.Context, j *engine.Journal) (*commands.OpR
 // request may have been used before).
 func (k snapshot) taken(ctx context.Context, j *engine.Journal, volumeID, name string) (csapi.Snapshot, bool, error) {
 	var snaps []csapi.Snapshot
-	err := j.Step(ctx, "listSnapshots", func(ctx context.Context) error {
+	err := j.Read(ctx, "listSnapshots", func(ctx context.Context) error {
 		var err error
 		snaps, err = k.CloudStack.ListSnapshots(ctx, csapi.SnapshotFilter{VolumeID: volumeID, Name: name})
 		return err

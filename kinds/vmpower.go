@@ -146,7 +146,7 @@ func (k stopVM) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 // vm asks CloudStack for a VM inside a step.
 func (d Deps) vm(ctx context.Context, j *engine.Journal, id string) (csapi.VM, error) {
 	var vm csapi.VM
-	err := j.Step(ctx, "listVirtualMachines", func(ctx context.Context) error {
+	err := j.Read(ctx, "listVirtualMachines", func(ctx context.Context) error {
 		var err error
 		vm, err = d.CloudStack.GetVM(ctx, id)
 		return err
