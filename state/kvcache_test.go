@@ -346,3 +346,32 @@ func TestKVIndexCacheSharedDevice(t *testing.T) {
 		}
 	}
 }
+
+// TestKVBadRecord: a record that does not decode (written by hand, or by
+// another program) is left out of the indexes as a start reading every
+// record leaves it out, also when it replaces a good one, and reads from
+// memory do not wait for it.
+func TestKVBadRecord(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	js := testenv.StartBus(t).JetStream()
+	bucket := nextBucket()
+	s := newKV(t, js, bucket)
+	fillCacheTest(t, s)
+	kv, err := js.KeyValue(ctx, bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range []string{"op." + storetest.ID(5), "op.new", "map.vol-1", "export." + storetest.ID(1)} {
+		if _, err := kv.Put(ctx, key, []byte("{not json")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The bad records are the bucket's last: a barrier must pass them.
+	bctx, bcancel := context.WithTimeout(ctx, 5*time.Second)
+	defer bcancel()
+	if _, _, err := s.ListOperations(bctx, state.Filter{}); err != nil {
+		t.Fatalf("list after bad records: %v", err)
+	}
+	sameState(t, s, newKV(t, js, bucket))
+}
