@@ -96,7 +96,9 @@ func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte) {
 	case strings.HasPrefix(key, kvOpPrefix):
 		apply = func(raw []byte) error { return k.applyWatchedOp(strings.TrimPrefix(key, kvOpPrefix), rev, raw) }
 	case strings.HasPrefix(key, kvMappingPrefix):
-		apply = func(raw []byte) error { return k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), rev, raw, true) }
+		apply = func(raw []byte) error {
+			return k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), rev, raw, true)
+		}
 	case strings.HasPrefix(key, kvExportPrefix):
 		apply = func(raw []byte) error { return k.applyExport(strings.TrimPrefix(key, kvExportPrefix), rev, raw, true) }
 	default:
