@@ -30,6 +30,10 @@ import (
 // as without one (kvCacheDoubt).
 const (
 	kvCacheMagic   = "volumed kv index cache\n"
+	// kvCacheVersion is raised whenever the file's layout changes, and
+	// whenever what the index derives from a record does (its fields,
+	// opScore, completedAt, Duration, VM): a file of another version is
+	// not read, so a release never loads values another one derived.
 	kvCacheVersion = 1
 	// kvCacheEvery is how often a running store writes its cache (when
 	// the bucket changed since the last one); it is also written at Close.
