@@ -29,7 +29,7 @@ import (
 // only source, and a start in any doubt about the file reads every record
 // as without one (kvCacheDoubt).
 const (
-	kvCacheMagic   = "volumed kv index cache\n"
+	kvCacheMagic = "volumed kv index cache\n"
 	// kvCacheVersion is raised whenever the file's layout changes, and
 	// whenever what the index derives from a record does (its fields,
 	// opScore, completedAt, Duration, VM): a file of another version is
