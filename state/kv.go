@@ -70,11 +70,12 @@ type KV struct {
 	log    *slog.Logger
 	writes atomic.Int64
 
-	cache string // the index cache file; "" none
+	cache   string // the index cache file; "" none
+	sealKey string // the key of its seal (kvCacheSealPrefix)
 
 	mu     sync.RWMutex
 	seen   uint64 // the last revision the watcher delivered
-	cached uint64 // the last revision the cache file reflects
+	cached uint64 // the sequence of the cache file's seal
 	// seenAt is the stream time (Unix ns) of the last message the watcher
 	// delivered: no message after k.seen was stored before it.
 	seenAt   atomic.Int64
@@ -125,7 +126,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		ops: newOpIndex(), recent: newRecentOps(kvRecentOps), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
 	if cfg.Replicas == 1 {
-		k.cache = cfg.IndexCache
+		k.cache, k.sealKey = cfg.IndexCache, cacheSealKey(cfg.IndexCache)
 	}
 	if k.watcher, err = k.startWatch(ctx, k.loadCache(ctx)); err != nil {
 		return nil, err
@@ -152,8 +153,8 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	return k, nil
 }
 
-// kvCacheInfoWait bounds the periodic cache write's question for the
-// stream's last sequence.
+// kvCacheInfoWait bounds the periodic cache write's requests (the
+// barrier, the seal).
 const kvCacheInfoWait = 10 * time.Second
 
 // saveCacheEvery writes the index cache every kvCacheEvery when the

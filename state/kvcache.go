@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"cmp"
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -16,6 +18,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/commands"
@@ -34,7 +37,7 @@ const (
 	// whenever what the index derives from a record does (its fields,
 	// opScore, completedAt, Duration, VM): a file of another version is
 	// not read, so a release never loads values another one derived.
-	kvCacheVersion = 1
+	kvCacheVersion = 2
 	// kvCacheEvery is how often a running store writes its cache (when
 	// the bucket changed since the last one); it is also written at Close.
 	kvCacheEvery = 10 * time.Minute
@@ -45,6 +48,16 @@ const (
 	// of it is a margin for the clocks: the age is the host's, a marker's
 	// life the server's.
 	kvCacheMaxAge = kvMarkerTTL / 2
+	// kvCacheSealPrefix begins the bucket key of a cache file's seal: a
+	// message saveCache writes with each file, past the sequence the file
+	// reflects, whose sequence and nonce the file holds. Only the history
+	// the file was written from holds it there: a stream restored from an
+	// earlier backup (with the same creation time) and written past the
+	// file's sequence since does not. A new seal replaces the file's last
+	// one (the key is the file's), and it expires after kvCacheSealTTL,
+	// by when the file is too old anyway.
+	kvCacheSealPrefix = "meta.cache."
+	kvCacheSealTTL    = kvCacheMaxAge + time.Hour
 )
 
 var kvCacheCRC = crc32.MakeTable(crc32.Castagnoli)
@@ -56,10 +69,14 @@ type kvCache struct {
 	seq     uint64    // the last stream sequence the index reflects
 	// written is when the index was last known to reflect every message
 	// up to seq: no later message was stored before it.
-	written  time.Time
-	ops      *opIndex
-	mappings map[string]kvEntry[commands.Mapping]
-	exports  map[string]kvEntry[commands.Export]
+	written time.Time
+	// The seal: its key, sequence and nonce.
+	sealKey   string
+	sealSeq   uint64
+	sealNonce string
+	ops       *opIndex
+	mappings  map[string]kvEntry[commands.Mapping]
+	exports   map[string]kvEntry[commands.Export]
 	// The lowest and highest revision held, and the key at the highest.
 	minRev, maxRev uint64
 	maxKey         string
@@ -69,10 +86,11 @@ type kvCache struct {
 // synced, then renamed over the last one, so that a crash leaves the
 // last file or the new one, whole. Only what the watcher applied (up to
 // k.seen) is written: this process's writes it has not delivered yet are
-// read again from the bucket at the next start. It is dated now when the
-// watcher has read the bucket to its end (barrier), and otherwise at the
-// stream time of the last message the watcher delivered (k.seenAt): a
-// marker it has not read yet is no older than that.
+// read again from the bucket at the next start. It is dated when it
+// began when the watcher had read the bucket to its end (barrier), and
+// otherwise at the stream time of the last message the watcher delivered
+// (k.seenAt) if earlier: a marker it has not read yet is no older than
+// that. Its seal is written first (kvCacheSealPrefix).
 func (k *KV) saveCache(ctx context.Context) error {
 	if k.cache == "" {
 		return nil
@@ -92,10 +110,19 @@ func (k *KV) saveCache(ctx context.Context) error {
 	sum := crc32.New(kvCacheCRC)
 	w := bufio.NewWriterSize(io.MultiWriter(f, sum), 1<<16)
 	e := cacheEncoder{w: w}
+	nonce := uuid.NewString()
+	ack, err := k.js.Publish(ctx, k.subject(k.sealKey), []byte(nonce), jetstream.WithMsgTTL(kvCacheSealTTL))
+	if err != nil {
+		return fmt.Errorf("state: write index cache: seal: %w", err)
+	}
 	k.mu.RLock()
-	seq, complete := k.seen, began.UnixNano()
-	if terr != nil || target > seq {
-		complete = k.seenAt.Load()
+	// The file reflects the revisions up to its seal at most (those the
+	// watcher applied past it are left out, and read again at the next
+	// start), so that the seal vouches for every one it holds. Every
+	// message past the seal came after began.
+	seq, complete := min(k.seen, ack.Sequence), began.UnixNano()
+	if terr != nil || target > k.seen {
+		complete = min(complete, k.seenAt.Load())
 	}
 	e.str(kvCacheMagic)
 	e.uvarint(kvCacheVersion)
@@ -103,6 +130,9 @@ func (k *KV) saveCache(ctx context.Context) error {
 	e.varint(info.Created.UnixNano())
 	e.uvarint(seq)
 	e.varint(complete)
+	e.str(k.sealKey)
+	e.uvarint(ack.Sequence)
+	e.str(nonce)
 	k.ops.encode(&e, seq)
 	encodeEntries(&e, k.mappings, seq)
 	encodeEntries(&e, k.exports, seq)
@@ -127,7 +157,7 @@ func (k *KV) saveCache(ctx context.Context) error {
 		_ = d.Close()
 	}
 	k.mu.Lock()
-	k.cached = seq
+	k.cached = ack.Sequence // the seal is no change to write again
 	k.mu.Unlock()
 	k.log.Debug("index cache written", "cache", k.cache, "sequence", seq, "took", time.Since(began).Round(time.Millisecond))
 	return nil
@@ -163,7 +193,7 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 		return cmp.Compare(c.mappings[a].rev, c.mappings[b].rev)
 	})
 	k.mu.Lock()
-	k.ops, k.seen, k.cached, k.exports = c.ops, c.seq, c.seq, c.exports
+	k.ops, k.seen, k.cached, k.exports = c.ops, c.seq, c.sealSeq, c.exports
 	k.seenAt.Store(c.written.UnixNano())
 	for _, id := range vols {
 		k.setMapping(id, c.mappings[id])
@@ -173,6 +203,17 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	k.log.Info("index cache loaded: reading the records written since", "cache", k.cache, "sequence", c.seq,
 		"operations", n, "written", c.written.UTC().Format(time.RFC3339), "took", time.Since(began).Round(time.Millisecond))
 	return c.seq
+}
+
+// cacheSealKey is the key of the seals of the cache file at path: one
+// per file and host, so that each seal replaces the last.
+func cacheSealKey(path string) string {
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
+	host, _ := os.Hostname()
+	sum := sha256.Sum256([]byte(host + "\x00" + path))
+	return kvCacheSealPrefix + hex.EncodeToString(sum[:8])
 }
 
 // dropCache removes a cache file a start refused. Some doubts pass with
@@ -187,7 +228,8 @@ func (k *KV) dropCache() {
 
 // cacheDoubt says why cache c may not reflect the bucket, "" when it
 // does: it was written from another stream (another bucket, or one made
-// again), the stream is behind it (another history), a record it holds
+// again), the stream is behind it or does not hold its seal (another
+// history), a record it holds
 // is gone without a marker the watcher would deliver (the stream's first
 // sequence is past it), it is older than a delete marker may live, or the
 // message at its highest revision is on another key.
@@ -208,6 +250,15 @@ func (k *KV) cacheDoubt(ctx context.Context, c *kvCache) string {
 		return fmt.Sprintf("holds revision %d, the stream begins at %d", c.minRev, info.State.FirstSeq)
 	case age > kvCacheMaxAge || age < -time.Minute:
 		return "written at " + c.written.UTC().Format(time.RFC3339)
+	}
+	seal, err := k.stream.GetMsg(ctx, c.sealSeq)
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return fmt.Sprintf("its seal (sequence %d) is gone", c.sealSeq)
+	case err != nil:
+		return "read seal: " + err.Error()
+	case seal.Subject != k.subject(c.sealKey) || string(seal.Data) != c.sealNonce:
+		return fmt.Sprintf("sequence %d is not its seal: another history", c.sealSeq)
 	}
 	if c.maxRev == 0 {
 		return ""
@@ -265,7 +316,8 @@ func decodeCache(d *cacheDecoder) (*kvCache, error) {
 	if v := d.uvarint(); v != kvCacheVersion {
 		return nil, cmp.Or(d.err, fmt.Errorf("version %d, not %d", v, kvCacheVersion))
 	}
-	c := &kvCache{stream: d.str(), created: time.Unix(0, d.varint()), seq: d.uvarint(), written: time.Unix(0, d.varint())}
+	c := &kvCache{stream: d.str(), created: time.Unix(0, d.varint()), seq: d.uvarint(), written: time.Unix(0, d.varint()),
+		sealKey: d.str(), sealSeq: d.uvarint(), sealNonce: d.str()}
 	var err error
 	if c.ops, err = decodeOpIndex(d, c); err != nil {
 		return nil, err

@@ -46,10 +46,12 @@ func TestKVCacheDoubt(t *testing.T) {
 		{"as written", func(*kvCache) {}, false},
 		{"another stream", func(c *kvCache) { c.stream = "KV_other" }, true},
 		{"made again", func(c *kvCache) { c.created = c.created.Add(time.Nanosecond) }, true},
-		{"ahead of the stream", func(c *kvCache) { c.seq++ }, true},
+		{"ahead of the stream", func(c *kvCache) { c.seq = c.sealSeq + 1 }, true},
 		{"older than half the markers' life", func(c *kvCache) { c.written = time.Now().Add(-kvCacheMaxAge - time.Minute) }, true},
 		{"from the future", func(c *kvCache) { c.written = time.Now().Add(time.Hour) }, true},
 		{"its last revision on another key", func(c *kvCache) { c.maxKey = "op.other" }, true},
+		{"another history (its seal not there)", func(c *kvCache) { c.sealNonce = "other" }, true},
+		{"its seal gone", func(c *kvCache) { c.sealSeq = c.maxRev }, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := readCache(path)

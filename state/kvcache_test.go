@@ -193,6 +193,20 @@ func TestKVIndexCache(t *testing.T) {
 				t.Fatal(err)
 			}
 		}},
+		{name: "its seal gone", meanwhile: func(t *testing.T, _ *state.KV, _, bucket string) {
+			// As in a stream restored from a backup taken before it.
+			st, err := js.Stream(ctx, "KV_"+bucket)
+			if err != nil {
+				t.Fatal(err)
+			}
+			seal, err := st.GetLastMsgForSubject(ctx, "$KV."+bucket+".meta.cache.>")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := st.Purge(ctx, jetstream.WithPurgeSubject(seal.Subject)); err != nil {
+				t.Fatal(err)
+			}
+		}},
 		{name: "stream purged", meanwhile: func(t *testing.T, _ *state.KV, _, bucket string) {
 			st, err := js.Stream(ctx, "KV_"+bucket)
 			if err != nil {
