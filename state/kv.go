@@ -71,12 +71,16 @@ type KV struct {
 	log    *slog.Logger
 	writes atomic.Int64
 
-	cache string // the index cache file; "" none
+	cache   string // the index cache file; "" none
+	sealKey string // the key of its seal (kvCacheSealPrefix)
 
-	mu       sync.RWMutex
-	seen     uint64 // the last revision the watcher delivered
-	cached   uint64 // the last revision the cache file reflects
-	gap      kvGap  // see caughtUp
+	mu     sync.RWMutex
+	seen   uint64 // the last revision the watcher delivered
+	cached uint64 // the sequence of the cache file's seal
+	// seenAt is the stream time (Unix ns) of the last message the watcher
+	// delivered: no message after k.seen was stored before it.
+	seenAt   atomic.Int64
+	gap      kvGap // see caughtUp
 	ops      *opIndex
 	recent   *recentOps
 	mappings map[string]kvEntry[commands.Mapping]
@@ -123,7 +127,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		ops: newOpIndex(), recent: newRecentOps(kvRecentOps), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
 	if cfg.Replicas == 1 {
-		k.cache = cfg.IndexCache
+		k.cache, k.sealKey = cfg.IndexCache, cacheSealKey(cfg.IndexCache)
 	}
 	if k.watcher, err = k.startWatch(ctx, k.loadCache(ctx)); err != nil {
 		return nil, err
@@ -150,6 +154,10 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	return k, nil
 }
 
+// kvCacheInfoWait bounds the periodic cache write's requests (the
+// barrier, the seal).
+const kvCacheInfoWait = 10 * time.Second
+
 // saveCacheEvery writes the index cache every kvCacheEvery when the
 // bucket changed since the last one, until Close.
 func (k *KV) saveCacheEvery() {
@@ -165,7 +173,10 @@ func (k *KV) saveCacheEvery() {
 		changed := k.seen != k.cached
 		k.mu.RUnlock()
 		if changed {
-			if err := k.saveCache(); err != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), kvCacheInfoWait)
+			err := k.saveCache(ctx)
+			cancel()
+			if err != nil {
 				k.log.Warn("index cache not written", "err", err)
 			}
 		}
@@ -642,33 +653,9 @@ func setupBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (jet
 // a match over every key, is asked only when the watcher has not seen
 // that sequence, since the message there may be gone (an expired marker).
 func (k *KV) caughtUp(ctx context.Context) error {
-	info, err := k.stream.Info(ctx)
+	target, err := k.barrier(ctx)
 	if err != nil {
-		return kvErr("read barrier", err)
-	}
-	target := info.State.LastSeq
-	k.mu.RLock()
-	seen, gap := k.seen, k.gap
-	k.mu.RUnlock()
-	switch {
-	case seen >= target:
-		return nil
-	case gap.streamLast == target:
-		// Nothing written since the last slow barrier found the last
-		// message below the stream's last sequence.
-		target = gap.lastMsg
-	default:
-		last, err := k.lastMsgSeq(ctx)
-		if errors.Is(err, jetstream.ErrMsgNotFound) {
-			return nil // an empty bucket
-		}
-		if err != nil {
-			return kvErr("read barrier", err)
-		}
-		k.mu.Lock()
-		k.gap = kvGap{streamLast: target, lastMsg: last}
-		k.mu.Unlock()
-		target = last
+		return err
 	}
 	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 5*time.Millisecond) {
 		k.mu.RLock()
@@ -683,6 +670,38 @@ func (k *KV) caughtUp(ctx context.Context) error {
 		case <-time.After(pause):
 		}
 	}
+}
+
+// barrier returns the revision the watcher must have applied to reflect
+// every entry the bucket holds now (see caughtUp).
+func (k *KV) barrier(ctx context.Context) (uint64, error) {
+	info, err := k.stream.Info(ctx)
+	if err != nil {
+		return 0, kvErr("read barrier", err)
+	}
+	target := info.State.LastSeq
+	k.mu.RLock()
+	seen, gap := k.seen, k.gap
+	k.mu.RUnlock()
+	switch {
+	case seen >= target:
+		return target, nil
+	case gap.streamLast == target:
+		// Nothing written since the last slow barrier found the last
+		// message below the stream's last sequence.
+		return gap.lastMsg, nil
+	}
+	last, err := k.lastMsgSeq(ctx)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return 0, nil // an empty bucket
+	}
+	if err != nil {
+		return 0, kvErr("read barrier", err)
+	}
+	k.mu.Lock()
+	k.gap = kvGap{streamLast: target, lastMsg: last}
+	k.mu.Unlock()
+	return last, nil
 }
 
 // lastMsgSeq returns the sequence of the last message on the bucket's
@@ -1109,7 +1128,7 @@ func (k *KV) Close(ctx context.Context) error {
 			err = fmt.Errorf("state: kv close: %w", cerr)
 		}
 		if loaded {
-			if cerr := k.saveCache(); cerr != nil {
+			if cerr := k.saveCache(ctx); cerr != nil {
 				k.log.Warn("index cache not written", "err", cerr)
 			}
 		}

@@ -4,16 +4,21 @@ import (
 	"bufio"
 	"cmp"
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash/crc32"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/commands"
@@ -27,29 +32,51 @@ import (
 // only source, and a start in any doubt about the file reads every record
 // as without one (kvCacheDoubt).
 const (
-	kvCacheMagic   = "volumed kv index cache\n"
-	kvCacheVersion = 1
+	kvCacheMagic = "volumed kv index cache\n"
+	// kvCacheVersion is raised whenever the file's layout changes, and
+	// whenever what the index derives from a record does (its fields,
+	// opScore, completedAt, Duration, VM): a file of another version is
+	// not read, so a release never loads values another one derived.
+	kvCacheVersion = 2
 	// kvCacheEvery is how often a running store writes its cache (when
 	// the bucket changed since the last one); it is also written at Close.
 	kvCacheEvery = 10 * time.Minute
 	// kvCacheMaxAge is the oldest cache a start uses. A delete leaves a
 	// marker that expires after kvMarkerTTL: a cache older than that
-	// could miss a delete whose marker is gone. Half of it leaves room
-	// for a watcher that lagged behind when the cache was written.
+	// could miss a delete whose marker is gone. (A cache is dated no later
+	// than the first message its watcher had not read: saveCache.) Half
+	// of it is a margin for the clocks: the age is the host's, a marker's
+	// life the server's.
 	kvCacheMaxAge = kvMarkerTTL / 2
+	// kvCacheSealPrefix begins the bucket key of a cache file's seal: a
+	// message saveCache writes with each file, past the sequence the file
+	// reflects, whose sequence and nonce the file holds. Only the history
+	// the file was written from holds it there: a stream restored from an
+	// earlier backup (with the same creation time) and written past the
+	// file's sequence since does not. A new seal replaces the file's last
+	// one (the key is the file's), and it expires after kvCacheSealTTL,
+	// by when the file is too old anyway.
+	kvCacheSealPrefix = "meta.cache."
+	kvCacheSealTTL    = kvCacheMaxAge + time.Hour
 )
 
 var kvCacheCRC = crc32.MakeTable(crc32.Castagnoli)
 
 // kvCache is a decoded cache file.
 type kvCache struct {
-	stream   string    // the bucket's stream name
-	created  time.Time // the stream's creation time
-	seq      uint64    // the last stream sequence the index reflects
-	written  time.Time
-	ops      *opIndex
-	mappings map[string]kvEntry[commands.Mapping]
-	exports  map[string]kvEntry[commands.Export]
+	stream  string    // the bucket's stream name
+	created time.Time // the stream's creation time
+	seq     uint64    // the last stream sequence the index reflects
+	// written is when the index was last known to reflect every message
+	// up to seq: no later message was stored before it.
+	written time.Time
+	// The seal: its key, sequence and nonce.
+	sealKey   string
+	sealSeq   uint64
+	sealNonce string
+	ops       *opIndex
+	mappings  map[string]kvEntry[commands.Mapping]
+	exports   map[string]kvEntry[commands.Export]
 	// The lowest and highest revision held, and the key at the highest.
 	minRev, maxRev uint64
 	maxKey         string
@@ -59,12 +86,17 @@ type kvCache struct {
 // synced, then renamed over the last one, so that a crash leaves the
 // last file or the new one, whole. Only what the watcher applied (up to
 // k.seen) is written: this process's writes it has not delivered yet are
-// read again from the bucket at the next start.
-func (k *KV) saveCache() error {
+// read again from the bucket at the next start. It is dated when it
+// began when the watcher had read the bucket to its end (barrier), and
+// otherwise at the stream time of the last message the watcher delivered
+// (k.seenAt) if earlier: a marker it has not read yet is no older than
+// that. Its seal is written first (kvCacheSealPrefix).
+func (k *KV) saveCache(ctx context.Context) error {
 	if k.cache == "" {
 		return nil
 	}
 	began := time.Now()
+	target, terr := k.barrier(ctx)
 	info := k.stream.CachedInfo()
 	tmp := k.cache + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
@@ -78,14 +110,29 @@ func (k *KV) saveCache() error {
 	sum := crc32.New(kvCacheCRC)
 	w := bufio.NewWriterSize(io.MultiWriter(f, sum), 1<<16)
 	e := cacheEncoder{w: w}
+	nonce := uuid.NewString()
+	ack, err := k.js.Publish(ctx, k.subject(k.sealKey), []byte(nonce), jetstream.WithMsgTTL(kvCacheSealTTL))
+	if err != nil {
+		return fmt.Errorf("state: write index cache: seal: %w", err)
+	}
 	k.mu.RLock()
-	seq := k.seen
+	// The file reflects the revisions up to its seal at most (those the
+	// watcher applied past it are left out, and read again at the next
+	// start), so that the seal vouches for every one it holds. Every
+	// message past the seal came after began.
+	seq, complete := min(k.seen, ack.Sequence), began.UnixNano()
+	if terr != nil || target > k.seen {
+		complete = min(complete, k.seenAt.Load())
+	}
 	e.str(kvCacheMagic)
 	e.uvarint(kvCacheVersion)
 	e.str(info.Config.Name)
 	e.varint(info.Created.UnixNano())
 	e.uvarint(seq)
-	e.varint(time.Now().UnixNano())
+	e.varint(complete)
+	e.str(k.sealKey)
+	e.uvarint(ack.Sequence)
+	e.str(nonce)
 	k.ops.encode(&e, seq)
 	encodeEntries(&e, k.mappings, seq)
 	encodeEntries(&e, k.exports, seq)
@@ -110,7 +157,7 @@ func (k *KV) saveCache() error {
 		_ = d.Close()
 	}
 	k.mu.Lock()
-	k.cached = seq
+	k.cached = ack.Sequence // the seal is no change to write again
 	k.mu.Unlock()
 	k.log.Debug("index cache written", "cache", k.cache, "sequence", seq, "took", time.Since(began).Round(time.Millisecond))
 	return nil
@@ -131,16 +178,25 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	}
 	if err != nil {
 		k.log.Warn("index cache not used: reading every record", "cache", k.cache, "err", err)
+		k.dropCache()
 		return 0
 	}
 	if why := k.cacheDoubt(ctx, c); why != "" {
 		k.log.Info("index cache not used: reading every record", "cache", k.cache, "reason", why)
+		k.dropCache()
 		return 0
 	}
+	// The mappings in the order of their revisions, as the watcher
+	// applies them: of two holding one device (written before device
+	// claims), the device index keeps the later.
+	vols := slices.SortedFunc(maps.Keys(c.mappings), func(a, b string) int {
+		return cmp.Compare(c.mappings[a].rev, c.mappings[b].rev)
+	})
 	k.mu.Lock()
-	k.ops, k.seen, k.cached, k.exports = c.ops, c.seq, c.seq, c.exports
-	for id, e := range c.mappings {
-		k.setMapping(id, e)
+	k.ops, k.seen, k.cached, k.exports = c.ops, c.seq, c.sealSeq, c.exports
+	k.seenAt.Store(c.written.UnixNano())
+	for _, id := range vols {
+		k.setMapping(id, c.mappings[id])
 	}
 	n := k.ops.len()
 	k.mu.Unlock()
@@ -149,9 +205,31 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	return c.seq
 }
 
+// cacheSealKey is the key of the seals of the cache file at path: one
+// per file and host, so that each seal replaces the last.
+func cacheSealKey(path string) string {
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
+	host, _ := os.Hostname()
+	sum := sha256.Sum256([]byte(host + "\x00" + path))
+	return kvCacheSealPrefix + hex.EncodeToString(sum[:8])
+}
+
+// dropCache removes a cache file a start refused. Some doubts pass with
+// time (a stream restored from an earlier backup ends before the cache's
+// sequence until new writes reach it, with other records there), so a
+// file once refused is never read again.
+func (k *KV) dropCache() {
+	if err := os.Remove(k.cache); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		k.log.Warn("index cache not removed", "cache", k.cache, "err", err)
+	}
+}
+
 // cacheDoubt says why cache c may not reflect the bucket, "" when it
 // does: it was written from another stream (another bucket, or one made
-// again), the stream is behind it (another history), a record it holds
+// again), the stream is behind it or does not hold its seal (another
+// history), a record it holds
 // is gone without a marker the watcher would deliver (the stream's first
 // sequence is past it), it is older than a delete marker may live, or the
 // message at its highest revision is on another key.
@@ -172,6 +250,15 @@ func (k *KV) cacheDoubt(ctx context.Context, c *kvCache) string {
 		return fmt.Sprintf("holds revision %d, the stream begins at %d", c.minRev, info.State.FirstSeq)
 	case age > kvCacheMaxAge || age < -time.Minute:
 		return "written at " + c.written.UTC().Format(time.RFC3339)
+	}
+	seal, err := k.stream.GetMsg(ctx, c.sealSeq)
+	switch {
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return fmt.Sprintf("its seal (sequence %d) is gone", c.sealSeq)
+	case err != nil:
+		return "read seal: " + err.Error()
+	case seal.Subject != k.subject(c.sealKey) || string(seal.Data) != c.sealNonce:
+		return fmt.Sprintf("sequence %d is not its seal: another history", c.sealSeq)
 	}
 	if c.maxRev == 0 {
 		return ""
@@ -229,7 +316,8 @@ func decodeCache(d *cacheDecoder) (*kvCache, error) {
 	if v := d.uvarint(); v != kvCacheVersion {
 		return nil, cmp.Or(d.err, fmt.Errorf("version %d, not %d", v, kvCacheVersion))
 	}
-	c := &kvCache{stream: d.str(), created: time.Unix(0, d.varint()), seq: d.uvarint(), written: time.Unix(0, d.varint())}
+	c := &kvCache{stream: d.str(), created: time.Unix(0, d.varint()), seq: d.uvarint(), written: time.Unix(0, d.varint()),
+		sealKey: d.str(), sealSeq: d.uvarint(), sealNonce: d.str()}
 	var err error
 	if c.ops, err = decodeOpIndex(d, c); err != nil {
 		return nil, err

@@ -46,10 +46,12 @@ func TestKVCacheDoubt(t *testing.T) {
 		{"as written", func(*kvCache) {}, false},
 		{"another stream", func(c *kvCache) { c.stream = "KV_other" }, true},
 		{"made again", func(c *kvCache) { c.created = c.created.Add(time.Nanosecond) }, true},
-		{"ahead of the stream", func(c *kvCache) { c.seq++ }, true},
+		{"ahead of the stream", func(c *kvCache) { c.seq = c.sealSeq + 1 }, true},
 		{"older than half the markers' life", func(c *kvCache) { c.written = time.Now().Add(-kvCacheMaxAge - time.Minute) }, true},
 		{"from the future", func(c *kvCache) { c.written = time.Now().Add(time.Hour) }, true},
 		{"its last revision on another key", func(c *kvCache) { c.maxKey = "op.other" }, true},
+		{"another history (its seal not there)", func(c *kvCache) { c.sealNonce = "other" }, true},
+		{"its seal gone", func(c *kvCache) { c.sealSeq = c.maxRev }, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := readCache(path)
@@ -64,5 +66,57 @@ func TestKVCacheDoubt(t *testing.T) {
 				t.Fatalf("doubt %q, want doubt %v", why, tc.doubt)
 			}
 		})
+	}
+}
+
+// TestKVCacheLaggingWatcher: a cache written while the watcher is behind
+// the stream is dated no later than the first record it misses, so that
+// its age bounds the age of the delete markers a start must still find
+// (kvCacheMaxAge), however long the watcher lagged.
+func TestKVCacheLaggingWatcher(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	js := testenv.StartBus(t).JetStream()
+	path := filepath.Join(t.TempDir(), "index.cache")
+	k, err := NewKV(ctx, js, KVConfig{Bucket: "lag", IndexCache: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close(ctx)
+	other, err := NewKV(ctx, js, KVConfig{Bucket: "lag"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close(ctx)
+	newOp := func(id string) commands.Operation {
+		return commands.Operation{ID: id, Type: commands.OpCreate, Status: commands.StatusPending, VolumeID: "vol-1",
+			Request: json.RawMessage(`{}`), CreatedAt: time.Now(), UpdatedAt: time.Now()}
+	}
+	if _, err := k.CreateOperation(ctx, newOp("op-1")); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.caughtUp(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The watcher stops: what other stores write is not applied.
+	if err := k.watcher.r.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	missed := time.Now()
+	if _, err := other.CreateOperation(ctx, newOp("op-2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.saveCache(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c, err := readCache(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.ops.len() != 1 {
+		t.Fatalf("cache holds %d operations, want 1", c.ops.len())
+	}
+	if c.written.After(missed) {
+		t.Fatalf("cache dated %s, after the record it misses (written from %s)", c.written, missed)
 	}
 }

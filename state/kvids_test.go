@@ -1,11 +1,17 @@
 package state
 
 import (
+	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/volumed/volumed/commands"
 )
 
 // TestOpKey: an id of volumed's form is held as its UUID's 16 bytes and
@@ -108,5 +114,107 @@ func TestIDTable(t *testing.T) {
 	}
 	if len(x.byID.cells) > 4*max(idTableMin, 2*x.byID.len()) {
 		t.Fatalf("%d cells for %d ids", len(x.byID.cells), x.byID.len())
+	}
+}
+
+// TestOpIndexCacheRoundTrip: an index of ids of every form (volumed's,
+// uppercase, others; several created at the same instant, so that their
+// ids order them), with tombstones, removed and reused slots and writes
+// past the cache's revision, read back from its cache encoding lists,
+// counts and finds what the index does up to that revision.
+func TestOpIndexCacheRoundTrip(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	x := newOpIndex()
+	base := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+	var ids []string
+	for n := range 300 {
+		var id string
+		switch n % 3 {
+		case 0:
+			id = fmt.Sprintf("op-%08x-0000-4000-8000-%012x", rng.Uint32(), n)
+		case 1:
+			id = strings.ToUpper(fmt.Sprintf("op-%08x-0000-4000-8000-%012x", rng.Uint32(), n))
+		default:
+			id = fmt.Sprintf("op-%d", rng.IntN(1000)*1000+n)
+		}
+		ids = append(ids, id)
+	}
+	put := func(rev uint64, id string) {
+		st := commands.OpStatuses[rng.IntN(len(commands.OpStatuses))]
+		created := base.Add(time.Duration(rng.IntN(20)) * time.Second)
+		op := commands.Operation{ID: id, Type: commands.OpTypes[rng.IntN(len(commands.OpTypes))], Status: st,
+			VolumeID: fmt.Sprintf("vol-%d", rng.IntN(5)), CreatedAt: created, UpdatedAt: created}
+		if st.Terminal() {
+			done := created.Add(time.Minute)
+			op.CompletedAt = &done
+		}
+		x.put(rev, &op)
+	}
+	rev := uint64(0)
+	for step := range 3000 {
+		rev++
+		id := ids[rng.IntN(len(ids))]
+		switch r := rng.IntN(10); {
+		case r < 6 || step < 300:
+			put(rev, id)
+		case r < 8:
+			x.tombstone(id, rev)
+		default:
+			x.remove(id)
+		}
+	}
+	cut := rev
+	// Writes past the cache's revision are left out of it.
+	for range 50 {
+		rev++
+		put(rev, ids[rng.IntN(len(ids))])
+	}
+	// What the cache must hold: x's listing, without the later writes.
+	upTo := func(ids []string, revs []uint64, _ bool) ([]string, []uint64) {
+		var oi []string
+		var or []uint64
+		for j, r := range revs {
+			if r <= cut {
+				oi, or = append(oi, ids[j]), append(or, r)
+			}
+		}
+		return oi, or
+	}
+	byStatus := map[commands.OpStatus]int64{}
+	for _, i := range x.lists["all"] {
+		if s := x.slots[i]; s.rev <= cut {
+			byStatus[commands.OpStatus(x.names.str(s.status))]++
+		}
+	}
+	var buf bytes.Buffer
+	w := bufio.NewWriter(&buf)
+	x.encode(&cacheEncoder{w: w}, cut)
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	r := &io.LimitedReader{R: &buf, N: int64(buf.Len())}
+	got, err := decodeOpIndex(&cacheDecoder{r: bufio.NewReader(r), left: r}, &kvCache{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []Filter{{}, {Status: commands.StatusCompleted}, {VolumeID: "vol-1"}, {Type: commands.OpAttach, VolumeID: "vol-2"}} {
+		g, grevs, _ := got.list(f, nil, 0)
+		w, wrevs := upTo(x.list(f, nil, 0))
+		if !slices.Equal(g, w) || !slices.Equal(grevs, wrevs) {
+			t.Fatalf("list %+v:\n got %v\nwant %v", f, g, w)
+		}
+		for _, id := range g {
+			if _, ok := got.byID.get(got, id); !ok {
+				t.Fatalf("%s listed, not found", id)
+			}
+		}
+	}
+	for st, n := range got.stats.ByStatus {
+		if n != byStatus[st] {
+			t.Fatalf("%d %s, want %d", n, st, byStatus[st])
+		}
+	}
+	if all, _ := upTo(x.list(Filter{}, nil, 0)); got.len() != len(all) {
+		t.Fatalf("%d operations, want %d", got.len(), len(all))
 	}
 }

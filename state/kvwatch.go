@@ -75,6 +75,7 @@ func (w *kvWatcher) apply(msg jetstream.Msg) {
 		return
 	}
 	w.k.applyEntry(strings.TrimPrefix(msg.Subject(), w.k.subject("")), meta.Sequence.Stream, msg.Headers(), msg.Data())
+	w.k.seenAt.Store(meta.Timestamp.UnixNano())
 	if !w.isLoaded {
 		if w.received++; w.received >= w.initial || meta.NumPending == 0 {
 			w.markLoaded()
@@ -90,20 +91,28 @@ func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte) {
 	if isDelete(h) {
 		raw = nil
 	}
-	var err error
+	var apply func(raw []byte) error
 	switch {
 	case strings.HasPrefix(key, kvOpPrefix):
-		err = k.applyWatchedOp(strings.TrimPrefix(key, kvOpPrefix), rev, raw)
+		apply = func(raw []byte) error { return k.applyWatchedOp(strings.TrimPrefix(key, kvOpPrefix), rev, raw) }
 	case strings.HasPrefix(key, kvMappingPrefix):
-		err = k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), rev, raw, true)
+		apply = func(raw []byte) error {
+			return k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), rev, raw, true)
+		}
 	case strings.HasPrefix(key, kvExportPrefix):
-		err = k.applyExport(strings.TrimPrefix(key, kvExportPrefix), rev, raw, true)
+		apply = func(raw []byte) error { return k.applyExport(strings.TrimPrefix(key, kvExportPrefix), rev, raw, true) }
 	default:
 		k.mu.Lock()
 		k.seen = max(k.seen, rev)
 		k.mu.Unlock()
+		return
 	}
-	if err != nil {
+	if err := apply(raw); err != nil {
+		// A record that does not decode is applied as a delete: the
+		// index then holds for its key what a start reading every record
+		// (and the index cache) would, nothing, and the watcher is past
+		// its revision, which read barriers wait for.
 		k.log.Warn("skipping bad record", "key", key, "revision", rev, "err", err)
+		_ = apply(nil)
 	}
 }
