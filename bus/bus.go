@@ -29,7 +29,10 @@ const (
 	// line is the volume's id (a create's own operation id), and a job
 	// runs when it is the first message left on its line. An operation on
 	// several volumes has one message on each of their lines, published
-	// as one atomic batch (the stream allows atomic publish).
+	// as one atomic batch (the stream allows atomic publish). With one
+	// replica it allows direct gets (the only server holding it answers
+	// them, as fresh as its leader's API); with more it does not, so that
+	// no follower answers a read of the queue.
 	StreamJobs = "VOLUMED_JOBS"
 	// JobsSubjectPrefix prefixes the job subjects.
 	JobsSubjectPrefix = "volumed.jobs."
@@ -249,7 +252,7 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 	streams := []jetstream.StreamConfig{
 		{Name: StreamJobs, Subjects: []string{JobsSubjectPrefix + ">"}, Retention: jetstream.WorkQueuePolicy,
 			Storage: jetstream.FileStorage, Replicas: b.cfg.Replicas, Duplicates: 2 * time.Minute,
-			AllowAtomicPublish: true, Description: "volumed accepted commands awaiting execution"},
+			AllowAtomicPublish: true, AllowDirect: b.cfg.Replicas == 1, Description: "volumed accepted commands awaiting execution"},
 		{Name: StreamOps, Subjects: []string{opsSubject}, Retention: jetstream.LimitsPolicy,
 			Storage: jetstream.FileStorage, Replicas: b.cfg.Replicas, MaxAge: b.cfg.OpsMaxAge,
 			Description: "volumed operation events"},

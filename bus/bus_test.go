@@ -157,6 +157,9 @@ func TestEmbeddedCluster(t *testing.T) {
 	if err != nil || info.Config.Replicas != 3 || info.Cluster == nil || len(info.Cluster.Replicas) != 2 {
 		t.Fatalf("jobs stream: %+v %v, want 3 replicas on the cluster", info, err)
 	}
+	if info.Config.AllowDirect {
+		t.Fatal("jobs stream: direct gets with 3 replicas: a follower would answer reads of the queue")
+	}
 }
 
 // TestClusterNeedsServerNames: members of a cluster without server_name

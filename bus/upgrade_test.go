@@ -201,8 +201,9 @@ func TestStartRefusesNewerStore(t *testing.T) {
 }
 
 // TestStartAllowsAtomicPublish: a job stream as releases before atomic
-// batches left it (allow_atomic off) takes them after the next start,
-// with its queued job kept.
+// batches left it (allow_atomic off, and no direct gets) takes them after
+// the next start, and direct gets with its one replica, with its queued
+// job kept.
 func TestStartAllowsAtomicPublish(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
@@ -216,7 +217,7 @@ func TestStartAllowsAtomicPublish(t *testing.T) {
 		t.Fatal(err)
 	}
 	old := s.CachedInfo().Config
-	old.AllowAtomicPublish = false
+	old.AllowAtomicPublish, old.AllowDirect = false, false
 	if _, err := js.UpdateStream(ctx, old); err != nil {
 		t.Fatal(err)
 	}
@@ -239,8 +240,12 @@ func TestStartAllowsAtomicPublish(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !info.Config.AllowAtomicPublish || info.State.Msgs != 1 {
-		t.Fatalf("job stream after the start: allow_atomic %v, %d messages, want on and the job kept",
-			info.Config.AllowAtomicPublish, info.State.Msgs)
+	if !info.Config.AllowAtomicPublish || !info.Config.AllowDirect || info.State.Msgs != 1 {
+		t.Fatalf("job stream after the start: allow_atomic %v, allow_direct %v, %d messages, want both on and the job kept",
+			info.Config.AllowAtomicPublish, info.Config.AllowDirect, info.State.Msgs)
+	}
+	msg, err := s.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(bus.JobsSubjectPrefix+"vol-1.>"))
+	if err != nil || string(msg.Data) != `{"operation_id":"op-1"}` {
+		t.Fatalf("the job by a direct get of its line: %v, %v", msg, err)
 	}
 }

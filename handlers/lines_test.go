@@ -313,6 +313,43 @@ func TestLinesSingleWaits(t *testing.T) {
 	s.checkQueueEmpty(t)
 }
 
+// TestLinesDirectGetsOff: another instance turns the job stream's
+// direct gets off (it started with more replicas) while this one runs,
+// which read the lines with them: the turns read from the leader, and
+// the operations run in their order.
+func TestLinesDirectGetsOff(t *testing.T) {
+	s := newLineService(t)
+	ctx := context.Background()
+	stream, err := s.bus.JetStream().Stream(ctx, bus.StreamJobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := stream.CachedInfo().Config
+	if !cfg.AllowDirect || !s.jobs.CachedInfo().Config.AllowDirect {
+		t.Fatal("one replica: the job stream's direct gets are off")
+	}
+	cfg.AllowDirect = false
+	if _, err := s.bus.JetStream().UpdateStream(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	multi := s.acceptLines(t, "multi", "vol-a", "vol-b")
+	within(t, time.Minute, func() error {
+		if !s.kind.started(multi) {
+			return errors.New("the operation on A and B has not started")
+		}
+		return nil
+	})
+	single := s.acceptLines(t, "", "vol-b")
+	s.waitLooked(t, 2)
+	if s.kind.started(single) {
+		t.Errorf("the operation on B started while the one on A and B runs")
+	}
+	close(s.kind.gate("multi"))
+	s.waitEnded(t, multi, single)
+	s.kind.checkLine(t, "B", []string{multi, single})
+	s.checkQueueEmpty(t)
+}
+
 // TestLinesHoldsRemoved: when an operation on several volumes ends, its
 // runner removes its holds before it acks its job: once the job is gone,
 // no hold is left on the queue (a hold left behind would keep the next job

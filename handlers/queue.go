@@ -195,7 +195,7 @@ func (s *Service) removeHolds(ctx context.Context, op commands.Operation, before
 	for _, line := range linesOf(op)[1:] {
 		subject := lineSubject(line, op.ID)
 		for {
-			msg, err := s.jobs.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(subject))
+			msg, err := s.jobMsg(ctx, 1, subject)
 			if errors.Is(err, jetstream.ErrMsgNotFound) || err == nil && msg.Sequence >= before {
 				break
 			}
@@ -235,10 +235,24 @@ func (s *Service) requeueMissing(ctx context.Context, op commands.Operation) (bo
 	return kept, nil
 }
 
+// jobMsg reads the first message of the jobs stream on subject from
+// sequence seq. A direct get no server answers (an instance started with
+// more replicas turned them off) learns the stream's config and asks the
+// leader.
+func (s *Service) jobMsg(ctx context.Context, seq uint64, subject string) (*jetstream.RawStreamMsg, error) {
+	msg, err := s.jobs.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subject))
+	if errors.Is(err, nats.ErrNoResponders) && s.jobs.CachedInfo().Config.AllowDirect {
+		if _, ierr := s.jobs.Info(ctx); ierr == nil {
+			msg, err = s.jobs.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subject))
+		}
+	}
+	return msg, err
+}
+
 // jobQueued reports whether the operation's job is in the work queue
 // (waiting, or delivered and not acked); its holds are not looked at.
 func (s *Service) jobQueued(ctx context.Context, op commands.Operation) (bool, error) {
-	_, err := s.jobs.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(jobSubject(op)))
+	_, err := s.jobMsg(ctx, 1, jobSubject(op))
 	switch {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
 		return false, nil
@@ -450,7 +464,7 @@ var holdBackoff = backoff.Policy{Min: 100 * time.Millisecond, Max: 2 * time.Seco
 // and is acked once a later job of the operation was queued (the whole
 // batch queued again: that batch holds the lines now).
 func (s *Service) hold(ctx context.Context, msg jetstream.Msg, meta *jetstream.MsgMetadata, op commands.Operation, log *slog.Logger) {
-	run, err := s.jobs.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(jobSubject(op)))
+	run, err := s.jobMsg(ctx, 1, jobSubject(op))
 	switch {
 	case err == nil && run.Sequence > meta.Sequence.Stream:
 		log.Debug("hold of an earlier batch of the operation; dropping it", "subject", msg.Subject())
@@ -543,7 +557,7 @@ func (s *Service) turn(ctx context.Context, seq uint64, op commands.Operation) (
 	for i, line := range linesOf(op) {
 		own := lineSubject(line, op.ID)
 		for from := uint64(1); ; {
-			head, err := s.jobs.GetMsg(ctx, from, jetstream.WithGetMsgSubject(bus.JobsSubjectPrefix+line+".>"))
+			head, err := s.jobMsg(ctx, from, bus.JobsSubjectPrefix+line+".>")
 			switch {
 			case errors.Is(err, jetstream.ErrMsgNotFound):
 			case err != nil:

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -464,17 +465,16 @@ func (k *KV) statusAt(id string, rev uint64) (commands.OpStatus, bool) {
 // opAt returns the operation recorded at revision rev, read from the
 // bucket. ErrStale when the key has another revision.
 func (k *KV) opAt(ctx context.Context, id string, rev uint64) (*commands.Operation, error) {
-	e, err := k.kv.Get(ctx, kvOpPrefix+id)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
+	e, err := k.last(ctx, kvOpPrefix+id)
+	switch {
+	case err != nil:
+		return nil, err
+	case !e.live:
 		return nil, gone("operation", id)
-	}
-	if err != nil {
-		return nil, kvErr("get operation", err)
-	}
-	if e.Revision() != rev {
+	case e.rev != rev:
 		return nil, stale("operation", id, rev)
 	}
-	return decodeRecord[commands.Operation](e.Value())
+	return decodeRecord[commands.Operation](e.data)
 }
 
 // DeleteOperation purges the operation's key if it is at revision rev.
@@ -555,17 +555,17 @@ func (k *KV) GetOperation(ctx context.Context, id string) (commands.Operation, e
 
 // get reads and decodes one key, returning its revision.
 func (k *KV) get(ctx context.Context, what, key string, v any) (uint64, error) {
-	e, err := k.kv.Get(ctx, key)
-	if errors.Is(err, jetstream.ErrKeyNotFound) {
+	e, err := k.last(ctx, key)
+	if err != nil {
+		return 0, err
+	}
+	if !e.live {
 		return 0, fmt.Errorf("state: %s %s: %w", what, key, ErrNotFound)
 	}
-	if err != nil {
-		return 0, kvErr("get "+what, err)
-	}
-	if err := json.Unmarshal(e.Value(), v); err != nil {
+	if err := json.Unmarshal(e.data, v); err != nil {
 		return 0, fmt.Errorf("state: decode %s %s: %w", what, key, err)
 	}
-	return e.Revision(), nil
+	return e.rev, nil
 }
 
 // bucketSetupTry bounds one attempt at making or binding the bucket (see
@@ -575,10 +575,14 @@ const bucketSetupTry = 5 * time.Second
 // openBucket binds the bucket, making it if it does not exist, and brings
 // its stream to what this store needs in one update, so that instances
 // already running never see it without atomic batches. Replicas serve no
-// reads: every read goes to the stream's leader (no direct get), so a read
-// after a write by another instance sees that write. JetStream that does
-// not answer yet (a cluster still forming) is asked again, up to
-// formation.Budget.
+// reads: a read by key goes to the stream's leader, so a read after a
+// write by another instance sees that write. With one replica the only
+// server holding the stream is its leader, and a read is a direct get
+// (AllowDirect: a raw reply, no JSON API request); with more, followers
+// would answer direct gets too, so it is off and a read is the API's
+// message get, which the leader answers. The replicas and AllowDirect
+// change together, in one update. JetStream that does not answer yet (a
+// cluster still forming) is asked again, up to formation.Budget.
 func openBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig, log *slog.Logger) (jetstream.KeyValue, jetstream.Stream, error) {
 	ctx, cancel := context.WithTimeout(ctx, formation.Budget)
 	defer cancel()
@@ -623,9 +627,10 @@ func setupBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (jet
 	// Mappings and their device claims are written in atomic batches,
 	// which the KeyValue API does not turn on; reads go to the leader.
 	scfg := stream.CachedInfo().Config
-	if !scfg.AllowAtomicPublish || scfg.AllowDirect || scfg.SubjectDeleteMarkerTTL < kvMarkerTTL ||
+	direct := cfg.Replicas == 1
+	if !scfg.AllowAtomicPublish || scfg.AllowDirect != direct || scfg.SubjectDeleteMarkerTTL < kvMarkerTTL ||
 		!scfg.AllowMsgTTL || scfg.Replicas != cfg.Replicas {
-		scfg.AllowAtomicPublish, scfg.AllowDirect, scfg.AllowMsgTTL = true, false, true
+		scfg.AllowAtomicPublish, scfg.AllowDirect, scfg.AllowMsgTTL = true, direct, true
 		scfg.SubjectDeleteMarkerTTL, scfg.Replicas = kvMarkerTTL, cfg.Replicas
 		if stream, err = js.UpdateStream(ctx, scfg); err != nil {
 			return nil, nil, kvErr("update the stream of "+cfg.Bucket, err)
@@ -686,7 +691,7 @@ func (k *KV) barrier(ctx context.Context) (uint64, error) {
 		// message below the stream's last sequence.
 		return gap.lastMsg, nil
 	}
-	last, err := k.stream.GetLastMsgForSubject(ctx, k.subject(">"))
+	last, err := k.lastMsgSeq(ctx)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return 0, nil // an empty bucket
 	}
@@ -694,9 +699,61 @@ func (k *KV) barrier(ctx context.Context) (uint64, error) {
 		return 0, kvErr("read barrier", err)
 	}
 	k.mu.Lock()
-	k.gap = kvGap{streamLast: target, lastMsg: last.Sequence}
+	k.gap = kvGap{streamLast: target, lastMsg: last}
 	k.mu.Unlock()
-	return last.Sequence, nil
+	return last, nil
+}
+
+// lastMsgSeq returns the sequence of the last message on the bucket's
+// subjects, asked of the stream's leader with the API's message get: a
+// direct get (the stream's with one replica) takes no wildcard subject.
+// jetstream.ErrMsgNotFound when the bucket holds none.
+func (k *KV) lastMsgSeq(ctx context.Context) (uint64, error) {
+	req, err := json.Marshal(struct {
+		LastFor string `json:"last_by_subj"`
+	}{k.subject(">")})
+	if err != nil {
+		return 0, err
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, k.js.Options().DefaultTimeout)
+		defer cancel()
+	}
+	msg, err := k.js.Conn().RequestWithContext(ctx, apiPrefix(k.js.Options())+"STREAM.MSG.GET."+k.stream.CachedInfo().Config.Name, req)
+	if err != nil {
+		return 0, err
+	}
+	var resp struct {
+		Message *struct {
+			Seq uint64 `json:"seq"`
+		} `json:"message"`
+		Error *jetstream.APIError `json:"error"`
+	}
+	if err := json.Unmarshal(msg.Data, &resp); err != nil {
+		return 0, fmt.Errorf("decode the last message: %w", err)
+	}
+	switch {
+	case resp.Error != nil && resp.Error.ErrorCode == jetstream.JSErrCodeMessageNotFound:
+		return 0, jetstream.ErrMsgNotFound
+	case resp.Error != nil:
+		return 0, resp.Error
+	case resp.Message == nil:
+		return 0, errors.New("the last message: an answer without one")
+	}
+	return resp.Message.Seq, nil
+}
+
+// apiPrefix is the subject prefix of the JetStream API requests of a
+// client with options o.
+func apiPrefix(o jetstream.JetStreamOptions) string {
+	switch {
+	case o.Domain != "":
+		return "$JS." + o.Domain + ".API."
+	case o.APIPrefix != "":
+		return strings.TrimSuffix(o.APIPrefix, ".") + "."
+	}
+	return jetstream.DefaultAPIPrefix
 }
 
 // kvGap records that when the stream's last sequence was streamLast, the

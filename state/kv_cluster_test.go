@@ -60,6 +60,9 @@ func TestKVSetupWhileClusterForms(t *testing.T) {
 	if info := s.CachedInfo(); info.Config.Replicas != n || info.Cluster == nil || len(info.Cluster.Replicas) != n-1 {
 		t.Fatalf("bucket stream: replicas %d, cluster %+v; want %d on the cluster", info.Config.Replicas, info.Cluster, n)
 	}
+	if s.CachedInfo().Config.AllowDirect {
+		t.Fatal("direct gets on a replicated bucket: a follower would answer reads")
+	}
 }
 
 // TestKVWatcherOutlivesItsServer: the server holding a store's watcher

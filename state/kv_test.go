@@ -223,6 +223,16 @@ func TestKVUpgradesOldBucket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Earlier releases turned direct gets off on the bucket's stream.
+	stream, err := bus.JetStream().Stream(ctx, "KV_"+bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	scfg := stream.CachedInfo().Config
+	scfg.AllowDirect = false
+	if _, err := bus.JetStream().UpdateStream(ctx, scfg); err != nil {
+		t.Fatal(err)
+	}
 	op := storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now())
 	data, _ := json.Marshal(op)
 	rev, err := old.Put(ctx, "op."+op.ID, data)
@@ -234,6 +244,9 @@ func TestKVUpgradesOldBucket(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := newKV(t, bus.JetStream(), bucket)
+	if info, err := stream.Info(ctx); err != nil || !info.Config.AllowDirect {
+		t.Fatalf("one replica, direct gets: %v, %v; want on", err, info.Config.AllowDirect)
+	}
 	got, err := s.GetOperation(ctx, op.ID)
 	if err != nil || got.Revision != rev {
 		t.Fatalf("old record: %+v, %v; want revision %d", got, err, rev)
@@ -460,5 +473,55 @@ func TestKVListsSeeOtherWriters(t *testing.T) {
 		if ids := storetest.ListIDs(t, b, state.Filter{VolumeID: vol}); !slices.Equal(ids, []string{op.ID}) {
 			t.Fatalf("b's list right after a's create of %s: %v", op.ID, ids)
 		}
+	}
+}
+
+// TestKVReadsNoWildcard: an id that would make a wildcard subject (a read
+// by key is a message get of the key's subject) reads nothing, however
+// many records the bucket holds.
+func TestKVReadsNoWildcard(t *testing.T) {
+	b := testenv.StartBus(t)
+	s := newKV(t, b.JetStream(), nextBucket())
+	ctx := context.Background()
+	if _, err := s.CreateOperation(ctx, storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now())); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{">", "*", "op-1.>", "", "a..b", ".a", "a b"} {
+		if op, err := s.GetOperation(ctx, id); err == nil || op.ID != "" {
+			t.Errorf("GetOperation(%q) = %+v, %v; want an error and no record", id, op, err)
+		}
+	}
+	if _, err := s.GetMapping(ctx, ">"); err == nil {
+		t.Error("GetMapping(\">\"): no error")
+	}
+}
+
+// TestKVReadsAfterDirectGetsOff: another instance turns the bucket's
+// direct gets off (it started with more replicas); a store that read
+// with them reads from the leader, the record as it is.
+func TestKVReadsAfterDirectGetsOff(t *testing.T) {
+	b := testenv.StartBus(t)
+	bucket := nextBucket()
+	s := newKV(t, b.JetStream(), bucket)
+	ctx := context.Background()
+	op, err := s.CreateOperation(ctx, storetest.Op(1, commands.OpAttach, commands.StatusPending, "vol-1", "vm-1", time.Now()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, err := b.JetStream().Stream(ctx, "KV_"+bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	scfg := stream.CachedInfo().Config
+	if !scfg.AllowDirect {
+		t.Fatal("one replica: direct gets off")
+	}
+	scfg.AllowDirect = false
+	if _, err := b.JetStream().UpdateStream(ctx, scfg); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.GetOperation(ctx, op.ID)
+	if err != nil || got.Revision != op.Revision {
+		t.Fatalf("read after direct gets went off: %+v, %v; want revision %d", got, err, op.Revision)
 	}
 }
