@@ -28,13 +28,7 @@ func TestEventsOutOfOrder(t *testing.T) {
 	b := testenv.StartBus(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	store, err := state.NewKV(ctx, b.JetStream(), state.KVConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = store.Close(context.Background()) })
-	c := New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	_, c := newStoreAndCorrelator(ctx, t, b)
 	if err := c.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -251,4 +245,17 @@ func TestEventsAfterConsumerLost(t *testing.T) {
 	if n := c.events.Load(); n != 3 || len(tb.devices) != 3 || !tb.listed {
 		t.Fatalf("%d events received, devices %v, listed %v: want each of 3 once, in order", n, tb.devices, tb.listed)
 	}
+}
+
+// newStoreAndCorrelator opens a KV store on b and a correlator over it,
+// not started; both close with the test.
+func newStoreAndCorrelator(ctx context.Context, t *testing.T, b *bus.Bus) (*state.KV, *Correlator) {
+	t.Helper()
+	store, err := state.NewKV(ctx, b.JetStream(), state.KVConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = store.Close(context.Background()) })
+	return store, New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 }

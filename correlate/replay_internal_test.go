@@ -13,7 +13,6 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
-	"github.com/volumed/volumed/state"
 )
 
 // TestEventsBeforeListKeepListedDevices: a restarted volumed lists a VM's
@@ -31,13 +30,7 @@ func TestEventsBeforeListKeepListedDevices(t *testing.T) {
 	b := testenv.StartBus(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	store, err := state.NewKV(ctx, b.JetStream(), state.KVConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = store.Close(context.Background()) })
-	c := New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	store, c := newStoreAndCorrelator(ctx, t, b)
 
 	loop := func(seq uint64, vol string) commands.Device {
 		return commands.Device{Name: "loop25", Path: "/dev/loop25", Major: 7, Minor: 25, Size: 1 << 30, DiskSeq: seq,
@@ -189,12 +182,7 @@ func TestListKnowsTheEventsStoredBefore(t *testing.T) {
 
 	// Once the events are followed and none is pending, the last delivered
 	// is taken without asking the stream (here it could not be asked).
-	store, err := state.NewKV(ctx, b.JetStream(), state.KVConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = store.Close(context.Background()) })
-	c = New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	_, c = newStoreAndCorrelator(ctx, t, b)
 	if err := c.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -222,13 +210,7 @@ func TestOlderListMergedLate(t *testing.T) {
 	b := testenv.StartBus(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	store, err := state.NewKV(ctx, b.JetStream(), state.KVConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = store.Close(context.Background()) })
-	c := New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store,
-		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	store, c := newStoreAndCorrelator(ctx, t, b)
 	vm := uuid.NewString()
 	dev := commands.Device{Name: "vdb", Path: "/dev/vdb", Major: 252, Minor: 16, Size: 1 << 30, VMID: vm}
 	id := dev.Identity()

@@ -37,16 +37,23 @@ func (e *events) PublishOperation(_ context.Context, op commands.Operation) {
 var timing = engine.Timing{StepTimeout: 30 * time.Second, SettleTimeout: time.Second,
 	Retry: backoff.Policy{Min: time.Millisecond, Max: time.Millisecond}}
 
-// claimed records a new attach operation and claims it as attempt 1.
-func claimed(t *testing.T, ops state.Operations, id string) *engine.Journal {
+// pending records a new pending operation of type typ on volume "v".
+func pending(t *testing.T, ops state.Operations, id string, typ commands.OpType) commands.Operation {
 	t.Helper()
-	ctx := context.Background()
 	now := time.Now().UTC()
-	op, err := ops.CreateOperation(ctx, commands.Operation{ID: id, Type: commands.OpAttach,
+	op, err := ops.CreateOperation(context.Background(), commands.Operation{ID: id, Type: typ,
 		Status: commands.StatusPending, VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
 	if err != nil {
 		t.Fatal(err)
 	}
+	return op
+}
+
+// claimed records a new attach operation and claims it as attempt 1.
+func claimed(t *testing.T, ops state.Operations, id string) *engine.Journal {
+	t.Helper()
+	ctx := context.Background()
+	op := pending(t, ops, id, commands.OpAttach)
 	op.Status, op.Attempts = commands.StatusExecuting, 1
 	j := engine.NewJournal(&op, ops, &events{}, timing, slog.Default())
 	if err := j.Save(ctx); err != nil {
@@ -247,12 +254,7 @@ func TestRunRead(t *testing.T) {
 		}, engine.Done, 0, commands.StatusFailed, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			now := time.Now().UTC()
-			read, err := store.CreateOperation(ctx, commands.Operation{ID: "op-" + tc.name, Type: commands.OpDetach,
-				Status: commands.StatusPending, VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
-			if err != nil {
-				t.Fatal(err)
-			}
+			read := pending(t, store, "op-"+tc.name, commands.OpDetach)
 			if tc.since != nil {
 				if _, err := store.UpdateOperation(ctx, tc.since(read)); err != nil {
 					t.Fatal(err)
@@ -324,15 +326,13 @@ func TestClaimWithFirstSave(t *testing.T) {
 			pub := &events{}
 			e := engine.New(engine.Config{Operations: store, Publisher: pub, Timing: timing, Logger: slog.Default()},
 				kindFunc{commands.OpDetach, tc.kind})
-			now := time.Now().UTC()
-			op, err := store.CreateOperation(ctx, commands.Operation{ID: "op-claim", Type: commands.OpDetach,
-				Status: commands.StatusPending, VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
-			if err == nil && tc.status == commands.StatusExecuting {
+			op := pending(t, store, "op-claim", commands.OpDetach)
+			if tc.status == commands.StatusExecuting {
 				op.Status, op.Attempts = commands.StatusExecuting, 1 // an earlier executor's claim
-				op, err = store.UpdateOperation(ctx, op)
-			}
-			if err != nil {
-				t.Fatal(err)
+				var err error
+				if op, err = store.UpdateOperation(ctx, op); err != nil {
+					t.Fatal(err)
+				}
 			}
 			if res := e.RunRead(ctx, op, slog.Default()); res != tc.result {
 				t.Fatalf("result %v, want %v", res, tc.result)
@@ -369,12 +369,7 @@ func TestClaimWithFirstSave(t *testing.T) {
 				}
 				return nil, err
 			}})
-		now := time.Now().UTC()
-		op, err := store.CreateOperation(ctx, commands.Operation{ID: "op-claim", Type: commands.OpDetach,
-			Status: commands.StatusPending, VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
-		if err != nil {
-			t.Fatal(err)
-		}
+		op := pending(t, store, "op-claim", commands.OpDetach)
 		if res := e.RunRead(ctx, op, slog.Default()); res != engine.Lost || called != 0 || len(pub.ops) != 0 {
 			t.Fatalf("result %v, CloudStack called %d times, %d events; want Lost, no call, no event", res, called, len(pub.ops))
 		}
@@ -400,12 +395,7 @@ func TestClaimWithFirstSave(t *testing.T) {
 				}
 				return nil, err
 			}})
-		now := time.Now().UTC()
-		op, err := store.CreateOperation(ctx, commands.Operation{ID: "op-claim", Type: commands.OpDetach,
-			Status: commands.StatusPending, VolumeID: "v", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
-		if err != nil {
-			t.Fatal(err)
-		}
+		op := pending(t, store, "op-claim", commands.OpDetach)
 		if res := e.RunRead(ctx, op, slog.Default()); res != engine.Lost {
 			t.Fatalf("result %v, want Lost", res)
 		}
