@@ -479,12 +479,8 @@ func (s *lineService) listAll(t *testing.T) []commands.Operation {
 // lost, whether its holds are left (removed then: the new batch holds the
 // lines) or lost too; it leaves a workflow's step (ParentID) alone.
 func TestSweepRequeuesLostLines(t *testing.T) {
-	s := newTestService(t)
+	s := newQueueService(t)
 	ctx := context.Background()
-	var err error
-	if s.jobs, err = s.cfg.JetStream.Stream(ctx, bus.StreamJobs); err != nil {
-		t.Fatal(err)
-	}
 	now := time.Now().UTC()
 	op, err := s.cfg.Store.CreateOperation(ctx, commands.Operation{ID: "op-multi", Type: opLines, Status: commands.StatusExecuting,
 		VolumeID: "vol-a", VolumeIDs: []string{"vol-a", "vol-b", "vol-c"}, Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
@@ -661,16 +657,13 @@ func (l lastError) String() string { return fmt.Sprint(*l.err) }
 // lost) goes behind Z, and the hold of its earlier batch does not hold it
 // back.
 func TestTurnOnSeveralLines(t *testing.T) {
-	s := newTestService(t)
+	s := newQueueService(t)
 	ctx := context.Background()
-	var err error
-	if s.jobs, err = s.cfg.JetStream.Stream(ctx, bus.StreamJobs); err != nil {
-		t.Fatal(err)
-	}
 	x := commands.Operation{ID: "op-x", Type: opLines, VolumeID: "vol-a", VolumeIDs: []string{"vol-a", "vol-b"}}
 	y := commands.Operation{ID: "op-y", Type: opLines, VolumeID: "vol-b", VolumeIDs: []string{"vol-b", "vol-a"}}
 	z := commands.Operation{ID: "op-z", Type: opLines, VolumeID: "vol-b"}
 	seq := map[string]uint64{}
+	var err error
 	for _, op := range []commands.Operation{x, y, z} {
 		if seq[op.ID], _, err = s.publishJob(ctx, op, op.ID); err != nil {
 			t.Fatal(err)
@@ -714,12 +707,8 @@ func TestTurnOnSeveralLines(t *testing.T) {
 func BenchmarkEnqueue(b *testing.B) {
 	for _, n := range []int{1, 2, 4} {
 		b.Run(fmt.Sprintf("volumes=%d", n), func(b *testing.B) {
-			s := newTestService(b)
+			s := newQueueService(b)
 			ctx := context.Background()
-			var err error
-			if s.jobs, err = s.cfg.JetStream.Stream(ctx, bus.StreamJobs); err != nil {
-				b.Fatal(err)
-			}
 			var volumes []string
 			for i := range n {
 				volumes = append(volumes, fmt.Sprintf("vol-%d", i))

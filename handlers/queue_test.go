@@ -57,16 +57,23 @@ func newTestService(t testing.TB) *Service {
 		RetryMax: time.Millisecond, StepTimeout: 30 * time.Second})
 }
 
+// newQueueService is newTestService with its jobs stream opened.
+func newQueueService(t testing.TB) *Service {
+	t.Helper()
+	s := newTestService(t)
+	var err error
+	if s.jobs, err = s.cfg.JetStream.Stream(context.Background(), bus.StreamJobs); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 // TestSweepRequeuesALostJob: a job lost from the stream within the dedup
 // window (its operation id already seen) is queued again by the sweep,
 // once; a queued job is left alone.
 func TestSweepRequeuesALostJob(t *testing.T) {
-	s := newTestService(t)
+	s := newQueueService(t)
 	ctx := context.Background()
-	var err error
-	if s.jobs, err = s.cfg.JetStream.Stream(ctx, bus.StreamJobs); err != nil {
-		t.Fatal(err)
-	}
 	now := time.Now().UTC()
 	op, err := s.cfg.Store.CreateOperation(ctx, commands.Operation{ID: "op-lost", Type: commands.OpDetach,
 		Status: commands.StatusPending, VolumeID: "v-1", Request: []byte(`{}`), CreatedAt: now, UpdatedAt: now})
@@ -102,12 +109,8 @@ func TestSweepRequeuesALostJob(t *testing.T) {
 // made it has not ended; once the create is seen ended (by the turn, or by
 // its end's event on this instance), the store is not asked again.
 func TestTurnWaitsForTheCreate(t *testing.T) {
-	s := newTestService(t)
+	s := newQueueService(t)
 	ctx := context.Background()
-	var err error
-	if s.jobs, err = s.cfg.JetStream.Stream(ctx, bus.StreamJobs); err != nil {
-		t.Fatal(err)
-	}
 	now := time.Now().UTC()
 	record := func(id string, typ commands.OpType, volumeID string) commands.Operation {
 		t.Helper()
