@@ -21,6 +21,7 @@ import (
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/internal/formation"
+	"github.com/volumed/volumed/internal/jsget"
 	"github.com/volumed/volumed/lease"
 	"github.com/volumed/volumed/state"
 )
@@ -236,17 +237,11 @@ func (s *Service) requeueMissing(ctx context.Context, op commands.Operation) (bo
 }
 
 // jobMsg reads the first message of the jobs stream on subject from
-// sequence seq. A direct get no server answers (an instance started with
-// more replicas turned them off) learns the stream's config and asks the
-// leader.
+// sequence seq (jsget.Get: a direct get, or the leader's answer).
 func (s *Service) jobMsg(ctx context.Context, seq uint64, subject string) (*jetstream.RawStreamMsg, error) {
-	msg, err := s.jobs.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subject))
-	if errors.Is(err, nats.ErrNoResponders) && s.jobs.CachedInfo().Config.AllowDirect {
-		if _, ierr := s.jobs.Info(ctx); ierr == nil {
-			msg, err = s.jobs.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subject))
-		}
-	}
-	return msg, err
+	return jsget.Get(ctx, s.jobs, func() (*jetstream.RawStreamMsg, error) {
+		return s.jobs.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subject))
+	})
 }
 
 // jobQueued reports whether the operation's job is in the work queue

@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/jsget"
 )
 
 // A device claim is the key dev.<base64url(vm)>.<base64url(path)>; its
@@ -45,14 +46,9 @@ func (k *KV) last(ctx context.Context, key string) (kvLast, error) {
 	if !validKey(key) {
 		return kvLast{}, kvErr("read "+key, jetstream.ErrInvalidKey)
 	}
-	msg, err := k.stream.GetLastMsgForSubject(ctx, k.subject(key))
-	if errors.Is(err, nats.ErrNoResponders) && k.stream.CachedInfo().Config.AllowDirect {
-		// Direct gets were turned off since (an instance started with
-		// more replicas): learn it, and ask the leader.
-		if _, ierr := k.stream.Info(ctx); ierr == nil {
-			msg, err = k.stream.GetLastMsgForSubject(ctx, k.subject(key))
-		}
-	}
+	msg, err := jsget.Get(ctx, k.stream, func() (*jetstream.RawStreamMsg, error) {
+		return k.stream.GetLastMsgForSubject(ctx, k.subject(key))
+	})
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return kvLast{}, nil
 	}
