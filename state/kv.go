@@ -220,12 +220,15 @@ func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte) error {
 	if applied {
 		return nil
 	}
-	op, err := decodeRecord[kvIndexed](raw)
-	if err != nil {
-		return err
-	}
-	if op == nil {
+	if raw == nil {
 		return k.applyOpValue(id, rev, nil, nil, true)
+	}
+	var op kvIndexed
+	if !scanIndexed(raw, &op) {
+		op = kvIndexed{}
+		if err := decode(raw, &op); err != nil {
+			return err
+		}
 	}
 	o := op.operation(id)
 	return k.applyOpValue(id, rev, &o, raw, true)

@@ -1,0 +1,367 @@
+package state
+
+import (
+	"bytes"
+	"time"
+	"unicode/utf8"
+)
+
+// scanIndexed sets *o to what encoding/json decodes from raw into a zero
+// kvIndexed, reading only the indexed fields and checking that the rest
+// is valid JSON, several times faster. It reports false when it is not
+// sure to agree with encoding/json (o is then undefined): raw is invalid,
+// or not an object, or has a key with an escape or a byte beyond ASCII, a
+// key differing from an indexed field's only in case (which encoding/json
+// matches), an indexed field of another type than its own or null, a kept
+// string with an escape or invalid UTF-8, a time encoding/json refuses, or
+// nesting deeper than scanMaxDepth. The caller then decodes raw with
+// encoding/json, which also says what is wrong.
+func scanIndexed(raw []byte, o *kvIndexed) bool {
+	*o = kvIndexed{}
+	s := jsonScanner{b: raw}
+	s.space()
+	if !s.eat('{') {
+		return false
+	}
+	s.space()
+	if s.eat('}') {
+		return s.end()
+	}
+	for {
+		s.space()
+		key, ok := s.plainString()
+		if !ok {
+			return false
+		}
+		s.space()
+		if !s.eat(':') {
+			return false
+		}
+		s.space()
+		if !s.field(key, o) {
+			return false
+		}
+		s.space()
+		if s.eat(',') {
+			continue
+		}
+		if s.eat('}') {
+			return s.end()
+		}
+		return false
+	}
+}
+
+// scanMaxDepth bounds the nesting scanIndexed follows (encoding/json's is
+// 10,000); a record nesting deeper is decoded by encoding/json.
+const scanMaxDepth = 64
+
+// jsonScanner reads JSON from b at i.
+type jsonScanner struct {
+	b []byte
+	i int
+}
+
+// field reads the value of key into o if key is an indexed field's name,
+// and checks it otherwise.
+func (s *jsonScanner) field(key []byte, o *kvIndexed) bool {
+	var str *string
+	switch string(key) {
+	case "type":
+		return s.keptString((*string)(&o.Type))
+	case "status":
+		return s.keptString((*string)(&o.Status))
+	case "volume_id":
+		return s.keptString(&o.VolumeID)
+	case "requested_by":
+		return s.keptString(&o.RequestedBy)
+	case "vm_id":
+		if s.null() {
+			o.VMID = nil
+			return true
+		}
+		str = new(string)
+		o.VMID = str
+		return s.keptString(str)
+	case "created_at":
+		return s.time(&o.CreatedAt)
+	case "updated_at":
+		return s.time(&o.UpdatedAt)
+	case "completed_at":
+		if s.null() {
+			o.CompletedAt = nil
+			return true
+		}
+		o.CompletedAt = new(time.Time)
+		return s.time(o.CompletedAt)
+	}
+	if mayMatchIndexed(key) {
+		return false
+	}
+	return s.skip(0)
+}
+
+// indexedNames are the JSON names of kvIndexed's fields.
+var indexedNames = [...]string{"type", "status", "volume_id", "vm_id", "requested_by", "created_at", "updated_at",
+	"completed_at"}
+
+// mayMatchIndexed reports whether encoding/json could match key, not
+// exactly an indexed field's name, to one: equal but for case, or with a
+// character beyond ASCII (some fold to ASCII letters).
+func mayMatchIndexed(key []byte) bool {
+	for _, c := range key {
+		if c >= utf8.RuneSelf {
+			return true
+		}
+	}
+	for _, name := range indexedNames {
+		if bytes.EqualFold(key, []byte(name)) {
+			return true
+		}
+	}
+	return false
+}
+
+// keptString reads a string into *v, or null, which leaves *v as it is.
+func (s *jsonScanner) keptString(v *string) bool {
+	if s.null() {
+		return true
+	}
+	b, ok := s.plainString()
+	if !ok {
+		return false
+	}
+	*v = string(b)
+	return true
+}
+
+// time reads a time as encoding/json does: the literal, quotes included,
+// given to time.Time's UnmarshalJSON; null leaves *t as it is.
+func (s *jsonScanner) time(t *time.Time) bool {
+	if s.null() {
+		return true
+	}
+	start := s.i
+	if !s.skipString() {
+		return false
+	}
+	return t.UnmarshalJSON(s.b[start:s.i]) == nil
+}
+
+// null reads a null if one is next.
+func (s *jsonScanner) null() bool {
+	if bytes.HasPrefix(s.b[s.i:], []byte("null")) {
+		s.i += 4
+		return true
+	}
+	return false
+}
+
+// plainString reads a string without escapes, in valid UTF-8, and returns
+// its bytes, which encoding/json decodes as they are.
+func (s *jsonScanner) plainString() ([]byte, bool) {
+	if !s.eat('"') {
+		return nil, false
+	}
+	start, ascii := s.i, true
+	for ; s.i < len(s.b); s.i++ {
+		switch c := s.b[s.i]; {
+		case c == '"':
+			b := s.b[start:s.i]
+			s.i++
+			return b, ascii || utf8.Valid(b)
+		case c == '\\' || c < 0x20:
+			return nil, false
+		case c >= utf8.RuneSelf:
+			ascii = false
+		}
+	}
+	return nil, false
+}
+
+// skip checks one value at nesting depth.
+func (s *jsonScanner) skip(depth int) bool {
+	if s.i >= len(s.b) {
+		return false
+	}
+	switch c := s.b[s.i]; {
+	case c == '"':
+		return s.skipString()
+	case c == '{':
+		return s.skipObject(depth + 1)
+	case c == '[':
+		return s.skipArray(depth + 1)
+	case c == '-' || (c >= '0' && c <= '9'):
+		return s.skipNumber()
+	case c == 't':
+		return s.literal("true")
+	case c == 'f':
+		return s.literal("false")
+	case c == 'n':
+		return s.literal("null")
+	}
+	return false
+}
+
+func (s *jsonScanner) literal(lit string) bool {
+	if bytes.HasPrefix(s.b[s.i:], []byte(lit)) {
+		s.i += len(lit)
+		return true
+	}
+	return false
+}
+
+func (s *jsonScanner) skipObject(depth int) bool {
+	if depth > scanMaxDepth {
+		return false
+	}
+	s.i++ // {
+	s.space()
+	if s.eat('}') {
+		return true
+	}
+	for {
+		s.space()
+		if s.i >= len(s.b) || s.b[s.i] != '"' || !s.skipString() {
+			return false
+		}
+		s.space()
+		if !s.eat(':') {
+			return false
+		}
+		s.space()
+		if !s.skip(depth) {
+			return false
+		}
+		s.space()
+		if s.eat(',') {
+			continue
+		}
+		return s.eat('}')
+	}
+}
+
+func (s *jsonScanner) skipArray(depth int) bool {
+	if depth > scanMaxDepth {
+		return false
+	}
+	s.i++ // [
+	s.space()
+	if s.eat(']') {
+		return true
+	}
+	for {
+		s.space()
+		if !s.skip(depth) {
+			return false
+		}
+		s.space()
+		if s.eat(',') {
+			continue
+		}
+		return s.eat(']')
+	}
+}
+
+// skipString checks a string, escapes included; encoding/json accepts any
+// byte but a control character in it.
+func (s *jsonScanner) skipString() bool {
+	if !s.eat('"') {
+		return false
+	}
+	for s.i < len(s.b) {
+		c := s.b[s.i]
+		s.i++
+		switch {
+		case c == '"':
+			return true
+		case c < 0x20:
+			return false
+		case c == '\\':
+			if s.i >= len(s.b) {
+				return false
+			}
+			e := s.b[s.i]
+			s.i++
+			switch e {
+			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+			case 'u':
+				if s.i+4 > len(s.b) {
+					return false
+				}
+				for _, h := range s.b[s.i : s.i+4] {
+					if !isHex(h) {
+						return false
+					}
+				}
+				s.i += 4
+			default:
+				return false
+			}
+		}
+	}
+	return false
+}
+
+func isHex(c byte) bool {
+	return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F')
+}
+
+// skipNumber checks a number: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
+func (s *jsonScanner) skipNumber() bool {
+	s.eat('-')
+	switch {
+	case s.eat('0'):
+	case s.i < len(s.b) && s.b[s.i] >= '1' && s.b[s.i] <= '9':
+		s.digits()
+	default:
+		return false
+	}
+	if s.eat('.') && s.digits() == 0 {
+		return false
+	}
+	if s.eat('e') || s.eat('E') {
+		if !s.eat('+') {
+			s.eat('-')
+		}
+		if s.digits() == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// digits reads decimal digits and counts them.
+func (s *jsonScanner) digits() int {
+	start := s.i
+	for s.i < len(s.b) && s.b[s.i] >= '0' && s.b[s.i] <= '9' {
+		s.i++
+	}
+	return s.i - start
+}
+
+// space reads JSON's whitespace.
+func (s *jsonScanner) space() {
+	for s.i < len(s.b) {
+		switch s.b[s.i] {
+		case ' ', '\t', '\n', '\r':
+			s.i++
+		default:
+			return
+		}
+	}
+}
+
+func (s *jsonScanner) eat(c byte) bool {
+	if s.i < len(s.b) && s.b[s.i] == c {
+		s.i++
+		return true
+	}
+	return false
+}
+
+// end reports whether only whitespace is left after the top-level value.
+func (s *jsonScanner) end() bool {
+	s.space()
+	return s.i == len(s.b)
+}
