@@ -4,7 +4,32 @@ import (
 	"bytes"
 	"time"
 	"unicode/utf8"
+
+	"github.com/volumed/volumed/commands"
 )
+
+// scannedOp is what scanIndexed reads of an operation's JSON record: the
+// indexed fields of kvIndexed, its strings as pieces of the record.
+type scannedOp struct {
+	typ, status, volume, vm, by []byte
+	hasVM                       bool // vm_id is not null
+	created, updated, completed time.Time
+	hasCompleted                bool // completed_at is not null
+}
+
+// fields returns what the index keeps of the operation o holds.
+func (o *scannedOp) fields() opFields[[]byte] {
+	f := opFields[[]byte]{typ: o.typ, status: o.status, volume: o.volume, by: o.by}
+	if o.hasVM {
+		f.vm = o.vm
+	}
+	times := commands.Operation{Status: commands.OpStatus(o.status), CreatedAt: o.created, UpdatedAt: o.updated}
+	if o.hasCompleted {
+		times.CompletedAt = &o.completed
+	}
+	f.created, f.completed, f.duration = opTimes(&times)
+	return f
+}
 
 // scanIndexed sets *o to what encoding/json decodes from raw into a zero
 // kvIndexed, reading only the indexed fields and checking that the rest
@@ -16,8 +41,8 @@ import (
 // string with an escape or invalid UTF-8, a time encoding/json refuses, or
 // nesting deeper than scanMaxDepth. The caller then decodes raw with
 // encoding/json, which also says what is wrong.
-func scanIndexed(raw []byte, o *kvIndexed) bool {
-	*o = kvIndexed{}
+func scanIndexed(raw []byte, o *scannedOp) bool {
+	*o = scannedOp{}
 	s := jsonScanner{b: raw}
 	s.space()
 	if !s.eat('{') {
@@ -64,36 +89,33 @@ type jsonScanner struct {
 
 // field reads the value of key into o if key is an indexed field's name,
 // and checks it otherwise.
-func (s *jsonScanner) field(key []byte, o *kvIndexed) bool {
-	var str *string
+func (s *jsonScanner) field(key []byte, o *scannedOp) bool {
 	switch string(key) {
 	case "type":
-		return s.keptString((*string)(&o.Type))
+		return s.keptString(&o.typ)
 	case "status":
-		return s.keptString((*string)(&o.Status))
+		return s.keptString(&o.status)
 	case "volume_id":
-		return s.keptString(&o.VolumeID)
+		return s.keptString(&o.volume)
 	case "requested_by":
-		return s.keptString(&o.RequestedBy)
+		return s.keptString(&o.by)
 	case "vm_id":
-		if s.null() {
-			o.VMID = nil
-			return true
+		// A pointer: null sets it to nil.
+		if o.hasVM = !s.null(); o.hasVM {
+			o.vm = nil
+			return s.keptString(&o.vm)
 		}
-		str = new(string)
-		o.VMID = str
-		return s.keptString(str)
+		return true
 	case "created_at":
-		return s.time(&o.CreatedAt)
+		return s.time(&o.created)
 	case "updated_at":
-		return s.time(&o.UpdatedAt)
+		return s.time(&o.updated)
 	case "completed_at":
-		if s.null() {
-			o.CompletedAt = nil
-			return true
+		if o.hasCompleted = !s.null(); o.hasCompleted {
+			o.completed = time.Time{}
+			return s.time(&o.completed)
 		}
-		o.CompletedAt = new(time.Time)
-		return s.time(o.CompletedAt)
+		return true
 	}
 	if mayMatchIndexed(key) {
 		return false
@@ -122,17 +144,17 @@ func mayMatchIndexed(key []byte) bool {
 	return false
 }
 
-// keptString reads a string into *v, or null, which leaves *v as it is.
-func (s *jsonScanner) keptString(v *string) bool {
+// keptString reads a string into *v, or null, which leaves *v as it is
+// (encoding/json leaves a string so).
+func (s *jsonScanner) keptString(v *[]byte) bool {
 	if s.null() {
 		return true
 	}
 	b, ok := s.plainString()
-	if !ok {
-		return false
+	if ok {
+		*v = b
 	}
-	*v = string(b)
-	return true
+	return ok
 }
 
 // time reads a time as encoding/json does: the literal, quotes included,

@@ -51,19 +51,43 @@ func indexedJSON(t testing.TB, o *kvIndexed) string {
 	return string(b)
 }
 
+// indexed is what o holds as encoding/json decodes it.
+func (o *scannedOp) indexed() kvIndexed {
+	x := kvIndexed{Type: commands.OpType(o.typ), Status: commands.OpStatus(o.status), VolumeID: string(o.volume),
+		RequestedBy: string(o.by), CreatedAt: o.created, UpdatedAt: o.updated}
+	if o.hasVM {
+		vm := string(o.vm)
+		x.VMID = &vm
+	}
+	if o.hasCompleted {
+		x.CompletedAt = &o.completed
+	}
+	return x
+}
+
 // checkScan fails unless scanIndexed agrees with encoding/json on raw, and
 // returns whether the scanner read it itself and whether json refused it.
 func checkScan(t testing.TB, raw []byte) (fast, bad bool) {
 	t.Helper()
 	var want kvIndexed
 	werr := json.Unmarshal(raw, &want)
-	var got kvIndexed
-	fast = scanIndexed(raw, &got)
+	var sc scannedOp
+	fast = scanIndexed(raw, &sc)
+	got := sc.indexed()
 	if fast && werr != nil {
 		t.Fatalf("scanner read %q, which encoding/json refuses: %v", raw, werr)
 	}
 	if fast && indexedJSON(t, &got) != indexedJSON(t, &want) {
 		t.Fatalf("scanner read %q as\n%s\nencoding/json as\n%s", raw, indexedJSON(t, &got), indexedJSON(t, &want))
+	}
+	if fast {
+		op := want.operation("op-1")
+		f, wf := sc.fields(), fieldsOf(&op)
+		g := opFields[string]{typ: string(f.typ), status: string(f.status), volume: string(f.volume), vm: string(f.vm),
+			by: string(f.by), created: f.created, completed: f.completed, duration: f.duration}
+		if g != wf {
+			t.Fatalf("index fields of %q: %+v from the scanner, %+v from encoding/json", raw, g, wf)
+		}
 	}
 	return fast, werr != nil
 }

@@ -3,10 +3,12 @@ package state
 import (
 	"context"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/follow"
 )
 
@@ -41,9 +43,10 @@ func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
 		OnConsumer: func(info *jetstream.ConsumerInfo) {
 			if first {
 				w.initial, first = info.NumPending, false
-				if after == 0 { // every record: room for them at once
+				if after == 0 { // every record: room for them, the lists made at the end
 					k.mu.Lock()
 					k.ops.grow(int(info.NumPending))
+					k.ops.deferred = true
 					k.mu.Unlock()
 				}
 			}
@@ -63,6 +66,9 @@ func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
 func (w *kvWatcher) markLoaded() {
 	if !w.isLoaded {
 		w.isLoaded = true
+		w.k.mu.Lock()
+		w.k.ops.endDeferred()
+		w.k.mu.Unlock()
 		close(w.loaded)
 	}
 }
@@ -74,7 +80,11 @@ func (w *kvWatcher) apply(msg jetstream.Msg) {
 		w.k.log.Warn("skipping bad record", "subject", msg.Subject(), "err", err)
 		return
 	}
-	w.k.applyEntry(strings.TrimPrefix(msg.Subject(), w.k.subject("")), meta.Sequence.Stream, msg.Headers(), msg.Data())
+	// Of the initial entries, only the last ones are kept as recent
+	// records: the others would only pass through.
+	recent := w.isLoaded || w.initial-w.received <= kvRecentOps
+	w.k.applyEntry(strings.TrimPrefix(msg.Subject(), w.k.subject("")), meta.Sequence.Stream, msg.Headers(), msg.Data(),
+		recent)
 	w.k.seenAt.Store(meta.Timestamp.UnixNano())
 	if !w.isLoaded {
 		if w.received++; w.received >= w.initial || meta.NumPending == 0 {
@@ -85,8 +95,9 @@ func (w *kvWatcher) apply(msg jetstream.Msg) {
 
 // applyEntry applies one bucket entry, the message at revision rev on
 // key's subject, to the indexes: a put, or a delete (a KV delete or purge,
-// or a marker the server left when a key's TTL ran out).
-func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte) {
+// or a marker the server left when a key's TTL ran out). An operation's
+// record is kept as a recent one if recent.
+func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte, recent bool) {
 	raw := data
 	if isDelete(h) {
 		raw = nil
@@ -94,7 +105,9 @@ func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte) {
 	var apply func(raw []byte) error
 	switch {
 	case strings.HasPrefix(key, kvOpPrefix):
-		apply = func(raw []byte) error { return k.applyWatchedOp(strings.TrimPrefix(key, kvOpPrefix), rev, raw) }
+		apply = func(raw []byte) error {
+			return k.applyWatchedOp(strings.TrimPrefix(key, kvOpPrefix), rev, raw, recent)
+		}
 	case strings.HasPrefix(key, kvMappingPrefix):
 		apply = func(raw []byte) error {
 			return k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), rev, raw, true)
@@ -115,4 +128,66 @@ func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte) {
 		k.log.Warn("skipping bad record", "key", key, "revision", rev, "err", err)
 		_ = apply(nil)
 	}
+}
+
+// applyWatchedOp puts revision rev of an operation (nil raw: deleted),
+// as the watcher delivers it, in the index unless it already holds that
+// revision or a later one (the watcher's copy of this process's own
+// write), and keeps its record as a recent one if recent. Of the record,
+// the scanner reads the indexed fields (scanIndexed), or encoding/json
+// when the scanner is unsure; an error if neither can, unless the index
+// holds that revision.
+func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte, recent bool) error {
+	if raw == nil {
+		return k.applyOpValue(id, rev, nil, nil, true)
+	}
+	var sc scannedOp
+	if scanIndexed(raw, &sc) {
+		f := sc.fields()
+		putWatchedOp(k, id, rev, &f, raw, recent)
+		return nil
+	}
+	var o kvIndexed
+	if err := decode(raw, &o); err != nil {
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		if held, _, _ := k.ops.rev(id); rev <= held {
+			k.seen = max(k.seen, rev)
+			return nil
+		}
+		return err
+	}
+	op := o.operation(id)
+	f := fieldsOf(&op)
+	putWatchedOp(k, id, rev, &f, raw, recent)
+	return nil
+}
+
+// putWatchedOp is applyWatchedOp of a decoded record, f.
+func putWatchedOp[S ~string | ~[]byte](k *KV, id string, rev uint64, f *opFields[S], raw []byte, recent bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.seen = max(k.seen, rev)
+	if putNewer(k.ops, id, rev, f) && recent {
+		k.recent.put(id, rev, raw)
+	}
+}
+
+// kvIndexed is what encoding/json reads of an operation's JSON when the
+// scanner is unsure of it: the indexed fields only.
+type kvIndexed struct {
+	Type        commands.OpType   `json:"type"`
+	Status      commands.OpStatus `json:"status"`
+	VolumeID    string            `json:"volume_id"`
+	VMID        *string           `json:"vm_id"`
+	RequestedBy string            `json:"requested_by"`
+	CreatedAt   time.Time         `json:"created_at"`
+	UpdatedAt   time.Time         `json:"updated_at"`
+	CompletedAt *time.Time        `json:"completed_at"`
+}
+
+// operation is the operation id with the indexed fields of o.
+func (o *kvIndexed) operation(id string) commands.Operation {
+	return commands.Operation{ID: id, Type: o.Type, Status: o.Status, VolumeID: o.VolumeID, VMID: o.VMID,
+		RequestedBy: o.RequestedBy, CreatedAt: o.CreatedAt, UpdatedAt: o.UpdatedAt, CompletedAt: o.CompletedAt}
 }
