@@ -131,10 +131,15 @@ var indexedNames = [...]string{"type", "status", "volume_id", "vm_id", "requeste
 // exactly an indexed field's name, to one: equal but for case, or with a
 // character beyond ASCII (some fold to ASCII letters).
 func mayMatchIndexed(key []byte) bool {
+	upper := false
 	for _, c := range key {
 		if c >= utf8.RuneSelf {
 			return true
 		}
+		upper = upper || (c >= 'A' && c <= 'Z')
+	}
+	if !upper { // the names are in lowercase
+		return false
 	}
 	for _, name := range indexedNames {
 		if bytes.EqualFold(key, []byte(name)) {
@@ -185,21 +190,46 @@ func (s *jsonScanner) plainString() ([]byte, bool) {
 	if !s.eat('"') {
 		return nil, false
 	}
-	start, ascii := s.i, true
+	start := s.i
+	s.i = runOf(&scanPlain, s.b, s.i)
+	if s.i < len(s.b) && s.b[s.i] == '"' {
+		b := s.b[start:s.i]
+		s.i++
+		return b, true
+	}
+	// Beyond ASCII, an escape, a control character or the end.
 	for ; s.i < len(s.b); s.i++ {
 		switch c := s.b[s.i]; {
 		case c == '"':
 			b := s.b[start:s.i]
 			s.i++
-			return b, ascii || utf8.Valid(b)
+			return b, utf8.Valid(b)
 		case c == '\\' || c < 0x20:
 			return nil, false
-		case c >= utf8.RuneSelf:
-			ascii = false
 		}
 	}
 	return nil, false
 }
+
+// runOf returns the index of the first byte of b from i on that set does
+// not hold, len(b) if none.
+func runOf(set *[256]bool, b []byte, i int) int {
+	for i < len(b) && set[b[i]] {
+		i++
+	}
+	return i
+}
+
+// scanPlain holds the bytes a string holds as they are: ASCII but the
+// quote, the backslash and control characters. scanInString adds the
+// bytes beyond ASCII.
+var scanPlain, scanInString = func() (plain, in [256]bool) {
+	for c := range 256 {
+		in[c] = c >= 0x20 && c != '"' && c != '\\'
+		plain[c] = in[c] && c < utf8.RuneSelf
+	}
+	return plain, in
+}()
 
 // skip checks one value at nesting depth.
 func (s *jsonScanner) skip(depth int) bool {
@@ -292,6 +322,9 @@ func (s *jsonScanner) skipString() bool {
 		return false
 	}
 	for s.i < len(s.b) {
+		if s.i = runOf(&scanInString, s.b, s.i); s.i == len(s.b) {
+			return false
+		}
 		c := s.b[s.i]
 		s.i++
 		switch {

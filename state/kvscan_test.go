@@ -164,3 +164,30 @@ func FuzzScanIndexed(f *testing.F) {
 		checkScan(t, raw)
 	})
 }
+
+// BenchmarkScanIndexed reads the indexed fields of a record as this
+// release writes it, with the scanner and with encoding/json.
+func BenchmarkScanIndexed(b *testing.B) {
+	raw, err := os.ReadFile(filepath.Join("testdata", "records", "current.json"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("scanner", func(b *testing.B) {
+		b.SetBytes(int64(len(raw)))
+		for b.Loop() {
+			var o scannedOp
+			if !scanIndexed(raw, &o) {
+				b.Fatal("not read")
+			}
+		}
+	})
+	b.Run("encoding/json", func(b *testing.B) {
+		b.SetBytes(int64(len(raw)))
+		for b.Loop() {
+			var o kvIndexed
+			if err := json.Unmarshal(raw, &o); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
