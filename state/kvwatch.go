@@ -16,51 +16,126 @@ import (
 // then every change in revision order, applying each entry to the KV's
 // indexes until close. Its reader (package follow) goes on from the next
 // revision on a new consumer when the member holding its consumer goes,
-// within a few seconds, so a read barrier waits no longer than that.
+// within a few seconds, so a read barrier waits no longer than that. A
+// start reading every record reads them first through a consumer of its
+// own in large batches (load), and the reader goes on from the next
+// revision.
 type kvWatcher struct {
 	k *KV
 	r *follow.Reader
 	// loaded is closed once the entries the bucket held at the start are
-	// applied; initial and received count them. All three belong to the
-	// reader's goroutine once startWatch returns.
+	// applied; initial and received count them, once begun. All of these
+	// belong to the reader's goroutine once startWatch returns.
 	loaded            chan struct{}
 	initial, received uint64
-	isLoaded          bool
+	begun, isLoaded   bool
+	// all: the start reads every record (no index cache).
+	all bool
 }
+
+// kvLoadBatch is how many messages load asks the server for at a time.
+const kvLoadBatch = 4096
+
+// kvLoadCreate bounds the making of load's consumer; the reader's
+// waits for a cluster that is forming.
+const kvLoadCreate = 5 * time.Second
 
 // startWatch makes the watcher's first consumer and follows the bucket
 // from it: from every key's last revision when after is 0, from the
 // revisions after it otherwise (the index cache reflects those up to it).
 func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
-	w := &kvWatcher{k: k, loaded: make(chan struct{})}
-	first := true
-	policy, from := jetstream.DeliverLastPerSubjectPolicy, uint64(0)
-	if after > 0 {
-		policy, from = jetstream.DeliverByStartSequencePolicy, after+1
-	}
-	r, err := follow.Start(ctx, k.js, follow.Config{Stream: k.stream.CachedInfo().Config.Name,
-		FilterSubjects: []string{k.subject(">")}, DeliverPolicy: policy, OptStartSeq: from, Logger: k.log,
+	w := &kvWatcher{k: k, loaded: make(chan struct{}), all: after == 0}
+	cfg := follow.Config{Stream: k.stream.CachedInfo().Config.Name, FilterSubjects: []string{k.subject(">")},
+		DeliverPolicy: jetstream.DeliverLastPerSubjectPolicy, Logger: k.log,
 		OnConsumer: func(info *jetstream.ConsumerInfo) {
-			if first {
-				w.initial, first = info.NumPending, false
-				if after == 0 { // every record: room for them, the lists made at the end
-					k.mu.Lock()
-					k.ops.grow(int(info.NumPending))
-					k.ops.deferred = true
-					k.mu.Unlock()
-				}
-			}
+			w.begin(info.NumPending)
 			// Before the initial entries are loaded, a consumer with
 			// nothing pending means they are.
 			if info.NumPending == 0 {
 				w.markLoaded()
 			}
-		}}, w.apply)
+		}}
+	if after == 0 {
+		after = w.load(ctx, cfg)
+	}
+	if after > 0 {
+		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, after+1
+	}
+	r, err := follow.Start(ctx, k.js, cfg, w.apply)
 	if err != nil {
 		return nil, kvErr("watch bucket", err)
 	}
 	w.r = r
 	return w, nil
+}
+
+// begin counts the entries pending on the first consumer as the initial
+// ones (with those received before it), and makes room for them when the
+// start reads every record; the lists are made at the end (endDeferred).
+func (w *kvWatcher) begin(pending uint64) {
+	if w.begun {
+		return
+	}
+	w.begun, w.initial = true, w.received+pending
+	if w.all {
+		w.k.mu.Lock()
+		w.k.ops.grow(int(pending))
+		w.k.ops.deferred = true
+		w.k.mu.Unlock()
+	}
+}
+
+// load reads the bucket's records into the indexes as the reader would
+// (cfg) through a consumer of its own, kvLoadBatch messages a pull, and
+// returns the stream sequence of the last message it applied (0: none),
+// for the reader to go on from: at the first failure (its cluster member
+// gone, ctx done) it stops and leaves the rest to the reader.
+func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
+	log := w.k.log.With("stream", cfg.Stream)
+	cctx, cancel := context.WithTimeout(ctx, kvLoadCreate)
+	defer cancel()
+	cons, err := w.k.js.CreateConsumer(cctx, cfg.Stream, jetstream.ConsumerConfig{DeliverPolicy: cfg.DeliverPolicy,
+		FilterSubjects: cfg.FilterSubjects, AckPolicy: jetstream.AckNonePolicy, Replicas: 1, MemoryStorage: true,
+		InactiveThreshold: time.Minute})
+	if err != nil {
+		log.Debug("records read by the watcher", "err", err)
+		return 0
+	}
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = w.k.js.DeleteConsumer(dctx, cfg.Stream, cons.CachedInfo().Name)
+	}()
+	w.begin(cons.CachedInfo().NumPending)
+	if w.initial == 0 {
+		w.markLoaded()
+		return 0
+	}
+	iter, err := cons.Messages(jetstream.PullMaxMessages(kvLoadBatch), jetstream.PullHeartbeat(time.Second))
+	if err != nil {
+		log.Debug("records read by the watcher", "err", err)
+		return 0
+	}
+	defer iter.Stop()
+	stop := context.AfterFunc(ctx, iter.Stop)
+	defer stop()
+	var last, delivered uint64
+	for !w.isLoaded {
+		msg, err := iter.Next()
+		if err != nil {
+			log.Debug("records read by the watcher from sequence", "from", last+1, "err", err)
+			return last
+		}
+		meta, err := msg.Metadata()
+		if err != nil || meta.Sequence.Consumer != delivered+1 {
+			log.Debug("records read by the watcher from sequence", "from", last+1, "err", err)
+			return last
+		}
+		delivered = meta.Sequence.Consumer
+		w.applyMsg(msg, meta)
+		last = meta.Sequence.Stream
+	}
+	return last
 }
 
 func (w *kvWatcher) markLoaded() {
@@ -73,13 +148,18 @@ func (w *kvWatcher) markLoaded() {
 	}
 }
 
-// apply applies one entry the reader delivered and counts the initial ones.
+// apply applies one entry the reader delivered.
 func (w *kvWatcher) apply(msg jetstream.Msg) {
 	meta, err := msg.Metadata()
 	if err != nil {
 		w.k.log.Warn("skipping bad record", "subject", msg.Subject(), "err", err)
 		return
 	}
+	w.applyMsg(msg, meta)
+}
+
+// applyMsg applies one entry and counts the initial ones.
+func (w *kvWatcher) applyMsg(msg jetstream.Msg, meta *jetstream.MsgMetadata) {
 	// Of the initial entries, only the last ones are kept as recent
 	// records: the others would only pass through.
 	recent := w.isLoaded || w.initial-w.received <= kvRecentOps
