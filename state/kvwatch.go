@@ -2,7 +2,9 @@ package state
 
 import (
 	"context"
+	"errors"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -111,30 +113,48 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 		w.markLoaded()
 		return 0
 	}
-	iter, err := cons.Messages(jetstream.PullMaxMessages(kvLoadBatch), jetstream.PullHeartbeat(time.Second))
+	// The handler runs on the subscription's goroutine, one message at
+	// a time, until ended: it then ignores the rest; what it set is read
+	// here once the consumption is closed, after its last call.
+	var last, delivered uint64
+	var ended bool
+	end := make(chan struct{})
+	var endOnce sync.Once
+	stop := func(err error) {
+		if err != nil {
+			log.Debug("records left to the watcher's reader", "from", last+1, "err", err)
+		}
+		endOnce.Do(func() { close(end) })
+	}
+	cc, err := cons.Consume(func(msg jetstream.Msg) {
+		if ended {
+			return
+		}
+		meta, err := msg.Metadata()
+		switch {
+		case err != nil:
+		case meta.Sequence.Consumer != delivered+1:
+			err = errors.New("a delivery was missed")
+		default:
+			delivered = meta.Sequence.Consumer
+			w.applyMsg(msg, meta)
+			last = meta.Sequence.Stream
+			if !w.isLoaded {
+				return
+			}
+		}
+		ended = true
+		stop(err)
+	}, jetstream.PullMaxMessages(kvLoadBatch), jetstream.PullHeartbeat(time.Second),
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) { stop(err) }))
 	if err != nil {
 		log.Debug("records read by the watcher", "err", err)
 		return 0
 	}
-	defer iter.Stop()
-	stop := context.AfterFunc(ctx, iter.Stop)
-	defer stop()
-	var last, delivered uint64
-	for !w.isLoaded {
-		msg, err := iter.Next()
-		if err != nil {
-			log.Debug("records read by the watcher from sequence", "from", last+1, "err", err)
-			return last
-		}
-		meta, err := msg.Metadata()
-		if err != nil || meta.Sequence.Consumer != delivered+1 {
-			log.Debug("records read by the watcher from sequence", "from", last+1, "err", err)
-			return last
-		}
-		delivered = meta.Sequence.Consumer
-		w.applyMsg(msg, meta)
-		last = meta.Sequence.Stream
-	}
+	defer context.AfterFunc(ctx, func() { stop(ctx.Err()) })()
+	<-end
+	cc.Stop()
+	<-cc.Closed()
 	return last
 }
 
