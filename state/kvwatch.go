@@ -57,7 +57,7 @@ func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
 				w.markLoaded()
 			}
 		}}
-	if after == 0 {
+	if after == 0 && k.stream.CachedInfo().State.Msgs > 0 {
 		after = w.load(ctx, cfg)
 	}
 	if after > 0 {
