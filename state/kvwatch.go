@@ -115,16 +115,18 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 	}
 	// The handler runs on the subscription's goroutine, one message at
 	// a time, until ended: it then ignores the rest; what it set is read
-	// here once the consumption is closed, after its last call.
+	// here once the consumption is closed, after its last call. The
+	// first stop says why the read ends (nil: every record read).
 	var last, delivered uint64
 	var ended bool
+	var why error
 	end := make(chan struct{})
 	var endOnce sync.Once
 	stop := func(err error) {
-		if err != nil {
-			log.Debug("records left to the watcher's reader", "from", last+1, "err", err)
-		}
-		endOnce.Do(func() { close(end) })
+		endOnce.Do(func() {
+			why = err
+			close(end)
+		})
 	}
 	cc, err := cons.Consume(func(msg jetstream.Msg) {
 		if ended {
@@ -155,6 +157,9 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 	<-end
 	cc.Stop()
 	<-cc.Closed()
+	if why != nil {
+		log.Debug("records left to the watcher's reader", "from", last+1, "err", why)
+	}
 	return last
 }
 
