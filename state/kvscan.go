@@ -2,6 +2,7 @@ package state
 
 import (
 	"bytes"
+	"encoding/binary"
 	"time"
 	"unicode/utf8"
 
@@ -211,9 +212,27 @@ func (s *jsonScanner) plainString() ([]byte, bool) {
 	return nil, false
 }
 
-// runOf returns the index of the first byte of b from i on that set does
-// not hold, len(b) if none.
+// runOf returns the index of the first byte of b from i on that set
+// (scanPlain, or scanInString) does not hold, len(b) if none. It skips
+// eight bytes at a time while none of them can end the run: a control
+// character, a quote, a backslash, or (scanPlain) a byte beyond ASCII.
 func runOf(set *[256]bool, b []byte, i int) int {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	plain := set == &scanPlain
+	for ; i+8 <= len(b); i += 8 {
+		w := binary.LittleEndian.Uint64(b[i:])
+		q, bs := w^(ones*'"'), w^(ones*'\\')
+		// A byte's high bit is set in stop if it is below 0x20 or
+		// equal to a quote or a backslash (and maybe in later bytes
+		// then): the usual tests for a byte below n and a zero byte.
+		stop := (w-ones*0x20)&^w | (q-ones)&^q | (bs-ones)&^bs
+		if plain {
+			stop |= w
+		}
+		if stop&highs != 0 {
+			break
+		}
+	}
 	for i < len(b) && set[b[i]] {
 		i++
 	}

@@ -3,6 +3,7 @@ package state
 import (
 	"bytes"
 	"encoding/json"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -142,6 +143,34 @@ func TestScanIndexedWritten(t *testing.T) {
 				}
 				if fast, bad := checkScan(t, raw); !fast || bad {
 					t.Errorf("%s: read by the scanner %v, refused %v", raw, fast, bad)
+				}
+			}
+		}
+	}
+}
+
+// TestRunOf: the run runOf finds, eight bytes at a time, is the one a
+// byte at a time finds, for the bytes on either side of every limit.
+func TestRunOf(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	edges := []byte{0x00, 0x1f, 0x20, 0x21, '"', 0x23, '\\', 0x5b, 0x5d, 'a', 0x7f, 0x80, 0xc3, 0xff}
+	for range 2000 {
+		b := make([]byte, rng.IntN(40))
+		for j := range b {
+			if rng.IntN(4) == 0 {
+				b[j] = edges[rng.IntN(len(edges))]
+			} else {
+				b[j] = 'a' + byte(rng.IntN(26))
+			}
+		}
+		for _, set := range []*[256]bool{&scanPlain, &scanInString} {
+			for i := range len(b) + 1 {
+				want := i
+				for want < len(b) && set[b[want]] {
+					want++
+				}
+				if got := runOf(set, b, i); got != want {
+					t.Fatalf("run of %q from %d: %d, want %d (plain %v)", b, i, got, want, set == &scanPlain)
 				}
 			}
 		}

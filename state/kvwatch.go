@@ -33,6 +33,8 @@ type kvWatcher struct {
 	begun, isLoaded   bool
 	// all: the start reads every record (no index cache).
 	all bool
+	// prefix begins the subjects of the bucket's keys.
+	prefix string
 }
 
 // kvLoadBatch is how many messages load asks the server for at a time.
@@ -46,7 +48,7 @@ const kvLoadCreate = 5 * time.Second
 // from it: from every key's last revision when after is 0, from the
 // revisions after it otherwise (the index cache reflects those up to it).
 func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
-	w := &kvWatcher{k: k, loaded: make(chan struct{}), all: after == 0}
+	w := &kvWatcher{k: k, loaded: make(chan struct{}), all: after == 0, prefix: k.subject("")}
 	cfg := follow.Config{Stream: k.stream.CachedInfo().Config.Name, FilterSubjects: []string{k.subject(">")},
 		DeliverPolicy: jetstream.DeliverLastPerSubjectPolicy, Logger: k.log,
 		OnConsumer: func(info *jetstream.ConsumerInfo) {
@@ -188,8 +190,7 @@ func (w *kvWatcher) applyMsg(msg jetstream.Msg, meta *jetstream.MsgMetadata) {
 	// Of the initial entries, only the last ones are kept as recent
 	// records: the others would only pass through.
 	recent := w.isLoaded || w.initial-w.received <= kvRecentOps
-	w.k.applyEntry(strings.TrimPrefix(msg.Subject(), w.k.subject("")), meta.Sequence.Stream, msg.Headers(), msg.Data(),
-		recent)
+	w.k.applyEntry(strings.TrimPrefix(msg.Subject(), w.prefix), meta.Sequence.Stream, msg.Headers(), msg.Data(), recent)
 	w.k.seenAt.Store(meta.Timestamp.UnixNano())
 	if !w.isLoaded {
 		if w.received++; w.received >= w.initial || meta.NumPending == 0 {
