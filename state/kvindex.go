@@ -140,7 +140,9 @@ func putSlot[S ~string | ~[]byte](x *opIndex, i uint32, held bool, rev uint64, i
 		s.key, s.named = x.slots[i].key, x.slots[i].named
 	}
 	x.slots[i] = s
-	if !x.deferred {
+	// A record without a status (written by hand) is no live operation,
+	// as its slot says (unindexSlot, the cache): in no list.
+	if !x.deferred && s.status != 0 {
 		x.index(i, 1)
 	}
 }
