@@ -47,8 +47,9 @@ type KVConfig struct {
 	Logger *slog.Logger
 	// IndexCache is the file the store keeps a copy of its in-memory
 	// index in (kvcache.go), written at Close and every kvCacheEvery, so
-	// that a start reads only the records written since; empty: none. It
-	// is not used with more than one replica.
+	// that a start reads only the records written since; empty: none.
+	// Each process sharing the bucket (each cluster member) needs its own
+	// file; the path may be the same on every host.
 	IndexCache string
 }
 
@@ -72,7 +73,7 @@ type KV struct {
 	writes atomic.Int64
 
 	cache   string // the index cache file; "" none
-	sealKey string // the key of its seal (kvCacheSealPrefix)
+	sealKey string // the key of its seals (kvCacheSealPrefix): this process's
 
 	mu     sync.RWMutex
 	seen   uint64 // the last revision the watcher delivered
@@ -126,8 +127,8 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log, stop: make(chan struct{}),
 		ops: newOpIndex(), recent: newRecentOps(kvRecentOps), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
-	if cfg.Replicas == 1 {
-		k.cache, k.sealKey = cfg.IndexCache, cacheSealKey(cfg.IndexCache)
+	if cfg.IndexCache != "" {
+		k.cache, k.sealKey = cfg.IndexCache, newSealKey() // loadCache keeps the file's
 	}
 	if k.watcher, err = k.startWatch(ctx, k.loadCache(ctx)); err != nil {
 		return nil, err

@@ -4,7 +4,7 @@ import (
 	"bufio"
 	"cmp"
 	"context"
-	"crypto/sha256"
+	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -53,9 +53,12 @@ const (
 	// reflects, whose sequence and nonce the file holds. Only the history
 	// the file was written from holds it there: a stream restored from an
 	// earlier backup (with the same creation time) and written past the
-	// file's sequence since does not. A new seal replaces the file's last
-	// one (the key is the file's), and it expires after kvCacheSealTTL,
-	// by when the file is too old anyway.
+	// file's sequence since does not. The key is random, made by the
+	// first start without a usable file and kept in the file
+	// (newSealKey): every process sharing the bucket, each cluster
+	// member, has its own, and its new seal replaces its last one. A seal
+	// expires after kvCacheSealTTL, by when the file is too old anyway, so
+	// the seals of processes gone for good do not pile up.
 	kvCacheSealPrefix = "meta.cache."
 	kvCacheSealTTL    = kvCacheMaxAge + time.Hour
 )
@@ -192,6 +195,7 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	vols := slices.SortedFunc(maps.Keys(c.mappings), func(a, b string) int {
 		return cmp.Compare(c.mappings[a].rev, c.mappings[b].rev)
 	})
+	k.sealKey = c.sealKey // its next seal replaces this one
 	k.mu.Lock()
 	k.ops, k.seen, k.cached, k.exports = c.ops, c.seq, c.sealSeq, c.exports
 	k.seenAt.Store(c.written.UnixNano())
@@ -205,15 +209,15 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	return c.seq
 }
 
-// cacheSealKey is the key of the seals of the cache file at path: one
-// per file and host, so that each seal replaces the last.
-func cacheSealKey(path string) string {
-	if abs, err := filepath.Abs(path); err == nil {
-		path = abs
-	}
-	host, _ := os.Hostname()
-	sum := sha256.Sum256([]byte(host + "\x00" + path))
-	return kvCacheSealPrefix + hex.EncodeToString(sum[:8])
+// newSealKey is the seal key of a store whose cache file is missing or
+// refused: random, so that no other process sharing the bucket (another
+// cluster member, another host with the same data dir path and host
+// name) writes seals on it. A start that uses its cache keeps the file's
+// key (loadCache), so each seal of a process replaces its last.
+func newSealKey() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
+	return kvCacheSealPrefix + hex.EncodeToString(b[:])
 }
 
 // dropCache removes a cache file a start refused. Some doubts pass with
