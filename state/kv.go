@@ -78,6 +78,7 @@ type KV struct {
 	mu     sync.RWMutex
 	seen   uint64 // the last revision the watcher delivered
 	cached uint64 // the sequence of the cache file's seal
+	loaded uint64 // the last sequence the index cache loaded at start reflects
 	// seenAt is the stream time (Unix ns) of the last message the watcher
 	// delivered: no message after k.seen was stored before it.
 	seenAt   atomic.Int64
@@ -187,14 +188,17 @@ func (k *KV) saveCacheEvery() {
 // fresh reports whether revision rev should replace the in-memory entry at
 // revision cur. The watcher delivers every revision in order, so a write
 // of this process at or below the last revision the watcher delivered is
-// already applied, or overtaken by a later one. k.mu is held.
+// already applied, or overtaken by a later one. A revision the index
+// cache reflects (up to k.loaded) is in the index already, or deleted
+// since: should a consumer deliver it (a server that starts it below its
+// start sequence), it is not applied again. k.mu is held.
 func (k *KV) fresh(cur, rev uint64, fromWatcher bool) bool {
 	if fromWatcher {
 		k.seen = max(k.seen, rev)
 	} else if rev <= k.seen {
 		return false
 	}
-	return rev > cur
+	return rev > cur && rev > k.loaded
 }
 
 // decodeRecord decodes raw, nil for a delete.

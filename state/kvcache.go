@@ -197,7 +197,7 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	})
 	k.sealKey = c.sealKey // its next seal replaces this one
 	k.mu.Lock()
-	k.ops, k.seen, k.cached, k.exports = c.ops, c.seq, c.sealSeq, c.exports
+	k.ops, k.seen, k.loaded, k.cached, k.exports = c.ops, c.seq, c.seq, c.sealSeq, c.exports
 	k.seenAt.Store(c.written.UnixNano())
 	for _, id := range vols {
 		k.setMapping(id, c.mappings[id])
