@@ -2,10 +2,13 @@ package state_test
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -286,4 +289,70 @@ func newClusterKV(t *testing.T, c *testenv.JSCluster, i int, bucket string) *sta
 	t.Helper()
 	s, _ := openMember(t, c, i, bucket, "")
 	return s
+}
+
+var clusterRestartOps = flag.Int("cluster-restart-ops", 20_000, "terminal operations BenchmarkKVClusterRestart records")
+
+// BenchmarkKVClusterRestart measures a member restart in a three-member
+// cluster holding -cluster-restart-ops terminal operations: from its
+// server's start to its store's (its server recovering the bucket, the
+// store loading its index), on its index cache and reading every record.
+func BenchmarkKVClusterRestart(b *testing.B) {
+	c := testenv.NewJSCluster(b, clusterSize)
+	for i := range clusterSize {
+		c.Start(i)
+	}
+	ctx := context.Background()
+	bucket := nextBucket()
+	open := func(path string) (*state.KV, *logBuffer) {
+		_, js := c.Connect(0)
+		return openLogged(b, js, state.KVConfig{Bucket: bucket, Replicas: clusterSize, IndexCache: path})
+	}
+	s, _ := open("")
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	now := time.Now()
+	for range 32 {
+		wg.Go(func() {
+			for n := int(next.Add(1)); n <= *clusterRestartOps; n = int(next.Add(1)) {
+				op := storetest.Op(n, commands.OpAttach, commands.StatusCompleted, fmt.Sprintf("vol-%d", n%10_000),
+					fmt.Sprintf("vm-%d", n%1_000), now.Add(-time.Duration(n)*time.Second))
+				op.CompletedAt = &op.CreatedAt
+				if _, err := s.CreateOperation(ctx, op); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if b.Failed() {
+		b.FailNow()
+	}
+	_ = s.Close(ctx)
+	path := filepath.Join(b.TempDir(), "state-index.cache")
+	for _, bc := range []struct{ name, path string }{{"cache", path}, {"every record", ""}} {
+		b.Run(bc.name, func(b *testing.B) {
+			s, _ := open(bc.path)
+			_ = s.Close(ctx) // writes the cache
+			for b.Loop() {
+				b.StopTimer()
+				c.Srvs[0].Shutdown()
+				c.Srvs[0].WaitForShutdown()
+				b.StartTimer()
+				c.Start(0)
+				s, logs := open(bc.path)
+				b.StopTimer()
+				if cacheUsed(logs) != (bc.path != "") {
+					b.Fatalf("cache used %v; log:\n%s", cacheUsed(logs), logs)
+				}
+				if st, err := s.Stats(ctx); err != nil || st.Total != int64(*clusterRestartOps) {
+					b.Fatalf("stats %+v, %v; want %d operations", st, err, *clusterRestartOps)
+				}
+				_ = s.Close(ctx)
+				b.StartTimer()
+			}
+			b.ReportMetric(float64(*clusterRestartOps), "operations")
+		})
+	}
 }

@@ -50,7 +50,7 @@ func openCached(t *testing.T, js jetstream.JetStream, bucket, path string) (*sta
 
 // openLogged opens a store with cfg, logging at debug level, and returns
 // its log.
-func openLogged(t *testing.T, js jetstream.JetStream, cfg state.KVConfig) (*state.KV, *logBuffer) {
+func openLogged(t testing.TB, js jetstream.JetStream, cfg state.KVConfig) (*state.KV, *logBuffer) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
