@@ -662,6 +662,11 @@ func (k *KV) caughtUp(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	return k.reach(ctx, target)
+}
+
+// reach waits until the watcher has applied revision target.
+func (k *KV) reach(ctx context.Context, target uint64) error {
 	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 5*time.Millisecond) {
 		k.mu.RLock()
 		seen := k.seen
@@ -1105,37 +1110,47 @@ func (k *KV) Ping(ctx context.Context) error {
 }
 
 // kvCloseCatchUp bounds Close's wait for the watcher before it writes the
-// index cache; what the cache misses is read from the bucket at the next
-// start.
+// index cache, and the requests of that write; what the cache misses is
+// read from the bucket at the next start.
 const kvCloseCatchUp = 2 * time.Second
 
 // Close waits for the watcher to apply the bucket's last writes (once it
 // has loaded the bucket), stops it and removes its consumer, then writes
-// the index cache; the NATS connection stays open. Closing twice is safe.
+// the index cache unless the bucket's stream did not answer (a cluster
+// member stopped last, without a quorum: the last cache written stays);
+// the NATS connection stays open. Closing twice is safe.
 func (k *KV) Close(ctx context.Context) error {
 	var err error
 	k.closeOnce.Do(func() {
 		close(k.stop)
 		k.saver.Wait()
-		loaded := false
+		save := false
 		select {
 		case <-k.watcher.loaded:
-			loaded = true
+			save = k.cache != ""
 		default: // closed while loading: no cache
 		}
-		if loaded && k.cache != "" {
+		if save {
 			// So that the cache holds this process's own last writes.
 			cctx, cancel := context.WithTimeout(ctx, kvCloseCatchUp)
-			_ = k.caughtUp(cctx)
+			target, berr := k.barrier(cctx)
+			if berr == nil {
+				_ = k.reach(cctx, target)
+			} else {
+				k.log.Warn("index cache not written", "err", berr)
+				save = false
+			}
 			cancel()
 		}
 		if cerr := k.watcher.r.Close(ctx); cerr != nil {
 			err = fmt.Errorf("state: kv close: %w", cerr)
 		}
-		if loaded {
-			if cerr := k.saveCache(ctx); cerr != nil {
+		if save {
+			cctx, cancel := context.WithTimeout(ctx, kvCloseCatchUp)
+			if cerr := k.saveCache(cctx); cerr != nil {
 				k.log.Warn("index cache not written", "err", cerr)
 			}
+			cancel()
 		}
 	})
 	return err

@@ -356,3 +356,41 @@ func BenchmarkKVClusterRestart(b *testing.B) {
 		})
 	}
 }
+
+// TestKVIndexCacheClusterNoQuorum: the member stopped last, the others
+// gone, does not wait out its stop's time for a cache it cannot seal: it
+// keeps the cache it wrote before, and starts on it once the others are
+// back.
+func TestKVIndexCacheClusterNoQuorum(t *testing.T) {
+	c, _ := testenv.StartJSCluster(t, clusterSize)
+	bucket, path := nextBucket(), filepath.Join(t.TempDir(), "state-index.cache")
+	s0, _ := openMember(t, c, 0, bucket, path)
+	fillCacheTest(t, s0)
+	if err := s0.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	s0, logs := openMember(t, c, 0, bucket, path)
+	if !cacheUsed(logs) {
+		t.Fatalf("cache not used; log:\n%s", logs)
+	}
+	for _, i := range []int{1, 2} {
+		c.Srvs[i].Shutdown()
+		c.Srvs[i].WaitForShutdown()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := s0.Close(ctx); err != nil || ctx.Err() != nil {
+		t.Fatalf("close without a quorum: %v, its time %v", err, ctx.Err())
+	}
+	if !strings.Contains(logs.String(), "index cache not written") {
+		t.Fatalf("no word of the cache not written; log:\n%s", logs)
+	}
+	for _, i := range []int{1, 2} {
+		c.Start(i)
+	}
+	s0, logs = openMember(t, c, 0, bucket, path)
+	if !cacheUsed(logs) {
+		t.Fatalf("the cache written before is not used; log:\n%s", logs)
+	}
+	sameState(t, s0, newClusterKV(t, c, 1, bucket))
+}
