@@ -689,7 +689,11 @@ func (k *KV) barrier(ctx context.Context) (uint64, error) {
 	if err != nil {
 		return 0, kvErr("read barrier", err)
 	}
-	target := info.State.LastSeq
+	return k.barrierAt(ctx, info.State.LastSeq)
+}
+
+// barrierAt is barrier when the stream's last sequence is target.
+func (k *KV) barrierAt(ctx context.Context, target uint64) (uint64, error) {
 	k.mu.RLock()
 	seen, gap := k.seen, k.gap
 	k.mu.RUnlock()
@@ -1109,15 +1113,16 @@ func (k *KV) Ping(ctx context.Context) error {
 	return nil
 }
 
-// kvCloseCatchUp bounds Close's wait for the watcher before it writes the
-// index cache, and the requests of that write; what the cache misses is
-// read from the bucket at the next start.
+// kvCloseCatchUp bounds Close's wait for the stream's answer and the
+// watcher before it writes the index cache; what the cache misses is read
+// from the bucket at the next start.
 const kvCloseCatchUp = 2 * time.Second
 
 // Close waits for the watcher to apply the bucket's last writes (once it
 // has loaded the bucket), stops it and removes its consumer, then writes
 // the index cache unless the bucket's stream did not answer (a cluster
-// member stopped last, without a quorum: the last cache written stays);
+// member stopped last, without a quorum, could not seal it: the last cache
+// written stays);
 // the NATS connection stays open. Closing twice is safe.
 func (k *KV) Close(ctx context.Context) error {
 	var err error
@@ -1133,12 +1138,11 @@ func (k *KV) Close(ctx context.Context) error {
 		if save {
 			// So that the cache holds this process's own last writes.
 			cctx, cancel := context.WithTimeout(ctx, kvCloseCatchUp)
-			target, berr := k.barrier(cctx)
-			if berr == nil {
-				_ = k.reach(cctx, target)
-			} else {
-				k.log.Warn("index cache not written", "err", berr)
+			if info, ierr := k.stream.Info(cctx); ierr != nil {
+				k.log.Warn("index cache not written", "err", kvErr("stream info", ierr))
 				save = false
+			} else if target, berr := k.barrierAt(cctx, info.State.LastSeq); berr == nil {
+				_ = k.reach(cctx, target)
 			}
 			cancel()
 		}
@@ -1146,11 +1150,9 @@ func (k *KV) Close(ctx context.Context) error {
 			err = fmt.Errorf("state: kv close: %w", cerr)
 		}
 		if save {
-			cctx, cancel := context.WithTimeout(ctx, kvCloseCatchUp)
-			if cerr := k.saveCache(cctx); cerr != nil {
+			if cerr := k.saveCache(ctx); cerr != nil {
 				k.log.Warn("index cache not written", "err", cerr)
 			}
-			cancel()
 		}
 	})
 	return err

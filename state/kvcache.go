@@ -61,6 +61,11 @@ const (
 	// the seals of processes gone for good do not pile up.
 	kvCacheSealPrefix = "meta.cache."
 	kvCacheSealTTL    = kvCacheMaxAge + time.Hour
+	// kvCacheRequestWait bounds each request of a cache write (the
+	// barrier, the seal): a cluster member that lost its quorum, which
+	// may still answer as the stream's leader for a while, never acks
+	// the seal.
+	kvCacheRequestWait = 2 * time.Second
 )
 
 var kvCacheCRC = crc32.MakeTable(crc32.Castagnoli)
@@ -99,8 +104,15 @@ func (k *KV) saveCache(ctx context.Context) error {
 		return nil
 	}
 	began := time.Now()
-	target, terr := k.barrier(ctx)
-	info := k.stream.CachedInfo()
+	rctx, cancel := context.WithTimeout(ctx, kvCacheRequestWait)
+	target, terr := k.barrier(rctx)
+	cancel()
+	info := k.stream.CachedInfo() // the barrier's, when it had an answer
+	if terr == nil && !quorate(info) {
+		// A seal it cannot commit now may be committed later, and
+		// replace the seal of the file it has.
+		return errors.New("state: write index cache: the stream's leader has lost its quorum")
+	}
 	tmp := k.cache + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
@@ -114,7 +126,9 @@ func (k *KV) saveCache(ctx context.Context) error {
 	w := bufio.NewWriterSize(io.MultiWriter(f, sum), 1<<16)
 	e := cacheEncoder{w: w}
 	nonce := uuid.NewString()
-	ack, err := k.js.Publish(ctx, k.subject(k.sealKey), []byte(nonce), jetstream.WithMsgTTL(kvCacheSealTTL))
+	rctx, cancel = context.WithTimeout(ctx, kvCacheRequestWait)
+	ack, err := k.js.Publish(rctx, k.subject(k.sealKey), []byte(nonce), jetstream.WithMsgTTL(kvCacheSealTTL))
+	cancel()
 	if err != nil {
 		return fmt.Errorf("state: write index cache: seal: %w", err)
 	}
@@ -164,6 +178,21 @@ func (k *KV) saveCache(ctx context.Context) error {
 	k.mu.Unlock()
 	k.log.Debug("index cache written", "cache", k.cache, "sequence", seq, "took", time.Since(began).Round(time.Millisecond))
 	return nil
+}
+
+// quorate reports whether the stream of info has a leader with a quorum
+// of current replicas, itself included (always, with one replica).
+func quorate(info *jetstream.StreamInfo) bool {
+	if info.Cluster == nil || len(info.Cluster.Replicas) == 0 {
+		return true
+	}
+	n := 1
+	for _, r := range info.Cluster.Replicas {
+		if r.Current && !r.Offline {
+			n++
+		}
+	}
+	return info.Cluster.Leader != "" && n > (len(info.Cluster.Replicas)+1)/2
 }
 
 // loadCache fills the indexes from the cache file when it is sound and

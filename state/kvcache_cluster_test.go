@@ -46,7 +46,21 @@ func restartMember(t *testing.T, c *testenv.JSCluster, i int, s *state.KV, bucke
 	c.Srvs[i].Shutdown()
 	c.Srvs[i].WaitForShutdown()
 	// The others elect a leader of the bucket if it was the member's.
-	js := jsOf(t, c, (i+1)%clusterSize)
+	waitLeader(t, c, (i+1)%clusterSize, bucket, name)
+	if meanwhile != nil {
+		meanwhile()
+	}
+	c.Start(i)
+	waitLeader(t, c, i, bucket, "")
+	return openMember(t, c, i, bucket, path)
+}
+
+// waitLeader waits until member i sees a leader of the bucket's stream,
+// other than the member named not, with a quorum of current replicas
+// (a start does not wait for one yet in every request).
+func waitLeader(t *testing.T, c *testenv.JSCluster, i int, bucket, not string) {
+	t.Helper()
+	js := jsOf(t, c, i)
 	testenv.Eventually(t, time.Minute, func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
@@ -55,13 +69,17 @@ func restartMember(t *testing.T, c *testenv.JSCluster, i int, s *state.KV, bucke
 			return false
 		}
 		info, err := st.Info(ctx)
-		return err == nil && info.Cluster != nil && info.Cluster.Leader != "" && info.Cluster.Leader != name
-	}, "a leader of the bucket without %s", name)
-	if meanwhile != nil {
-		meanwhile()
-	}
-	c.Start(i)
-	return openMember(t, c, i, bucket, path)
+		if err != nil || info.Cluster == nil || info.Cluster.Leader == "" || info.Cluster.Leader == not {
+			return false
+		}
+		current := 1
+		for _, r := range info.Cluster.Replicas {
+			if r.Current && !r.Offline {
+				current++
+			}
+		}
+		return current > clusterSize/2
+	}, "a leader of the bucket with a quorum, not %q", not)
 }
 
 // cacheUsed reports whether a store's log says it started on its cache.
@@ -380,7 +398,7 @@ func TestKVIndexCacheClusterNoQuorum(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := s0.Close(ctx); err != nil || ctx.Err() != nil {
-		t.Fatalf("close without a quorum: %v, its time %v", err, ctx.Err())
+		t.Fatalf("close without a quorum: %v, its time %v; log:\n%s", err, ctx.Err(), logs)
 	}
 	if !strings.Contains(logs.String(), "index cache not written") {
 		t.Fatalf("no word of the cache not written; log:\n%s", logs)
@@ -388,6 +406,7 @@ func TestKVIndexCacheClusterNoQuorum(t *testing.T) {
 	for _, i := range []int{1, 2} {
 		c.Start(i)
 	}
+	waitLeader(t, c, 0, bucket, "")
 	s0, logs = openMember(t, c, 0, bucket, path)
 	if !cacheUsed(logs) {
 		t.Fatalf("the cache written before is not used; log:\n%s", logs)
