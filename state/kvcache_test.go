@@ -52,7 +52,7 @@ func openCached(t *testing.T, js jetstream.JetStream, bucket, path string) (*sta
 // its log.
 func openLogged(t testing.TB, js jetstream.JetStream, cfg state.KVConfig) (*state.KV, *logBuffer) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	logs := &logBuffer{}
 	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
