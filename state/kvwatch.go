@@ -273,8 +273,9 @@ func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte, recent bool) erro
 func putWatchedOp[S ~string | ~[]byte](k *KV, id string, rev uint64, f *opFields[S], raw []byte, recent bool) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	k.seen = max(k.seen, rev)
-	if putNewer(k.ops, id, rev, f) && recent {
+	// fresh but for the revision the index holds, which putNewer looks
+	// up.
+	if k.fresh(0, rev, true) && putNewer(k.ops, id, rev, f) && recent {
 		k.recent.put(id, rev, raw)
 	}
 }
