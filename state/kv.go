@@ -210,51 +210,6 @@ func decodeRecord[T any](raw []byte) (*T, error) {
 	return v, decode(raw, v)
 }
 
-// applyWatchedOp puts revision rev of an operation (nil raw: deleted),
-// as the watcher delivers it, in the index unless it already holds that
-// revision or a later one; a record it does is not even decoded (the
-// watcher's copy of this process's own write).
-func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte) error {
-	k.mu.Lock()
-	held, _, _ := k.ops.rev(id)
-	applied := rev <= held
-	if applied {
-		k.seen = max(k.seen, rev)
-	}
-	k.mu.Unlock()
-	if applied {
-		return nil
-	}
-	op, err := decodeRecord[kvIndexed](raw)
-	if err != nil {
-		return err
-	}
-	if op == nil {
-		return k.applyOpValue(id, rev, nil, nil, true)
-	}
-	o := op.operation(id)
-	return k.applyOpValue(id, rev, &o, raw, true)
-}
-
-// kvIndexed is what the index reads of an operation's JSON: decoding
-// only these fields is what makes loading the bucket at start fast.
-type kvIndexed struct {
-	Type        commands.OpType   `json:"type"`
-	Status      commands.OpStatus `json:"status"`
-	VolumeID    string            `json:"volume_id"`
-	VMID        *string           `json:"vm_id"`
-	RequestedBy string            `json:"requested_by"`
-	CreatedAt   time.Time         `json:"created_at"`
-	UpdatedAt   time.Time         `json:"updated_at"`
-	CompletedAt *time.Time        `json:"completed_at"`
-}
-
-// operation is the operation id with the indexed fields of o.
-func (o *kvIndexed) operation(id string) commands.Operation {
-	return commands.Operation{ID: id, Type: o.Type, Status: o.Status, VolumeID: o.VolumeID, VMID: o.VMID,
-		RequestedBy: o.RequestedBy, CreatedAt: o.CreatedAt, UpdatedAt: o.UpdatedAt, CompletedAt: o.CompletedAt}
-}
-
 // applyOpValue puts revision rev of the operation op (nil: deleted),
 // whose JSON is raw, in the index and the recent records unless the index
 // already holds that revision or a later one: a writer's own record, or

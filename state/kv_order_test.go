@@ -47,7 +47,7 @@ func TestKVApplyOrder(t *testing.T) {
 				var err error
 				switch {
 				case st.watcher:
-					err = k.applyWatchedOp(op.ID, st.rev, data)
+					err = k.applyWatchedOp(op.ID, st.rev, data, true)
 				case st.deleted:
 					err = k.applyOpValue(op.ID, st.rev, nil, nil, false)
 				default:
@@ -66,8 +66,8 @@ func TestKVApplyOrder(t *testing.T) {
 }
 
 // TestKVApplySkipsWhatItHolds: the watcher's copy of a revision the
-// indexes already hold (this process's own write) is not decoded again;
-// a revision they do not hold is.
+// indexes already hold (this process's own write) is not applied again,
+// and need not decode; a revision they do not hold must.
 func TestKVApplySkipsWhatItHolds(t *testing.T) {
 	op := commands.Operation{ID: "op-1", Type: commands.OpCreate, Status: commands.StatusPending, CreatedAt: time.Unix(1, 0)}
 	k := &KV{ops: newOpIndex(), recent: newRecentOps(4)}
@@ -75,10 +75,10 @@ func TestKVApplySkipsWhatItHolds(t *testing.T) {
 		t.Fatal(err)
 	}
 	undecodable := []byte("{not json")
-	if err := k.applyWatchedOp(op.ID, 7, undecodable); err != nil || k.seen != 7 {
+	if err := k.applyWatchedOp(op.ID, 7, undecodable, true); err != nil || k.seen != 7 {
 		t.Fatalf("watcher's copy of a held revision: err %v, seen %d", err, k.seen)
 	}
-	if err := k.applyWatchedOp(op.ID, 8, undecodable); err == nil {
+	if err := k.applyWatchedOp(op.ID, 8, undecodable, true); err == nil {
 		t.Fatal("a revision the indexes do not hold was not decoded")
 	}
 	if rev, st, live := k.ops.rev(op.ID); rev != 7 || st != op.Status || !live {

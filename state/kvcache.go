@@ -469,32 +469,10 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 		}
 		x.count(i, 1)
 	}
-	// The lists, each of the size it needs: oldest first, as the slots.
-	var sizes [len(indexDims)][]int // dimension → string → operations
-	for dim := range sizes {
-		sizes[dim] = make([]int, nstr)
-	}
 	for i := range x.slots {
-		for dim, h := range x.slots[i].handles() {
+		for _, h := range x.slots[i].handles() {
 			if *h != 0 {
-				sizes[dim][*h]++
 				x.names.users[*h]++
-			}
-		}
-	}
-	var lists [len(indexDims)][][]uint32
-	for dim := range lists {
-		lists[dim] = make([][]uint32, nstr)
-		for h, size := range sizes[dim] {
-			if size > 0 {
-				lists[dim][h] = make([]uint32, 0, size)
-			}
-		}
-	}
-	for i := range x.slots {
-		for dim, h := range x.slots[i].handles() {
-			if *h != 0 {
-				lists[dim][*h] = append(lists[dim][*h], uint32(i))
 			}
 		}
 	}
@@ -508,20 +486,12 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 			x.names.free = append(x.names.free, uint32(h))
 		}
 	}
-	if n > 0 {
-		all := make([]uint32, n)
-		for i := range all {
-			all[i] = uint32(i)
-		}
-		x.lists["all"] = all
+	// The lists: oldest first, as the slots.
+	all := make([]uint32, n)
+	for i := range all {
+		all[i] = uint32(i)
 	}
-	for dim, byValue := range lists {
-		for h, l := range byValue {
-			if len(l) > 0 {
-				x.lists[indexDims[dim]+":"+x.names.strs[h]] = l
-			}
-		}
-	}
+	x.setLists(all)
 	return x, nil
 }
 

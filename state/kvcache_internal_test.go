@@ -165,7 +165,7 @@ func TestKVCacheRedelivered(t *testing.T) {
 	}
 	opRaw, _ := json.Marshal(op)
 	mRaw, _ := json.Marshal(m)
-	if err := k.applyWatchedOp(op.ID, op.Revision, opRaw); err != nil {
+	if err := k.applyWatchedOp(op.ID, op.Revision, opRaw, true); err != nil {
 		t.Fatal(err)
 	}
 	if err := k.applyMapping(m.VolumeID, m.Revision, mRaw, true); err != nil {

@@ -27,6 +27,10 @@ type opIndex struct {
 	// operations ordered oldest first by (created, id).
 	lists map[string][]uint32
 	stats Stats // without Writes
+	// deferred: put and remove leave the lists and counters to
+	// endDeferred, which makes them at once (a start reading every
+	// record).
+	deferred bool
 }
 
 // opSlot is what memory keeps of one operation. A slot whose status is 0
@@ -67,24 +71,68 @@ func (x *opIndex) rev(id string) (uint64, commands.OpStatus, bool) {
 // len counts the live operations.
 func (x *opIndex) len() int { return int(x.stats.Total) }
 
+// opFields are what the index keeps of an operation: its indexed values,
+// as strings or as pieces of its JSON record (copied only when new to the
+// index), and its times.
+type opFields[S ~string | ~[]byte] struct {
+	typ, status, volume, vm, by S
+	created, completed          int64 // opScore; completed of a terminal operation
+	duration                    time.Duration
+}
+
+// fieldsOf returns the fields the index keeps of op.
+func fieldsOf(op *commands.Operation) opFields[string] {
+	f := opFields[string]{typ: string(op.Type), status: string(op.Status), volume: op.VolumeID, vm: op.VM(),
+		by: op.RequestedBy}
+	f.created, f.completed, f.duration = opTimes(op)
+	return f
+}
+
+// opTimes returns the times the index keeps of op: the scores of its
+// creation and, when terminal, its completion, and its duration.
+func opTimes(op *commands.Operation) (created, completed int64, duration time.Duration) {
+	if op.Status.Terminal() {
+		completed = opScore(completedAt(op))
+	}
+	return opScore(op.CreatedAt), completed, op.Duration()
+}
+
 // put records op at revision rev, replacing what id held.
 func (x *opIndex) put(rev uint64, op *commands.Operation) {
-	x.unindex(op.ID)
-	s := opSlot{rev: rev, created: opScore(op.CreatedAt), duration: op.Duration(),
-		typ: x.names.add(string(op.Type)), status: x.names.add(string(op.Status)),
-		volume: x.names.add(op.VolumeID), vm: x.names.add(op.VM()), by: x.names.add(op.RequestedBy)}
-	if op.Status.Terminal() {
-		s.completed = opScore(completedAt(op))
+	i, held := x.byID.get(x, op.ID)
+	f := fieldsOf(op)
+	putSlot(x, i, held, rev, op.ID, &f)
+}
+
+// putNewer records f as operation id's at revision rev unless the index
+// holds that revision of it or a later one, and reports whether it did:
+// one look-up of id, for the watcher.
+func putNewer[S ~string | ~[]byte](x *opIndex, id string, rev uint64, f *opFields[S]) bool {
+	i, held := x.byID.get(x, id)
+	if held && x.slots[i].rev >= rev {
+		return false
 	}
-	i, ok := x.byID.get(x, op.ID)
-	if !ok {
+	putSlot(x, i, held, rev, id, f)
+	return true
+}
+
+// putSlot records f at revision rev as operation id's, replacing what its
+// slot i held if held.
+func putSlot[S ~string | ~[]byte](x *opIndex, i uint32, held bool, rev uint64, id string, f *opFields[S]) {
+	if held {
+		x.unindexSlot(i)
+	}
+	s := opSlot{rev: rev, created: f.created, completed: f.completed, duration: f.duration,
+		typ: addName(&x.names, f.typ), status: addName(&x.names, f.status), volume: addName(&x.names, f.volume),
+		vm: addName(&x.names, f.vm), by: addName(&x.names, f.by)}
+	if !held {
 		i = x.alloc()
 		var canon bool
-		s.key, canon = parseOpKey(op.ID)
+		s.key, canon = parseOpKey(id)
 		if s.named = !canon; s.named {
-			// Its own copy: op.ID may be part of a larger string (the
+			// Its own copy: id may be part of a larger string (the
 			// watcher's is the message's subject).
-			x.named[i] = strings.Clone(op.ID)
+			x.named[i] = strings.Clone(id)
 		}
 		x.slots[i] = s
 		x.byID.add(x, i)
@@ -92,7 +140,11 @@ func (x *opIndex) put(rev uint64, op *commands.Operation) {
 		s.key, s.named = x.slots[i].key, x.slots[i].named
 	}
 	x.slots[i] = s
-	x.index(i, 1)
+	// A record without a status (written by hand) is no live operation,
+	// as its slot says (unindexSlot, the cache): in no list.
+	if !x.deferred && s.status != 0 {
+		x.index(i, 1)
+	}
 }
 
 // tombstone unindexes id but keeps its revision rev, so that a stale put
@@ -120,11 +172,19 @@ func (x *opIndex) remove(id string) {
 // unindex takes id's live slot, if any, out of the lists and counters
 // and makes it a tombstone at the same revision.
 func (x *opIndex) unindex(id string) {
-	i, ok := x.byID.get(x, id)
-	if !ok || x.slots[i].status == 0 {
+	if i, ok := x.byID.get(x, id); ok {
+		x.unindexSlot(i)
+	}
+}
+
+// unindexSlot is unindex of slot i.
+func (x *opIndex) unindexSlot(i uint32) {
+	if x.slots[i].status == 0 {
 		return
 	}
-	x.index(i, -1)
+	if !x.deferred {
+		x.index(i, -1)
+	}
 	s := &x.slots[i]
 	for _, h := range [...]uint32{s.typ, s.status, s.volume, s.vm, s.by} {
 		x.names.drop(h)
@@ -132,8 +192,81 @@ func (x *opIndex) unindex(id string) {
 	*s = opSlot{key: s.key, named: s.named, rev: s.rev}
 }
 
+// endDeferred makes the lists and counters of the live slots, which put
+// and remove left out while deferred, and keeps them from then on.
+func (x *opIndex) endDeferred() {
+	if !x.deferred {
+		return
+	}
+	x.deferred = false
+	all := make([]uint32, 0, len(x.slots)-len(x.free))
+	for i := range x.slots {
+		if x.slots[i].status != 0 {
+			all = append(all, uint32(i))
+			x.count(uint32(i), 1)
+		}
+	}
+	// Mostly in order already: the records come in the order written.
+	if !slices.IsSortedFunc(all, x.compare) {
+		slices.SortFunc(all, x.compare)
+	}
+	x.setLists(all)
+}
+
+// setLists makes the lists of the index, which has none, from all, its
+// live slots oldest first: each list by appending, of the size it needs.
+func (x *opIndex) setLists(all []uint32) {
+	nstr := len(x.names.strs)
+	var sizes [len(indexDims)][]int // dimension → string → operations
+	for dim := range sizes {
+		sizes[dim] = make([]int, nstr)
+	}
+	for _, i := range all {
+		for dim, h := range x.slots[i].handles() {
+			if *h != 0 {
+				sizes[dim][*h]++
+			}
+		}
+	}
+	var lists [len(indexDims)][][]uint32
+	for dim := range lists {
+		lists[dim] = make([][]uint32, nstr)
+		for h, size := range sizes[dim] {
+			if size > 0 {
+				lists[dim][h] = make([]uint32, 0, size)
+			}
+		}
+	}
+	for _, i := range all {
+		for dim, h := range x.slots[i].handles() {
+			if *h != 0 {
+				lists[dim][*h] = append(lists[dim][*h], i)
+			}
+		}
+	}
+	if len(all) > 0 {
+		x.lists["all"] = all
+	}
+	for dim, byValue := range lists {
+		for h, l := range byValue {
+			if len(l) > 0 {
+				x.lists[indexDims[dim]+":"+x.names.strs[h]] = l
+			}
+		}
+	}
+}
+
 // grow makes room for n more operations.
-func (x *opIndex) grow(n int) { x.slots = slices.Grow(x.slots, n) }
+func (x *opIndex) grow(n int) {
+	x.slots = slices.Grow(x.slots, n)
+	size := len(x.byID.cells)
+	for size < 2*(x.byID.len()+n) {
+		size *= 2
+	}
+	if size > len(x.byID.cells) {
+		x.byID.resize(x, size)
+	}
+}
 
 func (x *opIndex) alloc() uint32 {
 	if n := len(x.free); n > 0 {
@@ -306,21 +439,23 @@ func newInterner() interner {
 	return interner{ids: make(map[string]uint32), strs: []string{""}, users: []int64{0}}
 }
 
-// add returns the number of s and counts one more user of it.
-func (n *interner) add(s string) uint32 {
-	if s == "" {
+// addName returns the number of s in n and counts one more user of it; s
+// is copied when new.
+func addName[S ~string | ~[]byte](n *interner, s S) uint32 {
+	if len(s) == 0 {
 		return 0
 	}
-	h, ok := n.ids[s]
+	h, ok := n.ids[string(s)]
 	if !ok {
+		str := strings.Clone(string(s))
 		if k := len(n.free); k > 0 {
 			h, n.free = n.free[k-1], n.free[:k-1]
-			n.strs[h] = s
+			n.strs[h] = str
 		} else {
 			h = uint32(len(n.strs))
-			n.strs, n.users = append(n.strs, s), append(n.users, 0)
+			n.strs, n.users = append(n.strs, str), append(n.users, 0)
 		}
-		n.ids[s] = h
+		n.ids[str] = h
 	}
 	n.users[h]++
 	return h

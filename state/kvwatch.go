@@ -2,11 +2,15 @@ package state
 
 import (
 	"context"
+	"errors"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/follow"
 )
 
@@ -14,45 +18,54 @@ import (
 // then every change in revision order, applying each entry to the KV's
 // indexes until close. Its reader (package follow) goes on from the next
 // revision on a new consumer when the member holding its consumer goes,
-// within a few seconds, so a read barrier waits no longer than that.
+// within a few seconds, so a read barrier waits no longer than that. A
+// start reading every record reads them first through a consumer of its
+// own in large batches (load), and the reader goes on from the next
+// revision.
 type kvWatcher struct {
 	k *KV
 	r *follow.Reader
 	// loaded is closed once the entries the bucket held at the start are
-	// applied; initial and received count them. All three belong to the
-	// reader's goroutine once startWatch returns.
+	// applied; initial and received count them, once begun. All of these
+	// belong to the reader's goroutine once startWatch returns.
 	loaded            chan struct{}
 	initial, received uint64
-	isLoaded          bool
+	begun, isLoaded   bool
+	// all: the start reads every record (no index cache).
+	all bool
+	// prefix begins the subjects of the bucket's keys.
+	prefix string
 }
+
+// kvLoadBatch is how many messages load asks the server for at a time.
+const kvLoadBatch = 4096
+
+// kvLoadCreate bounds the making of load's consumer; the reader's
+// waits for a cluster that is forming.
+const kvLoadCreate = 5 * time.Second
 
 // startWatch makes the watcher's first consumer and follows the bucket
 // from it: from every key's last revision when after is 0, from the
 // revisions after it otherwise (the index cache reflects those up to it).
 func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
-	w := &kvWatcher{k: k, loaded: make(chan struct{})}
-	first := true
-	policy, from := jetstream.DeliverLastPerSubjectPolicy, uint64(0)
-	if after > 0 {
-		policy, from = jetstream.DeliverByStartSequencePolicy, after+1
-	}
-	r, err := follow.Start(ctx, k.js, follow.Config{Stream: k.stream.CachedInfo().Config.Name,
-		FilterSubjects: []string{k.subject(">")}, DeliverPolicy: policy, OptStartSeq: from, Logger: k.log,
+	w := &kvWatcher{k: k, loaded: make(chan struct{}), all: after == 0, prefix: k.subject("")}
+	cfg := follow.Config{Stream: k.stream.CachedInfo().Config.Name, FilterSubjects: []string{k.subject(">")},
+		DeliverPolicy: jetstream.DeliverLastPerSubjectPolicy, Logger: k.log,
 		OnConsumer: func(info *jetstream.ConsumerInfo) {
-			if first {
-				w.initial, first = info.NumPending, false
-				if after == 0 { // every record: room for them at once
-					k.mu.Lock()
-					k.ops.grow(int(info.NumPending))
-					k.mu.Unlock()
-				}
-			}
+			w.begin(info.NumPending)
 			// Before the initial entries are loaded, a consumer with
 			// nothing pending means they are.
 			if info.NumPending == 0 {
 				w.markLoaded()
 			}
-		}}, w.apply)
+		}}
+	if after == 0 && k.stream.CachedInfo().State.Msgs > 0 {
+		after = w.load(ctx, cfg)
+	}
+	if after > 0 {
+		cfg.DeliverPolicy, cfg.OptStartSeq = jetstream.DeliverByStartSequencePolicy, after+1
+	}
+	r, err := follow.Start(ctx, k.js, cfg, w.apply)
 	if err != nil {
 		return nil, kvErr("watch bucket", err)
 	}
@@ -60,21 +73,124 @@ func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
 	return w, nil
 }
 
+// begin counts the entries pending on the first consumer as the initial
+// ones (with those received before it), and makes room for them when the
+// start reads every record; the lists are made at the end (endDeferred).
+func (w *kvWatcher) begin(pending uint64) {
+	if w.begun {
+		return
+	}
+	w.begun, w.initial = true, w.received+pending
+	if w.all {
+		w.k.mu.Lock()
+		w.k.ops.grow(int(pending))
+		w.k.ops.deferred = true
+		w.k.mu.Unlock()
+	}
+}
+
+// load reads the bucket's records into the indexes as the reader would
+// (cfg) through a consumer of its own, kvLoadBatch messages a pull, and
+// returns the stream sequence of the last message it applied (0: none),
+// for the reader to go on from: at the first failure (its cluster member
+// gone, ctx done) it stops and leaves the rest to the reader.
+func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
+	log := w.k.log.With("stream", cfg.Stream)
+	cctx, cancel := context.WithTimeout(ctx, kvLoadCreate)
+	defer cancel()
+	cons, err := w.k.js.CreateConsumer(cctx, cfg.Stream, jetstream.ConsumerConfig{DeliverPolicy: cfg.DeliverPolicy,
+		FilterSubjects: cfg.FilterSubjects, AckPolicy: jetstream.AckNonePolicy, Replicas: 1, MemoryStorage: true,
+		InactiveThreshold: time.Minute})
+	if err != nil {
+		log.Debug("records read by the watcher", "err", err)
+		return 0
+	}
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = w.k.js.DeleteConsumer(dctx, cfg.Stream, cons.CachedInfo().Name)
+	}()
+	w.begin(cons.CachedInfo().NumPending)
+	if w.initial == 0 {
+		w.markLoaded()
+		return 0
+	}
+	// The handler runs on the subscription's goroutine, one message at
+	// a time, until ended: it then ignores the rest; what it set is read
+	// here once the consumption is closed, after its last call. The
+	// first stop says why the read ends (nil: every record read).
+	var last, delivered uint64
+	var ended bool
+	var why error
+	end := make(chan struct{})
+	var endOnce sync.Once
+	stop := func(err error) {
+		endOnce.Do(func() {
+			why = err
+			close(end)
+		})
+	}
+	cc, err := cons.Consume(func(msg jetstream.Msg) {
+		if ended {
+			return
+		}
+		meta, err := msg.Metadata()
+		switch {
+		case err != nil:
+		case meta.Sequence.Consumer != delivered+1:
+			err = errors.New("a delivery was missed")
+		default:
+			delivered = meta.Sequence.Consumer
+			w.applyMsg(msg, meta)
+			last = meta.Sequence.Stream
+			if !w.isLoaded {
+				return
+			}
+		}
+		ended = true
+		stop(err)
+	}, jetstream.PullMaxMessages(kvLoadBatch), jetstream.PullHeartbeat(time.Second),
+		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) { stop(err) }))
+	if err != nil {
+		log.Debug("records read by the watcher", "err", err)
+		return 0
+	}
+	defer context.AfterFunc(ctx, func() { stop(ctx.Err()) })()
+	<-end
+	cc.Stop()
+	<-cc.Closed()
+	if why != nil {
+		log.Debug("records left to the watcher's reader", "from", last+1, "err", why)
+	}
+	return last
+}
+
 func (w *kvWatcher) markLoaded() {
 	if !w.isLoaded {
 		w.isLoaded = true
+		w.k.mu.Lock()
+		w.k.ops.endDeferred()
+		w.k.mu.Unlock()
 		close(w.loaded)
 	}
 }
 
-// apply applies one entry the reader delivered and counts the initial ones.
+// apply applies one entry the reader delivered.
 func (w *kvWatcher) apply(msg jetstream.Msg) {
 	meta, err := msg.Metadata()
 	if err != nil {
 		w.k.log.Warn("skipping bad record", "subject", msg.Subject(), "err", err)
 		return
 	}
-	w.k.applyEntry(strings.TrimPrefix(msg.Subject(), w.k.subject("")), meta.Sequence.Stream, msg.Headers(), msg.Data())
+	w.applyMsg(msg, meta)
+}
+
+// applyMsg applies one entry and counts the initial ones.
+func (w *kvWatcher) applyMsg(msg jetstream.Msg, meta *jetstream.MsgMetadata) {
+	// Of the initial entries, only the last ones are kept as recent
+	// records: the others would only pass through.
+	recent := w.isLoaded || w.initial-w.received <= kvRecentOps
+	w.k.applyEntry(strings.TrimPrefix(msg.Subject(), w.prefix), meta.Sequence.Stream, msg.Headers(), msg.Data(), recent)
 	w.k.seenAt.Store(meta.Timestamp.UnixNano())
 	if !w.isLoaded {
 		if w.received++; w.received >= w.initial || meta.NumPending == 0 {
@@ -85,8 +201,9 @@ func (w *kvWatcher) apply(msg jetstream.Msg) {
 
 // applyEntry applies one bucket entry, the message at revision rev on
 // key's subject, to the indexes: a put, or a delete (a KV delete or purge,
-// or a marker the server left when a key's TTL ran out).
-func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte) {
+// or a marker the server left when a key's TTL ran out). An operation's
+// record is kept as a recent one if recent.
+func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte, recent bool) {
 	raw := data
 	if isDelete(h) {
 		raw = nil
@@ -94,7 +211,9 @@ func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte) {
 	var apply func(raw []byte) error
 	switch {
 	case strings.HasPrefix(key, kvOpPrefix):
-		apply = func(raw []byte) error { return k.applyWatchedOp(strings.TrimPrefix(key, kvOpPrefix), rev, raw) }
+		apply = func(raw []byte) error {
+			return k.applyWatchedOp(strings.TrimPrefix(key, kvOpPrefix), rev, raw, recent)
+		}
 	case strings.HasPrefix(key, kvMappingPrefix):
 		apply = func(raw []byte) error {
 			return k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), rev, raw, true)
@@ -115,4 +234,67 @@ func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte) {
 		k.log.Warn("skipping bad record", "key", key, "revision", rev, "err", err)
 		_ = apply(nil)
 	}
+}
+
+// applyWatchedOp puts revision rev of an operation (nil raw: deleted),
+// as the watcher delivers it, in the index unless it already holds that
+// revision or a later one (the watcher's copy of this process's own
+// write), and keeps its record as a recent one if recent. Of the record,
+// the scanner reads the indexed fields (scanIndexed), or encoding/json
+// when the scanner is unsure; an error if neither can, unless the index
+// holds that revision.
+func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte, recent bool) error {
+	if raw == nil {
+		return k.applyOpValue(id, rev, nil, nil, true)
+	}
+	var sc scannedOp
+	if scanIndexed(raw, &sc) {
+		f := sc.fields()
+		putWatchedOp(k, id, rev, &f, raw, recent)
+		return nil
+	}
+	var o kvIndexed
+	if err := decode(raw, &o); err != nil {
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		if held, _, _ := k.ops.rev(id); rev <= held {
+			k.seen = max(k.seen, rev)
+			return nil
+		}
+		return err
+	}
+	op := o.operation(id)
+	f := fieldsOf(&op)
+	putWatchedOp(k, id, rev, &f, raw, recent)
+	return nil
+}
+
+// putWatchedOp is applyWatchedOp of a decoded record, f.
+func putWatchedOp[S ~string | ~[]byte](k *KV, id string, rev uint64, f *opFields[S], raw []byte, recent bool) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	// fresh but for the revision the index holds, which putNewer looks
+	// up.
+	if k.fresh(0, rev, true) && putNewer(k.ops, id, rev, f) && recent {
+		k.recent.put(id, rev, raw)
+	}
+}
+
+// kvIndexed is what encoding/json reads of an operation's JSON when the
+// scanner is unsure of it: the indexed fields only.
+type kvIndexed struct {
+	Type        commands.OpType   `json:"type"`
+	Status      commands.OpStatus `json:"status"`
+	VolumeID    string            `json:"volume_id"`
+	VMID        *string           `json:"vm_id"`
+	RequestedBy string            `json:"requested_by"`
+	CreatedAt   time.Time         `json:"created_at"`
+	UpdatedAt   time.Time         `json:"updated_at"`
+	CompletedAt *time.Time        `json:"completed_at"`
+}
+
+// operation is the operation id with the indexed fields of o.
+func (o *kvIndexed) operation(id string) commands.Operation {
+	return commands.Operation{ID: id, Type: o.Type, Status: o.Status, VolumeID: o.VolumeID, VMID: o.VMID,
+		RequestedBy: o.RequestedBy, CreatedAt: o.CreatedAt, UpdatedAt: o.UpdatedAt, CompletedAt: o.CompletedAt}
 }
