@@ -16,12 +16,14 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/formation"
 )
 
 // The index cache is a copy of the embedded store's in-memory index (the
@@ -213,7 +215,13 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 		k.dropCache()
 		return 0
 	}
-	if why := k.cacheDoubt(ctx, c); why != "" {
+	why, err := k.cacheDoubt(ctx, c)
+	if err != nil {
+		// No answer is no doubt of the file: the next start asks again.
+		k.log.Warn("index cache not checked: reading every record", "cache", k.cache, "err", err)
+		return 0
+	}
+	if why != "" {
 		k.log.Info("index cache not used: reading every record", "cache", k.cache, "reason", why)
 		k.dropCache()
 		return 0
@@ -265,47 +273,64 @@ func (k *KV) dropCache() {
 // history), a record it holds
 // is gone without a marker the watcher would deliver (the stream's first
 // sequence is past it), it is older than a delete marker may live, or the
-// message at its highest revision is on another key.
-func (k *KV) cacheDoubt(ctx context.Context, c *kvCache) string {
-	info, err := k.stream.Info(ctx)
-	if err != nil {
-		return "stream info: " + err.Error()
+// message at its highest revision is on another key. Its requests wait for
+// a cluster still forming (formation.Wait); an error is one they never
+// got an answer to.
+func (k *KV) cacheDoubt(ctx context.Context, c *kvCache) (string, error) {
+	var info *jetstream.StreamInfo
+	if err := formation.Wait(ctx, k.log, "index cache: stream info", func(ctx context.Context) error {
+		var err error
+		info, err = k.stream.Info(ctx)
+		return err
+	}); err != nil {
+		return "", fmt.Errorf("stream info: %w", err)
 	}
 	age := time.Since(c.written)
 	switch {
 	case c.stream != info.Config.Name:
-		return "written for stream " + c.stream
+		return "written for stream " + c.stream, nil
 	case !c.created.Equal(info.Created):
-		return "written for an earlier stream of that name"
+		return "written for an earlier stream of that name", nil
 	case c.seq > info.State.LastSeq:
-		return fmt.Sprintf("written at sequence %d, the stream ends at %d", c.seq, info.State.LastSeq)
+		return fmt.Sprintf("written at sequence %d, the stream ends at %d", c.seq, info.State.LastSeq), nil
 	case c.minRev != 0 && info.State.FirstSeq > c.minRev:
-		return fmt.Sprintf("holds revision %d, the stream begins at %d", c.minRev, info.State.FirstSeq)
+		return fmt.Sprintf("holds revision %d, the stream begins at %d", c.minRev, info.State.FirstSeq), nil
 	case age > kvCacheMaxAge || age < -time.Minute:
-		return "written at " + c.written.UTC().Format(time.RFC3339)
+		return "written at " + c.written.UTC().Format(time.RFC3339), nil
 	}
-	seal, err := k.stream.GetMsg(ctx, c.sealSeq)
+	seal, err := k.getMsg(ctx, c.sealSeq)
 	switch {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
-		return fmt.Sprintf("its seal (sequence %d) is gone", c.sealSeq)
+		return fmt.Sprintf("its seal (sequence %d) is gone", c.sealSeq), nil
 	case err != nil:
-		return "read seal: " + err.Error()
+		return "", fmt.Errorf("read seal: %w", err)
 	case seal.Subject != k.subject(c.sealKey) || string(seal.Data) != c.sealNonce:
-		return fmt.Sprintf("sequence %d is not its seal: another history", c.sealSeq)
+		return fmt.Sprintf("sequence %d is not its seal: another history", c.sealSeq), nil
 	}
 	if c.maxRev == 0 {
-		return ""
+		return "", nil
 	}
-	msg, err := k.stream.GetMsg(ctx, c.maxRev)
+	msg, err := k.getMsg(ctx, c.maxRev)
 	switch {
 	case errors.Is(err, jetstream.ErrMsgNotFound):
-		return "" // replaced since: the watcher reads what replaced it
+		return "", nil // replaced since: the watcher reads what replaced it
 	case err != nil:
-		return "read revision: " + err.Error()
+		return "", fmt.Errorf("read revision: %w", err)
 	case msg.Subject != k.subject(c.maxKey):
-		return fmt.Sprintf("revision %d is %s, not %s", c.maxRev, msg.Subject, k.subject(c.maxKey))
+		return fmt.Sprintf("revision %d is %s, not %s", c.maxRev, msg.Subject, k.subject(c.maxKey)), nil
 	}
-	return ""
+	return "", nil
+}
+
+// getMsg reads the message at seq, waiting for a cluster still forming.
+func (k *KV) getMsg(ctx context.Context, seq uint64) (*jetstream.RawStreamMsg, error) {
+	var msg *jetstream.RawStreamMsg
+	err := formation.Wait(ctx, k.log, "index cache: message "+strconv.FormatUint(seq, 10), func(ctx context.Context) error {
+		var err error
+		msg, err = k.stream.GetMsg(ctx, seq)
+		return err
+	})
+	return msg, err
 }
 
 // readCache reads and decodes a cache file, checking its checksum. It

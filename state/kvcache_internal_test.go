@@ -62,10 +62,22 @@ func TestKVCacheDoubt(t *testing.T) {
 				t.Fatalf("read %d operations, revisions %d to %d", c.ops.len(), c.minRev, c.maxRev)
 			}
 			tc.spoil(c)
-			if why := k.cacheDoubt(ctx, c); (why != "") != tc.doubt {
-				t.Fatalf("doubt %q, want doubt %v", why, tc.doubt)
+			why, err := k.cacheDoubt(ctx, c)
+			if err != nil || (why != "") != tc.doubt {
+				t.Fatalf("doubt %q (%v), want doubt %v", why, err, tc.doubt)
 			}
 		})
+	}
+	// A check the stream did not answer uses no cache this time and
+	// keeps the file for the next start: no answer is no doubt.
+	k.cache = path
+	gone, stop := context.WithCancel(ctx)
+	stop()
+	if seq := k.loadCache(gone); seq != 0 {
+		t.Fatalf("loaded a cache it could not check (sequence %d)", seq)
+	}
+	if seq := k.loadCache(ctx); seq == 0 {
+		t.Fatal("the cache not checked was not kept for the next start")
 	}
 }
 

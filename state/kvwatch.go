@@ -116,12 +116,17 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 		return 0
 	}
 	// The handler runs on the subscription's goroutine, one message at
-	// a time, until ended: it then ignores the rest; what it set is read
-	// here once the consumption is closed, after its last call. The
-	// first stop says why the read ends (nil: every record read).
-	var last, delivered uint64
-	var ended bool
-	var why error
+	// a time, under mu, until ended: it then ignores the rest. Once the
+	// read ends, ended is set under mu, so what the handler set is read
+	// here after its last call (a stopped consumption's Closed may come
+	// before that call returns). The first stop says why the read ends
+	// (nil: every record read).
+	var (
+		mu              sync.Mutex
+		last, delivered uint64
+		ended           bool
+		why             error
+	)
 	end := make(chan struct{})
 	var endOnce sync.Once
 	stop := func(err error) {
@@ -131,6 +136,8 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 		})
 	}
 	cc, err := cons.Consume(func(msg jetstream.Msg) {
+		mu.Lock()
+		defer mu.Unlock()
 		if ended {
 			return
 		}
@@ -158,7 +165,9 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 	defer context.AfterFunc(ctx, func() { stop(ctx.Err()) })()
 	<-end
 	cc.Stop()
-	<-cc.Closed()
+	mu.Lock()
+	ended = true
+	mu.Unlock()
 	if why != nil {
 		log.Debug("records left to the watcher's reader", "from", last+1, "err", why)
 	}
