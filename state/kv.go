@@ -87,6 +87,7 @@ type KV struct {
 	byDevice map[string]string
 	byVM     map[string]map[string]struct{}
 	exports  map[string]kvEntry[commands.Export]
+	ends     endWatches // the watches of WatchEnd
 
 	watcher   *kvWatcher
 	stop      chan struct{} // closed by Close: stops saving the cache
@@ -253,7 +254,7 @@ func (o *kvIndexed) operation(id string) commands.Operation {
 // applyOpValue puts revision rev of the operation op (nil: deleted),
 // whose JSON is raw, in the index and the recent records unless the index
 // already holds that revision or a later one: a writer's own record, or
-// one the watcher delivered.
+// one the watcher delivered. The watches of its end hear of it.
 func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []byte, fromWatcher bool) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -261,6 +262,7 @@ func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []b
 	if !k.fresh(cur, rev, fromWatcher) {
 		return nil
 	}
+	defer k.ends.applied(id, op, raw, !fromWatcher)
 	if op == nil {
 		k.ops.remove(id)
 		k.recent.forget(id)
