@@ -418,9 +418,9 @@ func (k *KV) CreateOperation(ctx context.Context, op commands.Operation) (comman
 	return op, k.applyOpValue(op.ID, rev, &op, data, false)
 }
 
-// UpdateOperation replaces the operation at op.Revision with one KV Update
-// on that revision, after checking the change (checkMove) against the
-// record there. A lost race is ErrStale; it is never retried here.
+// UpdateOperation replaces the operation at op.Revision with one write
+// conditioned on that revision, after checking the change (checkMove)
+// against the record there. A lost race is ErrStale; it is never retried here.
 func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
 	if err := checkOp(&op); err != nil {
 		return op, err
@@ -440,14 +440,19 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 	if err != nil {
 		return op, fmt.Errorf("state: encode operation %s: %w", op.ID, err)
 	}
-	rev, err := k.kv.Update(ctx, kvOpPrefix+op.ID, data, op.Revision)
-	if wrongRevision(err) {
+	// One publish on the key's revision: the KeyValue API's Update, but
+	// for its key check (a regular expression; validKey is the same rule).
+	key := kvOpPrefix + op.ID
+	if !validKey(key) {
+		return op, kvErr("update operation", jetstream.ErrInvalidKey)
+	}
+	rev, err := k.single(ctx, kvWrite{key: key, data: data, expect: op.Revision})
+	if errors.Is(err, errBatchStale) {
 		return op, stale("operation", op.ID, op.Revision)
 	}
 	if err != nil {
-		return op, kvErr("update operation", err)
+		return op, err
 	}
-	k.writes.Add(1)
 	op.Revision = rev
 	return op, k.applyOpValue(op.ID, rev, &op, data, false)
 }
