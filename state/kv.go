@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/formation"
+	"github.com/volumed/volumed/internal/jsget"
 )
 
 // DefaultKVBucket is the JetStream KeyValue bucket of the embedded store.
@@ -727,7 +727,7 @@ func (k *KV) lastMsgSeq(ctx context.Context) (uint64, error) {
 		ctx, cancel = context.WithTimeout(ctx, k.js.Options().DefaultTimeout)
 		defer cancel()
 	}
-	msg, err := k.js.Conn().RequestWithContext(ctx, apiPrefix(k.js.Options())+"STREAM.MSG.GET."+k.stream.CachedInfo().Config.Name, req)
+	msg, err := k.js.Conn().RequestWithContext(ctx, jsget.APIPrefix(k.js.Options())+"STREAM.MSG.GET."+k.stream.CachedInfo().Config.Name, req)
 	if err != nil {
 		return 0, err
 	}
@@ -749,18 +749,6 @@ func (k *KV) lastMsgSeq(ctx context.Context) (uint64, error) {
 		return 0, errors.New("the last message: an answer without one")
 	}
 	return resp.Message.Seq, nil
-}
-
-// apiPrefix is the subject prefix of the JetStream API requests of a
-// client with options o.
-func apiPrefix(o jetstream.JetStreamOptions) string {
-	switch {
-	case o.Domain != "":
-		return "$JS." + o.Domain + ".API."
-	case o.APIPrefix != "":
-		return strings.TrimSuffix(o.APIPrefix, ".") + "."
-	}
-	return jetstream.DefaultAPIPrefix
 }
 
 // kvGap records that when the stream's last sequence was streamLast, the
