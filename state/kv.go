@@ -47,8 +47,9 @@ type KVConfig struct {
 	Logger *slog.Logger
 	// IndexCache is the file the store keeps a copy of its in-memory
 	// index in (kvcache.go), written at Close and every kvCacheEvery, so
-	// that a start reads only the records written since; empty: none. It
-	// is not used with more than one replica.
+	// that a start reads only the records written since; empty: none.
+	// Each process sharing the bucket (each cluster member) needs its own
+	// file; the path may be the same on every host.
 	IndexCache string
 }
 
@@ -72,11 +73,12 @@ type KV struct {
 	writes atomic.Int64
 
 	cache   string // the index cache file; "" none
-	sealKey string // the key of its seal (kvCacheSealPrefix)
+	sealKey string // the key of its seals (kvCacheSealPrefix): this process's
 
 	mu     sync.RWMutex
 	seen   uint64 // the last revision the watcher delivered
 	cached uint64 // the sequence of the cache file's seal
+	loaded uint64 // the last sequence the index cache loaded at start reflects
 	// seenAt is the stream time (Unix ns) of the last message the watcher
 	// delivered: no message after k.seen was stored before it.
 	seenAt   atomic.Int64
@@ -127,8 +129,8 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log, stop: make(chan struct{}),
 		ops: newOpIndex(), recent: newRecentOps(kvRecentOps), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
-	if cfg.Replicas == 1 {
-		k.cache, k.sealKey = cfg.IndexCache, cacheSealKey(cfg.IndexCache)
+	if cfg.IndexCache != "" {
+		k.cache, k.sealKey = cfg.IndexCache, newSealKey() // loadCache keeps the file's
 	}
 	if k.watcher, err = k.startWatch(ctx, k.loadCache(ctx)); err != nil {
 		return nil, err
@@ -187,14 +189,17 @@ func (k *KV) saveCacheEvery() {
 // fresh reports whether revision rev should replace the in-memory entry at
 // revision cur. The watcher delivers every revision in order, so a write
 // of this process at or below the last revision the watcher delivered is
-// already applied, or overtaken by a later one. k.mu is held.
+// already applied, or overtaken by a later one. A revision the index
+// cache reflects (up to k.loaded) is in the index already, or deleted
+// since: should a consumer deliver it (a server that starts it below its
+// start sequence), it is not applied again. k.mu is held.
 func (k *KV) fresh(cur, rev uint64, fromWatcher bool) bool {
 	if fromWatcher {
 		k.seen = max(k.seen, rev)
 	} else if rev <= k.seen {
 		return false
 	}
-	return rev > cur
+	return rev > cur && rev > k.loaded
 }
 
 // decodeRecord decodes raw, nil for a delete.
@@ -664,6 +669,11 @@ func (k *KV) caughtUp(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	return k.reach(ctx, target)
+}
+
+// reach waits until the watcher has applied revision target.
+func (k *KV) reach(ctx context.Context, target uint64) error {
 	for pause := 100 * time.Microsecond; ; pause = min(2*pause, 5*time.Millisecond) {
 		k.mu.RLock()
 		seen := k.seen
@@ -686,7 +696,11 @@ func (k *KV) barrier(ctx context.Context) (uint64, error) {
 	if err != nil {
 		return 0, kvErr("read barrier", err)
 	}
-	target := info.State.LastSeq
+	return k.barrierAt(ctx, info.State.LastSeq)
+}
+
+// barrierAt is barrier when the stream's last sequence is target.
+func (k *KV) barrierAt(ctx context.Context, target uint64) (uint64, error) {
 	k.mu.RLock()
 	seen, gap := k.seen, k.gap
 	k.mu.RUnlock()
@@ -1094,35 +1108,43 @@ func (k *KV) Ping(ctx context.Context) error {
 	return nil
 }
 
-// kvCloseCatchUp bounds Close's wait for the watcher before it writes the
-// index cache; what the cache misses is read from the bucket at the next
-// start.
+// kvCloseCatchUp bounds Close's wait for the stream's answer and the
+// watcher before it writes the index cache; what the cache misses is read
+// from the bucket at the next start.
 const kvCloseCatchUp = 2 * time.Second
 
 // Close waits for the watcher to apply the bucket's last writes (once it
 // has loaded the bucket), stops it and removes its consumer, then writes
-// the index cache; the NATS connection stays open. Closing twice is safe.
+// the index cache unless the bucket's stream did not answer (a cluster
+// member stopped last, without a quorum, could not seal it: the last cache
+// written stays);
+// the NATS connection stays open. Closing twice is safe.
 func (k *KV) Close(ctx context.Context) error {
 	var err error
 	k.closeOnce.Do(func() {
 		close(k.stop)
 		k.saver.Wait()
-		loaded := false
+		save := false
 		select {
 		case <-k.watcher.loaded:
-			loaded = true
+			save = k.cache != ""
 		default: // closed while loading: no cache
 		}
-		if loaded && k.cache != "" {
+		if save {
 			// So that the cache holds this process's own last writes.
 			cctx, cancel := context.WithTimeout(ctx, kvCloseCatchUp)
-			_ = k.caughtUp(cctx)
+			if info, ierr := k.stream.Info(cctx); ierr != nil {
+				k.log.Warn("index cache not written", "err", kvErr("stream info", ierr))
+				save = false
+			} else if target, berr := k.barrierAt(cctx, info.State.LastSeq); berr == nil {
+				_ = k.reach(cctx, target)
+			}
 			cancel()
 		}
 		if cerr := k.watcher.r.Close(ctx); cerr != nil {
 			err = fmt.Errorf("state: kv close: %w", cerr)
 		}
-		if loaded {
+		if save {
 			if cerr := k.saveCache(ctx); cerr != nil {
 				k.log.Warn("index cache not written", "err", cerr)
 			}

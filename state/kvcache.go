@@ -4,7 +4,7 @@ import (
 	"bufio"
 	"cmp"
 	"context"
-	"crypto/sha256"
+	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -53,11 +53,19 @@ const (
 	// reflects, whose sequence and nonce the file holds. Only the history
 	// the file was written from holds it there: a stream restored from an
 	// earlier backup (with the same creation time) and written past the
-	// file's sequence since does not. A new seal replaces the file's last
-	// one (the key is the file's), and it expires after kvCacheSealTTL,
-	// by when the file is too old anyway.
+	// file's sequence since does not. The key is random, made by the
+	// first start without a usable file and kept in the file
+	// (newSealKey): every process sharing the bucket, each cluster
+	// member, has its own, and its new seal replaces its last one. A seal
+	// expires after kvCacheSealTTL, by when the file is too old anyway, so
+	// the seals of processes gone for good do not pile up.
 	kvCacheSealPrefix = "meta.cache."
 	kvCacheSealTTL    = kvCacheMaxAge + time.Hour
+	// kvCacheRequestWait bounds each request of a cache write (the
+	// barrier, the seal): a cluster member that lost its quorum, which
+	// may still answer as the stream's leader for a while, never acks
+	// the seal.
+	kvCacheRequestWait = 2 * time.Second
 )
 
 var kvCacheCRC = crc32.MakeTable(crc32.Castagnoli)
@@ -96,8 +104,15 @@ func (k *KV) saveCache(ctx context.Context) error {
 		return nil
 	}
 	began := time.Now()
-	target, terr := k.barrier(ctx)
-	info := k.stream.CachedInfo()
+	rctx, cancel := context.WithTimeout(ctx, kvCacheRequestWait)
+	target, terr := k.barrier(rctx)
+	cancel()
+	info := k.stream.CachedInfo() // the barrier's, when it had an answer
+	if terr == nil && !quorate(info) {
+		// A seal it cannot commit now may be committed later, and
+		// replace the seal of the file it has.
+		return errors.New("state: write index cache: the stream's leader has lost its quorum")
+	}
 	tmp := k.cache + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
@@ -111,7 +126,9 @@ func (k *KV) saveCache(ctx context.Context) error {
 	w := bufio.NewWriterSize(io.MultiWriter(f, sum), 1<<16)
 	e := cacheEncoder{w: w}
 	nonce := uuid.NewString()
-	ack, err := k.js.Publish(ctx, k.subject(k.sealKey), []byte(nonce), jetstream.WithMsgTTL(kvCacheSealTTL))
+	rctx, cancel = context.WithTimeout(ctx, kvCacheRequestWait)
+	ack, err := k.js.Publish(rctx, k.subject(k.sealKey), []byte(nonce), jetstream.WithMsgTTL(kvCacheSealTTL))
+	cancel()
 	if err != nil {
 		return fmt.Errorf("state: write index cache: seal: %w", err)
 	}
@@ -163,6 +180,21 @@ func (k *KV) saveCache(ctx context.Context) error {
 	return nil
 }
 
+// quorate reports whether the stream of info has a leader with a quorum
+// of current replicas, itself included (always, with one replica).
+func quorate(info *jetstream.StreamInfo) bool {
+	if info.Cluster == nil || len(info.Cluster.Replicas) == 0 {
+		return true
+	}
+	n := 1
+	for _, r := range info.Cluster.Replicas {
+		if r.Current && !r.Offline {
+			n++
+		}
+	}
+	return info.Cluster.Leader != "" && n > (len(info.Cluster.Replicas)+1)/2
+}
+
 // loadCache fills the indexes from the cache file when it is sound and
 // reflects this bucket, and returns the last stream sequence it reflects;
 // 0 (read every record) otherwise, saying why.
@@ -192,8 +224,9 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	vols := slices.SortedFunc(maps.Keys(c.mappings), func(a, b string) int {
 		return cmp.Compare(c.mappings[a].rev, c.mappings[b].rev)
 	})
+	k.sealKey = c.sealKey // its next seal replaces this one
 	k.mu.Lock()
-	k.ops, k.seen, k.cached, k.exports = c.ops, c.seq, c.sealSeq, c.exports
+	k.ops, k.seen, k.loaded, k.cached, k.exports = c.ops, c.seq, c.seq, c.sealSeq, c.exports
 	k.seenAt.Store(c.written.UnixNano())
 	for _, id := range vols {
 		k.setMapping(id, c.mappings[id])
@@ -205,15 +238,15 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	return c.seq
 }
 
-// cacheSealKey is the key of the seals of the cache file at path: one
-// per file and host, so that each seal replaces the last.
-func cacheSealKey(path string) string {
-	if abs, err := filepath.Abs(path); err == nil {
-		path = abs
-	}
-	host, _ := os.Hostname()
-	sum := sha256.Sum256([]byte(host + "\x00" + path))
-	return kvCacheSealPrefix + hex.EncodeToString(sum[:8])
+// newSealKey is the seal key of a store whose cache file is missing or
+// refused: random, so that no other process sharing the bucket (another
+// cluster member, another host with the same data dir path and host
+// name) writes seals on it. A start that uses its cache keeps the file's
+// key (loadCache), so each seal of a process replaces its last.
+func newSealKey() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
+	return kvCacheSealPrefix + hex.EncodeToString(b[:])
 }
 
 // dropCache removes a cache file a start refused. Some doubts pass with

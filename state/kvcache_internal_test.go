@@ -120,3 +120,61 @@ func TestKVCacheLaggingWatcher(t *testing.T) {
 		t.Fatalf("cache dated %s, after the record it misses (written from %s)", c.written, missed)
 	}
 }
+
+// TestKVCacheRedelivered: a record at or below the sequence of the index
+// cache a store started on, delivered by its watcher all the same (a
+// server that starts a consumer below its start sequence), changes
+// nothing: an operation and a mapping deleted before that sequence stay
+// deleted.
+func TestKVCacheRedelivered(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	js := testenv.StartBus(t).JetStream()
+	path := filepath.Join(t.TempDir(), "index.cache")
+	k, err := NewKV(ctx, js, KVConfig{Bucket: "redelivered", IndexCache: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	op := commands.Operation{ID: "op-1", Type: commands.OpCreate, Status: commands.StatusPending, VolumeID: "vol-1",
+		Request: json.RawMessage(`{}`), CreatedAt: time.Now(), UpdatedAt: time.Now()}
+	op, err = k.CreateOperation(ctx, op)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := k.PutMapping(ctx, commands.Mapping{ID: "map-1", VolumeID: "vol-1", VMID: "vm-1", DevicePath: "/dev/vdb",
+		CloudStackState: commands.CloudStackAttached, LinuxState: commands.LinuxDetected, CreatedAt: time.Now(), UpdatedAt: time.Now()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := k.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.DeleteMapping(ctx, m.VolumeID, m.Revision); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	k, err = NewKV(ctx, js, KVConfig{Bucket: "redelivered", IndexCache: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close(ctx)
+	if k.loaded == 0 {
+		t.Fatal("cache not loaded")
+	}
+	opRaw, _ := json.Marshal(op)
+	mRaw, _ := json.Marshal(m)
+	if err := k.applyWatchedOp(op.ID, op.Revision, opRaw); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.applyMapping(m.VolumeID, m.Revision, mRaw, true); err != nil {
+		t.Fatal(err)
+	}
+	if ops, _, err := k.ListOperations(ctx, Filter{}); err != nil || len(ops) != 0 {
+		t.Fatalf("operations %v (%v), want none", ops, err)
+	}
+	if ms, err := k.ListMappings(ctx, ""); err != nil || len(ms) != 0 {
+		t.Fatalf("mappings %v (%v), want none", ms, err)
+	}
+}

@@ -45,11 +45,18 @@ func (b *logBuffer) String() string {
 // returns its log.
 func openCached(t *testing.T, js jetstream.JetStream, bucket, path string) (*state.KV, *logBuffer) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	return openLogged(t, js, state.KVConfig{Bucket: bucket, IndexCache: path})
+}
+
+// openLogged opens a store with cfg, logging at debug level, and returns
+// its log.
+func openLogged(t testing.TB, js jetstream.JetStream, cfg state.KVConfig) (*state.KV, *logBuffer) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	logs := &logBuffer{}
-	s, err := state.NewKV(ctx, js, state.KVConfig{Bucket: bucket, IndexCache: path,
-		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	s, err := state.NewKV(ctx, js, cfg)
 	if err != nil {
 		t.Fatalf("new kv store: %v", err)
 	}

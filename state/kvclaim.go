@@ -14,6 +14,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/formation"
 	"github.com/volumed/volumed/internal/jsget"
 )
 
@@ -366,16 +367,27 @@ func (k *KV) claimLoaded(ctx context.Context) error {
 	k.mu.RUnlock()
 	for _, m := range ms {
 		key := claimKey(m.VMID, m.DevicePath)
-		c, err := k.last(ctx, key)
-		if err != nil {
+		if err := formation.Wait(ctx, k.log, "device claim "+key, func(ctx context.Context) error {
+			return k.claimFree(ctx, key, m.VolumeID)
+		}); err != nil {
 			return err
 		}
-		if c.live && len(c.data) > 0 {
-			continue
-		}
-		if _, err := k.batch(ctx, []kvWrite{{key: key, data: []byte(m.VolumeID), expect: c.rev}}); err != nil && !errors.Is(err, errBatchStale) {
-			return err
-		}
+	}
+	return nil
+}
+
+// claimFree writes the claim key for volumeID unless someone holds it.
+// Asked again after an unanswered write, it finds the claim written.
+func (k *KV) claimFree(ctx context.Context, key, volumeID string) error {
+	c, err := k.last(ctx, key)
+	if err != nil {
+		return err
+	}
+	if c.live && len(c.data) > 0 {
+		return nil
+	}
+	if _, err := k.batch(ctx, []kvWrite{{key: key, data: []byte(volumeID), expect: c.rev}}); err != nil && !errors.Is(err, errBatchStale) {
+		return err
 	}
 	return nil
 }
