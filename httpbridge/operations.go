@@ -70,20 +70,15 @@ func (s *Server) waitOperation(ctx context.Context, id string, wait time.Duratio
 }
 
 // waitInStore waits for the operation's end as the store sees it, watched
-// before the record is read so no end is missed; the record is not read
-// first when the store's memory holds the operation not ended (the watch
-// is Running: its end is still to be seen). An end this process wrote is
-// answered as written (the latest record when it was written); an end
-// another process wrote, a delete, the wait's end or the server's close
-// are read from the store.
+// before the record is read so no end is missed. An end this process
+// wrote is answered as written (the latest record when it was written); an
+// end another process wrote, or a delete, is read from the store.
 func (s *Server) waitInStore(ctx context.Context, ends state.OperationEnds, id string, wait time.Duration) ([]byte, error) {
 	w := ends.WatchEnd(id)
 	defer w.Stop()
-	if !w.Running() {
-		op, err := s.readOperation(ctx, id)
-		if err != nil || op.Status.Terminal() {
-			return encodeOp(op, err)
-		}
+	op, err := s.readOperation(ctx, id)
+	if err != nil || op.Status.Terminal() {
+		return encodeOp(op, err)
 	}
 	timer := time.NewTimer(wait)
 	defer timer.Stop()

@@ -14,8 +14,7 @@ type OperationEnds interface {
 	// WatchEnd follows operation id until Stop: the watch's Done closes
 	// once the store sees the operation end (a terminal revision, written
 	// by any process) or go (deleted). Only what happens after WatchEnd
-	// is seen, so a caller watches first and then reads the record,
-	// unless the watch is Running.
+	// is seen, so a caller watches first and then reads the record.
 	WatchEnd(id string) *EndWatch
 }
 
@@ -29,16 +28,7 @@ type EndWatch struct {
 	// record is the terminal record this process wrote, set before done
 	// closes; nil when another process's write or a delete closed it.
 	record []byte
-	// running: memory held the operation not ended when the watch began.
-	running bool
 }
-
-// Running reports whether memory held the operation, not ended, when the
-// watch began: then its end, or its delete, is still to be seen by the
-// store (written by this process, or delivered by its watcher), and closes
-// Done; the store need not be asked first. False when memory did not hold
-// it, or held it ended: read it.
-func (w *EndWatch) Running() bool { return w.running }
 
 // Done closes when the store has seen the operation end or go.
 func (w *EndWatch) Done() <-chan struct{} { return w.done }
@@ -72,16 +62,11 @@ type endWatches struct {
 func (k *KV) WatchEnd(id string) *EndWatch {
 	w := &EndWatch{ends: &k.ends, id: id, done: make(chan struct{})}
 	k.ends.mu.Lock()
+	defer k.ends.mu.Unlock()
 	if k.ends.by == nil {
 		k.ends.by = make(map[string][]*EndWatch)
 	}
 	k.ends.by[id] = append(k.ends.by[id], w)
-	k.ends.mu.Unlock()
-	// After the watch is in place: an end applied since is told to it.
-	k.mu.RLock()
-	_, st, live := k.ops.rev(id)
-	k.mu.RUnlock()
-	w.running = live && !st.Terminal()
 	return w
 }
 
