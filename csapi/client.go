@@ -650,24 +650,19 @@ func parseJob(jobID string, r *cloudstack.QueryAsyncJobResultResponse) (Job, err
 	return job, nil
 }
 
-// WaitJob polls the job twice PollMin after it is called (CloudStack
-// queues a job and runs it on a worker: none is done within milliseconds
-// of its submission, so an earlier poll is a call for nothing), then on an
-// interval of half the time since it began, within PollMin and PollMax,
-// until it ends or ctx is done: a job is seen at most a third of its
-// length after its end (and PollMin, PollMax), in a number of polls
+// WaitJob polls the job PollMin after it is called (a job is not done the
+// instant it was submitted, and PollMin is all a job found done costs),
+// then on an interval of half the time since it began, within PollMin and
+// PollMax, until it ends or ctx is done: a job is seen at most a third of
+// its length after its end (and PollMin, PollMax), in a number of polls
 // logarithmic in its length up to PollMax. Retryable poll errors are
 // retried; a final one is returned. A failed job returns the job and
 // job.Err.
 func (c *Client) WaitJob(ctx context.Context, jobID string) (Job, error) {
 	began := time.Now()
 	var lastErr error
-	for first := true; ; first = false {
-		wait := min(max(time.Since(began)/2, c.cfg.PollMin), c.cfg.PollMax)
-		if first {
-			wait = min(2*c.cfg.PollMin, c.cfg.PollMax)
-		}
-		t := time.NewTimer(wait)
+	for {
+		t := time.NewTimer(min(max(time.Since(began)/2, c.cfg.PollMin), c.cfg.PollMax))
 		select {
 		case <-t.C:
 		case <-ctx.Done():
