@@ -11,12 +11,12 @@ import (
 	"github.com/volumed/volumed/state"
 )
 
-// TestReviewWaitWhileWatcherLags (review of cpu3): the operation ended on
+// TestOperationWaitWatcherLags: the operation ended on
 // another instance and the store (the bucket) holds the end; this
 // process's watcher lags (its consumer paused: a slow or replaced
-// consumer). api.md: "?wait returns as soon as it is terminal". With
-// Running() the bridge reads nothing and waits for memory instead.
-func TestReviewWaitWhileWatcherLags(t *testing.T) {
+// consumer). api.md: "?wait returns as soon as it is terminal": the
+// wait reads the record before it waits for memory, and answers.
+func TestOperationWaitWatcherLags(t *testing.T) {
 	b := testenv.StartBus(t)
 	a := newKV(t, b)
 	h := newHarnessOnBus(t, b, options{store: a})
@@ -24,11 +24,12 @@ func TestReviewWaitWhileWatcherLags(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	op := h.seedOperation(t, opPending, commands.OpDelete, commands.StatusPending, vol2, "", 34)
-	testenv.Eventually(t, 10*time.Second, func() bool {
-		w := other.WatchEnd(op.ID)
-		defer w.Stop()
-		return w.Running()
-	}, "the other process sees the operation")
+	for _, s := range []*state.KV{a, other} { // both watchers have applied the create
+		testenv.Eventually(t, 10*time.Second, func() bool {
+			_, ok := s.RecentOperation(op.ID)
+			return ok
+		}, "the store's memory holds the operation")
+	}
 
 	// Pause every consumer of the bucket (both watchers lag from now on).
 	js := b.JetStream()
