@@ -215,10 +215,8 @@ func (e *Exporter) event(msg *nats.Msg) {
 		// failed, and was counted, already.
 	case op.Status.Terminal():
 		e.ops.WithLabelValues(string(op.Type), string(op.Status)).Inc()
-		if op.CompletedAt != nil {
-			if d := op.CompletedAt.Round(0).Sub(op.CreatedAt.Round(0)); d > 0 {
-				e.duration.WithLabelValues(string(op.Type)).Observe(d.Seconds())
-			}
+		if d := commands.Took(op.CreatedAt, op.CompletedAt); d > 0 {
+			e.duration.WithLabelValues(string(op.Type)).Observe(d.Seconds())
 		}
 		if slices.Contains(workflowTypes, op.Type) {
 			e.workflowEnded(op)
