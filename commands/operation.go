@@ -147,10 +147,16 @@ func (o *Operation) VM() string {
 // times recorded (the same before and after a round trip through JSON);
 // zero otherwise.
 func (o *Operation) Duration() time.Duration {
-	if o.CompletedAt == nil {
+	return Took(o.CreatedAt, o.CompletedAt)
+}
+
+// Took is the Duration of an operation created and completed at these
+// times; zero while it has not completed.
+func Took(created time.Time, completed *time.Time) time.Duration {
+	if completed == nil {
 		return 0
 	}
-	return o.CompletedAt.Round(0).Sub(o.CreatedAt.Round(0))
+	return completed.Round(0).Sub(created.Round(0))
 }
 
 // OperationSummary is one row of GET /operations.

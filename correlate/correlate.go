@@ -123,10 +123,11 @@ type Correlator struct {
 	releasing map[string]int
 
 	events atomic.Int64
-	// delivered is the stream sequence of the last event delivered, and
-	// caughtUp whether none was pending after it: then no event stored
-	// before it is still to come, and a list takes it for the stream's
-	// last sequence without asking.
+	// delivered is the stream sequence of the last event delivered (or,
+	// before any, the one before the consumer's first), and caughtUp
+	// whether none was pending after it: then no event stored before it is
+	// still to come, and a list takes it for the stream's last sequence
+	// without asking.
 	delivered atomic.Uint64
 	caughtUp  atomic.Bool
 
@@ -259,7 +260,8 @@ func (c *Correlator) Start(ctx context.Context) error {
 		filters = append(filters, commands.DeviceSubject("*", a))
 	}
 	r, err := follow.Start(ctx, js, follow.Config{Stream: bus.StreamDevices, FilterSubjects: filters,
-		DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &from, Logger: c.log}, c.onEvent)
+		DeliverPolicy: jetstream.DeliverByStartTimePolicy, OptStartTime: &from, OnConsumer: c.consumerMade,
+		Logger: c.log}, c.onEvent)
 	if err != nil {
 		c.stop()
 		return fmt.Errorf("correlate: device events: %w", err)
@@ -350,6 +352,17 @@ func checkDevice(d commands.Device) error {
 		return fmt.Errorf("bad device number %d:%d of %s", d.Major, d.Minor, d.Name)
 	}
 	return nil
+}
+
+// consumerMade notes a new consumer of the device events: one with none
+// pending is caught up at the sequence before its first (events stored
+// before it are not to come), so a list asks the stream nothing until an
+// event is delivered; one with some pending is not.
+func (c *Correlator) consumerMade(ci *jetstream.ConsumerInfo) {
+	if ci.NumPending == 0 {
+		c.delivered.Store(max(c.delivered.Load(), ci.Delivered.Stream))
+	}
+	c.caughtUp.Store(ci.NumPending == 0)
 }
 
 // onEvent applies one stored device event to its VM's table.
@@ -543,7 +556,8 @@ func (c *Correlator) list(ctx context.Context, vm string, timeout time.Duration)
 
 // lastSeq is a sequence of stream VOLUMED_DEVICES up to which every
 // event was stored before a list is asked for: the last event delivered
-// when none was pending after it (the events stored since, if any, are
+// when none was pending after it, or the sequence before the consumer's
+// first when it had none pending (the events stored since, if any, are
 // news, as they would be after the list), else the stream's last, asked
 // (within timeout, its own: the list keeps all of its). 0 when it cannot
 // be told (then every event is news).

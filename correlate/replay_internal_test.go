@@ -201,6 +201,36 @@ func TestListKnowsTheEventsStoredBefore(t *testing.T) {
 	}
 }
 
+// TestListCaughtUpAtStart: a correlator whose consumer has no event
+// pending (none stored within its replay) takes the sequence before the
+// consumer's first for the stream's last without asking the stream (here
+// it could not be asked), as it does after a delivery.
+func TestListCaughtUpAtStart(t *testing.T) {
+	b := testenv.StartBus(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	vm := uuid.NewString()
+	dev := commands.Device{Name: "loop25", Path: "/dev/loop25", Major: 7, Minor: 25, Size: 1 << 30, DiskSeq: 12, VMID: vm}
+	data, _ := json.Marshal(dev)
+	ack, err := b.JetStream().Publish(ctx, commands.DeviceSubject(vm, commands.DeviceAdd), data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, _ := newStoreAndCorrelator(ctx, t, b)
+	c := New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, Replay: time.Nanosecond,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close(context.Background()) })
+	done, stop := context.WithCancel(ctx)
+	stop()
+	if got := c.lastSeq(done, time.Second); got != ack.Sequence || c.events.Load() != 0 {
+		t.Fatalf("last sequence %d after %d events, want %d, the event before the replay, without asking", got,
+			c.events.Load(), ack.Sequence)
+	}
+}
+
 // TestOlderListMergedLate: a list asked for before another but answered
 // after it does not bring back a disk the later list no longer shows
 // (an older agent's disk, whose identity is reused, so no remove marks it

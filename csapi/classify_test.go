@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -193,5 +194,27 @@ func TestJobCommand(t *testing.T) {
 		if got := jobCommand(cmd); got != want {
 			t.Errorf("jobCommand(%q) = %q, want %q", cmd, got, want)
 		}
+	}
+}
+
+// TestCallStateNotShared: calls reuse pooled cloudstack-go clients, but
+// what one call's requests recorded never reaches the next. A detach whose
+// answer is lost was written (MaybeDone); a create after it, refused
+// before anything was written, is retryable and not MaybeDone.
+func TestCallStateNotShared(t *testing.T) {
+	r := &replay{t: t, script: map[string][]step{"detachVolume": {{drop: true}}}}
+	srv := httptest.NewServer(r)
+	defer srv.Close()
+	r.url = srv.URL + "/client/api"
+	c := New(Config{URL: r.url, APIKey: "key", SecretKey: "secret"})
+	_, err := c.DetachVolume(ctxTimeout(t, 10*time.Second), "v")
+	if !IsMaybeDone(err) {
+		t.Fatalf("detach with a lost answer: %v, want MaybeDone", err)
+	}
+	srv.Close()
+	_, _, err = c.CreateVolume(ctxTimeout(t, 10*time.Second), CreateParams{Name: "v", DiskOfferingID: "o", ZoneID: "z"})
+	checkError(t, err, "createVolume", 0, 0, "connection refused", true)
+	if IsMaybeDone(err) {
+		t.Errorf("refused create after a lost detach is MaybeDone: %v", err)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"net/http/httptrace"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -49,6 +50,7 @@ type Client struct {
 	cfg       Config
 	log       *slog.Logger
 	transport *http.Transport
+	pool      sync.Pool // of *pooledClient
 	calls     atomic.Int64
 }
 
@@ -77,30 +79,58 @@ func New(cfg Config) *Client {
 // Calls counts the API calls made so far.
 func (c *Client) Calls() int64 { return c.calls.Load() }
 
-// callTransport binds one call's HTTP requests to its context and records
-// what cloudstack-go does not report: the last HTTP status and Retry-After
-// (when an answer is not CloudStack JSON), and whether the request was
-// written to CloudStack at all.
-type callTransport struct {
+// callState is what one call's HTTP requests record that cloudstack-go
+// does not report: the last HTTP status and Retry-After (when an answer is
+// not CloudStack JSON), and whether the request was written to CloudStack
+// at all.
+type callState struct {
 	ctx        context.Context
-	base       http.RoundTripper
 	status     int
 	retryAfter string
 	wrote      atomic.Bool
 }
 
-// RoundTrip sends req under the call's context.
+// callTransport sends the HTTP requests of a pooled cloudstack-go client
+// under the call that holds it (cur, set by do before each call).
+type callTransport struct {
+	base http.RoundTripper
+	cur  *callState
+}
+
+// RoundTrip sends req under the current call's context.
 func (t *callTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	st := t.cur
 	trace := &httptrace.ClientTrace{WroteRequest: func(info httptrace.WroteRequestInfo) {
 		if info.Err == nil {
-			t.wrote.Store(true)
+			st.wrote.Store(true)
 		}
 	}}
-	resp, err := t.base.RoundTrip(req.WithContext(httptrace.WithClientTrace(t.ctx, trace)))
+	resp, err := t.base.RoundTrip(req.WithContext(httptrace.WithClientTrace(st.ctx, trace)))
 	if resp != nil {
-		t.status, t.retryAfter = resp.StatusCode, resp.Header.Get("Retry-After")
+		st.status, st.retryAfter = resp.StatusCode, resp.Header.Get("Retry-After")
 	}
 	return resp, err
+}
+
+// pooledClient is a cloudstack-go client with its transport, used by one
+// call at a time: making one (a hundred services, a transport and a
+// cookie jar cloudstack-go allocates and ours replaces) cost more than
+// the call's own encoding.
+type pooledClient struct {
+	cs *cloudstack.CloudStackClient
+	rt *callTransport
+}
+
+// client takes a pooled cloudstack-go client, or makes one.
+func (c *Client) client() *pooledClient {
+	if p, ok := c.pool.Get().(*pooledClient); ok {
+		return p
+	}
+	rt := &callTransport{base: c.transport}
+	// verifyssl is moot: the transport is ours and verifies TLS.
+	cs := cloudstack.NewClient(c.cfg.URL, c.cfg.APIKey, c.cfg.SecretKey, true,
+		cloudstack.WithHTTPClient(&http.Client{Transport: rt}))
+	return &pooledClient{cs: cs, rt: rt}
 }
 
 // sideEffects lists the commands that change CloudStack: their lost
@@ -114,23 +144,24 @@ const tagResourceType = "Volume"
 
 // do runs one cloudstack-go call under ctx and the HTTP timeout, counts it
 // and classifies its error. cloudstack-go takes no context, so each call
-// gets its own sync client whose HTTP client carries ctx; connections are
-// shared through c.transport. cloudstack-go sends the side-effecting
+// holds a sync client of its own (taken from a pool) whose HTTP client
+// carries ctx; connections are shared through c.transport. cloudstack-go sends the side-effecting
 // commands as POST, which net/http never sends twice by itself.
 func do[T any](ctx context.Context, c *Client, command string, fn func(*cloudstack.CloudStackClient) (T, error)) (T, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.HTTPTimeout)
 	defer cancel()
 	c.calls.Add(1)
-	rt := &callTransport{ctx: ctx, base: c.transport}
-	// verifyssl is moot: the transport is ours and verifies TLS.
-	cs := cloudstack.NewClient(c.cfg.URL, c.cfg.APIKey, c.cfg.SecretKey, true,
-		cloudstack.WithHTTPClient(&http.Client{Transport: rt}))
+	st := &callState{ctx: ctx}
+	p := c.client()
+	p.rt.cur = st
 	start := time.Now()
-	res, err := fn(cs)
+	res, err := fn(p.cs)
+	p.rt.cur = nil
+	c.pool.Put(p)
 	hooks.CloudStackCall(command, time.Since(start), err)
 	if err != nil {
-		e := classify(command, err, answer{status: rt.status, retryAfter: rt.retryAfter,
-			sent: rt.wrote.Load(), sideEffect: sideEffects[command]})
+		e := classify(command, err, answer{status: st.status, retryAfter: st.retryAfter,
+			sent: st.wrote.Load(), sideEffect: sideEffects[command]})
 		c.log.Debug("call failed", "command", command, "duration", time.Since(start),
 			"code", e.Code, "retryable", e.Retryable, "maybe_done", e.MaybeDone, "err", e.Error())
 		return res, e

@@ -392,7 +392,7 @@ func (s *Service) dispatch(msg jetstream.Msg) {
 // runs its operation under the guard.
 func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, j job, log *slog.Logger) {
 	ctx := s.ctx
-	op, err := s.cfg.Store.GetOperation(ctx, j.OperationID)
+	op, err := s.jobOperation(ctx, j.OperationID, meta.NumDelivered == 1)
 	switch {
 	case errors.Is(err, state.ErrNotFound) && time.Since(meta.Timestamp) < unrecordedGrace:
 		// The record may not have reached the replica that answered yet
@@ -446,6 +446,23 @@ func (s *Service) take(msg jetstream.Msg, meta *jetstream.MsgMetadata, j job, lo
 		log.Warn("lease unavailable, job will be redelivered", "err", err)
 		_ = msg.NakWithDelay(retryDelay)
 	}
+}
+
+// jobOperation reads the operation a job names. On its first delivery
+// (first) that is from the store's memory when it holds the record
+// (state.RecentOperations: the embedded store has the records this
+// process wrote lately, and those its watcher saw); else, and on a
+// redelivery, from the store. Memory may be a moment behind the store, as
+// any read is by the time the operation runs: what is decided on it is
+// written by compare-and-swap on its revision, and a claim that finds the
+// record moved reads it again (engine.RunRead). An end it holds is final.
+func (s *Service) jobOperation(ctx context.Context, id string, first bool) (commands.Operation, error) {
+	if r, ok := s.cfg.Store.(state.RecentOperations); ok && first {
+		if op, ok := r.RecentOperation(id); ok {
+			return op, nil
+		}
+	}
+	return s.cfg.Store.GetOperation(ctx, id)
 }
 
 // holdBackoff bounds the wait of a hold whose operation has not ended; it

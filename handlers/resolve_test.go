@@ -285,6 +285,9 @@ func TestReconcileResolvesTimedOutJobs(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer events.Unsubscribe()
+			if err := h.nc.Flush(); err != nil { // the subscription is in place before the event
+				t.Fatal(err)
+			}
 			before := sideEffects(h.sim)
 			queries := h.sim.Stats().Calls["queryAsyncJobResult"]
 			start := time.Now().UTC().Truncate(time.Second)

@@ -1,7 +1,8 @@
 // Package httpbridge serves volumed's REST API under /api/v1. Commands run
 // in process through Commands, the command service that also answers them
 // on NATS; reads come from the state store and the Backend; waits follow
-// the operation events on NATS.
+// the store's view of the operation's end (the embedded store's), or the
+// operation events on NATS.
 package httpbridge
 
 import (

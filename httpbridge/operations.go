@@ -28,7 +28,7 @@ func (s *Server) getOperation(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	op, err := s.waitOperation(r.Context(), id, wait)
+	body, err := s.waitOperation(r.Context(), id, wait)
 	if err != nil {
 		if r.Context().Err() != nil {
 			return // the client went away
@@ -36,7 +36,7 @@ func (s *Server) getOperation(w http.ResponseWriter, r *http.Request) {
 		writeError(w, notFoundAs(err, commands.NotFound("operation %s not found", id).WithDetail("operation_id", id)))
 		return
 	}
-	writeJSON(w, http.StatusOK, op)
+	writeRaw(w, http.StatusOK, body)
 }
 
 // parseWait reads ?wait, a Go duration capped at MaxWait; 0 when absent.
@@ -54,30 +54,66 @@ func (s *Server) parseWait(r *http.Request) (time.Duration, error) {
 	return min(d, s.cfg.MaxWait), nil
 }
 
-// waitOperation returns the stored operation. With a wait, a non-terminal
-// operation is watched on its event subject, subscribed before the store
-// is read so no event is missed, until an event reports a terminal status,
-// the wait passes, or the server closes; the store's latest record is
-// answered in every case.
-func (s *Server) waitOperation(ctx context.Context, id string, wait time.Duration) (commands.Operation, error) {
+// waitOperation returns the stored operation's JSON. With a wait, a
+// non-terminal operation is waited for until it ends, the wait passes, or
+// the server closes: through the store when it tells of ends in process
+// (state.OperationEnds), else on the operation's events. The store's
+// latest record is answered in every case.
+func (s *Server) waitOperation(ctx context.Context, id string, wait time.Duration) ([]byte, error) {
 	if wait <= 0 {
-		return s.readOperation(ctx, id)
+		return s.readJSON(ctx, id)
 	}
+	if ends, ok := s.cfg.Store.(state.OperationEnds); ok {
+		return s.waitInStore(ctx, ends, id, wait)
+	}
+	return s.waitOnEvents(ctx, id, wait)
+}
+
+// waitInStore waits for the operation's end as the store sees it, watched
+// before the record is read so no end is missed. An end this process
+// wrote is answered as written (the latest record when it was written); an
+// end another process wrote, or a delete, is read from the store.
+func (s *Server) waitInStore(ctx context.Context, ends state.OperationEnds, id string, wait time.Duration) ([]byte, error) {
+	w := ends.WatchEnd(id)
+	defer w.Stop()
+	op, err := s.readOperation(ctx, id)
+	if err != nil || op.Status.Terminal() {
+		return encodeOp(op, err)
+	}
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	select {
+	case <-w.Done():
+		if rec := w.Record(); rec != nil {
+			return rec, nil
+		}
+	case <-timer.C:
+	case <-s.closing:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return s.readJSON(ctx, id)
+}
+
+// waitOnEvents watches the operation's event subject, subscribed before
+// the store is read so no event is missed, until an event reports a
+// terminal status, and then reads the store.
+func (s *Server) waitOnEvents(ctx context.Context, id string, wait time.Duration) ([]byte, error) {
 	events := make(chan *nats.Msg, eventBuffer)
 	sub, err := s.cfg.Conn.ChanSubscribe(commands.OpSubject(id), events)
 	if err != nil {
-		return commands.Operation{}, commands.Unavailable("subscribe to operation events: %v", err)
+		return nil, commands.Unavailable("subscribe to operation events: %v", err)
 	}
 	defer func() { _ = sub.Unsubscribe() }()
 	flushCtx, cancel := context.WithTimeout(ctx, s.cfg.QueryTimeout)
 	err = s.cfg.Conn.FlushWithContext(flushCtx)
 	cancel()
 	if err != nil {
-		return commands.Operation{}, commands.Unavailable("subscribe to operation events: %v", err)
+		return nil, commands.Unavailable("subscribe to operation events: %v", err)
 	}
 	op, err := s.readOperation(ctx, id)
 	if err != nil || op.Status.Terminal() {
-		return op, err
+		return encodeOp(op, err)
 	}
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
@@ -96,10 +132,23 @@ func (s *Server) waitOperation(ctx context.Context, id string, wait time.Duratio
 		case <-timer.C:
 		case <-s.closing:
 		case <-ctx.Done():
-			return commands.Operation{}, ctx.Err()
+			return nil, ctx.Err()
 		}
-		return s.readOperation(ctx, id)
+		return s.readJSON(ctx, id)
 	}
+}
+
+// readJSON reads one operation from the store and encodes it.
+func (s *Server) readJSON(ctx context.Context, id string) ([]byte, error) {
+	return encodeOp(s.readOperation(ctx, id))
+}
+
+// encodeOp is the JSON of op, or err.
+func encodeOp(op commands.Operation, err error) ([]byte, error) {
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(op)
 }
 
 // readOperation reads one operation from the store under the read timeout.

@@ -3,6 +3,7 @@ package httpbridge_test
 import (
 	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"slices"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/apitest"
 	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/state"
 )
 
 // Operation ids seeded by TestOperations, oldest first.
@@ -158,10 +160,27 @@ func publishUntil(t *testing.T, nc *nats.Conn, op commands.Operation, done <-cha
 	}
 }
 
+// eventsOnly is a store that does not tell of ends in process (as Redis):
+// a wait follows the operation events.
+type eventsOnly struct{ state.Store }
+
+// newKV is a KV store on b's default bucket.
+func newKV(t *testing.T, b *bus.Bus) *state.KV {
+	t.Helper()
+	kv, err := state.NewKV(context.Background(), b.JetStream(), state.KVConfig{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatalf("kv store: %v", err)
+	}
+	t.Cleanup(func() { _ = kv.Close(context.Background()) })
+	return kv
+}
+
+// TestOperationWait: with a store that does not tell of ends, a wait
+// follows the operation's events and answers the store's record.
 func TestOperationWait(t *testing.T) {
 	b := testenv.StartBus(t)
 	bridgeConn := testenv.Connect(t, b, bus.RoleDaemon, nats.Name("bridge-under-test"))
-	h := newHarnessOnBus(t, b, options{conn: bridgeConn})
+	h := newHarnessOnBus(t, b, options{conn: bridgeConn, store: eventsOnly{newKV(t, b)}})
 
 	t.Run("terminal event ends the wait with the stored record", func(t *testing.T) {
 		op := h.seedOperation(t, opPending, commands.OpDelete, commands.StatusPending, vol2, "", 34)
@@ -264,6 +283,161 @@ func TestOperationWait(t *testing.T) {
 		}
 		if err := h.srv.Close(ctx); err != nil {
 			t.Errorf("second close: %v", err)
+		}
+	})
+}
+
+// readSignal is the embedded store with a signal after each read of an
+// operation, so that a test knows a wait has read the record and waits.
+type readSignal struct {
+	*state.KV
+	reads chan string
+}
+
+func (s *readSignal) GetOperation(ctx context.Context, id string) (commands.Operation, error) {
+	op, err := s.KV.GetOperation(ctx, id)
+	s.reads <- id
+	return op, err
+}
+
+// startStoreWait long-polls an operation in the background and returns
+// once the bridge has read it (and so waits for its end).
+func startStoreWait(t *testing.T, h *harness, s *readSignal, id, wait string) <-chan waitResult {
+	t.Helper()
+	done := make(chan waitResult, 1)
+	req := apitest.NewRequest(t, "GET", h.base+"/operations/"+id+"?wait="+wait, "")
+	go func() {
+		start := time.Now()
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			done <- waitResult{}
+			return
+		}
+		defer resp.Body.Close()
+		raw, _ := io.ReadAll(resp.Body)
+		h.v.Check(t, req, resp, json.RawMessage(raw))
+		done <- waitResult{resp: resp, body: raw, took: time.Since(start)}
+	}()
+	select {
+	case got := <-s.reads:
+		if got != id {
+			t.Fatalf("read %s, want %s", got, id)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the wait of %s did not read it", id)
+	}
+	return done
+}
+
+// answer is a long poll's answer, or a failure after 30 s (the waits
+// are of minutes: an answer shows what ended it).
+func answer(t *testing.T, done <-chan waitResult) waitResult {
+	t.Helper()
+	select {
+	case r := <-done:
+		if r.resp == nil {
+			t.Fatal("long poll failed")
+		}
+		return r
+	case <-time.After(30 * time.Second):
+		t.Fatal("the long poll did not answer")
+	}
+	return waitResult{}
+}
+
+// TestOperationWaitInStore: with the embedded store, a wait ends when the
+// store sees the operation end, with no event: written by this process,
+// it answers the record as written (what a read answers); by another, or
+// deleted, it reads the store. An event alone ends nothing.
+func TestOperationWaitInStore(t *testing.T) {
+	b := testenv.StartBus(t)
+	s := &readSignal{KV: newKV(t, b), reads: make(chan string, 16)}
+	h := newHarnessOnBus(t, b, options{store: s})
+	other := newKV(t, b) // another process sharing the bucket
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	end := func(t *testing.T, store state.Store, op commands.Operation, status commands.OpStatus) {
+		t.Helper()
+		now := time.Now().UTC()
+		op.Status, op.UpdatedAt, op.CompletedAt, op.Error = status, now, &now, "CloudStack refused"
+		if _, err := store.UpdateOperation(ctx, op); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	t.Run("an end this process wrote", func(t *testing.T) {
+		op := h.seedOperation(t, opPending, commands.OpDelete, commands.StatusPending, vol2, "", 34)
+		done := startStoreWait(t, h, s, op.ID, "5m")
+		end(t, s.KV, op, commands.StatusFailed)
+		r := answer(t, done)
+		if r.resp.StatusCode != 200 || decodeAs[commands.Operation](t, r.body).Status != commands.StatusFailed {
+			t.Fatalf("answer %d %s", r.resp.StatusCode, r.body)
+		}
+		select {
+		case id := <-s.reads:
+			t.Errorf("read %s again: the end as written is the answer", id)
+		default:
+		}
+		resp, body := h.do(t, "GET", "/operations/"+op.ID, "")
+		<-s.reads
+		if resp.StatusCode != 200 || string(body) != string(r.body) {
+			t.Errorf("wait answered %s, a read %d %s", r.body, resp.StatusCode, body)
+		}
+	})
+	t.Run("an end another process wrote", func(t *testing.T) {
+		op := h.seedOperation(t, opDetach, commands.OpDetach, commands.StatusPending, vol1, "", 32)
+		done := startStoreWait(t, h, s, op.ID, "5m")
+		end(t, other, op, commands.StatusCancelled)
+		r := answer(t, done)
+		if r.resp.StatusCode != 200 || decodeAs[commands.Operation](t, r.body).Status != commands.StatusCancelled {
+			t.Fatalf("answer %d %s", r.resp.StatusCode, r.body)
+		}
+		if id := <-s.reads; id != op.ID {
+			t.Errorf("read %s, want %s read again", id, op.ID)
+		}
+	})
+	t.Run("a delete", func(t *testing.T) {
+		op := h.seedOperation(t, opAttach, commands.OpAttach, commands.StatusPending, vol1, vm1, 31)
+		done := startStoreWait(t, h, s, op.ID, "5m")
+		if err := other.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
+			t.Fatal(err)
+		}
+		r := answer(t, done)
+		<-s.reads
+		if r.resp.StatusCode != 404 {
+			t.Errorf("answer %d %s, want 404", r.resp.StatusCode, r.body)
+		}
+	})
+	t.Run("a terminal event alone", func(t *testing.T) {
+		op := h.seedOperation(t, opCreate, commands.OpCreate, commands.StatusPending, "", "", 30)
+		const wait = 300 * time.Millisecond
+		done := startStoreWait(t, h, s, op.ID, wait.String())
+		event := op
+		event.Status = commands.StatusCompleted
+		data, _ := json.Marshal(event)
+		if err := h.bus.Publish(commands.OpSubject(op.ID), data); err != nil {
+			t.Fatal(err)
+		}
+		r := answer(t, done)
+		<-s.reads
+		if got := decodeAs[commands.Operation](t, r.body); r.resp.StatusCode != 200 || got.Status != commands.StatusPending {
+			t.Errorf("answer %d %s, want the stored pending record", r.resp.StatusCode, r.body)
+		}
+		if r.took < wait {
+			t.Errorf("answered after %v, before the %v wait ended", r.took, wait)
+		}
+	})
+	t.Run("close answers pending waits", func(t *testing.T) {
+		const id = "op-07a8b9c0-d1e2-4456-8c23-567890123456"
+		h.seedOperation(t, id, commands.OpDetach, commands.StatusPending, vol2, "", 29)
+		done := startStoreWait(t, h, s, id, "5m")
+		if err := h.srv.Close(ctx); err != nil {
+			t.Fatalf("close: %v", err)
+		}
+		r := answer(t, done)
+		<-s.reads
+		if r.resp.StatusCode != 200 || decodeAs[commands.Operation](t, r.body).Status != commands.StatusPending {
+			t.Errorf("answer %d %s", r.resp.StatusCode, r.body)
 		}
 	})
 }

@@ -42,7 +42,8 @@ type Config struct {
 	// Listen is the host:port to serve on; default DefaultListen. Port 0
 	// picks a free port (see Server.Addr).
 	Listen string
-	// Conn carries the operation events a wait follows; required.
+	// Conn carries the operation events a wait follows when the Store
+	// does not tell of ends in process (state.OperationEnds); required.
 	Conn *nats.Conn
 	// Commands runs the commands; required.
 	Commands Commands

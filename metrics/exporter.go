@@ -175,17 +175,34 @@ func (e *Exporter) Close(context.Context) error {
 	return nil
 }
 
-// event counts one operation event.
+// counted is what the counts read of an operation event: its JSON is
+// decoded once, into these fields only (an event is the whole operation,
+// request, response and details included).
+type counted struct {
+	Type        commands.OpType            `json:"type"`
+	Status      commands.OpStatus          `json:"status"`
+	Details     map[string]json.RawMessage `json:"details"`
+	Workflow    *countedSteps              `json:"workflow"`
+	Response    *countedSteps              `json:"response"`
+	CreatedAt   time.Time                  `json:"created_at"`
+	CompletedAt *time.Time                 `json:"completed_at"`
+}
+
+// countedSteps is the steps of a workflow or of its response.
+type countedSteps struct {
+	Steps []commands.WorkflowStep `json:"steps"`
+}
+
+// resolved is commands.Operation.Resolved: the reconcile's record of what
+// became of a timed-out job.
+func (o *counted) resolved() bool {
+	_, ok := o.Details[commands.DetailResolvedAt]
+	return ok
+}
+
+// event counts one operation event: an acceptance (pending) or an end.
 func (e *Exporter) event(msg *nats.Msg) {
-	// Only an acceptance and an end are counted: the status first, and
-	// the whole operation only for those.
-	var head struct {
-		Status commands.OpStatus `json:"status"`
-	}
-	if err := json.Unmarshal(msg.Data, &head); err == nil && head.Status != commands.StatusPending && !head.Status.Terminal() {
-		return
-	}
-	var op commands.Operation
+	var op counted
 	if err := json.Unmarshal(msg.Data, &op); err != nil || op.Type == "" {
 		e.log.Debug("undecodable operation event", "subject", msg.Subject, "err", err)
 		return
@@ -193,12 +210,12 @@ func (e *Exporter) event(msg *nats.Msg) {
 	switch {
 	case op.Status == commands.StatusPending:
 		e.ops.WithLabelValues(string(op.Type), string(op.Status)).Inc()
-	case op.Resolved():
+	case op.resolved():
 		// The reconcile's record of a timed-out job: the operation had
 		// failed, and was counted, already.
 	case op.Status.Terminal():
 		e.ops.WithLabelValues(string(op.Type), string(op.Status)).Inc()
-		if d := op.Duration(); d > 0 {
+		if d := commands.Took(op.CreatedAt, op.CompletedAt); d > 0 {
 			e.duration.WithLabelValues(string(op.Type)).Observe(d.Seconds())
 		}
 		if slices.Contains(workflowTypes, op.Type) {
@@ -213,7 +230,7 @@ var workflowTypes = []commands.OpType{commands.OpFailover, commands.OpRollback}
 
 // workflowEnded counts the steps of a failover or rollback that ended, as
 // its final record has them, and its failure.
-func (e *Exporter) workflowEnded(op commands.Operation) {
+func (e *Exporter) workflowEnded(op counted) {
 	var steps []commands.WorkflowStep
 	switch {
 	case op.Workflow != nil:
@@ -228,8 +245,12 @@ func (e *Exporter) workflowEnded(op commands.Operation) {
 		}
 		e.steps.WithLabelValues(string(op.Type), s.Name, phase, s.Status).Inc()
 	}
-	if c, ok := op.Details[commands.DetailCompensated].(bool); ok && op.Status == commands.StatusFailed {
-		e.failures.WithLabelValues(string(op.Type), strconv.FormatBool(c)).Inc()
+	var compensated any
+	if raw, ok := op.Details[commands.DetailCompensated]; ok && op.Status == commands.StatusFailed &&
+		json.Unmarshal(raw, &compensated) == nil {
+		if c, ok := compensated.(bool); ok {
+			e.failures.WithLabelValues(string(op.Type), strconv.FormatBool(c)).Inc()
+		}
 	}
 }
 

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/formation"
+	"github.com/volumed/volumed/internal/jsget"
 )
 
 // DefaultKVBucket is the JetStream KeyValue bucket of the embedded store.
@@ -89,6 +89,7 @@ type KV struct {
 	byDevice map[string]string
 	byVM     map[string]map[string]struct{}
 	exports  map[string]kvEntry[commands.Export]
+	ends     endWatches // the watches of WatchEnd
 
 	watcher   *kvWatcher
 	stop      chan struct{} // closed by Close: stops saving the cache
@@ -213,7 +214,7 @@ func decodeRecord[T any](raw []byte) (*T, error) {
 // applyOpValue puts revision rev of the operation op (nil: deleted),
 // whose JSON is raw, in the index and the recent records unless the index
 // already holds that revision or a later one: a writer's own record, or
-// one the watcher delivered.
+// one the watcher delivered. The watches of its end hear of it.
 func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []byte, fromWatcher bool) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -221,6 +222,7 @@ func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []b
 	if !k.fresh(cur, rev, fromWatcher) {
 		return nil
 	}
+	defer k.ends.applied(id, op, raw, !fromWatcher)
 	if op == nil {
 		k.ops.remove(id)
 		k.recent.forget(id)
@@ -376,9 +378,9 @@ func (k *KV) CreateOperation(ctx context.Context, op commands.Operation) (comman
 	return op, k.applyOpValue(op.ID, rev, &op, data, false)
 }
 
-// UpdateOperation replaces the operation at op.Revision with one KV Update
-// on that revision, after checking the change (checkMove) against the
-// record there. A lost race is ErrStale; it is never retried here.
+// UpdateOperation replaces the operation at op.Revision with one write
+// conditioned on that revision, after checking the change (checkMove)
+// against the record there. A lost race is ErrStale; it is never retried here.
 func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
 	if err := checkOp(&op); err != nil {
 		return op, err
@@ -398,14 +400,19 @@ func (k *KV) UpdateOperation(ctx context.Context, op commands.Operation) (comman
 	if err != nil {
 		return op, fmt.Errorf("state: encode operation %s: %w", op.ID, err)
 	}
-	rev, err := k.kv.Update(ctx, kvOpPrefix+op.ID, data, op.Revision)
-	if wrongRevision(err) {
+	// One publish on the key's revision: the KeyValue API's Update, but
+	// for its key check (a regular expression; validKey is the same rule).
+	key := kvOpPrefix + op.ID
+	if !validKey(key) {
+		return op, kvErr("update operation", jetstream.ErrInvalidKey)
+	}
+	rev, err := k.single(ctx, kvWrite{key: key, data: data, expect: op.Revision})
+	if errors.Is(err, errBatchStale) {
 		return op, stale("operation", op.ID, op.Revision)
 	}
 	if err != nil {
-		return op, kvErr("update operation", err)
+		return op, err
 	}
-	k.writes.Add(1)
 	op.Revision = rev
 	return op, k.applyOpValue(op.ID, rev, &op, data, false)
 }
@@ -689,7 +696,7 @@ func (k *KV) lastMsgSeq(ctx context.Context) (uint64, error) {
 		ctx, cancel = context.WithTimeout(ctx, k.js.Options().DefaultTimeout)
 		defer cancel()
 	}
-	msg, err := k.js.Conn().RequestWithContext(ctx, apiPrefix(k.js.Options())+"STREAM.MSG.GET."+k.stream.CachedInfo().Config.Name, req)
+	msg, err := k.js.Conn().RequestWithContext(ctx, jsget.APIPrefix(k.js.Options())+"STREAM.MSG.GET."+k.stream.CachedInfo().Config.Name, req)
 	if err != nil {
 		return 0, err
 	}
@@ -711,18 +718,6 @@ func (k *KV) lastMsgSeq(ctx context.Context) (uint64, error) {
 		return 0, errors.New("the last message: an answer without one")
 	}
 	return resp.Message.Seq, nil
-}
-
-// apiPrefix is the subject prefix of the JetStream API requests of a
-// client with options o.
-func apiPrefix(o jetstream.JetStreamOptions) string {
-	switch {
-	case o.Domain != "":
-		return "$JS." + o.Domain + ".API."
-	case o.APIPrefix != "":
-		return strings.TrimSuffix(o.APIPrefix, ".") + "."
-	}
-	return jetstream.DefaultAPIPrefix
 }
 
 // kvGap records that when the stream's last sequence was streamLast, the

@@ -47,9 +47,7 @@ func (k *KV) last(ctx context.Context, key string) (kvLast, error) {
 	if !validKey(key) {
 		return kvLast{}, kvErr("read "+key, jetstream.ErrInvalidKey)
 	}
-	msg, err := jsget.Get(ctx, k.stream, func() (*jetstream.RawStreamMsg, error) {
-		return k.stream.GetLastMsgForSubject(ctx, k.subject(key))
-	})
+	msg, err := jsget.Last(ctx, k.js, k.stream, k.subject(key))
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
 		return kvLast{}, nil
 	}
