@@ -111,13 +111,11 @@ type waitResult struct {
 	took time.Duration
 }
 
-// startWait long-polls an operation in the background on its own
-// connection-counting bridge and returns once the bridge has subscribed
-// to the operation's events.
-func startWait(t *testing.T, h *harness, bridgeConn *nats.Conn, id, wait string) <-chan waitResult {
+// longPoll asks for an operation with ?wait in the background; its
+// answer, checked against the API document, comes on the channel.
+func longPoll(t *testing.T, h *harness, id, wait string) <-chan waitResult {
 	t.Helper()
 	done := make(chan waitResult, 1)
-	before := bridgeConn.NumSubscriptions()
 	req := apitest.NewRequest(t, "GET", h.base+"/operations/"+id+"?wait="+wait, "")
 	go func() {
 		start := time.Now()
@@ -127,11 +125,20 @@ func startWait(t *testing.T, h *harness, bridgeConn *nats.Conn, id, wait string)
 			return
 		}
 		defer resp.Body.Close()
-		var raw json.RawMessage
-		_ = json.NewDecoder(resp.Body).Decode(&raw)
-		h.v.Check(t, req, resp, raw)
+		raw, _ := io.ReadAll(resp.Body)
+		h.v.Check(t, req, resp, json.RawMessage(raw))
 		done <- waitResult{resp: resp, body: raw, took: time.Since(start)}
 	}()
+	return done
+}
+
+// startWait long-polls an operation in the background on its own
+// connection-counting bridge and returns once the bridge has subscribed
+// to the operation's events.
+func startWait(t *testing.T, h *harness, bridgeConn *nats.Conn, id, wait string) <-chan waitResult {
+	t.Helper()
+	before := bridgeConn.NumSubscriptions()
+	done := longPoll(t, h, id, wait)
 	testenv.Eventually(t, 10*time.Second, func() bool { return bridgeConn.NumSubscriptions() > before },
 		"bridge subscribed to %s", commands.OpSubject(id))
 	return done
@@ -304,20 +311,7 @@ func (s *readSignal) GetOperation(ctx context.Context, id string) (commands.Oper
 // once the bridge has read it (and so waits for its end).
 func startStoreWait(t *testing.T, h *harness, s *readSignal, id, wait string) <-chan waitResult {
 	t.Helper()
-	done := make(chan waitResult, 1)
-	req := apitest.NewRequest(t, "GET", h.base+"/operations/"+id+"?wait="+wait, "")
-	go func() {
-		start := time.Now()
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			done <- waitResult{}
-			return
-		}
-		defer resp.Body.Close()
-		raw, _ := io.ReadAll(resp.Body)
-		h.v.Check(t, req, resp, json.RawMessage(raw))
-		done <- waitResult{resp: resp, body: raw, took: time.Since(start)}
-	}()
+	done := longPoll(t, h, id, wait)
 	select {
 	case got := <-s.reads:
 		if got != id {

@@ -222,7 +222,13 @@ func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []b
 	if !k.fresh(cur, rev, fromWatcher) {
 		return nil
 	}
-	defer k.ends.applied(id, op, raw, !fromWatcher)
+	if op == nil || op.Status.Terminal() {
+		var own []byte
+		if op != nil && !fromWatcher {
+			own = raw
+		}
+		defer k.ends.ended(id, own)
+	}
 	if op == nil {
 		k.ops.remove(id)
 		k.recent.forget(id)

@@ -93,6 +93,13 @@ func sameState(t *testing.T, got, want state.Store) {
 				storetest.IDs(w), wnext, werr)
 		}
 	}
+	sameCounts(ctx, t, got, want)
+}
+
+// sameCounts fails unless got has want's counts, mappings (by volume and
+// by device) and exports.
+func sameCounts(ctx context.Context, t *testing.T, got, want state.Store) {
+	t.Helper()
 	gs, gerr := got.Stats(ctx)
 	ws, werr := want.Stats(ctx)
 	gs.Writes, ws.Writes = 0, 0

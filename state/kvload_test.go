@@ -158,22 +158,7 @@ func sameFullRead(t *testing.T, got, want state.Store) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	gs, gerr := got.Stats(ctx)
-	ws, werr := want.Stats(ctx)
-	gs.Writes, ws.Writes = 0, 0
-	if gerr != nil || werr != nil || !reflect.DeepEqual(gs, ws) {
-		t.Errorf("stats: got %+v (%v), want %+v (%v)", gs, gerr, ws, werr)
-	}
-	gm, gerr := got.ListMappings(ctx, "")
-	wm, werr := want.ListMappings(ctx, "")
-	if gerr != nil || werr != nil || !reflect.DeepEqual(gm, wm) {
-		t.Errorf("mappings: got %+v (%v), want %+v (%v)", gm, gerr, wm, werr)
-	}
-	ge, gerr := got.ListExports(ctx)
-	we, werr := want.ListExports(ctx)
-	if gerr != nil || werr != nil || !reflect.DeepEqual(ge, we) {
-		t.Errorf("exports: got %+v (%v), want %+v (%v)", ge, gerr, we, werr)
-	}
+	sameCounts(ctx, t, got, want)
 	for _, f := range append(slices.Clone(cacheFilters), fullReadFilters...) {
 		f.Cursor = ""
 		if f.Limit == 0 {

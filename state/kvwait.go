@@ -2,8 +2,6 @@ package state
 
 import (
 	"sync"
-
-	"github.com/volumed/volumed/commands"
 )
 
 // OperationEnds is a store that tells, in process, when an operation
@@ -88,13 +86,10 @@ func (e *endWatches) remove(w *EndWatch) {
 	}
 }
 
-// applied tells the watches of operation id of its revision applied to
-// memory: op nil when deleted; raw is its JSON when this process wrote it
-// (own), else nil. A terminal revision or a delete closes them.
-func (e *endWatches) applied(id string, op *commands.Operation, raw []byte, own bool) {
-	if op != nil && !op.Status.Terminal() {
-		return
-	}
+// ended tells the watches of operation id that memory now holds its end:
+// a terminal revision, or its delete. own is the terminal record's JSON
+// when this process wrote it, else nil. It closes them.
+func (e *endWatches) ended(id string, own []byte) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	ws := e.by[id]
@@ -103,9 +98,7 @@ func (e *endWatches) applied(id string, op *commands.Operation, raw []byte, own 
 	}
 	delete(e.by, id)
 	for _, w := range ws {
-		if op != nil && own {
-			w.record = raw
-		}
+		w.record = own
 		close(w.done)
 	}
 }

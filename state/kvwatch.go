@@ -284,8 +284,14 @@ func putWatchedOp[S ~string | ~[]byte](k *KV, id string, rev uint64, f *opFields
 	defer k.mu.Unlock()
 	// fresh but for the revision the index holds, which putNewer looks
 	// up.
-	if k.fresh(0, rev, true) && putNewer(k.ops, id, rev, f) && recent {
+	if !k.fresh(0, rev, true) || !putNewer(k.ops, id, rev, f) {
+		return
+	}
+	if recent {
 		k.recent.put(id, rev, raw)
+	}
+	if commands.OpStatus(f.status).Terminal() {
+		k.ends.ended(id, nil)
 	}
 }
 
