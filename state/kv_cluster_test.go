@@ -96,7 +96,13 @@ func TestKVWatcherOutlivesItsServer(t *testing.T) {
 			t.Fatal("the watcher was never placed off the leaders")
 		}
 		a = open()
-		hosts := testenv.Consumers(ctx, t, js, stream)
+		// A consumer just made may be missing from the list for a
+		// moment (its member has not answered the listing yet).
+		var hosts map[string]string
+		testenv.Eventually(t, 10*time.Second, func() bool {
+			hosts = testenv.Consumers(ctx, t, js, stream)
+			return len(hosts) > 0
+		}, "a consumer of %s", stream)
 		if len(hosts) != 1 {
 			t.Fatalf("consumers of %s on %v, want the watcher alone", stream, hosts)
 		}
