@@ -126,26 +126,7 @@ func TestKVIndexCacheCluster(t *testing.T) {
 	}{
 		{name: "clean restart", used: true},
 		{name: "a write by another member while down", used: true, meanwhile: func(t *testing.T, o *state.KV, _, _ string) {
-			op, err := o.GetOperation(ctx, storetest.ID(5))
-			if err != nil {
-				t.Fatal(err)
-			}
-			op.Status = commands.StatusExecuting
-			if _, err := o.UpdateOperation(ctx, op); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := o.CreateOperation(ctx, storetest.Op(100, commands.OpDetach, commands.StatusPending, "vol-1", "vm-1", time.Now())); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.DeleteMapping(ctx, "vol-2", 0); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := o.PutMapping(ctx, storetest.Mapping("vol-3", "vm-2", "/dev/vdd")); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.DeleteExport(ctx, storetest.ID(1), 0); err != nil {
-				t.Fatal(err)
-			}
+			changeWhileStopped(ctx, t, o)
 		}},
 		{name: "a prune by another member while down", used: true, meanwhile: func(t *testing.T, o *state.KV, _, _ string) {
 			if n, err := o.PruneOperations(ctx, time.Now().Add(time.Hour), 5); err != nil || n != 5 {

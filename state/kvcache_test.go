@@ -123,6 +123,33 @@ func sameCounts(ctx context.Context, t *testing.T, got, want state.Store) {
 	}
 }
 
+// changeWhileStopped changes, through o, records of fillCacheTest's that a
+// stopped store's cache holds: an operation updated and one created, a
+// mapping deleted and one written, an export deleted.
+func changeWhileStopped(ctx context.Context, t *testing.T, o *state.KV) {
+	t.Helper()
+	op, err := o.GetOperation(ctx, storetest.ID(5))
+	if err != nil {
+		t.Fatal(err)
+	}
+	op.Status = commands.StatusExecuting
+	if _, err := o.UpdateOperation(ctx, op); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := o.CreateOperation(ctx, storetest.Op(100, commands.OpDetach, commands.StatusPending, "vol-1", "vm-1", time.Now())); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.DeleteMapping(ctx, "vol-2", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := o.PutMapping(ctx, storetest.Mapping("vol-3", "vm-2", "/dev/vdd")); err != nil {
+		t.Fatal(err)
+	}
+	if err := o.DeleteExport(ctx, storetest.ID(1), 0); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestKVIndexCache: a store restarted on its index cache lists, counts
 // and indexes exactly what a store reading every record does, the
 // changes other stores made while it was stopped included, and writes on
@@ -143,27 +170,8 @@ func TestKVIndexCache(t *testing.T) {
 	}{
 		{name: "clean restart", used: true},
 		{name: "changes while stopped", used: true, meanwhile: func(t *testing.T, o *state.KV, _, _ string) {
-			op, err := o.GetOperation(ctx, storetest.ID(5))
-			if err != nil {
-				t.Fatal(err)
-			}
-			op.Status = commands.StatusExecuting
-			if _, err := o.UpdateOperation(ctx, op); err != nil {
-				t.Fatal(err)
-			}
+			changeWhileStopped(ctx, t, o)
 			if _, err := o.PruneOperations(ctx, time.Now().Add(time.Hour), 2); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := o.CreateOperation(ctx, storetest.Op(100, commands.OpDetach, commands.StatusPending, "vol-1", "vm-1", time.Now())); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.DeleteMapping(ctx, "vol-2", 0); err != nil {
-				t.Fatal(err)
-			}
-			if _, err := o.PutMapping(ctx, storetest.Mapping("vol-3", "vm-2", "/dev/vdd")); err != nil {
-				t.Fatal(err)
-			}
-			if err := o.DeleteExport(ctx, storetest.ID(1), 0); err != nil {
 				t.Fatal(err)
 			}
 		}},

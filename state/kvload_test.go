@@ -28,34 +28,10 @@ var (
 		"(with the same -fullread.ops); default a temporary one")
 )
 
-// benchOp is the i-th operation of a history like bench/scale's: types
-// and terminal statuses in turn over 10,000 volumes, 1,000 VMs and 20
-// requesters.
+// benchOp is the i-th operation of bench/scale's history over 10,000
+// volumes, 1,000 VMs and 20 requesters, created 2.5 s apart from base.
 func benchOp(i int, base time.Time) commands.Operation {
-	uuid := func(kind, i int) string { return fmt.Sprintf("%08x-0000-4000-8000-%012x", kind, i) }
-	typ := commands.OpTypes[i%len(commands.OpTypes)]
-	status := commands.StatusCompleted
-	if (i/len(commands.OpTypes))%10 == 3 {
-		status = commands.StatusFailed
-	}
-	vol, vm := uuid(1, i%10_000), uuid(2, i%1_000)
-	created := base.Add(time.Duration(i) * 2500 * time.Millisecond)
-	done := created.Add(3 * time.Second)
-	dev := int64(1 + i%14)
-	op := commands.Operation{ID: "op-" + uuid(3, i), Type: typ, Status: status, VolumeID: vol,
-		Request: json.RawMessage(fmt.Sprintf(`{"volume_id":%q,"vm_id":%q}`, vol, vm)),
-		Step:    string(typ) + ":done", JobID: uuid(4, i), Attempts: 1,
-		RequestedBy: fmt.Sprintf("api-token:bench-%d@127.0.0.1", i%20), CreatedAt: created, UpdatedAt: done, CompletedAt: &done}
-	if typ == commands.OpAttach || typ == commands.OpDetach {
-		op.VMID = &vm
-	}
-	if status == commands.StatusCompleted {
-		op.Response = &commands.OpResponse{VolumeID: vol, VMID: vm, DevicePath: "/dev/vdb", DeviceID: &dev,
-			Message: "Volume attached successfully"}
-	} else {
-		op.Error = "cloudstack: job failed: bench"
-	}
-	return op
+	return storetest.History{Volumes: 10_000, VMs: 1_000, Callers: 20, Start: base, Step: 2500 * time.Millisecond}.Op(i)
 }
 
 // fillBucket writes n operations into bucket as a store's creates do (a

@@ -11,7 +11,6 @@ package main
 import (
 	"context"
 	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -35,6 +34,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/stores/redisstore"
+	"github.com/volumed/volumed/stores/storetest"
 )
 
 type config struct {
@@ -97,7 +97,7 @@ func run(ctx context.Context, c config) error {
 	c.work = work
 	fmt.Printf("machine: %s; store %s; %d operations over %d volumes, %d VMs, %d callers\n",
 		proc.Machine(), c.store, c.n, c.volumes, c.vms, c.callers)
-	gen := generator{c: c, start: time.Now().Add(-29 * 24 * time.Hour).Truncate(time.Second)}
+	gen := newGenerator(c)
 	data := filepath.Join(c.work, "data")
 	if err := gen.loadAndMeasure(ctx, data); err != nil {
 		return err
@@ -107,52 +107,14 @@ func run(ctx context.Context, c config) error {
 
 // generator makes the i-th operation of the history, the same every run.
 type generator struct {
-	c     config
-	start time.Time
+	storetest.History
+	c config
 }
 
-func uuidOf(kind, i int) string { return fmt.Sprintf("%08x-0000-4000-8000-%012x", kind, i) }
-
-func (g generator) volume(i int) string { return uuidOf(1, i%g.c.volumes) }
-func (g generator) vm(i int) string     { return uuidOf(2, i%g.c.vms) }
-func (g generator) caller(i int) string {
-	return fmt.Sprintf("api-token:bench-%d@127.0.0.1", i%g.c.callers)
-}
-func (g generator) id(i int) string     { return "op-" + uuidOf(3, i) }
-func (g generator) step() time.Duration { return 29 * 24 * time.Hour / time.Duration(g.c.n) }
-func (g generator) created(i int) time.Time {
-	return g.start.Add(time.Duration(i) * g.step())
-}
-
-// op is the i-th operation: types and terminal statuses in turn, a
-// volume, a VM for attaches and detaches, the payload volumed records.
-func (g generator) op(i int) commands.Operation {
-	typ := commands.OpTypes[i%len(commands.OpTypes)]
-	status := commands.StatusCompleted
-	switch round := i / len(commands.OpTypes); {
-	case round%10 == 3:
-		status = commands.StatusFailed
-	case round%50 == 7:
-		status = commands.StatusCancelled
-	}
-	vol, vm := g.volume(i), g.vm(i)
-	created := g.created(i)
-	done := created.Add(3 * time.Second)
-	dev := int64(1 + i%14)
-	op := commands.Operation{ID: g.id(i), Type: typ, Status: status, VolumeID: vol,
-		Request: json.RawMessage(fmt.Sprintf(`{"volume_id":%q,"vm_id":%q}`, vol, vm)),
-		Step:    string(typ) + ":done", JobID: uuidOf(4, i), Attempts: 1, RequestedBy: g.caller(i),
-		CreatedAt: created, UpdatedAt: done, CompletedAt: &done}
-	if typ == commands.OpAttach || typ == commands.OpDetach {
-		op.VMID = &vm
-	}
-	if status == commands.StatusCompleted {
-		op.Response = &commands.OpResponse{VolumeID: vol, VMID: vm, DevicePath: "/dev/vdb", DeviceID: &dev,
-			Message: "Volume attached successfully"}
-	} else {
-		op.Error = "cloudstack: job failed: bench"
-	}
-	return op
+// newGenerator spreads c's history over the 29 days before now.
+func newGenerator(c config) generator {
+	return generator{c: c, History: storetest.History{Volumes: c.volumes, VMs: c.vms, Callers: c.callers,
+		Start: time.Now().Add(-29 * 24 * time.Hour).Truncate(time.Second), Step: 29 * 24 * time.Hour / time.Duration(c.n)}}
 }
 
 // openStore opens the store volumed will use on data (the embedded
@@ -205,7 +167,7 @@ func (g generator) loadAndMeasure(ctx context.Context, data string) error {
 				if i >= g.c.n {
 					return
 				}
-				if _, err := s.CreateOperation(ctx, g.op(i)); err != nil && !errors.Is(err, state.ErrExists) {
+				if _, err := s.CreateOperation(ctx, g.Op(i)); err != nil && !errors.Is(err, state.ErrExists) {
 					errc <- fmt.Errorf("create %d: %w", i, err)
 					return
 				}
@@ -251,7 +213,7 @@ func (g generator) loadAndMeasure(ctx context.Context, data string) error {
 		}
 	}
 	lat, err := g.sample(func(_ int, r *rand.Rand) error {
-		_, err := s.GetOperation(ctx, g.id(r.IntN(g.c.n)))
+		_, err := s.GetOperation(ctx, g.ID(r.IntN(g.c.n)))
 		return err
 	})
 	if err != nil {
@@ -290,7 +252,7 @@ func (g generator) queries() []query {
 	// filter made of its fields selects something.
 	pick := func(r *rand.Rand, keep func(commands.Operation) bool) commands.Operation {
 		for {
-			if op := g.op(r.IntN(g.c.n)); keep(op) {
+			if op := g.Op(r.IntN(g.c.n)); keep(op) {
 				return op
 			}
 		}
@@ -332,7 +294,7 @@ func (g generator) queries() []query {
 // the cursor the bridge would have returned on that page).
 func (g generator) deepCursor(f state.Filter) string {
 	for i := g.c.n / 2; i >= 0; i-- {
-		op := g.op(i)
+		op := g.Op(i)
 		if (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
 			(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || op.VM() == f.VMID) &&
 			(f.RequestedBy == "" || op.RequestedBy == f.RequestedBy) {
@@ -529,7 +491,7 @@ func (g generator) measureHTTP(ctx context.Context, cl client) error {
 	}
 	for _, tc := range []struct{ name, query string }{{"GET /operations/{id}", ""}, {"GET /operations/{id}?wait=10s", "?wait=10s"}} {
 		lat, err := g.sample(func(_ int, r *rand.Rand) error {
-			return cl.get(ctx, "/operations/"+g.id(r.IntN(g.c.n))+tc.query)
+			return cl.get(ctx, "/operations/"+g.ID(r.IntN(g.c.n))+tc.query)
 		})
 		if err != nil {
 			return err

@@ -14,7 +14,7 @@ func TestLoadAndMeasure(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	c := config{store: "kv", n: 700, volumes: 50, vms: 10, callers: 5, writers: 8, samples: 3}
-	g := generator{c: c, start: time.Now().Add(-29 * 24 * time.Hour).Truncate(time.Second)}
+	g := newGenerator(c)
 	if err := g.loadAndMeasure(ctx, t.TempDir()); err != nil {
 		t.Fatal(err)
 	}
