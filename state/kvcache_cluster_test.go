@@ -129,6 +129,12 @@ func TestKVIndexCacheCluster(t *testing.T) {
 			changeWhileStopped(ctx, t, o)
 		}},
 		{name: "a prune by another member while down", used: true, meanwhile: func(t *testing.T, o *state.KV, _, _ string) {
+			// A prune reads the store's memory as it is, whose watcher
+			// may not have applied member 0's writes yet (a loaded
+			// machine): a read waits until it has.
+			if _, err := o.Stats(ctx); err != nil {
+				t.Fatal(err)
+			}
 			if n, err := o.PruneOperations(ctx, time.Now().Add(time.Hour), 5); err != nil || n != 5 {
 				t.Fatalf("pruned %d: %v", n, err)
 			}
