@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strings"
 	"unicode"
+	"unicode/utf8"
 )
 
 // MinVolumeSize is the smallest volume volumed creates: 1 GiB.
@@ -190,11 +191,22 @@ func DecodeVolume(data []byte) (VolumeRequest, error) {
 	return r, err
 }
 
+// DecodeForceSync validates a force-sync request, which takes nothing: an
+// empty body, or a JSON object without fields.
+func DecodeForceSync(data []byte) error {
+	var none struct{}
+	return decodeStrict(data, &none)
+}
+
 // decodeStrict decodes one JSON object, rejecting unknown fields, trailing
-// data and oversized bodies with INVALID_REQUEST errors.
+// data, bytes that are not UTF-8 (which encoding/json would silently turn
+// into U+FFFD) and oversized bodies with INVALID_REQUEST errors.
 func decodeStrict(data []byte, v any) error {
 	if len(data) > MaxBodyBytes {
 		return Invalid("", "request body is larger than %d bytes", MaxBodyBytes)
+	}
+	if !utf8.Valid(data) {
+		return Invalid("", "malformed JSON: the request body is not valid UTF-8")
 	}
 	if len(bytes.TrimSpace(data)) == 0 {
 		data = []byte("{}")
@@ -240,6 +252,8 @@ func jsonKind(goKind string) string {
 		return "a boolean"
 	case "map", "struct":
 		return "an object"
+	case "slice", "array":
+		return "an array"
 	}
 	return fmt.Sprintf("a %s", goKind)
 }

@@ -45,6 +45,8 @@ func TestDecodeCreate(t *testing.T) {
 		{"array body", `[]`, "", false, 0},
 		{"trailing data", `{"name":"n"} x`, "", false, 0},
 		{"truncated", `{"name":`, "", false, 0},
+		// encoding/json would take it as U+FFFD: the name recorded would not be the one sent.
+		{"name not UTF-8", "{\"name\":\"a\xffb\",\"size\":1073741824,\"disk_offering_id\":\"" + offering + "\",\"zone_id\":\"" + zone + "\"}", "", false, 0},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -180,6 +182,29 @@ func TestValidateIdempotencyKey(t *testing.T) {
 		if tc.ok != (err == nil) || (err != nil && (!errors.As(err, &e) || e.Status != http.StatusBadRequest || e.Details["field"] != commands.IdempotencyKeyHeader)) {
 			t.Errorf("key %q: %v, want ok=%v", tc.key, err, tc.ok)
 		}
+	}
+}
+
+// TestDecodeTypeErrors: a field of the wrong JSON type is named, with
+// the JSON kind it must be, not Go's.
+func TestDecodeTypeErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, body, field, want string
+		decode                  func([]byte) error
+	}{
+		{"array", `{"vm_id":"` + vm + `","root_volume_id":"` + vol + `","data_volume_ids":"` + vol + `"}`, "data_volume_ids",
+			"data_volume_ids must be an array, got string", func(b []byte) error { _, err := commands.DecodeFailover(b); return err }},
+		{"boolean", `{"volume_id":"` + vol + `","force":"yes"}`, "force",
+			"force must be a boolean, got string", func(b []byte) error { _, err := commands.DecodeVolume(b); return err }},
+		{"integer", `{"name":"n","size":"1"}`, "size",
+			"size must be an integer, got string", func(b []byte) error { _, err := commands.DecodeCreate(b); return err }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var e *commands.Error
+			if err := tc.decode([]byte(tc.body)); !errors.As(err, &e) || e.Details["field"] != tc.field || e.Message != tc.want {
+				t.Fatalf("error %v (%+v), want %q on field %q", err, e, tc.want, tc.field)
+			}
+		})
 	}
 }
 
