@@ -6,7 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"unicode"
 	"unicode/utf8"
@@ -218,6 +221,29 @@ func decodeStrict(data []byte, v any) error {
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return Invalid("", "request body must hold exactly one JSON object")
+	}
+	return exactNames(data, v)
+}
+
+// exactNames refuses a key of the body's object that names a field of
+// *v only when case is ignored: encoding/json matches names without case,
+// so "VOLUME_ID" would be taken as volume_id, and a body's id that
+// differs from the path's would go unnoticed.
+func exactNames(data []byte, v any) error {
+	var fields map[string]json.RawMessage
+	if json.Unmarshal(data, &fields) != nil || len(fields) == 0 {
+		return nil // null: nothing was set
+	}
+	t := reflect.TypeOf(v).Elem()
+	names := make(map[string]bool, t.NumField())
+	for i := range t.NumField() {
+		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		names[name] = true
+	}
+	for _, k := range slices.Sorted(maps.Keys(fields)) {
+		if !names[k] {
+			return Invalid(k, "unknown field %q", k)
+		}
 	}
 	return nil
 }

@@ -248,3 +248,33 @@ func TestMetadataTags(t *testing.T) {
 		t.Fatalf("MetadataTags = %v, want %v", got, want)
 	}
 }
+
+// TestDecodeNamesExactly: encoding/json matches names without case; a
+// field named only without case (or with a Unicode fold) is an unknown
+// field, so a body's id cannot stand beside the path's under another case.
+func TestDecodeNamesExactly(t *testing.T) {
+	for _, tc := range []struct {
+		name, body, field string
+		decode            func([]byte) error
+	}{
+		{"upper-case create", `{"NAME":"n","size":1073741824,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `"}`, "NAME",
+			func(b []byte) error { _, err := commands.DecodeCreate(b); return err }},
+		{"id beside the path's", `{"volume_id":"` + vol + `","VOLUME_ID":"` + vm + `"}`, "VOLUME_ID",
+			func(b []byte) error { _, err := commands.DecodeSnapshot(b); return err }},
+		{"Kelvin sign folds to k", `{"volume_id":"` + vol + `","size":1073741824,"shrin\u212a_ok":true}`, "shrin\u212a_ok",
+			func(b []byte) error { _, err := commands.DecodeResize(b); return err }},
+		{"long s folds to s", `{"volume_id":"` + vol + `","ſize":1073741824}`, "ſize",
+			func(b []byte) error { _, err := commands.DecodeResize(b); return err }},
+		{"force-sync", `{"X":1}`, "X", commands.DecodeForceSync},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var e *commands.Error
+			if err := tc.decode([]byte(tc.body)); !errors.As(err, &e) || e.Status != http.StatusBadRequest || e.Details["field"] != tc.field {
+				t.Fatalf("error %v (%+v), want 400 on unknown field %q", err, e, tc.field)
+			}
+		})
+	}
+	if _, err := commands.DecodeSnapshot([]byte(`null`)); err == nil || !strings.Contains(err.Error(), "volume_id is required") {
+		t.Fatalf("null body: %v, want volume_id required", err)
+	}
+}
