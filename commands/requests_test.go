@@ -198,6 +198,8 @@ func TestDecodeTypeErrors(t *testing.T) {
 			"force must be a boolean, got string", func(b []byte) error { _, err := commands.DecodeVolume(b); return err }},
 		{"integer", `{"name":"n","size":"1"}`, "size",
 			"size must be an integer, got string", func(b []byte) error { _, err := commands.DecodeCreate(b); return err }},
+		{"tag value", `{"volume_id":"` + vol + `","tags":{"env":"x","k":1}}`, "tags",
+			"tags.k must be a string: tags become the volume's CloudStack tags", func(b []byte) error { _, err := commands.DecodeTags(b); return err }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var e *commands.Error
