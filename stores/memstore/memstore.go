@@ -187,37 +187,52 @@ func (s *Store) deleteOp(id string, r record) {
 }
 
 // PruneOperations deletes up to limit terminal operations completed
-// before completedBefore, oldest completion first.
-func (s *Store) PruneOperations(_ context.Context, completedBefore time.Time, limit int) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+// before completedBefore, oldest completion first; it holds what
+// state.RetainedEnd holds, and counts their end from it.
+func (s *Store) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
 	type done struct {
 		at time.Time
 		op commands.Operation
 	}
 	var old []done
 	cut := completedBefore.UnixMicro()
+	s.mu.Lock()
 	for _, r := range s.ops {
-		op := decode(r, setOpRev)
-		if !op.Status.Terminal() {
-			continue
-		}
-		end := op.UpdatedAt
-		if op.CompletedAt != nil {
-			end = *op.CompletedAt
-		}
-		if end.UnixMicro() < cut {
-			old = append(old, done{end, op})
+		if op := decode(r, setOpRev); op.Status.Terminal() {
+			old = append(old, done{state.CompletedAt(op), op})
 		}
 	}
-	slices.SortFunc(old, func(a, b done) int { return a.at.Compare(b.at) })
-	if limit > 0 && len(old) > limit {
-		old = old[:limit]
-	}
+	s.mu.Unlock()
+	var due []done
 	for _, d := range old {
-		s.deleteOp(d.op.ID, s.ops[d.op.ID])
+		if state.MayHold(d.op.Type) {
+			end, held, err := state.RetainedEnd(ctx, s, d.op)
+			if err != nil {
+				return 0, err
+			}
+			if held {
+				continue
+			}
+			d.at = end
+		}
+		if d.at.UnixMicro() < cut {
+			due = append(due, d)
+		}
 	}
-	return len(old), nil
+	slices.SortFunc(due, func(a, b done) int { return a.at.Compare(b.at) })
+	if limit > 0 && len(due) > limit {
+		due = due[:limit]
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, d := range due {
+		if r, ok := s.ops[d.op.ID]; ok && r.rev == d.op.Revision {
+			s.deleteOp(d.op.ID, r)
+			n++
+		}
+	}
+	return n, nil
 }
 
 // GetOperation returns one operation or state.ErrNotFound.

@@ -69,6 +69,7 @@ func Run(t *testing.T, open Open) {
 		{"CASIncrements", testCASIncrements},
 		{"DeleteOperation", testDeleteOperation},
 		{"Prune", testPrune},
+		{"PruneHolds", testPruneHolds},
 		{"Pagination", testPagination},
 		{"MappingCAS", testMappingCAS},
 		{"ExportCAS", testExportCAS},
