@@ -1,6 +1,7 @@
 package state
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -72,12 +73,15 @@ func RollbacksOf(ctx context.Context, r OperationReader, failoverID, rootID stri
 // op to have ended: CompletedAt(op), but for a completed test failover
 // and a failed or cancelled rollback of one, the end of the failover's
 // latest completed rollback; held is true while none completed (op is
-// kept whatever its age).
+// kept whatever its age). A completed rollback of a test failover is
+// held while the failover is recorded: it is what closes it, so it is
+// pruned after it (a store prunes the failovers it holds before the
+// rollbacks).
 func RetainedEnd(ctx context.Context, r OperationReader, op commands.Operation) (end time.Time, held bool, err error) {
 	end = CompletedAt(op)
 	fo := op
-	switch {
-	case op.Type == commands.OpRollback && op.Status != commands.StatusCompleted:
+	switch op.Type {
+	case commands.OpRollback:
 		id := RollbackOf(op)
 		if id == "" {
 			return end, false, nil
@@ -88,7 +92,11 @@ func RetainedEnd(ctx context.Context, r OperationReader, op commands.Operation) 
 			}
 			return end, false, err
 		}
-	case op.Type != commands.OpFailover:
+		if op.Status == commands.StatusCompleted {
+			return end, TestFailover(fo), nil
+		}
+	case commands.OpFailover:
+	default:
 		return end, false, nil
 	}
 	if !TestFailover(fo) {
@@ -105,6 +113,19 @@ func RetainedEnd(ctx context.Context, r OperationReader, op commands.Operation) 
 		}
 	}
 	return end, held, nil
+}
+
+// HeldFirst orders operations the retention holds as a store prunes
+// them: failovers before rollbacks (see RetainedEnd).
+func HeldFirst(a, b commands.Operation) int {
+	return cmp.Compare(heldRank(a.Type), heldRank(b.Type))
+}
+
+func heldRank(t commands.OpType) int {
+	if t == commands.OpFailover {
+		return 0
+	}
+	return 1
 }
 
 func maxTime(a, b time.Time) time.Time {

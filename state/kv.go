@@ -503,13 +503,14 @@ func (k *KV) purge(ctx context.Context, what, key string, rev uint64) error {
 // PruneOperations deletes terminal operations completed before
 // completedBefore, found in the in-memory status indexes. A failover or
 // rollback among them is read first: one the retention holds
-// (RetainedEnd) is left out of the walks from then on, and read again by
-// every call until its retained end is before completedBefore; there are
-// few (open test failovers and their failed rollbacks).
+// (RetainedEnd) is left out of the walks from then on, and read again,
+// until its retained end is before completedBefore, by each call whose
+// batch the others do not fill (the last of a pass); there are few
+// (open test failovers and their failed rollbacks).
 func (k *KV) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
 	cut := opScore(completedBefore)
-	n, err := k.pruneHeld(ctx, cut, limit)
-	for err == nil && (limit <= 0 || n < limit) {
+	n := 0
+	for limit <= 0 || n < limit {
 		k.held.mu.Lock()
 		held := maps.Clone(k.held.ids)
 		k.held.mu.Unlock()
@@ -523,8 +524,8 @@ func (k *KV) PruneOperations(ctx context.Context, completedBefore time.Time, lim
 		holds := 0
 		for i, id := range ids {
 			if mayHold[i] {
-				var hold bool
-				if hold, err = k.retains(ctx, id, cut); err != nil {
+				hold, err := k.retains(ctx, id, cut)
+				if err != nil {
 					return n, err
 				}
 				if hold {
@@ -545,7 +546,15 @@ func (k *KV) PruneOperations(ctx context.Context, completedBefore time.Time, lim
 			break // else walk again: the held ones took places of the batch
 		}
 	}
-	return n, err
+	if limit > 0 && n >= limit {
+		return n, nil // the held ones wait for the call that does not fill its batch
+	}
+	rest := 0
+	if limit > 0 {
+		rest = limit - n
+	}
+	m, err := k.pruneHeld(ctx, cut, rest)
+	return n + m, err
 }
 
 // heldOps are the ids of the operations the retention holds
@@ -584,23 +593,25 @@ func (k *KV) pruneHeld(ctx context.Context, cut int64, limit int) (int, error) {
 	k.held.mu.Lock()
 	ids := slices.Collect(maps.Keys(k.held.ids))
 	k.held.mu.Unlock()
-	n := 0
-	forget := func(id string) {
-		k.held.mu.Lock()
-		delete(k.held.ids, id)
-		k.held.mu.Unlock()
-	}
+	ops := make([]commands.Operation, 0, len(ids))
 	for _, id := range ids {
-		if limit > 0 && n >= limit {
-			break
-		}
 		op, err := k.GetOperation(ctx, id)
 		if errors.Is(err, ErrNotFound) {
-			forget(id)
+			k.held.mu.Lock()
+			delete(k.held.ids, id)
+			k.held.mu.Unlock()
 			continue
 		}
 		if err != nil {
-			return n, err
+			return 0, err
+		}
+		ops = append(ops, op)
+	}
+	slices.SortStableFunc(ops, HeldFirst)
+	n := 0
+	for _, op := range ops {
+		if limit > 0 && n >= limit {
+			break
 		}
 		end, held, err := RetainedEnd(ctx, k, op)
 		if err != nil {
@@ -609,14 +620,16 @@ func (k *KV) pruneHeld(ctx context.Context, cut int64, limit int) (int, error) {
 		if held || opScore(end) >= cut {
 			continue
 		}
-		err = k.DeleteOperation(ctx, id, op.Revision)
+		err = k.DeleteOperation(ctx, op.ID, op.Revision)
 		if errors.Is(err, ErrStale) {
 			continue
 		}
 		if err != nil {
 			return n, err
 		}
-		forget(id)
+		k.held.mu.Lock()
+		delete(k.held.ids, op.ID)
+		k.held.mu.Unlock()
 		n++
 	}
 	return n, nil

@@ -8,6 +8,7 @@ package memstore
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -188,25 +189,49 @@ func (s *Store) deleteOp(id string, r record) {
 
 // PruneOperations deletes up to limit terminal operations completed
 // before completedBefore, oldest completion first; it holds what
-// state.RetainedEnd holds, and counts their end from it.
+// state.RetainedEnd holds, and counts their end from it. It reads every
+// operation again after a round that deleted some: the completed
+// rollback of a failover deleted is due then.
 func (s *Store) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
+	n := 0
+	for limit <= 0 || n < limit {
+		rest := 0
+		if limit > 0 {
+			rest = limit - n
+		}
+		m, err := s.pruneRound(ctx, completedBefore, rest)
+		n += m
+		if err != nil || m == 0 {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// pruneRound is one round of PruneOperations.
+func (s *Store) pruneRound(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
 	type done struct {
 		at time.Time
 		op commands.Operation
 	}
 	var old []done
 	cut := completedBefore.UnixMicro()
+	v := view{byID: map[string]commands.Operation{}}
 	s.mu.Lock()
 	for _, r := range s.ops {
-		if op := decode(r, setOpRev); op.Status.Terminal() {
+		op := decode(r, setOpRev)
+		if op.Status.Terminal() {
 			old = append(old, done{state.CompletedAt(op), op})
+		}
+		if state.MayHold(op.Type) {
+			v.byID[op.ID] = op
 		}
 	}
 	s.mu.Unlock()
 	var due []done
 	for _, d := range old {
 		if state.MayHold(d.op.Type) {
-			end, held, err := state.RetainedEnd(ctx, s, d.op)
+			end, held, err := state.RetainedEnd(ctx, v, d.op)
 			if err != nil {
 				return 0, err
 			}
@@ -233,6 +258,38 @@ func (s *Store) PruneOperations(ctx context.Context, completedBefore time.Time, 
 		}
 	}
 	return n, nil
+}
+
+// view reads the failovers and rollbacks of one moment, for
+// state.RetainedEnd: it lists rollbacks only.
+type view struct{ byID map[string]commands.Operation }
+
+var _ state.OperationReader = view{}
+
+func (v view) GetOperation(_ context.Context, id string) (commands.Operation, error) {
+	op, ok := v.byID[id]
+	if !ok {
+		return op, notFound("operation", id)
+	}
+	return op, nil
+}
+
+func (v view) ListOperations(_ context.Context, f state.Filter) ([]commands.Operation, string, error) {
+	if f.Type != commands.OpRollback || f.Limit != 0 || f.Cursor != "" {
+		return nil, "", fmt.Errorf("memstore: view lists every rollback only, not %+v", f)
+	}
+	var out []commands.Operation
+	for _, op := range v.byID {
+		if state.Matches(op, f) {
+			out = append(out, op)
+		}
+	}
+	slices.SortFunc(out, state.CompareNewestFirst)
+	return out, "", nil
+}
+
+func (v view) Stats(context.Context) (state.Stats, error) {
+	return state.Stats{}, errors.New("memstore: a view counts nothing")
 }
 
 // GetOperation returns one operation or state.ErrNotFound.

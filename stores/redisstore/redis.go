@@ -589,16 +589,14 @@ func (r *Store) deleteOp(ctx context.Context, op *commands.Operation, rev uint64
 }
 
 // PruneOperations deletes the terminal operations the done index has
-// completed before completedBefore, oldest first, after those of the
-// held index whose retained end (state.RetainedEnd) is before it. An
-// operation of the done index the retention holds moves to the held
-// index, which every pass reads again: it is small (open test failovers
-// and their failed rollbacks), the done index whole history.
+// completed before completedBefore, oldest first, then those of the held
+// index whose retained end (state.RetainedEnd) is before it. An operation
+// of the done index the retention holds moves to the held index, read
+// again by each call whose batch the done index does not fill (the last
+// of a pass): it is small (open test failovers and their failed
+// rollbacks), the done index whole history.
 func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
-	n, err := r.pruneHeld(ctx, completedBefore, limit)
-	if err != nil {
-		return n, err
-	}
+	n := 0
 	for limit <= 0 || n < limit {
 		batch := int64(256)
 		if limit > 0 {
@@ -610,7 +608,7 @@ func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, 
 			return n, r.wrap("prune operations", err)
 		}
 		if len(ids) == 0 {
-			return n, nil
+			break
 		}
 		recs, err := r.readRecords(ctx, "prune operations", r.keysOf(ids, r.opKey))
 		if err != nil {
@@ -652,7 +650,15 @@ func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, 
 			n++
 		}
 	}
-	return n, nil
+	if limit > 0 && n >= limit {
+		return n, nil // the held ones wait for the call that does not fill its batch
+	}
+	rest := 0
+	if limit > 0 {
+		rest = limit - n
+	}
+	m, err := r.pruneHeld(ctx, completedBefore, rest)
+	return n + m, err
 }
 
 // pruneHeld deletes up to limit operations of the held index whose
@@ -667,20 +673,26 @@ func (r *Store) pruneHeld(ctx context.Context, completedBefore time.Time, limit 
 	if err != nil {
 		return 0, err
 	}
-	n := 0
+	ops := make([]commands.Operation, 0, len(recs))
 	for i, rec := range recs {
-		if limit > 0 && n >= limit {
-			break
-		}
 		if rec.raw == nil {
 			if err := r.rdb.ZRem(ctx, r.idxKey("held"), ids[i]).Err(); err != nil {
-				return n, r.wrap("prune held operations", err)
+				return 0, r.wrap("prune held operations", err)
 			}
 			continue
 		}
 		var op commands.Operation
 		if err := state.Decode(rec.raw, &op); err != nil {
-			return n, err
+			return 0, err
+		}
+		op.Revision = rec.rev
+		ops = append(ops, op)
+	}
+	slices.SortStableFunc(ops, state.HeldFirst)
+	n := 0
+	for _, op := range ops {
+		if limit > 0 && n >= limit {
+			break
 		}
 		end, held, err := state.RetainedEnd(ctx, r, op)
 		if err != nil {
@@ -689,7 +701,7 @@ func (r *Store) pruneHeld(ctx context.Context, completedBefore time.Time, limit 
 		if held || state.Score(end) >= state.Score(completedBefore) {
 			continue
 		}
-		if err := r.deleteOp(ctx, &op, rec.rev); err != nil && !errors.Is(err, state.ErrStale) {
+		if err := r.deleteOp(ctx, &op, op.Revision); err != nil && !errors.Is(err, state.ErrStale) {
 			return n, err
 		} else if err == nil {
 			n++

@@ -37,9 +37,11 @@ func Rollback(n int, status commands.OpStatus, failoverID, root string, end time
 
 // testPruneHolds: the retention holds a completed test failover and the
 // failed and cancelled rollbacks of it, however old, until a rollback of
-// it completes, then counts their end from that rollback's; held
-// operations take no place in a limited prune; every other terminal
-// operation is pruned as ever; counts stay those of the listings.
+// it completes, then counts their end from that rollback's; the completed
+// rollback goes no earlier than its failover (it is what closes it), yet
+// in the same call; held operations take no place in a limited prune;
+// every other terminal operation is pruned as ever; counts stay those of
+// the listings.
 func testPruneHolds(t *testing.T, s state.Store) {
 	ctx := ctxFor(t)
 	at := func(d time.Duration) time.Time { return base.Add(d) }
