@@ -410,7 +410,6 @@ func (x *opIndex) list(f Filter, after *opRef, limit int) (ids []string, revs []
 // but the held ones, and which of them the retention may hold
 // (MayHold): it reads their records.
 func (x *opIndex) expired(before int64, limit int, held map[string]struct{}) (ids []string, revs []uint64, mayHold []bool) {
-	fo, rb := x.names.ids[string(commands.OpFailover)], x.names.ids[string(commands.OpRollback)]
 	for _, st := range commands.OpStatuses {
 		if !st.Terminal() {
 			continue
@@ -423,7 +422,7 @@ func (x *opIndex) expired(before int64, limit int, held map[string]struct{}) (id
 			if s.completed >= before {
 				continue
 			}
-			id, may := x.idOf(i), s.typ != 0 && (s.typ == fo || s.typ == rb)
+			id, may := x.idOf(i), MayHold(commands.OpType(x.names.str(s.typ)))
 			if _, ok := held[id]; ok && may {
 				continue
 			}
