@@ -21,8 +21,14 @@ import (
 // settled_at on it, names it once among the changes, and neither reports
 // nor changes it again. Anything left (a volume elsewhere or at another
 // device, an export missing, a snapshot kept, the VM running) keeps it
-// reported, naming what remains.
+// reported, naming what remains. In both stores.
 func TestReconcileSettlesPutBackWorkflows(t *testing.T) {
+	for _, redis := range []bool{false, true} {
+		t.Run(map[bool]string{false: "kv", true: "redis"}[redis], func(t *testing.T) { testSettles(t, redis) })
+	}
+}
+
+func testSettles(t *testing.T, redis bool) {
 	const (
 		onProd, onProd2, detached = "0000000d-0000-4000-8000-000000000001", "0000000d-0000-4000-8000-000000000002", "0000000d-0000-4000-8000-000000000003"
 		prod, test, host          = cloudsim.RemoteVMID, cloudsim.TestVMID, cloudsim.ApplianceVMID
@@ -32,7 +38,7 @@ func TestReconcileSettlesPutBackWorkflows(t *testing.T) {
 		cloudsim.DataVolume{ID: onProd, Name: "data-1", ZoneID: cloudsim.ZoneID, SizeGB: 1, VMID: prod, DeviceID: 1},
 		cloudsim.DataVolume{ID: onProd2, Name: "data-2", ZoneID: cloudsim.ZoneID, SizeGB: 1, VMID: prod, DeviceID: 2},
 		cloudsim.DataVolume{ID: detached, Name: "data-3", ZoneID: cloudsim.ZoneID, SizeGB: 1})
-	h := newHarness(t, harnessOpts{inventory: inv})
+	h := newHarness(t, harnessOpts{inventory: inv, redis: redis})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	cs := csapi.New(csapi.Config{URL: h.sim.URL(), APIKey: h.sim.APIKey(), SecretKey: h.sim.SecretKey()})
