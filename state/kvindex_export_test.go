@@ -39,15 +39,17 @@ func BenchOpIndex(b *testing.B, n int, h interface {
 		read := heap() - base
 		var buf bytes.Buffer
 		w := bufio.NewWriter(&buf)
+		began := time.Now()
 		x.encode(&cacheEncoder{w: w}, uint64(n))
 		if err := w.Flush(); err != nil {
 			b.Fatal(err)
 		}
+		encoded := time.Since(began)
 		size := buf.Len()
 		x = nil
 		base = heap() - int64(buf.Cap())
 		r := &io.LimitedReader{R: &buf, N: int64(buf.Len())}
-		began := time.Now()
+		began = time.Now()
 		y, err := decodeOpIndex(&cacheDecoder{r: bufio.NewReader(r), left: r}, &kvCache{})
 		if err != nil {
 			b.Fatal(err)
@@ -57,8 +59,9 @@ func BenchOpIndex(b *testing.B, n int, h interface {
 		loaded := heap() - base
 		b.ReportMetric(float64(read)/float64(n), "read-B/op")
 		b.ReportMetric(float64(loaded)/float64(n), "loaded-B/op")
-		b.Logf("%d operations: heap %.1f MB as read, %.1f MB as loaded (%.1f MB file, decoded in %v)",
-			n, float64(read)/1e6, float64(loaded)/1e6, float64(size)/1e6, took.Round(time.Millisecond))
+		b.Logf("%d operations: heap %.1f MB as read, %.1f MB as loaded (%.1f MB file, encoded in %v, decoded in %v)",
+			n, float64(read)/1e6, float64(loaded)/1e6, float64(size)/1e6, encoded.Round(time.Millisecond),
+			took.Round(time.Millisecond))
 		benchIndexLists(b, y, h, n)
 		runtime.KeepAlive(y)
 	}
