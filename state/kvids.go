@@ -94,7 +94,7 @@ func (x *opIndex) compareID(i uint32, id string, k opKey, ok bool) int {
 
 // idTable finds the slot of an operation id: open addressing with linear
 // probing over a power-of-two table of slot numbers (plus one; 0 is
-// empty), keys compared on the slots, at most half full. Four to eight
+// empty), keys compared on the slots, at most half full. Eight to 16
 // bytes per operation where a map[string]uint32 takes about 40, and its
 // inserts stay within a table a few MB large.
 type idTable struct {

@@ -14,9 +14,9 @@ import (
 // opIndex is the in-memory index of the embedded store's operations: per
 // operation, only what the listings, the prune and the counters need (its
 // id, revision, times and interned field values: a 56-byte slot holding
-// the id's 16 bytes, 4 to 8 bytes of idTable and a 4-byte entry per list
-// it is in, 3 to 5 of them: about 80 bytes); the records themselves stay
-// in the bucket and are read from it. It is not safe for concurrent use:
+// the id's 16 bytes, 8 to 16 bytes of idTable and a 4-byte entry per list
+// it is in, 3 to 5 of them: about 84 bytes at a million); the records
+// themselves stay in the bucket and are read from it. It is not safe for concurrent use:
 // KV.mu guards it.
 type opIndex struct {
 	slots []opSlot
@@ -45,10 +45,11 @@ type opIndex struct {
 // deleted, until the watcher delivers the delete.
 //
 // Its times are exact: the completion's score as created plus span (µs),
-// the duration as span thousand ns plus took; an operation whose times
-// do not fit (span beyond 71 minutes or negative, a duration that is not
-// its completion less its creation within a µs) has them in
-// opIndex.wide, as it has a type or status numbered kindWide or more.
+// the duration as span µs plus took ns. An operation whose times do not
+// fit (completed more than 71 minutes after its creation or before it, a
+// duration more than 32 µs off its span or without a completion) has
+// them in opIndex.wide, as has one whose type or status is numbered
+// kindWide or more.
 type opSlot struct {
 	key     opKey
 	rev     uint64
@@ -123,7 +124,7 @@ func (x *opIndex) times(i uint32) (completed int64, duration time.Duration) {
 	return completed, duration
 }
 
-// set makes live slot i hold these values, in its fields where they fit
+// set makes slot i hold these values, in its fields where they fit
 // and in x.wide otherwise. It keeps the slot's key, revision and
 // slotNamed.
 func (x *opIndex) set(i uint32, typ, status uint32, volume, vm, by uint32, created, completed int64, duration time.Duration) {
