@@ -569,8 +569,10 @@ func (x *opIndex) list(f Filter, after *opRef, limit int) (ids []string, revs []
 
 // expired returns the ids and revisions of up to limit (0: no limit)
 // terminal operations completed before the score before, oldest created
-// first (an operation completed before a time was created before it).
-func (x *opIndex) expired(before int64, limit int) (ids []string, revs []uint64) {
+// first (an operation completed before a time was created before it),
+// but the held ones, and which of them the retention may hold
+// (MayHold): it reads their records.
+func (x *opIndex) expired(before int64, limit int, held map[string]struct{}) (ids []string, revs []uint64, mayHold []bool) {
 	for _, st := range commands.OpStatuses {
 		if !st.Terminal() {
 			continue
@@ -580,12 +582,18 @@ func (x *opIndex) expired(before int64, limit int) (ids []string, revs []uint64)
 			if s.created >= before || (limit > 0 && len(ids) >= limit) {
 				break
 			}
-			if completed, _ := x.times(i); completed < before {
-				ids, revs = append(ids, x.idOf(i)), append(revs, s.rev)
+			if completed, _ := x.times(i); completed >= before {
+				continue
 			}
+			typ, _ := x.kindsOf(i)
+			id, may := x.idOf(i), MayHold(commands.OpType(x.kinds.str(typ)))
+			if _, ok := held[id]; ok && may {
+				continue
+			}
+			ids, revs, mayHold = append(ids, id), append(revs, s.rev), append(mayHold, may)
 		}
 	}
-	return ids, revs
+	return ids, revs, mayHold
 }
 
 // interner gives each distinct string a small number, counting its
