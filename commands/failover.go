@@ -128,6 +128,10 @@ const (
 	// DetailFailedStep is the details of the failed step's child: its
 	// code, CloudStack error, job, as the child records them.
 	DetailFailedStep = "failed_step"
+	// DetailSettledAt is when the reconcile found that nothing a workflow
+	// not compensated left remains (RFC 3339, UTC): it is no longer
+	// reported.
+	DetailSettledAt = "settled_at"
 )
 
 // DecodeFailover parses and validates a failover request: vm_id and

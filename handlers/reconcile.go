@@ -12,7 +12,6 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -46,7 +45,6 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 	// in this same sync.
 	resolved, errs := s.rec.resolveJobs(ctx)
 	res.Changes, res.Errors = append(res.Changes, resolved...), errs
-	res.Errors = append(res.Errors, s.rec.scattered(ctx)...)
 	mappings, err := s.cfg.Store.ListMappings(ctx, "")
 	if err != nil {
 		return res, state.APIError(err)
@@ -76,6 +74,8 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 			res.Changes = append(res.Changes, change)
 		}
 	}
+	settledOps, scattered := s.rec.scattered(ctx, &cloudView{cs: s.cfg.CloudStack, volumes: listed})
+	res.Changes, res.Errors = append(res.Changes, settledOps...), append(res.Errors, scattered...)
 	if s.cfg.Devices != nil {
 		for _, vm := range s.cfg.Devices.AgentVMs() {
 			vms[vm] = true
@@ -116,18 +116,19 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 // compensated (details compensated false), with what it left where, for
 // a person to act on: volumed does not move the volumes back by itself.
 // A failed rollback asked again since (pending, executing or completed)
-// is not reported.
-func (r *reconciler) scattered(ctx context.Context) []string {
-	var out []string
+// is not reported, nor one settled: once CloudStack (read through view)
+// and the export records show that nothing it left remains (remains),
+// the operation records it (settle), a change, and is not checked again.
+func (r *reconciler) scattered(ctx context.Context, view *cloudView) (changes, out []string) {
 	for _, typ := range []commands.OpType{commands.OpFailover, commands.OpRollback} {
 		f := state.Filter{Type: typ, Status: commands.StatusFailed}
 		for {
 			ops, next, err := r.cfg.Store.ListOperations(ctx, f)
 			if err != nil {
-				return append(out, fmt.Sprintf("failed %s operations: %v", typ, state.APIError(err)))
+				return changes, append(out, fmt.Sprintf("failed %s operations: %v", typ, state.APIError(err)))
 			}
 			for _, op := range ops {
-				if op.Details[commands.DetailCompensated] != false {
+				if op.Details[commands.DetailCompensated] != false || settled(op) {
 					continue
 				}
 				if typ == commands.OpRollback {
@@ -140,7 +141,17 @@ func (r *reconciler) scattered(ctx context.Context) []string {
 						continue
 					}
 				}
-				out = append(out, fmt.Sprintf("%s %s failed and was not compensated; a person must act: %s", typ, op.ID, leftOf(op)))
+				done, still, err := r.settleIfBack(ctx, op, view)
+				switch {
+				case err != nil:
+					still = fmt.Sprintf("could not check what remains: %v", err)
+				case done && still != "":
+					changes = append(changes, still)
+					continue
+				case done:
+					continue // another instance recorded it
+				}
+				out = append(out, fmt.Sprintf("%s %s failed and was not compensated; a person must act: %s (now: %s)", typ, op.ID, leftOf(op), still))
 			}
 			if next == "" {
 				break
@@ -148,7 +159,7 @@ func (r *reconciler) scattered(ctx context.Context) []string {
 			f.Cursor = next
 		}
 	}
-	return out
+	return changes, out
 }
 
 // askedAgain reports whether the failed rollback rb was asked again since:
@@ -158,7 +169,7 @@ func (r *reconciler) askedAgain(ctx context.Context, rb commands.Operation) (boo
 	if err := engine.DecodeRequest(&rb, &req); err != nil {
 		return false, nil
 	}
-	rbs, err := kinds.RollbacksOf(ctx, r.cfg.Store, req.FailoverID, rb.VolumeID)
+	rbs, err := state.RollbacksOf(ctx, r.cfg.Store, req.FailoverID, rb.VolumeID)
 	if err != nil {
 		return false, err
 	}

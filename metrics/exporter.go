@@ -200,6 +200,13 @@ func (o *counted) resolved() bool {
 	return ok
 }
 
+// settled is the reconcile's record that nothing a failed workflow left
+// remains (commands.DetailSettledAt).
+func (o *counted) settled() bool {
+	_, ok := o.Details[commands.DetailSettledAt]
+	return ok
+}
+
 // event counts one operation event: an acceptance (pending) or an end.
 func (e *Exporter) event(msg *nats.Msg) {
 	var op counted
@@ -210,8 +217,9 @@ func (e *Exporter) event(msg *nats.Msg) {
 	switch {
 	case op.Status == commands.StatusPending:
 		e.ops.WithLabelValues(string(op.Type), string(op.Status)).Inc()
-	case op.resolved():
-		// The reconcile's record of a timed-out job: the operation had
+	case op.resolved(), op.settled():
+		// The reconcile's record of a timed-out job, or of a failed
+		// workflow whose leftovers were put back: the operation had
 		// failed, and was counted, already.
 	case op.Status.Terminal():
 		e.ops.WithLabelValues(string(op.Type), string(op.Status)).Inc()

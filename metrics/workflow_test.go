@@ -54,6 +54,10 @@ func TestWorkflowMetrics(t *testing.T) {
 		{ID: "op-3", Type: commands.OpRollback, Status: commands.StatusFailed, CreatedAt: created, CompletedAt: &done,
 			Workflow: &commands.Workflow{Steps: []commands.WorkflowStep{step("revert", commands.StepFailed, nil)}},
 			Details:  map[string]any{commands.DetailCompensated: false, commands.DetailResolvedAt: done.Format(time.RFC3339)}},
+		// The reconcile's record that what it left was put back: counted already.
+		{ID: "op-3", Type: commands.OpRollback, Status: commands.StatusFailed, CreatedAt: created, CompletedAt: &done,
+			Workflow: &commands.Workflow{Steps: []commands.WorkflowStep{step("revert", commands.StepFailed, nil)}},
+			Details:  map[string]any{commands.DetailCompensated: false, commands.DetailSettledAt: done.Format(time.RFC3339)}},
 		// Published last: once it is counted, everything before it is.
 		{ID: "op-4", Type: commands.OpStartVM, Status: commands.StatusCompleted, ParentID: "op-1", CreatedAt: created, CompletedAt: &done},
 	} {
