@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -25,12 +26,15 @@ import (
 type kvWatcher struct {
 	k *KV
 	r *follow.Reader
-	// loaded is closed once the entries the bucket held at the start are
-	// applied; initial and received count them, once begun. All of these
-	// belong to the reader's goroutine once startWatch returns.
+	// loaded is closed, and isLoaded set, once the entries the bucket
+	// held at the start are applied (markLoaded); initial and received
+	// count them, once begun, and belong to the goroutine applying
+	// entries (load's handler, then the reader's).
 	loaded            chan struct{}
+	loadOnce          sync.Once
+	isLoaded          atomic.Bool
 	initial, received uint64
-	begun, isLoaded   bool
+	begun             bool
 	// all: the start reads every record (no index cache).
 	all bool
 	// prefix begins the subjects of the bucket's keys.
@@ -43,6 +47,11 @@ const kvLoadBatch = 4096
 // kvLoadCreate bounds the making of load's consumer; the reader's
 // waits for a cluster that is forming.
 const kvLoadCreate = 5 * time.Second
+
+// kvSettleEvery is how long the watcher must have applied nothing, while
+// it loads the initial entries, before settle asks whether it has them
+// all.
+const kvSettleEvery = time.Second
 
 // startWatch makes the watcher's first consumer and follows the bucket
 // from it: from every key's last revision when after is 0, from the
@@ -59,6 +68,8 @@ func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
 				w.markLoaded()
 			}
 		}}
+	sctx, stopSettle := context.WithCancel(ctx)
+	go w.settle(sctx, stopSettle)
 	if after == 0 && k.stream.CachedInfo().State.Msgs > 0 {
 		after = w.load(ctx, cfg)
 	}
@@ -67,6 +78,7 @@ func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
 	}
 	r, err := follow.Start(ctx, k.js, cfg, w.apply)
 	if err != nil {
+		stopSettle()
 		return nil, kvErr("watch bucket", err)
 	}
 	w.r = r
@@ -83,9 +95,54 @@ func (w *kvWatcher) begin(pending uint64) {
 	w.begun, w.initial = true, w.received+pending
 	if w.all {
 		w.k.mu.Lock()
-		w.k.ops.grow(int(pending))
-		w.k.ops.deferred = true
+		if !w.isLoaded.Load() { // settle may have found every record read
+			w.k.ops.grow(int(pending))
+			w.k.ops.deferred = true
+		}
 		w.k.mu.Unlock()
+	}
+}
+
+// settle marks the initial entries loaded when the watcher has applied
+// every record the bucket holds although fewer came than were counted
+// at the start: the last of them was removed during the read and nothing
+// was written after it (a delete marker whose TTL ran out: the server
+// removes it and writes nothing), so no delivery would end the read.
+// After each kvSettleEvery in which the watcher applied nothing, it asks
+// for the read barrier (caughtUp's) and compares. It returns once loaded
+// or when ctx ends (or Close), and then calls cancel.
+func (w *kvWatcher) settle(ctx context.Context, cancel context.CancelFunc) {
+	defer cancel()
+	t := time.NewTicker(kvSettleEvery)
+	defer t.Stop()
+	var last uint64
+	for {
+		select {
+		case <-w.loaded:
+			return
+		case <-w.k.stop:
+			return
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		w.k.mu.RLock()
+		seen := w.k.seen
+		w.k.mu.RUnlock()
+		if seen != last {
+			last = seen
+			continue
+		}
+		// Every message the stream holds up to the barrier came in
+		// order, none missed (load and the reader check their delivery
+		// sequences), so seen at or past it means all are applied.
+		bctx, bcancel := context.WithTimeout(ctx, w.k.js.Options().DefaultTimeout)
+		target, err := w.k.barrier(bctx)
+		bcancel()
+		if err == nil && seen >= target {
+			w.k.log.Debug("every record read, fewer than counted at the start", "revision", seen)
+			w.markLoaded()
+		}
 	}
 }
 
@@ -150,7 +207,7 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 			delivered = meta.Sequence.Consumer
 			w.applyMsg(msg, meta)
 			last = meta.Sequence.Stream
-			if !w.isLoaded {
+			if !w.isLoaded.Load() {
 				return
 			}
 		}
@@ -163,7 +220,11 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 		return 0
 	}
 	defer context.AfterFunc(ctx, func() { stop(ctx.Err()) })()
-	<-end
+	select {
+	case <-end:
+	case <-w.loaded: // by settle: no delivery would end the read
+		stop(nil)
+	}
 	cc.Stop()
 	mu.Lock()
 	ended = true
@@ -174,14 +235,17 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 	return last
 }
 
+// markLoaded records that the initial entries are applied, from any
+// goroutine, once: the lists deferred by begin are made (under the
+// index's lock, as each entry is applied), then loaded is closed.
 func (w *kvWatcher) markLoaded() {
-	if !w.isLoaded {
-		w.isLoaded = true
+	w.loadOnce.Do(func() {
 		w.k.mu.Lock()
+		w.isLoaded.Store(true)
 		w.k.ops.endDeferred()
 		w.k.mu.Unlock()
 		close(w.loaded)
-	}
+	})
 }
 
 // apply applies one entry the reader delivered.
@@ -198,10 +262,10 @@ func (w *kvWatcher) apply(msg jetstream.Msg) {
 func (w *kvWatcher) applyMsg(msg jetstream.Msg, meta *jetstream.MsgMetadata) {
 	// Of the initial entries, only the last ones are kept as recent
 	// records: the others would only pass through.
-	recent := w.isLoaded || w.initial-w.received <= kvRecentOps
+	recent := w.isLoaded.Load() || w.initial-w.received <= kvRecentOps
 	w.k.applyEntry(strings.TrimPrefix(msg.Subject(), w.prefix), meta.Sequence.Stream, msg.Headers(), msg.Data(), recent)
 	w.k.seenAt.Store(meta.Timestamp.UnixNano())
-	if !w.isLoaded {
+	if !w.isLoaded.Load() {
 		if w.received++; w.received >= w.initial || meta.NumPending == 0 {
 			w.markLoaded()
 		}
