@@ -542,3 +542,53 @@ func TestKVFullReadLastRemoved(t *testing.T) {
 	t.Cleanup(func() { _ = got.s.Close(context.Background()) })
 	sameFullRead(t, got.s, writer)
 }
+
+// TestKVFullReadCluster: a cluster member reading every record (its
+// first start) while another member writes holds what the writer's store
+// does, on the stream's leader and on a member that does not lead it;
+// its first read's consumer is on its own server, or was made there
+// kvLoadPlaceTries (4) times.
+func TestKVFullReadCluster(t *testing.T) {
+	const ops = 20_000
+	c, _ := testenv.StartJSCluster(t, clusterSize)
+	_, js0 := c.Connect(0)
+	for _, leader := range []bool{true, false} {
+		bucket := nextBucket()
+		writer, _ := openLogged(t, js0, state.KVConfig{Bucket: bucket, Replicas: clusterSize})
+		fillCacheTest(t, writer)
+		fillBucket(t, js0, bucket, ops)
+		waitLeader(t, c, 0, bucket, "")
+		member := -1
+		for i, srv := range c.Srvs {
+			if i != 0 && srv.JetStreamIsStreamLeader(server.DEFAULT_GLOBAL_ACCOUNT, "KV_"+bucket) == leader {
+				member = i
+			}
+		}
+		if member < 0 {
+			t.Logf("member 0, the writer's, leads the stream of %s", bucket)
+			continue
+		}
+		stop, done := make(chan struct{}), make(chan struct{})
+		go func() {
+			defer close(done)
+			writeWhile(t, writer, ops, stop)
+		}()
+		_, js := c.Connect(member)
+		s, logs := openLogged(t, js, state.KVConfig{Bucket: bucket, Replicas: clusterSize})
+		close(stop)
+		<-done
+		sameFullRead(t, s, writer)
+		line := ""
+		for l := range strings.Lines(logs.String()) {
+			if strings.Contains(l, "first read's consumer made") {
+				line = l
+			}
+		}
+		t.Logf("member %s (leads the stream: %v): %s", c.Srvs[member].Name(), leader, line)
+		if !strings.Contains(line, "server="+c.Srvs[member].Name()+" ") && !strings.Contains(line, "tries=4") {
+			t.Errorf("member %d (leader %v): the first read's consumer is elsewhere after fewer than 4 tries: %q; log:\n%s",
+				member, leader, line, logs)
+		}
+		_ = s.Close(context.Background())
+	}
+}

@@ -155,9 +155,7 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 	log := w.k.log.With("stream", cfg.Stream)
 	cctx, cancel := context.WithTimeout(ctx, kvLoadCreate)
 	defer cancel()
-	cons, err := w.k.js.CreateConsumer(cctx, cfg.Stream, jetstream.ConsumerConfig{DeliverPolicy: cfg.DeliverPolicy,
-		FilterSubjects: cfg.FilterSubjects, AckPolicy: jetstream.AckNonePolicy, Replicas: 1, MemoryStorage: true,
-		InactiveThreshold: time.Minute})
+	cons, err := w.loadConsumer(cctx, cfg)
 	if err != nil {
 		log.Debug("records read by the watcher", "err", err)
 		return 0
@@ -233,6 +231,70 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 		log.Debug("records left to the watcher's reader", "from", last+1, "err", why)
 	}
 	return last
+}
+
+// kvLoadPlaceTries bounds the consumers loadConsumer makes to find one
+// on its own server.
+const kvLoadPlaceTries = 4
+
+// loadConsumer makes load's consumer (cfg). With more than one replica
+// the cluster places it on any current member holding the stream, most
+// often another one: every record would then cross the network between
+// the members (and the routes cost both servers CPU). When this
+// process's server holds a current copy (it leads the stream, or its
+// replica is current and not behind), a consumer placed elsewhere is
+// made again, up to kvLoadPlaceTries in all, and the one before deleted;
+// the last one made (or, when making it fails, the one before) is kept
+// wherever it is. A replica that is behind (a member
+// catching up after its restart or a wiped data dir) is not preferred.
+func (w *kvWatcher) loadConsumer(ctx context.Context, cfg follow.Config) (jetstream.Consumer, error) {
+	ccfg := jetstream.ConsumerConfig{DeliverPolicy: cfg.DeliverPolicy, FilterSubjects: cfg.FilterSubjects,
+		AckPolicy: jetstream.AckNonePolicy, Replicas: 1, MemoryStorage: true, InactiveThreshold: time.Minute}
+	tries := 1
+	local := w.k.js.Conn().ConnectedServerName()
+	if ci := w.k.stream.CachedInfo().Config; ci.Replicas > 1 {
+		if info, err := w.k.stream.Info(ctx); err == nil && holdsCurrent(info.Cluster, local) {
+			tries = kvLoadPlaceTries
+		}
+	}
+	var placed jetstream.Consumer // the last one made, elsewhere
+	for try := 1; ; try++ {
+		cons, err := w.k.js.CreateConsumer(ctx, cfg.Stream, ccfg)
+		if err != nil && placed != nil {
+			return placed, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		if placed != nil {
+			_ = w.k.js.DeleteConsumer(ctx, cfg.Stream, placed.CachedInfo().Name)
+		}
+		info := cons.CachedInfo()
+		if try >= tries || info.Cluster == nil || info.Cluster.Leader == local {
+			if info.Cluster != nil {
+				w.k.log.Debug("first read's consumer made", "server", info.Cluster.Leader, "tries", try)
+			}
+			return cons, nil
+		}
+		placed = cons
+	}
+}
+
+// holdsCurrent reports whether server leads the stream of cluster c or
+// holds a replica of it that is current and not behind.
+func holdsCurrent(c *jetstream.ClusterInfo, server string) bool {
+	if c == nil || server == "" {
+		return false
+	}
+	if c.Leader == server {
+		return true
+	}
+	for _, p := range c.Replicas {
+		if p.Name == server {
+			return p.Current && !p.Offline && p.Lag == 0
+		}
+	}
+	return false
 }
 
 // markLoaded records that the initial entries are applied, from any
