@@ -234,8 +234,9 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 }
 
 // kvLoadPlaceTries bounds the consumers loadConsumer makes to find one
-// on its own server.
-const kvLoadPlaceTries = 4
+// on its own server: each lands there one time in three with three
+// replicas, so six miss it one time in eleven.
+const kvLoadPlaceTries = 6
 
 // loadConsumer makes load's consumer (cfg). With more than one replica
 // the cluster places it on any current member holding the stream, most
