@@ -246,14 +246,14 @@ const kvLoadPlaceTries = 6
 // replica is current and not behind), a consumer placed elsewhere is
 // made again, up to kvLoadPlaceTries in all, and the one before deleted;
 // the last one made (or, when making it fails, the one before) is kept
-// wherever it is. A replica that is behind (a member
-// catching up after its restart or a wiped data dir) is not preferred.
+// wherever it is. A replica that is behind (a member catching up after
+// its restart or a wiped data dir) is not preferred.
 func (w *kvWatcher) loadConsumer(ctx context.Context, cfg follow.Config) (jetstream.Consumer, error) {
 	ccfg := jetstream.ConsumerConfig{DeliverPolicy: cfg.DeliverPolicy, FilterSubjects: cfg.FilterSubjects,
 		AckPolicy: jetstream.AckNonePolicy, Replicas: 1, MemoryStorage: true, InactiveThreshold: time.Minute}
 	tries := 1
 	local := w.k.js.Conn().ConnectedServerName()
-	if ci := w.k.stream.CachedInfo().Config; ci.Replicas > 1 {
+	if w.k.stream.CachedInfo().Config.Replicas > 1 {
 		if info, err := w.k.stream.Info(ctx); err == nil && holdsCurrent(info.Cluster, local) {
 			tries = kvLoadPlaceTries
 		}
