@@ -19,7 +19,7 @@ const (
 const MaxIdempotencyKeyBytes = 255
 
 // ValidateIdempotencyKey checks an Idempotency-Key: empty (none), or 1 to
-// MaxIdempotencyKeyBytes printable ASCII characters.
+// MaxIdempotencyKeyBytes printable ASCII characters without spaces.
 func ValidateIdempotencyKey(key string) error {
 	if len(key) > MaxIdempotencyKeyBytes {
 		return Invalid(IdempotencyKeyHeader, "%s must be at most %d bytes", IdempotencyKeyHeader, MaxIdempotencyKeyBytes)

@@ -194,8 +194,8 @@ func DecodeResize(data []byte) (ResizeRequest, error) {
 // DecodeTags parses and validates a tags request.
 func DecodeTags(data []byte) (TagsRequest, error) {
 	var in struct {
-		VolumeID string             `json:"volume_id"`
-		Tags     *map[string]string `json:"tags"`
+		VolumeID string          `json:"volume_id"`
+		Tags     *map[string]any `json:"tags"`
 	}
 	if err := decodeStrict(data, &in); err != nil {
 		return TagsRequest{}, err
@@ -207,9 +207,9 @@ func DecodeTags(data []byte) (TagsRequest, error) {
 	if in.Tags == nil {
 		return TagsRequest{}, Invalid("tags", "tags is required (an object; {} removes every tag)")
 	}
-	tags := *in.Tags
-	if tags == nil {
-		tags = map[string]string{}
+	tags, err := stringTags("tags", *in.Tags)
+	if err != nil {
+		return TagsRequest{}, err
 	}
 	if err := checkTags("tags", tags); err != nil {
 		return TagsRequest{}, err
@@ -294,15 +294,25 @@ func checkName(field, name string) error {
 
 // checkMetadata validates a create's metadata as tags: string values.
 func checkMetadata(metadata map[string]any) error {
-	tags := make(map[string]string, len(metadata))
-	for k, v := range metadata {
+	tags, err := stringTags("metadata", metadata)
+	if err != nil {
+		return err
+	}
+	return checkTags("metadata", tags)
+}
+
+// stringTags is m (field of a request) as tags: each value must be a
+// string, and the error names the key whose value is not.
+func stringTags(field string, m map[string]any) (map[string]string, error) {
+	tags := make(map[string]string, len(m))
+	for k, v := range m {
 		s, ok := v.(string)
 		if !ok {
-			return Invalid("metadata", "metadata.%s must be a string: metadata becomes the volume's CloudStack tags", Shown(k, 80))
+			return nil, Invalid(field, "%s.%s must be a string: %s become the volume's CloudStack tags", field, Shown(k, 80), field)
 		}
 		tags[k] = s
 	}
-	return checkTags("metadata", tags)
+	return tags, nil
 }
 
 // checkTags validates tags as CloudStack takes them: non-empty keys and

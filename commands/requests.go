@@ -6,9 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"unicode"
+	"unicode/utf8"
 )
 
 // MinVolumeSize is the smallest volume volumed creates: 1 GiB.
@@ -190,11 +194,22 @@ func DecodeVolume(data []byte) (VolumeRequest, error) {
 	return r, err
 }
 
+// DecodeForceSync validates a force-sync request, which takes nothing: an
+// empty body, or a JSON object without fields.
+func DecodeForceSync(data []byte) error {
+	var none struct{}
+	return decodeStrict(data, &none)
+}
+
 // decodeStrict decodes one JSON object, rejecting unknown fields, trailing
-// data and oversized bodies with INVALID_REQUEST errors.
+// data, bytes that are not UTF-8 (which encoding/json would silently turn
+// into U+FFFD) and oversized bodies with INVALID_REQUEST errors.
 func decodeStrict(data []byte, v any) error {
 	if len(data) > MaxBodyBytes {
 		return Invalid("", "request body is larger than %d bytes", MaxBodyBytes)
+	}
+	if !utf8.Valid(data) {
+		return Invalid("", "malformed JSON: the request body is not valid UTF-8")
 	}
 	if len(bytes.TrimSpace(data)) == 0 {
 		data = []byte("{}")
@@ -206,6 +221,29 @@ func decodeStrict(data []byte, v any) error {
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return Invalid("", "request body must hold exactly one JSON object")
+	}
+	return exactNames(data, v)
+}
+
+// exactNames refuses a key of the body's object that names a field of
+// *v only when case is ignored: encoding/json matches names without case,
+// so "VOLUME_ID" would be taken as volume_id, and a body's id that
+// differs from the path's would go unnoticed.
+func exactNames(data []byte, v any) error {
+	var fields map[string]json.RawMessage
+	if json.Unmarshal(data, &fields) != nil || len(fields) == 0 {
+		return nil // null: nothing was set
+	}
+	t := reflect.TypeOf(v).Elem()
+	names := make(map[string]bool, t.NumField())
+	for i := range t.NumField() {
+		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		names[name] = true
+	}
+	for _, k := range slices.Sorted(maps.Keys(fields)) {
+		if !names[k] {
+			return Invalid(k, "unknown field %q", k)
+		}
 	}
 	return nil
 }
@@ -240,6 +278,8 @@ func jsonKind(goKind string) string {
 		return "a boolean"
 	case "map", "struct":
 		return "an object"
+	case "slice", "array":
+		return "an array"
 	}
 	return fmt.Sprintf("a %s", goKind)
 }

@@ -45,6 +45,8 @@ func TestDecodeCreate(t *testing.T) {
 		{"array body", `[]`, "", false, 0},
 		{"trailing data", `{"name":"n"} x`, "", false, 0},
 		{"truncated", `{"name":`, "", false, 0},
+		// encoding/json would take it as U+FFFD: the name recorded would not be the one sent.
+		{"name not UTF-8", "{\"name\":\"a\xffb\",\"size\":1073741824,\"disk_offering_id\":\"" + offering + "\",\"zone_id\":\"" + zone + "\"}", "", false, 0},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -183,6 +185,31 @@ func TestValidateIdempotencyKey(t *testing.T) {
 	}
 }
 
+// TestDecodeTypeErrors: a field of the wrong JSON type is named, with
+// the JSON kind it must be, not Go's.
+func TestDecodeTypeErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, body, field, want string
+		decode                  func([]byte) error
+	}{
+		{"array", `{"vm_id":"` + vm + `","root_volume_id":"` + vol + `","data_volume_ids":"` + vol + `"}`, "data_volume_ids",
+			"data_volume_ids must be an array, got string", func(b []byte) error { _, err := commands.DecodeFailover(b); return err }},
+		{"boolean", `{"volume_id":"` + vol + `","force":"yes"}`, "force",
+			"force must be a boolean, got string", func(b []byte) error { _, err := commands.DecodeVolume(b); return err }},
+		{"integer", `{"name":"n","size":"1"}`, "size",
+			"size must be an integer, got string", func(b []byte) error { _, err := commands.DecodeCreate(b); return err }},
+		{"tag value", `{"volume_id":"` + vol + `","tags":{"env":"x","k":1}}`, "tags",
+			"tags.k must be a string: tags become the volume's CloudStack tags", func(b []byte) error { _, err := commands.DecodeTags(b); return err }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var e *commands.Error
+			if err := tc.decode([]byte(tc.body)); !errors.As(err, &e) || e.Details["field"] != tc.field || e.Message != tc.want {
+				t.Fatalf("error %v (%+v), want %q on field %q", err, e, tc.want, tc.field)
+			}
+		})
+	}
+}
+
 func TestDecodeVolumeForce(t *testing.T) {
 	for _, tc := range []struct {
 		name, body, field string
@@ -221,5 +248,35 @@ func TestMetadataTags(t *testing.T) {
 	want := map[string]string{"purpose": "test", "n": "1.5", "obj": `{"a":true}`}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("MetadataTags = %v, want %v", got, want)
+	}
+}
+
+// TestDecodeNamesExactly: encoding/json matches names without case; a
+// field named only without case (or with a Unicode fold) is an unknown
+// field, so a body's id cannot stand beside the path's under another case.
+func TestDecodeNamesExactly(t *testing.T) {
+	for _, tc := range []struct {
+		name, body, field string
+		decode            func([]byte) error
+	}{
+		{"upper-case create", `{"NAME":"n","size":1073741824,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `"}`, "NAME",
+			func(b []byte) error { _, err := commands.DecodeCreate(b); return err }},
+		{"id beside the path's", `{"volume_id":"` + vol + `","VOLUME_ID":"` + vm + `"}`, "VOLUME_ID",
+			func(b []byte) error { _, err := commands.DecodeSnapshot(b); return err }},
+		{"Kelvin sign folds to k", `{"volume_id":"` + vol + `","size":1073741824,"shrin\u212a_ok":true}`, "shrin\u212a_ok",
+			func(b []byte) error { _, err := commands.DecodeResize(b); return err }},
+		{"long s folds to s", `{"volume_id":"` + vol + `","ſize":1073741824}`, "ſize",
+			func(b []byte) error { _, err := commands.DecodeResize(b); return err }},
+		{"force-sync", `{"X":1}`, "X", commands.DecodeForceSync},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var e *commands.Error
+			if err := tc.decode([]byte(tc.body)); !errors.As(err, &e) || e.Status != http.StatusBadRequest || e.Details["field"] != tc.field {
+				t.Fatalf("error %v (%+v), want 400 on unknown field %q", err, e, tc.field)
+			}
+		})
+	}
+	if _, err := commands.DecodeSnapshot([]byte(`null`)); err == nil || !strings.Contains(err.Error(), "volume_id is required") {
+		t.Fatalf("null body: %v, want volume_id required", err)
 	}
 }

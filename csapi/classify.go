@@ -48,7 +48,7 @@ type answer struct {
 // retryable (how often, after how long), or, for a side-effecting call
 // whose answer was lost, MaybeDone.
 func classify(command string, err error, a answer) *Error {
-	e := &Error{Command: command, Text: err.Error(), Err: err}
+	e := &Error{Command: command, Text: withoutQuery(err), Err: err}
 	if m := csErrorRE.FindStringSubmatch(err.Error()); m != nil {
 		e.Code, _ = strconv.Atoi(m[1])
 		e.CSCode, _ = strconv.Atoi(m[2])
@@ -89,6 +89,23 @@ func classify(command string, err error, a answer) *Error {
 	}
 	// Otherwise a 200 that cloudstack-go cannot parse: final.
 	return e
+}
+
+// withoutQuery is err's text with the request URL it names cut to its
+// path: the query holds the API key and a signature valid until its
+// expires, which would let whoever reads the error (an API client, an
+// event subscriber, GET /health without a token) send that command again.
+func withoutQuery(err error) string {
+	text := err.Error()
+	var ue *url.Error
+	if !errors.As(err, &ue) || ue.URL == "" {
+		return text
+	}
+	shown := "(URL not shown)"
+	if u, perr := url.Parse(ue.URL); perr == nil {
+		shown = (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path}).String()
+	}
+	return strings.ReplaceAll(text, ue.URL, shown)
 }
 
 // maxRetryAfter caps the delay a Retry-After may ask for.

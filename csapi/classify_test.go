@@ -141,6 +141,28 @@ func TestTransportErrors(t *testing.T) {
 			t.Errorf("refused create is MaybeDone: %v", err)
 		}
 	})
+	t.Run("the error does not show the signed request", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		const key = "the-api-key-of-this-test"
+		c := New(Config{URL: "http://" + addr + "/client/api", APIKey: key, SecretKey: "s"})
+		for command, call := range map[string]func(context.Context) error{
+			"listVolumes":  func(ctx context.Context) error { _, err := c.GetVolume(ctx, "v"); return err },
+			"attachVolume": func(ctx context.Context) error { _, err := c.AttachVolume(ctx, "v", "m", nil); return err },
+		} {
+			err := call(ctxTimeout(t, 10*time.Second))
+			checkError(t, err, command, 0, 0, "http://"+addr+"/client/api", true)
+			for _, secret := range []string{key, "apiKey", "signature", "expires"} {
+				if strings.Contains(err.Error(), secret) {
+					t.Errorf("%s: the error shows %q: %v", command, secret, err)
+				}
+			}
+		}
+	})
 	t.Run("context deadline while CloudStack does not answer a detach", func(t *testing.T) {
 		_, c := startReplay(t, map[string][]step{"detachVolume": {{hang: true}}})
 		_, err := c.DetachVolume(ctxTimeout(t, 50*time.Millisecond), "v")

@@ -264,6 +264,50 @@ func TestCommandInProcessStops(t *testing.T) {
 	}
 }
 
+// TestForceSyncRefusesABody: a force-sync takes nothing. A body that is
+// not empty or {} (malformed JSON, a field, an array, bytes that are not
+// UTF-8) is 400 INVALID_REQUEST, in process and on NATS, and reconciles
+// nothing: CloudStack is not asked. Empty, {} and null run the reconcile.
+func TestForceSyncRefusesABody(t *testing.T) {
+	h := newHarness(t, harnessOpts{})
+	// A reconcile asks CloudStack about each mapped volume.
+	vol, now := h.createVolume("mapped"), time.Now().UTC()
+	if _, err := h.store.PutMapping(context.Background(), commands.Mapping{ID: "mapping-" + vol, VolumeID: vol, VMID: cloudsim.RemoteVMID,
+		CloudStackState: commands.CloudStackAttached, LinuxState: commands.LinuxNotApplicable, LastSync: now, CreatedAt: now, UpdatedAt: now}); err != nil {
+		t.Fatal(err)
+	}
+	calls := func() (n int64) {
+		for _, c := range h.sim.Stats().Calls {
+			n += c
+		}
+		return n
+	}
+	before := calls()
+	for _, body := range []string{`garbage`, `{"x":1}`, `[]`, "{\"x\":\"\xff\"}", `{} {}`} {
+		got := h.svc.Command(context.Background(), commands.SubjectForceSync, []byte(body), "")
+		a := answer{status: got.Status, body: got.Body}
+		a.decode(t, commands.SubjectForceSync)
+		if a.status != http.StatusBadRequest || a.err.Code != commands.CodeInvalidRequest {
+			t.Errorf("force-sync with body %q: %d %s, want 400 INVALID_REQUEST", body, a.status, a.body)
+		}
+	}
+	if a := h.command(commands.SubjectForceSync, map[string]int{"x": 1}, ""); a.status != http.StatusBadRequest ||
+		a.err.Details["field"] != "x" {
+		t.Errorf("force-sync on NATS with a field: %d %s, want 400 naming the field", a.status, a.body)
+	}
+	if n := calls(); n != before {
+		t.Fatalf("refused force-syncs made %d CloudStack calls", n-before)
+	}
+	for _, body := range []string{``, `{}`, `null`} {
+		if got := h.svc.Command(context.Background(), commands.SubjectForceSync, []byte(body), ""); got.Status != http.StatusOK {
+			t.Errorf("force-sync with body %q: %d %s, want 200", body, got.Status, got.Body)
+		}
+	}
+	if calls() == before {
+		t.Fatal("the force-syncs answered 200 asked CloudStack nothing")
+	}
+}
+
 // TestIdempotencyKey: the same key and body answer the same operation,
 // concurrently too and after it ended; another body or command with the
 // key is 409 CONFLICT; a malformed key is 400.

@@ -62,7 +62,12 @@ func (s *Service) endpoints() []endpoint {
 		}
 	}
 	return append(eps, endpoint{name: "force-sync", subject: commands.SubjectForceSync, status: http.StatusOK, timeout: commands.ForceSyncTimeout,
-		run: func(ctx context.Context, _ []byte, _ string) (any, error) { return s.Reconcile(ctx) }})
+		run: func(ctx context.Context, data []byte, _ string) (any, error) {
+			if err := commands.DecodeForceSync(data); err != nil {
+				return nil, err
+			}
+			return s.Reconcile(ctx)
+		}})
 }
 
 // Discovery of the command service's instances ($SRV.INFO.volumed).

@@ -12,7 +12,6 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
-	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -158,7 +157,7 @@ func (r *reconciler) askedAgain(ctx context.Context, rb commands.Operation) (boo
 	if err := engine.DecodeRequest(&rb, &req); err != nil {
 		return false, nil
 	}
-	rbs, err := kinds.RollbacksOf(ctx, r.cfg.Store, req.FailoverID, rb.VolumeID)
+	rbs, err := state.RollbacksOf(ctx, r.cfg.Store, req.FailoverID, rb.VolumeID)
 	if err != nil {
 		return false, err
 	}

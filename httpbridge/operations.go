@@ -236,6 +236,6 @@ func oneOf[T ~string](field, v string, allowed []T) (T, error) {
 			return a, nil
 		}
 	}
-	return "", commands.Invalid(field, "unknown %s %q", field, v).WithDetail("provided_value", v).
+	return "", commands.Invalid(field, "unknown %s %q", field, commands.Shown(v, 40)).WithDetail("provided_value", commands.Shown(v, 40)).
 		WithDetail("allowed_values", allowed)
 }

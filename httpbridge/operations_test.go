@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -92,6 +93,12 @@ func TestOperations(t *testing.T) {
 		}},
 		{name: "list unknown type", method: "GET", path: "/operations?type=frobnicate", status: 400, code: commands.CodeInvalidRequest, field: "type"},
 		{name: "list unknown status", method: "GET", path: "/operations?status=done", status: 400, code: commands.CodeInvalidRequest, field: "status"},
+		{name: "list long unknown type is cut in the answer", method: "GET", path: "/operations?type=" + strings.Repeat("x", 5000), status: 400,
+			code: commands.CodeInvalidRequest, field: "type", check: func(t *testing.T, body []byte) {
+				if len(body) > 1000 {
+					t.Errorf("a 5000-byte type echoed in a %d-byte answer: %.200s…", len(body), body)
+				}
+			}},
 		{name: "list malformed volume", method: "GET", path: "/operations?volume_id=abc", status: 400, code: commands.CodeInvalidRequest, field: "volume_id"},
 		{name: "list malformed vm", method: "GET", path: "/operations?vm_id=abc", status: 400, code: commands.CodeInvalidRequest, field: "vm_id"},
 		{name: "list zero limit", method: "GET", path: "/operations?limit=0", status: 400, code: commands.CodeInvalidRequest, field: "limit"},

@@ -21,6 +21,7 @@ import (
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/kinds"
+	"github.com/volumed/volumed/lease"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/stores/memstore"
 )
@@ -1092,18 +1093,7 @@ func stepTargets(op commands.Operation) []string {
 // snapshot is deleted already): it completes.
 func TestRollbackAskedAgainAfterItsReverts(t *testing.T) {
 	w := newFoWorld(t)
-	// The root was detached (no mapping, no export) before the failover.
-	job, err := w.cloud.DetachVolume(w.ctx, w.root)
-	w.must(err)
-	_, err = w.cloud.WaitJob(w.ctx, job)
-	w.must(err)
-	m, err := w.store.GetMapping(w.ctx, w.root)
-	w.must(err)
-	w.must(w.store.DeleteMapping(w.ctx, w.root, m.Revision))
-	e, err := w.store.GetExport(w.ctx, w.root)
-	w.must(err)
-	w.must(w.store.DeleteExport(w.ctx, w.root, e.Revision))
-
+	w.detachRoot()
 	fo := w.finish(w.record(commands.OpFailover, w.failoverReq(), testVM))
 	if fo.Status != commands.StatusCompleted || fo.Response.Before[w.root].VMID != "" {
 		t.Fatalf("failover: %s %s %+v", fo.Status, fo.Error, fo.Response)
@@ -1126,6 +1116,22 @@ func TestRollbackAskedAgainAfterItsReverts(t *testing.T) {
 	if got := w.since(before); got.calls[csfake.CmdRevertSnapshot] != 0 || w.snapshots(w.data) != 0 || w.where(w.root).vm != "" {
 		t.Fatalf("asked again: %+v, data snapshots %d, root %+v", got, w.snapshots(w.data), w.where(w.root))
 	}
+}
+
+// detachRoot detaches the root from the appliance, without its mapping
+// and export.
+func (w *foWorld) detachRoot() {
+	w.t.Helper()
+	job, err := w.cloud.DetachVolume(w.ctx, w.root)
+	w.must(err)
+	_, err = w.cloud.WaitJob(w.ctx, job)
+	w.must(err)
+	m, err := w.store.GetMapping(w.ctx, w.root)
+	w.must(err)
+	w.must(w.store.DeleteMapping(w.ctx, w.root, m.Revision))
+	e, err := w.store.GetExport(w.ctx, w.root)
+	w.must(err)
+	w.must(w.store.DeleteExport(w.ctx, w.root, e.Revision))
 }
 
 // TestRollbackFindsAThirdVM: a rollback that finds a volume on a VM that
@@ -1162,5 +1168,77 @@ func TestRollbackFindsAThirdVM(t *testing.T) {
 	}
 	if got := w.since(before); slices.ContainsFunc(countedCalls, func(cmd string) bool { return got.calls[cmd] != 0 }) {
 		t.Fatalf("the rollback called CloudStack: %v", got.calls)
+	}
+}
+
+// prune runs a pass of the retention keeping terminal operations a
+// nanosecond: every operation that ended is past it.
+func (w *foWorld) prune() int {
+	w.t.Helper()
+	r, err := lease.NewRetention(lease.RetentionConfig{Store: w.store, Keep: time.Nanosecond, Holder: "test"})
+	w.must(err)
+	n, err := r.Prune(w.ctx)
+	w.must(err)
+	return n
+}
+
+// TestRollbackPastTheRetention: a completed test failover older than the
+// retention is kept (its steps' children are not) and rolled back: the
+// rollback is accepted and puts the volumes back. The failed rollback a
+// retry reads is kept too. Once rolled back, the failover and its
+// rollbacks age out.
+func TestRollbackPastTheRetention(t *testing.T) {
+	w := newFoWorld(t)
+	w.detachRoot() // a retry knows the root reverted only from the failed rollback
+	fo := w.finish(w.record(commands.OpFailover, w.failoverReq(), testVM))
+	if fo.Status != commands.StatusCompleted {
+		t.Fatalf("failover: %s %s", fo.Status, fo.Error)
+	}
+	if n := w.prune(); n != len(fo.Workflow.Steps) {
+		t.Fatalf("pruned %d, want the failover's %d children", n, len(fo.Workflow.Steps))
+	}
+	if _, err := w.store.GetOperation(w.ctx, fo.ID); err != nil {
+		t.Fatalf("failover pruned: %v", err)
+	}
+	var acc engine.Accepter
+	for _, k := range w.engine.Kinds() {
+		if k.Type() == commands.OpRollback {
+			acc = k.(engine.Accepter)
+		}
+	}
+	body, _ := json.Marshal(commands.RollbackRequest{FailoverID: fo.ID})
+	cmd, err := acc.Decode(w.ctx, commands.SubjectRollback, body)
+	if err == nil {
+		err = cmd.Check(w.ctx, w.ctx)
+	}
+	if err != nil {
+		t.Fatalf("rollback past the retention refused: %v", err)
+	}
+	// A first rollback fails after its reverts (a snapshot's deletion
+	// refused); the retention keeps it, so the one asked again does not
+	// revert again (the root's snapshot is gone).
+	w.cloud.Script(csfake.CmdDeleteSnapshot, csfake.Fault{}, csfake.Fault{Err: csfake.Final(csfake.CmdDeleteSnapshot, 431, "refused (test)")})
+	_, failed := w.run(w.ctx, w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if failed.Status != commands.StatusFailed {
+		t.Fatalf("first rollback %s: %s", failed.Status, failed.Error)
+	}
+	w.prune()
+	for _, id := range []string{fo.ID, failed.ID} {
+		if _, err := w.store.GetOperation(w.ctx, id); err != nil {
+			t.Fatalf("%s pruned: %v", id, err)
+		}
+	}
+	rb := w.finish(w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if rb.Status != commands.StatusCompleted {
+		t.Fatalf("rollback: %s %s %v", rb.Status, rb.Error, rb.Details)
+	}
+	if w.snapshots(w.root) != 0 || w.snapshots(w.data) != 0 || w.where(w.root).vm != "" || w.where(w.data).vm != appliance {
+		t.Fatalf("not back: root %+v, data %+v", w.where(w.root), w.where(w.data))
+	}
+	w.prune()
+	for _, id := range []string{fo.ID, failed.ID, rb.ID} {
+		if _, err := w.store.GetOperation(w.ctx, id); !errors.Is(err, state.ErrNotFound) {
+			t.Fatalf("%s kept once rolled back: %v", id, err)
+		}
 	}
 }

@@ -85,7 +85,7 @@ func (d Deps) failoverOf(ctx context.Context, id string) (commands.Operation, co
 // rollbackOf returns a rollback of fo that is pending, executing or
 // completed, nil when there is none.
 func (d Deps) rollbackOf(ctx context.Context, fo commands.Operation) (*commands.Operation, error) {
-	rbs, err := RollbacksOf(ctx, d.Operations, fo.ID, fo.VolumeID)
+	rbs, err := state.RollbacksOf(ctx, d.Operations, fo.ID, fo.VolumeID)
 	if err != nil {
 		return nil, err
 	}
@@ -97,32 +97,9 @@ func (d Deps) rollbackOf(ctx context.Context, fo commands.Operation) (*commands.
 	return nil, nil
 }
 
-// RollbacksOf returns the recorded rollbacks of the failover failoverID
-// whose root volume is rootID, in any status, newest first.
-func RollbacksOf(ctx context.Context, ops state.OperationReader, failoverID, rootID string) ([]commands.Operation, error) {
-	var out []commands.Operation
-	f := state.Filter{Type: commands.OpRollback, VolumeID: rootID}
-	for {
-		page, next, err := ops.ListOperations(ctx, f)
-		if err != nil {
-			return nil, err
-		}
-		for _, op := range page {
-			var req commands.RollbackRequest
-			if engine.DecodeRequest(&op, &req) == nil && req.FailoverID == failoverID {
-				out = append(out, op)
-			}
-		}
-		if next == "" {
-			return out, nil
-		}
-		f.Cursor = next
-	}
-}
-
 // reverted returns the volumes an earlier rollback of fo reverted.
 func (d Deps) reverted(ctx context.Context, fo commands.Operation) (map[string]bool, error) {
-	rbs, err := RollbacksOf(ctx, d.Operations, fo.ID, fo.VolumeID)
+	rbs, err := state.RollbacksOf(ctx, d.Operations, fo.ID, fo.VolumeID)
 	if err != nil {
 		return nil, fmt.Errorf("%w: rollbacks of failover %s: %w", engine.ErrStopped, fo.ID, err)
 	}

@@ -37,7 +37,8 @@ type RetentionConfig struct {
 
 // Retention deletes, at start and then every Interval, the terminal
 // operations completed more than Keep ago, under the lease
-// RetentionLease so that one instance of several does it.
+// RetentionLease so that one instance of several does it. The store
+// holds open test failovers (see state.Pruner).
 type Retention struct {
 	cfg    RetentionConfig
 	log    *slog.Logger

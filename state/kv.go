@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -90,6 +91,7 @@ type KV struct {
 	byVM     map[string]map[string]struct{}
 	exports  map[string]kvEntry[commands.Export]
 	ends     endWatches // the watches of WatchEnd
+	held     heldOps    // see PruneOperations
 
 	watcher   *kvWatcher
 	stop      chan struct{} // closed by Close: stops saving the cache
@@ -499,20 +501,135 @@ func (k *KV) purge(ctx context.Context, what, key string, rev uint64) error {
 }
 
 // PruneOperations deletes terminal operations completed before
-// completedBefore, found in the in-memory status indexes.
+// completedBefore, found in the in-memory status indexes. A failover or
+// rollback among them is read first: one the retention holds
+// (RetainedEnd) is left out of the walks from then on, and read again,
+// until its retained end is before completedBefore, by each call whose
+// batch the others do not fill (the last of a pass); there are few
+// (open test failovers and their failed rollbacks).
 func (k *KV) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
-	k.mu.RLock()
-	ids, revs := k.ops.expired(opScore(completedBefore), limit)
-	k.mu.RUnlock()
+	cut := opScore(completedBefore)
 	n := 0
-	for i, id := range ids {
-		err := k.DeleteOperation(ctx, id, revs[i])
+	for limit <= 0 || n < limit {
+		k.held.mu.Lock()
+		held := maps.Clone(k.held.ids)
+		k.held.mu.Unlock()
+		rest := 0
+		if limit > 0 {
+			rest = limit - n
+		}
+		k.mu.RLock()
+		ids, revs, mayHold := k.ops.expired(cut, rest, held)
+		k.mu.RUnlock()
+		holds := 0
+		for i, id := range ids {
+			if mayHold[i] {
+				hold, err := k.retains(ctx, id, cut)
+				if err != nil {
+					return n, err
+				}
+				if hold {
+					holds++
+					continue
+				}
+			}
+			err := k.DeleteOperation(ctx, id, revs[i])
+			if errors.Is(err, ErrStale) {
+				continue // annotated (CanAnnotate), or deleted and created again: the next pass reads it again
+			}
+			if err != nil {
+				return n, err
+			}
+			n++
+		}
+		if holds == 0 {
+			break // else walk again: the held ones took places of the batch
+		}
+	}
+	if limit > 0 && n >= limit {
+		return n, nil // the held ones wait for the call that does not fill its batch
+	}
+	rest := 0
+	if limit > 0 {
+		rest = limit - n
+	}
+	m, err := k.pruneHeld(ctx, cut, rest)
+	return n + m, err
+}
+
+// heldOps are the ids of the operations the retention holds
+// (RetainedEnd): PruneOperations learns them as it meets them.
+type heldOps struct {
+	mu  sync.Mutex
+	ids map[string]struct{}
+}
+
+// retains reads the operation id and reports whether the retention holds
+// it at the score cut; if so it is held from then on.
+func (k *KV) retains(ctx context.Context, id string, cut int64) (bool, error) {
+	op, err := k.GetOperation(ctx, id)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return false, nil // DeleteOperation finds it gone
+	case err != nil:
+		return false, err
+	}
+	end, held, err := RetainedEnd(ctx, k, op)
+	if err != nil || (!held && opScore(end) < cut) {
+		return false, err
+	}
+	k.held.mu.Lock()
+	if k.held.ids == nil {
+		k.held.ids = make(map[string]struct{})
+	}
+	k.held.ids[id] = struct{}{}
+	k.held.mu.Unlock()
+	return true, nil
+}
+
+// pruneHeld deletes up to limit held operations whose retained end is
+// before the score cut, and forgets those gone.
+func (k *KV) pruneHeld(ctx context.Context, cut int64, limit int) (int, error) {
+	k.held.mu.Lock()
+	ids := slices.Collect(maps.Keys(k.held.ids))
+	k.held.mu.Unlock()
+	ops := make([]commands.Operation, 0, len(ids))
+	for _, id := range ids {
+		op, err := k.GetOperation(ctx, id)
+		if errors.Is(err, ErrNotFound) {
+			k.held.mu.Lock()
+			delete(k.held.ids, id)
+			k.held.mu.Unlock()
+			continue
+		}
+		if err != nil {
+			return 0, err
+		}
+		ops = append(ops, op)
+	}
+	slices.SortStableFunc(ops, HeldFirst)
+	n := 0
+	for _, op := range ops {
+		if limit > 0 && n >= limit {
+			break
+		}
+		end, held, err := RetainedEnd(ctx, k, op)
+		if err != nil {
+			return n, err
+		}
+		if held || opScore(end) >= cut {
+			continue
+		}
+		err = k.DeleteOperation(ctx, op.ID, op.Revision)
 		if errors.Is(err, ErrStale) {
-			continue // annotated (CanAnnotate), or deleted and created again: the next pass reads it again
+			continue
 		}
 		if err != nil {
 			return n, err
 		}
+		k.held.mu.Lock()
+		delete(k.held.ids, op.ID)
+		k.held.mu.Unlock()
 		n++
 	}
 	return n, nil

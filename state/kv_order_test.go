@@ -58,7 +58,7 @@ func TestKVApplyOrder(t *testing.T) {
 				}
 			}
 			_, _, listed := k.ops.rev(op.ID)
-			if n := len(k.ops.lists["all"]); listed != tc.listed || (n == 1) != tc.listed || k.ops.stats.Total != int64(n) {
+			if n := len(k.ops.lists["status:"+string(op.Status)]); listed != tc.listed || (n == 1) != tc.listed || k.ops.stats.Total != int64(n) {
 				t.Fatalf("entry %v, indexed %d, total %d; want listed %v", listed, n, k.ops.stats.Total, tc.listed)
 			}
 		})

@@ -405,22 +405,48 @@ func (c *kvCache) note(rev uint64) bool {
 }
 
 // encode writes the live operations at revisions up to maxRev, oldest
-// first, after the interner's strings.
+// first, after one table of the interned strings (the layout of every
+// release: the types and statuses were interned with the names): "",
+// the kinds' not among the names, then the names' after "", so that the
+// few types and statuses keep one-byte numbers.
 func (x *opIndex) encode(e *cacheEncoder, maxRev uint64) {
-	e.uvarint(uint64(len(x.names.strs)))
-	for _, s := range x.names.strs {
+	var only []string                           // kinds not among the names
+	kindAt := make([]uint32, len(x.kinds.strs)) // kinds number → table number
+	for h, s := range x.kinds.strs {
+		if _, named := x.names.ids[s]; h != 0 && s != "" && !named {
+			only = append(only, s)
+			kindAt[h] = uint32(len(only))
+		}
+	}
+	shift := uint32(len(only)) // names number → table number: + shift
+	for h, s := range x.kinds.strs {
+		if at, named := x.names.ids[s]; h != 0 && s != "" && named {
+			kindAt[h] = at + shift
+		}
+	}
+	nameAt := func(h uint32) uint32 {
+		if h == 0 {
+			return 0
+		}
+		return h + shift
+	}
+	e.uvarint(uint64(1 + len(only) + len(x.names.strs) - 1))
+	e.str("")
+	for _, s := range only {
 		e.str(s)
 	}
-	all := x.lists["all"]
+	for _, s := range x.names.strs[1:] {
+		e.str(s)
+	}
 	n := 0
-	for _, i := range all {
+	for i := range x.ascending {
 		if x.slots[i].rev <= maxRev {
 			n++
 		}
 	}
 	e.uvarint(uint64(n))
 	var id []byte
-	for _, i := range all {
+	for i := range x.ascending {
 		s := &x.slots[i]
 		if s.rev > maxRev {
 			continue
@@ -429,10 +455,12 @@ func (x *opIndex) encode(e *cacheEncoder, maxRev uint64) {
 		e.bytes(id)
 		e.uvarint(s.rev)
 		e.varint(s.created)
-		e.varint(s.completed)
-		e.varint(int64(s.duration))
-		for _, h := range [...]uint32{s.typ, s.status, s.volume, s.vm, s.by} {
-			e.uvarint(uint64(h))
+		completed, duration := x.times(i)
+		e.varint(completed)
+		e.varint(int64(duration))
+		h := x.handles(i)
+		for _, v := range [...]uint32{kindAt[h[0]], kindAt[h[1]], nameAt(h[2]), nameAt(h[3]), nameAt(h[4])} {
+			e.uvarint(uint64(v))
 		}
 	}
 }
@@ -445,6 +473,8 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 	if nstr == 0 {
 		return nil, errors.New("no strings")
 	}
+	// The names keep the table's numbers; the types and statuses are
+	// interned again (kindOf: table number → kinds number, 0 until seen).
 	x.names.strs, x.names.users = make([]string, nstr), make([]int64, nstr)
 	for h := range x.names.strs {
 		x.names.strs[h] = d.str()
@@ -452,6 +482,7 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 	if x.names.strs[0] != "" {
 		return nil, errors.New("string 0 is not empty")
 	}
+	kindOf := make([]uint32, nstr)
 	n := d.count(10)
 	x.slots, x.byID = make([]opSlot, 0, n), newIDTable(n)
 	for range n {
@@ -461,28 +492,44 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 		id := d.bytes() // valid until the next read
 		s.key, canon = parseOpKey(id)
 		name := ""
-		if s.named = !canon; s.named {
-			name = string(id)
+		if !canon {
+			s.flags, name = slotNamed, string(id)
 		}
-		s.rev, s.created, s.completed, s.duration = d.uvarint(), d.varint(), d.varint(), time.Duration(d.varint())
-		for _, h := range s.handles() {
+		s.rev = d.uvarint()
+		created, completed, duration := d.varint(), d.varint(), time.Duration(d.varint())
+		var h [len(indexDims)]uint32
+		for dim := range h {
 			v := d.uvarint()
 			if v >= uint64(nstr) || (v != 0 && x.names.strs[v] == "") {
 				return nil, fmt.Errorf("operation %d: bad string %d", i, v)
 			}
-			*h = uint32(v)
+			h[dim] = uint32(v)
 		}
 		if d.err != nil {
 			return nil, d.err
 		}
-		if (s.named && name == "") || s.status == 0 || s.rev == 0 {
+		if (s.named() && name == "") || h[1] == 0 || s.rev == 0 {
 			return nil, fmt.Errorf("operation %d: bad entry", i)
 		}
 		if _, dup := x.byID.findKey(x, name, &s.key, canon); dup {
 			return nil, fmt.Errorf("operation %d: twice", i)
 		}
+		for dim := range 2 {
+			if v := h[dim]; v != 0 {
+				if kindOf[v] == 0 {
+					kindOf[v] = addName(&x.kinds, x.names.strs[v])
+				} else {
+					x.kinds.users[kindOf[v]]++
+				}
+				h[dim] = kindOf[v]
+			}
+		}
+		for _, v := range h[2:] {
+			x.names.users[v]++
+		}
 		x.slots = append(x.slots, s)
-		if s.named {
+		x.set(i, h[0], h[1], h[2], h[3], h[4], created, completed, duration)
+		if s.named() {
 			x.named[i] = name
 		}
 		if i > 0 && x.compare(i-1, i) >= 0 {
@@ -494,13 +541,7 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 		}
 		x.count(i, 1)
 	}
-	for i := range x.slots {
-		for _, h := range x.slots[i].handles() {
-			if *h != 0 {
-				x.names.users[*h]++
-			}
-		}
-	}
+	x.names.users[0] = 0
 	for h, s := range x.names.strs {
 		switch {
 		case h == 0:
@@ -512,11 +553,13 @@ func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 		}
 	}
 	// The lists: oldest first, as the slots.
-	all := make([]uint32, n)
-	for i := range all {
-		all[i] = uint32(i)
-	}
-	x.setLists(all)
+	x.setLists(func(yield func(uint32) bool) {
+		for i := range uint32(n) {
+			if !yield(i) {
+				return
+			}
+		}
+	})
 	return x, nil
 }
 

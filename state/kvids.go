@@ -68,7 +68,7 @@ func appendOpID(dst []byte, k *opKey) []byte {
 
 // appendID appends the id of slot i.
 func (x *opIndex) appendID(dst []byte, i uint32) []byte {
-	if x.slots[i].named {
+	if x.slots[i].named() {
 		return append(dst, x.named[i]...)
 	}
 	return appendOpID(dst, &x.slots[i].key)
@@ -76,7 +76,7 @@ func (x *opIndex) appendID(dst []byte, i uint32) []byte {
 
 // idOf is the id of slot i.
 func (x *opIndex) idOf(i uint32) string {
-	if x.slots[i].named {
+	if x.slots[i].named() {
 		return x.named[i]
 	}
 	return string(appendOpID(make([]byte, 0, len(opIDPrefix)+36), &x.slots[i].key))
@@ -86,7 +86,7 @@ func (x *opIndex) idOf(i uint32) string {
 // strings.Compare does: on the keys when both are of volumed's form (its
 // lowercase hex sorts as the bytes do).
 func (x *opIndex) compareID(i uint32, id string, k opKey, ok bool) int {
-	if s := &x.slots[i]; !s.named && ok {
+	if s := &x.slots[i]; !s.named() && ok {
 		return bytes.Compare(s.key[:], k[:])
 	}
 	return strings.Compare(x.idOf(i), id)
@@ -94,7 +94,7 @@ func (x *opIndex) compareID(i uint32, id string, k opKey, ok bool) int {
 
 // idTable finds the slot of an operation id: open addressing with linear
 // probing over a power-of-two table of slot numbers (plus one; 0 is
-// empty), keys compared on the slots, at most half full. Four to eight
+// empty), keys compared on the slots, at most half full. Eight to 16
 // bytes per operation where a map[string]uint32 takes about 40, and its
 // inserts stay within a table a few MB large.
 type idTable struct {
@@ -129,7 +129,7 @@ func (t *idTable) home(id string, k *opKey, ok bool) int {
 
 // homeOf is the first cell of slot i's id.
 func (t *idTable) homeOf(x *opIndex, i uint32) int {
-	if s := &x.slots[i]; !s.named {
+	if s := &x.slots[i]; !s.named() {
 		return t.home("", &s.key, true)
 	}
 	return t.home(x.named[i], nil, false)
@@ -149,7 +149,7 @@ func (t *idTable) findKey(x *opIndex, id string, k *opKey, ok bool) (int, bool) 
 		if v == 0 {
 			return c, false
 		}
-		if s := &x.slots[v-1]; (ok && !s.named && s.key == *k) || (!ok && s.named && x.named[v-1] == id) {
+		if s := &x.slots[v-1]; (ok && !s.named() && s.key == *k) || (!ok && s.named() && x.named[v-1] == id) {
 			return c, true
 		}
 	}

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"os"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -93,7 +95,8 @@ func TestIDTable(t *testing.T) {
 			i := x.alloc()
 			var canon bool
 			x.slots[i].key, canon = parseOpKey(id)
-			if x.slots[i].named = !canon; !canon {
+			if !canon {
+				x.slots[i].flags = slotNamed
 				x.named[i] = id
 			}
 			x.byID.add(x, i)
@@ -181,9 +184,9 @@ func TestOpIndexCacheRoundTrip(t *testing.T) {
 		return oi, or
 	}
 	byStatus := map[commands.OpStatus]int64{}
-	for _, i := range x.lists["all"] {
-		if s := x.slots[i]; s.rev <= cut {
-			byStatus[commands.OpStatus(x.names.str(s.status))]++
+	for i := range x.ascending {
+		if _, st := x.kindsOf(i); x.slots[i].rev <= cut {
+			byStatus[commands.OpStatus(x.kinds.str(st))]++
 		}
 	}
 	var buf bytes.Buffer
@@ -216,5 +219,101 @@ func TestOpIndexCacheRoundTrip(t *testing.T) {
 	}
 	if all, _ := upTo(x.list(Filter{}, nil, 0)); got.len() != len(all) {
 		t.Fatalf("%d operations, want %d", got.len(), len(all))
+	}
+}
+
+// goldenIndex is the index of testdata/opindex-v2.bin (written by the
+// cache encoder of main at bd3e635, cache version 2): operations of
+// every kind of id, type and status, created several at an instant, some
+// with times a slot holds and some it does not, a volume named as a type,
+// tombstones and removed ones.
+func goldenIndex() *opIndex {
+	x := newOpIndex()
+	base := time.Date(2026, 11, 1, 0, 0, 0, 123456789, time.UTC)
+	id := func(n int) string {
+		if n%17 == 0 {
+			return fmt.Sprintf("op-by-hand-%d", n)
+		}
+		return fmt.Sprintf("op-%08x-0000-4000-8000-%012x", n*7919%1000, n)
+	}
+	for n := range 200 {
+		created := base.Add(time.Duration(n/3) * time.Second)
+		st := commands.OpStatuses[n%len(commands.OpStatuses)]
+		op := commands.Operation{ID: id(n), Type: commands.OpTypes[n%len(commands.OpTypes)], Status: st,
+			VolumeID: fmt.Sprintf("vol-%d", n%7), RequestedBy: fmt.Sprintf("u%d", n%3), CreatedAt: created,
+			UpdatedAt: created.Add(2 * time.Second)}
+		if n%5 == 0 {
+			vm := fmt.Sprintf("vm-%d", n%4)
+			op.VMID = &vm
+		}
+		if n%11 == 0 {
+			op.VolumeID = string(commands.OpAttach)
+		}
+		if n%2 == 0 {
+			done := created.Add(time.Duration(n)*time.Minute + 7)
+			op.CompletedAt = &done
+		}
+		x.put(uint64(n+1), &op)
+	}
+	for n := range 200 {
+		switch {
+		case n%13 == 0:
+			x.remove(id(n))
+		case n%19 == 0:
+			x.tombstone(id(n), uint64(300+n))
+		}
+	}
+	return x
+}
+
+// TestOpIndexReadsEarlierCache: the index an earlier release wrote to its
+// cache (testdata/opindex-v2.bin) loads as the index of the same
+// operations this one makes: the same listings, counters and times; and
+// this release's encoding of it loads the same again.
+func TestOpIndexReadsEarlierCache(t *testing.T) {
+	want := goldenIndex()
+	raw, err := os.ReadFile("testdata/opindex-v2.bin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	decode := func(raw []byte) *opIndex {
+		t.Helper()
+		r := &io.LimitedReader{R: bytes.NewReader(raw), N: int64(len(raw))}
+		d := &cacheDecoder{r: bufio.NewReader(r), left: r}
+		x, err := decodeOpIndex(d, &kvCache{})
+		if err != nil || d.remaining() != 0 {
+			t.Fatalf("decode: %v, %d bytes left", err, d.remaining())
+		}
+		return x
+	}
+	var buf bytes.Buffer
+	w := bufio.NewWriter(&buf)
+	want.encode(&cacheEncoder{w: w}, 1<<62)
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for name, got := range map[string]*opIndex{"earlier": decode(raw), "this release's": decode(buf.Bytes())} {
+		if !reflect.DeepEqual(got.stats, want.stats) {
+			t.Fatalf("%s: stats %+v, want %+v", name, got.stats, want.stats)
+		}
+		for _, f := range []Filter{{}, {Status: commands.StatusFailed}, {Type: commands.OpAttach}, {VolumeID: "attach"},
+			{VMID: "vm-0"}, {RequestedBy: "u1", Status: commands.StatusCompleted}} {
+			ids, revs, _ := got.list(f, nil, 0)
+			wids, wrevs, _ := want.list(f, nil, 0)
+			if len(ids) == 0 || !slices.Equal(ids, wids) || !slices.Equal(revs, wrevs) {
+				t.Fatalf("%s: list %+v: %v, want %v", name, f, ids, wids)
+			}
+		}
+		for i := range want.ascending {
+			j, ok := got.byID.get(got, want.idOf(i))
+			if !ok {
+				t.Fatalf("%s: %s missing", name, want.idOf(i))
+			}
+			c, d := got.times(j)
+			wc, wd := want.times(i)
+			if c != wc || d != wd || got.slots[j].created != want.slots[i].created {
+				t.Fatalf("%s: %s: times %d %v, want %d %v", name, want.idOf(i), c, d, wc, wd)
+			}
+		}
 	}
 }

@@ -3,6 +3,7 @@ package state
 import (
 	"bytes"
 	"cmp"
+	"iter"
 	"slices"
 	"strings"
 	"time"
@@ -12,19 +13,25 @@ import (
 
 // opIndex is the in-memory index of the embedded store's operations: per
 // operation, only what the listings, the prune and the counters need (its
-// id, revision, times and interned field values: a 72-byte slot holding
-// the id's 16 bytes, 4 to 8 bytes of idTable and a 4-byte entry per index
-// it is in, about 100 bytes); the records themselves stay in the bucket
-// and are read from it. It is not safe for concurrent use: KV.mu guards
-// it.
+// id, revision, times and interned field values: a 56-byte slot holding
+// the id's 16 bytes, 8 to 16 bytes of idTable and a 4-byte entry per list
+// it is in, 3 to 5 of them: about 84 bytes at a million); the records
+// themselves stay in the bucket and are read from it. It is not safe for concurrent use:
+// KV.mu guards it.
 type opIndex struct {
 	slots []opSlot
 	free  []uint32          // unused slots
 	byID  idTable           // operation id → slot
 	named map[uint32]string // slot → id, of ids not of volumed's form (opKey)
-	names interner
+	// wide holds what a live slot's fields cannot (slotWide).
+	wide map[uint32]wideSlot
+	// kinds interns the types and statuses, names the other indexed
+	// values (volume, VM, requester).
+	kinds, names interner
 	// lists holds, per index name (see indexNames), the slots of its
-	// operations ordered oldest first by (created, id).
+	// operations ordered oldest first by (created, id). There is no list
+	// of every operation: each live one is in exactly one status list,
+	// which together are that list (statusLists).
 	lists map[string][]uint32
 	stats Stats // without Writes
 	// deferred: put and remove leave the lists and counters to
@@ -33,28 +40,130 @@ type opIndex struct {
 	deferred bool
 }
 
-// opSlot is what memory keeps of one operation. A slot whose status is 0
-// records only the revision of an operation this process deleted, until
-// the watcher delivers the delete.
+// opSlot is what memory keeps of one operation, 56 bytes. A slot whose
+// status is 0 records only the revision of an operation this process
+// deleted, until the watcher delivers the delete.
+//
+// Its times are exact: the completion's score as created plus span (µs),
+// the duration as span µs plus took ns. An operation whose times do not
+// fit (completed more than 71 minutes after its creation or before it, a
+// duration more than 32 µs off its span or without a completion) has
+// them in opIndex.wide, as has one whose type or status is numbered
+// kindWide or more.
 type opSlot struct {
-	key       opKey
-	named     bool // the id is in opIndex.named, not in key
-	rev       uint64
-	created   int64 // opScore of CreatedAt
-	completed int64 // opScore of completedAt, for a terminal operation
-	duration  time.Duration
-	// Interned values (0: none) of the indexed fields.
-	typ, status, volume, vm, by uint32
+	key     opKey
+	rev     uint64
+	created int64  // opScore of CreatedAt
+	span    uint32 // opScore of completedAt less created (slotDone)
+	// Interned values (0: none) of the indexed fields: names numbers.
+	volume, vm, by uint32
+	took           int16 // duration less span µs, in ns (slotTook)
+	// Interned type and status: kinds numbers, kindWide when the slot is
+	// wide.
+	typ, status uint8
+	flags       uint8
 }
 
-// handles are the slot's interned values, in the order of indexDims.
-func (s *opSlot) handles() [len(indexDims)]*uint32 {
-	return [...]*uint32{&s.typ, &s.status, &s.volume, &s.vm, &s.by}
+// opSlot.flags.
+const (
+	slotNamed = 1 << iota // the id is in opIndex.named, not in key
+	slotWide              // the times, type and status are in opIndex.wide
+	slotDone              // completed is created + span (otherwise 0)
+	slotTook              // the duration is span µs + took ns (otherwise 0)
+)
+
+// kindWide is a wide slot's type and status.
+const kindWide = 255
+
+// wideKind is what a wide slot's fields hold of kinds number h: 0 for
+// none (a status 0 is no live operation), kindWide otherwise.
+func wideKind(h uint32) uint8 {
+	if h == 0 {
+		return 0
+	}
+	return kindWide
 }
+
+// wideSlot is a wide slot's times, type and status (kinds numbers).
+type wideSlot struct {
+	completed   int64
+	duration    time.Duration
+	typ, status uint32
+}
+
+func (s *opSlot) named() bool { return s.flags&slotNamed != 0 }
 
 func newOpIndex() *opIndex {
-	return &opIndex{byID: newIDTable(0), named: make(map[uint32]string), lists: make(map[string][]uint32),
-		names: newInterner(), stats: newStats()}
+	return &opIndex{byID: newIDTable(0), named: make(map[uint32]string), wide: make(map[uint32]wideSlot),
+		lists: make(map[string][]uint32), kinds: newInterner(), names: newInterner(), stats: newStats()}
+}
+
+// kindsOf returns slot i's type and status (kinds numbers).
+func (x *opIndex) kindsOf(i uint32) (typ, status uint32) {
+	s := &x.slots[i]
+	if s.flags&slotWide != 0 {
+		w := x.wide[i]
+		return w.typ, w.status
+	}
+	return uint32(s.typ), uint32(s.status)
+}
+
+// times returns slot i's completion score (0: none) and duration.
+func (x *opIndex) times(i uint32) (completed int64, duration time.Duration) {
+	s := &x.slots[i]
+	if s.flags&slotWide != 0 {
+		w := x.wide[i]
+		return w.completed, w.duration
+	}
+	if s.flags&slotDone != 0 {
+		completed = s.created + int64(s.span)
+	}
+	if s.flags&slotTook != 0 {
+		duration = time.Duration(s.span)*time.Microsecond + time.Duration(s.took)
+	}
+	return completed, duration
+}
+
+// set makes slot i hold these values, in its fields where they fit
+// and in x.wide otherwise. It keeps the slot's key, revision and
+// slotNamed.
+func (x *opIndex) set(i uint32, typ, status uint32, volume, vm, by uint32, created, completed int64, duration time.Duration) {
+	s := &x.slots[i]
+	*s = opSlot{key: s.key, rev: s.rev, created: created, volume: volume, vm: vm, by: by, flags: s.flags & slotNamed}
+	fits := typ < kindWide && status < kindWide
+	if fits && completed != 0 {
+		d := completed - created
+		fits = d >= 0 && d <= 1<<32-1
+		s.span, s.flags = uint32(d), s.flags|slotDone
+	}
+	if fits && duration != 0 {
+		t := duration - time.Duration(s.span)*time.Microsecond
+		fits = completed != 0 && t >= -1<<15 && t < 1<<15
+		s.took, s.flags = int16(t), s.flags|slotTook
+	}
+	if !fits {
+		*s = opSlot{key: s.key, rev: s.rev, created: created, volume: volume, vm: vm, by: by,
+			typ: wideKind(typ), status: wideKind(status), flags: s.flags&slotNamed | slotWide}
+		x.wide[i] = wideSlot{completed: completed, duration: duration, typ: typ, status: status}
+		return
+	}
+	s.typ, s.status = uint8(typ), uint8(status)
+}
+
+// handles returns slot i's interned values, in the order of indexDims:
+// type and status kinds numbers, the others names numbers.
+func (x *opIndex) handles(i uint32) [len(indexDims)]uint32 {
+	s := &x.slots[i]
+	typ, status := x.kindsOf(i)
+	return [...]uint32{typ, status, s.volume, s.vm, s.by}
+}
+
+// interner returns the interner of dimension dim (of indexDims).
+func (x *opIndex) interner(dim int) *interner {
+	if dim < 2 {
+		return &x.kinds
+	}
+	return &x.names
 }
 
 // rev returns the revision memory holds for id (0: none), and the slot's
@@ -65,7 +174,8 @@ func (x *opIndex) rev(id string) (uint64, commands.OpStatus, bool) {
 		return 0, "", false
 	}
 	s := &x.slots[i]
-	return s.rev, commands.OpStatus(x.names.str(s.status)), s.status != 0
+	_, status := x.kindsOf(i)
+	return s.rev, commands.OpStatus(x.kinds.str(status)), s.status != 0
 }
 
 // len counts the live operations.
@@ -121,28 +231,24 @@ func putNewer[S ~string | ~[]byte](x *opIndex, id string, rev uint64, f *opField
 func putSlot[S ~string | ~[]byte](x *opIndex, i uint32, held bool, rev uint64, id string, f *opFields[S]) {
 	if held {
 		x.unindexSlot(i)
-	}
-	s := opSlot{rev: rev, created: f.created, completed: f.completed, duration: f.duration,
-		typ: addName(&x.names, f.typ), status: addName(&x.names, f.status), volume: addName(&x.names, f.volume),
-		vm: addName(&x.names, f.vm), by: addName(&x.names, f.by)}
-	if !held {
+	} else {
 		i = x.alloc()
-		var canon bool
-		s.key, canon = parseOpKey(id)
-		if s.named = !canon; s.named {
+		key, canon := parseOpKey(id)
+		x.slots[i] = opSlot{key: key}
+		if !canon {
 			// Its own copy: id may be part of a larger string (the
 			// watcher's is the message's subject).
+			x.slots[i].flags = slotNamed
 			x.named[i] = strings.Clone(id)
 		}
-		x.slots[i] = s
 		x.byID.add(x, i)
-	} else {
-		s.key, s.named = x.slots[i].key, x.slots[i].named
 	}
-	x.slots[i] = s
+	x.slots[i].rev = rev
+	x.set(i, addName(&x.kinds, f.typ), addName(&x.kinds, f.status), addName(&x.names, f.volume),
+		addName(&x.names, f.vm), addName(&x.names, f.by), f.created, f.completed, f.duration)
 	// A record without a status (written by hand) is no live operation,
 	// as its slot says (unindexSlot, the cache): in no list.
-	if !x.deferred && s.status != 0 {
+	if !x.deferred && x.slots[i].status != 0 {
 		x.index(i, 1)
 	}
 }
@@ -166,6 +272,7 @@ func (x *opIndex) remove(id string) {
 	x.byID.del(x, id)
 	x.slots[i] = opSlot{}
 	delete(x.named, i)
+	delete(x.wide, i)
 	x.free = append(x.free, i) // reused by new operations
 }
 
@@ -177,19 +284,20 @@ func (x *opIndex) unindex(id string) {
 	}
 }
 
-// unindexSlot is unindex of slot i.
+// unindexSlot is unindex of slot i. Its interned values are let go;
+// a record without a status leaves its slot so too.
 func (x *opIndex) unindexSlot(i uint32) {
-	if x.slots[i].status == 0 {
-		return
-	}
-	if !x.deferred {
+	s := &x.slots[i]
+	live := s.status != 0
+	if live && !x.deferred {
 		x.index(i, -1)
 	}
-	s := &x.slots[i]
-	for _, h := range [...]uint32{s.typ, s.status, s.volume, s.vm, s.by} {
-		x.names.drop(h)
+	h := x.handles(i)
+	for dim, v := range h {
+		x.interner(dim).drop(v)
 	}
-	*s = opSlot{key: s.key, named: s.named, rev: s.rev}
+	delete(x.wide, i)
+	*s = opSlot{key: s.key, rev: s.rev, flags: s.flags & slotNamed}
 }
 
 // endDeferred makes the lists and counters of the live slots, which put
@@ -210,47 +318,43 @@ func (x *opIndex) endDeferred() {
 	if !slices.IsSortedFunc(all, x.compare) {
 		slices.SortFunc(all, x.compare)
 	}
-	x.setLists(all)
+	x.setLists(slices.Values(all))
 }
 
 // setLists makes the lists of the index, which has none, from all, its
 // live slots oldest first: each list by appending, of the size it needs.
-func (x *opIndex) setLists(all []uint32) {
-	nstr := len(x.names.strs)
-	var sizes [len(indexDims)][]int // dimension → string → operations
+func (x *opIndex) setLists(all iter.Seq[uint32]) {
+	var sizes [len(indexDims)][]int // dimension → number → operations
 	for dim := range sizes {
-		sizes[dim] = make([]int, nstr)
+		sizes[dim] = make([]int, len(x.interner(dim).strs))
 	}
-	for _, i := range all {
-		for dim, h := range x.slots[i].handles() {
-			if *h != 0 {
-				sizes[dim][*h]++
+	for i := range all {
+		for dim, h := range x.handles(i) {
+			if h != 0 {
+				sizes[dim][h]++
 			}
 		}
 	}
 	var lists [len(indexDims)][][]uint32
 	for dim := range lists {
-		lists[dim] = make([][]uint32, nstr)
+		lists[dim] = make([][]uint32, len(sizes[dim]))
 		for h, size := range sizes[dim] {
 			if size > 0 {
 				lists[dim][h] = make([]uint32, 0, size)
 			}
 		}
 	}
-	for _, i := range all {
-		for dim, h := range x.slots[i].handles() {
-			if *h != 0 {
-				lists[dim][*h] = append(lists[dim][*h], i)
+	for i := range all {
+		for dim, h := range x.handles(i) {
+			if h != 0 {
+				lists[dim][h] = append(lists[dim][h], i)
 			}
 		}
-	}
-	if len(all) > 0 {
-		x.lists["all"] = all
 	}
 	for dim, byValue := range lists {
 		for h, l := range byValue {
 			if len(l) > 0 {
-				x.lists[indexDims[dim]+":"+x.names.strs[h]] = l
+				x.lists[indexDims[dim]+":"+x.interner(dim).strs[h]] = l
 			}
 		}
 	}
@@ -284,7 +388,7 @@ func (x *opIndex) compare(a, b uint32) int {
 	if c := cmp.Compare(sa.created, sb.created); c != 0 {
 		return c
 	}
-	if !sa.named && !sb.named {
+	if !sa.named() && !sb.named() {
 		return bytes.Compare(sa.key[:], sb.key[:])
 	}
 	return strings.Compare(x.idOf(a), x.idOf(b))
@@ -292,9 +396,8 @@ func (x *opIndex) compare(a, b uint32) int {
 
 // listNames names the lists slot i belongs to.
 func (x *opIndex) listNames(i uint32) []string {
-	s := &x.slots[i]
-	return indexNames(x.names.str(s.typ), x.names.str(s.status), x.names.str(s.volume), x.names.str(s.vm),
-		x.names.str(s.by), true)
+	h := x.handles(i)
+	return indexNames(x.kinds.str(h[0]), x.kinds.str(h[1]), x.names.str(h[2]), x.names.str(h[3]), x.names.str(h[4]), false)
 }
 
 // index adds (sign 1) or removes (sign -1) live slot i from its lists and
@@ -328,14 +431,44 @@ func (x *opIndex) index(i uint32, sign int64) {
 
 // count adds (sign 1) or removes (sign -1) live slot i from the counters.
 func (x *opIndex) count(i uint32, sign int64) {
-	s := &x.slots[i]
-	typ, status := commands.OpType(x.names.str(s.typ)), commands.OpStatus(x.names.str(s.status))
+	t, st := x.kindsOf(i)
+	typ, status := commands.OpType(x.kinds.str(t)), commands.OpStatus(x.kinds.str(st))
 	x.stats.Total += sign
 	x.stats.ByType[typ] += sign
 	x.stats.ByStatus[status] += sign
 	if status.Terminal() {
+		_, duration := x.times(i)
 		x.stats.Terminal += sign
-		x.stats.TerminalDuration += time.Duration(sign) * s.duration
+		x.stats.TerminalDuration += time.Duration(sign) * duration
+	}
+}
+
+// statusLists returns the status lists: every live slot is in one.
+func (x *opIndex) statusLists() [][]uint32 {
+	var ls [][]uint32
+	for st, n := range x.stats.ByStatus {
+		if n > 0 {
+			ls = append(ls, x.lists["status:"+string(st)])
+		}
+	}
+	return ls
+}
+
+// ascending yields the live slots oldest first, merging the status lists.
+func (x *opIndex) ascending(yield func(uint32) bool) {
+	ls := x.statusLists()
+	pos := make([]int, len(ls))
+	for {
+		next := -1
+		for j, l := range ls {
+			if pos[j] < len(l) && (next < 0 || x.compare(l[pos[j]], ls[next][pos[next]]) < 0) {
+				next = j
+			}
+		}
+		if next < 0 || !yield(ls[next][pos[next]]) {
+			return
+		}
+		pos[next]++
 	}
 }
 
@@ -350,64 +483,96 @@ func (x *opIndex) match(f Filter) opMatch {
 	m := opMatch{ok: true}
 	for _, v := range [...]struct {
 		h *uint32
+		n *interner
 		s string
-	}{{&m.typ, string(f.Type)}, {&m.status, string(f.Status)}, {&m.volume, f.VolumeID}, {&m.vm, f.VMID}, {&m.by, f.RequestedBy}} {
+	}{{&m.typ, &x.kinds, string(f.Type)}, {&m.status, &x.kinds, string(f.Status)}, {&m.volume, &x.names, f.VolumeID},
+		{&m.vm, &x.names, f.VMID}, {&m.by, &x.names, f.RequestedBy}} {
 		if v.s == "" {
 			continue
 		}
-		h, ok := x.names.lookup(v.s)
+		h, ok := v.n.lookup(v.s)
 		*v.h, m.ok = h, m.ok && ok
 	}
 	return m
 }
 
-func (m opMatch) matches(s *opSlot) bool {
-	return s.status != 0 && (m.typ == 0 || s.typ == m.typ) && (m.status == 0 || s.status == m.status) &&
-		(m.volume == 0 || s.volume == m.volume) && (m.vm == 0 || s.vm == m.vm) && (m.by == 0 || s.by == m.by)
+// matches reports whether slot i is live and matches m.
+func (x *opIndex) matches(m opMatch, i uint32) bool {
+	s := &x.slots[i]
+	if s.status == 0 || (m.volume != 0 && s.volume != m.volume) || (m.vm != 0 && s.vm != m.vm) ||
+		(m.by != 0 && s.by != m.by) {
+		return false
+	}
+	typ, status := x.kindsOf(i)
+	return (m.typ == 0 || typ == m.typ) && (m.status == 0 || status == m.status)
 }
 
 // list returns the ids and revisions of up to limit operations matching
 // f (0: no limit) newest first, strictly after the cursor after (nil:
-// from the newest), walking the smallest list f selects; more reports
-// whether another one follows.
+// from the newest), walking the smallest list f selects, or the status
+// lists merged when it selects by nothing; more reports whether another
+// one follows.
 func (x *opIndex) list(f Filter, after *opRef, limit int) (ids []string, revs []uint64, more bool) {
 	m := x.match(f)
 	if !m.ok {
 		return nil, nil, false
 	}
-	var walk []uint32
-	for i, name := range filterIndexes(f) {
-		if l := x.lists[name]; i == 0 || len(l) < len(walk) {
-			walk = l
+	var walk [][]uint32
+	if names := filterIndexes(f); names[0] == "all" {
+		walk = x.statusLists()
+	} else {
+		for i, name := range names {
+			if l := x.lists[name]; i == 0 || len(l) < len(walk[0]) {
+				walk = [][]uint32{l}
+			}
 		}
 	}
-	start := len(walk)
+	// pos[j] is where walk[j] continues, downwards.
+	pos := make([]int, len(walk))
+	var k opKey
+	var canon bool
 	if after != nil {
-		k, ok := parseOpKey(after.id)
-		start, _ = slices.BinarySearchFunc(walk, *after, func(i uint32, r opRef) int {
-			if c := cmp.Compare(x.slots[i].created, r.score); c != 0 {
-				return c
-			}
-			return x.compareID(i, r.id, k, ok)
-		})
+		k, canon = parseOpKey(after.id)
 	}
-	for j := start - 1; j >= 0; j-- {
-		s := &x.slots[walk[j]]
-		if !m.matches(s) {
+	for j, l := range walk {
+		pos[j] = len(l)
+		if after != nil {
+			pos[j], _ = slices.BinarySearchFunc(l, *after, func(i uint32, r opRef) int {
+				if c := cmp.Compare(x.slots[i].created, r.score); c != 0 {
+					return c
+				}
+				return x.compareID(i, r.id, k, canon)
+			})
+		}
+	}
+	for {
+		next := -1
+		for j, l := range walk {
+			if pos[j] > 0 && (next < 0 || x.compare(l[pos[j]-1], walk[next][pos[next]-1]) > 0) {
+				next = j
+			}
+		}
+		if next < 0 {
+			return ids, revs, false
+		}
+		pos[next]--
+		i := walk[next][pos[next]]
+		if !x.matches(m, i) {
 			continue
 		}
 		if limit > 0 && len(ids) == limit {
 			return ids, revs, true
 		}
-		ids, revs = append(ids, x.idOf(walk[j])), append(revs, s.rev)
+		ids, revs = append(ids, x.idOf(i)), append(revs, x.slots[i].rev)
 	}
-	return ids, revs, false
 }
 
 // expired returns the ids and revisions of up to limit (0: no limit)
 // terminal operations completed before the score before, oldest created
-// first (an operation completed before a time was created before it).
-func (x *opIndex) expired(before int64, limit int) (ids []string, revs []uint64) {
+// first (an operation completed before a time was created before it),
+// but the held ones, and which of them the retention may hold
+// (MayHold): it reads their records.
+func (x *opIndex) expired(before int64, limit int, held map[string]struct{}) (ids []string, revs []uint64, mayHold []bool) {
 	for _, st := range commands.OpStatuses {
 		if !st.Terminal() {
 			continue
@@ -417,12 +582,18 @@ func (x *opIndex) expired(before int64, limit int) (ids []string, revs []uint64)
 			if s.created >= before || (limit > 0 && len(ids) >= limit) {
 				break
 			}
-			if s.completed < before {
-				ids, revs = append(ids, x.idOf(i)), append(revs, s.rev)
+			if completed, _ := x.times(i); completed >= before {
+				continue
 			}
+			typ, _ := x.kindsOf(i)
+			id, may := x.idOf(i), MayHold(commands.OpType(x.kinds.str(typ)))
+			if _, ok := held[id]; ok && may {
+				continue
+			}
+			ids, revs, mayHold = append(ids, id), append(revs, s.rev), append(mayHold, may)
 		}
 	}
-	return ids, revs
+	return ids, revs, mayHold
 }
 
 // interner gives each distinct string a small number, counting its

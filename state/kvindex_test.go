@@ -1,7 +1,10 @@
 package state
 
 import (
+	"bufio"
+	"bytes"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"reflect"
 	"testing"
@@ -78,6 +81,7 @@ func TestOpIndexDeferred(t *testing.T) {
 			t.Fatalf("%s: lists differ:\n%v\n%v", when, live.lists, deferred.lists)
 		}
 		if !reflect.DeepEqual(live.stats, deferred.stats) || !reflect.DeepEqual(live.names, deferred.names) ||
+			!reflect.DeepEqual(live.kinds, deferred.kinds) || !reflect.DeepEqual(live.wide, deferred.wide) ||
 			!reflect.DeepEqual(live.slots, deferred.slots) {
 			t.Fatalf("%s: stats, names or slots differ: %+v, %+v", when, live.stats, deferred.stats)
 		}
@@ -88,4 +92,115 @@ func TestOpIndexDeferred(t *testing.T) {
 		write(rev)
 	}
 	same("kept up to date after")
+}
+
+// TestOpIndexExactTimes: the index gives back exactly the times it was
+// given (the completion's score and the duration to the nanosecond),
+// whether they fit in the slot or not, and the types and statuses of
+// the 255th kind and beyond; so do its counters and its cache encoding,
+// and nothing of a wide slot is left once it fits again or is removed.
+func TestOpIndexExactTimes(t *testing.T) {
+	base := time.Date(2026, 12, 1, 0, 0, 0, 123456789, time.UTC)
+	at := func(d time.Duration) *time.Time { v := base.Add(d); return &v }
+	y3000 := base.AddDate(974, 0, 0)
+	y3000done := y3000.Add(time.Second + 1)
+	for _, tc := range []struct {
+		name      string
+		status    commands.OpStatus
+		created   time.Time
+		completed *time.Time // CompletedAt
+		updated   time.Duration
+		typ       commands.OpType
+		wide      bool
+	}{
+		{"seconds later", commands.StatusCompleted, base, at(3*time.Second + 789), 0, commands.OpAttach, false},
+		{"within its microsecond", commands.StatusFailed, base, at(1), 0, commands.OpAttach, false},
+		{"71 minutes later", commands.StatusCompleted, base, at(71 * time.Minute), 0, commands.OpAttach, false},
+		{"72 minutes later", commands.StatusCompleted, base, at(72*time.Minute + 1), 0, commands.OpAttach, true},
+		{"completed before created (clocks)", commands.StatusCancelled, base, at(-2 * time.Millisecond), 0, commands.OpAttach, true},
+		{"terminal without CompletedAt", commands.StatusFailed, base, nil, 5 * time.Second, commands.OpAttach, false},
+		{"terminal without CompletedAt, updated days later", commands.StatusFailed, base, nil, 50 * time.Hour, commands.OpAttach, true},
+		{"not terminal, with CompletedAt", commands.StatusExecuting, base, at(time.Second), 0, commands.OpAttach, true},
+		{"not terminal", commands.StatusPending, base, nil, time.Second, commands.OpAttach, false},
+		{"created at the zero time", commands.StatusCompleted, time.Time{}, at(0), 0, commands.OpAttach, true},
+		{"in the year 3000", commands.StatusCompleted, y3000, &y3000done, 0, commands.OpAttach, false},
+		{"the 300th type", commands.StatusCompleted, base, at(time.Second), 0, "type-300", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			x := newOpIndex()
+			op := commands.Operation{ID: "op-00000000-0000-4000-8000-000000000001", Type: tc.typ, Status: tc.status,
+				VolumeID: "vol-1", CreatedAt: tc.created, UpdatedAt: base.Add(tc.updated), CompletedAt: tc.completed}
+			if tc.typ == commands.OpAttach {
+				x.put(1000, &op) // its type and status numbered first
+			}
+			// Kinds enough that a kind numbered last is past a byte.
+			for n := range 300 {
+				op := commands.Operation{ID: fmt.Sprintf("op-filler-%d", n), Type: commands.OpType(fmt.Sprintf("type-%d", n)),
+					Status: commands.StatusCompleted, CreatedAt: base.Add(-time.Hour), CompletedAt: at(-time.Hour + time.Second)}
+				x.put(uint64(n+1), &op)
+			}
+			x.put(1000, &op)
+			check := func(x *opIndex, when string) {
+				t.Helper()
+				i, ok := x.byID.get(x, op.ID)
+				if !ok {
+					t.Fatalf("%s: not found", when)
+				}
+				_, wantCompleted, wantDuration := opTimes(&op)
+				completed, duration := x.times(i)
+				typ, status := x.kindsOf(i)
+				if completed != wantCompleted || duration != wantDuration || x.kinds.str(typ) != string(op.Type) ||
+					x.kinds.str(status) != string(op.Status) {
+					t.Fatalf("%s: completed %d, duration %v, %s %s; want %d, %v, %s %s", when, completed, duration,
+						x.kinds.str(typ), x.kinds.str(status), wantCompleted, wantDuration, op.Type, op.Status)
+				}
+				if wide := x.slots[i].flags&slotWide != 0; when == "put" && wide != tc.wide {
+					t.Fatalf("%s: wide %v, want %v", when, wide, tc.wide)
+				}
+				var want time.Duration
+				if op.Status.Terminal() {
+					want = op.Duration() + 300*time.Second
+				} else {
+					want = 300 * time.Second
+				}
+				if x.stats.TerminalDuration != want || x.stats.ByType[op.Type] != 1 || x.stats.ByStatus[op.Status] < 1 {
+					t.Fatalf("%s: stats %+v, want duration %v", when, x.stats, want)
+				}
+				for _, f := range []Filter{{Type: op.Type}, {Status: op.Status, VolumeID: "vol-1"}} {
+					if ids, _, _ := x.list(f, nil, 0); len(ids) != 1 || ids[0] != op.ID {
+						t.Fatalf("%s: list %+v: %v", when, f, ids)
+					}
+				}
+			}
+			check(x, "put")
+			var buf bytes.Buffer
+			w := bufio.NewWriter(&buf)
+			x.encode(&cacheEncoder{w: w}, 1000)
+			if err := w.Flush(); err != nil {
+				t.Fatal(err)
+			}
+			r := &io.LimitedReader{R: &buf, N: int64(buf.Len())}
+			y, err := decodeOpIndex(&cacheDecoder{r: bufio.NewReader(r), left: r}, &kvCache{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			check(y, "loaded")
+			for _, x := range []*opIndex{x, y} {
+				done := op
+				done.Type, done.Status, done.CreatedAt, done.CompletedAt = "type-0", commands.StatusCompleted, base, at(time.Second)
+				x.put(1001, &done)
+				if i, _ := x.byID.get(x, op.ID); x.slots[i].flags&slotWide != 0 {
+					t.Fatal("a slot that fits again is still wide")
+				}
+				for n := range 300 {
+					x.remove(fmt.Sprintf("op-filler-%d", n))
+				}
+				x.remove(op.ID)
+				if len(x.wide) != 0 || len(x.kinds.ids) != 0 || len(x.names.ids) != 0 || len(x.lists) != 0 || x.len() != 0 {
+					t.Fatalf("left: %d wide, %d kinds, %d names, %d lists, %d operations", len(x.wide), len(x.kinds.ids),
+						len(x.names.ids), len(x.lists), x.len())
+				}
+			}
+		})
+	}
 }

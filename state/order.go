@@ -124,7 +124,7 @@ func parseCursor(s string) (*opRef, error) {
 	score, id, ok := strings.Cut(string(raw), ":")
 	n, perr := strconv.ParseInt(score, 10, 64)
 	if err != nil || !ok || perr != nil || id == "" {
-		return nil, commands.Invalid("cursor", "cursor %q is not one this server returned", commands.Shown(s, 64))
+		return nil, commands.Invalid("cursor", "cursor %q is not a position this server hands out", commands.Shown(s, 64))
 	}
 	return &opRef{score: n, id: id}, nil
 }

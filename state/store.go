@@ -187,7 +187,11 @@ type Operations interface {
 type Pruner interface {
 	// PruneOperations deletes up to limit (0: no limit) terminal operations
 	// completed before completedBefore, with their index entries and
-	// counts, and returns how many it deleted.
+	// counts, and returns how many it deleted. It holds a completed test
+	// failover, and the failed and cancelled rollbacks of it, until a
+	// rollback of it completes, and counts their end from that
+	// rollback's (RetainedEnd); held operations do not count against
+	// limit.
 	PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error)
 }
 

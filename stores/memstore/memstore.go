@@ -8,6 +8,7 @@ package memstore
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -187,37 +188,108 @@ func (s *Store) deleteOp(id string, r record) {
 }
 
 // PruneOperations deletes up to limit terminal operations completed
-// before completedBefore, oldest completion first.
-func (s *Store) PruneOperations(_ context.Context, completedBefore time.Time, limit int) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+// before completedBefore, oldest completion first; it holds what
+// state.RetainedEnd holds, and counts their end from it. It reads every
+// operation again after a round that deleted some: the completed
+// rollback of a failover deleted is due then.
+func (s *Store) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
+	n := 0
+	for limit <= 0 || n < limit {
+		rest := 0
+		if limit > 0 {
+			rest = limit - n
+		}
+		m, err := s.pruneRound(ctx, completedBefore, rest)
+		n += m
+		if err != nil || m == 0 {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// pruneRound is one round of PruneOperations.
+func (s *Store) pruneRound(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
 	type done struct {
 		at time.Time
 		op commands.Operation
 	}
 	var old []done
 	cut := completedBefore.UnixMicro()
+	v := view{byID: map[string]commands.Operation{}}
+	s.mu.Lock()
 	for _, r := range s.ops {
 		op := decode(r, setOpRev)
-		if !op.Status.Terminal() {
-			continue
+		if op.Status.Terminal() {
+			old = append(old, done{state.CompletedAt(op), op})
 		}
-		end := op.UpdatedAt
-		if op.CompletedAt != nil {
-			end = *op.CompletedAt
-		}
-		if end.UnixMicro() < cut {
-			old = append(old, done{end, op})
+		if state.MayHold(op.Type) {
+			v.byID[op.ID] = op
 		}
 	}
-	slices.SortFunc(old, func(a, b done) int { return a.at.Compare(b.at) })
-	if limit > 0 && len(old) > limit {
-		old = old[:limit]
-	}
+	s.mu.Unlock()
+	var due []done
 	for _, d := range old {
-		s.deleteOp(d.op.ID, s.ops[d.op.ID])
+		if state.MayHold(d.op.Type) {
+			end, held, err := state.RetainedEnd(ctx, v, d.op)
+			if err != nil {
+				return 0, err
+			}
+			if held {
+				continue
+			}
+			d.at = end
+		}
+		if d.at.UnixMicro() < cut {
+			due = append(due, d)
+		}
 	}
-	return len(old), nil
+	slices.SortFunc(due, func(a, b done) int { return a.at.Compare(b.at) })
+	if limit > 0 && len(due) > limit {
+		due = due[:limit]
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, d := range due {
+		if r, ok := s.ops[d.op.ID]; ok && r.rev == d.op.Revision {
+			s.deleteOp(d.op.ID, r)
+			n++
+		}
+	}
+	return n, nil
+}
+
+// view reads the failovers and rollbacks of one moment, for
+// state.RetainedEnd: it lists rollbacks only.
+type view struct{ byID map[string]commands.Operation }
+
+var _ state.OperationReader = view{}
+
+func (v view) GetOperation(_ context.Context, id string) (commands.Operation, error) {
+	op, ok := v.byID[id]
+	if !ok {
+		return op, notFound("operation", id)
+	}
+	return op, nil
+}
+
+func (v view) ListOperations(_ context.Context, f state.Filter) ([]commands.Operation, string, error) {
+	if f.Type != commands.OpRollback || f.Limit != 0 || f.Cursor != "" {
+		return nil, "", fmt.Errorf("memstore: view lists every rollback only, not %+v", f)
+	}
+	var out []commands.Operation
+	for _, op := range v.byID {
+		if state.Matches(op, f) {
+			out = append(out, op)
+		}
+	}
+	slices.SortFunc(out, state.CompareNewestFirst)
+	return out, "", nil
+}
+
+func (v view) Stats(context.Context) (state.Stats, error) {
+	return state.Stats{}, errors.New("memstore: a view counts nothing")
 }
 
 // GetOperation returns one operation or state.ErrNotFound.

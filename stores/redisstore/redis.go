@@ -55,6 +55,8 @@ type Config struct {
 //	P ops:vm:<vm_id>          zset
 //	P ops:by:<requested_by>   zset (since format 2)
 //	P ops:done                zset of terminal operation ids, score µs of completion
+//	P ops:held                zset of the terminal operations the retention holds
+//	                          (state.RetainedEnd), taken out of ops:done; same scores
 //	P ops:stats               hash: total, type:<t>, status:<s>, terminal, terminal_ns
 //	P mapping:<volume_id>     hash: j mapping JSON, v revision
 //	P mapping:dev:<vm>:<path> volume id holding the device path on a VM
@@ -147,6 +149,17 @@ if ARGV[5] == '1' then
   redis.call('HINCRBY', KEYS[2], 'terminal', -1)
   redis.call('HINCRBY', KEYS[2], 'terminal_ns', ARGV[6])
 end
+return 1
+`)
+
+// holdOpScript moves a terminal operation from the done index to the held
+// one if its record is still at the revision read. KEYS: op, done, held.
+// ARGV: revision, id, completion score. Returns 1 when moved, 0 when the
+// record changed or is gone.
+var holdOpScript = redis.NewScript(`
+if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 return 1
 `)
 
@@ -543,27 +556,45 @@ func (r *Store) DeleteOperation(ctx context.Context, id string, rev uint64) erro
 	if err := state.Decode(rec.raw, &op); err != nil {
 		return err
 	}
-	keys := []string{r.opKey(id), r.idxKey("stats"), r.idxKey("done")}
-	for _, n := range state.Indexes(op) {
+	if err := r.deleteOp(ctx, &op, rev); err != nil && !errors.Is(err, state.ErrNotFound) {
+		return err
+	}
+	return nil
+}
+
+// deleteOp removes op, read at rev, with its index entries (the held
+// index's too) and counts, unless its record changed since (ErrStale) or
+// is gone (ErrStale and ErrNotFound).
+func (r *Store) deleteOp(ctx context.Context, op *commands.Operation, rev uint64) error {
+	keys := []string{r.opKey(op.ID), r.idxKey("stats"), r.idxKey("done"), r.idxKey("held")}
+	for _, n := range state.Indexes(*op) {
 		keys = append(keys, r.idxKey(n))
 	}
 	terminal := "0"
 	if op.Status.Terminal() {
 		terminal = "1"
 	}
-	n, err := r.runWrite(ctx, "delete operation", deleteOpScript, keys, rev, id,
+	n, err := r.runWrite(ctx, "delete operation", deleteOpScript, keys, rev, op.ID,
 		string(op.Type), string(op.Status), terminal, -int64(op.Duration()))
 	if err != nil {
 		return err
 	}
+	if n == 0 {
+		return state.Gone("operation", op.ID)
+	}
 	if n < 0 {
-		return casErr(n, "operation", id, rev, state.ErrExists)
+		return casErr(n, "operation", op.ID, rev, state.ErrExists)
 	}
 	return nil
 }
 
 // PruneOperations deletes the terminal operations the done index has
-// completed before completedBefore, oldest first.
+// completed before completedBefore, oldest first, then those of the held
+// index whose retained end (state.RetainedEnd) is before it. An operation
+// of the done index the retention holds moves to the held index, read
+// again by each call whose batch the done index does not fill (the last
+// of a pass): it is small (open test failovers and their failed
+// rollbacks), the done index whole history.
 func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
 	n := 0
 	for limit <= 0 || n < limit {
@@ -577,7 +608,7 @@ func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, 
 			return n, r.wrap("prune operations", err)
 		}
 		if len(ids) == 0 {
-			return n, nil
+			break
 		}
 		recs, err := r.readRecords(ctx, "prune operations", r.keysOf(ids, r.opKey))
 		if err != nil {
@@ -591,13 +622,88 @@ func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, 
 				}
 				continue
 			}
-			err := r.DeleteOperation(ctx, ids[i], rec.rev)
+			var op commands.Operation
+			if err := state.Decode(rec.raw, &op); err != nil {
+				return n, err
+			}
+			if state.MayHold(op.Type) {
+				end, held, err := state.RetainedEnd(ctx, r, op)
+				if err != nil {
+					return n, err
+				}
+				if held || state.Score(end) >= state.Score(completedBefore) {
+					if _, err := r.runWrite(ctx, "hold operation", holdOpScript,
+						[]string{r.opKey(op.ID), r.idxKey("done"), r.idxKey("held")}, rec.rev, op.ID,
+						state.Score(state.CompletedAt(op))); err != nil {
+						return n, err
+					}
+					continue // moved, or changed since the read: the next pass reads it again
+				}
+			}
+			err := r.deleteOp(ctx, &op, rec.rev)
 			if errors.Is(err, state.ErrStale) {
 				continue // annotated (CanAnnotate), or deleted and created again, since the read: read again
 			}
 			if err != nil {
 				return n, err
 			}
+			n++
+		}
+	}
+	if limit > 0 && n >= limit {
+		return n, nil // the held ones wait for the call that does not fill its batch
+	}
+	rest := 0
+	if limit > 0 {
+		rest = limit - n
+	}
+	m, err := r.pruneHeld(ctx, completedBefore, rest)
+	return n + m, err
+}
+
+// pruneHeld deletes up to limit operations of the held index whose
+// retained end is before completedBefore, and drops the entries of
+// records gone.
+func (r *Store) pruneHeld(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
+	ids, err := r.rdb.ZRange(ctx, r.idxKey("held"), 0, -1).Result()
+	if err != nil {
+		return 0, r.wrap("prune held operations", err)
+	}
+	recs, err := r.readRecords(ctx, "prune held operations", r.keysOf(ids, r.opKey))
+	if err != nil {
+		return 0, err
+	}
+	ops := make([]commands.Operation, 0, len(recs))
+	for i, rec := range recs {
+		if rec.raw == nil {
+			if err := r.rdb.ZRem(ctx, r.idxKey("held"), ids[i]).Err(); err != nil {
+				return 0, r.wrap("prune held operations", err)
+			}
+			continue
+		}
+		var op commands.Operation
+		if err := state.Decode(rec.raw, &op); err != nil {
+			return 0, err
+		}
+		op.Revision = rec.rev
+		ops = append(ops, op)
+	}
+	slices.SortStableFunc(ops, state.HeldFirst)
+	n := 0
+	for _, op := range ops {
+		if limit > 0 && n >= limit {
+			break
+		}
+		end, held, err := state.RetainedEnd(ctx, r, op)
+		if err != nil {
+			return n, err
+		}
+		if held || state.Score(end) >= state.Score(completedBefore) {
+			continue
+		}
+		if err := r.deleteOp(ctx, &op, op.Revision); err != nil && !errors.Is(err, state.ErrStale) {
+			return n, err
+		} else if err == nil {
 			n++
 		}
 	}

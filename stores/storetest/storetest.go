@@ -69,6 +69,7 @@ func Run(t *testing.T, open Open) {
 		{"CASIncrements", testCASIncrements},
 		{"DeleteOperation", testDeleteOperation},
 		{"Prune", testPrune},
+		{"PruneHolds", testPruneHolds},
 		{"Pagination", testPagination},
 		{"MappingCAS", testMappingCAS},
 		{"ExportCAS", testExportCAS},
@@ -892,7 +893,7 @@ func testPingClose(t *testing.T, s state.Store) {
 }
 
 // Bench runs the benchmarks: writes, and a filtered listing with limit 10
-// over 10,000 operations.
+// over 10,000 operations, and the prune.
 func Bench(b *testing.B, open Open) {
 	ctx := context.Background()
 	b.Run("CreateOperation", func(b *testing.B) {
@@ -931,6 +932,27 @@ func Bench(b *testing.B, open Open) {
 				ops, _, err := s.ListOperations(ctx, f)
 				if err != nil || len(ops) != 10 {
 					b.Fatalf("list: %d, %v", len(ops), err)
+				}
+			}
+		})
+	}
+	// A retention pass's call with nothing due: none held, then 50 test
+	// failovers held (read again at each call).
+	cut := base.Add(-time.Hour)
+	for _, held := range []int{0, 50} {
+		for i := range held {
+			if _, err := s.CreateOperation(ctx, Failover(20_000+i, commands.StatusCompleted, fmt.Sprintf("vol-h%d", i), true,
+				cut.Add(-time.Hour))); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if n, err := s.PruneOperations(ctx, cut, 500); err != nil || n != 0 {
+			b.Fatalf("prune: %d, %v", n, err)
+		}
+		b.Run(fmt.Sprintf("PruneOperations/held%d", held), func(b *testing.B) {
+			for b.Loop() {
+				if n, err := s.PruneOperations(ctx, cut, 500); err != nil || n != 0 {
+					b.Fatalf("prune: %d, %v", n, err)
 				}
 			}
 		})

@@ -1,0 +1,136 @@
+package state
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// The retention's one exception (see Pruner): a completed test failover
+// is what its rollback undoes, so it is held, with the failed and
+// cancelled rollbacks of it (a rollback asked again reads what they
+// reverted), until a rollback of it completes; then they age out counted
+// from that rollback's end. Each store keeps the held operations apart
+// from the ones it prunes, so a pass never walks them again and again.
+
+// MayHold reports whether the retention may hold an operation of type
+// t past its end: a failover or a rollback. The stores look at no other.
+func MayHold(t commands.OpType) bool { return t == commands.OpFailover || t == commands.OpRollback }
+
+// TestFailover reports whether op is a completed test failover, the one
+// kind of failover a rollback undoes: it recorded its workflow and was
+// asked with test true (the default).
+func TestFailover(op commands.Operation) bool {
+	if op.Type != commands.OpFailover || op.Status != commands.StatusCompleted || op.Workflow == nil {
+		return false
+	}
+	var req struct {
+		Test *bool `json:"test"`
+	}
+	return json.Unmarshal(op.Request, &req) == nil && (req.Test == nil || *req.Test)
+}
+
+// RollbackOf returns the failover a rollback rolls back; "" for any
+// other operation, or a request that does not say.
+func RollbackOf(op commands.Operation) string {
+	if op.Type != commands.OpRollback {
+		return ""
+	}
+	var req commands.RollbackRequest
+	if json.Unmarshal(op.Request, &req) != nil {
+		return ""
+	}
+	return req.FailoverID
+}
+
+// RollbacksOf returns the recorded rollbacks of the failover failoverID
+// whose root volume is rootID, in any status, newest first.
+func RollbacksOf(ctx context.Context, r OperationReader, failoverID, rootID string) ([]commands.Operation, error) {
+	var out []commands.Operation
+	f := Filter{Type: commands.OpRollback, VolumeID: rootID}
+	for {
+		page, next, err := r.ListOperations(ctx, f)
+		if err != nil {
+			return nil, err
+		}
+		for _, op := range page {
+			if RollbackOf(op) == failoverID {
+				out = append(out, op)
+			}
+		}
+		if next == "" {
+			return out, nil
+		}
+		f.Cursor = next
+	}
+}
+
+// RetainedEnd returns when the retention counts the terminal operation
+// op to have ended: CompletedAt(op), but for a completed test failover
+// and a failed or cancelled rollback of one, the end of the failover's
+// latest completed rollback; held is true while none completed (op is
+// kept whatever its age). A completed rollback of a test failover is
+// held while the failover is recorded: it is what closes it, so it is
+// pruned after it (a store prunes the failovers it holds before the
+// rollbacks).
+func RetainedEnd(ctx context.Context, r OperationReader, op commands.Operation) (end time.Time, held bool, err error) {
+	end = CompletedAt(op)
+	fo := op
+	switch op.Type {
+	case commands.OpRollback:
+		id := RollbackOf(op)
+		if id == "" {
+			return end, false, nil
+		}
+		if fo, err = r.GetOperation(ctx, id); err != nil {
+			if errors.Is(err, ErrNotFound) {
+				return end, false, nil
+			}
+			return end, false, err
+		}
+		if op.Status == commands.StatusCompleted {
+			return end, TestFailover(fo), nil
+		}
+	case commands.OpFailover:
+	default:
+		return end, false, nil
+	}
+	if !TestFailover(fo) {
+		return end, false, nil
+	}
+	rbs, err := RollbacksOf(ctx, r, fo.ID, fo.VolumeID)
+	if err != nil {
+		return end, false, err
+	}
+	held = true
+	for _, rb := range rbs {
+		if rb.Status == commands.StatusCompleted {
+			held, end = false, maxTime(end, CompletedAt(rb))
+		}
+	}
+	return end, held, nil
+}
+
+// HeldFirst orders operations the retention holds as a store prunes
+// them: failovers before rollbacks (see RetainedEnd).
+func HeldFirst(a, b commands.Operation) int {
+	return cmp.Compare(heldRank(a.Type), heldRank(b.Type))
+}
+
+func heldRank(t commands.OpType) int {
+	if t == commands.OpFailover {
+		return 0
+	}
+	return 1
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}

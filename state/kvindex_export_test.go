@@ -1,0 +1,144 @@
+package state
+
+import (
+	"bufio"
+	"bytes"
+	"io"
+	"math/rand/v2"
+	"runtime"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// BenchOpIndex measures the operation index alone on the n operations
+// h.Op(0), …, h.Op(n-1), created in that order (BenchmarkOpIndexHistory).
+func BenchOpIndex(b *testing.B, n int, h interface {
+	Op(i int) commands.Operation
+	Created(i int) time.Time
+	ID(i int) string
+}) {
+	heap := func() int64 {
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return int64(ms.HeapAlloc)
+	}
+	for b.Loop() {
+		ops := make([]opFields[[]byte], n)
+		for i := range ops {
+			op := h.Op(i)
+			f := fieldsOf(&op)
+			ops[i] = opFields[[]byte]{typ: []byte(f.typ), status: []byte(f.status), volume: []byte(f.volume),
+				vm: []byte(f.vm), by: []byte(f.by), created: f.created, completed: f.completed, duration: f.duration}
+		}
+		base := heap()
+		// As the first read makes it: the watcher's puts, then the lists.
+		began := time.Now()
+		x := newOpIndex()
+		x.grow(n)
+		x.deferred = true
+		for i := range ops {
+			putNewer(x, h.ID(i), uint64(i+1), &ops[i])
+		}
+		x.endDeferred()
+		built := time.Since(began)
+		read := heap() - base // ops is in base
+		runtime.KeepAlive(ops)
+		var buf bytes.Buffer
+		w := bufio.NewWriter(&buf)
+		began = time.Now()
+		x.encode(&cacheEncoder{w: w}, uint64(n))
+		if err := w.Flush(); err != nil {
+			b.Fatal(err)
+		}
+		encoded := time.Since(began)
+		size := buf.Len()
+		x = nil
+		base = heap() - int64(buf.Cap())
+		r := &io.LimitedReader{R: &buf, N: int64(buf.Len())}
+		began = time.Now()
+		y, err := decodeOpIndex(&cacheDecoder{r: bufio.NewReader(r), left: r}, &kvCache{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		took := time.Since(began)
+		buf = bytes.Buffer{}
+		loaded := heap() - base
+		b.ReportMetric(float64(read)/float64(n), "read-B/op")
+		b.ReportMetric(float64(loaded)/float64(n), "loaded-B/op")
+		b.Logf("%d operations: heap %.1f MB as read (in %v), %.1f MB as loaded (%.1f MB file, encoded in %v, decoded in %v)",
+			n, float64(read)/1e6, built.Round(time.Millisecond), float64(loaded)/1e6, float64(size)/1e6,
+			encoded.Round(time.Millisecond), took.Round(time.Millisecond))
+		benchIndexLists(b, y, h, n)
+		runtime.KeepAlive(y)
+	}
+}
+
+// benchIndexLists logs the p50 and p99 of listing pages of 50 on x.
+func benchIndexLists(b *testing.B, x *opIndex, h interface {
+	Op(i int) commands.Operation
+	Created(i int) time.Time
+	ID(i int) string
+}, n int) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	pick := func(keep func(commands.Operation) bool) commands.Operation {
+		for {
+			if op := h.Op(rng.IntN(n)); keep(op) {
+				return op
+			}
+		}
+	}
+	all := func(commands.Operation) bool { return true }
+	onVM := func(op commands.Operation) bool { return op.VMID != nil }
+	status := func(st commands.OpStatus) func(commands.Operation) bool {
+		return func(op commands.Operation) bool { return op.Status == st }
+	}
+	for _, q := range []struct {
+		name   string
+		filter func() Filter
+	}{
+		{"none", func() Filter { return Filter{} }},
+		{"type", func() Filter { return Filter{Type: pick(all).Type} }},
+		{"status", func() Filter {
+			return Filter{Status: []commands.OpStatus{commands.StatusCompleted, commands.StatusFailed}[rng.IntN(2)]}
+		}},
+		{"volume", func() Filter { return Filter{VolumeID: pick(all).VolumeID} }},
+		{"vm", func() Filter { op := pick(onVM); return Filter{VMID: op.VM()} }},
+		{"requested_by", func() Filter { return Filter{RequestedBy: pick(all).RequestedBy} }},
+		{"type+status", func() Filter {
+			op := pick(status(commands.StatusFailed))
+			return Filter{Type: op.Type, Status: op.Status}
+		}},
+		{"status+volume", func() Filter {
+			op := pick(status(commands.StatusCompleted))
+			return Filter{Status: op.Status, VolumeID: op.VolumeID}
+		}},
+		{"type+vm", func() Filter { op := pick(onVM); return Filter{Type: op.Type, VMID: op.VM()} }},
+		{"vm+requested_by", func() Filter { op := pick(onVM); return Filter{VMID: op.VM(), RequestedBy: op.RequestedBy} }},
+	} {
+		for _, deep := range []bool{false, true} {
+			const samples = 1000
+			lat := make([]time.Duration, 0, samples)
+			for range samples {
+				f := q.filter()
+				var after *opRef
+				if deep {
+					i := n/4 + rng.IntN(n/4)
+					after = &opRef{score: opScore(h.Created(i)), id: h.ID(i)}
+				}
+				began := time.Now()
+				ids, _, _ := x.list(f, after, 50)
+				lat = append(lat, time.Since(began))
+				if len(ids) == 0 {
+					b.Fatalf("%s %+v: empty page", q.name, f)
+				}
+			}
+			slices.Sort(lat)
+			b.Logf("list %-16s deep %-5v p50 %7.3f ms  p99 %7.3f ms", q.name, deep,
+				float64(lat[samples/2])/1e6, float64(lat[samples*99/100])/1e6)
+		}
+	}
+}
