@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -25,12 +26,15 @@ import (
 type kvWatcher struct {
 	k *KV
 	r *follow.Reader
-	// loaded is closed once the entries the bucket held at the start are
-	// applied; initial and received count them, once begun. All of these
-	// belong to the reader's goroutine once startWatch returns.
+	// loaded is closed, and isLoaded set, once the entries the bucket
+	// held at the start are applied (markLoaded); initial and received
+	// count them, once begun, and belong to the goroutine applying
+	// entries (load's handler, then the reader's).
 	loaded            chan struct{}
+	loadOnce          sync.Once
+	isLoaded          atomic.Bool
 	initial, received uint64
-	begun, isLoaded   bool
+	begun             bool
 	// all: the start reads every record (no index cache).
 	all bool
 	// prefix begins the subjects of the bucket's keys.
@@ -43,6 +47,11 @@ const kvLoadBatch = 4096
 // kvLoadCreate bounds the making of load's consumer; the reader's
 // waits for a cluster that is forming.
 const kvLoadCreate = 5 * time.Second
+
+// kvSettleEvery is how long the watcher must have applied nothing, while
+// it loads the initial entries, before settle asks whether it has them
+// all.
+const kvSettleEvery = time.Second
 
 // startWatch makes the watcher's first consumer and follows the bucket
 // from it: from every key's last revision when after is 0, from the
@@ -59,6 +68,8 @@ func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
 				w.markLoaded()
 			}
 		}}
+	sctx, stopSettle := context.WithCancel(ctx)
+	go w.settle(sctx, stopSettle)
 	if after == 0 && k.stream.CachedInfo().State.Msgs > 0 {
 		after = w.load(ctx, cfg)
 	}
@@ -67,6 +78,7 @@ func (k *KV) startWatch(ctx context.Context, after uint64) (*kvWatcher, error) {
 	}
 	r, err := follow.Start(ctx, k.js, cfg, w.apply)
 	if err != nil {
+		stopSettle()
 		return nil, kvErr("watch bucket", err)
 	}
 	w.r = r
@@ -83,9 +95,54 @@ func (w *kvWatcher) begin(pending uint64) {
 	w.begun, w.initial = true, w.received+pending
 	if w.all {
 		w.k.mu.Lock()
-		w.k.ops.grow(int(pending))
-		w.k.ops.deferred = true
+		if !w.isLoaded.Load() { // settle may have found every record read
+			w.k.ops.grow(int(pending))
+			w.k.ops.deferred = true
+		}
 		w.k.mu.Unlock()
+	}
+}
+
+// settle marks the initial entries loaded when the watcher has applied
+// every record the bucket holds although fewer came than were counted
+// at the start: the last of them was removed during the read and nothing
+// was written after it (a delete marker whose TTL ran out: the server
+// removes it and writes nothing), so no delivery would end the read.
+// After each kvSettleEvery in which the watcher applied nothing, it asks
+// for the read barrier (caughtUp's) and compares. It returns once loaded
+// or when ctx ends (or Close), and then calls cancel.
+func (w *kvWatcher) settle(ctx context.Context, cancel context.CancelFunc) {
+	defer cancel()
+	t := time.NewTicker(kvSettleEvery)
+	defer t.Stop()
+	var last uint64
+	for {
+		select {
+		case <-w.loaded:
+			return
+		case <-w.k.stop:
+			return
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		w.k.mu.RLock()
+		seen := w.k.seen
+		w.k.mu.RUnlock()
+		if seen != last {
+			last = seen
+			continue
+		}
+		// Every message the stream holds up to the barrier came in
+		// order, none missed (load and the reader check their delivery
+		// sequences), so seen at or past it means all are applied.
+		bctx, bcancel := context.WithTimeout(ctx, w.k.js.Options().DefaultTimeout)
+		target, err := w.k.barrier(bctx)
+		bcancel()
+		if err == nil && seen >= target {
+			w.k.log.Debug("every record read, fewer than counted at the start", "revision", seen)
+			w.markLoaded()
+		}
 	}
 }
 
@@ -98,9 +155,7 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 	log := w.k.log.With("stream", cfg.Stream)
 	cctx, cancel := context.WithTimeout(ctx, kvLoadCreate)
 	defer cancel()
-	cons, err := w.k.js.CreateConsumer(cctx, cfg.Stream, jetstream.ConsumerConfig{DeliverPolicy: cfg.DeliverPolicy,
-		FilterSubjects: cfg.FilterSubjects, AckPolicy: jetstream.AckNonePolicy, Replicas: 1, MemoryStorage: true,
-		InactiveThreshold: time.Minute})
+	cons, err := w.loadConsumer(cctx, cfg)
 	if err != nil {
 		log.Debug("records read by the watcher", "err", err)
 		return 0
@@ -150,7 +205,7 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 			delivered = meta.Sequence.Consumer
 			w.applyMsg(msg, meta)
 			last = meta.Sequence.Stream
-			if !w.isLoaded {
+			if !w.isLoaded.Load() {
 				return
 			}
 		}
@@ -163,7 +218,11 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 		return 0
 	}
 	defer context.AfterFunc(ctx, func() { stop(ctx.Err()) })()
-	<-end
+	select {
+	case <-end:
+	case <-w.loaded: // by settle: no delivery would end the read
+		stop(nil)
+	}
 	cc.Stop()
 	mu.Lock()
 	ended = true
@@ -174,14 +233,82 @@ func (w *kvWatcher) load(ctx context.Context, cfg follow.Config) uint64 {
 	return last
 }
 
+// kvLoadPlaceTries bounds the consumers loadConsumer makes to find one
+// on its own server: each lands there one time in three with three
+// replicas, so six miss it one time in eleven.
+const kvLoadPlaceTries = 6
+
+// loadConsumer makes load's consumer (cfg). With more than one replica
+// the cluster places it on any current member holding the stream, most
+// often another one: every record would then cross the network between
+// the members (and the routes cost both servers CPU). When this
+// process's server holds a current copy (it leads the stream, or its
+// replica is current and not behind), a consumer placed elsewhere is
+// made again, up to kvLoadPlaceTries in all, and the one before deleted;
+// the last one made (or, when making it fails, the one before) is kept
+// wherever it is. A replica that is behind (a member catching up after
+// its restart or a wiped data dir) is not preferred.
+func (w *kvWatcher) loadConsumer(ctx context.Context, cfg follow.Config) (jetstream.Consumer, error) {
+	ccfg := jetstream.ConsumerConfig{DeliverPolicy: cfg.DeliverPolicy, FilterSubjects: cfg.FilterSubjects,
+		AckPolicy: jetstream.AckNonePolicy, Replicas: 1, MemoryStorage: true, InactiveThreshold: time.Minute}
+	tries := 1
+	local := w.k.js.Conn().ConnectedServerName()
+	if w.k.stream.CachedInfo().Config.Replicas > 1 {
+		if info, err := w.k.stream.Info(ctx); err == nil && holdsCurrent(info.Cluster, local) {
+			tries = kvLoadPlaceTries
+		}
+	}
+	var placed jetstream.Consumer // the last one made, elsewhere
+	for try := 1; ; try++ {
+		cons, err := w.k.js.CreateConsumer(ctx, cfg.Stream, ccfg)
+		if err != nil && placed != nil {
+			return placed, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		if placed != nil {
+			_ = w.k.js.DeleteConsumer(ctx, cfg.Stream, placed.CachedInfo().Name)
+		}
+		info := cons.CachedInfo()
+		if try >= tries || info.Cluster == nil || info.Cluster.Leader == local {
+			if info.Cluster != nil {
+				w.k.log.Debug("first read's consumer made", "server", info.Cluster.Leader, "tries", try)
+			}
+			return cons, nil
+		}
+		placed = cons
+	}
+}
+
+// holdsCurrent reports whether server leads the stream of cluster c or
+// holds a replica of it that is current and not behind.
+func holdsCurrent(c *jetstream.ClusterInfo, server string) bool {
+	if c == nil || server == "" {
+		return false
+	}
+	if c.Leader == server {
+		return true
+	}
+	for _, p := range c.Replicas {
+		if p.Name == server {
+			return p.Current && !p.Offline && p.Lag == 0
+		}
+	}
+	return false
+}
+
+// markLoaded records that the initial entries are applied, from any
+// goroutine, once: the lists deferred by begin are made (under the
+// index's lock, as each entry is applied), then loaded is closed.
 func (w *kvWatcher) markLoaded() {
-	if !w.isLoaded {
-		w.isLoaded = true
+	w.loadOnce.Do(func() {
 		w.k.mu.Lock()
+		w.isLoaded.Store(true)
 		w.k.ops.endDeferred()
 		w.k.mu.Unlock()
 		close(w.loaded)
-	}
+	})
 }
 
 // apply applies one entry the reader delivered.
@@ -198,10 +325,10 @@ func (w *kvWatcher) apply(msg jetstream.Msg) {
 func (w *kvWatcher) applyMsg(msg jetstream.Msg, meta *jetstream.MsgMetadata) {
 	// Of the initial entries, only the last ones are kept as recent
 	// records: the others would only pass through.
-	recent := w.isLoaded || w.initial-w.received <= kvRecentOps
+	recent := w.isLoaded.Load() || w.initial-w.received <= kvRecentOps
 	w.k.applyEntry(strings.TrimPrefix(msg.Subject(), w.prefix), meta.Sequence.Stream, msg.Headers(), msg.Data(), recent)
 	w.k.seenAt.Store(meta.Timestamp.UnixNano())
-	if !w.isLoaded {
+	if !w.isLoaded.Load() {
 		if w.received++; w.received >= w.initial || meta.NumPending == 0 {
 			w.markLoaded()
 		}
