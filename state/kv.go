@@ -743,7 +743,7 @@ func setupBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (jet
 // a match over every key, is asked only when the watcher has not seen
 // that sequence, since the message there may be gone (an expired marker).
 func (k *KV) caughtUp(ctx context.Context) error {
-	target, _, err := k.barrier(ctx)
+	target, err := k.barrier(ctx)
 	if err != nil {
 		return err
 	}
@@ -768,10 +768,16 @@ func (k *KV) reach(ctx context.Context, target uint64) error {
 }
 
 // barrier returns the revision the watcher must have applied to reflect
-// every entry the bucket holds now (see caughtUp), and the stream info it
-// asked for (nil without an answer): not the stream's CachedInfo, which a
-// concurrent read may have replaced.
-func (k *KV) barrier(ctx context.Context) (uint64, *jetstream.StreamInfo, error) {
+// every entry the bucket holds now (see caughtUp).
+func (k *KV) barrier(ctx context.Context) (uint64, error) {
+	target, _, err := k.barrierInfo(ctx)
+	return target, err
+}
+
+// barrierInfo is barrier, with the stream info it asked for (nil without
+// an answer): not the stream's CachedInfo, which a concurrent read may
+// have replaced.
+func (k *KV) barrierInfo(ctx context.Context) (uint64, *jetstream.StreamInfo, error) {
 	info, err := k.stream.Info(ctx)
 	if err != nil {
 		return 0, nil, kvErr("read barrier", err)

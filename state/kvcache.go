@@ -107,7 +107,7 @@ func (k *KV) saveCache(ctx context.Context) error {
 	}
 	began := time.Now()
 	rctx, cancel := context.WithTimeout(ctx, kvCacheRequestWait)
-	target, info, terr := k.barrier(rctx)
+	target, info, terr := k.barrierInfo(rctx)
 	cancel()
 	if info == nil {
 		info = k.stream.CachedInfo() // its name and creation time
