@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/volumed/volumed/commands"
@@ -123,9 +124,38 @@ func closes(rb commands.Operation) bool {
 	return rb.Status == commands.StatusCompleted || rb.Status == commands.StatusFailed && code == commands.CodeNotFound
 }
 
-// HeldFirst orders operations the retention holds as a store prunes
+// PruneHeld deletes with del, failovers first, up to limit (0: no
+// limit) of the operations ops a store holds apart whose retained end
+// (RetainedEnd) is before the score cut, and counts them; del's ErrStale
+// (changed meanwhile) skips one.
+func PruneHeld(ctx context.Context, r OperationReader, ops []commands.Operation, cut int64, limit int,
+	del func(commands.Operation) error) (int, error) {
+	slices.SortStableFunc(ops, heldFirst)
+	n := 0
+	for _, op := range ops {
+		if limit > 0 && n >= limit {
+			break
+		}
+		end, held, err := RetainedEnd(ctx, r, op)
+		if err != nil {
+			return n, err
+		}
+		if held || opScore(end) >= cut {
+			continue
+		}
+		if err := del(op); errors.Is(err, ErrStale) {
+			continue
+		} else if err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
+}
+
+// heldFirst orders operations the retention holds as a store prunes
 // them: failovers before rollbacks (see RetainedEnd).
-func HeldFirst(a, b commands.Operation) int {
+func heldFirst(a, b commands.Operation) int {
 	return cmp.Compare(heldRank(a.Type), heldRank(b.Type))
 }
 
