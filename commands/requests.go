@@ -242,7 +242,7 @@ func exactNames(data []byte, v any) error {
 	}
 	for _, k := range slices.Sorted(maps.Keys(fields)) {
 		if !names[k] {
-			return Invalid(k, "unknown field %q", k)
+			return unknownField(k)
 		}
 	}
 	return nil
@@ -260,8 +260,7 @@ func decodeError(err error) error {
 	case errors.As(err, &syntaxErr):
 		return Invalid("", "malformed JSON at byte %d: %v", syntaxErr.Offset, err)
 	case strings.HasPrefix(err.Error(), "json: unknown field "):
-		field := strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`)
-		return Invalid(field, "unknown field %q", field)
+		return unknownField(strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`))
 	case errors.Is(err, io.ErrUnexpectedEOF):
 		return Invalid("", "malformed JSON: unexpected end of input")
 	}
@@ -291,4 +290,11 @@ func Shown(s string, n int) string {
 		return s
 	}
 	return strings.ToValidUTF8(s[:n], "") + "…"
+}
+
+// unknownField refuses a body's field name, cut to 40 bytes as every
+// other value an error echoes.
+func unknownField(name string) error {
+	name = Shown(name, 40)
+	return Invalid(name, "unknown field %q", name)
 }

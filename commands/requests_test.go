@@ -41,6 +41,7 @@ func TestDecodeCreate(t *testing.T) {
 		{"bad zone", `{"name":"n","size":1073741824,"disk_offering_id":"` + offering + `","zone_id":"invalid-zone"}`, "zone_id", false, 0},
 		{"offering missing", `{"name":"n","size":1073741824,"zone_id":"` + zone + `"}`, "disk_offering_id", false, 0},
 		{"unknown field", `{"name":"n","size":1073741824,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `","sz":1}`, "sz", false, 0},
+		{"long unknown field cut", `{"name":"n","size":1073741824,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `","` + strings.Repeat("z", 5000) + `":1}`, strings.Repeat("z", 40) + "…", false, 0},
 		{"metadata not an object", `{"name":"n","size":1073741824,"disk_offering_id":"` + offering + `","zone_id":"` + zone + `","metadata":[1]}`, "metadata", false, 0},
 		{"array body", `[]`, "", false, 0},
 		{"trailing data", `{"name":"n"} x`, "", false, 0},

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/volumed/volumed/commands"
@@ -13,8 +14,8 @@ import (
 // The retention's one exception (see Pruner): a completed test failover
 // is what its rollback undoes, so it is held, with the failed and
 // cancelled rollbacks of it (a rollback asked again reads what they
-// reverted), until a rollback of it completes; then they age out counted
-// from that rollback's end. Each store keeps the held operations apart
+// reverted), until a rollback of it completes or fails NOT_FOUND
+// (closes); then they age out counted from that rollback's end. Each store keeps the held operations apart
 // from the ones it prunes, so a pass never walks them again and again.
 
 // MayHold reports whether the retention may hold an operation of type
@@ -72,11 +73,10 @@ func RollbacksOf(ctx context.Context, r OperationReader, failoverID, rootID stri
 // RetainedEnd returns when the retention counts the terminal operation
 // op to have ended: CompletedAt(op), but for a completed test failover
 // and a failed or cancelled rollback of one, the end of the failover's
-// latest completed rollback; held is true while none completed (op is
-// kept whatever its age). A completed rollback of a test failover is
-// held while the failover is recorded: it is what closes it, so it is
-// pruned after it (a store prunes the failovers it holds before the
-// rollbacks).
+// latest rollback that closes it; held is true while none did (op is
+// kept whatever its age). A rollback that closes a test failover is held
+// while the failover is recorded, so it is pruned after it (a store
+// prunes the failovers it holds before the rollbacks).
 func RetainedEnd(ctx context.Context, r OperationReader, op commands.Operation) (end time.Time, held bool, err error) {
 	end = CompletedAt(op)
 	fo := op
@@ -92,7 +92,7 @@ func RetainedEnd(ctx context.Context, r OperationReader, op commands.Operation) 
 			}
 			return end, false, err
 		}
-		if op.Status == commands.StatusCompleted {
+		if closes(op) {
 			return end, TestFailover(fo), nil
 		}
 	case commands.OpFailover:
@@ -108,16 +108,54 @@ func RetainedEnd(ctx context.Context, r OperationReader, op commands.Operation) 
 	}
 	held = true
 	for _, rb := range rbs {
-		if rb.Status == commands.StatusCompleted {
+		if closes(rb) {
 			held, end = false, maxTime(end, CompletedAt(rb))
 		}
 	}
 	return end, held, nil
 }
 
-// HeldFirst orders operations the retention holds as a store prunes
+// closes reports whether the rollback rb closes its failover for the
+// retention: it completed, or it failed NOT_FOUND (a volume, snapshot or
+// VM it acts on is gone from CloudStack), after which no rollback of that
+// failover can complete.
+func closes(rb commands.Operation) bool {
+	code, _ := rb.Details["code"].(string)
+	return rb.Status == commands.StatusCompleted || rb.Status == commands.StatusFailed && code == commands.CodeNotFound
+}
+
+// PruneHeld deletes with del, failovers first, up to limit (0: no
+// limit) of the operations ops a store holds apart whose retained end
+// (RetainedEnd) is before the score cut, and counts them; del's ErrStale
+// (changed meanwhile) skips one.
+func PruneHeld(ctx context.Context, r OperationReader, ops []commands.Operation, cut int64, limit int,
+	del func(commands.Operation) error) (int, error) {
+	slices.SortStableFunc(ops, heldFirst)
+	n := 0
+	for _, op := range ops {
+		if limit > 0 && n >= limit {
+			break
+		}
+		end, held, err := RetainedEnd(ctx, r, op)
+		if err != nil {
+			return n, err
+		}
+		if held || opScore(end) >= cut {
+			continue
+		}
+		if err := del(op); errors.Is(err, ErrStale) {
+			continue
+		} else if err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
+}
+
+// heldFirst orders operations the retention holds as a store prunes
 // them: failovers before rollbacks (see RetainedEnd).
-func HeldFirst(a, b commands.Operation) int {
+func heldFirst(a, b commands.Operation) int {
 	return cmp.Compare(heldRank(a.Type), heldRank(b.Type))
 }
 

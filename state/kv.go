@@ -607,32 +607,15 @@ func (k *KV) pruneHeld(ctx context.Context, cut int64, limit int) (int, error) {
 		}
 		ops = append(ops, op)
 	}
-	slices.SortStableFunc(ops, HeldFirst)
-	n := 0
-	for _, op := range ops {
-		if limit > 0 && n >= limit {
-			break
-		}
-		end, held, err := RetainedEnd(ctx, k, op)
-		if err != nil {
-			return n, err
-		}
-		if held || opScore(end) >= cut {
-			continue
-		}
-		err = k.DeleteOperation(ctx, op.ID, op.Revision)
-		if errors.Is(err, ErrStale) {
-			continue
-		}
-		if err != nil {
-			return n, err
+	return PruneHeld(ctx, k, ops, cut, limit, func(op commands.Operation) error {
+		if err := k.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
+			return err
 		}
 		k.held.mu.Lock()
 		delete(k.held.ids, op.ID)
 		k.held.mu.Unlock()
-		n++
-	}
-	return n, nil
+		return nil
+	})
 }
 
 // GetOperation reads one operation from the bucket.

@@ -688,26 +688,9 @@ func (r *Store) pruneHeld(ctx context.Context, completedBefore time.Time, limit 
 		op.Revision = rec.rev
 		ops = append(ops, op)
 	}
-	slices.SortStableFunc(ops, state.HeldFirst)
-	n := 0
-	for _, op := range ops {
-		if limit > 0 && n >= limit {
-			break
-		}
-		end, held, err := state.RetainedEnd(ctx, r, op)
-		if err != nil {
-			return n, err
-		}
-		if held || state.Score(end) >= state.Score(completedBefore) {
-			continue
-		}
-		if err := r.deleteOp(ctx, &op, op.Revision); err != nil && !errors.Is(err, state.ErrStale) {
-			return n, err
-		} else if err == nil {
-			n++
-		}
-	}
-	return n, nil
+	return state.PruneHeld(ctx, r, ops, state.Score(completedBefore), limit, func(op commands.Operation) error {
+		return r.deleteOp(ctx, &op, op.Revision)
+	})
 }
 
 // keysOf maps ids to keys.

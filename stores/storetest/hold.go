@@ -37,7 +37,8 @@ func Rollback(n int, status commands.OpStatus, failoverID, root string, end time
 
 // testPruneHolds: the retention holds a completed test failover and the
 // failed and cancelled rollbacks of it, however old, until a rollback of
-// it completes, then counts their end from that rollback's; the completed
+// it completes or fails NOT_FOUND, then counts their end from that
+// rollback's; the completed
 // rollback goes no earlier than its failover (it is what closes it), yet
 // in the same call; held operations take no place in a limited prune;
 // every other terminal operation is pruned as ever; counts stay those of
@@ -60,12 +61,21 @@ func testPruneHolds(t *testing.T, s state.Store) {
 	orphan := Rollback(12, commands.StatusFailed, ID(99), "vol-6", at(time.Minute))
 	attach := Op(13, commands.OpAttach, commands.StatusCompleted, "vol-1", "vm-1", base)
 	attach.CompletedAt = &attach.CreatedAt
+	// A rollback that failed NOT_FOUND (a volume gone) closes its
+	// failover as a completed one does; one that failed otherwise does
+	// not.
+	gone := Failover(15, commands.StatusCompleted, "vol-7", true, at(time.Minute))
+	goneFailed := Rollback(16, commands.StatusFailed, gone.ID, "vol-7", at(4*time.Minute))
+	goneFailed.Details = map[string]any{"code": commands.CodeNotFound}
+	goneFailedEarlier := Rollback(17, commands.StatusFailed, gone.ID, "vol-7", at(2*time.Minute))
+	goneFailedEarlier.Details = map[string]any{"code": commands.CodeConflict}
+	openFailed.Details = map[string]any{"code": commands.CodeConflict}
 	// Created first: the held ones are the oldest.
 	mustCreate(t, s, open, openFailed, openCancelled, late, lateDone, lateFailed, live, back, backDone, backFailed,
-		failed, orphan, attach)
+		failed, orphan, attach, gone, goneFailed, goneFailedEarlier)
 
 	// Limit 1: the held ones never fill a batch.
-	for i := range 7 {
+	for i := range 10 {
 		if n, err := s.PruneOperations(ctx, cut, 1); err != nil || n != 1 {
 			t.Fatalf("prune %d with limit 1: %d, %v", i, n, err)
 		}
