@@ -278,7 +278,8 @@ func (u inUse) Users(ctx context.Context, m commands.Mapping) ([]commands.Device
 }
 
 // Start subscribes to the command subjects, starts pulling jobs, and
-// queues again unfinished operations whose job is missing.
+// queues again unfinished operations whose job is missing (now, and every
+// few ack-waits).
 func (s *Service) Start(ctx context.Context) error {
 	if s.cfg.Conn == nil || s.cfg.JetStream == nil || s.cfg.Store == nil || s.cfg.CloudStack == nil {
 		return errors.New("handlers: Conn, JetStream, Store and CloudStack are required")
@@ -304,9 +305,11 @@ func (s *Service) Start(ctx context.Context) error {
 		s.stop()
 		return err
 	}
+	// The first sweep does not hold the start: its store or queue not
+	// answering yet (a cluster forming, a member catching up) would fail
+	// it, and the periodic sweep does it again.
 	if _, err := s.sweep(ctx); err != nil {
-		s.stop()
-		return err
+		s.log.Warn("sweep at start failed; the periodic sweep does it again", "err", err)
 	}
 	// A sweep every few ack-waits: a job lost with its stream is queued
 	// again soon, without listing the unfinished operations too often.

@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/volumed/volumed/internal/formation"
 	"github.com/volumed/volumed/internal/upgrade"
 )
 
@@ -50,13 +51,20 @@ func Upgrade(ctx context.Context, s Store, log *slog.Logger) error {
 // kvSteps are the embedded store's migrations; none yet.
 func kvSteps(*KV) []upgrade.Step { return nil }
 
-// kvMarker records the embedded store's format under kvFormatKey.
+// kvMarker records the embedded store's format under kvFormatKey. Its
+// requests, made at start, wait for a cluster still forming or catching
+// up (formation.Wait).
 type kvMarker struct{ k *KV }
 
 var _ upgrade.Marker = kvMarker{}
 
 func (m kvMarker) Format(ctx context.Context) (int, bool, error) {
-	e, err := m.k.kv.Get(ctx, kvFormatKey)
+	var e jetstream.KeyValueEntry
+	err := formation.Wait(ctx, m.k.log, "store format", func(ctx context.Context) error {
+		var err error
+		e, err = m.k.kv.Get(ctx, kvFormatKey)
+		return err
+	})
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return 0, false, nil
 	}
@@ -67,7 +75,11 @@ func (m kvMarker) Format(ctx context.Context) (int, bool, error) {
 }
 
 func (m kvMarker) SetFormat(ctx context.Context, format int) error {
-	if _, err := m.k.kv.Put(ctx, kvFormatKey, []byte(strconv.Itoa(format))); err != nil {
+	err := formation.Wait(ctx, m.k.log, "store format", func(ctx context.Context) error {
+		_, err := m.k.kv.Put(ctx, kvFormatKey, []byte(strconv.Itoa(format)))
+		return err
+	})
+	if err != nil {
 		return kvErr("record format", err)
 	}
 	return nil

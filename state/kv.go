@@ -753,11 +753,20 @@ func (k *KV) reach(ctx context.Context, target uint64) error {
 // barrier returns the revision the watcher must have applied to reflect
 // every entry the bucket holds now (see caughtUp).
 func (k *KV) barrier(ctx context.Context) (uint64, error) {
+	target, _, err := k.barrierInfo(ctx)
+	return target, err
+}
+
+// barrierInfo is barrier, with the stream info it asked for (nil without
+// an answer): not the stream's CachedInfo, which a concurrent read may
+// have replaced.
+func (k *KV) barrierInfo(ctx context.Context) (uint64, *jetstream.StreamInfo, error) {
 	info, err := k.stream.Info(ctx)
 	if err != nil {
-		return 0, kvErr("read barrier", err)
+		return 0, nil, kvErr("read barrier", err)
 	}
-	return k.barrierAt(ctx, info.State.LastSeq)
+	target, err := k.barrierAt(ctx, info.State.LastSeq)
+	return target, info, err
 }
 
 // barrierAt is barrier when the stream's last sequence is target.

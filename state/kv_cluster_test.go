@@ -2,7 +2,9 @@ package state_test
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -140,4 +142,66 @@ func TestKVWatcherOutlivesItsServer(t *testing.T) {
 			time.Since(killed).Round(time.Millisecond), ops, err, within)
 	}
 	t.Logf("seen %v after the watcher's server went", time.Since(killed).Round(time.Millisecond))
+}
+
+// TestKVUpgradeWaitsForQuorum: the store's format, read and recorded at
+// start (state.Upgrade), waits while the bucket has no quorum (the two
+// other members restarting, its leader among them) and is recorded once
+// they are back, instead of failing the start.
+func TestKVUpgradeWaitsForQuorum(t *testing.T) {
+	c, _ := testenv.StartJSCluster(t, clusterSize)
+	bucket := nextBucket()
+	setup, _ := openMember(t, c, 0, bucket, "")
+	if err := setup.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// The member that stays leads neither the cluster nor the bucket.
+	survivor := -1
+	for i := range clusterSize {
+		if survivor = c.Bystander(fmt.Sprintf("s%d", i+1), "KV_"+bucket); survivor >= 0 {
+			break
+		}
+	}
+	if survivor < 0 {
+		t.Fatal("no member leads neither the cluster nor the bucket")
+	}
+	s, logs := openMember(t, c, survivor, bucket, "")
+	for i := range clusterSize {
+		if i != survivor {
+			c.Srvs[i].Shutdown()
+			c.Srvs[i].WaitForShutdown()
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- state.Upgrade(context.Background(), s, quietLog) }()
+	for !strings.Contains(logs.String(), "jetstream not ready yet") {
+		select {
+		case err := <-done:
+			t.Fatalf("upgrade ended with the members down: %v\n%s", err, logs)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	for i := range clusterSize {
+		if i != survivor {
+			c.Start(i)
+		}
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("upgrade once the members are back: %v\n%s", err, logs)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("upgrade never ended\n%s", logs)
+	}
+	kv, err := jsOf(t, c, survivor).KeyValue(context.Background(), bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A stream leader just elected can answer a read with what it held
+	// before the last write for a moment.
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		e, err := kv.Get(context.Background(), "meta.format")
+		return err == nil && string(e.Value()) == strconv.Itoa(state.KVFormat)
+	}, "format %d recorded", state.KVFormat)
 }

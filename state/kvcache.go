@@ -107,10 +107,11 @@ func (k *KV) saveCache(ctx context.Context) error {
 	}
 	began := time.Now()
 	rctx, cancel := context.WithTimeout(ctx, kvCacheRequestWait)
-	target, terr := k.barrier(rctx)
+	target, info, terr := k.barrierInfo(rctx)
 	cancel()
-	info := k.stream.CachedInfo() // the barrier's, when it had an answer
-	if terr == nil && !quorate(info) {
+	if info == nil {
+		info = k.stream.CachedInfo() // its name and creation time
+	} else if !quorate(info) {
 		// A seal it cannot commit now may be committed later, and
 		// replace the seal of the file it has.
 		return errors.New("state: write index cache: the stream's leader has lost its quorum")

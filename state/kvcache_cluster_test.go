@@ -57,11 +57,17 @@ func restartMember(t *testing.T, c *testenv.JSCluster, i int, s *state.KV, bucke
 
 // waitLeader waits until member i sees a leader of the bucket's stream,
 // other than the member named not, with a quorum of current replicas
-// (a start does not wait for one yet in every request).
+// (a start does not wait for one yet in every request), and routes the
+// bucket's writes to it: a member just started learns the leader's
+// interest after it answers requests, and a write before that has no
+// responders.
 func waitLeader(t *testing.T, c *testenv.JSCluster, i int, bucket, not string) {
 	t.Helper()
 	js := jsOf(t, c, i)
 	testenv.Eventually(t, time.Minute, func() bool {
+		if !c.Srvs[i].GlobalAccount().SubscriptionInterest("$KV." + bucket + ".op.any") {
+			return false
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		st, err := js.Stream(ctx, "KV_"+bucket)
@@ -79,7 +85,7 @@ func waitLeader(t *testing.T, c *testenv.JSCluster, i int, bucket, not string) {
 			}
 		}
 		return current > clusterSize/2
-	}, "a leader of the bucket with a quorum, not %q", not)
+	}, "a leader of the bucket with a quorum, not %q, and its interest", not)
 }
 
 // cacheUsed reports whether a store's log says it started on its cache.
@@ -129,6 +135,12 @@ func TestKVIndexCacheCluster(t *testing.T) {
 			changeWhileStopped(ctx, t, o)
 		}},
 		{name: "a prune by another member while down", used: true, meanwhile: func(t *testing.T, o *state.KV, _, _ string) {
+			// A prune reads the store's memory as it is, whose watcher
+			// may not have applied member 0's writes yet (a loaded
+			// machine): a read waits until it has.
+			if _, err := o.Stats(ctx); err != nil {
+				t.Fatal(err)
+			}
 			if n, err := o.PruneOperations(ctx, time.Now().Add(time.Hour), 5); err != nil || n != 5 {
 				t.Fatalf("pruned %d: %v", n, err)
 			}

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
 )
@@ -188,5 +190,42 @@ func TestKVCacheRedelivered(t *testing.T) {
 	}
 	if ms, err := k.ListMappings(ctx, ""); err != nil || len(ms) != 0 {
 		t.Fatalf("mappings %v (%v), want none", ms, err)
+	}
+}
+
+// answeredElsewhere is a stream whose cached info is another read's
+// answer, stored after the caller's own: that of a leader that had lost
+// its quorum.
+type answeredElsewhere struct {
+	jetstream.Stream
+	other *jetstream.StreamInfo
+}
+
+func (s answeredElsewhere) CachedInfo() *jetstream.StreamInfo { return s.other }
+
+// TestKVCacheQuorumOwnAnswer: a cache write judges the stream's quorum by
+// the answer to its own barrier, not by the stream info a concurrent read
+// stored last.
+func TestKVCacheQuorumOwnAnswer(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	js := testenv.StartBus(t).JetStream()
+	path := filepath.Join(t.TempDir(), "index.cache")
+	k, err := NewKV(ctx, js, KVConfig{Bucket: "quorum", IndexCache: path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close(ctx)
+	other := *k.stream.CachedInfo()
+	other.Cluster = &jetstream.ClusterInfo{Leader: "s1", Replicas: []*jetstream.PeerInfo{{Name: "s2", Offline: true}, {Name: "s3", Offline: true}}}
+	if quorate(&other) {
+		t.Fatal("the other answer has a quorum")
+	}
+	k.stream = answeredElsewhere{Stream: k.stream, other: &other}
+	if err := k.saveCache(ctx); err != nil {
+		t.Fatalf("cache write on a stream with its quorum: %v", err)
+	}
+	if _, err := readCache(path); err != nil {
+		t.Fatal(err)
 	}
 }

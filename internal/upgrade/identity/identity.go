@@ -12,6 +12,7 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/internal/formation"
 	"github.com/volumed/volumed/state"
 )
 
@@ -27,13 +28,23 @@ type Store interface {
 // to be anyway. Then each export of vmID without an identity gets its
 // mapping's. Every write is compare-and-swap: a record changed meanwhile
 // is left as it is. Records whose disk is not here are left to the
-// reconcile, which ends their exports.
+// reconcile, which ends their exports. Each request, made at start, waits
+// for a cluster still forming or catching up (formation.Wait); a write
+// asked again after a lost answer finds its record changed and leaves it.
 func Backfill(ctx context.Context, store Store, vmID string, devices []commands.Device, log *slog.Logger) error {
 	byPath := make(map[string]commands.Device, len(devices))
 	for _, d := range devices {
 		byPath[d.Path] = d
 	}
-	ms, err := store.ListMappings(ctx, vmID)
+	wait := func(what string, req func(ctx context.Context) error) error {
+		return formation.Wait(ctx, log, what, req)
+	}
+	var ms []commands.Mapping
+	err := wait("mappings", func(ctx context.Context) error {
+		var err error
+		ms, err = store.ListMappings(ctx, vmID)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("identity: list mappings: %w", err)
 	}
@@ -51,14 +62,23 @@ func Backfill(ctx context.Context, store Store, vmID string, devices []commands.
 		}
 		id := d.Identity()
 		m.DeviceIdentity = &id
-		if _, err := w.Put(ctx, nil, m); errors.Is(err, state.ErrStale) || errors.Is(err, state.ErrConflict) {
+		err := wait("mapping of "+m.VolumeID, func(ctx context.Context) error {
+			_, err := w.Put(ctx, nil, m)
+			return err
+		})
+		if errors.Is(err, state.ErrStale) || errors.Is(err, state.ErrConflict) {
 			continue
 		} else if err != nil {
 			return fmt.Errorf("identity: mapping of %s: %w", m.VolumeID, err)
 		}
 		mappings++
 	}
-	es, err := store.ListExports(ctx)
+	var es []commands.Export
+	err = wait("exports", func(ctx context.Context) error {
+		var err error
+		es, err = store.ListExports(ctx)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("identity: list exports: %w", err)
 	}
@@ -66,7 +86,12 @@ func Backfill(ctx context.Context, store Store, vmID string, devices []commands.
 		if e.VMID != vmID || e.DeviceIdentity != nil {
 			continue
 		}
-		m, err := store.GetMapping(ctx, e.VolumeID)
+		var m commands.Mapping
+		err := wait("mapping of "+e.VolumeID, func(ctx context.Context) error {
+			var err error
+			m, err = store.GetMapping(ctx, e.VolumeID)
+			return err
+		})
 		if errors.Is(err, state.ErrNotFound) {
 			continue
 		} else if err != nil {
@@ -76,7 +101,11 @@ func Backfill(ctx context.Context, store Store, vmID string, devices []commands.
 			continue
 		}
 		e.DeviceIdentity = m.DeviceIdentity
-		if _, err := store.PutExport(ctx, e); errors.Is(err, state.ErrStale) {
+		err = wait("export of "+e.VolumeID, func(ctx context.Context) error {
+			_, err := store.PutExport(ctx, e)
+			return err
+		})
+		if errors.Is(err, state.ErrStale) {
 			continue
 		} else if err != nil {
 			return fmt.Errorf("identity: export of %s: %w", e.VolumeID, err)

@@ -2,6 +2,7 @@ package identity_test
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"strings"
@@ -95,4 +96,87 @@ func TestBackfill(t *testing.T) {
 			t.Errorf("%s rewritten by a second run: revision %d, was %d", key, got, rev)
 		}
 	}
+}
+
+// TestBackfillWaitsForQuorum: a member restarting while the two others do
+// too (a three-member cluster, the bucket's leader among those lost)
+// backfills once they are back, instead of failing at start.
+func TestBackfillWaitsForQuorum(t *testing.T) {
+	const n = 3
+	c, _ := testenv.StartJSCluster(t, n)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	const bucket = "identity"
+	_, js0 := c.Connect(0)
+	setup, err := state.NewKV(ctx, js0, state.KVConfig{Bucket: bucket, Replicas: n})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := setup.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The member that stays leads neither the cluster nor the bucket.
+	survivor := -1
+	for i := range n {
+		if survivor = c.Bystander(fmt.Sprintf("s%d", i+1), "KV_"+bucket); survivor >= 0 {
+			break
+		}
+	}
+	if survivor < 0 {
+		t.Fatal("no member leads neither the cluster nor the bucket")
+	}
+	_, js := c.Connect(survivor)
+	var out testenv.Buffer
+	log := slog.New(slog.NewTextHandler(&out, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	store, err := state.NewKV(ctx, js, state.KVConfig{Bucket: bucket, Replicas: n, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close(context.Background())
+	const vm = "vm-here"
+	now := time.Now().UTC()
+	m := commands.Mapping{ID: "mapping-here", VolumeID: "here", VMID: vm, DevicePath: "/dev/vdb", Size: 1 << 30,
+		LinuxState: commands.LinuxDetected, CreatedAt: now, UpdatedAt: now}
+	if _, err := store.PutMapping(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	devices := []commands.Device{{Name: "vdb", Path: "/dev/vdb", Major: 253, Minor: 16, DiskSeq: 7, Size: 1 << 30}}
+	for i := range n {
+		if i != survivor {
+			c.Srvs[i].Shutdown()
+			c.Srvs[i].WaitForShutdown()
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- identity.Backfill(context.Background(), store, vm, devices, log) }()
+	for len(testenv.Mentioning(out.Lines(), "jetstream not ready yet")) == 0 {
+		select {
+		case err := <-done:
+			t.Fatalf("Backfill ended with the members down: %v", err)
+		case <-ctx.Done():
+			t.Fatal("Backfill never asked again")
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	for i := range n {
+		if i != survivor {
+			c.Start(i)
+		}
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Backfill once the members are back: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("Backfill never ended")
+	}
+	// The write may be the first attempt's, whose answer was lost: a
+	// stream leader just elected can answer a read with the revision
+	// before it for a moment.
+	want := devices[0].Identity()
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		got, err := store.GetMapping(ctx, "here")
+		return err == nil && got.DeviceIdentity != nil && *got.DeviceIdentity == want
+	}, "the mapping's identity recorded\n%s", &out)
 }
