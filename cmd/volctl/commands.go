@@ -373,7 +373,7 @@ var commandList = []command{
 			return err
 		}
 		if len(r.Errors) > 0 {
-			return &failedError{fmt.Sprintf("force sync could not check %d thing(s)", len(r.Errors))}
+			return &failedError{msg: fmt.Sprintf("force sync could not check %d thing(s)", len(r.Errors))}
 		}
 		return nil
 	}},
@@ -386,7 +386,7 @@ var commandList = []command{
 			return err
 		}
 		if h.Status == commands.Unhealthy {
-			return &failedError{"volumed is unhealthy"}
+			return &failedError{msg: "volumed is unhealthy"}
 		}
 		return nil
 	}},

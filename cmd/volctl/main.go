@@ -64,8 +64,12 @@ func (e *usageError) Error() string { return e.msg }
 func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(format, args...)} }
 
 // failedError is an operation that ended other than completed, or an
-// unhealthy daemon (exit 1); what to show was printed already.
-type failedError struct{ msg string }
+// unhealthy daemon (exit 1). shown says its message and details are on
+// stderr already, so run does not print it again.
+type failedError struct {
+	msg   string
+	shown bool
+}
 
 func (e *failedError) Error() string { return e.msg }
 
@@ -75,9 +79,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	err := dispatch(ctx, args, stdout, stderr)
 	var usage *usageError
 	var apiErr *client.Error
+	var failed *failedError
 	switch {
 	case err == nil:
 		return exitOK
+	case errors.As(err, &failed) && failed.shown:
+		return exitFailed
 	case errors.Is(err, errHelp):
 		fmt.Fprint(stdout, usageText)
 		return exitOK

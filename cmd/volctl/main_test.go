@@ -162,3 +162,24 @@ func TestForceFlag(t *testing.T) {
 		}
 	}
 }
+
+// TestWaitFailedSaysItOnce: --wait on an operation that fails prints its
+// error and details on stderr once, and exits 1.
+func TestWaitFailedSaysItOnce(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost {
+			w.WriteHeader(http.StatusCreated)
+			_, _ = w.Write([]byte(`{"id":"op-1","type":"delete","status":"pending"}`))
+			return
+		}
+		_, _ = w.Write([]byte(`{"id":"op-1","type":"delete","status":"failed","error":"volume is attached: detach it first","details":{"code":"CONFLICT"}}`))
+	}))
+	defer srv.Close()
+	args := []string{"volume", "delete", "v1", "--wait", "--server", srv.URL}
+	var out, errb bytes.Buffer
+	code := run(context.Background(), args, &out, &errb)
+	if n := strings.Count(errb.String(), "volctl: operation op-1 failed"); code != exitFailed || n != 1 ||
+		strings.Count(errb.String(), `details: {"code":"CONFLICT"}`) != 1 {
+		t.Fatalf("volctl %v: exit %d, want %d, the error said %d times, want once\nstderr: %s", args, code, exitFailed, n, errb.String())
+	}
+}
