@@ -108,9 +108,10 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if len(args) == 0 {
 		return usagef("no command given")
 	}
-	switch args[0] {
-	case "help", "-h", "--help", "-help":
+	if isHelp(args[0]) || (groups[args[0]] && len(args) > 1 && isHelp(args[1])) {
 		return errHelp
+	}
+	switch args[0] {
 	case "--version", "-version", "version":
 		fmt.Fprintln(stdout, "volctl", version.String())
 		return nil
@@ -132,4 +133,14 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	return cmd.run(ctx, inv)
+}
+
+// isHelp reports whether arg asks for the usage: `volctl help`, or a
+// command group's, as in `volctl volume --help`.
+func isHelp(arg string) bool {
+	switch arg {
+	case "help", "-h", "--help", "-help":
+		return true
+	}
+	return false
 }

@@ -69,6 +69,9 @@ func TestUsage(t *testing.T) {
 		{[]string{"volume", "detach", "v", "--idempotency-key", "a key"}, exitUsage, "--idempotency-key"},
 		{[]string{"volume", "get", "v", "--idempotency-key", "k"}, exitUsage, "not defined"},
 		{[]string{"help"}, exitOK, "Usage:"},
+		{[]string{"volume", "--help"}, exitOK, "Usage:"},
+		{[]string{"op", "help"}, exitOK, "Usage:"},
+		{[]string{"volume", "create", "--help"}, exitOK, "Usage:"},
 		{[]string{"--version"}, exitOK, "volctl "},
 	}
 	for _, tc := range tests {
