@@ -95,7 +95,8 @@ volume list lists CloudStack's volumes that match --tag, --name and --vm
 (GET /volumes; with --vm alone, GET /vms/{id}/volumes). volume tags sets
 the volume's tags to exactly the --tag pairs given (none: removes them
 all).
-Exit codes: 0 success; 1 API error, failed operation or unhealthy daemon; 2 usage.
+Exit codes: 0 success; 1 API error, failed operation, a sync that could not
+check something or unhealthy daemon; 2 usage.
 `
 
 // globals are the flags of every command.
