@@ -54,7 +54,7 @@ Usage:
   volctl health
   volctl --version
 
-Flags of every command:
+Flags of every command (after it or before it: volctl -o json health):
   --server URL   volumed's address (VOLCTL_SERVER, default http://127.0.0.1:8090)
   --token T      bearer token (VOLCTL_TOKEN)
   -o FORMAT      table (default) or json

@@ -24,8 +24,10 @@
 // change otherwise), prints the final operation, and exits 1 unless it
 // completed.
 //
-// Exit codes: 0 success; 1 an API error, a failed operation or an
-// unhealthy daemon; 2 a usage error.
+// These flags may also come before the command (volctl -o json health).
+//
+// Exit codes: 0 success; 1 an API error, a failed operation, a force-sync
+// that could not check something or an unhealthy daemon; 2 a usage error.
 package main
 
 import (
@@ -35,6 +37,8 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
+	"strings"
 	"syscall"
 
 	"github.com/volumed/volumed/client"
@@ -105,6 +109,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 
 // dispatch parses the command and runs it.
 func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	args = globalsLast(args)
 	if len(args) == 0 {
 		return usagef("no command given")
 	}
@@ -143,4 +148,26 @@ func isHelp(arg string) bool {
 		return true
 	}
 	return false
+}
+
+// globalsLast moves the flags given before the command after it, where
+// they are parsed: `volctl -o json health` is `volctl health -o json`.
+// Every flag takes a value, in the next argument or after "=", but
+// --wait.
+func globalsLast(args []string) []string {
+	i := 0
+	for i < len(args) && strings.HasPrefix(args[i], "-") && args[i] != "-" && args[i] != "--" && !isHelp(args[i]) {
+		name := strings.TrimLeft(args[i], "-")
+		if name == "version" {
+			break
+		}
+		if !strings.Contains(name, "=") && name != "wait" {
+			i++ // the value
+		}
+		i++
+	}
+	if i == 0 || i > len(args) {
+		return args
+	}
+	return append(slices.Clone(args[i:]), args[:i]...)
 }
