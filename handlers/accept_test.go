@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
@@ -587,5 +589,44 @@ func TestRetriedKeyQueuesMissingJob(t *testing.T) {
 	}, "the retried operation ran")
 	if n := h.sim.Stats().Calls["createVolume"]; n != 1 {
 		t.Fatalf("createVolume called %d times, want 1", n)
+	}
+}
+
+// TestIdempotencyKeyHeaderCase: on NATS the Idempotency-Key header is
+// read whatever the case of its name, as on REST, so a retry sent with
+// "idempotency-key" answers the first operation; two spellings with
+// different values are 400 and record nothing.
+func TestIdempotencyKeyHeaderCase(t *testing.T) {
+	h := newHarness(t, harnessOpts{})
+	send := func(header nats.Header) answer {
+		msg := nats.NewMsg(commands.SubjectCreate)
+		msg.Data, _ = json.Marshal(createBody("case"))
+		msg.Header = header
+		ctx, cancel := context.WithTimeout(context.Background(), commands.AcceptTimeout+5*time.Second)
+		defer cancel()
+		reply, err := h.nc.RequestMsgWithContext(ctx, msg)
+		if err != nil {
+			t.Fatalf("request: %v", err)
+		}
+		a := answer{header: reply.Header, body: reply.Data}
+		if a.status, err = strconv.Atoi(reply.Header.Get(commands.StatusHeader)); err != nil {
+			t.Fatalf("reply without a Status header: %v", reply.Header)
+		}
+		a.decode(t, msg.Subject)
+		return a
+	}
+	const key = "retry-7"
+	id := handlers.OperationIDForKey(key)
+	for _, name := range []string{"idempotency-key", "IDEMPOTENCY-KEY", commands.IdempotencyKeyHeader} {
+		if a := send(nats.Header{name: {key}}); a.status != http.StatusCreated || a.op.ID != id {
+			t.Fatalf("create with header %q: %d %s, want 201 with %s", name, a.status, a.body, id)
+		}
+	}
+	a := send(nats.Header{"idempotency-key": {"one"}, commands.IdempotencyKeyHeader: {"two"}})
+	if a.status != http.StatusBadRequest || a.err.Details["field"] != commands.IdempotencyKeyHeader {
+		t.Fatalf("two keys: %d %s, want 400 naming %s", a.status, a.body, commands.IdempotencyKeyHeader)
+	}
+	if ops := h.operations(); len(ops) != 1 || ops[0].ID != id {
+		t.Fatalf("recorded %d operations, want only %s", len(ops), id)
 	}
 }

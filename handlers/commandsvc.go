@@ -244,6 +244,11 @@ func (s *Service) serve(ep endpoint) micro.Handler {
 		if bus.FromConsumerReply(req.Reply()) {
 			return // a copy a JetStream consumer delivered here, not a command
 		}
+		key, err := idempotencyKey(req.Headers())
+		if err != nil {
+			s.reply(req, s.answer(ep, nil, err))
+			return
+		}
 		ctx, done, err := s.admit(s.ctx, ep)
 		if err != nil {
 			s.reply(req, s.answer(ep, nil, err))
@@ -252,10 +257,28 @@ func (s *Service) serve(ep endpoint) micro.Handler {
 		go func() {
 			defer done()
 			ctx := commands.WithRequester(ctx, natsRequester(req))
-			result, err := ep.run(ctx, req.Data(), req.Headers().Get(commands.IdempotencyKeyHeader))
+			result, err := ep.run(ctx, req.Data(), key)
 			s.reply(req, s.answer(ep, result, err))
 		}()
 	})
+}
+
+// idempotencyKey is a NATS request's Idempotency-Key, its header name in
+// any case as on REST (NATS header names are case-sensitive: a key sent
+// as "idempotency-key" was ignored, and a retry made a second operation).
+// Different values under several spellings are 400.
+func idempotencyKey(h micro.Headers) (string, error) {
+	key := ""
+	for name, values := range h {
+		if !strings.EqualFold(name, commands.IdempotencyKeyHeader) || len(values) == 0 {
+			continue
+		}
+		if key != "" && values[0] != key {
+			return "", commands.Invalid(commands.IdempotencyKeyHeader, "%s given twice, with different values", commands.IdempotencyKeyHeader)
+		}
+		key = values[0]
+	}
+	return key, nil
 }
 
 // natsRequester names who asked for a command that came on NATS: the one

@@ -735,7 +735,12 @@ func TestRollbackPrechecks(t *testing.T) {
 	}
 	wantCode(check("op-"+uuid.NewString()), commands.CodeNotFound)
 	wantCode(check(liveOp), commands.CodeConflict)
-	wantCode(check(engine.ChildID(fo.ID, 0)), commands.CodeConflict) // a snapshot
+	child := engine.ChildID(fo.ID, 0) // a snapshot
+	err := check(child)
+	wantCode(err, commands.CodeConflict)
+	if ce := (*commands.Error)(nil); errors.As(err, &ce) && ce.Message != "operation "+child+" is not a failover: its type is snapshot" {
+		t.Fatalf("rollback of a snapshot: %q", ce.Message)
+	}
 	rb := w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM)
 	wantCode(check(fo.ID), commands.CodeConflict) // pending
 	w.finish(rb)

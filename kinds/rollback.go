@@ -42,7 +42,7 @@ func (k rollback) Decode(ctx context.Context, _ string, data []byte) (engine.Com
 	case err != nil:
 		return engine.Command{}, err
 	case fo.Type != commands.OpFailover:
-		return engine.Command{}, commands.Conflict("operation %s is a %s, not a failover", fo.ID, fo.Type).WithDetail("failover_id", fo.ID)
+		return engine.Command{}, commands.Conflict("operation %s is not a failover: its type is %s", fo.ID, fo.Type).WithDetail("failover_id", fo.ID)
 	}
 	vm := freq.VMID
 	return engine.Command{VolumeID: freq.RootVolumeID, VMID: &vm, VolumeIDs: freq.Volumes(), Request: req,

@@ -54,7 +54,7 @@ Usage:
   volctl health
   volctl --version
 
-Flags of every command:
+Flags of every command (after it or before it: volctl -o json health):
   --server URL   volumed's address (VOLCTL_SERVER, default http://127.0.0.1:8090)
   --token T      bearer token (VOLCTL_TOKEN)
   -o FORMAT      table (default) or json
@@ -95,7 +95,8 @@ volume list lists CloudStack's volumes that match --tag, --name and --vm
 (GET /volumes; with --vm alone, GET /vms/{id}/volumes). volume tags sets
 the volume's tags to exactly the --tag pairs given (none: removes them
 all).
-Exit codes: 0 success; 1 API error, failed operation or unhealthy daemon; 2 usage.
+Exit codes: 0 success; 1 API error, failed operation, a sync that could not
+check something or unhealthy daemon; 2 usage.
 `
 
 // globals are the flags of every command.
@@ -373,7 +374,7 @@ var commandList = []command{
 			return err
 		}
 		if len(r.Errors) > 0 {
-			return &failedError{fmt.Sprintf("force sync could not check %d thing(s)", len(r.Errors))}
+			return &failedError{msg: fmt.Sprintf("force sync could not check %d thing(s)", len(r.Errors))}
 		}
 		return nil
 	}},
@@ -386,7 +387,7 @@ var commandList = []command{
 			return err
 		}
 		if h.Status == commands.Unhealthy {
-			return &failedError{"volumed is unhealthy"}
+			return &failedError{msg: "volumed is unhealthy"}
 		}
 		return nil
 	}},

@@ -24,8 +24,10 @@
 // change otherwise), prints the final operation, and exits 1 unless it
 // completed.
 //
-// Exit codes: 0 success; 1 an API error, a failed operation or an
-// unhealthy daemon; 2 a usage error.
+// These flags may also come before the command (volctl -o json health).
+//
+// Exit codes: 0 success; 1 an API error, a failed operation, a force-sync
+// that could not check something or an unhealthy daemon; 2 a usage error.
 package main
 
 import (
@@ -35,6 +37,8 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
+	"strings"
 	"syscall"
 
 	"github.com/volumed/volumed/client"
@@ -64,8 +68,12 @@ func (e *usageError) Error() string { return e.msg }
 func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(format, args...)} }
 
 // failedError is an operation that ended other than completed, or an
-// unhealthy daemon (exit 1); what to show was printed already.
-type failedError struct{ msg string }
+// unhealthy daemon (exit 1). shown says its message and details are on
+// stderr already, so run does not print it again.
+type failedError struct {
+	msg   string
+	shown bool
+}
 
 func (e *failedError) Error() string { return e.msg }
 
@@ -75,9 +83,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	err := dispatch(ctx, args, stdout, stderr)
 	var usage *usageError
 	var apiErr *client.Error
+	var failed *failedError
 	switch {
 	case err == nil:
 		return exitOK
+	case errors.As(err, &failed) && failed.shown:
+		return exitFailed
 	case errors.Is(err, errHelp):
 		fmt.Fprint(stdout, usageText)
 		return exitOK
@@ -98,12 +109,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 
 // dispatch parses the command and runs it.
 func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	args = globalsLast(args)
 	if len(args) == 0 {
 		return usagef("no command given")
 	}
-	switch args[0] {
-	case "help", "-h", "--help", "-help":
+	if isHelp(args[0]) || (groups[args[0]] && len(args) > 1 && isHelp(args[1])) {
 		return errHelp
+	}
+	switch args[0] {
 	case "--version", "-version", "version":
 		fmt.Fprintln(stdout, "volctl", version.String())
 		return nil
@@ -125,4 +138,36 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	return cmd.run(ctx, inv)
+}
+
+// isHelp reports whether arg asks for the usage: `volctl help`, or a
+// command group's, as in `volctl volume --help`.
+func isHelp(arg string) bool {
+	switch arg {
+	case "help", "-h", "--help", "-help":
+		return true
+	}
+	return false
+}
+
+// globalsLast moves the flags given before the command after it, where
+// they are parsed: `volctl -o json health` is `volctl health -o json`.
+// Every flag takes a value, in the next argument or after "=", but
+// --wait.
+func globalsLast(args []string) []string {
+	i := 0
+	for i < len(args) && strings.HasPrefix(args[i], "-") && args[i] != "-" && args[i] != "--" && !isHelp(args[i]) {
+		name := strings.TrimLeft(args[i], "-")
+		if name == "version" {
+			break
+		}
+		if !strings.Contains(name, "=") && name != "wait" {
+			i++ // the value
+		}
+		i++
+	}
+	if i == 0 || i > len(args) {
+		return args
+	}
+	return append(slices.Clone(args[i:]), args[:i]...)
 }

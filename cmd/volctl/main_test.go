@@ -69,6 +69,14 @@ func TestUsage(t *testing.T) {
 		{[]string{"volume", "detach", "v", "--idempotency-key", "a key"}, exitUsage, "--idempotency-key"},
 		{[]string{"volume", "get", "v", "--idempotency-key", "k"}, exitUsage, "not defined"},
 		{[]string{"help"}, exitOK, "Usage:"},
+		{[]string{"--server", "ftp://x", "health"}, exitUsage, "http or https"},
+		{[]string{"-o=yaml", "volume", "get", "v"}, exitUsage, "table or json"},
+		{[]string{"--timeout", "1s", "--wait", "volume", "get", "v"}, exitUsage, "not defined"},
+		{[]string{"--server"}, exitUsage, "unknown command"},
+		{[]string{"--server", "http://x", "--version"}, exitOK, "volctl "},
+		{[]string{"volume", "--help"}, exitOK, "Usage:"},
+		{[]string{"op", "help"}, exitOK, "Usage:"},
+		{[]string{"volume", "create", "--help"}, exitOK, "Usage:"},
 		{[]string{"--version"}, exitOK, "volctl "},
 	}
 	for _, tc := range tests {
@@ -160,5 +168,26 @@ func TestForceFlag(t *testing.T) {
 		if got := <-bodies; got != tc.want {
 			t.Errorf("volctl %v sent %s, want %s", args, got, tc.want)
 		}
+	}
+}
+
+// TestWaitFailedSaysItOnce: --wait on an operation that fails prints its
+// error and details on stderr once, and exits 1.
+func TestWaitFailedSaysItOnce(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost {
+			w.WriteHeader(http.StatusCreated)
+			_, _ = w.Write([]byte(`{"id":"op-1","type":"delete","status":"pending"}`))
+			return
+		}
+		_, _ = w.Write([]byte(`{"id":"op-1","type":"delete","status":"failed","error":"volume is attached: detach it first","details":{"code":"CONFLICT"}}`))
+	}))
+	defer srv.Close()
+	args := []string{"volume", "delete", "v1", "--wait", "--server", srv.URL}
+	var out, errb bytes.Buffer
+	code := run(context.Background(), args, &out, &errb)
+	if n := strings.Count(errb.String(), "volctl: operation op-1 failed"); code != exitFailed || n != 1 ||
+		strings.Count(errb.String(), `details: {"code":"CONFLICT"}`) != 1 {
+		t.Fatalf("volctl %v: exit %d, want %d, the error said %d times, want once\nstderr: %s", args, code, exitFailed, n, errb.String())
 	}
 }

@@ -101,7 +101,7 @@ func (in *invocation) waitAndPrint(ctx context.Context, opID string) error {
 		if advice := workflowAdvice(op); advice != "" {
 			fmt.Fprintln(in.err, "volctl:", advice)
 		}
-		return &failedError{msg}
+		return &failedError{msg: msg, shown: true}
 	}
 	return nil
 }
@@ -154,7 +154,7 @@ func (in *invocation) watch(ctx context.Context, opID string) error {
 		}
 	}
 	if op.Status != commands.StatusCompleted {
-		return &failedError{fmt.Sprintf("operation %s %s", op.ID, op.Status)}
+		return &failedError{msg: fmt.Sprintf("operation %s %s", op.ID, op.Status)}
 	}
 	return nil
 }

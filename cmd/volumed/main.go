@@ -148,6 +148,11 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	if err := os.MkdirAll(cfg.dataDir, 0o750); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
+	lock, err := lockDataDir(cfg.dataDir)
+	if err != nil {
+		return err
+	}
+	started = append(started, lock)
 	if cfg.pprofListen != "" {
 		p, err := startPprof(cfg.pprofListen, log)
 		if err != nil {
