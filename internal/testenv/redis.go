@@ -3,22 +3,66 @@ package testenv
 import (
 	"bufio"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
 
-// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago,
+// below the kernel's ephemeral range: a port of that range can be taken
+// meanwhile as the local port of any outgoing connection (a restarted
+// cluster member then could not listen on its own route port). No port is
+// returned twice in a process.
 func FreePort(t testing.TB) int {
 	t.Helper()
+	ports.mu.Lock()
+	defer ports.mu.Unlock()
+	if ports.given == nil {
+		ports.given = map[int]bool{}
+	}
+	lo := ephemeralLow()
+	for range 200 {
+		p := 10000 + rand.IntN(max(lo-10000, 1))
+		if ports.given[p] {
+			continue
+		}
+		if l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p)); err == nil {
+			_ = l.Close()
+			ports.given[p] = true
+			return p
+		}
+	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("free port: %v", err)
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
+}
+
+// ports are the ports FreePort gave.
+var ports struct {
+	mu    sync.Mutex
+	given map[int]bool
+}
+
+// ephemeralLow is the first port of the kernel's ephemeral range
+// (32768 when it cannot tell).
+func ephemeralLow() int {
+	raw, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 32768
+	}
+	var lo, hi int
+	if n, _ := fmt.Sscan(string(raw), &lo, &hi); n != 2 || lo <= 10000 {
+		return 32768
+	}
+	return lo
 }
 
 // Redis is a real redis-server process started for one test.
