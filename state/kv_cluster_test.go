@@ -2,7 +2,6 @@ package state_test
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -156,15 +155,7 @@ func TestKVUpgradeWaitsForQuorum(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The member that stays leads neither the cluster nor the bucket.
-	survivor := -1
-	for i := range clusterSize {
-		if survivor = c.Bystander(fmt.Sprintf("s%d", i+1), "KV_"+bucket); survivor >= 0 {
-			break
-		}
-	}
-	if survivor < 0 {
-		t.Fatal("no member leads neither the cluster nor the bucket")
-	}
+	survivor := c.AnyBystander("KV_" + bucket)
 	s, logs := openMember(t, c, survivor, bucket, "")
 	for i := range clusterSize {
 		if i != survivor {

@@ -137,3 +137,19 @@ func (c *JSCluster) Bystander(name, stream string) int {
 	c.t.Fatalf("%q is not a member of the cluster", name)
 	return -1
 }
+
+// AnyBystander returns the index of a member that leads neither the
+// cluster's JetStream nor stream (see Bystander); it fails the test when
+// there is none.
+func (c *JSCluster) AnyBystander(stream string) int {
+	c.t.Helper()
+	for _, s := range c.Srvs {
+		if s != nil {
+			if b := c.Bystander(s.Name(), stream); b >= 0 {
+				return b
+			}
+		}
+	}
+	c.t.Fatalf("no member leads neither the cluster nor %s", stream)
+	return -1
+}
