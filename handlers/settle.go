@@ -97,9 +97,9 @@ func (r *reconciler) settleIfBack(ctx context.Context, op commands.Operation, vi
 // nothing remains: each volume of wf.Before attached where it was (same
 // VM, same device when recorded) or detached when it was, exported as it
 // was; each snapshot of wf.Snapshots gone, and none taken by a snapshot
-// step whose end is unknown; a VM the workflow started, or did not stop,
-// stopped. It reads CloudStack only through view, and GetSnapshot and
-// ListSnapshots for the snapshots.
+// step whose end is unknown; a VM the workflow started (or whose start
+// failed), or did not stop, stopped. It reads CloudStack only through
+// view, and GetSnapshot and ListSnapshots for the snapshots.
 func (r *reconciler) remains(ctx context.Context, op commands.Operation, wf *commands.Workflow, view *cloudView) (string, error) {
 	if wf == nil || len(wf.Before) == 0 {
 		return "its workflow is not recorded", nil
@@ -158,7 +158,9 @@ func (r *reconciler) remains(ctx context.Context, op commands.Operation, wf *com
 			if snap != "" {
 				return fmt.Sprintf("snapshot %s of volume %s may be the workflow's", snap, s.VolumeID), nil
 			}
-		case s.Name == kinds.WfStartVM && s.Status == commands.StepDone:
+		case s.Name == kinds.WfStartVM && (s.Status == commands.StepDone || s.Status == commands.StepFailed):
+			// A start that failed may have been done: its job's end
+			// can be unknown.
 			up[s.VMID] = true
 		case s.Name == kinds.WfStopVM:
 			up[s.VMID] = s.Status != commands.StepDone

@@ -125,6 +125,10 @@ func testSettles(t *testing.T, redis bool) {
 			wf: &commands.Workflow{Before: map[string]commands.Placement{onProd2: {VMID: prod, DeviceID: dev(2)}},
 				Steps: []commands.WorkflowStep{step("start_vm", "", prod, commands.StepDone)}},
 			still: "VM " + prod + " is Running"},
+		{name: "a start whose end is unknown, the VM running", typ: commands.OpFailover, req: commands.FailoverRequest{},
+			wf: &commands.Workflow{Before: map[string]commands.Placement{onProd2: {VMID: prod, DeviceID: dev(2)}},
+				Steps: []commands.WorkflowStep{step("start_vm", "", prod, commands.StepFailed)}},
+			still: "VM " + prod + " is Running"},
 	}
 	ops := make([]commands.Operation, len(cases))
 	for i, tc := range cases {
