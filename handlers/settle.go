@@ -94,15 +94,29 @@ func (r *reconciler) settleIfBack(ctx context.Context, op commands.Operation, vi
 
 // remains names one thing the failed workflow op (not compensated) left
 // that CloudStack or volumed's export records still show; "" when
-// nothing remains: each volume of wf.Before attached where it was (same
-// VM, same device when recorded) or detached when it was, exported as it
-// was; each snapshot of wf.Snapshots gone, and none taken by a snapshot
-// step whose end is unknown; a VM the workflow started, or did not stop,
-// stopped. It reads CloudStack only through view, and GetSnapshot and
-// ListSnapshots for the snapshots.
+// nothing remains: no failed step's job may still run (its child
+// operation job_may_run); each volume of wf.Before attached where it
+// was (same VM, same device when recorded) or detached when it was,
+// exported as it was; each snapshot of wf.Snapshots gone, and none taken by a snapshot
+// step whose end is unknown; a VM the workflow started (or whose start
+// failed), or did not stop, stopped. It reads CloudStack only through
+// view, and GetSnapshot and ListSnapshots for the snapshots.
 func (r *reconciler) remains(ctx context.Context, op commands.Operation, wf *commands.Workflow, view *cloudView) (string, error) {
 	if wf == nil || len(wf.Before) == 0 {
 		return "its workflow is not recorded", nil
+	}
+	for i, s := range wf.Steps {
+		if s.Status != commands.StepFailed || s.OperationID == "" {
+			continue
+		}
+		child, err := r.cfg.Store.GetOperation(ctx, s.OperationID)
+		switch {
+		case errors.Is(err, state.ErrNotFound):
+		case err != nil:
+			return "", state.APIError(err)
+		case child.Details[commands.DetailJobMayRun] == true:
+			return fmt.Sprintf("the CloudStack job of step %d (%s, operation %s) may still run", i, s.Name, s.OperationID), nil
+		}
 	}
 	for _, v := range slices.Sorted(maps.Keys(wf.Before)) {
 		before := wf.Before[v]
@@ -158,7 +172,9 @@ func (r *reconciler) remains(ctx context.Context, op commands.Operation, wf *com
 			if snap != "" {
 				return fmt.Sprintf("snapshot %s of volume %s may be the workflow's", snap, s.VolumeID), nil
 			}
-		case s.Name == kinds.WfStartVM && s.Status == commands.StepDone:
+		case s.Name == kinds.WfStartVM && (s.Status == commands.StepDone || s.Status == commands.StepFailed):
+			// A start that failed may have been done: its job's end
+			// can be unknown.
 			up[s.VMID] = true
 		case s.Name == kinds.WfStopVM:
 			up[s.VMID] = s.Status != commands.StepDone

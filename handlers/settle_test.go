@@ -12,6 +12,7 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/csapi"
+	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -125,6 +126,10 @@ func testSettles(t *testing.T, redis bool) {
 			wf: &commands.Workflow{Before: map[string]commands.Placement{onProd2: {VMID: prod, DeviceID: dev(2)}},
 				Steps: []commands.WorkflowStep{step("start_vm", "", prod, commands.StepDone)}},
 			still: "VM " + prod + " is Running"},
+		{name: "a start whose end is unknown, the VM running", typ: commands.OpFailover, req: commands.FailoverRequest{},
+			wf: &commands.Workflow{Before: map[string]commands.Placement{onProd2: {VMID: prod, DeviceID: dev(2)}},
+				Steps: []commands.WorkflowStep{step("start_vm", "", prod, commands.StepFailed)}},
+			still: "VM " + prod + " is Running"},
 	}
 	ops := make([]commands.Operation, len(cases))
 	for i, tc := range cases {
@@ -165,5 +170,61 @@ func testSettles(t *testing.T, redis bool) {
 			}
 			ops[i] = op
 		}
+	}
+}
+
+// TestReconcileDoesNotSettleWhileAStepsJobMayRun: a failover that failed
+// on an attach whose CloudStack job still runs (its child operation
+// job_may_run) is not settled although the volume is, for now, where it
+// was: the job may yet attach it. In both stores.
+func TestReconcileDoesNotSettleWhileAStepsJobMayRun(t *testing.T) {
+	for _, redis := range []bool{false, true} {
+		t.Run(map[bool]string{false: "kv", true: "redis"}[redis], func(t *testing.T) {
+			const vol = "0000000d-0000-4000-8000-000000000003"
+			inv := cloudsim.DefaultInventory()
+			inv.Volumes = append(inv.Volumes, cloudsim.DataVolume{ID: vol, Name: "data-3", ZoneID: cloudsim.ZoneID, SizeGB: 1})
+			h := newHarness(t, harnessOpts{inventory: inv, redis: redis})
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			if err := h.sim.SetFaults(cloudsim.Faults{JobHangRate: map[string]float64{"attachVolume": 1}}); err != nil {
+				t.Fatal(err)
+			}
+			cs := csapi.New(csapi.Config{URL: h.sim.URL(), APIKey: h.sim.APIKey(), SecretKey: h.sim.SecretKey()})
+			job, err := cs.AttachVolume(ctx, vol, cloudsim.TestVMID, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			at := time.Now().UTC().Add(-time.Minute)
+			vm := cloudsim.TestVMID
+			id := "op-" + uuid.NewString()
+			mayRun := func() map[string]any {
+				return map[string]any{"code": commands.CodeCloudStackError, commands.DetailJobMayRun: true, commands.DetailJobID: job}
+			}
+			attach := commands.WorkflowStep{Name: "attach", VolumeID: vol, VMID: vm, Status: commands.StepFailed, OperationID: engine.ChildID(id, 0)}
+			raw, _ := json.Marshal(commands.AttachRequest{VolumeID: vol, VMID: vm})
+			if _, err := h.store.CreateOperation(ctx, commands.Operation{ID: attach.OperationID, ParentID: id, Type: commands.OpAttach,
+				Status: commands.StatusFailed, VolumeID: vol, VMID: &vm, Request: raw, Details: mayRun(), CreatedAt: at, UpdatedAt: at, CompletedAt: &at}); err != nil {
+				t.Fatal(err)
+			}
+			details := map[string]any{"code": commands.CodeCloudStackError, commands.DetailCompensated: false,
+				commands.DetailFailedStep: mayRun(), commands.DetailLeft: []string{"step 0 may have been done"}}
+			raw, _ = json.Marshal(commands.FailoverRequest{VMID: vm, RootVolumeID: vol})
+			if _, err := h.store.CreateOperation(ctx, commands.Operation{ID: id, Type: commands.OpFailover, Status: commands.StatusFailed,
+				VolumeID: vol, VMID: &vm, Request: raw, Details: details, CreatedAt: at, UpdatedAt: at, CompletedAt: &at,
+				Workflow: &commands.Workflow{Before: map[string]commands.Placement{vol: {}}, Steps: []commands.WorkflowStep{attach}}}); err != nil {
+				t.Fatal(err)
+			}
+			res, err := h.svc.Reconcile(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			op, err := h.store.GetOperation(ctx, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, settled := op.Details[commands.DetailSettledAt]; settled || !slices.ContainsFunc(res.Errors, func(e string) bool { return strings.Contains(e, id) }) {
+				t.Errorf("settled while the attach job %s may still run: errors %q, changes %q, details %v", job, res.Errors, res.Changes, op.Details)
+			}
+		})
 	}
 }

@@ -73,8 +73,8 @@ func RollbacksOf(ctx context.Context, r OperationReader, failoverID, rootID stri
 // RetainedEnd returns when the retention counts the terminal operation
 // op to have ended: CompletedAt(op), but for a completed test failover
 // and a failed or cancelled rollback of one, the end of the failover's
-// latest rollback that closes it; held is true while none did (op is
-// kept whatever its age). A rollback that closes a test failover is held
+// latest rollback that closes it; held is true while none did, or one
+// is pending or executing (op is kept whatever its age). A rollback that closes a test failover is held
 // while the failover is recorded, so it is pruned after it (a store
 // prunes the failovers it holds before the rollbacks).
 func RetainedEnd(ctx context.Context, r OperationReader, op commands.Operation) (end time.Time, held bool, err error) {
@@ -108,6 +108,11 @@ func RetainedEnd(ctx context.Context, r OperationReader, op commands.Operation) 
 	}
 	held = true
 	for _, rb := range rbs {
+		if !rb.Status.Terminal() {
+			// Asked again after one that failed NOT_FOUND: it reads
+			// the failover.
+			return end, true, nil
+		}
 		if closes(rb) {
 			held, end = false, maxTime(end, CompletedAt(rb))
 		}

@@ -107,6 +107,24 @@ func testPruneHolds(t *testing.T, s state.Store) {
 	wantLeft(t, s)
 }
 
+// testPruneHoldsForARollbackAskedAgain: a rollback that failed NOT_FOUND
+// closes its failover, yet a failed rollback may be asked again; while
+// that one is pending (or executing) the failover, which it reads, and
+// the failed rollback are kept, however old.
+func testPruneHoldsForARollbackAskedAgain(t *testing.T, s state.Store) {
+	ctx := ctxFor(t)
+	at := func(d time.Duration) time.Time { return base.Add(d) }
+	fo := Failover(1, commands.StatusCompleted, "vol-1", true, at(time.Minute))
+	gone := Rollback(2, commands.StatusFailed, fo.ID, "vol-1", at(2*time.Minute))
+	gone.Details = map[string]any{"code": commands.CodeNotFound}
+	again := Rollback(3, commands.StatusPending, fo.ID, "vol-1", at(3*time.Minute))
+	mustCreate(t, s, fo, gone, again)
+	if n, err := s.PruneOperations(ctx, at(time.Hour), 0); err != nil || n != 0 {
+		t.Fatalf("prune while a rollback of the failover is pending: %d, %v; want 0", n, err)
+	}
+	wantLeft(t, s, fo.ID, gone.ID, again.ID)
+}
+
 // wantLeft fails unless the store lists exactly ids, and counts what it
 // lists.
 func wantLeft(t testing.TB, s state.Store, ids ...string) {

@@ -70,6 +70,7 @@ func Run(t *testing.T, open Open) {
 		{"DeleteOperation", testDeleteOperation},
 		{"Prune", testPrune},
 		{"PruneHolds", testPruneHolds},
+		{"PruneHoldsForARollbackAskedAgain", testPruneHoldsForARollbackAskedAgain},
 		{"Pagination", testPagination},
 		{"MappingCAS", testMappingCAS},
 		{"ExportCAS", testExportCAS},
