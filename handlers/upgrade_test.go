@@ -77,12 +77,7 @@ func TestRelineJobsWaitsForQuorum(t *testing.T) {
 
 	lost := make(chan struct{})
 	wrapped := &quorumLosingJS{JetStream: js, lose: func() {
-		for i := range n {
-			if i != survivor {
-				c.Srvs[i].Shutdown()
-				c.Srvs[i].WaitForShutdown()
-			}
-		}
+		c.StopAllBut(survivor)
 		close(lost)
 	}}
 	var out testenv.Buffer
@@ -91,28 +86,7 @@ func TestRelineJobsWaitsForQuorum(t *testing.T) {
 	go func() { done <- handlers.RelineJobs(context.Background(), wrapped, store, debug) }()
 	<-lost
 	// It asks again while the members are down; then they come back.
-	for len(testenv.Mentioning(out.Lines(), "jetstream not ready yet")) == 0 {
-		select {
-		case err := <-done:
-			t.Fatalf("RelineJobs ended with the members down: %v\n%s", err, out.String())
-		case <-ctx.Done():
-			t.Fatalf("RelineJobs never asked again\n%s", out.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-	for i := range n {
-		if i != survivor {
-			c.Start(i)
-		}
-	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("RelineJobs once the members are back: %v\n%s", err, out.String())
-		}
-	case <-ctx.Done():
-		t.Fatalf("RelineJobs never ended\n%s", out.String())
-	}
+	c.OutlastOutage(survivor, &out, done)
 
 	// A stream leader just elected can answer a read with what it held
 	// before the last writes for a moment: the queue is polled.

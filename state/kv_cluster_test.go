@@ -157,34 +157,10 @@ func TestKVUpgradeWaitsForQuorum(t *testing.T) {
 	// The member that stays leads neither the cluster nor the bucket.
 	survivor := c.AnyBystander("KV_" + bucket)
 	s, logs := openMember(t, c, survivor, bucket, "")
-	for i := range clusterSize {
-		if i != survivor {
-			c.Srvs[i].Shutdown()
-			c.Srvs[i].WaitForShutdown()
-		}
-	}
+	c.StopAllBut(survivor)
 	done := make(chan error, 1)
 	go func() { done <- state.Upgrade(context.Background(), s, quietLog) }()
-	for !strings.Contains(logs.String(), "jetstream not ready yet") {
-		select {
-		case err := <-done:
-			t.Fatalf("upgrade ended with the members down: %v\n%s", err, logs)
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-	for i := range clusterSize {
-		if i != survivor {
-			c.Start(i)
-		}
-	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("upgrade once the members are back: %v\n%s", err, logs)
-		}
-	case <-time.After(2 * time.Minute):
-		t.Fatalf("upgrade never ended\n%s", logs)
-	}
+	c.OutlastOutage(survivor, logs, done)
 	kv, err := jsOf(t, c, survivor).KeyValue(context.Background(), bucket)
 	if err != nil {
 		t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/url"
+	"strings"
 	"testing"
 	"time"
 
@@ -152,4 +153,46 @@ func (c *JSCluster) AnyBystander(stream string) int {
 	}
 	c.t.Fatalf("no member leads neither the cluster nor %s", stream)
 	return -1
+}
+
+// StopAllBut shuts down every member but survivor and waits for each.
+func (c *JSCluster) StopAllBut(survivor int) {
+	for i, s := range c.Srvs {
+		if i != survivor && s != nil {
+			s.Shutdown()
+			s.WaitForShutdown()
+		}
+	}
+}
+
+// OutlastOutage follows a call running while every member but survivor is
+// down, which sends its end on done: it waits until logs says the call
+// waits for the cluster ("jetstream not ready yet"), starts the other
+// members again and waits for the call to end. The test fails if the call
+// ends before, fails, or either wait passes 2 minutes.
+func (c *JSCluster) OutlastOutage(survivor int, logs fmt.Stringer, done <-chan error) {
+	c.t.Helper()
+	asked := time.After(2 * time.Minute)
+	for !strings.Contains(logs.String(), "jetstream not ready yet") {
+		select {
+		case err := <-done:
+			c.t.Fatalf("ended with the members down: %v\n%s", err, logs)
+		case <-asked:
+			c.t.Fatalf("never asked again with the members down\n%s", logs)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	for i := range c.Srvs {
+		if i != survivor {
+			c.Start(i)
+		}
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			c.t.Fatalf("once the members are back: %v\n%s", err, logs)
+		}
+	case <-time.After(2 * time.Minute):
+		c.t.Fatalf("never ended once the members are back\n%s", logs)
+	}
 }

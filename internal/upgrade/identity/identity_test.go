@@ -132,36 +132,10 @@ func TestBackfillWaitsForQuorum(t *testing.T) {
 		t.Fatal(err)
 	}
 	devices := []commands.Device{{Name: "vdb", Path: "/dev/vdb", Major: 253, Minor: 16, DiskSeq: 7, Size: 1 << 30}}
-	for i := range n {
-		if i != survivor {
-			c.Srvs[i].Shutdown()
-			c.Srvs[i].WaitForShutdown()
-		}
-	}
+	c.StopAllBut(survivor)
 	done := make(chan error, 1)
 	go func() { done <- identity.Backfill(context.Background(), store, vm, devices, log) }()
-	for len(testenv.Mentioning(out.Lines(), "jetstream not ready yet")) == 0 {
-		select {
-		case err := <-done:
-			t.Fatalf("Backfill ended with the members down: %v", err)
-		case <-ctx.Done():
-			t.Fatal("Backfill never asked again")
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
-	for i := range n {
-		if i != survivor {
-			c.Start(i)
-		}
-	}
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("Backfill once the members are back: %v", err)
-		}
-	case <-ctx.Done():
-		t.Fatal("Backfill never ended")
-	}
+	c.OutlastOutage(survivor, &out, done)
 	// The write may be the first attempt's, whose answer was lost: a
 	// stream leader just elected can answer a read with the revision
 	// before it for a moment.
