@@ -129,14 +129,22 @@ func closes(rb commands.Operation) bool {
 	return rb.Status == commands.StatusCompleted || rb.Status == commands.StatusFailed && code == commands.CodeNotFound
 }
 
-// PruneHeld deletes with del, failovers first, up to limit (0: no
-// limit) of the operations ops a store holds apart whose retained end
-// (RetainedEnd) is before the score cut, and counts them; del's ErrStale
-// (changed meanwhile) skips one.
-func PruneHeld(ctx context.Context, r OperationReader, ops []commands.Operation, cut int64, limit int,
-	del func(commands.Operation) error) (int, error) {
+// PruneHeld ends a prune call that deleted n of the operations it
+// walked, with limit (0: no limit): unless those filled the batch, it
+// deletes with del, failovers first, up to the rest of it of the
+// operations a store holds apart (load reads them) whose retained end
+// (RetainedEnd) is before the score cut, and counts all it deleted; del's
+// ErrStale (changed meanwhile) skips one.
+func PruneHeld(ctx context.Context, r OperationReader, n, limit int, cut int64,
+	load func(context.Context) ([]commands.Operation, error), del func(commands.Operation) error) (int, error) {
+	if limit > 0 && n >= limit {
+		return n, nil // the held ones wait for the call that does not fill its batch
+	}
+	ops, err := load(ctx)
+	if err != nil {
+		return n, err
+	}
 	slices.SortStableFunc(ops, heldFirst)
-	n := 0
 	for _, op := range ops {
 		if limit > 0 && n >= limit {
 			break

@@ -546,15 +546,15 @@ func (k *KV) PruneOperations(ctx context.Context, completedBefore time.Time, lim
 			break // else walk again: the held ones took places of the batch
 		}
 	}
-	if limit > 0 && n >= limit {
-		return n, nil // the held ones wait for the call that does not fill its batch
-	}
-	rest := 0
-	if limit > 0 {
-		rest = limit - n
-	}
-	m, err := k.pruneHeld(ctx, cut, rest)
-	return n + m, err
+	return PruneHeld(ctx, k, n, limit, cut, k.heldOps, func(op commands.Operation) error {
+		if err := k.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
+			return err
+		}
+		k.held.mu.Lock()
+		delete(k.held.ids, op.ID)
+		k.held.mu.Unlock()
+		return nil
+	})
 }
 
 // heldOps are the ids of the operations the retention holds
@@ -587,9 +587,9 @@ func (k *KV) retains(ctx context.Context, id string, cut int64) (bool, error) {
 	return true, nil
 }
 
-// pruneHeld deletes up to limit held operations whose retained end is
-// before the score cut, and forgets those gone.
-func (k *KV) pruneHeld(ctx context.Context, cut int64, limit int) (int, error) {
+// heldOps reads the operations the retention holds, and forgets those
+// gone.
+func (k *KV) heldOps(ctx context.Context) ([]commands.Operation, error) {
 	k.held.mu.Lock()
 	ids := slices.Collect(maps.Keys(k.held.ids))
 	k.held.mu.Unlock()
@@ -603,19 +603,11 @@ func (k *KV) pruneHeld(ctx context.Context, cut int64, limit int) (int, error) {
 			continue
 		}
 		if err != nil {
-			return 0, err
+			return nil, err
 		}
 		ops = append(ops, op)
 	}
-	return PruneHeld(ctx, k, ops, cut, limit, func(op commands.Operation) error {
-		if err := k.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
-			return err
-		}
-		k.held.mu.Lock()
-		delete(k.held.ids, op.ID)
-		k.held.mu.Unlock()
-		return nil
-	})
+	return ops, nil
 }
 
 // GetOperation reads one operation from the bucket.

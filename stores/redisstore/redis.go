@@ -650,47 +650,38 @@ func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, 
 			n++
 		}
 	}
-	if limit > 0 && n >= limit {
-		return n, nil // the held ones wait for the call that does not fill its batch
-	}
-	rest := 0
-	if limit > 0 {
-		rest = limit - n
-	}
-	m, err := r.pruneHeld(ctx, completedBefore, rest)
-	return n + m, err
+	return state.PruneHeld(ctx, r, n, limit, state.Score(completedBefore), r.heldOps, func(op commands.Operation) error {
+		return r.deleteOp(ctx, &op, op.Revision)
+	})
 }
 
-// pruneHeld deletes up to limit operations of the held index whose
-// retained end is before completedBefore, and drops the entries of
-// records gone.
-func (r *Store) pruneHeld(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
+// heldOps reads the operations of the held index, and drops the entries
+// of records gone.
+func (r *Store) heldOps(ctx context.Context) ([]commands.Operation, error) {
 	ids, err := r.rdb.ZRange(ctx, r.idxKey("held"), 0, -1).Result()
 	if err != nil {
-		return 0, r.wrap("prune held operations", err)
+		return nil, r.wrap("prune held operations", err)
 	}
 	recs, err := r.readRecords(ctx, "prune held operations", r.keysOf(ids, r.opKey))
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	ops := make([]commands.Operation, 0, len(recs))
 	for i, rec := range recs {
 		if rec.raw == nil {
 			if err := r.rdb.ZRem(ctx, r.idxKey("held"), ids[i]).Err(); err != nil {
-				return 0, r.wrap("prune held operations", err)
+				return nil, r.wrap("prune held operations", err)
 			}
 			continue
 		}
 		var op commands.Operation
 		if err := state.Decode(rec.raw, &op); err != nil {
-			return 0, err
+			return nil, err
 		}
 		op.Revision = rec.rev
 		ops = append(ops, op)
 	}
-	return state.PruneHeld(ctx, r, ops, state.Score(completedBefore), limit, func(op commands.Operation) error {
-		return r.deleteOp(ctx, &op, op.Revision)
-	})
+	return ops, nil
 }
 
 // keysOf maps ids to keys.
