@@ -71,6 +71,15 @@ func newInventory(c Catalogue, log *slog.Logger) *inventory {
 	}
 }
 
+// byID maps a list answer by its ids.
+func byID[T any](items []T, id func(T) string) map[string]T {
+	out := make(map[string]T, len(items))
+	for _, it := range items {
+		out[id(it)] = it
+	}
+	return out
+}
+
 // idsOf maps a list answer to its ids.
 func idsOf[T any](items []T, err error, id func(T) string) ([]string, error) {
 	if err != nil {

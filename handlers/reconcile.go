@@ -60,10 +60,7 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 		if err != nil {
 			return res, engine.CloudStackError(err)
 		}
-		listed = make(map[string]csapi.Volume, len(vols))
-		for _, v := range vols {
-			listed[v.ID] = v
-		}
+		listed = byID(vols, volumeID)
 	}
 	for _, m := range mappings {
 		vms[m.VMID] = true

@@ -23,6 +23,9 @@ type cloudView struct {
 	vms     map[string]csapi.VM     // nil until listed
 }
 
+// volumeID is a volume's id, for byID.
+func volumeID(v csapi.Volume) string { return v.ID }
+
 // volume returns the volume id as listed; false when CloudStack has none.
 func (c *cloudView) volume(ctx context.Context, id string) (csapi.Volume, bool, error) {
 	if c.volumes == nil {
@@ -30,10 +33,7 @@ func (c *cloudView) volume(ctx context.Context, id string) (csapi.Volume, bool, 
 		if err != nil {
 			return csapi.Volume{}, false, engine.CloudStackError(err)
 		}
-		c.volumes = make(map[string]csapi.Volume, len(vols))
-		for _, v := range vols {
-			c.volumes[v.ID] = v
-		}
+		c.volumes = byID(vols, volumeID)
 	}
 	v, ok := c.volumes[id]
 	return v, ok, nil
@@ -46,10 +46,7 @@ func (c *cloudView) vm(ctx context.Context, id string) (csapi.VM, bool, error) {
 		if err != nil {
 			return csapi.VM{}, false, engine.CloudStackError(err)
 		}
-		c.vms = make(map[string]csapi.VM, len(vms))
-		for _, v := range vms {
-			c.vms[v.ID] = v
-		}
+		c.vms = byID(vms, func(vm csapi.VM) string { return vm.ID })
 	}
 	v, ok := c.vms[id]
 	return v, ok, nil
