@@ -148,21 +148,68 @@ func (k *KV) saveCache(ctx context.Context) error {
 	// The changes made from now on are made again on the new base.
 	journal := []opChange{}
 	ops.journal = &journal
-	err = writeBase(f, ops.records(seq), func(strs []string, kinds int, named []opNamed, termDur time.Duration) (int64, error) {
+	err = writeCacheBody(f, cacheHead{stream: info.Config.Name, created: info.Created.UnixNano(), seq: seq, written: complete,
+		sealKey: k.sealKey, sealSeq: ack.Sequence, nonce: nonce}, ops, k.mappings, k.exports)
+	rest := ops.rest(seq)
+	k.mu.RUnlock()
+	defer func() {
+		k.mu.Lock()
+		ops.journal = nil
+		k.mu.Unlock()
+	}()
+	if err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	if err := finishCacheFile(f, tmp, k.cache); err != nil {
+		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	// The new base, read back as a start would: it replaces the base and
+	// the delta it was written from.
+	c, err := readCache(k.cache)
+	if err != nil {
+		return fmt.Errorf("state: read index cache written: %w", err)
+	}
+	k.mu.Lock()
+	c.ops.adopt(ops, rest, journal)
+	k.ops = c.ops
+	k.cached = ack.Sequence // the seal is no change to write again
+	n := k.ops.len()
+	k.mu.Unlock()
+	k.log.Debug("index cache written", "cache", k.cache, "sequence", seq, "operations", n,
+		"took", time.Since(began).Round(time.Millisecond))
+	return nil
+}
+
+// cacheHead is what a cache file begins with, after its version.
+type cacheHead struct {
+	stream  string
+	created int64 // the stream's creation, Unix ns
+	seq     uint64
+	written int64 // Unix ns
+	sealKey string
+	sealSeq uint64
+	nonce   string
+}
+
+// writeCacheBody writes a cache file of version 3 to f, but its
+// checksum: h, the mappings and exports, and the base of the operations
+// of ops at revisions up to h.seq.
+func writeCacheBody(f *os.File, h cacheHead, ops *opLayers, mappings map[string]kvEntry[commands.Mapping], exports map[string]kvEntry[commands.Export]) error {
+	return writeBase(f, ops.records(h.seq), func(strs []string, kinds int, named []opNamed, termDur time.Duration) (int64, error) {
 		cw := &countWriter{w: f}
 		w := bufio.NewWriterSize(cw, 1<<16)
 		e := cacheEncoder{w: w}
 		e.str(kvCacheMagic)
 		e.uvarint(kvCacheVersion)
-		e.str(info.Config.Name)
-		e.varint(info.Created.UnixNano())
-		e.uvarint(seq)
-		e.varint(complete)
-		e.str(k.sealKey)
-		e.uvarint(ack.Sequence)
-		e.str(nonce)
-		encodeEntries(&e, k.mappings, seq)
-		encodeEntries(&e, k.exports, seq)
+		e.str(h.stream)
+		e.varint(h.created)
+		e.uvarint(h.seq)
+		e.varint(h.written)
+		e.str(h.sealKey)
+		e.uvarint(h.sealSeq)
+		e.str(h.nonce)
+		encodeEntries(&e, mappings, h.seq)
+		encodeEntries(&e, exports, h.seq)
 		e.uvarint(uint64(len(strs)))
 		e.uvarint(uint64(kinds))
 		for _, s := range strs {
@@ -177,58 +224,33 @@ func (k *KV) saveCache(ctx context.Context) error {
 		err := w.Flush()
 		return cw.n, err
 	})
-	rest := ops.rest(seq)
-	k.mu.RUnlock()
-	defer func() {
-		k.mu.Lock()
-		ops.journal = nil
-		k.mu.Unlock()
-	}()
-	if err != nil {
-		return fmt.Errorf("state: write index cache: %w", err)
-	}
+}
+
+// finishCacheFile appends the checksum of what f (at tmp) holds, syncs
+// it and renames it to path, so that a crash leaves the last file or the
+// new one, whole.
+func finishCacheFile(f *os.File, tmp, path string) error {
 	st, err := f.Stat()
 	if err != nil {
-		return fmt.Errorf("state: write index cache: %w", err)
+		return err
 	}
 	sum, err := crcFile(f, st.Size())
-	if err == nil {
-		_, err = f.WriteAt(binary.LittleEndian.AppendUint32(nil, sum), st.Size())
-	}
 	if err != nil {
-		return fmt.Errorf("state: write index cache: %w", err)
+		return err
+	}
+	if _, err := f.WriteAt(binary.LittleEndian.AppendUint32(nil, sum), st.Size()); err != nil {
+		return err
 	}
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("state: write index cache: %w", err)
+		return err
 	}
-	if err := os.Rename(tmp, k.cache); err != nil {
-		return fmt.Errorf("state: write index cache: %w", err)
+	if err := os.Rename(tmp, path); err != nil {
+		return err
 	}
-	if d, err := os.Open(filepath.Dir(k.cache)); err == nil {
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
 		_ = d.Sync() // the rename itself
 		_ = d.Close()
 	}
-	// The new base, read back as a start would: it replaces the base and
-	// the delta it was written from.
-	c, err := readCache(k.cache)
-	if err != nil {
-		return fmt.Errorf("state: read index cache written: %w", err)
-	}
-	k.mu.Lock()
-	for i := range rest {
-		c.ops.apply(&rest[i])
-	}
-	for i := range journal {
-		c.ops.apply(&journal[i])
-	}
-	ops.journal = nil
-	ops.base.close() // no reader holds it: they hold k.mu
-	k.ops = c.ops
-	k.cached = ack.Sequence // the seal is no change to write again
-	n := k.ops.len()
-	k.mu.Unlock()
-	k.log.Debug("index cache written", "cache", k.cache, "sequence", seq, "operations", n,
-		"took", time.Since(began).Round(time.Millisecond))
 	return nil
 }
 

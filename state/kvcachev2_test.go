@@ -63,4 +63,3 @@ func (x *opIndex) encode(e *cacheEncoder, maxRev uint64) {
 		}
 	}
 }
-

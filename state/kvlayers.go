@@ -423,7 +423,9 @@ func (x *opLayers) records(maxRev uint64) iter.Seq[*opRec] {
 			var br opRec
 			stopped := false
 			x.base.slotsUp(func(i uint32, r *baseRec) bool {
-				if x.isDead(i) || r.rev > maxRev {
+				// Every revision of a base is at most the sequence
+				// of the cache it was written at: at most maxRev.
+				if x.isDead(i) {
 					return true
 				}
 				br = opRec{key: r.key, name: x.base.nameAt[i], rev: r.rev, created: r.created, completed: r.completed,
@@ -494,4 +496,20 @@ func (x *opLayers) rest(maxRev uint64) []opChange {
 		}
 	}
 	return out
+}
+
+// adopt makes x, a new base written from old at revisions up to a
+// sequence (and an empty delta), hold what old holds: the rest of old's
+// delta the base left out (opLayers.rest), then the changes made to old
+// since (its journal). old's base is closed: its readers hold KV.mu, as
+// does the caller, for writing.
+func (x *opLayers) adopt(old *opLayers, rest, journal []opChange) {
+	for i := range rest {
+		x.apply(&rest[i])
+	}
+	for i := range journal {
+		x.apply(&journal[i])
+	}
+	old.journal = nil
+	old.base.close()
 }
