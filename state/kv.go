@@ -159,13 +159,18 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	k.mu.RUnlock()
 	k.log.Info("state store ready", "operations", nops, "mappings", nmaps)
 	if k.cache != "" {
-		k.mu.Lock()
-		if k.ops.base == nil && nops > 0 {
-			// Read from every record or from a version 2 file: into
-			// the heap, which a base on disk now replaces.
-			k.compact <- struct{}{}
+		if nops > 0 {
+			k.mu.Lock()
+			if k.ops.base == nil {
+				// Read from every record or from a version 2 file:
+				// into the heap, which a base on disk now replaces.
+				select {
+				case k.compact <- struct{}{}:
+				default: // asked already (nudge)
+				}
+			}
+			k.mu.Unlock()
 		}
-		k.mu.Unlock()
 		k.saver.Go(k.saveCacheEvery)
 	}
 	return k, nil

@@ -148,10 +148,23 @@ func (k *KV) saveCache(ctx context.Context) error {
 	// The changes made from now on are made again on the new base.
 	journal := []opChange{}
 	ops.journal = &journal
-	err = writeCacheBody(f, cacheHead{stream: info.Config.Name, created: info.Created.UnixNano(), seq: seq, written: complete,
-		sealKey: k.sealKey, sealSeq: ack.Sequence, nonce: nonce}, ops, k.mappings, k.exports)
-	rest := ops.rest(seq)
-	k.mu.RUnlock()
+	head := cacheHead{stream: info.Config.Name, created: info.Created.UnixNano(), seq: seq, written: complete,
+		sealKey: k.sealKey, sealSeq: ack.Sequence, nonce: nonce}
+	var rest []opChange
+	if ops.small() {
+		// Written from a copy, without the lock: writes and reads go
+		// on meanwhile.
+		snap, mappings, exports := ops.snapshot(), maps.Clone(k.mappings), maps.Clone(k.exports)
+		k.mu.RUnlock()
+		err = writeCacheBody(f, head, snap, mappings, exports)
+		rest = snap.rest(seq)
+	} else {
+		// A delta as large as the start's (every record read into the
+		// heap) is not copied: written under the lock.
+		err = writeCacheBody(f, head, ops, k.mappings, k.exports)
+		rest = ops.rest(seq)
+		k.mu.RUnlock()
+	}
 	defer func() {
 		k.mu.Lock()
 		ops.journal = nil

@@ -44,8 +44,8 @@ type opChange struct {
 
 // deltaMin is the fewest operations the delta holds before a new base is
 // written: a new base is written past the larger of it and an eighth of
-// the base.
-const deltaMin = 1 << 16
+// the base. A variable for the tests.
+var deltaMin = 1 << 16
 
 func newOpLayers() *opLayers { return &opLayers{delta: newOpIndex(), baseStats: newStats()} }
 
@@ -65,6 +65,35 @@ func (x *opLayers) full() bool {
 		n = x.base.n
 	}
 	return len(x.delta.slots)-len(x.delta.free) > max(deltaMin, n/8)
+}
+
+// small reports whether the delta is small enough to copy for a new
+// base written without the lock (snapshot).
+func (x *opLayers) small() bool { return len(x.delta.slots) <= 4*deltaMin }
+
+// snapshot returns a copy of x that later changes to x leave as it is:
+// the base (immutable) shared, the dead slots and the delta copied.
+func (x *opLayers) snapshot() *opLayers {
+	return &opLayers{base: x.base, dead: slices.Clone(x.dead), delta: x.delta.clone(), baseStats: x.baseStats}
+}
+
+// clone returns a copy of x.
+func (x *opIndex) clone() *opIndex {
+	y := *x
+	y.slots, y.free = slices.Clone(x.slots), slices.Clone(x.free)
+	y.byID.cells = slices.Clone(x.byID.cells)
+	y.named, y.wide = maps.Clone(x.named), maps.Clone(x.wide)
+	y.kinds, y.names = x.kinds.clone(), x.names.clone()
+	y.lists = make(map[string][]uint32, len(x.lists))
+	for name, l := range x.lists {
+		y.lists[name] = slices.Clone(l)
+	}
+	y.stats.ByType, y.stats.ByStatus = maps.Clone(x.stats.ByType), maps.Clone(x.stats.ByStatus)
+	return &y
+}
+
+func (n *interner) clone() interner {
+	return interner{ids: maps.Clone(n.ids), strs: slices.Clone(n.strs), users: slices.Clone(n.users), free: slices.Clone(n.free)}
 }
 
 func (x *opLayers) isDead(i uint32) bool { return x.dead[i/64]&(1<<(i%64)) != 0 }

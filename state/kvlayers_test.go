@@ -118,12 +118,25 @@ func (h *layersHistory) compact(t *testing.T, between int) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if err := writeCacheBody(f, cacheHead{stream: "KV_test", seq: h.seq}, x, nil, nil); err != nil {
-		t.Fatal(err)
-	}
-	rest := x.rest(h.seq)
-	for range between {
-		h.step()
+	var rest []opChange
+	if between%2 == 1 {
+		// From a copy, with changes made while it is written.
+		snap := x.snapshot()
+		for range between {
+			h.step()
+		}
+		if err := writeCacheBody(f, cacheHead{stream: "KV_test", seq: h.seq}, snap, nil, nil); err != nil {
+			t.Fatal(err)
+		}
+		rest = snap.rest(h.seq)
+	} else {
+		if err := writeCacheBody(f, cacheHead{stream: "KV_test", seq: h.seq}, x, nil, nil); err != nil {
+			t.Fatal(err)
+		}
+		rest = x.rest(h.seq)
+		for range between {
+			h.step()
+		}
 	}
 	if err := finishCacheFile(f, tmp, h.path); err != nil {
 		t.Fatal(err)
@@ -233,6 +246,7 @@ func TestOpLayersMatchOpIndex(t *testing.T) {
 		{"changes while writing", 2, 200, 4000, 250, 30},
 		{"a base after every few", 3, 60, 600, 7, 3},
 		{"many ids", 4, 2000, 8000, 1500, 100},
+		{"written from a copy", 6, 300, 5000, 400, 41},
 		{"no base", 5, 100, 500, 1 << 30, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
