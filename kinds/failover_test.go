@@ -1305,3 +1305,49 @@ func TestRollbackBackAtTheirDevices(t *testing.T) {
 		})
 	}
 }
+
+// TestRollbackSnapshotGone: a rollback whose failover snapshot CloudStack
+// no longer has cannot revert that volume, so it fails NOT_FOUND before
+// any step: the test VM keeps running with both volumes on it, the other
+// snapshot is kept, and left says so (not the snapshot that is gone).
+func TestRollbackSnapshotGone(t *testing.T) {
+	w := newFoWorld(t)
+	fo := w.finish(w.record(commands.OpFailover, w.failoverReq(), testVM))
+	w.wantFailedOver(fo)
+	gone := fo.Response.Snapshots[w.data]
+	job, err := w.cloud.DeleteSnapshot(w.ctx, gone)
+	w.must(err)
+	_, err = w.cloud.WaitJob(w.ctx, job)
+	w.must(err)
+	before := w.counts()
+	_, rb := w.run(w.ctx, w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if rb.Status != commands.StatusFailed || rb.Details["code"] != commands.CodeNotFound || rb.Details["snapshot_id"] != gone ||
+		rb.Details[commands.DetailCompensated] != false {
+		t.Fatalf("rollback %s: %s %v", rb.Status, rb.Error, rb.Details)
+	}
+	if steps, _ := rb.Details[commands.DetailSteps].([]any); len(steps) != 0 {
+		t.Fatalf("rollback ran steps: %v", rb.Details[commands.DetailSteps])
+	}
+	var left []string
+	for _, l := range rb.Details[commands.DetailLeft].([]any) {
+		left = append(left, l.(string))
+	}
+	want := []string{"volume " + w.root + " is attached to VM " + testVM + "; it was on VM " + appliance + " exported as " + exportName(w.root),
+		"volume " + w.data + " is attached to VM " + testVM + "; it was on VM " + appliance + " exported as " + exportName(w.data),
+		"snapshot " + fo.Response.Snapshots[w.root] + " of volume " + w.root + " is kept"}
+	if !slices.Equal(left, want) {
+		t.Fatalf("left %q\nwant %q", left, want)
+	}
+	got := w.since(before)
+	for cmd, n := range got.calls {
+		if n != 0 {
+			t.Fatalf("the rollback called %s %d times: %v", cmd, n, got.calls)
+		}
+	}
+	if p := w.where(w.root); p.vm != testVM || p.dev != 0 {
+		t.Fatalf("root: %+v", p)
+	}
+	if s := w.vmState(testVM); s != kinds.VMRunning {
+		t.Fatalf("test VM %s, want Running", s)
+	}
+}
