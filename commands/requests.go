@@ -71,7 +71,9 @@ type AttachRequest struct {
 	VolumeID string `json:"volume_id"`
 	// VMID is the VM to attach it to, a bare lower-case UUID.
 	VMID string `json:"vm_id"`
-	// DeviceID is the device id to ask for: 0 for attach-root, nil otherwise.
+	// DeviceID is the device id to ask for: 0 for attach-root; for a
+	// workflow's attach back to where a volume was, the device it had
+	// there (taken as a wish: another when it is taken); nil otherwise.
 	DeviceID *int64 `json:"device_id,omitempty"`
 	// AttachAs is AttachAsRoot for an attach-root, "" otherwise.
 	AttachAs string `json:"attach_as,omitempty"`

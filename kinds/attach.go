@@ -88,10 +88,14 @@ func (k attach) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 		if err := j.Save(ctx); err != nil {
 			return nil, err
 		}
+		dev, err := k.deviceFree(ctx, j, req)
+		if err != nil {
+			return nil, err
+		}
 		var jobID string
-		err := j.Step(ctx, "attachVolume", func(ctx context.Context) error {
+		err = j.Step(ctx, "attachVolume", func(ctx context.Context) error {
 			var err error
-			jobID, err = k.CloudStack.AttachVolume(ctx, req.VolumeID, req.VMID, req.DeviceID)
+			jobID, err = k.CloudStack.AttachVolume(ctx, req.VolumeID, req.VMID, dev)
 			return err
 		})
 		switch {
@@ -111,6 +115,30 @@ func (k attach) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 	}
 	return &commands.OpResponse{VolumeID: vol.ID, VMID: req.VMID, DevicePath: m.DevicePath, DeviceID: vol.DeviceID,
 		Message: "Volume attached successfully"}, nil
+}
+
+// deviceFree is the device id to ask CloudStack for: req's, unless it is
+// a data disk's device that another volume of the VM holds now; then nil,
+// and CloudStack picks one.
+func (k attach) deviceFree(ctx context.Context, j *engine.Journal, req commands.AttachRequest) (*int64, error) {
+	if req.DeviceID == nil || req.Root() {
+		return req.DeviceID, nil
+	}
+	var vols []csapi.Volume
+	err := j.Read(ctx, "listVolumes", func(ctx context.Context) error {
+		var err error
+		vols, err = k.CloudStack.ListVolumes(ctx, csapi.ListFilter{VMID: req.VMID})
+		return err
+	})
+	if err != nil {
+		return nil, engine.Failure(err)
+	}
+	for _, v := range vols {
+		if v.ID != req.VolumeID && v.DeviceID != nil && *v.DeviceID == *req.DeviceID {
+			return nil, nil
+		}
+	}
+	return req.DeviceID, nil
 }
 
 // AttachedMapping is the new mapping of vol, attached to vmID as

@@ -206,9 +206,16 @@ func (w workflow) child(wf *commands.Workflow, i int) (engine.Child, error) {
 	case WfAttach:
 		req := commands.AttachRequest{VolumeID: v, VMID: vm}
 		back := vm == before.VMID
-		if back && before.DeviceID != nil && *before.DeviceID == commands.RootDeviceID || !back && v == w.root {
+		switch {
+		case back && before.DeviceID != nil && *before.DeviceID == commands.RootDeviceID || !back && v == w.root:
 			root := int64(commands.RootDeviceID)
 			req.DeviceID, req.AttachAs = &root, commands.AttachAsRoot
+		case back && before.DeviceID != nil:
+			// Back at the device it had, so that the VM sees its disks
+			// in the order they were (the attach takes another when
+			// that one is taken meanwhile).
+			dev := *before.DeviceID
+			req.DeviceID = &dev
 		}
 		return engine.Child{Type: commands.OpAttach, VolumeID: v, VMID: &vm, Request: req}, nil
 	case WfExport:

@@ -178,6 +178,8 @@ type foWorld struct {
 	log    *lockedBuffer
 	root   string
 	data   string
+	// devs is each volume's device id on the appliance before any failover.
+	devs map[string]int64
 }
 
 func newFoWorld(t *testing.T) *foWorld {
@@ -191,7 +193,8 @@ func newFoWorldStep(t *testing.T, step time.Duration) *foWorld {
 	cfg := csfake.Default()
 	cfg.VMs = append(cfg.VMs, csfake.VM{VM: csapi.VM{ID: thirdVM, Name: "third-vm", State: csfake.Stopped, ZoneID: csfake.ZoneID}})
 	w := &foWorld{t: t, ctx: context.Background(), cloud: csfake.New(cfg), store: memstore.New(),
-		users: &fakeUsers{users: map[string][]commands.DeviceUser{}}, events: &hookEvents{}, log: &lockedBuffer{}}
+		users: &fakeUsers{users: map[string][]commands.DeviceUser{}}, events: &hookEvents{}, log: &lockedBuffer{},
+		devs: map[string]int64{}}
 	w.sent = &sentCloud{Cloud: w.cloud, sent: map[string]int64{}}
 	log := slog.New(slog.NewTextHandler(w.log, nil))
 	writer := engine.NewMappingWriter(w.store, nil, log)
@@ -220,6 +223,7 @@ func (w *foWorld) replicated(readOnly bool) string {
 	w.must(err)
 	_, err = w.store.PutMapping(w.ctx, kinds.AttachedMapping(*j.Volume, appliance))
 	w.must(err)
+	w.devs[id] = *j.Volume.DeviceID
 	now := time.Now().UTC()
 	_, err = w.store.PutExport(w.ctx, commands.Export{VolumeID: id, VMID: appliance, ExportName: exportName(id),
 		DevicePath: "/dev/disk/by-id/" + exportName(id), ReadOnly: readOnly, Status: commands.ExportActive, CreatedAt: now, UpdatedAt: now})
@@ -375,13 +379,14 @@ func (w *foWorld) wantFailedOver(op commands.Operation) {
 	}
 }
 
-// wantBack checks the volumes are back on the appliance, exported as
-// before, with no snapshot left, and the test VM Stopped.
+// wantBack checks the volumes are back on the appliance at the devices
+// they had, exported as before, with no snapshot left, and the test VM
+// Stopped.
 func (w *foWorld) wantBack() {
 	w.t.Helper()
 	for v, ro := range map[string]bool{w.root: false, w.data: true} {
-		if p := w.where(v); p.vm != appliance || p.export != exportName(v) || p.ro != ro {
-			w.t.Fatalf("volume %s: %+v, want back on the appliance exported as %s (read-only %v)", v, p, exportName(v), ro)
+		if p := w.where(v); p.vm != appliance || p.dev != w.devs[v] || p.export != exportName(v) || p.ro != ro {
+			w.t.Fatalf("volume %s: %+v, want back on the appliance at device %d exported as %s (read-only %v)", v, p, w.devs[v], exportName(v), ro)
 		}
 		if n := w.snapshots(v); n != 0 {
 			w.t.Fatalf("volume %s has %d snapshots left", v, n)
@@ -1245,5 +1250,104 @@ func TestRollbackPastTheRetention(t *testing.T) {
 		if _, err := w.store.GetOperation(w.ctx, id); !errors.Is(err, state.ErrNotFound) {
 			t.Fatalf("%s kept once rolled back: %v", id, err)
 		}
+	}
+}
+
+// TestRollbackBackAtTheirDevices: a rollback attaches each volume back at
+// the device it had, whatever order the failover named them in; a device
+// another volume took meanwhile is left to it, and the volume comes back
+// at another (CloudStack picks), without failing the rollback.
+func TestRollbackBackAtTheirDevices(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// swap names the data volume (device 2) as the failover's root.
+		swap bool
+		// taken attaches a new volume to the appliance during the test.
+		taken bool
+	}{
+		{name: "root named first"},
+		{name: "data volume named first", swap: true},
+		{name: "device taken meanwhile", taken: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := newFoWorld(t)
+			req := w.failoverReq()
+			if tc.swap {
+				req.RootVolumeID, req.DataVolumeIDs = w.data, []string{w.root}
+			}
+			fo := w.finish(w.record(commands.OpFailover, req, testVM))
+			if fo.Status != commands.StatusCompleted {
+				t.Fatalf("failover: %s %s %v", fo.Status, fo.Error, fo.Details)
+			}
+			var other string
+			if tc.taken {
+				other = w.replicated(false) // at the root's device, free now
+				if got := w.where(other).dev; got != w.devs[w.root] {
+					t.Fatalf("new volume at device %d, want %d", got, w.devs[w.root])
+				}
+			}
+			rb := w.finish(w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+			if rb.Status != commands.StatusCompleted {
+				t.Fatalf("rollback: %s %s %v", rb.Status, rb.Error, rb.Details)
+			}
+			if !tc.taken {
+				w.wantBack()
+				return
+			}
+			// The root comes back at the device CloudStack picks, the
+			// lowest free one, which may be the data volume's: that one
+			// then takes another in turn.
+			root, data := w.where(w.root), w.where(w.data)
+			if root.vm != appliance || root.dev == w.devs[w.root] || data.vm != appliance || data.dev == root.dev ||
+				w.where(other).dev != w.devs[w.root] {
+				t.Fatalf("root %+v, data %+v, new volume %+v", root, data, w.where(other))
+			}
+		})
+	}
+}
+
+// TestRollbackSnapshotGone: a rollback whose failover snapshot CloudStack
+// no longer has cannot revert that volume, so it fails NOT_FOUND before
+// any step: the test VM keeps running with both volumes on it, the other
+// snapshot is kept, and left says so (not the snapshot that is gone).
+func TestRollbackSnapshotGone(t *testing.T) {
+	w := newFoWorld(t)
+	fo := w.finish(w.record(commands.OpFailover, w.failoverReq(), testVM))
+	w.wantFailedOver(fo)
+	gone := fo.Response.Snapshots[w.data]
+	job, err := w.cloud.DeleteSnapshot(w.ctx, gone)
+	w.must(err)
+	_, err = w.cloud.WaitJob(w.ctx, job)
+	w.must(err)
+	before := w.counts()
+	_, rb := w.run(w.ctx, w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if rb.Status != commands.StatusFailed || rb.Details["code"] != commands.CodeNotFound || rb.Details["snapshot_id"] != gone ||
+		rb.Details[commands.DetailCompensated] != false {
+		t.Fatalf("rollback %s: %s %v", rb.Status, rb.Error, rb.Details)
+	}
+	if steps, _ := rb.Details[commands.DetailSteps].([]any); len(steps) != 0 {
+		t.Fatalf("rollback ran steps: %v", rb.Details[commands.DetailSteps])
+	}
+	var left []string
+	for _, l := range rb.Details[commands.DetailLeft].([]any) {
+		left = append(left, l.(string))
+	}
+	want := []string{"volume " + w.root + " is attached to VM " + testVM + "; it was on VM " + appliance + " exported as " + exportName(w.root),
+		"volume " + w.data + " is attached to VM " + testVM + "; it was on VM " + appliance + " exported as " + exportName(w.data),
+		"snapshot " + fo.Response.Snapshots[w.root] + " of volume " + w.root + " is kept"}
+	if !slices.Equal(left, want) {
+		t.Fatalf("left %q\nwant %q", left, want)
+	}
+	got := w.since(before)
+	for cmd, n := range got.calls {
+		if n != 0 {
+			t.Fatalf("the rollback called %s %d times: %v", cmd, n, got.calls)
+		}
+	}
+	if p := w.where(w.root); p.vm != testVM || p.dev != 0 {
+		t.Fatalf("root: %+v", p)
+	}
+	if s := w.vmState(testVM); s != kinds.VMRunning {
+		t.Fatalf("test VM %s, want Running", s)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"maps"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
 	"github.com/volumed/volumed/state"
 )
@@ -186,6 +187,9 @@ func (k rollback) plan(ctx context.Context, j *engine.Journal, freq commands.Fai
 				WithDetail(commands.DetailLeft, left)
 		}
 		if !back {
+			if err := k.snapshotThere(ctx, j, freq, wf, v); err != nil {
+				return nil, err
+			}
 			reverts = append(reverts, commands.WorkflowStep{Name: WfRevert, VolumeID: v})
 			if before.VMID != "" {
 				attaches = append(attaches, commands.WorkflowStep{Name: WfAttach, VolumeID: v, VMID: before.VMID})
@@ -211,6 +215,31 @@ func (k rollback) plan(ctx context.Context, j *engine.Journal, freq commands.Fai
 		}
 	}
 	return wf, nil
+}
+
+// snapshotThere checks that CloudStack has the failover snapshot the
+// rollback reverts v to. Without it no rollback can complete: it fails
+// NOT_FOUND before any step, so the test VM keeps the volumes rather than
+// the rollback leaving them detached and half reverted.
+func (k rollback) snapshotThere(ctx context.Context, j *engine.Journal, freq commands.FailoverRequest, wf *commands.Workflow, v string) error {
+	snap := wf.Snapshots[v]
+	_, err := k.snapshotOf(ctx, j, snap)
+	switch {
+	case err == nil:
+		return nil
+	case !errors.Is(err, csapi.ErrNotFound):
+		return engine.Failure(err)
+	}
+	kept := *wf
+	kept.Snapshots = maps.Clone(wf.Snapshots)
+	delete(kept.Snapshots, v)
+	left, err := k.asIs(ctx, j, freq, &kept)
+	if err != nil {
+		return err
+	}
+	return SnapshotNotFound(snap).WithDetail("volume_id", v).
+		WithDetail(commands.DetailCompensated, false).WithDetail(commands.DetailSteps, []commands.WorkflowStep{}).
+		WithDetail(commands.DetailLeft, left)
 }
 
 // asIs is what a rollback that did nothing leaves where: each of the

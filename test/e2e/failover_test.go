@@ -321,19 +321,28 @@ func TestFailoverData(t *testing.T) {
 	vols := []string{root, data}
 	a := map[string][]byte{}
 	names := map[string]string{}
+	devs := map[string]int64{}
 	for _, v := range vols {
 		m := d.attachExported(sim, v)
 		a[v], names[v] = pattern(t), m.PersistentDeviceName
 		d.writeNBD(m, a[v])
+		vol, err := cs.GetVolume(context.Background(), v)
+		if err != nil || vol.DeviceID == nil {
+			t.Fatalf("volume %s: %+v %v", v, vol, err)
+		}
+		devs[v] = *vol.DeviceID
 	}
-	// backHome checks each volume mapped on the appliance under its export
-	// name, exported, reading A, with no snapshot.
+	// backHome checks each volume mapped on the appliance at the device it
+	// had, under its export name, exported, reading A, with no snapshot.
 	backHome := func(t *testing.T) {
 		t.Helper()
 		d := d.in(t)
 		requireOn(t, cs, cloudsim.ApplianceVMID, "", vols...)
 		d.requireExports(vols...)
 		for _, v := range vols {
+			if vol, err := cs.GetVolume(context.Background(), v); err != nil || vol.DeviceID == nil || *vol.DeviceID != devs[v] {
+				t.Fatalf("volume %s: CloudStack has %+v (%v), want device %d of the appliance", v, vol, err, devs[v])
+			}
 			m := d.requireMapped(sim, v)
 			if m.PersistentDeviceName != names[v] {
 				t.Fatalf("%s exported as %s, was %s", v, m.PersistentDeviceName, names[v])
