@@ -32,10 +32,9 @@ type opBase struct {
 	f    *os.File
 	path string
 	n    int // slots
-	// strs is the string table: "", the kinds (types and statuses) at
-	// 1..kinds, then the names (volumes, VMs, requesters).
+	// strs is the string table: "", the kinds (types and statuses),
+	// then the names (volumes, VMs, requesters).
 	strs           []string
-	kinds          int
 	kindOf, nameOf map[string]uint32
 	named          map[string]uint32 // id → slot, of ids not of volumed's form
 	nameAt         map[uint32]string // slot → id, of those
@@ -422,10 +421,8 @@ func writeBase(f *os.File, recs func(yield func(*opRec) bool), prefix func(strs 
 		return strings.Compare(a.s, b.s)
 	})
 	type listOut struct {
-		key  baseListKey
-		at   int // next entry
-		list baseList
-		buf  []byte
+		at  int // its next entry
+		buf []byte
 	}
 	outs := make(map[listName]*listOut, len(keys))
 	at := 0
@@ -435,7 +432,7 @@ func writeBase(f *os.File, recs func(yield func(*opRec) bool), prefix func(strs 
 		if k.dim >= 2 {
 			h = nameOf[k.s]
 		}
-		o := &listOut{key: baseListKey{uint8(k.dim), h}, at: at, list: baseList{at, sizes[k]}}
+		o := &listOut{at: at}
 		outs[k] = o
 		le := binary.LittleEndian
 		dir = le.AppendUint32(dir, uint32(k.dim))
@@ -581,7 +578,7 @@ func openBase(f *os.File, path string, size int64, d *cacheDecoder, c *kvCache) 
 	if nstr == 0 || kinds >= nstr {
 		return nil, cmp.Or(d.err, errors.New("bad string table"))
 	}
-	b.strs, b.kinds = make([]string, nstr), kinds
+	b.strs = make([]string, nstr)
 	for h := range b.strs {
 		b.strs[h] = d.str()
 		switch {

@@ -11,7 +11,9 @@ import (
 	"github.com/volumed/volumed/commands"
 )
 
-// opIndex is the in-memory index of the embedded store's operations: per
+// opIndex is an in-memory index of the embedded store's operations (the
+// delta of opLayers, in front of its base on disk; all of them until the
+// first base is written): per
 // operation, only what the listings, the prune and the counters need (its
 // id, revision, times and interned field values: a 56-byte slot holding
 // the id's 16 bytes, 8 to 16 bytes of idTable and a 4-byte entry per list
