@@ -204,6 +204,10 @@ func (k *KV) saveCacheEvery() {
 	t := time.NewTicker(kvCacheEvery)
 	defer t.Stop()
 	freed := false
+	// When this process last wrote the file: never, at first, so that
+	// the first tick writes it if the bucket changed (the file loaded may
+	// be hours old).
+	var last time.Time
 	for {
 		now := false
 		if !freed && len(k.compact) == 0 {
@@ -218,17 +222,36 @@ func (k *KV) saveCacheEvery() {
 			now = true
 		}
 		k.mu.RLock()
-		changed := k.seen != k.cached
+		changed, pending := k.seen != k.cached, k.ops.pending()
 		k.mu.RUnlock()
-		if changed || now {
+		if now || cacheDue(changed, pending, time.Since(last)) {
 			ctx, cancel := context.WithTimeout(context.Background(), kvCacheInfoWait)
 			err := k.saveCache(ctx)
 			cancel()
 			if err != nil {
 				k.log.Warn("index cache not written", "err", err)
+			} else {
+				last = time.Now()
 			}
 		}
 	}
+}
+
+// The periodic cache write: each one writes a new base of the operation
+// index (at a million operations, 167 MB). Every kvCacheEvery it is
+// written when the bucket changed and the delta holds kvCachePending
+// operations or more, or the last file is kvCacheStale old: a start after
+// a crash reads at most that much since the file.
+const (
+	kvCachePending = 4096
+	kvCacheStale   = time.Hour
+)
+
+// cacheDue reports whether the periodic cache write is due: the bucket
+// changed, and pending operations are in the delta, the last file age
+// old.
+func cacheDue(changed bool, pending int, age time.Duration) bool {
+	return changed && (pending >= kvCachePending || age >= kvCacheStale)
 }
 
 // fresh reports whether revision rev should replace the in-memory entry at

@@ -43,8 +43,8 @@ const (
 	// kvCacheVersionV2 is the version before it: the slots as varints,
 	// read into the heap (and written as version 3 at once: KV.New).
 	kvCacheVersionV2 = 2
-	// kvCacheEvery is how often a running store writes its cache (when
-	// the bucket changed since the last one); it is also written at Close.
+	// kvCacheEvery is how often a running store asks whether to write
+	// its cache (cacheDue); it is also written at Close.
 	kvCacheEvery = 10 * time.Minute
 	// kvCacheMaxAge is the oldest cache a start uses. A delete leaves a
 	// marker that expires after kvMarkerTTL: a cache older than that

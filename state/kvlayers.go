@@ -58,13 +58,16 @@ func layersOn(b *opBase) *opLayers {
 	return x
 }
 
+// pending is the number of operations (and tombstones) in the delta.
+func (x *opLayers) pending() int { return len(x.delta.slots) - len(x.delta.free) }
+
 // full reports whether the delta should be merged into a new base.
 func (x *opLayers) full() bool {
 	n := 0
 	if x.base != nil {
 		n = x.base.n
 	}
-	return len(x.delta.slots)-len(x.delta.free) > max(deltaMin, n/8)
+	return x.pending() > max(deltaMin, n/8)
 }
 
 // small reports whether the delta is small enough to copy for a new

@@ -471,3 +471,25 @@ func TestKVCacheReadsV2File(t *testing.T) {
 	}
 	compare("version 3", c3.ops)
 }
+
+// TestCacheDue: the periodic cache write, a new base each time, waits
+// for kvCachePending operations in the delta or a file kvCacheStale old,
+// and is never written when the bucket did not change.
+func TestCacheDue(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		changed bool
+		pending int
+		age     time.Duration
+		due     bool
+	}{
+		{"unchanged", false, kvCachePending, kvCacheStale, false},
+		{"a few changes", true, 10, kvCacheEvery, false},
+		{"many changes", true, kvCachePending, kvCacheEvery, true},
+		{"a stale file", true, 1, kvCacheStale, true},
+	} {
+		if got := cacheDue(tc.changed, tc.pending, tc.age); got != tc.due {
+			t.Errorf("%s: due %v, want %v", tc.name, got, tc.due)
+		}
+	}
+}
