@@ -28,6 +28,8 @@ type cloudView struct {
 func volumeID(v csapi.Volume) string { return v.ID }
 
 // volume returns the volume id as listed; false when CloudStack has none.
+// One the listing lacks is asked for by id: a listing in pages misses
+// volumes when others are deleted meanwhile.
 func (c *cloudView) volume(ctx context.Context, id string) (csapi.Volume, bool, error) {
 	if c.volumes == nil {
 		vols, err := c.cs.ListVolumes(ctx, csapi.ListFilter{})
@@ -36,8 +38,18 @@ func (c *cloudView) volume(ctx context.Context, id string) (csapi.Volume, bool, 
 		}
 		c.volumes = byID(vols, volumeID)
 	}
-	v, ok := c.volumes[id]
-	return v, ok, nil
+	if v, ok := c.volumes[id]; ok {
+		return v, true, nil
+	}
+	v, err := c.cs.GetVolume(ctx, id)
+	switch {
+	case errors.Is(err, csapi.ErrNotFound):
+		return csapi.Volume{}, false, nil
+	case err != nil:
+		return csapi.Volume{}, false, engine.CloudStackError(err)
+	}
+	c.volumes[id] = v
+	return v, true, nil
 }
 
 // vm returns the VM id as listed; false when CloudStack has none.

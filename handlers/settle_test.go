@@ -250,3 +250,54 @@ func TestReconcileDoesNotSettleWhileAStepsJobMayRun(t *testing.T) {
 		})
 	}
 }
+
+// missedInListing is CloudStack whose listing of every volume misses
+// volume, as a listing in pages does when volumes on earlier pages are
+// deleted meanwhile; asked by id, CloudStack still has it.
+type missedInListing struct {
+	csapi.API
+	volume string
+}
+
+func (m missedInListing) ListVolumes(ctx context.Context, f csapi.ListFilter) ([]csapi.Volume, error) {
+	vols, err := m.API.ListVolumes(ctx, f)
+	return slices.DeleteFunc(vols, func(v csapi.Volume) bool { return v.ID == m.volume }), err
+}
+
+// TestReconcileSettlesNoVolumeMissedByAListing: a volume of a failed
+// failover's before that a listing of every volume misses, but that
+// CloudStack still has, is not taken for deleted: the failover stays
+// reported for where that volume is, not settled with it among
+// volumes_gone.
+func TestReconcileSettlesNoVolumeMissedByAListing(t *testing.T) {
+	const vol = "0000000d-0000-4000-8000-000000000005"
+	inv := cloudsim.DefaultInventory()
+	inv.Volumes = append(inv.Volumes, cloudsim.DataVolume{ID: vol, Name: "data-5", ZoneID: cloudsim.ZoneID, SizeGB: 1, VMID: cloudsim.TestVMID, DeviceID: 1})
+	h := newHarness(t, harnessOpts{inventory: inv, wrapCS: func(cs csapi.API) csapi.API { return missedInListing{API: cs, volume: vol} }})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	at := time.Now().UTC().Add(-time.Hour)
+	vm := cloudsim.TestVMID
+	raw, _ := json.Marshal(commands.FailoverRequest{VMID: vm, RootVolumeID: cloudsim.RemoteRootVolumeID, DataVolumeIDs: []string{vol}})
+	dev := int64(1)
+	op, err := h.store.CreateOperation(ctx, commands.Operation{ID: "op-" + uuid.NewString(), Type: commands.OpFailover, Status: commands.StatusFailed,
+		VolumeID: cloudsim.RemoteRootVolumeID, VMID: &vm, Request: raw, CreatedAt: at, UpdatedAt: at, CompletedAt: &at,
+		Details:  map[string]any{"code": commands.CodeCloudStackError, commands.DetailCompensated: false, commands.DetailLeft: []string{"volume left"}},
+		Workflow: &commands.Workflow{Before: map[string]commands.Placement{vol: {VMID: cloudsim.RemoteVMID, DeviceID: &dev}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := h.svc.Reconcile(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := h.store.GetOperation(ctx, op.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "now: volume " + vol + " is attached to VM " + vm
+	if _, settled := got.Details[commands.DetailSettledAt]; settled ||
+		!slices.ContainsFunc(res.Errors, func(e string) bool { return strings.Contains(e, op.ID) && strings.Contains(e, want) }) {
+		t.Fatalf("want reported with %q, not settled; errors %q, changes %q, details %v", want, res.Errors, res.Changes, got.Details)
+	}
+}

@@ -116,7 +116,8 @@ type kvEntry[T any] struct {
 }
 
 // NewKV creates or updates the bucket (file storage, one value per key,
-// per-key TTLs for leases), reads every record into the indexes (or the
+// per-key TTLs for leases), brings its records to KVFormat or refuses
+// them (upgrade.ErrRefused), reads every record into the indexes (or the
 // index cache and the records written after it) and keeps watching the
 // bucket until Close.
 func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, error) {
@@ -137,6 +138,9 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log, stop: make(chan struct{}), compact: make(chan struct{}, 1),
 		ops: newOpLayers(), recent: newRecentOps(kvRecentOps), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
+	if err := k.upgrade(ctx, cfg.Logger); err != nil {
+		return nil, fmt.Errorf("state: kv %s: %w", cfg.Bucket, err)
+	}
 	if cfg.IndexCache != "" {
 		k.cache, k.sealKey = cfg.IndexCache, newSealKey() // loadCache keeps the file's
 	}

@@ -219,10 +219,13 @@ var commandList = []command{
 	}, run: func(ctx context.Context, in *invocation) error {
 		// GET /volumes, whose rows carry CloudStack's record (the name);
 		// GET /vms/{id}/volumes, whose rows do not, only says whether a
-		// VM without volumes exists.
+		// VM without volumes exists (CloudStack refuses to list by a VM
+		// it does not know: NOT_FOUND then, not its refusal).
 		list, err := listVolumes(ctx, in)
-		if err == nil && len(list) == 0 && in.o.vm != "" {
-			_, err = in.c.VMVolumes(ctx, in.o.vm)
+		if (err != nil || len(list) == 0) && in.o.vm != "" {
+			if _, verr := in.c.VMVolumes(ctx, in.o.vm); verr != nil {
+				err = verr
+			}
 		}
 		if err != nil {
 			return err

@@ -195,7 +195,8 @@ func TestWaitFailedSaysItOnce(t *testing.T) {
 // TestVolumeListByVMShowsNames: volume list --vm shows each volume's
 // CloudStack name (GET /volumes rows carry it, GET /vms/{id}/volumes rows
 // do not, as the reference shows them), and a VM CloudStack does not know
-// is still NOT_FOUND, not an empty list.
+// is still NOT_FOUND, not an empty list nor the CloudStack error the
+// listing by it is.
 func TestVolumeListByVMShowsNames(t *testing.T) {
 	const row = `{"volume_id":"vol-a","vm_id":"vm-1","device_path":"/dev/vdb","state":"Ready","size":1073741824,"tags":{}`
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -203,6 +204,11 @@ func TestVolumeListByVMShowsNames(t *testing.T) {
 		switch {
 		case r.URL.Path == "/api/v1/volumes" && r.URL.Query().Get("vm_id") == "vm-1":
 			_, _ = w.Write([]byte(`[` + row + `,"cloudstack_data":{"id":"vol-a","name":"data-a"}}]`))
+		case r.URL.Path == "/api/v1/volumes" && r.URL.Query().Get("vm_id") == "vm-gone":
+			// As volumed answers: CloudStack refuses to list by a VM it
+			// does not know.
+			w.WriteHeader(http.StatusUnprocessableEntity)
+			_, _ = w.Write([]byte(`{"error":"CloudStack listVolumes failed: Unable to execute API command listvolumes due to invalid value. Invalid parameter virtualmachineid value=vm-gone due to incorrect long value format, or entity does not exist or due to incorrect parameter annotation for the field in api cmd class.","code":"CLOUDSTACK_ERROR"}`))
 		case r.URL.Path == "/api/v1/volumes":
 			_, _ = w.Write([]byte(`[]`))
 		case r.URL.Path == "/api/v1/vms/vm-1/volumes":
