@@ -4,8 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
+	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -111,4 +114,48 @@ func TestKVNewBases(t *testing.T) {
 		t.Fatal("restart did not load the base")
 	}
 	same()
+}
+
+// TestKVFailedBaseWaitsForTick: a new base that cannot be written (its
+// temporary file is a directory, as a full disk fails it) is tried again
+// at the next tick, not at each change while the delta stays full.
+func TestKVFailedBaseWaitsForTick(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	old := deltaMin
+	deltaMin = 8
+	t.Cleanup(func() { deltaMin = old })
+	js := testenv.StartBus(t).JetStream()
+	path := filepath.Join(t.TempDir(), "state-index.cache")
+	if err := os.Mkdir(path+".tmp", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	logs := &testenv.Buffer{}
+	k, err := NewKV(ctx, js, KVConfig{Bucket: "unwritable", IndexCache: path, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close(ctx)
+	for n := range 30 {
+		op := commands.Operation{ID: fmt.Sprintf("op-%d", n), Type: commands.OpAttach, Status: commands.StatusPending,
+			VolumeID: "vol-1", Request: json.RawMessage(`{}`), CreatedAt: time.Now(), UpdatedAt: time.Now()}
+		if _, err := k.CreateOperation(ctx, op); err != nil {
+			t.Fatal(err)
+		}
+		// The writer takes each request before the next change.
+		for len(k.compact) > 0 {
+			select {
+			case <-ctx.Done():
+				t.Fatal("the request for a new base was never taken")
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The first request's write and Close's.
+	if got := strings.Count(logs.String(), "index cache not written"); got != 2 {
+		t.Fatalf("%d failed writes, want 2:\n%s", got, logs)
+	}
 }
