@@ -181,7 +181,8 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	return k, nil
 }
 
-// nudge asks for a new base when the operation index's delta is full.
+// nudge asks for a new base when the operation index's delta is full
+// (opLayers.full).
 // k.mu is held.
 func (k *KV) nudge() {
 	if k.cache != "" && k.ops.full() {
@@ -312,6 +313,7 @@ func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []b
 	if op == nil {
 		k.ops.remove(id)
 		k.recent.forget(id)
+		k.nudge()
 		return nil
 	}
 	k.ops.put(rev, op)

@@ -24,6 +24,7 @@ import (
 type opLayers struct {
 	base  *opBase
 	dead  []uint64 // bitmap of the base's slots replaced or deleted
+	ndead int      // the slots dead
 	delta *opIndex
 	// baseStats are the counters of the base's live slots.
 	baseStats Stats
@@ -61,13 +62,16 @@ func layersOn(b *opBase) *opLayers {
 // pending is the number of operations (and tombstones) in the delta.
 func (x *opLayers) pending() int { return len(x.delta.slots) - len(x.delta.free) }
 
-// full reports whether the delta should be merged into a new base.
+// full reports whether the delta should be merged into a new base: it
+// and the dead slots (which every walk of the base still reads, as the
+// prune's after deletions) are past the larger of deltaMin and an eighth
+// of the base.
 func (x *opLayers) full() bool {
 	n := 0
 	if x.base != nil {
 		n = x.base.n
 	}
-	return x.pending() > max(deltaMin, n/8)
+	return x.pending()+x.ndead > max(deltaMin, n/8)
 }
 
 // small reports whether the delta is small enough to copy for a new
@@ -113,6 +117,7 @@ func (x *opLayers) baseLive(id string) (uint32, bool) {
 // kill marks base slot i dead and takes it out of the counters.
 func (x *opLayers) kill(i uint32) {
 	x.dead[i/64] |= 1 << (i % 64)
+	x.ndead++
 	var r baseRec
 	x.base.rec(i, &r)
 	typ, status := commands.OpType(x.base.str(r.h[0])), commands.OpStatus(x.base.str(r.h[1]))

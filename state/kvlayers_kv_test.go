@@ -159,3 +159,60 @@ func TestKVFailedBaseWaitsForTick(t *testing.T) {
 		t.Fatalf("%d failed writes, want 2:\n%s", got, logs)
 	}
 }
+
+// TestKVDeletionsCompact: deletions (the prune's) leave dead slots in
+// the base, which every walk of it still reads; past deltaMin of them a
+// new base is written without them.
+func TestKVDeletionsCompact(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	old := deltaMin
+	deltaMin = 8
+	t.Cleanup(func() { deltaMin = old })
+	js := testenv.StartBus(t).JetStream()
+	k, err := NewKV(ctx, js, KVConfig{Bucket: "deletions", IndexCache: filepath.Join(t.TempDir(), "state-index.cache")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close(ctx)
+	for n := range 40 {
+		op := commands.Operation{ID: fmt.Sprintf("op-%d", n), Type: commands.OpAttach, Status: commands.StatusCompleted,
+			VolumeID: "vol-1", Request: json.RawMessage(`{}`), CreatedAt: time.Now(), UpdatedAt: time.Now()}
+		if _, err := k.CreateOperation(ctx, op); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// until polls until the base holds at most n slots and the delta at
+	// most deltaMin.
+	until := func(n int) {
+		t.Helper()
+		for {
+			k.mu.RLock()
+			b, d := k.ops.base, k.ops.pending()
+			k.mu.RUnlock()
+			if b != nil && b.n <= n && d <= deltaMin {
+				return
+			}
+			select {
+			case <-ctx.Done():
+				t.Fatalf("no base of at most %d operations", n)
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}
+	until(40)
+	ops, _, err := k.ListOperations(ctx, Filter{Limit: 20})
+	if err != nil || len(ops) != 20 {
+		t.Fatalf("list: %d, %v", len(ops), err)
+	}
+	for _, op := range ops {
+		if err := k.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 20 live, and at most deltaMin dead.
+	until(20 + deltaMin)
+	if s, err := k.Stats(ctx); err != nil || s.Total != 20 {
+		t.Fatalf("stats: %+v, %v", s, err)
+	}
+}
