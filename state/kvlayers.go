@@ -54,8 +54,7 @@ func newOpLayers() *opLayers { return &opLayers{delta: newOpIndex(), baseStats: 
 func layersOn(b *opBase) *opLayers {
 	x := newOpLayers()
 	x.base, x.dead = b, make([]uint64, (b.n+63)/64)
-	x.baseStats = b.stats
-	x.baseStats.ByType, x.baseStats.ByStatus = maps.Clone(b.stats.ByType), maps.Clone(b.stats.ByStatus)
+	x.baseStats = b.stats.clone()
 	return x
 }
 
@@ -81,7 +80,7 @@ func (x *opLayers) small() bool { return len(x.delta.slots) <= 4*deltaMin }
 // snapshot returns a copy of x that later changes to x leave as it is:
 // the base (immutable) shared, the dead slots and the delta copied.
 func (x *opLayers) snapshot() *opLayers {
-	return &opLayers{base: x.base, dead: slices.Clone(x.dead), delta: x.delta.clone(), baseStats: x.baseStats}
+	return &opLayers{base: x.base, dead: slices.Clone(x.dead), delta: x.delta.clone(), baseStats: x.baseStats.clone()}
 }
 
 // clone returns a copy of x.
@@ -95,7 +94,7 @@ func (x *opIndex) clone() *opIndex {
 	for name, l := range x.lists {
 		y.lists[name] = slices.Clone(l)
 	}
-	y.stats.ByType, y.stats.ByStatus = maps.Clone(x.stats.ByType), maps.Clone(x.stats.ByStatus)
+	y.stats = x.stats.clone()
 	return &y
 }
 
@@ -151,8 +150,7 @@ func (x *opLayers) len() int { return int(x.baseStats.Total + x.delta.stats.Tota
 
 // stats returns the counters, a copy.
 func (x *opLayers) stats() Stats {
-	s, d := x.baseStats, x.delta.stats
-	s.ByType, s.ByStatus = maps.Clone(s.ByType), maps.Clone(s.ByStatus)
+	s, d := x.baseStats.clone(), x.delta.stats
 	s.Total += d.Total
 	s.Terminal += d.Terminal
 	s.TerminalDuration += d.TerminalDuration

@@ -493,3 +493,26 @@ func TestCacheDue(t *testing.T) {
 		}
 	}
 }
+
+// TestOpLayersSnapshotKeepsCounters: the copy a new base is written from
+// keeps its counters while the index it was taken from changes: a base
+// slot replaced, removed or tombstoned after it.
+func TestOpLayersSnapshotKeepsCounters(t *testing.T) {
+	h := newLayersHistory(t, 13, 50)
+	for range 300 {
+		h.step()
+	}
+	h.compact(t, 0)
+	defer h.got.base.close()
+	snap := h.got.snapshot()
+	want := snap.stats()
+	for range 300 {
+		h.step()
+	}
+	if h.got.ndead == 0 {
+		t.Fatal("no base slot changed after the copy")
+	}
+	if got := snap.stats(); !reflect.DeepEqual(got, want) {
+		t.Fatalf("the copy's counters changed: %+v, want %+v", got, want)
+	}
+}
