@@ -261,8 +261,9 @@ const (
 )
 
 // cacheDue reports whether the periodic cache write is due: the bucket
-// changed, and pending operations are in the delta, the last file age
-// old.
+// changed, and the delta holds pending operations, kvCachePending or
+// more, or the last file this process wrote is age old, kvCacheStale or
+// more.
 func cacheDue(changed bool, pending int, age time.Duration) bool {
 	return changed && (pending >= kvCachePending || age >= kvCacheStale)
 }
