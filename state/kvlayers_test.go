@@ -89,7 +89,7 @@ func (h *layersHistory) step() {
 		// The watcher's put: maybe of a revision older than held.
 		op := h.op(id)
 		f := fieldsOf(&op)
-		rev := h.rev - uint64(r.IntN(3))
+		rev := h.rev - uint64(r.IntN(int(min(h.rev, 3)))) // revisions begin at 1
 		if a, b := putNewer(h.want, id, rev, &f), putNewerLayers(h.got, id, rev, &f); a != b {
 			panic(fmt.Sprintf("putNewer %s %d: %v, layers %v", id, rev, a, b))
 		}
