@@ -216,7 +216,7 @@ func moveStream(ctx context.Context, oldJS, newJS jetstream.JetStream, name stri
 		}
 		var kept bool
 		if kv {
-			kept, err = copyRecord(ctx, newJS, msg)
+			kept, err = copyRecord(ctx, newJS, dst, msg)
 		} else {
 			kept, err = copyMsg(ctx, newJS, name, info.Created, msg)
 		}
@@ -272,19 +272,36 @@ func copyMsg(ctx context.Context, js jetstream.JetStream, stream string, created
 }
 
 // copyRecord writes a bucket record into the new account's bucket unless
-// it already has that key (a later write wins); deletes and leases are
-// not copied.
-func copyRecord(ctx context.Context, js jetstream.JetStream, msg *jetstream.RawStreamMsg) (bool, error) {
-	if op := msg.Header.Get("KV-Operation"); op == "DEL" || op == "PURGE" || msg.Header.Get("Nats-Marker-Reason") != "" ||
-		strings.Contains(msg.Subject, ".lease.") {
+// it already has that key (a later write wins); over a key deleted there
+// (its delete marker not expired yet) it is written. Deletes and leases
+// are not copied.
+func copyRecord(ctx context.Context, js jetstream.JetStream, dst jetstream.Stream, msg *jetstream.RawStreamMsg) (bool, error) {
+	if deleted(msg.Header) || strings.Contains(msg.Subject, ".lease.") {
 		return false, nil
 	}
 	out := nats.NewMsg(msg.Subject)
 	out.Data = msg.Data
-	_, err := js.PublishMsg(ctx, out, jetstream.WithExpectLastSequencePerSubject(0))
-	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
-		return false, nil
+	var over uint64 // the sequence of a delete marker of the key
+	for {
+		_, err := js.PublishMsg(ctx, out, jetstream.WithExpectLastSequencePerSubject(over))
+		var apiErr *jetstream.APIError
+		if !errors.As(err, &apiErr) || apiErr.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence || over != 0 {
+			return err == nil, err
+		}
+		last, err := dst.GetLastMsgForSubject(ctx, msg.Subject)
+		if err != nil {
+			return false, fmt.Errorf("read the record there: %w", err)
+		}
+		if !deleted(last.Header) {
+			return false, nil
+		}
+		over = last.Sequence
 	}
-	return err == nil, err
+}
+
+// deleted reports whether a bucket message is a delete: a KV delete or
+// purge, or a marker the server left.
+func deleted(h nats.Header) bool {
+	op := h.Get("KV-Operation")
+	return op == "DEL" || op == "PURGE" || h.Get("Nats-Marker-Reason") != ""
 }
