@@ -91,7 +91,9 @@ func (b *Bus) mergeGlobalAgain(ctx context.Context, opts *server.Options) error 
 	return nil
 }
 
-// globalStreams lists the streams the global account has under storeDir.
+// globalStreams lists the streams the global account has under storeDir;
+// a directory with a leading dot is a deleted stream the server removes
+// (after the move, or at its next start if one was cut short), not one.
 func globalStreams(storeDir string) ([]string, error) {
 	entries, err := os.ReadDir(filepath.Join(storeDir, server.JetStreamStoreDir, globalAccount, "streams"))
 	if errors.Is(err, os.ErrNotExist) {
@@ -102,7 +104,7 @@ func globalStreams(storeDir string) ([]string, error) {
 	}
 	var names []string
 	for _, e := range entries {
-		if e.IsDir() {
+		if e.IsDir() && !strings.HasPrefix(e.Name(), ".") {
 			names = append(names, e.Name())
 		}
 	}

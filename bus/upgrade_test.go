@@ -1,10 +1,14 @@
 package bus_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -133,8 +137,8 @@ func checkMoved(t *testing.T, dataDir string, devices uint64) {
 			t.Errorf("record %s copied (%v), want it left out", k, err)
 		}
 	}
-	if entries, _ := os.ReadDir(filepath.Join(dataDir, "nats", "jetstream", "$G", "streams")); len(entries) != 0 {
-		t.Errorf("the global account still has %d streams", len(entries))
+	if left := globalLeft(t, dataDir); len(left) != 0 {
+		t.Errorf("the global account still has streams %v", left)
 	}
 }
 
@@ -239,8 +243,8 @@ func TestStartMergesGlobalAccountAfterDowngrade(t *testing.T) {
 			t.Errorf("record %s: %v", k, err)
 		}
 	}
-	if entries, _ := os.ReadDir(filepath.Join(dir, "nats", "jetstream", "$G", "streams")); len(entries) != 0 {
-		t.Errorf("the global account still has %d streams", len(entries))
+	if left := globalLeft(t, dir); len(left) != 0 {
+		t.Errorf("the global account still has streams %v", left)
 	}
 }
 
@@ -296,6 +300,67 @@ func TestStartMergesOverDeletedRecord(t *testing.T) {
 			t.Errorf("record %s: %q (%v), want %s", k, got, err, want)
 		}
 	}
+}
+
+// TestStartIgnoresDeletedGlobalStream: a global account's stream the
+// server is still removing (or a crash left half removed: its directory
+// renamed with a leading dot) is no stream to merge.
+func TestStartIgnoresDeletedGlobalStream(t *testing.T) {
+	dir := t.TempDir()
+	writeGlobal(t, dir)
+	checkMoved(t, dir, 2)
+	left := filepath.Join(dir, "nats", "jetstream", "$G", "streams", "."+bus.StreamJobs, "msgs")
+	if err := os.MkdirAll(left, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	var logs lockedBuffer
+	ctx := context.Background()
+	b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err := b.Start(ctx); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	if err := b.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if out := logs.String(); strings.Contains(out, "holds streams again") {
+		t.Errorf("a half-deleted stream merged as one a downgrade made:\n%s", out)
+	}
+}
+
+// globalLeft lists the streams left in dataDir's global account: not
+// those deleted (renamed with a leading dot), which the server removes
+// in the background.
+func globalLeft(t *testing.T, dataDir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(filepath.Join(dataDir, "nats", "jetstream", "$G", "streams"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	var left []string
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), ".") {
+			left = append(left, e.Name())
+		}
+	}
+	return left
+}
+
+// lockedBuffer is a bytes.Buffer safe for a logger's goroutines.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // TestStartRefusesNewerStore: a store recorded in a format above this
