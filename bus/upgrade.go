@@ -274,16 +274,17 @@ func copyMsg(ctx context.Context, js jetstream.JetStream, stream string, created
 }
 
 // copyRecord writes a bucket record into the new account's bucket unless
-// it already has that key (a later write wins); over a key deleted there
-// (its delete marker not expired yet) it is written. Deletes and leases
-// are not copied.
+// it already has that key (a later write wins) or deleted it after the
+// record was written (its delete marker not expired yet): over a key
+// deleted before, the record is written. Deletes and leases are not
+// copied.
 func copyRecord(ctx context.Context, js jetstream.JetStream, dst jetstream.Stream, msg *jetstream.RawStreamMsg) (bool, error) {
 	if deleted(msg.Header) || strings.Contains(msg.Subject, ".lease.") {
 		return false, nil
 	}
 	out := nats.NewMsg(msg.Subject)
 	out.Data = msg.Data
-	var over uint64 // the sequence of a delete marker of the key
+	var over uint64 // the sequence of an earlier delete marker of the key
 	for {
 		_, err := js.PublishMsg(ctx, out, jetstream.WithExpectLastSequencePerSubject(over))
 		var apiErr *jetstream.APIError
@@ -294,7 +295,7 @@ func copyRecord(ctx context.Context, js jetstream.JetStream, dst jetstream.Strea
 		if err != nil {
 			return false, fmt.Errorf("read the record there: %w", err)
 		}
-		if !deleted(last.Header) {
+		if !deleted(last.Header) || !msg.Time.After(last.Time) {
 			return false, nil
 		}
 		over = last.Sequence

@@ -249,56 +249,87 @@ func TestStartMergesGlobalAccountAfterDowngrade(t *testing.T) {
 }
 
 // TestStartMergesOverDeletedRecord: of a key volumed's account deleted
-// before the downgrade (its delete marker still there) the record the
-// earlier release wrote in the global account is merged; of a key it
-// still has, its own record is kept.
+// (its delete marker still there) before the global account's record of
+// it was written (a downgrade) that record is merged, and not if deleted
+// after it (a release since NATS authorization ran before the first
+// move); of a key it has, its own record is kept.
 func TestStartMergesOverDeletedRecord(t *testing.T) {
-	dir := t.TempDir()
-	writeGlobal(t, dir)
-	checkMoved(t, dir, 2)
-	ctx := context.Background()
-	b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir})
-	if err := b.Start(ctx); err != nil {
-		t.Fatalf("start: %v", err)
-	}
-	kv, err := b.JetStream().KeyValue(ctx, "volumed_state")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := kv.Delete(ctx, "map.vol-1"); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
-	inGlobal(t, dir, func(ctx context.Context, js jetstream.JetStream) {
-		kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "volumed_state", History: 1, Storage: jetstream.FileStorage})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for k, v := range map[string]string{"map.vol-1": `{"volume_id":"vol-1","vm_id":"vm-2"}`, "export.vol-1": `{"volume_id":"vol-1","port":2}`} {
-			if _, err := kv.Put(ctx, k, []byte(v)); err != nil {
+	for _, tc := range []struct {
+		name        string
+		globalFirst bool // the global account's records written before the delete
+		want        string
+	}{
+		{name: "deleted before", want: `{"volume_id":"vol-1","vm_id":"vm-2"}`},
+		{name: "deleted after", globalFirst: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			dir := t.TempDir()
+			global, saved := filepath.Join(dir, "nats", "jetstream", "$G"), filepath.Join(t.TempDir(), "global")
+			writeRecords := func() {
+				inGlobal(t, dir, func(ctx context.Context, js jetstream.JetStream) {
+					kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "volumed_state", History: 1, Storage: jetstream.FileStorage})
+					if err != nil {
+						t.Fatal(err)
+					}
+					for k, v := range map[string]string{"map.vol-1": `{"volume_id":"vol-1","vm_id":"vm-2"}`, "export.vol-1": `{"volume_id":"vol-1","port":2}`} {
+						if _, err := kv.Put(ctx, k, []byte(v)); err != nil {
+							t.Fatal(err)
+						}
+					}
+				})
+			}
+			if tc.globalFirst {
+				writeRecords()
+				if err := os.Rename(global, saved); err != nil {
+					t.Fatal(err)
+				}
+			}
+			b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir})
+			if err := b.Start(ctx); err != nil {
+				t.Fatalf("start: %v", err)
+			}
+			kv, err := b.JetStream().CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "volumed_state", History: 1, Storage: jetstream.FileStorage})
+			if err != nil {
 				t.Fatal(err)
 			}
-		}
-	})
-	b = bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir})
-	if err := b.Start(ctx); err != nil {
-		t.Fatalf("start: %v", err)
-	}
-	defer b.Close(ctx)
-	if kv, err = b.JetStream().KeyValue(ctx, "volumed_state"); err != nil {
-		t.Fatal(err)
-	}
-	for k, want := range map[string]string{"map.vol-1": `{"volume_id":"vol-1","vm_id":"vm-2"}`, "export.vol-1": `{"volume_id":"vol-1"}`} {
-		var got string
-		e, err := kv.Get(ctx, k)
-		if err == nil {
-			got = string(e.Value())
-		}
-		if got != want {
-			t.Errorf("record %s: %q (%v), want %s", k, got, err, want)
-		}
+			for k, v := range map[string]string{"map.vol-1": `{"volume_id":"vol-1"}`, "export.vol-1": `{"volume_id":"vol-1"}`} {
+				if _, err := kv.Put(ctx, k, []byte(v)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := kv.Delete(ctx, "map.vol-1"); err != nil {
+				t.Fatal(err)
+			}
+			if err := b.Close(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if tc.globalFirst {
+				if err := os.Rename(saved, global); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				writeRecords()
+			}
+			b = bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir})
+			if err := b.Start(ctx); err != nil {
+				t.Fatalf("start: %v", err)
+			}
+			defer b.Close(ctx)
+			if kv, err = b.JetStream().KeyValue(ctx, "volumed_state"); err != nil {
+				t.Fatal(err)
+			}
+			for k, want := range map[string]string{"map.vol-1": tc.want, "export.vol-1": `{"volume_id":"vol-1"}`} {
+				var got string
+				e, err := kv.Get(ctx, k)
+				if err == nil {
+					got = string(e.Value())
+				}
+				if got != want {
+					t.Errorf("record %s: %q (%v), want %q", k, got, err, want)
+				}
+			}
+		})
 	}
 }
 
