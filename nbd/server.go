@@ -26,6 +26,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/volumed/volumed/internal/backoff"
 )
 
 // DefaultListen is the address volumed's --nbd-listen defaults to.
@@ -446,17 +448,28 @@ func (s *Server) specs() []ExportSpec {
 	return out
 }
 
-// accept runs the accept loop until the listener is closed.
+// acceptBackoff spaces the retries of a failing accept.
+var acceptBackoff = backoff.Policy{Min: 5 * time.Millisecond, Max: time.Second}
+
+// accept runs the accept loop until the listener is closed. A failed
+// accept (out of file descriptors: EMFILE, ENFILE) is retried after a
+// pause, as net/http does, so the server serves again once descriptors
+// are free.
 func (s *Server) accept(ln net.Listener) {
 	defer s.wg.Done()
+	retry := acceptBackoff.Start()
 	for {
 		nc, err := ln.Accept()
 		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				s.log.Error("nbd accept", "err", err)
+			if errors.Is(err, net.ErrClosed) {
+				return
 			}
-			return
+			d := retry.Next()
+			s.log.Error("nbd accept failed, retrying", "err", err, "retry_in", d)
+			time.Sleep(d)
+			continue
 		}
+		retry.Reset()
 		c := newConn(s, nc)
 		s.mu.Lock()
 		if s.closed {
