@@ -54,6 +54,12 @@ var (
 // DefaultListen is where the embedded server listens without a config file.
 const DefaultListen = "127.0.0.1:4222"
 
+// DefaultMaxConns caps the embedded server's client connections (volumed's
+// own included) when its config sets no max_connections: over it a client
+// gets "-ERR 'maximum connections exceeded'" and is closed at once, so a
+// flood of connections holds a bounded number of file descriptors.
+const DefaultMaxConns = 1024
+
 // Config configures a Bus. The zero value runs an embedded server on
 // DefaultListen with JetStream under the working directory.
 type Config struct {
@@ -209,6 +215,9 @@ func (b *Bus) startEmbedded(ctx context.Context) (*server.Server, error) {
 			p = server.RANDOM_PORT
 		}
 		opts.Host, opts.Port = host, p
+	}
+	if opts.MaxConn == 0 {
+		opts.MaxConn = DefaultMaxConns
 	}
 	opts.JetStream = true
 	if opts.StoreDir == "" {
