@@ -414,6 +414,25 @@ func FromConsumer(msg *nats.Msg) bool { return FromConsumerReply(msg.Reply) }
 // delivered by a JetStream consumer (its reply is the consumer's ack).
 func FromConsumerReply(reply string) bool { return strings.HasPrefix(reply, "$JS.ACK.") }
 
+// ReplyAllowed reports whether volumed may publish the answer to a request
+// on its reply subject. A client sets the reply subject freely, and volumed
+// publishes with its own identity, which may publish almost anywhere: a
+// command with the reply subject $KV.volumed_state.<key> had volumed
+// overwrite that state record with its answer. So no answer goes to a
+// subject of the server ($: JetStream API, KV, services, system), to
+// volumed's own subjects (volumed., volumes., devices.) or to volumed's
+// or an agent's inboxes; a client's inbox (_INBOX.> or a prefix of its
+// own) is fine.
+func ReplyAllowed(reply string) bool {
+	for _, p := range []string{"$", "volumed.", "volumes.", commands.SubjectDevicesPrefix,
+		daemonInboxPrefix, agentInboxPrefix} {
+		if strings.HasPrefix(reply, p) {
+			return false
+		}
+	}
+	return true
+}
+
 // Published wraps a handler of requests or events so that it ignores
 // what a JetStream consumer delivered (FromConsumer).
 func Published(h nats.MsgHandler) nats.MsgHandler {

@@ -244,6 +244,14 @@ func (s *Service) serve(ep endpoint) micro.Handler {
 		if bus.FromConsumerReply(req.Reply()) {
 			return // a copy a JetStream consumer delivered here, not a command
 		}
+		if req.Reply() != "" && !bus.ReplyAllowed(req.Reply()) {
+			// Answering would publish on a subject only volumed may
+			// publish to; the command is not run either.
+			s.accepts.failed.Add(1)
+			s.log.Warn("command refused: its reply subject is one of volumed's or the server's",
+				"subject", ep.subject, "reply", req.Reply())
+			return
+		}
 		key, err := idempotencyKey(req.Headers())
 		if err != nil {
 			s.reply(req, s.answer(ep, nil, err))
