@@ -250,11 +250,11 @@ func (b *Bus) startEmbedded(ctx context.Context) (*server.Server, error) {
 	return srv, nil
 }
 
-// streamSetupTry bounds one attempt at creating a stream (see
-// formation.Retry); Start waits formation.Budget for them all: on a
-// cluster, for the other members to join and a leader to be elected.
-const streamSetupTry = 4 * time.Second
-
+// ensureStreams makes or updates the bus's streams. On a cluster still
+// forming (its members start one by one) there are not yet enough servers
+// for the replicas: each request is asked again as formation.Wait does,
+// for as long as its error is one formation.Transient says passes;
+// ensureStreams waits formation.Budget for them all.
 func (b *Bus) ensureStreams(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, formation.Budget)
 	defer cancel()
@@ -270,13 +270,8 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 			Description: "volumed block device events"},
 	}
 	for _, sc := range streams {
-		// On a cluster that is still forming (its members start one by
-		// one) there are not yet enough servers for the replicas: wait.
 		var stream jetstream.Stream
-		err := formation.Retry(ctx, streamSetupTry, func(err error) bool {
-			b.log.Debug("stream not created yet", "stream", sc.Name, "err", err)
-			return true
-		}, func(ctx context.Context) error {
+		err := formation.Wait(ctx, b.log, "stream "+sc.Name, func(ctx context.Context) error {
 			var err error
 			stream, err = b.js.CreateOrUpdateStream(ctx, sc)
 			return err

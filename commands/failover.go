@@ -132,6 +132,10 @@ const (
 	// not compensated left remains (RFC 3339, UTC): it is no longer
 	// reported.
 	DetailSettledAt = "settled_at"
+	// DetailVolumesGone are the workflow's volumes CloudStack no longer
+	// had when the reconcile settled it (deleted since): nothing of the
+	// workflow remained on them, and they were not put back.
+	DetailVolumesGone = "volumes_gone"
 )
 
 // DecodeFailover parses and validates a failover request: vm_id and

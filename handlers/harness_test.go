@@ -47,6 +47,8 @@ type harnessOpts struct {
 	wrapJS func(jetstream.JetStream) jetstream.JetStream
 	// inventory, when set, replaces the simulator's.
 	inventory *cloudsim.Inventory
+	// wrapCS, when set, wraps the service's CloudStack client (a fault).
+	wrapCS func(csapi.API) csapi.API
 }
 
 func newHarness(t testing.TB, o harnessOpts) *harness {
@@ -79,6 +81,9 @@ func newHarness(t testing.TB, o harnessOpts) *harness {
 		cfg.JetStream = o.wrapJS(cfg.JetStream)
 	}
 	cfg.CloudStack = csapi.New(csapi.Config{URL: h.sim.URL(), APIKey: h.sim.APIKey(), SecretKey: h.sim.SecretKey()})
+	if o.wrapCS != nil {
+		cfg.CloudStack = o.wrapCS(cfg.CloudStack)
+	}
 	cfg.VMID, cfg.Logger = cloudsim.ApplianceVMID, log
 	if cfg.SyncInterval == 0 {
 		cfg.SyncInterval = -1

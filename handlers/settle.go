@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/volumed/volumed/commands"
@@ -27,6 +28,8 @@ type cloudView struct {
 func volumeID(v csapi.Volume) string { return v.ID }
 
 // volume returns the volume id as listed; false when CloudStack has none.
+// One the listing lacks is asked for by id: a listing in pages misses
+// volumes when others are deleted meanwhile.
 func (c *cloudView) volume(ctx context.Context, id string) (csapi.Volume, bool, error) {
 	if c.volumes == nil {
 		vols, err := c.cs.ListVolumes(ctx, csapi.ListFilter{})
@@ -35,8 +38,18 @@ func (c *cloudView) volume(ctx context.Context, id string) (csapi.Volume, bool, 
 		}
 		c.volumes = byID(vols, volumeID)
 	}
-	v, ok := c.volumes[id]
-	return v, ok, nil
+	if v, ok := c.volumes[id]; ok {
+		return v, true, nil
+	}
+	v, err := c.cs.GetVolume(ctx, id)
+	switch {
+	case errors.Is(err, csapi.ErrNotFound):
+		return csapi.Volume{}, false, nil
+	case err != nil:
+		return csapi.Volume{}, false, engine.CloudStackError(err)
+	}
+	c.volumes[id] = v
+	return v, true, nil
 }
 
 // vm returns the VM id as listed; false when CloudStack has none.
@@ -81,11 +94,11 @@ func (r *reconciler) settleIfBack(ctx context.Context, op commands.Operation, vi
 	if err != nil {
 		return false, "", err
 	}
-	what, err := r.remains(ctx, op, wf, view)
+	what, gone, err := r.remains(ctx, op, wf, view)
 	if err != nil || what != "" {
 		return false, what, err
 	}
-	change, err := r.settle(ctx, op)
+	change, err := r.settle(ctx, op, gone)
 	return err == nil, change, err
 }
 
@@ -96,12 +109,21 @@ func (r *reconciler) settleIfBack(ctx context.Context, op commands.Operation, vi
 // was (same VM, same device when recorded) or detached when it was,
 // exported as it was; each snapshot of wf.Snapshots gone, and none taken by a snapshot
 // step whose end is unknown; a VM the workflow started (or whose start
-// failed), or did not stop, stopped. It reads CloudStack only through
+// failed), or did not stop, stopped. A volume of wf.Before that CloudStack
+// no longer has (deleted since) holds nothing the workflow left: it is
+// returned among gone, and not checked. It reads CloudStack only through
 // view, and GetSnapshot and ListSnapshots for the snapshots.
-func (r *reconciler) remains(ctx context.Context, op commands.Operation, wf *commands.Workflow, view *cloudView) (string, error) {
+func (r *reconciler) remains(ctx context.Context, op commands.Operation, wf *commands.Workflow, view *cloudView) (what string, gone []string, err error) {
 	if wf == nil || len(wf.Before) == 0 {
-		return "its workflow is not recorded", nil
+		return "its workflow is not recorded", nil, nil
 	}
+	what, err = r.remainsOn(ctx, op, wf, view, &gone)
+	return what, gone, err
+}
+
+// remainsOn is remains, adding the volumes CloudStack no longer has to
+// gone.
+func (r *reconciler) remainsOn(ctx context.Context, op commands.Operation, wf *commands.Workflow, view *cloudView, gone *[]string) (string, error) {
 	for i, s := range wf.Steps {
 		if s.Status != commands.StepFailed || s.OperationID == "" {
 			continue
@@ -122,7 +144,8 @@ func (r *reconciler) remains(ctx context.Context, op commands.Operation, wf *com
 		case err != nil:
 			return "", err
 		case !ok:
-			return fmt.Sprintf("CloudStack no longer has volume %s", v), nil
+			*gone = append(*gone, v)
+			continue
 		case vol.VMID != before.VMID && vol.VMID == "":
 			return fmt.Sprintf("volume %s is detached", v), nil
 		case vol.VMID != before.VMID:
@@ -209,21 +232,29 @@ func (r *reconciler) takenSince(ctx context.Context, volume string, since time.T
 }
 
 // settle records on the failed workflow op that nothing it left remains
-// (details settled_at), by compare-and-swap on its revision; on a
-// conflict it reads the operation again and records it there unless it
-// is settled already. It returns the change in words, "" when another
-// instance recorded it first.
-func (r *reconciler) settle(ctx context.Context, op commands.Operation) (string, error) {
+// (details settled_at, and volumes_gone: gone, the volumes CloudStack no
+// longer has), by compare-and-swap on its revision; on a conflict it
+// reads the operation again and records it there unless it is settled
+// already. It returns the change in words, "" when another instance
+// recorded it first.
+func (r *reconciler) settle(ctx context.Context, op commands.Operation, gone []string) (string, error) {
 	for range 3 {
 		now := time.Now().UTC()
 		note := op
 		note.Details = maps.Clone(op.Details)
 		note.Details[commands.DetailSettledAt] = now.Format(time.RFC3339)
+		if len(gone) > 0 {
+			note.Details[commands.DetailVolumesGone] = gone
+		}
 		note.UpdatedAt = now
 		saved, err := r.cfg.Store.UpdateOperation(ctx, note)
 		if err == nil {
 			r.pub.PublishOperation(ctx, saved)
-			r.log.Info("workflow settled", "operation_id", op.ID, "type", op.Type)
+			r.log.Info("workflow settled", "operation_id", op.ID, "type", op.Type, "volumes_gone", gone)
+			if len(gone) > 0 {
+				return fmt.Sprintf("%s %s: what it left was put back, but for volumes %s, deleted since; no longer reported",
+					op.Type, op.ID, strings.Join(gone, ", ")), nil
+			}
 			return fmt.Sprintf("%s %s: what it left was put back; no longer reported", op.Type, op.ID), nil
 		}
 		if !errors.Is(err, state.ErrStale) {

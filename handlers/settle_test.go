@@ -3,6 +3,7 @@ package handlers_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -22,7 +23,9 @@ import (
 // settled_at on it, names it once among the changes, and neither reports
 // nor changes it again. Anything left (a volume elsewhere or at another
 // device, an export missing, a snapshot kept, the VM running) keeps it
-// reported, naming what remains. In both stores.
+// reported, naming what remains. A volume deleted in CloudStack since
+// holds nothing left: the operation is settled, naming it among
+// volumes_gone, or reported for what remains elsewhere. In both stores.
 func TestReconcileSettlesPutBackWorkflows(t *testing.T) {
 	for _, redis := range []bool{false, true} {
 		t.Run(map[bool]string{false: "kv", true: "redis"}[redis], func(t *testing.T) { testSettles(t, redis) })
@@ -32,13 +35,15 @@ func TestReconcileSettlesPutBackWorkflows(t *testing.T) {
 func testSettles(t *testing.T, redis bool) {
 	const (
 		onProd, onProd2, detached = "0000000d-0000-4000-8000-000000000001", "0000000d-0000-4000-8000-000000000002", "0000000d-0000-4000-8000-000000000003"
+		deleted                   = "0000000d-0000-4000-8000-000000000004"
 		prod, test, host          = cloudsim.RemoteVMID, cloudsim.TestVMID, cloudsim.ApplianceVMID
 	)
 	inv := cloudsim.DefaultInventory()
 	inv.Volumes = append(inv.Volumes,
 		cloudsim.DataVolume{ID: onProd, Name: "data-1", ZoneID: cloudsim.ZoneID, SizeGB: 1, VMID: prod, DeviceID: 1},
 		cloudsim.DataVolume{ID: onProd2, Name: "data-2", ZoneID: cloudsim.ZoneID, SizeGB: 1, VMID: prod, DeviceID: 2},
-		cloudsim.DataVolume{ID: detached, Name: "data-3", ZoneID: cloudsim.ZoneID, SizeGB: 1})
+		cloudsim.DataVolume{ID: detached, Name: "data-3", ZoneID: cloudsim.ZoneID, SizeGB: 1},
+		cloudsim.DataVolume{ID: deleted, Name: "data-4", ZoneID: cloudsim.ZoneID, SizeGB: 1})
 	h := newHarness(t, harnessOpts{inventory: inv, redis: redis})
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -61,6 +66,9 @@ func testSettles(t *testing.T, redis bool) {
 	}
 	if err != nil {
 		t.Fatalf("delete snapshot %s: %v", gone, err)
+	}
+	if err := cs.DeleteVolume(ctx, deleted); err != nil {
+		t.Fatalf("delete volume %s: %v", deleted, err)
 	}
 	now := time.Now().UTC()
 	if _, err := h.store.PutExport(ctx, commands.Export{VolumeID: onProd, VMID: host, ExportName: "exp-1", DevicePath: "/dev/disk/by-id/exp-1",
@@ -99,7 +107,8 @@ func testSettles(t *testing.T, redis bool) {
 		typ   commands.OpType
 		req   any
 		wf    *commands.Workflow
-		still string // what the report says remains; "" when settled
+		still string   // what the report says remains; "" when settled
+		gone  []string // volumes_gone when settled
 	}{
 		{name: "all put back", typ: commands.OpFailover, req: commands.FailoverRequest{},
 			wf: &commands.Workflow{Before: map[string]commands.Placement{cloudsim.RemoteRootVolumeID: root, onProd: back1, detached: {}},
@@ -122,6 +131,13 @@ func testSettles(t *testing.T, redis bool) {
 			wf: &commands.Workflow{Before: map[string]commands.Placement{onProd2: {VMID: prod, DeviceID: dev(2)}},
 				Snapshots: map[string]string{onProd2: kept}, Steps: []commands.WorkflowStep{step("stop_vm", "", test, commands.StepDone)}},
 			still: "snapshot " + kept + " of volume " + onProd2 + " remains"},
+		{name: "a volume deleted since", typ: commands.OpFailover, req: commands.FailoverRequest{},
+			wf: &commands.Workflow{Before: map[string]commands.Placement{deleted: {VMID: prod, DeviceID: dev(3), ExportName: "exp-4", ExportVMID: host},
+				onProd: {VMID: prod, DeviceID: dev(1)}}},
+			gone: []string{deleted}},
+		{name: "a volume deleted since, another still left", typ: commands.OpFailover, req: commands.FailoverRequest{},
+			wf:    &commands.Workflow{Before: map[string]commands.Placement{deleted: {VMID: prod, DeviceID: dev(3)}, onProd2: {}}},
+			still: "volume " + onProd2 + " is attached to VM " + prod},
 		{name: "the VM left running", typ: commands.OpFailover, req: commands.FailoverRequest{},
 			wf: &commands.Workflow{Before: map[string]commands.Placement{onProd2: {VMID: prod, DeviceID: dev(2)}},
 				Steps: []commands.WorkflowStep{step("start_vm", "", prod, commands.StepDone)}},
@@ -159,6 +175,12 @@ func testSettles(t *testing.T, redis bool) {
 				continue
 			}
 			want := []string{string(tc.typ) + " " + id + ": what it left was put back; no longer reported"}
+			if tc.gone != nil {
+				want = []string{string(tc.typ) + " " + id + ": what it left was put back, but for volumes " + strings.Join(tc.gone, ", ") + ", deleted since; no longer reported"}
+			}
+			if got := fmt.Sprint(op.Details[commands.DetailVolumesGone]); tc.gone != nil && got != fmt.Sprint(tc.gone) {
+				t.Errorf("pass %d, %s: volumes_gone %s, want %v", pass, tc.name, got, tc.gone)
+			}
 			if pass == 1 {
 				want = nil // settled once
 				if op.Revision != ops[i].Revision {
@@ -226,5 +248,56 @@ func TestReconcileDoesNotSettleWhileAStepsJobMayRun(t *testing.T) {
 				t.Errorf("settled while the attach job %s may still run: errors %q, changes %q, details %v", job, res.Errors, res.Changes, op.Details)
 			}
 		})
+	}
+}
+
+// missedInListing is CloudStack whose listing of every volume misses
+// volume, as a listing in pages does when volumes on earlier pages are
+// deleted meanwhile; asked by id, CloudStack still has it.
+type missedInListing struct {
+	csapi.API
+	volume string
+}
+
+func (m missedInListing) ListVolumes(ctx context.Context, f csapi.ListFilter) ([]csapi.Volume, error) {
+	vols, err := m.API.ListVolumes(ctx, f)
+	return slices.DeleteFunc(vols, func(v csapi.Volume) bool { return v.ID == m.volume }), err
+}
+
+// TestReconcileSettlesNoVolumeMissedByAListing: a volume of a failed
+// failover's before that a listing of every volume misses, but that
+// CloudStack still has, is not taken for deleted: the failover stays
+// reported for where that volume is, not settled with it among
+// volumes_gone.
+func TestReconcileSettlesNoVolumeMissedByAListing(t *testing.T) {
+	const vol = "0000000d-0000-4000-8000-000000000005"
+	inv := cloudsim.DefaultInventory()
+	inv.Volumes = append(inv.Volumes, cloudsim.DataVolume{ID: vol, Name: "data-5", ZoneID: cloudsim.ZoneID, SizeGB: 1, VMID: cloudsim.TestVMID, DeviceID: 1})
+	h := newHarness(t, harnessOpts{inventory: inv, wrapCS: func(cs csapi.API) csapi.API { return missedInListing{API: cs, volume: vol} }})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	at := time.Now().UTC().Add(-time.Hour)
+	vm := cloudsim.TestVMID
+	raw, _ := json.Marshal(commands.FailoverRequest{VMID: vm, RootVolumeID: cloudsim.RemoteRootVolumeID, DataVolumeIDs: []string{vol}})
+	dev := int64(1)
+	op, err := h.store.CreateOperation(ctx, commands.Operation{ID: "op-" + uuid.NewString(), Type: commands.OpFailover, Status: commands.StatusFailed,
+		VolumeID: cloudsim.RemoteRootVolumeID, VMID: &vm, Request: raw, CreatedAt: at, UpdatedAt: at, CompletedAt: &at,
+		Details:  map[string]any{"code": commands.CodeCloudStackError, commands.DetailCompensated: false, commands.DetailLeft: []string{"volume left"}},
+		Workflow: &commands.Workflow{Before: map[string]commands.Placement{vol: {VMID: cloudsim.RemoteVMID, DeviceID: &dev}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := h.svc.Reconcile(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := h.store.GetOperation(ctx, op.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "now: volume " + vol + " is attached to VM " + vm
+	if _, settled := got.Details[commands.DetailSettledAt]; settled ||
+		!slices.ContainsFunc(res.Errors, func(e string) bool { return strings.Contains(e, op.ID) && strings.Contains(e, want) }) {
+		t.Fatalf("want reported with %q, not settled; errors %q, changes %q, details %v", want, res.Errors, res.Changes, got.Details)
 	}
 }

@@ -46,6 +46,9 @@ func (k attach) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 	if err != nil {
 		return nil, notFoundOr(err, req.VolumeID)
 	}
+	// asked is the device this run asked for as req's wish; nil when
+	// CloudStack picks, or when the job was asked for before a restart.
+	var asked *int64
 	for !AttachedAsWanted(vol, req) {
 		if vol.VMID != "" && op.Step != StepAttachJob {
 			return nil, commands.Conflict("volume %s is already attached to VM %s as device %s", vol.ID, vol.VMID, DeviceString(vol.DeviceID)).
@@ -60,6 +63,19 @@ func (k attach) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 			// Done anyway? A repeated attach after a crash fails while the
 			// first one succeeded.
 			again, err := k.volume(ctx, j, req.VolumeID)
+			if err == nil && job.Status == csapi.JobFailure && asked != nil && again.VMID == "" {
+				// The device was free when asked for, but another
+				// volume may have taken it before the job ran: then
+				// CloudStack picks one (deviceFree finds it taken).
+				dev, err := k.deviceFree(ctx, j, req)
+				if err != nil {
+					return nil, err
+				}
+				if dev == nil {
+					vol, asked, op.Step, op.JobID = again, nil, "", ""
+					continue
+				}
+			}
 			if err != nil || !AttachedAsWanted(again, req) {
 				if jobErr == nil {
 					jobErr = err
@@ -98,6 +114,9 @@ func (k attach) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 			jobID, err = k.CloudStack.AttachVolume(ctx, req.VolumeID, req.VMID, dev)
 			return err
 		})
+		if !req.Root() {
+			asked = dev
+		}
 		switch {
 		case csapi.IsMaybeDone(err):
 			continue

@@ -98,6 +98,8 @@ type sentCloud struct {
 	stops []bool
 	// onWait, when set, is called with the job of each WaitJob.
 	onWait func(jobID string)
+	// onAttach, when set, is called with each attach before it is sent.
+	onAttach func(volumeID, vmID string, deviceID *int64)
 }
 
 func (c *sentCloud) count(ctx context.Context, cmd string) {
@@ -132,6 +134,12 @@ func (c *sentCloud) CreateSnapshot(ctx context.Context, p csapi.SnapshotParams) 
 
 func (c *sentCloud) AttachVolume(ctx context.Context, volumeID, vmID string, deviceID *int64) (string, error) {
 	c.count(ctx, csfake.CmdAttachVolume)
+	c.mu.Lock()
+	fn := c.onAttach
+	c.mu.Unlock()
+	if fn != nil {
+		fn(volumeID, vmID, deviceID)
+	}
 	return c.Cloud.AttachVolume(ctx, volumeID, vmID, deviceID)
 }
 
@@ -1349,5 +1357,45 @@ func TestRollbackSnapshotGone(t *testing.T) {
 	}
 	if s := w.vmState(testVM); s != kinds.VMRunning {
 		t.Fatalf("test VM %s, want Running", s)
+	}
+}
+
+// TestRollbackDeviceTakenAsItAttaches: a device free when the rollback
+// looked, but that another attach to the VM takes before the rollback's
+// attach job runs, fails that job; the rollback then attaches the volume
+// at the device CloudStack picks and completes, the other volume keeping
+// the device.
+func TestRollbackDeviceTakenAsItAttaches(t *testing.T) {
+	w := newFoWorld(t)
+	fo := w.finish(w.record(commands.OpFailover, w.failoverReq(), testVM))
+	if fo.Status != commands.StatusCompleted {
+		t.Fatalf("failover: %s %s %v", fo.Status, fo.Error, fo.Details)
+	}
+	id, job, err := w.cloud.CreateVolume(w.ctx, csapi.CreateParams{Name: "other", SizeGiB: 1,
+		DiskOfferingID: csfake.CustomOfferingID, ZoneID: csfake.ZoneID})
+	w.must(err)
+	_, err = w.cloud.WaitJob(w.ctx, job)
+	w.must(err)
+	want := w.devs[w.root]
+	var once sync.Once
+	w.sent.mu.Lock()
+	w.sent.onAttach = func(volumeID, vmID string, deviceID *int64) {
+		if volumeID != w.root || vmID != appliance || deviceID == nil || *deviceID != want {
+			return
+		}
+		once.Do(func() {
+			job, err := w.cloud.AttachVolume(w.ctx, id, appliance, &want)
+			w.must(err)
+			_, err = w.cloud.WaitJob(w.ctx, job)
+			w.must(err)
+		})
+	}
+	w.sent.mu.Unlock()
+	rb := w.finish(w.record(commands.OpRollback, commands.RollbackRequest{FailoverID: fo.ID}, testVM))
+	if rb.Status != commands.StatusCompleted {
+		t.Fatalf("rollback: %s %s %v", rb.Status, rb.Error, rb.Details)
+	}
+	if root, other := w.where(w.root), w.where(id); root.vm != appliance || root.dev == want || other.dev != want {
+		t.Fatalf("root %+v, the other volume %+v, want the root elsewhere than device %d", root, other, want)
 	}
 }

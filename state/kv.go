@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/backoff"
 	"github.com/volumed/volumed/internal/formation"
 	"github.com/volumed/volumed/internal/jsget"
 )
@@ -311,33 +312,14 @@ func (k *KV) setMapping(volumeID string, e kvEntry[commands.Mapping]) {
 // kvErr classifies a NATS error: a JetStream API reply, an invalid key or
 // a cancelled caller pass through; anything else (closed or lost
 // connection, timeouts, no responders), and the API replies of a cluster
-// that cannot serve yet (clusterNotReady), wrap ErrUnavailable.
+// that cannot serve yet (formation.Transient, the one judge of that),
+// wrap ErrUnavailable.
 func kvErr(op string, err error) error {
 	var apiErr *jetstream.APIError
-	if (errors.As(err, &apiErr) && !clusterNotReady(apiErr)) || errors.Is(err, jetstream.ErrInvalidKey) || errors.Is(err, context.Canceled) {
+	if (errors.As(err, &apiErr) && !formation.Transient(apiErr)) || errors.Is(err, jetstream.ErrInvalidKey) || errors.Is(err, context.Canceled) {
 		return fmt.Errorf("state: kv %s: %w", op, err)
 	}
 	return fmt.Errorf("state: kv %s: %w: %w", op, ErrUnavailable, err)
-}
-
-// JetStream API error codes of a cluster that cannot serve a request yet:
-// it has no meta leader, the request reached a server that is not the
-// leader, or too few servers have joined to place every replica.
-const (
-	jsClusterNoPeers   = 10005
-	jsClusterNotAvail  = 10008
-	jsClusterNotLeader = 10009
-)
-
-// clusterNotReady reports whether a JetStream API error says the cluster
-// cannot serve yet (while it forms or elects leaders), not that the
-// request is wrong.
-func clusterNotReady(apiErr *jetstream.APIError) bool {
-	switch apiErr.ErrorCode {
-	case jsClusterNoPeers, jsClusterNotAvail, jsClusterNotLeader:
-		return true
-	}
-	return false
 }
 
 // wrongRevision reports whether err is JetStream refusing a write whose
@@ -633,10 +615,6 @@ func (k *KV) get(ctx context.Context, what, key string, v any) (uint64, error) {
 	return e.rev, nil
 }
 
-// bucketSetupTry bounds one attempt at making or binding the bucket (see
-// formation.Retry).
-const bucketSetupTry = 5 * time.Second
-
 // openBucket binds the bucket, making it if it does not exist, and brings
 // its stream to what this store needs in one update, so that instances
 // already running never see it without atomic batches. Replicas serve no
@@ -647,21 +625,13 @@ const bucketSetupTry = 5 * time.Second
 // would answer direct gets too, so it is off and a read is the API's
 // message get, which the leader answers. The replicas and AllowDirect
 // change together, in one update. JetStream that does not answer yet (a
-// cluster still forming) is asked again, up to formation.Budget.
+// cluster still forming) is asked again as formation.Wait does.
 func openBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig, log *slog.Logger) (jetstream.KeyValue, jetstream.Stream, error) {
-	ctx, cancel := context.WithTimeout(ctx, formation.Budget)
-	defer cancel()
 	var (
 		kv     jetstream.KeyValue
 		stream jetstream.Stream
 	)
-	err := formation.Retry(ctx, bucketSetupTry, func(err error) bool {
-		if !errors.Is(err, ErrUnavailable) {
-			return false
-		}
-		log.Debug("bucket not set up yet", "err", err)
-		return true
-	}, func(ctx context.Context) error {
+	err := formation.Wait(ctx, log, "bucket "+cfg.Bucket, func(ctx context.Context) error {
 		var err error
 		kv, stream, err = setupBucket(ctx, js, cfg)
 		return err
@@ -752,13 +722,42 @@ func (k *KV) barrier(ctx context.Context) (uint64, error) {
 // barrierInfo is barrier, with the stream info it asked for (nil without
 // an answer): not the stream's CachedInfo, which a concurrent read may
 // have replaced.
+//
+// Only a leader's answer is a barrier. A member of a replicated stream
+// that knows no leader (during an election, or cut off from the others)
+// answers the info request too, with what it holds itself, which may lack
+// writes the leader acknowledged; such an answer is asked again, 50 ms
+// doubling to 500 ms apart, until a leader answers or ctx ends (at most
+// the client's request timeout when ctx has no deadline), then
+// ErrUnavailable. (A read by key is answered by the leader alone, once it
+// has applied every entry of its log; a leaderless member refuses it.)
 func (k *KV) barrierInfo(ctx context.Context) (uint64, *jetstream.StreamInfo, error) {
-	info, err := k.stream.Info(ctx)
-	if err != nil {
-		return 0, nil, kvErr("read barrier", err)
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, k.js.Options().DefaultTimeout)
+		defer cancel()
 	}
-	target, err := k.barrierAt(ctx, info.State.LastSeq)
-	return target, info, err
+	pauses := backoff.Policy{Min: 50 * time.Millisecond, Max: 500 * time.Millisecond}.Start()
+	for {
+		info, err := k.stream.Info(ctx)
+		if err != nil {
+			return 0, nil, kvErr("read barrier", err)
+		}
+		if leaderAnswered(info) {
+			target, err := k.barrierAt(ctx, info.State.LastSeq)
+			return target, info, err
+		}
+		if !pauses.Wait(ctx, 0) {
+			return 0, nil, fmt.Errorf("state: kv read barrier: %w: no leader of the stream answered (a member without one answered with its own state)", ErrUnavailable)
+		}
+	}
+}
+
+// leaderAnswered reports whether info is a leader's answer: always on a
+// single server or with one replica; on a replicated stream, an answer
+// naming no leader is a member's own state.
+func leaderAnswered(info *jetstream.StreamInfo) bool {
+	return info.Cluster == nil || len(info.Cluster.Replicas) == 0 || info.Cluster.Leader != ""
 }
 
 // barrierAt is barrier when the stream's last sequence is target.

@@ -2,11 +2,14 @@ package state_test
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
@@ -34,7 +37,7 @@ func TestKVSetupWhileClusterForms(t *testing.T) {
 			Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 		done <- result{kv, err}
 	}()
-	testenv.Eventually(t, 30*time.Second, func() bool { return strings.Contains(logs.String(), "bucket not set up yet") },
+	testenv.Eventually(t, 30*time.Second, func() bool { return strings.Contains(logs.String(), "jetstream not ready yet") },
 		"a setup attempt failing on the lone server")
 	for i := 1; i < n; i++ {
 		c.Start(i)
@@ -171,4 +174,124 @@ func TestKVUpgradeWaitsForQuorum(t *testing.T) {
 		e, err := kv.Get(context.Background(), "meta.format")
 		return err == nil && string(e.Value()) == strconv.Itoa(state.KVFormat)
 	}, "format %d recorded", state.KVFormat)
+}
+
+// TestKVReadAfterElectionNeverOlder: a member of the bucket's stream
+// that missed a write acknowledged to another member's store, and then
+// knows no leader of the stream (its two other replicas are down, the
+// cluster's JetStream still has a quorum of five), answers a stream info
+// request with its own older state. Its store's reads, lists (the read
+// barrier) and reads by key alike, then fail with ErrUnavailable or give
+// the acknowledged record, never the one before it.
+func TestKVReadAfterElectionNeverOlder(t *testing.T) {
+	const members, replicas = 5, 3
+	c, _ := testenv.StartJSCluster(t, members)
+	bucket := nextBucket()
+	stream := "KV_" + bucket
+	w, _ := openLogged(t, jsOf(t, c, 0), state.KVConfig{Bucket: bucket, Replicas: replicas})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	info, err := jsOf(t, c, 0).Stream(ctx, stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	index := func(name string) int {
+		for i, s := range c.Srvs {
+			if s.Name() == name {
+				return i
+			}
+		}
+		t.Fatalf("no member %q", name)
+		return -1
+	}
+	// behind: a replica that leads no stream and holds no writer; others:
+	// the stream's two other replicas.
+	ci := info.CachedInfo().Cluster
+	behind, others := -1, []int{index(ci.Leader)}
+	for _, r := range ci.Replicas {
+		if i := index(r.Name); behind < 0 && i != 0 {
+			behind = i
+		} else {
+			others = append(others, i)
+		}
+	}
+	if behind < 0 || len(others) != replicas-1 {
+		t.Fatalf("replicas of %s: %+v", stream, ci)
+	}
+	// Its store's client knows that member alone (as a volumed member's
+	// does), so it reads nothing while the member is down.
+	_, sjs := c.Connect(behind, nats.IgnoreDiscoveredServers())
+	s, _ := openLogged(t, sjs, state.KVConfig{Bucket: bucket, Replicas: replicas})
+	op, err := w.CreateOperation(ctx, storetest.Op(1, commands.OpCreate, commands.StatusPending, "vol-1", "", time.Now()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		ops, _, err := s.ListOperations(ctx, state.Filter{})
+		return err == nil && len(ops) == 1 && ops[0].Revision == op.Revision
+	}, "the first record in the other store")
+
+	c.Srvs[behind].Shutdown()
+	c.Srvs[behind].WaitForShutdown()
+	op.Status = commands.StatusExecuting
+	acked, err := w.UpdateOperation(ctx, op)
+	if err != nil {
+		t.Fatalf("write on the two others: %v", err)
+	}
+	for _, i := range others {
+		c.Srvs[i].Shutdown()
+		c.Srvs[i].WaitForShutdown()
+	}
+	c.Start(behind)
+	// The premise: knowing no leader, the member answers with what it
+	// holds, which lacks the acknowledged write.
+	js := jsOf(t, c, behind)
+	testenv.Eventually(t, time.Minute, func() bool {
+		rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
+		defer rcancel()
+		raw, err := js.Stream(rctx, stream)
+		if err != nil {
+			return false
+		}
+		info := raw.CachedInfo()
+		return info.Cluster != nil && info.Cluster.Leader == "" && info.State.LastSeq < acked.Revision
+	}, "a leaderless answer without the acknowledged write")
+	check := func(what string, got commands.Operation, err error) {
+		t.Helper()
+		switch {
+		case err != nil && !errors.Is(err, state.ErrUnavailable):
+			t.Fatalf("%s without a leader: %v, want ErrUnavailable", what, err)
+		case err == nil && got.Revision != acked.Revision:
+			t.Fatalf("%s without a leader: revision %d (%s), older than the acknowledged %d",
+				what, got.Revision, got.Status, acked.Revision)
+		}
+	}
+	for range 3 {
+		rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
+		ops, _, err := s.ListOperations(rctx, state.Filter{})
+		rcancel()
+		var got commands.Operation
+		if err == nil {
+			if len(ops) != 1 {
+				t.Fatalf("list without a leader: %v", ops)
+			}
+			got = ops[0]
+		}
+		check("list", got, err)
+		rctx, rcancel = context.WithTimeout(ctx, 2*time.Second)
+		got, err = s.GetOperation(rctx, op.ID)
+		rcancel()
+		check("read", got, err)
+	}
+
+	// With the other replicas back, the store reads the acknowledged record.
+	for _, i := range others {
+		c.Start(i)
+	}
+	testenv.Eventually(t, time.Minute, func() bool {
+		rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
+		defer rcancel()
+		ops, _, err := s.ListOperations(rctx, state.Filter{})
+		return err == nil && len(ops) == 1 && ops[0].Revision == acked.Revision
+	}, "the acknowledged record listed once a leader is back")
 }

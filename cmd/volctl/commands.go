@@ -217,12 +217,15 @@ var commandList = []command{
 		fs.Var(&o.tags, "tag", "k=v, repeatable: only volumes with these tags")
 		fs.StringVar(&o.name, "name", "", "only volumes of this name")
 	}, run: func(ctx context.Context, in *invocation) error {
-		var list []commands.VolumeStatus
-		var err error
-		if in.o.vm != "" && len(in.o.tags) == 0 && in.o.name == "" {
-			list, err = in.c.VMVolumes(ctx, in.o.vm)
-		} else {
-			list, err = listVolumes(ctx, in)
+		// GET /volumes, whose rows carry CloudStack's record (the name);
+		// GET /vms/{id}/volumes, whose rows do not, only says whether a
+		// VM without volumes exists (CloudStack refuses to list by a VM
+		// it does not know: NOT_FOUND then, not its refusal).
+		list, err := listVolumes(ctx, in)
+		if (err != nil || len(list) == 0) && in.o.vm != "" {
+			if _, verr := in.c.VMVolumes(ctx, in.o.vm); verr != nil {
+				err = verr
+			}
 		}
 		if err != nil {
 			return err

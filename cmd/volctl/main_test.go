@@ -191,3 +191,50 @@ func TestWaitFailedSaysItOnce(t *testing.T) {
 		t.Fatalf("volctl %v: exit %d, want %d, the error said %d times, want once\nstderr: %s", args, code, exitFailed, n, errb.String())
 	}
 }
+
+// TestVolumeListByVMShowsNames: volume list --vm shows each volume's
+// CloudStack name (GET /volumes rows carry it, GET /vms/{id}/volumes rows
+// do not, as the reference shows them), and a VM CloudStack does not know
+// is still NOT_FOUND, not an empty list nor the CloudStack error the
+// listing by it is.
+func TestVolumeListByVMShowsNames(t *testing.T) {
+	const row = `{"volume_id":"vol-a","vm_id":"vm-1","device_path":"/dev/vdb","state":"Ready","size":1073741824,"tags":{}`
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		switch {
+		case r.URL.Path == "/api/v1/volumes" && r.URL.Query().Get("vm_id") == "vm-1":
+			_, _ = w.Write([]byte(`[` + row + `,"cloudstack_data":{"id":"vol-a","name":"data-a"}}]`))
+		case r.URL.Path == "/api/v1/volumes" && r.URL.Query().Get("vm_id") == "vm-gone":
+			// As volumed answers: CloudStack refuses to list by a VM it
+			// does not know.
+			w.WriteHeader(http.StatusUnprocessableEntity)
+			_, _ = w.Write([]byte(`{"error":"CloudStack listVolumes failed: Unable to execute API command listvolumes due to invalid value. Invalid parameter virtualmachineid value=vm-gone due to incorrect long value format, or entity does not exist or due to incorrect parameter annotation for the field in api cmd class.","code":"CLOUDSTACK_ERROR"}`))
+		case r.URL.Path == "/api/v1/volumes":
+			_, _ = w.Write([]byte(`[]`))
+		case r.URL.Path == "/api/v1/vms/vm-1/volumes":
+			_, _ = w.Write([]byte(`[` + row + `}]`))
+		case r.URL.Path == "/api/v1/vms/vm-empty/volumes":
+			_, _ = w.Write([]byte(`[]`))
+		default:
+			w.WriteHeader(http.StatusNotFound)
+			_, _ = w.Write([]byte(`{"error":"vm vm-gone not found","code":"NOT_FOUND"}`))
+		}
+	}))
+	defer srv.Close()
+	for _, tc := range []struct {
+		vm   string
+		code int
+		want string
+	}{
+		{"vm-1", exitOK, "data-a"},
+		{"vm-empty", exitOK, "VOLUME"},
+		{"vm-gone", exitFailed, "NOT_FOUND"},
+	} {
+		args := []string{"volume", "list", "--vm", tc.vm, "--server", srv.URL}
+		var out, errb bytes.Buffer
+		code := run(context.Background(), args, &out, &errb)
+		if code != tc.code || !strings.Contains(out.String()+errb.String(), tc.want) {
+			t.Errorf("volctl %v: exit %d, want %d with %q\nstdout: %s\nstderr: %s", args, code, tc.code, tc.want, out.String(), errb.String())
+		}
+	}
+}

@@ -19,6 +19,7 @@ type JSCluster struct {
 	t      testing.TB
 	routes []*url.URL
 	ports  []int
+	client []int    // each member's client port, kept across its restarts
 	dirs   []string // each member's store, kept across its restarts
 	// Srvs are the members by index, nil until started.
 	Srvs []*server.Server
@@ -27,22 +28,23 @@ type JSCluster struct {
 // NewJSCluster returns a cluster of n members, none started.
 func NewJSCluster(t testing.TB, n int) *JSCluster {
 	t.Helper()
-	c := &JSCluster{t: t, ports: make([]int, n), dirs: make([]string, n), Srvs: make([]*server.Server, n)}
+	c := &JSCluster{t: t, ports: make([]int, n), client: make([]int, n), dirs: make([]string, n), Srvs: make([]*server.Server, n)}
 	for i := range c.ports {
-		c.ports[i] = FreePort(t)
+		c.ports[i], c.client[i] = FreePort(t), FreePort(t)
 		c.routes = append(c.routes, &url.URL{Scheme: "nats-route", Host: fmt.Sprintf("127.0.0.1:%d", c.ports[i])})
 	}
 	return c
 }
 
 // Start runs member i (named s<i+1>), shut down when the test ends, and
-// waits until it takes clients; a member started again keeps its store.
+// waits until it takes clients; a member started again keeps its store
+// and its client port (a client of the member connects to it again).
 func (c *JSCluster) Start(i int) *server.Server {
 	c.t.Helper()
 	if c.dirs[i] == "" {
 		c.dirs[i] = c.t.TempDir()
 	}
-	srv, err := server.NewServer(&server.Options{ServerName: fmt.Sprintf("s%d", i+1), Host: "127.0.0.1", Port: server.RANDOM_PORT,
+	srv, err := server.NewServer(&server.Options{ServerName: fmt.Sprintf("s%d", i+1), Host: "127.0.0.1", Port: c.client[i],
 		JetStream: true, StoreDir: c.dirs[i], NoLog: true, NoSigs: true, Routes: c.routes,
 		Cluster: server.ClusterOpts{Name: "test", Host: "127.0.0.1", Port: c.ports[i]}})
 	if err != nil {
@@ -73,11 +75,13 @@ func (c *JSCluster) MetaLeader() int {
 	return leader
 }
 
-// Connect opens a JetStream client on member i only, closed when the test
-// ends.
-func (c *JSCluster) Connect(i int) (*nats.Conn, jetstream.JetStream) {
+// Connect opens a JetStream client on member i, with opts, closed when
+// the test ends. While member i is down the client reconnects to the
+// members the cluster advertised, unless opts has
+// nats.IgnoreDiscoveredServers.
+func (c *JSCluster) Connect(i int, opts ...nats.Option) (*nats.Conn, jetstream.JetStream) {
 	c.t.Helper()
-	nc, err := nats.Connect(c.Srvs[i].ClientURL())
+	nc, err := nats.Connect(c.Srvs[i].ClientURL(), opts...)
 	if err != nil {
 		c.t.Fatal(err)
 	}
