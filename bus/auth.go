@@ -32,10 +32,17 @@ const (
 	RoleObserver = "observer"
 	// RoleAgent is a device agent's identity, one per VM (AgentCreds).
 	RoleAgent = "agent"
+	// RoleService is volumed's command service (Bus.ServiceConn): it takes
+	// the commands and the service discovery requests ($SRV) and answers
+	// them on _INBOX.> (operator's and observer's inboxes) and the
+	// daemons' inboxes, and nowhere else. A reply subject is the requester's to choose: answered with
+	// the daemon's identity, $SRV.PING with the reply subject of a state
+	// record overwrote that record.
+	RoleService = "service"
 )
 
 // Roles whose credentials volumed writes into the creds directory at start.
-var fixedRoles = []string{RoleDaemon, RoleOperator, RoleObserver}
+var fixedRoles = []string{RoleDaemon, RoleOperator, RoleObserver, RoleService}
 
 // Inbox prefixes. The daemon and the agents take replies on inboxes no
 // other identity may subscribe to; operator and observer keep the default
@@ -319,6 +326,9 @@ func rolePermissions(role string) (jwt.Permissions, bool) {
 		readEvents(&p)
 	case RoleObserver:
 		readEvents(&p)
+	case RoleService:
+		p.Sub.Allow.Add(commandSubjects, "$SRV.>")
+		p.Pub.Allow.Add("_INBOX.>", daemonInboxPrefix+".>") // the daemons' discovery too
 	default:
 		return p, false
 	}

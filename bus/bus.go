@@ -115,6 +115,7 @@ type Bus struct {
 	log    *slog.Logger
 	srv    *server.Server
 	nc     *nats.Conn
+	svc    *nats.Conn // ServiceConn; nil with an external server
 	js     jetstream.JetStream
 	closer lifecycle.Stopper
 }
@@ -172,6 +173,18 @@ func (b *Bus) Start(ctx context.Context) error {
 		return fmt.Errorf("bus: connect %s: %w", url, err)
 	}
 	b.nc = nc
+	if b.srv != nil && !b.cfg.ClientOnly {
+		svc, err := nats.Connect(dial, nats.InProcessServer(b.srv), nats.UserCredentials(CredsFile(b.cfg.CredsDir, RoleService)),
+			nats.Name(b.cfg.Name+"-service"), nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond),
+			nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+				b.log.Warn("command service connection", "err", err)
+			}))
+		if err != nil {
+			b.closeAll()
+			return fmt.Errorf("bus: connect the command service: %w", err)
+		}
+		b.svc = svc
+	}
 	if b.js, err = jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(asyncMaxPending),
 		jetstream.WithPublishAsyncTimeout(asyncAckTimeout),
 		jetstream.WithPublishAsyncErrHandler(func(_ jetstream.JetStream, msg *nats.Msg, err error) {
@@ -291,6 +304,16 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 // Conn is the NATS connection.
 func (b *Bus) Conn() *nats.Conn { return b.nc }
 
+// ServiceConn is the connection the command service takes requests on and
+// answers them: with the embedded server one of RoleService, which may
+// publish only on _INBOX.>; with an external server Conn.
+func (b *Bus) ServiceConn() *nats.Conn {
+	if b.svc != nil {
+		return b.svc
+	}
+	return b.nc
+}
+
 // JetStream is the JetStream context of the connection.
 func (b *Bus) JetStream() jetstream.JetStream { return b.js }
 
@@ -328,6 +351,9 @@ func (b *Bus) Close(ctx context.Context) error {
 }
 
 func (b *Bus) closeAll() {
+	if b.svc != nil {
+		b.svc.Close()
+	}
 	if b.nc != nil {
 		b.nc.Close()
 	}

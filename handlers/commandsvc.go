@@ -170,7 +170,7 @@ type acceptStats struct {
 // startCommands registers the micro service "volumed" with one endpoint
 // per command subject, in the QueueGroup queue group.
 func (s *Service) startCommands() error {
-	svc, err := micro.AddService(s.cfg.Conn, micro.Config{
+	svc, err := micro.AddService(s.cfg.ServiceConn, micro.Config{
 		Name:        commands.ServiceName,
 		Version:     s.cfg.Version,
 		Description: "volumed commands: the reply is the operation or the error JSON, the HTTP status in the Status header",
@@ -362,7 +362,7 @@ func (s *Service) reply(req micro.Request, a commands.Answer) {
 	}
 	msg.Header.Set(commands.StatusHeader, strconv.Itoa(a.Status))
 	msg.Data = a.Body
-	if err := s.cfg.Conn.PublishMsg(msg); err != nil {
+	if err := s.cfg.ServiceConn.PublishMsg(msg); err != nil {
 		s.log.Warn("reply failed", "subject", req.Subject(), "err", err)
 	}
 }
