@@ -37,6 +37,8 @@ const DefaultListen = "127.0.0.1:10809"
 const (
 	// DefaultHandshakeTimeout bounds the negotiation phase, TLS included.
 	DefaultHandshakeTimeout = 10 * time.Second
+	// DefaultWriteTimeout bounds the sending of one reply.
+	DefaultWriteTimeout = 2 * time.Minute
 	// DefaultMaxConns caps connections overall, negotiating ones included.
 	DefaultMaxConns = 64
 	// DefaultMaxConnsPerExport caps connections in transmission on one export.
@@ -68,6 +70,10 @@ type Config struct {
 	// HandshakeTimeout bounds negotiation; zero means
 	// DefaultHandshakeTimeout.
 	HandshakeTimeout time.Duration
+	// WriteTimeout bounds each reply a client does not take in (a client
+	// that sends requests and never reads): the connection is closed and
+	// its slot on the export freed. Zero means DefaultWriteTimeout.
+	WriteTimeout time.Duration
 	// TLS, when set, is offered with NBD_OPT_STARTTLS (see TLSConfig).
 	TLS *tls.Config
 	// RequireTLS refuses every option but STARTTLS and ABORT before TLS
@@ -188,11 +194,12 @@ func New(cfg Config) (*Server, error) {
 		return nil, errors.New("nbd: RequireTLS without a TLS config")
 	}
 	cfg.HandshakeTimeout = cmp.Or(cfg.HandshakeTimeout, DefaultHandshakeTimeout)
+	cfg.WriteTimeout = cmp.Or(cfg.WriteTimeout, DefaultWriteTimeout)
 	cfg.MaxConns = cmp.Or(cfg.MaxConns, DefaultMaxConns)
 	cfg.MaxConnsPerExport = cmp.Or(cfg.MaxConnsPerExport, DefaultMaxConnsPerExport)
 	cfg.MaxBytesInFlight = cmp.Or(cfg.MaxBytesInFlight, DefaultMaxBytesInFlight)
 	cfg.ConnBytesInFlight = cmp.Or(cfg.ConnBytesInFlight, DefaultConnBytesInFlight)
-	if cfg.HandshakeTimeout < 0 || cfg.MaxConns < 0 || cfg.MaxConnsPerExport < 0 || cfg.MaxBytesInFlight < 0 ||
+	if cfg.HandshakeTimeout < 0 || cfg.WriteTimeout < 0 || cfg.MaxConns < 0 || cfg.MaxConnsPerExport < 0 || cfg.MaxBytesInFlight < 0 ||
 		cfg.ConnBytesInFlight < chunkSize {
 		return nil, fmt.Errorf("nbd: negative limit, or ConnBytesInFlight under %d", chunkSize)
 	}
