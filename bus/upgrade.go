@@ -60,7 +60,35 @@ func (b *Bus) upgradeStore(ctx context.Context, opts *server.Options) error {
 		Steps: []upgrade.Step{{From: 0, Name: "move the streams and the state bucket from the global account to volumed's",
 			Run: func(ctx context.Context, log *slog.Logger) error { return b.moveGlobal(ctx, dir, log) }}},
 	}
-	return plan.Run(ctx, b.cfg.Logger)
+	if err := plan.Run(ctx, b.cfg.Logger); err != nil {
+		return err
+	}
+	return b.mergeGlobalAgain(ctx, opts)
+}
+
+// mergeGlobalAgain merges into volumed's account the streams the global
+// account holds in a store already in StoreFormat: an earlier release,
+// from before NATS authorization, started on this data dir after an
+// upgrade (a downgrade) made them, and recorded there what it accepted
+// meanwhile, queued jobs included. A cluster member's are refused, as in
+// a store without a format.
+func (b *Bus) mergeGlobalAgain(ctx context.Context, opts *server.Options) error {
+	streams, err := globalStreams(opts.StoreDir)
+	if err != nil || len(streams) == 0 {
+		return err
+	}
+	if opts.Cluster.Port != 0 {
+		return fmt.Errorf("upgrade: data dir %s: %w: the global account holds streams %s, written by a release before NATS authorization "+
+			"started on it since an upgrade, on a cluster member: they move only on a single server (see docs/upgrading.md)",
+			opts.StoreDir, upgrade.ErrRefused, strings.Join(streams, ", "))
+	}
+	log := b.cfg.Logger.With("component", "upgrade", "data", "data dir "+opts.StoreDir)
+	log.Warn("the global account holds streams again: a release before NATS authorization ran on this data dir since it was upgraded; merging them",
+		"streams", strings.Join(streams, ","))
+	if err := b.moveGlobal(ctx, opts.StoreDir, log); err != nil {
+		return fmt.Errorf("upgrade: data dir %s: merge the global account's streams: %w", opts.StoreDir, err)
+	}
+	return nil
 }
 
 // globalStreams lists the streams the global account has under storeDir.
@@ -190,7 +218,7 @@ func moveStream(ctx context.Context, oldJS, newJS jetstream.JetStream, name stri
 		if kv {
 			kept, err = copyRecord(ctx, newJS, msg)
 		} else {
-			kept, err = copyMsg(ctx, newJS, name, msg)
+			kept, err = copyMsg(ctx, newJS, name, info.Created, msg)
 		}
 		if err != nil {
 			return fmt.Errorf("copy %d (%s): %w", seq, msg.Subject, err)
@@ -216,9 +244,11 @@ func moveStream(ctx context.Context, oldJS, newJS jetstream.JetStream, name stri
 }
 
 // copyMsg publishes msg into stream's namesake in the new account under a
-// message id of its stream and sequence, with its headers; a message on a
-// subject no stream there takes is skipped.
-func copyMsg(ctx context.Context, js jetstream.JetStream, stream string, msg *jetstream.RawStreamMsg) (bool, error) {
+// message id of its stream, the stream's creation time and the sequence
+// (a stream a downgrade made again numbers its messages from 1 again),
+// with its headers; a message on a subject no stream there takes is
+// skipped.
+func copyMsg(ctx context.Context, js jetstream.JetStream, stream string, created time.Time, msg *jetstream.RawStreamMsg) (bool, error) {
 	out := nats.NewMsg(msg.Subject)
 	out.Data = msg.Data
 	for k, v := range msg.Header {
@@ -228,7 +258,8 @@ func copyMsg(ctx context.Context, js jetstream.JetStream, stream string, msg *je
 	}
 	from := stream + ":" + strconv.FormatUint(msg.Sequence, 10)
 	out.Header.Set(migratedFromHeader, from)
-	ack, err := js.PublishMsg(ctx, out, jetstream.WithMsgID("volumed-upgrade:"+from))
+	id := "volumed-upgrade:" + from + ":" + strconv.FormatInt(created.UnixNano(), 10)
+	ack, err := js.PublishMsg(ctx, out, jetstream.WithMsgID(id))
 	if errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) {
 		// No stream of the volumed account takes the subject: the first
 		// device stream kept every devices.> message, requests included.

@@ -21,6 +21,50 @@ import (
 // with a queued job, two operation events, and records (a lease too).
 func writeGlobal(t *testing.T, dataDir string) {
 	t.Helper()
+	inGlobal(t, dataDir, func(ctx context.Context, js jetstream.JetStream) {
+		for _, sc := range []jetstream.StreamConfig{
+			{Name: bus.StreamJobs, Subjects: []string{bus.JobsSubjectPrefix + ">"}, Retention: jetstream.WorkQueuePolicy, Storage: jetstream.FileStorage},
+			{Name: bus.StreamOps, Subjects: []string{"volumes.ops.>"}, Storage: jetstream.FileStorage},
+			// The first releases' device stream took every devices.> subject.
+			{Name: bus.StreamDevices, Subjects: []string{"devices.>"}, Storage: jetstream.FileStorage},
+		} {
+			if _, err := js.CreateStream(ctx, sc); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := js.Publish(ctx, bus.JobsSubjectPrefix+"op-2", []byte(`{"operation_id":"op-2"}`), jetstream.WithMsgID("op-2")); err != nil {
+			t.Fatal(err)
+		}
+		for _, id := range []string{"op-1", "op-2"} {
+			if _, err := js.Publish(ctx, "volumes.ops."+id, []byte(`{"id":"`+id+`"}`)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for _, subject := range []string{"devices.vm-1.add", "devices.vm-1.list"} {
+			if _, err := js.Publish(ctx, subject, []byte(`{}`)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "volumed_state", History: 1, Storage: jetstream.FileStorage})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k, v := range map[string]string{"op.op-1": `{"id":"op-1"}`, "op.op-2": `{"id":"op-2"}`, "map.vol-1": `{"volume_id":"vol-1"}`,
+			"export.vol-1": `{"volume_id":"vol-1"}`, "lease.c3dlZXA": `x`, "op.gone": `{}`} {
+			if _, err := kv.Put(ctx, k, []byte(v)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := kv.Delete(ctx, "op.gone"); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// inGlobal runs f on the global account of dataDir's JetStream store, as
+// a volumed before NATS authorization had it.
+func inGlobal(t *testing.T, dataDir string, f func(ctx context.Context, js jetstream.JetStream)) {
+	t.Helper()
 	ctx := context.Background()
 	srv, err := server.NewServer(&server.Options{ServerName: "volumed", DontListen: true, NoLog: true, NoSigs: true,
 		JetStream: true, StoreDir: filepath.Join(dataDir, "nats")})
@@ -38,42 +82,7 @@ func writeGlobal(t *testing.T, dataDir string) {
 	}
 	defer nc.Close()
 	js, _ := jetstream.New(nc)
-	for _, sc := range []jetstream.StreamConfig{
-		{Name: bus.StreamJobs, Subjects: []string{bus.JobsSubjectPrefix + ">"}, Retention: jetstream.WorkQueuePolicy, Storage: jetstream.FileStorage},
-		{Name: bus.StreamOps, Subjects: []string{"volumes.ops.>"}, Storage: jetstream.FileStorage},
-		// The first releases' device stream took every devices.> subject.
-		{Name: bus.StreamDevices, Subjects: []string{"devices.>"}, Storage: jetstream.FileStorage},
-	} {
-		if _, err := js.CreateStream(ctx, sc); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if _, err := js.Publish(ctx, bus.JobsSubjectPrefix+"op-2", []byte(`{"operation_id":"op-2"}`), jetstream.WithMsgID("op-2")); err != nil {
-		t.Fatal(err)
-	}
-	for _, id := range []string{"op-1", "op-2"} {
-		if _, err := js.Publish(ctx, "volumes.ops."+id, []byte(`{"id":"`+id+`"}`)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, subject := range []string{"devices.vm-1.add", "devices.vm-1.list"} {
-		if _, err := js.Publish(ctx, subject, []byte(`{}`)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "volumed_state", History: 1, Storage: jetstream.FileStorage})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for k, v := range map[string]string{"op.op-1": `{"id":"op-1"}`, "op.op-2": `{"id":"op-2"}`, "map.vol-1": `{"volume_id":"vol-1"}`,
-		"export.vol-1": `{"volume_id":"vol-1"}`, "lease.c3dlZXA": `x`, "op.gone": `{}`} {
-		if _, err := kv.Put(ctx, k, []byte(v)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := kv.Delete(ctx, "op.gone"); err != nil {
-		t.Fatal(err)
-	}
+	f(ctx, js)
 }
 
 // checkMoved checks the volumed account holds what writeGlobal wrote
@@ -176,6 +185,63 @@ func TestStartMergesGlobalAccount(t *testing.T) {
 	}
 	writeGlobal(t, dir)
 	checkMoved(t, dir, 1)
+}
+
+// TestStartMergesGlobalAccountAfterDowngrade: a data dir already moved
+// out of the global account (its format recorded) on which a release from
+// before NATS authorization ran again, a downgrade, making its streams
+// and bucket there anew and queuing a job: the next start merges them,
+// the job kept though its stream numbered it 1 again, within the
+// deduplication window of the first move's copy of the job 1 of then.
+func TestStartMergesGlobalAccountAfterDowngrade(t *testing.T) {
+	dir := t.TempDir()
+	writeGlobal(t, dir)
+	checkMoved(t, dir, 2)
+	inGlobal(t, dir, func(ctx context.Context, js jetstream.JetStream) {
+		if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: bus.StreamJobs, Subjects: []string{bus.JobsSubjectPrefix + ">"},
+			Retention: jetstream.WorkQueuePolicy, Storage: jetstream.FileStorage}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := js.Publish(ctx, bus.JobsSubjectPrefix+"op-3", []byte(`{"operation_id":"op-3"}`)); err != nil {
+			t.Fatal(err)
+		}
+		kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "volumed_state", History: 1, Storage: jetstream.FileStorage})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := kv.Put(ctx, "op.op-3", []byte(`{"id":"op-3"}`)); err != nil {
+			t.Fatal(err)
+		}
+	})
+	ctx := context.Background()
+	b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir})
+	if err := b.Start(ctx); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	defer b.Close(ctx)
+	js := b.JetStream()
+	job, err := js.Stream(ctx, bus.StreamJobs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if msg, err := job.GetLastMsgForSubject(ctx, bus.JobsSubjectPrefix+"op-3"); err != nil || string(msg.Data) != `{"operation_id":"op-3"}` {
+		t.Fatalf("the job queued after the downgrade: %v %v", msg, err)
+	}
+	if info, err := job.Info(ctx); err != nil || info.State.Msgs != 2 {
+		t.Fatalf("job stream: %+v %v, want the two jobs", info, err)
+	}
+	kv, err := js.KeyValue(ctx, "volumed_state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"op.op-1", "op.op-2", "op.op-3"} {
+		if _, err := kv.Get(ctx, k); err != nil {
+			t.Errorf("record %s: %v", k, err)
+		}
+	}
+	if entries, _ := os.ReadDir(filepath.Join(dir, "nats", "jetstream", "$G", "streams")); len(entries) != 0 {
+		t.Errorf("the global account still has %d streams", len(entries))
+	}
 }
 
 // TestStartRefusesNewerStore: a store recorded in a format above this

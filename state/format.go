@@ -36,16 +36,24 @@ type Upgrader interface {
 }
 
 // Upgrade brings the records of s to its store's format, or refuses them
-// (upgrade.ErrRefused), before anything reads them.
+// (upgrade.ErrRefused), before anything reads them. The embedded store's
+// are brought by NewKV, before it reads them into its indexes.
 func Upgrade(ctx context.Context, s Store, log *slog.Logger) error {
 	switch s := s.(type) {
 	case *KV:
-		return upgrade.Plan{Name: "embedded store " + s.bucket, Current: KVFormat, Marker: kvMarker{s},
-			Detect: func(context.Context) (int, error) { return KVFormat, nil }, Steps: kvSteps(s)}.Run(ctx, log)
+		return nil
 	case Upgrader:
 		return s.Upgrade(ctx, log)
 	}
 	return fmt.Errorf("state: upgrade: unknown store %T", s)
+}
+
+// upgrade brings the bucket's records to KVFormat, or refuses them, before
+// NewKV reads them or its index cache: a refused store leaves both as
+// they were.
+func (k *KV) upgrade(ctx context.Context, log *slog.Logger) error {
+	return upgrade.Plan{Name: "embedded store " + k.bucket, Current: KVFormat, Marker: kvMarker{k},
+		Detect: func(context.Context) (int, error) { return KVFormat, nil }, Steps: kvSteps(k)}.Run(ctx, log)
 }
 
 // kvSteps are the embedded store's migrations; none yet.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"runtime/debug"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -85,7 +86,7 @@ type KV struct {
 	// delivered: no message after k.seen was stored before it.
 	seenAt   atomic.Int64
 	gap      kvGap // see caughtUp
-	ops      *opIndex
+	ops      *opLayers
 	recent   *recentOps
 	mappings map[string]kvEntry[commands.Mapping]
 	byDevice map[string]string
@@ -94,7 +95,11 @@ type KV struct {
 	ends     endWatches // the watches of WatchEnd
 	held     heldOps    // see PruneOperations
 
-	watcher   *kvWatcher
+	watcher *kvWatcher
+	// compact asks the cache's writer for a new file, and so a new base
+	// of the operation index (opLayers): the delta is full, or the index
+	// is all in the heap after the start.
+	compact   chan struct{}
 	stop      chan struct{} // closed by Close: stops saving the cache
 	saver     sync.WaitGroup
 	closeOnce sync.Once
@@ -111,7 +116,8 @@ type kvEntry[T any] struct {
 }
 
 // NewKV creates or updates the bucket (file storage, one value per key,
-// per-key TTLs for leases), reads every record into the indexes (or the
+// per-key TTLs for leases), brings its records to KVFormat or refuses
+// them (upgrade.ErrRefused), reads every record into the indexes (or the
 // index cache and the records written after it) and keeps watching the
 // bucket until Close.
 func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, error) {
@@ -129,9 +135,12 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	if err != nil {
 		return nil, err
 	}
-	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log, stop: make(chan struct{}),
-		ops: newOpIndex(), recent: newRecentOps(kvRecentOps), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
+	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log, stop: make(chan struct{}), compact: make(chan struct{}, 1),
+		ops: newOpLayers(), recent: newRecentOps(kvRecentOps), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
 		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
+	if err := k.upgrade(ctx, cfg.Logger); err != nil {
+		return nil, fmt.Errorf("state: kv %s: %w", cfg.Bucket, err)
+	}
 	if cfg.IndexCache != "" {
 		k.cache, k.sealKey = cfg.IndexCache, newSealKey() // loadCache keeps the file's
 	}
@@ -155,9 +164,32 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	k.mu.RUnlock()
 	k.log.Info("state store ready", "operations", nops, "mappings", nmaps)
 	if k.cache != "" {
+		if nops > 0 {
+			k.mu.Lock()
+			if k.ops.base == nil {
+				// Read from every record or from a version 2 file:
+				// into the heap, which a base on disk now replaces.
+				select {
+				case k.compact <- struct{}{}:
+				default: // asked already (nudge)
+				}
+			}
+			k.mu.Unlock()
+		}
 		k.saver.Go(k.saveCacheEvery)
 	}
 	return k, nil
+}
+
+// nudge asks for a new base when the operation index's delta is full.
+// k.mu is held.
+func (k *KV) nudge() {
+	if k.cache != "" && k.ops.full() {
+		select {
+		case k.compact <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // kvCacheInfoWait bounds the periodic cache write's requests (the
@@ -166,27 +198,64 @@ const kvCacheInfoWait = 10 * time.Second
 
 // saveCacheEvery writes the index cache every kvCacheEvery when the
 // bucket changed since the last one, until Close.
+//
+// It also writes one when the operation index asks for a new base
+// (KV.compact). Once the start's is written (or at once when the start
+// needed none), it returns the memory the start freed to the OS: the
+// heap of the start (the embedded server's recovery, the index read into
+// the heap) would otherwise stay resident.
 func (k *KV) saveCacheEvery() {
 	t := time.NewTicker(kvCacheEvery)
 	defer t.Stop()
+	freed := false
+	// When this process last wrote the file: never, at first, so that
+	// the first tick writes it if the bucket changed (the file loaded may
+	// be hours old).
+	var last time.Time
 	for {
+		now := false
+		if !freed && len(k.compact) == 0 {
+			freed = true
+			debug.FreeOSMemory()
+		}
 		select {
 		case <-k.stop:
 			return
 		case <-t.C:
+		case <-k.compact:
+			now = true
 		}
 		k.mu.RLock()
-		changed := k.seen != k.cached
+		changed, pending := k.seen != k.cached, k.ops.pending()
 		k.mu.RUnlock()
-		if changed {
+		if now || cacheDue(changed, pending, time.Since(last)) {
 			ctx, cancel := context.WithTimeout(context.Background(), kvCacheInfoWait)
 			err := k.saveCache(ctx)
 			cancel()
 			if err != nil {
 				k.log.Warn("index cache not written", "err", err)
+			} else {
+				last = time.Now()
 			}
 		}
 	}
+}
+
+// The periodic cache write: each one writes a new base of the operation
+// index (at a million operations, 167 MB). Every kvCacheEvery it is
+// written when the bucket changed and the delta holds kvCachePending
+// operations or more, or the last file is kvCacheStale old: a start after
+// a crash reads at most that much since the file.
+const (
+	kvCachePending = 4096
+	kvCacheStale   = time.Hour
+)
+
+// cacheDue reports whether the periodic cache write is due: the bucket
+// changed, and pending operations are in the delta, the last file age
+// old.
+func cacheDue(changed bool, pending int, age time.Duration) bool {
+	return changed && (pending >= kvCachePending || age >= kvCacheStale)
 }
 
 // fresh reports whether revision rev should replace the in-memory entry at
@@ -239,6 +308,7 @@ func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []b
 	}
 	k.ops.put(rev, op)
 	k.recent.put(id, rev, raw)
+	k.nudge()
 	return nil
 }
 
@@ -913,8 +983,7 @@ func (k *KV) Stats(ctx context.Context) (Stats, error) {
 	}
 	k.mu.RLock()
 	defer k.mu.RUnlock()
-	s := k.ops.stats
-	s.ByType, s.ByStatus = maps.Clone(s.ByType), maps.Clone(s.ByStatus)
+	s := k.ops.stats()
 	s.Writes = k.writes.Load()
 	return s, nil
 }

@@ -146,10 +146,11 @@ func TestKVWatcherOutlivesItsServer(t *testing.T) {
 	t.Logf("seen %v after the watcher's server went", time.Since(killed).Round(time.Millisecond))
 }
 
-// TestKVUpgradeWaitsForQuorum: the store's format, read and recorded at
-// start (state.Upgrade), waits while the bucket has no quorum (the two
-// other members restarting, its leader among them) and is recorded once
-// they are back, instead of failing the start.
+// TestKVUpgradeWaitsForQuorum: a start on a bucket of a release from
+// before formats were recorded, whose format NewKV reads and records,
+// waits while the bucket has no quorum (the two other members
+// restarting, its leader among them) and records it once they are back,
+// instead of failing the start.
 func TestKVUpgradeWaitsForQuorum(t *testing.T) {
 	c, _ := testenv.StartJSCluster(t, clusterSize)
 	bucket := nextBucket()
@@ -157,12 +158,27 @@ func TestKVUpgradeWaitsForQuorum(t *testing.T) {
 	if err := setup.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	old, err := jsOf(t, c, 0).KeyValue(context.Background(), bucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Purge(context.Background(), "meta.format"); err != nil {
+		t.Fatal(err)
+	}
 	// The member that stays leads neither the cluster nor the bucket.
 	survivor := c.AnyBystander("KV_" + bucket)
-	s, logs := openMember(t, c, survivor, bucket, "")
+	_, js := c.Connect(survivor)
+	logs := &logBuffer{}
 	c.StopAllBut(survivor)
 	done := make(chan error, 1)
-	go func() { done <- state.Upgrade(context.Background(), s, quietLog) }()
+	go func() {
+		s, err := state.NewKV(context.Background(), js, state.KVConfig{Bucket: bucket, Replicas: clusterSize,
+			Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+		if err == nil {
+			t.Cleanup(func() { _ = s.Close(context.Background()) })
+		}
+		done <- err
+	}()
 	c.OutlastOutage(survivor, logs, done)
 	kv, err := jsOf(t, c, survivor).KeyValue(context.Background(), bucket)
 	if err != nil {

@@ -38,7 +38,7 @@ func TestKVApplyOrder(t *testing.T) {
 		{"delete delivered before an older own write returns", []apply{{9, true, true}, {8, false, false}}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			k := &KV{ops: newOpIndex(), recent: newRecentOps(4)}
+			k := &KV{ops: newOpLayers(), recent: newRecentOps(4)}
 			for _, st := range tc.steps {
 				data := raw
 				if st.deleted {
@@ -58,8 +58,8 @@ func TestKVApplyOrder(t *testing.T) {
 				}
 			}
 			_, _, listed := k.ops.rev(op.ID)
-			if n := len(k.ops.lists["status:"+string(op.Status)]); listed != tc.listed || (n == 1) != tc.listed || k.ops.stats.Total != int64(n) {
-				t.Fatalf("entry %v, indexed %d, total %d; want listed %v", listed, n, k.ops.stats.Total, tc.listed)
+			if n := len(k.ops.delta.lists["status:"+string(op.Status)]); listed != tc.listed || (n == 1) != tc.listed || k.ops.stats().Total != int64(n) {
+				t.Fatalf("entry %v, indexed %d, total %d; want listed %v", listed, n, k.ops.stats().Total, tc.listed)
 			}
 		})
 	}
@@ -70,7 +70,7 @@ func TestKVApplyOrder(t *testing.T) {
 // and need not decode; a revision they do not hold must.
 func TestKVApplySkipsWhatItHolds(t *testing.T) {
 	op := commands.Operation{ID: "op-1", Type: commands.OpCreate, Status: commands.StatusPending, CreatedAt: time.Unix(1, 0)}
-	k := &KV{ops: newOpIndex(), recent: newRecentOps(4)}
+	k := &KV{ops: newOpLayers(), recent: newRecentOps(4)}
 	if err := k.applyOpValue(op.ID, 7, &op, nil, false); err != nil {
 		t.Fatal(err)
 	}

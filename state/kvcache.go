@@ -39,9 +39,12 @@ const (
 	// whenever what the index derives from a record does (its fields,
 	// opScore, completedAt, Duration, VM): a file of another version is
 	// not read, so a release never loads values another one derived.
-	kvCacheVersion = 2
-	// kvCacheEvery is how often a running store writes its cache (when
-	// the bucket changed since the last one); it is also written at Close.
+	kvCacheVersion = 3
+	// kvCacheVersionV2 is the version before it: the slots as varints,
+	// read into the heap (and written as version 3 at once: KV.New).
+	kvCacheVersionV2 = 2
+	// kvCacheEvery is how often a running store asks whether to write
+	// its cache (cacheDue); it is also written at Close.
 	kvCacheEvery = 10 * time.Minute
 	// kvCacheMaxAge is the oldest cache a start uses. A delete leaves a
 	// marker that expires after kvMarkerTTL: a cache older than that
@@ -84,7 +87,7 @@ type kvCache struct {
 	sealKey   string
 	sealSeq   uint64
 	sealNonce string
-	ops       *opIndex
+	ops       *opLayers
 	mappings  map[string]kvEntry[commands.Mapping]
 	exports   map[string]kvEntry[commands.Export]
 	// The lowest and highest revision held, and the key at the highest.
@@ -117,7 +120,7 @@ func (k *KV) saveCache(ctx context.Context) error {
 		return errors.New("state: write index cache: the stream's leader has lost its quorum")
 	}
 	tmp := k.cache + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
 		return fmt.Errorf("state: write index cache: %w", err)
 	}
@@ -125,9 +128,6 @@ func (k *KV) saveCache(ctx context.Context) error {
 		_ = f.Close()
 		_ = os.Remove(tmp) // gone after a rename
 	}()
-	sum := crc32.New(kvCacheCRC)
-	w := bufio.NewWriterSize(io.MultiWriter(f, sum), 1<<16)
-	e := cacheEncoder{w: w}
 	nonce := uuid.NewString()
 	rctx, cancel = context.WithTimeout(ctx, kvCacheRequestWait)
 	ack, err := k.js.Publish(rctx, k.subject(k.sealKey), []byte(nonce), jetstream.WithMsgTTL(kvCacheSealTTL))
@@ -144,43 +144,139 @@ func (k *KV) saveCache(ctx context.Context) error {
 	if terr != nil || target > k.seen {
 		complete = min(complete, k.seenAt.Load())
 	}
-	e.str(kvCacheMagic)
-	e.uvarint(kvCacheVersion)
-	e.str(info.Config.Name)
-	e.varint(info.Created.UnixNano())
-	e.uvarint(seq)
-	e.varint(complete)
-	e.str(k.sealKey)
-	e.uvarint(ack.Sequence)
-	e.str(nonce)
-	k.ops.encode(&e, seq)
-	encodeEntries(&e, k.mappings, seq)
-	encodeEntries(&e, k.exports, seq)
-	k.mu.RUnlock()
-	if err := w.Flush(); err != nil {
+	ops := k.ops
+	// The changes made from now on are made again on the new base.
+	journal := []opChange{}
+	ops.journal = &journal
+	head := cacheHead{stream: info.Config.Name, created: info.Created.UnixNano(), seq: seq, written: complete,
+		sealKey: k.sealKey, sealSeq: ack.Sequence, nonce: nonce}
+	var rest []opChange
+	if ops.small() {
+		// Written from a copy, without the lock: writes and reads go
+		// on meanwhile.
+		snap, mappings, exports := ops.snapshot(), maps.Clone(k.mappings), maps.Clone(k.exports)
+		k.mu.RUnlock()
+		err = writeCacheBody(f, head, snap, mappings, exports)
+		rest = snap.rest(seq)
+	} else {
+		// A delta as large as the start's (every record read into the
+		// heap) is not copied: written under the lock.
+		err = writeCacheBody(f, head, ops, k.mappings, k.exports)
+		rest = ops.rest(seq)
+		k.mu.RUnlock()
+	}
+	defer func() {
+		k.mu.Lock()
+		ops.journal = nil
+		k.mu.Unlock()
+	}()
+	if err != nil {
 		return fmt.Errorf("state: write index cache: %w", err)
 	}
-	if _, err := f.Write(binary.LittleEndian.AppendUint32(nil, sum.Sum32())); err != nil {
+	if err := finishCacheFile(f, tmp, k.cache); err != nil {
 		return fmt.Errorf("state: write index cache: %w", err)
+	}
+	// The new base, read back as a start would: it replaces the base and
+	// the delta it was written from.
+	c, err := readCache(k.cache)
+	if err != nil {
+		return fmt.Errorf("state: read index cache written: %w", err)
+	}
+	k.mu.Lock()
+	c.ops.adopt(ops, rest, journal)
+	k.ops = c.ops
+	k.cached = ack.Sequence // the seal is no change to write again
+	n := k.ops.len()
+	k.mu.Unlock()
+	k.log.Debug("index cache written", "cache", k.cache, "sequence", seq, "operations", n,
+		"took", time.Since(began).Round(time.Millisecond))
+	return nil
+}
+
+// cacheHead is what a cache file begins with, after its version.
+type cacheHead struct {
+	stream  string
+	created int64 // the stream's creation, Unix ns
+	seq     uint64
+	written int64 // Unix ns
+	sealKey string
+	sealSeq uint64
+	nonce   string
+}
+
+// writeCacheBody writes a cache file of version 3 to f, but its
+// checksum: h, the mappings and exports, and the base of the operations
+// of ops at revisions up to h.seq.
+func writeCacheBody(f *os.File, h cacheHead, ops *opLayers, mappings map[string]kvEntry[commands.Mapping], exports map[string]kvEntry[commands.Export]) error {
+	return writeBase(f, ops.records(h.seq), func(strs []string, kinds int, named []opNamed, termDur time.Duration) (int64, error) {
+		cw := &countWriter{w: f}
+		w := bufio.NewWriterSize(cw, 1<<16)
+		e := cacheEncoder{w: w}
+		e.str(kvCacheMagic)
+		e.uvarint(kvCacheVersion)
+		e.str(h.stream)
+		e.varint(h.created)
+		e.uvarint(h.seq)
+		e.varint(h.written)
+		e.str(h.sealKey)
+		e.uvarint(h.sealSeq)
+		e.str(h.nonce)
+		encodeEntries(&e, mappings, h.seq)
+		encodeEntries(&e, exports, h.seq)
+		e.uvarint(uint64(len(strs)))
+		e.uvarint(uint64(kinds))
+		for _, s := range strs {
+			e.str(s)
+		}
+		e.uvarint(uint64(len(named)))
+		for _, n := range named {
+			e.uvarint(uint64(n.slot))
+			e.str(n.id)
+		}
+		e.varint(int64(termDur))
+		err := w.Flush()
+		return cw.n, err
+	})
+}
+
+// finishCacheFile appends the checksum of what f (at tmp) holds, syncs
+// it and renames it to path, so that a crash leaves the last file or the
+// new one, whole.
+func finishCacheFile(f *os.File, tmp, path string) error {
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	sum, err := crcFile(f, st.Size())
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteAt(binary.LittleEndian.AppendUint32(nil, sum), st.Size()); err != nil {
+		return err
 	}
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("state: write index cache: %w", err)
+		return err
 	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("state: write index cache: %w", err)
+	if err := os.Rename(tmp, path); err != nil {
+		return err
 	}
-	if err := os.Rename(tmp, k.cache); err != nil {
-		return fmt.Errorf("state: write index cache: %w", err)
-	}
-	if d, err := os.Open(filepath.Dir(k.cache)); err == nil {
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
 		_ = d.Sync() // the rename itself
 		_ = d.Close()
 	}
-	k.mu.Lock()
-	k.cached = ack.Sequence // the seal is no change to write again
-	k.mu.Unlock()
-	k.log.Debug("index cache written", "cache", k.cache, "sequence", seq, "took", time.Since(began).Round(time.Millisecond))
 	return nil
+}
+
+// countWriter counts the bytes written through it.
+type countWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
 }
 
 // quorate reports whether the stream of info has a leader with a quorum
@@ -220,10 +316,12 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	if err != nil {
 		// No answer is no doubt of the file: the next start asks again.
 		k.log.Warn("index cache not checked: reading every record", "cache", k.cache, "err", err)
+		c.ops.base.close()
 		return 0
 	}
 	if why != "" {
 		k.log.Info("index cache not used: reading every record", "cache", k.cache, "reason", why)
+		c.ops.base.close()
 		k.dropCache()
 		return 0
 	}
@@ -334,53 +432,91 @@ func (k *KV) getMsg(ctx context.Context, seq uint64) (*jetstream.RawStreamMsg, e
 	return msg, err
 }
 
-// readCache reads and decodes a cache file, checking its checksum. It
-// reads the file as a stream: a whole-file buffer would be as large as
+// readCache reads and checks a cache file. Of version 3, the base of
+// the operation index stays in the file, open, and is read from it
+// (opBase); of version 2 (the release before), the operations are read
+// into the heap, as a stream: a whole-file buffer would be as large as
 // the index, and garbage right after the start.
 func readCache(path string) (*kvCache, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	c, err := readCacheFile(f, path)
+	if err != nil || c.ops.base == nil {
+		_ = f.Close()
+	}
+	return c, err
+}
+
+func readCacheFile(f *os.File, path string) (*kvCache, error) {
 	st, err := f.Stat()
 	if err != nil {
 		return nil, err
 	}
-	if st.Size() < 4 {
+	size := st.Size()
+	if size < 4 {
 		return nil, errors.New("truncated")
 	}
-	sum := crc32.New(kvCacheCRC)
-	body := &io.LimitedReader{R: f, N: st.Size() - 4}
-	d := &cacheDecoder{r: bufio.NewReaderSize(io.TeeReader(body, sum), 1<<16), left: body}
-	c, err := decodeCache(d)
+	// The version, from the file's first bytes.
+	head := &io.LimitedReader{R: io.NewSectionReader(f, 0, size-4), N: size - 4}
+	hd := &cacheDecoder{r: bufio.NewReaderSize(head, 64), left: head}
+	if hd.str() != kvCacheMagic {
+		return nil, cmp.Or(hd.err, errors.New("not an index cache"))
+	}
+	switch v := hd.uvarint(); {
+	case hd.err != nil:
+		return nil, hd.err
+	case v == kvCacheVersionV2:
+		return readCacheV2(f, size)
+	case v != kvCacheVersion:
+		return nil, fmt.Errorf("version %d, not %d", v, kvCacheVersion)
+	}
+	if size < baseFooter+4 {
+		return nil, errors.New("truncated")
+	}
+	var end [8]byte
+	if _, err := f.ReadAt(end[:], size-4-8); err != nil {
+		return nil, err
+	}
+	prefix := int64(binary.LittleEndian.Uint64(end[:]))
+	if prefix <= 0 || prefix > size-4-baseFooter {
+		return nil, errors.New("bad footer")
+	}
+	body := &io.LimitedReader{R: io.NewSectionReader(f, 0, prefix), N: prefix}
+	d := &cacheDecoder{r: bufio.NewReaderSize(body, 1<<16), left: body}
+	c, err := decodeCacheHead(d, kvCacheVersion)
 	if err != nil {
 		return nil, err
 	}
-	var tail [4]byte
-	if _, err := io.ReadFull(f, tail[:]); err != nil {
+	c.mappings = decodeEntries[commands.Mapping](d, c, kvMappingPrefix)
+	c.exports = decodeEntries[commands.Export](d, c, kvExportPrefix)
+	if d.err != nil {
+		return nil, d.err
+	}
+	b, err := openBase(f, path, size, d, c)
+	if err != nil {
 		return nil, err
 	}
-	if sum.Sum32() != binary.LittleEndian.Uint32(tail[:]) {
-		return nil, errors.New("bad checksum")
-	}
+	c.ops = layersOn(b)
 	return c, nil
 }
 
-// decodeCache decodes what saveCache wrote, before its checksum.
-func decodeCache(d *cacheDecoder) (*kvCache, error) {
-	if d.str() != kvCacheMagic {
-		return nil, cmp.Or(d.err, errors.New("not an index cache"))
-	}
-	if v := d.uvarint(); v != kvCacheVersion {
-		return nil, cmp.Or(d.err, fmt.Errorf("version %d, not %d", v, kvCacheVersion))
-	}
-	c := &kvCache{stream: d.str(), created: time.Unix(0, d.varint()), seq: d.uvarint(), written: time.Unix(0, d.varint()),
-		sealKey: d.str(), sealSeq: d.uvarint(), sealNonce: d.str()}
-	var err error
-	if c.ops, err = decodeOpIndex(d, c); err != nil {
+// readCacheV2 reads a cache file of version 2 into the heap.
+func readCacheV2(f *os.File, size int64) (*kvCache, error) {
+	sum := crc32.New(kvCacheCRC)
+	body := &io.LimitedReader{R: io.NewSectionReader(f, 0, size-4), N: size - 4}
+	d := &cacheDecoder{r: bufio.NewReaderSize(io.TeeReader(body, sum), 1<<16), left: body}
+	c, err := decodeCacheHead(d, kvCacheVersionV2)
+	if err != nil {
 		return nil, err
 	}
+	x, err := decodeOpIndex(d, c)
+	if err != nil {
+		return nil, err
+	}
+	c.ops = newOpLayers()
+	c.ops.delta = x
 	c.mappings = decodeEntries[commands.Mapping](d, c, kvMappingPrefix)
 	c.exports = decodeEntries[commands.Export](d, c, kvExportPrefix)
 	if d.err != nil {
@@ -389,7 +525,28 @@ func decodeCache(d *cacheDecoder) (*kvCache, error) {
 	if d.remaining() != 0 {
 		return nil, errors.New("trailing bytes")
 	}
+	var tail [4]byte
+	if _, err := f.ReadAt(tail[:], size-4); err != nil {
+		return nil, err
+	}
+	if sum.Sum32() != binary.LittleEndian.Uint32(tail[:]) {
+		return nil, errors.New("bad checksum")
+	}
 	return c, nil
+}
+
+// decodeCacheHead decodes the header every version begins with: its
+// magic, version (which must be version), stream, sequence and seal.
+func decodeCacheHead(d *cacheDecoder, version uint64) (*kvCache, error) {
+	if d.str() != kvCacheMagic {
+		return nil, cmp.Or(d.err, errors.New("not an index cache"))
+	}
+	if v := d.uvarint(); v != version {
+		return nil, cmp.Or(d.err, fmt.Errorf("version %d, not %d", v, version))
+	}
+	c := &kvCache{stream: d.str(), created: time.Unix(0, d.varint()), seq: d.uvarint(), written: time.Unix(0, d.varint()),
+		sealKey: d.str(), sealSeq: d.uvarint(), sealNonce: d.str()}
+	return c, d.err
 }
 
 // note records revision rev in c's bounds, and reports whether it is the
@@ -405,68 +562,7 @@ func (c *kvCache) note(rev uint64) bool {
 	return false
 }
 
-// encode writes the live operations at revisions up to maxRev, oldest
-// first, after one table of the interned strings (the layout of every
-// release: the types and statuses were interned with the names): "",
-// the kinds' not among the names, then the names' after "", so that the
-// few types and statuses keep one-byte numbers.
-func (x *opIndex) encode(e *cacheEncoder, maxRev uint64) {
-	var only []string                           // kinds not among the names
-	kindAt := make([]uint32, len(x.kinds.strs)) // kinds number → table number
-	for h, s := range x.kinds.strs {
-		if _, named := x.names.ids[s]; h != 0 && s != "" && !named {
-			only = append(only, s)
-			kindAt[h] = uint32(len(only))
-		}
-	}
-	shift := uint32(len(only)) // names number → table number: + shift
-	for h, s := range x.kinds.strs {
-		if at, named := x.names.ids[s]; h != 0 && s != "" && named {
-			kindAt[h] = at + shift
-		}
-	}
-	nameAt := func(h uint32) uint32 {
-		if h == 0 {
-			return 0
-		}
-		return h + shift
-	}
-	e.uvarint(uint64(1 + len(only) + len(x.names.strs) - 1))
-	e.str("")
-	for _, s := range only {
-		e.str(s)
-	}
-	for _, s := range x.names.strs[1:] {
-		e.str(s)
-	}
-	n := 0
-	for i := range x.ascending {
-		if x.slots[i].rev <= maxRev {
-			n++
-		}
-	}
-	e.uvarint(uint64(n))
-	var id []byte
-	for i := range x.ascending {
-		s := &x.slots[i]
-		if s.rev > maxRev {
-			continue
-		}
-		id = x.appendID(id[:0], i)
-		e.bytes(id)
-		e.uvarint(s.rev)
-		e.varint(s.created)
-		completed, duration := x.times(i)
-		e.varint(completed)
-		e.varint(int64(duration))
-		h := x.handles(i)
-		for _, v := range [...]uint32{kindAt[h[0]], kindAt[h[1]], nameAt(h[2]), nameAt(h[3]), nameAt(h[4])} {
-			e.uvarint(uint64(v))
-		}
-	}
-}
-
-// decodeOpIndex reads what encode wrote into a new index. The operations
+// decodeOpIndex reads the operations of a version 2 file into a new index. The operations
 // come oldest first, so each list is made by appending.
 func decodeOpIndex(d *cacheDecoder, c *kvCache) (*opIndex, error) {
 	x := newOpIndex()

@@ -11,7 +11,9 @@ import (
 	"github.com/volumed/volumed/commands"
 )
 
-// opIndex is the in-memory index of the embedded store's operations: per
+// opIndex is an in-memory index of the embedded store's operations (the
+// delta of opLayers, in front of its base on disk; all of them until the
+// first base is written): per
 // operation, only what the listings, the prune and the counters need (its
 // id, revision, times and interned field values: a 56-byte slot holding
 // the id's 16 bytes, 8 to 16 bytes of idTable and a 4-byte entry per list
@@ -513,9 +515,18 @@ func (x *opIndex) matches(m opMatch, i uint32) bool {
 // lists merged when it selects by nothing; more reports whether another
 // one follows.
 func (x *opIndex) list(f Filter, after *opRef, limit int) (ids []string, revs []uint64, more bool) {
+	hits, more := x.hits(f, after, limit)
+	for _, h := range hits {
+		ids, revs = append(ids, h.id), append(revs, h.rev)
+	}
+	return ids, revs, more
+}
+
+// hits is list with each operation's creation score.
+func (x *opIndex) hits(f Filter, after *opRef, limit int) (hits []opHit, more bool) {
 	m := x.match(f)
 	if !m.ok {
-		return nil, nil, false
+		return nil, false
 	}
 	var walk [][]uint32
 	if names := filterIndexes(f); names[0] == "all" {
@@ -553,17 +564,17 @@ func (x *opIndex) list(f Filter, after *opRef, limit int) (ids []string, revs []
 			}
 		}
 		if next < 0 {
-			return ids, revs, false
+			return hits, false
 		}
 		pos[next]--
 		i := walk[next][pos[next]]
 		if !x.matches(m, i) {
 			continue
 		}
-		if limit > 0 && len(ids) == limit {
-			return ids, revs, true
+		if limit > 0 && len(hits) == limit {
+			return hits, true
 		}
-		ids, revs = append(ids, x.idOf(i)), append(revs, x.slots[i].rev)
+		hits = append(hits, opHit{id: x.idOf(i), rev: x.slots[i].rev, score: x.slots[i].created})
 	}
 }
 

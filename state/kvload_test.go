@@ -507,9 +507,9 @@ func TestKVFullReadLastRemoved(t *testing.T) {
 	}
 	writer := newKV(t, js, bucket)
 	// The first pull asks for kvLoadBatch (4,096) messages: the marker is
-	// the 4,097th.
+	// the 4,097th, after the format the writer recorded and the records.
 	const first = 4096
-	fillBucket(t, js, bucket, first)
+	fillBucket(t, js, bucket, first-1)
 	kv, err := js.KeyValue(ctx, bucket)
 	if err != nil {
 		t.Fatal(err)

@@ -96,8 +96,8 @@ func (w *kvWatcher) begin(pending uint64) {
 	if w.all {
 		w.k.mu.Lock()
 		if !w.isLoaded.Load() { // settle may have found every record read
-			w.k.ops.grow(int(pending))
-			w.k.ops.deferred = true
+			w.k.ops.delta.grow(int(pending))
+			w.k.ops.delta.deferred = true
 		}
 		w.k.mu.Unlock()
 	}
@@ -305,7 +305,7 @@ func (w *kvWatcher) markLoaded() {
 	w.loadOnce.Do(func() {
 		w.k.mu.Lock()
 		w.isLoaded.Store(true)
-		w.k.ops.endDeferred()
+		w.k.ops.delta.endDeferred()
 		w.k.mu.Unlock()
 		close(w.loaded)
 	})
@@ -411,9 +411,10 @@ func putWatchedOp[S ~string | ~[]byte](k *KV, id string, rev uint64, f *opFields
 	defer k.mu.Unlock()
 	// fresh but for the revision the index holds, which putNewer looks
 	// up.
-	if !k.fresh(0, rev, true) || !putNewer(k.ops, id, rev, f) {
+	if !k.fresh(0, rev, true) || !putNewerLayers(k.ops, id, rev, f) {
 		return
 	}
+	k.nudge()
 	if recent {
 		k.recent.put(id, rev, raw)
 	}

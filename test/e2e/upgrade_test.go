@@ -174,6 +174,41 @@ func TestUpgradeInPlace(t *testing.T) {
 	}
 }
 
+// TestUpgradeAfterDowngrade: the release before NATS authorization run
+// again on a data dir this release wrote (a downgrade) starts empty and
+// records what it accepts in the global account, a create completed and
+// one queued during a CloudStack outage; this release started again on it
+// lists every operation, of both, and runs the queued create once.
+func TestUpgradeAfterDowngrade(t *testing.T) {
+	sim := startSim(t, cloudsim.Config{})
+	o := daemonOpts{dataDir: t.TempDir()}
+	d := startDaemon(t, sim, o)
+	d.createVolume("before-downgrade", 1)
+	d.stop()
+
+	old := newDaemon(t, sim, o)
+	old.bin = oldVolumed(t, releasePreAuth)
+	old.start()
+	t.Cleanup(old.stop)
+	old.createVolume("during-downgrade", 1)
+	sim.SetFaults(cloudsim.Faults{Outage: true})
+	queued := old.submit(http.MethodPost, "/volumes", map[string]any{"name": "queued-during-downgrade", "size": 1 << 30,
+		"disk_offering_id": cloudsim.CustomOfferingID, "zone_id": cloudsim.ZoneID})
+	old.stop()
+
+	d.start()
+	if n := len(d.operations()); n != 3 {
+		t.Fatalf("%d operations after the downgrade and the upgrade again, want 3:\n%s", n, d.out.String())
+	}
+	sim.SetFaults(cloudsim.Faults{})
+	d.completed(queued.ID)
+	cs := csapi.New(csapi.Config{URL: sim.URL(), APIKey: cloudsim.DefaultAPIKey, SecretKey: cloudsim.DefaultSecretKey})
+	made, err := cs.ListVolumes(context.Background(), csapi.ListFilter{Name: "queued-during-downgrade"})
+	if err != nil || len(made) != 1 {
+		t.Fatalf("the queued create made %v (%v), want one volume", made, err)
+	}
+}
+
 // TestUpgradeRefusesNewerData: a data dir recorded by a newer release is
 // refused at start, exit status 2, with the reason, and left as it was.
 func TestUpgradeRefusesNewerData(t *testing.T) {
