@@ -32,10 +32,17 @@ const (
 	RoleObserver = "observer"
 	// RoleAgent is a device agent's identity, one per VM (AgentCreds).
 	RoleAgent = "agent"
+	// RoleService is volumed's command service (Bus.ServiceConn): it takes
+	// the commands and the service discovery requests ($SRV) and answers
+	// them on _INBOX.> (operator's and observer's inboxes) and the
+	// daemons' inboxes, and nowhere else. A reply subject is the requester's to choose: answered with
+	// the daemon's identity, $SRV.PING with the reply subject of a state
+	// record overwrote that record.
+	RoleService = "service"
 )
 
 // Roles whose credentials volumed writes into the creds directory at start.
-var fixedRoles = []string{RoleDaemon, RoleOperator, RoleObserver}
+var fixedRoles = []string{RoleDaemon, RoleOperator, RoleObserver, RoleService}
 
 // Inbox prefixes. The daemon and the agents take replies on inboxes no
 // other identity may subscribe to; operator and observer keep the default
@@ -319,6 +326,9 @@ func rolePermissions(role string) (jwt.Permissions, bool) {
 		readEvents(&p)
 	case RoleObserver:
 		readEvents(&p)
+	case RoleService:
+		p.Sub.Allow.Add(commandSubjects, "$SRV.>")
+		p.Pub.Allow.Add("_INBOX.>", daemonInboxPrefix+".>") // the daemons' discovery too
 	default:
 		return p, false
 	}
@@ -413,6 +423,25 @@ func FromConsumer(msg *nats.Msg) bool { return FromConsumerReply(msg.Reply) }
 // FromConsumerReply reports whether a message with this reply subject was
 // delivered by a JetStream consumer (its reply is the consumer's ack).
 func FromConsumerReply(reply string) bool { return strings.HasPrefix(reply, "$JS.ACK.") }
+
+// ReplyAllowed reports whether volumed may publish the answer to a request
+// on its reply subject. A client sets the reply subject freely, and volumed
+// publishes with its own identity, which may publish almost anywhere: a
+// command with the reply subject $KV.volumed_state.<key> had volumed
+// overwrite that state record with its answer. So no answer goes to a
+// subject of the server ($: JetStream API, KV, services, system), to
+// volumed's own subjects (volumed., volumes., devices.) or to volumed's
+// or an agent's inboxes; a client's inbox (_INBOX.> or a prefix of its
+// own) is fine.
+func ReplyAllowed(reply string) bool {
+	for _, p := range []string{"$", "volumed.", "volumes.", commands.SubjectDevicesPrefix,
+		daemonInboxPrefix, agentInboxPrefix} {
+		if strings.HasPrefix(reply, p) {
+			return false
+		}
+	}
+	return true
+}
 
 // Published wraps a handler of requests or events so that it ignores
 // what a JetStream consumer delivered (FromConsumer).

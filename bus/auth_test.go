@@ -457,3 +457,31 @@ func TestConsumerCopiesAreIgnored(t *testing.T) {
 		t.Fatalf("handled %s (reply %q), %d more", m.Data, m.Reply, len(handled))
 	}
 }
+
+// TestReplyAllowed: volumed answers on a client's inbox, never on a
+// subject of the server or of volumed's own.
+func TestReplyAllowed(t *testing.T) {
+	for _, tc := range []struct {
+		reply string
+		want  bool
+	}{
+		{"_INBOX.abc.1", true},
+		{"_INBOX_mine.x", true},
+		{"replies.team-a", true},
+		{"$KV.volumed_state.map.vol-1", false},
+		{"$JS.API.STREAM.DELETE.VOLUMED_JOBS", false},
+		{"$SRV.PING", false},
+		{"$SYS.REQ.SERVER.PING", false},
+		{"volumed.jobs.v1.op-1", false},
+		{"volumed.hosts.vm-1.exports", false},
+		{"volumes.ops.op-1", false},
+		{"volumes.cmd.delete", false},
+		{"devices.vm-1.add", false},
+		{"_INBOX_volumed.x", false},
+		{"_INBOX_agent.vm-1.x", false},
+	} {
+		if got := bus.ReplyAllowed(tc.reply); got != tc.want {
+			t.Errorf("ReplyAllowed(%q) = %v, want %v", tc.reply, got, tc.want)
+		}
+	}
+}

@@ -54,6 +54,12 @@ var (
 // DefaultListen is where the embedded server listens without a config file.
 const DefaultListen = "127.0.0.1:4222"
 
+// DefaultMaxConns caps the embedded server's client connections (volumed's
+// own included) when its config sets no max_connections: over it a client
+// gets "-ERR 'maximum connections exceeded'" and is closed at once, so a
+// flood of connections holds a bounded number of file descriptors.
+const DefaultMaxConns = 1024
+
 // Config configures a Bus. The zero value runs an embedded server on
 // DefaultListen with JetStream under the working directory.
 type Config struct {
@@ -109,6 +115,7 @@ type Bus struct {
 	log    *slog.Logger
 	srv    *server.Server
 	nc     *nats.Conn
+	svc    *nats.Conn // ServiceConn; nil with an external server
 	js     jetstream.JetStream
 	closer lifecycle.Stopper
 }
@@ -166,6 +173,18 @@ func (b *Bus) Start(ctx context.Context) error {
 		return fmt.Errorf("bus: connect %s: %w", url, err)
 	}
 	b.nc = nc
+	if b.srv != nil && !b.cfg.ClientOnly {
+		svc, err := nats.Connect(dial, nats.InProcessServer(b.srv), nats.UserCredentials(CredsFile(b.cfg.CredsDir, RoleService)),
+			nats.Name(b.cfg.Name+"-service"), nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond),
+			nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+				b.log.Warn("command service connection", "err", err)
+			}))
+		if err != nil {
+			b.closeAll()
+			return fmt.Errorf("bus: connect the command service: %w", err)
+		}
+		b.svc = svc
+	}
 	if b.js, err = jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(asyncMaxPending),
 		jetstream.WithPublishAsyncTimeout(asyncAckTimeout),
 		jetstream.WithPublishAsyncErrHandler(func(_ jetstream.JetStream, msg *nats.Msg, err error) {
@@ -209,6 +228,9 @@ func (b *Bus) startEmbedded(ctx context.Context) (*server.Server, error) {
 			p = server.RANDOM_PORT
 		}
 		opts.Host, opts.Port = host, p
+	}
+	if opts.MaxConn == 0 {
+		opts.MaxConn = DefaultMaxConns
 	}
 	opts.JetStream = true
 	if opts.StoreDir == "" {
@@ -282,6 +304,16 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 // Conn is the NATS connection.
 func (b *Bus) Conn() *nats.Conn { return b.nc }
 
+// ServiceConn is the connection the command service takes requests on and
+// answers them: with the embedded server one of RoleService, which may
+// publish only on _INBOX.>; with an external server Conn.
+func (b *Bus) ServiceConn() *nats.Conn {
+	if b.svc != nil {
+		return b.svc
+	}
+	return b.nc
+}
+
 // JetStream is the JetStream context of the connection.
 func (b *Bus) JetStream() jetstream.JetStream { return b.js }
 
@@ -319,6 +351,9 @@ func (b *Bus) Close(ctx context.Context) error {
 }
 
 func (b *Bus) closeAll() {
+	if b.svc != nil {
+		b.svc.Close()
+	}
 	if b.nc != nil {
 		b.nc.Close()
 	}

@@ -91,7 +91,9 @@ func (b *Bus) mergeGlobalAgain(ctx context.Context, opts *server.Options) error 
 	return nil
 }
 
-// globalStreams lists the streams the global account has under storeDir.
+// globalStreams lists the streams the global account has under storeDir;
+// a directory with a leading dot is a deleted stream the server removes
+// (after the move, or at its next start if one was cut short), not one.
 func globalStreams(storeDir string) ([]string, error) {
 	entries, err := os.ReadDir(filepath.Join(storeDir, server.JetStreamStoreDir, globalAccount, "streams"))
 	if errors.Is(err, os.ErrNotExist) {
@@ -102,7 +104,7 @@ func globalStreams(storeDir string) ([]string, error) {
 	}
 	var names []string
 	for _, e := range entries {
-		if e.IsDir() {
+		if e.IsDir() && !strings.HasPrefix(e.Name(), ".") {
 			names = append(names, e.Name())
 		}
 	}
@@ -216,7 +218,7 @@ func moveStream(ctx context.Context, oldJS, newJS jetstream.JetStream, name stri
 		}
 		var kept bool
 		if kv {
-			kept, err = copyRecord(ctx, newJS, msg)
+			kept, err = copyRecord(ctx, newJS, dst, msg)
 		} else {
 			kept, err = copyMsg(ctx, newJS, name, info.Created, msg)
 		}
@@ -272,19 +274,37 @@ func copyMsg(ctx context.Context, js jetstream.JetStream, stream string, created
 }
 
 // copyRecord writes a bucket record into the new account's bucket unless
-// it already has that key (a later write wins); deletes and leases are
-// not copied.
-func copyRecord(ctx context.Context, js jetstream.JetStream, msg *jetstream.RawStreamMsg) (bool, error) {
-	if op := msg.Header.Get("KV-Operation"); op == "DEL" || op == "PURGE" || msg.Header.Get("Nats-Marker-Reason") != "" ||
-		strings.Contains(msg.Subject, ".lease.") {
+// it already has that key (a later write wins) or deleted it after the
+// record was written (its delete marker not expired yet): over a key
+// deleted before, the record is written. Deletes and leases are not
+// copied.
+func copyRecord(ctx context.Context, js jetstream.JetStream, dst jetstream.Stream, msg *jetstream.RawStreamMsg) (bool, error) {
+	if deleted(msg.Header) || strings.Contains(msg.Subject, ".lease.") {
 		return false, nil
 	}
 	out := nats.NewMsg(msg.Subject)
 	out.Data = msg.Data
-	_, err := js.PublishMsg(ctx, out, jetstream.WithExpectLastSequencePerSubject(0))
-	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence {
-		return false, nil
+	var over uint64 // the sequence of an earlier delete marker of the key
+	for {
+		_, err := js.PublishMsg(ctx, out, jetstream.WithExpectLastSequencePerSubject(over))
+		var apiErr *jetstream.APIError
+		if !errors.As(err, &apiErr) || apiErr.ErrorCode != jetstream.JSErrCodeStreamWrongLastSequence || over != 0 {
+			return err == nil, err
+		}
+		last, err := dst.GetLastMsgForSubject(ctx, msg.Subject)
+		if err != nil {
+			return false, fmt.Errorf("read the record there: %w", err)
+		}
+		if !deleted(last.Header) || !msg.Time.After(last.Time) {
+			return false, nil
+		}
+		over = last.Sequence
 	}
-	return err == nil, err
+}
+
+// deleted reports whether a bucket message is a delete: a KV delete or
+// purge, or a marker the server left.
+func deleted(h nats.Header) bool {
+	op := h.Get("KV-Operation")
+	return op == "DEL" || op == "PURGE" || h.Get("Nats-Marker-Reason") != ""
 }

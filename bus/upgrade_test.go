@@ -1,10 +1,14 @@
 package bus_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -133,8 +137,8 @@ func checkMoved(t *testing.T, dataDir string, devices uint64) {
 			t.Errorf("record %s copied (%v), want it left out", k, err)
 		}
 	}
-	if entries, _ := os.ReadDir(filepath.Join(dataDir, "nats", "jetstream", "$G", "streams")); len(entries) != 0 {
-		t.Errorf("the global account still has %d streams", len(entries))
+	if left := globalLeft(t, dataDir); len(left) != 0 {
+		t.Errorf("the global account still has streams %v", left)
 	}
 }
 
@@ -239,9 +243,155 @@ func TestStartMergesGlobalAccountAfterDowngrade(t *testing.T) {
 			t.Errorf("record %s: %v", k, err)
 		}
 	}
-	if entries, _ := os.ReadDir(filepath.Join(dir, "nats", "jetstream", "$G", "streams")); len(entries) != 0 {
-		t.Errorf("the global account still has %d streams", len(entries))
+	if left := globalLeft(t, dir); len(left) != 0 {
+		t.Errorf("the global account still has streams %v", left)
 	}
+}
+
+// TestStartMergesOverDeletedRecord: of a key volumed's account deleted
+// (its delete marker still there) before the global account's record of
+// it was written (a downgrade) that record is merged, and not if deleted
+// after it (a release since NATS authorization ran before the first
+// move); of a key it has, its own record is kept.
+func TestStartMergesOverDeletedRecord(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		globalFirst bool // the global account's records written before the delete
+		want        string
+	}{
+		{name: "deleted before", want: `{"volume_id":"vol-1","vm_id":"vm-2"}`},
+		{name: "deleted after", globalFirst: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			dir := t.TempDir()
+			global, saved := filepath.Join(dir, "nats", "jetstream", "$G"), filepath.Join(t.TempDir(), "global")
+			writeRecords := func() {
+				inGlobal(t, dir, func(ctx context.Context, js jetstream.JetStream) {
+					kv, err := js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "volumed_state", History: 1, Storage: jetstream.FileStorage})
+					if err != nil {
+						t.Fatal(err)
+					}
+					for k, v := range map[string]string{"map.vol-1": `{"volume_id":"vol-1","vm_id":"vm-2"}`, "export.vol-1": `{"volume_id":"vol-1","port":2}`} {
+						if _, err := kv.Put(ctx, k, []byte(v)); err != nil {
+							t.Fatal(err)
+						}
+					}
+				})
+			}
+			if tc.globalFirst {
+				writeRecords()
+				if err := os.Rename(global, saved); err != nil {
+					t.Fatal(err)
+				}
+			}
+			b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir})
+			if err := b.Start(ctx); err != nil {
+				t.Fatalf("start: %v", err)
+			}
+			kv, err := b.JetStream().CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "volumed_state", History: 1, Storage: jetstream.FileStorage})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for k, v := range map[string]string{"map.vol-1": `{"volume_id":"vol-1"}`, "export.vol-1": `{"volume_id":"vol-1"}`} {
+				if _, err := kv.Put(ctx, k, []byte(v)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := kv.Delete(ctx, "map.vol-1"); err != nil {
+				t.Fatal(err)
+			}
+			if err := b.Close(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if tc.globalFirst {
+				if err := os.Rename(saved, global); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				writeRecords()
+			}
+			b = bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir})
+			if err := b.Start(ctx); err != nil {
+				t.Fatalf("start: %v", err)
+			}
+			defer b.Close(ctx)
+			if kv, err = b.JetStream().KeyValue(ctx, "volumed_state"); err != nil {
+				t.Fatal(err)
+			}
+			for k, want := range map[string]string{"map.vol-1": tc.want, "export.vol-1": `{"volume_id":"vol-1"}`} {
+				var got string
+				e, err := kv.Get(ctx, k)
+				if err == nil {
+					got = string(e.Value())
+				}
+				if got != want {
+					t.Errorf("record %s: %q (%v), want %q", k, got, err, want)
+				}
+			}
+		})
+	}
+}
+
+// TestStartIgnoresDeletedGlobalStream: a global account's stream the
+// server is still removing (or a crash left half removed: its directory
+// renamed with a leading dot) is no stream to merge.
+func TestStartIgnoresDeletedGlobalStream(t *testing.T) {
+	dir := t.TempDir()
+	writeGlobal(t, dir)
+	checkMoved(t, dir, 2)
+	left := filepath.Join(dir, "nats", "jetstream", "$G", "streams", "."+bus.StreamJobs, "msgs")
+	if err := os.MkdirAll(left, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	var logs lockedBuffer
+	ctx := context.Background()
+	b := bus.New(bus.Config{Listen: "127.0.0.1:0", DataDir: dir, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err := b.Start(ctx); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	if err := b.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if out := logs.String(); strings.Contains(out, "holds streams again") {
+		t.Errorf("a half-deleted stream merged as one a downgrade made:\n%s", out)
+	}
+}
+
+// globalLeft lists the streams left in dataDir's global account: not
+// those deleted (renamed with a leading dot), which the server removes
+// in the background.
+func globalLeft(t *testing.T, dataDir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(filepath.Join(dataDir, "nats", "jetstream", "$G", "streams"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	var left []string
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), ".") {
+			left = append(left, e.Name())
+		}
+	}
+	return left
+}
+
+// lockedBuffer is a bytes.Buffer safe for a logger's goroutines.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // TestStartRefusesNewerStore: a store recorded in a format above this

@@ -170,7 +170,7 @@ type acceptStats struct {
 // startCommands registers the micro service "volumed" with one endpoint
 // per command subject, in the QueueGroup queue group.
 func (s *Service) startCommands() error {
-	svc, err := micro.AddService(s.cfg.Conn, micro.Config{
+	svc, err := micro.AddService(s.cfg.ServiceConn, micro.Config{
 		Name:        commands.ServiceName,
 		Version:     s.cfg.Version,
 		Description: "volumed commands: the reply is the operation or the error JSON, the HTTP status in the Status header",
@@ -243,6 +243,14 @@ func (s *Service) serve(ep endpoint) micro.Handler {
 	return micro.HandlerFunc(func(req micro.Request) {
 		if bus.FromConsumerReply(req.Reply()) {
 			return // a copy a JetStream consumer delivered here, not a command
+		}
+		if req.Reply() != "" && !bus.ReplyAllowed(req.Reply()) {
+			// Answering would publish on a subject only volumed may
+			// publish to; the command is not run either.
+			s.accepts.failed.Add(1)
+			s.log.Warn("command refused: its reply subject is one of volumed's or the server's",
+				"subject", ep.subject, "reply", req.Reply())
+			return
 		}
 		key, err := idempotencyKey(req.Headers())
 		if err != nil {
@@ -354,7 +362,7 @@ func (s *Service) reply(req micro.Request, a commands.Answer) {
 	}
 	msg.Header.Set(commands.StatusHeader, strconv.Itoa(a.Status))
 	msg.Data = a.Body
-	if err := s.cfg.Conn.PublishMsg(msg); err != nil {
+	if err := s.cfg.ServiceConn.PublishMsg(msg); err != nil {
 		s.log.Warn("reply failed", "subject", req.Subject(), "err", err)
 	}
 }

@@ -73,7 +73,7 @@ func newHarness(t testing.TB, o harnessOpts) *harness {
 	}
 	t.Cleanup(func() { _ = h.store.Close(context.Background()) })
 	cfg := o.cfg
-	cfg.Conn, cfg.JetStream, cfg.Store = h.bus.Conn(), h.bus.JetStream(), h.store
+	cfg.Conn, cfg.ServiceConn, cfg.JetStream, cfg.Store = h.bus.Conn(), h.bus.ServiceConn(), h.bus.JetStream(), h.store
 	if o.wrap != nil {
 		cfg.Store = o.wrap(h.store)
 	}

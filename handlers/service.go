@@ -46,8 +46,13 @@ const QueueGroup = "volumed"
 
 // Config configures a Service.
 type Config struct {
-	// Conn receives the commands on the volumes.cmd.* subjects; required.
+	// Conn publishes and requests for the service; required.
 	Conn *nats.Conn
+	// ServiceConn receives the commands on the volumes.cmd.* subjects and
+	// the service discovery requests, and answers them; default Conn. Give
+	// it an identity that may publish only on inboxes (bus.ServiceConn):
+	// a requester chooses the reply subject.
+	ServiceConn *nats.Conn
 	// JetStream queues the jobs and publishes operation updates; required.
 	JetStream jetstream.JetStream
 	// Store holds operations, mappings and exports; required.
@@ -181,6 +186,9 @@ type Service struct {
 
 // New returns a Service with defaults filled in; Start runs it.
 func New(cfg Config) *Service {
+	if cfg.ServiceConn == nil {
+		cfg.ServiceConn = cfg.Conn
+	}
 	if cfg.StepTimeout <= 0 {
 		cfg.StepTimeout = 5 * time.Minute
 	}

@@ -65,6 +65,8 @@ type options struct {
 	tls bool
 	// HTTP server timeouts; default the bridge's.
 	readHeaderTimeout, readTimeout, idleTimeout time.Duration
+	// maxConns caps the connections served at once; default the bridge's.
+	maxConns int
 }
 
 func newHarness(t testing.TB, o options) *harness {
@@ -103,7 +105,7 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 	h.srv = httpbridge.New(httpbridge.Config{Listen: o.listen, Conn: conn, Commands: h.commands, Store: h.store,
 		Backend: h.backend, VMID: vm1, MaxWait: o.maxWait, TLS: serverTLS, Tokens: o.tokens,
 		Token: o.token, ReadHeaderTimeout: o.readHeaderTimeout, ReadTimeout: o.readTimeout, IdleTimeout: o.idleTimeout,
-		Logger: testLogger(t)})
+		MaxConns: o.maxConns, Logger: testLogger(t)})
 	if err := h.srv.Start(ctx); err != nil {
 		t.Fatalf("start bridge: %v", err)
 	}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"golang.org/x/net/netutil"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/netaddr"
@@ -29,6 +30,8 @@ const (
 	DefaultReadHeaderTimeout = 10 * time.Second
 	DefaultReadTimeout       = 30 * time.Second
 	DefaultIdleTimeout       = 2 * time.Minute
+	// DefaultMaxConns caps the connections served at once.
+	DefaultMaxConns = 1024
 	// writeSlack is added to the longest answer (a ?wait, a force-sync)
 	// to make the write timeout.
 	writeSlack = 30 * time.Second
@@ -75,6 +78,11 @@ type Config struct {
 	// DefaultIdleTimeout. The write timeout is the longest answer
 	// (MaxWait, a force-sync, a command, QueryTimeout) plus 30 s.
 	ReadHeaderTimeout, ReadTimeout, IdleTimeout time.Duration
+	// MaxConns caps the connections served at once (long polls and idle
+	// keep-alives included); default DefaultMaxConns. More wait in the
+	// kernel's listen queue, holding no file descriptor of volumed's,
+	// until one closes.
+	MaxConns int
 	// Logger is the parent of the bridge's logger; default slog.Default().
 	Logger *slog.Logger
 	// Prometheus serves GET /metrics (outside BasePath) when not nil.
@@ -118,6 +126,9 @@ func New(cfg Config) *Server {
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = DefaultIdleTimeout
 	}
+	if cfg.MaxConns <= 0 {
+		cfg.MaxConns = DefaultMaxConns
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -156,6 +167,7 @@ func (s *Server) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("httpbridge: listen %s: %w", s.cfg.Listen, err)
 	}
+	ln = netutil.LimitListener(ln, s.cfg.MaxConns)
 	s.ln = ln
 	s.srv = &http.Server{
 		Handler:           s.handler,

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"os"
 	"path/filepath"
@@ -328,4 +329,34 @@ func TestFastZeroRefused(t *testing.T) {
 	want = pattern(5*mib, 6)
 	clear(want[mib/2 : mib/2+4*mib])
 	fileEquals(t, big, want)
+}
+
+// TestClientThatNeverReads: a client that sends reads and never takes the
+// replies in is cut once a reply waits WriteTimeout, which frees its
+// place on the export (MaxConnsPerExport 1 here) for another client.
+func TestClientThatNeverReads(t *testing.T) {
+	s := startServerWith(t, Config{MaxConnsPerExport: 1, WriteTimeout: 200 * time.Millisecond})
+	setExports(t, s, ExportSpec{Name: "vol00000001", Path: backingFile(t, "a.img", pattern(32*mib, 3))})
+	c, err := dialWire(t, s.Addr(), "vol00000001")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var h [28]byte
+	for i := range 16 {
+		binary.BigEndian.PutUint32(h[0:], magicRequest)
+		binary.BigEndian.PutUint16(h[6:], cmdRead)
+		binary.BigEndian.PutUint64(h[8:], uint64(i))
+		binary.BigEndian.PutUint32(h[24:], 32*mib)
+		if _, err := c.nc.Write(h[:]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var other *wireClient
+	testenv.Eventually(t, 30*time.Second, func() bool {
+		other, err = dialWire(t, s.Addr(), "vol00000001")
+		return err == nil
+	}, "the export free for another client")
+	if errno, data, err := other.cmd(cmdRead, 0, 0, 512, nil); err != nil || errno != 0 || !bytes.Equal(data, pattern(32*mib, 3)[:512]) {
+		t.Fatalf("read by the other client: errno %d, err %v", errno, err)
+	}
 }

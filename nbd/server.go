@@ -26,6 +26,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/volumed/volumed/internal/backoff"
 )
 
 // DefaultListen is the address volumed's --nbd-listen defaults to.
@@ -35,6 +37,8 @@ const DefaultListen = "127.0.0.1:10809"
 const (
 	// DefaultHandshakeTimeout bounds the negotiation phase, TLS included.
 	DefaultHandshakeTimeout = 10 * time.Second
+	// DefaultWriteTimeout bounds the sending of one reply.
+	DefaultWriteTimeout = 2 * time.Minute
 	// DefaultMaxConns caps connections overall, negotiating ones included.
 	DefaultMaxConns = 64
 	// DefaultMaxConnsPerExport caps connections in transmission on one export.
@@ -66,6 +70,10 @@ type Config struct {
 	// HandshakeTimeout bounds negotiation; zero means
 	// DefaultHandshakeTimeout.
 	HandshakeTimeout time.Duration
+	// WriteTimeout bounds each reply a client does not take in (a client
+	// that sends requests and never reads): the connection is closed and
+	// its slot on the export freed. Zero means DefaultWriteTimeout.
+	WriteTimeout time.Duration
 	// TLS, when set, is offered with NBD_OPT_STARTTLS (see TLSConfig).
 	TLS *tls.Config
 	// RequireTLS refuses every option but STARTTLS and ABORT before TLS
@@ -186,11 +194,12 @@ func New(cfg Config) (*Server, error) {
 		return nil, errors.New("nbd: RequireTLS without a TLS config")
 	}
 	cfg.HandshakeTimeout = cmp.Or(cfg.HandshakeTimeout, DefaultHandshakeTimeout)
+	cfg.WriteTimeout = cmp.Or(cfg.WriteTimeout, DefaultWriteTimeout)
 	cfg.MaxConns = cmp.Or(cfg.MaxConns, DefaultMaxConns)
 	cfg.MaxConnsPerExport = cmp.Or(cfg.MaxConnsPerExport, DefaultMaxConnsPerExport)
 	cfg.MaxBytesInFlight = cmp.Or(cfg.MaxBytesInFlight, DefaultMaxBytesInFlight)
 	cfg.ConnBytesInFlight = cmp.Or(cfg.ConnBytesInFlight, DefaultConnBytesInFlight)
-	if cfg.HandshakeTimeout < 0 || cfg.MaxConns < 0 || cfg.MaxConnsPerExport < 0 || cfg.MaxBytesInFlight < 0 ||
+	if cfg.HandshakeTimeout < 0 || cfg.WriteTimeout < 0 || cfg.MaxConns < 0 || cfg.MaxConnsPerExport < 0 || cfg.MaxBytesInFlight < 0 ||
 		cfg.ConnBytesInFlight < chunkSize {
 		return nil, fmt.Errorf("nbd: negative limit, or ConnBytesInFlight under %d", chunkSize)
 	}
@@ -446,17 +455,28 @@ func (s *Server) specs() []ExportSpec {
 	return out
 }
 
-// accept runs the accept loop until the listener is closed.
+// acceptBackoff spaces the retries of a failing accept.
+var acceptBackoff = backoff.Policy{Min: 5 * time.Millisecond, Max: time.Second}
+
+// accept runs the accept loop until the listener is closed. A failed
+// accept (out of file descriptors: EMFILE, ENFILE) is retried after a
+// pause, as net/http does, so the server serves again once descriptors
+// are free.
 func (s *Server) accept(ln net.Listener) {
 	defer s.wg.Done()
+	retry := acceptBackoff.Start()
 	for {
 		nc, err := ln.Accept()
 		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				s.log.Error("nbd accept", "err", err)
+			if errors.Is(err, net.ErrClosed) {
+				return
 			}
-			return
+			d := retry.Next()
+			s.log.Error("nbd accept failed, retrying", "err", err, "retry_in", d)
+			time.Sleep(d)
+			continue
 		}
+		retry.Reset()
 		c := newConn(s, nc)
 		s.mu.Lock()
 		if s.closed {

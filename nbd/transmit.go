@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -279,7 +280,7 @@ func (c *conn) read(e *export, r request, buf []byte) error {
 		if k == left {
 			return c.sendSimple(r.cookie, 0, buf[:k])
 		}
-		c.wmu.Lock()
+		c.lockWrite()
 		defer c.wmu.Unlock()
 		if err := c.writeLocked(simpleHeader(r.cookie, 0), buf[:k]); err != nil {
 			return err
@@ -292,7 +293,7 @@ func (c *conn) read(e *export, r request, buf []byte) error {
 	if buf == nil {
 		_ = e.b.cache(r.off, uint64(r.n))
 		h := chunkHeader(r.cookie, replyFlagDone, replyOffsetData, 8+int(r.n))
-		c.wmu.Lock()
+		c.lockWrite()
 		defer c.wmu.Unlock()
 		if err := c.writeLocked(h, binary.BigEndian.AppendUint64(nil, r.off)); err != nil {
 			return err
@@ -394,7 +395,7 @@ func simpleHeader(cookie uint64, errno uint32) []byte {
 
 // sendSimple writes a simple reply, with data for a successful read.
 func (c *conn) sendSimple(cookie uint64, errno uint32, data []byte) error {
-	c.wmu.Lock()
+	c.lockWrite()
 	defer c.wmu.Unlock()
 	return c.writeLocked(simpleHeader(cookie, errno), data)
 }
@@ -406,7 +407,7 @@ func (c *conn) sendChunk(cookie uint64, flags, typ uint16, parts ...[]byte) erro
 		n += len(p)
 	}
 	h := chunkHeader(cookie, flags, typ, n)
-	c.wmu.Lock()
+	c.lockWrite()
 	defer c.wmu.Unlock()
 	return c.writeLocked(append([][]byte{h}, parts...)...)
 }
@@ -443,6 +444,13 @@ func errorPayload(errno uint32, msg string) []byte {
 	p := binary.BigEndian.AppendUint32(make([]byte, 0, 6+len(msg)+8), errno)
 	p = binary.BigEndian.AppendUint16(p, uint16(len(msg)))
 	return append(p, msg...)
+}
+
+// lockWrite takes c.wmu for one reply and gives its writes
+// Config.WriteTimeout: a client that does not read is cut, not waited for.
+func (c *conn) lockWrite() {
+	c.wmu.Lock()
+	c.nc.SetWriteDeadline(time.Now().Add(c.s.cfg.WriteTimeout))
 }
 
 // writeLocked writes parts as one vectored write; c.wmu is held.

@@ -250,7 +250,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 	}
 
 	cs := csapi.New(csapi.Config{URL: cfg.csURL, APIKey: cfg.csAPIKey, SecretKey: cfg.csSecretKey, Logger: log})
-	svc := handlers.New(handlers.Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, CloudStack: cs,
+	svc := handlers.New(handlers.Config{Conn: b.Conn(), ServiceConn: b.ServiceConn(), JetStream: b.JetStream(), Store: store, CloudStack: cs,
 		StoreName: storeName, VMID: cfg.vmID, Devices: corr, Exporter: exporter, AutoExport: cfg.nbdAutoExport,
 		StepTimeout: cfg.stepTimeout, StopGrace: cfg.stopGrace, AckWait: cfg.ackWait, SyncInterval: cfg.syncInterval, Version: version.Semver(), Logger: log})
 	prom, err := metrics.New(metrics.Config{Conn: b.Conn(), JetStream: b.JetStream(), Counters: svc, NBD: nbdStats, Logger: log})
