@@ -181,7 +181,8 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	return k, nil
 }
 
-// nudge asks for a new base when the operation index's delta is full.
+// nudge asks for a new base when the operation index's delta is full
+// (opLayers.full).
 // k.mu is held.
 func (k *KV) nudge() {
 	if k.cache != "" && k.ops.full() {
@@ -200,14 +201,15 @@ const kvCacheInfoWait = 10 * time.Second
 // bucket changed since the last one, until Close.
 //
 // It also writes one when the operation index asks for a new base
-// (KV.compact). Once the start's is written (or at once when the start
+// (KV.compact), but after a failed write, which the next tick retries.
+// Once the start's is written (or at once when the start
 // needed none), it returns the memory the start freed to the OS: the
 // heap of the start (the embedded server's recovery, the index read into
 // the heap) would otherwise stay resident.
 func (k *KV) saveCacheEvery() {
 	t := time.NewTicker(kvCacheEvery)
 	defer t.Stop()
-	freed := false
+	freed, failed := false, false
 	// When this process last wrote the file: never, at first, so that
 	// the first tick writes it if the bucket changed (the file loaded may
 	// be hours old).
@@ -223,6 +225,12 @@ func (k *KV) saveCacheEvery() {
 			return
 		case <-t.C:
 		case <-k.compact:
+			if failed {
+				// The last write failed (a full disk, no quorum):
+				// the next tick tries again, not each change while
+				// the delta stays full.
+				continue
+			}
 			now = true
 		}
 		k.mu.RLock()
@@ -232,6 +240,7 @@ func (k *KV) saveCacheEvery() {
 			ctx, cancel := context.WithTimeout(context.Background(), kvCacheInfoWait)
 			err := k.saveCache(ctx)
 			cancel()
+			failed = err != nil
 			if err != nil {
 				k.log.Warn("index cache not written", "err", err)
 			} else {
@@ -252,8 +261,9 @@ const (
 )
 
 // cacheDue reports whether the periodic cache write is due: the bucket
-// changed, and pending operations are in the delta, the last file age
-// old.
+// changed, and the delta holds pending operations, kvCachePending or
+// more, or the last file this process wrote is age old, kvCacheStale or
+// more.
 func cacheDue(changed bool, pending int, age time.Duration) bool {
 	return changed && (pending >= kvCachePending || age >= kvCacheStale)
 }
@@ -304,6 +314,7 @@ func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []b
 	if op == nil {
 		k.ops.remove(id)
 		k.recent.forget(id)
+		k.nudge()
 		return nil
 	}
 	k.ops.put(rev, op)

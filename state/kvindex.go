@@ -180,9 +180,6 @@ func (x *opIndex) rev(id string) (uint64, commands.OpStatus, bool) {
 	return s.rev, commands.OpStatus(x.kinds.str(status)), s.status != 0
 }
 
-// len counts the live operations.
-func (x *opIndex) len() int { return int(x.stats.Total) }
-
 // opFields are what the index keeps of an operation: its indexed values,
 // as strings or as pieces of its JSON record (copied only when new to the
 // index), and its times.
@@ -207,13 +204,6 @@ func opTimes(op *commands.Operation) (created, completed int64, duration time.Du
 		completed = opScore(completedAt(op))
 	}
 	return opScore(op.CreatedAt), completed, op.Duration()
-}
-
-// put records op at revision rev, replacing what id held.
-func (x *opIndex) put(rev uint64, op *commands.Operation) {
-	i, held := x.byID.get(x, op.ID)
-	f := fieldsOf(op)
-	putSlot(x, i, held, rev, op.ID, &f)
 }
 
 // putNewer records f as operation id's at revision rev unless the index
@@ -509,20 +499,10 @@ func (x *opIndex) matches(m opMatch, i uint32) bool {
 	return (m.typ == 0 || typ == m.typ) && (m.status == 0 || status == m.status)
 }
 
-// list returns the ids and revisions of up to limit operations matching
-// f (0: no limit) newest first, strictly after the cursor after (nil:
-// from the newest), walking the smallest list f selects, or the status
-// lists merged when it selects by nothing; more reports whether another
-// one follows.
-func (x *opIndex) list(f Filter, after *opRef, limit int) (ids []string, revs []uint64, more bool) {
-	hits, more := x.hits(f, after, limit)
-	for _, h := range hits {
-		ids, revs = append(ids, h.id), append(revs, h.rev)
-	}
-	return ids, revs, more
-}
-
-// hits is list with each operation's creation score.
+// hits returns up to limit operations matching f (0: no limit) newest
+// first, strictly after the cursor after (nil: from the newest), walking
+// the smallest list f selects, or the status lists merged when it selects
+// by nothing; more reports whether another one follows.
 func (x *opIndex) hits(f Filter, after *opRef, limit int) (hits []opHit, more bool) {
 	m := x.match(f)
 	if !m.ok {

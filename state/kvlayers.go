@@ -24,6 +24,7 @@ import (
 type opLayers struct {
 	base  *opBase
 	dead  []uint64 // bitmap of the base's slots replaced or deleted
+	ndead int      // the slots dead
 	delta *opIndex
 	// baseStats are the counters of the base's live slots.
 	baseStats Stats
@@ -53,21 +54,23 @@ func newOpLayers() *opLayers { return &opLayers{delta: newOpIndex(), baseStats: 
 func layersOn(b *opBase) *opLayers {
 	x := newOpLayers()
 	x.base, x.dead = b, make([]uint64, (b.n+63)/64)
-	x.baseStats = b.stats
-	x.baseStats.ByType, x.baseStats.ByStatus = maps.Clone(b.stats.ByType), maps.Clone(b.stats.ByStatus)
+	x.baseStats = b.stats.clone()
 	return x
 }
 
 // pending is the number of operations (and tombstones) in the delta.
 func (x *opLayers) pending() int { return len(x.delta.slots) - len(x.delta.free) }
 
-// full reports whether the delta should be merged into a new base.
+// full reports whether the delta should be merged into a new base: it
+// and the dead slots (which every walk of the base still reads, as the
+// prune's after deletions) are past the larger of deltaMin and an eighth
+// of the base.
 func (x *opLayers) full() bool {
 	n := 0
 	if x.base != nil {
 		n = x.base.n
 	}
-	return x.pending() > max(deltaMin, n/8)
+	return x.pending()+x.ndead > max(deltaMin, n/8)
 }
 
 // small reports whether the delta is small enough to copy for a new
@@ -77,7 +80,7 @@ func (x *opLayers) small() bool { return len(x.delta.slots) <= 4*deltaMin }
 // snapshot returns a copy of x that later changes to x leave as it is:
 // the base (immutable) shared, the dead slots and the delta copied.
 func (x *opLayers) snapshot() *opLayers {
-	return &opLayers{base: x.base, dead: slices.Clone(x.dead), delta: x.delta.clone(), baseStats: x.baseStats}
+	return &opLayers{base: x.base, dead: slices.Clone(x.dead), delta: x.delta.clone(), baseStats: x.baseStats.clone()}
 }
 
 // clone returns a copy of x.
@@ -91,7 +94,7 @@ func (x *opIndex) clone() *opIndex {
 	for name, l := range x.lists {
 		y.lists[name] = slices.Clone(l)
 	}
-	y.stats.ByType, y.stats.ByStatus = maps.Clone(x.stats.ByType), maps.Clone(x.stats.ByStatus)
+	y.stats = x.stats.clone()
 	return &y
 }
 
@@ -113,6 +116,7 @@ func (x *opLayers) baseLive(id string) (uint32, bool) {
 // kill marks base slot i dead and takes it out of the counters.
 func (x *opLayers) kill(i uint32) {
 	x.dead[i/64] |= 1 << (i % 64)
+	x.ndead++
 	var r baseRec
 	x.base.rec(i, &r)
 	typ, status := commands.OpType(x.base.str(r.h[0])), commands.OpStatus(x.base.str(r.h[1]))
@@ -146,8 +150,7 @@ func (x *opLayers) len() int { return int(x.baseStats.Total + x.delta.stats.Tota
 
 // stats returns the counters, a copy.
 func (x *opLayers) stats() Stats {
-	s, d := x.baseStats, x.delta.stats
-	s.ByType, s.ByStatus = maps.Clone(s.ByType), maps.Clone(s.ByStatus)
+	s, d := x.baseStats.clone(), x.delta.stats
 	s.Total += d.Total
 	s.Terminal += d.Terminal
 	s.TerminalDuration += d.TerminalDuration

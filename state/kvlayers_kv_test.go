@@ -4,8 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
+	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -111,4 +114,105 @@ func TestKVNewBases(t *testing.T) {
 		t.Fatal("restart did not load the base")
 	}
 	same()
+}
+
+// TestKVFailedBaseWaitsForTick: a new base that cannot be written (its
+// temporary file is a directory, as a full disk fails it) is tried again
+// at the next tick, not at each change while the delta stays full.
+func TestKVFailedBaseWaitsForTick(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	old := deltaMin
+	deltaMin = 8
+	t.Cleanup(func() { deltaMin = old })
+	js := testenv.StartBus(t).JetStream()
+	path := filepath.Join(t.TempDir(), "state-index.cache")
+	if err := os.Mkdir(path+".tmp", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	logs := &testenv.Buffer{}
+	k, err := NewKV(ctx, js, KVConfig{Bucket: "unwritable", IndexCache: path, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close(ctx)
+	for n := range 30 {
+		op := commands.Operation{ID: fmt.Sprintf("op-%d", n), Type: commands.OpAttach, Status: commands.StatusPending,
+			VolumeID: "vol-1", Request: json.RawMessage(`{}`), CreatedAt: time.Now(), UpdatedAt: time.Now()}
+		if _, err := k.CreateOperation(ctx, op); err != nil {
+			t.Fatal(err)
+		}
+		// The writer takes each request before the next change.
+		for len(k.compact) > 0 {
+			select {
+			case <-ctx.Done():
+				t.Fatal("the request for a new base was never taken")
+			case <-time.After(time.Millisecond):
+			}
+		}
+	}
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The first request's write and Close's.
+	if got := strings.Count(logs.String(), "index cache not written"); got != 2 {
+		t.Fatalf("%d failed writes, want 2:\n%s", got, logs)
+	}
+}
+
+// TestKVDeletionsCompact: deletions (the prune's) leave dead slots in
+// the base, which every walk of it still reads; past deltaMin of them a
+// new base is written without them.
+func TestKVDeletionsCompact(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	old := deltaMin
+	deltaMin = 8
+	t.Cleanup(func() { deltaMin = old })
+	js := testenv.StartBus(t).JetStream()
+	k, err := NewKV(ctx, js, KVConfig{Bucket: "deletions", IndexCache: filepath.Join(t.TempDir(), "state-index.cache")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close(ctx)
+	for n := range 40 {
+		op := commands.Operation{ID: fmt.Sprintf("op-%d", n), Type: commands.OpAttach, Status: commands.StatusCompleted,
+			VolumeID: "vol-1", Request: json.RawMessage(`{}`), CreatedAt: time.Now(), UpdatedAt: time.Now()}
+		if _, err := k.CreateOperation(ctx, op); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// until polls until the base holds at most n slots and the delta at
+	// most deltaMin.
+	until := func(n int) {
+		t.Helper()
+		for {
+			k.mu.RLock()
+			b, d := k.ops.base, k.ops.pending()
+			k.mu.RUnlock()
+			if b != nil && b.n <= n && d <= deltaMin {
+				return
+			}
+			select {
+			case <-ctx.Done():
+				t.Fatalf("no base of at most %d operations", n)
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}
+	until(40)
+	ops, _, err := k.ListOperations(ctx, Filter{Limit: 20})
+	if err != nil || len(ops) != 20 {
+		t.Fatalf("list: %d, %v", len(ops), err)
+	}
+	for _, op := range ops {
+		if err := k.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 20 live, and at most deltaMin dead.
+	until(20 + deltaMin)
+	if s, err := k.Stats(ctx); err != nil || s.Total != 20 {
+		t.Fatalf("stats: %+v, %v", s, err)
+	}
 }

@@ -89,7 +89,7 @@ func (h *layersHistory) step() {
 		// The watcher's put: maybe of a revision older than held.
 		op := h.op(id)
 		f := fieldsOf(&op)
-		rev := h.rev - uint64(r.IntN(3))
+		rev := h.rev - uint64(r.IntN(int(min(h.rev, 3)))) // revisions begin at 1
 		if a, b := putNewer(h.want, id, rev, &f), putNewerLayers(h.got, id, rev, &f); a != b {
 			panic(fmt.Sprintf("putNewer %s %d: %v, layers %v", id, rev, a, b))
 		}
@@ -491,5 +491,28 @@ func TestCacheDue(t *testing.T) {
 		if got := cacheDue(tc.changed, tc.pending, tc.age); got != tc.due {
 			t.Errorf("%s: due %v, want %v", tc.name, got, tc.due)
 		}
+	}
+}
+
+// TestOpLayersSnapshotKeepsCounters: the copy a new base is written from
+// keeps its counters while the index it was taken from changes: a base
+// slot replaced, removed or tombstoned after it.
+func TestOpLayersSnapshotKeepsCounters(t *testing.T) {
+	h := newLayersHistory(t, 13, 50)
+	for range 300 {
+		h.step()
+	}
+	h.compact(t, 0)
+	defer h.got.base.close()
+	snap := h.got.snapshot()
+	want := snap.stats()
+	for range 300 {
+		h.step()
+	}
+	if h.got.ndead == 0 {
+		t.Fatal("no base slot changed after the copy")
+	}
+	if got := snap.stats(); !reflect.DeepEqual(got, want) {
+		t.Fatalf("the copy's counters changed: %+v, want %+v", got, want)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -64,6 +65,12 @@ func newStats() Stats {
 	for _, st := range commands.OpStatuses {
 		s.ByStatus[st] = 0
 	}
+	return s
+}
+
+// clone returns a copy of s that changes to s leave as it is.
+func (s Stats) clone() Stats {
+	s.ByType, s.ByStatus = maps.Clone(s.ByType), maps.Clone(s.ByStatus)
 	return s
 }
 
