@@ -12,6 +12,7 @@ import (
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/engine"
+	"github.com/volumed/volumed/kinds"
 	"github.com/volumed/volumed/state"
 )
 
@@ -45,13 +46,15 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 	// in this same sync.
 	resolved, errs := s.rec.resolveJobs(ctx)
 	res.Changes, res.Errors = append(res.Changes, resolved...), errs
-	mappings, err := s.cfg.Store.ListMappings(ctx, "")
-	if err != nil {
-		return res, state.APIError(err)
-	}
 	vms := map[string]bool{}
 	if s.cfg.VMID != "" {
 		vms[s.cfg.VMID] = true
+	}
+	repaired, errs := s.rec.repairCorrupt(ctx, vms)
+	res.Changes, res.Errors = append(res.Changes, repaired...), append(res.Errors, errs...)
+	mappings, err := s.cfg.Store.ListMappings(ctx, "")
+	if err != nil {
+		return res, state.APIError(err)
 	}
 	// Listed after the mappings were read: as fresh as asking for each.
 	var listed map[string]csapi.Volume
@@ -107,6 +110,73 @@ func (s *Service) reconcile(ctx context.Context) (commands.SyncResult, error) {
 		s.log.Info("reconcile repaired drift", "changes", res.Changes)
 	}
 	return res, nil
+}
+
+// repairCorrupt rewrites each corrupt mapping or export record the store
+// lists (state.CorruptLister) from what CloudStack says, by
+// compare-and-swap on the corrupt record's revision: a mapping of a
+// volume CloudStack has attached is written anew (its device is then
+// found by the device reconcile of its VM, which it adds to vms), any
+// other mapping and every export record is deleted (an export is asked
+// for again). A record that cannot be repaired is named in errs.
+func (r *reconciler) repairCorrupt(ctx context.Context, vms map[string]bool) (changes, errs []string) {
+	lister, ok := r.cfg.Store.(state.CorruptLister)
+	if !ok {
+		return nil, nil
+	}
+	bad, err := lister.CorruptRecords(ctx)
+	if err != nil {
+		return nil, []string{fmt.Sprintf("corrupt records: %v", state.APIError(err))}
+	}
+	for _, c := range bad {
+		change, err := r.repairRecord(ctx, c, vms)
+		switch {
+		case errors.Is(err, state.ErrStale):
+			// Rewritten since it was listed: nothing of ours to repair.
+		case err != nil:
+			r.log.Error("corrupt record not repaired", "key", c.Key, "revision", c.Revision, "err", err)
+			errs = append(errs, fmt.Sprintf("corrupt record %s: %v", c.Key, err))
+		case change != "":
+			r.log.Warn("corrupt record repaired", "key", c.Key, "revision", c.Revision, "was", c.Err, "now", change)
+			changes = append(changes, change)
+		}
+	}
+	return changes, errs
+}
+
+// repairRecord repairs one corrupt record c, saying how.
+func (r *reconciler) repairRecord(ctx context.Context, c state.Corrupt, vms map[string]bool) (string, error) {
+	switch c.Kind {
+	case "export":
+		if err := r.cfg.Store.DeleteExport(ctx, c.ID, c.Revision); err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("deleted the corrupt export record %s of volume %s (export it again)", c.Key, c.ID), nil
+	case "mapping":
+	default:
+		return "", nil // an operation: read by id, it answers the error
+	}
+	vol, err := r.cfg.CloudStack.GetVolume(ctx, c.ID)
+	switch {
+	case errors.Is(err, csapi.ErrNotFound):
+		vol = csapi.Volume{}
+	case err != nil:
+		return "", engine.CloudStackError(err)
+	}
+	if vol.VMID == "" {
+		if err := r.cfg.Store.DeleteMapping(ctx, c.ID, c.Revision); err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("deleted the corrupt mapping record %s: CloudStack has volume %s attached nowhere", c.Key, c.ID), nil
+	}
+	vol.ID = c.ID
+	m := kinds.AttachedMapping(vol, vol.VMID)
+	m.Revision = c.Revision
+	if _, err := r.mappings.Put(ctx, nil, m); err != nil {
+		return "", err
+	}
+	vms[vol.VMID] = true
+	return fmt.Sprintf("rewrote the corrupt mapping record %s: volume %s is attached to VM %s", c.Key, c.ID, vol.VMID), nil
 }
 
 // scattered reports each failover or rollback that ended failed and not

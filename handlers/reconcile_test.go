@@ -3,6 +3,7 @@ package handlers_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/handlers"
+	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -155,5 +157,73 @@ func TestReconcileMappings(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestReconcileRepairsCorruptRecords: mapping and export records damaged
+// behind volumed's back (a command reply published on a mapping's key,
+// garbage, an empty object) read as errors naming the key, and the
+// reconcile rewrites them from CloudStack by compare-and-swap: the
+// mapping of a volume CloudStack has attached anew, that of a detached
+// one and the export record deleted; one bad record does not fail it.
+func TestReconcileRepairsCorruptRecords(t *testing.T) {
+	inv := cloudsim.DefaultInventory()
+	attached, detached := "0000000d-0000-4000-8000-000000000001", "0000000d-0000-4000-8000-000000000002"
+	inv.Volumes = append(inv.Volumes,
+		cloudsim.DataVolume{ID: attached, Name: "data-1", ZoneID: cloudsim.ZoneID, SizeGB: 1, VMID: cloudsim.RemoteVMID, DeviceID: 1},
+		cloudsim.DataVolume{ID: detached, Name: "data-2", ZoneID: cloudsim.ZoneID, SizeGB: 1})
+	h := newHarness(t, harnessOpts{inventory: inv})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	now := time.Now().UTC()
+	for _, vol := range []string{attached, detached} {
+		if _, err := h.store.PutMapping(ctx, commands.Mapping{ID: "mapping-" + vol, VolumeID: vol, VMID: cloudsim.RemoteVMID,
+			CloudStackState: commands.CloudStackAttached, LinuxState: commands.LinuxNotApplicable, LastSync: now, CreatedAt: now, UpdatedAt: now}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := h.store.PutExport(ctx, commands.Export{VolumeID: attached, VMID: cloudsim.RemoteVMID, ExportName: "vol00000001",
+		Status: commands.ExportActive, CreatedAt: now, UpdatedAt: now}); err != nil {
+		t.Fatal(err)
+	}
+	kv, err := h.bus.JetStream().KeyValue(ctx, state.DefaultKVBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for key, raw := range map[string]string{
+		"map." + attached:    `{"id":"00000000-0000-4000-8000-000000000009","status":"completed","result":{}}`,
+		"map." + detached:    "{not json",
+		"export." + attached: "{}",
+	} {
+		if _, err := kv.Put(ctx, key, []byte(raw)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := h.store.GetMapping(ctx, attached); !errors.Is(err, state.ErrCorrupt) || !strings.Contains(err.Error(), "map."+attached) {
+		t.Fatalf("read of a corrupt mapping: %v", err)
+	}
+	if e := state.APIError(state.ErrCorrupt); e.Code != commands.CodeInternalError {
+		t.Fatalf("a corrupt record answers %s, want %s", e.Code, commands.CodeInternalError)
+	}
+
+	res := h.reconcile(t)
+	for _, want := range []string{"rewrote the corrupt mapping record map." + attached, "deleted the corrupt mapping record map." + detached,
+		"deleted the corrupt export record export." + attached} {
+		if !slices.ContainsFunc(res.Changes, func(c string) bool { return strings.HasPrefix(c, want) }) {
+			t.Errorf("changes %q lack %q", res.Changes, want)
+		}
+	}
+	m, err := h.store.GetMapping(ctx, attached)
+	if err != nil || m.VMID != cloudsim.RemoteVMID || m.DeviceID == nil || *m.DeviceID != 1 {
+		t.Fatalf("repaired mapping: %+v, %v", m, err)
+	}
+	if _, err := h.store.GetMapping(ctx, detached); !errors.Is(err, state.ErrNotFound) {
+		t.Fatalf("mapping of the detached volume: %v, want not found", err)
+	}
+	if _, err := h.store.GetExport(ctx, attached); !errors.Is(err, state.ErrNotFound) {
+		t.Fatalf("corrupt export record: %v, want deleted", err)
+	}
+	if res := h.reconcile(t); slices.ContainsFunc(res.Changes, func(c string) bool { return strings.Contains(c, "corrupt") }) {
+		t.Fatalf("a second reconcile repairs again: %q", res.Changes)
 	}
 }

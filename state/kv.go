@@ -92,8 +92,9 @@ type KV struct {
 	byDevice map[string]string
 	byVM     map[string]map[string]struct{}
 	exports  map[string]kvEntry[commands.Export]
-	ends     endWatches // the watches of WatchEnd
-	held     heldOps    // see PruneOperations
+	corrupt  map[string]Corrupt // by key: records the watcher skipped
+	ends     endWatches         // the watches of WatchEnd
+	held     heldOps            // see PruneOperations
 
 	watcher *kvWatcher
 	// compact asks the cache's writer for a new file, and so a new base
@@ -137,7 +138,8 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	}
 	k := &KV{js: js, kv: kv, stream: stream, bucket: cfg.Bucket, log: log, stop: make(chan struct{}), compact: make(chan struct{}, 1),
 		ops: newOpLayers(), recent: newRecentOps(kvRecentOps), mappings: make(map[string]kvEntry[commands.Mapping]), byDevice: make(map[string]string),
-		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export])}
+		byVM: make(map[string]map[string]struct{}), exports: make(map[string]kvEntry[commands.Export]),
+		corrupt: make(map[string]Corrupt)}
 	if err := k.upgrade(ctx, cfg.Logger); err != nil {
 		return nil, fmt.Errorf("state: kv %s: %w", cfg.Bucket, err)
 	}
@@ -284,13 +286,16 @@ func (k *KV) fresh(cur, rev uint64, fromWatcher bool) bool {
 	return rev > cur && rev > k.loaded
 }
 
-// decodeRecord decodes raw, nil for a delete.
-func decodeRecord[T any](raw []byte) (*T, error) {
+// decodeRecord decodes raw, the record of id at key, nil for a delete.
+func decodeRecord[T any](key, id string, raw []byte) (*T, error) {
 	if raw == nil {
 		return nil, nil
 	}
 	v := new(T)
-	return v, decode(raw, v)
+	if err := decode(key, id, raw, v); err != nil {
+		return nil, err
+	}
+	return v, nil
 }
 
 // applyOpValue puts revision rev of the operation op (nil: deleted),
@@ -326,7 +331,7 @@ func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []b
 // applyMapping puts revision rev of a mapping (nil raw: deleted) in the
 // indexes unless they already hold that revision or a later one.
 func (k *KV) applyMapping(volumeID string, rev uint64, raw []byte, fromWatcher bool) error {
-	m, err := decodeRecord[commands.Mapping](raw)
+	m, err := decodeRecord[commands.Mapping](kvMappingPrefix+volumeID, volumeID, raw)
 	if err != nil {
 		return err
 	}
@@ -342,7 +347,7 @@ func (k *KV) applyMapping(volumeID string, rev uint64, raw []byte, fromWatcher b
 // applyExport puts revision rev of an export (nil raw: deleted) in memory
 // unless it already holds that revision or a later one.
 func (k *KV) applyExport(volumeID string, rev uint64, raw []byte, fromWatcher bool) error {
-	e, err := decodeRecord[commands.Export](raw)
+	e, err := decodeRecord[commands.Export](kvExportPrefix+volumeID, volumeID, raw)
 	if err != nil {
 		return err
 	}
@@ -512,7 +517,7 @@ func (k *KV) opAt(ctx context.Context, id string, rev uint64) (*commands.Operati
 	case e.rev != rev:
 		return nil, stale("operation", id, rev)
 	}
-	return decodeRecord[commands.Operation](e.data)
+	return decodeRecord[commands.Operation](kvOpPrefix+id, id, e.data)
 }
 
 // DeleteOperation purges the operation's key if it is at revision rev.
@@ -676,24 +681,26 @@ func (k *KV) heldOps(ctx context.Context) ([]commands.Operation, error) {
 // GetOperation reads one operation from the bucket.
 func (k *KV) GetOperation(ctx context.Context, id string) (commands.Operation, error) {
 	var op commands.Operation
-	rev, err := k.get(ctx, "operation", kvOpPrefix+id, &op)
+	rev, err := get(ctx, k, kvOpPrefix+id, id, &op)
 	op.Revision = rev
 	return op, err
 }
 
-// get reads and decodes one key, returning its revision.
-func (k *KV) get(ctx context.Context, what, key string, v any) (uint64, error) {
+// get reads and decodes the record of id at key, returning its
+// revision, with ErrCorrupt too: a compare-and-swap on it replaces the
+// record.
+func get[T any](ctx context.Context, k *KV, key, id string, v *T) (uint64, error) {
+	if id == "" {
+		return 0, fmt.Errorf("state: %s without an id: %w", key, ErrNotFound)
+	}
 	e, err := k.last(ctx, key)
 	if err != nil {
 		return 0, err
 	}
 	if !e.live {
-		return 0, fmt.Errorf("state: %s %s: %w", what, key, ErrNotFound)
+		return 0, fmt.Errorf("state: %s: %w", key, ErrNotFound)
 	}
-	if err := json.Unmarshal(e.data, v); err != nil {
-		return 0, fmt.Errorf("state: decode %s %s: %w", what, key, err)
-	}
-	return e.rev, nil
+	return e.rev, decode(key, id, e.data, v)
 }
 
 // openBucket binds the bucket, making it if it does not exist, and brings
@@ -945,8 +952,10 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 	recs := make([]commands.Operation, len(ids))
 	for i, raw := range raws {
 		if raw != nil {
-			if err := decode(raw, &recs[i]); err != nil {
-				return nil, "", err
+			if err := decode(kvOpPrefix+ids[i], ids[i], raw, &recs[i]); err != nil {
+				k.skipCorrupt(err)
+				recs[i] = commands.Operation{}
+				continue
 			}
 			recs[i].Revision = revs[i]
 		}
@@ -981,7 +990,7 @@ func (k *KV) getOps(ctx context.Context, ids []string, which []int, out []comman
 		wg.Go(func() {
 			defer func() { <-sem }()
 			op, err := k.GetOperation(ctx, ids[i])
-			if errors.Is(err, ErrNotFound) {
+			if errors.Is(err, ErrNotFound) || k.skipCorrupt(err) {
 				return
 			}
 			out[i], errs[j] = op, err
@@ -989,6 +998,16 @@ func (k *KV) getOps(ctx context.Context, ids []string, which []int, out []comman
 	}
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// skipCorrupt logs err and reports true if it is ErrCorrupt: a listing
+// leaves the record out (a read by id reports it) rather than fail.
+func (k *KV) skipCorrupt(err error) bool {
+	if !errors.Is(err, ErrCorrupt) {
+		return false
+	}
+	k.log.Warn("listing skips a corrupt record", "err", err)
+	return true
 }
 
 // Stats returns the in-memory counters.
@@ -1031,7 +1050,7 @@ func (k *KV) write(ctx context.Context, what, key string, data []byte, rev uint6
 // GetMapping reads the mapping of a volume from the bucket.
 func (k *KV) GetMapping(ctx context.Context, volumeID string) (commands.Mapping, error) {
 	var m commands.Mapping
-	rev, err := k.get(ctx, "mapping", kvMappingPrefix+volumeID, &m)
+	rev, err := get(ctx, k, kvMappingPrefix+volumeID, volumeID, &m)
 	m.Revision = rev
 	return m, err
 }
@@ -1049,7 +1068,7 @@ func (k *KV) GetMappingByDevice(ctx context.Context, vmID, devicePath string) (c
 	if devicePath == "" || e.v == nil {
 		return m, fmt.Errorf("state: mapping of device %s: %w", devicePath, ErrNotFound)
 	}
-	err := decode(e.raw, &m)
+	err := decode(kvMappingPrefix+e.v.VolumeID, "", e.raw, &m)
 	m.Revision = e.rev
 	return m, err
 }
@@ -1077,7 +1096,7 @@ func (k *KV) ListMappings(ctx context.Context, vmID string) ([]commands.Mapping,
 	k.mu.RUnlock()
 	out := make([]commands.Mapping, len(rows))
 	for i, e := range rows {
-		if err := decode(e.raw, &out[i]); err != nil {
+		if err := decode(kvMappingPrefix, "", e.raw, &out[i]); err != nil {
 			return nil, err
 		}
 		out[i].Revision = e.rev
@@ -1107,7 +1126,7 @@ func (k *KV) PutExport(ctx context.Context, e commands.Export) (commands.Export,
 // GetExport reads the export record of a volume from the bucket.
 func (k *KV) GetExport(ctx context.Context, volumeID string) (commands.Export, error) {
 	var e commands.Export
-	rev, err := k.get(ctx, "export", kvExportPrefix+volumeID, &e)
+	rev, err := get(ctx, k, kvExportPrefix+volumeID, volumeID, &e)
 	e.Revision = rev
 	return e, err
 }
@@ -1127,7 +1146,7 @@ func (k *KV) ListExports(ctx context.Context) ([]commands.Export, error) {
 	k.mu.RUnlock()
 	out := make([]commands.Export, len(rows))
 	for i, e := range rows {
-		if err := decode(e.raw, &out[i]); err != nil {
+		if err := decode(kvExportPrefix, "", e.raw, &out[i]); err != nil {
 			return nil, err
 		}
 		out[i].Revision = e.rev

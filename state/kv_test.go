@@ -525,3 +525,24 @@ func TestKVReadsAfterDirectGetsOff(t *testing.T) {
 		t.Fatalf("read after direct gets went off: %+v, %v; want revision %d", got, err, op.Revision)
 	}
 }
+
+// TestKVCorrupt: a record damaged behind the store's back (a manual put,
+// a command reply published on its key) is ErrCorrupt, skipped by the
+// index, and replaced by a compare-and-swap on its revision.
+func TestKVCorrupt(t *testing.T) {
+	b := testenv.StartBus(t)
+	var bucket string // the subtests' store, one at a time
+	storetest.RunCorrupt(t, func(t testing.TB) state.Store {
+		bucket = nextBucket()
+		return newKV(t, b.JetStream(), bucket)
+	}, func(ctx context.Context, kind, id string, raw []byte) {
+		kv, err := b.JetStream().KeyValue(ctx, bucket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		prefix := map[string]string{"mapping": "map.", "export": "export.", "operation": "op."}[kind]
+		if _, err := kv.Put(ctx, prefix+id, raw); err != nil {
+			t.Fatal(err)
+		}
+	})
+}

@@ -688,7 +688,7 @@ func decodeEntries[T any](d *cacheDecoder, c *kvCache, prefix string) map[string
 		if d.err != nil {
 			break
 		}
-		v, err := decodeRecord[T](raw)
+		v, err := decodeRecord[T](prefix+id, id, raw)
 		if err == nil && (rev == 0 || v == nil) {
 			err = errors.New("no revision or value")
 		}

@@ -243,7 +243,7 @@ func (k *KV) holds(ctx context.Context, holder string, m *commands.Mapping) (boo
 	if err != nil || !h.live {
 		return false, err
 	}
-	hm, err := decodeRecord[commands.Mapping](h.data)
+	hm, err := decodeRecord[commands.Mapping](kvMappingPrefix+holder, holder, h.data)
 	if err != nil {
 		return false, err
 	}
@@ -276,7 +276,7 @@ func (k *KV) PutMapping(ctx context.Context, m commands.Mapping) (commands.Mappi
 	case m.Revision != 0 && cur.rev != m.Revision:
 		return m, stale("mapping", key, m.Revision)
 	case cur.live:
-		if old, err = decodeRecord[commands.Mapping](cur.data); err != nil {
+		if old, err = oldMapping(key, m.VolumeID, cur.data); err != nil {
 			return m, err
 		}
 	}
@@ -293,6 +293,17 @@ func (k *KV) PutMapping(ctx context.Context, m commands.Mapping) (commands.Mappi
 	}
 	m.Revision = rev
 	return m, k.applyMapping(m.VolumeID, rev, data, false)
+}
+
+// oldMapping decodes the record a write replaces; a corrupt one is
+// replaced as if there were none (it holds no claim this store can
+// name), so a compare-and-swap on its revision repairs it.
+func oldMapping(key, volumeID string, raw []byte) (*commands.Mapping, error) {
+	old, err := decodeRecord[commands.Mapping](key, volumeID, raw)
+	if errors.Is(err, ErrCorrupt) {
+		return nil, nil
+	}
+	return old, err
 }
 
 // classify explains a refused batch: the mapping changed since revision
@@ -325,7 +336,7 @@ func (k *KV) DeleteMapping(ctx context.Context, volumeID string, rev uint64) err
 		if rev != 0 && cur.rev != rev {
 			return stale("mapping", key, rev)
 		}
-		old, err := decodeRecord[commands.Mapping](cur.data)
+		old, err := oldMapping(key, volumeID, cur.data)
 		if err != nil {
 			return err
 		}

@@ -3,6 +3,8 @@ package state
 import (
 	"context"
 	"errors"
+	"maps"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -345,17 +347,21 @@ func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte, rece
 		raw = nil
 	}
 	var apply func(raw []byte) error
+	var kind, id string
 	switch {
 	case strings.HasPrefix(key, kvOpPrefix):
+		kind, id = "operation", strings.TrimPrefix(key, kvOpPrefix)
 		apply = func(raw []byte) error {
-			return k.applyWatchedOp(strings.TrimPrefix(key, kvOpPrefix), rev, raw, recent)
+			return k.applyWatchedOp(id, rev, raw, recent)
 		}
 	case strings.HasPrefix(key, kvMappingPrefix):
+		kind, id = "mapping", strings.TrimPrefix(key, kvMappingPrefix)
 		apply = func(raw []byte) error {
-			return k.applyMapping(strings.TrimPrefix(key, kvMappingPrefix), rev, raw, true)
+			return k.applyMapping(id, rev, raw, true)
 		}
 	case strings.HasPrefix(key, kvExportPrefix):
-		apply = func(raw []byte) error { return k.applyExport(strings.TrimPrefix(key, kvExportPrefix), rev, raw, true) }
+		kind, id = "export", strings.TrimPrefix(key, kvExportPrefix)
+		apply = func(raw []byte) error { return k.applyExport(id, rev, raw, true) }
 	default:
 		k.mu.Lock()
 		k.seen = max(k.seen, rev)
@@ -369,7 +375,31 @@ func (k *KV) applyEntry(key string, rev uint64, h nats.Header, data []byte, rece
 		// its revision, which read barriers wait for.
 		k.log.Warn("skipping bad record", "key", key, "revision", rev, "err", err)
 		_ = apply(nil)
+		k.mu.Lock()
+		k.corrupt[key] = Corrupt{Kind: kind, ID: id, Key: key, Revision: rev, Err: err.Error()}
+		k.mu.Unlock()
+		return
 	}
+	k.mu.Lock()
+	if c, ok := k.corrupt[key]; ok && c.Revision < rev {
+		delete(k.corrupt, key)
+	}
+	k.mu.Unlock()
+}
+
+// CorruptRecords returns the mapping, export and operation records the
+// watcher skipped because they are not records of their kind (ErrCorrupt),
+// ordered by key; a later revision of the key (a repair, a delete)
+// removes it from the list.
+func (k *KV) CorruptRecords(ctx context.Context) ([]Corrupt, error) {
+	if err := k.caughtUp(ctx); err != nil {
+		return nil, err
+	}
+	k.mu.RLock()
+	out := slices.Collect(maps.Values(k.corrupt))
+	k.mu.RUnlock()
+	slices.SortFunc(out, func(a, b Corrupt) int { return strings.Compare(a.Key, b.Key) })
+	return out, nil
 }
 
 // applyWatchedOp puts revision rev of an operation (nil raw: deleted),
@@ -384,13 +414,13 @@ func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte, recent bool) erro
 		return k.applyOpValue(id, rev, nil, nil, true)
 	}
 	var sc scannedOp
-	if scanIndexed(raw, &sc) {
+	if scanIndexed(raw, &sc) && len(sc.typ) > 0 && len(sc.status) > 0 {
 		f := sc.fields()
 		putWatchedOp(k, id, rev, &f, raw, recent)
 		return nil
 	}
 	var o kvIndexed
-	if err := decode(raw, &o); err != nil {
+	if err := decode(kvOpPrefix+id, "", raw, &o); err != nil {
 		k.mu.Lock()
 		defer k.mu.Unlock()
 		if held, _, _ := k.ops.rev(id); rev <= held {

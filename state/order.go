@@ -82,12 +82,63 @@ func checkOp(op *commands.Operation) error {
 	return nil
 }
 
-// decode unmarshals a stored record.
-func decode[T any](data []byte, v *T) error {
+// decode unmarshals the record stored at key into v and checks it is a
+// record of its kind: the fields every writer sets are present, and its
+// id is id, that of its key ("" checks no id). A record that is not one
+// is ErrCorrupt naming the key, never a zero value taken as real.
+func decode[T any](key, id string, data []byte, v *T) error {
 	if err := json.Unmarshal(data, v); err != nil {
-		return fmt.Errorf("state: decode %T: %w", *v, err)
+		return corrupt(key, err.Error())
+	}
+	if why := checkRecord(id, v); why != "" {
+		return corrupt(key, why)
 	}
 	return nil
+}
+
+// corrupt is the ErrCorrupt of the record at key.
+func corrupt(key, why string) error {
+	return fmt.Errorf("state: record %s: %w: %s", key, ErrCorrupt, why)
+}
+
+// checkRecord says what a decoded record lacks, "" when nothing: a
+// mapping or export a volume and a VM, an operation an id, a type and a
+// status; and the id of its key.
+func checkRecord(id string, v any) string {
+	var got string
+	switch r := v.(type) {
+	case *commands.Mapping:
+		if r.VolumeID == "" || r.VMID == "" {
+			return "a mapping needs volume_id and vm_id"
+		}
+		got = r.VolumeID
+	case *commands.Export:
+		if r.VolumeID == "" || r.VMID == "" {
+			return "an export needs volume_id and vm_id"
+		}
+		got = r.VolumeID
+	case *commands.Operation:
+		if r.ID == "" || r.Type == "" || r.Status == "" {
+			return "an operation needs id, type and status"
+		}
+		got = r.ID
+	case *kvIndexed:
+		if r.Type == "" || r.Status == "" {
+			return "an operation needs type and status"
+		}
+		return ""
+	case *kvLease:
+		if r.Holder == "" {
+			return "a lease needs a holder"
+		}
+		return ""
+	default:
+		return ""
+	}
+	if id != "" && got != id {
+		return fmt.Sprintf("the record of %q", got)
+	}
+	return ""
 }
 
 // filterIndexes names the indexes (as "type:attach", "vm:<id>", …) that f

@@ -54,8 +54,10 @@ func SortMappings(ms []commands.Mapping) { sortMappings(ms) }
 // SortExports orders exports as ListExports returns them.
 func SortExports(es []commands.Export) { sortExports(es) }
 
-// Decode reads a record's JSON into v.
-func Decode[T any](data []byte, v *T) error { return decode(data, v) }
+// Decode reads the JSON of the record stored at key into v: ErrCorrupt
+// naming key unless it is a record of its kind with id id ("" checks no
+// id).
+func Decode[T any](key, id string, data []byte, v *T) error { return decode(key, id, data, v) }
 
 // NewStats is Stats with every type and status counted at zero.
 func NewStats() Stats { return newStats() }

@@ -40,7 +40,35 @@ var (
 	// ErrLeaseLost: the lease expired or was taken since it was acquired or
 	// last renewed.
 	ErrLeaseLost = errors.New("lease lost")
+	// ErrCorrupt: a stored record is not a record of its kind (not JSON,
+	// a field every writer sets missing, or the record of another id);
+	// the error names its key. Nothing reads it as an empty record; a
+	// compare-and-swap write on its revision replaces it.
+	ErrCorrupt = errors.New("corrupt record")
 )
+
+// Corrupt is a stored record that is not a record of its kind.
+type Corrupt struct {
+	// Kind is "mapping", "export" or "operation".
+	Kind string
+	// ID is the id of its key: the volume's, or the operation's.
+	ID string
+	// Key is the record's key in its store.
+	Key string
+	// Revision is the record's revision: a compare-and-swap write on it
+	// replaces the record.
+	Revision uint64
+	// Err says what is wrong with it.
+	Err string
+}
+
+// CorruptLister is a store that lists the records its index skipped as
+// corrupt, for the reconcile to repair.
+type CorruptLister interface {
+	CorruptRecords(ctx context.Context) ([]Corrupt, error)
+}
+
+var _ CorruptLister = (*KV)(nil)
 
 // CanMove reports whether an operation may move from status from to
 // status to: pending → executing | failed | cancelled, executing →

@@ -153,7 +153,7 @@ func (r *Store) copyLegacy(ctx context.Context, log *slog.Logger) error {
 	}
 	err := r.scanLegacy(ctx, "op:*", copyKey("operation", func(data []byte) error {
 		var op commands.Operation
-		if err := state.Decode(data, &op); err != nil {
+		if err := state.Decode("op:*", "", data, &op); err != nil {
 			return err
 		}
 		op.Revision = 0
@@ -176,7 +176,7 @@ func (r *Store) copyLegacy(ctx context.Context, log *slog.Logger) error {
 		}
 		return copyKey("mapping", func(data []byte) error {
 			var m commands.Mapping
-			if err := state.Decode(data, &m); err != nil {
+			if err := state.Decode("mapping:*", "", data, &m); err != nil {
 				return err
 			}
 			m.Revision = 0
@@ -201,7 +201,7 @@ func (r *Store) copyLegacy(ctx context.Context, log *slog.Logger) error {
 	}
 	err = r.scanLegacy(ctx, "export:*", copyKey("export", func(data []byte) error {
 		var e commands.Export
-		if err := state.Decode(data, &e); err != nil {
+		if err := state.Decode("export:*", "", data, &e); err != nil {
 			return err
 		}
 		e.Revision = 0

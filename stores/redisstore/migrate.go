@@ -36,7 +36,7 @@ func (r *Store) indexRequesters(ctx context.Context, log *slog.Logger) error {
 		}
 		for i, rec := range recs {
 			var op commands.Operation
-			if rec.raw == nil || state.Decode(rec.raw, &op) != nil || op.RequestedBy == "" {
+			if rec.raw == nil || state.Decode(batch[i], "", rec.raw, &op) != nil || op.RequestedBy == "" {
 				continue
 			}
 			n, err := r.runWrite(ctx, "index requester", indexRequesterScript,

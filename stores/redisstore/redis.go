@@ -474,7 +474,10 @@ func readAt[T any](ctx context.Context, r *Store, what, key string, rev uint64) 
 		return nil, state.Stale(what, key, rev)
 	}
 	v := new(T)
-	return v, state.Decode(rec.raw, v)
+	if err := state.Decode(key, "", rec.raw, v); err != nil {
+		return nil, err
+	}
+	return v, nil
 }
 
 // CreateOperation records op with its indexes and counters in one script.
@@ -553,7 +556,7 @@ func (r *Store) DeleteOperation(ctx context.Context, id string, rev uint64) erro
 		return state.Stale("operation", id, rev)
 	}
 	var op commands.Operation
-	if err := state.Decode(rec.raw, &op); err != nil {
+	if err := state.Decode(r.opKey(id), id, rec.raw, &op); err != nil {
 		return err
 	}
 	if err := r.deleteOp(ctx, &op, rev); err != nil && !errors.Is(err, state.ErrNotFound) {
@@ -623,7 +626,7 @@ func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, 
 				continue
 			}
 			var op commands.Operation
-			if err := state.Decode(rec.raw, &op); err != nil {
+			if err := state.Decode(r.opKey(ids[i]), ids[i], rec.raw, &op); err != nil {
 				return n, err
 			}
 			if state.MayHold(op.Type) {
@@ -675,7 +678,7 @@ func (r *Store) heldOps(ctx context.Context) ([]commands.Operation, error) {
 			continue
 		}
 		var op commands.Operation
-		if err := state.Decode(rec.raw, &op); err != nil {
+		if err := state.Decode(r.opKey(ids[i]), ids[i], rec.raw, &op); err != nil {
 			return nil, err
 		}
 		op.Revision = rec.rev
@@ -700,7 +703,7 @@ func (r *Store) GetOperation(ctx context.Context, id string) (commands.Operation
 	if err != nil {
 		return op, err
 	}
-	err = state.Decode(rec.raw, &op)
+	err = state.Decode(r.opKey(id), id, rec.raw, &op)
 	op.Revision = rec.rev
 	return op, err
 }
@@ -733,13 +736,16 @@ func (r *Store) ListOperations(ctx context.Context, f state.Filter) ([]commands.
 		return nil, "", err
 	}
 	out := make([]commands.Operation, 0, len(recs))
-	for _, rec := range recs {
+	for k, rec := range recs {
 		var op commands.Operation
 		if rec.raw == nil {
 			continue // deleted since the ids were read
 		}
-		if err := state.Decode(rec.raw, &op); err != nil {
-			return nil, "", err
+		if err := state.Decode(r.opKey(ids[k]), ids[k], rec.raw, &op); err != nil {
+			// Skipped as the embedded store's index skips it; a read
+			// of the operation reports it.
+			r.log.Warn("listing skips a corrupt record", "key", r.opKey(ids[k]), "err", err)
+			continue
 		}
 		op.Revision = rec.rev
 		if state.Matches(op, f) { // not moved out of the filter since
@@ -794,7 +800,10 @@ func (r *Store) PutMapping(ctx context.Context, m commands.Mapping) (commands.Ma
 	}
 	old := new(commands.Mapping)
 	if m.Revision != 0 {
-		if old, err = readAt[commands.Mapping](ctx, r, "mapping", r.mapKey(m.VolumeID), m.Revision); err != nil {
+		// A corrupt record is replaced as if it named no device or VM.
+		if old, err = readAt[commands.Mapping](ctx, r, "mapping", r.mapKey(m.VolumeID), m.Revision); errors.Is(err, state.ErrCorrupt) {
+			old = new(commands.Mapping)
+		} else if err != nil {
 			return m, err
 		}
 	}
@@ -829,7 +838,7 @@ func (r *Store) GetMapping(ctx context.Context, volumeID string) (commands.Mappi
 	if err != nil {
 		return m, err
 	}
-	err = state.Decode(rec.raw, &m)
+	err = state.Decode(r.mapKey(volumeID), volumeID, rec.raw, &m)
 	m.Revision = rec.rev
 	return m, err
 }
@@ -881,13 +890,16 @@ func listSet[T any](ctx context.Context, r *Store, name, set string, key func(st
 		return nil, err
 	}
 	out := make([]T, 0, len(recs))
-	for _, rec := range recs {
+	for i, rec := range recs {
 		if rec.raw == nil {
 			continue
 		}
 		var v T
-		if err := state.Decode(rec.raw, &v); err != nil {
-			return nil, err
+		if err := state.Decode(key(ids[i]), ids[i], rec.raw, &v); err != nil {
+			// Skipped as the embedded store's index skips it; a read
+			// by key reports it.
+			r.log.Warn("listing skips a corrupt record", "key", key(ids[i]), "err", err)
+			continue
 		}
 		if keep(&v, rec.rev) {
 			out = append(out, v)
@@ -911,7 +923,8 @@ func (r *Store) DeleteMapping(ctx context.Context, volumeID string, rev uint64) 
 			return state.Stale("mapping", volumeID, rev)
 		}
 		var m commands.Mapping
-		if err := state.Decode(rec.raw, &m); err != nil {
+		// A corrupt record is deleted as if it named no device or VM.
+		if err := state.Decode(r.mapKey(volumeID), volumeID, rec.raw, &m); err != nil && !errors.Is(err, state.ErrCorrupt) {
 			return err
 		}
 		keys := []string{r.mapKey(volumeID), r.p + "mappings:all"}
@@ -967,7 +980,7 @@ func (r *Store) GetExport(ctx context.Context, volumeID string) (commands.Export
 	if err != nil {
 		return e, err
 	}
-	err = state.Decode(rec.raw, &e)
+	err = state.Decode(r.exportKey(volumeID), volumeID, rec.raw, &e)
 	e.Revision = rec.rev
 	return e, err
 }

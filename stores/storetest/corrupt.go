@@ -1,0 +1,140 @@
+package storetest
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/state"
+)
+
+// Spoil overwrites the stored JSON of the record of id of kind
+// ("mapping", "export" or "operation") with raw, behind the store's back.
+type Spoil func(ctx context.Context, kind, id string, raw []byte)
+
+// RunCorrupt checks what a store does with a record that is not a record
+// of its kind: a read by key is state.ErrCorrupt naming the id, never a
+// zero record; a listing skips it without failing; a compare-and-swap
+// write on the revision the read returned replaces it.
+func RunCorrupt(t *testing.T, open Open, spoil Spoil) {
+	t.Run("empty id", func(t *testing.T) {
+		// The read of a record that lost its id (an export of an empty
+		// mapping) is not found, not a key the store refuses.
+		s, ctx := open(t), ctxFor(t)
+		_, merr := s.GetMapping(ctx, "")
+		_, eerr := s.GetExport(ctx, "")
+		_, oerr := s.GetOperation(ctx, "")
+		for _, err := range []error{merr, eerr, oerr} {
+			if !errors.Is(err, state.ErrNotFound) {
+				t.Fatalf("read with an empty id: %v, want not found", err)
+			}
+		}
+	})
+	reply := `{"id":"` + ID(9) + `","status":"completed","result":{"ok":true}}`
+	for _, tc := range []struct{ name, raw string }{
+		{"garbage", "{not json"},
+		{"command reply", reply},
+		{"empty object", "{}"},
+		{"another id", ""}, // filled with a valid record of another id
+	} {
+		for _, kind := range []string{"mapping", "export", "operation"} {
+			t.Run(tc.name+"/"+kind, func(t *testing.T) {
+				s := open(t)
+				ctx := ctxFor(t)
+				vol, other := ID(1), ID(2)
+				raw := tc.raw
+				if _, err := s.PutMapping(ctx, Mapping(vol, "vm-1", "/dev/vdb")); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := s.PutExport(ctx, Export(vol, false)); err != nil {
+					t.Fatal(err)
+				}
+				op := mustCreate(t, s, Op(1, commands.OpAttach, commands.StatusPending, vol, "vm-1", base))[0]
+				if raw == "" {
+					var v any = Mapping(other, "vm-1", "/dev/vdc")
+					switch kind {
+					case "export":
+						v = Export(other, false)
+					case "operation":
+						v = Op(2, commands.OpAttach, commands.StatusPending, vol, "vm-1", base)
+					}
+					data, err := json.Marshal(v)
+					if err != nil {
+						t.Fatal(err)
+					}
+					raw = string(data)
+				}
+				id := vol
+				if kind == "operation" {
+					id = op.ID
+				}
+				spoil(ctx, kind, id, []byte(raw))
+				checkCorrupt(t, s, kind, vol, op.ID)
+			})
+		}
+	}
+}
+
+// checkCorrupt runs the checks of RunCorrupt on a spoiled record.
+func checkCorrupt(t *testing.T, s state.Store, kind, vol, opID string) {
+	ctx := ctxFor(t)
+	var rev uint64
+	var err error
+	switch kind {
+	case "mapping":
+		var m commands.Mapping
+		m, err = s.GetMapping(ctx, vol)
+		rev = m.Revision
+		if ms, lerr := s.ListMappings(ctx, ""); lerr != nil || len(ms) != 0 {
+			t.Fatalf("listing over a corrupt mapping: %v, %v", ms, lerr)
+		}
+	case "export":
+		var e commands.Export
+		e, err = s.GetExport(ctx, vol)
+		rev = e.Revision
+		if es, lerr := s.ListExports(ctx); lerr != nil || len(es) != 0 {
+			t.Fatalf("listing over a corrupt export: %v, %v", es, lerr)
+		}
+	case "operation":
+		_, err = s.GetOperation(ctx, opID)
+		if ops, _, lerr := s.ListOperations(ctx, state.Filter{}); lerr != nil || len(ops) != 0 {
+			t.Fatalf("listing over a corrupt operation: %v, %v", ops, lerr)
+		}
+		if !errors.Is(err, state.ErrCorrupt) || !strings.Contains(err.Error(), opID) {
+			t.Fatalf("read of a corrupt operation: %v, want ErrCorrupt naming %s", err, opID)
+		}
+		return
+	}
+	if !errors.Is(err, state.ErrCorrupt) || !strings.Contains(err.Error(), vol) || rev == 0 {
+		t.Fatalf("read of a corrupt %s: %v (revision %d), want ErrCorrupt naming %s with a revision", kind, err, rev, vol)
+	}
+	// The repair: a compare-and-swap on the corrupt record's revision.
+	switch kind {
+	case "mapping":
+		m := Mapping(vol, "vm-2", "/dev/vdd")
+		m.Revision = rev
+		if _, err := s.PutMapping(ctx, m); err != nil {
+			t.Fatalf("repair of a corrupt mapping: %v", err)
+		}
+		got, err := s.GetMapping(ctx, vol)
+		if err != nil || got.VMID != "vm-2" {
+			t.Fatalf("repaired mapping: %+v, %v", got, err)
+		}
+		if ms := mappingVolumes(t, s, "vm-2"); !slices.Equal(ms, []string{vol}) {
+			t.Fatalf("mappings of vm-2 after the repair: %v", ms)
+		}
+	case "export":
+		e := Export(vol, true)
+		e.Revision = rev
+		if _, err := s.PutExport(ctx, e); err != nil {
+			t.Fatalf("repair of a corrupt export: %v", err)
+		}
+		if got, err := s.GetExport(ctx, vol); err != nil || !got.ReadOnly {
+			t.Fatalf("repaired export: %+v, %v", got, err)
+		}
+	}
+}
