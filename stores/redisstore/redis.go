@@ -791,8 +791,8 @@ func (r *Store) Stats(ctx context.Context) (state.Stats, error) {
 // PutMapping writes m and moves its device and VM indexes in one script,
 // which checks the revision and the device's holder before writing.
 func (r *Store) PutMapping(ctx context.Context, m commands.Mapping) (commands.Mapping, error) {
-	if m.VolumeID == "" {
-		return m, errors.New("state: mapping without volume id")
+	if err := state.CheckMapping(m); err != nil {
+		return m, err
 	}
 	data, err := json.Marshal(m)
 	if err != nil {

@@ -34,6 +34,24 @@ func RunCorrupt(t *testing.T, open Open, spoil Spoil) {
 			}
 		}
 	})
+	t.Run("write refuses what a read calls corrupt", func(t *testing.T) {
+		// A record without a VM would be written, then read as corrupt
+		// and left out of every listing.
+		s, ctx := open(t), ctxFor(t)
+		m := Mapping(ID(1), "", "")
+		if _, err := s.PutMapping(ctx, m); err == nil {
+			t.Fatal("mapping without vm_id accepted")
+		}
+		if _, err := s.PutExport(ctx, commands.Export{VolumeID: ID(1), ExportName: "vol00000001"}); err == nil {
+			t.Fatal("export without vm_id accepted")
+		}
+		if _, err := s.GetMapping(ctx, ID(1)); !errors.Is(err, state.ErrNotFound) {
+			t.Fatalf("mapping after a refused write: %v, want not found", err)
+		}
+		if _, err := s.GetExport(ctx, ID(1)); !errors.Is(err, state.ErrNotFound) {
+			t.Fatalf("export after a refused write: %v, want not found", err)
+		}
+	})
 	reply := `{"id":"` + ID(9) + `","status":"completed","result":{"ok":true}}`
 	for _, tc := range []struct{ name, raw string }{
 		{"garbage", "{not json"},
