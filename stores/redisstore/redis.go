@@ -600,13 +600,14 @@ func (r *Store) deleteOp(ctx context.Context, op *commands.Operation, rev uint64
 // rollbacks), the done index whole history.
 func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
 	n := 0
+	var corrupt int64 // the corrupt records passed, left in the index
 	for limit <= 0 || n < limit {
 		batch := int64(256)
 		if limit > 0 {
 			batch = min(batch, int64(limit-n))
 		}
 		ids, err := r.rdb.ZRangeArgs(ctx, redis.ZRangeArgs{Key: r.idxKey("done"), ByScore: true,
-			Start: "-inf", Stop: "(" + strconv.FormatInt(state.Score(completedBefore), 10), Count: batch}).Result()
+			Start: "-inf", Stop: "(" + strconv.FormatInt(state.Score(completedBefore), 10), Offset: corrupt, Count: batch}).Result()
 		if err != nil {
 			return n, r.wrap("prune operations", err)
 		}
@@ -626,7 +627,10 @@ func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, 
 				continue
 			}
 			var op commands.Operation
-			if err := state.Decode(r.opKey(ids[i]), ids[i], rec.raw, &op); err != nil {
+			if err := state.Decode(r.opKey(ids[i]), ids[i], rec.raw, &op); r.passCorrupt(err) {
+				corrupt++
+				continue
+			} else if err != nil {
 				return n, err
 			}
 			if state.MayHold(op.Type) {
@@ -678,13 +682,26 @@ func (r *Store) heldOps(ctx context.Context) ([]commands.Operation, error) {
 			continue
 		}
 		var op commands.Operation
-		if err := state.Decode(r.opKey(ids[i]), ids[i], rec.raw, &op); err != nil {
+		if err := state.Decode(r.opKey(ids[i]), ids[i], rec.raw, &op); r.passCorrupt(err) {
+			continue
+		} else if err != nil {
 			return nil, err
 		}
 		op.Revision = rec.rev
 		ops = append(ops, op)
 	}
 	return ops, nil
+}
+
+// passCorrupt logs err and reports true if it is state.ErrCorrupt: the
+// retention passes the record, left for a person to repair, rather than
+// stop at it.
+func (r *Store) passCorrupt(err error) bool {
+	if !errors.Is(err, state.ErrCorrupt) {
+		return false
+	}
+	r.log.Warn("prune passes a corrupt record", "err", err)
+	return true
 }
 
 // keysOf maps ids to keys.
