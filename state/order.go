@@ -137,11 +137,6 @@ func checkRecord(id string, v any) string {
 			return "an operation needs type and status"
 		}
 		return ""
-	case *kvLease:
-		if r.Holder == "" {
-			return "a lease needs a holder"
-		}
-		return ""
 	default:
 		return ""
 	}
