@@ -693,8 +693,8 @@ func (k *KV) GetOperation(ctx context.Context, id string) (commands.Operation, e
 }
 
 // get reads and decodes the record of id at key, returning its
-// revision, with ErrCorrupt too: a compare-and-swap on it replaces the
-// record.
+// revision, with ErrCorrupt too: a mapping or export write on it
+// replaces the record.
 func get[T any](ctx context.Context, k *KV, key, id string, v *T) (uint64, error) {
 	if id == "" {
 		return 0, fmt.Errorf("state: %s without an id: %w", key, ErrNotFound)
