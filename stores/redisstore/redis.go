@@ -841,11 +841,70 @@ func (r *Store) PutMapping(ctx context.Context, m commands.Mapping) (commands.Ma
 	if err != nil {
 		return m, err
 	}
+	if n == replyConflict {
+		// The device key may name a volume whose mapping no longer has
+		// the device (a corrupt record replaced or deleted): freed, the
+		// write is tried once again.
+		freed, err := r.freeStaleDevice(ctx, m.VMID, m.DevicePath)
+		if err != nil {
+			return m, err
+		}
+		if freed {
+			if n, err = r.runWrite(ctx, "put mapping", putMappingScript, keys,
+				m.Revision, m.VolumeID, data, newDev, newVM, oldDev, oldVM); err != nil {
+				return m, err
+			}
+		}
+	}
 	if n < 0 {
 		return m, casErr(n, "mapping", m.VolumeID, m.Revision, state.ErrStale)
 	}
 	m.Revision = uint64(n)
 	return m, nil
+}
+
+// freeStaleDeviceScript deletes a device key (KEYS[1]) if it still names
+// volume ARGV[1] and that volume's mapping (KEYS[2]) is still at revision
+// ARGV[2] ("" for none). Returns 1 when it deleted it.
+var freeStaleDeviceScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local cur = redis.call('HGET', KEYS[2], 'v')
+if (cur or '') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+`)
+
+// freeStaleDevice deletes the key of device dev on VM vm if the volume it
+// names has no mapping or one without that device, as the embedded store
+// takes over such a claim. A corrupt mapping of that volume is its error:
+// the device is not taken from a record nobody can read.
+func (r *Store) freeStaleDevice(ctx context.Context, vm, dev string) (bool, error) {
+	holder, err := r.rdb.Get(ctx, r.devKey(vm, dev)).Result()
+	if errors.Is(err, redis.Nil) {
+		return true, nil
+	}
+	if err != nil {
+		return false, r.wrap("get mapping device", err)
+	}
+	rev := ""
+	rec, err := r.readOne(ctx, "mapping", r.mapKey(holder))
+	switch {
+	case errors.Is(err, state.ErrNotFound):
+	case err != nil:
+		return false, err
+	default:
+		var hm commands.Mapping
+		if err := state.Decode(r.mapKey(holder), holder, rec.raw, &hm); err != nil {
+			return false, err
+		}
+		if hm.VMID == vm && hm.DevicePath == dev {
+			return false, nil
+		}
+		rev = strconv.FormatUint(rec.rev, 10)
+	}
+	n, err := r.runWrite(ctx, "free stale device", freeStaleDeviceScript,
+		[]string{r.devKey(vm, dev), r.mapKey(holder)}, holder, rev)
+	return n == 1, err
 }
 
 // GetMapping reads the mapping of a volume.

@@ -181,6 +181,13 @@ func checkCorrupt(t *testing.T, s state.Store, kind, vol, opID string) {
 		if ms := mappingVolumes(t, s, "vm-2"); !slices.Equal(ms, []string{vol}) {
 			t.Fatalf("mappings of vm-2 after the repair: %v", ms)
 		}
+		// The device the record named before it was damaged is free.
+		if ms := mappingVolumes(t, s, "vm-1"); len(ms) != 0 {
+			t.Fatalf("mappings of vm-1 after the repair: %v", ms)
+		}
+		if _, err := s.PutMapping(ctx, Mapping(ID(3), "vm-1", "/dev/vdb")); err != nil {
+			t.Fatalf("mapping of the repaired record's old device: %v", err)
+		}
 	case "export":
 		e := Export(vol, true)
 		e.Revision = rev
