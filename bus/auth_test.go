@@ -549,3 +549,25 @@ func TestServiceConnOnExternalServer(t *testing.T) {
 		}
 	}
 }
+
+// TestInboxReply: the device agent answers on inboxes only.
+func TestInboxReply(t *testing.T) {
+	for _, tc := range []struct {
+		reply string
+		want  bool
+	}{
+		{"_INBOX.abc.1", true},
+		{"_INBOX_volumed.abc.1", true},
+		{"_INBOX_agent.vm-1.abc", true},
+		{"_INBOX_mine.x", false},
+		{"_INBOX", false},
+		{"", false},
+		{"$KV.volumed_state.map.vol-1", false},
+		{"volumed.hosts.vm-1.exports", false},
+		{"devices.vm-1.add", false},
+	} {
+		if got := bus.InboxReply(tc.reply); got != tc.want {
+			t.Errorf("InboxReply(%q) = %v, want %v", tc.reply, got, tc.want)
+		}
+	}
+}
