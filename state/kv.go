@@ -386,7 +386,7 @@ func (k *KV) setMapping(volumeID string, e kvEntry[commands.Mapping]) {
 // wrap ErrUnavailable.
 func kvErr(op string, err error) error {
 	var apiErr *jetstream.APIError
-	if (errors.As(err, &apiErr) && !formation.Transient(apiErr)) || errors.Is(err, jetstream.ErrInvalidKey) || errors.Is(err, context.Canceled) {
+	if (errors.As(err, &apiErr) && !formation.Transient(err)) || errors.Is(err, jetstream.ErrInvalidKey) || errors.Is(err, context.Canceled) {
 		return fmt.Errorf("state: kv %s: %w", op, err)
 	}
 	return fmt.Errorf("state: kv %s: %w: %w", op, ErrUnavailable, err)
@@ -724,7 +724,11 @@ func setupBucket(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (jet
 		if err != nil && !errors.Is(err, jetstream.ErrBucketExists) {
 			return nil, nil, kvErr("create bucket "+cfg.Bucket, err)
 		}
-		stream, err = js.Stream(ctx, streamName)
+		// Made now, by this member or another: a server that has not yet
+		// learned of it answers that it does not exist.
+		if stream, err = js.Stream(ctx, streamName); errors.Is(err, jetstream.ErrStreamNotFound) {
+			err = formation.NotYet(err)
+		}
 	}
 	if err != nil {
 		return nil, nil, kvErr("bucket stream "+streamName, err)

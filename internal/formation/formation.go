@@ -76,7 +76,8 @@ var transientCodes = map[jetstream.ErrorCode]bool{
 
 // Transient reports whether err is an answer a forming or catching-up
 // cluster gives for a while: no answer in time, nobody answering, or a
-// JetStream error of a cluster not ready (a 503, or one of transientCodes).
+// JetStream error of a cluster not ready (a 503, or one of transientCodes),
+// or an error marked NotYet.
 func Transient(err error) bool {
 	var apiErr *jetstream.APIError
 	switch {
@@ -86,8 +87,19 @@ func Transient(err error) bool {
 		errors.Is(err, nats.ErrNoResponders), errors.Is(err, jetstream.ErrNoStreamResponse),
 		errors.Is(err, nats.ErrConnectionReconnecting):
 		return true
+	case errors.As(err, new(notYet)):
+		return true
 	case errors.As(err, &apiErr):
 		return apiErr.Code == 503 || transientCodes[apiErr.ErrorCode]
 	}
 	return false
 }
+
+// NotYet marks err as the answer of a server that has not yet learned what
+// the cluster has just made (a stream another member created a moment
+// before), which Transient then takes for transient.
+func NotYet(err error) error { return notYet{err} }
+
+type notYet struct{ error }
+
+func (e notYet) Unwrap() error { return e.error }

@@ -70,6 +70,7 @@ func TestTransient(t *testing.T) {
 		{"no peers", &jetstream.APIError{Code: 500, ErrorCode: 10005, Description: "no suitable peers for placement"}, true},
 		{"stream offline", &jetstream.APIError{Code: 500, ErrorCode: 10118, Description: "stream is offline"}, true},
 		{"stream not found", jetstream.ErrStreamNotFound, false},
+		{"stream just made, not found yet", fmt.Errorf("bucket: %w", formation.NotYet(jetstream.ErrStreamNotFound)), true},
 		{"bad request", &jetstream.APIError{Code: 400, ErrorCode: 10003, Description: "bad request"}, false},
 		{"canceled", context.Canceled, false},
 		{"other", errors.New("disk full"), false},

@@ -11,9 +11,11 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/volumed/volumed/client"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -35,6 +37,10 @@ func (d *daemon) writeNBD(m commands.Mapping, data []byte) {
 	if out, err := runClient(d.t, "nbdcopy", src, d.nbdURI(m.PersistentDeviceName)); err != nil {
 		d.t.Fatalf("nbdcopy to %s: %v: %s", m.PersistentDeviceName, err, out)
 	}
+	// nbdcopy has disconnected; the server counts its connections until it
+	// has read their ends, and a volume in use refuses a detach.
+	testenv.Eventually(d.t, 20*time.Second, func() bool { return d.clientsOf(m.VolumeID) == 0 },
+		"nbdcopy's connections to %s ended", m.PersistentDeviceName)
 }
 
 // readNBD reads n bytes from the start of the export of m's volume.
