@@ -443,6 +443,19 @@ func ReplyAllowed(reply string) bool {
 	return true
 }
 
+// InboxReply reports whether reply is an inbox: a client's (_INBOX.),
+// volumed's or an agent's. What answers with the daemon's identity a
+// request only volumed and agents send (the device agent's) answers only
+// there, never on a subject a requester chose.
+func InboxReply(reply string) bool {
+	for _, p := range []string{"_INBOX.", daemonInboxPrefix + ".", agentInboxPrefix} {
+		if strings.HasPrefix(reply, p) {
+			return true
+		}
+	}
+	return false
+}
+
 // Published wraps a handler of requests or events so that it ignores
 // what a JetStream consumer delivered (FromConsumer).
 func Published(h nats.MsgHandler) nats.MsgHandler {

@@ -485,3 +485,89 @@ func TestReplyAllowed(t *testing.T) {
 		}
 	}
 }
+
+// TestServiceConnOnExternalServer: on an external server that trusts
+// volumed's authority, the command service connects with ServiceCreds and
+// may publish on inboxes only: what a requester makes it publish
+// elsewhere (a reply subject of volumed's own) never arrives. Without
+// ServiceCreds it would answer with the daemon's identity.
+func TestServiceConnOnExternalServer(t *testing.T) {
+	dir := t.TempDir()
+	credsDir := filepath.Join(dir, "creds")
+	a, err := bus.LoadAuthority(credsDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.WriteRoleCreds(); err != nil {
+		t.Fatal(err)
+	}
+	frag, err := a.ServerConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(dir, "nats-server.conf")
+	body := "listen: 127.0.0.1:-1\njetstream { store_dir: \"" + filepath.Join(dir, "js") + "\" }\n" + frag
+	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ext := runServer(t, conf)
+	b := bus.New(bus.Config{URL: ext, Creds: bus.CredsFile(credsDir, bus.RoleDaemon),
+		ServiceCreds: bus.CredsFile(credsDir, bus.RoleService)})
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatalf("daemon on the external server: %v", err)
+	}
+	defer b.Close(context.Background())
+	if b.ServiceConn() == b.Conn() {
+		t.Fatal("the command service answers on the daemon's connection")
+	}
+	// One subscription: its messages come in the order published.
+	got := make(chan string, 64)
+	sub, err := b.Conn().Subscribe(">", func(m *nats.Msg) { got <- m.Subject })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := b.Conn().Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for _, subj := range []string{"volumed.probe", "_INBOX.probe"} {
+		if err := b.ServiceConn().Publish(subj, []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.ServiceConn().Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// Published in order from one connection: the inbox's arriving means
+	// the other was dropped, not late.
+	for s := range got {
+		if s == "volumed.probe" {
+			t.Fatal("the command service published on volumed.probe")
+		}
+		if s == "_INBOX.probe" {
+			break
+		}
+	}
+}
+
+// TestInboxReply: the device agent answers on inboxes only.
+func TestInboxReply(t *testing.T) {
+	for _, tc := range []struct {
+		reply string
+		want  bool
+	}{
+		{"_INBOX.abc.1", true},
+		{"_INBOX_volumed.abc.1", true},
+		{"_INBOX_agent.vm-1.abc", true},
+		{"_INBOX_mine.x", false},
+		{"_INBOX", false},
+		{"", false},
+		{"$KV.volumed_state.map.vol-1", false},
+		{"volumed.hosts.vm-1.exports", false},
+		{"devices.vm-1.add", false},
+	} {
+		if got := bus.InboxReply(tc.reply); got != tc.want {
+			t.Errorf("InboxReply(%q) = %v, want %v", tc.reply, got, tc.want)
+		}
+	}
+}

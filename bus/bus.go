@@ -91,6 +91,12 @@ type Config struct {
 	// Creds is the credentials file to connect to an external URL with;
 	// the embedded server is reached with the daemon's own.
 	Creds string
+	// ServiceCreds is the credentials file the command service connects
+	// to an external URL with: the service role's (service.creds of the
+	// authority the server trusts, `volumed creds server-config`). Empty,
+	// the service answers on the daemon's connection. The embedded server
+	// is reached with the service role's own.
+	ServiceCreds string
 	// InboxPrefix is the connection's inbox prefix; default one only the
 	// daemon may subscribe to (_INBOX for a ClientOnly bus).
 	InboxPrefix string
@@ -115,7 +121,7 @@ type Bus struct {
 	log    *slog.Logger
 	srv    *server.Server
 	nc     *nats.Conn
-	svc    *nats.Conn // ServiceConn; nil with an external server
+	svc    *nats.Conn // ServiceConn; nil without RoleService's credentials
 	js     jetstream.JetStream
 	closer lifecycle.Stopper
 }
@@ -173,17 +179,9 @@ func (b *Bus) Start(ctx context.Context) error {
 		return fmt.Errorf("bus: connect %s: %w", url, err)
 	}
 	b.nc = nc
-	if b.srv != nil && !b.cfg.ClientOnly {
-		svc, err := nats.Connect(dial, nats.InProcessServer(b.srv), nats.UserCredentials(CredsFile(b.cfg.CredsDir, RoleService)),
-			nats.Name(b.cfg.Name+"-service"), nats.MaxReconnects(-1), nats.ReconnectWait(250*time.Millisecond),
-			nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
-				b.log.Warn("command service connection", "err", err)
-			}))
-		if err != nil {
-			b.closeAll()
-			return fmt.Errorf("bus: connect the command service: %w", err)
-		}
-		b.svc = svc
+	if err := b.connectService(dial, url); err != nil {
+		b.closeAll()
+		return err
 	}
 	if b.js, err = jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(asyncMaxPending),
 		jetstream.WithPublishAsyncTimeout(asyncAckTimeout),
@@ -304,9 +302,37 @@ func (b *Bus) ensureStreams(ctx context.Context) error {
 // Conn is the NATS connection.
 func (b *Bus) Conn() *nats.Conn { return b.nc }
 
+// connectService connects the command service with RoleService's
+// credentials: the embedded server's, or Config.ServiceCreds on an
+// external one. A ClientOnly bus, or an external one without
+// ServiceCreds, has none.
+func (b *Bus) connectService(dial, url string) error {
+	opts := []nats.Option{nats.Name(b.cfg.Name + "-service"), nats.MaxReconnects(-1),
+		nats.ReconnectWait(250 * time.Millisecond), nats.Timeout(5 * time.Second),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			b.log.Warn("command service connection", "err", err)
+		})}
+	switch {
+	case b.cfg.ClientOnly:
+		return nil
+	case b.srv != nil:
+		opts = append(opts, nats.InProcessServer(b.srv), nats.UserCredentials(CredsFile(b.cfg.CredsDir, RoleService)))
+	case b.cfg.ServiceCreds != "":
+		opts = append(opts, b.tlsOption(), nats.UserCredentials(b.cfg.ServiceCreds))
+	default:
+		return nil
+	}
+	svc, err := nats.Connect(dial, opts...)
+	if err != nil {
+		return fmt.Errorf("bus: connect the command service to %s: %w", url, err)
+	}
+	b.svc = svc
+	return nil
+}
+
 // ServiceConn is the connection the command service takes requests on and
-// answers them: with the embedded server one of RoleService, which may
-// publish only on _INBOX.>; with an external server Conn.
+// answers them: one of RoleService, which may publish only on inboxes
+// (connectService); without one, Conn.
 func (b *Bus) ServiceConn() *nats.Conn {
 	if b.svc != nil {
 		return b.svc

@@ -182,7 +182,7 @@ func (s *Server) Start(ctx context.Context) error {
 		commands.DevicesNamesSubject(s.cfg.VMID): s.serveNames,
 		commands.DevicesUsersSubject(s.cfg.VMID): s.serveUsers,
 	} {
-		sub, err := s.cfg.Conn.Subscribe(subject, bus.Published(handle))
+		sub, err := s.cfg.Conn.Subscribe(subject, bus.Published(s.inboxOnly(handle)))
 		if err != nil {
 			s.stop()
 			return fmt.Errorf("devagent: subscribe %s: %w", subject, err)
@@ -456,6 +456,20 @@ func sysfsIdentity(d commands.Device, gen uint64) commands.DeviceIdentity {
 	id := d.Identity()
 	id.Generation = gen
 	return id
+}
+
+// inboxOnly wraps a request handler so that a request whose reply
+// subject is not an inbox (bus.InboxReply) is refused and not acted on:
+// in volumed the server answers with the daemon's identity, and an agent
+// of the same VM may send it requests.
+func (s *Server) inboxOnly(h nats.MsgHandler) nats.MsgHandler {
+	return func(msg *nats.Msg) {
+		if !bus.InboxReply(msg.Reply) {
+			s.log.Warn("request refused: its reply subject is not an inbox", "subject", msg.Subject, "reply", msg.Reply)
+			return
+		}
+		h(msg)
+	}
 }
 
 // reply answers a request with v as JSON.

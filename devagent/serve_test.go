@@ -505,3 +505,27 @@ func TestServerUsers(t *testing.T) {
 		t.Fatalf("another appearance of %s: %+v, want gone", id.Name, rep)
 	}
 }
+
+// TestServerAnswersOnInboxesOnly: in volumed the server answers with the
+// daemon's identity, so a request whose reply subject is not an inbox (an
+// agent of the same VM may send one) gets nothing published there; a
+// request on an inbox is answered.
+func TestServerAnswersOnInboxesOnly(t *testing.T) {
+	e := startServe(t, nil, nil)
+	probe, err := e.nc.SubscribeSync("volumed.probe")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.nc.PublishRequest(commands.DevicesListSubject(e.vm), "volumed.probe", nil); err != nil {
+		t.Fatal(err)
+	}
+	// Answered after the probe (one subscription, in order); the flush
+	// then has any answer to the probe delivered.
+	e.request(t, commands.DevicesListSubject(e.vm), nil)
+	if err := e.nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if n, _, err := probe.Pending(); err != nil || n != 0 {
+		t.Fatalf("%d messages published on the probe's reply subject (%v), want none", n, err)
+	}
+}

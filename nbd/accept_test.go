@@ -2,6 +2,8 @@ package nbd
 
 import (
 	"bytes"
+	"context"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -100,5 +102,45 @@ func TestAcceptSurvivesFDExhaustion(t *testing.T) {
 	}
 	if errno, data, err := c.cmd(cmdRead, 0, 0, 512, nil); err != nil || errno != 0 || !bytes.Equal(data, pattern(mib, 1)[:512]) {
 		t.Fatalf("read after the exhaustion: errno %d, err %v", errno, err)
+	}
+}
+
+// failingListener fails every Accept as a process out of descriptors does.
+type failingListener struct {
+	net.Listener
+	failed chan struct{}
+}
+
+func (l *failingListener) Accept() (net.Conn, error) {
+	select {
+	case l.failed <- struct{}{}:
+	default:
+	}
+	return nil, &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", unix.EMFILE)}
+}
+
+func (l *failingListener) Close() error { return nil }
+
+// TestCloseEndsAcceptRetryPause: Close does not wait for the accept
+// loop's pause between retries to run out.
+func TestCloseEndsAcceptRetryPause(t *testing.T) {
+	saved := acceptBackoff
+	acceptBackoff.Min, acceptBackoff.Max = time.Hour, time.Hour
+	defer func() { acceptBackoff = saved }()
+	s, err := New(Config{Listen: "127.0.0.1:0", Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := &failingListener{failed: make(chan struct{}, 1)}
+	s.mu.Lock()
+	s.ln = ln
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go s.accept(ln)
+	<-ln.failed
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.Close(ctx); err != nil {
+		t.Fatalf("Close during the accept loop's pause: %v", err)
 	}
 }

@@ -157,6 +157,9 @@ type Server struct {
 	closed  bool
 
 	wg sync.WaitGroup // accept loop and connection handlers
+	// stopped ends with Close: the accept loop's pause between retries.
+	stopped context.Context
+	stop    context.CancelFunc
 
 	stats counters // read by Stats
 }
@@ -206,7 +209,10 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	stopped, stop := context.WithCancel(context.Background())
 	return &Server{
+		stopped: stopped,
+		stop:    stop,
 		cfg:     cfg,
 		log:     cfg.Logger.With("component", "nbd"),
 		budget:  newBudget(cfg.MaxBytesInFlight, cfg.ConnBytesInFlight),
@@ -256,6 +262,7 @@ func (s *Server) Close(ctx context.Context) error {
 	defer s.setMu.Unlock()
 	s.mu.Lock()
 	s.closed = true
+	s.stop()
 	var err error
 	if s.ln != nil {
 		if cerr := s.ln.Close(); cerr != nil && !errors.Is(cerr, net.ErrClosed) {
@@ -473,7 +480,9 @@ func (s *Server) accept(ln net.Listener) {
 			}
 			d := retry.Next()
 			s.log.Error("nbd accept failed, retrying", "err", err, "retry_in", d)
-			time.Sleep(d)
+			if !backoff.Sleep(s.stopped, d) {
+				return
+			}
 			continue
 		}
 		retry.Reset()

@@ -28,11 +28,20 @@ func (f *flagSet) natsCreds(c *config) {
 		"NATS credentials file (the nats --creds format) to connect to --nats-url with")
 }
 
+// natsServiceCreds adds --nats-service-creds.
+func (f *flagSet) natsServiceCreds(c *config) {
+	f.str(&c.natsServiceCreds, "nats-service-creds", "VOLUMED_NATS_SERVICE_CREDS", "",
+		"NATS credentials file the command service connects to --nats-url with, the service role's (<data-dir>/creds/service.creds); empty answers commands and discovery with --nats-creds")
+}
+
 // checkSecurity validates the credential flags and reads a configured
 // token file.
 func (c *config) checkSecurity() error {
 	if c.natsCreds != "" && c.natsURL == "" {
 		return fmt.Errorf("%w: --nats-creds needs --nats-url (the embedded server's credentials are made in <data-dir>/creds)", errUsage)
+	}
+	if c.natsServiceCreds != "" && c.natsURL == "" {
+		return fmt.Errorf("%w: --nats-service-creds needs --nats-url (the embedded server's credentials are made in <data-dir>/creds)", errUsage)
 	}
 	if c.apiToken == "" {
 		c.apiToken = os.Getenv(tokenEnv)

@@ -48,10 +48,12 @@ type config struct {
 	// NBD exports: nbdListen "" turns the NBD server off.
 	nbdListen     string
 	nbdAutoExport bool
-	// Security (auth.go): natsCreds for --nats-url; the REST token.
-	natsCreds    string
-	apiToken     string
-	apiTokenFile string
+	// Security (auth.go): natsCreds and natsServiceCreds for --nats-url;
+	// the REST token.
+	natsCreds        string
+	natsServiceCreds string
+	apiToken         string
+	apiTokenFile     string
 	// TLS and more tokens (tls.go).
 	tls tlsFlags
 	// pprofListen: the loopback address of net/http/pprof (pprof.go); "" off.
@@ -190,6 +192,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f.str(&c.nbdListen, "nbd-listen", "VOLUMED_NBD_LISTEN", nbd.DefaultListen, "NBD server address for volume exports; empty turns it off")
 	f.boolean("nbd-auto-export", "VOLUMED_NBD_AUTO_EXPORT", "false", "export every volume attached to this host, read-only, as soon as its device is found")
 	f.natsCreds(&c)
+	f.natsServiceCreds(&c)
 	f.StringVar(&c.apiToken, "api-token", "", "REST API bearer token, at least 16 characters ("+tokenEnv+", never shown here)")
 	f.str(&c.apiTokenFile, "api-token-file", "VOLUMED_API_TOKEN_FILE", "", "file holding the REST API bearer token; default <data-dir>/"+tokenFileName+", generated at first start")
 	f.str(&c.pprofListen, "pprof-listen", "VOLUMED_PPROF_LISTEN", "", "loopback address serving Go's profiles at /debug/pprof/; empty turns it off")

@@ -48,6 +48,7 @@ func TestRunExitCodes(t *testing.T) {
 		{"agent without vm", []string{"agent", "--nats-url", "nats://127.0.0.1:4222"}, 2, "--vm-id is required"},
 		{"agent without nats", []string{"agent", "--vm-id", "87654321-4321-4321-4321-210987654321"}, 2, "--nats-url is required"},
 		{"nats creds without url", cs("--nats-creds", "x.creds"), 2, "--nats-creds needs --nats-url"},
+		{"nats service creds without url", cs("--nats-service-creds", "x.creds"), 2, "--nats-service-creds needs --nats-url"},
 		{"short api token", cs("--api-token", "short"), 2, "at least 16 characters"},
 		{"short token in the data dir", cs("--data-dir", shortTokenDir), 2, "at least 16 characters"},
 		{"missing token file", cs("--api-token-file", "/nonexistent/token"), 2, "--api-token-file"},

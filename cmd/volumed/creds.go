@@ -132,6 +132,11 @@ func runCreds(c config, stdout, stderr io.Writer) error {
 	case "agent":
 		data, err = a.AgentCreds(c.creds.vmID)
 	default:
+		// The roles' credentials, --nats-creds and --nats-service-creds
+		// of a daemon on that server.
+		if err = a.WriteRoleCreds(); err != nil {
+			return err
+		}
 		var s string
 		if s, err = a.ServerConfig(); err == nil {
 			var t string

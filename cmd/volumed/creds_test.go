@@ -89,4 +89,11 @@ func TestCredsServerConfig(t *testing.T) {
 			t.Errorf("server config lacks %q:\n%s", want, data)
 		}
 	}
+	// The daemon on that server takes --nats-creds and
+	// --nats-service-creds from the data dir.
+	for _, role := range []string{bus.RoleDaemon, bus.RoleService} {
+		if _, err := os.Stat(bus.CredsFile(credsDir(dir), role)); err != nil {
+			t.Errorf("%s credentials not written: %v", role, err)
+		}
+	}
 }

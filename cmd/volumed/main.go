@@ -175,7 +175,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		return err
 	}
 	b := bus.New(bus.Config{URL: cfg.natsURL, ConfigFile: cfg.natsConfig, DataDir: cfg.dataDir,
-		CredsDir: credsDir(cfg.dataDir), Creds: cfg.natsCreds, Replicas: cfg.natsReplicas, Logger: log, TLS: busTLS})
+		CredsDir: credsDir(cfg.dataDir), Creds: cfg.natsCreds, ServiceCreds: cfg.natsServiceCreds, Replicas: cfg.natsReplicas, Logger: log, TLS: busTLS})
 	if err := b.Start(ctx); err != nil {
 		return err
 	}

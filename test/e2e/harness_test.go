@@ -137,7 +137,7 @@ func newDaemon(t testing.TB, sim cloud, o daemonOpts) *daemon {
 		o.dataDir = t.TempDir()
 	}
 	natsArgs := []string{"--nats-url", o.natsURL, "--nats-replicas", "3",
-		"--nats-creds", bus.CredsFile(o.natsCreds, bus.RoleDaemon)}
+		"--nats-creds", bus.CredsFile(o.natsCreds, bus.RoleDaemon), "--nats-service-creds", bus.CredsFile(o.natsCreds, bus.RoleService)}
 	natsURL := o.natsURL
 	switch {
 	case o.natsConfig != "":
