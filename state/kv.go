@@ -639,6 +639,10 @@ func (k *KV) retains(ctx context.Context, id string, cut int64) (bool, error) {
 	switch {
 	case errors.Is(err, ErrNotFound):
 		return false, nil // DeleteOperation finds it gone
+	case errors.Is(err, ErrCorrupt):
+		// Pruned by its index entry, as any other corrupt record there.
+		k.log.Warn("prune deletes a corrupt record", "err", err)
+		return false, nil
 	case err != nil:
 		return false, err
 	}
@@ -664,7 +668,9 @@ func (k *KV) heldOps(ctx context.Context) ([]commands.Operation, error) {
 	ops := make([]commands.Operation, 0, len(ids))
 	for _, id := range ids {
 		op, err := k.GetOperation(ctx, id)
-		if errors.Is(err, ErrNotFound) {
+		if errors.Is(err, ErrNotFound) || errors.Is(err, ErrCorrupt) {
+			// Gone; or corrupt since it was held: the walk of the index
+			// meets it again (retains).
 			k.held.mu.Lock()
 			delete(k.held.ids, id)
 			k.held.mu.Unlock()
@@ -687,8 +693,8 @@ func (k *KV) GetOperation(ctx context.Context, id string) (commands.Operation, e
 }
 
 // get reads and decodes the record of id at key, returning its
-// revision, with ErrCorrupt too: a compare-and-swap on it replaces the
-// record.
+// revision, with ErrCorrupt too: a mapping or export write on it
+// replaces the record.
 func get[T any](ctx context.Context, k *KV, key, id string, v *T) (uint64, error) {
 	if id == "" {
 		return 0, fmt.Errorf("state: %s without an id: %w", key, ErrNotFound)

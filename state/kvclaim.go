@@ -255,8 +255,8 @@ func (k *KV) holds(ctx context.Context, holder string, m *commands.Mapping) (boo
 // claims' revisions; ErrConflict if another volume's mapping holds its
 // device path on the VM.
 func (k *KV) PutMapping(ctx context.Context, m commands.Mapping) (commands.Mapping, error) {
-	if m.VolumeID == "" {
-		return m, errors.New("state: mapping without volume id")
+	if err := checkMapping(m); err != nil {
+		return m, err
 	}
 	data, err := json.Marshal(m)
 	if err != nil {

@@ -48,10 +48,20 @@ func sortExports(es []commands.Export) {
 	slices.SortFunc(es, func(a, b commands.Export) int { return strings.Compare(a.VolumeID, b.VolumeID) })
 }
 
-// checkExport refuses an export record without a volume id.
+// checkMapping refuses a mapping record a read would call corrupt: one
+// without a volume id or a VM id.
+func checkMapping(m commands.Mapping) error {
+	if why := checkRecord("", &m); why != "" {
+		return fmt.Errorf("state: mapping %q refused: %s", m.VolumeID, why)
+	}
+	return nil
+}
+
+// checkExport refuses an export record a read would call corrupt: one
+// without a volume id or a VM id.
 func checkExport(e commands.Export) error {
-	if e.VolumeID == "" {
-		return fmt.Errorf("state: export without volume id")
+	if why := checkRecord("", &e); why != "" {
+		return fmt.Errorf("state: export %q refused: %s", e.VolumeID, why)
 	}
 	return nil
 }
@@ -125,11 +135,6 @@ func checkRecord(id string, v any) string {
 	case *kvIndexed:
 		if r.Type == "" || r.Status == "" {
 			return "an operation needs type and status"
-		}
-		return ""
-	case *kvLease:
-		if r.Holder == "" {
-			return "a lease needs a holder"
 		}
 		return ""
 	default:

@@ -19,7 +19,10 @@ func CheckMove(old, op commands.Operation) error { return checkMove(&old, &op) }
 // CheckLease refuses a lease without a name or holder, or too short.
 func CheckLease(name, holder string, ttl time.Duration) error { return checkLease(name, holder, ttl) }
 
-// CheckExport refuses an export record without a volume id.
+// CheckMapping refuses a mapping record without a volume id or a VM id.
+func CheckMapping(m commands.Mapping) error { return checkMapping(m) }
+
+// CheckExport refuses an export record without a volume id or a VM id.
 func CheckExport(e commands.Export) error { return checkExport(e) }
 
 // Matches reports whether op has every field f sets (f's Limit and Cursor

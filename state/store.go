@@ -43,7 +43,8 @@ var (
 	// ErrCorrupt: a stored record is not a record of its kind (not JSON,
 	// a field every writer sets missing, or the record of another id);
 	// the error names its key. Nothing reads it as an empty record; a
-	// compare-and-swap write on its revision replaces it.
+	// mapping or export write or delete on its revision replaces it (an
+	// operation's is refused: a person repairs it).
 	ErrCorrupt = errors.New("corrupt record")
 )
 
@@ -55,8 +56,8 @@ type Corrupt struct {
 	ID string
 	// Key is the record's key in its store.
 	Key string
-	// Revision is the record's revision: a compare-and-swap write on it
-	// replaces the record.
+	// Revision is the record's revision: a mapping or export write or
+	// delete on it replaces the record.
 	Revision uint64
 	// Err says what is wrong with it.
 	Err string

@@ -344,8 +344,8 @@ func (s *Store) Stats(context.Context) (state.Stats, error) {
 // PutMapping writes the mapping of m.VolumeID by compare-and-swap, keeping
 // the device index; state.ErrConflict if another volume holds the device.
 func (s *Store) PutMapping(_ context.Context, m commands.Mapping) (commands.Mapping, error) {
-	if m.VolumeID == "" {
-		return m, fmt.Errorf("memstore: mapping without volume id")
+	if err := state.CheckMapping(m); err != nil {
+		return m, err
 	}
 	raw, err := encode("mapping", m.VolumeID, m)
 	if err != nil {

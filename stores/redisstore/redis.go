@@ -600,13 +600,14 @@ func (r *Store) deleteOp(ctx context.Context, op *commands.Operation, rev uint64
 // rollbacks), the done index whole history.
 func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error) {
 	n := 0
+	var corrupt int64 // the corrupt records passed, left in the index
 	for limit <= 0 || n < limit {
 		batch := int64(256)
 		if limit > 0 {
 			batch = min(batch, int64(limit-n))
 		}
 		ids, err := r.rdb.ZRangeArgs(ctx, redis.ZRangeArgs{Key: r.idxKey("done"), ByScore: true,
-			Start: "-inf", Stop: "(" + strconv.FormatInt(state.Score(completedBefore), 10), Count: batch}).Result()
+			Start: "-inf", Stop: "(" + strconv.FormatInt(state.Score(completedBefore), 10), Offset: corrupt, Count: batch}).Result()
 		if err != nil {
 			return n, r.wrap("prune operations", err)
 		}
@@ -626,7 +627,10 @@ func (r *Store) PruneOperations(ctx context.Context, completedBefore time.Time, 
 				continue
 			}
 			var op commands.Operation
-			if err := state.Decode(r.opKey(ids[i]), ids[i], rec.raw, &op); err != nil {
+			if err := state.Decode(r.opKey(ids[i]), ids[i], rec.raw, &op); r.passCorrupt(err) {
+				corrupt++
+				continue
+			} else if err != nil {
 				return n, err
 			}
 			if state.MayHold(op.Type) {
@@ -678,13 +682,26 @@ func (r *Store) heldOps(ctx context.Context) ([]commands.Operation, error) {
 			continue
 		}
 		var op commands.Operation
-		if err := state.Decode(r.opKey(ids[i]), ids[i], rec.raw, &op); err != nil {
+		if err := state.Decode(r.opKey(ids[i]), ids[i], rec.raw, &op); r.passCorrupt(err) {
+			continue
+		} else if err != nil {
 			return nil, err
 		}
 		op.Revision = rec.rev
 		ops = append(ops, op)
 	}
 	return ops, nil
+}
+
+// passCorrupt logs err and reports true if it is state.ErrCorrupt: the
+// retention passes the record, left for a person to repair, rather than
+// stop at it.
+func (r *Store) passCorrupt(err error) bool {
+	if !errors.Is(err, state.ErrCorrupt) {
+		return false
+	}
+	r.log.Warn("prune passes a corrupt record", "err", err)
+	return true
 }
 
 // keysOf maps ids to keys.
@@ -791,8 +808,8 @@ func (r *Store) Stats(ctx context.Context) (state.Stats, error) {
 // PutMapping writes m and moves its device and VM indexes in one script,
 // which checks the revision and the device's holder before writing.
 func (r *Store) PutMapping(ctx context.Context, m commands.Mapping) (commands.Mapping, error) {
-	if m.VolumeID == "" {
-		return m, errors.New("state: mapping without volume id")
+	if err := state.CheckMapping(m); err != nil {
+		return m, err
 	}
 	data, err := json.Marshal(m)
 	if err != nil {
@@ -824,11 +841,70 @@ func (r *Store) PutMapping(ctx context.Context, m commands.Mapping) (commands.Ma
 	if err != nil {
 		return m, err
 	}
+	if n == replyConflict {
+		// The device key may name a volume whose mapping no longer has
+		// the device (a corrupt record replaced or deleted): freed, the
+		// write is tried once again.
+		freed, err := r.freeStaleDevice(ctx, m.VMID, m.DevicePath)
+		if err != nil {
+			return m, err
+		}
+		if freed {
+			if n, err = r.runWrite(ctx, "put mapping", putMappingScript, keys,
+				m.Revision, m.VolumeID, data, newDev, newVM, oldDev, oldVM); err != nil {
+				return m, err
+			}
+		}
+	}
 	if n < 0 {
 		return m, casErr(n, "mapping", m.VolumeID, m.Revision, state.ErrStale)
 	}
 	m.Revision = uint64(n)
 	return m, nil
+}
+
+// freeStaleDeviceScript deletes a device key (KEYS[1]) if it still names
+// volume ARGV[1] and that volume's mapping (KEYS[2]) is still at revision
+// ARGV[2] ("" for none). Returns 1 when it deleted it.
+var freeStaleDeviceScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local cur = redis.call('HGET', KEYS[2], 'v')
+if (cur or '') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+`)
+
+// freeStaleDevice deletes the key of device dev on VM vm if the volume it
+// names has no mapping or one without that device, as the embedded store
+// takes over such a claim. A corrupt mapping of that volume is its error:
+// the device is not taken from a record nobody can read.
+func (r *Store) freeStaleDevice(ctx context.Context, vm, dev string) (bool, error) {
+	holder, err := r.rdb.Get(ctx, r.devKey(vm, dev)).Result()
+	if errors.Is(err, redis.Nil) {
+		return true, nil
+	}
+	if err != nil {
+		return false, r.wrap("get mapping device", err)
+	}
+	rev := ""
+	rec, err := r.readOne(ctx, "mapping", r.mapKey(holder))
+	switch {
+	case errors.Is(err, state.ErrNotFound):
+	case err != nil:
+		return false, err
+	default:
+		var hm commands.Mapping
+		if err := state.Decode(r.mapKey(holder), holder, rec.raw, &hm); err != nil {
+			return false, err
+		}
+		if hm.VMID == vm && hm.DevicePath == dev {
+			return false, nil
+		}
+		rev = strconv.FormatUint(rec.rev, 10)
+	}
+	n, err := r.runWrite(ctx, "free stale device", freeStaleDeviceScript,
+		[]string{r.devKey(vm, dev), r.mapKey(holder)}, holder, rev)
+	return n == 1, err
 }
 
 // GetMapping reads the mapping of a volume.

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/state"
@@ -32,6 +33,59 @@ func RunCorrupt(t *testing.T, open Open, spoil Spoil) {
 			if !errors.Is(err, state.ErrNotFound) {
 				t.Fatalf("read with an empty id: %v, want not found", err)
 			}
+		}
+	})
+	t.Run("write refuses what a read calls corrupt", func(t *testing.T) {
+		// A record without a VM would be written, then read as corrupt
+		// and left out of every listing.
+		s, ctx := open(t), ctxFor(t)
+		m := Mapping(ID(1), "", "")
+		if _, err := s.PutMapping(ctx, m); err == nil {
+			t.Fatal("mapping without vm_id accepted")
+		}
+		if _, err := s.PutExport(ctx, commands.Export{VolumeID: ID(1), ExportName: "vol00000001"}); err == nil {
+			t.Fatal("export without vm_id accepted")
+		}
+		if _, err := s.GetMapping(ctx, ID(1)); !errors.Is(err, state.ErrNotFound) {
+			t.Fatalf("mapping after a refused write: %v, want not found", err)
+		}
+		if _, err := s.GetExport(ctx, ID(1)); !errors.Is(err, state.ErrNotFound) {
+			t.Fatalf("export after a refused write: %v, want not found", err)
+		}
+	})
+	t.Run("prune passes a corrupt operation", func(t *testing.T) {
+		// The oldest ended operation's record (a failover's, which the
+		// retention reads) holds another's: the retention still prunes
+		// the others, every time.
+		s, ctx := open(t), ctxFor(t)
+		var ops []commands.Operation
+		for i := range 3 {
+			op := Op(i+1, []commands.OpType{commands.OpFailover, commands.OpAttach, commands.OpFailover}[i], commands.StatusCompleted, ID(1), "vm-1", base.Add(time.Duration(i)*time.Second))
+			done := base.Add(time.Duration(i) * time.Minute)
+			op.CompletedAt = &done
+			ops = append(ops, op)
+		}
+		mustCreate(t, s, ops...)
+		other := ops[2]
+		other.ID = ID(9)
+		data, err := json.Marshal(other)
+		if err != nil {
+			t.Fatal(err)
+		}
+		spoil(ctx, "operation", ops[0].ID, data)
+		for _, limit := range []int{1, 1, 0} {
+			if _, err := s.PruneOperations(ctx, base.Add(time.Hour), limit); err != nil {
+				t.Fatalf("prune (limit %d) over a corrupt operation: %v", limit, err)
+			}
+		}
+		for _, op := range ops[1:] {
+			if _, err := s.GetOperation(ctx, op.ID); !errors.Is(err, state.ErrNotFound) {
+				t.Fatalf("operation %s after the prune: %v, want pruned", op.ID, err)
+			}
+		}
+		// The corrupt record is left for a person, or pruned by its index.
+		if _, err := s.GetOperation(ctx, ops[0].ID); err != nil && !errors.Is(err, state.ErrCorrupt) && !errors.Is(err, state.ErrNotFound) {
+			t.Fatalf("corrupt operation after the prune: %v", err)
 		}
 	})
 	reply := `{"id":"` + ID(9) + `","status":"completed","result":{"ok":true}}`
@@ -126,6 +180,13 @@ func checkCorrupt(t *testing.T, s state.Store, kind, vol, opID string) {
 		}
 		if ms := mappingVolumes(t, s, "vm-2"); !slices.Equal(ms, []string{vol}) {
 			t.Fatalf("mappings of vm-2 after the repair: %v", ms)
+		}
+		// The device the record named before it was damaged is free.
+		if ms := mappingVolumes(t, s, "vm-1"); len(ms) != 0 {
+			t.Fatalf("mappings of vm-1 after the repair: %v", ms)
+		}
+		if _, err := s.PutMapping(ctx, Mapping(ID(3), "vm-1", "/dev/vdb")); err != nil {
+			t.Fatalf("mapping of the repaired record's old device: %v", err)
 		}
 	case "export":
 		e := Export(vol, true)
