@@ -326,27 +326,11 @@ func TestNATSConfigWithAuthorizationRefused(t *testing.T) {
 }
 
 func TestServerConfigForExternalServer(t *testing.T) {
-	dir := t.TempDir()
-	a, err := bus.LoadAuthority(filepath.Join(dir, "creds"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a.WriteRoleCreds(); err != nil {
-		t.Fatal(err)
-	}
-	frag, err := a.ServerConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	conf := filepath.Join(dir, "nats-server.conf")
-	body := "listen: 127.0.0.1:-1\njetstream { store_dir: \"" + filepath.Join(dir, "js") + "\" }\n" + frag
-	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	// A nats-server run from that configuration (here through the
-	// embedding API) takes the daemon's credentials and refuses others.
-	ext := runServer(t, conf)
-	b := bus.New(bus.Config{URL: ext, Creds: bus.CredsFile(filepath.Join(dir, "creds"), bus.RoleDaemon)})
+	// A nats-server run from the configuration volumed writes (here
+	// through the embedding API) takes the daemon's credentials and
+	// refuses others.
+	ext, credsDir := externalServer(t)
+	b := bus.New(bus.Config{URL: ext, Creds: bus.CredsFile(credsDir, bus.RoleDaemon)})
 	if err := b.Start(context.Background()); err != nil {
 		t.Fatalf("daemon on the external server: %v", err)
 	}
@@ -492,25 +476,7 @@ func TestReplyAllowed(t *testing.T) {
 // elsewhere (a reply subject of volumed's own) never arrives. Without
 // ServiceCreds it would answer with the daemon's identity.
 func TestServiceConnOnExternalServer(t *testing.T) {
-	dir := t.TempDir()
-	credsDir := filepath.Join(dir, "creds")
-	a, err := bus.LoadAuthority(credsDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := a.WriteRoleCreds(); err != nil {
-		t.Fatal(err)
-	}
-	frag, err := a.ServerConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	conf := filepath.Join(dir, "nats-server.conf")
-	body := "listen: 127.0.0.1:-1\njetstream { store_dir: \"" + filepath.Join(dir, "js") + "\" }\n" + frag
-	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ext := runServer(t, conf)
+	ext, credsDir := externalServer(t)
 	b := bus.New(bus.Config{URL: ext, Creds: bus.CredsFile(credsDir, bus.RoleDaemon),
 		ServiceCreds: bus.CredsFile(credsDir, bus.RoleService)})
 	if err := b.Start(context.Background()); err != nil {
@@ -570,4 +536,30 @@ func TestInboxReply(t *testing.T) {
 			t.Errorf("InboxReply(%q) = %v, want %v", tc.reply, got, tc.want)
 		}
 	}
+}
+
+// externalServer runs a nats-server from the configuration volumed writes
+// for an external server (ServerConfig), with every role's credentials
+// written; it returns its URL and the credentials' directory.
+func externalServer(t *testing.T) (url, credsDir string) {
+	t.Helper()
+	dir := t.TempDir()
+	credsDir = filepath.Join(dir, "creds")
+	a, err := bus.LoadAuthority(credsDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.WriteRoleCreds(); err != nil {
+		t.Fatal(err)
+	}
+	frag, err := a.ServerConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(dir, "nats-server.conf")
+	body := "listen: 127.0.0.1:-1\njetstream { store_dir: \"" + filepath.Join(dir, "js") + "\" }\n" + frag
+	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return runServer(t, conf), credsDir
 }
