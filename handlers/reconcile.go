@@ -280,17 +280,13 @@ const listAllAt = 16
 
 // reconcileMapping removes a mapping CloudStack no longer explains and
 // refreshes the sync time of one it does. listed, when not nil, is every
-// volume CloudStack listed after m was read; m's volume is asked for
-// otherwise.
+// volume CloudStack listed after m was read; m's volume is asked for by
+// id when listed lacks it: a listing in pages misses volumes when others
+// are deleted meanwhile (as cloudView.volume asks).
 func (r *reconciler) reconcileMapping(ctx context.Context, m commands.Mapping, listed map[string]csapi.Volume) (string, error) {
-	var vol csapi.Volume
+	vol, ok := listed[m.VolumeID]
 	var err error
-	if listed != nil {
-		var ok bool
-		if vol, ok = listed[m.VolumeID]; !ok {
-			err = csapi.ErrNotFound
-		}
-	} else {
+	if !ok {
 		vol, err = r.cfg.CloudStack.GetVolume(ctx, m.VolumeID)
 	}
 	var why string

@@ -14,6 +14,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/csapi"
 	"github.com/volumed/volumed/handlers"
 	"github.com/volumed/volumed/state"
 	"github.com/volumed/volumed/test/cloudsim"
@@ -85,17 +86,19 @@ func TestReconcileReportsScatteredWorkflows(t *testing.T) {
 
 // TestReconcileMappings: with few mappings the reconcile asks CloudStack
 // for each mapped volume, with many it lists every volume once (one page
-// here); either way it removes the mapping of a volume detached behind
-// its back and of one attached elsewhere, names them, and refreshes the
-// sync time of the others.
+// here), and asks by id for one the listing misses; either way it removes
+// the mapping of a volume detached behind its back and of one attached
+// elsewhere, names them, and refreshes the sync time of the others.
 func TestReconcileMappings(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
 		mappings  int
-		wantCalls int // listVolumes calls of the reconcile
+		missed    bool // the listing of every volume misses one still attached
+		wantCalls int  // listVolumes calls of the reconcile
 	}{
-		{"few, one call each", 3, 3},
-		{"many, one list", handlers.ListAllAt + 4, 1},
+		{"few, one call each", 3, false, 3},
+		{"many, one list", handlers.ListAllAt + 4, false, 1},
+		{"many, one list missing a volume asked for by id", handlers.ListAllAt + 4, true, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			inv := cloudsim.DefaultInventory()
@@ -109,7 +112,11 @@ func TestReconcileMappings(t *testing.T) {
 				inv.Volumes = append(inv.Volumes, cloudsim.DataVolume{ID: vols[i], Name: fmt.Sprintf("data-%d", i), ZoneID: cloudsim.ZoneID,
 					SizeGB: 1, VMID: vmOf(i), DeviceID: []int64{1, 2, 4, 5}[i%4]})
 			}
-			h := newHarness(t, harnessOpts{inventory: inv})
+			opts := harnessOpts{inventory: inv}
+			if tc.missed {
+				opts.wrapCS = func(cs csapi.API) csapi.API { return missedInListing{API: cs, volume: vols[2]} }
+			}
+			h := newHarness(t, opts)
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			before := time.Now().UTC().Add(-time.Hour)

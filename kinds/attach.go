@@ -100,12 +100,14 @@ func (k attach) Execute(ctx context.Context, j *engine.Journal) (*commands.OpRes
 				continue
 			}
 		}
-		op.Step, op.JobID = StepAttachRequested, ""
-		if err := j.Save(ctx); err != nil {
-			return nil, err
-		}
 		dev, err := k.deviceFree(ctx, j, req)
 		if err != nil {
+			return nil, err
+		}
+		// Saved after the listing, right before the call: the save is
+		// the fence of the attach.
+		op.Step, op.JobID = StepAttachRequested, ""
+		if err := j.Save(ctx); err != nil {
 			return nil, err
 		}
 		var jobID string

@@ -717,11 +717,6 @@ func (e *cacheEncoder) str(s string) {
 	_, _ = e.w.WriteString(s)
 }
 
-func (e *cacheEncoder) bytes(b []byte) {
-	e.uvarint(uint64(len(b)))
-	_, _ = e.w.Write(b)
-}
-
 // cacheDecoder reads what a cacheEncoder wrote; the first error sticks
 // and every read after it returns zero.
 type cacheDecoder struct {

@@ -63,3 +63,17 @@ func (x *opIndex) encode(e *cacheEncoder, maxRev uint64) {
 		}
 	}
 }
+
+// appendID appends the id of slot i.
+func (x *opIndex) appendID(dst []byte, i uint32) []byte {
+	if x.slots[i].named() {
+		return append(dst, x.named[i]...)
+	}
+	return appendOpID(dst, &x.slots[i].key)
+}
+
+// bytes writes b with its length, as str writes a string.
+func (e *cacheEncoder) bytes(b []byte) {
+	e.uvarint(uint64(len(b)))
+	_, _ = e.w.Write(b)
+}

@@ -66,14 +66,6 @@ func appendOpID(dst []byte, k *opKey) []byte {
 	return dst
 }
 
-// appendID appends the id of slot i.
-func (x *opIndex) appendID(dst []byte, i uint32) []byte {
-	if x.slots[i].named() {
-		return append(dst, x.named[i]...)
-	}
-	return appendOpID(dst, &x.slots[i].key)
-}
-
 // idOf is the id of slot i.
 func (x *opIndex) idOf(i uint32) string {
 	if x.slots[i].named() {

@@ -84,10 +84,11 @@ func (s Stats) clone() Stats {
 	return s
 }
 
-// checkOp rejects an operation no index could place.
+// checkOp rejects an operation no index could place, one a read would
+// call corrupt: without an id, a type or a status.
 func checkOp(op *commands.Operation) error {
-	if op.ID == "" || op.Type == "" || op.Status == "" {
-		return fmt.Errorf("state: operation %q needs an id, a type and a status", op.ID)
+	if why := checkRecord("", op); why != "" {
+		return fmt.Errorf("state: operation %q refused: %s", op.ID, why)
 	}
 	return nil
 }

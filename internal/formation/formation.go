@@ -21,13 +21,13 @@ const Budget = time.Minute
 // maxTry bounds one attempt of Wait.
 const maxTry = 4 * time.Second
 
-// Retry calls attempt until it succeeds, retryable says its error is
+// retry calls attempt until it succeeds, retryable says its error is
 // final, or ctx ends; then it returns attempt's last error. Each attempt
 // has its own deadline, 1 s doubling to maxTry: until a cluster has a
 // leader, requests go unanswered, and of several members making the same
 // stream at once only one hears back, so a short first deadline asks
 // again soon. Attempts are 100 ms apart, doubling to 1 s.
-func Retry(ctx context.Context, maxTry time.Duration, retryable func(error) bool, attempt func(ctx context.Context) error) error {
+func retry(ctx context.Context, maxTry time.Duration, retryable func(error) bool, attempt func(ctx context.Context) error) error {
 	pauses := backoff.Policy{Min: 100 * time.Millisecond, Max: time.Second}.Start()
 	tries := backoff.Policy{Min: time.Second, Max: max(maxTry, time.Second)}.Start()
 	for {
@@ -43,13 +43,13 @@ func Retry(ctx context.Context, maxTry time.Duration, retryable func(error) bool
 	}
 }
 
-// Wait runs attempt as Retry does, within Budget, for as long as its error
+// Wait runs attempt as retry does, within Budget, for as long as its error
 // is one of Transient's; log gets each retried error at debug level, with
 // what names the request.
 func Wait(ctx context.Context, log *slog.Logger, what string, attempt func(ctx context.Context) error) error {
 	ctx, cancel := context.WithTimeout(ctx, Budget)
 	defer cancel()
-	return Retry(ctx, maxTry, func(err error) bool {
+	return retry(ctx, maxTry, func(err error) bool {
 		if !Transient(err) {
 			return false
 		}

@@ -1,0 +1,4 @@
+package formation
+
+// Retry is retry, for the external tests.
+var Retry = retry
