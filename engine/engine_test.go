@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -95,6 +96,41 @@ func TestStepRetryPolicy(t *testing.T) {
 				t.Fatalf("step gave up with a retryable error %v: the operation would not fail as CloudStack said", err)
 			}
 		})
+	}
+}
+
+// TestStepRetryFencedAfterWait: another executor claims the operation
+// while a step waits to retry a refused call (here as the "retrying"
+// record is published); the first executor learns it lost the operation
+// and does not send the call again.
+func TestStepRetryFencedAfterWait(t *testing.T) {
+	store := memstore.New()
+	ctx := context.Background()
+	ev := &events{}
+	first := claimed(t, store, "op-retry-fence")
+	first = engine.NewJournal(first.Op, store, ev, timing, slog.Default())
+	ev.hook = func(op commands.Operation) {
+		if !strings.HasSuffix(op.Error, "(retrying)") {
+			return
+		}
+		ev.hook = nil
+		cur, err := store.GetOperation(ctx, op.ID)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		cur.Attempts++
+		if err := engine.NewJournal(&cur, store, &events{}, timing, slog.Default()).Save(ctx); err != nil {
+			t.Errorf("claim by the second executor: %v", err)
+		}
+	}
+	calls := 0
+	err := first.Step(ctx, "attachVolume", func(context.Context) error {
+		calls++
+		return &csapi.Error{Command: "attachVolume", Code: 503, Retryable: true, RetryAfter: time.Millisecond}
+	})
+	if calls != 1 || !errors.Is(err, engine.ErrLost) {
+		t.Fatalf("%d calls, err %v; want 1 call and ErrLost", calls, err)
 	}
 }
 

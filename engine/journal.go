@@ -144,17 +144,18 @@ func (j *Journal) Step(ctx context.Context, name string, fn func(ctx context.Con
 			return err
 		}
 	}
-	return j.step(ctx, name, fn)
+	return j.step(ctx, name, true, fn)
 }
 
 // Read is Step for a call that only reads (a CloudStack list or query):
 // it leaves a claim not written yet to the operation's first save.
 func (j *Journal) Read(ctx context.Context, name string, fn func(ctx context.Context) error) error {
-	return j.step(ctx, name, fn)
+	return j.step(ctx, name, false, fn)
 }
 
-// step is Step without the claim.
-func (j *Journal) step(ctx context.Context, name string, fn func(ctx context.Context) error) error {
+// step is Step without the claim; a call that changes something is sent
+// again after a retry's wait only while the fence holds.
+func (j *Journal) step(ctx context.Context, name string, changes bool, fn func(ctx context.Context) error) error {
 	stepCtx, cancel := context.WithTimeout(ctx, j.timing.StepTimeout)
 	defer cancel()
 	wait := j.timing.Retry.Start()
@@ -187,6 +188,11 @@ func (j *Journal) step(ctx context.Context, name string, fn func(ctx context.Con
 			return err
 		}
 		wait.Wait(stepCtx, cs.RetryAfter)
+		if changes {
+			if err := j.Check(ctx); err != nil {
+				return err
+			}
+		}
 	}
 }
 
