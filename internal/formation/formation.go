@@ -59,7 +59,9 @@ func Wait(ctx context.Context, log *slog.Logger, what string, attempt func(ctx c
 }
 
 // transientCodes are the JetStream errors of a cluster without a leader,
-// without enough members, or whose member has not caught up yet.
+// without enough members, or whose member has not caught up yet, and of a
+// publish whose earlier attempt (an answer that did not come in time) is
+// still being stored: asked again, it is stored or a duplicate.
 var transientCodes = map[jetstream.ErrorCode]bool{
 	10005: true, // JSClusterNoPeersErrF: not enough peers for the replicas
 	10006: true, // JSClusterNotActiveErr
@@ -70,6 +72,7 @@ var transientCodes = map[jetstream.ErrorCode]bool{
 	10041: true, // JSRaftGeneralErrF
 	10118: true, // JSStreamOfflineErr
 	10119: true, // JSConsumerOfflineErr
+	10158: true, // JSStreamDuplicateMessageConflict: the same message id is being stored
 	10194: true, // JSStreamOfflineReasonErrF
 	10195: true, // JSConsumerOfflineReasonErrF
 }

@@ -69,6 +69,7 @@ func TestTransient(t *testing.T) {
 		{"503", &jetstream.APIError{Code: 503, ErrorCode: 10008, Description: "JetStream system temporarily unavailable"}, true},
 		{"no peers", &jetstream.APIError{Code: 500, ErrorCode: 10005, Description: "no suitable peers for placement"}, true},
 		{"stream offline", &jetstream.APIError{Code: 500, ErrorCode: 10118, Description: "stream is offline"}, true},
+		{"same message id being stored", &jetstream.APIError{Code: 409, ErrorCode: 10158, Description: "duplicate message id is in process"}, true},
 		{"stream not found", jetstream.ErrStreamNotFound, false},
 		{"stream just made, not found yet", fmt.Errorf("bucket: %w", formation.NotYet(jetstream.ErrStreamNotFound)), true},
 		{"bad request", &jetstream.APIError{Code: 400, ErrorCode: 10003, Description: "bad request"}, false},
