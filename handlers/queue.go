@@ -130,8 +130,10 @@ var errAtomicPublishOff = errors.New("stream " + bus.StreamJobs + " does not all
 // other line, all stored or none, under consecutive stream sequences (no
 // other message comes between them). msgID, on the job, makes a batch
 // sent again within the dedup window a duplicate, dropped whole. A batch
-// JetStream could not take yet is sent again, under a new batch id, until
-// ctx ends. It returns what publishJob does, the sequence of the job.
+// JetStream could not take yet, or whose message id is still being stored
+// (an earlier attempt, which may yet fail), is sent again, under a new
+// batch id, until ctx ends. It returns what publishJob does, the sequence
+// of the job.
 func (s *Service) publishBatch(ctx context.Context, op commands.Operation, lines []string, msgID string) (uint64, bool, error) {
 	pause := batchBackoff.Start()
 	for {
@@ -139,11 +141,11 @@ func (s *Service) publishBatch(ctx context.Context, op commands.Operation, lines
 		var apiErr *jetstream.APIError
 		if errors.As(err, &apiErr) {
 			switch apiErr.ErrorCode {
-			case errBatchDuplicate, errDuplicateInFlight:
+			case errBatchDuplicate:
 				return 0, false, nil
 			case errBatchDisabled:
 				return 0, false, fmt.Errorf("%w: %w", errAtomicPublishOff, err)
-			case errBatchTooMany, errBatchIncomplete:
+			case errBatchTooMany, errBatchIncomplete, errDuplicateInFlight:
 				if backoff.Sleep(ctx, pause.Next()) {
 					continue
 				}

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/bus"
@@ -178,5 +179,42 @@ func TestEndedCreatesBounded(t *testing.T) {
 	}
 	if e.has("v-running") || e.has("v-attached") || len(e.set) != endedCreatesKept {
 		t.Fatal("noteEnded remembered what is not a create's end naming its volume")
+	}
+}
+
+// inFlightOnce answers the first publish with JetStream's "duplicate
+// message id is in process" (10158) without storing it, as when an earlier
+// attempt with the same id is still being stored and may yet fail.
+type inFlightOnce struct {
+	jetstream.JetStream
+	answered bool
+}
+
+func (j *inFlightOnce) PublishMsg(ctx context.Context, m *nats.Msg, opts ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	if !j.answered {
+		j.answered = true
+		return nil, &jetstream.APIError{Code: 409, ErrorCode: errDuplicateInFlight, Description: "duplicate message id is in process"}
+	}
+	return j.JetStream.PublishMsg(ctx, m, opts...)
+}
+
+// TestBatchInFlightSentAgain: a batch whose message id JetStream says is
+// still being stored is sent again until it is stored (or a duplicate),
+// not taken for stored: the job of an operation on several volumes is
+// queued.
+func TestBatchInFlightSentAgain(t *testing.T) {
+	s := newQueueService(t)
+	js := &inFlightOnce{JetStream: s.cfg.JetStream}
+	s.cfg.JetStream = js
+	ctx := context.Background()
+	op := commands.Operation{ID: "op-two", Type: commands.OpDetach, VolumeID: "v-1", VolumeIDs: []string{"v-1", "v-2"}}
+	seq, kept, err := s.publishJob(ctx, op, op.ID)
+	if err != nil || !kept || !js.answered {
+		t.Fatalf("publish: seq %d kept %v err %v (10158 answered: %v), want stored", seq, kept, err, js.answered)
+	}
+	for _, subject := range []string{jobSubject(op), lineSubject("v-2", op.ID)} {
+		if _, err := s.jobs.GetMsg(ctx, 1, jetstream.WithGetMsgSubject(subject)); err != nil {
+			t.Errorf("%s: %v, want queued", subject, err)
+		}
 	}
 }
