@@ -108,7 +108,7 @@ func TestKVNewBases(t *testing.T) {
 	}
 	defer k.Close(ctx)
 	k.mu.RLock()
-	loaded := k.ops.base != nil && k.ops.base.n == 100
+	loaded := k.ops.base != nil && k.ops.len() == 100
 	k.mu.RUnlock()
 	if !loaded {
 		t.Fatal("restart did not load the base")
