@@ -15,8 +15,8 @@ import (
 	"io/fs"
 	"maps"
 	"math"
-	"os"
 	"math/bits"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -775,6 +775,10 @@ func readCacheV4(f *os.File, path string, size int64) (*kvCache, error) {
 			return nil, fmt.Errorf("bad base name %q", ref.name)
 		}
 		b, err := openBaseFile(filepath.Join(filepath.Dir(path), ref.name), ref, c, dead)
+		if errors.Is(err, fs.ErrNotExist) {
+			// A cache file whose base is gone is refused, not missing.
+			return nil, fmt.Errorf("base %s: missing", ref.name)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("base %s: %w", ref.name, err)
 		}
