@@ -32,6 +32,11 @@ const (
 	publishRetryMax = 2 * time.Second
 )
 
+// agentCatchUp is how long a names request waits for the agent to know a
+// present disk it has not handled yet, before asking it to rescan; the
+// request waits as long again for the scan.
+const agentCatchUp = time.Second
+
 // NamesMessage is the body of a devices.<vm_id>.names request (Names only)
 // and of its reply.
 type NamesMessage struct {
@@ -47,7 +52,8 @@ type NamesMessage struct {
 	// Previous is the set held before the request (reply only).
 	Previous map[string]string `json:"previous,omitempty"`
 	// Skipped gives, for each requested name not made, the reason (reply
-	// only): its target is not a present disk.
+	// only): its target is not a present disk, is another disk, or is a
+	// disk the agent does not know.
 	Skipped map[string]string `json:"skipped,omitempty"`
 	// Error says why a request was refused as a whole (reply only).
 	Error string `json:"error,omitempty"`
@@ -116,8 +122,8 @@ type Server struct {
 	// mu guards desired and serializes every change to the names.
 	mu sync.Mutex
 	// desired is the last requested name set, less names whose device
-	// went away since: name → the disk's identity (only the path known
-	// for names found at start).
+	// went away since: name → the disk's identity as the agent knows it
+	// (only the path known for names found at start).
 	desired map[string]commands.DeviceIdentity
 
 	subs  []*nats.Subscription
@@ -323,6 +329,7 @@ func (s *Server) serveNames(msg *nats.Msg) {
 		s.reply(msg, NamesMessage{Error: err.Error()})
 		return
 	}
+	s.awaitAgent(s.runCtx, req.Names)
 	s.reply(msg, s.apply(s.runCtx, req.Names, req.Identities))
 }
 
@@ -379,9 +386,58 @@ func checkNames(names map[string]string, ids map[string]commands.DeviceIdentity)
 	return nil
 }
 
+// awaitAgent waits until the agent knows every present disk of targets as
+// sysfs shows it: up to agentCatchUp for the uevents it has not handled
+// yet, then, after asking it to rescan, up to agentCatchUp more.
+func (s *Server) awaitAgent(ctx context.Context, targets map[string]string) {
+	events, stop := s.cfg.Agent.Subscribe()
+	defer stop()
+	rescan := time.NewTimer(agentCatchUp)
+	defer rescan.Stop()
+	deadline := time.NewTimer(2 * agentCatchUp)
+	defer deadline.Stop()
+	for !s.agentKnows(targets) {
+		select {
+		case _, open := <-events:
+			if !open {
+				return // the agent closed
+			}
+		case <-rescan.C:
+			s.cfg.Agent.requestScan()
+		case <-deadline.C:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// agentKnows reports whether the agent knows every present disk of
+// targets as sysfs shows it now.
+func (s *Server) agentKnows(targets map[string]string) bool {
+	for _, target := range targets {
+		d, ok, err := s.sysfs.Disk(strings.TrimPrefix(target, "/dev/"))
+		if err != nil || !ok {
+			continue
+		}
+		if _, known := s.known(d); !known {
+			return false
+		}
+	}
+	return true
+}
+
+// known returns the agent's record of d, read from sysfs just now, if
+// the agent knows that disk (and not an earlier one under its name).
+func (s *Server) known(d commands.Device) (commands.Device, bool) {
+	k, ok := s.cfg.Agent.Device(d.Name)
+	return k, ok && !replaced(k, d)
+}
+
 // apply makes the names exactly want: each name whose target is a present
-// disk is made (replacing one referring elsewhere), every other name is
-// removed.
+// disk that the agent knows is made (replacing one referring elsewhere),
+// every other name is removed. A disk the agent does not know would never
+// take its name with it: the agent emits no remove for it.
 func (s *Server) apply(ctx context.Context, want map[string]string, ids map[string]commands.DeviceIdentity) NamesMessage {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -398,11 +454,14 @@ func (s *Server) apply(ctx context.Context, want map[string]string, ids map[stri
 		target := want[name]
 		d, ok, err := s.sysfs.Disk(strings.TrimPrefix(target, "/dev/"))
 		id, checked := ids[name]
+		k, known := s.known(d)
 		switch {
 		case err != nil:
 			out.Skipped[name] = err.Error()
 		case !ok || d.Path != target:
 			out.Skipped[name] = fmt.Sprintf("%s is not a present disk", target)
+		case !known:
+			out.Skipped[name] = fmt.Sprintf("%s (disk %s) is not known to the device agent yet", target, d.Identity())
 		case checked && !s.sameDisk(id, d):
 			out.Skipped[name] = fmt.Sprintf("%s is now disk %s, not %s", target, d.Identity(), id)
 		default:
@@ -410,7 +469,7 @@ func (s *Server) apply(ctx context.Context, want map[string]string, ids map[stri
 				errs = append(errs, err)
 				continue
 			}
-			s.desired[name] = sysfsIdentity(d, id.Generation)
+			s.desired[name] = k.Identity()
 			continue
 		}
 		if err := s.cfg.Namer.Remove(ctx, name); err != nil {
