@@ -169,17 +169,20 @@ func (s *Server) Start(ctx context.Context) error {
 		}
 		s.cfg.JetStream = js
 	}
+	// Subscribed before the names are read and their disks looked up: an
+	// event in between is not missed.
+	events, unsub := s.cfg.Agent.Subscribe()
 	found, err := s.cfg.Namer.List(ctx)
 	if err != nil {
+		unsub()
 		return fmt.Errorf("devagent: read persistent names: %w", err)
 	}
 	s.desired = map[string]commands.DeviceIdentity{}
 	for name, target := range found {
-		s.desired[name] = commands.DeviceIdentity{Name: strings.TrimPrefix(target, "/dev/")}
+		s.desired[name] = s.foundIdentity(target)
 	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.runCtx, s.cancel = runCtx, cancel
-	events, unsub := s.cfg.Agent.Subscribe()
 	s.unsub = unsub
 	s.wg.Add(1)
 	go s.forward(runCtx, events)
@@ -225,8 +228,21 @@ func (s *Server) stop() {
 	s.wg.Wait()
 }
 
+// foundIdentity is the identity recorded for a name found at start with
+// target: the agent's identity of the disk if it knows it, else the
+// kernel name only.
+func (s *Server) foundIdentity(target string) commands.DeviceIdentity {
+	id := commands.DeviceIdentity{Name: strings.TrimPrefix(target, "/dev/")}
+	if d, ok, err := s.sysfs.Disk(id.Name); err == nil && ok {
+		if k, known := s.known(d); known {
+			return k.Identity()
+		}
+	}
+	return id
+}
+
 // forward publishes the agent's events in order and drops the names whose
-// device was removed.
+// device was removed or, for a name known by kernel name only, replaced.
 func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
 	defer s.wg.Done()
 	for {
@@ -237,7 +253,7 @@ func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
 			if !ok {
 				return
 			}
-			if ev.Action == commands.DeviceRemove {
+			if ev.Action == commands.DeviceRemove || ev.Action == commands.DeviceAdd {
 				s.dropNamesOf(ctx, ev)
 			}
 			s.publish(ctx, ev)
@@ -276,14 +292,16 @@ func (s *Server) publish(ctx context.Context, ev commands.Device) {
 	}
 }
 
-// dropNamesOf removes the names of a disk that went away and forgets
-// them, before its removal is published: a disk reusing the kernel name
-// later is not the same volume.
-func (s *Server) dropNamesOf(ctx context.Context, gone commands.Device) {
+// dropNamesOf removes and forgets, before ev is published, the names of
+// the disk a remove event is about, and on an add or remove the names
+// known by ev's kernel name only (found at start for a disk the agent did
+// not know): a disk reusing the kernel name is not the same volume.
+func (s *Server) dropNamesOf(ctx context.Context, ev commands.Device) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for name, id := range s.desired {
-		if id.Name != gone.Name || (id.Major != 0 && id != gone.Identity()) {
+		nameOnly := id.Major == 0
+		if id.Name != ev.Name || (!nameOnly && (ev.Action != commands.DeviceRemove || id != ev.Identity())) {
 			continue
 		}
 		delete(s.desired, name)
@@ -291,7 +309,8 @@ func (s *Server) dropNamesOf(ctx context.Context, gone commands.Device) {
 			s.log.Warn("remove persistent name", "name", name, "err", err)
 			continue
 		}
-		s.log.Info("persistent name removed: device gone", "name", name, "device", gone.Path, "identity", gone.Identity().String())
+		s.log.Info("persistent name removed: device gone", "name", name, "device", ev.Path, "identity", ev.Identity().String(),
+			"action", string(ev.Action))
 	}
 }
 
