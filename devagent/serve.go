@@ -171,7 +171,9 @@ func (s *Server) Start(ctx context.Context) error {
 	}
 	// Subscribed before the names are read and their disks looked up: an
 	// event in between is not missed.
-	events, unsub := s.cfg.Agent.Subscribe()
+	events, unsubEvents := s.cfg.Agent.Subscribe()
+	ends, unsubEnds := s.cfg.Agent.Subscribe()
+	unsub := func() { unsubEvents(); unsubEnds() }
 	found, err := s.cfg.Namer.List(ctx)
 	if err != nil {
 		unsub()
@@ -184,8 +186,9 @@ func (s *Server) Start(ctx context.Context) error {
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.runCtx, s.cancel = runCtx, cancel
 	s.unsub = unsub
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go s.forward(runCtx, events)
+	go s.watch(runCtx, ends)
 	for subject, handle := range map[string]nats.MsgHandler{
 		commands.DevicesListSubject(s.cfg.VMID):  s.serveList,
 		commands.DevicesNamesSubject(s.cfg.VMID): s.serveNames,
@@ -241,8 +244,8 @@ func (s *Server) foundIdentity(target string) commands.DeviceIdentity {
 	return id
 }
 
-// forward publishes the agent's events in order and drops the names whose
-// device was removed or, for a name known by kernel name only, replaced.
+// forward publishes the agent's events in order, each after the names it
+// ends are gone.
 func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
 	defer s.wg.Done()
 	for {
@@ -253,10 +256,25 @@ func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
 			if !ok {
 				return
 			}
-			if ev.Action == commands.DeviceRemove || ev.Action == commands.DeviceAdd {
-				s.dropNamesOf(ctx, ev)
-			}
+			s.dropNamesOf(ctx, ev)
 			s.publish(ctx, ev)
+		}
+	}
+}
+
+// watch drops the names each event ends as it comes, without waiting for
+// the events before it to be published (JetStream may be slow or down).
+func (s *Server) watch(ctx context.Context, events <-chan commands.Device) {
+	defer s.wg.Done()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-events:
+			if !ok {
+				return
+			}
+			s.dropNamesOf(ctx, ev)
 		}
 	}
 }
@@ -292,11 +310,14 @@ func (s *Server) publish(ctx context.Context, ev commands.Device) {
 	}
 }
 
-// dropNamesOf removes and forgets, before ev is published, the names of
-// the disk a remove event is about, and on an add or remove the names
-// known by ev's kernel name only (found at start for a disk the agent did
-// not know): a disk reusing the kernel name is not the same volume.
+// dropNamesOf removes and forgets the names ev ends: on a remove those of
+// the disk removed, and on an add or remove those known by ev's kernel
+// name only (found at start for a disk the agent did not know): a disk
+// reusing the kernel name is not the same volume.
 func (s *Server) dropNamesOf(ctx context.Context, ev commands.Device) {
+	if ev.Action != commands.DeviceRemove && ev.Action != commands.DeviceAdd {
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for name, id := range s.desired {

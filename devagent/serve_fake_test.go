@@ -4,11 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
@@ -24,8 +27,9 @@ type fakeServe struct {
 }
 
 // startFakeServe starts them; found, if set, is the names (name → target)
-// present before the server starts.
-func startFakeServe(t *testing.T, found map[string]string) *fakeServe {
+// present before the server starts, and js, if set, what the server
+// publishes to.
+func startFakeServe(t *testing.T, found map[string]string, js jetstream.JetStream) *fakeServe {
 	t.Helper()
 	f := &fakeServe{root: copyTree(t), names: filepath.Join(t.TempDir(), "by-volume"), src: newFakeSource()}
 	f.agent, _ = startAgent(t, Config{Source: f.src, SysRoot: f.root})
@@ -39,7 +43,10 @@ func startFakeServe(t *testing.T, found map[string]string) *fakeServe {
 	}
 	b := testenv.StartBus(t)
 	f.nc = b.Conn()
-	srv := NewServer(ServerConfig{VMID: "vm-test", Conn: b.Conn(), JetStream: b.JetStream(), Agent: f.agent,
+	if js == nil {
+		js = b.JetStream()
+	}
+	srv := NewServer(ServerConfig{VMID: "vm-test", Conn: b.Conn(), JetStream: js, Agent: f.agent,
 		Namer: NewNamer(f.names), SysRoot: f.root, Logger: testLogger(t)})
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
@@ -48,6 +55,20 @@ func startFakeServe(t *testing.T, found map[string]string) *fakeServe {
 	}
 	t.Cleanup(func() { _ = srv.Close(context.Background()) })
 	return f
+}
+
+// name sends the names request req and checks that its names were made.
+func (f *fakeServe) name(t *testing.T, req NamesMessage) {
+	t.Helper()
+	body, _ := json.Marshal(req)
+	msg, err := f.nc.Request(commands.DevicesNamesSubject("vm-test"), body, wait)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reply NamesMessage
+	if err := json.Unmarshal(msg.Data, &reply); err != nil || !maps.Equal(reply.Names, req.Names) {
+		t.Fatalf("names reply %s (%v), want names %v", msg.Data, err, req.Names)
+	}
 }
 
 // write sets a file of the fake tree.
@@ -87,7 +108,7 @@ func TestServerNameOfDiskWithoutDiskseq(t *testing.T) {
 		{"with identity", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			f := startFakeServe(t, nil)
+			f := startFakeServe(t, nil, nil)
 			vda, ok := f.agent.Device("vda")
 			if !ok || vda.DiskSeq != 0 || vda.Generation == 0 {
 				t.Fatalf("vda = %+v (%v), want a disk without diskseq, with a generation", vda, ok)
@@ -97,15 +118,7 @@ func TestServerNameOfDiskWithoutDiskseq(t *testing.T) {
 			if tc.withIdentity {
 				req.Identities = map[string]commands.DeviceIdentity{name: vda.Identity()}
 			}
-			body, _ := json.Marshal(req)
-			msg, err := f.nc.Request(commands.DevicesNamesSubject("vm-test"), body, wait)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var reply NamesMessage
-			if err := json.Unmarshal(msg.Data, &reply); err != nil || reply.Names[name] != vda.Path {
-				t.Fatalf("names reply %s (%v), want %s -> %s", msg.Data, err, name, vda.Path)
-			}
+			f.name(t, req)
 			f.write(t, vdaSize, "0")
 			f.src.send(t, Uevent{Action: "remove", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 900}, nil)
 			f.waitGone(t, name, "vda ("+vda.Identity().String()+") removed")
@@ -119,7 +132,7 @@ func TestServerNameOfDiskWithoutDiskseq(t *testing.T) {
 // name: the disk's add removes it.
 func TestServerNamesFoundAtStart(t *testing.T) {
 	const known, gone = "volaaaaaaaa", "volbbbbbbbb"
-	f := startFakeServe(t, map[string]string{known: "/dev/vda", gone: "/dev/loop4"})
+	f := startFakeServe(t, map[string]string{known: "/dev/vda", gone: "/dev/loop4"}, nil)
 	if _, ok := f.agent.Device("loop4"); ok {
 		t.Fatal("the fake tree's loop4 is present; want it empty")
 	}
@@ -136,4 +149,36 @@ func TestServerNamesFoundAtStart(t *testing.T) {
 	f.write(t, vdaSize, "0")
 	f.src.send(t, Uevent{Action: "remove", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 901}, nil)
 	f.waitGone(t, known, "vda removed")
+}
+
+// stalledJetStream is a JetStream whose publishes hang until their
+// context ends, as when the stream has lost its quorum.
+type stalledJetStream struct {
+	jetstream.JetStream
+}
+
+func (stalledJetStream) Publish(ctx context.Context, _ string, _ []byte, _ ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// TestServerNameGoesWhilePublishStalls: while JetStream does not store
+// the agent's events (each publish waits out its timeout and is retried),
+// a removed disk's name goes at once, not after the events before its
+// removal are published.
+func TestServerNameGoesWhilePublishStalls(t *testing.T) {
+	f := startFakeServe(t, nil, stalledJetStream{})
+	vda, ok := f.agent.Device("vda")
+	if !ok {
+		t.Fatal("vda not found")
+	}
+	name := PersistentName(testUUID)
+	f.name(t, NamesMessage{Names: map[string]string{name: vda.Path}})
+	f.write(t, vdaSize, strconv.FormatInt(2*vda.Size/512, 10))
+	f.src.send(t, Uevent{Action: "change", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 900}, nil)
+	testenv.Eventually(t, wait, func() bool { d, _ := f.agent.Device("vda"); return d.Size == 2*vda.Size },
+		"vda's growth handled")
+	f.write(t, vdaSize, "0")
+	f.src.send(t, Uevent{Action: "remove", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 901}, nil)
+	f.waitGone(t, name, "vda removed while its change is being published")
 }
