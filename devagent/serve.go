@@ -123,7 +123,8 @@ type Server struct {
 	mu sync.Mutex
 	// desired is the last requested name set, less names whose device
 	// went away since: name → the disk's identity as the agent knows it
-	// (only the path known for names found at start).
+	// (the kernel name only, for a name found at start whose disk the
+	// agent did not know).
 	desired map[string]commands.DeviceIdentity
 
 	subs  []*nats.Subscription
