@@ -32,6 +32,12 @@ func RunListing(t *testing.T, open Open, gap Gap, spoil Spoil) {
 		}
 		testLeftOut(t, open, gap, spoil)
 	})
+	t.Run("first past left out", func(t *testing.T) {
+		if gap == nil {
+			t.Skip("the store reads a page's index and records at once")
+		}
+		testFirstPastLeftOut(t, open, gap, spoil)
+	})
 	t.Run("walk while moving/between index and records", func(t *testing.T) {
 		if gap == nil {
 			t.Skip("the store reads a page's index and records at once")
@@ -133,6 +139,44 @@ func testLeftOut(t *testing.T, open Open, gap Gap, spoil Spoil) {
 			}
 			if !slices.Equal(got, want) {
 				t.Fatalf("walk returned %v, want %v", got, want)
+			}
+		})
+	}
+}
+
+// testFirstPastLeftOut: state.FirstOperation of the executing
+// operations, when the newest one's record is left out between the
+// store's read of its index and of the record, is the one after it.
+func testFirstPastLeftOut(t *testing.T, open Open, gap Gap, spoil Spoil) {
+	for _, tc := range []struct {
+		name    string
+		leave   leaveOut
+		spoiled bool
+	}{
+		{"deleted after indexing", deleteOp, false},
+		{"moved out of the filter", completeOp, false},
+		{"corrupt", spoilOp, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.spoiled && spoil == nil {
+				t.Skip("the store keeps no corrupt record")
+			}
+			s, ctx := open(t), ctxFor(t)
+			ops := mustCreate(t, s,
+				Op(1, commands.OpAttach, commands.StatusExecuting, ID(1), "vm-1", base),
+				Op(2, commands.OpAttach, commands.StatusExecuting, ID(2), "vm-1", base.Add(time.Second)))
+			first := true
+			gap(s, func() {
+				if first {
+					first = false
+					if err := tc.leave(ctx, s, spoil, ops[1]); err != nil {
+						t.Fatalf("leave %s out: %v", ops[1].ID, err)
+					}
+				}
+			})
+			got, ok, err := state.FirstOperation(ctx, s, state.Filter{Status: commands.StatusExecuting})
+			if err != nil || !ok || got.ID != ops[0].ID {
+				t.Fatalf("first executing operation: %s, %v, %v; want %s", got.ID, ok, err, ops[0].ID)
 			}
 		})
 	}
