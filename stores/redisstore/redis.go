@@ -793,9 +793,9 @@ func (r *Store) ListOperations(ctx context.Context, f state.Filter) ([]commands.
 	return out, next, nil
 }
 
-// cursorAt is the cursor after id at the index score score, as Redis
-// writes it: an integer (a state.Score, exact in a double), which an
-// older server may write in exponent form.
+// cursorAt is the cursor after id at the index score score, as the
+// script returns it: the decimal form of a double holding a state.Score,
+// an integer (exact in a double until the year 2255).
 func cursorAt(score, id string) (string, error) {
 	f, err := strconv.ParseFloat(score, 64)
 	if err != nil || f != math.Trunc(f) {
