@@ -255,3 +255,41 @@ func TestWaitRidesOut503(t *testing.T) {
 		})
 	}
 }
+
+// TestOperationsPastEmptyPage: Operations follows the cursor of a page
+// with no rows (the server left out every record it found for it) to
+// the pages after, and stops at the first page without one.
+func TestOperationsPastEmptyPage(t *testing.T) {
+	pages := map[string]struct{ body, next string }{
+		"":   {`[]`, "c1"},
+		"c1": {`[{"id":"op-2","type":"create","status":"executing","volume_id":"v"}]`, "c2"},
+		"c2": {`[]`, "c3"},
+		"c3": {`[{"id":"op-1","type":"create","status":"executing","volume_id":"v"}]`, ""},
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p, ok := pages[r.URL.Query().Get("cursor")]
+		if r.URL.Path != "/api/v1/operations" || r.URL.Query().Get("status") != "executing" || !ok {
+			http.Error(w, "wrong request", http.StatusTeapot)
+			return
+		}
+		if p.next != "" {
+			w.Header().Set(commands.NextCursorHeader, p.next)
+		}
+		_, _ = w.Write([]byte(p.body))
+	}))
+	defer srv.Close()
+	c, err := client.New(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for op, err := range c.Operations(context.Background(), client.ListOptions{Status: commands.StatusExecuting, Limit: 1}) {
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, op.ID)
+	}
+	if strings.Join(got, ",") != "op-2,op-1" {
+		t.Fatalf("Operations = %v, want op-2, op-1", got)
+	}
+}

@@ -44,7 +44,8 @@ func (o ListOptions) query() url.Values {
 type OperationPage struct {
 	// Operations are the page's rows.
 	Operations []commands.OperationSummary
-	// NextCursor continues the list (ListOptions.Cursor); "" on the last page.
+	// NextCursor continues the list (ListOptions.Cursor); "" on the last
+	// page. A page short of the limit, even empty, may have one.
 	NextCursor string
 }
 

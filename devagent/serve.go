@@ -32,6 +32,11 @@ const (
 	publishRetryMax = 2 * time.Second
 )
 
+// agentCatchUp is how long a names request waits for the agent to know a
+// present disk it has not handled yet, before asking it to rescan; the
+// request waits as long again for the scan.
+const agentCatchUp = time.Second
+
 // NamesMessage is the body of a devices.<vm_id>.names request (Names only)
 // and of its reply.
 type NamesMessage struct {
@@ -47,7 +52,8 @@ type NamesMessage struct {
 	// Previous is the set held before the request (reply only).
 	Previous map[string]string `json:"previous,omitempty"`
 	// Skipped gives, for each requested name not made, the reason (reply
-	// only): its target is not a present disk.
+	// only): its target is not a present disk, is another disk, or is a
+	// disk the agent does not know.
 	Skipped map[string]string `json:"skipped,omitempty"`
 	// Error says why a request was refused as a whole (reply only).
 	Error string `json:"error,omitempty"`
@@ -116,8 +122,9 @@ type Server struct {
 	// mu guards desired and serializes every change to the names.
 	mu sync.Mutex
 	// desired is the last requested name set, less names whose device
-	// went away since: name → the disk's identity (only the path known
-	// for names found at start).
+	// went away since: name → the disk's identity as the agent knows it
+	// (the kernel name only, for a name found at start whose disk the
+	// agent did not know).
 	desired map[string]commands.DeviceIdentity
 
 	subs  []*nats.Subscription
@@ -163,20 +170,26 @@ func (s *Server) Start(ctx context.Context) error {
 		}
 		s.cfg.JetStream = js
 	}
+	// Subscribed before the names are read and their disks looked up: an
+	// event in between is not missed.
+	events, unsubEvents := s.cfg.Agent.Subscribe()
+	ends, unsubEnds := s.cfg.Agent.Subscribe()
+	unsub := func() { unsubEvents(); unsubEnds() }
 	found, err := s.cfg.Namer.List(ctx)
 	if err != nil {
+		unsub()
 		return fmt.Errorf("devagent: read persistent names: %w", err)
 	}
 	s.desired = map[string]commands.DeviceIdentity{}
 	for name, target := range found {
-		s.desired[name] = commands.DeviceIdentity{Name: strings.TrimPrefix(target, "/dev/")}
+		s.desired[name] = s.foundIdentity(target)
 	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.runCtx, s.cancel = runCtx, cancel
-	events, unsub := s.cfg.Agent.Subscribe()
 	s.unsub = unsub
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go s.forward(runCtx, events)
+	go s.watch(runCtx, ends)
 	for subject, handle := range map[string]nats.MsgHandler{
 		commands.DevicesListSubject(s.cfg.VMID):  s.serveList,
 		commands.DevicesNamesSubject(s.cfg.VMID): s.serveNames,
@@ -219,8 +232,21 @@ func (s *Server) stop() {
 	s.wg.Wait()
 }
 
-// forward publishes the agent's events in order and drops the names whose
-// device was removed.
+// foundIdentity is the identity recorded for a name found at start with
+// target: the agent's identity of the disk if it knows it, else the
+// kernel name only.
+func (s *Server) foundIdentity(target string) commands.DeviceIdentity {
+	id := commands.DeviceIdentity{Name: strings.TrimPrefix(target, "/dev/")}
+	if d, ok, err := s.sysfs.Disk(id.Name); err == nil && ok {
+		if k, known := s.known(d); known {
+			return k.Identity()
+		}
+	}
+	return id
+}
+
+// forward publishes the agent's events in order, each after the names it
+// ends are gone.
 func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
 	defer s.wg.Done()
 	for {
@@ -231,10 +257,25 @@ func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
 			if !ok {
 				return
 			}
-			if ev.Action == commands.DeviceRemove {
-				s.dropNamesOf(ctx, ev)
-			}
+			s.dropNamesOf(ctx, ev)
 			s.publish(ctx, ev)
+		}
+	}
+}
+
+// watch drops the names each event ends as it comes, without waiting for
+// the events before it to be published (JetStream may be slow or down).
+func (s *Server) watch(ctx context.Context, events <-chan commands.Device) {
+	defer s.wg.Done()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-events:
+			if !ok {
+				return
+			}
+			s.dropNamesOf(ctx, ev)
 		}
 	}
 }
@@ -270,14 +311,19 @@ func (s *Server) publish(ctx context.Context, ev commands.Device) {
 	}
 }
 
-// dropNamesOf removes the names of a disk that went away and forgets
-// them, before its removal is published: a disk reusing the kernel name
-// later is not the same volume.
-func (s *Server) dropNamesOf(ctx context.Context, gone commands.Device) {
+// dropNamesOf removes and forgets the names ev ends: on a remove those of
+// the disk removed, and on an add or remove those known by ev's kernel
+// name only (found at start for a disk the agent did not know): a disk
+// reusing the kernel name is not the same volume.
+func (s *Server) dropNamesOf(ctx context.Context, ev commands.Device) {
+	if ev.Action != commands.DeviceRemove && ev.Action != commands.DeviceAdd {
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for name, id := range s.desired {
-		if id.Name != gone.Name || (id.Major != 0 && id != gone.Identity()) {
+		nameOnly := id.Major == 0
+		if id.Name != ev.Name || (!nameOnly && (ev.Action != commands.DeviceRemove || id != ev.Identity())) {
 			continue
 		}
 		delete(s.desired, name)
@@ -285,7 +331,8 @@ func (s *Server) dropNamesOf(ctx context.Context, gone commands.Device) {
 			s.log.Warn("remove persistent name", "name", name, "err", err)
 			continue
 		}
-		s.log.Info("persistent name removed: device gone", "name", name, "device", gone.Path, "identity", gone.Identity().String())
+		s.log.Info("persistent name removed: device gone", "name", name, "device", ev.Path, "identity", ev.Identity().String(),
+			"action", string(ev.Action))
 	}
 }
 
@@ -323,6 +370,7 @@ func (s *Server) serveNames(msg *nats.Msg) {
 		s.reply(msg, NamesMessage{Error: err.Error()})
 		return
 	}
+	s.awaitAgent(s.runCtx, req.Names)
 	s.reply(msg, s.apply(s.runCtx, req.Names, req.Identities))
 }
 
@@ -379,9 +427,58 @@ func checkNames(names map[string]string, ids map[string]commands.DeviceIdentity)
 	return nil
 }
 
+// awaitAgent waits until the agent knows every present disk of targets as
+// sysfs shows it: up to agentCatchUp for the uevents it has not handled
+// yet, then, after asking it to rescan, up to agentCatchUp more.
+func (s *Server) awaitAgent(ctx context.Context, targets map[string]string) {
+	events, stop := s.cfg.Agent.Subscribe()
+	defer stop()
+	rescan := time.NewTimer(agentCatchUp)
+	defer rescan.Stop()
+	deadline := time.NewTimer(2 * agentCatchUp)
+	defer deadline.Stop()
+	for !s.agentKnows(targets) {
+		select {
+		case _, open := <-events:
+			if !open {
+				return // the agent closed
+			}
+		case <-rescan.C:
+			s.cfg.Agent.requestScan()
+		case <-deadline.C:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// agentKnows reports whether the agent knows every present disk of
+// targets as sysfs shows it now.
+func (s *Server) agentKnows(targets map[string]string) bool {
+	for _, target := range targets {
+		d, ok, err := s.sysfs.Disk(strings.TrimPrefix(target, "/dev/"))
+		if err != nil || !ok {
+			continue
+		}
+		if _, known := s.known(d); !known {
+			return false
+		}
+	}
+	return true
+}
+
+// known returns the agent's record of d, read from sysfs just now, if
+// the agent knows that disk (and not an earlier one under its name).
+func (s *Server) known(d commands.Device) (commands.Device, bool) {
+	k, ok := s.cfg.Agent.Device(d.Name)
+	return k, ok && !replaced(k, d)
+}
+
 // apply makes the names exactly want: each name whose target is a present
-// disk is made (replacing one referring elsewhere), every other name is
-// removed.
+// disk that the agent knows is made (replacing one referring elsewhere),
+// every other name is removed. A disk the agent does not know would never
+// take its name with it: the agent emits no remove for it.
 func (s *Server) apply(ctx context.Context, want map[string]string, ids map[string]commands.DeviceIdentity) NamesMessage {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -398,11 +495,14 @@ func (s *Server) apply(ctx context.Context, want map[string]string, ids map[stri
 		target := want[name]
 		d, ok, err := s.sysfs.Disk(strings.TrimPrefix(target, "/dev/"))
 		id, checked := ids[name]
+		k, known := s.known(d)
 		switch {
 		case err != nil:
 			out.Skipped[name] = err.Error()
 		case !ok || d.Path != target:
 			out.Skipped[name] = fmt.Sprintf("%s is not a present disk", target)
+		case !known:
+			out.Skipped[name] = fmt.Sprintf("%s (disk %s) is not known to the device agent yet", target, d.Identity())
 		case checked && !s.sameDisk(id, d):
 			out.Skipped[name] = fmt.Sprintf("%s is now disk %s, not %s", target, d.Identity(), id)
 		default:
@@ -410,7 +510,7 @@ func (s *Server) apply(ctx context.Context, want map[string]string, ids map[stri
 				errs = append(errs, err)
 				continue
 			}
-			s.desired[name] = sysfsIdentity(d, id.Generation)
+			s.desired[name] = k.Identity()
 			continue
 		}
 		if err := s.cfg.Namer.Remove(ctx, name); err != nil {

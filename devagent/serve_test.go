@@ -4,13 +4,17 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -31,7 +35,30 @@ type serveEnv struct {
 	vm, volume, names string
 	nc                *nats.Conn
 	js                jetstream.JetStream
+	agent             *devagent.Agent
 	dev               *loopdev.Device
+	// log holds what the agent and the server logged.
+	log *testenv.Buffer
+}
+
+// state describes, when a wait on the loop device fails, what the agent
+// knows of it and what the agent and the server logged about it.
+func (e *serveEnv) state() fmt.Stringer { return agentState{e} }
+
+type agentState struct{ e *serveEnv }
+
+func (s agentState) String() string {
+	name := s.e.dev.Name()
+	d, known := s.e.agent.Device(name)
+	about := regexp.MustCompile(`\b` + name + `\b`)
+	var lines []string
+	for _, l := range s.e.log.Lines() {
+		if about.MatchString(l) {
+			lines = append(lines, l)
+		}
+	}
+	return fmt.Sprintf("the agent knows %s: %v %+v; status %+v; the log about it:\n%s",
+		name, known, d, s.e.agent.Status(), strings.Join(lines, "\n"))
 }
 
 // names keeps the persistent names; nil means a Namer on e.names.
@@ -40,23 +67,24 @@ func startServe(t *testing.T, before func(namesDir string), names devagent.Names
 	testenv.RequireLoopControl(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
 	b := testenv.StartBus(t)
 	e := &serveEnv{vm: uuid.NewString(), volume: uuid.NewString(), names: filepath.Join(t.TempDir(), "by-volume"),
-		nc: b.Conn(), js: b.JetStream()}
+		nc: b.Conn(), js: b.JetStream(), log: &testenv.Buffer{}}
+	logger := slog.New(slog.NewTextHandler(e.log, nil))
 	if before != nil {
 		before(e.names)
 	}
 	if names == nil {
 		names = devagent.NewNamer(e.names)
 	}
-	agent := devagent.New(devagent.Config{VMID: e.vm, Logger: quiet})
+	agent := devagent.New(devagent.Config{VMID: e.vm, Logger: logger})
 	if err := agent.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = agent.Close(context.Background()) })
+	e.agent = agent
 	srv := devagent.NewServer(devagent.ServerConfig{VMID: e.vm, Conn: b.Conn(), JetStream: b.JetStream(),
-		Agent: agent, Namer: names, Logger: quiet})
+		Agent: agent, Namer: names, Logger: logger})
 	if err := srv.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -216,7 +244,7 @@ func TestServerNames(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, func() bool {
 		_, err := os.Lstat(filepath.Join(e.names, name))
 		return errors.Is(err, os.ErrNotExist)
-	}, "name of removed device %s removed", e.dev.Path)
+	}, "name of removed device %s removed; %v", e.dev.Path, e.state())
 }
 
 // TestServerDMNames runs the names requests through a DMNamer on the fake
@@ -252,7 +280,7 @@ func TestServerDMNames(t *testing.T) {
 		t.Fatal(err)
 	}
 	testenv.Eventually(t, 10*time.Second, func() bool { return len(fake.Tables(t)) == 0 },
-		"dm device %s of removed device %s removed", name, e.dev.Path)
+		"dm device %s of removed device %s removed; %v", name, e.dev.Path, e.state())
 }
 
 // TestServerNameFollowsIdentity gives the names requests the identity of
@@ -317,7 +345,7 @@ func TestServerNameFollowsIdentity(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, func() bool {
 		_, err := os.Lstat(link)
 		return errors.Is(err, os.ErrNotExist)
-	}, "name of the cleared %s removed", e.dev.Path)
+	}, "name of the cleared %s removed; %v", e.dev.Path, e.state())
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := e.dev.Bind(ctx, other); err != nil {
@@ -453,6 +481,95 @@ func TestServerNameRemovedByScan(t *testing.T) {
 		t.Fatalf("second event %+v, want the add of %s with a new diskseq", got[1], second)
 	case got[1].EventSeq != got[0].EventSeq+1:
 		t.Fatalf("event numbers %d then %d", got[0].EventSeq, got[1].EventSeq)
+	}
+}
+
+// TestServerNamesOnlyForKnownDisks: a name is made only for a disk the
+// agent knows, for the agent's remove of it to take the name with it. The
+// agent here gets no uevent, so a disk made after its start scan is
+// unknown to it: a names request for the disk has the agent rescan and
+// then makes the name, and the disk going away takes the name with it at
+// the next scan. A disk the agent never knows (it ignores it) gets no
+// name.
+func TestServerNamesOnlyForKnownDisks(t *testing.T) {
+	testenv.RequireLoopControl(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	log := &testenv.Buffer{}
+	logger := slog.New(slog.NewTextHandler(log, nil))
+	b := testenv.StartBus(t)
+	vm, dir := uuid.NewString(), t.TempDir()
+	var hidden atomic.Pointer[string]
+	src := &scanOnly{overflow: make(chan struct{}), closed: make(chan struct{})}
+	agent := devagent.New(devagent.Config{VMID: vm, Source: src, ScanInterval: time.Hour, Logger: logger,
+		Ignore: func(name string) bool { h := hidden.Load(); return h != nil && *h == name }})
+	if err := agent.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = agent.Close(context.Background()) })
+	names := filepath.Join(dir, "by-volume")
+	srv := devagent.NewServer(devagent.ServerConfig{VMID: vm, Conn: b.Conn(), JetStream: b.JetStream(),
+		Agent: agent, Namer: devagent.NewNamer(names), Logger: logger})
+	if err := srv.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Close(context.Background()) })
+	create := func() (*loopdev.Device, string) {
+		t.Helper()
+		vol := uuid.NewString()
+		backing := filepath.Join(dir, "vol-"+vol+".img")
+		if err := os.WriteFile(backing, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(backing, 3<<20); err != nil {
+			t.Fatal(err)
+		}
+		dev, err := loopdev.Create(ctx, backing)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = dev.Remove(context.Background()) })
+		return dev, devagent.PersistentName(vol)
+	}
+	request := func(name, target string) devagent.NamesMessage {
+		t.Helper()
+		body, _ := json.Marshal(devagent.NamesMessage{Names: map[string]string{name: target}})
+		msg, err := b.Conn().Request(commands.DevicesNamesSubject(vm), body, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var reply devagent.NamesMessage
+		if err := json.Unmarshal(msg.Data, &reply); err != nil {
+			t.Fatal(err)
+		}
+		return reply
+	}
+
+	dev, name := create()
+	if d, ok := agent.Device(dev.Name()); ok {
+		t.Fatalf("%s known before any scan: %+v", dev.Path, d)
+	}
+	if r := request(name, dev.Path); r.Names[name] != dev.Path {
+		t.Fatalf("names reply %+v, want %s -> %s", r, name, dev.Path)
+	}
+	if err := dev.Remove(ctx); err != nil {
+		t.Fatal(err)
+	}
+	src.overflow <- struct{}{}
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		_, err := os.Lstat(filepath.Join(names, name))
+		return errors.Is(err, os.ErrNotExist)
+	}, "name of the removed %s removed at the scan; the log:\n%s", dev.Path, log)
+
+	dev, name = create()
+	n := dev.Name()
+	hidden.Store(&n)
+	r := request(name, dev.Path)
+	if len(r.Names) != 0 || !strings.Contains(r.Skipped[name], "agent") {
+		t.Fatalf("names reply %+v, want %s skipped: the agent does not know %s", r, name, dev.Path)
+	}
+	if _, err := os.Lstat(filepath.Join(names, name)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("name of %s, unknown to the agent, made: %v", dev.Path, err)
 	}
 }
 

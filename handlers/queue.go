@@ -589,13 +589,13 @@ func (s *Service) turn(ctx context.Context, seq uint64, op commands.Operation) (
 		if v == op.ID || s.createsEnded.has(v) {
 			continue // a create (nothing on its volume is older), or a volume whose create ended
 		}
-		creates, _, err := s.cfg.Store.ListOperations(ctx, state.Filter{VolumeID: v, Type: commands.OpCreate, Limit: 1})
+		create, found, err := state.FirstOperation(ctx, s.cfg.Store, state.Filter{VolumeID: v, Type: commands.OpCreate})
 		if err != nil {
 			return true, "store unavailable: " + err.Error()
 		}
-		if len(creates) == 1 {
-			if !creates[0].Status.Terminal() {
-				return true, "the create of the volume, " + creates[0].ID + ", has not ended"
+		if found {
+			if !create.Status.Terminal() {
+				return true, "the create of the volume, " + create.ID + ", has not ended"
 			}
 			s.createsEnded.add(v)
 		}

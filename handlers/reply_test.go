@@ -23,12 +23,7 @@ import (
 func TestCommandWithVolumedReplySubject(t *testing.T) {
 	h := newHarness(t, harnessOpts{})
 	ctx := context.Background()
-	vol, now := h.createVolume("mapped"), time.Now().UTC().Truncate(time.Second)
-	before, err := h.store.PutMapping(ctx, commands.Mapping{ID: "mapping-" + vol, VolumeID: vol, VMID: cloudsim.RemoteVMID,
-		CloudStackState: commands.CloudStackAttached, LinuxState: commands.LinuxNotApplicable, LastSync: now, CreatedAt: now, UpdatedAt: now})
-	if err != nil {
-		t.Fatal(err)
-	}
+	vol, before := h.mappedVolume(t)
 	data, _ := json.Marshal(createBody("injected"))
 	msg := &nats.Msg{Subject: commands.SubjectCreate, Reply: "$KV." + state.DefaultKVBucket + ".map." + vol, Data: data}
 	if err := h.nc.PublishMsg(msg); err != nil {
@@ -56,12 +51,7 @@ func TestCommandWithVolumedReplySubject(t *testing.T) {
 func TestDiscoveryReplySubject(t *testing.T) {
 	h := newHarness(t, harnessOpts{})
 	ctx := context.Background()
-	vol, now := h.createVolume("mapped"), time.Now().UTC().Truncate(time.Second)
-	before, err := h.store.PutMapping(ctx, commands.Mapping{ID: "mapping-" + vol, VolumeID: vol, VMID: cloudsim.RemoteVMID,
-		CloudStackState: commands.CloudStackAttached, LinuxState: commands.LinuxNotApplicable, LastSync: now, CreatedAt: now, UpdatedAt: now})
-	if err != nil {
-		t.Fatal(err)
-	}
+	vol, before := h.mappedVolume(t)
 	record := "$KV." + state.DefaultKVBucket + ".map." + vol
 	watch, err := h.bus.Conn().SubscribeSync(record)
 	if err != nil {
@@ -90,4 +80,17 @@ func TestDiscoveryReplySubject(t *testing.T) {
 	if err != nil || !reflect.DeepEqual(after, before) {
 		t.Fatalf("mapping after the ping: %+v %v, want it unchanged %+v", after, err, before)
 	}
+}
+
+// mappedVolume creates a volume and records a mapping of it to the remote
+// VM, returned as recorded.
+func (h *harness) mappedVolume(t *testing.T) (string, commands.Mapping) {
+	t.Helper()
+	vol, now := h.createVolume("mapped"), time.Now().UTC().Truncate(time.Second)
+	m, err := h.store.PutMapping(context.Background(), commands.Mapping{ID: "mapping-" + vol, VolumeID: vol, VMID: cloudsim.RemoteVMID,
+		CloudStackState: commands.CloudStackAttached, LinuxState: commands.LinuxNotApplicable, LastSync: now, CreatedAt: now, UpdatedAt: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return vol, m
 }

@@ -60,12 +60,12 @@ func volumeRow(ctx context.Context, store state.Reader, devices DeviceCorrelator
 	case err != nil && !errors.Is(err, state.ErrNotFound):
 		return st, state.APIError(err)
 	}
-	ops, _, err := store.ListOperations(ctx, state.Filter{VolumeID: vol.ID, Limit: 1})
+	op, ok, err := state.FirstOperation(ctx, store, state.Filter{VolumeID: vol.ID})
 	if err != nil {
 		return st, state.APIError(err)
 	}
-	if len(ops) == 1 {
-		st.LastOperation = &commands.LastOperation{ID: ops[0].ID, Type: ops[0].Type, Status: ops[0].Status}
+	if ok {
+		st.LastOperation = &commands.LastOperation{ID: op.ID, Type: op.Type, Status: op.Status}
 	}
 	return st, nil
 }

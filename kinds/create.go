@@ -125,11 +125,11 @@ func (k create) adoptCreated(ctx context.Context, j *engine.Journal, req command
 		if created, err := time.Parse(csapi.TimeLayout, v.Created); err == nil && created.Before(op.CreatedAt.Add(-time.Minute)) {
 			continue
 		}
-		claimed, _, err := k.Operations.ListOperations(ctx, state.Filter{VolumeID: v.ID, Limit: 1})
+		_, claimed, err := state.FirstOperation(ctx, k.Operations, state.Filter{VolumeID: v.ID})
 		if err != nil {
 			return false, fmt.Errorf("%w: operations on volume %s: %w", engine.ErrStopped, v.ID, err)
 		}
-		if len(claimed) == 0 {
+		if !claimed {
 			k.Log.Info("adopting volume of an interrupted create", "operation_id", op.ID, "volume_id", v.ID)
 			op.VolumeID, op.Step, op.Error = v.ID, StepCreateJob, ""
 			return true, j.Save(ctx)

@@ -154,11 +154,11 @@ func (k attach) Adopt(ctx context.Context, op commands.Operation) (string, error
 		return "", state.APIError(err)
 	}
 	for _, st := range []commands.OpStatus{commands.StatusPending, commands.StatusExecuting} {
-		busy, _, err := k.Operations.ListOperations(ctx, state.Filter{VolumeID: op.VolumeID, Status: st, Limit: 1})
+		_, busy, err := state.FirstOperation(ctx, k.Operations, state.Filter{VolumeID: op.VolumeID, Status: st})
 		if err != nil {
 			return "", state.APIError(err)
 		}
-		if len(busy) > 0 {
+		if busy {
 			return "", nil // its mapping is that operation's to record
 		}
 	}

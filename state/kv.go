@@ -96,6 +96,10 @@ type KV struct {
 	ends     endWatches         // the watches of WatchEnd
 	held     heldOps            // see PruneOperations
 
+	// afterListIndex, set by tests only, runs in ListOperations between
+	// the read of the index and that of the records.
+	afterListIndex func()
+
 	watcher *kvWatcher
 	// compact asks the cache's writer for a new file, and so a new base
 	// of the operation index (opLayers): the delta is full, or the index
@@ -949,16 +953,21 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 		return nil, "", err
 	}
 	k.mu.RLock()
-	ids, revs, more := k.ops.list(f, after, f.Limit)
-	raws := make([][]byte, len(ids))
+	hits, more := k.ops.hits(f, after, f.Limit)
+	ids, revs := make([]string, len(hits)), make([]uint64, len(hits))
+	raws := make([][]byte, len(hits))
 	var missing []int
-	for i, id := range ids {
+	for i, h := range hits {
+		ids[i], revs[i] = h.id, h.rev
 		var ok bool
-		if raws[i], ok = k.recent.get(id, revs[i]); !ok {
+		if raws[i], ok = k.recent.get(h.id, h.rev); !ok {
 			missing = append(missing, i)
 		}
 	}
 	k.mu.RUnlock()
+	if k.afterListIndex != nil {
+		k.afterListIndex()
+	}
 	recs := make([]commands.Operation, len(ids))
 	for i, raw := range raws {
 		if raw != nil {
@@ -979,9 +988,13 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 			out = append(out, recs[i])
 		}
 	}
+	// The next page starts after the last entry this one covered, not
+	// after the last record kept: a page whose records were all left out
+	// still has a next one.
 	next := ""
-	if more && len(out) > 0 {
-		next = formatCursor(out[len(out)-1])
+	if more && len(hits) > 0 {
+		last := hits[len(hits)-1]
+		next = formatCursor(opRef{last.score, last.id})
 	}
 	return out, next, nil
 }

@@ -526,6 +526,33 @@ func TestKVReadsAfterDirectGetsOff(t *testing.T) {
 	}
 }
 
+// TestKVListing: a listing walked page by page returns every matching
+// operation once when a page's records are left out, and while
+// operations change status (storetest.RunListing).
+func TestKVListing(t *testing.T) {
+	b := testenv.StartBus(t)
+	var bucket string // the subtests' store, one at a time
+	storetest.RunListing(t, func(t testing.TB) state.Store {
+		bucket = nextBucket()
+		return newKV(t, b.JetStream(), bucket)
+	}, func(s state.Store, fn func()) { state.SetListGap(s.(*state.KV), fn) }, spoilKV(t, b.JetStream(), &bucket))
+}
+
+// spoilKV overwrites a record of the bucket *bucket behind its store's
+// back.
+func spoilKV(t testing.TB, js jetstream.JetStream, bucket *string) storetest.Spoil {
+	return func(ctx context.Context, kind, id string, raw []byte) {
+		kv, err := js.KeyValue(ctx, *bucket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		prefix := map[string]string{"mapping": "map.", "export": "export.", "operation": "op."}[kind]
+		if _, err := kv.Put(ctx, prefix+id, raw); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestKVCorrupt: a record damaged behind the store's back (a manual put,
 // a command reply published on its key) is ErrCorrupt, skipped by the
 // index, and replaced by a compare-and-swap on its revision.
@@ -535,14 +562,5 @@ func TestKVCorrupt(t *testing.T) {
 	storetest.RunCorrupt(t, func(t testing.TB) state.Store {
 		bucket = nextBucket()
 		return newKV(t, b.JetStream(), bucket)
-	}, func(ctx context.Context, kind, id string, raw []byte) {
-		kv, err := b.JetStream().KeyValue(ctx, bucket)
-		if err != nil {
-			t.Fatal(err)
-		}
-		prefix := map[string]string{"mapping": "map.", "export": "export.", "operation": "op."}[kind]
-		if _, err := kv.Put(ctx, prefix+id, raw); err != nil {
-			t.Fatal(err)
-		}
-	})
+	}, spoilKV(t, b.JetStream(), &bucket))
 }

@@ -17,7 +17,16 @@ func (x *opIndex) put(rev uint64, op *commands.Operation) {
 
 // list is hits, as ids and revisions.
 func (x *opIndex) list(f Filter, after *opRef, limit int) (ids []string, revs []uint64, more bool) {
-	hits, more := x.hits(f, after, limit)
+	return idsOf(x.hits(f, after, limit))
+}
+
+// list is hits, as ids and revisions.
+func (x *opLayers) list(f Filter, after *opRef, limit int) (ids []string, revs []uint64, more bool) {
+	return idsOf(x.hits(f, after, limit))
+}
+
+// idsOf is the ids and revisions of hits.
+func idsOf(hits []opHit, more bool) (ids []string, revs []uint64, _ bool) {
 	for _, h := range hits {
 		ids, revs = append(ids, h.id), append(revs, h.rev)
 	}

@@ -252,12 +252,12 @@ type opHit struct {
 
 func compareHits(a, b opHit) int { return compareRefs(opRef{a.score, a.id}, opRef{b.score, b.id}) }
 
-// list returns the ids and revisions of up to limit operations matching
-// f (0: no limit) newest first, strictly after the cursor after (nil:
-// from the newest); more reports whether another one follows. It merges
-// the delta's and the base's.
-func (x *opLayers) list(f Filter, after *opRef, limit int) (ids []string, revs []uint64, more bool) {
-	hits, more := x.delta.hits(f, after, limit)
+// hits returns up to limit operations matching f (0: no limit) newest
+// first, strictly after the cursor after (nil: from the newest); more
+// reports whether another one follows. It merges the delta's and the
+// base's.
+func (x *opLayers) hits(f Filter, after *opRef, limit int) (hits []opHit, more bool) {
+	hits, more = x.delta.hits(f, after, limit)
 	if x.base != nil {
 		bh, bmore := x.baseHits(f, after, limit)
 		if len(bh) > 0 {
@@ -269,13 +269,10 @@ func (x *opLayers) list(f Filter, after *opRef, limit int) (ids []string, revs [
 			hits, more = hits[:limit], true
 		}
 	}
-	for _, h := range hits {
-		ids, revs = append(ids, h.id), append(revs, h.rev)
-	}
-	return ids, revs, more
+	return hits, more
 }
 
-// baseHits is list of the base's live slots.
+// baseHits is hits of the base's live slots.
 func (x *opLayers) baseHits(f Filter, after *opRef, limit int) (hits []opHit, more bool) {
 	b := x.base
 	var want [len(indexDims)]uint32

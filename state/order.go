@@ -172,10 +172,10 @@ func indexNames(typ, status, volume, vm, by string, withAll bool) []string {
 	return names
 }
 
-// formatCursor is the cursor after op in the newest-first order: its sort
-// key, opaque to callers.
-func formatCursor(op commands.Operation) string {
-	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(opScore(op.CreatedAt), 10) + ":" + op.ID))
+// formatCursor is the cursor after ref in the newest-first order: its
+// sort key, opaque to callers.
+func formatCursor(ref opRef) string {
+	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(ref.score, 10) + ":" + ref.id))
 }
 
 // parseCursor decodes a cursor; nil for "". A cursor that is not one is a

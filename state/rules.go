@@ -36,7 +36,12 @@ func CompareNewestFirst(a, b commands.Operation) int {
 }
 
 // FormatCursor is the cursor of the page after op.
-func FormatCursor(op commands.Operation) string { return formatCursor(op) }
+func FormatCursor(op commands.Operation) string { return CursorAt(opScore(op.CreatedAt), op.ID) }
+
+// CursorAt is the cursor of the page after the index entry of score (a
+// Score) and id, what ParseCursor reads back: a listing that left out
+// the last records it found still continues after them.
+func CursorAt(score int64, id string) string { return formatCursor(opRef{score, id}) }
 
 // AfterCursor returns whether an operation comes after cursor in the
 // newest-first order (always true for ""); a cursor that is not one is a

@@ -183,7 +183,9 @@ type OperationReader interface {
 	GetOperation(ctx context.Context, id string) (commands.Operation, error)
 	// ListOperations returns the operations matching f, newest first,
 	// without reading records that do not match, and the cursor of the
-	// next page ("" when there is none).
+	// next page ("" when there is none). A page may be short, or empty,
+	// and still have a next one: the records of the ids its index read
+	// that were deleted, corrupt or moved out of f meanwhile are left out.
 	ListOperations(ctx context.Context, f Filter) ([]commands.Operation, string, error)
 	// Stats counts operations by type and status.
 	Stats(ctx context.Context) (Stats, error)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -72,6 +73,9 @@ type Store struct {
 	writes    atomic.Int64
 	closeOnce sync.Once
 	closeErr  error
+	// afterListIndex, set by tests only, runs in ListOperations between
+	// the read of the index and that of the records.
+	afterListIndex func()
 }
 
 var _ state.Store = (*Store)(nil)
@@ -166,8 +170,10 @@ return 1
 // listOpsScript walks the smallest of the index zsets KEYS newest first,
 // from after the cursor (ARGV[2] score, "" for none; ARGV[3] id), keeps
 // the ids present in every other one, and returns up to ARGV[1]+1 of them
-// (ARGV[1] 0: all): one more than the page, so the caller knows whether
-// another page follows. It reads no record.
+// (ARGV[1] 0: all), each followed by its score: one more than the page,
+// so the caller knows whether another page follows, and where the page
+// ends even if it leaves out the records of its last ids. It reads no
+// record.
 var listOpsScript = redis.NewScript(`
 local limit = tonumber(ARGV[1])
 local walk, best = 1, -1
@@ -191,7 +197,8 @@ while true do
       end
       if match then
         out[#out + 1] = id
-        if limit > 0 and #out > limit then return out end
+        out[#out + 1] = page[j + 1]
+        if limit > 0 and #out > 2 * limit then return out end
       end
     end
   end
@@ -740,13 +747,27 @@ func (r *Store) ListOperations(ctx context.Context, f state.Filter) ([]commands.
 	if afterID != "" {
 		score, id = strconv.FormatInt(afterScore, 10), afterID
 	}
-	ids, err := listOpsScript.Run(ctx, r.rdb, keys, f.Limit, score, id).StringSlice()
+	found, err := listOpsScript.Run(ctx, r.rdb, keys, f.Limit, score, id).StringSlice()
 	if err != nil {
 		return nil, "", r.wrap("list operations", err)
 	}
+	ids := make([]string, 0, len(found)/2)
+	for k := 0; k+1 < len(found); k += 2 {
+		ids = append(ids, found[k])
+	}
 	more := f.Limit > 0 && len(ids) > f.Limit
+	next := ""
 	if more {
+		// The next page starts after the last id this one covers, not
+		// after the last record kept: a page whose records were all
+		// left out still has a next one.
 		ids = ids[:f.Limit]
+		if next, err = cursorAt(found[2*f.Limit-1], ids[f.Limit-1]); err != nil {
+			return nil, "", err
+		}
+	}
+	if r.afterListIndex != nil {
+		r.afterListIndex()
 	}
 	recs, err := r.readRecords(ctx, "list operations", r.keysOf(ids, r.opKey))
 	if err != nil {
@@ -769,11 +790,18 @@ func (r *Store) ListOperations(ctx context.Context, f state.Filter) ([]commands.
 			out = append(out, op)
 		}
 	}
-	next := ""
-	if more && len(out) > 0 {
-		next = state.FormatCursor(out[len(out)-1])
-	}
 	return out, next, nil
+}
+
+// cursorAt is the cursor after id at the index score score, as the
+// script returns it: the decimal form of a double holding a state.Score,
+// an integer (exact in a double until the year 2255).
+func cursorAt(score, id string) (string, error) {
+	f, err := strconv.ParseFloat(score, 64)
+	if err != nil || f != math.Trunc(f) {
+		return "", fmt.Errorf("state: redis index score %q of operation %s is not a time", score, id)
+	}
+	return state.CursorAt(int64(f), id), nil
 }
 
 // Stats reads the counters the write scripts keep.

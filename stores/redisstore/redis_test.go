@@ -436,10 +436,32 @@ func TestRedisCorrupt(t *testing.T) {
 		s, p := newRedis(t, r.URL())
 		prefix = p
 		return s
-	}, func(ctx context.Context, kind, id string, data []byte) {
-		key := prefix + map[string]string{"mapping": "mapping:", "export": "export:", "operation": "op:"}[kind] + id
+	}, spoilRedis(t, raw, &prefix))
+}
+
+// TestRedisListing: a listing walked page by page returns every matching
+// operation once when a page's records are left out after its script
+// read the index, and while operations change status
+// (storetest.RunListing).
+func TestRedisListing(t *testing.T) {
+	r := testenv.StartRedis(t)
+	raw := redis.NewClient(&redis.Options{Addr: r.Addr})
+	defer raw.Close()
+	var prefix string // the subtests' store, one at a time
+	storetest.RunListing(t, func(t testing.TB) state.Store {
+		s, p := newRedis(t, r.URL())
+		prefix = p
+		return s
+	}, func(s state.Store, fn func()) { redisstore.SetListGap(s.(*redisstore.Store), fn) }, spoilRedis(t, raw, &prefix))
+}
+
+// spoilRedis overwrites a record JSON of the store of key prefix *prefix
+// behind its back.
+func spoilRedis(t testing.TB, raw *redis.Client, prefix *string) storetest.Spoil {
+	return func(ctx context.Context, kind, id string, data []byte) {
+		key := *prefix + map[string]string{"mapping": "mapping:", "export": "export:", "operation": "op:"}[kind] + id
 		if err := raw.HSet(ctx, key, "j", data).Err(); err != nil {
 			t.Fatal(err)
 		}
-	})
+	}
 }

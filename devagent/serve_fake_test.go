@@ -1,0 +1,184 @@
+package devagent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"maps"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/testenv"
+)
+
+// fakeServe is an agent and a server on a copy of the fake sysfs tree,
+// the agent's uevents injected by the test.
+type fakeServe struct {
+	root, names string
+	src         *fakeSource
+	agent       *Agent
+	nc          *nats.Conn
+}
+
+// startFakeServe starts them; found, if set, is the names (name → target)
+// present before the server starts, and js, if set, what the server
+// publishes to.
+func startFakeServe(t *testing.T, found map[string]string, js jetstream.JetStream) *fakeServe {
+	t.Helper()
+	f := &fakeServe{root: copyTree(t), names: filepath.Join(t.TempDir(), "by-volume"), src: newFakeSource()}
+	f.agent, _ = startAgent(t, Config{Source: f.src, SysRoot: f.root})
+	if err := os.MkdirAll(f.names, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, target := range found {
+		if err := os.Symlink(target, filepath.Join(f.names, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b := testenv.StartBus(t)
+	f.nc = b.Conn()
+	if js == nil {
+		js = b.JetStream()
+	}
+	srv := NewServer(ServerConfig{VMID: "vm-test", Conn: b.Conn(), JetStream: js, Agent: f.agent,
+		Namer: NewNamer(f.names), SysRoot: f.root, Logger: testLogger(t)})
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	if err := srv.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Close(context.Background()) })
+	return f
+}
+
+// name sends the names request req and checks that its names were made.
+func (f *fakeServe) name(t *testing.T, req NamesMessage) {
+	t.Helper()
+	body, _ := json.Marshal(req)
+	msg, err := f.nc.Request(commands.DevicesNamesSubject("vm-test"), body, wait)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reply NamesMessage
+	if err := json.Unmarshal(msg.Data, &reply); err != nil || !maps.Equal(reply.Names, req.Names) {
+		t.Fatalf("names reply %s (%v), want names %v", msg.Data, err, req.Names)
+	}
+}
+
+// write sets a file of the fake tree.
+func (f *fakeServe) write(t *testing.T, rel, content string) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(filepath.Join(f.root, rel)), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(f.root, rel), []byte(content+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitGone waits for the name to be removed.
+func (f *fakeServe) waitGone(t *testing.T, name, why string) {
+	t.Helper()
+	testenv.Eventually(t, wait, func() bool {
+		_, err := os.Lstat(filepath.Join(f.names, name))
+		return errors.Is(err, os.ErrNotExist)
+	}, "%s removed: %s", name, why)
+}
+
+// vdaSize is the size file of the fake tree's vda, a disk without diskseq.
+const vdaSize = "devices/pci0000:00/0000:00:04.0/virtio4/block/vda/size"
+
+// TestServerNameOfDiskWithoutDiskseq: on the fake sysfs tree, whose vda
+// has no kernel diskseq (the agent numbers its appearances), a name made
+// for vda, with or without the identity in the request, goes when the
+// agent reports vda removed: the server records the disk's identity as
+// the agent knows it, generation included.
+func TestServerNameOfDiskWithoutDiskseq(t *testing.T) {
+	for _, tc := range []struct {
+		name         string
+		withIdentity bool
+	}{
+		{"without identity", false},
+		{"with identity", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := startFakeServe(t, nil, nil)
+			vda, ok := f.agent.Device("vda")
+			if !ok || vda.DiskSeq != 0 || vda.Generation == 0 {
+				t.Fatalf("vda = %+v (%v), want a disk without diskseq, with a generation", vda, ok)
+			}
+			name := PersistentName(testUUID)
+			req := NamesMessage{Names: map[string]string{name: vda.Path}}
+			if tc.withIdentity {
+				req.Identities = map[string]commands.DeviceIdentity{name: vda.Identity()}
+			}
+			f.name(t, req)
+			f.write(t, vdaSize, "0")
+			f.src.send(t, Uevent{Action: "remove", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 900}, nil)
+			f.waitGone(t, name, "vda ("+vda.Identity().String()+") removed")
+		})
+	}
+}
+
+// TestServerNamesFoundAtStart: a name found at start whose disk the agent
+// knows goes when that disk is removed; one whose disk is gone is kept
+// until a names request, but never reaches a disk that takes its kernel
+// name: the disk's add removes it.
+func TestServerNamesFoundAtStart(t *testing.T) {
+	const known, gone = "volaaaaaaaa", "volbbbbbbbb"
+	f := startFakeServe(t, map[string]string{known: "/dev/vda", gone: "/dev/loop4"}, nil)
+	if _, ok := f.agent.Device("loop4"); ok {
+		t.Fatal("the fake tree's loop4 is present; want it empty")
+	}
+	if target, err := os.Readlink(filepath.Join(f.names, gone)); err != nil || target != "/dev/loop4" {
+		t.Fatalf("name %s found at start not kept: %q, %v", gone, target, err)
+	}
+
+	loop4 := "devices/virtual/block/loop4/"
+	f.write(t, loop4+"loop/backing_file", "/var/lib/volumed/vol-"+otherUUID+".img")
+	f.write(t, loop4+"size", "2048")
+	f.src.send(t, Uevent{Action: "change", Subsystem: "block", DevType: "disk", DevName: "loop4", Seqnum: 900}, nil)
+	f.waitGone(t, gone, "/dev/loop4 is another volume's disk now")
+
+	f.write(t, vdaSize, "0")
+	f.src.send(t, Uevent{Action: "remove", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 901}, nil)
+	f.waitGone(t, known, "vda removed")
+}
+
+// stalledJetStream is a JetStream whose publishes hang until their
+// context ends, as when the stream has lost its quorum.
+type stalledJetStream struct {
+	jetstream.JetStream
+}
+
+func (stalledJetStream) Publish(ctx context.Context, _ string, _ []byte, _ ...jetstream.PublishOpt) (*jetstream.PubAck, error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// TestServerNameGoesWhilePublishStalls: while JetStream does not store
+// the agent's events (each publish waits out its timeout and is retried),
+// a removed disk's name goes at once, not after the events before its
+// removal are published.
+func TestServerNameGoesWhilePublishStalls(t *testing.T) {
+	f := startFakeServe(t, nil, stalledJetStream{})
+	vda, ok := f.agent.Device("vda")
+	if !ok {
+		t.Fatal("vda not found")
+	}
+	name := PersistentName(testUUID)
+	f.name(t, NamesMessage{Names: map[string]string{name: vda.Path}})
+	f.write(t, vdaSize, strconv.FormatInt(2*vda.Size/512, 10))
+	f.src.send(t, Uevent{Action: "change", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 900}, nil)
+	testenv.Eventually(t, wait, func() bool { d, _ := f.agent.Device("vda"); return d.Size == 2*vda.Size },
+		"vda's growth handled")
+	f.write(t, vdaSize, "0")
+	f.src.send(t, Uevent{Action: "remove", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 901}, nil)
+	f.waitGone(t, name, "vda removed while its change is being published")
+}
