@@ -220,6 +220,9 @@ func (k *KV) saveCache(ctx context.Context) error {
 	k.ops = c.ops
 	k.cached = ack.Sequence // the seal is no change to write again
 	n := k.ops.len()
+	// What the base left out (a watcher behind) and the changes made
+	// while it was written may fill the new delta already.
+	k.nudge()
 	k.mu.Unlock()
 	k.cleanBases(ref.name)
 	k.log.Debug("index cache written with a new base", "cache", k.cache, "base", ref.name, "sequence", seq,
