@@ -51,7 +51,8 @@ const (
 	// file, at once: KV.New).
 	kvCacheVersionV3 = 3
 	// kvCacheVersionV2 is the version before that: the slots as varints,
-	// read into the heap (and written as version 4 at once).
+	// read into the heap (and written as version 4 at the next write,
+	// with a base file when a new base is due).
 	kvCacheVersionV2 = 2
 	// kvCacheEvery is how often a running store asks whether to write
 	// its cache (cacheDue); it is also written at Close.
