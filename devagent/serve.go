@@ -123,8 +123,7 @@ type Server struct {
 	mu sync.Mutex
 	// desired is the last requested name set, less names whose device
 	// went away since: name → the disk's identity as the agent knows it
-	// (the kernel name only, for a name found at start whose disk the
-	// agent did not know).
+	// (the kernel name only, for a name found at start).
 	desired map[string]commands.DeviceIdentity
 
 	subs  []*nats.Subscription
@@ -170,8 +169,8 @@ func (s *Server) Start(ctx context.Context) error {
 		}
 		s.cfg.JetStream = js
 	}
-	// Subscribed before the names are read and their disks looked up: an
-	// event in between is not missed.
+	// Subscribed before the names are read: an event in between is not
+	// missed.
 	events, unsubEvents := s.cfg.Agent.Subscribe()
 	ends, unsubEnds := s.cfg.Agent.Subscribe()
 	unsub := func() { unsubEvents(); unsubEnds() }
@@ -182,7 +181,9 @@ func (s *Server) Start(ctx context.Context) error {
 	}
 	s.desired = map[string]commands.DeviceIdentity{}
 	for name, target := range found {
-		s.desired[name] = s.foundIdentity(target)
+		// The disk the name was made for is not known: any disk under its
+		// kernel name now may be another one, come since.
+		s.desired[name] = commands.DeviceIdentity{Name: strings.TrimPrefix(target, "/dev/")}
 	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.runCtx, s.cancel = runCtx, cancel
@@ -230,19 +231,6 @@ func (s *Server) stop() {
 		s.unsub()
 	}
 	s.wg.Wait()
-}
-
-// foundIdentity is the identity recorded for a name found at start with
-// target: the agent's identity of the disk if it knows it, else the
-// kernel name only.
-func (s *Server) foundIdentity(target string) commands.DeviceIdentity {
-	id := commands.DeviceIdentity{Name: strings.TrimPrefix(target, "/dev/")}
-	if d, ok, err := s.sysfs.Disk(id.Name); err == nil && ok {
-		if k, known := s.known(d); known {
-			return k.Identity()
-		}
-	}
-	return id
 }
 
 // forward publishes the agent's events in order, each after the names it
@@ -313,8 +301,8 @@ func (s *Server) publish(ctx context.Context, ev commands.Device) {
 
 // dropNamesOf removes and forgets the names ev ends: on a remove those of
 // the disk removed, and on an add or remove those known by ev's kernel
-// name only (found at start for a disk the agent did not know): a disk
-// reusing the kernel name is not the same volume.
+// name only (found at start): a disk reusing the kernel name is not the
+// same volume.
 func (s *Server) dropNamesOf(ctx context.Context, ev commands.Device) {
 	if ev.Action != commands.DeviceRemove && ev.Action != commands.DeviceAdd {
 		return

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
 
 	"github.com/nats-io/nats.go"
@@ -31,6 +32,15 @@ type fakeServe struct {
 // publishes to.
 func startFakeServe(t *testing.T, found map[string]string, js jetstream.JetStream) *fakeServe {
 	t.Helper()
+	f := newFakeServe(t, found)
+	f.serve(t, js, NewNamer(f.names))
+	return f
+}
+
+// newFakeServe starts the agent and makes the names found; serve starts
+// the server.
+func newFakeServe(t *testing.T, found map[string]string) *fakeServe {
+	t.Helper()
 	f := &fakeServe{root: copyTree(t), names: filepath.Join(t.TempDir(), "by-volume"), src: newFakeSource()}
 	f.agent, _ = startAgent(t, Config{Source: f.src, SysRoot: f.root})
 	if err := os.MkdirAll(f.names, 0o755); err != nil {
@@ -41,20 +51,25 @@ func startFakeServe(t *testing.T, found map[string]string, js jetstream.JetStrea
 			t.Fatal(err)
 		}
 	}
+	return f
+}
+
+// serve starts the server on names; js as for startFakeServe.
+func (f *fakeServe) serve(t *testing.T, js jetstream.JetStream, names Names) {
+	t.Helper()
 	b := testenv.StartBus(t)
 	f.nc = b.Conn()
 	if js == nil {
 		js = b.JetStream()
 	}
 	srv := NewServer(ServerConfig{VMID: "vm-test", Conn: b.Conn(), JetStream: js, Agent: f.agent,
-		Namer: NewNamer(f.names), SysRoot: f.root, Logger: testLogger(t)})
+		Namer: names, SysRoot: f.root, Logger: testLogger(t)})
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
 	if err := srv.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = srv.Close(context.Background()) })
-	return f
 }
 
 // name sends the names request req and checks that its names were made.
@@ -149,6 +164,41 @@ func TestServerNamesFoundAtStart(t *testing.T) {
 	f.write(t, vdaSize, "0")
 	f.src.send(t, Uevent{Action: "remove", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 901}, nil)
 	f.waitGone(t, known, "vda removed")
+}
+
+// listHook is a Names whose List first calls before.
+type listHook struct {
+	Names
+	before func()
+}
+
+func (h listHook) List(ctx context.Context) (map[string]string, error) {
+	h.before()
+	return h.Names.List(ctx)
+}
+
+// vdaSerial is the serial file of the fake tree's vda.
+const vdaSerial = "devices/pci0000:00/0000:00:04.0/virtio4/block/vda/serial"
+
+// TestServerNameFoundAtStartOfReplacedDisk: a name found at start is for
+// whatever disk its kernel name had before; when, while the server
+// starts, that disk is replaced by another (its remove and the new disk's
+// add already emitted), the name does not pass to the new disk: it goes.
+func TestServerNameFoundAtStartOfReplacedDisk(t *testing.T) {
+	const name = "volaaaaaaaa"
+	f := newFakeServe(t, map[string]string{name: "/dev/vda"})
+	vda, ok := f.agent.Device("vda")
+	if !ok {
+		t.Fatal("vda not found")
+	}
+	replace := func() {
+		f.write(t, vdaSerial, "other-volume-serial")
+		f.src.send(t, Uevent{Action: "change", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 900}, nil)
+		testenv.Eventually(t, wait, func() bool { d, _ := f.agent.Device("vda"); return d.Serial != vda.Serial },
+			"vda replaced by another disk")
+	}
+	f.serve(t, nil, listHook{Names: NewNamer(f.names), before: sync.OnceFunc(replace)})
+	f.waitGone(t, name, "the disk it was found for, vda "+vda.Identity().String()+", was removed")
 }
 
 // stalledJetStream is a JetStream whose publishes hang until their
