@@ -119,8 +119,12 @@ type Server struct {
 	log   *slog.Logger
 	sysfs Sysfs
 
-	// mu guards desired and serializes every change to the names.
+	// mu guards desired and closed and serializes every change to the
+	// names.
 	mu sync.Mutex
+	// closed: Close has begun; the names are changed no more, as no
+	// event would drop a name made now.
+	closed bool
 	// desired is the last requested name set, less names whose device
 	// went away since: name → the disk's identity as the agent knows it
 	// (the kernel name only, for a name found at start).
@@ -211,8 +215,9 @@ func (s *Server) Start(ctx context.Context) error {
 	return nil
 }
 
-// Close stops answering and publishing and waits for the publisher. Closing
-// twice is safe.
+// Close stops answering and publishing and waits for the publisher and
+// for a names request changing the names; a names request answered later
+// changes nothing. Closing twice is safe.
 func (s *Server) Close(ctx context.Context) error {
 	if err := s.closer.Close(ctx, s.stop); err != nil {
 		return fmt.Errorf("devagent: close: %w", err)
@@ -227,6 +232,10 @@ func (s *Server) stop() {
 	if s.cancel != nil {
 		s.cancel()
 	}
+	// Waits for a names request in flight; the next ones change nothing.
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
 	if s.unsub != nil {
 		s.unsub()
 	}
@@ -471,6 +480,10 @@ func (s *Server) apply(ctx context.Context, want map[string]string, ids map[stri
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := NamesMessage{Dir: s.cfg.Namer.Dir(), Skipped: map[string]string{}}
+	if s.closed {
+		out.Error = "devagent: server closed"
+		return out
+	}
 	prev, err := s.cfg.Namer.List(ctx)
 	if err != nil {
 		out.Error = err.Error()
