@@ -193,8 +193,12 @@ func (s *Server) Start(ctx context.Context) error {
 	s.runCtx, s.cancel = runCtx, cancel
 	s.unsub = unsub
 	s.wg.Add(2)
-	go s.forward(runCtx, events)
-	go s.watch(runCtx, ends)
+	// One publishes the events in order, each after the names it ends are
+	// gone; the other drops the names as the events come, without waiting
+	// for the events before them to be published (JetStream may be slow
+	// or down).
+	go s.each(runCtx, events, func(ev commands.Device) { s.dropNamesOf(runCtx, ev); s.publish(runCtx, ev) })
+	go s.each(runCtx, ends, func(ev commands.Device) { s.dropNamesOf(runCtx, ev) })
 	for subject, handle := range map[string]nats.MsgHandler{
 		commands.DevicesListSubject(s.cfg.VMID):  s.serveList,
 		commands.DevicesNamesSubject(s.cfg.VMID): s.serveNames,
@@ -242,9 +246,9 @@ func (s *Server) stop() {
 	s.wg.Wait()
 }
 
-// forward publishes the agent's events in order, each after the names it
-// ends are gone.
-func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
+// each calls handle for every event, in order, until ctx ends or events
+// closes.
+func (s *Server) each(ctx context.Context, events <-chan commands.Device, handle func(commands.Device)) {
 	defer s.wg.Done()
 	for {
 		select {
@@ -254,25 +258,7 @@ func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
 			if !ok {
 				return
 			}
-			s.dropNamesOf(ctx, ev)
-			s.publish(ctx, ev)
-		}
-	}
-}
-
-// watch drops the names each event ends as it comes, without waiting for
-// the events before it to be published (JetStream may be slow or down).
-func (s *Server) watch(ctx context.Context, events <-chan commands.Device) {
-	defer s.wg.Done()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case ev, ok := <-events:
-			if !ok {
-				return
-			}
-			s.dropNamesOf(ctx, ev)
+			handle(ev)
 		}
 	}
 }
