@@ -233,13 +233,14 @@ func (s *Server) stop() {
 	for _, sub := range s.subs {
 		_ = sub.Unsubscribe()
 	}
-	if s.cancel != nil {
-		s.cancel()
-	}
-	// Waits for a names request in flight; the next ones change nothing.
+	// Waits for a names change in flight; the next ones, and those woken
+	// by the cancel below, change nothing.
 	s.mu.Lock()
 	s.closed = true
 	s.mu.Unlock()
+	if s.cancel != nil {
+		s.cancel()
+	}
 	if s.unsub != nil {
 		s.unsub()
 	}
