@@ -222,13 +222,15 @@ func (e *Exporter) event(msg *nats.Msg) {
 		// workflow whose leftovers were put back: the operation had
 		// failed, and was counted, already.
 	case op.Status.Terminal():
-		e.ops.WithLabelValues(string(op.Type), string(op.Status)).Inc()
+		// The end is counted last: a scrape that counts it has its
+		// duration and steps.
 		if d := commands.Took(op.CreatedAt, op.CompletedAt); d > 0 {
 			e.duration.WithLabelValues(string(op.Type)).Observe(d.Seconds())
 		}
 		if slices.Contains(workflowTypes, op.Type) {
 			e.workflowEnded(op)
 		}
+		e.ops.WithLabelValues(string(op.Type), string(op.Status)).Inc()
 	}
 }
 
