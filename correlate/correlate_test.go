@@ -259,7 +259,7 @@ func TestReconcileRepointsName(t *testing.T) {
 	if !slices.Contains(changes, want) {
 		t.Errorf("changes %q lack %q", changes, want)
 	}
-	testenv.Eventually(t, 5*time.Second, func() bool { return e.link(id) == m.DevicePath }, "symlink re-made")
+	testenv.Eventually(t, 30*time.Second, func() bool { return e.link(id) == m.DevicePath }, "symlink re-made")
 }
 
 // A VM without an agent is reported as such quickly.

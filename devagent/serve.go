@@ -119,12 +119,15 @@ type Server struct {
 	log   *slog.Logger
 	sysfs Sysfs
 
-	// mu guards desired and serializes every change to the names.
+	// mu guards desired and closed and serializes every change to the
+	// names.
 	mu sync.Mutex
+	// closed: Close has begun; the names are changed no more, as no
+	// event would drop a name made now.
+	closed bool
 	// desired is the last requested name set, less names whose device
 	// went away since: name → the disk's identity as the agent knows it
-	// (the kernel name only, for a name found at start whose disk the
-	// agent did not know).
+	// (the kernel name only, for a name found at start).
 	desired map[string]commands.DeviceIdentity
 
 	subs  []*nats.Subscription
@@ -170,8 +173,8 @@ func (s *Server) Start(ctx context.Context) error {
 		}
 		s.cfg.JetStream = js
 	}
-	// Subscribed before the names are read and their disks looked up: an
-	// event in between is not missed.
+	// Subscribed before the names are read: an event in between is not
+	// missed.
 	events, unsubEvents := s.cfg.Agent.Subscribe()
 	ends, unsubEnds := s.cfg.Agent.Subscribe()
 	unsub := func() { unsubEvents(); unsubEnds() }
@@ -182,14 +185,20 @@ func (s *Server) Start(ctx context.Context) error {
 	}
 	s.desired = map[string]commands.DeviceIdentity{}
 	for name, target := range found {
-		s.desired[name] = s.foundIdentity(target)
+		// The disk the name was made for is not known: any disk under its
+		// kernel name now may be another one, come since.
+		s.desired[name] = commands.DeviceIdentity{Name: strings.TrimPrefix(target, "/dev/")}
 	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.runCtx, s.cancel = runCtx, cancel
 	s.unsub = unsub
 	s.wg.Add(2)
-	go s.forward(runCtx, events)
-	go s.watch(runCtx, ends)
+	// One publishes the events in order, each after the names it ends are
+	// gone; the other drops the names as the events come, without waiting
+	// for the events before them to be published (JetStream may be slow
+	// or down).
+	go s.each(runCtx, events, func(ev commands.Device) { s.dropNamesOf(runCtx, ev); s.publish(runCtx, ev) })
+	go s.each(runCtx, ends, func(ev commands.Device) { s.dropNamesOf(runCtx, ev) })
 	for subject, handle := range map[string]nats.MsgHandler{
 		commands.DevicesListSubject(s.cfg.VMID):  s.serveList,
 		commands.DevicesNamesSubject(s.cfg.VMID): s.serveNames,
@@ -210,8 +219,9 @@ func (s *Server) Start(ctx context.Context) error {
 	return nil
 }
 
-// Close stops answering and publishing and waits for the publisher. Closing
-// twice is safe.
+// Close stops answering and publishing and waits for the publisher and
+// for a names request changing the names; a names request answered later
+// changes nothing. Closing twice is safe.
 func (s *Server) Close(ctx context.Context) error {
 	if err := s.closer.Close(ctx, s.stop); err != nil {
 		return fmt.Errorf("devagent: close: %w", err)
@@ -223,6 +233,11 @@ func (s *Server) stop() {
 	for _, sub := range s.subs {
 		_ = sub.Unsubscribe()
 	}
+	// Waits for a names change in flight; the next ones, and those woken
+	// by the cancel below, change nothing.
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
 	if s.cancel != nil {
 		s.cancel()
 	}
@@ -232,22 +247,9 @@ func (s *Server) stop() {
 	s.wg.Wait()
 }
 
-// foundIdentity is the identity recorded for a name found at start with
-// target: the agent's identity of the disk if it knows it, else the
-// kernel name only.
-func (s *Server) foundIdentity(target string) commands.DeviceIdentity {
-	id := commands.DeviceIdentity{Name: strings.TrimPrefix(target, "/dev/")}
-	if d, ok, err := s.sysfs.Disk(id.Name); err == nil && ok {
-		if k, known := s.known(d); known {
-			return k.Identity()
-		}
-	}
-	return id
-}
-
-// forward publishes the agent's events in order, each after the names it
-// ends are gone.
-func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
+// each calls handle for every event, in order, until ctx ends or events
+// closes.
+func (s *Server) each(ctx context.Context, events <-chan commands.Device, handle func(commands.Device)) {
 	defer s.wg.Done()
 	for {
 		select {
@@ -257,25 +259,7 @@ func (s *Server) forward(ctx context.Context, events <-chan commands.Device) {
 			if !ok {
 				return
 			}
-			s.dropNamesOf(ctx, ev)
-			s.publish(ctx, ev)
-		}
-	}
-}
-
-// watch drops the names each event ends as it comes, without waiting for
-// the events before it to be published (JetStream may be slow or down).
-func (s *Server) watch(ctx context.Context, events <-chan commands.Device) {
-	defer s.wg.Done()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case ev, ok := <-events:
-			if !ok {
-				return
-			}
-			s.dropNamesOf(ctx, ev)
+			handle(ev)
 		}
 	}
 }
@@ -313,8 +297,8 @@ func (s *Server) publish(ctx context.Context, ev commands.Device) {
 
 // dropNamesOf removes and forgets the names ev ends: on a remove those of
 // the disk removed, and on an add or remove those known by ev's kernel
-// name only (found at start for a disk the agent did not know): a disk
-// reusing the kernel name is not the same volume.
+// name only (found at start): a disk reusing the kernel name is not the
+// same volume.
 func (s *Server) dropNamesOf(ctx context.Context, ev commands.Device) {
 	if ev.Action != commands.DeviceRemove && ev.Action != commands.DeviceAdd {
 		return
@@ -483,6 +467,10 @@ func (s *Server) apply(ctx context.Context, want map[string]string, ids map[stri
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := NamesMessage{Dir: s.cfg.Namer.Dir(), Skipped: map[string]string{}}
+	if s.closed {
+		out.Error = "devagent: server closed"
+		return out
+	}
 	prev, err := s.cfg.Namer.List(ctx)
 	if err != nil {
 		out.Error = err.Error()

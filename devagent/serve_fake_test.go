@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
 
 	"github.com/nats-io/nats.go"
@@ -31,8 +32,17 @@ type fakeServe struct {
 // publishes to.
 func startFakeServe(t *testing.T, found map[string]string, js jetstream.JetStream) *fakeServe {
 	t.Helper()
+	f := newFakeServe(t, found, nil)
+	f.serve(t, js, NewNamer(f.names))
+	return f
+}
+
+// newFakeServe starts the agent, hiding from it the disks ignore names
+// (if set), and makes the names found; serve starts the server.
+func newFakeServe(t *testing.T, found map[string]string, ignore func(string) bool) *fakeServe {
+	t.Helper()
 	f := &fakeServe{root: copyTree(t), names: filepath.Join(t.TempDir(), "by-volume"), src: newFakeSource()}
-	f.agent, _ = startAgent(t, Config{Source: f.src, SysRoot: f.root})
+	f.agent, _ = startAgent(t, Config{Source: f.src, SysRoot: f.root, Ignore: ignore})
 	if err := os.MkdirAll(f.names, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -41,20 +51,26 @@ func startFakeServe(t *testing.T, found map[string]string, js jetstream.JetStrea
 			t.Fatal(err)
 		}
 	}
+	return f
+}
+
+// serve starts the server on names; js as for startFakeServe.
+func (f *fakeServe) serve(t *testing.T, js jetstream.JetStream, names Names) *Server {
+	t.Helper()
 	b := testenv.StartBus(t)
 	f.nc = b.Conn()
 	if js == nil {
 		js = b.JetStream()
 	}
 	srv := NewServer(ServerConfig{VMID: "vm-test", Conn: b.Conn(), JetStream: js, Agent: f.agent,
-		Namer: NewNamer(f.names), SysRoot: f.root, Logger: testLogger(t)})
+		Namer: names, SysRoot: f.root, Logger: testLogger(t)})
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
 	if err := srv.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = srv.Close(context.Background()) })
-	return f
+	return srv
 }
 
 // name sends the names request req and checks that its names were made.
@@ -149,6 +165,81 @@ func TestServerNamesFoundAtStart(t *testing.T) {
 	f.write(t, vdaSize, "0")
 	f.src.send(t, Uevent{Action: "remove", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 901}, nil)
 	f.waitGone(t, known, "vda removed")
+}
+
+// listHook is a Names whose List first calls before.
+type listHook struct {
+	Names
+	before func()
+}
+
+func (h listHook) List(ctx context.Context) (map[string]string, error) {
+	h.before()
+	return h.Names.List(ctx)
+}
+
+// vdaSerial is the serial file of the fake tree's vda.
+const vdaSerial = "devices/pci0000:00/0000:00:04.0/virtio4/block/vda/serial"
+
+// TestServerNameFoundAtStartOfReplacedDisk: a name found at start is for
+// whatever disk its kernel name had before; when, while the server
+// starts, that disk is replaced by another (its remove and the new disk's
+// add already emitted), the name does not pass to the new disk: it goes.
+func TestServerNameFoundAtStartOfReplacedDisk(t *testing.T) {
+	const name = "volaaaaaaaa"
+	f := newFakeServe(t, map[string]string{name: "/dev/vda"}, nil)
+	vda, ok := f.agent.Device("vda")
+	if !ok {
+		t.Fatal("vda not found")
+	}
+	replace := func() {
+		f.write(t, vdaSerial, "other-volume-serial")
+		f.src.send(t, Uevent{Action: "change", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 900}, nil)
+		testenv.Eventually(t, wait, func() bool { d, _ := f.agent.Device("vda"); return d.Serial != vda.Serial },
+			"vda replaced by another disk")
+	}
+	f.serve(t, nil, listHook{Names: NewNamer(f.names), before: sync.OnceFunc(replace)})
+	f.waitGone(t, name, "the disk it was found for, vda "+vda.Identity().String()+", was removed")
+}
+
+// TestServerClosedMakesNoNames: a names request still waiting for the
+// agent when the server closes makes no name, not even for the disks the
+// agent knows: no one would drop it when its disk goes.
+func TestServerClosedMakesNoNames(t *testing.T) {
+	f := newFakeServe(t, nil, func(name string) bool { return name == "loop4" })
+	srv := f.serve(t, nil, NewNamer(f.names))
+	f.write(t, "devices/virtual/block/loop4/size", "2048")
+	subs := func() int { f.agent.mu.Lock(); defer f.agent.mu.Unlock(); return len(f.agent.subs) }
+	before := subs()
+	known, hidden := "volaaaaaaaa", "volbbbbbbbb"
+	body, _ := json.Marshal(NamesMessage{Names: map[string]string{known: "/dev/vda", hidden: "/dev/loop4"}})
+	replies := make(chan *nats.Msg, 1)
+	sub, err := f.nc.ChanSubscribe(nats.NewInbox(), replies)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	if err := f.nc.PublishRequest(commands.DevicesNamesSubject("vm-test"), sub.Subject, body); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, wait, func() bool { return subs() > before }, "the names request waits for the agent to know loop4")
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	if err := srv.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var reply NamesMessage
+	select {
+	case msg := <-replies:
+		if err := json.Unmarshal(msg.Data, &reply); err != nil {
+			t.Fatal(err)
+		}
+	case <-ctx.Done():
+		t.Fatal("no reply to the names request")
+	}
+	if _, err := os.Lstat(filepath.Join(f.names, known)); !errors.Is(err, os.ErrNotExist) || reply.Error == "" {
+		t.Fatalf("names request in flight at Close: reply %+v, name %s: %v; want an error and no name", reply, known, err)
+	}
 }
 
 // stalledJetStream is a JetStream whose publishes hang until their

@@ -242,17 +242,12 @@ func TestOperationWait(t *testing.T) {
 	t.Run("a consumer's copy of a terminal event does not end the wait", func(t *testing.T) {
 		const id = "op-07a8b9c0-d1e2-4456-8c23-567890123456"
 		op := h.seedOperation(t, id, commands.OpDetach, commands.StatusPending, vol2, "", 29)
-		const wait = 2 * time.Second
-		start := time.Now()
-		done := startWait(t, h, bridgeConn, op.ID, wait.String())
 		op.Status, op.Error = commands.StatusFailed, "CloudStack refused"
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if _, err := h.store.UpdateOperation(ctx, op); err != nil {
-			t.Fatal(err)
-		}
 		// A push consumer of another stream delivers the terminal event
-		// onto the operation's subject: its reply is an ack subject.
+		// onto the operation's subject: its reply is an ack subject. The
+		// stream and its copy are made before the wait starts, so that
+		// only the consumer's delivery has to fit in the wait, also on a
+		// loaded machine.
 		js, err := h.bus.JetStream()
 		if err != nil {
 			t.Fatal(err)
@@ -264,11 +259,19 @@ func TestOperationWait(t *testing.T) {
 		if _, err := js.Publish("replay."+op.ID, data); err != nil {
 			t.Fatal(err)
 		}
+		const wait = 5 * time.Second
+		start := time.Now()
+		done := startWait(t, h, bridgeConn, op.ID, wait.String())
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := h.store.UpdateOperation(ctx, op); err != nil {
+			t.Fatal(err)
+		}
 		if _, err := js.AddConsumer("REPLAY", &nats.ConsumerConfig{Durable: "replay", DeliverSubject: commands.OpSubject(op.ID),
 			AckPolicy: nats.AckExplicitPolicy}); err != nil {
 			t.Fatal(err)
 		}
-		testenv.Eventually(t, 5*time.Second, func() bool {
+		testenv.Eventually(t, 30*time.Second, func() bool {
 			ci, err := js.ConsumerInfo("REPLAY", "replay")
 			return err == nil && ci.Delivered.Consumer >= 1
 		}, "the consumer delivered its copy onto %s", commands.OpSubject(op.ID))

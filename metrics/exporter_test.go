@@ -69,7 +69,7 @@ func TestExporter(t *testing.T) {
 	}
 	_ = b.Conn().Publish(commands.OpSubject("op-2"), []byte("not json")) // ignored
 	reg := e.Registry()
-	testenv.Eventually(t, 5*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		n, _ := testutil.GatherAndCount(reg, "volumed_operation_duration_seconds")
 		return n == 2
 	}, "the failed attach's and the completed create's durations observed")
@@ -247,7 +247,7 @@ func TestConsumerCopiesNotCounted(t *testing.T) {
 		AckPolicy: nats.AckExplicitPolicy}); err != nil {
 		t.Fatal(err)
 	}
-	testenv.Eventually(t, 5*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		ci, err := js.ConsumerInfo("REPLAY", "replay")
 		return err == nil && ci.Delivered.Consumer >= 1
 	}, "the consumer delivered its copy onto %s", commands.OpSubject("op-3"))
@@ -278,7 +278,7 @@ func TestConsumerCopiesNotCounted(t *testing.T) {
 		}
 		return 0
 	}
-	testenv.Eventually(t, 5*time.Second, func() bool { return count(commands.OpDetach, commands.StatusPending) == 1 },
+	testenv.Eventually(t, 30*time.Second, func() bool { return count(commands.OpDetach, commands.StatusPending) == 1 },
 		"the published event counted")
 	if n := count(commands.OpDelete, commands.StatusCompleted); n != 0 {
 		t.Fatalf("a consumer's copy was counted: completed deletes = %v, want 0", n)

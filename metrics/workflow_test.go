@@ -67,7 +67,7 @@ func TestWorkflowMetrics(t *testing.T) {
 		}
 	}
 	reg := e.Registry()
-	testenv.Eventually(t, 5*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		fams, err := reg.Gather()
 		if err != nil {
 			return false

@@ -241,6 +241,10 @@ func TestWireCommands(t *testing.T) {
 			}
 		})
 	}
+	// Counted by the time the replies are in: the one read and write done.
+	if st := s.Stats(); st.BytesRead != 4096 || st.BytesWritten != 4096 {
+		t.Fatalf("stats %+v after the replies, want 4096 bytes read and 4096 written", st)
+	}
 	got, err := os.ReadFile(backing)
 	if err != nil {
 		t.Fatal(err)

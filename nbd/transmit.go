@@ -188,11 +188,7 @@ func (c *conn) do(e *export, r request, buf []byte) error {
 	fua := r.flags&cmdFlagFUA != 0
 	switch r.typ {
 	case cmdRead:
-		if err := c.read(e, r, buf); err != nil {
-			return err
-		}
-		c.s.stats.read.Add(uint64(r.n))
-		return nil
+		return c.read(e, r, buf)
 	case cmdBlockStatus:
 		return c.blockStatus(e, r)
 	case cmdWrite:
@@ -268,7 +264,9 @@ func (c *conn) writeLarge(e *export, r request, buf []byte) error {
 // (ERROR_OFFSET) and other replies interleave. With simple replies the
 // first buffer-full is read before the reply starts (a failure there gets
 // EIO); the rest follows with sendfile on plain TCP, and a failure in it
-// closes the connection, as the protocol requires.
+// closes the connection, as the protocol requires. The bytes are counted
+// before the reply carrying them goes out, so a client that has its data
+// finds it in Stats.
 func (c *conn) read(e *export, r request, buf []byte) error {
 	off, left := int64(r.off), int64(r.n)
 	if !c.structured {
@@ -277,6 +275,7 @@ func (c *conn) read(e *export, r request, buf []byte) error {
 			c.log.Warn("nbd read failed", "export", e.spec.Name, "err", err)
 			return c.sendSimple(r.cookie, errIO, nil)
 		}
+		c.s.stats.read.Add(uint64(left))
 		if k == left {
 			return c.sendSimple(r.cookie, 0, buf[:k])
 		}
@@ -292,6 +291,7 @@ func (c *conn) read(e *export, r request, buf []byte) error {
 	}
 	if buf == nil {
 		_ = e.b.cache(r.off, uint64(r.n))
+		c.s.stats.read.Add(uint64(left))
 		h := chunkHeader(r.cookie, replyFlagDone, replyOffsetData, 8+int(r.n))
 		c.lockWrite()
 		defer c.wmu.Unlock()
@@ -311,6 +311,7 @@ func (c *conn) read(e *export, r request, buf []byte) error {
 		if k == left {
 			flags = replyFlagDone
 		}
+		c.s.stats.read.Add(uint64(k))
 		if err := c.sendChunk(r.cookie, flags, replyOffsetData, binary.BigEndian.AppendUint64(nil, uint64(off)), buf[:k]); err != nil {
 			return err
 		}

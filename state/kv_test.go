@@ -61,7 +61,7 @@ func TestKVSharedBucket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	testenv.Eventually(t, 5*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		m, err := b.GetMappingByDevice(ctx, "vm-1", "/dev/vdb")
 		return slices.Equal(storetest.ListIDs(t, b, state.Filter{VMID: "vm-1", Status: commands.StatusPending}), []string{op.ID}) &&
 			err == nil && m.VolumeID == "vol-1"
@@ -84,7 +84,7 @@ func TestKVSharedBucket(t *testing.T) {
 	if _, err := a.PutMapping(ctx, m); !errors.Is(err, state.ErrStale) {
 		t.Fatalf("a rewrites the deleted mapping: %v, want ErrStale", err)
 	}
-	testenv.Eventually(t, 5*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		_, err := a.GetMappingByDevice(ctx, "vm-1", "/dev/vdb")
 		st, _ := a.Stats(ctx)
 		return slices.Equal(storetest.ListIDs(t, a, state.Filter{Status: commands.StatusExecuting}), []string{op.ID}) &&
@@ -298,11 +298,11 @@ func TestKVSharedBucketPruneAndLeases(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	testenv.Eventually(t, 5*time.Second, func() bool { return len(storetest.ListIDs(t, b, state.Filter{})) == 10 }, "b sees the 10 operations")
+	testenv.Eventually(t, 30*time.Second, func() bool { return len(storetest.ListIDs(t, b, state.Filter{})) == 10 }, "b sees the 10 operations")
 	if n, err := b.PruneOperations(ctx, time.Now(), 0); err != nil || n != 5 {
 		t.Fatalf("prune through b: %d, %v", n, err)
 	}
-	testenv.Eventually(t, 5*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		st, _ := a.Stats(ctx)
 		return len(storetest.ListIDs(t, a, state.Filter{})) == 5 && len(storetest.ListIDs(t, a, state.Filter{Status: commands.StatusCompleted})) == 0 &&
 			st.Total == 5 && st.Terminal == 0
@@ -373,7 +373,7 @@ func TestKVReadYourWritesUnderChurn(t *testing.T) {
 	}
 	wg.Wait()
 	for i, s := range []*state.KV{a, b} {
-		testenv.Eventually(t, 5*time.Second, func() bool {
+		testenv.Eventually(t, 30*time.Second, func() bool {
 			st, _ := s.Stats(ctx)
 			return len(storetest.ListIDs(t, s, state.Filter{})) == 0 && st.Total == 0
 		}, "store %d empty after the churn", i)
@@ -415,7 +415,7 @@ func TestKVDeviceConflictAcrossStores(t *testing.T) {
 		if won != 1 {
 			t.Fatalf("round %d: %d stores mapped %s (%v)", round, won, dev, errs)
 		}
-		testenv.Eventually(t, 5*time.Second, func() bool {
+		testenv.Eventually(t, 30*time.Second, func() bool {
 			ma, erra := a.GetMappingByDevice(ctx, "vm-1", dev)
 			mb, errb := b.GetMappingByDevice(ctx, "vm-1", dev)
 			all, _ := a.ListMappings(ctx, "vm-1")

@@ -151,7 +151,7 @@ func (h *layersHistory) compact(t *testing.T, between int) {
 }
 
 // firstDiff is the first index where a and b differ.
-func firstDiff(a, b []string) int {
+func firstDiff[T comparable](a, b []T) int {
 	for i := range min(len(a), len(b)) {
 		if a[i] != b[i] {
 			return i
@@ -191,20 +191,22 @@ func (h *layersHistory) check(t *testing.T) {
 		{Type: commands.OpCreate, VolumeID: "vol-2", VMID: "vm-1"}}
 	for _, f := range filters {
 		for _, limit := range []int{0, 1, 7, 50} {
+			// Pages follow the last hit's score and id, as
+			// ListOperations' cursor does: a base slot's score is
+			// compared too.
 			var after *opRef
 			for page := 0; ; page++ {
-				wi, wr, wm := h.want.list(f, after, limit)
-				gi, gr, gm := h.got.list(f, after, limit)
-				if !slices.Equal(wi, gi) || !slices.Equal(wr, gr) || wm != gm {
-					t.Fatalf("list %+v limit %d page %d: got %d (more %v), want %d (more %v); first difference at %d",
-						f, limit, page, len(gi), gm, len(wi), wm, firstDiff(gi, wi))
+				wh, wm := h.want.hits(f, after, limit)
+				gh, gm := h.got.hits(f, after, limit)
+				if !slices.Equal(wh, gh) || wm != gm {
+					t.Fatalf("hits %+v limit %d page %d: got %d (more %v), want %d (more %v); first difference at %d",
+						f, limit, page, len(gh), gm, len(wh), wm, firstDiff(gh, wh))
 				}
-				if !wm || len(wi) == 0 {
+				if !wm || len(wh) == 0 {
 					break
 				}
-				last := wi[len(wi)-1]
-				i, _ := h.want.byID.get(h.want, last)
-				after = &opRef{score: h.want.slots[i].created, id: last}
+				last := wh[len(wh)-1]
+				after = &opRef{score: last.score, id: last.id}
 			}
 		}
 	}

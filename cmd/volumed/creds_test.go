@@ -66,7 +66,7 @@ func TestCredsAgent(t *testing.T) {
 			if !strings.Contains(err.Error(), "devices.other-vm.add") {
 				t.Fatalf("violation %v", err)
 			}
-		case <-time.After(5 * time.Second):
+		case <-time.After(30 * time.Second):
 			t.Fatal("publishing another VM's subject raised no permission violation")
 		}
 		nc.Close()

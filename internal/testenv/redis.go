@@ -2,22 +2,31 @@ package testenv
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // FreePort returns a TCP port on 127.0.0.1 that was free a moment ago,
 // below the kernel's ephemeral range: a port of that range can be taken
 // meanwhile as the local port of any outgoing connection (a restarted
 // cluster member then could not listen on its own route port). No port is
-// returned twice in a process.
+// returned twice, in a process or to two test processes alive at once
+// (go test runs packages in parallel): each port given is claimed with a
+// lock on a file, held until the process ends, so that a port between
+// its probe and its server's listen, or of a member stopped for a while,
+// is not given to another package's server.
 func FreePort(t testing.TB) int {
 	t.Helper()
 	ports.mu.Lock()
@@ -28,12 +37,12 @@ func FreePort(t testing.TB) int {
 	lo := ephemeralLow()
 	for range 200 {
 		p := 10000 + rand.IntN(max(lo-10000, 1))
-		if ports.given[p] {
+		if ports.given[p] || !claimPort(p) {
 			continue
 		}
+		ports.given[p] = true // claimed: not tried again
 		if l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p)); err == nil {
 			_ = l.Close()
-			ports.given[p] = true
 			return p
 		}
 	}
@@ -45,10 +54,33 @@ func FreePort(t testing.TB) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// ports are the ports FreePort gave.
+// ports are the ports FreePort gave or claimed, and the files holding
+// the claims.
 var ports struct {
-	mu    sync.Mutex
-	given map[int]bool
+	mu     sync.Mutex
+	given  map[int]bool
+	claims []*os.File
+}
+
+// claimPort takes port p for this process among the test processes of
+// the machine: an exclusive lock on a file named after it, which the
+// kernel drops when the process ends, however it ends. It reports false
+// when another process holds it. ports.mu is held.
+func claimPort(p int) bool {
+	dir := filepath.Join(os.TempDir(), "volumed-test-ports")
+	if err := os.MkdirAll(dir, 0o777); err != nil {
+		return true // no claims possible: the probe alone decides
+	}
+	f, err := os.OpenFile(filepath.Join(dir, strconv.Itoa(p)), os.O_RDWR|os.O_CREATE, 0o666)
+	if err != nil {
+		return true
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return !errors.Is(err, unix.EWOULDBLOCK)
+	}
+	ports.claims = append(ports.claims, f)
+	return true
 }
 
 // ephemeralLow is the first port of the kernel's ephemeral range

@@ -146,16 +146,21 @@ func testLeftOut(t *testing.T, open Open, gap Gap, spoil Spoil) {
 
 // testFirstPastLeftOut: state.FirstOperation of the executing
 // operations, when the newest one's record is left out between the
-// store's read of its index and of the record, is the one after it.
+// store's read of its index and of the record, is the one after it; when
+// every record is left out, it ends and finds none.
 func testFirstPastLeftOut(t *testing.T, open Open, gap Gap, spoil Spoil) {
 	for _, tc := range []struct {
 		name    string
 		leave   leaveOut
 		spoiled bool
+		all     bool // leave both operations out, not only the newest
 	}{
-		{"deleted after indexing", deleteOp, false},
-		{"moved out of the filter", completeOp, false},
-		{"corrupt", spoilOp, true},
+		{"deleted after indexing", deleteOp, false, false},
+		{"moved out of the filter", completeOp, false, false},
+		{"corrupt", spoilOp, true, false},
+		{"every one deleted after indexing", deleteOp, false, true},
+		{"every one moved out of the filter", completeOp, false, true},
+		{"every one corrupt", spoilOp, true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if tc.spoiled && spoil == nil {
@@ -165,18 +170,29 @@ func testFirstPastLeftOut(t *testing.T, open Open, gap Gap, spoil Spoil) {
 			ops := mustCreate(t, s,
 				Op(1, commands.OpAttach, commands.StatusExecuting, ID(1), "vm-1", base),
 				Op(2, commands.OpAttach, commands.StatusExecuting, ID(2), "vm-1", base.Add(time.Second)))
+			leave := ops[1:]
+			if tc.all {
+				leave = ops
+			}
 			first := true
 			gap(s, func() {
 				if first {
 					first = false
-					if err := tc.leave(ctx, s, spoil, ops[1]); err != nil {
-						t.Fatalf("leave %s out: %v", ops[1].ID, err)
+					for _, op := range leave {
+						if err := tc.leave(ctx, s, spoil, op); err != nil {
+							t.Fatalf("leave %s out: %v", op.ID, err)
+						}
 					}
 				}
 			})
 			got, ok, err := state.FirstOperation(ctx, s, state.Filter{Status: commands.StatusExecuting})
-			if err != nil || !ok || got.ID != ops[0].ID {
-				t.Fatalf("first executing operation: %s, %v, %v; want %s", got.ID, ok, err, ops[0].ID)
+			switch {
+			case err != nil:
+				t.Fatalf("first executing operation: %v", err)
+			case tc.all && ok:
+				t.Fatalf("first executing operation: %s, want none", got.ID)
+			case !tc.all && (!ok || got.ID != ops[0].ID):
+				t.Fatalf("first executing operation: %s, %v; want %s", got.ID, ok, ops[0].ID)
 			}
 		})
 	}

@@ -118,7 +118,7 @@ func TestApplianceAttachMakesLoopDevice(t *testing.T) {
 	if err != nil || strings.TrimSpace(string(b)) != dev.BackingFile {
 		t.Fatalf("sysfs backing_file = %q, %v", b, err)
 	}
-	testenv.Eventually(t, 5*time.Second, func() bool { return ev.seen(kobject.Add, name) }, "add uevent for %s", name)
+	testenv.Eventually(t, 30*time.Second, func() bool { return ev.seen(kobject.Add, name) }, "add uevent for %s", name)
 	if got := sysSize(name); got != 2<<30 {
 		t.Fatalf("%s size = %d, want %d", name, got, int64(2<<30))
 	}
@@ -140,7 +140,7 @@ func TestApplianceAttachMakesLoopDevice(t *testing.T) {
 	if j := waitJob(t, cs, r.JobID); j.Jobstatus != 1 {
 		t.Fatalf("detach: %s", j.Jobresult)
 	}
-	testenv.Eventually(t, 5*time.Second, func() bool { return ev.seen(kobject.Remove, name) }, "remove uevent for %s", name)
+	testenv.Eventually(t, 30*time.Second, func() bool { return ev.seen(kobject.Remove, name) }, "remove uevent for %s", name)
 	if _, ok := s.LocalDevice(vol); ok {
 		t.Fatal("local device still reported after detach")
 	}
@@ -202,7 +202,7 @@ func TestDetachLeavesForeignDevice(t *testing.T) {
 	}
 	recreate := func(t *testing.T, d *loopdev.Device, backing string) {
 		unbind(t, d, backing)
-		testenv.Eventually(t, 5*time.Second, func() bool {
+		testenv.Eventually(t, 30*time.Second, func() bool {
 			return loopIoctl(loopdev.Control, unix.LOOP_CTL_REMOVE, d.Index) == nil
 		}, "LOOP_CTL_REMOVE %d", d.Index)
 		if err := loopIoctl(loopdev.Control, unix.LOOP_CTL_ADD, d.Index); err != nil {
@@ -243,7 +243,7 @@ func TestDetachLeavesForeignDevice(t *testing.T) {
 			}
 			t.Cleanup(func() {
 				_ = loopIoctl(d.Path, unix.LOOP_CLR_FD, 0)
-				testenv.Eventually(t, 5*time.Second, func() bool {
+				testenv.Eventually(t, 30*time.Second, func() bool {
 					err := loopIoctl(loopdev.Control, unix.LOOP_CTL_REMOVE, d.Index)
 					return err == nil || errors.Is(err, unix.ENODEV)
 				}, "remove %s", d.Path)
@@ -303,7 +303,7 @@ func TestResizeAttachedApplianceVolume(t *testing.T) {
 	if _, text := runJob(t, cs, r.JobID, err); text != "" {
 		t.Fatalf("resize: %s", text)
 	}
-	testenv.Eventually(t, 5*time.Second, func() bool { return ev.seen(kobject.Change, name) }, "change uevent for %s", name)
+	testenv.Eventually(t, 30*time.Second, func() bool { return ev.seen(kobject.Change, name) }, "change uevent for %s", name)
 	if got := sysSize(name); got != 2<<30 {
 		t.Fatalf("%s size after resize = %d, want %d", name, got, int64(2<<30))
 	}

@@ -67,17 +67,27 @@ func (d *daemon) opEvents(ids []string) []opEvent {
 		d.t.Fatal(err)
 	}
 	defer msgs.Stop()
+	// Read up to the last event stored when each was delivered (none left
+	// pending), not until a quiet second: a loaded machine can pause
+	// longer than that in the middle of a replay.
 	var events []opEvent
 	for {
-		msg, err := msgs.Next(jetstream.NextMaxWait(time.Second))
+		msg, err := msgs.Next(jetstream.NextMaxWait(10 * time.Second))
 		if err != nil {
-			return events
+			return events // none stored
 		}
 		var op commands.Operation
 		if err := json.Unmarshal(msg.Data(), &op); err != nil {
 			d.t.Fatalf("event %s: %v", msg.Data(), err)
 		}
 		events = append(events, opEvent{ID: op.ID, Status: op.Status, Op: op})
+		meta, err := msg.Metadata()
+		if err != nil {
+			d.t.Fatal(err)
+		}
+		if meta.NumPending == 0 {
+			return events
+		}
 	}
 }
 

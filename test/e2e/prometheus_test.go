@@ -147,11 +147,14 @@ func TestPrometheusMetrics(t *testing.T) {
 
 	calls := sim.Stats().Calls
 	var s scrape
-	// Events are counted as they arrive: wait for the last one.
-	testenv.Eventually(t, 5*time.Second, func() bool {
+	// Events are counted as they arrive: wait for the last one. The
+	// detach's job is acknowledged only after its end is recorded and
+	// published: wait for the queue to drain too.
+	testenv.Eventually(t, 10*time.Second, func() bool {
 		s = d.scrape()
-		return s.value("volumed_operations_total", "type", "detach", "status", "completed") == 1
-	}, "the detach counted")
+		return s.value("volumed_operations_total", "type", "detach", "status", "completed") == 1 &&
+			s.value("volumed_queue_in_flight") == 0 && s.value("volumed_queue_depth") == 0
+	}, "the detach counted and its job acknowledged")
 	s.check(t, []expect{
 		{"volumed_operations_total", []string{"type", "create", "status", "pending"}, 2},
 		{"volumed_operations_total", []string{"type", "create", "status", "completed"}, 2},
