@@ -290,10 +290,10 @@ func TestKVCacheBaseRefused(t *testing.T) {
 			f.create(t, k, 12)
 			waitFor(ctx, t, "a new base", func() bool { n := baseName(k); return n != "" && n != first })
 			f.create(t, k, 3)
-			name := baseName(k)
 			if err := k.Close(ctx); err != nil {
 				t.Fatal(err)
 			}
+			name := baseName(k) // the stop may write a new base
 			if c, err := readCache(f.path); err != nil || c.ops.base.ref.name != name {
 				t.Fatalf("cache file on %v (%v), want %s", c, err, name)
 			} else {
