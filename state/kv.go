@@ -172,9 +172,11 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	if k.cache != "" {
 		if nops > 0 {
 			k.mu.Lock()
-			if k.ops.base == nil {
-				// Read from every record or from a version 2 file:
-				// into the heap, which a base on disk now replaces.
+			if k.ops.rebase() {
+				// Read from every record or from a version 2 file
+				// into the heap, which a base on disk now replaces,
+				// or from a version 3 file, whose base a base file
+				// now replaces.
 				select {
 				case k.compact <- struct{}{}:
 				default: // asked already (nudge)
@@ -256,8 +258,10 @@ func (k *KV) saveCacheEvery() {
 	}
 }
 
-// The periodic cache write: each one writes a new base of the operation
-// index (at a million operations, 167 MB). Every kvCacheEvery it is
+// The periodic cache write: each one writes the delta of the operation
+// index and names its base file, written again only when a new base is
+// due (opLayers.rebase; at a million operations, 167 MB). Every
+// kvCacheEvery it is
 // written when the bucket changed and the delta holds kvCachePending
 // operations or more, or the last file is kvCacheStale old: a start after
 // a crash reads at most that much since the file.

@@ -18,8 +18,9 @@ import (
 	"github.com/volumed/volumed/commands"
 )
 
-// opBase is the immutable part of the operation index, in the index
-// cache file (version 3, kvcache.go) and read from it with pread
+// opBase is the immutable part of the operation index, in a base file
+// of its own beside the index cache file (kvcache.go; in the cache file
+// itself up to version 3) and read from it with pread
 // (os.File.ReadAt) through the page cache, so that it takes no room in
 // the process's heap nor in its resident memory: the slots of its
 // operations oldest first by (created, id), the ids in buckets, and per
@@ -31,7 +32,8 @@ import (
 type opBase struct {
 	f    *os.File
 	path string
-	n    int // slots
+	ref  baseRef // its file's, as a cache file names it; no name: in a version 3 cache file
+	n    int     // slots
 	// strs is the string table: "", the kinds (types and statuses),
 	// then the names (volumes, VMs, requesters).
 	strs           []string
@@ -523,6 +525,23 @@ func writeBase(f *os.File, recs func(yield func(*opRec) bool), prefix func(strs 
 	return werr
 }
 
+// encodeBaseTables writes the tables of a base's prefix that openBase
+// reads: the string table (kinds of them the types and statuses), the
+// named ids and the terminal operations' summed duration.
+func encodeBaseTables(e *cacheEncoder, strs []string, kinds int, named []opNamed, termDur time.Duration) {
+	e.uvarint(uint64(len(strs)))
+	e.uvarint(uint64(kinds))
+	for _, s := range strs {
+		e.str(s)
+	}
+	e.uvarint(uint64(len(named)))
+	for _, n := range named {
+		e.uvarint(uint64(n.slot))
+		e.str(n.id)
+	}
+	e.varint(int64(termDur))
+}
+
 // opNamed is an id not of volumed's form and its slot.
 type opNamed struct {
 	slot uint32
@@ -541,8 +560,10 @@ func crcFile(f *os.File, n int64) (uint32, error) {
 // openBase reads the tables of the base in f, whose prefix (up to its
 // first section) d has read up to the string table: the table, the named
 // ids, the footer; it checks the checksum and every slot's order and
-// values. size is the file's size, the checksum's 4 bytes included.
-func openBase(f *os.File, path string, size int64, d *cacheDecoder, c *kvCache) (*opBase, error) {
+// values. size is the file's size, the checksum's 4 bytes included. The
+// slots of dead (a bitmap; nil: none) are left out of its counters and
+// of c's revisions.
+func openBase(f *os.File, path string, size int64, d *cacheDecoder, c *kvCache, dead []uint64) (*opBase, error) {
 	if size < baseFooter+4 {
 		return nil, errors.New("truncated")
 	}
@@ -643,7 +664,11 @@ func openBase(f *os.File, path string, size int64, d *cacheDecoder, c *kvCache) 
 		}
 	}
 	b.stats.Total, b.stats.TerminalDuration = int64(b.n), termDur
-	// Every slot: in order, its values in the table, its revision noted.
+	if len(dead) > (b.n+63)/64 {
+		return nil, errors.New("dead slots past the base")
+	}
+	// Every slot: in order, its values in the table, its revision noted
+	// (a dead one's taken out of the counters).
 	var prev baseRec
 	var bad error
 	b.slotsUp(func(i uint32, r *baseRec) bool {
@@ -667,7 +692,10 @@ func openBase(f *os.File, path string, size int64, d *cacheDecoder, c *kvCache) 
 				return false
 			}
 		}
-		if c.note(r.rev) {
+		switch {
+		case isDeadIn(dead, i):
+			b.uncount(&b.stats, r)
+		case c.note(r.rev):
 			c.maxKey = kvOpPrefix + b.idOf(i, &r.key)
 		}
 		prev = *r
@@ -677,6 +705,23 @@ func openBase(f *os.File, path string, size int64, d *cacheDecoder, c *kvCache) 
 		return nil, bad
 	}
 	return b, nil
+}
+
+// uncount takes slot r out of the counters s.
+func (b *opBase) uncount(s *Stats, r *baseRec) {
+	typ, status := commands.OpType(b.str(r.h[0])), commands.OpStatus(b.str(r.h[1]))
+	s.Total--
+	s.ByType[typ]--
+	s.ByStatus[status]--
+	if status.Terminal() {
+		s.Terminal--
+		s.TerminalDuration -= r.duration
+	}
+}
+
+// isDeadIn reports whether bit i of bitmap dead is set.
+func isDeadIn(dead []uint64, i uint32) bool {
+	return int(i/64) < len(dead) && dead[i/64]&(1<<(i%64)) != 0
 }
 
 // close closes the base's file.

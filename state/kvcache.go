@@ -2,6 +2,7 @@ package state
 
 import (
 	"bufio"
+	"bytes"
 	"cmp"
 	"context"
 	"crypto/rand"
@@ -13,10 +14,13 @@ import (
 	"io"
 	"io/fs"
 	"maps"
+	"math"
+	"math/bits"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -39,9 +43,16 @@ const (
 	// whenever what the index derives from a record does (its fields,
 	// opScore, completedAt, Duration, VM): a file of another version is
 	// not read, so a release never loads values another one derived.
-	kvCacheVersion = 3
-	// kvCacheVersionV2 is the version before it: the slots as varints,
-	// read into the heap (and written as version 3 at once: KV.New).
+	// Version 4 holds the delta of the operation index and names its
+	// base file (writeBaseFile).
+	kvCacheVersion = 4
+	// kvCacheVersionV3 is the version before it: the base inside the
+	// cache file, read from it (and written as version 4, with a base
+	// file, at once: KV.New).
+	kvCacheVersionV3 = 3
+	// kvCacheVersionV2 is the version before that: the slots as varints,
+	// read into the heap (and written as version 4 at the next write,
+	// with a base file when a new base is due).
 	kvCacheVersionV2 = 2
 	// kvCacheEvery is how often a running store asks whether to write
 	// its cache (cacheDue); it is also written at Close.
@@ -104,6 +115,12 @@ type kvCache struct {
 // otherwise at the stream time of the last message the watcher delivered
 // (k.seenAt) if earlier: a marker it has not read yet is no older than
 // that. Its seal is written first (kvCacheSealPrefix).
+//
+// The file holds the delta of the operation index and names its base
+// file, which stays as it is, so that a write costs the delta, not the
+// history; when a new base is due (opLayers.rebase), the base file is
+// written first, synced, then the cache file naming it, and the base
+// files no cache file names any longer are removed (cleanBases).
 func (k *KV) saveCache(ctx context.Context) error {
 	if k.cache == "" {
 		return nil
@@ -119,15 +136,6 @@ func (k *KV) saveCache(ctx context.Context) error {
 		// replace the seal of the file it has.
 		return errors.New("state: write index cache: the stream's leader has lost its quorum")
 	}
-	tmp := k.cache + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("state: write index cache: %w", err)
-	}
-	defer func() {
-		_ = f.Close()
-		_ = os.Remove(tmp) // gone after a rename
-	}()
 	nonce := uuid.NewString()
 	rctx, cancel = context.WithTimeout(ctx, kvCacheRequestWait)
 	ack, err := k.js.Publish(rctx, k.subject(k.sealKey), []byte(nonce), jetstream.WithMsgTTL(kvCacheSealTTL))
@@ -145,23 +153,47 @@ func (k *KV) saveCache(ctx context.Context) error {
 		complete = min(complete, k.seenAt.Load())
 	}
 	ops := k.ops
+	head := cacheHead{stream: info.Config.Name, created: info.Created.UnixNano(), seq: seq, written: complete,
+		sealKey: k.sealKey, sealSeq: ack.Sequence, nonce: nonce}
+	if !ops.rebase() {
+		// The delta, encoded under the lock (no copy of it), and the
+		// base file the last cache file named.
+		var ref baseRef
+		if ops.base != nil {
+			ref = ops.base.ref
+		}
+		body := encodeCache(head, ref, ops, k.mappings, k.exports)
+		k.mu.RUnlock()
+		if err := writeCacheFile(k.cache, body); err != nil {
+			return fmt.Errorf("state: write index cache: %w", err)
+		}
+		k.mu.Lock()
+		k.cached = ack.Sequence // the seal is no change to write again
+		k.mu.Unlock()
+		k.cleanBases(ref.name)
+		k.log.Debug("index cache written", "cache", k.cache, "sequence", seq, "bytes", len(body)+4,
+			"took", time.Since(began).Round(time.Millisecond))
+		return nil
+	}
 	// The changes made from now on are made again on the new base.
 	journal := []opChange{}
 	ops.journal = &journal
-	head := cacheHead{stream: info.Config.Name, created: info.Created.UnixNano(), seq: seq, written: complete,
-		sealKey: k.sealKey, sealSeq: ack.Sequence, nonce: nonce}
 	var rest []opChange
+	var ref baseRef
+	var body []byte
 	if ops.small() {
 		// Written from a copy, without the lock: writes and reads go
 		// on meanwhile.
 		snap, mappings, exports := ops.snapshot(), maps.Clone(k.mappings), maps.Clone(k.exports)
 		k.mu.RUnlock()
-		err = writeCacheBody(f, head, snap, mappings, exports)
+		ref, err = writeBaseFile(k.cache, snap, seq)
+		body = encodeCache(head, ref, nil, mappings, exports)
 		rest = snap.rest(seq)
 	} else {
 		// A delta as large as the start's (every record read into the
 		// heap) is not copied: written under the lock.
-		err = writeCacheBody(f, head, ops, k.mappings, k.exports)
+		ref, err = writeBaseFile(k.cache, ops, seq)
+		body = encodeCache(head, ref, nil, k.mappings, k.exports)
 		rest = ops.rest(seq)
 		k.mu.RUnlock()
 	}
@@ -171,9 +203,11 @@ func (k *KV) saveCache(ctx context.Context) error {
 		k.mu.Unlock()
 	}()
 	if err != nil {
-		return fmt.Errorf("state: write index cache: %w", err)
+		return fmt.Errorf("state: write index base: %w", err)
 	}
-	if err := finishCacheFile(f, tmp, k.cache); err != nil {
+	if err := writeCacheFile(k.cache, body); err != nil {
+		// No cache file names the new base: the last one stays.
+		_ = os.Remove(filepath.Join(filepath.Dir(k.cache), ref.name))
 		return fmt.Errorf("state: write index cache: %w", err)
 	}
 	// The new base, read back as a start would: it replaces the base and
@@ -187,9 +221,13 @@ func (k *KV) saveCache(ctx context.Context) error {
 	k.ops = c.ops
 	k.cached = ack.Sequence // the seal is no change to write again
 	n := k.ops.len()
+	// What the base left out (a watcher behind) and the changes made
+	// while it was written may fill the new delta already.
+	k.nudge()
 	k.mu.Unlock()
-	k.log.Debug("index cache written", "cache", k.cache, "sequence", seq, "operations", n,
-		"took", time.Since(began).Round(time.Millisecond))
+	k.cleanBases(ref.name)
+	k.log.Debug("index cache written with a new base", "cache", k.cache, "base", ref.name, "sequence", seq,
+		"operations", n, "bytes", ref.size+int64(len(body))+4, "took", time.Since(began).Round(time.Millisecond))
 	return nil
 }
 
@@ -204,67 +242,229 @@ type cacheHead struct {
 	nonce   string
 }
 
-// writeCacheBody writes a cache file of version 3 to f, but its
-// checksum: h, the mappings and exports, and the base of the operations
-// of ops at revisions up to h.seq.
-func writeCacheBody(f *os.File, h cacheHead, ops *opLayers, mappings map[string]kvEntry[commands.Mapping], exports map[string]kvEntry[commands.Export]) error {
-	return writeBase(f, ops.records(h.seq), func(strs []string, kinds int, named []opNamed, termDur time.Duration) (int64, error) {
+func (h *cacheHead) encode(e *cacheEncoder, version uint64) {
+	e.str(kvCacheMagic)
+	e.uvarint(version)
+	e.str(h.stream)
+	e.varint(h.created)
+	e.uvarint(h.seq)
+	e.varint(h.written)
+	e.str(h.sealKey)
+	e.uvarint(h.sealSeq)
+	e.str(h.nonce)
+}
+
+// baseRef names a base file in a cache file: its name (beside the cache
+// file), size, checksum (its last 4 bytes) and id (random, in its
+// header), so that a start refuses a cache file whose base file is
+// missing, cut, or another.
+type baseRef struct {
+	name string
+	size int64
+	sum  uint32
+	id   string
+}
+
+// A base file's name is the cache file's, kvBaseInfix, the sequence it
+// was written at and a random suffix, so that a new one never replaces
+// the one a cache file names.
+const (
+	kvBaseMagic   = "volumed kv index base\n"
+	kvBaseVersion = 1
+	kvBaseInfix   = ".base."
+)
+
+// writeBaseFile writes the operations of ops at revisions up to seq as a
+// new base file beside the cache file cache: to a temporary file, then
+// synced and renamed to a name no cache file names yet.
+func writeBaseFile(cache string, ops *opLayers, seq uint64) (baseRef, error) {
+	var rnd [20]byte
+	_, _ = rand.Read(rnd[:]) // never fails (crypto/rand)
+	ref := baseRef{name: filepath.Base(cache) + kvBaseInfix + strconv.FormatUint(seq, 10) + "." + hex.EncodeToString(rnd[:4]),
+		id: hex.EncodeToString(rnd[4:])}
+	path := filepath.Join(filepath.Dir(cache), ref.name)
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return baseRef{}, err
+	}
+	defer func() {
+		_ = f.Close()
+		_ = os.Remove(tmp) // gone after a rename
+	}()
+	err = writeBase(f, ops.records(seq), func(strs []string, kinds int, named []opNamed, termDur time.Duration) (int64, error) {
 		cw := &countWriter{w: f}
 		w := bufio.NewWriterSize(cw, 1<<16)
 		e := cacheEncoder{w: w}
-		e.str(kvCacheMagic)
-		e.uvarint(kvCacheVersion)
-		e.str(h.stream)
-		e.varint(h.created)
-		e.uvarint(h.seq)
-		e.varint(h.written)
-		e.str(h.sealKey)
-		e.uvarint(h.sealSeq)
-		e.str(h.nonce)
-		encodeEntries(&e, mappings, h.seq)
-		encodeEntries(&e, exports, h.seq)
-		e.uvarint(uint64(len(strs)))
-		e.uvarint(uint64(kinds))
-		for _, s := range strs {
-			e.str(s)
-		}
-		e.uvarint(uint64(len(named)))
-		for _, n := range named {
-			e.uvarint(uint64(n.slot))
-			e.str(n.id)
-		}
-		e.varint(int64(termDur))
+		e.str(kvBaseMagic)
+		e.uvarint(kvBaseVersion)
+		e.str(ref.id)
+		encodeBaseTables(&e, strs, kinds, named, termDur)
 		err := w.Flush()
 		return cw.n, err
 	})
+	if err != nil {
+		return baseRef{}, err
+	}
+	if ref.sum, err = finishCacheFile(f, tmp, path); err != nil {
+		return baseRef{}, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		_ = os.Remove(path)
+		return baseRef{}, err
+	}
+	ref.size = st.Size()
+	return ref, nil
+}
+
+// encodeCache encodes a cache file of version kvCacheVersion but its
+// checksum: h, the mappings and exports at revisions up to h.seq, ref
+// (the base file; no name: none), and of x (nil: none) the operations
+// of its delta at revisions up to h.seq, with the base's dead slots.
+func encodeCache(h cacheHead, ref baseRef, x *opLayers, mappings map[string]kvEntry[commands.Mapping], exports map[string]kvEntry[commands.Export]) []byte {
+	var buf bytes.Buffer
+	w := bufio.NewWriter(&buf)
+	e := &cacheEncoder{w: w}
+	h.encode(e, kvCacheVersion)
+	encodeEntries(e, mappings, h.seq)
+	encodeEntries(e, exports, h.seq)
+	e.str(ref.name)
+	e.uvarint(uint64(ref.size))
+	e.uvarint(uint64(ref.sum))
+	e.str(ref.id)
+	// The delta's operations after their string table: "" first.
+	var ops bytes.Buffer
+	ow := bufio.NewWriter(&ops)
+	oe := &cacheEncoder{w: ow}
+	strs, at := []string{""}, map[string]uint64{"": 0}
+	n := 0
+	var dead []uint64
+	if x != nil {
+		d := x.delta
+		var r opRec
+		for i := range d.ascending {
+			if d.slots[i].rev > h.seq {
+				continue
+			}
+			d.rec(i, &r)
+			if r.name != "" {
+				oe.uvarint(1)
+				oe.str(r.name)
+			} else {
+				oe.uvarint(0)
+				_, _ = ow.Write(r.key[:])
+			}
+			oe.uvarint(r.rev)
+			oe.varint(r.created)
+			oe.varint(r.completed)
+			oe.varint(int64(r.duration))
+			for _, s := range r.vals {
+				hs, ok := at[s]
+				if !ok {
+					hs = uint64(len(strs))
+					at[s], strs = hs, append(strs, s)
+				}
+				oe.uvarint(hs)
+			}
+			n++
+		}
+		dead = x.dead
+	}
+	_ = ow.Flush()
+	e.uvarint(uint64(len(strs)))
+	for _, s := range strs {
+		e.str(s)
+	}
+	e.uvarint(uint64(n))
+	_, _ = w.Write(ops.Bytes())
+	// The dead slots, each as its distance from the last (the first:
+	// from 0).
+	nd := 0
+	for _, v := range dead {
+		nd += bits.OnesCount64(v)
+	}
+	e.uvarint(uint64(nd))
+	last := uint64(0)
+	for j, v := range dead {
+		for v != 0 {
+			slot := uint64(j*64 + bits.TrailingZeros64(v))
+			e.uvarint(slot - last)
+			last = slot
+			v &= v - 1
+		}
+	}
+	_ = w.Flush()
+	return buf.Bytes()
+}
+
+// writeCacheFile writes body and its checksum as the cache file at path,
+// through a temporary file synced and renamed.
+func writeCacheFile(path string, body []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		_ = f.Close()
+		_ = os.Remove(tmp) // gone after a rename
+	}()
+	if _, err := f.Write(body); err != nil {
+		return err
+	}
+	_, err = finishCacheFile(f, tmp, path)
+	return err
 }
 
 // finishCacheFile appends the checksum of what f (at tmp) holds, syncs
 // it and renames it to path, so that a crash leaves the last file or the
-// new one, whole.
-func finishCacheFile(f *os.File, tmp, path string) error {
+// new one, whole. It returns the checksum.
+func finishCacheFile(f *os.File, tmp, path string) (uint32, error) {
 	st, err := f.Stat()
 	if err != nil {
-		return err
+		return 0, err
 	}
 	sum, err := crcFile(f, st.Size())
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if _, err := f.WriteAt(binary.LittleEndian.AppendUint32(nil, sum), st.Size()); err != nil {
-		return err
+		return 0, err
 	}
 	if err := f.Sync(); err != nil {
-		return err
+		return 0, err
 	}
 	if err := os.Rename(tmp, path); err != nil {
-		return err
+		return 0, err
 	}
 	if d, err := os.Open(filepath.Dir(path)); err == nil {
 		_ = d.Sync() // the rename itself
 		_ = d.Close()
 	}
-	return nil
+	return sum, nil
+}
+
+// cleanBases removes the base files beside the cache file but keep (the
+// one the cache file names; "": none) and their temporary files: those
+// of the cache files before, of a refused one, or of a write a crash
+// stopped.
+func (k *KV) cleanBases(keep string) {
+	dir, prefix := filepath.Dir(k.cache), filepath.Base(k.cache)+kvBaseInfix
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		k.log.Warn("index bases not cleaned", "dir", dir, "err", err)
+		return
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasPrefix(name, prefix) || name == keep {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			k.log.Warn("index base not removed", "base", name, "err", err)
+		}
+	}
 }
 
 // countWriter counts the bytes written through it.
@@ -305,6 +505,7 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	c, err := readCache(k.cache)
 	if errors.Is(err, fs.ErrNotExist) {
 		k.log.Info("no index cache: reading every record", "cache", k.cache)
+		k.cleanBases("")
 		return 0
 	}
 	if err != nil {
@@ -312,11 +513,16 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 		k.dropCache()
 		return 0
 	}
+	keep := ""
+	if c.ops.base != nil {
+		keep = c.ops.base.ref.name
+	}
 	why, err := k.cacheDoubt(ctx, c)
 	if err != nil {
 		// No answer is no doubt of the file: the next start asks again.
 		k.log.Warn("index cache not checked: reading every record", "cache", k.cache, "err", err)
 		c.ops.base.close()
+		k.cleanBases(keep)
 		return 0
 	}
 	if why != "" {
@@ -331,6 +537,7 @@ func (k *KV) loadCache(ctx context.Context) uint64 {
 	vols := slices.SortedFunc(maps.Keys(c.mappings), func(a, b string) int {
 		return cmp.Compare(c.mappings[a].rev, c.mappings[b].rev)
 	})
+	k.cleanBases(keep)
 	k.sealKey = c.sealKey // its next seal replaces this one
 	k.mu.Lock()
 	k.ops, k.seen, k.loaded, k.cached, k.exports = c.ops, c.seq, c.seq, c.sealSeq, c.exports
@@ -356,14 +563,15 @@ func newSealKey() string {
 	return kvCacheSealPrefix + hex.EncodeToString(b[:])
 }
 
-// dropCache removes a cache file a start refused. Some doubts pass with
-// time (a stream restored from an earlier backup ends before the cache's
-// sequence until new writes reach it, with other records there), so a
-// file once refused is never read again.
+// dropCache removes a cache file a start refused, and the base files.
+// Some doubts pass with time (a stream restored from an earlier backup
+// ends before the cache's sequence until new writes reach it, with other
+// records there), so a file once refused is never read again.
 func (k *KV) dropCache() {
 	if err := os.Remove(k.cache); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		k.log.Warn("index cache not removed", "cache", k.cache, "err", err)
 	}
+	k.cleanBases("")
 }
 
 // cacheDoubt says why cache c may not reflect the bucket, "" when it
@@ -432,18 +640,20 @@ func (k *KV) getMsg(ctx context.Context, seq uint64) (*jetstream.RawStreamMsg, e
 	return msg, err
 }
 
-// readCache reads and checks a cache file. Of version 3, the base of
-// the operation index stays in the file, open, and is read from it
-// (opBase); of version 2 (the release before), the operations are read
-// into the heap, as a stream: a whole-file buffer would be as large as
-// the index, and garbage right after the start.
+// readCache reads and checks a cache file. Of version 4, the delta of
+// the operation index is read into the heap and its base file is opened
+// and checked (openBaseFile), then read from (opBase); of version 3, the
+// base stays in the cache file, open, and is read from it; of version 2
+// (the release before it), the operations are read into the heap, as a
+// stream: a whole-file buffer would be as large as the index, and
+// garbage right after the start.
 func readCache(path string) (*kvCache, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	c, err := readCacheFile(f, path)
-	if err != nil || c.ops.base == nil {
+	if err != nil || c.ops.base == nil || c.ops.base.f != f {
 		_ = f.Close()
 	}
 	return c, err
@@ -469,9 +679,35 @@ func readCacheFile(f *os.File, path string) (*kvCache, error) {
 		return nil, hd.err
 	case v == kvCacheVersionV2:
 		return readCacheV2(f, size)
-	case v != kvCacheVersion:
+	case v == kvCacheVersion:
+		return readCacheV4(f, path, size)
+	case v != kvCacheVersionV3:
 		return nil, fmt.Errorf("version %d, not %d", v, kvCacheVersion)
 	}
+	d, err := basePrefix(f, size)
+	if err != nil {
+		return nil, err
+	}
+	c, err := decodeCacheHead(d, kvCacheVersionV3)
+	if err != nil {
+		return nil, err
+	}
+	c.mappings = decodeEntries[commands.Mapping](d, c, kvMappingPrefix)
+	c.exports = decodeEntries[commands.Export](d, c, kvExportPrefix)
+	if d.err != nil {
+		return nil, d.err
+	}
+	b, err := openBase(f, path, size, d, c, nil)
+	if err != nil {
+		return nil, err
+	}
+	c.ops = layersOn(b, nil)
+	return c, nil
+}
+
+// basePrefix returns a decoder of the prefix of the base in f (of size
+// bytes), up to its first section, which its footer says.
+func basePrefix(f *os.File, size int64) (*cacheDecoder, error) {
 	if size < baseFooter+4 {
 		return nil, errors.New("truncated")
 	}
@@ -484,6 +720,24 @@ func readCacheFile(f *os.File, path string) (*kvCache, error) {
 		return nil, errors.New("bad footer")
 	}
 	body := &io.LimitedReader{R: io.NewSectionReader(f, 0, prefix), N: prefix}
+	return &cacheDecoder{r: bufio.NewReaderSize(body, 1<<16), left: body}, nil
+}
+
+// readCacheV4 reads a cache file of version 4: its delta into the heap,
+// over the base file it names.
+func readCacheV4(f *os.File, path string, size int64) (*kvCache, error) {
+	want, err := crcFile(f, size-4)
+	if err != nil {
+		return nil, err
+	}
+	var tail [4]byte
+	if _, err := f.ReadAt(tail[:], size-4); err != nil {
+		return nil, err
+	}
+	if want != binary.LittleEndian.Uint32(tail[:]) {
+		return nil, errors.New("bad checksum")
+	}
+	body := &io.LimitedReader{R: io.NewSectionReader(f, 0, size-4), N: size - 4}
 	d := &cacheDecoder{r: bufio.NewReaderSize(body, 1<<16), left: body}
 	c, err := decodeCacheHead(d, kvCacheVersion)
 	if err != nil {
@@ -491,15 +745,167 @@ func readCacheFile(f *os.File, path string) (*kvCache, error) {
 	}
 	c.mappings = decodeEntries[commands.Mapping](d, c, kvMappingPrefix)
 	c.exports = decodeEntries[commands.Export](d, c, kvExportPrefix)
-	if d.err != nil {
-		return nil, d.err
-	}
-	b, err := openBase(f, path, size, d, c)
+	ref := baseRef{name: d.str(), size: int64(d.uvarint()), sum: uint32(d.uvarint()), id: d.str()}
+	delta, err := decodeDelta(d, c)
 	if err != nil {
 		return nil, err
 	}
-	c.ops = layersOn(b)
+	var dead []uint64
+	last := uint64(0)
+	for j := range d.count(1) {
+		gap := d.uvarint()
+		slot := last + gap
+		if d.err != nil {
+			return nil, d.err
+		}
+		if (j > 0 && gap == 0) || slot >= math.MaxUint32 {
+			return nil, errors.New("bad dead slots")
+		}
+		for uint64(len(dead)) <= slot/64 {
+			dead = append(dead, 0)
+		}
+		dead[slot/64] |= 1 << (slot % 64)
+		last = slot
+	}
+	if d.err != nil {
+		return nil, d.err
+	}
+	if d.remaining() != 0 {
+		return nil, errors.New("trailing bytes")
+	}
+	c.ops = newOpLayers()
+	if ref.name != "" {
+		if filepath.Base(ref.name) != ref.name || !strings.HasPrefix(ref.name, filepath.Base(path)+kvBaseInfix) {
+			return nil, fmt.Errorf("bad base name %q", ref.name)
+		}
+		b, err := openBaseFile(filepath.Join(filepath.Dir(path), ref.name), ref, c, dead)
+		if errors.Is(err, fs.ErrNotExist) {
+			// A cache file whose base is gone is refused, not missing.
+			return nil, fmt.Errorf("base %s: missing", ref.name)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("base %s: %w", ref.name, err)
+		}
+		c.ops = layersOn(b, dead)
+	} else if len(dead) > 0 {
+		return nil, errors.New("dead slots without a base")
+	}
+	c.ops.delta = delta
 	return c, nil
+}
+
+// decodeDelta reads the delta's operations of a version 4 file into a
+// new index.
+func decodeDelta(d *cacheDecoder, c *kvCache) (*opIndex, error) {
+	nstr := d.count(1)
+	strs := make([]string, nstr)
+	for h := range strs {
+		strs[h] = d.str()
+	}
+	if d.err == nil && (nstr == 0 || strs[0] != "") {
+		return nil, errors.New("bad string table")
+	}
+	n := d.count(8)
+	x := newOpIndex()
+	x.grow(n)
+	x.deferred = true
+	for j := range n {
+		var id string
+		switch d.uvarint() {
+		case 0:
+			var k opKey
+			d.fixed(k[:])
+			id = string(appendOpID(make([]byte, 0, len(opIDPrefix)+36), &k))
+		case 1:
+			id = d.str()
+			if _, canon := parseOpKey(id); canon || id == "" {
+				return nil, cmp.Or(d.err, fmt.Errorf("operation %d: bad id", j))
+			}
+		default:
+			return nil, cmp.Or(d.err, fmt.Errorf("operation %d: bad id", j))
+		}
+		rev, created, completed, duration := d.uvarint(), d.varint(), d.varint(), time.Duration(d.varint())
+		var vals [len(indexDims)]string
+		for dim := range vals {
+			h := d.uvarint()
+			if h >= uint64(nstr) {
+				return nil, cmp.Or(d.err, fmt.Errorf("operation %d: bad string %d", j, h))
+			}
+			vals[dim] = strs[h]
+		}
+		if d.err != nil {
+			return nil, d.err
+		}
+		if rev == 0 || vals[1] == "" {
+			return nil, fmt.Errorf("operation %d: bad entry", j)
+		}
+		if _, dup := x.byID.get(x, id); dup {
+			return nil, fmt.Errorf("operation %d: twice", j)
+		}
+		f := opFields[string]{typ: vals[0], status: vals[1], volume: vals[2], vm: vals[3], by: vals[4],
+			created: created, completed: completed, duration: duration}
+		putSlot(x, 0, false, rev, id, &f)
+		if c.note(rev) {
+			c.maxKey = kvOpPrefix + id
+		}
+	}
+	if d.err != nil {
+		return nil, d.err
+	}
+	x.endDeferred()
+	return x, nil
+}
+
+// openBaseFile opens and checks the base file at path, which ref names,
+// its slots dead left out (openBase).
+func openBaseFile(path string, ref baseRef, c *kvCache, dead []uint64) (*opBase, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	b, err := readBaseFile(f, path, ref, c, dead)
+	if err != nil {
+		_ = f.Close()
+		return nil, err
+	}
+	return b, nil
+}
+
+func readBaseFile(f *os.File, path string, ref baseRef, c *kvCache, dead []uint64) (*opBase, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	size := st.Size()
+	if size != ref.size {
+		return nil, fmt.Errorf("%d bytes, not %d", size, ref.size)
+	}
+	var tail [4]byte
+	if _, err := f.ReadAt(tail[:], size-4); err != nil {
+		return nil, err
+	}
+	if binary.LittleEndian.Uint32(tail[:]) != ref.sum {
+		return nil, errors.New("another base: its checksum differs")
+	}
+	d, err := basePrefix(f, size)
+	if err != nil {
+		return nil, err
+	}
+	if d.str() != kvBaseMagic {
+		return nil, cmp.Or(d.err, errors.New("not an index base"))
+	}
+	if v := d.uvarint(); v != kvBaseVersion {
+		return nil, cmp.Or(d.err, fmt.Errorf("version %d, not %d", v, kvBaseVersion))
+	}
+	if id := d.str(); id != ref.id {
+		return nil, cmp.Or(d.err, errors.New("another base: its id differs"))
+	}
+	b, err := openBase(f, path, size, d, c, dead)
+	if err != nil {
+		return nil, err
+	}
+	b.ref = ref
+	return b, nil
 }
 
 // readCacheV2 reads a cache file of version 2 into the heap.
@@ -780,6 +1186,16 @@ func (d *cacheDecoder) bytes() []byte {
 		return nil
 	}
 	return b
+}
+
+// fixed fills p with the next len(p) bytes.
+func (d *cacheDecoder) fixed(p []byte) {
+	if d.err != nil {
+		return
+	}
+	if _, err := io.ReadFull(d.r, p); err != nil {
+		d.fail(err)
+	}
 }
 
 // count reads a count of items of at least size bytes each, refusing one

@@ -60,7 +60,7 @@ func BenchOpIndex(b *testing.B, n int, h interface {
 		if err := writeCacheBody(f, cacheHead{stream: "KV_bench", seq: uint64(n)}, layers, nil, nil); err != nil {
 			b.Fatal(err)
 		}
-		if err := finishCacheFile(f, path+".tmp", path); err != nil {
+		if _, err := finishCacheFile(f, path+".tmp", path); err != nil {
 			b.Fatal(err)
 		}
 		_ = f.Close()

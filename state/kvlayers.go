@@ -5,6 +5,7 @@ import (
 	"cmp"
 	"iter"
 	"maps"
+	"math/bits"
 	"slices"
 	"strings"
 	"time"
@@ -17,8 +18,8 @@ import (
 // is none) and, in the heap, what changed since (delta, an opIndex of the
 // operations created, changed or deleted since, and dead, the base slots
 // they replace). Every answer merges the two. The store writes a new base
-// from both when the delta grows past deltaMax and with each cache file
-// (compaction, KV.saveCache); it is not safe for concurrent use: KV.mu
+// from both when the delta grows past deltaMin (compaction,
+// KV.saveCache), and the delta with each cache file; it is not safe for concurrent use: KV.mu
 // guards it, and a base is closed only under its write lock, so no
 // reader outlives its base.
 type opLayers struct {
@@ -50,13 +51,23 @@ var deltaMin = 1 << 16
 
 func newOpLayers() *opLayers { return &opLayers{delta: newOpIndex(), baseStats: newStats()} }
 
-// layersOn is an index of base b alone.
-func layersOn(b *opBase) *opLayers {
+// layersOn is an index of base b but its slots dead (a bitmap, which
+// openBase left out of b's counters; nil: none) and an empty delta.
+func layersOn(b *opBase, dead []uint64) *opLayers {
 	x := newOpLayers()
 	x.base, x.dead = b, make([]uint64, (b.n+63)/64)
+	copy(x.dead, dead)
+	for _, w := range dead {
+		x.ndead += bits.OnesCount64(w)
+	}
 	x.baseStats = b.stats.clone()
 	return x
 }
+
+// rebase reports whether the next cache write should write a new base:
+// the delta is full, or the base is in a cache file of version 3, which
+// the next cache file replaces.
+func (x *opLayers) rebase() bool { return x.full() || (x.base != nil && x.base.ref.name == "") }
 
 // pending is the number of operations (and tombstones) in the delta.
 func (x *opLayers) pending() int { return len(x.delta.slots) - len(x.delta.free) }
@@ -102,7 +113,7 @@ func (n *interner) clone() interner {
 	return interner{ids: maps.Clone(n.ids), strs: slices.Clone(n.strs), users: slices.Clone(n.users), free: slices.Clone(n.free)}
 }
 
-func (x *opLayers) isDead(i uint32) bool { return x.dead[i/64]&(1<<(i%64)) != 0 }
+func (x *opLayers) isDead(i uint32) bool { return isDeadIn(x.dead, i) }
 
 // baseLive returns id's live base slot.
 func (x *opLayers) baseLive(id string) (uint32, bool) {
@@ -119,15 +130,7 @@ func (x *opLayers) kill(i uint32) {
 	x.ndead++
 	var r baseRec
 	x.base.rec(i, &r)
-	typ, status := commands.OpType(x.base.str(r.h[0])), commands.OpStatus(x.base.str(r.h[1]))
-	s := &x.baseStats
-	s.Total--
-	s.ByType[typ]--
-	s.ByStatus[status]--
-	if status.Terminal() {
-		s.Terminal--
-		s.TerminalDuration -= r.duration
-	}
+	x.base.uncount(&x.baseStats, &r)
 }
 
 // rev returns the revision the index holds for id (0: none), and its

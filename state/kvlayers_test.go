@@ -138,7 +138,7 @@ func (h *layersHistory) compact(t *testing.T, between int) {
 			h.step()
 		}
 	}
-	if err := finishCacheFile(f, tmp, h.path); err != nil {
+	if _, err := finishCacheFile(f, tmp, h.path); err != nil {
 		t.Fatal(err)
 	}
 	c, err := readCache(h.path)
@@ -329,7 +329,7 @@ func TestOpLayersReadersDuringSwap(t *testing.T) {
 			h.step()
 		}
 		mu.Unlock()
-		if err := finishCacheFile(f, h.path+".tmp", h.path); err != nil {
+		if _, err := finishCacheFile(f, h.path+".tmp", h.path); err != nil {
 			t.Fatal(err)
 		}
 		_ = f.Close()
@@ -460,7 +460,7 @@ func TestKVCacheReadsV2File(t *testing.T) {
 	if err := writeCacheBody(f, cacheHead{stream: "KV_test", seq: 1 << 62}, c.ops, nil, nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := finishCacheFile(f, path+".tmp", path); err != nil {
+	if _, err := finishCacheFile(f, path+".tmp", path); err != nil {
 		t.Fatal(err)
 	}
 	c3, err := readCache(path)
