@@ -46,6 +46,13 @@ func holdOpen(t *testing.T, path string) *exec.Cmd {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	// The shell opens path, then becomes sleep: until then the holder is
+	// named sh.
+	comm := fmt.Sprintf("/proc/%d/comm", cmd.Process.Pid)
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		b, err := os.ReadFile(comm)
+		return err == nil && strings.TrimSpace(string(b)) == "sleep"
+	}, "pid %d holding %s became sleep", cmd.Process.Pid, path)
 	return cmd
 }
 
