@@ -26,9 +26,12 @@ import (
 )
 
 // attachMargin is how much longer than the simulator's jobs an attach of
-// a reused device name may take: the correlation itself is milliseconds
-// (it was 30 s while a claim outlived its attach by a timer).
-const attachMargin = 5 * time.Second
+// a reused device name may take: the correlation itself is milliseconds,
+// but it was 30 s while a claim outlived its attach by a timer, which this
+// margin still catches; under it, a loaded CI machine (every package at
+// once with -race on 2 shared cores) can take seconds to set up a loop
+// device, and a wave of six attaches more than 5 s.
+const attachMargin = 20 * time.Second
 
 // markerLen is the size of the marker written at offset 0 of each disk.
 const markerLen = 16
