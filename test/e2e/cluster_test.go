@@ -226,7 +226,7 @@ func TestCluster(t *testing.T) {
 		sim.SetFaults(cloudsim.Faults{JobHold: map[string]bool{"attachVolume": true}})
 		defer sim.SetFaults(cloudsim.Faults{})
 		op := ds[0].submit(http.MethodPost, "/volumes/"+vol+"/attach", attach)
-		testenv.Eventually(t, 15*time.Second, func() bool {
+		testenv.Eventually(t, 30*time.Second, func() bool {
 			var cur commands.Operation
 			ds[0].mustCall(http.StatusOK, http.MethodGet, "/operations/"+op.ID, nil, &cur)
 			return cur.JobID != "" && cur.Status == commands.StatusExecuting

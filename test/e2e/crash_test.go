@@ -25,7 +25,7 @@ func TestCrashDuringAttach(t *testing.T) {
 		// check below and the kill on a loaded machine.
 		sim.setFaults(cloudsim.Faults{JobHold: map[string]bool{"attachVolume": true}})
 		op := d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID})
-		testenv.Eventually(t, 10*time.Second, func() bool {
+		testenv.Eventually(t, 30*time.Second, func() bool {
 			var cur commands.Operation
 			d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+op.ID, nil, &cur)
 			return cur.JobID != "" && cur.Status == commands.StatusExecuting

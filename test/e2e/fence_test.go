@@ -31,7 +31,7 @@ func (d *daemon) resume() { _ = d.cmd.Process.Signal(syscall.SIGCONT) }
 // polling it, and returns its index.
 func pauseRunner(t *testing.T, ds []*daemon, opID string) int {
 	t.Helper()
-	testenv.Eventually(t, 15*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		var cur commands.Operation
 		ds[0].mustCall(http.StatusOK, http.MethodGet, "/operations/"+opID, nil, &cur)
 		return cur.JobID != "" && cur.Status == commands.StatusExecuting

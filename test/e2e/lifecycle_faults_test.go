@@ -184,7 +184,7 @@ func TestCrashDuringLifecycleJobs(t *testing.T) {
 			// and the operation complete in attempt 1, before the kill.
 			sim.SetFaults(cloudsim.Faults{JobHold: map[string]bool{tc.command: true}})
 			op := d.submit(tc.method, tc.path, tc.body)
-			testenv.Eventually(t, 10*time.Second, func() bool {
+			testenv.Eventually(t, 30*time.Second, func() bool {
 				var cur commands.Operation
 				d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+op.ID, nil, &cur)
 				return cur.JobID != "" && cur.Status == commands.StatusExecuting

@@ -152,7 +152,7 @@ func TestPrometheusMetrics(t *testing.T) {
 	// Events are counted as they arrive: wait for the last one. The
 	// detach's job is acknowledged only after its end is recorded and
 	// published: wait for the queue to drain too.
-	testenv.Eventually(t, 10*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		s = d.scrape()
 		return s.value("volumed_operations_total", "type", "detach", "status", "completed") == 1 &&
 			s.value("volumed_queue_in_flight") == 0 && s.value("volumed_queue_depth") == 0
