@@ -307,7 +307,7 @@ func TestNoIdentityAcrossRestart(t *testing.T) {
 	}
 	op := d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.ApplianceVMID})
 	var local cloudsim.LocalDevice
-	testenv.Eventually(t, 15*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		var ok bool
 		local, ok = sim.LocalDevice(vol)
 		return ok
@@ -317,7 +317,7 @@ func TestNoIdentityAcrossRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cons, err := js.OrderedConsumer(ctx, bus.StreamDevices, jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{commands.DeviceSubject(cloudsim.ApplianceVMID, commands.DeviceAdd)}})
@@ -336,7 +336,7 @@ func TestNoIdentityAcrossRestart(t *testing.T) {
 	}
 	// And the operation has recorded its CloudStack job: killed before
 	// that, it would start over (and look for devices from then on).
-	testenv.Eventually(t, 15*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		var cur commands.Operation
 		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+op.ID, nil, &cur)
 		return cur.JobID != ""
