@@ -30,6 +30,7 @@ type cacheFixture struct {
 	plain  *KV
 	path   string
 	n      int // operations created
+	gone   int // of them deleted
 }
 
 func newCacheFixture(ctx context.Context, t *testing.T, js jetstream.JetStream, bucket string) *cacheFixture {
@@ -93,8 +94,8 @@ func (f *cacheFixture) same(t *testing.T, k *KV) {
 	gs, _ := k.Stats(f.ctx)
 	ws, _ := f.plain.Stats(f.ctx)
 	gs.Writes, ws.Writes = 0, 0
-	if !reflect.DeepEqual(gs, ws) || ws.Total != int64(f.n) {
-		t.Fatalf("stats %+v, want %+v (%d operations)", gs, ws, f.n)
+	if !reflect.DeepEqual(gs, ws) || ws.Total != int64(f.n-f.gone) {
+		t.Fatalf("stats %+v, want %+v (%d operations)", gs, ws, f.n-f.gone)
 	}
 }
 
@@ -224,6 +225,59 @@ func TestKVCacheDeltaWrites(t *testing.T) {
 	}
 	if got := f.bases(t); !slices.Equal(got, []string{baseName(k)}) {
 		t.Fatalf("base files %v, want %s", got, baseName(k))
+	}
+	f.same(t, k)
+}
+
+// TestKVCacheDeadSlots: operations of the base updated or deleted
+// since (its dead slots) are written with the delta, not with a new
+// base; a start from that cache lists and counts them as the bucket
+// holds them: each once, at its last revision, the deleted ones gone.
+func TestKVCacheDeadSlots(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	old := deltaMin
+	deltaMin = 8
+	t.Cleanup(func() { deltaMin = old })
+	f := newCacheFixture(ctx, t, testenv.StartBus(t).JetStream(), "dead")
+	f.create(t, f.plain, 40)
+	k, _ := f.open(t)
+	waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
+	name := baseName(k)
+	ops, _, err := k.ListOperations(ctx, Filter{Status: commands.StatusPending, Limit: 5})
+	if err != nil || len(ops) != 5 {
+		t.Fatalf("list: %d, %v", len(ops), err)
+	}
+	// 3 executing and 2 deleted: 8 changes, not past deltaMin.
+	for _, op := range ops[:3] {
+		op.Status = commands.StatusExecuting
+		if _, err := k.UpdateOperation(ctx, op); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, op := range ops[3:] {
+		if err := k.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
+			t.Fatal(err)
+		}
+		f.gone++
+	}
+	if err := k.caughtUp(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c, err := readCache(f.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.ops.base.close()
+	if c.ops.base.ref.name != name || c.ops.ndead != 5 || c.ops.pending() != 3 {
+		t.Fatalf("cache file on base %s, %d dead, delta %d; want %s, 5, 3", c.ops.base.ref.name, c.ops.ndead, c.ops.pending(), name)
+	}
+	k, logs := f.open(t)
+	if !strings.Contains(logs.String(), "index cache loaded") || baseName(k) != name {
+		t.Fatalf("the restart did not load the cache on base %s (%s):\n%s", name, baseName(k), logs)
 	}
 	f.same(t, k)
 }
