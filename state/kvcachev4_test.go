@@ -152,6 +152,34 @@ func baseName(k *KV) string {
 	return k.ops.base.ref.name
 }
 
+// twoBases records 20 operations, starts a cached store on them, copies
+// its first base file to earlier (a file of that name elsewhere),
+// records through it until it writes a new base, then 3 more, and stops
+// it. It returns the store and the base file its cache file names (the
+// stop may write a new one).
+func (f *cacheFixture) twoBases(ctx context.Context, t *testing.T) (k *KV, name, earlier string) {
+	t.Helper()
+	f.create(t, f.plain, 20)
+	k, _ = f.open(t)
+	waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
+	first := baseName(k)
+	earlier = filepath.Join(t.TempDir(), first)
+	raw, err := os.ReadFile(filepath.Join(filepath.Dir(f.path), first))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(earlier, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f.create(t, k, 12)
+	waitFor(ctx, t, "a new base", func() bool { n := baseName(k); return n != "" && n != first })
+	f.create(t, k, 3)
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return k, baseName(k), earlier
+}
+
 // TestKVCacheDeltaWrites: a cache write while no new base is due writes
 // the delta into a cache file of version 4 and leaves the base file as
 // it is (same inode, size and time), at a stop too; a start loads both;
@@ -329,25 +357,7 @@ func TestKVCacheBaseRefused(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newCacheFixture(ctx, t, js, "refused-"+tc.name)
-			f.create(t, f.plain, 20)
-			k, _ := f.open(t)
-			waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
-			first := baseName(k)
-			earlier := filepath.Join(t.TempDir(), "earlier")
-			raw, err := os.ReadFile(filepath.Join(filepath.Dir(f.path), first))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(earlier, raw, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			f.create(t, k, 12)
-			waitFor(ctx, t, "a new base", func() bool { n := baseName(k); return n != "" && n != first })
-			f.create(t, k, 3)
-			if err := k.Close(ctx); err != nil {
-				t.Fatal(err)
-			}
-			name := baseName(k) // the stop may write a new base
+			k, name, earlier := f.twoBases(ctx, t)
 			if c, err := readCache(f.path); err != nil || c.ops.base.ref.name != name {
 				t.Fatalf("cache file on %v (%v), want %s", c, err, name)
 			} else {
@@ -408,25 +418,7 @@ func TestKVCacheCrashLeftovers(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newCacheFixture(ctx, t, js, fmt.Sprintf("crash-%d", len(tc.name)))
-			f.create(t, f.plain, 20)
-			k, _ := f.open(t)
-			waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
-			first := baseName(k)
-			earlier := filepath.Join(t.TempDir(), first)
-			raw, err := os.ReadFile(filepath.Join(filepath.Dir(f.path), first))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(earlier, raw, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			f.create(t, k, 12)
-			waitFor(ctx, t, "a new base", func() bool { n := baseName(k); return n != "" && n != first })
-			f.create(t, k, 3)
-			if err := k.Close(ctx); err != nil {
-				t.Fatal(err)
-			}
-			name := baseName(k)
+			k, name, earlier := f.twoBases(ctx, t)
 			left := tc.crash(t, f, k, earlier)
 			if got := f.bases(t); len(got) != 1+len(left) {
 				t.Fatalf("base files %v, want %s and %v", got, name, left)
