@@ -308,6 +308,23 @@ func TestKVCacheDeadSlots(t *testing.T) {
 		t.Fatalf("the restart did not load the cache on base %s (%s):\n%s", name, baseName(k), logs)
 	}
 	f.same(t, k)
+	// A dead slot past the base's 40 is refused.
+	other := filepath.Join(t.TempDir(), filepath.Base(f.path))
+	if err := os.Link(filepath.Join(filepath.Dir(f.path), name), filepath.Join(filepath.Dir(other), name)); err != nil {
+		t.Fatal(err)
+	}
+	c.ops.dead[0] |= 1 << 40
+	h := cacheHead{stream: c.stream, created: c.created.UnixNano(), seq: c.seq, written: c.written.UnixNano(),
+		sealKey: c.sealKey, sealSeq: c.sealSeq, nonce: c.sealNonce}
+	if err := writeCacheFile(other, encodeCache(h, c.ops.base.ref, c.ops, nil, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := readCache(other); err == nil || !strings.Contains(err.Error(), "dead slots past the base") {
+		if err == nil {
+			c.ops.base.close()
+		}
+		t.Fatalf("a dead slot past the base read: %v", err)
+	}
 }
 
 // TestKVCacheBaseRefused: a cache file whose base file is missing, cut,
