@@ -327,6 +327,43 @@ func TestKVCacheDeadSlots(t *testing.T) {
 	}
 }
 
+// TestKVCacheNewerVersionRefused: a cache file of a version this release
+// does not know (as version 4 is to the release before) is refused
+// before anything else of it is read: the start reads every record and
+// lists what the bucket holds, and the base files beside it are removed.
+func TestKVCacheNewerVersionRefused(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	old := deltaMin
+	deltaMin = 8
+	t.Cleanup(func() { deltaMin = old })
+	f := newCacheFixture(ctx, t, testenv.StartBus(t).JetStream(), "newer")
+	f.twoBases(ctx, t)
+	raw, err := os.ReadFile(f.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := 1 + len(kvCacheMagic) // the magic's length, a byte, then the magic
+	if raw[at] != kvCacheVersion {
+		t.Fatalf("version byte %d", raw[at])
+	}
+	raw[at] = kvCacheVersion + 1
+	if err := os.WriteFile(f.path, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	k, logs := f.open(t)
+	if want := fmt.Sprintf("version %d, not %d", kvCacheVersion+1, kvCacheVersion); !strings.Contains(logs.String(), "index cache not used: reading every record") ||
+		!strings.Contains(logs.String(), want) {
+		t.Fatalf("newer cache file not refused (%s):\n%s", want, logs)
+	}
+	f.same(t, k)
+	waitFor(ctx, t, "a new base, the one before removed", func() bool {
+		n := baseName(k)
+		return n != "" && slices.Equal(f.bases(t), []string{n})
+	})
+	f.same(t, k)
+}
+
 // TestKVCacheBaseRefused: a cache file whose base file is missing, cut,
 // corrupt or another is refused: the start reads every record, lists
 // what the bucket holds, and writes a new base.
