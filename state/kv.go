@@ -51,6 +51,8 @@ type KVConfig struct {
 	// IndexCache is the file the store keeps a copy of its in-memory
 	// index in (kvcache.go), written at Close and every kvCacheEvery, so
 	// that a start reads only the records written since; empty: none.
+	// The files beside it named IndexCache.base.* are its base files:
+	// the store removes those its cache file does not name.
 	// Each process sharing the bucket (each cluster member) needs its own
 	// file; the path may be the same on every host.
 	IndexCache string

@@ -664,7 +664,7 @@ func openBase(f *os.File, path string, size int64, d *cacheDecoder, c *kvCache, 
 		}
 	}
 	b.stats.Total, b.stats.TerminalDuration = int64(b.n), termDur
-	if len(dead) > (b.n+63)/64 {
+	if w := (b.n + 63) / 64; len(dead) > w || (len(dead) == w && b.n%64 != 0 && dead[w-1]>>(b.n%64) != 0) {
 		return nil, errors.New("dead slots past the base")
 	}
 	// Every slot: in order, its values in the table, its revision noted

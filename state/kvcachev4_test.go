@@ -30,6 +30,7 @@ type cacheFixture struct {
 	plain  *KV
 	path   string
 	n      int // operations created
+	gone   int // of them deleted
 }
 
 func newCacheFixture(ctx context.Context, t *testing.T, js jetstream.JetStream, bucket string) *cacheFixture {
@@ -93,8 +94,8 @@ func (f *cacheFixture) same(t *testing.T, k *KV) {
 	gs, _ := k.Stats(f.ctx)
 	ws, _ := f.plain.Stats(f.ctx)
 	gs.Writes, ws.Writes = 0, 0
-	if !reflect.DeepEqual(gs, ws) || ws.Total != int64(f.n) {
-		t.Fatalf("stats %+v, want %+v (%d operations)", gs, ws, f.n)
+	if !reflect.DeepEqual(gs, ws) || ws.Total != int64(f.n-f.gone) {
+		t.Fatalf("stats %+v, want %+v (%d operations)", gs, ws, f.n-f.gone)
 	}
 }
 
@@ -149,6 +150,34 @@ func baseName(k *KV) string {
 		return ""
 	}
 	return k.ops.base.ref.name
+}
+
+// twoBases records 20 operations, starts a cached store on them, copies
+// its first base file to earlier (a file of that name elsewhere),
+// records through it until it writes a new base, then 3 more, and stops
+// it. It returns the store and the base file its cache file names (the
+// stop may write a new one).
+func (f *cacheFixture) twoBases(ctx context.Context, t *testing.T) (k *KV, name, earlier string) {
+	t.Helper()
+	f.create(t, f.plain, 20)
+	k, _ = f.open(t)
+	waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
+	first := baseName(k)
+	earlier = filepath.Join(t.TempDir(), first)
+	raw, err := os.ReadFile(filepath.Join(filepath.Dir(f.path), first))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(earlier, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f.create(t, k, 12)
+	waitFor(ctx, t, "a new base", func() bool { n := baseName(k); return n != "" && n != first })
+	f.create(t, k, 3)
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return k, baseName(k), earlier
 }
 
 // TestKVCacheDeltaWrites: a cache write while no new base is due writes
@@ -228,6 +257,113 @@ func TestKVCacheDeltaWrites(t *testing.T) {
 	f.same(t, k)
 }
 
+// TestKVCacheDeadSlots: operations of the base updated or deleted
+// since (its dead slots) are written with the delta, not with a new
+// base; a start from that cache lists and counts them as the bucket
+// holds them: each once, at its last revision, the deleted ones gone.
+func TestKVCacheDeadSlots(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	old := deltaMin
+	deltaMin = 8
+	t.Cleanup(func() { deltaMin = old })
+	f := newCacheFixture(ctx, t, testenv.StartBus(t).JetStream(), "dead")
+	f.create(t, f.plain, 40)
+	k, _ := f.open(t)
+	waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
+	name := baseName(k)
+	ops, _, err := k.ListOperations(ctx, Filter{Status: commands.StatusPending, Limit: 5})
+	if err != nil || len(ops) != 5 {
+		t.Fatalf("list: %d, %v", len(ops), err)
+	}
+	// 3 executing and 2 deleted: 8 changes, not past deltaMin.
+	for _, op := range ops[:3] {
+		op.Status = commands.StatusExecuting
+		if _, err := k.UpdateOperation(ctx, op); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, op := range ops[3:] {
+		if err := k.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
+			t.Fatal(err)
+		}
+		f.gone++
+	}
+	if err := k.caughtUp(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c, err := readCache(f.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.ops.base.close()
+	if c.ops.base.ref.name != name || c.ops.ndead != 5 || c.ops.pending() != 3 {
+		t.Fatalf("cache file on base %s, %d dead, delta %d; want %s, 5, 3", c.ops.base.ref.name, c.ops.ndead, c.ops.pending(), name)
+	}
+	k, logs := f.open(t)
+	if !strings.Contains(logs.String(), "index cache loaded") || baseName(k) != name {
+		t.Fatalf("the restart did not load the cache on base %s (%s):\n%s", name, baseName(k), logs)
+	}
+	f.same(t, k)
+	// A dead slot past the base's 40 is refused.
+	other := filepath.Join(t.TempDir(), filepath.Base(f.path))
+	if err := os.Link(filepath.Join(filepath.Dir(f.path), name), filepath.Join(filepath.Dir(other), name)); err != nil {
+		t.Fatal(err)
+	}
+	c.ops.dead[0] |= 1 << 40
+	h := cacheHead{stream: c.stream, created: c.created.UnixNano(), seq: c.seq, written: c.written.UnixNano(),
+		sealKey: c.sealKey, sealSeq: c.sealSeq, nonce: c.sealNonce}
+	if err := writeCacheFile(other, encodeCache(h, c.ops.base.ref, c.ops, nil, nil)); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := readCache(other); err == nil || !strings.Contains(err.Error(), "dead slots past the base") {
+		if err == nil {
+			c.ops.base.close()
+		}
+		t.Fatalf("a dead slot past the base read: %v", err)
+	}
+}
+
+// TestKVCacheNewerVersionRefused: a cache file of a version this release
+// does not know (as version 4 is to the release before) is refused
+// before anything else of it is read: the start reads every record and
+// lists what the bucket holds, and the base files beside it are removed.
+func TestKVCacheNewerVersionRefused(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	old := deltaMin
+	deltaMin = 8
+	t.Cleanup(func() { deltaMin = old })
+	f := newCacheFixture(ctx, t, testenv.StartBus(t).JetStream(), "newer")
+	f.twoBases(ctx, t)
+	raw, err := os.ReadFile(f.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := 1 + len(kvCacheMagic) // the magic's length, a byte, then the magic
+	if raw[at] != kvCacheVersion {
+		t.Fatalf("version byte %d", raw[at])
+	}
+	raw[at] = kvCacheVersion + 1
+	if err := os.WriteFile(f.path, raw, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	k, logs := f.open(t)
+	if want := fmt.Sprintf("version %d, not %d", kvCacheVersion+1, kvCacheVersion); !strings.Contains(logs.String(), "index cache not used: reading every record") ||
+		!strings.Contains(logs.String(), want) {
+		t.Fatalf("newer cache file not refused (%s):\n%s", want, logs)
+	}
+	f.same(t, k)
+	waitFor(ctx, t, "a new base, the one before removed", func() bool {
+		n := baseName(k)
+		return n != "" && slices.Equal(f.bases(t), []string{n})
+	})
+	f.same(t, k)
+}
+
 // TestKVCacheBaseRefused: a cache file whose base file is missing, cut,
 // corrupt or another is refused: the start reads every record, lists
 // what the bucket holds, and writes a new base.
@@ -275,25 +411,7 @@ func TestKVCacheBaseRefused(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newCacheFixture(ctx, t, js, "refused-"+tc.name)
-			f.create(t, f.plain, 20)
-			k, _ := f.open(t)
-			waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
-			first := baseName(k)
-			earlier := filepath.Join(t.TempDir(), "earlier")
-			raw, err := os.ReadFile(filepath.Join(filepath.Dir(f.path), first))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(earlier, raw, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			f.create(t, k, 12)
-			waitFor(ctx, t, "a new base", func() bool { n := baseName(k); return n != "" && n != first })
-			f.create(t, k, 3)
-			if err := k.Close(ctx); err != nil {
-				t.Fatal(err)
-			}
-			name := baseName(k) // the stop may write a new base
+			k, name, earlier := f.twoBases(ctx, t)
 			if c, err := readCache(f.path); err != nil || c.ops.base.ref.name != name {
 				t.Fatalf("cache file on %v (%v), want %s", c, err, name)
 			} else {
@@ -354,25 +472,7 @@ func TestKVCacheCrashLeftovers(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := newCacheFixture(ctx, t, js, fmt.Sprintf("crash-%d", len(tc.name)))
-			f.create(t, f.plain, 20)
-			k, _ := f.open(t)
-			waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
-			first := baseName(k)
-			earlier := filepath.Join(t.TempDir(), first)
-			raw, err := os.ReadFile(filepath.Join(filepath.Dir(f.path), first))
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := os.WriteFile(earlier, raw, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			f.create(t, k, 12)
-			waitFor(ctx, t, "a new base", func() bool { n := baseName(k); return n != "" && n != first })
-			f.create(t, k, 3)
-			if err := k.Close(ctx); err != nil {
-				t.Fatal(err)
-			}
-			name := baseName(k)
+			k, name, earlier := f.twoBases(ctx, t)
 			left := tc.crash(t, f, k, earlier)
 			if got := f.bases(t); len(got) != 1+len(left) {
 				t.Fatalf("base files %v, want %s and %v", got, name, left)

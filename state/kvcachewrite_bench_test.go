@@ -2,15 +2,12 @@ package state_test
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"os"
 	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/state"
@@ -58,7 +55,7 @@ func BenchmarkKVCacheWrites(b *testing.B) {
 			}
 			took := time.Since(began)
 			restart += took
-			publishOps(b, js, "cachewrite", n, n+*cacheWriteBatch)
+			fillOps(b, js, "cachewrite", n, n+*cacheWriteBatch)
 			n += *cacheWriteBatch
 			for {
 				st, err := s.Stats(ctx)
@@ -86,24 +83,6 @@ func BenchmarkKVCacheWrites(b *testing.B) {
 		b.ReportMetric(float64(bytes/rounds/int64(*cacheWriteBatch)), "B/op-recorded")
 		b.ReportMetric(float64(restart.Milliseconds())/float64(rounds), "ms/restart")
 		b.ReportMetric(float64(written.Milliseconds())/float64(rounds), "ms/close")
-	}
-}
-
-// publishOps records operations from to to-1 of bench/scale's history.
-func publishOps(b *testing.B, js jetstream.JetStream, bucket string, from, to int) {
-	b.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	base := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	for i := from; i < to; i++ {
-		op := benchOp(i, base)
-		data, err := json.Marshal(op)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if _, err := js.Publish(ctx, "$KV."+bucket+".op."+op.ID, data, jetstream.WithExpectLastSequencePerSubject(0)); err != nil {
-			b.Fatal(err)
-		}
 	}
 }
 

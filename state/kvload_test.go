@@ -46,10 +46,17 @@ func benchOp(i int, base time.Time) commands.Operation {
 // put expecting no earlier revision of the key), many in flight at once.
 func fillBucket(b testing.TB, js jetstream.JetStream, bucket string, n int) {
 	b.Helper()
+	fillOps(b, js, bucket, 0, n)
+}
+
+// fillOps writes operations from to to-1 of the history into bucket as
+// fillBucket does.
+func fillOps(b testing.TB, js jetstream.JetStream, bucket string, from, to int) {
+	b.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	base := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	for i := 0; i < n; i++ {
+	for i := from; i < to; i++ {
 		op := benchOp(i, base)
 		data, err := json.Marshal(op)
 		if err != nil {
