@@ -187,7 +187,7 @@ func TestReconcileRepairs(t *testing.T) {
 	}
 	// The remove event alone is noticed: the mapping no longer points at
 	// the device that is gone.
-	testenv.Eventually(t, 10*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		gm, err := e.store.GetMapping(ctx, gone)
 		return err == nil && gm.LinuxState == commands.LinuxMissing && gm.DevicePath == ""
 	}, "mapping of the removed %s marked missing", dev.Path)

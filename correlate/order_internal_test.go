@@ -77,7 +77,7 @@ func TestEventsOutOfOrder(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			testenv.Eventually(t, 10*time.Second, func() bool { return c.events.Load() >= before+int64(len(stored)) },
+			testenv.Eventually(t, 30*time.Second, func() bool { return c.events.Load() >= before+int64(len(stored)) },
 				"%d events consumed", len(stored))
 			c.mu.Lock()
 			defer c.mu.Unlock()
@@ -156,7 +156,7 @@ func TestArrivalsReplayedAtStart(t *testing.T) {
 				t.Fatal(err)
 			}
 			var at time.Time
-			testenv.Eventually(t, 10*time.Second, func() bool {
+			testenv.Eventually(t, 30*time.Second, func() bool {
 				c.mu.Lock()
 				defer c.mu.Unlock()
 				if tb := c.vms[vm]; tb != nil {
@@ -216,7 +216,7 @@ func TestEventsAfterConsumerLost(t *testing.T) {
 		}
 	}
 	emit(1)
-	testenv.Eventually(t, 10*time.Second, applied(1), "event #1 applied")
+	testenv.Eventually(t, 30*time.Second, applied(1), "event #1 applied")
 	c.mu.Lock()
 	c.vms[vm].listed = true // as after a list: a gap clears it
 	c.mu.Unlock()
@@ -237,7 +237,7 @@ func TestEventsAfterConsumerLost(t *testing.T) {
 	}
 	emit(2)
 	emit(3)
-	testenv.Eventually(t, 10*time.Second, applied(3), "events #2 and #3 applied after the consumer went")
+	testenv.Eventually(t, 30*time.Second, applied(3), "events #2 and #3 applied after the consumer went")
 	time.Sleep(200 * time.Millisecond) // none more after
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -77,6 +77,10 @@ type Faults struct {
 	JobFailureRate map[string]float64 `json:"jobfailurerate,omitempty"`
 	// JobHangRate leaves a fraction of a command's jobs pending forever.
 	JobHangRate map[string]float64 `json:"jobhangrate,omitempty"`
+	// JobHold keeps a command's jobs pending while it is set; a held job
+	// runs once faults without its hold are set (at its due time, or at
+	// once if that has passed).
+	JobHold map[string]bool `json:"jobhold,omitempty"`
 }
 
 // Validate checks rates are in 0..1, durations are not negative and error

@@ -119,6 +119,34 @@ func TestJobFaults(t *testing.T) {
 	}
 }
 
+// TestJobHold: a held job stays pending past its due time, while a job
+// of another command created after it finishes; it runs once the hold is
+// lifted.
+func TestJobHold(t *testing.T) {
+	s := startSim(t, cloudsim.Config{})
+	cs := syncClient(s)
+	vol := createVolume(t, cs, "held", 1)
+
+	putFaults(t, s, `{"jobhold": {"attachVolume": true}}`)
+	r, err := cs.Volume.AttachVolume(cs.Volume.NewAttachVolumeParams(vol, cloudsim.RemoteVMID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	createVolume(t, cs, "later", 1) // its job is due after the held one's
+	q, err := cs.Asyncjob.QueryAsyncJobResult(cs.Asyncjob.NewQueryAsyncJobResultParams(r.JobID))
+	if err != nil || q.Jobstatus != 0 || s.Stats().AttachesSucceeded[vol] != 0 {
+		t.Fatalf("held job = %+v, %v", q, err)
+	}
+	putFaults(t, s, `{}`)
+	testenv.Eventually(t, 30*time.Second, func() bool {
+		q, err := cs.Asyncjob.QueryAsyncJobResult(cs.Asyncjob.NewQueryAsyncJobResultParams(r.JobID))
+		return err == nil && q.Jobstatus == 1
+	}, "the released job finished")
+	if n := s.Stats().AttachesSucceeded[vol]; n != 1 {
+		t.Fatalf("attaches after the release: %d, want 1", n)
+	}
+}
+
 // TestExpungeJob: a finished job can be forgotten, as CloudStack expunges
 // old jobs; queryAsyncJobResult then answers 431 as for an id naming
 // nothing. A pending job is kept.

@@ -57,15 +57,43 @@ func (s *Sim) newJob(cmd, instType, instID string, params map[string]string) (*j
 	if r, ok := lookup(f.JobFailureRate, cmd); ok && r > 0 && s.rng.Float64() < r {
 		j.Fail = true
 	}
+	j.Held, _ = lookup(f.JobHold, cmd)
 	s.st.Jobs[j.ID] = j
 	if err := s.st.save(s.cfg.StateDir); err != nil {
 		delete(s.st.Jobs, j.ID)
 		return nil, errInternal("Failed to create async job: %v", err)
 	}
-	if !j.Hang {
+	if !j.Hang && !j.Held {
 		s.schedule(j.ID, j.Due)
 	}
 	return j, nil
+}
+
+// release schedules the pending held jobs whose command f holds no more;
+// s.mu is held. Before Start it does nothing: Start releases.
+func (s *Sim) release(f Faults) {
+	if s.ctx == nil {
+		return
+	}
+	changed := false
+	for _, j := range s.st.Jobs {
+		if j.Status != jobPending || !j.Held {
+			continue
+		}
+		if hold, _ := lookup(f.JobHold, j.Command); hold {
+			continue
+		}
+		j.Held, changed = false, true
+		if !j.Hang {
+			s.schedule(j.ID, j.Due)
+		}
+	}
+	if !changed {
+		return
+	}
+	if err := s.st.save(s.cfg.StateDir); err != nil {
+		s.log.Error("save state", "err", err.Error())
+	}
 }
 
 // schedule runs a job at due unless the simulator closes first; s.mu is held.

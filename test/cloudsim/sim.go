@@ -231,10 +231,11 @@ func (s *Sim) Start(ctx context.Context) error {
 	}()
 	s.mu.Lock()
 	for _, j := range s.st.Jobs {
-		if j.Status == jobPending && !j.Hang {
+		if j.Status == jobPending && !j.Hang && !j.Held {
 			s.schedule(j.ID, j.Due)
 		}
 	}
+	s.release(s.Faults())
 	s.mu.Unlock()
 	s.started = true
 	s.log.Info("started", "url", s.URL(), "statedir", s.cfg.StateDir, "localdevices", s.loops != nil)
@@ -326,6 +327,9 @@ func (s *Sim) SetFaults(f Faults) error {
 	s.faultMu.Lock()
 	s.faults = f
 	s.faultMu.Unlock()
+	s.mu.Lock()
+	s.release(f)
+	s.mu.Unlock()
 	return nil
 }
 

@@ -95,8 +95,10 @@ type job struct {
 	Created      time.Time         `json:"created"`
 	Due          time.Time         `json:"due"`
 	// Hang: the job never finishes. Fail: it fails without effect.
-	Hang       bool            `json:"hang,omitempty"`
-	Fail       bool            `json:"fail,omitempty"`
+	Hang bool `json:"hang,omitempty"`
+	Fail bool `json:"fail,omitempty"`
+	// Held: pending until its command's JobHold fault is lifted.
+	Held       bool            `json:"held,omitempty"`
 	Status     int             `json:"status"`
 	ResultCode int             `json:"resultcode"`
 	Result     json.RawMessage `json:"result,omitempty"`

@@ -221,10 +221,12 @@ func TestCluster(t *testing.T) {
 
 	t.Run("kill -9 of the instance running an attach", func(t *testing.T) {
 		vol := ds[0].createVolume("cluster-crash", 1)
-		sim.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"attachVolume": cloudsim.Duration(3 * time.Second)}})
+		// Held until its instance is dead: a job with a duration could
+		// end, and the operation complete in attempt 1, before the kill.
+		sim.SetFaults(cloudsim.Faults{JobHold: map[string]bool{"attachVolume": true}})
 		defer sim.SetFaults(cloudsim.Faults{})
 		op := ds[0].submit(http.MethodPost, "/volumes/"+vol+"/attach", attach)
-		testenv.Eventually(t, 15*time.Second, func() bool {
+		testenv.Eventually(t, 30*time.Second, func() bool {
 			var cur commands.Operation
 			ds[0].mustCall(http.StatusOK, http.MethodGet, "/operations/"+op.ID, nil, &cur)
 			return cur.JobID != "" && cur.Status == commands.StatusExecuting
@@ -235,6 +237,7 @@ func TestCluster(t *testing.T) {
 		}
 		victim := runners[0]
 		ds[victim].kill9()
+		sim.SetFaults(cloudsim.Faults{})
 		survivor := ds[(victim+1)%len(ds)]
 		done := survivor.completed(op.ID)
 		if done.Attempts < 2 || done.Response == nil || done.Response.VMID != cloudsim.RemoteVMID {

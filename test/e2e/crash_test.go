@@ -20,14 +20,18 @@ func TestCrashDuringAttach(t *testing.T) {
 		d := startDaemon(t, sim, o)
 		vol := d.createVolume("crash", 1)
 
-		sim.setFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"attachVolume": cloudsim.Duration(3 * time.Second)}})
+		// The job is held until volumed is dead: a job with a duration
+		// could end, and the operation complete in attempt 1, between the
+		// check below and the kill on a loaded machine.
+		sim.setFaults(cloudsim.Faults{JobHold: map[string]bool{"attachVolume": true}})
 		op := d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID})
-		testenv.Eventually(t, 10*time.Second, func() bool {
+		testenv.Eventually(t, 30*time.Second, func() bool {
 			var cur commands.Operation
 			d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+op.ID, nil, &cur)
 			return cur.JobID != "" && cur.Status == commands.StatusExecuting
 		}, "attach job started")
 		d.kill9()
+		sim.setFaults(cloudsim.Faults{})
 		d.restart()
 
 		done := d.completed(op.ID)

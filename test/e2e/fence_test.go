@@ -31,7 +31,7 @@ func (d *daemon) resume() { _ = d.cmd.Process.Signal(syscall.SIGCONT) }
 // polling it, and returns its index.
 func pauseRunner(t *testing.T, ds []*daemon, opID string) int {
 	t.Helper()
-	testenv.Eventually(t, 15*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		var cur commands.Operation
 		ds[0].mustCall(http.StatusOK, http.MethodGet, "/operations/"+opID, nil, &cur)
 		return cur.JobID != "" && cur.Status == commands.StatusExecuting
@@ -78,20 +78,23 @@ func TestFencedLateExecutor(t *testing.T) {
 	c := startNATSCluster(t, 3)
 	ds := startInstances(t, sim, c, 2)
 	attach := map[string]string{"vm_id": cloudsim.RemoteVMID}
-	slowJob := func(command string) {
-		sim.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{command: cloudsim.Duration(5 * time.Second)}})
+	// A job is held until its runner is paused: a job with a duration
+	// could end, and the operation complete in attempt 1, before the pause
+	// on a loaded machine.
+	holdJob := func(command string) {
+		sim.SetFaults(cloudsim.Faults{JobHold: map[string]bool{command: true}})
 	}
 
 	t.Run("late attach", func(t *testing.T) {
 		vol := ds[0].createVolume("fence-attach", 1)
-		slowJob("attachVolume")
+		holdJob("attachVolume")
 		op := ds[0].submit(http.MethodPost, "/volumes/"+vol+"/attach", attach)
 		late := pauseRunner(t, ds, op.ID)
+		sim.SetFaults(cloudsim.Faults{})
 		other := ds[1-late]
 		if done := other.completed(op.ID); done.Attempts < 2 {
 			t.Fatalf("attach completed in attempt %d: it was not taken over", done.Attempts)
 		}
-		sim.SetFaults(cloudsim.Faults{})
 		other.completed(other.submit(http.MethodPost, "/volumes/"+vol+"/detach", nil).ID)
 		other.mustCall(http.StatusNotFound, http.MethodGet, "/volumes/"+vol+"/device", nil, nil)
 
@@ -110,14 +113,14 @@ func TestFencedLateExecutor(t *testing.T) {
 	t.Run("late detach", func(t *testing.T) {
 		vol := ds[0].createVolume("fence-detach", 1)
 		ds[0].completed(ds[0].submit(http.MethodPost, "/volumes/"+vol+"/attach", attach).ID)
-		slowJob("detachVolume")
+		holdJob("detachVolume")
 		op := ds[0].submit(http.MethodPost, "/volumes/"+vol+"/detach", nil)
 		late := pauseRunner(t, ds, op.ID)
+		sim.SetFaults(cloudsim.Faults{})
 		other := ds[1-late]
 		if done := other.completed(op.ID); done.Attempts < 2 {
 			t.Fatalf("detach completed in attempt %d: it was not taken over", done.Attempts)
 		}
-		sim.SetFaults(cloudsim.Faults{})
 		other.completed(other.submit(http.MethodPost, "/volumes/"+vol+"/attach", attach).ID)
 		var newer commands.Mapping
 		other.mustCall(http.StatusOK, http.MethodGet, "/volumes/"+vol+"/device", nil, &newer)

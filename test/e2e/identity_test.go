@@ -26,9 +26,12 @@ import (
 )
 
 // attachMargin is how much longer than the simulator's jobs an attach of
-// a reused device name may take: the correlation itself is milliseconds
-// (it was 30 s while a claim outlived its attach by a timer).
-const attachMargin = 5 * time.Second
+// a reused device name may take: the correlation itself is milliseconds,
+// but it was 30 s while a claim outlived its attach by a timer, which this
+// margin still catches; under it, a loaded CI machine (every package at
+// once with -race on 2 shared cores) can take seconds to set up a loop
+// device, and a wave of six attaches more than 5 s.
+const attachMargin = 20 * time.Second
 
 // markerLen is the size of the marker written at offset 0 of each disk.
 const markerLen = 16
@@ -304,7 +307,7 @@ func TestNoIdentityAcrossRestart(t *testing.T) {
 	}
 	op := d.submit(http.MethodPost, "/volumes/"+vol+"/attach", map[string]string{"vm_id": cloudsim.ApplianceVMID})
 	var local cloudsim.LocalDevice
-	testenv.Eventually(t, 15*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		var ok bool
 		local, ok = sim.LocalDevice(vol)
 		return ok
@@ -314,7 +317,7 @@ func TestNoIdentityAcrossRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cons, err := js.OrderedConsumer(ctx, bus.StreamDevices, jetstream.OrderedConsumerConfig{
 		FilterSubjects: []string{commands.DeviceSubject(cloudsim.ApplianceVMID, commands.DeviceAdd)}})
@@ -333,7 +336,7 @@ func TestNoIdentityAcrossRestart(t *testing.T) {
 	}
 	// And the operation has recorded its CloudStack job: killed before
 	// that, it would start over (and look for devices from then on).
-	testenv.Eventually(t, 15*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		var cur commands.Operation
 		d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+op.ID, nil, &cur)
 		return cur.JobID != ""

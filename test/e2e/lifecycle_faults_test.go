@@ -180,9 +180,11 @@ func TestCrashDuringLifecycleJobs(t *testing.T) {
 		}
 		t.Run(tc.command, func(t *testing.T) {
 			before := sim.Stats().Calls[tc.command]
-			sim.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{tc.command: cloudsim.Duration(3 * time.Second)}})
+			// Held until volumed is dead: a job with a duration could end,
+			// and the operation complete in attempt 1, before the kill.
+			sim.SetFaults(cloudsim.Faults{JobHold: map[string]bool{tc.command: true}})
 			op := d.submit(tc.method, tc.path, tc.body)
-			testenv.Eventually(t, 10*time.Second, func() bool {
+			testenv.Eventually(t, 30*time.Second, func() bool {
 				var cur commands.Operation
 				d.mustCall(http.StatusOK, http.MethodGet, "/operations/"+op.ID, nil, &cur)
 				return cur.JobID != "" && cur.Status == commands.StatusExecuting

@@ -77,7 +77,7 @@ func TestLifecycleNATS(t *testing.T) {
 		}
 	}
 	for _, typ := range []string{"snapshot", "delete_snapshot", "revert", "resize", "tags"} {
-		testenv.Eventually(t, 10*time.Second, func() bool {
+		testenv.Eventually(t, 30*time.Second, func() bool {
 			return d.scrape().value("volumed_operations_total", "type", typ, "status", "completed") == 1
 		}, "volumed_operations_total{type=%q,status=\"completed\"} = 1", typ)
 	}

@@ -133,24 +133,26 @@ func TestPrometheusMetrics(t *testing.T) {
 	if op := d.wait(d.submit(http.MethodPost, "/volumes/"+v2+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID}).ID); op.Status != commands.StatusFailed {
 		t.Fatalf("attach under a 431 fault: %+v", op)
 	}
-	// A slow detach: the queue shows it in flight while it runs.
-	if err := sim.SetFaults(cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{"detachVolume": cloudsim.Duration(3 * time.Second)}}); err != nil {
+	// A detach whose job is held until the queue is seen with it in
+	// flight (a job with a duration could end before a scrape on a loaded
+	// machine).
+	if err := sim.SetFaults(cloudsim.Faults{JobHold: map[string]bool{"detachVolume": true}}); err != nil {
 		t.Fatal(err)
 	}
 	detach := d.submit(http.MethodPost, "/volumes/"+v1+"/detach", nil)
-	testenv.Eventually(t, 10*time.Second, func() bool { return d.scrape().value("volumed_queue_in_flight") == 1 },
+	testenv.Eventually(t, 30*time.Second, func() bool { return d.scrape().value("volumed_queue_in_flight") == 1 },
 		"the running detach in flight on the queue")
-	d.completed(detach.ID)
 	if err := sim.SetFaults(cloudsim.Faults{}); err != nil {
 		t.Fatal(err)
 	}
+	d.completed(detach.ID)
 
 	calls := sim.Stats().Calls
 	var s scrape
 	// Events are counted as they arrive: wait for the last one. The
 	// detach's job is acknowledged only after its end is recorded and
 	// published: wait for the queue to drain too.
-	testenv.Eventually(t, 10*time.Second, func() bool {
+	testenv.Eventually(t, 30*time.Second, func() bool {
 		s = d.scrape()
 		return s.value("volumed_operations_total", "type", "detach", "status", "completed") == 1 &&
 			s.value("volumed_queue_in_flight") == 0 && s.value("volumed_queue_depth") == 0

@@ -166,7 +166,7 @@ func TestEventsReplayedOntoRequestsIgnored(t *testing.T) {
 				MaxDeliver: 1}); err != nil {
 				t.Fatalf("observer push consumer: %v", err)
 			}
-			testenv.Eventually(t, 10*time.Second, func() bool {
+			testenv.Eventually(t, 30*time.Second, func() bool {
 				info, err := js.ConsumerInfo(bus.StreamOps, name)
 				return err == nil && info.Delivered.Consumer == 1
 			}, "the observer's consumer delivered its copy to %s", tc.deliver)

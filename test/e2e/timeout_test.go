@@ -13,10 +13,10 @@ import (
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
-// outlast makes the create and attach jobs of the simulator outlast the
-// daemon's 1 s step timeout, and then end by themselves.
-var outlast = cloudsim.Faults{JobDuration: map[string]cloudsim.Duration{
-	"createVolume": cloudsim.Duration(2500 * time.Millisecond), "attachVolume": cloudsim.Duration(2500 * time.Millisecond)}}
+// outlast holds the create and attach jobs of the simulator pending past
+// the daemon's 1 s step timeout, until the faults are cleared (a job of a
+// fixed duration could end before a loaded daemon saw its step time out).
+var outlast = cloudsim.Faults{JobHold: map[string]bool{"createVolume": true, "attachVolume": true}}
 
 // timedOut waits for an operation that must fail on TIMEOUT saying its job
 // may still run.

@@ -21,6 +21,7 @@ import (
 
 	"github.com/volumed/volumed/bus"
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/test/cloudsim"
 )
 
@@ -246,8 +247,14 @@ func TestVolctlToken(t *testing.T) {
 // TestVolctlTerminal runs volctl --wait in a pseudo-terminal: progress is
 // one line redrawn in place, then the final operation.
 func TestVolctlTerminal(t *testing.T) {
-	sim := startSim(t, cloudsim.Config{JobDuration: 1500 * time.Millisecond})
+	sim := startSim(t, cloudsim.Config{})
 	d := startDaemon(t, sim, daemonOpts{})
+	// The create's job is held until volctl showed it executing: volctl
+	// samples the operation about once a second, and on a loaded machine
+	// a job of a fixed duration could run between two samples.
+	if err := sim.SetFaults(cloudsim.Faults{JobHold: map[string]bool{"createVolume": true}}); err != nil {
+		t.Fatal(err)
+	}
 	cmd := exec.Command(volctlBin, "volume", "create", "--name", "tty-vol", "--size", "1GiB", "--zone", cloudsim.ZoneID,
 		"--disk-offering", cloudsim.CustomOfferingID, "--wait")
 	cmd.Env = append(os.Environ(), "VOLCTL_SERVER="+strings.TrimSuffix(d.api, "/api/v1"), "VOLCTL_NATS=", "VOLCTL_TOKEN=")
@@ -256,9 +263,18 @@ func TestVolctlTerminal(t *testing.T) {
 		t.Fatalf("start volctl in a pty: %v", err)
 	}
 	defer tty.Close()
-	var out bytes.Buffer
-	_, err = io.Copy(&out, tty) // ends with EIO once volctl exits
-	if err != nil && !errors.Is(err, syscall.EIO) {
+	var out testenv.Buffer
+	copied := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(&out, tty) // ends with EIO once volctl exits
+		copied <- err
+	}()
+	testenv.Eventually(t, 30*time.Second, func() bool { return strings.Contains(out.String(), "executing") },
+		"volctl shows the create executing")
+	if err := sim.SetFaults(cloudsim.Faults{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-copied; err != nil && !errors.Is(err, syscall.EIO) {
 		t.Fatalf("read pty: %v", err)
 	}
 	if err := cmd.Wait(); err != nil {
