@@ -411,18 +411,8 @@ func TestServerNameRemovedByScan(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = dev.Remove(context.Background()) })
 	src := &scanOnly{overflow: make(chan struct{}), closed: make(chan struct{})}
-	agent := devagent.New(devagent.Config{VMID: vm, Source: src, ScanInterval: time.Hour, Logger: quiet})
-	if err := agent.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = agent.Close(context.Background()) })
 	names := filepath.Join(dir, "by-volume")
-	srv := devagent.NewServer(devagent.ServerConfig{VMID: vm, Conn: b.Conn(), JetStream: b.JetStream(),
-		Agent: agent, Namer: devagent.NewNamer(names), Logger: quiet})
-	if err := srv.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = srv.Close(context.Background()) })
+	agent := startScanOnly(ctx, t, b, devagent.Config{VMID: vm, Source: src, ScanInterval: time.Hour, Logger: quiet}, names)
 
 	known, ok := agent.Device(dev.Name())
 	if !ok {
@@ -501,19 +491,9 @@ func TestServerNamesOnlyForKnownDisks(t *testing.T) {
 	vm, dir := uuid.NewString(), t.TempDir()
 	var hidden atomic.Pointer[string]
 	src := &scanOnly{overflow: make(chan struct{}), closed: make(chan struct{})}
-	agent := devagent.New(devagent.Config{VMID: vm, Source: src, ScanInterval: time.Hour, Logger: logger,
-		Ignore: func(name string) bool { h := hidden.Load(); return h != nil && *h == name }})
-	if err := agent.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = agent.Close(context.Background()) })
 	names := filepath.Join(dir, "by-volume")
-	srv := devagent.NewServer(devagent.ServerConfig{VMID: vm, Conn: b.Conn(), JetStream: b.JetStream(),
-		Agent: agent, Namer: devagent.NewNamer(names), Logger: logger})
-	if err := srv.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = srv.Close(context.Background()) })
+	agent := startScanOnly(ctx, t, b, devagent.Config{VMID: vm, Source: src, ScanInterval: time.Hour, Logger: logger,
+		Ignore: func(name string) bool { h := hidden.Load(); return h != nil && *h == name }}, names)
 	create := func() (*loopdev.Device, string) {
 		t.Helper()
 		vol := uuid.NewString()
@@ -645,4 +625,22 @@ func TestServerAnswersOnInboxesOnly(t *testing.T) {
 	if n, _, err := probe.Pending(); err != nil || n != 0 {
 		t.Fatalf("%d messages published on the probe's reply subject (%v), want none", n, err)
 	}
+}
+
+// startScanOnly starts an agent of cfg and a names server on it making
+// names in dir, both closed at the end of the test.
+func startScanOnly(ctx context.Context, t *testing.T, b *bus.Bus, cfg devagent.Config, dir string) *devagent.Agent {
+	t.Helper()
+	agent := devagent.New(cfg)
+	if err := agent.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = agent.Close(context.Background()) })
+	srv := devagent.NewServer(devagent.ServerConfig{VMID: cfg.VMID, Conn: b.Conn(), JetStream: b.JetStream(),
+		Agent: agent, Namer: devagent.NewNamer(dir), Logger: cfg.Logger})
+	if err := srv.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Close(context.Background()) })
+	return agent
 }

@@ -57,6 +57,33 @@ func (f *cacheFixture) open(t *testing.T) (*KV, *testenv.Buffer) {
 }
 
 // create records count operations through s, every third one completed.
+// started records count operations, opens the store on them and waits
+// for the base its start writes (count past deltaMin).
+func (f *cacheFixture) started(ctx context.Context, t *testing.T, count int) *KV {
+	t.Helper()
+	f.create(t, f.plain, count)
+	k, _ := f.open(t)
+	waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
+	return k
+}
+
+// newCacheTest is a fixture on bucket of a new embedded server, with
+// deltaMin 8 and a context of two minutes, for the test.
+func newCacheTest(t *testing.T, bucket string) (context.Context, *cacheFixture) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	smallDelta(t)
+	return ctx, newCacheFixture(ctx, t, testenv.StartBus(t).JetStream(), bucket)
+}
+
+// smallDelta sets deltaMin to 8 for the test, so that a few operations
+// make a new base.
+func smallDelta(t *testing.T) {
+	old := deltaMin
+	deltaMin = 8
+	t.Cleanup(func() { deltaMin = old })
+}
+
 func (f *cacheFixture) create(t *testing.T, s *KV, count int) {
 	t.Helper()
 	for range count {
@@ -159,9 +186,7 @@ func baseName(k *KV) string {
 // stop may write a new one).
 func (f *cacheFixture) twoBases(ctx context.Context, t *testing.T) (k *KV, name, earlier string) {
 	t.Helper()
-	f.create(t, f.plain, 20)
-	k, _ = f.open(t)
-	waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
+	k = f.started(ctx, t, 20)
 	first := baseName(k)
 	earlier = filepath.Join(t.TempDir(), first)
 	raw, err := os.ReadFile(filepath.Join(filepath.Dir(f.path), first))
@@ -185,16 +210,9 @@ func (f *cacheFixture) twoBases(ctx context.Context, t *testing.T) (k *KV, name,
 // it is (same inode, size and time), at a stop too; a start loads both;
 // past deltaMin a new base file is written and the one before removed.
 func TestKVCacheDeltaWrites(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	old := deltaMin
-	deltaMin = 8
-	t.Cleanup(func() { deltaMin = old })
-	f := newCacheFixture(ctx, t, testenv.StartBus(t).JetStream(), "deltas")
-	f.create(t, f.plain, 40)
-	k, _ := f.open(t)
-	// The start read 40 records, past deltaMin: a base file.
-	waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
+	ctx, f := newCacheTest(t, "deltas")
+	// The start reads 40 records, past deltaMin: a base file.
+	k := f.started(ctx, t, 40)
 	name := baseName(k)
 	basePath := filepath.Join(filepath.Dir(f.path), name)
 	st0, err := os.Stat(basePath)
@@ -262,15 +280,8 @@ func TestKVCacheDeltaWrites(t *testing.T) {
 // base; a start from that cache lists and counts them as the bucket
 // holds them: each once, at its last revision, the deleted ones gone.
 func TestKVCacheDeadSlots(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	old := deltaMin
-	deltaMin = 8
-	t.Cleanup(func() { deltaMin = old })
-	f := newCacheFixture(ctx, t, testenv.StartBus(t).JetStream(), "dead")
-	f.create(t, f.plain, 40)
-	k, _ := f.open(t)
-	waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
+	ctx, f := newCacheTest(t, "dead")
+	k := f.started(ctx, t, 40)
 	name := baseName(k)
 	ops, _, err := k.ListOperations(ctx, Filter{Status: commands.StatusPending, Limit: 5})
 	if err != nil || len(ops) != 5 {
@@ -332,12 +343,7 @@ func TestKVCacheDeadSlots(t *testing.T) {
 // before anything else of it is read: the start reads every record and
 // lists what the bucket holds, and the base files beside it are removed.
 func TestKVCacheNewerVersionRefused(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	old := deltaMin
-	deltaMin = 8
-	t.Cleanup(func() { deltaMin = old })
-	f := newCacheFixture(ctx, t, testenv.StartBus(t).JetStream(), "newer")
+	ctx, f := newCacheTest(t, "newer")
 	f.twoBases(ctx, t)
 	raw, err := os.ReadFile(f.path)
 	if err != nil {
@@ -370,9 +376,7 @@ func TestKVCacheNewerVersionRefused(t *testing.T) {
 func TestKVCacheBaseRefused(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	old := deltaMin
-	deltaMin = 8
-	t.Cleanup(func() { deltaMin = old })
+	smallDelta(t)
 	js := testenv.StartBus(t).JetStream()
 	for _, tc := range []struct {
 		name  string
@@ -439,9 +443,7 @@ func TestKVCacheBaseRefused(t *testing.T) {
 func TestKVCacheCrashLeftovers(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	old := deltaMin
-	deltaMin = 8
-	t.Cleanup(func() { deltaMin = old })
+	smallDelta(t)
 	js := testenv.StartBus(t).JetStream()
 	for _, tc := range []struct {
 		name  string
@@ -493,15 +495,8 @@ func TestKVCacheCrashLeftovers(t *testing.T) {
 // the release before) is loaded, not refused, and written as version 4
 // with a base file at once; the base files it does not name are removed.
 func TestKVCacheReadsV3File(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	old := deltaMin
-	deltaMin = 8
-	t.Cleanup(func() { deltaMin = old })
-	f := newCacheFixture(ctx, t, testenv.StartBus(t).JetStream(), "v3")
-	f.create(t, f.plain, 20)
-	k, _ := f.open(t)
-	waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
+	ctx, f := newCacheTest(t, "v3")
+	k := f.started(ctx, t, 20)
 	f.create(t, k, 3)
 	if err := k.Close(ctx); err != nil {
 		t.Fatal(err)

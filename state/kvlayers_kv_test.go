@@ -24,9 +24,7 @@ import (
 func TestKVNewBases(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	old := deltaMin
-	deltaMin = 8
-	t.Cleanup(func() { deltaMin = old })
+	smallDelta(t)
 	js := testenv.StartBus(t).JetStream()
 	plain, err := NewKV(ctx, js, KVConfig{Bucket: "bases"})
 	if err != nil {
@@ -128,9 +126,7 @@ func TestKVNewBases(t *testing.T) {
 func TestKVFailedBaseWaitsForTick(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	old := deltaMin
-	deltaMin = 8
-	t.Cleanup(func() { deltaMin = old })
+	smallDelta(t)
 	js := testenv.StartBus(t).JetStream()
 	path := filepath.Join(t.TempDir(), "state-index.cache")
 	if err := os.Mkdir(path+".tmp", 0o700); err != nil {
@@ -172,9 +168,7 @@ func TestKVFailedBaseWaitsForTick(t *testing.T) {
 func TestKVDeletionsCompact(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	old := deltaMin
-	deltaMin = 8
-	t.Cleanup(func() { deltaMin = old })
+	smallDelta(t)
 	js := testenv.StartBus(t).JetStream()
 	k, err := NewKV(ctx, js, KVConfig{Bucket: "deletions", IndexCache: filepath.Join(t.TempDir(), "state-index.cache")})
 	if err != nil {
