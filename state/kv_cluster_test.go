@@ -124,6 +124,10 @@ func TestKVWatcherOutlivesItsServer(t *testing.T) {
 		for info := range s.ListConsumers(ctx).Info() {
 			_ = js.DeleteConsumer(ctx, stream, info.Name)
 		}
+		// A deleted consumer may still be listed for a moment: the next
+		// try counts its own alone.
+		testenv.Eventually(t, 10*time.Second, func() bool { return len(testenv.Consumers(ctx, t, js, stream)) == 0 },
+			"the consumers of %s deleted", stream)
 	}
 	defer a.Close(context.Background())
 	b := newKV(t, js, bucket)
