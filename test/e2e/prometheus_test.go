@@ -133,10 +133,11 @@ func TestPrometheusMetrics(t *testing.T) {
 	if op := d.wait(d.submit(http.MethodPost, "/volumes/"+v2+"/attach", map[string]string{"vm_id": cloudsim.RemoteVMID}).ID); op.Status != commands.StatusFailed {
 		t.Fatalf("attach under a 431 fault: %+v", op)
 	}
-	// A detach whose job is held until the queue is seen with it in
-	// flight (a job with a duration could end before a scrape on a loaded
-	// machine).
-	if err := sim.SetFaults(cloudsim.Faults{JobHold: map[string]bool{"detachVolume": true}}); err != nil {
+	// A detach whose job lasts 3 s and is held until the queue is seen
+	// with it in flight (it could end before a scrape on a loaded
+	// machine); released, it ends at its due time, 3 s after it began.
+	if err := sim.SetFaults(cloudsim.Faults{JobHold: map[string]bool{"detachVolume": true},
+		JobDuration: map[string]cloudsim.Duration{"detachVolume": cloudsim.Duration(3 * time.Second)}}); err != nil {
 		t.Fatal(err)
 	}
 	detach := d.submit(http.MethodPost, "/volumes/"+v1+"/detach", nil)
