@@ -53,6 +53,31 @@ func MatchesVolume(d commands.Device, volumeUUID string) bool {
 	return false
 }
 
+// carriesName reports whether the kernel identity of d is that of a
+// volume whose persistent name is name: its serial or EUI-64 begins with
+// the name's 8 hex digits, or its WWID, NGUID or loop backing file's base
+// name contains them. It holds wherever MatchesVolume holds for a volume
+// of that name; a disk without identity carries no name.
+func carriesName(d commands.Device, name string) bool {
+	if !IsPersistentName(name) {
+		return false
+	}
+	h := strings.TrimPrefix(name, "vol")
+	switch {
+	case d.Serial != "" && strings.HasPrefix(strings.ToLower(d.Serial), h):
+		return true
+	case d.WWID != "" && strings.Contains(hexOnly(d.WWID), h):
+		return true
+	case d.NGUID != "" && strings.Contains(hexOnly(d.NGUID), h):
+		return true
+	case d.EUI != "" && strings.HasPrefix(hexOnly(d.EUI), h):
+		return true
+	case d.BackingFile != "":
+		return strings.Contains(strings.ToLower(filepath.Base(d.BackingFile)), h)
+	}
+	return false
+}
+
 // euiLen is the length of an EUI-64 in hex digits.
 const euiLen = 16
 
