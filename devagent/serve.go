@@ -451,19 +451,36 @@ func checkNames(names map[string]string, ids map[string]commands.DeviceIdentity)
 
 // awaitAgent waits until the agent knows every present disk of targets as
 // sysfs shows it: up to agentCatchUp for the uevents it has not handled
-// yet, then, after asking it to rescan, up to agentCatchUp more.
+// yet, then, after asking it to rescan, up to agentCatchUp more. Only the
+// agent's events change what it knows of a disk, each naming its disk:
+// an event re-checks only the target it names.
 func (s *Server) awaitAgent(ctx context.Context, targets map[string]string) {
 	events, stop := s.cfg.Agent.Subscribe()
 	defer stop()
+	pending := map[string]bool{} // target → not known yet
+	for _, target := range targets {
+		pending[target] = !s.agentKnows(target)
+	}
+	waiting := func() bool {
+		for _, unknown := range pending {
+			if unknown {
+				return true
+			}
+		}
+		return false
+	}
 	rescan := time.NewTimer(agentCatchUp)
 	defer rescan.Stop()
 	deadline := time.NewTimer(2 * agentCatchUp)
 	defer deadline.Stop()
-	for !s.agentKnows(targets) {
+	for waiting() {
 		select {
-		case _, open := <-events:
+		case ev, open := <-events:
 			if !open {
 				return // the agent closed
+			}
+			if _, ok := pending[ev.Path]; ok {
+				pending[ev.Path] = !s.agentKnows(ev.Path)
 			}
 		case <-rescan.C:
 			s.cfg.Agent.requestScan()
@@ -475,19 +492,15 @@ func (s *Server) awaitAgent(ctx context.Context, targets map[string]string) {
 	}
 }
 
-// agentKnows reports whether the agent knows every present disk of
-// targets as sysfs shows it now.
-func (s *Server) agentKnows(targets map[string]string) bool {
-	for _, target := range targets {
-		d, ok, err := s.sysfs.Disk(strings.TrimPrefix(target, "/dev/"))
-		if err != nil || !ok {
-			continue
-		}
-		if _, known := s.known(d); !known {
-			return false
-		}
+// agentKnows reports whether target is not a present disk, or is one the
+// agent knows as sysfs shows it now.
+func (s *Server) agentKnows(target string) bool {
+	d, ok, err := s.sysfs.Disk(strings.TrimPrefix(target, "/dev/"))
+	if err != nil || !ok {
+		return true
 	}
-	return true
+	_, known := s.known(d)
+	return known
 }
 
 // known returns the agent's record of d, read from sysfs just now, if
