@@ -511,9 +511,13 @@ func (s *Server) known(d commands.Device) (commands.Device, bool) {
 }
 
 // apply makes the names exactly want: each name whose target is a present
-// disk that the agent knows is made (replacing one referring elsewhere),
-// every other name is removed. A disk the agent does not know would never
-// take its name with it: the agent emits no remove for it.
+// disk that the agent knows, with the identity ids gives (if any) and not
+// carrying another volume's kernel identity, is made (replacing one
+// referring elsewhere); every other name is removed. A disk the agent does
+// not know would never take its name with it: the agent emits no remove
+// for it. The identity check alone does not suffice: a diskseq starts
+// again at each boot, so a disk after a reboot may show the diskseq,
+// name and number a mapping recorded for another volume's disk.
 func (s *Server) apply(ctx context.Context, want map[string]string, ids map[string]commands.DeviceIdentity) NamesMessage {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -539,6 +543,8 @@ func (s *Server) apply(ctx context.Context, want map[string]string, ids map[stri
 			out.Skipped[name] = why
 		case checked && !s.sameDisk(id, d):
 			out.Skipped[name] = fmt.Sprintf("%s is now disk %s, not %s", target, d.Identity(), id)
+		case HasIdentity(d) && !carriesName(d, name):
+			out.Skipped[name] = fmt.Sprintf("%s (disk %s) carries another volume's identity", target, k.Identity())
 		default:
 			if _, err := s.cfg.Namer.Ensure(ctx, name, target); err != nil {
 				errs = append(errs, err)

@@ -110,6 +110,10 @@ func (f *fakeServe) waitGone(t *testing.T, name, why string) {
 // vdaSize is the size file of the fake tree's vda, a disk without diskseq.
 const vdaSize = "devices/pci0000:00/0000:00:04.0/virtio4/block/vda/size"
 
+// vdaName is the persistent name the fake tree's vda carries: its serial
+// is 0d3f5e6a7b8c4d2e9f10.
+const vdaName = "vol0d3f5e6a"
+
 // TestServerNameOfDiskWithoutDiskseq: on the fake sysfs tree, whose vda
 // has no kernel diskseq (the agent numbers its appearances), a name made
 // for vda, with or without the identity in the request, goes when the
@@ -129,7 +133,7 @@ func TestServerNameOfDiskWithoutDiskseq(t *testing.T) {
 			if !ok || vda.DiskSeq != 0 || vda.Generation == 0 {
 				t.Fatalf("vda = %+v (%v), want a disk without diskseq, with a generation", vda, ok)
 			}
-			name := PersistentName(testUUID)
+			name := vdaName
 			req := NamesMessage{Names: map[string]string{name: vda.Path}}
 			if tc.withIdentity {
 				req.Identities = map[string]commands.DeviceIdentity{name: vda.Identity()}
@@ -148,21 +152,21 @@ func TestServerNameOfDiskWithoutDiskseq(t *testing.T) {
 // every other is gone. A kept name goes when its disk is removed.
 func TestServerNamesFoundAtStart(t *testing.T) {
 	found := map[string]string{
-		"vol0d3f5e6a": "/dev/vda",   // vda's serial 0d3f5e6a7b8c4d2e9f10
+		vdaName:       "/dev/vda",   // vda's serial
 		"vol5e1f0c2a": "/dev/sda",   // sda's WWID ends in 5e1f0c2a9d8b47c6a3e1
 		"vol7c9e6679": "/dev/loop3", // loop3's backing file vol-7c9e6679-….img
 		"volaaaaaaaa": "/dev/vda",   // another volume's disk now
 		"volbbbbbbbb": "/dev/loop4", // no disk
 		"volcccccccc": "/dev/dm-1",  // a disk without identity: unproven
 	}
-	kept := map[string]string{"vol0d3f5e6a": "/dev/vda", "vol5e1f0c2a": "/dev/sda", "vol7c9e6679": "/dev/loop3"}
+	kept := map[string]string{vdaName: "/dev/vda", "vol5e1f0c2a": "/dev/sda", "vol7c9e6679": "/dev/loop3"}
 	f := startFakeServe(t, found, nil)
 	if got := f.held(t); !maps.Equal(got, kept) {
 		t.Fatalf("names when Start returned %v, want %v", got, kept)
 	}
 	f.write(t, vdaSize, "0")
 	f.src.send(t, Uevent{Action: "remove", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 900}, nil)
-	f.waitGone(t, "vol0d3f5e6a", "vda removed")
+	f.waitGone(t, vdaName, "vda removed")
 }
 
 // held returns the names in the names directory: name → target.
@@ -194,7 +198,7 @@ const vdaSerial = "devices/pci0000:00/0000:00:04.0/virtio4/block/vda/serial"
 // that replaces it while the server starts (its remove and the new disk's
 // add already emitted): it is gone when Start returns.
 func TestServerNameFoundAtStartOfReplacedDisk(t *testing.T) {
-	const name = "vol0d3f5e6a" // vda's serial before it is replaced
+	const name = vdaName // of vda's serial before it is replaced
 	f := newFakeServe(t, map[string]string{name: "/dev/vda"}, nil)
 	vda, ok := f.agent.Device("vda")
 	if !ok {
@@ -221,7 +225,7 @@ func TestServerClosedMakesNoNames(t *testing.T) {
 	f.write(t, "devices/virtual/block/loop4/size", "2048")
 	subs := func() int { f.agent.mu.Lock(); defer f.agent.mu.Unlock(); return len(f.agent.subs) }
 	before := subs()
-	known, hidden := "volaaaaaaaa", "volbbbbbbbb"
+	known, hidden := vdaName, "volbbbbbbbb"
 	body, _ := json.Marshal(NamesMessage{Names: map[string]string{known: "/dev/vda", hidden: "/dev/loop4"}})
 	replies := make(chan *nats.Msg, 1)
 	sub, err := f.nc.ChanSubscribe(nats.NewInbox(), replies)
@@ -273,7 +277,7 @@ func TestServerNameGoesWhilePublishStalls(t *testing.T) {
 	if !ok {
 		t.Fatal("vda not found")
 	}
-	name := PersistentName(testUUID)
+	name := vdaName
 	f.name(t, NamesMessage{Names: map[string]string{name: vda.Path}})
 	f.write(t, vdaSize, strconv.FormatInt(2*vda.Size/512, 10))
 	f.src.send(t, Uevent{Action: "change", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 900}, nil)

@@ -200,7 +200,7 @@ func TestServerNames(t *testing.T) {
 	if target, err := os.Readlink(filepath.Join(e.names, stale)); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("name found at start, of no disk, kept: %q, %v", target, err)
 	}
-	name := devagent.PersistentName(e.volume)
+	name, other := devagent.PersistentName(e.volume), devagent.PersistentName(uuid.NewString())
 	for _, tc := range []struct {
 		name      string
 		body      string
@@ -214,6 +214,9 @@ func TestServerNames(t *testing.T) {
 		{name: "target escaping /dev", body: `{"names": {"` + name + `": "/dev/../etc/passwd"}}`, wantErr: true},
 		{name: "make", body: `{"names": {"` + name + `": "` + e.dev.Path + `"}}`, wantNames: map[string]string{name: e.dev.Path}},
 		{name: "absent disk", body: `{"names": {"` + name + `": "/dev/loop99999"}}`, wantNames: map[string]string{}, skipped: name},
+		// As a mapping's recorded identity can, after a reboot restarted
+		// the diskseqs, match another volume's disk.
+		{name: "another volume's disk", body: `{"names": {"` + other + `": "` + e.dev.Path + `"}}`, wantNames: map[string]string{}, skipped: other},
 		{name: "make again", body: `{"names": {"` + name + `": "` + e.dev.Path + `"}}`, wantNames: map[string]string{name: e.dev.Path}},
 		{name: "outside the set", body: `{"names": {}}`, wantNames: map[string]string{}},
 		{name: "make once more", body: `{"names": {"` + name + `": "` + e.dev.Path + `"}}`, wantNames: map[string]string{name: e.dev.Path}},
