@@ -27,6 +27,7 @@ import (
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/devagent/loopdev"
 	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/internal/testloop"
 )
 
 // serveEnv is a real bus, agent and server on a VM id of its own, with a
@@ -92,27 +93,8 @@ func startServe(t *testing.T, before func(namesDir string), names devagent.Names
 		_ = srv.Close(context.Background())
 		_ = srv.Close(context.Background()) // twice is safe
 	})
-	e.dev = volumeLoop(ctx, t, t.TempDir(), e.volume)
+	e.dev = testloop.Volume(ctx, t, t.TempDir(), e.volume)
 	return e
-}
-
-// volumeLoop makes a 3 MiB loop device on a file in dir whose name
-// carries the volume UUID, removed at the end of the test.
-func volumeLoop(ctx context.Context, t *testing.T, dir, volume string) *loopdev.Device {
-	t.Helper()
-	backing := filepath.Join(dir, "vol-"+volume+".img")
-	if err := os.WriteFile(backing, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(backing, 3<<20); err != nil {
-		t.Fatal(err)
-	}
-	dev, err := loopdev.Create(ctx, backing)
-	if err != nil {
-		t.Fatalf("loop device: %v", err)
-	}
-	t.Cleanup(func() { _ = dev.Remove(context.Background()) })
-	return dev
 }
 
 // request sends body to a subject of the VM and returns the reply data.
@@ -270,7 +252,7 @@ func TestServerNameFoundAtStartOfAnotherVolume(t *testing.T) {
 	e := startServe(t, func(dir string) {
 		testenv.RequireLoopControl(t)
 		vol := uuid.NewString()
-		dev = volumeLoop(ctx, t, t.TempDir(), vol)
+		dev = testloop.Volume(ctx, t, t.TempDir(), vol)
 		stale, own = filepath.Join(dir, devagent.PersistentName(uuid.NewString())), filepath.Join(dir, devagent.PersistentName(vol))
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
@@ -445,16 +427,7 @@ func TestServerNameRemovedByScan(t *testing.T) {
 	b := testenv.StartBus(t)
 	vm, vol := uuid.NewString(), uuid.NewString()
 	dir := t.TempDir()
-	first := filepath.Join(dir, "vol-"+vol+".img")
-	second := filepath.Join(dir, "vol-"+uuid.NewString()+".img")
-	for _, f := range []string{first, second} {
-		if err := os.WriteFile(f, nil, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Truncate(f, 3<<20); err != nil {
-			t.Fatal(err)
-		}
-	}
+	first, second := testloop.File(t, dir, vol), testloop.File(t, dir, uuid.NewString())
 	dev, err := loopdev.Create(ctx, first)
 	if err != nil {
 		t.Fatal(err)
@@ -547,7 +520,7 @@ func TestServerNamesOnlyForKnownDisks(t *testing.T) {
 	create := func() (*loopdev.Device, string) {
 		t.Helper()
 		vol := uuid.NewString()
-		return volumeLoop(ctx, t, dir, vol), devagent.PersistentName(vol)
+		return testloop.Volume(ctx, t, dir, vol), devagent.PersistentName(vol)
 	}
 	request := func(name, target string) devagent.NamesMessage {
 		t.Helper()
