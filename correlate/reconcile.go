@@ -96,9 +96,11 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 }
 
 // present reports whether the VM's device table holds m's disk: its name
-// with its recorded identity. A table not filled by a list since the
-// last start, gap in events or event contradicting the list knows too
-// little: nothing is called gone.
+// with its recorded identity, not carrying another volume's kernel
+// identity (diskseqs start again at each boot: after a reboot another
+// volume's disk can show the recorded identity). A table not filled by a
+// list since the last start, gap in events or event contradicting the
+// list knows too little: nothing is called gone.
 func (c *Correlator) present(vm string, m commands.Mapping) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -107,7 +109,7 @@ func (c *Correlator) present(vm string, m commands.Mapping) bool {
 		return true
 	}
 	d, ok := t.devices[path.Base(m.DevicePath)]
-	return ok && d.Path == m.DevicePath && sameDisk(m, d)
+	return ok && d.Path == m.DevicePath && sameDisk(m, d) && (!devagent.HasIdentity(d) || devagent.MatchesVolume(d, m.VolumeID))
 }
 
 // pickLate claims the device without identity for a missing mapping m when
