@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -273,6 +274,8 @@ func TestMappingOfAnotherVolumesDiskGoesMissing(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	store, c := newStoreAndCorrelator(ctx, t, b)
+	log := &testenv.Buffer{}
+	c.log = slog.New(slog.NewTextHandler(log, nil))
 	vm, volume, other := uuid.NewString(), uuid.NewString(), uuid.NewString()
 	disk := commands.Device{Name: "loop25", Path: "/dev/loop25", Major: 7, Minor: 25, Size: 1 << 30, DiskSeq: 12,
 		BackingFile: "/var/lib/disks/vol-" + other + ".img"}
@@ -295,5 +298,8 @@ func TestMappingOfAnotherVolumesDiskGoesMissing(t *testing.T) {
 	if got.LinuxState != commands.LinuxMissing {
 		t.Fatalf("mapping of volume %s on %s, now volume %s's disk with the recorded identity: %+v; want missing",
 			volume, disk.Path, other, got)
+	}
+	if want := `reason="its disk carries another volume's identity"`; !strings.Contains(log.String(), want) {
+		t.Fatalf("the log does not say why the mapping is missing (%s):\n%s", want, log)
 	}
 }
