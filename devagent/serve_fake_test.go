@@ -149,7 +149,8 @@ func TestServerNameOfDiskWithoutDiskseq(t *testing.T) {
 // TestServerNamesFoundAtStart: when Start returns, a name found at start
 // is kept only if its target is a present disk the agent knows whose
 // kernel identity carries the name (serial, WWID, loop backing file);
-// every other is gone. A kept name goes when its disk is removed.
+// every other is gone. A names request still names a disk without
+// identity. A kept name goes when its disk is removed.
 func TestServerNamesFoundAtStart(t *testing.T) {
 	found := map[string]string{
 		vdaName:       "/dev/vda",   // vda's serial
@@ -164,6 +165,7 @@ func TestServerNamesFoundAtStart(t *testing.T) {
 	if got := f.held(t); !maps.Equal(got, kept) {
 		t.Fatalf("names when Start returned %v, want %v", got, kept)
 	}
+	f.name(t, NamesMessage{Names: map[string]string{vdaName: "/dev/vda", "volcccccccc": "/dev/dm-1"}})
 	f.write(t, vdaSize, "0")
 	f.src.send(t, Uevent{Action: "remove", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 900}, nil)
 	f.waitGone(t, vdaName, "vda removed")
