@@ -62,10 +62,10 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 		if releasing {
 			continue
 		}
-		if m.LinuxState == commands.LinuxDetected && !c.present(vm, m) {
+		if why := c.gone(vm, m); m.LinuxState == commands.LinuxDetected && why != "" {
 			// Its device went away behind our back, or its name is another
 			// disk now: the mapping must not point at it.
-			if err := c.markMissing(ctx, m, "device removed"); err != nil {
+			if err := c.markMissing(ctx, m, why); err != nil {
 				errs = append(errs, err)
 			}
 			continue
@@ -95,19 +95,29 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 	return errors.Join(errs...)
 }
 
-// present reports whether the VM's device table holds m's disk: its name
-// with its recorded identity. A table not filled by a list since the
-// last start, gap in events or event contradicting the list knows too
-// little: nothing is called gone.
-func (c *Correlator) present(vm string, m commands.Mapping) bool {
+// gone says why the VM's device table does not hold m's disk ("" when it
+// does): its name with its recorded identity, not carrying another
+// volume's kernel identity (diskseqs start again at each boot: after a
+// reboot another volume's disk can show the recorded identity). A table
+// not filled by a list since the last start, gap in events or event
+// contradicting the list knows too little: nothing is called gone.
+func (c *Correlator) gone(vm string, m commands.Mapping) string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	t := c.vms[vm]
 	if t == nil || !t.listed {
-		return true
+		return ""
 	}
 	d, ok := t.devices[path.Base(m.DevicePath)]
-	return ok && d.Path == m.DevicePath && sameDisk(m, d)
+	switch {
+	case !ok || d.Path != m.DevicePath:
+		return "device removed"
+	case !sameDisk(m, d):
+		return "its device name is disk " + d.Identity().String() + " now"
+	case devagent.HasIdentity(d) && !devagent.MatchesVolume(d, m.VolumeID):
+		return "its disk carries another volume's identity"
+	}
+	return ""
 }
 
 // pickLate claims the device without identity for a missing mapping m when

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -261,5 +262,44 @@ func TestOlderListMergedLate(t *testing.T) {
 	}
 	if got, err := store.GetMapping(ctx, m.VolumeID); err != nil || got.LinuxState != commands.LinuxMissing {
 		t.Fatalf("mapping %+v (%v); want missing: its disk went before the later list", got, err)
+	}
+}
+
+// TestMappingOfAnotherVolumesDiskGoesMissing: after a reboot restarted the
+// diskseqs, the disk under a mapping's device name can show the identity
+// the mapping recorded (name, number, diskseq) and be another volume's:
+// the heal at start marks that mapping missing.
+func TestMappingOfAnotherVolumesDiskGoesMissing(t *testing.T) {
+	b := testenv.StartBus(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	store, c := newStoreAndCorrelator(ctx, t, b)
+	log := &testenv.Buffer{}
+	c.log = slog.New(slog.NewTextHandler(log, nil))
+	vm, volume, other := uuid.NewString(), uuid.NewString(), uuid.NewString()
+	disk := commands.Device{Name: "loop25", Path: "/dev/loop25", Major: 7, Minor: 25, Size: 1 << 30, DiskSeq: 12,
+		BackingFile: "/var/lib/disks/vol-" + other + ".img"}
+	id := disk.Identity()
+	at := time.Now().UTC()
+	m, err := store.PutMapping(ctx, commands.Mapping{ID: "mapping-" + uuid.NewString(), VolumeID: volume, VMID: vm,
+		DevicePath: disk.Path, DeviceIdentity: &id, Size: disk.Size, LinuxState: commands.LinuxDetected,
+		CloudStackState: commands.CloudStackAttached, CreatedAt: at, UpdatedAt: at, LastSync: at})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.merge(vm, []commands.Device{disk}, 1, time.Now())
+	if err := c.heal(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	got, err := store.GetMapping(ctx, m.VolumeID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.LinuxState != commands.LinuxMissing {
+		t.Fatalf("mapping of volume %s on %s, now volume %s's disk with the recorded identity: %+v; want missing",
+			volume, disk.Path, other, got)
+	}
+	if want := `reason="its disk carries another volume's identity"`; !strings.Contains(log.String(), want) {
+		t.Fatalf("the log does not say why the mapping is missing (%s):\n%s", want, log)
 	}
 }

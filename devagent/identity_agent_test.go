@@ -137,7 +137,9 @@ func TestAgentGenerationWithoutDiskseq(t *testing.T) {
 }
 
 // TestSysfsNVMe reads NVMe namespaces from testdata/nvme: the controller
-// serial, WWID, NGUID and EUI-64 and the diskseq, and matches them.
+// serial, WWID, NGUID and EUI-64 (as the kernel shows it: bytes apart,
+// "7c 9e 66 ...") and the diskseq, and matches them. nvme1n1, on a
+// controller with QEMU's serial, carries its volume's EUI-64 only.
 func TestSysfsNVMe(t *testing.T) {
 	s := Sysfs{Root: "testdata/nvme"}
 	d, ok, err := s.Disk("nvme0n1")
@@ -146,7 +148,7 @@ func TestSysfsNVMe(t *testing.T) {
 	}
 	want := commands.Device{Name: "nvme0n1", Path: "/dev/nvme0n1", Major: 259, Minor: 0, Size: 2097152 * 512,
 		Serial: "7c9e6679742540de944b", WWID: "uuid.7c9e6679-7425-40de-944b-e07fc1f90ae7",
-		NGUID: "7c9e6679-7425-40de-944b-e07fc1f90ae7", EUI: "7c9e6679742540de", DiskSeq: 17, Controller: "nvme0"}
+		NGUID: "7c9e6679-7425-40de-944b-e07fc1f90ae7", EUI: "7c 9e 66 79 74 25 40 de", DiskSeq: 17, Controller: "nvme0"}
 	if d != want {
 		t.Fatalf("Disk(nvme0n1) = %+v\nwant %+v", d, want)
 	}
@@ -161,7 +163,8 @@ func TestSysfsNVMe(t *testing.T) {
 		{"nguid", commands.Device{NGUID: want.NGUID}, testUUID, true},
 		{"nguid without dashes", commands.Device{NGUID: "7C9E6679742540DE944BE07FC1F90AE7"}, testUUID, true},
 		{"eui-64", commands.Device{EUI: want.EUI}, testUUID, true},
-		{"eui-64 of another volume", commands.Device{EUI: "3f2504e04f8941d3"}, testUUID, false},
+		{"eui-64 without spaces", commands.Device{EUI: "7c9e6679742540de"}, testUUID, true},
+		{"eui-64 of another volume", commands.Device{EUI: "3f 25 04 e0 4f 89 41 d3"}, testUUID, false},
 		{"nguid of another volume", commands.Device{NGUID: otherUUID}, testUUID, false},
 	}
 	for _, tt := range tests {
@@ -175,7 +178,10 @@ func TestSysfsNVMe(t *testing.T) {
 		})
 	}
 	other, ok, err := s.Disk("nvme1n1")
-	if err != nil || !ok || other.EUI != "3f2504e04f8941d3" || other.DiskSeq != 18 || MatchesVolume(other, testUUID) {
+	if err != nil || !ok || other.EUI != "3f 25 04 e0 4f 89 41 d3" || other.DiskSeq != 18 || MatchesVolume(other, testUUID) {
 		t.Fatalf("Disk(nvme1n1) = %+v, %v, %v", other, ok, err)
+	}
+	if !MatchesVolume(other, otherUUID) || !carriesName(other, PersistentName(otherUUID)) {
+		t.Fatalf("Disk(nvme1n1) = %+v: not matched to its volume %s by its EUI-64", other, otherUUID)
 	}
 }

@@ -49,7 +49,40 @@ func TestMatchesVolume(t *testing.T) {
 			if got := MatchesVolume(tt.d, tt.uuid); got != tt.want {
 				t.Fatalf("MatchesVolume(%+v, %q) = %v, want %v", tt.d, tt.uuid, got, tt.want)
 			}
+			if name := PersistentName(tt.uuid); tt.want && !carriesName(tt.d, name) {
+				t.Fatalf("carriesName(%+v, %q) = false for a disk of its volume", tt.d, name)
+			}
 		})
+	}
+}
+
+func TestCarriesName(t *testing.T) {
+	name := PersistentName(testUUID) // vol7c9e6679
+	tests := []struct {
+		name string
+		d    commands.Device
+		want bool
+	}{
+		{"virtio serial", commands.Device{Serial: "7C9E6679742540DE944B"}, true},
+		{"virtio serial of another name", commands.Device{Serial: "5e1f0c2a9d8b47c6a3e1"}, false},
+		{"serial holding it not first", commands.Device{Serial: "5e1f0c2a7c9e6679"}, false},
+		{"scsi wwid", commands.Device{WWID: "t10.QEMU     QEMU HARDDISK    7c9e6679742540de944b"}, true},
+		{"nvme nguid with dashes", commands.Device{NGUID: "7c9e6679-7425-40de-944b-e07fc1f90ae7"}, true},
+		{"nvme eui-64", commands.Device{EUI: "7c9e6679742540de"}, true},
+		{"nvme eui-64 of another name", commands.Device{EUI: "5e1f0c2a9d8b47c6"}, false},
+		{"loop backing file", commands.Device{BackingFile: "/var/lib/v/vol-" + testUUID + ".img"}, true},
+		{"uuid only in directory", commands.Device{BackingFile: "/data/" + testUUID + "/disk.img"}, false},
+		{"no identity", commands.Device{Name: "vdb", Size: 1 << 30}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := carriesName(tt.d, name); got != tt.want {
+				t.Fatalf("carriesName(%+v, %q) = %v, want %v", tt.d, name, got, tt.want)
+			}
+		})
+	}
+	if carriesName(commands.Device{Serial: "7c9e6679742540de944b"}, "vol7c9e667") {
+		t.Error("carriesName holds for a name that is not volXXXXXXXX")
 	}
 }
 

@@ -125,9 +125,9 @@ type Server struct {
 	// closed: Close has begun; the names are changed no more, as no
 	// event would drop a name made now.
 	closed bool
-	// desired is the last requested name set, less names whose device
-	// went away since: name → the disk's identity as the agent knows it
-	// (the kernel name only, for a name found at start).
+	// desired is the last requested name set (at start: the names found
+	// and kept), less names whose device went away since: name → the
+	// disk's identity as the agent knows it.
 	desired map[string]commands.DeviceIdentity
 
 	subs  []*nats.Subscription
@@ -157,7 +157,8 @@ func NewServer(cfg ServerConfig) *Server {
 	}
 }
 
-// Start keeps the persistent names it finds, subscribes to the agent's
+// Start keeps the persistent names it finds whose disk is proven theirs
+// (keepFound) and removes the others, then subscribes to the agent's
 // events and answers the request subjects. The Agent must be started.
 func (s *Server) Start(ctx context.Context) error {
 	if s.cfg.VMID == "" || s.cfg.Conn == nil || s.cfg.Agent == nil {
@@ -184,10 +185,8 @@ func (s *Server) Start(ctx context.Context) error {
 		return fmt.Errorf("devagent: read persistent names: %w", err)
 	}
 	s.desired = map[string]commands.DeviceIdentity{}
-	for name, target := range found {
-		// The disk the name was made for is not known: any disk under its
-		// kernel name now may be another one, come since.
-		s.desired[name] = commands.DeviceIdentity{Name: strings.TrimPrefix(target, "/dev/")}
+	for _, name := range slices.Sorted(maps.Keys(found)) {
+		s.keepFound(ctx, name, found[name])
 	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.runCtx, s.cancel = runCtx, cancel
@@ -215,7 +214,7 @@ func (s *Server) Start(ctx context.Context) error {
 		s.stop()
 		return fmt.Errorf("devagent: flush subscriptions: %w", err)
 	}
-	s.log.Info("device agent serving", "names_dir", s.cfg.Namer.Dir(), "names", len(found))
+	s.log.Info("device agent serving", "names_dir", s.cfg.Namer.Dir(), "names", len(s.desired), "names_removed", len(found)-len(s.desired))
 	return nil
 }
 
@@ -245,6 +244,49 @@ func (s *Server) stop() {
 		s.unsub()
 	}
 	s.wg.Wait()
+}
+
+// keepFound keeps a name found at start, recorded with the agent's
+// identity of its disk, only if that disk is proven the one it was made
+// for: a present disk the agent knows whose kernel identity carries the
+// name (carriesName). Which disk an earlier run named is recorded nowhere,
+// and while volumed was down that disk may have gone and another volume's
+// disk taken its kernel name: any other name is removed at once, before a
+// request is answered, and made again by the first names request for the
+// disk its volume has now. A name that cannot be removed is logged and
+// left to that request.
+func (s *Server) keepFound(ctx context.Context, name, target string) {
+	d, k, why := s.disk(target)
+	if why == "" && carriesName(d, name) {
+		s.desired[name] = k.Identity()
+		return
+	}
+	if why == "" {
+		why = fmt.Sprintf("%s (disk %s) does not carry the name's volume identity", target, k.Identity())
+	}
+	if err := s.cfg.Namer.Remove(ctx, name); err != nil {
+		s.log.Error("persistent name found at start, not proven, not removed", "name", name, "target", target, "reason", why, "err", err)
+		return
+	}
+	s.log.Info("persistent name found at start removed: its disk is not proven the named volume's", "name", name,
+		"target", target, "reason", why)
+}
+
+// disk returns the present disk target (/dev/<kernel name>) as sysfs
+// shows it now and the agent's record of it, or why there is none the
+// agent knows.
+func (s *Server) disk(target string) (d, k commands.Device, why string) {
+	d, ok, err := s.sysfs.Disk(strings.TrimPrefix(target, "/dev/"))
+	k, known := s.known(d)
+	switch {
+	case err != nil:
+		return d, k, err.Error()
+	case !ok || d.Path != target:
+		return d, k, fmt.Sprintf("%s is not a present disk", target)
+	case !known:
+		return d, k, fmt.Sprintf("%s (disk %s) is not known to the device agent yet", target, d.Identity())
+	}
+	return d, k, ""
 }
 
 // each calls handle for every event, in order, until ctx ends or events
@@ -295,19 +337,16 @@ func (s *Server) publish(ctx context.Context, ev commands.Device) {
 	}
 }
 
-// dropNamesOf removes and forgets the names ev ends: on a remove those of
-// the disk removed, and on an add or remove those known by ev's kernel
-// name only (found at start): a disk reusing the kernel name is not the
-// same volume.
+// dropNamesOf removes and forgets the names of the disk a remove event
+// ends.
 func (s *Server) dropNamesOf(ctx context.Context, ev commands.Device) {
-	if ev.Action != commands.DeviceRemove && ev.Action != commands.DeviceAdd {
+	if ev.Action != commands.DeviceRemove {
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for name, id := range s.desired {
-		nameOnly := id.Major == 0
-		if id.Name != ev.Name || (!nameOnly && (ev.Action != commands.DeviceRemove || id != ev.Identity())) {
+		if id != ev.Identity() {
 			continue
 		}
 		delete(s.desired, name)
@@ -315,8 +354,7 @@ func (s *Server) dropNamesOf(ctx context.Context, ev commands.Device) {
 			s.log.Warn("remove persistent name", "name", name, "err", err)
 			continue
 		}
-		s.log.Info("persistent name removed: device gone", "name", name, "device", ev.Path, "identity", ev.Identity().String(),
-			"action", string(ev.Action))
+		s.log.Info("persistent name removed: device gone", "name", name, "device", ev.Path, "identity", ev.Identity().String())
 	}
 }
 
@@ -413,19 +451,36 @@ func checkNames(names map[string]string, ids map[string]commands.DeviceIdentity)
 
 // awaitAgent waits until the agent knows every present disk of targets as
 // sysfs shows it: up to agentCatchUp for the uevents it has not handled
-// yet, then, after asking it to rescan, up to agentCatchUp more.
+// yet, then, after asking it to rescan, up to agentCatchUp more. Only the
+// agent's events change what it knows of a disk, each naming its disk:
+// an event re-checks only the target it names.
 func (s *Server) awaitAgent(ctx context.Context, targets map[string]string) {
 	events, stop := s.cfg.Agent.Subscribe()
 	defer stop()
+	pending := map[string]bool{} // target → not known yet
+	for _, target := range targets {
+		pending[target] = !s.agentKnows(target)
+	}
+	waiting := func() bool {
+		for _, unknown := range pending {
+			if unknown {
+				return true
+			}
+		}
+		return false
+	}
 	rescan := time.NewTimer(agentCatchUp)
 	defer rescan.Stop()
 	deadline := time.NewTimer(2 * agentCatchUp)
 	defer deadline.Stop()
-	for !s.agentKnows(targets) {
+	for waiting() {
 		select {
-		case _, open := <-events:
+		case ev, open := <-events:
 			if !open {
 				return // the agent closed
+			}
+			if _, ok := pending[ev.Path]; ok {
+				pending[ev.Path] = !s.agentKnows(ev.Path)
 			}
 		case <-rescan.C:
 			s.cfg.Agent.requestScan()
@@ -437,19 +492,15 @@ func (s *Server) awaitAgent(ctx context.Context, targets map[string]string) {
 	}
 }
 
-// agentKnows reports whether the agent knows every present disk of
-// targets as sysfs shows it now.
-func (s *Server) agentKnows(targets map[string]string) bool {
-	for _, target := range targets {
-		d, ok, err := s.sysfs.Disk(strings.TrimPrefix(target, "/dev/"))
-		if err != nil || !ok {
-			continue
-		}
-		if _, known := s.known(d); !known {
-			return false
-		}
+// agentKnows reports whether target is not a present disk, or is one the
+// agent knows as sysfs shows it now.
+func (s *Server) agentKnows(target string) bool {
+	d, ok, err := s.sysfs.Disk(strings.TrimPrefix(target, "/dev/"))
+	if err != nil || !ok {
+		return true
 	}
-	return true
+	_, known := s.known(d)
+	return known
 }
 
 // known returns the agent's record of d, read from sysfs just now, if
@@ -460,9 +511,13 @@ func (s *Server) known(d commands.Device) (commands.Device, bool) {
 }
 
 // apply makes the names exactly want: each name whose target is a present
-// disk that the agent knows is made (replacing one referring elsewhere),
-// every other name is removed. A disk the agent does not know would never
-// take its name with it: the agent emits no remove for it.
+// disk that the agent knows, with the identity ids gives (if any) and not
+// carrying another volume's kernel identity, is made (replacing one
+// referring elsewhere); every other name is removed. A disk the agent does
+// not know would never take its name with it: the agent emits no remove
+// for it. The identity check alone does not suffice: a diskseq starts
+// again at each boot, so a disk after a reboot may show the diskseq,
+// name and number a mapping recorded for another volume's disk.
 func (s *Server) apply(ctx context.Context, want map[string]string, ids map[string]commands.DeviceIdentity) NamesMessage {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -481,18 +536,15 @@ func (s *Server) apply(ctx context.Context, want map[string]string, ids map[stri
 	var errs []error
 	for _, name := range slices.Sorted(maps.Keys(want)) {
 		target := want[name]
-		d, ok, err := s.sysfs.Disk(strings.TrimPrefix(target, "/dev/"))
+		d, k, why := s.disk(target)
 		id, checked := ids[name]
-		k, known := s.known(d)
 		switch {
-		case err != nil:
-			out.Skipped[name] = err.Error()
-		case !ok || d.Path != target:
-			out.Skipped[name] = fmt.Sprintf("%s is not a present disk", target)
-		case !known:
-			out.Skipped[name] = fmt.Sprintf("%s (disk %s) is not known to the device agent yet", target, d.Identity())
+		case why != "":
+			out.Skipped[name] = why
 		case checked && !s.sameDisk(id, d):
 			out.Skipped[name] = fmt.Sprintf("%s is now disk %s, not %s", target, d.Identity(), id)
+		case HasIdentity(d) && !carriesName(d, name):
+			out.Skipped[name] = fmt.Sprintf("%s (disk %s) carries another volume's identity", target, k.Identity())
 		default:
 			if _, err := s.cfg.Namer.Ensure(ctx, name, target); err != nil {
 				errs = append(errs, err)

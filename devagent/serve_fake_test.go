@@ -110,6 +110,10 @@ func (f *fakeServe) waitGone(t *testing.T, name, why string) {
 // vdaSize is the size file of the fake tree's vda, a disk without diskseq.
 const vdaSize = "devices/pci0000:00/0000:00:04.0/virtio4/block/vda/size"
 
+// vdaName is the persistent name the fake tree's vda carries: its serial
+// is 0d3f5e6a7b8c4d2e9f10.
+const vdaName = "vol0d3f5e6a"
+
 // TestServerNameOfDiskWithoutDiskseq: on the fake sysfs tree, whose vda
 // has no kernel diskseq (the agent numbers its appearances), a name made
 // for vda, with or without the identity in the request, goes when the
@@ -129,7 +133,7 @@ func TestServerNameOfDiskWithoutDiskseq(t *testing.T) {
 			if !ok || vda.DiskSeq != 0 || vda.Generation == 0 {
 				t.Fatalf("vda = %+v (%v), want a disk without diskseq, with a generation", vda, ok)
 			}
-			name := PersistentName(testUUID)
+			name := vdaName
 			req := NamesMessage{Names: map[string]string{name: vda.Path}}
 			if tc.withIdentity {
 				req.Identities = map[string]commands.DeviceIdentity{name: vda.Identity()}
@@ -142,29 +146,39 @@ func TestServerNameOfDiskWithoutDiskseq(t *testing.T) {
 	}
 }
 
-// TestServerNamesFoundAtStart: a name found at start whose disk the agent
-// knows goes when that disk is removed; one whose disk is gone is kept
-// until a names request, but never reaches a disk that takes its kernel
-// name: the disk's add removes it.
+// TestServerNamesFoundAtStart: when Start returns, a name found at start
+// is kept only if its target is a present disk the agent knows whose
+// kernel identity carries the name (serial, WWID, loop backing file);
+// every other is gone. A names request still names a disk without
+// identity. A kept name goes when its disk is removed.
 func TestServerNamesFoundAtStart(t *testing.T) {
-	const known, gone = "volaaaaaaaa", "volbbbbbbbb"
-	f := startFakeServe(t, map[string]string{known: "/dev/vda", gone: "/dev/loop4"}, nil)
-	if _, ok := f.agent.Device("loop4"); ok {
-		t.Fatal("the fake tree's loop4 is present; want it empty")
+	found := map[string]string{
+		vdaName:       "/dev/vda",   // vda's serial
+		"vol5e1f0c2a": "/dev/sda",   // sda's WWID ends in 5e1f0c2a9d8b47c6a3e1
+		"vol7c9e6679": "/dev/loop3", // loop3's backing file vol-7c9e6679-….img
+		"volaaaaaaaa": "/dev/vda",   // another volume's disk now
+		"volbbbbbbbb": "/dev/loop4", // no disk
+		"volcccccccc": "/dev/dm-1",  // a disk without identity: unproven
 	}
-	if target, err := os.Readlink(filepath.Join(f.names, gone)); err != nil || target != "/dev/loop4" {
-		t.Fatalf("name %s found at start not kept: %q, %v", gone, target, err)
+	kept := map[string]string{vdaName: "/dev/vda", "vol5e1f0c2a": "/dev/sda", "vol7c9e6679": "/dev/loop3"}
+	f := startFakeServe(t, found, nil)
+	if got := f.held(t); !maps.Equal(got, kept) {
+		t.Fatalf("names when Start returned %v, want %v", got, kept)
 	}
-
-	loop4 := "devices/virtual/block/loop4/"
-	f.write(t, loop4+"loop/backing_file", "/var/lib/volumed/vol-"+otherUUID+".img")
-	f.write(t, loop4+"size", "2048")
-	f.src.send(t, Uevent{Action: "change", Subsystem: "block", DevType: "disk", DevName: "loop4", Seqnum: 900}, nil)
-	f.waitGone(t, gone, "/dev/loop4 is another volume's disk now")
-
+	f.name(t, NamesMessage{Names: map[string]string{vdaName: "/dev/vda", "volcccccccc": "/dev/dm-1"}})
 	f.write(t, vdaSize, "0")
-	f.src.send(t, Uevent{Action: "remove", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 901}, nil)
-	f.waitGone(t, known, "vda removed")
+	f.src.send(t, Uevent{Action: "remove", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 900}, nil)
+	f.waitGone(t, vdaName, "vda removed")
+}
+
+// held returns the names in the names directory: name → target.
+func (f *fakeServe) held(t *testing.T) map[string]string {
+	t.Helper()
+	names, err := NewNamer(f.names).List(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return names
 }
 
 // listHook is a Names whose List first calls before.
@@ -181,12 +195,12 @@ func (h listHook) List(ctx context.Context) (map[string]string, error) {
 // vdaSerial is the serial file of the fake tree's vda.
 const vdaSerial = "devices/pci0000:00/0000:00:04.0/virtio4/block/vda/serial"
 
-// TestServerNameFoundAtStartOfReplacedDisk: a name found at start is for
-// whatever disk its kernel name had before; when, while the server
-// starts, that disk is replaced by another (its remove and the new disk's
-// add already emitted), the name does not pass to the new disk: it goes.
+// TestServerNameFoundAtStartOfReplacedDisk: a name found at start, of the
+// disk its kernel name had before, does not pass to another volume's disk
+// that replaces it while the server starts (its remove and the new disk's
+// add already emitted): it is gone when Start returns.
 func TestServerNameFoundAtStartOfReplacedDisk(t *testing.T) {
-	const name = "volaaaaaaaa"
+	const name = vdaName // of vda's serial before it is replaced
 	f := newFakeServe(t, map[string]string{name: "/dev/vda"}, nil)
 	vda, ok := f.agent.Device("vda")
 	if !ok {
@@ -199,7 +213,9 @@ func TestServerNameFoundAtStartOfReplacedDisk(t *testing.T) {
 			"vda replaced by another disk")
 	}
 	f.serve(t, nil, listHook{Names: NewNamer(f.names), before: sync.OnceFunc(replace)})
-	f.waitGone(t, name, "the disk it was found for, vda "+vda.Identity().String()+", was removed")
+	if got := f.held(t); len(got) != 0 {
+		t.Fatalf("names when Start returned %v; want none: the disk %s was found for, vda %s, was replaced", got, name, vda.Identity())
+	}
 }
 
 // TestServerClosedMakesNoNames: a names request still waiting for the
@@ -211,7 +227,7 @@ func TestServerClosedMakesNoNames(t *testing.T) {
 	f.write(t, "devices/virtual/block/loop4/size", "2048")
 	subs := func() int { f.agent.mu.Lock(); defer f.agent.mu.Unlock(); return len(f.agent.subs) }
 	before := subs()
-	known, hidden := "volaaaaaaaa", "volbbbbbbbb"
+	known, hidden := vdaName, "volbbbbbbbb"
 	body, _ := json.Marshal(NamesMessage{Names: map[string]string{known: "/dev/vda", hidden: "/dev/loop4"}})
 	replies := make(chan *nats.Msg, 1)
 	sub, err := f.nc.ChanSubscribe(nats.NewInbox(), replies)
@@ -263,7 +279,7 @@ func TestServerNameGoesWhilePublishStalls(t *testing.T) {
 	if !ok {
 		t.Fatal("vda not found")
 	}
-	name := PersistentName(testUUID)
+	name := vdaName
 	f.name(t, NamesMessage{Names: map[string]string{name: vda.Path}})
 	f.write(t, vdaSize, strconv.FormatInt(2*vda.Size/512, 10))
 	f.src.send(t, Uevent{Action: "change", Subsystem: "block", DevType: "disk", DevName: "vda", Seqnum: 900}, nil)

@@ -27,6 +27,7 @@ import (
 	"github.com/volumed/volumed/devagent"
 	"github.com/volumed/volumed/devagent/loopdev"
 	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/internal/testloop"
 )
 
 // serveEnv is a real bus, agent and server on a VM id of its own, with a
@@ -92,19 +93,7 @@ func startServe(t *testing.T, before func(namesDir string), names devagent.Names
 		_ = srv.Close(context.Background())
 		_ = srv.Close(context.Background()) // twice is safe
 	})
-	backing := filepath.Join(t.TempDir(), "vol-"+e.volume+".img")
-	if err := os.WriteFile(backing, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(backing, 3<<20); err != nil {
-		t.Fatal(err)
-	}
-	dev, err := loopdev.Create(ctx, backing)
-	if err != nil {
-		t.Fatalf("loop device: %v", err)
-	}
-	e.dev = dev
-	t.Cleanup(func() { _ = dev.Remove(context.Background()) })
+	e.dev = testloop.Volume(ctx, t, t.TempDir(), e.volume)
 	return e
 }
 
@@ -181,19 +170,19 @@ func TestServerPublishesAndLists(t *testing.T) {
 }
 
 func TestServerNames(t *testing.T) {
-	kept := "volaaaaaaaa"
+	stale := "volaaaaaaaa"
 	e := startServe(t, func(dir string) {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		if err := os.Symlink("/dev/null", filepath.Join(dir, kept)); err != nil {
+		if err := os.Symlink("/dev/null", filepath.Join(dir, stale)); err != nil {
 			t.Fatal(err)
 		}
 	}, nil)
-	if target, err := os.Readlink(filepath.Join(e.names, kept)); err != nil || target != "/dev/null" {
-		t.Fatalf("name found at start not kept: %q, %v", target, err)
+	if target, err := os.Readlink(filepath.Join(e.names, stale)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("name found at start, of no disk, kept: %q, %v", target, err)
 	}
-	name := devagent.PersistentName(e.volume)
+	name, other := devagent.PersistentName(e.volume), devagent.PersistentName(uuid.NewString())
 	for _, tc := range []struct {
 		name      string
 		body      string
@@ -207,7 +196,12 @@ func TestServerNames(t *testing.T) {
 		{name: "target escaping /dev", body: `{"names": {"` + name + `": "/dev/../etc/passwd"}}`, wantErr: true},
 		{name: "make", body: `{"names": {"` + name + `": "` + e.dev.Path + `"}}`, wantNames: map[string]string{name: e.dev.Path}},
 		{name: "absent disk", body: `{"names": {"` + name + `": "/dev/loop99999"}}`, wantNames: map[string]string{}, skipped: name},
+		// As a mapping's recorded identity can, after a reboot restarted
+		// the diskseqs, match another volume's disk.
+		{name: "another volume's disk", body: `{"names": {"` + other + `": "` + e.dev.Path + `"}}`, wantNames: map[string]string{}, skipped: other},
 		{name: "make again", body: `{"names": {"` + name + `": "` + e.dev.Path + `"}}`, wantNames: map[string]string{name: e.dev.Path}},
+		{name: "outside the set", body: `{"names": {}}`, wantNames: map[string]string{}},
+		{name: "make once more", body: `{"names": {"` + name + `": "` + e.dev.Path + `"}}`, wantNames: map[string]string{name: e.dev.Path}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var reply devagent.NamesMessage
@@ -228,9 +222,6 @@ func TestServerNames(t *testing.T) {
 					t.Errorf("%s -> %q (%v), reply %q, want %s", n, got, err, reply.Names[n], target)
 				}
 			}
-			if _, err := os.Lstat(filepath.Join(e.names, kept)); !errors.Is(err, os.ErrNotExist) {
-				t.Errorf("%s outside the set not removed: %v", kept, err)
-			}
 			if tc.skipped != "" && reply.Skipped[tc.skipped] == "" {
 				t.Errorf("%s not reported skipped: %+v", tc.skipped, reply)
 			}
@@ -247,15 +238,59 @@ func TestServerNames(t *testing.T) {
 	}, "name of removed device %s removed; %v", e.dev.Path, e.state())
 }
 
+// TestServerNameFoundAtStartOfAnotherVolume: names made by an earlier run
+// are found at start. One of a volume whose disk went while volumed was
+// down, its kernel name now another volume's disk, is gone when Start
+// returns: from the first moment, no open() of it reaches the other
+// volume's disk. That volume's own name, proven by its disk's identity, is
+// kept, and goes with its disk.
+func TestServerNameFoundAtStartOfAnotherVolume(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var dev *loopdev.Device
+	var stale, own string
+	e := startServe(t, func(dir string) {
+		testenv.RequireLoopControl(t)
+		vol := uuid.NewString()
+		dev = testloop.Volume(ctx, t, t.TempDir(), vol)
+		stale, own = filepath.Join(dir, devagent.PersistentName(uuid.NewString())), filepath.Join(dir, devagent.PersistentName(vol))
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for _, link := range []string{stale, own} {
+			if err := os.Symlink(dev.Path, link); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}, nil)
+	if target, err := os.Readlink(stale); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("name %s found at start still there when Start returned (-> %q, %v): an open() of it opens %s, another volume's disk",
+			stale, target, err, dev.Path)
+	}
+	if target, err := os.Readlink(own); err != nil || target != dev.Path {
+		t.Fatalf("name %s of the disk found at start: -> %q, %v; want kept -> %s", own, target, err, dev.Path)
+	}
+	if err := dev.Remove(ctx); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		_, err := os.Lstat(own)
+		return errors.Is(err, os.ErrNotExist)
+	}, "name %s found at start removed with its disk %s; the log:\n%s", own, dev.Path, e.log)
+}
+
 // TestServerDMNames runs the names requests through a DMNamer on the fake
 // dmsetup (the real dm path is untested here): a stale dm device found at
-// start is removed, the requested one made, and removed when its device
-// goes away.
+// start (over no present disk) is removed by Start, the requested one
+// made, and removed when its device goes away.
 func TestServerDMNames(t *testing.T) {
 	fake := devagent.NewFakeDM(t)
 	stale := "volaaaaaaaa"
 	fake.SetTable(t, stale, "0 8 linear 7:4095 0")
 	e := startServe(t, nil, devagent.NewDMNamer(fake.Bin, ""))
+	if table, found := fake.Tables(t)[stale]; found {
+		t.Fatalf("stale dm device %s (%s) found at start kept", stale, table)
+	}
 	name := devagent.PersistentName(e.volume)
 	body, err := json.Marshal(devagent.NamesMessage{Names: map[string]string{name: e.dev.Path}})
 	if err != nil {
@@ -267,9 +302,6 @@ func TestServerDMNames(t *testing.T) {
 	}
 	if reply.Error != "" || reply.Dir != devagent.DMDir || len(reply.Names) != 1 || reply.Names[name] != e.dev.Path {
 		t.Fatalf("reply = %+v, want %s -> %s in %s", reply, name, e.dev.Path, devagent.DMDir)
-	}
-	if target, found := reply.Previous[stale]; !found || target != "" {
-		t.Errorf("previous = %v, want %s with no present disk", reply.Previous, stale)
 	}
 	want := map[string]string{name: devagent.WholeDeviceTable(t, e.dev.Path, 3<<20)}
 	if got := fake.Tables(t); !maps.Equal(got, want) {
@@ -395,16 +427,7 @@ func TestServerNameRemovedByScan(t *testing.T) {
 	b := testenv.StartBus(t)
 	vm, vol := uuid.NewString(), uuid.NewString()
 	dir := t.TempDir()
-	first := filepath.Join(dir, "vol-"+vol+".img")
-	second := filepath.Join(dir, "vol-"+uuid.NewString()+".img")
-	for _, f := range []string{first, second} {
-		if err := os.WriteFile(f, nil, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Truncate(f, 3<<20); err != nil {
-			t.Fatal(err)
-		}
-	}
+	first, second := testloop.File(t, dir, vol), testloop.File(t, dir, uuid.NewString())
 	dev, err := loopdev.Create(ctx, first)
 	if err != nil {
 		t.Fatal(err)
@@ -497,19 +520,7 @@ func TestServerNamesOnlyForKnownDisks(t *testing.T) {
 	create := func() (*loopdev.Device, string) {
 		t.Helper()
 		vol := uuid.NewString()
-		backing := filepath.Join(dir, "vol-"+vol+".img")
-		if err := os.WriteFile(backing, nil, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Truncate(backing, 3<<20); err != nil {
-			t.Fatal(err)
-		}
-		dev, err := loopdev.Create(ctx, backing)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = dev.Remove(context.Background()) })
-		return dev, devagent.PersistentName(vol)
+		return testloop.Volume(ctx, t, dir, vol), devagent.PersistentName(vol)
 	}
 	request := func(name, target string) devagent.NamesMessage {
 		t.Helper()

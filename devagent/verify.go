@@ -54,3 +54,20 @@ func CheckLocal(sysRoot, devRoot string, id commands.DeviceIdentity) error {
 	}
 	return nil
 }
+
+// CheckVolume checks, on this host, that the disk name in sysRoot (empty:
+// DefaultSysRoot), if present, does not carry another volume's kernel
+// identity than volumeID's (MatchesVolume). A diskseq starts again at each
+// boot, and without one (kernels before 5.15) CheckLocal checks only the
+// name and number, so a disk that passes CheckLocal may still be another
+// volume's; a disk without identity cannot be told apart here.
+func CheckVolume(sysRoot, name, volumeID string) error {
+	d, ok, err := Sysfs{Root: sysRoot}.Disk(name)
+	if err != nil {
+		return err
+	}
+	if ok && HasIdentity(d) && !MatchesVolume(d, volumeID) {
+		return fmt.Errorf("%w: %s carries another volume's identity than %s's", ErrNotThatDisk, name, volumeID)
+	}
+	return nil
+}

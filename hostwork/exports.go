@@ -37,7 +37,7 @@ type Exporter interface {
 
 // NBDExporter is the Exporter on volumed's NBD server. It serves only the
 // recorded disk of an export: the kernel node /dev/<name> of its device
-// identity, checked on this host (CheckLocal) and opened by the NBD
+// identity, checked on this host (CheckLocal, CheckVolume) and opened by the NBD
 // server with O_NOFOLLOW as that device number; never a path an agent
 // chose, nor the persistent name.
 type NBDExporter struct {
@@ -86,6 +86,9 @@ func (x NBDExporter) spec(e commands.Export) (nbd.ExportSpec, error) {
 	}
 	id := *e.DeviceIdentity
 	if err := devagent.CheckLocal(x.SysRoot, x.DevRoot, id); err != nil {
+		return nbd.ExportSpec{}, err
+	}
+	if err := devagent.CheckVolume(x.SysRoot, id.Name, e.VolumeID); err != nil {
 		return nbd.ExportSpec{}, err
 	}
 	return nbd.ExportSpec{Name: e.ExportName, Path: id.Path(), Device: unix.Mkdev(uint32(id.Major), uint32(id.Minor)),
