@@ -47,7 +47,7 @@ const (
 	kvArchiveHead     = 18             // length, checksum, revision, id length
 	kvArchiveMaxEntry = 16 << 20       // the largest entry read back
 	kvArchiveSegMax   = 1<<32 - 1      // a segment's size: the offset's 32 bits
-	kvArchiveMaxOpen  = 64             // files kept open at once
+	kvArchiveMaxOpen  = 256            // files kept open at once
 	kvArchiveMargin   = 24 * time.Hour // kept past the retention's cut
 	kvArchiveVersion  = "volumed operation archive 1\n"
 	kvArchiveStream   = "stream"
@@ -120,7 +120,9 @@ func mapName(rev uint64) string {
 }
 
 // file returns the open file name, opening it (creating it if create)
-// if it is not. a.mu is held.
+// if it is not, and closing the others first when kvArchiveMaxOpen are
+// open (a read of one of them then fails, and is read from the bucket).
+// a.mu is held.
 func (a *opArchive) file(name string, create bool) (*os.File, error) {
 	if a.closed {
 		return nil, os.ErrClosed
@@ -173,6 +175,9 @@ func (a *opArchive) append(id string, rev uint64, completed int64, raw []byte) e
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if len(a.files) > kvArchiveMaxOpen-2 {
+		a.closeFiles() // not the two opened below
+	}
 	m, err := a.file(mapName(rev), true)
 	if err != nil {
 		return err
