@@ -293,18 +293,37 @@ func (g generator) queries() []query {
 }
 
 // deepCursor is the cursor after the newest operation of the older half
-// of the history that f selects (the bench knows the history, so it makes
-// the cursor the bridge would have returned on that page).
+// of the history that f selects and that has an older one f selects (the
+// bench knows the history, so it makes the cursor the bridge would have
+// returned on that page): its page is never empty. A history in which f
+// selects one operation has no such cursor: "", the first page.
 func (g generator) deepCursor(f state.Filter) string {
-	for i := g.c.n / 2; i >= 0; i-- {
-		op := g.Op(i)
-		if (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
+	selects := func(op commands.Operation) bool {
+		return (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
 			(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || op.VM() == f.VMID) &&
-			(f.RequestedBy == "" || op.RequestedBy == f.RequestedBy) {
-			return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(op.CreatedAt.UnixMicro(), 10) + ":" + op.ID))
+			(f.RequestedBy == "" || op.RequestedBy == f.RequestedBy)
+	}
+	// The two newest selected at or below the middle, else the oldest
+	// above it: the newer of the two is the cursor.
+	var found []commands.Operation
+	for i := g.c.n / 2; i >= 0 && len(found) < 2; i-- {
+		if op := g.Op(i); selects(op) {
+			found = append(found, op)
 		}
 	}
-	return ""
+	for i := g.c.n/2 + 1; i < g.c.n && len(found) < 2; i++ {
+		if op := g.Op(i); selects(op) {
+			found = append(found, op)
+		}
+	}
+	if len(found) < 2 {
+		return ""
+	}
+	op := found[0]
+	if found[1].CreatedAt.After(op.CreatedAt) {
+		op = found[1]
+	}
+	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(op.CreatedAt.UnixMicro(), 10) + ":" + op.ID))
 }
 
 // warmups is how many runs of a measured request precede the timed ones.
