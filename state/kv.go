@@ -1421,9 +1421,9 @@ func (k *KV) Close(ctx context.Context) error {
 				k.log.Warn("index cache not written", "err", cerr)
 			}
 		}
-		k.mu.Lock()
-		k.ops.base.close()
-		k.mu.Unlock()
+		// Not the index's base file: a read still in flight at shutdown
+		// (an HTTP request past the server's shutdown, a NATS command)
+		// reads it, and a failed read of it panics.
 		k.archive.close()
 	})
 	return err

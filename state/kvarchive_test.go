@@ -348,3 +348,23 @@ func archiveFiles(t *testing.T, dir string) []string {
 	}
 	return out
 }
+
+// TestKVReadsAfterClose reads a record held in the index's base file
+// after the store's Close, as a request still in flight at shutdown does:
+// an answer or an error, never a panic.
+func TestKVReadsAfterClose(t *testing.T) {
+	ctx, f := newCacheTest(t, "closedreads")
+	f.create(t, f.plain, 30)
+	k, err := NewKV(ctx, f.js, KVConfig{Bucket: f.bucket, IndexCache: f.path, Archive: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	cancel() // no wait for a watcher that is gone
+	_, _ = k.GetOperation(rctx, "op-3")
+	_, _ = k.RecentOperation("op-3")
+}

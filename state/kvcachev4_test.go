@@ -449,10 +449,7 @@ func TestKVCacheCrashLeftovers(t *testing.T) {
 		name  string
 		crash func(t *testing.T, f *cacheFixture, k *KV, earlier string) []string
 	}{
-		{"base written, cache not renamed", func(t *testing.T, f *cacheFixture, _ *KV, _ string) []string {
-			// A base of the same records, from the reference: the store
-			// is closed, and its base file with it.
-			k := f.plain
+		{"base written, cache not renamed", func(t *testing.T, f *cacheFixture, k *KV, _ string) []string {
 			k.mu.RLock()
 			ref, err := writeBaseFile(f.path, k.ops, k.seen)
 			k.mu.RUnlock()
