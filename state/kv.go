@@ -159,7 +159,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	}
 	if cfg.Archive != "" {
 		info := stream.CachedInfo()
-		if k.archive, err = openArchive(cfg.Archive, info.Config.Name, info.Created, log); err != nil {
+		if k.archive, err = openArchive(cfg.Archive, info.Config.Name, info.Created, info.State.LastSeq, log); err != nil {
 			log.Warn("no operation archive: records are read from the bucket", "dir", cfg.Archive, "err", err)
 		}
 	}

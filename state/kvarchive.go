@@ -1,10 +1,12 @@
 package state
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -69,8 +71,11 @@ type opArchive struct {
 }
 
 // openArchive opens the archive in dir for the bucket's stream (name,
-// created), emptying a directory kept for another stream.
-func openArchive(dir, stream string, created time.Time, log *slog.Logger) (*opArchive, error) {
+// created, its last sequence last), emptying a directory kept for another
+// stream, and dropping the entries of revisions past last: the stream was
+// restored from an earlier backup (keeping its name and creation time),
+// and will write those revisions again.
+func openArchive(dir, stream string, created time.Time, last uint64, log *slog.Logger) (*opArchive, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -87,7 +92,43 @@ func openArchive(dir, stream string, created time.Time, log *slog.Logger) (*opAr
 			return nil, err
 		}
 	}
+	if err := dropAfter(dir, last); err != nil {
+		return nil, err
+	}
 	return &opArchive{dir: dir, log: log, files: map[string]*os.File{}, sizes: map[string]int64{}}, nil
+}
+
+// dropAfter removes the places of the revisions past last from the maps
+// in dir.
+func dropAfter(dir string, last uint64) error {
+	des, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, de := range des {
+		n, ok := strings.CutSuffix(de.Name(), kvArchiveMap)
+		if !ok {
+			continue
+		}
+		first, err := strconv.ParseUint(n, 10, 64)
+		if err != nil {
+			continue
+		}
+		first <<= kvArchiveMapShift
+		path := filepath.Join(dir, de.Name())
+		switch {
+		case first > last:
+			err = os.Remove(path)
+		case last-first < 1<<kvArchiveMapShift:
+			if st, serr := os.Stat(path); serr != nil || st.Size() > int64(last-first+1)*8 {
+				err = os.Truncate(path, int64(last-first+1)*8)
+			}
+		}
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
 }
 
 // removeArchiveFiles removes the segments and maps in dir that drop
@@ -155,11 +196,16 @@ func (a *opArchive) closeFiles() {
 }
 
 // put archives raw, the terminal record of id at revision rev completed
-// at completed (opScore), unless revision rev has an entry already (a
-// start that reads every record again). An error is logged: the record
-// is then read from the bucket.
+// at completed (opScore), unless revision rev's entry holds it already (a
+// start that reads every record again). An entry of another record at
+// rev (a stream restored from an earlier backup keeps its name and
+// creation time, and writes the dropped history's revisions again) is
+// replaced. An error is logged: the record is then read from the bucket.
 func (a *opArchive) put(id string, rev uint64, completed int64, raw []byte) {
 	if a == nil {
+		return
+	}
+	if was, err := a.get(id, rev); err == nil && bytes.Equal(was, raw) {
 		return
 	}
 	if err := a.append(id, rev, completed, raw); err != nil {
@@ -181,11 +227,6 @@ func (a *opArchive) append(id string, rev uint64, completed int64, raw []byte) e
 	m, err := a.file(mapName(rev), true)
 	if err != nil {
 		return err
-	}
-	var slot [8]byte
-	at := int64(rev&(1<<kvArchiveMapShift-1)) * 8
-	if n, _ := m.ReadAt(slot[:], at); n == 8 && binary.LittleEndian.Uint64(slot[:]) != 0 {
-		return nil
 	}
 	name := segName(uint32(day))
 	seg, err := a.file(name, true)
@@ -214,8 +255,9 @@ func (a *opArchive) append(id string, rev uint64, completed int64, raw []byte) e
 	if err != nil {
 		return err
 	}
+	var slot [8]byte
 	binary.LittleEndian.PutUint64(slot[:], uint64(day)<<32|uint64(off))
-	_, err = m.WriteAt(slot[:], at)
+	_, err = m.WriteAt(slot[:], int64(rev&(1<<kvArchiveMapShift-1))*8)
 	return err
 }
 
@@ -228,7 +270,7 @@ func (a *opArchive) get(id string, rev uint64) ([]byte, error) {
 	}
 	var slot [8]byte
 	if err := a.readAt(mapName(rev), slot[:], int64(rev&(1<<kvArchiveMapShift-1))*8); err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, io.EOF) { // no map, or no place written at or past rev's
 			return nil, errArchiveMiss
 		}
 		return nil, err

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -252,13 +253,8 @@ func TestKVArchivePrune(t *testing.T) {
 // archive's files.
 func TestKVCloseClosesFiles(t *testing.T) {
 	ctx, f := newArchiveTest(t)
-	f.create(t, f.plain, 20)
 	k := f.open(t, true)
-	waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
 	f.check(t, k, f.terminal(t, k, time.Now()), false)
-	k.mu.RLock()
-	base := k.ops.base.f
-	k.mu.RUnlock()
 	k.archive.mu.Lock()
 	files := make([]*os.File, 0, len(k.archive.files))
 	for _, fl := range k.archive.files {
@@ -271,9 +267,47 @@ func TestKVCloseClosesFiles(t *testing.T) {
 	if err := k.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
-	for _, fl := range append(files, base) {
+	for _, fl := range files {
 		if _, err := fl.Stat(); !errors.Is(err, os.ErrClosed) {
 			t.Fatalf("%s open after Close: %v", fl.Name(), err)
+		}
+	}
+}
+
+// TestArchiveRevisionReused archives another record at a revision that
+// has an entry (a stream restored from an earlier backup, which keeps its
+// name and creation time, writes its next revisions again): the entry is
+// the new record, not the one of the history the restore dropped.
+// A start on a stream that ends before an entry (restored) drops it,
+// so that no read finds it before the revision's new record is archived.
+func TestArchiveRevisionReused(t *testing.T) {
+	dir := t.TempDir()
+	open := func(last uint64) *opArchive {
+		a, err := openArchive(dir, "KV_x", time.Unix(1, 0), last, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	a := open(0)
+	ended := time.Now().UnixMicro()
+	a.put("op-1", 7, ended, []byte(`{"status":"completed"}`))
+	a.put("op-1", 7, ended, []byte(`{"status":"failed"}`))
+	if got, err := a.get("op-1", 7); err != nil || string(got) != `{"status":"failed"}` {
+		t.Fatalf("get: %s, %v; want the later record", got, err)
+	}
+	a.put("op-2", 5, ended, []byte(`{}`))
+	a.put("op-3", 3<<kvArchiveMapShift, ended, []byte(`{}`))
+	a.close()
+	a = open(6)
+	defer a.close()
+	for _, e := range []struct {
+		id   string
+		rev  uint64
+		want error
+	}{{"op-2", 5, nil}, {"op-1", 7, errArchiveMiss}, {"op-3", 3 << kvArchiveMapShift, errArchiveMiss}} {
+		if _, err := a.get(e.id, e.rev); !errors.Is(err, e.want) {
+			t.Errorf("after a start at revision 6: get %s at %d: %v, want %v", e.id, e.rev, err, e.want)
 		}
 	}
 }
