@@ -270,7 +270,7 @@ func (a *opArchive) get(id string, rev uint64) ([]byte, error) {
 	}
 	var slot [8]byte
 	if err := a.readAt(mapName(rev), slot[:], int64(rev&(1<<kvArchiveMapShift-1))*8); err != nil {
-		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, io.EOF) { // no map, or no place written at or past rev's
+		if errors.Is(err, io.EOF) { // no place written at or past rev's
 			return nil, errArchiveMiss
 		}
 		return nil, err
@@ -302,15 +302,18 @@ func (a *opArchive) get(id string, rev uint64) ([]byte, error) {
 	return e[10+idLen:], nil
 }
 
-// readAt fills p from file name at off.
+// readAt fills p from file name at off: errArchiveMiss if the file is
+// gone (pruned) or closed (the archive's Close, or the open files' limit).
 func (a *opArchive) readAt(name string, p []byte, off int64) error {
 	a.mu.Lock()
 	f, err := a.file(name, false)
 	a.mu.Unlock()
-	if err != nil {
-		return err
+	if err == nil {
+		_, err = f.ReadAt(p, off)
 	}
-	_, err = f.ReadAt(p, off)
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, os.ErrClosed) {
+		return errArchiveMiss
+	}
 	return err
 }
 

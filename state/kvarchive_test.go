@@ -402,3 +402,30 @@ func TestKVReadsAfterClose(t *testing.T) {
 	_, _ = k.GetOperation(rctx, "op-3")
 	_, _ = k.RecentOperation("op-3")
 }
+
+// TestArchiveMisses: a revision without a place, a pruned segment and a
+// closed archive are misses (read from the bucket without a warning), not
+// errors.
+func TestArchiveMisses(t *testing.T) {
+	dir := t.TempDir()
+	a, err := openArchive(dir, "KV_x", time.Unix(1, 0), 0, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended := time.Now()
+	a.put("op-1", 3, ended.UnixMicro(), []byte(`{}`))
+	a.put("op-2", 9, ended.Add(-72*time.Hour).UnixMicro(), []byte(`{}`))
+	if _, err := a.get("op-1", 3); err != nil {
+		t.Fatal(err)
+	}
+	a.prune(ended.Add(-time.Hour)) // op-2's segment, not the map
+	for _, rev := range []uint64{2, 9, 100} {
+		if _, err := a.get("op", rev); !errors.Is(err, errArchiveMiss) {
+			t.Errorf("revision %d: %v, want a miss", rev, err)
+		}
+	}
+	a.close()
+	if _, err := a.get("op-1", 3); !errors.Is(err, errArchiveMiss) {
+		t.Errorf("after close: %v, want a miss", err)
+	}
+}
