@@ -56,6 +56,10 @@ type KVConfig struct {
 	// Each process sharing the bucket (each cluster member) needs its own
 	// file; the path may be the same on every host.
 	IndexCache string
+	// Archive is the directory of the store's archive of terminal
+	// operation records (kvarchive.go), read instead of the bucket; empty:
+	// none. Each process sharing the bucket needs its own.
+	Archive string
 }
 
 // KV is the Store on a JetStream KeyValue bucket: operations under
@@ -67,7 +71,8 @@ type KVConfig struct {
 // process sharing the bucket converges; each write also updates them
 // before it returns. Of an operation, memory keeps only what the indexes
 // need (opIndex), and the JSON of the recent ones (recentOps); other
-// records are read from the bucket. Deletes leave a marker that expires after a day
+// records are read from the archive of terminal records (opArchive) or
+// the bucket. Deletes leave a marker that expires after a day
 // (LimitMarkerTTL), so pruned records leave nothing behind for long.
 type KV struct {
 	js     jetstream.JetStream
@@ -78,6 +83,7 @@ type KV struct {
 	writes atomic.Int64
 
 	cache   string // the index cache file; "" none
+	archive *opArchive
 	sealKey string // the key of its seals (kvCacheSealPrefix): this process's
 
 	mu     sync.RWMutex
@@ -101,6 +107,8 @@ type KV struct {
 	// afterListIndex, set by tests only, runs in ListOperations between
 	// the read of the index and that of the records.
 	afterListIndex func()
+	// onGet, set by tests only, runs in get before the bucket's read.
+	onGet func(key string)
 
 	watcher *kvWatcher
 	// compact asks the cache's writer for a new file, and so a new base
@@ -148,6 +156,12 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 		corrupt: make(map[string]Corrupt)}
 	if err := k.upgrade(ctx, cfg.Logger); err != nil {
 		return nil, fmt.Errorf("state: kv %s: %w", cfg.Bucket, err)
+	}
+	if cfg.Archive != "" {
+		info := stream.CachedInfo()
+		if k.archive, err = openArchive(cfg.Archive, info.Config.Name, info.Created, info.State.LastSeq, log); err != nil {
+			log.Warn("no operation archive: records are read from the bucket", "dir", cfg.Archive, "err", err)
+		}
 	}
 	if cfg.IndexCache != "" {
 		k.cache, k.sealKey = cfg.IndexCache, newSealKey() // loadCache keeps the file's
@@ -313,11 +327,20 @@ func decodeRecord[T any](key, id string, raw []byte) (*T, error) {
 // already holds that revision or a later one: a writer's own record, or
 // one the watcher delivered. The watches of its end hear of it.
 func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []byte, fromWatcher bool) error {
+	if k.putOpValue(id, rev, op, raw, fromWatcher) && op != nil && op.Status.Terminal() {
+		k.archive.put(id, rev, opScore(completedAt(op)), raw)
+	}
+	return nil
+}
+
+// putOpValue is applyOpValue but for the archive; it reports whether
+// the index took revision rev.
+func (k *KV) putOpValue(id string, rev uint64, op *commands.Operation, raw []byte, fromWatcher bool) bool {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	cur, _, _ := k.ops.rev(id)
 	if !k.fresh(cur, rev, fromWatcher) {
-		return nil
+		return false
 	}
 	if op == nil || op.Status.Terminal() {
 		var own []byte
@@ -330,12 +353,12 @@ func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []b
 		k.ops.remove(id)
 		k.recent.forget(id)
 		k.nudge()
-		return nil
+		return true
 	}
 	k.ops.put(rev, op)
 	k.recent.put(id, rev, raw)
 	k.nudge()
-	return nil
+	return true
 }
 
 // applyMapping puts revision rev of a mapping (nil raw: deleted) in the
@@ -624,6 +647,7 @@ func (k *KV) PruneOperations(ctx context.Context, completedBefore time.Time, lim
 			break // else walk again: the held ones took places of the batch
 		}
 	}
+	k.archive.prune(completedBefore)
 	return PruneHeld(ctx, k, n, limit, cut, k.heldOps, func(op commands.Operation) error {
 		if err := k.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
 			return err
@@ -694,12 +718,63 @@ func (k *KV) heldOps(ctx context.Context) ([]commands.Operation, error) {
 	return ops, nil
 }
 
-// GetOperation reads one operation from the bucket.
+// GetOperation reads one operation: a terminal one from the archive
+// (archived), any other, or one the archive misses, from the bucket.
 func (k *KV) GetOperation(ctx context.Context, id string) (commands.Operation, error) {
+	if op, ok := k.archived(ctx, id); ok {
+		return op, nil
+	}
+	return k.bucketOp(ctx, id)
+}
+
+// bucketOp reads operation id from the bucket.
+func (k *KV) bucketOp(ctx context.Context, id string) (commands.Operation, error) {
 	var op commands.Operation
 	rev, err := get(ctx, k, kvOpPrefix+id, id, &op)
 	op.Revision = rev
 	return op, err
+}
+
+// archived returns operation id from the archive when the index holds it
+// terminal, at the revision the index holds after a read barrier (so
+// that it reflects every write before the call, as a read from the
+// bucket does), and the archive holds that revision whole.
+func (k *KV) archived(ctx context.Context, id string) (commands.Operation, bool) {
+	if k.archive == nil || id == "" {
+		return commands.Operation{}, false
+	}
+	terminal := func() (uint64, bool) {
+		k.mu.RLock()
+		defer k.mu.RUnlock()
+		rev, st, live := k.ops.rev(id)
+		return rev, live && st.Terminal()
+	}
+	if _, ok := terminal(); !ok || k.caughtUp(ctx) != nil {
+		return commands.Operation{}, false
+	}
+	rev, ok := terminal()
+	if !ok {
+		return commands.Operation{}, false
+	}
+	return k.archivedAt(id, rev)
+}
+
+// archivedAt returns the record of operation id at revision rev from the
+// archive, if it holds it whole (only terminal records are archived).
+func (k *KV) archivedAt(id string, rev uint64) (commands.Operation, bool) {
+	raw, err := k.archive.get(id, rev)
+	if err != nil {
+		if !errors.Is(err, errArchiveMiss) {
+			k.log.Warn("archived operation read from the bucket", "id", id, "revision", rev, "err", err)
+		}
+		return commands.Operation{}, false
+	}
+	var op commands.Operation
+	if decode(kvOpPrefix+id, id, raw, &op) != nil {
+		return commands.Operation{}, false // the bucket's read reports it
+	}
+	op.Revision = rev
+	return op, true
 }
 
 // get reads and decodes the record of id at key, returning its
@@ -708,6 +783,9 @@ func (k *KV) GetOperation(ctx context.Context, id string) (commands.Operation, e
 func get[T any](ctx context.Context, k *KV, key, id string, v *T) (uint64, error) {
 	if id == "" {
 		return 0, fmt.Errorf("state: %s without an id: %w", key, ErrNotFound)
+	}
+	if k.onGet != nil {
+		k.onGet(key)
 	}
 	e, err := k.last(ctx, key)
 	if err != nil {
@@ -981,7 +1059,7 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 			recs[i].Revision = revs[i]
 		}
 	}
-	if err := k.getOps(ctx, ids, missing, recs); err != nil {
+	if err := k.getOps(ctx, ids, revs, missing, recs); err != nil {
 		return nil, "", err
 	}
 	out := make([]commands.Operation, 0, len(recs))
@@ -1004,9 +1082,10 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 // kvReaders bounds the reads of one listing in flight at once.
 const kvReaders = 16
 
-// getOps reads the operations ids[i] for each i of which into out[i]
-// from the bucket, several at once; a deleted one is left zero.
-func (k *KV) getOps(ctx context.Context, ids []string, which []int, out []commands.Operation) error {
+// getOps reads the operations ids[i] for each i of which into out[i]:
+// from the archive at revs[i], the revision the index held, or from the
+// bucket, several at once; a deleted one is left zero.
+func (k *KV) getOps(ctx context.Context, ids []string, revs []uint64, which []int, out []commands.Operation) error {
 	errs := make([]error, len(which))
 	sem := make(chan struct{}, kvReaders)
 	var wg sync.WaitGroup
@@ -1014,7 +1093,11 @@ func (k *KV) getOps(ctx context.Context, ids []string, which []int, out []comman
 		sem <- struct{}{}
 		wg.Go(func() {
 			defer func() { <-sem }()
-			op, err := k.GetOperation(ctx, ids[i])
+			if op, ok := k.archivedAt(ids[i], revs[i]); ok {
+				out[i] = op
+				return
+			}
+			op, err := k.bucketOp(ctx, ids[i])
 			if errors.Is(err, ErrNotFound) || k.skipCorrupt(err) {
 				return
 			}
@@ -1338,6 +1421,10 @@ func (k *KV) Close(ctx context.Context) error {
 				k.log.Warn("index cache not written", "err", cerr)
 			}
 		}
+		// Not the index's base file: a read still in flight at shutdown
+		// (an HTTP request past the server's shutdown, a NATS command)
+		// reads it, and a failed read of it panics.
+		k.archive.close()
 	})
 	return err
 }

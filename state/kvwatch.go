@@ -416,7 +416,9 @@ func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte, recent bool) erro
 	var sc scannedOp
 	if scanIndexed(raw, &sc) && len(sc.typ) > 0 && len(sc.status) > 0 {
 		f := sc.fields()
-		putWatchedOp(k, id, rev, &f, raw, recent)
+		if putWatchedOp(k, id, rev, &f, raw, recent) {
+			k.archive.put(id, rev, f.completed, raw)
+		}
 		return nil
 	}
 	var o kvIndexed
@@ -431,26 +433,32 @@ func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte, recent bool) erro
 	}
 	op := o.operation(id)
 	f := fieldsOf(&op)
-	putWatchedOp(k, id, rev, &f, raw, recent)
+	if putWatchedOp(k, id, rev, &f, raw, recent) {
+		k.archive.put(id, rev, f.completed, raw)
+	}
 	return nil
 }
 
-// putWatchedOp is applyWatchedOp of a decoded record, f.
-func putWatchedOp[S ~string | ~[]byte](k *KV, id string, rev uint64, f *opFields[S], raw []byte, recent bool) {
+// putWatchedOp is applyWatchedOp of a decoded record, f, but for the
+// archive; it reports whether the index took revision rev of a terminal
+// record.
+func putWatchedOp[S ~string | ~[]byte](k *KV, id string, rev uint64, f *opFields[S], raw []byte, recent bool) bool {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	// fresh but for the revision the index holds, which putNewer looks
 	// up.
 	if !k.fresh(0, rev, true) || !putNewerLayers(k.ops, id, rev, f) {
-		return
+		return false
 	}
 	k.nudge()
 	if recent {
 		k.recent.put(id, rev, raw)
 	}
-	if commands.OpStatus(f.status).Terminal() {
-		k.ends.ended(id, nil)
+	if !commands.OpStatus(f.status).Terminal() {
+		return false
 	}
+	k.ends.ended(id, nil)
+	return true
 }
 
 // kvIndexed is what encoding/json reads of an operation's JSON when the

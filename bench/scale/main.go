@@ -9,6 +9,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/base64"
 	"errors"
@@ -50,6 +51,7 @@ type config struct {
 	cloudsim string
 	redisURL string
 	settle   time.Duration
+	reads    int
 }
 
 func main() {
@@ -66,6 +68,7 @@ func main() {
 	flag.StringVar(&c.cloudsim, "cloudsim", "", "cloudsim binary (test/cloudsim/cmd/cloudsim)")
 	flag.StringVar(&c.redisURL, "redis-url", "", "Redis URL, for -store redis (its database is flushed first)")
 	flag.DurationVar(&c.settle, "settle", 150*time.Second, "how long volumed idles before its resident memory is measured again")
+	flag.IntVar(&c.reads, "reads", 10_000, "reads by id of random operations after the measured requests, before resident memory is measured again")
 	flag.Parse()
 	if err := run(context.Background(), c); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-scale:", err)
@@ -290,18 +293,37 @@ func (g generator) queries() []query {
 }
 
 // deepCursor is the cursor after the newest operation of the older half
-// of the history that f selects (the bench knows the history, so it makes
-// the cursor the bridge would have returned on that page).
+// of the history that f selects and that has an older one f selects (the
+// bench knows the history, so it makes the cursor the bridge would have
+// returned on that page): its page is never empty. A history in which f
+// selects one operation has no such cursor: "", the first page.
 func (g generator) deepCursor(f state.Filter) string {
-	for i := g.c.n / 2; i >= 0; i-- {
-		op := g.Op(i)
-		if (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
+	selects := func(op commands.Operation) bool {
+		return (f.Type == "" || op.Type == f.Type) && (f.Status == "" || op.Status == f.Status) &&
 			(f.VolumeID == "" || op.VolumeID == f.VolumeID) && (f.VMID == "" || op.VM() == f.VMID) &&
-			(f.RequestedBy == "" || op.RequestedBy == f.RequestedBy) {
-			return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(op.CreatedAt.UnixMicro(), 10) + ":" + op.ID))
+			(f.RequestedBy == "" || op.RequestedBy == f.RequestedBy)
+	}
+	// The two newest selected at or below the middle, else the oldest
+	// above it: the newer of the two is the cursor.
+	var found []commands.Operation
+	for i := g.c.n / 2; i >= 0 && len(found) < 2; i-- {
+		if op := g.Op(i); selects(op) {
+			found = append(found, op)
 		}
 	}
-	return ""
+	for i := g.c.n/2 + 1; i < g.c.n && len(found) < 2; i++ {
+		if op := g.Op(i); selects(op) {
+			found = append(found, op)
+		}
+	}
+	if len(found) < 2 {
+		return ""
+	}
+	op := found[0]
+	if found[1].CreatedAt.After(op.CreatedAt) {
+		op = found[1]
+	}
+	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(op.CreatedAt.UnixMicro(), 10) + ":" + op.ID))
 }
 
 // warmups is how many runs of a measured request precede the timed ones.
@@ -428,6 +450,11 @@ func (g generator) serve(ctx context.Context, data string) error {
 				return err
 			}
 			rss("after the requests")
+			if err := g.readMany(ctx, cl); err != nil {
+				proc.Stop(vd)
+				return err
+			}
+			rss(fmt.Sprintf("after %d reads by id", g.c.reads))
 		}
 		proc.Stop(vd)
 	}
@@ -510,6 +537,34 @@ func (g generator) measureHTTP(ctx context.Context, cl client) error {
 		report(name, lat, goalStatsMS)
 	}
 	return nil
+}
+
+// readMany reads g.c.reads random operations by id, 8 at once: records
+// of every age, so every part of the history is read again.
+func (g generator) readMany(ctx context.Context, cl client) error {
+	ids := make(chan string)
+	errs := make(chan error, 8)
+	for range 8 {
+		go func() {
+			var first error
+			for id := range ids {
+				if err := cl.get(ctx, "/operations/"+id); err != nil && first == nil {
+					first = err
+				}
+			}
+			errs <- first
+		}()
+	}
+	r := rand.New(rand.NewPCG(3, 4))
+	for range g.c.reads {
+		ids <- g.ID(r.IntN(g.c.n))
+	}
+	close(ids)
+	var err error
+	for range 8 {
+		err = cmp.Or(err, <-errs)
+	}
+	return err
 }
 
 type client struct {

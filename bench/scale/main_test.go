@@ -19,3 +19,15 @@ func TestLoadAndMeasure(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestLoadAndMeasureFewPerVolume is TestLoadAndMeasure with three
+// operations per volume: a deep cursor at a volume's oldest one would
+// list an empty page.
+func TestLoadAndMeasureFewPerVolume(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := config{store: "kv", n: 3000, volumes: 1000, vms: 100, callers: 5, writers: 8, samples: 20}
+	if err := newGenerator(c).loadAndMeasure(ctx, t.TempDir()); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -174,7 +174,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	f := newFlagSet("volumed", "volumed manages CloudStack block volumes for this host.\n"+
 		"`volumed agent --help` shows the device agent alone.", stderr, &c)
 	f.str(&c.listen, "listen", "VOLUMED_LISTEN", "127.0.0.1:8090", "REST API address")
-	f.str(&c.dataDir, "data-dir", "VOLUMED_DATA_DIR", "./volumed-data", "data directory: JetStream files (nats/), NATS keys and credentials (creds/), the generated REST token (api-token), the embedded store's index cache (state-index.cache), volumed's CA and the NBD client certificates (tls/)")
+	f.str(&c.dataDir, "data-dir", "VOLUMED_DATA_DIR", "./volumed-data", "data directory: JetStream files (nats/), NATS keys and credentials (creds/), the generated REST token (api-token), the embedded store's index cache (state-index.cache) and archive of ended operations (ops-archive/), volumed's CA and the NBD client certificates (tls/)")
 	f.str(&c.natsURL, "nats-url", "VOLUMED_NATS_URL", "", "external NATS URL, or several comma-separated of one cluster; empty runs the embedded server")
 	f.str(&c.natsConfig, "nats-config", "VOLUMED_NATS_CONFIG", "", "embedded server config file; default ./nats.conf when present")
 	replicas := f.String("nats-replicas", env("VOLUMED_NATS_REPLICAS", "1"), "replicas of the streams and state bucket on a NATS cluster (VOLUMED_NATS_REPLICAS)")

@@ -55,6 +55,10 @@ const (
 // (state.KVConfig.IndexCache).
 const indexCacheFile = "state-index.cache"
 
+// archiveDir is the embedded store's archive of terminal operation
+// records in the data dir (state.KVConfig.Archive).
+const archiveDir = "ops-archive"
+
 func main() { os.Exit(run(os.Args[1:], os.Stderr)) }
 
 // run maps every outcome to an exit code, in one place.
@@ -188,7 +192,7 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		store, err = redisstore.New(ctx, redisstore.Config{URL: cfg.redisURL, Logger: log})
 	} else {
 		store, err = state.NewKV(ctx, b.JetStream(), state.KVConfig{Replicas: cfg.natsReplicas, Logger: log,
-			IndexCache: filepath.Join(cfg.dataDir, indexCacheFile)})
+			IndexCache: filepath.Join(cfg.dataDir, indexCacheFile), Archive: filepath.Join(cfg.dataDir, archiveDir)})
 	}
 	if err != nil {
 		return fmt.Errorf("state store: %w", err)

@@ -1,0 +1,431 @@
+package state
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// archiveFixture is a cache fixture whose stores keep an archive, and
+// counts the records they read from the bucket by key.
+type archiveFixture struct {
+	*cacheFixture
+	dir  string
+	gets atomic.Int64
+}
+
+func newArchiveTest(t *testing.T) (context.Context, *archiveFixture) {
+	ctx, f := newCacheTest(t, fmt.Sprintf("archive_%d", time.Now().UnixNano()))
+	return ctx, &archiveFixture{cacheFixture: f, dir: filepath.Join(t.TempDir(), "ops-archive")}
+}
+
+// open starts a store on the cache file (cache) and the archive.
+func (f *archiveFixture) open(t *testing.T, cache bool) *KV {
+	t.Helper()
+	cfg := KVConfig{Bucket: f.bucket, Archive: f.dir}
+	if cache {
+		cfg.IndexCache = f.path
+	}
+	k, err := NewKV(f.ctx, f.js, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = k.Close(context.Background()) })
+	k.onGet = func(string) { f.gets.Add(1) }
+	return k
+}
+
+// terminal records through s an operation ended at ended, failed (so
+// that it can be annotated).
+func (f *archiveFixture) terminal(t *testing.T, s *KV, ended time.Time) commands.Operation {
+	t.Helper()
+	f.n++
+	vm := "vm-1"
+	op := commands.Operation{ID: fmt.Sprintf("op-%d", f.n), Type: commands.OpAttach, Status: commands.StatusFailed,
+		VolumeID: "vol-1", VMID: &vm, Request: json.RawMessage(`{"n":1}`), Error: "no", CreatedAt: ended.Add(-time.Second),
+		UpdatedAt: ended, CompletedAt: &ended}
+	op, err := s.CreateOperation(f.ctx, op)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return op
+}
+
+// check reads want by id and through a listing's read, each read from
+// the bucket (fromBucket) or not, and compares them with want.
+func (f *archiveFixture) check(t *testing.T, k *KV, want commands.Operation, fromBucket bool) {
+	t.Helper()
+	before := f.gets.Load()
+	got, err := k.GetOperation(f.ctx, want.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	listed := make([]commands.Operation, 1)
+	if err := k.getOps(f.ctx, []string{want.ID}, []uint64{want.Revision}, []int{0}, listed); err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range []commands.Operation{got, listed[0]} {
+		a, _ := json.Marshal(g)
+		b, _ := json.Marshal(want)
+		if string(a) != string(b) || g.Revision != want.Revision {
+			t.Fatalf("read %s at %d, want %s at %d", a, g.Revision, b, want.Revision)
+		}
+	}
+	if n, w := f.gets.Load()-before, map[bool]int64{false: 0, true: 2}[fromBucket]; n != w {
+		t.Fatalf("%s: %d reads from the bucket, want %d", want.ID, n, w)
+	}
+}
+
+// TestKVArchiveReads: a terminal record is read from the archive, by id
+// and for a listing, by the store that wrote it, by one that read it
+// from the bucket at its start, and after a restart on the cache file;
+// a record the archive does not hold whole, or holds at another
+// revision, is read from the bucket.
+func TestKVArchiveReads(t *testing.T) {
+	ctx, f := newArchiveTest(t)
+	k := f.open(t, true)
+	old := f.terminal(t, k, time.Now().Add(-48*time.Hour))
+	f.check(t, k, old, false)
+	now := time.Now()
+	vm := "vm-1"
+	pending, err := k.CreateOperation(ctx, commands.Operation{ID: "pending", Type: commands.OpAttach, Status: commands.StatusPending,
+		VolumeID: "vol-1", VMID: &vm, CreatedAt: now, UpdatedAt: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.check(t, k, pending, true)
+	// Another process's write, seen by the watcher.
+	other := f.terminal(t, f.plain, time.Now())
+	archivedBy(ctx, t, k, other)
+	f.check(t, k, other, false)
+
+	// Rewritten (annotated) by another process: the new revision.
+	first := other
+	other.Details = map[string]any{"note": "later"}
+	if other, err = f.plain.UpdateOperation(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	archivedBy(ctx, t, k, other)
+	f.check(t, k, other, false)
+
+	// A restart on the cache file: the index holds them without reading
+	// them again, the archive still serves them.
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	k = f.open(t, true)
+	f.check(t, k, old, false)
+	f.check(t, k, other, false)
+
+	// A start reading every record archives none twice.
+	seg := filepath.Join(f.dir, segName(uint32(old.CompletedAt.Unix()/86400)))
+	size := fileSize(t, seg)
+	k2 := f.open(t, false)
+	f.check(t, k2, old, false)
+	if s := fileSize(t, seg); s != size {
+		t.Fatalf("segment grew from %d to %d bytes at a start reading every record", size, s)
+	}
+	if err := k2.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, tc := range []struct {
+		name  string
+		spoil func(t *testing.T, seg, m string, op commands.Operation) commands.Operation
+	}{
+		{"place of another record", func(t *testing.T, _, _ string, op commands.Operation) commands.Operation {
+			samePlace(t, f.dir, op.Revision, old.Revision)
+			return op
+		}},
+		{"place of its earlier revision", func(t *testing.T, _, _ string, _ commands.Operation) commands.Operation {
+			samePlace(t, f.dir, other.Revision, first.Revision)
+			return other
+		}},
+		{"bit flipped", func(t *testing.T, seg, _ string, op commands.Operation) commands.Operation {
+			b, err := os.ReadFile(seg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b[bytes.Index(b, []byte(`"no"`))+1] = 'N' // still JSON
+			writeFile(t, seg, b)
+			return op
+		}},
+		{"truncated", func(t *testing.T, seg, _ string, op commands.Operation) commands.Operation {
+			if err := os.Truncate(seg, fileSize(t, seg)-5); err != nil {
+				t.Fatal(err)
+			}
+			return op
+		}},
+		{"segment removed", func(t *testing.T, seg, _ string, op commands.Operation) commands.Operation {
+			removeFile(t, seg)
+			return op
+		}},
+		{"map removed", func(t *testing.T, _, m string, op commands.Operation) commands.Operation {
+			removeFile(t, m)
+			return op
+		}},
+		{"map zeroed", func(t *testing.T, _, m string, op commands.Operation) commands.Operation {
+			writeFile(t, m, make([]byte, fileSize(t, m)))
+			return op
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			op := f.terminal(t, k, time.Now().Add(-time.Duration(f.n)*24*time.Hour))
+			f.check(t, k, op, false)
+			spoilt := tc.spoil(t, filepath.Join(f.dir, segName(uint32(op.CompletedAt.Unix()/86400))), filepath.Join(f.dir, mapName(op.Revision)), op)
+			k.archive.mu.Lock()
+			k.archive.closeFiles() // so that they are read as they are now
+			k.archive.mu.Unlock()
+			f.check(t, k, spoilt, true)
+		})
+	}
+}
+
+// TestKVArchiveStart: a store started on a cache file written without
+// an archive (by a release before it) reads the records it holds from
+// the bucket, and archives those written since; an archive kept for
+// another bucket is emptied.
+func TestKVArchiveStart(t *testing.T) {
+	ctx, f := newArchiveTest(t)
+	before, err := NewKV(ctx, f.js, KVConfig{Bucket: f.bucket, IndexCache: f.path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := f.terminal(t, before, time.Now())
+	if err := before.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	k := f.open(t, true)
+	f.check(t, k, old, true)
+	later := f.terminal(t, k, time.Now())
+	f.check(t, k, later, false)
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	// The same directory for another bucket.
+	g := &archiveFixture{cacheFixture: newCacheFixture(ctx, t, f.js, f.bucket+"_other"), dir: f.dir}
+	k = g.open(t, false)
+	if n := len(archiveFiles(t, f.dir)); n != 0 {
+		t.Fatalf("%d files of another bucket's archive kept", n)
+	}
+	g.check(t, k, g.terminal(t, k, time.Now()), false)
+}
+
+// TestKVArchivePrune: the retention removes the segments of the days
+// before its cut (less a day) with the operations, and keeps the others.
+func TestKVArchivePrune(t *testing.T) {
+	ctx, f := newArchiveTest(t)
+	k := f.open(t, false)
+	old := f.terminal(t, k, time.Now().Add(-40*24*time.Hour))
+	edge := f.terminal(t, k, time.Now().Add(-30*24*time.Hour-time.Hour))
+	recent := f.terminal(t, k, time.Now())
+	files := archiveFiles(t, f.dir)
+	n := len(files)
+	if _, err := k.PruneOperations(ctx, time.Now().Add(-30*24*time.Hour), 0); err != nil {
+		t.Fatal(err)
+	}
+	left := archiveFiles(t, f.dir)
+	want := slices.DeleteFunc(files, func(n string) bool { return n == segName(uint32(old.CompletedAt.Unix()/86400)) })
+	if !reflect.DeepEqual(left, want) || n != 4 {
+		t.Fatalf("archive after the retention: %v, want %v", left, want)
+	}
+	if _, err := k.GetOperation(ctx, old.ID); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("pruned operation read: %v", err)
+	}
+	f.check(t, k, recent, false)
+	_ = edge // pruned, its day's segment kept (the margin)
+}
+
+// TestKVCloseClosesFiles: Close closes the index's base file and the
+// archive's files.
+func TestKVCloseClosesFiles(t *testing.T) {
+	ctx, f := newArchiveTest(t)
+	k := f.open(t, true)
+	f.check(t, k, f.terminal(t, k, time.Now()), false)
+	k.archive.mu.Lock()
+	files := make([]*os.File, 0, len(k.archive.files))
+	for _, fl := range k.archive.files {
+		files = append(files, fl)
+	}
+	k.archive.mu.Unlock()
+	if len(files) == 0 {
+		t.Fatal("no archive file open")
+	}
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, fl := range files {
+		if _, err := fl.Stat(); !errors.Is(err, os.ErrClosed) {
+			t.Fatalf("%s open after Close: %v", fl.Name(), err)
+		}
+	}
+}
+
+// TestArchiveRevisionReused archives another record at a revision that
+// has an entry (a stream restored from an earlier backup, which keeps its
+// name and creation time, writes its next revisions again): the entry is
+// the new record, not the one of the history the restore dropped.
+// A start on a stream that ends before an entry (restored) drops it,
+// so that no read finds it before the revision's new record is archived.
+func TestArchiveRevisionReused(t *testing.T) {
+	dir := t.TempDir()
+	open := func(last uint64) *opArchive {
+		a, err := openArchive(dir, "KV_x", time.Unix(1, 0), last, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	a := open(0)
+	ended := time.Now().UnixMicro()
+	a.put("op-1", 7, ended, []byte(`{"status":"completed"}`))
+	a.put("op-1", 7, ended, []byte(`{"status":"failed"}`))
+	if got, err := a.get("op-1", 7); err != nil || string(got) != `{"status":"failed"}` {
+		t.Fatalf("get: %s, %v; want the later record", got, err)
+	}
+	a.put("op-2", 5, ended, []byte(`{}`))
+	a.put("op-3", 3<<kvArchiveMapShift, ended, []byte(`{}`))
+	a.close()
+	a = open(6)
+	defer a.close()
+	for _, e := range []struct {
+		id   string
+		rev  uint64
+		want error
+	}{{"op-2", 5, nil}, {"op-1", 7, errArchiveMiss}, {"op-3", 3 << kvArchiveMapShift, errArchiveMiss}} {
+		if _, err := a.get(e.id, e.rev); !errors.Is(err, e.want) {
+			t.Errorf("after a start at revision 6: get %s at %d: %v, want %v", e.id, e.rev, err, e.want)
+		}
+	}
+}
+
+// archivedBy waits until k's archive holds op (its watcher archives
+// another process's write after the index takes it).
+func archivedBy(ctx context.Context, t *testing.T, k *KV, op commands.Operation) {
+	t.Helper()
+	waitFor(ctx, t, "the archive of "+op.ID, func() bool {
+		_, err := k.archive.get(op.ID, op.Revision)
+		return err == nil
+	})
+}
+
+// samePlace writes the place of revision from's entry as revision rev's.
+func samePlace(t *testing.T, dir string, rev, from uint64) {
+	t.Helper()
+	p := make([]byte, 8)
+	src, err := os.Open(filepath.Join(dir, mapName(from)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	if _, err := src.ReadAt(p, int64(from%(1<<kvArchiveMapShift))*8); err != nil {
+		t.Fatal(err)
+	}
+	dst, err := os.OpenFile(filepath.Join(dir, mapName(rev)), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Close()
+	if _, err := dst.WriteAt(p, int64(rev%(1<<kvArchiveMapShift))*8); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func fileSize(t *testing.T, path string) int64 {
+	t.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Size()
+}
+
+func writeFile(t *testing.T, path string, b []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func removeFile(t *testing.T, path string) {
+	t.Helper()
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// archiveFiles lists the segments and maps in dir, sorted.
+func archiveFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	des, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, de := range des {
+		if n := de.Name(); n != kvArchiveStream {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// TestKVReadsAfterClose reads a record held in the index's base file
+// after the store's Close, as a request still in flight at shutdown does:
+// an answer or an error, never a panic.
+func TestKVReadsAfterClose(t *testing.T) {
+	ctx, f := newCacheTest(t, "closedreads")
+	f.create(t, f.plain, 30)
+	k, err := NewKV(ctx, f.js, KVConfig{Bucket: f.bucket, IndexCache: f.path, Archive: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(ctx, t, "the start's base", func() bool { return baseName(k) != "" })
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	cancel() // no wait for a watcher that is gone
+	_, _ = k.GetOperation(rctx, "op-3")
+	_, _ = k.RecentOperation("op-3")
+}
+
+// TestArchiveMisses: a revision without a place, a pruned segment and a
+// closed archive are misses (read from the bucket without a warning), not
+// errors.
+func TestArchiveMisses(t *testing.T) {
+	dir := t.TempDir()
+	a, err := openArchive(dir, "KV_x", time.Unix(1, 0), 0, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended := time.Now()
+	a.put("op-1", 3, ended.UnixMicro(), []byte(`{}`))
+	a.put("op-2", 9, ended.Add(-72*time.Hour).UnixMicro(), []byte(`{}`))
+	if _, err := a.get("op-1", 3); err != nil {
+		t.Fatal(err)
+	}
+	a.prune(ended.Add(-time.Hour)) // op-2's segment, not the map
+	for _, rev := range []uint64{2, 9, 100} {
+		if _, err := a.get("op", rev); !errors.Is(err, errArchiveMiss) {
+			t.Errorf("revision %d: %v, want a miss", rev, err)
+		}
+	}
+	a.close()
+	if _, err := a.get("op-1", 3); !errors.Is(err, errArchiveMiss) {
+		t.Errorf("after close: %v, want a miss", err)
+	}
+}
