@@ -429,3 +429,22 @@ func TestArchiveMisses(t *testing.T) {
 		t.Errorf("after close: %v, want a miss", err)
 	}
 }
+
+// TestKVReadByIDAfterClose reads an ended operation by id after the
+// store's Close, once another process has written since (as a request in
+// flight at shutdown does): the stopped watcher never meets the read
+// barrier, so the read goes to the bucket instead of waiting for its
+// context to end.
+func TestKVReadByIDAfterClose(t *testing.T) {
+	ctx, f := newArchiveTest(t)
+	k := f.open(t, false)
+	op := f.terminal(t, k, time.Now())
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	f.terminal(t, f.plain, time.Now())
+	got, err := k.GetOperation(ctx, op.ID)
+	if err != nil || got.Revision != op.Revision {
+		t.Fatalf("read after Close: revision %d, %v; want %d", got.Revision, err, op.Revision)
+	}
+}
