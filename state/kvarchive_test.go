@@ -249,8 +249,8 @@ func TestKVArchivePrune(t *testing.T) {
 	_ = edge // pruned, its day's segment kept (the margin)
 }
 
-// TestKVCloseClosesFiles: Close closes the index's base file and the
-// archive's files.
+// TestKVCloseClosesFiles: Close closes the archive's files (not the
+// index's base file: TestKVReadsAfterClose).
 func TestKVCloseClosesFiles(t *testing.T) {
 	ctx, f := newArchiveTest(t)
 	k := f.open(t, true)
