@@ -749,7 +749,8 @@ func (k *KV) archived(ctx context.Context, id string) (commands.Operation, bool)
 		rev, st, live := k.ops.rev(id)
 		return rev, live && st.Terminal()
 	}
-	if _, ok := terminal(); !ok || k.caughtUp(ctx) != nil {
+	// After Close no watcher meets the barrier (and the archive is closed).
+	if _, ok := terminal(); !ok || k.closing() || k.caughtUp(ctx) != nil {
 		return commands.Operation{}, false
 	}
 	rev, ok := terminal()
@@ -757,6 +758,16 @@ func (k *KV) archived(ctx context.Context, id string) (commands.Operation, bool)
 		return commands.Operation{}, false
 	}
 	return k.archivedAt(id, rev)
+}
+
+// closing reports whether Close has begun.
+func (k *KV) closing() bool {
+	select {
+	case <-k.stop:
+		return true
+	default:
+		return false
+	}
 }
 
 // archivedAt returns the record of operation id at revision rev from the
