@@ -95,6 +95,9 @@ func (r *Retention) Start(context.Context) error {
 // lease is lost stops; another instance goes on.
 func (r *Retention) Prune(ctx context.Context) (int, error) {
 	before := time.Now().Add(-r.cfg.Keep)
+	if lp, ok := r.cfg.Store.(state.LocalPruner); ok {
+		lp.PruneLocal(before) // each instance's own copies, lease or not
+	}
 	total := 0
 	l := &Leaser{Store: r.cfg.Store, Holder: r.cfg.Holder, Log: r.log}
 	err := l.Leased(ctx, RetentionLease, false, func(ctx context.Context) error {

@@ -10,6 +10,7 @@ import (
 	"github.com/volumed/volumed/internal/testenv"
 	"github.com/volumed/volumed/lease"
 	"github.com/volumed/volumed/state"
+	"github.com/volumed/volumed/stores/memstore"
 	"github.com/volumed/volumed/stores/redisstore"
 	"github.com/volumed/volumed/stores/storetest"
 )
@@ -126,5 +127,47 @@ func TestRetention(t *testing.T) {
 	}
 	if _, err := lease.NewRetention(lease.RetentionConfig{Keep: time.Hour}); err == nil {
 		t.Fatal("retention without a store")
+	}
+}
+
+// localCopies is a store keeping copies of its own, recording the cuts
+// it was asked to prune them at.
+type localCopies struct {
+	*memstore.Store
+	cuts []time.Time
+}
+
+func (s *localCopies) PruneLocal(before time.Time) { s.cuts = append(s.cuts, before) }
+
+// TestRetentionPrunesLocalCopies: each instance prunes its own copies of
+// records (the embedded store's archive) on every pass, whether it holds
+// the lease or another instance does.
+func TestRetentionPrunesLocalCopies(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s := &localCopies{Store: memstore.New()}
+	r, err := lease.NewRetention(lease.RetentionConfig{Store: s, Keep: time.Hour, Holder: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := s.AcquireLease(ctx, lease.RetentionLease, "x", time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := r.Prune(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if len(s.cuts) != 1 || s.cuts[0].Before(start.Add(-time.Hour)) || s.cuts[0].After(time.Now().Add(-time.Hour)) {
+		t.Fatalf("pass while another instance holds the lease: local copies pruned at %v, want once, an hour back", s.cuts)
+	}
+	if err := s.ReleaseLease(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Prune(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if len(s.cuts) != 2 {
+		t.Fatalf("pass with the lease: local copies pruned %d times, want 2", len(s.cuts))
 	}
 }

@@ -647,7 +647,6 @@ func (k *KV) PruneOperations(ctx context.Context, completedBefore time.Time, lim
 			break // else walk again: the held ones took places of the batch
 		}
 	}
-	k.archive.prune(completedBefore)
 	return PruneHeld(ctx, k, n, limit, cut, k.heldOps, func(op commands.Operation) error {
 		if err := k.DeleteOperation(ctx, op.ID, op.Revision); err != nil {
 			return err
@@ -693,6 +692,12 @@ func (k *KV) retains(ctx context.Context, id string, cut int64) (bool, error) {
 	return true, nil
 }
 
+var _ LocalPruner = (*KV)(nil)
+
+// PruneLocal removes the archive's files of the days before
+// completedBefore, less a day's margin (LocalPruner).
+func (k *KV) PruneLocal(completedBefore time.Time) { k.archive.prune(completedBefore) }
+
 // heldOps reads the operations the retention holds, and forgets those
 // gone.
 func (k *KV) heldOps(ctx context.Context) ([]commands.Operation, error) {
@@ -736,9 +741,10 @@ func (k *KV) bucketOp(ctx context.Context, id string) (commands.Operation, error
 }
 
 // archived returns operation id from the archive when the index holds it
-// terminal, at the revision the index holds after a read barrier (so
-// that it reflects every write before the call, as a read from the
-// bucket does), and the archive holds that revision whole.
+// terminal, at the revision the index holds once the watcher has applied
+// every entry the bucket holds (caughtUpNow: so that it reflects every
+// write before the call, as a read from the bucket does), and the archive
+// holds that revision whole.
 func (k *KV) archived(ctx context.Context, id string) (commands.Operation, bool) {
 	if k.archive == nil || id == "" {
 		return commands.Operation{}, false
@@ -750,7 +756,7 @@ func (k *KV) archived(ctx context.Context, id string) (commands.Operation, bool)
 		return rev, live && st.Terminal()
 	}
 	// After Close no watcher meets the barrier (and the archive is closed).
-	if _, ok := terminal(); !ok || k.closing() || k.caughtUp(ctx) != nil {
+	if _, ok := terminal(); !ok || k.closing() || !k.caughtUpNow(ctx) {
 		return commands.Operation{}, false
 	}
 	rev, ok := terminal()
@@ -759,6 +765,35 @@ func (k *KV) archived(ctx context.Context, id string) (commands.Operation, bool)
 	}
 	return k.archivedAt(id, rev)
 }
+
+// caughtUpNow reports whether the watcher has applied every entry the
+// bucket holds now, asking only the stream's info (caughtUp's barrier at
+// its constant cost) and waiting at most kvCatchUpWait for the watcher to
+// reach the stream's last sequence: false when it has not by then (that
+// message may be gone, an expired marker, and the stream's last message
+// would have to be asked for, a match over every key) or when no leader
+// answered. A read by id then asks the bucket, as it would without the
+// archive.
+func (k *KV) caughtUpNow(ctx context.Context) bool {
+	info, err := k.stream.Info(ctx)
+	if err != nil || !leaderAnswered(info) {
+		return false
+	}
+	last := info.State.LastSeq
+	k.mu.RLock()
+	gap := k.gap.streamLast == last && k.seen >= k.gap.lastMsg
+	k.mu.RUnlock()
+	if gap {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(ctx, kvCatchUpWait)
+	defer cancel()
+	return k.reach(ctx, last) == nil
+}
+
+// kvCatchUpWait bounds caughtUpNow's wait for the watcher: about the time
+// the watcher takes to deliver a write just made.
+const kvCatchUpWait = 20 * time.Millisecond
 
 // closing reports whether Close has begun.
 func (k *KV) closing() bool {
@@ -1031,10 +1066,11 @@ type kvGap struct {
 
 // ListOperations walks the smallest index of f newest first from the
 // cursor, keeping the operations that match f's other fields, up to the
-// limit, then takes their records from the recent ones kept in memory or
-// reads them from the bucket. A record that changed since is returned as
-// it is now if it still matches f, and left out otherwise (as the Redis
-// store does).
+// limit, then takes their records from the recent ones kept in memory,
+// the archive (ended ones) or the bucket. A record taken from memory or
+// the archive is the revision the index held after the read barrier; one
+// read from the bucket that changed since is returned as it is now if it
+// still matches f, and left out otherwise (as the Redis store does).
 func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation, string, error) {
 	after, err := parseCursor(f.Cursor)
 	if err != nil {
@@ -1047,12 +1083,16 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 	hits, more := k.ops.hits(f, after, f.Limit)
 	ids, revs := make([]string, len(hits)), make([]uint64, len(hits))
 	raws := make([][]byte, len(hits))
+	ended := make([]uint64, len(hits))
 	var missing []int
 	for i, h := range hits {
 		ids[i], revs[i] = h.id, h.rev
 		var ok bool
 		if raws[i], ok = k.recent.get(h.id, h.rev); !ok {
 			missing = append(missing, i)
+			if rev, st, live := k.ops.rev(h.id); live && rev == h.rev && st.Terminal() {
+				ended[i] = rev
+			}
 		}
 	}
 	k.mu.RUnlock()
@@ -1070,7 +1110,7 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 			recs[i].Revision = revs[i]
 		}
 	}
-	if err := k.getOps(ctx, ids, revs, missing, recs); err != nil {
+	if err := k.getOps(ctx, ids, ended, missing, recs); err != nil {
 		return nil, "", err
 	}
 	out := make([]commands.Operation, 0, len(recs))
@@ -1094,9 +1134,11 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 const kvReaders = 16
 
 // getOps reads the operations ids[i] for each i of which into out[i]:
-// from the archive at revs[i], the revision the index held, or from the
-// bucket, several at once; a deleted one is left zero.
-func (k *KV) getOps(ctx context.Context, ids []string, revs []uint64, which []int, out []commands.Operation) error {
+// from the archive at ended[i], the revision at which the index held it
+// ended (0: not ended, not read from the archive: an entry there at its
+// revision may be of a history a restore dropped), or from the bucket,
+// several at once; a deleted one is left zero.
+func (k *KV) getOps(ctx context.Context, ids []string, ended []uint64, which []int, out []commands.Operation) error {
 	errs := make([]error, len(which))
 	sem := make(chan struct{}, kvReaders)
 	var wg sync.WaitGroup
@@ -1104,9 +1146,11 @@ func (k *KV) getOps(ctx context.Context, ids []string, revs []uint64, which []in
 		sem <- struct{}{}
 		wg.Go(func() {
 			defer func() { <-sem }()
-			if op, ok := k.archivedAt(ids[i], revs[i]); ok {
-				out[i] = op
-				return
+			if ended[i] != 0 {
+				if op, ok := k.archivedAt(ids[i], ended[i]); ok {
+					out[i] = op
+					return
+				}
 			}
 			op, err := k.bucketOp(ctx, ids[i])
 			if errors.Is(err, ErrNotFound) || k.skipCorrupt(err) {

@@ -270,9 +270,6 @@ func (a *opArchive) get(id string, rev uint64) ([]byte, error) {
 	}
 	var slot [8]byte
 	if err := a.readAt(mapName(rev), slot[:], int64(rev&(1<<kvArchiveMapShift-1))*8); err != nil {
-		if errors.Is(err, io.EOF) { // no place written at or past rev's
-			return nil, errArchiveMiss
-		}
 		return nil, err
 	}
 	p := binary.LittleEndian.Uint64(slot[:])
@@ -303,7 +300,9 @@ func (a *opArchive) get(id string, rev uint64) ([]byte, error) {
 }
 
 // readAt fills p from file name at off: errArchiveMiss if the file is
-// gone (pruned) or closed (the archive's Close, or the open files' limit).
+// gone (pruned), closed (the archive's Close, or the open files' limit)
+// or shorter (a map with no place written at or past off's; a segment
+// a crash cut).
 func (a *opArchive) readAt(name string, p []byte, off int64) error {
 	a.mu.Lock()
 	f, err := a.file(name, false)
@@ -311,7 +310,7 @@ func (a *opArchive) readAt(name string, p []byte, off int64) error {
 	if err == nil {
 		_, err = f.ReadAt(p, off)
 	}
-	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, os.ErrClosed) {
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, os.ErrClosed) || errors.Is(err, io.EOF) {
 		return errArchiveMiss
 	}
 	return err

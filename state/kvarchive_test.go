@@ -67,6 +67,9 @@ func (f *archiveFixture) terminal(t *testing.T, s *KV, ended time.Time) commands
 // the bucket (fromBucket) or not, and compares them with want.
 func (f *archiveFixture) check(t *testing.T, k *KV, want commands.Operation, fromBucket bool) {
 	t.Helper()
+	if err := k.caughtUp(f.ctx); err != nil { // a read by id waits for the watcher only briefly
+		t.Fatal(err)
+	}
 	before := f.gets.Load()
 	got, err := k.GetOperation(f.ctx, want.ID)
 	if err != nil {
@@ -234,9 +237,14 @@ func TestKVArchivePrune(t *testing.T) {
 	recent := f.terminal(t, k, time.Now())
 	files := archiveFiles(t, f.dir)
 	n := len(files)
-	if _, err := k.PruneOperations(ctx, time.Now().Add(-30*24*time.Hour), 0); err != nil {
+	cut := time.Now().Add(-30 * 24 * time.Hour)
+	if _, err := k.PruneOperations(ctx, cut, 0); err != nil {
 		t.Fatal(err)
 	}
+	if left := archiveFiles(t, f.dir); !reflect.DeepEqual(left, files) {
+		t.Fatalf("archive after the retention's deletions: %v, want %v (each instance prunes its own: PruneLocal)", left, files)
+	}
+	k.PruneLocal(cut)
 	left := archiveFiles(t, f.dir)
 	want := slices.DeleteFunc(files, func(n string) bool { return n == segName(uint32(old.CompletedAt.Unix()/86400)) })
 	if !reflect.DeepEqual(left, want) || n != 4 {
@@ -446,5 +454,38 @@ func TestKVReadByIDAfterClose(t *testing.T) {
 	got, err := k.GetOperation(ctx, op.ID)
 	if err != nil || got.Revision != op.Revision {
 		t.Fatalf("read after Close: revision %d, %v; want %d", got.Revision, err, op.Revision)
+	}
+}
+
+// TestKVListingReadsArchiveOnlyEnded: a listing reads the archive only
+// for an operation the index holds ended at that revision; an entry at
+// the revision of one not ended (a history a restore dropped) is not
+// answered.
+func TestKVListingReadsArchiveOnlyEnded(t *testing.T) {
+	ctx, f := newArchiveTest(t)
+	k := f.open(t, false)
+	vm := "vm-1"
+	now := time.Now()
+	op, err := k.CreateOperation(ctx, commands.Operation{ID: "op-running", Type: commands.OpAttach, Status: commands.StatusExecuting,
+		VolumeID: "vol-1", VMID: &vm, Request: json.RawMessage(`{}`), CreatedAt: now, UpdatedAt: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dropped := op
+	dropped.Status, dropped.CompletedAt = commands.StatusFailed, &now
+	raw, err := json.Marshal(dropped)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.archive.put(op.ID, op.Revision, now.UnixMicro(), raw)
+	k.mu.Lock()
+	k.recent.forget(op.ID) // as for an operation written long ago
+	k.mu.Unlock()
+	ops, _, err := k.ListOperations(ctx, Filter{VolumeID: "vol-1", Limit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ops) != 1 || ops[0].Status != commands.StatusExecuting {
+		t.Fatalf("listing: %+v, want op-running executing, as the bucket holds it", ops)
 	}
 }

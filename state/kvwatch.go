@@ -405,7 +405,10 @@ func (k *KV) CorruptRecords(ctx context.Context) ([]Corrupt, error) {
 // applyWatchedOp puts revision rev of an operation (nil raw: deleted),
 // as the watcher delivers it, in the index unless it already holds that
 // revision or a later one (the watcher's copy of this process's own
-// write), and keeps its record as a recent one if recent. Of the record,
+// write), and keeps its record as a recent one, and in the archive if it
+// is terminal, if recent (of a start's initial entries, the last
+// kvRecentOps only: archiving every record of a start that reads them
+// all would double its time). Of the record,
 // the scanner reads the indexed fields (scanIndexed), or encoding/json
 // when the scanner is unsure; an error if neither can, unless the index
 // holds that revision.
@@ -416,7 +419,7 @@ func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte, recent bool) erro
 	var sc scannedOp
 	if scanIndexed(raw, &sc) && len(sc.typ) > 0 && len(sc.status) > 0 {
 		f := sc.fields()
-		if putWatchedOp(k, id, rev, &f, raw, recent) {
+		if putWatchedOp(k, id, rev, &f, raw, recent) && recent {
 			k.archive.put(id, rev, f.completed, raw)
 		}
 		return nil
@@ -433,7 +436,7 @@ func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte, recent bool) erro
 	}
 	op := o.operation(id)
 	f := fieldsOf(&op)
-	if putWatchedOp(k, id, rev, &f, raw, recent) {
+	if putWatchedOp(k, id, rev, &f, raw, recent) && recent {
 		k.archive.put(id, rev, f.completed, raw)
 	}
 	return nil

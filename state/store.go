@@ -226,6 +226,15 @@ type Pruner interface {
 	PruneOperations(ctx context.Context, completedBefore time.Time, limit int) (int, error)
 }
 
+// LocalPruner is a store that keeps copies of records of its own in this
+// process's files (the embedded store's archive, kvarchive.go): every
+// instance prunes them, holding the retention's lease or not.
+type LocalPruner interface {
+	// PruneLocal removes this process's copies of the records of
+	// operations completed before completedBefore.
+	PruneLocal(completedBefore time.Time)
+}
+
 // MappingReader reads device mappings.
 type MappingReader interface {
 	// GetMapping returns the mapping of a volume or ErrNotFound.
