@@ -328,7 +328,7 @@ func decodeRecord[T any](key, id string, raw []byte) (*T, error) {
 // one the watcher delivered. The watches of its end hear of it.
 func (k *KV) applyOpValue(id string, rev uint64, op *commands.Operation, raw []byte, fromWatcher bool) error {
 	if k.putOpValue(id, rev, op, raw, fromWatcher) && op != nil && op.Status.Terminal() {
-		k.archive.put(id, rev, opScore(completedAt(op)), raw)
+		k.archive.put(id, rev, opScore(completedAt(op)), raw, fromWatcher)
 	}
 	return nil
 }
@@ -749,21 +749,29 @@ func (k *KV) archived(ctx context.Context, id string) (commands.Operation, bool)
 	if k.archive == nil || id == "" {
 		return commands.Operation{}, false
 	}
-	terminal := func() (uint64, bool) {
+	terminal := func() uint64 {
 		k.mu.RLock()
 		defer k.mu.RUnlock()
-		rev, st, live := k.ops.rev(id)
-		return rev, live && st.Terminal()
+		return k.endedAt(id)
 	}
 	// After Close no watcher meets the barrier (and the archive is closed).
-	if _, ok := terminal(); !ok || k.closing() || !k.caughtUpNow(ctx) {
+	if terminal() == 0 || k.closing() || !k.caughtUpNow(ctx) {
 		return commands.Operation{}, false
 	}
-	rev, ok := terminal()
-	if !ok {
+	rev := terminal()
+	if rev == 0 {
 		return commands.Operation{}, false
 	}
 	return k.archivedAt(id, rev)
+}
+
+// endedAt is the revision at which the index holds operation id ended,
+// 0 if it does not. k.mu is held.
+func (k *KV) endedAt(id string) uint64 {
+	if rev, st, live := k.ops.rev(id); live && st.Terminal() {
+		return rev
+	}
+	return 0
 }
 
 // caughtUpNow reports whether the watcher has applied every entry the
@@ -779,16 +787,13 @@ func (k *KV) caughtUpNow(ctx context.Context) bool {
 	if err != nil || !leaderAnswered(info) {
 		return false
 	}
-	last := info.State.LastSeq
-	k.mu.RLock()
-	gap := k.gap.streamLast == last && k.seen >= k.gap.lastMsg
-	k.mu.RUnlock()
-	if gap {
-		return true
+	target, known := k.knownTarget(info.State.LastSeq)
+	if !known {
+		target = info.State.LastSeq
 	}
 	ctx, cancel := context.WithTimeout(ctx, kvCatchUpWait)
 	defer cancel()
-	return k.reach(ctx, last) == nil
+	return k.reach(ctx, target) == nil
 }
 
 // kvCatchUpWait bounds caughtUpNow's wait for the watcher: about the time
@@ -994,16 +999,8 @@ func leaderAnswered(info *jetstream.StreamInfo) bool {
 
 // barrierAt is barrier when the stream's last sequence is target.
 func (k *KV) barrierAt(ctx context.Context, target uint64) (uint64, error) {
-	k.mu.RLock()
-	seen, gap := k.seen, k.gap
-	k.mu.RUnlock()
-	switch {
-	case seen >= target:
-		return target, nil
-	case gap.streamLast == target:
-		// Nothing written since the last slow barrier found the last
-		// message below the stream's last sequence.
-		return gap.lastMsg, nil
+	if t, known := k.knownTarget(target); known {
+		return t, nil
 	}
 	last, err := k.lastMsgSeq(ctx)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
@@ -1016,6 +1013,22 @@ func (k *KV) barrierAt(ctx context.Context, target uint64) (uint64, error) {
 	k.gap = kvGap{streamLast: target, lastMsg: last}
 	k.mu.Unlock()
 	return last, nil
+}
+
+// knownTarget is the barrier when the stream's last sequence is target,
+// if known without asking for the stream's last message: target when
+// the watcher has seen it, or the last message the last slow barrier
+// found when nothing was written since.
+func (k *KV) knownTarget(target uint64) (uint64, bool) {
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	switch {
+	case k.seen >= target:
+		return target, true
+	case k.gap.streamLast == target:
+		return k.gap.lastMsg, true
+	}
+	return 0, false
 }
 
 // lastMsgSeq returns the sequence of the last message on the bucket's
@@ -1090,8 +1103,8 @@ func (k *KV) ListOperations(ctx context.Context, f Filter) ([]commands.Operation
 		var ok bool
 		if raws[i], ok = k.recent.get(h.id, h.rev); !ok {
 			missing = append(missing, i)
-			if rev, st, live := k.ops.rev(h.id); live && rev == h.rev && st.Terminal() {
-				ended[i] = rev
+			if k.endedAt(h.id) == h.rev {
+				ended[i] = h.rev
 			}
 		}
 	}

@@ -197,16 +197,19 @@ func (a *opArchive) closeFiles() {
 
 // put archives raw, the terminal record of id at revision rev completed
 // at completed (opScore), unless revision rev's entry holds it already (a
-// start that reads every record again). An entry of another record at
+// start that reads every record again), looked up only if again (a
+// revision the watcher delivered; a writer's own is new). An entry of another record at
 // rev (a stream restored from an earlier backup keeps its name and
 // creation time, and writes the dropped history's revisions again) is
 // replaced. An error is logged: the record is then read from the bucket.
-func (a *opArchive) put(id string, rev uint64, completed int64, raw []byte) {
+func (a *opArchive) put(id string, rev uint64, completed int64, raw []byte, again bool) {
 	if a == nil {
 		return
 	}
-	if was, err := a.get(id, rev); err == nil && bytes.Equal(was, raw) {
-		return
+	if again {
+		if was, err := a.get(id, rev); err == nil && bytes.Equal(was, raw) {
+			return
+		}
 	}
 	if err := a.append(id, rev, completed, raw); err != nil {
 		a.log.Warn("operation not archived", "id", id, "revision", rev, "err", err)

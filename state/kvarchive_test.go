@@ -299,13 +299,13 @@ func TestArchiveRevisionReused(t *testing.T) {
 	}
 	a := open(0)
 	ended := time.Now().UnixMicro()
-	a.put("op-1", 7, ended, []byte(`{"status":"completed"}`))
-	a.put("op-1", 7, ended, []byte(`{"status":"failed"}`))
+	a.put("op-1", 7, ended, []byte(`{"status":"completed"}`), true)
+	a.put("op-1", 7, ended, []byte(`{"status":"failed"}`), true)
 	if got, err := a.get("op-1", 7); err != nil || string(got) != `{"status":"failed"}` {
 		t.Fatalf("get: %s, %v; want the later record", got, err)
 	}
-	a.put("op-2", 5, ended, []byte(`{}`))
-	a.put("op-3", 3<<kvArchiveMapShift, ended, []byte(`{}`))
+	a.put("op-2", 5, ended, []byte(`{}`), true)
+	a.put("op-3", 3<<kvArchiveMapShift, ended, []byte(`{}`), true)
 	a.close()
 	a = open(6)
 	defer a.close()
@@ -421,8 +421,8 @@ func TestArchiveMisses(t *testing.T) {
 		t.Fatal(err)
 	}
 	ended := time.Now()
-	a.put("op-1", 3, ended.UnixMicro(), []byte(`{}`))
-	a.put("op-2", 9, ended.Add(-72*time.Hour).UnixMicro(), []byte(`{}`))
+	a.put("op-1", 3, ended.UnixMicro(), []byte(`{}`), true)
+	a.put("op-2", 9, ended.Add(-72*time.Hour).UnixMicro(), []byte(`{}`), true)
 	if _, err := a.get("op-1", 3); err != nil {
 		t.Fatal(err)
 	}
@@ -477,7 +477,7 @@ func TestKVListingReadsArchiveOnlyEnded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k.archive.put(op.ID, op.Revision, now.UnixMicro(), raw)
+	k.archive.put(op.ID, op.Revision, now.UnixMicro(), raw, true)
 	k.mu.Lock()
 	k.recent.forget(op.ID) // as for an operation written long ago
 	k.mu.Unlock()

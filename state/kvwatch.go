@@ -420,7 +420,7 @@ func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte, recent bool) erro
 	if scanIndexed(raw, &sc) && len(sc.typ) > 0 && len(sc.status) > 0 {
 		f := sc.fields()
 		if putWatchedOp(k, id, rev, &f, raw, recent) && recent {
-			k.archive.put(id, rev, f.completed, raw)
+			k.archive.put(id, rev, f.completed, raw, true)
 		}
 		return nil
 	}
@@ -437,7 +437,7 @@ func (k *KV) applyWatchedOp(id string, rev uint64, raw []byte, recent bool) erro
 	op := o.operation(id)
 	f := fieldsOf(&op)
 	if putWatchedOp(k, id, rev, &f, raw, recent) && recent {
-		k.archive.put(id, rev, f.completed, raw)
+		k.archive.put(id, rev, f.completed, raw, true)
 	}
 	return nil
 }
