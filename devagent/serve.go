@@ -457,30 +457,24 @@ func checkNames(names map[string]string, ids map[string]commands.DeviceIdentity)
 func (s *Server) awaitAgent(ctx context.Context, targets map[string]string) {
 	events, stop := s.cfg.Agent.Subscribe()
 	defer stop()
-	pending := map[string]bool{} // target → not known yet
+	unknown := map[string]bool{} // the targets the agent does not know yet
 	for _, target := range targets {
-		pending[target] = !s.agentKnows(target)
-	}
-	waiting := func() bool {
-		for _, unknown := range pending {
-			if unknown {
-				return true
-			}
+		if !s.agentKnows(target) {
+			unknown[target] = true
 		}
-		return false
 	}
 	rescan := time.NewTimer(agentCatchUp)
 	defer rescan.Stop()
 	deadline := time.NewTimer(2 * agentCatchUp)
 	defer deadline.Stop()
-	for waiting() {
+	for len(unknown) > 0 {
 		select {
 		case ev, open := <-events:
 			if !open {
 				return // the agent closed
 			}
-			if _, ok := pending[ev.Path]; ok {
-				pending[ev.Path] = !s.agentKnows(ev.Path)
+			if unknown[ev.Path] && s.agentKnows(ev.Path) {
+				delete(unknown, ev.Path)
 			}
 		case <-rescan.C:
 			s.cfg.Agent.requestScan()
