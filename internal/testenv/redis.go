@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -117,11 +118,30 @@ func (r *Redis) Stop() {
 
 // StartRedis starts redis-server on a free loopback port with no
 // persistence and the extra arguments, and stops it when the test ends.
-// It skips (fails under CI=true) when redis-server is not installed.
+// A server that exits before it is ready (its port taken meanwhile by a
+// process that did not claim it) is started again on another port, twice
+// at most. It skips (fails under CI=true) when redis-server is not
+// installed.
 func StartRedis(t testing.TB, extra ...string) *Redis {
 	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	Require(t, err == nil, "needs redis-server on PATH (apt-get install redis-server)")
+	for try := 1; ; try++ {
+		r, out, ok := startRedis(t, bin, extra)
+		switch {
+		case ok:
+			return r
+		case try == 3:
+			t.Fatalf("redis-server on %s exited before it was ready, three times; its output:\n%s", r.Addr, out)
+		}
+		t.Logf("redis-server on %s exited before it was ready; again on another port. Its output:\n%s", r.Addr, out)
+	}
+}
+
+// startRedis is one attempt of StartRedis: ok when the server is ready,
+// else its output (it exited).
+func startRedis(t testing.TB, bin string, extra []string) (r *Redis, out string, ok bool) {
+	t.Helper()
 	port := FreePort(t)
 	cmd := exec.Command(bin, append([]string{"--port", fmt.Sprint(port), "--bind", "127.0.0.1",
 		"--save", "", "--appendonly", "no", "--dir", t.TempDir()}, extra...)...)
@@ -129,27 +149,36 @@ func StartRedis(t testing.TB, extra ...string) *Redis {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start redis-server: %v", err)
 	}
-	r := &Redis{Addr: fmt.Sprintf("127.0.0.1:%d", port), cmd: cmd}
+	r = &Redis{Addr: fmt.Sprintf("127.0.0.1:%d", port), cmd: cmd}
 	t.Cleanup(r.Stop)
-	ready := make(chan struct{})
+	ready, exited := make(chan struct{}), make(chan string, 1)
 	go func() {
+		var lines strings.Builder
 		sc := bufio.NewScanner(stdout)
 		for sc.Scan() {
+			lines.WriteString(sc.Text() + "\n")
 			if strings.Contains(sc.Text(), "Ready to accept connections") {
 				close(ready)
-				break
+				for sc.Scan() {
+				}
+				return
 			}
 		}
-		for sc.Scan() {
-		}
+		exited <- lines.String() // stdout closed: the server exited
 	}()
 	select {
 	case <-ready:
-	case <-time.After(10 * time.Second):
+		return r, "", true
+	case out := <-exited:
+		r.Stop() // waits for the process, and so for stderr
+		return r, out + stderr.String(), false
+	case <-time.After(30 * time.Second):
 		t.Fatalf("redis-server on %s did not become ready", r.Addr)
+		return nil, "", false
 	}
-	return r
 }
