@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"path/filepath"
 	"runtime/debug"
 	"slices"
 	"sync"
@@ -60,6 +61,12 @@ type KVConfig struct {
 	// operation records (kvarchive.go), read instead of the bucket; empty:
 	// none. Each process sharing the bucket needs its own.
 	Archive string
+}
+
+// KVFiles returns the IndexCache and Archive paths volumed gives the
+// store in its data dir.
+func KVFiles(dataDir string) (indexCache, archive string) {
+	return filepath.Join(dataDir, "state-index.cache"), filepath.Join(dataDir, "ops-archive")
 }
 
 // KV is the Store on a JetStream KeyValue bucket: operations under
