@@ -180,7 +180,11 @@ func (g generator) loadAndMeasure(ctx context.Context, data string) error {
 				if i >= g.c.n {
 					return
 				}
-				if _, err := s.CreateOperation(ctx, g.Op(i)); err != nil && !errors.Is(err, state.ErrExists) {
+				_, err := s.CreateOperation(ctx, g.Op(i))
+				for tries := 1; errors.Is(err, state.ErrUnavailable) && tries < 5; tries++ {
+					_, err = s.CreateOperation(ctx, g.Op(i)) // a timeout on a loaded machine: ErrExists if it was written
+				}
+				if err != nil && !errors.Is(err, state.ErrExists) {
 					errc <- fmt.Errorf("create %d: %w", i, err)
 					return
 				}

@@ -1,0 +1,110 @@
+package state
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// startBackfill archives in the background (backfill) the terminal
+// records of the revisions after the archive's through and up to to, the
+// last revision the start took from the bucket or its index cache without
+// archiving it (a start without a cache file reading more than
+// kvRecentOps records, the first start of an upgrade, a new member, a
+// restart whose catch-up did). Without it, each read of one of them would
+// be read from the bucket, for which the server loads the whole block
+// holding it.
+func (k *KV) startBackfill(to uint64) {
+	if k.archive == nil {
+		return
+	}
+	from := k.archive.through()
+	if from >= to {
+		k.backfilled.Store(true)
+		return
+	}
+	k.saver.Go(func() { k.backfill(from, to) })
+}
+
+// backfill archives the terminal records of revisions from+1 to to that
+// the index holds ended at their revision and the archive misses, read
+// from the bucket in revision order (each of the server's blocks once)
+// through an ordered consumer; once through to, it records to as the
+// archive's through. Close stops it.
+func (k *KV) backfill(from, to uint64) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-k.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	log := k.log.With("from", from+1, "to", to)
+	began := time.Now()
+	cons, err := k.js.OrderedConsumer(ctx, k.stream.CachedInfo().Config.Name, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{k.subject(kvOpPrefix + ">")},
+		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy, OptStartSeq: from + 1})
+	if err != nil {
+		log.Warn("ended operations not archived: read from the bucket", "err", kvErr("backfill consumer", err))
+		return
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(kvLoadBatch))
+	if err != nil {
+		log.Warn("ended operations not archived: read from the bucket", "err", kvErr("backfill", err))
+		return
+	}
+	defer it.Stop()
+	prefix := k.subject(kvOpPrefix)
+	archived := 0
+	for {
+		msg, err := it.Next(jetstream.NextContext(ctx))
+		if err != nil {
+			if ctx.Err() == nil && !errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+				log.Warn("ended operations not archived: read from the bucket", "err", kvErr("backfill", err))
+			}
+			return
+		}
+		meta, err := msg.Metadata()
+		if err != nil {
+			continue
+		}
+		rev := meta.Sequence.Stream
+		if rev > to {
+			break
+		}
+		if id := strings.TrimPrefix(msg.Subject(), prefix); !isDelete(msg.Headers()) && k.heldEnded(id) == rev {
+			if completed, ok := completedOf(id, msg.Data()); ok {
+				k.archive.put(id, rev, completed, msg.Data(), true)
+				archived++
+			}
+		}
+		if rev == to || meta.NumPending == 0 {
+			break
+		}
+	}
+	if err := k.archive.setThrough(to); err != nil {
+		log.Warn("archive's progress not recorded", "err", err)
+	}
+	k.backfilled.Store(true)
+	log.Info("ended operations archived", "operations", archived, "took", time.Since(began).Round(time.Millisecond))
+}
+
+// completedOf returns the completion (opScore) of raw, the terminal
+// record of operation id, read as the watcher reads it.
+func completedOf(id string, raw []byte) (int64, bool) {
+	var sc scannedOp
+	if scanIndexed(raw, &sc) && len(sc.typ) > 0 && len(sc.status) > 0 {
+		return sc.fields().completed, true
+	}
+	var o kvIndexed
+	if decode(kvOpPrefix+id, "", raw, &o) != nil {
+		return 0, false
+	}
+	op := o.operation(id)
+	return fieldsOf(&op).completed, true
+}

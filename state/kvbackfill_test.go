@@ -1,0 +1,122 @@
+package state
+
+import (
+	"errors"
+	"log/slog"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/volumed/volumed/commands"
+)
+
+// TestKVBackfill: a start whose index the archive does not cover (a
+// start without a cache file reading more records than it archives, an
+// upgrade's first start) archives every terminal record the index holds,
+// in the background, and no other; the next start, after a clean stop,
+// has nothing to archive; an unclean stop leaves the revisions since the
+// last record of progress to archive again, and only those are read.
+func TestKVBackfill(t *testing.T) {
+	ctx, f := newArchiveTest(t)
+	// Recorded by a release without the archive, its index in the cache
+	// file: the next start reads none of them from the bucket.
+	before, err := NewKV(ctx, f.js, KVConfig{Bucket: f.bucket, IndexCache: f.path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := []commands.Operation{}
+	for i := range 5 {
+		old = append(old, f.terminal(t, before, time.Now().Add(-time.Duration(i)*24*time.Hour)))
+	}
+	now := time.Now()
+	pending, err := before.CreateOperation(ctx, commands.Operation{ID: "pending", Type: commands.OpAttach,
+		Status: commands.StatusPending, VolumeID: "vol-1", CreatedAt: now, UpdatedAt: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := before.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	k := f.open(t, true)
+	waitFor(ctx, t, "the backfill", k.backfilled.Load)
+	for _, op := range old {
+		if _, err := k.archive.get(op.ID, op.Revision); err != nil {
+			t.Fatalf("%s not archived: %v", op.ID, err)
+		}
+		f.check(t, k, op, false)
+	}
+	if _, err := k.archive.get(pending.ID, pending.Revision); !errors.Is(err, errArchiveMiss) {
+		t.Fatalf("a pending operation archived: %v", err)
+	}
+	if got := k.archive.through(); got < pending.Revision {
+		t.Fatalf("through %d, want at least %d", got, pending.Revision)
+	}
+	later := f.terminal(t, f.plain, time.Now())
+	archivedBy(ctx, t, k, later)
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := k.archive.through(); got < later.Revision {
+		t.Fatalf("through %d after Close, want %d", got, later.Revision)
+	}
+
+	// A clean stop: nothing to archive at the next start.
+	k = f.open(t, true)
+	if !k.backfilled.Load() {
+		t.Fatal("a start after a clean stop archives again")
+	}
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	// As after an unclean stop: the progress recorded is older, and the
+	// archive lost an entry (never written): the backfill reads from
+	// there only, and writes it again.
+	if err := (&opArchive{dir: f.dir}).setThrough(old[len(old)-1].Revision); err != nil {
+		t.Fatal(err)
+	}
+	removeFile(t, filepath.Join(f.dir, mapName(pending.Revision)))
+	k = f.open(t, true)
+	waitFor(ctx, t, "the backfill", k.backfilled.Load)
+	if _, err := k.archive.get(later.ID, later.Revision); err != nil {
+		t.Fatalf("%s not archived again: %v", later.ID, err)
+	}
+	for _, op := range old {
+		if _, err := k.archive.get(op.ID, op.Revision); !errors.Is(err, errArchiveMiss) {
+			t.Fatalf("%s, before the progress recorded, archived again: %v", op.ID, err)
+		}
+	}
+}
+
+// TestArchiveThrough: the progress recorded is dropped with the archive
+// of another stream, and lowered to the stream's last revision when it
+// lost revisions (restored from a backup).
+func TestArchiveThrough(t *testing.T) {
+	dir := t.TempDir()
+	created := time.Now()
+	a, err := openArchive(dir, "KV_x", created, 100, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.setThrough(90); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		stream string
+		last   uint64
+		want   uint64
+	}{
+		{"KV_x", 100, 90},
+		{"KV_x", 50, 50},
+		{"KV_y", 100, 0},
+	} {
+		a, err := openArchive(dir, c.stream, created, c.last, slog.New(slog.DiscardHandler))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := a.through(); got != c.want {
+			t.Fatalf("%s at %d: through %d, want %d", c.stream, c.last, got, c.want)
+		}
+	}
+}
