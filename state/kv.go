@@ -744,12 +744,30 @@ func (k *KV) GetOperation(ctx context.Context, id string) (commands.Operation, e
 	return k.bucketOp(ctx, id)
 }
 
-// bucketOp reads operation id from the bucket.
+// bucketOp reads operation id from the bucket, and archives the record
+// read (readThrough).
 func (k *KV) bucketOp(ctx context.Context, id string) (commands.Operation, error) {
 	var op commands.Operation
-	rev, err := get(ctx, k, kvOpPrefix+id, id, &op)
+	rev, raw, err := get(ctx, k, kvOpPrefix+id, id, &op)
 	op.Revision = rev
+	if err == nil {
+		k.readThrough(&op, raw)
+	}
 	return op, err
+}
+
+// readThrough archives raw, the record op as the bucket holds it, if the
+// index holds op ended at its revision: one a start took from a cache
+// file or read without archiving it (kvRecentOps), or one the archive
+// lost, is then read from the bucket once. After Close it archives
+// nothing.
+func (k *KV) readThrough(op *commands.Operation, raw []byte) {
+	if k.archive == nil || !op.Status.Terminal() {
+		return
+	}
+	if k.heldEnded(op.ID) == op.Revision {
+		k.archive.put(op.ID, op.Revision, opScore(completedAt(op)), raw, true)
+	}
 }
 
 // archived returns operation id from the archive when the index holds it
@@ -843,23 +861,23 @@ func (k *KV) archivedAt(id string, rev uint64) (commands.Operation, bool) {
 }
 
 // get reads and decodes the record of id at key, returning its
-// revision, with ErrCorrupt too: a mapping or export write on it
-// replaces the record.
-func get[T any](ctx context.Context, k *KV, key, id string, v *T) (uint64, error) {
+// revision and its bytes as stored, with ErrCorrupt too: a mapping or
+// export write on it replaces the record.
+func get[T any](ctx context.Context, k *KV, key, id string, v *T) (uint64, []byte, error) {
 	if id == "" {
-		return 0, fmt.Errorf("state: %s without an id: %w", key, ErrNotFound)
+		return 0, nil, fmt.Errorf("state: %s without an id: %w", key, ErrNotFound)
 	}
 	if k.onGet != nil {
 		k.onGet(key)
 	}
 	e, err := k.last(ctx, key)
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	if !e.live {
-		return 0, fmt.Errorf("state: %s: %w", key, ErrNotFound)
+		return 0, nil, fmt.Errorf("state: %s: %w", key, ErrNotFound)
 	}
-	return e.rev, decode(key, id, e.data, v)
+	return e.rev, e.data, decode(key, id, e.data, v)
 }
 
 // openBucket binds the bucket, making it if it does not exist, and brings
@@ -1240,7 +1258,7 @@ func (k *KV) write(ctx context.Context, what, key string, data []byte, rev uint6
 // GetMapping reads the mapping of a volume from the bucket.
 func (k *KV) GetMapping(ctx context.Context, volumeID string) (commands.Mapping, error) {
 	var m commands.Mapping
-	rev, err := get(ctx, k, kvMappingPrefix+volumeID, volumeID, &m)
+	rev, _, err := get(ctx, k, kvMappingPrefix+volumeID, volumeID, &m)
 	m.Revision = rev
 	return m, err
 }
@@ -1316,7 +1334,7 @@ func (k *KV) PutExport(ctx context.Context, e commands.Export) (commands.Export,
 // GetExport reads the export record of a volume from the bucket.
 func (k *KV) GetExport(ctx context.Context, volumeID string) (commands.Export, error) {
 	var e commands.Export
-	rev, err := get(ctx, k, kvExportPrefix+volumeID, volumeID, &e)
+	rev, _, err := get(ctx, k, kvExportPrefix+volumeID, volumeID, &e)
 	e.Revision = rev
 	return e, err
 }

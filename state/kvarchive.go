@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -71,6 +72,8 @@ type opArchive struct {
 	closed bool
 	files  map[string]*os.File // open, by name
 	sizes  map[string]int64    // of the segments open for appending
+	// failing: the last append failed, and was logged.
+	failing atomic.Bool
 }
 
 // openArchive opens the archive in dir for the bucket's stream (name,
@@ -233,10 +236,13 @@ func (a *opArchive) closeFiles() {
 // put archives raw, the terminal record of id at revision rev completed
 // at completed (opScore), unless revision rev's entry holds it already (a
 // start that reads every record again), looked up only if again (a
-// revision the watcher delivered; a writer's own is new). An entry of another record at
-// rev (a stream restored from an earlier backup keeps its name and
-// creation time, and writes the dropped history's revisions again) is
-// replaced. An error is logged: the record is then read from the bucket.
+// revision the watcher delivered, or a record read from the bucket; a
+// writer's own is new; two puts at once may both append it, and the map
+// then holds the later entry). An entry of another record at rev (a stream
+// restored from an earlier backup keeps its name and creation time, and
+// writes the dropped history's revisions again) is replaced. The record
+// is then read from the bucket if put fails: the first failure after a
+// success is logged, not every one; after close put writes nothing.
 func (a *opArchive) put(id string, rev uint64, completed int64, raw []byte, again bool) {
 	if a == nil {
 		return
@@ -246,8 +252,13 @@ func (a *opArchive) put(id string, rev uint64, completed int64, raw []byte, agai
 			return
 		}
 	}
-	if err := a.append(id, rev, completed, raw); err != nil {
-		a.log.Warn("operation not archived", "id", id, "revision", rev, "err", err)
+	err := a.append(id, rev, completed, raw)
+	switch {
+	case err == nil:
+		a.failing.Store(false)
+	case errors.Is(err, os.ErrClosed): // a read in flight at Close
+	case !a.failing.Swap(true):
+		a.log.Warn("operation not archived; the next failures are not logged until a write succeeds", "id", id, "revision", rev, "err", err)
 	}
 }
 

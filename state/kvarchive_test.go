@@ -6,16 +6,19 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/volumed/volumed/commands"
+	"github.com/volumed/volumed/internal/testenv"
 )
 
 // archiveFixture is a cache fixture whose stores keep an archive, and
@@ -24,6 +27,7 @@ type archiveFixture struct {
 	*cacheFixture
 	dir  string
 	gets atomic.Int64
+	logs testenv.Buffer // of the stores open opens
 }
 
 func newArchiveTest(t *testing.T) (context.Context, *archiveFixture) {
@@ -34,7 +38,7 @@ func newArchiveTest(t *testing.T) (context.Context, *archiveFixture) {
 // open starts a store on the cache file (cache) and the archive.
 func (f *archiveFixture) open(t *testing.T, cache bool) *KV {
 	t.Helper()
-	cfg := KVConfig{Bucket: f.bucket, Archive: f.dir}
+	cfg := KVConfig{Bucket: f.bucket, Archive: f.dir, Logger: slog.New(slog.NewTextHandler(&f.logs, nil))}
 	if cache {
 		cfg.IndexCache = f.path
 	}
@@ -48,13 +52,13 @@ func (f *archiveFixture) open(t *testing.T, cache bool) *KV {
 }
 
 // terminal records through s an operation ended at ended, failed (so
-// that it can be annotated).
+// that it can be annotated), on a volume of its own.
 func (f *archiveFixture) terminal(t *testing.T, s *KV, ended time.Time) commands.Operation {
 	t.Helper()
 	f.n++
 	vm := "vm-1"
 	op := commands.Operation{ID: fmt.Sprintf("op-%d", f.n), Type: commands.OpAttach, Status: commands.StatusFailed,
-		VolumeID: "vol-1", VMID: &vm, Request: json.RawMessage(`{"n":1}`), Error: "no", CreatedAt: ended.Add(-time.Second),
+		VolumeID: fmt.Sprintf("vol-%d", f.n), VMID: &vm, Request: json.RawMessage(`{"n":1}`), Error: "no", CreatedAt: ended.Add(-time.Second),
 		UpdatedAt: ended, CompletedAt: &ended}
 	op, err := s.CreateOperation(f.ctx, op)
 	if err != nil {
@@ -63,9 +67,9 @@ func (f *archiveFixture) terminal(t *testing.T, s *KV, ended time.Time) commands
 	return op
 }
 
-// check reads want by id and through a listing's read, each read from
-// the bucket (fromBucket) or not, and compares them with want.
-func (f *archiveFixture) check(t *testing.T, k *KV, want commands.Operation, fromBucket bool) {
+// check reads want by id, then through a listing's read, gets of them
+// from the bucket, and compares them with want.
+func (f *archiveFixture) check(t *testing.T, k *KV, want commands.Operation, gets int64) {
 	t.Helper()
 	if err := k.caughtUp(f.ctx); err != nil { // a read by id waits for the watcher only briefly
 		t.Fatal(err)
@@ -86,8 +90,8 @@ func (f *archiveFixture) check(t *testing.T, k *KV, want commands.Operation, fro
 			t.Fatalf("read %s at %d, want %s at %d", a, g.Revision, b, want.Revision)
 		}
 	}
-	if n, w := f.gets.Load()-before, map[bool]int64{false: 0, true: 2}[fromBucket]; n != w {
-		t.Fatalf("%s: %d reads from the bucket, want %d", want.ID, n, w)
+	if n := f.gets.Load() - before; n != gets {
+		t.Fatalf("%s: %d reads from the bucket, want %d", want.ID, n, gets)
 	}
 }
 
@@ -95,12 +99,12 @@ func (f *archiveFixture) check(t *testing.T, k *KV, want commands.Operation, fro
 // and for a listing, by the store that wrote it, by one that read it
 // from the bucket at its start, and after a restart on the cache file;
 // a record the archive does not hold whole, or holds at another
-// revision, is read from the bucket.
+// revision, is read from the bucket, once: that read archives it.
 func TestKVArchiveReads(t *testing.T) {
 	ctx, f := newArchiveTest(t)
 	k := f.open(t, true)
 	old := f.terminal(t, k, time.Now().Add(-48*time.Hour))
-	f.check(t, k, old, false)
+	f.check(t, k, old, 0)
 	now := time.Now()
 	vm := "vm-1"
 	pending, err := k.CreateOperation(ctx, commands.Operation{ID: "pending", Type: commands.OpAttach, Status: commands.StatusPending,
@@ -108,11 +112,11 @@ func TestKVArchiveReads(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.check(t, k, pending, true)
+	f.check(t, k, pending, 2)
 	// Another process's write, seen by the watcher.
 	other := f.terminal(t, f.plain, time.Now())
 	archivedBy(ctx, t, k, other)
-	f.check(t, k, other, false)
+	f.check(t, k, other, 0)
 
 	// Rewritten (annotated) by another process: the new revision.
 	first := other
@@ -121,7 +125,7 @@ func TestKVArchiveReads(t *testing.T) {
 		t.Fatal(err)
 	}
 	archivedBy(ctx, t, k, other)
-	f.check(t, k, other, false)
+	f.check(t, k, other, 0)
 
 	// A restart on the cache file: the index holds them without reading
 	// them again, the archive still serves them.
@@ -129,14 +133,14 @@ func TestKVArchiveReads(t *testing.T) {
 		t.Fatal(err)
 	}
 	k = f.open(t, true)
-	f.check(t, k, old, false)
-	f.check(t, k, other, false)
+	f.check(t, k, old, 0)
+	f.check(t, k, other, 0)
 
 	// A start reading every record archives none twice.
 	seg := filepath.Join(f.dir, segName(uint32(old.CompletedAt.Unix()/86400)))
 	size := fileSize(t, seg)
 	k2 := f.open(t, false)
-	f.check(t, k2, old, false)
+	f.check(t, k2, old, 0)
 	if s := fileSize(t, seg); s != size {
 		t.Fatalf("segment grew from %d to %d bytes at a start reading every record", size, s)
 	}
@@ -186,35 +190,27 @@ func TestKVArchiveReads(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			op := f.terminal(t, k, time.Now().Add(-time.Duration(f.n)*24*time.Hour))
-			f.check(t, k, op, false)
+			f.check(t, k, op, 0)
 			spoilt := tc.spoil(t, filepath.Join(f.dir, segName(uint32(op.CompletedAt.Unix()/86400))), filepath.Join(f.dir, mapName(op.Revision)), op)
 			k.archive.mu.Lock()
 			k.archive.closeFiles() // so that they are read as they are now
 			k.archive.mu.Unlock()
-			f.check(t, k, spoilt, true)
+			f.check(t, k, spoilt, 1) // the read by id archives it again
 		})
 	}
 }
 
 // TestKVArchiveStart: a store started on a cache file written without
-// an archive (by a release before it) reads the records it holds from
-// the bucket, and archives those written since; an archive kept for
+// an archive (by a release before it) reads a record it holds from the
+// bucket once, and archives those written since; an archive kept for
 // another bucket is emptied.
 func TestKVArchiveStart(t *testing.T) {
 	ctx, f := newArchiveTest(t)
-	before, err := NewKV(ctx, f.js, KVConfig{Bucket: f.bucket, IndexCache: f.path})
-	if err != nil {
-		t.Fatal(err)
-	}
-	old := f.terminal(t, before, time.Now())
-	if err := before.Close(ctx); err != nil {
-		t.Fatal(err)
-	}
+	old := f.unarchived(t, 1)[0]
 	k := f.open(t, true)
-	archivedBy(ctx, t, k, old) // by the start's backfill
-	f.check(t, k, old, false)
+	f.check(t, k, old, 1)
 	later := f.terminal(t, k, time.Now())
-	f.check(t, k, later, false)
+	f.check(t, k, later, 0)
 	if err := k.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -225,7 +221,7 @@ func TestKVArchiveStart(t *testing.T) {
 	if n := len(archiveFiles(t, f.dir)); n != 0 {
 		t.Fatalf("%d files of another bucket's archive kept", n)
 	}
-	g.check(t, k, g.terminal(t, k, time.Now()), false)
+	g.check(t, k, g.terminal(t, k, time.Now()), 0)
 }
 
 // TestKVArchivePrune: the retention removes the segments of the days
@@ -254,7 +250,7 @@ func TestKVArchivePrune(t *testing.T) {
 	if _, err := k.GetOperation(ctx, old.ID); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("pruned operation read: %v", err)
 	}
-	f.check(t, k, recent, false)
+	f.check(t, k, recent, 0)
 	_ = edge // pruned, its day's segment kept (the margin)
 }
 
@@ -263,7 +259,7 @@ func TestKVArchivePrune(t *testing.T) {
 func TestKVCloseClosesFiles(t *testing.T) {
 	ctx, f := newArchiveTest(t)
 	k := f.open(t, true)
-	f.check(t, k, f.terminal(t, k, time.Now()), false)
+	f.check(t, k, f.terminal(t, k, time.Now()), 0)
 	k.archive.mu.Lock()
 	files := make([]*os.File, 0, len(k.archive.files))
 	for _, fl := range k.archive.files {
@@ -319,6 +315,201 @@ func TestArchiveRevisionReused(t *testing.T) {
 			t.Errorf("after a start at revision 6: get %s at %d: %v, want %v", e.id, e.rev, err, e.want)
 		}
 	}
+}
+
+// unarchived records n operations ended now through a store without an
+// archive that keeps the cache file, as a release before the archive
+// did, and stops it: a store started on the file holds them in its
+// index, and not in its archive.
+func (f *archiveFixture) unarchived(t *testing.T, n int) []commands.Operation {
+	t.Helper()
+	before, err := NewKV(f.ctx, f.js, KVConfig{Bucket: f.bucket, IndexCache: f.path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ops := make([]commands.Operation, n)
+	for i := range ops {
+		ops[i] = f.terminal(t, before, time.Now())
+	}
+	if err := before.Close(f.ctx); err != nil {
+		t.Fatal(err)
+	}
+	// As if the archive had lost them: no backfill archives them.
+	info, err := before.stream.Info(f.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := openArchive(f.dir, info.Config.Name, info.Created, info.State.LastSeq, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.setThrough(info.State.LastSeq); err != nil {
+		t.Fatal(err)
+	}
+	return ops
+}
+
+// TestKVArchiveReadThrough: a record the index holds ended at the
+// revision the bucket holds, but the archive does not (taken from a
+// cache file written without an archive: an upgrade's first start), is
+// read from the bucket once, by id or by a listing, which archives it as
+// the bucket holds it; the next reads, by id and by a listing, are the
+// archive's, also after reads of it at once.
+func TestKVArchiveReadThrough(t *testing.T) {
+	ctx, f := newArchiveTest(t)
+	ops := f.unarchived(t, 3)
+	k := f.open(t, true)
+	byID := func(op commands.Operation) (commands.Operation, error) { return k.GetOperation(ctx, op.ID) }
+	for i, tc := range []struct {
+		name    string
+		readers int
+		read    func(commands.Operation) (commands.Operation, error)
+	}{
+		{"by id", 1, byID},
+		{"listing", 1, func(op commands.Operation) (commands.Operation, error) {
+			got, _, err := k.ListOperations(ctx, Filter{VolumeID: op.VolumeID, Limit: 10})
+			if err == nil && len(got) != 1 {
+				err = fmt.Errorf("listed %d operations, want 1", len(got))
+			}
+			if err != nil {
+				return commands.Operation{}, err
+			}
+			return got[0], nil
+		}},
+		{"by id at once", 8, byID},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			op := ops[i]
+			if _, err := k.archive.get(op.ID, op.Revision); !errors.Is(err, errArchiveMiss) {
+				t.Fatalf("archived before a read: %v", err)
+			}
+			stored, err := k.last(ctx, kvOpPrefix+op.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			seg := filepath.Join(f.dir, segName(uint32(op.CompletedAt.Unix()/86400)))
+			size := archivedSize(t, seg)
+			if err := k.caughtUp(ctx); err != nil {
+				t.Fatal(err)
+			}
+			before := f.gets.Load()
+			count := k.onGet
+			var arrived sync.WaitGroup // the readers read the bucket at once
+			arrived.Add(tc.readers)
+			k.onGet = func(key string) { count(key); arrived.Done(); arrived.Wait() }
+			errs := make(chan error, tc.readers)
+			for range tc.readers {
+				go func() {
+					got, err := tc.read(op)
+					if err == nil && got.Revision != op.Revision {
+						err = fmt.Errorf("read revision %d, want %d", got.Revision, op.Revision)
+					}
+					errs <- err
+				}()
+			}
+			for range tc.readers {
+				if err := <-errs; err != nil {
+					t.Fatal(err)
+				}
+			}
+			k.onGet = count
+			if n := f.gets.Load() - before; n != int64(tc.readers) {
+				t.Fatalf("%d reads from the bucket, want %d", n, tc.readers)
+			}
+			if raw, err := k.archive.get(op.ID, op.Revision); err != nil || !bytes.Equal(raw, stored.data) {
+				t.Fatalf("archive after a read from the bucket: %q, %v; want %q", raw, err, stored.data)
+			}
+			// Readers at once may each append it (the map holds the last).
+			if grown, entry := archivedSize(t, seg)-size, int64(kvArchiveHead+len(op.ID)+len(stored.data)); grown%entry != 0 || grown < entry || grown > int64(tc.readers)*entry {
+				t.Fatalf("segment grew by %d bytes, want 1 to %d entries of %d", grown, tc.readers, entry)
+			}
+			f.check(t, k, op, 0)
+		})
+	}
+}
+
+// TestKVArchiveReadThroughOnlyEnded: a record read from the bucket is
+// not archived when the index does not hold it ended at the revision
+// read: another process ended it, or wrote it again, and the watcher has
+// not applied that yet; nor is one read after Close, which logs nothing.
+func TestKVArchiveReadThroughOnlyEnded(t *testing.T) {
+	ctx, f := newArchiveTest(t)
+	ops := f.unarchived(t, 2)
+	now := time.Now()
+	vm := "vm-1"
+	running, err := f.plain.CreateOperation(ctx, commands.Operation{ID: "op-running", Type: commands.OpAttach,
+		Status: commands.StatusExecuting, VolumeID: "vol-running", VMID: &vm, Request: json.RawMessage(`{}`), CreatedAt: now, UpdatedAt: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := f.open(t, true)
+	if err := k.watcher.r.Close(ctx); err != nil { // the index stays as it is
+		t.Fatal(err)
+	}
+	annotated := ops[0]
+	annotated.Details = map[string]any{"note": "later"}
+	if annotated, err = f.plain.UpdateOperation(ctx, annotated); err != nil {
+		t.Fatal(err)
+	}
+	ended := running
+	ended.Status, ended.CompletedAt, ended.UpdatedAt = commands.StatusCompleted, &now, now
+	if ended, err = f.plain.UpdateOperation(ctx, ended); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name      string
+		held, now commands.Operation // as the index holds it, as the bucket does
+		before    func()
+	}{
+		{"ended since", running, ended, nil},
+		{"written again", ops[0], annotated, nil},
+		{"after Close", ops[1], ops[1], func() {
+			if err := k.Close(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.before != nil {
+				tc.before()
+			}
+			k.mu.RLock()
+			endedAt := k.endedAt(tc.held.ID)
+			k.mu.RUnlock()
+			got, err := k.GetOperation(ctx, tc.held.ID)
+			listed := make([]commands.Operation, 1)
+			if err == nil {
+				err = k.getOps(ctx, []string{tc.held.ID}, []uint64{endedAt}, []int{0}, listed)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, g := range []commands.Operation{got, listed[0]} {
+				if g.Revision != tc.now.Revision {
+					t.Fatalf("read revision %d, want the bucket's, %d", g.Revision, tc.now.Revision)
+				}
+			}
+			if n := len(archiveFiles(t, f.dir)); n != 0 {
+				t.Fatalf("%d archive files written, want none", n)
+			}
+			if l := testenv.Mentioning(f.logs.Lines(), "not archived"); len(l) != 0 {
+				t.Fatalf("logged %q", l)
+			}
+		})
+	}
+}
+
+// archivedSize is the size of the segment at path, 0 if there is none.
+func archivedSize(t *testing.T, path string) int64 {
+	t.Helper()
+	st, err := os.Stat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Size()
 }
 
 // archivedBy waits until k's archive holds op (its watcher archives
@@ -436,6 +627,39 @@ func TestArchiveMisses(t *testing.T) {
 	a.close()
 	if _, err := a.get("op-1", 3); !errors.Is(err, errArchiveMiss) {
 		t.Errorf("after close: %v, want a miss", err)
+	}
+}
+
+// TestArchiveFailuresLogged: a failing archive write is logged once,
+// not at every read of a record: again only after a write succeeded.
+func TestArchiveFailuresLogged(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ops-archive")
+	var logs testenv.Buffer
+	a, err := openArchive(dir, "KV_x", time.Unix(1, 0), 0, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.close()
+	ended := time.Now().UnixMicro()
+	rev := uint64(0)
+	for _, step := range []struct {
+		gone   bool // the directory
+		logged int  // failures logged after the step's puts
+	}{{true, 1}, {false, 1}, {true, 2}} {
+		if step.gone {
+			if err := os.RemoveAll(dir); err != nil {
+				t.Fatal(err)
+			}
+		} else if err := os.MkdirAll(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		for range 3 {
+			rev += 1 << kvArchiveMapShift // a map to open: the files open are unlinked, not gone
+			a.put("op-1", rev, ended, []byte(`{}`), true)
+		}
+		if l := testenv.Mentioning(logs.Lines(), "not archived"); len(l) != step.logged {
+			t.Fatalf("after %d puts: %d failures logged, want %d: %q", rev>>kvArchiveMapShift, len(l), step.logged, l)
+		}
 	}
 }
 

@@ -44,7 +44,7 @@ func TestKVBackfill(t *testing.T) {
 		if _, err := k.archive.get(op.ID, op.Revision); err != nil {
 			t.Fatalf("%s not archived: %v", op.ID, err)
 		}
-		f.check(t, k, op, false)
+		f.check(t, k, op, 0)
 	}
 	if _, err := k.archive.get(pending.ID, pending.Revision); !errors.Is(err, errArchiveMiss) {
 		t.Fatalf("a pending operation archived: %v", err)
