@@ -477,8 +477,8 @@ func stale(what, key string, rev uint64) error {
 	return fmt.Errorf("state: %s %s at revision %d: %w", what, key, rev, ErrStale)
 }
 
-// CreateOperation writes op with one KV Create; ErrExists if the key is
-// taken.
+// CreateOperation writes op with one publish on revision 0 (a KV Create);
+// ErrExists if the key is taken.
 func (k *KV) CreateOperation(ctx context.Context, op commands.Operation) (commands.Operation, error) {
 	if err := checkOp(&op); err != nil {
 		return op, err
@@ -487,14 +487,28 @@ func (k *KV) CreateOperation(ctx context.Context, op commands.Operation) (comman
 	if err != nil {
 		return op, fmt.Errorf("state: encode operation %s: %w", op.ID, err)
 	}
-	rev, err := k.kv.Create(ctx, kvOpPrefix+op.ID, data)
-	if errors.Is(err, jetstream.ErrKeyExists) {
-		return op, fmt.Errorf("state: operation %s: %w", op.ID, ErrExists)
+	// One publish on revision 0, a key without history: the KeyValue API's
+	// Create but for its key check (a regular expression; validKey is the
+	// same rule). A key with history (a record, or the marker a delete
+	// left) goes through Create, which writes over a marker.
+	key := kvOpPrefix + op.ID
+	if !validKey(key) {
+		return op, kvErr("create operation", jetstream.ErrInvalidKey)
+	}
+	rev, err := k.single(ctx, kvWrite{key: key, data: data})
+	if errors.Is(err, errBatchStale) {
+		rev, err = k.kv.Create(ctx, key, data)
+		switch {
+		case errors.Is(err, jetstream.ErrKeyExists):
+			return op, fmt.Errorf("state: operation %s: %w", op.ID, ErrExists)
+		case err != nil:
+			return op, kvErr("create operation", err)
+		}
+		k.writes.Add(1)
 	}
 	if err != nil {
-		return op, kvErr("create operation", err)
+		return op, err
 	}
-	k.writes.Add(1)
 	op.Revision = rev
 	return op, k.applyOpValue(op.ID, rev, &op, data, false)
 }
