@@ -3,6 +3,7 @@ package state
 import (
 	"context"
 	"errors"
+	"runtime/debug"
 	"strings"
 	"time"
 
@@ -92,7 +93,19 @@ func (k *KV) backfill(from, to uint64) {
 	}
 	k.backfilled.Store(true)
 	log.Info("ended operations archived", "operations", archived, "took", time.Since(began).Round(time.Millisecond))
+	// The server drops the blocks it loaded for the backfill once they
+	// are idle (10 s in nats-server's filestore); the heap they took then
+	// goes back to the OS, as the start's does (saveCacheEvery).
+	select {
+	case <-k.stop:
+	case <-time.After(kvBackfillIdle):
+		debug.FreeOSMemory()
+	}
 }
+
+// kvBackfillIdle is how long after the backfill its heap is returned to
+// the OS: past the server's idle time for a loaded block.
+const kvBackfillIdle = 15 * time.Second
 
 // completedOf returns the completion (opScore) of raw, the terminal
 // record of operation id, read as the watcher reads it.
