@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -31,10 +32,9 @@ func (k *KV) startBackfill(to uint64) {
 }
 
 // backfill archives the terminal records of revisions from+1 to to that
-// the index holds ended at their revision and the archive misses, read
-// from the bucket in revision order (each of the server's blocks once)
-// through an ordered consumer; once through to, it records to as the
-// archive's through. Close stops it.
+// the index holds ended at their revision and the archive misses
+// (archiveRange); once through to, it records to as the archive's
+// through. Close stops it.
 func (k *KV) backfill(from, to uint64) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -47,46 +47,12 @@ func (k *KV) backfill(from, to uint64) {
 	}()
 	log := k.log.With("from", from+1, "to", to)
 	began := time.Now()
-	cons, err := k.js.OrderedConsumer(ctx, k.stream.CachedInfo().Config.Name, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{k.subject(kvOpPrefix + ">")},
-		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy, OptStartSeq: from + 1})
+	archived, err := k.archiveRange(ctx, from, to)
 	if err != nil {
-		log.Warn("ended operations not archived: read from the bucket", "err", kvErr("backfill consumer", err))
+		if ctx.Err() == nil {
+			log.Warn("ended operations not archived: read from the bucket", "err", err)
+		}
 		return
-	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(kvLoadBatch))
-	if err != nil {
-		log.Warn("ended operations not archived: read from the bucket", "err", kvErr("backfill", err))
-		return
-	}
-	defer it.Stop()
-	prefix := k.subject(kvOpPrefix)
-	archived := 0
-	for {
-		msg, err := it.Next(jetstream.NextContext(ctx))
-		if err != nil {
-			if ctx.Err() == nil && !errors.Is(err, jetstream.ErrMsgIteratorClosed) {
-				log.Warn("ended operations not archived: read from the bucket", "err", kvErr("backfill", err))
-			}
-			return
-		}
-		meta, err := msg.Metadata()
-		if err != nil {
-			continue
-		}
-		rev := meta.Sequence.Stream
-		if rev > to {
-			break
-		}
-		if id := strings.TrimPrefix(msg.Subject(), prefix); !isDelete(msg.Headers()) && k.heldEnded(id) == rev {
-			if completed, ok := completedOf(id, msg.Data()); ok {
-				k.archive.put(id, rev, completed, msg.Data(), true)
-				archived++
-			}
-		}
-		if rev == to || meta.NumPending == 0 {
-			break
-		}
 	}
 	if err := k.archive.setThrough(to); err != nil {
 		log.Warn("archive's progress not recorded", "err", err)
@@ -101,6 +67,86 @@ func (k *KV) backfill(from, to uint64) {
 	case <-time.After(kvBackfillIdle):
 		debug.FreeOSMemory()
 	}
+}
+
+// archiveRange archives what backfill does, read from the bucket in
+// revision order (each of the server's blocks once) through an ordered
+// consumer; it returns how many it archived, or an error if it did not
+// read them all (ctx ended: Close). A consumer idle for kvSettleEvery is
+// asked whether it has anything left: the last revisions up to to may
+// hold no operation record (another key's, or removed), and none after
+// them may come.
+func (k *KV) archiveRange(ctx context.Context, from, to uint64) (int, error) {
+	stream := k.stream.CachedInfo().Config.Name
+	cons, err := k.js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{k.subject(kvOpPrefix + ">")},
+		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy, OptStartSeq: from + 1})
+	if err != nil {
+		return 0, kvErr("backfill consumer", err)
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(kvLoadBatch))
+	if err != nil {
+		return 0, kvErr("backfill", err)
+	}
+	defer it.Stop()
+	// When ctx ends, Next returns at once (or, while the ordered consumer
+	// makes its consumer again, a server gone, at its next try).
+	defer context.AfterFunc(ctx, it.Stop)()
+	prefix := k.subject(kvOpPrefix)
+	archived := 0
+	// The consumer and delivery of the last message read: the server's
+	// consumer has delivered nothing more when its info says so.
+	var lastCons string
+	var lastDelivered uint64
+	for {
+		msg, err := it.Next(jetstream.NextMaxWait(kvSettleEvery))
+		if errors.Is(err, nats.ErrTimeout) && ctx.Err() == nil {
+			// No operation record may be left up to to (the last
+			// revisions another key's, or removed): none is pending.
+			if drained(ctx, cons, lastCons, lastDelivered) {
+				return archived, nil
+			}
+			continue
+		}
+		if err != nil {
+			return archived, kvErr("backfill", errors.Join(ctx.Err(), err))
+		}
+		meta, err := msg.Metadata()
+		if err != nil {
+			continue
+		}
+		lastCons, lastDelivered = meta.Consumer, meta.Sequence.Consumer
+		rev := meta.Sequence.Stream
+		if rev > to {
+			return archived, nil
+		}
+		if id := strings.TrimPrefix(msg.Subject(), prefix); !isDelete(msg.Headers()) && k.heldEnded(id) == rev {
+			if completed, ok := completedOf(id, msg.Data()); ok {
+				k.archive.put(id, rev, completed, msg.Data(), true)
+				archived++
+			}
+		}
+		if rev == to || meta.NumPending == 0 {
+			return archived, nil
+		}
+	}
+}
+
+// drained reports whether the ordered consumer cons has no message left
+// to deliver and delivered none after the last one read, delivery seq of
+// consumer name (none: ""); after a failure it delivers from the next
+// revision on a consumer it makes again.
+func drained(ctx context.Context, cons jetstream.Consumer, name string, seq uint64) bool {
+	ctx, cancel := context.WithTimeout(ctx, kvCacheInfoWait)
+	defer cancel()
+	info, err := cons.Info(ctx)
+	if err != nil || info.NumPending > 0 {
+		return false
+	}
+	if info.Name != name {
+		seq = 0
+	}
+	return info.Delivered.Consumer == seq
 }
 
 // kvBackfillIdle is how long after the backfill its heap is returned to

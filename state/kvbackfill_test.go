@@ -1,6 +1,7 @@
 package state
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"path/filepath"
@@ -118,5 +119,35 @@ func TestArchiveThrough(t *testing.T) {
 		if got := a.through(); got != c.want {
 			t.Fatalf("%s at %d: through %d, want %d", c.stream, c.last, got, c.want)
 		}
+	}
+}
+
+// TestKVBackfillNoOperationLeft: a backfill whose revisions left hold no
+// operation record (the last ones another key's, as after an unclean stop
+// that wrote only leases since its progress was recorded) ends, and
+// records its progress, without waiting for an operation written later.
+func TestKVBackfillNoOperationLeft(t *testing.T) {
+	ctx, f := newArchiveTest(t)
+	k := f.open(t, true)
+	op := f.terminal(t, k, time.Now())
+	if _, err := k.AcquireLease(ctx, "leader", "me", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	seen := k.archive.through()
+	if seen <= op.Revision {
+		t.Fatalf("through %d after Close, want past %d", seen, op.Revision)
+	}
+	if err := (&opArchive{dir: f.dir}).setThrough(op.Revision); err != nil {
+		t.Fatal(err)
+	}
+	k = f.open(t, true)
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	waitFor(wctx, t, "the backfill", k.backfilled.Load)
+	if got := k.archive.through(); got != seen {
+		t.Fatalf("through %d, want %d", got, seen)
 	}
 }
