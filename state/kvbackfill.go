@@ -71,11 +71,11 @@ func (k *KV) backfill(from, to uint64) {
 
 // archiveRange archives what backfill does, read from the bucket in
 // revision order (each of the server's blocks once) through an ordered
-// consumer; it returns how many it archived, or an error if it did not
-// read them all (ctx ended: Close). A consumer idle for kvSettleEvery is
-// asked whether it has anything left: the last revisions up to to may
-// hold no operation record (another key's, or removed), and none after
-// them may come.
+// consumer, which it deletes before it returns; it returns how many it
+// archived, or an error if it did not read them all (ctx ended: Close).
+// A consumer idle for kvSettleEvery is asked whether it has anything left:
+// the last revisions up to to may hold no operation record (another
+// key's, or removed), and none after them may come.
 func (k *KV) archiveRange(ctx context.Context, from, to uint64) (int, error) {
 	stream := k.stream.CachedInfo().Config.Name
 	cons, err := k.js.OrderedConsumer(ctx, stream, jetstream.OrderedConsumerConfig{
@@ -84,6 +84,12 @@ func (k *KV) archiveRange(ctx context.Context, from, to uint64) (int, error) {
 	if err != nil {
 		return 0, kvErr("backfill consumer", err)
 	}
+	// The server keeps an ordered consumer after its iterator stops.
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = k.js.DeleteConsumer(dctx, stream, cons.CachedInfo().Name)
+	}()
 	it, err := cons.Messages(jetstream.PullMaxMessages(kvLoadBatch))
 	if err != nil {
 		return 0, kvErr("backfill", err)

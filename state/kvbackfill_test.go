@@ -39,8 +39,19 @@ func TestKVBackfill(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	consumers := func() int {
+		info, err := before.stream.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info.State.Consumers
+	}
+	watchers := consumers() + 1 // and k's
 	k := f.open(t, true)
 	waitFor(ctx, t, "the backfill", k.backfilled.Load)
+	if n := consumers(); n != watchers {
+		t.Fatalf("%d consumers after the backfill, want %d: its own kept", n, watchers)
+	}
 	for _, op := range old {
 		if _, err := k.archive.get(op.ID, op.Revision); err != nil {
 			t.Fatalf("%s not archived: %v", op.ID, err)
