@@ -2,7 +2,9 @@ package state
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"path/filepath"
 	"testing"
@@ -160,5 +162,32 @@ func TestKVBackfillNoOperationLeft(t *testing.T) {
 	waitFor(wctx, t, "the backfill", k.backfilled.Load)
 	if got := k.archive.through(); got != seen {
 		t.Fatalf("through %d, want %d", got, seen)
+	}
+}
+
+// TestKVBackfillFullRead: a start without a cache file, reading more
+// records than it archives as it reads them (kvRecentOps), archives the
+// others in the background.
+func TestKVBackfillFullRead(t *testing.T) {
+	ctx, f := newArchiveTest(t)
+	ended := time.Now().Add(-time.Hour)
+	ids := make([]string, kvRecentOps+8)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("full-%d", i)
+		data, err := json.Marshal(commands.Operation{ID: ids[i], Type: commands.OpAttach, Status: commands.StatusCompleted,
+			VolumeID: "vol-1", CreatedAt: ended, UpdatedAt: ended, CompletedAt: &ended})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.js.Publish(ctx, "$KV."+f.bucket+"."+kvOpPrefix+ids[i], data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	k := f.open(t, false)
+	waitFor(ctx, t, "the backfill", k.backfilled.Load)
+	for _, id := range ids {
+		if _, err := k.archive.get(id, k.heldEnded(id)); err != nil {
+			t.Fatalf("%s not archived: %v", id, err)
+		}
 	}
 }
