@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"path/filepath"
 	"runtime/debug"
 	"slices"
 	"sync"
@@ -60,6 +61,12 @@ type KVConfig struct {
 	// operation records (kvarchive.go), read instead of the bucket; empty:
 	// none. Each process sharing the bucket needs its own.
 	Archive string
+}
+
+// KVFiles returns the IndexCache and Archive paths volumed gives the
+// store in its data dir.
+func KVFiles(dataDir string) (indexCache, archive string) {
+	return filepath.Join(dataDir, "state-index.cache"), filepath.Join(dataDir, "ops-archive")
 }
 
 // KV is the Store on a JetStream KeyValue bucket: operations under
@@ -118,6 +125,9 @@ type KV struct {
 	stop      chan struct{} // closed by Close: stops saving the cache
 	saver     sync.WaitGroup
 	closeOnce sync.Once
+	// backfilled: every terminal record the index held when the start
+	// ended is archived (kvbackfill.go).
+	backfilled atomic.Bool
 }
 
 var _ Store = (*KV)(nil)
@@ -166,7 +176,8 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	if cfg.IndexCache != "" {
 		k.cache, k.sealKey = cfg.IndexCache, newSealKey() // loadCache keeps the file's
 	}
-	if k.watcher, err = k.startWatch(ctx, k.loadCache(ctx)); err != nil {
+	cached := k.loadCache(ctx)
+	if k.watcher, err = k.startWatch(ctx, cached); err != nil {
 		return nil, err
 	}
 	select {
@@ -185,6 +196,7 @@ func NewKV(ctx context.Context, js jetstream.JetStream, cfg KVConfig) (*KV, erro
 	nops, nmaps := k.ops.len(), len(k.mappings)
 	k.mu.RUnlock()
 	k.log.Info("state store ready", "operations", nops, "mappings", nmaps)
+	k.startBackfill(max(cached, k.watcher.unarchived.Load()))
 	if k.cache != "" {
 		if nops > 0 {
 			k.mu.Lock()
@@ -767,10 +779,7 @@ func (k *KV) readThrough(op *commands.Operation, raw []byte) {
 	if k.archive == nil || !op.Status.Terminal() {
 		return
 	}
-	k.mu.RLock()
-	ended := k.endedAt(op.ID) == op.Revision
-	k.mu.RUnlock()
-	if ended {
+	if k.heldEnded(op.ID) == op.Revision {
 		k.archive.put(op.ID, op.Revision, opScore(completedAt(op)), raw, true)
 	}
 }
@@ -784,20 +793,22 @@ func (k *KV) archived(ctx context.Context, id string) (commands.Operation, bool)
 	if k.archive == nil || id == "" {
 		return commands.Operation{}, false
 	}
-	terminal := func() uint64 {
-		k.mu.RLock()
-		defer k.mu.RUnlock()
-		return k.endedAt(id)
-	}
 	// After Close no watcher meets the barrier (and the archive is closed).
-	if terminal() == 0 || k.closing() || !k.caughtUpNow(ctx) {
+	if k.heldEnded(id) == 0 || k.closing() || !k.caughtUpNow(ctx) {
 		return commands.Operation{}, false
 	}
-	rev := terminal()
+	rev := k.heldEnded(id)
 	if rev == 0 {
 		return commands.Operation{}, false
 	}
 	return k.archivedAt(id, rev)
+}
+
+// heldEnded is endedAt, taking k.mu.
+func (k *KV) heldEnded(id string) uint64 {
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	return k.endedAt(id)
 }
 
 // endedAt is the revision at which the index holds operation id ended,
@@ -1522,6 +1533,16 @@ func (k *KV) Close(ctx context.Context) error {
 		if save {
 			if cerr := k.saveCache(ctx); cerr != nil {
 				k.log.Warn("index cache not written", "err", cerr)
+			}
+		}
+		if k.archive != nil && k.backfilled.Load() {
+			k.mu.RLock()
+			seen := k.seen
+			k.mu.RUnlock()
+			if seen > k.archive.through() {
+				if aerr := k.archive.setThrough(seen); aerr != nil {
+					k.log.Warn("archive's progress not recorded", "err", aerr)
+				}
 			}
 		}
 		// Not the index's base file: a read still in flight at shutdown

@@ -45,6 +45,8 @@ import (
 // revisions of another stream (a bucket made again) are not these, and a
 // start beside another one, or another layout, empties the directory:
 // the archive is a copy, and what it misses is read from the bucket.
+// The file "through" holds the revision through which every terminal
+// record the index held was archived (kvbackfill.go); none: 0.
 const (
 	kvArchiveMapShift = 20
 	kvArchiveHead     = 18             // length, checksum, revision, id length
@@ -54,6 +56,7 @@ const (
 	kvArchiveMargin   = 24 * time.Hour // kept past the retention's cut
 	kvArchiveVersion  = "volumed operation archive 1\n"
 	kvArchiveStream   = "stream"
+	kvArchiveThrough  = "through"
 	kvArchiveSeg      = ".seg"
 	kvArchiveMap      = ".map"
 )
@@ -91,6 +94,9 @@ func openArchive(dir, stream string, created time.Time, last uint64, log *slog.L
 		if err := removeArchiveFiles(dir, func(string) bool { return true }); err != nil {
 			return nil, err
 		}
+		if err := os.Remove(filepath.Join(dir, kvArchiveThrough)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
 		if err := os.WriteFile(path, []byte(id), 0o600); err != nil {
 			return nil, err
 		}
@@ -98,7 +104,36 @@ func openArchive(dir, stream string, created time.Time, last uint64, log *slog.L
 	if err := dropAfter(dir, last); err != nil {
 		return nil, err
 	}
-	return &opArchive{dir: dir, log: log, files: map[string]*os.File{}, sizes: map[string]int64{}}, nil
+	a := &opArchive{dir: dir, log: log, files: map[string]*os.File{}, sizes: map[string]int64{}}
+	if a.through() > last {
+		if err := a.setThrough(last); err != nil {
+			return nil, err
+		}
+	}
+	return a, nil
+}
+
+// through returns the revision through which every terminal record the
+// index held is archived (0: not known of any).
+func (a *opArchive) through() uint64 {
+	b, err := os.ReadFile(filepath.Join(a.dir, kvArchiveThrough))
+	if err != nil {
+		return 0
+	}
+	rev, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return 0
+	}
+	return rev
+}
+
+// setThrough records rev as through's answer.
+func (a *opArchive) setThrough(rev uint64) error {
+	path := filepath.Join(a.dir, kvArchiveThrough)
+	if err := os.WriteFile(path+".new", []byte(strconv.FormatUint(rev, 10)+"\n"), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(path+".new", path)
 }
 
 // dropAfter removes the places of the revisions past last from the maps

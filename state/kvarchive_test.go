@@ -334,6 +334,18 @@ func (f *archiveFixture) unarchived(t *testing.T, n int) []commands.Operation {
 	if err := before.Close(f.ctx); err != nil {
 		t.Fatal(err)
 	}
+	// As if the archive had lost them: no backfill archives them.
+	info, err := before.stream.Info(f.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := openArchive(f.dir, info.Config.Name, info.Created, info.State.LastSeq, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.setThrough(info.State.LastSeq); err != nil {
+		t.Fatal(err)
+	}
 	return ops
 }
 
@@ -564,7 +576,7 @@ func archiveFiles(t *testing.T, dir string) []string {
 	}
 	var out []string
 	for _, de := range des {
-		if n := de.Name(); n != kvArchiveStream {
+		if n := de.Name(); n != kvArchiveStream && n != kvArchiveThrough {
 			out = append(out, n)
 		}
 	}

@@ -37,6 +37,9 @@ type kvWatcher struct {
 	isLoaded          atomic.Bool
 	initial, received uint64
 	begun             bool
+	// unarchived is the revision of the last initial entry applied but
+	// not archived (not recent).
+	unarchived atomic.Uint64
 	// all: the start reads every record (no index cache).
 	all bool
 	// prefix begins the subjects of the bucket's keys.
@@ -329,6 +332,9 @@ func (w *kvWatcher) applyMsg(msg jetstream.Msg, meta *jetstream.MsgMetadata) {
 	// records: the others would only pass through.
 	recent := w.isLoaded.Load() || w.initial-w.received <= kvRecentOps
 	w.k.applyEntry(strings.TrimPrefix(msg.Subject(), w.prefix), meta.Sequence.Stream, msg.Headers(), msg.Data(), recent)
+	if !recent {
+		w.unarchived.Store(meta.Sequence.Stream)
+	}
 	w.k.seenAt.Store(meta.Timestamp.UnixNano())
 	if !w.isLoaded.Load() {
 		if w.received++; w.received >= w.initial || meta.NumPending == 0 {

@@ -52,6 +52,7 @@ type config struct {
 	redisURL string
 	settle   time.Duration
 	reads    int
+	bare     bool
 }
 
 func main() {
@@ -69,6 +70,7 @@ func main() {
 	flag.StringVar(&c.redisURL, "redis-url", "", "Redis URL, for -store redis (its database is flushed first)")
 	flag.DurationVar(&c.settle, "settle", 150*time.Second, "how long volumed idles before its resident memory is measured again")
 	flag.IntVar(&c.reads, "reads", 10_000, "reads by id of random operations after the measured requests, before resident memory is measured again")
+	flag.BoolVar(&c.bare, "bare", false, "kv: load the history without the index cache and archive volumed keeps beside it (a data dir an earlier main wrote: volumed's first start reads the whole bucket)")
 	flag.Parse()
 	if err := run(context.Background(), c); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-scale:", err)
@@ -98,8 +100,12 @@ func run(ctx context.Context, c config) error {
 	}
 	defer done()
 	c.work = work
-	fmt.Printf("machine: %s; store %s; %d operations over %d volumes, %d VMs, %d callers\n",
-		proc.Machine(), c.store, c.n, c.volumes, c.vms, c.callers)
+	history := "as volumed records it (index cache and archive beside the bucket)"
+	if c.bare {
+		history = "bare (no index cache or archive: an earlier main's data dir)"
+	}
+	fmt.Printf("machine: %s; store %s; %d operations over %d volumes, %d VMs, %d callers; history %s\n",
+		proc.Machine(), c.store, c.n, c.volumes, c.vms, c.callers, history)
 	gen := newGenerator(c)
 	data := filepath.Join(c.work, "data")
 	if err := gen.loadAndMeasure(ctx, data); err != nil {
@@ -135,7 +141,11 @@ func (g generator) openStore(ctx context.Context, data string) (state.Store, fun
 	if err := b.Start(ctx); err != nil {
 		return nil, nil, err
 	}
-	s, err := state.NewKV(ctx, b.JetStream(), state.KVConfig{Logger: log})
+	cfg := state.KVConfig{Logger: log}
+	if !g.c.bare {
+		cfg.IndexCache, cfg.Archive = state.KVFiles(data)
+	}
+	s, err := state.NewKV(ctx, b.JetStream(), cfg)
 	if err != nil {
 		_ = b.Close(ctx)
 		return nil, nil, err
@@ -170,7 +180,11 @@ func (g generator) loadAndMeasure(ctx context.Context, data string) error {
 				if i >= g.c.n {
 					return
 				}
-				if _, err := s.CreateOperation(ctx, g.Op(i)); err != nil && !errors.Is(err, state.ErrExists) {
+				_, err := s.CreateOperation(ctx, g.Op(i))
+				for tries := 1; errors.Is(err, state.ErrUnavailable) && tries < 5; tries++ {
+					_, err = s.CreateOperation(ctx, g.Op(i)) // a timeout on a loaded machine: ErrExists if it was written
+				}
+				if err != nil && !errors.Is(err, state.ErrExists) {
 					errc <- fmt.Errorf("create %d: %w", i, err)
 					return
 				}

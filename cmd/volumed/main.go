@@ -15,7 +15,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"slices"
 	"syscall"
 	"time"
@@ -50,14 +49,6 @@ const (
 	shutdownTimeout = 30 * time.Second
 	minCloseTimeout = 5 * time.Second
 )
-
-// indexCacheFile is the embedded store's index cache in the data dir
-// (state.KVConfig.IndexCache).
-const indexCacheFile = "state-index.cache"
-
-// archiveDir is the embedded store's archive of terminal operation
-// records in the data dir (state.KVConfig.Archive).
-const archiveDir = "ops-archive"
 
 func main() { os.Exit(run(os.Args[1:], os.Stderr)) }
 
@@ -191,8 +182,9 @@ func serve(ctx context.Context, cfg config, log *slog.Logger) (err error) {
 		storeName = "redis"
 		store, err = redisstore.New(ctx, redisstore.Config{URL: cfg.redisURL, Logger: log})
 	} else {
+		cache, archive := state.KVFiles(cfg.dataDir)
 		store, err = state.NewKV(ctx, b.JetStream(), state.KVConfig{Replicas: cfg.natsReplicas, Logger: log,
-			IndexCache: filepath.Join(cfg.dataDir, indexCacheFile), Archive: filepath.Join(cfg.dataDir, archiveDir)})
+			IndexCache: cache, Archive: archive})
 	}
 	if err != nil {
 		return fmt.Errorf("state store: %w", err)
