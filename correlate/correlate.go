@@ -8,6 +8,7 @@
 package correlate
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -132,6 +133,10 @@ type Correlator struct {
 	caughtUp  atomic.Bool
 
 	healQ chan string
+	// startChecks holds, for each VM with detected mappings when Start
+	// listed them, whether those were checked against its devices yet.
+	// Set by Start, not changed after.
+	startChecks map[string]*startCheck
 	// js reads the device events' stream; set by Start.
 	js     jetstream.JetStream
 	reader *follow.Reader
@@ -139,6 +144,13 @@ type Correlator struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	closer lifecycle.Stopper
+}
+
+// startCheck is one VM's check at start: done is closed once the
+// mappings the VM had then were checked against its devices.
+type startCheck struct {
+	done chan struct{}
+	once sync.Once
 }
 
 // vmTable is what the correlator knows of one VM's devices.
@@ -240,11 +252,17 @@ func New(cfg Config) *Correlator {
 // order its agent stored them, and the reader goes on from the next event
 // when the cluster member holding its consumer goes), from Config.Replay
 // ago, then in the background re-sends the persistent-name set of each VM
-// with mappings whose agent answers, and heals its missing mappings.
+// with mappings whose agent answers, and heals its mappings: until then,
+// AwaitStartCheck holds the reads of the VMs' mappings.
 func (c *Correlator) Start(ctx context.Context) error {
 	if c.cfg.Conn == nil || c.cfg.Store == nil {
 		return errors.New("correlate: Conn and Store are required")
 	}
+	all, err := c.cfg.Store.ListMappings(ctx, "")
+	if err != nil {
+		return fmt.Errorf("correlate: list mappings: %w", err)
+	}
+	vms := c.startVMs(all)
 	js := c.cfg.JetStream
 	if js == nil {
 		var err error
@@ -269,7 +287,7 @@ func (c *Correlator) Start(ctx context.Context) error {
 	c.reader = r
 	c.wg.Add(2)
 	go c.healLoop()
-	go c.resync()
+	go c.resync(vms)
 	c.log.Info("device correlator started", "timeout", c.cfg.Timeout, "release_timeout", c.cfg.ReleaseTimeout, "replay", c.cfg.Replay)
 	return nil
 }
@@ -295,30 +313,88 @@ func (c *Correlator) stop() {
 	c.wg.Wait()
 }
 
-// resync re-sends the name sets of the VMs with mappings and queues them
-// for healing.
-func (c *Correlator) resync() {
-	defer c.wg.Done()
-	ctx, cancel := context.WithTimeout(c.ctx, time.Minute)
-	defer cancel()
-	all, err := c.cfg.Store.ListMappings(ctx, "")
-	if err != nil {
-		c.log.Warn("resync: list mappings", "err", err)
-		return
-	}
+// startVMs returns the VMs of the mappings all, this host's first, and
+// sets up the start check of each with a detected mapping.
+func (c *Correlator) startVMs(all []commands.Mapping) []string {
+	c.startChecks = map[string]*startCheck{}
 	var vms []string
 	for _, m := range all {
 		vms = append(vms, m.VMID)
+		if m.LinuxState == commands.LinuxDetected && c.startChecks[m.VMID] == nil {
+			c.startChecks[m.VMID] = &startCheck{done: make(chan struct{})}
+		}
 	}
-	slices.Sort(vms)
-	for _, vm := range slices.Compact(vms) {
+	slices.SortFunc(vms, func(a, b string) int {
+		switch {
+		case a == b:
+			return 0
+		case a == c.cfg.LocalVMID:
+			return -1
+		case b == c.cfg.LocalVMID:
+			return 1
+		}
+		return cmp.Compare(a, b)
+	})
+	return slices.Compact(vms)
+}
+
+// resync re-sends the name sets of the VMs with mappings and has them
+// healed; a VM whose agent does not answer has nothing to check its
+// mappings with: they stand as recorded.
+func (c *Correlator) resync(vms []string) {
+	defer c.wg.Done()
+	for _, vm := range vms {
+		ctx, cancel := context.WithTimeout(c.ctx, time.Minute)
 		if !c.HasAgent(ctx, vm) {
+			cancel()
+			if c.ctx.Err() != nil {
+				return
+			}
+			c.checked(vm)
 			continue
 		}
 		if _, err := c.setNames(ctx, vm, nil, ""); err != nil {
 			c.log.Warn("resync: persistent names", "vm_id", vm, "err", err)
 		}
-		c.queueHeal(vm)
+		cancel()
+		select {
+		case c.healQ <- vm:
+		case <-c.ctx.Done():
+			return
+		}
+	}
+}
+
+// checked ends vm's start check: its mappings were checked against its
+// devices, or cannot be.
+func (c *Correlator) checked(vm string) {
+	if sc := c.startChecks[vm]; sc != nil {
+		sc.once.Do(func() { close(sc.done) })
+	}
+}
+
+// AwaitStartCheck waits until the detected mappings vmID had when the
+// correlator started were checked against its devices (the heal at start
+// ran, or a reconcile), or found to have no agent to check them with; at
+// once for a VM that had none. It reports whether it waited. When ctx
+// ends first, it is a *commands.Error SERVICE_UNAVAILABLE: a mapping read
+// now could name a disk that is gone or another volume's.
+func (c *Correlator) AwaitStartCheck(ctx context.Context, vmID string) (bool, error) {
+	sc := c.startChecks[vmID]
+	if sc == nil {
+		return false, nil
+	}
+	select {
+	case <-sc.done:
+		return false, nil
+	default:
+	}
+	select {
+	case <-sc.done:
+		return true, nil
+	case <-ctx.Done():
+		return true, commands.Unavailable("the device mappings of VM %s are still being checked against its disks after volumed's start; try again", vmID).
+			WithDetail("vm_id", vmID)
 	}
 }
 

@@ -54,6 +54,9 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 			c.log.Warn("heal: list devices", "vm_id", vm, "err", err)
 		}
 	}
+	c.mu.Lock()
+	listed = c.table(vm).listed
+	c.mu.Unlock()
 	var errs []error
 	for _, m := range ms {
 		c.mu.Lock()
@@ -91,6 +94,9 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 		}
 		c.log.Info("mapping healed by a late device", "vm_id", vm, "volume_id", m.VolumeID,
 			"device", healed.DevicePath, "match", how.String())
+	}
+	if listed && len(errs) == 0 {
+		c.checked(vm)
 	}
 	return errors.Join(errs...)
 }
@@ -192,6 +198,9 @@ func (c *Correlator) Reconcile(ctx context.Context, vmID string, attached []comm
 		if change != "" {
 			changes = append(changes, change)
 		}
+	}
+	if len(errs) == 0 {
+		c.checked(vmID)
 	}
 	reply, err := c.setNames(ctx, vmID, nil, "")
 	if err != nil {
