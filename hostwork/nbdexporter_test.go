@@ -35,14 +35,7 @@ func TestNBDExporterServesOnlyTheVolumesDisk(t *testing.T) {
 	dev := testloop.Volume(ctx, t, dir, own)
 	anon := testloop.Volume(ctx, t, dir, "anonymous") // vol-anonymous.img: names no volume
 	// Closed before the loop device is removed: an export holds it open.
-	srv, err := nbd.New(nbd.Config{Listen: "127.0.0.1:0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := srv.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = srv.Close(context.Background()) })
+	srv := startNBD(ctx, t, slog.Default())
 	identity := func(dev *loopdev.Device) commands.DeviceIdentity {
 		d, ok, err := devagent.Sysfs{}.Disk(dev.Name())
 		if err != nil || !ok {
@@ -84,14 +77,7 @@ func TestNBDExporterChecksTheOpenedDisk(t *testing.T) {
 	own := uuid.NewString()
 	dir := t.TempDir()
 	added := &addedExports{}
-	srv, err := nbd.New(nbd.Config{Listen: "127.0.0.1:0", Logger: slog.New(added)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := srv.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = srv.Close(context.Background()) })
+	srv := startNBD(ctx, t, slog.New(added))
 	for _, tc := range []struct {
 		name    string
 		rebound string // the file the loop device is bound to between check and open
@@ -127,6 +113,21 @@ func TestNBDExporterChecksTheOpenedDisk(t *testing.T) {
 			}
 		})
 	}
+}
+
+// startNBD starts an NBD server on a free loopback port, closed at the
+// end of the test.
+func startNBD(ctx context.Context, t *testing.T, log *slog.Logger) *nbd.Server {
+	t.Helper()
+	srv, err := nbd.New(nbd.Config{Listen: "127.0.0.1:0", Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Close(context.Background()) })
+	return srv
 }
 
 // addedExports is a slog.Handler that keeps the exports an NBD server
