@@ -38,7 +38,8 @@ func (c *Correlator) healLoop() {
 // only fitting device without identity that appeared after the mapping was
 // marked missing. Mappings being released (Detached) are left alone. A
 // healed mapping is recorded, named and published on
-// volumes.mappings.<volume_id>.
+// volumes.mappings.<volume_id>. A heal that compared every mapping with a
+// list of the VM's devices, without error, ends the VM's start check.
 func (c *Correlator) heal(ctx context.Context, vm string) error {
 	ms, err := c.cfg.Store.ListMappings(ctx, vm)
 	if err != nil {
@@ -95,8 +96,8 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 		c.log.Info("mapping healed by a late device", "vm_id", vm, "volume_id", m.VolumeID,
 			"device", healed.DevicePath, "match", how.String())
 	}
-	if listed && len(errs) == 0 {
-		c.checked(vm)
+	if (listed || len(ms) == 0) && len(errs) == 0 {
+		c.checked(vm) // every mapping of vm was compared with its devices
 	}
 	return errors.Join(errs...)
 }
