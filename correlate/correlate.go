@@ -46,6 +46,9 @@ const (
 	agentTTL = 10 * time.Second
 	// requestTimeout bounds a list or names request to an agent.
 	requestTimeout = 5 * time.Second
+	// resyncRetry is the first pause before a VM whose start check did not
+	// end is tried again.
+	resyncRetry = 5 * time.Second
 	// pollInterval is how often a wait re-lists the VM's devices, should
 	// an event be lost.
 	pollInterval = time.Second
@@ -340,28 +343,52 @@ func (c *Correlator) startVMs(all []commands.Mapping) []string {
 
 // resync re-sends the name sets of the VMs with mappings and has them
 // healed; a VM whose agent does not answer has nothing to check its
-// mappings with: they stand as recorded.
+// mappings with: they stand as recorded. The VMs whose start check did not
+// end (their heal failed, or could not list their devices) are tried
+// again, after a pause doubling from resyncRetry up to a minute, until it
+// ends or the correlator closes: nothing else may come to end it.
 func (c *Correlator) resync(vms []string) {
 	defer c.wg.Done()
-	for _, vm := range vms {
-		ctx, cancel := context.WithTimeout(c.ctx, time.Minute)
-		if !c.HasAgent(ctx, vm) {
-			cancel()
-			if c.ctx.Err() != nil {
+	for pause := resyncRetry; ; pause = min(2*pause, time.Minute) {
+		for _, vm := range vms {
+			if !c.resyncVM(vm) {
 				return
 			}
-			c.checked(vm)
-			continue
 		}
-		if _, err := c.setNames(ctx, vm, nil, ""); err != nil {
-			c.log.Warn("resync: persistent names", "vm_id", vm, "err", err)
-		}
+		wait, cancel := context.WithTimeout(c.ctx, pause)
+		vms = slices.DeleteFunc(vms, func(vm string) bool {
+			_, err := c.AwaitStartCheck(wait, vm)
+			return err == nil
+		})
 		cancel()
-		select {
-		case c.healQ <- vm:
-		case <-c.ctx.Done():
+		if len(vms) == 0 || c.ctx.Err() != nil {
 			return
 		}
+		c.log.Warn("resync: mappings not checked against the devices yet; trying again", "vms", len(vms))
+	}
+}
+
+// resyncVM re-sends vm's name set and queues it for healing, or ends its
+// start check when its agent does not answer; false once the correlator
+// closes.
+func (c *Correlator) resyncVM(vm string) bool {
+	ctx, cancel := context.WithTimeout(c.ctx, time.Minute)
+	defer cancel()
+	if !c.HasAgent(ctx, vm) {
+		if c.ctx.Err() != nil {
+			return false
+		}
+		c.checked(vm)
+		return true
+	}
+	if _, err := c.setNames(ctx, vm, nil, ""); err != nil {
+		c.log.Warn("resync: persistent names", "vm_id", vm, "err", err)
+	}
+	select {
+	case c.healQ <- vm:
+		return true
+	case <-c.ctx.Done():
+		return false
 	}
 }
 

@@ -2,13 +2,19 @@ package correlate
 
 import (
 	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/nats-io/nats.go"
 
 	"github.com/volumed/volumed/commands"
 	"github.com/volumed/volumed/internal/testenv"
+	"github.com/volumed/volumed/state"
 )
 
 // TestStartCheckWithoutAgent: the reads of a VM's mappings are held only
@@ -44,5 +50,67 @@ func TestStartCheckWithoutAgent(t *testing.T) {
 	defer stop()
 	if _, err := c.AwaitStartCheck(wait, silent); err != nil {
 		t.Fatalf("VM whose agent does not answer: %v; want its mappings as recorded", err)
+	}
+}
+
+// failingPuts is a store whose first fails mapping writes fail, as when
+// the store is briefly unreachable: a fault no real store makes on cue.
+type failingPuts struct {
+	state.Store
+	fails atomic.Int32
+}
+
+func (s *failingPuts) PutMapping(ctx context.Context, m commands.Mapping) (commands.Mapping, error) {
+	if s.fails.Add(-1) >= 0 {
+		return commands.Mapping{}, errors.New("store unreachable (test)")
+	}
+	return s.Store.PutMapping(ctx, m)
+}
+
+// TestStartCheckAfterFailedHeal: the heal at start of a VM whose agent
+// answers fails (its mapping, whose disk is gone, cannot be marked
+// missing: the store fails the write). Nothing else may come to check
+// the VM's mappings (no device event, no reconcile): the heal is tried
+// again, the mapping is marked missing and the reads of the VM are not
+// held for good.
+func TestStartCheckAfterFailedHeal(t *testing.T) {
+	b := testenv.StartBus(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	kv, _ := newStoreAndCorrelator(ctx, t, b)
+	vm, vol := uuid.NewString(), uuid.NewString()
+	at := time.Now().UTC()
+	if _, err := kv.PutMapping(ctx, commands.Mapping{ID: "mapping-" + vol, VolumeID: vol, VMID: vm, DevicePath: "/dev/vdb",
+		Size: 1 << 30, LinuxState: commands.LinuxDetected, CloudStackState: commands.CloudStackAttached,
+		CreatedAt: at, UpdatedAt: at, LastSync: at}); err != nil {
+		t.Fatal(err)
+	}
+	for subject, reply := range map[string]string{
+		commands.DevicesListSubject(vm):  "[]", // /dev/vdb is gone
+		commands.DevicesNamesSubject(vm): `{"names":{}}`,
+	} {
+		sub, err := b.Conn().Subscribe(subject, func(m *nats.Msg) { _ = m.Respond([]byte(reply)) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sub.Unsubscribe()
+	}
+	store := &failingPuts{Store: kv}
+	store.fails.Store(1)
+	c := New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close(context.Background()) })
+	wait, stop := context.WithTimeout(ctx, 30*time.Second)
+	defer stop()
+	if _, err := c.AwaitStartCheck(wait, vm); err != nil {
+		t.Fatalf("VM whose heal at start failed once: %v; want it checked by a heal tried again", err)
+	}
+	if m, err := kv.GetMapping(ctx, vol); err != nil || m.LinuxState != commands.LinuxMissing || m.DevicePath != "" {
+		t.Fatalf("mapping after the check: %+v, %v; want it missing", m, err)
+	}
+	if store.fails.Load() >= 0 {
+		t.Fatal("the heal at start did not write: the test did not make it fail")
 	}
 }
