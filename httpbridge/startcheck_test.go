@@ -39,7 +39,13 @@ func TestMappingReadsAfterStart(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			h := newHarness(t, options{queryTimeout: 500 * time.Millisecond})
+			// The read timeout the first read waits out when the heal is
+			// held; one the heal can take on a loaded machine otherwise.
+			timeout := 500 * time.Millisecond
+			if tc.healed {
+				timeout = 10 * time.Second
+			}
+			h := newHarness(t, options{queryTimeout: timeout})
 			h.seedMapping(t, vol1, "/dev/vdb")
 			release := make(chan struct{})
 			var once sync.Once
