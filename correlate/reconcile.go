@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path"
+	"slices"
 	"strings"
 	"time"
 
@@ -190,7 +191,9 @@ func (c *Correlator) Reconcile(ctx context.Context, vmID string, attached []comm
 	}
 	var changes []string
 	var errs []error
+	isAttached := map[string]bool{}
 	for _, a := range attached {
+		isAttached[a.VolumeID] = true
 		m, has := byVolume[a.VolumeID]
 		change, err := c.repair(ctx, vmID, a, m, has, devs, byName)
 		if err != nil {
@@ -200,8 +203,10 @@ func (c *Correlator) Reconcile(ctx context.Context, vmID string, attached []comm
 			changes = append(changes, change)
 		}
 	}
-	if len(errs) == 0 {
-		c.checked(vmID)
+	if len(errs) == 0 && !slices.ContainsFunc(ms, func(m commands.Mapping) bool {
+		return !isAttached[m.VolumeID] && m.LinuxState == commands.LinuxDetected && c.gone(vmID, m) != ""
+	}) {
+		c.checked(vmID) // no mapping of vmID names a disk it does not have
 	}
 	reply, err := c.setNames(ctx, vmID, nil, "")
 	if err != nil {

@@ -114,3 +114,54 @@ func TestStartCheckAfterFailedHeal(t *testing.T) {
 		t.Fatal("the heal at start did not write: the test did not make it fail")
 	}
 }
+
+// TestReconcileEndsStartCheckOnlyWhenChecked: a reconcile ends a VM's
+// start check only if no mapping of the VM names a disk it does not have
+// now. One whose volume CloudStack does not list as attached is not
+// repaired by it: while such a mapping names a gone disk (its heal at
+// start failed), the VM's mapping reads stay held.
+func TestReconcileEndsStartCheckOnlyWhenChecked(t *testing.T) {
+	b := testenv.StartBus(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	kv, _ := newStoreAndCorrelator(ctx, t, b)
+	vm, vol := uuid.NewString(), uuid.NewString()
+	at := time.Now().UTC()
+	if _, err := kv.PutMapping(ctx, commands.Mapping{ID: "mapping-" + vol, VolumeID: vol, VMID: vm, DevicePath: "/dev/vdb",
+		Size: 1 << 30, LinuxState: commands.LinuxDetected, CloudStackState: commands.CloudStackAttached,
+		CreatedAt: at, UpdatedAt: at, LastSync: at}); err != nil {
+		t.Fatal(err)
+	}
+	for subject, reply := range map[string]string{
+		commands.DevicesListSubject(vm):  "[]", // /dev/vdb is gone
+		commands.DevicesNamesSubject(vm): `{"names":{}}`,
+	} {
+		sub, err := b.Conn().Subscribe(subject, func(m *nats.Msg) { _ = m.Respond([]byte(reply)) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sub.Unsubscribe()
+	}
+	store := &failingPuts{Store: kv}
+	store.fails.Store(1)
+	c := New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close(context.Background()) })
+	testenv.Eventually(t, 10*time.Second, func() bool { return store.fails.Load() <= 0 }, "the heal at start tried its write")
+	// Before the heal is tried again (resyncRetry): CloudStack lists no
+	// volume attached to the VM.
+	if _, err := c.Reconcile(ctx, vm, nil); err != nil {
+		t.Fatal(err)
+	}
+	ended, end := context.WithCancel(ctx)
+	end()
+	m, err := kv.GetMapping(ctx, vol)
+	if err != nil || m.DevicePath == "" {
+		t.Fatalf("mapping %+v, %v: the heal was tried again before the reconcile; the test checks nothing", m, err)
+	}
+	if _, err := c.AwaitStartCheck(ended, vm); err == nil {
+		t.Fatalf("after a reconcile that left mapping %+v naming a gone disk: the VM's reads are not held", m)
+	}
+}
