@@ -67,6 +67,46 @@ func (s *failingPuts) PutMapping(ctx context.Context, m commands.Mapping) (comma
 	return s.Store.PutMapping(ctx, m)
 }
 
+// failedHeal is a correlator started over a VM, vm, whose agent lists
+// no devices, and one detected mapping of it, volume vol's on /dev/vdb
+// (gone); the store fails the first mapping write: the heal at start's.
+type failedHeal struct {
+	kv      *state.KV
+	store   *failingPuts
+	c       *Correlator
+	vm, vol string
+}
+
+func startFailedHeal(ctx context.Context, t *testing.T) failedHeal {
+	t.Helper()
+	b := testenv.StartBus(t)
+	kv, _ := newStoreAndCorrelator(ctx, t, b)
+	f := failedHeal{kv: kv, store: &failingPuts{Store: kv}, vm: uuid.NewString(), vol: uuid.NewString()}
+	at := time.Now().UTC()
+	if _, err := kv.PutMapping(ctx, commands.Mapping{ID: "mapping-" + f.vol, VolumeID: f.vol, VMID: f.vm, DevicePath: "/dev/vdb",
+		Size: 1 << 30, LinuxState: commands.LinuxDetected, CloudStackState: commands.CloudStackAttached,
+		CreatedAt: at, UpdatedAt: at, LastSync: at}); err != nil {
+		t.Fatal(err)
+	}
+	for subject, reply := range map[string]string{
+		commands.DevicesListSubject(f.vm):  "[]",
+		commands.DevicesNamesSubject(f.vm): `{"names":{}}`,
+	} {
+		sub, err := b.Conn().Subscribe(subject, func(m *nats.Msg) { _ = m.Respond([]byte(reply)) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = sub.Unsubscribe() })
+	}
+	f.store.fails.Store(1)
+	f.c = New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: f.store, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err := f.c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = f.c.Close(context.Background()) })
+	return f
+}
+
 // TestStartCheckAfterFailedHeal: the heal at start of a VM whose agent
 // answers fails (its mapping, whose disk is gone, cannot be marked
 // missing: the store fails the write). Nothing else may come to check
@@ -74,43 +114,18 @@ func (s *failingPuts) PutMapping(ctx context.Context, m commands.Mapping) (comma
 // again, the mapping is marked missing and the reads of the VM are not
 // held for good.
 func TestStartCheckAfterFailedHeal(t *testing.T) {
-	b := testenv.StartBus(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	kv, _ := newStoreAndCorrelator(ctx, t, b)
-	vm, vol := uuid.NewString(), uuid.NewString()
-	at := time.Now().UTC()
-	if _, err := kv.PutMapping(ctx, commands.Mapping{ID: "mapping-" + vol, VolumeID: vol, VMID: vm, DevicePath: "/dev/vdb",
-		Size: 1 << 30, LinuxState: commands.LinuxDetected, CloudStackState: commands.CloudStackAttached,
-		CreatedAt: at, UpdatedAt: at, LastSync: at}); err != nil {
-		t.Fatal(err)
-	}
-	for subject, reply := range map[string]string{
-		commands.DevicesListSubject(vm):  "[]", // /dev/vdb is gone
-		commands.DevicesNamesSubject(vm): `{"names":{}}`,
-	} {
-		sub, err := b.Conn().Subscribe(subject, func(m *nats.Msg) { _ = m.Respond([]byte(reply)) })
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer sub.Unsubscribe()
-	}
-	store := &failingPuts{Store: kv}
-	store.fails.Store(1)
-	c := New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close(context.Background()) })
+	f := startFailedHeal(ctx, t)
 	wait, stop := context.WithTimeout(ctx, 30*time.Second)
 	defer stop()
-	if _, err := c.AwaitStartCheck(wait, vm); err != nil {
+	if _, err := f.c.AwaitStartCheck(wait, f.vm); err != nil {
 		t.Fatalf("VM whose heal at start failed once: %v; want it checked by a heal tried again", err)
 	}
-	if m, err := kv.GetMapping(ctx, vol); err != nil || m.LinuxState != commands.LinuxMissing || m.DevicePath != "" {
+	if m, err := f.kv.GetMapping(ctx, f.vol); err != nil || m.LinuxState != commands.LinuxMissing || m.DevicePath != "" {
 		t.Fatalf("mapping after the check: %+v, %v; want it missing", m, err)
 	}
-	if store.fails.Load() >= 0 {
+	if f.store.fails.Load() >= 0 {
 		t.Fatal("the heal at start did not write: the test did not make it fail")
 	}
 }
@@ -121,47 +136,22 @@ func TestStartCheckAfterFailedHeal(t *testing.T) {
 // repaired by it: while such a mapping names a gone disk (its heal at
 // start failed), the VM's mapping reads stay held.
 func TestReconcileEndsStartCheckOnlyWhenChecked(t *testing.T) {
-	b := testenv.StartBus(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	kv, _ := newStoreAndCorrelator(ctx, t, b)
-	vm, vol := uuid.NewString(), uuid.NewString()
-	at := time.Now().UTC()
-	if _, err := kv.PutMapping(ctx, commands.Mapping{ID: "mapping-" + vol, VolumeID: vol, VMID: vm, DevicePath: "/dev/vdb",
-		Size: 1 << 30, LinuxState: commands.LinuxDetected, CloudStackState: commands.CloudStackAttached,
-		CreatedAt: at, UpdatedAt: at, LastSync: at}); err != nil {
-		t.Fatal(err)
-	}
-	for subject, reply := range map[string]string{
-		commands.DevicesListSubject(vm):  "[]", // /dev/vdb is gone
-		commands.DevicesNamesSubject(vm): `{"names":{}}`,
-	} {
-		sub, err := b.Conn().Subscribe(subject, func(m *nats.Msg) { _ = m.Respond([]byte(reply)) })
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer sub.Unsubscribe()
-	}
-	store := &failingPuts{Store: kv}
-	store.fails.Store(1)
-	c := New(Config{Conn: b.Conn(), JetStream: b.JetStream(), Store: store, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close(context.Background()) })
-	testenv.Eventually(t, 10*time.Second, func() bool { return store.fails.Load() <= 0 }, "the heal at start tried its write")
+	f := startFailedHeal(ctx, t)
+	testenv.Eventually(t, 10*time.Second, func() bool { return f.store.fails.Load() <= 0 }, "the heal at start tried its write")
 	// Before the heal is tried again (resyncRetry): CloudStack lists no
 	// volume attached to the VM.
-	if _, err := c.Reconcile(ctx, vm, nil); err != nil {
+	if _, err := f.c.Reconcile(ctx, f.vm, nil); err != nil {
 		t.Fatal(err)
 	}
 	ended, end := context.WithCancel(ctx)
 	end()
-	m, err := kv.GetMapping(ctx, vol)
+	m, err := f.kv.GetMapping(ctx, f.vol)
 	if err != nil || m.DevicePath == "" {
 		t.Fatalf("mapping %+v, %v: the heal was tried again before the reconcile; the test checks nothing", m, err)
 	}
-	if _, err := c.AwaitStartCheck(ended, vm); err == nil {
+	if _, err := f.c.AwaitStartCheck(ended, f.vm); err == nil {
 		t.Fatalf("after a reconcile that left mapping %+v naming a gone disk: the VM's reads are not held", m)
 	}
 }
