@@ -8,6 +8,7 @@
 package correlate
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -45,6 +46,9 @@ const (
 	agentTTL = 10 * time.Second
 	// requestTimeout bounds a list or names request to an agent.
 	requestTimeout = 5 * time.Second
+	// resyncRetry is the first pause before a VM whose start check did not
+	// end is tried again.
+	resyncRetry = 5 * time.Second
 	// pollInterval is how often a wait re-lists the VM's devices, should
 	// an event be lost.
 	pollInterval = time.Second
@@ -132,6 +136,10 @@ type Correlator struct {
 	caughtUp  atomic.Bool
 
 	healQ chan string
+	// startChecks holds, for each VM with detected mappings when Start
+	// listed them, whether those were checked against its devices yet.
+	// Set by Start, not changed after.
+	startChecks map[string]*startCheck
 	// js reads the device events' stream; set by Start.
 	js     jetstream.JetStream
 	reader *follow.Reader
@@ -139,6 +147,13 @@ type Correlator struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	closer lifecycle.Stopper
+}
+
+// startCheck is one VM's check at start: done is closed once the
+// mappings the VM had then were checked against its devices.
+type startCheck struct {
+	done chan struct{}
+	once sync.Once
 }
 
 // vmTable is what the correlator knows of one VM's devices.
@@ -240,11 +255,17 @@ func New(cfg Config) *Correlator {
 // order its agent stored them, and the reader goes on from the next event
 // when the cluster member holding its consumer goes), from Config.Replay
 // ago, then in the background re-sends the persistent-name set of each VM
-// with mappings whose agent answers, and heals its missing mappings.
+// with mappings whose agent answers, and heals its mappings: until then,
+// AwaitStartCheck holds the reads of the VMs' mappings.
 func (c *Correlator) Start(ctx context.Context) error {
 	if c.cfg.Conn == nil || c.cfg.Store == nil {
 		return errors.New("correlate: Conn and Store are required")
 	}
+	all, err := c.cfg.Store.ListMappings(ctx, "")
+	if err != nil {
+		return fmt.Errorf("correlate: list mappings: %w", err)
+	}
+	vms := c.startVMs(all)
 	js := c.cfg.JetStream
 	if js == nil {
 		var err error
@@ -269,7 +290,7 @@ func (c *Correlator) Start(ctx context.Context) error {
 	c.reader = r
 	c.wg.Add(2)
 	go c.healLoop()
-	go c.resync()
+	go c.resync(vms)
 	c.log.Info("device correlator started", "timeout", c.cfg.Timeout, "release_timeout", c.cfg.ReleaseTimeout, "replay", c.cfg.Replay)
 	return nil
 }
@@ -295,30 +316,112 @@ func (c *Correlator) stop() {
 	c.wg.Wait()
 }
 
-// resync re-sends the name sets of the VMs with mappings and queues them
-// for healing.
-func (c *Correlator) resync() {
-	defer c.wg.Done()
-	ctx, cancel := context.WithTimeout(c.ctx, time.Minute)
-	defer cancel()
-	all, err := c.cfg.Store.ListMappings(ctx, "")
-	if err != nil {
-		c.log.Warn("resync: list mappings", "err", err)
-		return
-	}
+// startVMs returns the VMs of the mappings all, this host's first, and
+// sets up the start check of each with a detected mapping.
+func (c *Correlator) startVMs(all []commands.Mapping) []string {
+	c.startChecks = map[string]*startCheck{}
 	var vms []string
 	for _, m := range all {
 		vms = append(vms, m.VMID)
+		if m.LinuxState == commands.LinuxDetected && c.startChecks[m.VMID] == nil {
+			c.startChecks[m.VMID] = &startCheck{done: make(chan struct{})}
+		}
 	}
-	slices.Sort(vms)
-	for _, vm := range slices.Compact(vms) {
-		if !c.HasAgent(ctx, vm) {
-			continue
+	slices.SortFunc(vms, func(a, b string) int {
+		switch {
+		case a == b:
+			return 0
+		case a == c.cfg.LocalVMID:
+			return -1
+		case b == c.cfg.LocalVMID:
+			return 1
 		}
-		if _, err := c.setNames(ctx, vm, nil, ""); err != nil {
-			c.log.Warn("resync: persistent names", "vm_id", vm, "err", err)
+		return cmp.Compare(a, b)
+	})
+	return slices.Compact(vms)
+}
+
+// resync re-sends the name sets of the VMs with mappings and has them
+// healed; a VM whose agent does not answer has nothing to check its
+// mappings with: they stand as recorded. The VMs whose start check did not
+// end (their heal failed, or could not list their devices) are tried
+// again, after a pause doubling from resyncRetry up to a minute, until it
+// ends or the correlator closes: nothing else may come to end it.
+func (c *Correlator) resync(vms []string) {
+	defer c.wg.Done()
+	for pause := resyncRetry; ; pause = min(2*pause, time.Minute) {
+		for _, vm := range vms {
+			if !c.resyncVM(vm) {
+				return
+			}
 		}
-		c.queueHeal(vm)
+		wait, cancel := context.WithTimeout(c.ctx, pause)
+		vms = slices.DeleteFunc(vms, func(vm string) bool {
+			_, err := c.AwaitStartCheck(wait, vm)
+			return err == nil
+		})
+		cancel()
+		if len(vms) == 0 || c.ctx.Err() != nil {
+			return
+		}
+		c.log.Warn("resync: mappings not checked against the devices yet; trying again", "vms", len(vms))
+	}
+}
+
+// resyncVM re-sends vm's name set and queues it for healing, or ends its
+// start check when its agent does not answer; false once the correlator
+// closes.
+func (c *Correlator) resyncVM(vm string) bool {
+	ctx, cancel := context.WithTimeout(c.ctx, time.Minute)
+	defer cancel()
+	if !c.HasAgent(ctx, vm) {
+		if c.ctx.Err() != nil {
+			return false
+		}
+		c.checked(vm)
+		return true
+	}
+	if _, err := c.setNames(ctx, vm, nil, ""); err != nil {
+		c.log.Warn("resync: persistent names", "vm_id", vm, "err", err)
+	}
+	select {
+	case c.healQ <- vm:
+		return true
+	case <-c.ctx.Done():
+		return false
+	}
+}
+
+// checked ends vm's start check: its mappings were checked against its
+// devices, or cannot be.
+func (c *Correlator) checked(vm string) {
+	if sc := c.startChecks[vm]; sc != nil {
+		sc.once.Do(func() { close(sc.done) })
+	}
+}
+
+// AwaitStartCheck waits until the detected mappings vmID had when the
+// correlator started were checked against its devices (the heal at start
+// ran, or a reconcile), or found to have no agent to check them with; at
+// once for a VM that had none. It reports whether it waited. When ctx
+// ends first, it is a *commands.Error SERVICE_UNAVAILABLE: a mapping read
+// now could name a disk that is gone or another volume's.
+func (c *Correlator) AwaitStartCheck(ctx context.Context, vmID string) (bool, error) {
+	sc := c.startChecks[vmID]
+	if sc == nil {
+		return false, nil
+	}
+	select {
+	case <-sc.done:
+		return false, nil
+	default:
+	}
+	select {
+	case <-sc.done:
+		return true, nil
+	case <-ctx.Done():
+		return true, commands.Unavailable("the device mappings of VM %s are still being checked against its disks after volumed's start; try again", vmID).
+			WithDetail("vm_id", vmID)
 	}
 }
 

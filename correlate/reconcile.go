@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path"
+	"slices"
 	"strings"
 	"time"
 
@@ -38,7 +39,8 @@ func (c *Correlator) healLoop() {
 // only fitting device without identity that appeared after the mapping was
 // marked missing. Mappings being released (Detached) are left alone. A
 // healed mapping is recorded, named and published on
-// volumes.mappings.<volume_id>.
+// volumes.mappings.<volume_id>. A heal that compared every mapping with a
+// list of the VM's devices, without error, ends the VM's start check.
 func (c *Correlator) heal(ctx context.Context, vm string) error {
 	ms, err := c.cfg.Store.ListMappings(ctx, vm)
 	if err != nil {
@@ -54,6 +56,9 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 			c.log.Warn("heal: list devices", "vm_id", vm, "err", err)
 		}
 	}
+	c.mu.Lock()
+	listed = c.table(vm).listed
+	c.mu.Unlock()
 	var errs []error
 	for _, m := range ms {
 		c.mu.Lock()
@@ -91,6 +96,9 @@ func (c *Correlator) heal(ctx context.Context, vm string) error {
 		}
 		c.log.Info("mapping healed by a late device", "vm_id", vm, "volume_id", m.VolumeID,
 			"device", healed.DevicePath, "match", how.String())
+	}
+	if (listed || len(ms) == 0) && len(errs) == 0 {
+		c.checked(vm) // every mapping of vm was compared with its devices
 	}
 	return errors.Join(errs...)
 }
@@ -183,7 +191,9 @@ func (c *Correlator) Reconcile(ctx context.Context, vmID string, attached []comm
 	}
 	var changes []string
 	var errs []error
+	isAttached := map[string]bool{}
 	for _, a := range attached {
+		isAttached[a.VolumeID] = true
 		m, has := byVolume[a.VolumeID]
 		change, err := c.repair(ctx, vmID, a, m, has, devs, byName)
 		if err != nil {
@@ -192,6 +202,11 @@ func (c *Correlator) Reconcile(ctx context.Context, vmID string, attached []comm
 		if change != "" {
 			changes = append(changes, change)
 		}
+	}
+	if len(errs) == 0 && !slices.ContainsFunc(ms, func(m commands.Mapping) bool {
+		return !isAttached[m.VolumeID] && m.LinuxState == commands.LinuxDetected && c.gone(vmID, m) != ""
+	}) {
+		c.checked(vmID) // no mapping of vmID names a disk it does not have
 	}
 	reply, err := c.setNames(ctx, vmID, nil, "")
 	if err != nil {

@@ -125,6 +125,10 @@ type DeviceCorrelator interface {
 	NoIdentity(vmID string) bool
 	// Controller names the bus of a local device path ("" if unknown).
 	Controller(devicePath string) string
+	// AwaitStartCheck waits until the mappings vmID had at start were
+	// checked against its devices, reporting whether it waited; a
+	// *commands.Error SERVICE_UNAVAILABLE when ctx ends first.
+	AwaitStartCheck(ctx context.Context, vmID string) (bool, error)
 	// Users names who uses a mapping's device on its VM (its agent's
 	// answer); none on a VM without an agent.
 	Users(ctx context.Context, m commands.Mapping) ([]commands.DeviceUser, error)

@@ -51,7 +51,7 @@ func volumeRow(ctx context.Context, store state.Reader, devices DeviceCorrelator
 		vm := vol.VMID
 		st.VMID = &vm
 	}
-	m, err := store.GetMapping(ctx, vol.ID)
+	m, err := state.GatedMapping(ctx, store, awaitStartCheck(devices), vol.ID)
 	switch {
 	case err == nil && m.DevicePath != "" && m.VMID == vol.VMID:
 		path := m.DevicePath
@@ -68,6 +68,22 @@ func volumeRow(ctx context.Context, store state.Reader, devices DeviceCorrelator
 		st.LastOperation = &commands.LastOperation{ID: op.ID, Type: op.Type, Status: op.Status}
 	}
 	return st, nil
+}
+
+// AwaitStartCheck waits until the mappings vmID had at start were checked
+// against its devices (DeviceCorrelator.AwaitStartCheck); at once without
+// a device side.
+func (s *Service) AwaitStartCheck(ctx context.Context, vmID string) (bool, error) {
+	return awaitStartCheck(s.cfg.Devices)(ctx, vmID)
+}
+
+// awaitStartCheck is devices' AwaitStartCheck; one that never waits
+// without a device side.
+func awaitStartCheck(devices DeviceCorrelator) func(ctx context.Context, vmID string) (bool, error) {
+	if devices == nil {
+		return func(context.Context, string) (bool, error) { return false, nil }
+	}
+	return devices.AwaitStartCheck
 }
 
 // controller names the bus of a mapped device, when the device agent

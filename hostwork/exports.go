@@ -38,21 +38,28 @@ type Exporter interface {
 // NBDExporter is the Exporter on volumed's NBD server. It serves only the
 // recorded disk of an export: the kernel node /dev/<name> of its device
 // identity, checked on this host (CheckLocal, CheckVolume) and opened by the NBD
-// server with O_NOFOLLOW as that device number; never a path an agent
-// chose, nor the persistent name.
+// server with O_NOFOLLOW as that device number and, where the kernel has
+// diskseq, that diskseq, both read on the open descriptor; never a path an
+// agent chose, nor the persistent name.
 type NBDExporter struct {
 	// Server is the NBD server whose exports are set.
 	Server *nbd.Server
 	// SysRoot and DevRoot are where sysfs and /dev are; empty: the host's.
 	SysRoot, DevRoot string
+	// beforeOpen, when set (tests), runs after the records are checked and
+	// before the server opens their disks.
+	beforeOpen func()
 }
 
 var _ Exporter = NBDExporter{}
 
 // Sync sets the server's exports to the records whose disk is present as
 // recorded. A record without identity, or whose disk changed, is left out
-// and named in the error; so is one whose disk changed while it was
-// being opened (checked again once open, when the open holds it).
+// and named in the error; so is one whose disk changed before it was
+// opened: the server checks the open descriptor's device number and
+// diskseq before it serves it. Without diskseq (kernels before 5.15) the
+// disk is checked again once open, when the open holds it (an open loop
+// device cannot be bound to another file).
 func (x NBDExporter) Sync(ctx context.Context, exports []commands.Export) error {
 	var errs []error
 	specs := make([]nbd.ExportSpec, 0, len(exports))
@@ -64,10 +71,13 @@ func (x NBDExporter) Sync(ctx context.Context, exports []commands.Export) error 
 		}
 		specs = append(specs, sp)
 	}
+	if x.beforeOpen != nil {
+		x.beforeOpen()
+	}
 	errs = append(errs, x.Server.SetExports(ctx, specs))
 	kept := slices.DeleteFunc(slices.Clone(specs), func(sp nbd.ExportSpec) bool {
 		e := exports[slices.IndexFunc(exports, func(e commands.Export) bool { return e.ExportName == sp.Name })]
-		err := devagent.CheckLocal(x.SysRoot, x.DevRoot, *e.DeviceIdentity)
+		err := x.check(e)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("export %s of volume %s: disk changed while opened: %w", e.ExportName, e.VolumeID, err))
 		}
@@ -84,15 +94,22 @@ func (x NBDExporter) spec(e commands.Export) (nbd.ExportSpec, error) {
 	if e.DeviceIdentity == nil {
 		return nbd.ExportSpec{}, errors.New("no recorded disk identity")
 	}
+	if err := x.check(e); err != nil {
+		return nbd.ExportSpec{}, err
+	}
+	id := *e.DeviceIdentity
+	return nbd.ExportSpec{Name: e.ExportName, Path: id.Path(), Device: unix.Mkdev(uint32(id.Major), uint32(id.Minor)),
+		DiskSeq: id.DiskSeq, ReadOnly: e.ReadOnly, Description: "volume " + e.VolumeID}, nil
+}
+
+// check checks on this host that e's recorded disk is present as recorded
+// and does not carry another volume's identity.
+func (x NBDExporter) check(e commands.Export) error {
 	id := *e.DeviceIdentity
 	if err := devagent.CheckLocal(x.SysRoot, x.DevRoot, id); err != nil {
-		return nbd.ExportSpec{}, err
+		return err
 	}
-	if err := devagent.CheckVolume(x.SysRoot, id.Name, e.VolumeID); err != nil {
-		return nbd.ExportSpec{}, err
-	}
-	return nbd.ExportSpec{Name: e.ExportName, Path: id.Path(), Device: unix.Mkdev(uint32(id.Major), uint32(id.Minor)),
-		ReadOnly: e.ReadOnly, Description: "volume " + e.VolumeID}, nil
+	return devagent.CheckVolume(x.SysRoot, id.Name, e.VolumeID)
 }
 
 // Clients reads the served exports' client counts.

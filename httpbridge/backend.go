@@ -46,4 +46,8 @@ type Backend interface {
 	// Export is one volume's export with its connected clients; a
 	// *commands.Error NOT_FOUND when the volume is not exported.
 	Export(ctx context.Context, volumeID string) (commands.Export, error)
+	// AwaitStartCheck waits until the mappings vmID had when volumed
+	// started were checked against its devices, reporting whether it
+	// waited; a *commands.Error SERVICE_UNAVAILABLE when ctx ends first.
+	AwaitStartCheck(ctx context.Context, vmID string) (bool, error)
 }

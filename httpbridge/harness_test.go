@@ -67,6 +67,8 @@ type options struct {
 	readHeaderTimeout, readTimeout, idleTimeout time.Duration
 	// maxConns caps the connections served at once; default the bridge's.
 	maxConns int
+	// queryTimeout bounds a read; default the bridge's.
+	queryTimeout time.Duration
 }
 
 func newHarness(t testing.TB, o options) *harness {
@@ -105,7 +107,7 @@ func newHarnessOnBus(t testing.TB, b *bus.Bus, o options) *harness {
 	h.srv = httpbridge.New(httpbridge.Config{Listen: o.listen, Conn: conn, Commands: h.commands, Store: h.store,
 		Backend: h.backend, VMID: vm1, MaxWait: o.maxWait, TLS: serverTLS, Tokens: o.tokens,
 		Token: o.token, ReadHeaderTimeout: o.readHeaderTimeout, ReadTimeout: o.readTimeout, IdleTimeout: o.idleTimeout,
-		MaxConns: o.maxConns, Logger: testLogger(t)})
+		MaxConns: o.maxConns, QueryTimeout: o.queryTimeout, Logger: testLogger(t)})
 	if err := h.srv.Start(ctx); err != nil {
 		t.Fatalf("start bridge: %v", err)
 	}
@@ -408,6 +410,8 @@ type testBackend struct {
 	exportsErr error
 	health     commands.Health
 	metricsErr error
+	// startCheck answers AwaitStartCheck; nil: never waits.
+	startCheck func(ctx context.Context, vmID string) (bool, error)
 }
 
 var _ httpbridge.Backend = (*testBackend)(nil)
@@ -552,4 +556,21 @@ func (b *testBackend) setMetricsErr(err error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.metricsErr = err
+}
+
+func (b *testBackend) AwaitStartCheck(ctx context.Context, vmID string) (bool, error) {
+	b.mu.Lock()
+	check := b.startCheck
+	b.mu.Unlock()
+	if check == nil {
+		return false, nil
+	}
+	return check(ctx, vmID)
+}
+
+// setStartCheck sets what AwaitStartCheck answers.
+func (b *testBackend) setStartCheck(check func(ctx context.Context, vmID string) (bool, error)) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.startCheck = check
 }

@@ -64,7 +64,7 @@ func (s *Server) getVolume(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) getVolumeDevice(w http.ResponseWriter, r *http.Request) {
 	byPathID(s, w, r, "volume_id", commands.NormalizeVolumeID, func(ctx context.Context, id string) (commands.Mapping, error) {
-		m, err := s.cfg.Store.GetMapping(ctx, id)
+		m, err := state.GatedMapping(ctx, s.cfg.Store, s.cfg.Backend.AwaitStartCheck, id)
 		return m, notFoundAs(err, commands.NotFound("no device mapping for volume %s", id).WithDetail("volume_id", id))
 	})
 }
@@ -79,6 +79,9 @@ func (s *Server) getDeviceVolume(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	byPathID(s, w, r, "device_path", NormalizeDevicePath, func(ctx context.Context, dev string) (commands.Mapping, error) {
+		if _, err := s.cfg.Backend.AwaitStartCheck(ctx, vm); err != nil {
+			return commands.Mapping{}, err
+		}
 		m, err := s.cfg.Store.GetMappingByDevice(ctx, vm, dev)
 		return m, notFoundAs(err, commands.NotFound("no volume is mapped to %s", dev).WithDetail("device_path", dev))
 	})

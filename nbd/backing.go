@@ -25,6 +25,12 @@ var (
 // loopMajor is the block major number of loop devices.
 const loopMajor = 7
 
+// blkGetDiskSeq is the ioctl BLKGETDISKSEQ, _IOR(0x12, 128, __u64), which
+// golang.org/x/sys/unix lacks: BLKGETSIZE64 is _IOR(0x12, 114, size_t),
+// with the architecture's direction bits, and size_t is 4 bytes, not 8, on
+// 32-bit architectures (the size field starts at bit 16 on all of them).
+const blkGetDiskSeq = unix.BLKGETSIZE64 - 114 + 128 + (8-unsafe.Sizeof(uintptr(0)))<<16
+
 // backing is the opened device or file behind one export. Its methods are
 // safe for concurrent use: they are positional calls on one fd.
 type backing struct {
@@ -44,7 +50,8 @@ type backing struct {
 // openBacking opens the export's path read-write, or read-only: symlinks
 // (persistent names) are resolved first and the target is opened with
 // O_NOFOLLOW, then checked on the open descriptor: a block device with
-// rdev sp.Device when that is set, else a block device or regular file.
+// rdev sp.Device and diskseq sp.DiskSeq when they are set, else a block
+// device or regular file.
 func openBacking(sp ExportSpec) (*backing, error) {
 	path, err := filepath.EvalSymlinks(sp.Path)
 	if err != nil {
@@ -80,6 +87,9 @@ func inspect(f *os.File, sp ExportSpec) (*backing, error) {
 			return nil, fmt.Errorf("nbd: %s is %d:%d, want %d:%d: %w", f.Name(), unix.Major(st.Rdev), unix.Minor(st.Rdev),
 				unix.Major(sp.Device), unix.Minor(sp.Device), ErrWrongDevice)
 		}
+		if err := checkDiskSeq(f, sp.DiskSeq); err != nil {
+			return nil, err
+		}
 		b.trim = !sp.ReadOnly && queueAttr(st.Rdev, "discard_max_bytes") > 0
 		b.fastZeroFill = queueAttr(st.Rdev, "write_zeroes_max_bytes") > 0
 		if unix.Major(st.Rdev) == loopMajor {
@@ -96,6 +106,26 @@ func inspect(f *os.File, sp ExportSpec) (*backing, error) {
 		return nil, fmt.Errorf("nbd: %s: %w", f.Name(), ErrNotBlockOrFile)
 	}
 	return b, nil
+}
+
+// checkDiskSeq checks that the block device open as f has the kernel's
+// diskseq want (0: any). A kernel without BLKGETDISKSEQ (before 5.15)
+// cannot tell: it passes.
+func checkDiskSeq(f *os.File, want uint64) error {
+	if want == 0 {
+		return nil
+	}
+	var seq uint64
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), blkGetDiskSeq, uintptr(unsafe.Pointer(&seq)))
+	switch {
+	case errno == unix.ENOTTY || errno == unix.EINVAL:
+		return nil
+	case errno != 0:
+		return fmt.Errorf("nbd: BLKGETDISKSEQ %s: %w", f.Name(), errno)
+	case seq != want:
+		return fmt.Errorf("nbd: %s has diskseq %d, want %d: %w", f.Name(), seq, want, ErrWrongDevice)
+	}
+	return nil
 }
 
 // loopBacking opens the backing file of a loop device for SEEK_DATA, at

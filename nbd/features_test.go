@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -260,10 +261,10 @@ func testenvEventuallyConns(t *testing.T, s *Server, n int) {
 	}, "%d connections", n)
 }
 
-// TestDeviceIdentity: with ExportSpec.Device set, only that block device
-// is served: through a symlink (a persistent name) it opens; a wrong
-// device number, or a regular file, is refused with ErrWrongDevice and
-// nothing is served.
+// TestDeviceIdentity: with ExportSpec.Device and DiskSeq set, only that
+// block device is served: through a symlink (a persistent name) it opens;
+// a wrong device number, a wrong diskseq (where the kernel has diskseq),
+// or a regular file, is refused with ErrWrongDevice and nothing is served.
 func TestDeviceIdentity(t *testing.T) {
 	file := backingFile(t, "vol.img", pattern(4*mib, 1))
 	d, _ := loopDevice(t, file)
@@ -275,13 +276,23 @@ func TestDeviceIdentity(t *testing.T) {
 	if err := os.Symlink(d.Path, link); err != nil {
 		t.Fatal(err)
 	}
+	raw, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(d.Path), "diskseq"))
+	testenv.Require(t, err == nil, "needs a kernel with diskseq (5.15 or later): %v", err)
+	seq, err := strconv.ParseUint(strings.TrimSpace(string(raw)), 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
 	s := startServer(t)
-	setExports(t, s, ExportSpec{Name: "vol00000001", Path: link, Device: st.Rdev})
+	setExports(t, s, ExportSpec{Name: "vol00000001", Path: link, Device: st.Rdev, DiskSeq: seq})
 	if got := s.Exports(); len(got) != 1 {
 		t.Fatalf("served %+v", got)
 	}
 	wrong := unix.Mkdev(unix.Major(st.Rdev), unix.Minor(st.Rdev)+1000)
-	for _, sp := range []ExportSpec{{Name: "vol00000002", Path: link, Device: wrong}, {Name: "vol00000002", Path: file, Device: st.Rdev}} {
+	for _, sp := range []ExportSpec{
+		{Name: "vol00000002", Path: link, Device: wrong},
+		{Name: "vol00000002", Path: link, Device: st.Rdev, DiskSeq: seq + 1000},
+		{Name: "vol00000002", Path: file, Device: st.Rdev},
+	} {
 		err := s.SetExports(t.Context(), []ExportSpec{sp})
 		if !errors.Is(err, ErrWrongDevice) {
 			t.Fatalf("%+v: err %v, want ErrWrongDevice", sp, err)

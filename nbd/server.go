@@ -102,6 +102,12 @@ type ExportSpec struct {
 	// the open descriptor (ErrWrongDevice otherwise). Zero accepts any
 	// block device or regular file.
 	Device uint64
+	// DiskSeq, when non-zero, is the kernel's diskseq the opened block
+	// device must have (ioctl BLKGETDISKSEQ on the descriptor;
+	// ErrWrongDevice otherwise), where the kernel has it (Linux 5.15 and
+	// later). It tells apart the disks that reuse one device number, such
+	// as a loop device bound to another file.
+	DiskSeq uint64
 	// Description is sent to clients asking NBD_INFO_DESCRIPTION.
 	Description string
 }
@@ -312,7 +318,8 @@ func (s *Server) SetExports(ctx context.Context, specs []ExportSpec) error {
 	}
 	gone := map[string]*export{}
 	for name, e := range s.exports {
-		if sp, ok := want[name]; !ok || sp.Path != e.spec.Path || sp.ReadOnly != e.spec.ReadOnly || sp.Device != e.spec.Device {
+		if sp, ok := want[name]; !ok || sp.Path != e.spec.Path || sp.ReadOnly != e.spec.ReadOnly || sp.Device != e.spec.Device ||
+			sp.DiskSeq != e.spec.DiskSeq {
 			gone[name] = e
 		}
 	}
