@@ -219,7 +219,7 @@ func loadConn(t *testing.T, s *Server, structured bool, conn int, orig []byte, r
 				r.typ, r.off, r.n = cmdBlockStatus, rng.Uint64N(readArea), 4096
 			}
 			if r.typ == cmdRead {
-				r.want, r.got = orig[r.off:r.off+uint64(r.n)], make([]byte, r.n)
+				r.want = orig[r.off : r.off+uint64(r.n)] // got is made when its data comes
 			}
 			mu.Lock()
 			reqs[cookie] = r
@@ -265,6 +265,9 @@ func loadConn(t *testing.T, s *Server, structured bool, conn int, orig []byte, r
 		case r.typ == cmdRead && !structured:
 			r.got, r.filled = rep.data, r.n
 		case r.typ == cmdRead && rep.typ == replyOffsetData:
+			if r.got == nil {
+				r.got = make([]byte, r.n)
+			}
 			copy(r.got[rep.off-r.off:], rep.data)
 			r.filled += uint32(len(rep.data))
 		case r.typ == cmdBlockStatus && rep.typ == replyBlockStatus:
@@ -279,6 +282,8 @@ func loadConn(t *testing.T, s *Server, structured bool, conn int, orig []byte, r
 		if r.typ == cmdRead && (r.filled != r.n || !bytes.Equal(r.got, r.want)) {
 			t.Errorf("conn %d: read %d at %d len %d: %d bytes came, equal %v", conn, rep.cookie, r.off, r.n, r.filled, bytes.Equal(r.got, r.want))
 		}
+		// Only the replies in flight hold memory (up to 32 MiB each).
+		r.got, r.want = nil, nil
 		if rep.cookie < last {
 			out++
 		}
