@@ -3,6 +3,7 @@ package httpbridge_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"slices"
@@ -370,23 +371,36 @@ func TestOperationWaitInStore(t *testing.T) {
 	}
 
 	t.Run("an end this process wrote", func(t *testing.T) {
-		op := h.seedOperation(t, opPending, commands.OpDelete, commands.StatusPending, vol2, "", 34)
-		done := startStoreWait(t, h, s, op.ID, "5m")
-		end(t, s.KV, op, commands.StatusFailed)
-		r := answer(t, done)
-		if r.resp.StatusCode != 200 || decodeAs[commands.Operation](t, r.body).Status != commands.StatusFailed {
-			t.Fatalf("answer %d %s", r.resp.StatusCode, r.body)
+		// The watcher's delivery of the write may reach the index before
+		// the writer does (a loaded machine): the end is then another's
+		// to the store, and read again, which answers the same. Of a few
+		// ends, one at least must be answered as written.
+		const tries = 5
+		for i := range tries {
+			op := h.seedOperation(t, fmt.Sprintf("op-e5f6a7b8-c9d0-4234-af01-3456789012%02d", 40+i), commands.OpDelete,
+				commands.StatusPending, vol2, "", 34)
+			done := startStoreWait(t, h, s, op.ID, "5m")
+			end(t, s.KV, op, commands.StatusFailed)
+			r := answer(t, done)
+			if r.resp.StatusCode != 200 || decodeAs[commands.Operation](t, r.body).Status != commands.StatusFailed {
+				t.Fatalf("answer %d %s", r.resp.StatusCode, r.body)
+			}
+			again := false
+			select {
+			case <-s.reads:
+				again = true
+			default:
+			}
+			resp, body := h.do(t, "GET", "/operations/"+op.ID, "")
+			<-s.reads
+			if resp.StatusCode != 200 || string(body) != string(r.body) {
+				t.Fatalf("wait answered %s, a read %d %s", r.body, resp.StatusCode, body)
+			}
+			if !again {
+				return
+			}
 		}
-		select {
-		case id := <-s.reads:
-			t.Errorf("read %s again: the end as written is the answer", id)
-		default:
-		}
-		resp, body := h.do(t, "GET", "/operations/"+op.ID, "")
-		<-s.reads
-		if resp.StatusCode != 200 || string(body) != string(r.body) {
-			t.Errorf("wait answered %s, a read %d %s", r.body, resp.StatusCode, body)
-		}
+		t.Errorf("each of %d ends this process wrote was read again: the end as written is the answer", tries)
 	})
 	t.Run("an end another process wrote", func(t *testing.T) {
 		op := h.seedOperation(t, opDetach, commands.OpDetach, commands.StatusPending, vol1, "", 32)
