@@ -72,6 +72,10 @@ type opArchive struct {
 	closed bool
 	files  map[string]*os.File // open, by name
 	sizes  map[string]int64    // of the segments open for appending
+	// kept is the name of the first segment the last prune kept: an
+	// entry of an earlier day is not written (its record is the
+	// retention's to delete).
+	kept string
 	// failing: the last append failed, and was logged.
 	failing atomic.Bool
 }
@@ -273,11 +277,14 @@ func (a *opArchive) append(id string, rev uint64, completed int64, raw []byte) e
 	if len(a.files) > kvArchiveMaxOpen-2 {
 		a.closeFiles() // not the two opened below
 	}
+	name := segName(uint32(day))
+	if name < a.kept { // the names sort as their days
+		return nil
+	}
 	m, err := a.file(mapName(rev), true)
 	if err != nil {
 		return err
 	}
-	name := segName(uint32(day))
 	seg, err := a.file(name, true)
 	if err != nil {
 		return err
@@ -380,6 +387,7 @@ func (a *opArchive) prune(cut time.Time) {
 	if a.closed {
 		return
 	}
+	a.kept = max(a.kept, before)
 	err := removeArchiveFiles(a.dir, func(n string) bool {
 		if strings.HasSuffix(n, kvArchiveSeg) {
 			if n >= before { // the names sort as their days

@@ -714,3 +714,35 @@ func TestKVListingReadsArchiveOnlyEnded(t *testing.T) {
 		t.Fatalf("listing: %+v, want op-running executing, as the bucket holds it", ops)
 	}
 }
+
+// TestArchiveSkipsPrunedDays: after a prune, a record completed on a day
+// it removed (the retention reads it before deleting it, a backfill
+// passes it) is not archived: no segment of that day comes back.
+func TestArchiveSkipsPrunedDays(t *testing.T) {
+	dir := t.TempDir()
+	a, err := openArchive(dir, "KV_x", time.Unix(1, 0), 0, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.close()
+	now := time.Now()
+	a.prune(now.Add(-30 * 24 * time.Hour))
+	for _, c := range []struct {
+		rev      uint64
+		done     time.Time
+		archived bool
+	}{
+		{1, now.Add(-40 * 24 * time.Hour), false},
+		{2, now, true},
+	} {
+		id := fmt.Sprintf("op-%d", c.rev)
+		a.put(id, c.rev, opScore(c.done), []byte(`{"n":1}`), false)
+		_, err := a.get(id, c.rev)
+		if (err == nil) != c.archived {
+			t.Fatalf("completed %s: archived %v (%v), want %v", c.done.Format(time.DateOnly), err == nil, err, c.archived)
+		}
+		if _, err := os.Stat(filepath.Join(dir, segName(uint32(c.done.Unix()/86400)))); (err == nil) != c.archived {
+			t.Fatalf("completed %s: segment %v", c.done.Format(time.DateOnly), err)
+		}
+	}
+}
