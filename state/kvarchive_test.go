@@ -714,3 +714,32 @@ func TestKVListingReadsArchiveOnlyEnded(t *testing.T) {
 		t.Fatalf("listing: %+v, want op-running executing, as the bucket holds it", ops)
 	}
 }
+
+// TestArchiveNotAfterPrune: a record of a day the retention pruned (the
+// retention's read of a record it deletes, a backfill of an old history)
+// is not archived again, in a segment of that day the next pass would
+// remove; a record of a day kept is.
+func TestArchiveNotAfterPrune(t *testing.T) {
+	dir := t.TempDir()
+	a, err := openArchive(dir, "KV_x", time.Now(), 10, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.close()
+	cut := time.Now().Add(-30 * 24 * time.Hour)
+	a.prune(cut)
+	for _, c := range []struct {
+		rev       uint64
+		completed time.Time
+		archived  bool
+	}{
+		{1, cut.Add(-kvArchiveMargin - 24*time.Hour), false},
+		{2, time.Now(), true},
+	} {
+		a.put("op", c.rev, opScore(c.completed), []byte(`{}`), false)
+		_, err := a.get("op", c.rev)
+		if got := err == nil; got != c.archived {
+			t.Fatalf("record completed %s, after a prune at %s: archived %v (%v), want %v", c.completed, cut, got, err, c.archived)
+		}
+	}
+}
