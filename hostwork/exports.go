@@ -76,6 +76,9 @@ func (x NBDExporter) Sync(ctx context.Context, exports []commands.Export) error 
 	}
 	errs = append(errs, x.Server.SetExports(ctx, specs))
 	kept := slices.DeleteFunc(slices.Clone(specs), func(sp nbd.ExportSpec) bool {
+		if sp.DiskSeq != 0 {
+			return false // the server found the recorded diskseq on the open descriptor
+		}
 		e := exports[slices.IndexFunc(exports, func(e commands.Export) bool { return e.ExportName == sp.Name })]
 		err := x.check(e)
 		if err != nil {

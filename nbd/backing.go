@@ -25,12 +25,6 @@ var (
 // loopMajor is the block major number of loop devices.
 const loopMajor = 7
 
-// blkGetDiskSeq is the ioctl BLKGETDISKSEQ, _IOR(0x12, 128, __u64), which
-// golang.org/x/sys/unix lacks: BLKGETSIZE64 is _IOR(0x12, 114, size_t),
-// with the architecture's direction bits, and size_t is 4 bytes, not 8, on
-// 32-bit architectures (the size field starts at bit 16 on all of them).
-const blkGetDiskSeq = unix.BLKGETSIZE64 - 114 + 128 + (8-unsafe.Sizeof(uintptr(0)))<<16
-
 // backing is the opened device or file behind one export. Its methods are
 // safe for concurrent use: they are positional calls on one fd.
 type backing struct {
@@ -116,7 +110,7 @@ func checkDiskSeq(f *os.File, want uint64) error {
 		return nil
 	}
 	var seq uint64
-	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), blkGetDiskSeq, uintptr(unsafe.Pointer(&seq)))
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.BLKGETDISKSEQ, uintptr(unsafe.Pointer(&seq)))
 	switch {
 	case errno == unix.ENOTTY || errno == unix.EINVAL:
 		return nil

@@ -281,7 +281,26 @@ func (k *KV) saveCacheEvery() {
 				k.log.Warn("index cache not written", "err", err)
 			} else {
 				last = time.Now()
+				k.noteArchived()
 			}
+		}
+	}
+}
+
+// noteArchived records the last revision the watcher applied as the
+// archive's through once the backfill has ended: every ended record since
+// was archived as it came. Close and each periodic cache write do, so that
+// a start after an unclean stop archives again only what came since.
+func (k *KV) noteArchived() {
+	if k.archive == nil || !k.backfilled.Load() {
+		return
+	}
+	k.mu.RLock()
+	seen := k.seen
+	k.mu.RUnlock()
+	if seen > k.archive.through() {
+		if err := k.archive.setThrough(seen); err != nil {
+			k.log.Warn("archive's progress not recorded", "err", err)
 		}
 	}
 }
@@ -1535,16 +1554,7 @@ func (k *KV) Close(ctx context.Context) error {
 				k.log.Warn("index cache not written", "err", cerr)
 			}
 		}
-		if k.archive != nil && k.backfilled.Load() {
-			k.mu.RLock()
-			seen := k.seen
-			k.mu.RUnlock()
-			if seen > k.archive.through() {
-				if aerr := k.archive.setThrough(seen); aerr != nil {
-					k.log.Warn("archive's progress not recorded", "err", aerr)
-				}
-			}
-		}
+		k.noteArchived()
 		// Not the index's base file: a read still in flight at shutdown
 		// (an HTTP request past the server's shutdown, a NATS command)
 		// reads it, and a failed read of it panics.

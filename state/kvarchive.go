@@ -72,10 +72,10 @@ type opArchive struct {
 	closed bool
 	files  map[string]*os.File // open, by name
 	sizes  map[string]int64    // of the segments open for appending
-	// kept is the name of the first segment the last prune kept: an
-	// entry of an earlier day is not written (its record is the
-	// retention's to delete).
-	kept string
+	// pruned: the first day (since the epoch) prune kept; the records of
+	// the days before are not archived again (the retention's reads of the
+	// records it deletes, a backfill of an old history).
+	pruned int64
 	// failing: the last append failed, and was logged.
 	failing atomic.Bool
 }
@@ -274,13 +274,13 @@ func (a *opArchive) append(id string, rev uint64, completed int64, raw []byte) e
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if day < a.pruned {
+		return nil // pruned: read from the bucket, until the retention deletes it
+	}
 	if len(a.files) > kvArchiveMaxOpen-2 {
 		a.closeFiles() // not the two opened below
 	}
 	name := segName(uint32(day))
-	if name < a.kept { // the names sort as their days
-		return nil
-	}
 	m, err := a.file(mapName(rev), true)
 	if err != nil {
 		return err
@@ -375,19 +375,20 @@ func (a *opArchive) readAt(name string, p []byte, off int64) error {
 // prune removes the segments of the days before cut less
 // kvArchiveMargin, and the maps last written before then: their
 // operations are deleted, or held by the retention, whose records are
-// then read from the bucket.
+// then read from the bucket (and not archived again: pruned).
 func (a *opArchive) prune(cut time.Time) {
 	if a == nil {
 		return
 	}
 	cut = cut.Add(-kvArchiveMargin)
-	before := segName(uint32(max(cut.Unix()/86400, 0)))
+	day := max(cut.Unix()/86400, 0)
+	before := segName(uint32(day))
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.closed {
 		return
 	}
-	a.kept = max(a.kept, before)
+	a.pruned = max(a.pruned, day)
 	err := removeArchiveFiles(a.dir, func(n string) bool {
 		if strings.HasSuffix(n, kvArchiveSeg) {
 			if n >= before { // the names sort as their days

@@ -191,3 +191,18 @@ func TestKVBackfillFullRead(t *testing.T) {
 		}
 	}
 }
+
+// TestKVThroughAtCacheWrite: each periodic cache write records the
+// archive's progress, not only Close: a start after an unclean stop then
+// archives again only the revisions since the last cache write.
+func TestKVThroughAtCacheWrite(t *testing.T) {
+	ctx, f := newArchiveTest(t)
+	k := f.open(t, true)
+	waitFor(ctx, t, "the backfill", k.backfilled.Load)
+	op := f.terminal(t, k, time.Now())
+	archivedBy(ctx, t, k, op)
+	k.compact <- struct{}{} // a cache write now
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	waitFor(wctx, t, "the progress recorded by a cache write", func() bool { return k.archive.through() >= op.Revision })
+}
